@@ -1,0 +1,68 @@
+//! The `kiln` command line: one binary, clap subcommands, one module per area.
+//!
+//! Each area's module owns its subcommands (`store`, `remote`, `vm`, `snapshot`, `image`,
+//! `build`); this file only wires them together, sets up logging and resolves the home.
+
+mod cli;
+mod image;
+mod snapshot;
+mod store;
+mod vm;
+
+use clap::{Parser, Subcommand};
+
+/// kiln: build VM images, boot microVMs, snapshot, restore and fork them, with every byte in
+/// one content-addressed block store (local disk + S3).
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Home directory holding the store, VMs and configuration
+    /// [default: /var/lib/kiln for root, $XDG_DATA_HOME/kiln otherwise]
+    #[arg(long, global = true, env = "KILN_HOME", value_name = "DIR")]
+    home: Option<std::path::PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Store, read, verify and garbage-collect blobs in the block store
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// Configure S3-compatible remotes the store pushes to and reads from lazily
+    #[command(subcommand)]
+    Remote(store::RemoteCommand),
+    /// Run and control microVMs
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Snapshot running VMs
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Pull, import, inspect and export VM images
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Build a VM image from a Dockerfile
+    Build(image::BuildArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    cli::init_logging();
+    let cli = Cli::parse();
+    let home = cli::Home::resolve(cli.home);
+    let result = match cli.command {
+        Command::Store(c) => store::run(&home, c),
+        Command::Remote(c) => store::run_remote(&home, c),
+        Command::Vm(c) => vm::run(&home, c),
+        Command::Snapshot(c) => snapshot::run(&home, c),
+        Command::Image(c) => image::run(&home, c),
+        Command::Build(a) => image::build(&home, a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

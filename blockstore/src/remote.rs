@@ -1,0 +1,1 @@
+//! S3 tier (being written).

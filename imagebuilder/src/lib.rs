@@ -1,0 +1,1 @@
+//! imagebuilder: see README.md.

@@ -1,0 +1,1 @@
+//! snapshotter: see README.md.

@@ -1,0 +1,1 @@
+//! vmm: see README.md.
