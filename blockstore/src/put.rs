@@ -1,0 +1,239 @@
+//! The put pipeline: the calling thread reads chunk-size pieces, worker threads (one per core)
+//! detect zeros, hash, dedup, compress and write new chunks to `tmp/`; at the end the new
+//! chunks are made durable and installed, then the manifest is written.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, unbounded};
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::{BlobId, ChunkId, Digest};
+use crate::manifest::{check_chunk_size, Manifest};
+use crate::store::{is_zero, Store};
+use crate::{PutOptions, DEFAULT_CHUNK_SIZE};
+
+/// Result of one chunk from a worker.
+struct Done {
+    idx: usize,
+    id: Option<ChunkId>,
+    /// A new chunk written to tmp (not yet durable).
+    tmp: Option<PathBuf>,
+}
+
+/// Fill `buf` from `r` as far as possible; returns bytes read (< len only at EOF).
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Result<BlobId> {
+    let cs = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+    check_chunk_size(cs)?;
+    if let Some(n) = &opts.name {
+        // Validate the name before doing any work.
+        store.lookup_name(n)?;
+    }
+    let inner = &store.inner;
+    let _lock = store.gc_lock(false)?;
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 16);
+    // Buffers circulate reader -> worker -> pool -> reader: memory stays bounded.
+    let nbufs = workers * 2 + 2;
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(nbufs);
+    for _ in 0..nbufs {
+        pool_tx.send(vec![0u8; cs as usize]).unwrap();
+    }
+    let (work_tx, work_rx) = bounded::<(usize, Vec<u8>, usize)>(nbufs);
+    let (done_tx, done_rx) = unbounded::<Result<Done>>();
+    let seen: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+
+    let mut size = 0u64;
+    let mut count = 0usize;
+    let read_result: Result<()> = std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (work_rx, done_tx, pool_tx, seen) = (
+                work_rx.clone(),
+                done_tx.clone(),
+                pool_tx.clone(),
+                seen.clone(),
+            );
+            s.spawn(move || {
+                let mut comp = match zstd::bulk::Compressor::new(1) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send(Err(Error::io("zstd init", "<compressor>", e)));
+                        return;
+                    }
+                };
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(cs as usize));
+                for (idx, buf, len) in work_rx {
+                    let r = (|| {
+                        let data = &buf[..len];
+                        if is_zero(data) {
+                            return Ok(Done {
+                                idx,
+                                id: None,
+                                tmp: None,
+                            });
+                        }
+                        let id = Digest::of(data);
+                        let fresh = seen.lock().unwrap().insert(id);
+                        if !fresh || inner.local.has(&id) {
+                            return Ok(Done {
+                                idx,
+                                id: Some(id),
+                                tmp: None,
+                            });
+                        }
+                        out.clear();
+                        comp.compress_to_buffer(data, &mut out)
+                            .map_err(|e| Error::io("zstd compress", "<chunk>", e))?;
+                        let tmp = inner.local.write_tmp(&out)?;
+                        inner
+                            .stats
+                            .bytes_written
+                            .fetch_add(out.len() as u64, Relaxed);
+                        Ok(Done {
+                            idx,
+                            id: Some(id),
+                            tmp: Some(tmp),
+                        })
+                    })();
+                    let _ = pool_tx.send(buf);
+                    if done_tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let res = (|| {
+            loop {
+                let mut buf = pool_rx.recv().expect("workers return buffers");
+                let n = read_full(&mut input, &mut buf)
+                    .map_err(|e| Error::io("read", "<put input>", e))?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                if work_tx.send((count, buf, n)).is_err() {
+                    break; // a worker failed; its error is in done_rx
+                }
+                count += 1;
+                if let Some(p) = &opts.progress {
+                    p(size);
+                }
+                if n < cs as usize {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(work_tx);
+        res
+    });
+
+    let mut chunks: Vec<Option<ChunkId>> = vec![None; count];
+    let mut tmps: Vec<(PathBuf, ChunkId)> = Vec::new();
+    let mut first_err = read_result.err();
+    for d in done_rx {
+        match d {
+            Ok(d) => {
+                if d.idx < count {
+                    chunks[d.idx] = d.id;
+                }
+                if let (Some(t), Some(id)) = (d.tmp, d.id) {
+                    tmps.push((t, id));
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for (t, _) in &tmps {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
+
+    install_chunks(store, &tmps)?;
+    let m = Manifest {
+        size,
+        chunk_size: cs,
+        chunks,
+    };
+    let id = store.write_manifest(&m)?;
+    debug!(blob = %id, size, chunks = count, new_chunks = tmps.len(), "put");
+    if let Some(n) = &opts.name {
+        store.set_name(n, &id)?;
+    }
+    Ok(id)
+}
+
+/// Make tmp chunk files durable, then rename them into place and make the renames durable.
+pub(crate) fn install_chunks(store: &Store, tmps: &[(PathBuf, ChunkId)]) -> Result<()> {
+    if tmps.is_empty() {
+        return Ok(());
+    }
+    let local = &store.inner.local;
+    // Few chunks: fsync each (cheap). Many: one syncfs beats thousands of fsyncs.
+    let few = tmps.len() <= 8;
+    let sync_all = || -> Result<()> {
+        if few {
+            for (t, _) in tmps {
+                std::fs::File::open(t)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| Error::io("fsync", t, e))?;
+            }
+            Ok(())
+        } else {
+            fsutil::syncfs(&local.tmp)
+        }
+    };
+    if let Err(e) = sync_all() {
+        for (t, _) in tmps {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    for (t, id) in tmps {
+        local.install(t, id)?;
+    }
+    store
+        .inner
+        .stats
+        .chunks_written
+        .fetch_add(tmps.len() as u64, Relaxed);
+    if few {
+        let mut dirs: Vec<PathBuf> = tmps
+            .iter()
+            .map(|(_, id)| local.path(id).parent().unwrap().to_path_buf())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in dirs {
+            fsutil::fsync_dir(&d)?;
+        }
+        Ok(())
+    } else {
+        fsutil::syncfs(&local.chunks)
+    }
+}

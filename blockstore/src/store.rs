@@ -1,0 +1,925 @@
+//! The [`Store`]: blobs, names, reads, export, verify, gc, push and pull.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::cache::{ChunkCache, ChunkData};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{self, FileLock};
+use crate::id::{BlobId, ChunkId, Digest};
+use crate::local::{decode_chunk, LocalTier};
+use crate::manifest::Manifest;
+use crate::overlay::Overlay;
+use crate::tier::RemoteTier;
+use crate::PutOptions;
+
+/// Tunables of a [`Store`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Bytes of decompressed chunks kept in memory for fast repeated reads.
+    pub cache_bytes: usize,
+    /// Soft limit on the local tier's size (compressed bytes). When exceeded, gc and reads
+    /// evict least recently used chunks that the remote also holds. `None` = unbounded.
+    pub local_limit: Option<u64>,
+    /// Remote gc deletes an unreferenced remote chunk only if it is older than this (a push
+    /// from another host uploads chunks before its manifest).
+    pub remote_gc_grace: Duration,
+    /// Parallel uploads during push.
+    pub push_parallelism: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        let env_mb = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        StoreOptions {
+            cache_bytes: env_mb("KILN_STORE_CACHE_MB").unwrap_or(256) as usize * 1024 * 1024,
+            local_limit: env_mb("KILN_STORE_LIMIT_MB").map(|m| m * 1024 * 1024),
+            remote_gc_grace: Duration::from_secs(3600),
+            push_parallelism: 16,
+        }
+    }
+}
+
+/// One blob in a listing.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlobInfo {
+    pub id: BlobId,
+    pub names: Vec<String>,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// When the manifest was written locally (seconds since the epoch).
+    pub created: u64,
+}
+
+/// Details of one blob.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlobStat {
+    pub id: BlobId,
+    pub names: Vec<String>,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Chunks in the manifest (including zero chunks).
+    pub chunks: u64,
+    /// All-zero chunks (stored as nothing).
+    pub zero_chunks: u64,
+    /// Distinct non-zero chunks.
+    pub unique_chunks: u64,
+    /// Distinct non-zero chunks present locally.
+    pub local_chunks: u64,
+    /// Compressed bytes of the local chunks.
+    pub local_bytes: u64,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub blobs: u64,
+    pub chunks_checked: u64,
+    /// Chunks whose bytes do not match their hash (before repair).
+    pub damaged: Vec<ChunkId>,
+    /// Referenced chunks neither local nor known to be on the remote (before repair).
+    pub missing: Vec<ChunkId>,
+    /// Chunks re-fetched from the remote and now correct.
+    pub repaired: Vec<ChunkId>,
+    /// Referenced chunks only on the remote (fine: read lazily).
+    pub remote_only: u64,
+    /// Manifests that fail to parse or hash.
+    pub corrupt_manifests: Vec<BlobId>,
+    /// True when nothing is damaged or missing after repair.
+    pub ok: bool,
+}
+
+/// What [`Store::gc`] removed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub live_blobs: u64,
+    pub chunks_removed: u64,
+    pub bytes_freed: u64,
+    pub tmp_files_removed: u64,
+    pub stale_pins_removed: u64,
+    /// Chunks evicted to honour the local limit (all held by the remote).
+    pub chunks_evicted: u64,
+    pub remote_chunks_removed: u64,
+}
+
+/// What [`Store::push`] sent.
+#[derive(Clone, Debug, Serialize)]
+pub struct PushReport {
+    pub blob: BlobId,
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
+    pub bytes_uploaded: u64,
+}
+
+/// Counters since the store was opened in this process.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreStats {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub disk_chunk_reads: u64,
+    pub remote_chunk_fetches: u64,
+    pub remote_bytes_fetched: u64,
+    /// Reads that waited for another thread's fetch of the same chunk instead of fetching.
+    pub coalesced_waits: u64,
+    pub integrity_errors: u64,
+    pub chunks_written: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) disk_chunk_reads: AtomicU64,
+    pub(crate) remote_chunk_fetches: AtomicU64,
+    pub(crate) remote_bytes_fetched: AtomicU64,
+    pub(crate) coalesced_waits: AtomicU64,
+    pub(crate) integrity_errors: AtomicU64,
+    pub(crate) chunks_written: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+}
+
+/// A chunk load in progress; other readers of the same chunk wait on it.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Option<ChunkData>>>,
+    cv: Condvar,
+}
+
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) local: LocalTier,
+    pub(crate) opts: StoreOptions,
+    pub(crate) stats: Counters,
+    cache: ChunkCache,
+    remote: RwLock<Option<Arc<dyn RemoteTier>>>,
+    inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
+    manifests: Mutex<HashMap<BlobId, Arc<Manifest>>>,
+}
+
+/// The block store. Cheap to clone (an `Arc` inside); share one per process.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.inner.dir.display())
+    }
+}
+
+/// A readable view of one blob. Cheap to clone; `read_at` may be called from many threads.
+#[derive(Clone)]
+pub struct BlobReader {
+    store: Store,
+    id: BlobId,
+    manifest: Arc<Manifest>,
+}
+
+impl BlobReader {
+    /// The blob's id.
+    pub fn id(&self) -> &BlobId {
+        &self.id
+    }
+    /// The blob's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.manifest.size
+    }
+    /// True for an empty blob.
+    pub fn is_empty(&self) -> bool {
+        self.manifest.size == 0
+    }
+    /// Read up to `buf.len()` bytes at `off`; returns bytes read (0 at or past the end).
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        self.store.read_manifest_at(&self.manifest, off, buf)
+    }
+}
+
+impl Store {
+    /// Open the store in `dir`, creating it if missing.
+    pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with(dir, StoreOptions::default())
+    }
+
+    /// Open with explicit options.
+    pub fn open_with(dir: &Path, opts: StoreOptions) -> Result<Store> {
+        for sub in ["blobs", "names", "pins"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).ctx("create dir", &p)?;
+        }
+        let local = LocalTier::new(dir)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                local,
+                cache: ChunkCache::new(opts.cache_bytes),
+                opts,
+                stats: Counters::default(),
+                remote: RwLock::new(None),
+                inflight: Mutex::new(HashMap::new()),
+                manifests: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Attach a remote tier: enables lazy fetch of missing chunks, push, pull and repair.
+    pub fn set_remote<R: RemoteTier + 'static>(&self, remote: Arc<R>) {
+        *self.inner.remote.write().unwrap() = Some(remote);
+    }
+
+    /// Attach an already type-erased remote tier.
+    pub fn set_remote_dyn(&self, remote: Arc<dyn RemoteTier>) {
+        *self.inner.remote.write().unwrap() = Some(remote);
+    }
+
+    pub(crate) fn remote(&self) -> Option<Arc<dyn RemoteTier>> {
+        self.inner.remote.read().unwrap().clone()
+    }
+
+    fn remote_or_err(&self) -> Result<Arc<dyn RemoteTier>> {
+        self.remote().ok_or(Error::NoRemote)
+    }
+
+    pub(crate) fn gc_lock(&self, exclusive: bool) -> Result<FileLock> {
+        FileLock::acquire(&self.inner.dir.join("gc.lock"), exclusive)
+    }
+
+    // ---------------------------------------------------------------- put
+
+    /// Store a file as a blob.
+    pub fn put_file(&self, path: &Path, opts: &PutOptions) -> Result<BlobId> {
+        let f = File::open(path).ctx("open", path)?;
+        crate::put::put(self, f, opts)
+    }
+
+    /// Store bytes as a blob.
+    pub fn put_bytes(&self, data: &[u8], opts: &PutOptions) -> Result<BlobId> {
+        crate::put::put(self, data, opts)
+    }
+
+    /// Store everything `r` yields as a blob.
+    pub fn put_reader(&self, r: impl Read, opts: &PutOptions) -> Result<BlobId> {
+        crate::put::put(self, r, opts)
+    }
+
+    /// Make `m` visible (its chunks must already be durable). Returns its id.
+    pub(crate) fn write_manifest(&self, m: &Manifest) -> Result<BlobId> {
+        let bytes = m.to_bytes();
+        let id = Digest::of(&bytes);
+        let dst = self.manifest_path(&id);
+        if !dst.exists() {
+            fsutil::write_durable(&fsutil::tmp_name(&self.inner.local.tmp), &dst, &bytes)?;
+        }
+        Ok(id)
+    }
+
+    fn manifest_path(&self, id: &BlobId) -> PathBuf {
+        self.inner.dir.join("blobs").join(id.to_hex())
+    }
+
+    // ---------------------------------------------------------------- blobs and names
+
+    /// A blob's manifest.
+    pub fn manifest(&self, id: &BlobId) -> Result<Manifest> {
+        Ok((*self.manifest_arc(id)?).clone())
+    }
+
+    pub(crate) fn manifest_arc(&self, id: &BlobId) -> Result<Arc<Manifest>> {
+        if let Some(m) = self.inner.manifests.lock().unwrap().get(id) {
+            return Ok(m.clone());
+        }
+        let p = self.manifest_path(id);
+        let bytes = fsutil::read_opt(&p)?.ok_or_else(|| Error::NotFound(format!("blob {id}")))?;
+        let m = Arc::new(Manifest::from_bytes(id, &bytes)?);
+        let mut cache = self.inner.manifests.lock().unwrap();
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        cache.insert(*id, m.clone());
+        Ok(m)
+    }
+
+    /// True when the blob's manifest is in the local store.
+    pub fn contains(&self, id: &BlobId) -> bool {
+        self.manifest_path(id).exists()
+    }
+
+    /// A reader for a blob.
+    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader> {
+        Ok(BlobReader {
+            store: self.clone(),
+            id: *id,
+            manifest: self.manifest_arc(id)?,
+        })
+    }
+
+    /// Read from a blob at `off`; returns bytes read (short only at the end).
+    pub fn read_at(&self, id: &BlobId, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let m = self.manifest_arc(id)?;
+        self.read_manifest_at(&m, off, buf)
+    }
+
+    pub(crate) fn read_manifest_at(&self, m: &Manifest, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= m.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(m.size - off) as usize;
+        let cs = m.chunk_size as u64;
+        let mut done = 0;
+        while done < n {
+            let pos = off + done as u64;
+            let idx = (pos / cs) as usize;
+            let within = (pos % cs) as usize;
+            let take = (cs as usize - within).min(n - done);
+            let dst = &mut buf[done..done + take];
+            match &m.chunks[idx] {
+                None => dst.fill(0),
+                Some(cid) => {
+                    let data = self.chunk(cid, m.chunk_len(idx))?;
+                    let src = data.get(within..within + take).ok_or(Error::Integrity {
+                        chunk: *cid,
+                        location: None,
+                    })?;
+                    dst.copy_from_slice(src);
+                }
+            }
+            done += take;
+        }
+        Ok(n)
+    }
+
+    /// The plain bytes of a chunk: memory cache, else local tier, else remote; concurrent
+    /// loads of one chunk are coalesced into one.
+    pub(crate) fn chunk(&self, id: &ChunkId, max_len: usize) -> Result<ChunkData> {
+        let st = &self.inner.stats;
+        if let Some(d) = self.inner.cache.get(id) {
+            st.cache_hits.fetch_add(1, Relaxed);
+            return Ok(d);
+        }
+        st.cache_misses.fetch_add(1, Relaxed);
+        let (flight, leader) = {
+            let mut inflight = self.inner.inflight.lock().unwrap();
+            match inflight.get(id) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    inflight.insert(*id, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            st.coalesced_waits.fetch_add(1, Relaxed);
+            let mut done = flight.done.lock().unwrap();
+            while done.is_none() {
+                done = flight.cv.wait(done).unwrap();
+            }
+            if let Some(Some(d)) = done.as_ref() {
+                return Ok(d.clone());
+            }
+            drop(done);
+            // The leader failed: load ourselves so we return our own precise error.
+            return self.load_chunk(id, max_len);
+        }
+        let res = self.load_chunk(id, max_len);
+        *flight.done.lock().unwrap() = Some(res.as_ref().ok().cloned());
+        flight.cv.notify_all();
+        self.inner.inflight.lock().unwrap().remove(id);
+        res
+    }
+
+    fn load_chunk(&self, id: &ChunkId, max_len: usize) -> Result<ChunkData> {
+        let st = &self.inner.stats;
+        let data = match self.inner.local.read_frame(id)? {
+            Some(frame) => {
+                st.disk_chunk_reads.fetch_add(1, Relaxed);
+                let path = self.inner.local.path(id);
+                decode_chunk(id, &frame, max_len, Some(&path)).inspect_err(|_| {
+                    st.integrity_errors.fetch_add(1, Relaxed);
+                    warn!(chunk = %id, path = %path.display(), "integrity error in local chunk");
+                })?
+            }
+            None => self.fetch_chunk(id, max_len)?,
+        };
+        let data = Arc::new(data);
+        self.inner.cache.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    /// Fetch a chunk from the remote, verify it and keep it in the local tier.
+    fn fetch_chunk(&self, id: &ChunkId, max_len: usize) -> Result<Vec<u8>> {
+        let st = &self.inner.stats;
+        let remote = self.remote().ok_or_else(|| Error::MissingChunk {
+            chunk: *id,
+            reason: "no remote is configured".into(),
+        })?;
+        let frame = match remote.get_chunk(id) {
+            Ok(f) => f,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::MissingChunk {
+                    chunk: *id,
+                    reason: format!("{} does not have it", remote.describe()),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        st.remote_chunk_fetches.fetch_add(1, Relaxed);
+        st.remote_bytes_fetched
+            .fetch_add(frame.len() as u64, Relaxed);
+        let plain = decode_chunk(id, &frame, max_len, None).inspect_err(|_| {
+            st.integrity_errors.fetch_add(1, Relaxed);
+            warn!(chunk = %id, remote = %remote.describe(), "integrity error in fetched chunk");
+        })?;
+        debug!(chunk = %id, bytes = frame.len(), "fetched chunk");
+        {
+            let _lock = self.gc_lock(false)?;
+            self.inner.local.store_durable(id, &frame)?;
+        }
+        self.note_remote_has(&[*id])?;
+        Ok(plain)
+    }
+
+    // ---------------------------------------------------------------- names
+
+    fn name_path(&self, name: &str) -> Result<PathBuf> {
+        if name.is_empty() || name.len() > 120 || name.chars().any(|c| c.is_control()) {
+            return Err(Error::Invalid(format!(
+                "bad name {name:?}: 1-120 bytes, no control characters"
+            )));
+        }
+        Ok(self.inner.dir.join("names").join(hex::encode(name)))
+    }
+
+    /// Point `name` at `id` (replacing what it pointed at).
+    pub fn set_name(&self, name: &str, id: &BlobId) -> Result<()> {
+        let p = self.name_path(name)?;
+        if !self.contains(id) {
+            return Err(Error::NotFound(format!("blob {id}")));
+        }
+        fsutil::write_durable(
+            &fsutil::tmp_name(&self.inner.local.tmp),
+            &p,
+            id.to_hex().as_bytes(),
+        )
+    }
+
+    /// Remove a name (the blob stays). Returns whether it existed.
+    pub fn remove_name(&self, name: &str) -> Result<bool> {
+        fsutil::remove_opt(&self.name_path(name)?)
+    }
+
+    /// The blob a name points at, if any.
+    pub fn lookup_name(&self, name: &str) -> Result<Option<BlobId>> {
+        let Ok(p) = self.name_path(name) else {
+            return Ok(None);
+        };
+        match fsutil::read_opt(&p)? {
+            None => Ok(None),
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .map(Some)
+                .ok_or_else(|| Error::Invalid(format!("name file {} is damaged", p.display()))),
+        }
+    }
+
+    /// All names with their blobs.
+    pub fn names(&self) -> Result<Vec<(String, BlobId)>> {
+        let dir = self.inner.dir.join("names");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+            let e = e.ctx("read dir", &dir)?;
+            let Some(name) = e
+                .file_name()
+                .to_str()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| String::from_utf8(b).ok())
+            else {
+                continue;
+            };
+            if let Ok(Some(id)) = self.lookup_name(&name) {
+                out.push((name, id));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A name, a full hex id, or a unique hex prefix of at least 8 digits.
+    pub fn resolve(&self, name_or_id: &str) -> Result<BlobId> {
+        if let Some(id) = self.lookup_name(name_or_id)? {
+            return Ok(id);
+        }
+        let s = name_or_id.to_ascii_lowercase();
+        if let Ok(id) = s.parse::<Digest>() {
+            if self.contains(&id) {
+                return Ok(id);
+            }
+            return Err(Error::NotFound(format!("blob {id}")));
+        }
+        if s.len() >= 8 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            let matches: Vec<BlobId> = self
+                .blob_ids()?
+                .into_iter()
+                .filter(|id| id.to_hex().starts_with(&s))
+                .collect();
+            return match matches.len() {
+                1 => Ok(matches[0]),
+                0 => Err(Error::NotFound(format!(
+                    "no blob or name matches {name_or_id:?}"
+                ))),
+                count => Err(Error::Ambiguous { prefix: s, count }),
+            };
+        }
+        Err(Error::NotFound(format!(
+            "no blob or name matches {name_or_id:?}"
+        )))
+    }
+
+    /// Ids of all local blobs.
+    pub fn blob_ids(&self) -> Result<Vec<BlobId>> {
+        let dir = self.inner.dir.join("blobs");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+            let e = e.ctx("read dir", &dir)?;
+            if let Some(id) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn names_by_blob(&self) -> Result<HashMap<BlobId, Vec<String>>> {
+        let mut by: HashMap<BlobId, Vec<String>> = HashMap::new();
+        for (n, id) in self.names()? {
+            by.entry(id).or_default().push(n);
+        }
+        Ok(by)
+    }
+
+    /// All local blobs, newest first.
+    pub fn list(&self) -> Result<Vec<BlobInfo>> {
+        let names = self.names_by_blob()?;
+        let mut out = Vec::new();
+        for id in self.blob_ids()? {
+            let m = match self.manifest_arc(&id) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(blob = %id, "skipping unreadable manifest: {e}");
+                    continue;
+                }
+            };
+            let created = std::fs::metadata(self.manifest_path(&id))
+                .and_then(|md| md.modified())
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            out.push(BlobInfo {
+                id,
+                names: names.get(&id).cloned().unwrap_or_default(),
+                size: m.size,
+                chunk_size: m.chunk_size,
+                created,
+            });
+        }
+        out.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Details of one blob.
+    pub fn stat(&self, id: &BlobId) -> Result<BlobStat> {
+        let m = self.manifest_arc(id)?;
+        let uniq: HashSet<ChunkId> = m.chunks.iter().flatten().copied().collect();
+        let mut local_chunks = 0;
+        let mut local_bytes = 0;
+        for c in &uniq {
+            if let Ok(md) = std::fs::metadata(self.inner.local.path(c)) {
+                local_chunks += 1;
+                local_bytes += md.len();
+            }
+        }
+        Ok(BlobStat {
+            id: *id,
+            names: self.names_by_blob()?.remove(id).unwrap_or_default(),
+            size: m.size,
+            chunk_size: m.chunk_size,
+            chunks: m.chunks.len() as u64,
+            zero_chunks: m.chunks.iter().filter(|c| c.is_none()).count() as u64,
+            unique_chunks: uniq.len() as u64,
+            local_chunks,
+            local_bytes,
+        })
+    }
+
+    /// Drop a blob's manifest and the names pointing at it; its chunks go at the next gc.
+    pub fn remove_blob(&self, id: &BlobId) -> Result<()> {
+        for (n, nid) in self.names()? {
+            if nid == *id {
+                self.remove_name(&n)?;
+            }
+        }
+        if !fsutil::remove_opt(&self.manifest_path(id))? {
+            return Err(Error::NotFound(format!("blob {id}")));
+        }
+        self.inner.manifests.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- export
+
+    /// Write a blob to a file (zero ranges become holes). The file appears complete or not at all.
+    pub fn export(&self, id: &BlobId, to: &Path) -> Result<()> {
+        let r = self.open_blob(id)?;
+        let m = r.manifest();
+        let dir = match to.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = fsutil::tmp_name(&dir);
+        let res = (|| {
+            let f = File::create(&tmp).ctx("create", &tmp)?;
+            f.set_len(m.size).ctx("truncate", &tmp)?;
+            let mut buf = vec![0u8; m.chunk_size as usize];
+            for (i, c) in m.chunks.iter().enumerate() {
+                if c.is_none() {
+                    continue;
+                }
+                let off = i as u64 * m.chunk_size as u64;
+                let len = m.chunk_len(i);
+                r.read_at(off, &mut buf[..len])?;
+                // Skip 4 KiB runs of zeros so the file stays sparse.
+                let mut pos = 0;
+                while pos < len {
+                    let end = (pos + 4096).min(len);
+                    if !is_zero(&buf[pos..end]) {
+                        let mut run_end = end;
+                        while run_end < len && !is_zero(&buf[run_end..(run_end + 4096).min(len)]) {
+                            run_end = (run_end + 4096).min(len);
+                        }
+                        f.write_all_at(&buf[pos..run_end], off + pos as u64)
+                            .ctx("write", &tmp)?;
+                        pos = run_end;
+                    } else {
+                        pos = end;
+                    }
+                }
+            }
+            f.sync_all().ctx("fsync", &tmp)?;
+            std::fs::rename(&tmp, to).ctx("rename", to)
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Write a blob's bytes to `w` (e.g. stdout).
+    pub fn write_to(&self, id: &BlobId, w: &mut dyn Write) -> Result<()> {
+        let r = self.open_blob(id)?;
+        let cs = r.manifest().chunk_size as usize;
+        let mut buf = vec![0u8; cs];
+        let mut off = 0;
+        while off < r.len() {
+            let n = r.read_at(off, &mut buf)?;
+            w.write_all(&buf[..n])
+                .map_err(|e| Error::io("write", "<output>", e))?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- overlays
+
+    /// Create a writable overlay over `base` (or an empty disk of `size` bytes), with its
+    /// scratch files in `dir` (created; must not already hold an overlay).
+    pub fn create_overlay(&self, base: Option<&BlobId>, size: u64, dir: &Path) -> Result<Overlay> {
+        Overlay::create(self, base, size, dir)
+    }
+
+    /// Reopen an overlay directory (e.g. after a VMM restart).
+    pub fn open_overlay(&self, dir: &Path) -> Result<Overlay> {
+        Overlay::open(self, dir)
+    }
+
+    pub(crate) fn pins_dir(&self) -> PathBuf {
+        self.inner.dir.join("pins")
+    }
+
+    // ---------------------------------------------------------------- remote bookkeeping
+
+    fn remote_log(&self) -> PathBuf {
+        self.inner.dir.join("remote-chunks")
+    }
+
+    /// Record that the remote holds these chunks (append-only; 32 bytes per id).
+    pub(crate) fn note_remote_has(&self, ids: &[ChunkId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let p = self.remote_log();
+        let mut buf = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            buf.extend_from_slice(id.as_bytes());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .ctx("open", &p)?;
+        f.write_all(&buf).ctx("append", &p)
+    }
+
+    fn remote_known(&self) -> Result<HashSet<ChunkId>> {
+        let b = fsutil::read_opt(&self.remote_log())?.unwrap_or_default();
+        Ok(b.chunks_exact(32)
+            .map(|c| Digest(c.try_into().unwrap()))
+            .collect())
+    }
+
+    // ---------------------------------------------------------------- push / pull
+
+    /// Upload a blob: the chunks the remote lacks (in parallel), then the manifest.
+    /// `progress` gets the number of bytes uploaded so far.
+    pub fn push(&self, id: &BlobId, progress: &dyn Fn(u64)) -> Result<PushReport> {
+        let remote = self.remote_or_err()?;
+        let m = self.manifest_arc(id)?;
+        let mut uniq: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
+        uniq.sort();
+        uniq.dedup();
+        let have = remote.has_chunks(&uniq)?;
+        let todo: Vec<ChunkId> = uniq
+            .iter()
+            .zip(&have)
+            .filter(|(_, h)| !**h)
+            .map(|(c, _)| *c)
+            .collect();
+        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), remote = %remote.describe(), "push");
+        let next = AtomicU64::new(0);
+        let sent = AtomicU64::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        let (ptx, prx) = std::sync::mpsc::channel::<u64>();
+        let threads = self
+            .inner
+            .opts
+            .push_parallelism
+            .clamp(1, 64)
+            .min(todo.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let ptx = ptx.clone();
+                let (todo, next, sent, first_err, remote) =
+                    (&todo, &next, &sent, &first_err, &remote);
+                s.spawn(move || loop {
+                    if first_err.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Relaxed) as usize;
+                    let Some(c) = todo.get(i) else { return };
+                    let r =
+                        (|| {
+                            let frame = self.inner.local.read_frame(c)?.ok_or_else(|| {
+                                Error::MissingChunk {
+                                    chunk: *c,
+                                    reason: "the remote lacks it too".into(),
+                                }
+                            })?;
+                            // Never upload damaged bytes.
+                            decode_chunk(
+                                c,
+                                &frame,
+                                crate::MAX_CHUNK_SIZE as usize,
+                                Some(&self.inner.local.path(c)),
+                            )?;
+                            remote.put_chunk(c, &frame)?;
+                            Ok::<u64, Error>(frame.len() as u64)
+                        })();
+                    match r {
+                        Ok(n) => {
+                            sent.fetch_add(n, Relaxed);
+                            let _ = ptx.send(n);
+                        }
+                        Err(e) => {
+                            first_err.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(ptx);
+            let mut total = 0;
+            for n in prx {
+                total += n;
+                progress(total);
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap() {
+            return Err(e);
+        }
+        self.note_remote_has(&uniq)?;
+        remote.put_manifest(id, &m.to_bytes())?;
+        Ok(PushReport {
+            blob: *id,
+            chunks: uniq.len() as u64,
+            chunks_uploaded: todo.len() as u64,
+            bytes_uploaded: sent.load(Relaxed),
+        })
+    }
+
+    /// Fetch a blob's manifest from the remote (its data is fetched lazily by reads).
+    pub fn pull(&self, id: &BlobId) -> Result<()> {
+        if self.contains(id) {
+            return Ok(());
+        }
+        let remote = self.remote_or_err()?;
+        let bytes = match remote.get_manifest(id) {
+            Ok(b) => b,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::NotFound(format!(
+                    "blob {id} on {}",
+                    remote.describe()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let m = Manifest::from_bytes(id, &bytes)?;
+        let _lock = self.gc_lock(false)?;
+        let wrote = self.write_manifest(&m)?;
+        debug_assert_eq!(wrote, *id);
+        // Chunks of a remote manifest are on the remote (it was pushed chunks-first).
+        let uniq: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
+        self.note_remote_has(&uniq)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.stats;
+        StoreStats {
+            cache_hits: c.cache_hits.load(Relaxed),
+            cache_misses: c.cache_misses.load(Relaxed),
+            disk_chunk_reads: c.disk_chunk_reads.load(Relaxed),
+            remote_chunk_fetches: c.remote_chunk_fetches.load(Relaxed),
+            remote_bytes_fetched: c.remote_bytes_fetched.load(Relaxed),
+            coalesced_waits: c.coalesced_waits.load(Relaxed),
+            integrity_errors: c.integrity_errors.load(Relaxed),
+            chunks_written: c.chunks_written.load(Relaxed),
+            bytes_written: c.bytes_written.load(Relaxed),
+        }
+    }
+
+    /// Forget every decompressed chunk held in memory (benchmarks: measure disk reads).
+    pub fn drop_memory_cache(&self) {
+        self.inner.cache.clear();
+    }
+
+    // ---------------------------------------------------------------- verify / gc
+
+    /// Re-check every manifest and every local chunk; with `repair`, re-fetch damaged or
+    /// missing chunks from the remote.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        crate::maint::verify(self, repair)
+    }
+
+    /// Remove chunks no visible blob (or live overlay) references; with `remote_too`, also
+    /// unreferenced remote chunks older than the grace period.
+    pub fn gc(&self, remote_too: bool) -> Result<GcReport> {
+        crate::maint::gc(self, remote_too)
+    }
+
+    pub(crate) fn cache(&self) -> &ChunkCache {
+        &self.inner.cache
+    }
+
+    pub(crate) fn remote_known_set(&self) -> Result<HashSet<ChunkId>> {
+        self.remote_known()
+    }
+}
+
+/// True when every byte is zero.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: reinterpreting initialized bytes as u128 is valid for any bit pattern.
+    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0)
+        && post.iter().all(|&x| x == 0)
+        && mid.iter().fold(0u128, |a, &x| a | x) == 0
+}

@@ -1,0 +1,124 @@
+//! The remote tier as the store sees it: a trait so the store does not depend on one backend.
+//! [`crate::remote::S3Remote`] implements it; [`DirRemote`] is a remote in a plain directory
+//! (a shared mount), handy for hosts that share storage and for tests without S3.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::{BlobId, ChunkId};
+
+/// A remote holding chunks (zstd frames, exactly as the local tier stores them) and manifests.
+/// All methods are blocking and may be called from many threads at once.
+pub trait RemoteTier: Send + Sync {
+    /// Store a compressed chunk (idempotent).
+    fn put_chunk(&self, id: &ChunkId, compressed: &[u8]) -> Result<()>;
+    /// Fetch a compressed chunk; `Error::NotFound` when absent.
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// Which of `ids` the remote holds (same order).
+    fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>>;
+    /// Store a manifest's canonical bytes.
+    fn put_manifest(&self, id: &BlobId, bytes: &[u8]) -> Result<()>;
+    /// Fetch a manifest; `Error::NotFound` when absent.
+    fn get_manifest(&self, id: &BlobId) -> Result<Vec<u8>>;
+    /// Every chunk with its last-modified time (for gc's grace period).
+    fn list_chunks(&self) -> Result<Vec<(ChunkId, SystemTime)>>;
+    /// Every manifest id.
+    fn list_manifests(&self) -> Result<Vec<BlobId>>;
+    /// Delete chunks (missing ones are not an error).
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()>;
+    /// A human description (no secrets), for logs and errors.
+    fn describe(&self) -> String;
+}
+
+/// A remote in a plain directory: `<root>/chunks/<hex>`, `<root>/blobs/<hex>`.
+pub struct DirRemote {
+    root: PathBuf,
+}
+
+impl DirRemote {
+    /// Use (and create) `root`.
+    pub fn new(root: &Path) -> Result<DirRemote> {
+        for sub in ["chunks", "blobs", "tmp"] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).ctx("create dir", &p)?;
+        }
+        Ok(DirRemote {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn put(&self, sub: &str, hex: &str, bytes: &[u8]) -> Result<()> {
+        let dst = self.root.join(sub).join(hex);
+        let tmp = crate::fsutil::tmp_name(&self.root.join("tmp"));
+        crate::fsutil::write_durable(&tmp, &dst, bytes)
+    }
+
+    fn get(&self, sub: &str, hex: &str) -> Result<Vec<u8>> {
+        let p = self.root.join(sub).join(hex);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NotFound(format!("{} in {}", hex, self.describe())))
+            }
+            Err(e) => Err(Error::io("read", p, e)),
+        }
+    }
+
+    fn list(&self, sub: &str) -> Result<Vec<(crate::Digest, SystemTime)>> {
+        let dir = self.root.join(sub);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+            let e = e.ctx("read dir", &dir)?;
+            if let Some(d) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                let mtime = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                out.push((d, mtime));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RemoteTier for DirRemote {
+    fn put_chunk(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
+        self.put("chunks", &id.to_hex(), compressed)
+    }
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.get("chunks", &id.to_hex())
+    }
+    fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        Ok(ids
+            .iter()
+            .map(|id| self.root.join("chunks").join(id.to_hex()).exists())
+            .collect())
+    }
+    fn put_manifest(&self, id: &BlobId, bytes: &[u8]) -> Result<()> {
+        self.put("blobs", &id.to_hex(), bytes)
+    }
+    fn get_manifest(&self, id: &BlobId) -> Result<Vec<u8>> {
+        self.get("blobs", &id.to_hex())
+    }
+    fn list_chunks(&self) -> Result<Vec<(ChunkId, SystemTime)>> {
+        self.list("chunks")
+    }
+    fn list_manifests(&self) -> Result<Vec<BlobId>> {
+        Ok(self.list("blobs")?.into_iter().map(|(d, _)| d).collect())
+    }
+    fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()> {
+        for id in ids {
+            let p = self.root.join("chunks").join(id.to_hex());
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", p, e)),
+            }
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("dir:{}", self.root.display())
+    }
+}
