@@ -1,0 +1,299 @@
+//! vCPU threads: one per vCPU, each running KVM_RUN and dispatching port/MMIO exits to devices.
+//!
+//! Control (pause, resume, stop) goes through [`VcpuHandle`]: the requester sets the wanted state
+//! and kicks the thread out of KVM_RUN with a signal until it acknowledges. While paused, the
+//! thread holds no lock on the vCPU fd, so the VM can read or write its state.
+
+use crate::devices::legacy::{ExitReason, SerialDevice, I8042, I8042_CMD, I8042_DATA, SERIAL_PORT};
+use crate::devices::MmioBus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The port-I/O devices.
+pub struct PioBus {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Mutex<I8042>,
+}
+
+impl PioBus {
+    fn read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                data[0] = lock(&self.serial).read((p - SERIAL_PORT) as u8);
+            }
+            I8042_DATA | I8042_CMD if data.len() == 1 => data[0] = lock(&self.i8042).read(port),
+            // Nothing here: floating bus.
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Returns true when the write reset the machine.
+    fn write(&self, port: u16, data: &[u8]) -> bool {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                lock(&self.serial).write((p - SERIAL_PORT) as u8, data[0]);
+                false
+            }
+            I8042_DATA | I8042_CMD if data.len() == 1 => lock(&self.i8042).write(port, data[0]),
+            _ => false,
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking device thread must not take the VMM down with poisoned locks.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctl {
+    Running,
+    PauseRequested,
+    Paused,
+    ExitRequested,
+    Exited,
+}
+
+struct Shared {
+    fd: Mutex<VcpuFd>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+/// Control of one vCPU thread.
+pub struct VcpuHandle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    pub index: u8,
+}
+
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The handler does nothing: its only job is to make KVM_RUN return EINTR.
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            tracing::error!(error = %e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+impl VcpuHandle {
+    /// Creates the handle; the thread starts paused (call [`Self::resume`] to run).
+    pub fn spawn(
+        index: u8,
+        fd: VcpuFd,
+        pio: Arc<PioBus>,
+        mmio: MmioBus,
+        exit: Sender<ExitReason>,
+    ) -> std::io::Result<Self> {
+        install_kick_handler();
+        let shared = Arc::new(Shared {
+            fd: Mutex::new(fd),
+            ctl: Mutex::new(Ctl::Paused),
+            cv: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_loop(index, &s, &pio, &mmio, &exit))?;
+        Ok(VcpuHandle {
+            shared,
+            thread: Some(thread),
+            index,
+        })
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: pthread_kill on a live thread handle (we hold the JoinHandle, so the thread
+            // has not been joined); the signal has a no-op handler installed.
+            unsafe {
+                libc::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
+        }
+    }
+
+    /// Blocks until the thread is out of KVM_RUN and parked (or has exited).
+    pub fn pause(&self) {
+        let mut c = lock(&self.shared.ctl);
+        if *c == Ctl::Running {
+            *c = Ctl::PauseRequested;
+        }
+        while *c == Ctl::PauseRequested {
+            drop(c);
+            self.kick();
+            c = lock(&self.shared.ctl);
+            if *c == Ctl::PauseRequested {
+                c = self
+                    .shared
+                    .cv
+                    .wait_timeout(c, KICK_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut c = lock(&self.shared.ctl);
+        if matches!(*c, Ctl::Paused | Ctl::PauseRequested) {
+            *c = Ctl::Running;
+            self.shared.cv.notify_all();
+        }
+    }
+
+    pub fn is_exited(&self) -> bool {
+        *lock(&self.shared.ctl) == Ctl::Exited
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(&mut self) {
+        {
+            let mut c = lock(&self.shared.ctl);
+            if *c != Ctl::Exited {
+                *c = Ctl::ExitRequested;
+                self.shared.cv.notify_all();
+            }
+        }
+        loop {
+            if *lock(&self.shared.ctl) == Ctl::Exited {
+                break;
+            }
+            self.kick();
+            let c = lock(&self.shared.ctl);
+            if *c != Ctl::Exited {
+                let _ = self.shared.cv.wait_timeout(c, KICK_INTERVAL);
+            }
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Runs `f` on the vCPU fd. Call only while paused or before the first resume, or it waits
+    /// for the current KVM_RUN to return.
+    pub fn with_fd<R>(&self, f: impl FnOnce(&VcpuFd) -> R) -> R {
+        f(&lock(&self.shared.fd))
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<ExitReason>) {
+    loop {
+        {
+            let mut c = lock(&s.ctl);
+            loop {
+                match *c {
+                    Ctl::Running => break,
+                    Ctl::PauseRequested => {
+                        *c = Ctl::Paused;
+                        s.cv.notify_all();
+                    }
+                    Ctl::Paused => c = s.cv.wait(c).unwrap_or_else(|p| p.into_inner()),
+                    Ctl::ExitRequested | Ctl::Exited => {
+                        *c = Ctl::Exited;
+                        s.cv.notify_all();
+                        return;
+                    }
+                }
+            }
+        }
+        let mut fd = lock(&s.fd);
+        let end = match fd.run() {
+            Ok(exit) => handle_exit(index, exit, pio, mmio),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(ExitReason::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        };
+        if let Some(reason) = end {
+            let reason = match reason {
+                ExitReason::Error(msg) if msg.contains("internal error") => {
+                    ExitReason::Error(format!("{msg}{}", internal_error_detail(&mut fd)))
+                }
+                r => r,
+            };
+            drop(fd);
+            tracing::info!(vcpu = index, ?reason, "vCPU stopped the VM");
+            let _ = exit.send(reason);
+            let mut c = lock(&s.ctl);
+            *c = Ctl::Exited;
+            s.cv.notify_all();
+            return;
+        }
+    }
+}
+
+fn internal_error_detail(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` union member is the
+    // one KVM filled in.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    format!(
+        " (suberror {}, data [{}]); on PVM hosts this means the guest used an instruction the \
+         hypervisor cannot emulate (e.g. cmpxchg16b, xrstor, int3)",
+        internal.suberror,
+        data.join(", ")
+    )
+}
+
+fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &PioBus, mmio: &MmioBus) -> Option<ExitReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            pio.read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => pio.write(port, data).then_some(ExitReason::Reset),
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                tracing::debug!(vcpu = index, addr, "MMIO read of unmapped address");
+            }
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                tracing::debug!(vcpu = index, addr, "MMIO write to unmapped address");
+            }
+            None
+        }
+        VcpuExit::Hlt => Some(ExitReason::Shutdown),
+        VcpuExit::Shutdown => {
+            tracing::warn!(vcpu = index, "guest triple-faulted (KVM_EXIT_SHUTDOWN)");
+            Some(ExitReason::Reset)
+        }
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+            other => Some(ExitReason::Error(format!("vCPU {index}: system event {other}"))),
+        },
+        VcpuExit::InternalError => Some(ExitReason::Error(format!(
+            "vCPU {index}: KVM internal error"
+        ))),
+        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
+            "vCPU {index}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+        ))),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+        other => Some(ExitReason::Error(format!(
+            "vCPU {index}: unexpected exit {other:?}"
+        ))),
+    }
+}
