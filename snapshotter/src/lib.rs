@@ -6,6 +6,8 @@
 
 pub mod lazy;
 pub mod mapping;
+pub mod memory;
 
 pub use lazy::{LazyMemory, LazyOptions, LazyStats, PageSource, SourceError};
 pub use mapping::{Mapping, PAGE_SIZE};
+pub use memory::{DirtyPages, HostRegion, ImageSource, Layer, MemoryImage, MEMORY_CHUNK_SIZE};

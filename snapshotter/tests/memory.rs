@@ -1,0 +1,265 @@
+//! Memory images against the real block store and real userfaultfd: capture, lazy restore,
+//! diff chains, and damaged stores.
+
+use blockstore::Store;
+use snapshotter::lazy::{FatalHook, LazyMemory, LazyOptions};
+use snapshotter::memory::{self, DirtyPages, HostRegion, ImageSource};
+use snapshotter::Mapping;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Guest-like memory: random pages, zero stretches, and repeated pages.
+fn fill(m: &Mapping, seed: u64) {
+    // SAFETY: the test owns the mapping exclusively.
+    let s = unsafe { m.as_mut_slice() };
+    let mut r = xorshift(seed);
+    for (i, page) in s.chunks_mut(4096).enumerate() {
+        match i % 16 {
+            0..=8 => page.iter_mut().for_each(|b| *b = r() as u8),
+            9 => page.fill(0xab),
+            _ => page.fill(0),
+        }
+    }
+}
+
+fn region(m: &Mapping) -> HostRegion {
+    HostRegion {
+        host_addr: m.as_ptr(),
+        size: m.len(),
+    }
+}
+
+fn no_fatal() -> FatalHook {
+    Arc::new(|m: &str| panic!("page handler failed: {m}"))
+}
+
+fn restore(store: &Store, img: &memory::MemoryImage) -> LazyMemory {
+    let src = ImageSource::open(store, img).unwrap();
+    LazyMemory::new(
+        Arc::new(src),
+        LazyOptions {
+            on_fatal: no_fatal(),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn full_capture_restores_identically_and_stores_no_zero_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    // Two regions, as a VM with memory above the MMIO gap has.
+    let (a, b) = (
+        Mapping::anonymous(8 * MIB).unwrap(),
+        Mapping::anonymous(4 * MIB).unwrap(),
+    );
+    fill(&a, 1);
+    fill(&b, 2);
+    // A fully zero MiB in the middle of region a costs nothing.
+    // SAFETY: exclusive test mapping.
+    unsafe { a.as_mut_slice()[2 * MIB..3 * MIB].fill(0) };
+    // SAFETY: nothing writes the mappings during capture.
+    let img = unsafe { memory::capture_full(&store, &[region(&a), region(&b)]) }.unwrap();
+    assert_eq!(img.size, 12 * MIB as u64);
+    let stat = store.stat(&img.layers[0].blob).unwrap();
+    assert!(stat.zero_chunks >= 16, "zero chunks stored: {stat:?}");
+
+    let mem = restore(&store, &img);
+    // SAFETY: exclusive.
+    let got = unsafe { mem.mapping().as_slice() };
+    // SAFETY: exclusive.
+    let (ea, eb) = unsafe { (a.as_slice(), b.as_slice()) };
+    assert!(got[..8 * MIB] == *ea, "region a differs after restore");
+    assert!(got[8 * MIB..] == *eb, "region b differs after restore");
+    let st = mem.stats();
+    assert_eq!(
+        st.demand_chunks as usize,
+        12 * MIB / memory::MEMORY_CHUNK_SIZE as usize
+    );
+    assert!(st.zero_chunks >= 16);
+}
+
+#[test]
+fn diff_chain_of_three_restores_each_generation_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let m = Mapping::anonymous(16 * MIB).unwrap();
+    fill(&m, 7);
+    // SAFETY: VM-less capture of a mapping nobody writes meanwhile.
+    let mut img = unsafe { memory::capture_full(&store, &[region(&m)]) }.unwrap();
+    let mut generations = vec![(img.clone(), unsafe { m.as_slice() }.to_vec())];
+    let mut r = xorshift(99);
+    let pages = (16 * MIB / 4096) as u64;
+    for gen in 0..3 {
+        let mut dirty = DirtyPages::new(pages);
+        // ~1% of pages written, plus one page zeroed (a chunk may become all-zero too).
+        for _ in 0..(pages / 100) {
+            let p = r() % pages;
+            // SAFETY: exclusive.
+            let s = unsafe { m.as_mut_slice() };
+            s[(p as usize) * 4096 + (r() % 4096) as usize] ^= 0x5a;
+            dirty.set(p);
+        }
+        let z = (gen * 37 + 5) as u64;
+        // SAFETY: exclusive.
+        unsafe { m.as_mut_slice()[z as usize * 4096..(z as usize + 1) * 4096].fill(0) };
+        dirty.set(z);
+        // SAFETY: as above.
+        img = unsafe { memory::capture_diff(&store, &img, &[region(&m)], &dirty) }.unwrap();
+        let layer = img.layers.last().unwrap();
+        let chunks = dirty.chunks(img.chunk_size).len() as u64;
+        assert_eq!(
+            store.stat(&layer.blob).unwrap().size,
+            chunks * img.chunk_size as u64,
+            "diff layer holds only dirty chunks"
+        );
+        generations.push((img.clone(), unsafe { m.as_slice() }.to_vec()));
+    }
+    assert_eq!(img.layers.len(), 4);
+    // Scribble over the live memory so nothing can come from it by accident.
+    fill(&m, 12345);
+    for (i, (img, want)) in generations.iter().enumerate() {
+        let mem = restore(&store, img);
+        // SAFETY: exclusive.
+        let got = unsafe { mem.mapping().as_slice() };
+        assert!(got == &want[..], "generation {i} differs after restore");
+    }
+    // The record round-trips through JSON.
+    let json = serde_json::to_string(&img).unwrap();
+    assert_eq!(
+        serde_json::from_str::<memory::MemoryImage>(&json).unwrap(),
+        img
+    );
+}
+
+fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir.join("chunks")).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            for f in std::fs::read_dir(&sub).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        }
+    }
+    out
+}
+
+/// A damaged store gives a clear error naming the chunk, the memory is fenced off, and the
+/// thread that touched it gets EFAULT (as a vCPU's KVM_RUN would) instead of wrong bytes.
+fn damaged_store_case(damage: impl Fn(&std::path::Path), expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("store");
+    let m = Mapping::anonymous(4 * MIB).unwrap();
+    // SAFETY: exclusive.
+    unsafe { m.as_mut_slice() }
+        .chunks_mut(4096)
+        .enumerate()
+        .for_each(|(i, p)| p.fill(i as u8 | 1));
+    let img = {
+        let store = Store::open(&sdir).unwrap();
+        // SAFETY: exclusive.
+        unsafe { memory::capture_full(&store, &[region(&m)]) }.unwrap()
+    };
+    for f in chunk_files(&sdir) {
+        damage(&f);
+    }
+    let store = Store::open(&sdir).unwrap(); // fresh: no chunk in its memory cache
+    let src = ImageSource::open(&store, &img).unwrap();
+    let fired = Arc::new(Mutex::new(None::<String>));
+    let f2 = fired.clone();
+    let mem = LazyMemory::new(
+        Arc::new(src),
+        LazyOptions {
+            on_fatal: Arc::new(move |m: &str| *f2.lock().unwrap() = Some(m.to_string())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = mem.host_addr() as usize;
+    let mut p = [0i32; 2];
+    // SAFETY: a pipe into a local array.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: the kernel reads 4096 bytes of the mapping (alive until mem drops).
+    let r = unsafe { libc::write(p[1], addr as *const libc::c_void, 4096) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: closing our pipe.
+    unsafe {
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+    assert_eq!(
+        (r, errno),
+        (-1, Some(libc::EFAULT)),
+        "touching damaged memory must fail"
+    );
+    let t = Instant::now();
+    while fired.lock().unwrap().is_none() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let msg = fired.lock().unwrap().clone().expect("fatal hook ran");
+    assert!(
+        msg.contains("chunk 0") && msg.contains(expect),
+        "unclear error: {msg}"
+    );
+}
+
+#[test]
+fn corrupt_chunk_is_a_clear_error_and_no_wrong_memory() {
+    damaged_store_case(
+        |f| {
+            let mut b = std::fs::read(f).unwrap();
+            let n = b.len();
+            b[n / 2] ^= 0xff;
+            b[n - 1] ^= 0xff;
+            std::fs::write(f, b).unwrap();
+        },
+        "chunk",
+    );
+}
+
+#[test]
+fn missing_chunk_is_a_clear_error_and_no_wrong_memory() {
+    damaged_store_case(|f| std::fs::remove_file(f).unwrap(), "missing");
+}
+
+#[test]
+fn inconsistent_images_are_rejected_before_any_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let m = Mapping::anonymous(MIB).unwrap();
+    fill(&m, 3);
+    // SAFETY: exclusive.
+    let img = unsafe { memory::capture_full(&store, &[region(&m)]) }.unwrap();
+    let mut bad = img.clone();
+    bad.size *= 2;
+    let err = ImageSource::open(&store, &bad)
+        .err()
+        .expect("wrong size accepted");
+    assert!(err.to_string().contains("bytes"), "{err}");
+    let mut bad = img.clone();
+    bad.layers.push(memory::Layer {
+        blob: img.layers[0].blob,
+        runs: Some(vec![[3, 2]]),
+    });
+    assert!(
+        ImageSource::open(&store, &bad).is_err(),
+        "diff layer of the wrong size accepted"
+    );
+    let mut bad = img.clone();
+    bad.layers[0].blob = blockstore::Digest::of(b"nothing");
+    assert!(ImageSource::open(&store, &bad).is_err());
+}
