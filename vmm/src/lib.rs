@@ -9,10 +9,10 @@ pub mod arch;
 pub mod devices;
 pub mod memory;
 pub mod persist;
-pub mod vcpu;
-pub mod vm;
 #[doc(hidden)]
 pub mod testutil;
+pub mod vcpu;
+pub mod vm;
 
 pub use devices::legacy::ExitReason;
 pub use devices::virtio::{ActivateContext, ActivateError, Interrupt, VirtioDevice};

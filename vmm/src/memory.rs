@@ -2,7 +2,7 @@
 //! mapping (anonymous memory, or regions handed in by the caller, e.g. the snapshotter's
 //! userfaultfd-registered or snapshot-backed mappings).
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the hole below 4 GiB reserved for devices (virtio-mmio, IOAPIC, LAPIC).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
@@ -59,12 +59,8 @@ pub fn create(mem_bytes: u64, source: GuestMemorySource) -> Result<GuestMemoryMm
     match source {
         GuestMemorySource::Anonymous => Ok(GuestMemoryMmap::from_ranges(&ranges)?),
         GuestMemorySource::Provided(mem) => {
-            let got: Vec<(u64, u64)> = mem
-                .iter()
-                .map(|r| (r.start_addr().0, r.len()))
-                .collect();
-            let expected: Vec<(u64, u64)> =
-                ranges.iter().map(|(a, s)| (a.0, *s as u64)).collect();
+            let got: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            let expected: Vec<(u64, u64)> = ranges.iter().map(|(a, s)| (a.0, *s as u64)).collect();
             if got != expected {
                 return Err(MemoryError::LayoutMismatch {
                     size: mem_bytes,

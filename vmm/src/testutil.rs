@@ -26,7 +26,7 @@ pub fn elf_with_code(code: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&64u16.to_le_bytes()); // shentsize
     f.extend_from_slice(&0u16.to_le_bytes()); // shnum
     f.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
-    // Program header: PT_LOAD, R+X.
+                                              // Program header: PT_LOAD, R+X.
     f.extend_from_slice(&1u32.to_le_bytes());
     f.extend_from_slice(&5u32.to_le_bytes());
     f.extend_from_slice(&code_off.to_le_bytes());
@@ -78,7 +78,7 @@ pub fn spinner_elf(msg: &[u8]) -> Vec<u8> {
     let tail = c.split_off(jmp + 2);
     c.truncate(jmp);
     c.extend_from_slice(&[0x48, 0xff, 0xc0, 0xeb, 0xfb]); // inc rax; jmp -5
-    // The message moved by 3 bytes: fix the lea displacement.
+                                                          // The message moved by 3 bytes: fix the lea displacement.
     let disp = u32::from_le_bytes(c[7..11].try_into().unwrap()) + 3;
     c[7..11].copy_from_slice(&disp.to_le_bytes());
     c.extend_from_slice(&tail);

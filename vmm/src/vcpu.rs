@@ -221,7 +221,9 @@ fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<E
         let end = match fd.run() {
             Ok(exit) => handle_exit(index, exit, pio, mmio),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(ExitReason::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+            Err(e) => Some(ExitReason::Error(format!(
+                "vCPU {index}: KVM_RUN failed: {e}"
+            ))),
         };
         if let Some(reason) = end {
             let reason = match reason {
@@ -247,7 +249,10 @@ fn internal_error_detail(fd: &mut VcpuFd) -> String {
     // one KVM filled in.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let n = (internal.ndata as usize).min(internal.data.len());
-    let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
     format!(
         " (suberror {}, data [{}]); on PVM hosts this means the guest used an instruction the \
          hypervisor cannot emulate (e.g. cmpxchg16b, xrstor, int3)",
@@ -283,7 +288,9 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &PioBus, mmio: &MmioBus) -> O
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
-            other => Some(ExitReason::Error(format!("vCPU {index}: system event {other}"))),
+            other => Some(ExitReason::Error(format!(
+                "vCPU {index}: system event {other}"
+            ))),
         },
         VcpuExit::InternalError => Some(ExitReason::Error(format!(
             "vCPU {index}: KVM internal error"

@@ -81,7 +81,12 @@ pub struct MmioSlot {
 impl MmioSlot {
     /// The Linux kernel command-line announcement for this device.
     pub fn cmdline_entry(&self) -> String {
-        format!("virtio_mmio.device={}K@{:#x}:{}", self.size / 1024, self.base, self.irq)
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.size / 1024,
+            self.base,
+            self.irq
+        )
     }
 }
 
@@ -154,7 +159,8 @@ impl Vm {
         let vm = VmParts { fd, mem };
         vm.register_memory(false)?;
         let VmParts { fd, mem } = vm;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -166,7 +172,9 @@ impl Vm {
         fd.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?,
+            serial_irq
+                .try_clone()
+                .map_err(|e| Error::Io("eventfd".into(), e))?,
             Box::new(serial_out(&config)?),
         )));
         let pio = Arc::new(PioBus {
@@ -203,7 +211,9 @@ impl Vm {
     /// Adds a virtio device on the next virtio-mmio slot (before boot/restore).
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<MmioSlot, Error> {
         if *lock(&self.state) != RunState::Created {
-            return Err(Error::State("devices can only be added before the VM starts".into()));
+            return Err(Error::State(
+                "devices can only be added before the VM starts".into(),
+            ));
         }
         if self.virtio.len() >= MAX_VIRTIO_DEVICES {
             return Err(Error::Config(format!(
@@ -428,7 +438,9 @@ impl Vm {
     fn ensure_paused(&self, what: &str) -> Result<(), Error> {
         let st = lock(&self.state);
         if *st != RunState::Paused {
-            return Err(Error::State(format!("{what} needs a paused VM (it is {st:?})")));
+            return Err(Error::State(format!(
+                "{what} needs a paused VM (it is {st:?})"
+            )));
         }
         Ok(())
     }
@@ -488,11 +500,16 @@ impl Vm {
     /// [`Vm::start`] continues the guest where it was.
     pub fn restore_state(&self, state: &VmState) -> Result<(), Error> {
         if *lock(&self.state) != RunState::Created {
-            return Err(Error::State("restore needs a VM that has not started".into()));
+            return Err(Error::State(
+                "restore needs a VM that has not started".into(),
+            ));
         }
         let bad = |m: String| Err(Error::BadState(m));
         if state.version != VM_STATE_VERSION {
-            return bad(format!("state version {} (expected {VM_STATE_VERSION})", state.version));
+            return bad(format!(
+                "state version {} (expected {VM_STATE_VERSION})",
+                state.version
+            ));
         }
         if state.mem_bytes != self.config.mem_bytes {
             return bad(format!(
@@ -502,7 +519,11 @@ impl Vm {
         }
         let fds = lock(&self.vcpu_fds);
         if state.vcpus.len() != fds.len() {
-            return bad(format!("state has {} vCPUs, VM has {}", state.vcpus.len(), fds.len()));
+            return bad(format!(
+                "state has {} vCPUs, VM has {}",
+                state.vcpus.len(),
+                fds.len()
+            ));
         }
         if state.virtio.len() != self.virtio.len() {
             return bad(format!(
@@ -514,11 +535,18 @@ impl Vm {
         for (s, v) in state.virtio.iter().zip(&self.virtio) {
             let t = lock(&v.transport).device().device_type();
             if s.device_type != t {
-                return bad(format!("virtio device type {} in state, {} in VM", s.device_type, t));
+                return bad(format!(
+                    "virtio device type {} in state, {} in VM",
+                    s.device_type, t
+                ));
             }
         }
-        self.fd.set_clock(&state.clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
-        self.fd.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        self.fd
+            .set_clock(&state.clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
         for c in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
@@ -543,7 +571,11 @@ impl Vm {
     /// Creates a VM from `config` and `memory` (already holding the guest's memory contents),
     /// restores `state` into it and starts it. For VMs with extra devices, use [`Vm::new`],
     /// add the devices, [`Vm::restore_state`] and [`Vm::start`].
-    pub fn restore(config: VmConfig, memory: GuestMemorySource, state: &VmState) -> Result<Vm, Error> {
+    pub fn restore(
+        config: VmConfig,
+        memory: GuestMemorySource,
+        state: &VmState,
+    ) -> Result<Vm, Error> {
         let vm = Vm::new(config, memory)?;
         vm.restore_state(state)?;
         vm.start()?;
@@ -576,7 +608,11 @@ impl VmPartsRef<'_> {
         for (slot, r) in self.mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: r.start_addr().0,
                 memory_size: r.len(),
                 userspace_addr: r.as_ptr() as u64,
@@ -620,15 +656,18 @@ fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Error> {
         debugregs: fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
         lapic: fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
         mp_state: fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
-        events: fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        events: fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
     })
 }
 
 fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), Error> {
-    let cpuid = CpuId::from_entries(&s.cpuid)
-        .map_err(|e| Error::BadState(format!("cpuid: {e:?}")))?;
+    let cpuid =
+        CpuId::from_entries(&s.cpuid).map_err(|e| Error::BadState(format!("cpuid: {e:?}")))?;
     fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-    fd.set_mp_state(s.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     // SAFETY: the xsave buffer is the legacy 4 KiB kvm_xsave that KVM_GET_XSAVE produced.
@@ -649,7 +688,11 @@ fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), Error> {
     let m = Msrs::from_entries(&entries).map_err(|e| Error::BadState(format!("msrs: {e:?}")))?;
     let n = fd.set_msrs(&m).map_err(kvm_err("KVM_SET_MSRS"))?;
     if n != entries.len() {
-        tracing::warn!(set = n, total = entries.len(), "not every saved MSR was accepted");
+        tracing::warn!(
+            set = n,
+            total = entries.len(),
+            "not every saved MSR was accepted"
+        );
     }
     fd.set_vcpu_events(&s.events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;

@@ -32,7 +32,9 @@ fn hello_guest_prints_and_resets() {
     let vm = Vm::new(cfg, GuestMemorySource::Anonymous).unwrap();
     vm.boot().unwrap();
     vm.start().unwrap();
-    let reason = vm.wait_timeout(Duration::from_secs(10)).expect("guest did not reset");
+    let reason = vm
+        .wait_timeout(Duration::from_secs(10))
+        .expect("guest did not reset");
     assert_eq!(reason, ExitReason::Reset);
     let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
     assert_eq!(log, "hello from kiln\n");
@@ -61,14 +63,19 @@ fn pause_save_restore_continues_counting() {
     std::thread::sleep(Duration::from_millis(20));
     vm.pause().unwrap();
     let s3 = vm.save_state().unwrap();
-    assert!(s3.vcpus[0].regs.rax > s1.vcpus[0].regs.rax, "guest did not run after resume");
+    assert!(
+        s3.vcpus[0].regs.rax > s1.vcpus[0].regs.rax,
+        "guest did not run after resume"
+    );
 
     // The state is plain serde data.
     let json = serde_json::to_vec(&s3).unwrap();
     let state: vmm::VmState = serde_json::from_slice(&json).unwrap();
 
     // Restore into a fresh VM with a copy of the memory.
-    let fresh = vm_memory::GuestMemoryMmap::<()>::from_ranges(&vmm::memory::layout(cfg.mem_bytes).unwrap()).unwrap();
+    let fresh =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&vmm::memory::layout(cfg.mem_bytes).unwrap())
+            .unwrap();
     copy_memory(vm.memory(), &fresh);
     vm.stop();
     vm.wait();
@@ -108,7 +115,9 @@ fn int3_is_a_vm_error_not_a_crash() {
     let vm = Vm::new(cfg, GuestMemorySource::Anonymous).unwrap();
     vm.boot().unwrap();
     vm.start().unwrap();
-    let reason = vm.wait_timeout(Duration::from_secs(10)).expect("VM hung on int3");
+    let reason = vm
+        .wait_timeout(Duration::from_secs(10))
+        .expect("VM hung on int3");
     // PVM: KVM_EXIT_INTERNAL_ERROR; hardware virtualization: a triple fault (no IDT) = reset.
     assert!(
         matches!(reason, ExitReason::Error(_) | ExitReason::Reset),
@@ -133,6 +142,9 @@ fn bad_kernels_are_clear_errors() {
     assert!(e.contains("cannot open kernel"), "{e}");
     let mut huge = cfg;
     huge.mem_bytes = 1 << 50;
-    let e = Vm::new(huge, GuestMemorySource::Anonymous).err().unwrap().to_string();
+    let e = Vm::new(huge, GuestMemorySource::Anonymous)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("invalid"), "{e}");
 }

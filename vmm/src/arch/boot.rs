@@ -8,7 +8,9 @@ use linux_loader::loader::{self, KernelLoader};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 const E820_RAM: u32 = 1;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -20,13 +22,19 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    KernelOpen { path: String, source: std::io::Error },
+    KernelOpen {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel {0} is neither a 64-bit ELF (vmlinux) nor a bzImage")]
     UnknownKernelFormat(String),
     #[error("loading kernel {path}: {source}")]
     KernelLoad { path: String, source: loader::Error },
     #[error("cannot read initrd {path}: {source}")]
-    InitrdOpen { path: String, source: std::io::Error },
+    InitrdOpen {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("initrd of {size} bytes does not fit in guest memory below {max:#x}")]
     InitrdTooBig { size: u64, max: u64 },
     #[error("kernel command line is {0} bytes; at most {CMDLINE_MAX} are allowed")]
@@ -117,7 +125,11 @@ pub fn load(
             )
             .map_err(kerr)?;
             // The 64-bit entry of a bzImage's protected-mode kernel is 0x200 past its start.
-            (r.kernel_load.raw_value() + 0x200, r.setup_header, r.kernel_end)
+            (
+                r.kernel_load.raw_value() + 0x200,
+                r.setup_header,
+                r.kernel_end,
+            )
         }
     };
 
@@ -170,12 +182,14 @@ pub fn load(
 }
 
 /// Places the initrd at the top of low memory (page aligned, below INITRD_ADDR_MAX).
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
     let pstr = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::InitrdOpen {
-        path: pstr,
-        source,
-    })?;
+    let data =
+        std::fs::read(path).map_err(|source| BootError::InitrdOpen { path: pstr, source })?;
     let size = data.len() as u64;
     let low_end = mem
         .iter()

@@ -2,7 +2,7 @@
 //! loader leaves the CPU.
 
 use super::*;
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -38,7 +38,11 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw };
+    let limit = if g == 1 {
+        (limit_raw << 12) | 0xfff
+    } else {
+        limit_raw
+    };
     kvm_segment {
         base,
         limit,
@@ -184,7 +188,11 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     let n = kvm("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
     if n != list.len() {
         // PVM (and some hosts) refuse a few of these; the guest sets its own later.
-        tracing::debug!(set = n, wanted = list.len(), "some boot MSRs were not accepted");
+        tracing::debug!(
+            set = n,
+            wanted = list.len(),
+            "some boot MSRs were not accepted"
+        );
     }
     Ok(())
 }

@@ -33,7 +33,9 @@ impl MmioBus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((off, d)) => {
-                d.lock().unwrap_or_else(|p| p.into_inner()).mmio_read(off, data);
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .mmio_read(off, data);
                 true
             }
             None => {
@@ -46,7 +48,9 @@ impl MmioBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((off, d)) => {
-                d.lock().unwrap_or_else(|p| p.into_inner()).mmio_write(off, data);
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .mmio_write(off, data);
                 true
             }
             None => false,

@@ -105,14 +105,21 @@ impl MmioTransport {
             .iter()
             .all(|q| !q.ready() || q.is_valid(&self.mem));
         if !valid {
-            tracing::warn!(device_type = self.device.device_type(), "driver set up an invalid queue");
+            tracing::warn!(
+                device_type = self.device.device_type(),
+                "driver set up an invalid queue"
+            );
             self.device_status |= S_NEEDS_RESET;
             return;
         }
         let queues: Vec<Queue> = self
             .queues
             .iter()
-            .map(|q| QueueSnapshot::of(q).to_queue().expect("queue was validated"))
+            .map(|q| {
+                QueueSnapshot::of(q)
+                    .to_queue()
+                    .expect("queue was validated")
+            })
             .collect();
         let events = match self.clone_events() {
             Ok(e) => e,
@@ -165,7 +172,11 @@ impl MmioTransport {
         }
         // The driver may only add bits (except by resetting).
         if v & self.device_status != self.device_status {
-            tracing::debug!(old = self.device_status, new = v, "driver cleared status bits; ignored");
+            tracing::debug!(
+                old = self.device_status,
+                new = v,
+                "driver cleared status bits; ignored"
+            );
             return;
         }
         let added = v & !self.device_status;
@@ -176,7 +187,8 @@ impl MmioTransport {
         }
         self.device_status = v;
         if added & S_DRIVER_OK != 0
-            && v & (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK) == (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)
+            && v & (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)
+                == (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)
             && v & S_FAILED == 0
             && !self.activated
         {
@@ -264,7 +276,10 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x034 => self.selected_queue().map(|q| q.max_size() as u32).unwrap_or(0),
+            0x034 => self
+                .selected_queue()
+                .map(|q| q.max_size() as u32)
+                .unwrap_or(0),
             0x044 => self.selected_queue().map(|q| q.ready() as u32).unwrap_or(0),
             0x060 => self.interrupt.status(),
             0x070 => self.device_status,
@@ -285,8 +300,7 @@ impl MmioTransport {
             0x020 if features_phase => match self.driver_features_sel {
                 0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
                 1 => {
-                    self.acked_features =
-                        (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
                 _ => {}
             },
@@ -311,7 +325,11 @@ impl MmioTransport {
             0x064 => self.interrupt.ack(v),
             0x070 => self.set_status(v),
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup => {
-                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 if let Some(q) = self.selected_queue() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(lo, hi),
