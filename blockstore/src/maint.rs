@@ -1,12 +1,289 @@
-//! Store maintenance: verify (and repair) and garbage collection.
+//! Store maintenance: verify (and repair), garbage collection and local-cache trimming.
 
-use crate::error::Result;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tracing::{info, warn};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::id::ChunkId;
+use crate::local::decode_chunk;
+use crate::manifest::Manifest;
+use crate::overlay::pinned_bases;
 use crate::store::{GcReport, Store, VerifyReport};
+use crate::MAX_CHUNK_SIZE;
 
-pub(crate) fn verify(_store: &Store, _repair: bool) -> Result<VerifyReport> {
-    todo!("verify")
+/// Manifests of every visible blob; errors for the ones that do not parse.
+fn all_manifests(store: &Store) -> Result<(Vec<Manifest>, Vec<crate::BlobId>)> {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for id in store.blob_ids()? {
+        match store.manifest(&id) {
+            Ok(m) => ok.push(m),
+            Err(Error::CorruptManifest { .. }) => bad.push(id),
+            Err(Error::NotFound(_)) => {} // removed meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((ok, bad))
 }
 
-pub(crate) fn gc(_store: &Store, _remote_too: bool) -> Result<GcReport> {
-    todo!("gc")
+/// Base manifests of live overlays; removes pins whose directory is gone when `prune`.
+fn pinned(store: &Store, prune: bool) -> Result<(Vec<Manifest>, u64)> {
+    let dir = store.pins_dir();
+    let mut out = Vec::new();
+    let mut stale = 0;
+    for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+        let e = e.ctx("read dir", &dir)?;
+        let Ok(target) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let target = PathBuf::from(String::from_utf8_lossy(&target).into_owned());
+        match pinned_bases(store, &target) {
+            Some(ms) => out.extend(ms),
+            None => {
+                if prune {
+                    fsutil::remove_opt(&e.path())?;
+                    stale += 1;
+                }
+            }
+        }
+    }
+    Ok((out, stale))
+}
+
+fn referenced(ms: &[Manifest]) -> HashSet<ChunkId> {
+    ms.iter()
+        .flat_map(|m| m.chunks.iter().flatten().copied())
+        .collect()
+}
+
+/// Check one local chunk file: Ok(true) good, Ok(false) damaged.
+fn check_local(store: &Store, id: &ChunkId) -> Result<Option<bool>> {
+    let Some(frame) = store.inner.local.read_frame(id)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        decode_chunk(id, &frame, MAX_CHUNK_SIZE as usize, None).is_ok(),
+    ))
+}
+
+/// Fetch a chunk from the remote, verify it, and store it (replacing a damaged copy).
+fn refetch(store: &Store, id: &ChunkId) -> Result<()> {
+    let remote = store.remote().ok_or(Error::NoRemote)?;
+    let frame = remote.get_chunk(id)?;
+    decode_chunk(id, &frame, MAX_CHUNK_SIZE as usize, None)?;
+    store.inner.local.store_durable(id, &frame)?;
+    store.cache().remove(id);
+    Ok(())
+}
+
+pub(crate) fn verify(store: &Store, repair: bool) -> Result<VerifyReport> {
+    let _lock = store.gc_lock(false)?;
+    let (mut ms, corrupt) = all_manifests(store)?;
+    let blobs = ms.len() as u64 + corrupt.len() as u64;
+    ms.extend(pinned(store, false)?.0);
+    let refs = referenced(&ms);
+    let local = store.inner.local.list()?;
+    let local_set: HashSet<ChunkId> = local.iter().map(|(id, _)| *id).collect();
+
+    // Decode every local chunk, on all cores.
+    let next = AtomicUsize::new(0);
+    let damaged: Mutex<Vec<ChunkId>> = Mutex::default();
+    let first_err: Mutex<Option<Error>> = Mutex::default();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Relaxed);
+                let Some((id, _)) = local.get(i) else { return };
+                match check_local(store, id) {
+                    Ok(Some(false)) => damaged.lock().unwrap().push(*id),
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_err.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap() {
+        return Err(e);
+    }
+    let mut damaged = damaged.into_inner().unwrap();
+    damaged.sort();
+
+    let known = store.remote_known_set()?;
+    let mut missing = Vec::new();
+    let mut remote_only = Vec::new();
+    for id in &refs {
+        if !local_set.contains(id) {
+            if known.contains(id) {
+                remote_only.push(*id);
+            } else {
+                missing.push(*id);
+            }
+        }
+    }
+    // With a remote at hand, confirm it really holds the chunks we only have there.
+    if let (Some(remote), false) = (store.remote(), remote_only.is_empty()) {
+        let have = remote.has_chunks(&remote_only)?;
+        let (present, absent): (Vec<_>, Vec<_>) =
+            remote_only.iter().zip(have).partition(|(_, h)| *h);
+        missing.extend(absent.into_iter().map(|(id, _)| *id));
+        remote_only = present.into_iter().map(|(id, _)| *id).collect();
+    }
+    missing.sort();
+
+    let mut repaired = Vec::new();
+    let mut unrepaired = 0usize;
+    if repair {
+        for id in damaged.iter().chain(missing.iter()) {
+            if !refs.contains(id) {
+                // Damaged but unused: just drop it.
+                store.inner.local.remove(id)?;
+                store.cache().remove(id);
+                continue;
+            }
+            match refetch(store, id) {
+                Ok(()) => repaired.push(*id),
+                Err(e) => {
+                    warn!(chunk = %id, "cannot repair: {e}");
+                    unrepaired += 1;
+                }
+            }
+        }
+    } else {
+        unrepaired = damaged.len() + missing.len();
+    }
+    let report = VerifyReport {
+        blobs,
+        chunks_checked: local.len() as u64,
+        ok: unrepaired == 0 && corrupt.is_empty(),
+        damaged,
+        missing,
+        repaired,
+        remote_only: remote_only.len() as u64,
+        corrupt_manifests: corrupt,
+    };
+    info!(
+        ok = report.ok,
+        checked = report.chunks_checked,
+        damaged = report.damaged.len(),
+        missing = report.missing.len(),
+        repaired = report.repaired.len(),
+        "verify"
+    );
+    Ok(report)
+}
+
+pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
+    let _lock = store.gc_lock(true)?;
+    let mut report = GcReport::default();
+    let (mut ms, corrupt) = all_manifests(store)?;
+    if let Some(id) = corrupt.first() {
+        return Err(Error::CorruptManifest {
+            blob: *id,
+            reason:
+                "gc cannot know which chunks it needs; remove the blob or repair the store first"
+                    .into(),
+        });
+    }
+    report.live_blobs = ms.len() as u64;
+    let (pinned, stale) = pinned(store, true)?;
+    report.stale_pins_removed = stale;
+    ms.extend(pinned);
+    let refs = referenced(&ms);
+
+    for (id, len) in store.inner.local.list()? {
+        if !refs.contains(&id) && store.inner.local.remove(&id)? {
+            report.chunks_removed += 1;
+            report.bytes_freed += len;
+            store.cache().remove(&id);
+        }
+    }
+    // No writer holds the lock, so every tmp file is an orphan of a crashed writer.
+    let tmp = &store.inner.local.tmp;
+    for e in std::fs::read_dir(tmp).ctx("read dir", tmp)?.flatten() {
+        if fsutil::remove_opt(&e.path())? {
+            report.tmp_files_removed += 1;
+        }
+    }
+
+    if remote_too {
+        let remote = store.remote().ok_or(Error::NoRemote)?;
+        let mut rrefs = refs.clone();
+        for id in remote.list_manifests()? {
+            let b = remote.get_manifest(&id)?;
+            rrefs.extend(Manifest::from_bytes(&id, &b)?.chunks.into_iter().flatten());
+        }
+        let now = SystemTime::now();
+        let grace = store.inner.opts.remote_gc_grace;
+        let doomed: Vec<ChunkId> = remote
+            .list_chunks()?
+            .into_iter()
+            .filter(|(id, mtime)| {
+                !rrefs.contains(id)
+                    && now
+                        .duration_since(*mtime)
+                        .map(|age| age >= grace)
+                        .unwrap_or(false)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        remote.delete_chunks(&doomed)?;
+        report.remote_chunks_removed = doomed.len() as u64;
+    }
+    report.chunks_evicted = trim(store)?;
+    info!(?report, "gc");
+    Ok(report)
+}
+
+/// Evict chunks the remote also holds (least recently accessed first) until the local tier
+/// is under its limit. Returns how many were evicted.
+pub(crate) fn trim(store: &Store) -> Result<u64> {
+    let Some(limit) = store.inner.opts.local_limit else {
+        return Ok(0);
+    };
+    let local = store.inner.local.list()?;
+    let mut total: u64 = local.iter().map(|(_, l)| *l).sum();
+    if total <= limit {
+        return Ok(0);
+    }
+    let known = store.remote_known_set()?;
+    let mut cands: Vec<(SystemTime, ChunkId, u64)> = local
+        .into_iter()
+        .filter(|(id, _)| known.contains(id))
+        .map(|(id, len)| {
+            let at = std::fs::metadata(store.inner.local.path(&id))
+                .and_then(|m| m.accessed())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (at, id, len)
+        })
+        .collect();
+    cands.sort();
+    let evicted = AtomicU64::new(0);
+    for (_, id, len) in cands {
+        if total <= limit {
+            break;
+        }
+        if store.inner.local.remove(&id)? {
+            total -= len;
+            evicted.fetch_add(1, Relaxed);
+        }
+    }
+    if total > limit {
+        warn!(
+            total,
+            limit, "local tier still over its limit: the rest is not on the remote (push it)"
+        );
+    }
+    Ok(evicted.into_inner())
 }

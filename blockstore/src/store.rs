@@ -455,6 +455,12 @@ impl Store {
             self.inner.local.store_durable(id, &frame)?;
         }
         self.note_remote_has(&[*id])?;
+        let n = st.remote_chunk_fetches.load(Relaxed);
+        if self.inner.opts.local_limit.is_some() && n % 64 == 0 {
+            if let Err(e) = crate::maint::trim(self) {
+                warn!("trimming the local tier failed: {e}");
+            }
+        }
         Ok(plain)
     }
 
@@ -904,6 +910,12 @@ impl Store {
     /// unreferenced remote chunks older than the grace period.
     pub fn gc(&self, remote_too: bool) -> Result<GcReport> {
         crate::maint::gc(self, remote_too)
+    }
+
+    /// Evict chunks the remote also holds until the local tier is under
+    /// [`StoreOptions::local_limit`]. Returns how many chunks were evicted.
+    pub fn trim(&self) -> Result<u64> {
+        crate::maint::trim(self)
     }
 
     pub(crate) fn cache(&self) -> &ChunkCache {
