@@ -277,7 +277,7 @@ fn open_store(home: &Home) -> Result<Store> {
 
 /// Opens the store with `remote` (or the default remote) attached. When `required`, having no
 /// remote is an error; otherwise the store works local-only.
-fn open_with_remote(home: &Home, remote: Option<&str>, required: bool) -> Result<Store> {
+pub(crate) fn open_with_remote(home: &Home, remote: Option<&str>, required: bool) -> Result<Store> {
     let store = open_store(home)?;
     match Remotes::load(home)?.pick(remote)? {
         Some((name, entry)) => {

@@ -6,6 +6,7 @@
 //! restored into a fresh VM: see [`persist`].
 
 pub mod arch;
+pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod persist;

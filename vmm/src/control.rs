@@ -1,0 +1,184 @@
+//! The VMM process's control socket: JSON lines over a Unix socket, one request per line, one
+//! response line each. Extensible: new commands are new `cmd` values.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
+//! `{"cmd":"save_state","path":P}` (paused VM; writes `VmState` JSON to P),
+//! `{"cmd":"save_memory","path":P}` (paused VM; raw guest RAM in region order),
+//! `{"cmd":"commit_disk","disk":N}` (overlay disk N -> new blob; pauses around the commit),
+//! `{"cmd":"flush_disks"}`.
+//! Responses: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`.
+
+use crate::vm::{RunState, Vm};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Stop,
+    SaveState { path: PathBuf },
+    SaveMemory { path: PathBuf },
+    CommitDisk { disk: usize },
+    FlushDisks,
+}
+
+/// What the server needs besides the VM: the overlay behind each disk (None for raw files).
+pub struct ControlContext {
+    pub vm: Arc<Vm>,
+    pub overlays: Vec<Option<Arc<blockstore::Overlay>>>,
+    pub id: String,
+}
+
+/// Serves `path` on a background thread until the process exits.
+pub fn serve(path: &Path, ctx: Arc<ControlContext>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let ctx = ctx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || handle_conn(conn, &ctx));
+            }
+        })?;
+    Ok(())
+}
+
+fn handle_conn(conn: UnixStream, ctx: &ControlContext) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match execute(ctx, req) {
+                Ok(mut v) => {
+                    v["ok"] = true.into();
+                    v
+                }
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            },
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+        };
+        let mut s = resp.to_string();
+        s.push('\n');
+        if out.write_all(s.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, String> {
+    let vm = &ctx.vm;
+    let e = |e: crate::Error| e.to_string();
+    Ok(match req {
+        Request::Status => serde_json::json!({
+            "id": ctx.id,
+            "state": vm.state(),
+            "pid": std::process::id(),
+            "mem_bytes": vm.memory_regions().iter().map(|r| r.size).sum::<u64>(),
+        }),
+        Request::Pause => {
+            vm.pause().map_err(e)?;
+            serde_json::json!({ "state": vm.state() })
+        }
+        Request::Resume => {
+            vm.resume().map_err(e)?;
+            serde_json::json!({ "state": vm.state() })
+        }
+        Request::Stop => {
+            vm.stop();
+            serde_json::json!({})
+        }
+        Request::SaveState { path } => {
+            let state = vm.save_state().map_err(e)?;
+            let json = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            write_atomic(&path, &json)?;
+            serde_json::json!({ "path": path, "bytes": json.len() })
+        }
+        Request::SaveMemory { path } => {
+            if vm.state() != RunState::Paused {
+                return Err("save_memory needs a paused VM".into());
+            }
+            let mut f =
+                std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut total = 0u64;
+            for r in vm.memory_regions() {
+                // SAFETY: the region is live guest memory of this VM (host_addr/size come from
+                // its mapping) and the guest is paused, so the bytes are stable.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize)
+                };
+                f.write_all(bytes).map_err(|e| e.to_string())?;
+                total += r.size;
+            }
+            f.sync_all().map_err(|e| e.to_string())?;
+            serde_json::json!({ "path": path, "bytes": total })
+        }
+        Request::CommitDisk { disk } => {
+            let overlay = ctx
+                .overlays
+                .get(disk)
+                .ok_or_else(|| format!("no disk {disk}"))?
+                .clone()
+                .ok_or_else(|| format!("disk {disk} is a raw file, not a store overlay"))?;
+            let was_running = vm.state() == RunState::Running;
+            if was_running {
+                vm.pause().map_err(e)?;
+            }
+            let r = overlay.flush().and_then(|_| overlay.commit());
+            if was_running {
+                vm.resume().map_err(e)?;
+            }
+            let blob = r.map_err(|e| e.to_string())?;
+            serde_json::json!({ "blob": blob.to_hex() })
+        }
+        Request::FlushDisks => {
+            for o in ctx.overlays.iter().flatten() {
+                o.flush().map_err(|e| e.to_string())?;
+            }
+            serde_json::json!({})
+        }
+    })
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Sends one request to the control socket at `path` and returns the response (an error if
+/// the VMM answered `ok: false`).
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, String> {
+    let mut s =
+        UnixStream::connect(path).map_err(|e| format!("connecting to {}: {e}", path.display()))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    BufReader::new(s)
+        .read_line(&mut resp)
+        .map_err(|e| format!("reading the VMM's answer: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&resp).map_err(|e| format!("bad answer {resp:?}: {e}"))?;
+    if v["ok"] == true {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("VMM refused").to_string())
+    }
+}
