@@ -85,7 +85,9 @@ pub enum StoreCommand {
     },
     /// Check every manifest and local chunk against its hash
     #[command(
-        after_help = "Exits non-zero when something is damaged or missing.\n\n\
+        after_help = "Exits non-zero when something is damaged or missing. Runs offline unless \
+        --repair or --remote is given; then it also confirms that the remote holds the chunks \
+        that are not local.\n\n\
         Examples:\n  \
         kiln store verify\n  \
         kiln store verify --repair   # re-fetch damaged chunks from the default remote"
@@ -94,7 +96,7 @@ pub enum StoreCommand {
         /// Re-fetch damaged or missing chunks from the remote
         #[arg(long)]
         repair: bool,
-        /// Remote to repair from [default: the default remote]
+        /// Remote to check against and repair from [default with --repair: the default remote]
         #[arg(long)]
         remote: Option<String>,
         #[arg(long)]
@@ -379,7 +381,13 @@ pub fn run(home: &Home, c: StoreCommand) -> Result<()> {
             remote,
             json,
         } => {
-            let store = open_with_remote(home, remote.as_deref(), repair)?;
+            // Without --repair or --remote, verify is purely local (works offline); remote-only
+            // chunks are then trusted from the local record of what was pushed or pulled.
+            let store = if repair || remote.is_some() {
+                open_with_remote(home, remote.as_deref(), true)?
+            } else {
+                open_store(home)?
+            };
             let rep = store.verify(repair)?;
             if json {
                 print_json(&rep)?;
