@@ -122,6 +122,14 @@ impl S3Server {
         ]
     }
 
+    fn empty_aws_file(&self) -> String {
+        let p = self.dir.path().join("aws-empty");
+        if !p.exists() {
+            std::fs::write(&p, "").expect("write empty AWS config");
+        }
+        p.display().to_string()
+    }
+
     /// A remote config for `bucket`/`prefix` with this server's credentials.
     pub fn config(&self, bucket: &str, prefix: &str) -> RemoteConfig {
         RemoteConfig {
