@@ -42,6 +42,7 @@ mod local;
 mod maint;
 mod manifest;
 mod overlay;
+mod persist;
 mod put;
 mod store;
 mod tier;

@@ -8,6 +8,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::id::{ChunkId, Digest};
 
+#[derive(Clone)]
 pub(crate) struct LocalTier {
     pub(crate) chunks: PathBuf,
     pub(crate) tmp: PathBuf,
@@ -91,6 +92,42 @@ impl LocalTier {
     pub(crate) fn store_durable(&self, id: &ChunkId, frame: &[u8]) -> Result<()> {
         let dst = self.path(id);
         fsutil::write_durable(&fsutil::tmp_name(&self.tmp), &dst, frame)
+    }
+
+    /// Make tmp chunk files durable, then rename them into place and make the renames durable:
+    /// a file under `chunks/` always has durable contents.
+    pub(crate) fn install_durable(&self, tmps: &[(PathBuf, ChunkId)]) -> Result<()> {
+        if tmps.is_empty() {
+            return Ok(());
+        }
+        // Few chunks: fsync each. Many: one syncfs beats thousands of fsyncs.
+        let few = tmps.len() <= 4;
+        if few {
+            for (t, _) in tmps {
+                std::fs::File::open(t)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| Error::io("fsync", t, e))?;
+            }
+        } else {
+            fsutil::syncfs(&self.tmp)?;
+        }
+        for (t, id) in tmps {
+            self.install(t, id)?;
+        }
+        if few {
+            let mut dirs: Vec<PathBuf> = tmps
+                .iter()
+                .map(|(_, id)| self.path(id).parent().unwrap().to_path_buf())
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            for d in dirs {
+                fsutil::fsync_dir(&d)?;
+            }
+            Ok(())
+        } else {
+            fsutil::syncfs(&self.chunks)
+        }
     }
 
     pub(crate) fn remove(&self, id: &ChunkId) -> Result<bool> {

@@ -188,52 +188,19 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
     Ok(id)
 }
 
-/// Make tmp chunk files durable, then rename them into place and make the renames durable.
+/// Make tmp chunk files durable and install them; on failure remove them.
 pub(crate) fn install_chunks(store: &Store, tmps: &[(PathBuf, ChunkId)]) -> Result<()> {
-    if tmps.is_empty() {
-        return Ok(());
-    }
-    let local = &store.inner.local;
-    // Few chunks: fsync each (cheap). Many: one syncfs beats thousands of fsyncs.
-    let few = tmps.len() <= 8;
-    let sync_all = || -> Result<()> {
-        if few {
-            for (t, _) in tmps {
-                std::fs::File::open(t)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| Error::io("fsync", t, e))?;
-            }
-            Ok(())
-        } else {
-            fsutil::syncfs(&local.tmp)
-        }
-    };
-    if let Err(e) = sync_all() {
+    let res = store.inner.local.install_durable(tmps);
+    if res.is_err() {
         for (t, _) in tmps {
-            let _ = std::fs::remove_file(t);
+            let _ = fsutil::remove_opt(t);
         }
-        return Err(e);
-    }
-    for (t, id) in tmps {
-        local.install(t, id)?;
-    }
-    store
-        .inner
-        .stats
-        .chunks_written
-        .fetch_add(tmps.len() as u64, Relaxed);
-    if few {
-        let mut dirs: Vec<PathBuf> = tmps
-            .iter()
-            .map(|(_, id)| local.path(id).parent().unwrap().to_path_buf())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for d in dirs {
-            fsutil::fsync_dir(&d)?;
-        }
-        Ok(())
     } else {
-        fsutil::syncfs(&local.chunks)
+        store
+            .inner
+            .stats
+            .chunks_written
+            .fetch_add(tmps.len() as u64, Relaxed);
     }
+    res
 }

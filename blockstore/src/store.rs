@@ -19,6 +19,7 @@ use crate::id::{BlobId, ChunkId, Digest};
 use crate::local::{decode_chunk, LocalTier};
 use crate::manifest::Manifest;
 use crate::overlay::Overlay;
+use crate::persist::Persister;
 use crate::tier::RemoteTier;
 use crate::PutOptions;
 
@@ -164,6 +165,7 @@ pub(crate) struct Inner {
     remote: RwLock<Option<Arc<dyn RemoteTier>>>,
     inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
     manifests: Mutex<HashMap<BlobId, Arc<Manifest>>>,
+    persist: Persister,
 }
 
 /// The block store. Cheap to clone (an `Arc` inside); share one per process.
@@ -222,6 +224,7 @@ impl Store {
             std::fs::create_dir_all(&p).ctx("create dir", &p)?;
         }
         let local = LocalTier::new(dir)?;
+        let persist = Persister::new(local.clone(), dir.join("gc.lock"));
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -232,6 +235,7 @@ impl Store {
                 remote: RwLock::new(None),
                 inflight: Mutex::new(HashMap::new()),
                 manifests: Mutex::new(HashMap::new()),
+                persist,
             }),
         })
     }
@@ -450,10 +454,7 @@ impl Store {
             warn!(chunk = %id, remote = %remote.describe(), "integrity error in fetched chunk");
         })?;
         debug!(chunk = %id, bytes = frame.len(), "fetched chunk");
-        {
-            let _lock = self.gc_lock(false)?;
-            self.inner.local.store_durable(id, &frame)?;
-        }
+        self.inner.persist.submit(*id, frame);
         self.note_remote_has(&[*id])?;
         let n = st.remote_chunk_fetches.load(Relaxed);
         if self.inner.opts.local_limit.is_some() && n % 64 == 0 {
@@ -615,6 +616,7 @@ impl Store {
 
     /// Details of one blob.
     pub fn stat(&self, id: &BlobId) -> Result<BlobStat> {
+        self.inner.persist.wait();
         let m = self.manifest_arc(id)?;
         let uniq: HashSet<ChunkId> = m.chunks.iter().flatten().copied().collect();
         let mut local_chunks = 0;
@@ -893,6 +895,12 @@ impl Store {
         }
     }
 
+    /// Wait until chunks fetched from the remote so far are stored durably in the local tier
+    /// (they are written in the background so lazy reads do not wait for the disk).
+    pub fn wait_fetched_persisted(&self) {
+        self.inner.persist.wait();
+    }
+
     /// Forget every decompressed chunk held in memory (benchmarks: measure disk reads).
     pub fn drop_memory_cache(&self) {
         self.inner.cache.clear();
@@ -903,18 +911,21 @@ impl Store {
     /// Re-check every manifest and every local chunk; with `repair`, re-fetch damaged or
     /// missing chunks from the remote.
     pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        self.inner.persist.wait();
         crate::maint::verify(self, repair)
     }
 
     /// Remove chunks no visible blob (or live overlay) references; with `remote_too`, also
     /// unreferenced remote chunks older than the grace period.
     pub fn gc(&self, remote_too: bool) -> Result<GcReport> {
+        self.inner.persist.wait();
         crate::maint::gc(self, remote_too)
     }
 
     /// Evict chunks the remote also holds until the local tier is under
     /// [`StoreOptions::local_limit`]. Returns how many chunks were evicted.
     pub fn trim(&self) -> Result<u64> {
+        self.inner.persist.wait();
         crate::maint::trim(self)
     }
 
