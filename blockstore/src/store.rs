@@ -457,7 +457,7 @@ impl Store {
         self.inner.persist.submit(*id, frame);
         self.note_remote_has(&[*id])?;
         let n = st.remote_chunk_fetches.load(Relaxed);
-        if self.inner.opts.local_limit.is_some() && n % 64 == 0 {
+        if self.inner.opts.local_limit.is_some() && n.is_multiple_of(64) {
             if let Err(e) = crate::maint::trim(self) {
                 warn!("trimming the local tier failed: {e}");
             }

@@ -1,6 +1,5 @@
 //! Block store round trips, dedup, names, integrity, lazy fetch, verify/repair and gc.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use blockstore::{DirRemote, Error, PutOptions, Store, StoreOptions};
@@ -346,7 +345,7 @@ fn gc_with_concurrent_puts_keeps_every_visible_blob_whole() {
                         )
                         .unwrap();
                     assert_eq!(read_all(&st, &id), data);
-                    if i % 3 == 0 {
+                    if i.is_multiple_of(3) {
                         let _ = st.remove_blob(&id);
                     }
                     i += 1;
