@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["start.S", "main.c", "lib.c", "virtio.c", "blk.c", "vsock.c", "cmd.c"];
+const SOURCES: &[&str] = &[
+    "start.S", "main.c", "lib.c", "virtio.c", "blk.c", "vsock.c", "cmd.c",
+];
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("guest");
@@ -51,9 +53,9 @@ fn main() {
     for s in SOURCES {
         cmd.arg(dir.join(s));
     }
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("kiln-testguest: cannot run `{cc}` to build the test guest: {e}"));
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!("kiln-testguest: cannot run `{cc}` to build the test guest: {e}")
+    });
     if !output.status.success() {
         panic!(
             "kiln-testguest: building the guest with `{cc}` failed:\n{}{}",

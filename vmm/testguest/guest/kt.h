@@ -65,6 +65,7 @@ static inline u64 kt_hash_finish(u64 h, u64 len) { return splitmix64(h ^ len); }
 
 /* main.c */
 extern volatile u64 kt_counter;
+extern u64 kt_debug;
 extern u64 kt_tsc_per_ms;
 extern u64 ram_end_below_4g, ram_end_total;
 int ram_contains(u64 addr, u64 len);

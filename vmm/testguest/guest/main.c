@@ -4,6 +4,7 @@
 extern char __bss_start[], __bss_end[], __image_end[];
 
 volatile u64 kt_counter;
+u64 kt_debug;
 u64 kt_tsc_per_ms = 3000000; /* rough default (3 GHz) for timeouts; kt.tsc_khz= overrides */
 u64 ram_end_below_4g, ram_end_total;
 
@@ -138,6 +139,7 @@ static void parse_cmdline(const u8 *bp) {
         else if (word_is(w, len, "kt.n=")) parse_num_opt(w, len, "kt.n=", &opt.n);
         else if (word_is(w, len, "kt.span=")) parse_num_opt(w, len, "kt.span=", &opt.span);
         else if (word_is(w, len, "kt.write=")) parse_num_opt(w, len, "kt.write=", &opt.write);
+        else if (word_is(w, len, "kt.debug=")) parse_num_opt(w, len, "kt.debug=", &kt_debug);
         else if (word_is(w, len, "kt.exit=")) parse_num_opt(w, len, "kt.exit=", &opt.exit_after);
         else if (word_is(w, len, "kt.tsc_khz=")) {
             u64 khz = 0;

@@ -68,6 +68,7 @@ static int send_pkt(u32 local_port, u32 peer_port, u16 op, u32 flags, const void
         cpu_relax();
     }
     struct vsock_hdr *h = (struct vsock_hdr *)txbuf[d];
+    if (kt_debug) kprintf("kt: vsock tx op=%u %u->%u len=%u desc=%u\n", (u64)op, (u64)local_port, (u64)peer_port, (u64)len, (u64)d);
     h->src_cid = guest_cid;
     h->dst_cid = HOST_CID;
     h->src_port = local_port;
@@ -159,7 +160,8 @@ static void on_line(struct conn *c) {
         return;
     }
     int idx = (int)(c - conns);
-    if (handle_command(c->line, reply, sizeof reply, idx)) reply_line(c, reply);
+    int r = handle_command(c->line, reply, sizeof reply, idx);
+    if (r) reply_line(c, reply);
 }
 
 static void on_data(struct conn *c, const u8 *p, u32 n) {
@@ -183,6 +185,8 @@ static void on_data(struct conn *c, const u8 *p, u32 n) {
 static void on_packet(const u8 *buf, u32 len) {
     if (len < HDR_SIZE) return;
     const struct vsock_hdr *h = (const struct vsock_hdr *)buf;
+    if (kt_debug)
+        kprintf("kt: vsock rx op=%u %u->%u len=%u\n", (u64)h->op, (u64)h->src_port, (u64)h->dst_port, (u64)h->len);
     if (h->type != TYPE_STREAM || h->dst_cid != guest_cid) return;
     u32 plen = h->len;
     if (plen > len - HDR_SIZE) plen = len - HDR_SIZE;

@@ -66,7 +66,10 @@ impl Checksum {
 
     /// Adds bytes; every call must pass a multiple of 8 bytes.
     pub fn update(&mut self, bytes: &[u8]) {
-        assert!(bytes.len() % 8 == 0, "checksummed data comes in 8-byte words");
+        assert!(
+            bytes.len() % 8 == 0,
+            "checksummed data comes in 8-byte words"
+        );
         for w in bytes.chunks_exact(8) {
             let w = u64::from_le_bytes(w.try_into().unwrap());
             self.h = (self.h.rotate_left(5) ^ w).wrapping_mul(0x100_0000_01b3);
