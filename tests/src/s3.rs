@@ -114,11 +114,9 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
             ("AWS_REGION".into(), "us-east-1".into()),
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-            ("AWS_CONFIG_FILE".into(), "/nonexistent/kiln-test".into()),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE".into(),
-                "/nonexistent/kiln-test".into(),
-            ),
+            // Empty files: isolated from the host's ~/.aws, without "file not found" warnings.
+            ("AWS_CONFIG_FILE".into(), self.empty_aws_file()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), self.empty_aws_file()),
         ]
     }
 
