@@ -7,6 +7,8 @@
 pub mod lazy;
 pub mod mapping;
 pub mod memory;
+pub mod record;
+pub mod vm;
 
 pub use lazy::{LazyMemory, LazyOptions, LazyStats, PageSource, SourceError};
 pub use mapping::{Mapping, PAGE_SIZE};

@@ -264,6 +264,83 @@ pub unsafe fn capture_diff(
     })
 }
 
+/// Marks (as dirty pages) every chunk whose bytes no longer hash to the parent's chunk id,
+/// among the chunks `dirty` does not already cover. Catches writes no dirty log saw.
+///
+/// # Safety
+/// As for [`capture_full`].
+pub unsafe fn add_changed_chunks(
+    store: &Store,
+    parent: &MemoryImage,
+    regions: &[HostRegion],
+    dirty: &mut DirtyPages,
+) -> Result<u64, MemoryError> {
+    let src = ImageSource::open(store, parent)?;
+    let cs = parent.chunk_size as usize;
+    let per = cs / 4096;
+    let known: std::collections::HashSet<u32> =
+        dirty.chunks(parent.chunk_size).into_iter().collect();
+    let mut added = 0;
+    let mut buf = vec![0u8; cs];
+    for idx in 0..src.chunks() {
+        if known.contains(&(idx as u32)) {
+            continue;
+        }
+        let start = idx * cs;
+        let len = (parent.size as usize - start).min(cs);
+        // SAFETY: forwarded contract: the regions are readable and stable.
+        let bytes = match unsafe { contiguous(regions, start, len) } {
+            Some(s) => s,
+            None => {
+                // SAFETY: as above.
+                unsafe { gather(regions, start, &mut buf[..len]) };
+                &buf[..len]
+            }
+        };
+        let same = match src.chunk_id(idx) {
+            None => bytes.iter().all(|&b| b == 0),
+            Some(id) => blockstore::Digest::of(bytes) == id,
+        };
+        if !same {
+            added += 1;
+            for p in 0..len.div_ceil(4096).min(per) {
+                dirty.set((start / 4096 + p) as u64);
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// The image bytes [start, start+len) if they lie in one region.
+unsafe fn contiguous<'a>(regions: &'a [HostRegion], start: usize, len: usize) -> Option<&'a [u8]> {
+    let mut base = 0;
+    for r in regions {
+        if start >= base && start + len <= base + r.size {
+            // SAFETY: inside region r; the caller guarantees it is readable.
+            return Some(unsafe { std::slice::from_raw_parts(r.host_addr.add(start - base), len) });
+        }
+        base += r.size;
+    }
+    None
+}
+
+/// Copies image bytes starting at `start` across region boundaries into `out`.
+unsafe fn gather(regions: &[HostRegion], start: usize, out: &mut [u8]) {
+    let mut base = 0;
+    let end = start + out.len();
+    for r in regions {
+        let (rs, re) = (base, base + r.size);
+        if start < re && end > rs {
+            let a = start.max(rs);
+            let b = end.min(re);
+            // SAFETY: [a-rs, b-rs) is inside region r.
+            let s = unsafe { std::slice::from_raw_parts(r.host_addr.add(a - rs), b - a) };
+            out[a - start..b - start].copy_from_slice(s);
+        }
+        base = re;
+    }
+}
+
 /// A memory image opened for reading: which layer and position serve each chunk.
 pub struct ImageSource {
     image: MemoryImage,
@@ -340,6 +417,12 @@ impl ImageSource {
 
     pub fn image(&self) -> &MemoryImage {
         &self.image
+    }
+
+    /// The id of chunk `index` (`None` = all zeros).
+    pub fn chunk_id(&self, index: usize) -> Option<blockstore::ChunkId> {
+        let (l, pos) = self.map[index];
+        self.readers[l as usize].manifest().chunks[pos as usize]
     }
 
     /// Number of chunks.

@@ -1,0 +1,377 @@
+//! Snapshots of live VMs and VMs built from snapshots, on top of `vmm::Vm`.
+//!
+//! Dirty tracking for diff snapshots: the KVM dirty log sees guest writes but not the VMM's
+//! own writes into guest memory (virtqueue rings and buffers filled by device emulation), and
+//! this kernel has no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY is off). So a diff takes the chunks
+//! KVM reports dirty and additionally hashes every other chunk, comparing it with the parent's
+//! chunk id: exact whatever wrote the memory, at the cost of one blake3 pass over RAM.
+
+use crate::lazy::{FatalHook, LazyMemory, LazyOptions};
+use crate::mapping::Mapping;
+use crate::memory::{self, DirtyPages, HostRegion, ImageSource};
+use crate::record::{self, CpuIdentity, DiskRef, SnapshotRecord, VmShape, SNAPSHOT_FORMAT};
+use blockstore::{BlobId, Store};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm::devices::virtio::vsock::{Vsock, VsockState};
+use vmm::{GuestMemorySource, Vm, VmConfig, VmState};
+
+/// virtio device type of vsock (virtio spec 5.10).
+const TYPE_VSOCK: u32 = 19;
+
+/// Errors of VM-level snapshot operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
+    #[error("VMM: {0}")]
+    Vmm(#[from] vmm::Error),
+    #[error("block store: {0}")]
+    Store(#[from] blockstore::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapError {
+    let w = what.into();
+    move |e| SnapError::Io(w, e)
+}
+
+/// The VM's RAM as host regions in image order.
+pub fn host_regions(vm: &Vm) -> Vec<HostRegion> {
+    vm.memory_regions()
+        .iter()
+        .map(|r| HostRegion {
+            host_addr: r.host_addr as *const u8,
+            size: r.size as usize,
+        })
+        .collect()
+}
+
+/// Tracks pages the guest wrote since the last capture (KVM dirty log).
+pub struct DirtyTracker {
+    _private: (),
+}
+
+impl DirtyTracker {
+    /// Turns on KVM dirty logging and clears the log; from now on guest writes are tracked.
+    pub fn start(vm: &Vm) -> Result<DirtyTracker, SnapError> {
+        vm.set_dirty_logging(true)?;
+        for r in vm.memory_regions() {
+            vm.take_dirty_bitmap(r.slot)?;
+        }
+        Ok(DirtyTracker { _private: () })
+    }
+
+    /// Pages written since `start` or the previous `take`, and restarts tracking.
+    pub fn take(&self, vm: &Vm) -> Result<DirtyPages, SnapError> {
+        let mut per = Vec::new();
+        for r in vm.memory_regions() {
+            per.push((r.size / 4096, vm.take_dirty_bitmap(r.slot)?));
+        }
+        Ok(DirtyPages::from_regions(&per))
+    }
+}
+
+/// What to snapshot besides the VM itself.
+pub struct SnapshotRequest<'a> {
+    pub shape: VmShape,
+    /// Store name (the record is named `snapshot/<name>`).
+    pub name: Option<&'a str>,
+    /// Diff against this parent using `tracker`'s dirty pages.
+    pub parent: Option<(BlobId, &'a SnapshotRecord)>,
+    pub tracker: Option<&'a DirtyTracker>,
+    pub disks: Vec<DiskRef>,
+}
+
+/// What a capture cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureReport {
+    pub snapshot: BlobId,
+    pub diff: bool,
+    pub dirty_pages: u64,
+    pub state_ms: f64,
+    pub memory_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Snapshots a paused VM: state, memory (full, or a diff layer over the parent), record.
+/// The VM stays paused; the caller resumes or stops it.
+pub fn snapshot(
+    store: &Store,
+    vm: &Vm,
+    req: SnapshotRequest,
+) -> Result<(SnapshotRecord, CaptureReport), SnapError> {
+    let t0 = Instant::now();
+    let state = vm.save_state()?;
+    let state = serde_json::to_value(&state)
+        .map_err(|e| SnapError::Invalid(format!("serializing VM state: {e}")))?;
+    let t1 = Instant::now();
+    let regions = host_regions(vm);
+    let mut dirty_pages = 0;
+    let (memory, parent, generation) = match (req.parent, req.tracker) {
+        (Some((pid, prec)), Some(tracker)) => {
+            let mut dirty = tracker.take(vm)?;
+            dirty_pages = dirty.count();
+            // SAFETY: the VM is paused (save_state checked) and its memory stays mapped.
+            unsafe { memory::add_changed_chunks(store, &prec.memory, &regions, &mut dirty)? };
+            // SAFETY: as above.
+            let m = unsafe { memory::capture_diff(store, &prec.memory, &regions, &dirty)? };
+            (m, Some(pid), prec.generation)
+        }
+        (Some(_), None) => {
+            return Err(SnapError::Invalid(
+                "a diff snapshot needs dirty tracking since the parent".into(),
+            ))
+        }
+        (None, tracker) => {
+            if let Some(t) = tracker {
+                t.take(vm)?; // restart tracking at this snapshot
+            }
+            // SAFETY: as above.
+            (unsafe { memory::capture_full(store, &regions)? }, None, 0)
+        }
+    };
+    let t2 = Instant::now();
+    let rec = SnapshotRecord {
+        format: SNAPSHOT_FORMAT,
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        cpu: CpuIdentity::host(),
+        created: record::now(),
+        vm: req.shape,
+        state,
+        memory,
+        disks: req.disks,
+        parent,
+        generation,
+    };
+    let id = record::save(store, &rec, req.name)?;
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    let report = CaptureReport {
+        snapshot: id,
+        diff: rec.parent.is_some(),
+        dirty_pages,
+        state_ms: ms(t0, t1),
+        memory_ms: ms(t1, t2),
+        total_ms: ms(t0, Instant::now()),
+    };
+    Ok((rec, report))
+}
+
+/// Memory a restored VM runs on.
+pub enum RestoredMemory {
+    /// Filled lazily by a userfaultfd handler from the store.
+    Lazy(LazyMemory),
+    /// A copy-on-write mapping of a materialized memory file (forks share its pages).
+    Mapped(Mapping),
+}
+
+impl RestoredMemory {
+    pub fn host_addr(&self) -> *mut u8 {
+        match self {
+            RestoredMemory::Lazy(l) => l.host_addr(),
+            RestoredMemory::Mapped(m) => m.as_ptr(),
+        }
+    }
+
+    pub fn lazy(&self) -> Option<&LazyMemory> {
+        match self {
+            RestoredMemory::Lazy(l) => Some(l),
+            RestoredMemory::Mapped(_) => None,
+        }
+    }
+
+    /// Guest memory regions over this mapping for a VM of `mem_bytes`.
+    ///
+    /// # Safety
+    /// `self` must outlive every user of the returned memory (the VM).
+    pub unsafe fn guest_memory(&self, mem_bytes: u64) -> Result<GuestMemoryMmap, SnapError> {
+        let ranges =
+            vmm::memory::layout(mem_bytes).map_err(|e| SnapError::Invalid(e.to_string()))?;
+        let mut regions = Vec::new();
+        let mut off = 0usize;
+        for (ga, size) in ranges {
+            // SAFETY: [host+off, host+off+size) lies inside our mapping (image size = mem_bytes),
+            // which the caller keeps alive; vm-memory does not unmap raw regions.
+            let r = unsafe {
+                MmapRegion::build_raw(
+                    self.host_addr().add(off),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| SnapError::Invalid(format!("guest memory region: {e}")))?;
+            regions.push(
+                GuestRegionMmap::new(r, GuestAddress(ga.0))
+                    .ok_or_else(|| SnapError::Invalid("guest region overflows".into()))?,
+            );
+            off += size;
+        }
+        GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| SnapError::Invalid(format!("guest memory: {e}")))
+    }
+}
+
+/// How to restore memory lazily.
+pub struct LazyRestore {
+    /// Prefetch the working set recorded at an earlier restore (if any).
+    pub use_working_set: bool,
+    /// Record what this restore touches (store it with [`finish_recording`]) when the
+    /// snapshot has no working set yet.
+    pub record: bool,
+    pub on_fatal: FatalHook,
+}
+
+/// Opens a snapshot's memory for a lazy (userfaultfd) restore.
+pub fn lazy_memory(
+    store: &Store,
+    id: &BlobId,
+    rec: &SnapshotRecord,
+    opts: LazyRestore,
+) -> Result<LazyMemory, SnapError> {
+    let src = ImageSource::open(store, &rec.memory)?;
+    let ws = if opts.use_working_set {
+        record::working_set(store, id)?
+    } else {
+        None
+    };
+    let record = opts.record && ws.is_none();
+    Ok(LazyMemory::new(
+        Arc::new(src),
+        LazyOptions {
+            prefetch: ws.unwrap_or_default(),
+            prefetch_all: false,
+            record,
+            on_fatal: opts.on_fatal,
+        },
+    )?)
+}
+
+/// Stores what a recording restore touched as the snapshot's working set. Returns the count.
+pub fn finish_recording(store: &Store, id: &BlobId, mem: &LazyMemory) -> Result<usize, SnapError> {
+    let ws = mem.take_recorded();
+    if !ws.is_empty() {
+        record::save_working_set(store, id, &ws)?;
+    }
+    Ok(ws.len())
+}
+
+/// Writes a snapshot's memory image to `path` once (sparse: zero chunks are holes) so forks
+/// can map it copy-on-write and share its pages; reuses an existing complete file.
+pub fn materialize(
+    store: &Store,
+    rec: &SnapshotRecord,
+    path: &Path,
+) -> Result<std::fs::File, SnapError> {
+    if let Ok(f) = std::fs::File::open(path) {
+        if f.metadata().map(|m| m.len()).unwrap_or(0) == rec.memory.size {
+            return Ok(f);
+        }
+    }
+    let src = ImageSource::open(store, &rec.memory)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&tmp)
+        .map_err(io(format!("creating {}", tmp.display())))?;
+    f.set_len(rec.memory.size)
+        .map_err(io("sizing memory file"))?;
+    let cs = rec.memory.chunk_size as usize;
+    let mut buf = vec![0u8; cs];
+    use crate::lazy::PageSource;
+    use std::os::unix::fs::FileExt;
+    for i in 0..src.chunks() {
+        if src.chunk_is_zero(i) {
+            continue;
+        }
+        let len = (rec.memory.size as usize - i * cs).min(cs);
+        src.read_chunk(i, &mut buf[..len])
+            .map_err(|e| SnapError::Invalid(e.to_string()))?;
+        f.write_all_at(&buf[..len], (i * cs) as u64)
+            .map_err(io("writing memory file"))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(format!("installing {}", path.display())))?;
+    Ok(f)
+}
+
+/// Per-VM identity of a restored or forked VM.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub serial_log: Option<PathBuf>,
+    pub serial_stdout: bool,
+    /// Host side of the VM's vsock (each fork needs its own).
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// Builds a VM from a snapshot record over `memory`, restores its state and starts it.
+///
+/// # Safety
+/// `memory` must outlive the returned VM.
+pub unsafe fn start_vm(
+    rec: &SnapshotRecord,
+    memory: &RestoredMemory,
+    id: &Identity,
+) -> Result<Vm, SnapError> {
+    // SAFETY: forwarded to our caller.
+    let vm = unsafe { build_vm(rec, memory, id)? };
+    vm.start()?;
+    Ok(vm)
+}
+
+/// As [`start_vm`] but leaves the VM created and restored, not running.
+///
+/// # Safety
+/// `memory` must outlive the returned VM.
+pub unsafe fn build_vm(
+    rec: &SnapshotRecord,
+    memory: &RestoredMemory,
+    id: &Identity,
+) -> Result<Vm, SnapError> {
+    let state: VmState = serde_json::from_value(rec.state.clone())
+        .map_err(|e| SnapError::Invalid(format!("snapshot VM state does not parse: {e}")))?;
+    // SAFETY: forwarded to our caller.
+    let gm = unsafe { memory.guest_memory(rec.vm.mem_bytes)? };
+    let config = VmConfig {
+        mem_bytes: rec.vm.mem_bytes,
+        vcpus: rec.vm.vcpus,
+        kernel: None,
+        initrd: None,
+        cmdline: rec.vm.cmdline.clone(),
+        serial_log: id.serial_log.clone(),
+        serial_stdout: id.serial_stdout,
+    };
+    let mut vm = Vm::new(config, GuestMemorySource::Provided(gm))?;
+    for d in &state.virtio {
+        match d.device_type {
+            TYPE_VSOCK => {
+                let mut vs: VsockState = serde_json::from_value(d.device.clone())
+                    .map_err(|e| SnapError::Invalid(format!("vsock state: {e}")))?;
+                if let Some(p) = &id.vsock_uds {
+                    vs.uds_path = p.clone();
+                }
+                let dev =
+                    Vsock::restored(&vs).map_err(|e| SnapError::Invalid(format!("vsock: {e}")))?;
+                vm.add_virtio_device(Box::new(dev))?;
+            }
+            t => {
+                return Err(SnapError::Invalid(format!(
+                    "restoring virtio device type {t} is not supported yet"
+                )))
+            }
+        }
+    }
+    vm.restore_state(&state)?;
+    Ok(vm)
+}
