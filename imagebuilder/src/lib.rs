@@ -1,1 +1,20 @@
-//! imagebuilder: see README.md.
+//! kiln's image builder: OCI images and Dockerfiles in, deterministic ext4 disk blobs out.
+//!
+//! - [`oci`]: `pull` from registries (oci-client), `import` of OCI layouts and docker-archives.
+//! - [`layer`]: the safe layer applier (whiteouts, links, devices, xattrs; no escapes) and the
+//!   directory diff that turns a build step into a layer tar.
+//! - [`ext4`]: deterministic `mkfs.ext4 -d` images.
+//! - [`image`]: image records and names in the block store.
+//! - [`dockerfile`], [`build`], [`sandbox`]: Dockerfile builds with a step cache in the store.
+
+pub mod build;
+pub mod dockerfile;
+mod error;
+pub mod ext4;
+pub mod image;
+pub mod layer;
+pub mod oci;
+pub mod sandbox;
+
+pub use error::{Error, Result};
+pub use image::{ImageConfig, ImageRecord, ImageSummary};

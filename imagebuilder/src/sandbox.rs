@@ -1,0 +1,440 @@
+//! Running a build step's command in a Linux-namespace sandbox over a root directory.
+//!
+//! The child (forked by `std::process::Command`) joins a cgroup, unshares mount, pid, ipc, uts
+//! (and net when the step gets no network) namespaces, then forks once more so the command is
+//! pid 1 of its pid namespace; the middle process only waits and passes the exit status on.
+//! The command's side mounts its own /proc, a small /dev (tmpfs with bind-mounted null, zero,
+//! full, random, urandom, tty), the host's resolv.conf when the step has network, then chroots
+//! into the root, drops to the step's user and execs. Everything mounted disappears with the
+//! mount namespace when the command exits.
+
+use crate::error::{Error, IoCtx, Result};
+use std::ffi::CString;
+use std::io::{BufRead, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// What to run and where.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub rootfs: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    /// Absolute path inside the root.
+    pub workdir: String,
+    /// `user`, `uid`, `user:group` or `uid:gid`; None = root.
+    pub user: Option<String>,
+    /// Share the host's network (else a fresh, empty net namespace).
+    pub network: bool,
+    /// Fed to the command's stdin (heredocs).
+    pub stdin: Option<Vec<u8>>,
+    /// cgroup v2 memory.max in bytes, if any.
+    pub memory_max: Option<u64>,
+}
+
+/// How a command ended and the tail of its output.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    pub success: bool,
+    pub status: String,
+    pub tail: String,
+}
+
+const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn c(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid("path with NUL".into()))
+}
+
+/// Looks `name` up in an `/etc/passwd`-style file of the root.
+fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(rootfs.join("etc").join(file)).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[0] == name).then(|| {
+            let id = f[2].parse().ok()?;
+            let gid = if f.len() > 3 { f[3].parse().unwrap_or(id) } else { id };
+            Some((id, gid))
+        })?
+    })
+}
+
+/// Resolves a USER spec against the root's /etc/passwd and /etc/group.
+pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let (uid, mut gid) = match u.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            lookup_passwd_by_uid(rootfs, uid).unwrap_or(uid),
+        ),
+        Err(_) => lookup_id(rootfs, "passwd", u)
+            .ok_or_else(|| Error::Build(format!("unknown user {u:?} (not in /etc/passwd)")))?,
+    };
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup_id(rootfs, "group", g)
+                .map(|(id, _)| id)
+                .ok_or_else(|| Error::Build(format!("unknown group {g:?} (not in /etc/group)")))?,
+        };
+    }
+    Ok((uid, gid))
+}
+
+fn lookup_passwd_by_uid(rootfs: &Path, uid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
+    })
+}
+
+/// Finds an exec-form program in the root's PATH without following symlinks out of it.
+fn find_program(rootfs: &Path, argv0: &str, env: &[String]) -> String {
+    if argv0.contains('/') {
+        return argv0.to_string();
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':') {
+        let cand = format!("{}/{argv0}", dir.trim_end_matches('/'));
+        if std::fs::symlink_metadata(rootfs.join(cand.trim_start_matches('/'))).is_ok() {
+            return cand;
+        }
+    }
+    argv0.to_string()
+}
+
+/// A cgroup v2 group with limits for one command, removed on drop.
+struct Cgroup {
+    dir: PathBuf,
+}
+
+impl Cgroup {
+    fn create(memory_max: Option<u64>) -> Option<Cgroup> {
+        let root = Path::new("/sys/fs/cgroup");
+        if !root.join("cgroup.controllers").exists() {
+            return None;
+        }
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("kiln-build-{}-{n}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() {
+            return None;
+        }
+        let cg = Cgroup { dir };
+        // Best effort: a controller missing from the parent's subtree_control is skipped.
+        let _ = std::fs::write(cg.dir.join("pids.max"), "4096");
+        if let Some(m) = memory_max {
+            if std::fs::write(cg.dir.join("memory.max"), m.to_string()).is_err() {
+                tracing::warn!("cgroup memory controller unavailable: no memory limit");
+            }
+        }
+        Some(cg)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Mount points the sandbox needs that the root lacks: created before, removed after.
+struct MountPoints {
+    created: Vec<PathBuf>,
+    parent_times: Vec<(PathBuf, i64, i64)>,
+}
+
+impl MountPoints {
+    fn ensure(rootfs: &Path) -> Result<MountPoints> {
+        use std::os::unix::fs::MetadataExt;
+        let mut mp = MountPoints {
+            created: Vec::new(),
+            parent_times: Vec::new(),
+        };
+        for d in ["proc", "dev"] {
+            let p = rootfs.join(d);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::Build(format!(
+                        "/{d} in the image is not a directory: cannot run commands"
+                    )))
+                }
+                Err(_) => {
+                    let pm = std::fs::metadata(rootfs).ctx("stat", rootfs)?;
+                    mp.parent_times
+                        .push((rootfs.to_path_buf(), pm.mtime(), pm.mtime_nsec()));
+                    std::fs::create_dir(&p).ctx("mkdir", &p)?;
+                    mp.created.push(p);
+                }
+            }
+        }
+        Ok(mp)
+    }
+
+    fn cleanup(&self) {
+        for p in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(p);
+        }
+        for (p, s, ns) in self.parent_times.iter().rev() {
+            if let Ok(cp) = c(p) {
+                let t = libc::timespec {
+                    tv_sec: *s as libc::time_t,
+                    tv_nsec: *ns as libc::c_long,
+                };
+                let ts = [t, t];
+                // SAFETY: valid path and timespec array.
+                unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), ts.as_ptr(), 0) };
+            }
+        }
+    }
+}
+
+/// Runs `spec`, calling `on_line` with each output line (stdout and stderr merged).
+pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<RunOutcome> {
+    if spec.argv.is_empty() {
+        return Err(Error::Build("empty command".into()));
+    }
+    let rootfs = std::fs::canonicalize(&spec.rootfs).ctx("resolve", &spec.rootfs)?;
+    let (uid, gid) = match &spec.user {
+        Some(u) if !u.is_empty() => resolve_user(&rootfs, u)?,
+        _ => (0, 0),
+    };
+    let mounts = MountPoints::ensure(&rootfs)?;
+    let result = run_inner(spec, &rootfs, uid, gid, on_line);
+    mounts.cleanup();
+    result
+}
+
+fn run_inner(
+    spec: &RunSpec,
+    rootfs: &Path,
+    uid: u32,
+    gid: u32,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<RunOutcome> {
+    let cgroup = Cgroup::create(spec.memory_max);
+    let cg_procs = cgroup
+        .as_ref()
+        .map(|cg| c(&cg.dir.join("cgroup.procs")))
+        .transpose()?;
+    let root_c = c(rootfs)?;
+    let proc_c = c(&rootfs.join("proc"))?;
+    let dev_c = c(&rootfs.join("dev"))?;
+    let mut dev_nodes = Vec::new();
+    for n in DEV_NODES {
+        dev_nodes.push((
+            c(&Path::new("/dev").join(n))?,
+            c(&rootfs.join("dev").join(n))?,
+        ));
+    }
+    let shm_c = c(&rootfs.join("dev/shm"))?;
+    let resolv_dst = rootfs.join("etc/resolv.conf");
+    let resolv = if spec.network
+        && std::fs::symlink_metadata(&resolv_dst)
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+        && Path::new("/etc/resolv.conf").exists()
+    {
+        Some((c(Path::new("/etc/resolv.conf"))?, c(&resolv_dst)?))
+    } else {
+        None
+    };
+    let workdir_c = CString::new(spec.workdir.as_bytes())
+        .map_err(|_| Error::Invalid("workdir with NUL".into()))?;
+    let empty = CString::new("").expect("no NUL");
+    let proc_fs = CString::new("proc").expect("no NUL");
+    let tmpfs = CString::new("tmpfs").expect("no NUL");
+    let dev_opts = CString::new("mode=755,size=65536k").expect("no NUL");
+    let hostname = b"kiln-build";
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if !spec.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+
+    // One pipe for stdout and stderr, so lines keep their order.
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a 2-element array as pipe2 requires.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Io {
+            what: "pipe",
+            path: "".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nothing else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wr2 = wr.try_clone().ctx("dup", "pipe")?;
+
+    let program = find_program(rootfs, &spec.argv[0], &spec.env);
+    let mut cmd = Command::new(&program);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::from(wr2))
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
+    // on data prepared above (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if let Some(p) = &cg_procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            if libc::unshare(flags) != 0 {
+                return fail();
+            }
+            let pid = libc::fork();
+            if pid < 0 {
+                return fail();
+            }
+            if pid > 0 {
+                // The middle process: wait for the command (pid 1 of the new namespace) and
+                // exit with its status. Close inherited fds so the parent sees exec happen.
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                let mut status = 0;
+                loop {
+                    let r = libc::waitpid(pid, &mut status, 0);
+                    if r == pid {
+                        break;
+                    }
+                    if r < 0 && *libc::__errno_location() != libc::EINTR {
+                        libc::_exit(126);
+                    }
+                }
+                if libc::WIFEXITED(status) {
+                    libc::_exit(libc::WEXITSTATUS(status));
+                }
+                libc::_exit(128 + libc::WTERMSIG(status));
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let null = std::ptr::null::<libc::c_void>();
+            if libc::mount(
+                empty.as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                null,
+            ) != 0
+            {
+                return fail();
+            }
+            if libc::mount(
+                root_c.as_ptr(),
+                root_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                null,
+            ) != 0
+            {
+                return fail();
+            }
+            if libc::mount(
+                proc_fs.as_ptr(),
+                proc_c.as_ptr(),
+                proc_fs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                null,
+            ) != 0
+            {
+                return fail();
+            }
+            if libc::mount(
+                tmpfs.as_ptr(),
+                dev_c.as_ptr(),
+                tmpfs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                dev_opts.as_ptr().cast(),
+            ) != 0
+            {
+                return fail();
+            }
+            for (src, dst) in &dev_nodes {
+                let fd = libc::open(dst.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
+                if fd < 0 {
+                    return fail();
+                }
+                libc::close(fd);
+                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, null) != 0 {
+                    return fail();
+                }
+            }
+            libc::mkdir(shm_c.as_ptr(), 0o1777);
+            if let Some((src, dst)) = &resolv {
+                libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, null);
+            }
+            libc::sethostname(hostname.as_ptr().cast(), hostname.len());
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return fail();
+            }
+            if libc::chdir(workdir_c.as_ptr()) != 0 {
+                return fail();
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::Build(format!("cannot start {:?} in the sandbox: {e}", spec.argv))
+    })?;
+    // The Command holds copies of the pipe's write ends: drop it so reads end at exit.
+    drop(cmd);
+    let writer = spec.stdin.clone().and_then(|data| {
+        let mut stdin = child.stdin.take()?;
+        Some(std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        }))
+    });
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let reader = std::io::BufReader::new(std::fs::File::from(rd));
+    for line in reader.split(b'\n') {
+        let line = line.ctx("read", "command output")?;
+        let s = String::from_utf8_lossy(&line).into_owned();
+        on_line(&s);
+        tail.push_back(s);
+        if tail.len() > 40 {
+            tail.pop_front();
+        }
+    }
+    let status = child.wait().ctx("wait", "sandbox")?;
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    drop(cgroup);
+    let desc = match (status.code(), status.signal()) {
+        (Some(code), _) if code > 128 => format!("signal {} (exit code {code})", code - 128),
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => status.to_string(),
+    };
+    Ok(RunOutcome {
+        success: status.success(),
+        status: desc,
+        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+    })
+}
