@@ -90,12 +90,23 @@ pub struct RunArgs {
     /// Commit overlay disks to new blobs when the VM ends (ids are printed and kept in exit.json)
     #[arg(long)]
     commit: bool,
+    /// Guest entry privilege: `kernel` (CPL 0, Linux boot protocol) or `user` (CPL 3 + IOPL 3,
+    /// for freestanding guests such as kiln's test guest: on PVM hosts CPL 0 code is emulated,
+    /// CPL 3 code runs natively)
+    #[arg(long, value_enum, default_value = "kernel")]
+    entry: EntryArg,
     /// Detach: run the VM in the background and print its id
     #[arg(short = 'd', long)]
     detach: bool,
     /// VM id (default: random)
     #[arg(long)]
     id: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum EntryArg {
+    Kernel,
+    User,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -270,6 +281,10 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
             .with_context(|| format!("vsock on {}", uds.display()))?;
         vm.add_virtio_device(Box::new(v))?;
     }
+    vm.set_entry_mode(match a.entry {
+        EntryArg::Kernel => vmm::EntryMode::Kernel,
+        EntryArg::User => vmm::EntryMode::User,
+    });
     vm.boot()?;
     let vm = Arc::new(vm);
     let meta = VmMeta {
@@ -410,6 +425,9 @@ fn detach(home: &Home, a: &RunArgs, id: &str, dir: &Path) -> Result<()> {
     ]);
     if a.commit {
         cmd.arg("--commit");
+    }
+    if let EntryArg::User = a.entry {
+        cmd.args(["--entry", "user"]);
     }
     cmd.env("KILN_VM_DETACHED", "1")
         .stdin(std::process::Stdio::null())

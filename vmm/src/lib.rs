@@ -15,6 +15,7 @@ pub mod testutil;
 pub mod vcpu;
 pub mod vm;
 
+pub use arch::cpu::EntryMode;
 pub use devices::legacy::ExitReason;
 pub use devices::virtio::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
 pub use memory::{GuestMemorySource, RegionInfo};

@@ -1,6 +1,7 @@
 //! A VM: KVM VM fd, guest memory, vCPU threads, devices; boot, pause/resume, state capture and
 //! restore, dirty logging.
 
+use crate::arch::cpu::EntryMode;
 use crate::arch::{boot, cpu};
 use crate::devices::legacy::{ExitReason, SerialDevice, SerialOut, I8042, SERIAL_IRQ};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
@@ -113,6 +114,7 @@ pub struct Vm {
     exit_rx: Mutex<Receiver<ExitReason>>,
     state: Mutex<RunState>,
     dirty_log: AtomicBool,
+    entry_mode: Mutex<EntryMode>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -205,6 +207,7 @@ impl Vm {
             exit_rx: Mutex::new(exit_rx),
             state: Mutex::new(RunState::Created),
             dirty_log: AtomicBool::new(false),
+            entry_mode: Mutex::new(EntryMode::Kernel),
         })
     }
 
@@ -271,6 +274,11 @@ impl Vm {
         c
     }
 
+    /// The privilege level [`Vm::boot`] starts the guest at (default: CPL 0, Linux).
+    pub fn set_entry_mode(&self, mode: EntryMode) {
+        *lock(&self.entry_mode) = mode;
+    }
+
     /// Loads the kernel and sets every vCPU up for a 64-bit Linux-protocol entry.
     pub fn boot(&self) -> Result<(), Error> {
         let kernel = self
@@ -291,7 +299,7 @@ impl Vm {
             cpu::setup_cpuid(v, &self.supported_cpuid, i as u8, n)?;
             cpu::setup_msrs(v)?;
             if i == 0 {
-                cpu::setup_long_mode(v, info.entry)?;
+                cpu::setup_long_mode(v, info.entry, *lock(&self.entry_mode))?;
             }
             cpu::setup_lapic(v)?;
         }
