@@ -1,18 +1,237 @@
 //! `kiln image ...` and `kiln build`.
-use crate::cli::Home;
-use clap::{Args, Subcommand};
+use crate::cli::{print_json, Home};
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use imagebuilder::build::{BuildOptions, Isolation};
+use imagebuilder::oci::PullOptions;
 
 #[derive(Subcommand)]
-pub enum ImageCommand {}
+pub enum ImageCommand {
+    /// Pull an image from an OCI registry (plain http for localhost/127.0.0.1 or --insecure)
+    Pull {
+        /// e.g. 127.0.0.1:5000/busybox:1 or docker.io/library/debian:12
+        reference: String,
+        /// Local name (default: the reference)
+        #[arg(long)]
+        name: Option<String>,
+        /// Use plain http for this registry
+        #[arg(long)]
+        insecure: bool,
+        /// Accept character/block device nodes in layers
+        #[arg(long)]
+        allow_devices: bool,
+    },
+    /// Import `oci:DIR[:TAG]` or `docker-archive:FILE`
+    Import {
+        source: String,
+        /// Local name for the image
+        name: String,
+        #[arg(long)]
+        allow_devices: bool,
+    },
+    /// List images
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's record (disk, layers, config, history)
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image name
+    Rm { name: String },
+    /// Give an image another name
+    Tag { name: String, new_name: String },
+    /// Write an image's ext4 disk to a file
+    Export {
+        name: String,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum IsolationArg {
+    Namespace,
+    Vm,
+}
 
 /// Build a VM image from a Dockerfile.
 #[derive(Args)]
-pub struct BuildArgs {}
-
-pub fn run(_home: &Home, c: ImageCommand) -> anyhow::Result<()> {
-    match c {}
+pub struct BuildArgs {
+    /// Build context directory
+    context: std::path::PathBuf,
+    /// Name of the resulting image
+    #[arg(short = 't', long = "tag")]
+    tag: String,
+    /// Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(short = 'f', long = "file")]
+    file: Option<std::path::PathBuf>,
+    /// KEY=VALUE build arguments
+    #[arg(long = "build-arg")]
+    build_args: Vec<String>,
+    /// Stop at this stage
+    #[arg(long)]
+    target: Option<String>,
+    /// Ignore the step cache
+    #[arg(long)]
+    no_cache: bool,
+    /// Where RUN executes
+    #[arg(long, value_enum, default_value = "namespace")]
+    isolation: IsolationArg,
+    /// RUN steps' network: host (default) or none
+    #[arg(long, default_value = "host")]
+    network: String,
+    /// Memory limit for RUN steps in MiB (cgroup v2 memory.max)
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Plain http for registries FROM pulls from
+    #[arg(long)]
+    insecure: bool,
+    /// Print the build report as JSON on stdout
+    #[arg(long)]
+    json: bool,
 }
 
-pub fn build(_home: &Home, _args: BuildArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kiln build is not implemented yet")
+fn open_store(home: &Home) -> anyhow::Result<blockstore::Store> {
+    let dir = home.store_dir();
+    blockstore::Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
+}
+
+fn tmp_dir(home: &Home) -> std::path::PathBuf {
+    home.root().join("tmp")
+}
+
+pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
+    let store = open_store(home)?;
+    match c {
+        ImageCommand::Pull {
+            reference,
+            name,
+            insecure,
+            allow_devices,
+        } => {
+            let opts = PullOptions {
+                insecure,
+                allow_devices,
+            };
+            let (id, rec) = imagebuilder::oci::pull(
+                &store,
+                &tmp_dir(home),
+                &reference,
+                name.as_deref(),
+                &opts,
+                &|m| eprintln!("{m}"),
+            )
+            .with_context(|| format!("pulling {reference}"))?;
+            println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
+        }
+        ImageCommand::Import {
+            source,
+            name,
+            allow_devices,
+        } => {
+            let opts = PullOptions {
+                insecure: false,
+                allow_devices,
+            };
+            let (id, rec) =
+                imagebuilder::oci::import(&store, &tmp_dir(home), &source, &name, &opts)
+                    .with_context(|| format!("importing {source}"))?;
+            println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
+        }
+        ImageCommand::Ls { json } => {
+            let list = imagebuilder::image::list(&store)?;
+            if json {
+                return print_json(&list);
+            }
+            println!("{:<40} {:<16} {:<16} {:>10} SOURCE", "NAME", "ID", "DISK", "SIZE");
+            for i in list {
+                println!(
+                    "{:<40} {:<16} {:<16} {:>9}M {}",
+                    i.name,
+                    &i.id.to_hex()[..16],
+                    &i.disk.to_hex()[..16],
+                    i.disk_size >> 20,
+                    i.source
+                );
+            }
+        }
+        ImageCommand::Inspect { name, json } => {
+            let (id, rec) = imagebuilder::image::lookup(&store, &name)?;
+            if json {
+                return print_json(&serde_json::json!({ "id": id, "record": rec }));
+            }
+            println!("id:       {id}");
+            println!("disk:     {} ({} MiB)", rec.disk, rec.disk_size >> 20);
+            println!("source:   {}", rec.source);
+            if let Some(p) = &rec.parent {
+                println!("parent:   {p}");
+            }
+            println!("layers:   {}", rec.layers.len());
+            println!("env:      {:?}", rec.config.env);
+            println!("entrypoint: {:?}", rec.config.entrypoint);
+            println!("cmd:      {:?}", rec.config.cmd);
+            println!("workdir:  {:?}", rec.config.workdir);
+            println!("user:     {:?}", rec.config.user);
+            for h in &rec.history {
+                println!("  {h}");
+            }
+        }
+        ImageCommand::Rm { name } => imagebuilder::image::remove(&store, &name)?,
+        ImageCommand::Tag { name, new_name } => {
+            let (id, _) = imagebuilder::image::lookup(&store, &name)?;
+            imagebuilder::image::tag(&store, &new_name, &id)?;
+        }
+        ImageCommand::Export { name, output } => {
+            let (_, rec) = imagebuilder::image::lookup(&store, &name)?;
+            store
+                .export(&rec.disk, &output)
+                .with_context(|| format!("exporting to {}", output.display()))?;
+            eprintln!("wrote {} ({} bytes)", output.display(), rec.disk_size);
+        }
+    }
+    Ok(())
+}
+
+pub fn build(home: &Home, a: BuildArgs) -> anyhow::Result<()> {
+    let store = open_store(home)?;
+    let mut build_args = std::collections::HashMap::new();
+    for kv in &a.build_args {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--build-arg {kv:?}: expected KEY=VALUE"))?;
+        build_args.insert(k.to_string(), v.to_string());
+    }
+    let network = match a.network.as_str() {
+        "host" | "default" => true,
+        "none" => false,
+        other => anyhow::bail!("--network {other}: use host or none"),
+    };
+    let opts = BuildOptions {
+        context: a.context.clone(),
+        dockerfile: a.file.clone(),
+        tag: a.tag.clone(),
+        build_args,
+        target: a.target.clone(),
+        no_cache: a.no_cache,
+        network,
+        isolation: match a.isolation {
+            IsolationArg::Namespace => Isolation::Namespace,
+            IsolationArg::Vm => Isolation::Vm,
+        },
+        memory_max: a.memory_mib.map(|m| m << 20),
+        insecure_registry: a.insecure,
+    };
+    let report = imagebuilder::build::build(&store, &tmp_dir(home), &opts, &mut |line| {
+        eprintln!("{line}")
+    })?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        println!("{}", report.image);
+    }
+    Ok(())
 }

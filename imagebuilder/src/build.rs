@@ -1,13 +1,88 @@
-//! Dockerfile builds.
-use blockstore::{BlobId, Store};
+//! Dockerfile builds with a step cache in the block store.
+//!
+//! Every instruction extends a chain key: `key = blake3(parent key, instruction after variable
+//! expansion, what it reads)`, where "what it reads" is the deterministic layer tar a COPY would
+//! write (so the content, names and modes of the context files, not their mtimes), the key of a
+//! `--from` stage, the build args in scope for RUN. A step that changes files stores its result
+//! as an OCI layer tar blob plus a small JSON step record named `cache:<key>`; the final image
+//! is named `cache:<final key>` too. So a rebuild with nothing changed only hashes context files
+//! and looks names up, and a changed COPY input reruns from that step on.
+//!
+//! Stage root file systems are materialised lazily: a cache hit only records the step's layer;
+//! the first miss (or the final ext4) applies the pending layers to a staging directory.
+
+use crate::dockerfile::{self, Args, Dockerfile, Instruction};
+use crate::error::{Error, IoCtx, Result};
+use crate::image::{self, ImageConfig, ImageRecord};
+use crate::layer::{self, ApplyOptions};
+use crate::sandbox;
+use blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 pub(crate) const CACHE_PREFIX: &str = "cache:";
+
+/// Where RUN executes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Linux namespaces + chroot + cgroup limits on the host.
+    #[default]
+    Namespace,
+    /// Inside a microVM through the guest agent.
+    Vm,
+}
+
+/// Everything `kiln build` takes.
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    pub context: PathBuf,
+    /// Default: `<context>/Dockerfile`.
+    pub dockerfile: Option<PathBuf>,
+    pub tag: String,
+    pub build_args: HashMap<String, String>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    /// Give RUN steps the host's network (default true in the CLI).
+    pub network: bool,
+    pub isolation: Isolation,
+    pub memory_max: Option<u64>,
+    /// For FROM images that must be pulled.
+    pub insecure_registry: bool,
+}
+
+/// One step of a build, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub stage: usize,
+    pub line: usize,
+    pub instruction: String,
+    pub cached: bool,
+    pub layer: Option<BlobId>,
+    /// Uncompressed size of the step's layer tar.
+    pub layer_bytes: u64,
+    /// New bytes the store wrote for it (compressed chunks not already present).
+    pub stored_bytes: u64,
+    pub millis: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildReport {
+    pub image: BlobId,
+    pub disk: BlobId,
+    pub tag: String,
+    /// Whether the whole image came from the cache.
+    pub cached: bool,
+    pub steps: Vec<StepReport>,
+}
 
 /// A cached step result.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepRecord {
     pub layer: Option<BlobId>,
+    pub layer_bytes: u64,
 }
 
 impl StepRecord {
@@ -16,6 +91,1105 @@ impl StepRecord {
     }
 }
 
-pub(crate) fn get_step(_store: &Store, _id: &BlobId) -> crate::Result<StepRecord> {
-    Err(crate::Error::Invalid("x".into()))
+pub(crate) fn get_step(store: &Store, id: &BlobId) -> Result<StepRecord> {
+    let mut r = image::BlobRead::open(store, id)?;
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut buf).ctx("read", "step record")?;
+    serde_json::from_slice(&buf).map_err(|e| Error::Invalid(format!("not a step record: {e}")))
+}
+
+fn chain(parent: &blake3::Hash, parts: &[&[u8]]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"kiln-step-v1");
+    h.update(parent.as_bytes());
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// A build stage in progress.
+struct StageState {
+    key: blake3::Hash,
+    layers: Vec<BlobId>,
+    config: ImageConfig,
+    parent: Option<String>,
+    /// Staging root and how many of `layers` are applied to it.
+    rootfs: Option<PathBuf>,
+    applied: usize,
+    /// ARG values in scope (declared in this stage).
+    args: HashMap<String, String>,
+    history: Vec<String>,
+}
+
+struct Builder<'a> {
+    store: &'a Store,
+    tmp: &'a Path,
+    work: tempfile::TempDir,
+    opts: &'a BuildOptions,
+    df: Dockerfile,
+    ignore: Vec<(bool, Vec<String>)>,
+    stages: Vec<Option<StageState>>,
+    steps: Vec<StepReport>,
+    progress: &'a mut dyn FnMut(&str),
+    global_args: HashMap<String, String>,
+}
+
+/// Builds the Dockerfile described by `opts` and tags the result.
+pub fn build(
+    store: &Store,
+    tmp: &Path,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuildReport> {
+    image::check_name(&opts.tag)?;
+    if opts.isolation == Isolation::Vm {
+        return Err(Error::Build(
+            "--isolation=vm runs RUN steps in a microVM through the guest agent, which needs a \
+             host that can boot Linux guests (hardware virtualization). This host's /dev/kvm is \
+             PVM, where stock Linux guest kernels do not boot; use --isolation=namespace here"
+                .into(),
+        ));
+    }
+    let df_path = opts
+        .dockerfile
+        .clone()
+        .unwrap_or_else(|| opts.context.join("Dockerfile"));
+    let text = std::fs::read_to_string(&df_path).ctx("read Dockerfile", &df_path)?;
+    let file = df_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let df = dockerfile::parse(&text, &file)?;
+    let ignore = read_dockerignore(&opts.context);
+    std::fs::create_dir_all(tmp).ctx("mkdir", tmp)?;
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(tmp)
+        .ctx("create build dir in", tmp)?;
+    let mut global_args = HashMap::new();
+    for a in &df.global_args {
+        let (k, v) = parse_arg(a, &df.file, &HashMap::new())?;
+        let v = opts.build_args.get(&k).cloned().or(v).unwrap_or_default();
+        global_args.insert(k, v);
+    }
+    let n = df.stages.len();
+    let mut b = Builder {
+        store,
+        tmp,
+        work,
+        opts,
+        df,
+        ignore,
+        stages: (0..n).map(|_| None).collect(),
+        steps: Vec::new(),
+        progress,
+        global_args,
+    };
+    let target = match &opts.target {
+        Some(t) => b
+            .stage_index(t)
+            .ok_or_else(|| Error::Build(format!("no stage named {t:?} (--target)")))?,
+        None => n - 1,
+    };
+    b.build_stage(target)?;
+    b.finish(target)
+}
+
+fn parse_arg(
+    ins: &Instruction,
+    file: &str,
+    vars: &HashMap<String, String>,
+) -> Result<(String, Option<String>)> {
+    let Args::Shell(s) = &ins.args else {
+        return Err(derr(file, ins, "ARG takes NAME[=default]"));
+    };
+    let words = dockerfile::expand_words(s, vars).map_err(|e| derr(file, ins, e))?;
+    let [w] = words.as_slice() else {
+        return Err(derr(file, ins, "ARG takes one NAME[=default]"));
+    };
+    Ok(match w.split_once('=') {
+        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+        None => (w.clone(), None),
+    })
+}
+
+fn derr(file: &str, ins: &Instruction, msg: impl Into<String>) -> Error {
+    Error::Dockerfile {
+        file: file.to_string(),
+        line: ins.line,
+        msg: msg.into(),
+    }
+}
+
+impl Builder<'_> {
+    fn stage_index(&self, name: &str) -> Option<usize> {
+        let lname = name.to_ascii_lowercase();
+        self.df
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lname.as_str()))
+            .or_else(|| name.parse::<usize>().ok().filter(|&i| i < self.df.stages.len()))
+    }
+
+    fn say(&mut self, s: &str) {
+        (self.progress)(s);
+    }
+
+    /// Variables visible to expansion in a stage: ENV then stage ARGs.
+    fn vars(st: &StageState) -> HashMap<String, String> {
+        let mut v: HashMap<String, String> = st.args.clone();
+        for kv in &st.config.env {
+            if let Some((k, val)) = kv.split_once('=') {
+                v.insert(k.to_string(), val.to_string());
+            }
+        }
+        v
+    }
+
+    fn build_stage(&mut self, idx: usize) -> Result<()> {
+        if self.stages[idx].is_some() {
+            return Ok(());
+        }
+        let stage = self.df.stages[idx].clone();
+        let file = self.df.file.clone();
+        let Args::Shell(from_s) = &stage.from.args else {
+            unreachable!("parser checks FROM")
+        };
+        let base_word = from_s.split_whitespace().next().unwrap_or_default();
+        let base = dockerfile::expand_words(base_word, &self.global_args)
+            .map_err(|e| derr(&file, &stage.from, e))?
+            .join("");
+        self.say(&format!("[stage {idx}] FROM {base}"));
+        let mut st = if base == "scratch" {
+            StageState {
+                key: chain(&blake3::hash(b""), &[b"FROM scratch"]),
+                layers: Vec::new(),
+                config: ImageConfig::default(),
+                parent: None,
+                rootfs: None,
+                applied: 0,
+                args: HashMap::new(),
+                history: Vec::new(),
+            }
+        } else if let Some(src) = self.stage_index(&base).filter(|&s| s < idx) {
+            self.build_stage(src)?;
+            let s = self.stages[src].as_ref().expect("built");
+            StageState {
+                key: chain(&s.key, &[b"FROM stage"]),
+                layers: s.layers.clone(),
+                config: s.config.clone(),
+                parent: s.parent.clone(),
+                rootfs: None,
+                applied: 0,
+                args: HashMap::new(),
+                history: s.history.clone(),
+            }
+        } else {
+            let (id, rec) = self.base_image(&base)?;
+            StageState {
+                key: chain(&blake3::hash(b""), &[b"FROM image", id.as_bytes()]),
+                layers: rec.layers.clone(),
+                config: rec.config.clone(),
+                parent: Some(format!("{base} ({id})")),
+                rootfs: None,
+                applied: 0,
+                args: HashMap::new(),
+                history: Vec::new(),
+            }
+        };
+        for ins in &stage.instructions {
+            let t0 = std::time::Instant::now();
+            self.step(idx, &mut st, ins)
+                .map_err(|e| match e {
+                    e @ (Error::Dockerfile { .. } | Error::RunFailed { .. }) => e,
+                    Error::Build(m) if m.starts_with(&format!("{file}:")) => Error::Build(m),
+                    other => Error::Build(format!("{file}:{}: {}: {other}", ins.line, ins.keyword)),
+                })?;
+            if let Some(last) = self.steps.last_mut() {
+                if last.line == ins.line && last.stage == idx {
+                    last.millis = t0.elapsed().as_millis() as u64;
+                }
+            }
+        }
+        self.stages[idx] = Some(st);
+        Ok(())
+    }
+
+    /// A FROM image: a local image by that name, else pulled.
+    fn base_image(&mut self, base: &str) -> Result<(BlobId, ImageRecord)> {
+        match image::lookup(self.store, base) {
+            Ok(x) => Ok(x),
+            Err(Error::ImageNotFound(_)) => {
+                self.say(&format!("  pulling {base}"));
+                let opts = crate::oci::PullOptions {
+                    insecure: self.opts.insecure_registry,
+                    allow_devices: false,
+                };
+                crate::oci::pull(self.store, self.tmp, base, None, &opts, &|m| {
+                    eprintln!("  {m}")
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes sure the stage's staging root exists with all its layers applied.
+    fn materialize(&mut self, idx: usize, st: &mut StageState) -> Result<PathBuf> {
+        let root = match &st.rootfs {
+            Some(r) => r.clone(),
+            None => {
+                let r = self.work.path().join(format!("stage-{idx}"));
+                let _ = std::fs::remove_dir_all(&r);
+                std::fs::create_dir_all(&r).ctx("mkdir", &r)?;
+                st.rootfs = Some(r.clone());
+                st.applied = 0;
+                r
+            }
+        };
+        if st.applied < st.layers.len() {
+            image::materialize(self.store, &st.layers[st.applied..], &root)?;
+            st.applied = st.layers.len();
+        }
+        Ok(root)
+    }
+
+    fn lookup_cache(&self, key: &blake3::Hash) -> Result<Option<StepRecord>> {
+        if self.opts.no_cache {
+            return Ok(None);
+        }
+        match self
+            .store
+            .lookup_name(&format!("{CACHE_PREFIX}{}", key.to_hex()))?
+        {
+            Some(id) => Ok(get_step(self.store, &id).ok()),
+            None => Ok(None),
+        }
+    }
+
+    fn record_step(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        ins: &Instruction,
+        key: blake3::Hash,
+        layer_file: Option<&Path>,
+        applied_already: bool,
+    ) -> Result<()> {
+        let before = self.store.stats().bytes_written;
+        let (layer, layer_bytes) = match layer_file {
+            Some(p) => {
+                let size = std::fs::metadata(p).ctx("stat", p)?.len();
+                (Some(self.store.put_file(p, &PutOptions::default())?), size)
+            }
+            None => (None, 0),
+        };
+        if let Some(l) = layer {
+            image::keep(self.store, &l)?;
+            st.layers.push(l);
+            if applied_already {
+                st.applied = st.layers.len();
+            }
+        }
+        let rec = StepRecord { layer, layer_bytes };
+        let rid = self.store.put_bytes(
+            &serde_json::to_vec(&rec).expect("serializes"),
+            &PutOptions::default(),
+        )?;
+        self.store
+            .set_name(&format!("{CACHE_PREFIX}{}", key.to_hex()), &rid)?;
+        let stored = self.store.stats().bytes_written.saturating_sub(before);
+        self.steps.push(StepReport {
+            stage: idx,
+            line: ins.line,
+            instruction: ins.original.clone(),
+            cached: false,
+            layer,
+            layer_bytes,
+            stored_bytes: stored,
+            millis: 0,
+        });
+        st.key = key;
+        Ok(())
+    }
+
+    fn cache_hit(&mut self, idx: usize, st: &mut StageState, ins: &Instruction, key: blake3::Hash, rec: StepRecord) {
+        self.say(&format!("  {}: {} (cached)", ins.line, ins.original));
+        if let Some(l) = rec.layer {
+            st.layers.push(l);
+        }
+        self.steps.push(StepReport {
+            stage: idx,
+            line: ins.line,
+            instruction: ins.original.clone(),
+            cached: true,
+            layer: rec.layer,
+            layer_bytes: rec.layer_bytes,
+            stored_bytes: 0,
+            millis: 0,
+        });
+        st.key = key;
+    }
+
+    fn step(&mut self, idx: usize, st: &mut StageState, ins: &Instruction) -> Result<()> {
+        let file = self.df.file.clone();
+        let vars = Self::vars(st);
+        let words = |s: &str| {
+            dockerfile::expand_words(s, &vars).map_err(|e| derr(&file, ins, e))
+        };
+        let shell = st
+            .config
+            .shell
+            .clone()
+            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+        let as_cmd = |a: &Args| match a {
+            Args::Exec(v) => v.clone(),
+            Args::Shell(s) => {
+                let mut v = shell.clone();
+                v.push(s.clone());
+                v
+            }
+        };
+        st.history.push(ins.original.clone());
+        match ins.keyword.as_str() {
+            "ENV" | "LABEL" => {
+                let Args::Shell(s) = &ins.args else {
+                    return Err(derr(&file, ins, "expects KEY=VALUE pairs"));
+                };
+                let w = words(s)?;
+                let mut pairs = Vec::new();
+                if w.len() >= 2 && !w[0].contains('=') && ins.keyword == "ENV" {
+                    // Legacy `ENV KEY value with spaces`.
+                    pairs.push((w[0].clone(), w[1..].join(" ")));
+                } else {
+                    for x in &w {
+                        let (k, v) = x.split_once('=').ok_or_else(|| {
+                            derr(&file, ins, format!("{x:?} is not KEY=VALUE"))
+                        })?;
+                        pairs.push((k.to_string(), v.to_string()));
+                    }
+                }
+                if pairs.is_empty() {
+                    return Err(derr(&file, ins, "needs at least one KEY=VALUE"));
+                }
+                for (k, v) in pairs {
+                    if ins.keyword == "ENV" {
+                        st.config.env_set(&k, &v);
+                    } else {
+                        st.config.labels.insert(k, v);
+                    }
+                }
+                self.meta_step(st, ins);
+            }
+            "ARG" => {
+                let (k, default) = parse_arg(ins, &file, &vars)?;
+                let v = self
+                    .opts
+                    .build_args
+                    .get(&k)
+                    .cloned()
+                    .or(default)
+                    .or_else(|| self.global_args.get(&k).cloned())
+                    .unwrap_or_default();
+                st.args.insert(k.clone(), v.clone());
+                st.key = chain(&st.key, &[b"ARG", k.as_bytes(), v.as_bytes()]);
+            }
+            "EXPOSE" => {
+                let Args::Shell(s) = &ins.args else {
+                    return Err(derr(&file, ins, "EXPOSE takes ports"));
+                };
+                for p in words(s)? {
+                    let p = if p.contains('/') { p } else { format!("{p}/tcp") };
+                    if !st.config.exposed_ports.contains(&p) {
+                        st.config.exposed_ports.push(p);
+                    }
+                }
+                self.meta_step(st, ins);
+            }
+            "CMD" => {
+                st.config.cmd = Some(as_cmd(&ins.args));
+                self.meta_step(st, ins);
+            }
+            "ENTRYPOINT" => {
+                st.config.entrypoint = Some(as_cmd(&ins.args));
+                self.meta_step(st, ins);
+            }
+            "SHELL" => {
+                let Args::Exec(v) = &ins.args else {
+                    return Err(derr(&file, ins, "SHELL must be a JSON array"));
+                };
+                if v.is_empty() {
+                    return Err(derr(&file, ins, "SHELL needs a program"));
+                }
+                st.config.shell = Some(v.clone());
+                self.meta_step(st, ins);
+            }
+            "USER" => {
+                let Args::Shell(s) = &ins.args else {
+                    return Err(derr(&file, ins, "USER takes a name"));
+                };
+                let u = words(s)?.join(" ");
+                if u.is_empty() {
+                    return Err(derr(&file, ins, "USER needs a user"));
+                }
+                st.config.user = Some(u);
+                self.meta_step(st, ins);
+            }
+            "MAINTAINER" | "STOPSIGNAL" | "VOLUME" | "HEALTHCHECK" | "ONBUILD" => {
+                tracing::warn!(line = ins.line, "{} is recorded in history only", ins.keyword);
+                self.meta_step(st, ins);
+            }
+            "WORKDIR" => {
+                let Args::Shell(s) = &ins.args else {
+                    return Err(derr(&file, ins, "WORKDIR takes a path"));
+                };
+                let p = words(s)?.join(" ");
+                let abs = resolve_in(st.config.workdir.as_deref().unwrap_or("/"), &p);
+                st.config.workdir = Some(abs.clone());
+                let key = chain(&st.key, &[b"WORKDIR", abs.as_bytes()]);
+                if let Some(rec) = self.lookup_cache(&key)? {
+                    self.cache_hit(idx, st, ins, key, rec);
+                    return Ok(());
+                }
+                self.say(&format!("  {}: {}", ins.line, ins.original));
+                let root = self.materialize(idx, st)?;
+                let before = layer::scan_tree(&root)?;
+                mkdir_in_root(&root, &abs)?;
+                let layer = self.diff_layer(&root, &before)?;
+                self.record_step(idx, st, ins, key, layer.as_deref(), true)?;
+            }
+            "RUN" => self.run_step(idx, st, ins, &vars, &shell)?,
+            "COPY" | "ADD" => self.copy_step(idx, st, ins, &vars)?,
+            other => return Err(derr(&file, ins, format!("{other} is not supported"))),
+        }
+        Ok(())
+    }
+
+    /// A step that only changes the config: its effect is in the key, nothing is stored.
+    fn meta_step(&mut self, st: &mut StageState, ins: &Instruction) {
+        let cfg = serde_json::to_vec(&st.config).expect("serializes");
+        st.key = chain(&st.key, &[b"META", ins.original.as_bytes(), &cfg]);
+    }
+
+    /// Writes the diff since `before` to a file; None when nothing changed.
+    fn diff_layer(&self, root: &Path, before: &layer::TreeState) -> Result<Option<PathBuf>> {
+        let after = layer::scan_tree(root)?;
+        let path = self.work.path().join(format!(
+            "layer-{}.tar",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let f = std::fs::File::create(&path).ctx("create", &path)?;
+        let mut w = std::io::BufWriter::new(f);
+        let n = layer::write_diff(root, before, &after, &mut w)?;
+        w.flush().ctx("write", &path)?;
+        if n == 0 {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        Ok(Some(path))
+    }
+
+    fn run_step(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        ins: &Instruction,
+        vars: &HashMap<String, String>,
+        shell: &[String],
+    ) -> Result<()> {
+        let file = self.df.file.clone();
+        for (k, _) in &ins.flags {
+            if k != "network" {
+                return Err(derr(&file, ins, format!("RUN --{k} is not supported")));
+            }
+        }
+        let network = match ins.flags.iter().find(|(k, _)| k == "network") {
+            Some((_, v)) if v == "none" => false,
+            Some((_, v)) if v == "host" || v == "default" => true,
+            Some((_, v)) => return Err(derr(&file, ins, format!("RUN --network={v}: use none|host|default"))),
+            None => self.opts.network,
+        };
+        // The command and its stdin (a heredoc alone is the script; else it feeds stdin).
+        let (argv, stdin) = match (&ins.args, ins.heredocs.first()) {
+            (Args::Shell(s), Some(h)) => {
+                let body = if h.expand {
+                    dockerfile::expand_vars(&h.body, vars).map_err(|e| derr(&file, ins, e))?
+                } else {
+                    h.body.clone()
+                };
+                let rest = s.replace(&format!("<<{}", h.name), "");
+                if rest.trim().is_empty() {
+                    let mut v = shell.to_vec();
+                    v.push(body);
+                    (v, None)
+                } else {
+                    let mut v = shell.to_vec();
+                    v.push(rest.trim().to_string());
+                    (v, Some(body.into_bytes()))
+                }
+            }
+            (Args::Shell(s), None) => {
+                let mut v = shell.to_vec();
+                v.push(s.clone());
+                (v, None)
+            }
+            (Args::Exec(v), _) => (v.clone(), None),
+        };
+        let mut env = st.config.env.clone();
+        let mut arg_keys: Vec<(&String, &String)> = st.args.iter().collect();
+        arg_keys.sort();
+        let mut arg_bytes = Vec::new();
+        for (k, v) in arg_keys {
+            if st.config.env_get(k).is_none() {
+                env.push(format!("{k}={v}"));
+            }
+            arg_bytes.extend_from_slice(format!("{k}={v}\n").as_bytes());
+        }
+        if !env.iter().any(|kv| kv.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let cfg = serde_json::to_vec(&(&env, &st.config.workdir, &st.config.user, network))
+            .expect("serializes");
+        let argv_bytes = serde_json::to_vec(&(&argv, &stdin)).expect("serializes");
+        let key = chain(&st.key, &[b"RUN", &argv_bytes, &cfg, &arg_bytes]);
+        if let Some(rec) = self.lookup_cache(&key)? {
+            self.cache_hit(idx, st, ins, key, rec);
+            return Ok(());
+        }
+        self.say(&format!("  {}: {}", ins.line, ins.original));
+        let root = self.materialize(idx, st)?;
+        let workdir = st.config.workdir.clone().unwrap_or_else(|| "/".into());
+        mkdir_in_root(&root, &workdir)?;
+        let before = layer::scan_tree(&root)?;
+        let spec = sandbox::RunSpec {
+            rootfs: root.clone(),
+            argv,
+            env,
+            workdir,
+            user: st.config.user.clone(),
+            network,
+            stdin,
+            memory_max: self.opts.memory_max,
+        };
+        let progress = &mut *self.progress;
+        let outcome = sandbox::run(&spec, &mut |line| progress(&format!("    | {line}")))?;
+        if !outcome.success {
+            return Err(Error::RunFailed {
+                file,
+                line: ins.line,
+                cmd: ins.original.clone(),
+                status: outcome.status,
+                output: outcome.tail,
+            });
+        }
+        let layer = self.diff_layer(&root, &before)?;
+        self.record_step(idx, st, ins, key, layer.as_deref(), true)
+    }
+
+    fn copy_step(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        ins: &Instruction,
+        vars: &HashMap<String, String>,
+    ) -> Result<()> {
+        let file = self.df.file.clone();
+        let mut from = None;
+        let mut chown = None;
+        let mut chmod = None;
+        for (k, v) in &ins.flags {
+            let v = dockerfile::expand_words(v, vars)
+                .map_err(|e| derr(&file, ins, e))?
+                .join("");
+            match k.as_str() {
+                "from" => from = Some(v),
+                "chown" => chown = Some(v),
+                "chmod" => {
+                    chmod = Some(u32::from_str_radix(&v, 8).map_err(|_| {
+                        derr(&file, ins, format!("--chmod={v} is not an octal mode"))
+                    })?)
+                }
+                "link" => {}
+                other => return Err(derr(&file, ins, format!("{} --{other} is not supported", ins.keyword))),
+            }
+        }
+        let mut w = match &ins.args {
+            Args::Exec(v) => v.clone(),
+            Args::Shell(s) => dockerfile::expand_words(s, vars).map_err(|e| derr(&file, ins, e))?,
+        };
+        if w.len() < 2 {
+            return Err(derr(&file, ins, format!("{} needs a source and a destination", ins.keyword)));
+        }
+        let dest_raw = w.pop().expect("len >= 2");
+        let cwd = st.config.workdir.clone().unwrap_or_else(|| "/".into());
+        let dest_is_dir = dest_raw.ends_with('/') || w.len() > 1;
+        let dest = resolve_in(&cwd, &dest_raw);
+        // Ownership: resolved against the stage's /etc/passwd when given by name.
+        let owner = match &chown {
+            None => None,
+            Some(c) => {
+                let numeric = c.split(':').all(|p| p.parse::<u32>().is_ok());
+                if numeric {
+                    let mut it = c.split(':').map(|p| p.parse::<u32>().expect("checked"));
+                    let u = it.next().unwrap_or(0);
+                    Some((u, it.next().unwrap_or(u)))
+                } else {
+                    let root = self.materialize(idx, st)?;
+                    Some(sandbox::resolve_user(&root, c)?)
+                }
+            }
+        };
+        // Where sources come from: the context, or an earlier stage (by its key).
+        let from_stage = match &from {
+            None => None,
+            Some(f) => match self.stage_index(f).filter(|&s| s < idx) {
+                Some(s) => {
+                    self.build_stage(s)?;
+                    Some((s, self.stages[s].as_ref().expect("built").key))
+                }
+                None => {
+                    return Err(derr(
+                        &file,
+                        ins,
+                        format!("--from={f}: no earlier stage by that name"),
+                    ))
+                }
+            },
+        };
+        let tar_path = self.work.path().join(format!("copy-{idx}-{}.tar", ins.line));
+        let key = if let Some((s, sk)) = from_stage {
+            // Keyed by the source stage's key: no need to read its files on a hit.
+            let k = chain(
+                &st.key,
+                &[
+                    b"COPY-FROM",
+                    ins.original.as_bytes(),
+                    sk.as_bytes(),
+                    dest.as_bytes(),
+                    format!("{owner:?}{chmod:?}").as_bytes(),
+                ],
+            );
+            if let Some(rec) = self.lookup_cache(&k)? {
+                self.cache_hit(idx, st, ins, k, rec);
+                return Ok(());
+            }
+            let mut sst = self.stages[s].take().expect("built");
+            let r = self.materialize(s, &mut sst);
+            self.stages[s] = Some(sst);
+            let sroot = r?;
+            let spec = CopySpec { srcs: &w, heredocs: &ins.heredocs, vars, dest: &dest, dest_is_dir, owner, chmod };
+            self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
+            k
+        } else {
+            let spec = CopySpec { srcs: &w, heredocs: &ins.heredocs, vars, dest: &dest, dest_is_dir, owner, chmod };
+            self.write_copy_tar(&self.opts.context, true, &spec, &tar_path, ins)?;
+            let h = hash_file(&tar_path)?;
+            let k = chain(&st.key, &[b"COPY", h.as_bytes()]);
+            if let Some(rec) = self.lookup_cache(&k)? {
+                self.cache_hit(idx, st, ins, k, rec);
+                return Ok(());
+            }
+            k
+        };
+        self.say(&format!("  {}: {}", ins.line, ins.original));
+        // Apply to the staging root if it exists; else it is applied lazily with the rest.
+        let applied = if let Some(root) = st.rootfs.clone() {
+            self.materialize(idx, st)?;
+            let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
+            layer::apply_layer(&root, f, &ApplyOptions { allow_devices: true })?;
+            true
+        } else {
+            false
+        };
+        self.record_step(idx, st, ins, key, Some(&tar_path), applied)
+    }
+
+    fn write_copy_tar(
+        &self,
+        src_root: &Path,
+        is_context: bool,
+        spec: &CopySpec<'_>,
+        out: &Path,
+        ins: &Instruction,
+    ) -> Result<()> {
+        let CopySpec { srcs, heredocs, vars, dest, dest_is_dir, owner, chmod } = *spec;
+        let file = self.df.file.clone();
+        let f = std::fs::File::create(out).ctx("create", out)?;
+        let mut b = tar::Builder::new(std::io::BufWriter::new(f));
+        let mut entries: Vec<(String, PathBuf)> = Vec::new(); // (dest path, host path)
+        let mut inline: Vec<(String, Vec<u8>)> = Vec::new();
+        for s in srcs {
+            if let Some(h) = s.strip_prefix("<<").and_then(|n| heredocs.iter().find(|h| h.name == n)) {
+                let body = if h.expand {
+                    dockerfile::expand_vars(&h.body, vars).map_err(|e| derr(&file, ins, e))?
+                } else {
+                    h.body.clone()
+                };
+                let d = if dest_is_dir { format!("{}/{}", dest.trim_end_matches('/'), h.name) } else { dest.to_string() };
+                inline.push((d, body.into_bytes()));
+                continue;
+            }
+            if s.starts_with("http://") || s.starts_with("https://") {
+                return Err(derr(&file, ins, format!("{s}: remote sources are not supported")));
+            }
+            let rel = clean_rel(s).ok_or_else(|| {
+                derr(&file, ins, format!("{s}: source leads outside the build context"))
+            })?;
+            let matches = expand_glob(src_root, &rel);
+            if matches.is_empty() {
+                return Err(derr(&file, ins, format!("{s}: no such file in the {}", if is_context { "build context" } else { "source stage" })));
+            }
+            for m in matches {
+                let host = src_root.join(&m);
+                let meta = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+                if is_context && self.ignored(&m) {
+                    continue;
+                }
+                if meta.is_dir() {
+                    let mut stack = vec![PathBuf::new()];
+                    while let Some(sub) = stack.pop() {
+                        let dir = host.join(&sub);
+                        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+                            let e = e.ctx("read dir", &dir)?;
+                            let r = sub.join(e.file_name());
+                            if is_context && self.ignored(&m.join(&r)) {
+                                continue;
+                            }
+                            let d = format!("{}/{}", dest.trim_end_matches('/'), r.display());
+                            if e.file_type().ctx("stat", e.path())?.is_dir() {
+                                stack.push(r);
+                            }
+                            entries.push((d, e.path()));
+                        }
+                    }
+                } else {
+                    let d = if dest_is_dir || dest.ends_with('/') {
+                        format!(
+                            "{}/{}",
+                            dest.trim_end_matches('/'),
+                            m.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+                        )
+                    } else {
+                        dest.to_string()
+                    };
+                    entries.push((d, host));
+                }
+            }
+        }
+        if dest_is_dir || entries.len() > 1 {
+            // The destination directory itself, so its mode is defined.
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            let d = dest.trim_start_matches('/').trim_end_matches('/');
+            if !d.is_empty() {
+                b.append_data(&mut h, format!("{d}/"), std::io::empty()).ctx("write", out)?;
+            }
+        }
+        entries.sort();
+        entries.dedup_by(|a, b| a.0 == b.0);
+        for (d, host) in entries {
+            let m = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&m, tar::HeaderMode::Deterministic);
+            h.set_mtime(0);
+            let mode = chmod.unwrap_or(m.mode() & 0o7777);
+            h.set_mode(mode);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            let name = d.trim_start_matches('/').to_string();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&host).ctx("readlink", &host)?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, &name, &t).ctx("write", out)?;
+            } else if m.is_dir() {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{name}/"), std::io::empty()).ctx("write", out)?;
+            } else if m.is_file() {
+                let f = std::fs::File::open(&host).ctx("open", &host)?;
+                h.set_size(m.len());
+                b.append_data(&mut h, &name, f).ctx("write", out)?;
+            } else {
+                return Err(derr(&file, ins, format!("{}: only files, directories and symlinks can be copied", host.display())));
+            }
+        }
+        for (d, data) in inline {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(chmod.unwrap_or(0o644));
+            h.set_size(data.len() as u64);
+            h.set_mtime(0);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            b.append_data(&mut h, d.trim_start_matches('/'), &data[..]).ctx("write", out)?;
+        }
+        let mut w = b.into_inner().ctx("finish", out)?;
+        w.flush().ctx("write", out)?;
+        Ok(())
+    }
+
+    fn ignored(&self, rel: &Path) -> bool {
+        let comps: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let mut ignored = false;
+        // A path is ignored if it or any parent matches the last matching pattern.
+        for n in 1..=comps.len() {
+            for (neg, pat) in &self.ignore {
+                if glob_match(pat, &comps[..n]) {
+                    ignored = !neg;
+                }
+            }
+            if ignored && n < comps.len() {
+                // Exceptions below an ignored directory still count.
+                let deeper = self.ignore.iter().any(|(neg, _)| *neg);
+                if !deeper {
+                    return true;
+                }
+            }
+        }
+        ignored
+    }
+
+    fn finish(mut self, target: usize) -> Result<BuildReport> {
+        let mut st = self.stages[target].take().expect("target built");
+        let final_key = chain(&st.key, &[b"IMAGE"]);
+        let cache_name = format!("{CACHE_PREFIX}{}", final_key.to_hex());
+        if !self.opts.no_cache {
+            if let Some(id) = self.store.lookup_name(&cache_name)? {
+                if let Ok(rec) = image::get_record(self.store, &id) {
+                    image::tag(self.store, &self.opts.tag, &id)?;
+                    self.say(&format!("image {} (cached) tagged {}", id, self.opts.tag));
+                    return Ok(BuildReport {
+                        image: id,
+                        disk: rec.disk,
+                        tag: self.opts.tag.clone(),
+                        cached: true,
+                        steps: self.steps,
+                    });
+                }
+            }
+        }
+        let root = self.materialize(target, &mut st)?;
+        self.say("  writing ext4 disk");
+        let scratch = self.work.path().join("final");
+        std::fs::create_dir_all(&scratch).ctx("mkdir", &scratch)?;
+        let (disk, disk_size) =
+            image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?;
+        let df_name = self.df.file.clone();
+        let rec = ImageRecord {
+            schema: 1,
+            disk,
+            disk_size,
+            layers: st.layers.clone(),
+            config: st.config.clone(),
+            parent: st.parent.clone(),
+            source: format!("build {df_name}"),
+            history: st.history.clone(),
+        };
+        let id = image::put_record(self.store, &rec)?;
+        self.store.set_name(&cache_name, &id)?;
+        image::tag(self.store, &self.opts.tag, &id)?;
+        self.say(&format!("image {id} tagged {}", self.opts.tag));
+        Ok(BuildReport {
+            image: id,
+            disk,
+            tag: self.opts.tag.clone(),
+            cached: false,
+            steps: self.steps,
+        })
+    }
+}
+
+/// What a COPY/ADD writes, after expansion.
+#[derive(Clone, Copy)]
+struct CopySpec<'a> {
+    srcs: &'a [String],
+    heredocs: &'a [dockerfile::Heredoc],
+    vars: &'a HashMap<String, String>,
+    dest: &'a str,
+    dest_is_dir: bool,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+}
+
+fn hash_file(p: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(p).ctx("open", p)?;
+    h.update_reader(f).ctx("read", p)?;
+    Ok(h.finalize())
+}
+
+/// `path` made absolute against `cwd`, normalised (no `.`/`..`, no trailing slash).
+fn resolve_in(cwd: &str, path: &str) -> String {
+    let full = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", cwd.trim_end_matches('/'))
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for c in full.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// A context-relative source path, or None if it leaves the context.
+fn clean_rel(s: &str) -> Option<PathBuf> {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in s.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.iter().collect())
+}
+
+/// Expands `*`/`?` in the last component of a source path.
+fn expand_glob(root: &Path, rel: &Path) -> Vec<PathBuf> {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !name.contains(['*', '?']) {
+        return if std::fs::symlink_metadata(root.join(rel)).is_ok() {
+            vec![rel.to_path_buf()]
+        } else {
+            Vec::new()
+        };
+    }
+    let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root.join(&parent))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| wildcard(&name, n))
+                .map(|n| parent.join(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn wildcard(pat: &str, s: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (pat.chars().collect(), s.chars().collect());
+    fn m(p: &[char], s: &[char]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some('*'), _) => m(&p[1..], s) || (!s.is_empty() && m(p, &s[1..])),
+            (Some('?'), Some(_)) => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(&p, &s)
+}
+
+/// Matches path components against pattern components (`**` = any number of components).
+fn glob_match(pat: &[String], path: &[String]) -> bool {
+    match (pat.first(), path.first()) {
+        (None, None) => true,
+        (Some(p), _) if p == "**" => {
+            glob_match(&pat[1..], path) || (!path.is_empty() && glob_match(pat, &path[1..]))
+        }
+        (Some(p), Some(c)) => wildcard(p, c) && glob_match(&pat[1..], &path[1..]),
+        _ => false,
+    }
+}
+
+fn read_dockerignore(context: &Path) -> Vec<(bool, Vec<String>)> {
+    let Ok(text) = std::fs::read_to_string(context.join(".dockerignore")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (neg, p) = match l.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, l),
+            };
+            let comps = p
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .map(String::from)
+                .collect();
+            (neg, comps)
+        })
+        .collect()
+}
+
+/// `mkdir -p` of an absolute in-image path, never following symlinks out of the root.
+fn mkdir_in_root(root: &Path, abs: &str) -> Result<()> {
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_mtime(0);
+    let p = abs.trim_start_matches('/');
+    if p.is_empty() {
+        return Ok(());
+    }
+    let target = root.join(p);
+    if std::fs::symlink_metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
+        return Ok(());
+    }
+    t.append_data(&mut h, format!("{p}/"), std::io::empty())
+        .ctx("write", "mkdir tar")?;
+    let bytes = t.into_inner().ctx("finish", "mkdir tar")?;
+    layer::apply_layer(root, &bytes[..], &ApplyOptions::default())?;
+    Ok(())
+}
+
+/// Names referenced by cached steps (for [`crate::image::remove`]).
+pub fn cached_blobs(store: &Store) -> Result<BTreeSet<BlobId>> {
+    let mut out = BTreeSet::new();
+    for (n, id) in store.names()? {
+        if n.starts_with(CACHE_PREFIX) {
+            out.insert(id);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_globs() {
+        assert_eq!(resolve_in("/app", "sub/../x"), "/app/x");
+        assert_eq!(resolve_in("/app", "/etc/"), "/etc");
+        assert!(clean_rel("../x").is_none());
+        assert!(wildcard("*.txt", "a.txt") && !wildcard("*.txt", "a.rs"));
+        let p = |s: &str| s.split('/').map(String::from).collect::<Vec<_>>();
+        assert!(glob_match(&p("**/*.log"), &p("a/b/c.log")));
+        assert!(!glob_match(&p("*.log"), &p("a/c.log")));
+    }
 }

@@ -248,7 +248,14 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
         let mut comps = clean_components(&raw_path)?;
         let Some(name) = comps.pop() else {
             // The root itself: take its metadata, nothing else.
-            if entry.header().entry_type().is_dir() {
+            let t = entry.header().entry_type();
+            if !t.is_dir() && !matches!(t, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+                return Err(Error::UnsafeEntry {
+                    path: what,
+                    why: "an entry for the root that is not a directory".into(),
+                });
+            }
+            if t.is_dir() {
                 let h = entry.header();
                 let mode = h.mode().unwrap_or(0o755) & 0o7777;
                 lchown(root, h.uid().unwrap_or(0), h.gid().unwrap_or(0))?;
