@@ -147,7 +147,10 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&list);
             }
-            println!("{:<40} {:<16} {:<16} {:>10} SOURCE", "NAME", "ID", "DISK", "SIZE");
+            println!(
+                "{:<40} {:<16} {:<16} {:>10} SOURCE",
+                "NAME", "ID", "DISK", "SIZE"
+            );
             for i in list {
                 println!(
                     "{:<40} {:<16} {:<16} {:>9}M {}",

@@ -230,7 +230,11 @@ impl Builder<'_> {
             .stages
             .iter()
             .position(|s| s.name.as_deref() == Some(lname.as_str()))
-            .or_else(|| name.parse::<usize>().ok().filter(|&i| i < self.df.stages.len()))
+            .or_else(|| {
+                name.parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < self.df.stages.len())
+            })
     }
 
     fn say(&mut self, s: &str) {
@@ -301,12 +305,11 @@ impl Builder<'_> {
         };
         for ins in &stage.instructions {
             let t0 = std::time::Instant::now();
-            self.step(idx, &mut st, ins)
-                .map_err(|e| match e {
-                    e @ (Error::Dockerfile { .. } | Error::RunFailed { .. }) => e,
-                    Error::Build(m) if m.starts_with(&format!("{file}:")) => Error::Build(m),
-                    other => Error::Build(format!("{file}:{}: {}: {other}", ins.line, ins.keyword)),
-                })?;
+            self.step(idx, &mut st, ins).map_err(|e| match e {
+                e @ (Error::Dockerfile { .. } | Error::RunFailed { .. }) => e,
+                Error::Build(m) if m.starts_with(&format!("{file}:")) => Error::Build(m),
+                other => Error::Build(format!("{file}:{}: {}: {other}", ins.line, ins.keyword)),
+            })?;
             if let Some(last) = self.steps.last_mut() {
                 if last.line == ins.line && last.stage == idx {
                     last.millis = t0.elapsed().as_millis() as u64;
@@ -414,7 +417,14 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn cache_hit(&mut self, idx: usize, st: &mut StageState, ins: &Instruction, key: blake3::Hash, rec: StepRecord) {
+    fn cache_hit(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        ins: &Instruction,
+        key: blake3::Hash,
+        rec: StepRecord,
+    ) {
         self.say(&format!("  {}: {} (cached)", ins.line, ins.original));
         if let Some(l) = rec.layer {
             st.layers.push(l);
@@ -435,9 +445,7 @@ impl Builder<'_> {
     fn step(&mut self, idx: usize, st: &mut StageState, ins: &Instruction) -> Result<()> {
         let file = self.df.file.clone();
         let vars = Self::vars(st);
-        let words = |s: &str| {
-            dockerfile::expand_words(s, &vars).map_err(|e| derr(&file, ins, e))
-        };
+        let words = |s: &str| dockerfile::expand_words(s, &vars).map_err(|e| derr(&file, ins, e));
         let shell = st
             .config
             .shell
@@ -464,9 +472,9 @@ impl Builder<'_> {
                     pairs.push((w[0].clone(), w[1..].join(" ")));
                 } else {
                     for x in &w {
-                        let (k, v) = x.split_once('=').ok_or_else(|| {
-                            derr(&file, ins, format!("{x:?} is not KEY=VALUE"))
-                        })?;
+                        let (k, v) = x
+                            .split_once('=')
+                            .ok_or_else(|| derr(&file, ins, format!("{x:?} is not KEY=VALUE")))?;
                         pairs.push((k.to_string(), v.to_string()));
                     }
                 }
@@ -500,7 +508,11 @@ impl Builder<'_> {
                     return Err(derr(&file, ins, "EXPOSE takes ports"));
                 };
                 for p in words(s)? {
-                    let p = if p.contains('/') { p } else { format!("{p}/tcp") };
+                    let p = if p.contains('/') {
+                        p
+                    } else {
+                        format!("{p}/tcp")
+                    };
                     if !st.config.exposed_ports.contains(&p) {
                         st.config.exposed_ports.push(p);
                     }
@@ -537,7 +549,11 @@ impl Builder<'_> {
                 self.meta_step(st, ins);
             }
             "MAINTAINER" | "STOPSIGNAL" | "VOLUME" | "HEALTHCHECK" | "ONBUILD" => {
-                tracing::warn!(line = ins.line, "{} is recorded in history only", ins.keyword);
+                tracing::warn!(
+                    line = ins.line,
+                    "{} is recorded in history only",
+                    ins.keyword
+                );
                 self.meta_step(st, ins);
             }
             "WORKDIR" => {
@@ -610,7 +626,13 @@ impl Builder<'_> {
         let network = match ins.flags.iter().find(|(k, _)| k == "network") {
             Some((_, v)) if v == "none" => false,
             Some((_, v)) if v == "host" || v == "default" => true,
-            Some((_, v)) => return Err(derr(&file, ins, format!("RUN --network={v}: use none|host|default"))),
+            Some((_, v)) => {
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!("RUN --network={v}: use none|host|default"),
+                ))
+            }
             None => self.opts.network,
         };
         // The command and its stdin (a heredoc alone is the script; else it feeds stdin).
@@ -714,7 +736,13 @@ impl Builder<'_> {
                     })?)
                 }
                 "link" => {}
-                other => return Err(derr(&file, ins, format!("{} --{other} is not supported", ins.keyword))),
+                other => {
+                    return Err(derr(
+                        &file,
+                        ins,
+                        format!("{} --{other} is not supported", ins.keyword),
+                    ))
+                }
             }
         }
         let mut w = match &ins.args {
@@ -722,7 +750,11 @@ impl Builder<'_> {
             Args::Shell(s) => dockerfile::expand_words(s, vars).map_err(|e| derr(&file, ins, e))?,
         };
         if w.len() < 2 {
-            return Err(derr(&file, ins, format!("{} needs a source and a destination", ins.keyword)));
+            return Err(derr(
+                &file,
+                ins,
+                format!("{} needs a source and a destination", ins.keyword),
+            ));
         }
         let dest_raw = w.pop().expect("len >= 2");
         let cwd = st.config.workdir.clone().unwrap_or_else(|| "/".into());
@@ -760,7 +792,10 @@ impl Builder<'_> {
                 }
             },
         };
-        let tar_path = self.work.path().join(format!("copy-{idx}-{}.tar", ins.line));
+        let tar_path = self
+            .work
+            .path()
+            .join(format!("copy-{idx}-{}.tar", ins.line));
         let key = if let Some((s, sk)) = from_stage {
             // Keyed by the source stage's key: no need to read its files on a hit.
             let k = chain(
@@ -781,11 +816,27 @@ impl Builder<'_> {
             let r = self.materialize(s, &mut sst);
             self.stages[s] = Some(sst);
             let sroot = r?;
-            let spec = CopySpec { srcs: &w, heredocs: &ins.heredocs, vars, dest: &dest, dest_is_dir, owner, chmod };
+            let spec = CopySpec {
+                srcs: &w,
+                heredocs: &ins.heredocs,
+                vars,
+                dest: &dest,
+                dest_is_dir,
+                owner,
+                chmod,
+            };
             self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
             k
         } else {
-            let spec = CopySpec { srcs: &w, heredocs: &ins.heredocs, vars, dest: &dest, dest_is_dir, owner, chmod };
+            let spec = CopySpec {
+                srcs: &w,
+                heredocs: &ins.heredocs,
+                vars,
+                dest: &dest,
+                dest_is_dir,
+                owner,
+                chmod,
+            };
             self.write_copy_tar(&self.opts.context, true, &spec, &tar_path, ins)?;
             let h = hash_file(&tar_path)?;
             let k = chain(&st.key, &[b"COPY", h.as_bytes()]);
@@ -800,7 +851,13 @@ impl Builder<'_> {
         let applied = if let Some(root) = st.rootfs.clone() {
             self.materialize(idx, st)?;
             let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
-            layer::apply_layer(&root, f, &ApplyOptions { allow_devices: true })?;
+            layer::apply_layer(
+                &root,
+                f,
+                &ApplyOptions {
+                    allow_devices: true,
+                },
+            )?;
             true
         } else {
             false
@@ -816,32 +873,66 @@ impl Builder<'_> {
         out: &Path,
         ins: &Instruction,
     ) -> Result<()> {
-        let CopySpec { srcs, heredocs, vars, dest, dest_is_dir, owner, chmod } = *spec;
+        let CopySpec {
+            srcs,
+            heredocs,
+            vars,
+            dest,
+            dest_is_dir,
+            owner,
+            chmod,
+        } = *spec;
         let file = self.df.file.clone();
         let f = std::fs::File::create(out).ctx("create", out)?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(f));
         let mut entries: Vec<(String, PathBuf)> = Vec::new(); // (dest path, host path)
         let mut inline: Vec<(String, Vec<u8>)> = Vec::new();
         for s in srcs {
-            if let Some(h) = s.strip_prefix("<<").and_then(|n| heredocs.iter().find(|h| h.name == n)) {
+            if let Some(h) = s
+                .strip_prefix("<<")
+                .and_then(|n| heredocs.iter().find(|h| h.name == n))
+            {
                 let body = if h.expand {
                     dockerfile::expand_vars(&h.body, vars).map_err(|e| derr(&file, ins, e))?
                 } else {
                     h.body.clone()
                 };
-                let d = if dest_is_dir { format!("{}/{}", dest.trim_end_matches('/'), h.name) } else { dest.to_string() };
+                let d = if dest_is_dir {
+                    format!("{}/{}", dest.trim_end_matches('/'), h.name)
+                } else {
+                    dest.to_string()
+                };
                 inline.push((d, body.into_bytes()));
                 continue;
             }
             if s.starts_with("http://") || s.starts_with("https://") {
-                return Err(derr(&file, ins, format!("{s}: remote sources are not supported")));
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!("{s}: remote sources are not supported"),
+                ));
             }
             let rel = clean_rel(s).ok_or_else(|| {
-                derr(&file, ins, format!("{s}: source leads outside the build context"))
+                derr(
+                    &file,
+                    ins,
+                    format!("{s}: source leads outside the build context"),
+                )
             })?;
             let matches = expand_glob(src_root, &rel);
             if matches.is_empty() {
-                return Err(derr(&file, ins, format!("{s}: no such file in the {}", if is_context { "build context" } else { "source stage" })));
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!(
+                        "{s}: no such file in the {}",
+                        if is_context {
+                            "build context"
+                        } else {
+                            "source stage"
+                        }
+                    ),
+                ));
             }
             for m in matches {
                 let host = src_root.join(&m);
@@ -871,7 +962,9 @@ impl Builder<'_> {
                         format!(
                             "{}/{}",
                             dest.trim_end_matches('/'),
-                            m.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+                            m.file_name()
+                                .map(|f| f.to_string_lossy().into_owned())
+                                .unwrap_or_default()
                         )
                     } else {
                         dest.to_string()
@@ -892,7 +985,8 @@ impl Builder<'_> {
             h.set_gid(g as u64);
             let d = dest.trim_start_matches('/').trim_end_matches('/');
             if !d.is_empty() {
-                b.append_data(&mut h, format!("{d}/"), std::io::empty()).ctx("write", out)?;
+                b.append_data(&mut h, format!("{d}/"), std::io::empty())
+                    .ctx("write", out)?;
             }
         }
         entries.sort();
@@ -916,13 +1010,21 @@ impl Builder<'_> {
             } else if m.is_dir() {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_size(0);
-                b.append_data(&mut h, format!("{name}/"), std::io::empty()).ctx("write", out)?;
+                b.append_data(&mut h, format!("{name}/"), std::io::empty())
+                    .ctx("write", out)?;
             } else if m.is_file() {
                 let f = std::fs::File::open(&host).ctx("open", &host)?;
                 h.set_size(m.len());
                 b.append_data(&mut h, &name, f).ctx("write", out)?;
             } else {
-                return Err(derr(&file, ins, format!("{}: only files, directories and symlinks can be copied", host.display())));
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!(
+                        "{}: only files, directories and symlinks can be copied",
+                        host.display()
+                    ),
+                ));
             }
         }
         for (d, data) in inline {
@@ -934,7 +1036,8 @@ impl Builder<'_> {
             let (u, g) = owner.unwrap_or((0, 0));
             h.set_uid(u as u64);
             h.set_gid(g as u64);
-            b.append_data(&mut h, d.trim_start_matches('/'), &data[..]).ctx("write", out)?;
+            b.append_data(&mut h, d.trim_start_matches('/'), &data[..])
+                .ctx("write", out)?;
         }
         let mut w = b.into_inner().ctx("finish", out)?;
         w.flush().ctx("write", out)?;
@@ -1157,7 +1260,10 @@ fn mkdir_in_root(root: &Path, abs: &str) -> Result<()> {
         return Ok(());
     }
     let target = root.join(p);
-    if std::fs::symlink_metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
+    if std::fs::symlink_metadata(&target)
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     t.append_data(&mut h, format!("{p}/"), std::io::empty())

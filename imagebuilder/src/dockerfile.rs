@@ -87,7 +87,9 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
     while i < lines.len() {
         let l = lines[i].trim();
         let Some(d) = l.strip_prefix('#') else { break };
-        let Some((k, v)) = d.split_once('=') else { break };
+        let Some((k, v)) = d.split_once('=') else {
+            break;
+        };
         let k = k.trim().to_ascii_lowercase();
         if k.contains(' ') {
             break;
@@ -97,7 +99,9 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
                 escape = match v.trim() {
                     "\\" => '\\',
                     "`" => '`',
-                    other => return Err(err(file, i + 1, format!("bad escape directive {other:?}"))),
+                    other => {
+                        return Err(err(file, i + 1, format!("bad escape directive {other:?}")))
+                    }
                 }
             }
             "syntax" | "check" => {}
@@ -195,7 +199,11 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
                         body.push('\n');
                     }
                     if !closed {
-                        return Err(err(file, start + 1, format!("heredoc <<{name} is not closed")));
+                        return Err(err(
+                            file,
+                            start + 1,
+                            format!("heredoc <<{name} is not closed"),
+                        ));
                     }
                     heredocs.push(Heredoc {
                         name,
@@ -236,13 +244,7 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
                 let name = match words.as_slice() {
                     [_] => None,
                     [_, as_, n] if as_.eq_ignore_ascii_case("as") => Some(n.to_ascii_lowercase()),
-                    _ => {
-                        return Err(err(
-                            file,
-                            ins.line,
-                            "FROM expects `FROM image [AS name]`",
-                        ))
-                    }
+                    _ => return Err(err(file, ins.line, "FROM expects `FROM image [AS name]`")),
                 };
                 df.stages.push(Stage {
                     from: ins,
@@ -271,7 +273,10 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
 
 /// Expands `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR:+alt}` and handles quotes and escapes,
 /// splitting into words on unquoted whitespace (Dockerfile word rules).
-pub fn expand_words(s: &str, vars: &HashMap<String, String>) -> std::result::Result<Vec<String>, String> {
+pub fn expand_words(
+    s: &str,
+    vars: &HashMap<String, String>,
+) -> std::result::Result<Vec<String>, String> {
     let chars: Vec<char> = s.chars().collect();
     let mut words = Vec::new();
     let mut cur = String::new();
@@ -402,7 +407,10 @@ mod tests {
         assert_eq!(ins[0].args, Args::Shell("echo a    && echo b".into()));
         assert_eq!(ins[0].line, 5);
         assert_eq!(ins[1].flags, vec![("chown".to_string(), "1:2".to_string())]);
-        assert_eq!(ins[2].args, Args::Exec(vec!["/bin/sh".into(), "-c".into(), "x".into()]));
+        assert_eq!(
+            ins[2].args,
+            Args::Exec(vec!["/bin/sh".into(), "-c".into(), "x".into()])
+        );
         assert_eq!(ins[3].heredocs[0].body, "echo hi\n");
         assert_eq!(ins[3].line, 10);
     }
@@ -410,7 +418,10 @@ mod tests {
     #[test]
     fn errors_have_line_numbers() {
         let e = parse("FROM a\n\nFROBNICATE x\n", "Dockerfile").unwrap_err();
-        assert_eq!(e.to_string(), "Dockerfile:3: unknown instruction \"FROBNICATE\"");
+        assert_eq!(
+            e.to_string(),
+            "Dockerfile:3: unknown instruction \"FROBNICATE\""
+        );
         let e = parse("RUN x\n", "Df").unwrap_err();
         assert!(e.to_string().starts_with("Df:1:"), "{e}");
         assert!(parse("FROM a\nRUN <<EOF\nx\n", "Df").is_err());

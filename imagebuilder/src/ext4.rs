@@ -66,7 +66,18 @@ pub fn make_ext4(root: &Path, out: &Path, size: u64, seed: &[u8]) -> Result<()> 
     let (_, inodes) = tree_bytes(root)?;
     let inode_count = (inodes * 2 + 8192).to_string();
     let output = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-I", "256", "-m", "0", "-L", "kiln-root"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-m",
+            "0",
+            "-L",
+            "kiln-root",
+        ])
         .args(["-N", &inode_count])
         .args(["-U", &uuid])
         .arg("-E")
@@ -201,7 +212,15 @@ mod tests {
         make_ext4(a.path(), &ia, 16 << 20, b"seed").unwrap();
         make_ext4(b.path(), &ib, 16 << 20, b"seed").unwrap();
         assert!(std::fs::read(&ia).unwrap() == std::fs::read(&ib).unwrap());
-        let fsck = Command::new("e2fsck").args(["-fn"]).arg(&ia).output().unwrap();
-        assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+        let fsck = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&ia)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
     }
 }

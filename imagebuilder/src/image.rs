@@ -86,7 +86,8 @@ impl ImageConfig {
 
     /// Sets `key=value` in env, replacing an earlier value.
     pub fn env_set(&mut self, key: &str, value: &str) {
-        self.env.retain(|kv| kv.split_once('=').map(|(k, _)| k) != Some(key));
+        self.env
+            .retain(|kv| kv.split_once('=').map(|(k, _)| k) != Some(key));
         self.env.push(format!("{key}={value}"));
     }
 }

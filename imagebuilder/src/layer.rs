@@ -83,7 +83,9 @@ fn resolve_dir(
     while let Some(c) = queue.pop_front() {
         if c == ".." {
             if resolved.pop().is_none() {
-                return Err(unsafe_err("a symlink on its path leads outside the root".into()));
+                return Err(unsafe_err(
+                    "a symlink on its path leads outside the root".into(),
+                ));
             }
             continue;
         }
@@ -130,11 +132,13 @@ fn resolve_dir(
                 std::fs::create_dir(&host).ctx("mkdir", &host)?;
                 resolved.push(c);
             }
-            Err(e) => return Err(Error::Io {
-                what: "lstat",
-                path: host,
-                source: e,
-            }),
+            Err(e) => {
+                return Err(Error::Io {
+                    what: "lstat",
+                    path: host,
+                    source: e,
+                })
+            }
         }
     }
     let mut host = root.to_path_buf();
@@ -150,7 +154,8 @@ fn rel_display(resolved: &[OsString], c: &OsStr) -> String {
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::BadLayer("path has a NUL byte".into()))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::BadLayer("path has a NUL byte".into()))
 }
 
 fn errno_io(what: &'static str, p: &Path) -> Error {
@@ -249,7 +254,8 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
         let Some(name) = comps.pop() else {
             // The root itself: take its metadata, nothing else.
             let t = entry.header().entry_type();
-            if !t.is_dir() && !matches!(t, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            if !t.is_dir() && !matches!(t, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader)
+            {
                 return Err(Error::UnsafeEntry {
                     path: what,
                     why: "an entry for the root that is not a directory".into(),
@@ -324,8 +330,11 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                     std::fs::create_dir(&target).ctx("mkdir", &target)?;
                 }
                 lchown(&target, uid, gid)?;
-                std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                    .ctx("chmod", &target)?;
+                std::fs::set_permissions(
+                    &target,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode),
+                )
+                .ctx("chmod", &target)?;
                 for (k, v) in &xattrs {
                     set_xattr(&target, k, v)?;
                 }
@@ -346,8 +355,11 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                 drop(f);
                 // chown before chmod: chown clears set-id bits.
                 lchown(&target, uid, gid)?;
-                std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                    .ctx("chmod", &target)?;
+                std::fs::set_permissions(
+                    &target,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode),
+                )
+                .ctx("chmod", &target)?;
                 for (k, v) in &xattrs {
                     set_xattr(&target, k, v)?;
                 }
@@ -381,16 +393,18 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                     path: what.clone(),
                     why: "hardlink to the root".into(),
                 })?;
-                let (lparent, _) = resolve_dir(root, &lcomps, false, &what).map_err(|e| {
-                    Error::UnsafeEntry {
+                let (lparent, _) =
+                    resolve_dir(root, &lcomps, false, &what).map_err(|e| Error::UnsafeEntry {
                         path: what.clone(),
                         why: format!("hardlink target {}: {e}", link.display()),
-                    }
-                })?;
+                    })?;
                 let src = lparent.join(&lname);
                 let m = std::fs::symlink_metadata(&src).map_err(|_| Error::UnsafeEntry {
                     path: what.clone(),
-                    why: format!("hardlink target {} does not exist in the layer", link.display()),
+                    why: format!(
+                        "hardlink target {} does not exist in the layer",
+                        link.display()
+                    ),
                 })?;
                 if m.is_dir() {
                     return Err(Error::UnsafeEntry {
@@ -424,8 +438,11 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                     return Err(errno_io("mknod", &target));
                 }
                 lchown(&target, uid, gid)?;
-                std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                    .ctx("chmod", &target)?;
+                std::fs::set_permissions(
+                    &target,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode),
+                )
+                .ctx("chmod", &target)?;
                 set_mtime(&target, mtime)?;
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
@@ -440,7 +457,10 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
     // Deepest first, so setting a parent's time is not undone by a child.
     dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (p, t) in dir_times {
-        if std::fs::symlink_metadata(&p).map(|m| m.is_dir()).unwrap_or(false) {
+        if std::fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
             set_mtime(&p, t)?;
         }
     }
@@ -594,13 +614,15 @@ fn append_xattrs<W: io::Write>(b: &mut tar::Builder<W>, path: &Path) -> Result<(
         return Ok(());
     }
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-    for key in buf[..n as usize].split(|&b| b == 0).filter(|k| !k.is_empty()) {
+    for key in buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|k| !k.is_empty())
+    {
         let k = CString::new(key).expect("split on NUL");
         let mut val = vec![0u8; 65536];
         // SAFETY: valid path and name; value buffer from a live Vec.
-        let vn = unsafe {
-            libc::lgetxattr(c.as_ptr(), k.as_ptr(), val.as_mut_ptr().cast(), val.len())
-        };
+        let vn =
+            unsafe { libc::lgetxattr(c.as_ptr(), k.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         if vn >= 0 {
             val.truncate(vn as usize);
             pax.push((
@@ -661,7 +683,10 @@ mod tests {
         });
         apply_layer(root.path(), &l1[..], &ApplyOptions::default()).unwrap();
         assert_eq!(std::fs::read(root.path().join("hard")).unwrap(), b"one");
-        assert_eq!(std::fs::read_link(root.path().join("lnk")).unwrap(), Path::new("etc/a"));
+        assert_eq!(
+            std::fs::read_link(root.path().join("lnk")).unwrap(),
+            Path::new("etc/a")
+        );
         let m = std::fs::metadata(root.path().join("etc/a")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o640);
         assert_eq!(m.nlink(), 2);
@@ -686,7 +711,12 @@ mod tests {
             (
                 "abs symlink",
                 tar_with(|b| {
-                    link(b, tar::EntryType::Symlink, "esc", outside.path().to_str().unwrap());
+                    link(
+                        b,
+                        tar::EntryType::Symlink,
+                        "esc",
+                        outside.path().to_str().unwrap(),
+                    );
                     file(b, "esc/evil", b"x");
                 }),
             ),

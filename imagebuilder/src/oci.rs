@@ -107,7 +107,12 @@ fn ingest(
         }
         let f = std::fs::File::open(&l.path).ctx("open", &l.path)?;
         let st = layer::apply_layer(&rootfs, f, &apply)?;
-        tracing::info!(layer = i, entries = st.entries, bytes = st.bytes, "applied layer");
+        tracing::info!(
+            layer = i,
+            entries = st.entries,
+            bytes = st.bytes,
+            "applied layer"
+        );
     }
     // Everything checked: now write to the store.
     let mut ids = Vec::new();
@@ -144,7 +149,15 @@ pub fn import(
             _ => (rest, None),
         };
         let (config, layers) = read_oci_layout(Path::new(dir), tag)?;
-        ingest(store, tmp, name, &config, &layers, format!("import {source}"), opts)
+        ingest(
+            store,
+            tmp,
+            name,
+            &config,
+            &layers,
+            format!("import {source}"),
+            opts,
+        )
     } else if let Some(file) = source.strip_prefix("docker-archive:") {
         std::fs::create_dir_all(tmp).ctx("mkdir", tmp)?;
         let unpacked = tempfile::Builder::new()
@@ -154,7 +167,15 @@ pub fn import(
         let f = std::fs::File::open(file).ctx("open", file)?;
         layer::apply_layer(unpacked.path(), f, &ApplyOptions::default())?;
         let (config, layers) = read_docker_archive(unpacked.path())?;
-        ingest(store, tmp, name, &config, &layers, format!("import {source}"), opts)
+        ingest(
+            store,
+            tmp,
+            name,
+            &config,
+            &layers,
+            format!("import {source}"),
+            opts,
+        )
     } else {
         Err(Error::BadSource(format!(
             "{source:?}: expected oci:DIR[:TAG] or docker-archive:FILE"
@@ -227,7 +248,11 @@ fn read_oci_layout(dir: &Path, tag: Option<&str>) -> Result<(Vec<u8>, Vec<LayerF
             .ok_or_else(|| Error::BadSource("descriptor without digest".into()))?
             .to_string();
         let p = blob_path(dir, &digest)?;
-        check_digest(&format!("manifest {digest}"), &digest, &sha256_file(&p, false)?)?;
+        check_digest(
+            &format!("manifest {digest}"),
+            &digest,
+            &sha256_file(&p, false)?,
+        )?;
         let doc = read_json(&p)?;
         if doc.get("manifests").is_some() {
             desc = pick_amd64(&doc)
@@ -275,7 +300,9 @@ fn read_docker_archive(dir: &Path) -> Result<(Vec<u8>, Vec<LayerFile>)> {
         .ok_or_else(|| Error::BadSource("manifest.json without Config".into()))?;
     let safe = |p: &str| -> Result<PathBuf> {
         if p.split('/').any(|c| c == "..") || p.starts_with('/') {
-            return Err(Error::BadSource(format!("unsafe path {p:?} in manifest.json")));
+            return Err(Error::BadSource(format!(
+                "unsafe path {p:?} in manifest.json"
+            )));
         }
         Ok(dir.join(p))
     };
@@ -323,7 +350,11 @@ fn docker_auth(registry: &str) -> oci_client::secrets::RegistryAuth {
                 .split('/')
                 .next()
                 .unwrap_or("");
-            let host = if host == "index.docker.io" { "docker.io" } else { host };
+            let host = if host == "index.docker.io" {
+                "docker.io"
+            } else {
+                host
+            };
             (host == registry).then_some(v)
         })
     });
@@ -363,7 +394,10 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 
 /// Whether a registry host is served over plain http by default.
 fn is_local(registry: &str) -> bool {
-    let host = registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry);
+    let host = registry
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(registry);
     host == "localhost" || host == "127.0.0.1" || host == "[::1]"
 }
 
@@ -401,15 +435,17 @@ pub fn pull(
         .enable_all()
         .build()
         .ctx("start", "tokio runtime")?;
-    let reg_err = |e: oci_client::errors::OciDistributionError| {
-        Error::Registry(format!("{reference}: {e}"))
-    };
+    let reg_err =
+        |e: oci_client::errors::OciDistributionError| Error::Registry(format!("{reference}: {e}"));
     let (config_json, layers) = rt.block_on(async {
         let (manifest, _digest, config) = client
             .pull_manifest_and_config(&r, &auth)
             .await
             .map_err(reg_err)?;
-        let cfg_actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(config.as_bytes())));
+        let cfg_actual = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(config.as_bytes()))
+        );
         check_digest("config", &manifest.config.digest, &cfg_actual)?;
         let mut layers = Vec::new();
         for (i, l) in manifest.layers.iter().enumerate() {

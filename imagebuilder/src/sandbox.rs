@@ -56,7 +56,11 @@ fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 3 && f[0] == name).then(|| {
             let id = f[2].parse().ok()?;
-            let gid = if f.len() > 3 { f[3].parse().unwrap_or(id) } else { id };
+            let gid = if f.len() > 3 {
+                f[3].parse().unwrap_or(id)
+            } else {
+                id
+            };
             Some((id, gid))
         })?
     })
@@ -69,10 +73,7 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
         None => (spec, None),
     };
     let (uid, mut gid) = match u.parse::<u32>() {
-        Ok(uid) => (
-            uid,
-            lookup_passwd_by_uid(rootfs, uid).unwrap_or(uid),
-        ),
+        Ok(uid) => (uid, lookup_passwd_by_uid(rootfs, uid).unwrap_or(uid)),
         Err(_) => lookup_id(rootfs, "passwd", u)
             .ok_or_else(|| Error::Build(format!("unknown user {u:?} (not in /etc/passwd)")))?,
     };
@@ -234,7 +235,10 @@ fn run_inner(
     let dev_c = c(&rootfs.join("dev"))?;
     let mut dev_nodes = Vec::new();
     // Only nodes the host has (a bind mount of a missing source fails).
-    for n in DEV_NODES.iter().filter(|n| Path::new("/dev").join(n).exists()) {
+    for n in DEV_NODES
+        .iter()
+        .filter(|n| Path::new("/dev").join(n).exists())
+    {
         dev_nodes.push((
             c(&Path::new("/dev").join(n))?,
             c(&rootfs.join("dev").join(n))?,
@@ -259,7 +263,8 @@ fn run_inner(
     let tmpfs = CString::new("tmpfs").expect("no NUL");
     let dev_opts = CString::new("mode=755,size=65536k").expect("no NUL");
     let hostname = b"kiln-build";
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if !spec.network {
         flags |= libc::CLONE_NEWNET;
     }
@@ -371,18 +376,35 @@ fn run_inner(
                 return fail();
             }
             for (src, dst) in &dev_nodes {
-                let fd = libc::open(dst.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
+                let fd = libc::open(
+                    dst.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o666,
+                );
                 if fd < 0 {
                     return fail();
                 }
                 libc::close(fd);
-                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, null) != 0 {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    null,
+                ) != 0
+                {
                     return fail();
                 }
             }
             libc::mkdir(shm_c.as_ptr(), 0o1777);
             if let Some((src, dst)) = &resolv {
-                libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, null);
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    null,
+                );
             }
             libc::sethostname(hostname.as_ptr().cast(), hostname.len());
             if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
@@ -400,9 +422,9 @@ fn run_inner(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::Build(format!("cannot start {:?} in the sandbox: {e}", spec.argv))
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Build(format!("cannot start {:?} in the sandbox: {e}", spec.argv)))?;
     // The Command holds copies of the pipe's write ends: drop it so reads end at exit.
     drop(cmd);
     let writer = spec.stdin.clone().and_then(|data| {

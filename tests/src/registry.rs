@@ -1,0 +1,190 @@
+//! A real OCI registry (Debian's `docker-registry`, distribution 2.8) on a free loopback port,
+//! with filesystem storage in a temp dir, stopped on drop; and the images tests push to it: a
+//! busybox-static root file system made into an OCI layout with umoci.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+pub struct Registry {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Registry {
+    /// Starts a registry, or None (with a SKIP line) when `docker-registry` is not installed.
+    pub fn start() -> Option<Registry> {
+        if !have("docker-registry") {
+            eprintln!("SKIP: docker-registry not installed (apt-get install docker-registry)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("write registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let reg = Registry {
+            child,
+            _dir: dir,
+            port,
+        };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "registry did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(reg)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes `oci:<layout>:<tag>` to `<addr>/<repo>` with skopeo.
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str) {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}", self.addr()))
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes a busybox root file system under `dir/rootfs` (static busybox, a few applets, an
+/// `app` user, /tmp 1777). None (with a SKIP line) without busybox-static.
+pub fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
+    let bb = Path::new("/bin/busybox");
+    let is_static = Command::new("sh")
+        .args(["-c", "file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' || ldd /bin/busybox 2>&1 | grep -q 'not a dynamic'"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !bb.exists() || !is_static {
+        eprintln!("SKIP: a static /bin/busybox is needed (apt-get install busybox-static)");
+        return None;
+    }
+    let root = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "root", "home/app"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::copy(bb, root.join("bin/busybox")).expect("copy busybox");
+    for applet in [
+        "sh", "echo", "cat", "ls", "mkdir", "touch", "id", "rm", "env", "pwd", "sleep", "true",
+        "false", "wc", "chmod", "head",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").expect("group");
+    let st = Command::new("chmod")
+        .arg("1777")
+        .arg(root.join("tmp"))
+        .status()
+        .expect("chmod");
+    assert!(st.success());
+    let st = Command::new("chown")
+        .arg("1000:1000")
+        .arg(root.join("home/app"))
+        .status()
+        .expect("chown");
+    assert!(st.success());
+    Some(root)
+}
+
+/// An OCI layout at `dir/oci` holding the busybox root file system as `<tag>` (umoci).
+/// None (with a SKIP line) without umoci or busybox-static.
+pub fn busybox_layout(dir: &Path, tag: &str) -> Option<PathBuf> {
+    if !have("umoci") {
+        eprintln!("SKIP: umoci not installed (apt-get install umoci)");
+        return None;
+    }
+    let root = busybox_rootfs(dir)?;
+    let layout = dir.join("oci");
+    let image = format!("{}:{tag}", layout.display());
+    let run = |args: &[&str]| {
+        let out = Command::new("umoci")
+            .args(args)
+            .output()
+            .expect("run umoci");
+        assert!(
+            out.status.success(),
+            "umoci {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["init", "--layout", layout.to_str().expect("utf-8 path")]);
+    run(&["new", "--image", &image]);
+    run(&[
+        "insert",
+        "--image",
+        &image,
+        root.to_str().expect("utf-8"),
+        "/",
+    ]);
+    run(&[
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/bin",
+        "--config.cmd",
+        "/bin/sh",
+        "--config.workingdir",
+        "/root",
+    ]);
+    Some(layout)
+}

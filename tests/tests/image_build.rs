@@ -1,0 +1,211 @@
+//! `kiln build`: a multi-stage Dockerfile with RUN, COPY, ENV, WORKDIR, USER over a busybox
+//! image; cache hits and misses; failing RUN; syntax errors; --isolation=vm on this host.
+
+use kiln_tests::registry::{busybox_layout, have};
+use kiln_tests::Kiln;
+use std::path::Path;
+
+fn setup() -> Option<(tempfile::TempDir, Kiln)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: builds need root (namespaces, chroot)");
+        return None;
+    }
+    if !have("mkfs.ext4") {
+        eprintln!("SKIP: e2fsprogs not installed");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(tmp.path(), "bb")?;
+    let k = Kiln::new(tmp.path().join("home"));
+    k.ok([
+        "image",
+        "import",
+        &format!("oci:{}:bb", layout.display()),
+        "bb",
+    ]);
+    Some((tmp, k))
+}
+
+fn disk_cat(disk: &Path, path: &str) -> String {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(disk)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
+ARG BASE=bb
+FROM $BASE AS builder
+ARG FLAVOR=plain
+RUN echo "built $FLAVOR" > /artifact
+FROM bb
+ENV GREETING="hi there" \
+    OTHER=1
+WORKDIR /app
+COPY hello.txt ./
+COPY --from=builder /artifact /app/artifact
+COPY --chown=app:app data/ /data/
+RUN echo "$GREETING" > greeting && cat hello.txt artifact
+RUN <<EOF
+echo from-heredoc > /app/heredoc
+EOF
+USER app
+RUN id -u > /tmp/uid
+CMD ["/bin/sh", "-c", "cat /app/greeting"]
+"#;
+
+fn steps(report: &serde_json::Value) -> Vec<(String, bool)> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["instruction"].as_str().unwrap().to_string(),
+                s["cached"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn multi_stage_build_cache_hits_and_misses() {
+    let Some((tmp, k)) = setup() else { return };
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("data")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
+    std::fs::write(ctx.join("hello.txt"), "hello\n").unwrap();
+    std::fs::write(ctx.join("data/a"), "a\n").unwrap();
+    std::fs::write(ctx.join("data/secret.key"), "no\n").unwrap();
+    std::fs::write(ctx.join(".dockerignore"), "**/*.key\n").unwrap();
+    let c = ctx.to_str().unwrap();
+
+    let cold = k.json(["build", "-t", "app", "--json", c]);
+    assert_eq!(cold["cached"], false);
+    assert!(steps(&cold).iter().all(|(_, cached)| !cached), "{cold}");
+    let disk = tmp.path().join("app.ext4");
+    k.ok(["image", "export", "app", "-o", disk.to_str().unwrap()]);
+    assert_eq!(disk_cat(&disk, "/app/greeting"), "hi there\n");
+    assert_eq!(disk_cat(&disk, "/app/artifact"), "built plain\n");
+    assert_eq!(disk_cat(&disk, "/app/heredoc"), "from-heredoc\n");
+    assert_eq!(disk_cat(&disk, "/tmp/uid"), "1000\n");
+    assert_eq!(disk_cat(&disk, "/data/a"), "a\n");
+    assert_eq!(
+        disk_cat(&disk, "/data/secret.key"),
+        "",
+        ".dockerignore not honoured"
+    );
+    let stat = std::process::Command::new("debugfs")
+        .args(["-R", "stat /data/a"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&stat.stdout).contains("User:  1000"),
+        "--chown"
+    );
+    let inspect = k.json(["image", "inspect", "app", "--json"]);
+    let cfg = &inspect["record"]["config"];
+    assert_eq!(cfg["workdir"], "/app");
+    assert_eq!(cfg["user"], "app");
+    assert!(cfg["env"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("GREETING=hi there")));
+
+    // No change: every step cached, same image.
+    let again = k.json(["build", "-t", "app", "--json", c]);
+    assert_eq!(again["cached"], true);
+    assert_eq!(again["image"], cold["image"]);
+    assert!(steps(&again).iter().all(|(_, cached)| *cached), "{again}");
+
+    // One COPY'd file changes: steps before it hit, it and everything after miss.
+    std::fs::write(ctx.join("hello.txt"), "changed\n").unwrap();
+    let changed = k.json(["build", "-t", "app", "--json", c]);
+    let s = steps(&changed);
+    let pos = s
+        .iter()
+        .position(|(i, _)| i.starts_with("COPY hello.txt"))
+        .unwrap();
+    assert!(s[..pos].iter().all(|(_, c)| *c), "{s:?}");
+    assert!(!s[pos].1, "{s:?}");
+    let run = s
+        .iter()
+        .position(|(i, _)| i.starts_with("RUN echo \"$GREETING\""))
+        .unwrap();
+    assert!(!s[run].1, "{s:?}");
+    assert_ne!(changed["image"], cold["image"]);
+    // The builder stage did not rerun.
+    assert!(
+        s.iter()
+            .any(|(i, c)| i.starts_with("RUN echo \"built") && *c),
+        "{s:?}"
+    );
+
+    // A build arg used by a RUN is a cache input; --target stops at a stage.
+    let t = k.json([
+        "build",
+        "-t",
+        "builder",
+        "--json",
+        "--target",
+        "builder",
+        "--build-arg",
+        "FLAVOR=fancy",
+        c,
+    ]);
+    let s = steps(&t);
+    assert!(s.iter().all(|(i, _)| !i.starts_with("COPY")), "{s:?}");
+    assert!(!s.last().unwrap().1, "{s:?}");
+    let bdisk = tmp.path().join("b.ext4");
+    k.ok(["image", "export", "builder", "-o", bdisk.to_str().unwrap()]);
+    assert_eq!(disk_cat(&bdisk, "/artifact"), "built fancy\n");
+
+    // --no-cache reruns everything.
+    let nc = k.json(["build", "-t", "app", "--json", "--no-cache", c]);
+    assert!(steps(&nc).iter().all(|(_, cached)| !cached));
+}
+
+#[test]
+fn failing_run_syntax_errors_and_vm_isolation() {
+    let Some((tmp, k)) = setup() else { return };
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let c = ctx.to_str().unwrap();
+
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\nRUN echo before-fail && exit 7\n",
+    )
+    .unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(err.contains("exit code 7"), "{err}");
+    assert!(err.contains("before-fail"), "{err}");
+    assert!(err.contains("Dockerfile:2"), "{err}");
+
+    std::fs::write(ctx.join("Dockerfile"), "FROM bb\n\nFROBNICATE x\n").unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(err.contains("Dockerfile:3: unknown instruction"), "{err}");
+
+    std::fs::write(ctx.join("Dockerfile"), "FROM bb\nCOPY missing.txt /x\n").unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(
+        err.contains("missing.txt") && err.contains("Dockerfile:2"),
+        "{err}"
+    );
+
+    std::fs::write(ctx.join("Dockerfile"), "FROM bb\nCOPY ../outside /x\n").unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(err.contains("outside the build context"), "{err}");
+
+    std::fs::write(ctx.join("Dockerfile"), "FROM bb\nRUN true\n").unwrap();
+    let err = k.fails(["build", "-t", "bad", "--isolation", "vm", c]);
+    assert!(err.contains("PVM"), "{err}");
+
+    let ls = k.json(["image", "ls", "--json"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "only the base image: {ls}");
+}
