@@ -315,7 +315,7 @@ fn guarded(s: &Arc<Shared>, body: impl FnOnce() -> Result<(), String>) {
     fatal(s, err);
 }
 
-/// Fences the memory off (so no thread ever sees wrong bytes or waits forever) and reports.
+/// Reports, then fences the memory off (so no thread ever sees wrong bytes or waits forever).
 fn fatal(s: &Shared, err: String) {
     {
         let mut f = s.failed.lock().unwrap();
@@ -325,13 +325,15 @@ fn fatal(s: &Shared, err: String) {
         *f = Some(err.clone());
     }
     s.stop.store(true, Ordering::SeqCst);
+    // The hook first: a VMM exits here, while every thread that touched missing memory is
+    // still parked in the kernel (so none of them crashes on the fence below first).
+    (s.on_fatal)(&err);
     // SAFETY: changes protection of the range this LazyMemory mapped and still owns.
     unsafe {
         libc::mprotect(s.base as *mut libc::c_void, s.len, libc::PROT_NONE);
     }
     // Waiting threads re-fault, hit PROT_NONE and fail instead of sleeping.
     let _ = s.uffd.wake(s.base as *mut libc::c_void, s.len);
-    (s.on_fatal)(&err);
 }
 
 #[derive(Clone, Copy, PartialEq)]
