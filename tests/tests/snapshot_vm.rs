@@ -10,7 +10,7 @@
 mod guest_support;
 
 use blockstore::Store;
-use guest_support::{Conn, GuestOpts, GuestVm};
+use guest_support::{Conn, GuestVm};
 use snapshotter::record::{self, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::{Arc, Mutex};
@@ -29,11 +29,29 @@ fn shape() -> VmShape {
     }
 }
 
+/// Boots the test guest at CPL 3 (PVM emulates CPL 0 code ~5000x slower; see vmm EntryMode).
 fn boot() -> GuestVm {
-    let g = GuestVm::start(GuestOpts {
-        mem_mib: MEM_MIB,
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let uds = dir.path().join("vsock.sock");
+    let config = vmm::VmConfig {
+        mem_bytes: MEM_MIB << 20,
+        kernel: Some(kiln_testguest::elf_path().to_path_buf()),
+        serial_log: Some(serial.clone()),
         ..Default::default()
-    });
+    };
+    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).unwrap();
+    let vs = vmm::devices::virtio::vsock::Vsock::new(3, &uds).unwrap();
+    vm.add_virtio_device(Box::new(vs)).unwrap();
+    vm.set_entry_mode(vmm::EntryMode::User);
+    vm.boot().unwrap();
+    vm.start().unwrap();
+    let g = GuestVm {
+        vm,
+        dir,
+        serial,
+        uds: Some(uds),
+    };
     g.wait_serial("kt: serving", Duration::from_secs(10));
     g
 }
@@ -77,7 +95,11 @@ fn connect_uds(uds: &std::path::Path, port: u32) -> Conn {
                 .strip_prefix("OK ")
                 .and_then(|p| p.trim().parse().ok())
                 .ok_or_else(|| std::io::Error::other(format!("CONNECT reply {line:?}")))?;
-            let mut c = Conn { reader, writer, host_port };
+            let mut c = Conn {
+                reader,
+                writer,
+                host_port,
+            };
             // Prove the connection survived the guest's handling of the transport reset.
             writeln!(c.writer, "PING")?;
             let mut pong = String::new();
@@ -359,7 +381,10 @@ fn diff_chain_of_three_restores_each_generation_exactly() {
     // The newest generation runs and sees every generation's pattern.
     let r = restore_lazy(&store, "g3", dir.path(), "run3", true);
     for k in 1..=3u64 {
-        assert_eq!(ask(&r.uds, &format!("CHECK {} 1 {}", 24 + k, 100 + k)), "OK");
+        assert_eq!(
+            ask(&r.uds, &format!("CHECK {} 1 {}", 24 + k, 100 + k)),
+            "OK"
+        );
     }
 }
 
@@ -406,10 +431,21 @@ fn forks_share_memory_and_diverge_independently() {
         assert!(h.join().unwrap().starts_with("OK"));
     }
     for (i, f) in forks.iter().enumerate() {
-        assert_eq!(ask(&f.uds, &format!("CHECK 20 1 {}", 1000 + i)), "OK", "fork {i} keeps its own write");
+        assert_eq!(
+            ask(&f.uds, &format!("CHECK 20 1 {}", 1000 + i)),
+            "OK",
+            "fork {i} keeps its own write"
+        );
         let other = 1000 + (1 - i);
-        assert!(ask(&f.uds, &format!("CHECK 20 1 {other}")).starts_with("BAD"), "fork {i} sees no other fork's write");
-        assert_eq!(ask(&f.uds, "CHECK 16 1 5"), "OK", "fork {i}: snapshot pages intact");
+        assert!(
+            ask(&f.uds, &format!("CHECK 20 1 {other}")).starts_with("BAD"),
+            "fork {i} sees no other fork's write"
+        );
+        assert_eq!(
+            ask(&f.uds, "CHECK 16 1 5"),
+            "OK",
+            "fork {i}: snapshot pages intact"
+        );
     }
     // The shared memory file never changes (MAP_PRIVATE): compare with a fresh export.
     let again = snapvm::materialize(&store, &rec, &dir.path().join("check.mem")).unwrap();
@@ -440,22 +476,40 @@ fn lost_chunk_stops_the_vm_with_an_error_instead_of_wrong_memory() {
     // The restore runs in a child process, as `kiln vm restore` would: the handler's failure
     // must end that process with a clear error, not hang it or let the guest read zeros.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["lost_chunk_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "lost_chunk_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("KILN_SNAPTEST_CHILD", dir.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("WRONG MEMORY") && !stdout.contains("HUNG"), "{stdout}\n{stderr}");
-    assert_eq!(out.status.code(), Some(75), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stderr.contains("page handler failed") && stderr.contains("missing"), "{stderr}");
+    assert!(
+        !stdout.contains("WRONG MEMORY") && !stdout.contains("HUNG"),
+        "{stdout}\n{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("page handler failed") && stderr.contains("missing"),
+        "{stderr}"
+    );
 }
 
 /// The child half of the test above (does nothing unless started by it).
 #[test]
 #[ignore]
 fn lost_chunk_child() {
-    let Some(dir) = std::env::var_os("KILN_SNAPTEST_CHILD") else { return };
+    let Some(dir) = std::env::var_os("KILN_SNAPTEST_CHILD") else {
+        return;
+    };
     let dir = std::path::PathBuf::from(dir);
     let store = Store::open(&dir.join("store")).unwrap();
     let (id, rec) = record::load_checked(&store, "s").unwrap();
@@ -463,12 +517,19 @@ fn lost_chunk_child() {
         &store,
         &id,
         &rec,
-        LazyRestore { use_working_set: false, record: false, on_fatal: snapshotter::lazy::exit_process_hook() },
+        LazyRestore {
+            use_working_set: false,
+            record: false,
+            on_fatal: snapshotter::lazy::exit_process_hook(),
+        },
     )
     .unwrap();
     let mem = RestoredMemory::Lazy(lazy);
     let uds = dir.join("bad.vsock");
-    let ident = Identity { vsock_uds: Some(uds.clone()), ..Default::default() };
+    let ident = Identity {
+        vsock_uds: Some(uds.clone()),
+        ..Default::default()
+    };
     // SAFETY: mem outlives vm (declared before, dropped after).
     let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident) }.unwrap();
     let mut c = connect_uds(&uds, 1);
@@ -479,7 +540,10 @@ fn lost_chunk_child() {
     if reply.starts_with("OK") || reply.starts_with("BAD") {
         println!("WRONG MEMORY: guest answered {reply:?}");
     } else {
-        println!("HUNG or closed without the handler ending the process: {reply:?} {:?}", vm.state());
+        println!(
+            "HUNG or closed without the handler ending the process: {reply:?} {:?}",
+            vm.state()
+        );
     }
 }
 
