@@ -65,6 +65,7 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
 
     let mut size = 0u64;
     let mut count = 0usize;
+    let t0 = std::time::Instant::now();
     let read_result: Result<()> = std::thread::scope(|s| {
         for _ in 0..workers {
             let (work_rx, done_tx, pool_tx, seen) = (
@@ -174,7 +175,13 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
         return Err(e);
     }
 
+    let t1 = std::time::Instant::now();
     install_chunks(store, &tmps)?;
+    debug!(
+        pipeline_ms = (t1 - t0).as_millis() as u64,
+        sync_ms = t1.elapsed().as_millis() as u64,
+        "put timing"
+    );
     let m = Manifest {
         size,
         chunk_size: cs,
