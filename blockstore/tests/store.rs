@@ -428,3 +428,37 @@ fn bad_input_is_refused_cleanly() {
         "gc refuses to guess with a corrupt manifest"
     );
 }
+
+#[test]
+fn local_limit_evicts_only_chunks_the_remote_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = Arc::new(DirRemote::new(&tmp.path().join("remote")).unwrap());
+    let store = Store::open_with(
+        &tmp.path().join("s"),
+        StoreOptions {
+            local_limit: Some(64 * 1024),
+            cache_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    store.set_remote(remote);
+    let c = 16 * 1024usize;
+    let pushed = random_bytes(1, 16 * c);
+    let local_only = random_bytes(2, 16 * c);
+    let idp = store.put_bytes(&pushed, &cs(c as u32)).unwrap();
+    let idl = store.put_bytes(&local_only, &cs(c as u32)).unwrap();
+    store.push(&idp, &|_| {}).unwrap();
+    let evicted = store.trim().unwrap();
+    assert_eq!(
+        evicted, 16,
+        "all pushed chunks go (still over the limit), none of the others"
+    );
+    assert_eq!(store.stat(&idl).unwrap().local_chunks, 16);
+    assert_eq!(store.stat(&idp).unwrap().local_chunks, 0);
+    // Evicted data comes back from the remote on demand.
+    assert_eq!(read_all(&store, &idp), pushed);
+    assert_eq!(store.stats().remote_chunk_fetches, 16);
+    assert_eq!(read_all(&store, &idl), local_only);
+    assert!(store.verify(false).unwrap().ok);
+}
