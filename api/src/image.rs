@@ -100,7 +100,17 @@ fn open_store(home: &Home) -> anyhow::Result<blockstore::Store> {
     blockstore::Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
 }
 
+/// Where staging root file systems and disk images are made: KILN_TMPDIR, else /dev/shm (tmpfs:
+/// these files are deleted right after, and on the store's file system the store's syncfs would
+/// write them all to disk first), else `<home>/tmp`.
 fn tmp_dir(home: &Home) -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("KILN_TMPDIR").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        return shm.join("kiln-tmp");
+    }
     home.root().join("tmp")
 }
 

@@ -13,6 +13,9 @@ use std::process::{Command, Stdio};
 /// The time every inode and the superblock carry (SOURCE_DATE_EPOCH style; 0 = 1970).
 pub const FIXED_TIME: u64 = 0;
 
+/// E2FSPROGS_FAKE_TIME for the superblock (0 would mean "unset" to e2fsprogs).
+const MKFS_FAKE_TIME: &str = "1";
+
 /// Bytes a tree needs, roughly: file data rounded to blocks plus an inode per entry.
 pub fn tree_bytes(root: &Path) -> Result<(u64, u64)> {
     let mut bytes = 0u64;
@@ -87,7 +90,7 @@ pub fn make_ext4(root: &Path, out: &Path, size: u64, seed: &[u8]) -> Result<()> 
         .arg("-d")
         .arg(root)
         .arg(out)
-        .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.max(1).to_string())
+        .env("E2FSPROGS_FAKE_TIME", MKFS_FAKE_TIME)
         .env("SOURCE_DATE_EPOCH", FIXED_TIME.to_string())
         .env("MKE2FS_CONFIG", "/etc/mke2fs.conf")
         .stdin(Stdio::null())
@@ -162,7 +165,7 @@ fn fix_times(img: &Path) -> Result<()> {
         .arg("-f")
         .arg(&script_path)
         .arg(img)
-        .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.max(1).to_string())
+        .env("E2FSPROGS_FAKE_TIME", MKFS_FAKE_TIME)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::Mkfs(format!("cannot run debugfs: {e}")))?;

@@ -19,7 +19,8 @@ use std::path::{Component, Path, PathBuf};
 /// What an applied layer may contain.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ApplyOptions {
-    /// Accept character and block device nodes (fifos are always accepted).
+    /// Accept any character and block device nodes. Without it only fifos and the standard
+    /// character devices in /dev (null, zero, full, random, urandom, tty, console, ptmx) are.
     pub allow_devices: bool,
 }
 
@@ -422,15 +423,18 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                     tar::EntryType::Block => libc::S_IFBLK,
                     _ => libc::S_IFIFO,
                 };
-                if kind != libc::S_IFIFO && !opts.allow_devices {
+                let major = h.device_major().ok().flatten().unwrap_or(0);
+                let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                if kind != libc::S_IFIFO
+                    && !opts.allow_devices
+                    && !is_standard_dev(&parent_rel, kind, major, minor)
+                {
                     return Err(Error::UnsafeEntry {
                         path: what,
                         why: "device nodes are not allowed in this image (allow_devices is off)"
                             .into(),
                     });
                 }
-                let major = h.device_major().ok().flatten().unwrap_or(0);
-                let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 let c = cstr(&target)?;
                 // SAFETY: valid path; mknod creates a node, it opens nothing.
                 if unsafe { libc::mknod(c.as_ptr(), kind | mode, libc::makedev(major, minor)) } != 0
@@ -465,6 +469,18 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
         }
     }
     Ok(stats)
+}
+
+/// The harmless character devices a root file system's /dev may carry (debootstrap makes
+/// them): null, zero, full, random, urandom, tty, console, ptmx.
+fn is_standard_dev(parent: &[OsString], kind: libc::mode_t, major: u32, minor: u32) -> bool {
+    kind == libc::S_IFCHR
+        && parent.len() == 1
+        && parent[0] == "dev"
+        && matches!(
+            (major, minor),
+            (1, 3) | (1, 5) | (1, 7) | (1, 8) | (1, 9) | (5, 0) | (5, 1) | (5, 2)
+        )
 }
 
 /// What a path looked like, to tell whether a step changed it.
