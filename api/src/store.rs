@@ -302,6 +302,27 @@ fn resolve(store: &Store, blob: &str) -> Result<BlobId> {
 }
 
 pub fn run(home: &Home, c: StoreCommand) -> Result<()> {
+    run_store(home, c).map_err(tidy)
+}
+
+pub fn run_remote(home: &Home, c: RemoteCommand) -> Result<()> {
+    run_remote_inner(home, c).map_err(tidy)
+}
+
+/// Drops links of an error chain that only repeat the previous link (library errors often
+/// show their source in their own message), so `error: a: b: b` prints as `error: a: b`.
+fn tidy(e: anyhow::Error) -> anyhow::Error {
+    let mut parts: Vec<String> = Vec::new();
+    for link in e.chain() {
+        let t = link.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+    }
+    anyhow::anyhow!(parts.join(": "))
+}
+
+fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
     match c {
         StoreCommand::Put {
             file,
@@ -619,7 +640,7 @@ struct RemoteRow<'a> {
     default: bool,
 }
 
-pub fn run_remote(home: &Home, c: RemoteCommand) -> Result<()> {
+fn run_remote_inner(home: &Home, c: RemoteCommand) -> Result<()> {
     let mut remotes = Remotes::load(home)?;
     match c {
         RemoteCommand::Add {
@@ -741,6 +762,35 @@ fn human(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tidy_drops_repeated_links() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("cannot reach S3")
+            }
+        }
+        impl std::error::Error for Inner {}
+        #[derive(Debug)]
+        struct Outer(Inner);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "remote: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Outer(Inner)).context("pushing blob x");
+        assert_eq!(
+            format!("{:#}", tidy(e)),
+            "pushing blob x: remote: cannot reach S3"
+        );
+    }
 
     #[test]
     fn sizes_parse() {
