@@ -13,8 +13,10 @@ use super::{
 };
 use engine::{Backend, Engine, FileEngine, PoolEngine, RawFile, SyncEngine, UringEngine};
 use request::{Parsed, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -302,6 +304,21 @@ impl Worker {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 tracing::warn!(disk = %self.id, error = ?e, "bad queue; device stops");
                 return false;
+            }
+            // A driver that moves avail.idx more than a queue size ahead is broken; without
+            // this check pop_descriptor_chain keeps returning nothing while
+            // enable_notification keeps reporting work: a busy loop.
+            match self.queue.avail_idx(&self.mem, Ordering::Acquire) {
+                Ok(avail) if (avail - Wrapping(self.queue.next_avail())).0 <= self.queue.size() => {
+                }
+                Ok(_) => {
+                    tracing::warn!(disk = %self.id, "driver published more chains than the queue holds; device stops until reset");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %self.id, error = ?e, "bad queue; device stops");
+                    return false;
+                }
             }
             loop {
                 let chain = match self.queue.pop_descriptor_chain(&self.mem) {

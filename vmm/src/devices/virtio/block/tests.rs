@@ -411,3 +411,26 @@ proptest! {
         }
     }
 }
+
+/// A driver that moves avail.idx far ahead must not make the worker spin: it stops serving the
+/// queue and still answers deactivate (the transport's reset) promptly.
+#[test]
+fn avail_index_jump_does_not_wedge_the_worker() {
+    let (f, _) = disk(64 << 10);
+    let d = Driver::new();
+    let r = start(&d, file_backend(&f, FileEngine::Uring), false);
+    d.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut dev = r.dev;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let q = dev.deactivate();
+        let _ = tx.send(q.is_some());
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "worker wedged"
+    );
+}
