@@ -129,7 +129,7 @@ fn run(base_len: usize, size: u64, ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
     #[test]
     fn overlay_matches_model(
         base_chunks in 0usize..6,

@@ -462,3 +462,35 @@ fn local_limit_evicts_only_chunks_the_remote_holds() {
     assert_eq!(read_all(&store, &idl), local_only);
     assert!(store.verify(false).unwrap().ok);
 }
+
+#[test]
+fn handles_are_shareable_across_threads_and_progress_is_reported() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Store>();
+    shareable::<blockstore::BlobReader>();
+    shareable::<blockstore::Overlay>();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("s")).unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = seen.clone();
+    let data = random_bytes(5, 300_000);
+    let id = store
+        .put_bytes(
+            &data,
+            &PutOptions {
+                chunk_size: Some(65536),
+                name: None,
+                progress: Some(Arc::new(move |n| {
+                    s2.store(n, std::sync::atomic::Ordering::Relaxed)
+                })),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::Relaxed),
+        data.len() as u64
+    );
+    let mut out = Vec::new();
+    store.write_to(&id, &mut out).unwrap();
+    assert_eq!(out, data);
+}
