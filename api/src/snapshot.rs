@@ -1,10 +1,489 @@
-//! `kiln snapshot ...`.
-use crate::cli::Home;
-use clap::Subcommand;
+//! `kiln snapshot ...`: snapshot running VMs into the block store, list/inspect/remove
+//! snapshots, and restore or fork them into new VMM processes.
+//!
+//! `create` drives the VM's control socket (pause, save_state, save_memory into a FIFO that is
+//! streamed straight into the store, commit_disk, resume/stop). A `--diff` snapshot hashes the
+//! streamed memory chunk by chunk and stores only chunks that differ from the parent (the VM's
+//! previous snapshot, or the one it was restored from).
+//!
+//! `restore` runs the VMM in this process (as `kiln vm run` does: control socket, serial log
+//! and vm.json under KILN_HOME/vms/ID) with guest memory paged in lazily by a userfaultfd
+//! handler; `fork` starts N such processes over one copy-on-write memory file.
+
+use crate::cli::{print_json, Home};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use snapshotter::record::{self, VmShape};
+use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmm::control::{self, ControlContext, Request};
 
 #[derive(Subcommand)]
-pub enum SnapshotCommand {}
+pub enum SnapshotCommand {
+    /// Snapshot a running VM (memory, vCPU/device state, disks) into the store
+    #[command(
+        after_help = "Examples:\n  kiln snapshot create 3f2a9c1e --name warm\n  \
+        kiln snapshot create 3f2a9c1e --name warm2 --diff\n  kiln snapshot create 3f2a9c1e --stop"
+    )]
+    Create {
+        /// VM id (see `kiln vm ls`)
+        vm: String,
+        /// Snapshot name (default: <vm>-<unix time>)
+        #[arg(long)]
+        name: Option<String>,
+        /// Store only the memory chunks that changed since the VM's previous snapshot
+        #[arg(long)]
+        diff: bool,
+        /// Stop the VM after the snapshot (suspend) instead of resuming it
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a snapshot's record (without the raw vCPU state)
+    Inspect { snapshot: String },
+    /// Remove a snapshot's name (its blobs go at the next `kiln store gc`)
+    Rm { snapshot: String },
+    /// Start a VM from a snapshot (memory paged in lazily from the store)
+    Restore(RestoreArgs),
+    /// Start N VMs from one snapshot, sharing its memory pages until written
+    Fork {
+        snapshot: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: usize,
+        /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
+        #[arg(long)]
+        vsock_dir: Option<PathBuf>,
+    },
+}
 
-pub fn run(_home: &Home, c: SnapshotCommand) -> anyhow::Result<()> {
-    match c {}
+#[derive(Args, Clone)]
+pub struct RestoreArgs {
+    /// Snapshot name or id
+    pub snapshot: String,
+    /// Run in the background and print the VM id
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// VM id (default: random)
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Host Unix socket for the VM's vsock (default: KILN_HOME/vms/ID/vsock.sock)
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+    /// Map this materialized memory file copy-on-write instead of paging from the store (forks)
+    #[arg(long, hide = true)]
+    pub memory_file: Option<PathBuf>,
+    /// Do not prefetch the recorded working set
+    #[arg(long)]
+    pub no_working_set: bool,
+}
+
+pub fn run(home: &Home, c: SnapshotCommand) -> Result<()> {
+    match c {
+        SnapshotCommand::Create {
+            vm,
+            name,
+            diff,
+            stop,
+            json,
+        } => create(home, &vm, name, diff, stop, json),
+        SnapshotCommand::Ls { json } => ls(home, json),
+        SnapshotCommand::Inspect { snapshot } => inspect(home, &snapshot),
+        SnapshotCommand::Rm { snapshot } => {
+            let store = crate::store::open_with_remote(home, None, false)?;
+            let n = snapshot
+                .strip_prefix(record::NAME_PREFIX)
+                .unwrap_or(&snapshot);
+            if !store.remove_name(&format!("{}{n}", record::NAME_PREFIX))? {
+                bail!("no snapshot named {n:?}");
+            }
+            Ok(())
+        }
+        SnapshotCommand::Restore(a) => restore(home, a),
+        SnapshotCommand::Fork {
+            snapshot,
+            count,
+            vsock_dir,
+        } => fork(home, &snapshot, count, vsock_dir),
+    }
+}
+
+fn vm_dir(home: &Home, id: &str) -> Result<PathBuf> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid VM id {id:?}");
+    }
+    Ok(home.vms_dir().join(id))
+}
+
+fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
+    control::call(sock, req, timeout).map_err(|e| anyhow!("{}: {e}", sock.display()))
+}
+
+/// File in the VM directory naming the snapshot a `--diff` is taken against.
+const PARENT_FILE: &str = "snapshot.parent";
+
+fn create(
+    home: &Home,
+    vm: &str,
+    name: Option<String>,
+    diff: bool,
+    stop: bool,
+    json: bool,
+) -> Result<()> {
+    let dir = vm_dir(home, vm)?;
+    let sock = dir.join("control.sock");
+    if !sock.exists() {
+        bail!("VM {vm} is not running");
+    }
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("vm.json")).with_context(|| format!("VM {vm}: reading vm.json"))?,
+    )?;
+    let mem_bytes = meta["mem_mib"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("vm.json lacks mem_mib"))?
+        << 20;
+    let vcpus = meta["vcpus"].as_u64().unwrap_or(1) as u8;
+    let ndisks = meta["disks"].as_array().map(|d| d.len()).unwrap_or(0);
+    let store = crate::store::open_with_remote(home, None, false)?;
+    let parent = if diff {
+        let p = std::fs::read_to_string(dir.join(PARENT_FILE)).map_err(|_| {
+            anyhow!("VM {vm} has no earlier snapshot to diff against; take a full one first")
+        })?;
+        let (pid, prec) = record::load_checked(&store, p.trim())?;
+        Some((pid, prec))
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    let long = Duration::from_secs(600);
+    call(&sock, &Request::Pause, Duration::from_secs(30))?;
+    // From here on, resume (or stop) the VM whatever happens.
+    let result = (|| -> Result<(blockstore::BlobId, record::SnapshotRecord, u64)> {
+        let state_path = dir.join("snapshot.state.json");
+        call(
+            &sock,
+            &Request::SaveState {
+                path: state_path.clone(),
+            },
+            long,
+        )?;
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path)?)?;
+        let _ = std::fs::remove_file(&state_path);
+        // Memory goes through a FIFO: the VMM writes, we hash/compress/store as it streams.
+        let fifo = dir.join("snapshot.memory.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("mkfifo");
+        }
+        let (s2, f2) = (sock.clone(), fifo.clone());
+        let writer = std::thread::spawn(move || call(&s2, &Request::SaveMemory { path: f2 }, long));
+        let reader = std::fs::File::open(&fifo).context("opening the memory FIFO")?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, reader);
+        let captured = match &parent {
+            Some((_, prec)) => snapshotter::memory::capture_diff_from(&store, &prec.memory, reader)
+                .map(|(m, changed)| (m, changed)),
+            None => {
+                snapshotter::memory::capture_full_from(&store, mem_bytes, reader).map(|m| (m, 0))
+            }
+        };
+        let wrote = writer
+            .join()
+            .map_err(|_| anyhow!("save_memory thread panicked"))?;
+        let _ = std::fs::remove_file(&fifo);
+        wrote?;
+        let (memory, changed) = captured?;
+        let mut disks = Vec::new();
+        for i in 0..ndisks {
+            let r = call(&sock, &Request::CommitDisk { disk: i }, long)?;
+            if let Some(b) = r["blob"].as_str() {
+                disks.push(record::DiskRef {
+                    blob: b.parse()?,
+                    read_only: false,
+                });
+            }
+        }
+        let vsock_cid = state["virtio"].as_array().and_then(|v| {
+            v.iter()
+                .find(|d| d["device_type"] == 19)
+                .and_then(|d| d["device"]["guest_cid"].as_u64())
+        });
+        let rec = record::SnapshotRecord {
+            format: record::SNAPSHOT_FORMAT,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            cpu: record::CpuIdentity::host(),
+            created: record::now(),
+            vm: VmShape {
+                mem_bytes,
+                vcpus,
+                cmdline: String::new(),
+                vsock_cid,
+            },
+            state,
+            memory,
+            disks,
+            parent: parent.as_ref().map(|(p, _)| *p),
+            generation: parent.as_ref().map(|(_, r)| r.generation).unwrap_or(0),
+        };
+        let name = name
+            .clone()
+            .unwrap_or_else(|| format!("{vm}-{}", record::now()));
+        let id = record::save(&store, &rec, Some(&name))?;
+        Ok((id, rec, changed))
+    })();
+    let after = if stop { Request::Stop } else { Request::Resume };
+    let resumed = call(&sock, &after, Duration::from_secs(30));
+    let (id, rec, changed) = result?;
+    resumed?;
+    std::fs::write(dir.join(PARENT_FILE), id.to_hex())?;
+    let out = serde_json::json!({
+        "snapshot": id.to_hex(),
+        "name": name,
+        "vm": vm,
+        "diff": rec.parent.is_some(),
+        "changed_chunks": changed,
+        "layers": rec.memory.layers.len(),
+        "disks": rec.disks.len(),
+        "stopped": stop,
+        "ms": t0.elapsed().as_secs_f64() * 1e3,
+    });
+    if json {
+        print_json(&out)
+    } else {
+        println!("{}", id.to_hex());
+        Ok(())
+    }
+}
+
+fn ls(home: &Home, json: bool) -> Result<()> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    let mut rows = Vec::new();
+    for (name, id) in record::list(&store)? {
+        let r = record::load(&store, &id);
+        rows.push(match r {
+            Ok(r) => serde_json::json!({
+                "name": name, "id": id.to_hex(), "mem_mib": r.vm.mem_bytes >> 20,
+                "layers": r.memory.layers.len(), "created": r.created,
+                "parent": r.parent.map(|p| p.to_hex()),
+            }),
+            Err(e) => {
+                serde_json::json!({ "name": name, "id": id.to_hex(), "error": e.to_string() })
+            }
+        });
+    }
+    if json {
+        return print_json(&rows);
+    }
+    println!(
+        "{:<24} {:<18} {:>8} {:>7}",
+        "NAME", "ID", "MEM_MIB", "LAYERS"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<18} {:>8} {:>7}",
+            r["name"].as_str().unwrap_or(""),
+            &r["id"].as_str().unwrap_or("")[..16],
+            r["mem_mib"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or("?".into()),
+            r["layers"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "corrupt".into()),
+        );
+    }
+    Ok(())
+}
+
+fn inspect(home: &Home, snap: &str) -> Result<()> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    let id = record::resolve(&store, snap)?;
+    let mut rec = serde_json::to_value(record::load(&store, &id)?)?;
+    rec["state"] = serde_json::json!("(vCPU and device state omitted)");
+    rec["id"] = serde_json::json!(id.to_hex());
+    rec["working_set_chunks"] =
+        serde_json::json!(record::working_set(&store, &id)?.map(|w| w.len()));
+    print_json(&rec)
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 4];
+    use std::io::Read;
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    hex_lower(&b)
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `kiln vm restore SNAP [-d]` (also `kiln snapshot restore`).
+pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
+    let id = a.id.clone().unwrap_or_else(new_id);
+    let dir = vm_dir(home, &id)?;
+    if dir.join("control.sock").exists() {
+        bail!("VM {id} already exists");
+    }
+    std::fs::create_dir_all(&dir)?;
+    let store = crate::store::open_with_remote(home, None, false)?;
+    // Check the snapshot before anything runs (also before detaching, for a clear error).
+    let (snap_id, rec) = record::load_checked(&store, &a.snapshot)?;
+    if !rec.disks.is_empty() {
+        bail!(
+            "snapshot {} has disks; restoring VMs with disks is not supported yet",
+            a.snapshot
+        );
+    }
+    if a.detach {
+        return detach(home, &a, &id, &dir);
+    }
+    let vsock = a
+        .vsock_uds
+        .clone()
+        .unwrap_or_else(|| dir.join("vsock.sock"));
+    let ident = Identity {
+        serial_log: Some(dir.join("serial.log")),
+        serial_stdout: false,
+        vsock_uds: rec.vm.vsock_cid.map(|_| vsock.clone()),
+    };
+    let t0 = Instant::now();
+    let mem = match &a.memory_file {
+        Some(f) => {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("memory file {}", f.display()))?;
+            RestoredMemory::Mapped(snapshotter::Mapping::file_private(
+                &file,
+                rec.memory.size as usize,
+            )?)
+        }
+        None => RestoredMemory::Lazy(snapvm::lazy_memory(
+            &store,
+            &snap_id,
+            &rec,
+            LazyRestore {
+                use_working_set: !a.no_working_set,
+                record: true,
+                on_fatal: snapshotter::lazy::exit_process_hook(),
+            },
+        )?),
+    };
+    // SAFETY: `mem` lives until the end of this function, after the VM has ended.
+    let vm = Arc::new(unsafe { snapvm::start_vm(&rec, &mem, &ident) }?);
+    tracing::info!(vm = %id, snapshot = %snap_id, ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
+    let meta = serde_json::json!({
+        "id": id, "pid": std::process::id(), "kernel": format!("snapshot:{}", snap_id.to_hex()),
+        "mem_mib": rec.vm.mem_bytes >> 20, "vcpus": rec.vm.vcpus, "disks": [],
+        "started_unix": record::now(), "snapshot": snap_id.to_hex(),
+    });
+    std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&meta)?)?;
+    std::fs::write(dir.join(PARENT_FILE), snap_id.to_hex())?;
+    let ctx = Arc::new(ControlContext {
+        vm: vm.clone(),
+        overlays: vec![],
+        id: id.clone(),
+    });
+    let sock = dir.join("control.sock");
+    control::serve(&sock, ctx).with_context(|| format!("control socket {}", sock.display()))?;
+    // The pages the guest touches in its first seconds become the snapshot's working set, which
+    // later restores prefetch in the background.
+    let mut ended = None;
+    if let Some(l) = mem.lazy() {
+        ended = vm.wait_timeout(Duration::from_secs(2));
+        if ended.is_none() {
+            match snapvm::finish_recording(&store, &snap_id, l) {
+                Ok(n) if n > 0 => tracing::info!(chunks = n, "recorded working set"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("recording the working set: {e}"),
+            }
+        }
+    }
+    let reason = match ended {
+        Some(r) => r,
+        None => vm.wait(),
+    };
+    let _ = std::fs::remove_file(&sock);
+    std::fs::write(
+        dir.join("exit.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "reason": reason, "committed": [] }))?,
+    )?;
+    drop(vm);
+    drop(mem);
+    Ok(())
+}
+
+fn detach(home: &Home, a: &RestoreArgs, id: &str, dir: &Path) -> Result<()> {
+    let log = std::fs::File::create(dir.join("vmm.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--home")
+        .arg(home.root())
+        .args(["snapshot", "restore", &a.snapshot, "--id", id]);
+    if let Some(u) = &a.vsock_uds {
+        cmd.arg("--vsock-uds").arg(std::path::absolute(u)?);
+    }
+    if let Some(f) = &a.memory_file {
+        cmd.arg("--memory-file").arg(std::path::absolute(f)?);
+    }
+    if a.no_working_set {
+        cmd.arg("--no-working-set");
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the VMM process")?;
+    let t0 = Instant::now();
+    while !dir.join("control.sock").exists() {
+        if let Some(st) = child.try_wait()? {
+            let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+            bail!("VM {id} exited during restore ({st}):\n{log}");
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "VM {id} did not come up within 30 s (see {})",
+                dir.join("vmm.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    println!("{id}");
+    Ok(())
+}
+
+/// `kiln vm fork SNAP -n N`: N detached VMs over one copy-on-write memory file.
+pub fn fork(home: &Home, snap: &str, count: usize, vsock_dir: Option<PathBuf>) -> Result<()> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    let (snap_id, rec) = record::load_checked(&store, snap)?;
+    let mdir = home.root().join("snapshots").join(snap_id.to_hex());
+    std::fs::create_dir_all(&mdir)?;
+    let file = mdir.join("memory.img");
+    snapvm::materialize(&store, &rec, &file)?;
+    for _ in 0..count {
+        let id = new_id();
+        let a = RestoreArgs {
+            snapshot: snap_id.to_hex(),
+            detach: true,
+            id: Some(id.clone()),
+            vsock_uds: vsock_dir.as_ref().map(|d| d.join(format!("{id}.vsock"))),
+            memory_file: Some(file.clone()),
+            no_working_set: true,
+        };
+        let dir = vm_dir(home, &id)?;
+        std::fs::create_dir_all(&dir)?;
+        detach(home, &a, &id, &dir)?;
+    }
+    Ok(())
 }

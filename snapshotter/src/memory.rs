@@ -277,38 +277,63 @@ pub unsafe fn add_changed_chunks(
 ) -> Result<u64, MemoryError> {
     let src = ImageSource::open(store, parent)?;
     let cs = parent.chunk_size as usize;
-    let per = cs / 4096;
     let known: std::collections::HashSet<u32> =
         dirty.chunks(parent.chunk_size).into_iter().collect();
-    let mut added = 0;
-    let mut buf = vec![0u8; cs];
-    for idx in 0..src.chunks() {
-        if known.contains(&(idx as u32)) {
-            continue;
-        }
+    let n = src.chunks();
+    // Hashing RAM is the cost here: spread it over the cores.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let per_thread = n.div_ceil(threads).max(1);
+    let changed: Vec<usize> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per_thread)
+            .map(|lo| {
+                let (src, known) = (&src, &known);
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut buf = vec![0u8; cs];
+                    for idx in lo..(lo + per_thread).min(n) {
+                        if known.contains(&(idx as u32)) {
+                            continue;
+                        }
+                        let start = idx * cs;
+                        let len = (parent.size as usize - start).min(cs);
+                        // SAFETY: forwarded contract: the regions are readable and stable.
+                        let bytes = match unsafe { contiguous(regions, start, len) } {
+                            Some(s) => s,
+                            None => {
+                                // SAFETY: as above.
+                                unsafe { gather(regions, start, &mut buf[..len]) };
+                                &buf[..len]
+                            }
+                        };
+                        let same = match src.chunk_id(idx) {
+                            None => bytes.iter().all(|&b| b == 0),
+                            Some(id) => blockstore::Digest::of(bytes) == id,
+                        };
+                        if !same {
+                            out.push(idx);
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    for &idx in &changed {
         let start = idx * cs;
         let len = (parent.size as usize - start).min(cs);
-        // SAFETY: forwarded contract: the regions are readable and stable.
-        let bytes = match unsafe { contiguous(regions, start, len) } {
-            Some(s) => s,
-            None => {
-                // SAFETY: as above.
-                unsafe { gather(regions, start, &mut buf[..len]) };
-                &buf[..len]
-            }
-        };
-        let same = match src.chunk_id(idx) {
-            None => bytes.iter().all(|&b| b == 0),
-            Some(id) => blockstore::Digest::of(bytes) == id,
-        };
-        if !same {
-            added += 1;
-            for p in 0..len.div_ceil(4096).min(per) {
-                dirty.set((start / 4096 + p) as u64);
-            }
+        for p in 0..len.div_ceil(4096) {
+            dirty.set((start / 4096 + p) as u64);
         }
     }
-    Ok(added)
+    Ok(changed.len() as u64)
 }
 
 /// The image bytes [start, start+len) if they lie in one region.
@@ -479,4 +504,75 @@ pub fn read_image(src: &ImageSource, out: &mut [u8]) -> Result<(), SourceError> 
 /// Shares an [`ImageSource`] with the page handler.
 pub fn into_source(src: ImageSource) -> Arc<dyn PageSource> {
     Arc::new(src)
+}
+
+/// Stores a memory image read from a stream (e.g. the VMM's `save_memory` written into a FIFO).
+pub fn capture_full_from(
+    store: &Store,
+    size: u64,
+    r: impl Read,
+) -> Result<MemoryImage, MemoryError> {
+    let opts = PutOptions {
+        chunk_size: Some(MEMORY_CHUNK_SIZE),
+        ..Default::default()
+    };
+    let blob = store.put_reader(r.take(size), &opts)?;
+    let got = store.open_blob(&blob)?.len();
+    if got != size {
+        return Err(MemoryError::Invalid(format!(
+            "memory stream ended after {got} of {size} bytes"
+        )));
+    }
+    Ok(MemoryImage {
+        size,
+        chunk_size: MEMORY_CHUNK_SIZE,
+        layers: vec![Layer { blob, runs: None }],
+    })
+}
+
+/// A diff layer over `parent` from a stream of the whole memory: every chunk is hashed and
+/// compared with the parent's, so it is exact without any dirty log (the CLI path, where the
+/// VMM runs in another process).
+pub fn capture_diff_from(
+    store: &Store,
+    parent: &MemoryImage,
+    mut r: impl Read,
+) -> Result<(MemoryImage, u64), MemoryError> {
+    let src = ImageSource::open(store, parent)?;
+    let cs = parent.chunk_size as usize;
+    let mut buf = vec![0u8; cs];
+    let mut changed = Vec::new();
+    let mut data = Vec::new();
+    for idx in 0..src.chunks() {
+        let len = (parent.size as usize - idx * cs).min(cs);
+        r.read_exact(&mut buf[..len]).map_err(|e| {
+            MemoryError::Invalid(format!("memory stream ended at chunk {idx}: {e}"))
+        })?;
+        let same = match src.chunk_id(idx) {
+            None => buf[..len].iter().all(|&b| b == 0),
+            Some(id) => blockstore::Digest::of(&buf[..len]) == id,
+        };
+        if !same {
+            changed.push(idx as u32);
+            data.extend_from_slice(&buf[..len]);
+        }
+    }
+    let opts = PutOptions {
+        chunk_size: Some(parent.chunk_size),
+        ..Default::default()
+    };
+    let blob = store.put_bytes(&data, &opts)?;
+    let mut layers = parent.layers.clone();
+    layers.push(Layer {
+        blob,
+        runs: Some(to_runs(&changed)),
+    });
+    Ok((
+        MemoryImage {
+            size: parent.size,
+            chunk_size: parent.chunk_size,
+            layers,
+        },
+        changed.len() as u64,
+    ))
 }

@@ -1,0 +1,160 @@
+//! `kiln snapshot ...` end to end on real KVM with the test guest: snapshot a running VM
+//! (full, then diff + stop = suspend), restore it in a new VMM process (lazy memory) and fork it.
+
+mod guest_support;
+
+use guest_support::Conn;
+use kiln_tests::Kiln;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
+    }
+}
+
+/// A request on a fresh vsock connection; retried while the (restored) guest is settling.
+fn ask(uds: &Path, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let t0 = Instant::now();
+    loop {
+        let r = (|| -> std::io::Result<String> {
+            let s = std::os::unix::net::UnixStream::connect(uds)?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut c = Conn {
+                reader: BufReader::new(s.try_clone()?),
+                writer: s,
+                host_port: 0,
+            };
+            write!(c.writer, "CONNECT 1\n{line}\n")?;
+            let mut ok = String::new();
+            c.reader.read_line(&mut ok)?;
+            let mut reply = String::new();
+            if !ok.starts_with("OK") || c.reader.read_line(&mut reply)? == 0 {
+                return Err(std::io::Error::other(format!("connect: {ok:?}")));
+            }
+            Ok(reply.trim_end().to_string())
+        })();
+        match r {
+            Ok(r) => return r,
+            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{}: {line}: {e}", uds.display()),
+        }
+    }
+}
+
+#[test]
+fn suspend_with_diff_then_restore_and_fork() {
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kiln::new(dir.path().join("home"));
+    let uds = dir.path().join("a.vsock");
+    let elf = kiln_testguest::elf_path().display().to_string();
+    let id = k.ok_str([
+        "vm",
+        "run",
+        "--kernel",
+        &elf,
+        "--entry",
+        "user",
+        "--mem",
+        "64",
+        "-d",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    let id = id.trim().to_string();
+    assert!(ask(&uds, "FILL 16 8 42").starts_with("OK"));
+    let full = k.json(["snapshot", "create", &id, "--name", "warm", "--json"]);
+    assert_eq!(full["diff"], false);
+    assert!(
+        ask(&uds, "FILL 30 2 43").starts_with("OK"),
+        "the VM runs on after a snapshot"
+    );
+    let counter: u64 = ask(&uds, "COUNTER")
+        .trim_start_matches("OK ")
+        .parse()
+        .unwrap();
+    let diff = k.json([
+        "snapshot", "create", &id, "--name", "warm2", "--diff", "--stop", "--json",
+    ]);
+    assert_eq!(diff["diff"], true);
+    assert_eq!(diff["layers"], 2);
+    let changed = diff["changed_chunks"].as_u64().unwrap();
+    assert!(
+        (32..200).contains(&changed),
+        "diff holds the 2 MiB written plus a few chunks: {changed}"
+    );
+    let ls = k.ok_str(["snapshot", "ls"]);
+    assert!(ls.contains("warm2"), "{ls}");
+
+    // Resume from the suspended state in a new VMM process.
+    let ruds = dir.path().join("r.vsock");
+    let r = k.ok_str([
+        "snapshot",
+        "restore",
+        "warm2",
+        "-d",
+        "--vsock-uds",
+        ruds.to_str().unwrap(),
+    ]);
+    let r = r.trim().to_string();
+    assert_eq!(ask(&ruds, "CHECK 16 8 42"), "OK");
+    assert_eq!(ask(&ruds, "CHECK 30 2 43"), "OK");
+    let after: u64 = ask(&ruds, "COUNTER")
+        .trim_start_matches("OK ")
+        .parse()
+        .unwrap();
+    assert!(after > counter, "counter continues: {counter} -> {after}");
+    k.ok(["vm", "stop", &r]);
+
+    // Fork the full snapshot three times: every fork starts from it and diverges alone.
+    let fdir = dir.path().join("forks");
+    std::fs::create_dir_all(&fdir).unwrap();
+    k.ok([
+        "snapshot",
+        "fork",
+        "warm",
+        "-n",
+        "3",
+        "--vsock-dir",
+        fdir.to_str().unwrap(),
+    ]);
+    let socks: Vec<_> = std::fs::read_dir(&fdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(socks.len(), 3, "{socks:?}");
+    for (i, s) in socks.iter().enumerate() {
+        assert_eq!(ask(s, "CHECK 16 8 42"), "OK");
+        assert!(
+            ask(s, "CHECK 30 2 43").starts_with("BAD"),
+            "fork of the first snapshot lacks the later write"
+        );
+        assert!(ask(s, &format!("FILL 40 1 {}", 500 + i)).starts_with("OK"));
+    }
+    for (i, s) in socks.iter().enumerate() {
+        assert_eq!(ask(s, &format!("CHECK 40 1 {}", 500 + i)), "OK");
+    }
+    for s in &socks {
+        let fid = s.file_stem().unwrap().to_str().unwrap().to_string();
+        k.ok(["vm", "stop", &fid]);
+    }
+
+    // Bad input: a name that is no snapshot, a damaged record.
+    let out = k.run(["snapshot", "restore", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+}
