@@ -93,19 +93,36 @@ fn ingest(
     let apply = ApplyOptions {
         allow_devices: opts.allow_devices,
     };
+    // Layers are kept uncompressed in the store (which compresses chunks itself): builds then
+    // apply them without paying for gunzip every time.
+    let mut plain = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         if let Some(d) = &l.digest {
             check_digest(&format!("layer {i}"), d, &sha256_file(&l.path, false)?)?;
         }
-        let want_diff = l.diff_id.clone().or_else(|| diff_ids.get(i).cloned());
-        if let Some(d) = want_diff {
-            check_digest(
-                &format!("layer {i} (uncompressed)"),
-                &d,
-                &sha256_file(&l.path, true)?,
-            )?;
+        let tar_path = stage.path().join(format!("layer-{i}.tar"));
+        let diff_id = {
+            let f = std::fs::File::open(&l.path).ctx("open", &l.path)?;
+            let mut r = layer::decompress(f)?;
+            let mut out =
+                std::io::BufWriter::new(std::fs::File::create(&tar_path).ctx("create", &tar_path)?);
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = r.read(&mut buf).ctx("decompress", &l.path)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                std::io::Write::write_all(&mut out, &buf[..n]).ctx("write", &tar_path)?;
+            }
+            std::io::Write::flush(&mut out).ctx("write", &tar_path)?;
+            format!("sha256:{}", hex::encode(h.finalize()))
+        };
+        if let Some(d) = l.diff_id.clone().or_else(|| diff_ids.get(i).cloned()) {
+            check_digest(&format!("layer {i} (uncompressed)"), &d, &diff_id)?;
         }
-        let f = std::fs::File::open(&l.path).ctx("open", &l.path)?;
+        let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
         let st = layer::apply_layer(&rootfs, f, &apply)?;
         tracing::info!(
             layer = i,
@@ -113,11 +130,13 @@ fn ingest(
             bytes = st.bytes,
             "applied layer"
         );
+        plain.push(tar_path);
     }
     // Everything checked: now write to the store.
     let mut ids = Vec::new();
-    for l in layers {
-        ids.push(store.put_file(&l.path, &PutOptions::default())?);
+    for p in &plain {
+        ids.push(store.put_file(p, &PutOptions::default())?);
+        let _ = std::fs::remove_file(p);
     }
     let (disk, disk_size) = image::commit_rootfs(store, &rootfs, &config, &ids, stage.path())?;
     let rec = ImageRecord {
