@@ -68,8 +68,8 @@ fn vsock_many_connections_and_flow_control() {
     let ports: std::collections::HashSet<u32> = conns.iter().map(|c| c.host_port).collect();
     assert_eq!(ports.len(), 8, "every connection gets its own host port");
 
-    // Pipeline far more than any buffer holds in both directions: 400 lines of ~1 KiB
-    // (400 KiB, more than either side's window) written before reading, through the credit scheme on both sides.
+    // Pipeline far more than any buffer holds in both directions: 4000 lines of ~1 KiB
+    // (4 MiB, far more than either side's window) written before reading, through the credit scheme on both sides.
     let c = &mut conns[3];
     let payload: String = (0..1000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
@@ -77,11 +77,11 @@ fn vsock_many_connections_and_flow_control() {
     let mut w = c.writer.try_clone().unwrap();
     let p2 = payload.clone();
     let writer = std::thread::spawn(move || {
-        for i in 0..400 {
+        for i in 0..4000 {
             writeln!(w, "ECHO {i} {p2}").unwrap();
         }
     });
-    for i in 0..400 {
+    for i in 0..4000 {
         assert_eq!(c.read_line(), format!("{i} {payload}"));
     }
     writer.join().unwrap();

@@ -80,6 +80,8 @@ impl GuestVm {
         } else {
             None
         };
+        // PVM emulates CPL 0 guest code instruction by instruction; the test guest runs at CPL 3.
+        vm.set_entry_mode(vmm::EntryMode::User);
         vm.boot().expect("boot");
         vm.start().expect("start");
         GuestVm {

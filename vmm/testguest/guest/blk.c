@@ -103,17 +103,26 @@ static int wait_one(int disk, u64 timeout_ms) {
             vq_free_chain(&b->q, (u16)id);
             return st;
         }
-        if (rdtsc() - t0 > limit) return -1;
+        if (rdtsc() - t0 > limit) {
+            kprintf("kt: virtio-blk %u: request timed out (avail %u, used %u, device status 0x%x)\n", (u64)disk,
+                    (u64)b->q.avail_shadow, (u64)*(volatile u16 *)&b->q.used->idx, (u64)vdev_status(b->v));
+            return -1;
+        }
         cpu_relax();
     }
 }
 
 int blk_rw(int disk, int write, u64 sector, void *buf, u32 len) {
     if (!disk_ok(disk)) return -1;
+    if (kt_debug) kprintf("kt: blk %u %s sector %u len %u\n", (u64)disk, write ? "write" : "read", sector, (u64)len);
     int h = submit(disk, write ? BLK_T_OUT : BLK_T_IN, sector, buf, len);
     if (h < 0) return -1;
+    if (kt_debug) kprintf("kt: submitted head %u\n", (u64)h);
     vq_notify(blks[disk].v, &blks[disk].q, 0);
-    return wait_one(disk, SYNC_TIMEOUT_MS);
+    if (kt_debug) kprintf("kt: notified\n");
+    int st = wait_one(disk, SYNC_TIMEOUT_MS);
+    if (kt_debug) kprintf("kt: status %u\n", (u64)(i64)st);
+    return st;
 }
 
 int blk_flush(int disk) {

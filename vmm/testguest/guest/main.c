@@ -24,9 +24,9 @@ static int ndevs;
 
 struct opts {
     const char *mode;
-    u64 disk, bs, qd, n, span, write, exit_after;
+    u64 disk, bs, qd, n, span, write, exit_after, own_paging_off;
     int random;
-} opt = {"serve", 0, 4096, 32, 100000, 0, 0, 0, 1};
+} opt = {"serve", 0, 4096, 32, 100000, 0, 0, 0, 0, 1};
 
 void kt_reset(void) {
     for (;;) outb(0x64, 0xfe);
@@ -57,6 +57,11 @@ static void parse_e820(const u8 *bp) {
 }
 
 static void setup_paging(void) {
+    /* Entered at CPL 3 (kiln's EntryMode::User, the fast path on PVM hosts): loading CR3 is
+     * privileged there; the VMM's identity map (0..4 GiB, user-accessible) stays in use. */
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    if ((cs & 3) == 3) return;
     u64 gib = (ram_end_total + (1UL << 30) - 1) >> 30;
     if (gib < 4) gib = 4; /* always cover the 32-bit MMIO hole */
     if (gib > MAX_GIB) {
@@ -66,10 +71,12 @@ static void setup_paging(void) {
     memset(pml4, 0, sizeof pml4);
     memset(pdpt, 0, sizeof pdpt);
     for (u64 g = 0; g < gib; g++) {
-        for (u64 j = 0; j < 512; j++) pds[g][j] = (g << 30) | (j << 21) | 0x83; /* P|RW|PS */
-        pdpt[g] = (u64)pds[g] | 0x3;
+        /* P|RW|US|A|D|PS: accessed/dirty preset so a shadow MMU never has to emulate setting them,
+           and user-accessible in case the VMM enters the guest at CPL 3 (an option under PVM). */
+        for (u64 j = 0; j < 512; j++) pds[g][j] = (g << 30) | (j << 21) | 0xe7;
+        pdpt[g] = (u64)pds[g] | 0x27;
     }
-    pml4[0] = (u64)pdpt | 0x3;
+    pml4[0] = (u64)pdpt | 0x27;
     __asm__ volatile("mov %0, %%cr3" ::"r"((u64)pml4) : "memory");
 }
 
@@ -140,6 +147,7 @@ static void parse_cmdline(const u8 *bp) {
         else if (word_is(w, len, "kt.span=")) parse_num_opt(w, len, "kt.span=", &opt.span);
         else if (word_is(w, len, "kt.write=")) parse_num_opt(w, len, "kt.write=", &opt.write);
         else if (word_is(w, len, "kt.debug=")) parse_num_opt(w, len, "kt.debug=", &kt_debug);
+        else if (word_is(w, len, "kt.vmm_paging=")) parse_num_opt(w, len, "kt.vmm_paging=", &opt.own_paging_off);
         else if (word_is(w, len, "kt.exit=")) parse_num_opt(w, len, "kt.exit=", &opt.exit_after);
         else if (word_is(w, len, "kt.tsc_khz=")) {
             u64 khz = 0;
@@ -152,14 +160,24 @@ static void parse_cmdline(const u8 *bp) {
 void kmain(const u8 *boot_params) {
     /* First line out, before any other work: the boot benchmark measures time to it. */
     puts_serial("kiln-testguest ready\n");
+    /* Mask both 8259 PICs. The guest polls and never enables interrupts, but an unmasked PIC
+       leaves device interrupts (virtio, serial, PIT) pending forever, and a hypervisor waiting
+       for an interrupt window can slow a CPU with IF=0 to a crawl (PVM does). */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
     memset(__bss_start, 0, (usize)(__bss_end - __bss_start));
     parse_e820(boot_params);
-    setup_paging();
     parse_cmdline(boot_params);
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    /* At CPL 3 (the VMM's "user" entry, which PVM runs natively instead of emulating) CR3 is out
+       of reach: the VMM's identity map of 0..4 GiB is used as is. */
+    if (!opt.own_paging_off && !(cs & 3)) setup_paging();
     u64 total = 0;
     for (int i = 0; i < nram; i++) total += ram[i].size;
-    kprintf("kt: ram %u MiB in %u ranges, image ends at 0x%x, %u virtio-mmio devices\n", total / MIB,
-            (u64)nram, (u64)__image_end, (u64)ndevs);
+    kprintf("kt: ram %u MiB in %u ranges, image ends at 0x%x, %u virtio-mmio devices, cpl %u\n", total / MIB,
+            (u64)nram, (u64)__image_end, (u64)ndevs, (u64)(cs & 3));
+    if ((cs & 3) && ram_end_total > (4UL << 30)) kprintf("kt: warning: RAM above 4 GiB is not mapped at CPL 3\n");
     if ((u64)__image_end > ARENA_START) kprintf("kt: BUG: image overlaps the arena\n");
     if (!ram_contains(ARENA_START - 8 * MIB, 8 * MIB)) kprintf("kt: warning: less than 16 MiB of RAM\n");
 

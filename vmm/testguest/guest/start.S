@@ -4,7 +4,11 @@
     .globl _start
     .code64
 _start:
+    mov     %cs, %eax           /* at CPL 3 (kiln EntryMode::User) cli faults under PVM */
+    test    $3, %al
+    jnz     2f
     cli
+2:
     lea     kt_stack_top(%rip), %rsp
     xor     %ebp, %ebp
     mov     %rsi, %rdi          /* kmain(boot_params) */
