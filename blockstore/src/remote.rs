@@ -371,10 +371,26 @@ impl S3Remote {
         })
     }
 
-    /// Whether each chunk exists in the remote, by parallel HEAD requests. (A LIST would be
-    /// cheaper per id only when asking about a large share of a small bucket; pushes ask about
-    /// one blob's chunks in a bucket shared by many blobs, so HEADs win.)
+    /// Whether each chunk exists in the remote.
+    ///
+    /// Two ways, chosen by cost: one LIST page returns up to 1000 keys for about the price of
+    /// ~70 HEADs in flight (measured on loopback SeaweedFS: 624 ids, 142 ms by 32 parallel
+    /// HEADs, 11 ms by LIST; `store_s3_cold` bench). So for 64+ ids the prefix is listed, but
+    /// only up to `ids/64` pages: a prefix much larger than the question (a bucket shared by
+    /// many blobs) falls back to HEADs, bounding the worst case at about twice the HEAD cost.
     pub fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>, RemoteError> {
+        if ids.len() >= 64 {
+            let prefix = format!("{}chunks/", self.prefix);
+            if let Some(listed) = self.list_bounded(prefix, ids.len() / 64)? {
+                let set = id_set(&listed);
+                return Ok(ids.iter().map(|id| set.contains(id)).collect());
+            }
+        }
+        self.head_chunks(ids)
+    }
+
+    /// Existence by parallel HEADs only (the baseline `has_chunks` is measured against).
+    pub fn head_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>, RemoteError> {
         let keys: Vec<String> = ids.iter().map(|id| self.chunk_key(id)).collect();
         self.rt.block_on(async {
             let mut set = JoinSet::new();
@@ -499,10 +515,26 @@ impl S3Remote {
     }
 
     fn list(&self, prefix: String) -> Result<Vec<Listed>, RemoteError> {
+        Ok(self
+            .list_bounded(prefix, usize::MAX)?
+            .expect("unbounded listing completes"))
+    }
+
+    /// Lists `prefix`; `None` if it takes more than `max_pages` pages.
+    fn list_bounded(
+        &self,
+        prefix: String,
+        max_pages: usize,
+    ) -> Result<Option<Vec<Listed>>, RemoteError> {
         self.rt.block_on(async {
             let mut out = Vec::new();
             let mut token: Option<String> = None;
+            let mut pages = 0;
             loop {
+                if pages == max_pages {
+                    return Ok(None);
+                }
+                pages += 1;
                 let r = self
                     .client
                     .list_objects_v2()
@@ -527,7 +559,7 @@ impl S3Remote {
                 }
                 match r.next_continuation_token() {
                     Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => return Ok(out),
+                    _ => return Ok(Some(out)),
                 }
             }
         })
