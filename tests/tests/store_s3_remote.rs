@@ -16,7 +16,8 @@ fn chunk_and_manifest_objects_round_trip() {
     };
     let r = s3.remote(BUCKET, "api/one");
     let other = s3.remote(BUCKET, "api/two");
-    let chunks: Vec<(Digest, Vec<u8>)> = (0..40u64)
+    // 100 chunks: enough for has_chunks to answer from a LIST; 3 go by HEAD.
+    let chunks: Vec<(Digest, Vec<u8>)> = (0..100u64)
         .map(|i| {
             let b = pseudo_random(1000 + i as usize * 37, i);
             (Digest::of(&b), b)
@@ -24,7 +25,7 @@ fn chunk_and_manifest_objects_round_trip() {
         .collect();
     let ids: Vec<Digest> = chunks.iter().map(|c| c.0).collect();
 
-    assert_eq!(r.has_chunks(&ids).unwrap(), vec![false; 40]);
+    assert_eq!(r.has_chunks(&ids).unwrap(), vec![false; 100]);
     let mut uploaded = 0u64;
     r.put_chunks(chunks.iter().cloned().map(Ok), 8, &mut |n| uploaded += n)
         .unwrap();
@@ -32,7 +33,8 @@ fn chunk_and_manifest_objects_round_trip() {
         uploaded,
         chunks.iter().map(|c| c.1.len() as u64).sum::<u64>()
     );
-    assert_eq!(r.has_chunks(&ids).unwrap(), vec![true; 40]);
+    assert_eq!(r.has_chunks(&ids).unwrap(), vec![true; 100]);
+    assert_eq!(r.head_chunks(&ids).unwrap(), vec![true; 100]);
     assert_eq!(r.get_chunk(&ids[7]).unwrap(), chunks[7].1);
     let got = r.get_chunks(&ids[10..20]).unwrap();
     for (g, c) in got.iter().zip(&chunks[10..20]) {
@@ -63,8 +65,15 @@ fn chunk_and_manifest_objects_round_trip() {
     r.delete_chunks(&ids[..25]).unwrap();
     r.delete_chunks(&ids[..2]).unwrap(); // already gone: not an error
     let have = r.has_chunks(&ids).unwrap();
-    assert_eq!(have.iter().filter(|h| **h).count(), 15);
+    assert_eq!(have.iter().filter(|h| **h).count(), 75);
     assert!(have[25..].iter().all(|h| *h));
+    assert_eq!(
+        r.head_chunks(&ids).unwrap(),
+        have,
+        "LIST and HEAD answers agree"
+    );
+    assert_eq!(r.has_chunks(&ids[..3]).unwrap(), vec![false; 3]);
+    assert_eq!(r.has_chunks(&ids[30..33]).unwrap(), vec![true; 3]);
     assert!(r.get_chunk(&ids[0]).unwrap_err().is_not_found());
     r.delete_manifests(&[m]).unwrap();
     assert!(r.list_manifests().unwrap().is_empty());
