@@ -5,7 +5,8 @@
 //! - sequential read MB/s of the whole blob (1 MiB reads, logical bytes), median over reps;
 //! - baselines in the same run on the same objects: plain sequential S3 GETs of every chunk
 //!   (one stream, no decompress/verify/local write), and 16 GETs in flight (what prefetch
-//!   could reach). Ratios compare the store against them.
+//!   could reach). Ratios compare the store against them;
+//! - existence checks of all the blob's chunks: 32 parallel HEADs vs `has_chunks` (LIST).
 //!
 //! `cargo run --release -p kiln-benches --bin store_s3_cold [-- --size-mb 64 --reps 5 --chunks-kib 64,512,2048]`
 //! Prints one JSON object on stdout; `{"skipped": reason}` when SeaweedFS is not installed.
@@ -102,6 +103,18 @@ fn main() -> anyhow::Result<()> {
             std::hint::black_box(raw.get_chunks(&uniq)?);
             raw_par.push(data.len() as f64 / MIB as f64 / t.elapsed().as_secs_f64());
         }
+        // "Which of these chunks does the remote have?" (push asks it): parallel HEADs of
+        // this blob's chunks versus `has_chunks` (which lists the prefix when that is cheaper).
+        let raw = s3.remote(BUCKET, &prefix);
+        let (mut heads, mut lists) = (vec![], vec![]);
+        for _ in 0..reps {
+            let t = Instant::now();
+            assert!(raw.head_chunks(&uniq)?.iter().all(|h| *h));
+            heads.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            assert!(raw.has_chunks(&uniq)?.iter().all(|h| *h));
+            lists.push(t.elapsed().as_secs_f64() * 1e3);
+        }
         let (ttfb, seq, raw_seq, raw_par) =
             (median(ttfb), median(seq), median(raw_seq), median(raw_par));
         results.push(serde_json::json!({
@@ -115,6 +128,8 @@ fn main() -> anyhow::Result<()> {
             "raw_get_16_parallel_mb_s_median": round(raw_par),
             "store_vs_raw_sequential": round(seq / raw_seq),
             "store_vs_raw_parallel": round(seq / raw_par),
+            "has_chunks_parallel_heads_ms_median": round(median(heads)),
+            "has_chunks_ms_median": round(median(lists)),
         }));
     }
     println!(
