@@ -115,38 +115,70 @@ fn find_program(rootfs: &Path, argv0: &str, env: &[String]) -> String {
     argv0.to_string()
 }
 
-/// A cgroup v2 group with limits for one command, removed on drop.
+/// cgroup groups with limits for one command (cgroup v2 if mounted with controllers, else the
+/// v1 `pids` and `memory` hierarchies), removed on drop. Best effort: where the host offers no
+/// writable cgroups, RUN has no limits (logged).
 struct Cgroup {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
 }
 
 impl Cgroup {
-    fn create(memory_max: Option<u64>) -> Option<Cgroup> {
-        let root = Path::new("/sys/fs/cgroup");
-        if !root.join("cgroup.controllers").exists() {
-            return None;
-        }
+    fn create(memory_max: Option<u64>) -> Cgroup {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = root.join(format!("kiln-build-{}-{n}", std::process::id()));
-        if std::fs::create_dir(&dir).is_err() {
-            return None;
-        }
-        let cg = Cgroup { dir };
-        // Best effort: a controller missing from the parent's subtree_control is skipped.
-        let _ = std::fs::write(cg.dir.join("pids.max"), "4096");
-        if let Some(m) = memory_max {
-            if std::fs::write(cg.dir.join("memory.max"), m.to_string()).is_err() {
-                tracing::warn!("cgroup memory controller unavailable: no memory limit");
+        let name = format!("kiln-build-{}-{n}", std::process::id());
+        let root = Path::new("/sys/fs/cgroup");
+        let mut cg = Cgroup { dirs: Vec::new() };
+        let mk = |dir: PathBuf, limits: &[(&str, String)], cg: &mut Cgroup| -> bool {
+            if std::fs::create_dir(&dir).is_err() {
+                return false;
+            }
+            let mut ok = true;
+            for (file, value) in limits {
+                if std::fs::write(dir.join(file), value).is_err() {
+                    tracing::warn!(dir = %dir.display(), file, "could not set cgroup limit");
+                    ok = false;
+                }
+            }
+            cg.dirs.push(dir);
+            ok
+        };
+        if root.join("cgroup.controllers").exists() {
+            let mut limits = vec![("pids.max", "4096".to_string())];
+            if let Some(m) = memory_max {
+                limits.push(("memory.max", m.to_string()));
+            }
+            mk(root.join(&name), &limits, &mut cg);
+        } else {
+            if root.join("pids/cgroup.procs").exists() {
+                mk(
+                    root.join("pids").join(&name),
+                    &[("pids.max", "4096".into())],
+                    &mut cg,
+                );
+            }
+            if let Some(m) = memory_max {
+                if root.join("memory/cgroup.procs").exists() {
+                    mk(
+                        root.join("memory").join(&name),
+                        &[("memory.limit_in_bytes", m.to_string())],
+                        &mut cg,
+                    );
+                }
             }
         }
-        Some(cg)
+        if cg.dirs.is_empty() {
+            tracing::warn!("no writable cgroups: RUN steps run without pids/memory limits");
+        }
+        cg
     }
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
@@ -227,9 +259,10 @@ fn run_inner(
 ) -> Result<RunOutcome> {
     let cgroup = Cgroup::create(spec.memory_max);
     let cg_procs = cgroup
-        .as_ref()
-        .map(|cg| c(&cg.dir.join("cgroup.procs")))
-        .transpose()?;
+        .dirs
+        .iter()
+        .map(|d| c(&d.join("cgroup.procs")))
+        .collect::<Result<Vec<_>>>()?;
     let root_c = c(rootfs)?;
     let proc_c = c(&rootfs.join("proc"))?;
     let dev_c = c(&rootfs.join("dev"))?;
@@ -300,7 +333,7 @@ fn run_inner(
     unsafe {
         cmd.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
-            if let Some(p) = &cg_procs {
+            for p in &cg_procs {
                 let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd >= 0 {
                     libc::write(fd, b"0".as_ptr().cast(), 1);

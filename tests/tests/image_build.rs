@@ -209,3 +209,35 @@ fn failing_run_syntax_errors_and_vm_isolation() {
     let ls = k.json(["image", "ls", "--json"]);
     assert_eq!(ls.as_array().unwrap().len(), 1, "only the base image: {ls}");
 }
+
+#[test]
+fn run_steps_get_their_own_namespaces_and_cgroup() {
+    let Some((tmp, k)) = setup() else { return };
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\nRUN echo $$ > /pid && cat /proc/self/cgroup > /cgroup && ls /proc | wc -l > /nprocs\n",
+    )
+    .unwrap();
+    k.ok([
+        "build",
+        "-t",
+        "ns",
+        "--memory-mib",
+        "128",
+        ctx.to_str().unwrap(),
+    ]);
+    let disk = tmp.path().join("ns.ext4");
+    k.ok(["image", "export", "ns", "-o", disk.to_str().unwrap()]);
+    // pid namespace: the shell is pid 1 and sees only a handful of /proc entries.
+    assert_eq!(disk_cat(&disk, "/pid"), "1\n");
+    let cg = disk_cat(&disk, "/cgroup");
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let v1 = Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists();
+    if v2 || v1 {
+        assert!(cg.contains("kiln-build-"), "RUN not in a kiln cgroup: {cg}");
+    } else {
+        eprintln!("SKIP: no writable cgroups on this host; limits not checked");
+    }
+}
