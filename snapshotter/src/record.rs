@@ -274,3 +274,42 @@ pub fn save_working_set(
     };
     Ok(store.put_bytes(&bytes, &opts)?)
 }
+
+/// Every blob a snapshot needs: its record, memory layers, disks (and working set if any).
+pub fn blobs(store: &Store, id: &BlobId, rec: &SnapshotRecord) -> Result<Vec<BlobId>, RecordError> {
+    let mut out = vec![*id];
+    out.extend(rec.memory.layers.iter().map(|l| l.blob));
+    out.extend(rec.disks.iter().map(|d| d.blob));
+    if let Some(ws) = store.lookup_name(&format!("{WORKING_SET_PREFIX}{id}"))? {
+        out.push(ws);
+    }
+    Ok(out)
+}
+
+/// Pushes a snapshot to the store's remote (only chunks the remote lacks). Returns bytes sent.
+pub fn push(store: &Store, id: &BlobId) -> Result<u64, RecordError> {
+    let rec = load(store, id)?;
+    let mut bytes = 0;
+    for b in blobs(store, id, &rec)? {
+        bytes += store.push(&b, &|_| {})?.bytes_uploaded;
+    }
+    Ok(bytes)
+}
+
+/// Makes a snapshot pushed from another home restorable here: fetches its record and the
+/// memory and disk manifests; memory pages then come from the remote lazily, as touched.
+/// Names it `snapshot/<name>` if a name is given.
+pub fn pull(store: &Store, id: &BlobId, name: Option<&str>) -> Result<SnapshotRecord, RecordError> {
+    store.pull(id)?;
+    let rec = load(store, id)?;
+    for l in &rec.memory.layers {
+        store.pull(&l.blob)?;
+    }
+    for d in &rec.disks {
+        store.pull(&d.blob)?;
+    }
+    if let Some(n) = name {
+        store.set_name(&format!("{NAME_PREFIX}{n}"), id)?;
+    }
+    Ok(rec)
+}
