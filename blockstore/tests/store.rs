@@ -260,6 +260,34 @@ fn lazy_fetch_touches_only_needed_chunks_and_coalesces() {
     assert_eq!(rep.remote_only, 29);
     assert_eq!(read_all(&b, &id), data);
     assert_eq!(b.stats().remote_chunk_fetches, 32);
+
+    // A third home: export fetches in parallel; prefetch makes the rest local.
+    let c3 = Store::open(&tmp.path().join("c")).unwrap();
+    c3.set_remote(Arc::new(
+        DirRemote::new(&tmp.path().join("remote")).unwrap(),
+    ));
+    c3.pull(&id).unwrap();
+    let mut head = vec![0u8; 10];
+    c3.read_at(&id, 0, &mut head).unwrap();
+    assert_eq!(
+        c3.prefetch(&id).unwrap(),
+        31,
+        "only the chunks not yet local"
+    );
+    let rep = c3.verify(false).unwrap();
+    assert!(
+        rep.ok && rep.remote_only == 0 && rep.chunks_checked == 32,
+        "{rep:?}"
+    );
+    let d = Store::open(&tmp.path().join("d")).unwrap();
+    d.set_remote(Arc::new(
+        DirRemote::new(&tmp.path().join("remote")).unwrap(),
+    ));
+    d.pull(&id).unwrap();
+    let out = tmp.path().join("exported");
+    d.export(&id, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    assert_eq!(d.stats().remote_chunk_fetches, 32);
 }
 
 #[test]
