@@ -352,7 +352,14 @@ impl Builder<'_> {
             }
         };
         if st.applied < st.layers.len() {
+            let t = std::time::Instant::now();
             image::materialize(self.store, &st.layers[st.applied..], &root)?;
+            tracing::info!(
+                stage = idx,
+                layers = st.layers.len() - st.applied,
+                ms = t.elapsed().as_millis() as u64,
+                "materialized"
+            );
             st.applied = st.layers.len();
         }
         Ok(root)

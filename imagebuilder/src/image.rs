@@ -275,8 +275,16 @@ pub fn commit_rootfs(
         seed.extend_from_slice(l.as_bytes());
     }
     seed.extend_from_slice(&serde_json::to_vec(config).expect("config serializes"));
+    let t = std::time::Instant::now();
     crate::ext4::make_ext4(rootfs, &img, size, &seed)?;
+    let mkfs_ms = t.elapsed().as_millis() as u64;
     let id = store.put_file(&img, &PutOptions::default())?;
+    tracing::info!(
+        mkfs_ms,
+        put_ms = t.elapsed().as_millis() as u64 - mkfs_ms,
+        size,
+        "disk committed"
+    );
     let _ = std::fs::remove_file(&img);
     keep(store, &id)?;
     Ok((id, size))
