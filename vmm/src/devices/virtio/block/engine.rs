@@ -153,6 +153,13 @@ impl Engine {
         }
     }
 
+    /// Starts everything submitted since the last call (engines may batch submissions).
+    pub fn commit(&mut self) {
+        if let Engine::Uring(e) = self {
+            e.commit();
+        }
+    }
+
     /// Pushes finished requests into `out`.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         match self {
@@ -245,6 +252,8 @@ pub struct UringEngine {
     backlog: VecDeque<(u64, Request)>,
     /// Completions produced without the kernel (GET_ID, submission errors).
     done: Vec<Completion>,
+    /// Entries pushed to the submission queue but not yet submitted.
+    unsubmitted: bool,
 }
 
 const URING_ENTRIES: u32 = 256;
@@ -261,6 +270,7 @@ impl UringEngine {
             in_flight: Default::default(),
             backlog: VecDeque::new(),
             done: Vec::new(),
+            unsubmitted: false,
         })
     }
 
@@ -293,7 +303,14 @@ impl UringEngine {
             .user_data(token);
             // SAFETY: the iovec array (heap, owned by `in_flight` until the completion is
             // reaped) and the guest buffers it points to stay valid until the kernel is done.
-            let ok = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            let mut ok = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            if !ok {
+                // Submission queue full: hand it to the kernel and retry once.
+                self.unsubmitted = true;
+                self.commit();
+                // SAFETY: as above.
+                ok = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            }
             if !ok {
                 self.backlog.push_front((token, req));
                 break;
@@ -302,6 +319,13 @@ impl UringEngine {
             pushed = true;
         }
         if pushed {
+            self.unsubmitted = true;
+        }
+    }
+
+    /// One io_uring_enter for everything queued since the last call.
+    fn commit(&mut self) {
+        if std::mem::take(&mut self.unsubmitted) {
             if let Err(e) = self.ring.submit() {
                 tracing::error!(error = %e, "io_uring submit failed");
             }
@@ -340,6 +364,7 @@ impl UringEngine {
                 break;
             }
             self.push_backlog();
+            self.commit();
         }
     }
 }

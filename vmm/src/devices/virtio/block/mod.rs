@@ -328,6 +328,7 @@ impl Worker {
                 let parsed = request::parse(chain, self.capacity, self.read_only);
                 self.start(parsed);
             }
+            self.engine.commit();
             match self.queue.enable_notification(&self.mem) {
                 Ok(true) => continue, // more arrived meanwhile
                 Ok(false) => return true,
