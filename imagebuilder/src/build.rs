@@ -75,6 +75,8 @@ pub struct BuildReport {
     pub tag: String,
     /// Whether the whole image came from the cache.
     pub cached: bool,
+    /// New bytes the store wrote for the ext4 disk (chunks not shared with earlier disks).
+    pub disk_stored_bytes: u64,
     pub steps: Vec<StepReport>,
 }
 
@@ -1089,6 +1091,7 @@ impl Builder<'_> {
                         disk: rec.disk,
                         tag: self.opts.tag.clone(),
                         cached: true,
+                        disk_stored_bytes: 0,
                         steps: self.steps,
                     });
                 }
@@ -1098,8 +1101,10 @@ impl Builder<'_> {
         self.say("  writing ext4 disk");
         let scratch = self.work.path().join("final");
         std::fs::create_dir_all(&scratch).ctx("mkdir", &scratch)?;
+        let before = self.store.stats().bytes_written;
         let (disk, disk_size) =
             image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?;
+        let disk_stored_bytes = self.store.stats().bytes_written.saturating_sub(before);
         let df_name = self.df.file.clone();
         let rec = ImageRecord {
             schema: 1,
@@ -1120,6 +1125,7 @@ impl Builder<'_> {
             disk,
             tag: self.opts.tag.clone(),
             cached: false,
+            disk_stored_bytes,
             steps: self.steps,
         })
     }

@@ -160,6 +160,8 @@ fn main() -> anyhow::Result<()> {
     let mut k_onefile = Vec::new();
     let mut per_step = serde_json::Value::Null;
     let mut onefile_steps = serde_json::Value::Null;
+    let mut cold_disk_stored = serde_json::Value::Null;
+    let mut onefile_disk_stored = serde_json::Value::Null;
     let kiln = |args: &[&str]| -> anyhow::Result<(f64, serde_json::Value)> {
         let (s, out) = timed(&mut k.cmd(args))?;
         Ok((s, serde_json::from_str(&out)?))
@@ -169,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         k_cold.push(s);
         if r == 0 {
             per_step = rep["steps"].clone();
+            cold_disk_stored = rep["disk_stored_bytes"].clone();
         }
         let (s, rep) = kiln(&["build", "-t", "bench", "--json", kc])?;
         anyhow::ensure!(rep["cached"] == true, "no-change rebuild was not cached");
@@ -177,6 +180,7 @@ fn main() -> anyhow::Result<()> {
         let (s, rep) = kiln(&["build", "-t", "bench", "--json", kc])?;
         k_onefile.push(s);
         onefile_steps = rep["steps"].clone();
+        onefile_disk_stored = rep["disk_stored_bytes"].clone();
     }
 
     // buildah, same Dockerfile with the same base (pulled into its storage beforehand).
@@ -268,6 +272,7 @@ fn main() -> anyhow::Result<()> {
         },
         "cold_steps": steps(&per_step),
         "onefile_steps": steps(&onefile_steps),
+        "disk_stored_bytes": { "cold_first_run": cold_disk_stored, "onefile": onefile_disk_stored },
         "notes": "kiln's build ends in a deterministic ext4 disk blob in its store (mkfs + chunking \
                   included); buildah's in containers-storage layers. Both have the base image \
                   locally before timing. Medians of --runs.",
