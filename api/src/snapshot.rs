@@ -51,6 +51,16 @@ pub enum SnapshotCommand {
     Inspect { snapshot: String },
     /// Remove a snapshot's name (its blobs go at the next `kiln store gc`)
     Rm { snapshot: String },
+    /// Push a snapshot (record, memory layers, disks, working set) to the remote
+    Push { snapshot: String },
+    /// Make a snapshot pushed from another home restorable here (manifests now, pages lazily)
+    Pull {
+        /// Snapshot id (as printed by `create`/`push`)
+        id: String,
+        /// Name it here
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Start a VM from a snapshot (memory paged in lazily from the store)
     Restore(RestoreArgs),
     /// Start N VMs from one snapshot, sharing its memory pages until written
@@ -104,6 +114,20 @@ pub fn run(home: &Home, c: SnapshotCommand) -> Result<()> {
             if !store.remove_name(&format!("{}{n}", record::NAME_PREFIX))? {
                 bail!("no snapshot named {n:?}");
             }
+            Ok(())
+        }
+        SnapshotCommand::Push { snapshot } => {
+            let store = crate::store::open_with_remote(home, None, true)?;
+            let id = record::resolve(&store, &snapshot)?;
+            let bytes = record::push(&store, &id)?;
+            println!("{} ({bytes} bytes uploaded)", id.to_hex());
+            Ok(())
+        }
+        SnapshotCommand::Pull { id, name } => {
+            let store = crate::store::open_with_remote(home, None, true)?;
+            let id: blockstore::BlobId = id.parse().context("snapshot id")?;
+            record::pull(&store, &id, name.as_deref())?;
+            println!("{}", id.to_hex());
             Ok(())
         }
         SnapshotCommand::Restore(a) => restore(home, a),

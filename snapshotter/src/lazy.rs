@@ -141,7 +141,7 @@ impl LazyMemory {
     /// thread (and the prefetcher if `opts.prefetch` is non-empty or `prefetch_all`).
     pub fn new(source: Arc<dyn PageSource>, opts: LazyOptions) -> Result<LazyMemory, LazyError> {
         let chunk = source.chunk_size();
-        if chunk == 0 || chunk % PAGE_SIZE != 0 {
+        if chunk == 0 || !chunk.is_multiple_of(PAGE_SIZE) {
             return Err(LazyError::ChunkSize(chunk));
         }
         let mapping = Mapping::anonymous(source.len() as usize).map_err(LazyError::Map)?;

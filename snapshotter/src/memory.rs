@@ -337,7 +337,7 @@ pub unsafe fn add_changed_chunks(
 }
 
 /// The image bytes [start, start+len) if they lie in one region.
-unsafe fn contiguous<'a>(regions: &'a [HostRegion], start: usize, len: usize) -> Option<&'a [u8]> {
+unsafe fn contiguous(regions: &[HostRegion], start: usize, len: usize) -> Option<&[u8]> {
     let mut base = 0;
     for r in regions {
         if start >= base && start + len <= base + r.size {
@@ -378,7 +378,7 @@ impl ImageSource {
     /// Opens every layer (manifests only; data is read on demand) and checks the layers fit.
     pub fn open(store: &Store, image: &MemoryImage) -> Result<ImageSource, MemoryError> {
         let cs = image.chunk_size as u64;
-        if image.chunk_size == 0 || cs % 4096 != 0 || image.size % 4096 != 0 {
+        if image.chunk_size == 0 || !cs.is_multiple_of(4096) || !image.size.is_multiple_of(4096) {
             return Err(MemoryError::Invalid(format!(
                 "chunk size {} / size {} not page multiples",
                 image.chunk_size, image.size
