@@ -33,7 +33,9 @@ macro_rules! require_kvm {
 }
 
 pub struct GuestVm {
-    pub vm: Vm,
+    /// Not dropped when a test fails: a wedged device could block the stop forever, and a
+    /// hanging test is worse than a leaked VM in a test process that is about to exit.
+    pub vm: std::mem::ManuallyDrop<Vm>,
     pub dir: tempfile::TempDir,
     pub serial: PathBuf,
     pub uds: Option<PathBuf>,
@@ -85,7 +87,7 @@ impl GuestVm {
         vm.boot().expect("boot");
         vm.start().expect("start");
         GuestVm {
-            vm,
+            vm: std::mem::ManuallyDrop::new(vm),
             dir,
             serial,
             uds,
@@ -134,11 +136,14 @@ impl Drop for GuestVm {
                 "--- guest serial log ---\n{}--- end ---",
                 self.serial_text()
             );
+            return;
         }
         if !matches!(self.vm.state(), vmm::RunState::Exited(_)) {
             self.vm.stop();
             let _ = self.vm.wait_timeout(Duration::from_secs(5));
         }
+        // SAFETY: the only place the VM is dropped, and `self.vm` is not used afterwards.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.vm) };
     }
 }
 

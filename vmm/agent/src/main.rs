@@ -1,0 +1,173 @@
+//! `kiln-agent [--unix PATH | --vsock PORT]`
+//!
+//! As PID 1 (the guest's init, e.g. `init=/sbin/kiln-agent` with the image's root disk mounted
+//! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
+//! `kiln.mount=<device>:<dir>` from the kernel command line (ext4), and serves vsock port 10000.
+//! Elsewhere it serves the given Unix socket or vsock port (for tests and development). One
+//! thread per connection; one request per connection (see `protocol`).
+
+use kiln_agent::protocol::AGENT_PORT;
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        init_mounts();
+    }
+    let result = match args.get(1).map(String::as_str) {
+        Some("--unix") if args.len() == 3 => serve_unix(&args[2]),
+        Some("--vsock") if args.len() == 3 => match args[2].parse() {
+            Ok(p) => serve_vsock(p),
+            Err(_) => Err(format!("bad vsock port {:?}", args[2])),
+        },
+        None if pid1 => serve_vsock(AGENT_PORT),
+        _ => Err("usage: kiln-agent [--unix PATH | --vsock PORT]".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("kiln-agent: {e}");
+        if pid1 {
+            // PID 1 must not exit (the kernel would panic); leave a clear message and idle.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        std::process::exit(1);
+    }
+}
+
+fn mount(src: &str, dst: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(dst);
+    let c = |s: &str| CString::new(s).map_err(|_| format!("NUL in {s:?}"));
+    let (s, d, t) = (c(src)?, c(dst)?, c(fstype)?);
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), t.as_ptr(), flags, std::ptr::null()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(format!("mount {src} on {dst}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn init_mounts() {
+    let nodev = (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as libc::c_ulong;
+    for (src, dst, fs, flags) in [
+        ("proc", "/proc", "proc", nodev),
+        ("sysfs", "/sys", "sysfs", nodev),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            libc::MS_NOSUID as libc::c_ulong,
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID as libc::c_ulong,
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            (libc::MS_NOSUID | libc::MS_NODEV) as libc::c_ulong,
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            (libc::MS_NOSUID | libc::MS_NODEV) as libc::c_ulong,
+        ),
+    ] {
+        if let Err(e) = mount(src, dst, fs, flags) {
+            eprintln!("kiln-agent: {e}");
+        }
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for spec in cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("kiln.mount="))
+    {
+        match spec.split_once(':') {
+            Some((dev, dir)) => {
+                if let Err(e) = mount(dev, dir, "ext4", 0) {
+                    eprintln!("kiln-agent: {e}");
+                }
+            }
+            None => eprintln!("kiln-agent: bad kiln.mount={spec} (want <device>:<dir>)"),
+        }
+    }
+}
+
+fn spawn_conn(fd: OwnedFd) {
+    let file = std::fs::File::from(fd);
+    let Ok(reader) = file.try_clone() else { return };
+    std::thread::spawn(move || {
+        if let Err(e) = kiln_agent::server::serve(Box::new(reader), Box::new(file)) {
+            eprintln!("kiln-agent: connection: {e}");
+        }
+    });
+}
+
+fn serve_unix(path: &str) -> Result<(), String> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(|e| format!("bind {path}: {e}"))?;
+    for s in l.incoming() {
+        match s {
+            Ok(s) => spawn_conn(OwnedFd::from(s)),
+            Err(e) => eprintln!("kiln-agent: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn serve_vsock(port: u32) -> Result<(), String> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("vsock socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_vm of `len` bytes.
+    if unsafe { libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) } != 0
+        // SAFETY: listen on our bound socket.
+        || unsafe { libc::listen(fd, 64) } != 0
+    {
+        return Err(format!(
+            "vsock port {port}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    loop {
+        // SAFETY: accept on our listening socket; null address pointers are allowed.
+        let c = unsafe {
+            libc::accept4(
+                fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            eprintln!(
+                "kiln-agent: vsock accept: {}",
+                std::io::Error::last_os_error()
+            );
+            continue;
+        }
+        // SAFETY: c is a fresh connected socket we now own.
+        spawn_conn(unsafe { OwnedFd::from_raw_fd(c) });
+        let _ = &sock;
+    }
+}
