@@ -119,7 +119,10 @@ fn main() -> anyhow::Result<()> {
             idx.swap(i, r.random_range(0..=i));
         }
         idx.truncate(1000);
-        let cold_offs: Vec<u64> = idx.iter().map(|c| c * cs + r.random_range(0..cs / 4096) * 4096).collect();
+        let cold_offs: Vec<u64> = idx
+            .iter()
+            .map(|c| c * cs + r.random_range(0..cs / 4096) * 4096)
+            .collect();
         let t = Instant::now();
         for &o in &cold_offs {
             blob.read_at(o, &mut a)?;
