@@ -172,12 +172,17 @@ fn main() -> anyhow::Result<()> {
     let restore_once = |tag: &str, ws: bool| -> anyhow::Result<(f64, snapshotter::LazyStats, Option<usize>)> {
         let t = Instant::now();
         let lazy = snapvm::lazy_memory(&store, &id, &rec, LazyRestore { use_working_set: ws, record: !ws, on_fatal: snapshotter::lazy::exit_process_hook() })?;
+        let t_mem = t.elapsed();
         let mem = RestoredMemory::Lazy(lazy);
         let uds = dir.path().join(format!("{tag}.vsock"));
         let ident = Identity { vsock_uds: Some(uds.clone()), ..Default::default() };
         // SAFETY: mem outlives vm (dropped after it below).
         let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
+        let t_vm = t.elapsed();
         ping(&uds)?;
+        if std::env::var_os("KILN_BENCH_VERBOSE").is_some() {
+            eprintln!("restore {tag}: memory {:?} vm {:?} reply {:?}", t_mem, t_vm, t.elapsed());
+        }
         let took = ms(t.elapsed());
         let lazy = mem.lazy().unwrap();
         let stats = lazy.stats();
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
         forks.push((vm, mem, uds));
     }
+    let started_ms = ms(t.elapsed());
     for (_, _, uds) in &forks {
         ping(uds)?;
     }
@@ -250,7 +256,7 @@ fn main() -> anyhow::Result<()> {
             "file_bytes": mem_mib * MIB,
             "speedup_vs_file": file_ms / create_ms,
         },
-        "diff_1pct": { "snapshot_ms": diff_ms, "kvm_dirty_pages": diff_rep.dirty_pages, "bytes_stored": diff_stored },
+        "diff_1pct": { "snapshot_ms": diff_ms, "memory_ms": diff_rep.memory_ms, "hash_ms": diff_rep.hash_ms, "kvm_dirty_pages": diff_rep.dirty_pages, "bytes_stored": diff_stored },
         "restore_lazy_first_reply_ms": {
             "no_working_set": { "p50": pct(&mut cold.clone(), 0.5), "p99": pct(&mut cold, 0.99), "stats": cold_stats },
             "working_set": { "chunks": ws_chunks, "p50": pct(&mut warm.clone(), 0.5), "p99": pct(&mut warm, 0.99), "stats": warm_stats },
@@ -259,6 +265,7 @@ fn main() -> anyhow::Result<()> {
         "fork": {
             "n": nforks,
             "materialize_ms": materialize_ms,
+            "wall_ms_all_started": started_ms,
             "wall_ms_all_replied": fork_ms,
             "pss_mib_per_fork_median": pct(&mut pss.clone(), 0.5),
             "private_mib_per_fork_median": pct(&mut private, 0.5),
