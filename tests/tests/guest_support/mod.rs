@@ -102,7 +102,9 @@ impl GuestVm {
     pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
         let t0 = Instant::now();
         loop {
-            let s = self.serial_text();
+            let mut s = self.serial_text();
+            // Only complete lines: the guest may be mid-line.
+            s.truncate(s.rfind('\n').map_or(0, |i| i + 1));
             if s.contains(needle) {
                 return s;
             }
