@@ -181,6 +181,7 @@ impl VirtioDevice for Block {
             id: self.id.clone(),
             pending: Vec::new(),
             free: Vec::new(),
+            used_added: false,
         };
         let handle = std::thread::Builder::new()
             .name(format!("blk-{}", self.id))
@@ -226,6 +227,8 @@ struct Worker {
     id: String,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// Chains were completed since the last interrupt decision.
+    used_added: bool,
 }
 
 const TOKEN_QUEUE: u64 = 0;
@@ -412,6 +415,7 @@ impl Worker {
             let _ = self.mem.write_obj(status, p.status_addr);
             self.add_used(p.head, len);
         }
+        self.signal_used();
     }
 
     fn add_used(&mut self, head: u16, len: u32) {
@@ -419,10 +423,28 @@ impl Worker {
             tracing::warn!(disk = %self.id, error = ?e, "add_used failed");
             return;
         }
-        match self.queue.needs_notification(&self.mem) {
-            Ok(true) => self.interrupt.signal_used_queue(),
-            Ok(false) => {}
-            Err(_) => self.interrupt.signal_used_queue(),
+        self.used_added = true;
+    }
+
+    /// One interrupt for everything added to the used ring since the last call, unless the
+    /// driver suppressed it (used_event with EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT without:
+    /// virtio-queue only implements the former, and polling drivers use the latter).
+    fn signal_used(&mut self) {
+        if !std::mem::take(&mut self.used_added) {
+            return;
+        }
+        let wanted = if self.queue.event_idx_enabled() {
+            self.queue.needs_notification(&self.mem).unwrap_or(true)
+        } else {
+            const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+            let flags: u16 = self
+                .mem
+                .read_obj(GuestAddress(self.queue.avail_ring()))
+                .unwrap_or(0);
+            flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+        };
+        if wanted {
+            self.interrupt.signal_used_queue();
         }
     }
 }
