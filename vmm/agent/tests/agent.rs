@@ -26,10 +26,17 @@ impl Agent {
             .unwrap();
         let t0 = Instant::now();
         while !sock.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "agent did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "agent did not start"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
-        Agent { child, sock, _dir: dir }
+        Agent {
+            child,
+            sock,
+            _dir: dir,
+        }
     }
 
     fn conn(&self) -> UnixStream {
@@ -57,7 +64,9 @@ impl Drop for Agent {
 #[test]
 fn exec_streams_output_and_returns_exit_codes() {
     let a = Agent::start();
-    let out = a.exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], b"").unwrap();
+    let out = a
+        .exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], b"")
+        .unwrap();
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
     assert_eq!(out.status.code, Some(3));
@@ -69,7 +78,13 @@ fn exec_streams_output_and_returns_exit_codes() {
     assert_eq!(out.status.code, Some(0));
 
     let out = a.exec(&["sh", "-c", "kill -9 $$"], b"").unwrap();
-    assert_eq!(out.status, protocol::ExitStatus { code: None, signal: Some(9) });
+    assert_eq!(
+        out.status,
+        protocol::ExitStatus {
+            code: None,
+            signal: Some(9)
+        }
+    );
 
     let mut req = ExecRequest {
         argv: vec!["sh".into(), "-c".into(), "echo $FOO; pwd".into()],
@@ -90,7 +105,10 @@ fn exec_streams_output_and_returns_exit_codes() {
                     ..Default::default()
                 };
                 let mut s = UnixStream::connect(sock).unwrap();
-                client::exec(&mut s, &req, b"", |_, _| {}).unwrap().status.code
+                client::exec(&mut s, &req, b"", |_, _| {})
+                    .unwrap()
+                    .status
+                    .code
             })
         })
         .collect();
@@ -105,7 +123,11 @@ fn exec_output_arrives_while_the_process_runs() {
     let t0 = Instant::now();
     let mut first_chunk_at = None;
     let req = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), "echo early; sleep 1; echo late".into()],
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo early; sleep 1; echo late".into(),
+        ],
         ..Default::default()
     };
     let out = client::exec(&mut a.conn(), &req, b"", |k, _| {
@@ -135,7 +157,10 @@ fn bad_requests_get_clear_errors() {
     s.write_all(&[1, 0, 0, 0, b'?', 0]).unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
-    assert!(buf.len() > 5 && buf[4] == b'!', "error frame expected, got {buf:?}");
+    assert!(
+        buf.len() > 5 && buf[4] == b'!',
+        "error frame expected, got {buf:?}"
+    );
     // Invalid JSON.
     let mut s = a.conn();
     protocol::write_frame(&mut s, Kind::Exec, b"{not json").unwrap();
@@ -156,7 +181,10 @@ fn files_round_trip_atomically() {
     client::write_file(&mut a.conn(), p, 0o600, &content).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), content);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert_eq!(client::read_file(&mut a.conn(), p).unwrap(), content);
     let e = client::read_file(&mut a.conn(), "/no/such/file").unwrap_err();
     assert!(e.to_string().contains("/no/such/file"), "{e}");
