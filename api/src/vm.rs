@@ -263,7 +263,7 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         serial_log: Some(dir.join("serial.log")),
-        serial_stdout: !std::env::var_os("KILN_VM_DETACHED").is_some(),
+        serial_stdout: std::env::var_os("KILN_VM_DETACHED").is_none(),
     };
     let _ = std::fs::remove_file(dir.join("serial.log"));
     let mut vm = Vm::new(config, GuestMemorySource::Anonymous)?;

@@ -42,7 +42,7 @@ pub enum MemoryError {
 /// The (guest address, size) RAM ranges for `mem_bytes` of memory: one range below the MMIO gap,
 /// and the rest above 4 GiB.
 pub fn layout(mem_bytes: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
-    if mem_bytes == 0 || mem_bytes % 4096 != 0 || mem_bytes > MAX_MEM_BYTES {
+    if mem_bytes == 0 || !mem_bytes.is_multiple_of(4096) || mem_bytes > MAX_MEM_BYTES {
         return Err(MemoryError::BadSize(mem_bytes));
     }
     let low = mem_bytes.min(MMIO_GAP_START);

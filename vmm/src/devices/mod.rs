@@ -12,9 +12,11 @@ pub trait MmioDevice: Send {
 }
 
 /// The MMIO bus: non-overlapping windows, each owned by one device.
+type Window = (u64, u64, Arc<Mutex<dyn MmioDevice>>);
+
 #[derive(Default, Clone)]
 pub struct MmioBus {
-    windows: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)>,
+    windows: Vec<Window>,
 }
 
 impl MmioBus {

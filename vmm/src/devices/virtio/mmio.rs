@@ -348,7 +348,7 @@ impl MmioDevice for MmioTransport {
         if offset >= 0x100 {
             data.fill(0);
             self.device.read_config(offset - 0x100, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -361,7 +361,7 @@ impl MmioDevice for MmioTransport {
                 self.device.write_config(offset - 0x100, data);
                 self.config_generation = self.config_generation.wrapping_add(1);
             }
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
             self.write_reg(offset, v);
         }

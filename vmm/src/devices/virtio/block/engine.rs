@@ -31,6 +31,7 @@ pub enum FileEngine {
 }
 
 /// A disk that can be read and written at byte offsets from many threads.
+#[allow(clippy::len_without_is_empty)]
 pub trait Backend: Send + Sync {
     fn len(&self) -> u64;
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -70,11 +71,10 @@ impl RawFile {
 
     fn fd_for(&self, req: &Request) -> RawFd {
         const ALIGN: u64 = 4096;
-        let aligned = req.offset % ALIGN == 0
-            && req
-                .segments
-                .iter()
-                .all(|s| s.host_addr as u64 % ALIGN == 0 && u64::from(s.len) % ALIGN == 0);
+        let aligned = req.offset.is_multiple_of(ALIGN)
+            && req.segments.iter().all(|s| {
+                (s.host_addr as u64).is_multiple_of(ALIGN) && u64::from(s.len).is_multiple_of(ALIGN)
+            });
         match &self.direct {
             Some(d) if aligned => d.as_raw_fd(),
             _ => self.buffered.as_raw_fd(),
@@ -138,6 +138,7 @@ fn iovecs(segments: &[Segment]) -> Iovecs {
 /// A completion: the token given at submit and the outcome.
 pub type Completion = (u64, io::Result<()>);
 
+#[allow(clippy::large_enum_variant)] // one per device, never moved in a hot path
 pub enum Engine {
     Sync(SyncEngine),
     Uring(UringEngine),
@@ -163,7 +164,7 @@ impl Engine {
     /// Pushes finished requests into `out`.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         match self {
-            Engine::Sync(e) => out.extend(e.done.drain(..)),
+            Engine::Sync(e) => out.append(&mut e.done),
             Engine::Uring(e) => e.drain(out),
             Engine::Pool(e) => e.drain(out),
         }

@@ -323,11 +323,7 @@ impl Worker {
                     return false;
                 }
             }
-            loop {
-                let chain = match self.queue.pop_descriptor_chain(&self.mem) {
-                    Some(c) => c,
-                    None => break,
-                };
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 let parsed = request::parse(chain, self.capacity, self.read_only);
                 self.start(parsed);
             }

@@ -171,7 +171,7 @@ fn parse_descs(
             if read_only && kind == RequestKind::Write {
                 return Err(ioerr("write to a read-only disk"));
             }
-            if total % SECTOR_SIZE != 0 {
+            if !total.is_multiple_of(SECTOR_SIZE) {
                 return Err(ioerr("data length is not a multiple of 512"));
             }
             let offset = sector
