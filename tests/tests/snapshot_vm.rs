@@ -47,7 +47,7 @@ fn boot() -> GuestVm {
     vm.boot().unwrap();
     vm.start().unwrap();
     let g = GuestVm {
-        vm,
+        vm: std::mem::ManuallyDrop::new(vm),
         dir,
         serial,
         uds: Some(uds),
