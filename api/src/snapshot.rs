@@ -157,7 +157,7 @@ fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Val
 /// File in the VM directory naming the snapshot a `--diff` is taken against.
 const PARENT_FILE: &str = "snapshot.parent";
 
-fn create(
+pub fn create(
     home: &Home,
     vm: &str,
     name: Option<String>,
@@ -217,8 +217,7 @@ fn create(
         let reader = std::fs::File::open(&fifo).context("opening the memory FIFO")?;
         let reader = std::io::BufReader::with_capacity(1 << 20, reader);
         let captured = match &parent {
-            Some((_, prec)) => snapshotter::memory::capture_diff_from(&store, &prec.memory, reader)
-                .map(|(m, changed)| (m, changed)),
+            Some((_, prec)) => snapshotter::memory::capture_diff_from(&store, &prec.memory, reader),
             None => {
                 snapshotter::memory::capture_full_from(&store, mem_bytes, reader).map(|m| (m, 0))
             }
@@ -343,20 +342,9 @@ fn inspect(home: &Home, snap: &str) -> Result<()> {
     print_json(&rec)
 }
 
-fn new_id() -> String {
-    let mut b = [0u8; 4];
-    use std::io::Read;
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    hex_lower(&b)
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// `kiln vm restore SNAP [-d]` (also `kiln snapshot restore`).
 pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
-    let id = a.id.clone().unwrap_or_else(new_id);
+    let id = a.id.clone().unwrap_or_else(crate::cli::new_vm_id);
     let dir = vm_dir(home, &id)?;
     if dir.join("control.sock").exists() {
         bail!("VM {id} already exists");
@@ -496,7 +484,7 @@ pub fn fork(home: &Home, snap: &str, count: usize, vsock_dir: Option<PathBuf>) -
     let file = mdir.join("memory.img");
     snapvm::materialize(&store, &rec, &file)?;
     for _ in 0..count {
-        let id = new_id();
+        let id = crate::cli::new_vm_id();
         let a = RestoreArgs {
             snapshot: snap_id.to_hex(),
             detach: true,

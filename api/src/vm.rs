@@ -28,8 +28,33 @@ pub enum VmCommand {
     },
     /// Pause a running VM (vCPUs and devices stop)
     Pause { id: String },
-    /// Resume a paused VM
+    /// Resume a paused VM, or start a suspended one from its snapshot (`kiln vm suspend`)
+    #[command(
+        after_help = "Examples:\n  kiln vm resume 3f2a9c1e      # a paused VM\n  \
+        kiln vm resume my-sandbox    # a snapshot made by `kiln vm suspend`, in the background"
+    )]
     Resume { id: String },
+    /// Snapshot a VM into the store and stop it, freeing its memory
+    ///
+    /// `kiln vm resume NAME` starts it again, on this host or on another that shares the S3
+    /// remote (after `kiln snapshot push NAME` here and `kiln snapshot pull ID` there).
+    Suspend {
+        id: String,
+        /// Snapshot name to resume from (default: the VM id)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Start a VM from a snapshot, paging its memory in lazily from the store
+    Restore(crate::snapshot::RestoreArgs),
+    /// Start N VMs from one snapshot, sharing its memory pages until written
+    Fork {
+        snapshot: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: usize,
+        /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
+        #[arg(long)]
+        vsock_dir: Option<PathBuf>,
+    },
     /// Stop a VM
     Stop { id: String },
     /// Print a VM's serial output
@@ -139,7 +164,21 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
         VmCommand::Run(a) => run_vm(home, a),
         VmCommand::Ls { json } => ls(home, json),
         VmCommand::Pause { id } => simple(home, &id, Request::Pause, "paused"),
-        VmCommand::Resume { id } => simple(home, &id, Request::Resume, "resumed"),
+        VmCommand::Resume { id } => resume(home, &id),
+        VmCommand::Suspend { id, name } => {
+            let name = name.unwrap_or_else(|| id.clone());
+            crate::snapshot::create(home, &id, Some(name.clone()), false, true, false)?;
+            eprintln!(
+                "{id} suspended as snapshot {name:?}; `kiln vm resume {name}` starts it again"
+            );
+            Ok(())
+        }
+        VmCommand::Restore(a) => crate::snapshot::restore(home, a),
+        VmCommand::Fork {
+            snapshot,
+            count,
+            vsock_dir,
+        } => crate::snapshot::fork(home, &snapshot, count, vsock_dir),
         VmCommand::Stop { id } => stop(home, &id),
         VmCommand::Logs { id, follow } => logs(home, &id, follow),
         VmCommand::CommitDisk { id, disk, name } => {
@@ -201,6 +240,25 @@ fn simple(home: &Home, id: &str, req: Request, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A running VM is resumed in place; otherwise `id` names a snapshot (a suspended VM) that is
+/// restored in the background.
+fn resume(home: &Home, id: &str) -> Result<()> {
+    let running = home.vms_dir().join(id).join("control.sock").exists();
+    if running {
+        return simple(home, id, Request::Resume, "resumed");
+    }
+    let args = crate::snapshot::RestoreArgs {
+        snapshot: id.to_string(),
+        detach: true,
+        id: None,
+        vsock_uds: None,
+        memory_file: None,
+        no_working_set: false,
+    };
+    crate::snapshot::restore(home, args)
+        .with_context(|| format!("{id:?} is neither a running VM nor a snapshot"))
+}
+
 fn stop(home: &Home, id: &str) -> Result<()> {
     let dir = vm_dir(home, id)?;
     call(home, id, &Request::Stop, Duration::from_secs(30))?;
@@ -215,24 +273,6 @@ fn stop(home: &Home, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn new_id() -> String {
-    let mut b = [0u8; 4];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        b = (t.subsec_nanos() ^ std::process::id()).to_le_bytes();
-    }
-    hex(&b)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
     // Check what we can before forking, so `-d` reports bad input directly.
     if !a.kernel.is_file() {
@@ -245,7 +285,7 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
             vmm::memory::MAX_MEM_BYTES >> 20
         );
     }
-    let id = a.id.clone().unwrap_or_else(new_id);
+    let id = a.id.clone().unwrap_or_else(crate::cli::new_vm_id);
     let dir = home.vms_dir().join(&id);
     if a.detach {
         return detach(home, &a, &id, &dir);
