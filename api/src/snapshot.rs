@@ -483,6 +483,9 @@ pub fn fork(home: &Home, snap: &str, count: usize, vsock_dir: Option<PathBuf>) -
     std::fs::create_dir_all(&mdir)?;
     let file = mdir.join("memory.img");
     snapvm::materialize(&store, &rec, &file)?;
+    if let Some(d) = &vsock_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     for _ in 0..count {
         let id = crate::cli::new_vm_id();
         let a = RestoreArgs {

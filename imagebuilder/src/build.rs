@@ -767,7 +767,10 @@ impl Builder<'_> {
         }
         let dest_raw = w.pop().expect("len >= 2");
         let cwd = st.config.workdir.clone().unwrap_or_else(|| "/".into());
-        let dest_is_dir = dest_raw.ends_with('/') || w.len() > 1;
+        // `.`/`..` (e.g. `COPY f .` under a WORKDIR) name a directory, as a trailing `/` does.
+        let last_component = dest_raw.rsplit('/').next().unwrap_or("");
+        let dest_is_dir =
+            dest_raw.ends_with('/') || matches!(last_component, "." | "..") || w.len() > 1;
         let dest = resolve_in(&cwd, &dest_raw);
         // Ownership: resolved against the stage's /etc/passwd when given by name.
         let owner = match &chown {

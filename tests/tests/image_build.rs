@@ -47,6 +47,7 @@ ENV GREETING="hi there" \
     OTHER=1
 WORKDIR /app
 COPY hello.txt ./
+COPY data/a .
 COPY --from=builder /artifact /app/artifact
 COPY --chown=app:app data/ /data/
 RUN echo "$GREETING" > greeting && cat hello.txt artifact
@@ -94,6 +95,7 @@ fn multi_stage_build_cache_hits_and_misses() {
     assert_eq!(disk_cat(&disk, "/app/heredoc"), "from-heredoc\n");
     assert_eq!(disk_cat(&disk, "/tmp/uid"), "1000\n");
     assert_eq!(disk_cat(&disk, "/data/a"), "a\n");
+    assert_eq!(disk_cat(&disk, "/app/a"), "a\n", "COPY into `.` (the WORKDIR)");
     assert_eq!(
         disk_cat(&disk, "/data/secret.key"),
         "",
