@@ -50,6 +50,24 @@ pub enum ImageCommand {
         #[arg(short, long)]
         output: std::path::PathBuf,
     },
+    /// Push an image (record, disk, layers) to a remote; prints the image id
+    Push {
+        name: String,
+        /// Remote name [default: the default remote]
+        #[arg(long)]
+        remote: Option<String>,
+    },
+    /// Make an image pushed from another home usable here (manifests now, data lazily)
+    PullFromRemote {
+        /// Image id (as printed by `push`), or a local image name to re-fetch
+        id_or_name: String,
+        /// Local name [default: ID_OR_NAME]
+        #[arg(long)]
+        name: Option<String>,
+        /// Remote name [default: the default remote]
+        #[arg(long)]
+        remote: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,9 +113,10 @@ pub struct BuildArgs {
     json: bool,
 }
 
+/// The local store, with the default remote attached if one is configured: an image pulled
+/// from a remote has its data fetched lazily, on export, build or boot.
 fn open_store(home: &Home) -> anyhow::Result<blockstore::Store> {
-    let dir = home.store_dir();
-    blockstore::Store::open(&dir).with_context(|| format!("opening store {}", dir.display()))
+    crate::store::open_with_remote(home, None, false)
 }
 
 /// Where staging root file systems and disk images are made: KILN_TMPDIR, else /dev/shm (tmpfs:
@@ -115,6 +134,16 @@ fn tmp_dir(home: &Home) -> std::path::PathBuf {
 }
 
 pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
+    // These two open the store with a remote attached; the rest work on the local store only.
+    let c = match c {
+        ImageCommand::Push { name, remote } => return push(home, &name, remote.as_deref()),
+        ImageCommand::PullFromRemote {
+            id_or_name,
+            name,
+            remote,
+        } => return pull_from_remote(home, id_or_name, name, remote.as_deref()),
+        other => other,
+    };
     let store = open_store(home)?;
     match c {
         ImageCommand::Pull {
@@ -205,7 +234,43 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("exporting to {}", output.display()))?;
             eprintln!("wrote {} ({} bytes)", output.display(), rec.disk_size);
         }
+        // Handled above, before the store was opened.
+        ImageCommand::Push { .. } | ImageCommand::PullFromRemote { .. } => {}
     }
+    Ok(())
+}
+
+fn push(home: &Home, name: &str, remote: Option<&str>) -> anyhow::Result<()> {
+    let store = crate::store::open_with_remote(home, remote, true)?;
+    let (id, _) = imagebuilder::image::lookup(&store, name)?;
+    let bytes =
+        imagebuilder::image::push(&store, &id).with_context(|| format!("pushing image {name}"))?;
+    println!("{id}");
+    eprintln!("{bytes} bytes uploaded");
+    Ok(())
+}
+
+fn pull_from_remote(
+    home: &Home,
+    id_or_name: String,
+    name: Option<String>,
+    remote: Option<&str>,
+) -> anyhow::Result<()> {
+    let store = crate::store::open_with_remote(home, remote, true)?;
+    let id = match id_or_name.parse::<blockstore::BlobId>() {
+        Ok(id) => id,
+        Err(_) => {
+            imagebuilder::image::lookup(&store, &id_or_name)
+                .with_context(|| {
+                    format!("{id_or_name:?} is neither an image id nor a local image")
+                })?
+                .0
+        }
+    };
+    let name = name.unwrap_or(id_or_name);
+    let rec = imagebuilder::image::pull(&store, &id, &name)
+        .with_context(|| format!("pulling image {id} from the remote"))?;
+    println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
     Ok(())
 }
 

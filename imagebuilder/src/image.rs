@@ -332,3 +332,31 @@ pub fn materialize(store: &Store, layers: &[BlobId], root: &Path) -> Result<()> 
     }
     Ok(())
 }
+
+/// Pushes an image (its record, disk and layer blobs) to the store's remote; only chunks the
+/// remote lacks are sent. Returns bytes uploaded.
+pub fn push(store: &Store, id: &BlobId) -> Result<u64> {
+    let rec = get_record(store, id)?;
+    let mut bytes = 0;
+    // Record last: a remote that has the record then has everything it refers to.
+    for b in rec.layers.iter().chain([&rec.disk, id]) {
+        bytes += store.push(b, &|_| {})?.bytes_uploaded;
+    }
+    Ok(bytes)
+}
+
+/// Makes an image pushed from another home usable here: fetches its record and the disk and
+/// layer manifests (their data comes from the remote lazily, on read), keeps them and names
+/// the image `name`.
+pub fn pull(store: &Store, id: &BlobId, name: &str) -> Result<ImageRecord> {
+    check_name(name)?;
+    store.pull(id)?;
+    let rec = get_record(store, id)?;
+    for b in rec.layers.iter().chain([&rec.disk]) {
+        store.pull(b)?;
+        keep(store, b)?;
+    }
+    keep(store, id)?;
+    tag(store, name, id)?;
+    Ok(rec)
+}
