@@ -95,7 +95,11 @@ fn multi_stage_build_cache_hits_and_misses() {
     assert_eq!(disk_cat(&disk, "/app/heredoc"), "from-heredoc\n");
     assert_eq!(disk_cat(&disk, "/tmp/uid"), "1000\n");
     assert_eq!(disk_cat(&disk, "/data/a"), "a\n");
-    assert_eq!(disk_cat(&disk, "/app/a"), "a\n", "COPY into `.` (the WORKDIR)");
+    assert_eq!(
+        disk_cat(&disk, "/app/a"),
+        "a\n",
+        "COPY into `.` (the WORKDIR)"
+    );
     assert_eq!(
         disk_cat(&disk, "/data/secret.key"),
         "",
