@@ -55,7 +55,9 @@ fn ping(uds: &Path) -> anyhow::Result<()> {
         })();
         match r {
             Ok(()) => return Ok(()),
-            Err(_) if t0.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_micros(200)),
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
             Err(e) => anyhow::bail!("no reply from {}: {e}", uds.display()),
         }
     }
@@ -86,7 +88,12 @@ fn smaps_kb(start: u64, len: u64, field: &str) -> u64 {
         }
         if inside {
             if let Some(v) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-                total += v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0);
+                total += v
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
             }
         }
     }
@@ -97,9 +104,16 @@ fn main() -> anyhow::Result<()> {
     let mem_mib: u64 = arg("--mem-mib", 256);
     let runs: usize = arg("--runs", 20);
     let nforks: usize = arg("--forks", 32);
-    let dir = tempfile::tempdir_in(std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let dir = tempfile::tempdir_in(
+        std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+    )?;
     let store = Store::open(&dir.path().join("store"))?;
-    let shape = VmShape { mem_bytes: mem_mib * MIB, vcpus: 1, cmdline: String::new(), vsock_cid: Some(3) };
+    let shape = VmShape {
+        mem_bytes: mem_mib * MIB,
+        vcpus: 1,
+        cmdline: String::new(),
+        vsock_cid: Some(3),
+    };
 
     // Boot the guest (CPL 3: native speed on PVM) and put data in half of its RAM.
     let uds = dir.path().join("src.vsock");
@@ -140,7 +154,13 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_file(&file)?;
 
     let before = store.stats().bytes_written;
-    let req = |name: &'static str| SnapshotRequest { shape: shape.clone(), name: Some(name), parent: None, tracker: Some(&tracker), disks: vec![] };
+    let req = |name: &'static str| SnapshotRequest {
+        shape: shape.clone(),
+        name: Some(name),
+        parent: None,
+        tracker: Some(&tracker),
+        disks: vec![],
+    };
     let t = Instant::now();
     let (base_rec, base_rep) = snapvm::snapshot(&store, &vm, req("bench-base"))?;
     let create_ms = ms(t.elapsed());
@@ -159,7 +179,13 @@ fn main() -> anyhow::Result<()> {
     let (_diff_rec, diff_rep) = snapvm::snapshot(
         &store,
         &vm,
-        SnapshotRequest { shape: shape.clone(), name: Some("bench-diff"), parent: Some((base_rep.snapshot, &base_rec)), tracker: Some(&tracker), disks: vec![] },
+        SnapshotRequest {
+            shape: shape.clone(),
+            name: Some("bench-diff"),
+            parent: Some((base_rep.snapshot, &base_rec)),
+            tracker: Some(&tracker),
+            disks: vec![],
+        },
     )?;
     let diff_ms = ms(t.elapsed());
     let diff_stored = store.stats().bytes_written - before;
@@ -169,30 +195,52 @@ fn main() -> anyhow::Result<()> {
 
     // Restore: lazy, to first reply; first without a working set, recording one.
     let (id, rec) = record::load_checked(&store, "bench-base")?;
-    let restore_once = |tag: &str, ws: bool| -> anyhow::Result<(f64, snapshotter::LazyStats, Option<usize>)> {
-        let t = Instant::now();
-        let lazy = snapvm::lazy_memory(&store, &id, &rec, LazyRestore { use_working_set: ws, record: !ws, on_fatal: snapshotter::lazy::exit_process_hook() })?;
-        let t_mem = t.elapsed();
-        let mem = RestoredMemory::Lazy(lazy);
-        let uds = dir.path().join(format!("{tag}.vsock"));
-        let ident = Identity { vsock_uds: Some(uds.clone()), ..Default::default() };
-        // SAFETY: mem outlives vm (dropped after it below).
-        let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
-        let t_vm = t.elapsed();
-        ping(&uds)?;
-        if std::env::var_os("KILN_BENCH_VERBOSE").is_some() {
-            eprintln!("restore {tag}: memory {:?} vm {:?} reply {:?}", t_mem, t_vm, t.elapsed());
-        }
-        let took = ms(t.elapsed());
-        let lazy = mem.lazy().unwrap();
-        let stats = lazy.stats();
-        let recorded = if !ws { Some(snapvm::finish_recording(&store, &id, lazy)?) } else { None };
-        vm.stop();
-        let _ = vm.wait_timeout(Duration::from_secs(5));
-        drop(vm);
-        drop(mem);
-        Ok((took, stats, recorded))
-    };
+    let restore_once =
+        |tag: &str, ws: bool| -> anyhow::Result<(f64, snapshotter::LazyStats, Option<usize>)> {
+            let t = Instant::now();
+            let lazy = snapvm::lazy_memory(
+                &store,
+                &id,
+                &rec,
+                LazyRestore {
+                    use_working_set: ws,
+                    record: !ws,
+                    on_fatal: snapshotter::lazy::exit_process_hook(),
+                },
+            )?;
+            let t_mem = t.elapsed();
+            let mem = RestoredMemory::Lazy(lazy);
+            let uds = dir.path().join(format!("{tag}.vsock"));
+            let ident = Identity {
+                vsock_uds: Some(uds.clone()),
+                ..Default::default()
+            };
+            // SAFETY: mem outlives vm (dropped after it below).
+            let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
+            let t_vm = t.elapsed();
+            ping(&uds)?;
+            if std::env::var_os("KILN_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "restore {tag}: memory {:?} vm {:?} reply {:?}",
+                    t_mem,
+                    t_vm,
+                    t.elapsed()
+                );
+            }
+            let took = ms(t.elapsed());
+            let lazy = mem.lazy().unwrap();
+            let stats = lazy.stats();
+            let recorded = if !ws {
+                Some(snapvm::finish_recording(&store, &id, lazy)?)
+            } else {
+                None
+            };
+            vm.stop();
+            let _ = vm.wait_timeout(Duration::from_secs(5));
+            drop(vm);
+            drop(mem);
+            Ok((took, stats, recorded))
+        };
     let mut cold = Vec::new();
     let mut cold_stats = None;
     let mut ws_chunks = 0;
@@ -220,7 +268,10 @@ fn main() -> anyhow::Result<()> {
         let m = snapshotter::Mapping::file_private(&memfile, rec.memory.size as usize)?;
         let mem = RestoredMemory::Mapped(m);
         let uds = dir.path().join(format!("f{i}.vsock"));
-        let ident = Identity { vsock_uds: Some(uds.clone()), ..Default::default() };
+        let ident = Identity {
+            vsock_uds: Some(uds.clone()),
+            ..Default::default()
+        };
         // SAFETY: mem is kept next to the VM and dropped after it.
         let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
         forks.push((vm, mem, uds));
@@ -236,7 +287,11 @@ fn main() -> anyhow::Result<()> {
     for (_, mem, _) in &forks {
         let a = mem.host_addr() as u64;
         pss.push(smaps_kb(a, rec.memory.size, "Pss") as f64 / 1024.0);
-        private.push((smaps_kb(a, rec.memory.size, "Private_Dirty") + smaps_kb(a, rec.memory.size, "Private_Clean")) as f64 / 1024.0);
+        private.push(
+            (smaps_kb(a, rec.memory.size, "Private_Dirty")
+                + smaps_kb(a, rec.memory.size, "Private_Clean")) as f64
+                / 1024.0,
+        );
     }
     for (vm, mem, _) in forks {
         vm.stop();

@@ -25,7 +25,9 @@ fn kiln_next_to_me() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_BIN") {
         return p.into();
     }
-    let p = std::env::current_exe().expect("current_exe").with_file_name("kiln");
+    let p = std::env::current_exe()
+        .expect("current_exe")
+        .with_file_name("kiln");
     if p.exists() {
         return p;
     }
@@ -58,7 +60,11 @@ fn fio(file: &Path, rw: &str, bs: u32, secs: u64) -> anyhow::Result<(f64, f64)> 
         ])
         .arg(format!("--filename={}", file.display()))
         .output()?;
-    anyhow::ensure!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let read = &v["jobs"][0]["read"];
     Ok((
@@ -84,14 +90,20 @@ fn guest(
     );
     let out = Command::new(kiln)
         .env("KILN_HOME", home)
-        .args(["vm", "run", "--entry", "user", "--mem", "64", "--disk", disk])
+        .args([
+            "vm", "run", "--entry", "user", "--mem", "64", "--disk", disk,
+        ])
         .arg("--kernel")
         .arg(kiln_testguest::elf_path())
         .args(["--cmdline", &cmdline])
         .stdin(Stdio::null())
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(out.status.success(), "guest run failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "guest run failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = text
         .lines()
         .find_map(|l| l.strip_prefix("kt: bench done "))
@@ -104,7 +116,12 @@ fn guest(
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         eprintln!("SKIP: /dev/kvm not usable");
         return Ok(());
     }
@@ -114,7 +131,9 @@ fn main() -> anyhow::Result<()> {
     }
     let size = arg("--size-mb", 256) << 20;
     let secs = arg("--secs", 4);
-    let base = std::env::var_os("KILN_BENCH_DIR").map(PathBuf::from).unwrap_or("/var/tmp".into());
+    let base = std::env::var_os("KILN_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or("/var/tmp".into());
     let dir = tempfile::tempdir_in(&base)?;
     let home = dir.path().join("home");
     let kiln = kiln_next_to_me();
@@ -146,7 +165,16 @@ fn main() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .status()?;
     anyhow::ensure!(st.success(), "kiln store put failed");
-    guest(&kiln, &home, "benchdisk", false, 128 << 10, size / (128 << 10), size, hz)?;
+    guest(
+        &kiln,
+        &home,
+        "benchdisk",
+        false,
+        128 << 10,
+        size / (128 << 10),
+        size,
+        hz,
+    )?;
     let (o_iops, _) = guest(&kiln, &home, "benchdisk", true, 4096, n_rand, size, hz)?;
     let (_, o_mbs) = guest(&kiln, &home, "benchdisk", false, 128 << 10, n_seq, size, hz)?;
 

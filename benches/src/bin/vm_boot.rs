@@ -36,7 +36,12 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         eprintln!("SKIP: /dev/kvm not usable");
         return Ok(());
     }
@@ -49,14 +54,26 @@ fn main() -> anyhow::Result<()> {
     let mut exec = Vec::new();
     for i in 0..runs {
         let t = Instant::now();
-        let st = Command::new(&kiln).arg("--version").stdout(Stdio::null()).status()?;
+        let st = Command::new(&kiln)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()?;
         anyhow::ensure!(st.success());
         exec.push(t.elapsed().as_secs_f64() * 1e3);
 
         let t = Instant::now();
         let mut child = Command::new(&kiln)
             .env("KILN_HOME", home.path())
-            .args(["vm", "run", "--entry", "user", "--mem", "64", "--id", &format!("b{i}")])
+            .args([
+                "vm",
+                "run",
+                "--entry",
+                "user",
+                "--mem",
+                "64",
+                "--id",
+                &format!("b{i}"),
+            ])
             .arg("--kernel")
             .arg(guest)
             .args(["--cmdline", "kt.exit=1"])
