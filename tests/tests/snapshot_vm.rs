@@ -13,7 +13,7 @@ use blockstore::Store;
 use guest_support::{Conn, GuestVm};
 use snapshotter::record::{self, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -156,10 +156,6 @@ impl Restored {
         let vm = unsafe { snapvm::start_vm(&self.rec, &self.mem, &self.ident) }
             .expect("start restored VM");
         self.vm = Some(vm);
-    }
-
-    fn vm(&self) -> &vmm::Vm {
-        self.vm.as_ref().unwrap()
     }
 }
 
@@ -348,7 +344,7 @@ fn diff_chain_of_three_restores_each_generation_exactly() {
         let layer = rec.memory.layers.last().unwrap();
         let diff_bytes = store.stat(&layer.blob).unwrap().size;
         assert!(
-            diff_bytes >= MIB && diff_bytes < 4 * MIB,
+            (MIB..4 * MIB).contains(&diff_bytes),
             "the diff layer holds the MiB written plus a few chunks, not all RAM: {diff_bytes}"
         );
         assert_eq!(rec.memory.layers.len() as u64, gen + 1);

@@ -39,7 +39,7 @@ fn setup() -> (tempfile::TempDir, Kiln) {
 }
 
 /// `kiln vm run` in the foreground with the test guest at user entry (fast on PVM hosts).
-fn run_args<'a>(extra: &[&'a str]) -> Vec<String> {
+fn run_args(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "vm",
         "run",

@@ -35,7 +35,7 @@ pub fn pattern_word(seed: u64, index: u64) -> u64 {
 /// Fills `buf` with the pattern as it appears at byte offset `offset` (both multiples of 8).
 pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
     assert!(
-        offset % 8 == 0 && buf.len() % 8 == 0,
+        offset.is_multiple_of(8) && buf.len().is_multiple_of(8),
         "pattern ranges are 8-byte aligned"
     );
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
@@ -67,7 +67,7 @@ impl Checksum {
     /// Adds bytes; every call must pass a multiple of 8 bytes.
     pub fn update(&mut self, bytes: &[u8]) {
         assert!(
-            bytes.len() % 8 == 0,
+            bytes.len().is_multiple_of(8),
             "checksummed data comes in 8-byte words"
         );
         for w in bytes.chunks_exact(8) {

@@ -250,7 +250,9 @@ fn misbehaving_driver_gets_errors() {
     let (f, _) = disk(64 << 10);
     let mut d = Driver::new();
     let r = start(&d, file_backend(&f, FileEngine::Uring), false);
-    let cases: Vec<(u32, u64, Vec<(u64, u32)>, u8)> = vec![
+    // (request type, sector, data descriptors (addr, len), expected status)
+    type Case = (u32, u64, Vec<(u64, u32)>, u8);
+    let cases: Vec<Case> = vec![
         // beyond the end of the disk
         (
             VIRTIO_BLK_T_IN,
