@@ -64,14 +64,19 @@ pub enum SnapshotCommand {
     /// Start a VM from a snapshot (memory paged in lazily from the store)
     Restore(RestoreArgs),
     /// Start N VMs from one snapshot, sharing its memory pages until written
-    Fork {
-        snapshot: String,
-        #[arg(short = 'n', long, default_value_t = 1)]
-        count: usize,
-        /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
-        #[arg(long)]
-        vsock_dir: Option<PathBuf>,
-    },
+    Fork(ForkArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ForkArgs {
+    /// Snapshot name or id
+    pub snapshot: String,
+    /// How many VMs to start
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub count: usize,
+    /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
+    #[arg(long)]
+    pub vsock_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -131,11 +136,7 @@ pub fn run(home: &Home, c: SnapshotCommand) -> Result<()> {
             Ok(())
         }
         SnapshotCommand::Restore(a) => restore(home, a),
-        SnapshotCommand::Fork {
-            snapshot,
-            count,
-            vsock_dir,
-        } => fork(home, &snapshot, count, vsock_dir),
+        SnapshotCommand::Fork(a) => fork(home, a),
     }
 }
 
@@ -476,7 +477,13 @@ fn detach(home: &Home, a: &RestoreArgs, id: &str, dir: &Path) -> Result<()> {
 }
 
 /// `kiln vm fork SNAP -n N`: N detached VMs over one copy-on-write memory file.
-pub fn fork(home: &Home, snap: &str, count: usize, vsock_dir: Option<PathBuf>) -> Result<()> {
+pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
+    let ForkArgs {
+        snapshot,
+        count,
+        vsock_dir,
+    } = a;
+    let snap = snapshot.as_str();
     let store = crate::store::open_with_remote(home, None, false)?;
     let (snap_id, rec) = record::load_checked(&store, snap)?;
     let mdir = home.root().join("snapshots").join(snap_id.to_hex());

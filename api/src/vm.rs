@@ -47,14 +47,7 @@ pub enum VmCommand {
     /// Start a VM from a snapshot, paging its memory in lazily from the store
     Restore(crate::snapshot::RestoreArgs),
     /// Start N VMs from one snapshot, sharing its memory pages until written
-    Fork {
-        snapshot: String,
-        #[arg(short = 'n', long, default_value_t = 1)]
-        count: usize,
-        /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
-        #[arg(long)]
-        vsock_dir: Option<PathBuf>,
-    },
+    Fork(crate::snapshot::ForkArgs),
     /// Stop a VM
     Stop { id: String },
     /// Print a VM's serial output
@@ -174,11 +167,7 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Restore(a) => crate::snapshot::restore(home, a),
-        VmCommand::Fork {
-            snapshot,
-            count,
-            vsock_dir,
-        } => crate::snapshot::fork(home, &snapshot, count, vsock_dir),
+        VmCommand::Fork(a) => crate::snapshot::fork(home, a),
         VmCommand::Stop { id } => stop(home, &id),
         VmCommand::Logs { id, follow } => logs(home, &id, follow),
         VmCommand::CommitDisk { id, disk, name } => {
