@@ -367,10 +367,7 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                 set_mtime(&target, mtime)?;
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| Error::BadLayer(format!("{what}: bad link name: {e}")))?
-                    .ok_or_else(|| Error::BadLayer(format!("{what}: symlink without target")))?;
+                let link = link_target(&entry, &what, "symlink")?;
                 // Creating a symlink is harmless whatever its target: the applier never follows
                 // one out of the root, and inside the VM the disk is the whole file system.
                 std::os::unix::fs::symlink(&link, &target).ctx("symlink", &target)?;
@@ -381,11 +378,7 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                 set_mtime(&target, mtime)?;
             }
             tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| Error::BadLayer(format!("{what}: bad link name: {e}")))?
-                    .ok_or_else(|| Error::BadLayer(format!("{what}: hardlink without target")))?
-                    .into_owned();
+                let link = link_target(&entry, &what, "hardlink")?;
                 let mut lcomps = clean_components(&link).map_err(|_| Error::UnsafeEntry {
                     path: what.clone(),
                     why: format!("hardlink target {} leads outside the root", link.display()),
@@ -652,6 +645,19 @@ fn append_xattrs<W: io::Write>(b: &mut tar::Builder<W>, path: &Path) -> Result<(
             .ctx("write xattrs", path)?;
     }
     Ok(())
+}
+
+/// The target a symlink or hardlink entry names (`kind` is for the error message).
+fn link_target<R: std::io::Read>(
+    entry: &tar::Entry<'_, R>,
+    what: &str,
+    kind: &str,
+) -> Result<std::path::PathBuf> {
+    entry
+        .link_name()
+        .map_err(|e| Error::BadLayer(format!("{what}: bad link name: {e}")))?
+        .map(|l| l.into_owned())
+        .ok_or_else(|| Error::BadLayer(format!("{what}: {kind} without target")))
 }
 
 #[cfg(test)]

@@ -162,21 +162,14 @@ pub fn import(
     name: &str,
     opts: &PullOptions,
 ) -> Result<(BlobId, ImageRecord)> {
-    if let Some(rest) = source.strip_prefix("oci:") {
+    // A docker archive's unpacked files back its layers until ingest has read them.
+    let mut _unpacked_archive = None;
+    let (config, layers) = if let Some(rest) = source.strip_prefix("oci:") {
         let (dir, tag) = match rest.rsplit_once(':') {
             Some((d, t)) if !t.contains('/') => (d, Some(t)),
             _ => (rest, None),
         };
-        let (config, layers) = read_oci_layout(Path::new(dir), tag)?;
-        ingest(
-            store,
-            tmp,
-            name,
-            &config,
-            &layers,
-            format!("import {source}"),
-            opts,
-        )
+        read_oci_layout(Path::new(dir), tag)?
     } else if let Some(file) = source.strip_prefix("docker-archive:") {
         std::fs::create_dir_all(tmp).ctx("mkdir", tmp)?;
         let unpacked = tempfile::Builder::new()
@@ -185,21 +178,23 @@ pub fn import(
             .ctx("create dir in", tmp)?;
         let f = std::fs::File::open(file).ctx("open", file)?;
         layer::apply_layer(unpacked.path(), f, &ApplyOptions::default())?;
-        let (config, layers) = read_docker_archive(unpacked.path())?;
-        ingest(
-            store,
-            tmp,
-            name,
-            &config,
-            &layers,
-            format!("import {source}"),
-            opts,
-        )
+        let parsed = read_docker_archive(unpacked.path())?;
+        _unpacked_archive = Some(unpacked);
+        parsed
     } else {
-        Err(Error::BadSource(format!(
+        return Err(Error::BadSource(format!(
             "{source:?}: expected oci:DIR[:TAG] or docker-archive:FILE"
-        )))
-    }
+        )));
+    };
+    ingest(
+        store,
+        tmp,
+        name,
+        &config,
+        &layers,
+        format!("import {source}"),
+        opts,
+    )
 }
 
 fn read_json(p: &Path) -> Result<serde_json::Value> {

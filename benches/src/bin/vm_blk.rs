@@ -117,12 +117,7 @@ fn guest(
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if !kiln_benches::kvm_usable() {
         eprintln!("SKIP: /dev/kvm not usable");
         return Ok(());
     }

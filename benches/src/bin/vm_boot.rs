@@ -36,12 +36,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if !kiln_benches::kvm_usable() {
         eprintln!("SKIP: /dev/kvm not usable");
         return Ok(());
     }
