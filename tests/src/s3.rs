@@ -97,6 +97,18 @@ impl S3Server {
     }
 
     /// `http://127.0.0.1:PORT`.
+    /// `kiln remote add origin URL --endpoint <this server>` in `kiln`'s home (must succeed).
+    pub fn add_origin(&self, kiln: &crate::Kiln, url: &str) {
+        kiln.ok([
+            "remote",
+            "add",
+            "origin",
+            url,
+            "--endpoint",
+            &self.endpoint(),
+        ]);
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.ports[3])
     }

@@ -30,14 +30,7 @@ fn image_pushed_from_one_home_exports_identically_from_another() {
     let b = Kiln::new(tmp.path().join("b")).with_env(s3.env());
     let url = format!("s3://{BUCKET}/images");
     for k in [&a, &b] {
-        k.ok([
-            "remote",
-            "add",
-            "origin",
-            &url,
-            "--endpoint",
-            &s3.endpoint(),
-        ]);
+        s3.add_origin(k, &url);
     }
 
     a.ok([

@@ -46,14 +46,7 @@ fn damaged_chunk_is_named_and_repaired_from_s3() {
     let k = Kiln::new(tmp.path().join("home")).with_env(s3.env());
     let data = pseudo_random(6 * 64 * 1024, 7);
     put_file(&k, tmp.path(), &data, "d");
-    k.ok([
-        "remote",
-        "add",
-        "origin",
-        &format!("s3://{BUCKET}/faults"),
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&k, &format!("s3://{BUCKET}/faults"));
     k.ok(["store", "push", "d"]);
 
     // Flip bytes in the middle of one stored chunk (a zstd frame).
@@ -110,22 +103,8 @@ fn s3_down_fails_fast_and_clean_then_works_when_back() {
     let a = Kiln::new(tmp.path().join("a")).with_env(s3.env());
     let b = Kiln::new(tmp.path().join("b")).with_env(s3.env());
     let url = format!("s3://{BUCKET}/down");
-    a.ok([
-        "remote",
-        "add",
-        "origin",
-        &url,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
-    b.ok([
-        "remote",
-        "add",
-        "origin",
-        &url,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&a, &url);
+    s3.add_origin(&b, &url);
     let data = pseudo_random(5 * 64 * 1024 + 99, 3);
     let id = put_file(&a, tmp.path(), &data, "d");
 
@@ -162,14 +141,7 @@ fn s3_down_fails_fast_and_clean_then_works_when_back() {
     // S3 goes away in the middle of lazy reads: a clear error, no partial local state, and
     // the same read succeeds once it is back.
     let c = Kiln::new(tmp.path().join("c")).with_env(s3.env());
-    c.ok([
-        "remote",
-        "add",
-        "origin",
-        &url,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&c, &url);
     c.ok(["store", "pull", &id, "--name", "d"]);
     s3.stop();
     let err = c.fails(["store", "cat", "d"]);

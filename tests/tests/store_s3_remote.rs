@@ -119,14 +119,7 @@ fn remote_gc_deletes_only_unreferenced_chunks() {
     // goes, which is what protects concurrent pushes from other hosts.
     remote.delete_manifests(&[idb]).unwrap();
     let k = Kiln::new(tmp.path().join("home")).with_env(s3.env());
-    k.ok([
-        "remote",
-        "add",
-        "origin",
-        &format!("s3://{BUCKET}/gc"),
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&k, &format!("s3://{BUCKET}/gc"));
     k.ok(["store", "rm", &idb.to_hex()]);
     let rep = k.json(["store", "gc", "--remote", "--json"]);
     assert_eq!(rep["remote_chunks_removed"], 0, "{rep}");
@@ -146,14 +139,7 @@ fn remote_gc_deletes_only_unreferenced_chunks() {
     assert_eq!(remote.list_chunks().unwrap().len(), 7);
     // A's data stays complete and readable from the remote alone.
     let fresh = Kiln::new(tmp.path().join("fresh")).with_env(s3.env());
-    fresh.ok([
-        "remote",
-        "add",
-        "origin",
-        &format!("s3://{BUCKET}/gc"),
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&fresh, &format!("s3://{BUCKET}/gc"));
     fresh.ok(["store", "pull", &ida.to_hex()]);
     assert!(fresh.ok(["store", "cat", &ida.to_hex()]) == a);
 }

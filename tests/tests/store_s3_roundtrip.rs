@@ -41,14 +41,7 @@ fn push_from_one_home_pull_lazily_into_another() {
         "64K",
     ]);
     assert_eq!(id.len(), 64, "put prints the blob id: {id:?}");
-    a.ok([
-        "remote",
-        "add",
-        "origin",
-        &url,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&a, &url);
     let push = a.json(["store", "push", "disk", "--json"]);
     let stored = 20 - 4; // distinct non-zero chunks
     assert_eq!(push["chunks"], stored, "{push}");
@@ -58,14 +51,7 @@ fn push_from_one_home_pull_lazily_into_another() {
     assert_eq!(again["chunks_uploaded"], 0, "{again}");
 
     // A second, empty home: nothing local until pulled.
-    b.ok([
-        "remote",
-        "add",
-        "origin",
-        &url,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    s3.add_origin(&b, &url);
     assert!(b.fails(["store", "cat", "disk"]).contains("disk"));
     let pull = b.json(["store", "pull", &id, "--name", "disk", "--json"]);
     assert_eq!(
