@@ -63,7 +63,14 @@ fn handle_conn(conn: UnixStream, ctx: &ControlContext) {
         if line.trim().is_empty() {
             continue;
         }
+        let mut stop_after_reply = false;
         let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Stop) => {
+                // Stopping can end this process before a reply written afterwards leaves it:
+                // acknowledge first, then stop.
+                stop_after_reply = true;
+                serde_json::json!({ "ok": true })
+            }
             Ok(req) => match execute(ctx, req) {
                 Ok(mut v) => {
                     v["ok"] = true.into();
@@ -75,7 +82,11 @@ fn handle_conn(conn: UnixStream, ctx: &ControlContext) {
         };
         let mut s = resp.to_string();
         s.push('\n');
-        if out.write_all(s.as_bytes()).is_err() {
+        let written = out.write_all(s.as_bytes()).and_then(|_| out.flush());
+        if stop_after_reply {
+            ctx.vm.stop();
+        }
+        if written.is_err() {
             return;
         }
     }
@@ -99,6 +110,7 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             vm.resume().map_err(e)?;
             serde_json::json!({ "state": vm.state() })
         }
+        // handle_conn answers Stop before stopping; this arm only keeps the match total.
         Request::Stop => {
             vm.stop();
             serde_json::json!({})
