@@ -197,6 +197,18 @@ fn exec(
     write_json(g, Kind::Exit, &status)
 }
 
+/// Reads and drops a file's data frames up to the empty one that ends them.
+fn drain_file_frames(reader: &mut Box<dyn Read + Send>) -> Result<(), String> {
+    loop {
+        match read_frame(reader).map_err(|e| e.to_string())? {
+            Some((Kind::Data, data)) if !data.is_empty() => {}
+            Some((Kind::Data, _)) => return Ok(()),
+            Some((kind, _)) => return Err(format!("unexpected {kind:?} frame in file data")),
+            None => return Err("connection closed before the end of the file".into()),
+        }
+    }
+}
+
 fn write_file(
     req: FileRequest,
     reader: &mut Box<dyn Read + Send>,
@@ -209,8 +221,15 @@ fn write_file(
     };
     let tmp = dir.join(format!(".{}.kiln-agent-tmp", name.to_string_lossy()));
     let result = (|| -> Result<(), String> {
-        let mut f =
-            std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+        let mut f = match std::fs::File::create(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                // The file's data frames belong to this request: consume them so the client,
+                // still sending, reads this error instead of a broken pipe.
+                drain_file_frames(reader)?;
+                return Err(format!("create {}: {e}", tmp.display()));
+            }
+        };
         loop {
             let (kind, data) = read_frame(reader)
                 .map_err(|e| e.to_string())?
