@@ -96,7 +96,6 @@ impl S3Server {
         Err(last_err.unwrap()).context("starting SeaweedFS")
     }
 
-    /// `http://127.0.0.1:PORT`.
     /// `kiln remote add origin URL --endpoint <this server>` in `kiln`'s home (must succeed).
     pub fn add_origin(&self, kiln: &crate::Kiln, url: &str) {
         kiln.ok([
@@ -109,6 +108,7 @@ impl S3Server {
         ]);
     }
 
+    /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.ports[3])
     }
@@ -236,8 +236,15 @@ impl S3Server {
             .spawn()
             .with_context(|| format!("running {}", self.weed.display()))?;
         let t = Instant::now();
-        // Ready = a signed request through S3 -> filer -> master succeeds.
-        let probe = self.remote(BUCKET, "");
+        // Ready = a signed request through S3 -> filer -> master succeeds, and an object
+        // round-trips through the volume server (after a restart, GETs answer HTTP 500 until
+        // the volume server has re-registered, though bucket requests already work).
+        let probe = self.remote(BUCKET, "kiln-test-ready");
+        let probe_id = blockstore::Digest::of(b"kiln-test-ready");
+        let data_ready = |p: &S3Remote| {
+            p.put_chunk(&probe_id, b"ready").is_ok()
+                && p.get_chunk(&probe_id).is_ok_and(|d| d == b"ready")
+        };
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!(
@@ -245,7 +252,7 @@ impl S3Server {
                     self.log_tail()
                 );
             }
-            if probe.check().is_ok() {
+            if probe.check().is_ok() && data_ready(&probe) {
                 break;
             }
             if t.elapsed() > Duration::from_secs(30) {
