@@ -732,6 +732,7 @@ impl Builder<'_> {
         let mut from = None;
         let mut chown = None;
         let mut chmod = None;
+        let mut checksum = None;
         for (k, v) in &ins.flags {
             let v = dockerfile::expand_words(v, vars)
                 .map_err(|e| derr(&file, ins, e))?
@@ -745,6 +746,7 @@ impl Builder<'_> {
                     })?)
                 }
                 "link" => {}
+                "checksum" if ins.keyword == "ADD" => checksum = Some(v),
                 other => {
                     return Err(derr(
                         &file,
@@ -836,6 +838,7 @@ impl Builder<'_> {
                 dest_is_dir,
                 owner,
                 chmod,
+                checksum: checksum.as_deref(),
             };
             self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
             k
@@ -848,6 +851,7 @@ impl Builder<'_> {
                 dest_is_dir,
                 owner,
                 chmod,
+                checksum: checksum.as_deref(),
             };
             self.write_copy_tar(&self.opts.context, true, &spec, &tar_path, ins)?;
             let h = hash_file(&tar_path)?;
@@ -893,12 +897,14 @@ impl Builder<'_> {
             dest_is_dir,
             owner,
             chmod,
+            checksum,
         } = *spec;
         let file = self.df.file.clone();
         let f = std::fs::File::create(out).ctx("create", out)?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(f));
         let mut entries: Vec<(String, PathBuf)> = Vec::new(); // (dest path, host path)
         let mut inline: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut archives: Vec<PathBuf> = Vec::new();
         for s in srcs {
             if let Some(h) = s
                 .strip_prefix("<<")
@@ -917,12 +923,20 @@ impl Builder<'_> {
                 inline.push((d, body.into_bytes()));
                 continue;
             }
-            if s.starts_with("http://") || s.starts_with("https://") {
-                return Err(derr(
-                    &file,
-                    ins,
-                    format!("{s}: remote sources are not supported"),
-                ));
+            if ins.keyword == "ADD" && crate::add::is_url(s) {
+                let add_err = |e: Error| derr(&file, ins, e.to_string());
+                let d = if dest_is_dir {
+                    let n = crate::add::url_file_name(s).map_err(add_err)?;
+                    format!("{}/{n}", dest.trim_end_matches('/'))
+                } else {
+                    dest.to_string()
+                };
+                let host = crate::add::fetch_url(s, checksum, self.work.path()).map_err(add_err)?;
+                entries.push((d, host));
+                continue;
+            }
+            if checksum.is_some() {
+                return Err(derr(&file, ins, "--checksum applies to URL sources only"));
             }
             let rel = clean_rel(s).ok_or_else(|| {
                 derr(
@@ -969,6 +983,9 @@ impl Builder<'_> {
                             entries.push((d, e.path()));
                         }
                     }
+                } else if ins.keyword == "ADD" && is_context && crate::add::is_archive(&host)? {
+                    // A local tar archive is unpacked into the destination directory.
+                    archives.push(host);
                 } else {
                     let d = if dest_is_dir || dest.ends_with('/') {
                         format!(
@@ -1038,6 +1055,10 @@ impl Builder<'_> {
                     ),
                 ));
             }
+        }
+        for (i, a) in archives.iter().enumerate() {
+            let scratch = self.work.path().join(format!("add-check-{}-{i}", ins.line));
+            crate::add::append_archive(&mut b, a, dest, owner, &scratch)?;
         }
         for (d, data) in inline {
             let mut h = tar::Header::new_gnu();
@@ -1144,6 +1165,8 @@ struct CopySpec<'a> {
     dest_is_dir: bool,
     owner: Option<(u32, u32)>,
     chmod: Option<u32>,
+    /// ADD `--checksum` for a URL source.
+    checksum: Option<&'a str>,
 }
 
 fn hash_file(p: &Path) -> Result<blake3::Hash> {

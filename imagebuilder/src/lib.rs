@@ -7,6 +7,7 @@
 //! - [`image`]: image records and names in the block store.
 //! - [`dockerfile`], [`build`], [`sandbox`]: Dockerfile builds with a step cache in the store.
 
+mod add;
 pub mod build;
 pub mod dockerfile;
 mod error;
