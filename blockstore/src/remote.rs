@@ -320,21 +320,12 @@ impl S3Remote {
 
     /// Uploads one chunk's stored (compressed) bytes.
     pub fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<(), RemoteError> {
-        let key = self.chunk_key(id);
-        self.rt.block_on(put(
-            &self.client,
-            &self.bucket,
-            key,
-            bytes.to_vec(),
-            &self.endpoint,
-        ))
+        self.put_object(self.chunk_key(id), bytes)
     }
 
     /// Downloads one chunk's stored bytes. The caller verifies them against `id`.
     pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, RemoteError> {
-        let key = self.chunk_key(id);
-        self.rt
-            .block_on(get(&self.client, &self.bucket, key, &self.endpoint))
+        self.get_object(self.chunk_key(id))
     }
 
     /// Downloads several chunks concurrently, in the order given.
@@ -468,19 +459,21 @@ impl S3Remote {
     /// Uploads a blob manifest. Push order matters: chunks first, manifest last, so a visible
     /// manifest always has all its chunks.
     pub fn put_manifest(&self, id: &BlobId, bytes: &[u8]) -> Result<(), RemoteError> {
-        let key = self.blob_key(id);
-        self.rt.block_on(put(
-            &self.client,
-            &self.bucket,
-            key,
-            bytes.to_vec(),
-            &self.endpoint,
-        ))
+        self.put_object(self.blob_key(id), bytes)
     }
 
     /// Downloads a blob manifest ([`RemoteError::NotFound`] if it was never pushed).
     pub fn get_manifest(&self, id: &BlobId) -> Result<Vec<u8>, RemoteError> {
-        let key = self.blob_key(id);
+        self.get_object(self.blob_key(id))
+    }
+
+    fn put_object(&self, key: String, bytes: &[u8]) -> Result<(), RemoteError> {
+        let data = bytes.to_vec();
+        self.rt
+            .block_on(put(&self.client, &self.bucket, key, data, &self.endpoint))
+    }
+
+    fn get_object(&self, key: String) -> Result<Vec<u8>, RemoteError> {
         self.rt
             .block_on(get(&self.client, &self.bucket, key, &self.endpoint))
     }

@@ -11,6 +11,7 @@ mod util;
 use std::process::Command;
 
 use blockstore::{PutOptions, Store};
+use kiln_benches::median;
 use util::*;
 
 fn main() -> anyhow::Result<()> {

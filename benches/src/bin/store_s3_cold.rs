@@ -11,6 +11,7 @@
 //! `cargo run --release -p kiln-benches --bin store_s3_cold [-- --size-mb 64 --reps 5 --chunks-kib 64,512,2048]`
 //! Prints one JSON object on stdout; `{"skipped": reason}` when SeaweedFS is not installed.
 
+use kiln_benches::{arg, median};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -159,21 +160,6 @@ fn disk_like(size: usize) -> Vec<u8> {
     }
     out.truncate(size);
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// `--name value` or a default.
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn round(x: f64) -> f64 {

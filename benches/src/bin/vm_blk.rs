@@ -7,19 +7,11 @@
 //! `cargo run --release -p kiln-benches --bin vm_blk [-- --size-mb 256 --secs 4]`
 //! (backing file under $KILN_BENCH_DIR, default /var/tmp: a real disk, not tmpfs)
 
+use kiln_benches::arg;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn kiln_next_to_me() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_BIN") {

@@ -4,18 +4,10 @@
 //!
 //! `cargo run --release -p kiln-benches --bin vm_boot [-- --runs 30]`
 
+use kiln_benches::arg;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Instant;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `kiln` next to this binary (target/<profile>/), else the test-suite lookup.
 fn kiln_next_to_me() -> std::path::PathBuf {

@@ -56,26 +56,13 @@ pub fn sync() {
     let _ = std::process::Command::new("sync").status();
 }
 
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 pub fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = Instant::now();
     let r = f();
     (r, t.elapsed())
 }
 
-/// Arg `--name value` or a default.
-pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+pub use kiln_benches::arg;
 
 /// A scratch directory on the same filesystem as the store would be (KILN_BENCH_DIR or /var/tmp).
 pub fn scratch() -> anyhow::Result<tempfile::TempDir> {
