@@ -132,6 +132,7 @@ async fn download(url: &str, to: &Path) -> Result<(String, String, String)> {
         sha2::Sha384::new(),
         sha2::Sha512::new(),
     );
+    let expected = resp.content_length();
     let mut total = 0u64;
     while let Some(chunk) = resp.chunk().await.map_err(|e| fail("download", &e))? {
         h256.update(&chunk);
@@ -141,7 +142,7 @@ async fn download(url: &str, to: &Path) -> Result<(String, String, String)> {
         total += chunk.len() as u64;
     }
     out.flush().ctx("write", to)?;
-    if let Some(len) = resp.content_length() {
+    if let Some(len) = expected {
         if len != total {
             return Err(Error::Build(format!(
                 "ADD {url}: download ended after {total} of {len} bytes"
@@ -234,7 +235,7 @@ pub(crate) fn append_archive<W: Write>(
             path,
             why: format!("{why} (in ADD archive {})", archive.display()),
         },
-        other => other,
+        other => Error::Build(format!("ADD archive {}: {other}", archive.display())),
     })?;
     tracing::debug!(archive = %archive.display(), entries = st.entries, "ADD archive checked");
     let _ = std::fs::remove_dir_all(scratch);
