@@ -33,7 +33,7 @@ pub enum SnapshotCommand {
         /// Snapshot name (default: <vm>-<unix time>)
         #[arg(long)]
         name: Option<String>,
-        /// Store only the memory chunks that changed since the VM's previous snapshot
+        /// Store only the memory pages that changed since the VM's previous snapshot
         #[arg(long)]
         diff: bool,
         /// Stop the VM after the snapshot (suspend) instead of resuming it
@@ -277,7 +277,7 @@ pub fn create(
         "name": name,
         "vm": vm,
         "diff": rec.parent.is_some(),
-        "changed_chunks": changed,
+        "changed_pages": changed,
         "layers": rec.memory.layers.len(),
         "disks": rec.disks.len(),
         "stopped": stop,

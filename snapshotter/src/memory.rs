@@ -4,15 +4,19 @@
 //! (the MMIO gap is not stored). It is cut into chunks of [`MEMORY_CHUNK_SIZE`] and kept as a
 //! stack of layers, each a blob in the store:
 //! - the first layer is a full capture (every chunk; zero chunks cost nothing in the store);
-//! - each diff layer holds only the chunks dirtied since the parent snapshot, back to back, and
-//!   lists which chunk indices they are.
+//! - each diff layer holds only the 4 KiB pages dirtied since the parent snapshot, back to back,
+//!   and lists which page indices they are (older diff layers hold whole chunks; `Layer::unit`
+//!   says which). Page granularity matters: scattered writes dirty few pages but many chunks (1%
+//!   of pages touch ~40% of 64 KiB chunks), so chunk-sized diffs would store ~15x the bytes.
 //!
-//! Restoring reads every chunk from the topmost layer that has it. Chunks are content-addressed,
-//! so a page that did not change between snapshots is stored once however often it is captured.
+//! Restoring reads every chunk from the topmost chunk-granular layer that has it, then lays the
+//! pages of later page-granular layers over it. Stored chunks are content-addressed, so data
+//! that did not change between snapshots is stored once however often it is captured.
 
 use crate::lazy::{PageSource, SourceError};
 use blockstore::{BlobId, BlobReader, PutOptions, Store};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -45,10 +49,17 @@ pub struct MemoryImage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
     pub blob: BlobId,
-    /// Which chunk indices the blob holds, in order, as `[first, count]` runs; `None` = all.
+    /// Which units the blob holds, in order, as `[first, count]` runs; `None` = all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs: Option<Vec<[u32; 2]>>,
+    /// Size of the units `runs` counts: `None` = the image's chunk size, [`PAGE`] for
+    /// page-granular diff layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<u32>,
 }
+
+/// The unit of dirty tracking and of page-granular diff layers.
+pub const PAGE: u32 = 4096;
 
 /// Why a memory image could not be captured or opened.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +119,19 @@ impl DirtyPages {
 
     pub fn count(&self) -> u64 {
         self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Indices of the dirty pages, ascending.
+    pub fn page_list(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                out.push((w as u64 * 64 + word.trailing_zeros() as u64) as u32);
+                word &= word - 1;
+            }
+        }
+        out
     }
 
     /// Chunk indices (of `chunk_size`) containing at least one dirty page.
@@ -201,11 +225,15 @@ pub unsafe fn capture_full(
     Ok(MemoryImage {
         size,
         chunk_size: MEMORY_CHUNK_SIZE,
-        layers: vec![Layer { blob, runs: None }],
+        layers: vec![Layer {
+            blob,
+            runs: None,
+            unit: None,
+        }],
     })
 }
 
-/// Stores the chunks holding dirty pages as a new layer on top of `parent`.
+/// Stores the dirty pages as a new page-granular layer on top of `parent`.
 ///
 /// # Safety
 /// As for [`capture_full`].
@@ -222,41 +250,18 @@ pub unsafe fn capture_diff(
             dirty.pages, parent.size
         )));
     }
-    let cs = parent.chunk_size as usize;
-    let chunks = dirty.chunks(parent.chunk_size);
-    let mut data = Vec::with_capacity(chunks.len() * cs);
-    for &c in &chunks {
-        // Chunks never straddle regions when region sizes are chunk multiples; copy page-wise
-        // through the region list anyway so odd sizes stay correct.
-        let start = c as u64 * cs as u64;
-        let end = (start + cs as u64).min(size);
-        let mut pos = start;
-        let mut base = 0u64;
-        for r in regions {
-            let (rs, re) = (base, base + r.size as u64);
-            if pos < re && end > rs {
-                let a = pos.max(rs);
-                let b = end.min(re);
-                // SAFETY: [a-rs, b-rs) lies inside region r, readable per the contract.
-                let s = unsafe {
-                    std::slice::from_raw_parts(r.host_addr.add((a - rs) as usize), (b - a) as usize)
-                };
-                data.extend_from_slice(s);
-                pos = b;
-            }
-            base = re;
-        }
+    let pages = dirty.page_list();
+    let mut data = Vec::with_capacity(pages.len() * PAGE as usize);
+    let mut page = [0u8; PAGE as usize];
+    for &p in &pages {
+        // SAFETY: page p lies inside the image (dirty.pages == size / 4096); the regions are
+        // readable and stable per the contract.
+        unsafe { gather(regions, p as usize * PAGE as usize, &mut page) };
+        data.extend_from_slice(&page);
     }
-    let opts = PutOptions {
-        chunk_size: Some(parent.chunk_size),
-        ..Default::default()
-    };
-    let blob = store.put_bytes(&data, &opts)?;
+    let layer = put_page_layer(store, parent.chunk_size, &data, &pages)?;
     let mut layers = parent.layers.clone();
-    layers.push(Layer {
-        blob,
-        runs: Some(to_runs(&chunks)),
-    });
+    layers.push(layer);
     Ok(MemoryImage {
         size,
         chunk_size: parent.chunk_size,
@@ -264,92 +269,28 @@ pub unsafe fn capture_diff(
     })
 }
 
-/// Marks (as dirty pages) every chunk whose bytes no longer hash to the parent's chunk id,
-/// among the chunks `dirty` does not already cover. Catches writes no dirty log saw.
-///
-/// # Safety
-/// As for [`capture_full`].
-pub unsafe fn add_changed_chunks(
+/// Stores `data` (the pages `pages`, back to back) as a page-granular layer.
+fn put_page_layer(
     store: &Store,
-    parent: &MemoryImage,
-    regions: &[HostRegion],
-    dirty: &mut DirtyPages,
-) -> Result<u64, MemoryError> {
-    let src = ImageSource::open(store, parent)?;
-    let cs = parent.chunk_size as usize;
-    let known: std::collections::HashSet<u32> =
-        dirty.chunks(parent.chunk_size).into_iter().collect();
-    let n = src.chunks();
-    // Hashing RAM is the cost here: spread it over the cores.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let per_thread = n.div_ceil(threads).max(1);
-    let changed: Vec<usize> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..n)
-            .step_by(per_thread)
-            .map(|lo| {
-                let (src, known) = (&src, &known);
-                sc.spawn(move || {
-                    let mut out = Vec::new();
-                    let mut buf = vec![0u8; cs];
-                    for idx in lo..(lo + per_thread).min(n) {
-                        if known.contains(&(idx as u32)) {
-                            continue;
-                        }
-                        let start = idx * cs;
-                        let len = (parent.size as usize - start).min(cs);
-                        // SAFETY: forwarded contract: the regions are readable and stable.
-                        let bytes = match unsafe { contiguous(regions, start, len) } {
-                            Some(s) => s,
-                            None => {
-                                // SAFETY: as above.
-                                unsafe { gather(regions, start, &mut buf[..len]) };
-                                &buf[..len]
-                            }
-                        };
-                        let same = match src.chunk_id(idx) {
-                            None => bytes.iter().all(|&b| b == 0),
-                            Some(id) => blockstore::Digest::of(bytes) == id,
-                        };
-                        if !same {
-                            out.push(idx);
-                        }
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    for &idx in &changed {
-        let start = idx * cs;
-        let len = (parent.size as usize - start).min(cs);
-        for p in 0..len.div_ceil(4096) {
-            dirty.set((start / 4096 + p) as u64);
-        }
-    }
-    Ok(changed.len() as u64)
-}
-
-/// The image bytes [start, start+len) if they lie in one region.
-unsafe fn contiguous(regions: &[HostRegion], start: usize, len: usize) -> Option<&[u8]> {
-    let mut base = 0;
-    for r in regions {
-        if start >= base && start + len <= base + r.size {
-            // SAFETY: inside region r; the caller guarantees it is readable.
-            return Some(unsafe { std::slice::from_raw_parts(r.host_addr.add(start - base), len) });
-        }
-        base += r.size;
-    }
-    None
+    chunk_size: u32,
+    data: &[u8],
+    pages: &[u32],
+) -> Result<Layer, MemoryError> {
+    let opts = PutOptions {
+        chunk_size: Some(chunk_size),
+        ..Default::default()
+    };
+    Ok(Layer {
+        blob: store.put_bytes(data, &opts)?,
+        runs: Some(to_runs(pages)),
+        unit: Some(PAGE),
+    })
 }
 
 /// Copies image bytes starting at `start` across region boundaries into `out`.
+///
+/// # Safety
+/// The regions must be readable.
 unsafe fn gather(regions: &[HostRegion], start: usize, out: &mut [u8]) {
     let mut base = 0;
     let end = start + out.len();
@@ -366,12 +307,16 @@ unsafe fn gather(regions: &[HostRegion], start: usize, out: &mut [u8]) {
     }
 }
 
-/// A memory image opened for reading: which layer and position serve each chunk.
+/// A memory image opened for reading: which layer and position serve each chunk, and which
+/// pages of page-granular layers lie over it.
 pub struct ImageSource {
     image: MemoryImage,
     readers: Vec<BlobReader>,
-    /// Per chunk: (layer, chunk position inside that layer's blob).
+    /// Per chunk: (layer, chunk position inside that layer's blob) of its chunk-granular base.
     map: Vec<(u16, u32)>,
+    /// Per chunk with pages from page-granular layers: (page within the chunk, layer, page
+    /// position inside that layer's blob), the topmost layer's entry for each page.
+    patches: HashMap<u32, Vec<(u16, u16, u32)>>,
 }
 
 impl ImageSource {
@@ -384,9 +329,16 @@ impl ImageSource {
                 image.chunk_size, image.size
             )));
         }
+        if image.layers.len() >= u16::MAX as usize {
+            return Err(MemoryError::Invalid(format!(
+                "{} layers is too many",
+                image.layers.len()
+            )));
+        }
         let nchunks = image.size.div_ceil(cs) as usize;
         let chunk_len = |i: u32| (image.size - i as u64 * cs).min(cs);
         let mut map = vec![(u16::MAX, 0u32); nchunks];
+        let mut patches: HashMap<u32, Vec<(u16, u16, u32)>> = HashMap::new();
         let mut readers = Vec::new();
         for (li, layer) in image.layers.iter().enumerate() {
             let r = store.open_blob(&layer.blob)?;
@@ -398,25 +350,50 @@ impl ImageSource {
                     image.chunk_size
                 )));
             }
+            let unit = layer.unit.unwrap_or(image.chunk_size);
+            let paged = unit != image.chunk_size;
+            if paged && (unit != PAGE || layer.runs.is_none()) {
+                return Err(MemoryError::Invalid(format!(
+                    "layer {li} ({}) has unit {unit}: only {PAGE}-byte pages or whole chunks of \
+                     a diff are supported",
+                    layer.blob
+                )));
+            }
+            let units = if paged {
+                image.size / PAGE as u64
+            } else {
+                nchunks as u64
+            };
             let expect = match &layer.runs {
                 None => {
                     for (i, m) in map.iter_mut().enumerate() {
                         *m = (li as u16, i as u32);
                     }
+                    patches.clear();
                     image.size
                 }
                 Some(runs) => {
                     let mut bytes = 0;
                     let mut prev: Option<u32> = None;
                     for (pos, c) in from_runs(runs).enumerate() {
-                        if c as usize >= nchunks || prev.is_some_and(|p| p >= c) {
+                        if c as u64 >= units || prev.is_some_and(|p| p >= c) {
                             return Err(MemoryError::Invalid(format!(
-                                "layer {li} lists chunk {c} out of order or beyond the image"
+                                "layer {li} lists unit {c} out of order or beyond the image"
                             )));
                         }
                         prev = Some(c);
-                        map[c as usize] = (li as u16, pos as u32);
-                        bytes += chunk_len(c);
+                        if paged {
+                            let per = image.chunk_size / PAGE;
+                            let (chunk, page) = (c / per, (c % per) as u16);
+                            let v = patches.entry(chunk).or_default();
+                            v.retain(|p| p.0 != page);
+                            v.push((page, li as u16, pos as u32));
+                            bytes += PAGE as u64;
+                        } else {
+                            map[c as usize] = (li as u16, pos as u32);
+                            patches.remove(&c);
+                            bytes += chunk_len(c);
+                        }
                     }
                     bytes
                 }
@@ -437,6 +414,7 @@ impl ImageSource {
             image: image.clone(),
             readers,
             map,
+            patches,
         })
     }
 
@@ -444,15 +422,40 @@ impl ImageSource {
         &self.image
     }
 
-    /// The id of chunk `index` (`None` = all zeros).
-    pub fn chunk_id(&self, index: usize) -> Option<blockstore::ChunkId> {
+    /// The id of chunk `index` (`Some(None)` = all zeros), or `None` if pages of
+    /// page-granular layers lie over it (it has no single stored id).
+    pub fn chunk_id(&self, index: usize) -> Option<Option<blockstore::ChunkId>> {
+        if self.patches.contains_key(&(index as u32)) {
+            return None;
+        }
         let (l, pos) = self.map[index];
-        self.readers[l as usize].manifest().chunks[pos as usize]
+        Some(self.readers[l as usize].manifest().chunks[pos as usize])
     }
 
     /// Number of chunks.
     pub fn chunks(&self) -> usize {
         self.map.len()
+    }
+
+    fn read_at(
+        &self,
+        layer: u16,
+        off: u64,
+        buf: &mut [u8],
+        index: usize,
+    ) -> Result<(), SourceError> {
+        let r = &self.readers[layer as usize];
+        match r.read_at(off, buf) {
+            Ok(n) if n == buf.len() => Ok(()),
+            Ok(n) => Err(SourceError {
+                index,
+                reason: format!("blob {} ended after {n} of {} bytes", r.id(), buf.len()),
+            }),
+            Err(e) => Err(SourceError {
+                index,
+                reason: e.to_string(),
+            }),
+        }
     }
 }
 
@@ -466,25 +469,25 @@ impl PageSource for ImageSource {
     }
 
     fn chunk_is_zero(&self, index: usize) -> bool {
-        let (l, pos) = self.map[index];
-        self.readers[l as usize].manifest().chunks[pos as usize].is_none()
+        matches!(self.chunk_id(index), Some(None))
     }
 
     fn read_chunk(&self, index: usize, buf: &mut [u8]) -> Result<(), SourceError> {
         let (l, pos) = self.map[index];
-        let off = pos as u64 * self.image.chunk_size as u64;
-        let r = &self.readers[l as usize];
-        match r.read_at(off, buf) {
-            Ok(n) if n == buf.len() => Ok(()),
-            Ok(n) => Err(SourceError {
-                index,
-                reason: format!("blob {} ended after {n} of {} bytes", r.id(), buf.len()),
-            }),
-            Err(e) => Err(SourceError {
-                index,
-                reason: e.to_string(),
-            }),
+        if self.readers[l as usize].manifest().chunks[pos as usize].is_none() {
+            buf.fill(0);
+        } else {
+            let off = pos as u64 * self.image.chunk_size as u64;
+            self.read_at(l, off, buf, index)?;
         }
+        for &(page, l, pos) in self.patches.get(&(index as u32)).into_iter().flatten() {
+            let at = page as usize * PAGE as usize;
+            let Some(dst) = buf.get_mut(at..at + PAGE as usize) else {
+                continue; // beyond a short final chunk's buffer: not part of the image
+            };
+            self.read_at(l, pos as u64 * PAGE as u64, dst, index)?;
+        }
+        Ok(())
     }
 }
 
@@ -526,13 +529,18 @@ pub fn capture_full_from(
     Ok(MemoryImage {
         size,
         chunk_size: MEMORY_CHUNK_SIZE,
-        layers: vec![Layer { blob, runs: None }],
+        layers: vec![Layer {
+            blob,
+            runs: None,
+            unit: None,
+        }],
     })
 }
 
-/// A diff layer over `parent` from a stream of the whole memory: every chunk is hashed and
-/// compared with the parent's, so it is exact without any dirty log (the CLI path, where the
-/// VMM runs in another process).
+/// A page-granular diff layer over `parent` from a stream of the whole memory: every chunk is
+/// hashed and compared with the parent's, and the pages of the chunks that differ are compared
+/// with the parent's bytes, so it is exact without any dirty log (the CLI path, where the VMM
+/// runs in another process). Returns the image and the number of changed pages.
 pub fn capture_diff_from(
     store: &Store,
     parent: &MemoryImage,
@@ -541,7 +549,8 @@ pub fn capture_diff_from(
     let src = ImageSource::open(store, parent)?;
     let cs = parent.chunk_size as usize;
     let mut buf = vec![0u8; cs];
-    let mut changed = Vec::new();
+    let mut old = vec![0u8; cs];
+    let mut pages = Vec::new();
     let mut data = Vec::new();
     for idx in 0..src.chunks() {
         let len = (parent.size as usize - idx * cs).min(cs);
@@ -549,30 +558,34 @@ pub fn capture_diff_from(
             MemoryError::Invalid(format!("memory stream ended at chunk {idx}: {e}"))
         })?;
         let same = match src.chunk_id(idx) {
-            None => buf[..len].iter().all(|&b| b == 0),
-            Some(id) => blockstore::Digest::of(&buf[..len]) == id,
+            Some(None) => buf[..len].iter().all(|&b| b == 0),
+            Some(Some(id)) => blockstore::Digest::of(&buf[..len]) == id,
+            None => false, // patched by page layers: compare the bytes below
         };
-        if !same {
-            changed.push(idx as u32);
-            data.extend_from_slice(&buf[..len]);
+        if same {
+            continue;
+        }
+        src.read_chunk(idx, &mut old[..len])
+            .map_err(|e| MemoryError::Invalid(e.to_string()))?;
+        for (p, (new, was)) in buf[..len]
+            .chunks(PAGE as usize)
+            .zip(old[..len].chunks(PAGE as usize))
+            .enumerate()
+        {
+            if new != was {
+                pages.push(((idx * cs) / PAGE as usize + p) as u32);
+                data.extend_from_slice(new);
+            }
         }
     }
-    let opts = PutOptions {
-        chunk_size: Some(parent.chunk_size),
-        ..Default::default()
-    };
-    let blob = store.put_bytes(&data, &opts)?;
     let mut layers = parent.layers.clone();
-    layers.push(Layer {
-        blob,
-        runs: Some(to_runs(&changed)),
-    });
+    layers.push(put_page_layer(store, parent.chunk_size, &data, &pages)?);
     Ok((
         MemoryImage {
             size: parent.size,
             chunk_size: parent.chunk_size,
             layers,
         },
-        changed.len() as u64,
+        pages.len() as u64,
     ))
 }

@@ -10,7 +10,7 @@ use blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the record or what it points at.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// Store names of snapshots start with this.
 pub const NAME_PREFIX: &str = "snapshot/";
 /// Store names of recorded working sets: `workingset/<snapshot id>`.

@@ -1,10 +1,9 @@
 //! Snapshots of live VMs and VMs built from snapshots, on top of `vmm::Vm`.
 //!
-//! Dirty tracking for diff snapshots: the KVM dirty log sees guest writes but not the VMM's
-//! own writes into guest memory (virtqueue rings and buffers filled by device emulation), and
-//! this kernel has no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY is off). So a diff takes the chunks
-//! KVM reports dirty and additionally hashes every other chunk, comparing it with the parent's
-//! chunk id: exact whatever wrote the memory, at the cost of one blake3 pass over RAM.
+//! Dirty tracking for diff snapshots: the KVM dirty log sees the guest's writes, the VMM's
+//! dirty bitmap (`vmm::memory::take_written`: vm-memory's per-region bitmap plus the io_uring
+//! buffers the block device marks) sees the VMM's own writes into guest memory (virtqueue rings,
+//! device buffers). Their union is exact, so a diff reads only the dirty pages.
 
 use crate::lazy::{FatalHook, LazyMemory, LazyOptions};
 use crate::mapping::Mapping;
@@ -14,8 +13,9 @@ use blockstore::{BlobId, Store};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::GuestAddress;
 use vmm::devices::virtio::vsock::{Vsock, VsockState};
+use vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 
 /// virtio device type of vsock (virtio spec 5.10).
@@ -56,7 +56,7 @@ pub fn host_regions(vm: &Vm) -> Vec<HostRegion> {
         .collect()
 }
 
-/// Tracks pages the guest wrote since the last capture (KVM dirty log).
+/// Tracks pages written since the last capture: by the guest (KVM dirty log) and by the VMM.
 pub struct DirtyTracker {
     _private: (),
 }
@@ -67,6 +67,7 @@ impl DirtyTracker {
         vm.set_dirty_logging(true)?;
         for r in vm.memory_regions() {
             vm.take_dirty_bitmap(r.slot)?;
+            vmm::memory::take_written(vm.memory(), r.slot);
         }
         Ok(DirtyTracker { _private: () })
     }
@@ -75,7 +76,12 @@ impl DirtyTracker {
     pub fn take(&self, vm: &Vm) -> Result<DirtyPages, SnapError> {
         let mut per = Vec::new();
         for r in vm.memory_regions() {
-            per.push((r.size / 4096, vm.take_dirty_bitmap(r.slot)?));
+            let mut bits = vm.take_dirty_bitmap(r.slot)?;
+            let vmm_bits = vmm::memory::take_written(vm.memory(), r.slot).unwrap_or_default();
+            for (a, b) in bits.iter_mut().zip(&vmm_bits) {
+                *a |= *b;
+            }
+            per.push((r.size / 4096, bits));
         }
         Ok(DirtyPages::from_regions(&per))
     }
@@ -100,8 +106,6 @@ pub struct CaptureReport {
     pub dirty_pages: u64,
     pub state_ms: f64,
     pub memory_ms: f64,
-    /// Of memory_ms: hashing clean-looking chunks to find writes the dirty log missed.
-    pub hash_ms: f64,
     pub total_ms: f64,
 }
 
@@ -119,16 +123,11 @@ pub fn snapshot(
     let t1 = Instant::now();
     let regions = host_regions(vm);
     let mut dirty_pages = 0;
-    let mut hash_ms = 0.0;
     let (memory, parent, generation) = match (req.parent, req.tracker) {
         (Some((pid, prec)), Some(tracker)) => {
-            let mut dirty = tracker.take(vm)?;
+            let dirty = tracker.take(vm)?;
             dirty_pages = dirty.count();
             // SAFETY: the VM is paused (save_state checked) and its memory stays mapped.
-            let th = Instant::now();
-            unsafe { memory::add_changed_chunks(store, &prec.memory, &regions, &mut dirty)? };
-            hash_ms = (Instant::now() - th).as_secs_f64() * 1e3;
-            // SAFETY: as above.
             let m = unsafe { memory::capture_diff(store, &prec.memory, &regions, &dirty)? };
             (m, Some(pid), prec.generation)
         }
@@ -166,7 +165,6 @@ pub fn snapshot(
         dirty_pages,
         state_ms: ms(t0, t1),
         memory_ms: ms(t1, t2),
-        hash_ms,
         total_ms: ms(t0, Instant::now()),
     };
     Ok((rec, report))

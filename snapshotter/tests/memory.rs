@@ -120,12 +120,12 @@ fn diff_chain_of_three_restores_each_generation_exactly() {
         // SAFETY: as above.
         img = unsafe { memory::capture_diff(&store, &img, &[region(&m)], &dirty) }.unwrap();
         let layer = img.layers.last().unwrap();
-        let chunks = dirty.chunks(img.chunk_size).len() as u64;
         assert_eq!(
             store.stat(&layer.blob).unwrap().size,
-            chunks * img.chunk_size as u64,
-            "diff layer holds only dirty chunks"
+            dirty.count() * 4096,
+            "diff layer holds only the dirty pages"
         );
+        assert_eq!(layer.unit, Some(memory::PAGE));
         generations.push((img.clone(), unsafe { m.as_slice() }.to_vec()));
     }
     assert_eq!(img.layers.len(), 4);
@@ -254,6 +254,7 @@ fn inconsistent_images_are_rejected_before_any_restore() {
     bad.layers.push(memory::Layer {
         blob: img.layers[0].blob,
         runs: Some(vec![[3, 2]]),
+        unit: None,
     });
     assert!(
         ImageSource::open(&store, &bad).is_err(),

@@ -338,8 +338,9 @@ fn diff_chain_of_three_restores_each_generation_exactly() {
         eprintln!("diff {gen}: {rep:?}");
         assert!(rep.diff);
         assert!(
-            rep.dirty_pages < 256,
-            "the KVM log saw only the guest's few pages, not the host's writes: {rep:?}"
+            (256..512).contains(&rep.dirty_pages),
+            "the dirty set is the host's 256 pages (VMM bitmap) plus the few the guest and \
+             devices wrote (KVM log, vsock rings), not all RAM: {rep:?}"
         );
         let layer = rec.memory.layers.last().unwrap();
         let diff_bytes = store.stat(&layer.blob).unwrap().size;
@@ -568,6 +569,7 @@ fn incompatible_or_damaged_records_are_refused() {
             layers: vec![snapshotter::Layer {
                 blob: mem,
                 runs: None,
+                unit: None,
             }],
         },
         disks: vec![],

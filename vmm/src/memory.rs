@@ -2,7 +2,17 @@
 //! mapping (anonymous memory, or regions handed in by the caller, e.g. the snapshotter's
 //! userfaultfd-registered or snapshot-backed mappings).
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory with a dirty bitmap per region: every write the VMM makes through vm-memory
+/// (virtqueue rings, device buffers) sets the bits of the pages it touched. The KVM dirty log
+/// sees only the guest's writes; together they are the exact set a diff snapshot needs.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+/// The mapping behind a [`GuestRegionMmap`].
+pub type MmapRegion = vm_memory::MmapRegion<AtomicBitmap>;
 
 /// Start of the hole below 4 GiB reserved for devices (virtio-mmio, IOAPIC, LAPIC).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
@@ -100,6 +110,32 @@ pub fn regions(mem: &GuestMemoryMmap) -> Vec<RegionInfo> {
         .collect()
 }
 
+/// Records a VMM write into `[addr, addr+len)` that bypassed vm-memory (io_uring reading a disk
+/// straight into guest buffers), so diff snapshots see it. Parts outside guest memory are ignored.
+pub fn mark_written(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+    let mut addr = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some(r) = mem.find_region(addr) else {
+            return;
+        };
+        let off = addr.unchecked_offset_from(r.start_addr());
+        let n = left.min(r.len() - off);
+        let m: &MmapRegion = r;
+        m.bitmap().set_addr_range(off as usize, n as usize);
+        addr = addr.unchecked_add(n);
+        left -= n;
+    }
+}
+
+/// The pages (4 KiB, bit i of word w = page w*64+i, as KVM_GET_DIRTY_LOG) of memory slot `slot`
+/// the VMM wrote since the previous call, and clears them. `None` if there is no such slot.
+pub fn take_written(mem: &GuestMemoryMmap, slot: u32) -> Option<Vec<u64>> {
+    let r = mem.iter().nth(slot as usize)?;
+    let m: &MmapRegion = r;
+    Some(m.bitmap().get_and_reset())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +160,23 @@ mod tests {
         ));
         let ok = create(1 << 20, GuestMemorySource::Provided(mem)).unwrap();
         assert_eq!(regions(&ok).len(), 1);
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked_per_page() {
+        use vm_memory::Bytes;
+        let mem = create(1 << 20, GuestMemorySource::Anonymous).unwrap();
+        assert_eq!(take_written(&mem, 0).unwrap(), vec![0u64; 4]);
+        mem.write_obj(7u32, GuestAddress(0x3000 + 4094)).unwrap(); // straddles pages 3 and 4
+        mark_written(&mem, GuestAddress(0x10_0000 - 1), 100); // last page; the rest is outside
+        let bits = take_written(&mem, 0).unwrap();
+        assert_eq!(bits[0], 0b11000);
+        assert_eq!(bits[3], 1 << 63);
+        assert_eq!(
+            take_written(&mem, 0).unwrap(),
+            vec![0u64; 4],
+            "taking clears"
+        );
+        assert!(take_written(&mem, 1).is_none());
     }
 }

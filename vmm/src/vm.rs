@@ -7,6 +7,7 @@ use crate::devices::legacy::{ExitReason, SerialDevice, SerialOut, I8042, SERIAL_
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::MmioBus;
+use crate::memory::GuestMemoryMmap;
 use crate::memory::{self, GuestMemorySource, RegionInfo, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::persist::{VcpuState, VirtioDeviceState, VmState, VM_STATE_VERSION};
 use crate::vcpu::{PioBus, VcpuHandle};
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// First GSI handed to virtio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).

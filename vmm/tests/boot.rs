@@ -74,7 +74,7 @@ fn pause_save_restore_continues_counting() {
 
     // Restore into a fresh VM with a copy of the memory.
     let fresh =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&vmm::memory::layout(cfg.mem_bytes).unwrap())
+        vmm::memory::GuestMemoryMmap::from_ranges(&vmm::memory::layout(cfg.mem_bytes).unwrap())
             .unwrap();
     copy_memory(vm.memory(), &fresh);
     vm.stop();
@@ -96,7 +96,7 @@ fn pause_save_restore_continues_counting() {
     assert_eq!(vm2.wait(), ExitReason::Stopped);
 }
 
-fn copy_memory(from: &vm_memory::GuestMemoryMmap, to: &vm_memory::GuestMemoryMmap) {
+fn copy_memory(from: &vmm::memory::GuestMemoryMmap, to: &vmm::memory::GuestMemoryMmap) {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
     for r in from.iter() {
         let mut buf = vec![0u8; r.len() as usize];

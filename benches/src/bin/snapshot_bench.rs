@@ -311,7 +311,7 @@ fn main() -> anyhow::Result<()> {
             "file_bytes": mem_mib * MIB,
             "speedup_vs_file": file_ms / create_ms,
         },
-        "diff_1pct": { "snapshot_ms": diff_ms, "memory_ms": diff_rep.memory_ms, "hash_ms": diff_rep.hash_ms, "kvm_dirty_pages": diff_rep.dirty_pages, "bytes_stored": diff_stored },
+        "diff_1pct": { "snapshot_ms": diff_ms, "memory_ms": diff_rep.memory_ms, "dirty_pages": diff_rep.dirty_pages, "bytes_stored": diff_stored },
         "restore_lazy_first_reply_ms": {
             "no_working_set": { "p50": pct(&mut cold.clone(), 0.5), "p99": pct(&mut cold, 0.99), "stats": cold_stats },
             "working_set": { "chunks": ws_chunks, "p50": pct(&mut warm.clone(), 0.5), "p99": pct(&mut warm, 0.99), "stats": warm_stats },

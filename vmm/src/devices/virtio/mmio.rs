@@ -2,9 +2,9 @@
 
 use super::{ActivateContext, Interrupt, QueueSnapshot, VirtioDevice};
 use crate::devices::MmioDevice;
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"

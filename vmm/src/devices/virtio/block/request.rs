@@ -2,11 +2,10 @@
 //! answer with. Strict: chain shape, directions, lengths, sector range, guest-memory bounds.
 //! Nothing here touches the disk, so it is tested (and fuzzed with proptest) in isolation.
 
+use crate::memory::GuestMemoryMmap;
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -159,6 +158,11 @@ fn parse_descs(
         total += u64::from(d.len());
         if total > MAX_REQUEST_BYTES {
             return Err(ioerr("request too large"));
+        }
+        if device_writes {
+            // io_uring fills these buffers through raw pointers, past vm-memory's dirty
+            // bitmap: record them for diff snapshots.
+            crate::memory::mark_written(mem, d.addr(), u64::from(d.len()));
         }
         segments.push(Segment {
             guest_addr: d.addr().raw_value(),

@@ -6,9 +6,10 @@ use super::engine::FileEngine;
 use super::request::*;
 use super::*;
 use crate::devices::virtio::ActivateContext;
+use crate::memory::GuestMemoryMmap;
 use proptest::prelude::*;
 use std::time::{Duration, Instant};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const MEM: usize = 4 << 20;
 const DESC: u64 = 0x1000;
