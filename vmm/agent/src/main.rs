@@ -2,7 +2,8 @@
 //!
 //! As PID 1 (the guest's init, e.g. `init=/sbin/kiln-agent` with the image's root disk mounted
 //! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
-//! `kiln.mount=<device>:<dir>` from the kernel command line (ext4), and serves vsock port 10000.
+//! `kiln.mount=<device>:<dir>` from the kernel command line (ext4), starts the generation watcher
+//! (`genid`: reseed and clock after a restore), and serves vsock port 10000.
 //! Elsewhere it serves the given Unix socket or vsock port (for tests and development). One
 //! thread per connection; one request per connection (see `protocol`).
 
@@ -16,6 +17,7 @@ fn main() {
     let pid1 = std::process::id() == 1;
     if pid1 {
         init_mounts();
+        start_genid_watcher();
     }
     let result = match args.get(1).map(String::as_str) {
         Some("--unix") if args.len() == 3 => serve_unix(&args[2]),
@@ -35,6 +37,19 @@ fn main() {
             }
         }
         std::process::exit(1);
+    }
+}
+
+/// Reseeds the RNG and sets the clock whenever the VM is restored or forked.
+fn start_genid_watcher() {
+    use kiln_agent::genid;
+    match genid::MappedPage::open(std::path::Path::new("/dev/mem"), genid::GENID_BASE) {
+        Ok(page) => {
+            let _ = std::thread::Builder::new()
+                .name("genid".into())
+                .spawn(move || genid::watch_forever(page));
+        }
+        Err(e) => eprintln!("kiln-agent: not watching the VM generation: {e}"),
     }
 }
 
