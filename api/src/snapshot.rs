@@ -179,7 +179,6 @@ pub fn create(
         .ok_or_else(|| anyhow!("vm.json lacks mem_mib"))?
         << 20;
     let vcpus = meta["vcpus"].as_u64().unwrap_or(1) as u8;
-    let ndisks = meta["disks"].as_array().map(|d| d.len()).unwrap_or(0);
     let store = crate::store::open_with_remote(home, None, false)?;
     let parent = if diff {
         let p = std::fs::read_to_string(dir.join(PARENT_FILE)).map_err(|_| {
@@ -229,15 +228,29 @@ pub fn create(
         let _ = std::fs::remove_file(&fifo);
         wrote?;
         let (memory, changed) = captured?;
+        // Every virtio-blk device (in device order) becomes a committed blob; the VM's overlay
+        // is rebased onto it and keeps running.
+        let blk: Vec<bool> = state["virtio"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter(|d| d["device_type"] == vmm::devices::virtio::TYPE_BLOCK)
+                    .map(|d| d["device"]["read_only"].as_bool().unwrap_or(false))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut disks = Vec::new();
-        for i in 0..ndisks {
-            let r = call(&sock, &Request::CommitDisk { disk: i }, long)?;
-            if let Some(b) = r["blob"].as_str() {
-                disks.push(record::DiskRef {
-                    blob: b.parse()?,
-                    read_only: false,
-                });
-            }
+        for (i, read_only) in blk.into_iter().enumerate() {
+            let r = call(&sock, &Request::CommitDisk { disk: i }, long).with_context(|| {
+                format!("committing disk {i} (snapshots need store-backed disks)")
+            })?;
+            let b = r["blob"]
+                .as_str()
+                .ok_or_else(|| anyhow!("commit of disk {i} named no blob"))?;
+            disks.push(record::DiskRef {
+                blob: b.parse()?,
+                read_only,
+            });
         }
         let vsock_cid = state["virtio"].as_array().and_then(|v| {
             v.iter()
@@ -354,11 +367,11 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     let store = crate::store::open_with_remote(home, None, false)?;
     // Check the snapshot before anything runs (also before detaching, for a clear error).
     let (snap_id, rec) = record::load_checked(&store, &a.snapshot)?;
-    if !rec.disks.is_empty() {
-        bail!(
-            "snapshot {} has disks; restoring VMs with disks is not supported yet",
-            a.snapshot
-        );
+    for d in &rec.disks {
+        // Only the manifest is needed now (a pulled snapshot has it); data is read lazily.
+        store
+            .manifest(&d.blob)
+            .with_context(|| format!("disk blob {} of snapshot {}", d.blob, a.snapshot))?;
     }
     if a.detach {
         return detach(home, &a, &id, &dir);
@@ -367,10 +380,21 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         .vsock_uds
         .clone()
         .unwrap_or_else(|| dir.join("vsock.sock"));
+    // This VM's own overlays over the snapshot's disks (stale ones of an earlier VM with this
+    // id, which is not running, go first).
+    for i in 0..rec.disks.len() {
+        let odir = dir.join(format!("disk{i}"));
+        if odir.exists() {
+            std::fs::remove_dir_all(&odir)
+                .with_context(|| format!("removing old {}", odir.display()))?;
+        }
+    }
+    let overlays = snapvm::disk_overlays(&store, &rec, &dir)?;
     let ident = Identity {
         serial_log: Some(dir.join("serial.log")),
         serial_stdout: false,
         vsock_uds: rec.vm.vsock_cid.map(|_| vsock.clone()),
+        disks: overlays.clone(),
     };
     let t0 = Instant::now();
     let mem = match &a.memory_file {
@@ -398,14 +422,15 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     tracing::info!(vm = %id, snapshot = %snap_id, ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     let meta = serde_json::json!({
         "id": id, "pid": std::process::id(), "kernel": format!("snapshot:{}", snap_id.to_hex()),
-        "mem_mib": rec.vm.mem_bytes >> 20, "vcpus": rec.vm.vcpus, "disks": [],
+        "mem_mib": rec.vm.mem_bytes >> 20, "vcpus": rec.vm.vcpus,
+        "disks": rec.disks.iter().map(|d| d.blob.to_hex()).collect::<Vec<_>>(),
         "started_unix": record::now(), "snapshot": snap_id.to_hex(),
     });
     std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&meta)?)?;
     std::fs::write(dir.join(PARENT_FILE), snap_id.to_hex())?;
     let ctx = Arc::new(ControlContext {
         vm: vm.clone(),
-        overlays: vec![],
+        overlays: overlays.iter().map(|o| Some(o.clone())).collect(),
         id: id.clone(),
     });
     let sock = dir.join("control.sock");
@@ -428,9 +453,17 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         None => vm.wait(),
     };
     let _ = std::fs::remove_file(&sock);
+    for (i, o) in overlays.iter().enumerate() {
+        // The VM's writes stay in its overlay (`kiln snapshot create` commits them).
+        if let Err(e) = o.flush() {
+            tracing::warn!(disk = i, "flushing the disk overlay: {e}");
+        }
+    }
     std::fs::write(
         dir.join("exit.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({ "reason": reason, "committed": [] }))?,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({ "reason": reason, "committed": vec![serde_json::Value::Null; overlays.len()] }),
+        )?,
     )?;
     drop(vm);
     drop(mem);

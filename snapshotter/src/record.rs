@@ -68,7 +68,9 @@ impl CpuIdentity {
     }
 }
 
-/// A disk of the snapshotted VM: the committed blob and how it was attached.
+/// A disk of the snapshotted VM: the committed blob and how it was attached. Disks are listed
+/// in the order of the VM's virtio-blk devices; a restore gives each restored VM a fresh
+/// copy-on-write overlay over `blob`, which itself never changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRef {
     pub blob: BlobId,
@@ -170,6 +172,17 @@ impl SnapshotRecord {
         }
         if self.vm.vcpus == 0 {
             return bad("zero vCPUs".into());
+        }
+        let blk_devices = self.state["virtio"].as_array().map_or(0, |v| {
+            v.iter()
+                .filter(|d| d["device_type"] == vmm::devices::virtio::TYPE_BLOCK)
+                .count()
+        });
+        if blk_devices != self.disks.len() {
+            return bad(format!(
+                "the VM had {blk_devices} disks but the record lists {} disk blobs",
+                self.disks.len()
+            ));
         }
         Ok(())
     }

@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::GuestAddress;
+use vmm::devices::virtio::block::{Block, DiskBackend};
 use vmm::devices::virtio::vsock::{Vsock, VsockState};
 use vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 
-/// virtio device type of vsock (virtio spec 5.10).
-const TYPE_VSOCK: u32 = 19;
+use vmm::devices::virtio::{TYPE_BLOCK, TYPE_VSOCK};
 
 /// Errors of VM-level snapshot operations.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +317,45 @@ pub struct Identity {
     pub serial_stdout: bool,
     /// Host side of the VM's vsock (each fork needs its own).
     pub vsock_uds: Option<PathBuf>,
+    /// This VM's own writable view of each snapshot disk, in the record's order (see
+    /// [`disk_overlays`]); never shared between VMs.
+    pub disks: Vec<Arc<blockstore::Overlay>>,
+}
+
+/// Creates a fresh copy-on-write overlay over each of a snapshot's committed disks, in
+/// `dir/disk<i>` (which must not exist yet). The blobs are read lazily (from the remote if the
+/// store has one and lacks a chunk); the VM's writes stay in the overlays.
+pub fn disk_overlays(
+    store: &Store,
+    rec: &SnapshotRecord,
+    dir: &Path,
+) -> Result<Vec<Arc<blockstore::Overlay>>, SnapError> {
+    let mut out = Vec::with_capacity(rec.disks.len());
+    for (i, d) in rec.disks.iter().enumerate() {
+        let size = store.manifest(&d.blob)?.size;
+        let odir = dir.join(format!("disk{i}"));
+        if odir.exists() {
+            return Err(SnapError::Invalid(format!(
+                "{} exists; a restored VM needs fresh disk overlays",
+                odir.display()
+            )));
+        }
+        out.push(Arc::new(store.create_overlay(
+            Some(&d.blob),
+            size,
+            &odir,
+        )?));
+    }
+    Ok(out)
+}
+
+/// What a blk device saved besides its queues (see `vmm::devices::virtio::block::Block`).
+#[derive(serde::Deserialize)]
+struct BlockSaved {
+    id: String,
+    capacity: u64,
+    #[serde(default)]
+    read_only: bool,
 }
 
 /// Builds a VM from a snapshot record over `memory`, restores its state and starts it.
@@ -357,8 +396,41 @@ pub unsafe fn build_vm(
         serial_stdout: id.serial_stdout,
     };
     let mut vm = Vm::new(config, GuestMemorySource::Provided(gm))?;
+    let nblk = state
+        .virtio
+        .iter()
+        .filter(|d| d.device_type == TYPE_BLOCK)
+        .count();
+    if nblk != rec.disks.len() || nblk != id.disks.len() {
+        return Err(SnapError::Invalid(format!(
+            "the snapshot's VM has {nblk} disks, its record lists {}, {} overlays were given",
+            rec.disks.len(),
+            id.disks.len()
+        )));
+    }
+    let mut disks = rec.disks.iter().zip(&id.disks);
     for d in &state.virtio {
         match d.device_type {
+            TYPE_BLOCK => {
+                let (dref, overlay) = disks.next().expect("counted above");
+                let saved: BlockSaved = serde_json::from_value(d.device.clone())
+                    .map_err(|e| SnapError::Invalid(format!("block device state: {e}")))?;
+                if overlay.base() != Some(dref.blob) || overlay.len() != saved.capacity {
+                    return Err(SnapError::Invalid(format!(
+                        "disk {} of the snapshot is {} bytes (blob {}); the overlay given is {} bytes over {:?}",
+                        saved.id,
+                        saved.capacity,
+                        dref.blob,
+                        overlay.len(),
+                        overlay.base()
+                    )));
+                }
+                // The guest negotiated read-only once; the device must keep refusing writes.
+                let read_only = saved.read_only || dref.read_only;
+                let blk = Block::new(&saved.id, DiskBackend::Overlay(overlay.clone()), read_only)
+                    .map_err(|e| SnapError::Invalid(format!("disk {}: {e}", saved.id)))?;
+                vm.add_virtio_device(Box::new(blk))?;
+            }
             TYPE_VSOCK => {
                 let mut vs: VsockState = serde_json::from_value(d.device.clone())
                     .map_err(|e| SnapError::Invalid(format!("vsock state: {e}")))?;

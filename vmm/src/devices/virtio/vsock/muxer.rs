@@ -11,9 +11,12 @@ use crate::devices::virtio::{ActivateContext, Interrupt};
 use crate::memory::GuestMemoryMmap;
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -29,6 +32,9 @@ const MAX_CONNS: usize = 1024;
 /// First host-side port given to host-initiated connections (as Firecracker).
 const FIRST_HOST_PORT: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 64;
+/// How long host CONNECTs wait for the guest to acknowledge a transport reset (see
+/// [`ResetAck`]) before they go ahead anyway (a driver that never reposts event buffers).
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -105,6 +111,25 @@ struct RxPkt {
     sent: usize,
 }
 
+/// Where a transport reset (sent to a restored guest) stands. Until the guest has handled it,
+/// host CONNECTs stay unread in their sockets: a driver that polls its rx queue before its event
+/// queue would otherwise accept the new connection and then drop it with the reset. The guest
+/// shows it handled the event by posting a fresh event buffer (the event queue's avail index
+/// moves), as Linux and the kiln test guest do right after handling it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetAck {
+    Done,
+    /// The event is not delivered yet (no event buffer posted).
+    AwaitDelivery {
+        deadline: Instant,
+    },
+    /// Delivered when the event queue's avail index was `avail`.
+    AwaitRepost {
+        avail: Wrapping<u16>,
+        deadline: Instant,
+    },
+}
+
 /// Connection state that survives deactivation (pause).
 pub struct Muxer {
     cid: u64,
@@ -116,6 +141,7 @@ pub struct Muxer {
     next_key: u64,
     next_host_port: u32,
     rx_backlog: VecDeque<RxPkt>,
+    reset_ack: ResetAck,
 }
 
 impl Muxer {
@@ -129,7 +155,13 @@ impl Muxer {
             next_key: TOKEN_CONN_BASE,
             next_host_port: FIRST_HOST_PORT,
             rx_backlog: VecDeque::new(),
+            reset_ack: ResetAck::Done,
         }
+    }
+
+    /// Host CONNECTs wait (see [`ResetAck`]).
+    fn connects_held(&self) -> bool {
+        self.reset_ack != ResetAck::Done
     }
 
     fn hdr(&self, c: Option<&Conn>, src_port: u32, dst_port: u32, op: u16, flags: u32) -> Header {
@@ -428,11 +460,12 @@ impl Muxer {
     /// Brings every connection's epoll registration in line with what it can do now.
     fn update_interest(&mut self, epoll: &Epoll) {
         let backlog_full = self.rx_backlog.len() >= MAX_RX_BACKLOG;
+        let held = self.connects_held();
         let mut dead = Vec::new();
         for (&key, c) in self.conns.iter_mut() {
             let mut want = EventSet::empty();
             let readable = match c.state {
-                ConnState::AwaitConnect => true,
+                ConnState::AwaitConnect => !held,
                 ConnState::Connecting => false,
                 ConnState::Established => !backlog_full && c.peer_free() > 0,
             };
@@ -520,6 +553,14 @@ impl Worker {
             Err(e) => return Err((e, Box::new(muxer))),
         };
         let mut muxer = muxer;
+        // Paused before the event went out: send it now.
+        let send_reset_event =
+            send_reset_event || matches!(muxer.reset_ack, ResetAck::AwaitDelivery { .. });
+        if send_reset_event {
+            muxer.reset_ack = ResetAck::AwaitDelivery {
+                deadline: Instant::now() + RESET_ACK_TIMEOUT,
+            };
+        }
         // Connections were registered with a previous epoll instance.
         for c in muxer.conns.values_mut() {
             c.interest = EventSet::empty();
@@ -547,8 +588,18 @@ impl Worker {
         self.process_events_queue();
         self.process_rx();
         loop {
+            self.check_reset_ack();
             self.muxer.update_interest(&self.epoll);
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = match self.muxer.reset_ack {
+                ResetAck::Done => -1,
+                ResetAck::AwaitDelivery { deadline } | ResetAck::AwaitRepost { deadline, .. } => {
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis()
+                        .clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -737,7 +788,32 @@ impl Worker {
             }
             let _ = self.queues[EVQ].add_used(&self.mem, head, written);
             self.send_reset_event = false;
+            self.muxer.reset_ack = match self.queues[EVQ].avail_idx(&self.mem, Ordering::Acquire) {
+                Ok(avail) => ResetAck::AwaitRepost {
+                    avail,
+                    deadline: Instant::now() + RESET_ACK_TIMEOUT,
+                },
+                Err(_) => ResetAck::Done,
+            };
             self.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Releases held host CONNECTs once the guest handled the transport reset (or timed out).
+    fn check_reset_ack(&mut self) {
+        let done = match self.muxer.reset_ack {
+            ResetAck::Done => return,
+            ResetAck::AwaitDelivery { deadline } => Instant::now() >= deadline,
+            ResetAck::AwaitRepost { avail, deadline } => {
+                Instant::now() >= deadline
+                    || self.queues[EVQ]
+                        .avail_idx(&self.mem, Ordering::Acquire)
+                        .map_or(true, |a| a != avail)
+            }
+        };
+        if done {
+            tracing::debug!(state = ?self.muxer.reset_ack, "vsock: host connects proceed after the transport reset");
+            self.muxer.reset_ack = ResetAck::Done;
         }
     }
 }
