@@ -118,3 +118,215 @@ fn vsock_connect_to_bad_line_is_refused_and_device_survives() {
     let mut c = g.connect(7);
     assert_eq!(c.request("PING"), "PONG");
 }
+
+/// Parses `OK gen=<n> id=<hex> time_ns=<n> rand=0x<hex>` (the test guest's `GEN` reply).
+fn parse_gen(reply: &str) -> (u64, String, u64, u64) {
+    let f = |k: &str| {
+        reply
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in GEN reply {reply:?}"))
+            .to_string()
+    };
+    assert!(reply.starts_with("OK "), "GEN failed: {reply:?}");
+    (
+        f("gen=").parse().unwrap(),
+        f("id="),
+        f("time_ns=").parse().unwrap(),
+        guest_support::parse_hex(&f("rand=")),
+    )
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Connects to a restored guest: its vsock transport was reset, and a connection made while
+/// the guest still handles that event is dropped, so retry (bounded) until a PING answers.
+fn connect_restored(uds: &std::path::Path) -> guest_support::Conn {
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = std::panic::catch_unwind(|| {
+            let mut c = guest_support::connect_uds(uds, 1);
+            c.writer
+                .set_write_timeout(Some(Duration::from_secs(2)))
+                .ok();
+            c.reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .ok();
+            assert_eq!(c.request("PING"), "PONG");
+            c
+        });
+        match r {
+            Ok(c) => return c,
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    }
+}
+
+/// A restored copy of a paused VM (its memory copied, its vsock on `uds`), started.
+fn restore_copy(src: &vmm::Vm, state: &vmm::VmState, dir: &std::path::Path, name: &str) -> vmm::Vm {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let mem_bytes = state.mem_bytes;
+    let fresh = vmm::memory::create(mem_bytes, vmm::GuestMemorySource::Anonymous).unwrap();
+    for r in src.memory().iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        src.memory().read_slice(&mut buf, r.start_addr()).unwrap();
+        fresh.write_slice(&buf, r.start_addr()).unwrap();
+    }
+    let config = vmm::VmConfig {
+        mem_bytes,
+        serial_log: Some(dir.join(format!("{name}.serial"))),
+        ..Default::default()
+    };
+    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Provided(fresh)).unwrap();
+    let mut vs: vmm::devices::virtio::vsock::VsockState =
+        serde_json::from_value(state.virtio[0].device.clone()).unwrap();
+    vs.uds_path = dir.join(format!("{name}.vsock"));
+    vm.add_virtio_device(Box::new(
+        vmm::devices::virtio::vsock::Vsock::restored(&vs).unwrap(),
+    ))
+    .unwrap();
+    vm.restore_state(state).unwrap();
+    vm.start().unwrap();
+    vm
+}
+
+#[test]
+fn generation_id_boot_restore_and_forks() {
+    require_kvm!();
+    let g = GuestVm::start(GuestOpts::default());
+    g.wait_serial("kt: serving", Duration::from_secs(10));
+    let mut c = g.connect(1);
+
+    // Plain boot: generation 0, the id the VMM reports, live host time and entropy.
+    let (gen0, id0, t, r1) = parse_gen(&c.request("GEN"));
+    assert_eq!(gen0, 0);
+    assert_eq!(id0, g.vm.generation_id().id_hex());
+    assert_ne!(id0, "0".repeat(32));
+    let host = now_ns();
+    assert!(
+        t <= host && host - t < 5_000_000_000,
+        "guest read host time {t}, host {host}"
+    );
+    let (_, _, _, r2) = parse_gen(&c.request("GEN"));
+    assert_ne!(r1, r2, "every read of the random register is fresh");
+    drop(c);
+
+    // Snapshot it (in-process: paused state + a copy of memory) and fork it twice.
+    g.vm.pause().unwrap();
+    let state = g.vm.save_state().unwrap();
+    assert_eq!(state.genid.generation, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let forks: Vec<vmm::Vm> = (0..2)
+        .map(|i| restore_copy(&g.vm, &state, dir.path(), &format!("f{i}")))
+        .collect();
+    let mut ids = Vec::new();
+    for (i, f) in forks.iter().enumerate() {
+        let mut c = connect_restored(&dir.path().join(format!("f{i}.vsock")));
+        let (gen, id, _, _) = parse_gen(&c.request("GEN"));
+        assert_eq!(gen, 1, "fork {i}: a restore is the next generation");
+        assert_eq!(id, f.generation_id().id_hex(), "fork {i}");
+        assert_ne!(id, id0, "fork {i} has a new id");
+        ids.push(id);
+    }
+    assert_ne!(
+        ids[0], ids[1],
+        "two forks of one snapshot have distinct ids"
+    );
+
+    // A snapshot of a fork restores as generation 2; the state saved old states still load.
+    forks[0].pause().unwrap();
+    let s1 = forks[0].save_state().unwrap();
+    let again = restore_copy(&forks[0], &s1, dir.path(), "g2");
+    let mut c = connect_restored(&dir.path().join("g2.vsock"));
+    assert_eq!(parse_gen(&c.request("GEN")).0, 2);
+    drop(c);
+
+    let mut json = serde_json::to_value(&state).unwrap();
+    json.as_object_mut().unwrap().remove("genid");
+    let old: vmm::VmState = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        old.genid.generation, 0,
+        "states from before the device load as generation 0"
+    );
+
+    for vm in forks.iter().chain([&again]) {
+        vm.stop();
+        assert!(vm.wait_timeout(Duration::from_secs(5)).is_some());
+    }
+    g.vm.resume().unwrap();
+}
+
+#[test]
+fn idle_guest_sleeps_wakes_on_requests_and_pauses_promptly() {
+    require_kvm!();
+    let g = GuestVm::start(GuestOpts::default());
+    g.wait_serial("kt: serving (idle port)", Duration::from_secs(10));
+    let mut c = g.connect(1);
+
+    // Idle: the main loop runs about once per idle sleep (~10 ms) instead of millions of
+    // times a second. After a request it spins kt.idle=2000 times before idling.
+    let a: u64 = c.ok("COUNTER").parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let b: u64 = c.ok("COUNTER").parse().unwrap();
+    assert!(b > a, "the counter keeps counting while idle ({a} -> {b})");
+    assert!(
+        b - a < 20_000,
+        "guest did not idle: {} loop iterations in 300 ms",
+        b - a
+    );
+
+    // A request wakes the idle vCPU at once: replies come far faster than the 10 ms idle sleep.
+    let mut lat = Vec::new();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(25));
+        let t = std::time::Instant::now();
+        assert_eq!(c.request("PING"), "PONG");
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    eprintln!("PING after idle: median {:?}, max {:?}", lat[7], lat[14]);
+    assert!(
+        lat[7] < Duration::from_millis(3),
+        "idle guest woke late: {lat:?}"
+    );
+
+    // Pause, save and stop act at once on an idle vCPU.
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    g.vm.pause().unwrap();
+    let pause = t.elapsed();
+    let s1 = g.vm.save_state().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let s2 = g.vm.save_state().unwrap();
+    assert_eq!(
+        s1.vcpus[0].regs.rip, s2.vcpus[0].regs.rip,
+        "paused means paused"
+    );
+    assert!(
+        pause < Duration::from_millis(100),
+        "pausing an idle vCPU took {pause:?}"
+    );
+    g.vm.resume().unwrap();
+    assert_eq!(c.request("PING"), "PONG");
+    let c2: u64 = c.ok("COUNTER").parse().unwrap();
+    assert!(c2 > b, "counter continues after the pause");
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    g.vm.stop();
+    let r = g.vm.wait_timeout(Duration::from_secs(2));
+    assert_eq!(r, Some(vmm::ExitReason::Stopped));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "stop took {:?}",
+        t.elapsed()
+    );
+}

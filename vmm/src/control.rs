@@ -101,6 +101,8 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             "state": vm.state(),
             "pid": std::process::id(),
             "mem_bytes": vm.memory_regions().iter().map(|r| r.size).sum::<u64>(),
+            "generation": vm.generation_id().generation,
+            "generation_id": vm.generation_id().id_hex(),
         }),
         Request::Pause => {
             vm.pause().map_err(e)?;

@@ -3,6 +3,7 @@
 //! As Firecracker's Persist: each stateful piece has one state type; [`Persist`] ties a type to
 //! it. The snapshotter stores these (serde) next to the memory and disk blobs.
 
+use crate::devices::genid::GenIdState;
 use crate::devices::legacy::SerialState;
 use crate::devices::virtio::mmio::MmioTransportState;
 use kvm_bindings::{
@@ -38,6 +39,9 @@ pub struct VmState {
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
     pub serial: SerialState,
+    /// The generation-id page (states saved before it existed load as generation 0).
+    #[serde(default)]
+    pub genid: GenIdState,
     /// One per virtio device, in the order the devices were added (their mmio slot order).
     pub virtio: Vec<VirtioDeviceState>,
 }

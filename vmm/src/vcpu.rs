@@ -3,7 +3,12 @@
 //! Control (pause, resume, stop) goes through [`VcpuHandle`]: the requester sets the wanted state
 //! and kicks the thread out of KVM_RUN with a signal until it acknowledges. While paused, the
 //! thread holds no lock on the vCPU fd, so the VM can read or write its state.
+//!
+//! A guest write to the idle port ([`crate::devices::idle`]) parks the thread, outside KVM_RUN
+//! and without the fd lock, until a device or a control request wakes it or the guest's
+//! timeout passes.
 
+use crate::devices::idle::{self, IdleWaker, IDLE_PORT, IDLE_PORT_SIGNATURE};
 use crate::devices::legacy::{ExitReason, SerialDevice, I8042, I8042_CMD, I8042_DATA, SERIAL_PORT};
 use crate::devices::MmioBus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -17,6 +22,8 @@ use std::time::Duration;
 pub struct PioBus {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Mutex<I8042>,
+    /// The VM's idle wake-ups (see [`crate::devices::idle`]).
+    pub idle: Arc<IdleWaker>,
 }
 
 impl PioBus {
@@ -26,6 +33,7 @@ impl PioBus {
                 data[0] = lock(&self.serial).read((p - SERIAL_PORT) as u8);
             }
             I8042_DATA | I8042_CMD if data.len() == 1 => data[0] = lock(&self.i8042).read(port),
+            IDLE_PORT if data.len() == 1 => data[0] = IDLE_PORT_SIGNATURE,
             // Nothing here: floating bus.
             _ => data.fill(0xff),
         }
@@ -62,6 +70,8 @@ struct Shared {
     fd: Mutex<VcpuFd>,
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// Woken on every control request, so an idle vCPU answers it at once.
+    idle: Arc<IdleWaker>,
 }
 
 /// Control of one vCPU thread.
@@ -103,6 +113,7 @@ impl VcpuHandle {
             fd: Mutex::new(fd),
             ctl: Mutex::new(Ctl::Paused),
             cv: Condvar::new(),
+            idle: pio.idle.clone(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -130,6 +141,7 @@ impl VcpuHandle {
         let mut c = lock(&self.shared.ctl);
         if *c == Ctl::Running {
             *c = Ctl::PauseRequested;
+            self.shared.idle.wake();
         }
         while *c == Ctl::PauseRequested {
             drop(c);
@@ -167,6 +179,7 @@ impl VcpuHandle {
                 self.shared.cv.notify_all();
             }
         }
+        self.shared.idle.wake();
         loop {
             if *lock(&self.shared.ctl) == Ctl::Exited {
                 break;
@@ -197,7 +210,17 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// What the run loop does after an exit was handled.
+enum Step {
+    Continue,
+    Idle(Duration),
+    End(ExitReason),
+}
+
 fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<ExitReason>) {
+    // Differs from the waker's count, so the first idle request returns at once (a restored
+    // guest idles right away, and may have work it has not polled yet).
+    let mut idle_seen = pio.idle.events().wrapping_sub(1);
     loop {
         {
             let mut c = lock(&s.ctl);
@@ -218,12 +241,22 @@ fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<E
             }
         }
         let mut fd = lock(&s.fd);
-        let end = match fd.run() {
+        let step = match fd.run() {
             Ok(exit) => handle_exit(index, exit, pio, mmio),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(ExitReason::Error(format!(
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::End(ExitReason::Error(format!(
                 "vCPU {index}: KVM_RUN failed: {e}"
             ))),
+        };
+        let end = match step {
+            Step::Continue => None,
+            Step::Idle(t) => {
+                // Without the fd lock: a pause that wakes us finds the vCPU ready to park.
+                drop(fd);
+                pio.idle.idle(&mut idle_seen, t);
+                continue;
+            }
+            Step::End(r) => Some(r),
         };
         if let Some(reason) = end {
             let reason = match reason {
@@ -261,12 +294,13 @@ fn internal_error_detail(fd: &mut VcpuFd) -> String {
     )
 }
 
-fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &PioBus, mmio: &MmioBus) -> Option<ExitReason> {
-    match exit {
+fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &PioBus, mmio: &MmioBus) -> Step {
+    let end = match exit {
         VcpuExit::IoIn(port, data) => {
             pio.read(port, data);
             None
         }
+        VcpuExit::IoOut(IDLE_PORT, data) => return Step::Idle(idle::idle_timeout(data)),
         VcpuExit::IoOut(port, data) => pio.write(port, data).then_some(ExitReason::Reset),
         VcpuExit::MmioRead(addr, data) => {
             if !mmio.read(addr, data) {
@@ -302,5 +336,6 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &PioBus, mmio: &MmioBus) -> O
         other => Some(ExitReason::Error(format!(
             "vCPU {index}: unexpected exit {other:?}"
         ))),
-    }
+    };
+    end.map_or(Step::Continue, Step::End)
 }

@@ -3,6 +3,8 @@
 
 use crate::arch::cpu::EntryMode;
 use crate::arch::{boot, cpu};
+use crate::devices::genid::{GenIdDevice, GenIdState, GENID_BASE, GENID_SIZE};
+use crate::devices::idle::IdleWaker;
 use crate::devices::legacy::{ExitReason, SerialDevice, SerialOut, I8042, SERIAL_IRQ};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -108,6 +110,7 @@ pub struct Vm {
     serial_irq: EventFd,
     pio: Arc<PioBus>,
     mmio: MmioBus,
+    genid: Arc<Mutex<GenIdDevice>>,
     virtio: Vec<VirtioEntry>,
     vcpu_fds: Mutex<Vec<VcpuFd>>,
     vcpus: Mutex<Vec<VcpuHandle>>,
@@ -183,7 +186,11 @@ impl Vm {
         let pio = Arc::new(PioBus {
             serial: serial.clone(),
             i8042: Mutex::new(I8042::new(exit_tx.clone())),
+            idle: Arc::new(IdleWaker::new()),
         });
+        let genid = Arc::new(Mutex::new(GenIdDevice::new(GenIdState::boot())));
+        let mut mmio = MmioBus::default();
+        mmio.insert(GENID_BASE, GENID_SIZE, genid.clone());
         let mut vcpu_fds = Vec::new();
         for i in 0..config.vcpus {
             vcpu_fds.push(
@@ -200,7 +207,8 @@ impl Vm {
             serial,
             serial_irq,
             pio,
-            mmio: MmioBus::default(),
+            mmio,
+            genid,
             virtio: Vec::new(),
             vcpu_fds: Mutex::new(vcpu_fds),
             vcpus: Mutex::new(Vec::new()),
@@ -250,7 +258,7 @@ impl Vm {
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             device,
             self.mem.clone(),
-            Interrupt::new(irqfd),
+            Interrupt::new(irqfd).with_idle_waker(self.pio.idle.clone()),
             events,
         )));
         self.mmio.insert(slot.base, slot.size, transport.clone());
@@ -407,6 +415,11 @@ impl Vm {
         *lock(&self.state) = RunState::Exited(reason);
     }
 
+    /// What the guest reads from its generation-id page (see [`crate::devices::genid`]).
+    pub fn generation_id(&self) -> GenIdState {
+        lock(&self.genid).state()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -489,6 +502,7 @@ impl Vm {
             pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
             clock,
             serial: lock(&self.serial).save(),
+            genid: lock(&self.genid).state(),
             virtio: self
                 .virtio
                 .iter()
@@ -574,6 +588,9 @@ impl Vm {
                 .restore(&s.transport)
                 .map_err(|e| Error::BadState(format!("virtio device: {e}")))?;
         }
+        // Every restore is a new instance of the guest (a fork, a resume elsewhere, a rollback):
+        // it sees the next generation and a new id.
+        lock(&self.genid).set_state(state.genid.next());
         Ok(())
     }
 

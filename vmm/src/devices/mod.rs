@@ -1,5 +1,7 @@
 //! Devices and the I/O buses that route vCPU port and MMIO exits to them.
 
+pub mod genid;
+pub mod idle;
 pub mod legacy;
 pub mod virtio;
 

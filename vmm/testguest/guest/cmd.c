@@ -28,6 +28,31 @@ static u64 arena_end(void) {
     return end;
 }
 
+static void hex16(char *p, u64 v) {
+    for (int i = 15; i >= 0; i--, v >>= 4) p[i] = "0123456789abcdef"[v & 15];
+}
+
+/* GEN: the generation-id page, generation read before and after the id so a snapshot taken
+   between the loads cannot pair an old generation with a new id. */
+static void gen_reply(char *out, usize cap) {
+    if (mmio_read32(GENID_BASE) != GENID_MAGIC) {
+        ksnprintf(out, cap, "ERR no generation-id device");
+        return;
+    }
+    u64 g, lo, hi;
+    do {
+        g = mmio_read64(GENID_BASE + GENID_GENERATION);
+        lo = mmio_read64(GENID_BASE + GENID_ID);
+        hi = mmio_read64(GENID_BASE + GENID_ID + 8);
+    } while (g != mmio_read64(GENID_BASE + GENID_GENERATION));
+    char id[33];
+    hex16(id, hi);
+    hex16(id + 16, lo);
+    id[32] = 0;
+    ksnprintf(out, cap, "OK gen=%u id=%s time_ns=%u rand=0x%x", g, id, mmio_read64(GENID_BASE + GENID_HOST_TIME_NS),
+              mmio_read64(GENID_BASE + GENID_RANDOM));
+}
+
 int handle_command(char *line, char *out, usize cap, int conn) {
     reqs++;
     if (starts_with(line, "ECHO ")) {
@@ -59,6 +84,8 @@ int handle_command(char *line, char *out, usize cap, int conn) {
         ksnprintf(out, cap, "PONG");
     } else if (str_eq(c, "COUNTER")) {
         ksnprintf(out, cap, "OK %u", kt_counter);
+    } else if (str_eq(c, "GEN")) {
+        gen_reply(out, cap);
     } else if (str_eq(c, "REQUESTS")) {
         ksnprintf(out, cap, "OK %u", reqs);
     } else if (str_eq(c, "MEMINFO")) {

@@ -23,7 +23,9 @@ static inline u8 inb(u16 port) {
     __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
     return v;
 }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline u64 mmio_read64(u64 addr) { return *(volatile u64 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
@@ -35,6 +37,19 @@ static inline u64 rdtsc(void) {
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((u64)hi << 32) | lo;
 }
+
+/* kiln's paravirtual idle port (vmm/src/devices/idle.rs): a 4-byte write of the longest sleep
+   in microseconds (0 = the VMM's default, ~10 ms) parks the vCPU until a device has news; a
+   1-byte read returns IDLE_PORT_SIG when the port exists. */
+#define IDLE_PORT 0x500
+#define IDLE_PORT_SIG 0x4b
+/* kiln's generation-id page (vmm/src/devices/genid.rs). */
+#define GENID_BASE 0xcffff000UL
+#define GENID_MAGIC 0x4e45474bU
+#define GENID_GENERATION 0x08
+#define GENID_ID 0x10
+#define GENID_HOST_TIME_NS 0x20
+#define GENID_RANDOM 0x28
 
 /* lib.c */
 void *memset(void *d, int c, usize n);
@@ -162,7 +177,8 @@ void blk_misbehave(int disk);
 
 /* vsock.c */
 void vsock_probe(struct vdev *d);
-void vsock_poll(void);
+/* Returns 1 if it found anything to do. */
+int vsock_poll(void);
 extern int have_vsock;
 
 /* cmd.c: one request line in, reply written into out (NUL-terminated, no newline). Returns 1 if a

@@ -24,9 +24,9 @@ static int ndevs;
 
 struct opts {
     const char *mode;
-    u64 disk, bs, qd, n, span, write, exit_after, own_paging_off;
+    u64 disk, bs, qd, n, span, write, exit_after, own_paging_off, idle_spins;
     int random;
-} opt = {"serve", 0, 4096, 32, 100000, 0, 0, 0, 0, 1};
+} opt = {"serve", 0, 4096, 32, 100000, 0, 0, 0, 0, 2000, 1};
 
 void kt_reset(void) {
     for (;;) outb(0x64, 0xfe);
@@ -149,6 +149,7 @@ static void parse_cmdline(const u8 *bp) {
         else if (word_is(w, len, "kt.debug=")) parse_num_opt(w, len, "kt.debug=", &kt_debug);
         else if (word_is(w, len, "kt.vmm_paging=")) parse_num_opt(w, len, "kt.vmm_paging=", &opt.own_paging_off);
         else if (word_is(w, len, "kt.exit=")) parse_num_opt(w, len, "kt.exit=", &opt.exit_after);
+        else if (word_is(w, len, "kt.idle=")) parse_num_opt(w, len, "kt.idle=", &opt.idle_spins);
         else if (word_is(w, len, "kt.tsc_khz=")) {
             u64 khz = 0;
             parse_num_opt(w, len, "kt.tsc_khz=", &khz);
@@ -207,10 +208,16 @@ void kmain(const u8 *boot_params) {
         kprintf("kt: exit\n");
         kt_reset();
     }
-    kprintf("kt: serving\n");
+    /* Idle through the VMM's idle port (hlt does not work at CPL 3 under PVM) once the queues
+       have been empty for kt.idle= polls; the spins keep the reply latency of a busy
+       connection at polling speed. kt.idle=0 polls forever. */
+    int can_idle = opt.idle_spins && inb(IDLE_PORT) == IDLE_PORT_SIG;
+    kprintf("kt: serving (idle %s)\n", can_idle ? "port" : "off");
+    u64 empty = 0;
     for (;;) {
         kt_counter++;
-        if (have_vsock) vsock_poll();
+        if (have_vsock && vsock_poll()) empty = 0;
+        else if (can_idle && ++empty > opt.idle_spins) outl(IDLE_PORT, 0);
         cpu_relax();
     }
 }

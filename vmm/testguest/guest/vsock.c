@@ -298,7 +298,7 @@ void vsock_probe(struct vdev *d) {
     kprintf("kt: virtio-vsock at 0x%x: cid %u\n", d->base, guest_cid);
 }
 
-void vsock_poll(void) {
+int vsock_poll(void) {
     u32 id, len;
     int reposted = 0;
     while (vq_pop(&rxq, &id, &len)) {
@@ -322,4 +322,5 @@ void vsock_poll(void) {
     }
     if (ev) vq_notify(vdev, &evq, 2);
     tx_reclaim();
+    return reposted || ev;
 }

@@ -44,6 +44,8 @@ pub const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: Arc<EventFd>,
+    /// Wakes vCPUs parked on the idle port (polling guests never see the interrupt itself).
+    idle: Option<Arc<crate::devices::idle::IdleWaker>>,
 }
 
 impl Interrupt {
@@ -51,7 +53,14 @@ impl Interrupt {
         Interrupt {
             status: Arc::new(AtomicU32::new(0)),
             irqfd: Arc::new(irqfd),
+            idle: None,
         }
+    }
+
+    /// Also wake the VM's idle vCPUs on every signal.
+    pub fn with_idle_waker(mut self, w: Arc<crate::devices::idle::IdleWaker>) -> Self {
+        self.idle = Some(w);
+        self
     }
 
     /// Tells the driver that used rings changed.
@@ -68,6 +77,9 @@ impl Interrupt {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!(error = %e, "irqfd write failed");
+        }
+        if let Some(w) = &self.idle {
+            w.wake();
         }
     }
 
