@@ -156,13 +156,14 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
                 insecure,
                 allow_devices,
             };
-            let (id, rec) = imagebuilder::oci::pull(
+            let progress = PullBars::new();
+            let (id, rec) = imagebuilder::oci::pull_with_progress(
                 &store,
                 &tmp_dir(home),
                 &reference,
                 name.as_deref(),
                 &opts,
-                &|m| eprintln!("{m}"),
+                &progress,
             )
             .with_context(|| format!("pulling {reference}"))?;
             println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
@@ -238,6 +239,87 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Push { .. } | ImageCommand::PullFromRemote { .. } => {}
     }
     Ok(())
+}
+
+/// Pull progress on stderr: a byte bar per layer when stderr is a terminal, else one line per
+/// layer when it is down (logs and CI stay readable). stdout is left alone.
+struct PullBars {
+    /// Bars for a terminal, None otherwise.
+    multi: Option<indicatif::MultiProgress>,
+    layers: std::cell::RefCell<std::collections::HashMap<usize, PullLayer>>,
+}
+
+struct PullLayer {
+    label: String,
+    bar: indicatif::ProgressBar,
+    done: u64,
+    started: std::time::Instant,
+}
+
+impl PullBars {
+    fn new() -> PullBars {
+        use std::io::IsTerminal;
+        PullBars {
+            multi: std::io::stderr()
+                .is_terminal()
+                .then(indicatif::MultiProgress::new),
+            layers: Default::default(),
+        }
+    }
+}
+
+impl imagebuilder::oci::PullProgress for PullBars {
+    fn layer_start(&self, index: usize, count: usize, digest: &str, size: u64) {
+        let short = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let label = format!(
+            "layer {}/{count} {}",
+            index + 1,
+            &short[..short.len().min(12)]
+        );
+        let bar = match &self.multi {
+            Some(m) => m.add(crate::cli::progress_bar(size, &label)),
+            None => indicatif::ProgressBar::hidden(),
+        };
+        let layer = PullLayer {
+            label,
+            bar,
+            done: 0,
+            started: std::time::Instant::now(),
+        };
+        self.layers.borrow_mut().insert(index, layer);
+    }
+
+    fn layer_bytes(&self, index: usize, done: u64) {
+        if let Some(l) = self.layers.borrow_mut().get_mut(&index) {
+            l.done = done;
+            l.bar.set_position(done);
+        }
+    }
+
+    fn layer_done(&self, index: usize) {
+        let layers = self.layers.borrow();
+        let Some(l) = layers.get(&index) else { return };
+        if self.multi.is_some() {
+            l.bar.finish();
+        } else {
+            let secs = l.started.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: {} bytes in {secs:.2} s ({:.1} MB/s)",
+                l.label,
+                l.done,
+                l.done as f64 / secs.max(1e-6) / 1e6
+            );
+        }
+    }
+
+    fn message(&self, msg: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
 }
 
 fn push(home: &Home, name: &str, remote: Option<&str>) -> anyhow::Result<()> {

@@ -415,7 +415,70 @@ fn is_local(registry: &str) -> bool {
     host == "localhost" || host == "127.0.0.1" || host == "[::1]"
 }
 
-/// Pulls `reference` from its registry and tags it `name` (default: the reference itself).
+/// What a pull reports while it runs (for progress bars; every method defaults to nothing).
+pub trait PullProgress {
+    /// Layer `index` (0-based, of `count`) starts downloading; `size` bytes are expected.
+    fn layer_start(&self, _index: usize, _count: usize, _digest: &str, _size: u64) {}
+    /// `done` bytes of layer `index` are down so far.
+    fn layer_bytes(&self, _index: usize, _done: u64) {}
+    /// Layer `index` is completely down.
+    fn layer_done(&self, _index: usize) {}
+    /// A phase after the downloads (checking, unpacking, writing the disk).
+    fn message(&self, _msg: &str) {}
+}
+
+/// Line-per-layer progress through a `Fn(&str)`, for callers that only print lines.
+struct Lines<'a>(&'a dyn Fn(&str));
+
+impl PullProgress for Lines<'_> {
+    fn layer_start(&self, index: usize, count: usize, digest: &str, size: u64) {
+        (self.0)(&format!(
+            "layer {}/{count} {digest} ({size} bytes)",
+            index + 1
+        ));
+    }
+    fn message(&self, msg: &str) {
+        (self.0)(msg)
+    }
+}
+
+/// An AsyncWrite that reports how many bytes went through it.
+struct Counting<'a, W> {
+    inner: W,
+    done: u64,
+    report: &'a dyn Fn(u64),
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            this.done += n as u64;
+            (this.report)(this.done);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Pulls `reference` from its registry and tags it `name` (default: the reference itself);
+/// `progress` gets a line per layer.
 pub fn pull(
     store: &Store,
     tmp: &Path,
@@ -423,6 +486,18 @@ pub fn pull(
     name: Option<&str>,
     opts: &PullOptions,
     progress: &dyn Fn(&str),
+) -> Result<(BlobId, ImageRecord)> {
+    pull_with_progress(store, tmp, reference, name, opts, &Lines(progress))
+}
+
+/// [`pull`] reporting per-layer byte counts to `progress`.
+pub fn pull_with_progress(
+    store: &Store,
+    tmp: &Path,
+    reference: &str,
+    name: Option<&str>,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
 ) -> Result<(BlobId, ImageRecord)> {
     let r: oci_client::Reference = reference
         .parse()
@@ -463,20 +538,21 @@ pub fn pull(
         check_digest("config", &manifest.config.digest, &cfg_actual)?;
         let mut layers = Vec::new();
         for (i, l) in manifest.layers.iter().enumerate() {
-            progress(&format!(
-                "layer {}/{} {} ({} bytes)",
-                i + 1,
-                manifest.layers.len(),
-                l.digest,
-                l.size
-            ));
+            let size = u64::try_from(l.size).unwrap_or(0);
+            progress.layer_start(i, manifest.layers.len(), &l.digest, size);
             let path = dl.path().join(format!("layer-{i}"));
             let f = tokio::fs::File::create(&path).await.ctx("create", &path)?;
-            let mut w = tokio::io::BufWriter::new(f);
+            let report = |done| progress.layer_bytes(i, done);
+            let mut w = Counting {
+                inner: tokio::io::BufWriter::new(f),
+                done: 0,
+                report: &report,
+            };
             client.pull_blob(&r, l, &mut w).await.map_err(reg_err)?;
             tokio::io::AsyncWriteExt::flush(&mut w)
                 .await
                 .ctx("write", &path)?;
+            progress.layer_done(i);
             layers.push(LayerFile {
                 path,
                 digest: Some(l.digest.clone()),
@@ -485,6 +561,7 @@ pub fn pull(
         }
         Ok::<_, Error>((config.into_bytes(), layers))
     })?;
+    progress.message("checking and unpacking layers, writing the disk");
     ingest(
         store,
         tmp,

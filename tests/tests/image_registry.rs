@@ -25,7 +25,29 @@ fn pull_from_a_real_registry_and_the_failures() {
     reg.push(&layout, "bb", "tests/busybox:1");
     let k = Kiln::new(tmp.path().join("home"));
     let r = format!("{}/tests/busybox:1", reg.addr());
-    k.ok(["image", "pull", &r]);
+    // Not a terminal: one plain line per layer on stderr, stdout only the result.
+    let out = k.run(["image", "pull", &r]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let layer_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("layer ")).collect();
+    assert_eq!(layer_lines.len(), 1, "{stderr}");
+    assert!(
+        layer_lines[0].starts_with("layer 1/1 ") && layer_lines[0].contains(" bytes in "),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\r'),
+        "no bar redraws off a terminal: {stderr:?}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("(1 layers)"), "{stdout}");
     let pulled = k.json(["image", "inspect", &r, "--json"]);
     assert_eq!(
         pulled["record"]["config"]["cmd"],
@@ -50,6 +72,26 @@ fn pull_from_a_real_registry_and_the_failures() {
     )
     .unwrap();
     k.ok(["build", "-t", "on-pulled", ctx.to_str().unwrap()]);
+
+    // On a terminal (a pty from script(1)): a byte progress bar per layer.
+    if have("script") {
+        let cmd = k.cmd(["image", "pull", &r, "--name", "tty"]);
+        let line = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("KILN_HOME", &k.home)
+            .env("COLUMNS", "120")
+            .output()
+            .unwrap();
+        let tty = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{tty}");
+        assert!(tty.contains("layer 1/1") && tty.contains("[===="), "{tty}");
+        k.ok(["image", "rm", "tty"]);
+    }
 
     // 404: the registry answers, the repository does not exist.
     let err = k.fails(["image", "pull", &format!("{}/tests/nope:1", reg.addr())]);
