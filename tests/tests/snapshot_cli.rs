@@ -3,10 +3,9 @@
 
 mod guest_support;
 
-use guest_support::Conn;
+use guest_support::connect_uds;
 use kiln_tests::Kiln;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -19,37 +18,9 @@ fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// A request on a fresh vsock connection; retried while the (restored) guest is settling.
+/// A request on a fresh vsock connection (the first one to a restored guest must work too).
 fn ask(uds: &Path, line: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let t0 = Instant::now();
-    loop {
-        let r = (|| -> std::io::Result<String> {
-            let s = std::os::unix::net::UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            let mut c = Conn {
-                reader: BufReader::new(s.try_clone()?),
-                writer: s,
-                host_port: 0,
-            };
-            write!(c.writer, "CONNECT 1\n{line}\n")?;
-            let mut ok = String::new();
-            c.reader.read_line(&mut ok)?;
-            let mut reply = String::new();
-            if !ok.starts_with("OK") || c.reader.read_line(&mut reply)? == 0 {
-                return Err(std::io::Error::other(format!("connect: {ok:?}")));
-            }
-            Ok(reply.trim_end().to_string())
-        })();
-        match r {
-            Ok(r) => return r,
-            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("{}: {line}: {e}", uds.display()),
-        }
-    }
+    connect_uds(uds, 1).request(line)
 }
 
 #[test]

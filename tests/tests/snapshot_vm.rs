@@ -10,7 +10,7 @@
 mod guest_support;
 
 use blockstore::Store;
-use guest_support::{Conn, GuestVm};
+use guest_support::{connect_uds, GuestVm};
 use snapshotter::record::{self, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::Arc;
@@ -77,62 +77,10 @@ fn ram(vm: &vmm::Vm) -> Vec<u8> {
     out
 }
 
-/// Connects to a restored guest. The vsock transport was reset by the restore and the guest
-/// may still be handling that event, so a refused first attempt is retried (bounded).
-fn connect_uds(uds: &std::path::Path, port: u32) -> Conn {
-    use std::io::{BufRead, BufReader, Write};
-    let t0 = Instant::now();
-    loop {
-        let attempt = (|| -> std::io::Result<Conn> {
-            let s = std::os::unix::net::UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut writer = s.try_clone()?;
-            writeln!(writer, "CONNECT {port}")?;
-            let mut reader = BufReader::new(s);
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let host_port = line
-                .strip_prefix("OK ")
-                .and_then(|p| p.trim().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("CONNECT reply {line:?}")))?;
-            let mut c = Conn {
-                reader,
-                writer,
-                host_port,
-            };
-            // Prove the connection survived the guest's handling of the transport reset.
-            writeln!(c.writer, "PING")?;
-            let mut pong = String::new();
-            c.reader.read_line(&mut pong)?;
-            if pong.trim_end() != "PONG" {
-                return Err(std::io::Error::other(format!("PING reply {pong:?}")));
-            }
-            Ok(c)
-        })();
-        match attempt {
-            Ok(c) => return c,
-            Err(e) if t0.elapsed() < Duration::from_secs(5) => {
-                eprintln!("vsock connect retry: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot connect to {}: {e}", uds.display()),
-        }
-    }
-}
-
-/// Sends one idempotent request on a fresh connection, reconnecting if the guest drops it
-/// (restored guests may still be tearing down pre-snapshot connections when we arrive).
+/// Sends one request on a fresh connection. The first connection to a restored guest must
+/// work: the VMM holds host connections until the guest has handled its transport reset.
 fn ask(uds: &std::path::Path, line: &str) -> String {
-    use std::io::{BufRead, Write};
-    for attempt in 0..5 {
-        let mut c = connect_uds(uds, 1);
-        let mut reply = String::new();
-        if writeln!(c.writer, "{line}").is_ok() && c.reader.read_line(&mut reply).unwrap_or(0) > 0 {
-            return reply.trim_end().to_string();
-        }
-        eprintln!("request {line:?} dropped (attempt {attempt}); retrying");
-    }
-    panic!("guest kept dropping {line:?}");
+    connect_uds(uds, 1).request(line)
 }
 
 fn panic_hook() -> snapshotter::lazy::FatalHook {
@@ -529,9 +477,12 @@ fn lost_chunk_child() {
     };
     // SAFETY: mem outlives vm (declared before, dropped after).
     let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident) }.unwrap();
-    // `ask` reconnects when the restored guest drops a connection while it handles its vsock
-    // transport reset; the CHECK itself touches the lost chunk, which must end this process.
-    let reply = ask(&uds, "CHECK 40 1 9");
+    // The CHECK touches the lost chunk, which must end this process.
+    let mut c = connect_uds(&uds, 1);
+    use std::io::{BufRead, Write};
+    writeln!(c.writer, "CHECK 40 1 9").unwrap();
+    let mut reply = String::new();
+    let _ = c.reader.read_line(&mut reply);
     if reply.starts_with("OK") || reply.starts_with("BAD") {
         println!("WRONG MEMORY: guest answered {reply:?}");
     } else {
