@@ -4,6 +4,7 @@
 
 use blockstore::Store;
 use kiln_tests::s3::S3Server;
+use kiln_tests::Kiln;
 use snapshotter::record::{self, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::Arc;
@@ -153,4 +154,81 @@ fn ask(uds: &std::path::Path, line: &str) -> String {
         "{line}: closed by the guest"
     );
     reply.trim_end().to_string()
+}
+
+/// `kiln vm suspend` of a VM with a store disk in home A, `kiln snapshot push`, then in an
+/// empty home B `kiln snapshot pull` + `kiln vm resume`: the guest's disk writes are there, and
+/// the disk blob is read lazily from S3 (B holds none of its chunks until the guest reads).
+#[test]
+fn suspend_with_a_disk_resumes_in_another_home() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("SKIP: /dev/kvm not usable: {e}");
+        return;
+    }
+    let Some(s3) = S3Server::start_or_skip("suspend_with_a_disk_resumes_in_another_home").unwrap()
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Kiln::new(tmp.path().join("a")).with_env(s3.env());
+    let b = Kiln::new(tmp.path().join("b")).with_env(s3.env());
+    let url = format!("s3://{}/suspend", kiln_tests::s3::BUCKET);
+    for k in [&a, &b] {
+        s3.add_origin(k, &url);
+    }
+    let base = kiln_tests::pseudo_random(8 << 20, 9);
+    let img = tmp.path().join("base.img");
+    std::fs::write(&img, &base).unwrap();
+    a.ok(["store", "put", img.to_str().unwrap(), "--name", "base"]);
+    let uds = tmp.path().join("a.vsock");
+    let elf = kiln_testguest::elf_path().display().to_string();
+    let vm = a.ok_str([
+        "vm",
+        "run",
+        "--kernel",
+        &elf,
+        "--entry",
+        "user",
+        "--mem",
+        "64",
+        "--disk",
+        "base",
+        "-d",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    assert_eq!(ask(&uds, "BLKWRITE 0 0 2048 71"), "OK");
+    a.ok(["vm", "suspend", &vm, "--name", "parked"]);
+    let pushed = a.ok_str(["snapshot", "push", "parked"]);
+    let snap = pushed.split_whitespace().next().unwrap().to_string();
+
+    b.ok(["snapshot", "pull", &snap, "--name", "parked"]);
+    let rec = b.json(["snapshot", "inspect", "parked"]);
+    let disk = rec["disks"][0]["blob"].as_str().unwrap().to_string();
+    let st = b.json(["store", "stat", &disk, "--json"]);
+    assert_eq!(st["local_chunks"], 0, "pull fetches manifests only: {st}");
+    let unique = st["unique_chunks"].as_u64().unwrap();
+    let id = b.ok_str(["vm", "resume", "parked"]);
+    let vs = b.home.join("vms").join(&id).join("vsock.sock");
+    assert_eq!(ask(&vs, "BLKCHECK 0 0 2048 71"), "OK");
+    // 1 MiB of the base the guest never wrote, read through the overlay from S3.
+    assert_eq!(
+        ask(&vs, "BLKHASH 0 2048 2048"),
+        format!(
+            "OK 0x{:x}",
+            kiln_testguest::checksum(&base[1 << 20..2 << 20])
+        )
+    );
+    b.ok(["vm", "stop", &id]);
+    let st = b.json(["store", "stat", &disk, "--json"]);
+    let local = st["local_chunks"].as_u64().unwrap();
+    eprintln!("disk chunks in home B after the guest's reads: {local} of {unique}");
+    assert!(
+        local <= unique / 2,
+        "only the chunks the guest read came over: {local} of {unique}"
+    );
 }
