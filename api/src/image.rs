@@ -350,6 +350,27 @@ fn pull_from_remote(
         }
     };
     let name = name.unwrap_or(id_or_name);
+    // Later commands attach only the default remote, so data left in another remote would be
+    // out of reach: from a remote named explicitly, fetch the data now, before the name is set.
+    if let Some(r) = remote {
+        if crate::store::default_remote_name(home)?.as_deref() != Some(r) {
+            let fetch = || -> anyhow::Result<u64> {
+                store.pull(&id)?;
+                let rec = imagebuilder::image::get_record(&store, &id)?;
+                let mut chunks = store.prefetch(&id)?;
+                for b in rec.layers.iter().chain([&rec.disk]) {
+                    store.pull(b)?;
+                    chunks += store
+                        .prefetch(b)
+                        .with_context(|| format!("fetching blob {b}"))?;
+                }
+                Ok(chunks)
+            };
+            let chunks =
+                fetch().with_context(|| format!("fetching image {id} from remote {r:?}"))?;
+            eprintln!("fetched {chunks} chunks from {r:?} (not the default remote)");
+        }
+    }
     let rec = imagebuilder::image::pull(&store, &id, &name)
         .with_context(|| format!("pulling image {id} from the remote"))?;
     println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());

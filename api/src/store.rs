@@ -295,6 +295,11 @@ pub(crate) fn open_with_remote(home: &Home, remote: Option<&str>, required: bool
     Ok(store)
 }
 
+/// The name of the default remote, if one is configured.
+pub(crate) fn default_remote_name(home: &Home) -> Result<Option<String>> {
+    Ok(Remotes::load(home)?.default)
+}
+
 fn resolve(store: &Store, blob: &str) -> Result<BlobId> {
     store
         .resolve(blob)

@@ -78,4 +78,58 @@ fn image_pushed_from_one_home_exports_identically_from_another() {
         let st = b.json(["store", "stat", l.as_str().unwrap(), "--json"]);
         assert!(st["size"].as_u64().unwrap() > 0, "{st}");
     }
+
+    // A home whose default remote is another (empty) one pulls with `--remote origin`: every
+    // fetch must go to origin, also the data later commands read, which only attach the
+    // default remote. So the data comes over now, and export works without origin.
+    let c = Kiln::new(tmp.path().join("c")).with_env(s3.env());
+    c.ok([
+        "remote",
+        "add",
+        "empty",
+        &format!("s3://{BUCKET}/empty"),
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    s3.add_origin(&c, &url);
+    // Through the default remote the image is not found.
+    let err = c.fails(["image", "pull-from-remote", &id, "--name", "x"]);
+    assert!(err.contains(&id[..16]), "{err}");
+    let out = c.run([
+        "image",
+        "pull-from-remote",
+        &id,
+        "--name",
+        "viaorigin",
+        "--remote",
+        "origin",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("from \"origin\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = c.json(["store", "stat", disk, "--json"]);
+    assert!(
+        st["local_chunks"].as_u64().unwrap() > 0,
+        "data fetched now: {st}"
+    );
+    // Forget origin entirely: the image still exports, identical.
+    c.ok(["remote", "rm", "origin"]);
+    let dc = tmp.path().join("c.ext4");
+    c.ok(["image", "export", "viaorigin", "-o", dc.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&dc).unwrap() == da,
+        "export after pull --remote origin differs"
+    );
+    assert_eq!(
+        c.json(["image", "inspect", "viaorigin", "--json"]),
+        rec_a,
+        "same record"
+    );
 }
