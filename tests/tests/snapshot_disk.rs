@@ -448,4 +448,17 @@ fn kiln_restore_fork_and_suspend_resume_with_a_disk() {
         std::fs::read(&disk_file).unwrap() == disk_before,
         "the snapshot's disk blob is unchanged by restores and forks"
     );
+
+    // A raw-file disk cannot be committed: a clear error, and the VM runs on.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let (rid, ruds) = kiln_vm_with_disk(&k, dir.path(), raw.to_str().unwrap(), "raw");
+    assert_eq!(ask(&ruds, "BLKWRITE 0 0 8 3"), "OK");
+    let e = k.fails(["snapshot", "create", &rid, "--name", "rawsnap"]);
+    assert!(e.contains("store-backed") && e.contains("raw file"), "{e}");
+    assert!(k
+        .fails(["snapshot", "inspect", "rawsnap"])
+        .contains("rawsnap"));
+    assert_eq!(ask(&ruds, "BLKCHECK 0 0 8 3"), "OK", "the VM was resumed");
+    k.ok(["vm", "stop", &rid]);
 }
