@@ -9,6 +9,9 @@
 //! `restore` runs the VMM in this process (as `kiln vm run` does: control socket, serial log
 //! and vm.json under KILN_HOME/vms/ID) with guest memory paged in lazily by a userfaultfd
 //! handler; `fork` starts N such processes over one copy-on-write memory file.
+//!
+//! Disks: `create` commits every virtio-blk disk (store overlays only) into the record; each
+//! restored or forked VM gets its own fresh overlay over those blobs under KILN_HOME/vms/ID.
 
 use crate::cli::{print_json, Home};
 use anyhow::{anyhow, bail, Context, Result};
