@@ -13,7 +13,8 @@
 //!
 //! Pause (deactivate/activate) keeps connections. A device created with [`Vsock::restored`]
 //! sends the guest a TRANSPORT_RESET event when activated: host connections do not survive a
-//! snapshot, so the guest must drop its own.
+//! snapshot, so the guest must drop its own. Host connections made meanwhile wait (unread) until
+//! the guest has handled that event (see `muxer::ResetAck`), so they are not dropped with it.
 
 mod muxer;
 pub mod packet;
