@@ -188,3 +188,163 @@ pub fn busybox_layout(dir: &Path, tag: &str) -> Option<PathBuf> {
     ]);
     Some(layout)
 }
+
+/// Where the Debian minbase root file system is cached between runs; shared by the tests and
+/// the image benchmark. `KILN_DEBIAN_ROOTFS` overrides it.
+pub const DEBIAN_ROOTFS: &str = "/var/cache/kiln-bench/debian-rootfs";
+
+fn debian_rootfs_dir() -> PathBuf {
+    std::env::var_os("KILN_DEBIAN_ROOTFS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEBIAN_ROOTFS))
+}
+
+/// Holds an exclusive flock on `path` (created) until dropped, so concurrent test processes
+/// do not debootstrap or pack the same cache twice.
+struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn take(path: &Path) -> CacheLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .expect("open cache lock");
+        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {}", path.display());
+        CacheLock { _file: f }
+    }
+}
+
+/// A `debootstrap --variant=minbase bookworm` root file system, made once and cached at
+/// [`DEBIAN_ROOTFS`] (about 50 s and 206 MB when the mirror is reachable; the mirror is
+/// `KILN_DEBIAN_MIRROR`, default http://deb.debian.org/debian). None, with a SKIP line that
+/// says why, without root, without debootstrap, or when the mirror cannot be reached.
+pub fn debian_rootfs() -> Option<PathBuf> {
+    let dir = debian_rootfs_dir();
+    let complete = |d: &Path| d.join("etc/debian_version").exists() && d.join("bin/sh").exists();
+    if complete(&dir) {
+        return Some(dir);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIP: no cached Debian root at {} and debootstrap needs root",
+            dir.display()
+        );
+        return None;
+    }
+    if !have("debootstrap") {
+        eprintln!("SKIP: debootstrap not installed (apt-get install debootstrap), no cached Debian root at {}", dir.display());
+        return None;
+    }
+    let parent = dir.parent().expect("cache dir has a parent");
+    std::fs::create_dir_all(parent).expect("create cache dir");
+    let _lock = CacheLock::take(&parent.join(".debian-rootfs.lock"));
+    if complete(&dir) {
+        return Some(dir); // made by another process while we waited
+    }
+    let mirror = std::env::var("KILN_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let partial = parent.join(format!(
+        "{}.partial",
+        dir.file_name().expect("name").to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(&dir); // an incomplete leftover
+    eprintln!(
+        "making the Debian minbase root at {} from {mirror} (cached for later runs)",
+        dir.display()
+    );
+    let t0 = Instant::now();
+    let out = Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&partial)
+        .arg(&mirror)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run debootstrap");
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&partial);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        eprintln!(
+            "SKIP: debootstrap of Debian bookworm from {mirror} failed ({}), so there is no Debian image to test with: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+        return None;
+    }
+    std::fs::rename(&partial, &dir).expect("move the Debian root into place");
+    eprintln!("debootstrap took {:.0} s", t0.elapsed().as_secs_f64());
+    Some(dir)
+}
+
+/// An OCI layout holding `rootfs` as tag `base` (umoci; PATH set, cmd /bin/sh), made once at
+/// `at/oci` and reused. None (with a SKIP line) without umoci.
+pub fn cached_layout(rootfs: &Path, at: &Path) -> Option<PathBuf> {
+    if !have("umoci") {
+        eprintln!("SKIP: umoci not installed (apt-get install umoci)");
+        return None;
+    }
+    let layout = at.join("oci");
+    if layout.join("index.json").exists() {
+        return Some(layout);
+    }
+    std::fs::create_dir_all(at).expect("create layout cache dir");
+    let _lock = CacheLock::take(&at.join(".layout.lock"));
+    if layout.join("index.json").exists() {
+        return Some(layout);
+    }
+    // Made next to its final place and renamed, so a half-made layout is never reused.
+    let partial = at.join("oci.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let image = format!("{}:base", partial.display());
+    let run = |args: &[&str]| {
+        let out = Command::new("umoci")
+            .args(args)
+            .output()
+            .expect("run umoci");
+        assert!(
+            out.status.success(),
+            "umoci {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["init", "--layout", partial.to_str().expect("utf-8 path")]);
+    run(&["new", "--image", &image]);
+    run(&[
+        "insert",
+        "--image",
+        &image,
+        rootfs.to_str().expect("utf-8"),
+        "/",
+    ]);
+    run(&[
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--config.cmd",
+        "/bin/sh",
+    ]);
+    // The layout records its own path nowhere, so it can move.
+    std::fs::rename(&partial, &layout).expect("move the layout into place");
+    Some(layout)
+}
+
+/// The Debian minbase image as an OCI layout (tag `base`), cached next to its root file
+/// system (`<rootfs>/../debian/oci`, where the image benchmark looks too).
+pub fn debian_layout() -> Option<PathBuf> {
+    let rootfs = debian_rootfs()?;
+    let at = rootfs.parent().expect("cache dir").join("debian");
+    cached_layout(&rootfs, &at)
+}
