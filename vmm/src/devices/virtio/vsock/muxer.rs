@@ -786,9 +786,12 @@ impl Worker {
                     written = 4;
                 }
             }
+            // Read before the guest can see the event: a polling guest may repost its buffer
+            // right after add_used, and that repost must count as the acknowledgement.
+            let avail = self.queues[EVQ].avail_idx(&self.mem, Ordering::Acquire);
             let _ = self.queues[EVQ].add_used(&self.mem, head, written);
             self.send_reset_event = false;
-            self.muxer.reset_ack = match self.queues[EVQ].avail_idx(&self.mem, Ordering::Acquire) {
+            self.muxer.reset_ack = match avail {
                 Ok(avail) => ResetAck::AwaitRepost {
                     avail,
                     deadline: Instant::now() + RESET_ACK_TIMEOUT,
