@@ -105,7 +105,11 @@ pub struct CaptureReport {
     pub diff: bool,
     pub dirty_pages: u64,
     pub state_ms: f64,
+    /// Copying memory out of the VM and storing it.
     pub memory_ms: f64,
+    /// Of memory_ms: copying memory out of the paused VM ([`snapshot_begin`]; 0 when streamed
+    /// straight into the store).
+    pub copy_ms: f64,
     pub total_ms: f64,
 }
 
@@ -116,20 +120,61 @@ pub fn snapshot(
     vm: &Vm,
     req: SnapshotRequest,
 ) -> Result<(SnapshotRecord, CaptureReport), SnapError> {
+    if req.parent.is_some() {
+        // A diff copies its few pages anyway: no difference to taking them in two steps.
+        return snapshot_begin(vm, req)?.finish(store);
+    }
     let t0 = Instant::now();
-    let state = vm.save_state()?;
-    let state = serde_json::to_value(&state)
-        .map_err(|e| SnapError::Invalid(format!("serializing VM state: {e}")))?;
+    let state = save_state(vm)?;
+    if let Some(t) = req.tracker {
+        t.take(vm)?; // restart tracking at this snapshot
+    }
+    let t1 = Instant::now();
+    // SAFETY: the VM is paused (save_state checked) and its memory stays mapped. Streamed
+    // straight into the store: no copy of guest memory is held.
+    let memory = unsafe { memory::capture_full(store, &host_regions(vm))? };
+    let t2 = Instant::now();
+    let pending = PendingSnapshot {
+        req,
+        state,
+        memory: None,
+        dirty_pages: 0,
+        t0,
+        state_ms: ms(t0, t1),
+        copy_ms: 0.0,
+    };
+    pending.save(store, memory, None, 0, ms(t1, t2))
+}
+
+/// A snapshot whose state and memory are copied out of the paused VM but not stored yet: the
+/// caller may resume the VM before [`PendingSnapshot::finish`] stores them, so the VM pauses
+/// only for the copy (no hashing, compression or fsync). The copy holds the non-zero (full) or
+/// dirty (diff) pages in host memory until stored.
+pub struct PendingSnapshot<'a> {
+    req: SnapshotRequest<'a>,
+    state: serde_json::Value,
+    memory: Option<memory::Staged>,
+    dirty_pages: u64,
+    t0: Instant,
+    state_ms: f64,
+    copy_ms: f64,
+}
+
+/// First half of a snapshot of a paused VM: copies state and memory (see [`PendingSnapshot`]).
+pub fn snapshot_begin<'a>(
+    vm: &Vm,
+    req: SnapshotRequest<'a>,
+) -> Result<PendingSnapshot<'a>, SnapError> {
+    let t0 = Instant::now();
+    let state = save_state(vm)?;
     let t1 = Instant::now();
     let regions = host_regions(vm);
-    let mut dirty_pages = 0;
-    let (memory, parent, generation) = match (req.parent, req.tracker) {
-        (Some((pid, prec)), Some(tracker)) => {
+    let (staged, dirty_pages) = match (&req.parent, req.tracker) {
+        (Some((_, prec)), Some(tracker)) => {
             let dirty = tracker.take(vm)?;
-            dirty_pages = dirty.count();
             // SAFETY: the VM is paused (save_state checked) and its memory stays mapped.
-            let m = unsafe { memory::capture_diff(store, &prec.memory, &regions, &dirty)? };
-            (m, Some(pid), prec.generation)
+            let s = unsafe { memory::stage_diff(&prec.memory, &regions, &dirty)? };
+            (s, dirty.count())
         }
         (Some(_), None) => {
             return Err(SnapError::Invalid(
@@ -141,33 +186,82 @@ pub fn snapshot(
                 t.take(vm)?; // restart tracking at this snapshot
             }
             // SAFETY: as above.
-            (unsafe { memory::capture_full(store, &regions)? }, None, 0)
+            (unsafe { memory::stage_full(&regions)? }, 0)
         }
     };
     let t2 = Instant::now();
-    let rec = SnapshotRecord {
-        format: SNAPSHOT_FORMAT,
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-        cpu: CpuIdentity::host(),
-        created: record::now(),
-        vm: req.shape,
+    Ok(PendingSnapshot {
+        req,
         state,
-        memory,
-        disks: req.disks,
-        parent,
-        generation,
-    };
-    let id = record::save(store, &rec, req.name)?;
-    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-    let report = CaptureReport {
-        snapshot: id,
-        diff: rec.parent.is_some(),
+        memory: Some(staged),
         dirty_pages,
+        t0,
         state_ms: ms(t0, t1),
-        memory_ms: ms(t1, t2),
-        total_ms: ms(t0, Instant::now()),
-    };
-    Ok((rec, report))
+        copy_ms: ms(t1, t2),
+    })
+}
+
+impl PendingSnapshot<'_> {
+    /// How long the VM had to stay paused for this snapshot (state + memory copy).
+    pub fn pause_ms(&self) -> f64 {
+        self.state_ms + self.copy_ms
+    }
+
+    /// Stores the copied memory and the record. The VM may run meanwhile.
+    pub fn finish(mut self, store: &Store) -> Result<(SnapshotRecord, CaptureReport), SnapError> {
+        let t = Instant::now();
+        let staged = self.memory.take().expect("staged memory is stored once");
+        let memory = staged.store(store)?;
+        let (parent, generation) = match &self.req.parent {
+            Some((pid, prec)) => (Some(*pid), prec.generation),
+            None => (None, 0),
+        };
+        let store_ms = ms(t, Instant::now());
+        self.save(store, memory, parent, generation, store_ms)
+    }
+
+    fn save(
+        self,
+        store: &Store,
+        memory: memory::MemoryImage,
+        parent: Option<BlobId>,
+        generation: u64,
+        store_ms: f64,
+    ) -> Result<(SnapshotRecord, CaptureReport), SnapError> {
+        let rec = SnapshotRecord {
+            format: SNAPSHOT_FORMAT,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            cpu: CpuIdentity::host(),
+            created: record::now(),
+            vm: self.req.shape,
+            state: self.state,
+            memory,
+            disks: self.req.disks,
+            parent,
+            generation,
+        };
+        let id = record::save(store, &rec, self.req.name)?;
+        let report = CaptureReport {
+            snapshot: id,
+            diff: rec.parent.is_some(),
+            dirty_pages: self.dirty_pages,
+            state_ms: self.state_ms,
+            memory_ms: self.copy_ms + store_ms,
+            copy_ms: self.copy_ms,
+            total_ms: ms(self.t0, Instant::now()),
+        };
+        Ok((rec, report))
+    }
+}
+
+fn save_state(vm: &Vm) -> Result<serde_json::Value, SnapError> {
+    let state = vm.save_state()?;
+    serde_json::to_value(&state)
+        .map_err(|e| SnapError::Invalid(format!("serializing VM state: {e}")))
+}
+
+fn ms(a: Instant, b: Instant) -> f64 {
+    (b - a).as_secs_f64() * 1e3
 }
 
 /// Memory a restored VM runs on.

@@ -2,9 +2,11 @@
 //!
 //! `cargo run --release -p kiln-benches --bin snapshot_bench [-- --mem-mib 256 --runs 20 --forks 32]`
 //!
-//! - create: full snapshot of a paused guest with half its RAM holding data (time, bytes stored)
-//!   against writing the whole RAM to a file (+fsync), as a file-based snapshot does;
-//! - diff: a diff snapshot after 1% of pages were rewritten;
+//! - create: full snapshot of a paused guest with half its RAM holding data, against writing the
+//!   whole RAM to a file (+fsync), as a file-based snapshot does: staged (`snapshot_begin`: the
+//!   VM pauses while memory is copied, then runs while the copy is stored; pause and
+//!   time-to-durable) and streamed (`snapshot`: paused until stored);
+//! - diff: a staged diff snapshot after 1% of pages were rewritten (pause, time-to-durable);
 //! - restore: lazy (userfaultfd) restore to the first vsock reply, p50/p99, without and with
 //!   the recorded working set (in-process: VM build + state restore + first reply; process
 //!   spawn is not included);
@@ -153,7 +155,6 @@ fn main() -> anyhow::Result<()> {
     let file_ms = ms(t.elapsed());
     std::fs::remove_file(&file)?;
 
-    let before = store.stats().bytes_written;
     let req = |name: &'static str| SnapshotRequest {
         shape: shape.clone(),
         name: Some(name),
@@ -161,12 +162,28 @@ fn main() -> anyhow::Result<()> {
         tracker: Some(&tracker),
         disks: vec![],
     };
+    // Streamed: the VM stays paused while memory is hashed, compressed and made durable (own
+    // store, so the staged capture below does not find its chunks already stored).
+    let stream_store = Store::open(&dir.path().join("stream-store"))?;
     let t = Instant::now();
-    let (base_rec, base_rep) = snapvm::snapshot(&store, &vm, req("bench-base"))?;
+    snapvm::snapshot(&stream_store, &vm, req("bench-stream"))?;
+    let stream_ms = ms(t.elapsed());
+    let stream_stored = stream_store.stats().bytes_written;
+    drop(stream_store);
+
+    // Staged: the VM pauses for the copy only, then runs while the copy is stored.
+    let before = store.stats().bytes_written;
+    let t = Instant::now();
+    let pending = snapvm::snapshot_begin(&vm, req("bench-base"))?;
+    vm.resume()?;
+    let pause_ms = ms(t.elapsed());
+    let (base_rec, base_rep) = pending.finish(&store)?;
     let create_ms = ms(t.elapsed());
     let stored = store.stats().bytes_written - before;
 
-    // Diff: rewrite 1% of pages, then a diff snapshot.
+    // Diff: rewrite 1% of pages (host writes: the VMM's dirty bitmap sees them), then a diff
+    // snapshot, again staged.
+    vm.pause()?;
     let pages = mem_mib * MIB / 4096;
     let mut x = 0x1234_5678_u64;
     for _ in 0..pages / 100 {
@@ -176,8 +193,7 @@ fn main() -> anyhow::Result<()> {
     }
     let before = store.stats().bytes_written;
     let t = Instant::now();
-    let (_diff_rec, diff_rep) = snapvm::snapshot(
-        &store,
+    let pending = snapvm::snapshot_begin(
         &vm,
         SnapshotRequest {
             shape: shape.clone(),
@@ -187,6 +203,9 @@ fn main() -> anyhow::Result<()> {
             disks: vec![],
         },
     )?;
+    vm.resume()?;
+    let diff_pause_ms = ms(t.elapsed());
+    let (_diff_rec, diff_rep) = pending.finish(&store)?;
     let diff_ms = ms(t.elapsed());
     let diff_stored = store.stats().bytes_written - before;
     vm.stop();
@@ -304,14 +323,24 @@ fn main() -> anyhow::Result<()> {
         "mem_mib": mem_mib,
         "data_mib": half,
         "create": {
-            "snapshot_ms": create_ms,
-            "memory_ms": base_rep.memory_ms,
+            "pause_ms": pause_ms,
+            "durable_ms": create_ms,
+            "copy_ms": base_rep.copy_ms,
             "bytes_stored": stored,
+            "streamed_ms": stream_ms,
+            "streamed_bytes_stored": stream_stored,
             "file_write_fsync_ms": file_ms,
             "file_bytes": mem_mib * MIB,
-            "speedup_vs_file": file_ms / create_ms,
+            "pause_speedup_vs_file": file_ms / pause_ms,
+            "durable_speedup_vs_file": file_ms / create_ms,
+            "streamed_speedup_vs_file": file_ms / stream_ms,
         },
-        "diff_1pct": { "snapshot_ms": diff_ms, "memory_ms": diff_rep.memory_ms, "dirty_pages": diff_rep.dirty_pages, "bytes_stored": diff_stored },
+        "diff_1pct": {
+            "pause_ms": diff_pause_ms,
+            "durable_ms": diff_ms,
+            "dirty_pages": diff_rep.dirty_pages,
+            "bytes_stored": diff_stored,
+        },
         "restore_lazy_first_reply_ms": {
             "no_working_set": { "p50": pct(&mut cold.clone(), 0.5), "p99": pct(&mut cold, 0.99), "stats": cold_stats },
             "working_set": { "chunks": ws_chunks, "p50": pct(&mut warm.clone(), 0.5), "p99": pct(&mut warm, 0.99), "stats": warm_stats },
