@@ -424,8 +424,8 @@ pub fn disk_overlays(
     rec: &SnapshotRecord,
     dir: &Path,
 ) -> Result<Vec<Arc<blockstore::Overlay>>, SnapError> {
-    let mut out = Vec::with_capacity(rec.disks.len());
-    for (i, d) in rec.disks.iter().enumerate() {
+    let mut made: Vec<blockstore::Overlay> = Vec::with_capacity(rec.disks.len());
+    let create = |i: usize, d: &DiskRef| -> Result<blockstore::Overlay, SnapError> {
         let size = store.manifest(&d.blob)?.size;
         let odir = dir.join(format!("disk{i}"));
         if odir.exists() {
@@ -434,13 +434,21 @@ pub fn disk_overlays(
                 odir.display()
             )));
         }
-        out.push(Arc::new(store.create_overlay(
-            Some(&d.blob),
-            size,
-            &odir,
-        )?));
+        Ok(store.create_overlay(Some(&d.blob), size, &odir)?)
+    };
+    for (i, d) in rec.disks.iter().enumerate() {
+        match create(i, d) {
+            Ok(o) => made.push(o),
+            Err(e) => {
+                // Nothing half-made stays behind (nor its pin on the base).
+                for o in made {
+                    let _ = o.discard();
+                }
+                return Err(e);
+            }
+        }
     }
-    Ok(out)
+    Ok(made.into_iter().map(Arc::new).collect())
 }
 
 /// What a blk device saved besides its queues (see `vmm::devices::virtio::block::Block`).

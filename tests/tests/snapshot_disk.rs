@@ -319,6 +319,25 @@ fn restore_refuses_missing_disk_overlays() {
         .err()
         .expect("no overlays given");
     assert!(e.to_string().contains("0 overlays"), "{e}");
+
+    // A disk blob this store lacks: a clear error, and no overlay of the other disk is left.
+    let mut bad = rec.clone();
+    let missing: BlobId = "ab".repeat(32).parse().unwrap();
+    bad.disks.push(DiskRef {
+        blob: missing,
+        read_only: false,
+    });
+    let vmdir = dir.path().join("vm");
+    std::fs::create_dir_all(&vmdir).unwrap();
+    let e = snapvm::disk_overlays(&store, &bad, &vmdir).unwrap_err();
+    assert!(e.to_string().contains("abab"), "{e}");
+    assert!(!vmdir.join("disk0").exists(), "half-made overlays removed");
+    let ok = snapvm::disk_overlays(&store, &rec, &vmdir).unwrap();
+    assert_eq!(ok.len(), 1);
+    assert!(
+        snapvm::disk_overlays(&store, &rec, &vmdir).is_err(),
+        "an existing overlay is never reused"
+    );
 }
 
 fn kvm_unavailable() -> Option<String> {
