@@ -157,6 +157,28 @@ impl Kiln {
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
+
+    /// A guard that stops every running VM of this home when dropped, also when the test
+    /// panics: detached VMM processes must not outlive their test.
+    pub fn stop_vms_on_drop(&self) -> StopVms {
+        StopVms(self.clone())
+    }
+}
+
+/// See [`Kiln::stop_vms_on_drop`].
+pub struct StopVms(Kiln);
+
+impl Drop for StopVms {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(self.0.home.join("vms")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.path().join("control.sock").exists() {
+                let _ = self.0.run(["vm", "stop", &e.file_name().to_string_lossy()]);
+            }
+        }
+    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough to exercise zstd.

@@ -31,6 +31,7 @@ fn suspend_with_diff_then_restore_and_fork() {
     }
     let dir = tempfile::tempdir().unwrap();
     let k = Kiln::new(dir.path().join("home"));
+    let _vms = k.stop_vms_on_drop();
     let uds = dir.path().join("a.vsock");
     let elf = kiln_testguest::elf_path().display().to_string();
     let id = k.ok_str([

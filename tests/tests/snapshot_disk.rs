@@ -374,6 +374,7 @@ fn kiln_restore_fork_and_suspend_resume_with_a_disk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let k = Kiln::new(dir.path().join("home"));
+    let _vms = k.stop_vms_on_drop();
     let img = dir.path().join("base.img");
     let base = kiln_tests::pseudo_random((DISK_MIB << 20) as usize, 5);
     std::fs::write(&img, &base).unwrap();

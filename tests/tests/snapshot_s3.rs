@@ -176,6 +176,7 @@ fn suspend_with_a_disk_resumes_in_another_home() {
     let tmp = tempfile::tempdir().unwrap();
     let a = Kiln::new(tmp.path().join("a")).with_env(s3.env());
     let b = Kiln::new(tmp.path().join("b")).with_env(s3.env());
+    let _vms = (a.stop_vms_on_drop(), b.stop_vms_on_drop());
     let url = format!("s3://{}/suspend", kiln_tests::s3::BUCKET);
     for k in [&a, &b] {
         s3.add_origin(k, &url);
