@@ -345,3 +345,25 @@ fn bad_input_is_a_clear_error() {
     let e = k.fails(["vm", "pause", "../etc"]);
     assert!(e.contains("invalid VM id"), "{e}");
 }
+
+#[test]
+fn a_detached_vm_whose_home_is_deleted_stops_itself() {
+    require_kvm!();
+    let (_d, k) = setup();
+    let _guard = StopOnDrop(&k, &["orphan"]);
+    k.ok(run_args(&["-d", "--id", "orphan", "--cmdline", "kt.mode=serve"]));
+    let pid = ls(&k)[0]["pid"].as_u64().expect("pid of a running VM") as i32;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = || unsafe { libc::kill(pid, 0) } == 0;
+    assert!(alive());
+    std::fs::remove_dir_all(&k.home).unwrap();
+    wait_for("the orphaned VMM to exit", Duration::from_secs(10), || {
+        !alive() || is_zombie(pid)
+    });
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}

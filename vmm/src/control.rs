@@ -40,6 +40,7 @@ pub struct ControlContext {
 pub fn serve(path: &Path, ctx: Arc<ControlContext>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
+    let vm = ctx.vm.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -49,6 +50,22 @@ pub fn serve(path: &Path, ctx: Arc<ControlContext>) -> std::io::Result<()> {
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || handle_conn(conn, &ctx));
+            }
+        })?;
+    watch_socket(path.to_path_buf(), vm)
+}
+
+/// Stops the VM once its control socket is gone (its directory or whole home was deleted):
+/// nothing can reach such a VM any more, so it would otherwise run on unseen until killed.
+fn watch_socket(path: PathBuf, vm: Arc<Vm>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if !path.exists() {
+                tracing::warn!(socket = %path.display(), "control socket removed; stopping the VM");
+                vm.stop();
+                return;
             }
         })?;
     Ok(())
