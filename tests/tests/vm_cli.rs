@@ -351,7 +351,13 @@ fn a_detached_vm_whose_home_is_deleted_stops_itself() {
     require_kvm!();
     let (_d, k) = setup();
     let _guard = StopOnDrop(&k, &["orphan"]);
-    k.ok(run_args(&["-d", "--id", "orphan", "--cmdline", "kt.mode=serve"]));
+    k.ok(run_args(&[
+        "-d",
+        "--id",
+        "orphan",
+        "--cmdline",
+        "kt.mode=serve",
+    ]));
     let pid = ls(&k)[0]["pid"].as_u64().expect("pid of a running VM") as i32;
     // SAFETY: kill with signal 0 only checks that the process exists.
     let alive = || unsafe { libc::kill(pid, 0) } == 0;
@@ -364,6 +370,12 @@ fn a_detached_vm_whose_home_is_deleted_stops_itself() {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
