@@ -144,33 +144,6 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-/// Connects to a restored guest: its vsock transport was reset, and a connection made while
-/// the guest still handles that event is dropped, so retry (bounded) until a PING answers.
-fn connect_restored(uds: &std::path::Path) -> guest_support::Conn {
-    let t0 = std::time::Instant::now();
-    loop {
-        let r = std::panic::catch_unwind(|| {
-            let mut c = guest_support::connect_uds(uds, 1);
-            c.writer
-                .set_write_timeout(Some(Duration::from_secs(2)))
-                .ok();
-            c.reader
-                .get_ref()
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .ok();
-            assert_eq!(c.request("PING"), "PONG");
-            c
-        });
-        match r {
-            Ok(c) => return c,
-            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => std::panic::resume_unwind(e),
-        }
-    }
-}
-
 /// A restored copy of a paused VM (its memory copied, its vsock on `uds`), started.
 fn restore_copy(src: &vmm::Vm, state: &vmm::VmState, dir: &std::path::Path, name: &str) -> vmm::Vm {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -230,7 +203,7 @@ fn generation_id_boot_restore_and_forks() {
         .collect();
     let mut ids = Vec::new();
     for (i, f) in forks.iter().enumerate() {
-        let mut c = connect_restored(&dir.path().join(format!("f{i}.vsock")));
+        let mut c = guest_support::connect_uds(&dir.path().join(format!("f{i}.vsock")), 1);
         let (gen, id, _, _) = parse_gen(&c.request("GEN"));
         assert_eq!(gen, 1, "fork {i}: a restore is the next generation");
         assert_eq!(id, f.generation_id().id_hex(), "fork {i}");
@@ -246,7 +219,7 @@ fn generation_id_boot_restore_and_forks() {
     forks[0].pause().unwrap();
     let s1 = forks[0].save_state().unwrap();
     let again = restore_copy(&forks[0], &s1, dir.path(), "g2");
-    let mut c = connect_restored(&dir.path().join("g2.vsock"));
+    let mut c = guest_support::connect_uds(&dir.path().join("g2.vsock"), 1);
     assert_eq!(parse_gen(&c.request("GEN")).0, 2);
     drop(c);
 
@@ -329,4 +302,81 @@ fn idle_guest_sleeps_wakes_on_requests_and_pauses_promptly() {
         "stop took {:?}",
         t.elapsed()
     );
+}
+
+/// The whole user path: `kiln vm run`, `kiln snapshot create`, `kiln vm fork`, `kiln vm
+/// restore` (separate VMM processes) and the generation each guest reads.
+#[test]
+fn generation_id_through_the_kiln_cli() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let k = kiln_tests::Kiln::new(dir.path().join("home"));
+    let _vms = k.stop_vms_on_drop();
+    let uds = dir.path().join("src.vsock");
+    let elf = kiln_testguest::elf_path().display().to_string();
+    let id = k.ok_str(
+        [
+            "vm",
+            "run",
+            "--kernel",
+            &elf,
+            "--entry",
+            "user",
+            "--mem",
+            "64",
+            "-d",
+            "--vsock-uds",
+        ]
+        .into_iter()
+        .chain([uds.to_str().unwrap()]),
+    );
+    let id = id.trim().to_string();
+    let gen = |uds: &std::path::Path| {
+        let (g, id, _, _) = parse_gen(&guest_support::connect_uds(uds, 1).request("GEN"));
+        (g, id)
+    };
+    let (g0, id0) = gen(&uds);
+    assert_eq!(g0, 0);
+    k.ok(["snapshot", "create", &id, "--name", "s"]);
+    assert_eq!(
+        gen(&uds),
+        (0, id0.clone()),
+        "the snapshotted VM itself is unchanged"
+    );
+
+    let fdir = dir.path().join("forks");
+    std::fs::create_dir_all(&fdir).unwrap();
+    k.ok([
+        "vm",
+        "fork",
+        "s",
+        "-n",
+        "2",
+        "--vsock-dir",
+        fdir.to_str().unwrap(),
+    ]);
+    let mut ids = std::collections::HashSet::new();
+    let mut forks = Vec::new();
+    for e in std::fs::read_dir(&fdir).unwrap() {
+        let p = e.unwrap().path();
+        let (g, fid) = gen(&p);
+        assert_eq!(g, 1, "fork {}", p.display());
+        assert_ne!(fid, id0);
+        ids.insert(fid);
+        forks.push(p.file_stem().unwrap().to_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 2, "two forks, two ids");
+
+    // A snapshot of a fork, restored: generation 2.
+    k.ok(["snapshot", "create", &forks[0], "--name", "s2"]);
+    let ruds = dir.path().join("r.vsock");
+    k.ok([
+        "vm",
+        "restore",
+        "s2",
+        "-d",
+        "--vsock-uds",
+        ruds.to_str().unwrap(),
+    ]);
+    assert_eq!(gen(&ruds).0, 2);
 }
