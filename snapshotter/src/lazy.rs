@@ -10,7 +10,7 @@
 
 use crate::mapping::{Mapping, PAGE_SIZE};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd, UffdBuilder};
@@ -186,15 +186,24 @@ impl LazyMemory {
                 .map_err(LazyError::Map)?,
         );
         if !opts.prefetch.is_empty() || opts.prefetch_all {
-            let s = shared.clone();
-            let list = opts.prefetch.clone();
-            let all = opts.prefetch_all;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("kiln-prefetch".into())
-                    .spawn(move || guarded(&s, || prefetch(&s, &list, all)))
-                    .map_err(LazyError::Map)?,
-            );
+            // Several prefetchers share one cursor over the list (kept in touch order): from
+            // a local store one would do, but each chunk from S3 is a round trip (~1-2 ms on
+            // loopback), so they overlap their fetches as `Store::prefetch` does.
+            let list: Arc<Vec<u32>> = Arc::new(if opts.prefetch_all {
+                (0..nchunks as u32).collect()
+            } else {
+                opts.prefetch.clone()
+            });
+            let cursor = Arc::new(AtomicUsize::new(0));
+            for _ in 0..PREFETCH_THREADS.min(list.len()) {
+                let (s, list, cursor) = (shared.clone(), list.clone(), cursor.clone());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("kiln-prefetch".into())
+                        .spawn(move || guarded(&s, || prefetch(&s, &list, &cursor)))
+                        .map_err(LazyError::Map)?,
+                );
+            }
         }
         Ok(LazyMemory {
             shared,
@@ -404,20 +413,25 @@ fn serve_faults(s: &Arc<Shared>, wake_fd: i32) -> Result<(), String> {
     }
 }
 
-fn prefetch(s: &Arc<Shared>, list: &[u32], all: bool) -> Result<(), String> {
+/// Prefetch threads per lazy memory (see `LazyMemory::new`).
+const PREFETCH_THREADS: usize = 8;
+
+fn prefetch(s: &Arc<Shared>, list: &[u32], cursor: &AtomicUsize) -> Result<(), String> {
     let mut buf = vec![0u8; s.chunk];
-    let rest = if all { 0..s.state.len() } else { 0..0 };
-    for idx in list.iter().map(|&i| i as usize).chain(rest) {
+    loop {
+        let Some(&idx) = list.get(cursor.fetch_add(1, Ordering::Relaxed)) else {
+            return Ok(());
+        };
         if s.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let idx = idx as usize;
         if idx >= s.state.len() {
             tracing::warn!("working set names chunk {idx} beyond the image; ignored");
             continue;
         }
         fill_if_missing(s, idx, &mut buf, Filler::Prefetch)?;
     }
-    Ok(())
 }
 
 /// Fills chunk `idx` unless another thread has or is doing so. Errors are fatal to the memory.
