@@ -1058,7 +1058,8 @@ impl Builder<'_> {
         }
         for (i, a) in archives.iter().enumerate() {
             let scratch = self.work.path().join(format!("add-check-{}-{i}", ins.line));
-            crate::add::append_archive(&mut b, a, dest, owner, &scratch)?;
+            crate::add::append_archive(&mut b, a, dest, owner, &scratch)
+                .map_err(|e| derr(&file, ins, e.to_string()))?;
         }
         for (d, data) in inline {
             let mut h = tar::Header::new_gnu();

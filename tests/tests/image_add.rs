@@ -501,6 +501,7 @@ fn add_unpacks_local_archives_and_refuses_escapes() {
             err.to_lowercase().contains(why) && err.contains(name),
             "{name}: {err}"
         );
+        assert!(err.contains(&format!("{df}:2")), "line number: {err}");
         assert_eq!(
             std::fs::read_dir(&victim).unwrap().count(),
             0,
