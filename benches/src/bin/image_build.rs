@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const DEBIAN_ROOTFS: &str = "/var/cache/kiln-bench/debian-rootfs";
+use kiln_tests::registry::DEBIAN_ROOTFS;
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -130,14 +130,11 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(have("umoci"), "umoci is needed (apt-get install umoci)");
     let tmp = tempfile::tempdir()?;
     let (rootfs, layout_dir) = if want_base == "debian" {
-        anyhow::ensure!(
-            Path::new(DEBIAN_ROOTFS).exists(),
-            "no Debian root at {DEBIAN_ROOTFS}: debootstrap --variant=minbase bookworm {DEBIAN_ROOTFS}"
-        );
-        (
-            PathBuf::from(DEBIAN_ROOTFS),
-            PathBuf::from("/var/cache/kiln-bench/debian"),
-        )
+        // The tests' helper: debootstraps once into the shared cache, or says why it cannot.
+        let rootfs = kiln_tests::registry::debian_rootfs()
+            .ok_or_else(|| anyhow::anyhow!("no Debian root at {DEBIAN_ROOTFS} (see above)"))?;
+        let layout_dir = rootfs.parent().expect("cache dir").join("debian");
+        (rootfs, layout_dir)
     } else {
         let r = busybox_rootfs(tmp.path())
             .ok_or_else(|| anyhow::anyhow!("a static busybox is needed"))?;
