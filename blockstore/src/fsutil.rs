@@ -31,6 +31,27 @@ pub(crate) fn write_durable(tmp: &Path, dst: &Path, bytes: &[u8]) -> Result<()> 
     res
 }
 
+/// Write `bytes` to `tmp` and rename it to `dst`, without fsync: readers see either nothing or
+/// the whole file now, but a crash may lose it. For files made durable later as a group.
+pub(crate) fn write_visible(tmp: &Path, dst: &Path, bytes: &[u8]) -> Result<()> {
+    let res = (|| {
+        let mut f = File::create(tmp).ctx("create", tmp)?;
+        f.write_all(bytes).ctx("write", tmp)?;
+        std::fs::rename(tmp, dst).ctx("rename", dst)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    res
+}
+
+/// fsync a file that already exists.
+pub(crate) fn fsync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .ctx("fsync", path)
+}
+
 /// fsync a directory so renames/creates inside it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

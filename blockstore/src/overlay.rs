@@ -72,6 +72,8 @@ pub struct Overlay {
     state: RwLock<State>,
     /// Dirty bits were added since the map was last persisted.
     map_changed: AtomicBool,
+    /// Whether the pin, base copy and meta.json are known durable (see `make_durable`).
+    durable: AtomicBool,
     /// Serializes flushes (so an older map never replaces a newer one).
     flush_lock: Mutex<()>,
 }
@@ -113,14 +115,17 @@ impl Overlay {
             )));
         }
         let tmp = fsutil::tmp_name(&dir);
-        // Pin first: from here on gc keeps the base's chunks.
-        fsutil::write_durable(
+        // Nothing here is fsynced: the files are made durable by the first flush or commit
+        // (`make_durable`). Until the guest asks for durability a crash may lose the whole
+        // overlay, which is what a disk write cache promises anyway, and a restore or fork does
+        // not pay ~30 ms of fsyncs per disk. Pin first: from here on gc keeps the base's chunks.
+        fsutil::write_visible(
             &fsutil::tmp_name(&store.inner.local.tmp),
             &pin_path(store, &dir),
             dir.as_os_str().as_encoded_bytes(),
         )?;
         if let (Some(id), Some(m)) = (base, &base_m) {
-            fsutil::write_durable(
+            fsutil::write_visible(
                 &tmp,
                 &dir.join(format!("base.{}", id.to_hex())),
                 &m.to_bytes(),
@@ -142,7 +147,7 @@ impl Overlay {
             chunk_size,
         };
         // meta.json last: its presence marks a complete overlay.
-        fsutil::write_durable(
+        fsutil::write_visible(
             &tmp,
             &dir.join("meta.json"),
             &serde_json::to_vec(&meta).unwrap(),
@@ -160,6 +165,7 @@ impl Overlay {
                 dirty: vec![0; bitmap_words(size)],
             }),
             map_changed: AtomicBool::new(false),
+            durable: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
         })
     }
@@ -222,6 +228,8 @@ impl Overlay {
                 dirty,
             }),
             map_changed: AtomicBool::new(false),
+            // Possibly created by another process that never flushed: check once more.
+            durable: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
         })
     }
@@ -344,9 +352,29 @@ impl Overlay {
         Ok(())
     }
 
+    /// Once per overlay made by `create`: the pin, then the base copy and meta.json, so that a
+    /// durable overlay never depends on a pin that a crash could lose. Caller holds flush_lock.
+    fn make_durable(&self) -> Result<()> {
+        if self.durable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let pin = pin_path(&self.store, &self.dir);
+        fsutil::fsync_file(&pin)?;
+        fsutil::fsync_dir(pin.parent().unwrap_or(Path::new(".")))?;
+        let base = self.state.read().unwrap().base_id;
+        if let Some(id) = base {
+            fsutil::fsync_file(&self.dir.join(format!("base.{}", id.to_hex())))?;
+        }
+        fsutil::fsync_file(&self.dir.join("meta.json"))?;
+        fsutil::fsync_dir(&self.dir)?;
+        self.durable.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Make every completed write durable (data, then the dirty map).
     pub fn flush(&self) -> Result<()> {
         let _f = self.flush_lock.lock().unwrap();
+        self.make_durable()?;
         let map = if self.map_changed.swap(false, Ordering::AcqRel) {
             let st = self.state.read().unwrap();
             Some(
@@ -374,6 +402,7 @@ impl Overlay {
     /// The overlay stays usable: it is rebased onto the new blob with an empty dirty map.
     pub fn commit(&self) -> Result<BlobId> {
         let _f = self.flush_lock.lock().unwrap();
+        self.make_durable()?;
         let mut st = self.state.write().unwrap();
         let _gc = self.store.gc_lock(false)?;
         let cs = self.chunk_size as u64;
