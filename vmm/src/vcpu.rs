@@ -221,7 +221,19 @@ fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<E
     // Differs from the waker's count, so the first idle request returns at once (a restored
     // guest idles right away, and may have work it has not polled yet).
     let mut idle_seen = pio.idle.events().wrapping_sub(1);
+    // The last KVM_RUN returned an exit whose instruction KVM finishes only on the next KVM_RUN.
+    let mut pending_exit = false;
     loop {
+        if pending_exit && *lock(&s.ctl) != Ctl::Running {
+            if let Some(r) = complete_pending_exit(index, s, pio, mmio) {
+                tracing::info!(vcpu = index, ?r, "vCPU stopped the VM");
+                let _ = exit.send(r);
+                let mut c = lock(&s.ctl);
+                *c = Ctl::Exited;
+                s.cv.notify_all();
+                return;
+            }
+        }
         {
             let mut c = lock(&s.ctl);
             loop {
@@ -241,7 +253,9 @@ fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<E
             }
         }
         let mut fd = lock(&s.fd);
-        let step = match fd.run() {
+        let run = fd.run();
+        pending_exit = run.is_ok();
+        let step = match run {
             Ok(exit) => handle_exit(index, exit, pio, mmio),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
             Err(e) => Step::End(ExitReason::Error(format!(
@@ -274,6 +288,42 @@ fn run_loop(index: u8, s: &Shared, pio: &PioBus, mmio: &MmioBus, exit: &Sender<E
             return;
         }
     }
+}
+
+/// Lets KVM finish the instruction behind the last exit (an IN gets its data, RIP moves past an
+/// OUT or an MMIO access) without running the guest further: KVM completes such exits only on
+/// the next KVM_RUN, and state saved before that would replay the access on restore. KVM's API
+/// documents `immediate_exit` for exactly this. Returns why the VM must end, if it must.
+fn complete_pending_exit(
+    index: u8,
+    s: &Shared,
+    pio: &PioBus,
+    mmio: &MmioBus,
+) -> Option<ExitReason> {
+    let mut fd = lock(&s.fd);
+    fd.set_kvm_immediate_exit(1);
+    let mut end = None;
+    // String I/O can need a few more round trips; anything else returns EINTR at once.
+    for _ in 0..64 {
+        match fd.run() {
+            Ok(exit) => match handle_exit(index, exit, pio, mmio) {
+                Step::End(r) => {
+                    end = Some(r);
+                    break;
+                }
+                Step::Continue | Step::Idle(_) => {}
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+            Err(e) => {
+                end = Some(ExitReason::Error(format!(
+                    "vCPU {index}: KVM_RUN (completing an exit) failed: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+    end
 }
 
 fn internal_error_detail(fd: &mut VcpuFd) -> String {

@@ -14,6 +14,9 @@ fn kvm_available() -> bool {
     true
 }
 
+/// Where the loop's `out` instruction is.
+const OUT_OFFSET: u64 = 35;
+
 fn genid_idle_loop() -> Vec<u8> {
     let mut c = Vec::new();
     let movabs_rax = |c: &mut Vec<u8>, addr: u64| {
@@ -27,6 +30,7 @@ fn genid_idle_loop() -> Vec<u8> {
     c.extend_from_slice(&[0x48, 0xff, 0xc1]); // inc rcx
     c.extend_from_slice(&[0x31, 0xc0]); // xor eax, eax (sleep: the VMM's default)
     c.extend_from_slice(&[0x66, 0xba, 0x00, 0x05]); // mov dx, 0x500
+    assert_eq!(c.len() as u64, OUT_OFFSET);
     c.push(0xef); // out dx, eax
     let back = -(c.len() as i64 + 2);
     c.extend_from_slice(&[0xeb, back as i8 as u8]); // jmp to the start
@@ -124,6 +128,21 @@ fn idle_vcpu_sleeps_and_answers_pause_and_stop_at_once() {
         pause < Duration::from_millis(50),
         "pausing an idle vCPU took {pause:?}"
     );
+    // The vCPU was parked on its idle OUT: the pause let KVM finish that instruction, so the
+    // saved RIP is past it (state saved mid-exit would replay the access after a restore).
+    // Under PVM RIP is already past an OUT when it exits, so this only bites on VT-x/AMD-V
+    // hosts, where KVM advances RIP on the next KVM_RUN.
+    let out_at = testutil::LOAD_ADDR + OUT_OFFSET;
+    for _ in 0..5 {
+        vm.resume().unwrap();
+        let (s, _) = run_then_pause(&vm, Duration::from_millis(15));
+        let rip = s.vcpus[0].regs.rip;
+        assert_ne!(rip, out_at, "saved state is mid-instruction");
+        assert!(
+            (testutil::LOAD_ADDR..out_at + 3).contains(&rip),
+            "rip {rip:#x}"
+        );
+    }
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(30));
     let t = Instant::now();
