@@ -28,8 +28,16 @@ pub const MAX_IDLE: Duration = Duration::from_millis(10);
 /// idle vCPUs of one VM.
 #[derive(Debug, Default)]
 pub struct IdleWaker {
-    events: Mutex<u64>,
+    state: Mutex<WakerState>,
     cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WakerState {
+    events: u64,
+    /// vCPUs asleep in [`IdleWaker::idle`]: a wake with none skips the futex syscall, which
+    /// matters at one wake per device interrupt.
+    sleepers: u32,
 }
 
 impl IdleWaker {
@@ -39,35 +47,46 @@ impl IdleWaker {
 
     /// Something happened that an idle vCPU must look at.
     pub fn wake(&self) {
-        let mut e = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        *e = e.wrapping_add(1);
-        self.cv.notify_all();
+        let mut st = self.lock();
+        st.events = st.events.wrapping_add(1);
+        if st.sleepers > 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sleeps until the event count differs from `*seen` or `timeout` passes; updates `*seen`.
     /// Returns true if woken by an event.
     pub fn idle(&self, seen: &mut u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut e = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        while *e == *seen {
+        let mut st = self.lock();
+        st.sleepers += 1;
+        let woken = loop {
+            if st.events != *seen {
+                break true;
+            }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                break false;
             }
-            e = self
+            st = self
                 .cv
-                .wait_timeout(e, deadline - now)
+                .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
-        *seen = *e;
-        true
+        };
+        st.sleepers -= 1;
+        *seen = st.events;
+        woken
     }
 
     /// The current event count (a vCPU starts from a value that differs, so its first idle
     /// request returns at once: a restored guest may have missed events while it was saved).
     pub fn events(&self) -> u64 {
-        *self.events.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().events
     }
 }
 
