@@ -1,11 +1,12 @@
 //! VM snapshot benchmarks with the kiln test guest on real KVM; prints one JSON object.
 //!
-//! `cargo run --release -p kiln-benches --bin snapshot_bench [-- --mem-mib 256 --runs 20 --forks 32]`
+//! `cargo run --release -p kiln-benches --bin snapshot_bench [-- --mem-mib 256 --runs 20 --forks 32 --create-runs 3]`
 //!
 //! - create: full snapshot of a paused guest with half its RAM holding data, against writing the
 //!   whole RAM to a file (+fsync), as a file-based snapshot does: staged (`snapshot_begin`: the
 //!   VM pauses while memory is copied, then runs while the copy is stored; pause and
-//!   time-to-durable) and streamed (`snapshot`: paused until stored);
+//!   time-to-durable) and streamed (`snapshot`: paused until stored); medians of
+//!   `--create-runs` rounds, each into an empty store;
 //! - diff: a staged diff snapshot after 1% of pages were rewritten (pause, time-to-durable);
 //! - restore: lazy (userfaultfd) restore to the first vsock reply, p50/p99, without and with
 //!   the recorded working set (in-process: VM build + state restore + first reply; process
@@ -70,6 +71,10 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    pct(&mut v, 0.5)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     let mem_mib: u64 = arg("--mem-mib", 256);
     let runs: usize = arg("--runs", 20);
     let nforks: usize = arg("--forks", 32);
+    let create_runs: usize = arg("--create-runs", 3).max(1);
     let dir = tempfile::tempdir_in(
         std::env::var("KILN_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
     )?;
@@ -141,20 +147,6 @@ fn main() -> anyhow::Result<()> {
     }
 
     // Baseline: the whole RAM written to a file and made durable.
-    let regions = snapvm::host_regions(&vm);
-    let file = dir.path().join("mem.raw");
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::create(&file)?;
-        for r in &regions {
-            // SAFETY: VM paused; region mapped.
-            f.write_all(unsafe { std::slice::from_raw_parts(r.host_addr, r.size) })?;
-        }
-        f.sync_all()?;
-    }
-    let file_ms = ms(t.elapsed());
-    std::fs::remove_file(&file)?;
-
     let req = |name: &'static str| SnapshotRequest {
         shape: shape.clone(),
         name: Some(name),
@@ -162,24 +154,74 @@ fn main() -> anyhow::Result<()> {
         tracker: Some(&tracker),
         disks: vec![],
     };
-    // Streamed: the VM stays paused while memory is hashed, compressed and made durable (own
-    // store, so the staged capture below does not find its chunks already stored).
-    let stream_store = Store::open(&dir.path().join("stream-store"))?;
-    let t = Instant::now();
-    snapvm::snapshot(&stream_store, &vm, req("bench-stream"))?;
-    let stream_ms = ms(t.elapsed());
-    let stream_stored = stream_store.stats().bytes_written;
-    drop(stream_store);
+    // Each round: the baseline, a streamed and a staged capture, each into an empty store (so
+    // no capture finds its chunks already stored). The last staged one is the base for the
+    // diff and the restores below.
+    let (mut file_ms, mut stream_ms, mut pause_ms, mut create_ms) =
+        (vec![], vec![], vec![], vec![]);
+    let (mut stream_stored, mut stored, mut copy_ms) = (0, 0, vec![]);
+    let mut base = None;
+    for round in 0..create_runs {
+        if round > 0 {
+            vm.pause()?;
+        }
+        // Baseline: the whole RAM written to a file and made durable.
+        let regions = snapvm::host_regions(&vm);
+        let file = dir.path().join("mem.raw");
+        let t = Instant::now();
+        {
+            let mut f = std::fs::File::create(&file)?;
+            for r in &regions {
+                // SAFETY: VM paused; region mapped.
+                f.write_all(unsafe { std::slice::from_raw_parts(r.host_addr, r.size) })?;
+            }
+            f.sync_all()?;
+        }
+        file_ms.push(ms(t.elapsed()));
+        std::fs::remove_file(&file)?;
 
-    // Staged: the VM pauses for the copy only, then runs while the copy is stored.
-    let before = store.stats().bytes_written;
-    let t = Instant::now();
-    let pending = snapvm::snapshot_begin(&vm, req("bench-base"))?;
-    vm.resume()?;
-    let pause_ms = ms(t.elapsed());
-    let (base_rec, base_rep) = pending.finish(&store)?;
-    let create_ms = ms(t.elapsed());
-    let stored = store.stats().bytes_written - before;
+        // Streamed: the VM stays paused while memory is hashed, compressed and made durable.
+        let sdir = dir.path().join("stream-store");
+        let stream_store = Store::open(&sdir)?;
+        let t = Instant::now();
+        snapvm::snapshot(&stream_store, &vm, req("bench-stream"))?;
+        stream_ms.push(ms(t.elapsed()));
+        stream_stored = stream_store.stats().bytes_written;
+        drop(stream_store);
+        std::fs::remove_dir_all(&sdir)?;
+
+        // Staged: the VM pauses for the copy only, then runs while the copy is stored.
+        let last = round + 1 == create_runs;
+        let tdir = dir.path().join("staged-store");
+        let round_store = if last {
+            None
+        } else {
+            Some(Store::open(&tdir)?)
+        };
+        let st = round_store.as_ref().unwrap_or(&store);
+        let before = st.stats().bytes_written;
+        let t = Instant::now();
+        let pending = snapvm::snapshot_begin(&vm, req("bench-base"))?;
+        vm.resume()?;
+        pause_ms.push(ms(t.elapsed()));
+        let (rec, rep) = pending.finish(st)?;
+        create_ms.push(ms(t.elapsed()));
+        copy_ms.push(rep.copy_ms);
+        stored = st.stats().bytes_written - before;
+        if let Some(s) = round_store {
+            drop(s);
+            std::fs::remove_dir_all(&tdir)?;
+        }
+        base = Some((rec, rep));
+    }
+    let (base_rec, base_rep) = base.expect("--create-runs is at least 1");
+    let (file_ms, stream_ms, pause_ms, create_ms, copy_ms) = (
+        median(file_ms),
+        median(stream_ms),
+        median(pause_ms),
+        median(create_ms),
+        median(copy_ms),
+    );
 
     // Diff: rewrite 1% of pages (host writes: the VMM's dirty bitmap sees them), then a diff
     // snapshot, again staged.
@@ -325,7 +367,8 @@ fn main() -> anyhow::Result<()> {
         "create": {
             "pause_ms": pause_ms,
             "durable_ms": create_ms,
-            "copy_ms": base_rep.copy_ms,
+            "copy_ms": copy_ms,
+            "rounds": create_runs,
             "bytes_stored": stored,
             "streamed_ms": stream_ms,
             "streamed_bytes_stored": stream_stored,
