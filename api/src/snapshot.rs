@@ -260,6 +260,7 @@ pub fn create(
                 .find(|d| d["device_type"] == 19)
                 .and_then(|d| d["device"]["guest_cid"].as_u64())
         });
+        let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
         let rec = record::SnapshotRecord {
             format: record::SNAPSHOT_FORMAT,
             kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -275,7 +276,7 @@ pub fn create(
             memory,
             disks,
             parent: parent.as_ref().map(|(p, _)| *p),
-            generation: parent.as_ref().map(|(_, r)| r.generation).unwrap_or(0),
+            generation,
         };
         let name = name
             .clone()

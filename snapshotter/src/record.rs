@@ -106,7 +106,8 @@ pub struct SnapshotRecord {
     /// The snapshot this one is a diff of (its memory layers are a prefix of ours).
     #[serde(default)]
     pub parent: Option<BlobId>,
-    /// How many restores/forks deep this lineage is; the guest reads it as its generation.
+    /// The VM's generation when it was captured (`state.genid.generation`: 0 for a VM booted
+    /// fresh, +1 per restore/fork); the VM restored from this snapshot runs at generation + 1.
     #[serde(default)]
     pub generation: u64,
 }

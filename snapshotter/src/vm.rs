@@ -143,7 +143,7 @@ pub fn snapshot(
         state_ms: ms(t0, t1),
         copy_ms: 0.0,
     };
-    pending.save(store, memory, None, 0, ms(t1, t2))
+    pending.save(store, memory, None, ms(t1, t2))
 }
 
 /// A snapshot whose state and memory are copied out of the paused VM but not stored yet: the
@@ -212,12 +212,9 @@ impl PendingSnapshot<'_> {
         let t = Instant::now();
         let staged = self.memory.take().expect("staged memory is stored once");
         let memory = staged.store(store)?;
-        let (parent, generation) = match &self.req.parent {
-            Some((pid, prec)) => (Some(*pid), prec.generation),
-            None => (None, 0),
-        };
+        let parent = self.req.parent.as_ref().map(|(pid, _)| *pid);
         let store_ms = ms(t, Instant::now());
-        self.save(store, memory, parent, generation, store_ms)
+        self.save(store, memory, parent, store_ms)
     }
 
     fn save(
@@ -225,9 +222,9 @@ impl PendingSnapshot<'_> {
         store: &Store,
         memory: memory::MemoryImage,
         parent: Option<BlobId>,
-        generation: u64,
         store_ms: f64,
     ) -> Result<(SnapshotRecord, CaptureReport), SnapError> {
+        let generation = self.state["genid"]["generation"].as_u64().unwrap_or(0);
         let rec = SnapshotRecord {
             format: SNAPSHOT_FORMAT,
             kiln_version: env!("CARGO_PKG_VERSION").into(),

@@ -7,15 +7,16 @@ pub mod registry;
 pub mod s3;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Once;
 
 /// The `kiln` binary of this build.
 ///
 /// `env!("CARGO_BIN_EXE_kiln")` only exists inside the `api` package, so it is found next to
-/// the test executable instead: tests run from `<target>/<profile>/deps/`, and `kiln` is in
-/// `<target>/<profile>/` (this also honours CARGO_TARGET_DIR and the build profile).
+/// the running executable instead: tests run from `<target>/<profile>/deps/`, benchmarks from
+/// `<target>/<profile>/`, and `kiln` is in `<target>/<profile>/` (this also honours
+/// CARGO_TARGET_DIR and the build profile).
 /// `cargo test`/`nextest` do not build other packages' binaries, so `scripts/test` runs
 /// `cargo build --workspace` first; if the binary is missing it is built here once.
 /// Override with `KILN_BIN=/path/to/kiln`.
@@ -24,11 +25,11 @@ pub fn kiln_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in <target>/<profile>/deps")
-        .to_path_buf();
+    // Tests live in <target>/<profile>/deps/, benchmark binaries in <target>/<profile>/.
+    let mut profile_dir = exe.parent().expect("executable has a directory").to_path_buf();
+    if profile_dir.file_name() == Some(OsStr::new("deps")) {
+        profile_dir.pop();
+    }
     let bin = profile_dir.join("kiln");
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {

@@ -9,19 +9,6 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-/// `kiln` next to this binary (target/<profile>/), else the test-suite lookup.
-fn kiln_next_to_me() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("KILN_BIN") {
-        return p.into();
-    }
-    let me = std::env::current_exe().expect("current_exe");
-    let p = me.with_file_name("kiln");
-    if p.exists() {
-        return p;
-    }
-    kiln_tests::kiln_bin()
-}
-
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -33,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let runs = arg("--runs", 30);
-    let kiln = kiln_next_to_me();
+    let kiln = kiln_tests::kiln_bin();
     let guest = kiln_testguest::elf_path();
     let home = tempfile::tempdir()?;
     let mut first_line = Vec::new();
