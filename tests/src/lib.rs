@@ -26,7 +26,10 @@ pub fn kiln_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     // Tests live in <target>/<profile>/deps/, benchmark binaries in <target>/<profile>/.
-    let mut profile_dir = exe.parent().expect("executable has a directory").to_path_buf();
+    let mut profile_dir = exe
+        .parent()
+        .expect("executable has a directory")
+        .to_path_buf();
     if profile_dir.file_name() == Some(OsStr::new("deps")) {
         profile_dir.pop();
     }
