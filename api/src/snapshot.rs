@@ -158,6 +158,32 @@ fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Val
     control::call(sock, req, timeout).map_err(|e| anyhow!("{}: {e}", sock.display()))
 }
 
+/// A diff layer from the pages the VMM saw written since snapshot `parent` was taken
+/// (`save_dirty_memory`), or `None` if it did not track them (e.g. restored in a new process).
+fn diff_from_written_pages(
+    sock: &Path,
+    dir: &Path,
+    store: &blockstore::Store,
+    parent: (&blockstore::BlobId, &snapshotter::MemoryImage),
+    timeout: Duration,
+) -> Result<Option<(snapshotter::MemoryImage, u64)>> {
+    let path = dir.join("snapshot.dirty");
+    let req = Request::SaveDirtyMemory {
+        path: path.clone(),
+        since: parent.0.to_hex(),
+    };
+    if let Err(e) = call(sock, &req, timeout) {
+        if format!("{e:#}").contains("were not tracked") {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let r = snapshotter::memory::capture_pages_from(store, parent.1, std::io::BufReader::new(f));
+    let _ = std::fs::remove_file(&path);
+    Ok(Some(r?))
+}
+
 /// File in the VM directory naming the snapshot a `--diff` is taken against.
 const PARENT_FILE: &str = "snapshot.parent";
 
@@ -196,7 +222,7 @@ pub fn create(
     let long = Duration::from_secs(600);
     call(&sock, &Request::Pause, Duration::from_secs(30))?;
     // From here on, resume (or stop) the VM whatever happens.
-    let result = (|| -> Result<(blockstore::BlobId, record::SnapshotRecord, u64)> {
+    let result = (|| -> Result<(blockstore::BlobId, record::SnapshotRecord, u64, &str)> {
         let state_path = dir.join("snapshot.state.json");
         call(
             &sock,
@@ -207,30 +233,50 @@ pub fn create(
         )?;
         let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path)?)?;
         let _ = std::fs::remove_file(&state_path);
-        // Memory goes through a FIFO: the VMM writes, we hash/compress/store as it streams.
-        let fifo = dir.join("snapshot.memory.fifo");
-        let _ = std::fs::remove_file(&fifo);
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
-        // SAFETY: mkfifo on a NUL-terminated path we own.
-        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("mkfifo");
-        }
-        let (s2, f2) = (sock.clone(), fifo.clone());
-        let writer = std::thread::spawn(move || call(&s2, &Request::SaveMemory { path: f2 }, long));
-        let reader = std::fs::File::open(&fifo).context("opening the memory FIFO")?;
-        let reader = std::io::BufReader::with_capacity(1 << 20, reader);
-        let captured = match &parent {
-            Some((_, prec)) => snapshotter::memory::capture_diff_from(&store, &prec.memory, reader),
+        // A diff asks the VMM for just the pages written since the parent was saved; a VMM
+        // that has not tracked them (restored in a new process since) streams all memory.
+        let dirty = match &parent {
+            Some((pid, prec)) => {
+                diff_from_written_pages(&sock, &dir, &store, (pid, &prec.memory), long)?
+            }
+            None => None,
+        };
+        let diff_from = if dirty.is_some() {
+            "tracked_writes"
+        } else {
+            "memory_stream"
+        };
+        let (memory, changed) = match dirty {
+            Some(d) => d,
             None => {
-                snapshotter::memory::capture_full_from(&store, mem_bytes, reader).map(|m| (m, 0))
+                // Memory goes through a FIFO: the VMM writes, we hash/compress/store as it streams.
+                let fifo = dir.join("snapshot.memory.fifo");
+                let _ = std::fs::remove_file(&fifo);
+                let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+                // SAFETY: mkfifo on a NUL-terminated path we own.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("mkfifo");
+                }
+                let (s2, f2) = (sock.clone(), fifo.clone());
+                let writer =
+                    std::thread::spawn(move || call(&s2, &Request::SaveMemory { path: f2 }, long));
+                let reader = std::fs::File::open(&fifo).context("opening the memory FIFO")?;
+                let reader = std::io::BufReader::with_capacity(1 << 20, reader);
+                let captured = match &parent {
+                    Some((_, prec)) => {
+                        snapshotter::memory::capture_diff_from(&store, &prec.memory, reader)
+                    }
+                    None => snapshotter::memory::capture_full_from(&store, mem_bytes, reader)
+                        .map(|m| (m, 0)),
+                };
+                let wrote = writer
+                    .join()
+                    .map_err(|_| anyhow!("save_memory thread panicked"))?;
+                let _ = std::fs::remove_file(&fifo);
+                wrote?;
+                captured?
             }
         };
-        let wrote = writer
-            .join()
-            .map_err(|_| anyhow!("save_memory thread panicked"))?;
-        let _ = std::fs::remove_file(&fifo);
-        wrote?;
-        let (memory, changed) = captured?;
         // Every virtio-blk device (in device order) becomes a committed blob; the VM's overlay
         // is rebased onto it and keeps running.
         let blk: Vec<bool> = state["virtio"]
@@ -282,11 +328,19 @@ pub fn create(
             .clone()
             .unwrap_or_else(|| format!("{vm}-{}", record::now()));
         let id = record::save(&store, &rec, Some(&name))?;
-        Ok((id, rec, changed))
+        if !stop {
+            // Track writes from here on (still paused), so the next --diff reads only those
+            // pages. If this fails, that diff streams all memory instead.
+            let req = Request::TrackWrites { since: id.to_hex() };
+            if let Err(e) = call(&sock, &req, Duration::from_secs(30)) {
+                tracing::warn!("write tracking for diffs not started: {e:#}");
+            }
+        }
+        Ok((id, rec, changed, diff_from))
     })();
     let after = if stop { Request::Stop } else { Request::Resume };
     let resumed = call(&sock, &after, Duration::from_secs(30));
-    let (id, rec, changed) = result?;
+    let (id, rec, changed, diff_from) = result?;
     resumed?;
     std::fs::write(dir.join(PARENT_FILE), id.to_hex())?;
     let out = serde_json::json!({
@@ -295,6 +349,8 @@ pub fn create(
         "vm": vm,
         "diff": rec.parent.is_some(),
         "changed_pages": changed,
+        // Where a diff's pages came from: the VMM's write tracking, or comparing all memory.
+        "diff_from": rec.parent.is_some().then_some(diff_from),
         "layers": rec.memory.layers.len(),
         "disks": rec.disks.len(),
         "stopped": stop,
@@ -436,6 +492,7 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         vm: vm.clone(),
         overlays: overlays.iter().map(|o| Some(o.clone())).collect(),
         id: id.clone(),
+        tracking: Default::default(),
     });
     let sock = dir.join("control.sock");
     control::serve(&sock, ctx).with_context(|| format!("control socket {}", sock.display()))?;

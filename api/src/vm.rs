@@ -333,6 +333,7 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
         vm: vm.clone(),
         overlays: overlays.clone(),
         id: id.clone(),
+        tracking: Default::default(),
     });
     let sock = dir.join("control.sock");
     control::serve(&sock, ctx).with_context(|| format!("control socket {}", sock.display()))?;

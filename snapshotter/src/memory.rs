@@ -744,6 +744,46 @@ pub fn capture_full_from(
     })
 }
 
+/// A page-granular diff layer over `parent` from the VMM's dump of the pages written since
+/// the parent was saved (control request `save_dirty_memory`: a little-endian u64 count, that
+/// many u32 page indices in ascending order, then the pages). Returns the image and the number
+/// of pages. Nothing is stored unless the whole dump is well-formed.
+pub fn capture_pages_from(
+    store: &Store,
+    parent: &MemoryImage,
+    mut r: impl Read,
+) -> Result<(MemoryImage, u64), MemoryError> {
+    let bad = |what: String| MemoryError::Invalid(format!("dirty-page dump: {what}"));
+    let total_pages = parent.size / PAGE as u64;
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n).map_err(|e| bad(format!("header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > total_pages {
+        return Err(bad(format!("{n} pages in an image of {total_pages}")));
+    }
+    let mut idx = vec![0u8; n as usize * 4];
+    r.read_exact(&mut idx).map_err(|e| bad(format!("page list: {e}")))?;
+    let pages: Vec<u32> = idx
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    if pages.windows(2).any(|w| w[0] >= w[1]) || pages.last().is_some_and(|&p| p as u64 >= total_pages) {
+        return Err(bad("page indices out of order or beyond the image".into()));
+    }
+    let mut data = vec![0u8; pages.len() * PAGE as usize];
+    r.read_exact(&mut data).map_err(|e| bad(format!("page data: {e}")))?;
+    let mut layers = parent.layers.clone();
+    layers.push(put_page_layer(store, parent.chunk_size, &data, &pages)?);
+    Ok((
+        MemoryImage {
+            size: parent.size,
+            chunk_size: parent.chunk_size,
+            layers,
+        },
+        n,
+    ))
+}
+
 /// A page-granular diff layer over `parent` from a stream of the whole memory: every chunk is
 /// hashed and compared with the parent's, and the pages of the chunks that differ are compared
 /// with the parent's bytes, so it is exact without any dirty log (the CLI path, where the VMM

@@ -64,6 +64,10 @@ fn suspend_with_diff_then_restore_and_fork() {
     ]);
     assert_eq!(diff["diff"], true);
     assert_eq!(diff["layers"], 2);
+    assert_eq!(
+        diff["diff_from"], "tracked_writes",
+        "the VMM tracked writes since the full snapshot: no pass over all memory"
+    );
     let changed = diff["changed_pages"].as_u64().unwrap();
     assert!(
         (512..1024).contains(&changed),
@@ -90,7 +94,37 @@ fn suspend_with_diff_then_restore_and_fork() {
         .parse()
         .unwrap();
     assert!(after > counter, "counter continues: {counter} -> {after}");
+    // The restored VM's VMM has not tracked writes since warm2: its first diff compares all
+    // memory; from then on it tracks, and the next diff takes only the written pages.
+    let d = k.json([
+        "snapshot", "create", &r, "--name", "warm3", "--diff", "--json",
+    ]);
+    assert_eq!(d["diff_from"], "memory_stream");
+    assert!(ask(&ruds, "FILL 40 1 44").starts_with("OK"));
+    let d = k.json([
+        "snapshot", "create", &r, "--name", "warm4", "--diff", "--json",
+    ]);
+    assert_eq!(d["diff_from"], "tracked_writes");
+    let changed = d["changed_pages"].as_u64().unwrap();
+    assert!(
+        (256..512).contains(&changed),
+        "the 1 MiB written plus a few pages: {changed}"
+    );
     k.ok(["vm", "stop", &r]);
+    // Four layers (full, tracked diff, streamed diff, tracked diff) restore exactly.
+    let r4uds = dir.path().join("r4.vsock");
+    let r4 = k.ok_str([
+        "snapshot",
+        "restore",
+        "warm4",
+        "-d",
+        "--vsock-uds",
+        r4uds.to_str().unwrap(),
+    ]);
+    for check in ["CHECK 16 8 42", "CHECK 30 2 43", "CHECK 40 1 44"] {
+        assert_eq!(ask(&r4uds, check), "OK", "{check} after restoring warm4");
+    }
+    k.ok(["vm", "stop", r4.trim()]);
 
     // Fork the full snapshot three times: every fork starts from it and diverges alone.
     let fdir = dir.path().join("forks");

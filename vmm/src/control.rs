@@ -4,6 +4,11 @@
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
 //! `{"cmd":"save_state","path":P}` (paused VM; writes `VmState` JSON to P),
 //! `{"cmd":"save_memory","path":P}` (paused VM; raw guest RAM in region order),
+//! `{"cmd":"track_writes","since":TAG}` (paused VM; track guest memory writes from now on,
+//! under TAG, e.g. the id of the snapshot just taken),
+//! `{"cmd":"save_dirty_memory","path":P,"since":TAG}` (paused VM; the pages written since
+//! track_writes TAG: u64 LE count, u32 LE page indices in image order, the pages; fails if
+//! writes since TAG were not tracked),
 //! `{"cmd":"commit_disk","disk":N}` (overlay disk N -> new blob; pauses around the commit),
 //! `{"cmd":"flush_disks"}`.
 //! Responses: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`.
@@ -25,6 +30,8 @@ pub enum Request {
     Stop,
     SaveState { path: PathBuf },
     SaveMemory { path: PathBuf },
+    TrackWrites { since: String },
+    SaveDirtyMemory { path: PathBuf, since: String },
     CommitDisk { disk: usize },
     FlushDisks,
 }
@@ -34,6 +41,21 @@ pub struct ControlContext {
     pub vm: Arc<Vm>,
     pub overlays: Vec<Option<Arc<blockstore::Overlay>>>,
     pub id: String,
+    pub tracking: WriteTracking,
+}
+
+/// Guest memory writes tracked for diff snapshots over the control socket: the KVM dirty log
+/// (the guest's writes) and the VMM's bitmap (its own), accumulated since `track_writes`.
+/// Saving dirty memory does not reset it, so a snapshot that fails later loses nothing.
+#[derive(Default)]
+pub struct WriteTracking {
+    inner: std::sync::Mutex<Option<Tracked>>,
+}
+
+struct Tracked {
+    since: String,
+    /// Per memory region, pages written (bit i of word w = page w*64+i).
+    written: Vec<Vec<u64>>,
 }
 
 /// Serves `path` on a background thread until the process exits.
@@ -163,6 +185,51 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             }
             serde_json::json!({ "path": path, "bytes": total })
         }
+        Request::TrackWrites { since } => {
+            if vm.state() != RunState::Paused {
+                return Err("track_writes needs a paused VM".into());
+            }
+            let mut t = ctx.tracking.inner.lock().unwrap();
+            *t = None;
+            vm.set_dirty_logging(true).map_err(e)?;
+            let mut written = Vec::new();
+            for r in vm.memory_regions() {
+                vm.take_dirty_bitmap(r.slot).map_err(e)?;
+                crate::memory::take_written(vm.memory(), r.slot);
+                written.push(vec![0u64; (r.size / 4096).div_ceil(64) as usize]);
+            }
+            *t = Some(Tracked { since, written });
+            serde_json::json!({})
+        }
+        Request::SaveDirtyMemory { path, since } => {
+            if vm.state() != RunState::Paused {
+                return Err("save_dirty_memory needs a paused VM".into());
+            }
+            let mut t = ctx.tracking.inner.lock().unwrap();
+            let tracked = match t.as_mut() {
+                Some(tr) if tr.since == since => tr,
+                _ => return Err(format!("writes since {since} were not tracked")),
+            };
+            let regions = vm.memory_regions();
+            for (r, acc) in regions.iter().zip(tracked.written.iter_mut()) {
+                let taken = vm.take_dirty_bitmap(r.slot);
+                let kvm = match taken {
+                    Ok(b) => b,
+                    Err(err) => {
+                        // The log may be gone in part: never answer from it again.
+                        *t = None;
+                        return Err(format!("reading the dirty log: {err}"));
+                    }
+                };
+                let own = crate::memory::take_written(vm.memory(), r.slot).unwrap_or_default();
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a |= kvm.get(i).copied().unwrap_or(0) | own.get(i).copied().unwrap_or(0);
+                }
+            }
+            let pages = written_pages(&regions, &tracked.written);
+            write_pages(&path, &pages).map_err(|err| format!("{}: {err}", path.display()))?;
+            serde_json::json!({ "path": path, "pages": pages.len() })
+        }
         Request::CommitDisk { disk } => {
             let overlay = ctx
                 .overlays
@@ -188,6 +255,42 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             serde_json::json!({})
         }
     })
+}
+
+/// (page index in image order, host address) of every page set in `written` (per region).
+fn written_pages(regions: &[crate::RegionInfo], written: &[Vec<u64>]) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for (r, bits) in regions.iter().zip(written) {
+        let npages = r.size / 4096;
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let p = w as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                if p < npages {
+                    out.push(((base + p) as u32, r.host_addr + p * 4096));
+                }
+            }
+        }
+        base += npages;
+    }
+    out
+}
+
+/// Writes the `save_dirty_memory` format: count, indices, pages.
+fn write_pages(path: &Path, pages: &[(u32, u64)]) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    w.write_all(&(pages.len() as u64).to_le_bytes())?;
+    for &(i, _) in pages {
+        w.write_all(&i.to_le_bytes())?;
+    }
+    for &(_, host) in pages {
+        // SAFETY: `host` is the address of a whole page inside a live region of this VM's
+        // memory (written_pages), and the guest is paused (checked by the caller).
+        w.write_all(unsafe { std::slice::from_raw_parts(host as *const u8, 4096) })?;
+    }
+    w.flush()
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
