@@ -158,19 +158,23 @@ fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Val
     control::call(sock, req, timeout).map_err(|e| anyhow!("{}: {e}", sock.display()))
 }
 
-/// A diff layer from the pages the VMM saw written since snapshot `parent` was taken
-/// (`save_dirty_memory`), or `None` if it did not track them (e.g. restored in a new process).
+/// A diff layer from the pages the VMM saw written since the VM's last snapshot (the tracking
+/// tag in TRACKING_FILE, `save_dirty_memory`), or `None` if it did not track them (a VM restored
+/// in a new process, or a snapshot that failed after restarting the tracking).
 fn diff_from_written_pages(
     sock: &Path,
     dir: &Path,
     store: &blockstore::Store,
-    parent: (&blockstore::BlobId, &snapshotter::MemoryImage),
+    parent: &snapshotter::MemoryImage,
     timeout: Duration,
 ) -> Result<Option<(snapshotter::MemoryImage, u64)>> {
+    let Ok(since) = std::fs::read_to_string(dir.join(TRACKING_FILE)) else {
+        return Ok(None);
+    };
     let path = dir.join("snapshot.dirty");
     let req = Request::SaveDirtyMemory {
         path: path.clone(),
-        since: parent.0.to_hex(),
+        since: since.trim().to_string(),
     };
     if let Err(e) = call(sock, &req, timeout) {
         if format!("{e:#}").contains("were not tracked") {
@@ -179,10 +183,22 @@ fn diff_from_written_pages(
         return Err(e);
     }
     let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let r = snapshotter::memory::capture_pages_from(store, parent.1, std::io::BufReader::new(f));
+    let r = snapshotter::memory::capture_pages_from(store, parent, std::io::BufReader::new(f));
     let _ = std::fs::remove_file(&path);
     Ok(Some(r?))
 }
+
+/// Memory captured while the VM was paused.
+enum CapturedMemory {
+    /// Already stored (a diff), with its page count and where its pages came from.
+    Stored(snapshotter::MemoryImage, u64, &'static str),
+    /// Copied out, to be stored once the VM runs again.
+    Staged(snapshotter::memory::Staged),
+}
+
+/// File in the VM directory holding the tag of the VMM's write tracking since the snapshot in
+/// PARENT_FILE (see `Request::TrackWrites`).
+const TRACKING_FILE: &str = "snapshot.tracking";
 
 /// File in the VM directory naming the snapshot a `--diff` is taken against.
 const PARENT_FILE: &str = "snapshot.parent";
@@ -220,9 +236,19 @@ pub fn create(
     };
     let t0 = Instant::now();
     let long = Duration::from_secs(600);
+    // Tag of the write tracking that starts at this snapshot (TRACKING_FILE, once it is saved).
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
     call(&sock, &Request::Pause, Duration::from_secs(30))?;
-    // From here on, resume (or stop) the VM whatever happens.
-    let result = (|| -> Result<(blockstore::BlobId, record::SnapshotRecord, u64, &str)> {
+    // From here on, resume (or stop) the VM whatever happens. While paused: state, memory (a
+    // diff's written pages, stored; or all of it copied into a staging buffer), committed
+    // disks, write tracking restarted. The VM then runs on while the copy is stored.
+    let captured = (|| -> Result<(serde_json::Value, CapturedMemory, Vec<record::DiskRef>)> {
         let state_path = dir.join("snapshot.state.json");
         call(
             &sock,
@@ -236,20 +262,13 @@ pub fn create(
         // A diff asks the VMM for just the pages written since the parent was saved; a VMM
         // that has not tracked them (restored in a new process since) streams all memory.
         let dirty = match &parent {
-            Some((pid, prec)) => {
-                diff_from_written_pages(&sock, &dir, &store, (pid, &prec.memory), long)?
-            }
+            Some((_, prec)) => diff_from_written_pages(&sock, &dir, &store, &prec.memory, long)?,
             None => None,
         };
-        let diff_from = if dirty.is_some() {
-            "tracked_writes"
-        } else {
-            "memory_stream"
-        };
-        let (memory, changed) = match dirty {
-            Some(d) => d,
+        let memory = match dirty {
+            Some((m, n)) => CapturedMemory::Stored(m, n, "tracked_writes"),
             None => {
-                // Memory goes through a FIFO: the VMM writes, we hash/compress/store as it streams.
+                // Memory goes through a FIFO from the VMM.
                 let fifo = dir.join("snapshot.memory.fifo");
                 let _ = std::fs::remove_file(&fifo);
                 let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
@@ -263,11 +282,14 @@ pub fn create(
                 let reader = std::fs::File::open(&fifo).context("opening the memory FIFO")?;
                 let reader = std::io::BufReader::with_capacity(1 << 20, reader);
                 let captured = match &parent {
+                    // Hashed against the parent as it streams (rare: see above).
                     Some((_, prec)) => {
                         snapshotter::memory::capture_diff_from(&store, &prec.memory, reader)
+                            .map(|(m, n)| CapturedMemory::Stored(m, n, "memory_stream"))
                     }
-                    None => snapshotter::memory::capture_full_from(&store, mem_bytes, reader)
-                        .map(|m| (m, 0)),
+                    // Copied only: stored after the VM resumed.
+                    None => snapshotter::memory::stage_stream(mem_bytes, reader)
+                        .map(CapturedMemory::Staged),
                 };
                 let wrote = writer
                     .join()
@@ -301,48 +323,59 @@ pub fn create(
                 read_only,
             });
         }
-        let vsock_cid = state["virtio"].as_array().and_then(|v| {
-            v.iter()
-                .find(|d| d["device_type"] == 19)
-                .and_then(|d| d["device"]["guest_cid"].as_u64())
-        });
-        let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
-        let rec = record::SnapshotRecord {
-            format: record::SNAPSHOT_FORMAT,
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-            cpu: record::CpuIdentity::host(),
-            created: record::now(),
-            vm: VmShape {
-                mem_bytes,
-                vcpus,
-                cmdline: String::new(),
-                vsock_cid,
-            },
-            state,
-            memory,
-            disks,
-            parent: parent.as_ref().map(|(p, _)| *p),
-            generation,
-        };
-        let name = name
-            .clone()
-            .unwrap_or_else(|| format!("{vm}-{}", record::now()));
-        let id = record::save(&store, &rec, Some(&name))?;
         if !stop {
-            // Track writes from here on (still paused), so the next --diff reads only those
-            // pages. If this fails, that diff streams all memory instead.
-            let req = Request::TrackWrites { since: id.to_hex() };
+            // Track writes from here on (still paused), so that the next --diff reads only
+            // those pages. If this fails, that diff streams all memory instead.
+            let req = Request::TrackWrites { since: tag.clone() };
             if let Err(e) = call(&sock, &req, Duration::from_secs(30)) {
                 tracing::warn!("write tracking for diffs not started: {e:#}");
             }
         }
-        Ok((id, rec, changed, diff_from))
+        Ok((state, memory, disks))
     })();
     let after = if stop { Request::Stop } else { Request::Resume };
     let resumed = call(&sock, &after, Duration::from_secs(30));
-    let (id, rec, changed, diff_from) = result?;
+    let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (state, memory, disks) = captured?;
     resumed?;
+    let (memory, changed, diff_from) = match memory {
+        CapturedMemory::Stored(m, n, from) => (m, n, from),
+        CapturedMemory::Staged(s) => (s.store(&store)?, 0, ""),
+    };
+    let vsock_cid = state["virtio"].as_array().and_then(|v| {
+        v.iter()
+            .find(|d| d["device_type"] == 19)
+            .and_then(|d| d["device"]["guest_cid"].as_u64())
+    });
+    let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
+    let rec = record::SnapshotRecord {
+        format: record::SNAPSHOT_FORMAT,
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        cpu: record::CpuIdentity::host(),
+        created: record::now(),
+        vm: VmShape {
+            mem_bytes,
+            vcpus,
+            cmdline: String::new(),
+            vsock_cid,
+        },
+        state,
+        memory,
+        disks,
+        parent: parent.as_ref().map(|(p, _)| *p),
+        generation,
+    };
+    let name = name
+        .clone()
+        .unwrap_or_else(|| format!("{vm}-{}", record::now()));
+    let id = record::save(&store, &rec, Some(&name))?;
+    // The parent first: a tag left from an older snapshot never matches the VMM's new one.
     std::fs::write(dir.join(PARENT_FILE), id.to_hex())?;
+    if stop {
+        let _ = std::fs::remove_file(dir.join(TRACKING_FILE));
+    } else {
+        std::fs::write(dir.join(TRACKING_FILE), &tag)?;
+    }
     let out = serde_json::json!({
         "snapshot": id.to_hex(),
         "name": name,
@@ -354,6 +387,7 @@ pub fn create(
         "layers": rec.memory.layers.len(),
         "disks": rec.disks.len(),
         "stopped": stop,
+        "paused_ms": paused_ms,
         "ms": t0.elapsed().as_secs_f64() * 1e3,
     });
     if json {

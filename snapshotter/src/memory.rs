@@ -337,6 +337,34 @@ pub unsafe fn stage_full(regions: &[HostRegion]) -> Result<Staged, MemoryError> 
     })
 }
 
+/// Copies a memory stream of `size` bytes (e.g. the VMM's `save_memory` written into a FIFO)
+/// into a staging buffer laid out like the image, skipping zero chunks, to be stored later.
+pub fn stage_stream(size: u64, mut r: impl Read) -> Result<Staged, MemoryError> {
+    let cs = MEMORY_CHUNK_SIZE as usize;
+    let n = size.div_ceil(cs as u64) as usize;
+    let buf = Mapping::anonymous(size as usize)
+        .map_err(|e| MemoryError::Invalid(format!("staging buffer of {size} bytes: {e}")))?;
+    let mut present = Vec::with_capacity(n);
+    let mut tmp = vec![0u8; cs];
+    for idx in 0..n {
+        let len = (size as usize - idx * cs).min(cs);
+        r.read_exact(&mut tmp[..len]).map_err(|e| {
+            MemoryError::Invalid(format!("memory stream ended at chunk {idx}: {e}"))
+        })?;
+        let nonzero = !is_zero(&tmp[..len]);
+        if nonzero {
+            // SAFETY: the buffer is ours, not yet shared, and [idx*cs, idx*cs+len) lies in it.
+            unsafe { buf.as_mut_slice()[idx * cs..idx * cs + len].copy_from_slice(&tmp[..len]) };
+        }
+        present.push(nonzero);
+    }
+    Ok(Staged {
+        size,
+        chunk_size: MEMORY_CHUNK_SIZE,
+        kind: StagedKind::Full { buf, present },
+    })
+}
+
 /// Copies the dirty pages for a diff layer over `parent`.
 ///
 /// # Safety
@@ -756,22 +784,27 @@ pub fn capture_pages_from(
     let bad = |what: String| MemoryError::Invalid(format!("dirty-page dump: {what}"));
     let total_pages = parent.size / PAGE as u64;
     let mut n = [0u8; 8];
-    r.read_exact(&mut n).map_err(|e| bad(format!("header: {e}")))?;
+    r.read_exact(&mut n)
+        .map_err(|e| bad(format!("header: {e}")))?;
     let n = u64::from_le_bytes(n);
     if n > total_pages {
         return Err(bad(format!("{n} pages in an image of {total_pages}")));
     }
     let mut idx = vec![0u8; n as usize * 4];
-    r.read_exact(&mut idx).map_err(|e| bad(format!("page list: {e}")))?;
+    r.read_exact(&mut idx)
+        .map_err(|e| bad(format!("page list: {e}")))?;
     let pages: Vec<u32> = idx
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
-    if pages.windows(2).any(|w| w[0] >= w[1]) || pages.last().is_some_and(|&p| p as u64 >= total_pages) {
+    if pages.windows(2).any(|w| w[0] >= w[1])
+        || pages.last().is_some_and(|&p| p as u64 >= total_pages)
+    {
         return Err(bad("page indices out of order or beyond the image".into()));
     }
     let mut data = vec![0u8; pages.len() * PAGE as usize];
-    r.read_exact(&mut data).map_err(|e| bad(format!("page data: {e}")))?;
+    r.read_exact(&mut data)
+        .map_err(|e| bad(format!("page data: {e}")))?;
     let mut layers = parent.layers.clone();
     layers.push(put_page_layer(store, parent.chunk_size, &data, &pages)?);
     Ok((

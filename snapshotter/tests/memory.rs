@@ -122,6 +122,11 @@ fn staged_capture_stores_the_same_image_as_streaming() {
     unsafe { a.as_mut_slice().copy_from_slice(&want[..a.len()]) };
     let streamed = unsafe { memory::capture_full(&store, &regions) }.unwrap();
     assert_eq!(img, streamed);
+    // The same bytes through a stream (the CLI's FIFO), staged: the same image again, and a
+    // short stream is an error before anything is stored.
+    let from_stream = memory::stage_stream(want.len() as u64, &want[..]).unwrap();
+    assert_eq!(from_stream.store(&store).unwrap(), img);
+    assert!(memory::stage_stream(want.len() as u64, &want[..want.len() - 1]).is_err());
     let mem = restore(&store, &img);
     // SAFETY: exclusive.
     assert!(unsafe { mem.mapping().as_slice() } == &want[..]);
