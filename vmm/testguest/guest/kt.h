@@ -99,6 +99,8 @@ struct vring_used { u16 flags; u16 idx; struct vring_used_elem ring[VQ_MAX]; u16
 struct virtq {
     u16 size, free_head, num_free, last_used;
     u16 avail_shadow; /* our copy of avail->idx */
+    u16 event_idx;    /* VIRTIO_RING_F_EVENT_IDX negotiated (set by the driver after vq_setup) */
+    u16 kicked;       /* avail_shadow at the last notify (EVENT_IDX kick suppression) */
     struct vring_desc *desc;
     struct vring_avail *avail;
     struct vring_used *used;
@@ -157,8 +159,11 @@ void vq_push(struct virtq *q, u16 head); /* publish head in the avail ring (no n
 void vq_notify(struct vdev *d, struct virtq *q, u32 qi);
 /* Pops one used element; returns 1 and fills id/len, 0 if none. */
 int vq_pop(struct virtq *q, u32 *id, u32 *len);
+/* EVENT_IDX: ask for an interrupt once the used ring passes idx (used_event). */
+void vq_set_used_event(struct virtq *q, u16 idx);
 
 /* blk.c */
+extern u64 blk_idle_us; /* kt.blkidle=: bench idles on the idle port after this many us without completions */
 #define MAX_BLK 4
 extern int nblk;
 u64 blk_capacity(int i);

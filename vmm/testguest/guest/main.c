@@ -150,6 +150,7 @@ static void parse_cmdline(const u8 *bp) {
         else if (word_is(w, len, "kt.vmm_paging=")) parse_num_opt(w, len, "kt.vmm_paging=", &opt.own_paging_off);
         else if (word_is(w, len, "kt.exit=")) parse_num_opt(w, len, "kt.exit=", &opt.exit_after);
         else if (word_is(w, len, "kt.idle=")) parse_num_opt(w, len, "kt.idle=", &opt.idle_spins);
+        else if (word_is(w, len, "kt.blkidle=")) parse_num_opt(w, len, "kt.blkidle=", &blk_idle_us);
         else if (word_is(w, len, "kt.tsc_khz=")) {
             u64 khz = 0;
             parse_num_opt(w, len, "kt.tsc_khz=", &khz);

@@ -60,6 +60,8 @@ int vq_setup(struct vdev *d, struct virtq *q, u32 qi, void *mem, u16 max_size) {
     q->used = (struct vring_used *)((u8 *)mem + 8192);
     q->last_used = 0;
     q->avail_shadow = 0;
+    q->event_idx = 0;
+    q->kicked = 0;
     for (u32 i = 0; i < size; i++) q->desc[i].next = (u16)(i + 1);
     q->free_head = 0;
     q->num_free = (u16)size;
@@ -114,10 +116,22 @@ void vq_push(struct virtq *q, u16 head) {
     *(volatile u16 *)&q->avail->idx = q->avail_shadow;
 }
 
+/* With EVENT_IDX the device publishes avail_event after the used ring: kick only when the
+   chains published since the last kick pass it (the device is otherwise still working through
+   the ring and will see them). Every kick is a VM exit, which is expensive on PVM hosts. */
 void vq_notify(struct vdev *d, struct virtq *q, u32 qi) {
     mb();
-    if (*(volatile u16 *)&q->used->flags & 1) return; /* VRING_USED_F_NO_NOTIFY */
+    if (q->event_idx) {
+        u16 ev = *(volatile u16 *)((u8 *)q->used + 4 + 8 * (u64)q->size);
+        u16 old = q->kicked, now = q->avail_shadow;
+        q->kicked = now;
+        if ((u16)(now - ev - 1) >= (u16)(now - old)) return;
+    } else if (*(volatile u16 *)&q->used->flags & 1) return; /* VRING_USED_F_NO_NOTIFY */
     wr(d, VIRTIO_MMIO_QUEUE_NOTIFY, qi);
+}
+
+void vq_set_used_event(struct virtq *q, u16 idx) {
+    *(volatile u16 *)((u8 *)q->avail + 4 + 2 * (u64)q->size) = idx;
 }
 
 int vq_pop(struct virtq *q, u32 *id, u32 *len) {

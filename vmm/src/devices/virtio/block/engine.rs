@@ -255,9 +255,18 @@ pub struct UringEngine {
     done: Vec<Completion>,
     /// Entries pushed to the submission queue but not yet submitted.
     unsubmitted: bool,
+    /// Entries pushed since the last submit.
+    queued: usize,
 }
 
 const URING_ENTRIES: u32 = 256;
+/// Requests per io_uring_enter. One, as fio's default (iodepth_batch_submit=1): a batch is
+/// plugged in the block layer and reaches a virtio disk below us as one kick, which that disk
+/// serves as one burst with one completion interrupt at the end; the guest then refills the
+/// queue while the disk idles (measured: 4 KiB random reads run in lockstep bursts of 32 and
+/// reach ~0.55x fio). Unbatched, the disk starts on the first request at once and the rest join
+/// its pass.
+const SUBMIT_BATCH: usize = 1;
 
 impl UringEngine {
     pub fn new(file: Arc<RawFile>) -> io::Result<Self> {
@@ -272,6 +281,7 @@ impl UringEngine {
             backlog: VecDeque::new(),
             done: Vec::new(),
             unsubmitted: false,
+            queued: 0,
         })
     }
 
@@ -318,6 +328,12 @@ impl UringEngine {
             }
             self.in_flight.insert(token, iov);
             pushed = true;
+            self.queued += 1;
+            if self.queued >= SUBMIT_BATCH {
+                self.unsubmitted = true;
+                self.commit();
+                pushed = false;
+            }
         }
         if pushed {
             self.unsubmitted = true;
@@ -326,6 +342,7 @@ impl UringEngine {
 
     /// One io_uring_enter for everything queued since the last call.
     fn commit(&mut self) {
+        self.queued = 0;
         if std::mem::take(&mut self.unsubmitted) {
             if let Err(e) = self.ring.submit() {
                 tracing::error!(error = %e, "io_uring submit failed");

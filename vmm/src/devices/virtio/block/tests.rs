@@ -117,6 +117,16 @@ struct Running {
 }
 
 fn start(driver: &Driver, backend: DiskBackend, read_only: bool) -> Running {
+    start_with(driver, backend, read_only, VIRTIO_F_VERSION_1).0
+}
+
+/// Also returns the interrupt eventfd.
+fn start_with(
+    driver: &Driver,
+    backend: DiskBackend,
+    read_only: bool,
+    features: u64,
+) -> (Running, EventFd) {
     let mut dev = Block::new("test-disk", backend, read_only).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -124,11 +134,11 @@ fn start(driver: &Driver, backend: DiskBackend, read_only: bool) -> Running {
         mem: driver.mem.clone(),
         queues: vec![driver.queue()],
         queue_events: vec![kick.try_clone().unwrap()],
-        interrupt: Interrupt::new(irq),
-        acked_features: VIRTIO_F_VERSION_1,
+        interrupt: Interrupt::new(irq.try_clone().unwrap()),
+        acked_features: features,
     })
     .unwrap();
-    Running { dev, kick }
+    (Running { dev, kick }, irq)
 }
 
 fn wait_used(driver: &Driver, n: u16) {
@@ -289,6 +299,56 @@ fn many_requests_in_flight_uring() {
             assert_eq!(d.status(head), VIRTIO_BLK_S_OK);
         }
     }
+}
+
+/// With EVENT_IDX the device interrupts only when the used ring passes the driver's used_event,
+/// and publishes avail_event (the next chain it wants a kick for).
+#[test]
+fn event_idx_suppresses_interrupts_until_used_event() {
+    let (f, data) = disk(1 << 20);
+    let mut d = Driver::new();
+    let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE));
+    let avail_event = GuestAddress(USED + 4 + 8 * u64::from(QSIZE));
+    // A polling driver: no interrupt wanted.
+    d.mem.write_obj(0xffffu16, used_event).unwrap();
+    let (r, irq) = start_with(
+        &d,
+        file_backend(&f, FileEngine::Uring),
+        false,
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+    );
+    for (head, sector) in [(0u16, 0u64), (3, 8)] {
+        d.request(
+            head,
+            VIRTIO_BLK_T_IN,
+            sector,
+            &[(0x100000 + u64::from(head) * 0x1000, 4096)],
+            true,
+        );
+    }
+    r.kick.write(1).unwrap();
+    wait_used(&d, 2);
+    let mut got = vec![0u8; 4096];
+    d.mem.read_slice(&mut got, GuestAddress(0x103000)).unwrap();
+    assert_eq!(got, data[8 * 512..8 * 512 + 4096]);
+    // The worker may still be deciding about the interrupt right after the used index moved.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(irq.read().is_err(), "interrupt despite used_event");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.mem.read_obj::<u16>(avail_event).unwrap() != 2 {
+        assert!(Instant::now() < deadline, "avail_event not published");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Now ask for an interrupt at the next completion (used index 2 -> 3).
+    d.mem.write_obj(2u16, used_event).unwrap();
+    d.request(6, VIRTIO_BLK_T_IN, 16, &[(0x106000, 4096)], true);
+    r.kick.write(1).unwrap();
+    wait_used(&d, 3);
+    while irq.read().is_err() {
+        assert!(Instant::now() < deadline, "no interrupt at used_event");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(d.status(6), VIRTIO_BLK_S_OK);
 }
 
 /// Each bad request gets IOERR/UNSUPP (or no status when it has no status byte), and the device
