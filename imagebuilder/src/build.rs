@@ -16,6 +16,7 @@ use crate::error::{Error, IoCtx, Result};
 use crate::image::{self, ImageConfig, ImageRecord};
 use crate::layer::{self, ApplyOptions};
 use crate::sandbox;
+use crate::stage::{self, OverlayRoot};
 use blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -117,8 +118,12 @@ struct StageState {
     layers: Vec<BlobId>,
     config: ImageConfig,
     parent: Option<String>,
-    /// Staging root and how many of `layers` are applied to it.
-    rootfs: Option<PathBuf>,
+    /// How many of `layers` (the first ones) are the FROM image's, and that image's disk: the
+    /// base tree comes from the extracted-tree cache and the final disk updates this one.
+    base_layers: usize,
+    base_disk: Option<BlobId>,
+    /// Staging root (mounted lazily) and how many of `layers` are applied to it.
+    rootfs: Option<OverlayRoot>,
     applied: usize,
     /// ARG values in scope (declared in this stage).
     args: HashMap<String, String>,
@@ -126,13 +131,15 @@ struct StageState {
 }
 
 struct Builder<'a> {
+    /// Before `work`: fields drop in order, and the stages' overlay mounts (inside `work`)
+    /// must be gone before `work` is deleted.
+    stages: Vec<Option<StageState>>,
     store: &'a Store,
     tmp: &'a Path,
     work: tempfile::TempDir,
     opts: &'a BuildOptions,
     df: Dockerfile,
     ignore: Vec<(bool, Vec<String>)>,
-    stages: Vec<Option<StageState>>,
     steps: Vec<StepReport>,
     progress: &'a mut dyn FnMut(&str),
     global_args: HashMap<String, String>,
@@ -274,6 +281,8 @@ impl Builder<'_> {
                 layers: Vec::new(),
                 config: ImageConfig::default(),
                 parent: None,
+                base_layers: 0,
+                base_disk: None,
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -287,6 +296,8 @@ impl Builder<'_> {
                 layers: s.layers.clone(),
                 config: s.config.clone(),
                 parent: s.parent.clone(),
+                base_layers: s.base_layers,
+                base_disk: s.base_disk,
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -299,6 +310,8 @@ impl Builder<'_> {
                 layers: rec.layers.clone(),
                 config: rec.config.clone(),
                 parent: Some(format!("{base} ({id})")),
+                base_layers: rec.layers.len(),
+                base_disk: Some(rec.disk),
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -340,19 +353,23 @@ impl Builder<'_> {
         }
     }
 
-    /// Makes sure the stage's staging root exists with all its layers applied.
+    /// Makes sure the stage's staging root is mounted with all its layers applied.
     fn materialize(&mut self, idx: usize, st: &mut StageState) -> Result<PathBuf> {
-        let root = match &st.rootfs {
-            Some(r) => r.clone(),
-            None => {
-                let r = self.work.path().join(format!("stage-{idx}"));
-                let _ = std::fs::remove_dir_all(&r);
-                std::fs::create_dir_all(&r).ctx("mkdir", &r)?;
-                st.rootfs = Some(r.clone());
-                st.applied = 0;
-                r
-            }
-        };
+        if st.rootfs.is_none() {
+            let base = if st.base_layers > 0 {
+                Some(stage::base_tree(
+                    self.store,
+                    self.tmp,
+                    &st.layers[..st.base_layers],
+                )?)
+            } else {
+                None
+            };
+            let dir = self.work.path().join(format!("stage-{idx}"));
+            st.rootfs = Some(OverlayRoot::new(&dir, base)?);
+            st.applied = st.base_layers;
+        }
+        let root = st.rootfs.as_mut().expect("set above").root()?;
         if st.applied < st.layers.len() {
             let t = std::time::Instant::now();
             image::materialize(self.store, &st.layers[st.applied..], &root)?;
@@ -578,10 +595,9 @@ impl Builder<'_> {
                     return Ok(());
                 }
                 self.say(&format!("  {}: {}", ins.line, ins.original));
-                let root = self.materialize(idx, st)?;
-                let before = layer::scan_tree(&root)?;
+                let root = self.fresh_upper(idx, st)?;
                 mkdir_in_root(&root, &abs)?;
-                let layer = self.diff_layer(&root, &before)?;
+                let layer = self.upper_layer(st)?;
                 self.record_step(idx, st, ins, key, layer.as_deref(), true)?;
             }
             "RUN" => self.run_step(idx, st, ins, &vars, &shell)?,
@@ -597,9 +613,19 @@ impl Builder<'_> {
         st.key = chain(&st.key, &[b"META", ins.original.as_bytes(), &cfg]);
     }
 
-    /// Writes the diff since `before` to a file; None when nothing changed.
-    fn diff_layer(&self, root: &Path, before: &layer::TreeState) -> Result<Option<PathBuf>> {
-        let after = layer::scan_tree(root)?;
+    /// The stage's root, mounted with an empty upper directory: what happens to it until
+    /// [`Self::upper_layer`] is one step's change.
+    fn fresh_upper(&mut self, idx: usize, st: &mut StageState) -> Result<PathBuf> {
+        self.materialize(idx, st)?;
+        let ov = st.rootfs.as_mut().expect("materialized");
+        ov.seal()?;
+        ov.root()
+    }
+
+    /// Writes what changed since [`Self::fresh_upper`] as a layer file; None when nothing did.
+    fn upper_layer(&self, st: &mut StageState) -> Result<Option<PathBuf>> {
+        let ov = st.rootfs.as_mut().expect("materialized");
+        ov.unmount()?;
         let path = self.work.path().join(format!(
             "layer-{}.tar",
             std::time::SystemTime::now()
@@ -609,8 +635,9 @@ impl Builder<'_> {
         ));
         let f = std::fs::File::create(&path).ctx("create", &path)?;
         let mut w = std::io::BufWriter::new(f);
-        let n = layer::write_diff(root, before, &after, &mut w)?;
+        let n = layer::write_upper(ov.upper(), &mut w)?;
         w.flush().ctx("write", &path)?;
+        ov.seal()?;
         if n == 0 {
             let _ = std::fs::remove_file(&path);
             return Ok(None);
@@ -692,10 +719,9 @@ impl Builder<'_> {
             return Ok(());
         }
         self.say(&format!("  {}: {}", ins.line, ins.original));
-        let root = self.materialize(idx, st)?;
+        let root = self.fresh_upper(idx, st)?;
         let workdir = st.config.workdir.clone().unwrap_or_else(|| "/".into());
         mkdir_in_root(&root, &workdir)?;
-        let before = layer::scan_tree(&root)?;
         let spec = sandbox::RunSpec {
             rootfs: root.clone(),
             argv,
@@ -717,7 +743,7 @@ impl Builder<'_> {
                 output: outcome.tail,
             });
         }
-        let layer = self.diff_layer(&root, &before)?;
+        let layer = self.upper_layer(st)?;
         self.record_step(idx, st, ins, key, layer.as_deref(), true)
     }
 
@@ -864,8 +890,8 @@ impl Builder<'_> {
         };
         self.say(&format!("  {}: {}", ins.line, ins.original));
         // Apply to the staging root if it exists; else it is applied lazily with the rest.
-        let applied = if let Some(root) = st.rootfs.clone() {
-            self.materialize(idx, st)?;
+        let applied = if st.rootfs.is_some() {
+            let root = self.materialize(idx, st)?;
             let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
             layer::apply_layer(
                 &root,
@@ -1127,8 +1153,10 @@ impl Builder<'_> {
         let scratch = self.work.path().join("final");
         std::fs::create_dir_all(&scratch).ctx("mkdir", &scratch)?;
         let before = self.store.stats().bytes_written;
-        let (disk, disk_size) =
-            image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?;
+        let (disk, disk_size) = match self.incremental_disk(&mut st, &root, &scratch)? {
+            Some(d) => d,
+            None => image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?,
+        };
         let disk_stored_bytes = self.store.stats().bytes_written.saturating_sub(before);
         let df_name = self.df.file.clone();
         let rec = ImageRecord {
@@ -1153,6 +1181,35 @@ impl Builder<'_> {
             disk_stored_bytes,
             steps: self.steps,
         })
+    }
+}
+
+impl Builder<'_> {
+    /// The final disk as an update of the FROM image's disk, when the stage has one.
+    fn incremental_disk(
+        &self,
+        st: &mut StageState,
+        root: &Path,
+        scratch: &Path,
+    ) -> Result<Option<(BlobId, u64)>> {
+        let (Some(base_disk), Some(ov)) = (st.base_disk, st.rootfs.as_ref()) else {
+            return Ok(None);
+        };
+        let Some(base_tree) = ov.base() else {
+            return Ok(None);
+        };
+        let key = stage::layers_key(&st.layers[..st.base_layers]);
+        let cached = stage::cached_disk(self.store, self.tmp, &key, &base_disk)?;
+        image::commit_incremental(
+            self.store,
+            &base_disk,
+            &cached,
+            base_tree,
+            root,
+            &ov.uppers(),
+            &st.config,
+            scratch,
+        )
     }
 }
 

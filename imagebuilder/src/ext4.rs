@@ -6,8 +6,9 @@
 //! same tree then gives the same bytes, hence the same blob id.
 
 use crate::error::{Error, IoCtx, Result};
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The time every inode and the superblock carry (SOURCE_DATE_EPOCH style; 0 = 1970).
@@ -157,6 +158,286 @@ fn fix_times(img: &Path) -> Result<()> {
             }
         }
     }
+    run_debugfs(img, &script)
+}
+
+/// Free blocks, free inodes and block size of an ext4 image (from its superblock).
+fn free_space(img: &Path) -> Result<(u64, u64, u64)> {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(img)
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| Error::Mkfs(format!("cannot run dumpe2fs: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    match (
+        field("Free blocks:"),
+        field("Free inodes:"),
+        field("Block size:"),
+    ) {
+        (Some(b), Some(i), Some(bs)) => Ok((b, i, bs)),
+        _ => Err(Error::Mkfs(format!(
+            "cannot read free space of {} from dumpe2fs",
+            img.display()
+        ))),
+    }
+}
+
+/// `lstat` of `rel` below `root`, None if it or any parent is missing or a parent is not a
+/// real directory (symlinks in the image must never resolve on the host).
+fn lstat_in(root: &Path, rel: &Path) -> Option<std::fs::Metadata> {
+    let mut p = root.to_path_buf();
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        p.push(c);
+        let m = std::fs::symlink_metadata(&p).ok()?;
+        if i + 1 == comps.len() {
+            return Some(m);
+        }
+        if !m.is_dir() {
+            return None;
+        }
+    }
+    std::fs::symlink_metadata(root).ok()
+}
+
+/// A path as a debugfs argument (quoted), or None where debugfs cannot take it.
+fn q(p: &Path) -> Option<String> {
+    let s = p.to_str()?;
+    if s.contains(['"', '\\', '\n', '\r']) || s.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    Some(format!("\"{s}\""))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Updates `img`, an ext4 image of the tree `base` (plus whatever `extra_base` names: paths
+/// the image has that the tree lacks), in place so that it holds the tree `root`, given every
+/// path where `root` may differ from `base` (`changed`, relative). The changes are written by
+/// debugfs in path order with fixed times, so the same image and trees give the same bytes.
+///
+/// Returns false (image untouched) when the image lacks room for the change or a path cannot
+/// be expressed to debugfs; the caller then makes a fresh image.
+pub fn update_ext4(
+    img: &Path,
+    base: &Path,
+    extra_base: &[(&str, bool)],
+    root: &Path,
+    changed: &BTreeSet<PathBuf>,
+) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let base_has = |rel: &Path| -> Option<bool> {
+        // Some(is_dir)
+        if let Some(&(_, d)) = extra_base.iter().find(|(p, _)| Path::new(p) == rel) {
+            return Some(d);
+        }
+        lstat_in(base, rel).map(|m| m.is_dir())
+    };
+    let mut script = String::from("set_current_time @0\n");
+    let mut fix: Vec<PathBuf> = Vec::new(); // inodes created or changed: times to fix
+    let mut dirs: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
+    let mut removed: Vec<PathBuf> = Vec::new();
+    let mut links: HashMap<(u64, u64), (PathBuf, u64)> = HashMap::new();
+    let (mut need_blocks, mut need_inodes) = (0u64, 0u64);
+
+    // Removes `rel` and, for a directory, everything below it (as the base tree has it).
+    fn rm_tree(base: &Path, rel: &Path, is_dir: bool, script: &mut String) -> Option<()> {
+        if is_dir {
+            if let Ok(rd) = std::fs::read_dir(base.join(rel)) {
+                let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+                names.sort_by_key(|e| e.file_name());
+                for e in names {
+                    let child = rel.join(e.file_name());
+                    let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                    rm_tree(base, &child, d, script)?;
+                }
+            }
+            script.push_str(&format!("rmdir {}\n", q(rel)?));
+        } else {
+            script.push_str(&format!("rm {}\n", q(rel)?));
+        }
+        Some(())
+    }
+
+    let mut plan = || -> Option<()> {
+        for rel in changed {
+            if rel.as_os_str().is_empty() || removed.iter().any(|r| rel.starts_with(r)) {
+                continue;
+            }
+            let fin = lstat_in(root, rel);
+            let old = base_has(rel);
+            let Some(m) = fin else {
+                if let Some(d) = old {
+                    rm_tree(base, rel, d, &mut script)?;
+                    removed.push(rel.clone());
+                }
+                continue;
+            };
+            if let Some(old_dir) = old {
+                if old_dir && m.is_dir() {
+                    // Children the base has and the result lacks (opaque directories list no
+                    // whiteouts for them).
+                    if let Ok(rd) = std::fs::read_dir(base.join(rel)) {
+                        let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+                        names.sort_by_key(|e| e.file_name());
+                        for e in names {
+                            let child = rel.join(e.file_name());
+                            if lstat_in(root, &child).is_none() && !changed.contains(&child) {
+                                let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                                rm_tree(base, &child, d, &mut script)?;
+                                removed.push(child);
+                            }
+                        }
+                    }
+                    dirs.push((rel.clone(), m));
+                    continue;
+                }
+                if !old_dir {
+                    // Unchanged files stay where they are (a step may copy up without change).
+                    if let Some(bm) = lstat_in(base, rel) {
+                        let same_meta = bm.mode() == m.mode()
+                            && bm.uid() == m.uid()
+                            && bm.gid() == m.gid()
+                            && bm.size() == m.size()
+                            && bm.mtime() == m.mtime()
+                            && bm.mtime_nsec() == m.mtime_nsec()
+                            && bm.nlink() == 1
+                            && m.nlink() == 1;
+                        let same_data = if m.is_file() {
+                            same_file(&base.join(rel), &root.join(rel))
+                        } else if m.file_type().is_symlink() {
+                            std::fs::read_link(base.join(rel)).ok()
+                                == std::fs::read_link(root.join(rel)).ok()
+                        } else {
+                            bm.rdev() == m.rdev()
+                        };
+                        if same_meta && same_data {
+                            continue;
+                        }
+                    }
+                }
+                rm_tree(base, rel, old_dir, &mut script)?;
+                if old_dir {
+                    removed.push(rel.clone());
+                }
+            }
+            let ft = m.file_type();
+            let p = q(rel)?;
+            need_inodes += 1;
+            if ft.is_dir() {
+                script.push_str(&format!("mkdir {p}\n"));
+                need_blocks += 1;
+                removed.retain(|r| r != rel);
+                dirs.push((rel.clone(), m));
+                fix.push(rel.clone());
+                continue;
+            } else if ft.is_file() {
+                if m.nlink() > 1 {
+                    let e = links
+                        .entry((m.dev(), m.ino()))
+                        .or_insert_with(|| (rel.clone(), 0));
+                    e.1 += 1;
+                    if e.1 > 1 {
+                        let first = e.0.clone();
+                        script.push_str(&format!("ln {} {p}\n", q(&first)?));
+                        need_inodes -= 1;
+                        continue;
+                    }
+                }
+                script.push_str(&format!("write {} {p}\n", q(&root.join(rel))?));
+                need_blocks += m.size().div_ceil(4096) + m.size() / (4096 * 340) + 1;
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(root.join(rel)).ok()?;
+                script.push_str(&format!("symlink {p} {}\n", q(&t)?));
+                need_blocks += 1;
+            } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                let name = q(Path::new(rel.file_name()?))?;
+                let kind = if ft.is_fifo() {
+                    "p".to_string()
+                } else {
+                    let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
+                    let c = if ft.is_char_device() { 'c' } else { 'b' };
+                    format!("{c} {maj} {min}")
+                };
+                script.push_str(&format!(
+                    "cd {}\nmknod {name} {kind}\ncd /\n",
+                    q(&Path::new("/").join(parent))?
+                ));
+            } else {
+                continue; // sockets are not kept in images
+            }
+            script.push_str(&format!(
+                "sif {p} mode 0{:o}\nsif {p} uid {}\nsif {p} gid {}\nsif {p} mtime {:#x}\n",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime().max(0)
+            ));
+            fix.push(rel.clone());
+        }
+        // Directory metadata last: adding and removing entries above may have touched it.
+        for (rel, m) in &dirs {
+            let p = q(rel)?;
+            script.push_str(&format!(
+                "sif {p} mode 0{:o}\nsif {p} uid {}\nsif {p} gid {}\nsif {p} mtime {:#x}\n",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime().max(0)
+            ));
+            fix.push(rel.clone());
+        }
+        for (_, (first, n)) in links.iter() {
+            script.push_str(&format!("sif {} links_count {n}\n", q(first)?));
+        }
+        let t = format!("{FIXED_TIME:#x}");
+        fix.sort();
+        fix.dedup();
+        for rel in &fix {
+            let p = q(rel)?;
+            for field in ["ctime", "atime", "crtime"] {
+                script.push_str(&format!("sif {p} {field} {t}\n"));
+            }
+            for field in ["ctime_extra", "atime_extra", "crtime_extra", "mtime_extra"] {
+                script.push_str(&format!("sif {p} {field} 0\n"));
+            }
+        }
+        Some(())
+    };
+    if plan().is_none() {
+        tracing::info!("a changed path cannot be given to debugfs: full mkfs");
+        return Ok(false);
+    }
+    let (free_blocks, free_inodes, block_size) = free_space(img)?;
+    let need_blocks = need_blocks * 4096 / block_size.max(1);
+    if need_blocks + need_blocks / 8 + 1024 > free_blocks || need_inodes + 256 > free_inodes {
+        tracing::info!(
+            need_blocks,
+            free_blocks,
+            need_inodes,
+            free_inodes,
+            "base disk too small for the change: full mkfs"
+        );
+        return Ok(false);
+    }
+    run_debugfs(img, &script)?;
+    Ok(true)
+}
+
+/// Runs a debugfs script (`-w`) on an image; any complaint is an error.
+fn run_debugfs(img: &Path, script: &str) -> Result<()> {
     // A script file (not stdin): debugfs echoes every command, and a pipe both ways deadlocks.
     let script_path = img.with_extension("debugfs");
     std::fs::write(&script_path, script).ctx("write", &script_path)?;

@@ -613,6 +613,119 @@ pub fn write_diff(
     Ok(n)
 }
 
+/// What an overlayfs upper directory entry is.
+pub(crate) enum UpperKind {
+    /// A whiteout (character device 0/0): the path was removed.
+    Whiteout,
+    /// A directory marked opaque: it replaces the lower one entirely.
+    OpaqueDir,
+    /// Anything else: present with this content and metadata.
+    Present,
+}
+
+/// Classifies an entry of an overlayfs upper directory.
+pub(crate) fn upper_kind(path: &Path, m: &std::fs::Metadata) -> UpperKind {
+    use std::os::unix::fs::FileTypeExt;
+    if m.file_type().is_char_device() && m.rdev() == 0 {
+        return UpperKind::Whiteout;
+    }
+    if m.is_dir() {
+        if let Ok(c) = cstr(path) {
+            let mut v = [0u8; 4];
+            // SAFETY: valid path and attribute name; buffer from a live array.
+            let n = unsafe {
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    c"trusted.overlay.opaque".as_ptr(),
+                    v.as_mut_ptr().cast(),
+                    v.len(),
+                )
+            };
+            if n == 1 && v[0] == b'y' {
+                return UpperKind::OpaqueDir;
+            }
+        }
+    }
+    UpperKind::Present
+}
+
+/// Every path below an overlayfs upper directory (sorted, relative), with its metadata.
+pub(crate) fn scan_upper(upper: &Path) -> Result<BTreeMap<PathBuf, std::fs::Metadata>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = upper.join(&rel);
+        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+            let e = e.ctx("read dir", &dir)?;
+            let m = e.metadata().ctx("lstat", e.path())?;
+            let r = rel.join(e.file_name());
+            if m.is_dir() {
+                stack.push(r.clone());
+            }
+            out.insert(r, m);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes an overlayfs upper directory (what one step changed) as an OCI layer tar: whiteout
+/// devices become `.wh.` entries, opaque directories get `.wh..wh..opq`, overlayfs's own
+/// xattrs are dropped. Sorted by path. Returns the number of entries written.
+pub fn write_upper(upper: &Path, out: impl io::Write) -> Result<u64> {
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    let mut n = 0;
+    let mut links: HashMap<u64, PathBuf> = HashMap::new();
+    let whiteout = |b: &mut tar::Builder<_>, p: PathBuf| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        b.append_data(&mut h, &p, io::empty())
+            .ctx("write whiteout", &p)
+    };
+    for (p, m) in scan_upper(upper)? {
+        let host = upper.join(&p);
+        match upper_kind(&host, &m) {
+            UpperKind::Whiteout => {
+                let mut name = OsString::from(".wh.");
+                name.push(p.file_name().unwrap_or_default());
+                whiteout(&mut b, p.with_file_name(name))?;
+                n += 1;
+                continue;
+            }
+            UpperKind::OpaqueDir => {
+                append_xattrs(&mut b, &host)?;
+                b.append_path_with_name(&host, &p)
+                    .ctx("write tar entry", &host)?;
+                whiteout(&mut b, p.join(".wh..wh..opq"))?;
+                n += 2;
+                continue;
+            }
+            UpperKind::Present => {}
+        }
+        if m.is_file() && m.nlink() > 1 {
+            if let Some(first) = links.get(&m.ino()) {
+                let mut h = tar::Header::new_gnu();
+                h.set_metadata_in_mode(&m, tar::HeaderMode::Complete);
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_size(0);
+                b.append_link(&mut h, &p, first).ctx("write link", &p)?;
+                n += 1;
+                continue;
+            }
+            links.insert(m.ino(), p.clone());
+        }
+        append_xattrs(&mut b, &host)?;
+        b.append_path_with_name(&host, &p)
+            .ctx("write tar entry", &host)?;
+        n += 1;
+    }
+    b.into_inner().ctx("finish", "layer tar")?;
+    Ok(n)
+}
+
 /// Writes a PAX header carrying `path`'s xattrs, if it has any, before its entry.
 fn append_xattrs<W: io::Write>(b: &mut tar::Builder<W>, path: &Path) -> Result<()> {
     let c = cstr(path)?;
@@ -625,7 +738,7 @@ fn append_xattrs<W: io::Write>(b: &mut tar::Builder<W>, path: &Path) -> Result<(
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     for key in buf[..n as usize]
         .split(|&b| b == 0)
-        .filter(|k| !k.is_empty())
+        .filter(|k| !k.is_empty() && !k.starts_with(b"trusted.overlay."))
     {
         let k = CString::new(key).expect("split on NUL");
         let mut val = vec![0u8; 65536];

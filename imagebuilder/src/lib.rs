@@ -16,6 +16,7 @@ pub mod image;
 pub mod layer;
 pub mod oci;
 pub mod sandbox;
+mod stage;
 
 pub use error::{Error, Result};
 pub use image::{ImageConfig, ImageRecord, ImageSummary};
