@@ -188,12 +188,34 @@ fn diff_from_written_pages(
     Ok(Some(r?))
 }
 
+/// Guest RAM copied out of the (paused) VMM process with process_vm_readv, or `None` if that is
+/// not possible here (then it streams through a FIFO).
+fn copy_from_vmm(sock: &Path, mem_bytes: u64) -> Option<snapshotter::memory::Staged> {
+    let st = call(sock, &Request::Status, Duration::from_secs(30)).ok()?;
+    let pid = i32::try_from(st["pid"].as_u64()?).ok()?;
+    let regions: Vec<(u64, u64)> = st["regions"]
+        .as_array()?
+        .iter()
+        .map(|r| Some((r["host_addr"].as_u64()?, r["size"].as_u64()?)))
+        .collect::<Option<_>>()?;
+    if regions.iter().map(|r| r.1).sum::<u64>() != mem_bytes {
+        return None;
+    }
+    match snapshotter::memory::stage_process(pid, &regions) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("copying guest memory from the VMM failed, using its FIFO: {e}");
+            None
+        }
+    }
+}
+
 /// Memory captured while the VM was paused.
 enum CapturedMemory {
     /// Already stored (a diff), with its page count and where its pages came from.
     Stored(snapshotter::MemoryImage, u64, &'static str),
-    /// Copied out, to be stored once the VM runs again.
-    Staged(snapshotter::memory::Staged),
+    /// Copied out (and how), to be stored once the VM runs again.
+    Staged(snapshotter::memory::Staged, &'static str),
 }
 
 /// File in the VM directory holding the tag of the VMM's write tracking since the snapshot in
@@ -265,9 +287,15 @@ pub fn create(
             Some((_, prec)) => diff_from_written_pages(&sock, &dir, &store, &prec.memory, long)?,
             None => None,
         };
-        let memory = match dirty {
-            Some((m, n)) => CapturedMemory::Stored(m, n, "tracked_writes"),
-            None => {
+        // A full snapshot copies guest RAM straight out of the VMM process.
+        let copied = match &parent {
+            None => copy_from_vmm(&sock, mem_bytes),
+            Some(_) => None,
+        };
+        let memory = match (dirty, copied) {
+            (Some((m, n)), _) => CapturedMemory::Stored(m, n, "tracked_writes"),
+            (None, Some(staged)) => CapturedMemory::Staged(staged, "process_vm_readv"),
+            (None, None) => {
                 // Memory goes through a FIFO from the VMM.
                 let fifo = dir.join("snapshot.memory.fifo");
                 let _ = std::fs::remove_file(&fifo);
@@ -289,7 +317,7 @@ pub fn create(
                     }
                     // Copied only: stored after the VM resumed.
                     None => snapshotter::memory::stage_stream(mem_bytes, reader)
-                        .map(CapturedMemory::Staged),
+                        .map(|s| CapturedMemory::Staged(s, "fifo")),
                 };
                 let wrote = writer
                     .join()
@@ -338,9 +366,9 @@ pub fn create(
     let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (state, memory, disks) = captured?;
     resumed?;
-    let (memory, changed, diff_from) = match memory {
+    let (memory, changed, source) = match memory {
         CapturedMemory::Stored(m, n, from) => (m, n, from),
-        CapturedMemory::Staged(s) => (s.store(&store)?, 0, ""),
+        CapturedMemory::Staged(s, via) => (s.store(&store)?, 0, via),
     };
     let vsock_cid = state["virtio"].as_array().and_then(|v| {
         v.iter()
@@ -383,7 +411,9 @@ pub fn create(
         "diff": rec.parent.is_some(),
         "changed_pages": changed,
         // Where a diff's pages came from: the VMM's write tracking, or comparing all memory.
-        "diff_from": rec.parent.is_some().then_some(diff_from),
+        "diff_from": rec.parent.is_some().then_some(source),
+        // How a full snapshot's memory left the VMM process.
+        "copied_via": rec.parent.is_none().then_some(source),
         "layers": rec.memory.layers.len(),
         "disks": rec.disks.len(),
         "stopped": stop,

@@ -337,6 +337,113 @@ pub unsafe fn stage_full(regions: &[HostRegion]) -> Result<Staged, MemoryError> 
     })
 }
 
+/// Copies guest memory straight out of another process (the VMM of a paused VM) with
+/// `process_vm_readv`, on every core, into a staging buffer laid out like the image, skipping
+/// zero chunks. `regions` are (address in that process, size), in image order.
+pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryError> {
+    let size: u64 = regions.iter().map(|r| r.1).sum();
+    let cs = MEMORY_CHUNK_SIZE as usize;
+    let n = size.div_ceil(cs as u64) as usize;
+    let buf = Mapping::anonymous(size as usize)
+        .map_err(|e| MemoryError::Invalid(format!("staging buffer of {size} bytes: {e}")))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let per = n.div_ceil(threads).max(1);
+    let dst = buf.as_ptr() as usize;
+    let parts: Vec<Result<Vec<bool>, MemoryError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|lo| {
+                sc.spawn(move || {
+                    let mut out = Vec::with_capacity(per);
+                    let mut tmp = vec![0u8; cs];
+                    for idx in lo..(lo + per).min(n) {
+                        let len = (size as usize - idx * cs).min(cs);
+                        read_remote(pid, regions, (idx * cs) as u64, &mut tmp[..len])?;
+                        let nonzero = !is_zero(&tmp[..len]);
+                        if nonzero {
+                            // SAFETY: [idx*cs, idx*cs+len) lies in the staging buffer and no
+                            // other thread writes this chunk.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    tmp.as_ptr(),
+                                    (dst + idx * cs) as *mut u8,
+                                    len,
+                                )
+                            };
+                        }
+                        out.push(nonzero);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("staging thread panicked"))
+            .collect()
+    });
+    let mut present = Vec::with_capacity(n);
+    for p in parts {
+        present.extend(p?);
+    }
+    Ok(Staged {
+        size,
+        chunk_size: MEMORY_CHUNK_SIZE,
+        kind: StagedKind::Full { buf, present },
+    })
+}
+
+/// Reads image bytes [off, off+out.len()) from process `pid`'s regions.
+fn read_remote(
+    pid: i32,
+    regions: &[(u64, u64)],
+    off: u64,
+    out: &mut [u8],
+) -> Result<(), MemoryError> {
+    let mut base = 0u64;
+    let end = off + out.len() as u64;
+    for &(addr, len) in regions {
+        let (rs, re) = (base, base + len);
+        if off < re && end > rs {
+            let a = off.max(rs);
+            let b = end.min(re);
+            let dst = &mut out[(a - off) as usize..(b - off) as usize];
+            let local = libc::iovec {
+                iov_base: dst.as_mut_ptr() as *mut libc::c_void,
+                iov_len: dst.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: (addr + (a - rs)) as *mut libc::c_void,
+                iov_len: dst.len(),
+            };
+            // SAFETY: `local` is our own writable buffer of iov_len bytes; the remote range is
+            // only read (by the kernel, checked against that process's mappings).
+            let got = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            if got != dst.len() as isize {
+                return Err(MemoryError::Invalid(format!(
+                    "reading {} bytes of guest memory from process {pid}: {}",
+                    dst.len(),
+                    if got < 0 {
+                        std::io::Error::last_os_error().to_string()
+                    } else {
+                        format!("short read ({got})")
+                    }
+                )));
+            }
+        }
+        base = re;
+    }
+    if end > base {
+        return Err(MemoryError::Invalid(format!(
+            "image range ends at {end}, beyond the regions' {base} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Copies a memory stream of `size` bytes (e.g. the VMM's `save_memory` written into a FIFO)
 /// into a staging buffer laid out like the image, skipping zero chunks, to be stored later.
 pub fn stage_stream(size: u64, mut r: impl Read) -> Result<Staged, MemoryError> {

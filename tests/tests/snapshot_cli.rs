@@ -51,6 +51,7 @@ fn suspend_with_diff_then_restore_and_fork() {
     assert!(ask(&uds, "FILL 16 8 42").starts_with("OK"));
     let full = k.json(["snapshot", "create", &id, "--name", "warm", "--json"]);
     assert_eq!(full["diff"], false);
+    assert_eq!(full["copied_via"], "process_vm_readv", "{full}");
     assert!(
         ask(&uds, "FILL 30 2 43").starts_with("OK"),
         "the VM runs on after a snapshot"

@@ -1,7 +1,7 @@
 //! The VMM process's control socket: JSON lines over a Unix socket, one request per line, one
 //! response line each. Extensible: new commands are new `cmd` values.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
+//! Requests: `{"cmd":"status"}` (id, state, pid, memory regions' host addresses, ...), `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
 //! `{"cmd":"save_state","path":P}` (paused VM; writes `VmState` JSON to P),
 //! `{"cmd":"save_memory","path":P}` (paused VM; raw guest RAM in region order),
 //! `{"cmd":"track_writes","since":TAG}` (paused VM; track guest memory writes from now on,
@@ -142,6 +142,11 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             "mem_bytes": vm.memory_regions().iter().map(|r| r.size).sum::<u64>(),
             "generation": vm.generation_id().generation,
             "generation_id": vm.generation_id().id_hex(),
+            // Where guest RAM lives in this process, in image order: a snapshotter in another
+            // process can copy it with process_vm_readv instead of a FIFO.
+            "regions": vm.memory_regions().iter()
+                .map(|r| serde_json::json!({ "host_addr": r.host_addr, "size": r.size }))
+                .collect::<Vec<_>>(),
         }),
         Request::Pause => {
             vm.pause().map_err(e)?;
