@@ -358,23 +358,30 @@ pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryE
             .map(|lo| {
                 sc.spawn(move || {
                     let mut out = Vec::with_capacity(per);
-                    let mut tmp = vec![0u8; cs];
-                    for idx in lo..(lo + per).min(n) {
-                        let len = (size as usize - idx * cs).min(cs);
-                        read_remote(pid, regions, (idx * cs) as u64, &mut tmp[..len])?;
-                        let nonzero = !is_zero(&tmp[..len]);
-                        if nonzero {
-                            // SAFETY: [idx*cs, idx*cs+len) lies in the staging buffer and no
-                            // other thread writes this chunk.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    tmp.as_ptr(),
-                                    (dst + idx * cs) as *mut u8,
-                                    len,
-                                )
-                            };
+                    // 1 MiB per syscall, then chunk by chunk.
+                    const BATCH: usize = 16;
+                    let mut tmp = vec![0u8; cs * BATCH];
+                    let hi = (lo + per).min(n);
+                    for first in (lo..hi).step_by(BATCH) {
+                        let last = (first + BATCH).min(hi);
+                        let start = first * cs;
+                        let len = (size as usize).min(last * cs) - start;
+                        read_remote(pid, regions, start as u64, &mut tmp[..len])?;
+                        for (k, chunk) in tmp[..len].chunks(cs).enumerate() {
+                            let nonzero = !is_zero(chunk);
+                            if nonzero {
+                                // SAFETY: this chunk's range lies in the staging buffer and no
+                                // other thread writes it.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        chunk.as_ptr(),
+                                        (dst + start + k * cs) as *mut u8,
+                                        chunk.len(),
+                                    )
+                                };
+                            }
+                            out.push(nonzero);
                         }
-                        out.push(nonzero);
                     }
                     Ok(out)
                 })
