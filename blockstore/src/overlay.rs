@@ -450,6 +450,12 @@ impl Overlay {
                     .compress(data)
                     .map_err(|e| Error::io("zstd compress", "<chunk>", e))?;
                 tmps.push((local.write_tmp(&frame)?, id));
+                // Counted like put's chunk bytes, so callers can report what a commit stored.
+                self.store
+                    .inner
+                    .stats
+                    .bytes_written
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
             }
             crate::put::install_chunks(&self.store, &tmps)
         })();

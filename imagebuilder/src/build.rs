@@ -20,6 +20,7 @@ use crate::stage::{self, OverlayRoot};
 use blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -655,9 +656,21 @@ impl Builder<'_> {
     ) -> Result<()> {
         let file = self.df.file.clone();
         for (k, _) in &ins.flags {
-            if k != "network" {
+            if k != "network" && k != "mount" {
                 return Err(derr(&file, ins, format!("RUN --{k} is not supported")));
             }
+        }
+        let mut mounts = Vec::new();
+        let mut mount_key = Vec::new();
+        for (_, v) in ins.flags.iter().filter(|(k, _)| k == "mount") {
+            let v = dockerfile::expand_words(v, vars)
+                .map_err(|e| derr(&file, ins, e))?
+                .join("");
+            let (m, k) = self
+                .run_mount(idx, st, &v)
+                .map_err(|e| derr(&file, ins, format!("RUN --mount={v}: {e}")))?;
+            mounts.push(m);
+            mount_key.extend_from_slice(&k);
         }
         let network = match ins.flags.iter().find(|(k, _)| k == "network") {
             Some((_, v)) if v == "none" => false,
@@ -713,7 +726,10 @@ impl Builder<'_> {
         let cfg = serde_json::to_vec(&(&env, &st.config.workdir, &st.config.user, network))
             .expect("serializes");
         let argv_bytes = serde_json::to_vec(&(&argv, &stdin)).expect("serializes");
-        let key = chain(&st.key, &[b"RUN", &argv_bytes, &cfg, &arg_bytes]);
+        let key = chain(
+            &st.key,
+            &[b"RUN", &argv_bytes, &cfg, &arg_bytes, &mount_key],
+        );
         if let Some(rec) = self.lookup_cache(&key)? {
             self.cache_hit(idx, st, ins, key, rec);
             return Ok(());
@@ -731,6 +747,7 @@ impl Builder<'_> {
             network,
             stdin,
             memory_max: self.opts.memory_max,
+            mounts,
         };
         let progress = &mut *self.progress;
         let outcome = sandbox::run(&spec, &mut |line| progress(&format!("    | {line}")))?;
@@ -745,6 +762,134 @@ impl Builder<'_> {
         }
         let layer = self.upper_layer(st)?;
         self.record_step(idx, st, ins, key, layer.as_deref(), true)
+    }
+
+    /// One `RUN --mount=...` spec: what to mount and what it adds to the step's key (a cache
+    /// mount adds only its place: its content is a cache, not an input).
+    fn run_mount(
+        &mut self,
+        idx: usize,
+        _st: &mut StageState,
+        spec: &str,
+    ) -> std::result::Result<(sandbox::Mount, Vec<u8>), String> {
+        let mut kind = "bind".to_string();
+        let (mut target, mut source, mut from, mut id) = (None, None, None, None);
+        let (mut rw, mut mode, mut uid, mut gid) = (false, None, None, None);
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, "true"));
+            match k {
+                "type" => kind = v.to_string(),
+                "target" | "dst" | "destination" => target = Some(v.to_string()),
+                "source" | "src" => source = Some(v.to_string()),
+                "from" => from = Some(v.to_string()),
+                "id" => id = Some(v.to_string()),
+                "rw" | "readwrite" => rw = v != "false",
+                "ro" | "readonly" => rw = v == "false",
+                "mode" => mode = Some(u32::from_str_radix(v, 8).map_err(|_| format!("mode={v}"))?),
+                "uid" => uid = Some(v.parse::<u32>().map_err(|_| format!("uid={v}"))?),
+                "gid" => gid = Some(v.parse::<u32>().map_err(|_| format!("gid={v}"))?),
+                "sharing" | "required" | "size" => {}
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        if !matches!(kind.as_str(), "bind" | "cache" | "tmpfs") {
+            return Err(format!(
+                "type={kind} is not supported (supported: bind, cache, tmpfs)"
+            ));
+        }
+        let target = target.ok_or("needs target=PATH")?;
+        let cwd = "/".to_string();
+        let target = resolve_in(&cwd, &target);
+        if target == "/" {
+            return Err("cannot mount over /".into());
+        }
+        match kind.as_str() {
+            "cache" => {
+                let name = id.unwrap_or_else(|| target.clone());
+                // Kept with the store (the kiln home), not in the temporary directory.
+                let home = self.store.dir().parent().unwrap_or(self.tmp).to_path_buf();
+                let dir = home
+                    .join("build-cache")
+                    .join(blake3::hash(name.as_bytes()).to_hex().as_str());
+                if !dir.exists() {
+                    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                    use std::os::unix::fs::PermissionsExt;
+                    let perm = std::fs::Permissions::from_mode(mode.unwrap_or(0o755));
+                    std::fs::set_permissions(&dir, perm).map_err(|e| e.to_string())?;
+                    let c = CString::new(dir.as_os_str().as_encoded_bytes())
+                        .map_err(|e| e.to_string())?;
+                    // SAFETY: valid path; -1 keeps an id unchanged.
+                    unsafe {
+                        libc::chown(c.as_ptr(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))
+                    };
+                }
+                let key = format!("cache:{name}:{target}\n").into_bytes();
+                Ok((
+                    sandbox::Mount {
+                        source: Some(dir),
+                        target,
+                        readonly: false,
+                    },
+                    key,
+                ))
+            }
+            "tmpfs" => Ok((
+                sandbox::Mount {
+                    source: None,
+                    target: target.clone(),
+                    readonly: false,
+                },
+                format!("tmpfs:{target}\n").into_bytes(),
+            )),
+            "bind" => {
+                if rw {
+                    return Err("rw bind mounts are not supported (writes would reach the \
+                                build context or the other stage); copy the files instead"
+                        .into());
+                }
+                let src = source.unwrap_or_else(|| ".".into());
+                let rel = clean_rel(&src).ok_or("source leads outside its root")?;
+                let (root, key_of_root) = match &from {
+                    Some(f) => {
+                        let s = self
+                            .stage_index(f)
+                            .filter(|&s| s < idx)
+                            .ok_or_else(|| format!("from={f}: no earlier stage by that name"))?;
+                        self.build_stage(s).map_err(|e| e.to_string())?;
+                        let mut sst = self.stages[s].take().expect("built");
+                        let r = self.materialize(s, &mut sst);
+                        let k = sst.key;
+                        self.stages[s] = Some(sst);
+                        (r.map_err(|e| e.to_string())?, Some(k))
+                    }
+                    None => (self.opts.context.clone(), None),
+                };
+                let host = root.join(&rel);
+                // No symlink may lead out of the context or stage root.
+                let real = std::fs::canonicalize(&host).map_err(|e| format!("{src}: {e}"))?;
+                let real_root = std::fs::canonicalize(&root).map_err(|e| e.to_string())?;
+                if !real.starts_with(&real_root) {
+                    return Err(format!("{src}: leads outside its root"));
+                }
+                let mut key = format!("bind:{target}:{src}:").into_bytes();
+                match key_of_root {
+                    Some(k) => key.extend_from_slice(k.as_bytes()),
+                    None => key
+                        .extend_from_slice(tree_hash(&real).map_err(|e| e.to_string())?.as_bytes()),
+                }
+                Ok((
+                    sandbox::Mount {
+                        source: Some(real),
+                        target,
+                        readonly: true,
+                    },
+                    key,
+                ))
+            }
+            other => Err(format!(
+                "type={other} is not supported (supported: bind, cache, tmpfs)"
+            )),
+        }
     }
 
     fn copy_step(
@@ -888,6 +1033,45 @@ impl Builder<'_> {
             }
             k
         };
+        // `COPY file /dir` without a trailing slash copies into /dir when the image has that
+        // directory. The parent key fixes the parent tree, so the key need not say which; on a
+        // miss, look and write the tar again with the file inside the directory.
+        let single = (w.len() == 1 && !w[0].starts_with("<<") && !w[0].contains(['*', '?']))
+            .then(|| clean_rel(&w[0]))
+            .flatten()
+            .filter(|_| !dest_is_dir);
+        if let Some(rel) = single {
+            let src_root = match from_stage {
+                Some((s, _)) => {
+                    let mut sst = self.stages[s].take().expect("built");
+                    let r = self.materialize(s, &mut sst);
+                    self.stages[s] = Some(sst);
+                    r?
+                }
+                None => self.opts.context.clone(),
+            };
+            let src_is_dir = std::fs::symlink_metadata(src_root.join(&rel))
+                .map(|m| m.is_dir())
+                .unwrap_or(true);
+            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let (false, Some(name)) = (src_is_dir, name) {
+                let root = self.materialize(idx, st)?;
+                if real_dir_in(&root, &dest) {
+                    let inside = format!("{}/{name}", dest.trim_end_matches('/'));
+                    let spec = CopySpec {
+                        srcs: &w,
+                        heredocs: &ins.heredocs,
+                        vars,
+                        dest: &inside,
+                        dest_is_dir: false,
+                        owner,
+                        chmod,
+                        checksum: checksum.as_deref(),
+                    };
+                    self.write_copy_tar(&src_root, from_stage.is_none(), &spec, &tar_path, ins)?;
+                }
+            }
+        }
         self.say(&format!("  {}: {}", ins.line, ins.original));
         // Apply to the staging root if it exists; else it is applied lazily with the rest.
         let applied = if st.rootfs.is_some() {
@@ -1227,6 +1411,35 @@ struct CopySpec<'a> {
     checksum: Option<&'a str>,
 }
 
+/// Content hash of a file or a directory tree (names, types, modes, contents; not times).
+fn tree_hash(p: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let host = p.join(&rel);
+        let m = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update(&m.mode().to_le_bytes());
+        if m.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&host)
+                .ctx("read dir", &host)?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            names.sort();
+            // Reversed so the stack pops them in order.
+            for n in names.into_iter().rev() {
+                stack.push(rel.join(n));
+            }
+        } else if m.file_type().is_symlink() {
+            let t = std::fs::read_link(&host).ctx("readlink", &host)?;
+            h.update(t.as_os_str().as_encoded_bytes());
+        } else if m.is_file() {
+            h.update(hash_file(&host)?.as_bytes());
+        }
+    }
+    Ok(h.finalize())
+}
+
 fn hash_file(p: &Path) -> Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     let f = std::fs::File::open(p).ctx("open", p)?;
@@ -1342,6 +1555,20 @@ fn read_dockerignore(context: &Path) -> Vec<(bool, Vec<String>)> {
             (neg, comps)
         })
         .collect()
+}
+
+/// Whether the absolute in-image path `abs` is a directory reached through directories only
+/// (a symlink on the way would resolve on the host, so it does not count).
+fn real_dir_in(root: &Path, abs: &str) -> bool {
+    let mut p = root.to_path_buf();
+    for c in abs.split('/').filter(|c| !c.is_empty()) {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// `mkdir -p` of an absolute in-image path, never following symlinks out of the root.

@@ -33,6 +33,18 @@ pub struct RunSpec {
     pub stdin: Option<Vec<u8>>,
     /// cgroup v2 memory.max in bytes, if any.
     pub memory_max: Option<u64>,
+    /// `RUN --mount`s, mounted in the command's mount namespace only.
+    pub mounts: Vec<Mount>,
+}
+
+/// A mount for one command (`RUN --mount`).
+#[derive(Clone, Debug)]
+pub struct Mount {
+    /// Host path to bind; None mounts an empty tmpfs.
+    pub source: Option<PathBuf>,
+    /// Absolute path inside the root.
+    pub target: String,
+    pub readonly: bool,
 }
 
 /// How a command ended and the tail of its output.
@@ -189,12 +201,52 @@ struct MountPoints {
 }
 
 impl MountPoints {
-    fn ensure(rootfs: &Path) -> Result<MountPoints> {
+    fn ensure(rootfs: &Path, mounts: &[Mount]) -> Result<MountPoints> {
         use std::os::unix::fs::MetadataExt;
         let mut mp = MountPoints {
             created: Vec::new(),
             parent_times: Vec::new(),
         };
+        // RUN --mount targets: missing components are made (and removed after), and none may
+        // be a symlink, which the kernel would resolve on the host.
+        for m in mounts {
+            let comps: Vec<&str> = m.target.split('/').filter(|c| !c.is_empty()).collect();
+            let file_target = m
+                .source
+                .as_ref()
+                .is_some_and(|s| std::fs::metadata(s).map(|m| !m.is_dir()).unwrap_or(false));
+            let mut p = rootfs.to_path_buf();
+            for (i, c) in comps.iter().enumerate() {
+                let parent = p.clone();
+                p.push(c);
+                let last = i + 1 == comps.len();
+                match std::fs::symlink_metadata(&p) {
+                    Ok(md) if md.is_dir() && !(last && file_target) => {}
+                    Ok(md) if last && file_target && md.is_file() => {}
+                    Ok(_) => {
+                        mp.cleanup();
+                        return Err(Error::Build(format!(
+                            "RUN --mount target {}: {} in the image is a symlink or of the wrong \
+                             type",
+                            m.target,
+                            p.strip_prefix(rootfs).unwrap_or(&p).display()
+                        )));
+                    }
+                    Err(_) => {
+                        let pm = std::fs::metadata(&parent).ctx("stat", &parent)?;
+                        if !mp.created.contains(&parent) {
+                            mp.parent_times.push((parent, pm.mtime(), pm.mtime_nsec()));
+                        }
+                        if last && file_target {
+                            std::fs::File::create(&p).ctx("create", &p)?;
+                        } else {
+                            std::fs::create_dir(&p).ctx("mkdir", &p)?;
+                        }
+                        mp.created.push(p.clone());
+                    }
+                }
+            }
+        }
         for d in ["proc", "dev"] {
             let p = rootfs.join(d);
             match std::fs::symlink_metadata(&p) {
@@ -218,7 +270,9 @@ impl MountPoints {
 
     fn cleanup(&self) {
         for p in self.created.iter().rev() {
-            let _ = std::fs::remove_dir(p);
+            if std::fs::remove_dir(p).is_err() {
+                let _ = std::fs::remove_file(p);
+            }
         }
         for (p, s, ns) in self.parent_times.iter().rev() {
             if let Ok(cp) = c(p) {
@@ -244,7 +298,7 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<RunOutcome> 
         Some(u) if !u.is_empty() => resolve_user(&rootfs, u)?,
         _ => (0, 0),
     };
-    let mounts = MountPoints::ensure(&rootfs)?;
+    let mounts = MountPoints::ensure(&rootfs, &spec.mounts)?;
     let result = run_inner(spec, &rootfs, uid, gid, on_line);
     mounts.cleanup();
     result
@@ -278,6 +332,13 @@ fn run_inner(
         ));
     }
     let shm_c = c(&rootfs.join("dev/shm"))?;
+    let mut extra = Vec::new();
+    for m in &spec.mounts {
+        let dst = c(&rootfs.join(m.target.trim_start_matches('/')))?;
+        let src = m.source.as_deref().map(c).transpose()?;
+        extra.push((src, dst, m.readonly));
+    }
+    let tmpfs_opts = CString::new("mode=1777").expect("no NUL");
     let resolv_dst = rootfs.join("etc/resolv.conf");
     let resolv = if spec.network
         && std::fs::symlink_metadata(&resolv_dst)
@@ -438,6 +499,38 @@ fn run_inner(
                     libc::MS_BIND,
                     null,
                 );
+            }
+            for (src, dst, ro) in &extra {
+                let r = match src {
+                    Some(src) => libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        null,
+                    ),
+                    None => libc::mount(
+                        tmpfs.as_ptr(),
+                        dst.as_ptr(),
+                        tmpfs.as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        tmpfs_opts.as_ptr().cast(),
+                    ),
+                };
+                if r != 0 {
+                    return fail();
+                }
+                if *ro
+                    && libc::mount(
+                        std::ptr::null(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                        null,
+                    ) != 0
+                {
+                    return fail();
+                }
             }
             libc::sethostname(hostname.as_ptr().cast(), hostname.len());
             if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {

@@ -247,3 +247,140 @@ fn run_steps_get_their_own_namespaces_and_cgroup() {
         eprintln!("SKIP: no writable cgroups on this host; limits not checked");
     }
 }
+
+fn fsck(disk: &Path) {
+    let out = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+const MOUNTS_DOCKERFILE: &str = r#"FROM bb AS tools
+RUN echo tool-output > /tool.txt
+FROM bb
+RUN mkdir -p /existing /gone/deep && echo keep > /existing/old && echo x > /gone/deep/f
+COPY hello.txt /existing
+COPY hello.txt /newfile
+RUN --mount=type=cache,target=/cache,id=c1 echo run >> /cache/log && wc -l < /cache/log > /cache-count
+RUN --mount=type=bind,source=data,target=/mnt cat /mnt/a > /from-bind
+RUN --mount=type=bind,from=tools,source=tool.txt,target=/t.txt cat /t.txt > /from-stage
+RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && ls /scratch > /scratch-list
+RUN rm -rf /gone /root && rm /existing/old && ln /newfile /hardlink
+"#;
+
+#[test]
+fn copy_into_existing_dir_run_mounts_and_disk_from_base() {
+    let Some((tmp, k)) = setup() else { return };
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("data")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), MOUNTS_DOCKERFILE).unwrap();
+    std::fs::write(ctx.join("hello.txt"), "hello\n").unwrap();
+    std::fs::write(ctx.join("data/a"), "from the context\n").unwrap();
+    let c = ctx.to_str().unwrap();
+    let first = k.json(["build", "-t", "m", "--json", "--no-cache", c]);
+    let disk = tmp.path().join("m.ext4");
+    let d = disk.to_str().unwrap();
+    k.ok(["image", "export", "m", "-o", d]);
+    // The disk is the base image's disk updated in place: it must be a clean file system.
+    fsck(&disk);
+    assert_eq!(
+        disk_cat(&disk, "/existing/hello.txt"),
+        "hello\n",
+        "COPY into a dir"
+    );
+    assert_eq!(disk_cat(&disk, "/newfile"), "hello\n");
+    assert_eq!(disk_cat(&disk, "/hardlink"), "hello\n");
+    assert_eq!(disk_cat(&disk, "/cache-count"), "1\n");
+    assert_eq!(disk_cat(&disk, "/from-bind"), "from the context\n");
+    assert_eq!(disk_cat(&disk, "/from-stage"), "tool-output\n");
+    assert_eq!(disk_cat(&disk, "/scratch-list"), "x\n");
+    let ls = |p: &str| {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("ls -l {p}")])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let root = ls("/");
+    for gone in ["gone", "root", "cache", "mnt", "scratch", "t.txt"] {
+        assert!(
+            !root.split_whitespace().any(|w| w == gone),
+            "/{gone} must not be in the image: {root}"
+        );
+    }
+    assert!(!ls("/existing").contains(" old"), "{}", ls("/existing"));
+
+    // The cache mount persists between builds (even --no-cache ones); its content is not an
+    // input, so a plain rebuild is fully cached, and the image is the same.
+    let again = k.json(["build", "-t", "m2", "--json", "--no-cache", c]);
+    k.ok(["image", "export", "m2", "-o", d]);
+    assert_eq!(disk_cat(&disk, "/cache-count"), "2\n");
+    assert_ne!(again["image"], first["image"]);
+    let cached = k.json(["build", "-t", "m3", "--json", c]);
+    assert_eq!(cached["cached"], true, "{cached}");
+
+    // A bind-mounted context file is an input: changing it reruns that RUN.
+    std::fs::write(ctx.join("data/a"), "changed\n").unwrap();
+    let changed = k.json(["build", "-t", "m4", "--json", c]);
+    let s = steps(&changed);
+    let pos = s
+        .iter()
+        .position(|(i, _)| i.contains("source=data"))
+        .unwrap();
+    assert!(s[..pos].iter().all(|(_, c)| *c), "{s:?}");
+    assert!(!s[pos].1, "{s:?}");
+    k.ok(["image", "export", "m4", "-o", d]);
+    fsck(&disk);
+    assert_eq!(disk_cat(&disk, "/from-bind"), "changed\n");
+
+    // Same input, same disk: a second home builds the same image from the same base (steps
+    // without RUN, whose files carry the time they were written).
+    let det = ctx.join("Det.Dockerfile");
+    std::fs::write(
+        &det,
+        "FROM bb\nWORKDIR /w\nCOPY hello.txt data/ ./\nRUN true\nCOPY hello.txt /etc\n",
+    )
+    .unwrap();
+    let det = det.to_str().unwrap();
+    let one = k.json(["build", "-t", "d", "--json", "-f", det, c]);
+    let k2 = Kiln::new(tmp.path().join("home2"));
+    let layout = tmp.path().join("oci");
+    k2.ok([
+        "image",
+        "import",
+        &format!("oci:{}:bb", layout.display()),
+        "bb",
+    ]);
+    let two = k2.json(["build", "-t", "d", "--json", "-f", det, c]);
+    assert_eq!(one["disk"], two["disk"], "disk is deterministic");
+    k.ok(["image", "export", "d", "-o", d]);
+    fsck(&disk);
+    assert_eq!(disk_cat(&disk, "/etc/hello.txt"), "hello\n");
+    assert_eq!(disk_cat(&disk, "/w/a"), "changed\n");
+
+    // Unsupported mounts are clear errors.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\nRUN --mount=type=secret,id=x true\n",
+    )
+    .unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(
+        err.contains("Dockerfile:2") && err.contains("type=secret is not supported"),
+        "{err}"
+    );
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\nRUN --mount=type=bind,source=data,target=/m,rw true\n",
+    )
+    .unwrap();
+    let err = k.fails(["build", "-t", "bad", c]);
+    assert!(err.contains("rw bind mounts are not supported"), "{err}");
+}
