@@ -139,6 +139,8 @@ fn ingest(
         let _ = std::fs::remove_file(p);
     }
     let (disk, disk_size) = image::commit_rootfs(store, &rootfs, &config, &ids, stage.path())?;
+    // Builds over this image start from this tree instead of extracting it again.
+    crate::stage::adopt_tree(tmp, &ids, &rootfs);
     let rec = ImageRecord {
         schema: 1,
         disk,

@@ -108,6 +108,49 @@ pub(crate) fn base_tree(store: &Store, tmp: &Path, layers: &[BlobId]) -> Result<
     Ok(BaseTree { path, _lock: lock })
 }
 
+/// Keeps `tree`, a staging tree just made from `layers` (and given to
+/// [`crate::image::commit_rootfs`], which added the guest config), as the cache entry of those
+/// layers, so the first build over a freshly pulled or imported image does not extract it
+/// again. Moves the tree (same file system); best effort: failures only cost that extraction.
+pub(crate) fn adopt_tree(tmp: &Path, layers: &[BlobId], tree: &Path) {
+    let dir = cache_dir(tmp);
+    let key = layers_key(layers);
+    let res = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{key}.lock")))?;
+        flock(&lock, libc::LOCK_SH)?;
+        let _ = lock.set_modified(std::time::SystemTime::now());
+        if complete(&dir, &key) {
+            return Ok(());
+        }
+        let ex = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{key}.extract")))?;
+        flock(&ex, libc::LOCK_EX)?;
+        if complete(&dir, &key) {
+            return Ok(());
+        }
+        // The tree must be exactly the layers' result: drop the config commit_rootfs wrote.
+        let kiln = tree.join(".kiln");
+        let _ = std::fs::remove_file(tree.join(crate::image::CONFIG_PATH_IN_DISK));
+        let _ = std::fs::remove_dir(&kiln);
+        let _ = std::fs::remove_dir_all(dir.join(&key));
+        std::fs::rename(tree, dir.join(&key))?;
+        std::fs::write(dir.join(format!("{key}.complete")), b"")?;
+        Ok(())
+    })();
+    match res {
+        Ok(()) => evict(&dir, &key),
+        Err(e) => tracing::warn!(error = %e, "could not keep the extracted tree"),
+    }
+}
+
 /// Whether the cache entry `key` is complete.
 fn complete(dir: &Path, key: &str) -> bool {
     dir.join(format!("{key}.complete")).exists() && dir.join(key).is_dir()
