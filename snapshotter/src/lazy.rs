@@ -413,7 +413,9 @@ fn serve_faults(s: &Arc<Shared>, wake_fd: i32) -> Result<(), String> {
     }
 }
 
-/// Prefetch threads per lazy memory (see `LazyMemory::new`).
+/// Prefetch threads per lazy memory (see `LazyMemory::new`). Measured over S3 on loopback
+/// (snapshot_s3_restore, 266-chunk working set): 1, 4, 8, 16 threads finished the work in 410,
+/// 286, 158, 234 ms; 16 also delayed the first reply (61 vs 14 ms).
 const PREFETCH_THREADS: usize = 8;
 
 fn prefetch(s: &Arc<Shared>, list: &[u32], cursor: &AtomicUsize) -> Result<(), String> {
