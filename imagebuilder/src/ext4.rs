@@ -484,6 +484,127 @@ mod tests {
         crate::layer::set_mtime(root, 1000).unwrap();
     }
 
+    /// Every path below `root` with its type, mode, owner, size and content (no times).
+    fn listing(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+                let e = e.unwrap();
+                let r = rel.join(e.file_name());
+                if r == Path::new("lost+found") {
+                    continue;
+                }
+                let m = e.metadata().unwrap();
+                let what = if m.is_dir() {
+                    stack.push(r.clone());
+                    String::new()
+                } else if m.file_type().is_symlink() {
+                    std::fs::read_link(e.path()).unwrap().display().to_string()
+                } else {
+                    String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned()
+                };
+                out.push(format!(
+                    "{} {:o} {}:{} {}",
+                    r.display(),
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    what
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn update_in_place_matches_the_new_tree() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let (base, fin) = (t.path().join("base"), t.path().join("final"));
+        for r in [&base, &fin] {
+            std::fs::create_dir_all(r.join("d/sub/deeper")).unwrap();
+            std::fs::write(r.join("d/a"), "a").unwrap();
+            std::fs::write(r.join("d/b"), "b").unwrap();
+            std::fs::write(r.join("d/sub/deeper/f"), "f").unwrap();
+            std::fs::write(r.join("top"), "top").unwrap();
+            std::fs::write(r.join("same"), "same").unwrap();
+            std::os::unix::fs::symlink("d/a", r.join("l")).unwrap();
+        }
+        // The changes a build might make.
+        std::fs::write(fin.join("d/a"), "changed").unwrap();
+        std::fs::remove_dir_all(fin.join("d/sub")).unwrap();
+        std::fs::remove_file(fin.join("top")).unwrap();
+        std::fs::create_dir(fin.join("top")).unwrap();
+        std::fs::write(fin.join("top/y"), "y").unwrap();
+        std::fs::set_permissions(fin.join("d/b"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::create_dir(fin.join("new dir")).unwrap();
+        std::fs::write(fin.join("new dir/x"), "x").unwrap();
+        std::fs::hard_link(fin.join("new dir/x"), fin.join("d/h")).unwrap();
+        std::fs::remove_file(fin.join("l")).unwrap();
+        std::os::unix::fs::symlink("top/y", fin.join("l")).unwrap();
+        let changed: BTreeSet<PathBuf> = [
+            "d",
+            "d/a",
+            "d/b",
+            "d/h",
+            "d/sub",
+            "top",
+            "top/y",
+            "new dir",
+            "new dir/x",
+            "l",
+            "same",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let img = t.path().join("img");
+        make_ext4(&base, &img, 16 << 20, b"seed").unwrap();
+        let img2 = t.path().join("img2");
+        std::fs::copy(&img, &img2).unwrap();
+        assert!(update_ext4(&img, &base, &[], &fin, &changed).unwrap());
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let out = t.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let dump = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump / {}", out.display()))
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(dump.status.success());
+        // rdump puts the root's entries into out/ itself.
+        assert_eq!(listing(&out), listing(&fin));
+        // The hardlink is one inode with two names.
+        let stat = Command::new("debugfs")
+            .args(["-R", "stat /d/h"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&stat.stdout).contains("Links: 2"));
+        // Same image, same trees: same bytes.
+        assert!(update_ext4(&img2, &base, &[], &fin, &changed).unwrap());
+        assert!(std::fs::read(&img).unwrap() == std::fs::read(&img2).unwrap());
+        // No room: nothing is touched.
+        std::fs::write(fin.join("big"), vec![1u8; 32 << 20]).unwrap();
+        let mut more = changed.clone();
+        more.insert("big".into());
+        let before = std::fs::read(&img).unwrap();
+        assert!(!update_ext4(&img, &base, &[], &fin, &more).unwrap());
+        assert!(std::fs::read(&img).unwrap() == before);
+    }
+
     #[test]
     fn same_tree_same_bytes() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -876,6 +876,63 @@ mod tests {
     }
 
     #[test]
+    fn overlay_upper_dir_as_a_layer() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: whiteout devices and trusted xattrs need root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (base, upper) = (t.path().join("base"), t.path().join("upper"));
+        std::fs::create_dir_all(base.join("d/old")).unwrap();
+        std::fs::write(base.join("d/gone"), b"g").unwrap();
+        std::fs::write(base.join("d/old/x"), b"x").unwrap();
+        std::fs::write(base.join("keep"), b"k").unwrap();
+        // What overlayfs leaves after `rm d/gone; rm -r d/old; mkdir d/old; echo n > d/old/n`
+        // plus an overlayfs-internal xattr that must not travel.
+        std::fs::create_dir_all(upper.join("d/old")).unwrap();
+        let wh = cstr(&upper.join("d/gone")).unwrap();
+        // SAFETY: valid path; a 0/0 character device is overlayfs's whiteout.
+        assert_eq!(
+            unsafe { libc::mknod(wh.as_ptr(), libc::S_IFCHR | 0o600, 0) },
+            0
+        );
+        for (dir, key, val) in [
+            ("d/old", c"trusted.overlay.opaque", &b"y"[..]),
+            ("d", c"trusted.overlay.impure", &b"y"[..]),
+        ] {
+            let p = cstr(&upper.join(dir)).unwrap();
+            // SAFETY: valid path, name and value buffer.
+            let r = unsafe {
+                libc::lsetxattr(p.as_ptr(), key.as_ptr(), val.as_ptr().cast(), val.len(), 0)
+            };
+            assert_eq!(r, 0);
+        }
+        std::fs::write(upper.join("d/old/n"), b"n").unwrap();
+        let mut tar = Vec::new();
+        assert_eq!(write_upper(&upper, &mut tar).unwrap(), 5);
+        let names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert!(names.contains(&"d/.wh.gone".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"d/old/.wh..wh..opq".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            !tar.windows(15).any(|w| w == b"trusted.overlay"),
+            "overlayfs xattrs leaked"
+        );
+        apply_layer(&base, &tar[..], &ApplyOptions::default()).unwrap();
+        assert!(!base.join("d/gone").exists());
+        assert!(!base.join("d/old/x").exists());
+        assert_eq!(std::fs::read(base.join("d/old/n")).unwrap(), b"n");
+        assert_eq!(std::fs::read(base.join("keep")).unwrap(), b"k");
+    }
+
+    #[test]
     fn diff_round_trip() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
