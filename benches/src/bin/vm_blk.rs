@@ -4,10 +4,16 @@
 //! overlay of the same data. The in-guest driver is the test guest's `kt.mode=bench`; its
 //! timing uses the TSC, whose rate is measured on the host.
 //!
-//! `cargo run --release -p kiln-benches --bin vm_blk [-- --size-mb 256 --secs 4]`
-//! (backing file under $KILN_BENCH_DIR, default /var/tmp: a real disk, not tmpfs)
+//! The random-read comparison runs `--rounds` times (fio, then the guest, alternating) and
+//! reports the median of the per-round ratios: other load on a shared host moves single runs
+//! by +-30%.
+//!
+//! `cargo run --release -p kiln-benches --bin vm_blk [-- --size-mb 256 --secs 4 --rounds 5]`
+//! (backing file under $KILN_BENCH_DIR, default /var/tmp: a real disk, not tmpfs;
+//! `--blkidle US` is passed to the guest as kt.blkidle=, 0 = the guest spins, never idles;
+//! `--rand-only` stops after the random-read rounds)
 
-use kiln_benches::arg;
+use kiln_benches::{arg, median};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -77,10 +83,13 @@ fn guest(
     span: u64,
     hz: f64,
 ) -> anyhow::Result<(f64, f64)> {
-    let cmdline = format!(
+    let mut cmdline = format!(
         "kt.mode=bench kt.bench={} kt.bs={bs} kt.qd=32 kt.n={n} kt.span={span} kt.exit=1",
         if random { "rand" } else { "seq" }
     );
+    if let Some(us) = std::env::args().skip_while(|a| a != "--blkidle").nth(1) {
+        cmdline.push_str(&format!(" kt.blkidle={us}"));
+    }
     let out = Command::new(kiln)
         .env("KILN_HOME", home)
         .args([
@@ -139,9 +148,30 @@ fn main() -> anyhow::Result<()> {
     let fstr = file.to_str().unwrap();
 
     // Size the guest runs to take about as long as fio's.
-    let (fio_iops, _) = fio(&file, "randread", 4096, secs)?;
-    let n_rand = ((fio_iops * secs as f64) as u64).clamp(10_000, 2_000_000);
-    let (g_iops, _) = guest(&kiln, &home, fstr, true, 4096, n_rand, size, hz)?;
+    let rounds = arg("--rounds", 5u32).max(1);
+    let (mut fio_runs, mut guest_runs, mut ratios) = (vec![], vec![], vec![]);
+    let mut n_rand = 0;
+    for _ in 0..rounds {
+        let (f, _) = fio(&file, "randread", 4096, secs)?;
+        n_rand = ((f * secs as f64) as u64).clamp(10_000, 2_000_000);
+        let (g, _) = guest(&kiln, &home, fstr, true, 4096, n_rand, size, hz)?;
+        fio_runs.push(f.round());
+        guest_runs.push(g.round());
+        ratios.push(g / f);
+    }
+    let ratio = median(ratios.clone());
+    let (fio_iops, g_iops) = (median(fio_runs.clone()), median(guest_runs.clone()));
+    if std::env::args().any(|a| a == "--rand-only") {
+        let out = serde_json::json!({
+            "bench": "vm_blk",
+            "randread_4k_qd32": {
+                "fio_iops": fio_iops, "guest_raw_iops": g_iops, "guest_raw_ratio": ratio,
+                "rounds": { "fio_iops": fio_runs, "guest_raw_iops": guest_runs, "ratio": ratios },
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     let (_, fio_mbs) = fio(&file, "read", 128 << 10, secs)?;
     let n_seq = ((fio_mbs * 1e6 * secs as f64 / (128 << 10) as f64) as u64).clamp(1000, 1_000_000);
     let (_, g_mbs) = guest(&kiln, &home, fstr, false, 128 << 10, n_seq, size, hz)?;
@@ -173,7 +203,8 @@ fn main() -> anyhow::Result<()> {
         "randread_4k_qd32": {
             "fio_iops": fio_iops,
             "guest_raw_iops": g_iops,
-            "guest_raw_ratio": g_iops / fio_iops,
+            "guest_raw_ratio": ratio,
+            "rounds": { "fio_iops": fio_runs, "guest_raw_iops": guest_runs, "ratio": ratios },
             "guest_overlay_warm_iops": o_iops,
             "guest_overlay_ratio": o_iops / fio_iops,
         },

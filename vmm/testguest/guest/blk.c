@@ -32,7 +32,7 @@ static u8 benchbuf[BENCHBUF_SIZE] __attribute__((aligned(4096), section(".noinit
 static u16 slot_of[VQ_MAX];
 
 static const u64 SYNC_TIMEOUT_MS = 30000;
-u64 blk_idle_us = 20;
+u64 blk_idle_us = 150;
 
 static int blk_setup(struct blk *b, int idx) {
     u32 feats = BLK_F_SIZE_MAX | BLK_F_SEG_MAX | BLK_F_RO | BLK_F_FLUSH | RING_F_EVENT_IDX;
@@ -226,11 +226,16 @@ void blk_bench(int disk, int random, u32 bs, u32 qd, u64 n, u64 span, int write)
     }
     u64 nblocks = span * 512 / bs, rng = 0x2545F4914F6CDD1DUL, next = 0;
     u64 issued = 0, done = 0, errors = 0, idles = 0;
-    /* Waiting on the idle port instead of spinning frees the host CPU for the device thread
-       and the disk (this vCPU thread is otherwise runnable all the time, and a loaded host
-       runs it late); EVENT_IDX (used_event) makes the device interrupt, which wakes us. */
+    /* While the disk works on a burst the vCPU sleeps on the idle port instead of spinning: a
+       spinning vCPU thread is runnable all the time, and a loaded host then runs it (and the
+       device thread) late. It sleeps until blk_idle_us before the completion it expects (an
+       average of the waits it saw while spinning), then spins, so it sees the completion at
+       once; an early completion wakes it through used_event (EVENT_IDX). Waits shorter than
+       that are spun through. */
     int can_idle = b->q.event_idx && blk_idle_us && inb(IDLE_PORT) == IDLE_PORT_SIG;
-    u64 idle_after = blk_idle_us * kt_tsc_per_ms / 1000;
+    u64 per_us = kt_tsc_per_ms / 1000 ? kt_tsc_per_ms / 1000 : 1;
+    u64 margin = blk_idle_us * per_us, expect = 0;
+    int overslept = 0;
     kprintf("kt: bench start\n");
     u64 t0 = rdtsc(), last_progress = t0;
     for (u32 i = 0; i < qd && issued < n; i++, issued++) {
@@ -268,24 +273,32 @@ void blk_bench(int disk, int random, u32 bs, u32 qd, u64 n, u64 span, int write)
         }
         u64 now = rdtsc();
         if (got) {
+            u64 waited = now - last_progress;
+            if (overslept) expect -= expect / 16;
+            else if (waited > margin) expect = expect - expect / 8 + waited / 8;
+            overslept = 0;
             vq_notify(b->v, &b->q, 0);
             last_progress = now;
         } else if (now - last_progress > SYNC_TIMEOUT_MS * kt_tsc_per_ms) {
             kprintf("kt: bench FAILED: stalled after %u requests\n", done);
             return;
-        } else if (can_idle && now - last_progress > idle_after) {
+        } else if (can_idle && expect > now - last_progress + margin + 20 * per_us) {
+            u64 us = (expect - (now - last_progress) - margin) / per_us;
             vq_set_used_event(&b->q, b->q.last_used);
             mb();
             if (*(volatile u16 *)&b->q.used->idx == b->q.last_used) {
-                outl(IDLE_PORT, 2000);
+                outl(IDLE_PORT, (u32)us);
                 idles++;
+                /* Completions waiting already: we slept too long (or were woken for them). */
+                if (*(volatile u16 *)&b->q.used->idx != b->q.last_used) overslept = 1;
             }
         } else cpu_relax();
     }
     u64 cycles = rdtsc() - t0;
     kprintf("kt: bench done {\"pattern\":\"%s\",\"write\":%u,\"bs\":%u,\"qd\":%u,\"requests\":%u,\"errors\":%u,"
-            "\"tsc_cycles\":%u,\"tsc_khz\":%u,\"idles\":%u}\n",
-            random ? "rand" : "seq", (u64)write, (u64)bs, (u64)qd, done, errors, cycles, kt_tsc_per_ms, idles);
+            "\"tsc_cycles\":%u,\"tsc_khz\":%u,\"idles\":%u,\"expect_us\":%u}\n",
+            random ? "rand" : "seq", (u64)write, (u64)bs, (u64)qd, done, errors, cycles, kt_tsc_per_ms, idles,
+            expect / per_us);
 }
 
 /* ---- misbehave: malformed requests; the device must answer, or need a reset, never wedge ---- */

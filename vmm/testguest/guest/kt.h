@@ -163,7 +163,7 @@ int vq_pop(struct virtq *q, u32 *id, u32 *len);
 void vq_set_used_event(struct virtq *q, u16 idx);
 
 /* blk.c */
-extern u64 blk_idle_us; /* kt.blkidle=: bench idles on the idle port after this many us without completions */
+extern u64 blk_idle_us; /* kt.blkidle=: bench wakes this many us before an expected completion (0: never idles) */
 #define MAX_BLK 4
 extern int nblk;
 u64 blk_capacity(int i);
