@@ -1383,11 +1383,11 @@ impl Builder<'_> {
             return Ok(None);
         };
         let key = stage::layers_key(&st.layers[..st.base_layers]);
-        let cached = stage::cached_disk(self.store, self.tmp, &key, &base_disk)?;
+        let pair = stage::disk_pair(self.store, self.tmp, &key, &base_disk)?;
         image::commit_incremental(
             self.store,
             &base_disk,
-            &cached,
+            &pair,
             base_tree,
             root,
             &ov.uppers(),

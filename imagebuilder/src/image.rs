@@ -318,17 +318,36 @@ fn data_extents(f: &std::fs::File) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Copies a sparse file, keeping its holes.
-fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let src = std::fs::File::open(from).ctx("open", from)?;
     let _ = std::fs::remove_file(to);
     let dst = std::fs::File::create(to).ctx("create", to)?;
     dst.set_len(src.metadata().ctx("stat", from)?.len())
         .ctx("truncate", to)?;
+    use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; 1 << 20];
     for (off, len) in data_extents(&src)? {
         let mut done = 0;
         while done < len {
+            // In-kernel copy first (no trip through user memory); plain reads and writes where
+            // the file systems do not support it.
+            let (mut a, mut b) = ((off + done) as i64, (off + done) as i64);
+            // SAFETY: both fds are open files we own; the offsets are valid pointers to i64.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut a,
+                    dst.as_raw_fd(),
+                    &mut b,
+                    (len - done) as usize,
+                    0,
+                )
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
             let n = (len - done).min(buf.len() as u64) as usize;
             src.read_exact_at(&mut buf[..n], off + done)
                 .ctx("read", from)?;
@@ -348,7 +367,7 @@ fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
 pub(crate) fn commit_incremental(
     store: &Store,
     base_disk: &BlobId,
-    cached_base: &Path,
+    pair: &crate::stage::DiskPair,
     base_tree: &Path,
     rootfs: &Path,
     uppers: &[std::path::PathBuf],
@@ -364,24 +383,27 @@ pub(crate) fn commit_incremental(
     }
     changed.insert(".kiln".into());
     changed.insert(CONFIG_PATH_IN_DISK.into());
-    let img = scratch.join("disk.ext4");
-    sparse_copy(cached_base, &img)?;
-    let copy_ms = t.elapsed().as_millis() as u64;
+    let img = &pair.work;
+    pair.mark_dirty()?;
     let fits = crate::ext4::update_ext4(
-        &img,
+        img,
         base_tree,
         &[(".kiln", true), (CONFIG_PATH_IN_DISK, false)],
         rootfs,
         &changed,
     )?;
     if !fits {
-        let _ = std::fs::remove_file(&img);
+        pair.mark_clean()?; // untouched
         return Ok(None);
     }
-    let debugfs_ms = t.elapsed().as_millis() as u64 - copy_ms;
-    let new = std::fs::File::open(&img).ctx("open", &img)?;
-    let old = std::fs::File::open(cached_base).ctx("open", cached_base)?;
-    let size = new.metadata().ctx("stat", &img)?.len();
+    let debugfs_ms = t.elapsed().as_millis() as u64;
+    let new = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .ctx("open", img)?;
+    let old = std::fs::File::open(&pair.base).ctx("open", &pair.base)?;
+    let size = new.metadata().ctx("stat", img)?.len();
     let ov_dir = scratch.join("overlay");
     let ov = store.create_overlay(Some(base_disk), size, &ov_dir)?;
     let res = (|| {
@@ -392,10 +414,11 @@ pub(crate) fn commit_incremental(
             while done < len {
                 let n = (len - done).min(a.len() as u64) as usize;
                 let at = off + done;
-                new.read_exact_at(&mut a[..n], at).ctx("read", &img)?;
-                let got = old.read_at(&mut b[..n], at).ctx("read", cached_base)?;
+                new.read_exact_at(&mut a[..n], at).ctx("read", img)?;
+                let got = old.read_at(&mut b[..n], at).ctx("read", &pair.base)?;
                 b[got..n].fill(0);
-                // Coalesce differing 4 KiB sectors into runs.
+                // Coalesce differing 4 KiB sectors into runs: into the overlay, and the base's
+                // bytes back into the working copy.
                 let mut i = 0;
                 while i < n {
                     let e = (i + 4096).min(n);
@@ -408,22 +431,23 @@ pub(crate) fn commit_incremental(
                         j = (j + 4096).min(n);
                     }
                     ov.write_at(at + i as u64, &a[i..j])?;
+                    new.write_all_at(&b[i..j], at + i as u64)
+                        .ctx("write", img)?;
                     sectors += (j - i).div_ceil(4096) as u64;
                     i = j;
                 }
                 done += n as u64;
             }
         }
+        pair.mark_clean()?;
         let id = ov.commit()?;
         Ok::<_, Error>((id, sectors))
     })();
-    let _ = std::fs::remove_file(&img);
     let discard = ov.discard();
     let (id, sectors) = res?;
     discard?;
     keep(store, &id)?;
     tracing::info!(
-        copy_ms,
         debugfs_ms,
         total_ms = t.elapsed().as_millis() as u64,
         changed_paths = changed.len(),

@@ -190,29 +190,70 @@ fn evict(dir: &Path, keep: &str) {
         let _ = std::fs::remove_file(dir.join(format!("{key}.complete")));
         let _ = std::fs::remove_dir_all(dir.join(&key));
         let _ = std::fs::remove_file(dir.join(format!("{key}.disk")));
-        let _ = std::fs::remove_file(dir.join(format!("{key}.diskid")));
+        for ext in ["diskid", "work", "dirty"] {
+            let _ = std::fs::remove_file(dir.join(format!("{key}.{ext}")));
+        }
         tracing::info!(key, "evicted cached base tree");
     }
 }
 
-/// A cached plain copy of a disk blob next to the trees (for incremental ext4 updates).
-/// Evicted together with the tree of `tree_key`.
-pub(crate) fn cached_disk(
+/// The cached plain copy of a base disk blob (`base`, never written) and a working copy
+/// (`work`) that a build updates in place and then restores sector by sector from `base`, so no
+/// build copies the whole disk. Held exclusively for as long as this value lives; a working
+/// copy left dirty by a crash is made again from `base`. Evicted with the tree of `tree_key`.
+pub(crate) struct DiskPair {
+    pub base: PathBuf,
+    pub work: PathBuf,
+    dirty: PathBuf,
+    _lock: File,
+}
+
+impl DiskPair {
+    /// From here until [`DiskPair::mark_clean`], `work` may differ from `base`.
+    pub fn mark_dirty(&self) -> Result<()> {
+        std::fs::write(&self.dirty, b"").ctx("write", &self.dirty)
+    }
+
+    pub fn mark_clean(&self) -> Result<()> {
+        std::fs::remove_file(&self.dirty).ctx("remove", &self.dirty)
+    }
+}
+
+pub(crate) fn disk_pair(
     store: &Store,
     tmp: &Path,
     tree_key: &str,
     disk: &BlobId,
-) -> Result<PathBuf> {
+) -> Result<DiskPair> {
     let dir = cache_dir(tmp);
-    let path = dir.join(format!("{tree_key}.disk"));
+    let lock_path = dir.join(format!("{tree_key}.disklock"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .ctx("open", &lock_path)?;
+    flock(&lock, libc::LOCK_EX).ctx("lock", &lock_path)?;
+    let base = dir.join(format!("{tree_key}.disk"));
+    let work = dir.join(format!("{tree_key}.work"));
+    let dirty = dir.join(format!("{tree_key}.dirty"));
     let id_path = dir.join(format!("{tree_key}.diskid"));
-    if path.exists() && std::fs::read_to_string(&id_path).ok().as_deref() == Some(&disk.to_hex()) {
-        return Ok(path);
+    if !base.exists() || std::fs::read_to_string(&id_path).ok().as_deref() != Some(&disk.to_hex()) {
+        let _ = std::fs::remove_file(&id_path);
+        let _ = std::fs::remove_file(&work);
+        store.export(disk, &base)?;
+        std::fs::write(&id_path, disk.to_hex()).ctx("write", &id_path)?;
     }
-    let _ = std::fs::remove_file(&id_path);
-    store.export(disk, &path)?;
-    std::fs::write(&id_path, disk.to_hex()).ctx("write", &id_path)?;
-    Ok(path)
+    if !work.exists() || dirty.exists() {
+        crate::image::sparse_copy(&base, &work)?;
+        let _ = std::fs::remove_file(&dirty);
+    }
+    Ok(DiskPair {
+        base,
+        work,
+        dirty,
+        _lock: lock,
+    })
 }
 
 fn cstr(p: &Path) -> Result<CString> {
