@@ -352,6 +352,8 @@ pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryE
         .clamp(1, 8);
     let per = n.div_ceil(threads).max(1);
     let dst = buf.as_ptr() as usize;
+    let untouched = untouched_chunks(pid, regions, cs);
+    let untouched = &untouched;
     let parts: Vec<Result<Vec<bool>, MemoryError>> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..n)
             .step_by(per)
@@ -366,6 +368,12 @@ pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryE
                         let last = (first + BATCH).min(hi);
                         let start = first * cs;
                         let len = (size as usize).min(last * cs) - start;
+                        if let Some(u) = untouched {
+                            if u[first..last].iter().all(|&z| z) {
+                                out.extend(std::iter::repeat_n(false, last - first));
+                                continue;
+                            }
+                        }
                         read_remote(pid, regions, start as u64, &mut tmp[..len])?;
                         for (k, chunk) in tmp[..len].chunks(cs).enumerate() {
                             let nonzero = !is_zero(chunk);
@@ -401,6 +409,78 @@ pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryE
         chunk_size: MEMORY_CHUNK_SIZE,
         kind: StagedKind::Full { buf, present },
     })
+}
+
+/// Per image chunk, whether it is certainly zero without reading it: every page of it is
+/// neither present nor swapped (`/proc/PID/pagemap`) in private anonymous memory that no
+/// userfaultfd serves (`/proc/PID/smaps`: no backing file, no `um` flag). Such a page was never
+/// written. Memory filled lazily (userfaultfd) or mapped from a file has missing pages that
+/// are not zero: then `None`, and everything is read.
+fn untouched_chunks(pid: i32, regions: &[(u64, u64)], cs: usize) -> Option<Vec<bool>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    // (start, end, plain anonymous and not userfaultfd-registered)
+    let mut vmas: Vec<(u64, u64, bool)> = Vec::new();
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let first = parts.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                // perms, offset, dev, inode, then the path if any.
+                let inode = parts.nth(3).unwrap_or("0");
+                let anon = inode == "0" && parts.next().is_none();
+                vmas.push((a, b, anon));
+                continue;
+            }
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags
+                .split_whitespace()
+                .any(|f| f == "um" || f == "uw" || f == "ui")
+            {
+                if let Some(v) = vmas.last_mut() {
+                    v.2 = false;
+                }
+            }
+        }
+    }
+    let plain = |a: u64, b: u64| {
+        // [a, b) must be covered by plain anonymous VMAs only.
+        let mut at = a;
+        for &(s, e, ok) in &vmas {
+            if s <= at && at < e {
+                if !ok {
+                    return false;
+                }
+                at = e;
+                if at >= b {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+    let mut zero_pages: Vec<bool> = Vec::new();
+    for &(addr, len) in regions {
+        if addr % 4096 != 0 || len % 4096 != 0 || !plain(addr, addr + len) {
+            return None;
+        }
+        let mut raw = vec![0u8; (len / 4096 * 8) as usize];
+        pagemap.read_exact_at(&mut raw, addr / 4096 * 8).ok()?;
+        // Bit 63: present; bit 62: swapped.
+        zero_pages.extend(
+            raw.chunks_exact(8)
+                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 62 == 0),
+        );
+    }
+    let per = cs / 4096;
+    Some(
+        zero_pages
+            .chunks(per)
+            .map(|c| c.iter().all(|&z| z))
+            .collect(),
+    )
 }
 
 /// Reads image bytes [off, off+out.len()) from process `pid`'s regions.

@@ -132,6 +132,39 @@ fn staged_capture_stores_the_same_image_as_streaming() {
     assert!(unsafe { mem.mapping().as_slice() } == &want[..]);
 }
 
+/// Copying another process's memory (here our own, through process_vm_readv) stores the same
+/// image as capturing it directly: untouched pages of plain anonymous memory are skipped, and
+/// memory a userfaultfd handler fills lazily is read, never taken for zeros.
+#[test]
+fn staged_from_a_process_matches_and_never_skips_lazy_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let pid = std::process::id() as i32;
+    // Plain anonymous memory: data in the first 3 MiB, the rest never touched.
+    let m = Mapping::anonymous(8 * MIB).unwrap();
+    // SAFETY: exclusive test mapping.
+    unsafe { m.as_mut_slice()[..3 * MIB].fill(0x5a) };
+    let regions = [(m.as_ptr() as u64, m.len() as u64)];
+    let img = memory::stage_process(pid, &regions)
+        .unwrap()
+        .store(&store)
+        .unwrap();
+    // SAFETY: nothing writes the mapping meanwhile.
+    assert_eq!(
+        img,
+        unsafe { memory::capture_full(&store, &[region(&m)]) }.unwrap()
+    );
+    // The same bytes served lazily by userfaultfd: pagemap shows them missing, yet they are
+    // not zero; the copy must fault them in.
+    let lazy = restore(&store, &img);
+    let regions = [(lazy.host_addr() as u64, lazy.len() as u64)];
+    let again = memory::stage_process(pid, &regions)
+        .unwrap()
+        .store(&store)
+        .unwrap();
+    assert_eq!(again, img, "lazily restored memory copied exactly");
+}
+
 /// The CLI's diff (a memory stream, no dirty log) finds exactly the changed pages, also over a
 /// parent whose chunks are patched by a page-granular layer.
 #[test]
