@@ -228,8 +228,8 @@ void blk_bench(int disk, int random, u32 bs, u32 qd, u64 n, u64 span, int write)
     u64 issued = 0, done = 0, errors = 0, idles = 0;
     /* While the disk works on a burst the vCPU sleeps on the idle port instead of spinning: a
        spinning vCPU thread is runnable all the time, and a loaded host then runs it (and the
-       device thread) late. It sleeps until blk_idle_us before the completion it expects (an
-       average of the waits it saw while spinning), then spins, so it sees the completion at
+       device thread) late. It sleeps until blk_idle_us before the completion it expects (a low
+       estimate of the waits it saw while spinning), then spins, so it sees the completion at
        once; an early completion wakes it through used_event (EVENT_IDX). Waits shorter than
        that are spun through. */
     int can_idle = b->q.event_idx && blk_idle_us && inb(IDLE_PORT) == IDLE_PORT_SIG;
@@ -274,8 +274,10 @@ void blk_bench(int disk, int random, u32 bs, u32 qd, u64 n, u64 span, int write)
         u64 now = rdtsc();
         if (got) {
             u64 waited = now - last_progress;
+            /* A low estimate (down at once, up slowly): a wait stretched by the host
+               preempting this vCPU must not teach it to sleep longer. */
             if (overslept) expect -= expect / 16;
-            else if (waited > margin) expect = expect - expect / 8 + waited / 8;
+            else if (waited > margin) expect = waited < expect ? waited : expect + (waited - expect) / 32;
             overslept = 0;
             vq_notify(b->v, &b->q, 0);
             last_progress = now;
