@@ -174,10 +174,12 @@ pub fn build(
     let df = dockerfile::parse(&text, &file)?;
     let ignore = read_dockerignore(&opts.context);
     std::fs::create_dir_all(tmp).ctx("mkdir", tmp)?;
+    stage::clean_stale_builds(tmp);
     let work = tempfile::Builder::new()
         .prefix("build-")
         .tempdir_in(tmp)
         .ctx("create build dir in", tmp)?;
+    stage::claim_build_dir(work.path())?;
     let mut global_args = HashMap::new();
     for a in &df.global_args {
         let (k, v) = parse_arg(a, &df.file, &HashMap::new())?;
@@ -769,7 +771,7 @@ impl Builder<'_> {
     fn run_mount(
         &mut self,
         idx: usize,
-        _st: &mut StageState,
+        st: &StageState,
         spec: &str,
     ) -> std::result::Result<(sandbox::Mount, Vec<u8>), String> {
         let mut kind = "bind".to_string();
@@ -798,7 +800,8 @@ impl Builder<'_> {
             ));
         }
         let target = target.ok_or("needs target=PATH")?;
-        let cwd = "/".to_string();
+        // Relative targets are relative to the WORKDIR, as in BuildKit.
+        let cwd = st.config.workdir.clone().unwrap_or_else(|| "/".into());
         let target = resolve_in(&cwd, &target);
         if target == "/" {
             return Err("cannot mount over /".into());

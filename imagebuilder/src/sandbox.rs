@@ -389,11 +389,21 @@ fn run_inner(
         } else {
             Stdio::null()
         });
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
     // on data prepared above (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
+            // If kiln dies (even by SIGKILL), this process dies, and with it the command (its
+            // own death signal below), so nothing keeps running in a removed build directory.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return fail();
+            }
+            if libc::getppid() != parent {
+                libc::_exit(137); // kiln already died before the signal was armed
+            }
             for p in &cg_procs {
                 let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd >= 0 {

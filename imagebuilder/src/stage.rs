@@ -428,3 +428,55 @@ impl Drop for OverlayRoot {
         }
     }
 }
+
+/// Records this process as the owner of a build directory (see [`clean_stale_builds`]).
+pub(crate) fn claim_build_dir(dir: &Path) -> Result<()> {
+    let p = dir.join("owner.pid");
+    std::fs::write(&p, std::process::id().to_string()).ctx("write", &p)
+}
+
+/// Unmounts and removes build directories whose `kiln build` died without cleaning up (killed
+/// with SIGKILL): their stage overlays stay mounted otherwise. Only directories whose recorded
+/// owner process no longer exists are touched.
+pub(crate) fn clean_stale_builds(tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let dir = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("build-") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(dir.join("owner.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            continue;
+        }
+        let Ok(stages) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for st in stages.filter_map(|e| e.ok()) {
+            let m = st.path().join("m");
+            if let Ok(c) = cstr(&m) {
+                // SAFETY: valid NUL-terminated path; EINVAL when it is not a mount point.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        // Only remove what is no longer mounted: a failed unmount leaves the directory.
+        let still_mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|mi| mi.contains(&*dir.to_string_lossy()))
+            .unwrap_or(true);
+        if !still_mounted {
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::info!(dir = %dir.display(), pid, "removed a dead build's directory");
+        }
+    }
+}

@@ -384,3 +384,62 @@ fn copy_into_existing_dir_run_mounts_and_disk_from_base() {
     let err = k.fails(["build", "-t", "bad", c]);
     assert!(err.contains("rw bind mounts are not supported"), "{err}");
 }
+
+#[test]
+fn a_killed_build_leaves_nothing_running_and_the_next_build_cleans_up() {
+    let Some((tmp, k)) = setup() else { return };
+    // A private KILN_TMPDIR, so only this test's build directories are looked at.
+    let ktmp = tmp.path().join("ktmp");
+    let k = k.with_env([("KILN_TMPDIR".to_string(), ktmp.display().to_string())]);
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // A sleep this test can recognise among other tests' processes by its argument.
+    let secs = 600 + std::process::id() % 1000;
+    let marker = format!("sleep\0{secs}\0");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM bb\nRUN sleep {secs}\n"),
+    )
+    .unwrap();
+    let c = ctx.to_str().unwrap();
+    let mut child = k
+        .cmd(["build", "-t", "slow", c])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&*ktmp.to_string_lossy())
+    };
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().any(|e| {
+            std::fs::read(e.unwrap().path().join("cmdline"))
+                .map(|c| c == marker.as_bytes())
+                .unwrap_or(false)
+        })
+    };
+    let t = std::time::Instant::now();
+    while !(mounted() && running()) {
+        assert!(t.elapsed().as_secs() < 20, "the RUN never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL: no cleanup in kiln
+    child.wait().unwrap();
+    let t = std::time::Instant::now();
+    while running() {
+        assert!(t.elapsed().as_secs() < 5, "the RUN outlived kiln");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(mounted(), "the stage overlay stays behind a SIGKILL");
+    std::fs::write(ctx.join("Dockerfile"), "FROM bb\nRUN true\n").unwrap();
+    k.ok(["build", "-t", "quick", c]);
+    assert!(!mounted(), "the next build unmounts a dead build's overlay");
+    let left: Vec<_> = std::fs::read_dir(&ktmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("build-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
