@@ -1,7 +1,8 @@
 //! The VMM process's control socket: JSON lines over a Unix socket, one request per line, one
 //! response line each. Extensible: new commands are new `cmd` values.
 //!
-//! Requests: `{"cmd":"status"}` (id, state, pid, memory regions' host addresses, ...), `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
+//! Requests: `{"cmd":"status"}` (id, state, pid, memory regions' host addresses, ...),
+//! `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
 //! `{"cmd":"save_state","path":P}` (paused VM; writes `VmState` JSON to P),
 //! `{"cmd":"save_memory","path":P}` (paused VM; raw guest RAM in region order),
 //! `{"cmd":"track_writes","since":TAG}` (paused VM; track guest memory writes from now on,
