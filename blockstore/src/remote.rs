@@ -276,6 +276,10 @@ impl S3Remote {
         format!("{}blobs/{}", self.prefix, id.to_hex())
     }
 
+    fn ref_key(&self, name: &str) -> String {
+        format!("{}refs/{}", self.prefix, name)
+    }
+
     /// Checks that the endpoint answers, the credentials are accepted and the bucket exists.
     pub fn check(&self) -> Result<(), RemoteError> {
         let client = &self.client;
@@ -819,6 +823,19 @@ impl crate::tier::RemoteTier for S3Remote {
     }
     fn delete_chunks(&self, ids: &[ChunkId]) -> crate::Result<()> {
         S3Remote::delete_chunks(self, ids).map_err(to_store_error)
+    }
+    fn put_ref(&self, name: &str, id: &BlobId) -> crate::Result<()> {
+        crate::tier::check_ref_name(name)?;
+        self.put_object(self.ref_key(name), id.to_hex().as_bytes())
+            .map_err(to_store_error)
+    }
+    fn get_ref(&self, name: &str) -> crate::Result<Option<BlobId>> {
+        crate::tier::check_ref_name(name)?;
+        match self.get_object(self.ref_key(name)) {
+            Ok(b) => crate::tier::parse_ref(name, &b).map(Some),
+            Err(RemoteError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(to_store_error(e)),
+        }
     }
     fn describe(&self) -> String {
         format!("{} at {}", self.url(), self.endpoint)

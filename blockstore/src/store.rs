@@ -903,6 +903,17 @@ impl Store {
         })
     }
 
+    /// Points the remote name `name` at `id` (push the blob first: the remote then never
+    /// names a blob it lacks). Remote names are separate from local ones.
+    pub fn push_name(&self, name: &str, id: &BlobId) -> Result<()> {
+        self.remote_or_err()?.put_ref(name, id)
+    }
+
+    /// The blob a remote name points at (`None` if the remote has no such name).
+    pub fn remote_name(&self, name: &str) -> Result<Option<BlobId>> {
+        self.remote_or_err()?.get_ref(name)
+    }
+
     /// Fetch a blob's manifest from the remote (its data is fetched lazily by reads).
     pub fn pull(&self, id: &BlobId) -> Result<()> {
         if self.contains(id) {

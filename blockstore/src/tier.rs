@@ -27,8 +27,40 @@ pub trait RemoteTier: Send + Sync {
     fn list_manifests(&self) -> Result<Vec<BlobId>>;
     /// Delete chunks (missing ones are not an error).
     fn delete_chunks(&self, ids: &[ChunkId]) -> Result<()>;
+    /// Point the remote name `name` at blob `id`, replacing what it named. Names are the
+    /// remote's only mutable objects (a snapshot's working set, recorded after its push).
+    fn put_ref(&self, name: &str, id: &BlobId) -> Result<()>;
+    /// The blob the remote name points at, if the name exists.
+    fn get_ref(&self, name: &str) -> Result<Option<BlobId>>;
     /// A human description (no secrets), for logs and errors.
     fn describe(&self) -> String;
+}
+
+/// Checks a remote name: path-like segments of `[A-Za-z0-9._-]`, no empty, `.` or `..` segment.
+pub(crate) fn check_ref_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 512
+        && name.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("bad remote name {name:?}")))
+    }
+}
+
+/// Parses a ref object's body (a blob id in hex, optionally newline-terminated).
+pub(crate) fn parse_ref(name: &str, body: &[u8]) -> Result<BlobId> {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| Error::Invalid(format!("remote name {name:?} holds no blob id")))
 }
 
 /// A remote in a plain directory: `<root>/chunks/<hex>`, `<root>/blobs/<hex>`.
@@ -39,7 +71,7 @@ pub struct DirRemote {
 impl DirRemote {
     /// Use (and create) `root`.
     pub fn new(root: &Path) -> Result<DirRemote> {
-        for sub in ["chunks", "blobs", "tmp"] {
+        for sub in ["chunks", "blobs", "refs", "tmp"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).ctx("create dir", &p)?;
         }
@@ -118,7 +150,40 @@ impl RemoteTier for DirRemote {
         }
         Ok(())
     }
+    fn put_ref(&self, name: &str, id: &BlobId) -> Result<()> {
+        check_ref_name(name)?;
+        self.put("refs", &name.replace('/', "%2F"), id.to_hex().as_bytes())
+    }
+    fn get_ref(&self, name: &str) -> Result<Option<BlobId>> {
+        check_ref_name(name)?;
+        match self.get("refs", &name.replace('/', "%2F")) {
+            Ok(b) => parse_ref(name, &b).map(Some),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
     fn describe(&self) -> String {
         format!("dir:{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_remote_names_round_trip_and_bad_names_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path()).unwrap();
+        let a = crate::Digest::of(b"a");
+        let b = crate::Digest::of(b"b");
+        assert_eq!(r.get_ref("workingset/x").unwrap(), None);
+        r.put_ref("workingset/x", &a).unwrap();
+        assert_eq!(r.get_ref("workingset/x").unwrap(), Some(a));
+        r.put_ref("workingset/x", &b).unwrap();
+        assert_eq!(r.get_ref("workingset/x").unwrap(), Some(b));
+        for bad in ["", "a//b", "../x", "a/./b", "a b", "x/.."] {
+            assert!(r.put_ref(bad, &a).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -301,17 +301,24 @@ pub fn blobs(store: &Store, id: &BlobId, rec: &SnapshotRecord) -> Result<Vec<Blo
 }
 
 /// Pushes a snapshot to the store's remote (only chunks the remote lacks). Returns bytes sent.
+/// The working set (recorded later than the snapshot) travels under a remote name, pushed
+/// after its blob.
 pub fn push(store: &Store, id: &BlobId) -> Result<u64, RecordError> {
     let rec = load(store, id)?;
     let mut bytes = 0;
     for b in blobs(store, id, &rec)? {
         bytes += store.push(&b, &|_| {})?.bytes_uploaded;
     }
+    let ws_name = format!("{WORKING_SET_PREFIX}{id}");
+    if let Some(ws) = store.lookup_name(&ws_name)? {
+        store.push_name(&ws_name, &ws)?;
+    }
     Ok(bytes)
 }
 
-/// Makes a snapshot pushed from another home restorable here: fetches its record and the
-/// memory and disk manifests; memory pages then come from the remote lazily, as touched.
+/// Makes a snapshot pushed from another home restorable here: fetches its record, the memory
+/// and disk manifests and its working set if one was pushed; memory pages then come from the
+/// remote lazily, as touched.
 /// Names it `snapshot/<name>` if a name is given.
 pub fn pull(store: &Store, id: &BlobId, name: Option<&str>) -> Result<SnapshotRecord, RecordError> {
     store.pull(id)?;
@@ -321,6 +328,14 @@ pub fn pull(store: &Store, id: &BlobId, name: Option<&str>) -> Result<SnapshotRe
     }
     for d in &rec.disks {
         store.pull(&d.blob)?;
+    }
+    // The working set, if one was recorded and pushed: restores here prefetch it too.
+    let ws_name = format!("{WORKING_SET_PREFIX}{id}");
+    if store.lookup_name(&ws_name)?.is_none() {
+        if let Some(ws) = store.remote_name(&ws_name)? {
+            store.pull(&ws)?;
+            store.set_name(&ws_name, &ws)?;
+        }
     }
     if let Some(n) = name {
         store.set_name(&format!("{NAME_PREFIX}{n}"), id)?;

@@ -76,6 +76,9 @@ fn snapshot_restores_in_another_home_fetching_only_touched_chunks() {
     vm.stop();
     let _ = vm.wait_timeout(Duration::from_secs(5));
     drop(vm);
+    // A working set recorded in A (as its first restore would) travels with the push.
+    let ws = vec![17u32, 16, 300];
+    record::save_working_set(&a, &rep.snapshot, &ws).unwrap();
     let sent = record::push(&a, &rep.snapshot).unwrap();
     assert!(sent > 30 << 20, "pushed the memory: {sent}");
     let stored_chunks = a
@@ -135,6 +138,11 @@ fn snapshot_restores_in_another_home_fetching_only_touched_chunks() {
     let _ = vm.wait_timeout(Duration::from_secs(5));
     drop(vm);
     drop(mem);
+    assert_eq!(
+        record::working_set(&b, &id).unwrap(),
+        Some(ws),
+        "the pull brought A's working set"
+    );
 }
 
 /// One request on a fresh vsock connection (the first one to a restored guest must work).
