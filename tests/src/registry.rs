@@ -145,15 +145,9 @@ pub fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
     Some(root)
 }
 
-/// An OCI layout at `dir/oci` holding the busybox root file system as `<tag>` (umoci).
-/// None (with a SKIP line) without umoci or busybox-static.
-pub fn busybox_layout(dir: &Path, tag: &str) -> Option<PathBuf> {
-    if !have("umoci") {
-        eprintln!("SKIP: umoci not installed (apt-get install umoci)");
-        return None;
-    }
-    let root = busybox_rootfs(dir)?;
-    let layout = dir.join("oci");
+/// A new OCI layout at `layout` with `rootfs` as one layer, tagged `tag`, its config set by
+/// umoci `config` flags.
+fn umoci_layout(rootfs: &Path, layout: &Path, tag: &str, config: &[&str]) {
     let image = format!("{}:{tag}", layout.display());
     let run = |args: &[&str]| {
         let out = Command::new("umoci")
@@ -168,24 +162,35 @@ pub fn busybox_layout(dir: &Path, tag: &str) -> Option<PathBuf> {
     };
     run(&["init", "--layout", layout.to_str().expect("utf-8 path")]);
     run(&["new", "--image", &image]);
-    run(&[
-        "insert",
-        "--image",
-        &image,
-        root.to_str().expect("utf-8"),
-        "/",
-    ]);
-    run(&[
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "PATH=/bin",
-        "--config.cmd",
-        "/bin/sh",
-        "--config.workingdir",
-        "/root",
-    ]);
+    let root = rootfs.to_str().expect("utf-8 path");
+    run(&["insert", "--image", &image, root, "/"]);
+    let mut args = vec!["config", "--image", &image];
+    args.extend_from_slice(config);
+    run(&args);
+}
+
+/// An OCI layout at `dir/oci` holding the busybox root file system as `<tag>` (umoci).
+/// None (with a SKIP line) without umoci or busybox-static.
+pub fn busybox_layout(dir: &Path, tag: &str) -> Option<PathBuf> {
+    if !have("umoci") {
+        eprintln!("SKIP: umoci not installed (apt-get install umoci)");
+        return None;
+    }
+    let root = busybox_rootfs(dir)?;
+    let layout = dir.join("oci");
+    umoci_layout(
+        &root,
+        &layout,
+        tag,
+        &[
+            "--config.env",
+            "PATH=/bin",
+            "--config.cmd",
+            "/bin/sh",
+            "--config.workingdir",
+            "/root",
+        ],
+    );
     Some(layout)
 }
 
@@ -306,36 +311,17 @@ pub fn cached_layout(rootfs: &Path, at: &Path) -> Option<PathBuf> {
     // Made next to its final place and renamed, so a half-made layout is never reused.
     let partial = at.join("oci.partial");
     let _ = std::fs::remove_dir_all(&partial);
-    let image = format!("{}:base", partial.display());
-    let run = |args: &[&str]| {
-        let out = Command::new("umoci")
-            .args(args)
-            .output()
-            .expect("run umoci");
-        assert!(
-            out.status.success(),
-            "umoci {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init", "--layout", partial.to_str().expect("utf-8 path")]);
-    run(&["new", "--image", &image]);
-    run(&[
-        "insert",
-        "--image",
-        &image,
-        rootfs.to_str().expect("utf-8"),
-        "/",
-    ]);
-    run(&[
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "--config.cmd",
-        "/bin/sh",
-    ]);
+    umoci_layout(
+        rootfs,
+        &partial,
+        "base",
+        &[
+            "--config.env",
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--config.cmd",
+            "/bin/sh",
+        ],
+    );
     // The layout records its own path nowhere, so it can move.
     std::fs::rename(&partial, &layout).expect("move the layout into place");
     Some(layout)
