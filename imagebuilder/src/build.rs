@@ -144,6 +144,8 @@ struct Builder<'a> {
     steps: Vec<StepReport>,
     progress: &'a mut dyn FnMut(&str),
     global_args: HashMap<String, String>,
+    /// Set with `--isolation=vm`.
+    vm_env: Option<crate::vm_isolation::VmEnv>,
 }
 
 /// Builds the Dockerfile described by `opts` and tags the result.
@@ -154,14 +156,11 @@ pub fn build(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuildReport> {
     image::check_name(&opts.tag)?;
-    if opts.isolation == Isolation::Vm {
-        return Err(Error::Build(
-            "--isolation=vm runs RUN steps in a microVM through the guest agent, which needs a \
-             host that can boot Linux guests (hardware virtualization). This host's /dev/kvm is \
-             PVM, where stock Linux guest kernels do not boot; use --isolation=namespace here"
-                .into(),
-        ));
-    }
+    // Fails before any work when the host, kernel or agent is missing.
+    let vm_env = match opts.isolation {
+        Isolation::Vm => Some(crate::vm_isolation::check()?),
+        Isolation::Namespace => None,
+    };
     let df_path = opts
         .dockerfile
         .clone()
@@ -198,6 +197,7 @@ pub fn build(
         steps: Vec::new(),
         progress,
         global_args,
+        vm_env,
     };
     let target = match &opts.target {
         Some(t) => b
@@ -752,7 +752,11 @@ impl Builder<'_> {
             mounts,
         };
         let progress = &mut *self.progress;
-        let outcome = sandbox::run(&spec, &mut |line| progress(&format!("    | {line}")))?;
+        let on_line = &mut |line: &str| progress(&format!("    | {line}"));
+        let outcome = match &self.vm_env {
+            Some(vm) => crate::vm_isolation::run(&spec, vm, self.work.path(), on_line)?,
+            None => sandbox::run(&spec, on_line)?,
+        };
         if !outcome.success {
             return Err(Error::RunFailed {
                 file,
