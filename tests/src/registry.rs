@@ -145,6 +145,31 @@ pub fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
     Some(root)
 }
 
+/// A temp dir and a `kiln` home in it holding the busybox image imported as `bb`, for
+/// `kiln build` tests. None (with a SKIP line) when not root (builds need namespaces), without
+/// e2fsprogs, umoci or busybox-static.
+pub fn busybox_build_home() -> Option<(tempfile::TempDir, crate::Kiln)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: builds need root (namespaces, chroot)");
+        return None;
+    }
+    if !have("mkfs.ext4") || !have("debugfs") {
+        eprintln!("SKIP: e2fsprogs (mkfs.ext4, debugfs) not installed");
+        return None;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let layout = busybox_layout(tmp.path(), "bb")?;
+    let k = crate::Kiln::new(tmp.path().join("home"));
+    k.ok([
+        "image",
+        "import",
+        &format!("oci:{}:bb", layout.display()),
+        "bb",
+    ]);
+    Some((tmp, k))
+}
+
 /// A new OCI layout at `layout` with `rootfs` as one layer, tagged `tag`, its config set by
 /// umoci `config` flags.
 fn umoci_layout(rootfs: &Path, layout: &Path, tag: &str, config: &[&str]) {

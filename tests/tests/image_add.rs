@@ -2,7 +2,7 @@
 //! without `--checksum`, 404, nothing listening, cache keyed by the content), local tar archives
 //! in every compression unpacked into the destination, and archives that try to escape.
 
-use kiln_tests::registry::{busybox_layout, free_port, have};
+use kiln_tests::registry::{busybox_build_home, free_port, have};
 use kiln_tests::Kiln;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -13,25 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn setup() -> Option<(tempfile::TempDir, Kiln)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: builds need root (namespaces, chroot)");
-        return None;
-    }
-    if !have("mkfs.ext4") || !have("debugfs") {
-        eprintln!("SKIP: e2fsprogs (mkfs.ext4, debugfs) not installed");
-        return None;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(tmp.path(), "bb")?;
-    let k = Kiln::new(tmp.path().join("home"));
-    k.ok([
-        "image",
-        "import",
-        &format!("oci:{}:bb", layout.display()),
-        "bb",
-    ]);
-    Some((tmp, k))
+    busybox_build_home()
 }
 
 /// An HTTP/1.1 server on 127.0.0.1 serving `files` (path -> body), 404 for anything else;

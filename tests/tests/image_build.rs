@@ -1,30 +1,12 @@
 //! `kiln build`: a multi-stage Dockerfile with RUN, COPY, ENV, WORKDIR, USER over a busybox
 //! image; cache hits and misses; failing RUN; syntax errors; --isolation=vm on this host.
 
-use kiln_tests::registry::{busybox_layout, have};
+use kiln_tests::registry::busybox_build_home;
 use kiln_tests::Kiln;
 use std::path::Path;
 
 fn setup() -> Option<(tempfile::TempDir, Kiln)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: builds need root (namespaces, chroot)");
-        return None;
-    }
-    if !have("mkfs.ext4") {
-        eprintln!("SKIP: e2fsprogs not installed");
-        return None;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = busybox_layout(tmp.path(), "bb")?;
-    let k = Kiln::new(tmp.path().join("home"));
-    k.ok([
-        "image",
-        "import",
-        &format!("oci:{}:bb", layout.display()),
-        "bb",
-    ]);
-    Some((tmp, k))
+    busybox_build_home()
 }
 
 fn disk_cat(disk: &Path, path: &str) -> String {
