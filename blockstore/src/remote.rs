@@ -334,27 +334,47 @@ impl S3Remote {
 
     /// Downloads several chunks concurrently, in the order given.
     pub fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, RemoteError> {
-        let keys: Vec<String> = ids.iter().map(|id| self.chunk_key(id)).collect();
+        let keys = ids.iter().map(|id| self.chunk_key(id)).collect();
+        self.per_key(keys, DEFAULT_PARALLELISM, "GET", |c, b, k, ep| async move {
+            get(&c, &b, k, &ep).await
+        })
+    }
+
+    /// Runs `op` on every key with up to `width` requests in flight; results in key order,
+    /// the first error ends it.
+    fn per_key<T, F, Fut>(
+        &self,
+        keys: Vec<String>,
+        width: usize,
+        what: &str,
+        op: F,
+    ) -> Result<Vec<T>, RemoteError>
+    where
+        T: Send + 'static,
+        F: Fn(Client, String, String, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RemoteError>> + Send + 'static,
+    {
         self.rt.block_on(async {
             let mut set = JoinSet::new();
-            let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+            let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
             let mut next = 0;
             loop {
-                while set.len() < DEFAULT_PARALLELISM && next < keys.len() {
-                    let (c, b, k, ep) = (
+                while set.len() < width && next < keys.len() {
+                    let fut = op(
                         self.client.clone(),
                         self.bucket.clone(),
                         keys[next].clone(),
                         self.endpoint.clone(),
                     );
                     let i = next;
-                    set.spawn(async move { (i, get(&c, &b, k, &ep).await) });
+                    set.spawn(async move { (i, fut.await) });
                     next += 1;
                 }
                 match set.join_next().await {
                     None => break,
                     Some(joined) => {
-                        let (i, r) = joined.expect("S3 GET task panicked");
+                        let (i, r) =
+                            joined.unwrap_or_else(|e| panic!("S3 {what} task panicked: {e}"));
                         out[i] = Some(r?);
                     }
                 }
@@ -386,33 +406,13 @@ impl S3Remote {
 
     /// Existence by parallel HEADs only (the baseline `has_chunks` is measured against).
     pub fn head_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>, RemoteError> {
-        let keys: Vec<String> = ids.iter().map(|id| self.chunk_key(id)).collect();
-        self.rt.block_on(async {
-            let mut set = JoinSet::new();
-            let mut out = vec![false; keys.len()];
-            let mut next = 0;
-            loop {
-                while set.len() < DEFAULT_PARALLELISM * 2 && next < keys.len() {
-                    let (c, b, k, ep) = (
-                        self.client.clone(),
-                        self.bucket.clone(),
-                        keys[next].clone(),
-                        self.endpoint.clone(),
-                    );
-                    let i = next;
-                    set.spawn(async move { (i, head(&c, &b, k, &ep).await) });
-                    next += 1;
-                }
-                match set.join_next().await {
-                    None => break,
-                    Some(joined) => {
-                        let (i, r) = joined.expect("S3 HEAD task panicked");
-                        out[i] = r?;
-                    }
-                }
-            }
-            Ok(out)
-        })
+        let keys = ids.iter().map(|id| self.chunk_key(id)).collect();
+        self.per_key(
+            keys,
+            DEFAULT_PARALLELISM * 2,
+            "HEAD",
+            |c, b, k, ep| async move { head(&c, &b, k, &ep).await },
+        )
     }
 
     /// Uploads chunks with up to `parallelism` requests in flight. `chunks` is pulled lazily
