@@ -185,6 +185,29 @@ impl Drop for StopVms {
     }
 }
 
+/// Why VM tests cannot run here (no usable /dev/kvm), if they cannot.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
+    }
+}
+
+/// Returns from the calling test, printing `SKIP: <reason>`, when KVM is not usable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Some(why) = $crate::kvm_unavailable() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough to exercise zstd.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

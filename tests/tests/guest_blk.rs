@@ -5,6 +5,7 @@
 mod guest_support;
 
 use guest_support::{parse_hex, GuestOpts, GuestVm};
+use kiln_tests::require_kvm;
 use std::time::Duration;
 use vmm::devices::virtio::block::engine::FileEngine;
 use vmm::devices::virtio::block::{Block, DiskBackend};

@@ -4,6 +4,7 @@
 mod guest_support;
 
 use guest_support::{GuestOpts, GuestVm};
+use kiln_tests::require_kvm;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;

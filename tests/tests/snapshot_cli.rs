@@ -7,16 +7,7 @@ use guest_support::connect_uds;
 use kiln_tests::Kiln;
 use std::path::Path;
 
-fn kvm_unavailable() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
-    }
-}
+use kiln_tests::kvm_unavailable;
 
 /// A request on a fresh vsock connection (the first one to a restored guest must work too).
 fn ask(uds: &Path, line: &str) -> String {

@@ -12,6 +12,7 @@ mod guest_support;
 
 use blockstore::{BlobId, Store};
 use guest_support::{connect_uds, GuestOpts, GuestVm};
+use kiln_tests::require_kvm;
 use kiln_tests::Kiln;
 use snapshotter::record::{self, DiskRef, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
@@ -340,10 +341,6 @@ fn restore_refuses_missing_disk_overlays() {
     );
 }
 
-fn kvm_unavailable() -> Option<String> {
-    guest_support::kvm_unavailable()
-}
-
 /// Boots the test guest with a store disk via `kiln vm run -d`; returns (id, vsock path).
 fn kiln_vm_with_disk(k: &Kiln, dir: &Path, disk: &str, tag: &str) -> (String, std::path::PathBuf) {
     let uds = dir.join(format!("{tag}.vsock"));
@@ -368,7 +365,7 @@ fn kiln_vm_with_disk(k: &Kiln, dir: &Path, disk: &str, tag: &str) -> (String, st
 
 #[test]
 fn kiln_restore_fork_and_suspend_resume_with_a_disk() {
-    if let Some(why) = kvm_unavailable() {
+    if let Some(why) = kiln_tests::kvm_unavailable() {
         eprintln!("SKIP: {why}");
         return;
     }

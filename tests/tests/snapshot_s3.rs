@@ -15,14 +15,7 @@ const BUCKET: &str = "kiln-snap-test";
 
 #[test]
 fn snapshot_restores_in_another_home_fetching_only_touched_chunks() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("SKIP: /dev/kvm not usable: {e}");
-        return;
-    }
+    kiln_tests::require_kvm!();
     let Some(s3) = S3Server::start_or_skip("snapshot_restores_in_another_home").unwrap() else {
         return;
     };
@@ -169,14 +162,7 @@ fn ask(uds: &std::path::Path, line: &str) -> String {
 /// the disk blob is read lazily from S3 (B holds none of its chunks until the guest reads).
 #[test]
 fn suspend_with_a_disk_resumes_in_another_home() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("SKIP: /dev/kvm not usable: {e}");
-        return;
-    }
+    kiln_tests::require_kvm!();
     let Some(s3) = S3Server::start_or_skip("suspend_with_a_disk_resumes_in_another_home").unwrap()
     else {
         return;

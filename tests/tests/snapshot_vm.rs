@@ -11,6 +11,7 @@ mod guest_support;
 
 use blockstore::Store;
 use guest_support::{connect_uds, GuestVm};
+use kiln_tests::require_kvm;
 use snapshotter::record::{self, VmShape};
 use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::Arc;

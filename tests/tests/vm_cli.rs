@@ -8,25 +8,7 @@ use kiln_tests::Kiln;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn kvm_unavailable() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
-    }
-}
-
-macro_rules! require_kvm {
-    () => {
-        if let Some(why) = kvm_unavailable() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
+use kiln_tests::{kvm_unavailable, require_kvm};
 
 fn guest() -> String {
     kiln_testguest::elf_path().display().to_string()

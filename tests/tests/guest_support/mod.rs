@@ -9,29 +9,6 @@ use std::time::{Duration, Instant};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{GuestMemorySource, Vm, VmConfig};
 
-/// Returns why VM tests cannot run here, if they cannot.
-pub fn kvm_unavailable() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
-    }
-}
-
-/// Skips the calling test (prints the reason) when KVM is not usable.
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if let Some(why) = guest_support::kvm_unavailable() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
-
 pub struct GuestVm {
     /// Not dropped when a test fails: a wedged device could block the stop forever, and a
     /// hanging test is worse than a leaked VM in a test process that is about to exit.
