@@ -96,9 +96,15 @@ pub struct BuildArgs {
     /// Ignore the step cache
     #[arg(long)]
     no_cache: bool,
-    /// Where RUN executes
+    /// Where RUN executes: namespace (Linux namespaces on the host) or vm (a Linux microVM per
+    /// RUN step through the guest agent; needs hardware virtualization, a guest kernel and a
+    /// static kiln-agent, see scripts/linux-guest/README.md)
     #[arg(long, value_enum, default_value = "namespace")]
     isolation: IsolationArg,
+    /// Guest kernel for --isolation=vm (default: KILN_GUEST_KERNEL, then the
+    /// scripts/linux-guest/build-kernel cache)
+    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
     /// RUN steps' network: host (default) or none
     #[arg(long, default_value = "host")]
     network: String,
@@ -405,6 +411,7 @@ pub fn build(home: &Home, a: BuildArgs) -> anyhow::Result<()> {
         },
         memory_max: a.memory_mib.map(|m| m << 20),
         insecure_registry: a.insecure,
+        guest_kernel: a.kernel.clone(),
     };
     let report = imagebuilder::build::build(&store, &tmp_dir(home), &opts, &mut |line| {
         eprintln!("{line}")

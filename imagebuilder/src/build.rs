@@ -53,6 +53,8 @@ pub struct BuildOptions {
     pub memory_max: Option<u64>,
     /// For FROM images that must be pulled.
     pub insecure_registry: bool,
+    /// Guest kernel for `Isolation::Vm` (default: KILN_GUEST_KERNEL, then the build-kernel cache).
+    pub guest_kernel: Option<PathBuf>,
 }
 
 /// One step of a build, as reported.
@@ -158,7 +160,7 @@ pub fn build(
     image::check_name(&opts.tag)?;
     // Fails before any work when the host, kernel or agent is missing.
     let vm_env = match opts.isolation {
-        Isolation::Vm => Some(crate::vm_isolation::check()?),
+        Isolation::Vm => Some(crate::vm_isolation::check(opts.guest_kernel.as_deref())?),
         Isolation::Namespace => None,
     };
     let df_path = opts

@@ -9,7 +9,7 @@
 //! exactly as with the namespace sandbox, and the builder turns it into a layer the same way.
 //!
 //! Needs a host whose KVM boots stock Linux guests (VT-x/AMD-V), a guest kernel
-//! (`KILN_GUEST_KERNEL`, else the cache of `scripts/linux-guest/build-kernel`) and a static
+//! (`--kernel`, `KILN_GUEST_KERNEL`, else the cache of `scripts/linux-guest/build-kernel`) and a static
 //! `kiln-agent` (`KILN_AGENT`, else next to the running binary). On PVM hosts it refuses.
 //!
 //! Not carried over from the namespace sandbox: network (the VM has no network device),
@@ -54,15 +54,18 @@ pub fn linux_guest_unsupported() -> Option<String> {
     pvm.then(|| "/dev/kvm is PVM; stock Linux guests cannot boot".into())
 }
 
-/// The guest kernel: `KILN_GUEST_KERNEL`, else a cached build-kernel result.
-pub fn guest_kernel() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_GUEST_KERNEL") {
-        let p = PathBuf::from(p);
+/// The guest kernel: `explicit` (`--kernel`), else `KILN_GUEST_KERNEL`, else a cached
+/// build-kernel result.
+pub fn guest_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
+    let given = explicit
+        .map(|p| ("--kernel", p.to_path_buf()))
+        .or_else(|| std::env::var_os("KILN_GUEST_KERNEL").map(|p| ("KILN_GUEST_KERNEL", p.into())));
+    if let Some((what, p)) = given {
         return if p.is_file() {
             Ok(p)
         } else {
             Err(Error::Build(format!(
-                "KILN_GUEST_KERNEL={} is not a file",
+                "{what} {}: no such file",
                 p.display()
             )))
         };
@@ -144,7 +147,7 @@ pub struct VmEnv {
 }
 
 /// Checks the host, the kernel and the agent, with a clear error for the first that is missing.
-pub fn check() -> Result<VmEnv> {
+pub fn check(kernel: Option<&Path>) -> Result<VmEnv> {
     if let Some(why) = linux_guest_unsupported() {
         return Err(Error::Build(format!(
             "--isolation=vm runs RUN steps in a microVM through the guest agent, which needs a \
@@ -153,7 +156,7 @@ pub fn check() -> Result<VmEnv> {
         )));
     }
     Ok(VmEnv {
-        kernel: guest_kernel()?,
+        kernel: guest_kernel(kernel)?,
         agent: agent_binary()?,
     })
 }

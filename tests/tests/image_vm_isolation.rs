@@ -373,7 +373,7 @@ fn vm_isolated_build_runs_in_a_linux_guest() {
         eprintln!("SKIP: {why}");
         return;
     }
-    if let Err(e) = vmi::guest_kernel() {
+    if let Err(e) = vmi::guest_kernel(None) {
         eprintln!(
             "SKIP: no guest kernel; run scripts/linux-guest/build-kernel (about 12 minutes): {e}"
         );
