@@ -453,6 +453,9 @@ pub fn run(
     let disk = dir.path().join("root.ext4");
     make_disk(&spec.rootfs, &env.agent, &disk)?;
     let outcome = run_vm(spec, env, dir.path(), &disk, on_line)?;
+    if !outcome.success {
+        return Ok(outcome); // the build fails; nothing to read back
+    }
     let back = dir.path().join("back");
     read_back(&disk, &back)?;
     let ch = apply_changes(&back, &spec.rootfs)?;
@@ -548,23 +551,53 @@ fn exec_in_guest(
     uds: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> std::result::Result<RunOutcome, String> {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let mut s = connect(vm, uds, deadline)?;
-    let (status, tail) =
-        exec_streaming(&mut s, &exec_request(spec), spec.stdin.as_deref(), on_line)
-            .map_err(|e| format!("exec in the guest: {e}"))?;
-    // Everything the command wrote must be on the disk before the VM stops.
-    let mut s = connect(vm, uds, Instant::now() + Duration::from_secs(10))?;
-    let sync = ExecRequest {
-        argv: vec!["sync".into()],
-        ..Default::default()
-    };
-    let (st, _) = exec_streaming(&mut s, &sync, None, &mut |_| {})
-        .map_err(|e| format!("sync in the guest (the image needs a `sync` program): {e}"))?;
-    if st.code != Some(0) {
-        return Err(format!("sync in the guest failed: {st:?}"));
-    }
-    Ok(outcome(status, tail))
+    // If the guest dies (panic, reset, PVM-style internal error) while a request is in flight,
+    // nothing would ever answer it: a watcher shuts the connection down when the VM ends.
+    let current: std::sync::Mutex<Option<UnixStream>> = Default::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if vm.wait_timeout(Duration::from_millis(200)).is_some() {
+                    if let Some(s) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    return;
+                }
+            }
+        });
+        let attach = |s: UnixStream| -> std::result::Result<UnixStream, String> {
+            let c = s
+                .try_clone()
+                .map_err(|e| format!("vsock connection: {e}"))?;
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+            if let vmm::RunState::Exited(r) = vm.state() {
+                return Err(format!("the guest ended: {r:?}"));
+            }
+            Ok(s)
+        };
+        let r = (|| {
+            let mut s = attach(connect(vm, uds, Instant::now() + BOOT_TIMEOUT)?)?;
+            let (status, tail) =
+                exec_streaming(&mut s, &exec_request(spec), spec.stdin.as_deref(), on_line)
+                    .map_err(|e| format!("exec in the guest: {e}"))?;
+            // Everything the command wrote must be on the disk before the VM stops.
+            let mut s = attach(connect(vm, uds, Instant::now() + Duration::from_secs(10))?)?;
+            let sync = ExecRequest {
+                argv: vec!["sync".into()],
+                ..Default::default()
+            };
+            let (st, _) = exec_streaming(&mut s, &sync, None, &mut |_| {}).map_err(|e| {
+                format!("sync in the guest (the image needs a `sync` program): {e}")
+            })?;
+            if st.code != Some(0) {
+                return Err(format!("sync in the guest failed: {st:?}"));
+            }
+            Ok(outcome(status, tail))
+        })();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
 }
 
 /// The agent request for a RUN spec (env as `K=V` list, workdir as cwd).
