@@ -144,6 +144,10 @@ pub fn guest_cmdline() -> String {
 pub struct VmEnv {
     pub kernel: PathBuf,
     pub agent: PathBuf,
+    /// [`guest_cmdline`] for Linux; tests boot other guests with their own.
+    pub cmdline: String,
+    /// Kernel for Linux; tests run the freestanding test guest at User on PVM hosts.
+    pub entry: vmm::EntryMode,
 }
 
 /// Checks the host, the kernel and the agent, with a clear error for the first that is missing.
@@ -158,6 +162,8 @@ pub fn check(kernel: Option<&Path>) -> Result<VmEnv> {
     Ok(VmEnv {
         kernel: guest_kernel(kernel)?,
         agent: agent_binary()?,
+        cmdline: guest_cmdline(),
+        entry: vmm::EntryMode::Kernel,
     })
 }
 
@@ -485,7 +491,7 @@ fn run_vm(
             .unwrap_or(1),
         kernel: Some(env.kernel.clone()),
         initrd: None,
-        cmdline: guest_cmdline(),
+        cmdline: env.cmdline.clone(),
         serial_log: Some(serial.clone()),
         serial_stdout: false,
     };
@@ -500,6 +506,7 @@ fn run_vm(
     let vsock = vmm::devices::virtio::vsock::Vsock::new(3, &uds).map_err(|e| verr(&e))?;
     vm.add_virtio_device(Box::new(vsock))
         .map_err(|e| verr(&e))?;
+    vm.set_entry_mode(env.entry);
     vm.boot().map_err(|e| verr(&e))?;
     vm.start().map_err(|e| verr(&e))?;
     let result = exec_in_guest(&vm, spec, &uds, on_line);
@@ -524,7 +531,7 @@ fn connect(vm: &vmm::Vm, uds: &Path, deadline: Instant) -> std::result::Result<U
         }
         let attempt = (|| -> std::io::Result<Option<UnixStream>> {
             let s = UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
             (&s).write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
             let mut r = BufReader::new(s.try_clone()?);
             let mut line = String::new();

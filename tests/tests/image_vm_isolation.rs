@@ -396,3 +396,59 @@ fn vm_isolated_build_runs_in_a_linux_guest() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("in-guest"), "{text}");
 }
+
+#[test]
+fn step_vm_boots_with_the_disk_and_a_dead_guest_ends_the_step_with_its_console() {
+    // The real VM assembly (step disk as virtio-blk, vsock, boot) with the freestanding test
+    // guest instead of Linux: it overwrites the start of disk 0 with its pattern, verifies it
+    // and resets without ever running an agent. The step must end (not hang) with an error
+    // that names the cause and shows the guest's console.
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIP: /dev/kvm is not usable");
+        return;
+    }
+    if !have_e2fsprogs() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    write(&root.join("etc/hostname"), "kiln\n");
+    let env = vmi::VmEnv {
+        kernel: kiln_testguest::elf_path().to_path_buf(),
+        agent: fake_agent(tmp.path()),
+        cmdline: "console=ttyS0 kt.mode=blktest kt.disk=0 kt.exit=1".into(),
+        entry: vmm::EntryMode::User,
+    };
+    let spec = RunSpec {
+        rootfs: root.clone(),
+        argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+        env: vec![],
+        workdir: "/".into(),
+        user: None,
+        network: false,
+        stdin: None,
+        memory_max: Some(64 << 20),
+        mounts: vec![],
+    };
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let t0 = std::time::Instant::now();
+    let err = vmi::run(&spec, &env, &work, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the guest ended"), "{err}");
+    assert!(
+        err.contains("kt: blktest ok"),
+        "console tail missing: {err}"
+    );
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+    eprintln!("{err}");
+    // The step's scratch space is gone and the root untouched.
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
+}
