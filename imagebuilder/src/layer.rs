@@ -242,6 +242,9 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
     let mut created: HashSet<PathBuf> = HashSet::new();
     // Directory times are set at the end, after their children are written.
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    // Existing directories this layer adds to or removes from without carrying them keep their
+    // times: the kernel would stamp them with the wall clock, and images must be deterministic.
+    let mut kept_times: HashMap<PathBuf, i64> = HashMap::new();
     let entries = ar.entries().ctx("read", "layer tar")?;
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::BadLayer(format!("corrupt tar: {e}")))?;
@@ -273,6 +276,11 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
             continue;
         };
         let (parent, parent_rel) = resolve_dir(root, &comps, true, &what)?;
+        if !kept_times.contains_key(&parent) {
+            if let Ok(m) = std::fs::symlink_metadata(&parent) {
+                kept_times.insert(parent.clone(), m.mtime());
+            }
+        }
         let name_bytes = name.as_bytes();
         // Whiteouts.
         if name_bytes == b".wh..wh..opq" {
@@ -451,6 +459,8 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
         }
         created.insert(rel);
     }
+    let carried: HashSet<PathBuf> = dir_times.iter().map(|(p, _)| p.clone()).collect();
+    dir_times.extend(kept_times.into_iter().filter(|(p, _)| !carried.contains(p)));
     // Deepest first, so setting a parent's time is not undone by a child.
     dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (p, t) in dir_times {
