@@ -25,7 +25,8 @@ impl Agent {
             .spawn()
             .unwrap();
         let t0 = Instant::now();
-        while !sock.exists() {
+        // The socket file appears at bind(), before listen(): wait for a connection to work.
+        while UnixStream::connect(&sock).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "agent did not start"
