@@ -25,6 +25,21 @@ fn agent_error(data: &[u8]) -> ClientError {
     ClientError::Agent(String::from_utf8_lossy(data).into_owned())
 }
 
+/// Sends a request's frames. The agent may refuse a request before reading all of it and close
+/// the connection; the write then fails (EPIPE), and the agent's error frame is the answer.
+fn send_request<S: Read + Write>(
+    stream: &mut S,
+    send: impl FnOnce(&mut S) -> Result<(), ProtocolError>,
+) -> Result<(), ClientError> {
+    match send(stream) {
+        Ok(()) => Ok(()),
+        Err(e) => match read_frame(stream) {
+            Ok(Some((Kind::Error, data))) => Err(agent_error(&data)),
+            _ => Err(e.into()),
+        },
+    }
+}
+
 /// Runs a command over a fresh connection, feeding `stdin` and collecting the output.
 /// `on_output` sees each chunk as it arrives (kind is `Stdout` or `Stderr`).
 pub fn exec<S: Read + Write>(
@@ -33,11 +48,13 @@ pub fn exec<S: Read + Write>(
     stdin: &[u8],
     mut on_output: impl FnMut(Kind, &[u8]),
 ) -> Result<ExecOutput, ClientError> {
-    write_json(stream, Kind::Exec, req)?;
-    for chunk in stdin.chunks(MAX_FRAME) {
-        write_frame(stream, Kind::Stdin, chunk)?;
-    }
-    write_frame(stream, Kind::Stdin, b"")?;
+    send_request(stream, |s| {
+        write_json(s, Kind::Exec, req)?;
+        for chunk in stdin.chunks(MAX_FRAME) {
+            write_frame(s, Kind::Stdin, chunk)?;
+        }
+        write_frame(s, Kind::Stdin, b"")
+    })?;
     let mut out = ExecOutput {
         stdout: Vec::new(),
         stderr: Vec::new(),
@@ -68,18 +85,17 @@ pub fn write_file<S: Read + Write>(
     mode: u32,
     content: &[u8],
 ) -> Result<(), ClientError> {
-    write_json(
-        stream,
-        Kind::WriteFile,
-        &FileRequest {
+    send_request(stream, |s| {
+        let req = FileRequest {
             path: path.into(),
             mode: Some(mode),
-        },
-    )?;
-    for chunk in content.chunks(MAX_FRAME) {
-        write_frame(stream, Kind::Data, chunk)?;
-    }
-    write_frame(stream, Kind::Data, b"")?;
+        };
+        write_json(s, Kind::WriteFile, &req)?;
+        for chunk in content.chunks(MAX_FRAME) {
+            write_frame(s, Kind::Data, chunk)?;
+        }
+        write_frame(s, Kind::Data, b"")
+    })?;
     match read_frame(stream)?.ok_or(ClientError::Closed)? {
         (Kind::Ok, _) => Ok(()),
         (Kind::Error, d) => Err(agent_error(&d)),
