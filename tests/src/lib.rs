@@ -185,6 +185,16 @@ impl Drop for StopVms {
     }
 }
 
+/// `kiln vm run` arguments for the freestanding test guest (64 MiB, user-mode entry, which
+/// runs natively on PVM hosts), followed by `extra`.
+pub fn test_guest_vm_run(extra: &[&str]) -> Vec<String> {
+    let elf = kiln_testguest::elf_path().display().to_string();
+    let base = [
+        "vm", "run", "--kernel", &elf, "--entry", "user", "--mem", "64",
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// Why VM tests cannot run here (no usable /dev/kvm), if they cannot.
 pub fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()

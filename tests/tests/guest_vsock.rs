@@ -314,23 +314,11 @@ fn generation_id_through_the_kiln_cli() {
     let k = kiln_tests::Kiln::new(dir.path().join("home"));
     let _vms = k.stop_vms_on_drop();
     let uds = dir.path().join("src.vsock");
-    let elf = kiln_testguest::elf_path().display().to_string();
-    let id = k.ok_str(
-        [
-            "vm",
-            "run",
-            "--kernel",
-            &elf,
-            "--entry",
-            "user",
-            "--mem",
-            "64",
-            "-d",
-            "--vsock-uds",
-        ]
-        .into_iter()
-        .chain([uds.to_str().unwrap()]),
-    );
+    let id = k.ok_str(kiln_tests::test_guest_vm_run(&[
+        "-d",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]));
     let id = id.trim().to_string();
     let gen = |uds: &std::path::Path| {
         let (g, id, _, _) = parse_gen(&guest_support::connect_uds(uds, 1).request("GEN"));

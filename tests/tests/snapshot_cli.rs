@@ -24,20 +24,11 @@ fn suspend_with_diff_then_restore_and_fork() {
     let k = Kiln::new(dir.path().join("home"));
     let _vms = k.stop_vms_on_drop();
     let uds = dir.path().join("a.vsock");
-    let elf = kiln_testguest::elf_path().display().to_string();
-    let id = k.ok_str([
-        "vm",
-        "run",
-        "--kernel",
-        &elf,
-        "--entry",
-        "user",
-        "--mem",
-        "64",
+    let id = k.ok_str(kiln_tests::test_guest_vm_run(&[
         "-d",
         "--vsock-uds",
         uds.to_str().unwrap(),
-    ]);
+    ]));
     let id = id.trim().to_string();
     assert!(ask(&uds, "FILL 16 8 42").starts_with("OK"));
     let full = k.json(["snapshot", "create", &id, "--name", "warm", "--json"]);

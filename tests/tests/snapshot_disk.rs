@@ -344,22 +344,13 @@ fn restore_refuses_missing_disk_overlays() {
 /// Boots the test guest with a store disk via `kiln vm run -d`; returns (id, vsock path).
 fn kiln_vm_with_disk(k: &Kiln, dir: &Path, disk: &str, tag: &str) -> (String, std::path::PathBuf) {
     let uds = dir.join(format!("{tag}.vsock"));
-    let elf = kiln_testguest::elf_path().display().to_string();
-    let id = k.ok_str([
-        "vm",
-        "run",
-        "--kernel",
-        &elf,
-        "--entry",
-        "user",
-        "--mem",
-        "64",
+    let id = k.ok_str(kiln_tests::test_guest_vm_run(&[
         "--disk",
         disk,
         "-d",
         "--vsock-uds",
         uds.to_str().unwrap(),
-    ]);
+    ]));
     (id, uds)
 }
 

@@ -180,22 +180,13 @@ fn suspend_with_a_disk_resumes_in_another_home() {
     std::fs::write(&img, &base).unwrap();
     a.ok(["store", "put", img.to_str().unwrap(), "--name", "base"]);
     let uds = tmp.path().join("a.vsock");
-    let elf = kiln_testguest::elf_path().display().to_string();
-    let vm = a.ok_str([
-        "vm",
-        "run",
-        "--kernel",
-        &elf,
-        "--entry",
-        "user",
-        "--mem",
-        "64",
+    let vm = a.ok_str(kiln_tests::test_guest_vm_run(&[
         "--disk",
         "base",
         "-d",
         "--vsock-uds",
         uds.to_str().unwrap(),
-    ]);
+    ]));
     assert_eq!(ask(&uds, "BLKWRITE 0 0 2048 71"), "OK");
     a.ok(["vm", "suspend", &vm, "--name", "parked"]);
     let pushed = a.ok_str(["snapshot", "push", "parked"]);

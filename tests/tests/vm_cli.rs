@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use kiln_tests::{kvm_unavailable, require_kvm};
 
-fn guest() -> String {
-    kiln_testguest::elf_path().display().to_string()
-}
-
 fn setup() -> (tempfile::TempDir, Kiln) {
     let dir = tempfile::tempdir().unwrap();
     let kiln = Kiln::new(dir.path().join("home"));
@@ -22,21 +18,7 @@ fn setup() -> (tempfile::TempDir, Kiln) {
 
 /// `kiln vm run` in the foreground with the test guest at user entry (fast on PVM hosts).
 fn run_args(extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "vm",
-        "run",
-        "--kernel",
-        &guest(),
-        "--entry",
-        "user",
-        "--mem",
-        "64",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    kiln_tests::test_guest_vm_run(extra)
 }
 
 fn vm_dir(k: &Kiln, id: &str) -> PathBuf {
