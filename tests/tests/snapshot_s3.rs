@@ -27,20 +27,7 @@ fn snapshot_restores_in_another_home_fetching_only_touched_chunks() {
     // Home A: boot at CPL 3, put 32 MiB of data in RAM, snapshot, push.
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("a.vsock");
-    let config = vmm::VmConfig {
-        mem_bytes: 64 << 20,
-        kernel: Some(kiln_testguest::elf_path().to_path_buf()),
-        serial_log: Some(dir.path().join("a.serial")),
-        ..Default::default()
-    };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).unwrap();
-    vm.add_virtio_device(Box::new(
-        vmm::devices::virtio::vsock::Vsock::new(3, &uds).unwrap(),
-    ))
-    .unwrap();
-    vm.set_entry_mode(vmm::EntryMode::User);
-    vm.boot().unwrap();
-    vm.start().unwrap();
+    let vm = kiln_tests::boot_test_guest(64 << 20, &uds, &dir.path().join("a.serial")).unwrap();
     assert_eq!(ask(&uds, "PING"), "PONG");
     vm.pause().unwrap();
     let mut buf = vec![0u8; 32 << 20];

@@ -30,23 +30,12 @@ fn shape() -> VmShape {
     }
 }
 
-/// Boots the test guest at CPL 3 (PVM emulates CPL 0 code ~5000x slower; see vmm EntryMode).
+/// Boots the test guest and waits until it serves.
 fn boot() -> GuestVm {
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");
     let uds = dir.path().join("vsock.sock");
-    let config = vmm::VmConfig {
-        mem_bytes: MEM_MIB << 20,
-        kernel: Some(kiln_testguest::elf_path().to_path_buf()),
-        serial_log: Some(serial.clone()),
-        ..Default::default()
-    };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).unwrap();
-    let vs = vmm::devices::virtio::vsock::Vsock::new(3, &uds).unwrap();
-    vm.add_virtio_device(Box::new(vs)).unwrap();
-    vm.set_entry_mode(vmm::EntryMode::User);
-    vm.boot().unwrap();
-    vm.start().unwrap();
+    let vm = kiln_tests::boot_test_guest(MEM_MIB << 20, &uds, &serial).unwrap();
     let g = GuestVm {
         vm: std::mem::ManuallyDrop::new(vm),
         dir,

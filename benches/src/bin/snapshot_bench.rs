@@ -125,17 +125,7 @@ fn main() -> anyhow::Result<()> {
 
     // Boot the guest (CPL 3: native speed on PVM) and put data in half of its RAM.
     let uds = dir.path().join("src.vsock");
-    let config = vmm::VmConfig {
-        mem_bytes: mem_mib * MIB,
-        kernel: Some(kiln_testguest::elf_path().to_path_buf()),
-        serial_log: Some(dir.path().join("src.serial")),
-        ..Default::default()
-    };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous)?;
-    vm.add_virtio_device(Box::new(vmm::devices::virtio::vsock::Vsock::new(3, &uds)?))?;
-    vm.set_entry_mode(vmm::EntryMode::User);
-    vm.boot()?;
-    vm.start()?;
+    let vm = kiln_tests::boot_test_guest(mem_mib * MIB, &uds, &dir.path().join("src.serial"))?;
     ping(&uds)?;
     let tracker = snapvm::DirtyTracker::start(&vm)?;
     vm.pause()?;

@@ -137,17 +137,7 @@ fn main() -> anyhow::Result<()> {
 
     // Home A: boot at CPL 3, data in half the RAM, snapshot, push.
     let uds = dir.path().join("a.vsock");
-    let config = vmm::VmConfig {
-        mem_bytes: mem_mib * MIB,
-        kernel: Some(kiln_testguest::elf_path().to_path_buf()),
-        serial_log: Some(dir.path().join("a.serial")),
-        ..Default::default()
-    };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous)?;
-    vm.add_virtio_device(Box::new(vmm::devices::virtio::vsock::Vsock::new(3, &uds)?))?;
-    vm.set_entry_mode(vmm::EntryMode::User);
-    vm.boot()?;
-    vm.start()?;
+    let vm = kiln_tests::boot_test_guest(mem_mib * MIB, &uds, &dir.path().join("a.serial"))?;
     anyhow::ensure!(ask(&uds, "PING")? == "PONG");
     vm.pause()?;
     let mut buf = vec![0u8; MIB as usize];
