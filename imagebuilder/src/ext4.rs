@@ -379,25 +379,12 @@ pub fn update_ext4(
             } else {
                 continue; // sockets are not kept in images
             }
-            script.push_str(&format!(
-                "sif {p} mode 0{:o}\nsif {p} uid {}\nsif {p} gid {}\nsif {p} mtime {:#x}\n",
-                m.mode(),
-                m.uid(),
-                m.gid(),
-                m.mtime().max(0)
-            ));
+            script.push_str(&set_inode_meta(&p, &m));
             fix.push(rel.clone());
         }
         // Directory metadata last: adding and removing entries above may have touched it.
         for (rel, m) in &dirs {
-            let p = q(rel)?;
-            script.push_str(&format!(
-                "sif {p} mode 0{:o}\nsif {p} uid {}\nsif {p} gid {}\nsif {p} mtime {:#x}\n",
-                m.mode(),
-                m.uid(),
-                m.gid(),
-                m.mtime().max(0)
-            ));
+            script.push_str(&set_inode_meta(&q(rel)?, m));
             fix.push(rel.clone());
         }
         for (_, (first, n)) in links.iter() {
@@ -464,6 +451,17 @@ fn run_debugfs(img: &Path, script: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// debugfs commands giving the (quoted) path `p` the mode, owner and mtime of `m`.
+fn set_inode_meta(p: &str, m: &std::fs::Metadata) -> String {
+    format!(
+        "sif {p} mode 0{:o}\nsif {p} uid {}\nsif {p} gid {}\nsif {p} mtime {:#x}\n",
+        m.mode(),
+        m.uid(),
+        m.gid(),
+        m.mtime().max(0)
+    )
 }
 
 #[cfg(test)]
