@@ -268,6 +268,22 @@ enum StagedKind {
     },
 }
 
+/// A staging buffer for an image of `size` bytes, its chunk count and the chunks per copying
+/// thread. Laid out as the image; only non-zero chunks are written, so untouched (zero) parts
+/// cost no memory, and threads fill disjoint chunk ranges without coordination.
+fn staging_buffer(size: u64) -> Result<(Mapping, usize, usize), MemoryError> {
+    let n = size.div_ceil(MEMORY_CHUNK_SIZE as u64) as usize;
+    // No MADV_HUGEPAGE: with THP defrag on `madvise`, faulting huge pages in compacted memory
+    // synchronously and made the copy 3-4x slower here (measured: 350-370 vs 94-120 ms).
+    let buf = Mapping::anonymous(size as usize)
+        .map_err(|e| MemoryError::Invalid(format!("staging buffer of {size} bytes: {e}")))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    Ok((buf, n, n.div_ceil(threads).max(1)))
+}
+
 /// Copies the non-zero chunks of guest memory for a full image, on every core.
 ///
 /// # Safety
@@ -275,18 +291,7 @@ enum StagedKind {
 pub unsafe fn stage_full(regions: &[HostRegion]) -> Result<Staged, MemoryError> {
     let size = total(regions);
     let cs = MEMORY_CHUNK_SIZE as usize;
-    let n = size.div_ceil(cs as u64) as usize;
-    // Laid out as the image; only non-zero chunks are written, so untouched (zero) parts cost
-    // no memory, and threads fill disjoint chunk ranges without coordination.
-    let buf = Mapping::anonymous(size as usize)
-        .map_err(|e| MemoryError::Invalid(format!("staging buffer of {size} bytes: {e}")))?;
-    // No MADV_HUGEPAGE: with THP defrag on `madvise`, faulting huge pages in compacted memory
-    // synchronously and made the copy 3-4x slower here (measured: 350-370 vs 94-120 ms).
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let per = n.div_ceil(threads).max(1);
+    let (buf, n, per) = staging_buffer(size)?;
     let dst = buf.as_ptr() as usize;
     let present: Vec<bool> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..n)
@@ -344,14 +349,7 @@ pub unsafe fn stage_full(regions: &[HostRegion]) -> Result<Staged, MemoryError> 
 pub fn stage_process(pid: i32, regions: &[(u64, u64)]) -> Result<Staged, MemoryError> {
     let size: u64 = regions.iter().map(|r| r.1).sum();
     let cs = MEMORY_CHUNK_SIZE as usize;
-    let n = size.div_ceil(cs as u64) as usize;
-    let buf = Mapping::anonymous(size as usize)
-        .map_err(|e| MemoryError::Invalid(format!("staging buffer of {size} bytes: {e}")))?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let per = n.div_ceil(threads).max(1);
+    let (buf, n, per) = staging_buffer(size)?;
     let dst = buf.as_ptr() as usize;
     let untouched = untouched_chunks(pid, regions, cs);
     let untouched = &untouched;
