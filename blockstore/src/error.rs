@@ -9,10 +9,10 @@ use crate::id::{BlobId, ChunkId};
 pub enum Error {
     /// A chunk's bytes do not hash to its id (damaged on disk or in transit). No bytes of it
     /// are returned; `kiln store verify --repair` re-fetches it from the remote.
-    #[error("integrity error: chunk {chunk} does not match its hash{}", .location.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    #[error("integrity error: chunk {chunk} does not match its hash{}", .location.as_ref().map(|p| format!(" ({p})")).unwrap_or_default())]
     Integrity {
         chunk: ChunkId,
-        location: Option<PathBuf>,
+        location: Option<String>,
     },
     /// A chunk is referenced but neither stored locally nor obtainable from a remote.
     #[error("chunk {chunk} is missing locally and {reason}")]

@@ -1,4 +1,4 @@
-//! Small filesystem helpers: atomic durable writes, directory fsync, syncfs, flock.
+//! Small filesystem helpers: atomic durable writes, directory fsync, flock.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -57,18 +57,6 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx("fsync dir", dir)
-}
-
-/// Flush every dirty page of the filesystem holding `path` (one journal commit instead of one
-/// fsync per chunk file).
-pub(crate) fn syncfs(path: &Path) -> Result<()> {
-    let f = File::open(path).ctx("open", path)?;
-    // SAFETY: syncfs only reads the fd, which `f` keeps open for the call.
-    let r = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if r != 0 {
-        return Err(Error::io("syncfs", path, std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// A held flock; released on drop (also by the kernel when the process dies).

@@ -12,7 +12,7 @@
 //!
 //! # Local tier layout (plain files, no database)
 //! ```text
-//! <dir>/chunks/ab/<hex>   one zstd frame per chunk; a chunk file's presence is the index
+//! <dir>/packs/<hex>.pack  zstd frames of many chunks + an index; a pack's presence is the index
 //! <dir>/blobs/<hex>       one manifest per blob (canonical bytes); presence = blob is visible
 //! <dir>/names/<hex(name)> the blob id a name points to
 //! <dir>/pins/<hex>        path of an overlay directory whose base gc must keep
@@ -26,22 +26,25 @@
 //! survive kill -9 without a recovery step.
 //!
 //! # Concurrency and crash safety
-//! A put writes new chunks to `tmp/`, makes them durable (one `syncfs`), renames them into
-//! `chunks/`, syncs again, and only then writes the manifest (tmp + fsync + rename + dir fsync).
-//! So a visible manifest never points at a missing or half-written chunk, and a chunk file in
-//! `chunks/` always has durable contents. Every writer holds `gc.lock` shared; gc holds it
-//! exclusive, so gc never races a put in any process.
+//! A put appends its new chunks to one pack file in `tmp/`, makes it durable (one fdatasync,
+//! which flushes only this file, unlike a `syncfs` that waits for every process's dirty pages),
+//! renames it into `packs/`, fsyncs the directory, and only then writes the manifest (tmp +
+//! fsync + rename + dir fsync). So a visible manifest never points at a missing or half-written
+//! chunk, and a pack in `packs/` is always complete and durable. Every writer holds `gc.lock`
+//! shared; gc holds it exclusive, so gc never races a put in any process.
 
 pub mod id;
 pub mod remote;
 
 mod cache;
 mod error;
+mod frame;
 mod fsutil;
 mod local;
 mod maint;
 mod manifest;
 mod overlay;
+mod pack;
 mod persist;
 mod put;
 mod store;
@@ -49,6 +52,7 @@ mod tier;
 
 pub use error::{Error, Result};
 pub use id::{BlobId, ChunkId, Digest};
+pub use local::ChunkLocation;
 pub use manifest::Manifest;
 pub use overlay::Overlay;
 pub use store::{

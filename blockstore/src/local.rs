@@ -1,162 +1,416 @@
-//! The local tier: one zstd frame per chunk under `chunks/<first byte hex>/<hex>`.
+//! The local tier: chunk frames in pack files under `packs/` (see [`crate::pack`]), found
+//! through an in-memory index of every pack. Packs are immutable: removing chunks rewrites a
+//! pack without them. Other processes add and rewrite packs too, so the index rescans `packs/`
+//! when its mtime moved, and always before it reports a chunk missing to a reader.
 
-use std::cell::RefCell;
-use std::io::Write;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use tracing::{info, warn};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil;
 use crate::id::{ChunkId, Digest};
+use crate::pack::{self, Entry, PackWriter};
+
+/// Where the local tier keeps one chunk's frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The pack file.
+    pub path: PathBuf,
+    /// Byte offset of the frame in it.
+    pub offset: u64,
+    /// Length of the frame (compressed bytes).
+    pub len: u64,
+}
+
+impl std::fmt::Display for ChunkLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at byte {}", self.path.display(), self.offset)
+    }
+}
+
+/// One pack as eviction sees it.
+pub(crate) struct PackInfo {
+    pub(crate) path: PathBuf,
+    pub(crate) accessed: SystemTime,
+    /// (chunk, stored size) of each frame.
+    pub(crate) chunks: Vec<(ChunkId, u64)>,
+}
 
 #[derive(Clone)]
 pub(crate) struct LocalTier {
-    pub(crate) chunks: PathBuf,
+    packs: PathBuf,
     pub(crate) tmp: PathBuf,
+    index: Arc<RwLock<Index>>,
 }
 
-thread_local! {
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+/// Open file handles kept for reads; past this many, all are closed and reopened on demand.
+const MAX_OPEN_PACKS: usize = 128;
+
+struct Pack {
+    path: PathBuf,
+    entries: Vec<Entry>,
+    file: Option<Arc<File>>,
 }
 
-/// Decompress a chunk frame and check it against `id`. `max_len` bounds the output.
-pub(crate) fn decode_chunk(
-    id: &ChunkId,
-    frame: &[u8],
-    max_len: usize,
-    at: Option<&Path>,
-) -> Result<Vec<u8>> {
-    let integrity = || Error::Integrity {
-        chunk: *id,
-        location: at.map(Path::to_path_buf),
-    };
-    let plain = DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = zstd::bulk::Decompressor::new().ok();
+#[derive(Default)]
+struct Index {
+    loaded: bool,
+    /// mtime of `packs/` at the last scan.
+    stamp: Option<SystemTime>,
+    packs: HashMap<String, Pack>,
+    /// Files in `packs/` that are not complete packs (only gc removes them).
+    bad: HashSet<String>,
+    chunks: HashMap<ChunkId, (Arc<str>, u32)>,
+    open_files: usize,
+}
+
+impl Index {
+    fn add(&mut self, name: &str, path: PathBuf, entries: Vec<Entry>) {
+        let key: Arc<str> = Arc::from(name);
+        for (i, e) in entries.iter().enumerate() {
+            self.chunks
+                .entry(e.id)
+                .or_insert_with(|| (key.clone(), i as u32));
         }
-        match d.as_mut() {
-            Some(d) => d.decompress(frame, max_len),
-            None => zstd::bulk::decompress(frame, max_len),
-        }
-    });
-    let plain = plain.map_err(|_| integrity())?;
-    if Digest::of(&plain) != *id {
-        return Err(integrity());
+        self.packs.insert(
+            name.to_string(),
+            Pack {
+                path,
+                entries,
+                file: None,
+            },
+        );
     }
-    Ok(plain)
+
+    fn lookup(&self, id: &ChunkId) -> Option<(&Pack, Entry)> {
+        let (name, i) = self.chunks.get(id)?;
+        let p = self.packs.get(&**name)?;
+        Some((p, p.entries[*i as usize]))
+    }
+
+    fn rebuild(&mut self) {
+        self.chunks.clear();
+        let packs = std::mem::take(&mut self.packs);
+        for (name, p) in packs {
+            self.add(&name, p.path, p.entries);
+        }
+        self.open_files = 0;
+    }
 }
 
 impl LocalTier {
     pub(crate) fn new(dir: &Path) -> Result<LocalTier> {
         let t = LocalTier {
-            chunks: dir.join("chunks"),
+            packs: dir.join("packs"),
             tmp: dir.join("tmp"),
+            index: Arc::default(),
         };
-        std::fs::create_dir_all(&t.tmp).ctx("create dir", &t.tmp)?;
-        for b in 0..=255u8 {
-            let p = t.chunks.join(format!("{b:02x}"));
-            std::fs::create_dir_all(&p).ctx("create dir", &p)?;
+        for d in [&t.tmp, &t.packs] {
+            std::fs::create_dir_all(d).ctx("create dir", d)?;
         }
         Ok(t)
     }
 
-    pub(crate) fn path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.chunks.join(&hex[..2]).join(hex)
+    /// A writer for a new pack in this tier; [`LocalTier::commit`] makes it visible.
+    pub(crate) fn writer(&self) -> Result<PackWriter> {
+        PackWriter::create(&self.tmp)
     }
 
-    pub(crate) fn has(&self, id: &ChunkId) -> bool {
-        self.path(id).exists()
-    }
-
-    /// The stored frame, or None when the chunk is not local.
-    pub(crate) fn read_frame(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        fsutil::read_opt(&self.path(id))
-    }
-
-    /// Write a frame to a new tmp file (not synced); the caller syncs and installs it.
-    pub(crate) fn write_tmp(&self, frame: &[u8]) -> Result<PathBuf> {
-        let tmp = fsutil::tmp_name(&self.tmp);
-        let mut f = std::fs::File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(frame).ctx("write", &tmp)?;
-        Ok(tmp)
-    }
-
-    /// Rename a synced tmp file into place.
-    pub(crate) fn install(&self, tmp: &Path, id: &ChunkId) -> Result<()> {
-        let dst = self.path(id);
-        std::fs::rename(tmp, &dst).ctx("rename", &dst)
-    }
-
-    /// Store one verified frame durably (tmp + fsync + rename + dir fsync).
-    pub(crate) fn store_durable(&self, id: &ChunkId, frame: &[u8]) -> Result<()> {
-        let dst = self.path(id);
-        fsutil::write_durable(&fsutil::tmp_name(&self.tmp), &dst, frame)
-    }
-
-    /// Make tmp chunk files durable, then rename them into place and make the renames durable:
-    /// a file under `chunks/` always has durable contents.
-    pub(crate) fn install_durable(&self, tmps: &[(PathBuf, ChunkId)]) -> Result<()> {
-        if tmps.is_empty() {
-            return Ok(());
+    /// Make a pack durable and visible. Returns how many frames it holds.
+    pub(crate) fn commit(&self, w: PackWriter) -> Result<usize> {
+        let Some((path, entries)) = w.commit(&self.packs)? else {
+            return Ok(0);
+        };
+        let n = entries.len();
+        let name = pack_name(&path);
+        let mut ix = self.index.write().unwrap();
+        if !ix.packs.contains_key(&name) {
+            ix.add(&name, path, entries);
         }
-        // Few chunks: fsync each. Many: one syncfs beats thousands of fsyncs.
-        let few = tmps.len() <= 4;
-        if few {
-            for (t, _) in tmps {
-                std::fs::File::open(t)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| Error::io("fsync", t, e))?;
+        Ok(n)
+    }
+
+    /// Store frames durably as one pack (frames already present are skipped).
+    pub(crate) fn store(&self, frames: &[(ChunkId, Vec<u8>)]) -> Result<usize> {
+        let w = self.writer()?;
+        for (id, frame) in frames {
+            if !self.has(id) {
+                w.add(id, frame)?;
             }
-        } else {
-            fsutil::syncfs(&self.tmp)?;
         }
-        for (t, id) in tmps {
-            self.install(t, id)?;
+        self.commit(w)
+    }
+
+    /// Rescan `packs/`: always when `force`, else only when its mtime moved.
+    fn refresh(&self, force: bool) -> Result<()> {
+        let stamp = std::fs::metadata(&self.packs)
+            .and_then(|m| m.modified())
+            .ctx("stat", &self.packs)?;
+        {
+            let ix = self.index.read().unwrap();
+            if ix.loaded && !force && ix.stamp == Some(stamp) {
+                return Ok(());
+            }
         }
-        if few {
-            let mut dirs: Vec<PathBuf> = tmps
+        let mut present = HashSet::new();
+        for e in std::fs::read_dir(&self.packs).ctx("read dir", &self.packs)? {
+            let e = e.ctx("read dir", &self.packs)?;
+            if let Some(name) = e.file_name().to_str() {
+                if name.ends_with(".pack") {
+                    present.insert(name.to_string());
+                }
+            }
+        }
+        let new: Vec<String> = {
+            let ix = self.index.read().unwrap();
+            present
                 .iter()
-                .map(|(_, id)| self.path(id).parent().unwrap().to_path_buf())
-                .collect();
-            dirs.sort();
-            dirs.dedup();
-            for d in dirs {
-                fsutil::fsync_dir(&d)?;
+                .filter(|n| !ix.packs.contains_key(*n) && !ix.bad.contains(*n))
+                .cloned()
+                .collect()
+        };
+        // Read new indexes without holding the lock.
+        let mut loaded = Vec::new();
+        for name in new {
+            let path = self.packs.join(&name);
+            match pack::read_index(&path)? {
+                pack::Index::Gone => {}
+                pack::Index::Entries(entries) => loaded.push((name, path, Some(entries))),
+                pack::Index::Bad => {
+                    warn!(path = %path.display(), "not a complete pack; its chunks count as missing");
+                    loaded.push((name, path, None));
+                }
             }
-            Ok(())
-        } else {
-            fsutil::syncfs(&self.chunks)
         }
+        let mut ix = self.index.write().unwrap();
+        let before = ix.packs.len();
+        ix.packs.retain(|n, _| present.contains(n));
+        ix.bad.retain(|n| present.contains(n));
+        if ix.packs.len() != before {
+            ix.rebuild();
+        }
+        for (name, path, entries) in loaded {
+            match entries {
+                Some(e) if !ix.packs.contains_key(&name) => ix.add(&name, path, e),
+                Some(_) => {}
+                None => {
+                    ix.bad.insert(name);
+                }
+            }
+        }
+        ix.loaded = true;
+        ix.stamp = Some(stamp);
+        Ok(())
     }
 
-    pub(crate) fn remove(&self, id: &ChunkId) -> Result<bool> {
-        fsutil::remove_opt(&self.path(id))
+    /// True when the chunk is stored locally. May miss a pack another process added within
+    /// the last clock tick: callers use it to skip duplicate writes, where a miss costs only space.
+    pub(crate) fn has(&self, id: &ChunkId) -> bool {
+        let _ = self.refresh(false);
+        self.index.read().unwrap().chunks.contains_key(id)
     }
 
-    /// Every local chunk with its stored size.
-    pub(crate) fn list(&self) -> Result<Vec<(ChunkId, u64)>> {
-        let mut out = Vec::new();
-        for b in 0..=255u8 {
-            let dir = self.chunks.join(format!("{b:02x}"));
-            let rd = match std::fs::read_dir(&dir) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("read dir", dir, e)),
+    /// Where a chunk's frame is stored, if it is local.
+    pub(crate) fn location(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        for force in [false, true] {
+            if self.refresh(force).is_err() {
+                return None;
+            }
+            if let Some((p, e)) = self.index.read().unwrap().lookup(id) {
+                return Some(ChunkLocation {
+                    path: p.path.clone(),
+                    offset: e.offset,
+                    len: e.len as u64,
+                });
+            }
+        }
+        None
+    }
+
+    /// The stored frame and where it is, or None when the chunk is not local.
+    pub(crate) fn read_frame(&self, id: &ChunkId) -> Result<Option<(Vec<u8>, ChunkLocation)>> {
+        // A miss or a vanished pack (another process rewrote it) rescans and tries once more.
+        for attempt in 0..2 {
+            self.refresh(attempt > 0)?;
+            let found = {
+                let ix = self.index.read().unwrap();
+                ix.lookup(id)
+                    .map(|(p, e)| (p.path.clone(), e, p.file.clone()))
             };
-            for e in rd {
-                let e = e.ctx("read dir", &dir)?;
-                let Some(id) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<Digest>().ok())
-                else {
-                    continue;
-                };
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push((id, len));
+            let Some((path, e, file)) = found else {
+                continue;
+            };
+            let file = match file {
+                Some(f) => f,
+                None => match File::open(&path) {
+                    Ok(f) => self.keep_open(&path, f),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(Error::io("open", &path, err)),
+                },
+            };
+            let mut frame = vec![0u8; e.len as usize];
+            file.read_exact_at(&mut frame, e.offset)
+                .ctx("read", &path)?;
+            let loc = ChunkLocation {
+                path,
+                offset: e.offset,
+                len: e.len as u64,
+            };
+            return Ok(Some((frame, loc)));
+        }
+        Ok(None)
+    }
+
+    fn keep_open(&self, path: &Path, f: File) -> Arc<File> {
+        let f = Arc::new(f);
+        let mut ix = self.index.write().unwrap();
+        if ix.open_files >= MAX_OPEN_PACKS {
+            for p in ix.packs.values_mut() {
+                p.file = None;
+            }
+            ix.open_files = 0;
+        }
+        if let Some(p) = ix.packs.get_mut(&pack_name(path)) {
+            if p.file.is_none() {
+                p.file = Some(f.clone());
+                ix.open_files += 1;
             }
         }
-        Ok(out)
+        f
     }
+
+    /// Every local chunk with its stored size (each chunk once).
+    pub(crate) fn list(&self) -> Result<Vec<(ChunkId, u64)>> {
+        self.refresh(true)?;
+        let ix = self.index.read().unwrap();
+        Ok(ix
+            .chunks
+            .iter()
+            .map(|(id, (name, i))| (*id, ix.packs[&**name].entries[*i as usize].len as u64))
+            .collect())
+    }
+
+    /// Every pack, for eviction.
+    pub(crate) fn packs(&self) -> Result<Vec<PackInfo>> {
+        self.refresh(true)?;
+        let ix = self.index.read().unwrap();
+        Ok(ix
+            .packs
+            .values()
+            .map(|p| {
+                let at = std::fs::metadata(&p.path)
+                    .and_then(|m| m.accessed())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                PackInfo {
+                    path: p.path.clone(),
+                    accessed: at,
+                    chunks: p.entries.iter().map(|e| (e.id, e.len as u64)).collect(),
+                }
+            })
+            .collect())
+    }
+
+    /// Files in `packs/` that are not complete packs.
+    pub(crate) fn bad_packs(&self) -> Result<Vec<PathBuf>> {
+        self.refresh(true)?;
+        let ix = self.index.read().unwrap();
+        Ok(ix.bad.iter().map(|n| self.packs.join(n)).collect())
+    }
+
+    /// Delete whole pack files.
+    pub(crate) fn remove_packs(&self, paths: &[PathBuf]) -> Result<()> {
+        for p in paths {
+            crate::fsutil::remove_opt(p)?;
+        }
+        if !paths.is_empty() {
+            crate::fsutil::fsync_dir(&self.packs)?;
+            self.refresh(true)?;
+        }
+        Ok(())
+    }
+
+    /// Drop chunks from the local tier: each pack holding one is rewritten without it (the
+    /// new pack is durable before the old one goes). Returns (chunks removed, bytes freed).
+    pub(crate) fn remove(&self, ids: &HashSet<ChunkId>) -> Result<(u64, u64)> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        self.refresh(true)?;
+        let affected: Vec<(PathBuf, Vec<Entry>)> = {
+            let ix = self.index.read().unwrap();
+            ix.packs
+                .values()
+                .filter(|p| p.entries.iter().any(|e| ids.contains(&e.id)))
+                .map(|p| (p.path.clone(), p.entries.clone()))
+                .collect()
+        };
+        let (mut removed, mut freed) = (HashSet::new(), 0u64);
+        let mut doomed = Vec::new();
+        for (path, entries) in affected {
+            let (gone, keep): (Vec<Entry>, Vec<Entry>) =
+                entries.into_iter().partition(|e| ids.contains(&e.id));
+            if !keep.is_empty() {
+                let src = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("open", &path, e)),
+                };
+                let w = self.writer()?;
+                for e in &keep {
+                    let mut frame = vec![0u8; e.len as usize];
+                    src.read_exact_at(&mut frame, e.offset).ctx("read", &path)?;
+                    w.add(&e.id, &frame)?;
+                }
+                w.commit(&self.packs)?;
+            }
+            freed += gone.iter().map(|e| e.len as u64).sum::<u64>();
+            removed.extend(gone.iter().map(|e| e.id));
+            doomed.push(path);
+        }
+        self.remove_packs(&doomed)?;
+        Ok((removed.len() as u64, freed))
+    }
+
+    /// Move chunk files of the layout before packs (`chunks/ab/<hex>`) into one pack.
+    /// The caller holds the gc lock exclusively.
+    pub(crate) fn migrate_chunk_files(&self, dir: &Path) -> Result<u64> {
+        let old = dir.join("chunks");
+        if !old.is_dir() {
+            return Ok(0);
+        }
+        let w = self.writer()?;
+        for sub in std::fs::read_dir(&old).ctx("read dir", &old)? {
+            let sub = sub.ctx("read dir", &old)?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&sub).ctx("read dir", &sub)? {
+                let f = f.ctx("read dir", &sub)?.path();
+                let id = f
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::parse::<Digest>);
+                if let Some(Ok(id)) = id {
+                    let frame = std::fs::read(&f).ctx("read", &f)?;
+                    w.add(&id, &frame)?;
+                }
+            }
+        }
+        let n = self.commit(w)?;
+        std::fs::remove_dir_all(&old).ctx("remove", &old)?;
+        info!(chunks = n, "moved chunk files into a pack");
+        Ok(n as u64)
+    }
+}
+
+fn pack_name(path: &Path) -> String {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string()
 }

@@ -2,16 +2,17 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use tracing::{info, warn};
 
 use crate::error::{Error, IoContext, Result};
+use crate::frame::decode_chunk;
 use crate::fsutil;
 use crate::id::ChunkId;
-use crate::local::decode_chunk;
+use crate::local::PackInfo;
 use crate::manifest::Manifest;
 use crate::overlay::pinned_bases;
 use crate::store::{GcReport, Store, VerifyReport};
@@ -62,9 +63,9 @@ fn referenced(ms: &[Manifest]) -> HashSet<ChunkId> {
         .collect()
 }
 
-/// Check one local chunk file: Ok(true) good, Ok(false) damaged.
+/// Check one local chunk: Ok(true) good, Ok(false) damaged.
 fn check_local(store: &Store, id: &ChunkId) -> Result<Option<bool>> {
-    let Some(frame) = store.inner.local.read_frame(id)? else {
+    let Some((frame, _)) = store.inner.local.read_frame(id)? else {
         return Ok(None);
     };
     Ok(Some(
@@ -77,7 +78,8 @@ fn refetch(store: &Store, id: &ChunkId) -> Result<()> {
     let remote = store.remote().ok_or(Error::NoRemote)?;
     let frame = remote.get_chunk(id)?;
     decode_chunk(id, &frame, MAX_CHUNK_SIZE as usize, None)?;
-    store.inner.local.store_durable(id, &frame)?;
+    store.inner.local.remove(&HashSet::from([*id]))?;
+    store.inner.local.store(&[(*id, frame)])?;
     store.cache().remove(id);
     Ok(())
 }
@@ -145,10 +147,15 @@ pub(crate) fn verify(store: &Store, repair: bool) -> Result<VerifyReport> {
     let mut repaired = Vec::new();
     let mut unrepaired = 0usize;
     if repair {
+        // Damaged but unused: just drop it.
+        let unused: HashSet<ChunkId> = damaged
+            .iter()
+            .filter(|id| !refs.contains(*id))
+            .copied()
+            .collect();
+        store.inner.local.remove(&unused)?;
         for id in damaged.iter().chain(missing.iter()) {
-            if !refs.contains(id) {
-                // Damaged but unused: just drop it.
-                store.inner.local.remove(id)?;
+            if unused.contains(id) {
                 store.cache().remove(id);
                 continue;
             }
@@ -202,12 +209,24 @@ pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
     ms.extend(pinned);
     let refs = referenced(&ms);
 
-    for (id, len) in store.inner.local.list()? {
-        if !refs.contains(&id) && store.inner.local.remove(&id)? {
-            report.chunks_removed += 1;
-            report.bytes_freed += len;
-            store.cache().remove(&id);
-        }
+    let dead: HashSet<ChunkId> = store
+        .inner
+        .local
+        .list()?
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| !refs.contains(id))
+        .collect();
+    let (removed, freed) = store.inner.local.remove(&dead)?;
+    report.chunks_removed = removed;
+    report.bytes_freed = freed;
+    for id in &dead {
+        store.cache().remove(id);
+    }
+    let bad = store.inner.local.bad_packs()?;
+    if !bad.is_empty() {
+        warn!(packs = ?bad, "removing files in packs/ that are not complete packs");
+        store.inner.local.remove_packs(&bad)?;
     }
     // No writer holds the lock, so every tmp file is an orphan of a crashed writer.
     let tmp = &store.inner.local.tmp;
@@ -246,44 +265,39 @@ pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
     Ok(report)
 }
 
-/// Evict chunks the remote also holds (least recently accessed first) until the local tier
-/// is under its limit. Returns how many were evicted.
+/// Evict packs whose chunks the remote all holds (least recently accessed first) until the
+/// local tier is under its limit. Returns how many chunks were evicted.
 pub(crate) fn trim(store: &Store) -> Result<u64> {
     let Some(limit) = store.inner.opts.local_limit else {
         return Ok(0);
     };
-    let local = store.inner.local.list()?;
-    let mut total: u64 = local.iter().map(|(_, l)| *l).sum();
+    let packs = store.inner.local.packs()?;
+    let size = |p: &PackInfo| p.chunks.iter().map(|(_, l)| *l).sum::<u64>();
+    let mut total: u64 = packs.iter().map(size).sum();
     if total <= limit {
         return Ok(0);
     }
     let known = store.remote_known_set()?;
-    let mut cands: Vec<(SystemTime, ChunkId, u64)> = local
+    let mut cands: Vec<_> = packs
         .into_iter()
-        .filter(|(id, _)| known.contains(id))
-        .map(|(id, len)| {
-            let at = std::fs::metadata(store.inner.local.path(&id))
-                .and_then(|m| m.accessed())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            (at, id, len)
-        })
+        .filter(|p| p.chunks.iter().all(|(id, _)| known.contains(id)))
         .collect();
-    cands.sort();
-    let evicted = AtomicU64::new(0);
-    for (_, id, len) in cands {
+    cands.sort_by_key(|p| p.accessed);
+    let (mut doomed, mut evicted) = (Vec::new(), 0u64);
+    for p in cands {
         if total <= limit {
             break;
         }
-        if store.inner.local.remove(&id)? {
-            total -= len;
-            evicted.fetch_add(1, Relaxed);
-        }
+        total -= size(&p);
+        evicted += p.chunks.len() as u64;
+        doomed.push(p.path);
     }
+    store.inner.local.remove_packs(&doomed)?;
     if total > limit {
         warn!(
             total,
             limit, "local tier still over its limit: the rest is not on the remote (push it)"
         );
     }
-    Ok(evicted.into_inner())
+    Ok(evicted)
 }

@@ -15,6 +15,7 @@
 //! The store keeps a pin (`<store>/pins/<hash of dir>`) naming the directory, so gc keeps the
 //! base's chunks while the overlay exists.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -411,10 +412,11 @@ impl Overlay {
         let new_len = |i: usize| (self.size - i as u64 * cs).min(cs) as usize;
         let local = &self.store.inner.local;
         let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(count);
-        let mut tmps: Vec<(PathBuf, ChunkId)> = Vec::new();
+        let pack = local.writer()?;
+        let mut added = HashSet::new();
         let mut buf = vec![0u8; cs as usize];
-        let mut comp = zstd::bulk::Compressor::new(1)
-            .map_err(|e| Error::io("zstd init", "<compressor>", e))?;
+        let mut enc = crate::frame::ChunkEncoder::new()?;
+        let mut frame = Vec::new();
         let res = (|| {
             for i in 0..count {
                 let first = i as u64 * sectors_per_chunk;
@@ -443,13 +445,11 @@ impl Overlay {
                 }
                 let id = Digest::of(data);
                 chunks.push(Some(id));
-                if local.has(&id) || tmps.iter().any(|(_, t)| *t == id) {
+                if local.has(&id) || !added.insert(id) {
                     continue;
                 }
-                let frame = comp
-                    .compress(data)
-                    .map_err(|e| Error::io("zstd compress", "<chunk>", e))?;
-                tmps.push((local.write_tmp(&frame)?, id));
+                enc.encode(data, &mut frame)?;
+                pack.add(&id, &frame)?;
                 // Counted like put's chunk bytes, so callers can report what a commit stored.
                 self.store
                     .inner
@@ -457,21 +457,18 @@ impl Overlay {
                     .bytes_written
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
             }
-            crate::put::install_chunks(&self.store, &tmps)
+            Ok(())
         })();
-        if let Err(e) = res {
-            for (t, _) in &tmps {
-                let _ = std::fs::remove_file(t);
-            }
-            return Err(e);
-        }
+        // On error, dropping the uncommitted pack removes it.
+        res?;
+        let new_chunks = crate::put::install_chunks(&self.store, pack)?;
         let m = Manifest {
             size: self.size,
             chunk_size: self.chunk_size,
             chunks,
         };
         let id = self.store.write_manifest(&m)?;
-        debug!(dir = %self.dir.display(), blob = %id, new_chunks = tmps.len(), "committed overlay");
+        debug!(dir = %self.dir.display(), blob = %id, new_chunks, "committed overlay");
 
         // Rebase: new base copy, then meta, then an empty dirty map, then drop the scratch data.
         // A crash in between leaves dirty sectors whose bytes equal the new base: still correct.

@@ -2,7 +2,7 @@
 //!
 //! A durable write costs ~8 ms on this machine's disk (fdatasync + rename + dir fsync); paying
 //! it inside a lazy read would double the latency of an S3 fetch. So reads hand verified frames
-//! to this thread and return at once; it writes them in batches (one syncfs per batch when large).
+//! to this thread and return at once; it writes them in batches (one pack per batch).
 //! Until written, a chunk is served from the memory cache or fetched again: nothing is lost but
 //! time. Dropping the store waits for the queue to drain.
 
@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use tracing::warn;
 
-use crate::fsutil::{self, FileLock};
+use crate::fsutil::FileLock;
 use crate::id::ChunkId;
 use crate::local::LocalTier;
 
@@ -93,21 +93,8 @@ fn run(rx: Receiver<Job>, local: LocalTier, lock: PathBuf, pending: Arc<(Mutex<u
 }
 
 fn write_batch(local: &LocalTier, lock: &std::path::Path, batch: &[Job]) -> crate::Result<()> {
-    // Shared gc lock: gc must not delete our tmp files or race the rename.
+    // Shared gc lock: gc must not delete our pack in tmp/ or race its rename.
     let _g = FileLock::acquire(lock, false)?;
-    let mut tmps = Vec::new();
-    let res = (|| {
-        for (id, frame) in batch {
-            if !local.has(id) {
-                tmps.push((local.write_tmp(frame)?, *id));
-            }
-        }
-        local.install_durable(&tmps)
-    })();
-    if res.is_err() {
-        for (t, _) in &tmps {
-            let _ = fsutil::remove_opt(t);
-        }
-    }
-    res
+    local.store(batch)?;
+    Ok(())
 }

@@ -1,10 +1,9 @@
 //! The put pipeline: the calling thread reads chunk-size pieces, worker threads (one per core)
-//! detect zeros, hash, dedup, compress and write new chunks to `tmp/`; at the end the new
-//! chunks are made durable and installed, then the manifest is written.
+//! detect zeros, hash, dedup, compress and append new chunks to one pack; at the end the pack
+//! is made durable and installed, then the manifest is written.
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +11,7 @@ use crossbeam_channel::{bounded, unbounded};
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::fsutil;
+use crate::frame::ChunkEncoder;
 use crate::id::{BlobId, ChunkId, Digest};
 use crate::manifest::{check_chunk_size, Manifest};
 use crate::store::{is_zero, Store};
@@ -22,8 +21,6 @@ use crate::{PutOptions, DEFAULT_CHUNK_SIZE};
 struct Done {
     idx: usize,
     id: Option<ChunkId>,
-    /// A new chunk written to tmp (not yet durable).
-    tmp: Option<PathBuf>,
 }
 
 /// Fill `buf` from `r` as far as possible; returns bytes read (< len only at EOF).
@@ -62,59 +59,46 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
     let (work_tx, work_rx) = bounded::<(usize, Vec<u8>, usize)>(nbufs);
     let (done_tx, done_rx) = unbounded::<Result<Done>>();
     let seen: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+    let pack = inner.local.writer()?;
 
     let mut size = 0u64;
     let mut count = 0usize;
     let t0 = std::time::Instant::now();
     let read_result: Result<()> = std::thread::scope(|s| {
         for _ in 0..workers {
-            let (work_rx, done_tx, pool_tx, seen) = (
+            let (work_rx, done_tx, pool_tx, seen, pack) = (
                 work_rx.clone(),
                 done_tx.clone(),
                 pool_tx.clone(),
                 seen.clone(),
+                &pack,
             );
             s.spawn(move || {
-                let mut comp = match zstd::bulk::Compressor::new(1) {
+                let mut enc = match ChunkEncoder::new() {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = done_tx.send(Err(Error::io("zstd init", "<compressor>", e)));
+                        let _ = done_tx.send(Err(e));
                         return;
                     }
                 };
-                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(cs as usize));
+                let mut out = Vec::new();
                 for (idx, buf, len) in work_rx {
                     let r = (|| {
                         let data = &buf[..len];
                         if is_zero(data) {
-                            return Ok(Done {
-                                idx,
-                                id: None,
-                                tmp: None,
-                            });
+                            return Ok(Done { idx, id: None });
                         }
                         let id = Digest::of(data);
                         let fresh = seen.lock().unwrap().insert(id);
-                        if !fresh || inner.local.has(&id) {
-                            return Ok(Done {
-                                idx,
-                                id: Some(id),
-                                tmp: None,
-                            });
+                        if fresh && !inner.local.has(&id) {
+                            enc.encode(data, &mut out)?;
+                            pack.add(&id, &out)?;
+                            inner
+                                .stats
+                                .bytes_written
+                                .fetch_add(out.len() as u64, Relaxed);
                         }
-                        out.clear();
-                        comp.compress_to_buffer(data, &mut out)
-                            .map_err(|e| Error::io("zstd compress", "<chunk>", e))?;
-                        let tmp = inner.local.write_tmp(&out)?;
-                        inner
-                            .stats
-                            .bytes_written
-                            .fetch_add(out.len() as u64, Relaxed);
-                        Ok(Done {
-                            idx,
-                            id: Some(id),
-                            tmp: Some(tmp),
-                        })
+                        Ok(Done { idx, id: Some(id) })
                     })();
                     let _ = pool_tx.send(buf);
                     if done_tx.send(r).is_err() {
@@ -151,16 +135,12 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
     });
 
     let mut chunks: Vec<Option<ChunkId>> = vec![None; count];
-    let mut tmps: Vec<(PathBuf, ChunkId)> = Vec::new();
     let mut first_err = read_result.err();
     for d in done_rx {
         match d {
             Ok(d) => {
                 if d.idx < count {
                     chunks[d.idx] = d.id;
-                }
-                if let (Some(t), Some(id)) = (d.tmp, d.id) {
-                    tmps.push((t, id));
                 }
             }
             Err(e) => {
@@ -169,14 +149,11 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
         }
     }
     if let Some(e) = first_err {
-        for (t, _) in &tmps {
-            let _ = std::fs::remove_file(t);
-        }
-        return Err(e);
+        return Err(e); // dropping the uncommitted pack removes it
     }
 
     let t1 = std::time::Instant::now();
-    install_chunks(store, &tmps)?;
+    let new_chunks = install_chunks(store, pack)?;
     debug!(
         pipeline_ms = (t1 - t0).as_millis() as u64,
         sync_ms = t1.elapsed().as_millis() as u64,
@@ -188,26 +165,20 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
         chunks,
     };
     let id = store.write_manifest(&m)?;
-    debug!(blob = %id, size, chunks = count, new_chunks = tmps.len(), "put");
+    debug!(blob = %id, size, chunks = count, new_chunks, "put");
     if let Some(n) = &opts.name {
         store.set_name(n, &id)?;
     }
     Ok(id)
 }
 
-/// Make tmp chunk files durable and install them; on failure remove them.
-pub(crate) fn install_chunks(store: &Store, tmps: &[(PathBuf, ChunkId)]) -> Result<()> {
-    let res = store.inner.local.install_durable(tmps);
-    if res.is_err() {
-        for (t, _) in tmps {
-            let _ = fsutil::remove_opt(t);
-        }
-    } else {
-        store
-            .inner
-            .stats
-            .chunks_written
-            .fetch_add(tmps.len() as u64, Relaxed);
-    }
-    res
+/// Make a pack of new chunks durable and visible; returns how many it holds.
+pub(crate) fn install_chunks(store: &Store, pack: crate::pack::PackWriter) -> Result<usize> {
+    let n = store.inner.local.commit(pack)?;
+    store
+        .inner
+        .stats
+        .chunks_written
+        .fetch_add(n as u64, Relaxed);
+    Ok(n)
 }

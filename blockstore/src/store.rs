@@ -14,9 +14,10 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{ChunkCache, ChunkData};
 use crate::error::{Error, IoContext, Result};
+use crate::frame::decode_chunk;
 use crate::fsutil::{self, FileLock};
 use crate::id::{BlobId, ChunkId, Digest};
-use crate::local::{decode_chunk, LocalTier};
+use crate::local::LocalTier;
 use crate::manifest::Manifest;
 use crate::overlay::Overlay;
 use crate::persist::Persister;
@@ -224,6 +225,10 @@ impl Store {
             std::fs::create_dir_all(&p).ctx("create dir", &p)?;
         }
         let local = LocalTier::new(dir)?;
+        if dir.join("chunks").is_dir() {
+            let _gc = FileLock::acquire(&dir.join("gc.lock"), true)?;
+            local.migrate_chunk_files(dir)?;
+        }
         let persist = Persister::new(local.clone(), dir.join("gc.lock"));
         Ok(Store {
             inner: Arc::new(Inner {
@@ -414,12 +419,11 @@ impl Store {
     fn load_chunk(&self, id: &ChunkId, max_len: usize) -> Result<ChunkData> {
         let st = &self.inner.stats;
         let data = match self.inner.local.read_frame(id)? {
-            Some(frame) => {
+            Some((frame, at)) => {
                 st.disk_chunk_reads.fetch_add(1, Relaxed);
-                let path = self.inner.local.path(id);
-                decode_chunk(id, &frame, max_len, Some(&path)).inspect_err(|_| {
+                decode_chunk(id, &frame, max_len, Some(&at)).inspect_err(|_| {
                     st.integrity_errors.fetch_add(1, Relaxed);
-                    warn!(chunk = %id, path = %path.display(), "integrity error in local chunk");
+                    warn!(chunk = %id, at = %at, "integrity error in local chunk");
                 })?
             }
             None => self.fetch_chunk(id, max_len)?,
@@ -622,9 +626,9 @@ impl Store {
         let mut local_chunks = 0;
         let mut local_bytes = 0;
         for c in &uniq {
-            if let Ok(md) = std::fs::metadata(self.inner.local.path(c)) {
+            if let Some(at) = self.inner.local.location(c) {
                 local_chunks += 1;
-                local_bytes += md.len();
+                local_bytes += at.len;
             }
         }
         Ok(BlobStat {
@@ -855,19 +859,14 @@ impl Store {
                     let Some(c) = todo.get(i) else { return };
                     let r =
                         (|| {
-                            let frame = self.inner.local.read_frame(c)?.ok_or_else(|| {
+                            let (frame, at) = self.inner.local.read_frame(c)?.ok_or_else(|| {
                                 Error::MissingChunk {
                                     chunk: *c,
                                     reason: "the remote lacks it too".into(),
                                 }
                             })?;
                             // Never upload damaged bytes.
-                            decode_chunk(
-                                c,
-                                &frame,
-                                crate::MAX_CHUNK_SIZE as usize,
-                                Some(&self.inner.local.path(c)),
-                            )?;
+                            decode_chunk(c, &frame, crate::MAX_CHUNK_SIZE as usize, Some(&at))?;
                             remote.put_chunk(c, &frame)?;
                             Ok::<u64, Error>(frame.len() as u64)
                         })();
@@ -987,6 +986,25 @@ impl Store {
     pub fn trim(&self) -> Result<u64> {
         self.inner.persist.wait();
         crate::maint::trim(self)
+    }
+
+    /// Where the local tier keeps a chunk (`None` when it is not local): for diagnostics and
+    /// for tests that damage a store on purpose.
+    pub fn local_chunk(&self, id: &ChunkId) -> Option<crate::ChunkLocation> {
+        self.inner.persist.wait();
+        self.inner.local.location(id)
+    }
+
+    /// Drop chunks from the local tier (a remote may still hold them); returns how many
+    /// were removed. Packs holding them are rewritten without them.
+    pub fn evict_local(&self, ids: &[ChunkId]) -> Result<u64> {
+        self.inner.persist.wait();
+        let _lock = self.gc_lock(false)?;
+        let ids: HashSet<ChunkId> = ids.iter().copied().collect();
+        for id in &ids {
+            self.inner.cache.remove(id);
+        }
+        Ok(self.inner.local.remove(&ids)?.0)
     }
 
     pub(crate) fn cache(&self) -> &ChunkCache {

@@ -29,9 +29,19 @@ fn read_all(store: &Store, id: &blockstore::BlobId) -> Vec<u8> {
     out
 }
 
-fn chunk_file(store: &Store, id: &blockstore::ChunkId) -> std::path::PathBuf {
-    let hex = id.to_hex();
-    store.dir().join("chunks").join(&hex[..2]).join(hex)
+/// Flips one byte in the middle of a chunk's stored frame.
+fn flip_frame(store: &Store, id: &blockstore::ChunkId) {
+    use std::os::unix::fs::FileExt;
+    let loc = store.local_chunk(id).expect("chunk is local");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&loc.path)
+        .unwrap();
+    let at = loc.offset + loc.len / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
 }
 
 #[test]
@@ -170,11 +180,7 @@ fn flipped_byte_is_an_integrity_error_and_repair_heals_it() {
     let data = random_bytes(7, 200_000);
     let id = store.put_bytes(&data, &cs(65536)).unwrap();
     let victim = store.manifest(&id).unwrap().chunks[1].unwrap();
-    let path = chunk_file(&store, &victim);
-    let mut frame = std::fs::read(&path).unwrap();
-    let mid = frame.len() / 2;
-    frame[mid] ^= 0x40;
-    std::fs::write(&path, &frame).unwrap();
+    flip_frame(&store, &victim);
 
     let mut buf = vec![0u8; 10];
     assert_eq!(
@@ -298,7 +304,7 @@ fn missing_chunk_without_remote_is_a_clear_error() {
         .put_bytes(&random_bytes(3, 10_000), &cs(4096))
         .unwrap();
     let victim = store.manifest(&id).unwrap().chunks[0].unwrap();
-    std::fs::remove_file(chunk_file(&store, &victim)).unwrap();
+    assert_eq!(store.evict_local(&[victim]).unwrap(), 1);
     let mut buf = [0u8; 8];
     let err = store.read_at(&id, 0, &mut buf).unwrap_err();
     assert!(

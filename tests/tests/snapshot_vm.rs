@@ -406,8 +406,7 @@ fn lost_chunk_stops_the_vm_with_an_error_instead_of_wrong_memory() {
     let ci = (40 << 20) / rec.memory.chunk_size as usize;
     let reader = store.open_blob(&rec.memory.layers[0].blob).unwrap();
     let chunk = reader.manifest().chunks[ci].expect("filled chunk is stored");
-    let hex = chunk.to_hex();
-    std::fs::remove_file(sdir.join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+    assert_eq!(store.evict_local(&[chunk]).unwrap(), 1);
     // The restore runs in a child process, as `kiln vm restore` would: the handler's failure
     // must end that process with a clear error, not hang it or let the guest read zeros.
     let out = std::process::Command::new(std::env::current_exe().unwrap())

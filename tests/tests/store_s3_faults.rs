@@ -1,26 +1,12 @@
 //! Faults around the S3 tier, through the real `kiln` binary and a real SeaweedFS:
 //! damaged local chunks (detected, named, repaired from S3), S3 down, wrong credentials.
 
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln_tests::s3::{S3Server, BUCKET};
 use kiln_tests::{pseudo_random, Kiln};
-
-/// Every chunk file under a store (`<store>/chunks/ab/<hex>`).
-fn chunk_files(store: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for d in std::fs::read_dir(store.join("chunks")).unwrap() {
-        let d = d.unwrap().path();
-        if d.is_dir() {
-            for f in std::fs::read_dir(&d).unwrap() {
-                out.push(f.unwrap().path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 fn put_file(k: &Kiln, dir: &Path, data: &[u8], name: &str) -> String {
     let f = dir.join(format!("{name}.bin"));
@@ -50,16 +36,25 @@ fn damaged_chunk_is_named_and_repaired_from_s3() {
     k.ok(["store", "push", "d"]);
 
     // Flip bytes in the middle of one stored chunk (a zstd frame).
-    let files = chunk_files(&k.store_dir());
-    assert_eq!(files.len(), 6);
-    let victim = &files[3];
-    let chunk_hex = victim.file_name().unwrap().to_str().unwrap().to_string();
-    let mut bytes = std::fs::read(victim).unwrap();
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 16] {
-        *b ^= 0xa5;
-    }
-    std::fs::write(victim, &bytes).unwrap();
+    let victim = {
+        let store = blockstore::Store::open(&k.store_dir()).unwrap();
+        let m = store.manifest(&store.resolve("d").unwrap()).unwrap();
+        let ids: Vec<_> = m.chunks.iter().flatten().copied().collect();
+        assert_eq!(ids.len(), 6);
+        let loc = store.local_chunk(&ids[3]).expect("chunk is local");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&loc.path)
+            .unwrap();
+        let mut bytes = vec![0u8; 16];
+        let mid = loc.offset + loc.len / 2;
+        f.read_exact_at(&mut bytes, mid).unwrap();
+        bytes.iter_mut().for_each(|b| *b ^= 0xa5);
+        f.write_all_at(&bytes, mid).unwrap();
+        ids[3]
+    };
+    let chunk_hex = victim.to_hex();
 
     // Reading it fails, naming the chunk; nothing damaged reaches stdout.
     let out = k.run(["store", "cat", "d"]);

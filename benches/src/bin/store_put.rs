@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         id?;
         put_s.push(d.as_secs_f64());
         put_cpu.push(cpu_s(false) - c0);
-        stored = du(&sdir.join("chunks"));
+        stored = du(&sdir.join("packs"));
         std::fs::remove_dir_all(&sdir)?;
     }
     let z = median(zstd_s.clone());

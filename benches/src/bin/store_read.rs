@@ -39,19 +39,24 @@ fn iops(threads: usize, offs: &[u64], f: &(dyn Fn(u64, &mut [u8]) + Sync)) -> f6
 
 /// Where a cold local chunk load spends its time: reading the frame file (page cache warm)
 /// versus zstd decompression + blake3 verification. Decides whether io_uring could pay.
-fn split_cold(chunks: &std::path::Path, cs: usize) -> anyhow::Result<(f64, f64)> {
-    let mut files = Vec::new();
-    for d in std::fs::read_dir(chunks)? {
-        for f in std::fs::read_dir(d?.path())? {
-            files.push(f?.path());
-        }
-    }
-    files.truncate(500);
+fn split_cold(
+    store: &blockstore::Store,
+    ids: &[blockstore::ChunkId],
+    cs: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let locs: Vec<_> = ids
+        .iter()
+        .take(500)
+        .filter_map(|id| store.local_chunk(id))
+        .collect();
     let (frames, t_read) = time(|| {
-        files
-            .iter()
-            .map(std::fs::read)
-            .collect::<Result<Vec<_>, _>>()
+        locs.iter()
+            .map(|l| {
+                let mut frame = vec![0u8; l.len as usize];
+                std::fs::File::open(&l.path)?.read_exact_at(&mut frame, l.offset)?;
+                Ok(frame)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
     });
     let frames = frames?;
     let (_, t_dec) = time(|| {
@@ -60,7 +65,7 @@ fn split_cold(chunks: &std::path::Path, cs: usize) -> anyhow::Result<(f64, f64)>
             std::hint::black_box(blake3::hash(&plain));
         }
     });
-    let n = files.len().max(1) as f64;
+    let n = locs.len().max(1) as f64;
     Ok((
         t_read.as_secs_f64() * 1e6 / n,
         t_dec.as_secs_f64() * 1e6 / n,
@@ -137,7 +142,8 @@ fn main() -> anyhow::Result<()> {
         let store_read = |o: u64, buf: &mut [u8]| {
             blob.read_at(o, buf).unwrap();
         };
-        let (read_us, decode_us) = split_cold(&store.dir().join("chunks"), cs_kib as usize * 1024)?;
+        let ids: Vec<_> = blob.manifest().chunks.iter().flatten().copied().collect();
+        let (read_us, decode_us) = split_cold(&store, &ids, cs_kib as usize * 1024)?;
         let mut row = serde_json::json!({
             "chunk_size": cs_kib * 1024,
             "cold_local_read_us": cold_us,
