@@ -97,6 +97,73 @@ fn vsock_many_connections_and_flow_control() {
     }
 }
 
+/// A host that writes requests but does not read the replies for a while: every buffer on the
+/// reply path fills up (the host socket, the device's queue, the guest's output buffer), and the
+/// guest must then stop consuming requests (its receive credit runs out, the device stops
+/// reading the host socket, the host's writer blocks) instead of dropping replies. Once the host
+/// reads, every reply arrives, in order.
+#[test]
+fn vsock_stalled_host_reader_loses_no_reply() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    require_kvm!();
+    let g = GuestVm::start(GuestOpts::default());
+    g.wait_serial("kt: serving", Duration::from_secs(10));
+    let mut c = g.connect(9);
+    // A lost reply shows as a reader waiting for bytes that never come: fail in seconds.
+    c.writer
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    // ~1.5 MiB of replies: several times what the reply path can buffer (~0.5 MiB).
+    const LINES: usize = 1500;
+    let payload: String = (0..1000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut w = c.writer.try_clone().unwrap();
+    let (p2, n2) = (payload.clone(), written.clone());
+    let writer = std::thread::spawn(move || {
+        for i in 0..LINES {
+            writeln!(w, "ECHO {i} {p2}").unwrap();
+            n2.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    // Read nothing until the writer is done or has stopped making progress (back-pressure).
+    let mut last = usize::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = written.load(Ordering::Relaxed);
+        if now == LINES || now == last {
+            break;
+        }
+        last = now;
+    }
+    let stalled_at = written.load(Ordering::Relaxed);
+    eprintln!("writer stalled after {stalled_at} of {LINES} requests");
+    for i in 0..LINES {
+        let mut got = String::new();
+        match c.reader.read_line(&mut got) {
+            Ok(n) if n > 0 => {}
+            r => panic!("reply {i} (writer stalled at {stalled_at}): {r:?}"),
+        }
+        let got = got.trim_end_matches('\n');
+        if got != format!("{i} {payload}") {
+            panic!(
+                "reply {i} (writer stalled at {stalled_at}): got {:?}...",
+                &got[..got.len().min(40)]
+            );
+        }
+    }
+    writer.join().unwrap();
+    assert!(
+        stalled_at < LINES,
+        "the guest consumed all {LINES} requests while nobody read its replies: \
+         replies must have been buffered without bound or dropped"
+    );
+    assert_eq!(c.request("PING"), "PONG");
+}
+
 #[test]
 fn vsock_connect_to_bad_line_is_refused_and_device_survives() {
     require_kvm!();

@@ -24,6 +24,8 @@ struct vsock_hdr {
 #define CONN_BUF_ALLOC (64 * 1024)
 #define NCONN 16
 #define LINE_MAX 2048
+/* Longest reply line (the longest request line plus a prefix such as "OK " or "ERR ...: "). */
+#define REPLY_MAX (LINE_MAX + 64)
 #define OUT_MAX 8192
 
 int have_vsock;
@@ -33,6 +35,9 @@ static u8 qmem[3][VQ_MEM_SIZE] __attribute__((aligned(4096), section(".noinit"))
 static u8 rxbuf[QSIZE][BUF_SIZE] __attribute__((aligned(4096), section(".noinit")));
 static u8 txbuf[QSIZE][BUF_SIZE] __attribute__((aligned(4096), section(".noinit")));
 static u32 evbuf[QSIZE];
+/* Per-connection receive buffer: bytes the host sent that are not consumed yet. The credit we
+   advertise (CONN_BUF_ALLOC, fwd_cnt = bytes consumed) bounds what it can hold. */
+static u8 inbuf[NCONN][CONN_BUF_ALLOC] __attribute__((section(".noinit")));
 static u64 guest_cid;
 static u32 next_local_port = 49152;
 
@@ -42,9 +47,11 @@ struct conn {
     u32 local_port, peer_port;
     u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt; /* credit towards the peer */
     u32 rx_cnt, fwd_sent;                     /* what we consumed / last told the peer */
+    u32 in_head, in_len;                      /* unconsumed bytes in inbuf[] (a ring) */
     u32 line_len, out_len;
     int overflow;
     int dial_origin; /* >= 0: a DIAL connection whose first reply line goes to that connection */
+    int dial_wait;   /* a DIAL of this connection is in flight: its reply comes next */
     char line[LINE_MAX];
     char out[OUT_MAX];
 };
@@ -91,6 +98,11 @@ static int send_pkt(u32 local_port, u32 peer_port, u16 op, u32 flags, const void
 
 static void conn_free(struct conn *c) { c->state = C_FREE; }
 
+static void conn_reset(struct conn *c) {
+    send_pkt(c->local_port, c->peer_port, OP_RST, 0, NULL, 0, c);
+    conn_free(c);
+}
+
 static void conn_flush(struct conn *c) {
     while (c->out_len && c->state == C_OPEN) {
         u32 in_flight = c->tx_cnt - c->peer_fwd_cnt;
@@ -106,8 +118,15 @@ static void conn_flush(struct conn *c) {
     }
 }
 
+/* Queues reply bytes. Callers make room first (conn_process takes a request line only when a
+   whole reply fits), so a full buffer is a bug here: the stream is reset, never cut. */
 static void conn_write(struct conn *c, const char *s, usize n) {
-    if (c->out_len + n > OUT_MAX) n = OUT_MAX - c->out_len; /* the peer stopped reading: drop */
+    if (c->state != C_OPEN) return;
+    if (c->out_len + n > OUT_MAX) {
+        kprintf("kt: BUG: vsock reply does not fit (port %u); resetting the connection\n", (u64)c->local_port);
+        conn_reset(c);
+        return;
+    }
     memcpy(c->out + c->out_len, s, n);
     c->out_len += (u32)n;
     conn_flush(c);
@@ -137,12 +156,14 @@ static void reply_line(struct conn *c, const char *s) {
     conn_write(c, "\n", 1);
 }
 
+/* The reply to a DIAL request; the origin connection takes its next request after it. */
 void dial_done(int origin, const char *result) {
     if (origin < 0 || origin >= NCONN || conns[origin].state != C_OPEN) return;
+    conns[origin].dial_wait = 0;
     reply_line(&conns[origin], result);
 }
 
-static char reply[OUT_MAX];
+static char reply[REPLY_MAX];
 
 static void on_line(struct conn *c) {
     c->line[c->line_len] = 0;
@@ -162,24 +183,47 @@ static void on_line(struct conn *c) {
     int idx = (int)(c - conns);
     int r = handle_command(c->line, reply, sizeof reply, idx);
     if (r) reply_line(c, reply);
+    else c->dial_wait = 1; /* answered by dial_done() */
 }
 
-static void on_data(struct conn *c, const u8 *p, u32 n) {
-    c->rx_cnt += n;
-    for (u32 i = 0; i < n && c->state == C_OPEN; i++) {
-        if (p[i] == '\n') {
+/* Consumes received bytes up to the first request whose reply has no room yet. What stays in
+   inbuf[] is not counted in fwd_cnt, so once it fills the host stops sending: a peer that does
+   not read our replies stalls its own requests instead of losing replies. */
+static void conn_process(struct conn *c) {
+    u8 *in = inbuf[c - conns];
+    while (c->in_len && c->state == C_OPEN && !c->dial_wait) {
+        u8 b = in[c->in_head];
+        if (b == '\n' && OUT_MAX - c->out_len < REPLY_MAX + 1) break; /* resumed by conn_flush */
+        c->in_head = (c->in_head + 1) % CONN_BUF_ALLOC;
+        c->in_len--;
+        c->rx_cnt++;
+        if (b == '\n') {
             on_line(c);
             c->line_len = 0;
             c->overflow = 0;
         } else if (c->line_len < LINE_MAX - 1) {
-            c->line[c->line_len++] = (char)p[i];
+            c->line[c->line_len++] = (char)b;
         } else {
             c->overflow = 1;
         }
     }
-    /* Everything is consumed at once, so the window reopens now; tell the peer before it stalls. */
+    /* The window reopened by half: tell the peer before it stalls. */
     if (c->state == C_OPEN && c->rx_cnt - c->fwd_sent > CONN_BUF_ALLOC / 2)
         send_pkt(c->local_port, c->peer_port, OP_CREDIT_UPDATE, 0, NULL, 0, c);
+}
+
+static void on_data(struct conn *c, const u8 *p, u32 n) {
+    if (n > CONN_BUF_ALLOC - c->in_len) {
+        /* More than the credit we gave: the stream cannot be kept whole, so end it. */
+        kprintf("kt: vsock peer overran its credit (port %u); resetting the connection\n", (u64)c->local_port);
+        if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: protocol error");
+        conn_reset(c);
+        return;
+    }
+    u8 *in = inbuf[c - conns];
+    for (u32 i = 0; i < n; i++) in[(c->in_head + c->in_len + i) % CONN_BUF_ALLOC] = p[i];
+    c->in_len += n;
+    conn_process(c);
 }
 
 static void on_packet(const u8 *buf, u32 len) {
@@ -242,8 +286,8 @@ static void on_packet(const u8 *buf, u32 len) {
         return;
     default:
         if (c) {
-            send_pkt(c->local_port, c->peer_port, OP_RST, 0, NULL, 0, c);
-            conn_free(c);
+            if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: protocol error");
+            conn_reset(c);
         }
     }
 }
@@ -259,7 +303,11 @@ int vsock_dial(u32 port, const char *text, int origin) {
     memcpy(c->out, text, n);
     c->out[n] = '\n';
     c->out_len = (u32)n + 1;
-    return send_pkt(c->local_port, c->peer_port, OP_REQUEST, 0, NULL, 0, c);
+    if (send_pkt(c->local_port, c->peer_port, OP_REQUEST, 0, NULL, 0, c)) {
+        conn_free(c);
+        return -1;
+    }
+    return 0;
 }
 
 static void post_rx(u16 i) {
@@ -300,7 +348,7 @@ void vsock_probe(struct vdev *d) {
 
 int vsock_poll(void) {
     u32 id, len;
-    int reposted = 0;
+    int reposted = 0, progress = 0;
     while (vq_pop(&rxq, &id, &len)) {
         if (id >= rxq.size) continue; /* a device bug; never index out of bounds */
         if (len > BUF_SIZE) len = BUF_SIZE;
@@ -309,6 +357,16 @@ int vsock_poll(void) {
         reposted = 1;
     }
     if (reposted) vq_notify(vdev, &rxq, 0);
+    /* Credit may have come with any packet (not only CREDIT_UPDATE): send what it allows, then
+       take the requests that were waiting for room for their replies. */
+    for (int i = 0; i < NCONN; i++) {
+        struct conn *c = &conns[i];
+        if (c->state != C_OPEN) continue;
+        u32 out = c->out_len, in = c->in_len;
+        if (out) conn_flush(c);
+        if (c->in_len) conn_process(c);
+        if (c->out_len != out || c->in_len != in) progress = 1;
+    }
     int ev = 0;
     while (vq_pop(&evq, &id, &len)) {
         if (id >= evq.size) continue;
@@ -322,5 +380,5 @@ int vsock_poll(void) {
     }
     if (ev) vq_notify(vdev, &evq, 2);
     tx_reclaim();
-    return reposted || ev;
+    return reposted || ev || progress;
 }
