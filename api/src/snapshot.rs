@@ -158,16 +158,15 @@ fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Val
     control::call(sock, req, timeout).map_err(|e| anyhow!("{}: {e}", sock.display()))
 }
 
-/// A diff layer from the pages the VMM saw written since the VM's last snapshot (the tracking
-/// tag in TRACKING_FILE, `save_dirty_memory`), or `None` if it did not track them (a VM restored
-/// in a new process, or a snapshot that failed after restarting the tracking).
+/// A diff layer staged from the pages the VMM saw written since the VM's last snapshot or its
+/// restore (the tracking tag in TRACKING_FILE, `save_dirty_memory`), or `None` if it did not
+/// track them (a snapshot that failed after restarting the tracking, a VMM that could not).
 fn diff_from_written_pages(
     sock: &Path,
     dir: &Path,
-    store: &blockstore::Store,
     parent: &snapshotter::MemoryImage,
     timeout: Duration,
-) -> Result<Option<(snapshotter::MemoryImage, u64)>> {
+) -> Result<Option<snapshotter::memory::Staged>> {
     let Ok(since) = std::fs::read_to_string(dir.join(TRACKING_FILE)) else {
         return Ok(None);
     };
@@ -183,7 +182,8 @@ fn diff_from_written_pages(
         return Err(e);
     }
     let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let r = snapshotter::memory::capture_pages_from(store, parent, std::io::BufReader::new(f));
+    let restored = since.starts_with(RESTORE_TAG);
+    let r = snapshotter::memory::stage_pages_from(parent, std::io::BufReader::new(f), restored);
     let _ = std::fs::remove_file(&path);
     Ok(Some(r?))
 }
@@ -222,6 +222,20 @@ enum CapturedMemory {
 /// PARENT_FILE (see `Request::TrackWrites`).
 const TRACKING_FILE: &str = "snapshot.tracking";
 
+/// Prefix of the tracking tag a restored VMM starts with (see `capture_pages_from`).
+const RESTORE_TAG: &str = "restore-";
+
+/// A fresh tag for the VMM's write tracking (`Request::TrackWrites`).
+fn tracking_tag() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
+}
+
 /// File in the VM directory naming the snapshot a `--diff` is taken against.
 const PARENT_FILE: &str = "snapshot.parent";
 
@@ -259,13 +273,7 @@ pub fn create(
     let t0 = Instant::now();
     let long = Duration::from_secs(600);
     // Tag of the write tracking that starts at this snapshot (TRACKING_FILE, once it is saved).
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
+    let tag = tracking_tag();
     call(&sock, &Request::Pause, Duration::from_secs(30))?;
     // From here on, resume (or stop) the VM whatever happens. While paused: state, memory (a
     // diff's written pages, stored; or all of it copied into a staging buffer), committed
@@ -284,7 +292,7 @@ pub fn create(
         // A diff asks the VMM for just the pages written since the parent was saved; a VMM
         // that has not tracked them (restored in a new process since) streams all memory.
         let dirty = match &parent {
-            Some((_, prec)) => diff_from_written_pages(&sock, &dir, &store, &prec.memory, long)?,
+            Some((_, prec)) => diff_from_written_pages(&sock, &dir, &prec.memory, long)?,
             None => None,
         };
         // A full snapshot copies guest RAM straight out of the VMM process.
@@ -293,7 +301,7 @@ pub fn create(
             Some(_) => None,
         };
         let memory = match (dirty, copied) {
-            (Some((m, n)), _) => CapturedMemory::Stored(m, n, "tracked_writes"),
+            (Some(staged), _) => CapturedMemory::Staged(staged, "tracked_writes"),
             (None, Some(staged)) => CapturedMemory::Staged(staged, "process_vm_readv"),
             (None, None) => {
                 // Memory goes through a FIFO from the VMM.
@@ -368,7 +376,15 @@ pub fn create(
     resumed?;
     let (memory, changed, source) = match memory {
         CapturedMemory::Stored(m, n, from) => (m, n, from),
-        CapturedMemory::Staged(s, via) => (s.store(&store)?, 0, via),
+        CapturedMemory::Staged(s, via) => {
+            let m = s.store(&store)?;
+            let pages = if parent.is_some() {
+                m.layers.last().and_then(|l| l.units()).unwrap_or(0)
+            } else {
+                0
+            };
+            (m, pages, via)
+        }
     };
     let vsock_cid = state["virtio"].as_array().and_then(|v| {
         v.iter()
@@ -542,7 +558,24 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         )?),
     };
     // SAFETY: `mem` lives until the end of this function, after the VM has ended.
-    let vm = Arc::new(unsafe { snapvm::start_vm(&rec, &mem, &ident) }?);
+    let vm = Arc::new(unsafe { snapvm::build_vm(&rec, &mem, &ident) }?);
+    // Memory equals the snapshot now: track writes from here, before any vCPU runs, so the
+    // first `--diff` against it takes only the written pages.
+    let ctx = Arc::new(ControlContext {
+        vm: vm.clone(),
+        overlays: overlays.iter().map(|o| Some(o.clone())).collect(),
+        id: id.clone(),
+        tracking: Default::default(),
+    });
+    let tag = format!("{RESTORE_TAG}{}", tracking_tag());
+    let tracked = match ctx.tracking.start(&vm, tag.clone()) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("not tracking writes (the first diff will read all memory): {e}");
+            false
+        }
+    };
+    vm.start()?;
     tracing::info!(vm = %id, snapshot = %snap_id, ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     let meta = serde_json::json!({
         "id": id, "pid": std::process::id(), "kernel": format!("snapshot:{}", snap_id.to_hex()),
@@ -552,12 +585,10 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     });
     std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&meta)?)?;
     std::fs::write(dir.join(PARENT_FILE), snap_id.to_hex())?;
-    let ctx = Arc::new(ControlContext {
-        vm: vm.clone(),
-        overlays: overlays.iter().map(|o| Some(o.clone())).collect(),
-        id: id.clone(),
-        tracking: Default::default(),
-    });
+    let _ = std::fs::remove_file(dir.join(TRACKING_FILE));
+    if tracked {
+        std::fs::write(dir.join(TRACKING_FILE), &tag)?;
+    }
     let sock = dir.join("control.sock");
     control::serve(&sock, ctx).with_context(|| format!("control socket {}", sock.display()))?;
     // The pages the guest touches in its first seconds become the snapshot's working set, which

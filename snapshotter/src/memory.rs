@@ -59,6 +59,15 @@ pub struct Layer {
     pub unit: Option<u32>,
 }
 
+impl Layer {
+    /// How many units (pages of a diff layer) the layer holds; `None` = all of the image.
+    pub fn units(&self) -> Option<u64> {
+        self.runs
+            .as_ref()
+            .map(|r| r.iter().map(|r| r[1] as u64).sum())
+    }
+}
+
 /// The unit of dirty tracking and of page-granular diff layers.
 pub const PAGE: u32 = 4096;
 
@@ -260,11 +269,13 @@ pub struct Staged {
 enum StagedKind {
     /// The image's layout; only the chunks marked present were written (the rest are zero).
     Full { buf: Mapping, present: Vec<bool> },
-    /// The dirty pages back to back over `parent`, and their indices (ascending).
+    /// The dirty pages back to back over `parent`, and their indices (ascending); with
+    /// `only_changed`, pages equal to the parent's are dropped when stored.
     Diff {
         parent: MemoryImage,
         data: Vec<u8>,
         pages: Vec<u32>,
+        only_changed: bool,
     },
 }
 
@@ -603,6 +614,7 @@ pub unsafe fn stage_diff(
             parent: parent.clone(),
             data,
             pages,
+            only_changed: false,
         },
     })
 }
@@ -648,7 +660,13 @@ impl Staged {
                 parent,
                 data,
                 pages,
+                only_changed,
             } => {
+                let (pages, data) = if only_changed {
+                    changed_pages(store, &parent, pages, data)?
+                } else {
+                    (pages, data)
+                };
                 let mut layers = parent.layers;
                 layers.push(put_page_layer(store, self.chunk_size, &data, &pages)?);
                 Ok(MemoryImage {
@@ -980,15 +998,20 @@ pub fn capture_full_from(
     })
 }
 
-/// A page-granular diff layer over `parent` from the VMM's dump of the pages written since
-/// the parent was saved (control request `save_dirty_memory`: a little-endian u64 count, that
-/// many u32 page indices in ascending order, then the pages). Returns the image and the number
-/// of pages. Nothing is stored unless the whole dump is well-formed.
-pub fn capture_pages_from(
-    store: &Store,
+/// A page-granular diff layer over `parent`, staged from the VMM's dump of the pages written
+/// since the parent was saved (control request `save_dirty_memory`: a little-endian u64 count,
+/// that many u32 page indices in ascending order, then the pages). Fails unless the whole dump
+/// is well-formed.
+///
+/// With `only_changed`, pages equal to the parent's are dropped when stored: a VMM restored
+/// from `parent` reports every page its guest touched since, also the ones it only read,
+/// because KVM marks a page dirty when it first maps it writable, and a lazily restored page
+/// is first mapped then.
+pub fn stage_pages_from(
     parent: &MemoryImage,
     mut r: impl Read,
-) -> Result<(MemoryImage, u64), MemoryError> {
+    only_changed: bool,
+) -> Result<Staged, MemoryError> {
     let bad = |what: String| MemoryError::Invalid(format!("dirty-page dump: {what}"));
     let total_pages = parent.size / PAGE as u64;
     let mut n = [0u8; 8];
@@ -1013,16 +1036,46 @@ pub fn capture_pages_from(
     let mut data = vec![0u8; pages.len() * PAGE as usize];
     r.read_exact(&mut data)
         .map_err(|e| bad(format!("page data: {e}")))?;
-    let mut layers = parent.layers.clone();
-    layers.push(put_page_layer(store, parent.chunk_size, &data, &pages)?);
-    Ok((
-        MemoryImage {
-            size: parent.size,
-            chunk_size: parent.chunk_size,
-            layers,
+    Ok(Staged {
+        size: parent.size,
+        chunk_size: parent.chunk_size,
+        kind: StagedKind::Diff {
+            parent: parent.clone(),
+            data,
+            pages,
+            only_changed,
         },
-        n,
-    ))
+    })
+}
+
+/// The pages (ascending, with their bytes back to back) that differ from `parent`'s.
+fn changed_pages(
+    store: &Store,
+    parent: &MemoryImage,
+    pages: Vec<u32>,
+    data: Vec<u8>,
+) -> Result<(Vec<u32>, Vec<u8>), MemoryError> {
+    let src = ImageSource::open(store, parent)?;
+    let cs = parent.chunk_size as usize;
+    let per_chunk = cs / PAGE as usize;
+    let mut old = vec![0u8; cs];
+    let mut loaded = None;
+    let (mut kept, mut kept_data) = (Vec::new(), Vec::new());
+    for (p, new) in pages.into_iter().zip(data.chunks(PAGE as usize)) {
+        let idx = p as usize / per_chunk;
+        let len = (parent.size as usize - idx * cs).min(cs);
+        if loaded != Some(idx) {
+            src.read_chunk(idx, &mut old[..len])
+                .map_err(|e| MemoryError::Invalid(e.to_string()))?;
+            loaded = Some(idx);
+        }
+        let at = (p as usize % per_chunk) * PAGE as usize;
+        if new != &old[at..at + PAGE as usize] {
+            kept.push(p);
+            kept_data.extend_from_slice(new);
+        }
+    }
+    Ok((kept, kept_data))
 }
 
 /// A page-granular diff layer over `parent` from a stream of the whole memory: every chunk is

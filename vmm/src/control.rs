@@ -53,6 +53,25 @@ pub struct WriteTracking {
     inner: std::sync::Mutex<Option<Tracked>>,
 }
 
+impl WriteTracking {
+    /// Track guest memory writes from now on under the tag `since` (replacing earlier
+    /// tracking). The VM must not run: a write between the reset and the start would be lost.
+    pub fn start(&self, vm: &Vm, since: String) -> Result<(), String> {
+        let e = |err: crate::Error| err.to_string();
+        let mut t = self.inner.lock().unwrap();
+        *t = None;
+        vm.set_dirty_logging(true).map_err(e)?;
+        let mut written = Vec::new();
+        for r in vm.memory_regions() {
+            vm.take_dirty_bitmap(r.slot).map_err(e)?;
+            crate::memory::take_written(vm.memory(), r.slot);
+            written.push(vec![0u64; (r.size / 4096).div_ceil(64) as usize]);
+        }
+        *t = Some(Tracked { since, written });
+        Ok(())
+    }
+}
+
 struct Tracked {
     since: String,
     /// Per memory region, pages written (bit i of word w = page w*64+i).
@@ -195,16 +214,7 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             if vm.state() != RunState::Paused {
                 return Err("track_writes needs a paused VM".into());
             }
-            let mut t = ctx.tracking.inner.lock().unwrap();
-            *t = None;
-            vm.set_dirty_logging(true).map_err(e)?;
-            let mut written = Vec::new();
-            for r in vm.memory_regions() {
-                vm.take_dirty_bitmap(r.slot).map_err(e)?;
-                crate::memory::take_written(vm.memory(), r.slot);
-                written.push(vec![0u64; (r.size / 4096).div_ceil(64) as usize]);
-            }
-            *t = Some(Tracked { since, written });
+            ctx.tracking.start(vm, since.clone())?;
             serde_json::json!({})
         }
         Request::SaveDirtyMemory { path, since } => {
