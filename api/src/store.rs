@@ -460,12 +460,13 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
             }
             println!(
                 "{} live blobs; removed {} chunks ({}), {} temp files, {} stale pins; \
-                 evicted {} chunks; {} remote chunks removed",
+                 merged {} small packs; evicted {} chunks; {} remote chunks removed",
                 rep.live_blobs,
                 rep.chunks_removed,
                 human(rep.bytes_freed),
                 rep.tmp_files_removed,
                 rep.stale_pins_removed,
+                rep.packs_merged,
                 rep.chunks_evicted,
                 rep.remote_chunks_removed
             );

@@ -376,6 +376,39 @@ impl LocalTier {
         Ok((removed.len() as u64, freed))
     }
 
+    /// Merge the packs smaller than `small` bytes into one when there are at least `at_least`
+    /// of them (each put and each batch of fetched chunks makes a pack; fewer packs keep
+    /// opening the store cheap). Returns how many packs were merged. The caller holds the gc
+    /// lock exclusively.
+    pub(crate) fn merge_small_packs(&self, small: u64, at_least: usize) -> Result<usize> {
+        self.refresh(true)?;
+        let packs: Vec<(PathBuf, Vec<Entry>)> = {
+            let ix = self.index.read().unwrap();
+            ix.packs
+                .values()
+                .filter(|p| p.entries.iter().map(|e| e.len as u64).sum::<u64>() < small)
+                .map(|p| (p.path.clone(), p.entries.clone()))
+                .collect()
+        };
+        if packs.len() < at_least {
+            return Ok(0);
+        }
+        let w = self.writer()?;
+        let mut seen = HashSet::new();
+        for (path, entries) in &packs {
+            let src = File::open(path).ctx("open", path)?;
+            for e in entries.iter().filter(|e| seen.insert(e.id)) {
+                let mut frame = vec![0u8; e.len as usize];
+                src.read_exact_at(&mut frame, e.offset).ctx("read", path)?;
+                w.add(&e.id, &frame)?;
+            }
+        }
+        w.commit(&self.packs)?;
+        let paths: Vec<PathBuf> = packs.into_iter().map(|(p, _)| p).collect();
+        self.remove_packs(&paths)?;
+        Ok(paths.len())
+    }
+
     /// Move chunk files of the layout before packs (`chunks/ab/<hex>`) into one pack.
     /// The caller holds the gc lock exclusively.
     pub(crate) fn migrate_chunk_files(&self, dir: &Path) -> Result<u64> {

@@ -18,6 +18,10 @@ use crate::overlay::pinned_bases;
 use crate::store::{GcReport, Store, VerifyReport};
 use crate::MAX_CHUNK_SIZE;
 
+/// gc merges the packs under this size once there are this many of them.
+const SMALL_PACK: u64 = 4 << 20;
+const MERGE_SMALL_PACKS_AT: usize = 16;
+
 /// Manifests of every visible blob; errors for the ones that do not parse.
 fn all_manifests(store: &Store) -> Result<(Vec<Manifest>, Vec<crate::BlobId>)> {
     let mut ok = Vec::new();
@@ -228,6 +232,10 @@ pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
         warn!(packs = ?bad, "removing files in packs/ that are not complete packs");
         store.inner.local.remove_packs(&bad)?;
     }
+    report.packs_merged = store
+        .inner
+        .local
+        .merge_small_packs(SMALL_PACK, MERGE_SMALL_PACKS_AT)? as u64;
     // No writer holds the lock, so every tmp file is an orphan of a crashed writer.
     let tmp = &store.inner.local.tmp;
     for e in std::fs::read_dir(tmp).ctx("read dir", tmp)?.flatten() {

@@ -108,6 +108,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     pub tmp_files_removed: u64,
     pub stale_pins_removed: u64,
+    /// Small packs merged into one.
+    pub packs_merged: u64,
     /// Chunks evicted to honour the local limit (all held by the remote).
     pub chunks_evicted: u64,
     pub remote_chunks_removed: u64,

@@ -528,3 +528,78 @@ fn handles_are_shareable_across_threads_and_progress_is_reported() {
     store.write_to(&id, &mut out).unwrap();
     assert_eq!(out, data);
 }
+
+fn pack_files(store: &Store) -> usize {
+    std::fs::read_dir(store.dir().join("packs"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn gc_merges_small_packs_and_other_handles_keep_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let store = Store::open(&dir).unwrap();
+    let blobs: Vec<_> = (0..20)
+        .map(|i| {
+            let data = random_bytes(100 + i, 3 * 4096);
+            (store.put_bytes(&data, &cs(4096)).unwrap(), data)
+        })
+        .collect();
+    assert_eq!(pack_files(&store), 20, "one pack per put");
+    // Another handle (as another process would be) has indexed the old packs.
+    let other = Store::open_with(
+        &dir,
+        StoreOptions {
+            cache_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&other, &blobs[0].0), blobs[0].1);
+    let rep = store.gc(false).unwrap();
+    assert_eq!(rep.packs_merged, 20);
+    assert_eq!(pack_files(&store), 1);
+    for (id, data) in &blobs {
+        assert_eq!(
+            &read_all(&other, id),
+            data,
+            "the other handle finds the merged pack"
+        );
+        assert_eq!(&read_all(&store, id), data);
+    }
+    assert!(store.verify(false).unwrap().ok);
+    assert_eq!(
+        store.gc(false).unwrap().packs_merged,
+        0,
+        "one pack is left alone"
+    );
+}
+
+#[test]
+fn a_store_with_chunk_files_is_moved_into_a_pack_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let data = random_bytes(9, 5 * 4096 + 7);
+    let id = {
+        let store = Store::open(&dir).unwrap();
+        let id = store.put_bytes(&data, &cs(4096)).unwrap();
+        // Rewrite the store in the layout before packs: one file per chunk frame.
+        for c in store.manifest(&id).unwrap().chunks.iter().flatten() {
+            let loc = store.local_chunk(c).unwrap();
+            let pack = std::fs::read(&loc.path).unwrap();
+            let hex = c.to_hex();
+            let sub = dir.join("chunks").join(&hex[..2]);
+            std::fs::create_dir_all(&sub).unwrap();
+            let frame = &pack[loc.offset as usize..(loc.offset + loc.len) as usize];
+            std::fs::write(sub.join(hex), frame).unwrap();
+        }
+        id
+    };
+    std::fs::remove_dir_all(dir.join("packs")).unwrap();
+    let store = Store::open(&dir).unwrap();
+    assert!(!dir.join("chunks").exists());
+    assert_eq!(pack_files(&store), 1);
+    assert_eq!(read_all(&store, &id), data);
+    assert!(store.verify(false).unwrap().ok);
+}
