@@ -189,6 +189,5 @@ extern int have_vsock;
 /* cmd.c: one request line in, reply written into out (NUL-terminated, no newline). Returns 1 if a
    reply is ready; 0 if the reply comes later (DIAL). */
 int handle_command(char *line, char *out, usize cap, int conn);
-void dial_done(int origin_conn, const char *result);
 
 #endif

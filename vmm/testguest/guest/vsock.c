@@ -51,6 +51,7 @@ struct conn {
     u32 line_len, out_len;
     int overflow;
     int dial_origin; /* >= 0: a DIAL connection whose first reply line goes to that connection */
+    u32 origin_local, origin_peer; /* ... if it still is the one that asked (slots are reused) */
     int dial_wait;   /* a DIAL of this connection is in flight: its reply comes next */
     char line[LINE_MAX];
     char out[OUT_MAX];
@@ -156,11 +157,16 @@ static void reply_line(struct conn *c, const char *s) {
     conn_write(c, "\n", 1);
 }
 
-/* The reply to a DIAL request; the origin connection takes its next request after it. */
-void dial_done(int origin, const char *result) {
-    if (origin < 0 || origin >= NCONN || conns[origin].state != C_OPEN) return;
-    conns[origin].dial_wait = 0;
-    reply_line(&conns[origin], result);
+/* The reply to the DIAL request that opened `dc` (once); the origin connection takes its next
+   request after it. */
+static void dial_done(struct conn *dc, const char *result) {
+    int o = dc->dial_origin;
+    if (o < 0 || o >= NCONN) return;
+    dc->dial_origin = -1;
+    struct conn *oc = &conns[o];
+    if (oc->state != C_OPEN || oc->local_port != dc->origin_local || oc->peer_port != dc->origin_peer) return;
+    oc->dial_wait = 0;
+    reply_line(oc, result);
 }
 
 static char reply[REPLY_MAX];
@@ -171,7 +177,7 @@ static void on_line(struct conn *c) {
     if (c->dial_origin >= 0) {
         /* Reply from the host to a DIAL: hand it back, then close this connection. */
         ksnprintf(reply, sizeof reply, "OK %s", c->line);
-        dial_done(c->dial_origin, reply);
+        dial_done(c, reply);
         send_pkt(c->local_port, c->peer_port, OP_SHUTDOWN, 3, NULL, 0, c);
         conn_free(c);
         return;
@@ -216,7 +222,7 @@ static void on_data(struct conn *c, const u8 *p, u32 n) {
     if (n > CONN_BUF_ALLOC - c->in_len) {
         /* More than the credit we gave: the stream cannot be kept whole, so end it. */
         kprintf("kt: vsock peer overran its credit (port %u); resetting the connection\n", (u64)c->local_port);
-        if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: protocol error");
+        dial_done(c, "ERR dial: protocol error");
         conn_reset(c);
         return;
     }
@@ -276,17 +282,17 @@ static void on_packet(const u8 *buf, u32 len) {
     case OP_SHUTDOWN:
         if (!c) return;
         send_pkt(c->local_port, c->peer_port, OP_RST, 0, NULL, 0, c);
-        if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: closed by host");
+        dial_done(c, "ERR dial: closed by host");
         conn_free(c);
         return;
     case OP_RST:
         if (!c) return;
-        if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: refused");
+        dial_done(c, "ERR dial: refused");
         conn_free(c);
         return;
     default:
         if (c) {
-            if (c->dial_origin >= 0) dial_done(c->dial_origin, "ERR dial: protocol error");
+            dial_done(c, "ERR dial: protocol error");
             conn_reset(c);
         }
     }
@@ -298,6 +304,8 @@ int vsock_dial(u32 port, const char *text, int origin) {
     if (!c) return -1;
     c->state = C_CONNECTING;
     c->dial_origin = origin;
+    c->origin_local = conns[origin].local_port;
+    c->origin_peer = conns[origin].peer_port;
     usize n = strlen(text);
     if (n > OUT_MAX - 1) n = OUT_MAX - 1;
     memcpy(c->out, text, n);
