@@ -5,7 +5,7 @@ mod guest_support;
 
 use guest_support::{GuestOpts, GuestVm};
 use kiln_tests::require_kvm;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
@@ -32,17 +32,18 @@ fn vsock_echo_both_ways() {
     assert!(b > a, "guest main loop counter advances ({a} -> {b})");
     assert!(c.request("NOSUCHTHING").starts_with("ERR"));
 
-    // Guest -> host: the guest dials host port 5000, i.e. `<uds>_5000`.
+    // Guest -> host: the guest dials host port 5000, i.e. `<uds>_5000`, sends its text and shuts
+    // down its sending side: the host reads to the end of the stream, and its answer, written
+    // after that, still reaches the guest (a half-closed connection).
     let uds = g.uds.clone().unwrap();
     let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
     let server = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        let mut w = s;
-        writeln!(w, "host saw: {}", line.trim_end()).unwrap();
-        line
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        writeln!(s, "host saw: {}", text.trim_end()).unwrap();
+        text
     });
     // Pipelined behind the DIAL, the PING's reply still comes second: replies keep request order.
     write!(c.writer, "DIAL 5000 hi from the guest\nPING\n").unwrap();

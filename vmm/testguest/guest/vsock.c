@@ -53,6 +53,7 @@ struct conn {
     int dial_origin; /* >= 0: a DIAL connection whose first reply line goes to that connection */
     u32 origin_local, origin_peer; /* ... if it still is the one that asked (slots are reused) */
     int dial_wait;   /* a DIAL of this connection is in flight: its reply comes next */
+    int shut_wr;     /* send SHUTDOWN(SEND) once `out` is sent (a DIAL after its text) */
     char line[LINE_MAX];
     char out[OUT_MAX];
 };
@@ -117,6 +118,8 @@ static void conn_flush(struct conn *c) {
         memcpy(c->out, c->out + n, c->out_len - n);
         c->out_len -= n;
     }
+    if (!c->out_len && c->shut_wr && c->state == C_OPEN && !send_pkt(c->local_port, c->peer_port, OP_SHUTDOWN, 2, NULL, 0, c))
+        c->shut_wr = 0;
 }
 
 /* Queues reply bytes. Callers make room first (conn_process takes a request line only when a
@@ -311,6 +314,7 @@ int vsock_dial(u32 port, const char *text, int origin) {
     memcpy(c->out, text, n);
     c->out[n] = '\n';
     c->out_len = (u32)n + 1;
+    c->shut_wr = 1; /* the host reads the text to its end, then answers */
     if (send_pkt(c->local_port, c->peer_port, OP_REQUEST, 0, NULL, 0, c)) {
         conn_free(c);
         return -1;
@@ -371,7 +375,7 @@ int vsock_poll(void) {
         struct conn *c = &conns[i];
         if (c->state != C_OPEN) continue;
         u32 out = c->out_len, in = c->in_len;
-        if (out) conn_flush(c);
+        if (out || c->shut_wr) conn_flush(c);
         if (c->in_len) conn_process(c);
         if (c->out_len != out || c->in_len != in) progress = 1;
     }

@@ -70,8 +70,13 @@ struct Conn {
     to_host: VecDeque<u8>,
     /// Leading bytes of `to_host` that are our `OK <port>` line, not guest data (not credited).
     preamble: usize,
-    /// The guest shut down its sending side: close the host socket once `to_host` drains.
-    close_when_flushed: bool,
+    /// SHUTDOWN flags the guest sent so far (they accumulate). SEND: once `to_host` drains the
+    /// host socket's write side is shut (its reader sees end of stream) while host bytes still
+    /// flow to the guest; RCV: the host socket is no longer read; both: the connection ends
+    /// once `to_host` drains.
+    guest_shut: u32,
+    /// `shutdown(Write)` was done on the host socket.
+    host_write_shut: bool,
     credit_requested: bool,
     interest: EventSet,
 }
@@ -91,7 +96,8 @@ impl Conn {
             fwd_sent: 0,
             to_host: VecDeque::new(),
             preamble: 0,
-            close_when_flushed: false,
+            guest_shut: 0,
+            host_write_shut: false,
             credit_requested: false,
             interest: EventSet::empty(),
         }
@@ -359,10 +365,19 @@ impl Muxer {
                 }
             }
         }
-        if c.to_host.is_empty() && c.close_when_flushed {
-            let (l, p) = (c.local_port, c.peer_port);
-            self.rst(l, p);
-            self.remove(key, epoll);
+        if c.to_host.is_empty() && c.guest_shut & SHUTDOWN_SEND != 0 {
+            if c.guest_shut & SHUTDOWN_RCV != 0 {
+                let (l, p) = (c.local_port, c.peer_port);
+                self.rst(l, p);
+                self.remove(key, epoll);
+                return;
+            }
+            if !c.host_write_shut {
+                c.host_write_shut = true;
+                if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
+                    self.reset_conn(key, epoll);
+                }
+            }
             return;
         }
         // Reopen the guest's window before it runs dry.
@@ -403,6 +418,11 @@ impl Muxer {
             }
             (OP_RW, Some(k)) if self.conns[&k].state == ConnState::Established => {
                 let c = self.conns.get_mut(&k).expect("present");
+                if c.guest_shut & SHUTDOWN_SEND != 0 {
+                    tracing::debug!("vsock: data after the guest shut down sending; resetting");
+                    self.reset_conn(k, epoll);
+                    return;
+                }
                 if c.to_host.len() - c.preamble + payload.len() > BUF_ALLOC as usize {
                     tracing::debug!("vsock: guest overran its credit; resetting the connection");
                     self.reset_conn(k, epoll);
@@ -416,11 +436,9 @@ impl Muxer {
                 self.queue_ctrl(Some(k), hdr.dst_port, hdr.src_port, OP_CREDIT_UPDATE, 0)
             }
             (OP_SHUTDOWN, Some(k)) => {
-                if hdr.flags & SHUTDOWN_SEND != 0 || hdr.flags & SHUTDOWN_RCV != 0 {
-                    let c = self.conns.get_mut(&k).expect("present");
-                    c.close_when_flushed = true;
-                    self.host_writable(k, epoll);
-                }
+                let c = self.conns.get_mut(&k).expect("present");
+                c.guest_shut |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                self.host_writable(k, epoll);
             }
             (OP_RST, Some(k)) => self.remove(k, epoll),
             (OP_RST, None) => {}
@@ -469,7 +487,7 @@ impl Muxer {
                 ConnState::Connecting => false,
                 ConnState::Established => !backlog_full && c.peer_free() > 0,
             };
-            if readable && !c.close_when_flushed {
+            if readable && c.guest_shut & SHUTDOWN_RCV == 0 {
                 want |= EventSet::IN;
             }
             if !c.to_host.is_empty() {
