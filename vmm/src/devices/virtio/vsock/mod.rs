@@ -6,6 +6,10 @@
 //!   connection's bytes both ways.
 //! - Guest to host: a guest connection to CID 2, port P, becomes a connection to the Unix socket
 //!   `<uds_path>_<P>` (which a host program listens on).
+//! - Closing: a guest that shuts down its sending side (SHUTDOWN with SEND) half-closes the host
+//!   socket once its bytes are written (the host reads end of stream and can still answer); end
+//!   of stream from the host ends the connection (a Unix socket cannot tell a half-close from a
+//!   close, so the guest is told both sides are done, as Firecracker does).
 //!
 //! One worker thread per device multiplexes the queues and every host socket with epoll (see
 //! [`muxer`]). A misbehaving guest gets its packets dropped or its connections reset; nothing it
