@@ -292,6 +292,18 @@ impl Store {
         crate::put::put(self, r, opts)
     }
 
+    /// Store a blob of `size` bytes whose chunks are already in memory, reading them in place:
+    /// `chunk(i)` is chunk `i` (the chunk size of `opts`, the last one possibly shorter) or
+    /// `None` when it is all zeros. Called from several threads at once.
+    pub fn put_chunks<'a>(
+        &self,
+        size: u64,
+        opts: &PutOptions,
+        chunk: impl Fn(usize) -> Option<&'a [u8]> + Sync,
+    ) -> Result<BlobId> {
+        crate::put::put_chunks(self, size, opts, &chunk)
+    }
+
     /// Make `m` visible (its chunks must already be durable). Returns its id.
     pub(crate) fn write_manifest(&self, m: &Manifest) -> Result<BlobId> {
         let bytes = m.to_bytes();

@@ -603,3 +603,30 @@ fn a_store_with_chunk_files_is_moved_into_a_pack_on_open() {
     assert_eq!(read_all(&store, &id), data);
     assert!(store.verify(false).unwrap().ok);
 }
+
+#[test]
+fn put_chunks_reads_in_place_and_matches_a_streamed_put() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("s")).unwrap();
+    let c = 4096usize;
+    let mut data = random_bytes(5, 10 * c + 100);
+    data[2 * c..4 * c].fill(0);
+    let streamed = store.put_bytes(&data, &cs(c as u32)).unwrap();
+    let size = data.len() as u64;
+    let chunk = |i: usize| {
+        let d = &data[i * c..((i + 1) * c).min(data.len())];
+        d.iter().any(|&b| b != 0).then_some(d)
+    };
+    let in_place = store.put_chunks(size, &cs(c as u32), chunk).unwrap();
+    assert_eq!(in_place, streamed, "same content, same blob");
+    assert_eq!(read_all(&store, &in_place), data);
+    // A chunk of the wrong length is refused and leaves no blob behind.
+    let before = store.blob_ids().unwrap().len();
+    let err = store
+        .put_chunks(size + 1, &cs(c as u32), |i| {
+            Some(&data[i * c..(i * c + 1).min(data.len())])
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("expected"), "{err}");
+    assert_eq!(store.blob_ids().unwrap().len(), before);
+}

@@ -224,14 +224,31 @@ pub unsafe fn capture_full(
         chunk_size: Some(MEMORY_CHUNK_SIZE),
         ..Default::default()
     };
-    let blob = store.put_reader(
-        RegionReader {
-            regions,
-            region: 0,
-            off: 0,
-        },
-        &opts,
-    )?;
+    let cs = MEMORY_CHUNK_SIZE as usize;
+    let blob = if regions.iter().all(|r| r.size % cs == 0) {
+        // Every chunk lies inside one region: the store reads it in place.
+        let mut starts = Vec::new(); // (first chunk, region)
+        let mut first = 0;
+        for r in regions {
+            starts.push((first, r));
+            first += r.size / cs;
+        }
+        store.put_chunks(size, &opts, |i| {
+            let (first, r) = starts[starts.partition_point(|(f, _)| *f <= i) - 1];
+            // SAFETY: chunk i - first lies inside region r, which our caller keeps mapped and
+            // unmodified during this call.
+            Some(unsafe { std::slice::from_raw_parts(r.host_addr.add((i - first) * cs), cs) })
+        })?
+    } else {
+        store.put_reader(
+            RegionReader {
+                regions,
+                region: 0,
+                off: 0,
+            },
+            &opts,
+        )?
+    };
     Ok(MemoryImage {
         size,
         chunk_size: MEMORY_CHUNK_SIZE,
@@ -638,19 +655,18 @@ impl Staged {
                     chunk_size: Some(self.chunk_size),
                     ..Default::default()
                 };
-                let reader = StagedReader {
-                    size: self.size,
-                    cs: self.chunk_size as u64,
-                    present: &present,
-                    // SAFETY: the buffer is ours and no longer written.
-                    data: unsafe { buf.as_slice() },
-                    pos: 0,
-                };
+                // SAFETY: the buffer is ours and no longer written.
+                let data = unsafe { buf.as_slice() };
+                let cs = self.chunk_size as usize;
+                // Chunks never copied were zero; the others are read in place.
+                let blob = store.put_chunks(self.size, &opts, |i| {
+                    present[i].then(|| &data[i * cs..(i * cs + cs).min(self.size as usize)])
+                })?;
                 Ok(MemoryImage {
                     size: self.size,
                     chunk_size: self.chunk_size,
                     layers: vec![Layer {
-                        blob: store.put_reader(reader, &opts)?,
+                        blob,
                         runs: None,
                         unit: None,
                     }],
@@ -676,35 +692,6 @@ impl Staged {
                 })
             }
         }
-    }
-}
-
-/// The whole image from a staging buffer: its present chunks, zeros for the others (which
-/// were never written, and reading them would only fault in zero pages).
-struct StagedReader<'a> {
-    size: u64,
-    cs: u64,
-    present: &'a [bool],
-    data: &'a [u8],
-    pos: u64,
-}
-
-impl Read for StagedReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.size {
-            return Ok(0);
-        }
-        let chunk = (self.pos / self.cs) as usize;
-        let chunk_end = ((chunk as u64 + 1) * self.cs).min(self.size);
-        let n = (buf.len() as u64).min(chunk_end - self.pos) as usize;
-        if self.present[chunk] {
-            let at = self.pos as usize;
-            buf[..n].copy_from_slice(&self.data[at..at + n]);
-        } else {
-            buf[..n].fill(0);
-        }
-        self.pos += n as u64;
-        Ok(n)
     }
 }
 
