@@ -630,7 +630,9 @@ pub fn exec_streaming<S: Read + Write>(
     on_line: &mut dyn FnMut(&str),
 ) -> std::result::Result<(kiln_agent::protocol::ExitStatus, String), kiln_agent::client::ClientError>
 {
-    let mut pending: Vec<u8> = Vec::new();
+    // One partial line per stream: the agent reads stdout and stderr from separate pipes, so
+    // their chunks arrive in any order, and a line must never mix the two.
+    let mut pending: [Vec<u8>; 2] = Default::default();
     let mut tail: std::collections::VecDeque<String> = Default::default();
     let mut emit = |line: &[u8], tail: &mut std::collections::VecDeque<String>| {
         let s = String::from_utf8_lossy(line).into_owned();
@@ -640,18 +642,21 @@ pub fn exec_streaming<S: Read + Write>(
             tail.pop_front();
         }
     };
-    // stdout and stderr interleave into one stream of lines, as in the namespace sandbox.
+    // stdout and stderr interleave line by line into one stream, as in the namespace sandbox.
     let out = kiln_agent::client::exec(stream, req, stdin.unwrap_or_default(), |kind, data| {
-        if matches!(kind, Kind::Stdout | Kind::Stderr) {
-            pending.extend_from_slice(data);
-            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                emit(&line[..line.len() - 1], &mut tail);
-            }
+        let pending = match kind {
+            Kind::Stdout => &mut pending[0],
+            Kind::Stderr => &mut pending[1],
+            _ => return,
+        };
+        pending.extend_from_slice(data);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            emit(&line[..line.len() - 1], &mut tail);
         }
     })?;
-    if !pending.is_empty() {
-        emit(&pending, &mut tail);
+    for p in pending.iter().filter(|p| !p.is_empty()) {
+        emit(p, &mut tail);
     }
     Ok((out.status, tail.into_iter().collect::<Vec<_>>().join("\n")))
 }

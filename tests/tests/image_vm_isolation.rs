@@ -314,7 +314,10 @@ fn run_spec_executes_through_the_agent_protocol() {
         argv: vec![
             "/bin/sh".into(),
             "-c".into(),
-            "echo \"greet=$GREETING\"; pwd; echo to-stderr >&2; cat; printf no-newline; exit 7"
+            // `partial` waits in stdout's line buffer while stderr's line arrives: the two
+            // must not merge into one line.
+            "echo \"greet=$GREETING\"; pwd; echo to-stderr >&2; cat; printf partial; sleep 0.2; \
+             echo err-line >&2; echo -end; printf no-newline; exit 7"
                 .into(),
         ],
         env: vec![
@@ -341,6 +344,8 @@ fn run_spec_executes_through_the_agent_protocol() {
         tmp.path().to_str().unwrap(),
         "to-stderr",
         "from-stdin",
+        "err-line",
+        "partial-end",
         "no-newline",
     ] {
         assert!(lines.iter().any(|l| l == want), "{want:?} not in {lines:?}");
