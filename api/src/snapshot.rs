@@ -504,9 +504,14 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         bail!("VM {id} already exists");
     }
     std::fs::create_dir_all(&dir)?;
+    let t_start = Instant::now();
     let store = crate::store::open_with_remote(home, None, false)?;
     // Check the snapshot before anything runs (also before detaching, for a clear error).
     let (snap_id, rec) = record::load_checked(&store, &a.snapshot)?;
+    tracing::debug!(
+        ms = t_start.elapsed().as_secs_f64() * 1e3,
+        "restore: store open, snapshot record loaded"
+    );
     for d in &rec.disks {
         // Only the manifest is needed now (a pulled snapshot has it); data is read lazily.
         store
@@ -557,8 +562,11 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
             },
         )?),
     };
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    tracing::debug!(ms = ms(t0), "restore: guest memory ready");
     // SAFETY: `mem` lives until the end of this function, after the VM has ended.
     let vm = Arc::new(unsafe { snapvm::build_vm(&rec, &mem, &ident) }?);
+    tracing::debug!(ms = ms(t0), "restore: VM built");
     // Memory equals the snapshot now: track writes from here, before any vCPU runs, so the
     // first `--diff` against it takes only the written pages.
     let ctx = Arc::new(ControlContext {
@@ -575,6 +583,7 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
             false
         }
     };
+    tracing::debug!(ms = ms(t0), "restore: write tracking started");
     vm.start()?;
     tracing::info!(vm = %id, snapshot = %snap_id, ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     let meta = serde_json::json!({

@@ -293,6 +293,8 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
         cmdline: a.cmdline.clone(),
         serial_log: Some(dir.join("serial.log")),
         serial_stdout: std::env::var_os("KILN_VM_DETACHED").is_none(),
+        // kiln VMs are there to be snapshotted: no log switch in the first snapshot's pause.
+        track_dirty_pages: true,
     };
     let _ = std::fs::remove_file(dir.join("serial.log"));
     let mut vm = Vm::new(config, GuestMemorySource::Anonymous)?;

@@ -494,6 +494,7 @@ fn run_vm(
         cmdline: env.cmdline.clone(),
         serial_log: Some(serial.clone()),
         serial_stdout: false,
+        track_dirty_pages: false,
     };
     let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).map_err(|e| verr(&e))?;
     let backend = DiskBackend::File {

@@ -493,6 +493,8 @@ pub unsafe fn build_vm(
         cmdline: rec.vm.cmdline.clone(),
         serial_log: id.serial_log.clone(),
         serial_stdout: id.serial_stdout,
+        // A restored VM's next snapshot is usually a diff against this one.
+        track_dirty_pages: true,
     };
     let mut vm = Vm::new(config, GuestMemorySource::Provided(gm))?;
     let nblk = state
