@@ -379,18 +379,21 @@ int vsock_poll(void) {
         if (c->in_len) conn_process(c);
         if (c->out_len != out || c->in_len != in) progress = 1;
     }
-    int ev = 0;
+    int ev = 0, reset = 0;
     while (vq_pop(&evq, &id, &len)) {
         if (id >= evq.size) continue;
         if (evbuf[id] == 0) { /* VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, e.g. after a snapshot restore */
             for (int i = 0; i < NCONN; i++) conns[i].state = C_FREE;
             read_cid();
-            kprintf("kt: vsock transport reset, cid %u\n", guest_cid);
+            reset = 1;
         }
         post_ev((u16)id);
         ev = 1;
     }
     if (ev) vq_notify(vdev, &evq, 2);
+    /* After the repost: the host holds new connections until it sees it, and a serial line
+       costs an exit per byte. */
+    if (reset) kprintf("kt: vsock transport reset, cid %u\n", guest_cid);
     tx_reclaim();
     return reposted || ev || progress;
 }
