@@ -630,3 +630,37 @@ fn put_chunks_reads_in_place_and_matches_a_streamed_put() {
     assert!(err.to_string().contains("expected"), "{err}");
     assert_eq!(store.blob_ids().unwrap().len(), before);
 }
+
+#[test]
+fn a_truncated_pack_counts_as_missing_never_as_wrong_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let store = Store::open(&dir).unwrap();
+    let data = random_bytes(11, 6 * 4096);
+    let id = store.put_bytes(&data, &cs(4096)).unwrap();
+    let victim = store.manifest(&id).unwrap().chunks[2].unwrap();
+    let pack = store.local_chunk(&victim).unwrap().path;
+    // A crash cannot leave this (packs are renamed in whole), but a damaged disk can.
+    let len = std::fs::metadata(&pack).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let fresh = Store::open(&dir).unwrap();
+    let err = fresh.read_at(&id, 2 * 4096, &mut [0u8; 8]).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingChunk { chunk, .. } if chunk == victim),
+        "{err}"
+    );
+    let rep = fresh.verify(false).unwrap();
+    assert!(!rep.ok && rep.missing.contains(&victim), "{rep:?}");
+    fresh.remove_blob(&id).unwrap();
+    fresh.gc(false).unwrap();
+    assert!(
+        !pack.exists(),
+        "gc removes a file in packs/ that is not a complete pack"
+    );
+    assert!(fresh.verify(false).unwrap().ok);
+}
