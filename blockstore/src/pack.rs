@@ -71,7 +71,7 @@ pub(crate) fn read_index(path: &Path) -> Result<Index> {
         return Ok(Index::Bad);
     }
     let entries: Vec<Entry> = index.chunks_exact(ENTRY_LEN).map(decode_entry).collect();
-    if entries.iter().any(|e| e.offset + e.len as u64 > index_off) {
+    if entries.iter().any(|e| e.offset.saturating_add(e.len as u64) > index_off) {
         return Ok(Index::Bad);
     }
     Ok(Index::Entries(entries))
