@@ -434,6 +434,9 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
                 for b in &rep.corrupt_manifests {
                     println!("corrupt manifest {b}");
                 }
+                for p in &rep.damaged_packs {
+                    println!("damaged pack index {}", p.display());
+                }
                 println!("{}", if rep.ok { "ok" } else { "NOT OK" });
             }
             if !rep.ok {

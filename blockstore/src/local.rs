@@ -65,8 +65,44 @@ struct Index {
     packs: HashMap<String, Pack>,
     /// Files in `packs/` that are not complete packs (only gc removes them).
     bad: HashSet<String>,
-    chunks: HashMap<ChunkId, (Arc<str>, u32)>,
+    chunks: HashMap<ChunkId, (Arc<str>, u32), IdHashing>,
     open_files: usize,
+}
+
+/// Hashing for chunk ids in the index: they are blake3 digests, so 8 of their bytes, mixed
+/// with a per-process key (crafted content cannot aim at buckets it cannot predict), are as
+/// good a hash as SipHash over all 32 and several times cheaper; loading a large store's index
+/// is mostly these insertions.
+#[derive(Clone)]
+struct IdHashing(u64);
+
+impl Default for IdHashing {
+    fn default() -> Self {
+        let key = std::collections::hash_map::RandomState::new();
+        IdHashing(std::hash::BuildHasher::hash_one(&key, 0u64) | 1)
+    }
+}
+
+impl std::hash::BuildHasher for IdHashing {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(self.0)
+    }
+}
+
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut w = [0u8; 8];
+        let n = bytes.len().min(8);
+        w[..n].copy_from_slice(&bytes[..n]);
+        self.0 = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_usize(&mut self, _: usize) {} // the id's length prefix: always 32
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
 }
 
 impl Index {
@@ -178,7 +214,7 @@ impl LocalTier {
         let mut loaded = Vec::new();
         for name in new {
             let path = self.packs.join(&name);
-            match pack::read_index(&path)? {
+            match pack::read_index(&path, false)? {
                 pack::Index::Gone => {}
                 pack::Index::Entries(entries) => loaded.push((name, path, Some(entries))),
                 pack::Index::Bad => {
@@ -194,6 +230,11 @@ impl LocalTier {
         if ix.packs.len() != before {
             ix.rebuild();
         }
+        let adding: usize = loaded
+            .iter()
+            .map(|(_, _, e)| e.as_ref().map_or(0, Vec::len))
+            .sum();
+        ix.chunks.reserve(adding);
         for (name, path, entries) in loaded {
             match entries {
                 Some(e) if !ix.packs.contains_key(&name) => ix.add(&name, path, e),
@@ -315,11 +356,24 @@ impl LocalTier {
             .collect())
     }
 
-    /// Files in `packs/` that are not complete packs.
-    pub(crate) fn bad_packs(&self) -> Result<Vec<PathBuf>> {
+    /// Files in `packs/` that are not complete packs, or whose index does not match the hash
+    /// in their footer.
+    pub(crate) fn damaged_packs(&self) -> Result<Vec<PathBuf>> {
         self.refresh(true)?;
-        let ix = self.index.read().unwrap();
-        Ok(ix.bad.iter().map(|n| self.packs.join(n)).collect())
+        let (paths, mut out): (Vec<PathBuf>, Vec<PathBuf>) = {
+            let ix = self.index.read().unwrap();
+            (
+                ix.packs.values().map(|p| p.path.clone()).collect(),
+                ix.bad.iter().map(|n| self.packs.join(n)).collect(),
+            )
+        };
+        for p in paths {
+            if let pack::Index::Bad = pack::read_index(&p, true)? {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Delete whole pack files.

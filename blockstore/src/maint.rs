@@ -174,10 +174,15 @@ pub(crate) fn verify(store: &Store, repair: bool) -> Result<VerifyReport> {
     } else {
         unrepaired = damaged.len() + missing.len();
     }
+    let damaged_packs = store.inner.local.damaged_packs()?;
+    for p in &damaged_packs {
+        warn!(pack = %p.display(), "pack index does not match its hash");
+    }
     let report = VerifyReport {
         blobs,
         chunks_checked: local.len() as u64,
-        ok: unrepaired == 0 && corrupt.is_empty(),
+        ok: unrepaired == 0 && corrupt.is_empty() && damaged_packs.is_empty(),
+        damaged_packs,
         damaged,
         missing,
         repaired,
@@ -226,11 +231,6 @@ pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
     report.bytes_freed = freed;
     for id in &dead {
         store.cache().remove(id);
-    }
-    let bad = store.inner.local.bad_packs()?;
-    if !bad.is_empty() {
-        warn!(packs = ?bad, "removing files in packs/ that are not complete packs");
-        store.inner.local.remove_packs(&bad)?;
     }
     report.packs_merged = store
         .inner

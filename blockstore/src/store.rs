@@ -96,6 +96,10 @@ pub struct VerifyReport {
     pub remote_only: u64,
     /// Manifests that fail to parse or hash.
     pub corrupt_manifests: Vec<BlobId>,
+    /// Files in `packs/` that are not complete packs or whose index does not match its hash.
+    /// Chunks of an unreadable pack count as missing (`--repair` fetches them again); the
+    /// file is left for inspection, never deleted by kiln.
+    pub damaged_packs: Vec<PathBuf>,
     /// True when nothing is damaged or missing after repair.
     pub ok: bool,
 }

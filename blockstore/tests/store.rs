@@ -656,11 +656,41 @@ fn a_truncated_pack_counts_as_missing_never_as_wrong_bytes() {
     );
     let rep = fresh.verify(false).unwrap();
     assert!(!rep.ok && rep.missing.contains(&victim), "{rep:?}");
+    assert_eq!(rep.damaged_packs, vec![pack.clone()]);
     fresh.remove_blob(&id).unwrap();
     fresh.gc(false).unwrap();
     assert!(
-        !pack.exists(),
-        "gc removes a file in packs/ that is not a complete pack"
+        pack.exists(),
+        "kiln never deletes a damaged pack: it is left for inspection"
     );
-    assert!(fresh.verify(false).unwrap().ok);
+}
+
+#[test]
+fn verify_reports_a_pack_whose_index_does_not_match_its_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("s")).unwrap();
+    let data = random_bytes(12, 4 * 4096);
+    let id = store.put_bytes(&data, &cs(4096)).unwrap();
+    let c = store.manifest(&id).unwrap().chunks[0].unwrap();
+    let pack = store.local_chunk(&c).unwrap().path;
+    // Flip a byte of an entry's length field in the index (the 44-byte entries sit right
+    // before the 56-byte footer): the frame itself is untouched.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let at = f.metadata().unwrap().len() - 56 - 44 + 43;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    let rep = store.verify(false).unwrap();
+    assert_eq!(rep.damaged_packs, vec![pack.clone()]);
+    assert!(!rep.ok);
+    // A new process does not trust the index either: the pack's chunks count as missing.
+    let fresh = Store::open(store.dir()).unwrap();
+    let rep = fresh.verify(false).unwrap();
+    assert_eq!(rep.damaged_packs, vec![pack]);
+    assert!(rep.missing.contains(&c), "{rep:?}");
 }
