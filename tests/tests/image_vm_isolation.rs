@@ -207,6 +207,17 @@ fn guest_changes_land_in_the_overlay_upper_dir_as_a_layer() {
         .unwrap();
     assert!(sh(&format!("umount {}", mnt.display())));
     guard.0.pop();
+    // The kernel detaches (and flushes) an autoclear loop device after umount has returned:
+    // read the image only once no loop device holds it.
+    let t0 = std::time::Instant::now();
+    while Command::new("losetup")
+        .args(["-j", disk.to_str().unwrap()])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty())
+    {
+        assert!(t0.elapsed().as_secs() < 10, "loop device still attached");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 
     let back = t.join("back");
     vmi::read_back(&disk, &back).unwrap();
