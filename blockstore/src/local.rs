@@ -252,7 +252,18 @@ impl LocalTier {
     /// True when the chunk is stored locally. May miss a pack another process added within
     /// the last clock tick: callers use it to skip duplicate writes, where a miss costs only space.
     pub(crate) fn has(&self, id: &ChunkId) -> bool {
+        self.catch_up();
+        self.indexed(id)
+    }
+
+    /// Picks up packs other processes added since the last look (when `packs/` changed).
+    pub(crate) fn catch_up(&self) {
         let _ = self.refresh(false);
+    }
+
+    /// As [`LocalTier::has`] without looking for new packs: for a put's many lookups, after
+    /// one [`LocalTier::catch_up`].
+    pub(crate) fn indexed(&self, id: &ChunkId) -> bool {
         self.index.read().unwrap().chunks.contains_key(id)
     }
 
@@ -409,16 +420,9 @@ impl LocalTier {
             let (gone, keep): (Vec<Entry>, Vec<Entry>) =
                 entries.into_iter().partition(|e| ids.contains(&e.id));
             if !keep.is_empty() {
-                let src = match File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(Error::io("open", &path, e)),
-                };
                 let w = self.writer()?;
-                for e in &keep {
-                    let mut frame = vec![0u8; e.len as usize];
-                    src.read_exact_at(&mut frame, e.offset).ctx("read", &path)?;
-                    w.add(&e.id, &frame)?;
+                if !copy_frames(&path, keep.iter(), &w)? {
+                    continue; // another process rewrote it meanwhile
                 }
                 w.commit(&self.packs)?;
             }
@@ -450,12 +454,7 @@ impl LocalTier {
         let w = self.writer()?;
         let mut seen = HashSet::new();
         for (path, entries) in &packs {
-            let src = File::open(path).ctx("open", path)?;
-            for e in entries.iter().filter(|e| seen.insert(e.id)) {
-                let mut frame = vec![0u8; e.len as usize];
-                src.read_exact_at(&mut frame, e.offset).ctx("read", path)?;
-                w.add(&e.id, &frame)?;
-            }
+            copy_frames(path, entries.iter().filter(|e| seen.insert(e.id)), &w)?;
         }
         w.commit(&self.packs)?;
         let paths: Vec<PathBuf> = packs.into_iter().map(|(p, _)| p).collect();
@@ -493,6 +492,25 @@ impl LocalTier {
         info!(chunks = n, "moved chunk files into a pack");
         Ok(n as u64)
     }
+}
+
+/// Copies frames of the pack at `path` into `w`; false when the pack is gone.
+fn copy_frames<'a>(
+    path: &Path,
+    entries: impl Iterator<Item = &'a Entry>,
+    w: &PackWriter,
+) -> Result<bool> {
+    let src = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    for e in entries {
+        let mut frame = vec![0u8; e.len as usize];
+        src.read_exact_at(&mut frame, e.offset).ctx("read", path)?;
+        w.add(&e.id, &frame)?;
+    }
+    Ok(true)
 }
 
 fn pack_name(path: &Path) -> String {

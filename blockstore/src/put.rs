@@ -49,6 +49,7 @@ struct ChunkSink<'a> {
 
 impl<'a> ChunkSink<'a> {
     fn new(store: &'a Store) -> Result<ChunkSink<'a>> {
+        store.inner.local.catch_up();
         Ok(ChunkSink {
             store,
             pack: store.inner.local.writer()?,
@@ -68,7 +69,7 @@ impl<'a> ChunkSink<'a> {
         }
         let id = Digest::of(data);
         let fresh = self.seen.lock().unwrap().insert(id);
-        if fresh && !self.store.inner.local.has(&id) {
+        if fresh && !self.store.inner.local.indexed(&id) {
             enc.encode(data, out)?;
             self.pack.add(&id, out)?;
             self.store
