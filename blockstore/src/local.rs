@@ -63,7 +63,7 @@ struct Index {
     /// mtime of `packs/` at the last scan.
     stamp: Option<SystemTime>,
     packs: HashMap<String, Pack>,
-    /// Files in `packs/` that are not complete packs (only gc removes them).
+    /// Files in `packs/` that are not complete packs (reported by verify, never deleted).
     bad: HashSet<String>,
     chunks: HashMap<ChunkId, (Arc<str>, u32), IdHashing>,
     open_files: usize,
@@ -174,8 +174,9 @@ impl LocalTier {
     /// Store frames durably as one pack (frames already present are skipped).
     pub(crate) fn store(&self, frames: &[(ChunkId, Vec<u8>)]) -> Result<usize> {
         let w = self.writer()?;
+        self.catch_up();
         for (id, frame) in frames {
-            if !self.has(id) {
+            if !self.indexed(id) {
                 w.add(id, frame)?;
             }
         }
@@ -249,20 +250,14 @@ impl LocalTier {
         Ok(())
     }
 
-    /// True when the chunk is stored locally. May miss a pack another process added within
-    /// the last clock tick: callers use it to skip duplicate writes, where a miss costs only space.
-    pub(crate) fn has(&self, id: &ChunkId) -> bool {
-        self.catch_up();
-        self.indexed(id)
-    }
-
     /// Picks up packs other processes added since the last look (when `packs/` changed).
     pub(crate) fn catch_up(&self) {
         let _ = self.refresh(false);
     }
 
-    /// As [`LocalTier::has`] without looking for new packs: for a put's many lookups, after
-    /// one [`LocalTier::catch_up`].
+    /// True when the chunk is in a pack this process has indexed (call
+    /// [`LocalTier::catch_up`] once before a batch of lookups). May miss a pack another process
+    /// added since: callers use it to skip duplicate writes, where a miss costs only space.
     pub(crate) fn indexed(&self, id: &ChunkId) -> bool {
         self.index.read().unwrap().chunks.contains_key(id)
     }
@@ -349,21 +344,28 @@ impl LocalTier {
 
     /// Every pack, for eviction.
     pub(crate) fn packs(&self) -> Result<Vec<PackInfo>> {
+        Ok(self
+            .packs_where(|_| true)?
+            .into_iter()
+            .map(|(path, entries)| PackInfo {
+                accessed: std::fs::metadata(&path)
+                    .and_then(|m| m.accessed())
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                path,
+                chunks: entries.iter().map(|e| (e.id, e.len as u64)).collect(),
+            })
+            .collect())
+    }
+
+    /// The packs (path and entries, after a rescan) whose entries `keep` accepts.
+    fn packs_where(&self, keep: impl Fn(&[Entry]) -> bool) -> Result<Vec<(PathBuf, Vec<Entry>)>> {
         self.refresh(true)?;
         let ix = self.index.read().unwrap();
         Ok(ix
             .packs
             .values()
-            .map(|p| {
-                let at = std::fs::metadata(&p.path)
-                    .and_then(|m| m.accessed())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                PackInfo {
-                    path: p.path.clone(),
-                    accessed: at,
-                    chunks: p.entries.iter().map(|e| (e.id, e.len as u64)).collect(),
-                }
-            })
+            .filter(|p| keep(&p.entries))
+            .map(|p| (p.path.clone(), p.entries.clone()))
             .collect())
     }
 
@@ -405,15 +407,7 @@ impl LocalTier {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        self.refresh(true)?;
-        let affected: Vec<(PathBuf, Vec<Entry>)> = {
-            let ix = self.index.read().unwrap();
-            ix.packs
-                .values()
-                .filter(|p| p.entries.iter().any(|e| ids.contains(&e.id)))
-                .map(|p| (p.path.clone(), p.entries.clone()))
-                .collect()
-        };
+        let affected = self.packs_where(|es| es.iter().any(|e| ids.contains(&e.id)))?;
         let (mut removed, mut freed) = (HashSet::new(), 0u64);
         let mut doomed = Vec::new();
         for (path, entries) in affected {
@@ -424,7 +418,7 @@ impl LocalTier {
                 if !copy_frames(&path, keep.iter(), &w)? {
                     continue; // another process rewrote it meanwhile
                 }
-                w.commit(&self.packs)?;
+                self.commit(w)?;
             }
             freed += gone.iter().map(|e| e.len as u64).sum::<u64>();
             removed.extend(gone.iter().map(|e| e.id));
@@ -439,15 +433,7 @@ impl LocalTier {
     /// opening the store cheap). Returns how many packs were merged. The caller holds the gc
     /// lock exclusively.
     pub(crate) fn merge_small_packs(&self, small: u64, at_least: usize) -> Result<usize> {
-        self.refresh(true)?;
-        let packs: Vec<(PathBuf, Vec<Entry>)> = {
-            let ix = self.index.read().unwrap();
-            ix.packs
-                .values()
-                .filter(|p| p.entries.iter().map(|e| e.len as u64).sum::<u64>() < small)
-                .map(|p| (p.path.clone(), p.entries.clone()))
-                .collect()
-        };
+        let packs = self.packs_where(|es| es.iter().map(|e| e.len as u64).sum::<u64>() < small)?;
         if packs.len() < at_least {
             return Ok(0);
         }
@@ -456,7 +442,7 @@ impl LocalTier {
         for (path, entries) in &packs {
             copy_frames(path, entries.iter().filter(|e| seen.insert(e.id)), &w)?;
         }
-        w.commit(&self.packs)?;
+        self.commit(w)?;
         let paths: Vec<PathBuf> = packs.into_iter().map(|(p, _)| p).collect();
         self.remove_packs(&paths)?;
         Ok(paths.len())

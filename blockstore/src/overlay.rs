@@ -413,6 +413,7 @@ impl Overlay {
         let local = &self.store.inner.local;
         let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(count);
         let pack = local.writer()?;
+        local.catch_up();
         let mut added = HashSet::new();
         let mut buf = vec![0u8; cs as usize];
         let mut enc = crate::frame::ChunkEncoder::new()?;
@@ -445,7 +446,7 @@ impl Overlay {
                 }
                 let id = Digest::of(data);
                 chunks.push(Some(id));
-                if local.has(&id) || !added.insert(id) {
+                if local.indexed(&id) || !added.insert(id) {
                     continue;
                 }
                 enc.encode(data, &mut frame)?;
