@@ -77,15 +77,12 @@ fn check_local(store: &Store, id: &ChunkId) -> Result<Option<bool>> {
     ))
 }
 
-/// Fetch a chunk from the remote, verify it, and store it (replacing a damaged copy).
-fn refetch(store: &Store, id: &ChunkId) -> Result<()> {
+/// Fetch a chunk from the remote and verify it.
+fn refetch(store: &Store, id: &ChunkId) -> Result<Vec<u8>> {
     let remote = store.remote().ok_or(Error::NoRemote)?;
     let frame = remote.get_chunk(id)?;
     decode_chunk(id, &frame, MAX_CHUNK_SIZE as usize, None)?;
-    store.inner.local.remove(&HashSet::from([*id]))?;
-    store.inner.local.store(&[(*id, frame)])?;
-    store.cache().remove(id);
-    Ok(())
+    Ok(frame)
 }
 
 pub(crate) fn verify(store: &Store, repair: bool) -> Result<VerifyReport> {
@@ -151,25 +148,31 @@ pub(crate) fn verify(store: &Store, repair: bool) -> Result<VerifyReport> {
     let mut repaired = Vec::new();
     let mut unrepaired = 0usize;
     if repair {
-        // Damaged but unused: just drop it.
-        let unused: HashSet<ChunkId> = damaged
-            .iter()
-            .filter(|id| !refs.contains(*id))
-            .copied()
-            .collect();
-        store.inner.local.remove(&unused)?;
+        // Fresh copies of the referenced chunks go into one pack; damaged copies (unused ones
+        // just go) are dropped in one pass, so each pack holding some is rewritten once.
+        let fresh = store.inner.local.writer()?;
+        let mut drop: HashSet<ChunkId> = HashSet::new();
         for id in damaged.iter().chain(missing.iter()) {
-            if unused.contains(id) {
-                store.cache().remove(id);
+            if !refs.contains(id) {
+                drop.insert(*id);
                 continue;
             }
             match refetch(store, id) {
-                Ok(()) => repaired.push(*id),
+                Ok(frame) => {
+                    fresh.add(id, &frame)?;
+                    drop.insert(*id);
+                    repaired.push(*id);
+                }
                 Err(e) => {
                     warn!(chunk = %id, "cannot repair: {e}");
                     unrepaired += 1;
                 }
             }
+        }
+        store.inner.local.remove(&drop)?;
+        store.inner.local.commit(fresh)?;
+        for id in &drop {
+            store.cache().remove(id);
         }
     } else {
         unrepaired = damaged.len() + missing.len();
