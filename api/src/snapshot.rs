@@ -222,6 +222,11 @@ enum CapturedMemory {
 /// PARENT_FILE (see `Request::TrackWrites`).
 const TRACKING_FILE: &str = "snapshot.tracking";
 
+/// Milliseconds since `t`, for reports and timing logs.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 /// Prefix of the tracking tag a restored VMM starts with (see `capture_pages_from`).
 const RESTORE_TAG: &str = "restore-";
 
@@ -371,7 +376,7 @@ pub fn create(
     })();
     let after = if stop { Request::Stop } else { Request::Resume };
     let resumed = call(&sock, &after, Duration::from_secs(30));
-    let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let paused_ms = ms_since(t0);
     let (state, memory, disks) = captured?;
     resumed?;
     let (memory, changed, source) = match memory {
@@ -434,7 +439,7 @@ pub fn create(
         "disks": rec.disks.len(),
         "stopped": stop,
         "paused_ms": paused_ms,
-        "ms": t0.elapsed().as_secs_f64() * 1e3,
+        "ms": ms_since(t0),
     });
     if json {
         print_json(&out)
@@ -509,7 +514,7 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     // Check the snapshot before anything runs (also before detaching, for a clear error).
     let (snap_id, rec) = record::load_checked(&store, &a.snapshot)?;
     tracing::debug!(
-        ms = t_start.elapsed().as_secs_f64() * 1e3,
+        ms = ms_since(t_start),
         "restore: store open, snapshot record loaded"
     );
     for d in &rec.disks {
@@ -562,11 +567,10 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
             },
         )?),
     };
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    tracing::debug!(ms = ms(t0), "restore: guest memory ready");
+    tracing::debug!(ms = ms_since(t0), "restore: guest memory ready");
     // SAFETY: `mem` lives until the end of this function, after the VM has ended.
     let vm = Arc::new(unsafe { snapvm::build_vm(&rec, &mem, &ident) }?);
-    tracing::debug!(ms = ms(t0), "restore: VM built");
+    tracing::debug!(ms = ms_since(t0), "restore: VM built");
     // Memory equals the snapshot now: track writes from here, before any vCPU runs, so the
     // first `--diff` against it takes only the written pages.
     let ctx = Arc::new(ControlContext {
@@ -583,9 +587,9 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
             false
         }
     };
-    tracing::debug!(ms = ms(t0), "restore: write tracking started");
+    tracing::debug!(ms = ms_since(t0), "restore: write tracking started");
     vm.start()?;
-    tracing::info!(vm = %id, snapshot = %snap_id, ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
+    tracing::info!(vm = %id, snapshot = %snap_id, ms = ms_since(t0), "restored");
     let meta = serde_json::json!({
         "id": id, "pid": std::process::id(), "kernel": format!("snapshot:{}", snap_id.to_hex()),
         "mem_mib": rec.vm.mem_bytes >> 20, "vcpus": rec.vm.vcpus,

@@ -29,19 +29,28 @@ fn read_all(store: &Store, id: &blockstore::BlobId) -> Vec<u8> {
     out
 }
 
-/// Flips one byte in the middle of a chunk's stored frame.
-fn flip_frame(store: &Store, id: &blockstore::ChunkId) {
+/// XORs `mask` into the byte at `at` of a file (`at` counted from its end when negative).
+fn flip_byte(path: &std::path::Path, at: i64, mask: u8) {
     use std::os::unix::fs::FileExt;
-    let loc = store.local_chunk(id).expect("chunk is local");
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&loc.path)
+        .open(path)
         .unwrap();
-    let at = loc.offset + loc.len / 2;
+    let at = if at < 0 {
+        f.metadata().unwrap().len() - at.unsigned_abs()
+    } else {
+        at as u64
+    };
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+}
+
+/// Flips one byte in the middle of a chunk's stored frame.
+fn flip_frame(store: &Store, id: &blockstore::ChunkId) {
+    let loc = store.local_chunk(id).expect("chunk is local");
+    flip_byte(&loc.path, (loc.offset + loc.len / 2) as i64, 0x40);
 }
 
 #[test]
@@ -673,18 +682,9 @@ fn verify_reports_a_pack_whose_index_does_not_match_its_hash() {
     let id = store.put_bytes(&data, &cs(4096)).unwrap();
     let c = store.manifest(&id).unwrap().chunks[0].unwrap();
     let pack = store.local_chunk(&c).unwrap().path;
-    // Flip a byte of an entry's length field in the index (the 44-byte entries sit right
-    // before the 56-byte footer): the frame itself is untouched.
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let at = f.metadata().unwrap().len() - 56 - 44 + 43;
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    // Flip a byte of the last entry's length field in the index (the 44-byte entries sit
+    // right before the 56-byte footer): the frame itself is untouched.
+    flip_byte(&pack, -(56 + 44) + 43, 0x01);
     let rep = store.verify(false).unwrap();
     assert_eq!(rep.damaged_packs, vec![pack.clone()]);
     assert!(!rep.ok);
