@@ -619,6 +619,7 @@ pub fn exec_request(spec: &RunSpec) -> ExecRequest {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         cwd: Some(spec.workdir.clone()),
+        ..Default::default()
     }
 }
 

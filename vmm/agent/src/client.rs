@@ -1,7 +1,11 @@
-//! Host side of the agent protocol.
+//! Host side of the agent protocol: one function per request, each on a fresh connection
+//! (`stream`, any `Read + Write`: a vsock or Unix socket). The agent's `Error` answers come
+//! back as [`ClientError::Agent`] with their [`ErrorKind`].
 
 use crate::protocol::*;
-use std::io::{Read, Write};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::{self, Read, Write};
 
 /// What an exec produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,33 +19,121 @@ pub struct ExecOutput {
 pub enum ClientError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("agent: {0}")]
-    Agent(String),
+    #[error("agent: {message}")]
+    Agent { kind: ErrorKind, message: String },
     #[error("agent closed the connection early")]
     Closed,
+    /// Reading the caller's input or writing its output.
+    #[error("local I/O: {0}")]
+    Local(io::Error),
+}
+
+impl ClientError {
+    /// The agent's error kind, if the agent refused the request.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Agent { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
 }
 
 fn agent_error(data: &[u8]) -> ClientError {
-    ClientError::Agent(String::from_utf8_lossy(data).into_owned())
+    let e = ErrorReply::parse(data);
+    ClientError::Agent {
+        kind: e.kind,
+        message: e.message,
+    }
+}
+
+/// Streams that can be cloned, so that one thread writes while another reads.
+pub trait TryCloneStream: Read + Write + Send + Sized + 'static {
+    fn try_clone_stream(&self) -> io::Result<Self>;
+}
+
+impl TryCloneStream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl TryCloneStream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+/// A connected socket of another family (vsock) as a file.
+impl TryCloneStream for std::fs::File {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
 }
 
 /// Sends a request's frames. The agent may refuse a request before reading all of it and close
 /// the connection; the write then fails (EPIPE), and the agent's error frame is the answer.
 fn send_request<S: Read + Write>(
     stream: &mut S,
-    send: impl FnOnce(&mut S) -> Result<(), ProtocolError>,
+    send: impl FnOnce(&mut S) -> Result<(), ClientError>,
 ) -> Result<(), ClientError> {
     match send(stream) {
         Ok(()) => Ok(()),
         Err(e) => match read_frame(stream) {
             Ok(Some((Kind::Error, data))) => Err(agent_error(&data)),
-            _ => Err(e.into()),
+            _ => Err(e),
         },
     }
 }
 
-/// Runs a command over a fresh connection, feeding `stdin` and collecting the output.
-/// `on_output` sees each chunk as it arrives (kind is `Stdout` or `Stderr`).
+/// Reads the one answer frame: the `Ok` payload, or the agent's error.
+fn answer<S: Read>(stream: &mut S) -> Result<Vec<u8>, ClientError> {
+    match read_frame(stream)?.ok_or(ClientError::Closed)? {
+        (Kind::Ok, d) => Ok(d),
+        (Kind::Error, d) => Err(agent_error(&d)),
+        (k, _) => Err(ProtocolError::Unexpected(k).into()),
+    }
+}
+
+/// A request of one JSON frame, answered by one `Ok` frame.
+fn call<S: Read + Write, Q: Serialize>(
+    stream: &mut S,
+    kind: Kind,
+    req: &Q,
+) -> Result<Vec<u8>, ClientError> {
+    write_json(stream, kind, req)?;
+    answer(stream)
+}
+
+fn call_json<S: Read + Write, Q: Serialize, T: DeserializeOwned>(
+    stream: &mut S,
+    kind: Kind,
+    req: &Q,
+) -> Result<T, ClientError> {
+    let d = call(stream, kind, req)?;
+    Ok(parse_json(Kind::Ok, &d)?)
+}
+
+/// Reads a process's frames up to its exit: `Started`, output, `Exit`.
+fn follow<S: Read>(
+    stream: &mut S,
+    mut on_started: impl FnMut(Started),
+    mut on_output: impl FnMut(Kind, &[u8]),
+) -> Result<ExitStatus, ClientError> {
+    loop {
+        let (kind, data) = read_frame(stream)?.ok_or(ClientError::Closed)?;
+        match kind {
+            Kind::Started => on_started(parse_json(kind, &data)?),
+            Kind::Stdout | Kind::Stderr => on_output(kind, &data),
+            Kind::Exit => return Ok(parse_json(kind, &data)?),
+            Kind::Error => return Err(agent_error(&data)),
+            k => return Err(ProtocolError::Unexpected(k).into()),
+        }
+    }
+}
+
+/// Runs a command over a fresh connection, feeding `stdin` (unless `req.stdin` is false) and
+/// collecting the output. `on_output` sees each chunk as it arrives (kind is `Stdout` or
+/// `Stderr`).
 pub fn exec<S: Read + Write>(
     stream: &mut S,
     req: &ExecRequest,
@@ -50,75 +142,291 @@ pub fn exec<S: Read + Write>(
 ) -> Result<ExecOutput, ClientError> {
     send_request(stream, |s| {
         write_json(s, Kind::Exec, req)?;
-        for chunk in stdin.chunks(MAX_FRAME) {
-            write_frame(s, Kind::Stdin, chunk)?;
-        }
-        write_frame(s, Kind::Stdin, b"")
-    })?;
-    let mut out = ExecOutput {
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        status: ExitStatus {
-            code: None,
-            signal: None,
-        },
-    };
-    loop {
-        let (kind, data) = read_frame(stream)?.ok_or(ClientError::Closed)?;
-        match kind {
-            Kind::Stdout => out.stdout.extend_from_slice(&data),
-            Kind::Stderr => out.stderr.extend_from_slice(&data),
-            Kind::Exit => {
-                out.status = parse_json(kind, &data)?;
-                return Ok(out);
+        if req.stdin {
+            for chunk in stdin.chunks(MAX_FRAME) {
+                write_frame(s, Kind::Stdin, chunk)?;
             }
-            Kind::Error => return Err(agent_error(&data)),
-            k => return Err(ProtocolError::Unexpected(k).into()),
+            write_frame(s, Kind::Stdin, b"")?;
         }
-        on_output(kind, &data);
-    }
-}
-
-pub fn write_file<S: Read + Write>(
-    stream: &mut S,
-    path: &str,
-    mode: u32,
-    content: &[u8],
-) -> Result<(), ClientError> {
-    send_request(stream, |s| {
-        let req = FileRequest {
-            path: path.into(),
-            mode: Some(mode),
-        };
-        write_json(s, Kind::WriteFile, &req)?;
-        for chunk in content.chunks(MAX_FRAME) {
-            write_frame(s, Kind::Data, chunk)?;
-        }
-        write_frame(s, Kind::Data, b"")
+        Ok(())
     })?;
-    match read_frame(stream)?.ok_or(ClientError::Closed)? {
-        (Kind::Ok, _) => Ok(()),
-        (Kind::Error, d) => Err(agent_error(&d)),
-        (k, _) => Err(ProtocolError::Unexpected(k).into()),
-    }
-}
-
-pub fn read_file<S: Read + Write>(stream: &mut S, path: &str) -> Result<Vec<u8>, ClientError> {
-    write_json(
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = follow(
         stream,
-        Kind::ReadFile,
-        &FileRequest {
-            path: path.into(),
-            mode: None,
+        |_| {},
+        |kind, data| {
+            match kind {
+                Kind::Stdout => stdout.extend_from_slice(data),
+                _ => stderr.extend_from_slice(data),
+            }
+            on_output(kind, data);
         },
     )?;
-    let mut content = Vec::new();
+    Ok(ExecOutput {
+        stdout,
+        stderr,
+        status,
+    })
+}
+
+/// Runs a command, streaming its stdin from `stdin` (on a thread of its own, over a clone of
+/// the stream) while passing its output to `on_output`; `on_started` gets the pid first.
+/// With `stdin: None` the process's stdin is closed at once, except on a tty (where it stays
+/// open for `send_stdin`). Returns at the process's exit; the stdin thread, if still reading
+/// `stdin`, ends at its next read.
+pub fn exec_stream<S: TryCloneStream>(
+    stream: &mut S,
+    req: &ExecRequest,
+    stdin: Option<Box<dyn Read + Send>>,
+    mut on_started: impl FnMut(i32),
+    on_output: impl FnMut(Kind, &[u8]),
+) -> Result<ExitStatus, ClientError> {
+    write_json(stream, Kind::Exec, req)?;
+    if req.stdin {
+        match stdin {
+            Some(mut input) => {
+                let mut w = stream.try_clone_stream().map_err(ProtocolError::from)?;
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match input.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if write_frame(&mut w, Kind::Stdin, &buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = write_frame(&mut w, Kind::Stdin, b"");
+                });
+            }
+            None if req.tty.is_none() => write_frame(stream, Kind::Stdin, b"")?,
+            None => {}
+        }
+    }
+    follow(stream, |s| on_started(s.pid), on_output)
+}
+
+/// Attaches to a process in the agent's table: `on_started` gets its pid and the count of
+/// output bytes already dropped, `on_output` its buffered then live output; returns its exit.
+pub fn connect_process<S: Read + Write>(
+    stream: &mut S,
+    target: &ProcessRef,
+    on_started: impl FnMut(Started),
+    on_output: impl FnMut(Kind, &[u8]),
+) -> Result<ExitStatus, ClientError> {
+    write_json(stream, Kind::Connect, target)?;
+    follow(stream, on_started, on_output)
+}
+
+pub fn list_processes<S: Read + Write>(stream: &mut S) -> Result<Vec<ProcessInfo>, ClientError> {
+    call_json(stream, Kind::List, &serde_json::json!({}))
+}
+
+/// Sends `signal` to the process's group.
+pub fn signal<S: Read + Write>(
+    stream: &mut S,
+    target: &ProcessRef,
+    signal: i32,
+) -> Result<(), ClientError> {
+    let req = SignalRequest {
+        target: target.clone(),
+        signal,
+    };
+    call(stream, Kind::Signal, &req).map(drop)
+}
+
+pub fn send_stdin<S: Read + Write>(
+    stream: &mut S,
+    target: &ProcessRef,
+    data: &[u8],
+) -> Result<(), ClientError> {
+    send_request(stream, |s| {
+        write_json(s, Kind::SendStdin, target)?;
+        for chunk in data.chunks(MAX_FRAME) {
+            write_frame(s, Kind::Data, chunk)?;
+        }
+        Ok(write_frame(s, Kind::Data, b"")?)
+    })?;
+    answer(stream).map(drop)
+}
+
+pub fn close_stdin<S: Read + Write>(
+    stream: &mut S,
+    target: &ProcessRef,
+) -> Result<(), ClientError> {
+    call(stream, Kind::CloseStdin, target).map(drop)
+}
+
+pub fn resize<S: Read + Write>(
+    stream: &mut S,
+    target: &ProcessRef,
+    cols: u16,
+    rows: u16,
+) -> Result<(), ClientError> {
+    let req = ResizeRequest {
+        target: target.clone(),
+        cols,
+        rows,
+    };
+    call(stream, Kind::Resize, &req).map(drop)
+}
+
+/// Writes `content` to `req.path` atomically; returns the bytes written.
+pub fn write_file<S: Read + Write>(
+    stream: &mut S,
+    req: &FileRequest,
+    mut content: impl Read,
+) -> Result<u64, ClientError> {
+    let mut total = 0u64;
+    let mut local = None;
+    send_request(stream, |s| {
+        write_json(s, Kind::WriteFile, req)?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            let n = match content.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Cut the request off: the agent drops the partial file.
+                    local = Some(e);
+                    return Err(ClientError::Closed);
+                }
+            };
+            write_frame(s, Kind::Data, &buf[..n])?;
+            total += n as u64;
+        }
+        Ok(write_frame(s, Kind::Data, b"")?)
+    })
+    .map_err(|e| local.take().map(ClientError::Local).unwrap_or(e))?;
+    answer(stream).map(|_| total)
+}
+
+/// Reads `path` into `out`; returns the bytes read.
+pub fn read_file<S: Read + Write>(
+    stream: &mut S,
+    path: &str,
+    mut out: impl Write,
+) -> Result<u64, ClientError> {
+    let req = FileRequest {
+        path: path.into(),
+        ..Default::default()
+    };
+    write_json(stream, Kind::ReadFile, &req)?;
+    let mut total = 0u64;
     loop {
         match read_frame(stream)?.ok_or(ClientError::Closed)? {
-            (Kind::Data, d) if d.is_empty() => return Ok(content),
-            (Kind::Data, d) => content.extend_from_slice(&d),
+            (Kind::Data, d) if d.is_empty() => return Ok(total),
+            (Kind::Data, d) => {
+                out.write_all(&d).map_err(ClientError::Local)?;
+                total += d.len() as u64;
+            }
             (Kind::Error, d) => return Err(agent_error(&d)),
             (k, _) => return Err(ProtocolError::Unexpected(k).into()),
         }
     }
+}
+
+fn path_req(path: &str) -> PathRequest {
+    PathRequest { path: path.into() }
+}
+
+pub fn stat<S: Read + Write>(stream: &mut S, path: &str) -> Result<FileInfo, ClientError> {
+    call_json(stream, Kind::Stat, &path_req(path))
+}
+
+/// The entries up to `depth` levels below `path` (1: its children), sorted by path.
+pub fn list_dir<S: Read + Write>(
+    stream: &mut S,
+    path: &str,
+    depth: u32,
+) -> Result<Vec<FileInfo>, ClientError> {
+    let req = ListDirRequest {
+        path: path.into(),
+        depth,
+    };
+    call_json(stream, Kind::ListDir, &req)
+}
+
+/// `mkdir -p`; false if `path` was a directory already.
+pub fn make_dir<S: Read + Write>(stream: &mut S, path: &str) -> Result<bool, ClientError> {
+    let req = MakeDirRequest {
+        path: path.into(),
+        mode: None,
+    };
+    let r: MakeDirReply = call_json(stream, Kind::MakeDir, &req)?;
+    Ok(r.created)
+}
+
+pub fn rename<S: Read + Write>(
+    stream: &mut S,
+    from: &str,
+    to: &str,
+) -> Result<FileInfo, ClientError> {
+    let req = RenameRequest {
+        from: from.into(),
+        to: to.into(),
+    };
+    call_json(stream, Kind::Rename, &req)
+}
+
+/// Removes a file, or a directory recursively.
+pub fn remove<S: Read + Write>(stream: &mut S, path: &str) -> Result<(), ClientError> {
+    call(stream, Kind::Remove, &path_req(path)).map(drop)
+}
+
+/// Watches a directory, passing each event to `on_event` until it returns false; the
+/// connection is then dropped, which ends the watch in the agent.
+pub fn watch_dir<S: Read + Write>(
+    mut stream: S,
+    path: &str,
+    recursive: bool,
+    mut on_event: impl FnMut(Event) -> bool,
+) -> Result<(), ClientError> {
+    let req = WatchRequest {
+        path: path.into(),
+        recursive,
+    };
+    call(&mut stream, Kind::WatchDir, &req)?;
+    loop {
+        match read_frame(&mut stream)?.ok_or(ClientError::Closed)? {
+            (Kind::Event, d) => {
+                if !on_event(parse_json(Kind::Event, &d)?) {
+                    return Ok(());
+                }
+            }
+            (Kind::Error, d) => return Err(agent_error(&d)),
+            (k, _) => return Err(ProtocolError::Unexpected(k).into()),
+        }
+    }
+}
+
+/// Connects the stream to TCP `127.0.0.1:port` inside the sandbox; the returned stream then
+/// carries raw bytes both ways (shut down writes to pass on an end of stream).
+pub fn dial<S: Read + Write>(stream: S, port: u16) -> Result<S, ClientError> {
+    dial_host(stream, "127.0.0.1", port)
+}
+
+/// [`dial`] to another address (as the sandbox resolves `host`).
+pub fn dial_host<S: Read + Write>(mut stream: S, host: &str, port: u16) -> Result<S, ClientError> {
+    let req = DialRequest {
+        port,
+        host: host.into(),
+    };
+    call(&mut stream, Kind::Dial, &req)?;
+    Ok(stream)
+}
+
+pub fn health<S: Read + Write>(stream: &mut S) -> Result<HealthInfo, ClientError> {
+    call_json(stream, Kind::Health, &serde_json::json!({}))
+}
+
+/// Tells the agent the VM's new generation (after a restore or fork).
+pub fn set_generation<S: Read + Write>(
+    stream: &mut S,
+    req: &GenerationRequest,
+) -> Result<GenerationReply, ClientError> {
+    call_json(stream, Kind::Generation, req)
 }

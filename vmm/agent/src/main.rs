@@ -4,8 +4,11 @@
 //! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
 //! `kiln.mount=<device>:<dir>` from the kernel command line (ext4), starts the generation watcher
 //! (`genid`: reseed and clock after a restore), and serves vsock port 10000.
-//! Elsewhere it serves the given Unix socket or vsock port (for tests and development). One
-//! thread per connection; one request per connection (see `protocol`).
+//! As PID 1 with `--unix PATH` (the init of a gVisor sandbox, whose runtime did the mounts) it
+//! mounts nothing and watches no generation page. Elsewhere it serves the given Unix socket or
+//! vsock port (for tests and development). In every case a reaper thread collects every child,
+//! orphans included, and PID 1 never exits. One thread per connection; one request per
+//! connection (see `protocol`).
 
 use kiln_agent::protocol::AGENT_PORT;
 use std::ffi::CString;
@@ -15,7 +18,9 @@ use std::os::unix::net::UnixListener;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let pid1 = std::process::id() == 1;
-    if pid1 {
+    kiln_agent::server::init();
+    let unix = args.get(1).map(String::as_str) == Some("--unix");
+    if pid1 && !unix {
         init_mounts();
         start_genid_watcher();
     }
@@ -119,16 +124,17 @@ fn init_mounts() {
 }
 
 fn spawn_conn(fd: OwnedFd) {
-    let file = std::fs::File::from(fd);
-    let Ok(reader) = file.try_clone() else { return };
     std::thread::spawn(move || {
-        if let Err(e) = kiln_agent::server::serve(Box::new(reader), Box::new(file)) {
+        if let Err(e) = kiln_agent::server::serve(fd) {
             eprintln!("kiln-agent: connection: {e}");
         }
     });
 }
 
 fn serve_unix(path: &str) -> Result<(), String> {
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path).map_err(|e| format!("bind {path}: {e}"))?;
     for s in l.incoming() {

@@ -1,16 +1,65 @@
 //! The agent's wire protocol: length-prefixed frames over one stream (vsock in a guest, a Unix
-//! socket in tests).
+//! socket in gVisor and in tests).
 //!
-//! Frame: `u32` little-endian payload length, one kind byte, the payload. Control payloads are
-//! JSON; data payloads are raw bytes. A connection carries one request:
+//! Frame: `u32` little-endian payload length, one kind byte ([`Kind`]), the payload (at most
+//! [`MAX_FRAME`] bytes). Control payloads are JSON; data payloads are raw bytes. A connection
+//! carries one request: its first frame names it, and the connection closes when it is done.
 //!
-//! - exec: client sends `Exec` (JSON [`ExecRequest`]), then any number of `Stdin` frames, an
-//!   empty `Stdin` frame meaning end of input. The agent streams `Stdout` / `Stderr` frames as
-//!   output appears and ends with `Exit` (JSON [`ExitStatus`]) or `Error` (UTF-8 message).
-//! - write file: `WriteFile` (JSON [`FileRequest`]) then `Data` frames, an empty one ending the
-//!   content; the agent answers `Ok` or `Error`. The file appears atomically (temp + rename).
-//! - read file: `ReadFile` (JSON [`FileRequest`]); the agent answers `Data` frames, an empty one
-//!   ending the content, or `Error`.
+//! Answers: `Ok` (an empty payload, or the JSON reply named below) or `Error` (JSON
+//! [`ErrorReply`] `{kind, message}`, `kind` one of `not_found`, `exists`, `invalid`,
+//! `permission`, `other`; agents before protocol 2 sent the message as plain UTF-8, which
+//! clients still accept as kind `other`).
+//!
+//! Processes (every spawned process is kept in a process table with a bounded output buffer,
+//! [`RING_BYTES`] per process, oldest output dropped; the last [`KEEP_EXITED`] exited entries
+//! stay for reconnects). A process is named by [`ProcessRef`] `{pid?, tag?}` (a tag names the
+//! most recently started process with that tag); an unknown one gets `not_found` "no process
+//! with pid N" / "no process with tag T".
+//! - `Exec` (JSON [`ExecRequest`]): the agent answers `Started` (JSON [`Started`]) once the
+//!   process runs, then `Stdout` / `Stderr` frames as output appears (in the order the agent read
+//!   it; all output is `Stdout` on a tty), and ends with `Exit` (JSON [`ExitStatus`]) or `Error`.
+//!   If `stdin` is true (the default) the client sends `Stdin` frames, an empty one closing the
+//!   process's stdin; otherwise the process reads a pipe fed only by `SendStdin`. The client
+//!   keeps its side open until `Exit`: when the connection goes away earlier, a process with
+//!   `background: false` gets SIGKILL (its process group); a background one keeps running. While
+//!   a client is attached, output is not dropped: a slow reader blocks the process on its pipe.
+//! - `Connect` (JSON [`ProcessRef`]): `Started` (with the count of output bytes already dropped
+//!   from the buffer), the buffered output, live output, then `Exit`.
+//! - `List` (empty payload or `{}`): `Ok` with JSON `Vec<`[`ProcessInfo`]`>`.
+//! - `Signal` (JSON [`SignalRequest`]): signals the process group; `Ok`.
+//! - `SendStdin` (JSON [`ProcessRef`]), then `Data` frames, an empty one ending them: `Ok`.
+//! - `CloseStdin` (JSON [`ProcessRef`]): `Ok` (on a tty this sends ^D, the EOF character).
+//! - `Resize` (JSON [`ResizeRequest`]): `TIOCSWINSZ` on the process's tty; `Ok`.
+//!
+//! Files:
+//! - `WriteFile` (JSON [`FileRequest`]) then `Data` frames, an empty one ending the content;
+//!   `Ok`. The file appears atomically (temp file in the same directory, fsync, rename), with
+//!   `mode`, then `uid`/`gid` if given; `make_parents` creates the missing parent directories.
+//! - `ReadFile` (JSON [`FileRequest`]): `Data` frames, an empty one ending the content, or
+//!   `Error`.
+//! - `Stat` (JSON [`PathRequest`]): `Ok` with JSON [`FileInfo`] (lstat: a symlink is not
+//!   followed).
+//! - `ListDir` (JSON [`ListDirRequest`]): `Ok` with JSON `Vec<`[`FileInfo`]`>`, the entries up to
+//!   `depth` levels below the directory (1: its children), sorted by path, symlinks not followed.
+//! - `MakeDir` (JSON [`MakeDirRequest`]): `mkdir -p`; `Ok` with JSON [`MakeDirReply`]
+//!   (`created: false` if it was a directory already; `exists` error if it is something else).
+//! - `Rename` (JSON [`RenameRequest`]): `Ok` with JSON [`FileInfo`] of the new path.
+//! - `Remove` (JSON [`PathRequest`]): `Ok`; directories are removed recursively.
+//! - `WatchDir` (JSON [`WatchRequest`]): `Ok` once the watch is in place, then `Event` frames
+//!   (JSON [`Event`]) until the client closes the connection.
+//!
+//! Ports:
+//! - `Dial` (JSON [`DialRequest`]): the agent connects to `host:port` (TCP, inside the sandbox)
+//!   and answers `Ok` or `Error`; after `Ok` the connection is a raw byte pipe both ways, no more
+//!   frames, and an end of stream on either side is passed on as a shutdown of writes.
+//!
+//! Lifecycle:
+//! - `Health` (empty payload): `Ok` with JSON [`HealthInfo`].
+//! - `Generation` (JSON [`GenerationRequest`], sent by the host after every restore or fork):
+//!   sets the wall clock (unless `unix_time_ns` is 0), mixes the seed into the kernel RNG,
+//!   records the generation (reported by `Health`) and writes it, as decimal and a newline,
+//!   atomically to `$KILN_AGENT_RUN_DIR/generation` (default `/run/kiln/generation`); `Ok` with
+//!   JSON [`GenerationReply`]. No signal is sent to anyone.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,10 +69,33 @@ use std::io::{self, Read, Write};
 pub const MAX_FRAME: usize = 1 << 20;
 /// vsock port the agent listens on inside a guest.
 pub const AGENT_PORT: u32 = 10_000;
+/// Protocol version reported by `Health`.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Output kept per process for reconnects (bytes; the oldest output is dropped).
+pub const RING_BYTES: usize = 1 << 20;
+/// Exited processes kept in the table (the oldest are forgotten).
+pub const KEEP_EXITED: usize = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
+macro_rules! kinds {
+    ($($(#[$m:meta])* $name:ident = $byte:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Kind {
+            $($(#[$m])* $name = $byte,)*
+        }
+
+        impl Kind {
+            pub fn from_byte(b: u8) -> Option<Kind> {
+                match b {
+                    $($byte => Some(Kind::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+kinds! {
     Exec = b'E',
     Stdin = b'I',
     Stdout = b'O',
@@ -34,31 +106,83 @@ pub enum Kind {
     Data = b'D',
     Ok = b'K',
     Error = b'!',
+    /// The process runs (JSON [`Started`]).
+    Started = b'S',
+    Connect = b'C',
+    List = b'L',
+    Signal = b'G',
+    SendStdin = b'N',
+    CloseStdin = b'c',
+    Resize = b'Z',
+    Stat = b's',
+    ListDir = b'l',
+    MakeDir = b'M',
+    Rename = b'm',
+    Remove = b'r',
+    WatchDir = b'w',
+    /// A file system event (JSON [`Event`]).
+    Event = b'V',
+    Dial = b'T',
+    Health = b'H',
+    Generation = b'g',
 }
 
-impl Kind {
-    fn from_byte(b: u8) -> Option<Kind> {
-        use Kind::*;
-        [
-            Exec, Stdin, Stdout, Stderr, Exit, WriteFile, ReadFile, Data, Ok, Error,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == b)
-    }
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExecRequest {
-    /// Program and arguments; the program is looked up in PATH if it has no slash.
+    /// Program and arguments; the program is looked up in PATH if it has no slash. A shell
+    /// command line is `["/bin/sh", "-c", line]`.
     pub argv: Vec<String>,
-    /// Environment (replaces the agent's, except PATH which defaults to a standard one).
+    /// Environment (replaces the agent's, except PATH which defaults to a standard one, and
+    /// HOME / USER / LOGNAME which default to the user's passwd entry when `user` is given).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// `name` (looked up in /etc/passwd), `uid`, `uid:gid` or `name:group`. Supplementary groups
+    /// are cleared. Default: the agent's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A name for `Connect`, `Signal`, ... (several processes may share one).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Keep running when the client's connection goes away.
+    #[serde(default)]
+    pub background: bool,
+    /// Run on a new pseudo-terminal of this size (its own session, the tty as its controlling
+    /// terminal and as stdin, stdout and stderr).
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+    /// The client sends `Stdin` frames after the request (default true).
+    #[serde(default = "yes")]
+    pub stdin: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+impl Default for ExecRequest {
+    fn default() -> Self {
+        ExecRequest {
+            argv: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            tag: None,
+            background: false,
+            tty: None,
+            stdin: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct ExitStatus {
     /// Exit code, if the process exited.
     pub code: Option<i32>,
@@ -66,12 +190,271 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Started {
+    pub pid: i32,
+    /// Output bytes dropped from the buffer before this connection attached (`Connect`).
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Names a process in the table: by pid, else by tag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ProcessRef {
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+impl ProcessRef {
+    pub fn pid(pid: i32) -> ProcessRef {
+        ProcessRef {
+            pid: Some(pid),
+            tag: None,
+        }
+    }
+    pub fn tag(tag: &str) -> ProcessRef {
+        ProcessRef {
+            pid: None,
+            tag: Some(tag.into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignalRequest {
+    #[serde(flatten)]
+    pub target: ProcessRef,
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResizeRequest {
+    #[serde(flatten)]
+    pub target: ProcessRef,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub tag: Option<String>,
+    pub argv: Vec<String>,
+    pub cwd: Option<String>,
+    pub started_ms: u64,
+    pub running: bool,
+    pub exit: Option<ExitStatus>,
+    #[serde(default)]
+    pub background: bool,
+    #[serde(default)]
+    pub tty: bool,
+    /// Output bytes dropped from the buffer so far.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct FileRequest {
     pub path: String,
     /// Permission bits for WriteFile (default 0644).
     #[serde(default)]
     pub mode: Option<u32>,
+    /// Owner set after a WriteFile (each defaults to unchanged).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// WriteFile creates missing parent directories.
+    #[serde(default)]
+    pub make_parents: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathRequest {
+    pub path: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListDirRequest {
+    pub path: String,
+    #[serde(default = "one")]
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MakeDirRequest {
+    pub path: String,
+    /// Permission bits of the directories created (default 0755, less the umask).
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MakeDirReply {
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RenameRequest {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WatchRequest {
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The last component of `path`.
+    pub name: String,
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ms: i64,
+    pub symlink_target: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventOp {
+    Create,
+    Write,
+    Remove,
+    Rename,
+    Chmod,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    /// Path relative to the watched directory.
+    pub name: String,
+    pub op: EventOp,
+}
+
+fn localhost() -> String {
+    "127.0.0.1".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DialRequest {
+    pub port: u16,
+    #[serde(default = "localhost")]
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthInfo {
+    pub version: String,
+    pub protocol: u32,
+    pub generation: u64,
+    pub uptime_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationRequest {
+    pub generation: u64,
+    /// Wall clock to set (ns since the Unix epoch); 0 leaves the clock alone.
+    #[serde(default)]
+    pub unix_time_ns: u64,
+    /// Fresh entropy (32 bytes as 64 hex digits; any whole number of bytes up to 512).
+    #[serde(default)]
+    pub seed_hex: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationReply {
+    pub generation: u64,
+    /// The clock was set (false if not asked, or the kernel refused: gVisor may).
+    pub clock_set: bool,
+    /// The seed was credited to the kernel pool with RNDADDENTROPY (it is always written to
+    /// /dev/urandom, which mixes it in without credit).
+    pub entropy_credited: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    Exists,
+    Invalid,
+    Permission,
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    pub fn of_io(e: &io::Error) -> ErrorKind {
+        match e.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::AlreadyExists => ErrorKind::Exists,
+            io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+            io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => ErrorKind::Invalid,
+            _ => match e.raw_os_error() {
+                Some(libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EINVAL) => {
+                    ErrorKind::Invalid
+                }
+                Some(libc::EPERM) => ErrorKind::Permission,
+                _ => ErrorKind::Other,
+            },
+        }
+    }
+}
+
+/// The payload of an `Error` frame.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
+        ErrorReply {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error about `what` (a path, usually); "not found: <what>" for ENOENT.
+    pub fn io(what: &str, e: &io::Error) -> ErrorReply {
+        let kind = ErrorKind::of_io(e);
+        let message = match kind {
+            ErrorKind::NotFound => format!("not found: {what}"),
+            _ => format!("{what}: {e}"),
+        };
+        ErrorReply { kind, message }
+    }
+
+    /// Reads an `Error` frame's payload: JSON, or the plain text of older agents.
+    pub fn parse(payload: &[u8]) -> ErrorReply {
+        serde_json::from_slice(payload).unwrap_or_else(|_| ErrorReply {
+            kind: ErrorKind::Other,
+            message: String::from_utf8_lossy(payload).into_owned(),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,15 +493,18 @@ pub fn write_json<T: Serialize>(
     write_frame(w, kind, &bytes)
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames. Reads exactly the
+/// frame's bytes (never more), so a stream can carry raw bytes after a frame (`Dial`).
 pub fn read_frame(r: &mut impl Read) -> Result<Option<(Kind, Vec<u8>)>, ProtocolError> {
     let mut head = [0u8; 5];
     let mut got = 0;
     while got < head.len() {
-        match r.read(&mut head[got..])? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-            n => got += n,
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
     }
     let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
@@ -136,6 +522,8 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(
     kind: Kind,
     payload: &[u8],
 ) -> Result<T, ProtocolError> {
+    // An empty payload is an empty object (requests without fields, e.g. `List`).
+    let payload = if payload.is_empty() { b"{}" } else { payload };
     serde_json::from_slice(payload).map_err(|e| ProtocolError::Json(kind, e))
 }
 
@@ -178,5 +566,54 @@ mod tests {
         let mut cut = &[9u8, 0, 0, 0, b'D', 1][..];
         assert!(matches!(read_frame(&mut cut), Err(ProtocolError::Io(_))));
         assert!(write_frame(&mut Vec::new(), Kind::Data, &vec![0; MAX_FRAME + 1]).is_err());
+    }
+
+    #[test]
+    fn kind_bytes_are_distinct_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for b in 0..=255u8 {
+            if let Some(k) = Kind::from_byte(b) {
+                assert_eq!(k as u8, b);
+                assert!(seen.insert(k));
+            }
+        }
+        assert_eq!(seen.len(), 27);
+    }
+
+    #[test]
+    fn old_requests_parse_with_defaults() {
+        let r: ExecRequest = parse_json(Kind::Exec, br#"{"argv":["true"]}"#).unwrap();
+        assert!(r.stdin && !r.background && r.tty.is_none() && r.user.is_none());
+        let f: FileRequest = parse_json(Kind::WriteFile, br#"{"path":"/x","mode":420}"#).unwrap();
+        assert_eq!((f.mode, f.uid, f.make_parents), (Some(0o644), None, false));
+        let l: ListDirRequest = parse_json(Kind::ListDir, br#"{"path":"/"}"#).unwrap();
+        assert_eq!(l.depth, 1);
+        let d: DialRequest = parse_json(Kind::Dial, br#"{"port":80}"#).unwrap();
+        assert_eq!(d.host, "127.0.0.1");
+        let p: ProcessRef = parse_json(Kind::List, b"").unwrap();
+        assert_eq!(p, ProcessRef::default());
+        let s: SignalRequest = parse_json(Kind::Signal, br#"{"tag":"t","signal":15}"#).unwrap();
+        assert_eq!(s.target, ProcessRef::tag("t"));
+    }
+
+    #[test]
+    fn error_replies_are_json_and_plain_text_still_reads() {
+        let e = ErrorReply::io("/x", &io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.starts_with("not found:"), "{}", e.message);
+        let bytes = serde_json::to_vec(&e).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""kind":"not_found""#));
+        assert_eq!(ErrorReply::parse(&bytes), e);
+        let old = ErrorReply::parse(b"exec x: boom");
+        assert_eq!(
+            (old.kind, old.message.as_str()),
+            (ErrorKind::Other, "exec x: boom")
+        );
+        let future = ErrorReply::parse(br#"{"kind":"busy","message":"m"}"#);
+        assert_eq!(future.kind, ErrorKind::Other);
+        assert_eq!(
+            ErrorKind::of_io(&io::Error::from_raw_os_error(libc::EEXIST)),
+            ErrorKind::Exists
+        );
     }
 }

@@ -55,6 +55,20 @@ impl Agent {
     }
 }
 
+fn file_req(path: &str, mode: u32) -> protocol::FileRequest {
+    protocol::FileRequest {
+        path: path.into(),
+        mode: Some(mode),
+        ..Default::default()
+    }
+}
+
+fn read_all(a: &Agent, path: &str) -> Result<Vec<u8>, client::ClientError> {
+    let mut out = Vec::new();
+    client::read_file(&mut a.conn(), path, &mut out)?;
+    Ok(out)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -179,17 +193,19 @@ fn files_round_trip_atomically() {
     let path = dir.path().join("f.bin");
     let p = path.to_str().unwrap();
     let content: Vec<u8> = (0..2_500_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    client::write_file(&mut a.conn(), p, 0o600, &content).unwrap();
+    let n = client::write_file(&mut a.conn(), &file_req(p, 0o600), &content[..]).unwrap();
+    assert_eq!(n, content.len() as u64);
     assert_eq!(std::fs::read(&path).unwrap(), content);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert_eq!(client::read_file(&mut a.conn(), p).unwrap(), content);
-    let e = client::read_file(&mut a.conn(), "/no/such/file").unwrap_err();
+    assert_eq!(read_all(&a, p).unwrap(), content);
+    let e = read_all(&a, "/no/such/file").unwrap_err();
     assert!(e.to_string().contains("/no/such/file"), "{e}");
-    let e = client::write_file(&mut a.conn(), "/no/such/dir/x", 0o644, b"x").unwrap_err();
+    let e = client::write_file(&mut a.conn(), &file_req("/no/such/dir/x", 0o644), &b"x"[..])
+        .unwrap_err();
     assert!(e.to_string().contains("/no/such/dir"), "{e}");
     // A write cut off mid-file leaves neither a partial file nor a temp file behind.
     {
@@ -197,7 +213,7 @@ fn files_round_trip_atomically() {
         let q = dir.path().join("cut.bin");
         let req = protocol::FileRequest {
             path: q.to_str().unwrap().into(),
-            mode: None,
+            ..Default::default()
         };
         protocol::write_json(&mut s, Kind::WriteFile, &req).unwrap();
         protocol::write_frame(&mut s, Kind::Data, b"partial").unwrap();

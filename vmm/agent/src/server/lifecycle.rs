@@ -1,0 +1,106 @@
+//! `Health` and `Generation`: what the host asks after a boot, a restore or a fork.
+
+use super::{fail, io_fail, send_json, Conn, Res};
+use crate::genid::{Actions, SystemActions};
+use crate::protocol::*;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+fn started() -> Instant {
+    static T: OnceLock<Instant> = OnceLock::new();
+    *T.get_or_init(Instant::now)
+}
+
+/// Records the agent's start (for `Health`'s uptime) and starts the reaper.
+pub fn init() {
+    started();
+    super::start_reaper();
+}
+
+/// `$KILN_AGENT_RUN_DIR`, default `/run/kiln`.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("KILN_AGENT_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/kiln"))
+}
+
+pub fn health() -> HealthInfo {
+    HealthInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: PROTOCOL_VERSION,
+        generation: GENERATION.load(Ordering::SeqCst),
+        uptime_ms: started().elapsed().as_millis() as u64,
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 1024 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+pub fn generation(req: GenerationRequest, c: &Conn) -> Res<()> {
+    let Some(seed) = parse_hex(&req.seed_hex) else {
+        return fail(
+            ErrorKind::Invalid,
+            "seed_hex: want an even number of hex digits (at most 1024)",
+        );
+    };
+    // Two hosts' requests are applied one after the other, the file matching the counter.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut sys = SystemActions;
+    // gVisor (and an unprivileged agent) refuse to set the clock: reported, not an error.
+    let clock_set = req.unix_time_ns != 0 && sys.set_clock(req.unix_time_ns).is_ok();
+    let mut entropy_credited = false;
+    if !seed.is_empty() {
+        // Writing mixes the seed in (without credit) wherever /dev/urandom exists; the ioctl
+        // also credits it, when permitted.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .and_then(|mut f| f.write_all(&seed));
+        entropy_credited = sys.reseed(&seed).is_ok();
+    }
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| io_fail(&dir.to_string_lossy(), e))?;
+    let path = dir.join("generation");
+    let tmp = dir.join(".generation.tmp");
+    (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{}", req.generation)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })()
+    .map_err(|e| io_fail(&path.to_string_lossy(), e))?;
+    GENERATION.store(req.generation, Ordering::SeqCst);
+    send_json(
+        c,
+        Kind::Ok,
+        &GenerationReply {
+            generation: req.generation,
+            clock_set,
+            entropy_credited,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_seeds() {
+        assert_eq!(super::parse_hex("00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(super::parse_hex(""), Some(vec![]));
+        assert_eq!(super::parse_hex("abc"), None);
+        assert_eq!(super::parse_hex("zz"), None);
+    }
+}

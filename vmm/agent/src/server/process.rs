@@ -1,0 +1,714 @@
+//! Processes: spawning (user switching, pseudo-terminals), the process table with a bounded
+//! output buffer per process, the reaper, and the requests that name a process.
+//!
+//! Output flows from one pump thread per pipe (or pty) into the process's buffer, and from the
+//! buffer to every attached connection. A pump waits rather than drop output an attached
+//! connection has not sent yet, so a slow client blocks the process on its pipe; with nobody
+//! attached the oldest output is dropped. Memory per process is bounded by [`RING_BYTES`].
+
+use super::{fail, io_fail, read_data, send, send_json, watch_conn, Conn, Res};
+use crate::protocol::*;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const READ_CHUNK: usize = 64 * 1024;
+/// The subscriber id of the connection that started a process.
+const OWNER: u64 = 0;
+
+struct Chunk {
+    off: u64,
+    kind: Kind,
+    data: Vec<u8>,
+}
+
+struct State {
+    info: ProcessInfo,
+    chunks: VecDeque<Chunk>,
+    /// Stream offset of the first buffered byte (the count of bytes dropped).
+    start: u64,
+    /// Stream offset after the last byte.
+    end: u64,
+    /// Attached connections: id -> the stream offset they have sent up to.
+    subs: HashMap<u64, u64>,
+    next_sub: u64,
+    open_pumps: usize,
+    /// The write side of the process's stdin (the pty master on a tty).
+    stdin: Option<Arc<File>>,
+    pty: Option<Arc<File>>,
+    retired: bool,
+}
+
+impl State {
+    /// Exited, and all its output is in the buffer.
+    fn done(&self) -> bool {
+        self.info.exit.is_some() && self.open_pumps == 0
+    }
+}
+
+struct Proc {
+    pid: i32,
+    seq: u64,
+    tag: Option<String>,
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Proc {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    procs: HashMap<i32, Arc<Proc>>,
+    /// Exited processes, oldest first: (pid, seq).
+    exited: VecDeque<(i32, u64)>,
+    next_seq: u64,
+}
+
+/// Lock order: the table, then a process's state (never the other way round).
+fn table() -> MutexGuard<'static, Table> {
+    static T: OnceLock<Mutex<Table>> = OnceLock::new();
+    T.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the thread that reaps every child (as PID 1 that includes orphans re-parented to the
+/// agent, so zombies never pile up) and records the status of the processes in the table.
+pub fn start_reaper() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(reap_loop)
+            .expect("spawning the reaper thread");
+    });
+}
+
+fn reap_loop() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer; -1 waits for any child.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            // No children right now (ECHILD): wait a little for the next spawn.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
+        let st = if libc::WIFEXITED(status) {
+            ExitStatus {
+                code: Some(libc::WEXITSTATUS(status)),
+                signal: None,
+            }
+        } else if libc::WIFSIGNALED(status) {
+            ExitStatus {
+                code: None,
+                signal: Some(libc::WTERMSIG(status)),
+            }
+        } else {
+            continue;
+        };
+        // Spawning holds the table lock until the process is in it, so it is found here.
+        let Some(p) = table().procs.get(&pid).cloned() else {
+            continue;
+        };
+        let mut s = p.lock();
+        if s.info.exit.is_some() {
+            continue;
+        }
+        s.info.exit = Some(st);
+        s.info.running = false;
+        if s.pty.is_none() {
+            s.stdin = None;
+        }
+        p.cv.notify_all();
+        let retire = s.done();
+        drop(s);
+        if retire {
+            retire_proc(&p);
+        }
+    }
+}
+
+/// Moves a finished process to the bounded list of exited ones.
+fn retire_proc(p: &Arc<Proc>) {
+    {
+        let mut s = p.lock();
+        if s.retired {
+            return;
+        }
+        s.retired = true;
+        // Its tty is no longer needed (the buffer holds all output).
+        s.pty = None;
+        s.stdin = None;
+    }
+    let mut t = table();
+    t.exited.push_back((p.pid, p.seq));
+    while t.exited.len() > KEEP_EXITED {
+        let (pid, seq) = t.exited.pop_front().expect("non-empty");
+        if t.procs.get(&pid).is_some_and(|q| q.seq == seq) {
+            t.procs.remove(&pid);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The user a process runs as.
+#[derive(Debug, PartialEq, Eq)]
+struct User {
+    uid: u32,
+    gid: u32,
+    name: Option<String>,
+    home: Option<String>,
+}
+
+/// `name`, `uid`, `uid:gid`, `name:group`, looked up in `passwd` and `group` (file contents).
+fn resolve_user(spec: &str, passwd: &str, group: &str) -> Res<User> {
+    // name:x:uid:gid:gecos:home:shell
+    let entries: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 6)
+        .collect();
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let entry = match u.parse::<u32>() {
+        Ok(uid) => entries.iter().find(|f| f[2].parse() == Ok(uid)),
+        Err(_) => match entries.iter().find(|f| f[0] == u) {
+            Some(e) => Some(e),
+            None => return fail(ErrorKind::NotFound, format!("no user {u:?} in /etc/passwd")),
+        },
+    };
+    let bad = || {
+        super::Fail(ErrorReply::new(
+            ErrorKind::Invalid,
+            format!("bad user {spec:?}"),
+        ))
+    };
+    let uid = match u.parse::<u32>() {
+        Ok(uid) => uid,
+        Err(_) => entry.and_then(|f| f[2].parse().ok()).ok_or_else(bad)?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| {
+                    super::Fail(ErrorReply::new(
+                        ErrorKind::NotFound,
+                        format!("no group {g:?} in /etc/group"),
+                    ))
+                })?,
+        },
+        // Like Docker: a uid without a passwd entry gets gid 0.
+        None => match entry {
+            Some(f) => f[3].parse().map_err(|_| bad())?,
+            None => 0,
+        },
+    };
+    Ok(User {
+        uid,
+        gid,
+        name: entry.map(|f| f[0].to_string()),
+        home: entry.map(|f| f[5].to_string()),
+    })
+}
+
+fn last_err() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn set_winsize(fd: &File, size: TtySize) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize, valid for the call; the fd is open.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) } != 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal (master, slave), both close-on-exec, of `size`.
+fn open_pty(size: TtySize) -> std::io::Result<(File, OwnedFd)> {
+    // SAFETY: plain posix_openpt call; the result is checked.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: m is a fresh descriptor we own.
+    let master = File::from(unsafe { OwnedFd::from_raw_fd(m) });
+    // SAFETY: grantpt/unlockpt on our master descriptor.
+    if unsafe { libc::grantpt(m) } != 0 || unsafe { libc::unlockpt(m) } != 0 {
+        return Err(last_err());
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: ptsname_r writes at most name.len() bytes (NUL-terminated) into name.
+    let r = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: name is NUL-terminated (ptsname_r succeeded).
+    let s = unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if s < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: s is a fresh descriptor we own.
+    let slave = unsafe { OwnedFd::from_raw_fd(s) };
+    set_winsize(&master, size)?;
+    Ok((master, slave))
+}
+
+fn spawn_fail(prog: &str, e: std::io::Error) -> super::Fail {
+    super::Fail(ErrorReply::new(
+        ErrorKind::of_io(&e),
+        format!("exec {prog}: {e}"),
+    ))
+}
+
+/// Spawns `req` and puts it in the table, the owner (subscriber [`OWNER`]) attached at 0.
+fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
+    let Some(prog) = req.argv.first() else {
+        return fail(ErrorKind::Invalid, "exec: empty argv");
+    };
+    let mut cmd = Command::new(prog);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH);
+    if let Some(spec) = &req.user {
+        let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+        let u = resolve_user(spec, &read("/etc/passwd"), &read("/etc/group"))?;
+        // std clears the supplementary groups (setgroups(0)) when it changes the uid as root.
+        cmd.uid(u.uid).gid(u.gid);
+        cmd.env("HOME", u.home.as_deref().unwrap_or("/"));
+        if let Some(name) = &u.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
+    }
+    if req.tty.is_some() {
+        cmd.env("TERM", "xterm-256color");
+    }
+    cmd.envs(&req.env);
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    // Held until the process is in the table, so the reaper finds it even if it exits at once.
+    // Every spawn happens under this lock, so no other child inherits a pty descriptor between
+    // its creation and the spawn.
+    let mut t = table();
+    let (pid, stdin, outputs, pty) = match req.tty {
+        Some(size) => {
+            let (master, slave) = open_pty(size).map_err(|e| io_fail("openpty", e))?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_fail("dup", e));
+            cmd.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            // SAFETY: the closure only makes async-signal-safe calls (setsid, ioctl).
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().map_err(|e| spawn_fail(prog, e))?;
+            // Closes the agent's copies of the slave: the master reads EIO once the process
+            // (and anything it left holding the tty) is gone.
+            drop(cmd);
+            let master = Arc::new(master);
+            (
+                child.id() as i32,
+                Some(master.clone()),
+                vec![(master.clone(), Kind::Stdout)],
+                Some(master),
+            )
+        }
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            let mut child = cmd.spawn().map_err(|e| spawn_fail(prog, e))?;
+            let file = |fd: OwnedFd| Arc::new(File::from(fd));
+            let stdin = child.stdin.take().map(|s| file(s.into()));
+            let out = file(child.stdout.take().expect("piped").into());
+            let err = file(child.stderr.take().expect("piped").into());
+            (
+                child.id() as i32,
+                stdin,
+                vec![(out, Kind::Stdout), (err, Kind::Stderr)],
+                None,
+            )
+        }
+    };
+    let seq = t.next_seq;
+    t.next_seq += 1;
+    let p = Arc::new(Proc {
+        pid,
+        seq,
+        tag: req.tag.clone(),
+        st: Mutex::new(State {
+            info: ProcessInfo {
+                pid,
+                tag: req.tag.clone(),
+                argv: req.argv.clone(),
+                cwd: req.cwd.clone(),
+                started_ms: now_ms(),
+                running: true,
+                exit: None,
+                background: req.background,
+                tty: req.tty.is_some(),
+                dropped: 0,
+            },
+            chunks: VecDeque::new(),
+            start: 0,
+            end: 0,
+            subs: HashMap::from([(OWNER, 0)]),
+            next_sub: OWNER + 1,
+            open_pumps: outputs.len(),
+            stdin,
+            pty,
+            retired: false,
+        }),
+        cv: Condvar::new(),
+    });
+    // A pid seen again was reaped: its old entry (exited) is replaced.
+    t.procs.insert(pid, p.clone());
+    drop(t);
+    for (src, kind) in outputs {
+        let p = p.clone();
+        std::thread::Builder::new()
+            .name(format!("pump-{pid}"))
+            .spawn(move || pump(p, src, kind))
+            .map_err(|e| io_fail("spawning a thread", e))?;
+    }
+    Ok(p)
+}
+
+fn pump(p: Arc<Proc>, src: Arc<File>, kind: Kind) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match (&*src).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => push(&p, kind, &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // EIO: the tty's last holder closed it.
+            Err(_) => break,
+        }
+    }
+    let mut s = p.lock();
+    s.open_pumps -= 1;
+    p.cv.notify_all();
+    let retire = s.done();
+    drop(s);
+    if retire {
+        retire_proc(&p);
+    }
+}
+
+/// Appends output to the buffer; waits while that would drop output an attached connection
+/// has not sent yet.
+fn push(p: &Proc, kind: Kind, data: &[u8]) {
+    let mut s = p.lock();
+    loop {
+        let end = s.end;
+        let behind = s.subs.values().map(|&pos| end - pos).max().unwrap_or(0);
+        if behind == 0 || behind as usize + data.len() <= RING_BYTES {
+            break;
+        }
+        s = p.wait(s);
+    }
+    let off = s.end;
+    s.chunks.push_back(Chunk {
+        off,
+        kind,
+        data: data.to_vec(),
+    });
+    s.end += data.len() as u64;
+    while s.end - s.start > RING_BYTES as u64 {
+        let c = s.chunks.pop_front().expect("non-empty");
+        s.start += c.data.len() as u64;
+    }
+    s.info.dropped = s.start;
+    p.cv.notify_all();
+}
+
+enum Ended {
+    Exit(ExitStatus),
+    Gone,
+}
+
+/// Sends the process's output from subscriber `id`'s position on, until it is done.
+fn stream(p: &Proc, id: u64, c: &Conn) -> Ended {
+    loop {
+        let (off, kind, data) = {
+            let mut s = p.lock();
+            loop {
+                let Some(&pos) = s.subs.get(&id) else {
+                    return Ended::Gone;
+                };
+                let i = s.chunks.partition_point(|ch| ch.off < pos);
+                if let Some(ch) = s.chunks.get(i) {
+                    break (ch.off, ch.kind, ch.data.clone());
+                }
+                if s.done() {
+                    s.subs.remove(&id);
+                    p.cv.notify_all();
+                    return Ended::Exit(s.info.exit.expect("done"));
+                }
+                s = p.wait(s);
+            }
+        };
+        if send(c, kind, &data).is_err() {
+            return Ended::Gone;
+        }
+        let mut s = p.lock();
+        if let Some(pos) = s.subs.get_mut(&id) {
+            *pos = off + data.len() as u64;
+        }
+        p.cv.notify_all();
+    }
+}
+
+/// Detaches subscriber `id`; when it is the owner of a process that is not `background`, the
+/// process's group gets SIGKILL.
+fn detach(p: &Proc, id: u64) {
+    let mut s = p.lock();
+    s.subs.remove(&id);
+    p.cv.notify_all();
+    if id == OWNER && !s.info.background && s.info.exit.is_none() {
+        // SAFETY: kill(2); the process is not reaped yet (no exit status), so its pid (and
+        // process group, which it leads) is still its own.
+        unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+    }
+}
+
+/// Closes the process's stdin (on a tty: sends the EOF character).
+fn close_stdin_of(p: &Proc) {
+    let mut s = p.lock();
+    if s.pty.is_some() {
+        let w = s.stdin.clone();
+        drop(s);
+        if let Some(w) = w {
+            let _ = (&*w).write_all(&[0x04]);
+        }
+    } else {
+        s.stdin = None;
+    }
+}
+
+pub fn exec(req: ExecRequest, c: &Conn) -> Res<()> {
+    let p = spawn(&req)?;
+    let started = Started {
+        pid: p.pid,
+        dropped: 0,
+    };
+    if send_json(c, Kind::Started, &started).is_err() {
+        detach(&p, OWNER);
+        return Ok(());
+    }
+    // Reads the connection: stdin frames, then nothing until the client goes away.
+    let p2 = p.clone();
+    let mut feeding = req.stdin;
+    watch_conn(
+        c,
+        move |kind, data| {
+            if kind == Kind::Stdin && feeding {
+                if data.is_empty() {
+                    close_stdin_of(&p2);
+                    feeding = false;
+                } else if let Some(w) = p2.lock().stdin.clone() {
+                    // A process that does not read its input: the rest is dropped.
+                    let _ = (&*w).write_all(data);
+                }
+            }
+        },
+        {
+            let p = p.clone();
+            move || detach(&p, OWNER)
+        },
+    );
+    match stream(&p, OWNER, c) {
+        Ended::Exit(st) => send_json(c, Kind::Exit, &st),
+        Ended::Gone => {
+            detach(&p, OWNER);
+            Ok(())
+        }
+    }
+}
+
+fn find(target: &ProcessRef) -> Res<Arc<Proc>> {
+    let t = table();
+    let found = match (&target.pid, &target.tag) {
+        (Some(pid), _) => t.procs.get(pid).cloned().ok_or(format!("pid {pid}")),
+        (None, Some(tag)) => t
+            .procs
+            .values()
+            .filter(|p| p.tag.as_deref() == Some(tag))
+            .max_by_key(|p| p.seq)
+            .cloned()
+            .ok_or(format!("tag {tag}")),
+        (None, None) => return fail(ErrorKind::Invalid, "name a process by pid or tag"),
+    };
+    found.or_else(|what| fail(ErrorKind::NotFound, format!("no process with {what}")))
+}
+
+pub fn connect(target: ProcessRef, c: &Conn) -> Res<()> {
+    let p = find(&target)?;
+    let (id, dropped) = {
+        let mut s = p.lock();
+        let id = s.next_sub;
+        s.next_sub += 1;
+        let start = s.start;
+        s.subs.insert(id, start);
+        (id, start)
+    };
+    let started = Started {
+        pid: p.pid,
+        dropped,
+    };
+    if send_json(c, Kind::Started, &started).is_err() {
+        detach(&p, id);
+        return Ok(());
+    }
+    watch_conn(c, |_, _| {}, {
+        let p = p.clone();
+        move || detach(&p, id)
+    });
+    match stream(&p, id, c) {
+        Ended::Exit(st) => send_json(c, Kind::Exit, &st),
+        Ended::Gone => {
+            detach(&p, id);
+            Ok(())
+        }
+    }
+}
+
+pub fn list() -> Vec<ProcessInfo> {
+    let mut procs: Vec<Arc<Proc>> = table().procs.values().cloned().collect();
+    procs.sort_by_key(|p| p.seq);
+    procs.iter().map(|p| p.lock().info.clone()).collect()
+}
+
+pub fn signal(req: SignalRequest, c: &Conn) -> Res<()> {
+    let p = find(&req.target)?;
+    let s = p.lock();
+    if s.info.exit.is_some() {
+        return fail(ErrorKind::Invalid, format!("process {} has exited", p.pid));
+    }
+    // SAFETY: kill(2); the process is not reaped yet (checked under the lock the reaper takes).
+    let mut r = unsafe { libc::kill(-p.pid, req.signal) };
+    if r != 0 && last_err().raw_os_error() == Some(libc::ESRCH) {
+        // Not a group leader (it called setpgid itself): the process alone.
+        // SAFETY: as above.
+        r = unsafe { libc::kill(p.pid, req.signal) };
+    }
+    drop(s);
+    if r != 0 {
+        return Err(io_fail(
+            &format!("signal {} to pid {}", req.signal, p.pid),
+            last_err(),
+        ));
+    }
+    send(c, Kind::Ok, b"")
+}
+
+pub fn send_stdin(target: ProcessRef, c: &Conn) -> Res<()> {
+    let found = find(&target);
+    let w = match &found {
+        Ok(p) => p.lock().stdin.clone().ok_or_else(|| {
+            super::Fail(ErrorReply::new(
+                ErrorKind::Invalid,
+                format!("stdin of process {} is closed", p.pid),
+            ))
+        }),
+        Err(super::Fail(e)) => Err(super::Fail(e.clone())),
+    };
+    read_data(c, w, |w, chunk| {
+        (&**w)
+            .write_all(chunk)
+            .map_err(|e| io_fail("write to stdin", e))
+    })?;
+    send(c, Kind::Ok, b"")
+}
+
+pub fn close_stdin(target: ProcessRef, c: &Conn) -> Res<()> {
+    close_stdin_of(&*find(&target)?);
+    send(c, Kind::Ok, b"")
+}
+
+pub fn resize(req: ResizeRequest, c: &Conn) -> Res<()> {
+    let p = find(&req.target)?;
+    let Some(pty) = p.lock().pty.clone() else {
+        return fail(ErrorKind::Invalid, format!("process {} has no tty", p.pid));
+    };
+    let size = TtySize {
+        cols: req.cols,
+        rows: req.rows,
+    };
+    set_winsize(&pty, size).map_err(|e| io_fail("TIOCSWINSZ", e))?;
+    send(c, Kind::Ok, b"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+        app:x:1000:1001::/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:\n";
+
+    #[test]
+    fn users_resolve_like_docker() {
+        let u = |s| resolve_user(s, PASSWD, GROUP);
+        let app = u("app").unwrap();
+        assert_eq!((app.uid, app.gid), (1000, 1001));
+        assert_eq!(app.home.as_deref(), Some("/home/app"));
+        assert_eq!(app.name.as_deref(), Some("app"));
+        let n = u("65534").unwrap();
+        assert_eq!(
+            (n.uid, n.gid, n.name.as_deref()),
+            (65534, 65534, Some("nobody"))
+        );
+        let x = u("4242").unwrap();
+        assert_eq!((x.uid, x.gid, x.home), (4242, 0, None));
+        assert_eq!(u("4242:7").unwrap().gid, 7);
+        assert_eq!(u("app:staff").unwrap().gid, 50);
+        assert_eq!(u("nope").unwrap_err().0.kind, ErrorKind::NotFound);
+        assert_eq!(u("app:nogroup").unwrap_err().0.kind, ErrorKind::NotFound);
+    }
+}
