@@ -1,80 +1,14 @@
 //! The agent's protocol and exec logic, tested as a host process over a Unix socket (the same
 //! code serves vsock inside a Linux guest).
 
+mod common;
+
+use common::*;
 use kiln_agent::client;
 use kiln_agent::protocol::{self, ExecRequest, Kind};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-            .arg("--unix")
-            .arg(&sock)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        // The socket file appears at bind(), before listen(): wait for a connection to work.
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "agent did not start"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Agent {
-            child,
-            sock,
-            _dir: dir,
-        }
-    }
-
-    fn conn(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s
-    }
-
-    fn exec(&self, argv: &[&str], stdin: &[u8]) -> Result<client::ExecOutput, client::ClientError> {
-        let req = ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        };
-        client::exec(&mut self.conn(), &req, stdin, |_, _| {})
-    }
-}
-
-fn file_req(path: &str, mode: u32) -> protocol::FileRequest {
-    protocol::FileRequest {
-        path: path.into(),
-        mode: Some(mode),
-        ..Default::default()
-    }
-}
-
-fn read_all(a: &Agent, path: &str) -> Result<Vec<u8>, client::ClientError> {
-    let mut out = Vec::new();
-    client::read_file(&mut a.conn(), path, &mut out)?;
-    Ok(out)
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn exec_streams_output_and_returns_exit_codes() {
