@@ -303,7 +303,11 @@ fn flooding_output_keeps_the_agent_small() {
         assert!(t0.elapsed() < Duration::from_secs(120));
     };
     let _ = s.read(&mut buf);
-    eprintln!("agent RSS: {} KiB at start, at most {} KiB", rss0 >> 10, max_rss >> 10);
+    eprintln!(
+        "agent RSS: {} KiB at start, at most {} KiB",
+        rss0 >> 10,
+        max_rss >> 10
+    );
     assert_eq!(status.code, Some(0));
     assert_eq!(got, total);
     assert!(
