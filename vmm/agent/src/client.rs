@@ -78,10 +78,12 @@ fn send_request<S: Read + Write>(
 ) -> Result<(), ClientError> {
     match send(stream) {
         Ok(()) => Ok(()),
-        Err(e) => match read_frame(stream) {
+        // Only a failed write means the agent may have answered (a local failure does not).
+        Err(e @ ClientError::Protocol(_)) => match read_frame(stream) {
             Ok(Some((Kind::Error, data))) => Err(agent_error(&data)),
             _ => Err(e),
         },
+        Err(e) => Err(e),
     }
 }
 
@@ -280,7 +282,6 @@ pub fn write_file<S: Read + Write>(
     mut content: impl Read,
 ) -> Result<u64, ClientError> {
     let mut total = 0u64;
-    let mut local = None;
     send_request(stream, |s| {
         write_json(s, Kind::WriteFile, req)?;
         let mut buf = vec![0u8; MAX_FRAME];
@@ -289,18 +290,15 @@ pub fn write_file<S: Read + Write>(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Cut the request off: the agent drops the partial file.
-                    local = Some(e);
-                    return Err(ClientError::Closed);
-                }
+                // The request is cut off (the caller drops the connection): the agent drops
+                // the partial file.
+                Err(e) => return Err(ClientError::Local(e)),
             };
             write_frame(s, Kind::Data, &buf[..n])?;
             total += n as u64;
         }
         Ok(write_frame(s, Kind::Data, b"")?)
-    })
-    .map_err(|e| local.take().map(ClientError::Local).unwrap_or(e))?;
+    })?;
     answer(stream).map(|_| total)
 }
 
@@ -429,4 +427,91 @@ pub fn set_generation<S: Read + Write>(
     req: &GenerationRequest,
 ) -> Result<GenerationReply, ClientError> {
     call_json(stream, Kind::Generation, req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scripted agent: reads come from `input`, writes go to `output`.
+    struct Fake {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Fake {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Fake {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn fake(frames: &[(Kind, &[u8])]) -> Fake {
+        let mut input = Vec::new();
+        for (k, p) in frames {
+            write_frame(&mut input, *k, p).unwrap();
+        }
+        Fake {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn exec_skips_started_and_reads_old_and_new_errors() {
+        let mut s = fake(&[
+            (Kind::Started, br#"{"pid":42}"#),
+            (Kind::Stdout, b"hi"),
+            (Kind::Exit, br#"{"code":0,"signal":null}"#),
+        ]);
+        let out = exec(&mut s, &ExecRequest::default(), b"in", |_, _| {}).unwrap();
+        assert_eq!(
+            (out.stdout.as_slice(), out.status.code),
+            (&b"hi"[..], Some(0))
+        );
+        // Exec, one stdin frame, the empty one.
+        let mut w = &s.output[..];
+        let kinds: Vec<Kind> = std::iter::from_fn(|| read_frame(&mut w).unwrap())
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kinds, [Kind::Exec, Kind::Stdin, Kind::Stdin]);
+
+        let mut s = fake(&[(Kind::Error, b"plain old message")]);
+        let e = stat(&mut s, "/x").unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::Other));
+        assert_eq!(e.to_string(), "agent: plain old message");
+        let mut s = fake(&[(
+            Kind::Error,
+            br#"{"kind":"not_found","message":"not found: /x"}"#,
+        )]);
+        let e = stat(&mut s, "/x").unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::NotFound));
+        assert!(matches!(fake(&[]).input.read(&mut [0]), Ok(0)));
+    }
+
+    #[test]
+    fn a_failing_local_reader_does_not_wait_for_the_agent() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        // No frames to read: waiting for an answer would fail with Closed, not Local.
+        let mut s = fake(&[]);
+        let req = FileRequest {
+            path: "/x".into(),
+            ..Default::default()
+        };
+        let e = write_file(&mut s, &req, Broken).unwrap_err();
+        assert!(matches!(e, ClientError::Local(_)), "{e}");
+    }
 }

@@ -69,6 +69,13 @@ fn exec_on_a_tty_and_resize_it() {
     assert!(out.stderr.is_empty());
     assert_eq!(out.status.code, Some(0));
 
+    // A program that cannot start is a clear error on a tty as well.
+    let mut bad = req(&["/no/such/program"]);
+    bad.tty = Some(TtySize { cols: 80, rows: 24 });
+    let e = client::exec(&mut a.conn(), &bad, b"", |_, _| {}).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::NotFound), "{e}");
+    assert!(e.to_string().contains("/no/such/program"), "{e}");
+
     let mut r = sh("read x; stty size");
     r.tty = Some(TtySize { cols: 80, rows: 24 });
     r.stdin = false;
@@ -205,7 +212,7 @@ fn list_and_signal() {
     // An exited process cannot be signalled; an unknown one is not found.
     let e = client::signal(&mut a.conn(), &ProcessRef::pid(pid), 15).unwrap_err();
     assert!(matches!(e, ClientError::Agent { .. }), "{e}");
-    let e = client::signal(&mut a.conn(), &ProcessRef::pid(999_999_9), 15).unwrap_err();
+    let e = client::signal(&mut a.conn(), &ProcessRef::pid(9_999_999), 15).unwrap_err();
     assert_eq!(e.kind(), Some(ErrorKind::NotFound));
     assert!(e.to_string().contains("no process with pid 9999999"), "{e}");
 }

@@ -291,11 +291,42 @@ fn open_pty(size: TtySize) -> std::io::Result<(File, OwnedFd)> {
     Ok((master, slave))
 }
 
+/// Whether `prog` can be run: found in `path` if it has no slash. Checked before spawning,
+/// because std's fork-based spawn (used with a uid or a tty) reaps a child whose exec failed
+/// itself, and asserts that it could: the reaper may have got there first.
+fn runnable(prog: &str, path: &str, cwd: Option<&str>) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if prog.contains('/') {
+        let p = std::path::Path::new(prog);
+        match cwd {
+            Some(cwd) if p.is_relative() => ok(&std::path::Path::new(cwd).join(p)),
+            _ => ok(p),
+        }
+    } else {
+        path.split(':')
+            .any(|d| !d.is_empty() && ok(&std::path::Path::new(d).join(prog)))
+    }
+}
+
 fn spawn_fail(prog: &str, e: std::io::Error) -> super::Fail {
     super::Fail(ErrorReply::new(
         ErrorKind::of_io(&e),
         format!("exec {prog}: {e}"),
     ))
+}
+
+/// `cmd.spawn()`, its rare panic (see [`runnable`]) turned into an error.
+fn spawn_guarded(cmd: &mut Command, prog: &str) -> Res<std::process::Child> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn())) {
+        Ok(r) => r.map_err(|e| spawn_fail(prog, e)),
+        Err(_) => fail(
+            ErrorKind::Other,
+            format!("exec {prog}: the program did not start"),
+        ),
+    }
 }
 
 /// Spawns `req` and puts it in the table, the owner (subscriber [`OWNER`]) attached at 0.
@@ -324,6 +355,13 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
+    let path = req.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    if (req.user.is_some() || req.tty.is_some()) && !runnable(prog, path, req.cwd.as_deref()) {
+        return fail(
+            ErrorKind::NotFound,
+            format!("exec {prog}: no such program (or not executable)"),
+        );
+    }
     // Held until the process is in the table, so the reaper finds it even if it exits at once.
     // Every spawn happens under this lock, so no other child inherits a pty descriptor between
     // its creation and the spawn.
@@ -344,7 +382,7 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
                     Ok(())
                 });
             }
-            let child = cmd.spawn().map_err(|e| spawn_fail(prog, e))?;
+            let child = spawn_guarded(&mut cmd, prog)?;
             // Closes the agent's copies of the slave: the master reads EIO once the process
             // (and anything it left holding the tty) is gone.
             drop(cmd);
@@ -361,7 +399,7 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .process_group(0);
-            let mut child = cmd.spawn().map_err(|e| spawn_fail(prog, e))?;
+            let mut child = spawn_guarded(&mut cmd, prog)?;
             let file = |fd: OwnedFd| Arc::new(File::from(fd));
             let stdin = child.stdin.take().map(|s| file(s.into()));
             let out = file(child.stdout.take().expect("piped").into());
