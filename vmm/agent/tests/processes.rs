@@ -324,3 +324,25 @@ fn flooding_output_keeps_the_agent_small() {
         rss0 >> 20
     );
 }
+
+#[test]
+fn exited_entries_are_bounded() {
+    let a = Agent::start();
+    let n = protocol::KEEP_EXITED + 6;
+    for i in 0..n {
+        let out = client::exec(&mut a.conn(), &sh(&format!("exit {i}")), b"", |_, _| {}).unwrap();
+        assert_eq!(out.status.code, Some(i as i32));
+    }
+    let exited = || {
+        client::list_processes(&mut a.conn())
+            .unwrap()
+            .into_iter()
+            .filter(|p| !p.running)
+            .collect::<Vec<_>>()
+    };
+    a.wait_until(10, || exited().len() == protocol::KEEP_EXITED);
+    let l = exited();
+    // The oldest were forgotten; the list is in start order.
+    assert_eq!(l.first().unwrap().exit.unwrap().code, Some(6));
+    assert_eq!(l.last().unwrap().exit.unwrap().code, Some(n as i32 - 1));
+}
