@@ -5,6 +5,7 @@
 
 mod cli;
 mod image;
+mod sandbox;
 mod snapshot;
 mod store;
 mod vm;
@@ -44,6 +45,9 @@ enum Command {
     Image(image::ImageCommand),
     /// Build a VM image from a Dockerfile
     Build(image::BuildArgs),
+    /// Sandboxes: create from an image, exec, cp, snapshot, fork, pause, resume, kill
+    #[command(subcommand, visible_alias = "sbx")]
+    Sandbox(sandbox::SandboxCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Snapshot(c) => snapshot::run(&home, c),
         Command::Image(c) => image::run(&home, c),
         Command::Build(a) => image::build(&home, a),
+        Command::Sandbox(c) => sandbox::run(&home, c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

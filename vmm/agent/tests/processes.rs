@@ -346,3 +346,20 @@ fn exited_entries_are_bounded() {
     assert_eq!(l.first().unwrap().exit.unwrap().code, Some(6));
     assert_eq!(l.last().unwrap().exit.unwrap().code, Some(n as i32 - 1));
 }
+
+#[test]
+fn exit_is_not_held_up_by_a_process_left_behind() {
+    let a = Agent::start();
+    let t0 = Instant::now();
+    // The backgrounded sleep keeps stdout and stderr open after sh exits.
+    let out = a.exec(&["sh", "-c", "sleep 3 & echo hi"], b"").unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.status.code),
+        (&b"hi\n"[..], Some(0))
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+}

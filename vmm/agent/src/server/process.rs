@@ -15,9 +15,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const READ_CHUNK: usize = 64 * 1024;
+/// After a process exited, how long its pipes may stay quiet before they count as abandoned
+/// (held open by a process it left behind, e.g. `sh -c "server &"`): its output then ends.
+const ABANDON_AFTER: Duration = Duration::from_millis(500);
 /// The subscriber id of the connection that started a process.
 const OWNER: u64 = 0;
 
@@ -42,12 +46,18 @@ struct State {
     stdin: Option<Arc<File>>,
     pty: Option<Arc<File>>,
     retired: bool,
+    last_output: Instant,
+    /// Pumps waiting for a slow connection (their pipes may hold more output).
+    waiting_pumps: usize,
+    /// The process exited and its open pipes stayed quiet: see [`ABANDON_AFTER`].
+    abandoned: bool,
 }
 
 impl State {
-    /// Exited, and all its output is in the buffer.
+    /// Exited, and all its output is in the buffer (what comes later on abandoned pipes is
+    /// still buffered, for `Connect`).
     fn done(&self) -> bool {
-        self.info.exit.is_some() && self.open_pumps == 0
+        self.info.exit.is_some() && (self.open_pumps == 0 || self.abandoned)
     }
 }
 
@@ -138,6 +148,27 @@ fn reap_loop() {
         drop(s);
         if retire {
             retire_proc(&p);
+        } else {
+            std::thread::spawn(move || watch_abandoned(p));
+        }
+    }
+}
+
+/// Marks an exited process's pipes abandoned once they stay quiet (and no pump is waiting
+/// for a slow connection, so nothing is left unread in them).
+fn watch_abandoned(p: Arc<Proc>) {
+    loop {
+        std::thread::sleep(ABANDON_AFTER / 4);
+        let mut s = p.lock();
+        if s.open_pumps == 0 {
+            return; // done the ordinary way
+        }
+        if s.waiting_pumps == 0 && s.last_output.elapsed() >= ABANDON_AFTER {
+            s.abandoned = true;
+            p.cv.notify_all();
+            drop(s);
+            retire_proc(&p);
+            return;
         }
     }
 }
@@ -440,6 +471,9 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
             stdin,
             pty,
             retired: false,
+            last_output: Instant::now(),
+            waiting_pumps: 0,
+            abandoned: false,
         }),
         cv: Condvar::new(),
     });
@@ -487,8 +521,11 @@ fn push(p: &Proc, kind: Kind, data: &[u8]) {
         if behind == 0 || behind as usize + data.len() <= RING_BYTES {
             break;
         }
+        s.waiting_pumps += 1;
         s = p.wait(s);
+        s.waiting_pumps -= 1;
     }
+    s.last_output = Instant::now();
     let off = s.end;
     s.chunks.push_back(Chunk {
         off,

@@ -1,0 +1,561 @@
+//! `kiln sandbox` (alias `kiln sbx`): sandboxes from images and snapshots, on this host's
+//! default runtime (microvm where KVM has hardware virtualization, gVisor elsewhere). Parsing
+//! and printing only; the lifecycle lives in the `runtime` crate.
+
+use crate::cli::{print_json, Home};
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_agent::client;
+use kiln_agent::protocol::{FileRequest, Kind, TtySize};
+use runtime::{
+    CreateSpec, ExecOptions, OnTimeout, RuntimeKind, SandboxRecord, Sandboxes, Source, State,
+};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox from an image (or a snapshot) and print its id
+    ///
+    /// The image's ENV, WORKDIR, USER and CMD are the defaults of every exec. Examples:
+    ///   kiln sandbox create busybox --name dev --env MODE=test --timeout 600
+    ///   kiln sandbox create --snapshot warm
+    #[command(verbatim_doc_comment)]
+    Create(CreateArgs),
+    /// List sandboxes (state, runtime, image, age)
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox's record
+    Info {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a sandbox; streams its output and exits with its code
+    ///
+    /// stdin passes through. Examples:
+    ///   kiln sandbox exec dev -- ls -la /
+    ///   echo hi | kiln sandbox exec dev --cwd /tmp -- sh -c 'cat > x; wc -c x'
+    ///   kiln sandbox exec -t dev -- sh
+    #[command(verbatim_doc_comment)]
+    Exec(ExecArgs),
+    /// Copy a file into or out of a sandbox: `cp SRC ID:DST` or `cp ID:SRC DST`
+    Cp { src: String, dst: String },
+    /// Save a running sandbox as a named snapshot; it keeps running
+    Snapshot {
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// Also push it (with its image) to the default remote
+        #[arg(long)]
+        push: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List named sandbox snapshots
+    Snapshots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start N sandboxes continuing from a running sandbox's present state
+    Fork {
+        id: String,
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a running sandbox to the store and stop it
+    Pause {
+        id: String,
+        /// Also push its snapshot to the default remote (resume it in another home with
+        /// `kiln sandbox resume SNAPSHOT-ID`)
+        #[arg(long)]
+        push: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused sandbox, or start one from a snapshot id (e.g. pushed by another host)
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End sandboxes and remove them
+    Kill {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a sandbox's console log (its init's and runtime's output)
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Set a sandbox's timeout, counted from now (0: none)
+    Timeout { id: String, secs: u64 },
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Image name or id (see `kiln image ls`)
+    #[arg(required_unless_present = "snapshot", conflicts_with = "snapshot")]
+    image: Option<String>,
+    /// Start from a sandbox snapshot instead (name or id)
+    #[arg(long)]
+    snapshot: Option<String>,
+    /// A unique name to address the sandbox by
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    runtime: RuntimeArg,
+    /// vCPUs [default: 1, or the snapshot's]
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory in MiB [default: 512, or the snapshot's]
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Environment for every exec, K=V (repeatable)
+    #[arg(long = "env", value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// Metadata, K=V (repeatable)
+    #[arg(long = "metadata", value_parser = parse_kv)]
+    metadata: Vec<(String, String)>,
+    /// Seconds until the sandbox is killed (or paused with --on-timeout pause)
+    #[arg(long)]
+    timeout: Option<u64>,
+    #[arg(long, value_enum, default_value = "kill")]
+    on_timeout: OnTimeoutArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum RuntimeArg {
+    Auto,
+    Microvm,
+    Gvisor,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum OnTimeoutArg {
+    Kill,
+    Pause,
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// Run on a pseudo-terminal (raw mode, window size passed on)
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// K=V (repeatable), over the image's and the sandbox's environment
+    #[arg(long = "env", value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// Working directory [default: the image's WORKDIR]
+    #[arg(long)]
+    cwd: Option<String>,
+    /// User name, uid or uid:gid [default: the image's USER]
+    #[arg(long)]
+    user: Option<String>,
+    id: String,
+    /// The command [default: the image's CMD]
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// The sandboxes of this home, with every driver this build has, in order of preference.
+pub fn open(home: &Home) -> Result<Sandboxes> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    Ok(runtime::host_sandboxes(home.root(), store, exe))
+}
+
+pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
+    let sbx = open(home)?;
+    match c {
+        SandboxCommand::Create(a) => create(&sbx, a),
+        SandboxCommand::Ls { json } => ls(&sbx, json),
+        SandboxCommand::Info { id, json } => {
+            let rec = sbx.get(&id)?;
+            if json {
+                print_json(&rec)
+            } else {
+                print_record(&rec);
+                Ok(())
+            }
+        }
+        SandboxCommand::Exec(a) => exec(&sbx, a),
+        SandboxCommand::Cp { src, dst } => cp(&sbx, &src, &dst),
+        SandboxCommand::Snapshot {
+            id,
+            name,
+            push,
+            json,
+        } => {
+            let snap = sbx.snapshot(&id, Some(&name))?;
+            if push {
+                runtime::snapshot::push(sbx.store(), &snap, Some(&name))?;
+            }
+            if json {
+                print_json(&serde_json::json!({"name": name, "id": snap, "pushed": push}))
+            } else {
+                println!("{snap}");
+                Ok(())
+            }
+        }
+        SandboxCommand::Snapshots { json } => {
+            let list = runtime::snapshot::list(sbx.store())?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(n, id)| serde_json::json!({"name": n, "id": id}))
+                    .collect();
+                return print_json(&v);
+            }
+            println!("{:<24} ID", "NAME");
+            for (n, id) in list {
+                println!("{n:<24} {id}");
+            }
+            Ok(())
+        }
+        SandboxCommand::Fork { id, count, json } => {
+            let forks = sbx.fork(&id, count)?;
+            if json {
+                return print_json(&forks);
+            }
+            for f in forks {
+                println!("{}", f.id);
+            }
+            Ok(())
+        }
+        SandboxCommand::Pause { id, push, json } => {
+            let rec = sbx.pause(&id)?;
+            let State::Paused { snapshot } = &rec.state else {
+                bail!("sandbox {id} did not pause");
+            };
+            if push {
+                runtime::snapshot::push(sbx.store(), snapshot, None)?;
+            }
+            if json {
+                return print_json(&rec);
+            }
+            println!("{} paused (snapshot {snapshot})", rec.id);
+            Ok(())
+        }
+        SandboxCommand::Resume { id, json } => {
+            let rec = match sbx.get(&id) {
+                Ok(_) => sbx.resume(&id)?,
+                Err(runtime::Error::NotFound(_)) => sbx
+                    .create(CreateSpec::new(Source::Snapshot(id.clone())))
+                    .with_context(|| format!("{id:?} is neither a sandbox here nor a snapshot"))?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                return print_json(&rec);
+            }
+            println!("{}", rec.id);
+            Ok(())
+        }
+        SandboxCommand::Kill { ids } => {
+            for id in ids {
+                sbx.kill(&id)?;
+                println!("{id} killed");
+            }
+            Ok(())
+        }
+        SandboxCommand::Logs { id, follow } => logs(&sbx.log_path(&id)?, follow),
+        SandboxCommand::Timeout { id, secs } => {
+            let rec = sbx.set_timeout(&id, (secs > 0).then_some(secs))?;
+            println!("{} {}", rec.id, describe_deadline(&rec));
+            Ok(())
+        }
+    }
+}
+
+fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
+    let source = match (a.image, a.snapshot) {
+        (_, Some(s)) => Source::Snapshot(s),
+        (Some(i), None) => Source::Image(i),
+        (None, None) => bail!("give an image or --snapshot"),
+    };
+    let mut spec = CreateSpec::new(source);
+    spec.name = a.name;
+    spec.runtime = match a.runtime {
+        RuntimeArg::Auto => None,
+        RuntimeArg::Microvm => Some(RuntimeKind::Microvm),
+        RuntimeArg::Gvisor => Some(RuntimeKind::Gvisor),
+    };
+    spec.cpus = a.cpus;
+    spec.memory_mib = a.memory;
+    spec.env = a.env.into_iter().collect();
+    spec.metadata = a.metadata.into_iter().collect();
+    spec.timeout_secs = a.timeout;
+    spec.on_timeout = match a.on_timeout {
+        OnTimeoutArg::Kill => OnTimeout::Kill,
+        OnTimeoutArg::Pause => OnTimeout::Pause,
+    };
+    let rec = sbx.create(spec)?;
+    if a.json {
+        return print_json(&rec);
+    }
+    println!("{}", rec.id);
+    Ok(())
+}
+
+fn ls(sbx: &Sandboxes, json: bool) -> Result<()> {
+    let list = sbx.list()?;
+    if json {
+        return print_json(&list);
+    }
+    println!(
+        "{:<16} {:<14} {:<8} {:<8} {:<20} CREATED",
+        "ID", "NAME", "STATE", "RUNTIME", "SOURCE"
+    );
+    for r in list {
+        println!(
+            "{:<16} {:<14} {:<8} {:<8} {:<20} {}",
+            r.id,
+            r.name.as_deref().unwrap_or("-"),
+            r.state.name(),
+            r.runtime,
+            truncate(&r.source, 20),
+            age(r.created_ms)
+        );
+    }
+    Ok(())
+}
+
+fn print_record(r: &SandboxRecord) {
+    println!("id:       {}", r.id);
+    if let Some(n) = &r.name {
+        println!("name:     {n}");
+    }
+    println!("state:    {}", r.state.name());
+    if let State::Failed { cause } = &r.state {
+        println!("cause:    {cause}");
+    }
+    if let State::Paused { snapshot } = &r.state {
+        println!("snapshot: {snapshot}");
+    }
+    println!("runtime:  {}", r.runtime);
+    println!("source:   {} (image {})", r.source, r.image);
+    println!("cpus:     {}  memory: {} MiB", r.cpus, r.memory_mib);
+    println!("created:  {} ago", age(r.created_ms));
+    println!("timeout:  {}", describe_deadline(r));
+    for (k, v) in &r.metadata {
+        println!("meta:     {k}={v}");
+    }
+}
+
+fn describe_deadline(r: &SandboxRecord) -> String {
+    match r.deadline_ms {
+        None => "none".into(),
+        Some(d) => {
+            let left = d.saturating_sub(runtime::record::now_ms()) / 1000;
+            let what = match r.on_timeout {
+                OnTimeout::Kill => "killed",
+                OnTimeout::Pause => "paused",
+            };
+            format!("{what} in {left} s")
+        }
+    }
+}
+
+fn age(ms: u64) -> String {
+    let s = runtime::record::now_ms().saturating_sub(ms) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('~');
+        t
+    }
+}
+
+fn exec(sbx: &Sandboxes, a: ExecArgs) -> Result<()> {
+    let (rec, mut stream) = sbx.connect(&a.id)?;
+    let mut req = sbx.exec_request(
+        &rec,
+        ExecOptions {
+            argv: a.cmd,
+            env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
+            cwd: a.cwd,
+            user: a.user,
+        },
+    );
+    if req.argv.is_empty() {
+        bail!("no command given and the image has no CMD: kiln sandbox exec ID -- CMD...");
+    }
+    let _raw = if a.tty {
+        req.tty = Some(terminal_size());
+        RawMode::enter()
+    } else {
+        None
+    };
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let status = client::exec_stream(
+        &mut stream,
+        &req,
+        Some(Box::new(std::io::stdin())),
+        |_| {},
+        |kind, data| {
+            let _ = match kind {
+                Kind::Stderr => stderr.lock().write_all(data),
+                _ => stdout
+                    .lock()
+                    .write_all(data)
+                    .and_then(|_| stdout.lock().flush()),
+            };
+        },
+    )
+    .map_err(|e| anyhow!("sandbox {}: {e}", rec.id))?;
+    drop(_raw);
+    let _ = stdout.lock().flush();
+    let code = match (status.code, status.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    };
+    std::process::exit(code);
+}
+
+/// `ID:PATH` -> (ID, PATH); a local path otherwise.
+fn sandbox_path(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (!id.is_empty() && !id.contains('/')).then_some((id, path))
+}
+
+fn cp(sbx: &Sandboxes, src: &str, dst: &str) -> Result<()> {
+    match (sandbox_path(src), sandbox_path(dst)) {
+        (None, Some((id, path))) => {
+            let f = std::fs::File::open(src).with_context(|| format!("opening {src}"))?;
+            let meta = f.metadata()?;
+            if meta.is_dir() {
+                bail!("{src} is a directory: cp copies single files");
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let (_, mut s) = sbx.connect(id)?;
+            let req = FileRequest {
+                path: path.to_string(),
+                mode: Some(meta.permissions().mode() & 0o7777),
+                ..FileRequest::default()
+            };
+            client::write_file(&mut s, &req, std::io::BufReader::new(f))
+                .map_err(|e| anyhow!("sandbox {id}: {e}"))?;
+            Ok(())
+        }
+        (Some((id, path)), None) => {
+            let (_, mut s) = sbx.connect(id)?;
+            let dst = Path::new(dst);
+            let dst: PathBuf = if dst.is_dir() {
+                dst.join(
+                    Path::new(path)
+                        .file_name()
+                        .ok_or_else(|| anyhow!("{path} has no file name"))?,
+                )
+            } else {
+                dst.to_path_buf()
+            };
+            // Atomic: a failed copy leaves no partial file.
+            let tmp = dst.with_file_name(format!(
+                ".{}.kiln-cp",
+                dst.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let out = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut w = std::io::BufWriter::new(out);
+            let copied = client::read_file(&mut s, path, &mut w)
+                .map_err(|e| anyhow!("sandbox {id}: {e}"))
+                .and_then(|_| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
+            if let Err(e) = copied {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            std::fs::rename(&tmp, &dst)
+                .with_context(|| format!("renaming to {}", dst.display()))?;
+            Ok(())
+        }
+        (Some(_), Some(_)) => bail!("copy between two sandboxes: copy out, then in"),
+        (None, None) => bail!("one side must be ID:PATH"),
+    }
+}
+
+fn logs(path: &Path, follow: bool) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        if !follow || !path.exists() {
+            return Ok(());
+        }
+        out.flush()?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn terminal_size() -> TtySize {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills the winsize we own; a failure leaves zeros, replaced below.
+    unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    TtySize {
+        cols: if ws.ws_col == 0 { 80 } else { ws.ws_col },
+        rows: if ws.ws_row == 0 { 24 } else { ws.ws_row },
+    }
+}
+
+/// The local terminal in raw mode for `exec -t`, restored when dropped.
+struct RawMode {
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a terminal fd.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is a terminal (checked above); t is a valid out-pointer.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            return None;
+        }
+        let saved = t;
+        // SAFETY: cfmakeraw edits the struct we own; tcsetattr applies it to fd 0.
+        unsafe {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t);
+        }
+        Some(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read from the same terminal.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+    }
+}

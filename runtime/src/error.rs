@@ -1,0 +1,65 @@
+//! The runtime layer's error type: each cause said once, the sandbox named where it matters.
+
+/// What can go wrong creating, driving or snapshotting a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] blockstore::Error),
+    #[error(transparent)]
+    Image(#[from] imagebuilder::Error),
+    #[error("no sandbox {0:?} (see `kiln sandbox ls`)")]
+    NotFound(String),
+    #[error("no sandbox snapshot {0:?} (see `kiln sandbox snapshots`)")]
+    SnapshotNotFound(String),
+    #[error("a sandbox named {0:?} exists already")]
+    NameTaken(String),
+    #[error("sandbox {id} is {state}, {needed}")]
+    WrongState {
+        id: String,
+        state: String,
+        needed: &'static str,
+    },
+    #[error("sandbox {0} is busy with another operation (try again)")]
+    Busy(String),
+    #[error("runtime {0} cannot run on this host: {1}")]
+    Unavailable(crate::RuntimeKind, String),
+    #[error(
+        "snapshot was taken under the {snapshot} runtime and cannot be restored under {wanted}"
+    )]
+    RuntimeMismatch {
+        snapshot: crate::RuntimeKind,
+        wanted: crate::RuntimeKind,
+    },
+    #[error("the agent in sandbox {id} did not answer within {secs} s\n--- log tail ---\n{tail}")]
+    AgentTimeout { id: String, secs: u64, tail: String },
+    #[error("{what} failed: {detail}")]
+    Driver { what: String, detail: String },
+    #[error(transparent)]
+    Agent(#[from] kiln_agent::client::ClientError),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attaches the operation and path to an io::Error.
+pub(crate) trait IoCtx<T> {
+    fn ctx(self, what: &'static str, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoCtx<T> for std::io::Result<T> {
+    fn ctx(self, what: &'static str, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

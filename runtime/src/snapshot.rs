@@ -1,0 +1,141 @@
+//! Sandbox snapshots in the block store: a small JSON record (its blob id is the snapshot id)
+//! naming the runtime, the image, the sandbox's settings and the driver's [`Checkpoint`].
+//!
+//! Store names:
+//! - `sandbox-snapshot:<name>` -> a named snapshot (`kiln sandbox snapshot ID --name N`);
+//! - `keep:<blob id>` -> every blob a snapshot refers to (its checkpoint blobs and the record
+//!   itself), so a name-rooted gc keeps them, as images do.
+//!
+//! A snapshot pushed to a remote carries its image: restoring it in another home pulls the
+//! image's record and layers lazily.
+
+use crate::error::{Error, Result};
+use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
+use crate::Checkpoint;
+use blockstore::{BlobId, PutOptions, Store};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+const NAME_PREFIX: &str = "sandbox-snapshot:";
+const KEEP_PREFIX: &str = "keep:";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub schema: u32,
+    pub runtime: RuntimeKind,
+    pub image: BlobId,
+    /// The snapshot the sandbox had been restored from, if any.
+    pub parent: Option<BlobId>,
+    /// The sandbox it was taken of.
+    pub sandbox: String,
+    pub created_ms: u64,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub defaults: ProcessDefaults,
+    pub generation: u64,
+    pub checkpoint: Checkpoint,
+}
+
+impl SnapshotRecord {
+    pub fn of(rec: &SandboxRecord, checkpoint: Checkpoint) -> SnapshotRecord {
+        SnapshotRecord {
+            schema: 1,
+            runtime: rec.runtime,
+            image: rec.image,
+            parent: rec.snapshot,
+            sandbox: rec.id.clone(),
+            created_ms: now_ms(),
+            cpus: rec.cpus,
+            memory_mib: rec.memory_mib,
+            disk_mib: rec.disk_mib,
+            env: rec.env.clone(),
+            metadata: rec.metadata.clone(),
+            defaults: rec.defaults.clone(),
+            generation: rec.generation,
+            checkpoint,
+        }
+    }
+}
+
+/// Stores the record (after its blobs, which the driver made durable) and keeps everything.
+pub fn put(store: &Store, snap: &SnapshotRecord, name: Option<&str>) -> Result<BlobId> {
+    let bytes = serde_json::to_vec(snap).expect("records serialize");
+    let id = store.put_bytes(&bytes, &PutOptions::default())?;
+    for b in snap.checkpoint.blobs.iter().chain([&id]) {
+        store.set_name(&format!("{KEEP_PREFIX}{b}"), b)?;
+    }
+    if let Some(n) = name {
+        crate::record::check_name(n)?;
+        store.set_name(&format!("{NAME_PREFIX}{n}"), &id)?;
+    }
+    Ok(id)
+}
+
+pub fn get(store: &Store, id: &BlobId) -> Result<SnapshotRecord> {
+    let mut bytes = Vec::new();
+    store.write_to(id, &mut bytes)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Invalid(format!("snapshot {id} is not a sandbox snapshot: {e}")))
+}
+
+/// A snapshot by name, full id, or (locally) an id prefix of 8+ hex digits. A name or id this
+/// home lacks is looked up on the default remote and pulled (the record only; data stays lazy).
+pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, SnapshotRecord)> {
+    let name = format!("{NAME_PREFIX}{name_or_id}");
+    if let Some(id) = store.lookup_name(&name)? {
+        return Ok((id, get(store, &id)?));
+    }
+    if let Ok(id) = name_or_id.parse::<BlobId>() {
+        if !store.contains(&id) {
+            store
+                .pull(&id)
+                .map_err(|_| Error::SnapshotNotFound(name_or_id.into()))?;
+        }
+        return Ok((id, get(store, &id)?));
+    }
+    if name_or_id.len() >= 8 && name_or_id.chars().all(|c| c.is_ascii_hexdigit()) {
+        let prefix = name_or_id.to_ascii_lowercase();
+        for (_, id) in list(store)? {
+            if id.to_hex().starts_with(&prefix) {
+                return Ok((id, get(store, &id)?));
+            }
+        }
+    }
+    // Another home may have pushed it under this name.
+    if let Ok(Some(id)) = store.remote_name(&name) {
+        store.pull(&id)?;
+        store.set_name(&name, &id)?;
+        return Ok((id, get(store, &id)?));
+    }
+    Err(Error::SnapshotNotFound(name_or_id.into()))
+}
+
+/// Named snapshots: (name, id).
+pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
+    Ok(store
+        .names()?
+        .into_iter()
+        .filter_map(|(n, id)| Some((n.strip_prefix(NAME_PREFIX)?.to_string(), id)))
+        .collect())
+}
+
+/// Pushes a snapshot (its image, its blobs, then the record, then its name) to the remote.
+pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
+    let snap = get(store, id)?;
+    let mut bytes = imagebuilder::image::push(store, &snap.image)?;
+    for b in snap.checkpoint.blobs.iter().chain([id]) {
+        bytes += store.push(b, &|_| {})?.bytes_uploaded;
+    }
+    if let Some(n) = name {
+        store.push_name(&format!("{NAME_PREFIX}{n}"), id)?;
+    }
+    Ok(bytes)
+}
+
+/// Removes a snapshot's name (its data goes with the next gc once nothing else keeps it).
+pub fn remove_name(store: &Store, name: &str) -> Result<bool> {
+    Ok(store.remove_name(&format!("{NAME_PREFIX}{name}"))?)
+}
