@@ -73,19 +73,3 @@ pub fn progress_bar(total_bytes: u64, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
-
-/// A fresh VM id: 8 hex digits from /dev/urandom (time and pid if that cannot be read).
-pub fn new_vm_id() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 4];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        b = (t.subsec_nanos() ^ std::process::id()).to_le_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}

@@ -1,18 +1,15 @@
 //! `kiln vm ...`: one VM = one VMM process (this binary running `kiln vm run`), with a control
-//! socket (JSON lines, see `vmm::control`) and a serial log under KILN_HOME/vms/ID.
+//! socket (JSON lines, see `vmm::control`) and a serial log under KILN_HOME/vms/ID. The work is
+//! `runtime::microvm::vms`; this file parses, calls it and prints.
 
 use crate::cli::{print_json, Home};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use vmm::control::{self, ControlContext, Request};
-use vmm::devices::virtio::block::engine::FileEngine;
-use vmm::devices::virtio::block::{Block, DiskBackend};
-use vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
+use runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, RunOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+use vmm::control::Request;
+use vmm::ExitReason;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -119,6 +116,12 @@ pub struct RunArgs {
     /// VM id (default: random)
     #[arg(long)]
     id: Option<String>,
+    /// The VM's directory (default: KILN_HOME/vms/ID; sandboxes keep theirs elsewhere)
+    #[arg(long, hide = true)]
+    vm_dir: Option<PathBuf>,
+    /// Attach disks from this index on read-only (the ones before stay writable)
+    #[arg(long, hide = true)]
+    read_only_from: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -133,23 +136,12 @@ enum EngineArg {
     Sync,
 }
 
-/// What `kiln vm run` records about a VM (vms/ID/vm.json).
-#[derive(Serialize, Deserialize)]
-struct VmMeta {
-    id: String,
-    pid: u32,
-    kernel: PathBuf,
-    mem_mib: u64,
-    vcpus: u8,
-    disks: Vec<String>,
-    started_unix: u64,
-}
-
-/// How a VM ended (vms/ID/exit.json).
-#[derive(Serialize, Deserialize)]
-struct VmExit {
-    reason: ExitReason,
-    committed: Vec<Option<String>>,
+/// The launcher of detached VMM processes: this binary, this home.
+pub fn launcher(home: &Home) -> Result<Launcher> {
+    Ok(Launcher {
+        exe: std::env::current_exe().context("finding the kiln binary")?,
+        home: home.root().to_path_buf(),
+    })
 }
 
 pub fn run(home: &Home, c: VmCommand) -> Result<()> {
@@ -168,27 +160,31 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
         }
         VmCommand::Restore(a) => crate::snapshot::restore(home, a),
         VmCommand::Fork(a) => crate::snapshot::fork(home, a),
-        VmCommand::Stop { id } => stop(home, &id),
-        VmCommand::Logs { id, follow } => logs(home, &id, follow),
+        VmCommand::Stop { id } => {
+            let dir = vms::vm_dir(home.root(), &id)?;
+            vms::stop(&dir, &id, Duration::from_secs(30))?;
+            println!("{id} stopped");
+            Ok(())
+        }
+        VmCommand::Logs { id, follow } => {
+            let dir = vms::vm_dir(home.root(), &id)?;
+            Ok(vms::logs(&dir, follow, &mut std::io::stdout().lock())?)
+        }
         VmCommand::CommitDisk { id, disk, name } => {
-            let v = call(
-                home,
-                &id,
-                &Request::CommitDisk { disk },
-                Duration::from_secs(600),
-            )?;
-            let blob = v["blob"].as_str().unwrap_or_default().to_string();
+            let dir = vms::vm_dir(home.root(), &id)?;
+            let blob = vms::commit_disk(&dir, &id, disk)?;
             if let Some(name) = name {
                 let store = blockstore::Store::open(&home.store_dir())?;
-                store.set_name(&name, &blob.parse().map_err(|e| anyhow!("{e:?}"))?)?;
+                store.set_name(&name, &blob)?;
             }
             println!("{blob}");
             Ok(())
         }
         VmCommand::SaveState { id, path } => {
             let path = std::path::absolute(&path)?;
-            call(
-                home,
+            let dir = vms::vm_dir(home.root(), &id)?;
+            vms::call(
+                &dir,
                 &id,
                 &Request::SaveState { path: path.clone() },
                 Duration::from_secs(60),
@@ -196,35 +192,18 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        VmCommand::Prune => prune(home),
+        VmCommand::Prune => {
+            for id in vms::prune(home.root())? {
+                println!("{id}");
+            }
+            Ok(())
+        }
     }
-}
-
-fn vm_dir(home: &Home, id: &str) -> Result<PathBuf> {
-    if id.is_empty()
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        bail!("invalid VM id {id:?}");
-    }
-    let d = home.vms_dir().join(id);
-    if !d.is_dir() {
-        bail!("no VM {id:?} (see `kiln vm ls`)");
-    }
-    Ok(d)
-}
-
-fn call(home: &Home, id: &str, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
-    let sock = vm_dir(home, id)?.join("control.sock");
-    if !sock.exists() {
-        bail!("VM {id} is not running");
-    }
-    control::call(&sock, req, timeout).map_err(|e| anyhow!("VM {id}: {e}"))
 }
 
 fn simple(home: &Home, id: &str, req: Request, what: &str) -> Result<()> {
-    call(home, id, &req, Duration::from_secs(30))?;
+    let dir = vms::vm_dir(home.root(), id)?;
+    vms::call(&dir, id, &req, Duration::from_secs(30))?;
     println!("{id} {what}");
     Ok(())
 }
@@ -232,8 +211,7 @@ fn simple(home: &Home, id: &str, req: Request, what: &str) -> Result<()> {
 /// A running VM is resumed in place; otherwise `id` names a snapshot (a suspended VM) that is
 /// restored in the background.
 fn resume(home: &Home, id: &str) -> Result<()> {
-    let running = home.vms_dir().join(id).join("control.sock").exists();
-    if running {
+    if vms::is_running(&home.vms_dir().join(id)) {
         return simple(home, id, Request::Resume, "resumed");
     }
     let args = crate::snapshot::RestoreArgs {
@@ -243,313 +221,72 @@ fn resume(home: &Home, id: &str) -> Result<()> {
         vsock_uds: None,
         memory_file: None,
         no_working_set: false,
+        vm_dir: None,
     };
     crate::snapshot::restore(home, args)
         .with_context(|| format!("{id:?} is neither a running VM nor a snapshot"))
 }
 
-fn stop(home: &Home, id: &str) -> Result<()> {
-    let dir = vm_dir(home, id)?;
-    call(home, id, &Request::Stop, Duration::from_secs(30))?;
-    let t = Instant::now();
-    while dir.join("control.sock").exists() {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("VM {id} did not stop within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+fn options(home: &Home, a: &RunArgs) -> RunOptions {
+    let id = a.id.clone().unwrap_or_else(vms::new_vm_id);
+    let dir = a.vm_dir.clone().unwrap_or_else(|| home.vms_dir().join(&id));
+    RunOptions {
+        id,
+        dir,
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        disks: a.disk.clone(),
+        read_only_from: if a.read_only {
+            0
+        } else {
+            a.read_only_from.unwrap_or(usize::MAX)
+        },
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        cmdline: a.cmdline.clone(),
+        vsock_uds: a.vsock_uds.clone(),
+        vsock_cid: a.vsock_cid,
+        disk_engine: match a.disk_engine {
+            EngineArg::Uring => DiskEngine::Uring,
+            EngineArg::Sync => DiskEngine::Sync,
+        },
+        commit: a.commit,
+        entry: match a.entry {
+            EntryArg::Kernel => Entry::Kernel,
+            EntryArg::User => Entry::User,
+        },
     }
-    println!("{id} stopped");
-    Ok(())
 }
 
 fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
+    let o = options(home, &a);
     // Check what we can before forking, so `-d` reports bad input directly.
-    if !a.kernel.is_file() {
-        bail!("kernel {} does not exist", a.kernel.display());
-    }
-    if a.mem == 0 || a.mem > vmm::memory::MAX_MEM_BYTES >> 20 {
-        bail!(
-            "--mem {} MiB is out of range (1..={} MiB)",
-            a.mem,
-            vmm::memory::MAX_MEM_BYTES >> 20
-        );
-    }
-    let id = a.id.clone().unwrap_or_else(crate::cli::new_vm_id);
-    let dir = home.vms_dir().join(&id);
+    o.check()?;
     if a.detach {
-        return detach(home, &a, &id, &dir);
+        let l = launcher(home)?.run(&o)?;
+        println!("{}", l.id);
+        return Ok(());
     }
-    if dir.join("control.sock").exists() {
-        bail!("VM {id} already exists and is running");
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _ = std::fs::remove_file(dir.join("exit.json"));
-
-    let config = VmConfig {
-        mem_bytes: a.mem << 20,
-        vcpus: a.vcpus,
-        kernel: Some(a.kernel.clone()),
-        initrd: a.initrd.clone(),
-        cmdline: a.cmdline.clone(),
-        serial_log: Some(dir.join("serial.log")),
-        serial_stdout: std::env::var_os("KILN_VM_DETACHED").is_none(),
-        // kiln VMs are there to be snapshotted: no log switch in the first snapshot's pause.
-        track_dirty_pages: true,
+    let store = if o.needs_store() {
+        Some(crate::store::open_with_remote(home, None, false)?)
+    } else {
+        None
     };
-    let _ = std::fs::remove_file(dir.join("serial.log"));
-    let mut vm = Vm::new(config, GuestMemorySource::Anonymous)?;
-    let mut overlays = Vec::new();
-    let mut store: Option<blockstore::Store> = None;
-    for (i, d) in a.disk.iter().enumerate() {
-        let (backend, overlay) = disk_backend(home, &mut store, d, i, &dir, a.disk_engine)?;
-        let blk = Block::new(&format!("kiln{i}"), backend, a.read_only)
-            .with_context(|| format!("disk {d}"))?;
-        vm.add_virtio_device(Box::new(blk))?;
-        overlays.push(overlay);
-    }
-    if let Some(uds) = &a.vsock_uds {
-        let v = vmm::devices::virtio::vsock::Vsock::new(a.vsock_cid, uds)
-            .with_context(|| format!("vsock on {}", uds.display()))?;
-        vm.add_virtio_device(Box::new(v))?;
-    }
-    vm.set_entry_mode(match a.entry {
-        EntryArg::Kernel => vmm::EntryMode::Kernel,
-        EntryArg::User => vmm::EntryMode::User,
-    });
-    vm.boot()?;
-    let vm = Arc::new(vm);
-    let meta = VmMeta {
-        id: id.clone(),
-        pid: std::process::id(),
-        kernel: std::path::absolute(&a.kernel)?,
-        mem_mib: a.mem,
-        vcpus: a.vcpus,
-        disks: a.disk.clone(),
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&meta)?)?;
-    let ctx = Arc::new(ControlContext {
-        vm: vm.clone(),
-        overlays: overlays.clone(),
-        id: id.clone(),
-        tracking: Default::default(),
-    });
-    let sock = dir.join("control.sock");
-    control::serve(&sock, ctx).with_context(|| format!("control socket {}", sock.display()))?;
-    vm.start()?;
-    let reason = vm.wait();
-    let _ = std::fs::remove_file(&sock);
-
-    let mut committed = Vec::new();
-    for o in &overlays {
-        committed.push(match o {
-            Some(o) if a.commit => Some(o.flush().and_then(|_| o.commit())?.to_hex()),
-            Some(o) => {
-                o.flush()?;
-                None
-            }
-            None => None,
-        });
-    }
-    let exit = VmExit {
-        reason: reason.clone(),
-        committed: committed.clone(),
-    };
-    std::fs::write(dir.join("exit.json"), serde_json::to_vec_pretty(&exit)?)?;
-    for (i, c) in committed.iter().enumerate() {
+    let serial_stdout = std::env::var_os(vms::DETACHED_ENV).is_none();
+    let exit = vms::run_foreground(&o, store.as_ref(), serial_stdout)?;
+    for (i, c) in exit.committed.iter().enumerate() {
         if let Some(b) = c {
             eprintln!("disk {i} committed: {b}");
         }
     }
-    match reason {
-        ExitReason::Error(e) => bail!("VM {id} failed: {e}"),
+    match exit.reason {
+        ExitReason::Error(e) => bail!("VM {} failed: {e}", o.id),
         _ => Ok(()),
     }
 }
 
-type Overlay = Option<Arc<blockstore::Overlay>>;
-
-fn disk_backend(
-    home: &Home,
-    store: &mut Option<blockstore::Store>,
-    arg: &str,
-    index: usize,
-    dir: &Path,
-    engine: EngineArg,
-) -> Result<(DiskBackend, Overlay)> {
-    let p = Path::new(arg);
-    if p.exists() {
-        if !p.is_file() {
-            bail!("disk {arg} is not a regular file");
-        }
-        let engine = match engine {
-            EngineArg::Uring => FileEngine::Uring,
-            EngineArg::Sync => FileEngine::Sync,
-        };
-        return Ok((
-            DiskBackend::File {
-                path: p.to_path_buf(),
-                engine,
-                direct: true,
-            },
-            None,
-        ));
-    }
-    if store.is_none() {
-        *store = Some(crate::store::open_with_remote(home, None, false)?);
-    }
-    let s = store.as_ref().expect("just set");
-    let blob = s
-        .resolve(arg)
-        .with_context(|| format!("disk {arg:?} is neither a file nor a blob in the store"))?;
-    let size = s.manifest(&blob)?.size;
-    let odir = dir.join(format!("disk{index}"));
-    if odir.exists() {
-        std::fs::remove_dir_all(&odir)
-            .with_context(|| format!("removing old {}", odir.display()))?;
-    }
-    let overlay = Arc::new(
-        s.create_overlay(Some(&blob), size, &odir)
-            .with_context(|| format!("overlay for disk {arg}"))?,
-    );
-    Ok((DiskBackend::Overlay(overlay.clone()), Some(overlay)))
-}
-
-fn detach(home: &Home, a: &RunArgs, id: &str, dir: &Path) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(dir)?;
-    let log = std::fs::File::create(dir.join("vmm.log"))?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--home")
-        .arg(home.root())
-        .args(["vm", "run", "--id", id]);
-    cmd.arg("--kernel").arg(std::path::absolute(&a.kernel)?);
-    if let Some(i) = &a.initrd {
-        cmd.arg("--initrd").arg(std::path::absolute(i)?);
-    }
-    for d in &a.disk {
-        let p = Path::new(d);
-        if p.exists() {
-            cmd.arg("--disk").arg(std::path::absolute(p)?);
-        } else {
-            cmd.arg("--disk").arg(d);
-        }
-    }
-    if a.read_only {
-        cmd.arg("--read-only");
-    }
-    cmd.args(["--mem", &a.mem.to_string(), "--vcpus", &a.vcpus.to_string()]);
-    cmd.arg("--cmdline").arg(&a.cmdline);
-    if let Some(u) = &a.vsock_uds {
-        cmd.arg("--vsock-uds").arg(std::path::absolute(u)?);
-        cmd.args(["--vsock-cid", &a.vsock_cid.to_string()]);
-    }
-    cmd.args([
-        "--disk-engine",
-        match a.disk_engine {
-            EngineArg::Uring => "uring",
-            EngineArg::Sync => "sync",
-        },
-    ]);
-    if a.commit {
-        cmd.arg("--commit");
-    }
-    if let EntryArg::User = a.entry {
-        cmd.args(["--entry", "user"]);
-    }
-    cmd.env("KILN_VM_DETACHED", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid in the child before exec only changes its session; no allocation or locks.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the VMM process")?;
-    let sock = dir.join("control.sock");
-    let t = Instant::now();
-    loop {
-        if sock.exists() && control::call(&sock, &Request::Status, Duration::from_secs(5)).is_ok() {
-            println!("{id}");
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
-            if dir.join("exit.json").exists() {
-                // It ran and already ended (a short-lived guest): still a success.
-                println!("{id}");
-                return Ok(());
-            }
-            bail!("VM {id} failed to start ({status}):\n{}", log.trim());
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("VM {id} did not come up within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-#[derive(Serialize)]
-struct LsEntry {
-    id: String,
-    state: String,
-    pid: Option<u32>,
-    mem_mib: Option<u64>,
-    vcpus: Option<u8>,
-    kernel: Option<PathBuf>,
-    disks: Vec<String>,
-}
-
 fn ls(home: &Home, json: bool) -> Result<()> {
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(home.vms_dir()) {
-        Ok(rd) => rd.flatten().collect::<Vec<_>>(),
-        Err(_) => Vec::new(),
-    };
-    for e in rd {
-        let dir = e.path();
-        let id = e.file_name().to_string_lossy().to_string();
-        let meta: Option<VmMeta> = std::fs::read(dir.join("vm.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let sock = dir.join("control.sock");
-        let state = if sock.exists() {
-            match control::call(&sock, &Request::Status, Duration::from_secs(2)) {
-                Ok(v) => match &v["state"] {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                },
-                Err(_) => "unreachable".into(),
-            }
-        } else if let Some(x) = std::fs::read(dir.join("exit.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<VmExit>(&b).ok())
-        {
-            match x.reason {
-                ExitReason::Error(e) => format!("failed: {e}"),
-                r => format!("exited ({r:?})").to_lowercase(),
-            }
-        } else {
-            "dead".into()
-        };
-        out.push(LsEntry {
-            id,
-            state,
-            pid: meta.as_ref().map(|m| m.pid),
-            mem_mib: meta.as_ref().map(|m| m.mem_mib),
-            vcpus: meta.as_ref().map(|m| m.vcpus),
-            kernel: meta.as_ref().map(|m| m.kernel.clone()),
-            disks: meta.map(|m| m.disks).unwrap_or_default(),
-        });
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    let out = vms::list(home.root());
     if json {
         return print_json(&out);
     }
@@ -567,57 +304,6 @@ fn ls(home: &Home, json: bool) -> Result<()> {
             e.vcpus.map(|v| v.to_string()).unwrap_or_default(),
             e.disks.join(",")
         );
-    }
-    Ok(())
-}
-
-fn logs(home: &Home, id: &str, follow: bool) -> Result<()> {
-    let dir = vm_dir(home, id)?;
-    let path = dir.join("serial.log");
-    let mut f = loop {
-        match std::fs::File::open(&path) {
-            Ok(f) => break f,
-            Err(_) if follow && dir.join("control.sock").exists() => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut pos = 0u64;
-    loop {
-        f.seek(SeekFrom::Start(pos))?;
-        let n = f.read(&mut buf)?;
-        if n > 0 {
-            out.write_all(&buf[..n])?;
-            out.flush()?;
-            pos += n as u64;
-            continue;
-        }
-        if !follow || !dir.join("control.sock").exists() {
-            // One last read after the VM ended, then stop.
-            if follow {
-                let n = f.read(&mut buf)?;
-                out.write_all(&buf[..n])?;
-            }
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn prune(home: &Home) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(home.vms_dir()) else {
-        return Ok(());
-    };
-    for e in rd.flatten() {
-        let dir = e.path();
-        if dir.join("control.sock").exists() {
-            continue;
-        }
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        println!("{}", e.file_name().to_string_lossy());
     }
     Ok(())
 }

@@ -54,6 +54,10 @@ struct conn {
     u32 origin_local, origin_peer; /* ... if it still is the one that asked (slots are reused) */
     int dial_wait;   /* a DIAL of this connection is in flight: its reply comes next */
     int shut_wr;     /* send SHUTDOWN(SEND) once `out` is sent (a DIAL after its text) */
+    /* AGENT_PORT connections speak agent frames (u32 LE length, kind byte, payload): header
+       bytes seen (0..5), the payload's length and the bytes of it consumed so far. */
+    u32 fr_hdr, fr_len, fr_got;
+    u8 fr_kind;
     char line[LINE_MAX];
     char out[OUT_MAX];
 };
@@ -195,10 +199,68 @@ static void on_line(struct conn *c) {
     else c->dial_wait = 1; /* answered by dial_done() */
 }
 
+/* The smallest part of the kiln agent's protocol (vmm/agent/src/protocol.rs), on AGENT_PORT:
+   `Health` gets an `Ok` frame with a HealthInfo JSON (the host's readiness probe), any other
+   request an `Error` frame. */
+#define AGENT_PORT 10000
+#define FRAME_REPLY_MAX 256
+
+static void agent_frame(struct conn *c, u8 kind, const char *json) {
+    u32 n = (u32)strlen(json);
+    char hdr[5] = {(char)(n & 0xff), (char)((n >> 8) & 0xff), (char)((n >> 16) & 0xff), (char)(n >> 24), (char)kind};
+    conn_write(c, hdr, 5);
+    conn_write(c, json, n);
+}
+
+static void on_agent_request(struct conn *c) {
+    if (c->fr_kind == 'H') {
+        u64 g = 0;
+        if (mmio_read32(GENID_BASE) == GENID_MAGIC) g = mmio_read64(GENID_BASE + GENID_GENERATION);
+        ksnprintf(reply, sizeof reply, "{\"version\":\"kiln-testguest\",\"protocol\":2,\"generation\":%u,\"uptime_ms\":0}", g);
+        agent_frame(c, 'K', reply);
+    } else {
+        agent_frame(c, '!', "{\"kind\":\"invalid\",\"message\":\"the kiln test guest answers only health requests\"}");
+    }
+}
+
+static void agent_process(struct conn *c) {
+    u8 *in = inbuf[c - conns];
+    while (c->in_len && c->state == C_OPEN) {
+        int last = (c->fr_hdr == 4 && c->fr_len == 0) || (c->fr_hdr == 5 && c->fr_got + 1 == c->fr_len);
+        if (last && OUT_MAX - c->out_len < FRAME_REPLY_MAX) break; /* resumed by conn_flush */
+        u8 b = in[c->in_head];
+        c->in_head = (c->in_head + 1) % CONN_BUF_ALLOC;
+        c->in_len--;
+        c->rx_cnt++;
+        if (c->fr_hdr < 4) {
+            c->fr_len |= (u32)b << (8 * c->fr_hdr);
+            c->fr_hdr++;
+            continue;
+        }
+        if (c->fr_hdr == 4) {
+            c->fr_kind = b;
+            c->fr_hdr = 5;
+            c->fr_got = 0;
+        } else {
+            c->fr_got++;
+        }
+        if (c->fr_got == c->fr_len) {
+            on_agent_request(c);
+            c->fr_hdr = c->fr_len = c->fr_got = 0;
+        }
+    }
+    if (c->state == C_OPEN && c->rx_cnt - c->fwd_sent > CONN_BUF_ALLOC / 2)
+        send_pkt(c->local_port, c->peer_port, OP_CREDIT_UPDATE, 0, NULL, 0, c);
+}
+
 /* Consumes received bytes up to the first request whose reply has no room yet. What stays in
    inbuf[] is not counted in fwd_cnt, so once it fills the host stops sending: a peer that does
    not read our replies stalls its own requests instead of losing replies. */
 static void conn_process(struct conn *c) {
+    if (c->local_port == AGENT_PORT && c->dial_origin < 0) {
+        agent_process(c);
+        return;
+    }
     u8 *in = inbuf[c - conns];
     while (c->in_len && c->state == C_OPEN && !c->dial_wait) {
         u8 b = in[c->in_head];

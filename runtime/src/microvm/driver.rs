@@ -1,0 +1,576 @@
+//! The `microvm` driver: each sandbox is a VM of kiln's own VMM, in its own detached process
+//! (the `kiln` binary), with its files in the sandbox directory's `vm/` (see [`super::vms`]).
+//!
+//! - Root disk: the image's disk blob through a store overlay (the image is never modified).
+//! - The agent (PID 1 of a Linux guest) is brought in as an initrd holding it as `/init`, with
+//!   `kiln.root=/dev/vda` on the command line; it listens on vsock port
+//!   [`AGENT_PORT`](kiln_agent::protocol::AGENT_PORT), whose host side is the Unix socket
+//!   `vm/vsock.sock` (`rec.agent`).
+//! - Readiness: a `Health` request on that port answered by an `Ok` frame. kiln's freestanding
+//!   test guest ([`MicrovmDriver::with_test_guest`]) answers it too, so the whole lifecycle runs
+//!   on hosts where no Linux guest boots (PVM).
+//! - Checkpoints are kiln snapshots ([`super::snapshots::create`]): full the first time, a diff
+//!   against the snapshot a VM was restored from (or last checkpointed as) after that; restores
+//!   page memory in lazily (userfaultfd).
+
+use super::error::Error as MError;
+use super::snapshots::{self, CreateOptions, RestoreOptions};
+use super::vms::{self, Entry, Launcher, RunOptions};
+use crate::{Checkpoint, Error, Result, RuntimeKind, SandboxDir, SandboxRecord};
+use blockstore::{BlobId, Store};
+use imagebuilder::image::ImageRecord;
+use kiln_agent::protocol::AGENT_PORT;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What the VMs boot.
+#[derive(Clone, Debug)]
+pub enum Guest {
+    /// A Linux kernel (`None`: found at [`MicrovmDriver::available`] / start time) with the
+    /// kiln agent as init.
+    Linux { kernel: Option<PathBuf> },
+    /// kiln's freestanding test guest ELF (`kiln_testguest::elf_path()`): entered at CPL 3, no
+    /// root file system use, answers the agent's `Health` on port 10000.
+    TestGuest { elf: PathBuf },
+}
+
+/// Sandboxes as microVMs of kiln's VMM.
+pub struct MicrovmDriver {
+    store: Store,
+    launcher: Launcher,
+    guest: Guest,
+    /// How long the guest may take to answer on the agent port after start or restore.
+    pub ready_timeout: Duration,
+}
+
+/// The driver's part of the sandbox record (`rec.driver`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct DriverState {
+    vm_id: String,
+    vm_dir: PathBuf,
+    pid: u32,
+    vsock: PathBuf,
+}
+
+/// What a checkpoint's `state` holds.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct CheckpointState {
+    driver: String,
+    snapshot: BlobId,
+    parent: Option<BlobId>,
+    mem_mib: u64,
+    vcpus: u8,
+    diff: bool,
+}
+
+const LOG_TAIL: usize = 4096;
+
+fn drv(what: &str) -> impl FnOnce(MError) -> Error + '_ {
+    move |e| match e {
+        MError::Invalid(s) => Error::Invalid(s),
+        e => Error::Driver {
+            what: format!("microvm {what}"),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// The kiln home the store lives in (`HOME/store`), which the VMM processes open again.
+fn home_of(store: &Store) -> PathBuf {
+    let d = store.dir();
+    match (d.file_name(), d.parent()) {
+        (Some(n), Some(p)) if n == "store" => p.to_path_buf(),
+        _ => d.to_path_buf(),
+    }
+}
+
+/// The guest kernel: `explicit`, else `KILN_GUEST_KERNEL`, else the cache of
+/// `scripts/linux-guest/build-kernel` (`KILN_KERNEL_CACHE`, default `~/.cache/kiln/kernels/*/vmlinux`).
+pub fn find_kernel(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
+    let given = explicit
+        .map(|p| ("--kernel", p.to_path_buf()))
+        .or_else(|| std::env::var_os("KILN_GUEST_KERNEL").map(|p| ("KILN_GUEST_KERNEL", p.into())));
+    if let Some((what, p)) = given {
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{what} {}: no such file", p.display()))
+        };
+    }
+    let cache = std::env::var_os("KILN_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/kernels")
+        });
+    std::fs::read_dir(&cache)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("vmlinux"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            format!(
+                "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
+                 scripts/linux-guest/build-kernel (it caches one in {})",
+                cache.display()
+            )
+        })
+}
+
+/// Why this host's KVM cannot run Linux guests, if it cannot.
+pub fn kvm_unsupported(need_hardware_virt: bool) -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm is not usable: {e}"));
+    }
+    if need_hardware_virt {
+        let pvm = Path::new("/sys/module/kvm_pvm").exists()
+            || std::fs::read_to_string("/proc/modules")
+                .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
+                .unwrap_or(false);
+        if pvm {
+            return Some("/dev/kvm is PVM; stock Linux guests cannot boot on PVM".into());
+        }
+    }
+    None
+}
+
+/// The static kiln-agent for Linux guests: `KILN_AGENT`, else `kiln-agent` beside `exe`.
+fn find_agent(exe: &Path) -> std::result::Result<PathBuf, String> {
+    let p = std::env::var_os("KILN_AGENT")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent().map(|d| d.join("kiln-agent")))
+        .unwrap_or_else(|| PathBuf::from("kiln-agent"));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "no kiln-agent at {} (build it with `cargo build --release -p kiln-agent --target \
+             x86_64-unknown-linux-gnu` and set KILN_AGENT)",
+            p.display()
+        ))
+    }
+}
+
+/// A newc cpio archive holding `init` (the agent), for the guest's initramfs.
+fn write_agent_initrd(agent: &Path, out: &Path) -> std::io::Result<()> {
+    fn entry(buf: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let namesize = name.len() + 1;
+        let hdr = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+            0, 0, 1, 0, data.len(), 0, 0, 0, 0, 0
+        );
+        buf.extend_from_slice(hdr.as_bytes());
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(0);
+        while buf.len() % 4 != 0 {
+            buf.push(0);
+        }
+        buf.extend_from_slice(data);
+        while buf.len() % 4 != 0 {
+            buf.push(0);
+        }
+    }
+    let data = std::fs::read(agent)?;
+    let mut buf = Vec::with_capacity(data.len() + 512);
+    entry(&mut buf, 1, "init", 0o100755, &data);
+    entry(&mut buf, 2, ".kiln", 0o040755, &[]);
+    entry(&mut buf, 0, "TRAILER!!!", 0, &[]);
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &buf)?;
+    std::fs::rename(&tmp, out)
+}
+
+impl MicrovmDriver {
+    /// A driver booting Linux guests: `kernel` from `--kernel`, else KILN_GUEST_KERNEL, else the
+    /// build-kernel cache. `vmm_exe` is the `kiln` binary the VMM processes run.
+    pub fn new(store: Store, vmm_exe: PathBuf, kernel: Option<PathBuf>) -> MicrovmDriver {
+        let home = home_of(&store);
+        MicrovmDriver {
+            store,
+            launcher: Launcher { exe: vmm_exe, home },
+            guest: Guest::Linux { kernel },
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// A driver booting kiln's freestanding test guest (`elf`): the lifecycle without Linux,
+    /// for hosts (PVM) where no Linux guest boots.
+    pub fn with_test_guest(store: Store, vmm_exe: PathBuf, elf: PathBuf) -> MicrovmDriver {
+        let mut d = MicrovmDriver::new(store, vmm_exe, None);
+        d.guest = Guest::TestGuest { elf };
+        d
+    }
+
+    pub fn guest(&self) -> &Guest {
+        &self.guest
+    }
+
+    fn state(rec: &SandboxRecord) -> Option<DriverState> {
+        serde_json::from_value(rec.driver.clone()).ok()
+    }
+
+    fn vm_dir(dir: &SandboxDir) -> PathBuf {
+        dir.sub("vm")
+    }
+
+    fn run_options(
+        &self,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+        image: &ImageRecord,
+    ) -> Result<RunOptions> {
+        let vm_dir = Self::vm_dir(dir);
+        let mut o = match &self.guest {
+            Guest::TestGuest { elf } => {
+                let mut o = RunOptions::new(dir.id(), &vm_dir, elf);
+                o.entry = Entry::User;
+                o.cmdline = String::new();
+                o
+            }
+            Guest::Linux { kernel } => {
+                let kernel = find_kernel(kernel.as_deref())
+                    .map_err(|e| Error::Unavailable(RuntimeKind::Microvm, e))?;
+                let agent = find_agent(&self.launcher.exe)
+                    .map_err(|e| Error::Unavailable(RuntimeKind::Microvm, e))?;
+                let mut o = RunOptions::new(dir.id(), &vm_dir, kernel);
+                let initrd = vm_dir.join("agent.cpio");
+                std::fs::create_dir_all(&vm_dir)
+                    .and_then(|_| write_agent_initrd(&agent, &initrd))
+                    .map_err(|e| Error::Io {
+                        what: "writing the agent initrd",
+                        path: initrd.clone(),
+                        source: e,
+                    })?;
+                o.initrd = Some(initrd);
+                o.cmdline = format!(
+                    "console=ttyS0 reboot=k panic=1 rdinit=/init kiln.root=/dev/vda \
+                     kiln.generation={}",
+                    rec.generation
+                );
+                o
+            }
+        };
+        o.disks = vec![image.disk.to_hex()];
+        o.mem_mib = rec.memory_mib;
+        o.vcpus = u8::try_from(rec.cpus.max(1))
+            .map_err(|_| Error::Invalid(format!("{} vCPUs: at most 255", rec.cpus)))?;
+        o.vsock_uds = Some(vm_dir.join("vsock.sock"));
+        Ok(o)
+    }
+
+    /// Waits until the guest answers `Health` on the agent port, or fails with the log tail.
+    fn wait_ready(&self, dir: &SandboxDir, st: &DriverState) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let last = match probe(&st.vsock) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if !vms::process_alive(st.pid) {
+                return Err(Error::Driver {
+                    what: "microvm start".into(),
+                    detail: format!(
+                        "the VMM process {} ended before the guest answered ({last})\n--- log tail ---\n{}",
+                        st.pid,
+                        log_tail(&st.vm_dir)
+                    ),
+                });
+            }
+            if t.elapsed() > self.ready_timeout {
+                tracing::debug!(sandbox = %dir.id(), "last probe error: {last}");
+                return Err(Error::AgentTimeout {
+                    id: dir.id(),
+                    secs: self.ready_timeout.as_secs(),
+                    tail: log_tail(&st.vm_dir),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn adopt(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        launched: vms::Launched,
+        vsock: PathBuf,
+    ) -> Result<()> {
+        let st = DriverState {
+            vm_id: launched.id.clone(),
+            vm_dir: launched.dir.clone(),
+            pid: launched.child.id(),
+            vsock: vsock.clone(),
+        };
+        launched.reap_in_background();
+        rec.driver = serde_json::to_value(&st).expect("serializes");
+        rec.agent = Some(vsock);
+        if let Err(e) = self.wait_ready(dir, &st) {
+            let _ = crate::Runtime::kill(self, dir, rec);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// The last bytes of a VM's serial log and VMM log.
+fn log_tail(vm_dir: &Path) -> String {
+    let serial = crate::record::tail(&vm_dir.join("serial.log"), LOG_TAIL);
+    let vmm = crate::record::tail(&vm_dir.join("vmm.log"), LOG_TAIL);
+    format!("{serial}\n--- vmm.log ---\n{vmm}")
+}
+
+/// Opens a connection to guest port `port` through the VM's vsock socket.
+pub fn connect_port(vsock: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(vsock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Read the answer byte by byte: what follows it belongs to the caller.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = std::io::Read::read(&mut s, &mut b)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "vsock connection closed before OK",
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 64 {
+            return Err(std::io::Error::other("vsock answer too long"));
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock answered {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// One readiness probe: `Health` on the agent port.
+fn probe(vsock: &Path) -> std::result::Result<(), String> {
+    let mut s =
+        connect_port(vsock, AGENT_PORT, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    kiln_agent::client::health(&mut s)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+impl crate::Runtime for MicrovmDriver {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Microvm
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        match &self.guest {
+            Guest::TestGuest { elf } => {
+                if let Some(why) = kvm_unsupported(false) {
+                    return Err(why);
+                }
+                if !elf.is_file() {
+                    return Err(format!("test guest {} does not exist", elf.display()));
+                }
+            }
+            Guest::Linux { kernel } => {
+                if let Some(why) = kvm_unsupported(true) {
+                    return Err(why);
+                }
+                find_kernel(kernel.as_deref())?;
+                find_agent(&self.launcher.exe)?;
+            }
+        }
+        if !self.launcher.exe.is_file() {
+            return Err(format!(
+                "VMM executable {} does not exist",
+                self.launcher.exe.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {
+        let o = self.run_options(dir, rec, image)?;
+        let vm_dir = o.dir.clone();
+        if vm_dir.exists() && !vms::is_running(&vm_dir) {
+            let _ = std::fs::remove_dir_all(&vm_dir);
+        }
+        let launched = match self.launcher.run(&o) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                return Err(drv("start")(e));
+            }
+        };
+        tracing::info!(sandbox = %dir.id(), pid = launched.child.id(), "microvm started");
+        self.adopt(dir, rec, launched, o.vsock_uds.clone().expect("set"))
+    }
+
+    fn checkpoint(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stop: bool,
+    ) -> Result<Checkpoint> {
+        let st = Self::state(rec)
+            .ok_or_else(|| Error::Invalid(format!("sandbox {} has no VM", dir.id())))?;
+        // A diff against the snapshot it was restored from (or last checkpointed as), when the
+        // VMM tracked the pages written since; a full snapshot otherwise.
+        let parent = snapshots::parent_of(&st.vm_dir)
+            .filter(|p| snapshotter::record::load(&self.store, p).is_ok());
+        let o = CreateOptions {
+            name: Some(format!("sandbox-{}-{}", dir.id(), crate::record::now_ms())),
+            diff: parent.is_some(),
+            stop,
+        };
+        let c =
+            snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o).map_err(drv("checkpoint"))?;
+        // The name only kept it while it was being made: the snapshot record keeps `blobs`.
+        let _ = self
+            .store
+            .remove_name(&format!("{}{}", snapshotter::record::NAME_PREFIX, c.name));
+        if stop {
+            let t = Instant::now();
+            while vms::process_alive(st.pid) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let blobs = snapshotter::record::blobs(&self.store, &c.id, &c.record)
+            .map_err(|e| drv("checkpoint")(e.into()))?;
+        let state = CheckpointState {
+            driver: "microvm".into(),
+            snapshot: c.id,
+            parent: c.record.parent,
+            mem_mib: c.record.vm.mem_bytes >> 20,
+            vcpus: c.record.vm.vcpus,
+            diff: c.record.parent.is_some(),
+        };
+        Ok(Checkpoint {
+            state: serde_json::to_value(&state).expect("serializes"),
+            blobs,
+        })
+    }
+
+    fn restore(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        checkpoint: &Checkpoint,
+        _image: &ImageRecord,
+    ) -> Result<()> {
+        let cs: CheckpointState = serde_json::from_value(checkpoint.state.clone())
+            .map_err(|e| Error::Invalid(format!("not a microvm checkpoint: {e}")))?;
+        let vm_dir = Self::vm_dir(dir);
+        if vms::is_running(&vm_dir) {
+            return Err(Error::Invalid(format!(
+                "sandbox {} still runs its VM",
+                dir.id()
+            )));
+        }
+        if vm_dir.exists() {
+            let _ = std::fs::remove_dir_all(&vm_dir);
+        }
+        let mut o = RestoreOptions::new(cs.snapshot.to_hex(), dir.id(), &vm_dir);
+        o.vsock_uds = Some(vm_dir.join("vsock.sock"));
+        let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                return Err(drv("restore")(e));
+            }
+        };
+        tracing::info!(sandbox = %dir.id(), snapshot = %cs.snapshot, "microvm restored");
+        self.adopt(dir, rec, launched, o.vsock())
+    }
+
+    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        let st = Self::state(rec);
+        let vm_dir = st
+            .as_ref()
+            .map(|s| s.vm_dir.clone())
+            .unwrap_or_else(|| Self::vm_dir(dir));
+        if vms::is_running(&vm_dir) {
+            let id = st
+                .as_ref()
+                .map(|s| s.vm_id.clone())
+                .unwrap_or_else(|| dir.id());
+            if let Err(e) = vms::stop(&vm_dir, &id, Duration::from_secs(5)) {
+                tracing::warn!(sandbox = %dir.id(), "stopping the VM: {e}");
+            }
+        }
+        let pid = st
+            .as_ref()
+            .map(|s| s.pid)
+            .or_else(|| vms::read_meta(&vm_dir).map(|m| m.pid));
+        if let Some(pid) = pid {
+            let t = Instant::now();
+            while vms::process_alive(pid) && t.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if vms::process_alive(pid) {
+                // SAFETY: kill(2) on a pid we recorded; no memory is touched.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let t = Instant::now();
+                while vms::process_alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&vm_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Io {
+                what: "removing",
+                path: vm_dir,
+                source: e,
+            }),
+        }
+    }
+
+    fn exited(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {
+        let st = Self::state(rec)?;
+        if vms::process_alive(st.pid) && vms::is_running(&st.vm_dir) {
+            return None;
+        }
+        if vms::process_alive(st.pid) {
+            // Still starting or stopping.
+            return None;
+        }
+        let _ = dir;
+        Some(match vms::read_exit(&st.vm_dir) {
+            Some(x) => match x.reason {
+                vmm::ExitReason::Error(e) => format!("the VM failed: {e}"),
+                r => format!("the VM ended ({r:?})").to_lowercase(),
+            },
+            None => format!(
+                "the VMM process {} is gone\n--- log tail ---\n{}",
+                st.pid,
+                log_tail(&st.vm_dir)
+            ),
+        })
+    }
+
+    fn connect(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream> {
+        let st = Self::state(rec)
+            .ok_or_else(|| Error::Invalid(format!("sandbox {} has no VM", dir.id())))?;
+        connect_port(&st.vsock, AGENT_PORT, Duration::from_secs(10)).map_err(|e| Error::Io {
+            what: "connecting to the agent through",
+            path: st.vsock.clone(),
+            source: e,
+        })
+    }
+}
