@@ -239,7 +239,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         }
         SandboxCommand::Pause { id, push, json } => {
             let rec = sbx.pause(&id)?;
-            let State::Paused { snapshot } = &rec.state else {
+            let State::Paused { saved: snapshot } = &rec.state else {
                 bail!("sandbox {id} did not pause");
             };
             if push {
@@ -343,7 +343,7 @@ fn print_record(r: &SandboxRecord) {
     if let State::Failed { cause } = &r.state {
         println!("cause:    {cause}");
     }
-    if let State::Paused { snapshot } = &r.state {
+    if let State::Paused { saved: snapshot } = &r.state {
         println!("snapshot: {snapshot}");
     }
     println!("runtime:  {}", r.runtime);

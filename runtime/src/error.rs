@@ -3,12 +3,12 @@
 /// What can go wrong creating, driving or snapshotting a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what} {}: {source}", path.display())]
+    /// The io::Error is part of the message, not a `source`, so a chain printer says it once.
+    #[error("{what} {}: {err}", path.display())]
     Io {
         what: &'static str,
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error(transparent)]
     Store(#[from] blockstore::Error),
@@ -56,10 +56,10 @@ pub(crate) trait IoCtx<T> {
 
 impl<T> IoCtx<T> for std::io::Result<T> {
     fn ctx(self, what: &'static str, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|err| Error::Io {
             what,
             path: path.to_path_buf(),
-            source,
+            err,
         })
     }
 }

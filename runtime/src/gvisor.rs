@@ -33,6 +33,23 @@ use std::time::{Duration, Instant};
 /// Where the agent lives and listens inside the sandbox.
 const AGENT_IN_SANDBOX: &str = "/.kiln/bin/kiln-agent";
 const RUN_IN_SANDBOX: &str = "/run/kiln";
+/// The capabilities Docker gives a container's processes by default.
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
 /// Chunk size for checkpoint files in the store (they are already compressed by runsc).
 const CHECKPOINT_CHUNK: u32 = 512 * 1024;
 
@@ -233,6 +250,11 @@ impl GvisorDriver {
                 "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock")],
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                 "cwd": "/",
+                // Docker's default set: the agent switches users and owns files for clients.
+                "capabilities": {
+                    "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS,
+                    "permitted": DEFAULT_CAPS,
+                },
             },
             "root": {"path": rootfs, "readonly": true},
             "hostname": rec.name.clone().unwrap_or_else(|| rec.id.clone()),
@@ -460,8 +482,13 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
         let _ = std::fs::remove_file(dir.sub("run").join("resume"));
-        let mut s = self.connect_path(rec)?;
-        kiln_agent::client::quiesce(&mut s)?;
+        let quiesced = self
+            .connect_path(rec)
+            .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
+        if let Err(e) = quiesced {
+            let _ = Self::release_agent(dir);
+            return Err(e);
+        }
         let t = Instant::now();
         let saved = self.runsc_ok(
             dir,

@@ -53,7 +53,7 @@ pub enum State {
     Running,
     /// Saved to the store and stopped; `resume` restores it.
     Paused {
-        snapshot: BlobId,
+        saved: BlobId,
     },
     Stopped,
     Failed {

@@ -512,7 +512,7 @@ impl Sandboxes {
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, dir, &mut rec, true)?;
         let snap = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
-        rec.state = State::Paused { snapshot: snap };
+        rec.state = State::Paused { saved: snap };
         rec.agent = None;
         dir.save(&rec)?;
         Ok(rec)
@@ -523,7 +523,7 @@ impl Sandboxes {
         let dir = self.resolve(id)?;
         let _lock = dir.lock(LOCK_WAIT)?;
         let mut rec = dir.load()?;
-        let State::Paused { snapshot: sid } = rec.state.clone() else {
+        let State::Paused { saved: sid } = rec.state.clone() else {
             return Err(Error::WrongState {
                 id: rec.id,
                 state: rec.state.name().into(),
@@ -599,8 +599,8 @@ impl Sandboxes {
         if let Ok(d) = self.driver(rec.runtime) {
             d.kill(dir, rec)?;
         }
-        if let State::Paused { snapshot } = &rec.state {
-            let _ = self.store.remove_name(&format!("keep:{snapshot}"));
+        if let State::Paused { saved } = &rec.state {
+            let _ = self.store.remove_name(&format!("keep:{saved}"));
         }
         self.remove(dir, rec);
         Ok(())

@@ -421,6 +421,17 @@ pub fn health<S: Read + Write>(stream: &mut S) -> Result<HealthInfo, ClientError
     call_json(stream, Kind::Health, &serde_json::json!({}))
 }
 
+/// Asks the agent to close its listener and connections before a checkpoint; returns once it
+/// has (and closed this connection too).
+pub fn quiesce<S: Read + Write>(stream: &mut S) -> Result<(), ClientError> {
+    call(stream, Kind::Quiesce, &serde_json::json!({}))?;
+    // The agent closes its end right after its answer: wait for that, so no connection of
+    // ours is open when the checkpoint starts.
+    let mut rest = [0u8; 64];
+    while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
+    Ok(())
+}
+
 /// Tells the agent the VM's new generation (after a restore or fork).
 pub fn set_generation<S: Read + Write>(
     stream: &mut S,

@@ -132,18 +132,41 @@ fn spawn_conn(fd: OwnedFd) {
 }
 
 fn serve_unix(path: &str) -> Result<(), String> {
-    if let Some(dir) = std::path::Path::new(path).parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(|e| format!("bind {path}: {e}"))?;
-    for s in l.incoming() {
-        match s {
-            Ok(s) => spawn_conn(OwnedFd::from(s)),
-            Err(e) => eprintln!("kiln-agent: accept: {e}"),
+    use kiln_agent::server::quiesce;
+    let path = std::path::Path::new(path);
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    let _ = std::fs::create_dir_all(dir);
+    loop {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+        quiesce::set_listening(Some(path));
+        // Polled, not a blocking accept: a quiesce cannot wake a blocked accept (connecting to
+        // a host-created socket from inside gVisor is not allowed), so the loop looks at the
+        // flag between polls.
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&l),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !quiesce::quiescing() {
+            // SAFETY: one valid pollfd for our listening socket.
+            if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                continue;
+            }
+            match l.accept() {
+                Ok((s, _)) => spawn_conn(OwnedFd::from(s)),
+                Err(e) => {
+                    eprintln!("kiln-agent: accept: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
         }
+        // A quiesce: no socket of ours may stay open across the checkpoint.
+        drop(l);
+        let _ = std::fs::remove_file(path);
+        quiesce::set_listening(None);
+        quiesce::wait_for_resume(dir);
     }
-    Ok(())
 }
 
 fn serve_vsock(port: u32) -> Result<(), String> {

@@ -62,6 +62,9 @@
 //!   records the generation (reported by `Health`) and writes it, as decimal and a newline,
 //!   atomically to `$KILN_AGENT_RUN_DIR/generation` (default `/run/kiln/generation`); `Ok` with
 //!   JSON [`GenerationReply`]. No signal is sent to anyone.
+//! - `Quiesce` (empty payload, before a gVisor checkpoint): under `--unix` the agent closes its
+//!   listener and every other connection, answers `Ok`, and listens again only once the host
+//!   writes a `resume` file beside the socket (see `server::quiesce`). Elsewhere just `Ok`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -127,6 +130,7 @@ kinds! {
     Dial = b'T',
     Health = b'H',
     Generation = b'g',
+    Quiesce = b'q',
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -5,6 +5,7 @@ mod files;
 mod lifecycle;
 mod ports;
 mod process;
+pub mod quiesce;
 
 use crate::protocol::*;
 use std::fs::File;
@@ -58,6 +59,7 @@ pub(crate) fn shutdown(c: &File, how: libc::c_int) {
 /// to the client when possible; the result is an error only if the request could not be read.
 pub fn serve(conn: OwnedFd) -> Result<(), ProtocolError> {
     let c: Conn = Arc::new(File::from(conn));
+    quiesce::track(&c);
     let (r, answer) = match read_frame(&mut &*c) {
         Ok(None) => return Ok(()),
         Ok(Some((kind, payload))) => (Ok(()), dispatch(kind, &payload, &c)),
@@ -95,6 +97,7 @@ fn dispatch(kind: Kind, p: &[u8], c: &Conn) -> Res<()> {
         Kind::Dial => ports::dial(parse_json(kind, p)?, c),
         Kind::Health => send_json(c, Kind::Ok, &lifecycle::health()),
         Kind::Generation => lifecycle::generation(parse_json(kind, p)?, c),
+        Kind::Quiesce => quiesce::quiesce(c),
         k => Err(ProtocolError::Unexpected(k).into()),
     }
 }

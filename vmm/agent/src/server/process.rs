@@ -109,13 +109,27 @@ pub fn start_reaper() {
 
 fn reap_loop() {
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid out-pointer; -1 waits for any child.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
+        // Peek first (WNOWAIT), reap after: a spawn in progress holds the table lock and may
+        // reap its own child whose exec failed (std and glibc's posix_spawn both do); reaping
+        // it here first would make that spawn fail or panic.
+        // SAFETY: siginfo_t is plain data; waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with a valid out-pointer; P_ALL waits for any child.
+        let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r < 0 {
             // No children right now (ECHILD): wait a little for the next spawn.
             std::thread::sleep(std::time::Duration::from_millis(5));
             continue;
+        }
+        // SAFETY: waitid succeeded for an exited child, so si_pid is set.
+        let peeked = unsafe { info.si_pid() };
+        let guard = table();
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer, for the one child seen above.
+        let pid = unsafe { libc::waitpid(peeked, &mut status, libc::WNOHANG) };
+        drop(guard);
+        if pid <= 0 {
+            continue; // its spawner reaped it
         }
         let st = if libc::WIFEXITED(status) {
             ExitStatus {
