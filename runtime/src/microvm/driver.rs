@@ -169,11 +169,11 @@ fn write_agent_initrd(agent: &Path, out: &Path) -> std::io::Result<()> {
         buf.extend_from_slice(hdr.as_bytes());
         buf.extend_from_slice(name.as_bytes());
         buf.push(0);
-        while buf.len() % 4 != 0 {
+        while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
         buf.extend_from_slice(data);
-        while buf.len() % 4 != 0 {
+        while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
     }
@@ -246,7 +246,7 @@ impl MicrovmDriver {
                     .map_err(|e| Error::Io {
                         what: "writing the agent initrd",
                         path: initrd.clone(),
-                        source: e,
+                        err: e,
                     })?;
                 o.initrd = Some(initrd);
                 o.cmdline = format!(
@@ -536,7 +536,7 @@ impl crate::Runtime for MicrovmDriver {
             Err(e) => Err(Error::Io {
                 what: "removing",
                 path: vm_dir,
-                source: e,
+                err: e,
             }),
         }
     }
@@ -570,7 +570,7 @@ impl crate::Runtime for MicrovmDriver {
         connect_port(&st.vsock, AGENT_PORT, Duration::from_secs(10)).map_err(|e| Error::Io {
             what: "connecting to the agent through",
             path: st.vsock.clone(),
-            source: e,
+            err: e,
         })
     }
 }
