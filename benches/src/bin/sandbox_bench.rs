@@ -1,0 +1,1161 @@
+//! gVisor sandbox benchmarks through the runtime library (`runtime::Sandboxes`, in-process),
+//! each against raw `runsc` measured in the same run; prints one JSON object on stdout,
+//! progress on stderr.
+//!
+//! `cargo build --release -p kiln-benches --bin sandbox_bench && KILN_AGENT=<static agent>
+//!  target/release/sandbox_bench [--runs 20] [--forks 32] [--json-only]`
+//!
+//! - setup: a busybox image (static /bin/busybox, umoci OCI layout, imported with imagebuilder)
+//!   in a temporary KILN_HOME;
+//! - tti: create from the image to the first `exec true` answered (agent over the Unix
+//!   socket), against `runsc run --detach` of the same tree with `sleep 1000` as init and
+//!   `runsc exec true`; plus kiln's own steps replayed one by one (runsc run of kiln's bundle,
+//!   agent health, exec) to show where the time goes;
+//! - snapshot: create from a snapshot to the first exec, against `runsc restore` of a raw
+//!   `runsc checkpoint` + `runsc exec`; kiln's restore replayed step by step (blob export,
+//!   runsc restore, agent, generation, exec);
+//! - fork: N forks of one running sandbox until all answered an exec, PSS per idle fork
+//!   (runsc sandbox + gofer processes), against N raw restores of one checkpoint, 4 at a time
+//!   as `Sandboxes::fork` does;
+//! - pause/resume: pause and resume times, bytes stored, and the bytes a second pause stores
+//!   after a 1 KiB change (dedup against the first), against raw checkpoint / restore.
+//!
+//! Every sandbox and runsc container is killed after its measurement; on any error (and from a
+//! watchdog, and on SIGINT/SIGTERM) every process whose command line names this run's
+//! temporary directory is SIGKILLed, so no runsc process outlives the bench.
+
+use anyhow::{bail, Context, Result};
+use blockstore::{BlobId, Store};
+use kiln_agent::client;
+use runtime::{CreateSpec, ExecOptions, RuntimeKind, Sandboxes, Source, State};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+/// This run's temporary directory: every runsc process of the run names it.
+static TMP: OnceLock<PathBuf> = OnceLock::new();
+/// The bench gives up (and cleans up) after this long.
+const WATCHDOG: Duration = Duration::from_secs(40 * 60);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+macro_rules! progress {
+    ($($t:tt)*) => {
+        if !QUIET.load(Ordering::Relaxed) {
+            eprintln!($($t)*);
+        }
+    };
+}
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(v: &[f64]) -> Value {
+    json!({"p50": round(pct(v, 0.5)), "p90": round(pct(v, 0.9)), "min": round(pct(v, 0.0)),
+           "max": round(pct(v, 1.0)), "n": v.len()})
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ------------------------------------------------------------------ cleanup
+
+/// SIGKILLs every process whose command line contains `needle` (not this one); repeats until
+/// none is left. Returns how many were killed.
+fn kill_matching(needle: &[u8]) -> usize {
+    let me = std::process::id();
+    let mut total = 0;
+    for _ in 0..20 {
+        let pids = pids_matching(needle);
+        let pids: Vec<u32> = pids.into_iter().filter(|&p| p != me).collect();
+        if pids.is_empty() {
+            break;
+        }
+        for &p in &pids {
+            // SAFETY: kill on a pid whose command line names our own temporary directory.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        total += pids.len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    total
+}
+
+fn pids_matching(needle: &[u8]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if cmd.windows(needle.len()).any(|w| w == needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Every process of this run.
+fn sweep() -> usize {
+    match TMP.get() {
+        Some(t) => kill_matching(t.to_string_lossy().as_bytes()),
+        None => 0,
+    }
+}
+
+static mut SIG_PIPE_W: i32 = -1;
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // SAFETY: write(2) is async-signal-safe; the fd is set before the handler is installed.
+    unsafe {
+        let b = 1u8;
+        libc::write(SIG_PIPE_W, (&b as *const u8).cast(), 1);
+    }
+}
+
+/// SIGINT / SIGTERM and the watchdog: clean up, then exit.
+fn install_guards() {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two fds into the array; the handler only writes to the pipe.
+    unsafe {
+        libc::pipe(fds.as_mut_ptr());
+        SIG_PIPE_W = fds[1];
+        libc::signal(
+            libc::SIGINT,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    let r = fds[0];
+    std::thread::spawn(move || {
+        let mut b = 0u8;
+        // SAFETY: reading one byte from our own pipe.
+        unsafe { libc::read(r, (&mut b as *mut u8).cast(), 1) };
+        let n = sweep();
+        eprintln!("sandbox_bench: interrupted; killed {n} runsc processes");
+        std::process::exit(130);
+    });
+    std::thread::spawn(|| {
+        std::thread::sleep(WATCHDOG);
+        let n = sweep();
+        eprintln!(
+            "sandbox_bench: watchdog after {}s; killed {n} runsc processes",
+            WATCHDOG.as_secs()
+        );
+        std::process::exit(3);
+    });
+}
+
+// ------------------------------------------------------------------ raw runsc
+
+fn runsc(root: &Path, host_uds: bool) -> Command {
+    let mut c = Command::new("runsc");
+    c.arg("--root")
+        .arg(root)
+        .arg("--platform=ptrace")
+        .arg("--network=none")
+        .arg("--overlay2=root:memory");
+    if host_uds {
+        c.arg("--host-uds=create");
+    }
+    c.arg("--ignore-cgroups").stdin(Stdio::null());
+    c
+}
+
+/// A runsc command that ends on its own.
+fn runsc_ok(mut c: Command, what: &str) -> Result<()> {
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `run --detach` / `restore --detach`: the detached processes keep their stdio, so it goes
+/// to a file (a pipe would never see EOF).
+fn runsc_detached(mut c: Command, log: &Path, what: &str) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let st = c
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        let tail = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: String = tail.lines().rev().take(8).collect::<Vec<_>>().join("\n");
+        bail!("{what} failed: {tail}");
+    }
+    Ok(())
+}
+
+/// A raw container: its own state root, the shared bundle.
+struct Raw {
+    root: PathBuf,
+    id: String,
+}
+
+impl Raw {
+    fn new(base: &Path, id: &str) -> Raw {
+        Raw {
+            root: base.join(format!("root-{id}")),
+            id: id.into(),
+        }
+    }
+    fn run(&self, bundle: &Path) -> Result<()> {
+        std::fs::create_dir_all(&self.root)?;
+        let mut c = runsc(&self.root, false);
+        c.args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(&self.id);
+        runsc_detached(c, &self.root.join("log"), "runsc run")
+    }
+    fn restore(&self, bundle: &Path, image: &Path) -> Result<()> {
+        std::fs::create_dir_all(&self.root)?;
+        let mut c = runsc(&self.root, false);
+        c.args(["restore", "--detach", "--image-path"])
+            .arg(image)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(&self.id);
+        runsc_detached(c, &self.root.join("log"), "runsc restore")
+    }
+    fn exec_true(&self) -> Result<()> {
+        let mut c = runsc(&self.root, false);
+        c.args(["exec", &self.id, "true"]);
+        runsc_ok(c, "runsc exec")
+    }
+    fn exec_sh(&self, line: &str) -> Result<()> {
+        let mut c = runsc(&self.root, false);
+        c.args(["exec", &self.id, "/bin/sh", "-c", line]);
+        runsc_ok(c, "runsc exec sh")
+    }
+    fn checkpoint(&self, image: &Path) -> Result<()> {
+        std::fs::create_dir_all(image)?;
+        let mut c = runsc(&self.root, false);
+        c.args(["checkpoint", "--image-path"])
+            .arg(image)
+            .arg(&self.id);
+        runsc_ok(c, "runsc checkpoint")
+    }
+    /// Removes the container (ends its processes) and anything that still names its root.
+    fn delete(&self) {
+        let mut c = runsc(&self.root, false);
+        c.args(["delete", "--force", &self.id]);
+        let _ = c.output();
+        kill_matching(root_needle(&self.root).as_bytes());
+    }
+    fn pss_kib(&self) -> u64 {
+        pss_of_root(&self.root)
+    }
+}
+
+/// Every runsc process of one state root names it as `--root=<root>` followed by a NUL.
+fn root_needle(root: &Path) -> String {
+    format!("--root={}\0", root.display())
+}
+
+fn pss_of_root(root: &Path) -> u64 {
+    pids_matching(root_needle(root).as_bytes())
+        .into_iter()
+        .map(pss_kib)
+        .sum()
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The raw baseline's bundle: the image's tree, `sleep 1000` as init, kiln's namespaces.
+fn raw_bundle(dir: &Path, rootfs: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/bin/sleep", "1000"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+        },
+        // As kiln's bundle: writable through the in-memory overlay (the tree is never written).
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": "raw",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+        ],
+        "linux": {"namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network"},
+        ]},
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+    Ok(dir.to_path_buf())
+}
+
+// ------------------------------------------------------------------ kiln
+
+fn kiln_exec(sbx: &Sandboxes, id: &str, argv: &[&str]) -> Result<Vec<u8>> {
+    let (rec, mut s) = sbx.connect(id)?;
+    s.set_read_timeout(Some(EXEC_TIMEOUT))?;
+    let mut req = sbx.exec_request(
+        &rec,
+        ExecOptions {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            ..ExecOptions::default()
+        },
+    );
+    req.stdin = false;
+    let out = client::exec(&mut s, &req, b"", |_, _| {})?;
+    if out.status.code != Some(0) {
+        bail!(
+            "exec {argv:?} in {id}: {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn gvisor_spec(source: Source) -> CreateSpec {
+    let mut s = CreateSpec::new(source);
+    s.runtime = Some(RuntimeKind::Gvisor);
+    s
+}
+
+/// Kills the sandboxes it holds when dropped (error paths included).
+struct Live<'a> {
+    sbx: &'a Sandboxes,
+    ids: Vec<String>,
+}
+
+impl<'a> Live<'a> {
+    fn new(sbx: &'a Sandboxes) -> Live<'a> {
+        Live {
+            sbx,
+            ids: Vec::new(),
+        }
+    }
+    fn add(&mut self, id: &str) {
+        self.ids.push(id.into());
+    }
+    fn kill(&mut self, id: &str) -> Result<()> {
+        self.ids.retain(|i| i != id);
+        self.sbx.kill(id)?;
+        Ok(())
+    }
+    fn kill_all(&mut self) {
+        for id in std::mem::take(&mut self.ids) {
+            if let Err(e) = self.sbx.kill(&id) {
+                progress!("kill {id}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// The runsc state root of a kiln sandbox.
+fn kiln_root(home: &Path, id: &str) -> PathBuf {
+    home.join("sandboxes").join(id).join("runsc")
+}
+
+fn state_file_of(store: &Store, snap: &BlobId) -> Result<BlobId> {
+    let rec = runtime::snapshot::get(store, snap)?;
+    rec.checkpoint
+        .state
+        .get("state_file")
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse().ok())
+        .context("snapshot without a runsc state file")
+}
+
+// ------------------------------------------------------------------ kiln's steps replayed
+
+/// kiln's bundle (from a live sandbox) with the agent's run directory moved to `dir/run`.
+fn replay_bundle(kiln_config: &Value, dir: &Path) -> Result<PathBuf> {
+    let mut spec = kiln_config.clone();
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run)?;
+    for m in spec["mounts"].as_array_mut().context("mounts")? {
+        if m["destination"] == "/run/kiln" {
+            m["source"] = json!(run);
+        }
+    }
+    let b = dir.join("bundle");
+    std::fs::create_dir_all(&b)?;
+    std::fs::write(b.join("config.json"), serde_json::to_vec(&spec)?)?;
+    Ok(b)
+}
+
+/// Polls the agent like the driver does (3 ms between tries).
+fn wait_agent(sock: &Path) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if let Ok(mut s) = UnixStream::connect(sock) {
+            s.set_read_timeout(Some(EXEC_TIMEOUT)).ok();
+            if client::health(&mut s).is_ok() {
+                return Ok(());
+            }
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("agent at {} did not answer", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+fn agent_exec_true(sock: &Path) -> Result<()> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(EXEC_TIMEOUT))?;
+    let req = kiln_agent::protocol::ExecRequest {
+        argv: vec!["true".into()],
+        stdin: false,
+        ..Default::default()
+    };
+    let out = client::exec(&mut s, &req, b"", |_, _| {})?;
+    if out.status.code != Some(0) {
+        bail!("replay exec true: {:?}", out.status);
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Steps {
+    export: Vec<f64>,
+    runsc: Vec<f64>,
+    agent: Vec<f64>,
+    generation: Vec<f64>,
+    exec: Vec<f64>,
+    total: Vec<f64>,
+}
+
+/// One kiln start (`ckpt: None`) or restore, step by step, outside `Sandboxes`.
+fn replay_once(
+    kiln_config: &Value,
+    dir: &Path,
+    store: &Store,
+    ckpt: Option<&BlobId>,
+    steps: &mut Steps,
+) -> Result<()> {
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let bundle = replay_bundle(kiln_config, dir)?;
+    let root = dir.join("runsc");
+    let sock = dir.join("run/agent.sock");
+    let mut c = runsc(&root, true);
+    let t_exported;
+    match ckpt {
+        None => {
+            t_exported = t0.elapsed();
+            c.args(["run", "--detach", "--bundle"])
+                .arg(&bundle)
+                .arg("--pid-file")
+                .arg(dir.join("sandbox.pid"))
+                .arg(&id);
+            runsc_detached(c, &dir.join("console.log"), "replay runsc run")?;
+        }
+        Some(blob) => {
+            let img = dir.join("ckpt");
+            std::fs::create_dir_all(&img)?;
+            store.export(blob, &img.join("checkpoint.img"))?;
+            t_exported = t0.elapsed();
+            c.args(["restore", "--detach", "--image-path"])
+                .arg(&img)
+                .arg("--bundle")
+                .arg(&bundle)
+                .arg("--pid-file")
+                .arg(dir.join("sandbox.pid"))
+                .arg(&id);
+            runsc_detached(c, &dir.join("console.log"), "replay runsc restore")?;
+            std::fs::write(dir.join("run/resume"), b"")?;
+        }
+    }
+    let t_runsc = t0.elapsed();
+    wait_agent(&sock)?;
+    let t_agent = t0.elapsed();
+    if ckpt.is_some() {
+        let mut s = UnixStream::connect(&sock)?;
+        s.set_read_timeout(Some(EXEC_TIMEOUT))?;
+        client::set_generation(
+            &mut s,
+            &kiln_agent::protocol::GenerationRequest {
+                generation: 1,
+                unix_time_ns: 0,
+                seed_hex: "00".repeat(32),
+            },
+        )?;
+    }
+    let t_gen = t0.elapsed();
+    agent_exec_true(&sock)?;
+    let t_exec = t0.elapsed();
+    if ckpt.is_some() {
+        steps.export.push(ms(t_exported));
+        steps.generation.push(ms(t_gen - t_agent));
+    }
+    steps.runsc.push(ms(t_runsc - t_exported));
+    steps.agent.push(ms(t_agent - t_runsc));
+    steps.exec.push(ms(t_exec - t_gen));
+    steps.total.push(ms(t_exec));
+    Ok(())
+}
+
+fn replay(
+    kiln_config: &Value,
+    dir: &Path,
+    store: &Store,
+    ckpt: Option<&BlobId>,
+    steps: &mut Steps,
+) -> Result<()> {
+    let r = replay_once(kiln_config, dir, store, ckpt, steps);
+    let root = dir.join("runsc");
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut c = runsc(&root, true);
+    c.args(["delete", "--force", &id]);
+    let _ = c.output();
+    kill_matching(root_needle(&root).as_bytes());
+    let _ = std::fs::remove_dir_all(dir.join("ckpt"));
+    r
+}
+
+/// kiln's live snapshot (`checkpoint` without stop) replayed step by step on one sandbox
+/// started from kiln's bundle, `n` times: quiesce the agent, runsc checkpoint, put the state
+/// file into the store, runsc delete, runsc restore in place, agent answering again.
+fn replay_live_snapshots(
+    kiln_config: &Value,
+    dir: &Path,
+    store: &Store,
+    n: usize,
+) -> Result<Value> {
+    let r = (|| -> Result<Value> {
+        let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let bundle = replay_bundle(kiln_config, dir)?;
+        let root = dir.join("runsc");
+        let sock = dir.join("run/agent.sock");
+        let log = dir.join("console.log");
+        let mut c = runsc(&root, true);
+        c.args(["run", "--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(&id);
+        runsc_detached(c, &log, "replay runsc run")?;
+        wait_agent(&sock)?;
+        let (mut q, mut ck, mut put, mut del, mut rs, mut ag, mut tot) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let img = dir.join("ckpt");
+        for _ in 0..n {
+            let _ = std::fs::remove_dir_all(&img);
+            std::fs::create_dir_all(&img)?;
+            let _ = std::fs::remove_file(dir.join("run/resume"));
+            let t0 = Instant::now();
+            let mut s = UnixStream::connect(&sock)?;
+            s.set_read_timeout(Some(EXEC_TIMEOUT))?;
+            client::quiesce(&mut s)?;
+            drop(s);
+            let t1 = t0.elapsed();
+            let mut c = runsc(&root, true);
+            c.args(["checkpoint", "--image-path"]).arg(&img).arg(&id);
+            runsc_ok(c, "replay runsc checkpoint")?;
+            let t2 = t0.elapsed();
+            store.put_file(
+                &img.join("checkpoint.img"),
+                &blockstore::PutOptions {
+                    chunk_size: Some(512 * 1024),
+                    ..Default::default()
+                },
+            )?;
+            let t3 = t0.elapsed();
+            let mut c = runsc(&root, true);
+            c.args(["delete", "--force", &id]);
+            runsc_ok(c, "replay runsc delete")?;
+            let t4 = t0.elapsed();
+            let mut c = runsc(&root, true);
+            c.args(["restore", "--detach", "--image-path"])
+                .arg(&img)
+                .arg("--bundle")
+                .arg(&bundle)
+                .arg(&id);
+            runsc_detached(c, &log, "replay runsc restore")?;
+            std::fs::write(dir.join("run/resume"), b"")?;
+            let t5 = t0.elapsed();
+            wait_agent(&sock)?;
+            let t6 = t0.elapsed();
+            q.push(ms(t1));
+            ck.push(ms(t2 - t1));
+            put.push(ms(t3 - t2));
+            del.push(ms(t4 - t3));
+            rs.push(ms(t5 - t4));
+            ag.push(ms(t6 - t5));
+            tot.push(ms(t6));
+        }
+        Ok(json!({
+            "quiesce_ms": summary(&q),
+            "runsc_checkpoint_ms": summary(&ck),
+            "store_put_ms": summary(&put),
+            "runsc_delete_ms": summary(&del),
+            "runsc_restore_ms": summary(&rs),
+            "agent_ready_after_restore_ms": summary(&ag),
+            "total_ms": summary(&tot),
+        }))
+    })();
+    let root = dir.join("runsc");
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut c = runsc(&root, true);
+    c.args(["delete", "--force", &id]);
+    let _ = c.output();
+    kill_matching(root_needle(&root).as_bytes());
+    let _ = std::fs::remove_dir_all(dir.join("ckpt"));
+    r
+}
+
+fn steps_json(s: &Steps) -> Value {
+    let mut o = json!({
+        "runsc_ms": summary(&s.runsc),
+        "agent_ready_after_runsc_ms": summary(&s.agent),
+        "exec_true_ms": summary(&s.exec),
+        "total_ms": summary(&s.total),
+    });
+    if !s.export.is_empty() {
+        o["export_state_file_ms"] = summary(&s.export);
+        o["set_generation_ms"] = summary(&s.generation);
+    }
+    o
+}
+
+// ------------------------------------------------------------------ main
+
+struct Cfg {
+    runs: usize,
+    forks: usize,
+}
+
+fn main() {
+    let cfg = Cfg {
+        runs: arg("--runs", 20usize).max(1),
+        forks: arg("--forks", 32usize).clamp(1, 256),
+    };
+    QUIET.store(
+        std::env::args().any(|a| a == "--json-only"),
+        Ordering::Relaxed,
+    );
+    let tmp = match tempfile::Builder::new()
+        .prefix("kiln-sandbox-bench-")
+        .tempdir()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sandbox_bench: temp dir: {e}");
+            std::process::exit(1);
+        }
+    };
+    TMP.set(tmp.path().to_path_buf()).unwrap();
+    install_guards();
+    let r = run(&cfg, tmp.path());
+    let leftover = sweep();
+    match r {
+        Ok(mut out) => {
+            out["leftover_runsc_processes_killed_at_exit"] = json!(leftover);
+            println!("{}", serde_json::to_string_pretty(&out).unwrap());
+        }
+        Err(e) => {
+            eprintln!("sandbox_bench: {e:#}");
+            eprintln!("(cleaned up {leftover} processes)");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
+    let load_start = loadavg();
+    let home = tmp.join("home");
+    std::fs::create_dir_all(&home)?;
+    // SAFETY: set before any thread of ours reads the environment (the guards do not).
+    unsafe { std::env::set_var("KILN_HOME", &home) };
+    let store = Store::open(&home.join("store"))?;
+    let exe = std::env::current_exe()?;
+    let sbx = runtime::host_sandboxes(&home, store.clone(), exe);
+    let drv = sbx.driver(RuntimeKind::Gvisor).map_err(|e| {
+        anyhow::anyhow!("{e} (set KILN_AGENT to a static kiln-agent: RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p kiln-agent --target x86_64-unknown-linux-gnu)")
+    })?;
+    let _ = drv;
+
+    // ---- setup: busybox image
+    let t = Instant::now();
+    let layout = kiln_tests::registry::busybox_layout(tmp, "bb")
+        .context("busybox image: needs umoci and busybox-static")?;
+    let (image_id, _) = imagebuilder::oci::import(
+        &store,
+        &tmp.join("import-tmp"),
+        &format!("oci:{}:bb", layout.display()),
+        "bb",
+        &imagebuilder::oci::PullOptions::default(),
+    )?;
+    let import_ms = ms(t.elapsed());
+    progress!("image bb = {image_id} imported in {import_ms:.0} ms");
+
+    // `runsc --version`: Sandboxes runs it for every driver lookup (create, connect, get).
+    let mut version_ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let _ = Command::new("runsc").arg("--version").output()?;
+        version_ms.push(ms(t.elapsed()));
+    }
+
+    // ---- first create: extracts the image's tree
+    let mut live = Live::new(&sbx);
+    let t = Instant::now();
+    let first = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+    live.add(&first.id);
+    kiln_exec(&sbx, &first.id, &["true"])?;
+    let first_ms = ms(t.elapsed());
+    let rootfs = home.join("rootfs").join(image_id.to_hex());
+    anyhow::ensure!(rootfs.is_dir(), "no image tree at {}", rootfs.display());
+    let kiln_config: Value = serde_json::from_slice(&std::fs::read(
+        home.join("sandboxes")
+            .join(&first.id)
+            .join("bundle/config.json"),
+    )?)?;
+    let kiln_fresh_pss_kib = {
+        std::thread::sleep(Duration::from_millis(300));
+        pss_of_root(&kiln_root(&home, &first.id))
+    };
+    live.kill(&first.id)?;
+    progress!("first create (with tree extraction) to exec: {first_ms:.0} ms");
+
+    let raw_base = tmp.join("raw");
+    let bundle = raw_bundle(&raw_base.join("bundle"), &rootfs)?;
+    let replay_base = tmp.join("replay");
+
+    // ---- time to interactive
+    let (mut k_create, mut k_exec, mut k_total) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut r_run, mut r_exec, mut r_total) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tti_steps = Steps::default();
+    let mut raw_fresh_pss_kib = 0;
+    for i in 0..cfg.runs {
+        // kiln
+        let t0 = Instant::now();
+        let rec = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+        live.add(&rec.id);
+        let t1 = t0.elapsed();
+        kiln_exec(&sbx, &rec.id, &["true"])?;
+        let t2 = t0.elapsed();
+        live.kill(&rec.id)?;
+        k_create.push(ms(t1));
+        k_exec.push(ms(t2 - t1));
+        k_total.push(ms(t2));
+        // raw runsc
+        let raw = Raw::new(&raw_base, &format!("tti{i}"));
+        let t0 = Instant::now();
+        let r = raw.run(&bundle).and_then(|()| {
+            let t1 = t0.elapsed();
+            raw.exec_true()?;
+            Ok(t1)
+        });
+        let t2 = t0.elapsed();
+        if i == 0 && r.is_ok() {
+            std::thread::sleep(Duration::from_millis(300));
+            raw_fresh_pss_kib = raw.pss_kib();
+        }
+        raw.delete();
+        let t1 = r?;
+        r_run.push(ms(t1));
+        r_exec.push(ms(t2 - t1));
+        r_total.push(ms(t2));
+        // kiln's steps, replayed
+        replay(
+            &kiln_config,
+            &replay_base.join(format!("tti{i}")),
+            &store,
+            None,
+            &mut tti_steps,
+        )?;
+        progress!(
+            "tti {i}: kiln {:.0} ms (create {:.0} + exec {:.0}), raw {:.0} ms (run {:.0} + exec {:.0}), replay {:.0} ms",
+            k_total[i],
+            k_create[i],
+            k_exec[i],
+            r_total[i],
+            r_run[i],
+            r_exec[i],
+            tti_steps.total[i]
+        );
+    }
+    let tti = json!({
+        "kiln_create_to_first_exec_ms": summary(&k_total),
+        "kiln_create_ms": summary(&k_create),
+        "kiln_first_exec_ms": summary(&k_exec),
+        "raw_runsc_run_to_first_exec_ms": summary(&r_total),
+        "raw_runsc_run_ms": summary(&r_run),
+        "raw_runsc_exec_ms": summary(&r_exec),
+        "ratio_kiln_vs_raw_p50": round(pct(&k_total, 0.5) / pct(&r_total, 0.5)),
+        "ratio_kiln_vs_raw_p90": round(pct(&k_total, 0.9) / pct(&r_total, 0.9)),
+        "goal_ratio": 1.2,
+        "kiln_steps_replayed": steps_json(&tti_steps),
+        "sandboxes_overhead_ms_p50": round(pct(&k_create, 0.5) - pct(&tti_steps.runsc, 0.5) - pct(&tti_steps.agent, 0.5)),
+        "first_create_with_tree_extraction_ms": round(first_ms),
+        "runs": cfg.runs,
+        "raw_baseline": "runsc --root R --platform=ptrace --network=none --overlay2=root:memory --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, same image tree), then runsc exec id true",
+    });
+
+    // ---- create from a snapshot
+    let src = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+    live.add(&src.id);
+    kiln_exec(&sbx, &src.id, &["true"])?;
+    let t = Instant::now();
+    let snap = sbx.snapshot(&src.id, Some("bench-base"))?;
+    let snapshot_live_ms = ms(t.elapsed());
+    kiln_exec(&sbx, &src.id, &["true"])?;
+    live.kill(&src.id)?;
+    let live_steps = replay_live_snapshots(&kiln_config, &replay_base.join("live"), &store, 3)?;
+    let snap_state = state_file_of(&store, &snap)?;
+    let snap_size = store.manifest(&snap_state)?.size;
+    progress!(
+        "snapshot {snap}: {snapshot_live_ms:.0} ms (live: checkpoint + restore in place), state file {snap_size} B"
+    );
+    let raw_src = Raw::new(&raw_base, "snapsrc");
+    let raw_img = raw_base.join("snap-image");
+    let r = raw_src.run(&bundle).and_then(|()| {
+        raw_src.exec_true()?;
+        let t = Instant::now();
+        raw_src.checkpoint(&raw_img)?;
+        Ok(ms(t.elapsed()))
+    });
+    raw_src.delete();
+    let raw_checkpoint_ms = r?;
+    let raw_ckpt_size = std::fs::metadata(raw_img.join("checkpoint.img"))?.len();
+    let (mut ks_create, mut ks_total) = (Vec::new(), Vec::new());
+    let (mut rs_restore, mut rs_total) = (Vec::new(), Vec::new());
+    let mut snap_steps = Steps::default();
+    for i in 0..cfg.runs {
+        let t0 = Instant::now();
+        let rec = sbx.create(gvisor_spec(Source::Snapshot("bench-base".into())))?;
+        live.add(&rec.id);
+        let t1 = t0.elapsed();
+        kiln_exec(&sbx, &rec.id, &["true"])?;
+        let t2 = t0.elapsed();
+        live.kill(&rec.id)?;
+        ks_create.push(ms(t1));
+        ks_total.push(ms(t2));
+        let raw = Raw::new(&raw_base, &format!("rs{i}"));
+        let t0 = Instant::now();
+        let r = raw.restore(&bundle, &raw_img).and_then(|()| {
+            let t1 = t0.elapsed();
+            raw.exec_true()?;
+            Ok(t1)
+        });
+        let t2 = t0.elapsed();
+        raw.delete();
+        let t1 = r?;
+        rs_restore.push(ms(t1));
+        rs_total.push(ms(t2));
+        replay(
+            &kiln_config,
+            &replay_base.join(format!("rs{i}")),
+            &store,
+            Some(&snap_state),
+            &mut snap_steps,
+        )?;
+        progress!(
+            "snapshot {i}: kiln {:.0} ms (create {:.0}), raw {:.0} ms (restore {:.0}), replay {:.0} ms",
+            ks_total[i],
+            ks_create[i],
+            rs_total[i],
+            rs_restore[i],
+            snap_steps.total[i]
+        );
+    }
+    let from_snapshot = json!({
+        "kiln_create_to_first_exec_ms": summary(&ks_total),
+        "kiln_create_ms": summary(&ks_create),
+        "raw_runsc_restore_to_first_exec_ms": summary(&rs_total),
+        "raw_runsc_restore_ms": summary(&rs_restore),
+        "ratio_kiln_vs_raw_p50": round(pct(&ks_total, 0.5) / pct(&rs_total, 0.5)),
+        "ratio_kiln_vs_raw_p90": round(pct(&ks_total, 0.9) / pct(&rs_total, 0.9)),
+        "kiln_steps_replayed": steps_json(&snap_steps),
+        "sandboxes_overhead_ms_p50": round(pct(&ks_create, 0.5) - pct(&snap_steps.export, 0.5) - pct(&snap_steps.runsc, 0.5) - pct(&snap_steps.agent, 0.5) - pct(&snap_steps.generation, 0.5)),
+        "kiln_live_snapshot_ms": round(snapshot_live_ms),
+        "kiln_live_snapshot_steps_replayed": live_steps,
+        "kiln_state_file_bytes": snap_size,
+        "raw_runsc_checkpoint_ms": round(raw_checkpoint_ms),
+        "raw_state_file_bytes": raw_ckpt_size,
+        "runs": cfg.runs,
+    });
+
+    // ---- fork
+    let n = cfg.forks;
+    let src = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+    live.add(&src.id);
+    kiln_exec(&sbx, &src.id, &["true"])?;
+    let t0 = Instant::now();
+    let forks = sbx.fork(&src.id, n)?;
+    for f in &forks {
+        live.add(&f.id);
+    }
+    let fork_returned = t0.elapsed();
+    for f in &forks {
+        kiln_exec(&sbx, &f.id, &["true"])?;
+    }
+    let fork_all = t0.elapsed();
+    kiln_exec(&sbx, &src.id, &["true"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut fork_pss = Vec::new();
+    let mut fork_pids_ok = 0;
+    for f in &forks {
+        if f.driver.get("pid").and_then(|p| p.as_u64()).is_some() {
+            fork_pids_ok += 1;
+        }
+        fork_pss.push(pss_of_root(&kiln_root(&home, &f.id)) as f64 / 1024.0);
+    }
+    let fork_pss_sum: f64 = fork_pss.iter().sum();
+    let src_pss = pss_of_root(&kiln_root(&home, &src.id)) as f64 / 1024.0;
+    progress!(
+        "fork {n}: returned {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork",
+        ms(fork_returned),
+        ms(fork_all),
+        fork_pss_sum / n as f64
+    );
+    live.kill_all();
+    // raw: N restores of one checkpoint, 4 at a time
+    let raws: Vec<Raw> = (0..n)
+        .map(|i| Raw::new(&raw_base, &format!("fork{i}")))
+        .collect();
+    let t0 = Instant::now();
+    let mut raw_err = None;
+    for batch in raws.chunks(4) {
+        let rs: Vec<Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> = batch
+                .iter()
+                .map(|r| s.spawn(|| r.restore(&bundle, &raw_img)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| bail!("panicked")))
+                .collect()
+        });
+        for r in rs {
+            if let Err(e) = r {
+                raw_err.get_or_insert(e);
+            }
+        }
+    }
+    let raw_fork_restored = t0.elapsed();
+    if raw_err.is_none() {
+        for r in &raws {
+            if let Err(e) = r.exec_true() {
+                raw_err.get_or_insert(e);
+                break;
+            }
+        }
+    }
+    let raw_fork_all = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let raw_fork_pss: Vec<f64> = raws.iter().map(|r| r.pss_kib() as f64 / 1024.0).collect();
+    for r in &raws {
+        r.delete();
+    }
+    if let Some(e) = raw_err {
+        return Err(e.context("raw fork baseline"));
+    }
+    let raw_pss_sum: f64 = raw_fork_pss.iter().sum();
+    progress!(
+        "raw fork {n}: restored {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork",
+        ms(raw_fork_restored),
+        ms(raw_fork_all),
+        raw_pss_sum / n as f64
+    );
+    let fork = json!({
+        "n": n,
+        "kiln_fork_call_ms": round(ms(fork_returned)),
+        "kiln_all_answered_exec_ms": round(ms(fork_all)),
+        "kiln_pss_mib_per_idle_fork": round(fork_pss_sum / n as f64),
+        "kiln_pss_mib_per_fork_median": round(pct(&fork_pss, 0.5)),
+        "kiln_pss_mib_source_sandbox": round(src_pss),
+        "kiln_pss_mib_fresh_sandbox": round(kiln_fresh_pss_kib as f64 / 1024.0),
+        "forks_with_pid_recorded": fork_pids_ok,
+        "raw_restores_4_at_a_time_ms": round(ms(raw_fork_restored)),
+        "raw_all_answered_exec_ms": round(ms(raw_fork_all)),
+        "raw_pss_mib_per_idle_fork": round(raw_pss_sum / n as f64),
+        "raw_pss_mib_fresh_container": round(raw_fresh_pss_kib as f64 / 1024.0),
+        "ratio_kiln_vs_raw_all_answered": round(ms(fork_all) / ms(raw_fork_all)),
+        "pss_counts": "sum of Pss from /proc/PID/smaps_rollup of every process naming the sandbox's runsc --root (runsc-sandbox + runsc-gofer), divided by N",
+    });
+
+    // ---- pause / resume
+    let cycles = 3;
+    let pr = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+    live.add(&pr.id);
+    kiln_exec(&sbx, &pr.id, &["true"])?;
+    let raw_pr = Raw::new(&raw_base, "pause");
+    let raw_started = raw_pr.run(&bundle).and_then(|()| raw_pr.exec_true());
+    if let Err(e) = raw_started {
+        raw_pr.delete();
+        return Err(e);
+    }
+    let mut seen: HashSet<BlobId> = HashSet::new();
+    let mut rows = Vec::new();
+    let (mut p_ms, mut rz_ms, mut rp_ms, mut rr_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let r: Result<()> = (|| {
+        for c in 0..cycles {
+            let change = c > 0;
+            if change {
+                let line = format!("head -c 1024 /dev/urandom > /root/change{c}");
+                kiln_exec(&sbx, &pr.id, &["/bin/sh", "-c", &line])?;
+                raw_pr.exec_sh(&line)?;
+            }
+            let before = store.stats();
+            let t = Instant::now();
+            let rec = sbx.pause(&pr.id)?;
+            let pause_ms = ms(t.elapsed());
+            let after = store.stats();
+            let State::Paused { saved } = rec.state else {
+                bail!("pause left the sandbox {}", rec.state.name());
+            };
+            let sf = state_file_of(&store, &saved)?;
+            let m = store.manifest(&sf)?;
+            let ids: Vec<BlobId> = m.chunks.iter().flatten().copied().collect();
+            let new_chunks = ids.iter().filter(|c| !seen.contains(c)).count();
+            let distinct: HashSet<BlobId> = ids.iter().copied().collect();
+            let t = Instant::now();
+            sbx.resume(&pr.id)?;
+            let resume_ms = ms(t.elapsed());
+            kiln_exec(&sbx, &pr.id, &["true"])?;
+            let resume_exec_ms = ms(t.elapsed());
+            if change {
+                let out = kiln_exec(
+                    &sbx,
+                    &pr.id,
+                    &["/bin/sh", "-c", &format!("wc -c < /root/change{c}")],
+                )?;
+                anyhow::ensure!(
+                    String::from_utf8_lossy(&out).trim() == "1024",
+                    "the 1 KiB file did not survive pause/resume: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            // raw
+            let img = raw_base.join(format!("pause-image{c}"));
+            let t = Instant::now();
+            raw_pr.checkpoint(&img)?;
+            let raw_ckpt_ms = ms(t.elapsed());
+            let mut d = runsc(&raw_pr.root, false);
+            d.args(["delete", "--force", &raw_pr.id]);
+            runsc_ok(d, "runsc delete")?;
+            let t = Instant::now();
+            raw_pr.restore(&bundle, &img)?;
+            let raw_restore_ms = ms(t.elapsed());
+            raw_pr.exec_true()?;
+            let raw_restore_exec_ms = ms(t.elapsed());
+            let raw_size = std::fs::metadata(img.join("checkpoint.img"))?.len();
+            let _ = std::fs::remove_dir_all(&img);
+            progress!(
+                "pause {c}: {pause_ms:.0} ms, {} B state, {new_chunks}/{} chunks new, {} B written; resume {resume_ms:.0} ms; raw checkpoint {raw_ckpt_ms:.0} ms, restore {raw_restore_ms:.0} ms",
+                m.size,
+                ids.len(),
+                after.bytes_written - before.bytes_written
+            );
+            p_ms.push(pause_ms);
+            rz_ms.push(resume_exec_ms);
+            rp_ms.push(raw_ckpt_ms);
+            rr_ms.push(raw_restore_exec_ms);
+            rows.push(json!({
+                "cycle": c,
+                "change_before": if change { "1 KiB file written" } else { "none (first pause)" },
+                "pause_ms": round(pause_ms),
+                "resume_ms": round(resume_ms),
+                "resume_to_first_exec_ms": round(resume_exec_ms),
+                "state_file_bytes": m.size,
+                "chunks": ids.len(),
+                "distinct_chunks": distinct.len(),
+                "chunk_size": m.chunk_size,
+                "chunks_new_vs_earlier_pauses": new_chunks,
+                "store_chunks_written": after.chunks_written - before.chunks_written,
+                "store_bytes_written": after.bytes_written - before.bytes_written,
+                "raw_checkpoint_ms": round(raw_ckpt_ms),
+                "raw_restore_ms": round(raw_restore_ms),
+                "raw_restore_to_first_exec_ms": round(raw_restore_exec_ms),
+                "raw_state_file_bytes": raw_size,
+            }));
+            seen.extend(ids);
+        }
+        Ok(())
+    })();
+    raw_pr.delete();
+    live.kill_all();
+    r?;
+    let pause = json!({
+        "cycles": rows,
+        "kiln_pause_ms_p50": round(pct(&p_ms, 0.5)),
+        "kiln_resume_to_first_exec_ms_p50": round(pct(&rz_ms, 0.5)),
+        "raw_checkpoint_ms_p50": round(pct(&rp_ms, 0.5)),
+        "raw_restore_to_first_exec_ms_p50": round(pct(&rr_ms, 0.5)),
+        "ratio_pause_vs_raw_checkpoint_p50": round(pct(&p_ms, 0.5) / pct(&rp_ms, 0.5)),
+        "ratio_resume_vs_raw_restore_p50": round(pct(&rz_ms, 0.5) / pct(&rr_ms, 0.5)),
+        "note": "runsc writes its state file already compressed, so a small change shifts the compressed stream and most 512 KiB chunks of the next pause are new: dedup between pauses is limited (store_bytes_written is after the store's zstd, which gains little on it)",
+    });
+
+    Ok(json!({
+        "bench": "sandbox",
+        "runtime": "gvisor (runsc --platform=ptrace)",
+        "runsc_version": String::from_utf8_lossy(&Command::new("runsc").arg("--version").output()?.stdout).lines().next().unwrap_or("").to_string(),
+        "image": {"name": "bb", "id": image_id.to_hex(), "import_ms": round(import_ms)},
+        "load_avg_start": load_start,
+        "load_avg_end": loadavg(),
+        "runsc_version_cmd_ms": summary(&version_ms),
+        "time_to_interactive": tti,
+        "from_snapshot": from_snapshot,
+        "fork": fork,
+        "pause_resume": pause,
+    }))
+}
