@@ -94,6 +94,18 @@ pub enum SandboxCommand {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Forward a host TCP port to a port inside a sandbox (through its agent) until interrupted
+    ///
+    /// Prints the address it listens on. Example:
+    ///   kiln sandbox port dev 8080 --listen 127.0.0.1:18080 & curl 127.0.0.1:18080
+    #[command(verbatim_doc_comment)]
+    Port {
+        id: String,
+        port: u16,
+        /// Host address to listen on (port 0: any free port)
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Set a sandbox's timeout, counted from now (0: none)
     Timeout { id: String, secs: u64 },
 }
@@ -273,6 +285,23 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Logs { id, follow } => logs(&sbx.log_path(&id)?, follow),
+        SandboxCommand::Port { id, port, listen } => {
+            let rec = sbx.get(&id)?;
+            if !listen.ip().is_loopback() {
+                eprintln!("warning: forwarding from {listen}, reachable from other hosts");
+            }
+            let l = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("listening on {listen}"))?;
+            println!("{}", l.local_addr()?);
+            std::io::stdout().flush()?;
+            let sid = rec.id.clone();
+            runtime::ports::forward(
+                l,
+                move || sbx.dial(&sid, port),
+                move |e| eprintln!("sandbox {id} port {port}: {e}"),
+            )?;
+            Ok(())
+        }
         SandboxCommand::Timeout { id, secs } => {
             let rec = sbx.set_timeout(&id, (secs > 0).then_some(secs))?;
             println!("{} {}", rec.id, describe_deadline(&rec));

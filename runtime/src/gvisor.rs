@@ -215,15 +215,20 @@ impl GvisorDriver {
             .open(&log_path)
             .ctx("open", &log_path)?;
         let before = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let status = self
+        let mut child = self
             .runsc(dir)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().ctx("dup", &log_path)?)
             .stderr(log)
             .process_group(0)
-            .status()
+            .spawn()
             .ctx("run", &self.config.runsc)?;
+        // If we are killed now, runsc goes on: whoever cleans up waits for it first (kill).
+        let launcher = dir.sub("launch.pid");
+        let _ = std::fs::write(&launcher, child.id().to_string());
+        let status = child.wait().ctx("wait for", &self.config.runsc)?;
+        let _ = std::fs::remove_file(&launcher);
         if status.success() {
             return Ok(());
         }
@@ -256,7 +261,8 @@ impl GvisorDriver {
                     "permitted": DEFAULT_CAPS,
                 },
             },
-            "root": {"path": rootfs, "readonly": true},
+            // Writable through gVisor's in-memory overlay; the shared tree underneath is never written.
+            "root": {"path": rootfs, "readonly": false},
             "hostname": rec.name.clone().unwrap_or_else(|| rec.id.clone()),
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -552,6 +558,13 @@ impl Runtime for GvisorDriver {
     }
 
     fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        // A runsc run/restore whose caller was killed is still creating the container.
+        if let Some(pid) = pid_in(&dir.sub("launch.pid")) {
+            let t = Instant::now();
+            while is_runsc(pid) && t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if dir.sub("runsc").exists() {
             let _ = self
                 .runsc(dir)
@@ -564,9 +577,13 @@ impl Runtime for GvisorDriver {
                 .stdin(Stdio::null())
                 .output();
         }
-        // runsc delete ends the sandbox process; make sure, in case runsc's state was lost.
-        if let Some(pid) = live_pid(rec) {
-            // SAFETY: kill with a pid we checked is the sandbox process (same start time).
+        // runsc delete ends the sandbox process; make sure, in case runsc's state was lost
+        // (or the record never learnt the pid).
+        let pids = live_pid(rec)
+            .into_iter()
+            .chain(pid_in(&dir.sub("sandbox.pid")));
+        for pid in pids.filter(|p| is_runsc(*p)) {
+            // SAFETY: kill(2) of a runsc process this sandbox started (checked above).
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         Ok(())
@@ -582,6 +599,22 @@ impl Runtime for GvisorDriver {
     fn connect(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream> {
         self.connect_path(rec)
     }
+
+    fn recover(&self, dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
+        // A quiesced agent waits for this; a running one never looks at it.
+        Self::release_agent(dir)
+    }
+}
+
+fn pid_in(file: &Path) -> Option<u32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a live (not zombie) runsc process.
+fn is_runsc(pid: u32) -> bool {
+    process_start_time(pid).is_some()
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("runsc"))
 }
 
 /// The sandbox process's pid if it still runs (and is the same process: same start time).

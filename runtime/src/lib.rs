@@ -14,6 +14,7 @@
 mod error;
 pub mod gvisor;
 pub mod microvm;
+pub mod ports;
 pub mod record;
 pub mod rootfs;
 mod sandboxes;
@@ -75,6 +76,12 @@ pub trait Runtime: Send + Sync {
 
     /// A fresh connection to the sandbox's agent, ready for one request.
     fn connect(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream>;
+
+    /// A checkpoint of this still-running sandbox was interrupted (its caller died): undo
+    /// whatever it left half-done (a quiesced agent, a paused VM).
+    fn recover(&self, _dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// This host's sandboxes with every driver, in order of preference (microvm, then gvisor):
@@ -85,11 +92,13 @@ pub fn host_sandboxes(
     store: blockstore::Store,
     vmm_exe: std::path::PathBuf,
 ) -> Sandboxes {
-    let _ = vmm_exe;
-    let drivers: Vec<Box<dyn Runtime>> = vec![Box::new(gvisor::GvisorDriver::new(
-        store.clone(),
-        home,
-        gvisor::GvisorConfig::from_env(),
-    ))];
+    let drivers: Vec<Box<dyn Runtime>> = vec![
+        Box::new(microvm::MicrovmDriver::new(store.clone(), vmm_exe, None)),
+        Box::new(gvisor::GvisorDriver::new(
+            store.clone(),
+            home,
+            gvisor::GvisorConfig::from_env(),
+        )),
+    ];
     Sandboxes::new(home, store, drivers)
 }

@@ -122,6 +122,10 @@ pub struct SandboxRecord {
     /// Bumped by every restore and fork; the agent is told so programs can tell.
     pub generation: u64,
     pub defaults: ProcessDefaults,
+    /// An operation under way (`pause`, `snapshot`, `fork`): if its process dies, the next
+    /// caller sees it and recovers the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
     /// Driver-private state (process ids, paths).
     #[serde(default)]
     pub driver: serde_json::Value,

@@ -192,6 +192,7 @@ impl Sandboxes {
             deadline_ms: spec.timeout_secs.map(|s| now + s * 1000),
             on_timeout: spec.on_timeout,
             agent: None,
+            op: None,
             generation: snap.map(|s| s.generation + 1).unwrap_or(0),
             defaults,
             driver: serde_json::Value::Null,
@@ -357,15 +358,28 @@ impl Sandboxes {
                 return Ok(None);
             }
             State::Running => {
-                if let Some(cause) = self
-                    .driver(rec.runtime)
-                    .ok()
-                    .and_then(|d| d.exited(dir, &rec))
-                {
-                    rec.state = State::Failed {
-                        cause: format!("{cause}\n--- log tail ---\n{}", dir.log_tail(1500)),
-                    };
-                    dir.save(&rec)?;
+                let driver = self.driver(rec.runtime).ok();
+                let op = rec.op.take();
+                match driver.and_then(|d| d.exited(dir, &rec)) {
+                    Some(cause) => {
+                        let during = op
+                            .map(|o| format!(" (a {o} was under way and its process was killed)"));
+                        rec.state = State::Failed {
+                            cause: format!(
+                                "{cause}{}\n--- log tail ---\n{}",
+                                during.unwrap_or_default(),
+                                dir.log_tail(1500)
+                            ),
+                        };
+                        dir.save(&rec)?;
+                    }
+                    None if op.is_some() => {
+                        if let Some(d) = driver {
+                            d.recover(dir, &rec)?;
+                        }
+                        dir.save(&rec)?;
+                    }
+                    None => {}
                 }
             }
             _ => {}
@@ -444,6 +458,13 @@ impl Sandboxes {
         Ok((rec, s))
     }
 
+    /// A connection to TCP `port` on the sandbox's loopback, through its agent: after this
+    /// returns the stream carries the raw bytes.
+    pub fn dial(&self, id: &str, port: u16) -> Result<UnixStream> {
+        let (_, s) = self.connect(id)?;
+        Ok(kiln_agent::client::dial(s, port)?)
+    }
+
     /// The agent request for `opts`, with the image's and the sandbox's defaults filled in.
     pub fn exec_request(&self, rec: &SandboxRecord, opts: ExecOptions) -> ExecRequest {
         let mut env: BTreeMap<String, String> = rec
@@ -490,7 +511,10 @@ impl Sandboxes {
         rec: &mut SandboxRecord,
         stop: bool,
     ) -> Result<Checkpoint> {
+        rec.op = Some(if stop { "pause" } else { "snapshot" }.into());
+        dir.save(rec)?;
         let cp = driver.checkpoint(dir, rec, stop);
+        rec.op = None;
         if cp.is_err() {
             if let Some(cause) = driver.exited(dir, rec) {
                 rec.state = State::Failed {

@@ -5,6 +5,7 @@
 
 pub mod registry;
 pub mod s3;
+pub mod sandbox;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
