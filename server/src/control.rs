@@ -1,0 +1,1 @@
+//! E2B REST API (control plane).

@@ -1,0 +1,1 @@
+//! Ports other than envd's, proxied into the sandbox through the agent.
