@@ -425,6 +425,31 @@ impl GvisorDriver {
         self.announce_generation(rec)
     }
 
+    /// Ends what is left of a stopped container (its sandbox process exits on its own after
+    /// a checkpoint; SIGKILL if it lingers) and removes runsc's state for it.
+    fn forget_container(&self, dir: &SandboxDir, rec: &SandboxRecord) {
+        self.end_container(dir, rec, Duration::from_millis(200));
+    }
+
+    /// SIGKILLs the sandbox process if it is still there after `linger`, waits for it to go
+    /// (bounded) and removes runsc's state.
+    fn end_container(&self, dir: &SandboxDir, rec: &SandboxRecord, linger: Duration) {
+        if let Some(pid) = live_pid(rec) {
+            let t = Instant::now();
+            while is_runsc(pid) {
+                if t.elapsed() > linger {
+                    // SAFETY: kill(2) of this sandbox's runsc process (checked by is_runsc).
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                if t.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir.sub("runsc"));
+    }
+
     fn rootfs_of(rec: &SandboxRecord) -> Option<PathBuf> {
         rec.driver.get("rootfs")?.as_str().map(PathBuf::from)
     }
@@ -488,6 +513,7 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
         let _ = std::fs::remove_file(dir.sub("run").join("resume"));
+        let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
             .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
@@ -507,7 +533,13 @@ impl Runtime for GvisorDriver {
             let _ = std::fs::remove_dir_all(&ckpt);
             return Err(e);
         }
-        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "runsc checkpoint");
+        tracing::info!(
+            id = %rec.id,
+            quiesce_ms = (t - t0).as_millis() as u64,
+            checkpoint_ms = t.elapsed().as_millis() as u64,
+            "runsc checkpoint"
+        );
+        let t = Instant::now();
         let state_file = ckpt.join("checkpoint.img");
         let blob = self.store.put_file(
             &state_file,
@@ -516,8 +548,12 @@ impl Runtime for GvisorDriver {
                 ..PutOptions::default()
             },
         )?;
-        // The container is stopped now; its runsc record goes before it is restored.
-        self.runsc_ok(dir, "runsc delete", &["delete", "--force", &rec.id])?;
+        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
+        // The container has stopped; its state root (this sandbox's alone) goes before a
+        // restore reuses the id. `runsc delete` does the same but took 1.7 s here, polling.
+        let t = Instant::now();
+        self.forget_container(dir, rec);
+        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
         if !stop {
             let rootfs = Self::rootfs_of(rec)
                 .ok_or_else(|| Error::Invalid(format!("sandbox {} has no rootfs", rec.id)))?;
@@ -557,7 +593,7 @@ impl Runtime for GvisorDriver {
         restored
     }
 
-    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+    fn kill(&self, dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
         // A runsc run/restore whose caller was killed is still creating the container.
         if let Some(pid) = pid_in(&dir.sub("launch.pid")) {
             let t = Instant::now();
@@ -565,27 +601,23 @@ impl Runtime for GvisorDriver {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if dir.sub("runsc").exists() {
-            let _ = self
-                .runsc(dir)
-                .args(["kill", "--all", &rec.id, "KILL"])
-                .stdin(Stdio::null())
-                .output();
-            let _ = self
-                .runsc(dir)
-                .args(["delete", "--force", &rec.id])
-                .stdin(Stdio::null())
-                .output();
+        // Every process of the container lives in its sandbox process, with the gofer beside
+        // it; both carry this sandbox's own `--root`. Killing them is far faster than `runsc
+        // kill` + `runsc delete` (about 2 s here, polling) and needs no runsc state.
+        let root_flag = format!("--root={}", dir.sub("runsc").display());
+        let t = Instant::now();
+        loop {
+            let left = runsc_processes_with(&root_flag);
+            if left.is_empty() || t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            for pid in left {
+                // SAFETY: kill(2) of a runsc process of this sandbox (its --root matched).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        // runsc delete ends the sandbox process; make sure, in case runsc's state was lost
-        // (or the record never learnt the pid).
-        let pids = live_pid(rec)
-            .into_iter()
-            .chain(pid_in(&dir.sub("sandbox.pid")));
-        for pid in pids.filter(|p| is_runsc(*p)) {
-            // SAFETY: kill(2) of a runsc process this sandbox started (checked above).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        let _ = std::fs::remove_dir_all(dir.sub("runsc"));
         Ok(())
     }
 
@@ -604,6 +636,27 @@ impl Runtime for GvisorDriver {
         // A quiesced agent waits for this; a running one never looks at it.
         Self::release_agent(dir)
     }
+}
+
+/// Live runsc processes whose command line has `arg` exactly.
+fn runsc_processes_with(arg: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmd.split(|b| *b == 0);
+        let is_runsc = args
+            .next()
+            .is_some_and(|a| String::from_utf8_lossy(a).contains("runsc"));
+        if is_runsc && args.any(|a| a == arg.as_bytes()) && process_start_time(pid).is_some() {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn pid_in(file: &Path) -> Option<u32> {

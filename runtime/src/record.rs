@@ -24,7 +24,8 @@ pub enum RuntimeKind {
 
 impl std::fmt::Display for RuntimeKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        // pad, not write_str: table columns pass a width.
+        f.pad(match self {
             RuntimeKind::Microvm => "microvm",
             RuntimeKind::Gvisor => "gvisor",
         })

@@ -150,7 +150,7 @@ fn serve_unix(path: &str) -> Result<(), String> {
         };
         while !quiesce::quiescing() {
             // SAFETY: one valid pollfd for our listening socket.
-            if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+            if unsafe { libc::poll(&mut pfd, 1, 5) } <= 0 {
                 continue;
             }
             match l.accept() {
