@@ -143,7 +143,18 @@ fn files_round_trip_keep_modes_and_never_escape_the_sandbox() {
     );
     assert_eq!(out, format!("{} /tmp/{name}\n", 10 << 20));
     // Nor does the image's shared tree change when the sandbox writes over its files.
-    sh(&k, &id, "echo changed > /bin/busybox-note; rm /bin/cat");
+    let (_, err, code) = exec(
+        &k,
+        &id,
+        &["--user", "root"],
+        &[
+            "sh",
+            "-c",
+            "echo changed > /bin/busybox-note && rm /bin/cat",
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
     let tree = std::fs::read_dir(k.home.join("rootfs"))
         .unwrap()
         .next()
