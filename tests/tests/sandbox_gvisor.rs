@@ -510,3 +510,45 @@ fn timeouts_kill_or_pause() {
     k.ok(["sandbox", "resume", &paused]);
     assert_eq!(sh(&k, &paused, "cat /work/t"), "before\n");
 }
+
+#[test]
+fn an_agent_that_never_answers_fails_create_with_the_console_tail_and_leaves_nothing() {
+    let Some((tmp, k)) = app_home() else { return };
+    if !kiln_tests::registry::have("gcc") {
+        eprintln!("SKIP: gcc is needed to build a fake agent");
+        return;
+    }
+    // A static init that prints a line and never listens.
+    let src = tmp.path().join("fake.c");
+    std::fs::write(&src, "#include <stdio.h>\n#include <unistd.h>\nint main(void){puts(\"fake agent here\");fflush(stdout);sleep(600);return 0;}\n").unwrap();
+    let bin = tmp.path().join("fake-agent");
+    let st = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let k = k.with_env([
+        ("KILN_AGENT".to_string(), bin.display().to_string()),
+        ("KILN_AGENT_TIMEOUT".to_string(), "2".to_string()),
+    ]);
+    let t = std::time::Instant::now();
+    let err = k.fails(["sandbox", "create", "app"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(err.contains("did not answer within 2 s"), "{err}");
+    assert!(err.contains("fake agent here"), "no console tail: {err}");
+    assert!(ids(&k).is_empty());
+    assert!(
+        kiln_tests::sandbox::processes_mentioning(&k.home.display().to_string())
+            .iter()
+            .all(|p| !std::fs::read(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .starts_with(b"runsc")),
+        "runsc processes left"
+    );
+}
