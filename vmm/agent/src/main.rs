@@ -4,6 +4,10 @@
 //! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
 //! `kiln.mount=<device>:<dir>` from the kernel command line (ext4), starts the generation watcher
 //! (`genid`: reseed and clock after a restore), and serves vsock port 10000.
+//! Started from an initramfs (`rdinit=/init`, the way kiln's microvm driver brings it in without
+//! touching the image) with `kiln.root=<device>` on the command line, it first mounts that
+//! device (ext4) and makes it the root (mount move + chroot; the agent keeps running from its
+//! initramfs copy), then goes on as above.
 //! As PID 1 with `--unix PATH` (the init of a gVisor sandbox, whose runtime did the mounts) it
 //! mounts nothing and watches no generation page. Elsewhere it serves the given Unix socket or
 //! vsock port (for tests and development). In every case a reaper thread collects every child,
@@ -21,6 +25,9 @@ fn main() {
     kiln_agent::server::init();
     let unix = args.get(1).map(String::as_str) == Some("--unix");
     if pid1 && !unix {
+        if let Err(e) = enter_kiln_root() {
+            eprintln!("kiln-agent: {e}");
+        }
         init_mounts();
         start_genid_watcher();
     }
@@ -69,6 +76,47 @@ fn mount(src: &str, dst: &str, fstype: &str, flags: libc::c_ulong) -> Result<(),
         if e.raw_os_error() != Some(libc::EBUSY) {
             return Err(format!("mount {src} on {dst}: {e}"));
         }
+    }
+    Ok(())
+}
+
+/// With `kiln.root=<device>` on the kernel command line: mount it and make it `/`.
+fn enter_kiln_root() -> Result<(), String> {
+    mount("proc", "/proc", "proc", 0)?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(dev) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kiln.root="))
+    else {
+        return Ok(());
+    };
+    mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID as libc::c_ulong,
+    )?;
+    mount(dev, "/newroot", "ext4", 0)?;
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let (newroot, dot, slash) = (c("/newroot"), c("."), c("/"));
+    // SAFETY: valid NUL-terminated paths; MS_MOVE takes no fstype or data.
+    let moved = unsafe {
+        libc::chdir(newroot.as_ptr()) == 0
+            && libc::mount(
+                dot.as_ptr(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) == 0
+            && libc::chroot(dot.as_ptr()) == 0
+            && libc::chdir(slash.as_ptr()) == 0
+    };
+    if !moved {
+        return Err(format!(
+            "switching the root to {dev}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
