@@ -733,6 +733,7 @@ fn main() {
         Err(e) => {
             eprintln!("sandbox_bench: {e:#}");
             eprintln!("(cleaned up {leftover} processes)");
+            drop(tmp);
             std::process::exit(1);
         }
     }
