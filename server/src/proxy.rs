@@ -1,1 +1,84 @@
-//! Ports other than envd's, proxied into the sandbox through the agent.
+//! Ports other than envd's, proxied into the sandbox through the agent: each request gets a
+//! fresh TCP connection to `127.0.0.1:port` inside the sandbox (the agent's `Dial`), HTTP/1.1
+//! over it; an upgrade (WebSocket and the like) becomes a raw byte pipe both ways. A port
+//! nothing listens on is answered as E2B's proxy does: 502 "... port is not open ...".
+
+use crate::envd::agent;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+
+pub async fn handle(
+    state: Arc<AppState>,
+    sandbox_id: String,
+    port: u16,
+    mut req: Request,
+) -> Response {
+    let sandboxes = state.sandboxes.clone();
+    let id = sandbox_id.clone();
+    let dialed = tokio::task::spawn_blocking(move || sandboxes.dial(&id, port)).await;
+    let stream = match dialed {
+        Ok(Ok(s)) => s,
+        Ok(Err(runtime::Error::Agent(e))) => {
+            let body = serde_json::json!({
+                "sandboxId": sandbox_id,
+                "port": port,
+                "code": 502,
+                "message": format!("The sandbox is running but port is not open ({e})"),
+            });
+            return (
+                StatusCode::BAD_GATEWAY,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response();
+        }
+        Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
+        Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(stream))
+    {
+        Ok(s) => s,
+        Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &e.to_string()),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &format!("proxy: {e}")),
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return agent::json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("proxy: the sandbox's port {port} answered badly: {e}"),
+            )
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_up) = client_upgrade {
+            let server_up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = (client_up.await, server_up.await) {
+                    let mut c = TokioIo::new(c);
+                    let mut s = TokioIo::new(s);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+            });
+        }
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Body::new(body))
+}

@@ -1,13 +1,113 @@
 //! envd's protocol (data plane), carried to the kiln agent.
+//!
+//! The SDK talks to envd, E2B's in-sandbox daemon; `kiln serve` answers for it and carries
+//! each call to the kiln agent of the sandbox (one request per agent connection):
+//! - connect-rpc `process.Process` ([`process`]) and `filesystem.Filesystem`
+//!   ([`filesystem`]), JSON codec, unary and server streams ([`connect`], [`stream`]),
+//!   the messages in [`types`];
+//! - `GET`/`POST /files` ([`files`]), `GET /health` (204), `GET /envs`.
+//!
+//! envd's rules are kept: the user comes from `Authorization: Basic base64(user:)` (default:
+//! the image's user), relative paths are under the user's home, the default working directory
+//! is the image's, errors carry envd's codes and messages. A sandbox that is unknown or not
+//! running is answered as E2B's proxy does: HTTP 502 `{code, message}` ("... was not found").
+
+pub mod agent;
+pub mod connect;
+pub mod files;
+pub mod filesystem;
+pub mod process;
+pub mod stream;
+pub mod types;
 
 use crate::AppState;
 use axum::extract::Request;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
+
+/// The envd version `kiln serve` speaks: every SDK feature it serves is gated at or below it
+/// (the Python SDK 2.63 gates up to 0.6.4: watch entry info, network mounts).
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// Serves one data-plane request for `port` of sandbox `sandbox_id`: envd's own port is
 /// envd's API, any other port a proxy into the sandbox.
 pub async fn handle(state: Arc<AppState>, sandbox_id: String, port: u16, req: Request) -> Response {
-    let _ = (state, sandbox_id, port, req);
-    axum::http::StatusCode::NOT_IMPLEMENTED.into_response()
+    if port != crate::ENVD_PORT {
+        return crate::proxy::handle(state, sandbox_id, port, req).await;
+    }
+    if let Some(token) = state.access_token(&sandbox_id) {
+        let given = req
+            .headers()
+            .get("x-access-token")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !constant_time_eq(given, token.as_bytes()) {
+            return agent::json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized access, please provide a valid access token",
+            );
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    match (&parts.method, path.as_str()) {
+        (&Method::GET, "/health") => StatusCode::NO_CONTENT.into_response(),
+        (&Method::GET, "/envs") => envs(state, sandbox_id).await,
+        (&Method::GET, "/files") => {
+            files::download(state, sandbox_id, files::query(&parts.uri)).await
+        }
+        (&Method::POST, "/files") => {
+            files::upload(
+                state,
+                sandbox_id,
+                files::query(&parts.uri),
+                &parts.headers,
+                body,
+            )
+            .await
+        }
+        (&Method::POST, p) if p.starts_with("/process.Process/") => {
+            let m = &p["/process.Process/".len()..];
+            process::rpc(state, sandbox_id, m, &parts.headers, body).await
+        }
+        (&Method::POST, p) if p.starts_with("/filesystem.Filesystem/") => {
+            let m = &p["/filesystem.Filesystem/".len()..];
+            filesystem::rpc(state, sandbox_id, m, &parts.headers, body).await
+        }
+        (_, p)
+            if p.starts_with("/process.Process/") || p.starts_with("/filesystem.Filesystem/") =>
+        {
+            (StatusCode::METHOD_NOT_ALLOWED, [("allow", "POST")]).into_response()
+        }
+        _ => agent::json_error(StatusCode::NOT_FOUND, &format!("no route {path}")),
+    }
+}
+
+/// `GET /envs`: the sandbox's environment variables (those it was created with).
+async fn envs(state: Arc<AppState>, id: String) -> Response {
+    let sandboxes = state.sandboxes.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        sandboxes.get(&id).map_err(|e| agent::from_runtime(&id, e))
+    })
+    .await;
+    match r {
+        Ok(Ok(rec)) => (
+            [
+                (axum::http::header::CONTENT_TYPE, "application/json"),
+                (axum::http::header::CACHE_CONTROL, "no-store"),
+            ],
+            serde_json::to_string(&rec.env).unwrap_or_else(|_| "{}".into()),
+        )
+            .into_response(),
+        Ok(Err(e)) => e.unary(),
+        Err(e) => agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
