@@ -160,6 +160,8 @@ pub struct GvisorDriver {
     store: Store,
     home: PathBuf,
     config: GvisorConfig,
+    available: std::sync::OnceLock<std::result::Result<(), String>>,
+    agent_dir: std::sync::OnceLock<PathBuf>,
 }
 
 impl GvisorDriver {
@@ -168,6 +170,8 @@ impl GvisorDriver {
             store,
             home: home.to_path_buf(),
             config,
+            available: std::sync::OnceLock::new(),
+            agent_dir: std::sync::OnceLock::new(),
         }
     }
 
@@ -291,25 +295,48 @@ impl GvisorDriver {
     /// The agent binary copied into the home under its content hash, so a rebuilt agent never
     /// changes what running or checkpointed sandboxes see.
     fn installed_agent(&self) -> Result<PathBuf> {
+        if let Some(d) = self.agent_dir.get() {
+            return Ok(d.clone());
+        }
         let src = self
             .config
             .agent
             .as_ref()
             .map_err(|why| Error::Unavailable(RuntimeKind::Gvisor, why.clone()))?;
-        let bytes = std::fs::read(src).ctx("read", src)?;
-        let hash = blake3::hash(&bytes).to_hex();
-        let dir = self.home.join("agent").join(&hash.as_str()[..16]);
-        let bin = dir.join("kiln-agent");
-        if !bin.exists() {
-            std::fs::create_dir_all(&dir).ctx("create", &dir)?;
-            let tmp = dir.join(format!(".kiln-agent.{}", std::process::id()));
-            std::fs::write(&tmp, &bytes).ctx("write", &tmp)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-                .ctx("chmod", &tmp)?;
-            std::fs::rename(&tmp, &bin).ctx("rename", &bin)?;
-        }
-        Ok(dir)
+        // Known by size and mtime, hashed only when new: the 8 MB hash cost every start.
+        let meta = std::fs::metadata(src).ctx("stat", src)?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let agents = self.home.join("agent");
+        let key = agents.join(format!("by-stat/{:x}-{mtime:x}", meta.len()));
+        let dir = match std::fs::read_link(&key) {
+            Ok(d) if d.join("kiln-agent").exists() => d,
+            _ => {
+                let bytes = std::fs::read(src).ctx("read", src)?;
+                let hash = blake3::hash(&bytes).to_hex();
+                let dir = agents.join(&hash.as_str()[..16]);
+                let bin = dir.join("kiln-agent");
+                if !bin.exists() {
+                    std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+                    let tmp = dir.join(format!(".kiln-agent.{}", std::process::id()));
+                    std::fs::write(&tmp, &bytes).ctx("write", &tmp)?;
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+                        .ctx("chmod", &tmp)?;
+                    std::fs::rename(&tmp, &bin).ctx("rename", &bin)?;
+                }
+                let _ = std::fs::create_dir_all(agents.join("by-stat"));
+                let tmp_link = key.with_extension(format!("tmp{}", std::process::id()));
+                if std::os::unix::fs::symlink(&dir, &tmp_link).is_ok() {
+                    let _ = std::fs::rename(&tmp_link, &key);
+                }
+                dir
+            }
+        };
+        Ok(self.agent_dir.get_or_init(|| dir).clone())
     }
 
     fn agent_socket(dir: &SandboxDir) -> PathBuf {
@@ -461,19 +488,24 @@ impl Runtime for GvisorDriver {
     }
 
     fn available(&self) -> std::result::Result<(), String> {
-        let out = Command::new(&self.config.runsc)
-            .arg("--version")
-            .output()
-            .map_err(|e| {
-                format!(
-                    "{} not found ({e}); install gVisor (Debian: apt-get install runsc)",
-                    self.config.runsc.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.config.runsc.display()));
-        }
-        self.config.agent.as_ref().map(|_| ()).map_err(Clone::clone)
+        // Asked on every lookup of the driver; runsc --version costs ~20 ms here.
+        self.available
+            .get_or_init(|| {
+                let out = Command::new(&self.config.runsc)
+                    .arg("--version")
+                    .output()
+                    .map_err(|e| {
+                        format!(
+                            "{} not found ({e}); install gVisor (Debian: apt-get install runsc)",
+                            self.config.runsc.display()
+                        )
+                    })?;
+                if !out.status.success() {
+                    return Err(format!("{} --version failed", self.config.runsc.display()));
+                }
+                self.config.agent.as_ref().map(|_| ()).map_err(Clone::clone)
+            })
+            .clone()
     }
 
     fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {

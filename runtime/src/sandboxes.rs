@@ -139,6 +139,7 @@ impl Sandboxes {
             }
             Source::Snapshot(s) => {
                 let (sid, snap) = snapshot::lookup(&self.store, s)?;
+                snapshot::fetch_manifests(&self.store, &snap)?;
                 let image = self.image(&snap.image)?;
                 (snap.image, image, Some((sid, snap)))
             }
@@ -445,7 +446,19 @@ impl Sandboxes {
 
     /// A connection to a running sandbox's agent.
     pub fn connect(&self, id: &str) -> Result<(SandboxRecord, UnixStream)> {
-        let rec = self.get(id)?;
+        // The fast path reads the record only; a failed connection looks at reality (a dead
+        // runtime, an expired timeout) to say why.
+        let dir = self.resolve(id)?;
+        let rec = dir.load()?;
+        let expired = rec.deadline_ms.is_some_and(|d| now_ms() >= d);
+        if rec.state == State::Running && !expired {
+            if let Ok(s) = self.driver(rec.runtime)?.connect(&dir, &rec) {
+                return Ok((rec, s));
+            }
+        }
+        let rec = self
+            .refresh(&dir)?
+            .ok_or_else(|| Error::NotFound(id.into()))?;
         if rec.state != State::Running {
             return Err(Error::WrongState {
                 id: rec.id,
@@ -453,7 +466,6 @@ impl Sandboxes {
                 needed: "it must be running",
             });
         }
-        let dir = self.dir(&rec.id);
         let s = self.driver(rec.runtime)?.connect(&dir, &rec)?;
         Ok((rec, s))
     }
@@ -555,6 +567,7 @@ impl Sandboxes {
             });
         };
         let snap = snapshot::get(&self.store, &sid)?;
+        snapshot::fetch_manifests(&self.store, &snap)?;
         let image = self.image(&snap.image)?;
         let driver = self.driver(rec.runtime)?;
         rec.generation += 1;
@@ -578,27 +591,26 @@ impl Sandboxes {
             snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?
         };
         let spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
-        // A few at a time: each restore is a process start plus a state load.
+        // Four at a time (each restore is a process start plus a state load), from a queue so
+        // one slow restore does not hold back a whole batch.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(Vec::with_capacity(n));
+        std::thread::scope(|s| {
+            for _ in 0..n.min(4) {
+                s.spawn(|| {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                        let r = self.create(spec.clone());
+                        results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                    }
+                });
+            }
+        });
         let mut out = Vec::with_capacity(n);
         let mut first_err = None;
-        for batch in (0..n).collect::<Vec<_>>().chunks(4) {
-            let results: Vec<Result<SandboxRecord>> = std::thread::scope(|s| {
-                let hs: Vec<_> = batch
-                    .iter()
-                    .map(|_| s.spawn(|| self.create(spec.clone())))
-                    .collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(Error::Invalid("fork panicked".into())))
-                    })
-                    .collect()
-            });
-            for r in results {
-                match r {
-                    Ok(rec) => out.push(rec),
-                    Err(e) => first_err = first_err.or(Some(e)),
-                }
+        for r in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            match r {
+                Ok(rec) => out.push(rec),
+                Err(e) => first_err = first_err.or(Some(e)),
             }
         }
         if let Some(e) = first_err {

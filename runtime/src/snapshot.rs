@@ -113,6 +113,18 @@ pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, SnapshotRecord
     Err(Error::SnapshotNotFound(name_or_id.into()))
 }
 
+/// Makes the manifests of a snapshot's blobs local (a snapshot pulled from another home
+/// brings only its record); their data still comes lazily, on read.
+pub fn fetch_manifests(store: &Store, snap: &SnapshotRecord) -> Result<()> {
+    for b in &snap.checkpoint.blobs {
+        if !store.contains(b) {
+            store.pull(b)?;
+            store.set_name(&format!("{KEEP_PREFIX}{b}"), b)?;
+        }
+    }
+    Ok(())
+}
+
 /// Named snapshots: (name, id).
 pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
     Ok(store
