@@ -6,6 +6,7 @@
 mod cli;
 mod image;
 mod sandbox;
+mod serve;
 mod snapshot;
 mod store;
 mod vm;
@@ -48,6 +49,8 @@ enum Command {
     /// Sandboxes: create from an image, exec, cp, snapshot, fork, pause, resume, kill
     #[command(subcommand, visible_alias = "sbx")]
     Sandbox(sandbox::SandboxCommand),
+    /// Serve E2B's HTTP API (control plane and envd data plane) over this host's sandboxes
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Image(c) => image::run(&home, c),
         Command::Build(a) => image::build(&home, a),
         Command::Sandbox(c) => sandbox::run(&home, c),
+        Command::Serve(a) => serve::run(&home, a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

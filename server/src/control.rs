@@ -1,1 +1,1009 @@
-//! E2B REST API (control plane).
+//! The control plane: E2B's REST API (e2b-dev/infra `spec/openapi.yml`, and the `/v2` create
+//! and connect routes E2B's SDKs 2.x call) over [`runtime::Sandboxes`].
+//!
+//! Every route but `/health` needs `X-API-Key`. Errors are E2B's `{code, message}` with the
+//! spec's status codes: 400 for a malformed body or query, 401 for a missing or wrong key,
+//! 404 for an unknown sandbox, template or snapshot, 409 for a sandbox in the wrong state
+//! (pausing a paused one, resuming a running one) or busy with another operation.
+//!
+//! The runtime is blocking: every call goes through `spawn_blocking`. Operations on one
+//! sandbox are serialized by the runtime's per-sandbox lock.
+
+use crate::timefmt::{parse_rfc3339, rfc3339};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The envd version kiln reports for every sandbox: the newest protocol level the installed
+/// SDKs gate features on (Python e2b 2.63: 0.6.4 for watching network mounts; 0.5.7 octet
+/// stream uploads, 0.6.2 file metadata, 0.4.0 default user, 0.3.0 stdin, 0.5.2 close stdin).
+/// Below 0.4.0 the SDK would send user `user` on every call; kiln's data plane serves the
+/// 0.6.x protocol. Keep in step with what `envd` implements.
+pub const ENVD_VERSION: &str = "0.6.4";
+
+/// E2B's default sandbox time to live when a request names none (spec: `default: 15`).
+const DEFAULT_TIMEOUT_SECS: u64 = 15;
+/// The most a list page holds (spec: `paginationLimit`).
+const MAX_PAGE: usize = 100;
+/// `endAt` of a sandbox without a deadline (created by the CLI without `--timeout`).
+const NO_DEADLINE_MS: u64 = 253_402_300_799_000; // 9999-12-31T23:59:59Z
+
+/// An E2B error response: `{code, message}` with `code` = the HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.status.as_u16(), "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<runtime::Error> for ApiError {
+    fn from(e: runtime::Error) -> ApiError {
+        use runtime::Error as E;
+        let status = match &e {
+            E::NotFound(_) | E::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
+            E::Image(imagebuilder::Error::ImageNotFound(_)) => StatusCode::NOT_FOUND,
+            E::NameTaken(_) | E::WrongState { .. } | E::Busy(_) => StatusCode::CONFLICT,
+            E::Invalid(_) | E::RuntimeMismatch { .. } => StatusCode::BAD_REQUEST,
+            E::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            E::AgentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::warn!("request failed: {e}");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Runs a blocking runtime call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> runtime::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("panicked: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// A JSON body: `{}` when empty and `optional`; 400 with serde's reason when malformed.
+fn body<T: DeserializeOwned>(bytes: &Bytes, optional: bool) -> ApiResult<T> {
+    let raw: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        if !optional {
+            return Err(ApiError::bad_request("request body is required"));
+        }
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(raw).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+/// The control plane's routes (the data-plane dispatch is layered on in [`crate::app`]).
+pub fn router(state: Arc<AppState>) -> Router {
+    let authed = Router::new()
+        .route("/sandboxes", post(create_v1).get(list_v1))
+        .route("/v2/sandboxes", post(create_v2).get(list_v2))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/connect", post(connect_v1))
+        .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/snapshots", get(list_snapshots))
+        .route("/templates", get(list_templates))
+        .route("/templates/{id}", delete(delete_template))
+        .fallback(not_found)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(authed)
+        .with_state(state)
+}
+
+async fn health() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path()))
+}
+
+/// `X-API-Key` must match, compared in constant time.
+async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get("x-api-key")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if given.is_empty() {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-Key header").into_response();
+    }
+    if !crate::constant_time_eq(given, state.api_key.as_bytes()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key").into_response();
+    }
+    next.run(req).await
+}
+
+// ---- create ----
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+    #[allow(dead_code)]
+    auto_pause_memory: Option<bool>,
+    secure: Option<bool>,
+    #[serde(rename = "allow_internet_access")]
+    #[allow(dead_code)]
+    allow_internet_access: Option<bool>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /sandboxes`: secured (an envd access token) only with `secure: true`.
+async fn create_v1(state: State<Arc<AppState>>, bytes: Bytes) -> ApiResult<Response> {
+    create(state, bytes, false).await
+}
+
+/// `POST /v2/sandboxes` (the SDKs 2.x): secured unless `secure: false`; the SDK no longer
+/// sends the field and always passes the token it gets back.
+async fn create_v2(state: State<Arc<AppState>>, bytes: Bytes) -> ApiResult<Response> {
+    create(state, bytes, true).await
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    bytes: Bytes,
+    secure_default: bool,
+) -> ApiResult<Response> {
+    let req: NewSandbox = body(&bytes, false)?;
+    let template = req.template_id.trim().to_string();
+    if template.is_empty() {
+        return Err(ApiError::bad_request("templateID is empty"));
+    }
+    let mut spec = CreateSpec::new(Source::Image(template.clone()));
+    spec.timeout_secs = Some(req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS));
+    if req.auto_pause == Some(true) {
+        spec.on_timeout = OnTimeout::Pause;
+    }
+    spec.metadata = req.metadata.unwrap_or_default();
+    spec.env = req.env_vars.unwrap_or_default();
+    let sb = state.sandboxes.clone();
+    let rec = blocking(move || {
+        let mut spec = spec;
+        // A template is an image name or id, else a sandbox snapshot name or id.
+        match sb.create(spec.clone()) {
+            Err(runtime::Error::Image(imagebuilder::Error::ImageNotFound(_))) => {
+                spec.source = Source::Snapshot(strip_tag(&template).to_string());
+                sb.create(spec).map_err(|e| match e {
+                    runtime::Error::SnapshotNotFound(_) => {
+                        runtime::Error::Image(imagebuilder::Error::ImageNotFound(format!(
+                            "{template} (no image or sandbox snapshot of that name; see \
+                             `kiln image ls`, GET /templates, GET /snapshots)"
+                        )))
+                    }
+                    e => e,
+                })
+            }
+            r => r,
+        }
+    })
+    .await?;
+    let token = if req.secure.unwrap_or(secure_default) {
+        match state.issue_token(&rec.id) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let sb = state.sandboxes.clone();
+                let id = rec.id.clone();
+                let _ = blocking(move || sb.kill(&id)).await;
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("saving the sandbox's access token: {e}"),
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec, token))).into_response())
+}
+
+/// `name:tag` as E2B spells template references; kiln snapshot names carry no tag.
+fn strip_tag(t: &str) -> &str {
+    t.strip_suffix(":default").unwrap_or(t)
+}
+
+/// E2B's `Sandbox` (create, connect, resume, fork).
+fn sandbox_json(state: &AppState, rec: &SandboxRecord, token: Option<String>) -> Value {
+    let mut v = json!({
+        "templateID": rec.source,
+        "sandboxID": rec.id,
+        "clientID": "kiln",
+        "envdVersion": ENVD_VERSION,
+        "trafficAccessToken": null,
+        "domain": state.domain,
+    });
+    if let Some(alias) = alias(rec) {
+        v["alias"] = json!(alias);
+    }
+    if let Some(t) = token.or_else(|| state.access_token(&rec.id)) {
+        v["envdAccessToken"] = json!(t);
+    }
+    v
+}
+
+fn alias(rec: &SandboxRecord) -> Option<&str> {
+    rec.name.as_deref()
+}
+
+/// E2B's state of a sandbox: running or paused; `None` for one that failed or stopped (to
+/// the API it is gone).
+fn e2b_state(rec: &SandboxRecord) -> Option<&'static str> {
+    match rec.state {
+        SbxState::Starting | SbxState::Running => Some("running"),
+        SbxState::Paused { .. } => Some("paused"),
+        SbxState::Stopped | SbxState::Failed { .. } => None,
+    }
+}
+
+/// E2B's `ListedSandbox`.
+fn listed_json(rec: &SandboxRecord) -> Value {
+    json!({
+        "templateID": rec.source,
+        "sandboxID": rec.id,
+        "clientID": "kiln",
+        "startedAt": rfc3339(rec.created_ms),
+        "endAt": rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),
+        "cpuCount": rec.cpus,
+        "memoryMB": rec.memory_mib,
+        "diskSizeMB": rec.disk_mib,
+        "metadata": rec.metadata,
+        "state": e2b_state(rec).unwrap_or("running"),
+        "envdVersion": ENVD_VERSION,
+    })
+}
+
+/// E2B's `SandboxDetail`.
+fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
+    let mut v = listed_json(rec);
+    v["domain"] = json!(state.domain);
+    v["allowInternetAccess"] = Value::Null;
+    v["lifecycle"] = json!({
+        "autoResume": false,
+        "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
+    });
+    if let Some(t) = state.access_token(&rec.id) {
+        v["envdAccessToken"] = json!(t);
+    }
+    v
+}
+
+// ---- get, list ----
+
+/// A sandbox as E2B sees it: 404 when unknown, failed or stopped.
+async fn lookup(state: &AppState, id: &str) -> ApiResult<SandboxRecord> {
+    let sb = state.sandboxes.clone();
+    let id2 = id.to_string();
+    let rec = blocking(move || sb.get(&id2)).await?;
+    match &rec.state {
+        SbxState::Failed { cause } => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} failed: {cause}"),
+        )),
+        SbxState::Stopped => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} has stopped"),
+        )),
+        _ => Ok(rec),
+    }
+}
+
+async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let rec = lookup(&state, &id).await?;
+    Ok(Json(detail_json(&state, &rec)))
+}
+
+/// The query's pairs, percent-decoded once.
+fn query_pairs(uri: &Uri) -> ApiResult<Vec<(String, String)>> {
+    axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+}
+
+/// The `metadata` parameter (already decoded once as a query value) is itself a query string
+/// `k1=v1&k2=v2` whose keys and values are URL-encoded once more (the SDKs encode each with
+/// `quote`/`encodeURIComponent` first): the pairs, fully decoded.
+fn parse_metadata(s: &str) -> ApiResult<Vec<(String, String)>> {
+    let bad = || ApiError::bad_request(format!("invalid metadata query {s:?}"));
+    let uri: Uri = format!("/?{s}").parse().map_err(|_| bad())?;
+    query_pairs(&uri)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                percent_decode(&k).ok_or_else(bad)?,
+                percent_decode(&v).ok_or_else(bad)?,
+            ))
+        })
+        .collect()
+}
+
+/// `%XX` escapes decoded (`+` stays a plus); None for a bad escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+struct ListQuery {
+    metadata: Vec<(String, String)>,
+    states: Option<Vec<String>>,
+    ascending: bool,
+    started_after_ms: Option<u64>,
+    template: Option<String>,
+    limit: usize,
+    next_token: Option<String>,
+}
+
+fn list_query(uri: &Uri) -> ApiResult<ListQuery> {
+    let mut q = ListQuery {
+        metadata: Vec::new(),
+        states: None,
+        ascending: false,
+        started_after_ms: None,
+        template: None,
+        limit: MAX_PAGE,
+        next_token: None,
+    };
+    for (k, v) in query_pairs(uri)? {
+        match k.as_str() {
+            "metadata" => q.metadata.extend(parse_metadata(&v)?),
+            "state" => {
+                for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    if s != "running" && s != "paused" {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid state {s:?} (running or paused)"
+                        )));
+                    }
+                    q.states.get_or_insert_with(Vec::new).push(s.to_string());
+                }
+            }
+            "order" => {
+                q.ascending = match v.as_str() {
+                    "asc" => true,
+                    "desc" => false,
+                    _ => return Err(ApiError::bad_request(format!("invalid order {v:?}"))),
+                }
+            }
+            "startedAfter" => {
+                q.started_after_ms = Some(parse_rfc3339(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("invalid startedAfter {v:?} (RFC 3339)"))
+                })?)
+            }
+            "template" => q.template = Some(v),
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid limit {v:?} (1..=100)"))
+                    })?
+            }
+            "nextToken" => q.next_token = Some(v).filter(|t| !t.is_empty()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn matches_metadata(rec: &SandboxRecord, want: &[(String, String)]) -> bool {
+    want.iter()
+        .all(|(k, v)| rec.metadata.get(k).is_some_and(|m| m == v))
+}
+
+/// A page cursor: the sort key (start time, id) of the last item of the previous page.
+fn cursor(rec: &SandboxRecord) -> String {
+    hex::encode(format!("{}:{}", rec.created_ms, rec.id))
+}
+
+fn parse_cursor(t: &str) -> ApiResult<(u64, String)> {
+    let bad = || ApiError::bad_request(format!("invalid nextToken {t:?}"));
+    let raw = String::from_utf8(hex::decode(t).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (ms, id) = raw.split_once(':').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, id.to_string()))
+}
+
+async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<SandboxRecord>> {
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.list()).await
+}
+
+async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Response> {
+    let q = list_query(&uri)?;
+    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            let Some(s) = e2b_state(r) else { return false };
+            q.states.as_ref().is_none_or(|w| w.iter().any(|x| x == s))
+                && matches_metadata(r, &q.metadata)
+                && q.started_after_ms.is_none_or(|t| r.created_ms >= t)
+                && q.template.as_ref().is_none_or(|t| {
+                    &r.source == t || r.image.to_hex() == *t || r.image.to_hex().starts_with(t)
+                })
+        })
+        .collect();
+    recs.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    if !q.ascending {
+        recs.reverse();
+    }
+    let running = recs
+        .iter()
+        .filter(|r| e2b_state(r) == Some("running"))
+        .count();
+    let start = match &q.next_token {
+        None => 0,
+        Some(t) => {
+            let (ms, id) = parse_cursor(t)?;
+            let key = (ms, id);
+            recs.iter()
+                .position(|r| {
+                    let k = (r.created_ms, r.id.clone());
+                    if q.ascending {
+                        k > key
+                    } else {
+                        k < key
+                    }
+                })
+                .unwrap_or(recs.len())
+        }
+    };
+    let page: Vec<&SandboxRecord> = recs.iter().skip(start).take(q.limit).collect();
+    let more = start + page.len() < recs.len();
+    let mut headers = HeaderMap::new();
+    if more {
+        if let Some(last) = page.last() {
+            headers.insert("x-next-token", hv(&cursor(last)));
+        }
+    }
+    if q.states
+        .as_ref()
+        .is_none_or(|s| s.iter().any(|x| x == "running"))
+    {
+        headers.insert("x-total-running", hv(&running.to_string()));
+    }
+    let body: Vec<Value> = page.into_iter().map(listed_json).collect();
+    Ok((headers, Json(body)).into_response())
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).expect("hex and digits are valid header values")
+}
+
+/// The deprecated v1 list: running sandboxes, optionally filtered by metadata.
+async fn list_v1(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Json<Vec<Value>>> {
+    let mut metadata = Vec::new();
+    for (k, v) in query_pairs(&uri)? {
+        if k == "metadata" {
+            metadata.extend(parse_metadata(&v)?);
+        }
+    }
+    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+        .await?
+        .into_iter()
+        .filter(|r| e2b_state(r) == Some("running") && matches_metadata(r, &metadata))
+        .collect();
+    recs.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+    Ok(Json(recs.iter().map(listed_json).collect()))
+}
+
+// ---- kill, timeouts ----
+
+async fn kill(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let sb = state.sandboxes.clone();
+    let rec = blocking({
+        let sb = sb.clone();
+        let id = id.clone();
+        move || sb.get(&id)
+    })
+    .await?;
+    let rid = rec.id.clone();
+    blocking(move || sb.kill(&rid)).await?;
+    state.drop_token(&rec.id);
+    tracing::info!(id = %rec.id, "killed sandbox");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct TimeoutRequest {
+    timeout: Option<u64>,
+}
+
+async fn set_timeout(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: TimeoutRequest = body(&bytes, false)?;
+    let secs = req
+        .timeout
+        .ok_or_else(|| ApiError::bad_request("timeout is required"))?;
+    let rec = lookup(&state, &id).await?;
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.set_timeout(&rec.id, Some(secs))).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct RefreshRequest {
+    duration: Option<u64>,
+}
+
+/// Extends the time to live to at least `duration` from now (never shortens it).
+async fn refresh(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: RefreshRequest = body(&bytes, true)?;
+    let secs = req.duration.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    if secs > 3600 {
+        return Err(ApiError::bad_request("duration must be at most 3600"));
+    }
+    let rec = lookup(&state, &id).await?;
+    extend(&state, rec, secs).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sets the deadline to now + `secs` if that is later than the present one.
+async fn extend(state: &AppState, rec: SandboxRecord, secs: u64) -> ApiResult<SandboxRecord> {
+    let wanted = now_ms() + secs * 1000;
+    if rec.deadline_ms.is_some_and(|d| d >= wanted) || rec.deadline_ms.is_none() {
+        return Ok(rec);
+    }
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.set_timeout(&rec.id, Some(secs))).await
+}
+
+// ---- pause, resume, connect ----
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PauseRequest {
+    memory: Option<bool>,
+}
+
+async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let _: PauseRequest = body(&bytes, true)?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) == Some("paused") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} is already paused", rec.id),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.pause(&rec.id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ResumeRequest {
+    timeout: Option<u64>,
+}
+
+/// Deprecated resume: 201 with the sandbox; 409 when it is not paused.
+async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ResumeRequest = body(&bytes, true)?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("paused") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} is already running", rec.id),
+        ));
+    }
+    let secs = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let sb = state.sandboxes.clone();
+    let rec = blocking(move || {
+        let r = sb.resume(&rec.id)?;
+        sb.set_timeout(&r.id, Some(secs))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec, None))).into_response())
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct ConnectRequest {
+    timeout: Option<u64>,
+    memory: Option<bool>,
+}
+
+async fn connect_v1(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ConnectRequest = body(&bytes, false)?;
+    if req.timeout.is_none() {
+        return Err(ApiError::bad_request("timeout is required"));
+    }
+    connect(state, id, req).await
+}
+
+async fn connect_v2(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ConnectRequest = body(&bytes, true)?;
+    connect(state, id, req).await
+}
+
+/// 200 with the sandbox when it runs (its time to live only extended), 201 when it was paused
+/// and has been resumed.
+async fn connect(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    req: ConnectRequest,
+) -> ApiResult<Response> {
+    let rec = lookup(&state, &id).await?;
+    let (status, rec) = if e2b_state(&rec) == Some("paused") {
+        let sb = state.sandboxes.clone();
+        let secs = req.timeout;
+        let rec = blocking(move || {
+            let r = sb.resume(&rec.id)?;
+            match secs {
+                Some(s) => sb.set_timeout(&r.id, Some(s)),
+                None => Ok(r),
+            }
+        })
+        .await?;
+        tracing::info!(id = %rec.id, "resumed sandbox on connect");
+        (StatusCode::CREATED, rec)
+    } else {
+        let rec = match req.timeout {
+            Some(s) => extend(&state, rec, s).await?,
+            None => rec,
+        };
+        (StatusCode::OK, rec)
+    };
+    Ok((status, Json(sandbox_json(&state, &rec, None))).into_response())
+}
+
+// ---- fork, snapshots ----
+
+#[derive(Deserialize)]
+struct ForkRequest {
+    timeout: Option<u64>,
+    count: Option<usize>,
+}
+
+/// `count` new sandboxes from the running sandbox's present state: 201 with one
+/// `{sandbox}` per fork. kiln forks all or nothing, so a failure fails the request.
+async fn fork(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ForkRequest = body(&bytes, true)?;
+    let count = req.count.unwrap_or(1);
+    if !(1..=100).contains(&count) {
+        return Err(ApiError::bad_request("count must be 1..=100"));
+    }
+    let secs = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("running") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "sandbox {} is paused; only a running sandbox can be forked",
+                rec.id
+            ),
+        ));
+    }
+    let secure = state.access_token(&rec.id).is_some();
+    let sb = state.sandboxes.clone();
+    let forks = blocking(move || {
+        let forks = sb.fork(&rec.id, count)?;
+        forks
+            .into_iter()
+            .map(|f| sb.set_timeout(&f.id, Some(secs)))
+            .collect::<runtime::Result<Vec<_>>>()
+    })
+    .await?;
+    let mut out = Vec::with_capacity(forks.len());
+    for f in &forks {
+        let token = if secure {
+            Some(state.issue_token(&f.id).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("saving an access token: {e}"),
+                )
+            })?)
+        } else {
+            None
+        };
+        out.push(json!({ "sandbox": sandbox_json(&state, f, token) }));
+    }
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct SnapshotRequest {
+    name: Option<String>,
+    memory: Option<bool>,
+}
+
+/// A live snapshot (the sandbox keeps running), always named so it is listed and kept: the
+/// given name (an existing one moves to the new snapshot, as E2B assigns a new build), else
+/// `snapshot-<random id>`. 201 with `{snapshotID, names}`; the id is a valid `templateID`.
+async fn create_snapshot(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: SnapshotRequest = body(&bytes, true)?;
+    let name = req.name.filter(|n| !n.is_empty());
+    if let Some(n) = &name {
+        runtime::record::check_name(n).map_err(ApiError::from)?;
+    }
+    let rec = lookup(&state, &id).await?;
+    let sb = state.sandboxes.clone();
+    let name = blocking(move || {
+        let name = name.unwrap_or_else(|| format!("snapshot-{}", runtime::record::new_id()));
+        let sid = sb.snapshot(&rec.id, Some(&name))?;
+        tracing::info!(snapshot = %sid, name, "created snapshot");
+        Ok(name)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(snapshot_json(&name))).into_response())
+}
+
+fn snapshot_json(name: &str) -> Value {
+    json!({ "snapshotID": name, "names": [name] })
+}
+
+async fn list_snapshots(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Response> {
+    let (mut sandbox, mut name, mut limit, mut next) = (None, None, MAX_PAGE, None);
+    for (k, v) in query_pairs(&uri)? {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "name" => name = Some(strip_tag(&v).to_string()),
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| ApiError::bad_request(format!("invalid limit {v:?}")))?
+            }
+            "nextToken" => next = Some(v).filter(|t| !t.is_empty()),
+            _ => {}
+        }
+    }
+    let sb = state.sandboxes.clone();
+    let mut names: Vec<String> = blocking(move || {
+        let mut out = Vec::new();
+        for (n, id) in runtime::snapshot::list(sb.store())? {
+            if name.as_ref().is_some_and(|w| *w != n && *w != id.to_hex()) {
+                continue;
+            }
+            if let Some(s) = &sandbox {
+                let rec = runtime::snapshot::get(sb.store(), &id)?;
+                if rec.sandbox != *s {
+                    continue;
+                }
+            }
+            out.push(n);
+        }
+        Ok(out)
+    })
+    .await?;
+    names.sort();
+    let start = match &next {
+        None => 0,
+        Some(t) => {
+            let after = String::from_utf8(
+                hex::decode(t)
+                    .map_err(|_| ApiError::bad_request(format!("invalid nextToken {t:?}")))?,
+            )
+            .map_err(|_| ApiError::bad_request(format!("invalid nextToken {t:?}")))?;
+            names.partition_point(|n| *n <= after)
+        }
+    };
+    let page: Vec<&String> = names.iter().skip(start).take(limit).collect();
+    let mut headers = HeaderMap::new();
+    if start + page.len() < names.len() {
+        if let Some(last) = page.last() {
+            headers.insert("x-next-token", hv(&hex::encode(last)));
+        }
+    }
+    let body: Vec<Value> = page.into_iter().map(|n| snapshot_json(n)).collect();
+    Ok((headers, Json(body)).into_response())
+}
+
+/// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, its data with the next gc.
+/// Images are not deleted through the API.
+async fn delete_template(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let name = strip_tag(&id).to_string();
+    let sb = state.sandboxes.clone();
+    let removed = blocking(move || runtime::snapshot::remove_name(sb.store(), &name)).await?;
+    if removed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot {id:?} (images are removed with `kiln image rm`)"),
+        ))
+    }
+}
+
+// ---- templates, metrics ----
+
+/// kiln images as E2B templates: one per image name; the name is the `templateID`.
+async fn list_templates(State(state): State<Arc<AppState>>) -> ApiResult<Json<Vec<Value>>> {
+    let sb = state.sandboxes.clone();
+    let images = blocking(move || Ok(imagebuilder::image::list(sb.store())?)).await?;
+    let epoch = rfc3339(0);
+    Ok(Json(
+        images
+            .into_iter()
+            .map(|i| {
+                json!({
+                    "templateID": i.name,
+                    "buildID": i.id.to_hex(),
+                    "cpuCount": 1,
+                    "memoryMB": 512,
+                    "diskSizeMB": i.disk_size.div_ceil(1 << 20),
+                    "public": false,
+                    "aliases": [i.name],
+                    "names": [i.name],
+                    "createdAt": epoch,
+                    "updatedAt": epoch,
+                    "createdBy": null,
+                    "lastSpawnedAt": null,
+                    "spawnCount": 0,
+                    "buildCount": 1,
+                    "envdVersion": ENVD_VERSION,
+                    "buildStatus": "ready",
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// No metrics are collected yet: an empty series for a sandbox that exists.
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<Value>>> {
+    lookup(&state, &id).await?;
+    Ok(Json(Vec::new()))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_query_is_decoded_three_times() {
+        // What the Python SDK sends for {"user": "a b", "k=": "v&"}: quote() each, urlencode()
+        // the dict, and the query encodes the whole once more.
+        let uri: Uri = "/v2/sandboxes?metadata=user%3Da%252520b%26k%25253D%3Dv%252526"
+            .parse()
+            .unwrap();
+        let q = list_query(&uri).unwrap();
+        assert_eq!(
+            q.metadata,
+            vec![("user".into(), "a b".into()), ("k=".into(), "v&".into())]
+        );
+    }
+
+    #[test]
+    fn list_query_checks_its_values() {
+        let q = list_query(&"/?state=running,paused&limit=5&order=asc".parse().unwrap()).unwrap();
+        assert_eq!(q.states.unwrap(), vec!["running", "paused"]);
+        assert_eq!(q.limit, 5);
+        assert!(q.ascending);
+        for bad in [
+            "/?state=dead",
+            "/?limit=0",
+            "/?limit=101",
+            "/?order=up",
+            "/?startedAfter=x",
+        ] {
+            assert!(list_query(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let t = hex::encode("123:abc");
+        assert_eq!(parse_cursor(&t).unwrap(), (123, "abc".into()));
+        assert!(parse_cursor("zz").is_err());
+    }
+
+    #[test]
+    fn bodies() {
+        let r: ApiResult<NewSandbox> = body(&Bytes::from_static(b"{\"templateID\":"), false);
+        assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
+        let r: ApiResult<NewSandbox> = body(&Bytes::new(), false);
+        assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
+        let r: TimeoutRequest = body(&Bytes::new(), true).unwrap();
+        assert!(r.timeout.is_none());
+        let r: ApiResult<NewSandbox> = body(&Bytes::from_static(b"{\"timeout\":5}"), false);
+        assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
+    }
+}

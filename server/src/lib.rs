@@ -8,15 +8,59 @@
 //! A request is data plane when it names a sandbox: the `E2b-Sandbox-Id` and
 //! `E2b-Sandbox-Port` headers (the SDK sends them when `E2B_SANDBOX_URL` is set) or a Host of
 //! the form `{port}-{sandbox id}.{domain}`; everything else is control plane.
+//!
+//! The daemon keeps its own state under `KILN_HOME/serve/`: the API key (`api-key`, 0600,
+//! unless `KILN_API_KEY` is set) and the envd access tokens of sandboxes created with
+//! `secure: true` (`tokens/<id>`, 0600). Sandboxes themselves are the runtime's: they run in
+//! their own processes and outlive a restart of the daemon, which reloads them at start.
 
 pub mod control;
 pub mod envd;
 pub mod proxy;
+mod reaper;
+mod secret;
+mod timefmt;
 
-use std::sync::Arc;
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::Response;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+pub use secret::{constant_time_eq, load_or_create_api_key, random_token};
 
 /// envd's port in an E2B sandbox: requests for it are served by [`envd`], others proxied.
 pub const ENVD_PORT: u16 = 49983;
+
+/// What can stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {}: {err}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error(
+        "refusing to listen on {0}, which is not a loopback address: kiln serve has no TLS; \
+         pass --allow-remote to listen there anyway (behind a TLS proxy or a trusted network)"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("listening on {addr}: {err}")]
+    Listen {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Serve(std::io::Error),
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// What every handler shares.
 pub struct AppState {
@@ -25,13 +69,284 @@ pub struct AppState {
     pub api_key: String,
     /// The domain in `{port}-{id}.{domain}` host names and in create responses.
     pub domain: String,
+    /// `KILN_HOME/serve`: the daemon's own files.
+    pub serve_dir: PathBuf,
+    /// envd access tokens of sandboxes created with `secure: true`, by sandbox id (a cache of
+    /// `serve_dir/tokens/<id>`).
+    tokens: RwLock<HashMap<String, String>>,
 }
 
 impl AppState {
+    /// The state for sandboxes `sandboxes`, with the daemon's files under `serve_dir` (the
+    /// tokens of secure sandboxes are loaded from there).
+    pub fn new(
+        sandboxes: Arc<runtime::Sandboxes>,
+        api_key: String,
+        domain: String,
+        serve_dir: PathBuf,
+    ) -> AppState {
+        let tokens = secret::load_tokens(&serve_dir.join("tokens"));
+        AppState {
+            sandboxes,
+            api_key,
+            domain,
+            serve_dir,
+            tokens: RwLock::new(tokens),
+        }
+    }
+
     /// The access token the data plane of sandbox `id` requires (`X-Access-Token`), if it
     /// was created with `secure: true`.
     pub fn access_token(&self, id: &str) -> Option<String> {
-        let _ = id;
-        None
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn tokens_dir(&self) -> PathBuf {
+        self.serve_dir.join("tokens")
+    }
+
+    /// Generates, saves (0600) and remembers an access token for sandbox `id`.
+    pub(crate) fn issue_token(&self, id: &str) -> std::io::Result<String> {
+        let token = random_token("ea_");
+        secret::write_private(&self.tokens_dir(), id, &token)?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), token.clone());
+        Ok(token)
+    }
+
+    /// Forgets the token of a sandbox that is gone.
+    pub(crate) fn drop_token(&self, id: &str) {
+        let had = self
+            .tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .is_some();
+        if had {
+            let _ = std::fs::remove_file(self.tokens_dir().join(id));
+        }
+    }
+
+    /// Ids that have a token.
+    pub(crate) fn token_ids(&self) -> Vec<String> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// How `kiln serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// `None`: `localhost:<port>` (`*.localhost` resolves to loopback), so
+    /// `{port}-{id}.localhost:<port>` reaches this listener.
+    pub domain: Option<String>,
+    pub allow_remote: bool,
+    /// `KILN_API_KEY`, else the key in `KILN_HOME/serve/api-key` (generated at first start).
+    pub api_key: Option<String>,
+    /// `KILN_HOME`.
+    pub home: PathBuf,
+}
+
+/// Checks the listen address: loopback only, unless remote listening was allowed.
+pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<()> {
+    if addr.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(Error::NotLoopback(addr))
+    }
+}
+
+/// Where the generated API key lives.
+pub fn api_key_path(home: &Path) -> PathBuf {
+    home.join("serve").join("api-key")
+}
+
+/// The whole service (control and data plane) as one router over `state`.
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    control::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(state, dispatch))
+        .layer(axum::middleware::from_fn(log_request))
+}
+
+/// Binds, reloads the host's sandboxes, starts the timeout enforcer and serves until the
+/// process ends. `on_ready` is called with the bound address and the key file (None when the
+/// key came from the environment) before the first request is accepted.
+pub async fn run(
+    cfg: ServeConfig,
+    sandboxes: runtime::Sandboxes,
+    on_ready: impl FnOnce(SocketAddr, Option<&Path>),
+) -> Result<()> {
+    check_listen(cfg.listen, cfg.allow_remote)?;
+    let serve_dir = cfg.home.join("serve");
+    std::fs::create_dir_all(&serve_dir).map_err(|err| Error::Io {
+        what: "create",
+        path: serve_dir.clone(),
+        err,
+    })?;
+    let (api_key, key_file) = match cfg.api_key.filter(|k| !k.is_empty()) {
+        Some(k) => (k, None),
+        None => {
+            let p = api_key_path(&cfg.home);
+            let k = load_or_create_api_key(&p).map_err(|err| Error::Io {
+                what: "api key",
+                path: p.clone(),
+                err,
+            })?;
+            (k, Some(p))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|err| Error::Listen {
+            addr: cfg.listen,
+            err,
+        })?;
+    let addr = listener.local_addr().map_err(|err| Error::Listen {
+        addr: cfg.listen,
+        err,
+    })?;
+    let domain = cfg
+        .domain
+        .unwrap_or_else(|| format!("localhost:{}", addr.port()));
+    let sandboxes = Arc::new(sandboxes);
+    // Reload: liveness, interrupted operations and expired deadlines, before serving.
+    let sb = sandboxes.clone();
+    let reloaded = tokio::task::spawn_blocking(move || sb.list())
+        .await
+        .map_err(|e| Error::Serve(std::io::Error::other(e)))??;
+    tracing::info!(sandboxes = reloaded.len(), "reloaded sandboxes");
+    let state = Arc::new(AppState::new(sandboxes, api_key, domain, serve_dir));
+    tokio::spawn(reaper::run(state.clone()));
+    on_ready(addr, key_file.as_deref());
+    axum::serve(listener, app(state))
+        .await
+        .map_err(Error::Serve)
+}
+
+/// Data-plane requests (they name a sandbox) go to [`envd::handle`]; the rest on to the
+/// control plane.
+async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match data_plane_target(req.headers(), &state.domain) {
+        Some((id, port)) => envd::handle(state, id, port, req).await,
+        None => next.run(req).await,
+    }
+}
+
+/// `(sandbox id, port)` when the request is for the data plane: the `E2b-Sandbox-Id` header
+/// (port from `E2b-Sandbox-Port`, envd's by default), or a Host `{port}-{id}.{domain}`.
+pub fn data_plane_target(headers: &HeaderMap, domain: &str) -> Option<(String, u16)> {
+    if let Some(id) = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
+        let port = headers
+            .get("e2b-sandbox-port")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(ENVD_PORT);
+        return Some((id.trim().to_string(), port));
+    }
+    let host = headers.get("host").and_then(|v| v.to_str().ok())?;
+    parse_sandbox_host(host, domain)
+}
+
+/// `{port}-{id}.{domain}` (the Host header may or may not carry the listener's port, and the
+/// domain may or may not carry one).
+pub fn parse_sandbox_host(host: &str, domain: &str) -> Option<(String, u16)> {
+    let host = host.trim().to_ascii_lowercase();
+    let domain = domain.trim().to_ascii_lowercase();
+    let label = host
+        .strip_suffix(&domain)
+        .and_then(|h| h.strip_suffix('.'))
+        .or_else(|| {
+            let h = strip_port(&host);
+            h.strip_suffix(strip_port(&domain))?.strip_suffix('.')
+        })?;
+    if label.contains('.') {
+        return None;
+    }
+    let (port, id) = label.split_once('-')?;
+    let port = port.parse().ok()?;
+    (!id.is_empty()).then(|| (id.to_string(), port))
+}
+
+fn strip_port(h: &str) -> &str {
+    match h.rsplit_once(':') {
+        Some((name, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => h,
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let t = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::info!(
+        %method,
+        path,
+        status = res.status().as_u16(),
+        ms = t.elapsed().as_millis() as u64,
+        "request"
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_hosts() {
+        let d = "localhost:3000";
+        assert_eq!(
+            parse_sandbox_host("49983-abc.localhost:3000", d),
+            Some(("abc".into(), 49983))
+        );
+        assert_eq!(
+            parse_sandbox_host("8080-abc.localhost", d),
+            Some(("abc".into(), 8080))
+        );
+        assert_eq!(
+            parse_sandbox_host("8080-abc.kiln.example", "kiln.example"),
+            Some(("abc".into(), 8080))
+        );
+        assert_eq!(parse_sandbox_host("localhost:3000", d), None);
+        assert_eq!(parse_sandbox_host("127.0.0.1:3000", d), None);
+        assert_eq!(parse_sandbox_host("x.y.localhost:3000", d), None);
+        assert_eq!(parse_sandbox_host("abc.localhost:3000", d), None);
+    }
+
+    #[test]
+    fn headers_name_the_sandbox() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(data_plane_target(&h, "localhost:3000"), None);
+        h.insert("e2b-sandbox-id", "abc".parse().unwrap());
+        assert_eq!(
+            data_plane_target(&h, "localhost:3000"),
+            Some(("abc".into(), ENVD_PORT))
+        );
+        h.insert("e2b-sandbox-port", "8080".parse().unwrap());
+        assert_eq!(
+            data_plane_target(&h, "localhost:3000"),
+            Some(("abc".into(), 8080))
+        );
+    }
+
+    #[test]
+    fn listen_is_loopback_unless_allowed() {
+        assert!(check_listen("127.0.0.1:3000".parse().unwrap(), false).is_ok());
+        assert!(check_listen("[::1]:3000".parse().unwrap(), false).is_ok());
+        assert!(check_listen("0.0.0.0:3000".parse().unwrap(), false).is_err());
+        assert!(check_listen("0.0.0.0:3000".parse().unwrap(), true).is_ok());
     }
 }

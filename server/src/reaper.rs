@@ -1,0 +1,49 @@
+//! Timeouts: once a second the daemon lists the sandboxes, which applies expired deadlines
+//! (kill, or pause for `autoPause`). Sandboxes that failed and whose deadline passed are
+//! removed too, and tokens of sandboxes that are gone are forgotten.
+
+use crate::AppState;
+use runtime::State;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) async fn run(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || sweep(&st)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("timeout sweep: {e}"),
+            Err(e) => tracing::warn!("timeout sweep panicked: {e}"),
+        }
+    }
+}
+
+fn sweep(state: &AppState) -> runtime::Result<()> {
+    let list = state.sandboxes.list()?;
+    let now = now_ms();
+    for rec in &list {
+        let dead = matches!(rec.state, State::Failed { .. } | State::Stopped);
+        if dead && rec.deadline_ms.is_some_and(|d| now >= d) {
+            tracing::info!(id = %rec.id, state = rec.state.name(), "removing expired sandbox");
+            if let Err(e) = state.sandboxes.kill(&rec.id) {
+                tracing::warn!(id = %rec.id, "removing expired sandbox: {e}");
+            }
+        }
+    }
+    for id in state.token_ids() {
+        if !list.iter().any(|r| r.id == id) && state.sandboxes.get(&id).is_err() {
+            state.drop_token(&id);
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
