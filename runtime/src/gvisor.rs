@@ -289,6 +289,7 @@ impl GvisorDriver {
         write_atomic(
             &bundle.join("config.json"),
             &serde_json::to_vec_pretty(&spec).expect("json"),
+            false, // rewritten before every run and restore
         )
     }
 

@@ -207,12 +207,20 @@ impl SandboxDir {
         serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
     }
 
-    /// Writes the record atomically and durably.
+    /// Replaces the record atomically. Not fsynced: a host crash ends the sandbox's processes
+    /// anyway, and the next reader derives the state from what is left; only a pause's record
+    /// must outlive one ([`SandboxDir::save_durable`]).
     pub fn save(&self, rec: &SandboxRecord) -> Result<()> {
-        write_atomic(
-            &self.record_path(),
-            &serde_json::to_vec_pretty(rec).expect("records serialize"),
-        )
+        write_atomic(&self.record_path(), &Self::bytes(rec), false)
+    }
+
+    /// Replaces the record atomically and durably.
+    pub fn save_durable(&self, rec: &SandboxRecord) -> Result<()> {
+        write_atomic(&self.record_path(), &Self::bytes(rec), true)
+    }
+
+    fn bytes(rec: &SandboxRecord) -> Vec<u8> {
+        serde_json::to_vec_pretty(rec).expect("records serialize")
     }
 
     /// Takes the sandbox's lock without waiting; `None` if another process holds it.
@@ -265,8 +273,9 @@ pub struct Lock {
     _file: File,
 }
 
-/// temp file in the same directory, fsync, rename, fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temp file in the same directory renamed over `path`; with `durable`, the file and the
+/// directory are fsynced too.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
@@ -275,10 +284,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let mut f = File::create(&tmp).ctx("create", &tmp)?;
     f.write_all(bytes).ctx("write", &tmp)?;
-    f.sync_all().ctx("fsync", &tmp)?;
+    if durable {
+        f.sync_all().ctx("fsync", &tmp)?;
+    }
     std::fs::rename(&tmp, path).ctx("rename", path)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

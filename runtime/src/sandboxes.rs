@@ -550,7 +550,7 @@ impl Sandboxes {
         let snap = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
         rec.state = State::Paused { saved: snap };
         rec.agent = None;
-        dir.save(&rec)?;
+        dir.save_durable(&rec)?;
         Ok(rec)
     }
 
