@@ -171,6 +171,7 @@ pub struct ExecArgs {
     /// User name, uid or uid:gid [default: the image's USER]
     #[arg(long)]
     user: Option<String>,
+    /// Sandbox id or name
     id: String,
     /// The command [default: the image's CMD]
     #[arg(last = true)]
