@@ -286,3 +286,21 @@ pub fn http(
     }
     Ok((code, out))
 }
+
+/// An image over the tests' `app` image for E2B's SDK: its commands run `/bin/bash -l -c
+/// CMD`, and busybox has no bash, so a shim; `app` gets a home directory.
+pub const SDK_DOCKERFILE: &str = "FROM app
+USER root
+RUN printf '#!/bin/sh\\nexec /bin/sh \"$@\"\\n' > /bin/bash && chmod 755 /bin/bash && mkdir -p /home/app && chown app:app /home/app && sed -i 's#^app:x:\\([0-9]*\\):\\([0-9]*\\):[^:]*:[^:]*:#app:x:\\1:\\2::/home/app:#' /etc/passwd
+USER app
+";
+
+/// [`crate::sandbox::app_home`] plus the `sdk` image ([`SDK_DOCKERFILE`]); None after a SKIP.
+pub fn sdk_home() -> Option<(tempfile::TempDir, Kiln)> {
+    let (tmp, k) = crate::sandbox::app_home()?;
+    let ctx = tmp.path().join("sdk-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), SDK_DOCKERFILE).unwrap();
+    k.ok(["build", "-t", "sdk", ctx.to_str().unwrap()]);
+    Some((tmp, k))
+}

@@ -148,7 +148,9 @@ fn python_sdk_lifecycle() {
     let Some(py) = e2b::python_or_skip() else {
         return;
     };
-    let Some((_tmp, k)) = app_home() else { return };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
     let _cleanup = KillAll(k.clone());
     let s = Serve::start(&k, KEY);
 
@@ -156,14 +158,17 @@ fn python_sdk_lifecycle() {
         &py,
         &format!(
             r#"{PY}
-sbx = Sandbox.create("app", timeout=120, metadata={{"suite": "serve", "who": "a b&c"}}, envs={{"X": "1"}})
-other = Sandbox.create("app", timeout=120, metadata={{"suite": "other"}})
+sbx = Sandbox.create("sdk", timeout=120, metadata={{"suite": "serve", "who": "a b&c"}}, envs={{"X": "1"}})
+other = Sandbox.create("sdk", timeout=120, metadata={{"suite": "other"}})
 info = sbx.get_info()
 listed = Sandbox.list(query=SandboxQuery(metadata={{"suite": "serve", "who": "a b&c"}})).next_items()
 everything = Sandbox.list().next_items()
 paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+# State for the pause below: a file and a running process (needs the envd data plane).
+sbx.commands.run("echo kept > /work/state")
+bg = sbx.commands.run("sleep 600", background=True)
 print(json.dumps({{
-  "id": sbx.sandbox_id, "other": other.sandbox_id,
+  "id": sbx.sandbox_id, "other": other.sandbox_id, "pid": bg.pid, "tok": sbx._envd_access_token,
   "info_id": info.sandbox_id, "template": info.template_id, "state": str(info.state.value),
   "metadata": info.metadata, "started": info.started_at.isoformat(), "end": info.end_at.isoformat(),
   "listed": [i.sandbox_id for i in listed], "all": sorted(i.sandbox_id for i in everything),
@@ -176,7 +181,7 @@ print(json.dumps({{
     let id = v["id"].as_str().unwrap().to_string();
     let other = v["other"].as_str().unwrap().to_string();
     assert_eq!(v["info_id"], id.as_str());
-    assert_eq!(v["template"], "app");
+    assert_eq!(v["template"], "sdk");
     assert_eq!(v["state"], "running");
     assert_eq!(v["metadata"]["who"], "a b&c", "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]), "{v}");
@@ -190,6 +195,26 @@ print(json.dumps({{
     let tok = k.home.join("serve/tokens").join(&id);
     let mode = std::fs::metadata(&tok).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // ... and the data plane requires it.
+    let token = v["tok"].as_str().unwrap();
+    let envd = |t: &str| {
+        http(
+            s.port,
+            "GET",
+            "/envs",
+            &[
+                ("E2b-Sandbox-Id", &id),
+                ("E2b-Sandbox-Port", "49983"),
+                ("X-Access-Token", t),
+            ],
+            None,
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(envd(token), 200);
+    assert_eq!(envd("wrong"), 401);
+    let pid = v["pid"].as_u64().unwrap();
 
     // Pause, pause again (409 -> False), state paused, connect resumes.
     let v = s.python(
@@ -203,7 +228,10 @@ state = Sandbox.get_info("{id}").state.value
 paused = [i.sandbox_id for i in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()]
 again = Sandbox.connect("{id}", timeout=60)
 after = again.get_info().state.value
-print(json.dumps({{"first": first, "second": second, "state": state, "paused": paused, "after": after}}))
+kept = again.commands.run("cat /work/state").stdout.strip()
+pids = [p.pid for p in again.commands.list()]
+print(json.dumps({{"first": first, "second": second, "state": state, "paused": paused, "after": after,
+  "kept": kept, "running": {pid} in pids}}))
 "#
         ),
     );
@@ -212,6 +240,11 @@ print(json.dumps({{"first": first, "second": second, "state": state, "paused": p
     assert_eq!(v["state"], "paused");
     assert_eq!(v["paused"], serde_json::json!([id]));
     assert_eq!(v["after"], "running");
+    assert_eq!(v["kept"], "kept", "{v}");
+    assert_eq!(
+        v["running"], true,
+        "the background process survives pause/connect: {v}"
+    );
 
     // set_timeout: the daemon kills it when it expires.
     let v = s.python(
@@ -504,6 +537,7 @@ fn python_sdk_snapshot_and_fork() {
         &format!(
             r#"{PY}
 sbx = Sandbox.create("app", timeout=120, metadata={{"origin": "yes"}})
+sbx.files.write("/work/note", "from the origin")
 snap = sbx.create_snapshot()
 listed = [x.snapshot_id for x in Sandbox.list_snapshots().next_items()]
 child = Sandbox.create(snap.snapshot_id, timeout=120)
@@ -511,11 +545,12 @@ cinfo = child.get_info()
 forks = sbx.fork(count=2, timeout=60)
 fids = [f.sandbox_id for f in forks]
 finfo = [Sandbox.get_info(f).state.value for f in fids]
+notes = [x.files.read("/work/note") for x in [child] + forks]
 deleted = Sandbox.delete_snapshot(snap.snapshot_id)
 for x in [child] + forks + [sbx]:
     x.kill()
 print(json.dumps({{"snap": snap.snapshot_id, "listed": listed, "child_meta": cinfo.metadata,
-  "child_template": cinfo.template_id, "forks": fids, "fork_states": finfo, "deleted": deleted,
+  "child_template": cinfo.template_id, "forks": fids, "fork_states": finfo, "deleted": deleted, "notes": notes,
   "left": [i.sandbox_id for i in Sandbox.list().next_items()]}}))
 "#
         ),
@@ -530,6 +565,11 @@ print(json.dumps({{"snap": snap.snapshot_id, "listed": listed, "child_meta": cin
     assert_eq!(v["forks"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v["fork_states"], serde_json::json!(["running", "running"]));
     assert_eq!(v["deleted"], true);
+    assert_eq!(
+        v["notes"],
+        serde_json::json!(["from the origin", "from the origin", "from the origin"]),
+        "{v}"
+    );
     assert_eq!(v["left"], serde_json::json!([]));
 }
 
