@@ -213,8 +213,22 @@ async fn create(
     }
     spec.metadata = req.metadata.unwrap_or_default();
     spec.env = req.env_vars.unwrap_or_default();
+    let warmed = |t: &str| {
+        state
+            .warmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(t)
+    };
+    let first = if warmed(&template) {
+        None
+    } else {
+        Some(state.first_create.lock().await)
+    };
     let sb = state.sandboxes.clone();
+    let tpl = template.clone();
     let rec = blocking(move || {
+        let template = tpl;
         let mut spec = spec;
         // A template is an image name or id, else a sandbox snapshot name or id.
         match sb.create(spec.clone()) {
@@ -234,6 +248,12 @@ async fn create(
         }
     })
     .await?;
+    state
+        .warmed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(template);
+    drop(first);
     let token = if req.secure.unwrap_or(secure_default) {
         match state.issue_token(&rec.id) {
             Ok(t) => Some(t),

@@ -74,6 +74,11 @@ pub struct AppState {
     /// envd access tokens of sandboxes created with `secure: true`, by sandbox id (a cache of
     /// `serve_dir/tokens/<id>`).
     tokens: RwLock<HashMap<String, String>>,
+    /// Templates a sandbox has been created from since start. Until then creates of a
+    /// template are serialized: the runtime's first use of an image extracts its tree under a
+    /// per-process temp name (runtime/src/rootfs.rs), which concurrent threads would share.
+    pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub(crate) first_create: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -92,6 +97,8 @@ impl AppState {
             domain,
             serve_dir,
             tokens: RwLock::new(tokens),
+            warmed: Default::default(),
+            first_create: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -216,7 +216,8 @@ impl Drop for Serve {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection: (status, body).
+/// One HTTP/1.1 request over a fresh connection: (status, body). `Host` defaults to the
+/// listener's address.
 pub fn http(
     port: u16,
     method: &str,
@@ -229,9 +230,12 @@ pub fn http(
     s.set_read_timeout(Some(Duration::from_secs(180)))?;
     let body = body.unwrap_or("");
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -214,6 +214,21 @@ print(json.dumps({{
     };
     assert_eq!(envd(token), 200);
     assert_eq!(envd("wrong"), 401);
+    // The same through a sandbox host name (`{port}-{id}.{domain}`) instead of the headers.
+    let host = format!("49983-{id}.localhost:{}", s.port);
+    let by_host = |t: &str| {
+        http(
+            s.port,
+            "GET",
+            "/envs",
+            &[("Host", &host), ("X-Access-Token", t)],
+            None,
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(by_host(token), 200);
+    assert_eq!(by_host("wrong"), 401);
     let pid = v["pid"].as_u64().unwrap();
 
     // Pause, pause again (409 -> False), state paused, connect resumes.
@@ -580,26 +595,101 @@ fn js_sdk_smoke() {
         eprintln!("SKIP: E2B's JS SDK or node not installed (/opt/kiln-tools/e2b-js; scripts/install-deps)");
         return;
     };
-    let Some((_tmp, k)) = app_home() else { return };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
     let _cleanup = KillAll(k.clone());
     let s = Serve::start(&k, KEY);
     let v = s.node(
         &modules,
         r#"import { Sandbox } from 'e2b'
-const sbx = await Sandbox.create('app', { timeoutMs: 120000, metadata: { js: 'yes' } })
+const sbx = await Sandbox.create('sdk', { timeoutMs: 120000, metadata: { js: 'yes' } })
 const info = await sbx.getInfo()
+const run = await sbx.commands.run('echo $GREETING from js')
 const page = await Sandbox.list({ query: { metadata: { js: 'yes' } } }).nextItems()
 const killed = await sbx.kill()
 const gone = await Sandbox.kill(sbx.sandboxId)
 console.log(JSON.stringify({ id: sbx.sandboxId, infoId: info.sandboxId, state: info.state,
-  template: info.templateId, listed: page.map(s => s.sandboxId), killed, gone }))
+  template: info.templateId, out: run.stdout, listed: page.map(s => s.sandboxId), killed, gone }))
 "#,
     );
     let id = v["id"].as_str().unwrap();
     assert_eq!(v["infoId"], id);
     assert_eq!(v["state"], "running");
-    assert_eq!(v["template"], "app");
+    assert_eq!(v["template"], "sdk");
+    assert_eq!(v["out"], "hello from js\n", "{v}");
     assert_eq!(v["listed"], serde_json::json!([id]));
     assert_eq!(v["gone"], false);
     assert_no_processes(id);
+}
+
+/// Concurrent create, run, kill cycles through the Python SDK (KILN_SERVE_LOAD of them at
+/// once, default 50, as the issue asks), then nothing is left: no sandbox, no
+/// token, no runsc process, no mount under the home.
+#[test]
+fn python_sdk_concurrent_cycles_leave_nothing() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let n: usize = std::env::var("KILN_SERVE_LOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+from concurrent.futures import ThreadPoolExecutor
+def cycle(i):
+    sbx = Sandbox.create("sdk", timeout=300, metadata={{"i": str(i)}})
+    out = sbx.commands.run(f"echo {{i}}").stdout.strip()
+    sbx.kill()
+    return sbx.sandbox_id, out
+t = time.time()
+with ThreadPoolExecutor(max_workers={n}) as ex:
+    res = list(ex.map(cycle, range({n})))
+print(json.dumps({{"ids": [r[0] for r in res], "outs": [r[1] for r in res], "secs": time.time() - t,
+  "left": [i.sandbox_id for i in Sandbox.list().next_items()]}}))
+"#
+        ),
+    );
+    let outs: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(v["outs"], serde_json::json!(outs), "{v}");
+    assert_eq!(v["left"], serde_json::json!([]));
+    eprintln!(
+        "{n} concurrent cycles in {:.1} s",
+        v["secs"].as_f64().unwrap()
+    );
+    let ids: Vec<&str> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), n);
+    for id in &ids {
+        assert_no_processes(id);
+        assert!(
+            !k.home.join("sandboxes").join(id).exists(),
+            "{id} left a directory"
+        );
+    }
+    let tokens: Vec<_> = std::fs::read_dir(k.home.join("serve/tokens"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(tokens.is_empty(), "tokens left: {tokens:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let home = k.home.display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&home)),
+        "mounts left under {home}"
+    );
 }
