@@ -21,7 +21,12 @@ pub fn ensure(
         return Ok(dst);
     }
     std::fs::create_dir_all(&root).ctx("create", &root)?;
-    let tmp = root.join(format!(".tmp-{}-{}", image_id.to_hex(), std::process::id()));
+    // Unique per call: two threads of one process (the daemon) may extract the same image.
+    let tmp = root.join(format!(
+        ".tmp-{}-{}",
+        image_id.to_hex(),
+        crate::record::new_id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).ctx("create", &tmp)?;
     let t = std::time::Instant::now();

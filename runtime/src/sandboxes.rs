@@ -288,7 +288,12 @@ impl Sandboxes {
         if let Some(n) = &rec.name {
             self.release_name(n, &rec.id);
         }
-        let _ = std::fs::remove_dir_all(dir.path());
+        // A concurrent reader may recreate its lock file meanwhile: try again.
+        for _ in 0..3 {
+            if std::fs::remove_dir_all(dir.path()).is_ok() || !dir.path().exists() {
+                break;
+            }
+        }
     }
 
     /// Every sandbox, with liveness checked, expired timeouts applied and debris of
@@ -338,16 +343,25 @@ impl Sandboxes {
     /// a creator that died leaves nothing; a runtime that died makes the state `failed`; an
     /// expired timeout is applied. `None` when the sandbox turned out not to exist.
     fn refresh(&self, dir: &SandboxDir) -> Result<Option<SandboxRecord>> {
+        // A record that vanished was killed meanwhile (its directory goes file by file).
+        let gone = |e: &Error| matches!(e, Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound);
         let rec = match dir.load() {
             Ok(r) => r,
-            Err(_) if !dir.path().exists() => return Ok(None),
+            Err(e) if gone(&e) || !dir.path().exists() => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some(lock) = dir.try_lock()? else {
+        let lock = match dir.try_lock() {
+            Ok(Some(l)) => l,
             // Someone is working on it: report what the record says.
-            return Ok(Some(rec));
+            Ok(None) => return Ok(Some(rec)),
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let mut rec = dir.load()?;
+        let mut rec = match dir.load() {
+            Ok(r) => r,
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         match rec.state {
             State::Starting => {
                 // Its creator was killed mid-way.
