@@ -525,7 +525,10 @@ impl Sandboxes {
             self.lock_running(id, "only a running sandbox can be snapshotted")?;
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
-        snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), name)
+        let id = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), name)?;
+        rec.op = None;
+        dir.save(&rec)?;
+        Ok(id)
     }
 
     /// Checkpoints and saves the record whatever the outcome (a driver may have restarted the
@@ -540,14 +543,16 @@ impl Sandboxes {
         rec.op = Some(if stop { "pause" } else { "snapshot" }.into());
         dir.save(rec)?;
         let cp = driver.checkpoint(dir, rec, stop);
-        rec.op = None;
         if cp.is_err() {
+            rec.op = None;
             if let Some(cause) = driver.exited(dir, rec) {
                 rec.state = State::Failed {
                     cause: format!("lost during a checkpoint: {cause}"),
                 };
             }
         }
+        // On success `op` stays set until the caller has stored the snapshot record and saved
+        // the final state: a caller killed in between leaves a record that says so.
         dir.save(rec)?;
         cp
     }
@@ -564,6 +569,7 @@ impl Sandboxes {
         let snap = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
         rec.state = State::Paused { saved: snap };
         rec.agent = None;
+        rec.op = None;
         dir.save_durable(&rec)?;
         Ok(rec)
     }
@@ -602,7 +608,10 @@ impl Sandboxes {
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
             let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
-            snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?
+            let id = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
+            rec.op = None;
+            dir.save(&rec)?;
+            id
         };
         let spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
         // Four at a time (each restore is a process start plus a state load), from a queue so
