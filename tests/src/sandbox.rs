@@ -9,12 +9,16 @@ use std::path::Path;
 /// The Dockerfile of the tests' `app` image: busybox applets the tests use, ENV, WORKDIR,
 /// USER and CMD for the defaults of every exec.
 pub const APP_DOCKERFILE: &str = "FROM bb
-RUN for a in md5sum stat httpd nc kill seq tr od cmp ln chown grep; do busybox ln -sf busybox /bin/$a; done && busybox mkdir -p /work && busybox chown app:app /work
+RUN for a in md5sum stat httpd nc kill seq tr od cmp ln chown grep mv; do busybox ln -sf busybox /bin/$a; done && busybox mkdir -p /work && busybox chown app:app /work
 ENV GREETING=hello
 WORKDIR /work
 USER app
 CMD [\"sh\"]
 ";
+
+/// A shell loop (started in the background) that counts in a shell variable, in memory, and
+/// publishes the count in /tmp/count every 50 ms by rename, so a reader never sees it half written.
+pub const COUNTER_LOOP: &str = "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &";
 
 /// Why gVisor sandboxes cannot run here, if they cannot.
 pub fn gvisor_unavailable() -> Option<String> {

@@ -2,7 +2,9 @@
 //! the sandbox's init): exec, files, users, signals, background processes, ports, pause and
 //! resume, snapshots, forks, and what bad input and killed commands leave behind.
 
-use kiln_tests::sandbox::{app_home, assert_no_processes, create, exec, ids, read, sh, KillAll};
+use kiln_tests::sandbox::{
+    app_home, assert_no_processes, create, exec, ids, read, sh, KillAll, COUNTER_LOOP,
+};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -254,7 +256,7 @@ fn pause_resume_snapshot_and_fork_continue_memory_and_files() {
         .unwrap()
         .to_string();
     // An in-memory counter (a shell variable) written out every 50 ms.
-    sh(&k, &id, "echo kept > /work/state; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &");
+    sh(&k, &id, &format!("echo kept > /work/state; {COUNTER_LOOP}"));
     let count = |id: &str| -> u64 { sh(&k, id, "cat /tmp/count").trim().parse().unwrap() };
     std::thread::sleep(Duration::from_millis(400));
     let before = count(&id);
@@ -336,7 +338,11 @@ fn pause_in_one_home_resume_in_another_through_s3() {
     s3.add_origin(&b, "s3://sbx/kiln");
 
     let id = create(&a, &["app"])["id"].as_str().unwrap().to_string();
-    sh(&a, &id, "echo travelled > /work/note; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &");
+    sh(
+        &a,
+        &id,
+        &format!("echo travelled > /work/note; {COUNTER_LOOP}"),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let before: u64 = sh(&a, &id, "cat /tmp/count").trim().parse().unwrap();
     let paused = a.json(["sandbox", "pause", &id, "--push", "--json"]);
