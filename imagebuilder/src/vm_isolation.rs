@@ -70,25 +70,14 @@ pub fn guest_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
             )))
         };
     }
-    let cache = std::env::var_os("KILN_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/kernels")
-        });
-    std::fs::read_dir(&cache)
-        .ok()
-        .and_then(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("vmlinux"))
-                .find(|p| p.is_file())
-        })
-        .ok_or_else(|| {
-            Error::Build(format!(
-                "--isolation=vm needs a guest kernel: none in {} and KILN_GUEST_KERNEL is unset; \
+    let cache = vmm::kernel_cache::dir();
+    vmm::kernel_cache::find().ok_or_else(|| {
+        Error::Build(format!(
+            "--isolation=vm needs a guest kernel: none in {} and KILN_GUEST_KERNEL is unset; \
                  build one with scripts/linux-guest/build-kernel (about 12 minutes)",
-                cache.display()
-            ))
-        })
+            cache.display()
+        ))
+    })
 }
 
 /// The agent binary: `KILN_AGENT`, else `kiln-agent` next to the running executable. It runs

@@ -52,14 +52,7 @@ macro_rules! progress {
     };
 }
 
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use kiln_benches::arg;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -99,25 +99,14 @@ pub fn find_kernel(explicit: Option<&Path>) -> std::result::Result<PathBuf, Stri
             Err(format!("{what} {}: no such file", p.display()))
         };
     }
-    let cache = std::env::var_os("KILN_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/kernels")
-        });
-    std::fs::read_dir(&cache)
-        .ok()
-        .and_then(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("vmlinux"))
-                .find(|p| p.is_file())
-        })
-        .ok_or_else(|| {
-            format!(
-                "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
+    let cache = vmm::kernel_cache::dir();
+    vmm::kernel_cache::find().ok_or_else(|| {
+        format!(
+            "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
                  scripts/linux-guest/build-kernel (it caches one in {})",
-                cache.display()
-            )
-        })
+            cache.display()
+        )
+    })
 }
 
 /// Why this host's KVM cannot run Linux guests, if it cannot.
