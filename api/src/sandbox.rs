@@ -108,6 +108,51 @@ pub enum SandboxCommand {
     },
     /// Set a sandbox's timeout, counted from now (0: none)
     Timeout { id: String, secs: u64 },
+    /// Show or change a sandbox's egress policy (changes apply to a running sandbox at once)
+    ///
+    /// With no flags it prints the policy. A new connection to address A is allowed if A is in
+    /// an --allow-out entry, else denied if in a --deny-out entry, else allowed only with
+    /// internet on. Entries are CIDRs (10.0.0.0/8), addresses, host names (pypi.org) or
+    /// wildcards (*.github.com); a name covers the addresses it resolves to, so a raw-IP
+    /// connection never bypasses a name rule. Connections already open go on. Examples:
+    ///   kiln sandbox network dev                         # print the policy
+    ///   kiln sandbox network dev --internet off --allow-out pypi.org --allow-out files.pythonhosted.org
+    ///   kiln sandbox network dev --deny-out 10.0.0.0/8   # add a rule
+    ///   kiln sandbox network dev --clear --internet on   # back to the default
+    #[command(verbatim_doc_comment)]
+    Network(NetworkArgs),
+    /// The DNS proxy of one sandbox network (started by kiln itself)
+    #[command(name = "__dns", hide = true)]
+    Dns { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+pub struct NetworkArgs {
+    id: String,
+    /// Internet access for everything not listed
+    #[arg(long, value_enum)]
+    internet: Option<OnOff>,
+    /// Allow connections to a CIDR, address or host name (repeatable; wins over --deny-out)
+    #[arg(long = "allow-out", value_name = "DEST", value_parser = parse_dest)]
+    allow_out: Vec<network::Dest>,
+    /// Deny connections to a CIDR, address or host name (repeatable)
+    #[arg(long = "deny-out", value_name = "DEST", value_parser = parse_dest)]
+    deny_out: Vec<network::Dest>,
+    /// Start from empty allow and deny lists (before adding this call's entries)
+    #[arg(long)]
+    clear: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn parse_dest(s: &str) -> Result<network::Dest, String> {
+    s.parse().map_err(|e: network::DestError| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -140,6 +185,20 @@ pub struct CreateArgs {
     timeout: Option<u64>,
     #[arg(long, value_enum, default_value = "kill")]
     on_timeout: OnTimeoutArg,
+    /// Deny internet access: only --allow-out destinations are reachable [default: internet
+    /// on, or the snapshot's policy]
+    #[arg(long)]
+    no_internet: bool,
+    /// Allow connections to a CIDR, address, host name or *.wildcard (repeatable; wins over
+    /// --deny-out; with --no-internet, a whitelist)
+    #[arg(long = "allow-out", value_name = "DEST", value_parser = parse_dest)]
+    allow_out: Vec<network::Dest>,
+    /// Deny connections to a CIDR, address, host name or *.wildcard (repeatable)
+    #[arg(long = "deny-out", value_name = "DEST", value_parser = parse_dest)]
+    deny_out: Vec<network::Dest>,
+    /// No network device at all (loopback only)
+    #[arg(long, conflicts_with_all = ["no_internet", "allow_out", "deny_out"])]
+    no_network: bool,
     #[arg(long)]
     json: bool,
 }
@@ -193,6 +252,9 @@ pub fn open(home: &Home) -> Result<Sandboxes> {
 }
 
 pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
+    if let SandboxCommand::Dns { dir } = &c {
+        return Ok(network::proxy::serve(dir)?);
+    }
     let sbx = open(home)?;
     match c {
         SandboxCommand::Create(a) => create(&sbx, a),
@@ -308,7 +370,40 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             println!("{} {}", rec.id, describe_deadline(&rec));
             Ok(())
         }
+        SandboxCommand::Network(a) => set_network(&sbx, a),
+        SandboxCommand::Dns { .. } => unreachable!("handled above"),
     }
+}
+
+fn set_network(sbx: &Sandboxes, a: NetworkArgs) -> Result<()> {
+    let rec = sbx.get(&a.id)?;
+    let Some(mut policy) = rec.network.clone() else {
+        bail!("sandbox {} has no network device (created with --no-network)", rec.id);
+    };
+    let change = a.internet.is_some() || a.clear || !a.allow_out.is_empty() || !a.deny_out.is_empty();
+    let rec = if change {
+        if a.clear {
+            policy.allow_out.clear();
+            policy.deny_out.clear();
+        }
+        if let Some(i) = a.internet {
+            policy.internet = matches!(i, OnOff::On);
+        }
+        for d in a.allow_out {
+            policy.allow(d);
+        }
+        for d in a.deny_out {
+            policy.deny(d);
+        }
+        sbx.set_network(&rec.id, policy)?
+    } else {
+        rec
+    };
+    if a.json {
+        return print_json(&rec.network);
+    }
+    println!("{}", rec.network.as_ref().map(|p| p.summary()).unwrap_or_default());
+    Ok(())
 }
 
 fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
@@ -333,6 +428,20 @@ fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
         OnTimeoutArg::Kill => OnTimeout::Kill,
         OnTimeoutArg::Pause => OnTimeout::Pause,
     };
+    spec.no_network = a.no_network;
+    if a.no_internet || !a.allow_out.is_empty() || !a.deny_out.is_empty() {
+        let mut p = network::NetworkPolicy {
+            internet: !a.no_internet,
+            ..Default::default()
+        };
+        for d in a.allow_out {
+            p.allow(d);
+        }
+        for d in a.deny_out {
+            p.deny(d);
+        }
+        spec.network = Some(p);
+    }
     let rec = sbx.create(spec)?;
     if a.json {
         return print_json(&rec);
@@ -381,6 +490,18 @@ fn print_record(r: &SandboxRecord) {
     println!("cpus:     {}  memory: {} MiB", r.cpus, r.memory_mib);
     println!("created:  {} ago", age(r.created_ms));
     println!("timeout:  {}", describe_deadline(r));
+    match (&r.network, &r.net) {
+        (None, _) => println!("network:  none (loopback only)"),
+        (Some(p), att) => {
+            println!("network:  {}", p.summary());
+            if let Some(a) = att {
+                println!(
+                    "address:  {}/{} via {} (namespace {}, uplink {} on {})",
+                    a.guest_ip, a.prefix, a.gateway, a.router_ns, a.uplink_ip, a.host_if
+                );
+            }
+        }
+    }
     for (k, v) in &r.metadata {
         println!("meta:     {k}={v}");
     }

@@ -45,6 +45,8 @@ pub enum Error {
     Agent(#[from] kiln_agent::client::ClientError),
     #[error("invalid: {0}")]
     Invalid(String),
+    #[error("sandbox network: {0}")]
+    Network(#[from] network::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -63,12 +63,15 @@ pub struct GvisorConfig {
     pub agent: std::result::Result<PathBuf, String>,
     /// How long a starting or restored sandbox's agent may take to answer.
     pub agent_timeout: Duration,
+    /// How long a checkpoint waits for the sandbox's TCP connections to close.
+    pub tcp_drain: Duration,
 }
 
 impl GvisorConfig {
     /// `KILN_RUNSC` (default `runsc` on PATH), `KILN_GVISOR_PLATFORM` (default ptrace: its KVM
     /// platform needs hardware virtualization), `KILN_AGENT` or a static agent next to the
-    /// running binary, `KILN_AGENT_TIMEOUT` seconds (default 20).
+    /// running binary, `KILN_AGENT_TIMEOUT` seconds (default 20), `KILN_TCP_DRAIN` seconds a
+    /// checkpoint waits for open TCP connections (default 70: gVisor's time-wait is 60 s).
     pub fn from_env() -> GvisorConfig {
         let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
         GvisorConfig {
@@ -84,6 +87,11 @@ impl GvisorConfig {
                 env("KILN_AGENT_TIMEOUT")
                     .and_then(|v| v.to_str()?.parse().ok())
                     .unwrap_or(20),
+            ),
+            tcp_drain: Duration::from_secs(
+                env("KILN_TCP_DRAIN")
+                    .and_then(|v| v.to_str()?.parse().ok())
+                    .unwrap_or(70),
             ),
         }
     }
@@ -175,13 +183,15 @@ impl GvisorDriver {
         }
     }
 
-    /// runsc with this sandbox's state root and kiln's flags.
-    fn runsc(&self, dir: &SandboxDir) -> Command {
+    /// runsc with this sandbox's state root and kiln's flags; with a network, gVisor's
+    /// netstack takes over the interfaces of the sandbox's guest namespace.
+    fn runsc(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Command {
         let mut c = Command::new(&self.config.runsc);
+        let network = if rec.net.is_some() { "sandbox" } else { "none" };
         c.arg("--root")
             .arg(dir.sub("runsc"))
             .arg(format!("--platform={}", self.config.platform))
-            .arg("--network=none")
+            .arg(format!("--network={network}"))
             .arg("--overlay2=root:memory")
             .arg("--host-uds=create")
             .arg("--ignore-cgroups");
@@ -193,9 +203,15 @@ impl GvisorDriver {
     }
 
     /// Runs a runsc command that ends on its own; its output is the error's detail.
-    fn runsc_ok(&self, dir: &SandboxDir, what: &str, args: &[&str]) -> Result<()> {
+    fn runsc_ok(
+        &self,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+        what: &str,
+        args: &[&str],
+    ) -> Result<()> {
         let out = self
-            .runsc(dir)
+            .runsc(dir, rec)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -211,7 +227,14 @@ impl GvisorDriver {
 
     /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
     /// their own process group with the console log as stdio, so they outlive the caller.
-    fn launch(&self, dir: &SandboxDir, what: &str, args: &[&str]) -> Result<()> {
+    fn launch(&self, dir: &SandboxDir, rec: &SandboxRecord, what: &str, args: &[&str]) -> Result<()> {
+        let mask = match &rec.net {
+            Some(att) => {
+                network::reset_guest(att)?;
+                Some(ProcSysMask::new()?)
+            }
+            None => None,
+        };
         let log_path = dir.console_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -219,15 +242,17 @@ impl GvisorDriver {
             .open(&log_path)
             .ctx("open", &log_path)?;
         let before = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut child = self
-            .runsc(dir)
-            .args(args)
+        let mut cmd = self.runsc(dir, rec);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().ctx("dup", &log_path)?)
             .stderr(log)
-            .process_group(0)
-            .spawn()
-            .ctx("run", &self.config.runsc)?;
+            .process_group(0);
+        if let Some(m) = &mask {
+            m.apply(&mut cmd);
+        }
+        let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
+        drop(mask);
         // If we are killed now, runsc goes on: whoever cleans up waits for it first (kill).
         let launcher = dir.sub("launch.pid");
         let _ = std::fs::write(&launcher, child.id().to_string());
@@ -251,6 +276,30 @@ impl GvisorDriver {
         for d in [&run, &bundle] {
             std::fs::create_dir_all(d).ctx("create", d)?;
         }
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]}),
+            json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777"]}),
+            json!({"destination": RUN_IN_SANDBOX, "type": "bind", "source": run,
+                 "options": ["rbind", "rw"]}),
+            json!({"destination": "/.kiln/bin", "type": "bind", "source": agent_dir,
+                 "options": ["rbind", "ro"]}),
+        ];
+        let net_ns = match rec.net.as_ref().and_then(|a| a.guest_ns.as_ref()) {
+            Some(ns) => {
+                // The gateway answers DNS; names resolve as the policy says.
+                for f in ["resolv.conf", "hosts"] {
+                    mounts.push(json!({"destination": format!("/etc/{f}"), "type": "bind",
+                        "source": dir.net().join(f), "options": ["rbind", "ro"]}));
+                }
+                json!({"type": "network", "path": format!("/run/netns/{ns}")})
+            }
+            None => json!({"type": "network"}),
+        };
         let spec = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -268,22 +317,10 @@ impl GvisorDriver {
             // Writable through gVisor's in-memory overlay; the shared tree underneath is never written.
             "root": {"path": rootfs, "readonly": false},
             "hostname": rec.name.clone().unwrap_or_else(|| rec.id.clone()),
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                 "options": ["nosuid", "noexec", "nodev", "ro"]},
-                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                 "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
-                {"destination": RUN_IN_SANDBOX, "type": "bind", "source": run,
-                 "options": ["rbind", "rw"]},
-                {"destination": "/.kiln/bin", "type": "bind", "source": agent_dir,
-                 "options": ["rbind", "ro"]},
-            ],
+            "mounts": mounts,
             "linux": {"namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network"},
+                net_ns,
             ]},
         });
         write_atomic(
@@ -434,6 +471,7 @@ impl GvisorDriver {
         let _ = std::fs::remove_file(dir.sub("run").join("resume"));
         self.launch(
             dir,
+            rec,
             "runsc restore",
             &[
                 "restore",
@@ -517,6 +555,7 @@ impl Runtime for GvisorDriver {
         let started = self
             .launch(
                 dir,
+                rec,
                 "runsc run",
                 &[
                     "run",
@@ -546,6 +585,10 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
         let _ = std::fs::remove_file(dir.sub("run").join("resume"));
+        if let Some(att) = &rec.net {
+            // A refused checkpoint ends a gVisor sandbox: wait for its TCP connections to go.
+            network::wait_tcp_idle(att, self.config.tcp_drain)?;
+        }
         let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
@@ -557,6 +600,7 @@ impl Runtime for GvisorDriver {
         let t = Instant::now();
         let saved = self.runsc_ok(
             dir,
+            rec,
             "runsc checkpoint",
             &["checkpoint", "--image-path", path_str(&ckpt)?, &rec.id],
         );
@@ -594,7 +638,8 @@ impl Runtime for GvisorDriver {
         }
         let _ = std::fs::remove_dir_all(&ckpt);
         Ok(Checkpoint {
-            state: json!({"format": "runsc-checkpoint", "state_file": blob}),
+            state: json!({"format": "runsc-checkpoint", "state_file": blob,
+                          "network": rec.net.is_some()}),
             blobs: vec![blob],
         })
     }
@@ -612,6 +657,13 @@ impl Runtime for GvisorDriver {
             .and_then(|v| v.as_str())
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::Invalid("checkpoint has no runsc state file".into()))?;
+        let had_net = checkpoint.state.get("network").and_then(|v| v.as_bool()) == Some(true);
+        if had_net != rec.net.is_some() {
+            return Err(Error::Invalid(format!(
+                "the checkpoint was taken {} a network device and must be restored so",
+                if had_net { "with" } else { "without" }
+            )));
+        }
         let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
         self.write_bundle(dir, rec, &rootfs)?;
         let ckpt = dir.sub("ckpt");
@@ -740,5 +792,67 @@ fn first_lines(s: &str, n: usize) -> String {
         "(no output)".into()
     } else {
         lines.join("\n")
+    }
+}
+
+/// runsc 20221219 refuses `--network=sandbox` in any namespace where
+/// /proc/sys/net/core/rmem_default exists, taking that for the root namespace; kernels since
+/// 6.x show it in every namespace. runsc is started in a mount namespace of its own where
+/// /proc/sys is a tmpfs holding bind mounts of every entry but `net` (its children, the gofer
+/// and the sandbox, mount their own /proc).
+struct ProcSysMask {
+    /// The real /proc/sys, open so the bind sources stay reachable under the tmpfs.
+    sys: std::fs::File,
+    targets: Vec<std::ffi::CString>,
+    sources: Vec<std::ffi::CString>,
+}
+
+impl ProcSysMask {
+    fn new() -> Result<ProcSysMask> {
+        use std::os::fd::AsRawFd;
+        let p = Path::new("/proc/sys");
+        let sys = std::fs::File::open(p).ctx("open", p)?;
+        let fd = sys.as_raw_fd();
+        let (mut targets, mut sources) = (Vec::new(), Vec::new());
+        for e in std::fs::read_dir(p).ctx("list", p)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "net" {
+                continue;
+            }
+            let c = |s: String| std::ffi::CString::new(s).expect("no NUL in /proc/sys names");
+            targets.push(c(format!("/proc/sys/{name}")));
+            sources.push(c(format!("/proc/self/fd/{fd}/{name}")));
+        }
+        Ok(ProcSysMask { sys, targets, sources })
+    }
+
+    fn apply(&self, cmd: &mut Command) {
+        let targets = self.targets.clone();
+        let sources = self.sources.clone();
+        let _keep_open = &self.sys;
+        // SAFETY: only async-signal-safe calls (unshare, mount, mkdir) on data prepared before
+        // the fork; the child is about to exec runsc.
+        unsafe {
+            cmd.pre_exec(move || {
+                let err = || Err(std::io::Error::last_os_error());
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return err();
+                }
+                if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0 {
+                    return err();
+                }
+                if libc::mount(c"kiln-sysmask".as_ptr(), c"/proc/sys".as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) != 0 {
+                    return err();
+                }
+                for (t, s) in targets.iter().zip(&sources) {
+                    libc::mkdir(t.as_ptr(), 0o555);
+                    if libc::mount(s.as_ptr(), t.as_ptr(), none, libc::MS_BIND | libc::MS_REC, none.cast()) != 0 {
+                        return err();
+                    }
+                }
+                Ok(())
+            });
+        }
     }
 }

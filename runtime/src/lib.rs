@@ -22,7 +22,8 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
-pub use sandboxes::{CreateSpec, ExecOptions, Sandboxes, Source};
+pub use network::{Dest, NetworkPolicy};
+pub use sandboxes::{default_network, CreateSpec, ExecOptions, Sandboxes, Source};
 
 use blockstore::BlobId;
 use imagebuilder::image::ImageRecord;
@@ -93,12 +94,16 @@ pub fn host_sandboxes(
     vmm_exe: std::path::PathBuf,
 ) -> Sandboxes {
     let drivers: Vec<Box<dyn Runtime>> = vec![
-        Box::new(microvm::MicrovmDriver::new(store.clone(), vmm_exe, None)),
+        Box::new(microvm::MicrovmDriver::new(store.clone(), vmm_exe.clone(), None)),
         Box::new(gvisor::GvisorDriver::new(
             store.clone(),
             home,
             gvisor::GvisorConfig::from_env(),
         )),
     ];
-    Sandboxes::new(home, store, drivers)
+    Sandboxes::new(home, store, drivers).with_dns_proxy(vec![
+        vmm_exe.into_os_string(),
+        "sandbox".into(),
+        "__dns".into(),
+    ])
 }

@@ -130,6 +130,12 @@ pub struct SandboxRecord {
     /// Driver-private state (process ids, paths).
     #[serde(default)]
     pub driver: serde_json::Value,
+    /// The egress policy; `None`: the sandbox has no network device (loopback only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<network::NetworkPolicy>,
+    /// Its network on this host while it runs (namespaces, TAP or veth, addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<network::Attachment>,
 }
 
 pub const SCHEMA: u32 = 1;
@@ -199,6 +205,10 @@ impl SandboxDir {
     /// A driver's own subdirectory.
     pub fn sub(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+    /// The network's files: policy, DNS proxy settings and pid, resolv.conf, hosts.
+    pub fn net(&self) -> PathBuf {
+        self.path.join("net")
     }
 
     pub fn load(&self) -> Result<SandboxRecord> {

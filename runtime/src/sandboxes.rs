@@ -12,7 +12,9 @@ use crate::{Checkpoint, Runtime};
 use blockstore::{BlobId, Store};
 use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::ExecRequest;
+use network::NetworkPolicy;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,6 +47,20 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
     pub on_timeout: OnTimeout,
+    /// The egress policy. `None`: the snapshot's, else this host's default
+    /// ([`default_network`]).
+    pub network: Option<NetworkPolicy>,
+    /// No network device at all (loopback only).
+    pub no_network: bool,
+}
+
+/// The network a sandbox gets when nobody asks: internet on, unless `KILN_NETWORK=none`
+/// makes "no network device" this host's default.
+pub fn default_network() -> Option<NetworkPolicy> {
+    match std::env::var("KILN_NETWORK").as_deref() {
+        Ok("none") => None,
+        _ => Some(NetworkPolicy::default()),
+    }
 }
 
 impl CreateSpec {
@@ -60,6 +76,8 @@ impl CreateSpec {
             metadata: BTreeMap::new(),
             timeout_secs: None,
             on_timeout: OnTimeout::Kill,
+            network: None,
+            no_network: false,
         }
     }
 }
@@ -77,6 +95,9 @@ pub struct Sandboxes {
     home: PathBuf,
     store: Store,
     drivers: Vec<Box<dyn Runtime>>,
+    /// The command that runs a sandbox's DNS proxy (`kiln sandbox __dns`), its directory
+    /// appended.
+    dns_proxy: Vec<OsString>,
 }
 
 impl Sandboxes {
@@ -86,7 +107,14 @@ impl Sandboxes {
             home: home.to_path_buf(),
             store,
             drivers,
+            dns_proxy: Vec::new(),
         }
+    }
+
+    /// Sets the DNS proxy command of sandbox networks (without it, sandboxes get none).
+    pub fn with_dns_proxy(mut self, cmd: Vec<OsString>) -> Sandboxes {
+        self.dns_proxy = cmd;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -165,6 +193,25 @@ impl Sandboxes {
             Some(s) => s.defaults.clone(),
             None => defaults_of(&image),
         };
+        let network = match snap {
+            // A restore has the network device its checkpoint had, or none.
+            Some(s) => match &s.network {
+                Some(p) if !spec.no_network => Some(spec.network.clone().unwrap_or(p.clone())),
+                Some(_) => {
+                    return Err(Error::Invalid(
+                        "the snapshot has a network device; its sandboxes cannot go without".into(),
+                    ))
+                }
+                None => {
+                    if spec.network.is_some() {
+                        tracing::warn!("the snapshot has no network device: policy ignored");
+                    }
+                    None
+                }
+            },
+            None if spec.no_network => None,
+            None => spec.network.clone().or_else(default_network),
+        };
         let now = now_ms();
         let mut rec = SandboxRecord {
             schema: SCHEMA,
@@ -197,8 +244,14 @@ impl Sandboxes {
             generation: snap.map(|s| s.generation + 1).unwrap_or(0),
             defaults,
             driver: serde_json::Value::Null,
+            network,
+            net: None,
         };
         let (dir, _lock) = self.new_dir(&rec)?;
+        if let Err(e) = self.attach_network(&dir, &mut rec) {
+            self.remove(&dir, &rec);
+            return Err(e);
+        }
         let started = match &from_snapshot {
             None => driver.start(&dir, &mut rec, &image),
             Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image),
@@ -283,8 +336,34 @@ impl Sandboxes {
         }
     }
 
-    /// Removes a sandbox's directory and name (its processes must be gone).
+    /// Gives a sandbox with a policy its network (a fresh one per start, restore and fork)
+    /// and saves the record, so whoever cleans up after a crash finds it.
+    fn attach_network(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
+        let Some(policy) = &rec.network else {
+            return Ok(());
+        };
+        if self.dns_proxy.is_empty() {
+            return Err(Error::Invalid(
+                "sandbox networks need the DNS proxy command (Sandboxes::with_dns_proxy)".into(),
+            ));
+        }
+        let kind = match rec.runtime {
+            RuntimeKind::Microvm => network::GuestKind::Tap,
+            RuntimeKind::Gvisor => network::GuestKind::Veth,
+        };
+        rec.net = Some(network::attach(&rec.id, kind, policy, &dir.net(), &self.dns_proxy)?);
+        dir.save(rec)
+    }
+
+    /// Removes a sandbox's network, if any (idempotent; its processes must be gone).
+    fn detach_network(&self, dir: &SandboxDir, rec: &mut SandboxRecord) {
+        network::detach(&rec.id, &dir.net());
+        rec.net = None;
+    }
+
+    /// Removes a sandbox's network, directory and name (its processes must be gone).
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
+        network::detach(&rec.id, &dir.net());
         if let Some(n) = &rec.name {
             self.release_name(n, &rec.id);
         }
@@ -386,6 +465,7 @@ impl Sandboxes {
                                 dir.log_tail(1500)
                             ),
                         };
+                        self.detach_network(dir, &mut rec);
                         dir.save(&rec)?;
                     }
                     None if op.is_some() => {
@@ -549,6 +629,7 @@ impl Sandboxes {
                 rec.state = State::Failed {
                     cause: format!("lost during a checkpoint: {cause}"),
                 };
+                self.detach_network(dir, rec);
             }
         }
         // On success `op` stays set until the caller has stored the snapshot record and saved
@@ -570,6 +651,8 @@ impl Sandboxes {
         rec.state = State::Paused { saved: snap };
         rec.agent = None;
         rec.op = None;
+        // A paused sandbox holds nothing on the host; resume attaches a fresh network.
+        self.detach_network(dir, &mut rec);
         dir.save_durable(&rec)?;
         Ok(rec)
     }
@@ -591,7 +674,12 @@ impl Sandboxes {
         let image = self.image(&snap.image)?;
         let driver = self.driver(rec.runtime)?;
         rec.generation += 1;
-        driver.restore(&dir, &mut rec, &snap.checkpoint, &image)?;
+        self.attach_network(&dir, &mut rec)?;
+        if let Err(e) = driver.restore(&dir, &mut rec, &snap.checkpoint, &image) {
+            self.detach_network(&dir, &mut rec);
+            let _ = dir.save(&rec);
+            return Err(e);
+        }
         rec.state = State::Running;
         rec.deadline_ms = rec.timeout_secs.map(|s| now_ms() + s * 1000);
         dir.save(&rec)?;
@@ -663,6 +751,26 @@ impl Sandboxes {
         }
         self.remove(dir, rec);
         Ok(())
+    }
+
+    /// Changes a sandbox's egress policy; a running one's rules change at once (new
+    /// connections; established ones go on), a paused one gets it when resumed.
+    pub fn set_network(&self, id: &str, policy: NetworkPolicy) -> Result<SandboxRecord> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let mut rec = dir.load()?;
+        if rec.network.is_none() {
+            return Err(Error::Invalid(format!(
+                "sandbox {} was created without a network device",
+                rec.id
+            )));
+        }
+        if let Some(att) = &rec.net {
+            network::apply_policy(att, &policy, &dir.net())?;
+        }
+        rec.network = Some(policy);
+        dir.save(&rec)?;
+        Ok(rec)
     }
 
     /// Sets a new timeout from now (`None`: never).

@@ -37,6 +37,10 @@ pub struct SnapshotRecord {
     pub defaults: ProcessDefaults,
     pub generation: u64,
     pub checkpoint: Checkpoint,
+    /// The sandbox's egress policy (`None`: it had no network device); its restores and forks
+    /// get a network of their own with this policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<network::NetworkPolicy>,
 }
 
 impl SnapshotRecord {
@@ -56,6 +60,7 @@ impl SnapshotRecord {
             defaults: rec.defaults.clone(),
             generation: rec.generation,
             checkpoint,
+            network: rec.network.clone(),
         }
     }
 }
