@@ -157,11 +157,9 @@ pub fn resolve_a(
 }
 
 
-/// A response with `answers` (name, A address, ttl) to `query`; for tests' DNS servers.
+/// A NOERROR response with `answers` (A records of the question's name) to `query`; none
+/// is NODATA (the name exists, without records of that type). For tests' DNS servers.
 pub fn reply_a(query: &[u8], q: &Question, answers: &[Ipv4Addr], ttl: u32) -> Vec<u8> {
-    if answers.is_empty() {
-        return nxdomain(query, q);
-    }
     let mut r = Vec::new();
     r.extend_from_slice(&query[..2]);
     r.push(0x80 | (query[2] & 0x79));

@@ -161,7 +161,9 @@ fn upstream() -> Result<SocketAddr> {
         })
 }
 
-/// Sets up sandbox `id`'s network: namespaces, interfaces, NAT, `policy`, and its DNS proxy
+/// Sets up sandbox `id`'s network (kiln must run in the host's mount namespace, as
+/// `nsenter --net` keeps it, not under `ip netns exec`: the namespaces it creates are bind
+/// mounts under /run/netns that later kiln processes must see): namespaces, interfaces, NAT, `policy`, and its DNS proxy
 /// (`proxy_cmd` + the state directory, e.g. `kiln sandbox __dns DIR`). `state` is a directory
 /// of the sandbox's own (policy, DNS proxy files). On error nothing is left.
 pub fn attach(
@@ -400,11 +402,10 @@ pub fn detach(id: &str, state: &Path) {
     if let Ok(rd) = std::fs::read_dir(slots_dir()) {
         for e in rd.flatten() {
             if std::fs::read_to_string(e.path()).is_ok_and(|o| o.trim() == router) {
+                // The namespace's own teardown is deferred by the kernel: delete the host end
+                // now, so the slot's next owner can create it again.
                 let host_if = format!("kiln{}", e.file_name().to_string_lossy());
-                // Gone with the namespace unless a process still held it.
-                if Path::new("/sys/class/net").join(&host_if).exists() {
-                    let _ = ns::run(None, "ip", &["link", "del", &host_if], "");
-                }
+                let _ = ns::run(None, "ip", &["link", "del", &host_if], "");
                 let _ = std::fs::remove_file(e.path());
             }
         }

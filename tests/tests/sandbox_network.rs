@@ -1,0 +1,245 @@
+//! Sandbox networking end to end on gVisor (real runsc, nftables, network namespaces, the
+//! kiln binary): internet on and off, deny and allow lists by CIDR and by host name through
+//! the DNS proxy, policy changes on a running sandbox, pause/resume and forks each with a
+//! network of their own, isolation from the host and from other sandboxes, and that a killed
+//! sandbox (or a killed `create`) leaves no namespace, interface, slot or process.
+//!
+//! Every test runs kiln inside a "host" namespace of its own (tests/src/net.rs) whose only
+//! way out is an "internet" namespace with the test's HTTP and DNS servers.
+
+use kiln_tests::net::{TestNet, HOST_IP, HTTP_PORT, SERVER_A, SERVER_B};
+use kiln_tests::sandbox::{app_home, create, exec, KillAll};
+use kiln_tests::Kiln;
+use std::time::{Duration, Instant};
+
+/// A home with the app image, kiln running in a fresh T (this thread is moved there).
+fn setup() -> Option<(tempfile::TempDir, Kiln, TestNet)> {
+    if let Some(why) = kiln_tests::net::unavailable() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let (tmp, k) = app_home()?;
+    let net = TestNet::new();
+    net.enter();
+    let k = k.with_env([net.dns_env()]);
+    Some((tmp, k, net))
+}
+
+/// One HTTP request from inside the sandbox (bounded by nc's 2 s timeout): the body, if any.
+fn fetch(k: &Kiln, id: &str, host: &str) -> Option<String> {
+    let script = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 {host} {HTTP_PORT} | tail -n 1"
+    );
+    let (out, _, _) = exec(k, id, &[], &["sh", "-c", &script], b"");
+    let body = out.trim();
+    body.starts_with("server-").then(|| body.to_string())
+}
+
+fn id_of(rec: &serde_json::Value) -> String {
+    rec["id"].as_str().expect("id").to_string()
+}
+
+#[test]
+fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_closed() {
+    let Some((_tmp, k, net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    let on = id_of(&create(&k, &["app"]));
+    let off = id_of(&create(&k, &["app", "--no-internet"]));
+    let info = k.json(["sandbox", "info", &on, "--json"]);
+    assert_eq!(info["network"]["internet"], true);
+    assert_eq!(info["net"]["guest_ip"], "10.88.0.2");
+    assert_eq!(fetch(&k, &on, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    assert_eq!(fetch(&k, &off, &SERVER_A.to_string()), None);
+    assert_eq!(fetch(&k, &off, &SERVER_B.to_string()), None);
+
+    // kiln's own namespace (a service on the host) is closed to sandboxes...
+    let host_service = std::net::TcpListener::bind((HOST_IP, HTTP_PORT)).expect("bind on T");
+    host_service.set_nonblocking(true).unwrap();
+    assert_eq!(fetch(&k, &on, &HOST_IP.to_string()), None);
+    assert!(host_service.accept().is_err(), "a sandbox reached the host");
+    // ...and so is another sandbox (through its uplink address).
+    let off_rec = k.json(["sandbox", "info", &off, "--json"]);
+    let neighbour = off_rec["net"]["uplink_ip"].as_str().unwrap().to_string();
+    let (_, _, code) = exec(
+        &k,
+        &on,
+        &[],
+        &["sh", "-c", &format!("busybox nc -w 2 {neighbour} 53 </dev/null")],
+        b"",
+    );
+    assert_ne!(code, 0, "a sandbox reached another's uplink {neighbour}");
+    // Only the first sandbox's request reached the internet.
+    assert_eq!(net.hits[0].load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn deny_out_blocks_one_cidr_and_leaves_another() {
+    let Some((_tmp, k, _net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
+    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()).as_deref(), Some("server-b"));
+    // Bad entries are refused with the reason, and nothing is created.
+    let before = k.json(["sandbox", "ls", "--json"]).as_array().unwrap().len();
+    for (bad, why) in [("10.0.0.1/8", "did you mean 10.0.0.0/8"), ("::1", "IPv6"), ("a..b", "host name")] {
+        let err = k.fails(["sandbox", "create", "app", "--deny-out", bad]);
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    assert_eq!(k.json(["sandbox", "ls", "--json"]).as_array().unwrap().len(), before);
+}
+
+#[test]
+fn host_name_rules_admit_the_name_and_not_raw_ips() {
+    let Some((_tmp, k, _net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    // Whitelist: web.test (-> server A) only.
+    let id = id_of(&create(&k, &["app", "--no-internet", "--allow-out", "web.test"]));
+    assert_eq!(fetch(&k, &id, "web.test").as_deref(), Some("server-a"));
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()), None, "raw IP of another server");
+    // Names not allowed do not resolve (no lookups leave the sandbox).
+    let (out, _, code) = exec(&k, &id, &[], &["busybox", "nslookup", "other.test"], b"");
+    assert!(code != 0 || !out.contains("10.203.0.2"), "other.test resolved: {out}");
+    assert_eq!(fetch(&k, &id, "other.test"), None);
+
+    // Deny by name: the name's address is blocked even as a raw IP; others stay open.
+    let id = id_of(&create(&k, &["app", "--deny-out", "web.test"]));
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
+    assert_eq!(fetch(&k, &id, "web.test"), None);
+    assert_eq!(fetch(&k, &id, "other.test").as_deref(), Some("server-b"));
+}
+
+#[test]
+fn policy_changes_on_a_running_sandbox_take_effect_both_ways() {
+    let Some((_tmp, k, _net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    let id = id_of(&create(&k, &["app"]));
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    let p = k.json(["sandbox", "network", &id, "--internet", "off", "--json"]);
+    assert_eq!(p["internet"], false);
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
+    k.ok(["sandbox", "network", &id, "--allow-out", "10.203.0.0/24"]);
+    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()).as_deref(), Some("server-b"));
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
+    let shown = k.ok_str(["sandbox", "network", &id]);
+    assert!(shown.contains("internet off") && shown.contains("10.203.0.0/24"), "{shown}");
+    k.ok(["sandbox", "network", &id, "--clear", "--internet", "on"]);
+    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    let rec = k.json(["sandbox", "info", &id, "--json"]);
+    assert_eq!(rec["network"], serde_json::json!({"internet": true, "allow_out": [], "deny_out": []}));
+}
+
+#[test]
+fn pause_resume_and_four_forks_each_have_their_own_working_network() {
+    let Some((_tmp, k, _net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    // No traffic before the checkpoints: gVisor cannot save open TCP connections.
+    let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
+    let ns_before = k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"].clone();
+    k.ok(["sandbox", "pause", &id]);
+    assert!(!std::path::Path::new("/run/netns").join(ns_before.as_str().unwrap()).exists(),
+        "a paused sandbox keeps its namespace");
+    k.ok(["sandbox", "resume", &id]);
+    let forks = k.json(["sandbox", "fork", &id, "-n", "4", "--json"]);
+    let forks: Vec<serde_json::Value> = forks.as_array().unwrap().clone();
+    assert_eq!(forks.len(), 4);
+    let mut namespaces: Vec<String> = forks
+        .iter()
+        .map(|f| f["net"]["router_ns"].as_str().unwrap().to_string())
+        .collect();
+    namespaces.push(
+        k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"].as_str().unwrap().into(),
+    );
+    namespaces.sort();
+    namespaces.dedup();
+    assert_eq!(namespaces.len(), 5, "namespaces shared: {namespaces:?}");
+    for f in &forks {
+        assert_eq!(f["network"]["deny_out"][0], "10.202.0.0/24", "forks inherit the policy");
+    }
+    // All five at once, each through its own namespace.
+    let mut all: Vec<String> = forks.iter().map(id_of).collect();
+    all.push(id.clone());
+    let got: Vec<(Option<String>, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = all
+            .iter()
+            .map(|sid| {
+                let k = k.clone();
+                let host_ns = _net.host_ns.clone();
+                s.spawn(move || {
+                    kiln_tests::net::enter(&host_ns);
+                    (fetch(&k, sid, &SERVER_B.to_string()), fetch(&k, sid, &SERVER_A.to_string()))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (sid, (b, a)) in all.iter().zip(got) {
+        assert_eq!(b.as_deref(), Some("server-b"), "{sid}");
+        assert_eq!(a, None, "{sid}: the policy survived the fork");
+    }
+}
+
+/// What is left of sandbox `id` on the host: namespaces, slot files, host interfaces, DNS
+/// proxies.
+fn leftovers(id: &str, slot: Option<u64>, net: &TestNet) -> Vec<String> {
+    let short: String = id.chars().take(12).collect();
+    let mut left = Vec::new();
+    for n in [format!("kiln-{short}"), format!("kiln-{short}-g")] {
+        if std::path::Path::new("/run/netns").join(&n).exists() {
+            left.push(format!("netns {n}"));
+        }
+    }
+    for e in std::fs::read_dir("/run/kiln/net/slots").into_iter().flatten().flatten() {
+        if std::fs::read_to_string(e.path()).is_ok_and(|o| o.trim() == format!("kiln-{short}")) {
+            left.push(format!("slot {}", e.path().display()));
+        }
+    }
+    if let Some(s) = slot {
+        if net.host_links().contains(&format!("kiln{s}@")) {
+            left.push(format!("host link kiln{s}"));
+        }
+    }
+    for p in kiln_tests::sandbox::processes_mentioning(id) {
+        left.push(format!("process {p}"));
+    }
+    left
+}
+
+#[test]
+fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
+    let Some((_tmp, k, net)) = setup() else { return };
+    let _guard = KillAll(k.clone());
+    let rec = create(&k, &["app"]);
+    let id = id_of(&rec);
+    let slot = rec["net"]["slot"].as_u64();
+    assert!(leftovers(&id, slot, &net).len() >= 3, "the network is there while it runs");
+    k.ok(["sandbox", "kill", &id]);
+    assert_eq!(leftovers(&id, slot, &net), Vec::<String>::new());
+
+    // A create killed at any moment: the next command's reconcile removes what it left.
+    for delay_ms in [40u64, 120, 250, 400] {
+        let mut child = k.cmd(["sandbox", "create", "app", "--json"]).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let dirs: Vec<String> = std::fs::read_dir(k.home.join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().trim_start_matches(".new-").to_string())
+            .filter(|n| n.len() == 16)
+            .collect();
+        let ids = kiln_tests::sandbox::ids(&k); // reconciles
+        let t = Instant::now();
+        for d in dirs.iter().filter(|d| !ids.contains(d)) {
+            while !leftovers(d, None, &net).is_empty() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(leftovers(d, None, &net), Vec::<String>::new(), "create killed after {delay_ms} ms");
+        }
+        for i in ids {
+            k.ok(["sandbox", "kill", &i]);
+            assert_eq!(leftovers(&i, None, &net), Vec::<String>::new());
+        }
+    }
+}
