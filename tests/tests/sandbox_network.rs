@@ -218,7 +218,11 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
 
     // A create killed at any moment: the next command's reconcile removes what it left.
     for delay_ms in [40u64, 120, 250, 400] {
-        let mut child = k.cmd(["sandbox", "create", "app", "--json"]).spawn().unwrap();
+        let mut child = k
+            .cmd(["sandbox", "create", "app", "--json"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
