@@ -247,3 +247,75 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
         }
     }
 }
+
+/// The microVM side (a TAP in the router namespace, which the VMM opens by name) and the DNS
+/// proxy's answers, through the network crate directly: no guest needed.
+#[test]
+fn tap_attachment_and_dns_proxy_answers_by_policy() {
+    if let Some(why) = kiln_tests::net::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let net = TestNet::new();
+    net.enter();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("net");
+    let id = format!("tap{:013x}", std::process::id());
+    let policy = network::NetworkPolicy {
+        internet: false,
+        allow_out: vec!["web.test".parse().unwrap()],
+        deny_out: vec![],
+    };
+    let cmd = vec![kiln_tests::kiln_bin().into_os_string(), "sandbox".into(), "__dns".into()];
+    std::env::set_var(net.dns_env().0, net.dns_env().1);
+    let att = network::attach(&id, network::GuestKind::Tap, &policy, &state, &cmd).expect("attach");
+    struct Detach<'a>(&'a str, &'a std::path::Path);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            network::detach(self.0, self.1);
+        }
+    }
+    let _detach = Detach(&id, &state);
+    assert_eq!(att.tap.as_deref(), Some("tap0"));
+    assert_eq!(att.guest_ns, None);
+    let out = std::process::Command::new("ip")
+        .args(["-n", &att.router_ns, "-br", "addr", "show", "tap0"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("10.88.0.1/30"), "{shown}");
+
+    // Ask the proxy from inside the router namespace, as the guest would.
+    let router = att.router_ns.clone();
+    let ask = move |name: &str| -> Vec<std::net::Ipv4Addr> {
+        let (router, name) = (router.clone(), name.to_string());
+        std::thread::spawn(move || {
+            kiln_tests::net::enter(&router);
+            let ips = network::dns::resolve_a(
+                "10.88.0.1:53".parse().unwrap(),
+                &name,
+                Duration::from_secs(3),
+            )
+            .expect("the proxy answers");
+            ips.into_iter().map(|(ip, _)| ip).collect()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(ask("web.test"), vec![SERVER_A]);
+    assert!(ask("other.test").is_empty(), "a name not allowed resolved");
+    // The answer's address joined the router's allowed set.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &att.router_ns, "nft", "list", "set", "inet", "kiln", "allow_dns"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.202.0.2"));
+    // A policy change reaches the proxy.
+    let open = network::NetworkPolicy::default();
+    network::apply_policy(&att, &open, &state).expect("apply");
+    assert_eq!(ask("other.test"), vec![SERVER_B]);
+
+    drop(_detach);
+    assert!(!std::path::Path::new("/run/netns").join(&att.router_ns).exists());
+    assert!(!net.host_links().contains(&format!("{}@", att.host_if)));
+}
