@@ -28,10 +28,8 @@ pub fn serve(state: &Path) -> Result<()> {
     .map_err(|e| Error::Invalid(format!("dns.json: {e}")))?;
     // Bound here, before entering the router namespace: an upstream on kiln's own loopback
     // (127.0.0.53) stays reachable.
+    // Not connected: an upstream unreachable now (no route yet) must not stop the proxy.
     let upstream = UdpSocket::bind("0.0.0.0:0").map_err(io_err("bind the upstream socket"))?;
-    upstream
-        .connect(cfg.upstream)
-        .map_err(io_err(format!("connect to {}", cfg.upstream)))?;
     let nsf = ns::open(&cfg.router_ns)?;
     // SAFETY: setns(2) of this single-threaded process into the router namespace.
     if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -84,12 +82,15 @@ pub fn serve(state: &Path) -> Result<()> {
             let mut fwd = msg.to_vec();
             let orig = dns::id(msg).unwrap_or(0);
             dns::set_id(&mut fwd, next_id);
-            if upstream.send(&fwd).is_ok() {
+            if upstream.send_to(&fwd, cfg.upstream).is_ok() {
                 pending.insert(next_id, Pending { client, id: orig, verdict, at: Instant::now() });
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            let Ok(len) = upstream.recv(&mut buf) else { continue };
+            let Ok((len, from)) = upstream.recv_from(&mut buf) else { continue };
+            if from != cfg.upstream {
+                continue;
+            }
             let Some(p) = dns::id(&buf[..len]).and_then(|id| pending.remove(&id)) else { continue };
             if p.verdict == NameVerdict::Allowed {
                 let ips: Vec<_> = dns::answers_a(&buf[..len])
