@@ -378,9 +378,13 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
 fn set_network(sbx: &Sandboxes, a: NetworkArgs) -> Result<()> {
     let rec = sbx.get(&a.id)?;
     let Some(mut policy) = rec.network.clone() else {
-        bail!("sandbox {} has no network device (created with --no-network)", rec.id);
+        bail!(
+            "sandbox {} has no network device (created with --no-network)",
+            rec.id
+        );
     };
-    let change = a.internet.is_some() || a.clear || !a.allow_out.is_empty() || !a.deny_out.is_empty();
+    let change =
+        a.internet.is_some() || a.clear || !a.allow_out.is_empty() || !a.deny_out.is_empty();
     let rec = if change {
         if a.clear {
             policy.allow_out.clear();
@@ -402,7 +406,13 @@ fn set_network(sbx: &Sandboxes, a: NetworkArgs) -> Result<()> {
     if a.json {
         return print_json(&rec.network);
     }
-    println!("{}", rec.network.as_ref().map(|p| p.summary()).unwrap_or_default());
+    println!(
+        "{}",
+        rec.network
+            .as_ref()
+            .map(|p| p.summary())
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

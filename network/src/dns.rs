@@ -147,7 +147,14 @@ pub fn resolve_a(
         sock.set_read_timeout(Some(left))?;
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(e),
         };
         if self::id(&buf[..n]) == Some(id) {
@@ -155,7 +162,6 @@ pub fn resolve_a(
         }
     }
 }
-
 
 /// A NOERROR response with `answers` (A records of the question's name) to `query`; none
 /// is NODATA (the name exists, without records of that type). For tests' DNS servers.
@@ -201,7 +207,11 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_not_panicking() {
-        for m in [&[][..], &[0; 11], &[0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12]] {
+        for m in [
+            &[][..],
+            &[0; 11],
+            &[0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12],
+        ] {
             assert!(question(m).is_none());
             assert!(answers_a(m).is_empty());
         }

@@ -32,10 +32,7 @@ pub const GATEWAY_MAC: &str = "02:6b:69:6c:6e:01";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{what}: {err}")]
-    Io {
-        what: String,
-        err: std::io::Error,
-    },
+    Io { what: String, err: std::io::Error },
     #[error("`{cmd}` failed: {detail}")]
     Command { cmd: String, detail: String },
     #[error("no free network slot (all {0} in use)")]

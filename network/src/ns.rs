@@ -42,12 +42,20 @@ pub fn run(ns: Option<&str>, prog: &str, args: &[&str], input: &str) -> Result<S
             });
         }
     }
-    let cmd = || format!("{}{prog} {}", ns.map(|n| format!("[{n}] ")).unwrap_or_default(), args.join(" "));
+    let cmd = || {
+        format!(
+            "{}{prog} {}",
+            ns.map(|n| format!("[{n}] ")).unwrap_or_default(),
+            args.join(" ")
+        )
+    };
     let mut child = c.spawn().map_err(io_err(format!("run {prog}")))?;
     if let Some(mut s) = child.stdin.take() {
         let _ = s.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(io_err(format!("wait for {prog}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(io_err(format!("wait for {prog}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(Error::Command {

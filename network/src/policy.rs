@@ -88,7 +88,9 @@ impl std::str::FromStr for Dest {
         };
         let t = s.trim();
         if t.is_empty() {
-            return Err(err("empty; give a CIDR (10.0.0.0/8), an address or a host name"));
+            return Err(err(
+                "empty; give a CIDR (10.0.0.0/8), an address or a host name",
+            ));
         }
         if t.contains(':') {
             return Err(err("IPv6 is not supported (sandboxes have IPv4 only)"));
@@ -105,7 +107,11 @@ impl std::str::FromStr for Dest {
                     _ => return Err(err("the prefix length after / must be 0..=32")),
                 },
             };
-            let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix)
+            };
             if u32::from(addr) & !mask != 0 {
                 return Err(err(&format!(
                     "host bits set; did you mean {}/{prefix}?",
@@ -124,7 +130,8 @@ impl std::str::FromStr for Dest {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         };
         if name.len() > 253 || !bare.split('.').all(label_ok) {
             return Err(err(
@@ -209,7 +216,12 @@ impl NetworkPolicy {
 
     /// The verdict for a new connection to `ip`, given the addresses the allowed and denied
     /// names resolve to (the nftables rules implement the same order).
-    pub fn ip_allowed(&self, ip: Ipv4Addr, allowed_ips: &[Ipv4Addr], denied_ips: &[Ipv4Addr]) -> bool {
+    pub fn ip_allowed(
+        &self,
+        ip: Ipv4Addr,
+        allowed_ips: &[Ipv4Addr],
+        denied_ips: &[Ipv4Addr],
+    ) -> bool {
         if Self::cidrs(&self.allow_out).any(|c| c.contains(ip)) || allowed_ips.contains(&ip) {
             return true;
         }
@@ -235,7 +247,12 @@ impl NetworkPolicy {
 
     /// One line for humans: `internet on; allow: a, b; deny: c`.
     pub fn summary(&self) -> String {
-        let list = |l: &[Dest]| l.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        let list = |l: &[Dest]| {
+            l.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let mut s = format!("internet {}", if self.internet { "on" } else { "off" });
         if !self.allow_out.is_empty() {
             s += &format!("; allow out: {}", list(&self.allow_out));
@@ -273,7 +290,16 @@ mod tests {
         assert_eq!(d("1.2.3.4/32").to_string(), "1.2.3.4");
         assert_eq!(d("Web.Test.").to_string(), "web.test");
         assert_eq!(d("*.example.com").to_string(), "*.example.com");
-        for bad in ["", "10.0.0.1/8", "10.0.0.0/33", "300.1.1.1", "::1", "a..b", "-a.b", "a b"] {
+        for bad in [
+            "",
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "300.1.1.1",
+            "::1",
+            "a..b",
+            "-a.b",
+            "a b",
+        ] {
             assert!(bad.parse::<Dest>().is_err(), "{bad:?} parsed");
         }
         let e = "10.0.0.1/8".parse::<Dest>().unwrap_err();
@@ -339,6 +365,9 @@ mod tests {
             r#"{"internet":false,"allow_out":["web.test","10.0.0.0/8"],"deny_out":[]}"#
         );
         assert_eq!(serde_json::from_str::<NetworkPolicy>(&j).unwrap(), p);
-        assert!(serde_json::from_str::<NetworkPolicy>(r#"{"internet":true,"allow_out":["1.2.3.4/40"]}"#).is_err());
+        assert!(serde_json::from_str::<NetworkPolicy>(
+            r#"{"internet":true,"allow_out":["1.2.3.4/40"]}"#
+        )
+        .is_err());
     }
 }

@@ -33,7 +33,9 @@ pub fn serve(state: &Path) -> Result<()> {
     let nsf = ns::open(&cfg.router_ns)?;
     // SAFETY: setns(2) of this single-threaded process into the router namespace.
     if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io_err("enter the router namespace")(std::io::Error::last_os_error()));
+        return Err(io_err("enter the router namespace")(
+            std::io::Error::last_os_error(),
+        ));
     }
     let guest = UdpSocket::bind(cfg.listen).map_err(io_err(format!("bind {}", cfg.listen)))?;
     std::fs::write(state.join("dns.ready"), b"").map_err(io_err("write dns.ready"))?;
@@ -46,8 +48,16 @@ pub fn serve(state: &Path) -> Result<()> {
     let mut buf = [0u8; 4096];
     loop {
         let mut fds = [
-            libc::pollfd { fd: guest.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: upstream.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: guest.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: upstream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: poll(2) on two descriptors we own, with a correctly sized array.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
@@ -60,10 +70,16 @@ pub fn serve(state: &Path) -> Result<()> {
         }
         pending.retain(|_, p| p.at.elapsed() < Duration::from_secs(5));
         if fds[0].revents & libc::POLLIN != 0 {
-            let Ok((len, client)) = guest.recv_from(&mut buf) else { continue };
+            let Ok((len, client)) = guest.recv_from(&mut buf) else {
+                continue;
+            };
             let msg = &buf[..len];
-            let Some(q) = dns::question(msg) else { continue };
-            let mtime = std::fs::metadata(&policy_path).and_then(|m| m.modified()).ok();
+            let Some(q) = dns::question(msg) else {
+                continue;
+            };
+            let mtime = std::fs::metadata(&policy_path)
+                .and_then(|m| m.modified())
+                .ok();
             if mtime != policy_mtime {
                 if let Ok(p) = std::fs::read(&policy_path)
                     .map_err(|e| e.to_string())
@@ -83,15 +99,27 @@ pub fn serve(state: &Path) -> Result<()> {
             let orig = dns::id(msg).unwrap_or(0);
             dns::set_id(&mut fwd, next_id);
             if upstream.send_to(&fwd, cfg.upstream).is_ok() {
-                pending.insert(next_id, Pending { client, id: orig, verdict, at: Instant::now() });
+                pending.insert(
+                    next_id,
+                    Pending {
+                        client,
+                        id: orig,
+                        verdict,
+                        at: Instant::now(),
+                    },
+                );
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            let Ok((len, from)) = upstream.recv_from(&mut buf) else { continue };
+            let Ok((len, from)) = upstream.recv_from(&mut buf) else {
+                continue;
+            };
             if from != cfg.upstream {
                 continue;
             }
-            let Some(p) = dns::id(&buf[..len]).and_then(|id| pending.remove(&id)) else { continue };
+            let Some(p) = dns::id(&buf[..len]).and_then(|id| pending.remove(&id)) else {
+                continue;
+            };
             if p.verdict == NameVerdict::Allowed {
                 let ips: Vec<_> = dns::answers_a(&buf[..len])
                     .into_iter()
@@ -99,7 +127,9 @@ pub fn serve(state: &Path) -> Result<()> {
                     .collect();
                 if !ips.is_empty() {
                     // Before the answer: the guest's connection right after must pass.
-                    if let Err(e) = ns::run(None, "nft", &["-f", "-"], &rules::allow_dns_elements(&ips)) {
+                    if let Err(e) =
+                        ns::run(None, "nft", &["-f", "-"], &rules::allow_dns_elements(&ips))
+                    {
                         eprintln!("kiln dns: {e}");
                     }
                 }

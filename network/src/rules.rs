@@ -86,7 +86,11 @@ table inet kiln {{
   }}
 }}
 ",
-        default = if policy.internet { "meta nfproto ipv4 accept" } else { "drop" },
+        default = if policy.internet {
+            "meta nfproto ipv4 accept"
+        } else {
+            "drop"
+        },
     );
     t
 }
@@ -98,7 +102,10 @@ pub fn allow_dns_elements(ips: &[(Ipv4Addr, u32)]) -> String {
         // add (no-op if present), delete, add: one transaction that resets the timeout.
         let _ = writeln!(t, "add element inet kiln allow_dns {{ {ip} }}");
         let _ = writeln!(t, "delete element inet kiln allow_dns {{ {ip} }}");
-        let _ = writeln!(t, "add element inet kiln allow_dns {{ {ip} timeout {secs}s }}");
+        let _ = writeln!(
+            t,
+            "add element inet kiln allow_dns {{ {ip} timeout {secs}s }}"
+        );
     }
     t
 }

@@ -1,7 +1,10 @@
 //! Creating, changing and removing a sandbox's network.
 
 use crate::policy::NetworkPolicy;
-use crate::{dns, io_err, ns, rules, Error, Result, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_PREFIX};
+use crate::{
+    dns, io_err, ns, rules, Error, Result, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC,
+    GUEST_PREFIX,
+};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -72,7 +75,11 @@ fn alloc_slot(router: &str) -> Result<u32> {
     for i in 0..SLOTS {
         let slot = (start + i) % SLOTS;
         let p = dir.join(slot.to_string());
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
             Ok(mut f) => {
                 use std::io::Write;
                 f.write_all(router.as_bytes())
@@ -92,7 +99,8 @@ fn alloc_slot(router: &str) -> Result<u32> {
 }
 
 fn fxhash(s: &str) -> u32 {
-    s.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(16777619))
+    s.bytes()
+        .fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(16777619))
 }
 
 /// Removes a slot file whose namespace is gone (its owner died before cleaning up).
@@ -147,7 +155,10 @@ fn upstream() -> Result<SocketAddr> {
         let s = v.to_string_lossy();
         return s
             .parse()
-            .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .or_else(|_| {
+                s.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
             .map_err(|_| Error::Invalid(format!("KILN_DNS_UPSTREAM={s}: want ip:port")));
     }
     let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -195,7 +206,12 @@ pub fn attach(
         detach(id, state);
         return Err(e);
     }
-    tracing::debug!(id, slot, ms = t.elapsed().as_millis() as u64, "network attached");
+    tracing::debug!(
+        id,
+        slot,
+        ms = t.elapsed().as_millis() as u64,
+        "network attached"
+    );
     Ok(att)
 }
 
@@ -263,15 +279,23 @@ fn build(
         listen: SocketAddr::new(att.gateway.into(), 53),
         upstream: upstream()?,
     };
-    write(&state.join("dns.json"), &serde_json::to_vec_pretty(&cfg).expect("json"))?;
-    write(&state.join("resolv.conf"), format!("nameserver {}\n", att.gateway).as_bytes())?;
+    write(
+        &state.join("dns.json"),
+        &serde_json::to_vec_pretty(&cfg).expect("json"),
+    )?;
+    write(
+        &state.join("resolv.conf"),
+        format!("nameserver {}\n", att.gateway).as_bytes(),
+    )?;
     write(
         &state.join("hosts"),
         b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )?;
     apply_rules(att, guest_if, policy, state, &cfg)?;
     // Time-wait entries outlive gVisor's own (60 s) so `wait_tcp_idle` never undercounts.
-    ns::within(r, || ns::sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "65"))?;
+    ns::within(r, || {
+        ns::sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "65")
+    })?;
     start_proxy(state, proxy_cmd)
 }
 
@@ -322,7 +346,10 @@ fn apply_rules(
     };
     let allowed = resolve(&policy.allow_out);
     let denied = resolve(&policy.deny_out);
-    write(&state.join("policy.json"), &serde_json::to_vec_pretty(policy).expect("json"))?;
+    write(
+        &state.join("policy.json"),
+        &serde_json::to_vec_pretty(policy).expect("json"),
+    )?;
     let table = rules::router_table(guest_if, policy, &allowed, &denied);
     ns::run(Some(&att.router_ns), "nft", &["-f", "-"], &table).map(|_| ())
 }
@@ -348,7 +375,8 @@ fn start_proxy(state: &Path, proxy_cmd: &[OsString]) -> Result<()> {
     let ready = state.join("dns.ready");
     let _ = std::fs::remove_file(&ready);
     let log_path = state.join("dns.log");
-    let log = std::fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+    let log = std::fs::File::create(&log_path)
+        .map_err(io_err(format!("create {}", log_path.display())))?;
     let mut child = std::process::Command::new(prog)
         .args(args)
         .arg(state)
@@ -357,7 +385,10 @@ fn start_proxy(state: &Path, proxy_cmd: &[OsString]) -> Result<()> {
         .stderr(log)
         .process_group(0)
         .spawn()
-        .map_err(io_err(format!("start the DNS proxy {}", Path::new(prog).display())))?;
+        .map_err(io_err(format!(
+            "start the DNS proxy {}",
+            Path::new(prog).display()
+        )))?;
     write(&state.join("dns.pid"), child.id().to_string().as_bytes())?;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
@@ -368,13 +399,18 @@ fn start_proxy(state: &Path, proxy_cmd: &[OsString]) -> Result<()> {
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(Error::Invalid(format!("the DNS proxy exited ({status}): {}", log.trim())));
+            return Err(Error::Invalid(format!(
+                "the DNS proxy exited ({status}): {}",
+                log.trim()
+            )));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     let _ = child.kill();
     let _ = child.wait();
-    Err(Error::Invalid("the DNS proxy did not start within 5 s".into()))
+    Err(Error::Invalid(
+        "the DNS proxy did not start within 5 s".into(),
+    ))
 }
 
 /// Removes sandbox `id`'s network, whatever state a creator left it in: the DNS proxy,
@@ -383,7 +419,10 @@ fn start_proxy(state: &Path, proxy_cmd: &[OsString]) -> Result<()> {
 pub fn detach(id: &str, state: &Path) {
     let (router, guest) = names(id);
     let pid_file = state.join("dns.pid");
-    if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+    if let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
         let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*state.to_string_lossy()));
         if ours {
@@ -420,7 +459,8 @@ pub fn wait_tcp_idle(att: &Attachment, max: Duration) -> Result<()> {
     let guest = format!("src={} ", att.guest_ip);
     loop {
         let table = ns::within(&att.router_ns, || {
-            std::fs::read_to_string("/proc/net/nf_conntrack").map_err(io_err("read /proc/net/nf_conntrack"))
+            std::fs::read_to_string("/proc/net/nf_conntrack")
+                .map_err(io_err("read /proc/net/nf_conntrack"))
         })
         .unwrap_or_default();
         let open = table
@@ -436,4 +476,3 @@ pub fn wait_tcp_idle(att: &Attachment, max: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
-

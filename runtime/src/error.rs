@@ -45,7 +45,7 @@ pub enum Error {
     Agent(#[from] kiln_agent::client::ClientError),
     #[error("invalid: {0}")]
     Invalid(String),
-    #[error("sandbox network: {0}")]
+    #[error(transparent)]
     Network(#[from] network::Error),
 }
 

@@ -227,7 +227,13 @@ impl GvisorDriver {
 
     /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
     /// their own process group with the console log as stdio, so they outlive the caller.
-    fn launch(&self, dir: &SandboxDir, rec: &SandboxRecord, what: &str, args: &[&str]) -> Result<()> {
+    fn launch(
+        &self,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+        what: &str,
+        args: &[&str],
+    ) -> Result<()> {
         let mask = match &rec.net {
             Some(att) => {
                 network::reset_guest(att)?;
@@ -801,18 +807,17 @@ fn first_lines(s: &str, n: usize) -> String {
 /// /proc/sys is a tmpfs holding bind mounts of every entry but `net` (its children, the gofer
 /// and the sandbox, mount their own /proc).
 struct ProcSysMask {
-    /// The real /proc/sys, open so the bind sources stay reachable under the tmpfs.
-    sys: std::fs::File,
     targets: Vec<std::ffi::CString>,
     sources: Vec<std::ffi::CString>,
 }
 
+/// The child's descriptor of the real /proc/sys while it is masked (opened after unshare: a
+/// bind source must belong to the new mount namespace).
+const SYS_FD: i32 = 987;
+
 impl ProcSysMask {
     fn new() -> Result<ProcSysMask> {
-        use std::os::fd::AsRawFd;
         let p = Path::new("/proc/sys");
-        let sys = std::fs::File::open(p).ctx("open", p)?;
-        let fd = sys.as_raw_fd();
         let (mut targets, mut sources) = (Vec::new(), Vec::new());
         for e in std::fs::read_dir(p).ctx("list", p)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -821,15 +826,14 @@ impl ProcSysMask {
             }
             let c = |s: String| std::ffi::CString::new(s).expect("no NUL in /proc/sys names");
             targets.push(c(format!("/proc/sys/{name}")));
-            sources.push(c(format!("/proc/self/fd/{fd}/{name}")));
+            sources.push(c(format!("/proc/self/fd/{SYS_FD}/{name}")));
         }
-        Ok(ProcSysMask { sys, targets, sources })
+        Ok(ProcSysMask { targets, sources })
     }
 
     fn apply(&self, cmd: &mut Command) {
         let targets = self.targets.clone();
         let sources = self.sources.clone();
-        let _keep_open = &self.sys;
         // SAFETY: only async-signal-safe calls (unshare, mount, mkdir) on data prepared before
         // the fork; the child is about to exec runsc.
         unsafe {
@@ -839,18 +843,45 @@ impl ProcSysMask {
                 if libc::unshare(libc::CLONE_NEWNS) != 0 {
                     return err();
                 }
-                if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0 {
+                if libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    none.cast(),
+                ) != 0
+                {
                     return err();
                 }
-                if libc::mount(c"kiln-sysmask".as_ptr(), c"/proc/sys".as_ptr(), c"tmpfs".as_ptr(), 0, c"size=64k".as_ptr().cast()) != 0 {
+                let fd = libc::open(c"/proc/sys".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+                if fd < 0 || libc::dup2(fd, SYS_FD) < 0 {
+                    return err();
+                }
+                libc::close(fd);
+                if libc::mount(
+                    c"kiln-sysmask".as_ptr(),
+                    c"/proc/sys".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"size=64k".as_ptr().cast(),
+                ) != 0
+                {
                     return err();
                 }
                 for (t, s) in targets.iter().zip(&sources) {
                     libc::mkdir(t.as_ptr(), 0o555);
-                    if libc::mount(s.as_ptr(), t.as_ptr(), none, libc::MS_BIND | libc::MS_REC, none.cast()) != 0 {
+                    if libc::mount(
+                        s.as_ptr(),
+                        t.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REC,
+                        none.cast(),
+                    ) != 0
+                    {
                         return err();
                     }
                 }
+                libc::close(SYS_FD);
                 Ok(())
             });
         }

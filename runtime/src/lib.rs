@@ -21,8 +21,8 @@ mod sandboxes;
 pub mod snapshot;
 
 pub use error::{Error, Result};
-pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
 pub use network::{Dest, NetworkPolicy};
+pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
 pub use sandboxes::{default_network, CreateSpec, ExecOptions, Sandboxes, Source};
 
 use blockstore::BlobId;
@@ -94,7 +94,11 @@ pub fn host_sandboxes(
     vmm_exe: std::path::PathBuf,
 ) -> Sandboxes {
     let drivers: Vec<Box<dyn Runtime>> = vec![
-        Box::new(microvm::MicrovmDriver::new(store.clone(), vmm_exe.clone(), None)),
+        Box::new(microvm::MicrovmDriver::new(
+            store.clone(),
+            vmm_exe.clone(),
+            None,
+        )),
         Box::new(gvisor::GvisorDriver::new(
             store.clone(),
             home,

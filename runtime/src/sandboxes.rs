@@ -351,7 +351,13 @@ impl Sandboxes {
             RuntimeKind::Microvm => network::GuestKind::Tap,
             RuntimeKind::Gvisor => network::GuestKind::Veth,
         };
-        rec.net = Some(network::attach(&rec.id, kind, policy, &dir.net(), &self.dns_proxy)?);
+        rec.net = Some(network::attach(
+            &rec.id,
+            kind,
+            policy,
+            &dir.net(),
+            &self.dns_proxy,
+        )?);
         dir.save(rec)
     }
 

@@ -28,7 +28,9 @@ pub fn unavailable() -> Option<String> {
     }
     for tool in ["ip", "nft", "nsenter"] {
         if !crate::registry::have(tool) {
-            return Some(format!("{tool} not installed (scripts/install-deps: nftables, iproute2)"));
+            return Some(format!(
+                "{tool} not installed (scripts/install-deps: nftables, iproute2)"
+            ));
         }
     }
     None
@@ -65,7 +67,11 @@ pub struct TestNet {
 impl TestNet {
     pub fn new() -> TestNet {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let tag = format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
         let (t, i) = (format!("kt-{tag}"), format!("ki-{tag}"));
         ip(&["netns", "add", &t]);
         let mut net = TestNet {
@@ -76,9 +82,27 @@ impl TestNet {
             hits: Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]),
         };
         ip(&["netns", "add", &i]);
-        ip(&["-n", &t, "link", "add", "t0", "type", "veth", "peer", "name", "i0", "netns", &i]);
-        ip(&["-n", &t, "addr", "add", &format!("{HOST_IP}/24"), "dev", "t0"]);
-        ip(&["-n", &i, "addr", "add", &format!("{INTERNET_IP}/24"), "dev", "i0"]);
+        ip(&[
+            "-n", &t, "link", "add", "t0", "type", "veth", "peer", "name", "i0", "netns", &i,
+        ]);
+        ip(&[
+            "-n",
+            &t,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            "t0",
+        ]);
+        ip(&[
+            "-n",
+            &i,
+            "addr",
+            "add",
+            &format!("{INTERNET_IP}/24"),
+            "dev",
+            "i0",
+        ]);
         for a in [SERVER_A, SERVER_B] {
             ip(&["-n", &i, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
@@ -87,16 +111,27 @@ impl TestNet {
         }
         ip(&["-n", &t, "link", "set", "t0", "up"]);
         ip(&["-n", &i, "link", "set", "i0", "up"]);
-        ip(&["-n", &t, "route", "add", "default", "via", &INTERNET_IP.to_string()]);
+        ip(&[
+            "-n",
+            &t,
+            "route",
+            "add",
+            "default",
+            "via",
+            &INTERNET_IP.to_string(),
+        ]);
         for (k, a) in [SERVER_A, SERVER_B].into_iter().enumerate() {
             let l = net.in_inet(move || TcpListener::bind((a, HTTP_PORT)).expect("bind http"));
             let (stop, hits) = (net.stop.clone(), net.hits.clone());
             let body = if k == 0 { "server-a" } else { "server-b" };
-            net.threads.push(std::thread::spawn(move || http_serve(l, body, &stop, &hits[k])));
+            net.threads.push(std::thread::spawn(move || {
+                http_serve(l, body, &stop, &hits[k])
+            }));
         }
         let dns = net.in_inet(|| UdpSocket::bind((INTERNET_IP, DNS_PORT)).expect("bind dns"));
         let stop = net.stop.clone();
-        net.threads.push(std::thread::spawn(move || dns_serve(dns, &stop)));
+        net.threads
+            .push(std::thread::spawn(move || dns_serve(dns, &stop)));
         net
     }
 
@@ -118,7 +153,10 @@ impl TestNet {
 
     /// `KILN_DNS_UPSTREAM` for kiln: the test's DNS server.
     pub fn dns_env(&self) -> (String, String) {
-        ("KILN_DNS_UPSTREAM".into(), SocketAddr::from((INTERNET_IP, DNS_PORT)).to_string())
+        (
+            "KILN_DNS_UPSTREAM".into(),
+            SocketAddr::from((INTERNET_IP, DNS_PORT)).to_string(),
+        )
     }
 
     /// Interface names in T (host ends of sandbox uplinks are `kiln<N>`).
@@ -155,7 +193,11 @@ fn http_serve(l: TcpListener, body: &str, stop: &AtomicBool, hits: &AtomicUsize)
     l.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::SeqCst) {
         // Woken by a connection at once (latency is measured through this server).
-        let mut fds = [libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut fds = [libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         // SAFETY: poll(2) on the listener we own, array sized 1.
         unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
         match l.accept() {
@@ -170,7 +212,11 @@ fn http_serve(l: TcpListener, body: &str, stop: &AtomicBool, hits: &AtomicUsize)
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
                 hits.fetch_add(1, Ordering::SeqCst);
             }
             Err(_) => {}
@@ -180,11 +226,16 @@ fn http_serve(l: TcpListener, body: &str, stop: &AtomicBool, hits: &AtomicUsize)
 
 /// web.test -> SERVER_A, other.test -> SERVER_B, anything else NXDOMAIN.
 fn dns_serve(sock: UdpSocket, stop: &AtomicBool) {
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::SeqCst) {
-        let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
-        let Some(q) = network::dns::question(&buf[..n]) else { continue };
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Some(q) = network::dns::question(&buf[..n]) else {
+            continue;
+        };
         let ip = match q.name.as_str() {
             "web.test" => SERVER_A,
             "other.test" => SERVER_B,
@@ -193,7 +244,11 @@ fn dns_serve(sock: UdpSocket, stop: &AtomicBool) {
                 continue;
             }
         };
-        let ips = if q.qtype == network::dns::TYPE_A { vec![ip] } else { vec![] };
+        let ips = if q.qtype == network::dns::TYPE_A {
+            vec![ip]
+        } else {
+            vec![]
+        };
         let _ = sock.send_to(&network::dns::reply_a(&buf[..n], &q, &ips, 5), from);
     }
 }

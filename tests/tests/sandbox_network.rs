@@ -41,14 +41,19 @@ fn id_of(rec: &serde_json::Value) -> String {
 
 #[test]
 fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_closed() {
-    let Some((_tmp, k, net)) = setup() else { return };
+    let Some((_tmp, k, net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     let on = id_of(&create(&k, &["app"]));
     let off = id_of(&create(&k, &["app", "--no-internet"]));
     let info = k.json(["sandbox", "info", &on, "--json"]);
     assert_eq!(info["network"]["internet"], true);
     assert_eq!(info["net"]["guest_ip"], "10.88.0.2");
-    assert_eq!(fetch(&k, &on, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    assert_eq!(
+        fetch(&k, &on, &SERVER_A.to_string()).as_deref(),
+        Some("server-a")
+    );
     assert_eq!(fetch(&k, &off, &SERVER_A.to_string()), None);
     assert_eq!(fetch(&k, &off, &SERVER_B.to_string()), None);
 
@@ -64,7 +69,11 @@ fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_clos
         &k,
         &on,
         &[],
-        &["sh", "-c", &format!("busybox nc -w 2 {neighbour} 53 </dev/null")],
+        &[
+            "sh",
+            "-c",
+            &format!("busybox nc -w 2 {neighbour} 53 </dev/null"),
+        ],
         b"",
     );
     assert_ne!(code, 0, "a sandbox reached another's uplink {neighbour}");
@@ -74,32 +83,66 @@ fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_clos
 
 #[test]
 fn deny_out_blocks_one_cidr_and_leaves_another() {
-    let Some((_tmp, k, _net)) = setup() else { return };
+    let Some((_tmp, k, _net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
     assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
-    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()).as_deref(), Some("server-b"));
+    assert_eq!(
+        fetch(&k, &id, &SERVER_B.to_string()).as_deref(),
+        Some("server-b")
+    );
     // Bad entries are refused with the reason, and nothing is created.
-    let before = k.json(["sandbox", "ls", "--json"]).as_array().unwrap().len();
-    for (bad, why) in [("10.0.0.1/8", "did you mean 10.0.0.0/8"), ("::1", "IPv6"), ("a..b", "host name")] {
+    let before = k
+        .json(["sandbox", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .len();
+    for (bad, why) in [
+        ("10.0.0.1/8", "did you mean 10.0.0.0/8"),
+        ("::1", "IPv6"),
+        ("a..b", "host name"),
+    ] {
         let err = k.fails(["sandbox", "create", "app", "--deny-out", bad]);
         assert!(err.contains(why), "{bad}: {err}");
     }
-    assert_eq!(k.json(["sandbox", "ls", "--json"]).as_array().unwrap().len(), before);
+    assert_eq!(
+        k.json(["sandbox", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
 }
 
 #[test]
 fn host_name_rules_admit_the_name_and_not_raw_ips() {
-    let Some((_tmp, k, _net)) = setup() else { return };
+    let Some((_tmp, k, _net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     // Whitelist: web.test (-> server A) only.
-    let id = id_of(&create(&k, &["app", "--no-internet", "--allow-out", "web.test"]));
+    let id = id_of(&create(
+        &k,
+        &["app", "--no-internet", "--allow-out", "web.test"],
+    ));
     assert_eq!(fetch(&k, &id, "web.test").as_deref(), Some("server-a"));
-    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
-    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()), None, "raw IP of another server");
+    assert_eq!(
+        fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
+        Some("server-a")
+    );
+    assert_eq!(
+        fetch(&k, &id, &SERVER_B.to_string()),
+        None,
+        "raw IP of another server"
+    );
     // Names not allowed do not resolve (no lookups leave the sandbox).
     let (out, _, code) = exec(&k, &id, &[], &["busybox", "nslookup", "other.test"], b"");
-    assert!(code != 0 || !out.contains("10.203.0.2"), "other.test resolved: {out}");
+    assert!(
+        code != 0 || !out.contains("10.203.0.2"),
+        "other.test resolved: {out}"
+    );
     assert_eq!(fetch(&k, &id, "other.test"), None);
 
     // Deny by name: the name's address is blocked even as a raw IP; others stay open.
@@ -111,34 +154,57 @@ fn host_name_rules_admit_the_name_and_not_raw_ips() {
 
 #[test]
 fn policy_changes_on_a_running_sandbox_take_effect_both_ways() {
-    let Some((_tmp, k, _net)) = setup() else { return };
+    let Some((_tmp, k, _net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     let id = id_of(&create(&k, &["app"]));
-    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    assert_eq!(
+        fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
+        Some("server-a")
+    );
     let p = k.json(["sandbox", "network", &id, "--internet", "off", "--json"]);
     assert_eq!(p["internet"], false);
     assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
     k.ok(["sandbox", "network", &id, "--allow-out", "10.203.0.0/24"]);
-    assert_eq!(fetch(&k, &id, &SERVER_B.to_string()).as_deref(), Some("server-b"));
+    assert_eq!(
+        fetch(&k, &id, &SERVER_B.to_string()).as_deref(),
+        Some("server-b")
+    );
     assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
     let shown = k.ok_str(["sandbox", "network", &id]);
-    assert!(shown.contains("internet off") && shown.contains("10.203.0.0/24"), "{shown}");
+    assert!(
+        shown.contains("internet off") && shown.contains("10.203.0.0/24"),
+        "{shown}"
+    );
     k.ok(["sandbox", "network", &id, "--clear", "--internet", "on"]);
-    assert_eq!(fetch(&k, &id, &SERVER_A.to_string()).as_deref(), Some("server-a"));
+    assert_eq!(
+        fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
+        Some("server-a")
+    );
     let rec = k.json(["sandbox", "info", &id, "--json"]);
-    assert_eq!(rec["network"], serde_json::json!({"internet": true, "allow_out": [], "deny_out": []}));
+    assert_eq!(
+        rec["network"],
+        serde_json::json!({"internet": true, "allow_out": [], "deny_out": []})
+    );
 }
 
 #[test]
 fn pause_resume_and_four_forks_each_have_their_own_working_network() {
-    let Some((_tmp, k, _net)) = setup() else { return };
+    let Some((_tmp, k, _net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     // No traffic before the checkpoints: gVisor cannot save open TCP connections.
     let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
     let ns_before = k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"].clone();
     k.ok(["sandbox", "pause", &id]);
-    assert!(!std::path::Path::new("/run/netns").join(ns_before.as_str().unwrap()).exists(),
-        "a paused sandbox keeps its namespace");
+    assert!(
+        !std::path::Path::new("/run/netns")
+            .join(ns_before.as_str().unwrap())
+            .exists(),
+        "a paused sandbox keeps its namespace"
+    );
     k.ok(["sandbox", "resume", &id]);
     let forks = k.json(["sandbox", "fork", &id, "-n", "4", "--json"]);
     let forks: Vec<serde_json::Value> = forks.as_array().unwrap().clone();
@@ -148,13 +214,19 @@ fn pause_resume_and_four_forks_each_have_their_own_working_network() {
         .map(|f| f["net"]["router_ns"].as_str().unwrap().to_string())
         .collect();
     namespaces.push(
-        k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"].as_str().unwrap().into(),
+        k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"]
+            .as_str()
+            .unwrap()
+            .into(),
     );
     namespaces.sort();
     namespaces.dedup();
     assert_eq!(namespaces.len(), 5, "namespaces shared: {namespaces:?}");
     for f in &forks {
-        assert_eq!(f["network"]["deny_out"][0], "10.202.0.0/24", "forks inherit the policy");
+        assert_eq!(
+            f["network"]["deny_out"][0], "10.202.0.0/24",
+            "forks inherit the policy"
+        );
     }
     // All five at once, each through its own namespace.
     let mut all: Vec<String> = forks.iter().map(id_of).collect();
@@ -167,7 +239,10 @@ fn pause_resume_and_four_forks_each_have_their_own_working_network() {
                 let host_ns = _net.host_ns.clone();
                 s.spawn(move || {
                     kiln_tests::net::enter(&host_ns);
-                    (fetch(&k, sid, &SERVER_B.to_string()), fetch(&k, sid, &SERVER_A.to_string()))
+                    (
+                        fetch(&k, sid, &SERVER_B.to_string()),
+                        fetch(&k, sid, &SERVER_A.to_string()),
+                    )
                 })
             })
             .collect();
@@ -189,7 +264,11 @@ fn leftovers(id: &str, slot: Option<u64>, net: &TestNet) -> Vec<String> {
             left.push(format!("netns {n}"));
         }
     }
-    for e in std::fs::read_dir("/run/kiln/net/slots").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/run/kiln/net/slots")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if std::fs::read_to_string(e.path()).is_ok_and(|o| o.trim() == format!("kiln-{short}")) {
             left.push(format!("slot {}", e.path().display()));
         }
@@ -207,12 +286,17 @@ fn leftovers(id: &str, slot: Option<u64>, net: &TestNet) -> Vec<String> {
 
 #[test]
 fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
-    let Some((_tmp, k, net)) = setup() else { return };
+    let Some((_tmp, k, net)) = setup() else {
+        return;
+    };
     let _guard = KillAll(k.clone());
     let rec = create(&k, &["app"]);
     let id = id_of(&rec);
     let slot = rec["net"]["slot"].as_u64();
-    assert!(leftovers(&id, slot, &net).len() >= 3, "the network is there while it runs");
+    assert!(
+        leftovers(&id, slot, &net).len() >= 3,
+        "the network is there while it runs"
+    );
     k.ok(["sandbox", "kill", &id]);
     assert_eq!(leftovers(&id, slot, &net), Vec::<String>::new());
 
@@ -230,7 +314,12 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.file_name().to_string_lossy().trim_start_matches(".new-").to_string())
+            .map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .trim_start_matches(".new-")
+                    .to_string()
+            })
             .filter(|n| n.len() == 16)
             .collect();
         let ids = kiln_tests::sandbox::ids(&k); // reconciles
@@ -239,7 +328,11 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
             while !leftovers(d, None, &net).is_empty() && t.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            assert_eq!(leftovers(d, None, &net), Vec::<String>::new(), "create killed after {delay_ms} ms");
+            assert_eq!(
+                leftovers(d, None, &net),
+                Vec::<String>::new(),
+                "create killed after {delay_ms} ms"
+            );
         }
         for i in ids {
             k.ok(["sandbox", "kill", &i]);
@@ -266,7 +359,11 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         allow_out: vec!["web.test".parse().unwrap()],
         deny_out: vec![],
     };
-    let cmd = vec![kiln_tests::kiln_bin().into_os_string(), "sandbox".into(), "__dns".into()];
+    let cmd = vec![
+        kiln_tests::kiln_bin().into_os_string(),
+        "sandbox".into(),
+        "__dns".into(),
+    ];
     std::env::set_var(net.dns_env().0, net.dns_env().1);
     let att = network::attach(&id, network::GuestKind::Tap, &policy, &state, &cmd).expect("attach");
     struct Detach<'a>(&'a str, &'a std::path::Path);
@@ -306,7 +403,17 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
     assert!(ask("other.test").is_empty(), "a name not allowed resolved");
     // The answer's address joined the router's allowed set.
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &att.router_ns, "nft", "list", "set", "inet", "kiln", "allow_dns"])
+        .args([
+            "netns",
+            "exec",
+            &att.router_ns,
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "kiln",
+            "allow_dns",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.202.0.2"));
@@ -316,6 +423,8 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
     assert_eq!(ask("other.test"), vec![SERVER_B]);
 
     drop(_detach);
-    assert!(!std::path::Path::new("/run/netns").join(&att.router_ns).exists());
+    assert!(!std::path::Path::new("/run/netns")
+        .join(&att.router_ns)
+        .exists());
     assert!(!net.host_links().contains(&format!("{}@", att.host_if)));
 }

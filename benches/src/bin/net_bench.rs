@@ -44,9 +44,27 @@ impl Peer {
         let p = format!("kp-{}", std::process::id());
         ip(&["netns", "add", &p]);
         let peer = Peer(p.clone());
-        ip(&["-n", &p, "link", "add", "p0", "type", "veth", "peer", "name", "ip0", "netns", inet]);
-        ip(&["-n", &p, "addr", "add", &format!("{PEER_IP}/24"), "dev", "p0"]);
-        ip(&["-n", inet, "addr", "add", &format!("{PEER_GW}/24"), "dev", "ip0"]);
+        ip(&[
+            "-n", &p, "link", "add", "p0", "type", "veth", "peer", "name", "ip0", "netns", inet,
+        ]);
+        ip(&[
+            "-n",
+            &p,
+            "addr",
+            "add",
+            &format!("{PEER_IP}/24"),
+            "dev",
+            "p0",
+        ]);
+        ip(&[
+            "-n",
+            inet,
+            "addr",
+            "add",
+            &format!("{PEER_GW}/24"),
+            "dev",
+            "ip0",
+        ]);
         ip(&["-n", &p, "link", "set", "p0", "up"]);
         ip(&["-n", &p, "link", "set", "lo", "up"]);
         ip(&["-n", inet, "link", "set", "ip0", "up"]);
@@ -135,7 +153,9 @@ fn main() {
         let mut v = Vec::new();
         for _ in 0..runs.min(3) {
             run();
-            let (n, secs) = sink.recv_timeout(Duration::from_secs(120)).expect("sink result");
+            let (n, secs) = sink
+                .recv_timeout(Duration::from_secs(120))
+                .expect("sink result");
             assert_eq!(n, mib << 20, "short transfer");
             v.push(n as f64 / secs / 1e6 * 8.0);
         }
