@@ -186,6 +186,7 @@ pub fn attach(
 ) -> Result<Attachment> {
     let t = Instant::now();
     ensure_host()?;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "host table ensured");
     let (router, guest) = names(id);
     let slot = alloc_slot(&router)?;
     let (host_ip, uplink_ip) = slot_ips(slot);
@@ -224,10 +225,13 @@ fn build(
 ) -> Result<()> {
     let r = att.router_ns.as_str();
     let gw = format!("{}/{}", att.gateway, att.prefix);
+    let t = Instant::now();
+    let step = |what: &str| tracing::debug!(ms = t.elapsed().as_millis() as u64, "{what}");
     ns::run(None, "ip", &["netns", "add", r], "")?;
     if let Some(g) = &att.guest_ns {
         ns::run(None, "ip", &["netns", "add", g], "")?;
     }
+    step("namespaces added");
     let hif = &att.host_if;
     ns::run(
         None,
@@ -268,7 +272,9 @@ fn build(
         }
         (None, None) => return Err(Error::Invalid("an attachment needs a TAP or a veth".into())),
     };
+    step("uplink made");
     ns::run(Some(r), "ip", &["-b", "-"], &batch)?;
+    step("router configured");
     if let Some(g) = &att.guest_ns {
         ns::within(g, no_v6)?;
         reset_guest(att)?;
@@ -291,12 +297,16 @@ fn build(
         &state.join("hosts"),
         b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )?;
+    step("guest configured");
     apply_rules(att, guest_if, policy, state, &cfg)?;
+    step("rules applied");
     // Time-wait entries outlive gVisor's own (60 s) so `wait_tcp_idle` never undercounts.
     ns::within(r, || {
         ns::sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "65")
     })?;
-    start_proxy(state, proxy_cmd)
+    let started = start_proxy(state, proxy_cmd);
+    step("DNS proxy started");
+    started
 }
 
 fn write(p: &Path, bytes: &[u8]) -> Result<()> {
