@@ -469,10 +469,10 @@ pub fn wait_tcp_idle(att: &Attachment, max: Duration) -> Result<()> {
     let guest = format!("src={} ", att.guest_ip);
     loop {
         let table = ns::within(&att.router_ns, || {
-            std::fs::read_to_string("/proc/net/nf_conntrack")
-                .map_err(io_err("read /proc/net/nf_conntrack"))
-        })
-        .unwrap_or_default();
+            // /proc/net follows the main thread's namespace; this thread is in the router's.
+            std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
+                .map_err(io_err("read the router's connection tracking table"))
+        })?;
         let open = table
             .lines()
             .filter(|l| l.contains(" tcp ") && l.contains(&guest) && !l.contains(" CLOSE "))

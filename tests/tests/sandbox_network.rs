@@ -428,3 +428,30 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         .exists());
     assert!(!net.host_links().contains(&format!("{}@", att.host_if)));
 }
+
+/// gVisor cannot checkpoint open (or time-wait) TCP connections and a refused checkpoint
+/// would end the sandbox: a pause right after traffic fails with the reason (after
+/// `KILN_TCP_DRAIN` seconds) and the sandbox runs on, network and all.
+#[test]
+fn pause_with_recent_tcp_traffic_fails_cleanly_and_the_sandbox_runs_on() {
+    let Some((_tmp, k, _net)) = setup() else {
+        return;
+    };
+    let _guard = KillAll(k.clone());
+    let id = id_of(&create(&k, &["app"]));
+    assert_eq!(
+        fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
+        Some("server-a")
+    );
+    let k1 = k
+        .clone()
+        .with_env([("KILN_TCP_DRAIN".to_string(), "1".to_string())]);
+    let err = k1.fails(["sandbox", "pause", &id]);
+    assert!(err.contains("open TCP connection"), "{err}");
+    let rec = k.json(["sandbox", "info", &id, "--json"]);
+    assert_eq!(rec["state"], "running");
+    assert_eq!(
+        fetch(&k, &id, &SERVER_B.to_string()).as_deref(),
+        Some("server-b")
+    );
+}
