@@ -69,8 +69,13 @@ table inet kiln {{
     ct state established,related accept
     ip daddr @allow accept
     ip daddr @allow_dns accept
-    ip daddr @deny drop
+    ip daddr @deny goto refuse
     {default}
+  }}
+  # Denied connections fail at once (a reset, or ICMP prohibited) instead of hanging.
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx type admin-prohibited
   }}
   chain input {{
     type filter hook input priority 0; policy drop;
@@ -89,7 +94,7 @@ table inet kiln {{
         default = if policy.internet {
             "meta nfproto ipv4 accept"
         } else {
-            "drop"
+            "goto refuse"
         },
     );
     t

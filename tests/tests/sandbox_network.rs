@@ -25,10 +25,11 @@ fn setup() -> Option<(tempfile::TempDir, Kiln, TestNet)> {
     Some((tmp, k, net))
 }
 
-/// One HTTP request from inside the sandbox (bounded by nc's 2 s timeout): the body, if any.
+/// One HTTP request from inside the sandbox (bounded by nc's 5 s timeout; a denied one is
+/// refused at once): the body, if any.
 fn fetch(k: &Kiln, id: &str, host: &str) -> Option<String> {
     let script = format!(
-        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 {host} {HTTP_PORT} | tail -n 1"
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {host} {HTTP_PORT} | tail -n 1"
     );
     let (out, _, _) = exec(k, id, &[], &["sh", "-c", &script], b"");
     let body = out.trim();
@@ -89,6 +90,15 @@ fn deny_out_blocks_one_cidr_and_leaves_another() {
     let _guard = KillAll(k.clone());
     let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
     assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
+    // Refused, not left hanging.
+    let (_, err, code) = exec(
+        &k,
+        &id,
+        &[],
+        &["busybox", "nc", "-w", "5", &SERVER_A.to_string(), "8080"],
+        b"",
+    );
+    assert!(code != 0 && err.contains("refused"), "{code}: {err}");
     assert_eq!(
         fetch(&k, &id, &SERVER_B.to_string()).as_deref(),
         Some("server-b")
