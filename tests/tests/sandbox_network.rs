@@ -12,8 +12,16 @@ use kiln_tests::sandbox::{app_home, create, exec, KillAll};
 use kiln_tests::Kiln;
 use std::time::{Duration, Instant};
 
-/// A home with the app image, kiln running in a fresh T (this thread is moved there).
-fn setup() -> Option<(tempfile::TempDir, Kiln, TestNet)> {
+/// A home with the app image and kiln running in a fresh T (this thread is moved there);
+/// dropped in field order: the sandboxes first, then the namespaces, then the home.
+struct Env {
+    _guard: KillAll,
+    k: Kiln,
+    net: TestNet,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup() -> Option<Env> {
     if let Some(why) = kiln_tests::net::unavailable() {
         eprintln!("SKIP: {why}");
         return None;
@@ -22,7 +30,12 @@ fn setup() -> Option<(tempfile::TempDir, Kiln, TestNet)> {
     let net = TestNet::new();
     net.enter();
     let k = k.with_env([net.dns_env()]);
-    Some((tmp, k, net))
+    Some(Env {
+        _guard: KillAll(k.clone()),
+        k,
+        net,
+        _tmp: tmp,
+    })
 }
 
 /// One HTTP request from inside the sandbox (bounded by nc's 5 s timeout; a denied one is
@@ -42,10 +55,11 @@ fn id_of(rec: &serde_json::Value) -> String {
 
 #[test]
 fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_closed() {
-    let Some((_tmp, k, net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
+    let net = &env.net;
     let on = id_of(&create(&k, &["app"]));
     let off = id_of(&create(&k, &["app", "--no-internet"]));
     let info = k.json(["sandbox", "info", &on, "--json"]);
@@ -84,10 +98,10 @@ fn internet_on_reaches_the_server_off_does_not_and_host_and_neighbours_stay_clos
 
 #[test]
 fn deny_out_blocks_one_cidr_and_leaves_another() {
-    let Some((_tmp, k, _net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
     let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
     assert_eq!(fetch(&k, &id, &SERVER_A.to_string()), None);
     // Refused, not left hanging.
@@ -128,10 +142,10 @@ fn deny_out_blocks_one_cidr_and_leaves_another() {
 
 #[test]
 fn host_name_rules_admit_the_name_and_not_raw_ips() {
-    let Some((_tmp, k, _net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
     // Whitelist: web.test (-> server A) only.
     let id = id_of(&create(
         &k,
@@ -164,10 +178,10 @@ fn host_name_rules_admit_the_name_and_not_raw_ips() {
 
 #[test]
 fn policy_changes_on_a_running_sandbox_take_effect_both_ways() {
-    let Some((_tmp, k, _net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
     let id = id_of(&create(&k, &["app"]));
     assert_eq!(
         fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
@@ -201,10 +215,10 @@ fn policy_changes_on_a_running_sandbox_take_effect_both_ways() {
 
 #[test]
 fn pause_resume_and_four_forks_each_have_their_own_working_network() {
-    let Some((_tmp, k, _net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
     // No traffic before the checkpoints: gVisor cannot save open TCP connections.
     let id = id_of(&create(&k, &["app", "--deny-out", "10.202.0.0/24"]));
     let ns_before = k.json(["sandbox", "info", &id, "--json"])["net"]["router_ns"].clone();
@@ -246,7 +260,7 @@ fn pause_resume_and_four_forks_each_have_their_own_working_network() {
             .iter()
             .map(|sid| {
                 let k = k.clone();
-                let host_ns = _net.host_ns.clone();
+                let host_ns = env.net.host_ns.clone();
                 s.spawn(move || {
                     kiln_tests::net::enter(&host_ns);
                     (
@@ -296,19 +310,20 @@ fn leftovers(id: &str, slot: Option<u64>, net: &TestNet) -> Vec<String> {
 
 #[test]
 fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
-    let Some((_tmp, k, net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
+    let net = &env.net;
     let rec = create(&k, &["app"]);
     let id = id_of(&rec);
     let slot = rec["net"]["slot"].as_u64();
     assert!(
-        leftovers(&id, slot, &net).len() >= 3,
+        leftovers(&id, slot, net).len() >= 3,
         "the network is there while it runs"
     );
     k.ok(["sandbox", "kill", &id]);
-    assert_eq!(leftovers(&id, slot, &net), Vec::<String>::new());
+    assert_eq!(leftovers(&id, slot, net), Vec::<String>::new());
 
     // A create killed at any moment: the next command's reconcile removes what it left.
     for delay_ms in [40u64, 120, 250, 400] {
@@ -335,18 +350,18 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
         let ids = kiln_tests::sandbox::ids(&k); // reconciles
         let t = Instant::now();
         for d in dirs.iter().filter(|d| !ids.contains(d)) {
-            while !leftovers(d, None, &net).is_empty() && t.elapsed() < Duration::from_secs(10) {
+            while !leftovers(d, None, net).is_empty() && t.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             assert_eq!(
-                leftovers(d, None, &net),
+                leftovers(d, None, net),
                 Vec::<String>::new(),
                 "create killed after {delay_ms} ms"
             );
         }
         for i in ids {
             k.ok(["sandbox", "kill", &i]);
-            assert_eq!(leftovers(&i, None, &net), Vec::<String>::new());
+            assert_eq!(leftovers(&i, None, net), Vec::<String>::new());
         }
     }
 }
@@ -444,10 +459,10 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
 /// `KILN_TCP_DRAIN` seconds) and the sandbox runs on, network and all.
 #[test]
 fn pause_with_recent_tcp_traffic_fails_cleanly_and_the_sandbox_runs_on() {
-    let Some((_tmp, k, _net)) = setup() else {
+    let Some(env) = setup() else {
         return;
     };
-    let _guard = KillAll(k.clone());
+    let k = env.k.clone();
     let id = id_of(&create(&k, &["app"]));
     assert_eq!(
         fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
