@@ -37,8 +37,11 @@ pub enum Error {
     Command { cmd: String, detail: String },
     #[error("no free network slot (all {0} in use)")]
     NoSlot(u32),
-    #[error("invalid network setting: {0}")]
+    #[error("sandbox network: {0}")]
     Invalid(String),
+    /// kiln's namespace could not be prepared (the first attach of a process says why).
+    #[error("{0}")]
+    Host(String),
     #[error(
         "the sandbox has {0} open TCP connection(s) (or ones closed less than a minute ago); \
          gVisor cannot save them: close them and retry"

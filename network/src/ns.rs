@@ -49,7 +49,16 @@ pub fn run(ns: Option<&str>, prog: &str, args: &[&str], input: &str) -> Result<S
             args.join(" ")
         )
     };
-    let mut child = c.spawn().map_err(io_err(format!("run {prog}")))?;
+    let mut child = c.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Invalid(format!(
+                "`{prog}` not found: install nftables and iproute2 (apt-get), or create \
+                 sandboxes with --no-network (KILN_NETWORK=none for every sandbox)"
+            ))
+        } else {
+            io_err(format!("run {prog}"))(e)
+        }
+    })?;
     if let Some(mut s) = child.stdin.take() {
         let _ = s.write_all(input.as_bytes());
     }

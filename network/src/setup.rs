@@ -137,7 +137,7 @@ fn ensure_host() -> Result<()> {
         Ok(())
     })
     .clone()
-    .map_err(Error::Invalid)
+    .map_err(Error::Host)
 }
 
 /// The DNS proxy's settings, in the sandbox's network directory.
