@@ -10,13 +10,14 @@
 //! sandbox are serialized by the runtime's per-sandbox lock.
 
 use crate::timefmt::{parse_rfc3339, rfc3339};
+use crate::egress::{self, NetworkConfig};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
 use serde::de::DeserializeOwned;
@@ -123,6 +124,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/sandboxes", post(create_v2).get(list_v2))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", put(update_network))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
@@ -179,8 +181,8 @@ struct NewSandbox {
     auto_pause_memory: Option<bool>,
     secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
-    #[allow(dead_code)]
     allow_internet_access: Option<bool>,
+    network: Option<NetworkConfig>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
 }
@@ -207,6 +209,10 @@ async fn create(
         return Err(ApiError::bad_request("templateID is empty"));
     }
     let mut spec = CreateSpec::new(Source::Image(template.clone()));
+    spec.network = Some(
+        egress::policy_of(req.allow_internet_access, req.network.as_ref())
+            .map_err(ApiError::bad_request)?,
+    );
     spec.timeout_secs = Some(req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS));
     if req.auto_pause == Some(true) {
         spec.on_timeout = OnTimeout::Pause;
@@ -333,7 +339,9 @@ fn listed_json(rec: &SandboxRecord) -> Value {
 fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
     let mut v = listed_json(rec);
     v["domain"] = json!(state.domain);
-    v["allowInternetAccess"] = Value::Null;
+    let (internet, network) = egress::detail_fields(rec.network.as_ref());
+    v["allowInternetAccess"] = internet;
+    v["network"] = network;
     v["lifecycle"] = json!({
         "autoResume": false,
         "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
@@ -643,6 +651,34 @@ async fn extend(state: &AppState, rec: SandboxRecord, secs: u64) -> ApiResult<Sa
     }
     let sb = state.sandboxes.clone();
     blocking(move || sb.set_timeout(&rec.id, Some(secs))).await
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the whole egress policy of a running sandbox
+/// (204); 409 when it is paused or has no network device.
+async fn update_network(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: NetworkConfig = body(&bytes, true)?;
+    let policy =
+        egress::policy_of(req.allow_internet_access, Some(&req)).map_err(ApiError::bad_request)?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("running") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} is paused; resume it to change its network", rec.id),
+        ));
+    }
+    if rec.network.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} has no network device", rec.id),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.set_network(&rec.id, policy)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- pause, resume, connect ----

@@ -15,6 +15,7 @@
 //! their own processes and outlive a restart of the daemon, which reloads them at start.
 
 pub mod control;
+mod egress;
 pub mod envd;
 pub mod proxy;
 mod reaper;

@@ -1,0 +1,153 @@
+//! E2B's sandbox network fields (`allow_internet_access`, `network` on create, `PUT
+//! /sandboxes/{id}/network`, `allowInternetAccess`/`network` in the detail) and their mapping
+//! to kiln's one policy model ([`network::NetworkPolicy`]).
+//!
+//! E2B's rules, kept here so the API answers as E2B's does:
+//! - `allow_internet_access: false` is `denyOut: ["0.0.0.0/0"]`; allow wins over deny;
+//! - `denyOut` takes addresses and CIDRs only (a host name there is a 400);
+//! - a host name in `allowOut` needs `0.0.0.0/0` in `denyOut` (or internet off), else 400;
+//! - an update replaces the whole configuration.
+//!
+//! Refused with 400 because kiln does not do them: per-port rules (`1.2.3.4:443`), per-host
+//! request transforms (`rules`) and an egress proxy. `dnsServers`, `allowPublicTraffic`,
+//! `maskRequestHost` and `httpsPorts` are accepted and have no effect (sandbox DNS goes through
+//! kiln's own resolver, which applies the policy).
+
+use network::{Dest, NetworkPolicy};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// E2B's `SandboxNetworkConfig` (create) and `SandboxNetworkUpdateConfig` (update): the
+/// fields kiln reads; the others are checked in [`policy_of`].
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    allow_out: Option<Vec<String>>,
+    deny_out: Option<Vec<String>>,
+    egress_proxy: Option<Value>,
+    rules: Option<Value>,
+    /// Only in the update body, in snake case as E2B spells it there.
+    #[serde(rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
+}
+
+/// The policy of `allow_internet_access` (default true) and `network`, or why it is refused.
+pub fn policy_of(
+    allow_internet_access: Option<bool>,
+    config: Option<&NetworkConfig>,
+) -> Result<NetworkPolicy, String> {
+    let mut policy = NetworkPolicy {
+        internet: allow_internet_access.unwrap_or(true),
+        ..NetworkPolicy::default()
+    };
+    let Some(c) = config else {
+        return Ok(policy);
+    };
+    if c.egress_proxy.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err("network.egressProxy is not supported by kiln".into());
+    }
+    if c.rules
+        .as_ref()
+        .is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()))
+    {
+        return Err("network.rules (per-host request transforms) are not supported by kiln".into());
+    }
+    policy.allow_out = dests("allowOut", c.allow_out.as_deref().unwrap_or_default())?;
+    policy.deny_out = dests("denyOut", c.deny_out.as_deref().unwrap_or_default())?;
+    if let Some(Dest::Host(h)) = policy.deny_out.iter().find(|d| matches!(d, Dest::Host(_))) {
+        return Err(format!(
+            "denyOut takes IP addresses and CIDRs only, not host names ({h})"
+        ));
+    }
+    let deny_all = !policy.internet
+        || NetworkPolicy::cidrs(&policy.deny_out).any(|c| c.is_everything());
+    if let Some(Dest::Host(h)) = policy.allow_out.iter().find(|d| matches!(d, Dest::Host(_))) {
+        if !deny_all {
+            return Err(format!(
+                "a host name in allowOut ({h}) needs denyOut to hold 0.0.0.0/0 (or \
+                 allow_internet_access false): everything else is allowed anyway"
+            ));
+        }
+    }
+    Ok(policy)
+}
+
+fn dests(field: &str, list: &[String]) -> Result<Vec<Dest>, String> {
+    list.iter()
+        .map(|s| {
+            if looks_like_port_rule(s) {
+                return Err(format!(
+                    "{field}: {s:?}: rules with ports are not supported by kiln; give an \
+                     address, a CIDR or a host name"
+                ));
+            }
+            s.parse::<Dest>().map_err(|e| format!("{field}: {e}"))
+        })
+        .collect()
+}
+
+/// `1.2.3.4:443`, `10.0.0.0/8:53-443`, `example.com:443` (E2B's per-port rules).
+fn looks_like_port_rule(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(_, p)| {
+        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit() || c == '-')
+    })
+}
+
+/// `allowInternetAccess` and `network` of E2B's `SandboxDetail`.
+pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (Value, Value) {
+    match policy {
+        None => (json!(false), json!({"allowOut": [], "denyOut": ["0.0.0.0/0"]})),
+        Some(p) => {
+            let list = |l: &[Dest]| l.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+            (
+                json!(p.internet),
+                json!({"allowOut": list(&p.allow_out), "denyOut": list(&p.deny_out)}),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(allow: &[&str], deny: &[&str]) -> NetworkConfig {
+        let v = |l: &[&str]| Some(l.iter().map(|s| s.to_string()).collect());
+        NetworkConfig {
+            allow_out: v(allow),
+            deny_out: v(deny),
+            ..NetworkConfig::default()
+        }
+    }
+
+    #[test]
+    fn e2b_validation_rules() {
+        let ok = |a: &[&str], d: &[&str]| policy_of(None, Some(&cfg(a, d)));
+        assert!(ok(&[], &["example.com"]).unwrap_err().contains("not host names"));
+        assert!(ok(&[], &["not a cidr"]).is_err());
+        assert!(ok(&["google.com"], &[]).unwrap_err().contains("0.0.0.0/0"));
+        assert!(ok(&["*.example.com"], &["10.0.0.0/8"]).is_err());
+        assert!(ok(&["8.8.8.8:443"], &["0.0.0.0/0"]).unwrap_err().contains("ports"));
+        assert!(ok(&["8.8.8.8"], &[]).is_ok());
+        assert!(ok(&["8.8.0.0/16"], &["10.0.0.0/8", "192.168.0.0/16"]).is_ok());
+        let p = ok(&["example.com", "8.8.8.8"], &["0.0.0.0/0"]).unwrap();
+        assert_eq!(p.allow_out.len(), 2);
+        assert!(p.internet);
+        // internet off counts as deny-all for host names.
+        assert!(policy_of(Some(false), Some(&cfg(&["web.test"], &[]))).is_ok());
+        assert!(!policy_of(Some(false), None).unwrap().internet);
+        assert_eq!(policy_of(None, None).unwrap(), NetworkPolicy::default());
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused() {
+        let c: NetworkConfig =
+            serde_json::from_value(json!({"egressProxy": {"address": "p:1080"}})).unwrap();
+        assert!(policy_of(None, Some(&c)).unwrap_err().contains("egressProxy"));
+        let c: NetworkConfig = serde_json::from_value(json!({"rules": {"a.com": []}})).unwrap();
+        assert!(policy_of(None, Some(&c)).is_err());
+        let c: NetworkConfig =
+            serde_json::from_value(json!({"dnsServers": ["1.1.1.1"], "rules": {}})).unwrap();
+        assert!(policy_of(None, Some(&c)).is_ok());
+    }
+}
