@@ -34,7 +34,7 @@ fn python_sdk_network_policies_on_create_and_update() {
         &format!(
             r#"import json
 from e2b import Sandbox
-from e2b.exceptions import InvalidArgumentException
+from e2b.exceptions import SandboxException
 A, B = "{SERVER_A}", "{SERVER_B}"
 # One bounded HTTP request from inside a sandbox: the server's body, or "-" when blocked.
 def sbx_get(s, host):
@@ -60,14 +60,14 @@ for net in [{{"deny_out": ["example.com"]}}, {{"allow_out": ["web.test"]}}, {{"a
     try:
         Sandbox.create("sdk", timeout=60, network=net)
         refused.append("created")
-    except InvalidArgumentException as e:
-        refused.append("400")
+    except SandboxException as e:
+        refused.append(str(e)[:3])
 out["refused"] = refused
 try:
     w.update_network({{"deny_out": ["not-a-cidr/99"]}})
     out["bad_update"] = "accepted"
-except InvalidArgumentException:
-    out["bad_update"] = "400"
+except SandboxException as e:
+    out["bad_update"] = str(e)[:3]
 print(json.dumps(out))
 "#
         ),
