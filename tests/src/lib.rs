@@ -64,11 +64,14 @@ pub struct Kiln {
 }
 
 impl Kiln {
-    /// `kiln` with home `home` (created on first use by kiln itself).
+    /// `kiln` with home `home` (created on first use by kiln itself). Its sandboxes get no
+    /// network device (`KILN_NETWORK=none`): a sandbox network puts a veth with an address,
+    /// forwarding and an nftables table into the namespace kiln runs in, and tests do that only
+    /// inside namespaces of their own (`net::TestNet::kiln_env` turns it back on).
     pub fn new(home: impl Into<PathBuf>) -> Kiln {
         Kiln {
             home: home.into(),
-            env: Vec::new(),
+            env: vec![("KILN_NETWORK".into(), "none".into())],
         }
     }
 

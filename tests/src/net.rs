@@ -151,12 +151,16 @@ impl TestNet {
         enter(&self.host_ns);
     }
 
-    /// `KILN_DNS_UPSTREAM` for kiln: the test's DNS server.
-    pub fn dns_env(&self) -> (String, String) {
-        (
-            "KILN_DNS_UPSTREAM".into(),
-            SocketAddr::from((INTERNET_IP, DNS_PORT)).to_string(),
-        )
+    /// kiln's environment inside T: sandboxes get networks (the test helpers' default is
+    /// none) and resolve names through the test's DNS server (`KILN_DNS_UPSTREAM`).
+    pub fn kiln_env(&self) -> [(String, String); 2] {
+        [
+            ("KILN_NETWORK".into(), "on".into()),
+            (
+                "KILN_DNS_UPSTREAM".into(),
+                SocketAddr::from((INTERNET_IP, DNS_PORT)).to_string(),
+            ),
+        ]
     }
 
     /// Interface names in T (host ends of sandbox uplinks are `kiln<N>`).

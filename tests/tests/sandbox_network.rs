@@ -29,7 +29,7 @@ fn setup() -> Option<Env> {
     let (tmp, k) = app_home()?;
     let net = TestNet::new();
     net.enter();
-    let k = k.with_env([net.dns_env()]);
+    let k = k.with_env(net.kiln_env());
     Some(Env {
         _guard: KillAll(k.clone()),
         k,
@@ -389,7 +389,9 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         "sandbox".into(),
         "__dns".into(),
     ];
-    std::env::set_var(net.dns_env().0, net.dns_env().1);
+    for (k, v) in net.kiln_env() {
+        std::env::set_var(k, v);
+    }
     let att = network::attach(&id, network::GuestKind::Tap, &policy, &state, &cmd).expect("attach");
     struct Detach<'a>(&'a str, &'a std::path::Path);
     impl Drop for Detach<'_> {

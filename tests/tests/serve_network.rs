@@ -25,7 +25,7 @@ fn python_sdk_network_policies_on_create_and_update() {
     };
     let net = TestNet::new();
     net.enter();
-    let k = k.with_env([net.dns_env()]);
+    let k = k.with_env(net.kiln_env());
     let _cleanup = KillAll(k.clone());
     let s = Serve::start(&k, KEY);
 

@@ -135,7 +135,7 @@ fn main() {
     let Some((_tmp, k)) = app_home() else { return };
     let net = TestNet::new();
     net.enter();
-    let k = k.with_env([net.dns_env()]);
+    let k = k.with_env(net.kiln_env());
     let _guard = KillAll(k.clone());
     let peer = Peer::new(&net.inet_ns);
     let sink = sink(&net.inet_ns);
