@@ -81,6 +81,11 @@ pub struct RestoreArgs {
     /// Host Unix socket for the VM's vsock (default: KILN_HOME/vms/ID/vsock.sock)
     #[arg(long)]
     pub vsock_uds: Option<PathBuf>,
+    /// The TAP behind the restored VM's network interface, optionally in a network namespace
+    /// (each restore needs its own; the guest keeps its MAC and address). Without it the NIC
+    /// has no host side.
+    #[arg(long, value_name = "TAP[@NETNS]", value_parser = crate::vm::parse_nic)]
+    pub net_tap: Option<runtime::microvm::vms::NicSpec>,
     /// Map this materialized memory file copy-on-write instead of paging from the store (forks)
     #[arg(long, hide = true)]
     pub memory_file: Option<PathBuf>,
@@ -190,6 +195,7 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         vsock_uds: a.vsock_uds.clone(),
         memory_file: a.memory_file.clone(),
         no_working_set: a.no_working_set,
+        net: a.net_tap.clone(),
     };
     let store = crate::store::open_with_remote(home, None, false)?;
     if a.detach {

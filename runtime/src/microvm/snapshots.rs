@@ -425,6 +425,10 @@ pub struct RestoreOptions {
     pub memory_file: Option<PathBuf>,
     /// Do not prefetch the recorded working set.
     pub no_working_set: bool,
+    /// The TAP backing the restored VM's NIC (the guest keeps its MAC and sees no change).
+    /// Each restore or fork needs its own TAP, usually in its own network namespace, where the
+    /// same guest address can be reused. `None`: the NIC has no host side (frames dropped).
+    pub net: Option<vms::NicSpec>,
 }
 
 impl RestoreOptions {
@@ -440,6 +444,7 @@ impl RestoreOptions {
             vsock_uds: None,
             memory_file: None,
             no_working_set: false,
+            net: None,
         }
     }
 
@@ -499,6 +504,7 @@ pub fn restore_foreground(store: &Store, o: &RestoreOptions, serial_stdout: bool
         serial_stdout,
         vsock_uds: rec.vm.vsock_cid.map(|_| vsock.clone()),
         disks: overlays.clone(),
+        net: o.net.clone(),
     };
     let t0 = Instant::now();
     let mem = match &o.memory_file {
@@ -611,8 +617,9 @@ pub fn restore_detached(
 
 /// `kiln vm fork SNAP -n N`: N detached VMs of the CLI (in `KILN_HOME/vms`) over one
 /// copy-on-write memory file (materialized once in `KILN_HOME/snapshots/<id>/memory.img`).
-/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given. `started` is called with
-/// each VM's id as it comes up.
+/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given. Forks get no TAP (their
+/// NIC drops frames): give each its own with [`restore_detached`] and `RestoreOptions::net`.
+/// `started` is called with each VM's id as it comes up.
 pub fn fork(
     store: &Store,
     launcher: &Launcher,
@@ -640,6 +647,7 @@ pub fn fork(
             vsock_uds: vsock_dir.map(|d| d.join(format!("{id}.vsock"))),
             memory_file: Some(file.clone()),
             no_working_set: true,
+            net: None,
         };
         std::fs::create_dir_all(&o.dir).map_err(Error::io("creating", &o.dir))?;
         let l = launcher.restore(&o)?;
