@@ -260,7 +260,10 @@ fn options(home: &Home, a: &RunArgs) -> RunOptions {
         cmdline: a.cmdline.clone(),
         vsock_uds: a.vsock_uds.clone(),
         vsock_cid: a.vsock_cid,
-        net: a.net_tap.clone().map(|n| NicSpec { mac: a.net_mac, ..n }),
+        net: a.net_tap.clone().map(|n| NicSpec {
+            mac: a.net_mac,
+            ..n
+        }),
         disk_engine: match a.disk_engine {
             EngineArg::Uring => DiskEngine::Uring,
             EngineArg::Sync => DiskEngine::Sync,

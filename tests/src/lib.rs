@@ -7,6 +7,7 @@ pub mod e2b;
 pub mod registry;
 pub mod s3;
 pub mod sandbox;
+pub mod tapns;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
