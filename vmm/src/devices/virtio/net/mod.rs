@@ -86,6 +86,8 @@ pub struct NetStats {
     pub tx_errors: AtomicU64,
     /// Times a queue was found corrupt and left until the driver resets the device.
     pub queue_errors: AtomicU64,
+    /// Times the worker woke up (a busy-spinning worker shows here).
+    pub wakeups: AtomicU64,
 }
 
 /// [`NetStats`] as plain numbers.
@@ -100,6 +102,7 @@ pub struct NetCounters {
     pub tx_dropped: u64,
     pub tx_errors: u64,
     pub queue_errors: u64,
+    pub wakeups: u64,
 }
 
 impl NetStats {
@@ -115,6 +118,7 @@ impl NetStats {
             tx_dropped: l(&self.tx_dropped),
             tx_errors: l(&self.tx_errors),
             queue_errors: l(&self.queue_errors),
+            wakeups: l(&self.wakeups),
         }
     }
 }
@@ -347,6 +351,7 @@ impl Worker {
                     return vec![self.rxq, self.txq];
                 }
             };
+            inc(&self.stats.wakeups, 1);
             if self.tap_retry.is_some_and(|t| Instant::now() >= t) {
                 self.tap_retry = None;
             }

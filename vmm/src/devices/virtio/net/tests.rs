@@ -44,9 +44,11 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
 impl Rig {
     fn new() -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!("pair{}", N.fetch_add(1, Ordering::Relaxed));
         let (dev, host) = socketpair();
         let mut net = Net::with_tap(
-            Some(Tap::from_fd(dev, "pair")),
+            Some(Tap::from_fd(dev, &name)),
             "02:00:00:00:00:07".parse().unwrap(),
         );
         let stats = net.stats();
@@ -247,7 +249,14 @@ fn frames_wait_for_rx_buffers() {
     for i in 0..3u8 {
         rig.host_send(&with_hdr(&frame(64, i + 1)));
     }
-    std::thread::sleep(Duration::from_millis(50));
+    // The worker sleeps until a kick instead of spinning on the readable TAP.
+    let w0 = rig.stats.snapshot().wakeups;
+    std::thread::sleep(Duration::from_millis(300));
+    let woke = rig.stats.snapshot().wakeups - w0;
+    assert!(
+        woke <= 1,
+        "worker woke {woke} times in 300 ms with no RX buffers"
+    );
     assert_eq!(rig.used_idx(RXQ), 0);
     // Buffers posted with a kick: every frame arrives, in order.
     for i in 0..3 {
