@@ -402,6 +402,9 @@ impl Worker {
             return false;
         }
         let q = if qi == RXQ { &self.rxq } else { &self.txq };
+        if !q.ready() {
+            return false; // the driver did not set this queue up: nothing to serve
+        }
         let ok = match q.avail_idx(&self.mem, Ordering::Acquire) {
             Ok(avail) => (avail - Wrapping(q.next_avail())).0 <= q.size(),
             Err(_) => false,

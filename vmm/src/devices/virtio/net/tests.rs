@@ -43,6 +43,11 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::build(true)
+    }
+
+    /// `tx_ready: false`: the driver never enabled the TX queue.
+    fn build(tx_ready: bool) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         static N: AtomicU64 = AtomicU64::new(0);
         let name = format!("pair{}", N.fetch_add(1, Ordering::Relaxed));
@@ -67,7 +72,7 @@ impl Rig {
                 q.set_desc_table_address(Some(d as u32), Some(0));
                 q.set_avail_ring_address(Some(a as u32), Some(0));
                 q.set_used_ring_address(Some(u as u32), Some(0));
-                q.set_ready(true);
+                q.set_ready(d == RINGS[RXQ].0 || tx_ready);
                 q
             })
             .collect();
@@ -391,5 +396,23 @@ fn tx_flood_does_not_starve_rx_and_gone_peer_is_counted() {
     let s = rig.stats.snapshot();
     assert!(s.tx_frames + s.tx_errors > 100, "{s:?}");
     assert!(s.tx_errors > 0, "a full peer makes writes fail: {s:?}");
+    assert!(rig.net.deactivate().is_some());
+}
+
+#[test]
+fn a_queue_the_driver_never_enabled_is_left_alone() {
+    let mut rig = Rig::build(false);
+    rig.kick(TXQ);
+    rig.post_rx(0, 2048);
+    rig.kick(RXQ);
+    rig.host_send(&with_hdr(&frame(64, 4)));
+    rig.wait_used(RXQ, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    let s = rig.stats.snapshot();
+    assert_eq!(
+        (s.rx_frames, s.queue_errors, s.tx_dropped),
+        (1, 0, 0),
+        "{s:?}"
+    );
     assert!(rig.net.deactivate().is_some());
 }
