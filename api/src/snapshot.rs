@@ -66,6 +66,10 @@ pub struct ForkArgs {
     /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
     #[arg(long)]
     pub vsock_dir: Option<PathBuf>,
+    /// The forks' TAPs, one per fork (repeat the flag), or one pattern where `{}` becomes the
+    /// fork's index (`--net-tap tap0@sbx{}`: fork 0 on tap0 in sbx0, ...)
+    #[arg(long, value_name = "TAP[@NETNS]")]
+    pub net_tap: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -208,8 +212,23 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     Ok(snapshots::restore_foreground(&store, &o, serial_stdout)?)
 }
 
+/// `--net-tap` of `kiln vm fork`: one per fork, or one `{}` pattern expanded per fork index.
+fn fork_nics(args: &[String], count: usize) -> Result<Vec<vms::NicSpec>> {
+    let expanded: Vec<String> = match args {
+        [one] if one.contains("{}") => (0..count)
+            .map(|i| one.replace("{}", &i.to_string()))
+            .collect(),
+        _ => args.to_vec(),
+    };
+    expanded
+        .iter()
+        .map(|s| crate::vm::parse_nic(s).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 /// `kiln vm fork SNAP -n N`: N detached VMs over one copy-on-write memory file.
 pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
+    let nets = fork_nics(&a.net_tap, a.count)?;
     let store = crate::store::open_with_remote(home, None, false)?;
     snapshots::fork(
         &store,
@@ -217,6 +236,7 @@ pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
         &a.snapshot,
         a.count,
         a.vsock_dir.as_deref(),
+        &nets,
         &mut |id| println!("{id}"),
     )?;
     Ok(())

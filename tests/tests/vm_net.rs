@@ -1,8 +1,8 @@
 //! virtio-net end to end on real KVM with the test guest and real TAPs, each in a network
 //! namespace the test creates (all traffic stays there): ARP, ICMP echo and UDP echo through
 //! the queues; a guest feeding the device malformed chains; a TAP that disappears; snapshot,
-//! restore and two forks each on their own TAP in their own namespace at the same guest
-//! address; a killed VMM lets go of its TAP.
+//! two restores and two `kiln vm fork`s each on their own TAP in their own namespace at the
+//! same guest address; a killed VMM lets go of its TAP.
 
 mod guest_support;
 
@@ -212,6 +212,26 @@ fn snapshot_restore_and_forks_each_get_their_own_tap() {
     }
     echo(&b, 5000, b"restored".to_vec());
     echo(&c, 5001, b"forked".to_vec());
+    // `kiln vm fork -n 2`, one TAP each (over one copy-on-write memory file).
+    let (d, e) = (ns_with_tap("sd"), ns_with_tap("se"));
+    let forks = k.ok_str([
+        "vm",
+        "fork",
+        "net1",
+        "-n",
+        "2",
+        "--net-tap",
+        &tap_arg(&d),
+        "--net-tap",
+        &tap_arg(&e),
+    ]);
+    assert_eq!(forks.lines().count(), 2, "{forks}");
+    for ns in [&d, &e] {
+        assert_eq!(pings(ns, 3), 3, "fork in {} answers", ns.name);
+        echo(ns, 6000, b"fork".to_vec());
+    }
+    let err = k.fails(["vm", "fork", "net1", "-n", "2", "--net-tap", &tap_arg(&d)]);
+    assert!(err.contains("2 forks need 2 TAPs"), "{err}");
 
     // A bad TAP name is refused before anything runs.
     let err = k.fails(["snapshot", "restore", "net1", "--net-tap", "bad/name"]);

@@ -617,17 +617,24 @@ pub fn restore_detached(
 
 /// `kiln vm fork SNAP -n N`: N detached VMs of the CLI (in `KILN_HOME/vms`) over one
 /// copy-on-write memory file (materialized once in `KILN_HOME/snapshots/<id>/memory.img`).
-/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given. Forks get no TAP (their
-/// NIC drops frames): give each its own with [`restore_detached`] and `RestoreOptions::net`.
-/// `started` is called with each VM's id as it comes up.
+/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given, and gets `nets[i]` as its
+/// NIC's TAP (`nets` is empty, or has one per fork: clones never share a TAP; without one a
+/// fork's NIC drops its frames). `started` is called with each VM's id as it comes up.
 pub fn fork(
     store: &Store,
     launcher: &Launcher,
     snapshot: &str,
     count: usize,
     vsock_dir: Option<&Path>,
+    nets: &[vms::NicSpec],
     started: &mut dyn FnMut(&str),
 ) -> Result<Vec<Launched>> {
+    if !nets.is_empty() && nets.len() != count {
+        return Err(Error::Invalid(format!(
+            "{count} forks need {count} TAPs (one each), {} given",
+            nets.len()
+        )));
+    }
     let (snap_id, rec) = record::load_checked(store, snapshot)?;
     let mdir = launcher.home.join("snapshots").join(snap_id.to_hex());
     std::fs::create_dir_all(&mdir).map_err(Error::io("creating", &mdir))?;
@@ -637,7 +644,7 @@ pub fn fork(
         std::fs::create_dir_all(d).map_err(Error::io("creating", d))?;
     }
     let mut out = Vec::new();
-    for _ in 0..count {
+    for i in 0..count {
         let id = vms::new_vm_id();
         let dir = vms::vms_dir(&launcher.home).join(&id);
         let o = RestoreOptions {
@@ -647,7 +654,7 @@ pub fn fork(
             vsock_uds: vsock_dir.map(|d| d.join(format!("{id}.vsock"))),
             memory_file: Some(file.clone()),
             no_working_set: true,
-            net: None,
+            net: nets.get(i).cloned(),
         };
         std::fs::create_dir_all(&o.dir).map_err(Error::io("creating", &o.dir))?;
         let l = launcher.restore(&o)?;
