@@ -154,6 +154,15 @@ fn misbehaving_guest_never_hurts_the_vmm() {
     assert_eq!(pings(&ns, 3), 3);
     echo(&ns, 4242, b"still alive".to_vec());
     assert_eq!(g.vm.state(), vmm::RunState::Running);
+    // And it counted what it refused: eight unusable TX chains (the header-offload case is a
+    // valid frame, sent plain), the corrupt avail index, three bad RX buffers.
+    let m = &g.vm.device_metrics()[0];
+    assert_eq!(m["type"], 1);
+    let c = &m["metrics"];
+    assert_eq!(c["tx_dropped"], 8, "{m}");
+    assert_eq!(c["queue_errors"], 1, "{m}");
+    assert_eq!(c["rx_dropped"], 3, "{m}");
+    assert!(c["tx_frames"].as_u64().unwrap() >= 11, "{m}");
 }
 
 fn pid_of(k: &Kiln, id: &str) -> i32 {

@@ -152,6 +152,10 @@ pub trait VirtioDevice: Send {
     fn save_state(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// Counters for operators and tests (`status` on the control socket; `Null` if none).
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// A queue's position and configuration as serde data (virtio-queue's `QueueState` has no serde).

@@ -264,6 +264,10 @@ impl VirtioDevice for Net {
     fn save_state(&self) -> serde_json::Value {
         serde_json::to_value(self.state()).unwrap_or(serde_json::Value::Null)
     }
+
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(self.stats.snapshot()).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 impl Drop for Net {
