@@ -66,6 +66,10 @@ pub struct ForkArgs {
     /// Directory for the forks' vsock sockets (fork i listens on DIR/<id>.vsock)
     #[arg(long)]
     pub vsock_dir: Option<PathBuf>,
+    /// The forks' TAPs, one per fork (repeat the flag), or one pattern where `{}` becomes the
+    /// fork's index (`--net-tap tap0@sbx{}`: fork 0 on tap0 in sbx0, ...)
+    #[arg(long, value_name = "TAP[@NETNS]")]
+    pub net_tap: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -81,6 +85,11 @@ pub struct RestoreArgs {
     /// Host Unix socket for the VM's vsock (default: KILN_HOME/vms/ID/vsock.sock)
     #[arg(long)]
     pub vsock_uds: Option<PathBuf>,
+    /// The TAP behind the restored VM's network interface, optionally in a network namespace
+    /// (each restore needs its own; the guest keeps its MAC and address). Without it the NIC
+    /// has no host side.
+    #[arg(long, value_name = "TAP[@NETNS]", value_parser = crate::vm::parse_nic)]
+    pub net_tap: Option<runtime::microvm::vms::NicSpec>,
     /// Map this materialized memory file copy-on-write instead of paging from the store (forks)
     #[arg(long, hide = true)]
     pub memory_file: Option<PathBuf>,
@@ -190,6 +199,7 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         vsock_uds: a.vsock_uds.clone(),
         memory_file: a.memory_file.clone(),
         no_working_set: a.no_working_set,
+        net: a.net_tap.clone(),
     };
     let store = crate::store::open_with_remote(home, None, false)?;
     if a.detach {
@@ -202,8 +212,23 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     Ok(snapshots::restore_foreground(&store, &o, serial_stdout)?)
 }
 
+/// `--net-tap` of `kiln vm fork`: one per fork, or one `{}` pattern expanded per fork index.
+fn fork_nics(args: &[String], count: usize) -> Result<Vec<vms::NicSpec>> {
+    let expanded: Vec<String> = match args {
+        [one] if one.contains("{}") => (0..count)
+            .map(|i| one.replace("{}", &i.to_string()))
+            .collect(),
+        _ => args.to_vec(),
+    };
+    expanded
+        .iter()
+        .map(|s| crate::vm::parse_nic(s).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 /// `kiln vm fork SNAP -n N`: N detached VMs over one copy-on-write memory file.
 pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
+    let nets = fork_nics(&a.net_tap, a.count)?;
     let store = crate::store::open_with_remote(home, None, false)?;
     snapshots::fork(
         &store,
@@ -211,6 +236,7 @@ pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
         &a.snapshot,
         a.count,
         a.vsock_dir.as_deref(),
+        &nets,
         &mut |id| println!("{id}"),
     )?;
     Ok(())

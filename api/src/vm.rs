@@ -5,7 +5,7 @@
 use crate::cli::{print_json, Home};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, RunOptions};
+use runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, MacAddr, NicSpec, RunOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmm::control::Request;
@@ -99,6 +99,14 @@ pub struct RunArgs {
     /// Guest CID for vsock
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// Network interface: a TAP device, attached if it exists (created otherwise), optionally
+    /// in a network namespace (NETNS: a name under /run/netns, or a path such as
+    /// /proc/PID/ns/net). The guest sees a virtio-net NIC.
+    #[arg(long, value_name = "TAP[@NETNS]", value_parser = parse_nic)]
+    net_tap: Option<NicSpec>,
+    /// The NIC's MAC address (default: random, locally administered)
+    #[arg(long, requires = "net_tap")]
+    net_mac: Option<MacAddr>,
     /// I/O engine for raw-file disks
     #[arg(long, value_enum, default_value = "uring")]
     disk_engine: EngineArg,
@@ -219,12 +227,18 @@ fn resume(home: &Home, id: &str) -> Result<()> {
         detach: true,
         id: None,
         vsock_uds: None,
+        net_tap: None,
         memory_file: None,
         no_working_set: false,
         vm_dir: None,
     };
     crate::snapshot::restore(home, args)
         .with_context(|| format!("{id:?} is neither a running VM nor a snapshot"))
+}
+
+/// `TAP[@NETNS]` of `--net-tap`.
+pub(crate) fn parse_nic(s: &str) -> std::result::Result<NicSpec, String> {
+    NicSpec::parse(s, None)
 }
 
 fn options(home: &Home, a: &RunArgs) -> RunOptions {
@@ -246,6 +260,10 @@ fn options(home: &Home, a: &RunArgs) -> RunOptions {
         cmdline: a.cmdline.clone(),
         vsock_uds: a.vsock_uds.clone(),
         vsock_cid: a.vsock_cid,
+        net: a.net_tap.clone().map(|n| NicSpec {
+            mac: a.net_mac,
+            ..n
+        }),
         disk_engine: match a.disk_engine {
             EngineArg::Uring => DiskEngine::Uring,
             EngineArg::Sync => DiskEngine::Sync,

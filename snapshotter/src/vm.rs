@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::GuestAddress;
 use vmm::devices::virtio::block::{Block, DiskBackend};
+use vmm::devices::virtio::net::{Net, NetState, NicSpec};
 use vmm::devices::virtio::vsock::{Vsock, VsockState};
 use vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 
-use vmm::devices::virtio::{TYPE_BLOCK, TYPE_VSOCK};
+use vmm::devices::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_VSOCK};
 
 /// Errors of VM-level snapshot operations.
 #[derive(Debug, thiserror::Error)]
@@ -411,6 +412,9 @@ pub struct Identity {
     /// This VM's own writable view of each snapshot disk, in the record's order (see
     /// [`disk_overlays`]); never shared between VMs.
     pub disks: Vec<Arc<blockstore::Overlay>>,
+    /// The TAP behind the VM's NIC (each fork needs its own; the guest keeps its saved MAC).
+    /// `None`: the NIC has no host side.
+    pub net: Option<NicSpec>,
 }
 
 /// Creates a fresh copy-on-write overlay over each of a snapshot's committed disks, in
@@ -509,6 +513,11 @@ pub unsafe fn build_vm(
             id.disks.len()
         )));
     }
+    if id.net.is_some() && !state.virtio.iter().any(|d| d.device_type == TYPE_NET) {
+        return Err(SnapError::Invalid(
+            "a TAP was given but the snapshot's VM has no network interface".into(),
+        ));
+    }
     let mut disks = rec.disks.iter().zip(&id.disks);
     for d in &state.virtio {
         match d.device_type {
@@ -540,6 +549,21 @@ pub unsafe fn build_vm(
                 }
                 let dev =
                     Vsock::restored(&vs).map_err(|e| SnapError::Invalid(format!("vsock: {e}")))?;
+                vm.add_virtio_device(Box::new(dev))?;
+            }
+            TYPE_NET => {
+                let ns: NetState = serde_json::from_value(d.device.clone())
+                    .map_err(|e| SnapError::Invalid(format!("net device state: {e}")))?;
+                if let Some(m) = id.net.as_ref().and_then(|n| n.mac) {
+                    if m != ns.mac {
+                        return Err(SnapError::Invalid(format!(
+                            "the snapshot's guest has MAC {}; a restored guest keeps it (asked for {m})",
+                            ns.mac
+                        )));
+                    }
+                }
+                let dev = Net::restored(&ns, id.net.as_ref())
+                    .map_err(|e| SnapError::Invalid(format!("network interface: {e}")))?;
                 vm.add_virtio_device(Box::new(dev))?;
             }
             t => {

@@ -8,6 +8,7 @@ pub mod net;
 pub mod registry;
 pub mod s3;
 pub mod sandbox;
+pub mod tapns;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -162,6 +162,7 @@ fn execute(ctx: &ControlContext, req: Request) -> Result<serde_json::Value, Stri
             "mem_bytes": vm.memory_regions().iter().map(|r| r.size).sum::<u64>(),
             "generation": vm.generation_id().generation,
             "generation_id": vm.generation_id().id_hex(),
+            "devices": vm.device_metrics(),
             // Where guest RAM lives in this process, in image order: a snapshotter in another
             // process can copy it with process_vm_readv instead of a FIFO.
             "regions": vm.memory_regions().iter()

@@ -273,6 +273,17 @@ impl Vm {
         self.virtio.iter().map(|v| v.slot).collect()
     }
 
+    /// Each virtio device's type and counters (`VirtioDevice::metrics`), in device order.
+    pub fn device_metrics(&self) -> Vec<serde_json::Value> {
+        self.virtio
+            .iter()
+            .map(|v| {
+                let t = lock(&v.transport);
+                serde_json::json!({ "type": t.device().device_type(), "metrics": t.device().metrics() })
+            })
+            .collect()
+    }
+
     /// The full kernel command line the guest gets.
     pub fn kernel_cmdline(&self) -> String {
         let mut c = self.config.cmdline.trim().to_string();

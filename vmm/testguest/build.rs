@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const SOURCES: &[&str] = &[
-    "start.S", "main.c", "lib.c", "virtio.c", "blk.c", "vsock.c", "cmd.c",
+    "start.S", "main.c", "lib.c", "virtio.c", "blk.c", "vsock.c", "cmd.c", "net.c",
 ];
 
 fn main() {

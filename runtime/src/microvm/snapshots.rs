@@ -425,6 +425,10 @@ pub struct RestoreOptions {
     pub memory_file: Option<PathBuf>,
     /// Do not prefetch the recorded working set.
     pub no_working_set: bool,
+    /// The TAP backing the restored VM's NIC (the guest keeps its MAC and sees no change).
+    /// Each restore or fork needs its own TAP, usually in its own network namespace, where the
+    /// same guest address can be reused. `None`: the NIC has no host side (frames dropped).
+    pub net: Option<vms::NicSpec>,
 }
 
 impl RestoreOptions {
@@ -440,6 +444,7 @@ impl RestoreOptions {
             vsock_uds: None,
             memory_file: None,
             no_working_set: false,
+            net: None,
         }
     }
 
@@ -499,6 +504,7 @@ pub fn restore_foreground(store: &Store, o: &RestoreOptions, serial_stdout: bool
         serial_stdout,
         vsock_uds: rec.vm.vsock_cid.map(|_| vsock.clone()),
         disks: overlays.clone(),
+        net: o.net.clone(),
     };
     let t0 = Instant::now();
     let mem = match &o.memory_file {
@@ -611,16 +617,24 @@ pub fn restore_detached(
 
 /// `kiln vm fork SNAP -n N`: N detached VMs of the CLI (in `KILN_HOME/vms`) over one
 /// copy-on-write memory file (materialized once in `KILN_HOME/snapshots/<id>/memory.img`).
-/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given. `started` is called with
-/// each VM's id as it comes up.
+/// Fork i listens on `vsock_dir/<id>.vsock` if a directory is given, and gets `nets[i]` as its
+/// NIC's TAP (`nets` is empty, or has one per fork: clones never share a TAP; without one a
+/// fork's NIC drops its frames). `started` is called with each VM's id as it comes up.
 pub fn fork(
     store: &Store,
     launcher: &Launcher,
     snapshot: &str,
     count: usize,
     vsock_dir: Option<&Path>,
+    nets: &[vms::NicSpec],
     started: &mut dyn FnMut(&str),
 ) -> Result<Vec<Launched>> {
+    if !nets.is_empty() && nets.len() != count {
+        return Err(Error::Invalid(format!(
+            "{count} forks need {count} TAPs (one each), {} given",
+            nets.len()
+        )));
+    }
     let (snap_id, rec) = record::load_checked(store, snapshot)?;
     let mdir = launcher.home.join("snapshots").join(snap_id.to_hex());
     std::fs::create_dir_all(&mdir).map_err(Error::io("creating", &mdir))?;
@@ -630,7 +644,7 @@ pub fn fork(
         std::fs::create_dir_all(d).map_err(Error::io("creating", d))?;
     }
     let mut out = Vec::new();
-    for _ in 0..count {
+    for i in 0..count {
         let id = vms::new_vm_id();
         let dir = vms::vms_dir(&launcher.home).join(&id);
         let o = RestoreOptions {
@@ -640,6 +654,7 @@ pub fn fork(
             vsock_uds: vsock_dir.map(|d| d.join(format!("{id}.vsock"))),
             memory_file: Some(file.clone()),
             no_working_set: true,
+            net: nets.get(i).cloned(),
         };
         std::fs::create_dir_all(&o.dir).map_err(Error::io("creating", &o.dir))?;
         let l = launcher.restore(&o)?;

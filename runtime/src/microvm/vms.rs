@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use vmm::control::{self, ControlContext, Request};
 use vmm::devices::virtio::block::engine::FileEngine;
 use vmm::devices::virtio::block::{Block, DiskBackend};
+pub use vmm::devices::virtio::net::{MacAddr, NicSpec};
 use vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
 
 /// Set in a detached VMM process's environment: it writes serial output only to its log.
@@ -113,6 +114,9 @@ pub struct RunOptions {
     /// Host Unix socket for virtio-vsock (Firecracker convention).
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: u64,
+    /// One virtio-net NIC backed by a TAP (e.g. in the sandbox's network namespace: the VMM
+    /// attaches to it from there, the guest sees only the NIC). See [`NicSpec`].
+    pub net: Option<NicSpec>,
     pub disk_engine: DiskEngine,
     /// Commit overlay disks to new blobs when the VM ends.
     pub commit: bool,
@@ -134,6 +138,7 @@ impl RunOptions {
             cmdline: "console=ttyS0 reboot=k panic=1".into(),
             vsock_uds: None,
             vsock_cid: 3,
+            net: None,
             disk_engine: DiskEngine::Uring,
             commit: false,
             entry: Entry::Kernel,
@@ -256,6 +261,11 @@ pub fn run_foreground(
         let v = vmm::devices::virtio::vsock::Vsock::new(o.vsock_cid, uds)
             .map_err(|e| Error::Failed(format!("vsock on {}: {e}", uds.display())))?;
         vm.add_virtio_device(Box::new(v))?;
+    }
+    if let Some(n) = &o.net {
+        let nic = vmm::devices::virtio::net::Net::new(n)
+            .map_err(|e| Error::Failed(format!("network interface {}: {e}", n.arg())))?;
+        vm.add_virtio_device(Box::new(nic))?;
     }
     vm.set_entry_mode(match o.entry {
         Entry::Kernel => vmm::EntryMode::Kernel,
@@ -442,6 +452,7 @@ impl Launcher {
             cmd.arg("--vsock-uds").arg(abs(u)?);
             cmd.args(["--vsock-cid", &o.vsock_cid.to_string()]);
         }
+        net_args(&mut cmd, o.net.as_ref());
         cmd.args([
             "--disk-engine",
             match o.disk_engine {
@@ -523,6 +534,7 @@ impl Launcher {
             cmd.arg("--vsock-uds")
                 .arg(std::path::absolute(u).map_err(Error::io("resolving", u))?);
         }
+        net_args(&mut cmd, o.net.as_ref());
         if let Some(f) = &o.memory_file {
             cmd.arg("--memory-file")
                 .arg(std::path::absolute(f).map_err(Error::io("resolving", f))?);
@@ -564,6 +576,16 @@ impl Launcher {
             child,
             ended: false,
         })
+    }
+}
+
+/// `--net-tap TAP[@NETNS] [--net-mac MAC]` for a detached VMM.
+fn net_args(cmd: &mut Command, net: Option<&NicSpec>) {
+    if let Some(n) = net {
+        cmd.arg("--net-tap").arg(n.arg());
+        if let Some(m) = n.mac {
+            cmd.arg("--net-mac").arg(m.to_string());
+        }
     }
 }
 

@@ -113,6 +113,7 @@ struct vdev {
     int ok;
 };
 
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_VSOCK 19
 #define VIRTIO_STATUS_ACK 1
@@ -185,6 +186,18 @@ void vsock_probe(struct vdev *d);
 /* Returns 1 if it found anything to do. */
 int vsock_poll(void);
 extern int have_vsock;
+
+/* net.c: virtio-net answering ARP, ICMP echo and UDP echo for kt.ip= */
+extern int have_net;
+extern u8 net_ip[4], net_mac_opt[6];
+extern int net_ip_set, net_mac_set;
+int net_parse_ip(const char *s, usize len, u8 *out);
+int net_parse_mac(const char *s, usize len, u8 *out);
+void net_probe(struct vdev *d);
+/* Returns 1 if it found anything to do. */
+int net_poll(void);
+void net_misbehave(void);
+void net_report(void);
 
 /* cmd.c: one request line in, reply written into out (NUL-terminated, no newline). Returns 1 if a
    reply is ready; 0 if the reply comes later (DIAL). */

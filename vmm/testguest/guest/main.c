@@ -151,7 +151,13 @@ static void parse_cmdline(const u8 *bp) {
         else if (word_is(w, len, "kt.exit=")) parse_num_opt(w, len, "kt.exit=", &opt.exit_after);
         else if (word_is(w, len, "kt.idle=")) parse_num_opt(w, len, "kt.idle=", &opt.idle_spins);
         else if (word_is(w, len, "kt.blkidle=")) parse_num_opt(w, len, "kt.blkidle=", &blk_idle_us);
-        else if (word_is(w, len, "kt.tsc_khz=")) {
+        else if (word_is(w, len, "kt.ip=")) {
+            net_ip_set = net_parse_ip(w + 6, len - 6, net_ip);
+            if (!net_ip_set) kprintf("kt: bad value in option kt.ip=\n");
+        } else if (word_is(w, len, "kt.mac=")) {
+            net_mac_set = net_parse_mac(w + 7, len - 7, net_mac_opt);
+            if (!net_mac_set) kprintf("kt: bad value in option kt.mac=\n");
+        } else if (word_is(w, len, "kt.tsc_khz=")) {
             u64 khz = 0;
             parse_num_opt(w, len, "kt.tsc_khz=", &khz);
             if (khz) kt_tsc_per_ms = khz;
@@ -192,6 +198,7 @@ void kmain(const u8 *boot_params) {
         d->device_id = mmio_read32(d->base + VIRTIO_MMIO_DEVICE_ID);
         if (d->device_id == VIRTIO_ID_BLOCK) blk_probe(d);
         else if (d->device_id == VIRTIO_ID_VSOCK) vsock_probe(d);
+        else if (d->device_id == VIRTIO_ID_NET) net_probe(d);
         else kprintf("kt: ignoring virtio device id %u at 0x%x\n", (u64)d->device_id, d->base);
     }
 
@@ -202,6 +209,8 @@ void kmain(const u8 *boot_params) {
         blk_bench(disk, opt.random, (u32)opt.bs, (u32)opt.qd, opt.n, opt.span / 512, (int)opt.write);
     } else if (str_eq(opt.mode, "misbehave")) {
         blk_misbehave(disk);
+    } else if (str_eq(opt.mode, "netmisbehave")) {
+        net_misbehave();
     } else if (!str_eq(opt.mode, "serve")) {
         kprintf("kt: unknown kt.mode=%s\n", opt.mode);
     }
@@ -217,7 +226,9 @@ void kmain(const u8 *boot_params) {
     u64 empty = 0;
     for (;;) {
         kt_counter++;
-        if (have_vsock && vsock_poll()) empty = 0;
+        int busy = have_vsock && vsock_poll();
+        if (have_net && net_poll()) busy = 1;
+        if (busy) empty = 0;
         else if (can_idle && ++empty > opt.idle_spins) outl(IDLE_PORT, 0);
         cpu_relax();
     }

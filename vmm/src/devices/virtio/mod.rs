@@ -16,6 +16,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use crate::memory::GuestMemoryMmap;
@@ -31,6 +32,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device type ids.
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
 
@@ -128,7 +130,7 @@ pub enum ActivateError {
 
 /// A virtio device model. See the module docs.
 pub trait VirtioDevice: Send {
-    /// Virtio device type (2 = block, 19 = vsock, ...).
+    /// Virtio device type (1 = net, 2 = block, 19 = vsock, ...).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;
@@ -148,6 +150,10 @@ pub trait VirtioDevice: Send {
     }
     /// Device-specific state beyond the transport and queues (plain data; `Null` if none).
     fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Counters for operators and tests (`status` on the control socket; `Null` if none).
+    fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
 }
