@@ -10,8 +10,8 @@
 //! datagram in flight: latency), and windowed echoes (`--window` datagrams in flight: frames/s)
 //! for 64-byte and 1400-byte payloads. Reports medians over rounds and device/baseline ratios.
 //!
-//! `cargo run --release -p kiln-benches --bin vm_net [-- --rounds 3 --n 20000 --window 32
-//! --pingpong 2000]` (root: namespaces, TAP, veth)
+//! `cargo run --release -p kiln-benches --bin vm_net [-- --rounds 5 --n 100000 --window 32
+//! --pingpong 5000]` (root: namespaces, TAP, veth; ~10 s)
 
 use anyhow::{bail, Context, Result};
 use kiln_benches::{arg, median};
@@ -139,7 +139,8 @@ fn echo_server(ns: &NetNs, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHan
             return;
         }
         let s = UdpSocket::bind(SocketAddrV4::new(VETH_SERVER, PORT)).expect("bind echo");
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut buf = vec![0u8; 65536];
         while !stop.load(Ordering::Relaxed) {
             if let Ok((n, from)) = s.recv_from(&mut buf) {
@@ -158,10 +159,10 @@ fn main() -> Result<()> {
         eprintln!("SKIP: {why}");
         return Ok(());
     }
-    let rounds: usize = arg("--rounds", 3);
-    let n: u64 = arg("--n", 20000);
+    let rounds: usize = arg("--rounds", 5);
+    let n: u64 = arg("--n", 100_000);
     let window: u64 = arg("--window", 32);
-    let pp: usize = arg("--pingpong", 2000);
+    let pp: usize = arg("--pingpong", 5000);
     let dir = tempfile::tempdir()?;
 
     let vns = NetNs::new("bv")?;
@@ -185,7 +186,13 @@ fn main() -> Result<()> {
 
     let (mut dev, mut base) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        dev.push(measure(&vns, SocketAddrV4::new(GUEST, PORT), pp, n, window)?);
+        dev.push(measure(
+            &vns,
+            SocketAddrV4::new(GUEST, PORT),
+            pp,
+            n,
+            window,
+        )?);
         base.push(measure(
             &cns,
             SocketAddrV4::new(VETH_SERVER, PORT),
