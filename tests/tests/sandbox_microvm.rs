@@ -45,17 +45,8 @@ fn alive(pid: u32) -> bool {
     runtime::microvm::vms::process_alive(pid)
 }
 
-fn sandbox(root: &Path, id: &str) -> SandboxDir {
-    let d = root.join("sandboxes").join(id);
-    std::fs::create_dir_all(&d).unwrap();
-    SandboxDir::new(d)
-}
-
-#[test]
-fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
-    require_kvm!();
-    let tmp = tempfile::tempdir().unwrap();
-    let home = tmp.path();
+/// A store in `home` with a 4 MiB disk image, and the microvm driver running the test guest.
+fn test_guest_image(home: &Path) -> (Store, ImageRecord, MicrovmDriver) {
     let store = Store::open(&home.join("store")).unwrap();
     let disk = store
         .put_bytes(&vec![0x5au8; 4 << 20], &PutOptions::default())
@@ -76,6 +67,21 @@ fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
         kiln_testguest::elf_path().to_path_buf(),
     );
     driver.available().expect("the test guest runs here");
+    (store, image, driver)
+}
+
+fn sandbox(root: &Path, id: &str) -> SandboxDir {
+    let d = root.join("sandboxes").join(id);
+    std::fs::create_dir_all(&d).unwrap();
+    SandboxDir::new(d)
+}
+
+#[test]
+fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
+    require_kvm!();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let (store, image, driver) = test_guest_image(home);
     // Linux guests are refused here with a reason (PVM, or no kernel).
     let linux = MicrovmDriver::new(store.clone(), kiln_bin(), None);
     if let Err(why) = linux.available() {
@@ -161,6 +167,127 @@ fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
         store.manifest(&image.disk).unwrap().chunks,
         image_manifest.chunks
     );
+}
+
+/// The microvm driver on sandbox networks: the VMM opens the TAP the network layer made in the
+/// sandbox's own router namespace, and the test guest (configured with the sandbox's guest
+/// address) answers ping and UDP echo there; after a pause the restore, and each fork, gets a
+/// fresh namespace and TAP and answers at the same address without noticing. Everything runs in
+/// namespaces of the test's own.
+#[test]
+fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
+    require_kvm!();
+    if let Some(why) = kiln_tests::net::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let net = kiln_tests::net::TestNet::new();
+    net.enter();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let (_store, image, driver) = test_guest_image(home);
+    let proxy = vec![
+        kiln_bin().into_os_string(),
+        "sandbox".into(),
+        "__dns".into(),
+    ];
+    let policy = network::NetworkPolicy::default();
+    let attach = |d: &SandboxDir, r: &mut SandboxRecord| {
+        let a = network::attach(&r.id, network::GuestKind::Tap, &policy, &d.net(), &proxy)
+            .expect("attach");
+        r.net = Some(a);
+    };
+    // Ping and UDP echo from inside the sandbox's router namespace.
+    let answers = |r: &SandboxRecord| {
+        let a = r.net.clone().unwrap();
+        std::thread::spawn(move || {
+            kiln_tests::net::enter(&a.router_ns);
+            let pings = kiln_tests::tapns::ping(a.guest_ip, 3, Duration::from_secs(2)).unwrap();
+            let echo =
+                kiln_tests::tapns::udp_echo(std::net::SocketAddrV4::new(a.guest_ip, 7), b"kiln", 5);
+            (pings, echo.is_ok())
+        })
+        .join()
+        .unwrap()
+    };
+    // Namespace names are host-wide: ids unique to this run.
+    let ids: Vec<String> = (0..3)
+        .map(|i| format!("n{}x{i}", std::process::id()))
+        .collect();
+    let dirs: Vec<SandboxDir> = ids.iter().map(|i| sandbox(home, i)).collect();
+    let mut recs: Vec<SandboxRecord> = ids.iter().map(|i| record(i, &image)).collect();
+    /// Ends every VMM and DNS proxy under the home and removes the networks, also on failure.
+    struct Cleanup<'a>(&'a Path, Vec<(String, std::path::PathBuf)>);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            for pid in kiln_tests::sandbox::processes_mentioning(&self.0.display().to_string()) {
+                // SAFETY: kill(2) of a process this test started (its command line names our
+                // temporary home).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            for (id, state) in &self.1 {
+                network::detach(id, state);
+            }
+        }
+    }
+    let _cleanup = Cleanup(
+        home,
+        ids.iter()
+            .zip(&dirs)
+            .map(|(i, d)| (i.clone(), d.net()))
+            .collect(),
+    );
+
+    attach(&dirs[0], &mut recs[0]);
+    driver.start(&dirs[0], &mut recs[0], &image).expect("start");
+    assert_eq!(
+        answers(&recs[0]),
+        (3, true),
+        "the started VM answers on its TAP"
+    );
+
+    // Pause: the VMM ends and the namespace goes; resume on a fresh one.
+    let pause = driver
+        .checkpoint(&dirs[0], &mut recs[0], true)
+        .expect("pause");
+    let old_ns = recs[0].net.as_ref().unwrap().router_ns.clone();
+    network::detach(&recs[0].id, &dirs[0].net());
+    assert!(!Path::new("/run/netns").join(&old_ns).exists());
+    attach(&dirs[0], &mut recs[0]);
+    driver
+        .restore(&dirs[0], &mut recs[0], &pause, &image)
+        .expect("resume");
+    assert_eq!(answers(&recs[0]), (3, true), "the resumed VM answers");
+
+    // Two forks, each on its own namespace and TAP, all three at once.
+    let fork = driver
+        .checkpoint(&dirs[0], &mut recs[0], false)
+        .expect("fork");
+    for i in 1..3 {
+        let (d, r) = (&dirs[i], &mut recs[i]);
+        attach(d, r);
+        driver.restore(d, r, &fork, &image).expect("fork restore");
+    }
+    let mut namespaces: Vec<String> = recs
+        .iter()
+        .map(|r| r.net.as_ref().unwrap().router_ns.clone())
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    assert_eq!(namespaces.len(), 3, "{namespaces:?}");
+    let got: Vec<(u16, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = recs.iter().map(|r| s.spawn(|| answers(r))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (d, r) in dirs.iter().zip(&recs) {
+        driver.kill(d, r).expect("kill");
+        network::detach(&r.id, &d.net());
+    }
+    assert_eq!(got, vec![(3, true); 3], "each VM answers on its own TAP");
+    for r in &recs {
+        let ns = &r.net.as_ref().unwrap().router_ns;
+        assert!(!Path::new("/run/netns").join(ns).exists(), "{ns} removed");
+    }
 }
 
 /// Errors name each cause once (snapshotter's store errors used to print theirs twice).

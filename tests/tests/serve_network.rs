@@ -78,7 +78,11 @@ print(json.dumps(out))
     assert_eq!(v["updated_deny_a"], pair("-", "server-b"), "{v}");
     assert_eq!(v["deny_b"], pair("server-a", "-"), "{v}");
     assert_eq!(v["allow_name"], pair("server-a", "-"), "web.test is A: {v}");
-    assert_eq!(v["refused"], serde_json::json!(["400", "400", "400"]), "{v}");
+    assert_eq!(
+        v["refused"],
+        serde_json::json!(["400", "400", "400"]),
+        "{v}"
+    );
     assert_eq!(v["bad_update"], "400", "{v}");
 
     // The detail says what each sandbox's policy is.
@@ -96,10 +100,22 @@ print(json.dumps(out))
     };
     let d = detail(v["id_off"].as_str().unwrap());
     assert_eq!(d["allowInternetAccess"], true, "{d}");
-    assert_eq!(d["network"]["denyOut"], serde_json::json!(["10.202.0.0/24"]), "{d}");
+    assert_eq!(
+        d["network"]["denyOut"],
+        serde_json::json!(["10.202.0.0/24"]),
+        "{d}"
+    );
     let d = detail(v["id_allow"].as_str().unwrap());
-    assert_eq!(d["network"]["allowOut"], serde_json::json!(["web.test"]), "{d}");
-    assert_eq!(d["network"]["denyOut"], serde_json::json!(["0.0.0.0/0"]), "{d}");
+    assert_eq!(
+        d["network"]["allowOut"],
+        serde_json::json!(["web.test"]),
+        "{d}"
+    );
+    assert_eq!(
+        d["network"]["denyOut"],
+        serde_json::json!(["0.0.0.0/0"]),
+        "{d}"
+    );
 
     // Raw HTTP: an unknown sandbox is 404, a bad body 400.
     let put = |id: &str, body: &str| {
@@ -115,6 +131,12 @@ print(json.dumps(out))
     };
     assert_eq!(put("nosuchsandbox", "{}"), 404);
     assert_eq!(put(v["id_deny"].as_str().unwrap(), "{\"denyOut\": 3}"), 400);
-    assert_eq!(put(v["id_deny"].as_str().unwrap(), "{\"rules\": {\"a.com\": []}}"), 400);
+    assert_eq!(
+        put(
+            v["id_deny"].as_str().unwrap(),
+            "{\"rules\": {\"a.com\": []}}"
+        ),
+        400
+    );
     drop(s);
 }

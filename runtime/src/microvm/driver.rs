@@ -15,7 +15,7 @@
 
 use super::error::Error as MError;
 use super::snapshots::{self, CreateOptions, RestoreOptions};
-use super::vms::{self, Entry, Launcher, RunOptions};
+use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
 use crate::{Checkpoint, Error, Result, RuntimeKind, SandboxDir, SandboxRecord};
 use blockstore::{BlobId, Store};
 use imagebuilder::image::ImageRecord;
@@ -220,7 +220,10 @@ impl MicrovmDriver {
             Guest::TestGuest { elf } => {
                 let mut o = RunOptions::new(dir.id(), &vm_dir, elf);
                 o.entry = Entry::User;
-                o.cmdline = String::new();
+                o.cmdline = match &rec.net {
+                    Some(net) => format!("kt.ip={}", net.guest_ip),
+                    None => String::new(),
+                };
                 o
             }
             Guest::Linux { kernel } => {
@@ -243,6 +246,15 @@ impl MicrovmDriver {
                      kiln.generation={}",
                     rec.generation
                 );
+                if let Some(net) = &rec.net {
+                    // The kernel's own IP configuration (CONFIG_IP_PNP): address, gateway
+                    // and DNS are the same in every sandbox's namespace.
+                    let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(net.prefix)));
+                    o.cmdline.push_str(&format!(
+                        " ip={}::{}:{mask}::eth0:off:{}",
+                        net.guest_ip, net.gateway, net.gateway
+                    ));
+                }
                 o
             }
         };
@@ -251,6 +263,7 @@ impl MicrovmDriver {
         o.vcpus = u8::try_from(rec.cpus.max(1))
             .map_err(|_| Error::Invalid(format!("{} vCPUs: at most 255", rec.cpus)))?;
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
+        o.net = nic_of(rec)?;
         Ok(o)
     }
 
@@ -309,6 +322,27 @@ impl MicrovmDriver {
 }
 
 /// The last bytes of a VM's serial log and VMM log.
+/// The VM's NIC on the sandbox's network: the TAP the network layer made in the sandbox's
+/// router namespace, which the VMM opens from inside it.
+fn nic_of(rec: &SandboxRecord) -> Result<Option<NicSpec>> {
+    let Some(net) = &rec.net else {
+        return Ok(None);
+    };
+    let tap = net
+        .tap
+        .clone()
+        .ok_or_else(|| Error::Invalid("the sandbox's network has no TAP for a microVM".into()))?;
+    let mac = net
+        .mac
+        .parse()
+        .map_err(|e| Error::Invalid(format!("guest MAC {:?}: {e}", net.mac)))?;
+    Ok(Some(NicSpec {
+        tap,
+        netns: Some(PathBuf::from(&net.router_ns)),
+        mac: Some(mac),
+    }))
+}
+
 fn log_tail(vm_dir: &Path) -> String {
     let serial = crate::record::tail(&vm_dir.join("serial.log"), LOG_TAIL);
     let vmm = crate::record::tail(&vm_dir.join("vmm.log"), LOG_TAIL);
@@ -475,6 +509,9 @@ impl crate::Runtime for MicrovmDriver {
         }
         let mut o = RestoreOptions::new(cs.snapshot.to_hex(), dir.id(), &vm_dir);
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
+        // A fresh TAP in this sandbox's own namespace; the guest keeps its address, and its
+        // MAC comes from the saved device state.
+        o.net = nic_of(rec)?.map(|n| NicSpec { mac: None, ..n });
         let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
             Ok(l) => l,
             Err(e) => {
