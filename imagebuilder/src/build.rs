@@ -437,7 +437,7 @@ impl Builder<'_> {
         }
         while st.applied < st.layers.len() {
             let i = st.applied;
-            let name = st.layer_keys[i].map(|k| stage::step_tree_name(&k));
+            let name = st.layer_keys[i].map(|k| stage::step_tree_name(&k, &st.layers[i]));
             let cached = match &name {
                 Some(n) => stage::step_tree(self.tmp, n)?,
                 None => None,
@@ -581,7 +581,8 @@ impl Builder<'_> {
             st.layer_keys.push(Some(key));
             st.applied = st.layers.len();
             if let Some(u) = upper {
-                let tree = stage::adopt_step_tree(self.tmp, &stage::step_tree_name(&key), &u)?;
+                let name = stage::step_tree_name(&key, &l);
+                let tree = stage::adopt_step_tree(self.tmp, &name, &u)?;
                 st.rootfs.as_mut().expect("had an upper").push_lower(tree)?;
                 self.step_disk(idx, st)?;
             }

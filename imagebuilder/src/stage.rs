@@ -125,10 +125,14 @@ fn step_trees_dir(tmp: &Path) -> PathBuf {
     tmp.join("step-trees")
 }
 
-/// The cache name of a step's upper directory: short, so that many fit in overlayfs's
-/// option page as lower directories.
-pub(crate) fn step_tree_name(key: &blake3::Hash) -> String {
-    key.to_hex()[..32].to_string()
+/// The cache name of a step's upper directory: the step's key and its layer (a step rerun
+/// with `--no-cache` may change files differently under the same key); short, so that many
+/// fit in overlayfs's option page as lower directories.
+pub(crate) fn step_tree_name(key: &blake3::Hash, layer: &BlobId) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(key.as_bytes());
+    h.update(layer.as_bytes());
+    h.finalize().to_hex()[..32].to_string()
 }
 
 fn open_lock(p: &Path) -> Result<File> {
