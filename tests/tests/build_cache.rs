@@ -53,7 +53,7 @@ fn run_in(disk: &Path, mnt: &Path, argv: &[&str]) -> String {
         .arg(mnt)
         .args(argv)
         .env_clear()
-        .env("PATH", "/usr/bin:/bin")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .output()
         .unwrap();
     assert!(
@@ -109,8 +109,22 @@ fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
     let r = format!("{}/tests/debian:bookworm", reg.addr());
     let tmp = tempfile::tempdir().unwrap();
     let env = s3.as_ref().map(|s| s.env()).unwrap_or_default();
-    let a = Kiln::new(tmp.path().join("a")).with_env(env.clone());
-    let b = Kiln::new(tmp.path().join("b")).with_env(env);
+    // Each home its own KILN_TMPDIR (tmpfs, as the default), so B shares no extracted tree,
+    // step tree or working disk with A: an empty machine.
+    let shm = tempfile::Builder::new()
+        .prefix("kiln-build-cache-test")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let tmpdir = |h: &str| {
+        let d = shm.path().join(h);
+        vec![("KILN_TMPDIR".to_string(), d.to_str().unwrap().to_string())]
+    };
+    let a = Kiln::new(tmp.path().join("a"))
+        .with_env(env.clone())
+        .with_env(tmpdir("a"));
+    let b = Kiln::new(tmp.path().join("b"))
+        .with_env(env)
+        .with_env(tmpdir("b"));
     let url = format!("s3://{BUCKET}/build-cache");
     if let Some(s3) = &s3 {
         for k in [&a, &b] {
