@@ -243,3 +243,90 @@ fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
     let a3 = build(&a, &["-t", "app3"]).unwrap();
     assert_eq!(a3["disk"], b3["disk"], "two homes, two disks");
 }
+
+/// The step records of a home (decoded from the store's name files): (name, record id).
+fn cache_records(k: &Kiln) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(k.store_dir().join("names")).unwrap() {
+        let e = e.unwrap();
+        // Name files are named by the hex of the name.
+        let hexname = e.file_name().to_string_lossy().into_owned();
+        let bytes: Option<Vec<u8>> = (0..hexname.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hexname.get(i..i + 2)?, 16).ok())
+            .collect();
+        let Some(name) = bytes.and_then(|b| String::from_utf8(b).ok()) else {
+            continue;
+        };
+        if name.starts_with("cache:") {
+            let id = std::fs::read_to_string(e.path()).unwrap();
+            out.push((name, id.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// kill -9 of builds at many moments (steps running, layers and disks being stored, the
+/// working disk being updated): afterwards every step record names blobs that exist, the next
+/// build succeeds with an e2fsck-clean disk, and that disk is the one the steps' layers give
+/// when every step disk is made again (so no working disk was left wrong but marked good).
+#[test]
+fn killed_builds_leave_the_step_cache_consistent() {
+    let Some((tmp, k)) = kiln_tests::registry::busybox_build_home() else {
+        return;
+    };
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\n\
+         RUN i=0; while [ $i -lt 400 ]; do echo line $i >> /many; i=$((i+1)); done\n\
+         COPY a.txt /a.txt\n\
+         RUN cat /a.txt /many > /both && touch -d @0 /both\n",
+    )
+    .unwrap();
+    let c = ctx.to_str().unwrap();
+    for i in 0..14u64 {
+        std::fs::write(ctx.join("a.txt"), format!("round {i}\n")).unwrap();
+        let mut cmd = k.cmd(["build", "-t", "k"]);
+        if i % 3 == 0 {
+            cmd.arg("--no-cache");
+        }
+        let mut child = cmd
+            .arg(c)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20 + (i * 37) % 400));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    std::fs::write(ctx.join("a.txt"), "final\n").unwrap();
+    let rep = k.json(["build", "-t", "k", "--json", c]);
+    let disk = tmp.path().join("k.ext4");
+    export(&k, "k", &disk);
+    let records = cache_records(&k);
+    assert!(!records.is_empty());
+    for (name, id) in &records {
+        let f = tmp.path().join("rec.json");
+        k.ok(["store", "get", id, "-o", f.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        let mut refs: Vec<&serde_json::Value> = vec![&v["layer"], &v["disk"]];
+        if let Some(layers) = v["layers"].as_array() {
+            refs.extend(layers); // the image record of a final key
+        }
+        for r in refs.into_iter().filter_map(|r| r.as_str()) {
+            let st = k.run(["store", "stat", r]);
+            assert!(st.status.success(), "{name} names {r}, which is missing");
+        }
+    }
+    let out = k.run(["store", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let redo = k.json(["build", "-t", "k-redo", "--json", "--redo-disks", c]);
+    assert_eq!(redo["disk"], rep["disk"]);
+}
