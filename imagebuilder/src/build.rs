@@ -598,8 +598,7 @@ impl Builder<'_> {
             &serde_json::to_vec(&rec).expect("serializes"),
             &PutOptions::default(),
         )?;
-        self.store
-            .set_name(&format!("{CACHE_PREFIX}{}", key.to_hex()), &rid)?;
+        image::set_name_once(self.store, &format!("{CACHE_PREFIX}{}", key.to_hex()), &rid)?;
         self.records.push((key, rid));
         let stored = self.store.stats().bytes_written.saturating_sub(before);
         self.steps.push(StepReport {
@@ -1569,7 +1568,7 @@ impl Builder<'_> {
             history: st.history.clone(),
         };
         let id = image::put_record(self.store, &rec)?;
-        self.store.set_name(&cache_name, &id)?;
+        image::set_name_once(self.store, &cache_name, &id)?;
         self.name_image(&id, false)?;
         let pushed_bytes = self.push_cache(&final_key, &id)?;
         Ok(BuildReport {

@@ -149,12 +149,21 @@ pub fn check_name(name: &str) -> Result<()> {
 /// Stores a record and everything it refers to; returns the image id.
 pub fn put_record(store: &Store, rec: &ImageRecord) -> Result<BlobId> {
     for id in rec.layers.iter().chain(std::iter::once(&rec.disk)) {
-        store.set_name(&format!("{KEEP_PREFIX}{id}"), id)?;
+        keep(store, id)?;
     }
     let bytes = serde_json::to_vec(rec).expect("record serializes");
     let id = store.put_bytes(&bytes, &PutOptions::default())?;
-    store.set_name(&format!("{KEEP_PREFIX}{id}"), &id)?;
+    keep(store, &id)?;
     Ok(id)
+}
+
+/// Points `name` at `id` unless it already does: every name written is two fsyncs, and a
+/// rebuild names mostly what is named already.
+pub(crate) fn set_name_once(store: &Store, name: &str, id: &BlobId) -> Result<()> {
+    if store.lookup_name(name)? != Some(*id) {
+        store.set_name(name, id)?;
+    }
+    Ok(())
 }
 
 /// Reads an image record by id.
@@ -176,8 +185,7 @@ pub fn get_record(store: &Store, id: &BlobId) -> Result<ImageRecord> {
 /// Points `name` at image `id`.
 pub fn tag(store: &Store, name: &str, id: &BlobId) -> Result<()> {
     check_name(name)?;
-    store.set_name(&format!("{IMAGE_PREFIX}{name}"), id)?;
-    Ok(())
+    set_name_once(store, &format!("{IMAGE_PREFIX}{name}"), id)
 }
 
 /// The image a name (or an image id / unique id prefix) refers to.
@@ -243,8 +251,7 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
 
 /// Marks a blob as referenced (see module docs).
 pub(crate) fn keep(store: &Store, id: &BlobId) -> Result<()> {
-    store.set_name(&format!("{KEEP_PREFIX}{id}"), id)?;
-    Ok(())
+    set_name_once(store, &format!("{KEEP_PREFIX}{id}"), id)
 }
 
 /// Turns a staged root file system into a disk blob: writes the config at
