@@ -8,8 +8,12 @@
 //! is named `cache:<final key>` too. So a rebuild with nothing changed only hashes context files
 //! and looks names up, and a changed COPY input reruns from that step on.
 //!
-//! Stage root file systems are materialised lazily: a cache hit only records the step's layer;
-//! the first miss (or the final ext4) applies the pending layers to a staging directory.
+//! The record also names the step's ext4 disk (see [`crate::stepdisk`]), and the step's upper
+//! directory is kept in the step-tree cache. So a cache hit only records the step's layer and
+//! disk; the first miss mounts the stage root from the cached trees (a tree not cached is
+//! applied from its layer once) and continues the disk chain from the last hit's disk. With
+//! `cache_from`/`cache_to` the records and their blobs also live in the store's remote, under
+//! `build-cache/<key>`.
 
 use crate::dockerfile::{self, Args, Dockerfile, Instruction};
 use crate::error::{Error, IoCtx, Result};
@@ -564,27 +568,52 @@ impl Builder<'_> {
         layer_file: Option<&Path>,
     ) -> Result<()> {
         let before = self.store.stats().bytes_written;
-        let (layer, layer_bytes) = match layer_file {
-            Some(p) => {
-                let size = std::fs::metadata(p).ctx("stat", p)?.len();
-                (Some(self.store.put_file(p, &PutOptions::default())?), size)
-            }
-            None => (None, 0),
-        };
         let upper = match st.rootfs.as_mut() {
             Some(ov) => ov.take_upper()?,
             None => None,
+        };
+        // The step's tree on top (uncached until its layer id names it), so its disk can be
+        // made while the layer is stored: both only read the upper directory.
+        let with_tree = match (&upper, layer_file) {
+            (Some(u), Some(_)) => {
+                let ov = st.rootfs.as_mut().expect("had an upper");
+                ov.push_lower(stage::BaseTree::uncached(u.clone()))?;
+                true
+            }
+            _ => false,
+        };
+        let store = self.store;
+        let (put, disk) = std::thread::scope(|s| {
+            let put = s.spawn(move || -> Result<Option<(BlobId, u64)>> {
+                let Some(p) = layer_file else { return Ok(None) };
+                let size = std::fs::metadata(p).ctx("stat", p)?.len();
+                Ok(Some((store.put_file(p, &PutOptions::default())?, size)))
+            });
+            let disk = if with_tree {
+                self.step_disk(idx, st)
+            } else {
+                Ok(())
+            };
+            (put.join().expect("layer put does not panic"), disk)
+        });
+        let put = put?;
+        disk?;
+        let (layer, layer_bytes) = match put {
+            Some((l, size)) => (Some(l), size),
+            None => (None, 0),
         };
         if let Some(l) = layer {
             image::keep(self.store, &l)?;
             st.layers.push(l);
             st.layer_keys.push(Some(key));
             st.applied = st.layers.len();
-            if let Some(u) = upper {
+            if let Some(u) = &upper {
                 let name = stage::step_tree_name(&key, &l);
-                let tree = stage::adopt_step_tree(self.tmp, &name, &u)?;
-                st.rootfs.as_mut().expect("had an upper").push_lower(tree)?;
-                self.step_disk(idx, st)?;
+                let tree = stage::adopt_step_tree(self.tmp, &name, u)?;
+                st.rootfs
+                    .as_mut()
+                    .expect("had an upper")
+                    .replace_top(tree)?;
             }
         } else if let Some(u) = upper {
             let _ = std::fs::remove_dir_all(u);

@@ -7,9 +7,9 @@
 //! `lowerdir=<sealed uppers, newest first>:<base>` with a fresh upper directory; a step that
 //! needs its own diff (RUN) first seals the current upper (it becomes a lower) so that after the
 //! command the new upper holds exactly what the step changed: the layer is written from it
-//! instead of scanning the whole tree before and after. The union of all upper directories is
-//! what the stage changed against the base, which the final ext4 uses to update the base
-//! image's disk instead of making a new one.
+//! instead of scanning the whole tree before and after. Each step's upper directory is then
+//! kept in the step-tree cache (`<tmp>/step-trees/`) and mounted as a lower directory by later
+//! steps and later builds, and the step's disk is made from it ([`crate::stepdisk`]).
 //!
 //! Cache entries are guarded by flock: shared while a build uses the tree, exclusive while it is
 //! extracted or evicted, so eviction never pulls a lower directory out from under a mount.
@@ -484,6 +484,14 @@ impl OverlayRoot {
     pub fn push_lower(&mut self, t: BaseTree) -> Result<()> {
         self.unmount()?;
         self.sealed.push(t);
+        Ok(())
+    }
+
+    /// Replaces the top layer (by the same tree, moved into the step cache).
+    pub fn replace_top(&mut self, t: BaseTree) -> Result<()> {
+        self.unmount()?;
+        let top = self.sealed.last_mut().expect("a layer to replace");
+        *top = t;
         Ok(())
     }
 
