@@ -81,9 +81,9 @@ pub enum IsolationArg {
 pub struct BuildArgs {
     /// Build context directory
     context: std::path::PathBuf,
-    /// Name of the resulting image
+    /// Name of the resulting image (without: only its id is printed)
     #[arg(short = 't', long = "tag")]
-    tag: String,
+    tag: Option<String>,
     /// Dockerfile (default: CONTEXT/Dockerfile)
     #[arg(short = 'f', long = "file")]
     file: Option<std::path::PathBuf>,
@@ -117,6 +117,18 @@ pub struct BuildArgs {
     /// Print the build report as JSON on stdout
     #[arg(long)]
     json: bool,
+    /// Reuse steps pushed to a remote by other machines: `--cache-from` (the default remote)
+    /// or `--cache-from=REMOTE`; their data is fetched lazily, only what the build reads
+    #[arg(long, value_name = "REMOTE", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    cache_from: Option<String>,
+    /// Push the build's steps and image to a remote: `--cache-to` (the default remote) or
+    /// `--cache-to=REMOTE`
+    #[arg(long, value_name = "REMOTE", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    cache_to: Option<String>,
+    /// Make every step's disk again from its layer instead of using the cached one (checks
+    /// that the block-level cache gives what a build from scratch gives)
+    #[arg(long, hide = true)]
+    redo_disks: bool,
 }
 
 /// The local store, with the default remote attached if one is configured: an image pulled
@@ -384,7 +396,18 @@ fn pull_from_remote(
 }
 
 pub fn build(home: &Home, a: BuildArgs) -> anyhow::Result<()> {
-    let store = open_store(home)?;
+    // One remote per store: --cache-from and --cache-to name the same one (empty = default).
+    let remote = match (a.cache_from.as_deref(), a.cache_to.as_deref()) {
+        (Some(f), Some(t)) if f != t => anyhow::bail!(
+            "--cache-from {f:?} and --cache-to {t:?}: one remote per build (the same for both)"
+        ),
+        (Some(r), _) | (None, Some(r)) => Some(r),
+        (None, None) => None,
+    };
+    let store = match remote {
+        Some(r) => crate::store::open_with_remote(home, Some(r).filter(|r| !r.is_empty()), true)?,
+        None => open_store(home)?,
+    };
     let mut build_args = std::collections::HashMap::new();
     for kv in &a.build_args {
         let (k, v) = kv
@@ -412,6 +435,9 @@ pub fn build(home: &Home, a: BuildArgs) -> anyhow::Result<()> {
         memory_max: a.memory_mib.map(|m| m << 20),
         insecure_registry: a.insecure,
         guest_kernel: a.kernel.clone(),
+        cache_from: a.cache_from.is_some(),
+        cache_to: a.cache_to.is_some(),
+        redo_disks: a.redo_disks,
     };
     let report = imagebuilder::build::build(&store, &tmp_dir(home), &opts, &mut |line| {
         eprintln!("{line}")

@@ -8,8 +8,12 @@
 //! is named `cache:<final key>` too. So a rebuild with nothing changed only hashes context files
 //! and looks names up, and a changed COPY input reruns from that step on.
 //!
-//! Stage root file systems are materialised lazily: a cache hit only records the step's layer;
-//! the first miss (or the final ext4) applies the pending layers to a staging directory.
+//! The record also names the step's ext4 disk (see [`crate::stepdisk`]), and the step's upper
+//! directory is kept in the step-tree cache. So a cache hit only records the step's layer and
+//! disk; the first miss mounts the stage root from the cached trees (a tree not cached is
+//! applied from its layer once) and continues the disk chain from the last hit's disk. With
+//! `cache_from`/`cache_to` the records and their blobs also live in the store's remote, under
+//! `build-cache/<key>`.
 
 use crate::dockerfile::{self, Args, Dockerfile, Instruction};
 use crate::error::{Error, IoCtx, Result};
@@ -17,6 +21,7 @@ use crate::image::{self, ImageConfig, ImageRecord};
 use crate::layer::{self, ApplyOptions};
 use crate::sandbox;
 use crate::stage::{self, OverlayRoot};
+use crate::stepdisk;
 use blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -43,7 +48,8 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// Default: `<context>/Dockerfile`.
     pub dockerfile: Option<PathBuf>,
-    pub tag: String,
+    /// Name for the image (None: only the image id is reported).
+    pub tag: Option<String>,
     pub build_args: HashMap<String, String>,
     pub target: Option<String>,
     pub no_cache: bool,
@@ -55,6 +61,14 @@ pub struct BuildOptions {
     pub insecure_registry: bool,
     /// Guest kernel for `Isolation::Vm` (default: KILN_GUEST_KERNEL, then the build-kernel cache).
     pub guest_kernel: Option<PathBuf>,
+    /// Look steps missing here up in the store's remote (pulled lazily: manifests now, data
+    /// when read).
+    pub cache_from: bool,
+    /// Push the build's steps and image to the store's remote, named by their keys.
+    pub cache_to: bool,
+    /// Ignore the disks of cached steps and make each again from its layer and the previous
+    /// step's disk (a check that the block-level cache gives what a build from scratch gives).
+    pub redo_disks: bool,
 }
 
 /// One step of a build, as reported.
@@ -76,11 +90,18 @@ pub struct StepReport {
 pub struct BuildReport {
     pub image: BlobId,
     pub disk: BlobId,
-    pub tag: String,
+    pub tag: Option<String>,
     /// Whether the whole image came from the cache.
     pub cached: bool,
-    /// New bytes the store wrote for the ext4 disk (chunks not shared with earlier disks).
+    /// New bytes the store wrote for the final ext4 disk (its config; a fresh mkfs when the
+    /// step disks could not be used).
     pub disk_stored_bytes: u64,
+    /// New bytes the store wrote in all: layers, step disks, records.
+    pub stored_bytes: u64,
+    /// Chunks fetched from the remote (steps reused from another machine).
+    pub remote_chunks_fetched: u64,
+    /// Bytes uploaded to the remote by `cache_to`.
+    pub pushed_bytes: u64,
     pub steps: Vec<StepReport>,
 }
 
@@ -89,12 +110,24 @@ pub struct BuildReport {
 pub struct StepRecord {
     pub layer: Option<BlobId>,
     pub layer_bytes: u64,
+    /// The stage's ext4 disk after this step (without the final config), when the stage has
+    /// one (a base image) and the step could update it.
+    #[serde(default)]
+    pub disk: Option<BlobId>,
 }
 
 impl StepRecord {
     pub(crate) fn referenced(&self) -> Vec<BlobId> {
-        self.layer.into_iter().collect()
+        self.layer.into_iter().chain(self.disk).collect()
     }
+}
+
+/// Paths a stage's disks have that its trees lack: the image config for the guest agent.
+const DISK_EXTRA: &[(&str, bool)] = &[(".kiln", true), (image::CONFIG_PATH_IN_DISK, false)];
+
+/// The remote's name for the step or image of a key (remote names take no `:`).
+fn remote_cache_name(key: &blake3::Hash) -> String {
+    format!("build-cache/{}", key.to_hex())
 }
 
 pub(crate) fn get_step(store: &Store, id: &BlobId) -> Result<StepRecord> {
@@ -119,12 +152,19 @@ fn chain(parent: &blake3::Hash, parts: &[&[u8]]) -> blake3::Hash {
 struct StageState {
     key: blake3::Hash,
     layers: Vec<BlobId>,
+    /// The step key of each layer (None for the FROM image's): names its cached tree.
+    layer_keys: Vec<Option<blake3::Hash>>,
     config: ImageConfig,
     parent: Option<String>,
-    /// How many of `layers` (the first ones) are the FROM image's, and that image's disk: the
-    /// base tree comes from the extracted-tree cache and the final disk updates this one.
+    /// How many of `layers` (the first ones) are the FROM image's: the base tree comes from
+    /// the extracted-tree cache.
     base_layers: usize,
-    base_disk: Option<BlobId>,
+    /// The FROM image's disk, where the stage's chain of step disks starts (its working copy's
+    /// name), and the disk after the steps so far (None: no base image, or a step could not
+    /// update it; the final disk is then made with mkfs).
+    chain_root: Option<BlobId>,
+    disk: Option<BlobId>,
+    disk_size: u64,
     /// Staging root (mounted lazily) and how many of `layers` are applied to it.
     rootfs: Option<OverlayRoot>,
     applied: usize,
@@ -148,6 +188,10 @@ struct Builder<'a> {
     global_args: HashMap<String, String>,
     /// Set with `--isolation=vm`.
     vm_env: Option<crate::vm_isolation::VmEnv>,
+    /// Step records used or made (key, record id), for `cache_to`.
+    records: Vec<(blake3::Hash, BlobId)>,
+    /// Scratch directories made so far (for unique names).
+    scratch_seq: usize,
 }
 
 /// Builds the Dockerfile described by `opts` and tags the result.
@@ -157,7 +201,9 @@ pub fn build(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuildReport> {
-    image::check_name(&opts.tag)?;
+    if let Some(t) = &opts.tag {
+        image::check_name(t)?;
+    }
     // Fails before any work when the host, kernel or agent is missing.
     let vm_env = match opts.isolation {
         Isolation::Vm => Some(crate::vm_isolation::check(opts.guest_kernel.as_deref())?),
@@ -200,7 +246,10 @@ pub fn build(
         progress,
         global_args,
         vm_env,
+        records: Vec::new(),
+        scratch_seq: 0,
     };
+    let stats0 = store.stats();
     let target = match &opts.target {
         Some(t) => b
             .stage_index(t)
@@ -208,7 +257,13 @@ pub fn build(
         None => n - 1,
     };
     b.build_stage(target)?;
-    b.finish(target)
+    let mut report = b.finish(target)?;
+    let stats = store.stats();
+    report.stored_bytes = stats.bytes_written.saturating_sub(stats0.bytes_written);
+    report.remote_chunks_fetched = stats
+        .remote_chunk_fetches
+        .saturating_sub(stats0.remote_chunk_fetches);
+    Ok(report)
 }
 
 fn parse_arg(
@@ -284,10 +339,13 @@ impl Builder<'_> {
             StageState {
                 key: chain(&blake3::hash(b""), &[b"FROM scratch"]),
                 layers: Vec::new(),
+                layer_keys: Vec::new(),
                 config: ImageConfig::default(),
                 parent: None,
                 base_layers: 0,
-                base_disk: None,
+                chain_root: None,
+                disk: None,
+                disk_size: 0,
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -299,10 +357,13 @@ impl Builder<'_> {
             StageState {
                 key: chain(&s.key, &[b"FROM stage"]),
                 layers: s.layers.clone(),
+                layer_keys: s.layer_keys.clone(),
                 config: s.config.clone(),
                 parent: s.parent.clone(),
                 base_layers: s.base_layers,
-                base_disk: s.base_disk,
+                chain_root: s.chain_root,
+                disk: s.disk,
+                disk_size: s.disk_size,
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -313,10 +374,13 @@ impl Builder<'_> {
             StageState {
                 key: chain(&blake3::hash(b""), &[b"FROM image", id.as_bytes()]),
                 layers: rec.layers.clone(),
+                layer_keys: vec![None; rec.layers.len()],
                 config: rec.config.clone(),
                 parent: Some(format!("{base} ({id})")),
                 base_layers: rec.layers.len(),
-                base_disk: Some(rec.disk),
+                chain_root: Some(rec.disk),
+                disk: Some(rec.disk),
+                disk_size: rec.disk_size,
                 rootfs: None,
                 applied: 0,
                 args: HashMap::new(),
@@ -358,7 +422,8 @@ impl Builder<'_> {
         }
     }
 
-    /// Makes sure the stage's staging root is mounted with all its layers applied.
+    /// Makes sure the stage's staging root is mounted with all its layers: each step's from
+    /// the step cache, or applied from its layer (and then kept in the cache).
     fn materialize(&mut self, idx: usize, st: &mut StageState) -> Result<PathBuf> {
         if st.rootfs.is_none() {
             let base = if st.base_layers > 0 {
@@ -374,34 +439,126 @@ impl Builder<'_> {
             st.rootfs = Some(OverlayRoot::new(&dir, base)?);
             st.applied = st.base_layers;
         }
-        let root = st.rootfs.as_mut().expect("set above").root()?;
-        if st.applied < st.layers.len() {
-            let t = std::time::Instant::now();
-            image::materialize(self.store, &st.layers[st.applied..], &root)?;
-            tracing::info!(
-                stage = idx,
-                layers = st.layers.len() - st.applied,
-                ms = t.elapsed().as_millis() as u64,
-                "materialized"
-            );
-            st.applied = st.layers.len();
+        while st.applied < st.layers.len() {
+            let i = st.applied;
+            let name = st.layer_keys[i].map(|k| stage::step_tree_name(&k, &st.layers[i]));
+            let cached = match &name {
+                Some(n) => stage::step_tree(self.tmp, n)?,
+                None => None,
+            };
+            let ov = st.rootfs.as_mut().expect("set above");
+            match cached {
+                Some(t) => ov.push_lower(t)?,
+                None => {
+                    let t = std::time::Instant::now();
+                    ov.seal()?;
+                    let root = ov.root()?;
+                    image::materialize(self.store, &st.layers[i..=i], &root)?;
+                    if let Some(u) = ov.take_upper()? {
+                        let tree = match &name {
+                            Some(n) => stage::adopt_step_tree(self.tmp, n, &u)?,
+                            None => stage::BaseTree::uncached(u),
+                        };
+                        ov.push_lower(tree)?;
+                    }
+                    tracing::info!(
+                        stage = idx,
+                        layer = i,
+                        ms = t.elapsed().as_millis() as u64,
+                        "layer applied (its tree was not cached)"
+                    );
+                }
+            }
+            st.applied += 1;
         }
-        Ok(root)
+        st.rootfs.as_mut().expect("set above").root()
     }
 
-    fn lookup_cache(&self, key: &blake3::Hash) -> Result<Option<StepRecord>> {
+    /// The cached step of `key`: here, else (with `cache_from`) on the remote.
+    fn lookup_cache(&mut self, key: &blake3::Hash) -> Result<Option<(BlobId, StepRecord)>> {
         if self.opts.no_cache {
             return Ok(None);
         }
-        match self
-            .store
-            .lookup_name(&format!("{CACHE_PREFIX}{}", key.to_hex()))?
-        {
-            Some(id) => Ok(get_step(self.store, &id).ok()),
-            None => Ok(None),
+        let name = format!("{CACHE_PREFIX}{}", key.to_hex());
+        if let Some(id) = self.store.lookup_name(&name)? {
+            if let Ok(rec) = get_step(self.store, &id) {
+                return Ok(Some((id, rec)));
+            }
+        }
+        if !self.opts.cache_from {
+            return Ok(None);
+        }
+        let remote = || -> Result<Option<(BlobId, StepRecord)>> {
+            let Some(id) = self.store.remote_name(&remote_cache_name(key))? else {
+                return Ok(None);
+            };
+            self.store.pull(&id)?;
+            let rec = get_step(self.store, &id)?;
+            // Manifests only: the data comes when read.
+            for b in rec.referenced() {
+                self.store.pull(&b)?;
+                image::keep(self.store, &b)?;
+            }
+            self.store.set_name(&name, &id)?;
+            Ok(Some((id, rec)))
+        };
+        match remote() {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "step cache on the remote not reachable: a miss");
+                Ok(None)
+            }
         }
     }
 
+    fn scratch(&mut self, what: &str) -> PathBuf {
+        self.scratch_seq += 1;
+        self.work
+            .path()
+            .join(format!("{what}-{}", self.scratch_seq))
+    }
+
+    /// Updates the stage's disk with its top layer (the last step's upper directory, just
+    /// pushed): the step's disk, sharing every unchanged chunk with the previous one.
+    fn step_disk(&mut self, idx: usize, st: &mut StageState) -> Result<()> {
+        let (Some(from), Some(chain_root)) = (st.disk, st.chain_root) else {
+            return Ok(());
+        };
+        let scratch = self.scratch("disk");
+        let ov = st.rootfs.as_mut().expect("materialized");
+        ov.unmount()?;
+        let n = ov.layers();
+        let changed: BTreeSet<PathBuf> = layer::scan_upper(ov.layer(n - 1))?.into_keys().collect();
+        let sdir = self.work.path().join(format!("stage-{idx}"));
+        let before = ov.view(n - 1, &sdir.join("lo"))?;
+        let after = ov.view(n, &sdir.join("hi"))?;
+        let wd = stepdisk::open(self.tmp, &chain_root)?;
+        let disk = wd.update(
+            self.store,
+            &from,
+            before.path(),
+            DISK_EXTRA,
+            after.path(),
+            &changed,
+            &scratch,
+        )?;
+        drop((after, before, wd));
+        let _ = std::fs::remove_dir_all(&scratch);
+        if let Some(d) = disk {
+            image::keep(self.store, &d)?;
+        } else {
+            tracing::info!(
+                stage = idx,
+                "the disk cannot take this step: mkfs at the end"
+            );
+        }
+        st.disk = disk;
+        Ok(())
+    }
+
+    /// Stores a step that ran: its layer, its upper directory as a cached tree (the next
+    /// step's lower layer), its disk, then the record naming them under `cache:<key>`, last,
+    /// so a kill never leaves a record pointing at something missing.
     fn record_step(
         &mut self,
         idx: usize,
@@ -409,30 +566,69 @@ impl Builder<'_> {
         ins: &Instruction,
         key: blake3::Hash,
         layer_file: Option<&Path>,
-        applied_already: bool,
     ) -> Result<()> {
         let before = self.store.stats().bytes_written;
-        let (layer, layer_bytes) = match layer_file {
-            Some(p) => {
-                let size = std::fs::metadata(p).ctx("stat", p)?.len();
-                (Some(self.store.put_file(p, &PutOptions::default())?), size)
+        let upper = match st.rootfs.as_mut() {
+            Some(ov) => ov.take_upper()?,
+            None => None,
+        };
+        // The step's tree on top (uncached until its layer id names it), so its disk can be
+        // made while the layer is stored: both only read the upper directory.
+        let with_tree = match (&upper, layer_file) {
+            (Some(u), Some(_)) => {
+                let ov = st.rootfs.as_mut().expect("had an upper");
+                ov.push_lower(stage::BaseTree::uncached(u.clone()))?;
+                true
             }
+            _ => false,
+        };
+        let store = self.store;
+        let (put, disk) = std::thread::scope(|s| {
+            let put = s.spawn(move || -> Result<Option<(BlobId, u64)>> {
+                let Some(p) = layer_file else { return Ok(None) };
+                let size = std::fs::metadata(p).ctx("stat", p)?.len();
+                Ok(Some((store.put_file(p, &PutOptions::default())?, size)))
+            });
+            let disk = if with_tree {
+                self.step_disk(idx, st)
+            } else {
+                Ok(())
+            };
+            (put.join().expect("layer put does not panic"), disk)
+        });
+        let put = put?;
+        disk?;
+        let (layer, layer_bytes) = match put {
+            Some((l, size)) => (Some(l), size),
             None => (None, 0),
         };
         if let Some(l) = layer {
             image::keep(self.store, &l)?;
             st.layers.push(l);
-            if applied_already {
-                st.applied = st.layers.len();
+            st.layer_keys.push(Some(key));
+            st.applied = st.layers.len();
+            if let Some(u) = &upper {
+                let name = stage::step_tree_name(&key, &l);
+                let tree = stage::adopt_step_tree(self.tmp, &name, u)?;
+                st.rootfs
+                    .as_mut()
+                    .expect("had an upper")
+                    .replace_top(tree)?;
             }
+        } else if let Some(u) = upper {
+            let _ = std::fs::remove_dir_all(u);
         }
-        let rec = StepRecord { layer, layer_bytes };
+        let rec = StepRecord {
+            layer,
+            layer_bytes,
+            disk: st.disk,
+        };
         let rid = self.store.put_bytes(
             &serde_json::to_vec(&rec).expect("serializes"),
             &PutOptions::default(),
         )?;
-        self.store
-            .set_name(&format!("{CACHE_PREFIX}{}", key.to_hex()), &rid)?;
+        image::set_name_once(self.store, &format!("{CACHE_PREFIX}{}", key.to_hex()), &rid)?;
+        self.records.push((key, rid));
         let stored = self.store.stats().bytes_written.saturating_sub(before);
         self.steps.push(StepReport {
             stage: idx,
@@ -454,12 +650,24 @@ impl Builder<'_> {
         st: &mut StageState,
         ins: &Instruction,
         key: blake3::Hash,
-        rec: StepRecord,
-    ) {
+        (rid, rec): (BlobId, StepRecord),
+    ) -> Result<()> {
         self.say(&format!("  {}: {} (cached)", ins.line, ins.original));
         if let Some(l) = rec.layer {
             st.layers.push(l);
+            st.layer_keys.push(Some(key));
+            if self.opts.redo_disks && st.disk.is_some() {
+                // The step's tree on top, and its disk made again from it.
+                let n0 = st.rootfs.as_ref().map_or(0, |o| o.layers());
+                self.materialize(idx, st)?;
+                if st.rootfs.as_ref().map_or(0, |o| o.layers()) == n0 + 1 {
+                    self.step_disk(idx, st)?;
+                }
+            } else if st.disk.is_some() {
+                st.disk = rec.disk;
+            }
         }
+        self.records.push((key, rid));
         self.steps.push(StepReport {
             stage: idx,
             line: ins.line,
@@ -471,6 +679,7 @@ impl Builder<'_> {
             millis: 0,
         });
         st.key = key;
+        Ok(())
     }
 
     fn step(&mut self, idx: usize, st: &mut StageState, ins: &Instruction) -> Result<()> {
@@ -596,14 +805,13 @@ impl Builder<'_> {
                 st.config.workdir = Some(abs.clone());
                 let key = chain(&st.key, &[b"WORKDIR", abs.as_bytes()]);
                 if let Some(rec) = self.lookup_cache(&key)? {
-                    self.cache_hit(idx, st, ins, key, rec);
-                    return Ok(());
+                    return self.cache_hit(idx, st, ins, key, rec);
                 }
                 self.say(&format!("  {}: {}", ins.line, ins.original));
                 let root = self.fresh_upper(idx, st)?;
                 mkdir_in_root(&root, &abs)?;
                 let layer = self.upper_layer(st)?;
-                self.record_step(idx, st, ins, key, layer.as_deref(), true)?;
+                self.record_step(idx, st, ins, key, layer.as_deref())?;
             }
             "RUN" => self.run_step(idx, st, ins, &vars, &shell)?,
             "COPY" | "ADD" => self.copy_step(idx, st, ins, &vars)?,
@@ -628,6 +836,7 @@ impl Builder<'_> {
     }
 
     /// Writes what changed since [`Self::fresh_upper`] as a layer file; None when nothing did.
+    /// The upper directory stays for [`Self::record_step`].
     fn upper_layer(&self, st: &mut StageState) -> Result<Option<PathBuf>> {
         let ov = st.rootfs.as_mut().expect("materialized");
         ov.unmount()?;
@@ -642,7 +851,6 @@ impl Builder<'_> {
         let mut w = std::io::BufWriter::new(f);
         let n = layer::write_upper(ov.upper(), &mut w)?;
         w.flush().ctx("write", &path)?;
-        ov.seal()?;
         if n == 0 {
             let _ = std::fs::remove_file(&path);
             return Ok(None);
@@ -735,8 +943,7 @@ impl Builder<'_> {
             &[b"RUN", &argv_bytes, &cfg, &arg_bytes, &mount_key],
         );
         if let Some(rec) = self.lookup_cache(&key)? {
-            self.cache_hit(idx, st, ins, key, rec);
-            return Ok(());
+            return self.cache_hit(idx, st, ins, key, rec);
         }
         self.say(&format!("  {}: {}", ins.line, ins.original));
         let root = self.fresh_upper(idx, st)?;
@@ -769,7 +976,7 @@ impl Builder<'_> {
             });
         }
         let layer = self.upper_layer(st)?;
-        self.record_step(idx, st, ins, key, layer.as_deref(), true)
+        self.record_step(idx, st, ins, key, layer.as_deref())
     }
 
     /// One `RUN --mount=...` spec: what to mount and what it adds to the step's key (a cache
@@ -1003,8 +1210,7 @@ impl Builder<'_> {
                 ],
             );
             if let Some(rec) = self.lookup_cache(&k)? {
-                self.cache_hit(idx, st, ins, k, rec);
-                return Ok(());
+                return self.cache_hit(idx, st, ins, k, rec);
             }
             let mut sst = self.stages[s].take().expect("built");
             let r = self.materialize(s, &mut sst);
@@ -1037,8 +1243,7 @@ impl Builder<'_> {
             let h = hash_file(&tar_path)?;
             let k = chain(&st.key, &[b"COPY", h.as_bytes()]);
             if let Some(rec) = self.lookup_cache(&k)? {
-                self.cache_hit(idx, st, ins, k, rec);
-                return Ok(());
+                return self.cache_hit(idx, st, ins, k, rec);
             }
             k
         };
@@ -1082,22 +1287,17 @@ impl Builder<'_> {
             }
         }
         self.say(&format!("  {}: {}", ins.line, ins.original));
-        // Apply to the staging root if it exists; else it is applied lazily with the rest.
-        let applied = if st.rootfs.is_some() {
-            let root = self.materialize(idx, st)?;
-            let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
-            layer::apply_layer(
-                &root,
-                f,
-                &ApplyOptions {
-                    allow_devices: true,
-                },
-            )?;
-            true
-        } else {
-            false
-        };
-        self.record_step(idx, st, ins, key, Some(&tar_path), applied)
+        // Applied in a fresh upper directory: the step's tree, from which its disk is made.
+        let root = self.fresh_upper(idx, st)?;
+        let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
+        layer::apply_layer(
+            &root,
+            f,
+            &ApplyOptions {
+                allow_devices: true,
+            },
+        )?;
+        self.record_step(idx, st, ins, key, Some(&tar_path))
     }
 
     fn write_copy_tar(
@@ -1321,34 +1521,68 @@ impl Builder<'_> {
         ignored
     }
 
+    /// The image cached under `final_key`: here, else (with `cache_from`) on the remote.
+    fn cached_image(&self, cache_name: &str, final_key: &blake3::Hash) -> Result<Option<BlobId>> {
+        if self.opts.no_cache || self.opts.redo_disks {
+            return Ok(None);
+        }
+        if let Some(id) = self.store.lookup_name(cache_name)? {
+            return Ok(Some(id));
+        }
+        if !self.opts.cache_from {
+            return Ok(None);
+        }
+        let remote = || -> Result<Option<BlobId>> {
+            let Some(id) = self.store.remote_name(&remote_cache_name(final_key))? else {
+                return Ok(None);
+            };
+            self.store.pull(&id)?;
+            let rec = image::get_record(self.store, &id)?;
+            for b in rec.layers.iter().chain([&rec.disk]) {
+                self.store.pull(b)?;
+                image::keep(self.store, b)?;
+            }
+            image::keep(self.store, &id)?;
+            self.store.set_name(cache_name, &id)?;
+            Ok(Some(id))
+        };
+        remote().or_else(|e| {
+            tracing::warn!(error = %e, "image cache on the remote not reachable: a miss");
+            Ok(None)
+        })
+    }
+
     fn finish(mut self, target: usize) -> Result<BuildReport> {
         let mut st = self.stages[target].take().expect("target built");
         let final_key = chain(&st.key, &[b"IMAGE"]);
         let cache_name = format!("{CACHE_PREFIX}{}", final_key.to_hex());
-        if !self.opts.no_cache {
-            if let Some(id) = self.store.lookup_name(&cache_name)? {
-                if let Ok(rec) = image::get_record(self.store, &id) {
-                    image::tag(self.store, &self.opts.tag, &id)?;
-                    self.say(&format!("image {} (cached) tagged {}", id, self.opts.tag));
-                    return Ok(BuildReport {
-                        image: id,
-                        disk: rec.disk,
-                        tag: self.opts.tag.clone(),
-                        cached: true,
-                        disk_stored_bytes: 0,
-                        steps: self.steps,
-                    });
-                }
+        if let Some(id) = self.cached_image(&cache_name, &final_key)? {
+            if let Ok(rec) = image::get_record(self.store, &id) {
+                self.name_image(&id, true)?;
+                let pushed_bytes = self.push_cache(&final_key, &id)?;
+                return Ok(BuildReport {
+                    image: id,
+                    disk: rec.disk,
+                    tag: self.opts.tag.clone(),
+                    cached: true,
+                    disk_stored_bytes: 0,
+                    stored_bytes: 0,
+                    remote_chunks_fetched: 0,
+                    pushed_bytes,
+                    steps: self.steps,
+                });
             }
         }
-        let root = self.materialize(target, &mut st)?;
-        self.say("  writing ext4 disk");
-        let scratch = self.work.path().join("final");
-        std::fs::create_dir_all(&scratch).ctx("mkdir", &scratch)?;
         let before = self.store.stats().bytes_written;
-        let (disk, disk_size) = match self.incremental_disk(&mut st, &root, &scratch)? {
-            Some(d) => d,
-            None => image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?,
+        let (disk, disk_size) = match self.config_disk(&st)? {
+            Some(d) => (d, st.disk_size),
+            None => {
+                let root = self.materialize(target, &mut st)?;
+                self.say("  writing ext4 disk (mkfs)");
+                let scratch = self.scratch("final");
+                std::fs::create_dir_all(&scratch).ctx("mkdir", &scratch)?;
+                image::commit_rootfs(self.store, &root, &st.config, &st.layers, &scratch)?
+            }
         };
         let disk_stored_bytes = self.store.stats().bytes_written.saturating_sub(before);
         let df_name = self.df.file.clone();
@@ -1363,46 +1597,91 @@ impl Builder<'_> {
             history: st.history.clone(),
         };
         let id = image::put_record(self.store, &rec)?;
-        self.store.set_name(&cache_name, &id)?;
-        image::tag(self.store, &self.opts.tag, &id)?;
-        self.say(&format!("image {id} tagged {}", self.opts.tag));
+        image::set_name_once(self.store, &cache_name, &id)?;
+        self.name_image(&id, false)?;
+        let pushed_bytes = self.push_cache(&final_key, &id)?;
         Ok(BuildReport {
             image: id,
             disk,
             tag: self.opts.tag.clone(),
             cached: false,
             disk_stored_bytes,
+            stored_bytes: 0,
+            remote_chunks_fetched: 0,
+            pushed_bytes,
             steps: self.steps,
         })
     }
-}
 
-impl Builder<'_> {
-    /// The final disk as an update of the FROM image's disk, when the stage has one.
-    fn incremental_disk(
-        &self,
-        st: &mut StageState,
-        root: &Path,
-        scratch: &Path,
-    ) -> Result<Option<(BlobId, u64)>> {
-        let (Some(base_disk), Some(ov)) = (st.base_disk, st.rootfs.as_ref()) else {
+    /// Tags the image if the build has a tag, and says so.
+    fn name_image(&mut self, id: &BlobId, cached: bool) -> Result<()> {
+        let how = if cached { " (cached)" } else { "" };
+        match self.opts.tag.clone() {
+            Some(t) => {
+                image::tag(self.store, &t, id)?;
+                self.say(&format!("image {id}{how} tagged {t}"));
+            }
+            None => self.say(&format!("image {id}{how}")),
+        }
+        Ok(())
+    }
+
+    /// The final disk: the last step's disk with the image config written into it. None when
+    /// the stage has no step disk (no base image, or a step could not update it).
+    fn config_disk(&mut self, st: &StageState) -> Result<Option<BlobId>> {
+        let (Some(from), Some(chain_root)) = (st.disk, st.chain_root) else {
             return Ok(None);
         };
-        let Some(base_tree) = ov.base() else {
-            return Ok(None);
-        };
-        let key = stage::layers_key(&st.layers[..st.base_layers]);
-        let pair = stage::disk_pair(self.store, self.tmp, &key, &base_disk)?;
-        image::commit_incremental(
+        let dir = self.scratch("config");
+        let (tree, empty) = (dir.join("tree"), dir.join("empty"));
+        std::fs::create_dir_all(&tree).ctx("mkdir", &tree)?;
+        std::fs::create_dir_all(&empty).ctx("mkdir", &empty)?;
+        image::write_config(&tree, &st.config)?;
+        let changed: BTreeSet<PathBuf> = [".kiln", image::CONFIG_PATH_IN_DISK]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        let wd = stepdisk::open(self.tmp, &chain_root)?;
+        let disk = wd.update(
             self.store,
-            &base_disk,
-            &pair,
-            base_tree,
-            root,
-            &ov.uppers(),
-            &st.config,
-            scratch,
-        )
+            &from,
+            &empty,
+            DISK_EXTRA,
+            &tree,
+            &changed,
+            &dir.join("scratch"),
+        )?;
+        if let Some(d) = disk {
+            image::keep(self.store, &d)?;
+        }
+        Ok(disk)
+    }
+
+    /// With `cache_to`: pushes every step record the build used or made (layer and disk
+    /// first, then the record, then its remote name) and the image. Returns bytes uploaded.
+    fn push_cache(&mut self, final_key: &blake3::Hash, image_id: &BlobId) -> Result<u64> {
+        if !self.opts.cache_to {
+            return Ok(0);
+        }
+        let t = std::time::Instant::now();
+        let mut bytes = 0;
+        let records = std::mem::take(&mut self.records);
+        for (key, rid) in &records {
+            let rec = get_step(self.store, rid)?;
+            for b in rec.referenced().iter().chain([rid]) {
+                bytes += self.store.push(b, &|_| {})?.bytes_uploaded;
+            }
+            self.store.push_name(&remote_cache_name(key), rid)?;
+        }
+        bytes += image::push(self.store, image_id)?;
+        self.store
+            .push_name(&remote_cache_name(final_key), image_id)?;
+        self.say(&format!(
+            "  step cache pushed: {} steps, {bytes} bytes uploaded in {:.2} s",
+            records.len(),
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(bytes)
     }
 }
 

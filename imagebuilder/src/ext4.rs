@@ -158,34 +158,31 @@ fn fix_times(img: &Path) -> Result<()> {
             }
         }
     }
-    run_debugfs(img, &script)
+    run_debugfs(img, &script, None)
 }
 
-/// Free blocks, free inodes and block size of an ext4 image (from its superblock).
+/// Free blocks, free inodes and block size of an ext4 image, read from its superblock (at
+/// byte 1024; the counts e2fsprogs keeps there and `dumpe2fs -h` prints, without a process).
 fn free_space(img: &Path) -> Result<(u64, u64, u64)> {
-    let out = Command::new("dumpe2fs")
-        .arg("-h")
-        .arg(img)
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| Error::Mkfs(format!("cannot run dumpe2fs: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    match (
-        field("Free blocks:"),
-        field("Free inodes:"),
-        field("Block size:"),
-    ) {
-        (Some(b), Some(i), Some(bs)) => Ok((b, i, bs)),
-        _ => Err(Error::Mkfs(format!(
-            "cannot read free space of {} from dumpe2fs",
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    std::fs::File::open(img)
+        .and_then(|f| f.read_exact_at(&mut sb, 1024))
+        .ctx("read superblock", img)?;
+    let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+    if u16_at(0x38) != 0xEF53 {
+        return Err(Error::Mkfs(format!(
+            "{} is not an ext4 image",
             img.display()
-        ))),
+        )));
     }
+    let mut free_blocks = u32_at(0x0C);
+    // 64bit feature (incompat 0x80): the high half of the count.
+    if u32_at(0x60) & 0x80 != 0 {
+        free_blocks |= u32_at(0x158) << 32;
+    }
+    Ok((free_blocks, u32_at(0x10), 1024u64 << u32_at(0x18).min(6)))
 }
 
 /// `lstat` of `rel` below `root`, None if it or any parent is missing or a parent is not a
@@ -235,6 +232,7 @@ pub fn update_ext4(
     extra_base: &[(&str, bool)],
     root: &Path,
     changed: &BTreeSet<PathBuf>,
+    undo: Option<&Path>,
 ) -> Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     let base_has = |rel: &Path| -> Option<bool> {
@@ -420,17 +418,78 @@ pub fn update_ext4(
         );
         return Ok(false);
     }
-    run_debugfs(img, &script)?;
+    run_debugfs(img, &script, undo)?;
     Ok(true)
 }
 
-/// Runs a debugfs script (`-w`) on an image; any complaint is an error.
-fn run_debugfs(img: &Path, script: &str) -> Result<()> {
+/// The byte ranges (offset, length) a debugfs run with `-z undo` wrote, from its undo file:
+/// e2undo's format, a header (`E2UNDO02`, key count at 8, first key block at 24 in blocks,
+/// block size at 32) and key blocks (magic 0xCADECADE, then 16-byte keys: file system block,
+/// crc, size in bytes), each followed by the old data of its keys. A missing file means no
+/// write; anything malformed is an error (the caller then cannot trust the image's blocks).
+pub fn undo_ranges(undo: &Path) -> Result<Vec<(u64, u64)>> {
+    let bytes = match std::fs::read(undo) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io {
+                what: "read",
+                path: undo.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    let bad = |what: &str| Error::Mkfs(format!("undo file {}: {what}", undo.display()));
+    let u64_at = |o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?))
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?))
+    };
+    if bytes.get(..8) != Some(b"E2UNDO02".as_slice()) {
+        return Err(bad("not an e2undo file"));
+    }
+    let keys = u64_at(8).ok_or_else(|| bad("short header"))?;
+    let mut blk = u64_at(24).ok_or_else(|| bad("short header"))?;
+    let bs = u32_at(32).ok_or_else(|| bad("short header"))? as u64;
+    if !(1024..=65536).contains(&bs) {
+        return Err(bad("odd block size"));
+    }
+    let per_block = (bs - 16) / 16;
+    let mut out = Vec::new();
+    let mut left = keys;
+    while left > 0 {
+        let at = (blk * bs) as usize;
+        if u32_at(at) != Some(0xCADE_CADE) {
+            return Err(bad("key block magic missing"));
+        }
+        blk += 1;
+        for k in 0..per_block.min(left) {
+            let o = at + 16 + (k * 16) as usize;
+            let fsblk = u64_at(o).ok_or_else(|| bad("short key block"))?;
+            let size = u32_at(o + 12).ok_or_else(|| bad("short key block"))? as u64;
+            out.push((fsblk * bs, size));
+            blk += size.div_ceil(bs);
+        }
+        left -= per_block.min(left);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Runs a debugfs script (`-w`) on an image; any complaint is an error. With `undo`, debugfs
+/// also writes an undo file there (see [`undo_ranges`]).
+fn run_debugfs(img: &Path, script: &str, undo: Option<&Path>) -> Result<()> {
     // A script file (not stdin): debugfs echoes every command, and a pipe both ways deadlocks.
     let script_path = img.with_extension("debugfs");
     std::fs::write(&script_path, script).ctx("write", &script_path)?;
-    let out = Command::new("debugfs")
-        .arg("-w")
+    let mut cmd = Command::new("debugfs");
+    cmd.arg("-w");
+    if let Some(u) = undo {
+        let _ = std::fs::remove_file(u);
+        cmd.arg("-z").arg(u);
+    }
+    let out = cmd
         .arg("-f")
         .arg(&script_path)
         .arg(img)
@@ -563,7 +622,22 @@ mod tests {
         make_ext4(&base, &img, 16 << 20, b"seed").unwrap();
         let img2 = t.path().join("img2");
         std::fs::copy(&img, &img2).unwrap();
-        assert!(update_ext4(&img, &base, &[], &fin, &changed).unwrap());
+        let undo = t.path().join("undo");
+        assert!(update_ext4(&img, &base, &[], &fin, &changed, Some(&undo)).unwrap());
+        // The undo file names every block that changed: the untouched copy plus those
+        // blocks from the updated image is the updated image.
+        let ranges = undo_ranges(&undo).unwrap();
+        assert!(!ranges.is_empty());
+        let mut patched = std::fs::read(&img2).unwrap();
+        let updated = std::fs::read(&img).unwrap();
+        for &(off, len) in &ranges {
+            let (a, b) = (off as usize, (off + len) as usize);
+            patched[a..b].copy_from_slice(&updated[a..b]);
+        }
+        assert!(
+            patched == updated,
+            "a changed block is missing from the undo file"
+        );
         let fsck = Command::new("e2fsck")
             .arg("-fn")
             .arg(&img)
@@ -595,15 +669,39 @@ mod tests {
         // Same image, same trees: same bytes, also a second later (the superblock keeps the
         // time of its last write).
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        assert!(update_ext4(&img2, &base, &[], &fin, &changed).unwrap());
+        // (With an undo file, as builds run it: the superblock counts the bytes a session
+        // wrote, and through the undo layer that count differs.)
+        let undo2 = t.path().join("undo2");
+        assert!(update_ext4(&img2, &base, &[], &fin, &changed, Some(&undo2)).unwrap());
         assert!(std::fs::read(&img).unwrap() == std::fs::read(&img2).unwrap());
         // No room: nothing is touched.
         std::fs::write(fin.join("big"), vec![1u8; 32 << 20]).unwrap();
         let mut more = changed.clone();
         more.insert("big".into());
         let before = std::fs::read(&img).unwrap();
-        assert!(!update_ext4(&img, &base, &[], &fin, &more).unwrap());
+        assert!(!update_ext4(&img, &base, &[], &fin, &more, None).unwrap());
         assert!(std::fs::read(&img).unwrap() == before);
+        // The superblock's counts, as dumpe2fs prints them.
+        let dump = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&dump.stdout);
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap()
+        };
+        assert_eq!(
+            free_space(&img).unwrap(),
+            (
+                field("Free blocks:"),
+                field("Free inodes:"),
+                field("Block size:")
+            )
+        );
     }
 
     #[test]

@@ -149,12 +149,21 @@ pub fn check_name(name: &str) -> Result<()> {
 /// Stores a record and everything it refers to; returns the image id.
 pub fn put_record(store: &Store, rec: &ImageRecord) -> Result<BlobId> {
     for id in rec.layers.iter().chain(std::iter::once(&rec.disk)) {
-        store.set_name(&format!("{KEEP_PREFIX}{id}"), id)?;
+        keep(store, id)?;
     }
     let bytes = serde_json::to_vec(rec).expect("record serializes");
     let id = store.put_bytes(&bytes, &PutOptions::default())?;
-    store.set_name(&format!("{KEEP_PREFIX}{id}"), &id)?;
+    keep(store, &id)?;
     Ok(id)
+}
+
+/// Points `name` at `id` unless it already does: every name written is two fsyncs, and a
+/// rebuild names mostly what is named already.
+pub(crate) fn set_name_once(store: &Store, name: &str, id: &BlobId) -> Result<()> {
+    if store.lookup_name(name)? != Some(*id) {
+        store.set_name(name, id)?;
+    }
+    Ok(())
 }
 
 /// Reads an image record by id.
@@ -176,8 +185,7 @@ pub fn get_record(store: &Store, id: &BlobId) -> Result<ImageRecord> {
 /// Points `name` at image `id`.
 pub fn tag(store: &Store, name: &str, id: &BlobId) -> Result<()> {
     check_name(name)?;
-    store.set_name(&format!("{IMAGE_PREFIX}{name}"), id)?;
-    Ok(())
+    set_name_once(store, &format!("{IMAGE_PREFIX}{name}"), id)
 }
 
 /// The image a name (or an image id / unique id prefix) refers to.
@@ -243,8 +251,7 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
 
 /// Marks a blob as referenced (see module docs).
 pub(crate) fn keep(store: &Store, id: &BlobId) -> Result<()> {
-    store.set_name(&format!("{KEEP_PREFIX}{id}"), id)?;
-    Ok(())
+    set_name_once(store, &format!("{KEEP_PREFIX}{id}"), id)
 }
 
 /// Turns a staged root file system into a disk blob: writes the config at
@@ -282,7 +289,7 @@ pub fn commit_rootfs(
 }
 
 /// Writes the config for the guest agent at [`CONFIG_PATH_IN_DISK`], with fixed times.
-fn write_config(rootfs: &Path, config: &ImageConfig) -> Result<()> {
+pub(crate) fn write_config(rootfs: &Path, config: &ImageConfig) -> Result<()> {
     let kiln_dir = rootfs.join(".kiln");
     std::fs::create_dir_all(&kiln_dir).ctx("mkdir", &kiln_dir)?;
     let cfg_path = rootfs.join(CONFIG_PATH_IN_DISK);
@@ -294,167 +301,6 @@ fn write_config(rootfs: &Path, config: &ImageConfig) -> Result<()> {
     crate::layer::set_mtime(&cfg_path, crate::ext4::FIXED_TIME as i64)?;
     crate::layer::set_mtime(&kiln_dir, crate::ext4::FIXED_TIME as i64)?;
     Ok(())
-}
-
-/// The data extents of a sparse file, as (offset, length).
-fn data_extents(f: &std::fs::File) -> Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let len = f.metadata().ctx("stat", "disk image")?.len();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an fd we own.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data after pos
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        out.push((data as u64, (end - data) as u64));
-        pos = end;
-    }
-    Ok(out)
-}
-
-/// Copies a sparse file, keeping its holes.
-pub(crate) fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let src = std::fs::File::open(from).ctx("open", from)?;
-    let _ = std::fs::remove_file(to);
-    let dst = std::fs::File::create(to).ctx("create", to)?;
-    dst.set_len(src.metadata().ctx("stat", from)?.len())
-        .ctx("truncate", to)?;
-    use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; 1 << 20];
-    for (off, len) in data_extents(&src)? {
-        let mut done = 0;
-        while done < len {
-            // In-kernel copy first (no trip through user memory); plain reads and writes where
-            // the file systems do not support it.
-            let (mut a, mut b) = ((off + done) as i64, (off + done) as i64);
-            // SAFETY: both fds are open files we own; the offsets are valid pointers to i64.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut a,
-                    dst.as_raw_fd(),
-                    &mut b,
-                    (len - done) as usize,
-                    0,
-                )
-            };
-            if n > 0 {
-                done += n as u64;
-                continue;
-            }
-            let n = (len - done).min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], off + done)
-                .ctx("read", from)?;
-            dst.write_all_at(&buf[..n], off + done).ctx("write", to)?;
-            done += n as u64;
-        }
-    }
-    Ok(())
-}
-
-/// Like [`commit_rootfs`], for a build over a base image: updates a copy of the base image's
-/// disk (made by [`commit_rootfs`] from `base_tree`) to hold `rootfs`, given the overlayfs
-/// upper directories that hold every path the build changed, and stores only the 4 KiB sectors
-/// that differ from the base disk (an overlay commit shares every other chunk). None when the
-/// base disk lacks room (the caller then makes a fresh disk).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn commit_incremental(
-    store: &Store,
-    base_disk: &BlobId,
-    pair: &crate::stage::DiskPair,
-    base_tree: &Path,
-    rootfs: &Path,
-    uppers: &[std::path::PathBuf],
-    config: &ImageConfig,
-    scratch: &Path,
-) -> Result<Option<(BlobId, u64)>> {
-    use std::os::unix::fs::FileExt;
-    let t = std::time::Instant::now();
-    write_config(rootfs, config)?;
-    let mut changed = BTreeSet::new();
-    for u in uppers {
-        changed.extend(crate::layer::scan_upper(u)?.into_keys());
-    }
-    changed.insert(".kiln".into());
-    changed.insert(CONFIG_PATH_IN_DISK.into());
-    let img = &pair.work;
-    pair.mark_dirty()?;
-    let fits = crate::ext4::update_ext4(
-        img,
-        base_tree,
-        &[(".kiln", true), (CONFIG_PATH_IN_DISK, false)],
-        rootfs,
-        &changed,
-    )?;
-    if !fits {
-        pair.mark_clean()?; // untouched
-        return Ok(None);
-    }
-    let debugfs_ms = t.elapsed().as_millis() as u64;
-    let new = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(img)
-        .ctx("open", img)?;
-    let old = std::fs::File::open(&pair.base).ctx("open", &pair.base)?;
-    let size = new.metadata().ctx("stat", img)?.len();
-    let ov_dir = scratch.join("overlay");
-    let ov = store.create_overlay(Some(base_disk), size, &ov_dir)?;
-    let res = (|| {
-        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-        let mut sectors = 0u64;
-        for (off, len) in data_extents(&new)? {
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(a.len() as u64) as usize;
-                let at = off + done;
-                new.read_exact_at(&mut a[..n], at).ctx("read", img)?;
-                let got = old.read_at(&mut b[..n], at).ctx("read", &pair.base)?;
-                b[got..n].fill(0);
-                // Coalesce differing 4 KiB sectors into runs: into the overlay, and the base's
-                // bytes back into the working copy.
-                let mut i = 0;
-                while i < n {
-                    let e = (i + 4096).min(n);
-                    if a[i..e] == b[i..e] {
-                        i = e;
-                        continue;
-                    }
-                    let mut j = e;
-                    while j < n && a[j..(j + 4096).min(n)] != b[j..(j + 4096).min(n)] {
-                        j = (j + 4096).min(n);
-                    }
-                    ov.write_at(at + i as u64, &a[i..j])?;
-                    new.write_all_at(&b[i..j], at + i as u64)
-                        .ctx("write", img)?;
-                    sectors += (j - i).div_ceil(4096) as u64;
-                    i = j;
-                }
-                done += n as u64;
-            }
-        }
-        pair.mark_clean()?;
-        let id = ov.commit()?;
-        Ok::<_, Error>((id, sectors))
-    })();
-    let discard = ov.discard();
-    let (id, sectors) = res?;
-    discard?;
-    keep(store, &id)?;
-    tracing::info!(
-        debugfs_ms,
-        total_ms = t.elapsed().as_millis() as u64,
-        changed_paths = changed.len(),
-        changed_sectors = sectors,
-        "disk updated from the base image's disk"
-    );
-    Ok(Some((id, size)))
 }
 
 /// Reads a blob as a stream (for applying layer blobs).

@@ -17,6 +17,7 @@ pub mod layer;
 pub mod oci;
 pub mod sandbox;
 mod stage;
+mod stepdisk;
 pub mod vm_isolation;
 
 pub use error::{Error, Result};

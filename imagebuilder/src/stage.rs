@@ -7,9 +7,9 @@
 //! `lowerdir=<sealed uppers, newest first>:<base>` with a fresh upper directory; a step that
 //! needs its own diff (RUN) first seals the current upper (it becomes a lower) so that after the
 //! command the new upper holds exactly what the step changed: the layer is written from it
-//! instead of scanning the whole tree before and after. The union of all upper directories is
-//! what the stage changed against the base, which the final ext4 uses to update the base
-//! image's disk instead of making a new one.
+//! instead of scanning the whole tree before and after. Each step's upper directory is then
+//! kept in the step-tree cache (`<tmp>/step-trees/`) and mounted as a lower directory by later
+//! steps and later builds, and the step's disk is made from it ([`crate::stepdisk`]).
 //!
 //! Cache entries are guarded by flock: shared while a build uses the tree, exclusive while it is
 //! extracted or evicted, so eviction never pulls a lower directory out from under a mount.
@@ -31,7 +31,14 @@ const MAX_MOUNT_OPTS: usize = 3500;
 /// A cached, extracted base tree, held (shared lock) for as long as this value lives.
 pub(crate) struct BaseTree {
     pub path: PathBuf,
-    _lock: File,
+    _lock: Option<File>,
+}
+
+impl BaseTree {
+    /// A tree no cache holds (it lives and dies with the build directory).
+    pub fn uncached(path: PathBuf) -> BaseTree {
+        BaseTree { path, _lock: None }
+    }
 }
 
 fn flock(f: &File, op: i32) -> std::io::Result<()> {
@@ -104,8 +111,92 @@ pub(crate) fn base_tree(store: &Store, tmp: &Path, layers: &[BlobId]) -> Result<
             );
         }
     }
-    evict(&dir, &key);
-    Ok(BaseTree { path, _lock: lock })
+    evict(&dir, &key, KEEP_TREES);
+    Ok(BaseTree {
+        path,
+        _lock: Some(lock),
+    })
+}
+
+/// Upper directories of cached build steps kept; older ones (not in use) are removed.
+const KEEP_STEP_TREES: usize = 48;
+
+fn step_trees_dir(tmp: &Path) -> PathBuf {
+    tmp.join("step-trees")
+}
+
+/// The cache name of a step's upper directory: the step's key and its layer (a step rerun
+/// with `--no-cache` may change files differently under the same key); short, so that many
+/// fit in overlayfs's option page as lower directories.
+pub(crate) fn step_tree_name(key: &blake3::Hash, layer: &BlobId) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(key.as_bytes());
+    h.update(layer.as_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
+
+fn open_lock(p: &Path) -> Result<File> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .ctx("open", p)
+}
+
+/// The cached upper directory of the step `name` (what that step changed, in overlayfs upper
+/// form: whiteout devices, opaque xattrs), held for as long as the value lives; None if the
+/// cache lacks it.
+pub(crate) fn step_tree(tmp: &Path, name: &str) -> Result<Option<BaseTree>> {
+    let dir = step_trees_dir(tmp);
+    if !complete(&dir, name) {
+        return Ok(None);
+    }
+    let lock_path = dir.join(format!("{name}.lock"));
+    let lock = open_lock(&lock_path)?;
+    flock(&lock, libc::LOCK_SH).ctx("lock", &lock_path)?;
+    let _ = lock.set_modified(std::time::SystemTime::now());
+    // Evicted between the check and the lock: a miss.
+    if !complete(&dir, name) {
+        return Ok(None);
+    }
+    Ok(Some(BaseTree {
+        path: dir.join(name),
+        _lock: Some(lock),
+    }))
+}
+
+/// Moves `upper` (a step's upper directory, no longer mounted) into the step cache as `name`
+/// and returns it held. If the cache cannot take it (another file system), it stays where it
+/// is, uncached. The `.complete` marker is written after the rename, so a kill in between
+/// leaves an entry that is never used and is replaced next time.
+pub(crate) fn adopt_step_tree(tmp: &Path, name: &str, upper: &Path) -> Result<BaseTree> {
+    let dir = step_trees_dir(tmp);
+    std::fs::create_dir_all(&dir).ctx("mkdir", &dir)?;
+    let lock_path = dir.join(format!("{name}.lock"));
+    let lock = open_lock(&lock_path)?;
+    flock(&lock, libc::LOCK_SH).ctx("lock", &lock_path)?;
+    let _ = lock.set_modified(std::time::SystemTime::now());
+    let ex_path = dir.join(format!("{name}.extract"));
+    let ex = open_lock(&ex_path)?;
+    flock(&ex, libc::LOCK_EX).ctx("lock", &ex_path)?;
+    let path = dir.join(name);
+    if complete(&dir, name) {
+        let _ = std::fs::remove_dir_all(upper);
+    } else {
+        let _ = std::fs::remove_dir_all(&path);
+        if let Err(e) = std::fs::rename(upper, &path) {
+            tracing::warn!(error = %e, "cannot keep the step's tree in the cache");
+            return Ok(BaseTree::uncached(upper.to_path_buf()));
+        }
+        std::fs::write(dir.join(format!("{name}.complete")), b"").ctx("write", &dir)?;
+    }
+    drop(ex);
+    evict(&dir, name, KEEP_STEP_TREES);
+    Ok(BaseTree {
+        path,
+        _lock: Some(lock),
+    })
 }
 
 /// Keeps `tree`, a staging tree just made from `layers` (and given to
@@ -146,7 +237,7 @@ pub(crate) fn adopt_tree(tmp: &Path, layers: &[BlobId], tree: &Path) {
         Ok(())
     })();
     match res {
-        Ok(()) => evict(&dir, &key),
+        Ok(()) => evict(&dir, &key, KEEP_TREES),
         Err(e) => tracing::warn!(error = %e, "could not keep the extracted tree"),
     }
 }
@@ -156,8 +247,8 @@ fn complete(dir: &Path, key: &str) -> bool {
     dir.join(format!("{key}.complete")).exists() && dir.join(key).is_dir()
 }
 
-/// Removes the least recently used trees beyond [`KEEP_TREES`] that no build holds.
-fn evict(dir: &Path, keep: &str) {
+/// Removes the least recently used trees beyond `keep_n` that no build holds.
+fn evict(dir: &Path, keep: &str, keep_n: usize) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -176,7 +267,7 @@ fn evict(dir: &Path, keep: &str) {
         .collect();
     entries.sort();
     entries.reverse();
-    for (_, key) in entries.into_iter().skip(KEEP_TREES) {
+    for (_, key) in entries.into_iter().skip(keep_n) {
         if key == keep {
             continue;
         }
@@ -189,88 +280,104 @@ fn evict(dir: &Path, keep: &str) {
         }
         let _ = std::fs::remove_file(dir.join(format!("{key}.complete")));
         let _ = std::fs::remove_dir_all(dir.join(&key));
-        let _ = std::fs::remove_file(dir.join(format!("{key}.disk")));
-        for ext in ["diskid", "work", "dirty"] {
-            let _ = std::fs::remove_file(dir.join(format!("{key}.{ext}")));
-        }
-        tracing::info!(key, "evicted cached base tree");
+        tracing::info!(key, "evicted cached tree");
     }
-}
-
-/// The cached plain copy of a base disk blob (`base`, never written) and a working copy
-/// (`work`) that a build updates in place and then restores sector by sector from `base`, so no
-/// build copies the whole disk. Held exclusively for as long as this value lives; a working
-/// copy left dirty by a crash is made again from `base`. Evicted with the tree of `tree_key`.
-pub(crate) struct DiskPair {
-    pub base: PathBuf,
-    pub work: PathBuf,
-    dirty: PathBuf,
-    _lock: File,
-}
-
-impl DiskPair {
-    /// From here until [`DiskPair::mark_clean`], `work` may differ from `base`.
-    pub fn mark_dirty(&self) -> Result<()> {
-        std::fs::write(&self.dirty, b"").ctx("write", &self.dirty)
-    }
-
-    pub fn mark_clean(&self) -> Result<()> {
-        std::fs::remove_file(&self.dirty).ctx("remove", &self.dirty)
-    }
-}
-
-pub(crate) fn disk_pair(
-    store: &Store,
-    tmp: &Path,
-    tree_key: &str,
-    disk: &BlobId,
-) -> Result<DiskPair> {
-    let dir = cache_dir(tmp);
-    let lock_path = dir.join(format!("{tree_key}.disklock"));
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .ctx("open", &lock_path)?;
-    flock(&lock, libc::LOCK_EX).ctx("lock", &lock_path)?;
-    let base = dir.join(format!("{tree_key}.disk"));
-    let work = dir.join(format!("{tree_key}.work"));
-    let dirty = dir.join(format!("{tree_key}.dirty"));
-    let id_path = dir.join(format!("{tree_key}.diskid"));
-    if !base.exists() || std::fs::read_to_string(&id_path).ok().as_deref() != Some(&disk.to_hex()) {
-        let _ = std::fs::remove_file(&id_path);
-        let _ = std::fs::remove_file(&work);
-        store.export(disk, &base)?;
-        std::fs::write(&id_path, disk.to_hex()).ctx("write", &id_path)?;
-    }
-    if !work.exists() || dirty.exists() {
-        crate::image::sparse_copy(&base, &work)?;
-        let _ = std::fs::remove_file(&dirty);
-    }
-    Ok(DiskPair {
-        base,
-        work,
-        dirty,
-        _lock: lock,
-    })
 }
 
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid("path with NUL".into()))
 }
 
-/// A stage's root: overlayfs over a base tree and the stage's sealed upper directories.
+/// A stage's root: overlayfs over a base tree and the stage's sealed upper directories (each
+/// the change of one step, most from the step cache).
 pub(crate) struct OverlayRoot {
     dir: PathBuf,
     base: Option<BaseTree>,
-    /// Sealed upper directories, bottom first.
-    sealed: Vec<PathBuf>,
+    /// Sealed upper directories, bottom first (cached ones hold their cache lock).
+    sealed: Vec<BaseTree>,
     upper: PathBuf,
     work: PathBuf,
     merged: PathBuf,
     next: usize,
     mounted: bool,
+}
+
+/// A read-only overlayfs view of some of a root's layers, unmounted on drop.
+pub(crate) struct View {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl View {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if self.mounted {
+            umount_lazy(&self.path);
+        }
+    }
+}
+
+fn umount_lazy(p: &Path) {
+    if let Ok(t) = cstr(p) {
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::umount2(t.as_ptr(), 0) } != 0 {
+            // SAFETY: as above.
+            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Mounts overlayfs at `target`: `lowers` top first, read-only unless `upper` (upper, work).
+fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Path) -> Result<()> {
+    let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    if lowers.iter().any(|l| l.contains([':', ',', '\\'])) {
+        return Err(Error::Build(format!(
+            "build directory {} has a character overlayfs cannot take (':', ',' or '\\')",
+            target.display()
+        )));
+    }
+    let mut opts = format!("lowerdir={}", lowers.join(":"));
+    if let Some((u, w)) = upper {
+        opts.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.display(),
+            w.display()
+        ));
+    }
+    opts.push_str(",redirect_dir=off,index=off,metacopy=off,xino=off");
+    if opts.len() > MAX_MOUNT_OPTS {
+        return Err(Error::Build(format!(
+            "too many file-changing steps in one stage ({}) for overlayfs's option page",
+            lowers.len()
+        )));
+    }
+    let src = CString::new("overlay").expect("no NUL");
+    let t = cstr(target)?;
+    let data = CString::new(opts).map_err(|_| Error::Invalid("path with NUL".into()))?;
+    let flags = if upper.is_some() { 0 } else { libc::MS_RDONLY };
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            t.as_ptr(),
+            src.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(Error::Build(format!(
+            "cannot mount the stage's overlayfs at {} (needs root and overlayfs): {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 impl OverlayRoot {
@@ -305,70 +412,32 @@ impl OverlayRoot {
         Ok(())
     }
 
-    /// The base tree (lowest layer), if any.
-    pub fn base(&self) -> Option<&Path> {
-        self.base.as_ref().map(|b| b.path.as_path())
+    fn base_path(&self) -> PathBuf {
+        match &self.base {
+            Some(b) => b.path.clone(),
+            None => self.dir.join("empty"),
+        }
+    }
+
+    /// Lower directories of the first `n` sealed layers over the base, top first.
+    fn lowers(&self, n: usize) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.sealed[..n]
+            .iter()
+            .rev()
+            .map(|t| t.path.clone())
+            .collect();
+        v.push(self.base_path());
+        v
     }
 
     /// The merged root, mounted if it is not.
     pub fn root(&mut self) -> Result<PathBuf> {
         if !self.mounted {
-            self.mount()?;
+            let lowers = self.lowers(self.sealed.len());
+            mount_overlay(&lowers, Some((&self.upper, &self.work)), &self.merged)?;
+            self.mounted = true;
         }
         Ok(self.merged.clone())
-    }
-
-    fn mount(&mut self) -> Result<()> {
-        let mut lowers: Vec<String> = self
-            .sealed
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect();
-        lowers.push(match &self.base {
-            Some(b) => b.path.display().to_string(),
-            None => self.dir.join("empty").display().to_string(),
-        });
-        if lowers.iter().any(|l| l.contains([':', ',', '\\'])) {
-            return Err(Error::Build(format!(
-                "build directory {} has a character overlayfs cannot take (':', ',' or '\\')",
-                self.dir.display()
-            )));
-        }
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off,xino=off",
-            lowers.join(":"),
-            self.upper.display(),
-            self.work.display()
-        );
-        if opts.len() > MAX_MOUNT_OPTS {
-            return Err(Error::Build(format!(
-                "too many file-changing steps in one stage ({}) for overlayfs's option page",
-                self.sealed.len()
-            )));
-        }
-        let src = CString::new("overlay").expect("no NUL");
-        let target = cstr(&self.merged)?;
-        let data = CString::new(opts).map_err(|_| Error::Invalid("path with NUL".into()))?;
-        // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            return Err(Error::Build(format!(
-                "cannot mount the stage's overlayfs at {} (needs root and overlayfs): {}",
-                self.merged.display(),
-                std::io::Error::last_os_error()
-            )));
-        }
-        self.mounted = true;
-        Ok(())
     }
 
     /// Unmounts the merged root (changes stay in the upper directory).
@@ -376,54 +445,92 @@ impl OverlayRoot {
         if !self.mounted {
             return Ok(());
         }
-        let target = cstr(&self.merged)?;
-        // SAFETY: valid NUL-terminated path.
-        let r = unsafe { libc::umount2(target.as_ptr(), 0) };
-        if r != 0 {
-            // Something (a leftover process) still holds it: detach so the build can go on.
-            // SAFETY: as above.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        // Something (a leftover process) may still hold it: then it is detached.
+        umount_lazy(&self.merged);
         self.mounted = false;
         Ok(())
+    }
+
+    fn upper_is_empty(&self) -> Result<bool> {
+        Ok(std::fs::read_dir(&self.upper)
+            .ctx("read dir", &self.upper)?
+            .next()
+            .is_none())
     }
 
     /// Makes the current upper directory a lower one, so the next changes land in a fresh,
     /// empty upper. Nothing happens if the current upper is empty.
     pub fn seal(&mut self) -> Result<()> {
-        let empty = std::fs::read_dir(&self.upper)
-            .ctx("read dir", &self.upper)?
-            .next()
-            .is_none();
-        if empty {
-            return Ok(());
+        if let Some(u) = self.take_upper()? {
+            self.sealed.push(BaseTree::uncached(u));
+        }
+        Ok(())
+    }
+
+    /// Unmounts and hands over the current upper directory (None if empty); the next changes
+    /// land in a fresh one. The caller gives it back with [`Self::push_lower`] (cached or not).
+    pub fn take_upper(&mut self) -> Result<Option<PathBuf>> {
+        if self.upper_is_empty()? {
+            return Ok(None);
         }
         self.unmount()?;
-        self.sealed.push(self.upper.clone());
+        let u = self.upper.clone();
         let _ = std::fs::remove_dir_all(&self.work);
-        self.fresh_upper()
+        self.fresh_upper()?;
+        Ok(Some(u))
+    }
+
+    /// Puts a layer (a step's upper directory) on top of the sealed ones.
+    pub fn push_lower(&mut self, t: BaseTree) -> Result<()> {
+        self.unmount()?;
+        self.sealed.push(t);
+        Ok(())
+    }
+
+    /// Replaces the top layer (by the same tree, moved into the step cache).
+    pub fn replace_top(&mut self, t: BaseTree) -> Result<()> {
+        self.unmount()?;
+        let top = self.sealed.last_mut().expect("a layer to replace");
+        *top = t;
+        Ok(())
+    }
+
+    /// How many sealed layers there are.
+    pub fn layers(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// The `i`th sealed layer's directory.
+    pub fn layer(&self, i: usize) -> &Path {
+        &self.sealed[i].path
+    }
+
+    /// The tree of the base and the first `n` sealed layers, read-only, at `at` (created).
+    pub fn view(&self, n: usize, at: &Path) -> Result<View> {
+        if n == 0 {
+            return Ok(View {
+                path: self.base_path(),
+                mounted: false,
+            });
+        }
+        std::fs::create_dir_all(at).ctx("mkdir", at)?;
+        mount_overlay(&self.lowers(n), None, at)?;
+        Ok(View {
+            path: at.to_path_buf(),
+            mounted: true,
+        })
     }
 
     /// The current upper directory (the changes since the last seal).
     pub fn upper(&self) -> &Path {
         &self.upper
     }
-
-    /// Every upper directory, bottom first: together, what the stage changed on its base.
-    pub fn uppers(&self) -> Vec<PathBuf> {
-        let mut v = self.sealed.clone();
-        v.push(self.upper.clone());
-        v
-    }
 }
 
 impl Drop for OverlayRoot {
     fn drop(&mut self) {
         if self.mounted {
-            if let Ok(t) = cstr(&self.merged) {
-                // SAFETY: valid NUL-terminated path.
-                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-            }
+            umount_lazy(&self.merged);
             self.mounted = false;
         }
     }
@@ -464,10 +571,12 @@ pub(crate) fn clean_stale_builds(tmp: &Path) {
             continue;
         };
         for st in stages.filter_map(|e| e.ok()) {
-            let m = st.path().join("m");
-            if let Ok(c) = cstr(&m) {
-                // SAFETY: valid NUL-terminated path; EINVAL when it is not a mount point.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            // The stage root and the read-only views step disks are made from.
+            for m in ["m", "lo", "hi"].map(|n| st.path().join(n)) {
+                if let Ok(c) = cstr(&m) {
+                    // SAFETY: valid NUL-terminated path; EINVAL when it is not a mount point.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
             }
         }
         // Only remove what is no longer mounted: a failed unmount leaves the directory.
