@@ -245,26 +245,6 @@ impl NetworkPolicy {
         }
     }
 
-    /// The policy of an E2B create request: `allow_internet_access` (default true) and
-    /// `network.allowOut` / `network.denyOut` (CIDRs, addresses or names).
-    pub fn from_e2b(
-        allow_internet_access: Option<bool>,
-        allow_out: &[String],
-        deny_out: &[String],
-    ) -> Result<NetworkPolicy, DestError> {
-        Ok(NetworkPolicy {
-            internet: allow_internet_access.unwrap_or(true),
-            allow_out: allow_out
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<_, _>>()?,
-            deny_out: deny_out
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<_, _>>()?,
-        })
-    }
-
     /// One line for humans: `internet on; allow: a, b; deny: c`.
     pub fn summary(&self) -> String {
         let list = |l: &[Dest]| {
@@ -370,21 +350,6 @@ mod tests {
         };
         assert_eq!(open.name_verdict("bad.test"), NameVerdict::Refused);
         assert_eq!(open.name_verdict("good.test"), NameVerdict::Open);
-    }
-
-    #[test]
-    fn e2b_requests_map_onto_the_model() {
-        let p = NetworkPolicy::from_e2b(None, &["1.1.1.1".into()], &["0.0.0.0/0".into()]).unwrap();
-        assert!(p.internet && p.denies_by_default());
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert!(p.ip_allowed(ip("1.1.1.1"), &[], &[]));
-        assert!(!p.ip_allowed(ip("8.8.8.8"), &[], &[]));
-        assert!(
-            !NetworkPolicy::from_e2b(Some(false), &[], &[])
-                .unwrap()
-                .internet
-        );
-        assert!(NetworkPolicy::from_e2b(None, &["10.0.0.1/8".into()], &[]).is_err());
     }
 
     #[test]

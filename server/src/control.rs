@@ -9,8 +9,8 @@
 //! The runtime is blocking: every call goes through `spawn_blocking`. Operations on one
 //! sandbox are serialized by the runtime's per-sandbox lock.
 
-use crate::timefmt::{parse_rfc3339, rfc3339};
 use crate::egress::{self, NetworkConfig};
+use crate::timefmt::{parse_rfc3339, rfc3339};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -667,7 +667,10 @@ async fn update_network(
     if e2b_state(&rec) != Some("running") {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("sandbox {} is paused; resume it to change its network", rec.id),
+            format!(
+                "sandbox {} is paused; resume it to change its network",
+                rec.id
+            ),
         ));
     }
     if rec.network.is_none() {

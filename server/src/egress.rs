@@ -59,8 +59,8 @@ pub fn policy_of(
             "denyOut takes IP addresses and CIDRs only, not host names ({h})"
         ));
     }
-    let deny_all = !policy.internet
-        || NetworkPolicy::cidrs(&policy.deny_out).any(|c| c.is_everything());
+    let deny_all =
+        !policy.internet || NetworkPolicy::cidrs(&policy.deny_out).any(|c| c.is_everything());
     if let Some(Dest::Host(h)) = policy.allow_out.iter().find(|d| matches!(d, Dest::Host(_))) {
         if !deny_all {
             return Err(format!(
@@ -88,15 +88,17 @@ fn dests(field: &str, list: &[String]) -> Result<Vec<Dest>, String> {
 
 /// `1.2.3.4:443`, `10.0.0.0/8:53-443`, `example.com:443` (E2B's per-port rules).
 fn looks_like_port_rule(s: &str) -> bool {
-    s.rsplit_once(':').is_some_and(|(_, p)| {
-        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit() || c == '-')
-    })
+    s.rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit() || c == '-'))
 }
 
 /// `allowInternetAccess` and `network` of E2B's `SandboxDetail`.
 pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (Value, Value) {
     match policy {
-        None => (json!(false), json!({"allowOut": [], "denyOut": ["0.0.0.0/0"]})),
+        None => (
+            json!(false),
+            json!({"allowOut": [], "denyOut": ["0.0.0.0/0"]}),
+        ),
         Some(p) => {
             let list = |l: &[Dest]| l.iter().map(|d| d.to_string()).collect::<Vec<_>>();
             (
@@ -123,11 +125,15 @@ mod tests {
     #[test]
     fn e2b_validation_rules() {
         let ok = |a: &[&str], d: &[&str]| policy_of(None, Some(&cfg(a, d)));
-        assert!(ok(&[], &["example.com"]).unwrap_err().contains("not host names"));
+        assert!(ok(&[], &["example.com"])
+            .unwrap_err()
+            .contains("not host names"));
         assert!(ok(&[], &["not a cidr"]).is_err());
         assert!(ok(&["google.com"], &[]).unwrap_err().contains("0.0.0.0/0"));
         assert!(ok(&["*.example.com"], &["10.0.0.0/8"]).is_err());
-        assert!(ok(&["8.8.8.8:443"], &["0.0.0.0/0"]).unwrap_err().contains("ports"));
+        assert!(ok(&["8.8.8.8:443"], &["0.0.0.0/0"])
+            .unwrap_err()
+            .contains("ports"));
         assert!(ok(&["8.8.8.8"], &[]).is_ok());
         assert!(ok(&["8.8.0.0/16"], &["10.0.0.0/8", "192.168.0.0/16"]).is_ok());
         let p = ok(&["example.com", "8.8.8.8"], &["0.0.0.0/0"]).unwrap();
@@ -143,7 +149,9 @@ mod tests {
     fn unsupported_fields_are_refused() {
         let c: NetworkConfig =
             serde_json::from_value(json!({"egressProxy": {"address": "p:1080"}})).unwrap();
-        assert!(policy_of(None, Some(&c)).unwrap_err().contains("egressProxy"));
+        assert!(policy_of(None, Some(&c))
+            .unwrap_err()
+            .contains("egressProxy"));
         let c: NetworkConfig = serde_json::from_value(json!({"rules": {"a.com": []}})).unwrap();
         assert!(policy_of(None, Some(&c)).is_err());
         let c: NetworkConfig =
