@@ -14,6 +14,7 @@ mod error;
 pub mod ext4;
 pub mod image;
 pub mod layer;
+mod lru;
 pub mod oci;
 pub mod sandbox;
 mod stage;

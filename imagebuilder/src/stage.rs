@@ -15,10 +15,10 @@
 //! extracted or evicted, so eviction never pulls a lower directory out from under a mount.
 
 use crate::error::{Error, IoCtx, Result};
+use crate::lru::flock;
 use blockstore::{BlobId, Store};
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -38,15 +38,6 @@ impl BaseTree {
     /// A tree no cache holds (it lives and dies with the build directory).
     pub fn uncached(path: PathBuf) -> BaseTree {
         BaseTree { path, _lock: None }
-    }
-}
-
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -247,41 +238,19 @@ fn complete(dir: &Path, key: &str) -> bool {
     dir.join(format!("{key}.complete")).exists() && dir.join(key).is_dir()
 }
 
-/// Removes the least recently used trees beyond `keep_n` that no build holds.
+/// Removes the least recently used complete trees beyond `keep_n` that no build holds.
 fn evict(dir: &Path, keep: &str, keep_n: usize) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    // Lock files stay (a user may hold one open while it is evicted); only trees go.
-    let mut entries: Vec<(std::time::SystemTime, String)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let key = name.strip_suffix(".lock")?.to_string();
-            if !dir.join(&key).exists() {
-                return None;
-            }
-            let t = e.metadata().ok()?.modified().ok()?;
-            Some((t, key))
-        })
-        .collect();
-    entries.sort();
-    entries.reverse();
-    for (_, key) in entries.into_iter().skip(keep_n) {
-        if key == keep {
-            continue;
-        }
-        let lock_path = dir.join(format!("{key}.lock"));
-        let Ok(f) = File::options().write(true).open(&lock_path) else {
-            continue;
-        };
-        if flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
-            continue; // in use
-        }
-        let _ = std::fs::remove_file(dir.join(format!("{key}.complete")));
-        let _ = std::fs::remove_dir_all(dir.join(&key));
-        tracing::info!(key, "evicted cached tree");
-    }
+    crate::lru::evict(
+        dir,
+        keep,
+        keep_n,
+        |key| dir.join(key).exists(),
+        |key| {
+            let _ = std::fs::remove_file(dir.join(format!("{key}.complete")));
+            let _ = std::fs::remove_dir_all(dir.join(key));
+            tracing::info!(key, "evicted cached tree");
+        },
+    );
 }
 
 fn cstr(p: &Path) -> Result<CString> {

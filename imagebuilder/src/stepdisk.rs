@@ -16,6 +16,7 @@
 //! changed; a working copy found dirty (a kill) is exported again from the store.
 
 use crate::error::{Error, IoCtx, Result};
+use crate::lru::flock;
 use blockstore::{BlobId, Store};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -32,15 +33,6 @@ pub(crate) struct WorkDisk {
     id_path: PathBuf,
     dirty: PathBuf,
     _lock: File,
-}
-
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// The working copy of the chain that starts at `root` (the base image's disk).
@@ -68,34 +60,17 @@ pub(crate) fn open(tmp: &Path, root: &BlobId) -> Result<WorkDisk> {
 
 /// Removes the least recently used working copies beyond [`KEEP_WORK`] that no build holds.
 fn evict(dir: &Path, keep: &str) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<(std::time::SystemTime, String)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let key = name.strip_suffix(".lock")?.to_string();
-            Some((e.metadata().ok()?.modified().ok()?, key))
-        })
-        .filter(|(_, k)| k != keep && dir.join(format!("{k}.img")).exists())
-        .collect();
-    entries.sort();
-    entries.reverse();
-    for (_, key) in entries.into_iter().skip(KEEP_WORK - 1) {
-        let Ok(f) = File::options()
-            .write(true)
-            .open(dir.join(format!("{key}.lock")))
-        else {
-            continue;
-        };
-        if flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
-            continue; // in use
-        }
-        for ext in ["id", "img", "dirty"] {
-            let _ = std::fs::remove_file(dir.join(format!("{key}.{ext}")));
-        }
-    }
+    crate::lru::evict(
+        dir,
+        keep,
+        KEEP_WORK,
+        |key| dir.join(format!("{key}.img")).exists(),
+        |key| {
+            for ext in ["id", "img", "dirty"] {
+                let _ = std::fs::remove_file(dir.join(format!("{key}.{ext}")));
+            }
+        },
+    );
 }
 
 impl WorkDisk {
