@@ -359,3 +359,32 @@ pub fn debian_layout() -> Option<PathBuf> {
     let at = rootfs.parent().expect("cache dir").join("debian");
     cached_layout(&rootfs, &at)
 }
+
+/// (instruction, cached) per step of a `kiln build --json` report.
+pub fn build_steps(report: &serde_json::Value) -> Vec<(String, bool)> {
+    report["steps"]
+        .as_array()
+        .expect("a build report's steps")
+        .iter()
+        .map(|s| {
+            (
+                s["instruction"].as_str().unwrap().to_string(),
+                s["cached"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// True when builds can run here (root and `tools`); else prints why (a SKIP line).
+pub fn can_build_or_skip(tools: &[&str]) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: image builds need root");
+        return false;
+    }
+    if let Some(t) = tools.iter().find(|t| !have(t)) {
+        eprintln!("SKIP: {t} not installed (scripts/install-deps)");
+        return false;
+    }
+    true
+}

@@ -9,7 +9,7 @@
 //! The apt step reaches deb.debian.org (KILN_DEBIAN_MIRROR is not used by apt inside the
 //! image); the test SKIPs with the reason when it cannot.
 
-use kiln_tests::registry::{debian_layout, have, Registry};
+use kiln_tests::registry::{build_steps, can_build_or_skip, debian_layout, Registry};
 use kiln_tests::s3::{S3Server, BUCKET};
 use kiln_tests::Kiln;
 use std::path::{Path, PathBuf};
@@ -64,21 +64,6 @@ fn run_in(disk: &Path, mnt: &Path, argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// (instruction, cached) of each step of a build report.
-fn steps(r: &serde_json::Value) -> Vec<(String, bool)> {
-    r["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["instruction"].as_str().unwrap().to_string(),
-                s["cached"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn export(k: &Kiln, name: &str, to: &Path) -> PathBuf {
     k.ok(["image", "export", name, "-o", to.to_str().unwrap()]);
     fsck(to);
@@ -87,16 +72,8 @@ fn export(k: &Kiln, name: &str, to: &Path) -> PathBuf {
 
 #[test]
 fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: image builds need root");
+    if !can_build_or_skip(&["skopeo", "mkfs.ext4", "debugfs", "e2fsck", "chroot"]) {
         return;
-    }
-    for tool in ["skopeo", "mkfs.ext4", "debugfs", "e2fsck", "chroot"] {
-        if !have(tool) {
-            eprintln!("SKIP: {tool} not installed (scripts/install-deps)");
-            return;
-        }
     }
     let Some(layout) = debian_layout() else {
         return;
@@ -195,7 +172,7 @@ fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
     let mut args = vec!["-t", "app2"];
     args.extend_from_slice(push);
     let v2 = build(&a, &args).unwrap();
-    let s = steps(&v2);
+    let s = build_steps(&v2);
     assert_eq!(s.len(), 3, "{s:?}");
     assert!(s[0].1 && !s[1].1 && !s[2].1, "{s:?}");
     let d2 = export(&a, "app2", &tmp.path().join("v2.ext4"));
@@ -209,7 +186,7 @@ fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
 
     // The same step results with every step disk made again from the layers: the same disk.
     let redo = build(&a, &["-t", "app2-redo", "--redo-disks"]).unwrap();
-    assert!(steps(&redo).iter().all(|(_, c)| *c), "{redo}");
+    assert!(build_steps(&redo).iter().all(|(_, c)| *c), "{redo}");
     assert_eq!(redo["disk"], v2["disk"], "step disks from the cache differ");
 
     let Some(_s3) = s3 else {
@@ -226,7 +203,7 @@ fn debian_apt_steps_cached_at_block_level_and_shared_through_s3() {
     // the chunks they read are fetched.
     app("v3");
     let b3 = build(&b, &["-t", "app3", "--cache-from"]).unwrap();
-    let s = steps(&b3);
+    let s = build_steps(&b3);
     assert!(s[0].1 && !s[1].1 && !s[2].1, "{s:?}");
     let fetched = b3["remote_chunks_fetched"].as_u64().unwrap();
     let db3 = export(&b, "app3", &tmp.path().join("b3.ext4"));

@@ -2,7 +2,7 @@
 //! without `--checksum`, 404, nothing listening, cache keyed by the content), local tar archives
 //! in every compression unpacked into the destination, and archives that try to escape.
 
-use kiln_tests::registry::{busybox_build_home, free_port, have};
+use kiln_tests::registry::{build_steps, busybox_build_home, free_port, have};
 use kiln_tests::Kiln;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -105,21 +105,6 @@ fn sha256_hex(b: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
 
-/// (instruction, cached) per step of a `kiln build --json` report.
-fn steps(report: &serde_json::Value) -> Vec<(String, bool)> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["instruction"].as_str().unwrap().to_string(),
-                s["cached"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn build_json(k: &Kiln, ctx: &Path, file: &str, tag: &str) -> serde_json::Value {
     k.json([
         "build",
@@ -181,11 +166,11 @@ fn add_urls_checksums_and_their_failures() {
         "URL not re-checked"
     );
     assert_eq!(again["image"], cold["image"]);
-    assert!(steps(&again).iter().all(|(_, c)| *c), "{again}");
+    assert!(build_steps(&again).iter().all(|(_, c)| *c), "{again}");
     // New content behind the same URL: the ADD reruns (the key covers the content).
     http.serve("/files/hello.txt", b"hello v2\n");
     let changed = build_json(&k, &ctx, "Dockerfile", "url");
-    let s = steps(&changed);
+    let s = build_steps(&changed);
     assert!(s.iter().any(|(i, c)| i.starts_with("ADD") && !c), "{s:?}");
     assert!(
         s.iter().any(|(i, c)| i.starts_with("RUN") && !c),
@@ -389,11 +374,11 @@ fn add_unpacks_local_archives_and_refuses_escapes() {
     // No change: all cached. A changed archive reruns its step and the ones after.
     let again = build_json(&k, &ctx, "Dockerfile", "arch");
     assert_eq!(again["image"], cold["image"]);
-    assert!(steps(&again).iter().all(|(_, c)| *c), "{again}");
+    assert!(build_steps(&again).iter().all(|(_, c)| *c), "{again}");
     std::fs::write(payload.join("dir/file.txt"), "payload v2\n").unwrap();
     tar(&["--zstd", "-c"], "a.tar.zst");
     let changed = build_json(&k, &ctx, "Dockerfile", "arch");
-    let s = steps(&changed);
+    let s = build_steps(&changed);
     let first_miss = s.iter().position(|(_, c)| !c).expect("a miss");
     assert_eq!(s[first_miss].0, "ADD a.tar.zst /opt/zst/", "{s:?}");
     let disk = export(&k, "arch", tmp.path());

@@ -1,7 +1,7 @@
 //! `kiln build`: a multi-stage Dockerfile with RUN, COPY, ENV, WORKDIR, USER over a busybox
 //! image; cache hits and misses; failing RUN; syntax errors; --isolation=vm on this host.
 
-use kiln_tests::registry::busybox_build_home;
+use kiln_tests::registry::{build_steps, busybox_build_home};
 use kiln_tests::Kiln;
 use std::path::Path;
 
@@ -41,20 +41,6 @@ RUN id -u > /tmp/uid
 CMD ["/bin/sh", "-c", "cat /app/greeting"]
 "#;
 
-fn steps(report: &serde_json::Value) -> Vec<(String, bool)> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["instruction"].as_str().unwrap().to_string(),
-                s["cached"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn multi_stage_build_cache_hits_and_misses() {
     let Some((tmp, k)) = setup() else { return };
@@ -69,7 +55,10 @@ fn multi_stage_build_cache_hits_and_misses() {
 
     let cold = k.json(["build", "-t", "app", "--json", c]);
     assert_eq!(cold["cached"], false);
-    assert!(steps(&cold).iter().all(|(_, cached)| !cached), "{cold}");
+    assert!(
+        build_steps(&cold).iter().all(|(_, cached)| !cached),
+        "{cold}"
+    );
     let disk = tmp.path().join("app.ext4");
     k.ok(["image", "export", "app", "-o", disk.to_str().unwrap()]);
     assert_eq!(disk_cat(&disk, "/app/greeting"), "hi there\n");
@@ -109,12 +98,15 @@ fn multi_stage_build_cache_hits_and_misses() {
     let again = k.json(["build", "-t", "app", "--json", c]);
     assert_eq!(again["cached"], true);
     assert_eq!(again["image"], cold["image"]);
-    assert!(steps(&again).iter().all(|(_, cached)| *cached), "{again}");
+    assert!(
+        build_steps(&again).iter().all(|(_, cached)| *cached),
+        "{again}"
+    );
 
     // One COPY'd file changes: steps before it hit, it and everything after miss.
     std::fs::write(ctx.join("hello.txt"), "changed\n").unwrap();
     let changed = k.json(["build", "-t", "app", "--json", c]);
-    let s = steps(&changed);
+    let s = build_steps(&changed);
     let pos = s
         .iter()
         .position(|(i, _)| i.starts_with("COPY hello.txt"))
@@ -146,7 +138,7 @@ fn multi_stage_build_cache_hits_and_misses() {
         "FLAVOR=fancy",
         c,
     ]);
-    let s = steps(&t);
+    let s = build_steps(&t);
     assert!(s.iter().all(|(i, _)| !i.starts_with("COPY")), "{s:?}");
     assert!(!s.last().unwrap().1, "{s:?}");
     let bdisk = tmp.path().join("b.ext4");
@@ -155,7 +147,7 @@ fn multi_stage_build_cache_hits_and_misses() {
 
     // --no-cache reruns everything.
     let nc = k.json(["build", "-t", "app", "--json", "--no-cache", c]);
-    assert!(steps(&nc).iter().all(|(_, cached)| !cached));
+    assert!(build_steps(&nc).iter().all(|(_, cached)| !cached));
 }
 
 #[test]
@@ -311,7 +303,7 @@ fn copy_into_existing_dir_run_mounts_and_disk_from_base() {
     // A bind-mounted context file is an input: changing it reruns that RUN.
     std::fs::write(ctx.join("data/a"), "changed\n").unwrap();
     let changed = k.json(["build", "-t", "m4", "--json", c]);
-    let s = steps(&changed);
+    let s = build_steps(&changed);
     let pos = s
         .iter()
         .position(|(i, _)| i.contains("source=data"))

@@ -4,7 +4,7 @@
 //! used as the base of a Dockerfile whose RUN steps use Debian's own tools (useradd, dpkg),
 //! with COPY, ENV, WORKDIR and USER; the result is checked inside the ext4 disk with debugfs.
 
-use kiln_tests::registry::{debian_layout, have, Registry};
+use kiln_tests::registry::{can_build_or_skip, debian_layout, Registry};
 use kiln_tests::Kiln;
 use std::path::Path;
 use std::process::Command;
@@ -21,16 +21,8 @@ fn debugfs(disk: &Path, req: &str) -> String {
 
 #[test]
 fn debian_minbase_pull_and_build() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: image builds need root");
+    if !can_build_or_skip(&["skopeo", "mkfs.ext4", "debugfs"]) {
         return;
-    }
-    for tool in ["skopeo", "mkfs.ext4", "debugfs"] {
-        if !have(tool) {
-            eprintln!("SKIP: {tool} not installed (scripts/install-deps)");
-            return;
-        }
     }
     let Some(layout) = debian_layout() else {
         return;
