@@ -5,29 +5,12 @@
 //!
 //! The sandbox is created with the CLI and the SDK is pointed at it directly (E2B_SANDBOX_URL
 //! plus the sandbox id), so this exercises the data plane alone. Skips (with a SKIP line)
-//! without root, runsc, the image tools, or a Python with the `e2b` package (KILN_E2B_PYTHON,
-//! /opt/kiln-tools/e2b/bin/python, /tmp/e2bvenv/bin/python).
+//! without root, runsc, the image tools, or E2B's Python SDK (`/opt/kiln-tools/e2b-venv`, which
+//! scripts/install-deps makes; `KILN_E2B_VENV` overrides it).
 
 use kiln_tests::sandbox::{app_home, create, KillAll};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-
-fn e2b_python() -> Option<String> {
-    let candidates = [
-        std::env::var("KILN_E2B_PYTHON").ok(),
-        Some("/opt/kiln-tools/e2b/bin/python".into()),
-        Some("/opt/kiln-tools/venv/bin/python".into()),
-        Some("/tmp/e2bvenv/bin/python".into()),
-    ];
-    candidates.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .args(["-c", "import e2b"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
 
 /// The SDK's commands run `/bin/bash -l -c CMD`: busybox has no bash, so a shim.
 const ENVD_DOCKERFILE: &str = "FROM app
@@ -197,10 +180,8 @@ print("ALL OK", flush=True)
 
 #[test]
 fn the_python_sdk_drives_the_data_plane() {
-    let Some(python) = e2b_python() else {
-        eprintln!(
-            "SKIP: no Python with the e2b SDK (pip install e2b into a venv; KILN_E2B_PYTHON)"
-        );
+    // The SDK scripts/install-deps installs (it looked in other places and skipped in CI).
+    let Some(python) = kiln_tests::e2b::python_or_skip() else {
         return;
     };
     let Some((tmp, k)) = app_home() else { return };
