@@ -22,14 +22,13 @@ pub const DNS_PORT: u16 = 53;
 
 /// Why these tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("network namespaces need root".into());
+    if let Some(why) = crate::tapns::netns_unavailable() {
+        return Some(why);
     }
-    for tool in ["ip", "nft", "nsenter"] {
+    for tool in ["nft", "nsenter"] {
         if !crate::registry::have(tool) {
             return Some(format!(
-                "{tool} not installed (scripts/install-deps: nftables, iproute2)"
+                "{tool} not installed (scripts/install-deps: nftables, util-linux)"
             ));
         }
     }
@@ -37,21 +36,12 @@ pub fn unavailable() -> Option<String> {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::tapns::ip(args).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Enters namespace `name` on the calling thread.
 pub fn enter(name: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("open netns");
-    // SAFETY: setns(2) of the calling thread into a namespace file we hold open.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {name}: {}", std::io::Error::last_os_error());
+    crate::tapns::enter(name).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// T and I with their servers; the calling thread is moved into T by [`TestNet::enter`].
@@ -186,7 +176,7 @@ impl Drop for TestNet {
             let _ = t.join();
         }
         for n in [&self.host_ns, &self.inet_ns] {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = crate::tapns::ip(&["netns", "del", n]);
         }
     }
 }

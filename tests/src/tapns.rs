@@ -48,6 +48,18 @@ pub fn netns_unavailable() -> Option<String> {
     None
 }
 
+/// Moves the calling thread into the named namespace (`/run/netns/NAME`): sockets it opens,
+/// and processes it starts, live there.
+pub fn enter(name: &str) -> Result<()> {
+    let path = format!("/run/netns/{name}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns(2) of the calling thread only, into a namespace file we hold open.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl NetNs {
     /// A fresh namespace `kt<pid>-<tag><n>` with loopback up.
     pub fn new(tag: &str) -> Result<NetNs> {
@@ -79,16 +91,9 @@ impl NetNs {
 
     /// Runs `f` on a thread inside this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        let name = self.name.clone();
         std::thread::spawn(move || {
-            // SAFETY: setns on this thread only, with a namespace fd we hold.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow::anyhow!(
-                    "setns: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
+            enter(&name)?;
             Ok(f())
         })
         .join()
