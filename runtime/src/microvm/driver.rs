@@ -509,9 +509,8 @@ impl crate::Runtime for MicrovmDriver {
         }
         let mut o = RestoreOptions::new(cs.snapshot.to_hex(), dir.id(), &vm_dir);
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
-        // A fresh TAP in this sandbox's own namespace; the guest keeps its address, and its
-        // MAC comes from the saved device state.
-        o.net = nic_of(rec)?.map(|n| NicSpec { mac: None, ..n });
+        // A fresh TAP in this sandbox's own namespace; the guest keeps its address and MAC.
+        o.net = nic_of(rec)?;
         let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
             Ok(l) => l,
             Err(e) => {

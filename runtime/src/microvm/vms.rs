@@ -452,7 +452,7 @@ impl Launcher {
             cmd.arg("--vsock-uds").arg(abs(u)?);
             cmd.args(["--vsock-cid", &o.vsock_cid.to_string()]);
         }
-        net_args(&mut cmd, o.net.as_ref());
+        net_args(&mut cmd, o.net.as_ref(), true);
         cmd.args([
             "--disk-engine",
             match o.disk_engine {
@@ -534,7 +534,8 @@ impl Launcher {
             cmd.arg("--vsock-uds")
                 .arg(std::path::absolute(u).map_err(Error::io("resolving", u))?);
         }
-        net_args(&mut cmd, o.net.as_ref());
+        // A restored NIC keeps the MAC saved in the device state: only its TAP is given.
+        net_args(&mut cmd, o.net.as_ref(), false);
         if let Some(f) = &o.memory_file {
             cmd.arg("--memory-file")
                 .arg(std::path::absolute(f).map_err(Error::io("resolving", f))?);
@@ -579,11 +580,11 @@ impl Launcher {
     }
 }
 
-/// `--net-tap TAP[@NETNS] [--net-mac MAC]` for a detached VMM.
-fn net_args(cmd: &mut Command, net: Option<&NicSpec>) {
+/// `--net-tap TAP[@NETNS] [--net-mac MAC]` for a detached VMM (the MAC only with `mac`).
+fn net_args(cmd: &mut Command, net: Option<&NicSpec>, mac: bool) {
     if let Some(n) = net {
         cmd.arg("--net-tap").arg(n.arg());
-        if let Some(m) = n.mac {
+        if let Some(m) = n.mac.filter(|_| mac) {
             cmd.arg("--net-mac").arg(m.to_string());
         }
     }
