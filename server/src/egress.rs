@@ -54,15 +54,13 @@ pub fn policy_of(
     }
     policy.allow_out = dests("allowOut", c.allow_out.as_deref().unwrap_or_default())?;
     policy.deny_out = dests("denyOut", c.deny_out.as_deref().unwrap_or_default())?;
-    if let Some(Dest::Host(h)) = policy.deny_out.iter().find(|d| matches!(d, Dest::Host(_))) {
+    if let Some(h) = NetworkPolicy::hosts(&policy.deny_out).next() {
         return Err(format!(
             "denyOut takes IP addresses and CIDRs only, not host names ({h})"
         ));
     }
-    let deny_all =
-        !policy.internet || NetworkPolicy::cidrs(&policy.deny_out).any(|c| c.is_everything());
-    if let Some(Dest::Host(h)) = policy.allow_out.iter().find(|d| matches!(d, Dest::Host(_))) {
-        if !deny_all {
+    if let Some(h) = NetworkPolicy::hosts(&policy.allow_out).next() {
+        if !policy.denies_by_default() {
             return Err(format!(
                 "a host name in allowOut ({h}) needs denyOut to hold 0.0.0.0/0 (or \
                  allow_internet_access false): everything else is allowed anyway"
