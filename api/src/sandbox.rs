@@ -54,8 +54,16 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List named sandbox snapshots
+    /// List named sandbox snapshots, or remove them (`snapshots rm NAME...`)
+    ///
+    /// Examples:
+    ///   kiln sandbox snapshots                 # NAME and ID of each
+    ///   kiln sandbox snapshots rm warm old     # their data goes once no sandbox needs it,
+    ///   kiln store gc                          # ... and their chunks with the next gc
+    #[command(verbatim_doc_comment)]
     Snapshots {
+        #[command(subcommand)]
+        command: Option<SnapshotsCommand>,
         #[arg(long)]
         json: bool,
     },
@@ -124,6 +132,15 @@ pub enum SandboxCommand {
     /// The DNS proxy of one sandbox network (started by kiln itself)
     #[command(name = "__dns", hide = true)]
     Dns { dir: PathBuf },
+}
+
+#[derive(clap::Subcommand)]
+pub enum SnapshotsCommand {
+    /// Remove named snapshots (their data goes once no sandbox needs it)
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -287,7 +304,22 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
                 Ok(())
             }
         }
-        SandboxCommand::Snapshots { json } => {
+        SandboxCommand::Snapshots {
+            command: Some(SnapshotsCommand::Rm { names }),
+            ..
+        } => {
+            let mut missing = Vec::new();
+            for n in &names {
+                if !sbx.remove_snapshot(n)? {
+                    missing.push(n.as_str());
+                }
+            }
+            if !missing.is_empty() {
+                bail!("no snapshot named {}", missing.join(", "));
+            }
+            Ok(())
+        }
+        SandboxCommand::Snapshots { json, .. } => {
             let list = runtime::snapshot::list(sbx.store())?;
             if json {
                 let v: Vec<_> = list

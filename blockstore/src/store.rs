@@ -533,13 +533,21 @@ impl Store {
 
     /// All names with their blobs.
     pub fn names(&self) -> Result<Vec<(String, BlobId)>> {
+        self.names_with_prefix("")
+    }
+
+    /// The names that start with `prefix`, with their blobs; only those name files are read.
+    pub fn names_with_prefix(&self, prefix: &str) -> Result<Vec<(String, BlobId)>> {
         let dir = self.inner.dir.join("names");
+        // Name files are the hex of the name, byte by byte: a name prefix is a file name prefix.
+        let hex_prefix = hex::encode(prefix);
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
             let e = e.ctx("read dir", &dir)?;
             let Some(name) = e
                 .file_name()
                 .to_str()
+                .filter(|h| h.starts_with(&hex_prefix))
                 .and_then(|h| hex::decode(h).ok())
                 .and_then(|b| String::from_utf8(b).ok())
             else {

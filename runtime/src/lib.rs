@@ -13,6 +13,7 @@
 
 mod error;
 pub mod gvisor;
+pub mod holds;
 pub mod microvm;
 pub mod ports;
 pub mod record;
@@ -77,6 +78,12 @@ pub trait Runtime: Send + Sync {
 
     /// A fresh connection to the sandbox's agent, ready for one request.
     fn connect(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream>;
+
+    /// Whether a sandbox restored from a checkpoint goes on reading its blobs while it runs
+    /// (memory paged in lazily), so they must be kept until it is gone or saved again.
+    fn reads_checkpoint_while_running(&self) -> bool {
+        false
+    }
 
     /// A checkpoint of this still-running sandbox was interrupted (its caller died): undo
     /// whatever it left half-done (a quiesced agent, a paused VM).

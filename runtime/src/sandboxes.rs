@@ -3,6 +3,7 @@
 //! atomically; a sandbox whose creator died mid-way is found and cleaned up by the next caller.
 
 use crate::error::{Error, IoCtx, Result};
+use crate::holds::{Holder, Holds};
 use crate::record::{
     check_name, new_id, now_ms, OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord,
     State, SCHEMA,
@@ -94,6 +95,8 @@ pub struct ExecOptions {
 pub struct Sandboxes {
     home: PathBuf,
     store: Store,
+    /// What keeps checkpoints and snapshot records (and frees them when nothing does).
+    holds: Holds,
     drivers: Vec<Box<dyn Runtime>>,
     /// The command that runs a sandbox's DNS proxy (`kiln sandbox __dns`), its directory
     /// appended.
@@ -105,6 +108,7 @@ impl Sandboxes {
     pub fn new(home: &Path, store: Store, drivers: Vec<Box<dyn Runtime>>) -> Sandboxes {
         Sandboxes {
             home: home.to_path_buf(),
+            holds: Holds::new(store.clone(), home.join("sandboxes").join(".holds.lock")),
             store,
             drivers,
             dns_proxy: Vec::new(),
@@ -166,7 +170,7 @@ impl Sandboxes {
                 (id, rec, None)
             }
             Source::Snapshot(s) => {
-                let (sid, snap) = snapshot::lookup(&self.store, s)?;
+                let (sid, snap) = snapshot::lookup(&self.holds, s)?;
                 snapshot::fetch_manifests(&self.store, &snap)?;
                 let image = self.image(&snap.image)?;
                 (snap.image, image, Some((sid, snap)))
@@ -248,6 +252,16 @@ impl Sandboxes {
             net: None,
         };
         let (dir, _lock) = self.new_dir(&rec)?;
+        if let Some((sid, snap)) = &from_snapshot {
+            // Held from here on, so nothing frees it while it is read.
+            if let Err(e) = self
+                .holds
+                .set(&Holder::Sandbox(rec.id.clone()), &snap.blobs_with(sid))
+            {
+                self.remove(&dir, &rec);
+                return Err(e);
+            }
+        }
         if let Err(e) = self.attach_network(&dir, &mut rec) {
             self.remove(&dir, &rec);
             return Err(e);
@@ -261,12 +275,34 @@ impl Sandboxes {
             return Err(e);
         }
         rec.state = State::Running;
-        if let Err(e) = dir.save(&rec) {
+        let saved = dir.save(&rec).and_then(|()| match &from_snapshot {
+            Some((sid, snap)) => self.hold_running(driver, &rec.id, sid, snap),
+            None => Ok(()),
+        });
+        if let Err(e) = saved {
             let _ = driver.kill(&dir, &rec);
             self.remove(&dir, &rec);
             return Err(e);
         }
         Ok(rec)
+    }
+
+    /// What a sandbox just restored from snapshot `sid` still needs: the snapshot, if its
+    /// driver goes on reading it; nothing otherwise (the snapshot goes unless another holder
+    /// keeps it).
+    fn hold_running(
+        &self,
+        driver: &dyn Runtime,
+        id: &str,
+        sid: &BlobId,
+        snap: &SnapshotRecord,
+    ) -> Result<()> {
+        let needed = if driver.reads_checkpoint_while_running() {
+            snap.blobs_with(sid)
+        } else {
+            Vec::new()
+        };
+        self.holds.set(&Holder::Sandbox(id.into()), &needed)
     }
 
     /// Makes the sandbox's directory under its final name, locked, with a `starting` record:
@@ -367,9 +403,17 @@ impl Sandboxes {
         rec.net = None;
     }
 
-    /// Removes a sandbox's network, directory and name (its processes must be gone).
+    /// Removes a sandbox's network, directory, name and holds (its processes must be gone).
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
         network::detach(&rec.id, &dir.net());
+        for h in [
+            Holder::Sandbox(rec.id.clone()),
+            Holder::Fork(rec.id.clone()),
+        ] {
+            if let Err(e) = self.holds.release(&h) {
+                tracing::warn!(id = %rec.id, "releasing the sandbox's snapshots: {e}");
+            }
+        }
         if let Some(n) = &rec.name {
             self.release_name(n, &rec.id);
         }
@@ -611,7 +655,11 @@ impl Sandboxes {
             self.lock_running(id, "only a running sandbox can be snapshotted")?;
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
-        let id = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), name)?;
+        let snap = SnapshotRecord::of(&rec, cp);
+        let id = snapshot::put_record(&self.store, &snap)?;
+        // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
+        let name = name.map(str::to_string).unwrap_or_else(|| id.to_hex());
+        snapshot::name(&self.holds, &name, &id, &snap)?;
         rec.op = None;
         dir.save(&rec)?;
         Ok(id)
@@ -653,7 +701,12 @@ impl Sandboxes {
     fn pause_locked(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, dir, &mut rec, true)?;
-        let snap = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
+        // The paused state replaces whatever the sandbox held before.
+        let snap = snapshot::put(
+            &self.holds,
+            &SnapshotRecord::of(&rec, cp),
+            &Holder::Sandbox(rec.id.clone()),
+        )?;
         rec.state = State::Paused { saved: snap };
         rec.agent = None;
         rec.op = None;
@@ -689,6 +742,8 @@ impl Sandboxes {
         rec.state = State::Running;
         rec.deadline_ms = rec.timeout_secs.map(|s| now_ms() + s * 1000);
         dir.save(&rec)?;
+        // The paused state goes unless the driver reads it on (or a name keeps it).
+        self.hold_running(driver, &rec.id, &sid, &snap)?;
         Ok(rec)
     }
 
@@ -697,15 +752,19 @@ impl Sandboxes {
         if n == 0 || n > 256 {
             return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
         }
-        let snap_id = {
+        let (snap_id, parent) = {
             let (dir, _lock, mut rec) =
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
             let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
-            let id = snapshot::put(&self.store, &SnapshotRecord::of(&rec, cp), None)?;
+            let id = snapshot::put(
+                &self.holds,
+                &SnapshotRecord::of(&rec, cp),
+                &Holder::Fork(rec.id.clone()),
+            )?;
             rec.op = None;
             dir.save(&rec)?;
-            id
+            (id, Holder::Fork(rec.id))
         };
         let spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
         // Four at a time (each restore is a process start plus a state load), from a queue so
@@ -730,7 +789,9 @@ impl Sandboxes {
                 Err(e) => first_err = first_err.or(Some(e)),
             }
         }
-        if let Some(e) = first_err {
+        // Each fork holds what it still needs; the fork's snapshot goes with the last of them.
+        let released = self.holds.release(&parent);
+        if let Some(e) = first_err.or(released.err()) {
             // All or nothing: a partial fork is undone.
             for r in &out {
                 let _ = self.kill(&r.id);
@@ -752,11 +813,14 @@ impl Sandboxes {
         if let Ok(d) = self.driver(rec.runtime) {
             d.kill(dir, rec)?;
         }
-        if let State::Paused { saved } = &rec.state {
-            let _ = self.store.remove_name(&format!("keep:{saved}"));
-        }
         self.remove(dir, rec);
         Ok(())
+    }
+
+    /// Removes a named snapshot (`kiln sandbox snapshots rm`, E2B's snapshot delete); its data
+    /// goes once no sandbox needs it. Returns whether it existed.
+    pub fn remove_snapshot(&self, name: &str) -> Result<bool> {
+        snapshot::remove(&self.holds, name)
     }
 
     /// Changes a sandbox's egress policy; a running one's rules change at once (new

@@ -1,15 +1,16 @@
 //! Sandbox snapshots in the block store: a small JSON record (its blob id is the snapshot id)
 //! naming the runtime, the image, the sandbox's settings and the driver's [`Checkpoint`].
 //!
-//! Store names:
-//! - `sandbox-snapshot:<name>` -> a named snapshot (`kiln sandbox snapshot ID --name N`);
-//! - `keep:<blob id>` -> every blob a snapshot refers to (its checkpoint blobs and the record
-//!   itself), so a name-rooted gc keeps them, as images do.
+//! Store names: `sandbox-snapshot:<name>` -> a named snapshot (`kiln sandbox snapshot ID
+//! --name N`, E2B's snapshots). What keeps a snapshot's blobs is [`crate::holds`]: the named
+//! snapshot, the paused sandbox whose state it is, or the sandboxes still reading it; once none
+//! is left its blobs are removed and the next gc frees their chunks.
 //!
 //! A snapshot pushed to a remote carries its image: restoring it in another home pulls the
 //! image's record and layers lazily.
 
 use crate::error::{Error, Result};
+use crate::holds::{Holder, Holds};
 use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
 use crate::Checkpoint;
 use blockstore::{BlobId, PutOptions, Store};
@@ -17,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 const NAME_PREFIX: &str = "sandbox-snapshot:";
-const KEEP_PREFIX: &str = "keep:";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -65,18 +65,46 @@ impl SnapshotRecord {
     }
 }
 
-/// Stores the record (after its blobs, which the driver made durable) and keeps everything.
-pub fn put(store: &Store, snap: &SnapshotRecord, name: Option<&str>) -> Result<BlobId> {
-    let bytes = serde_json::to_vec(snap).expect("records serialize");
-    let id = store.put_bytes(&bytes, &PutOptions::default())?;
-    for b in snap.checkpoint.blobs.iter().chain([&id]) {
-        store.set_name(&format!("{KEEP_PREFIX}{b}"), b)?;
+impl SnapshotRecord {
+    /// Every blob the snapshot needs, its own record `id` included.
+    pub fn blobs_with(&self, id: &BlobId) -> Vec<BlobId> {
+        let mut v = self.checkpoint.blobs.clone();
+        v.push(*id);
+        v
     }
-    if let Some(n) = name {
-        crate::record::check_name(n)?;
-        store.set_name(&format!("{NAME_PREFIX}{n}"), &id)?;
-    }
+}
+
+/// Stores the record (after its blobs, which the driver made durable) and makes `holder` keep
+/// it with its blobs (replacing what `holder` kept before).
+pub fn put(holds: &Holds, snap: &SnapshotRecord, holder: &Holder) -> Result<BlobId> {
+    let id = put_record(holds.store(), snap)?;
+    holds.set(holder, &snap.blobs_with(&id))?;
     Ok(id)
+}
+
+/// Stores the record only: the caller holds it.
+pub fn put_record(store: &Store, snap: &SnapshotRecord) -> Result<BlobId> {
+    let bytes = serde_json::to_vec(snap).expect("records serialize");
+    Ok(store.put_bytes(&bytes, &PutOptions::default())?)
+}
+
+/// Names snapshot `id` (an existing name moves to it; what only the old one needed goes).
+pub fn name(holds: &Holds, name: &str, id: &BlobId, snap: &SnapshotRecord) -> Result<()> {
+    crate::record::check_name(name)?;
+    // Held before it is named, so a listed name never lacks its data.
+    holds.set(&Holder::Snapshot(name.into()), &snap.blobs_with(id))?;
+    holds
+        .store()
+        .set_name(&format!("{NAME_PREFIX}{name}"), id)?;
+    Ok(())
+}
+
+/// Removes a named snapshot: its name, then its hold; its data goes once no sandbox needs it.
+/// Returns whether the name existed.
+pub fn remove(holds: &Holds, name: &str) -> Result<bool> {
+    let existed = holds.store().remove_name(&format!("{NAME_PREFIX}{name}"))?;
+    holds.release(&Holder::Snapshot(name.into()))?;
+    Ok(existed)
 }
 
 pub fn get(store: &Store, id: &BlobId) -> Result<SnapshotRecord> {
@@ -87,8 +115,10 @@ pub fn get(store: &Store, id: &BlobId) -> Result<SnapshotRecord> {
 }
 
 /// A snapshot by name, full id, or (locally) an id prefix of 8+ hex digits. A name or id this
-/// home lacks is looked up on the default remote and pulled (the record only; data stays lazy).
-pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, SnapshotRecord)> {
+/// home lacks is looked up on the default remote and pulled (the record and its blobs'
+/// manifests; data stays lazy). The caller holds what it uses.
+pub fn lookup(holds: &Holds, name_or_id: &str) -> Result<(BlobId, SnapshotRecord)> {
+    let store = holds.store();
     let name = format!("{NAME_PREFIX}{name_or_id}");
     if let Some(id) = store.lookup_name(&name)? {
         return Ok((id, get(store, &id)?));
@@ -109,11 +139,13 @@ pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, SnapshotRecord
             }
         }
     }
-    // Another home may have pushed it under this name.
+    // Another home may have pushed it under this name: it is named here too.
     if let Ok(Some(id)) = store.remote_name(&name) {
         store.pull(&id)?;
-        store.set_name(&name, &id)?;
-        return Ok((id, get(store, &id)?));
+        let snap = get(store, &id)?;
+        fetch_manifests(store, &snap)?;
+        self::name(holds, name_or_id, &id, &snap)?;
+        return Ok((id, snap));
     }
     Err(Error::SnapshotNotFound(name_or_id.into()))
 }
@@ -124,7 +156,6 @@ pub fn fetch_manifests(store: &Store, snap: &SnapshotRecord) -> Result<()> {
     for b in &snap.checkpoint.blobs {
         if !store.contains(b) {
             store.pull(b)?;
-            store.set_name(&format!("{KEEP_PREFIX}{b}"), b)?;
         }
     }
     Ok(())
@@ -133,7 +164,7 @@ pub fn fetch_manifests(store: &Store, snap: &SnapshotRecord) -> Result<()> {
 /// Named snapshots: (name, id).
 pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
     Ok(store
-        .names()?
+        .names_with_prefix(NAME_PREFIX)?
         .into_iter()
         .filter_map(|(n, id)| Some((n.strip_prefix(NAME_PREFIX)?.to_string(), id)))
         .collect())
@@ -150,9 +181,4 @@ pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
         store.push_name(&format!("{NAME_PREFIX}{n}"), id)?;
     }
     Ok(bytes)
-}
-
-/// Removes a snapshot's name (its data goes with the next gc once nothing else keeps it).
-pub fn remove_name(store: &Store, name: &str) -> Result<bool> {
-    Ok(store.remove_name(&format!("{NAME_PREFIX}{name}"))?)
 }

@@ -950,7 +950,8 @@ async fn list_snapshots(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResu
     Ok((headers, Json(body)).into_response())
 }
 
-/// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, its data with the next gc.
+/// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, and its data once no
+/// sandbox needs it (its chunks with the next gc).
 /// Images are not deleted through the API.
 async fn delete_template(
     State(state): State<Arc<AppState>>,
@@ -958,7 +959,7 @@ async fn delete_template(
 ) -> ApiResult<StatusCode> {
     let name = strip_tag(&id).to_string();
     let sb = state.sandboxes.clone();
-    let removed = blocking(move || runtime::snapshot::remove_name(sb.store(), &name)).await?;
+    let removed = blocking(move || sb.remove_snapshot(&name)).await?;
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {

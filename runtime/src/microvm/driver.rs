@@ -443,6 +443,12 @@ impl crate::Runtime for MicrovmDriver {
         self.adopt(dir, rec, launched, o.vsock_uds.clone().expect("set"))
     }
 
+    fn reads_checkpoint_while_running(&self) -> bool {
+        // Restored memory is paged in from the store by userfaultfd, and disks are overlays
+        // over the snapshot's disk blobs.
+        true
+    }
+
     fn checkpoint(
         &self,
         dir: &SandboxDir,
