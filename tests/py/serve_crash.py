@@ -46,7 +46,9 @@ def sha(b):
 
 
 def err_text(e):
-    return f"{type(e).__name__}: {e}"[:400]
+    """One line: the daemon's messages may carry a log tail."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:300]
 
 
 class Gone(Exception):

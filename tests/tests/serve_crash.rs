@@ -12,7 +12,7 @@
 //! and printed (which sandbox, what state, what leaked) before the test fails.
 //!
 //! Knobs: `KILN_CRASH_SEED` (the seed is printed), `KILN_CRASH_KILLS` (default 8),
-//! `KILN_CRASH_SECS` (client run time, default 45), `KILN_CRASH_CLIENTS` (default 8),
+//! `KILN_CRASH_SECS` (client run time, default 60), `KILN_CRASH_CLIENTS` (default 8),
 //! `KILN_CRASH_HOLD` (seconds to wait before the final cleanup, to inspect by hand),
 //! `KILN_CRASH_KEEP=1` (keep the temp dir: home, daemon log, journals).
 //!
@@ -80,7 +80,7 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
             .as_nanos() as u64,
     );
     let kills = env_u64("KILN_CRASH_KILLS", 8);
-    let secs = env_u64("KILN_CRASH_SECS", 45);
+    let secs = env_u64("KILN_CRASH_SECS", 60);
     let clients = env_u64("KILN_CRASH_CLIENTS", 8);
     eprintln!(
         "serve_crash: seed {seed} (rerun with KILN_CRASH_SEED={seed}), {kills} kills, \
@@ -181,7 +181,9 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
         eprintln!("  {op:8} {outcomes:?}");
     }
     // The test means nothing unless the clients did what it is about.
-    for op in ["create", "write", "read", "pause", "connect", "fork", "kill"] {
+    for op in [
+        "create", "write", "read", "pause", "connect", "fork", "kill",
+    ] {
         let ok = summary
             .get(op)
             .map(|o| o.get("ok").unwrap_or(&0) + o.get("ok-after-retry").unwrap_or(&0))
@@ -255,6 +257,36 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
         report.add(&id, what);
     }
 
+    // A live sandbox has one set of runsc processes (a sandbox and its gofer): a restore
+    // that went on after its daemon died must not leave a second one beside it.
+    // (Those the checker found unusable are reported already.)
+    let usable: Vec<&String> = listed
+        .keys()
+        .filter(|id| !report.0.contains_key(*id))
+        .collect();
+    for id in usable {
+        let sets = runsc_roots(&home.join("sandboxes").join(id).join("runsc"));
+        let sandboxes = sets
+            .iter()
+            .filter(|(_, a)| a.contains("runsc-sandbox"))
+            .count();
+        let gofers = sets
+            .iter()
+            .filter(|(_, a)| a.contains("runsc-gofer"))
+            .count();
+        if sandboxes != 1 || gofers > 1 {
+            let pids: Vec<u32> = sets.iter().map(|(p, _)| *p).collect();
+            report.add(
+                id,
+                format!(
+                    "listed, running, but with {sandboxes} runsc sandbox and {gofers} gofer \
+                     process trees (one of each expected): {}",
+                    describe(&pids)
+                ),
+            );
+        }
+    }
+
     // keep: names: only what live sandboxes and named snapshots need (nothing is paused
     // now: the checker resumed every paused sandbox).
     let names = store_names(&k);
@@ -298,7 +330,10 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
         }
     }
     for what in settle(|| global_leftovers(&home, &universe)) {
-        report.add("global", format!("after killing every listed sandbox: {what}"));
+        report.add(
+            "global",
+            format!("after killing every listed sandbox: {what}"),
+        );
     }
     let gc = k.run(["store", "gc"]);
     if !gc.status.success() {
@@ -460,6 +495,43 @@ fn global_leftovers(home: &Path, ids: &BTreeSet<String>) -> Vec<String> {
     out
 }
 
+/// runsc processes started with `--root=ROOT` whose parent is not one of them (the tops of
+/// its process trees; systrap's stub processes are children of the sandbox): (pid, argv0).
+fn runsc_roots(root: &Path) -> Vec<(u32, String)> {
+    let flag = format!("--root={}", root.display());
+    let mut all = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.iter().any(|a| *a == flag) {
+            continue;
+        }
+        // Field 4 of /proc/PID/stat, after the command name in parentheses.
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st[st.rfind(')')? + 2..]
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|p| p.parse::<u32>().ok())
+            })
+            .unwrap_or(0);
+        all.insert(pid, (ppid, args[0].clone()));
+    }
+    all.iter()
+        .filter(|(_, (ppid, _))| !all.contains_key(ppid))
+        .map(|(pid, (_, argv0))| (*pid, argv0.clone()))
+        .collect()
+}
+
 /// `f()` re-evaluated for up to 15 s until it finds nothing (the daemon's sweep and
 /// asynchronous teardown get their time); the last findings.
 fn settle<T>(f: impl Fn() -> Vec<T>) -> Vec<T> {
@@ -538,7 +610,12 @@ fn du(p: &Path) -> String {
         .arg(p)
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().map(str::to_string))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 
@@ -555,7 +632,11 @@ fn origin(journals: &Path, id: &str) -> String {
                     .as_str()
                     .map(|p| format!(" of {p}"))
                     .unwrap_or_default();
-                return format!(" (client {}, {}{parent})", v["client"], v["via"].as_str().unwrap_or("?"));
+                return format!(
+                    " (client {}, {}{parent})",
+                    v["client"],
+                    v["via"].as_str().unwrap_or("?")
+                );
             }
         }
     }
