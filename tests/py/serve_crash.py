@@ -88,8 +88,13 @@ class Client:
         self.live = {}
         self.seq = 0
         self.stats = {}
+        self.tour = list(self.TOUR)
+        # id -> when this client got it (newest first for the tour).
+        self.order = {}
 
     def log(self, ev, **kw):
+        if ev == "created":
+            self.order[kw["id"]] = len(self.order)
         kw["ev"] = ev
         kw["t"] = round(time.time(), 3)
         kw["client"] = self.n
@@ -124,6 +129,10 @@ class Client:
                 raise Gone(err_text(e))
             except Exception as e:  # the daemon is down, restarting, or refused
                 last = e
+                status = getattr(e, "status_code", None)
+                if isinstance(status, int) and status >= 500:
+                    # A live daemon failed the request (a dead one answers nothing).
+                    self.log("daemon-error", op=op, id=sid, status=status, err=err_text(e))
                 # The data plane says "The sandbox X was not found" (502): ask the control
                 # plane, whose 404 is definite.
                 if sid and "not found" in str(e).lower() and gone(sid):
@@ -153,6 +162,7 @@ class Client:
         if s["state"] != "running" or s["sbx"] is None:
             s["sbx"] = Sandbox.connect(sid, timeout=SBX_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
             s["state"] = "running"
+            self.count("connect", "ok")
         return s["sbx"]
 
     # ---- operations ----
@@ -282,14 +292,28 @@ class Client:
         self.live.pop(sid)
         self.log("kill-ok", id=sid)
 
+    # Every client starts with each operation once, so each is exercised whatever the
+    # random draws; then random ones.
+    TOUR = ["create", "write", "read", "pause", "connect", "run", "fork", "kill"]
+
     def step(self):
         ids = sorted(self.live)
+        if self.tour:
+            op = self.tour.pop(0)
+            if op == "create" or not ids:
+                return self.op_create()
+            # The newest sandbox: after the fork, the kill takes the fork.
+            sid = max(ids, key=lambda i: self.order[i])
+            return self.run_op(op, sid)
         if not ids or (len(ids) < CAP and self.rng.random() < 0.3):
             return self.op_create()
         sid = self.rng.choice(ids)
         ops = [("run", 14), ("write", 18), ("read", 14), ("pause", 12), ("connect", 10),
                ("fork", 8 if len(ids) < CAP + 1 else 0), ("kill", 6 + 20 * (len(ids) > CAP))]
         op = self.rng.choices([o for o, _ in ops], [w for _, w in ops])[0]
+        self.run_op(op, sid)
+
+    def run_op(self, op, sid):
         try:
             getattr(self, "op_" + op)(sid)
         except Gone as e:
@@ -314,8 +338,9 @@ class Client:
 # ---- the final check ----
 
 def read_journals(d):
-    """id -> what the journals say about it."""
+    """id -> what the journals say about it; daemon errors of no sandbox (creates)."""
     ids = {}
+    unowned = []
     for name in sorted(os.listdir(d)):
         if not name.endswith(".jsonl"):
             continue
@@ -327,10 +352,13 @@ def read_journals(d):
                     continue  # a client killed mid-line
                 sid = ev.get("id")
                 if not sid:
+                    if ev["ev"] == "daemon-error":
+                        unowned.append(ev)  # a create
                     continue
                 s = ids.setdefault(sid, {"client": ev["client"], "created": None,
                                          "killed": False, "kill_tried": False, "lost": None,
-                                         "allowed": [], "absent_ok": True, "mismatch": []})
+                                         "allowed": [], "absent_ok": True, "mismatch": [],
+                                         "daemon_errors": []})
                 e = ev["ev"]
                 if e == "created":
                     s["created"] = ev.get("via")
@@ -346,7 +374,9 @@ def read_journals(d):
                     s["lost"] = f"{ev['op']}: {ev['err']}"
                 elif e == "mismatch":
                     s["mismatch"].append(ev)
-    return ids
+                elif e == "daemon-error":
+                    s["daemon_errors"].append(ev)
+    return ids, unowned
 
 
 def until(what, fn, budget=60):
@@ -413,17 +443,21 @@ def check_one(sid, state, j):
 
 
 def check(d):
-    journal = read_journals(d)
+    journal, unowned = read_journals(d)
     seen = until("list", listed, budget=120)
     violations = []
 
     def bad(sid, what):
         violations.append({"id": sid, "what": what})
 
+    for d in unowned:
+        bad("global", f"the daemon answered {d['status']} to {d['op']}: {d['err']}")
     for sid, j in sorted(journal.items()):
         for m in j["mismatch"]:
             bad(sid, f"during the run a read gave {str(m['got'])[:16]}, the journal allowed "
                      f"{[a[:16] for a in m['allowed']]}")
+        for d in j["daemon_errors"]:
+            bad(sid, f"the daemon answered {d['status']} to {d['op']}: {d['err']}")
         if sid in seen:
             if j["killed"]:
                 bad(sid, f"killed (the kill was answered) but still listed as {seen[sid]}")
