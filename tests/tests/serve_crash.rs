@@ -4,9 +4,11 @@
 //! Afterwards, for every sandbox any client got back from the daemon: it is listed (running
 //! or paused; a paused one resumes; its file is byte-identical to the client's last confirmed
 //! write; a command runs) or it is cleanly gone (no directory, no runsc process with its
-//! `--root`, no token, no network namespace). Globally, after every sandbox is killed and
-//! `kiln store gc` ran: no runsc process, mount or network namespace of this home, and no
-//! `keep:` store name that no live sandbox or named snapshot needs.
+//! `--root`, no token, no network namespace). A live sandbox has exactly one set of runsc
+//! processes, and a live daemon answers no 5xx (the first resume after a restart works).
+//! Globally, after every sandbox is killed and `kiln store gc` ran: no runsc process, mount
+//! or network namespace of this home, and no `keep:` store name that no live sandbox or
+//! named snapshot needs.
 //!
 //! The clients and the checker are `tests/py/serve_crash.py`. Every violation is collected
 //! and printed (which sandbox, what state, what leaked) before the test fails.
@@ -21,7 +23,7 @@
 //! makes (whatever `KILN_NETWORK` says) has no way out.
 
 use kiln_tests::e2b::{self, Serve};
-use kiln_tests::sandbox::{processes_mentioning, KillAll};
+use kiln_tests::sandbox::{processes, processes_mentioning, KillAll};
 use kiln_tests::tapns;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -525,22 +527,12 @@ fn global_leftovers(home: &Path, ids: &BTreeSet<String>) -> Vec<String> {
 fn runsc_roots(root: &Path) -> Vec<(u32, String)> {
     let flag = format!("--root={}", root.display());
     let mut all = BTreeMap::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    for (pid, args) in processes() {
         if !args.contains(&flag) {
             continue;
         }
         // Field 4 of /proc/PID/stat, after the command name in parentheses.
-        let ppid = std::fs::read_to_string(e.path().join("stat"))
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|st| {
                 st[st.rfind(')')? + 2..]
