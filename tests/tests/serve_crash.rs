@@ -7,7 +7,7 @@
 //! `--root`, no token, no network namespace). A live sandbox has exactly one set of runsc
 //! processes, and a live daemon answers no 5xx (the first resume after a restart works).
 //! Globally, after every sandbox is killed and `kiln store gc` ran: no runsc process, mount
-//! or network namespace of this home, and no `keep:` store name that no live sandbox or
+//! or network namespace of this home, and no `hold:` store name that no live sandbox or
 //! named snapshot needs.
 //!
 //! The clients and the checker are `tests/py/serve_crash.py`. Every violation is collected
@@ -89,6 +89,9 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
          {clients} clients, {secs} s"
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // What the store holds before any sandbox: the image's names and unnamed blobs.
+    let base_names: BTreeSet<String> = store_names(&k).into_keys().collect();
+    let base_orphans = unnamed_blobs(&k);
 
     let ns = tapns::NetNs::new("crash").unwrap();
     tapns::enter(&ns.name).unwrap();
@@ -301,24 +304,23 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
         }
     }
 
-    // keep: names: only what live sandboxes and named snapshots need (nothing is paused
-    // now: the checker resumed every paused sandbox).
+    // Holds (`hold:<holder>:<blob>` store names): only live sandboxes and named snapshots
+    // keep anything, and no fork is under way any more.
     let names = store_names(&k);
-    let needed = needed_keep_names(&k, &names);
-    let unneeded: Vec<&String> = names
+    let stray: Vec<&String> = names
         .keys()
-        .filter(|n| n.starts_with("keep:") && !needed.contains(*n))
+        .filter(|n| n.starts_with("hold:") && !hold_is_live(n, &listed, &names))
         .collect();
-    if !unneeded.is_empty() {
+    if !stray.is_empty() {
         report.add(
             "global",
             format!(
-                "{} of {} keep: names are needed by no live sandbox or named snapshot \
-                 ({} live sandboxes), e.g. {:?}",
-                unneeded.len(),
-                names.keys().filter(|n| n.starts_with("keep:")).count(),
+                "{} of {} hold: names belong to no live sandbox or named snapshot ({} live \
+                 sandboxes), e.g. {:?}",
+                stray.len(),
+                names.keys().filter(|n| n.starts_with("hold:")).count(),
                 listed.len(),
-                &unneeded[..unneeded.len().min(3)]
+                &stray[..stray.len().min(3)]
             ),
         );
     }
@@ -360,20 +362,38 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
         );
     }
     let names = store_names(&k);
-    let kept: Vec<&String> = names.keys().filter(|n| n.starts_with("keep:")).collect();
+    let held: Vec<&String> = names
+        .keys()
+        .filter(|n| n.starts_with("hold:") || n.starts_with("keep:"))
+        .filter(|n| !base_names.contains(*n))
+        .collect();
     let named: Vec<&String> = names
         .keys()
         .filter(|n| n.starts_with("sandbox-snapshot:"))
         .collect();
-    if !kept.is_empty() && named.is_empty() {
+    if !held.is_empty() && named.is_empty() {
         report.add(
             "global",
             format!(
-                "after killing every sandbox and kiln store gc, {} keep: names remain with no \
-                 sandbox and no named snapshot left (store: {}), e.g. {:?}",
-                kept.len(),
+                "after killing every sandbox and kiln store gc, {} hold:/keep: names remain with \
+                 no sandbox and no named snapshot left (store: {}), e.g. {:?}",
+                held.len(),
                 du(&k.store_dir()),
-                &kept[..kept.len().min(3)]
+                &held[..held.len().min(3)]
+            ),
+        );
+    }
+    // A blob nobody names is one nobody can reach: a checkpoint leaked by a crash.
+    let orphans = unnamed_blobs(&k);
+    if named.is_empty() && orphans > base_orphans {
+        report.add(
+            "global",
+            format!(
+                "after killing every sandbox and kiln store gc, {} blobs have no name ({} before \
+                 the run; store: {})",
+                orphans,
+                base_orphans,
+                du(&k.store_dir())
             ),
         );
     }
@@ -589,35 +609,31 @@ fn store_names(k: &kiln_tests::Kiln) -> BTreeMap<String, String> {
     out
 }
 
-/// The keep: names live sandboxes (their record's paused state and the snapshot they came
-/// from) and named snapshots need: each snapshot's record and its checkpoint's blobs.
-fn needed_keep_names(k: &kiln_tests::Kiln, names: &BTreeMap<String, String>) -> BTreeSet<String> {
-    let mut snaps: BTreeSet<String> = names
+/// Whether a `hold:` store name belongs to a live holder: a listed sandbox, or a named
+/// snapshot that still exists (`hold:fork:` holds only last while a fork is under way).
+fn hold_is_live(
+    name: &str,
+    listed: &BTreeMap<String, String>,
+    names: &BTreeMap<String, String>,
+) -> bool {
+    let rest = name.strip_prefix("hold:").unwrap_or_default();
+    let (kind, rest) = rest.split_once(':').unwrap_or_default();
+    let holder = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+    match kind {
+        "sandbox" => listed.contains_key(holder),
+        "snapshot" => names.contains_key(&format!("sandbox-snapshot:{holder}")),
+        _ => false,
+    }
+}
+
+/// How many blobs of the store carry no name at all.
+fn unnamed_blobs(k: &kiln_tests::Kiln) -> usize {
+    k.json(["store", "ls", "--json"])
+        .as_array()
+        .unwrap()
         .iter()
-        .filter(|(n, _)| n.starts_with("sandbox-snapshot:"))
-        .map(|(_, id)| id.clone())
-        .collect();
-    for id in entries(&k.home.join("sandboxes")) {
-        let Ok(b) = std::fs::read(k.home.join("sandboxes").join(&id).join("sandbox.json")) else {
-            continue;
-        };
-        let rec: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
-        for s in [&rec["saved"], &rec["snapshot"]] {
-            if let Some(s) = s.as_str() {
-                snaps.insert(s.to_string());
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    for s in snaps {
-        out.insert(format!("keep:{s}"));
-        let rec = k.run(["store", "cat", &s]);
-        let rec: Value = serde_json::from_slice(&rec.stdout).unwrap_or(Value::Null);
-        for b in rec["checkpoint"]["blobs"].as_array().into_iter().flatten() {
-            out.insert(format!("keep:{}", b.as_str().unwrap_or_default()));
-        }
-    }
-    out
+        .filter(|b| b["names"].as_array().is_none_or(|n| n.is_empty()))
+        .count()
 }
 
 /// The size of a directory on disk, as `du -sh` says.
