@@ -95,8 +95,8 @@ pub fn sh(k: &Kiln, id: &str, script: &str) -> String {
     out
 }
 
-/// Pids of processes whose command line mentions `needle` (e.g. a sandbox id).
-pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+/// Every process but this one: (pid, command line arguments).
+pub fn processes() -> Vec<(u32, Vec<String>)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -105,12 +105,21 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) && pid != std::process::id() {
-            out.push(pid);
+        if pid != std::process::id() {
+            let args = cmd.split(|b| *b == 0).map(String::from_utf8_lossy);
+            out.push((pid, args.map(|a| a.into_owned()).collect()));
         }
     }
     out
+}
+
+/// Pids of processes whose command line mentions `needle` (e.g. a sandbox id).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, args)| args.join(" ").contains(needle))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Waits (bounded) until no process mentions `id`; panics with what is left.
