@@ -65,6 +65,9 @@ fn pause(k: &Kiln, id: &str) -> (Duration, u64) {
         .as_str()
         .unwrap_or_else(|| panic!("no state file in {rec}"))
         .to_string();
+    if std::env::var("PROBE").is_ok() {
+        std::fs::write(format!("/tmp/agent-ckpt-{id}"), k.ok(["store", "cat", &state_file])).unwrap();
+    }
     let bytes = k.json(["store", "stat", &state_file, "--json"])["size"]
         .as_u64()
         .unwrap();
@@ -107,7 +110,7 @@ fn finished_commands_leave_nothing_behind() {
         let ran = t.elapsed();
         let st = agent_stats(&k, &id);
         if std::env::var("PROBE").is_ok() {
-            let maps = sh(&k, &id, "ls /proc; cat /proc/1/status; ps -o pid,stat,comm 2>&1 | tail -5; cat /proc/meminfo | head -8");
+            let maps = sh(&k, &id, "cat /proc/sentry-meminfo /proc/meminfo");
             std::fs::write(format!("/tmp/agent-maps-{n}"), &maps).unwrap();
         }
         let (_, bytes) = pause(&k, &id);

@@ -212,8 +212,10 @@ pub fn start_reaper() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
         std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(reap_loop)
+            .spawn(|| {
+                set_thread_name(c"reaper");
+                reap_loop()
+            })
             .expect("spawning the reaper thread");
     });
 }
@@ -600,12 +602,24 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     drop(t);
     for (src, kind) in outputs {
         let p = p.clone();
+        // Named from inside, not with `Builder::name`: std names a thread through
+        // /proc/self/task/<tid>/comm, and gVisor then keeps that task's /proc directory (and
+        // the dead task) for good, about 1.7 KiB of every later checkpoint per thread.
         std::thread::Builder::new()
-            .name(format!("pump-{pid}"))
-            .spawn(move || pump(p, src, kind))
+            .spawn(move || {
+                set_thread_name(c"pump");
+                pump(p, src, kind)
+            })
             .map_err(|e| io_fail("spawning a thread", e))?;
     }
     Ok(p)
+}
+
+/// Names the calling thread (for debuggers and `ps -T`) without touching /proc.
+fn set_thread_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes (longer names are
+    // truncated by the kernel).
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 fn pump(p: Arc<Proc>, src: Arc<File>, kind: Kind) {
