@@ -36,10 +36,7 @@ fn agent_stats(k: &Kiln, id: &str) -> AgentStats {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {out:?}"))
     };
-    let counts: Vec<u64> = out
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let counts: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert_eq!(counts.len(), 2, "{out:?}");
     AgentStats {
         vm_data_kib: field("VmData:"),
@@ -65,9 +62,6 @@ fn pause(k: &Kiln, id: &str) -> (Duration, u64) {
         .as_str()
         .unwrap_or_else(|| panic!("no state file in {rec}"))
         .to_string();
-    if std::env::var("PROBE").is_ok() {
-        std::fs::write(format!("/tmp/agent-ckpt-{id}"), k.ok(["store", "cat", &state_file])).unwrap();
-    }
     let bytes = k.json(["store", "stat", &state_file, "--json"])["size"]
         .as_u64()
         .unwrap();
@@ -84,10 +78,6 @@ fn run_true(rec: &serde_json::Value, n: usize) {
         ..ExecRequest::default()
     };
     for i in 0..n {
-        if std::env::var("PROBE").as_deref() == Ok("health") {
-            client::health(&mut std::os::unix::net::UnixStream::connect(sock).unwrap()).unwrap();
-            continue;
-        }
         let mut s = std::os::unix::net::UnixStream::connect(sock)
             .unwrap_or_else(|e| panic!("command {i}: connecting to {sock}: {e}"));
         let out = client::exec(&mut s, &req, b"", |_, _| {})
@@ -109,10 +99,6 @@ fn finished_commands_leave_nothing_behind() {
         run_true(&rec, n);
         let ran = t.elapsed();
         let st = agent_stats(&k, &id);
-        if std::env::var("PROBE").is_ok() {
-            let maps = sh(&k, &id, "cat /proc/sentry-meminfo /proc/meminfo");
-            std::fs::write(format!("/tmp/agent-maps-{n}"), &maps).unwrap();
-        }
         let (_, bytes) = pause(&k, &id);
         eprintln!("{n} commands in {ran:?}: agent {st:?}, checkpoint {bytes} bytes");
         sizes.push(bytes);

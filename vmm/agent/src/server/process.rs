@@ -111,9 +111,17 @@ impl State {
             }),
         }
         self.end += data.len() as u64;
+        // Whole chunks only, none an attached connection has not sent all of (a pump waits
+        // for them, see `push`): at most RING_BYTES plus one chunk stays.
+        let sent = self.subs.values().copied().min().unwrap_or(u64::MAX);
         while self.end - self.start > RING_BYTES as u64 {
-            let c = self.chunks.pop_front().expect("non-empty");
-            self.start += c.data.len() as u64;
+            match self.chunks.front() {
+                Some(c) if c.off + c.data.len() as u64 <= sent => {
+                    self.start += c.data.len() as u64;
+                    self.chunks.pop_front();
+                }
+                _ => break,
+            }
         }
         self.info.dropped = self.start;
     }
@@ -921,6 +929,7 @@ mod tests {
     fn output_is_coalesced_bounded_and_read_from_any_offset() {
         let p = exited(1, 0);
         let mut s = p.lock();
+        s.subs.clear();
         // A byte at a time, 3 MiB: chunks of up to READ_CHUNK, the last RING_BYTES kept.
         let total = 3 * RING_BYTES as u64;
         for i in 0..total {
@@ -948,6 +957,14 @@ mod tests {
             }
             assert_eq!(pos, s.end);
         }
+        // An attached connection's unsent output is never dropped, even inside a chunk.
+        let unsent = s.end - 10;
+        s.subs.insert(OWNER, unsent);
+        s.append(Kind::Stdout, &vec![7; RING_BYTES - 10]);
+        assert!(s.start <= unsent && s.end - s.start <= (RING_BYTES + READ_CHUNK) as u64);
+        s.subs.clear();
+        s.append(Kind::Stdout, b"x");
+        assert!(s.end - s.start <= RING_BYTES as u64);
         // Kinds stay apart.
         s.append(Kind::Stderr, b"e");
         s.append(Kind::Stdout, b"o");
