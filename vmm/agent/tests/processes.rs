@@ -326,13 +326,8 @@ fn flooding_output_keeps_the_agent_small() {
 }
 
 #[test]
-fn exited_entries_are_bounded() {
+fn exited_entries_are_bounded_and_delivered_ones_leave_at_once() {
     let a = Agent::start();
-    let n = protocol::KEEP_EXITED + 6;
-    for i in 0..n {
-        let out = client::exec(&mut a.conn(), &sh(&format!("exit {i}")), b"", |_, _| {}).unwrap();
-        assert_eq!(out.status.code, Some(i as i32));
-    }
     let exited = || {
         client::list_processes(&mut a.conn())
             .unwrap()
@@ -340,11 +335,27 @@ fn exited_entries_are_bounded() {
             .filter(|p| !p.running)
             .collect::<Vec<_>>()
     };
-    a.wait_until(10, || exited().len() == protocol::KEEP_EXITED);
-    let l = exited();
-    // The oldest were forgotten; the list is in start order.
-    assert_eq!(l.first().unwrap().exit.unwrap().code, Some(6));
-    assert_eq!(l.last().unwrap().exit.unwrap().code, Some(n as i32 - 1));
+    // Their client received their end: nothing is kept.
+    for i in 0..20 {
+        let out = client::exec(&mut a.conn(), &sh(&format!("exit {i}")), b"", |_, _| {}).unwrap();
+        assert_eq!(out.status.code, Some(i));
+    }
+    // (The agent takes them out right after sending their end.)
+    a.wait_until(10, || exited().is_empty());
+    // Their client went away: kept for reconnects, the newest KEEP_EXITED.
+    let n = protocol::KEEP_EXITED + 6;
+    for i in 0..n {
+        a.start_bg(&protocol::ExecRequest {
+            background: true,
+            stdin: false,
+            ..sh(&format!("exit {i}"))
+        });
+    }
+    let newest = Some(n as i32 - 1);
+    a.wait_until(10, || {
+        let l = exited();
+        l.len() == protocol::KEEP_EXITED && l.iter().any(|p| p.exit.unwrap().code == newest)
+    });
 }
 
 #[test]

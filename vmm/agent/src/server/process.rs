@@ -5,6 +5,11 @@
 //! buffer to every attached connection. A pump waits rather than drop output an attached
 //! connection has not sent yet, so a slow client blocks the process on its pipe; with nobody
 //! attached the oldest output is dropped. Memory per process is bounded by [`RING_BYTES`].
+//!
+//! A finished process leaves nothing behind (a sandbox's checkpoint must not grow with its
+//! history): once the connection that started it has received its end, it leaves the table;
+//! otherwise (its client went away) it stays for reconnects, at most [`KEEP_EXITED`] of them
+//! and for at most [`EXITED_TTL`], its buffer shrunk to what it holds.
 
 use super::{fail, io_fail, read_data, send, send_json, watch_conn, Conn, Res};
 use crate::protocol::*;
@@ -24,6 +29,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const ABANDON_AFTER: Duration = Duration::from_millis(500);
 /// The subscriber id of the connection that started a process.
 const OWNER: u64 = 0;
+/// How long an exited process whose end nobody received stays for reconnects.
+const EXITED_TTL: Duration = Duration::from_secs(600);
 
 struct Chunk {
     off: u64,
@@ -51,13 +58,97 @@ struct State {
     waiting_pumps: usize,
     /// The process exited and its open pipes stayed quiet: see [`ABANDON_AFTER`].
     abandoned: bool,
+    /// Out of the table: output that comes later (on pipes a process left behind holds) is
+    /// dropped once no connection is attached.
+    forgotten: bool,
 }
 
 impl State {
+    /// A process just started, with `pumps` output pipes and the owner attached at 0.
+    fn new(
+        info: ProcessInfo,
+        pumps: usize,
+        stdin: Option<Arc<File>>,
+        pty: Option<Arc<File>>,
+    ) -> State {
+        State {
+            info,
+            chunks: VecDeque::new(),
+            start: 0,
+            end: 0,
+            subs: HashMap::from([(OWNER, 0)]),
+            next_sub: OWNER + 1,
+            open_pumps: pumps,
+            stdin,
+            pty,
+            retired: false,
+            last_output: Instant::now(),
+            waiting_pumps: 0,
+            abandoned: false,
+            forgotten: false,
+        }
+    }
+
     /// Exited, and all its output is in the buffer (what comes later on abandoned pipes is
     /// still buffered, for `Connect`).
     fn done(&self) -> bool {
         self.info.exit.is_some() && (self.open_pumps == 0 || self.abandoned)
+    }
+
+    /// Appends output, into the last chunk while it is small and of the same kind (a process
+    /// writing a byte at a time must not cost a chunk per byte); drops the oldest output
+    /// beyond [`RING_BYTES`].
+    fn append(&mut self, kind: Kind, data: &[u8]) {
+        let off = self.end;
+        match self.chunks.back_mut() {
+            Some(last) if last.kind == kind && last.data.len() + data.len() <= READ_CHUNK => {
+                last.data.extend_from_slice(data)
+            }
+            _ => self.chunks.push_back(Chunk {
+                off,
+                kind,
+                data: data.to_vec(),
+            }),
+        }
+        self.end += data.len() as u64;
+        // Whole chunks only, none an attached connection has not sent all of (a pump waits
+        // for them, see `push`): at most RING_BYTES plus one chunk stays.
+        let sent = self.subs.values().copied().min().unwrap_or(u64::MAX);
+        while self.end - self.start > RING_BYTES as u64 {
+            match self.chunks.front() {
+                Some(c) if c.off + c.data.len() as u64 <= sent => {
+                    self.start += c.data.len() as u64;
+                    self.chunks.pop_front();
+                }
+                _ => break,
+            }
+        }
+        self.info.dropped = self.start;
+    }
+
+    /// The output from stream offset `pos` on, within one chunk: (its offset, kind, bytes).
+    /// Output dropped before `pos` is skipped (the first chunk held is sent).
+    fn output_at(&self, pos: u64) -> Option<(u64, Kind, &[u8])> {
+        let i = self
+            .chunks
+            .partition_point(|ch| ch.off + ch.data.len() as u64 <= pos);
+        let ch = self.chunks.get(i)?;
+        let from = pos.saturating_sub(ch.off) as usize;
+        Some((ch.off + from as u64, ch.kind, &ch.data[from..]))
+    }
+
+    /// Gives back the memory a finished process's buffer no longer needs; all of it once
+    /// nobody can read it any more.
+    fn compact(&mut self) {
+        if self.forgotten && self.subs.is_empty() {
+            self.chunks = VecDeque::new();
+            self.start = self.end;
+            return;
+        }
+        for c in &mut self.chunks {
+            c.data.shrink_to_fit();
+        }
+        self.chunks.shrink_to_fit();
     }
 }
 
@@ -82,9 +173,37 @@ impl Proc {
 #[derive(Default)]
 struct Table {
     procs: HashMap<i32, Arc<Proc>>,
-    /// Exited processes, oldest first: (pid, seq).
-    exited: VecDeque<(i32, u64)>,
+    /// Exited processes kept for reconnects, oldest first: (pid, seq, when retired).
+    exited: VecDeque<(i32, u64, Instant)>,
     next_seq: u64,
+}
+
+impl Table {
+    /// Takes `p` out of the table (a pid seen again is another process: left alone).
+    fn forget(&mut self, p: &Proc) {
+        if self.procs.get(&p.pid).is_some_and(|q| q.seq == p.seq) {
+            self.procs.remove(&p.pid);
+        }
+        self.exited
+            .retain(|&(pid, seq, _)| (pid, seq) != (p.pid, p.seq));
+        let mut s = p.lock();
+        s.forgotten = true;
+        s.compact();
+    }
+
+    /// Forgets the exited processes beyond [`KEEP_EXITED`] and those older than
+    /// [`EXITED_TTL`].
+    fn prune(&mut self) {
+        while let Some(&(pid, seq, at)) = self.exited.front() {
+            if self.exited.len() <= KEEP_EXITED && at.elapsed() < EXITED_TTL {
+                break;
+            }
+            self.exited.pop_front();
+            if let Some(p) = self.procs.get(&pid).filter(|q| q.seq == seq).cloned() {
+                self.forget(&p);
+            }
+        }
+    }
 }
 
 /// Lock order: the table, then a process's state (never the other way round).
@@ -101,8 +220,10 @@ pub fn start_reaper() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
         std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(reap_loop)
+            .spawn(|| {
+                set_thread_name(c"reaper");
+                reap_loop()
+            })
             .expect("spawning the reaper thread");
     });
 }
@@ -187,8 +308,12 @@ fn watch_abandoned(p: Arc<Proc>) {
     }
 }
 
-/// Moves a finished process to the bounded list of exited ones.
+/// Moves a finished process to the bounded list of exited ones (unless its owner already
+/// received its end and it left the table).
 fn retire_proc(p: &Arc<Proc>) {
+    // The table first (the lock order), so that a concurrent `forget` sees either nothing or
+    // the whole retirement.
+    let mut t = table();
     {
         let mut s = p.lock();
         if s.retired {
@@ -198,15 +323,13 @@ fn retire_proc(p: &Arc<Proc>) {
         // Its tty is no longer needed (the buffer holds all output).
         s.pty = None;
         s.stdin = None;
-    }
-    let mut t = table();
-    t.exited.push_back((p.pid, p.seq));
-    while t.exited.len() > KEEP_EXITED {
-        let (pid, seq) = t.exited.pop_front().expect("non-empty");
-        if t.procs.get(&pid).is_some_and(|q| q.seq == seq) {
-            t.procs.remove(&pid);
+        s.compact();
+        if s.forgotten {
+            return;
         }
     }
+    t.exited.push_back((p.pid, p.seq, Instant::now()));
+    t.prune();
 }
 
 fn now_ms() -> u64 {
@@ -463,8 +586,8 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
         pid,
         seq,
         tag: req.tag.clone(),
-        st: Mutex::new(State {
-            info: ProcessInfo {
+        st: Mutex::new(State::new(
+            ProcessInfo {
                 pid,
                 tag: req.tag.clone(),
                 argv: req.argv.clone(),
@@ -476,19 +599,10 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
                 tty: req.tty.is_some(),
                 dropped: 0,
             },
-            chunks: VecDeque::new(),
-            start: 0,
-            end: 0,
-            subs: HashMap::from([(OWNER, 0)]),
-            next_sub: OWNER + 1,
-            open_pumps: outputs.len(),
+            outputs.len(),
             stdin,
             pty,
-            retired: false,
-            last_output: Instant::now(),
-            waiting_pumps: 0,
-            abandoned: false,
-        }),
+        )),
         cv: Condvar::new(),
     });
     // A pid seen again was reaped: its old entry (exited) is replaced.
@@ -496,12 +610,24 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     drop(t);
     for (src, kind) in outputs {
         let p = p.clone();
+        // Named from inside, not with `Builder::name`: std names a thread through
+        // /proc/self/task/<tid>/comm, and gVisor then keeps that task's /proc directory (and
+        // the dead task) for good, about 1.7 KiB of every later checkpoint per thread.
         std::thread::Builder::new()
-            .name(format!("pump-{pid}"))
-            .spawn(move || pump(p, src, kind))
+            .spawn(move || {
+                set_thread_name(c"pump");
+                pump(p, src, kind)
+            })
             .map_err(|e| io_fail("spawning a thread", e))?;
     }
     Ok(p)
+}
+
+/// Names the calling thread (for debuggers and `ps -T`) without touching /proc.
+fn set_thread_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes (longer names are
+    // truncated by the kernel).
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 fn pump(p: Arc<Proc>, src: Arc<File>, kind: Kind) {
@@ -529,6 +655,9 @@ fn pump(p: Arc<Proc>, src: Arc<File>, kind: Kind) {
 /// has not sent yet.
 fn push(p: &Proc, kind: Kind, data: &[u8]) {
     let mut s = p.lock();
+    if s.forgotten && s.subs.is_empty() {
+        return; // nobody can read it any more
+    }
     loop {
         let end = s.end;
         let behind = s.subs.values().map(|&pos| end - pos).max().unwrap_or(0);
@@ -540,18 +669,7 @@ fn push(p: &Proc, kind: Kind, data: &[u8]) {
         s.waiting_pumps -= 1;
     }
     s.last_output = Instant::now();
-    let off = s.end;
-    s.chunks.push_back(Chunk {
-        off,
-        kind,
-        data: data.to_vec(),
-    });
-    s.end += data.len() as u64;
-    while s.end - s.start > RING_BYTES as u64 {
-        let c = s.chunks.pop_front().expect("non-empty");
-        s.start += c.data.len() as u64;
-    }
-    s.info.dropped = s.start;
+    s.append(kind, data);
     p.cv.notify_all();
 }
 
@@ -569,9 +687,8 @@ fn stream(p: &Proc, id: u64, c: &Conn) -> Ended {
                 let Some(&pos) = s.subs.get(&id) else {
                     return Ended::Gone;
                 };
-                let i = s.chunks.partition_point(|ch| ch.off < pos);
-                if let Some(ch) = s.chunks.get(i) {
-                    break (ch.off, ch.kind, ch.data.clone());
+                if let Some((off, kind, data)) = s.output_at(pos) {
+                    break (off, kind, data.to_vec());
                 }
                 if s.done() {
                     s.subs.remove(&id);
@@ -651,7 +768,12 @@ pub fn exec(req: ExecRequest, c: &Conn) -> Res<()> {
         },
     );
     match stream(&p, OWNER, c) {
-        Ended::Exit(st) => send_json(c, Kind::Exit, &st),
+        Ended::Exit(st) => {
+            send_json(c, Kind::Exit, &st)?;
+            // Its client has all of it: nothing to keep for a reconnect.
+            table().forget(&p);
+            Ok(())
+        }
         Ended::Gone => {
             detach(&p, OWNER);
             Ok(())
@@ -660,7 +782,8 @@ pub fn exec(req: ExecRequest, c: &Conn) -> Res<()> {
 }
 
 fn find(target: &ProcessRef) -> Res<Arc<Proc>> {
-    let t = table();
+    let mut t = table();
+    t.prune();
     let found = match (&target.pid, &target.tag) {
         (Some(pid), _) => t.procs.get(pid).cloned().ok_or(format!("pid {pid}")),
         (None, Some(tag)) => t
@@ -707,7 +830,10 @@ pub fn connect(target: ProcessRef, c: &Conn) -> Res<()> {
 }
 
 pub fn list() -> Vec<ProcessInfo> {
-    let mut procs: Vec<Arc<Proc>> = table().procs.values().cloned().collect();
+    let mut t = table();
+    t.prune();
+    let mut procs: Vec<Arc<Proc>> = t.procs.values().cloned().collect();
+    drop(t);
     procs.sort_by_key(|p| p.seq);
     procs.iter().map(|p| p.lock().info.clone()).collect()
 }
@@ -775,6 +901,118 @@ pub fn resize(req: ResizeRequest, c: &Conn) -> Res<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exited process (not in the global table) with no pipes left.
+    fn exited(pid: i32, seq: u64) -> Arc<Proc> {
+        let info = ProcessInfo {
+            pid,
+            tag: None,
+            argv: vec!["true".into()],
+            cwd: None,
+            started_ms: 0,
+            running: false,
+            exit: Some(ExitStatus::default()),
+            background: true,
+            tty: false,
+            dropped: 0,
+        };
+        Arc::new(Proc {
+            pid,
+            seq,
+            tag: None,
+            st: Mutex::new(State::new(info, 0, None, None)),
+            cv: Condvar::new(),
+        })
+    }
+
+    #[test]
+    fn output_is_coalesced_bounded_and_read_from_any_offset() {
+        let p = exited(1, 0);
+        let mut s = p.lock();
+        s.subs.clear();
+        // A byte at a time, 3 MiB: chunks of up to READ_CHUNK, the last RING_BYTES kept.
+        let total = 3 * RING_BYTES as u64;
+        for i in 0..total {
+            s.append(Kind::Stdout, &[(i % 251) as u8]);
+        }
+        assert_eq!(s.end, total);
+        assert!(s.end - s.start <= RING_BYTES as u64);
+        assert!(s.end - s.start > (RING_BYTES - READ_CHUNK) as u64);
+        assert!(
+            s.chunks.len() <= RING_BYTES / READ_CHUNK + 1,
+            "{}",
+            s.chunks.len()
+        );
+        assert_eq!(s.info.dropped, s.start);
+        // Read back from a dropped offset (starts at the first byte held) and from the middle
+        // of a chunk (the rest of that chunk), every byte in order.
+        for from in [0, s.start + 12_345] {
+            let mut pos = from;
+            while let Some((off, _, data)) = s.output_at(pos) {
+                assert!(off >= pos && off >= s.start);
+                for (j, b) in data.iter().enumerate() {
+                    assert_eq!(*b, ((off + j as u64) % 251) as u8);
+                }
+                pos = off + data.len() as u64;
+            }
+            assert_eq!(pos, s.end);
+        }
+        // An attached connection's unsent output is never dropped, even inside a chunk.
+        let unsent = s.end - 10;
+        s.subs.insert(OWNER, unsent);
+        s.append(Kind::Stdout, &vec![7; RING_BYTES - 10]);
+        assert!(s.start <= unsent && s.end - s.start <= (RING_BYTES + READ_CHUNK) as u64);
+        s.subs.clear();
+        s.append(Kind::Stdout, b"x");
+        assert!(s.end - s.start <= RING_BYTES as u64);
+        // Kinds stay apart.
+        s.append(Kind::Stderr, b"e");
+        s.append(Kind::Stdout, b"o");
+        let (off, kind, data) = s.output_at(s.end - 2).unwrap();
+        assert_eq!((off, kind, data), (s.end - 2, Kind::Stderr, &b"e"[..]));
+        // Compacting keeps what a reconnect can read; forgotten, nothing is held.
+        s.compact();
+        assert!(s.output_at(s.start).is_some());
+        s.subs.clear();
+        s.forgotten = true;
+        s.compact();
+        assert!(s.output_at(0).is_none() && s.chunks.capacity() == 0);
+    }
+
+    #[test]
+    fn exited_processes_leave_the_table_when_delivered_too_many_or_too_old() {
+        let mut t = Table::default();
+        let procs: Vec<Arc<Proc>> = (0..KEEP_EXITED as i32 + 5)
+            .map(|i| exited(100 + i, i as u64))
+            .collect();
+        for p in &procs {
+            t.procs.insert(p.pid, p.clone());
+            t.exited.push_back((p.pid, p.seq, Instant::now()));
+            t.prune();
+        }
+        assert_eq!((t.procs.len(), t.exited.len()), (KEEP_EXITED, KEEP_EXITED));
+        assert!(!t.procs.contains_key(&100) && t.procs.contains_key(&105));
+        assert!(procs[0].lock().forgotten && !procs[5].lock().forgotten);
+        // Delivered: out at once.
+        t.forget(&procs[10]);
+        assert!(!t.procs.contains_key(&110));
+        assert_eq!(t.exited.len(), KEEP_EXITED - 1);
+        // A pid used again by a newer process is not the old one's to forget.
+        let again = exited(111, 1000);
+        t.procs.insert(111, again.clone());
+        t.forget(&procs[11]);
+        assert!(Arc::ptr_eq(&t.procs[&111], &again));
+        // Too old: out at the next look.
+        let old = Instant::now()
+            .checked_sub(EXITED_TTL + Duration::from_secs(1))
+            .expect("uptime beyond the TTL");
+        for e in t.exited.iter_mut().take(3) {
+            e.2 = old;
+        }
+        let n = t.exited.len();
+        t.prune();
+        assert_eq!(t.exited.len(), n - 3);
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
         nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\

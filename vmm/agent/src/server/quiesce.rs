@@ -77,6 +77,7 @@ pub(crate) fn quiesce(c: &Conn) -> Res<()> {
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
         if open == 0 && !listening {
+            super::lifecycle::release_free_memory();
             return send(c, Kind::Ok, b"");
         }
         if t.elapsed() > CLOSE_WAIT {
