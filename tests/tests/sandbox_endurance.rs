@@ -148,8 +148,14 @@ fn finished_commands_leave_nothing_in_the_agent() {
 /// some 3 KiB of every later checkpoint per command. Nothing the agent holds grows (see
 /// `finished_commands_leave_nothing_in_the_agent`).
 #[test]
-#[ignore = "runsc 0.0~20221219 keeps every finished process's /proc directory in the sentry"]
 fn checkpoint_after_1000_commands_is_within_a_few_percent_of_10() {
+    if let Some(old) = runsc_release().filter(|r| r.as_str() < "20240101") {
+        eprintln!(
+            "SKIP: runsc release {old} keeps every finished process's /proc directory in the \
+             sentry, so its checkpoints grow by ~3 KiB per command whatever the agent does"
+        );
+        return;
+    }
     let Some([(_, _, few), (_, _, many)]) = ten_and_a_thousand() else {
         return;
     };
@@ -198,4 +204,20 @@ fn pause_resume_does_not_slow_down() {
         last <= first * 2,
         "pause+resume slowed down from {first:?} to {last:?} over {cycles} cycles"
     );
+}
+
+/// The date part of `runsc --version`'s "runsc version release-YYYYMMDD.N" (Debian's
+/// "0.0~YYYYMMDD" builds print the same line), if runsc runs.
+fn runsc_release() -> Option<String> {
+    let runsc = std::env::var("KILN_RUNSC").unwrap_or_else(|_| "runsc".into());
+    let out = std::process::Command::new(runsc)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let digits: String = text
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 8 && w.starts_with("20"))?
+        .to_string();
+    Some(digits)
 }
