@@ -617,8 +617,19 @@ impl GvisorDriver {
             )));
         }
         dir.enter(rec, Phase::Restore)?;
-        self.kill(dir, rec)?;
-        self.restore_local(dir, rec, &rootfs)
+        // The control socket name of a container just killed can stay taken a moment
+        // ("address already in use"): tried a few times.
+        let mut tries = 0;
+        loop {
+            self.kill(dir, rec)?;
+            match self.restore_local(dir, rec, &rootfs) {
+                Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Waits (up to [`RECOVER_WAIT`]) for a `runsc checkpoint` whose caller died: `None` if
@@ -648,15 +659,28 @@ impl GvisorDriver {
         }
     }
 
-    /// A sandbox whose checkpoint did not complete: running on (its agent released), or lost.
+    /// A sandbox whose checkpoint did not complete, its agent perhaps quiesced: running on
+    /// with its agent answering again, or lost (its processes ended).
     fn undo_quiesce(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Recovered {
         let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
-        match self.exited(dir, rec) {
-            None => match Self::release_agent(dir) {
-                Ok(()) => Recovered::Running,
-                Err(e) => Recovered::Lost(e.to_string()),
-            },
-            Some(cause) => Recovered::Lost(cause),
+        if let Some(cause) = self.exited(dir, rec) {
+            return Recovered::Lost(cause);
+        }
+        // A listening agent is quiesced first: a quiesce sent by a caller that died may still
+        // be on its way, and would otherwise come after the release.
+        if let Ok(mut s) = self.connect_path(rec) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = kiln_agent::client::quiesce(&mut s);
+        }
+        // The host file of its old socket outlives the listener, and the agent cannot bind a
+        // new one over it (EPERM): it goes first, as before a restore.
+        let _ = std::fs::remove_file(Self::agent_socket(dir));
+        match Self::release_agent(dir).and_then(|()| self.wait_agent(dir, rec)) {
+            Ok(()) => Recovered::Running,
+            Err(e) => {
+                let _ = self.kill(dir, rec);
+                Recovered::Lost(format!("its agent did not come back after a quiesce: {e}"))
+            }
         }
     }
 
@@ -767,7 +791,7 @@ impl Runtime for GvisorDriver {
             .connect_path(rec)
             .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
         if let Err(e) = quiesced {
-            let _ = Self::release_agent(dir);
+            self.undo_quiesce(dir, rec);
             return Err(e);
         }
         let t = Instant::now();
@@ -775,9 +799,8 @@ impl Runtime for GvisorDriver {
             .enter(rec, Phase::Checkpoint)
             .and_then(|()| self.run_checkpoint(dir, rec));
         if let Err(e) = saved {
-            // The sandbox still runs: let its agent listen again.
-            let _ = Self::release_agent(dir);
-            let _ = std::fs::remove_dir_all(&ckpt);
+            // The sandbox usually still runs: its agent listens again.
+            self.undo_quiesce(dir, rec);
             return Err(e);
         }
         tracing::info!(
@@ -836,10 +859,20 @@ impl Runtime for GvisorDriver {
         // a checkpoint and its watcher), carry this sandbox's own `--root`. Killing them is far
         // faster than `runsc kill` + `runsc delete` (about 2 s here, polling) and needs no
         // runsc state. Until none is left: a command may start another process meanwhile.
+        // Their children too (the platform's stub processes carry no command line, hold the
+        // sandbox's control socket and are reparented once the sandbox process is gone), so a
+        // restore right after finds its socket name free.
         let root_flag = Self::root_flag(dir);
+        let mut seen: Vec<Proc> = Vec::new();
         let t = Instant::now();
         loop {
-            let left = processes_with(&[&root_flag]);
+            let mut left = processes_with(&[&root_flag]);
+            for p in children_of(&left) {
+                if !seen.iter().any(|s| s.pid == p) {
+                    seen.extend(Proc::of(p));
+                }
+            }
+            left.extend(seen.iter().filter(|p| p.alive()).map(|p| p.pid));
             if left.is_empty() || t.elapsed() > Duration::from_secs(10) {
                 break;
             }
@@ -897,6 +930,29 @@ impl Runtime for GvisorDriver {
             },
         })
     }
+}
+
+/// Live processes whose parent is one of `pids`.
+fn children_of(pids: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    if pids.is_empty() {
+        return out;
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid.is_some_and(|p| pids.contains(&p)) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// What the watcher of the last `runsc checkpoint` recorded as its exit status.

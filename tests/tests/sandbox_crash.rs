@@ -195,22 +195,24 @@ fn pause_and_resume(k: &Kiln, tmp: &Path, with_net: bool) {
         s.count = count(k, &s.id);
         killed_after(k, &["sandbox", "pause", &s.id], d);
         let what = format!("pause killed after {d:?}");
-        if settled(k, &mut s, with_net, &what) == "running" {
+        let left = settled(k, &mut s, with_net, &what);
+        if left == "running" {
             k.ok(["sandbox", "pause", &s.id]);
         }
         let outcome = settled(k, &mut s, with_net, &what);
         assert_eq!(outcome, "paused", "{what}: the next pause");
-        eprintln!("pause moment {i} ({d:?}): ok");
+        eprintln!("{what}: {left}");
         // Killed resumes at the same moment of a resume, one per pause.
         let d = moments(resume)[i];
         killed_after(k, &["sandbox", "resume", &s.id], d);
         let what = format!("resume killed after {d:?}");
-        if settled(k, &mut s, with_net, &what) == "paused" {
+        let left = settled(k, &mut s, with_net, &what);
+        if left == "paused" {
             k.ok(["sandbox", "resume", &s.id]);
         }
         let outcome = settled(k, &mut s, with_net, &what);
         assert_eq!(outcome, "running", "{what}: the next resume");
-        eprintln!("resume moment {i} ({d:?}): ok");
+        eprintln!("{what}: {left}");
     }
     k.ok(["sandbox", "kill", &s.id]);
     assert_eq!(runsc_sets(k, &s.id), Vec::<String>::new());
@@ -247,20 +249,22 @@ fn killed_snapshots_and_forks_leave_the_source_running_and_no_half_made_fork() {
         return;
     };
     let mut s = subject(&k, tmp.path());
-    let snapshot = timed(&k, &["sandbox", "snapshot", &s.id]);
-    for d in moments(snapshot) {
-        killed_after(&k, &["sandbox", "snapshot", &s.id], d);
+    let snapshot = timed(&k, &["sandbox", "snapshot", &s.id, "--name", "timed"]);
+    for (i, d) in moments(snapshot).into_iter().enumerate() {
+        let name = format!("s{i}");
+        killed_after(&k, &["sandbox", "snapshot", &s.id, "--name", &name], d);
         let what = format!("snapshot killed after {d:?}");
         assert_eq!(settled(&k, &mut s, false, &what), "running");
     }
     let fork = timed(&k, &["sandbox", "fork", &s.id, "-n", "2"]);
+    let source = s.id.clone();
     let forks = |k: &Kiln| -> Vec<String> {
         k.json(["sandbox", "ls", "--json"])
             .as_array()
             .unwrap()
             .iter()
             .map(|r| r["id"].as_str().unwrap().to_string())
-            .filter(|f| *f != s.id)
+            .filter(|f| *f != source)
             .collect()
     };
     for f in forks(&k) {
