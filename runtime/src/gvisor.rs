@@ -19,8 +19,11 @@
 //! being written or read), `console.log` (the init's and runsc's output).
 
 use crate::error::{Error, IoCtx, Result};
-use crate::record::{write_atomic, RuntimeKind, SandboxDir, SandboxRecord};
-use crate::{Checkpoint, Runtime};
+use crate::record::{
+    process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
+    SandboxDir, SandboxRecord,
+};
+use crate::{Checkpoint, Recovered, Runtime};
 use blockstore::{BlobId, PutOptions, Store};
 use imagebuilder::image::ImageRecord;
 use serde_json::json;
@@ -52,6 +55,15 @@ const DEFAULT_CAPS: &[&str] = &[
 ];
 /// Chunk size for checkpoint files in the store (they are already compressed by runsc).
 const CHECKPOINT_CHUNK: u32 = 512 * 1024;
+/// How long the reconcile waits for a checkpoint that runs on without its caller.
+const RECOVER_WAIT: Duration = Duration::from_secs(60);
+/// How long after its phase was saved a helper may still be between fork and exec (its
+/// command line not yet showing) when its caller died.
+const SPAWN_GRACE_MS: u64 = 1000;
+/// Runs `runsc checkpoint` and writes its exit status to `$1` when it ends: whoever comes
+/// next learns whether the checkpoint completed even if the caller died meanwhile (runsc's
+/// own state cannot tell: the container stays `running` in it either way).
+const WATCH_SCRIPT: &str = r#"s=$1; shift; "$@"; echo $? >"$s""#;
 
 /// How to run runsc here.
 #[derive(Clone, Debug)]
@@ -188,8 +200,7 @@ impl GvisorDriver {
     fn runsc(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Command {
         let mut c = Command::new(&self.config.runsc);
         let network = if rec.net.is_some() { "sandbox" } else { "none" };
-        c.arg("--root")
-            .arg(dir.sub("runsc"))
+        c.arg(Self::root_flag(dir))
             .arg(format!("--platform={}", self.config.platform))
             .arg(format!("--network={network}"))
             .arg("--overlay2=root:memory")
@@ -202,27 +213,48 @@ impl GvisorDriver {
         c
     }
 
-    /// Runs a runsc command that ends on its own; its output is the error's detail.
-    fn runsc_ok(
-        &self,
-        dir: &SandboxDir,
-        rec: &SandboxRecord,
-        what: &str,
-        args: &[&str],
-    ) -> Result<()> {
-        let out = self
-            .runsc(dir, rec)
-            .args(args)
+    /// `--root=<state root>` in one argument, as runsc passes it on to the sandbox and gofer
+    /// processes it starts: every runsc process of this sandbox carries it.
+    fn root_flag(dir: &SandboxDir) -> String {
+        format!("--root={}", dir.sub("runsc").display())
+    }
+
+    /// Runs `runsc checkpoint` into `dir/ckpt`, detached (its own process group) under a `sh`
+    /// watcher that records its exit status in `ckpt/status`; the watcher is `rec.op`'s
+    /// helper. Returns once it ended.
+    fn run_checkpoint(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
+        let ckpt = dir.sub("ckpt");
+        let mut runsc = self.runsc(dir, rec);
+        runsc.args(["checkpoint", "--image-path", path_str(&ckpt)?, &rec.id]);
+        let log_path = ckpt.join("runsc.log");
+        let log = std::fs::File::create(&log_path).ctx("create", &log_path)?;
+        let sh = Path::new("/bin/sh");
+        let mut child = Command::new(sh)
+            .arg("-c")
+            .arg(WATCH_SCRIPT)
+            .arg("kiln-checkpoint")
+            .arg(ckpt.join("status"))
+            .arg(runsc.get_program())
+            .args(runsc.get_args())
             .stdin(Stdio::null())
-            .output()
-            .ctx("run", &self.config.runsc)?;
-        if out.status.success() {
-            return Ok(());
+            .stdout(log.try_clone().ctx("dup", &log_path)?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .ctx("run", sh)?;
+        if let Some(op) = rec.op.as_mut() {
+            op.helper = Proc::of(child.id());
         }
-        Err(Error::Driver {
-            what: what.into(),
-            detail: first_lines(&String::from_utf8_lossy(&out.stderr), 6),
-        })
+        let saved = dir.save(rec);
+        child.wait().ctx("wait for", sh)?;
+        saved?;
+        match checkpoint_status(dir) {
+            Some(0) => Ok(()),
+            _ => Err(Error::Driver {
+                what: "runsc checkpoint".into(),
+                detail: first_lines(&crate::record::tail(&log_path, 4096), 6),
+            }),
+        }
     }
 
     /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
@@ -259,9 +291,17 @@ impl GvisorDriver {
         }
         let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
         drop(mask);
-        // If we are killed now, runsc goes on: whoever cleans up waits for it first (kill).
+        // If we are killed now, runsc goes on: whoever cleans up ends it first (kill).
         let launcher = dir.sub("launch.pid");
         let _ = std::fs::write(&launcher, child.id().to_string());
+        if let Some(op) = rec.op.as_ref() {
+            let mut rec = rec.clone();
+            rec.op = Some(Op {
+                helper: Proc::of(child.id()),
+                ..op.clone()
+            });
+            let _ = dir.save(&rec);
+        }
         let status = child.wait().ctx("wait for", &self.config.runsc)?;
         let _ = std::fs::remove_file(&launcher);
         if status.success() {
@@ -522,6 +562,157 @@ impl GvisorDriver {
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
     }
 
+    /// The steps after a completed `runsc checkpoint` (in `dir/ckpt`): its state file into
+    /// the store, the stopped container forgotten, and for a live snapshot (`!stop`) the
+    /// sandbox restored in place. Each step is recorded before it starts.
+    fn finish_checkpoint(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stop: bool,
+    ) -> Result<Checkpoint> {
+        let ckpt = dir.sub("ckpt");
+        dir.enter(rec, Phase::Store)?;
+        let t = Instant::now();
+        let blob = self.store.put_file(
+            &ckpt.join("checkpoint.img"),
+            &PutOptions {
+                chunk_size: Some(CHECKPOINT_CHUNK),
+                ..PutOptions::default()
+            },
+        )?;
+        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
+        let cp = Checkpoint {
+            state: json!({"format": "runsc-checkpoint", "state_file": blob,
+                          "network": rec.net.is_some()}),
+            blobs: vec![blob],
+        };
+        if stop {
+            // The container has stopped; its state root (this sandbox's alone) goes before a
+            // restore reuses the id. `runsc delete` does the same but took 1.7 s here, polling.
+            let t = Instant::now();
+            self.forget_container(dir, rec);
+            tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
+        } else {
+            self.restore_in_place(dir, rec)?;
+        }
+        if let Some(op) = rec.op.as_mut() {
+            op.checkpoint = Some(cp.clone());
+        }
+        dir.enter(rec, Phase::Saved)?;
+        let _ = std::fs::remove_dir_all(&ckpt);
+        Ok(cp)
+    }
+
+    /// Runs the sandbox on from the complete checkpoint in `dir/ckpt` (a live snapshot's, or
+    /// one whose caller died), ending first whatever is left of its container.
+    fn restore_in_place(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
+        let rootfs = Self::rootfs_of(rec)
+            .ok_or_else(|| Error::Invalid(format!("sandbox {} has no rootfs", rec.id)))?;
+        let image = dir.sub("ckpt").join("checkpoint.img");
+        if !image.is_file() {
+            return Err(Error::Invalid(format!(
+                "sandbox {}: no checkpoint left to restore from",
+                rec.id
+            )));
+        }
+        dir.enter(rec, Phase::Restore)?;
+        // The control socket name of a container just killed can stay taken a moment
+        // ("address already in use"): tried a few times.
+        let mut tries = 0;
+        loop {
+            self.kill(dir, rec)?;
+            match self.restore_local(dir, rec, &rootfs) {
+                Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Waits (up to [`RECOVER_WAIT`]) for a `runsc checkpoint` whose caller died: `None` if
+    /// it still runs, else whether it completed.
+    fn await_checkpoint(&self, dir: &SandboxDir, op: &Op) -> Option<bool> {
+        let root = Self::root_flag(dir);
+        let t = Instant::now();
+        loop {
+            // The watcher and runsc both carry the state root and the subcommand.
+            let running = op.helper.is_some_and(|h| h.alive())
+                || !processes_with(&[&root, "checkpoint"]).is_empty();
+            if !running {
+                if let Some(code) = checkpoint_status(dir) {
+                    return Some(code == 0);
+                }
+                let young = op.helper.is_none()
+                    && crate::record::now_ms() < op.since_ms.saturating_add(SPAWN_GRACE_MS);
+                if !young {
+                    // Never started, or its watcher was killed: the outcome is unknown.
+                    return Some(false);
+                }
+            }
+            if t.elapsed() > RECOVER_WAIT {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A sandbox whose checkpoint did not complete, its agent perhaps quiesced: running on
+    /// with its agent answering again, or lost (its processes ended).
+    fn undo_quiesce(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Recovered {
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        if let Some(cause) = self.exited(dir, rec) {
+            return Recovered::Lost(cause);
+        }
+        // A listening agent is quiesced first: a quiesce sent by a caller that died may still
+        // be on its way, and would otherwise come after the release.
+        if let Ok(mut s) = self.connect_path(rec) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = kiln_agent::client::quiesce(&mut s);
+        }
+        // The host file of its old socket outlives the listener, and the agent cannot bind a
+        // new one over it (EPERM): it goes first, as before a restore.
+        let _ = std::fs::remove_file(Self::agent_socket(dir));
+        match Self::release_agent(dir).and_then(|()| self.wait_agent(dir, rec)) {
+            Ok(()) => Recovered::Running,
+            Err(e) => {
+                let _ = self.kill(dir, rec);
+                Recovered::Lost(format!("its agent did not come back after a quiesce: {e}"))
+            }
+        }
+    }
+
+    /// A completed checkpoint whose caller died: stored for a pause, restored in place for
+    /// a live snapshot (whose caller is gone: nobody wants the snapshot itself).
+    fn keep_checkpoint(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        kind: OpKind,
+    ) -> Recovered {
+        let done = if kind.stops() {
+            match self.finish_checkpoint(dir, rec, true) {
+                Ok(cp) => return Recovered::Checkpointed(cp),
+                Err(e) => {
+                    tracing::warn!(id = %rec.id, "storing an interrupted pause's checkpoint: {e}");
+                    self.restore_in_place(dir, rec)
+                }
+            }
+        } else {
+            self.restore_in_place(dir, rec)
+        };
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        match done {
+            Ok(()) => Recovered::Running,
+            Err(e) => {
+                let _ = self.kill(dir, rec);
+                Recovered::Lost(format!("restoring its checkpoint: {e}"))
+            }
+        }
+    }
+
     fn rootfs_of(rec: &SandboxRecord) -> Option<PathBuf> {
         rec.driver.get("rootfs")?.as_str().map(PathBuf::from)
     }
@@ -600,20 +791,16 @@ impl Runtime for GvisorDriver {
             .connect_path(rec)
             .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
         if let Err(e) = quiesced {
-            let _ = Self::release_agent(dir);
+            self.undo_quiesce(dir, rec);
             return Err(e);
         }
         let t = Instant::now();
-        let saved = self.runsc_ok(
-            dir,
-            rec,
-            "runsc checkpoint",
-            &["checkpoint", "--image-path", path_str(&ckpt)?, &rec.id],
-        );
+        let saved = dir
+            .enter(rec, Phase::Checkpoint)
+            .and_then(|()| self.run_checkpoint(dir, rec));
         if let Err(e) = saved {
-            // The sandbox still runs: let its agent listen again.
-            let _ = Self::release_agent(dir);
-            let _ = std::fs::remove_dir_all(&ckpt);
+            // The sandbox usually still runs: its agent listens again.
+            self.undo_quiesce(dir, rec);
             return Err(e);
         }
         tracing::info!(
@@ -622,32 +809,14 @@ impl Runtime for GvisorDriver {
             checkpoint_ms = t.elapsed().as_millis() as u64,
             "runsc checkpoint"
         );
-        let t = Instant::now();
-        let state_file = ckpt.join("checkpoint.img");
-        let blob = self.store.put_file(
-            &state_file,
-            &PutOptions {
-                chunk_size: Some(CHECKPOINT_CHUNK),
-                ..PutOptions::default()
-            },
-        )?;
-        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
-        // The container has stopped; its state root (this sandbox's alone) goes before a
-        // restore reuses the id. `runsc delete` does the same but took 1.7 s here, polling.
-        let t = Instant::now();
-        self.forget_container(dir, rec);
-        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
-        if !stop {
-            let rootfs = Self::rootfs_of(rec)
-                .ok_or_else(|| Error::Invalid(format!("sandbox {} has no rootfs", rec.id)))?;
-            self.restore_local(dir, rec, &rootfs)?;
+        let finished = self.finish_checkpoint(dir, rec, stop);
+        if finished.is_err() && rec.op.as_ref().is_some_and(|o| o.phase == Phase::Store) {
+            // Not stored, but complete on disk: the sandbox goes on from it rather than be lost.
+            if let Err(e) = self.restore_in_place(dir, rec) {
+                tracing::warn!(id = %rec.id, "restoring after a failed store: {e}");
+            }
         }
-        let _ = std::fs::remove_dir_all(&ckpt);
-        Ok(Checkpoint {
-            state: json!({"format": "runsc-checkpoint", "state_file": blob,
-                          "network": rec.net.is_some()}),
-            blobs: vec![blob],
-        })
+        finished
     }
 
     fn restore(
@@ -685,29 +854,35 @@ impl Runtime for GvisorDriver {
     }
 
     fn kill(&self, dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
-        // A runsc run/restore whose caller was killed is still creating the container.
-        if let Some(pid) = pid_in(&dir.sub("launch.pid")) {
-            let t = Instant::now();
-            while is_runsc(pid) && t.elapsed() < Duration::from_secs(30) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
         // Every process of the container lives in its sandbox process, with the gofer beside
-        // it; both carry this sandbox's own `--root`. Killing them is far faster than `runsc
-        // kill` + `runsc delete` (about 2 s here, polling) and needs no runsc state.
-        let root_flag = format!("--root={}", dir.sub("runsc").display());
+        // it; they, and any runsc command on it (a `run` or `restore` whose caller was killed,
+        // a checkpoint and its watcher), carry this sandbox's own `--root`. Killing them is far
+        // faster than `runsc kill` + `runsc delete` (about 2 s here, polling) and needs no
+        // runsc state. Until none is left: a command may start another process meanwhile.
+        // Their children too (the platform's stub processes carry no command line, hold the
+        // sandbox's control socket and are reparented once the sandbox process is gone), so a
+        // restore right after finds its socket name free.
+        let root_flag = Self::root_flag(dir);
+        let mut seen: Vec<Proc> = Vec::new();
         let t = Instant::now();
         loop {
-            let left = runsc_processes_with(&root_flag);
+            let mut left = processes_with(&[&root_flag]);
+            for p in children_of(&left) {
+                if !seen.iter().any(|s| s.pid == p) {
+                    seen.extend(Proc::of(p));
+                }
+            }
+            left.extend(seen.iter().filter(|p| p.alive()).map(|p| p.pid));
             if left.is_empty() || t.elapsed() > Duration::from_secs(10) {
                 break;
             }
             for pid in left {
-                // SAFETY: kill(2) of a runsc process of this sandbox (its --root matched).
+                // SAFETY: kill(2) of a process of this sandbox (its --root matched).
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        let _ = std::fs::remove_file(dir.sub("launch.pid"));
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
         Ok(())
     }
@@ -723,35 +898,70 @@ impl Runtime for GvisorDriver {
         self.connect_path(rec)
     }
 
-    fn recover(&self, dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
-        // A quiesced agent waits for this; a running one never looks at it.
-        Self::release_agent(dir)
+    fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered> {
+        Ok(match (op.kind, op.phase) {
+            // A restore (resume) is undone: its half-made container goes; the record still
+            // names the snapshot it came from.
+            (OpKind::Resume | OpKind::Kill, _) | (_, Phase::Kill) => {
+                self.kill(dir, rec)?;
+                let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+                Recovered::Stopped
+            }
+            // At most a quiesced agent: it waits for its release.
+            (_, Phase::Prepare) => self.undo_quiesce(dir, rec),
+            (kind, Phase::Checkpoint) => match self.await_checkpoint(dir, op) {
+                None => Recovered::Pending,
+                Some(true) => self.keep_checkpoint(dir, rec, kind),
+                // A sandbox whose checkpoint failed usually runs on; one whose outcome is
+                // unknown and that stopped is tried from what was written.
+                Some(false) if self.exited(dir, rec).is_none() => self.undo_quiesce(dir, rec),
+                Some(false) => self.keep_checkpoint(dir, rec, OpKind::Snapshot),
+            },
+            (kind, Phase::Store | Phase::Restore) => self.keep_checkpoint(dir, rec, kind),
+            (kind, Phase::Saved) => match &op.checkpoint {
+                Some(cp) if kind.stops() => {
+                    self.kill(dir, rec)?;
+                    Recovered::Checkpointed(cp.clone())
+                }
+                _ => match self.exited(dir, rec) {
+                    None => Recovered::Running,
+                    Some(cause) => Recovered::Lost(cause),
+                },
+            },
+        })
     }
 }
 
-/// Live runsc processes whose command line has `arg` exactly.
-fn runsc_processes_with(arg: &str) -> Vec<u32> {
+/// Live processes whose parent is one of `pids`.
+fn children_of(pids: &[u32]) -> Vec<u32> {
     let mut out = Vec::new();
+    if pids.is_empty() {
+        return out;
+    }
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
             continue;
         };
-        let mut args = cmd.split(|b| *b == 0);
-        let is_runsc = args
-            .next()
-            .is_some_and(|a| String::from_utf8_lossy(a).contains("runsc"));
-        if is_runsc && args.any(|a| a == arg.as_bytes()) && process_start_time(pid).is_some() {
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid.is_some_and(|p| pids.contains(&p)) {
             out.push(pid);
         }
     }
     out
 }
 
-fn pid_in(file: &Path) -> Option<u32> {
-    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+/// What the watcher of the last `runsc checkpoint` recorded as its exit status.
+fn checkpoint_status(dir: &SandboxDir) -> Option<i32> {
+    std::fs::read_to_string(dir.sub("ckpt").join("status"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` is a live (not zombie) runsc process.
@@ -767,17 +977,6 @@ fn live_pid(rec: &SandboxRecord) -> Option<u32> {
     let want = rec.driver.get("start_time")?.as_u64();
     let now = process_start_time(pid)?;
     (want == Some(now)).then_some(pid)
-}
-
-/// Field 22 of /proc/PID/stat (start time in clock ticks); None for a gone or zombie process.
-fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
 }
 
 fn now_ns() -> u64 {

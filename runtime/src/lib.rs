@@ -23,7 +23,10 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use network::{Dest, NetworkPolicy};
-pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
+pub use record::{
+    OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord,
+    State,
+};
 pub use sandboxes::{default_network, CreateSpec, ExecOptions, Sandboxes, Source};
 
 use blockstore::BlobId;
@@ -39,8 +42,28 @@ pub struct Checkpoint {
     pub blobs: Vec<BlobId>,
 }
 
+/// What an operation whose caller died came to, once the driver finished or undid its part
+/// ([`Runtime::recover`]).
+#[derive(Debug)]
+pub enum Recovered {
+    /// The sandbox runs: the operation undone, or a live snapshot's restore in place redone.
+    Running,
+    /// A pause's checkpoint completed and is in the store; nothing of the sandbox runs.
+    Checkpointed(Checkpoint),
+    /// Nothing of the sandbox runs: an interrupted restore undone.
+    Stopped,
+    /// A step still runs on its own (a detached helper that did not end in time): ask again
+    /// later.
+    Pending,
+    /// The sandbox's processes are gone and no checkpoint of them completed.
+    Lost(String),
+}
+
 /// One way of running sandboxes. Drivers keep their own state in `rec.driver` and in files of
-/// the sandbox's directory; the caller holds the sandbox's lock and saves the record.
+/// the sandbox's directory; the caller holds the sandbox's lock and saves the record. Steps of
+/// a checkpoint that a dying caller could leave half-done are recorded as they start
+/// ([`SandboxDir::enter`] with `rec.op`'s [`Phase`]), so [`Runtime::recover`] knows where
+/// to pick up.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
 
@@ -52,7 +75,8 @@ pub trait Runtime: Send + Sync {
     fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()>;
 
     /// Saves memory, device state and file-system changes into the store. With `stop` the
-    /// sandbox's processes end once the state is durable (pause); without, it runs on.
+    /// sandbox's processes end once the state is durable (pause); without, it runs on. On
+    /// success `rec.op` is in [`Phase::Saved`] with the checkpoint.
     fn checkpoint(
         &self,
         dir: &SandboxDir,
@@ -85,11 +109,12 @@ pub trait Runtime: Send + Sync {
         false
     }
 
-    /// A checkpoint of this still-running sandbox was interrupted (its caller died): undo
-    /// whatever it left half-done (a quiesced agent, a paused VM).
-    fn recover(&self, _dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
-        Ok(())
-    }
+    /// `op` (a pause, resume, snapshot or fork) was under way when its caller died: finish
+    /// the driver's part or undo it, waiting (bounded) for a detached step that still runs.
+    /// A checkpoint that completed is kept (stored for a pause, restored in place for a live
+    /// snapshot); a restore is undone. May change `rec.driver` and `rec.agent`; the caller
+    /// applies the outcome to the record.
+    fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered>;
 }
 
 /// This host's sandboxes with every driver, in order of preference (microvm, then gvisor):

@@ -123,10 +123,14 @@ pub struct SandboxRecord {
     /// Bumped by every restore and fork; the agent is told so programs can tell.
     pub generation: u64,
     pub defaults: ProcessDefaults,
-    /// An operation under way (`pause`, `snapshot`, `fork`): if its process dies, the next
-    /// caller sees it and recovers the sandbox.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub op: Option<String>,
+    /// An operation under way and how far it got: if its process dies, whoever next takes
+    /// the lock finishes it or rolls it back ([`crate::Runtime::recover`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "op_or_legacy"
+    )]
+    pub op: Option<Op>,
     /// Driver-private state (process ids, paths).
     #[serde(default)]
     pub driver: serde_json::Value,
@@ -139,6 +143,167 @@ pub struct SandboxRecord {
 }
 
 pub const SCHEMA: u32 = 1;
+
+/// An operation that changes a running or paused sandbox in several steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpKind {
+    Pause,
+    Resume,
+    /// A live snapshot (the sandbox runs on).
+    Snapshot,
+    /// The live snapshot a fork starts from (the forks themselves are `starting` records).
+    Fork,
+    Kill,
+}
+
+impl OpKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Pause => "pause",
+            OpKind::Resume => "resume",
+            OpKind::Snapshot => "snapshot",
+            OpKind::Fork => "fork",
+            OpKind::Kill => "kill",
+        }
+    }
+
+    /// Whether its checkpoint ends the sandbox's processes (pause) or the sandbox runs on.
+    pub fn stops(self) -> bool {
+        self == OpKind::Pause
+    }
+}
+
+/// How far an operation got. Each phase is saved before its step starts, so a record never
+/// claims more than was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Getting ready (the agent told to quiesce, a network attached): the sandbox's processes
+    /// are as they were.
+    Prepare,
+    /// The runtime writes the checkpoint (`helper` is the detached process doing it).
+    Checkpoint,
+    /// The checkpoint is complete on the host and goes into the store.
+    Store,
+    /// The driver's part is done and `checkpoint` holds its result.
+    Saved,
+    /// The sandbox is being restored (resume; or in place after a live snapshot's checkpoint
+    /// stopped it).
+    Restore,
+    /// Its processes are being ended and its directory removed.
+    Kill,
+}
+
+/// A process by pid and start time (clock ticks since boot): a recycled pid is not mistaken
+/// for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proc {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl Proc {
+    /// The live process `pid`, as it is now.
+    pub fn of(pid: u32) -> Option<Proc> {
+        Some(Proc {
+            pid,
+            start_time: process_start_time(pid)?,
+        })
+    }
+
+    /// Whether it still runs (a zombie does not).
+    pub fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks); None for a gone or zombie process.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Live processes whose command line holds every one of `args` (whole arguments).
+pub fn processes_with(args: &[&str]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let has = |a: &str| cmd.split(|b| *b == 0).any(|c| c == a.as_bytes());
+        if args.iter().all(|a| has(a)) && process_start_time(pid).is_some() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// An operation under way on a sandbox (`rec.op`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    pub kind: OpKind,
+    pub phase: Phase,
+    /// When the phase was entered (Unix ms).
+    pub since_ms: u64,
+    /// A detached process doing the step (e.g. the watcher of `runsc checkpoint`), which goes
+    /// on if the caller dies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helper: Option<Proc>,
+    /// The checkpoint, once the driver's part is done ([`Phase::Saved`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::Checkpoint>,
+    /// The snapshot record made of it, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<BlobId>,
+    /// Driver-private progress (e.g. the name a VM snapshot is being saved under).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub driver: serde_json::Value,
+}
+
+impl Op {
+    pub fn new(kind: OpKind, phase: Phase) -> Op {
+        Op {
+            kind,
+            phase,
+            since_ms: now_ms(),
+            helper: None,
+            checkpoint: None,
+            saved: None,
+            driver: serde_json::Value::Null,
+        }
+    }
+}
+
+/// `op` as saved now, or as kiln saved it before phases existed (just its kind's name, set
+/// while the checkpoint ran).
+fn op_or_legacy<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Op>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Now(Op),
+        Legacy(String),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        None => None,
+        Some(Either::Now(op)) => Some(op),
+        Some(Either::Legacy(kind)) => {
+            let kind = serde_json::from_value(serde_json::Value::String(kind))
+                .map_err(serde::de::Error::custom)?;
+            Some(Op::new(kind, Phase::Checkpoint))
+        }
+    })
+}
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -222,6 +387,17 @@ impl SandboxDir {
     /// must outlive one ([`SandboxDir::save_durable`]).
     pub fn save(&self, rec: &SandboxRecord) -> Result<()> {
         write_atomic(&self.record_path(), &Self::bytes(rec), false)
+    }
+
+    /// Records that `rec`'s operation enters `phase` (before its step starts); a helper of
+    /// the previous phase is forgotten.
+    pub fn enter(&self, rec: &mut SandboxRecord, phase: Phase) -> Result<()> {
+        if let Some(op) = rec.op.as_mut() {
+            op.phase = phase;
+            op.since_ms = now_ms();
+            op.helper = None;
+        }
+        self.save(rec)
     }
 
     /// Replaces the record atomically and durably.

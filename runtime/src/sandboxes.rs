@@ -5,11 +5,11 @@
 use crate::error::{Error, IoCtx, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{
-    check_name, new_id, now_ms, OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord,
-    State, SCHEMA,
+    check_name, new_id, now_ms, OnTimeout, Op, OpKind, Phase, ProcessDefaults, RuntimeKind,
+    SandboxDir, SandboxRecord, State, SCHEMA,
 };
 use crate::snapshot::{self, SnapshotRecord};
-use crate::{Checkpoint, Runtime};
+use crate::{Checkpoint, Recovered, Runtime};
 use blockstore::{BlobId, Store};
 use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::ExecRequest;
@@ -404,6 +404,8 @@ impl Sandboxes {
     }
 
     /// Removes a sandbox's network, directory, name and holds (its processes must be gone).
+    /// The directory is renamed away first: a remover killed mid-way leaves a `.gone-`
+    /// directory that the next `list` deletes, never a sandbox without its record.
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
         network::detach(&rec.id, &dir.net());
         for h in [
@@ -417,9 +419,14 @@ impl Sandboxes {
         if let Some(n) = &rec.name {
             self.release_name(n, &rec.id);
         }
+        let gone = self.root().join(format!(".gone-{}", rec.id));
+        let path = match std::fs::rename(dir.path(), &gone) {
+            Ok(()) => gone.as_path(),
+            Err(_) => dir.path(),
+        };
         // A concurrent reader may recreate its lock file meanwhile: try again.
         for _ in 0..3 {
-            if std::fs::remove_dir_all(dir.path()).is_ok() || !dir.path().exists() {
+            if std::fs::remove_dir_all(path).is_ok() || !path.exists() {
                 break;
             }
         }
@@ -449,7 +456,8 @@ impl Sandboxes {
         Ok(out)
     }
 
-    /// A `.new-ID` directory whose creator died before renaming it.
+    /// A `.new-ID` directory whose creator died before renaming it, or a `.gone-ID` one whose
+    /// remover died before deleting it.
     fn clean_setup_debris(&self, path: &Path) {
         let old = std::fs::metadata(path)
             .and_then(|m| m.modified())
@@ -457,20 +465,20 @@ impl Sandboxes {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age.as_millis() as u64 > SETUP_GRACE_MS);
         let dir = SandboxDir::new(path.to_path_buf());
-        if old
-            && path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".new-"))
-        {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if (old && name.starts_with(".new-")) || name.starts_with(".gone-") {
             if let Ok(Some(_l)) = dir.try_lock() {
                 let _ = std::fs::remove_dir_all(path);
             }
         }
     }
 
-    /// Loads a record and reconciles it with reality (under the lock when it is free):
-    /// a creator that died leaves nothing; a runtime that died makes the state `failed`; an
-    /// expired timeout is applied. `None` when the sandbox turned out not to exist.
+    /// Loads a record and reconciles it with reality (under the lock when it is free, see
+    /// [`Sandboxes::reconcile`]); an expired timeout is applied. `None` when the sandbox turned
+    /// out not to exist.
     fn refresh(&self, dir: &SandboxDir) -> Result<Option<SandboxRecord>> {
         // A record that vanished was killed meanwhile (its directory goes file by file).
         let gone = |e: &Error| matches!(e, Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound);
@@ -486,51 +494,17 @@ impl Sandboxes {
             Err(e) if gone(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut rec = match dir.load() {
+        let rec = match dir.load() {
             Ok(r) => r,
             Err(e) if gone(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match rec.state {
-            State::Starting => {
-                // Its creator was killed mid-way.
-                if let Ok(d) = self.driver(rec.runtime) {
-                    let _ = d.kill(dir, &rec);
-                }
-                self.remove(dir, &rec);
-                drop(lock);
-                return Ok(None);
-            }
-            State::Running => {
-                let driver = self.driver(rec.runtime).ok();
-                let op = rec.op.take();
-                match driver.and_then(|d| d.exited(dir, &rec)) {
-                    Some(cause) => {
-                        let during = op
-                            .map(|o| format!(" (a {o} was under way and its process was killed)"));
-                        rec.state = State::Failed {
-                            cause: format!(
-                                "{cause}{}\n--- log tail ---\n{}",
-                                during.unwrap_or_default(),
-                                dir.log_tail(1500)
-                            ),
-                        };
-                        self.detach_network(dir, &mut rec);
-                        dir.save(&rec)?;
-                    }
-                    None if op.is_some() => {
-                        if let Some(d) = driver {
-                            d.recover(dir, &rec)?;
-                        }
-                        dir.save(&rec)?;
-                    }
-                    None => {}
-                }
-            }
-            _ => {}
-        }
+        let Some(mut rec) = self.reconcile(dir, rec)? else {
+            drop(lock);
+            return Ok(None);
+        };
         if let Some(deadline) = rec.deadline_ms {
-            if now_ms() >= deadline && matches!(rec.state, State::Running) {
+            if now_ms() >= deadline && rec.state == State::Running && rec.op.is_none() {
                 match rec.on_timeout {
                     OnTimeout::Kill => {
                         self.kill_locked(dir, &rec)?;
@@ -543,6 +517,97 @@ impl Sandboxes {
             }
         }
         Ok(Some(rec))
+    }
+
+    /// Under the sandbox's lock: a creator that died leaves nothing; an operation whose caller
+    /// died is finished or rolled back; a runtime that died makes the state `failed`. `None`
+    /// when nothing of the sandbox is left.
+    fn reconcile(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<Option<SandboxRecord>> {
+        if let Some(op) = rec.op.clone() {
+            return self.recover_op(dir, rec, op);
+        }
+        match rec.state {
+            State::Starting => {
+                // Its creator was killed mid-way.
+                if let Ok(d) = self.driver(rec.runtime) {
+                    let _ = d.kill(dir, &rec);
+                }
+                self.remove(dir, &rec);
+                return Ok(None);
+            }
+            State::Running => {
+                if let Some(cause) = self
+                    .driver(rec.runtime)
+                    .ok()
+                    .and_then(|d| d.exited(dir, &rec))
+                {
+                    self.fail(dir, &mut rec, cause)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(Some(rec))
+    }
+
+    /// Finishes or rolls back `op`, whose caller died (the record keeps it while a step still
+    /// runs on its own).
+    fn recover_op(
+        &self,
+        dir: &SandboxDir,
+        mut rec: SandboxRecord,
+        op: Op,
+    ) -> Result<Option<SandboxRecord>> {
+        tracing::warn!(id = %rec.id, kind = ?op.kind, phase = ?op.phase,
+            "an operation's caller died: finishing it or rolling it back");
+        if op.kind == OpKind::Kill {
+            self.kill_locked(dir, &rec)?;
+            return Ok(None);
+        }
+        if let (OpKind::Pause, Some(saved)) = (op.kind, op.saved) {
+            return self.finish_pause(dir, rec, saved).map(Some);
+        }
+        if op.kind == OpKind::Fork {
+            // Forks that were made hold their own; the fork's snapshot is nobody's now.
+            self.holds.release(&Holder::Fork(rec.id.clone()))?;
+        }
+        let driver = self.driver(rec.runtime)?;
+        match driver.recover(dir, &mut rec, &op)? {
+            Recovered::Pending => return Ok(Some(rec)),
+            Recovered::Running => {
+                rec.op = None;
+                rec.state = State::Running;
+                dir.save(&rec)?;
+            }
+            Recovered::Checkpointed(cp) => {
+                let snap = self.store_pause(&rec, cp)?;
+                return self.finish_pause(dir, rec, snap).map(Some);
+            }
+            Recovered::Stopped if matches!(rec.state, State::Paused { .. }) => {
+                // An interrupted resume: paused as before, holding nothing on the host.
+                rec.op = None;
+                rec.agent = None;
+                self.detach_network(dir, &mut rec);
+                dir.save(&rec)?;
+            }
+            Recovered::Stopped => {
+                self.fail(dir, &mut rec, "its processes are gone".into())?;
+            }
+            Recovered::Lost(cause) => {
+                let cause = format!("{cause} (a {} was interrupted)", op.kind.name());
+                self.fail(dir, &mut rec, cause)?;
+            }
+        }
+        Ok(Some(rec))
+    }
+
+    /// Marks a sandbox whose processes are gone `failed`, with the cause and its log's tail.
+    fn fail(&self, dir: &SandboxDir, rec: &mut SandboxRecord, cause: String) -> Result<()> {
+        rec.op = None;
+        rec.state = State::Failed {
+            cause: format!("{cause}\n--- log tail ---\n{}", dir.log_tail(1500)),
+        };
+        self.detach_network(dir, rec);
+        dir.save(rec)
     }
 
     /// A sandbox by id or name.
@@ -569,15 +634,34 @@ impl Sandboxes {
         Err(Error::NotFound(id_or_name.into()))
     }
 
+    /// Locks a sandbox and settles what an interrupted operation left of it
+    /// ([`Sandboxes::reconcile`]); returns its dir, lock and record.
+    fn lock_settled(&self, id: &str) -> Result<(SandboxDir, crate::record::Lock, SandboxRecord)> {
+        let dir = self.resolve(id)?;
+        let lock = dir.lock(LOCK_WAIT)?;
+        let rec = match dir.load() {
+            Err(Error::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(id.into()))
+            }
+            r => r?,
+        };
+        let rec = self
+            .reconcile(&dir, rec)?
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        if rec.op.is_some() {
+            // A step of an interrupted operation still runs on its own.
+            return Err(Error::Busy(rec.id));
+        }
+        Ok((dir, lock, rec))
+    }
+
     /// Locks a sandbox that must be running; returns its dir, lock and record.
     fn lock_running(
         &self,
         id: &str,
         needed: &'static str,
     ) -> Result<(SandboxDir, crate::record::Lock, SandboxRecord)> {
-        let dir = self.resolve(id)?;
-        let lock = dir.lock(LOCK_WAIT)?;
-        let rec = dir.load()?;
+        let (dir, lock, rec) = self.lock_settled(id)?;
         if rec.state != State::Running {
             return Err(Error::WrongState {
                 id: rec.id,
@@ -654,7 +738,7 @@ impl Sandboxes {
         let (dir, _lock, mut rec) =
             self.lock_running(id, "only a running sandbox can be snapshotted")?;
         let driver = self.driver(rec.runtime)?;
-        let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
+        let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         let snap = SnapshotRecord::of(&rec, cp);
         let id = snapshot::put_record(&self.store, &snap)?;
         // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
@@ -672,11 +756,11 @@ impl Sandboxes {
         driver: &dyn Runtime,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
-        stop: bool,
+        kind: OpKind,
     ) -> Result<Checkpoint> {
-        rec.op = Some(if stop { "pause" } else { "snapshot" }.into());
+        rec.op = Some(Op::new(kind, Phase::Prepare));
         dir.save(rec)?;
-        let cp = driver.checkpoint(dir, rec, stop);
+        let cp = driver.checkpoint(dir, rec, kind.stops());
         if cp.is_err() {
             rec.op = None;
             if let Some(cause) = driver.exited(dir, rec) {
@@ -700,27 +784,46 @@ impl Sandboxes {
 
     fn pause_locked(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
         let driver = self.driver(rec.runtime)?;
-        let cp = self.checkpoint(driver, dir, &mut rec, true)?;
-        // The paused state replaces whatever the sandbox held before.
-        let snap = snapshot::put(
+        let cp = self.checkpoint(driver, dir, &mut rec, OpKind::Pause)?;
+        let snap = self.store_pause(&rec, cp)?;
+        self.finish_pause(dir, rec, snap)
+    }
+
+    /// Stores a pause's snapshot; it replaces whatever the sandbox held before.
+    fn store_pause(&self, rec: &SandboxRecord, cp: Checkpoint) -> Result<BlobId> {
+        snapshot::put(
             &self.holds,
-            &SnapshotRecord::of(&rec, cp),
+            &SnapshotRecord::of(rec, cp),
             &Holder::Sandbox(rec.id.clone()),
-        )?;
+        )
+    }
+
+    /// The last step of a pause whose snapshot `snap` is stored: the record says so (durably)
+    /// and the sandbox's network goes.
+    fn finish_pause(
+        &self,
+        dir: &SandboxDir,
+        mut rec: SandboxRecord,
+        snap: BlobId,
+    ) -> Result<SandboxRecord> {
         rec.state = State::Paused { saved: snap };
         rec.agent = None;
-        rec.op = None;
+        if let Some(op) = rec.op.as_mut() {
+            // Killed from here on, the next caller only repeats this step.
+            op.saved = Some(snap);
+            op.checkpoint = None;
+            dir.save(&rec)?;
+        }
         // A paused sandbox holds nothing on the host; resume attaches a fresh network.
         self.detach_network(dir, &mut rec);
+        rec.op = None;
         dir.save_durable(&rec)?;
         Ok(rec)
     }
 
     /// Restores a paused sandbox under its own id (its timeout starts again).
     pub fn resume(&self, id: &str) -> Result<SandboxRecord> {
-        let dir = self.resolve(id)?;
-        let _lock = dir.lock(LOCK_WAIT)?;
-        let mut rec = dir.load()?;
+        let (dir, _lock, mut rec) = self.lock_settled(id)?;
         let State::Paused { saved: sid } = rec.state.clone() else {
             return Err(Error::WrongState {
                 id: rec.id,
@@ -733,12 +836,21 @@ impl Sandboxes {
         let image = self.image(&snap.image)?;
         let driver = self.driver(rec.runtime)?;
         rec.generation += 1;
-        self.attach_network(&dir, &mut rec)?;
-        if let Err(e) = driver.restore(&dir, &mut rec, &snap.checkpoint, &image) {
+        // Recorded before anything is made: a caller killed mid-way leaves a record that says
+        // so, and the next one undoes the half-made restore (network, runtime processes).
+        rec.op = Some(Op::new(OpKind::Resume, Phase::Prepare));
+        dir.save(&rec)?;
+        let restored = self
+            .attach_network(&dir, &mut rec)
+            .and_then(|()| dir.enter(&mut rec, Phase::Restore))
+            .and_then(|()| driver.restore(&dir, &mut rec, &snap.checkpoint, &image));
+        if let Err(e) = restored {
             self.detach_network(&dir, &mut rec);
+            rec.op = None;
             let _ = dir.save(&rec);
             return Err(e);
         }
+        rec.op = None;
         rec.state = State::Running;
         rec.deadline_ms = rec.timeout_secs.map(|s| now_ms() + s * 1000);
         dir.save(&rec)?;
@@ -756,7 +868,7 @@ impl Sandboxes {
             let (dir, _lock, mut rec) =
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
-            let cp = self.checkpoint(driver, &dir, &mut rec, false)?;
+            let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
             let id = snapshot::put(
                 &self.holds,
                 &SnapshotRecord::of(&rec, cp),
@@ -810,6 +922,13 @@ impl Sandboxes {
     }
 
     fn kill_locked(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        // Recorded first: a kill cut short is finished by the next caller, never mistaken
+        // for a sandbox that died.
+        if rec.op.as_ref().map(|o| o.kind) != Some(OpKind::Kill) {
+            let mut rec = rec.clone();
+            rec.op = Some(Op::new(OpKind::Kill, Phase::Kill));
+            dir.save(&rec)?;
+        }
         if let Ok(d) = self.driver(rec.runtime) {
             d.kill(dir, rec)?;
         }

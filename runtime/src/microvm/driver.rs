@@ -16,7 +16,8 @@
 use super::error::Error as MError;
 use super::snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
-use crate::{Checkpoint, Error, Result, RuntimeKind, SandboxDir, SandboxRecord};
+use crate::record::{processes_with, Op, OpKind, Phase};
+use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
 use blockstore::{BlobId, Store};
 use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::AGENT_PORT;
@@ -297,6 +298,28 @@ impl MicrovmDriver {
         }
     }
 
+    /// The sandbox checkpoint of VM snapshot `id`.
+    fn checkpoint_of(
+        &self,
+        id: &BlobId,
+        r: &snapshotter::record::SnapshotRecord,
+    ) -> Result<Checkpoint> {
+        let blobs = snapshotter::record::blobs(&self.store, id, r)
+            .map_err(|e| drv("checkpoint")(e.into()))?;
+        let state = CheckpointState {
+            driver: "microvm".into(),
+            snapshot: *id,
+            parent: r.parent,
+            mem_mib: r.vm.mem_bytes >> 20,
+            vcpus: r.vm.vcpus,
+            diff: r.parent.is_some(),
+        };
+        Ok(Checkpoint {
+            state: serde_json::to_value(&state).expect("serializes"),
+            blobs,
+        })
+    }
+
     fn adopt(
         &self,
         dir: &SandboxDir,
@@ -461,37 +484,34 @@ impl crate::Runtime for MicrovmDriver {
         // VMM tracked the pages written since; a full snapshot otherwise.
         let parent = snapshots::parent_of(&st.vm_dir)
             .filter(|p| snapshotter::record::load(&self.store, p).is_ok());
+        let name = format!("sandbox-{}-{}", dir.id(), crate::record::now_ms());
         let o = CreateOptions {
-            name: Some(format!("sandbox-{}-{}", dir.id(), crate::record::now_ms())),
+            name: Some(name.clone()),
             diff: parent.is_some(),
             stop,
         };
+        // The name tells a recovery whether the snapshot was saved (the VM, to be stopped,
+        // stays paused until then).
+        if let Some(op) = rec.op.as_mut() {
+            op.driver = serde_json::json!({ "snapshot_name": name });
+        }
+        dir.enter(rec, Phase::Checkpoint)?;
         let c =
             snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o).map_err(drv("checkpoint"))?;
+        let cp = self.checkpoint_of(&c.id, &c.record)?;
+        if let Some(op) = rec.op.as_mut() {
+            op.checkpoint = Some(cp.clone());
+        }
+        dir.enter(rec, Phase::Saved)?;
         // The name only kept it while it was being made: the snapshot record keeps `blobs`.
-        let _ = self
-            .store
-            .remove_name(&format!("{}{}", snapshotter::record::NAME_PREFIX, c.name));
+        let _ = self.store.remove_name(&snapshot_name_key(&name));
         if stop {
             let t = Instant::now();
             while vms::process_alive(st.pid) && t.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let blobs = snapshotter::record::blobs(&self.store, &c.id, &c.record)
-            .map_err(|e| drv("checkpoint")(e.into()))?;
-        let state = CheckpointState {
-            driver: "microvm".into(),
-            snapshot: c.id,
-            parent: c.record.parent,
-            mem_mib: c.record.vm.mem_bytes >> 20,
-            vcpus: c.record.vm.vcpus,
-            diff: c.record.parent.is_some(),
-        };
-        Ok(Checkpoint {
-            state: serde_json::to_value(&state).expect("serializes"),
-            blobs,
-        })
+        Ok(cp)
     }
 
     fn restore(
@@ -543,23 +563,22 @@ impl crate::Runtime for MicrovmDriver {
                 tracing::warn!(sandbox = %dir.id(), "stopping the VM: {e}");
             }
         }
-        let pid = st
-            .as_ref()
-            .map(|s| s.pid)
-            .or_else(|| vms::read_meta(&vm_dir).map(|m| m.pid));
-        if let Some(pid) = pid {
-            let t = Instant::now();
-            while vms::process_alive(pid) && t.elapsed() < Duration::from_secs(2) {
-                std::thread::sleep(Duration::from_millis(5));
+        // Its VMM processes by their VM directory: a recorded pid may be stale (a paused
+        // sandbox's) and one being restored has recorded none yet.
+        let t = Instant::now();
+        loop {
+            let left = vmm_processes(&vm_dir);
+            if left.is_empty() || t.elapsed() > Duration::from_secs(7) {
+                break;
             }
-            if vms::process_alive(pid) {
-                // SAFETY: kill(2) on a pid we recorded; no memory is touched.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let t = Instant::now();
-                while vms::process_alive(pid) && t.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(5));
+            if t.elapsed() > Duration::from_secs(2) {
+                for pid in left {
+                    // SAFETY: kill(2) of a VMM process of this sandbox (its VM directory
+                    // matched); no memory is touched.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
             }
+            std::thread::sleep(Duration::from_millis(5));
         }
         match std::fs::remove_dir_all(&vm_dir) {
             Ok(()) => Ok(()),
@@ -604,4 +623,73 @@ impl crate::Runtime for MicrovmDriver {
             err: e,
         })
     }
+
+    fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered> {
+        if matches!(op.kind, OpKind::Resume | OpKind::Kill) || op.phase == Phase::Kill {
+            // A restore is undone: its VMM process goes, the record still names the snapshot.
+            self.kill(dir, rec)?;
+            return Ok(Recovered::Stopped);
+        }
+        // A checkpoint: saved (the Saved phase, or its name in the store) or not.
+        let saved = match &op.checkpoint {
+            Some(cp) => Some(cp.clone()),
+            None => match op.driver.get("snapshot_name").and_then(|n| n.as_str()) {
+                Some(name) => {
+                    let key = snapshot_name_key(name);
+                    let found = self.store.lookup_name(&key)?;
+                    let cp = match found {
+                        Some(id) => {
+                            let r = snapshotter::record::load(&self.store, &id)
+                                .map_err(|e| drv("checkpoint")(e.into()))?;
+                            Some(self.checkpoint_of(&id, &r)?)
+                        }
+                        None => None,
+                    };
+                    let _ = self.store.remove_name(&key);
+                    cp
+                }
+                None => None,
+            },
+        };
+        match saved {
+            Some(cp) if op.kind.stops() => {
+                // The VM stays paused until its snapshot is saved: it may be there still.
+                self.kill(dir, rec)?;
+                Ok(Recovered::Checkpointed(cp))
+            }
+            // Not saved, or a live snapshot nobody waits for: the VM runs on if it can.
+            _ => Ok(match Self::state(rec) {
+                Some(st) if vms::is_running(&st.vm_dir) => {
+                    vms::call(
+                        &st.vm_dir,
+                        &st.vm_id,
+                        &vmm::control::Request::Resume,
+                        Duration::from_secs(30),
+                    )
+                    .map_err(drv("resume"))?;
+                    Recovered::Running
+                }
+                _ => Recovered::Lost(
+                    self.exited(dir, rec)
+                        .unwrap_or_else(|| "the VM does not run".into()),
+                ),
+            }),
+        }
+    }
+}
+
+/// The store name a VM snapshot named `name` is saved under.
+fn snapshot_name_key(name: &str) -> String {
+    format!("{}{name}", snapshotter::record::NAME_PREFIX)
+}
+
+/// Live VMM processes of the VM in `vm_dir` (started with `--vm-dir` and its absolute path).
+fn vmm_processes(vm_dir: &Path) -> Vec<u32> {
+    let Ok(abs) = std::path::absolute(vm_dir) else {
+        return Vec::new();
+    };
+    let Some(abs) = abs.to_str() else {
+        return Vec::new();
+    };
+    processes_with(&["--vm-dir", abs])
 }

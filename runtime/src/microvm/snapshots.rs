@@ -279,51 +279,71 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
         }
         Ok((state, memory, disks))
     })();
-    let after = if stop { Request::Stop } else { Request::Resume };
-    let resumed = call(&sock, &after, Duration::from_secs(30));
+    // A VM to be stopped stays paused until its snapshot is saved: a caller that dies before
+    // leaves a VM that can run on (resumed), never one stopped with its memory lost.
+    let resumed = match (&captured, stop) {
+        (Ok(_), true) => Ok(serde_json::Value::Null),
+        _ => call(&sock, &Request::Resume, Duration::from_secs(30)),
+    };
     let paused_ms = ms_since(t0);
     let (state, memory, disks) = captured?;
     resumed?;
-    let (memory, changed, source) = match memory {
-        CapturedMemory::Stored(m, n, from) => (m, n, from),
-        CapturedMemory::Staged(s, via) => {
-            let m = s.store(store)?;
-            let pages = if parent.is_some() {
-                m.layers.last().and_then(|l| l.units()).unwrap_or(0)
-            } else {
-                0
-            };
-            (m, pages, via)
+    let saved = (|| -> Result<(BlobId, record::SnapshotRecord, String, u64, &'static str)> {
+        let (memory, changed, source) = match memory {
+            CapturedMemory::Stored(m, n, from) => (m, n, from),
+            CapturedMemory::Staged(s, via) => {
+                let m = s.store(store)?;
+                let pages = if parent.is_some() {
+                    m.layers.last().and_then(|l| l.units()).unwrap_or(0)
+                } else {
+                    0
+                };
+                (m, pages, via)
+            }
+        };
+        let vsock_cid = state["virtio"].as_array().and_then(|v| {
+            v.iter()
+                .find(|d| d["device_type"] == vmm::devices::virtio::TYPE_VSOCK)
+                .and_then(|d| d["device"]["guest_cid"].as_u64())
+        });
+        let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
+        let rec = record::SnapshotRecord {
+            format: record::SNAPSHOT_FORMAT,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            cpu: record::CpuIdentity::host(),
+            created: record::now(),
+            vm: VmShape {
+                mem_bytes,
+                vcpus,
+                cmdline: String::new(),
+                vsock_cid,
+            },
+            state,
+            memory,
+            disks,
+            parent: parent.as_ref().map(|(p, _)| *p),
+            generation,
+        };
+        let name = o
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{vm}-{}", record::now()));
+        let id = record::save(store, &rec, Some(&name))?;
+        Ok((id, rec, name, changed, source))
+    })();
+    if stop {
+        // Saved: the VM stops. Not saved: it runs on as if no snapshot had been asked for.
+        let after = if saved.is_ok() {
+            Request::Stop
+        } else {
+            Request::Resume
+        };
+        let ended = call(&sock, &after, Duration::from_secs(30));
+        if saved.is_ok() {
+            ended?;
         }
-    };
-    let vsock_cid = state["virtio"].as_array().and_then(|v| {
-        v.iter()
-            .find(|d| d["device_type"] == vmm::devices::virtio::TYPE_VSOCK)
-            .and_then(|d| d["device"]["guest_cid"].as_u64())
-    });
-    let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
-    let rec = record::SnapshotRecord {
-        format: record::SNAPSHOT_FORMAT,
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-        cpu: record::CpuIdentity::host(),
-        created: record::now(),
-        vm: VmShape {
-            mem_bytes,
-            vcpus,
-            cmdline: String::new(),
-            vsock_cid,
-        },
-        state,
-        memory,
-        disks,
-        parent: parent.as_ref().map(|(p, _)| *p),
-        generation,
-    };
-    let name = o
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{vm}-{}", record::now()));
-    let id = record::save(store, &rec, Some(&name))?;
+    }
+    let (id, rec, name, changed, source) = saved?;
     // The parent first: a tag left from an older snapshot never matches the VMM's new one.
     let pf = dir.join(PARENT_FILE);
     std::fs::write(&pf, id.to_hex()).map_err(Error::io("writing", &pf))?;
