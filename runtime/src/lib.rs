@@ -22,8 +22,10 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use network::{Dest, NetworkPolicy};
-pub use record::{OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State};
-pub use sandboxes::{default_network, CreateSpec, ExecOptions, Sandboxes, Source};
+pub use record::{
+    Access, OnTimeout, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State,
+};
+pub use sandboxes::{default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source};
 
 use blockstore::BlobId;
 use imagebuilder::image::ImageRecord;
