@@ -201,7 +201,8 @@ fn timeout_field(
     };
     let n = v
         .as_i64()
-        .filter(|_| v.is_i64() || v.is_u64())
+        .map(i128::from)
+        .or(v.as_u64().map(i128::from))
         .ok_or_else(|| {
             ApiError::bad_request(format!(
                 "{name} must be an integer number of seconds, not {v}"
