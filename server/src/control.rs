@@ -221,7 +221,7 @@ fn timeout_field(
     }
     if n > max_secs {
         return Err(ApiError::bad_request(
-            if max_secs % 3600 == 0 && max_secs > 3600 {
+            if max_secs.is_multiple_of(3600) && max_secs > 3600 {
                 format!("{name} cannot be greater than {} hours", max_secs / 3600)
             } else {
                 format!("{name} must be at most {max_secs}")

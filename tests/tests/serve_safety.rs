@@ -21,6 +21,30 @@ const KEY: &str = "kiln_test_safety_key_0123";
 /// Python prelude: the SDK plus a JSON printer.
 const PY: &str = "import json, time\nfrom e2b import Sandbox\n";
 
+/// A daemon over a home with the SDK's image, E2B's Python SDK, and every sandbox killed at
+/// the end (fields drop in this order: the daemon, the sandboxes, then the temp dir).
+struct SdkServe {
+    s: Serve,
+    _cleanup: KillAll,
+    k: kiln_tests::Kiln,
+    py: std::path::PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+/// [`SdkServe`] with `env` for kiln; None after a SKIP line.
+fn sdk_serve(env: &[(&str, &str)]) -> Option<SdkServe> {
+    let py = e2b::python_or_skip()?;
+    let (tmp, k) = e2b::sdk_home()?;
+    let k = k.with_env(env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+    Some(SdkServe {
+        s: Serve::start(&k, KEY),
+        _cleanup: KillAll(k.clone()),
+        k,
+        py,
+        tmp,
+    })
+}
+
 /// The on-disk record of sandbox `id`.
 fn record(k: &kiln_tests::Kiln, id: &str) -> Value {
     let p = k.home.join("sandboxes").join(id).join("sandbox.json");
@@ -81,18 +105,13 @@ fn other_sandbox_processes(k: &kiln_tests::Kiln, keep: &[&str]) -> Vec<u32> {
 /// parent's.
 #[test]
 fn a_failed_fork_leaves_nothing_and_forks_are_born_secured() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = sdk_serve(&[("KILN_FAULT", "create-started:3")]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let k = k.with_env([("KILN_FAULT".to_string(), "create-started:3".to_string())]);
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, k, py) = (&t.s, &t.k, &t.py);
 
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 sbx = Sandbox.create("sdk", timeout=300)
@@ -125,10 +144,14 @@ print(json.dumps({{"id": sbx.sandbox_id, "token": sbx._envd_access_token}}))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with('.'))
         .collect();
-    assert_eq!(dirs, [parent.clone()], "no fork's directory is left");
+    assert_eq!(
+        dirs,
+        std::slice::from_ref(&parent),
+        "no fork's directory is left"
+    );
     let t = std::time::Instant::now();
     loop {
-        let left = other_sandbox_processes(&k, &[&parent]);
+        let left = other_sandbox_processes(k, &[&parent]);
         if left.is_empty() {
             break;
         }
@@ -153,7 +176,7 @@ print(json.dumps({{"id": sbx.sandbox_id, "token": sbx._envd_access_token}}))
         let id = f["sandbox"]["sandboxID"].as_str().unwrap();
         let token = f["sandbox"]["envdAccessToken"].as_str().unwrap();
         assert_ne!(token, parent_token, "a fork has a token of its own");
-        let rec = record(&k, id);
+        let rec = record(k, id);
         assert_eq!(rec["access"]["secure"], true, "{rec}");
         assert_eq!(rec["access"]["envd_token"], token, "{rec}");
         let deadline = rec["deadline_ms"].as_u64().expect("a fork has a deadline");
@@ -165,14 +188,14 @@ print(json.dumps({{"id": sbx.sandbox_id, "token": sbx._envd_access_token}}))
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "records hold tokens");
         let secret = "/files?path=/work/secret";
-        assert_eq!(envd_status(&s, id, secret, None), 401);
-        assert_eq!(envd_status(&s, id, secret, Some("ea_wrong")), 401);
-        assert_eq!(envd_status(&s, id, secret, Some(&parent_token)), 401);
-        assert_eq!(envd_status(&s, id, secret, Some(token)), 200);
+        assert_eq!(envd_status(s, id, secret, None), 401);
+        assert_eq!(envd_status(s, id, secret, Some("ea_wrong")), 401);
+        assert_eq!(envd_status(s, id, secret, Some(&parent_token)), 401);
+        assert_eq!(envd_status(s, id, secret, Some(token)), 200);
         fork_tokens.push((id.to_string(), token.to_string()));
     }
     assert_eq!(
-        envd_status(&s, &parent, "/envs", Some(&fork_tokens[0].1)),
+        envd_status(s, &parent, "/envs", Some(&fork_tokens[0].1)),
         401
     );
     for (id, _) in &fork_tokens {
@@ -318,14 +341,10 @@ fn timeouts_near_the_integer_limits() {
 /// an invalid argument that says why; metadata is bounded too.
 #[test]
 fn env_vars_are_bounded_so_that_what_is_accepted_works() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = sdk_serve(&[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
 
     let huge: serde_json::Map<String, Value> = (0..10_000)
         .map(|i| (format!("VAR_{i:05}"), json!("x".repeat(100))))
@@ -384,10 +403,10 @@ fn env_vars_are_bounded_so_that_what_is_accepted_works() {
     );
     assert_eq!(code, 400, "one byte over: {v}");
 
-    let env_file = _tmp.path().join("env.json");
+    let env_file = t.tmp.path().join("env.json");
     std::fs::write(&env_file, Value::Object(env).to_string()).unwrap();
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 from e2b.exceptions import InvalidArgumentException
@@ -423,16 +442,12 @@ print(json.dumps({{"lens": r.stdout, "own": own.stdout[:20], "own_len": len(own.
 /// anyone; a fork has a traffic token of its own.
 #[test]
 fn private_traffic_needs_the_traffic_token() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = sdk_serve(&[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 out = {{}}
@@ -480,8 +495,8 @@ print(json.dumps(out))
     let (code, body) = get(&private, 8080, &[("e2b-traffic-access-token", &token)]);
     assert_eq!((code, body.as_str()), (200, "private"));
     // envd's port is exempt: its own token is what counts.
-    assert_eq!(envd_status(&s, &private, "/envs", Some(priv_envd)), 200);
-    assert_eq!(envd_status(&s, &private, "/envs", None), 401);
+    assert_eq!(envd_status(s, &private, "/envs", Some(priv_envd)), 200);
+    assert_eq!(envd_status(s, &private, "/envs", None), 401);
     // A sandbox without the field: its port answers anyone.
     let (code, body) = get(&public, 8080, &[]);
     assert_eq!((code, body.as_str()), (200, "public"));
@@ -523,16 +538,12 @@ print(json.dumps(out))
 /// interface but loopback; the detail and `kiln sandbox info` say so.
 #[test]
 fn kiln_network_none_holds_in_serve() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = sdk_serve(&[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, k, py) = (&t.s, &t.k, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 sbx = Sandbox.create("sdk", timeout=120, network={{"allow_public_traffic": True}})
@@ -551,7 +562,7 @@ print(json.dumps({{"id": sbx.sandbox_id, "links": links}}))
         .map(str::trim)
         .collect();
     assert_eq!(links, ["lo"], "{v}");
-    let rec = record(&k, &id);
+    let rec = record(k, &id);
     assert!(
         rec.get("network").is_none() && rec.get("net").is_none(),
         "{rec}"

@@ -51,7 +51,7 @@ pub async fn handle(
         Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
         Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    if let Err(refused) = check_access(&rec, port, req.headers()) {
+    if let Some(refused) = refusal(&rec, port, req.headers()) {
         return refused;
     }
     // From here on the sandbox is the one whose access was checked (a name resolves once).
@@ -120,12 +120,12 @@ async fn envs(state: Arc<AppState>, id: String) -> Response {
 /// E2B's header for the traffic access token (its orchestrator's proxy).
 pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
-/// Whether a request for `port` may reach sandbox `rec`; else the refusal.
-fn check_access(
+/// Why a request for `port` may not reach sandbox `rec`, as the answer; None when it may.
+fn refusal(
     rec: &runtime::SandboxRecord,
     port: u16,
     headers: &axum::http::HeaderMap,
-) -> Result<(), Response> {
+) -> Option<Response> {
     let access = &rec.access;
     let given = |h: &str| headers.get(h).map(|v| v.as_bytes());
     let matches = |given: &[u8], want: &Option<String>| {
@@ -139,15 +139,15 @@ fn check_access(
                 &access.envd_token,
             )
         {
-            return Err(agent::json_error(
+            return Some(agent::json_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized access, please provide a valid access token",
             ));
         }
-        return Ok(());
+        return None;
     }
     if !access.private_traffic {
-        return Ok(());
+        return None;
     }
     // E2B's proxy's messages.
     let message = match given(TRAFFIC_TOKEN_HEADER) {
@@ -159,13 +159,75 @@ fn check_access(
             "Sandbox is secured with traffic access token. Provided token in header \
              '{TRAFFIC_TOKEN_HEADER}' is invalid"
         ),
-        Some(_) => return Ok(()),
+        Some(_) => return None,
     };
     let body = serde_json::json!({"sandboxId": rec.id, "message": message, "code": 403});
-    Err((
-        StatusCode::FORBIDDEN,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
     )
-        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+
+    fn rec(access: runtime::Access) -> runtime::SandboxRecord {
+        let mut v = serde_json::json!({
+            "schema": 1, "id": "abc", "name": null, "image": "00".repeat(32), "source": "t",
+            "snapshot": null, "runtime": "gvisor", "cpus": 1, "memory_mib": 64, "disk_mib": 0,
+            "env": {}, "metadata": {}, "state": "running", "created_ms": 0,
+            "timeout_secs": null, "deadline_ms": null, "on_timeout": "kill", "agent": null,
+            "generation": 0, "defaults": {"env": [], "cwd": null, "user": null, "cmd": []},
+        });
+        v["access"] = serde_json::to_value(access).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn status(r: &runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        refusal(r, port, &h).map_or(200, |resp| resp.status().as_u16())
+    }
+
+    #[test]
+    fn access_is_checked_from_the_record_and_fails_closed() {
+        let envd = crate::ENVD_PORT;
+        let open = rec(runtime::Access::default());
+        assert_eq!(status(&open, envd, &[]), 200);
+        assert_eq!(status(&open, 8080, &[]), 200);
+
+        let a = runtime::Access::new(true, true);
+        let (et, tt) = (
+            a.envd_token.clone().unwrap(),
+            a.traffic_token.clone().unwrap(),
+        );
+        let r = rec(a);
+        assert_eq!(status(&r, envd, &[]), 401);
+        assert_eq!(status(&r, envd, &[("x-access-token", &tt)]), 401);
+        assert_eq!(status(&r, envd, &[("x-access-token", &et)]), 200);
+        assert_eq!(status(&r, 8080, &[]), 403);
+        assert_eq!(status(&r, 8080, &[("x-access-token", &et)]), 403);
+        assert_eq!(status(&r, 8080, &[(TRAFFIC_TOKEN_HEADER, &tt)]), 200);
+
+        // Flags without tokens (a damaged record): nobody gets in, not even with no token.
+        let sealed = rec(runtime::Access {
+            secure: true,
+            private_traffic: true,
+            ..Default::default()
+        });
+        assert_eq!(status(&sealed, envd, &[]), 401);
+        assert_eq!(status(&sealed, envd, &[("x-access-token", "")]), 401);
+        assert_eq!(status(&sealed, 8080, &[(TRAFFIC_TOKEN_HEADER, "")]), 403);
+    }
 }
