@@ -335,7 +335,13 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Fork { id, count, json } => {
-            let forks = sbx.fork(&id, count)?;
+            let forks = sbx.fork(
+                &id,
+                runtime::ForkSpec {
+                    count,
+                    timeout_secs: None,
+                },
+            )?;
             if json {
                 return print_json(&forks);
             }
@@ -360,7 +366,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         }
         SandboxCommand::Resume { id, json } => {
             let rec = match sbx.get(&id) {
-                Ok(_) => sbx.resume(&id)?,
+                Ok(_) => sbx.resume(&id, None)?,
                 Err(runtime::Error::NotFound(_)) => sbx
                     .create(CreateSpec::new(Source::Snapshot(id.clone())))
                     .with_context(|| format!("{id:?} is neither a sandbox here nor a snapshot"))?,
@@ -533,7 +539,7 @@ fn print_record(r: &SandboxRecord) {
     println!("created:  {} ago", age(r.created_ms));
     println!("timeout:  {}", describe_deadline(r));
     match (&r.network, &r.net) {
-        (None, _) => println!("network:  none (loopback only)"),
+        (None, _) => println!("network:  none (no network device, loopback only)"),
         (Some(p), att) => {
             println!("network:  {}", p.summary());
             if let Some(a) = att {
@@ -543,6 +549,17 @@ fn print_record(r: &SandboxRecord) {
                 );
             }
         }
+    }
+    let a = &r.access;
+    let mut needs = Vec::new();
+    if a.secure {
+        needs.push("envd access token");
+    }
+    if a.private_traffic {
+        needs.push("traffic access token for its ports");
+    }
+    if !needs.is_empty() {
+        println!("access:   {}", needs.join(", "));
     }
     for (k, v) in &r.metadata {
         println!("meta:     {k}={v}");

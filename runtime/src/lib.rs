@@ -24,10 +24,10 @@ pub mod snapshot;
 pub use error::{Error, Result};
 pub use network::{Dest, NetworkPolicy};
 pub use record::{
-    OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord,
-    State,
+    Access, OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir,
+    SandboxRecord, State,
 };
-pub use sandboxes::{default_network, CreateSpec, ExecOptions, Sandboxes, Source};
+pub use sandboxes::{default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source};
 
 use blockstore::BlobId;
 use imagebuilder::image::ImageRecord;

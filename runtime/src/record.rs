@@ -140,6 +140,45 @@ pub struct SandboxRecord {
     /// Its network on this host while it runs (namespaces, TAP or veth, addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<network::Attachment>,
+    /// Who may use its data plane: set when the record is made (before anything runs), kept
+    /// for its whole life, never copied into a snapshot.
+    #[serde(default, skip_serializing_if = "Access::is_open")]
+    pub access: Access,
+}
+
+/// The data plane's credentials of one sandbox (`kiln serve`: E2B's envd access token and
+/// traffic access token). A flag without its token means the record was damaged: the data
+/// plane then refuses everyone rather than no one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    /// Requests for envd (processes, files) must carry `envd_token`.
+    #[serde(default)]
+    pub secure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_token: Option<String>,
+    /// Requests for the sandbox's other ports must carry `traffic_token` (E2B's
+    /// `allowPublicTraffic: false`).
+    #[serde(default)]
+    pub private_traffic: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_token: Option<String>,
+}
+
+impl Access {
+    /// Fresh tokens for what is asked.
+    pub fn new(secure: bool, private_traffic: bool) -> Access {
+        Access {
+            secure,
+            envd_token: secure.then(|| new_token("ea_")),
+            private_traffic,
+            traffic_token: private_traffic.then(|| new_token("ta_")),
+        }
+    }
+
+    /// Nothing asked: anyone who can reach the data plane may use it.
+    pub fn is_open(&self) -> bool {
+        *self == Access::default()
+    }
 }
 
 pub const SCHEMA: u32 = 1;
@@ -312,6 +351,30 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The deadline `secs` seconds after `now_ms` (Unix ms), saturating: a huge timeout is a
+/// deadline at the end of time, never one that wrapped into the past.
+pub fn deadline_after(now_ms: u64, secs: u64) -> u64 {
+    now_ms.saturating_add(secs.saturating_mul(1000))
+}
+
+/// `prefix` + 32 hex digits (128 bits) from the OS RNG: a secret.
+pub fn new_token(prefix: &str) -> String {
+    let mut b = [0u8; 16];
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: getrandom writes at most the remaining length into the buffer we own.
+        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            // Without the OS RNG there is no secret to hand out; nothing sensible goes on.
+            assert_eq!(e.raw_os_error(), Some(libc::EINTR), "getrandom: {e}");
+            continue;
+        }
+        got += n as usize;
+    }
+    format!("{prefix}{}", hex::encode(b))
+}
+
 /// 16 lowercase hex digits from the OS RNG: usable in host names (`{port}-{id}.domain`).
 pub fn new_id() -> String {
     let mut b = [0u8; 8];
@@ -460,15 +523,25 @@ pub struct Lock {
 }
 
 /// A temp file in the same directory renamed over `path`; with `durable`, the file and the
-/// directory are fsynced too.
+/// directory are fsynced too. Readable by the owner only: records hold access tokens.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
-    let mut f = File::create(&tmp).ctx("create", &tmp)?;
+    let mut f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .ctx("create", &tmp)?;
+    // A temp file left behind by an older kiln keeps its mode when reopened: set it.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .ctx("chmod", &tmp)?;
     f.write_all(bytes).ctx("write", &tmp)?;
     if durable {
         f.sync_all().ctx("fsync", &tmp)?;
@@ -480,4 +553,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_saturate() {
+        assert_eq!(deadline_after(1_000, 0), 1_000);
+        assert_eq!(deadline_after(1_000, 5), 6_000);
+        let now = 1_796_171_626_123;
+        for secs in [u64::MAX, u64::MAX / 1000 + 1, 1 << 63, (1 << 63) - 1] {
+            let d = deadline_after(now, secs);
+            assert_eq!(d, u64::MAX, "{secs}");
+            assert!(d > now);
+        }
+        assert_eq!(deadline_after(u64::MAX, 1), u64::MAX);
+        // Just below the limit: exact, no early saturation.
+        let secs = (u64::MAX - now) / 1000;
+        assert_eq!(deadline_after(now, secs), now + secs * 1000);
+    }
+
+    #[test]
+    fn access_tokens_are_fresh_and_old_records_are_open() {
+        let a = Access::new(true, true);
+        let (e, t) = (
+            a.envd_token.clone().unwrap(),
+            a.traffic_token.clone().unwrap(),
+        );
+        assert!(e.starts_with("ea_") && e.len() == 35, "{e}");
+        assert!(t.starts_with("ta_") && t.len() == 35, "{t}");
+        assert_ne!(Access::new(true, false).envd_token, a.envd_token);
+        assert!(Access::new(false, false).is_open());
+        assert!(!Access::new(false, true).is_open());
+        let none: Access = serde_json::from_str("{}").unwrap();
+        assert!(none.is_open());
+    }
+
+    #[test]
+    fn records_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sandbox.json");
+        write_atomic(&p, b"{}", false).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

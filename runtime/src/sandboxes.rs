@@ -5,8 +5,8 @@
 use crate::error::{Error, IoCtx, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{
-    check_name, new_id, now_ms, OnTimeout, Op, OpKind, Phase, ProcessDefaults, RuntimeKind,
-    SandboxDir, SandboxRecord, State, SCHEMA,
+    check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, Phase,
+    ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
 };
 use crate::snapshot::{self, SnapshotRecord};
 use crate::{Checkpoint, Recovered, Runtime};
@@ -53,6 +53,19 @@ pub struct CreateSpec {
     pub network: Option<NetworkPolicy>,
     /// No network device at all (loopback only).
     pub no_network: bool,
+    /// Its data plane needs an envd access token (generated into the record).
+    pub secure: bool,
+    /// Its ports other than envd's need a traffic access token (generated into the record).
+    pub private_traffic: bool,
+}
+
+/// `kiln sandbox fork` / `POST /sandboxes/{id}/fork`. Forks inherit the parent's [`Access`]
+/// flags, each with tokens of its own.
+#[derive(Clone, Debug)]
+pub struct ForkSpec {
+    pub count: usize,
+    /// Each fork's timeout from its start (None: never).
+    pub timeout_secs: Option<u64>,
 }
 
 /// The network a sandbox gets when nobody asks: internet on, unless `KILN_NETWORK=none`
@@ -79,6 +92,8 @@ impl CreateSpec {
             on_timeout: OnTimeout::Kill,
             network: None,
             no_network: false,
+            secure: false,
+            private_traffic: false,
         }
     }
 }
@@ -241,7 +256,9 @@ impl Sandboxes {
             state: State::Starting,
             created_ms: now,
             timeout_secs: spec.timeout_secs,
-            deadline_ms: spec.timeout_secs.map(|s| now + s * 1000),
+            // Deadline and tokens are in the record before anything runs: no moment exists in
+            // which the sandbox is reachable without them.
+            deadline_ms: spec.timeout_secs.map(|s| deadline_after(now, s)),
             on_timeout: spec.on_timeout,
             agent: None,
             op: None,
@@ -250,6 +267,7 @@ impl Sandboxes {
             driver: serde_json::Value::Null,
             network,
             net: None,
+            access: Access::new(spec.secure, spec.private_traffic),
         };
         let (dir, _lock) = self.new_dir(&rec)?;
         if let Some((sid, snap)) = &from_snapshot {
@@ -270,7 +288,9 @@ impl Sandboxes {
             None => driver.start(&dir, &mut rec, &image),
             Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image),
         };
-        if let Err(e) = started {
+        if let Err(e) = started.and_then(|()| injected_fault("create-started")) {
+            // A driver cleans up after its own failure; after a later one the sandbox runs.
+            let _ = driver.kill(&dir, &rec);
             self.remove(&dir, &rec);
             return Err(e);
         }
@@ -821,8 +841,10 @@ impl Sandboxes {
         Ok(rec)
     }
 
-    /// Restores a paused sandbox under its own id (its timeout starts again).
-    pub fn resume(&self, id: &str) -> Result<SandboxRecord> {
+    /// Restores a paused sandbox under its own id. Its timeout starts again: `timeout_secs`
+    /// if given (it becomes the sandbox's timeout), else its own; the deadline is in the record
+    /// that says `running`, so the sandbox never runs under an old or missing one.
+    pub fn resume(&self, id: &str, timeout_secs: Option<u64>) -> Result<SandboxRecord> {
         let (dir, _lock, mut rec) = self.lock_settled(id)?;
         let State::Paused { saved: sid } = rec.state.clone() else {
             return Err(Error::WrongState {
@@ -852,19 +874,24 @@ impl Sandboxes {
         }
         rec.op = None;
         rec.state = State::Running;
-        rec.deadline_ms = rec.timeout_secs.map(|s| now_ms() + s * 1000);
+        if timeout_secs.is_some() {
+            rec.timeout_secs = timeout_secs;
+        }
+        rec.deadline_ms = rec.timeout_secs.map(|s| deadline_after(now_ms(), s));
         dir.save(&rec)?;
         // The paused state goes unless the driver reads it on (or a name keeps it).
         self.hold_running(driver, &rec.id, &sid, &snap)?;
         Ok(rec)
     }
 
-    /// `n` new sandboxes continuing from this one's present state; it keeps running.
-    pub fn fork(&self, id: &str, n: usize) -> Result<Vec<SandboxRecord>> {
+    /// New sandboxes continuing from this one's present state; it keeps running. Each fork
+    /// is born with its deadline and its own tokens ([`ForkSpec`]); all or nothing.
+    pub fn fork(&self, id: &str, fork: ForkSpec) -> Result<Vec<SandboxRecord>> {
+        let n = fork.count;
         if n == 0 || n > 256 {
             return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
         }
-        let (snap_id, parent) = {
+        let (snap_id, parent, access) = {
             let (dir, _lock, mut rec) =
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
@@ -876,9 +903,12 @@ impl Sandboxes {
             )?;
             rec.op = None;
             dir.save(&rec)?;
-            (id, Holder::Fork(rec.id))
+            (id, Holder::Fork(rec.id), rec.access)
         };
-        let spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
+        let mut spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
+        spec.timeout_secs = fork.timeout_secs;
+        spec.secure = access.secure;
+        spec.private_traffic = access.private_traffic;
         // Four at a time (each restore is a process start plus a state load), from a queue so
         // one slow restore does not hold back a whole batch.
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -968,8 +998,44 @@ impl Sandboxes {
         let _lock = dir.lock(LOCK_WAIT)?;
         let mut rec = dir.load()?;
         rec.timeout_secs = secs;
-        rec.deadline_ms = secs.map(|s| now_ms() + s * 1000);
+        rec.deadline_ms = secs.map(|s| deadline_after(now_ms(), s));
         dir.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// Extends the deadline to `secs` from now if that is later (never shortens it; a
+    /// sandbox without a deadline keeps none); `secs` becomes its timeout when it does.
+    pub fn extend_timeout(&self, id: &str, secs: u64) -> Result<SandboxRecord> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let mut rec = dir.load()?;
+        let wanted = deadline_after(now_ms(), secs);
+        if rec.deadline_ms.is_some_and(|d| d < wanted) {
+            rec.timeout_secs = Some(secs);
+            rec.deadline_ms = Some(wanted);
+            dir.save(&rec)?;
+        }
+        Ok(rec)
+    }
+
+    /// A sandbox's record as it is on disk, without reconciling it with reality (cheap: for
+    /// checks on every data-plane request).
+    pub fn record(&self, id_or_name: &str) -> Result<SandboxRecord> {
+        self.resolve(id_or_name)?.load()
+    }
+
+    /// Gives a sandbox made before records held tokens (by a `kiln serve` that kept them in
+    /// `serve/tokens/`) its envd access token. Only a record with no access set is changed;
+    /// an empty token leaves it secure without one (its data plane refuses everyone).
+    pub fn adopt_envd_token(&self, id: &str, token: &str) -> Result<SandboxRecord> {
+        let dir = self.resolve(id)?;
+        let _lock = dir.lock(LOCK_WAIT)?;
+        let mut rec = dir.load()?;
+        if rec.access.is_open() {
+            rec.access.secure = true;
+            rec.access.envd_token = Some(token.to_string()).filter(|t| !t.is_empty());
+            dir.save(&rec)?;
+        }
         Ok(rec)
     }
 
@@ -985,6 +1051,31 @@ impl Sandboxes {
         }
         Ok(imagebuilder::image::get_record(&self.store, id)?)
     }
+}
+
+/// Test-only fault injection, for the cleanup paths no natural failure reaches on demand:
+/// `KILN_FAULT=create-started:N` makes the Nth create of this process (counting restores
+/// and forks) fail once its sandbox runs, before it is marked running. Unset: nothing.
+fn injected_fault(point: &str) -> Result<()> {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Ok(spec) = std::env::var("KILN_FAULT") else {
+        return Ok(());
+    };
+    let Some(nth) = spec
+        .strip_prefix(point)
+        .and_then(|r| r.strip_prefix(':'))
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return Ok(());
+    };
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if n == nth {
+        return Err(Error::Driver {
+            what: format!("create #{n}"),
+            detail: format!("fault injected by KILN_FAULT={spec}"),
+        });
+    }
+    Ok(())
 }
 
 /// The image config's defaults for processes.

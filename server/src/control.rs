@@ -35,6 +35,21 @@ pub const ENVD_VERSION: &str = "0.6.4";
 
 /// E2B's default sandbox time to live when a request names none (spec: `default: 15`).
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
+/// The longest timeout a request may give: E2B refuses one above its team's
+/// `max_length_hours` ("Timeout cannot be greater than N hours"); kiln has no teams and takes
+/// the largest E2B plan's limit, 24 hours.
+const MAX_TIMEOUT_HOURS: u64 = 24;
+/// The most a refresh extends by (spec: `SandboxRefreshRequest.duration`, `maximum: 3600`).
+const MAX_REFRESH_SECS: u64 = 3600;
+/// The most `envVars` may hold at create, as the JSON the agent gets (keys, values, quoting):
+/// a quarter of the agent's frame, so every command's request (these, the image's, the
+/// command's own and its arguments) still fits in one frame.
+pub const MAX_ENV_BYTES: usize = kiln_agent::protocol::MAX_FRAME / 4;
+/// The most `metadata` may hold at create, as JSON: it is kept in the record and listed.
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
+/// The longest `K=V` one variable may be: a program is started with execve, which takes no
+/// string over 32 pages with its NUL (Linux's and gVisor's `MAX_ARG_STRLEN`).
+const MAX_ENV_ENTRY: usize = 32 * 4096 - 1;
 /// The most a list page holds (spec: `paginationLimit`).
 const MAX_PAGE: usize = 100;
 /// `endAt` of a sandbox without a deadline (created by the CLI without `--timeout`).
@@ -170,12 +185,111 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
 
 // ---- create ----
 
+/// A timeout field of a request (create, fork, resume, connect, set_timeout, refresh): JSON
+/// `null` or absent is `None`; E2B's spec types them `integer, format: int32, minimum: 0`
+/// (refresh's `duration` also `maximum: 3600`), and its handlers refuse 0 where a sandbox
+/// starts (create, fork, resume) and more than the plan's hours everywhere. kiln follows
+/// that with 400s, so no request can ask for a deadline that overflows.
+fn timeout_field(
+    name: &str,
+    v: Option<&Value>,
+    positive: bool,
+    max_secs: u64,
+) -> ApiResult<Option<u64>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let n = v
+        .as_i64()
+        .map(i128::from)
+        .or(v.as_u64().map(i128::from))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{name} must be an integer number of seconds, not {v}"
+            ))
+        })?;
+    let n = u64::try_from(n)
+        .ok()
+        .filter(|n| *n <= i32::MAX as u64)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be 0..={} seconds, not {n}", i32::MAX))
+        })?;
+    if positive && n == 0 {
+        return Err(ApiError::bad_request(format!(
+            "{name} must be greater than 0"
+        )));
+    }
+    if n > max_secs {
+        return Err(ApiError::bad_request(
+            if max_secs.is_multiple_of(3600) && max_secs > 3600 {
+                format!("{name} cannot be greater than {} hours", max_secs / 3600)
+            } else {
+                format!("{name} must be at most {max_secs}")
+            },
+        ));
+    }
+    Ok(Some(n))
+}
+
+/// The timeout of a request that starts a sandbox (create, fork, resume): E2B's default when
+/// absent, else 1 s ..= [`MAX_TIMEOUT_HOURS`].
+fn start_timeout(v: Option<&Value>) -> ApiResult<u64> {
+    Ok(
+        timeout_field("timeout", v, true, MAX_TIMEOUT_HOURS * 3600)?
+            .unwrap_or(DEFAULT_TIMEOUT_SECS),
+    )
+}
+
+/// The timeout of a request that sets one from now (set_timeout, connect): 0 ..=
+/// [`MAX_TIMEOUT_HOURS`].
+fn later_timeout(v: Option<&Value>) -> ApiResult<Option<u64>> {
+    timeout_field("timeout", v, false, MAX_TIMEOUT_HOURS * 3600)
+}
+
+/// `map` as the JSON the agent or the record gets, at most `max` bytes of it.
+fn check_size(name: &str, map: &BTreeMap<String, String>, max: usize) -> ApiResult<()> {
+    let n = serde_json::to_vec(map)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if n > max {
+        return Err(ApiError::bad_request(format!(
+            "{name} takes {n} bytes (as JSON, {} entries); at most {max} are accepted",
+            map.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `envVars` that every command of the sandbox can be started with: bounded in total
+/// ([`MAX_ENV_BYTES`]) and each ([`MAX_ENV_ENTRY`]), names without `=` or NUL, values
+/// without NUL.
+fn check_env(env: &BTreeMap<String, String>) -> ApiResult<()> {
+    check_size("envVars", env, MAX_ENV_BYTES)?;
+    for (k, v) in env {
+        let name: String = k.chars().take(40).collect();
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ApiError::bad_request(format!(
+                "envVars: {name:?}: a name must be non-empty without '=' or NUL, a value \
+                 without NUL"
+            )));
+        }
+        if k.len() + 1 + v.len() > MAX_ENV_ENTRY {
+            return Err(ApiError::bad_request(format!(
+                "envVars: {name:?} takes {} bytes as NAME=VALUE; a program can be started \
+                 with at most {MAX_ENV_ENTRY}",
+                k.len() + 1 + v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct NewSandbox {
     #[serde(rename = "templateID")]
     template_id: String,
-    timeout: Option<u64>,
+    timeout: Option<Value>,
     auto_pause: Option<bool>,
     #[allow(dead_code)]
     auto_pause_memory: Option<bool>,
@@ -209,16 +323,20 @@ async fn create(
         return Err(ApiError::bad_request("templateID is empty"));
     }
     let mut spec = CreateSpec::new(Source::Image(template.clone()));
-    spec.network = Some(
-        egress::policy_of(req.allow_internet_access, req.network.as_ref())
-            .map_err(ApiError::bad_request)?,
-    );
-    spec.timeout_secs = Some(req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS));
+    // Nothing asked of egress: the host's default (runtime::default_network, which
+    // KILN_NETWORK=none makes "no network device").
+    spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
+        .map_err(ApiError::bad_request)?;
+    spec.private_traffic = req.network.as_ref().is_some_and(|n| !n.public_traffic());
+    spec.timeout_secs = Some(start_timeout(req.timeout.as_ref())?);
     if req.auto_pause == Some(true) {
         spec.on_timeout = OnTimeout::Pause;
     }
     spec.metadata = req.metadata.unwrap_or_default();
     spec.env = req.env_vars.unwrap_or_default();
+    check_env(&spec.env)?;
+    check_size("metadata", &spec.metadata, MAX_METADATA_BYTES)?;
+    spec.secure = req.secure.unwrap_or(secure_default);
     let warmed = |t: &str| {
         state
             .warmed
@@ -260,24 +378,8 @@ async fn create(
         .unwrap_or_else(|e| e.into_inner())
         .insert(template);
     drop(first);
-    let token = if req.secure.unwrap_or(secure_default) {
-        match state.issue_token(&rec.id) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let sb = state.sandboxes.clone();
-                let id = rec.id.clone();
-                let _ = blocking(move || sb.kill(&id)).await;
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("saving the sandbox's access token: {e}"),
-                ));
-            }
-        }
-    } else {
-        None
-    };
     tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");
-    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec, token))).into_response())
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
 }
 
 /// `name:tag` as E2B spells template references; kiln snapshot names carry no tag.
@@ -286,19 +388,19 @@ fn strip_tag(t: &str) -> &str {
 }
 
 /// E2B's `Sandbox` (create, connect, resume, fork).
-fn sandbox_json(state: &AppState, rec: &SandboxRecord, token: Option<String>) -> Value {
+fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> Value {
     let mut v = json!({
         "templateID": rec.source,
         "sandboxID": rec.id,
         "clientID": "kiln",
         "envdVersion": ENVD_VERSION,
-        "trafficAccessToken": null,
+        "trafficAccessToken": rec.access.traffic_token,
         "domain": state.domain,
     });
     if let Some(alias) = alias(rec) {
         v["alias"] = json!(alias);
     }
-    if let Some(t) = token.or_else(|| state.access_token(&rec.id)) {
+    if let Some(t) = &rec.access.envd_token {
         v["envdAccessToken"] = json!(t);
     }
     v
@@ -339,14 +441,18 @@ fn listed_json(rec: &SandboxRecord) -> Value {
 fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
     let mut v = listed_json(rec);
     v["domain"] = json!(state.domain);
-    let (internet, network) = egress::detail_fields(rec.network.as_ref());
+    let (internet, mut network) = egress::detail_fields(rec.network.as_ref());
     v["allowInternetAccess"] = internet;
+    network["allowPublicTraffic"] = json!(!rec.access.private_traffic);
     v["network"] = network;
+    // kiln's own: whether the sandbox has a network device at all (KILN_NETWORK=none, or a
+    // snapshot without one: loopback only), which E2B's fields cannot say.
+    v["networkDevice"] = json!(rec.network.is_some());
     v["lifecycle"] = json!({
         "autoResume": false,
         "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
     });
-    if let Some(t) = state.access_token(&rec.id) {
+    if let Some(t) = &rec.access.envd_token {
         v["envdAccessToken"] = json!(t);
     }
     v
@@ -597,14 +703,13 @@ async fn kill(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Api
     .await?;
     let rid = rec.id.clone();
     blocking(move || sb.kill(&rid)).await?;
-    state.drop_token(&rec.id);
     tracing::info!(id = %rec.id, "killed sandbox");
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
 struct TimeoutRequest {
-    timeout: Option<u64>,
+    timeout: Option<Value>,
 }
 
 async fn set_timeout(
@@ -613,8 +718,7 @@ async fn set_timeout(
     bytes: Bytes,
 ) -> ApiResult<StatusCode> {
     let req: TimeoutRequest = body(&bytes, false)?;
-    let secs = req
-        .timeout
+    let secs = later_timeout(req.timeout.as_ref())?
         .ok_or_else(|| ApiError::bad_request("timeout is required"))?;
     let rec = lookup(&state, &id).await?;
     let sb = state.sandboxes.clone();
@@ -624,7 +728,7 @@ async fn set_timeout(
 
 #[derive(Deserialize)]
 struct RefreshRequest {
-    duration: Option<u64>,
+    duration: Option<Value>,
 }
 
 /// Extends the time to live to at least `duration` from now (never shortens it).
@@ -634,23 +738,18 @@ async fn refresh(
     bytes: Bytes,
 ) -> ApiResult<StatusCode> {
     let req: RefreshRequest = body(&bytes, true)?;
-    let secs = req.duration.unwrap_or(DEFAULT_TIMEOUT_SECS);
-    if secs > 3600 {
-        return Err(ApiError::bad_request("duration must be at most 3600"));
-    }
+    let secs = timeout_field("duration", req.duration.as_ref(), false, MAX_REFRESH_SECS)?
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
     let rec = lookup(&state, &id).await?;
     extend(&state, rec, secs).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Sets the deadline to now + `secs` if that is later than the present one.
+/// Sets the deadline to now + `secs` if that is later than the present one (under the
+/// sandbox's lock: no other change to it comes in between).
 async fn extend(state: &AppState, rec: SandboxRecord, secs: u64) -> ApiResult<SandboxRecord> {
-    let wanted = now_ms() + secs * 1000;
-    if rec.deadline_ms.is_some_and(|d| d >= wanted) || rec.deadline_ms.is_none() {
-        return Ok(rec);
-    }
     let sb = state.sandboxes.clone();
-    blocking(move || sb.set_timeout(&rec.id, Some(secs))).await
+    blocking(move || sb.extend_timeout(&rec.id, secs)).await
 }
 
 /// `PUT /sandboxes/{id}/network`: replaces the whole egress policy of a running sandbox
@@ -712,7 +811,7 @@ async fn pause(
 
 #[derive(Deserialize)]
 struct ResumeRequest {
-    timeout: Option<u64>,
+    timeout: Option<Value>,
 }
 
 /// Deprecated resume: 201 with the sandbox; 409 when it is not paused.
@@ -722,6 +821,7 @@ async fn resume(
     bytes: Bytes,
 ) -> ApiResult<Response> {
     let req: ResumeRequest = body(&bytes, true)?;
+    let secs = start_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
     if e2b_state(&rec) != Some("paused") {
         return Err(ApiError::new(
@@ -729,20 +829,15 @@ async fn resume(
             format!("sandbox {} is already running", rec.id),
         ));
     }
-    let secs = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
     let sb = state.sandboxes.clone();
-    let rec = blocking(move || {
-        let r = sb.resume(&rec.id)?;
-        sb.set_timeout(&r.id, Some(secs))
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec, None))).into_response())
+    let rec = blocking(move || sb.resume(&rec.id, Some(secs))).await?;
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
 }
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
 struct ConnectRequest {
-    timeout: Option<u64>,
+    timeout: Option<Value>,
     memory: Option<bool>,
 }
 
@@ -774,40 +869,36 @@ async fn connect(
     Path(id): Path<String>,
     req: ConnectRequest,
 ) -> ApiResult<Response> {
+    let secs = later_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
     let (status, rec) = if e2b_state(&rec) == Some("paused") {
         let sb = state.sandboxes.clone();
-        let secs = req.timeout;
-        let rec = blocking(move || {
-            let r = sb.resume(&rec.id)?;
-            match secs {
-                Some(s) => sb.set_timeout(&r.id, Some(s)),
-                None => Ok(r),
-            }
-        })
-        .await?;
+        // The new deadline comes with the resume, in one record update.
+        let rec = blocking(move || sb.resume(&rec.id, secs)).await?;
         tracing::info!(id = %rec.id, "resumed sandbox on connect");
         (StatusCode::CREATED, rec)
     } else {
-        let rec = match req.timeout {
+        let rec = match secs {
             Some(s) => extend(&state, rec, s).await?,
             None => rec,
         };
         (StatusCode::OK, rec)
     };
-    Ok((status, Json(sandbox_json(&state, &rec, None))).into_response())
+    Ok((status, Json(sandbox_json(&state, &rec))).into_response())
 }
 
 // ---- fork, snapshots ----
 
 #[derive(Deserialize)]
 struct ForkRequest {
-    timeout: Option<u64>,
+    timeout: Option<Value>,
     count: Option<usize>,
 }
 
 /// `count` new sandboxes from the running sandbox's present state: 201 with one
-/// `{sandbox}` per fork. kiln forks all or nothing, so a failure fails the request.
+/// `{sandbox}` per fork. kiln forks all or nothing, so a failure fails the request and
+/// leaves no fork. Each fork is born with its deadline and, like its parent, secure or not
+/// (its own tokens).
 async fn fork(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -818,7 +909,7 @@ async fn fork(
     if !(1..=100).contains(&count) {
         return Err(ApiError::bad_request("count must be 1..=100"));
     }
-    let secs = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let secs = start_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
     if e2b_state(&rec) != Some("running") {
         return Err(ApiError::new(
@@ -829,30 +920,16 @@ async fn fork(
             ),
         ));
     }
-    let secure = state.access_token(&rec.id).is_some();
     let sb = state.sandboxes.clone();
-    let forks = blocking(move || {
-        let forks = sb.fork(&rec.id, count)?;
-        forks
-            .into_iter()
-            .map(|f| sb.set_timeout(&f.id, Some(secs)))
-            .collect::<runtime::Result<Vec<_>>>()
-    })
-    .await?;
-    let mut out = Vec::with_capacity(forks.len());
-    for f in &forks {
-        let token = if secure {
-            Some(state.issue_token(&f.id).map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("saving an access token: {e}"),
-                )
-            })?)
-        } else {
-            None
-        };
-        out.push(json!({ "sandbox": sandbox_json(&state, f, token) }));
-    }
+    let spec = runtime::ForkSpec {
+        count,
+        timeout_secs: Some(secs),
+    };
+    let forks = blocking(move || sb.fork(&rec.id, spec)).await?;
+    let out: Vec<Value> = forks
+        .iter()
+        .map(|f| json!({ "sandbox": sandbox_json(&state, f) }))
+        .collect();
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -1013,13 +1090,6 @@ async fn metrics(
     Ok(Json(Vec::new()))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1060,6 +1130,60 @@ mod tests {
         let t = hex::encode("123:abc");
         assert_eq!(parse_cursor(&t).unwrap(), (123, "abc".into()));
         assert!(parse_cursor("zz").is_err());
+    }
+
+    #[test]
+    fn timeouts_follow_e2b_bounds() {
+        let max = MAX_TIMEOUT_HOURS * 3600;
+        let t = |v: Value| start_timeout(Some(&v)).map_err(|e| e.message);
+        let later = |v: Value| later_timeout(Some(&v)).map_err(|e| e.message);
+        assert_eq!(t(json!(60)), Ok(60));
+        assert_eq!(t(Value::Null), Ok(DEFAULT_TIMEOUT_SECS));
+        assert_eq!(start_timeout(None).unwrap(), DEFAULT_TIMEOUT_SECS);
+        assert_eq!(t(json!(max)), Ok(max));
+        assert!(t(json!(max + 1)).unwrap_err().contains("24 hours"));
+        assert!(t(json!(0)).unwrap_err().contains("greater than 0"));
+        assert_eq!(later(json!(0)), Ok(Some(0)));
+        for bad in [
+            json!(-1),
+            json!(i64::MIN),
+            json!(i32::MAX as u64 + 1),
+            json!((1u64 << 63) - 1),
+            json!(u64::MAX),
+            json!(1.5),
+            json!(60.0),
+            json!(1e300),
+            json!("60"),
+            json!(true),
+        ] {
+            assert!(t(bad.clone()).is_err(), "{bad}");
+            assert!(later(bad.clone()).is_err(), "{bad}");
+        }
+        let refresh = |v: Value| timeout_field("duration", Some(&v), false, MAX_REFRESH_SECS);
+        assert_eq!(refresh(json!(3600)).unwrap(), Some(3600));
+        assert!(refresh(json!(3601)).is_err());
+    }
+
+    #[test]
+    fn env_and_metadata_sizes() {
+        let big: BTreeMap<String, String> = (0..10_000)
+            .map(|i| (format!("VAR_{i}"), "x".repeat(100)))
+            .collect();
+        assert!(check_size("envVars", &big, MAX_ENV_BYTES).is_err());
+        let small: BTreeMap<String, String> = [("A".into(), "1".into())].into();
+        assert!(check_size("envVars", &small, MAX_ENV_BYTES).is_ok());
+        // Escapes count: 50,000 control characters are 300,000 bytes of JSON.
+        let escaped: BTreeMap<String, String> = [("A".into(), "\u{1}".repeat(50_000))].into();
+        assert!(check_size("envVars", &escaped, MAX_ENV_BYTES).is_err());
+        let one =
+            |k: &str, n: usize| -> BTreeMap<String, String> { [(k.into(), "v".repeat(n))].into() };
+        assert!(check_env(&one("A", MAX_ENV_ENTRY - 2)).is_ok());
+        assert!(check_env(&one("A", MAX_ENV_ENTRY - 1)).is_err());
+        for bad in ["", "A=B", "A\0"] {
+            assert!(check_env(&one(bad, 1)).is_err(), "{bad:?}");
+        }
+        let nul: BTreeMap<String, String> = [("A".into(), "x\0y".into())].into();
+        assert!(check_env(&nul).is_err());
     }
 
     #[test]

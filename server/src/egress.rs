@@ -9,9 +9,14 @@
 //! - an update replaces the whole configuration.
 //!
 //! Refused with 400 because kiln does not do them: per-port rules (`1.2.3.4:443`), per-host
-//! request transforms (`rules`) and an egress proxy. `dnsServers`, `allowPublicTraffic`,
-//! `maskRequestHost` and `httpsPorts` are accepted and have no effect (sandbox DNS goes through
-//! kiln's own resolver, which applies the policy).
+//! request transforms (`rules`) and an egress proxy. `dnsServers`, `maskRequestHost` and
+//! `httpsPorts` are accepted and have no effect (sandbox DNS goes through kiln's own resolver,
+//! which applies the policy). `allowPublicTraffic` is ingress, not egress: on create, `false`
+//! gives the sandbox a traffic access token (the data plane checks it); an update cannot
+//! change it (E2B's update body has no such field).
+//!
+//! A create that asks nothing of egress (no `allow_internet_access`, no `allowOut`/`denyOut`)
+//! gets the host's default network ([`create_policy`] is `None`).
 
 use network::{Dest, NetworkPolicy};
 use serde::Deserialize;
@@ -29,6 +34,29 @@ pub struct NetworkConfig {
     /// Only in the update body, in snake case as E2B spells it there.
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
+    /// Only on create (default true).
+    allow_public_traffic: Option<bool>,
+}
+
+impl NetworkConfig {
+    /// `allowPublicTraffic` (default true): false = the sandbox's ports need its traffic
+    /// access token.
+    pub fn public_traffic(&self) -> bool {
+        self.allow_public_traffic.unwrap_or(true)
+    }
+}
+
+/// The egress policy of a create, or `None` when it asks nothing of egress (the host's
+/// default applies), or why it is refused.
+pub fn create_policy(
+    allow_internet_access: Option<bool>,
+    config: Option<&NetworkConfig>,
+) -> Result<Option<NetworkPolicy>, String> {
+    let policy = policy_of(allow_internet_access, config)?;
+    let listed = |l: &Option<Vec<String>>| l.as_ref().is_some_and(|l| !l.is_empty());
+    let asked = allow_internet_access.is_some()
+        || config.is_some_and(|c| listed(&c.allow_out) || listed(&c.deny_out));
+    Ok(asked.then_some(policy))
 }
 
 /// The policy of `allow_internet_access` (default true) and `network`, or why it is refused.
@@ -141,6 +169,23 @@ mod tests {
         assert!(policy_of(Some(false), Some(&cfg(&["web.test"], &[]))).is_ok());
         assert!(!policy_of(Some(false), None).unwrap().internet);
         assert_eq!(policy_of(None, None).unwrap(), NetworkPolicy::default());
+    }
+
+    #[test]
+    fn a_create_that_asks_nothing_gets_the_host_default() {
+        let c = |v: Value| serde_json::from_value::<NetworkConfig>(v).unwrap();
+        assert_eq!(create_policy(None, None), Ok(None));
+        let public = c(json!({"allowPublicTraffic": false, "allowOut": []}));
+        assert_eq!(create_policy(None, Some(&public)), Ok(None));
+        assert!(!public.public_traffic());
+        assert!(c(json!({})).public_traffic());
+        assert!(!create_policy(Some(false), None).unwrap().unwrap().internet);
+        assert!(create_policy(Some(true), None).unwrap().is_some());
+        let deny = c(json!({"denyOut": ["10.0.0.0/8"]}));
+        assert!(create_policy(None, Some(&deny)).unwrap().is_some());
+        // Refusals still apply when nothing else is asked.
+        let proxy = c(json!({"egressProxy": {"address": "p:1080"}}));
+        assert!(create_policy(None, Some(&proxy)).is_err());
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! the form `{port}-{sandbox id}.{domain}`; everything else is control plane.
 //!
 //! The daemon keeps its own state under `KILN_HOME/serve/`: the API key (`api-key`, 0600,
-//! unless `KILN_API_KEY` is set) and the envd access tokens of sandboxes created with
-//! `secure: true` (`tokens/<id>`, 0600). Sandboxes themselves are the runtime's: they run in
-//! their own processes and outlive a restart of the daemon, which reloads them at start.
+//! unless `KILN_API_KEY` is set). Sandboxes themselves are the runtime's, with their access
+//! tokens (envd's, E2B's traffic token) in their records, which the runtime makes before the
+//! sandbox starts: they run in their own processes and outlive a restart of the daemon, which
+//! reloads them at start. (Daemons before this one kept envd tokens in `serve/tokens/<id>`;
+//! the first start moves them into the records.)
 
 pub mod control;
 mod egress;
@@ -26,10 +28,9 @@ use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::Response;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 pub use secret::{constant_time_eq, load_or_create_api_key, random_token};
 
@@ -72,9 +73,6 @@ pub struct AppState {
     pub domain: String,
     /// `KILN_HOME/serve`: the daemon's own files.
     pub serve_dir: PathBuf,
-    /// envd access tokens of sandboxes created with `secure: true`, by sandbox id (a cache of
-    /// `serve_dir/tokens/<id>`).
-    tokens: RwLock<HashMap<String, String>>,
     /// Templates a sandbox has been created from since start. Until then creates of a
     /// template are serialized: the runtime's first use of an image extracts its tree under a
     /// per-process temp name (runtime/src/rootfs.rs), which concurrent threads would share.
@@ -83,72 +81,21 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state for sandboxes `sandboxes`, with the daemon's files under `serve_dir` (the
-    /// tokens of secure sandboxes are loaded from there).
+    /// The state for sandboxes `sandboxes`, with the daemon's files under `serve_dir`.
     pub fn new(
         sandboxes: Arc<runtime::Sandboxes>,
         api_key: String,
         domain: String,
         serve_dir: PathBuf,
     ) -> AppState {
-        let tokens = secret::load_tokens(&serve_dir.join("tokens"));
         AppState {
             sandboxes,
             api_key,
             domain,
             serve_dir,
-            tokens: RwLock::new(tokens),
             warmed: Default::default(),
             first_create: tokio::sync::Mutex::new(()),
         }
-    }
-
-    /// The access token the data plane of sandbox `id` requires (`X-Access-Token`), if it
-    /// was created with `secure: true`.
-    pub fn access_token(&self, id: &str) -> Option<String> {
-        self.tokens
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    fn tokens_dir(&self) -> PathBuf {
-        self.serve_dir.join("tokens")
-    }
-
-    /// Generates, saves (0600) and remembers an access token for sandbox `id`.
-    pub(crate) fn issue_token(&self, id: &str) -> std::io::Result<String> {
-        let token = random_token("ea_");
-        secret::write_private(&self.tokens_dir(), id, &token)?;
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), token.clone());
-        Ok(token)
-    }
-
-    /// Forgets the token of a sandbox that is gone.
-    pub(crate) fn drop_token(&self, id: &str) {
-        let had = self
-            .tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .is_some();
-        if had {
-            let _ = std::fs::remove_file(self.tokens_dir().join(id));
-        }
-    }
-
-    /// Ids that have a token.
-    pub(crate) fn token_ids(&self) -> Vec<String> {
-        self.tokens
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
     }
 }
 
@@ -228,11 +175,16 @@ pub async fn run(
         .domain
         .unwrap_or_else(|| format!("localhost:{}", addr.port()));
     let sandboxes = Arc::new(sandboxes);
-    // Reload: liveness, interrupted operations and expired deadlines, before serving.
+    // Reload: liveness, interrupted operations and expired deadlines, before serving; tokens
+    // an older daemon kept beside the records go into them first.
     let sb = sandboxes.clone();
-    let reloaded = tokio::task::spawn_blocking(move || sb.list())
-        .await
-        .map_err(|e| Error::Serve(std::io::Error::other(e)))??;
+    let tokens = serve_dir.join("tokens");
+    let reloaded = tokio::task::spawn_blocking(move || {
+        secret::migrate_tokens(&sb, &tokens);
+        sb.list()
+    })
+    .await
+    .map_err(|e| Error::Serve(std::io::Error::other(e)))??;
     tracing::info!(sandboxes = reloaded.len(), "reloaded sandboxes");
     let state = Arc::new(AppState::new(sandboxes, api_key, domain, serve_dir));
     tokio::spawn(reaper::run(state.clone()));

@@ -1,6 +1,6 @@
 //! Timeouts: once a second the daemon lists the sandboxes, which applies expired deadlines
 //! (kill, or pause for `autoPause`). Sandboxes that failed and whose deadline passed are
-//! removed too, and tokens of sandboxes that are gone are forgotten.
+//! removed too (their tokens are in their records and go with them).
 
 use crate::AppState;
 use runtime::State;
@@ -31,11 +31,6 @@ fn sweep(state: &AppState) -> runtime::Result<()> {
             if let Err(e) = state.sandboxes.kill(&rec.id) {
                 tracing::warn!(id = %rec.id, "removing expired sandbox: {e}");
             }
-        }
-    }
-    for id in state.token_ids() {
-        if !list.iter().any(|r| r.id == id) && state.sandboxes.get(&id).is_err() {
-            state.drop_token(&id);
         }
     }
     Ok(())

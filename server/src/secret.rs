@@ -1,27 +1,12 @@
-//! The API key and the per-sandbox envd access tokens: random, kept in 0600 files, compared in
-//! constant time.
+//! The API key (random, kept in a 0600 file), the move of envd access tokens from the old
+//! `serve/tokens/` files into the sandboxes' records, and constant-time comparison.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `prefix` + 32 hex digits (128 bits) from the OS RNG.
-pub fn random_token(prefix: &str) -> String {
-    let mut b = [0u8; 16];
-    let mut got = 0;
-    while got < b.len() {
-        // SAFETY: getrandom writes at most the remaining length into the buffer we own.
-        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            assert_eq!(e.raw_os_error(), Some(libc::EINTR), "getrandom: {e}");
-            continue;
-        }
-        got += n as usize;
-    }
-    format!("{prefix}{}", hex::encode(b))
-}
+pub use runtime::record::new_token as random_token;
 
 /// Equal in time independent of where `a` and `b` differ (the length is not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -66,19 +51,52 @@ pub fn load_or_create_api_key(path: &Path) -> std::io::Result<String> {
     Ok(key)
 }
 
-/// Every `dir/<id>` token file.
-pub(crate) fn load_tokens(dir: &Path) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        if let Ok(t) = std::fs::read_to_string(e.path()) {
-            out.insert(name, t.trim().to_string());
+/// Moves the tokens a `kiln serve` before this one kept in `dir/<id>` (`serve/tokens/`)
+/// into the records of their sandboxes, where the data plane now reads them; tokens of
+/// sandboxes that are gone are dropped. A file is removed only once its token is safe in the
+/// record (or its sandbox is gone), so a failure leaves it for the next start.
+pub(crate) fn migrate_tokens(sandboxes: &runtime::Sandboxes, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let (mut moved, mut dropped) = (0, 0);
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let done = if id.starts_with('.') {
+            true
+        } else {
+            // An unreadable or empty file still marks the sandbox secure: with no token its
+            // data plane refuses everyone, never no one.
+            let token = std::fs::read_to_string(&path).unwrap_or_default();
+            match sandboxes.adopt_envd_token(&id, token.trim()) {
+                Ok(_) => {
+                    moved += 1;
+                    true
+                }
+                Err(runtime::Error::NotFound(_)) => {
+                    dropped += 1;
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(id, "moving its access token into its record: {err}");
+                    false
+                }
+            }
+        };
+        if done {
+            let _ = std::fs::remove_file(&path);
         }
     }
-    out
+    let _ = std::fs::remove_dir(dir);
+    if moved + dropped > 0 {
+        tracing::info!(
+            moved,
+            dropped,
+            "access tokens moved from {} into the sandboxes' records (dropped: sandboxes gone)",
+            dir.display()
+        );
+    }
 }
 
 #[cfg(test)]

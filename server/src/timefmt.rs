@@ -1,7 +1,11 @@
 //! RFC 3339 timestamps (UTC) from and to Unix milliseconds, for E2B's `date-time` fields.
 
-/// `2026-12-02T00:33:46.123Z`.
+/// The last instant RFC 3339's four-digit years can write: 9999-12-31T23:59:59.999Z.
+const LAST_MS: u64 = 253_402_300_799_999;
+
+/// `2026-12-02T00:33:46.123Z`; a time past year 9999 is written as its last instant.
 pub fn rfc3339(ms: u64) -> String {
+    let ms = ms.min(LAST_MS);
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
@@ -107,5 +111,13 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-12-02"), None);
         assert_eq!(parse_rfc3339("2026-13-02T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-12-02T00:00:00"), None);
+    }
+
+    #[test]
+    fn far_future_is_the_last_instant() {
+        for ms in [LAST_MS, LAST_MS + 1, u64::MAX / 2, u64::MAX] {
+            assert_eq!(rfc3339(ms), "9999-12-31T23:59:59.999Z");
+        }
+        assert_eq!(parse_rfc3339(&rfc3339(u64::MAX)), Some(LAST_MS));
     }
 }

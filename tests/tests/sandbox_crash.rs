@@ -284,7 +284,10 @@ fn killed_snapshots_and_forks_leave_the_source_running_and_no_half_made_fork() {
             assert!(back == s.kept, "{what}: fork {f}: /work/kept differs");
             k.ok(["sandbox", "kill", &f]);
         }
-        for e in std::fs::read_dir(k.home.join("sandboxes")).unwrap().flatten() {
+        for e in std::fs::read_dir(k.home.join("sandboxes"))
+            .unwrap()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".new-") {
                 let id = name.trim_start_matches(".new-");
@@ -299,7 +302,10 @@ fn killed_snapshots_and_forks_leave_the_source_running_and_no_half_made_fork() {
     }
     // The next pause and resume work the first time.
     k.ok(["sandbox", "pause", &s.id]);
-    assert_eq!(settled(&k, &mut s, false, "pause after the sweep"), "paused");
+    assert_eq!(
+        settled(&k, &mut s, false, "pause after the sweep"),
+        "paused"
+    );
     k.ok(["sandbox", "resume", &s.id]);
     assert_eq!(
         settled(&k, &mut s, false, "resume after the sweep"),

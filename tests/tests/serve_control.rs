@@ -191,12 +191,15 @@ print(json.dumps({{
     assert_eq!(v["paused"], serde_json::json!([]));
     assert_eq!(v["envd_version"], "0.6.4");
     assert_eq!(v["token"], true, "v2 creates are secured: {v}");
-    // The token is on disk, private, for the data plane.
-    let tok = k.home.join("serve/tokens").join(&id);
-    let mode = std::fs::metadata(&tok).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
-    // ... and the data plane requires it.
+    // The token is in the sandbox's record, private, for the data plane.
     let token = v["tok"].as_str().unwrap();
+    let rec_path = k.home.join("sandboxes").join(&id).join("sandbox.json");
+    let mode = std::fs::metadata(&rec_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_eq!(rec["access"]["envd_token"], token, "{rec}");
+    // ... and the data plane requires it.
     let envd = |t: &str| {
         http(
             s.port,

@@ -957,7 +957,13 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     live.add(&src.id);
     kiln_exec(&sbx, &src.id, &["true"])?;
     let t0 = Instant::now();
-    let forks = sbx.fork(&src.id, n)?;
+    let forks = sbx.fork(
+        &src.id,
+        runtime::ForkSpec {
+            count: n,
+            timeout_secs: None,
+        },
+    )?;
     for f in &forks {
         live.add(&f.id);
     }
@@ -1086,7 +1092,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
             let new_chunks = ids.iter().filter(|c| !seen.contains(c)).count();
             let distinct: HashSet<BlobId> = ids.iter().copied().collect();
             let t = Instant::now();
-            sbx.resume(&pr.id)?;
+            sbx.resume(&pr.id, None)?;
             let resume_ms = ms(t.elapsed());
             kiln_exec(&sbx, &pr.id, &["true"])?;
             let resume_exec_ms = ms(t.elapsed());

@@ -11,6 +11,12 @@
 //! the image's user), relative paths are under the user's home, the default working directory
 //! is the image's, errors carry envd's codes and messages. A sandbox that is unknown or not
 //! running is answered as E2B's proxy does: HTTP 502 `{code, message}` ("... was not found").
+//!
+//! Access comes first, from the sandbox's record (where the runtime put the tokens before the
+//! sandbox started): envd's port needs `X-Access-Token` when the sandbox is secure (401), any
+//! other port needs `e2b-traffic-access-token` when its traffic is private (403, as E2B's
+//! proxy answers; envd's port is exempt, it has its own token). A record that asks for a
+//! token but holds none refuses everyone.
 
 pub mod agent;
 pub mod connect;
@@ -32,22 +38,28 @@ pub const ENVD_VERSION: &str = "0.6.4";
 
 /// Serves one data-plane request for `port` of sandbox `sandbox_id`: envd's own port is
 /// envd's API, any other port a proxy into the sandbox.
-pub async fn handle(state: Arc<AppState>, sandbox_id: String, port: u16, req: Request) -> Response {
-    if port != crate::ENVD_PORT {
-        return crate::proxy::handle(state, sandbox_id, port, req).await;
+pub async fn handle(
+    state: Arc<AppState>,
+    sandbox_id: String,
+    port: u16,
+    mut req: Request,
+) -> Response {
+    let sandboxes = state.sandboxes.clone();
+    let id = sandbox_id.clone();
+    let rec = match tokio::task::spawn_blocking(move || sandboxes.record(&id)).await {
+        Ok(Ok(rec)) => rec,
+        Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
+        Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    if let Some(refused) = refusal(&rec, port, req.headers()) {
+        return refused;
     }
-    if let Some(token) = state.access_token(&sandbox_id) {
-        let given = req
-            .headers()
-            .get("x-access-token")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if !constant_time_eq(given, token.as_bytes()) {
-            return agent::json_error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized access, please provide a valid access token",
-            );
-        }
+    // From here on the sandbox is the one whose access was checked (a name resolves once).
+    let sandbox_id = rec.id;
+    if port != crate::ENVD_PORT {
+        // The token is for kiln, not for the program behind the port.
+        req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+        return crate::proxy::handle(state, sandbox_id, port, req).await;
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
@@ -105,9 +117,117 @@ async fn envs(state: Arc<AppState>, id: String) -> Response {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// E2B's header for the traffic access token (its orchestrator's proxy).
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// Why a request for `port` may not reach sandbox `rec`, as the answer; None when it may.
+fn refusal(
+    rec: &runtime::SandboxRecord,
+    port: u16,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    let access = &rec.access;
+    let given = |h: &str| headers.get(h).map(|v| v.as_bytes());
+    let matches = |given: &[u8], want: &Option<String>| {
+        want.as_ref()
+            .is_some_and(|t| crate::constant_time_eq(given, t.as_bytes()))
+    };
+    if port == crate::ENVD_PORT {
+        if access.secure
+            && !matches(
+                given("x-access-token").unwrap_or_default(),
+                &access.envd_token,
+            )
+        {
+            return Some(agent::json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized access, please provide a valid access token",
+            ));
+        }
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    if !access.private_traffic {
+        return None;
+    }
+    // E2B's proxy's messages.
+    let message = match given(TRAFFIC_TOKEN_HEADER) {
+        None => format!(
+            "Sandbox is secured with traffic access token. Token header \
+             '{TRAFFIC_TOKEN_HEADER}' is missing"
+        ),
+        Some(t) if !matches(t, &access.traffic_token) => format!(
+            "Sandbox is secured with traffic access token. Provided token in header \
+             '{TRAFFIC_TOKEN_HEADER}' is invalid"
+        ),
+        Some(_) => return None,
+    };
+    let body = serde_json::json!({"sandboxId": rec.id, "message": message, "code": 403});
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+
+    fn rec(access: runtime::Access) -> runtime::SandboxRecord {
+        let mut v = serde_json::json!({
+            "schema": 1, "id": "abc", "name": null, "image": "00".repeat(32), "source": "t",
+            "snapshot": null, "runtime": "gvisor", "cpus": 1, "memory_mib": 64, "disk_mib": 0,
+            "env": {}, "metadata": {}, "state": "running", "created_ms": 0,
+            "timeout_secs": null, "deadline_ms": null, "on_timeout": "kill", "agent": null,
+            "generation": 0, "defaults": {"env": [], "cwd": null, "user": null, "cmd": []},
+        });
+        v["access"] = serde_json::to_value(access).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn status(r: &runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        refusal(r, port, &h).map_or(200, |resp| resp.status().as_u16())
+    }
+
+    #[test]
+    fn access_is_checked_from_the_record_and_fails_closed() {
+        let envd = crate::ENVD_PORT;
+        let open = rec(runtime::Access::default());
+        assert_eq!(status(&open, envd, &[]), 200);
+        assert_eq!(status(&open, 8080, &[]), 200);
+
+        let a = runtime::Access::new(true, true);
+        let (et, tt) = (
+            a.envd_token.clone().unwrap(),
+            a.traffic_token.clone().unwrap(),
+        );
+        let r = rec(a);
+        assert_eq!(status(&r, envd, &[]), 401);
+        assert_eq!(status(&r, envd, &[("x-access-token", &tt)]), 401);
+        assert_eq!(status(&r, envd, &[("x-access-token", &et)]), 200);
+        assert_eq!(status(&r, 8080, &[]), 403);
+        assert_eq!(status(&r, 8080, &[("x-access-token", &et)]), 403);
+        assert_eq!(status(&r, 8080, &[(TRAFFIC_TOKEN_HEADER, &tt)]), 200);
+
+        // Flags without tokens (a damaged record): nobody gets in, not even with no token.
+        let sealed = rec(runtime::Access {
+            secure: true,
+            private_traffic: true,
+            ..Default::default()
+        });
+        assert_eq!(status(&sealed, envd, &[]), 401);
+        assert_eq!(status(&sealed, envd, &[("x-access-token", "")]), 401);
+        assert_eq!(status(&sealed, 8080, &[(TRAFFIC_TOKEN_HEADER, "")]), 403);
+    }
 }

@@ -132,6 +132,27 @@ fn signal_name(sig: i32) -> String {
     n.to_string()
 }
 
+/// A process request must fit in one agent frame (create bounds the sandbox's own
+/// environment so that ordinary commands always do): refused as an invalid argument that
+/// says why, not as a broken connection.
+fn check_frame(er: &kiln_agent::protocol::ExecRequest) -> Result<(), EnvdError> {
+    use kiln_agent::protocol::MAX_FRAME;
+    let size = serde_json::to_vec(er)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_FRAME {
+        return Err(EnvdError::rpc(
+            Code::InvalidArgument,
+            format!(
+                "the command with its arguments and environment (the image's, the sandbox's \
+                 and its own) takes {size} bytes as a request to the sandbox; at most \
+                 {MAX_FRAME} are accepted"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// envd's end event for an exit status.
 pub fn end_event(s: ExitStatus) -> EndEvent {
     match (s.code, s.signal) {
@@ -393,6 +414,7 @@ async fn start(
             er.tty = tty;
             // Agent `stdin: true` with no input closes it at once (envd's /dev/null).
             er.stdin = tty.is_none() && !stdin_open;
+            check_frame(&er)?;
             let mut conn = s.conn()?;
             if let Ok(c) = conn.try_clone() {
                 let _ = abort_tx.send(c);
