@@ -13,6 +13,7 @@
 
 mod error;
 pub mod gvisor;
+pub mod hostfs;
 pub mod microvm;
 pub mod ports;
 pub mod record;
