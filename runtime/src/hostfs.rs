@@ -212,8 +212,9 @@ mod tests {
         std::os::unix::fs::symlink("..", shared.join("up")).unwrap();
         let d = Dir::open(&shared).unwrap();
 
+        // O_PATH|O_NOFOLLOW opens a trailing symlink itself: the type check refuses it.
         let e = d.connect(Path::new("agent.sock")).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         let e = d.connect(Path::new("up/other.sock")).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
         let e = d.connect(Path::new("../other.sock")).unwrap_err();
