@@ -307,6 +307,9 @@ impl GvisorDriver {
         for d in [&run, &ctl, &bundle] {
             std::fs::create_dir_all(d).ctx("create", d)?;
         }
+        // The resume file exists from the start, always as long: a restore fails when a file
+        // the agent has read is gone (a fork's new ctl/).
+        Self::release_agent(dir)?;
         let mut mounts = vec![
             json!({"destination": "/proc", "type": "proc", "source": "proc"}),
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
@@ -461,10 +464,10 @@ impl GvisorDriver {
     }
 
     /// Lets a quiesced (or just restored) agent listen again: a value it has not seen in
-    /// `ctl/resume` (only the host writes `ctl/`).
+    /// `ctl/resume` (only the host writes `ctl/`), of a fixed length.
     fn release_agent(dir: &SandboxDir) -> Result<()> {
         let p = dir.sub("ctl").join("resume");
-        let value = format!("{}-{}", hex::encode(random_bytes::<16>()), now_ns());
+        let value = format!("{}-{:020}", hex::encode(random_bytes::<16>()), now_ns());
         write_atomic(&p, value.as_bytes(), false)
     }
 
