@@ -44,7 +44,11 @@ fn tree(dir: &Path) -> Vec<(PathBuf, u64, i64)> {
             if m.is_dir() {
                 todo.push(e.path());
             }
-            out.push((e.path(), m.len(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
+            out.push((
+                e.path(),
+                m.len(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+            ));
         }
     }
     out.sort();
@@ -164,11 +168,22 @@ fn symlinks_raced_into_the_shared_dir_never_reach_host_files() {
         b"host canary: must keep these bytes\n"
     );
     assert!(!missing.exists());
-    assert_eq!(sock.hits.load(Ordering::SeqCst), 0, "kiln connected to the canary socket");
+    assert_eq!(
+        sock.hits.load(Ordering::SeqCst),
+        0,
+        "kiln connected to the canary socket"
+    );
     // The control directory holds only what the host wrote there.
-    for e in std::fs::read_dir(sandbox_dir(&k, &id).join("ctl")).unwrap().flatten() {
+    for e in std::fs::read_dir(sandbox_dir(&k, &id).join("ctl"))
+        .unwrap()
+        .flatten()
+    {
         let m = std::fs::symlink_metadata(e.path()).unwrap();
-        assert!(m.is_file(), "{} in ctl/ is no host file", e.path().display());
+        assert!(
+            m.is_file(),
+            "{} in ctl/ is no host file",
+            e.path().display()
+        );
     }
     // The sandbox works on, with its memory and files.
     root_sh(&k, &id, "kill $(cat /tmp/attacker.pid)");
@@ -225,8 +240,14 @@ fn floods_into_every_shared_path_stay_small_on_the_host() {
 
     let grown = disk_usage(&dir).saturating_sub(baseline);
     let console = std::fs::metadata(dir.join("console.log")).map_or(0, |m| m.len());
-    eprintln!("host bytes: +{grown} in {}, console.log {console}", dir.display());
-    assert!(grown <= 1 << 20, "the sandbox's host directory grew by {grown} bytes");
+    eprintln!(
+        "host bytes: +{grown} in {}, console.log {console}",
+        dir.display()
+    );
+    assert!(
+        grown <= 1 << 20,
+        "the sandbox's host directory grew by {grown} bytes"
+    );
     assert!(console <= 64 << 10, "console.log holds {console} bytes");
 
     // The sandbox keeps working, and its next run gets an empty /run/kiln again.
@@ -237,7 +258,10 @@ fn floods_into_every_shared_path_stay_small_on_the_host() {
         big.to_str().unwrap(),
         &format!("{id}:/work/big"),
     ]);
-    assert_eq!(sh(&k, &id, "wc -c < /work/big").trim(), (16 << 20).to_string());
+    assert_eq!(
+        sh(&k, &id, "wc -c < /work/big").trim(),
+        (16 << 20).to_string()
+    );
     k.ok(["sandbox", "pause", &id]);
     k.ok(["sandbox", "resume", &id]);
     assert_eq!(
@@ -284,9 +308,15 @@ fn a_socket_name_pointed_at_another_sandbox_never_reaches_it() {
     let mut tries = 0;
     while t.elapsed() < Duration::from_secs(9) {
         let (out, err, code) = exec(&k, &a, &[], &["cat", "/work/who"], b"");
-        assert_ne!(out, "B\n", "kiln ran a command of sandbox {a} in sandbox {b}");
+        assert_ne!(
+            out, "B\n",
+            "kiln ran a command of sandbox {a} in sandbox {b}"
+        );
         if tries > 0 {
-            assert_ne!(code, 0, "exec in {a} through a swapped socket name: {out}{err}");
+            assert_ne!(
+                code, 0,
+                "exec in {a} through a swapped socket name: {out}{err}"
+            );
         }
         // A pause of A must not quiesce B.
         let _ = k.run(["sandbox", "pause", &a]);
@@ -295,7 +325,10 @@ fn a_socket_name_pointed_at_another_sandbox_never_reaches_it() {
     }
     let rec = k.json(["sandbox", "info", &b, "--json"]);
     assert_eq!(rec["state"], "running", "{rec}");
-    assert_eq!(rec["generation"], b_gen, "sandbox {b} was checkpointed: {rec}");
+    assert_eq!(
+        rec["generation"], b_gen,
+        "sandbox {b} was checkpointed: {rec}"
+    );
     k.ok(["sandbox", "kill", &a]);
     assert_no_processes(&a);
     assert_eq!(sh(&k, &b, "echo ok"), "ok\n");

@@ -34,7 +34,10 @@ fn main() {
         init_mounts();
         start_genid_watcher();
     }
-    let result = match (args.get(1).map(String::as_str), args.get(3).map(String::as_str)) {
+    let result = match (
+        args.get(1).map(String::as_str),
+        args.get(3).map(String::as_str),
+    ) {
         (Some("--unix"), None) if args.len() == 3 => serve_unix(&args[2], pid1),
         (Some("--unix"), Some("--resume")) if args.len() == 5 => {
             kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(&args[4])));

@@ -174,7 +174,9 @@ impl SerialOut {
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let (Some(f), true) = (&mut self.file, self.room > 0) {
-            let n = buf.len().min(usize::try_from(self.room).unwrap_or(usize::MAX));
+            let n = buf
+                .len()
+                .min(usize::try_from(self.room).unwrap_or(usize::MAX));
             f.write_all(&buf[..n])?;
             self.room -= n as u64;
             if self.room == 0 {

@@ -92,7 +92,11 @@ pub fn generation(req: GenerationRequest, c: &Conn) -> Res<()> {
 /// root process in the sandbox, which may have put symlinks or anything else under any name:
 /// the temporary file is created exclusively (never through a symlink) under a fresh name, and
 /// a rename replaces whatever `path` was without following it.
-fn write_replacing(dir: &std::path::Path, path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+fn write_replacing(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    data: &[u8],
+) -> std::io::Result<()> {
     let mut last = None;
     for attempt in 0..16u32 {
         let tmp = dir.join(format!(".generation.{}.{attempt}", std::process::id()));

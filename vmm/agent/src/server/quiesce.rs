@@ -45,7 +45,10 @@ pub fn set_resume_file(file: Option<&Path>) {
 }
 
 fn resume_file() -> Option<PathBuf> {
-    RESUME_FILE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    RESUME_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// The resume file's value (empty when missing); a short read: it is a nonce.
@@ -66,7 +69,10 @@ pub fn quiescing() -> bool {
 /// `dir` is the socket's directory.
 pub fn wait_for_resume(dir: &Path) {
     let file = resume_file();
-    let seen = RESUME_SEEN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let seen = RESUME_SEEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let marker = dir.join("resume");
     loop {
         let resumed = match &file {
