@@ -534,7 +534,7 @@ fn replay_once(
                 .arg(dir.join("sandbox.pid"))
                 .arg(&id);
             runsc_detached(c, &dir.join("console.log"), "replay runsc restore")?;
-            release_agent(&dir)?;
+            release_agent(dir)?;
         }
     }
     let t_runsc = t0.elapsed();
@@ -662,7 +662,7 @@ fn replay_live_snapshots(
                 .arg(dir.join("sandbox.pid"))
                 .arg(&id);
             runsc_detached(c, &log, "replay runsc restore")?;
-            release_agent(&dir)?;
+            release_agent(dir)?;
             let t5 = t0.elapsed();
             wait_agent(&sock)?;
             let t6 = t0.elapsed();
