@@ -6,19 +6,29 @@
 //!   captures memory and file changes together, and forks diverge on their own.
 //! - The agent (`/.kiln/bin/kiln-agent`, a static binary bind-mounted read-only) listens on
 //!   `/run/kiln/agent.sock` inside, which `--host-uds=create` makes a host socket in the
-//!   sandbox's `run/` directory (bind-mounted at /run/kiln).
+//!   sandbox's `run/` directory (bind-mounted read-write at /run/kiln).
+//! - `run/` is the only host directory the sandbox can write, and so hostile: symlinks made
+//!   there are real on the host. It is a tiny tmpfs of its own (size and inode limits), mounted
+//!   fresh before every run and restore and unmounted by [`Runtime::kill`], and the host only
+//!   connects to the agent's socket there, through [`crate::hostfs`] (never by a path that
+//!   could follow a symlink).
 //! - gVisor cannot save a socket bound to the host, so before a checkpoint the agent is told to
-//!   quiesce: it closes its listener and connections and waits for `/run/kiln/resume` to
-//!   appear, which the driver writes after the restore (or in the new sandbox's `run/`).
+//!   quiesce: it closes its listener and connections and waits until `/.kiln/ctl/resume`
+//!   holds a new value. `ctl/` is a host directory only the host writes, bind-mounted
+//!   read-only; the driver writes a fresh random value there after the restore (or after a
+//!   failed checkpoint), so the sandbox can neither forge nor redirect that signal.
 //! - Checkpoints are `runsc checkpoint` state files put into the block store; `runsc
 //!   checkpoint --leave-running` never returned on this host's runsc, so a live snapshot is a
 //!   checkpoint followed by a restore in place.
 //!
 //! Files in the sandbox's directory: `bundle/config.json` (the OCI spec), `runsc/` (runsc's
-//! state root for this one container), `run/` (the agent's socket), `ckpt/` (a checkpoint
-//! being written or read), `console.log` (the init's and runsc's output).
+//! state root for this one container), `run/` (the agent's socket; the sandbox's tmpfs),
+//! `ctl/` (the resume signal; read-only inside), `ckpt/` (a checkpoint being written or read),
+//! `console.log` (runsc's output, and the agent's until it listens: then it detaches its
+//! stdio, so nothing in the sandbox can write there).
 
 use crate::error::{Error, IoCtx, Result};
+use crate::hostfs::{self, TmpfsLimits};
 use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
     SandboxDir, SandboxRecord,
@@ -36,6 +46,15 @@ use std::time::{Duration, Instant};
 /// Where the agent lives and listens inside the sandbox.
 const AGENT_IN_SANDBOX: &str = "/.kiln/bin/kiln-agent";
 const RUN_IN_SANDBOX: &str = "/run/kiln";
+/// Where the host's read-only control directory (`ctl/`) appears inside.
+const CTL_IN_SANDBOX: &str = "/.kiln/ctl";
+/// The sandbox-writable `run/`: room for the agent's socket and its `generation` file, not
+/// for a flood. Mode 0711: the sandbox's other users may read `generation` by name.
+const RUN_LIMITS: TmpfsLimits = TmpfsLimits {
+    bytes: 64 << 10,
+    inodes: 32,
+    mode: 0o711,
+};
 /// The capabilities Docker gives a container's processes by default.
 const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
@@ -266,6 +285,11 @@ impl GvisorDriver {
         what: &str,
         args: &[&str],
     ) -> Result<()> {
+        // An empty, bounded run/ for every run and restore: nothing a previous run of the
+        // sandbox left there (a flood, symlinks) carries over.
+        let run = dir.sub("run");
+        std::fs::create_dir_all(&run).ctx("create", &run)?;
+        hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
         let mask = match &rec.net {
             Some(att) => {
                 network::reset_guest(att)?;
@@ -318,10 +342,14 @@ impl GvisorDriver {
     fn write_bundle(&self, dir: &SandboxDir, rec: &SandboxRecord, rootfs: &Path) -> Result<()> {
         let agent_dir = self.installed_agent()?;
         let run = dir.sub("run");
+        let ctl = dir.sub("ctl");
         let bundle = dir.sub("bundle");
-        for d in [&run, &bundle] {
+        for d in [&run, &ctl, &bundle] {
             std::fs::create_dir_all(d).ctx("create", d)?;
         }
+        // The resume file exists from the start, always as long: a restore fails when a file
+        // the agent has read is gone (a fork's new ctl/).
+        Self::release_agent(dir)?;
         let mut mounts = vec![
             json!({"destination": "/proc", "type": "proc", "source": "proc"}),
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
@@ -331,7 +359,9 @@ impl GvisorDriver {
             json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
                  "options": ["nosuid", "noexec", "nodev", "mode=1777"]}),
             json!({"destination": RUN_IN_SANDBOX, "type": "bind", "source": run,
-                 "options": ["rbind", "rw"]}),
+                 "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}),
+            json!({"destination": CTL_IN_SANDBOX, "type": "bind", "source": ctl,
+                 "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
             json!({"destination": "/.kiln/bin", "type": "bind", "source": agent_dir,
                  "options": ["rbind", "ro"]}),
         ];
@@ -351,7 +381,8 @@ impl GvisorDriver {
             "process": {
                 "terminal": false,
                 "user": {"uid": 0, "gid": 0},
-                "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock")],
+                "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock"),
+                         "--resume", format!("{CTL_IN_SANDBOX}/resume")],
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                 "cwd": "/",
                 // Docker's default set: the agent switches users and owns files for clients.
@@ -449,7 +480,7 @@ impl GvisorDriver {
         let sock = Self::agent_socket(dir);
         let t = Instant::now();
         loop {
-            if let Ok(mut s) = UnixStream::connect(&sock) {
+            if let Ok(mut s) = connect_agent(&sock) {
                 s.set_read_timeout(Some(self.config.agent_timeout)).ok();
                 if kiln_agent::client::health(&mut s).is_ok() {
                     return Ok(());
@@ -472,18 +503,18 @@ impl GvisorDriver {
         }
     }
 
-    /// Lets a quiesced (or just restored) agent listen again.
+    /// Lets a quiesced (or just restored) agent listen again: a value it has not seen in
+    /// `ctl/resume` (only the host writes `ctl/`), of a fixed length.
     fn release_agent(dir: &SandboxDir) -> Result<()> {
-        let p = dir.sub("run").join("resume");
-        std::fs::write(&p, b"").ctx("write", &p)
+        let p = dir.sub("ctl").join("resume");
+        let value = format!("{}-{:020}", hex::encode(random_bytes::<16>()), now_ns());
+        write_atomic(&p, value.as_bytes(), false)
     }
 
     /// Tells a restored agent the new generation: wall clock, RNG seed.
     fn announce_generation(&self, rec: &SandboxRecord) -> Result<()> {
         let mut s = self.connect_path(rec)?;
-        let mut seed = [0u8; 32];
-        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
-        unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let seed = random_bytes::<32>();
         kiln_agent::client::set_generation(
             &mut s,
             &kiln_agent::protocol::GenerationRequest {
@@ -500,7 +531,7 @@ impl GvisorDriver {
             .agent
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("sandbox {} has no agent address", rec.id)))?;
-        UnixStream::connect(p).ctx("connect to the agent at", p)
+        connect_agent(p).ctx("connect to the agent at", p)
     }
 
     /// Restores `dir`'s container from the checkpoint in `dir/ckpt` and waits for its agent.
@@ -513,8 +544,6 @@ impl GvisorDriver {
         let ckpt = dir.sub("ckpt");
         let bundle = dir.sub("bundle");
         let pid_file = dir.sub("sandbox.pid");
-        let _ = std::fs::remove_file(Self::agent_socket(dir));
-        let _ = std::fs::remove_file(dir.sub("run").join("resume"));
         self.launch(
             dir,
             rec,
@@ -538,9 +567,13 @@ impl GvisorDriver {
     }
 
     /// Ends what is left of a stopped container (its sandbox process exits on its own after
-    /// a checkpoint; SIGKILL if it lingers) and removes runsc's state for it.
+    /// a checkpoint; SIGKILL if it lingers) and removes runsc's state for it and its `run/`
+    /// (a paused sandbox holds no mount; the next run gets a fresh one).
     fn forget_container(&self, dir: &SandboxDir, rec: &SandboxRecord) {
         self.end_container(dir, rec, Duration::from_millis(200));
+        if let Err(e) = hostfs::unmount_all(&dir.sub("run")) {
+            tracing::warn!(id = %rec.id, "unmounting run/: {e}");
+        }
     }
 
     /// SIGKILLs the sandbox process if it is still there after `linger`, waits for it to go
@@ -674,7 +707,9 @@ impl GvisorDriver {
         }
         // The host file of its old socket outlives the listener, and the agent cannot bind a
         // new one over it (EPERM): it goes first, as before a restore.
-        let _ = std::fs::remove_file(Self::agent_socket(dir));
+        if let Ok(run) = hostfs::Dir::open(&dir.sub("run")) {
+            let _ = run.remove("agent.sock");
+        }
         match Self::release_agent(dir).and_then(|()| self.wait_agent(dir, rec)) {
             Ok(()) => Recovered::Running,
             Err(e) => {
@@ -781,7 +816,6 @@ impl Runtime for GvisorDriver {
         let ckpt = dir.sub("ckpt");
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
-        let _ = std::fs::remove_file(dir.sub("run").join("resume"));
         if let Some(att) = &rec.net {
             // A refused checkpoint ends a gVisor sandbox: wait for its TCP connections to go.
             network::wait_tcp_idle(att, self.config.tcp_drain)?;
@@ -884,7 +918,8 @@ impl Runtime for GvisorDriver {
         }
         let _ = std::fs::remove_file(dir.sub("launch.pid"));
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
-        Ok(())
+        let run = dir.sub("run");
+        hostfs::unmount_all(&run).ctx("unmount", &run)
     }
 
     fn exited(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {
@@ -977,6 +1012,25 @@ fn live_pid(rec: &SandboxRecord) -> Option<u32> {
     let want = rec.driver.get("start_time")?.as_u64();
     let now = process_start_time(pid)?;
     (want == Some(now)).then_some(pid)
+}
+
+/// A connection to the agent's socket at `sock` (in the sandbox-writable `run/`), which a
+/// symlink or a swapped name there cannot redirect to any other socket.
+fn connect_agent(sock: &Path) -> std::io::Result<UnixStream> {
+    let (Some(dir), Some(name)) = (sock.parent(), sock.file_name()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a socket path",
+        ));
+    };
+    hostfs::Dir::open(dir)?.connect(Path::new(name))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SAFETY: getrandom writes at most N bytes into our buffer.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
+    b
 }
 
 fn now_ns() -> u64 {

@@ -14,6 +14,7 @@
 mod error;
 pub mod gvisor;
 pub mod holds;
+pub mod hostfs;
 pub mod microvm;
 pub mod ports;
 pub mod record;

@@ -420,20 +420,38 @@ fn state_file_of(store: &Store, snap: &BlobId) -> Result<BlobId> {
 
 // ------------------------------------------------------------------ kiln's steps replayed
 
-/// kiln's bundle (from a live sandbox) with the agent's run directory moved to `dir/run`.
+/// kiln's bundle (from a live sandbox) with the agent's run and control directories moved to
+/// `dir/run` and `dir/ctl`.
 fn replay_bundle(kiln_config: &Value, dir: &Path) -> Result<PathBuf> {
     let mut spec = kiln_config.clone();
     let run = dir.join("run");
+    let ctl = dir.join("ctl");
     std::fs::create_dir_all(&run)?;
+    std::fs::create_dir_all(&ctl)?;
+    release_agent(dir)?;
     for m in spec["mounts"].as_array_mut().context("mounts")? {
         if m["destination"] == "/run/kiln" {
             m["source"] = json!(run);
+        }
+        if m["destination"] == "/.kiln/ctl" {
+            m["source"] = json!(ctl);
         }
     }
     let b = dir.join("bundle");
     std::fs::create_dir_all(&b)?;
     std::fs::write(b.join("config.json"), serde_json::to_vec(&spec)?)?;
     Ok(b)
+}
+
+/// Lets a quiesced agent listen again as the driver does: a new value of the same length in
+/// `dir/ctl/resume`.
+fn release_agent(dir: &Path) -> Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tmp = dir.join("ctl/.resume.tmp");
+    std::fs::write(&tmp, format!("{:020}-{n:020}", std::process::id()))?;
+    std::fs::rename(&tmp, dir.join("ctl/resume"))?;
+    Ok(())
 }
 
 /// Polls the agent like the driver does (3 ms between tries).
@@ -516,7 +534,7 @@ fn replay_once(
                 .arg(dir.join("sandbox.pid"))
                 .arg(&id);
             runsc_detached(c, &dir.join("console.log"), "replay runsc restore")?;
-            std::fs::write(dir.join("run/resume"), b"")?;
+            release_agent(dir)?;
         }
     }
     let t_runsc = t0.elapsed();
@@ -615,7 +633,6 @@ fn replay_live_snapshots(
         for _ in 0..n {
             let _ = std::fs::remove_dir_all(&img);
             std::fs::create_dir_all(&img)?;
-            let _ = std::fs::remove_file(dir.join("run/resume"));
             let t0 = Instant::now();
             let mut s = UnixStream::connect(&sock)?;
             s.set_read_timeout(Some(EXEC_TIMEOUT))?;
@@ -645,7 +662,7 @@ fn replay_live_snapshots(
                 .arg(dir.join("sandbox.pid"))
                 .arg(&id);
             runsc_detached(c, &log, "replay runsc restore")?;
-            std::fs::write(dir.join("run/resume"), b"")?;
+            release_agent(dir)?;
             let t5 = t0.elapsed();
             wait_agent(&sock)?;
             let t6 = t0.elapsed();

@@ -1,4 +1,4 @@
-//! `kiln-agent [--unix PATH | --vsock PORT]`
+//! `kiln-agent [--unix PATH [--resume FILE] | --vsock PORT]`
 //!
 //! As PID 1 (the guest's init, e.g. `init=/sbin/kiln-agent` with the image's root disk mounted
 //! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
@@ -9,7 +9,10 @@
 //! device (ext4) and makes it the root (mount move + chroot; the agent keeps running from its
 //! initramfs copy), then goes on as above.
 //! As PID 1 with `--unix PATH` (the init of a gVisor sandbox, whose runtime did the mounts) it
-//! mounts nothing and watches no generation page. Elsewhere it serves the given Unix socket or
+//! mounts nothing and watches no generation page, and once it listens it points its stdio at
+//! /dev/null: they are the host's console log, which any root process in the sandbox could
+//! otherwise write without bound through /proc/1/fd. `--resume FILE`: see
+//! `server::quiesce`. Elsewhere it serves the given Unix socket or
 //! vsock port (for tests and development). In every case a reaper thread collects every child,
 //! orphans included, and PID 1 never exits. One thread per connection; one request per
 //! connection (see `protocol`).
@@ -31,14 +34,21 @@ fn main() {
         init_mounts();
         start_genid_watcher();
     }
-    let result = match args.get(1).map(String::as_str) {
-        Some("--unix") if args.len() == 3 => serve_unix(&args[2]),
-        Some("--vsock") if args.len() == 3 => match args[2].parse() {
+    let result = match (
+        args.get(1).map(String::as_str),
+        args.get(3).map(String::as_str),
+    ) {
+        (Some("--unix"), None) if args.len() == 3 => serve_unix(&args[2], pid1),
+        (Some("--unix"), Some("--resume")) if args.len() == 5 => {
+            kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(&args[4])));
+            serve_unix(&args[2], pid1)
+        }
+        (Some("--vsock"), None) if args.len() == 3 => match args[2].parse() {
             Ok(p) => serve_vsock(p),
             Err(_) => Err(format!("bad vsock port {:?}", args[2])),
         },
-        None if pid1 => serve_vsock(AGENT_PORT),
-        _ => Err("usage: kiln-agent [--unix PATH | --vsock PORT]".into()),
+        (None, _) if pid1 => serve_vsock(AGENT_PORT),
+        _ => Err("usage: kiln-agent [--unix PATH [--resume FILE] | --vsock PORT]".into()),
     };
     if let Err(e) = result {
         eprintln!("kiln-agent: {e}");
@@ -179,15 +189,47 @@ fn spawn_conn(fd: OwnedFd) {
     });
 }
 
-fn serve_unix(path: &str) -> Result<(), String> {
+/// Points stdin, stdout and stderr at /dev/null.
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2(2) of our own open /dev/null over a standard descriptor.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+    }
+}
+
+/// Serves the Unix socket `path`; with `detach`, stdio goes to /dev/null once it listens.
+fn serve_unix(path: &str, detach: bool) -> Result<(), String> {
     use kiln_agent::server::quiesce;
     let path = std::path::Path::new(path);
     let dir = path.parent().unwrap_or(std::path::Path::new("/"));
     let _ = std::fs::create_dir_all(dir);
+    let mut listened = false;
     loop {
         let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+        let l = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if !listened => return Err(format!("bind {}: {e}", path.display())),
+            // After a resume: a full /run/kiln may drain again; the agent must not end.
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        // Only the host (root) connects; the host sees the socket's mode.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         quiesce::set_listening(Some(path));
+        if detach && !listened {
+            detach_stdio();
+        }
+        listened = true;
         // Polled, not a blocking accept: a quiesce cannot wake a blocked accept (connecting to
         // a host-created socket from inside gVisor is not allowed), so the loop looks at the
         // flag between polls.

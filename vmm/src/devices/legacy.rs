@@ -143,25 +143,46 @@ impl I8042 {
     }
 }
 
-/// Serial output to a log file (line-buffered), optionally mirrored to stdout.
+/// How many bytes a serial log file holds at most: a guest can write its serial port forever,
+/// and the log is a host file.
+pub const SERIAL_LOG_MAX: u64 = 8 << 20;
+
+/// Serial output to a log file (line-buffered, at most [`SERIAL_LOG_MAX`] bytes, the excess
+/// dropped), optionally mirrored to stdout.
 pub struct SerialOut {
     file: Option<std::io::LineWriter<std::fs::File>>,
     stdout: bool,
+    /// Bytes the log file may still take.
+    room: u64,
 }
 
 impl SerialOut {
+    /// `file` may hold output already (a restored VM appends): that counts against the bound.
     pub fn new(file: Option<std::fs::File>, stdout: bool) -> Self {
+        let used = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
         SerialOut {
             file: file.map(std::io::LineWriter::new),
             stdout,
+            room: SERIAL_LOG_MAX.saturating_sub(used),
         }
     }
 }
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(f) = &mut self.file {
-            f.write_all(buf)?;
+        if let (Some(f), true) = (&mut self.file, self.room > 0) {
+            let n = buf
+                .len()
+                .min(usize::try_from(self.room).unwrap_or(usize::MAX));
+            f.write_all(&buf[..n])?;
+            self.room -= n as u64;
+            if self.room == 0 {
+                f.write_all(b"\n[kiln: serial log limit reached; further output dropped]\n")?;
+                f.flush()?;
+            }
         }
         if self.stdout {
             let mut o = std::io::stdout().lock();
@@ -181,5 +202,41 @@ impl Write for SerialOut {
             std::io::stdout().flush()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_log_is_bounded_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap()
+        };
+        let line = [b'x'; 4095];
+        let mut out = SerialOut::new(Some(open()), false);
+        for _ in 0..(SERIAL_LOG_MAX as usize / 4096 / 2) {
+            out.write_all(&line).unwrap();
+            out.write_all(b"\n").unwrap();
+        }
+        out.flush().unwrap();
+        drop(out);
+        // A restored VM appends to the same log: the bound holds for the sum.
+        let mut out = SerialOut::new(Some(open()), false);
+        for _ in 0..(SERIAL_LOG_MAX as usize / 4096) {
+            out.write_all(&line).unwrap();
+            out.write_all(b"\n").unwrap();
+        }
+        out.flush().unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len <= SERIAL_LOG_MAX + 128, "{len}");
+        assert!(len >= SERIAL_LOG_MAX, "{len}");
     }
 }

@@ -100,14 +100,8 @@ pub fn generation(req: GenerationRequest, c: &Conn) -> Res<()> {
     let dir = run_dir();
     std::fs::create_dir_all(&dir).map_err(|e| io_fail(&dir.to_string_lossy(), e))?;
     let path = dir.join("generation");
-    let tmp = dir.join(".generation.tmp");
-    (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{}", req.generation)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })()
-    .map_err(|e| io_fail(&path.to_string_lossy(), e))?;
+    write_replacing(&dir, &path, format!("{}\n", req.generation).as_bytes())
+        .map_err(|e| io_fail(&path.to_string_lossy(), e))?;
     GENERATION.store(req.generation, Ordering::SeqCst);
     send_json(
         c,
@@ -118,6 +112,42 @@ pub fn generation(req: GenerationRequest, c: &Conn) -> Res<()> {
             entropy_credited,
         },
     )
+}
+
+/// Writes `path` by renaming a new file over it. The directory (/run/kiln) is shared with every
+/// root process in the sandbox, which may have put symlinks or anything else under any name:
+/// the temporary file is created exclusively (never through a symlink) under a fresh name, and
+/// a rename replaces whatever `path` was without following it.
+fn write_replacing(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let tmp = dir.join(format!(".generation.{}.{attempt}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let written = f
+            .write_all(data)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return written;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! Quiescing before a checkpoint. gVisor cannot save a socket bound to the host, and the
 //! agent's listener (and every connection it accepted) is one under `--host-uds`. So a
 //! `Quiesce` request makes the agent close its listener and every other connection, and the
-//! accept loop then waits for a `resume` file to appear beside the socket, which the host
-//! writes once the sandbox is restored (or left running after a failed checkpoint).
+//! accept loop then waits for the host's resume signal, once the sandbox is restored (or left
+//! running after a failed checkpoint): with `--resume FILE` (kiln's gVisor driver: a file in a
+//! directory only the host writes, read-only in here) a value in FILE other than the one it
+//! held when the quiesce began; without, a `resume` file appearing beside the socket.
 //! Outside `--unix` (vsock in a VM: a VM snapshot keeps everything) it answers at once.
 
 use super::{send, shutdown, Conn, Res};
 use crate::protocol::{ErrorKind, Kind};
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -17,6 +20,9 @@ static CONNS: Mutex<Vec<Weak<File>>> = Mutex::new(Vec::new());
 /// The Unix socket the accept loop serves, while it is listening.
 static LISTENING: Mutex<Option<PathBuf>> = Mutex::new(None);
 static QUIESCING: AtomicBool = AtomicBool::new(false);
+/// `--resume FILE`, and what it held when the current quiesce began.
+static RESUME_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
+static RESUME_SEEN: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 /// How long open connections may take to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -33,16 +39,50 @@ pub fn set_listening(path: Option<&Path>) {
     *LISTENING.lock().unwrap_or_else(|p| p.into_inner()) = path.map(Path::to_path_buf);
 }
 
+/// Makes the host's resume signal a new value in `file` (see the module's doc).
+pub fn set_resume_file(file: Option<&Path>) {
+    *RESUME_FILE.lock().unwrap_or_else(|p| p.into_inner()) = file.map(Path::to_path_buf);
+}
+
+fn resume_file() -> Option<PathBuf> {
+    RESUME_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// The resume file's value (empty when missing); a short read: it is a nonce.
+fn resume_value(file: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    if let Ok(f) = File::open(file) {
+        let _ = f.take(256).read_to_end(&mut v);
+    }
+    v
+}
+
 /// True once a quiesce began: the accept loop stops and waits for [`wait_for_resume`].
 pub fn quiescing() -> bool {
     QUIESCING.load(Ordering::SeqCst)
 }
 
-/// Blocks until the host writes `resume` in `dir`, removes it and ends the quiesce.
+/// Blocks until the host signals a resume (see the module's doc), then ends the quiesce.
+/// `dir` is the socket's directory.
 pub fn wait_for_resume(dir: &Path) {
+    let file = resume_file();
+    let seen = RESUME_SEEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let marker = dir.join("resume");
     loop {
-        if std::fs::remove_file(&marker).is_ok() {
+        let resumed = match &file {
+            Some(f) => {
+                let v = resume_value(f);
+                !v.is_empty() && v != seen
+            }
+            None => std::fs::remove_file(&marker).is_ok(),
+        };
+        if resumed {
             QUIESCING.store(false, Ordering::SeqCst);
             return;
         }
@@ -55,6 +95,10 @@ pub(crate) fn quiesce(c: &Conn) -> Res<()> {
         return send(c, Kind::Ok, b"");
     };
     drop(path);
+    if let Some(f) = resume_file() {
+        // Read before the quiesce shows: the host's next value is the signal.
+        *RESUME_SEEN.lock().unwrap_or_else(|p| p.into_inner()) = resume_value(&f);
+    }
     // The accept loop sees the flag within one poll and drops the listener.
     QUIESCING.store(true, Ordering::SeqCst);
     let others: Vec<Arc<File>> = CONNS
