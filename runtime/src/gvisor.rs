@@ -620,6 +620,12 @@ impl GvisorDriver {
                           "network": rec.net.is_some()}),
             blobs: vec![blob],
         };
+        if let Some(op) = rec.op.as_mut() {
+            // Recorded at once: whoever recovers from here on knows the blob, and frees it if
+            // the checkpoint is not kept.
+            op.checkpoint = Some(cp.clone());
+            dir.save(rec)?;
+        }
         if stop {
             // The container has stopped; its state root (this sandbox's alone) goes before a
             // restore reuses the id. `runsc delete` does the same but took 1.7 s here, polling.
@@ -628,9 +634,6 @@ impl GvisorDriver {
             tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
         } else {
             self.restore_in_place(dir, rec)?;
-        }
-        if let Some(op) = rec.op.as_mut() {
-            op.checkpoint = Some(cp.clone());
         }
         dir.enter(rec, Phase::Saved)?;
         let _ = std::fs::remove_dir_all(&ckpt);

@@ -98,6 +98,12 @@ impl Holds {
         Ok(())
     }
 
+    /// Removes `blobs` (a checkpoint made and then not kept) unless something names them.
+    pub fn discard(&self, blobs: &[BlobId]) -> Result<()> {
+        let _lock = self.lock()?;
+        self.remove_unnamed(blobs)
+    }
+
     /// The blobs `holder` keeps.
     pub fn of(&self, holder: &Holder) -> Result<Vec<BlobId>> {
         Ok(self

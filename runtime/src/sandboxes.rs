@@ -591,7 +591,14 @@ impl Sandboxes {
             self.holds.release(&Holder::Fork(rec.id.clone()))?;
         }
         let driver = self.driver(rec.runtime)?;
-        match driver.recover(dir, &mut rec, &op)? {
+        let outcome = driver.recover(dir, &mut rec, &op)?;
+        if let Some(made) = &op.checkpoint {
+            // Kept only when it became the pause; otherwise nothing holds it.
+            if !matches!(outcome, Recovered::Checkpointed(_) | Recovered::Pending) {
+                self.holds.discard(&made.blobs)?;
+            }
+        }
+        match outcome {
             Recovered::Pending => return Ok(Some(rec)),
             Recovered::Running => {
                 rec.op = None;
@@ -781,11 +788,14 @@ impl Sandboxes {
         rec.op = Some(Op::new(kind, Phase::Prepare));
         dir.save(rec)?;
         let cp = driver.checkpoint(dir, rec, kind.stops());
-        if cp.is_err() {
-            rec.op = None;
+        if let Err(e) = &cp {
+            // A checkpoint stored and then not kept (its restore failed) is nobody's.
+            if let Some(made) = rec.op.take().and_then(|op| op.checkpoint) {
+                self.holds.discard(&made.blobs)?;
+            }
             if let Some(cause) = driver.exited(dir, rec) {
                 rec.state = State::Failed {
-                    cause: format!("lost during a checkpoint: {cause}"),
+                    cause: format!("lost during a checkpoint: {cause} ({e})"),
                 };
                 self.detach_network(dir, rec);
             }
