@@ -389,14 +389,11 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
     let orphans = unnamed_blobs(&k);
     if named.is_empty() && orphans > base_orphans {
         eprintln!(
-            "KNOWN LEAK: {}",
-            format!(
-                "after killing every sandbox and kiln store gc, {} blobs have no name ({} before \
-                 the run; store: {})",
-                orphans,
-                base_orphans,
-                du(&k.store_dir())
-            ),
+            "KNOWN LEAK: after killing every sandbox and kiln store gc, {} blobs have no name \
+             ({} before the run; store: {})",
+            orphans,
+            base_orphans,
+            du(&k.store_dir())
         );
     }
 
