@@ -53,24 +53,15 @@ fn listed(k: &Kiln, id: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
-/// Processes whose command line holds the argument `arg`: (pid, parent pid, argv).
+/// Live (not zombie) processes whose command line holds the argument `arg`: (pid, parent
+/// pid, argv).
 fn processes_with(arg: &str) -> Vec<(u32, u32, Vec<String>)> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    for (pid, argv) in kiln_tests::sandbox::processes() {
         if !argv.iter().any(|a| a == arg) {
             continue;
         }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let fields: Vec<&str> = stat
             .rsplit_once(')')
             .map(|(_, r)| r.split_whitespace().collect())
