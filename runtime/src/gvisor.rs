@@ -84,12 +84,18 @@ const SPAWN_GRACE_MS: u64 = 1000;
 /// own state cannot tell: the container stays `running` in it either way).
 const WATCH_SCRIPT: &str = r#"s=$1; shift; "$@"; echo $? >"$s""#;
 
+/// The oldest runsc kiln runs on: the first Debian packages (bookworm-backports) with the
+/// systrap platform, uncompressed checkpoints, `--net-disconnect-ok` and working cgroups.
+pub const RUNSC_MIN_RELEASE: u32 = 20240729;
+
 /// How to run runsc here.
 #[derive(Clone, Debug)]
 pub struct GvisorConfig {
     pub runsc: PathBuf,
-    /// `ptrace` everywhere; `kvm` where KVM has hardware virtualization.
-    pub platform: String,
+    /// The gVisor platform: `systrap` by default, `kvm` where /dev/kvm has hardware
+    /// virtualization, or what `KILN_GVISOR_PLATFORM` says (an unknown name is kept as the
+    /// reason the driver is unavailable).
+    pub platform: std::result::Result<Platform, String>,
     /// A statically linked kiln-agent.
     pub agent: std::result::Result<PathBuf, String>,
     /// How long a starting or restored sandbox's agent may take to answer.
@@ -98,11 +104,63 @@ pub struct GvisorConfig {
     pub tcp_drain: Duration,
 }
 
+/// gVisor's ways of intercepting a sandbox's system calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// seccomp traps in stub processes: needs no virtualization, gVisor's default.
+    Systrap,
+    /// Hardware virtualization through /dev/kvm (not PVM): the fastest where it exists.
+    Kvm,
+    /// PTRACE_SYSEMU: the slowest, kept for hosts where systrap cannot run.
+    Ptrace,
+}
+
+impl Platform {
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Systrap => "systrap",
+            Platform::Kvm => "kvm",
+            Platform::Ptrace => "ptrace",
+        }
+    }
+
+    fn parse(s: &str) -> std::result::Result<Platform, String> {
+        match s {
+            "systrap" => Ok(Platform::Systrap),
+            "kvm" => Ok(Platform::Kvm),
+            "ptrace" => Ok(Platform::Ptrace),
+            other => Err(format!(
+                "KILN_GVISOR_PLATFORM={other:?} is not a gVisor platform (systrap, kvm or ptrace)"
+            )),
+        }
+    }
+
+    /// kvm where /dev/kvm has hardware virtualization (gVisor's KVM platform needs it: PVM
+    /// is not enough), else systrap.
+    fn detect() -> Platform {
+        if crate::microvm::kvm_unsupported(true).is_none() {
+            Platform::Kvm
+        } else {
+            Platform::Systrap
+        }
+    }
+
+    /// Why this host cannot run the platform, if it cannot.
+    fn unsupported(self) -> Option<String> {
+        match self {
+            Platform::Kvm => crate::microvm::kvm_unsupported(true)
+                .map(|why| format!("gVisor's kvm platform needs hardware virtualization: {why}")),
+            Platform::Systrap | Platform::Ptrace => None,
+        }
+    }
+}
+
 impl GvisorConfig {
-    /// `KILN_RUNSC` (default `runsc` on PATH), `KILN_GVISOR_PLATFORM` (default ptrace: its KVM
-    /// platform needs hardware virtualization), `KILN_AGENT` or a static agent next to the
-    /// running binary, `KILN_AGENT_TIMEOUT` seconds (default 20), `KILN_TCP_DRAIN` seconds a
+    /// `KILN_RUNSC` (default `runsc` on PATH), `KILN_GVISOR_PLATFORM` (systrap, kvm or ptrace;
+    /// default [`Platform::detect`]), `KILN_AGENT` or a static agent next to the running
+    /// binary, `KILN_AGENT_TIMEOUT` seconds (default 20), `KILN_TCP_DRAIN` seconds a
     /// checkpoint waits for open TCP connections (default 70: gVisor's time-wait is 60 s).
+    /// An unknown platform name is reported by [`Runtime::available`].
     pub fn from_env() -> GvisorConfig {
         let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
         GvisorConfig {
@@ -111,8 +169,8 @@ impl GvisorConfig {
                 .or_else(|| find_on_path("runsc"))
                 .unwrap_or_else(|| PathBuf::from("runsc")),
             platform: env("KILN_GVISOR_PLATFORM")
-                .map(|v| v.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "ptrace".into()),
+                .map(|v| Platform::parse(&v.to_string_lossy()))
+                .unwrap_or_else(|| Ok(Platform::detect())),
             agent: find_agent(),
             agent_timeout: Duration::from_secs(
                 env("KILN_AGENT_TIMEOUT")
@@ -126,6 +184,16 @@ impl GvisorConfig {
             ),
         }
     }
+}
+
+/// The release date in `runsc --version`'s first line (`runsc version 0.0~20240729.0`,
+/// `runsc version release-20240729.0`).
+fn runsc_release(version_output: &str) -> Option<u32> {
+    let line = version_output.lines().next()?;
+    line.split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 8 && w.starts_with("20"))?
+        .parse()
+        .ok()
 }
 
 fn find_on_path(prog: &str) -> Option<PathBuf> {
@@ -220,7 +288,13 @@ impl GvisorDriver {
         let mut c = Command::new(&self.config.runsc);
         let network = if rec.net.is_some() { "sandbox" } else { "none" };
         c.arg(Self::root_flag(dir))
-            .arg(format!("--platform={}", self.config.platform))
+            .arg(format!(
+                "--platform={}",
+                self.config
+                    .platform
+                    .as_ref()
+                    .map_or("systrap", |p| p.name())
+            ))
             .arg(format!("--network={network}"))
             .arg("--overlay2=root:memory")
             .arg("--host-uds=create")
@@ -290,13 +364,9 @@ impl GvisorDriver {
         let run = dir.sub("run");
         std::fs::create_dir_all(&run).ctx("create", &run)?;
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
-        let mask = match &rec.net {
-            Some(att) => {
-                network::reset_guest(att)?;
-                Some(ProcSysMask::new()?)
-            }
-            None => None,
-        };
+        if let Some(att) = &rec.net {
+            network::reset_guest(att)?;
+        }
         let log_path = dir.console_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -310,11 +380,7 @@ impl GvisorDriver {
             .stdout(log.try_clone().ctx("dup", &log_path)?)
             .stderr(log)
             .process_group(0);
-        if let Some(m) = &mask {
-            m.apply(&mut cmd);
-        }
         let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
-        drop(mask);
         // If we are killed now, runsc goes on: whoever cleans up ends it first (kill).
         let launcher = dir.sub("launch.pid");
         let _ = std::fs::write(&launcher, child.id().to_string());
@@ -765,17 +831,39 @@ impl Runtime for GvisorDriver {
         // Asked on every lookup of the driver; runsc --version costs ~20 ms here.
         self.available
             .get_or_init(|| {
+                let runsc = self.config.runsc.display();
                 let out = Command::new(&self.config.runsc)
                     .arg("--version")
                     .output()
                     .map_err(|e| {
                         format!(
-                            "{} not found ({e}); install gVisor (Debian: apt-get install runsc)",
-                            self.config.runsc.display()
+                            "{runsc} not found ({e}); install gVisor {RUNSC_MIN_RELEASE} or newer \
+                             (Debian 12: runsc from bookworm-backports)"
                         )
                     })?;
                 if !out.status.success() {
-                    return Err(format!("{} --version failed", self.config.runsc.display()));
+                    return Err(format!("{runsc} --version failed"));
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                match runsc_release(&text) {
+                    Some(r) if r >= RUNSC_MIN_RELEASE => {}
+                    Some(r) => {
+                        return Err(format!(
+                            "{runsc} is gVisor release {r}; kiln needs {RUNSC_MIN_RELEASE} or \
+                             newer (systrap, uncompressed checkpoints, cgroups; Debian 12: runsc \
+                             from bookworm-backports)"
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "{runsc} --version names no release kiln can read ({:?})",
+                            text.lines().next().unwrap_or("")
+                        ))
+                    }
+                }
+                let platform = self.config.platform.as_ref().map_err(Clone::clone)?;
+                if let Some(why) = platform.unsupported() {
+                    return Err(why);
                 }
                 self.config.agent.as_ref().map(|_| ()).map_err(Clone::clone)
             })
@@ -1057,89 +1145,30 @@ fn first_lines(s: &str, n: usize) -> String {
     }
 }
 
-/// runsc 20221219 refuses `--network=sandbox` in any namespace where
-/// /proc/sys/net/core/rmem_default exists, taking that for the root namespace; kernels since
-/// 6.x show it in every namespace. runsc is started in a mount namespace of its own where
-/// /proc/sys is a tmpfs holding bind mounts of every entry but `net` (its children, the gofer
-/// and the sandbox, mount their own /proc).
-struct ProcSysMask {
-    targets: Vec<std::ffi::CString>,
-    sources: Vec<std::ffi::CString>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The child's descriptor of the real /proc/sys while it is masked (opened after unshare: a
-/// bind source must belong to the new mount namespace).
-const SYS_FD: i32 = 987;
-
-impl ProcSysMask {
-    fn new() -> Result<ProcSysMask> {
-        let p = Path::new("/proc/sys");
-        let (mut targets, mut sources) = (Vec::new(), Vec::new());
-        for e in std::fs::read_dir(p).ctx("list", p)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == "net" {
-                continue;
-            }
-            let c = |s: String| std::ffi::CString::new(s).expect("no NUL in /proc/sys names");
-            targets.push(c(format!("/proc/sys/{name}")));
-            sources.push(c(format!("/proc/self/fd/{SYS_FD}/{name}")));
-        }
-        Ok(ProcSysMask { targets, sources })
+    #[test]
+    fn runsc_release_reads_debian_and_upstream_versions() {
+        assert_eq!(
+            runsc_release("runsc version 0.0~20240729.0\nspec: 1.0.2-dev\n"),
+            Some(20240729)
+        );
+        assert_eq!(
+            runsc_release("runsc version release-20221219.0\n"),
+            Some(20221219)
+        );
+        assert_eq!(runsc_release("runsc version VERSION_MISSING\n"), None);
+        assert_eq!(runsc_release(""), None);
     }
 
-    fn apply(&self, cmd: &mut Command) {
-        let targets = self.targets.clone();
-        let sources = self.sources.clone();
-        // SAFETY: only async-signal-safe calls (unshare, mount, mkdir) on data prepared before
-        // the fork; the child is about to exec runsc.
-        unsafe {
-            cmd.pre_exec(move || {
-                let err = || Err(std::io::Error::last_os_error());
-                let none = std::ptr::null();
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return err();
-                }
-                if libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    none.cast(),
-                ) != 0
-                {
-                    return err();
-                }
-                let fd = libc::open(c"/proc/sys".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
-                if fd < 0 || libc::dup2(fd, SYS_FD) < 0 {
-                    return err();
-                }
-                libc::close(fd);
-                if libc::mount(
-                    c"kiln-sysmask".as_ptr(),
-                    c"/proc/sys".as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    0,
-                    c"size=64k".as_ptr().cast(),
-                ) != 0
-                {
-                    return err();
-                }
-                for (t, s) in targets.iter().zip(&sources) {
-                    libc::mkdir(t.as_ptr(), 0o555);
-                    if libc::mount(
-                        s.as_ptr(),
-                        t.as_ptr(),
-                        none,
-                        libc::MS_BIND | libc::MS_REC,
-                        none.cast(),
-                    ) != 0
-                    {
-                        return err();
-                    }
-                }
-                libc::close(SYS_FD);
-                Ok(())
-            });
-        }
+    #[test]
+    fn platforms_parse_and_unknown_ones_are_refused() {
+        assert_eq!(Platform::parse("systrap"), Ok(Platform::Systrap));
+        assert_eq!(Platform::parse("kvm"), Ok(Platform::Kvm));
+        assert!(Platform::parse("KVM")
+            .unwrap_err()
+            .contains("systrap, kvm or ptrace"));
     }
 }

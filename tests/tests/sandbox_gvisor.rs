@@ -558,3 +558,40 @@ fn an_agent_that_never_answers_fails_create_with_the_console_tail_and_leaves_not
         "runsc processes left"
     );
 }
+
+/// A runsc too old for kiln, none at all, and a platform this host cannot run: each refused
+/// with what is wrong and what kiln needs, before anything is made.
+#[test]
+fn old_or_missing_runsc_and_unusable_platforms_are_refused_clearly() {
+    let Some((tmp, k)) = app_home() else { return };
+    let _guard = KillAll(k.clone());
+    // runsc 20221219 as Debian bookworm ships it: only its version line matters here.
+    let old = tmp.path().join("old-runsc");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho 'runsc version 0.0~20221219.0'\necho 'spec: 1.0.2-dev'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let with = |key: &str, value: &str| k.clone().with_env([(key.to_string(), value.to_string())]);
+    let err = with("KILN_RUNSC", old.to_str().unwrap()).fails(["sandbox", "create", "app"]);
+    assert!(
+        err.contains("release 20221219") && err.contains("20240729 or newer"),
+        "{err}"
+    );
+    let missing = tmp.path().join("no-such-runsc");
+    let err = with("KILN_RUNSC", missing.to_str().unwrap()).fails(["sandbox", "create", "app"]);
+    assert!(
+        err.contains("not found") && err.contains("20240729"),
+        "{err}"
+    );
+    let err = with("KILN_GVISOR_PLATFORM", "qemu").fails(["sandbox", "create", "app"]);
+    assert!(err.contains("systrap, kvm or ptrace"), "{err}");
+    if runtime::microvm::kvm_unsupported(true).is_some() {
+        let err = with("KILN_GVISOR_PLATFORM", "kvm").fails(["sandbox", "create", "app"]);
+        assert!(err.contains("hardware virtualization"), "{err}");
+    }
+    let listed = k.json(["sandbox", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
