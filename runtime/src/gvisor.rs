@@ -364,9 +364,13 @@ impl GvisorDriver {
         let run = dir.sub("run");
         std::fs::create_dir_all(&run).ctx("create", &run)?;
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
-        if let Some(att) = &rec.net {
-            network::reset_guest(att)?;
-        }
+        let mask = match &rec.net {
+            Some(att) => {
+                network::reset_guest(att)?;
+                Some(ProcSysMask::new()?)
+            }
+            None => None,
+        };
         let log_path = dir.console_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -380,7 +384,11 @@ impl GvisorDriver {
             .stdout(log.try_clone().ctx("dup", &log_path)?)
             .stderr(log)
             .process_group(0);
+        if let Some(m) = &mask {
+            m.apply(&mut cmd);
+        }
         let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
+        drop(mask);
         // If we are killed now, runsc goes on: whoever cleans up ends it first (kill).
         let launcher = dir.sub("launch.pid");
         let _ = std::fs::write(&launcher, child.id().to_string());
@@ -1142,6 +1150,93 @@ fn first_lines(s: &str, n: usize) -> String {
         "(no output)".into()
     } else {
         lines.join("\n")
+    }
+}
+
+/// runsc (20221219 and 20240729 alike) refuses `--network=sandbox` in any namespace where
+/// /proc/sys/net/core/rmem_default exists, taking that for the root namespace; kernels since
+/// 6.x show it in every namespace. runsc is started in a mount namespace of its own where
+/// /proc/sys is a tmpfs holding bind mounts of every entry but `net` (its children, the gofer
+/// and the sandbox, mount their own /proc).
+struct ProcSysMask {
+    targets: Vec<std::ffi::CString>,
+    sources: Vec<std::ffi::CString>,
+}
+
+/// The child's descriptor of the real /proc/sys while it is masked (opened after unshare: a
+/// bind source must belong to the new mount namespace).
+const SYS_FD: i32 = 987;
+
+impl ProcSysMask {
+    fn new() -> Result<ProcSysMask> {
+        let p = Path::new("/proc/sys");
+        let (mut targets, mut sources) = (Vec::new(), Vec::new());
+        for e in std::fs::read_dir(p).ctx("list", p)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "net" {
+                continue;
+            }
+            let c = |s: String| std::ffi::CString::new(s).expect("no NUL in /proc/sys names");
+            targets.push(c(format!("/proc/sys/{name}")));
+            sources.push(c(format!("/proc/self/fd/{SYS_FD}/{name}")));
+        }
+        Ok(ProcSysMask { targets, sources })
+    }
+
+    fn apply(&self, cmd: &mut Command) {
+        let targets = self.targets.clone();
+        let sources = self.sources.clone();
+        // SAFETY: only async-signal-safe calls (unshare, mount, mkdir) on data prepared before
+        // the fork; the child is about to exec runsc.
+        unsafe {
+            cmd.pre_exec(move || {
+                let err = || Err(std::io::Error::last_os_error());
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return err();
+                }
+                if libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    none.cast(),
+                ) != 0
+                {
+                    return err();
+                }
+                let fd = libc::open(c"/proc/sys".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+                if fd < 0 || libc::dup2(fd, SYS_FD) < 0 {
+                    return err();
+                }
+                libc::close(fd);
+                if libc::mount(
+                    c"kiln-sysmask".as_ptr(),
+                    c"/proc/sys".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"size=64k".as_ptr().cast(),
+                ) != 0
+                {
+                    return err();
+                }
+                for (t, s) in targets.iter().zip(&sources) {
+                    libc::mkdir(t.as_ptr(), 0o555);
+                    if libc::mount(
+                        s.as_ptr(),
+                        t.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REC,
+                        none.cast(),
+                    ) != 0
+                    {
+                        return err();
+                    }
+                }
+                libc::close(SYS_FD);
+                Ok(())
+            });
+        }
     }
 }
 

@@ -592,6 +592,6 @@ fn old_or_missing_runsc_and_unusable_platforms_are_refused_clearly() {
         let err = with("KILN_GVISOR_PLATFORM", "kvm").fails(["sandbox", "create", "app"]);
         assert!(err.contains("hardware virtualization"), "{err}");
     }
-    let listed = k.json(["sandbox", "list", "--json"]);
+    let listed = k.json(["sandbox", "ls", "--json"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 }
