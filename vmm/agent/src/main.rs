@@ -230,17 +230,30 @@ fn serve_unix(path: &str, detach: bool) -> Result<(), String> {
             detach_stdio();
         }
         listened = true;
-        // Polled, not a blocking accept: a quiesce cannot wake a blocked accept (connecting to
-        // a host-created socket from inside gVisor is not allowed), so the loop looks at the
-        // flag between polls.
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&l),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        // Not a blocking accept: a quiesce cannot wake one (connecting to a host-created
+        // socket from inside gVisor is not allowed), so the loop sleeps in poll on the
+        // listener and the quiesce's wake pipe, and looks at the flag when either is ready.
+        let wake = quiesce::wake_fd();
+        let mut pfds = [
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&l),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Without a wake pipe, a timed poll is the only way to notice a quiesce.
+        let timeout = if wake.is_some() { -1 } else { 5 };
         while !quiesce::quiescing() {
-            // SAFETY: one valid pollfd for our listening socket.
-            if unsafe { libc::poll(&mut pfd, 1, 5) } <= 0 {
+            // SAFETY: two valid pollfds (a negative fd is ignored by poll).
+            if unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) } <= 0 {
+                continue;
+            }
+            if pfds[0].revents & libc::POLLIN == 0 {
                 continue;
             }
             match l.accept() {
@@ -251,6 +264,7 @@ fn serve_unix(path: &str, detach: bool) -> Result<(), String> {
                 }
             }
         }
+        quiesce::drain_wake();
         // A quiesce: no socket of ours may stay open across the checkpoint.
         drop(l);
         let _ = std::fs::remove_file(path);

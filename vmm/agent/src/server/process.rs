@@ -228,8 +228,32 @@ pub fn start_reaper() {
     });
 }
 
+/// Spawns so far, with a condition the reaper sleeps on while the agent has no child: an idle
+/// sandbox's init must not wake on a timer (every wakeup costs the host CPU through gVisor).
+static SPAWNED: (Mutex<u64>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
+
+fn spawn_count() -> u64 {
+    *SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wakes the reaper if it sleeps for want of children.
+fn note_spawned() {
+    *SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    SPAWNED.1.notify_all();
+}
+
+/// Sleeps until a spawn after the `seen`-th (or a minute, for children the agent did not
+/// spawn itself, which only descendants of its own children can become).
+fn wait_for_spawn(seen: u64) {
+    let guard = SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = SPAWNED
+        .1
+        .wait_timeout_while(guard, std::time::Duration::from_secs(60), |n| *n == seen);
+}
+
 fn reap_loop() {
     loop {
+        let seen = spawn_count();
         // Peek first (WNOWAIT), reap after: a spawn in progress holds the table lock and may
         // reap its own child whose exec failed (std and glibc's posix_spawn both do); reaping
         // it here first would make that spawn fail or panic.
@@ -238,8 +262,8 @@ fn reap_loop() {
         // SAFETY: waitid with a valid out-pointer; P_ALL waits for any child.
         let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if r < 0 {
-            // No children right now (ECHILD): wait a little for the next spawn.
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            // No children right now (ECHILD): sleep until the next spawn.
+            wait_for_spawn(seen);
             continue;
         }
         // SAFETY: waitid succeeded for an exited child, so si_pid is set.
@@ -489,7 +513,11 @@ fn spawn_fail(prog: &str, e: std::io::Error) -> super::Fail {
 /// `cmd.spawn()`, its rare panic (see [`runnable`]) turned into an error.
 fn spawn_guarded(cmd: &mut Command, prog: &str) -> Res<std::process::Child> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn())) {
-        Ok(r) => r.map_err(|e| spawn_fail(prog, e)),
+        Ok(r) => {
+            let child = r.map_err(|e| spawn_fail(prog, e))?;
+            note_spawned();
+            Ok(child)
+        }
         Err(_) => fail(
             ErrorKind::Other,
             format!("exec {prog}: the program did not start"),

@@ -11,9 +11,10 @@ use super::{send, shutdown, Conn, Res};
 use crate::protocol::{ErrorKind, Kind};
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 static CONNS: Mutex<Vec<Weak<File>>> = Mutex::new(Vec::new());
@@ -23,6 +24,39 @@ static QUIESCING: AtomicBool = AtomicBool::new(false);
 /// `--resume FILE`, and what it held when the current quiesce began.
 static RESUME_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
 static RESUME_SEEN: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// A pipe whose read end the accept loop waits on beside its listener, so a quiesce wakes it
+/// at once while an idle agent sleeps (no timed polling: every wakeup of an idle sandbox's
+/// init costs the host CPU through gVisor's platform).
+static WAKE: OnceLock<Option<(OwnedFd, OwnedFd)>> = OnceLock::new();
+
+fn wake_pipe() -> Option<&'static (OwnedFd, OwnedFd)> {
+    WAKE.get_or_init(|| {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into our two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return None;
+        }
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        Some(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    })
+    .as_ref()
+}
+
+/// The descriptor the accept loop polls beside its listener: readable once a quiesce began
+/// (None if no pipe could be made: the loop then polls with a timeout).
+pub fn wake_fd() -> Option<RawFd> {
+    wake_pipe().map(|(r, _)| r.as_raw_fd())
+}
+
+/// Empties the wake pipe (the accept loop, once it saw the quiesce).
+pub fn drain_wake() {
+    if let Some((r, _)) = wake_pipe() {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into our buffer from our own non-blocking pipe.
+        while unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
 
 /// How long open connections may take to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -99,8 +133,12 @@ pub(crate) fn quiesce(c: &Conn) -> Res<()> {
         // Read before the quiesce shows: the host's next value is the signal.
         *RESUME_SEEN.lock().unwrap_or_else(|p| p.into_inner()) = resume_value(&f);
     }
-    // The accept loop sees the flag within one poll and drops the listener.
+    // The accept loop wakes on the pipe, sees the flag and drops the listener.
     QUIESCING.store(true, Ordering::SeqCst);
+    if let Some((_, w)) = wake_pipe() {
+        // SAFETY: writes one byte from our buffer to our own pipe (full: already signalled).
+        unsafe { libc::write(w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    }
     let others: Vec<Arc<File>> = CONNS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
