@@ -5,7 +5,8 @@
 //! kills the whole sentry, every process of the sandbox with it. So the host limit is only a
 //! backstop set above the sandbox's memory, and the agent (its init) keeps the sandbox below
 //! its memory: it polls gVisor's `/proc/meminfo` and, while the memory in use passes the
-//! limit, SIGKILLs the process with the largest resident set (never itself), one at a time.
+//! limit, SIGKILLs the process with the largest resident set (never itself; none smaller
+//! than [`min_victim`]), one at a time.
 //! "In use" is what the sandbox cannot give back by itself: anonymous memory, tmpfs (`/tmp`,
 //! `/dev/shm`, an in-memory root overlay) and the sentry's own allocations; the page cache
 //! of files (`Cached` minus `Shmem`) is left out, as the host reclaims it. Polling is cheap
@@ -146,7 +147,7 @@ fn oom_loop(limit: u64) {
                 alive(pid) && at.elapsed() < Duration::from_secs(1)
             });
             if !pending {
-                if let Some((pid, rss, name)) = largest_process() {
+                if let Some((pid, rss, name)) = largest_process(min_victim(limit)) {
                     // SAFETY: kill(2) of a process in the sandbox, never the agent (pid 1).
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     OOM_KILLS.fetch_add(1, Ordering::Relaxed);
@@ -171,8 +172,15 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
 }
 
-/// The process with the largest resident set, the agent excluded: (pid, bytes, name).
-fn largest_process() -> Option<(i32, u64, String)> {
+/// The smallest resident set worth a kill: when files in tmpfs, not processes, hold the
+/// memory, killing shells and daemons one after another would free nothing.
+pub fn min_victim(limit: u64) -> u64 {
+    (limit / 16).min(16 << 20)
+}
+
+/// The process with the largest resident set of at least `min` bytes, the agent excluded:
+/// (pid, bytes, name).
+fn largest_process(min: u64) -> Option<(i32, u64, String)> {
     let me = std::process::id() as i32;
     let mut best: Option<(i32, u64, String)> = None;
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -190,7 +198,7 @@ fn largest_process() -> Option<(i32, u64, String)> {
             best = Some((pid, rss, name));
         }
     }
-    best.filter(|b| b.1 > 0)
+    best.filter(|b| b.1 >= min.max(1))
 }
 
 /// `VmRSS` (bytes) and `Name` of a `/proc/<pid>/status`.
