@@ -53,17 +53,29 @@ fn a_process_past_its_memory_dies_inside_and_the_sandbox_and_its_neighbour_live_
     let a_loop = sh(&k, &a, &format!("{COUNTER_LOOP} echo $!"));
     assert!(counts_past(&k, &b, 0), "the neighbour's counter never started");
 
-    // dd's buffer is one anonymous allocation of bs bytes, filled by each read: 512 MiB,
-    // twice the sandbox's memory.
+    // A string that doubles until it holds twice the sandbox's memory (anonymous memory,
+    // written page by page as programs do), then reports.
     let before = count(&k, &b);
-    let (_, err, code) = exec(
+    let t = Instant::now();
+    let (out, err, code) = exec(
         &k,
         &a,
         &[],
-        &["dd", "if=/dev/zero", "of=/dev/null", "bs=512M", "count=8"],
+        &[
+            "busybox",
+            "awk",
+            "BEGIN { s = \"x\"; while (length(s) < 512 * 1048576) s = s s; print \"done\" }",
+        ],
         b"",
     );
-    assert_ne!(code, 0, "dd past the sandbox's memory succeeded: {err}");
+    eprintln!(
+        "allocating 2x the memory: exit {code} after {:?}: {err}",
+        t.elapsed()
+    );
+    assert!(
+        code != 0 && !out.contains("done"),
+        "awk past the sandbox's memory succeeded: {out} {err}"
+    );
     // The sandbox lives on: it answers, its own counter and the neighbour's keep counting.
     let rec = k.json(["sandbox", "info", &a, "--json"]);
     assert_eq!(rec["state"], "running", "{rec}");
@@ -166,7 +178,7 @@ fn a_sandbox_ended_by_the_hosts_backstop_says_out_of_memory_with_its_limit() {
     let id = rec["id"].as_str().unwrap().to_string();
     // The agent acts at 256 MiB; an allocation faster than its polling is what the backstop
     // is for. Made certain here: the backstop is lowered to just above what the sandbox
-    // holds now, and a 64 MiB allocation (far below the agent's limit) crosses it.
+    // holds now, and a 192 MiB allocation (below the agent's limit) crosses it.
     let cg = memory_cgroup(&id);
     let (usage_file, limit_file) = match limits::version() {
         limits::Version::V2 => ("memory.current", "memory.max"),
@@ -178,13 +190,14 @@ fn a_sandbox_ended_by_the_hosts_backstop_says_out_of_memory_with_its_limit() {
         .parse()
         .unwrap();
     std::fs::write(cg.join(limit_file), (usage + (16 << 20)).to_string()).unwrap();
-    let _ = exec(
+    let (_, err, code) = exec(
         &k,
         &id,
         &[],
-        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=4"],
+        &["busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=192M", "count=4"],
         b"",
     );
+    eprintln!("dd: {code} {err}");
     let t = Instant::now();
     let rec = loop {
         let rec = k.json(["sandbox", "info", &id, "--json"]);
@@ -193,7 +206,16 @@ fn a_sandbox_ended_by_the_hosts_backstop_says_out_of_memory_with_its_limit() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(rec["state"], "failed", "{rec}");
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    let events = std::fs::read_to_string(cg.join(match limits::version() {
+        limits::Version::V2 => "memory.events",
+        limits::Version::V1 => "memory.oom_control",
+    }))
+    .unwrap_or_default();
+    assert_eq!(
+        rec["state"], "failed",
+        "{rec}\nleft in the cgroup: {procs:?}\n{events}\nusage before: {usage}"
+    );
     let cause = rec["cause"].as_str().unwrap_or_default();
     assert!(
         cause.starts_with("out of memory (limit 256 MiB)"),

@@ -124,9 +124,9 @@ impl MemInfo {
 pub fn poll_interval(in_use: u64, limit: u64) -> Duration {
     let pct = in_use.saturating_mul(100) / limit.max(1);
     Duration::from_millis(match pct {
-        0..=49 => 200,
-        50..=79 => 50,
-        _ => 10,
+        0..=49 => 50,
+        50..=79 => 20,
+        _ => 5,
     })
 }
 
@@ -240,7 +240,7 @@ mod tests {
     fn polls_faster_near_the_limit() {
         assert!(poll_interval(90, 100) < poll_interval(60, 100));
         assert!(poll_interval(60, 100) < poll_interval(10, 100));
-        assert_eq!(poll_interval(5, 0), Duration::from_millis(10));
+        assert_eq!(poll_interval(5, 0), Duration::from_millis(5));
     }
 
     #[test]
