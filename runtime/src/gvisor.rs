@@ -396,7 +396,7 @@ impl GvisorDriver {
                 "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock"),
                          "--resume", format!("{CTL_IN_SANDBOX}/resume"),
                          "--memory-mib", rec.memory_mib.to_string(),
-                         "--pids-max", limits::TASKS_INSIDE.to_string()],
+                         "--pids-max", limits::tasks_inside(rec.memory_mib).to_string()],
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                 "cwd": "/",
                 // Docker's default set: the agent switches users and owns files for clients.

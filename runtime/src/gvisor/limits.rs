@@ -18,7 +18,7 @@
 //! - Tasks: the host's `pids.max` bounds the sentry's threads (on systrap each process
 //!   inside has a stub process on the host), reaching it panics the sentry; processes inside
 //!   are bounded by gVisor's own cgroupfs `pids` controller, set by the agent
-//!   ([`TASKS_INSIDE`]), well below.
+//!   ([`tasks_inside`]), well below.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -29,11 +29,18 @@ const ROOT: &str = "/sys/fs/cgroup";
 const PARENT: &str = "kiln";
 /// The smallest memory a gVisor sandbox runs in (the sentry, the agent, a shell).
 pub const MIN_MEMORY_MIB: u64 = 64;
-/// Tasks (processes and threads) the agent lets the sandbox's processes have.
-pub const TASKS_INSIDE: u64 = 1024;
+/// Tasks (processes and threads) the agent lets the processes of a sandbox of `memory_mib`
+/// have. Each costs host memory outside gVisor's own accounting (on systrap a stub process:
+/// its page tables, kernel stacks; measured here ~1 MiB with a fork bomb's churn), which only
+/// the backstop sees: bounded so that a fork bomb stays within it.
+pub fn tasks_inside(memory_mib: u64) -> u64 {
+    (memory_mib / 2).clamp(64, 8192)
+}
 /// The host threads a sandbox's sentry, gofer and stub processes may have: measured, each
-/// task inside costs one to three on systrap, plus the sentry's own.
-const HOST_PIDS: u64 = 8192;
+/// task inside costs one to three on systrap, plus the sentry's own. Reaching it panics the
+/// sentry, so it is far above [`tasks_inside`]'s largest value: a guard for the host's pid
+/// space only.
+const HOST_PIDS: u64 = 32768;
 const CFS_PERIOD_US: u64 = 100_000;
 
 /// Which cgroup interface this host has.

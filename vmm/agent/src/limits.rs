@@ -5,8 +5,9 @@
 //! kills the whole sentry, every process of the sandbox with it. So the host limit is only a
 //! backstop set above the sandbox's memory, and the agent (its init) keeps the sandbox below
 //! its memory: it polls gVisor's `/proc/meminfo` and, while the memory in use passes the
-//! limit, SIGKILLs the process with the largest resident set (never itself; none smaller
-//! than [`min_victim`]), one at a time.
+//! limit, SIGKILLs the process group with the largest resident set (never its own; none
+//! smaller than [`min_victim`]), one at a time: a command with what it started, or a fork
+//! bomb's many small processes, go together.
 //! "In use" is what the sandbox cannot give back by itself: anonymous memory, tmpfs (`/tmp`,
 //! `/dev/shm`, an in-memory root overlay) and the sentry's own allocations; the page cache
 //! of files (`Cached` minus `Shmem`) is left out, as the host reclaims it. Polling is cheap
@@ -143,18 +144,18 @@ fn oom_loop(limit: u64) {
             .unwrap_or_default();
         let in_use = info.in_use();
         if in_use > limit {
-            let pending = victim.is_some_and(|(pid, at)| {
-                alive(pid) && at.elapsed() < Duration::from_secs(1)
+            let pending = victim.is_some_and(|(pgrp, at)| {
+                alive(pgrp) && at.elapsed() < Duration::from_secs(1)
             });
             if !pending {
-                if let Some((pid, rss, name)) = largest_process(min_victim(limit)) {
-                    // SAFETY: kill(2) of a process in the sandbox, never the agent (pid 1).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Some((pgrp, rss, name)) = largest_group(min_victim(limit)) {
+                    // SAFETY: kill(2) of a process group in the sandbox, never the agent's.
+                    unsafe { libc::kill(-pgrp, libc::SIGKILL) };
                     OOM_KILLS.fetch_add(1, Ordering::Relaxed);
-                    victim = Some((pid, std::time::Instant::now()));
+                    victim = Some((pgrp, std::time::Instant::now()));
                     eprintln!(
                         "kiln-agent: out of memory ({} MiB in use, limit {} MiB): killed \
-                         process {pid} ({name}, {} MiB resident)",
+                         process group {pgrp} ({name}, {} MiB resident)",
                         in_use >> 20,
                         limit >> 20,
                         rss >> 20
@@ -166,6 +167,7 @@ fn oom_loop(limit: u64) {
     }
 }
 
+/// Whether the process `pid` (a group's leader) is still there.
 fn alive(pid: i32) -> bool {
     // Reaped children vanish from /proc; a zombie has no memory left.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -178,11 +180,13 @@ pub fn min_victim(limit: u64) -> u64 {
     (limit / 16).min(16 << 20)
 }
 
-/// The process with the largest resident set of at least `min` bytes, the agent excluded:
-/// (pid, bytes, name).
-fn largest_process(min: u64) -> Option<(i32, u64, String)> {
+/// The process group with the largest resident set (its processes' together) of at least
+/// `min` bytes, the agent's excluded: (process group id, bytes, name of its largest process).
+/// A group, not a process: a command and what it started go together, and a fork bomb of
+/// many small processes is one large group.
+fn largest_group(min: u64) -> Option<(i32, u64, String)> {
     let me = std::process::id() as i32;
-    let mut best: Option<(i32, u64, String)> = None;
+    let mut groups: std::collections::HashMap<i32, (u64, u64, String)> = Default::default();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -190,15 +194,35 @@ fn largest_process(min: u64) -> Option<(i32, u64, String)> {
         if pid == me || pid == 1 {
             continue;
         }
+        let Some(pgrp) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| pgrp_of(&s))
+        else {
+            continue;
+        };
+        if pgrp <= 1 {
+            continue;
+        }
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
         let (rss, name) = rss_and_name(&status);
-        if best.as_ref().is_none_or(|b| rss > b.1) {
-            best = Some((pid, rss, name));
+        let g = groups.entry(pgrp).or_default();
+        g.0 = g.0.saturating_add(rss);
+        if rss >= g.1 {
+            (g.1, g.2) = (rss, name);
         }
     }
-    best.filter(|b| b.1 >= min.max(1))
+    groups
+        .into_iter()
+        .map(|(pgrp, (total, _, name))| (pgrp, total, name))
+        .filter(|g| g.1 >= min.max(1))
+        .max_by_key(|g| g.1)
+}
+
+/// The process group of a `/proc/<pid>/stat` line (after the command name: state, ppid, pgrp).
+pub fn pgrp_of(stat: &str) -> Option<i32> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// `VmRSS` (bytes) and `Name` of a `/proc/<pid>/status`.
@@ -241,6 +265,12 @@ mod tests {
         assert!(poll_interval(90, 100) < poll_interval(60, 100));
         assert!(poll_interval(60, 100) < poll_interval(10, 100));
         assert_eq!(poll_interval(5, 0), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn stat_fields() {
+        assert_eq!(pgrp_of("42 (a) b) c) S 1 40 40 0 -1"), Some(40));
+        assert_eq!(pgrp_of("42 (sh"), None);
     }
 
     #[test]
