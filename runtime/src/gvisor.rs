@@ -373,9 +373,11 @@ impl GvisorDriver {
         if dir_is_empty(&rootfs.join("tmp")) {
             // gVisor would mount a tmpfs there anyway, sized by the host's memory; this one
             // is bounded by the sandbox's (half of it, as Linux does), and counts against it.
-            mounts.push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmp",
+            mounts.push(
+                json!({"destination": "/tmp", "type": "tmpfs", "source": "tmp",
                 "options": ["nosuid", "nodev", "mode=1777",
-                            format!("size={}m", (rec.memory_mib / 2).max(1))]}));
+                            format!("size={}m", (rec.memory_mib / 2).max(1))]}),
+            );
         }
         let net_ns = match rec.net.as_ref().and_then(|a| a.guest_ns.as_ref()) {
             Some(ns) => {

@@ -184,7 +184,10 @@ pub fn remove(id: &str) -> Result<()> {
 /// fired: the sentry died with every process inside).
 pub fn oom_killed(id: &str) -> bool {
     let (file, key) = match version() {
-        Version::V2 => (dir_in(Path::new(ROOT), id).join("memory.events"), "oom_kill"),
+        Version::V2 => (
+            dir_in(Path::new(ROOT), id).join("memory.events"),
+            "oom_kill",
+        ),
         Version::V1 => (
             dir_in(&Path::new(ROOT).join("memory"), id).join("memory.oom_control"),
             "oom_kill",

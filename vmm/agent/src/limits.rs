@@ -144,9 +144,8 @@ fn oom_loop(limit: u64) {
             .unwrap_or_default();
         let in_use = info.in_use();
         if in_use > limit {
-            let pending = victim.is_some_and(|(pgrp, at)| {
-                alive(pgrp) && at.elapsed() < Duration::from_secs(1)
-            });
+            let pending = victim
+                .is_some_and(|(pgrp, at)| alive(pgrp) && at.elapsed() < Duration::from_secs(1));
             if !pending {
                 if let Some((pgrp, rss, name)) = largest_group(min_victim(limit)) {
                     // SAFETY: kill(2) of a process group in the sandbox, never the agent's.
@@ -170,8 +169,10 @@ fn oom_loop(limit: u64) {
 /// Whether the process `pid` (a group's leader) is still there.
 fn alive(pid: i32) -> bool {
     // Reaped children vanish from /proc; a zombie has no memory left.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
 }
 
 /// The smallest resident set worth a kill: when files in tmpfs, not processes, hold the
@@ -222,7 +223,12 @@ fn largest_group(min: u64) -> Option<(i32, u64, String)> {
 
 /// The process group of a `/proc/<pid>/stat` line (after the command name: state, ppid, pgrp).
 pub fn pgrp_of(stat: &str) -> Option<i32> {
-    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// `VmRSS` (bytes) and `Name` of a `/proc/<pid>/status`.
