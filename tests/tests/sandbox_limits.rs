@@ -194,6 +194,12 @@ fn two_busy_sandboxes_of_one_cpu_each_share_fairly_and_stay_within_it() {
         ids.push(rec["id"].as_str().unwrap().to_string());
     }
     let usage = |id: &str| limits::cpu_usage_ns(id).expect("the sandbox's CPU usage");
+    // What an idle sandbox costs (the agent's OOM killer polls every 50 ms): printed, not
+    // asserted (performance numbers belong in benches).
+    let (i0, t) = (usage(&ids[0]), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = (usage(&ids[0]) - i0) as f64 / t.elapsed().as_nanos() as f64;
+    eprintln!("an idle sandbox used {:.4} CPUs", idle);
     // Two busy loops each: either could take both cores without its quota.
     for id in &ids {
         sh(
