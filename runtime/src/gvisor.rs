@@ -43,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod limits;
+
 /// Where the agent lives and listens inside the sandbox.
 const AGENT_IN_SANDBOX: &str = "/.kiln/bin/kiln-agent";
 const RUN_IN_SANDBOX: &str = "/run/kiln";
@@ -297,8 +299,7 @@ impl GvisorDriver {
             ))
             .arg(format!("--network={network}"))
             .arg("--overlay2=root:memory")
-            .arg("--host-uds=create")
-            .arg("--ignore-cgroups");
+            .arg("--host-uds=create");
         if let Some(d) = std::env::var_os("KILN_RUNSC_DEBUG_LOG") {
             c.arg("--debug")
                 .arg(format!("--debug-log={}/", Path::new(&d).display()));
@@ -378,6 +379,7 @@ impl GvisorDriver {
             .open(&log_path)
             .ctx("open", &log_path)?;
         let before = log.metadata().map(|m| m.len()).unwrap_or(0);
+        limits::create(&rec.id, rec.cpus, rec.memory_mib)?;
         let mut cmd = self.runsc(dir, rec);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -431,7 +433,10 @@ impl GvisorDriver {
             json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
                  "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
             json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                 "options": ["nosuid", "noexec", "nodev", "mode=1777"]}),
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777",
+                             format!("size={}m", (rec.memory_mib / 4).max(1))]}),
+            // gVisor's own cgroupfs: the agent bounds the tasks of what it starts there.
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}),
             json!({"destination": RUN_IN_SANDBOX, "type": "bind", "source": run,
                  "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}),
             json!({"destination": CTL_IN_SANDBOX, "type": "bind", "source": ctl,
@@ -439,6 +444,15 @@ impl GvisorDriver {
             json!({"destination": "/.kiln/bin", "type": "bind", "source": agent_dir,
                  "options": ["rbind", "ro"]}),
         ];
+        if dir_is_empty(&rootfs.join("tmp")) {
+            // gVisor would mount a tmpfs there anyway, sized by the host's memory; this one
+            // is bounded by the sandbox's (half of it, as Linux does), and counts against it.
+            mounts.push(
+                json!({"destination": "/tmp", "type": "tmpfs", "source": "tmp",
+                "options": ["nosuid", "nodev", "mode=1777",
+                            format!("size={}m", (rec.memory_mib / 2).max(1))]}),
+            );
+        }
         let net_ns = match rec.net.as_ref().and_then(|a| a.guest_ns.as_ref()) {
             Some(ns) => {
                 // The gateway answers DNS; names resolve as the policy says.
@@ -456,7 +470,9 @@ impl GvisorDriver {
                 "terminal": false,
                 "user": {"uid": 0, "gid": 0},
                 "args": [AGENT_IN_SANDBOX, "--unix", format!("{RUN_IN_SANDBOX}/agent.sock"),
-                         "--resume", format!("{CTL_IN_SANDBOX}/resume")],
+                         "--resume", format!("{CTL_IN_SANDBOX}/resume"),
+                         "--memory-mib", rec.memory_mib.to_string(),
+                         "--pids-max", limits::tasks_inside(rec.memory_mib).to_string()],
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                 "cwd": "/",
                 // Docker's default set: the agent switches users and owns files for clients.
@@ -469,7 +485,7 @@ impl GvisorDriver {
             "root": {"path": rootfs, "readonly": false},
             "hostname": rec.name.clone().unwrap_or_else(|| rec.id.clone()),
             "mounts": mounts,
-            "linux": {"namespaces": [
+            "linux": {"cgroupsPath": limits::cgroups_path(&rec.id), "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 net_ns,
             ]},
@@ -667,6 +683,9 @@ impl GvisorDriver {
             }
         }
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
+        if let Err(e) = limits::remove(&rec.id) {
+            tracing::warn!(id = %rec.id, "{e}");
+        }
     }
 
     /// The steps after a completed `runsc checkpoint` (in `dir/ckpt`): its state file into
@@ -986,7 +1005,7 @@ impl Runtime for GvisorDriver {
         restored
     }
 
-    fn kill(&self, dir: &SandboxDir, _rec: &SandboxRecord) -> Result<()> {
+    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
         // Every process of the container lives in its sandbox process, with the gofer beside
         // it; they, and any runsc command on it (a `run` or `restore` whose caller was killed,
         // a checkpoint and its watcher), carry this sandbox's own `--root`. Killing them is far
@@ -1018,12 +1037,19 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_file(dir.sub("launch.pid"));
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
         let run = dir.sub("run");
-        hostfs::unmount_all(&run).ctx("unmount", &run)
+        let unmounted = hostfs::unmount_all(&run).ctx("unmount", &run);
+        unmounted.and(limits::remove(&rec.id))
     }
 
     fn exited(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {
         match live_pid(rec) {
             Some(_) => None,
+            // The host's backstop fired (the agent's OOM killer inside did not keep up).
+            None if limits::oom_killed(&rec.id) => Some(format!(
+                "out of memory (limit {} MiB): the host ended the gVisor sandbox at {} MiB",
+                rec.memory_mib,
+                limits::backstop_bytes(rec.memory_mib) >> 20
+            )),
             None => Some("the gVisor sandbox process is gone".into()),
         }
     }
@@ -1087,6 +1113,11 @@ fn children_of(pids: &[u32]) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Whether `dir` has no entries (or does not exist).
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
 }
 
 /// What the watcher of the last `runsc checkpoint` recorded as its exit status.

@@ -231,6 +231,13 @@ impl Sandboxes {
             None if spec.no_network => None,
             None => spec.network.clone().or_else(default_network),
         };
+        // Refused when silly (0), lowered to what this host has when huge.
+        let (cpus, memory_mib) = crate::gvisor::limits::check(
+            spec.cpus.or(snap.map(|s| s.cpus)).unwrap_or(1),
+            spec.memory_mib
+                .or(snap.map(|s| s.memory_mib))
+                .unwrap_or(512),
+        )?;
         let now = now_ms();
         let mut rec = SandboxRecord {
             schema: SCHEMA,
@@ -242,11 +249,8 @@ impl Sandboxes {
             },
             snapshot: from_snapshot.as_ref().map(|(id, _)| *id),
             runtime,
-            cpus: spec.cpus.or(snap.map(|s| s.cpus)).unwrap_or(1),
-            memory_mib: spec
-                .memory_mib
-                .or(snap.map(|s| s.memory_mib))
-                .unwrap_or(512),
+            cpus,
+            memory_mib,
             disk_mib: spec
                 .disk_mib
                 .or(snap.map(|s| s.disk_mib))

@@ -9,5 +9,6 @@
 
 pub mod client;
 pub mod genid;
+pub mod limits;
 pub mod protocol;
 pub mod server;

@@ -1,4 +1,4 @@
-//! `kiln-agent [--unix PATH [--resume FILE] | --vsock PORT]`
+//! `kiln-agent [--unix PATH [--resume FILE] [--memory-mib N] [--pids-max N] | --vsock PORT]`
 //!
 //! As PID 1 (the guest's init, e.g. `init=/sbin/kiln-agent` with the image's root disk mounted
 //! by the kernel) it first mounts /proc, /sys, /dev, /dev/pts, /tmp and /run, then any
@@ -12,7 +12,8 @@
 //! mounts nothing and watches no generation page, and once it listens it points its stdio at
 //! /dev/null: they are the host's console log, which any root process in the sandbox could
 //! otherwise write without bound through /proc/1/fd. `--resume FILE`: see
-//! `server::quiesce`. Elsewhere it serves the given Unix socket or
+//! `server::quiesce`. `--memory-mib N` starts the sandbox's out-of-memory killer and
+//! `--pids-max N` bounds the tasks of the processes it starts (see `kiln_agent::limits`). Elsewhere it serves the given Unix socket or
 //! vsock port (for tests and development). In every case a reaper thread collects every child,
 //! orphans included, and PID 1 never exits. One thread per connection; one request per
 //! connection (see `protocol`).
@@ -34,21 +35,17 @@ fn main() {
         init_mounts();
         start_genid_watcher();
     }
-    let result = match (
-        args.get(1).map(String::as_str),
-        args.get(3).map(String::as_str),
-    ) {
-        (Some("--unix"), None) if args.len() == 3 => serve_unix(&args[2], pid1),
-        (Some("--unix"), Some("--resume")) if args.len() == 5 => {
-            kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(&args[4])));
-            serve_unix(&args[2], pid1)
-        }
-        (Some("--vsock"), None) if args.len() == 3 => match args[2].parse() {
+    let result = match args.get(1).map(String::as_str) {
+        Some("--unix") if args.len() >= 3 => match unix_options(&args[3..]) {
+            Ok(()) => serve_unix(&args[2], pid1),
+            Err(e) => Err(e),
+        },
+        Some("--vsock") if args.len() == 3 => match args[2].parse() {
             Ok(p) => serve_vsock(p),
             Err(_) => Err(format!("bad vsock port {:?}", args[2])),
         },
-        (None, _) if pid1 => serve_vsock(AGENT_PORT),
-        _ => Err("usage: kiln-agent [--unix PATH [--resume FILE] | --vsock PORT]".into()),
+        None if pid1 => serve_vsock(AGENT_PORT),
+        _ => Err(USAGE.into()),
     };
     if let Err(e) = result {
         eprintln!("kiln-agent: {e}");
@@ -60,6 +57,39 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+const USAGE: &str =
+    "usage: kiln-agent [--unix PATH [--resume FILE] [--memory-mib N] [--pids-max N] | --vsock PORT]";
+
+/// The options after `--unix PATH`, applied as they are read.
+fn unix_options(opts: &[String]) -> Result<(), String> {
+    let number = |v: &str, what: &str| {
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("bad {what} {v:?}"))
+    };
+    for pair in opts.chunks(2) {
+        let [flag, value] = pair else {
+            return Err(USAGE.into());
+        };
+        match flag.as_str() {
+            "--resume" => {
+                kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(value)))
+            }
+            "--memory-mib" => kiln_agent::limits::start_oom_killer(
+                number(value, "--memory-mib")?.saturating_mul(1 << 20),
+            ),
+            "--pids-max" => {
+                if let Err(e) = kiln_agent::limits::limit_tasks(number(value, "--pids-max")?) {
+                    eprintln!("kiln-agent: processes start without a task limit: {e}");
+                }
+            }
+            _ => return Err(USAGE.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reseeds the RNG and sets the clock whenever the VM is restored or forked.

@@ -377,6 +377,9 @@ pub struct HealthInfo {
     pub protocol: u32,
     pub generation: u64,
     pub uptime_ms: u64,
+    /// Processes the agent's out-of-memory killer ended (gVisor sandboxes).
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

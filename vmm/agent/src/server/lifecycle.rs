@@ -61,6 +61,7 @@ pub fn health() -> HealthInfo {
         protocol: PROTOCOL_VERSION,
         generation: GENERATION.load(Ordering::SeqCst),
         uptime_ms: started().elapsed().as_millis() as u64,
+        oom_kills: crate::limits::oom_kills(),
     }
 }
 

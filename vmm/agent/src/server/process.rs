@@ -552,7 +552,20 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
         cmd.current_dir(cwd);
     }
     let path = req.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
-    if (req.user.is_some() || req.tty.is_some()) && !runnable(prog, path, req.cwd.as_deref()) {
+    let work = crate::limits::work_cgroup_fd();
+    if let Some(fd) = work {
+        // Into the task-limited cgroup before it runs anything (see `limits`).
+        // SAFETY: the closure makes one async-signal-safe call (write).
+        unsafe {
+            cmd.pre_exec(move || {
+                crate::limits::enter_work_cgroup(fd);
+                Ok(())
+            });
+        }
+    }
+    // A pre_exec hook makes std fork (see `runnable`).
+    let forks = req.user.is_some() || req.tty.is_some() || work.is_some();
+    if forks && !runnable(prog, path, req.cwd.as_deref()) {
         return fail(
             ErrorKind::NotFound,
             format!("exec {prog}: no such program (or not executable)"),

@@ -1,0 +1,287 @@
+//! The sandbox's own limits, enforced from inside (gVisor): its out-of-memory killer and the
+//! task limit of the processes the agent starts.
+//!
+//! gVisor has no OOM killer: when the host's memory cgroup limit is reached, the host kernel
+//! kills the whole sentry, every process of the sandbox with it. So the host limit is only a
+//! backstop set above the sandbox's memory, and the agent (its init) keeps the sandbox below
+//! its memory: it polls gVisor's `/proc/meminfo` and, while the memory in use passes the
+//! limit, SIGKILLs the process group with the largest resident set (never its own; none
+//! smaller than [`min_victim`]), one at a time: a command with what it started, or a fork
+//! bomb's many small processes, go together.
+//! "In use" is what the sandbox cannot give back by itself: anonymous memory, tmpfs (`/tmp`,
+//! `/dev/shm`, an in-memory root overlay) and the sentry's own allocations; the page cache
+//! of files (`Cached` minus `Shmem`) is left out, as the host reclaims it. Polling is cheap
+//! (one read of a synthetic file) and quickens as usage nears the limit.
+//!
+//! Tasks: gVisor bounds tasks with its own cgroupfs `pids` controller (the host's
+//! `pids.max` only bounds the sentry's threads, and reaching it panics the sentry). The agent
+//! makes a child cgroup `kiln-work` with `pids.max` and starts every process in it, staying
+//! outside itself, so a fork bomb stops at the limit and the agent can still spawn the
+//! threads it serves requests with.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// OOM kills so far (reported by `Health`).
+static OOM_KILLS: AtomicU64 = AtomicU64::new(0);
+/// `cgroup.procs` of the task-limited cgroup, open for the life of the agent (-1: none).
+static WORK_PROCS: AtomicI32 = AtomicI32::new(-1);
+
+/// Where gVisor's cgroupfs `pids` controller of the container appears (its cgroup mount).
+const PIDS_ROOT: &str = "/sys/fs/cgroup/pids";
+const WORK_CGROUP: &str = "kiln-work";
+
+/// How many processes the OOM killer has ended.
+pub fn oom_kills() -> u64 {
+    OOM_KILLS.load(Ordering::Relaxed)
+}
+
+/// Makes the task-limited cgroup for the processes the agent starts. Best effort: without
+/// gVisor's cgroupfs (a microVM, tests) processes start unlimited.
+pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
+    let dir = std::path::Path::new(PIDS_ROOT).join(WORK_CGROUP);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("create {}: {e}", dir.display())),
+    }
+    std::fs::write(dir.join("pids.max"), pids_max.to_string())
+        .map_err(|e| format!("set {}/pids.max: {e}", dir.display()))?;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+        .map_err(|e| format!("open {}/cgroup.procs: {e}", dir.display()))?;
+    // Kept open (never closed): spawned children write to it between fork and exec.
+    let fd = procs.as_raw_fd();
+    std::mem::forget(procs);
+    WORK_PROCS.store(fd, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The descriptor a child writes "0" to (in `pre_exec`) to enter the task-limited cgroup.
+pub fn work_cgroup_fd() -> Option<RawFd> {
+    Some(WORK_PROCS.load(Ordering::Relaxed)).filter(|fd| *fd >= 0)
+}
+
+/// For a child between fork and exec: joins the task-limited cgroup. Async-signal-safe (one
+/// write(2)); a failure is ignored (the child runs, unlimited, rather than not at all).
+pub fn enter_work_cgroup(fd: RawFd) {
+    // SAFETY: write(2) of a 1-byte buffer to a descriptor the agent keeps open.
+    unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+}
+
+/// Starts the OOM killer thread for a sandbox of `limit_bytes`.
+pub fn start_oom_killer(limit_bytes: u64) {
+    let _ = std::thread::Builder::new()
+        .name("oom".into())
+        .stack_size(64 << 10)
+        .spawn(move || oom_loop(limit_bytes));
+}
+
+/// The part of gVisor's `/proc/meminfo` the OOM killer needs, in bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    pub total: u64,
+    pub free: u64,
+    pub cached: u64,
+    pub shmem: u64,
+}
+
+impl MemInfo {
+    pub fn parse(text: &str) -> MemInfo {
+        let mut m = MemInfo::default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(k), Some(v)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let Ok(kib) = v.parse::<u64>() else { continue };
+            let slot = match k {
+                "MemTotal:" => &mut m.total,
+                "MemFree:" => &mut m.free,
+                "Cached:" => &mut m.cached,
+                "Shmem:" => &mut m.shmem,
+                _ => continue,
+            };
+            *slot = kib.saturating_mul(1024);
+        }
+        m
+    }
+
+    /// Memory the sandbox holds and cannot give back by itself: everything gVisor counts
+    /// as used but the page cache of files.
+    pub fn in_use(&self) -> u64 {
+        let used = self.total.saturating_sub(self.free);
+        let file_cache = self.cached.saturating_sub(self.shmem);
+        used.saturating_sub(file_cache)
+    }
+}
+
+/// How long to wait before the next look: long while far from the limit, short near it (a
+/// process allocating fast crosses the last tenth between two looks either way; the host's
+/// backstop has room for that).
+pub fn poll_interval(in_use: u64, limit: u64) -> Duration {
+    let pct = in_use.saturating_mul(100) / limit.max(1);
+    Duration::from_millis(match pct {
+        0..=49 => 50,
+        50..=79 => 20,
+        _ => 5,
+    })
+}
+
+fn oom_loop(limit: u64) {
+    let mut buf = String::with_capacity(2048);
+    // The last victim: not killed again (nor another chosen) until it is gone or a second
+    // passed, since its memory is freed only once it has exited.
+    let mut victim: Option<(i32, std::time::Instant)> = None;
+    loop {
+        buf.clear();
+        let info = File::open("/proc/meminfo")
+            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut buf))
+            .map(|_| MemInfo::parse(&buf))
+            .unwrap_or_default();
+        let in_use = info.in_use();
+        if in_use > limit {
+            let pending = victim
+                .is_some_and(|(pgrp, at)| alive(pgrp) && at.elapsed() < Duration::from_secs(1));
+            if !pending {
+                if let Some((pgrp, rss, name)) = largest_group(min_victim(limit)) {
+                    // SAFETY: kill(2) of a process group in the sandbox, never the agent's.
+                    unsafe { libc::kill(-pgrp, libc::SIGKILL) };
+                    OOM_KILLS.fetch_add(1, Ordering::Relaxed);
+                    victim = Some((pgrp, std::time::Instant::now()));
+                    eprintln!(
+                        "kiln-agent: out of memory ({} MiB in use, limit {} MiB): killed \
+                         process group {pgrp} ({name}, {} MiB resident)",
+                        in_use >> 20,
+                        limit >> 20,
+                        rss >> 20
+                    );
+                }
+            }
+        }
+        std::thread::sleep(poll_interval(in_use, limit));
+    }
+}
+
+/// Whether the process `pid` (a group's leader) is still there.
+fn alive(pid: i32) -> bool {
+    // Reaped children vanish from /proc; a zombie has no memory left.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The smallest resident set worth a kill: when files in tmpfs, not processes, hold the
+/// memory, killing shells and daemons one after another would free nothing.
+pub fn min_victim(limit: u64) -> u64 {
+    (limit / 16).min(16 << 20)
+}
+
+/// The process group with the largest resident set (its processes' together) of at least
+/// `min` bytes, the agent's excluded: (process group id, bytes, name of its largest process).
+/// A group, not a process: a command and what it started go together, and a fork bomb of
+/// many small processes is one large group.
+fn largest_group(min: u64) -> Option<(i32, u64, String)> {
+    let me = std::process::id() as i32;
+    let mut groups: std::collections::HashMap<i32, (u64, u64, String)> = Default::default();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || pid == 1 {
+            continue;
+        }
+        let Some(pgrp) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| pgrp_of(&s))
+        else {
+            continue;
+        };
+        if pgrp <= 1 {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let (rss, name) = rss_and_name(&status);
+        let g = groups.entry(pgrp).or_default();
+        g.0 = g.0.saturating_add(rss);
+        if rss >= g.1 {
+            (g.1, g.2) = (rss, name);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(pgrp, (total, _, name))| (pgrp, total, name))
+        .filter(|g| g.1 >= min.max(1))
+        .max_by_key(|g| g.1)
+}
+
+/// The process group of a `/proc/<pid>/stat` line (after the command name: state, ppid, pgrp).
+pub fn pgrp_of(stat: &str) -> Option<i32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// `VmRSS` (bytes) and `Name` of a `/proc/<pid>/status`.
+pub fn rss_and_name(status: &str) -> (u64, String) {
+    let mut rss = 0;
+    let mut name = String::new();
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("VmRSS:") {
+            rss = v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                .saturating_mul(1024);
+        } else if let Some(v) = line.strip_prefix("Name:") {
+            name = v.trim().to_string();
+        }
+    }
+    (rss, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_use_leaves_out_the_file_cache_and_counts_tmpfs() {
+        let m = MemInfo::parse(
+            "MemTotal:  786432 kB\nMemFree:  186432 kB\nMemAvailable: 186432 kB\n\
+             Cached:  300000 kB\nShmem:  100000 kB\n",
+        );
+        assert_eq!(m.total, 786432 * 1024);
+        // used 600000 kB, file cache 200000 kB.
+        assert_eq!(m.in_use(), 400000 * 1024);
+        assert_eq!(MemInfo::parse("garbage\n").in_use(), 0);
+    }
+
+    #[test]
+    fn polls_faster_near_the_limit() {
+        assert!(poll_interval(90, 100) < poll_interval(60, 100));
+        assert!(poll_interval(60, 100) < poll_interval(10, 100));
+        assert_eq!(poll_interval(5, 0), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn stat_fields() {
+        assert_eq!(pgrp_of("42 (a) b) c) S 1 40 40 0 -1"), Some(40));
+        assert_eq!(pgrp_of("42 (sh"), None);
+    }
+
+    #[test]
+    fn status_fields() {
+        let (rss, name) = rss_and_name("Name:\tpython3\nVmRSS:\t  2048 kB\n");
+        assert_eq!((rss, name.as_str()), (2 << 20, "python3"));
+    }
+}
