@@ -28,8 +28,9 @@
 //!   the first exec; the bytes the store writes for each pause, the second and third after a
 //!   1 MiB change (goal: under 2 MiB);
 //! - pause after network use: inside test namespaces of its own (kiln_tests::net), a sandbox
-//!   with a network makes an HTTP request and holds a TCP connection open to a server in the
-//!   "internet" namespace, then is paused (goal: under 1 s) and resumed.
+//!   with a network makes an HTTP request to a server in the "internet" namespace, then is
+//!   paused (goal: under 1 s) and resumed (`--net-cycles` times); then it holds a TCP
+//!   connection open to the bench's holder there and is paused once more.
 //!
 //! Every sandbox and runsc container is killed after its measurement; on any error (and from a
 //! watchdog, and on SIGINT/SIGTERM) every process whose command line names this run's
@@ -1319,11 +1320,15 @@ fn pause_resume(sbx: &Sandboxes, store: &Store, bundle: &Path, raw_base: &Path) 
 /// The port of the bench's connection holder in the "internet" namespace.
 const HOLD_PORT: u16 = 9100;
 
-/// Pause after network use: a sandbox with a network (kiln runs inside the test namespaces of
-/// kiln_tests::net, this thread moved into their "host" namespace) makes an HTTP request to a
-/// server in the "internet" namespace and keeps a TCP connection open to a holder there, then
-/// is paused and resumed, `cycles` times. Runs on a thread of its own (it changes its network
-/// namespace). Errors are reported in the JSON: a pause refused is a result.
+/// Pause after network use, inside test namespaces of kiln_tests::net (kiln's "host"
+/// namespace and an "internet" namespace behind it; this thread moves into the first):
+/// - after a request: the sandbox makes an HTTP request to a server in the internet namespace
+///   (the connection is closed, in time-wait), then is paused and resumed, `cycles` times;
+/// - with an open connection: `sleep | nc` holds a TCP connection to the bench's holder there,
+///   then one pause (and resume, if it worked).
+///
+/// Runs on a thread of its own (it changes its network namespace). Errors are results here:
+/// they go into the JSON.
 fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
     use kiln_tests::net::{TestNet, HTTP_PORT, SERVER_A};
     if let Some(why) = kiln_tests::net::unavailable() {
@@ -1344,11 +1349,12 @@ fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
     };
     // Accepts and holds every connection; says when one comes and how it ends. (The thread
     // stays blocked in accept after the bench is done with it: the process ends soon after.)
+    let t0 = Instant::now();
     std::thread::spawn(move || {
         use std::io::Read;
         for (n, s) in listener.incoming().enumerate() {
             let Ok(mut s) = s else { continue };
-            let _ = tx.send(format!("accept {n}"));
+            let _ = tx.send(format!("accept {n} at {:.1} s", t0.elapsed().as_secs_f64()));
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
@@ -1359,7 +1365,10 @@ fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
                         Err(e) => break e.to_string(),
                     }
                 };
-                let _ = tx.send(format!("closed {n}: {how}"));
+                let _ = tx.send(format!(
+                    "closed {n} at {:.1} s: {how}",
+                    t0.elapsed().as_secs_f64()
+                ));
             });
         }
     });
@@ -1374,62 +1383,70 @@ fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
         let rec = sbx.create(spec)?;
         live.add(&rec.id);
         let create_ms = ms(t.elapsed());
+        let id = rec.id.as_str();
         let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc {SERVER_A} {HTTP_PORT}");
-        let hold = format!(
-            "sleep 100000 | busybox nc {SERVER_A} {HOLD_PORT} >/dev/null 2>&1 </dev/null &"
-        );
-        let (mut p_ms, mut rz_ms, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-        for c in 0..cycles {
-            let body = kiln_exec(sbx, &rec.id, &["/bin/sh", "-c", &get])?;
-            anyhow::ensure!(
-                String::from_utf8_lossy(&body).contains("server-a"),
-                "the HTTP request through the sandbox's network got {:?}",
-                String::from_utf8_lossy(&body)
-            );
-            kiln_exec(sbx, &rec.id, &["/bin/sh", "-c", &hold])?;
-            let accepted = rx.recv_timeout(Duration::from_secs(10));
-            anyhow::ensure!(
-                accepted.as_ref().is_ok_and(|e| e.starts_with("accept")),
-                "the holder saw no connection from the sandbox ({accepted:?})"
-            );
-            events.push(accepted.unwrap());
+        let request = || -> Result<bool> {
+            let body = kiln_exec(sbx, id, &["/bin/sh", "-c", &get])?;
+            Ok(String::from_utf8_lossy(&body).contains("server-a"))
+        };
+        // One pause (and resume to the first exec, if the pause worked) as a JSON row.
+        let cycle = |what: &str, p_ms: &mut Vec<f64>, rz_ms: &mut Vec<f64>| -> Result<Value> {
             let t = Instant::now();
-            let paused = sbx.pause(&rec.id);
+            let paused = sbx.pause(id);
             let pause_ms = ms(t.elapsed());
             if let Err(e) = paused {
-                rows.push(json!({"cycle": c, "pause_error": e.to_string(), "pause_ms": round(pause_ms)}));
-                progress!("network pause {c}: failed after {pause_ms:.0} ms: {e}");
-                break;
+                progress!("network pause ({what}): failed after {pause_ms:.0} ms: {e}");
+                return Ok(json!({"pause_error": e.to_string(), "pause_ms": round(pause_ms)}));
             }
             let t = Instant::now();
-            sbx.resume(&rec.id, None)?;
-            kiln_exec(sbx, &rec.id, &["true"])?;
+            sbx.resume(id, None)?;
+            kiln_exec(sbx, id, &["true"])?;
             let resume_ms = ms(t.elapsed());
-            events.extend(rx.try_iter());
-            let body = kiln_exec(sbx, &rec.id, &["/bin/sh", "-c", &get])?;
-            let net_after = String::from_utf8_lossy(&body).contains("server-a");
+            let net_after = request()?;
             progress!(
-                "network pause {c}: {pause_ms:.0} ms, resume to exec {resume_ms:.0} ms, network after resume: {net_after}"
+                "network pause ({what}): {pause_ms:.0} ms, resume to exec {resume_ms:.0} ms, network after resume: {net_after}"
             );
             p_ms.push(pause_ms);
             rz_ms.push(resume_ms);
-            rows.push(json!({"cycle": c, "pause_ms": round(pause_ms),
+            Ok(json!({"pause_ms": round(pause_ms),
                 "resume_to_first_exec_ms": round(resume_ms),
-                "http_request_after_resume_ok": net_after}));
+                "http_request_after_resume_ok": net_after}))
+        };
+        let (mut p_ms, mut rz_ms, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cycles {
+            anyhow::ensure!(
+                request()?,
+                "the HTTP request through the sandbox's network failed"
+            );
+            rows.push(cycle("after a request", &mut p_ms, &mut rz_ms)?);
         }
+        // The connection stays open: nc's stdin is the pipe from sleep.
+        let hold = format!("(sleep 100000 | busybox nc {SERVER_A} {HOLD_PORT}) >/dev/null 2>&1 &");
+        kiln_exec(sbx, id, &["/bin/sh", "-c", &hold])?;
+        let accepted = rx.recv_timeout(Duration::from_secs(10));
+        anyhow::ensure!(
+            accepted.as_ref().is_ok_and(|e| e.starts_with("accept")),
+            "the holder saw no connection from the sandbox ({accepted:?})"
+        );
+        events.push(accepted.unwrap());
+        let (mut op_ms, mut orz_ms) = (Vec::new(), Vec::new());
+        let open = cycle("a connection open", &mut op_ms, &mut orz_ms)?;
         std::thread::sleep(Duration::from_millis(200));
         events.extend(rx.try_iter());
         Ok(json!({
             "kiln_create_with_network_ms": round(create_ms),
-            "cycles": rows,
-            "kiln_pause_ms_p50": round(pct(&p_ms, 0.5)),
-            "kiln_pause_ms_max": round(pct(&p_ms, 1.0)),
-            "kiln_resume_to_first_exec_ms_p50": round(pct(&rz_ms, 0.5)),
+            "after_request": {
+                "cycles": rows,
+                "kiln_pause_ms_p50": round(pct(&p_ms, 0.5)),
+                "kiln_pause_ms_max": round(pct(&p_ms, 1.0)),
+                "kiln_resume_to_first_exec_ms_p50": round(pct(&rz_ms, 0.5)),
+                "ratio_vs_pause_without_network_p50": round(pct(&p_ms, 0.5) / no_net_pause_p50),
+            },
+            "with_open_connection": open,
             "kiln_pause_without_network_ms_p50": round(no_net_pause_p50),
-            "ratio_vs_pause_without_network_p50": round(pct(&p_ms, 0.5) / no_net_pause_p50),
             "goal_pause_ms": 1000,
             "holder_events": events,
-            "setup": "each cycle: an HTTP request to a server in the test's internet namespace, then `sleep | busybox nc` holding a TCP connection to the bench's holder there (accept seen before the pause), then pause, resume, exec true",
+            "setup": "after_request: an HTTP/1.0 request (busybox nc) to a server in the test's internet namespace, then pause, resume, exec true, the request again; with_open_connection: `sleep | busybox nc` holding a TCP connection to the bench's holder there (its accept seen), then pause (and resume)",
         }))
     })();
     live.kill_all();
