@@ -60,6 +60,8 @@ static RAW_OVERLAY: OnceLock<String> = OnceLock::new();
 /// The bench gives up (and cleans up) after this long.
 const WATCHDOG: Duration = Duration::from_secs(40 * 60);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the idle forks' CPU use is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
 macro_rules! progress {
     ($($t:tt)*) => {
@@ -313,6 +315,36 @@ fn pss_of_root(root: &Path) -> u64 {
         .into_iter()
         .map(pss_kib)
         .sum()
+}
+
+/// CPU time (user + system, clock ticks) of every process whose command line names one of
+/// `needles`: the sandboxes' runsc processes (systrap's stubs carry the sentry's command line).
+fn cpu_ticks(needles: &[String]) -> u64 {
+    let mut pids: Vec<u32> = needles
+        .iter()
+        .flat_map(|n| pids_matching(n.as_bytes()))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // Fields after the command name (which may hold spaces): utime and stime are the
+            // 12th and 13th there.
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// Percent of one core the processes named by `needles` use over `window`, idle.
+fn idle_cpu_pct(needles: &[String], window: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let a = cpu_ticks(needles);
+    std::thread::sleep(window);
+    let b = cpu_ticks(needles);
+    b.saturating_sub(a) as f64 / hz / window.as_secs_f64() * 100.0
 }
 
 fn pss_kib(pid: u32) -> u64 {
@@ -1090,8 +1122,10 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         .collect();
     let fork_pss_sum: f64 = fork_pss.iter().sum();
     let src_pss = pss_of_sandbox(&src.id) as f64 / 1024.0;
+    let fork_ids: Vec<String> = forks.iter().map(|f| f.id.clone()).collect();
+    let fork_cpu = idle_cpu_pct(&fork_ids, IDLE_WINDOW);
     progress!(
-        "fork {n}: returned {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork",
+        "fork {n}: returned {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {fork_cpu:.0}% of a core for all",
         ms(fork_returned),
         ms(fork_all),
         fork_pss_sum / n as f64
@@ -1131,6 +1165,12 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     let raw_fork_all = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let raw_fork_pss: Vec<f64> = raws.iter().map(|r| r.pss_kib() as f64 / 1024.0).collect();
+    let raw_roots: Vec<String> = raws.iter().map(|r| root_needle(&r.root)).collect();
+    let raw_fork_cpu = if raw_err.is_none() {
+        idle_cpu_pct(&raw_roots, IDLE_WINDOW)
+    } else {
+        f64::NAN
+    };
     for r in &raws {
         r.delete();
     }
@@ -1139,7 +1179,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     }
     let raw_pss_sum: f64 = raw_fork_pss.iter().sum();
     progress!(
-        "raw fork {n}: restored {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork",
+        "raw fork {n}: restored {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {raw_fork_cpu:.0}% of a core for all",
         ms(raw_fork_restored),
         ms(raw_fork_all),
         raw_pss_sum / n as f64
@@ -1157,6 +1197,9 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         "raw_all_answered_exec_ms": round(ms(raw_fork_all)),
         "raw_pss_mib_per_idle_fork": round(raw_pss_sum / n as f64),
         "raw_pss_mib_fresh_container": round(raw_fresh_pss_kib as f64 / 1024.0),
+        "kiln_idle_cpu_pct_of_one_core_all_forks": round(fork_cpu),
+        "raw_idle_cpu_pct_of_one_core_all_restores": round(raw_fork_cpu),
+        "idle_cpu": format!("CPU time of the idle forks' processes over {} s, in percent of one core (this host has 2)", IDLE_WINDOW.as_secs()),
         "ratio_kiln_vs_raw_all_answered": round(ms(fork_all) / ms(raw_fork_all)),
         "pss_counts": "sum of Pss from /proc/PID/smaps_rollup of every process whose command line names the sandbox id (kiln) or the container's runsc --root (raw): runsc-sandbox + runsc-gofer, divided by N",
     });
