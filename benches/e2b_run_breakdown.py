@@ -122,7 +122,8 @@ def main(env, result):
     # kiln serve's own time per Start request (its log: until the start event is sent).
     served = []
     with open(os.path.join(env.tmp, "serve.log"), "rb") as f:
-        for line in f.read().decode(errors="replace").splitlines():
+        text = re.sub(r"\x1b\[[0-9;]*m", "", f.read().decode(errors="replace"))
+        for line in text.splitlines():
             if "process.Process/Start" in line:
                 m = re.search(r"ms=(\d+)", line)
                 if m:

@@ -317,16 +317,9 @@ fn pss_of_root(root: &Path) -> u64 {
         .sum()
 }
 
-/// CPU time (user + system, clock ticks) of every process whose command line names one of
-/// `needles`: the sandboxes' runsc processes (systrap's stubs carry the sentry's command line).
-fn cpu_ticks(needles: &[String]) -> u64 {
-    let mut pids: Vec<u32> = needles
-        .iter()
-        .flat_map(|n| pids_matching(n.as_bytes()))
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids.into_iter()
+/// CPU time (user + system, clock ticks) of processes `pids`.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
         .filter_map(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             // Fields after the command name (which may hold spaces): utime and stime are the
@@ -337,14 +330,24 @@ fn cpu_ticks(needles: &[String]) -> u64 {
         .sum()
 }
 
-/// Percent of one core the processes named by `needles` use over `window`, idle.
+/// Percent of one core used, over about `window`, by the processes whose command line names
+/// one of `needles` (the sandboxes' runsc processes; systrap's stubs carry the sentry's
+/// command line). The processes are found once, before the window.
 fn idle_cpu_pct(needles: &[String], window: Duration) -> f64 {
+    let mut pids: Vec<u32> = needles
+        .iter()
+        .flat_map(|n| pids_matching(n.as_bytes()))
+        .filter(|&p| p != std::process::id())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let a = cpu_ticks(needles);
+    let t = Instant::now();
+    let a = cpu_ticks(&pids);
     std::thread::sleep(window);
-    let b = cpu_ticks(needles);
-    b.saturating_sub(a) as f64 / hz / window.as_secs_f64() * 100.0
+    let b = cpu_ticks(&pids);
+    b.saturating_sub(a) as f64 / hz / t.elapsed().as_secs_f64() * 100.0
 }
 
 fn pss_kib(pid: u32) -> u64 {
