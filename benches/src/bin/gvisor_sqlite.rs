@@ -115,7 +115,16 @@ fn kiln(k: &Kiln) -> Result<(Sample, f64)> {
     let rec = k.json(["sandbox", "create", "py", "--json"]);
     let create_s = t.elapsed().as_secs_f64();
     let id = rec["id"].as_str().context("sandbox id")?.to_string();
-    let mut c = k.cmd(["sandbox", "exec", &id, "--", "python3", "-c", SCRIPT, "/root/work"]);
+    let mut c = k.cmd([
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        SCRIPT,
+        "/root/work",
+    ]);
     c.env("LANG", "C.UTF-8");
     let r = timed(c, "kiln sandbox exec python3");
     k.ok(["sandbox", "kill", &id]);
@@ -175,7 +184,10 @@ fn run(runs: usize, platform: &str, overlay: &str, tree: &Path) -> Result<Value>
     let (_, first_create_s) = kiln(&k)?;
     native(tree, &tmp.path().join("warm"))?;
 
-    let shm = PathBuf::from(format!("/dev/shm/kiln-gvisor-sqlite-{}", std::process::id()));
+    let shm = PathBuf::from(format!(
+        "/dev/shm/kiln-gvisor-sqlite-{}",
+        std::process::id()
+    ));
     let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
     let mut kiln_create = Vec::new();
     let mut loads = Vec::new();

@@ -95,7 +95,6 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-
 // ------------------------------------------------------------------ cleanup
 
 /// SIGKILLs every process whose command line contains `needle` (not this one); repeats until
@@ -199,7 +198,10 @@ fn platform() -> &'static str {
 }
 
 fn raw_overlay() -> &'static str {
-    RAW_OVERLAY.get().map(String::as_str).unwrap_or("root:memory")
+    RAW_OVERLAY
+        .get()
+        .map(String::as_str)
+        .unwrap_or("root:memory")
 }
 
 fn runsc(root: &Path, host_uds: bool) -> Command {
@@ -793,7 +795,11 @@ fn main() {
     unsafe {
         std::env::set_var(
             "KILN_DNS_UPSTREAM",
-            format!("{}:{}", kiln_tests::net::INTERNET_IP, kiln_tests::net::DNS_PORT),
+            format!(
+                "{}:{}",
+                kiln_tests::net::INTERNET_IP,
+                kiln_tests::net::DNS_PORT
+            ),
         )
     };
     let tmp = match tempfile::Builder::new()
@@ -915,7 +921,10 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     live.add(&first.id);
     kiln_exec(&sbx, &first.id, &["true"])?;
     let first_ms = ms(t.elapsed());
-    let config_path = home.join("sandboxes").join(&first.id).join("bundle/config.json");
+    let config_path = home
+        .join("sandboxes")
+        .join(&first.id)
+        .join("bundle/config.json");
     let mut replays = Replay {
         config: std::fs::read(&config_path)
             .ok()
@@ -969,7 +978,15 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         r_exec.push(ms(t2 - t1));
         r_total.push(ms(t2));
         // kiln's steps, replayed
-        replays.run(|c| replay(c, &replay_base.join(format!("tti{i}")), &store, None, &mut tti_steps));
+        replays.run(|c| {
+            replay(
+                c,
+                &replay_base.join(format!("tti{i}")),
+                &store,
+                None,
+                &mut tti_steps,
+            )
+        });
         progress!(
             "tti {i}: kiln {:.0} ms (create {:.0} + exec {:.0}), raw {:.0} ms (run {:.0} + exec {:.0}), replay {:.0} ms",
             k_total[i],
@@ -1018,7 +1035,9 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     if snap_state.is_none() && replays.failed.is_none() {
         replays.failed = Some("the snapshot has no single runsc state file".into());
     }
-    let snap_size = snap_state.and_then(|s| store.manifest(&s).ok()).map(|m| m.size);
+    let snap_size = snap_state
+        .and_then(|s| store.manifest(&s).ok())
+        .map(|m| m.size);
     progress!(
         "snapshot {snap}: {snapshot_live_ms:.0} ms (live: checkpoint + restore in place), {snapshot_store_bytes} B written to the store"
     );
@@ -1430,7 +1449,8 @@ fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
         live.add(&rec.id);
         let create_ms = ms(t.elapsed());
         let id = rec.id.as_str();
-        let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc {SERVER_A} {HTTP_PORT}");
+        let get =
+            format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc {SERVER_A} {HTTP_PORT}");
         let request = || -> Result<bool> {
             let body = kiln_exec(sbx, id, &["/bin/sh", "-c", &get])?;
             Ok(String::from_utf8_lossy(&body).contains("server-a"))
