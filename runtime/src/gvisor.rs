@@ -28,6 +28,7 @@
 //! stdio, so nothing in the sandbox can write there).
 
 use crate::error::{Error, IoCtx, Result};
+use crate::gvisor_disk;
 use crate::hostfs::{self, TmpfsLimits};
 use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
@@ -222,7 +223,7 @@ impl GvisorDriver {
         c.arg(Self::root_flag(dir))
             .arg(format!("--platform={}", self.config.platform))
             .arg(format!("--network={network}"))
-            .arg("--overlay2=root:memory")
+            .arg(Self::overlay_flag(dir))
             .arg("--host-uds=create")
             .arg("--ignore-cgroups");
         if let Some(d) = std::env::var_os("KILN_RUNSC_DEBUG_LOG") {
@@ -230,6 +231,13 @@ impl GvisorDriver {
                 .arg(format!("--debug-log={}/", Path::new(&d).display()));
         }
         c
+    }
+
+    /// The root overlay's filestore on the sandbox's own disk ([`gvisor_disk`]). A path runsc
+    /// cannot take fails every launch before runsc runs (the fallback only reaches commands
+    /// that create no filestore, as `checkpoint`).
+    fn overlay_flag(dir: &SandboxDir) -> String {
+        gvisor_disk::overlay_flag(dir).unwrap_or_else(|_| "--overlay2=root:memory".into())
     }
 
     /// `--root=<state root>` in one argument, as runsc passes it on to the sandbox and gofer
@@ -290,6 +298,8 @@ impl GvisorDriver {
         let run = dir.sub("run");
         std::fs::create_dir_all(&run).ctx("create", &run)?;
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
+        gvisor_disk::overlay_flag(dir)?;
+        gvisor_disk::attach(dir, rec.disk_mib)?;
         let mask = match &rec.net {
             Some(att) => {
                 network::reset_guest(att)?;
@@ -574,6 +584,9 @@ impl GvisorDriver {
         if let Err(e) = hostfs::unmount_all(&dir.sub("run")) {
             tracing::warn!(id = %rec.id, "unmounting run/: {e}");
         }
+        if let Err(e) = gvisor_disk::detach(dir) {
+            tracing::warn!(id = %rec.id, "removing the sandbox's disk: {e}");
+        }
     }
 
     /// SIGKILLs the sandbox process if it is still there after `linger`, waits for it to go
@@ -617,7 +630,7 @@ impl GvisorDriver {
         tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
         let cp = Checkpoint {
             state: json!({"format": "runsc-checkpoint", "state_file": blob,
-                          "network": rec.net.is_some()}),
+                          "network": rec.net.is_some(), "overlay": gvisor_disk::OVERLAY}),
             blobs: vec![blob],
         };
         if let Some(op) = rec.op.as_mut() {
@@ -876,6 +889,7 @@ impl Runtime for GvisorDriver {
                 if had_net { "with" } else { "without" }
             )));
         }
+        gvisor_disk::check_checkpoint(&checkpoint.state)?;
         let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
         self.write_bundle(dir, rec, &rootfs)?;
         let ckpt = dir.sub("ckpt");
@@ -922,7 +936,9 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_file(dir.sub("launch.pid"));
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
         let run = dir.sub("run");
-        hostfs::unmount_all(&run).ctx("unmount", &run)
+        let disk = gvisor_disk::detach(dir);
+        hostfs::unmount_all(&run).ctx("unmount", &run)?;
+        disk
     }
 
     fn exited(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {
