@@ -18,7 +18,7 @@ fn sandbox_processes(k: &Kiln, id: &str) -> Vec<u32> {
     );
     let mut pids: Vec<u32> = kiln_tests::sandbox::processes()
         .into_iter()
-        .filter(|(_, argv)| argv.iter().any(|a| *a == root))
+        .filter(|(_, argv)| argv.contains(&root))
         .map(|(pid, _)| pid)
         .collect();
     loop {
@@ -168,34 +168,31 @@ fn two_gib_written_stay_on_disk_not_in_ram_and_survive_pause_resume() {
          done",
     );
     let wrote = t.elapsed();
+    let after = memory(&sandbox_processes(&k, &id));
     let sum = sh(&k, &id, "md5sum /work/big");
     assert_eq!(
         sh(&k, &id, "stat -c %s /work/big"),
         format!("{}\n", 2u64 << 30)
     );
     let used = disk_used(&k, &id);
-    let after = memory(&sandbox_processes(&k, &id));
+    let read = memory(&sandbox_processes(&k, &id));
     eprintln!(
         "2 GiB written in {wrote:?}; host disk used {} MiB; sandbox memory KiB before \
-         {before:?}, after {after:?}",
+         {before:?}, after writing {after:?}, after reading it all {read:?}",
         used >> 20
     );
     assert!(
         used >= 2 << 30,
         "the data is on the sandbox's disk: {used} bytes used"
     );
-    // In memory (the old overlay) the sandbox held the 2 GiB as shared memory; now its
-    // processes hold what they held before, plus at most page cache they mapped.
-    let grew = (after.anon + after.shmem).saturating_sub(before.anon + before.shmem);
-    assert!(
-        grew < 128 << 10,
-        "anonymous and shared memory grew {grew} KiB: {after:?}"
-    );
-    assert!(
-        after.pss < 768 << 10,
-        "PSS {} KiB for 2 GiB written",
-        after.pss
-    );
+    // In memory (the old overlay) the sandbox held the 2 GiB as shared memory. Writes are
+    // pwrites into the filestore: its processes hold what they held before.
+    let grew = |m: Mem| (m.anon + m.shmem).saturating_sub(before.anon + before.shmem);
+    assert!(grew(after) < 128 << 10, "memory after writing: {after:?}");
+    assert!(after.pss < 256 << 10, "PSS after writing: {after:?}");
+    // Reads go through the sentry's mapping of the filestore: its page cache then shows as
+    // the sentry's RssFile (reclaimable, unlike shared memory), nothing else grows.
+    assert!(grew(read) < 128 << 10, "memory after reading: {read:?}");
 
     let t = std::time::Instant::now();
     k.ok(["sandbox", "pause", &id]);
@@ -210,7 +207,10 @@ fn two_gib_written_stay_on_disk_not_in_ram_and_survive_pause_resume() {
         sum,
         "the data after resume"
     );
-    assert!(disk_used(&k, &id) >= 2 << 30, "restored onto the new disk");
+    // Restored onto a new disk: the random stretches (the checkpoint dropped the zeros, which
+    // read back as zeros all the same).
+    let used = disk_used(&k, &id);
+    assert!(used >= 24 << 20, "{used} bytes on the restored disk");
     k.ok(["sandbox", "kill", &id]);
     assert_nothing_left(&k, "killed");
 }
