@@ -191,6 +191,10 @@ pub struct CreateArgs {
     /// Memory in MiB [default: 512, or the snapshot's]
     #[arg(long)]
     memory: Option<u64>,
+    /// Disk size in MiB: bounds what the sandbox's files can take (gVisor: the writable
+    /// layer, on host disk) [default: the image's disk size, at least 2048; or the snapshot's]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=runtime::MAX_DISK_MIB))]
+    disk: Option<u64>,
     /// Environment for every exec, K=V (repeatable)
     #[arg(long = "env", value_parser = parse_kv)]
     env: Vec<(String, String)>,
@@ -469,6 +473,7 @@ fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
     };
     spec.cpus = a.cpus;
     spec.memory_mib = a.memory;
+    spec.disk_mib = a.disk;
     spec.env = a.env.into_iter().collect();
     spec.metadata = a.metadata.into_iter().collect();
     spec.timeout_secs = a.timeout;
@@ -535,7 +540,10 @@ fn print_record(r: &SandboxRecord) {
     }
     println!("runtime:  {}", r.runtime);
     println!("source:   {} (image {})", r.source, r.image);
-    println!("cpus:     {}  memory: {} MiB", r.cpus, r.memory_mib);
+    println!(
+        "cpus:     {}  memory: {} MiB  disk: {} MiB",
+        r.cpus, r.memory_mib, r.disk_mib
+    );
     println!("created:  {} ago", age(r.created_ms));
     println!("timeout:  {}", describe_deadline(r));
     match (&r.network, &r.net) {

@@ -28,6 +28,7 @@
 //! stdio, so nothing in the sandbox can write there).
 
 use crate::error::{Error, IoCtx, Result};
+use crate::gvisor_disk;
 use crate::hostfs::{self, TmpfsLimits};
 use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
@@ -298,13 +299,20 @@ impl GvisorDriver {
                     .map_or("systrap", |p| p.name())
             ))
             .arg(format!("--network={network}"))
-            .arg("--overlay2=root:memory")
+            .arg(Self::overlay_flag(dir))
             .arg("--host-uds=create");
         if let Some(d) = std::env::var_os("KILN_RUNSC_DEBUG_LOG") {
             c.arg("--debug")
                 .arg(format!("--debug-log={}/", Path::new(&d).display()));
         }
         c
+    }
+
+    /// The root overlay's filestore on the sandbox's own disk ([`gvisor_disk`]). A path runsc
+    /// cannot take fails every launch before runsc runs (the fallback only reaches commands
+    /// that create no filestore, as `checkpoint`).
+    fn overlay_flag(dir: &SandboxDir) -> String {
+        gvisor_disk::overlay_flag(dir).unwrap_or_else(|_| "--overlay2=root:memory".into())
     }
 
     /// `--root=<state root>` in one argument, as runsc passes it on to the sandbox and gofer
@@ -365,6 +373,8 @@ impl GvisorDriver {
         let run = dir.sub("run");
         std::fs::create_dir_all(&run).ctx("create", &run)?;
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
+        gvisor_disk::overlay_flag(dir)?;
+        gvisor_disk::attach(dir, rec.disk_mib)?;
         let mask = match &rec.net {
             Some(att) => {
                 network::reset_guest(att)?;
@@ -664,6 +674,9 @@ impl GvisorDriver {
         if let Err(e) = hostfs::unmount_all(&dir.sub("run")) {
             tracing::warn!(id = %rec.id, "unmounting run/: {e}");
         }
+        if let Err(e) = gvisor_disk::detach(dir) {
+            tracing::warn!(id = %rec.id, "removing the sandbox's disk: {e}");
+        }
     }
 
     /// SIGKILLs the sandbox process if it is still there after `linger`, waits for it to go
@@ -710,7 +723,7 @@ impl GvisorDriver {
         tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
         let cp = Checkpoint {
             state: json!({"format": "runsc-checkpoint", "state_file": blob,
-                          "network": rec.net.is_some()}),
+                          "network": rec.net.is_some(), "overlay": gvisor_disk::OVERLAY}),
             blobs: vec![blob],
         };
         if let Some(op) = rec.op.as_mut() {
@@ -991,6 +1004,7 @@ impl Runtime for GvisorDriver {
                 if had_net { "with" } else { "without" }
             )));
         }
+        gvisor_disk::check_checkpoint(&checkpoint.state)?;
         let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
         self.write_bundle(dir, rec, &rootfs)?;
         let ckpt = dir.sub("ckpt");
@@ -1037,8 +1051,11 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_file(dir.sub("launch.pid"));
         let _ = std::fs::remove_dir_all(dir.sub("runsc"));
         let run = dir.sub("run");
+        // Every step runs whatever the others did; the first error is reported.
+        let disk = gvisor_disk::detach(dir);
         let unmounted = hostfs::unmount_all(&run).ctx("unmount", &run);
-        unmounted.and(limits::remove(&rec.id))
+        let cgroups = limits::remove(&rec.id);
+        unmounted.and(disk).and(cgroups)
     }
 
     fn exited(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Option<String> {

@@ -13,6 +13,7 @@
 
 mod error;
 pub mod gvisor;
+mod gvisor_disk;
 pub mod holds;
 pub mod hostfs;
 pub mod microvm;
@@ -28,7 +29,10 @@ pub use record::{
     Access, OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir,
     SandboxRecord, State,
 };
-pub use sandboxes::{default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source};
+pub use sandboxes::{
+    default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source, MAX_DISK_MIB,
+    MIN_DEFAULT_DISK_MIB,
+};
 
 use blockstore::BlobId;
 use imagebuilder::image::ImageRecord;

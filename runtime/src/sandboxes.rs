@@ -68,6 +68,19 @@ pub struct ForkSpec {
     pub timeout_secs: Option<u64>,
 }
 
+/// The largest disk a sandbox can ask for (ext4 with 4 KiB blocks goes far beyond; this keeps
+/// sizes well inside what is tested).
+pub const MAX_DISK_MIB: u64 = 16 << 20;
+
+/// The disk size a sandbox gets when nobody asks, at least: its writable layer is bounded by
+/// it, and room not written costs nothing (a sparse file).
+pub const MIN_DEFAULT_DISK_MIB: u64 = 2048;
+
+/// The image's disk size (room for its content twice over), at least [`MIN_DEFAULT_DISK_MIB`].
+fn default_disk_mib(image: &ImageRecord) -> u64 {
+    image.disk_size.div_ceil(1 << 20).max(MIN_DEFAULT_DISK_MIB)
+}
+
 /// The network a sandbox gets when nobody asks: internet on, unless `KILN_NETWORK=none`
 /// makes "no network device" this host's default.
 pub fn default_network() -> Option<NetworkPolicy> {
@@ -179,6 +192,11 @@ impl Sandboxes {
         if let Some(n) = &spec.name {
             check_name(n)?;
         }
+        if let Some(d) = spec.disk_mib.filter(|d| *d == 0 || *d > MAX_DISK_MIB) {
+            return Err(Error::Invalid(format!(
+                "a disk of {d} MiB: give 1 to {MAX_DISK_MIB} MiB"
+            )));
+        }
         let (image_id, image, from_snapshot) = match &spec.source {
             Source::Image(name) => {
                 let (id, rec) = imagebuilder::image::lookup(&self.store, name)?;
@@ -254,7 +272,7 @@ impl Sandboxes {
             disk_mib: spec
                 .disk_mib
                 .or(snap.map(|s| s.disk_mib))
-                .unwrap_or(image.disk_size.div_ceil(1 << 20)),
+                .unwrap_or(default_disk_mib(&image)),
             env,
             metadata,
             state: State::Starting,
