@@ -92,7 +92,7 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
     sh(
         &k,
         &id,
-        &format!("head -c {}M /dev/urandom >/tmp/fill", fill),
+        &format!("dd if=/dev/urandom of=/tmp/fill bs=1M count={fill} 2>/dev/null"),
     );
     let err = k.fails(["sandbox", "pause", &id]);
     eprintln!("pause on a full disk: {err}");
@@ -123,7 +123,7 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
     sh(
         &k,
         &id,
-        &format!("head -c {}M /dev/urandom >/tmp/fill2", fill),
+        &format!("dd if=/dev/urandom of=/tmp/fill2 bs=1M count={fill} 2>/dev/null"),
     );
     let err = k.fails(["sandbox", "pause", &id]);
     eprintln!("pause with no room for runsc's image: {err}");

@@ -475,8 +475,10 @@ fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
         l
     });
     // Outside: a client that keeps its connection open and idle, and says when it ends.
+    // (It writes what goes into a FIFO that a sleeping writer keeps open.)
     let outside = format!(
-        "(sleep 100000 | nc {SERVER_A} {PORT} >/tmp/ext.out; echo ended >/tmp/ext.done) \
+        "mkfifo /tmp/ext.in; (sleep 100000 >/tmp/ext.in &) ; \
+         (nc {SERVER_A} {PORT} </tmp/ext.in >/tmp/ext.out; echo ended >/tmp/ext.done) \
          >/dev/null 2>&1 &"
     );
     sh(&k, &id, &outside);
@@ -522,7 +524,8 @@ fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
     );
     k.ok(["sandbox", "resume", &id]);
 
-    // The outside connection is gone for its client inside...
+    // The outside connection is gone for its client inside: the next write finds it reset...
+    sh(&k, &id, "echo ping >/tmp/ext.in");
     let t = Instant::now();
     while sh(&k, &id, "cat /tmp/ext.done 2>/dev/null || true").trim() != "ended" {
         assert!(
