@@ -300,6 +300,16 @@ impl Store {
         crate::put::put(self, f, opts, Some(announce))
     }
 
+    /// [`Store::put_bytes`] with an announce hook, as [`Store::put_file_announced`].
+    pub fn put_bytes_announced(
+        &self,
+        data: &[u8],
+        opts: &PutOptions,
+        announce: &crate::Announce<'_>,
+    ) -> Result<BlobId> {
+        crate::put::put(self, data, opts, Some(announce))
+    }
+
     /// Store bytes as a blob.
     pub fn put_bytes(&self, data: &[u8], opts: &PutOptions) -> Result<BlobId> {
         crate::put::put(self, data, opts, None)

@@ -1013,6 +1013,10 @@ impl Runtime for GvisorDriver {
                 tracing::warn!(id = %rec.id, "restoring after a failed store: {e}");
             }
         }
+        if finished.is_err() {
+            // Its room is what a full disk needs back.
+            let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        }
         finished
     }
 

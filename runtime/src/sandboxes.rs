@@ -770,7 +770,7 @@ impl Sandboxes {
         let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         driver.checkpoint_done(&dir);
         let snap = SnapshotRecord::of(&rec, cp);
-        let id = snapshot::put_record(&self.store, &snap)?;
+        let id = snapshot::put_record(&self.holds, &snap)?;
         // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
         let name = name.map(str::to_string).unwrap_or_else(|| id.to_hex());
         snapshot::name(&self.holds, &name, &id, &snap)?;
