@@ -37,17 +37,17 @@
 //! stdio, so nothing in the sandbox can write there).
 
 use crate::error::{Error, IoCtx, Result};
+use crate::holds::{Holder, Holds};
 use crate::hostfs::{self, TmpfsLimits};
 use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
     SandboxDir, SandboxRecord,
 };
-use crate::holds::{Holder, Holds};
 use crate::{Checkpoint, Recovered, Runtime};
 use blockstore::{BlobId, PutOptions, Store};
-use std::collections::BTreeMap;
 use imagebuilder::image::ImageRecord;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -751,7 +751,10 @@ impl GvisorDriver {
                             .map_err(Error::from)
                             .and_then(|n| f.write_all_at(&buf[..n], off).ctx("write", p));
                         if let Err(e) = r {
-                            failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
                             next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
                             return;
                         }
@@ -1191,7 +1194,8 @@ fn checkpoint_files(cp: &Checkpoint) -> Result<BTreeMap<String, BlobId>> {
         !n.is_empty()
             && !n.starts_with('.')
             && !OWN_FILES.contains(&n)
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     };
     if !files.contains_key("checkpoint.img") || !files.keys().all(|n| plain(n)) {
         return Err(Error::Invalid(format!(

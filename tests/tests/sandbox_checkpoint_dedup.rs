@@ -58,7 +58,11 @@ fn a_second_pause_stores_and_pushes_only_what_changed_and_forks_store_nothing() 
         "the first push uploads the whole state: {first}"
     );
     k.ok(["sandbox", "resume", &id]);
-    sh(&k, &id, "dd if=/dev/urandom of=/work/small bs=1M count=1 2>/dev/null");
+    sh(
+        &k,
+        &id,
+        "dd if=/dev/urandom of=/work/small bs=1M count=1 2>/dev/null",
+    );
     let small = sh(&k, &id, "md5sum /work/small");
 
     let before = store_bytes(&k.store_dir());

@@ -545,7 +545,10 @@ fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
     }
     // The loopback connection survived and carries data.
     sh(&k, &id, "echo after >/tmp/lo.in");
-    assert!(got(&k, "after"), "the loopback connection did not survive the pause");
+    assert!(
+        got(&k, "after"),
+        "the loopback connection did not survive the pause"
+    );
     let out = sh(&k, &id, "cat /tmp/lo.out");
     assert_eq!(out, "before\nafter\n");
     // The sandbox still reaches the outside.
