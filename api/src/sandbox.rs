@@ -359,11 +359,18 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             let State::Paused { saved: snapshot } = &rec.state else {
                 bail!("sandbox {id} did not pause");
             };
-            if push {
-                runtime::snapshot::push(sbx.store(), snapshot, None)?;
-            }
+            let pushed = match push {
+                true => Some(runtime::snapshot::push(sbx.store(), snapshot, None)?),
+                false => None,
+            };
             if json {
-                return print_json(&rec);
+                // The record, and the bytes this pause stored and uploaded (only what was new).
+                let mut v = serde_json::to_value(&rec)?;
+                v["stored_bytes"] = sbx.store().stats().bytes_written.into();
+                if let Some(b) = pushed {
+                    v["pushed_bytes"] = b.into();
+                }
+                return print_json(&v);
             }
             println!("{} paused (snapshot {snapshot})", rec.id);
             Ok(())

@@ -47,6 +47,7 @@ mod overlay;
 mod pack;
 mod persist;
 mod put;
+pub use put::Announce;
 mod store;
 mod tier;
 

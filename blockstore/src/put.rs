@@ -81,13 +81,15 @@ impl<'a> ChunkSink<'a> {
         Ok(Some(id))
     }
 
-    /// Makes the new chunks durable, then the manifest, then the name.
+    /// Makes the new chunks durable, then tells `announce` the blob's id, then writes the
+    /// manifest, then the name.
     fn finish(
         self,
         chunks: Vec<Option<ChunkId>>,
         size: u64,
         cs: u32,
         opts: &PutOptions,
+        announce: Option<&Announce<'_>>,
     ) -> Result<BlobId> {
         let t = std::time::Instant::now();
         let new_chunks = install_chunks(self.store, self.pack)?;
@@ -96,6 +98,9 @@ impl<'a> ChunkSink<'a> {
             chunk_size: cs,
             chunks,
         };
+        if let Some(f) = announce {
+            f(&Digest::of(&m.to_bytes()))?;
+        }
         let id = self.store.write_manifest(&m)?;
         debug!(blob = %id, size, chunks = m.chunks.len(), new_chunks, sync_ms = t.elapsed().as_millis() as u64, "put");
         if let Some(n) = &opts.name {
@@ -115,7 +120,15 @@ fn check_options(store: &Store, opts: &PutOptions) -> Result<u32> {
     Ok(cs)
 }
 
-pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Result<BlobId> {
+/// Called with a blob's id before its manifest is written (see [`Store::put_file_announced`]).
+pub type Announce<'a> = dyn Fn(&BlobId) -> Result<()> + Sync + 'a;
+
+pub(crate) fn put(
+    store: &Store,
+    mut input: impl Read,
+    opts: &PutOptions,
+    announce: Option<&Announce<'_>>,
+) -> Result<BlobId> {
     let cs = check_options(store, opts)?;
     let _lock = store.gc_lock(false)?;
     let workers = workers();
@@ -199,7 +212,7 @@ pub(crate) fn put(store: &Store, mut input: impl Read, opts: &PutOptions) -> Res
     if let Some(e) = first_err {
         return Err(e); // dropping the uncommitted pack removes it
     }
-    sink.finish(chunks, size, cs, opts)
+    sink.finish(chunks, size, cs, opts, announce)
 }
 
 /// A chunk's index in the blob and its id (`None`: all zeros).
@@ -264,7 +277,7 @@ pub(crate) fn put_chunks<'a>(
             chunks[i] = id;
         }
     }
-    sink.finish(chunks, size, cs, opts)
+    sink.finish(chunks, size, cs, opts, None)
 }
 
 /// Make a pack of new chunks durable and visible; returns how many it holds.

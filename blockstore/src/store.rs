@@ -283,17 +283,41 @@ impl Store {
     /// Store a file as a blob.
     pub fn put_file(&self, path: &Path, opts: &PutOptions) -> Result<BlobId> {
         let f = File::open(path).ctx("open", path)?;
-        crate::put::put(self, f, opts)
+        crate::put::put(self, f, opts, None)
+    }
+
+    /// [`Store::put_file`] that calls `announce` with the blob's id once its chunks are
+    /// durable and before its manifest is written: a caller that records the id there (a
+    /// name made with [`Store::set_name_ahead`], a journal) never leaves a blob it does not
+    /// know of, whenever it is killed. An error from `announce` ends the put.
+    pub fn put_file_announced(
+        &self,
+        path: &Path,
+        opts: &PutOptions,
+        announce: &crate::Announce<'_>,
+    ) -> Result<BlobId> {
+        let f = File::open(path).ctx("open", path)?;
+        crate::put::put(self, f, opts, Some(announce))
+    }
+
+    /// [`Store::put_bytes`] with an announce hook, as [`Store::put_file_announced`].
+    pub fn put_bytes_announced(
+        &self,
+        data: &[u8],
+        opts: &PutOptions,
+        announce: &crate::Announce<'_>,
+    ) -> Result<BlobId> {
+        crate::put::put(self, data, opts, Some(announce))
     }
 
     /// Store bytes as a blob.
     pub fn put_bytes(&self, data: &[u8], opts: &PutOptions) -> Result<BlobId> {
-        crate::put::put(self, data, opts)
+        crate::put::put(self, data, opts, None)
     }
 
     /// Store everything `r` yields as a blob.
     pub fn put_reader(&self, r: impl Read, opts: &PutOptions) -> Result<BlobId> {
-        crate::put::put(self, r, opts)
+        crate::put::put(self, r, opts, None)
     }
 
     /// Store a blob of `size` bytes whose chunks are already in memory, reading them in place:
@@ -504,6 +528,18 @@ impl Store {
         if !self.contains(id) {
             return Err(Error::NotFound(format!("blob {id}")));
         }
+        fsutil::write_durable(
+            &fsutil::tmp_name(&self.inner.local.tmp),
+            &p,
+            id.to_hex().as_bytes(),
+        )
+    }
+
+    /// Point `name` at `id` before the blob exists (from a put's announce hook, see
+    /// [`Store::put_file_announced`]); a put cut short leaves a name to a blob that is not
+    /// there, which reads as not found.
+    pub fn set_name_ahead(&self, name: &str, id: &BlobId) -> Result<()> {
+        let p = self.name_path(name)?;
         fsutil::write_durable(
             &fsutil::tmp_name(&self.inner.local.tmp),
             &p,

@@ -17,8 +17,7 @@ mod setup;
 
 pub use policy::{Dest, DestError, NetworkPolicy};
 pub use setup::{
-    apply_policy, attach, cleanup_stale_slots, detach, reset_guest, wait_tcp_idle, Attachment,
-    GuestKind,
+    apply_policy, attach, cleanup_stale_slots, detach, reset_guest, Attachment, GuestKind,
 };
 
 pub const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 88, 0, 2);
@@ -42,11 +41,6 @@ pub enum Error {
     /// kiln's namespace could not be prepared (the first attach of a process says why).
     #[error("{0}")]
     Host(String),
-    #[error(
-        "the sandbox has {0} open TCP connection(s) (or ones closed less than a minute ago); \
-         gVisor cannot save them: close them and retry"
-    )]
-    Busy(usize),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

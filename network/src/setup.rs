@@ -300,10 +300,6 @@ fn build(
     step("guest configured");
     apply_rules(att, guest_if, policy, state, &cfg)?;
     step("rules applied");
-    // Time-wait entries outlive gVisor's own (60 s) so `wait_tcp_idle` never undercounts.
-    ns::within(r, || {
-        ns::sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "65")
-    })?;
     let started = start_proxy(state, proxy_cmd);
     step("DNS proxy started");
     started
@@ -458,31 +454,5 @@ pub fn detach(id: &str, state: &Path) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-    }
-}
-
-/// Waits (up to `max`) until the guest has no TCP connection the router's connection
-/// tracking still knows (open, closing, or in time-wait): gVisor cannot checkpoint those, and
-/// a failed checkpoint ends its sandbox.
-pub fn wait_tcp_idle(att: &Attachment, max: Duration) -> Result<()> {
-    let t = Instant::now();
-    let guest = format!("src={} ", att.guest_ip);
-    loop {
-        let table = ns::within(&att.router_ns, || {
-            // /proc/net follows the main thread's namespace; this thread is in the router's.
-            std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
-                .map_err(io_err("read the router's connection tracking table"))
-        })?;
-        let open = table
-            .lines()
-            .filter(|l| l.contains(" tcp ") && l.contains(&guest) && !l.contains(" CLOSE "))
-            .count();
-        if open == 0 {
-            return Ok(());
-        }
-        if t.elapsed() >= max {
-            return Err(Error::Busy(open));
-        }
-        std::thread::sleep(Duration::from_millis(250));
     }
 }

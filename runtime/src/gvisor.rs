@@ -17,18 +17,28 @@
 //!   holds a new value. `ctl/` is a host directory only the host writes, bind-mounted
 //!   read-only; the driver writes a fresh random value there after the restore (or after a
 //!   failed checkpoint), so the sandbox can neither forge nor redirect that signal.
-//! - Checkpoints are `runsc checkpoint` state files put into the block store; `runsc
-//!   checkpoint --leave-running` never returned on this host's runsc, so a live snapshot is a
-//!   checkpoint followed by a restore in place.
+//! - Checkpoints are uncompressed `runsc checkpoint` images (`--compression=none`: the state,
+//!   the page metadata and the memory pages, which hold the in-memory overlay's files too),
+//!   each file put into the block store as a blob of plain data in fixed chunks, so pages that
+//!   did not change between checkpoints are stored once. Every blob is held
+//!   ([`Holder::Checkpoint`]) before its manifest is written. A restore exports the files back
+//!   into `ckpt/` in parallel; forks of one checkpoint link the files the live checkpoint left
+//!   in their parent's `ckpt-shared/` instead. A live snapshot is a checkpoint followed by a
+//!   restore in place.
+//! - A checkpoint drops the sandbox's TCP connections to the outside (`--net-disconnect-ok`:
+//!   the peers see them reset or closed, as after E2B's pause); connections inside the
+//!   sandbox (loopback) are saved and go on after the restore.
 //!
 //! Files in the sandbox's directory: `bundle/config.json` (the OCI spec), `runsc/` (runsc's
 //! state root for this one container), `run/` (the agent's socket; the sandbox's tmpfs),
 //! `ctl/` (the resume signal; read-only inside), `ckpt/` (a checkpoint being written or read),
+//! `ckpt-shared/` (the files of the last live checkpoint, for its forks to link),
 //! `console.log` (runsc's output, and the agent's until it listens: then it detaches its
 //! stdio, so nothing in the sandbox can write there).
 
 use crate::error::{Error, IoCtx, Result};
 use crate::gvisor_disk;
+use crate::holds::{Holder, Holds};
 use crate::hostfs::{self, TmpfsLimits};
 use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
@@ -38,6 +48,7 @@ use crate::{Checkpoint, Recovered, Runtime};
 use blockstore::{BlobId, PutOptions, Store};
 use imagebuilder::image::ImageRecord;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -75,8 +86,22 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
-/// Chunk size for checkpoint files in the store (they are already compressed by runsc).
-const CHECKPOINT_CHUNK: u32 = 512 * 1024;
+/// Chunk size of checkpoint files in the store: one page. runsc writes the committed pages of
+/// its memory file in order, so a page committed or freed early in that file shifts every
+/// later one by a page: only page-sized chunks dedupe across such shifts (measured: a second
+/// pause after a 1 MiB write into a kiln sandbox holding 144 MiB stored all 145 MiB again at
+/// 64 KiB chunks).
+const CHECKPOINT_CHUNK: u32 = 4096;
+/// `Checkpoint::state["format"]` of this driver: every file of runsc's image directory as a
+/// blob of its own (`files`: name -> blob).
+const FORMAT: &str = "runsc-files/1";
+/// The format of runsc 20221219's checkpoints (one compressed state file), which runsc
+/// 20240729 cannot restore.
+const OLD_FORMAT: &str = "runsc-checkpoint";
+/// Files kiln writes into `ckpt/` beside runsc's image.
+const OWN_FILES: &[&str] = &["runsc.log", "status", "key"];
+/// Threads exporting a checkpoint's chunks (decompression and file writes overlap).
+const EXPORT_THREADS: usize = 4;
 /// How long the reconcile waits for a checkpoint that runs on without its caller.
 const RECOVER_WAIT: Duration = Duration::from_secs(60);
 /// How long after its phase was saved a helper may still be between fork and exec (its
@@ -103,8 +128,6 @@ pub struct GvisorConfig {
     pub agent: std::result::Result<PathBuf, String>,
     /// How long a starting or restored sandbox's agent may take to answer.
     pub agent_timeout: Duration,
-    /// How long a checkpoint waits for the sandbox's TCP connections to close.
-    pub tcp_drain: Duration,
 }
 
 /// gVisor's ways of intercepting a sandbox's system calls.
@@ -161,9 +184,8 @@ impl Platform {
 impl GvisorConfig {
     /// `KILN_RUNSC` (default `runsc` on PATH), `KILN_GVISOR_PLATFORM` (systrap, kvm or ptrace;
     /// default [`Platform::detect`]), `KILN_AGENT` or a static agent next to the running
-    /// binary, `KILN_AGENT_TIMEOUT` seconds (default 20), `KILN_TCP_DRAIN` seconds a
-    /// checkpoint waits for open TCP connections (default 70: gVisor's time-wait is 60 s).
-    /// An unknown platform name is reported by [`Runtime::available`].
+    /// binary, `KILN_AGENT_TIMEOUT` seconds (default 20). An unknown platform name is reported
+    /// by [`Runtime::available`].
     pub fn from_env() -> GvisorConfig {
         let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
         GvisorConfig {
@@ -179,11 +201,6 @@ impl GvisorConfig {
                 env("KILN_AGENT_TIMEOUT")
                     .and_then(|v| v.to_str()?.parse().ok())
                     .unwrap_or(20),
-            ),
-            tcp_drain: Duration::from_secs(
-                env("KILN_TCP_DRAIN")
-                    .and_then(|v| v.to_str()?.parse().ok())
-                    .unwrap_or(70),
             ),
         }
     }
@@ -268,6 +285,7 @@ fn is_static_elf(path: &Path) -> std::io::Result<bool> {
 
 pub struct GvisorDriver {
     store: Store,
+    holds: Holds,
     home: PathBuf,
     config: GvisorConfig,
     available: std::sync::OnceLock<std::result::Result<(), String>>,
@@ -277,6 +295,7 @@ pub struct GvisorDriver {
 impl GvisorDriver {
     pub fn new(store: Store, home: &Path, config: GvisorConfig) -> GvisorDriver {
         GvisorDriver {
+            holds: Holds::of_home(store.clone(), home),
             store,
             home: home.to_path_buf(),
             config,
@@ -300,6 +319,8 @@ impl GvisorDriver {
             ))
             .arg(format!("--network={network}"))
             .arg(Self::overlay_flag(dir))
+            // A checkpoint drops connections to the outside instead of failing on them.
+            .arg("--net-disconnect-ok")
             .arg("--host-uds=create");
         if let Some(d) = std::env::var_os("KILN_RUNSC_DEBUG_LOG") {
             c.arg("--debug")
@@ -327,7 +348,14 @@ impl GvisorDriver {
     fn run_checkpoint(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
         let ckpt = dir.sub("ckpt");
         let mut runsc = self.runsc(dir, rec);
-        runsc.args(["checkpoint", "--image-path", path_str(&ckpt)?, &rec.id]);
+        runsc.args([
+            "checkpoint",
+            // Plain pages, so the store's chunks dedupe them (it compresses them itself).
+            "--compression=none",
+            "--image-path",
+            path_str(&ckpt)?,
+            &rec.id,
+        ]);
         let log_path = ckpt.join("runsc.log");
         let log = std::fs::File::create(&log_path).ctx("create", &log_path)?;
         let sh = Path::new("/bin/sh");
@@ -713,18 +741,12 @@ impl GvisorDriver {
         let ckpt = dir.sub("ckpt");
         dir.enter(rec, Phase::Store)?;
         let t = Instant::now();
-        let blob = self.store.put_file(
-            &ckpt.join("checkpoint.img"),
-            &PutOptions {
-                chunk_size: Some(CHECKPOINT_CHUNK),
-                ..PutOptions::default()
-            },
-        )?;
+        let files = self.store_files(&ckpt, &Holder::Checkpoint(rec.id.clone()))?;
         tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "checkpoint stored");
         let cp = Checkpoint {
-            state: json!({"format": "runsc-checkpoint", "state_file": blob,
-                          "network": rec.net.is_some(), "overlay": gvisor_disk::OVERLAY}),
-            blobs: vec![blob],
+            state: json!({"format": FORMAT, "files": files, "network": rec.net.is_some(),
+                          "sandbox": rec.id, "overlay": gvisor_disk::OVERLAY}),
+            blobs: files.values().copied().collect(),
         };
         if let Some(op) = rec.op.as_mut() {
             // Recorded at once: whoever recovers from here on knows the blob, and frees it if
@@ -742,8 +764,152 @@ impl GvisorDriver {
             self.restore_in_place(dir, rec)?;
         }
         dir.enter(rec, Phase::Saved)?;
-        let _ = std::fs::remove_dir_all(&ckpt);
+        if stop || Self::keep_shared(&ckpt, &files).is_err() {
+            let _ = std::fs::remove_dir_all(&ckpt);
+        }
         Ok(cp)
+    }
+
+    /// Puts every file runsc wrote into `ckpt` into the store (in parallel: each put makes
+    /// and syncs a pack of its own), each blob held by `holder` before it is visible.
+    fn store_files(&self, ckpt: &Path, holder: &Holder) -> Result<BTreeMap<String, BlobId>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(ckpt).ctx("list", ckpt)? {
+            let e = e.ctx("list", ckpt)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !OWN_FILES.contains(&name.as_str()) && e.file_type().is_ok_and(|t| t.is_file()) {
+                names.push(name);
+            }
+        }
+        if !names.iter().any(|n| n == "checkpoint.img") {
+            return Err(Error::Invalid(format!(
+                "runsc wrote no checkpoint.img into {}",
+                ckpt.display()
+            )));
+        }
+        let opts = PutOptions {
+            chunk_size: Some(CHECKPOINT_CHUNK),
+            ..PutOptions::default()
+        };
+        let announce = |id: &BlobId| {
+            self.holds
+                .add_ahead(holder, id)
+                .map_err(|e| blockstore::Error::Invalid(format!("holding a checkpoint blob: {e}")))
+        };
+        let put: Vec<(String, Result<BlobId>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|n| {
+                    let (opts, announce) = (&opts, &announce);
+                    s.spawn(move || {
+                        let p = ckpt.join(n);
+                        let id = self.store.put_file_announced(&p, opts, announce);
+                        (n.clone(), id.map_err(Error::from))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a put thread panicked"))
+                .collect()
+        });
+        put.into_iter().map(|(n, id)| Ok((n, id?))).collect()
+    }
+
+    /// Writes the checkpoint `files` from the store into `ckpt` (zero chunks as holes), every
+    /// file at once from a few threads; the page cache serves a hot store.
+    fn export_files(&self, files: &BTreeMap<String, BlobId>, ckpt: &Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut jobs = Vec::new();
+        let mut out = Vec::new();
+        for (name, id) in files {
+            let m = self.store.manifest(id)?;
+            let p = ckpt.join(name);
+            let f = std::fs::File::create(&p).ctx("create", &p)?;
+            f.set_len(m.size).ctx("size", &p)?;
+            for (i, c) in m.chunks.iter().enumerate() {
+                if c.is_some() {
+                    let off = i as u64 * m.chunk_size as u64;
+                    let len = (m.size - off).min(m.chunk_size as u64) as usize;
+                    jobs.push((out.len(), *id, off, len));
+                }
+            }
+            out.push((p, f));
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..EXPORT_THREADS.min(jobs.len()) {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; CHECKPOINT_CHUNK as usize];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(file, id, off, len)) = jobs.get(i) else {
+                            return;
+                        };
+                        if buf.len() < len {
+                            buf.resize(len, 0);
+                        }
+                        let (p, f) = &out[file];
+                        let r = self
+                            .store
+                            .read_at(&id, off, &mut buf[..len])
+                            .map_err(Error::from)
+                            .and_then(|n| f.write_all_at(&buf[..n], off).ctx("write", p));
+                        if let Err(e) = r {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Keeps a live checkpoint's files (complete in `ckpt`) as `ckpt-shared/` for its forks,
+    /// marked with the key of their blobs.
+    fn keep_shared(ckpt: &Path, files: &BTreeMap<String, BlobId>) -> Result<()> {
+        let key = ckpt.join("key");
+        std::fs::write(&key, files_key(files)).ctx("write", &key)?;
+        let shared = ckpt.with_file_name("ckpt-shared");
+        let _ = std::fs::remove_dir_all(&shared);
+        std::fs::rename(ckpt, &shared).ctx("rename", ckpt)
+    }
+
+    /// Hard-links the checkpoint `files` into `ckpt` from the `ckpt-shared/` of sandbox
+    /// `parent` (where the live checkpoint that made them left them), if it still holds
+    /// exactly these files. Read through one descriptor of that directory, so a parent that
+    /// checkpoints again meanwhile makes the links fail rather than mix two checkpoints.
+    fn link_shared(&self, parent: &str, files: &BTreeMap<String, BlobId>, ckpt: &Path) -> bool {
+        if crate::record::check_name(parent).is_err() {
+            return false;
+        }
+        let shared = self.home.join("sandboxes").join(parent).join("ckpt-shared");
+        let Ok(d) = std::fs::File::open(&shared) else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        let via = PathBuf::from(format!("/proc/self/fd/{}", d.as_raw_fd()));
+        if std::fs::read(via.join("key")).ok().as_deref() != Some(files_key(files).as_bytes()) {
+            return false;
+        }
+        let linked = files
+            .keys()
+            .all(|n| std::fs::hard_link(via.join(n), ckpt.join(n)).is_ok());
+        if !linked {
+            for n in files.keys() {
+                let _ = std::fs::remove_file(ckpt.join(n));
+            }
+        }
+        linked
     }
 
     /// Runs the sandbox on from the complete checkpoint in `dir/ckpt` (a live snapshot's, or
@@ -946,11 +1112,8 @@ impl Runtime for GvisorDriver {
     ) -> Result<Checkpoint> {
         let ckpt = dir.sub("ckpt");
         let _ = std::fs::remove_dir_all(&ckpt);
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
-        if let Some(att) = &rec.net {
-            // A refused checkpoint ends a gVisor sandbox: wait for its TCP connections to go.
-            network::wait_tcp_idle(att, self.config.tcp_drain)?;
-        }
         let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
@@ -981,6 +1144,10 @@ impl Runtime for GvisorDriver {
                 tracing::warn!(id = %rec.id, "restoring after a failed store: {e}");
             }
         }
+        if finished.is_err() {
+            // Its room is what a full disk needs back.
+            let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        }
         finished
     }
 
@@ -991,12 +1158,7 @@ impl Runtime for GvisorDriver {
         checkpoint: &Checkpoint,
         image: &ImageRecord,
     ) -> Result<()> {
-        let blob: BlobId = checkpoint
-            .state
-            .get("state_file")
-            .and_then(|v| v.as_str())
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::Invalid("checkpoint has no runsc state file".into()))?;
+        let files = checkpoint_files(checkpoint)?;
         let had_net = checkpoint.state.get("network").and_then(|v| v.as_bool()) == Some(true);
         if had_net != rec.net.is_some() {
             return Err(Error::Invalid(format!(
@@ -1010,7 +1172,13 @@ impl Runtime for GvisorDriver {
         let ckpt = dir.sub("ckpt");
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
-        self.store.export(&blob, &ckpt.join("checkpoint.img"))?;
+        let t = Instant::now();
+        let made_in = checkpoint.state.get("sandbox").and_then(|v| v.as_str());
+        let linked = made_in.is_some_and(|p| self.link_shared(p, &files, &ckpt));
+        if !linked {
+            self.export_files(&files, &ckpt)?;
+        }
+        tracing::info!(id = %rec.id, linked, ms = t.elapsed().as_millis() as u64, "checkpoint files ready");
         let restored = self.restore_local(dir, rec, &rootfs);
         let _ = std::fs::remove_dir_all(&ckpt);
         if restored.is_err() {
@@ -1075,6 +1243,10 @@ impl Runtime for GvisorDriver {
         self.connect_path(rec)
     }
 
+    fn checkpoint_done(&self, dir: &SandboxDir) {
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
+    }
+
     fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered> {
         Ok(match (op.kind, op.phase) {
             // A restore (resume) is undone: its half-made container goes; the record still
@@ -1135,6 +1307,58 @@ fn children_of(pids: &[u32]) -> Vec<u32> {
 /// Whether `dir` has no entries (or does not exist).
 fn dir_is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
+/// The files of a checkpoint of this driver's format, by name; a checkpoint of runsc
+/// 20221219's is refused with the reason.
+fn checkpoint_files(cp: &Checkpoint) -> Result<BTreeMap<String, BlobId>> {
+    match cp.state.get("format").and_then(|v| v.as_str()) {
+        Some(FORMAT) => {}
+        Some(OLD_FORMAT) => {
+            return Err(Error::Invalid(
+                "this checkpoint was made by runsc 20221219 (one compressed state file), whose \
+                 images runsc 20240729 cannot restore; start a new sandbox from its image instead"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "unknown gVisor checkpoint format {other:?} (this kiln reads {FORMAT:?})"
+            )))
+        }
+    }
+    let files: BTreeMap<String, BlobId> = cp
+        .state
+        .get("files")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or_else(|| Error::Invalid("the checkpoint lists no files".into()))?;
+    // Names become paths in ckpt/: plain file names only (a record may come from a remote).
+    let plain = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with('.')
+            && !OWN_FILES.contains(&n)
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if !files.contains_key("checkpoint.img") || !files.keys().all(|n| plain(n)) {
+        return Err(Error::Invalid(format!(
+            "the checkpoint's files are not a runsc image: {:?}",
+            files.keys().collect::<Vec<_>>()
+        )));
+    }
+    if cp.blobs.len() != files.len() || !files.values().all(|b| cp.blobs.contains(b)) {
+        return Err(Error::Invalid(
+            "the checkpoint's files and blobs disagree".into(),
+        ));
+    }
+    Ok(files)
+}
+
+/// What identifies a checkpoint's files on disk: the hash of their names and blobs.
+fn files_key(files: &BTreeMap<String, BlobId>) -> String {
+    let bytes = serde_json::to_vec(files).expect("ids serialize");
+    blake3::hash(&bytes).to_hex().to_string()
 }
 
 /// What the watcher of the last `runsc checkpoint` recorded as its exit status.

@@ -28,6 +28,10 @@ pub enum Holder {
     /// A fork under way, by the forked sandbox's id: keeps the fork's snapshot until every
     /// fork has taken its own hold.
     Fork(String),
+    /// The blobs of a checkpoint being stored, by sandbox id: named as each is made (before
+    /// its manifest is visible), so a caller killed at any moment leaves no blob nobody
+    /// names; released once a snapshot holds them, the checkpoint failed, or the sandbox goes.
+    Checkpoint(String),
 }
 
 impl Holder {
@@ -36,6 +40,7 @@ impl Holder {
             Holder::Sandbox(id) => format!("{HOLD_PREFIX}sandbox:{id}:"),
             Holder::Snapshot(n) => format!("{HOLD_PREFIX}snapshot:{n}:"),
             Holder::Fork(id) => format!("{HOLD_PREFIX}fork:{id}:"),
+            Holder::Checkpoint(id) => format!("{HOLD_PREFIX}ckpt:{id}:"),
         }
     }
 
@@ -57,6 +62,11 @@ impl Holds {
     /// `lock`: a file serializing hold changes among every process of this home.
     pub fn new(store: Store, lock: PathBuf) -> Holds {
         Holds { store, lock }
+    }
+
+    /// The holds of the kiln home `home`, shared by every process and driver using it.
+    pub fn of_home(store: Store, home: &std::path::Path) -> Holds {
+        Holds::new(store, home.join("sandboxes").join(".holds.lock"))
     }
 
     pub fn store(&self) -> &Store {
@@ -95,6 +105,16 @@ impl Holds {
         for b in blobs {
             self.store.set_name(&holder.name(b), b)?;
         }
+        Ok(())
+    }
+
+    /// Makes `holder` keep `blob` before the blob exists: for a put's announce hook
+    /// ([`Store::put_file_announced`]). Under the lock, so a holder releasing a blob of the
+    /// same content either finished removing it before (the put then writes its manifest
+    /// again) or sees this name and keeps it.
+    pub fn add_ahead(&self, holder: &Holder, blob: &BlobId) -> Result<()> {
+        let _lock = self.lock()?;
+        self.store.set_name_ahead(&holder.name(blob), blob)?;
         Ok(())
     }
 

@@ -108,6 +108,11 @@ pub trait Runtime: Send + Sync {
     /// A fresh connection to the sandbox's agent, ready for one request.
     fn connect(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream>;
 
+    /// The live checkpoint just made of the sandbox in `dir` will not be restored again by
+    /// its caller (a snapshot is named, a fork's sandboxes run): files the driver kept on the
+    /// host for those restores may go.
+    fn checkpoint_done(&self, _dir: &SandboxDir) {}
+
     /// Whether a sandbox restored from a checkpoint goes on reading its blobs while it runs
     /// (memory paged in lazily), so they must be kept until it is gone or saved again.
     fn reads_checkpoint_while_running(&self) -> bool {

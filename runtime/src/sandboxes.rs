@@ -136,7 +136,7 @@ impl Sandboxes {
     pub fn new(home: &Path, store: Store, drivers: Vec<Box<dyn Runtime>>) -> Sandboxes {
         Sandboxes {
             home: home.to_path_buf(),
-            holds: Holds::new(store.clone(), home.join("sandboxes").join(".holds.lock")),
+            holds: Holds::of_home(store.clone(), home),
             store,
             drivers,
             dns_proxy: Vec::new(),
@@ -453,6 +453,7 @@ impl Sandboxes {
         for h in [
             Holder::Sandbox(rec.id.clone()),
             Holder::Fork(rec.id.clone()),
+            Holder::Checkpoint(rec.id.clone()),
         ] {
             if let Err(e) = self.holds.release(&h) {
                 tracing::warn!(id = %rec.id, "releasing the sandbox's snapshots: {e}");
@@ -614,11 +615,12 @@ impl Sandboxes {
         }
         let driver = self.driver(rec.runtime)?;
         let outcome = driver.recover(dir, &mut rec, &op)?;
-        if let Some(made) = &op.checkpoint {
+        if !matches!(outcome, Recovered::Checkpointed(_) | Recovered::Pending) {
             // Kept only when it became the pause; otherwise nothing holds it.
-            if !matches!(outcome, Recovered::Checkpointed(_) | Recovered::Pending) {
+            if let Some(made) = &op.checkpoint {
                 self.holds.discard(&made.blobs)?;
             }
+            self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
         }
         match outcome {
             Recovered::Pending => return Ok(Some(rec)),
@@ -788,13 +790,15 @@ impl Sandboxes {
             self.lock_running(id, "only a running sandbox can be snapshotted")?;
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
+        driver.checkpoint_done(&dir);
         let snap = SnapshotRecord::of(&rec, cp);
-        let id = snapshot::put_record(&self.store, &snap)?;
+        let id = snapshot::put_record(&self.holds, &snap)?;
         // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
         let name = name.map(str::to_string).unwrap_or_else(|| id.to_hex());
         snapshot::name(&self.holds, &name, &id, &snap)?;
         rec.op = None;
         dir.save(&rec)?;
+        self.holds.release(&Holder::Checkpoint(rec.id))?;
         Ok(id)
     }
 
@@ -807,6 +811,8 @@ impl Sandboxes {
         rec: &mut SandboxRecord,
         kind: OpKind,
     ) -> Result<Checkpoint> {
+        // Blobs a checkpoint before left held (its caller died after it was kept) are free.
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
         rec.op = Some(Op::new(kind, Phase::Prepare));
         dir.save(rec)?;
         let cp = driver.checkpoint(dir, rec, kind.stops());
@@ -815,6 +821,7 @@ impl Sandboxes {
             if let Some(made) = rec.op.take().and_then(|op| op.checkpoint) {
                 self.holds.discard(&made.blobs)?;
             }
+            self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
             if let Some(cause) = driver.exited(dir, rec) {
                 rec.state = State::Failed {
                     cause: format!("lost during a checkpoint: {cause} ({e})"),
@@ -841,13 +848,16 @@ impl Sandboxes {
         self.finish_pause(dir, rec, snap)
     }
 
-    /// Stores a pause's snapshot; it replaces whatever the sandbox held before.
+    /// Stores a pause's snapshot; it replaces whatever the sandbox held before, and holds
+    /// the checkpoint's blobs from then on.
     fn store_pause(&self, rec: &SandboxRecord, cp: Checkpoint) -> Result<BlobId> {
-        snapshot::put(
+        let snap = snapshot::put(
             &self.holds,
             &SnapshotRecord::of(rec, cp),
             &Holder::Sandbox(rec.id.clone()),
-        )
+        )?;
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+        Ok(snap)
     }
 
     /// The last step of a pause whose snapshot `snap` is stored: the record says so (durably)
@@ -923,7 +933,7 @@ impl Sandboxes {
         if n == 0 || n > 256 {
             return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
         }
-        let (snap_id, parent, access) = {
+        let (snap_id, parent, access, runtime) = {
             let (dir, _lock, mut rec) =
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
@@ -935,7 +945,8 @@ impl Sandboxes {
             )?;
             rec.op = None;
             dir.save(&rec)?;
-            (id, Holder::Fork(rec.id), rec.access)
+            self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+            (id, rec.id, rec.access, rec.runtime)
         };
         let mut spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
         spec.timeout_secs = fork.timeout_secs;
@@ -964,7 +975,10 @@ impl Sandboxes {
             }
         }
         // Each fork holds what it still needs; the fork's snapshot goes with the last of them.
-        let released = self.holds.release(&parent);
+        let released = self.holds.release(&Holder::Fork(parent.clone()));
+        if let Ok(driver) = self.driver(runtime) {
+            driver.checkpoint_done(&self.dir(&parent));
+        }
         if let Some(e) = first_err.or(released.err()) {
             // All or nothing: a partial fork is undone.
             for r in &out {

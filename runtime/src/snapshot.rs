@@ -77,15 +77,25 @@ impl SnapshotRecord {
 /// Stores the record (after its blobs, which the driver made durable) and makes `holder` keep
 /// it with its blobs (replacing what `holder` kept before).
 pub fn put(holds: &Holds, snap: &SnapshotRecord, holder: &Holder) -> Result<BlobId> {
-    let id = put_record(holds.store(), snap)?;
+    let id = put_record(holds, snap)?;
     holds.set(holder, &snap.blobs_with(&id))?;
     Ok(id)
 }
 
-/// Stores the record only: the caller holds it.
-pub fn put_record(store: &Store, snap: &SnapshotRecord) -> Result<BlobId> {
+/// Stores the record, held by its sandbox's [`Holder::Checkpoint`] before it is visible (as
+/// the checkpoint's blobs are), so a caller killed before it holds the record otherwise
+/// leaves nothing unnamed; the caller holds it and then releases that hold.
+pub fn put_record(holds: &Holds, snap: &SnapshotRecord) -> Result<BlobId> {
     let bytes = serde_json::to_vec(snap).expect("records serialize");
-    Ok(store.put_bytes(&bytes, &PutOptions::default())?)
+    let holder = Holder::Checkpoint(snap.sandbox.clone());
+    let announce = |id: &BlobId| {
+        holds
+            .add_ahead(&holder, id)
+            .map_err(|e| blockstore::Error::Invalid(format!("holding a snapshot record: {e}")))
+    };
+    Ok(holds
+        .store()
+        .put_bytes_announced(&bytes, &PutOptions::default(), &announce)?)
 }
 
 /// Names snapshot `id` (an existing name moves to it; what only the old one needed goes).

@@ -126,7 +126,7 @@ impl TestNet {
     }
 
     /// Runs `f` on a thread inside I (sockets made there stay there).
-    fn in_inet<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn in_inet<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let i = self.inet_ns.clone();
         std::thread::spawn(move || {
             enter(&i);

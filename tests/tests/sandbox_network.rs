@@ -8,7 +8,7 @@
 //! way out is an "internet" namespace with the test's HTTP and DNS servers.
 
 use kiln_tests::net::{TestNet, HOST_IP, HTTP_PORT, SERVER_A, SERVER_B};
-use kiln_tests::sandbox::{app_home, create, exec, KillAll};
+use kiln_tests::sandbox::{app_home, create, exec, sh, KillAll};
 use kiln_tests::Kiln;
 use std::time::{Duration, Instant};
 
@@ -456,27 +456,102 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
     assert!(!net.host_links().contains(&format!("{}@", att.host_if)));
 }
 
-/// gVisor cannot checkpoint open (or time-wait) TCP connections and a refused checkpoint
-/// would end the sandbox: a pause right after traffic fails with the reason (after
-/// `KILN_TCP_DRAIN` seconds) and the sandbox runs on, network and all.
+/// A pause never waits for the network: right after a connection to the outside was opened
+/// (and while it is still open) it completes at once, the connection is gone after the
+/// resume (its client inside sees it end), and a TCP connection between two processes
+/// inside the sandbox (loopback) survives the pause and carries data after it.
 #[test]
-fn pause_with_recent_tcp_traffic_fails_cleanly_and_the_sandbox_runs_on() {
+fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
     let Some(env) = setup() else {
         return;
     };
     let k = env.k.clone();
     let id = id_of(&create(&k, &["app"]));
-    assert_eq!(
-        fetch(&k, &id, &SERVER_A.to_string()).as_deref(),
-        Some("server-a")
+    // A server in the test's own "internet" namespace that holds what it accepts.
+    const PORT: u16 = 9090;
+    let server = env.net.in_inet(|| {
+        let l = std::net::TcpListener::bind((SERVER_A, PORT)).expect("bind");
+        l.set_nonblocking(true).unwrap();
+        l
+    });
+    // Outside: a client that keeps its connection open and idle, and says when it ends.
+    // (It writes what goes into a FIFO that a sleeping writer keeps open.)
+    let outside = format!(
+        "mkfifo /tmp/ext.in; (sleep 100000 >/tmp/ext.in &) ; \
+         (nc {SERVER_A} {PORT} </tmp/ext.in >/tmp/ext.out; echo ended >/tmp/ext.done) \
+         >/dev/null 2>&1 &"
     );
-    let k1 = k
-        .clone()
-        .with_env([("KILN_TCP_DRAIN".to_string(), "1".to_string())]);
-    let err = k1.fails(["sandbox", "pause", &id]);
-    assert!(err.contains("open TCP connection"), "{err}");
-    let rec = k.json(["sandbox", "info", &id, "--json"]);
-    assert_eq!(rec["state"], "running");
+    sh(&k, &id, &outside);
+    let t = Instant::now();
+    let mut conn = loop {
+        match server.accept() {
+            Ok((c, _)) => break c,
+            Err(_) if t.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the sandbox never connected to the server: {e}"),
+        }
+    };
+    // Inside: a listener and a client on loopback; the client sends what is written into a
+    // FIFO that a sleeping writer keeps open.
+    sh(
+        &k,
+        &id,
+        "(nc -l -p 7000 >/tmp/lo.out &) ; sleep 0.3; mkfifo /tmp/lo.in; \
+         (sleep 100000 >/tmp/lo.in &) ; (nc 127.0.0.1 7000 </tmp/lo.in >/dev/null 2>&1 &) ; \
+         echo before >/tmp/lo.in",
+    );
+    let got = |k: &Kiln, want: &str| {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if sh(k, &id, "cat /tmp/lo.out").contains(want) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(got(&k, "before"), "the loopback connection carries nothing");
+    assert_eq!(sh(&k, &id, "cat /tmp/ext.done 2>/dev/null || true"), "");
+
+    // The old driver waited up to 70 s for connections to drain; now nothing waits.
+    let t = Instant::now();
+    k.ok(["sandbox", "pause", &id]);
+    let paused = t.elapsed();
+    assert!(
+        paused < Duration::from_secs(10),
+        "a pause with an open outside connection took {paused:?}"
+    );
+    k.ok(["sandbox", "resume", &id]);
+
+    // The outside connection is gone for its client inside: the next write finds it reset...
+    sh(&k, &id, "echo ping >/tmp/ext.in");
+    let t = Instant::now();
+    while sh(&k, &id, "cat /tmp/ext.done 2>/dev/null || true").trim() != "ended" {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the outside connection's client still waits on it after the resume"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and for the server: the sandbox answers it with a reset, or never again.
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    use std::io::{Read, Write};
+    let _ = conn.write_all(b"hello?\n");
+    let mut buf = [0u8; 16];
+    match conn.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("the dropped connection answered {:?}", &buf[..n]),
+    }
+    // The loopback connection survived and carries data.
+    sh(&k, &id, "echo after >/tmp/lo.in");
+    assert!(
+        got(&k, "after"),
+        "the loopback connection did not survive the pause"
+    );
+    let out = sh(&k, &id, "cat /tmp/lo.out");
+    assert_eq!(out, "before\nafter\n");
+    // The sandbox still reaches the outside.
     assert_eq!(
         fetch(&k, &id, &SERVER_B.to_string()).as_deref(),
         Some("server-b")
