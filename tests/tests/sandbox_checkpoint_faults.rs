@@ -82,7 +82,11 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
     let k = Kiln::new(&home);
     let _g = KillAll(k.clone());
     let _ = built;
-    let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
+    // 1 GiB of memory: its /tmp (a tmpfs of half the memory) holds both fills below.
+    let id = create(&k, &["app", "--memory", "1024"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     sh(&k, &id, &format!("echo kept >/work/note; {COUNTER_LOOP}"));
     let (unnamed0, _) = debris(&k);
 

@@ -50,7 +50,14 @@ fn agent_stats(k: &Kiln, id: &str) -> AgentStats {
 /// Pauses `id`: how long `kiln sandbox pause` took and the size of the stored checkpoint.
 fn pause(k: &Kiln, id: &str) -> (Duration, u64) {
     let t = Instant::now();
-    let paused = k.json(["sandbox", "pause", id, "--json"]);
+    let out = k.cmd(["sandbox", "pause", id, "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "pause failed: {}\nthe sandbox then: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&k.cmd(["sandbox", "info", id]).output().unwrap().stdout)
+    );
+    let paused: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let took = t.elapsed();
     assert_eq!(paused["state"], "paused", "{paused}");
     let snap = paused["state_detail"]["saved"]
