@@ -967,12 +967,45 @@ impl GvisorDriver {
         }
     }
 
+    /// Refuses a checkpoint the home's file system has no room for, before the sandbox is
+    /// touched: runsc ends a sandbox whose image it cannot finish writing (measured), so a
+    /// full disk must stop the pause, not the sandbox. The image is about what the sandbox
+    /// holds on the host; its store copy needs as much again at worst.
+    fn check_room_for_checkpoint(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        let Some(held) = limits::memory_in_use(&rec.id) else {
+            return Ok(());
+        };
+        let ckpt_parent = dir.sub("ckpt");
+        let probe = ckpt_parent.parent().unwrap_or(&ckpt_parent);
+        let Ok(st) = free_bytes(probe) else {
+            return Ok(());
+        };
+        let need = held.saturating_mul(2).saturating_add(64 << 20);
+        if st < need {
+            return Err(Error::Driver {
+                what: "checkpoint".into(),
+                detail: format!(
+                    "not enough disk space in {}: the checkpoint needs about {} MiB, {} MiB \
+                     free (No space left on device); the sandbox runs on",
+                    probe.display(),
+                    need >> 20,
+                    st >> 20
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// A sandbox whose checkpoint did not complete, its agent perhaps quiesced: running on
     /// with its agent answering again, or lost (its processes ended).
     fn undo_quiesce(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Recovered {
         let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
         if let Some(cause) = self.exited(dir, rec) {
             return Recovered::Lost(cause);
+        }
+        // The backstop a checkpoint widened (see `limits::widen_for_checkpoint`).
+        if let Err(e) = limits::narrow_after_checkpoint(&rec.id, rec.memory_mib) {
+            tracing::warn!(id = %rec.id, "restoring the memory backstop: {e}");
         }
         // A listening agent is quiesced first: a quiesce sent by a caller that died may still
         // be on its way, and would otherwise come after the release.
@@ -1114,6 +1147,7 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(&ckpt);
         let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
+        self.check_room_for_checkpoint(dir, rec)?;
         let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
@@ -1125,6 +1159,7 @@ impl Runtime for GvisorDriver {
         let t = Instant::now();
         let saved = dir
             .enter(rec, Phase::Checkpoint)
+            .and_then(|()| limits::widen_for_checkpoint(&rec.id, rec.memory_mib))
             .and_then(|()| self.run_checkpoint(dir, rec));
         if let Err(e) = saved {
             // The sandbox usually still runs: its agent listens again.
@@ -1359,6 +1394,20 @@ fn checkpoint_files(cp: &Checkpoint) -> Result<BTreeMap<String, BlobId>> {
 fn files_key(files: &BTreeMap<String, BlobId>) -> String {
     let bytes = serde_json::to_vec(files).expect("ids serialize");
     blake3::hash(&bytes).to_hex().to_string()
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain data, filled by the call for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path pointer and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// What the watcher of the last `runsc checkpoint` recorded as its exit status.

@@ -524,8 +524,9 @@ fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
     );
     k.ok(["sandbox", "resume", &id]);
 
-    // The outside connection is gone for its client inside: the next write finds it reset...
-    sh(&k, &id, "echo ping >/tmp/ext.in");
+    // The outside connection is gone for its client inside: it ends at once or at its next
+    // write, which goes in the background (the FIFO blocks an opener once nc has ended)...
+    sh(&k, &id, "(echo ping >/tmp/ext.in &)");
     let t = Instant::now();
     while sh(&k, &id, "cat /tmp/ext.done 2>/dev/null || true").trim() != "ended" {
         assert!(
