@@ -975,8 +975,8 @@ impl GvisorDriver {
         let Some(held) = limits::memory_in_use(&rec.id) else {
             return Ok(());
         };
-        let ckpt_parent = dir.sub("ckpt");
-        let probe = ckpt_parent.parent().unwrap_or(&ckpt_parent);
+        let probe = dir.sub("bundle");
+        let probe = probe.parent().unwrap_or(&probe);
         let Ok(st) = free_bytes(probe) else {
             return Ok(());
         };
@@ -1146,8 +1146,8 @@ impl Runtime for GvisorDriver {
         let ckpt = dir.sub("ckpt");
         let _ = std::fs::remove_dir_all(&ckpt);
         let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
-        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
         self.check_room_for_checkpoint(dir, rec)?;
+        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
         let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
