@@ -986,6 +986,10 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(&ckpt);
         let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
+        if let Err(e) = check_room(&ckpt, rec) {
+            let _ = std::fs::remove_dir_all(&ckpt);
+            return Err(e);
+        }
         let t0 = Instant::now();
         let quiesced = self
             .connect_path(rec)
@@ -1215,6 +1219,50 @@ fn checkpoint_files(cp: &Checkpoint) -> Result<BTreeMap<String, BlobId>> {
 fn files_key(files: &BTreeMap<String, BlobId>) -> String {
     let bytes = serde_json::to_vec(files).expect("ids serialize");
     blake3::hash(&bytes).to_hex().to_string()
+}
+
+/// Room left free beside a checkpoint's image (runsc's state file, the store's own writes).
+const ROOM_MARGIN: u64 = 32 << 20;
+
+/// Refuses a checkpoint whose image the disk under `ckpt` cannot hold: runsc ends the sandbox
+/// when writing its image fails (measured: ENOSPC while writing the pages left the sandbox
+/// process gone), so the pause must fail before it starts. The image is about the sentry's
+/// committed memory: the allocated blocks of its memory file.
+fn check_room(ckpt: &Path, rec: &SandboxRecord) -> Result<()> {
+    let Some(pid) = live_pid(rec) else {
+        return Ok(());
+    };
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    let mut memory = 0u64;
+    for e in std::fs::read_dir(&fds).into_iter().flatten().flatten() {
+        let is_memory_file = std::fs::read_link(e.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:runsc-memory"));
+        if is_memory_file {
+            use std::os::unix::fs::MetadataExt;
+            memory += std::fs::metadata(e.path()).map_or(0, |m| m.blocks() * 512);
+        }
+    }
+    let c = std::ffi::CString::new(path_str(ckpt)?).expect("no NUL in a path");
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).ctx("statvfs", ckpt);
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    let need = memory.saturating_add(ROOM_MARGIN);
+    if free < need {
+        return Err(Error::Driver {
+            what: "checkpoint".into(),
+            detail: format!(
+                "not enough disk space for it: the sandbox's memory needs about {} MiB in {}, \
+                 {} MiB free (the sandbox runs on)",
+                need >> 20,
+                ckpt.display(),
+                free >> 20
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// What the watcher of the last `runsc checkpoint` recorded as its exit status.

@@ -525,7 +525,8 @@ fn pause_drops_outside_connections_at_once_and_keeps_loopback_ones() {
     k.ok(["sandbox", "resume", &id]);
 
     // The outside connection is gone for its client inside: the next write finds it reset...
-    sh(&k, &id, "echo ping >/tmp/ext.in");
+    // (In the background: once its reader is gone, opening the FIFO would block.)
+    sh(&k, &id, "(echo ping >/tmp/ext.in &)");
     let t = Instant::now();
     while sh(&k, &id, "cat /tmp/ext.done 2>/dev/null || true").trim() != "ended" {
         assert!(
