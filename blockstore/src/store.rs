@@ -708,15 +708,17 @@ impl Store {
 
     /// Drop a blob's manifest and the names pointing at it; its chunks go at the next gc.
     pub fn remove_blob(&self, id: &BlobId) -> Result<()> {
+        // The manifest before the names: a remover killed in between leaves a name to a blob
+        // that is gone (reads say not found), never a blob that no name reaches.
+        if !fsutil::remove_opt(&self.manifest_path(id))? {
+            return Err(Error::NotFound(format!("blob {id}")));
+        }
+        self.inner.manifests.lock().unwrap().remove(id);
         for (n, nid) in self.names()? {
             if nid == *id {
                 self.remove_name(&n)?;
             }
         }
-        if !fsutil::remove_opt(&self.manifest_path(id))? {
-            return Err(Error::NotFound(format!("blob {id}")));
-        }
-        self.inner.manifests.lock().unwrap().remove(id);
         Ok(())
     }
 

@@ -84,14 +84,26 @@ impl Holds {
                 self.store.set_name(&name, b)?;
             }
         }
-        let mut released = Vec::new();
+        let all = self.store.names()?;
         for (name, id) in self.store.names_with_prefix(&holder.prefix())? {
-            if !want.contains(&id) {
-                self.store.remove_name(&name)?;
-                released.push(id);
+            if want.contains(&id) {
+                continue;
             }
+            let named_elsewhere = all.iter().any(|(n, i)| *i == id && *n != name);
+            if named_elsewhere || !self.store.contains(&id) {
+                self.store.remove_name(&name)?;
+                continue;
+            }
+            // Its last name: the blob goes first (then its names), so a kill in between
+            // leaves a name to nothing, never a blob nobody names.
+            match self.store.remove_blob(&id) {
+                Ok(()) | Err(blockstore::Error::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.store.remove_name(&name)?;
+            tracing::debug!(%id, "released blob removed");
         }
-        self.remove_unnamed(&released)
+        Ok(())
     }
 
     /// Drops every hold of `holder`.
