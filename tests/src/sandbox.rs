@@ -169,3 +169,16 @@ impl Drop for KillAll {
 pub fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// Runs `kiln ARGS` and SIGKILLs it after `delay`.
+pub fn killed_after(k: &Kiln, args: &[&str], delay: std::time::Duration) {
+    let mut child = k
+        .cmd(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}

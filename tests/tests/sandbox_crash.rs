@@ -5,7 +5,7 @@
 //! exactly one set of runsc processes is left for it (none while paused), no network namespace
 //! outlives a paused sandbox, and the next pause or resume works the first time.
 
-use kiln_tests::sandbox::{app_home, create, sh, KillAll, COUNTER_LOOP};
+use kiln_tests::sandbox::{app_home, create, killed_after, sh, KillAll, COUNTER_LOOP};
 use kiln_tests::Kiln;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -108,19 +108,6 @@ fn namespaces(id: &str) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(&format!("kiln-{short}")))
         .collect()
-}
-
-/// Runs `kiln ARGS` and SIGKILLs it after `delay`.
-fn killed_after(k: &Kiln, args: &[&str], delay: Duration) {
-    let mut child = k
-        .cmd(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// How long `kiln ARGS` takes when left alone.

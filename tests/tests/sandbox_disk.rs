@@ -4,7 +4,7 @@
 //! fails inside with ENOSPC and the sandbox lives on; and kill, pause, fork and kill -9 of
 //! kiln leave no mount, loop device or file behind.
 
-use kiln_tests::sandbox::{app_home, create, exec, sh, KillAll};
+use kiln_tests::sandbox::{app_home, create, exec, killed_after, sh, KillAll};
 use kiln_tests::Kiln;
 use std::path::Path;
 use std::time::Duration;
@@ -285,19 +285,6 @@ fn writing_past_the_disk_size_fails_inside_and_the_sandbox_lives_on() {
         assert!(!out.status.success(), "--disk {bad}");
     }
     assert_nothing_left(&k, "refused");
-}
-
-/// Runs `kiln ARGS` and SIGKILLs it after `delay`.
-fn killed_after(k: &Kiln, args: &[&str], delay: Duration) {
-    let mut child = k
-        .cmd(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
