@@ -389,12 +389,14 @@ impl GvisorDriver {
 
     /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
     /// their own process group with the console log as stdio, so they outlive the caller.
+    /// `ready` is waited for just before runsc starts (what runsc reads, made meanwhile).
     fn launch(
         &self,
         dir: &SandboxDir,
         rec: &SandboxRecord,
         what: &str,
         args: &[&str],
+        ready: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
         // An empty, bounded run/ for every run and restore: nothing a previous run of the
         // sandbox left there (a flood, symlinks) carries over.
@@ -402,7 +404,7 @@ impl GvisorDriver {
         std::fs::create_dir_all(&run).ctx("create", &run)?;
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
         gvisor_disk::overlay_flag(dir)?;
-        gvisor_disk::attach(dir, rec.disk_mib)?;
+        gvisor_disk::attach(dir, rec.disk_mib, &self.home.join("disks"))?;
         let mask = match &rec.net {
             Some(att) => {
                 network::reset_guest(att)?;
@@ -427,6 +429,7 @@ impl GvisorDriver {
         if let Some(m) = &mask {
             m.apply(&mut cmd);
         }
+        ready()?;
         let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
         drop(mask);
         // If we are killed now, runsc goes on: whoever cleans up ends it first (kill).
@@ -663,11 +666,13 @@ impl GvisorDriver {
     }
 
     /// Restores `dir`'s container from the checkpoint in `dir/ckpt` and waits for its agent.
+    /// Restores the container from `dir/ckpt` once `ready` says its files are there.
     fn restore_local(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         rootfs: &Path,
+        ready: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
         let ckpt = dir.sub("ckpt");
         let bundle = dir.sub("bundle");
@@ -687,6 +692,7 @@ impl GvisorDriver {
                 path_str(&pid_file)?,
                 &rec.id,
             ],
+            ready,
         )?;
         self.record_pid(dir, rec, rootfs)?;
         Self::release_agent(dir)?;
@@ -930,7 +936,7 @@ impl GvisorDriver {
         let mut tries = 0;
         loop {
             self.kill(dir, rec)?;
-            match self.restore_local(dir, rec, &rootfs) {
+            match self.restore_local(dir, rec, &rootfs, &|| Ok(())) {
                 Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
@@ -1128,6 +1134,7 @@ impl Runtime for GvisorDriver {
                     path_str(&pid_file)?,
                     &rec.id,
                 ],
+                &|| Ok(()),
             )
             .and_then(|()| self.record_pid(dir, rec, &rootfs))
             .and_then(|()| self.wait_agent(dir, rec));
@@ -1210,11 +1217,26 @@ impl Runtime for GvisorDriver {
         let t = Instant::now();
         let made_in = checkpoint.state.get("sandbox").and_then(|v| v.as_str());
         let linked = made_in.is_some_and(|p| self.link_shared(p, &files, &ckpt));
-        if !linked {
-            self.export_files(&files, &ckpt)?;
-        }
-        tracing::info!(id = %rec.id, linked, ms = t.elapsed().as_millis() as u64, "checkpoint files ready");
-        let restored = self.restore_local(dir, rec, &rootfs);
+        // The files come out of the store while the sandbox's disk, run/ and cgroups are
+        // made; runsc starts once both are done.
+        let id = rec.id.clone();
+        let restored = std::thread::scope(|s| {
+            let export = (!linked).then(|| s.spawn(|| self.export_files(&files, &ckpt)));
+            let export = std::sync::Mutex::new(export);
+            let ready = || {
+                let handle = export.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(h) = handle {
+                    h.join().map_err(|_| Error::Driver {
+                        what: "exporting the checkpoint".into(),
+                        detail: "the export thread panicked".into(),
+                    })??;
+                }
+                tracing::info!(%id, linked, ms = t.elapsed().as_millis() as u64,
+                               "checkpoint files ready");
+                Ok(())
+            };
+            self.restore_local(dir, rec, &rootfs, &ready)
+        });
         let _ = std::fs::remove_dir_all(&ckpt);
         if restored.is_err() {
             let _ = self.kill(dir, rec);

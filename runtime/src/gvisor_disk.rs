@@ -16,6 +16,9 @@
 //!   the mount, or this process if it dies before mounting) and direct I/O (the image's pages
 //!   are not cached a second time under the file system's own); the ext4 is mounted with
 //!   `discard`, so space the sandbox frees is punched out of the image.
+//! - The empty ext4 is made once per size by `mkfs.ext4` into `<home>/disks/` (a few hundred
+//!   KiB of metadata in a sparse file) and copied for each run, holes kept: a sandbox start
+//!   pays a copy of its written blocks, not a process of its own.
 //! - A checkpoint saves the filestore's pages in the state file, and `runsc restore` writes
 //!   them into a new filestore: nothing on this disk outlives its run. [`detach`] (from the
 //!   driver's `kill`, and when a paused container is forgotten) unmounts and deletes it all.
@@ -112,10 +115,10 @@ fn image_bytes(disk_mib: u64) -> u64 {
     mib.saturating_mul(1 << 20)
 }
 
-/// Makes a fresh, empty disk of `disk_mib` MiB and mounts it where [`overlay_flag`] points,
-/// after removing whatever an earlier run left.
-/// A record without a disk size (0) gets the default one.
-pub fn attach(dir: &SandboxDir, disk_mib: u64) -> Result<()> {
+/// Makes a fresh, empty disk of `disk_mib` MiB (a copy of the empty one of that size in
+/// `templates`) and mounts it where [`overlay_flag`] points, after removing whatever an
+/// earlier run left. A record without a disk size (0) gets the default one.
+pub fn attach(dir: &SandboxDir, disk_mib: u64, templates: &Path) -> Result<()> {
     let disk_mib = match disk_mib {
         0 => MIN_DEFAULT_DISK_MIB,
         d => d,
@@ -130,15 +133,15 @@ pub fn attach(dir: &SandboxDir, disk_mib: u64) -> Result<()> {
     let image = dir.sub(IMAGE);
     let mount = mount_point(dir)?;
     std::fs::create_dir_all(&mount).ctx("create", &mount)?;
+    let template = template(templates, image_bytes(disk_mib))?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&image)
         .ctx("create", &image)?;
-    file.set_len(image_bytes(disk_mib)).ctx("size", &image)?;
-    mkfs(&image)?;
     let made = (|| {
+        copy_sparse(&template, &file).ctx("copy the empty disk into", &image)?;
         let dev = loop_attach(&file).ctx("attach a loop device to", &image)?;
         mount_ext4(&dev.path, &mount).ctx("mount", &mount)
         // `dev` closes here: from now on the mount alone keeps the loop device.
@@ -171,6 +174,105 @@ pub fn detach(dir: &SandboxDir) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).ctx("remove", &mount),
     }
+}
+
+/// The empty ext4 image of `bytes` in `templates`, made if missing (under a temporary name,
+/// renamed when complete: a concurrent start or a kill mid-way leaves no half-made one; the
+/// temporary files of makers that died are removed by the next one).
+fn template(templates: &Path, bytes: u64) -> Result<std::fs::File> {
+    let path = templates.join(format!("ext4-{bytes}.img"));
+    if let Ok(f) = std::fs::File::open(&path) {
+        return Ok(f);
+    }
+    std::fs::create_dir_all(templates).ctx("create", templates)?;
+    remove_orphans(templates);
+    let pid = std::process::id();
+    let tmp = templates.join(format!(".tmp-{pid}-{bytes}-{}", crate::record::now_ms()));
+    let made = (|| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        f.set_len(bytes).ctx("size", &tmp)?;
+        mkfs(&tmp)?;
+        f.sync_all().ctx("sync", &tmp)?;
+        std::fs::rename(&tmp, &path).ctx("rename into", &path)
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(&path).ctx("open", &path)
+}
+
+/// Removes the temporary images of template makers that are gone (`.tmp-PID-...`).
+fn remove_orphans(templates: &Path) {
+    let Ok(entries) = std::fs::read_dir(templates) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".tmp-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Copies `from` into the empty `to`, same length, holes kept (only the data extents are
+/// read and written, found with SEEK_DATA/SEEK_HOLE).
+fn copy_sparse(from: &std::fs::File, to: &std::fs::File) -> std::io::Result<()> {
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let seek = |whence: libc::c_int, at: u64| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek(2) on a descriptor `from` owns; it moves only that file's offset.
+        let r = unsafe { libc::lseek(from.as_raw_fd(), at as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut at = 0;
+    while at < len {
+        let Some(data) = seek(libc::SEEK_DATA, at)? else {
+            break;
+        };
+        let end = seek(libc::SEEK_HOLE, data)?.unwrap_or(len).min(len);
+        let (mut off_in, mut off_out) = (data as i64, data as i64);
+        let mut left = end - data;
+        while left > 0 {
+            // SAFETY: copy_file_range(2) between two descriptors this function borrows,
+            // with offsets it owns; no memory of ours is touched.
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    &mut off_in,
+                    to.as_raw_fd(),
+                    &mut off_out,
+                    left as usize,
+                    0,
+                )
+            };
+            match n {
+                n if n > 0 => left -= n as u64,
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// An ext4 for one file: no journal (nothing on it outlives the run, so there is nothing to
@@ -289,5 +391,50 @@ mod tests {
         assert_eq!(image_bytes(0), 2 << 20);
         assert_eq!(image_bytes(2048), (2048 + 16 + 2) << 20);
         assert_eq!(image_bytes(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn sparse_copies_keep_data_and_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let from = std::fs::File::create_new(tmp.path().join("from")).unwrap();
+        from.set_len(64 << 20).unwrap();
+        from.write_all_at(b"head", 0).unwrap();
+        from.write_all_at(&[7u8; 70_000], 5 << 20).unwrap();
+        from.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        let from = std::fs::File::open(tmp.path().join("from")).unwrap();
+        let to = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(tmp.path().join("to"))
+            .unwrap();
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("from")).unwrap(),
+            std::fs::read(tmp.path().join("to")).unwrap()
+        );
+        // Holes stay holes: far less than the 64 MiB is allocated.
+        assert!(to.metadata().unwrap().blocks() * 512 < 4 << 20);
+    }
+
+    #[test]
+    fn templates_are_made_once_and_leave_no_temporary_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join(".tmp-999999999-1-2");
+        std::fs::write(&dead, b"left by a maker killed mid-way").unwrap();
+        if let Err(e) = template(tmp.path(), 64 << 20) {
+            eprintln!("SKIP: mkfs.ext4 unavailable: {e}");
+            return;
+        }
+        let made = std::fs::metadata(tmp.path().join(format!("ext4-{}.img", 64 << 20))).unwrap();
+        template(tmp.path(), 64 << 20).unwrap();
+        let again = std::fs::metadata(tmp.path().join(format!("ext4-{}.img", 64 << 20))).unwrap();
+        assert_eq!(made.modified().unwrap(), again.modified().unwrap());
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![format!("ext4-{}.img", 64 << 20)]);
     }
 }
