@@ -263,24 +263,28 @@ fn find_agent() -> std::result::Result<PathBuf, String> {
         .ok_or_else(|| format!("no statically linked kiln-agent found: {HOW}"))
 }
 
-/// An ELF without a program interpreter (PT_INTERP) needs no shared libraries.
+/// An ELF without a program interpreter (PT_INTERP) needs no shared libraries. Reads the
+/// header and the program headers only (this runs on every start of the CLI).
 fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    let b = std::fs::read(path)?;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).map_err(|_| bad())?;
+    if &h[..4] != b"\x7fELF" || h[4] != 2 {
         return Err(bad());
     }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(h[0x20..0x28].try_into().unwrap());
     let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    for i in 0..phnum {
-        let o = phoff + i * phentsize;
-        let p_type = b.get(o..o + 4).ok_or_else(bad)?;
-        if u32::from_le_bytes(p_type.try_into().unwrap()) == 3 {
-            return Ok(false);
-        }
+    if phentsize < 4 {
+        return Err(bad());
     }
-    Ok(true)
+    let mut table = vec![0u8; phentsize * phnum];
+    f.read_exact_at(&mut table, phoff).map_err(|_| bad())?;
+    Ok(!table
+        .chunks_exact(phentsize)
+        .any(|e| u32::from_le_bytes(e[..4].try_into().unwrap()) == 3))
 }
 
 pub struct GvisorDriver {
@@ -430,6 +434,7 @@ impl GvisorDriver {
             m.apply(&mut cmd);
         }
         ready()?;
+        let started = Instant::now();
         let mut child = cmd.spawn().ctx("run", &self.config.runsc)?;
         drop(mask);
         // If we are killed now, runsc goes on: whoever cleans up ends it first (kill).
@@ -445,6 +450,7 @@ impl GvisorDriver {
         }
         let status = child.wait().ctx("wait for", &self.config.runsc)?;
         let _ = std::fs::remove_file(&launcher);
+        tracing::debug!(id = %rec.id, what, ms = started.elapsed().as_millis() as u64, "runsc returned");
         if status.success() {
             return Ok(());
         }
@@ -694,10 +700,14 @@ impl GvisorDriver {
             ],
             ready,
         )?;
+        let restored = Instant::now();
         self.record_pid(dir, rec, rootfs)?;
         Self::release_agent(dir)?;
         self.wait_agent(dir, rec)?;
-        self.announce_generation(rec)
+        let answered = restored.elapsed().as_millis() as u64;
+        self.announce_generation(rec)?;
+        tracing::debug!(id = %rec.id, agent_ms = answered, "restored container answers");
+        Ok(())
     }
 
     /// Ends what is left of a stopped container (its sandbox process exits on its own after
@@ -1067,6 +1077,49 @@ impl GvisorDriver {
     }
 }
 
+impl GvisorDriver {
+    /// `runsc --version`'s output, remembered in the home per runsc binary (by inode, size
+    /// and mtime: a new runsc is asked again): running it costs ~20 ms, on every command.
+    fn runsc_version(&self) -> std::result::Result<String, String> {
+        let runsc = &self.config.runsc;
+        let not_found = |e: &dyn std::fmt::Display| {
+            format!(
+                "{} not found ({e}); install gVisor {RUNSC_MIN_RELEASE} or newer (Debian 12: \
+                 runsc from bookworm-backports)",
+                runsc.display()
+            )
+        };
+        let key = std::fs::metadata(runsc).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            let mtime = (m.mtime() as i128) * 1_000_000_000 + m.mtime_nsec() as i128;
+            self.home.join("runsc-version").join(format!(
+                "{:x}-{:x}-{:x}-{mtime:x}",
+                m.dev(),
+                m.ino(),
+                m.len()
+            ))
+        });
+        if let Some(text) = key.as_ref().and_then(|k| std::fs::read_to_string(k).ok()) {
+            return Ok(text);
+        }
+        let out = Command::new(runsc)
+            .arg("--version")
+            .output()
+            .map_err(|e| not_found(&e))?;
+        if !out.status.success() {
+            return Err(format!("{} --version failed", runsc.display()));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let (Some(key), Some(_)) = (&key, runsc_release(&text)) {
+            if let Some(dir) = key.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = crate::record::write_atomic(key, text.as_bytes(), false);
+        }
+        Ok(text)
+    }
+}
+
 impl Runtime for GvisorDriver {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Gvisor
@@ -1077,19 +1130,7 @@ impl Runtime for GvisorDriver {
         self.available
             .get_or_init(|| {
                 let runsc = self.config.runsc.display();
-                let out = Command::new(&self.config.runsc)
-                    .arg("--version")
-                    .output()
-                    .map_err(|e| {
-                        format!(
-                            "{runsc} not found ({e}); install gVisor {RUNSC_MIN_RELEASE} or newer \
-                             (Debian 12: runsc from bookworm-backports)"
-                        )
-                    })?;
-                if !out.status.success() {
-                    return Err(format!("{runsc} --version failed"));
-                }
-                let text = String::from_utf8_lossy(&out.stdout);
+                let text = self.runsc_version()?;
                 match runsc_release(&text) {
                     Some(r) if r >= RUNSC_MIN_RELEASE => {}
                     Some(r) => {
@@ -1608,5 +1649,30 @@ mod tests {
         assert!(Platform::parse("KVM")
             .unwrap_err()
             .contains("systrap, kvm or ptrace"));
+    }
+
+    #[test]
+    fn static_elfs_are_told_from_dynamic_ones_and_other_files() {
+        // This test binary is dynamically linked (it has an interpreter).
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me).unwrap());
+        let tmp = tempfile::tempdir().unwrap();
+        let text = tmp.path().join("script");
+        std::fs::write(&text, b"#!/bin/sh\necho not an ELF\n").unwrap();
+        assert!(is_static_elf(&text).is_err());
+        // A minimal static ELF: the header, and one PT_LOAD program header.
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        let file = tmp.path().join("static");
+        std::fs::write(&file, &elf).unwrap();
+        assert!(is_static_elf(&file).unwrap());
+        // Its program header table cut short: refused, not read past the end.
+        std::fs::write(&file, &elf[..80]).unwrap();
+        assert!(is_static_elf(&file).is_err());
     }
 }
