@@ -22,7 +22,7 @@ use crate::layer::{self, ApplyOptions};
 use crate::sandbox;
 use crate::stage::{self, OverlayRoot};
 use crate::stepdisk;
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;

@@ -7,7 +7,7 @@
 //!   build step refers to, so a name-rooted gc never drops them.
 
 use crate::error::{Error, IoCtx, Result};
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -305,7 +305,7 @@ pub(crate) fn write_config(rootfs: &Path, config: &ImageConfig) -> Result<()> {
 
 /// Reads a blob as a stream (for applying layer blobs).
 pub struct BlobRead {
-    reader: blockstore::BlobReader,
+    reader: kiln_blockstore::BlobReader,
     off: u64,
 }
 

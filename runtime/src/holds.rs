@@ -10,7 +10,7 @@
 //! blob another holder just took is never removed under it.
 
 use crate::error::{IoCtx, Result};
-use blockstore::{BlobId, Store};
+use kiln_blockstore::{BlobId, Store};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -97,7 +97,7 @@ impl Holds {
             // Its last name: the blob goes first (then its names), so a kill in between
             // leaves a name to nothing, never a blob nobody names.
             match self.store.remove_blob(&id) {
-                Ok(()) | Err(blockstore::Error::NotFound(_)) => {}
+                Ok(()) | Err(kiln_blockstore::Error::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
             self.store.remove_name(&name)?;
@@ -156,7 +156,7 @@ impl Holds {
         for id in candidates {
             if !named.contains(id) && self.store.contains(id) {
                 match self.store.remove_blob(id) {
-                    Ok(()) | Err(blockstore::Error::NotFound(_)) => {}
+                    Ok(()) | Err(kiln_blockstore::Error::NotFound(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
                 tracing::debug!(%id, "released blob removed");
@@ -191,7 +191,7 @@ struct HoldLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockstore::PutOptions;
+    use kiln_blockstore::PutOptions;
 
     fn setup() -> (tempfile::TempDir, Store, Holds) {
         let d = tempfile::tempdir().unwrap();

@@ -10,10 +10,10 @@ use crate::record::{
 };
 use crate::snapshot::{self, SnapshotRecord};
 use crate::{Checkpoint, Recovered, Runtime};
-use blockstore::{BlobId, Store};
-use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::ExecRequest;
-use network::NetworkPolicy;
+use kiln_blockstore::{BlobId, Store};
+use kiln_imagebuilder::image::ImageRecord;
+use kiln_network::NetworkPolicy;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
@@ -199,7 +199,7 @@ impl Sandboxes {
         }
         let (image_id, image, from_snapshot) = match &spec.source {
             Source::Image(name) => {
-                let (id, rec) = imagebuilder::image::lookup(&self.store, name)?;
+                let (id, rec) = kiln_imagebuilder::image::lookup(&self.store, name)?;
                 (id, rec, None)
             }
             Source::Snapshot(s) => {
@@ -426,10 +426,10 @@ impl Sandboxes {
             ));
         }
         let kind = match rec.runtime {
-            RuntimeKind::Microvm => network::GuestKind::Tap,
-            RuntimeKind::Gvisor => network::GuestKind::Veth,
+            RuntimeKind::Microvm => kiln_network::GuestKind::Tap,
+            RuntimeKind::Gvisor => kiln_network::GuestKind::Veth,
         };
-        rec.net = Some(network::attach(
+        rec.net = Some(kiln_network::attach(
             &rec.id,
             kind,
             policy,
@@ -441,7 +441,7 @@ impl Sandboxes {
 
     /// Removes a sandbox's network, if any (idempotent; its processes must be gone).
     fn detach_network(&self, dir: &SandboxDir, rec: &mut SandboxRecord) {
-        network::detach(&rec.id, &dir.net());
+        kiln_network::detach(&rec.id, &dir.net());
         rec.net = None;
     }
 
@@ -449,7 +449,7 @@ impl Sandboxes {
     /// The directory is renamed away first: a remover killed mid-way leaves a `.gone-`
     /// directory that the next `list` deletes, never a sandbox without its record.
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
-        network::detach(&rec.id, &dir.net());
+        kiln_network::detach(&rec.id, &dir.net());
         for h in [
             Holder::Sandbox(rec.id.clone()),
             Holder::Fork(rec.id.clone()),
@@ -1031,7 +1031,7 @@ impl Sandboxes {
             )));
         }
         if let Some(att) = &rec.net {
-            network::apply_policy(att, &policy, &dir.net())?;
+            kiln_network::apply_policy(att, &policy, &dir.net())?;
         }
         rec.network = Some(policy);
         dir.save(&rec)?;
@@ -1093,9 +1093,9 @@ impl Sandboxes {
     /// An image record by id, pulled from the remote (lazily) when this home lacks it.
     fn image(&self, id: &BlobId) -> Result<ImageRecord> {
         if !self.store.contains(id) {
-            imagebuilder::image::pull(&self.store, id, &id.to_hex())?;
+            kiln_imagebuilder::image::pull(&self.store, id, &id.to_hex())?;
         }
-        Ok(imagebuilder::image::get_record(&self.store, id)?)
+        Ok(kiln_imagebuilder::image::get_record(&self.store, id)?)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
 use crate::Checkpoint;
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -40,7 +40,7 @@ pub struct SnapshotRecord {
     /// The sandbox's egress policy (`None`: it had no network device); its restores and forks
     /// get a network of their own with this policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<network::NetworkPolicy>,
+    pub network: Option<kiln_network::NetworkPolicy>,
 }
 
 impl SnapshotRecord {
@@ -91,7 +91,7 @@ pub fn put_record(holds: &Holds, snap: &SnapshotRecord) -> Result<BlobId> {
     let announce = |id: &BlobId| {
         holds
             .add_ahead(&holder, id)
-            .map_err(|e| blockstore::Error::Invalid(format!("holding a snapshot record: {e}")))
+            .map_err(|e| kiln_blockstore::Error::Invalid(format!("holding a snapshot record: {e}")))
     };
     Ok(holds
         .store()
@@ -183,7 +183,7 @@ pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
 /// Pushes a snapshot (its image, its blobs, then the record, then its name) to the remote.
 pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
     let snap = get(store, id)?;
-    let mut bytes = imagebuilder::image::push(store, &snap.image)?;
+    let mut bytes = kiln_imagebuilder::image::push(store, &snap.image)?;
     for b in snap.checkpoint.blobs.iter().chain([id]) {
         bytes += store.push(b, &|_| {})?.bytes_uploaded;
     }

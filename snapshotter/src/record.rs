@@ -6,7 +6,7 @@
 //! taken on before any VM is built, so no VM ever runs on state it cannot honour.
 
 use crate::memory::MemoryImage;
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the record or what it points at.
@@ -98,7 +98,7 @@ pub struct SnapshotRecord {
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub vm: VmShape,
-    /// `vmm::VmState` as JSON (kept opaque here; the VMM checks its own version).
+    /// `kiln_vmm::VmState` as JSON (kept opaque here; the VMM checks its own version).
     pub state: serde_json::Value,
     pub memory: MemoryImage,
     #[serde(default)]
@@ -116,7 +116,7 @@ pub struct SnapshotRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error("block store: {0}")]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
     #[error("snapshot {0} is corrupt or truncated: {1}")]
     Corrupt(String, String),
     #[error("snapshot {id} has format {found}; this kiln ({ours}) reads format {SNAPSHOT_FORMAT}")]
@@ -176,7 +176,7 @@ impl SnapshotRecord {
         }
         let blk_devices = self.state["virtio"].as_array().map_or(0, |v| {
             v.iter()
-                .filter(|d| d["device_type"] == vmm::devices::virtio::TYPE_BLOCK)
+                .filter(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_BLOCK)
                 .count()
         });
         if blk_devices != self.disks.len() {

@@ -1,10 +1,15 @@
 //! VMs on this host: one VM = one VMM process (the `kiln` binary running `kiln vm run` or
 //! `kiln snapshot restore` in the foreground), with a directory holding its control socket
-//! (JSON lines, see `vmm::control`), serial log, `vm.json` (who it is), `exit.json` (how it
+//! (JSON lines, see `kiln_vmm::control`), serial log, `vm.json` (who it is), `exit.json` (how it
 //! ended), `vmm.log` (the detached process's own output) and its disk overlays. The CLI's VMs
 //! live in `KILN_HOME/vms/ID`; a sandbox's VM in its sandbox directory (`vm/`).
 
 use super::error::{Context, Error, Result};
+use kiln_vmm::control::{self, ControlContext, Request};
+use kiln_vmm::devices::virtio::block::engine::FileEngine;
+use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
+pub use kiln_vmm::devices::virtio::net::{MacAddr, NicSpec};
+use kiln_vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
@@ -12,11 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::control::{self, ControlContext, Request};
-use vmm::devices::virtio::block::engine::FileEngine;
-use vmm::devices::virtio::block::{Block, DiskBackend};
-pub use vmm::devices::virtio::net::{MacAddr, NicSpec};
-use vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
 
 /// Set in a detached VMM process's environment: it writes serial output only to its log.
 pub const DETACHED_ENV: &str = "KILN_VM_DETACHED";
@@ -154,7 +154,7 @@ impl RunOptions {
                 self.kernel.display()
             )));
         }
-        let max = vmm::memory::MAX_MEM_BYTES >> 20;
+        let max = kiln_vmm::memory::MAX_MEM_BYTES >> 20;
         if self.mem_mib == 0 || self.mem_mib > max {
             return Err(Error::Invalid(format!(
                 "--mem {} MiB is out of range (1..={max} MiB)",
@@ -223,7 +223,7 @@ fn unix_now() -> u64 {
 /// is `Ok` here with `ExitReason::Error` (the caller reports the committed disks first).
 pub fn run_foreground(
     o: &RunOptions,
-    store: Option<&blockstore::Store>,
+    store: Option<&kiln_blockstore::Store>,
     serial_stdout: bool,
 ) -> Result<VmExit> {
     o.check()?;
@@ -258,18 +258,18 @@ pub fn run_foreground(
         overlays.push(overlay);
     }
     if let Some(uds) = &o.vsock_uds {
-        let v = vmm::devices::virtio::vsock::Vsock::new(o.vsock_cid, uds)
+        let v = kiln_vmm::devices::virtio::vsock::Vsock::new(o.vsock_cid, uds)
             .map_err(|e| Error::Failed(format!("vsock on {}: {e}", uds.display())))?;
         vm.add_virtio_device(Box::new(v))?;
     }
     if let Some(n) = &o.net {
-        let nic = vmm::devices::virtio::net::Net::new(n)
+        let nic = kiln_vmm::devices::virtio::net::Net::new(n)
             .map_err(|e| Error::Failed(format!("network interface {}: {e}", n.arg())))?;
         vm.add_virtio_device(Box::new(nic))?;
     }
     vm.set_entry_mode(match o.entry {
-        Entry::Kernel => vmm::EntryMode::Kernel,
-        Entry::User => vmm::EntryMode::User,
+        Entry::Kernel => kiln_vmm::EntryMode::Kernel,
+        Entry::User => kiln_vmm::EntryMode::User,
     });
     vm.boot()?;
     let vm = Arc::new(vm);
@@ -312,10 +312,10 @@ pub fn run_foreground(
     Ok(exit)
 }
 
-type Overlay = Option<Arc<blockstore::Overlay>>;
+type Overlay = Option<Arc<kiln_blockstore::Overlay>>;
 
 fn disk_backend(
-    store: Option<&blockstore::Store>,
+    store: Option<&kiln_blockstore::Store>,
     arg: &str,
     index: usize,
     dir: &Path,
@@ -619,7 +619,7 @@ pub fn stop(dir: &Path, id: &str, timeout: Duration) -> Result<()> {
 }
 
 /// Commits disk `disk` of a running VM into a new blob (the VM pauses meanwhile).
-pub fn commit_disk(dir: &Path, id: &str, disk: usize) -> Result<blockstore::BlobId> {
+pub fn commit_disk(dir: &Path, id: &str, disk: usize) -> Result<kiln_blockstore::BlobId> {
     let v = call(
         dir,
         id,

@@ -1,15 +1,15 @@
 //! `kiln vm ...`: one VM = one VMM process (this binary running `kiln vm run`), with a control
-//! socket (JSON lines, see `vmm::control`) and a serial log under KILN_HOME/vms/ID. The work is
-//! `runtime::microvm::vms`; this file parses, calls it and prints.
+//! socket (JSON lines, see `kiln_vmm::control`) and a serial log under KILN_HOME/vms/ID. The work is
+//! `kiln_runtime::microvm::vms`; this file parses, calls it and prints.
 
 use crate::cli::{print_json, Home};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, MacAddr, NicSpec, RunOptions};
+use kiln_runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, MacAddr, NicSpec, RunOptions};
+use kiln_vmm::control::Request;
+use kiln_vmm::ExitReason;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmm::control::Request;
-use vmm::ExitReason;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -182,7 +182,7 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
             let dir = vms::vm_dir(home.root(), &id)?;
             let blob = vms::commit_disk(&dir, &id, disk)?;
             if let Some(name) = name {
-                let store = blockstore::Store::open(&home.store_dir())?;
+                let store = kiln_blockstore::Store::open(&home.store_dir())?;
                 store.set_name(&name, &blob)?;
             }
             println!("{blob}");

@@ -1,12 +1,12 @@
 //! `kiln snapshot ...`: snapshot running VMs into the block store, list/inspect/remove
 //! snapshots, and restore or fork them into new VMM processes. The work is
-//! `runtime::microvm::snapshots`; this file parses, calls it and prints.
+//! `kiln_runtime::microvm::snapshots`; this file parses, calls it and prints.
 
 use crate::cli::{print_json, Home};
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use runtime::microvm::snapshots::{self, CreateOptions, RestoreOptions};
-use runtime::microvm::vms;
+use kiln_runtime::microvm::snapshots::{self, CreateOptions, RestoreOptions};
+use kiln_runtime::microvm::vms;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -89,7 +89,7 @@ pub struct RestoreArgs {
     /// (each restore needs its own; the guest keeps its MAC and address). Without it the NIC
     /// has no host side.
     #[arg(long, value_name = "TAP[@NETNS]", value_parser = crate::vm::parse_nic)]
-    pub net_tap: Option<runtime::microvm::vms::NicSpec>,
+    pub net_tap: Option<kiln_runtime::microvm::vms::NicSpec>,
     /// Map this materialized memory file copy-on-write instead of paging from the store (forks)
     #[arg(long, hide = true)]
     pub memory_file: Option<PathBuf>,
@@ -147,7 +147,7 @@ pub fn create(
     vms::check_id(vm)?;
     let dir = home.vms_dir().join(vm);
     if !vms::is_running(&dir) {
-        return Err(runtime::microvm::Error::NotRunning(vm.to_string()).into());
+        return Err(kiln_runtime::microvm::Error::NotRunning(vm.to_string()).into());
     }
     let store = crate::store::open_with_remote(home, None, false)?;
     let c = snapshots::create(&store, &dir, vm, &CreateOptions { name, diff, stop })?;
