@@ -7,9 +7,9 @@ mod cli;
 mod image;
 mod sandbox;
 mod serve;
-mod snapshot;
 mod store;
 mod vm;
+mod vm_snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -40,7 +40,7 @@ enum Command {
     Vm(vm::VmCommand),
     /// Snapshot running VMs
     #[command(subcommand)]
-    Snapshot(snapshot::SnapshotCommand),
+    Snapshot(vm_snapshot::SnapshotCommand),
     /// Pull, import, inspect and export VM images
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Store(c) => store::run(&home, c),
         Command::Remote(c) => store::run_remote(&home, c),
         Command::Vm(c) => vm::run(&home, c),
-        Command::Snapshot(c) => snapshot::run(&home, c),
+        Command::Snapshot(c) => vm_snapshot::run(&home, c),
         Command::Image(c) => image::run(&home, c),
         Command::Build(a) => image::build(&home, a),
         Command::Sandbox(c) => sandbox::run(&home, c),

@@ -300,7 +300,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         } => {
             let snap = sbx.snapshot(&id, Some(&name))?;
             if push {
-                kiln_runtime::snapshot::push(sbx.store(), &snap, Some(&name))?;
+                kiln_runtime::sandbox_snapshot::push(sbx.store(), &snap, Some(&name))?;
             }
             if json {
                 print_json(&serde_json::json!({"name": name, "id": snap, "pushed": push}))
@@ -325,7 +325,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Snapshots { json, .. } => {
-            let list = kiln_runtime::snapshot::list(sbx.store())?;
+            let list = kiln_runtime::sandbox_snapshot::list(sbx.store())?;
             if json {
                 let v: Vec<_> = list
                     .iter()
@@ -361,7 +361,11 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
                 bail!("sandbox {id} did not pause");
             };
             let pushed = match push {
-                true => Some(kiln_runtime::snapshot::push(sbx.store(), snapshot, None)?),
+                true => Some(kiln_runtime::sandbox_snapshot::push(
+                    sbx.store(),
+                    snapshot,
+                    None,
+                )?),
                 false => None,
             };
             if json {

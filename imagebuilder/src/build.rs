@@ -19,8 +19,8 @@ use crate::dockerfile::{self, Args, Dockerfile, Instruction};
 use crate::error::{Error, IoCtx, Result};
 use crate::image::{self, ImageConfig, ImageRecord};
 use crate::layer::{self, ApplyOptions};
-use crate::sandbox;
 use crate::stage::{self, OverlayRoot};
+use crate::step_jail;
 use crate::stepdisk;
 use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
@@ -949,7 +949,7 @@ impl Builder<'_> {
         let root = self.fresh_upper(idx, st)?;
         let workdir = st.config.workdir.clone().unwrap_or_else(|| "/".into());
         mkdir_in_root(&root, &workdir)?;
-        let spec = sandbox::RunSpec {
+        let spec = step_jail::RunSpec {
             rootfs: root.clone(),
             argv,
             env,
@@ -964,7 +964,7 @@ impl Builder<'_> {
         let on_line = &mut |line: &str| progress(&format!("    | {line}"));
         let outcome = match &self.vm_env {
             Some(vm) => crate::vm_isolation::run(&spec, vm, self.work.path(), on_line)?,
-            None => sandbox::run(&spec, on_line)?,
+            None => step_jail::run(&spec, on_line)?,
         };
         if !outcome.success {
             return Err(Error::RunFailed {
@@ -986,7 +986,7 @@ impl Builder<'_> {
         idx: usize,
         st: &StageState,
         spec: &str,
-    ) -> std::result::Result<(sandbox::Mount, Vec<u8>), String> {
+    ) -> std::result::Result<(step_jail::Mount, Vec<u8>), String> {
         let mut kind = "bind".to_string();
         let (mut target, mut source, mut from, mut id) = (None, None, None, None);
         let (mut rw, mut mode, mut uid, mut gid) = (false, None, None, None);
@@ -1041,7 +1041,7 @@ impl Builder<'_> {
                 }
                 let key = format!("cache:{name}:{target}\n").into_bytes();
                 Ok((
-                    sandbox::Mount {
+                    step_jail::Mount {
                         source: Some(dir),
                         target,
                         readonly: false,
@@ -1050,7 +1050,7 @@ impl Builder<'_> {
                 ))
             }
             "tmpfs" => Ok((
-                sandbox::Mount {
+                step_jail::Mount {
                     source: None,
                     target: target.clone(),
                     readonly: false,
@@ -1094,7 +1094,7 @@ impl Builder<'_> {
                         .extend_from_slice(tree_hash(&real).map_err(|e| e.to_string())?.as_bytes()),
                 }
                 Ok((
-                    sandbox::Mount {
+                    step_jail::Mount {
                         source: Some(real),
                         target,
                         readonly: true,
@@ -1172,7 +1172,7 @@ impl Builder<'_> {
                     Some((u, it.next().unwrap_or(u)))
                 } else {
                     let root = self.materialize(idx, st)?;
-                    Some(sandbox::resolve_user(&root, c)?)
+                    Some(step_jail::resolve_user(&root, c)?)
                 }
             }
         };

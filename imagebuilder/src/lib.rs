@@ -16,8 +16,8 @@ pub mod image;
 pub mod layer;
 mod lru;
 pub mod oci;
-pub mod sandbox;
 mod stage;
+pub mod step_jail;
 mod stepdisk;
 pub mod vm_isolation;
 

@@ -18,7 +18,7 @@
 //! copies, xattrs are not compared, and device nodes or FIFOs the guest deletes stay.
 
 use crate::error::{Error, IoCtx, Result};
-use crate::sandbox::{RunOutcome, RunSpec};
+use crate::step_jail::{RunOutcome, RunSpec};
 use kiln_agent::protocol::{ExecRequest, Kind, AGENT_PORT};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -416,7 +416,7 @@ fn set_meta(_src: &Path, dst: &Path, m: &std::fs::Metadata) -> Result<()> {
 }
 
 /// Runs one RUN step in a microVM; `work` holds its disk while it runs. Same outcome as
-/// [`crate::sandbox::run`]: the changes are in `spec.rootfs` afterwards.
+/// [`crate::step_jail::run`]: the changes are in `spec.rootfs` afterwards.
 pub fn run(
     spec: &RunSpec,
     env: &VmEnv,
@@ -432,7 +432,7 @@ pub fn run(
         ));
     }
     if let Some(u) = spec.user.as_deref().filter(|u| !u.is_empty()) {
-        if crate::sandbox::resolve_user(&spec.rootfs, u)? != (0, 0) {
+        if crate::step_jail::resolve_user(&spec.rootfs, u)? != (0, 0) {
             return Err(Error::Build(format!(
                 "USER {u} with --isolation=vm: the guest agent runs commands as root only"
             )));

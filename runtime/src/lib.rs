@@ -20,8 +20,8 @@ pub mod microvm;
 pub mod ports;
 pub mod record;
 pub mod rootfs;
+pub mod sandbox_snapshot;
 mod sandboxes;
-pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use kiln_network::{Dest, NetworkPolicy};

@@ -8,7 +8,7 @@ use crate::record::{
     check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, Phase,
     ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
 };
-use crate::snapshot::{self, SnapshotRecord};
+use crate::sandbox_snapshot::{self, SnapshotRecord};
 use crate::{Checkpoint, Recovered, Runtime};
 use kiln_agent::protocol::ExecRequest;
 use kiln_blockstore::{BlobId, Store};
@@ -203,8 +203,8 @@ impl Sandboxes {
                 (id, rec, None)
             }
             Source::Snapshot(s) => {
-                let (sid, snap) = snapshot::lookup(&self.holds, s)?;
-                snapshot::fetch_manifests(&self.store, &snap)?;
+                let (sid, snap) = sandbox_snapshot::lookup(&self.holds, s)?;
+                sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
                 let image = self.image(&snap.image)?;
                 (snap.image, image, Some((sid, snap)))
             }
@@ -792,10 +792,10 @@ impl Sandboxes {
         let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         driver.checkpoint_done(&dir);
         let snap = SnapshotRecord::of(&rec, cp);
-        let id = snapshot::put_record(&self.holds, &snap)?;
+        let id = sandbox_snapshot::put_record(&self.holds, &snap)?;
         // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
         let name = name.map(str::to_string).unwrap_or_else(|| id.to_hex());
-        snapshot::name(&self.holds, &name, &id, &snap)?;
+        sandbox_snapshot::name(&self.holds, &name, &id, &snap)?;
         rec.op = None;
         dir.save(&rec)?;
         self.holds.release(&Holder::Checkpoint(rec.id))?;
@@ -851,7 +851,7 @@ impl Sandboxes {
     /// Stores a pause's snapshot; it replaces whatever the sandbox held before, and holds
     /// the checkpoint's blobs from then on.
     fn store_pause(&self, rec: &SandboxRecord, cp: Checkpoint) -> Result<BlobId> {
-        let snap = snapshot::put(
+        let snap = sandbox_snapshot::put(
             &self.holds,
             &SnapshotRecord::of(rec, cp),
             &Holder::Sandbox(rec.id.clone()),
@@ -895,8 +895,8 @@ impl Sandboxes {
                 needed: "only a paused sandbox can be resumed",
             });
         };
-        let snap = snapshot::get(&self.store, &sid)?;
-        snapshot::fetch_manifests(&self.store, &snap)?;
+        let snap = sandbox_snapshot::get(&self.store, &sid)?;
+        sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
         let image = self.image(&snap.image)?;
         let driver = self.driver(rec.runtime)?;
         rec.generation += 1;
@@ -938,7 +938,7 @@ impl Sandboxes {
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
             let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
-            let id = snapshot::put(
+            let id = sandbox_snapshot::put(
                 &self.holds,
                 &SnapshotRecord::of(&rec, cp),
                 &Holder::Fork(rec.id.clone()),
@@ -1015,7 +1015,7 @@ impl Sandboxes {
     /// Removes a named snapshot (`kiln sandbox snapshots rm`, E2B's snapshot delete); its data
     /// goes once no sandbox needs it. Returns whether it existed.
     pub fn remove_snapshot(&self, name: &str) -> Result<bool> {
-        snapshot::remove(&self.holds, name)
+        sandbox_snapshot::remove(&self.holds, name)
     }
 
     /// Changes a sandbox's egress policy; a running one's rules change at once (new

@@ -989,12 +989,12 @@ async fn list_snapshots(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResu
     let sb = state.sandboxes.clone();
     let mut names: Vec<String> = blocking(move || {
         let mut out = Vec::new();
-        for (n, id) in kiln_runtime::snapshot::list(sb.store())? {
+        for (n, id) in kiln_runtime::sandbox_snapshot::list(sb.store())? {
             if name.as_ref().is_some_and(|w| *w != n && *w != id.to_hex()) {
                 continue;
             }
             if let Some(s) = &sandbox {
-                let rec = kiln_runtime::snapshot::get(sb.store(), &id)?;
+                let rec = kiln_runtime::sandbox_snapshot::get(sb.store(), &id)?;
                 if rec.sandbox != *s {
                     continue;
                 }

@@ -7,7 +7,7 @@
 //! (changes in the upper dir, deletions as whiteouts, the same layer tar the namespace sandbox
 //! yields), and the exec request run by the agent's own server code.
 
-use kiln_imagebuilder::sandbox::RunSpec;
+use kiln_imagebuilder::step_jail::RunSpec;
 use kiln_imagebuilder::vm_isolation as vmi;
 use kiln_tests::registry::{busybox_build_home, have};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

@@ -470,7 +470,7 @@ fn pss_of_sandbox(id: &str) -> u64 {
 /// The single runsc state file of a gVisor snapshot, if its checkpoint has one (the format
 /// before issue 17); the step-by-step replays need it and are skipped without it.
 fn state_file_of(store: &Store, snap: &BlobId) -> Option<BlobId> {
-    let rec = kiln_runtime::snapshot::get(store, snap).ok()?;
+    let rec = kiln_runtime::sandbox_snapshot::get(store, snap).ok()?;
     rec.checkpoint
         .state
         .get("state_file")

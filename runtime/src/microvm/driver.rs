@@ -9,12 +9,12 @@
 //! - Readiness: a `Health` request on that port answered by an `Ok` frame. kiln's freestanding
 //!   test guest ([`MicrovmDriver::with_test_guest`]) answers it too, so the whole lifecycle runs
 //!   on hosts where no Linux guest boots (PVM).
-//! - Checkpoints are kiln snapshots ([`super::snapshots::create`]): full the first time, a diff
+//! - Checkpoints are kiln snapshots ([`super::vm_snapshots::create`]): full the first time, a diff
 //!   against the snapshot a VM was restored from (or last checkpointed as) after that; restores
 //!   page memory in lazily (userfaultfd).
 
 use super::error::Error as MError;
-use super::snapshots::{self, CreateOptions, RestoreOptions};
+use super::vm_snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
 use crate::record::{processes_with, Op, OpKind, Phase};
 use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
@@ -482,7 +482,7 @@ impl crate::Runtime for MicrovmDriver {
             .ok_or_else(|| Error::Invalid(format!("sandbox {} has no VM", dir.id())))?;
         // A diff against the snapshot it was restored from (or last checkpointed as), when the
         // VMM tracked the pages written since; a full snapshot otherwise.
-        let parent = snapshots::parent_of(&st.vm_dir)
+        let parent = vm_snapshots::parent_of(&st.vm_dir)
             .filter(|p| kiln_snapshotter::record::load(&self.store, p).is_ok());
         let name = format!("sandbox-{}-{}", dir.id(), crate::record::now_ms());
         let o = CreateOptions {
@@ -496,8 +496,8 @@ impl crate::Runtime for MicrovmDriver {
             op.driver = serde_json::json!({ "snapshot_name": name });
         }
         dir.enter(rec, Phase::Checkpoint)?;
-        let c =
-            snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o).map_err(drv("checkpoint"))?;
+        let c = vm_snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o)
+            .map_err(drv("checkpoint"))?;
         let cp = self.checkpoint_of(&c.id, &c.record)?;
         if let Some(op) = rec.op.as_mut() {
             op.checkpoint = Some(cp.clone());
@@ -537,7 +537,7 @@ impl crate::Runtime for MicrovmDriver {
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
         // A fresh TAP in this sandbox's own namespace; the guest keeps its address and MAC.
         o.net = nic_of(rec)?;
-        let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
+        let launched = match vm_snapshots::restore_detached(&self.store, &self.launcher, &o) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&vm_dir);

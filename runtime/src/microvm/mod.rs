@@ -3,12 +3,12 @@
 //!
 //! The VMM process is the `kiln` binary (`kiln vm run` / `kiln snapshot restore` in the
 //! foreground run the VM in-process through [`vms::run_foreground`] and
-//! [`snapshots::restore_foreground`]); everything that starts one detached takes the executable
+//! [`vm_snapshots::restore_foreground`]); everything that starts one detached takes the executable
 //! to run ([`vms::Launcher`]), so this library never assumes which binary it is linked into.
 
 mod driver;
 mod error;
-pub mod snapshots;
+pub mod vm_snapshots;
 pub mod vms;
 
 pub use driver::{connect_port, find_kernel, kvm_unsupported, Guest, MicrovmDriver};

@@ -525,7 +525,7 @@ impl Launcher {
 
     /// Starts `kiln snapshot restore` for `o` as its own process group and returns once it
     /// serves its control socket.
-    pub fn restore(&self, o: &super::snapshots::RestoreOptions) -> Result<Launched> {
+    pub fn restore(&self, o: &super::vm_snapshots::RestoreOptions) -> Result<Launched> {
         check_id(&o.id)?;
         let mut cmd = self.base(&o.dir, "vmm.log")?;
         cmd.args(["snapshot", "restore", &o.snapshot, "--id", &o.id]);
