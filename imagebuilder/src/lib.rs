@@ -5,10 +5,11 @@
 //!   directory diff that turns a build step into a layer tar.
 //! - [`ext4`]: deterministic `mkfs.ext4 -d` images.
 //! - [`image`]: image records and names in the block store.
-//! - [`dockerfile`], [`build`], [`sandbox`]: Dockerfile builds with a step cache in the store.
+//! - [`dockerfile`], [`build`], [`step_jail`]: Dockerfile builds with a step cache in the store.
 
 mod add;
 pub mod build;
+mod build_cache;
 pub mod dockerfile;
 mod error;
 pub mod ext4;

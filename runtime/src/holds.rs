@@ -10,13 +10,12 @@
 //! blob another holder just took is never removed under it.
 
 use crate::error::{IoCtx, Result};
+use kiln_blockstore::names::HOLD;
 use kiln_blockstore::{BlobId, Store};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-
-const HOLD_PREFIX: &str = "hold:";
 
 /// Whoever keeps blobs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,10 +36,10 @@ pub enum Holder {
 impl Holder {
     fn prefix(&self) -> String {
         match self {
-            Holder::Sandbox(id) => format!("{HOLD_PREFIX}sandbox:{id}:"),
-            Holder::Snapshot(n) => format!("{HOLD_PREFIX}snapshot:{n}:"),
-            Holder::Fork(id) => format!("{HOLD_PREFIX}fork:{id}:"),
-            Holder::Checkpoint(id) => format!("{HOLD_PREFIX}ckpt:{id}:"),
+            Holder::Sandbox(id) => format!("{}sandbox:{id}:", HOLD.prefix()),
+            Holder::Snapshot(n) => format!("{}snapshot:{n}:", HOLD.prefix()),
+            Holder::Fork(id) => format!("{}fork:{id}:", HOLD.prefix()),
+            Holder::Checkpoint(id) => format!("{}ckpt:{id}:", HOLD.prefix()),
         }
     }
 

@@ -13,11 +13,10 @@ use crate::error::{Error, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
 use crate::Checkpoint;
+use kiln_blockstore::names::SANDBOX_SNAPSHOT;
 use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-const NAME_PREFIX: &str = "sandbox-snapshot:";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -103,16 +102,14 @@ pub fn name(holds: &Holds, name: &str, id: &BlobId, snap: &SnapshotRecord) -> Re
     crate::record::check_name(name)?;
     // Held before it is named, so a listed name never lacks its data.
     holds.set(&Holder::Snapshot(name.into()), &snap.blobs_with(id))?;
-    holds
-        .store()
-        .set_name(&format!("{NAME_PREFIX}{name}"), id)?;
+    holds.store().set_name(&SANDBOX_SNAPSHOT.name(name), id)?;
     Ok(())
 }
 
 /// Removes a named snapshot: its name, then its hold; its data goes once no sandbox needs it.
 /// Returns whether the name existed.
 pub fn remove(holds: &Holds, name: &str) -> Result<bool> {
-    let existed = holds.store().remove_name(&format!("{NAME_PREFIX}{name}"))?;
+    let existed = holds.store().remove_name(&SANDBOX_SNAPSHOT.name(name))?;
     holds.release(&Holder::Snapshot(name.into()))?;
     Ok(existed)
 }
@@ -129,7 +126,7 @@ pub fn get(store: &Store, id: &BlobId) -> Result<SnapshotRecord> {
 /// manifests; data stays lazy). The caller holds what it uses.
 pub fn lookup(holds: &Holds, name_or_id: &str) -> Result<(BlobId, SnapshotRecord)> {
     let store = holds.store();
-    let name = format!("{NAME_PREFIX}{name_or_id}");
+    let name = SANDBOX_SNAPSHOT.name(name_or_id);
     if let Some(id) = store.lookup_name(&name)? {
         return Ok((id, get(store, &id)?));
     }
@@ -174,9 +171,9 @@ pub fn fetch_manifests(store: &Store, snap: &SnapshotRecord) -> Result<()> {
 /// Named snapshots: (name, id).
 pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
     Ok(store
-        .names_with_prefix(NAME_PREFIX)?
+        .names_with_prefix(SANDBOX_SNAPSHOT.prefix())?
         .into_iter()
-        .filter_map(|(n, id)| Some((n.strip_prefix(NAME_PREFIX)?.to_string(), id)))
+        .filter_map(|(n, id)| Some((SANDBOX_SNAPSHOT.strip(&n)?.to_string(), id)))
         .collect())
 }
 
@@ -188,7 +185,7 @@ pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
         bytes += store.push(b, &|_| {})?.bytes_uploaded;
     }
     if let Some(n) = name {
-        store.push_name(&format!("{NAME_PREFIX}{n}"), id)?;
+        store.push_name(&SANDBOX_SNAPSHOT.name(n), id)?;
     }
     Ok(bytes)
 }

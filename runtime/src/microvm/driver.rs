@@ -680,7 +680,7 @@ impl crate::Runtime for MicrovmDriver {
 
 /// The store name a VM snapshot named `name` is saved under.
 fn snapshot_name_key(name: &str) -> String {
-    format!("{}{name}", kiln_snapshotter::record::NAME_PREFIX)
+    kiln_blockstore::names::VM_SNAPSHOT.name(name)
 }
 
 /// Live VMM processes of the VM in `vm_dir` (started with `--vm-dir` and its absolute path).

@@ -15,7 +15,7 @@
 
 use super::error::{Context, Error, Result};
 use super::vms::{self, Launched, Launcher, VmMeta};
-use kiln_blockstore::{BlobId, Store};
+use kiln_blockstore::{names, BlobId, Store};
 use kiln_snapshotter::record::{self, VmShape};
 use kiln_snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory};
 use kiln_vmm::control::{self, ControlContext, Request};
@@ -409,8 +409,8 @@ pub fn inspect(store: &Store, snap: &str) -> Result<serde_json::Value> {
 
 /// Removes a snapshot's name (its blobs go at the next gc).
 pub fn remove(store: &Store, snap: &str) -> Result<()> {
-    let n = snap.strip_prefix(record::NAME_PREFIX).unwrap_or(snap);
-    if !store.remove_name(&format!("{}{n}", record::NAME_PREFIX))? {
+    let n = names::VM_SNAPSHOT.strip(snap).unwrap_or(snap);
+    if !store.remove_name(&names::VM_SNAPSHOT.name(n))? {
         return Err(Error::Invalid(format!("no snapshot named {n:?}")));
     }
     Ok(())
