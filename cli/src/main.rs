@@ -4,6 +4,7 @@
 //! `build`); this file only wires them together, sets up logging and resolves the home.
 
 mod cli;
+mod helper;
 mod image;
 mod sandbox;
 mod serve;
@@ -51,6 +52,9 @@ enum Command {
     Sandbox(sandbox::SandboxCommand),
     /// Serve E2B's HTTP API (control plane and envd data plane) over this host's sandboxes
     Serve(serve::ServeArgs),
+    /// A helper process kiln starts itself, from the spec in DIR (kiln_runtime::helpers)
+    #[command(name = "__helper", hide = true)]
+    Helper { dir: std::path::PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Build(a) => image::build(&home, a),
         Command::Sandbox(c) => sandbox::run(&home, c),
         Command::Serve(a) => serve::run(&home, a),
+        Command::Helper { dir } => helper::run(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -129,9 +129,6 @@ pub enum SandboxCommand {
     ///   kiln sandbox network dev --clear --internet on   # back to the default
     #[command(verbatim_doc_comment)]
     Network(NetworkArgs),
-    /// The DNS proxy of one sandbox network (started by kiln itself)
-    #[command(name = "__dns", hide = true)]
-    Dns { dir: PathBuf },
 }
 
 #[derive(clap::Subcommand)]
@@ -274,9 +271,6 @@ pub fn open(home: &Home) -> Result<Sandboxes> {
 }
 
 pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
-    if let SandboxCommand::Dns { dir } = &c {
-        return Ok(kiln_network::proxy::serve(dir)?);
-    }
     let sbx = open(home)?;
     match c {
         SandboxCommand::Create(a) => create(&sbx, a),
@@ -425,7 +419,6 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Network(a) => set_network(&sbx, a),
-        SandboxCommand::Dns { .. } => unreachable!("handled above"),
     }
 }
 

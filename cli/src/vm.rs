@@ -274,13 +274,18 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
         println!("{}", l.id);
         return Ok(());
     }
+    run_in_process(home, &o, true)
+}
+
+/// Runs the VM of `o` in this process (`kiln vm run` in the foreground, or the VMM helper
+/// with the guest's serial output only in its log).
+pub fn run_in_process(home: &Home, o: &RunOptions, serial_stdout: bool) -> Result<()> {
     let store = if o.needs_store() {
         Some(crate::store::open_with_remote(home, None, false)?)
     } else {
         None
     };
-    let serial_stdout = std::env::var_os(vms::DETACHED_ENV).is_none();
-    let exit = vms::run_foreground(&o, store.as_ref(), serial_stdout)?;
+    let exit = vms::run_foreground(o, store.as_ref(), serial_stdout)?;
     for (i, c) in exit.committed.iter().enumerate() {
         if let Some(b) = c {
             eprintln!("disk {i} committed: {b}");

@@ -208,8 +208,13 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     // In the foreground the guest's serial output also goes to stdout, as with `kiln vm run`.
-    let serial_stdout = std::env::var_os(vms::DETACHED_ENV).is_none();
-    Ok(vm_snapshots::restore_foreground(&store, &o, serial_stdout)?)
+    Ok(vm_snapshots::restore_foreground(&store, &o, true)?)
+}
+
+/// Restores `o` in this process (the VMM helper: serial output only in its log).
+pub fn restore_in_process(home: &Home, o: &RestoreOptions, serial_stdout: bool) -> Result<()> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    Ok(vm_snapshots::restore_foreground(&store, o, serial_stdout)?)
 }
 
 /// `--net-tap` of `kiln vm fork`: one per fork, or one `{}` pattern expanded per fork index.

@@ -14,6 +14,7 @@
 mod error;
 pub mod gvisor;
 mod gvisor_disk;
+pub mod helpers;
 pub mod holds;
 pub mod hostfs;
 pub mod microvm;
@@ -147,9 +148,5 @@ pub fn host_sandboxes(
             gvisor::GvisorConfig::from_env(),
         )),
     ];
-    Sandboxes::new(home, store, drivers).with_dns_proxy(vec![
-        vmm_exe.into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ])
+    Sandboxes::new(home, store, drivers).with_dns_proxy(helpers::dns_proxy_command(&vmm_exe))
 }

@@ -126,8 +126,8 @@ pub struct Sandboxes {
     /// What keeps checkpoints and snapshot records (and frees them when nothing does).
     holds: Holds,
     drivers: Vec<Box<dyn Runtime>>,
-    /// The command that runs a sandbox's DNS proxy (`kiln sandbox __dns`), its directory
-    /// appended.
+    /// The command that runs a sandbox's DNS proxy ([`crate::helpers::dns_proxy_command`]),
+    /// its directory appended.
     dns_proxy: Vec<OsString>,
 }
 
@@ -429,6 +429,7 @@ impl Sandboxes {
             RuntimeKind::Microvm => kiln_network::GuestKind::Tap,
             RuntimeKind::Gvisor => kiln_network::GuestKind::Veth,
         };
+        crate::helpers::dns_proxy_spec(&dir.net())?;
         rec.net = Some(kiln_network::attach(
             &rec.id,
             kind,

@@ -186,13 +186,10 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let (_store, image, driver) = test_guest_image(home);
-    let proxy = vec![
-        kiln_bin().into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ];
+    let proxy = kiln_runtime::helpers::dns_proxy_command(&kiln_bin());
     let policy = kiln_network::NetworkPolicy::default();
     let attach = |d: &SandboxDir, r: &mut SandboxRecord| {
+        kiln_runtime::helpers::dns_proxy_spec(&d.net()).unwrap();
         let a = kiln_network::attach(
             &r.id,
             kiln_network::GuestKind::Tap,

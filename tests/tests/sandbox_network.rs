@@ -384,11 +384,8 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         allow_out: vec!["web.test".parse().unwrap()],
         deny_out: vec![],
     };
-    let cmd = vec![
-        kiln_tests::kiln_bin().into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ];
+    let cmd = kiln_runtime::helpers::dns_proxy_command(&kiln_tests::kiln_bin());
+    kiln_runtime::helpers::dns_proxy_spec(&state).unwrap();
     for (k, v) in net.kiln_env() {
         std::env::set_var(k, v);
     }

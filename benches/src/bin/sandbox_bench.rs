@@ -2,7 +2,7 @@
 //! each against raw `runsc` measured in the same run; prints one JSON object on stdout,
 //! progress on stderr.
 //!
-//! `cargo build --release -p kiln -p kiln-benches && KILN_AGENT=<static agent>
+//! `cargo build --release -p kiln-cli -p kiln-benches && KILN_AGENT=<static agent>
 //!  target/release/sandbox_bench [--runs 20] [--forks 32] [--net-cycles 3] [--platform systrap]
 //!  [--raw-overlay root:memory] [--json-only]`
 //!

@@ -433,7 +433,7 @@ pub fn pull(store: &Store, id: &str, name: Option<&str>) -> Result<BlobId> {
 }
 
 /// How to restore a snapshot into a VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RestoreOptions {
     /// Snapshot name or id.
     pub snapshot: String,
