@@ -21,7 +21,7 @@ use crate::error::{Error, IoCtx, Result};
 use crate::step_jail::{RunOutcome, RunSpec};
 use kiln_agent::protocol::{ExecRequest, Kind, AGENT_PORT};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -47,36 +47,20 @@ pub fn linux_guest_unsupported() -> Option<String> {
     {
         return Some("/dev/kvm is not usable".into());
     }
-    let pvm = Path::new("/sys/module/kvm_pvm").exists()
-        || std::fs::read_to_string("/proc/modules")
-            .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
-            .unwrap_or(false);
-    pvm.then(|| "/dev/kvm is PVM; stock Linux guests cannot boot".into())
+    kiln_vmm::host::kvm_is_pvm().then(|| "/dev/kvm is PVM; stock Linux guests cannot boot".into())
 }
 
 /// The guest kernel: `explicit` (`--kernel`), else `KILN_GUEST_KERNEL`, else a cached
 /// build-kernel result.
 pub fn guest_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
-    let given = explicit
-        .map(|p| ("--kernel", p.to_path_buf()))
-        .or_else(|| std::env::var_os("KILN_GUEST_KERNEL").map(|p| ("KILN_GUEST_KERNEL", p.into())));
-    if let Some((what, p)) = given {
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::Build(format!(
-                "{what} {}: no such file",
-                p.display()
-            )))
-        };
-    }
-    let cache = kiln_vmm::kernel_cache::dir();
-    kiln_vmm::kernel_cache::find().ok_or_else(|| {
-        Error::Build(format!(
+    use kiln_vmm::host::KernelNotFound;
+    kiln_vmm::host::guest_kernel(explicit).map_err(|e| match e {
+        KernelNotFound::Missing { .. } => Error::Build(e.to_string()),
+        KernelNotFound::NoneCached { cache } => Error::Build(format!(
             "--isolation=vm needs a guest kernel: none in {} and KILN_GUEST_KERNEL is unset; \
                  build one with scripts/linux-guest/build-kernel (about 12 minutes)",
             cache.display()
-        ))
+        )),
     })
 }
 
@@ -524,17 +508,9 @@ fn connect(
         if let kiln_vmm::RunState::Exited(r) = vm.state() {
             return Err(format!("the guest ended before its agent answered: {r:?}"));
         }
-        let attempt = (|| -> std::io::Result<Option<UnixStream>> {
-            let s = UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            (&s).write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
-            let mut r = BufReader::new(s.try_clone()?);
-            let mut line = String::new();
-            r.read_line(&mut line)?;
-            s.set_read_timeout(None)?;
-            Ok(line.starts_with("OK ").then_some(s))
-        })();
-        if let Ok(Some(s)) = attempt {
+        let attempt =
+            kiln_vmm::devices::virtio::vsock::connect_port(uds, AGENT_PORT, Duration::from_secs(2));
+        if let Ok(s) = attempt {
             return Ok(s);
         }
         if Instant::now() > deadline {

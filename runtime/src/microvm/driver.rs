@@ -21,7 +21,7 @@ use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, Sandb
 use kiln_agent::protocol::AGENT_PORT;
 use kiln_blockstore::{BlobId, Store};
 use kiln_imagebuilder::image::ImageRecord;
-use std::io::Write;
+use kiln_vmm::devices::virtio::vsock::connect_port;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,23 +90,14 @@ fn home_of(store: &Store) -> PathBuf {
 /// The guest kernel: `explicit`, else `KILN_GUEST_KERNEL`, else the cache of
 /// `scripts/linux-guest/build-kernel` (`KILN_KERNEL_CACHE`, default `~/.cache/kiln/kernels/*/vmlinux`).
 pub fn find_kernel(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
-    let given = explicit
-        .map(|p| ("--kernel", p.to_path_buf()))
-        .or_else(|| std::env::var_os("KILN_GUEST_KERNEL").map(|p| ("KILN_GUEST_KERNEL", p.into())));
-    if let Some((what, p)) = given {
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("{what} {}: no such file", p.display()))
-        };
-    }
-    let cache = kiln_vmm::kernel_cache::dir();
-    kiln_vmm::kernel_cache::find().ok_or_else(|| {
-        format!(
+    use kiln_vmm::host::KernelNotFound;
+    kiln_vmm::host::guest_kernel(explicit).map_err(|e| match e {
+        KernelNotFound::Missing { .. } => e.to_string(),
+        KernelNotFound::NoneCached { cache } => format!(
             "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
                  scripts/linux-guest/build-kernel (it caches one in {})",
             cache.display()
-        )
+        ),
     })
 }
 
@@ -119,14 +110,8 @@ pub fn kvm_unsupported(need_hardware_virt: bool) -> Option<String> {
     {
         return Some(format!("/dev/kvm is not usable: {e}"));
     }
-    if need_hardware_virt {
-        let pvm = Path::new("/sys/module/kvm_pvm").exists()
-            || std::fs::read_to_string("/proc/modules")
-                .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
-                .unwrap_or(false);
-        if pvm {
-            return Some("/dev/kvm is PVM; stock Linux guests cannot boot on PVM".into());
-        }
+    if need_hardware_virt && kiln_vmm::host::kvm_is_pvm() {
+        return Some("/dev/kvm is PVM; stock Linux guests cannot boot on PVM".into());
     }
     None
 }
@@ -370,40 +355,6 @@ fn log_tail(vm_dir: &Path) -> String {
     let serial = crate::record::tail(&vm_dir.join("serial.log"), LOG_TAIL);
     let vmm = crate::record::tail(&vm_dir.join("vmm.log"), LOG_TAIL);
     format!("{serial}\n--- vmm.log ---\n{vmm}")
-}
-
-/// Opens a connection to guest port `port` through the VM's vsock socket.
-pub fn connect_port(vsock: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(vsock)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the answer byte by byte: what follows it belongs to the caller.
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        let n = std::io::Read::read(&mut s, &mut b)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "vsock connection closed before OK",
-            ));
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        line.push(b[0]);
-        if line.len() > 64 {
-            return Err(std::io::Error::other("vsock answer too long"));
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::other(format!(
-            "vsock answered {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    s.set_read_timeout(None)?;
-    Ok(s)
 }
 
 /// One readiness probe: `Health` on the agent port.

@@ -13,5 +13,6 @@ mod error;
 pub mod vm_snapshots;
 pub mod vms;
 
-pub use driver::{connect_port, find_kernel, kvm_unsupported, Guest, MicrovmDriver};
+pub use driver::{find_kernel, kvm_unsupported, Guest, MicrovmDriver};
 pub use error::{Context, Error, Result};
+pub use kiln_vmm::devices::virtio::vsock::connect_port;
