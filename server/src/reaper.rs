@@ -3,7 +3,7 @@
 //! removed too (their tokens are in their records and go with them).
 
 use crate::AppState;
-use runtime::State;
+use kiln_runtime::State;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +21,9 @@ pub(crate) async fn run(state: Arc<AppState>) {
     }
 }
 
-fn sweep(state: &AppState) -> runtime::Result<()> {
+fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
     let list = state.sandboxes.list()?;
-    let now = now_ms();
+    let now = kiln_runtime::record::now_ms();
     for rec in &list {
         let dead = matches!(rec.state, State::Failed { .. } | State::Stopped);
         if dead && rec.deadline_ms.is_some_and(|d| now >= d) {
@@ -34,11 +34,4 @@ fn sweep(state: &AppState) -> runtime::Result<()> {
         }
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

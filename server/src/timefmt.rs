@@ -18,6 +18,21 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// envd's spelling of a file time (signed; `.mmm` only when not zero):
+/// `2024-01-02T03:04:05.678Z`, `2024-01-02T03:04:05Z`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let frac = ms.rem_euclid(1000);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
+    if frac == 0 {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    } else {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{frac:03}Z")
+    }
+}
+
 /// Parses `YYYY-MM-DD[T ]HH:MM:SS[.frac](Z|±HH:MM)` into Unix milliseconds.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod control;
 pub mod devices;
+pub mod host;
 pub mod kernel_cache;
 pub mod memory;
 pub mod persist;

@@ -9,19 +9,19 @@
 //! - Readiness: a `Health` request on that port answered by an `Ok` frame. kiln's freestanding
 //!   test guest ([`MicrovmDriver::with_test_guest`]) answers it too, so the whole lifecycle runs
 //!   on hosts where no Linux guest boots (PVM).
-//! - Checkpoints are kiln snapshots ([`super::snapshots::create`]): full the first time, a diff
+//! - Checkpoints are kiln snapshots ([`super::vm_snapshots::create`]): full the first time, a diff
 //!   against the snapshot a VM was restored from (or last checkpointed as) after that; restores
 //!   page memory in lazily (userfaultfd).
 
 use super::error::Error as MError;
-use super::snapshots::{self, CreateOptions, RestoreOptions};
+use super::vm_snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
 use crate::record::{processes_with, Op, OpKind, Phase};
 use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
-use blockstore::{BlobId, Store};
-use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::AGENT_PORT;
-use std::io::Write;
+use kiln_blockstore::{BlobId, Store};
+use kiln_imagebuilder::image::ImageRecord;
+use kiln_vmm::devices::virtio::vsock::connect_port;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,23 +90,14 @@ fn home_of(store: &Store) -> PathBuf {
 /// The guest kernel: `explicit`, else `KILN_GUEST_KERNEL`, else the cache of
 /// `scripts/linux-guest/build-kernel` (`KILN_KERNEL_CACHE`, default `~/.cache/kiln/kernels/*/vmlinux`).
 pub fn find_kernel(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
-    let given = explicit
-        .map(|p| ("--kernel", p.to_path_buf()))
-        .or_else(|| std::env::var_os("KILN_GUEST_KERNEL").map(|p| ("KILN_GUEST_KERNEL", p.into())));
-    if let Some((what, p)) = given {
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("{what} {}: no such file", p.display()))
-        };
-    }
-    let cache = vmm::kernel_cache::dir();
-    vmm::kernel_cache::find().ok_or_else(|| {
-        format!(
+    use kiln_vmm::host::KernelNotFound;
+    kiln_vmm::host::guest_kernel(explicit).map_err(|e| match e {
+        KernelNotFound::Missing { .. } => e.to_string(),
+        KernelNotFound::NoneCached { cache } => format!(
             "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
                  scripts/linux-guest/build-kernel (it caches one in {})",
             cache.display()
-        )
+        ),
     })
 }
 
@@ -119,14 +110,8 @@ pub fn kvm_unsupported(need_hardware_virt: bool) -> Option<String> {
     {
         return Some(format!("/dev/kvm is not usable: {e}"));
     }
-    if need_hardware_virt {
-        let pvm = Path::new("/sys/module/kvm_pvm").exists()
-            || std::fs::read_to_string("/proc/modules")
-                .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
-                .unwrap_or(false);
-        if pvm {
-            return Some("/dev/kvm is PVM; stock Linux guests cannot boot on PVM".into());
-        }
+    if need_hardware_virt && kiln_vmm::host::kvm_is_pvm() {
+        return Some("/dev/kvm is PVM; stock Linux guests cannot boot on PVM".into());
     }
     None
 }
@@ -302,9 +287,9 @@ impl MicrovmDriver {
     fn checkpoint_of(
         &self,
         id: &BlobId,
-        r: &snapshotter::record::SnapshotRecord,
+        r: &kiln_snapshotter::record::SnapshotRecord,
     ) -> Result<Checkpoint> {
-        let blobs = snapshotter::record::blobs(&self.store, id, r)
+        let blobs = kiln_snapshotter::record::blobs(&self.store, id, r)
             .map_err(|e| drv("checkpoint")(e.into()))?;
         let state = CheckpointState {
             driver: "microvm".into(),
@@ -370,40 +355,6 @@ fn log_tail(vm_dir: &Path) -> String {
     let serial = crate::record::tail(&vm_dir.join("serial.log"), LOG_TAIL);
     let vmm = crate::record::tail(&vm_dir.join("vmm.log"), LOG_TAIL);
     format!("{serial}\n--- vmm.log ---\n{vmm}")
-}
-
-/// Opens a connection to guest port `port` through the VM's vsock socket.
-pub fn connect_port(vsock: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(vsock)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the answer byte by byte: what follows it belongs to the caller.
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        let n = std::io::Read::read(&mut s, &mut b)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "vsock connection closed before OK",
-            ));
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        line.push(b[0]);
-        if line.len() > 64 {
-            return Err(std::io::Error::other("vsock answer too long"));
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::other(format!(
-            "vsock answered {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    s.set_read_timeout(None)?;
-    Ok(s)
 }
 
 /// One readiness probe: `Health` on the agent port.
@@ -482,8 +433,8 @@ impl crate::Runtime for MicrovmDriver {
             .ok_or_else(|| Error::Invalid(format!("sandbox {} has no VM", dir.id())))?;
         // A diff against the snapshot it was restored from (or last checkpointed as), when the
         // VMM tracked the pages written since; a full snapshot otherwise.
-        let parent = snapshots::parent_of(&st.vm_dir)
-            .filter(|p| snapshotter::record::load(&self.store, p).is_ok());
+        let parent = vm_snapshots::parent_of(&st.vm_dir)
+            .filter(|p| kiln_snapshotter::record::load(&self.store, p).is_ok());
         let name = format!("sandbox-{}-{}", dir.id(), crate::record::now_ms());
         let o = CreateOptions {
             name: Some(name.clone()),
@@ -496,8 +447,8 @@ impl crate::Runtime for MicrovmDriver {
             op.driver = serde_json::json!({ "snapshot_name": name });
         }
         dir.enter(rec, Phase::Checkpoint)?;
-        let c =
-            snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o).map_err(drv("checkpoint"))?;
+        let c = vm_snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o)
+            .map_err(drv("checkpoint"))?;
         let cp = self.checkpoint_of(&c.id, &c.record)?;
         if let Some(op) = rec.op.as_mut() {
             op.checkpoint = Some(cp.clone());
@@ -537,7 +488,7 @@ impl crate::Runtime for MicrovmDriver {
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
         // A fresh TAP in this sandbox's own namespace; the guest keeps its address and MAC.
         o.net = nic_of(rec)?;
-        let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
+        let launched = match vm_snapshots::restore_detached(&self.store, &self.launcher, &o) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&vm_dir);
@@ -603,7 +554,7 @@ impl crate::Runtime for MicrovmDriver {
         let _ = dir;
         Some(match vms::read_exit(&st.vm_dir) {
             Some(x) => match x.reason {
-                vmm::ExitReason::Error(e) => format!("the VM failed: {e}"),
+                kiln_vmm::ExitReason::Error(e) => format!("the VM failed: {e}"),
                 r => format!("the VM ended ({r:?})").to_lowercase(),
             },
             None => format!(
@@ -639,7 +590,7 @@ impl crate::Runtime for MicrovmDriver {
                     let found = self.store.lookup_name(&key)?;
                     let cp = match found {
                         Some(id) => {
-                            let r = snapshotter::record::load(&self.store, &id)
+                            let r = kiln_snapshotter::record::load(&self.store, &id)
                                 .map_err(|e| drv("checkpoint")(e.into()))?;
                             Some(self.checkpoint_of(&id, &r)?)
                         }
@@ -663,7 +614,7 @@ impl crate::Runtime for MicrovmDriver {
                     vms::call(
                         &st.vm_dir,
                         &st.vm_id,
-                        &vmm::control::Request::Resume,
+                        &kiln_vmm::control::Request::Resume,
                         Duration::from_secs(30),
                     )
                     .map_err(drv("resume"))?;
@@ -680,7 +631,7 @@ impl crate::Runtime for MicrovmDriver {
 
 /// The store name a VM snapshot named `name` is saved under.
 fn snapshot_name_key(name: &str) -> String {
-    format!("{}{name}", snapshotter::record::NAME_PREFIX)
+    kiln_blockstore::names::VM_SNAPSHOT.name(name)
 }
 
 /// Live VMM processes of the VM in `vm_dir` (started with `--vm-dir` and its absolute path).

@@ -4,12 +4,13 @@
 
 use super::connect::{self, Code, RpcError};
 use super::types::{EntryInfo, FileType};
+use crate::timefmt::rfc3339_ms;
 use crate::AppState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_agent::client::{self, ClientError};
 use kiln_agent::protocol::{ErrorKind, FileInfo, FileKind};
-use runtime::{SandboxRecord, Sandboxes};
+use kiln_runtime::{SandboxRecord, Sandboxes};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -75,13 +76,13 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-pub fn from_runtime(id: &str, e: runtime::Error) -> EnvdError {
+pub fn from_runtime(id: &str, e: kiln_runtime::Error) -> EnvdError {
     match e {
-        runtime::Error::NotFound(_) => EnvdError::Sandbox {
+        kiln_runtime::Error::NotFound(_) => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
             message: format!("The sandbox {id} was not found"),
         },
-        runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
+        kiln_runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
         e => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
             message: e.to_string(),
@@ -301,7 +302,7 @@ impl Session {
         argv.extend(paths.iter().cloned());
         let mut req = self.sandboxes.exec_request(
             &self.rec,
-            runtime::ExecOptions {
+            kiln_runtime::ExecOptions {
                 argv,
                 user: Some("0".into()),
                 cwd: Some("/".into()),
@@ -385,30 +386,6 @@ pub fn permissions(kind: FileKind, mode: u32) -> String {
         s.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
     }
     s
-}
-
-/// Milliseconds since the epoch as RFC 3339 UTC (`2024-01-02T03:04:05.678Z`).
-pub fn rfc3339_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let frac = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
-    if frac == 0 {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-    } else {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{frac:03}Z")
-    }
 }
 
 /// A user of the sandbox.

@@ -204,3 +204,43 @@ impl Drop for Vsock {
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
+
+/// The host side's client: opens a connection to guest port `port` through the device's Unix
+/// socket (`CONNECT port`, then `OK ...`); the stream carries the connection's bytes after it.
+pub fn connect_port(
+    vsock: &Path,
+    port: u32,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(vsock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Read the answer byte by byte: what follows it belongs to the caller.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = std::io::Read::read(&mut s, &mut b)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "vsock connection closed before OK",
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 64 {
+            return Err(std::io::Error::other("vsock answer too long"));
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock answered {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
