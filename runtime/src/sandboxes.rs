@@ -317,6 +317,9 @@ impl Sandboxes {
             return Err(e);
         }
         rec.state = State::Running;
+        // The timeout counts from when the sandbox is usable (a first start can take long,
+        // unpacking its image); until now the deadline set at the start bounded it.
+        rec.deadline_ms = rec.timeout_secs.map(|s| deadline_after(now_ms(), s));
         let saved = dir.save(&rec).and_then(|()| match &from_snapshot {
             Some((sid, snap)) => self.hold_running(driver, &rec.id, sid, snap),
             None => Ok(()),

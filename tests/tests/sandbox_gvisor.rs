@@ -489,12 +489,20 @@ fn timeouts_kill_or_pause() {
         .as_str()
         .unwrap()
         .to_string();
-    let paused = create(&k, &["app", "--timeout", "1", "--on-timeout", "pause"])["id"]
+    // The timeout counts from when create returns: 3 s leave room for the write on a
+    // loaded host.
+    let paused = create(&k, &["app", "--timeout", "3", "--on-timeout", "pause"])["id"]
         .as_str()
         .unwrap()
         .to_string();
+    let t = std::time::Instant::now();
     sh(&k, &paused, "echo before > /work/t");
-    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the write took {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(t.elapsed()));
     let list = k.json(["sandbox", "ls", "--json"]);
     let states: Vec<(String, String)> = list
         .as_array()

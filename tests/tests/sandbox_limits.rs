@@ -217,9 +217,10 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
                 .parse()
                 .unwrap();
             // gVisor refuses a clone past pids.max, but its pids.current (committed plus
-            // pending charges) reads above it during a burst of clones: seen at 294 for 256.
+            // pending charges) reads above it during a burst of clones: seen up to 308 for
+            // 256 at load 15. Unbounded, a bomb reaches thousands within these seconds.
             assert!(
-                n <= limit + limit / 4,
+                n <= limit + limit / 2,
                 "{n} tasks, far past the limit of {limit}"
             );
             peak = peak.max(n);
