@@ -64,48 +64,12 @@ pub fn guest_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
-/// The agent binary: `KILN_AGENT`, else `kiln-agent` next to the running executable. It runs
+/// The static agent (see [`kiln_vmm::host::static_agent`]) for the running binary. It runs
 /// as init on arbitrary images, so it must be statically linked.
 pub fn agent_binary() -> Result<PathBuf> {
-    let p = match std::env::var_os("KILN_AGENT") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("kiln-agent")))
-            .unwrap_or_else(|| PathBuf::from("kiln-agent")),
-    };
-    let how = "build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
-               -p kiln-agent --target x86_64-unknown-linux-gnu and set KILN_AGENT";
-    let bytes = std::fs::read(&p)
-        .map_err(|e| Error::Build(format!("guest agent {}: {e}; {how}", p.display())))?;
-    if is_dynamic_elf(&bytes)? {
-        return Err(Error::Build(format!(
-            "guest agent {} is dynamically linked; {how}",
-            p.display()
-        )));
-    }
-    Ok(p)
-}
-
-/// Whether an x86-64 ELF executable asks for a program interpreter (PT_INTERP).
-fn is_dynamic_elf(b: &[u8]) -> Result<bool> {
-    let bad = || Error::Build("guest agent is not a 64-bit little-endian ELF".into());
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
-        return Err(bad());
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(54), u16_at(56));
-    for i in 0..phnum {
-        let o = phoff
-            .checked_add(i * phentsize)
-            .filter(|o| o + 4 <= b.len())
-            .ok_or_else(bad)?;
-        if u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) == 3 {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Build(format!("guest agent: current executable: {e}")))?;
+    kiln_vmm::host::static_agent(&exe).map_err(|e| Error::Build(format!("guest agent: {e}")))
 }
 
 /// The guest's kernel command line (the VMM appends its virtio-mmio devices).
@@ -656,18 +620,6 @@ mod tests {
         assert!(c.contains("root=/dev/vda rw"), "{c}");
         assert!(c.contains("init=/.kiln/agent"), "{c}");
         assert!(c.contains("console=ttyS0"), "{c}");
-    }
-
-    #[test]
-    fn elf_interp_detection() {
-        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        // Test binaries are dynamically linked glibc executables.
-        assert!(is_dynamic_elf(&me).unwrap());
-        assert!(is_dynamic_elf(b"#!/bin/sh\n").is_err());
-        let mut stat = me[..64].to_vec();
-        stat[56] = 0; // no program headers
-        stat[57] = 0;
-        assert!(!is_dynamic_elf(&stat).unwrap());
     }
 
     #[test]

@@ -224,67 +224,10 @@ fn find_on_path(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `KILN_AGENT`, else a static `kiln-agent` beside the running binary, else the static build
-/// cargo makes with `--target x86_64-unknown-linux-gnu` next to the running binary's profile.
+/// The static agent (see [`kiln_vmm::host::static_agent`]) for the running binary.
 fn find_agent() -> std::result::Result<PathBuf, String> {
-    const HOW: &str = "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
-        -p kiln-agent --target x86_64-unknown-linux-gnu` and set KILN_AGENT to it";
-    if let Some(p) = std::env::var_os("KILN_AGENT").filter(|v| !v.is_empty()) {
-        let p = PathBuf::from(p);
-        return match is_static_elf(&p) {
-            Ok(true) => Ok(p),
-            Ok(false) => Err(format!(
-                "KILN_AGENT={} is dynamically linked; images may lack its libraries: {HOW}",
-                p.display()
-            )),
-            Err(e) => Err(format!("KILN_AGENT={}: {e}", p.display())),
-        };
-    }
     let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    // target/<profile>/kiln (or target/<profile>/deps/<test> for test binaries).
-    let profile_dir = if dir.ends_with("deps") {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
-    let mut candidates = vec![dir.join("kiln-agent")];
-    if let (Some(profile), Some(target)) = (profile_dir.file_name(), profile_dir.parent()) {
-        candidates.push(
-            target
-                .join("x86_64-unknown-linux-gnu")
-                .join(profile)
-                .join("kiln-agent"),
-        );
-    }
-    candidates
-        .into_iter()
-        .find(|p| matches!(is_static_elf(p), Ok(true)))
-        .ok_or_else(|| format!("no statically linked kiln-agent found: {HOW}"))
-}
-
-/// An ELF without a program interpreter (PT_INTERP) needs no shared libraries. Reads the
-/// header and the program headers only (this runs on every start of the CLI).
-fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
-    let mut h = [0u8; 64];
-    f.read_exact_at(&mut h, 0).map_err(|_| bad())?;
-    if &h[..4] != b"\x7fELF" || h[4] != 2 {
-        return Err(bad());
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(h[0x20..0x28].try_into().unwrap());
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    if phentsize < 4 {
-        return Err(bad());
-    }
-    let mut table = vec![0u8; phentsize * phnum];
-    f.read_exact_at(&mut table, phoff).map_err(|_| bad())?;
-    Ok(!table
-        .chunks_exact(phentsize)
-        .any(|e| u32::from_le_bytes(e[..4].try_into().unwrap()) == 3))
+    kiln_vmm::host::static_agent(&exe)
 }
 
 pub struct GvisorDriver {
@@ -573,7 +516,12 @@ impl GvisorDriver {
                 let bin = dir.join("kiln-agent");
                 if !bin.exists() {
                     std::fs::create_dir_all(&dir).ctx("create", &dir)?;
-                    let tmp = dir.join(format!(".kiln-agent.{}", std::process::id()));
+                    // Unique per call: threads of one process (kiln serve) may install at once.
+                    let tmp = dir.join(format!(
+                        ".kiln-agent.{}.{}",
+                        std::process::id(),
+                        hex::encode(random_bytes::<8>())
+                    ));
                     std::fs::write(&tmp, &bytes).ctx("write", &tmp)?;
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
@@ -581,7 +529,11 @@ impl GvisorDriver {
                     std::fs::rename(&tmp, &bin).ctx("rename", &bin)?;
                 }
                 let _ = std::fs::create_dir_all(agents.join("by-stat"));
-                let tmp_link = key.with_extension(format!("tmp{}", std::process::id()));
+                let tmp_link = key.with_extension(format!(
+                    "tmp{}.{}",
+                    std::process::id(),
+                    hex::encode(random_bytes::<8>())
+                ));
                 if std::os::unix::fs::symlink(&dir, &tmp_link).is_ok() {
                     let _ = std::fs::rename(&tmp_link, &key);
                 }
@@ -1649,30 +1601,5 @@ mod tests {
         assert!(Platform::parse("KVM")
             .unwrap_err()
             .contains("systrap, kvm or ptrace"));
-    }
-
-    #[test]
-    fn static_elfs_are_told_from_dynamic_ones_and_other_files() {
-        // This test binary is dynamically linked (it has an interpreter).
-        let me = std::env::current_exe().unwrap();
-        assert!(!is_static_elf(&me).unwrap());
-        let tmp = tempfile::tempdir().unwrap();
-        let text = tmp.path().join("script");
-        std::fs::write(&text, b"#!/bin/sh\necho not an ELF\n").unwrap();
-        assert!(is_static_elf(&text).is_err());
-        // A minimal static ELF: the header, and one PT_LOAD program header.
-        let mut elf = vec![0u8; 64 + 56];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2;
-        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
-        let file = tmp.path().join("static");
-        std::fs::write(&file, &elf).unwrap();
-        assert!(is_static_elf(&file).unwrap());
-        // Its program header table cut short: refused, not read past the end.
-        std::fs::write(&file, &elf[..80]).unwrap();
-        assert!(is_static_elf(&file).is_err());
     }
 }

@@ -116,21 +116,10 @@ pub fn kvm_unsupported(need_hardware_virt: bool) -> Option<String> {
     None
 }
 
-/// The static kiln-agent for Linux guests: `KILN_AGENT`, else `kiln-agent` beside `exe`.
+/// The static kiln-agent for Linux guests (see [`kiln_vmm::host::static_agent`]), found
+/// from `exe`, the `kiln` binary the VMM processes run.
 fn find_agent(exe: &Path) -> std::result::Result<PathBuf, String> {
-    let p = std::env::var_os("KILN_AGENT")
-        .map(PathBuf::from)
-        .or_else(|| exe.parent().map(|d| d.join("kiln-agent")))
-        .unwrap_or_else(|| PathBuf::from("kiln-agent"));
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no kiln-agent at {} (build it with `cargo build --release -p kiln-agent --target \
-             x86_64-unknown-linux-gnu` and set KILN_AGENT)",
-            p.display()
-        ))
-    }
+    kiln_vmm::host::static_agent(exe)
 }
 
 /// A newc cpio archive holding `init` (the agent), for the guest's initramfs.
