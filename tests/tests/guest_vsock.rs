@@ -229,13 +229,11 @@ fn restore_copy(src: &vmm::Vm, state: &vmm::VmState, dir: &std::path::Path, name
         ..Default::default()
     };
     let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Provided(fresh)).unwrap();
-    let mut vs: vmm::devices::virtio::vsock::VsockState =
-        serde_json::from_value(state.virtio[0].device.clone()).unwrap();
-    vs.uds_path = dir.join(format!("{name}.vsock"));
-    vm.add_virtio_device(Box::new(
-        vmm::devices::virtio::vsock::Vsock::restored(&vs).unwrap(),
-    ))
-    .unwrap();
+    let res = vmm::devices::virtio::persist::DeviceResources {
+        vsock_uds: Some(dir.join(format!("{name}.vsock"))),
+        ..Default::default()
+    };
+    vm.add_restored_devices(state, res).unwrap();
     vm.restore_state(state).unwrap();
     vm.start().unwrap();
     vm
