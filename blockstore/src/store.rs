@@ -261,11 +261,6 @@ impl Store {
         *self.inner.remote.write().unwrap() = Some(remote);
     }
 
-    /// Attach an already type-erased remote tier.
-    pub fn set_remote_dyn(&self, remote: Arc<dyn RemoteTier>) {
-        *self.inner.remote.write().unwrap() = Some(remote);
-    }
-
     pub(crate) fn remote(&self) -> Option<Arc<dyn RemoteTier>> {
         self.inner.remote.read().unwrap().clone()
     }
@@ -1016,12 +1011,6 @@ impl Store {
             chunks_written: c.chunks_written.load(Relaxed),
             bytes_written: c.bytes_written.load(Relaxed),
         }
-    }
-
-    /// Wait until chunks fetched from the remote so far are stored durably in the local tier
-    /// (they are written in the background so lazy reads do not wait for the disk).
-    pub fn wait_fetched_persisted(&self) {
-        self.inner.persist.wait();
     }
 
     /// Forget every decompressed chunk held in memory (benchmarks: measure disk reads).

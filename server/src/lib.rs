@@ -73,11 +73,6 @@ pub struct AppState {
     pub domain: String,
     /// `KILN_HOME/serve`: the daemon's own files.
     pub serve_dir: PathBuf,
-    /// Templates a sandbox has been created from since start. Until then creates of a
-    /// template are serialized: the runtime's first use of an image extracts its tree under a
-    /// per-process temp name (runtime/src/rootfs.rs), which concurrent threads would share.
-    pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
-    pub(crate) first_create: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -93,8 +88,6 @@ impl AppState {
             api_key,
             domain,
             serve_dir,
-            warmed: Default::default(),
-            first_create: tokio::sync::Mutex::new(()),
         }
     }
 }

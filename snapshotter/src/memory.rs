@@ -19,7 +19,6 @@ use blockstore::{BlobId, BlobReader, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::Arc;
 
 /// Chunk size of memory images. Smaller than disks' (512 KiB) because a chunk is what one
 /// page fault loads; see README `## Snapshots` for the measurement behind it.
@@ -937,52 +936,6 @@ impl PageSource for ImageSource {
         }
         Ok(())
     }
-}
-
-/// Reads a whole image into `out` (eager restore, fork files, verification).
-pub fn read_image(src: &ImageSource, out: &mut [u8]) -> Result<(), SourceError> {
-    let cs = src.chunk_size();
-    for (i, chunk) in out.chunks_mut(cs).enumerate().take(src.chunks()) {
-        if src.chunk_is_zero(i) {
-            chunk.fill(0);
-        } else {
-            src.read_chunk(i, chunk)?;
-        }
-    }
-    Ok(())
-}
-
-/// Shares an [`ImageSource`] with the page handler.
-pub fn into_source(src: ImageSource) -> Arc<dyn PageSource> {
-    Arc::new(src)
-}
-
-/// Stores a memory image read from a stream (e.g. the VMM's `save_memory` written into a FIFO).
-pub fn capture_full_from(
-    store: &Store,
-    size: u64,
-    r: impl Read,
-) -> Result<MemoryImage, MemoryError> {
-    let opts = PutOptions {
-        chunk_size: Some(MEMORY_CHUNK_SIZE),
-        ..Default::default()
-    };
-    let blob = store.put_reader(r.take(size), &opts)?;
-    let got = store.open_blob(&blob)?.len();
-    if got != size {
-        return Err(MemoryError::Invalid(format!(
-            "memory stream ended after {got} of {size} bytes"
-        )));
-    }
-    Ok(MemoryImage {
-        size,
-        chunk_size: MEMORY_CHUNK_SIZE,
-        layers: vec![Layer {
-            blob,
-            runs: None,
-            unit: None,
-        }],
-    })
 }
 
 /// A page-granular diff layer over `parent`, staged from the VMM's dump of the pages written
