@@ -43,6 +43,7 @@ mod fsutil;
 mod local;
 mod maint;
 mod manifest;
+pub mod names;
 mod overlay;
 mod pack;
 mod persist;

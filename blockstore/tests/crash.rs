@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blockstore::{Error, PutOptions, Store};
+use kiln_blockstore::{Error, PutOptions, Store};
 use rand::{Rng, RngCore, SeedableRng};
 
 const CS: u32 = 16 * 1024;

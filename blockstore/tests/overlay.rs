@@ -1,7 +1,7 @@
 //! Overlays against a plain in-memory model: random writes, reads, flushes, commits and
 //! reopenings (as after a VMM restart); every committed blob must read back as the model did.
 
-use blockstore::{PutOptions, Store};
+use kiln_blockstore::{PutOptions, Store};
 use proptest::prelude::*;
 
 const CS: u32 = 16 * 1024;
@@ -28,7 +28,7 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn read_overlay(ov: &blockstore::Overlay) -> Vec<u8> {
+fn read_overlay(ov: &kiln_blockstore::Overlay) -> Vec<u8> {
     let mut out = vec![0u8; ov.len() as usize];
     assert_eq!(ov.read_at(0, &mut out).unwrap(), out.len());
     out

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use blockstore::{DirRemote, Error, PutOptions, Store, StoreOptions};
+use kiln_blockstore::{DirRemote, Error, PutOptions, Store, StoreOptions};
 use rand::{Rng, RngCore, SeedableRng};
 
 fn rng(seed: u64) -> rand::rngs::StdRng {
@@ -22,7 +22,7 @@ fn cs(n: u32) -> PutOptions {
     }
 }
 
-fn read_all(store: &Store, id: &blockstore::BlobId) -> Vec<u8> {
+fn read_all(store: &Store, id: &kiln_blockstore::BlobId) -> Vec<u8> {
     let r = store.open_blob(id).unwrap();
     let mut out = vec![0u8; r.len() as usize];
     assert_eq!(r.read_at(0, &mut out).unwrap(), out.len());
@@ -48,7 +48,7 @@ fn flip_byte(path: &std::path::Path, at: i64, mask: u8) {
 }
 
 /// Flips one byte in the middle of a chunk's stored frame.
-fn flip_frame(store: &Store, id: &blockstore::ChunkId) {
+fn flip_frame(store: &Store, id: &kiln_blockstore::ChunkId) {
     let loc = store.local_chunk(id).expect("chunk is local");
     flip_byte(&loc.path, (loc.offset + loc.len / 2) as i64, 0x40);
 }
@@ -167,7 +167,7 @@ fn names_resolve_and_prefixes() {
     assert_eq!(store.resolve("img/base:v1").unwrap(), id2);
     assert!(store.remove_name("img/base:v1").unwrap());
     assert!(store
-        .set_name("x", &blockstore::Digest::of(b"absent"))
+        .set_name("x", &kiln_blockstore::Digest::of(b"absent"))
         .is_err());
     assert!(store.set_name("", &id).is_err());
     // JSON for the CLI
@@ -510,8 +510,8 @@ fn local_limit_evicts_only_chunks_the_remote_holds() {
 fn handles_are_shareable_across_threads_and_progress_is_reported() {
     fn shareable<T: Send + Sync>() {}
     shareable::<Store>();
-    shareable::<blockstore::BlobReader>();
-    shareable::<blockstore::Overlay>();
+    shareable::<kiln_blockstore::BlobReader>();
+    shareable::<kiln_blockstore::Overlay>();
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("s")).unwrap();
     let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -49,7 +49,7 @@ pub enum Error {
     #[error("invalid: {0}")]
     Invalid(String),
     #[error(transparent)]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -7,9 +7,9 @@
 //!   build step refers to, so a name-rooted gc never drops them.
 
 use crate::error::{Error, IoCtx, Result};
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{names, BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// What a VM needs to run an image's process (the OCI image config subset kiln uses).
@@ -127,9 +127,6 @@ pub struct ImageSummary {
     pub source: String,
 }
 
-const IMAGE_PREFIX: &str = "image:";
-const KEEP_PREFIX: &str = "keep:";
-
 /// Image names: `[a-zA-Z0-9._/:@-]`, 1..100 bytes.
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -185,12 +182,12 @@ pub fn get_record(store: &Store, id: &BlobId) -> Result<ImageRecord> {
 /// Points `name` at image `id`.
 pub fn tag(store: &Store, name: &str, id: &BlobId) -> Result<()> {
     check_name(name)?;
-    set_name_once(store, &format!("{IMAGE_PREFIX}{name}"), id)
+    set_name_once(store, &names::IMAGE.name(name), id)
 }
 
 /// The image a name (or an image id / unique id prefix) refers to.
 pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, ImageRecord)> {
-    if let Some(id) = store.lookup_name(&format!("{IMAGE_PREFIX}{name_or_id}"))? {
+    if let Some(id) = store.lookup_name(&names::IMAGE.name(name_or_id))? {
         return Ok((id, get_record(store, &id)?));
     }
     if name_or_id.len() >= 8 && name_or_id.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -207,7 +204,7 @@ pub fn lookup(store: &Store, name_or_id: &str) -> Result<(BlobId, ImageRecord)> 
 pub fn list(store: &Store) -> Result<Vec<ImageSummary>> {
     let mut out = Vec::new();
     for (n, id) in store.names()? {
-        let Some(name) = n.strip_prefix(IMAGE_PREFIX) else {
+        let Some(name) = names::IMAGE.strip(&n) else {
             continue;
         };
         let rec = get_record(store, &id)?;
@@ -225,24 +222,22 @@ pub fn list(store: &Store) -> Result<Vec<ImageSummary>> {
 
 /// Removes a tag, then drops `keep:` names no remaining image or cached step refers to.
 pub fn remove(store: &Store, name: &str) -> Result<()> {
-    if !store.remove_name(&format!("{IMAGE_PREFIX}{name}"))? {
+    if !store.remove_name(&names::IMAGE.name(name))? {
         return Err(Error::ImageNotFound(name.to_string()));
     }
-    let mut live: BTreeSet<BlobId> = BTreeSet::new();
-    let names = store.names()?;
-    for (n, id) in &names {
-        if n.starts_with(IMAGE_PREFIX) || n.starts_with(crate::build::CACHE_PREFIX) {
+    let all = store.names()?;
+    let mut live = crate::build_cache::kept_blobs(store, &all);
+    for (n, id) in &all {
+        if names::IMAGE.contains(n) {
             live.insert(*id);
             if let Ok(rec) = get_record(store, id) {
                 live.insert(rec.disk);
                 live.extend(rec.layers);
-            } else if let Ok(step) = crate::build::get_step(store, id) {
-                live.extend(step.referenced());
             }
         }
     }
-    for (n, id) in &names {
-        if n.starts_with(KEEP_PREFIX) && !live.contains(id) {
+    for (n, id) in &all {
+        if names::KEEP.contains(n) && !live.contains(id) {
             store.remove_name(n)?;
         }
     }
@@ -251,7 +246,7 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
 
 /// Marks a blob as referenced (see module docs).
 pub(crate) fn keep(store: &Store, id: &BlobId) -> Result<()> {
-    set_name_once(store, &format!("{KEEP_PREFIX}{id}"), id)
+    set_name_once(store, &names::KEEP.name(id), id)
 }
 
 /// Turns a staged root file system into a disk blob: writes the config at
@@ -305,7 +300,7 @@ pub(crate) fn write_config(rootfs: &Path, config: &ImageConfig) -> Result<()> {
 
 /// Reads a blob as a stream (for applying layer blobs).
 pub struct BlobRead {
-    reader: blockstore::BlobReader,
+    reader: kiln_blockstore::BlobReader,
     off: u64,
 }
 

@@ -5,10 +5,11 @@
 //!   directory diff that turns a build step into a layer tar.
 //! - [`ext4`]: deterministic `mkfs.ext4 -d` images.
 //! - [`image`]: image records and names in the block store.
-//! - [`dockerfile`], [`build`], [`sandbox`]: Dockerfile builds with a step cache in the store.
+//! - [`dockerfile`], [`build`], [`step_jail`]: Dockerfile builds with a step cache in the store.
 
 mod add;
 pub mod build;
+mod build_cache;
 pub mod dockerfile;
 mod error;
 pub mod ext4;
@@ -16,8 +17,8 @@ pub mod image;
 pub mod layer;
 mod lru;
 pub mod oci;
-pub mod sandbox;
 mod stage;
+pub mod step_jail;
 mod stepdisk;
 pub mod vm_isolation;
 

@@ -8,7 +8,7 @@
 use crate::error::{Error, IoCtx, Result};
 use crate::image::{self, ImageConfig, ImageRecord};
 use crate::layer::{self, ApplyOptions};
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use sha2::Digest as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -16,7 +16,7 @@
 
 use crate::error::{Error, IoCtx, Result};
 use crate::lru::flock;
-use blockstore::{BlobId, Store};
+use kiln_blockstore::{BlobId, Store};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;

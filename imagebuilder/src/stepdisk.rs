@@ -17,7 +17,7 @@
 
 use crate::error::{Error, IoCtx, Result};
 use crate::lru::flock;
-use blockstore::{BlobId, Store};
+use kiln_blockstore::{BlobId, Store};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;

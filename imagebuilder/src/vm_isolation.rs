@@ -18,7 +18,7 @@
 //! copies, xattrs are not compared, and device nodes or FIFOs the guest deletes stay.
 
 use crate::error::{Error, IoCtx, Result};
-use crate::sandbox::{RunOutcome, RunSpec};
+use crate::step_jail::{RunOutcome, RunSpec};
 use kiln_agent::protocol::{ExecRequest, Kind, AGENT_PORT};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -70,8 +70,8 @@ pub fn guest_kernel(explicit: Option<&Path>) -> Result<PathBuf> {
             )))
         };
     }
-    let cache = vmm::kernel_cache::dir();
-    vmm::kernel_cache::find().ok_or_else(|| {
+    let cache = kiln_vmm::kernel_cache::dir();
+    kiln_vmm::kernel_cache::find().ok_or_else(|| {
         Error::Build(format!(
             "--isolation=vm needs a guest kernel: none in {} and KILN_GUEST_KERNEL is unset; \
                  build one with scripts/linux-guest/build-kernel (about 12 minutes)",
@@ -136,7 +136,7 @@ pub struct VmEnv {
     /// [`guest_cmdline`] for Linux; tests boot other guests with their own.
     pub cmdline: String,
     /// Kernel for Linux; tests run the freestanding test guest at User on PVM hosts.
-    pub entry: vmm::EntryMode,
+    pub entry: kiln_vmm::EntryMode,
 }
 
 /// Checks the host, the kernel and the agent, with a clear error for the first that is missing.
@@ -152,7 +152,7 @@ pub fn check(kernel: Option<&Path>) -> Result<VmEnv> {
         kernel: guest_kernel(kernel)?,
         agent: agent_binary()?,
         cmdline: guest_cmdline(),
-        entry: vmm::EntryMode::Kernel,
+        entry: kiln_vmm::EntryMode::Kernel,
     })
 }
 
@@ -416,7 +416,7 @@ fn set_meta(_src: &Path, dst: &Path, m: &std::fs::Metadata) -> Result<()> {
 }
 
 /// Runs one RUN step in a microVM; `work` holds its disk while it runs. Same outcome as
-/// [`crate::sandbox::run`]: the changes are in `spec.rootfs` afterwards.
+/// [`crate::step_jail::run`]: the changes are in `spec.rootfs` afterwards.
 pub fn run(
     spec: &RunSpec,
     env: &VmEnv,
@@ -432,7 +432,7 @@ pub fn run(
         ));
     }
     if let Some(u) = spec.user.as_deref().filter(|u| !u.is_empty()) {
-        if crate::sandbox::resolve_user(&spec.rootfs, u)? != (0, 0) {
+        if crate::step_jail::resolve_user(&spec.rootfs, u)? != (0, 0) {
             return Err(Error::Build(format!(
                 "USER {u} with --isolation=vm: the guest agent runs commands as root only"
             )));
@@ -469,11 +469,11 @@ fn run_vm(
     disk: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<RunOutcome> {
-    use vmm::devices::virtio::block::{Block, DiskBackend};
+    use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
     let verr = |e: &dyn std::fmt::Display| Error::Build(format!("microVM: {e}"));
     let serial = dir.join("serial.log");
     let uds = dir.join("vsock.sock");
-    let config = vmm::VmConfig {
+    let config = kiln_vmm::VmConfig {
         mem_bytes: spec.memory_max.unwrap_or(DEFAULT_MEM).max(128 << 20),
         vcpus: std::thread::available_parallelism()
             .map(|n| n.get().min(4) as u8)
@@ -485,7 +485,8 @@ fn run_vm(
         serial_stdout: false,
         track_dirty_pages: false,
     };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).map_err(|e| verr(&e))?;
+    let mut vm =
+        kiln_vmm::Vm::new(config, kiln_vmm::GuestMemorySource::Anonymous).map_err(|e| verr(&e))?;
     let backend = DiskBackend::File {
         path: disk.to_path_buf(),
         engine: Default::default(),
@@ -493,7 +494,7 @@ fn run_vm(
     };
     let blk = Block::new("root", backend, false).map_err(|e| verr(&e))?;
     vm.add_virtio_device(Box::new(blk)).map_err(|e| verr(&e))?;
-    let vsock = vmm::devices::virtio::vsock::Vsock::new(3, &uds).map_err(|e| verr(&e))?;
+    let vsock = kiln_vmm::devices::virtio::vsock::Vsock::new(3, &uds).map_err(|e| verr(&e))?;
     vm.add_virtio_device(Box::new(vsock))
         .map_err(|e| verr(&e))?;
     vm.set_entry_mode(env.entry);
@@ -514,9 +515,13 @@ fn run_vm(
 }
 
 /// Connects to the agent through the vsock device's Unix socket (Firecracker's `CONNECT`).
-fn connect(vm: &vmm::Vm, uds: &Path, deadline: Instant) -> std::result::Result<UnixStream, String> {
+fn connect(
+    vm: &kiln_vmm::Vm,
+    uds: &Path,
+    deadline: Instant,
+) -> std::result::Result<UnixStream, String> {
     loop {
-        if let vmm::RunState::Exited(r) = vm.state() {
+        if let kiln_vmm::RunState::Exited(r) = vm.state() {
             return Err(format!("the guest ended before its agent answered: {r:?}"));
         }
         let attempt = (|| -> std::io::Result<Option<UnixStream>> {
@@ -543,7 +548,7 @@ fn connect(vm: &vmm::Vm, uds: &Path, deadline: Instant) -> std::result::Result<U
 }
 
 fn exec_in_guest(
-    vm: &vmm::Vm,
+    vm: &kiln_vmm::Vm,
     spec: &RunSpec,
     uds: &Path,
     on_line: &mut dyn FnMut(&str),
@@ -568,7 +573,7 @@ fn exec_in_guest(
                 .try_clone()
                 .map_err(|e| format!("vsock connection: {e}"))?;
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
-            if let vmm::RunState::Exited(r) = vm.state() {
+            if let kiln_vmm::RunState::Exited(r) = vm.state() {
                 return Err(format!("the guest ended: {r:?}"));
             }
             Ok(s)

@@ -1,4 +1,4 @@
-//! The per-sandbox DNS proxy (`kiln sandbox __dns DIR`): opens its upstream socket in kiln's
+//! The per-sandbox DNS proxy (`kiln __helper DIR`, started by kiln-runtime's helpers): opens its upstream socket in kiln's
 //! namespace, enters the sandbox's router namespace, answers on the gateway address by the
 //! policy in `DIR/policy.json` (reread when it changes), and lets the guest connect to the
 //! addresses of allowed names by adding them to the router's `allow_dns` set before it

@@ -175,7 +175,7 @@ fn upstream() -> Result<SocketAddr> {
 /// Sets up sandbox `id`'s network (kiln must run in the host's mount namespace, as
 /// `nsenter --net` keeps it, not under `ip netns exec`: the namespaces it creates are bind
 /// mounts under /run/netns that later kiln processes must see): namespaces, interfaces, NAT, `policy`, and its DNS proxy
-/// (`proxy_cmd` + the state directory, e.g. `kiln sandbox __dns DIR`). `state` is a directory
+/// (`proxy_cmd` + the state directory, e.g. `kiln __helper DIR`). `state` is a directory
 /// of the sandbox's own (policy, DNS proxy files). On error nothing is left.
 pub fn attach(
     id: &str,

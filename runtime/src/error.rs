@@ -11,9 +11,9 @@ pub enum Error {
         err: std::io::Error,
     },
     #[error(transparent)]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
     #[error(transparent)]
-    Image(#[from] imagebuilder::Error),
+    Image(#[from] kiln_imagebuilder::Error),
     #[error("no sandbox {0:?} (see `kiln sandbox ls`)")]
     NotFound(String),
     #[error("no sandbox snapshot {0:?} (see `kiln sandbox snapshots`)")]
@@ -46,7 +46,7 @@ pub enum Error {
     #[error("invalid: {0}")]
     Invalid(String),
     #[error(transparent)]
-    Network(#[from] network::Error),
+    Network(#[from] kiln_network::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

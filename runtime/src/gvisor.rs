@@ -45,8 +45,8 @@ use crate::record::{
     SandboxDir, SandboxRecord,
 };
 use crate::{Checkpoint, Recovered, Runtime};
-use blockstore::{BlobId, PutOptions, Store};
-use imagebuilder::image::ImageRecord;
+use kiln_blockstore::{BlobId, PutOptions, Store};
+use kiln_imagebuilder::image::ImageRecord;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
@@ -405,7 +405,7 @@ impl GvisorDriver {
         gvisor_disk::attach(dir, rec.disk_mib)?;
         let mask = match &rec.net {
             Some(att) => {
-                network::reset_guest(att)?;
+                kiln_network::reset_guest(att)?;
                 Some(ProcSysMask::new()?)
             }
             None => None,
@@ -792,9 +792,9 @@ impl GvisorDriver {
             ..PutOptions::default()
         };
         let announce = |id: &BlobId| {
-            self.holds
-                .add_ahead(holder, id)
-                .map_err(|e| blockstore::Error::Invalid(format!("holding a checkpoint blob: {e}")))
+            self.holds.add_ahead(holder, id).map_err(|e| {
+                kiln_blockstore::Error::Invalid(format!("holding a checkpoint blob: {e}"))
+            })
         };
         let put: Vec<(String, Result<BlobId>)> = std::thread::scope(|s| {
             let handles: Vec<_> = names

@@ -10,13 +10,12 @@
 //! blob another holder just took is never removed under it.
 
 use crate::error::{IoCtx, Result};
-use blockstore::{BlobId, Store};
+use kiln_blockstore::names::HOLD;
+use kiln_blockstore::{BlobId, Store};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-
-const HOLD_PREFIX: &str = "hold:";
 
 /// Whoever keeps blobs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,10 +36,10 @@ pub enum Holder {
 impl Holder {
     fn prefix(&self) -> String {
         match self {
-            Holder::Sandbox(id) => format!("{HOLD_PREFIX}sandbox:{id}:"),
-            Holder::Snapshot(n) => format!("{HOLD_PREFIX}snapshot:{n}:"),
-            Holder::Fork(id) => format!("{HOLD_PREFIX}fork:{id}:"),
-            Holder::Checkpoint(id) => format!("{HOLD_PREFIX}ckpt:{id}:"),
+            Holder::Sandbox(id) => format!("{}sandbox:{id}:", HOLD.prefix()),
+            Holder::Snapshot(n) => format!("{}snapshot:{n}:", HOLD.prefix()),
+            Holder::Fork(id) => format!("{}fork:{id}:", HOLD.prefix()),
+            Holder::Checkpoint(id) => format!("{}ckpt:{id}:", HOLD.prefix()),
         }
     }
 
@@ -97,7 +96,7 @@ impl Holds {
             // Its last name: the blob goes first (then its names), so a kill in between
             // leaves a name to nothing, never a blob nobody names.
             match self.store.remove_blob(&id) {
-                Ok(()) | Err(blockstore::Error::NotFound(_)) => {}
+                Ok(()) | Err(kiln_blockstore::Error::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
             self.store.remove_name(&name)?;
@@ -156,7 +155,7 @@ impl Holds {
         for id in candidates {
             if !named.contains(id) && self.store.contains(id) {
                 match self.store.remove_blob(id) {
-                    Ok(()) | Err(blockstore::Error::NotFound(_)) => {}
+                    Ok(()) | Err(kiln_blockstore::Error::NotFound(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
                 tracing::debug!(%id, "released blob removed");
@@ -191,7 +190,7 @@ struct HoldLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockstore::PutOptions;
+    use kiln_blockstore::PutOptions;
 
     fn setup() -> (tempfile::TempDir, Store, Holds) {
         let d = tempfile::tempdir().unwrap();

@@ -14,17 +14,18 @@
 mod error;
 pub mod gvisor;
 mod gvisor_disk;
+pub mod helpers;
 pub mod holds;
 pub mod hostfs;
 pub mod microvm;
 pub mod ports;
 pub mod record;
 pub mod rootfs;
+pub mod sandbox_snapshot;
 mod sandboxes;
-pub mod snapshot;
 
 pub use error::{Error, Result};
-pub use network::{Dest, NetworkPolicy};
+pub use kiln_network::{Dest, NetworkPolicy};
 pub use record::{
     Access, OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir,
     SandboxRecord, State,
@@ -34,8 +35,8 @@ pub use sandboxes::{
     MIN_DEFAULT_DISK_MIB,
 };
 
-use blockstore::BlobId;
-use imagebuilder::image::ImageRecord;
+use kiln_blockstore::BlobId;
+use kiln_imagebuilder::image::ImageRecord;
 use std::os::unix::net::UnixStream;
 
 /// What a driver saved of a sandbox: its own description of the state (serialized into the
@@ -132,7 +133,7 @@ pub trait Runtime: Send + Sync {
 /// process (the `kiln` CLI).
 pub fn host_sandboxes(
     home: &std::path::Path,
-    store: blockstore::Store,
+    store: kiln_blockstore::Store,
     vmm_exe: std::path::PathBuf,
 ) -> Sandboxes {
     let drivers: Vec<Box<dyn Runtime>> = vec![
@@ -147,9 +148,5 @@ pub fn host_sandboxes(
             gvisor::GvisorConfig::from_env(),
         )),
     ];
-    Sandboxes::new(home, store, drivers).with_dns_proxy(vec![
-        vmm_exe.into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ])
+    Sandboxes::new(home, store, drivers).with_dns_proxy(helpers::dns_proxy_command(&vmm_exe))
 }

@@ -4,7 +4,7 @@
 //! killed mid-operation is noticed), the console log, and driver-private files.
 
 use crate::error::{Error, IoCtx, Result};
-use blockstore::BlobId;
+use kiln_blockstore::BlobId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -136,10 +136,10 @@ pub struct SandboxRecord {
     pub driver: serde_json::Value,
     /// The egress policy; `None`: the sandbox has no network device (loopback only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<network::NetworkPolicy>,
+    pub network: Option<kiln_network::NetworkPolicy>,
     /// Its network on this host while it runs (namespaces, TAP or veth, addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net: Option<network::Attachment>,
+    pub net: Option<kiln_network::Attachment>,
     /// Who may use its data plane: set when the record is made (before anything runs), kept
     /// for its whole life, never copied into a snapshot.
     #[serde(default, skip_serializing_if = "Access::is_open")]

@@ -4,8 +4,8 @@
 //! renamed into place, so a tree is either complete or absent, whatever is killed when.
 
 use crate::error::{Error, IoCtx, Result};
-use blockstore::{BlobId, Store};
-use imagebuilder::image::ImageRecord;
+use kiln_blockstore::{BlobId, Store};
+use kiln_imagebuilder::image::ImageRecord;
 use std::path::{Path, PathBuf};
 
 /// The image's tree, extracted now if it is not there yet.
@@ -33,7 +33,7 @@ pub fn ensure(
     let built = if image.layers.is_empty() {
         dump_disk(store, &image.disk, &tmp)
     } else {
-        imagebuilder::image::materialize(store, &image.layers, &tmp).map_err(Error::from)
+        kiln_imagebuilder::image::materialize(store, &image.layers, &tmp).map_err(Error::from)
     };
     if let Err(e) = built {
         let _ = std::fs::remove_dir_all(&tmp);

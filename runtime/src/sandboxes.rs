@@ -8,12 +8,12 @@ use crate::record::{
     check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, Phase,
     ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
 };
-use crate::snapshot::{self, SnapshotRecord};
+use crate::sandbox_snapshot::{self, SnapshotRecord};
 use crate::{Checkpoint, Recovered, Runtime};
-use blockstore::{BlobId, Store};
-use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::ExecRequest;
-use network::NetworkPolicy;
+use kiln_blockstore::{BlobId, Store};
+use kiln_imagebuilder::image::ImageRecord;
+use kiln_network::NetworkPolicy;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
@@ -126,8 +126,8 @@ pub struct Sandboxes {
     /// What keeps checkpoints and snapshot records (and frees them when nothing does).
     holds: Holds,
     drivers: Vec<Box<dyn Runtime>>,
-    /// The command that runs a sandbox's DNS proxy (`kiln sandbox __dns`), its directory
-    /// appended.
+    /// The command that runs a sandbox's DNS proxy ([`crate::helpers::dns_proxy_command`]),
+    /// its directory appended.
     dns_proxy: Vec<OsString>,
 }
 
@@ -199,12 +199,12 @@ impl Sandboxes {
         }
         let (image_id, image, from_snapshot) = match &spec.source {
             Source::Image(name) => {
-                let (id, rec) = imagebuilder::image::lookup(&self.store, name)?;
+                let (id, rec) = kiln_imagebuilder::image::lookup(&self.store, name)?;
                 (id, rec, None)
             }
             Source::Snapshot(s) => {
-                let (sid, snap) = snapshot::lookup(&self.holds, s)?;
-                snapshot::fetch_manifests(&self.store, &snap)?;
+                let (sid, snap) = sandbox_snapshot::lookup(&self.holds, s)?;
+                sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
                 let image = self.image(&snap.image)?;
                 (snap.image, image, Some((sid, snap)))
             }
@@ -426,10 +426,11 @@ impl Sandboxes {
             ));
         }
         let kind = match rec.runtime {
-            RuntimeKind::Microvm => network::GuestKind::Tap,
-            RuntimeKind::Gvisor => network::GuestKind::Veth,
+            RuntimeKind::Microvm => kiln_network::GuestKind::Tap,
+            RuntimeKind::Gvisor => kiln_network::GuestKind::Veth,
         };
-        rec.net = Some(network::attach(
+        crate::helpers::dns_proxy_spec(&dir.net())?;
+        rec.net = Some(kiln_network::attach(
             &rec.id,
             kind,
             policy,
@@ -441,7 +442,7 @@ impl Sandboxes {
 
     /// Removes a sandbox's network, if any (idempotent; its processes must be gone).
     fn detach_network(&self, dir: &SandboxDir, rec: &mut SandboxRecord) {
-        network::detach(&rec.id, &dir.net());
+        kiln_network::detach(&rec.id, &dir.net());
         rec.net = None;
     }
 
@@ -449,7 +450,7 @@ impl Sandboxes {
     /// The directory is renamed away first: a remover killed mid-way leaves a `.gone-`
     /// directory that the next `list` deletes, never a sandbox without its record.
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
-        network::detach(&rec.id, &dir.net());
+        kiln_network::detach(&rec.id, &dir.net());
         for h in [
             Holder::Sandbox(rec.id.clone()),
             Holder::Fork(rec.id.clone()),
@@ -792,10 +793,10 @@ impl Sandboxes {
         let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         driver.checkpoint_done(&dir);
         let snap = SnapshotRecord::of(&rec, cp);
-        let id = snapshot::put_record(&self.holds, &snap)?;
+        let id = sandbox_snapshot::put_record(&self.holds, &snap)?;
         // Every snapshot is named (an unnamed one by its id), so it is listed and removable.
         let name = name.map(str::to_string).unwrap_or_else(|| id.to_hex());
-        snapshot::name(&self.holds, &name, &id, &snap)?;
+        sandbox_snapshot::name(&self.holds, &name, &id, &snap)?;
         rec.op = None;
         dir.save(&rec)?;
         self.holds.release(&Holder::Checkpoint(rec.id))?;
@@ -851,7 +852,7 @@ impl Sandboxes {
     /// Stores a pause's snapshot; it replaces whatever the sandbox held before, and holds
     /// the checkpoint's blobs from then on.
     fn store_pause(&self, rec: &SandboxRecord, cp: Checkpoint) -> Result<BlobId> {
-        let snap = snapshot::put(
+        let snap = sandbox_snapshot::put(
             &self.holds,
             &SnapshotRecord::of(rec, cp),
             &Holder::Sandbox(rec.id.clone()),
@@ -895,8 +896,8 @@ impl Sandboxes {
                 needed: "only a paused sandbox can be resumed",
             });
         };
-        let snap = snapshot::get(&self.store, &sid)?;
-        snapshot::fetch_manifests(&self.store, &snap)?;
+        let snap = sandbox_snapshot::get(&self.store, &sid)?;
+        sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
         let image = self.image(&snap.image)?;
         let driver = self.driver(rec.runtime)?;
         rec.generation += 1;
@@ -938,7 +939,7 @@ impl Sandboxes {
                 self.lock_running(id, "only a running sandbox can be forked")?;
             let driver = self.driver(rec.runtime)?;
             let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
-            let id = snapshot::put(
+            let id = sandbox_snapshot::put(
                 &self.holds,
                 &SnapshotRecord::of(&rec, cp),
                 &Holder::Fork(rec.id.clone()),
@@ -1015,7 +1016,7 @@ impl Sandboxes {
     /// Removes a named snapshot (`kiln sandbox snapshots rm`, E2B's snapshot delete); its data
     /// goes once no sandbox needs it. Returns whether it existed.
     pub fn remove_snapshot(&self, name: &str) -> Result<bool> {
-        snapshot::remove(&self.holds, name)
+        sandbox_snapshot::remove(&self.holds, name)
     }
 
     /// Changes a sandbox's egress policy; a running one's rules change at once (new
@@ -1031,7 +1032,7 @@ impl Sandboxes {
             )));
         }
         if let Some(att) = &rec.net {
-            network::apply_policy(att, &policy, &dir.net())?;
+            kiln_network::apply_policy(att, &policy, &dir.net())?;
         }
         rec.network = Some(policy);
         dir.save(&rec)?;
@@ -1093,9 +1094,9 @@ impl Sandboxes {
     /// An image record by id, pulled from the remote (lazily) when this home lacks it.
     fn image(&self, id: &BlobId) -> Result<ImageRecord> {
         if !self.store.contains(id) {
-            imagebuilder::image::pull(&self.store, id, &id.to_hex())?;
+            kiln_imagebuilder::image::pull(&self.store, id, &id.to_hex())?;
         }
-        Ok(imagebuilder::image::get_record(&self.store, id)?)
+        Ok(kiln_imagebuilder::image::get_record(&self.store, id)?)
     }
 }
 

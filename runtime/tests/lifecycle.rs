@@ -1,4 +1,4 @@
-//! The sandbox state machine ([`runtime::Sandboxes`]) over a fake driver: no runsc, no KVM, a
+//! The sandbox state machine ([`kiln_runtime::Sandboxes`]) over a fake driver: no runsc, no KVM, a
 //! real store and real records in a temp home, each test in milliseconds.
 //!
 //! The fake keeps "processes" as a set of running sandbox ids and checkpoints as small blobs in
@@ -7,9 +7,9 @@
 //! the next caller must reconcile the record through `Runtime::recover`, whose outcome each test
 //! scripts.
 
-use blockstore::{PutOptions, Store};
-use imagebuilder::image::{ImageConfig, ImageRecord};
-use runtime::{
+use kiln_blockstore::{PutOptions, Store};
+use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
+use kiln_runtime::{
     Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, Phase, Recovered, Runtime,
     RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State,
 };
@@ -51,7 +51,7 @@ impl Fake {
     }
 
     /// Records the call; fails or dies if the test asked for it.
-    fn step(&self, s: Step, dir: &SandboxDir) -> runtime::Result<()> {
+    fn step(&self, s: Step, dir: &SandboxDir) -> kiln_runtime::Result<()> {
         let mut w = self.world();
         w.calls.push(format!("{s:?}:{}", dir.id()).to_lowercase());
         if w.die.remove(&s) {
@@ -104,7 +104,7 @@ impl Runtime for FakeDriver {
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         _image: &ImageRecord,
-    ) -> runtime::Result<()> {
+    ) -> kiln_runtime::Result<()> {
         self.fake.step(Step::Start, dir)?;
         rec.driver = driver_state(rec);
         rec.agent = Some(dir.sub("agent.sock"));
@@ -117,7 +117,7 @@ impl Runtime for FakeDriver {
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         stop: bool,
-    ) -> runtime::Result<Checkpoint> {
+    ) -> kiln_runtime::Result<Checkpoint> {
         dir.enter(rec, Phase::Checkpoint)?;
         self.fake.step(Step::Checkpoint, dir)?;
         let memory = format!("memory of {} at generation {}", rec.id, rec.generation);
@@ -144,7 +144,7 @@ impl Runtime for FakeDriver {
         rec: &mut SandboxRecord,
         checkpoint: &Checkpoint,
         _image: &ImageRecord,
-    ) -> runtime::Result<()> {
+    ) -> kiln_runtime::Result<()> {
         self.fake.step(Step::Restore, dir)?;
         assert!(checkpoint.state["fake"].is_u64(), "{checkpoint:?}");
         rec.driver = driver_state(rec);
@@ -153,7 +153,7 @@ impl Runtime for FakeDriver {
         Ok(())
     }
 
-    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> runtime::Result<()> {
+    fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> kiln_runtime::Result<()> {
         self.fake.step(Step::Kill, dir)?;
         self.fake.world().running.remove(&rec.id);
         Ok(())
@@ -163,7 +163,7 @@ impl Runtime for FakeDriver {
         (!self.fake.running(&rec.id)).then(|| "fake processes gone".to_string())
     }
 
-    fn connect(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> runtime::Result<UnixStream> {
+    fn connect(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> kiln_runtime::Result<UnixStream> {
         if !self.fake.running(&rec.id) {
             return Err(Error::Driver {
                 what: "connect".into(),
@@ -178,7 +178,7 @@ impl Runtime for FakeDriver {
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         op: &Op,
-    ) -> runtime::Result<Recovered> {
+    ) -> kiln_runtime::Result<Recovered> {
         self.fake
             .world()
             .calls
@@ -231,8 +231,8 @@ impl Rig {
             source: "test".into(),
             history: Vec::new(),
         };
-        let id = imagebuilder::image::put_record(&store, &image).unwrap();
-        imagebuilder::image::tag(&store, "img", &id).unwrap();
+        let id = kiln_imagebuilder::image::put_record(&store, &image).unwrap();
+        kiln_imagebuilder::image::tag(&store, "img", &id).unwrap();
         let fake = Fake::default();
         let driver = FakeDriver {
             fake: fake.clone(),

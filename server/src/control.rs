@@ -1,5 +1,5 @@
 //! The control plane: E2B's REST API (e2b-dev/infra `spec/openapi.yml`, and the `/v2` create
-//! and connect routes E2B's SDKs 2.x call) over [`runtime::Sandboxes`].
+//! and connect routes E2B's SDKs 2.x call) over [`kiln_runtime::Sandboxes`].
 //!
 //! Every route but `/health` needs `X-API-Key`. Errors are E2B's `{code, message}` with the
 //! spec's status codes: 400 for a malformed body or query, 401 for a missing or wrong key,
@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
+use kiln_runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -81,9 +81,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<runtime::Error> for ApiError {
-    fn from(e: runtime::Error) -> ApiError {
-        use runtime::Error as E;
+impl From<kiln_runtime::Error> for ApiError {
+    fn from(e: kiln_runtime::Error) -> ApiError {
+        use kiln_runtime::Error as E;
         let status = match &e {
             E::NotFound(_) | E::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
             // A record that vanished while it was read: the sandbox was being removed.
@@ -93,7 +93,7 @@ impl From<runtime::Error> for ApiError {
             {
                 StatusCode::NOT_FOUND
             }
-            E::Image(imagebuilder::Error::ImageNotFound(_)) => StatusCode::NOT_FOUND,
+            E::Image(kiln_imagebuilder::Error::ImageNotFound(_)) => StatusCode::NOT_FOUND,
             E::NameTaken(_) | E::WrongState { .. } | E::Busy(_) => StatusCode::CONFLICT,
             E::Invalid(_) | E::RuntimeMismatch { .. } => StatusCode::BAD_REQUEST,
             E::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -111,7 +111,7 @@ type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// Runs a blocking runtime call off the async threads.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> runtime::Result<T> + Send + 'static,
+    f: impl FnOnce() -> kiln_runtime::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -323,7 +323,7 @@ async fn create(
         return Err(ApiError::bad_request("templateID is empty"));
     }
     let mut spec = CreateSpec::new(Source::Image(template.clone()));
-    // Nothing asked of egress: the host's default (runtime::default_network, which
+    // Nothing asked of egress: the host's default (kiln_runtime::default_network, which
     // KILN_NETWORK=none makes "no network device").
     spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
         .map_err(ApiError::bad_request)?;
@@ -342,15 +342,15 @@ async fn create(
         let mut spec = spec;
         // A template is an image name or id, else a sandbox snapshot name or id.
         match sb.create(spec.clone()) {
-            Err(runtime::Error::Image(imagebuilder::Error::ImageNotFound(_))) => {
+            Err(kiln_runtime::Error::Image(kiln_imagebuilder::Error::ImageNotFound(_))) => {
                 spec.source = Source::Snapshot(strip_tag(&template).to_string());
                 sb.create(spec).map_err(|e| match e {
-                    runtime::Error::SnapshotNotFound(_) => {
-                        runtime::Error::Image(imagebuilder::Error::ImageNotFound(format!(
+                    kiln_runtime::Error::SnapshotNotFound(_) => kiln_runtime::Error::Image(
+                        kiln_imagebuilder::Error::ImageNotFound(format!(
                             "{template} (no image or sandbox snapshot of that name; see \
                              `kiln image ls`, GET /templates, GET /snapshots)"
-                        )))
-                    }
+                        )),
+                    ),
                     e => e,
                 })
             }
@@ -901,7 +901,7 @@ async fn fork(
         ));
     }
     let sb = state.sandboxes.clone();
-    let spec = runtime::ForkSpec {
+    let spec = kiln_runtime::ForkSpec {
         count,
         timeout_secs: Some(secs),
     };
@@ -931,12 +931,12 @@ async fn create_snapshot(
     let req: SnapshotRequest = body(&bytes, true)?;
     let name = req.name.filter(|n| !n.is_empty());
     if let Some(n) = &name {
-        runtime::record::check_name(n).map_err(ApiError::from)?;
+        kiln_runtime::record::check_name(n).map_err(ApiError::from)?;
     }
     let rec = lookup(&state, &id).await?;
     let sb = state.sandboxes.clone();
     let name = blocking(move || {
-        let name = name.unwrap_or_else(|| format!("snapshot-{}", runtime::record::new_id()));
+        let name = name.unwrap_or_else(|| format!("snapshot-{}", kiln_runtime::record::new_id()));
         let sid = sb.snapshot(&rec.id, Some(&name))?;
         tracing::info!(snapshot = %sid, name, "created snapshot");
         Ok(name)
@@ -969,12 +969,12 @@ async fn list_snapshots(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResu
     let sb = state.sandboxes.clone();
     let mut names: Vec<String> = blocking(move || {
         let mut out = Vec::new();
-        for (n, id) in runtime::snapshot::list(sb.store())? {
+        for (n, id) in kiln_runtime::sandbox_snapshot::list(sb.store())? {
             if name.as_ref().is_some_and(|w| *w != n && *w != id.to_hex()) {
                 continue;
             }
             if let Some(s) = &sandbox {
-                let rec = runtime::snapshot::get(sb.store(), &id)?;
+                let rec = kiln_runtime::sandbox_snapshot::get(sb.store(), &id)?;
                 if rec.sandbox != *s {
                     continue;
                 }
@@ -1032,7 +1032,7 @@ async fn delete_template(
 /// kiln images as E2B templates: one per image name; the name is the `templateID`.
 async fn list_templates(State(state): State<Arc<AppState>>) -> ApiResult<Json<Vec<Value>>> {
     let sb = state.sandboxes.clone();
-    let images = blocking(move || Ok(imagebuilder::image::list(sb.store())?)).await?;
+    let images = blocking(move || Ok(kiln_imagebuilder::image::list(sb.store())?)).await?;
     let epoch = rfc3339(0);
     Ok(Json(
         images

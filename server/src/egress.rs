@@ -1,6 +1,6 @@
 //! E2B's sandbox network fields (`allow_internet_access`, `network` on create, `PUT
 //! /sandboxes/{id}/network`, `allowInternetAccess`/`network` in the detail) and their mapping
-//! to kiln's one policy model ([`network::NetworkPolicy`]).
+//! to kiln's one policy model ([`kiln_network::NetworkPolicy`]).
 //!
 //! E2B's rules, kept here so the API answers as E2B's does:
 //! - `allow_internet_access: false` is `denyOut: ["0.0.0.0/0"]`; allow wins over deny;
@@ -18,7 +18,7 @@
 //! A create that asks nothing of egress (no `allow_internet_access`, no `allowOut`/`denyOut`)
 //! gets the host's default network ([`create_policy`] is `None`).
 
-use network::{Dest, NetworkPolicy};
+use kiln_network::{Dest, NetworkPolicy};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

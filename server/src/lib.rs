@@ -59,14 +59,14 @@ pub enum Error {
     #[error("serving HTTP: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
-    Runtime(#[from] runtime::Error),
+    Runtime(#[from] kiln_runtime::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What every handler shares.
 pub struct AppState {
-    pub sandboxes: Arc<runtime::Sandboxes>,
+    pub sandboxes: Arc<kiln_runtime::Sandboxes>,
     /// The control plane's API key (`X-API-Key`).
     pub api_key: String,
     /// The domain in `{port}-{id}.{domain}` host names and in create responses.
@@ -78,7 +78,7 @@ pub struct AppState {
 impl AppState {
     /// The state for sandboxes `sandboxes`, with the daemon's files under `serve_dir`.
     pub fn new(
-        sandboxes: Arc<runtime::Sandboxes>,
+        sandboxes: Arc<kiln_runtime::Sandboxes>,
         api_key: String,
         domain: String,
         serve_dir: PathBuf,
@@ -132,7 +132,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 /// key came from the environment) before the first request is accepted.
 pub async fn run(
     cfg: ServeConfig,
-    sandboxes: runtime::Sandboxes,
+    sandboxes: kiln_runtime::Sandboxes,
     on_ready: impl FnOnce(SocketAddr, Option<&Path>),
 ) -> Result<()> {
     check_listen(cfg.listen, cfg.allow_remote)?;

@@ -23,7 +23,7 @@ pub async fn handle(
     let dialed = tokio::task::spawn_blocking(move || sandboxes.dial(&id, port)).await;
     let stream = match dialed {
         Ok(Ok(s)) => s,
-        Ok(Err(runtime::Error::Agent(e))) => {
+        Ok(Err(kiln_runtime::Error::Agent(e))) => {
             let body = serde_json::json!({
                 "sandboxId": sandbox_id,
                 "port": port,

@@ -3,7 +3,7 @@
 //! removed too (their tokens are in their records and go with them).
 
 use crate::AppState;
-use runtime::State;
+use kiln_runtime::State;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ pub(crate) async fn run(state: Arc<AppState>) {
     }
 }
 
-fn sweep(state: &AppState) -> runtime::Result<()> {
+fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
     let list = state.sandboxes.list()?;
     let now = now_ms();
     for rec in &list {

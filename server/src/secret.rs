@@ -6,7 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `prefix` + 32 hex digits (128 bits) from the OS RNG.
-pub use runtime::record::new_token as random_token;
+pub use kiln_runtime::record::new_token as random_token;
 
 /// Equal in time independent of where `a` and `b` differ (the length is not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -55,7 +55,7 @@ pub fn load_or_create_api_key(path: &Path) -> std::io::Result<String> {
 /// into the records of their sandboxes, where the data plane now reads them; tokens of
 /// sandboxes that are gone are dropped. A file is removed only once its token is safe in the
 /// record (or its sandbox is gone), so a failure leaves it for the next start.
-pub(crate) fn migrate_tokens(sandboxes: &runtime::Sandboxes, dir: &Path) {
+pub(crate) fn migrate_tokens(sandboxes: &kiln_runtime::Sandboxes, dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -74,7 +74,7 @@ pub(crate) fn migrate_tokens(sandboxes: &runtime::Sandboxes, dir: &Path) {
                     moved += 1;
                     true
                 }
-                Err(runtime::Error::NotFound(_)) => {
+                Err(kiln_runtime::Error::NotFound(_)) => {
                     dropped += 1;
                     true
                 }

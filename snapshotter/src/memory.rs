@@ -15,7 +15,7 @@
 
 use crate::lazy::{PageSource, SourceError};
 use crate::mapping::Mapping;
-use blockstore::{BlobId, BlobReader, PutOptions, Store};
+use kiln_blockstore::{BlobId, BlobReader, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Read;
@@ -74,7 +74,7 @@ pub const PAGE: u32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("block store: {0}")]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
     #[error("memory image is inconsistent: {0}")]
     Invalid(String),
 }
@@ -871,7 +871,7 @@ impl ImageSource {
 
     /// The id of chunk `index` (`Some(None)` = all zeros), or `None` if pages of
     /// page-granular layers lie over it (it has no single stored id).
-    pub fn chunk_id(&self, index: usize) -> Option<Option<blockstore::ChunkId>> {
+    pub fn chunk_id(&self, index: usize) -> Option<Option<kiln_blockstore::ChunkId>> {
         if self.patches.contains_key(&(index as u32)) {
             return None;
         }
@@ -1040,7 +1040,7 @@ pub fn capture_diff_from(
         })?;
         let same = match src.chunk_id(idx) {
             Some(None) => buf[..len].iter().all(|&b| b == 0),
-            Some(Some(id)) => blockstore::Digest::of(&buf[..len]) == id,
+            Some(Some(id)) => kiln_blockstore::Digest::of(&buf[..len]) == id,
             None => false, // patched by page layers: compare the bytes below
         };
         if same {

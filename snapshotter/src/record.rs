@@ -6,15 +6,12 @@
 //! taken on before any VM is built, so no VM ever runs on state it cannot honour.
 
 use crate::memory::MemoryImage;
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::names::{VM_SNAPSHOT, WORKING_SET};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the record or what it points at.
 pub const SNAPSHOT_FORMAT: u32 = 2;
-/// Store names of snapshots start with this.
-pub const NAME_PREFIX: &str = "snapshot/";
-/// Store names of recorded working sets: `workingset/<snapshot id>`.
-pub const WORKING_SET_PREFIX: &str = "workingset/";
 
 /// Which CPU a snapshot was taken on: restoring vCPU state (CPUID, MSRs, xsave layout) on a
 /// different CPU model is unsafe, so restore refuses unless the identity hash matches.
@@ -98,7 +95,7 @@ pub struct SnapshotRecord {
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub vm: VmShape,
-    /// `vmm::VmState` as JSON (kept opaque here; the VMM checks its own version).
+    /// `kiln_vmm::VmState` as JSON (kept opaque here; the VMM checks its own version).
     pub state: serde_json::Value,
     pub memory: MemoryImage,
     #[serde(default)]
@@ -116,7 +113,7 @@ pub struct SnapshotRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error("block store: {0}")]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
     #[error("snapshot {0} is corrupt or truncated: {1}")]
     Corrupt(String, String),
     #[error("snapshot {id} has format {found}; this kiln ({ours}) reads format {SNAPSHOT_FORMAT}")]
@@ -176,7 +173,7 @@ impl SnapshotRecord {
         }
         let blk_devices = self.state["virtio"].as_array().map_or(0, |v| {
             v.iter()
-                .filter(|d| d["device_type"] == vmm::devices::virtio::TYPE_BLOCK)
+                .filter(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_BLOCK)
                 .count()
         });
         if blk_devices != self.disks.len() {
@@ -206,7 +203,7 @@ pub fn save(
     let json = serde_json::to_vec_pretty(rec)
         .map_err(|e| RecordError::Corrupt("(new)".into(), e.to_string()))?;
     let opts = PutOptions {
-        name: name.map(|n| format!("{NAME_PREFIX}{n}")),
+        name: name.map(|n| VM_SNAPSHOT.name(n)),
         ..Default::default()
     };
     Ok(store.put_bytes(&json, &opts)?)
@@ -214,10 +211,10 @@ pub fn save(
 
 /// Finds a snapshot by name (`NAME` or `snapshot/NAME`) or blob id (or unique id prefix).
 pub fn resolve(store: &Store, name_or_id: &str) -> Result<BlobId, RecordError> {
-    let full = if name_or_id.starts_with(NAME_PREFIX) {
+    let full = if VM_SNAPSHOT.contains(name_or_id) {
         name_or_id.to_string()
     } else {
-        format!("{NAME_PREFIX}{name_or_id}")
+        VM_SNAPSHOT.name(name_or_id)
     };
     if let Some(id) = store.lookup_name(&full)? {
         return Ok(id);
@@ -256,13 +253,13 @@ pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>, RecordError> {
     Ok(store
         .names()?
         .into_iter()
-        .filter_map(|(n, id)| n.strip_prefix(NAME_PREFIX).map(|s| (s.to_string(), id)))
+        .filter_map(|(n, id)| VM_SNAPSHOT.strip(&n).map(|s| (s.to_string(), id)))
         .collect())
 }
 
 /// The working set recorded at a snapshot's first restore, as chunk indices in touch order.
 pub fn working_set(store: &Store, snap: &BlobId) -> Result<Option<Vec<u32>>, RecordError> {
-    let Some(id) = store.lookup_name(&format!("{WORKING_SET_PREFIX}{snap}"))? else {
+    let Some(id) = store.lookup_name(&WORKING_SET.name(snap))? else {
         return Ok(None);
     };
     let r = store.open_blob(&id)?;
@@ -283,7 +280,7 @@ pub fn save_working_set(
 ) -> Result<BlobId, RecordError> {
     let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.to_le_bytes()).collect();
     let opts = PutOptions {
-        name: Some(format!("{WORKING_SET_PREFIX}{snap}")),
+        name: Some(WORKING_SET.name(snap)),
         ..Default::default()
     };
     Ok(store.put_bytes(&bytes, &opts)?)
@@ -294,7 +291,7 @@ pub fn blobs(store: &Store, id: &BlobId, rec: &SnapshotRecord) -> Result<Vec<Blo
     let mut out = vec![*id];
     out.extend(rec.memory.layers.iter().map(|l| l.blob));
     out.extend(rec.disks.iter().map(|d| d.blob));
-    if let Some(ws) = store.lookup_name(&format!("{WORKING_SET_PREFIX}{id}"))? {
+    if let Some(ws) = store.lookup_name(&WORKING_SET.name(id))? {
         out.push(ws);
     }
     Ok(out)
@@ -309,7 +306,7 @@ pub fn push(store: &Store, id: &BlobId) -> Result<u64, RecordError> {
     for b in blobs(store, id, &rec)? {
         bytes += store.push(&b, &|_| {})?.bytes_uploaded;
     }
-    let ws_name = format!("{WORKING_SET_PREFIX}{id}");
+    let ws_name = WORKING_SET.name(id);
     if let Some(ws) = store.lookup_name(&ws_name)? {
         store.push_name(&ws_name, &ws)?;
     }
@@ -330,7 +327,7 @@ pub fn pull(store: &Store, id: &BlobId, name: Option<&str>) -> Result<SnapshotRe
         store.pull(&d.blob)?;
     }
     // The working set, if one was recorded and pushed: restores here prefetch it too.
-    let ws_name = format!("{WORKING_SET_PREFIX}{id}");
+    let ws_name = WORKING_SET.name(id);
     if store.lookup_name(&ws_name)?.is_none() {
         if let Some(ws) = store.remote_name(&ws_name)? {
             store.pull(&ws)?;
@@ -338,7 +335,7 @@ pub fn pull(store: &Store, id: &BlobId, name: Option<&str>) -> Result<SnapshotRe
         }
     }
     if let Some(n) = name {
-        store.set_name(&format!("{NAME_PREFIX}{n}"), id)?;
+        store.set_name(&VM_SNAPSHOT.name(n), id)?;
     }
     Ok(rec)
 }

@@ -1,7 +1,7 @@
-//! Snapshots of live VMs and VMs built from snapshots, on top of `vmm::Vm`.
+//! Snapshots of live VMs and VMs built from snapshots, on top of `kiln_vmm::Vm`.
 //!
 //! Dirty tracking for diff snapshots: the KVM dirty log sees the guest's writes, the VMM's
-//! dirty bitmap (`vmm::memory::take_written`: vm-memory's per-region bitmap plus the io_uring
+//! dirty bitmap (`kiln_vmm::memory::take_written`: vm-memory's per-region bitmap plus the io_uring
 //! buffers the block device marks) sees the VMM's own writes into guest memory (virtqueue rings,
 //! device buffers). Their union is exact, so a diff reads only the dirty pages.
 
@@ -9,16 +9,16 @@ use crate::lazy::{FatalHook, LazyMemory, LazyOptions};
 use crate::mapping::Mapping;
 use crate::memory::{self, DirtyPages, HostRegion, ImageSource};
 use crate::record::{self, CpuIdentity, DiskRef, SnapshotRecord, VmShape, SNAPSHOT_FORMAT};
-use blockstore::{BlobId, Store};
+use kiln_blockstore::{BlobId, Store};
+use kiln_vmm::devices::virtio::block::{BlockState, DiskBackend};
+use kiln_vmm::devices::virtio::net::NicSpec;
+use kiln_vmm::devices::virtio::persist::{DeviceResources, DeviceState, RestoredDisk};
+use kiln_vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use kiln_vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::GuestAddress;
-use vmm::devices::virtio::block::{BlockState, DiskBackend};
-use vmm::devices::virtio::net::NicSpec;
-use vmm::devices::virtio::persist::{DeviceResources, DeviceState, RestoredDisk};
-use vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-use vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 
 /// Errors of VM-level snapshot operations.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +30,9 @@ pub enum SnapError {
     #[error(transparent)]
     Lazy(#[from] crate::lazy::LazyError),
     #[error("VMM: {0}")]
-    Vmm(#[from] vmm::Error),
+    Vmm(#[from] kiln_vmm::Error),
     #[error("block store: {0}")]
-    Store(#[from] blockstore::Error),
+    Store(#[from] kiln_blockstore::Error),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}: {1}")]
@@ -66,7 +66,7 @@ impl DirtyTracker {
         vm.set_dirty_logging(true)?;
         for r in vm.memory_regions() {
             vm.take_dirty_bitmap(r.slot)?;
-            vmm::memory::take_written(vm.memory(), r.slot);
+            kiln_vmm::memory::take_written(vm.memory(), r.slot);
         }
         Ok(DirtyTracker { _private: () })
     }
@@ -76,7 +76,7 @@ impl DirtyTracker {
         let mut per = Vec::new();
         for r in vm.memory_regions() {
             let mut bits = vm.take_dirty_bitmap(r.slot)?;
-            let vmm_bits = vmm::memory::take_written(vm.memory(), r.slot).unwrap_or_default();
+            let vmm_bits = kiln_vmm::memory::take_written(vm.memory(), r.slot).unwrap_or_default();
             for (a, b) in bits.iter_mut().zip(&vmm_bits) {
                 *a |= *b;
             }
@@ -289,7 +289,7 @@ impl RestoredMemory {
     /// `self` must outlive every user of the returned memory (the VM).
     pub unsafe fn guest_memory(&self, mem_bytes: u64) -> Result<GuestMemoryMmap, SnapError> {
         let ranges =
-            vmm::memory::layout(mem_bytes).map_err(|e| SnapError::Invalid(e.to_string()))?;
+            kiln_vmm::memory::layout(mem_bytes).map_err(|e| SnapError::Invalid(e.to_string()))?;
         let mut regions = Vec::new();
         let mut off = 0usize;
         for (ga, size) in ranges {
@@ -409,7 +409,7 @@ pub struct Identity {
     pub vsock_uds: Option<PathBuf>,
     /// This VM's own writable view of each snapshot disk, in the record's order (see
     /// [`disk_overlays`]); never shared between VMs.
-    pub disks: Vec<Arc<blockstore::Overlay>>,
+    pub disks: Vec<Arc<kiln_blockstore::Overlay>>,
     /// The TAP behind the VM's NIC (each fork needs its own; the guest keeps its saved MAC).
     /// `None`: the NIC has no host side.
     pub net: Option<NicSpec>,
@@ -422,9 +422,9 @@ pub fn disk_overlays(
     store: &Store,
     rec: &SnapshotRecord,
     dir: &Path,
-) -> Result<Vec<Arc<blockstore::Overlay>>, SnapError> {
-    let mut made: Vec<blockstore::Overlay> = Vec::with_capacity(rec.disks.len());
-    let create = |i: usize, d: &DiskRef| -> Result<blockstore::Overlay, SnapError> {
+) -> Result<Vec<Arc<kiln_blockstore::Overlay>>, SnapError> {
+    let mut made: Vec<kiln_blockstore::Overlay> = Vec::with_capacity(rec.disks.len());
+    let create = |i: usize, d: &DiskRef| -> Result<kiln_blockstore::Overlay, SnapError> {
         let size = store.manifest(&d.blob)?.size;
         let odir = dir.join(format!("disk{i}"));
         if odir.exists() {

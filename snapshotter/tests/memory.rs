@@ -1,10 +1,10 @@
 //! Memory images against the real block store and real userfaultfd: capture, lazy restore,
 //! diff chains, and damaged stores.
 
-use blockstore::Store;
-use snapshotter::lazy::{FatalHook, LazyMemory, LazyOptions};
-use snapshotter::memory::{self, DirtyPages, HostRegion, ImageSource};
-use snapshotter::Mapping;
+use kiln_blockstore::Store;
+use kiln_snapshotter::lazy::{FatalHook, LazyMemory, LazyOptions};
+use kiln_snapshotter::memory::{self, DirtyPages, HostRegion, ImageSource};
+use kiln_snapshotter::Mapping;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,7 +257,7 @@ fn diff_chain_of_three_restores_each_generation_exactly() {
 }
 
 /// Flips bytes in the middle and at the end of a chunk's stored frame.
-fn flip_frame(loc: &blockstore::ChunkLocation) {
+fn flip_frame(loc: &kiln_blockstore::ChunkLocation) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -273,7 +273,7 @@ fn flip_frame(loc: &blockstore::ChunkLocation) {
 
 /// A damaged store gives a clear error naming the chunk, the memory is fenced off, and the
 /// thread that touched it gets EFAULT (as a vCPU's KVM_RUN would) instead of wrong bytes.
-fn damaged_store_case(damage: impl Fn(&Store, &[blockstore::ChunkId]), expect: &str) {
+fn damaged_store_case(damage: impl Fn(&Store, &[kiln_blockstore::ChunkId]), expect: &str) {
     let dir = tempfile::tempdir().unwrap();
     let sdir = dir.path().join("store");
     let m = Mapping::anonymous(4 * MIB).unwrap();
@@ -378,6 +378,6 @@ fn inconsistent_images_are_rejected_before_any_restore() {
         "diff layer of the wrong size accepted"
     );
     let mut bad = img.clone();
-    bad.layers[0].blob = blockstore::Digest::of(b"nothing");
+    bad.layers[0].blob = kiln_blockstore::Digest::of(b"nothing");
     assert!(ImageSource::open(&store, &bad).is_err());
 }

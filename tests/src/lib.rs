@@ -45,13 +45,13 @@ pub fn kiln_bin() -> PathBuf {
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "kiln"])
+        cmd.args(["build", "-p", "kiln-cli"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if profile_dir.file_name() == Some(OsStr::new("release")) {
             cmd.arg("--release");
         }
-        let st = cmd.status().expect("running cargo build -p kiln");
-        assert!(st.success(), "cargo build -p kiln failed");
+        let st = cmd.status().expect("running cargo build -p kiln-cli");
+        assert!(st.success(), "cargo build -p kiln-cli failed");
     });
     assert!(bin.exists(), "{} missing after build", bin.display());
     bin
@@ -195,17 +195,21 @@ impl Drop for StopVms {
 /// Boots the freestanding test guest in this process and starts its vCPU: user-mode entry
 /// (PVM emulates CPL 0 code ~5000x slower), a vsock device (CID 3) on `uds`, serial to
 /// `serial_log`.
-pub fn boot_test_guest(mem_bytes: u64, uds: &Path, serial_log: &Path) -> anyhow::Result<vmm::Vm> {
-    let config = vmm::VmConfig {
+pub fn boot_test_guest(
+    mem_bytes: u64,
+    uds: &Path,
+    serial_log: &Path,
+) -> anyhow::Result<kiln_vmm::Vm> {
+    let config = kiln_vmm::VmConfig {
         mem_bytes,
         kernel: Some(kiln_testguest::elf_path().to_path_buf()),
         serial_log: Some(serial_log.to_path_buf()),
         ..Default::default()
     };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous)?;
-    let vsock = vmm::devices::virtio::vsock::Vsock::new(3, uds)?;
+    let mut vm = kiln_vmm::Vm::new(config, kiln_vmm::GuestMemorySource::Anonymous)?;
+    let vsock = kiln_vmm::devices::virtio::vsock::Vsock::new(3, uds)?;
     vm.add_virtio_device(Box::new(vsock))?;
-    vm.set_entry_mode(vmm::EntryMode::User);
+    vm.set_entry_mode(kiln_vmm::EntryMode::User);
     vm.boot()?;
     vm.start()?;
     Ok(vm)

@@ -224,22 +224,22 @@ fn dns_serve(sock: UdpSocket, stop: &AtomicBool) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        let Some(q) = network::dns::question(&buf[..n]) else {
+        let Some(q) = kiln_network::dns::question(&buf[..n]) else {
             continue;
         };
         let ip = match q.name.as_str() {
             "web.test" => SERVER_A,
             "other.test" => SERVER_B,
             _ => {
-                let _ = sock.send_to(&network::dns::nxdomain(&buf[..n], &q), from);
+                let _ = sock.send_to(&kiln_network::dns::nxdomain(&buf[..n], &q), from);
                 continue;
             }
         };
-        let ips = if q.qtype == network::dns::TYPE_A {
+        let ips = if q.qtype == kiln_network::dns::TYPE_A {
             vec![ip]
         } else {
             vec![]
         };
-        let _ = sock.send_to(&network::dns::reply_a(&buf[..n], &q, &ips, 5), from);
+        let _ = sock.send_to(&kiln_network::dns::reply_a(&buf[..n], &q, &ips, 5), from);
     }
 }

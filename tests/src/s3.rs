@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blockstore::remote::{RemoteConfig, S3Remote, StaticCredentials};
+use kiln_blockstore::remote::{RemoteConfig, S3Remote, StaticCredentials};
 
 /// The access key every test server accepts.
 pub const ACCESS_KEY: &str = "kiln-test-access";
@@ -240,7 +240,7 @@ impl S3Server {
         // round-trips through the volume server (after a restart, GETs answer HTTP 500 until
         // the volume server has re-registered, though bucket requests already work).
         let probe = self.remote(BUCKET, "kiln-test-ready");
-        let probe_id = blockstore::Digest::of(b"kiln-test-ready");
+        let probe_id = kiln_blockstore::Digest::of(b"kiln-test-ready");
         let data_ready = |p: &S3Remote| {
             p.put_chunk(&probe_id, b"ready").is_ok()
                 && p.get_chunk(&probe_id).is_ok_and(|d| d == b"ready")

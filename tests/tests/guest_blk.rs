@@ -6,9 +6,9 @@ mod guest_support;
 
 use guest_support::{parse_hex, GuestOpts, GuestVm};
 use kiln_tests::require_kvm;
+use kiln_vmm::devices::virtio::block::engine::FileEngine;
+use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
 use std::time::Duration;
-use vmm::devices::virtio::block::engine::FileEngine;
-use vmm::devices::virtio::block::{Block, DiskBackend};
 
 fn disk(
     dir: &std::path::Path,

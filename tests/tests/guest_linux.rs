@@ -56,14 +56,14 @@ fn linux_guest_boots_and_agent_runs_commands() {
     // attempt, and panic cleanly (panic=-1 reboots through the i8042) without a root disk.
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");
-    let config = vmm::VmConfig {
+    let config = kiln_vmm::VmConfig {
         mem_bytes: 256 << 20,
         kernel: Some(kernel),
         cmdline: "console=ttyS0 reboot=k panic=-1 root=/dev/vda".into(),
         serial_log: Some(serial.clone()),
-        ..vmm::VmConfig::default()
+        ..kiln_vmm::VmConfig::default()
     };
-    let vm = vmm::Vm::new(config, vmm::GuestMemorySource::Anonymous).unwrap();
+    let vm = kiln_vmm::Vm::new(config, kiln_vmm::GuestMemorySource::Anonymous).unwrap();
     vm.boot().unwrap();
     vm.start().unwrap();
     let exit = vm.wait_timeout(std::time::Duration::from_secs(60));

@@ -214,22 +214,28 @@ fn now_ns() -> u64 {
 }
 
 /// A restored copy of a paused VM (its memory copied, its vsock on `uds`), started.
-fn restore_copy(src: &vmm::Vm, state: &vmm::VmState, dir: &std::path::Path, name: &str) -> vmm::Vm {
+fn restore_copy(
+    src: &kiln_vmm::Vm,
+    state: &kiln_vmm::VmState,
+    dir: &std::path::Path,
+    name: &str,
+) -> kiln_vmm::Vm {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
     let mem_bytes = state.mem_bytes;
-    let fresh = vmm::memory::create(mem_bytes, vmm::GuestMemorySource::Anonymous).unwrap();
+    let fresh =
+        kiln_vmm::memory::create(mem_bytes, kiln_vmm::GuestMemorySource::Anonymous).unwrap();
     for r in src.memory().iter() {
         let mut buf = vec![0u8; r.len() as usize];
         src.memory().read_slice(&mut buf, r.start_addr()).unwrap();
         fresh.write_slice(&buf, r.start_addr()).unwrap();
     }
-    let config = vmm::VmConfig {
+    let config = kiln_vmm::VmConfig {
         mem_bytes,
         serial_log: Some(dir.join(format!("{name}.serial"))),
         ..Default::default()
     };
-    let mut vm = vmm::Vm::new(config, vmm::GuestMemorySource::Provided(fresh)).unwrap();
-    let res = vmm::devices::virtio::persist::DeviceResources {
+    let mut vm = kiln_vmm::Vm::new(config, kiln_vmm::GuestMemorySource::Provided(fresh)).unwrap();
+    let res = kiln_vmm::devices::virtio::persist::DeviceResources {
         vsock_uds: Some(dir.join(format!("{name}.vsock"))),
         ..Default::default()
     };
@@ -265,7 +271,7 @@ fn generation_id_boot_restore_and_forks() {
     let state = g.vm.save_state().unwrap();
     assert_eq!(state.genid.generation, 0);
     let dir = tempfile::tempdir().unwrap();
-    let forks: Vec<vmm::Vm> = (0..2)
+    let forks: Vec<kiln_vmm::Vm> = (0..2)
         .map(|i| restore_copy(&g.vm, &state, dir.path(), &format!("f{i}")))
         .collect();
     let mut ids = Vec::new();
@@ -292,7 +298,7 @@ fn generation_id_boot_restore_and_forks() {
 
     let mut json = serde_json::to_value(&state).unwrap();
     json.as_object_mut().unwrap().remove("genid");
-    let old: vmm::VmState = serde_json::from_value(json).unwrap();
+    let old: kiln_vmm::VmState = serde_json::from_value(json).unwrap();
     assert_eq!(
         old.genid.generation, 0,
         "states from before the device load as generation 0"
@@ -363,7 +369,7 @@ fn idle_guest_sleeps_wakes_on_requests_and_pauses_promptly() {
     let t = std::time::Instant::now();
     g.vm.stop();
     let r = g.vm.wait_timeout(Duration::from_secs(2));
-    assert_eq!(r, Some(vmm::ExitReason::Stopped));
+    assert_eq!(r, Some(kiln_vmm::ExitReason::Stopped));
     assert!(
         t.elapsed() < Duration::from_millis(500),
         "stop took {:?}",

@@ -7,8 +7,8 @@
 //! (changes in the upper dir, deletions as whiteouts, the same layer tar the namespace sandbox
 //! yields), and the exec request run by the agent's own server code.
 
-use imagebuilder::sandbox::RunSpec;
-use imagebuilder::vm_isolation as vmi;
+use kiln_imagebuilder::step_jail::RunSpec;
+use kiln_imagebuilder::vm_isolation as vmi;
 use kiln_tests::registry::{busybox_build_home, have};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -263,8 +263,9 @@ fn guest_changes_land_in_the_overlay_upper_dir_as_a_layer() {
         0o700
     );
     let tar_path = t.join("layer.tar");
-    let n = imagebuilder::layer::write_upper(&upper, std::fs::File::create(&tar_path).unwrap())
-        .unwrap();
+    let n =
+        kiln_imagebuilder::layer::write_upper(&upper, std::fs::File::create(&tar_path).unwrap())
+            .unwrap();
     assert!(n > 0);
     let names: Vec<String> = tar_entries(&tar_path).into_iter().map(|e| e.0).collect();
     for want in [
@@ -438,7 +439,7 @@ fn step_vm_boots_with_the_disk_and_a_dead_guest_ends_the_step_with_its_console()
         kernel: kiln_testguest::elf_path().to_path_buf(),
         agent: fake_agent(tmp.path()),
         cmdline: "console=ttyS0 kt.mode=blktest kt.disk=0 kt.exit=1".into(),
-        entry: vmm::EntryMode::User,
+        entry: kiln_vmm::EntryMode::User,
     };
     let spec = RunSpec {
         rootfs: root.clone(),

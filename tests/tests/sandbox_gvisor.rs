@@ -588,7 +588,7 @@ fn old_or_missing_runsc_and_unusable_platforms_are_refused_clearly() {
     );
     let err = with("KILN_GVISOR_PLATFORM", "qemu").fails(["sandbox", "create", "app"]);
     assert!(err.contains("systrap, kvm or ptrace"), "{err}");
-    if runtime::microvm::kvm_unsupported(true).is_some() {
+    if kiln_runtime::microvm::kvm_unsupported(true).is_some() {
         let err = with("KILN_GVISOR_PLATFORM", "kvm").fails(["sandbox", "create", "app"]);
         assert!(err.contains("hardware virtualization"), "{err}");
     }

@@ -4,8 +4,8 @@
 //! limit; two busy sandboxes of one CPU each share the host fairly; and when the host's
 //! backstop does fire, the sandbox says it ran out of memory, with its limit.
 
+use kiln_runtime::gvisor::limits;
 use kiln_tests::sandbox::{app_home, create, exec, sh, KillAll, COUNTER_LOOP};
-use runtime::gvisor::limits;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

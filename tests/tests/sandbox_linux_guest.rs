@@ -9,12 +9,12 @@
 //! the test prints `SKIP: /dev/kvm is PVM; stock Linux guests cannot boot` and returns. The
 //! same lifecycle runs here with kiln's test guest in `sandbox_microvm.rs`.
 
-use blockstore::{PutOptions, Store};
-use imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_agent::protocol::ExecRequest;
+use kiln_blockstore::{PutOptions, Store};
+use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
+use kiln_runtime::microvm::MicrovmDriver;
+use kiln_runtime::{Runtime, SandboxDir, SandboxRecord};
 use kiln_tests::kiln_bin;
-use runtime::microvm::MicrovmDriver;
-use runtime::{Runtime, SandboxDir, SandboxRecord};
 use std::path::Path;
 use std::process::Command;
 

@@ -4,11 +4,11 @@
 //! connect, pause (checkpoint + stop) and resume, fork (checkpoint without stop, two restores
 //! diverge), kill leaves no process and no files. Also: CLI errors name their cause once.
 
-use blockstore::{PutOptions, Store};
-use imagebuilder::image::{ImageConfig, ImageRecord};
+use kiln_blockstore::{PutOptions, Store};
+use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
+use kiln_runtime::microvm::{connect_port, MicrovmDriver};
+use kiln_runtime::{Runtime, SandboxDir, SandboxRecord};
 use kiln_tests::{kiln_bin, require_kvm, Kiln};
-use runtime::microvm::{connect_port, MicrovmDriver};
-use runtime::{Runtime, SandboxDir, SandboxRecord};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -42,7 +42,7 @@ fn pid_of(rec: &SandboxRecord) -> u32 {
 }
 
 fn alive(pid: u32) -> bool {
-    runtime::microvm::vms::process_alive(pid)
+    kiln_runtime::microvm::vms::process_alive(pid)
 }
 
 /// A store in `home` with a 4 MiB disk image, and the microvm driver running the test guest.
@@ -186,15 +186,18 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let (_store, image, driver) = test_guest_image(home);
-    let proxy = vec![
-        kiln_bin().into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ];
-    let policy = network::NetworkPolicy::default();
+    let proxy = kiln_runtime::helpers::dns_proxy_command(&kiln_bin());
+    let policy = kiln_network::NetworkPolicy::default();
     let attach = |d: &SandboxDir, r: &mut SandboxRecord| {
-        let a = network::attach(&r.id, network::GuestKind::Tap, &policy, &d.net(), &proxy)
-            .expect("attach");
+        kiln_runtime::helpers::dns_proxy_spec(&d.net()).unwrap();
+        let a = kiln_network::attach(
+            &r.id,
+            kiln_network::GuestKind::Tap,
+            &policy,
+            &d.net(),
+            &proxy,
+        )
+        .expect("attach");
         r.net = Some(a);
     };
     // Ping and UDP echo from inside the sandbox's router namespace.
@@ -226,7 +229,7 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
             for (id, state) in &self.1 {
-                network::detach(id, state);
+                kiln_network::detach(id, state);
             }
         }
     }
@@ -251,7 +254,7 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
         .checkpoint(&dirs[0], &mut recs[0], true)
         .expect("pause");
     let old_ns = recs[0].net.as_ref().unwrap().router_ns.clone();
-    network::detach(&recs[0].id, &dirs[0].net());
+    kiln_network::detach(&recs[0].id, &dirs[0].net());
     assert!(!Path::new("/run/netns").join(&old_ns).exists());
     attach(&dirs[0], &mut recs[0]);
     driver
@@ -281,7 +284,7 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     });
     for (d, r) in dirs.iter().zip(&recs) {
         driver.kill(d, r).expect("kill");
-        network::detach(&r.id, &d.net());
+        kiln_network::detach(&r.id, &d.net());
     }
     assert_eq!(got, vec![(3, true); 3], "each VM answers on its own TAP");
     for r in &recs {

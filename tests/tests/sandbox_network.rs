@@ -379,24 +379,22 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("net");
     let id = format!("tap{:013x}", std::process::id());
-    let policy = network::NetworkPolicy {
+    let policy = kiln_network::NetworkPolicy {
         internet: false,
         allow_out: vec!["web.test".parse().unwrap()],
         deny_out: vec![],
     };
-    let cmd = vec![
-        kiln_tests::kiln_bin().into_os_string(),
-        "sandbox".into(),
-        "__dns".into(),
-    ];
+    let cmd = kiln_runtime::helpers::dns_proxy_command(&kiln_tests::kiln_bin());
+    kiln_runtime::helpers::dns_proxy_spec(&state).unwrap();
     for (k, v) in net.kiln_env() {
         std::env::set_var(k, v);
     }
-    let att = network::attach(&id, network::GuestKind::Tap, &policy, &state, &cmd).expect("attach");
+    let att = kiln_network::attach(&id, kiln_network::GuestKind::Tap, &policy, &state, &cmd)
+        .expect("attach");
     struct Detach<'a>(&'a str, &'a std::path::Path);
     impl Drop for Detach<'_> {
         fn drop(&mut self) {
-            network::detach(self.0, self.1);
+            kiln_network::detach(self.0, self.1);
         }
     }
     let _detach = Detach(&id, &state);
@@ -415,7 +413,7 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         let (router, name) = (router.clone(), name.to_string());
         std::thread::spawn(move || {
             kiln_tests::net::enter(&router);
-            let ips = network::dns::resolve_a(
+            let ips = kiln_network::dns::resolve_a(
                 "10.88.0.1:53".parse().unwrap(),
                 &name,
                 Duration::from_secs(3),
@@ -445,8 +443,8 @@ fn tap_attachment_and_dns_proxy_answers_by_policy() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.202.0.2"));
     // A policy change reaches the proxy.
-    let open = network::NetworkPolicy::default();
-    network::apply_policy(&att, &open, &state).expect("apply");
+    let open = kiln_network::NetworkPolicy::default();
+    kiln_network::apply_policy(&att, &open, &state).expect("apply");
     assert_eq!(ask("other.test"), vec![SERVER_B]);
 
     drop(_detach);

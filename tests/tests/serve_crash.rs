@@ -454,7 +454,7 @@ fn entries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The sandbox's network namespace names (`network::setup::names`), if any exist.
+/// The sandbox's network namespace names (`kiln_network::setup::names`), if any exist.
 fn netns_of(id: &str) -> Vec<String> {
     let short: String = id.chars().take(12).collect();
     entries(Path::new("/run/netns"))

@@ -10,16 +10,18 @@
 
 mod guest_support;
 
-use blockstore::{BlobId, Store};
 use guest_support::{connect_uds, GuestOpts, GuestVm};
+use kiln_blockstore::{BlobId, Store};
+use kiln_snapshotter::record::{self, DiskRef, VmShape};
+use kiln_snapshotter::vm::{
+    self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest,
+};
 use kiln_tests::require_kvm;
 use kiln_tests::Kiln;
-use snapshotter::record::{self, DiskRef, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
+use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use vmm::devices::virtio::block::{Block, DiskBackend};
 
 const DISK_MIB: u64 = 8;
 const RO_MIB: u64 = 4;
@@ -45,7 +47,7 @@ fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
     v
 }
 
-fn overlay_bytes(o: &blockstore::Overlay, len: usize) -> Vec<u8> {
+fn overlay_bytes(o: &kiln_blockstore::Overlay, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     let n = o.read_at(0, &mut buf).unwrap();
     assert_eq!(n, len);
@@ -54,11 +56,11 @@ fn overlay_bytes(o: &blockstore::Overlay, len: usize) -> Vec<u8> {
 
 /// A VM restored in this process over its own disk overlays.
 struct Restored {
-    vm: Option<vmm::Vm>,
+    vm: Option<kiln_vmm::Vm>,
     // Dropped after the VM (field order).
     _mem: RestoredMemory,
     uds: std::path::PathBuf,
-    disks: Vec<Arc<blockstore::Overlay>>,
+    disks: Vec<Arc<kiln_blockstore::Overlay>>,
 }
 
 impl Drop for Restored {
@@ -83,7 +85,7 @@ fn restore(
         Some(f) => {
             let file = snapvm::materialize(store, &rec, f).unwrap();
             RestoredMemory::Mapped(
-                snapshotter::Mapping::file_private(&file, rec.memory.size as usize).unwrap(),
+                kiln_snapshotter::Mapping::file_private(&file, rec.memory.size as usize).unwrap(),
             )
         }
         None => RestoredMemory::Lazy(
@@ -305,7 +307,7 @@ fn restore_refuses_missing_disk_overlays() {
     .unwrap();
     drop(g);
     let mem = RestoredMemory::Mapped(
-        snapshotter::Mapping::file_private(
+        kiln_snapshotter::Mapping::file_private(
             &snapvm::materialize(&store, &rec, &dir.path().join("m.img")).unwrap(),
             rec.memory.size as usize,
         )

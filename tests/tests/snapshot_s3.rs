@@ -2,11 +2,13 @@
 //! (SeaweedFS on loopback), pulled into an empty home B and restored there lazily; B fetches
 //! only the chunks the guest touches.
 
-use blockstore::Store;
+use kiln_blockstore::Store;
+use kiln_snapshotter::record::{self, VmShape};
+use kiln_snapshotter::vm::{
+    self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest,
+};
 use kiln_tests::s3::S3Server;
 use kiln_tests::Kiln;
-use snapshotter::record::{self, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};

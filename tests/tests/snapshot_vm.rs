@@ -9,11 +9,13 @@
 
 mod guest_support;
 
-use blockstore::Store;
 use guest_support::{connect_uds, GuestVm};
+use kiln_blockstore::Store;
+use kiln_snapshotter::record::{self, VmShape};
+use kiln_snapshotter::vm::{
+    self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest,
+};
 use kiln_tests::require_kvm;
-use snapshotter::record::{self, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -47,7 +49,7 @@ fn boot() -> GuestVm {
 }
 
 /// Writes the guest's FILL pattern for `seed` over [mib, mib+len) MiB (VM paused).
-fn host_fill(vm: &vmm::Vm, mib: u64, len: u64, seed: u64) {
+fn host_fill(vm: &kiln_vmm::Vm, mib: u64, len: u64, seed: u64) {
     let mut buf = vec![0u8; (len * MIB) as usize];
     kiln_testguest::fill_pattern(seed, mib * MIB, &mut buf);
     vm.memory()
@@ -56,7 +58,7 @@ fn host_fill(vm: &vmm::Vm, mib: u64, len: u64, seed: u64) {
 }
 
 /// All of guest RAM as the host sees it (VM paused), in image order.
-fn ram(vm: &vmm::Vm) -> Vec<u8> {
+fn ram(vm: &kiln_vmm::Vm) -> Vec<u8> {
     let mut out = Vec::new();
     for r in vm.memory_regions() {
         // SAFETY: the region is mapped for the VM's life and the VM is paused.
@@ -73,12 +75,12 @@ fn ask(uds: &std::path::Path, line: &str) -> String {
     connect_uds(uds, 1).request(line)
 }
 
-fn panic_hook() -> snapshotter::lazy::FatalHook {
+fn panic_hook() -> kiln_snapshotter::lazy::FatalHook {
     Arc::new(|m: &str| panic!("page handler failed: {m}"))
 }
 
 struct Restored {
-    vm: Option<vmm::Vm>,
+    vm: Option<kiln_vmm::Vm>,
     // Dropped after the VM (field order).
     mem: RestoredMemory,
     rec: record::SnapshotRecord,
@@ -336,7 +338,7 @@ fn forks_share_memory_and_diverge_independently() {
     let file = snapvm::materialize(&store, &rec, &dir.path().join("base.mem")).unwrap();
     let mut forks = Vec::new();
     for i in 0..2u64 {
-        let m = snapshotter::Mapping::file_private(&file, rec.memory.size as usize).unwrap();
+        let m = kiln_snapshotter::Mapping::file_private(&file, rec.memory.size as usize).unwrap();
         let mem = RestoredMemory::Mapped(m);
         let uds = dir.path().join(format!("fork{i}.vsock"));
         let ident = Identity {
@@ -454,7 +456,7 @@ fn lost_chunk_child() {
         LazyRestore {
             use_working_set: false,
             record: false,
-            on_fatal: snapshotter::lazy::exit_process_hook(),
+            on_fatal: kiln_snapshotter::lazy::exit_process_hook(),
         },
     )
     .unwrap();
@@ -486,7 +488,7 @@ fn lost_chunk_child() {
 fn incompatible_or_damaged_records_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let opts = blockstore::PutOptions {
+    let opts = kiln_blockstore::PutOptions {
         chunk_size: Some(65536),
         ..Default::default()
     };
@@ -503,10 +505,10 @@ fn incompatible_or_damaged_records_are_refused() {
             vsock_cid: None,
         },
         state: serde_json::json!({}),
-        memory: snapshotter::MemoryImage {
+        memory: kiln_snapshotter::MemoryImage {
             size: 8192,
             chunk_size: 65536,
-            layers: vec![snapshotter::Layer {
+            layers: vec![kiln_snapshotter::Layer {
                 blob: mem,
                 runs: None,
                 unit: None,
@@ -546,7 +548,7 @@ fn incompatible_or_damaged_records_are_refused() {
     let t = store
         .put_bytes(
             &json[..json.len() / 2],
-            &blockstore::PutOptions::named("snapshot/trunc"),
+            &kiln_blockstore::PutOptions::named("snapshot/trunc"),
         )
         .unwrap();
     let e = record::load_checked(&store, "trunc")

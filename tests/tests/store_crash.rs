@@ -25,7 +25,7 @@ fn kill_9_during_put_and_gc_leaves_a_consistent_store() {
     let k = Kiln::new(tmp.path().join("home"));
 
     // Inputs: hash of content -> content, so any visible blob can be matched to its input.
-    let mut inputs: HashMap<blockstore::Digest, Vec<u8>> = HashMap::new();
+    let mut inputs: HashMap<kiln_blockstore::Digest, Vec<u8>> = HashMap::new();
     let mut files = Vec::new();
     for i in 0..6u64 {
         // 3-6 MiB, 64 KiB chunks, with a shared prefix so blobs share chunks (gc must not
@@ -34,7 +34,7 @@ fn kill_9_during_put_and_gc_leaves_a_consistent_store() {
         data.extend(pseudo_random((2 + i as usize % 4) << 20, i));
         let f = tmp.path().join(format!("in{i}.bin"));
         std::fs::write(&f, &data).unwrap();
-        inputs.insert(blockstore::Digest::of(&data), data);
+        inputs.insert(kiln_blockstore::Digest::of(&data), data);
         files.push(f);
     }
     k.ok([
@@ -103,7 +103,7 @@ fn kill_9_during_put_and_gc_leaves_a_consistent_store() {
         let id = b["id"].as_str().unwrap();
         let bytes = k.ok(["store", "cat", id]);
         assert!(
-            inputs.contains_key(&blockstore::Digest::of(&bytes)),
+            inputs.contains_key(&kiln_blockstore::Digest::of(&bytes)),
             "blob {id} ({} bytes) matches no input",
             bytes.len()
         );
@@ -118,6 +118,6 @@ fn kill_9_during_put_and_gc_leaves_a_consistent_store() {
     ]);
     assert!(
         k.ok(["store", "cat", &id])
-            == inputs[&blockstore::Digest::of(&std::fs::read(&files[5]).unwrap())]
+            == inputs[&kiln_blockstore::Digest::of(&std::fs::read(&files[5]).unwrap())]
     );
 }

@@ -37,7 +37,7 @@ fn damaged_chunk_is_named_and_repaired_from_s3() {
 
     // Flip bytes in the middle of one stored chunk (a zstd frame).
     let victim = {
-        let store = blockstore::Store::open(&k.store_dir()).unwrap();
+        let store = kiln_blockstore::Store::open(&k.store_dir()).unwrap();
         let m = store.manifest(&store.resolve("d").unwrap()).unwrap();
         let ids: Vec<_> = m.chunks.iter().flatten().copied().collect();
         assert_eq!(ids.len(), 6);

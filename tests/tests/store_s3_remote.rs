@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use blockstore::remote::RemoteError;
-use blockstore::{Digest, PutOptions, Store, StoreOptions};
+use kiln_blockstore::remote::RemoteError;
+use kiln_blockstore::{Digest, PutOptions, Store, StoreOptions};
 use kiln_tests::s3::{S3Server, BUCKET};
 use kiln_tests::{pseudo_random, Kiln};
 

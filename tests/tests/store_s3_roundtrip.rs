@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blockstore::{PutOptions, Store};
+use kiln_blockstore::{PutOptions, Store};
 use kiln_tests::s3::{S3Server, BUCKET};
 use kiln_tests::{pseudo_random, Kiln};
 

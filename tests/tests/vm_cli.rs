@@ -260,7 +260,7 @@ fn guest_cpu_errors_are_vm_errors() {
     require_kvm!();
     let (d, k) = setup();
     let elf = d.path().join("int3.elf");
-    std::fs::write(&elf, vmm::testutil::int3_elf()).unwrap();
+    std::fs::write(&elf, kiln_vmm::testutil::int3_elf()).unwrap();
     let out = k.run([
         "vm",
         "run",

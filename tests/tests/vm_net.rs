@@ -9,9 +9,9 @@ mod guest_support;
 use guest_support::{GuestOpts, GuestVm};
 use kiln_tests::tapns::{netns_unavailable, ping, udp_echo, NetNs};
 use kiln_tests::Kiln;
+use kiln_vmm::devices::virtio::net::{Net, NicSpec};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
-use vmm::devices::virtio::net::{Net, NicSpec};
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const HOST_CIDR: &str = "10.77.0.1/24";
@@ -93,7 +93,7 @@ fn arp_ping_udp_echo_and_a_vanishing_tap() {
     // The TAP disappears under the running VM: frames are lost, the VMM and guest are not.
     ns.ip(&["link", "del", TAP]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(g.vm.state(), vmm::RunState::Running);
+    assert_eq!(g.vm.state(), kiln_vmm::RunState::Running);
     g.vm.stop();
     assert!(
         g.vm.wait_timeout(Duration::from_secs(10)).is_some(),
@@ -153,7 +153,7 @@ fn misbehaving_guest_never_hurts_the_vmm() {
     // The device still works both ways.
     assert_eq!(pings(&ns, 3), 3);
     echo(&ns, 4242, b"still alive".to_vec());
-    assert_eq!(g.vm.state(), vmm::RunState::Running);
+    assert_eq!(g.vm.state(), kiln_vmm::RunState::Running);
     // And it counted what it refused: eight unusable TX chains (the header-offload case is a
     // valid frame, sent plain), the corrupt avail index, three bad RX buffers.
     let m = &g.vm.device_metrics()[0];

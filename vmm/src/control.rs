@@ -40,7 +40,7 @@ pub enum Request {
 /// What the server needs besides the VM: the overlay behind each disk (None for raw files).
 pub struct ControlContext {
     pub vm: Arc<Vm>,
-    pub overlays: Vec<Option<Arc<blockstore::Overlay>>>,
+    pub overlays: Vec<Option<Arc<kiln_blockstore::Overlay>>>,
     pub id: String,
     pub tracking: WriteTracking,
 }

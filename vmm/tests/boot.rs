@@ -1,7 +1,7 @@
 //! Boots tiny hand-assembled guests on real KVM.
 
+use kiln_vmm::{testutil, ExitReason, GuestMemorySource, RunState, Vm, VmConfig};
 use std::time::Duration;
-use vmm::{testutil, ExitReason, GuestMemorySource, RunState, Vm, VmConfig};
 
 fn kvm_available() -> bool {
     if std::fs::metadata("/dev/kvm").is_err() {
@@ -70,12 +70,13 @@ fn pause_save_restore_continues_counting() {
 
     // The state is plain serde data.
     let json = serde_json::to_vec(&s3).unwrap();
-    let state: vmm::VmState = serde_json::from_slice(&json).unwrap();
+    let state: kiln_vmm::VmState = serde_json::from_slice(&json).unwrap();
 
     // Restore into a fresh VM with a copy of the memory.
-    let fresh =
-        vmm::memory::GuestMemoryMmap::from_ranges(&vmm::memory::layout(cfg.mem_bytes).unwrap())
-            .unwrap();
+    let fresh = kiln_vmm::memory::GuestMemoryMmap::from_ranges(
+        &kiln_vmm::memory::layout(cfg.mem_bytes).unwrap(),
+    )
+    .unwrap();
     copy_memory(vm.memory(), &fresh);
     vm.stop();
     vm.wait();
@@ -96,7 +97,7 @@ fn pause_save_restore_continues_counting() {
     assert_eq!(vm2.wait(), ExitReason::Stopped);
 }
 
-fn copy_memory(from: &vmm::memory::GuestMemoryMmap, to: &vmm::memory::GuestMemoryMmap) {
+fn copy_memory(from: &kiln_vmm::memory::GuestMemoryMmap, to: &kiln_vmm::memory::GuestMemoryMmap) {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
     for r in from.iter() {
         let mut buf = vec![0u8; r.len() as usize];

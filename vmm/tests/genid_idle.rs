@@ -2,9 +2,9 @@
 //! guest, no devices): it loops reading the generation into r8 and the id's low half into r9,
 //! counting in rcx, and idles on port 0x500 every iteration.
 
+use kiln_vmm::devices::genid::{GENID_BASE, REG_GENERATION, REG_ID};
+use kiln_vmm::{testutil, EntryMode, GuestMemorySource, Vm, VmConfig, VmState};
 use std::time::{Duration, Instant};
-use vmm::devices::genid::{GENID_BASE, REG_GENERATION, REG_ID};
-use vmm::{testutil, EntryMode, GuestMemorySource, Vm, VmConfig, VmState};
 
 fn kvm_available() -> bool {
     if std::fs::metadata("/dev/kvm").is_err() {
@@ -56,7 +56,8 @@ fn start(dir: &std::path::Path, name: &str, restore: Option<(&Vm, &VmState)>) ->
         }
         Some((src, state)) => {
             use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-            let mem = vmm::memory::create(config.mem_bytes, GuestMemorySource::Anonymous).unwrap();
+            let mem =
+                kiln_vmm::memory::create(config.mem_bytes, GuestMemorySource::Anonymous).unwrap();
             for r in src.memory().iter() {
                 let mut buf = vec![0u8; r.len() as usize];
                 src.memory().read_slice(&mut buf, r.start_addr()).unwrap();
@@ -149,7 +150,7 @@ fn idle_vcpu_sleeps_and_answers_pause_and_stop_at_once() {
     vm.stop();
     assert_eq!(
         vm.wait_timeout(Duration::from_secs(2)),
-        Some(vmm::ExitReason::Stopped)
+        Some(kiln_vmm::ExitReason::Stopped)
     );
     assert!(
         t.elapsed() < Duration::from_millis(100),

@@ -4,7 +4,7 @@
 //! Python in the same root file system natively and under raw `runsc do`, interleaved in one
 //! run; prints one JSON object (progress on stderr).
 //!
-//! `cargo build --release -p kiln -p kiln-benches && KILN_AGENT=<static agent>
+//! `cargo build --release -p kiln-cli -p kiln-benches && KILN_AGENT=<static agent>
 //!  target/release/gvisor_sqlite [--runs 5] [--platform systrap] [--raw-overlay root:memory]`
 //!
 //! - the tree: `debootstrap --variant=minbase --include=python3 bookworm`, cached at

@@ -271,7 +271,7 @@ fn main() -> anyhow::Result<()> {
         let kiln = std::env::current_exe()?.with_file_name("kiln");
         anyhow::ensure!(
             kiln.exists(),
-            "{} missing: cargo build [--release] -p kiln first",
+            "{} missing: cargo build [--release] -p kiln-cli first",
             kiln.display()
         );
         std::env::set_var("KILN_BIN", kiln);

@@ -13,7 +13,7 @@
 //! - create / fork: `kiln sandbox create` (CLI wall time) with the default network vs
 //!   `--no-network`, and `fork -n 1` of a networked vs a network-less sandbox, `--runs` each.
 //!
-//! Run: `cargo build -p kiln -p kiln-benches && target/debug/net_bench [--runs 5] [--mib 64]`
+//! Run: `cargo build -p kiln-cli -p kiln-benches && target/debug/net_bench [--runs 5] [--mib 64]`
 //! (root, runsc, nftables; KILN_AGENT pointing at the static agent).
 
 use kiln_benches::{arg, median};

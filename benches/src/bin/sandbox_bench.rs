@@ -1,8 +1,8 @@
-//! gVisor sandbox benchmarks through the runtime library (`runtime::Sandboxes`, in-process),
+//! gVisor sandbox benchmarks through the runtime library (`kiln_runtime::Sandboxes`, in-process),
 //! each against raw `runsc` measured in the same run; prints one JSON object on stdout,
 //! progress on stderr.
 //!
-//! `cargo build --release -p kiln -p kiln-benches && KILN_AGENT=<static agent>
+//! `cargo build --release -p kiln-cli -p kiln-benches && KILN_AGENT=<static agent>
 //!  target/release/sandbox_bench [--runs 20] [--forks 32] [--net-cycles 3] [--platform systrap]
 //!  [--raw-overlay root:memory] [--json-only]`
 //!
@@ -37,9 +37,9 @@
 //! temporary directory is SIGKILLed, so no runsc process outlives the bench.
 
 use anyhow::{bail, Context, Result};
-use blockstore::{BlobId, Store};
 use kiln_agent::client;
-use runtime::{CreateSpec, ExecOptions, RuntimeKind, Sandboxes, Source, State};
+use kiln_blockstore::{BlobId, Store};
+use kiln_runtime::{CreateSpec, ExecOptions, RuntimeKind, Sandboxes, Source, State};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::os::unix::net::UnixStream;
@@ -470,7 +470,7 @@ fn pss_of_sandbox(id: &str) -> u64 {
 /// The single runsc state file of a gVisor snapshot, if its checkpoint has one (the format
 /// before issue 17); the step-by-step replays need it and are skipped without it.
 fn state_file_of(store: &Store, snap: &BlobId) -> Option<BlobId> {
-    let rec = runtime::snapshot::get(store, snap).ok()?;
+    let rec = kiln_runtime::sandbox_snapshot::get(store, snap).ok()?;
     rec.checkpoint
         .state
         .get("state_file")
@@ -705,7 +705,7 @@ fn replay_live_snapshots(
             let t2 = t0.elapsed();
             store.put_file(
                 &img.join("checkpoint.img"),
-                &blockstore::PutOptions {
+                &kiln_blockstore::PutOptions {
                     chunk_size: Some(512 * 1024),
                     ..Default::default()
                 },
@@ -884,7 +884,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     unsafe { std::env::set_var("KILN_HOME", &home) };
     let store = Store::open(&home.join("store"))?;
     // The `kiln` binary beside this one: networked sandboxes start its DNS proxy.
-    let sbx = runtime::host_sandboxes(&home, store.clone(), kiln_tests::kiln_bin());
+    let sbx = kiln_runtime::host_sandboxes(&home, store.clone(), kiln_tests::kiln_bin());
     let drv = sbx.driver(RuntimeKind::Gvisor).map_err(|e| {
         anyhow::anyhow!("{e} (set KILN_AGENT to a static kiln-agent: RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p kiln-agent --target x86_64-unknown-linux-gnu)")
     })?;
@@ -896,12 +896,12 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         .context("busybox image: needs umoci and busybox-static")?;
     // The tree the image was made from: the raw baselines run it (runsc never writes it).
     let rootfs = tmp.join("rootfs");
-    let (image_id, _) = imagebuilder::oci::import(
+    let (image_id, _) = kiln_imagebuilder::oci::import(
         &store,
         &tmp.join("import-tmp"),
         &format!("oci:{}:bb", layout.display()),
         "bb",
-        &imagebuilder::oci::PullOptions::default(),
+        &kiln_imagebuilder::oci::PullOptions::default(),
     )?;
     let import_ms = ms(t.elapsed());
     progress!("image bb = {image_id} imported in {import_ms:.0} ms");
@@ -1123,7 +1123,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     let t0 = Instant::now();
     let forks = sbx.fork(
         &src.id,
-        runtime::ForkSpec {
+        kiln_runtime::ForkSpec {
             count: n,
             timeout_secs: None,
         },
@@ -1443,7 +1443,7 @@ fn net_pause(sbx: &Sandboxes, cycles: usize, no_net_pause_p50: f64) -> Value {
     let r = (|| -> Result<Value> {
         let mut spec = gvisor_spec(Source::Image("bb".into()));
         spec.no_network = false;
-        spec.network = Some(runtime::NetworkPolicy::default());
+        spec.network = Some(kiln_runtime::NetworkPolicy::default());
         let t = Instant::now();
         let rec = sbx.create(spec)?;
         live.add(&rec.id);

@@ -14,9 +14,11 @@
 //! - fork: N VMs from one snapshot (copy-on-write file mapping): wall time until every fork
 //!   answered, and PSS / private memory per fork.
 
-use blockstore::Store;
-use snapshotter::record::{self, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
+use kiln_blockstore::Store;
+use kiln_snapshotter::record::{self, VmShape};
+use kiln_snapshotter::vm::{
+    self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -256,52 +258,53 @@ fn main() -> anyhow::Result<()> {
 
     // Restore: lazy, to first reply; first without a working set, recording one.
     let (id, rec) = record::load_checked(&store, "bench-base")?;
-    let restore_once =
-        |tag: &str, ws: bool| -> anyhow::Result<(f64, snapshotter::LazyStats, Option<usize>)> {
-            let t = Instant::now();
-            let lazy = snapvm::lazy_memory(
-                &store,
-                &id,
-                &rec,
-                LazyRestore {
-                    use_working_set: ws,
-                    record: !ws,
-                    on_fatal: snapshotter::lazy::exit_process_hook(),
-                },
-            )?;
-            let t_mem = t.elapsed();
-            let mem = RestoredMemory::Lazy(lazy);
-            let uds = dir.path().join(format!("{tag}.vsock"));
-            let ident = Identity {
-                vsock_uds: Some(uds.clone()),
-                ..Default::default()
-            };
-            // SAFETY: mem outlives vm (dropped after it below).
-            let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
-            let t_vm = t.elapsed();
-            ping(&uds)?;
-            if std::env::var_os("KILN_BENCH_VERBOSE").is_some() {
-                eprintln!(
-                    "restore {tag}: memory {:?} vm {:?} reply {:?}",
-                    t_mem,
-                    t_vm,
-                    t.elapsed()
-                );
-            }
-            let took = ms(t.elapsed());
-            let lazy = mem.lazy().unwrap();
-            let stats = lazy.stats();
-            let recorded = if !ws {
-                Some(snapvm::finish_recording(&store, &id, lazy)?)
-            } else {
-                None
-            };
-            vm.stop();
-            let _ = vm.wait_timeout(Duration::from_secs(5));
-            drop(vm);
-            drop(mem);
-            Ok((took, stats, recorded))
+    let restore_once = |tag: &str,
+                        ws: bool|
+     -> anyhow::Result<(f64, kiln_snapshotter::LazyStats, Option<usize>)> {
+        let t = Instant::now();
+        let lazy = snapvm::lazy_memory(
+            &store,
+            &id,
+            &rec,
+            LazyRestore {
+                use_working_set: ws,
+                record: !ws,
+                on_fatal: kiln_snapshotter::lazy::exit_process_hook(),
+            },
+        )?;
+        let t_mem = t.elapsed();
+        let mem = RestoredMemory::Lazy(lazy);
+        let uds = dir.path().join(format!("{tag}.vsock"));
+        let ident = Identity {
+            vsock_uds: Some(uds.clone()),
+            ..Default::default()
         };
+        // SAFETY: mem outlives vm (dropped after it below).
+        let vm = unsafe { snapvm::start_vm(&rec, &mem, &ident)? };
+        let t_vm = t.elapsed();
+        ping(&uds)?;
+        if std::env::var_os("KILN_BENCH_VERBOSE").is_some() {
+            eprintln!(
+                "restore {tag}: memory {:?} vm {:?} reply {:?}",
+                t_mem,
+                t_vm,
+                t.elapsed()
+            );
+        }
+        let took = ms(t.elapsed());
+        let lazy = mem.lazy().unwrap();
+        let stats = lazy.stats();
+        let recorded = if !ws {
+            Some(snapvm::finish_recording(&store, &id, lazy)?)
+        } else {
+            None
+        };
+        vm.stop();
+        let _ = vm.wait_timeout(Duration::from_secs(5));
+        drop(vm);
+        drop(mem);
+        Ok((took, stats, recorded))
+    };
     let mut cold = Vec::new();
     let mut cold_stats = None;
     let mut ws_chunks = 0;
@@ -326,7 +329,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut forks = Vec::new();
     for i in 0..nforks {
-        let m = snapshotter::Mapping::file_private(&memfile, rec.memory.size as usize)?;
+        let m = kiln_snapshotter::Mapping::file_private(&memfile, rec.memory.size as usize)?;
         let mem = RestoredMemory::Mapped(m);
         let uds = dir.path().join(format!("f{i}.vsock"));
         let ident = Identity {

@@ -16,11 +16,13 @@
 //! With the working set, B gets the working-set list out of band (`record::save_working_set`):
 //! `kiln snapshot pull` does not carry a working set to another home yet.
 
-use blockstore::Store;
 use kiln_benches::{arg, median};
+use kiln_blockstore::Store;
+use kiln_snapshotter::record::{self, VmShape};
+use kiln_snapshotter::vm::{
+    self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest,
+};
 use kiln_tests::s3::{weed_path, S3Server, BUCKET};
-use snapshotter::record::{self, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory, SnapshotRequest};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -194,7 +196,7 @@ fn main() -> anyhow::Result<()> {
                 LazyRestore {
                     use_working_set: ws,
                     record: rec_ws,
-                    on_fatal: snapshotter::lazy::exit_process_hook(),
+                    on_fatal: kiln_snapshotter::lazy::exit_process_hook(),
                 },
             )?;
             let mem = RestoredMemory::Lazy(lazy);

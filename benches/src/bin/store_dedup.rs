@@ -9,7 +9,7 @@ mod util;
 
 use std::os::unix::fs::FileExt;
 
-use blockstore::{PutOptions, Store};
+use kiln_blockstore::{PutOptions, Store};
 use rand::{Rng, RngCore, SeedableRng};
 use util::*;
 

@@ -10,14 +10,14 @@ mod util;
 
 use std::process::Command;
 
-use blockstore::{PutOptions, Store};
 use kiln_benches::median;
+use kiln_blockstore::{PutOptions, Store};
 use util::*;
 
 fn main() -> anyhow::Result<()> {
     let size_mb: usize = arg("--size-mb", 1024);
     let runs: usize = arg("--runs", 3);
-    let chunk_kib: u32 = arg("--chunk-kib", blockstore::DEFAULT_CHUNK_SIZE / 1024);
+    let chunk_kib: u32 = arg("--chunk-kib", kiln_blockstore::DEFAULT_CHUNK_SIZE / 1024);
     let dir = scratch()?;
     let input = dir.path().join("input.img");
     mixed_file(&input, size_mb * MIB, 1)?;

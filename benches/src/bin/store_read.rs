@@ -10,7 +10,7 @@ mod util;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-use blockstore::{PutOptions, Store, StoreOptions};
+use kiln_blockstore::{PutOptions, Store, StoreOptions};
 use rand::{Rng, SeedableRng};
 use util::*;
 
@@ -40,8 +40,8 @@ fn iops(threads: usize, offs: &[u64], f: &(dyn Fn(u64, &mut [u8]) + Sync)) -> f6
 /// Where a cold local chunk load spends its time: reading the frame file (page cache warm)
 /// versus zstd decompression + blake3 verification. Decides whether io_uring could pay.
 fn split_cold(
-    store: &blockstore::Store,
-    ids: &[blockstore::ChunkId],
+    store: &kiln_blockstore::Store,
+    ids: &[kiln_blockstore::ChunkId],
     cs: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let locs: Vec<_> = ids

@@ -15,7 +15,7 @@ use kiln_benches::{arg, median};
 use std::sync::Arc;
 use std::time::Instant;
 
-use blockstore::{PutOptions, Store};
+use kiln_blockstore::{PutOptions, Store};
 use kiln_tests::pseudo_random;
 use kiln_tests::s3::{weed_path, S3Server, BUCKET};
 

@@ -16,12 +16,12 @@
 use anyhow::{bail, Context, Result};
 use kiln_benches::{arg, median};
 use kiln_tests::tapns::{netns_unavailable, NetNs};
+use kiln_vmm::devices::virtio::net::{Net, NicSpec};
+use kiln_vmm::{GuestMemorySource, Vm, VmConfig};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::devices::virtio::net::{Net, NicSpec};
-use vmm::{GuestMemorySource, Vm, VmConfig};
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const VETH_SERVER: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
@@ -112,7 +112,7 @@ fn boot_guest(ns: &NetNs, dir: &std::path::Path) -> Result<Vm> {
         mac: None,
     })?;
     vm.add_virtio_device(Box::new(nic))?;
-    vm.set_entry_mode(vmm::EntryMode::User);
+    vm.set_entry_mode(kiln_vmm::EntryMode::User);
     vm.boot()?;
     vm.start()?;
     let t0 = Instant::now();

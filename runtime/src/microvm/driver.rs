@@ -9,18 +9,18 @@
 //! - Readiness: a `Health` request on that port answered by an `Ok` frame. kiln's freestanding
 //!   test guest ([`MicrovmDriver::with_test_guest`]) answers it too, so the whole lifecycle runs
 //!   on hosts where no Linux guest boots (PVM).
-//! - Checkpoints are kiln snapshots ([`super::snapshots::create`]): full the first time, a diff
+//! - Checkpoints are kiln snapshots ([`super::vm_snapshots::create`]): full the first time, a diff
 //!   against the snapshot a VM was restored from (or last checkpointed as) after that; restores
 //!   page memory in lazily (userfaultfd).
 
 use super::error::Error as MError;
-use super::snapshots::{self, CreateOptions, RestoreOptions};
+use super::vm_snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
 use crate::record::{processes_with, Op, OpKind, Phase};
 use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
-use blockstore::{BlobId, Store};
-use imagebuilder::image::ImageRecord;
 use kiln_agent::protocol::AGENT_PORT;
+use kiln_blockstore::{BlobId, Store};
+use kiln_imagebuilder::image::ImageRecord;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -100,8 +100,8 @@ pub fn find_kernel(explicit: Option<&Path>) -> std::result::Result<PathBuf, Stri
             Err(format!("{what} {}: no such file", p.display()))
         };
     }
-    let cache = vmm::kernel_cache::dir();
-    vmm::kernel_cache::find().ok_or_else(|| {
+    let cache = kiln_vmm::kernel_cache::dir();
+    kiln_vmm::kernel_cache::find().ok_or_else(|| {
         format!(
             "no guest kernel: pass --kernel, set KILN_GUEST_KERNEL, or run \
                  scripts/linux-guest/build-kernel (it caches one in {})",
@@ -302,9 +302,9 @@ impl MicrovmDriver {
     fn checkpoint_of(
         &self,
         id: &BlobId,
-        r: &snapshotter::record::SnapshotRecord,
+        r: &kiln_snapshotter::record::SnapshotRecord,
     ) -> Result<Checkpoint> {
-        let blobs = snapshotter::record::blobs(&self.store, id, r)
+        let blobs = kiln_snapshotter::record::blobs(&self.store, id, r)
             .map_err(|e| drv("checkpoint")(e.into()))?;
         let state = CheckpointState {
             driver: "microvm".into(),
@@ -482,8 +482,8 @@ impl crate::Runtime for MicrovmDriver {
             .ok_or_else(|| Error::Invalid(format!("sandbox {} has no VM", dir.id())))?;
         // A diff against the snapshot it was restored from (or last checkpointed as), when the
         // VMM tracked the pages written since; a full snapshot otherwise.
-        let parent = snapshots::parent_of(&st.vm_dir)
-            .filter(|p| snapshotter::record::load(&self.store, p).is_ok());
+        let parent = vm_snapshots::parent_of(&st.vm_dir)
+            .filter(|p| kiln_snapshotter::record::load(&self.store, p).is_ok());
         let name = format!("sandbox-{}-{}", dir.id(), crate::record::now_ms());
         let o = CreateOptions {
             name: Some(name.clone()),
@@ -496,8 +496,8 @@ impl crate::Runtime for MicrovmDriver {
             op.driver = serde_json::json!({ "snapshot_name": name });
         }
         dir.enter(rec, Phase::Checkpoint)?;
-        let c =
-            snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o).map_err(drv("checkpoint"))?;
+        let c = vm_snapshots::create(&self.store, &st.vm_dir, &st.vm_id, &o)
+            .map_err(drv("checkpoint"))?;
         let cp = self.checkpoint_of(&c.id, &c.record)?;
         if let Some(op) = rec.op.as_mut() {
             op.checkpoint = Some(cp.clone());
@@ -537,7 +537,7 @@ impl crate::Runtime for MicrovmDriver {
         o.vsock_uds = Some(vm_dir.join("vsock.sock"));
         // A fresh TAP in this sandbox's own namespace; the guest keeps its address and MAC.
         o.net = nic_of(rec)?;
-        let launched = match snapshots::restore_detached(&self.store, &self.launcher, &o) {
+        let launched = match vm_snapshots::restore_detached(&self.store, &self.launcher, &o) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&vm_dir);
@@ -603,7 +603,7 @@ impl crate::Runtime for MicrovmDriver {
         let _ = dir;
         Some(match vms::read_exit(&st.vm_dir) {
             Some(x) => match x.reason {
-                vmm::ExitReason::Error(e) => format!("the VM failed: {e}"),
+                kiln_vmm::ExitReason::Error(e) => format!("the VM failed: {e}"),
                 r => format!("the VM ended ({r:?})").to_lowercase(),
             },
             None => format!(
@@ -639,7 +639,7 @@ impl crate::Runtime for MicrovmDriver {
                     let found = self.store.lookup_name(&key)?;
                     let cp = match found {
                         Some(id) => {
-                            let r = snapshotter::record::load(&self.store, &id)
+                            let r = kiln_snapshotter::record::load(&self.store, &id)
                                 .map_err(|e| drv("checkpoint")(e.into()))?;
                             Some(self.checkpoint_of(&id, &r)?)
                         }
@@ -663,7 +663,7 @@ impl crate::Runtime for MicrovmDriver {
                     vms::call(
                         &st.vm_dir,
                         &st.vm_id,
-                        &vmm::control::Request::Resume,
+                        &kiln_vmm::control::Request::Resume,
                         Duration::from_secs(30),
                     )
                     .map_err(drv("resume"))?;
@@ -680,7 +680,7 @@ impl crate::Runtime for MicrovmDriver {
 
 /// The store name a VM snapshot named `name` is saved under.
 fn snapshot_name_key(name: &str) -> String {
-    format!("{}{name}", snapshotter::record::NAME_PREFIX)
+    kiln_blockstore::names::VM_SNAPSHOT.name(name)
 }
 
 /// Live VMM processes of the VM in `vm_dir` (started with `--vm-dir` and its absolute path).

@@ -15,11 +15,11 @@ pub enum Error {
         err: std::io::Error,
     },
     #[error("{0}")]
-    Store(blockstore::Error),
+    Store(kiln_blockstore::Error),
     #[error("{0}")]
-    Snapshot(snapshotter::vm::SnapError),
+    Snapshot(kiln_snapshotter::vm::SnapError),
     #[error("{0}")]
-    Vmm(vmm::Error),
+    Vmm(kiln_vmm::Error),
     /// Bad input (an id, a size, a missing file).
     #[error("{0}")]
     Invalid(String),
@@ -40,33 +40,33 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-impl From<blockstore::Error> for Error {
-    fn from(e: blockstore::Error) -> Self {
+impl From<kiln_blockstore::Error> for Error {
+    fn from(e: kiln_blockstore::Error) -> Self {
         Error::Store(e)
     }
 }
-impl From<snapshotter::vm::SnapError> for Error {
-    fn from(e: snapshotter::vm::SnapError) -> Self {
+impl From<kiln_snapshotter::vm::SnapError> for Error {
+    fn from(e: kiln_snapshotter::vm::SnapError) -> Self {
         Error::Snapshot(e)
     }
 }
-impl From<snapshotter::record::RecordError> for Error {
-    fn from(e: snapshotter::record::RecordError) -> Self {
+impl From<kiln_snapshotter::record::RecordError> for Error {
+    fn from(e: kiln_snapshotter::record::RecordError) -> Self {
         Error::Snapshot(e.into())
     }
 }
-impl From<snapshotter::memory::MemoryError> for Error {
-    fn from(e: snapshotter::memory::MemoryError) -> Self {
+impl From<kiln_snapshotter::memory::MemoryError> for Error {
+    fn from(e: kiln_snapshotter::memory::MemoryError) -> Self {
         Error::Snapshot(e.into())
     }
 }
-impl From<vmm::Error> for Error {
-    fn from(e: vmm::Error) -> Self {
+impl From<kiln_vmm::Error> for Error {
+    fn from(e: kiln_vmm::Error) -> Self {
         Error::Vmm(e)
     }
 }
-impl From<snapshotter::lazy::LazyError> for Error {
-    fn from(e: snapshotter::lazy::LazyError) -> Self {
+impl From<kiln_snapshotter::lazy::LazyError> for Error {
+    fn from(e: kiln_snapshotter::lazy::LazyError) -> Self {
         Error::Snapshot(e.into())
     }
 }

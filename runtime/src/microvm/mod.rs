@@ -3,12 +3,14 @@
 //!
 //! The VMM process is the `kiln` binary (`kiln vm run` / `kiln snapshot restore` in the
 //! foreground run the VM in-process through [`vms::run_foreground`] and
-//! [`snapshots::restore_foreground`]); everything that starts one detached takes the executable
-//! to run ([`vms::Launcher`]), so this library never assumes which binary it is linked into.
+//! [`vm_snapshots::restore_foreground`]); everything that starts one detached takes the executable
+//! to run ([`vms::Launcher`]) and starts it as a helper from a typed spec
+//! ([`crate::helpers`]), so this library never assumes which binary it is linked into, nor its
+//! command line.
 
 mod driver;
 mod error;
-pub mod snapshots;
+pub mod vm_snapshots;
 pub mod vms;
 
 pub use driver::{connect_port, find_kernel, kvm_unsupported, Guest, MicrovmDriver};

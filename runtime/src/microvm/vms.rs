@@ -1,10 +1,17 @@
 //! VMs on this host: one VM = one VMM process (the `kiln` binary running `kiln vm run` or
-//! `kiln snapshot restore` in the foreground), with a directory holding its control socket
-//! (JSON lines, see `vmm::control`), serial log, `vm.json` (who it is), `exit.json` (how it
+//! `kiln snapshot restore` in the foreground, or a VMM helper from its `helper.json` spec, see
+//! [`crate::helpers`]), with a directory holding its control socket
+//! (JSON lines, see `kiln_vmm::control`), serial log, `vm.json` (who it is), `exit.json` (how it
 //! ended), `vmm.log` (the detached process's own output) and its disk overlays. The CLI's VMs
 //! live in `KILN_HOME/vms/ID`; a sandbox's VM in its sandbox directory (`vm/`).
 
 use super::error::{Context, Error, Result};
+use crate::helpers::{self, HelperSpec};
+use kiln_vmm::control::{self, ControlContext, Request};
+use kiln_vmm::devices::virtio::block::engine::FileEngine;
+use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
+pub use kiln_vmm::devices::virtio::net::{MacAddr, NicSpec};
+use kiln_vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
@@ -12,14 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::control::{self, ControlContext, Request};
-use vmm::devices::virtio::block::engine::FileEngine;
-use vmm::devices::virtio::block::{Block, DiskBackend};
-pub use vmm::devices::virtio::net::{MacAddr, NicSpec};
-use vmm::{ExitReason, GuestMemorySource, Vm, VmConfig};
 
-/// Set in a detached VMM process's environment: it writes serial output only to its log.
-pub const DETACHED_ENV: &str = "KILN_VM_DETACHED";
 /// How long a detached VMM may take to come up.
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -76,7 +76,7 @@ pub fn new_vm_id() -> String {
 }
 
 /// How the guest is entered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Entry {
     /// CPL 0, Linux boot protocol.
     #[default]
@@ -86,7 +86,7 @@ pub enum Entry {
 }
 
 /// I/O engine for raw-file disks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum DiskEngine {
     #[default]
     Uring,
@@ -94,7 +94,7 @@ pub enum DiskEngine {
 }
 
 /// What `kiln vm run` boots.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunOptions {
     pub id: String,
     /// The VM's directory (`vms_dir(home)/id` for the CLI's VMs).
@@ -154,7 +154,7 @@ impl RunOptions {
                 self.kernel.display()
             )));
         }
-        let max = vmm::memory::MAX_MEM_BYTES >> 20;
+        let max = kiln_vmm::memory::MAX_MEM_BYTES >> 20;
         if self.mem_mib == 0 || self.mem_mib > max {
             return Err(Error::Invalid(format!(
                 "--mem {} MiB is out of range (1..={max} MiB)",
@@ -223,7 +223,7 @@ fn unix_now() -> u64 {
 /// is `Ok` here with `ExitReason::Error` (the caller reports the committed disks first).
 pub fn run_foreground(
     o: &RunOptions,
-    store: Option<&blockstore::Store>,
+    store: Option<&kiln_blockstore::Store>,
     serial_stdout: bool,
 ) -> Result<VmExit> {
     o.check()?;
@@ -258,18 +258,18 @@ pub fn run_foreground(
         overlays.push(overlay);
     }
     if let Some(uds) = &o.vsock_uds {
-        let v = vmm::devices::virtio::vsock::Vsock::new(o.vsock_cid, uds)
+        let v = kiln_vmm::devices::virtio::vsock::Vsock::new(o.vsock_cid, uds)
             .map_err(|e| Error::Failed(format!("vsock on {}: {e}", uds.display())))?;
         vm.add_virtio_device(Box::new(v))?;
     }
     if let Some(n) = &o.net {
-        let nic = vmm::devices::virtio::net::Net::new(n)
+        let nic = kiln_vmm::devices::virtio::net::Net::new(n)
             .map_err(|e| Error::Failed(format!("network interface {}: {e}", n.arg())))?;
         vm.add_virtio_device(Box::new(nic))?;
     }
     vm.set_entry_mode(match o.entry {
-        Entry::Kernel => vmm::EntryMode::Kernel,
-        Entry::User => vmm::EntryMode::User,
+        Entry::Kernel => kiln_vmm::EntryMode::Kernel,
+        Entry::User => kiln_vmm::EntryMode::User,
     });
     vm.boot()?;
     let vm = Arc::new(vm);
@@ -312,10 +312,10 @@ pub fn run_foreground(
     Ok(exit)
 }
 
-type Overlay = Option<Arc<blockstore::Overlay>>;
+type Overlay = Option<Arc<kiln_blockstore::Overlay>>;
 
 fn disk_backend(
-    store: Option<&blockstore::Store>,
+    store: Option<&kiln_blockstore::Store>,
     arg: &str,
     index: usize,
     dir: &Path,
@@ -390,82 +390,44 @@ impl Launched {
 }
 
 impl Launcher {
-    fn base(&self, dir: &Path, log_name: &str) -> Result<Command> {
+    /// Writes `spec` into `dir` and returns the helper command over it, its output going to
+    /// `dir/log_name`.
+    fn helper(&self, dir: &Path, log_name: &str, spec: &HelperSpec) -> Result<Command> {
         std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+        helpers::write_spec(dir, spec).map_err(|e| Error::Failed(e.to_string()))?;
         let log_path = dir.join(log_name);
         let log = std::fs::File::create(&log_path).map_err(Error::io("creating", &log_path))?;
         let log2 = log
             .try_clone()
             .map_err(Error::io("duplicating", &log_path))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("--home")
-            .arg(&self.home)
-            .env(DETACHED_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
+        let mut cmd = helpers::command(&self.exe, dir);
+        cmd.stdin(Stdio::null()).stdout(log2).stderr(log);
         Ok(cmd)
     }
 
-    /// The `--vm-dir` arguments when `dir` is not the CLI's default for `id`.
-    fn dir_args(&self, cmd: &mut Command, id: &str, dir: &Path) -> Result<()> {
-        if dir != vms_dir(&self.home).join(id) {
-            cmd.arg("--vm-dir")
-                .arg(std::path::absolute(dir).map_err(Error::io("resolving", dir))?);
-        }
-        Ok(())
-    }
-
-    /// Starts `kiln vm run` for `o` as its own process (own session, survives the caller) and
+    /// Starts a VMM helper running `o` as its own process (own session, survives the caller) and
     /// returns once it serves its control socket (or already ended).
     pub fn run(&self, o: &RunOptions) -> Result<Launched> {
         o.check()?;
         let abs = |p: &Path| std::path::absolute(p).map_err(Error::io("resolving", p));
-        let mut cmd = self.base(&o.dir, "vmm.log")?;
-        cmd.args(["vm", "run", "--id", &o.id]);
-        self.dir_args(&mut cmd, &o.id, &o.dir)?;
-        cmd.arg("--kernel").arg(abs(&o.kernel)?);
-        if let Some(i) = &o.initrd {
-            cmd.arg("--initrd").arg(abs(i)?);
-        }
-        for d in &o.disks {
-            let p = Path::new(d);
+        // Paths absolute (as the command line had them); disks that are no file stay blob
+        // names.
+        let mut options = o.clone();
+        options.dir = abs(&o.dir)?;
+        options.kernel = abs(&o.kernel)?;
+        options.initrd = o.initrd.as_deref().map(abs).transpose()?;
+        for d in &mut options.disks {
+            let p = Path::new(d.as_str());
             if p.exists() {
-                cmd.arg("--disk").arg(abs(p)?);
-            } else {
-                cmd.arg("--disk").arg(d);
+                *d = abs(p)?.to_string_lossy().into_owned();
             }
         }
-        if o.read_only_from == 0 {
-            cmd.arg("--read-only");
-        } else if o.read_only_from < o.disks.len() {
-            cmd.args(["--read-only-from", &o.read_only_from.to_string()]);
-        }
-        cmd.args([
-            "--mem",
-            &o.mem_mib.to_string(),
-            "--vcpus",
-            &o.vcpus.to_string(),
-        ]);
-        cmd.arg("--cmdline").arg(&o.cmdline);
-        if let Some(u) = &o.vsock_uds {
-            cmd.arg("--vsock-uds").arg(abs(u)?);
-            cmd.args(["--vsock-cid", &o.vsock_cid.to_string()]);
-        }
-        net_args(&mut cmd, o.net.as_ref(), true);
-        cmd.args([
-            "--disk-engine",
-            match o.disk_engine {
-                DiskEngine::Uring => "uring",
-                DiskEngine::Sync => "sync",
-            },
-        ]);
-        if o.commit {
-            cmd.arg("--commit");
-        }
-        if o.entry == Entry::User {
-            cmd.args(["--entry", "user"]);
-        }
+        options.vsock_uds = o.vsock_uds.as_deref().map(abs).transpose()?;
+        let spec = HelperSpec::Vm {
+            home: self.home.clone(),
+            options,
+        };
+        let mut cmd = self.helper(&o.dir, "vmm.log", &spec)?;
         // SAFETY: setsid in the child before exec only changes its session; no allocation or
         // locks.
         unsafe {
@@ -523,26 +485,24 @@ impl Launcher {
         }
     }
 
-    /// Starts `kiln snapshot restore` for `o` as its own process group and returns once it
+    /// Starts a VMM helper restoring `o` as its own process group and returns once it
     /// serves its control socket.
-    pub fn restore(&self, o: &super::snapshots::RestoreOptions) -> Result<Launched> {
+    pub fn restore(&self, o: &super::vm_snapshots::RestoreOptions) -> Result<Launched> {
         check_id(&o.id)?;
-        let mut cmd = self.base(&o.dir, "vmm.log")?;
-        cmd.args(["snapshot", "restore", &o.snapshot, "--id", &o.id]);
-        self.dir_args(&mut cmd, &o.id, &o.dir)?;
-        if let Some(u) = &o.vsock_uds {
-            cmd.arg("--vsock-uds")
-                .arg(std::path::absolute(u).map_err(Error::io("resolving", u))?);
-        }
+        let abs = |p: &Path| std::path::absolute(p).map_err(Error::io("resolving", p));
+        let mut options = o.clone();
+        options.dir = abs(&o.dir)?;
+        options.vsock_uds = o.vsock_uds.as_deref().map(abs).transpose()?;
+        options.memory_file = o.memory_file.as_deref().map(abs).transpose()?;
         // A restored NIC keeps the MAC saved in the device state: only its TAP is given.
-        net_args(&mut cmd, o.net.as_ref(), false);
-        if let Some(f) = &o.memory_file {
-            cmd.arg("--memory-file")
-                .arg(std::path::absolute(f).map_err(Error::io("resolving", f))?);
+        if let Some(n) = &mut options.net {
+            n.mac = None;
         }
-        if o.no_working_set {
-            cmd.arg("--no-working-set");
-        }
+        let spec = HelperSpec::VmRestore {
+            home: self.home.clone(),
+            options,
+        };
+        let mut cmd = self.helper(&o.dir, "vmm.log", &spec)?;
         cmd.process_group(0);
         let mut child = cmd
             .spawn()
@@ -580,16 +540,6 @@ impl Launcher {
     }
 }
 
-/// `--net-tap TAP[@NETNS] [--net-mac MAC]` for a detached VMM (the MAC only with `mac`).
-fn net_args(cmd: &mut Command, net: Option<&NicSpec>, mac: bool) {
-    if let Some(n) = net {
-        cmd.arg("--net-tap").arg(n.arg());
-        if let Some(m) = n.mac.filter(|_| mac) {
-            cmd.arg("--net-mac").arg(m.to_string());
-        }
-    }
-}
-
 /// One control request to the VM in `dir` (named `id` in errors).
 pub fn call(dir: &Path, id: &str, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
     let sock = control_socket(dir);
@@ -619,7 +569,7 @@ pub fn stop(dir: &Path, id: &str, timeout: Duration) -> Result<()> {
 }
 
 /// Commits disk `disk` of a running VM into a new blob (the VM pauses meanwhile).
-pub fn commit_disk(dir: &Path, id: &str, disk: usize) -> Result<blockstore::BlobId> {
+pub fn commit_disk(dir: &Path, id: &str, disk: usize) -> Result<kiln_blockstore::BlobId> {
     let v = call(
         dir,
         id,

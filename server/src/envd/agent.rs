@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_agent::client::{self, ClientError};
 use kiln_agent::protocol::{ErrorKind, FileInfo, FileKind};
-use runtime::{SandboxRecord, Sandboxes};
+use kiln_runtime::{SandboxRecord, Sandboxes};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -75,13 +75,13 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-pub fn from_runtime(id: &str, e: runtime::Error) -> EnvdError {
+pub fn from_runtime(id: &str, e: kiln_runtime::Error) -> EnvdError {
     match e {
-        runtime::Error::NotFound(_) => EnvdError::Sandbox {
+        kiln_runtime::Error::NotFound(_) => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
             message: format!("The sandbox {id} was not found"),
         },
-        runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
+        kiln_runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
         e => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
             message: e.to_string(),
@@ -301,7 +301,7 @@ impl Session {
         argv.extend(paths.iter().cloned());
         let mut req = self.sandboxes.exec_request(
             &self.rec,
-            runtime::ExecOptions {
+            kiln_runtime::ExecOptions {
                 argv,
                 user: Some("0".into()),
                 cwd: Some("/".into()),

@@ -122,7 +122,7 @@ pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
 /// Why a request for `port` may not reach sandbox `rec`, as the answer; None when it may.
 fn refusal(
-    rec: &runtime::SandboxRecord,
+    rec: &kiln_runtime::SandboxRecord,
     port: u16,
     headers: &axum::http::HeaderMap,
 ) -> Option<Response> {
@@ -177,7 +177,7 @@ mod tests {
     use super::*;
     use axum::http::HeaderMap;
 
-    fn rec(access: runtime::Access) -> runtime::SandboxRecord {
+    fn rec(access: kiln_runtime::Access) -> kiln_runtime::SandboxRecord {
         let mut v = serde_json::json!({
             "schema": 1, "id": "abc", "name": null, "image": "00".repeat(32), "source": "t",
             "snapshot": null, "runtime": "gvisor", "cpus": 1, "memory_mib": 64, "disk_mib": 0,
@@ -189,7 +189,7 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn status(r: &runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
+    fn status(r: &kiln_runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.insert(
@@ -203,11 +203,11 @@ mod tests {
     #[test]
     fn access_is_checked_from_the_record_and_fails_closed() {
         let envd = crate::ENVD_PORT;
-        let open = rec(runtime::Access::default());
+        let open = rec(kiln_runtime::Access::default());
         assert_eq!(status(&open, envd, &[]), 200);
         assert_eq!(status(&open, 8080, &[]), 200);
 
-        let a = runtime::Access::new(true, true);
+        let a = kiln_runtime::Access::new(true, true);
         let (et, tt) = (
             a.envd_token.clone().unwrap(),
             a.traffic_token.clone().unwrap(),
@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(status(&r, 8080, &[(TRAFFIC_TOKEN_HEADER, &tt)]), 200);
 
         // Flags without tokens (a damaged record): nobody gets in, not even with no token.
-        let sealed = rec(runtime::Access {
+        let sealed = rec(kiln_runtime::Access {
             secure: true,
             private_traffic: true,
             ..Default::default()

@@ -402,7 +402,7 @@ async fn start(
             argv.extend(cfg.args.iter().cloned());
             let mut er = s.sandboxes.exec_request(
                 &s.rec,
-                runtime::ExecOptions {
+                kiln_runtime::ExecOptions {
                     argv,
                     env: cfg.envs.clone(),
                     cwd: Some(cwd),

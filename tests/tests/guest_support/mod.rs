@@ -2,12 +2,12 @@
 //! vmm library, watch its serial log, talk to it over vsock.
 #![allow(dead_code)]
 
+use kiln_vmm::devices::virtio::vsock::Vsock;
+use kiln_vmm::{GuestMemorySource, Vm, VmConfig};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmm::devices::virtio::vsock::Vsock;
-use vmm::{GuestMemorySource, Vm, VmConfig};
 
 pub struct GuestVm {
     /// Not dropped when a test fails: a wedged device could block the stop forever, and a
@@ -22,7 +22,7 @@ pub struct GuestOpts<'a> {
     pub mem_mib: u64,
     pub cmdline: &'a str,
     pub vsock: bool,
-    pub disks: Vec<Box<dyn vmm::VirtioDevice>>,
+    pub disks: Vec<Box<dyn kiln_vmm::VirtioDevice>>,
 }
 
 impl Default for GuestOpts<'_> {
@@ -60,7 +60,7 @@ impl GuestVm {
             None
         };
         // PVM emulates CPL 0 guest code instruction by instruction; the test guest runs at CPL 3.
-        vm.set_entry_mode(vmm::EntryMode::User);
+        vm.set_entry_mode(kiln_vmm::EntryMode::User);
         vm.boot().expect("boot");
         vm.start().expect("start");
         GuestVm {
@@ -97,7 +97,7 @@ impl GuestVm {
 
     fn vm_exited(&self) -> Option<String> {
         match self.vm.state() {
-            vmm::RunState::Exited(r) => Some(format!("{r:?}")),
+            kiln_vmm::RunState::Exited(r) => Some(format!("{r:?}")),
             _ => None,
         }
     }
@@ -117,7 +117,7 @@ impl Drop for GuestVm {
             );
             return;
         }
-        if !matches!(self.vm.state(), vmm::RunState::Exited(_)) {
+        if !matches!(self.vm.state(), kiln_vmm::RunState::Exited(_)) {
             self.vm.stop();
             let _ = self.vm.wait_timeout(Duration::from_secs(5));
         }

@@ -199,7 +199,7 @@ static void on_line(struct conn *c) {
     else c->dial_wait = 1; /* answered by dial_done() */
 }
 
-/* The smallest part of the kiln agent's protocol (vmm/agent/src/protocol.rs), on AGENT_PORT:
+/* The smallest part of the kiln agent's protocol (agent/src/protocol.rs), on AGENT_PORT:
    `Health` gets an `Ok` frame with a HealthInfo JSON (the host's readiness probe), any other
    request an `Error` frame. */
 #define AGENT_PORT 10000

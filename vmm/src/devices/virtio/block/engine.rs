@@ -97,20 +97,20 @@ impl Backend for RawFile {
     }
 }
 
-impl Backend for blockstore::Overlay {
+impl Backend for kiln_blockstore::Overlay {
     fn len(&self) -> u64 {
-        blockstore::Overlay::len(self)
+        kiln_blockstore::Overlay::len(self)
     }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let n = blockstore::Overlay::read_at(self, off, buf).map_err(io::Error::other)?;
+        let n = kiln_blockstore::Overlay::read_at(self, off, buf).map_err(io::Error::other)?;
         buf[n..].fill(0);
         Ok(())
     }
     fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
-        blockstore::Overlay::write_at(self, off, data).map_err(io::Error::other)
+        kiln_blockstore::Overlay::write_at(self, off, data).map_err(io::Error::other)
     }
     fn flush(&self) -> io::Result<()> {
-        blockstore::Overlay::flush(self).map_err(io::Error::other)
+        kiln_blockstore::Overlay::flush(self).map_err(io::Error::other)
     }
 }
 

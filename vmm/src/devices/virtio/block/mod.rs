@@ -56,7 +56,7 @@ pub enum DiskBackend {
         direct: bool,
     },
     /// A block-store overlay (lazy base blob + local writes).
-    Overlay(Arc<blockstore::Overlay>),
+    Overlay(Arc<kiln_blockstore::Overlay>),
 }
 
 /// Block device errors.

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use blockstore::remote::{RemoteConfig, S3Remote};
-use blockstore::{BlobId, PutOptions, Store};
 use clap::{Args, Subcommand};
+use kiln_blockstore::remote::{RemoteConfig, S3Remote};
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{print_json, progress_bar, Home};

@@ -1,15 +1,15 @@
 //! `kiln vm ...`: one VM = one VMM process (this binary running `kiln vm run`), with a control
-//! socket (JSON lines, see `vmm::control`) and a serial log under KILN_HOME/vms/ID. The work is
-//! `runtime::microvm::vms`; this file parses, calls it and prints.
+//! socket (JSON lines, see `kiln_vmm::control`) and a serial log under KILN_HOME/vms/ID. The work is
+//! `kiln_runtime::microvm::vms`; this file parses, calls it and prints.
 
-use crate::cli::{print_json, Home};
+use crate::cli::{parse_nic, print_json, Home};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use runtime::microvm::vms::{self, DiskEngine, Entry, Launcher, MacAddr, NicSpec, RunOptions};
+use kiln_runtime::microvm::vms::{self, DiskEngine, Entry, MacAddr, NicSpec, RunOptions};
+use kiln_vmm::control::Request;
+use kiln_vmm::ExitReason;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmm::control::Request;
-use vmm::ExitReason;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -42,9 +42,9 @@ pub enum VmCommand {
         name: Option<String>,
     },
     /// Start a VM from a snapshot, paging its memory in lazily from the store
-    Restore(crate::snapshot::RestoreArgs),
+    Restore(crate::vm_snapshot::RestoreArgs),
     /// Start N VMs from one snapshot, sharing its memory pages until written
-    Fork(crate::snapshot::ForkArgs),
+    Fork(crate::vm_snapshot::ForkArgs),
     /// Stop a VM
     Stop { id: String },
     /// Print a VM's serial output
@@ -145,13 +145,6 @@ enum EngineArg {
 }
 
 /// The launcher of detached VMM processes: this binary, this home.
-pub fn launcher(home: &Home) -> Result<Launcher> {
-    Ok(Launcher {
-        exe: std::env::current_exe().context("finding the kiln binary")?,
-        home: home.root().to_path_buf(),
-    })
-}
-
 pub fn run(home: &Home, c: VmCommand) -> Result<()> {
     match c {
         VmCommand::Run(a) => run_vm(home, a),
@@ -160,14 +153,14 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
         VmCommand::Resume { id } => resume(home, &id),
         VmCommand::Suspend { id, name } => {
             let name = name.unwrap_or_else(|| id.clone());
-            crate::snapshot::create(home, &id, Some(name.clone()), false, true, false)?;
+            crate::vm_snapshot::create(home, &id, Some(name.clone()), false, true, false)?;
             eprintln!(
                 "{id} suspended as snapshot {name:?}; `kiln vm resume {name}` starts it again"
             );
             Ok(())
         }
-        VmCommand::Restore(a) => crate::snapshot::restore(home, a),
-        VmCommand::Fork(a) => crate::snapshot::fork(home, a),
+        VmCommand::Restore(a) => crate::vm_snapshot::restore(home, a),
+        VmCommand::Fork(a) => crate::vm_snapshot::fork(home, a),
         VmCommand::Stop { id } => {
             let dir = vms::vm_dir(home.root(), &id)?;
             vms::stop(&dir, &id, Duration::from_secs(30))?;
@@ -182,7 +175,7 @@ pub fn run(home: &Home, c: VmCommand) -> Result<()> {
             let dir = vms::vm_dir(home.root(), &id)?;
             let blob = vms::commit_disk(&dir, &id, disk)?;
             if let Some(name) = name {
-                let store = blockstore::Store::open(&home.store_dir())?;
+                let store = kiln_blockstore::Store::open(&home.store_dir())?;
                 store.set_name(&name, &blob)?;
             }
             println!("{blob}");
@@ -222,7 +215,7 @@ fn resume(home: &Home, id: &str) -> Result<()> {
     if vms::is_running(&home.vms_dir().join(id)) {
         return simple(home, id, Request::Resume, "resumed");
     }
-    let args = crate::snapshot::RestoreArgs {
+    let args = crate::vm_snapshot::RestoreArgs {
         snapshot: id.to_string(),
         detach: true,
         id: None,
@@ -232,15 +225,11 @@ fn resume(home: &Home, id: &str) -> Result<()> {
         no_working_set: false,
         vm_dir: None,
     };
-    crate::snapshot::restore(home, args)
+    crate::vm_snapshot::restore(home, args)
         .with_context(|| format!("{id:?} is neither a running VM nor a snapshot"))
 }
 
 /// `TAP[@NETNS]` of `--net-tap`.
-pub(crate) fn parse_nic(s: &str) -> std::result::Result<NicSpec, String> {
-    NicSpec::parse(s, None)
-}
-
 fn options(home: &Home, a: &RunArgs) -> RunOptions {
     let id = a.id.clone().unwrap_or_else(vms::new_vm_id);
     let dir = a.vm_dir.clone().unwrap_or_else(|| home.vms_dir().join(&id));
@@ -281,17 +270,22 @@ fn run_vm(home: &Home, a: RunArgs) -> Result<()> {
     // Check what we can before forking, so `-d` reports bad input directly.
     o.check()?;
     if a.detach {
-        let l = launcher(home)?.run(&o)?;
+        let l = home.launcher()?.run(&o)?;
         println!("{}", l.id);
         return Ok(());
     }
+    run_in_process(home, &o, true)
+}
+
+/// Runs the VM of `o` in this process (`kiln vm run` in the foreground, or the VMM helper
+/// with the guest's serial output only in its log).
+pub fn run_in_process(home: &Home, o: &RunOptions, serial_stdout: bool) -> Result<()> {
     let store = if o.needs_store() {
         Some(crate::store::open_with_remote(home, None, false)?)
     } else {
         None
     };
-    let serial_stdout = std::env::var_os(vms::DETACHED_ENV).is_none();
-    let exit = vms::run_foreground(&o, store.as_ref(), serial_stdout)?;
+    let exit = vms::run_foreground(o, store.as_ref(), serial_stdout)?;
     for (i, c) in exit.committed.iter().enumerate() {
         if let Some(b) = c {
             eprintln!("disk {i} committed: {b}");

@@ -2,6 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// `--net-tap TAP[@NETNS]` (clap value parser shared by `kiln vm run` and `kiln snapshot`).
+pub fn parse_nic(s: &str) -> Result<kiln_runtime::microvm::vms::NicSpec, String> {
+    kiln_runtime::microvm::vms::NicSpec::parse(s, None)
+}
+
 /// The kiln home directory (KILN_HOME): the store, VMs, configuration.
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -32,6 +37,15 @@ impl Home {
     /// Where the block store lives.
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
+    }
+
+    /// How the runtime starts detached VMM processes: this very binary, over this home.
+    pub fn launcher(&self) -> anyhow::Result<kiln_runtime::microvm::vms::Launcher> {
+        use anyhow::Context;
+        Ok(kiln_runtime::microvm::vms::Launcher {
+            exe: std::env::current_exe().context("finding the kiln binary")?,
+            home: self.root.clone(),
+        })
     }
 
     /// Where per-VM directories (control socket, serial log, vsock sockets) live.

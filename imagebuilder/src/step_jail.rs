@@ -1,4 +1,4 @@
-//! Running a build step's command in a Linux-namespace sandbox over a root directory.
+//! The jail a Dockerfile RUN step runs in: the step's command in Linux namespaces over a root directory.
 //!
 //! The child (forked by `std::process::Command`) joins a cgroup, unshares mount, pid, ipc, uts
 //! (and net when the step gets no network) namespaces, then forks once more so the command is

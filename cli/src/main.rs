@@ -4,12 +4,13 @@
 //! `build`); this file only wires them together, sets up logging and resolves the home.
 
 mod cli;
+mod helper;
 mod image;
 mod sandbox;
 mod serve;
-mod snapshot;
 mod store;
 mod vm;
+mod vm_snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -40,7 +41,7 @@ enum Command {
     Vm(vm::VmCommand),
     /// Snapshot running VMs
     #[command(subcommand)]
-    Snapshot(snapshot::SnapshotCommand),
+    Snapshot(vm_snapshot::SnapshotCommand),
     /// Pull, import, inspect and export VM images
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -51,6 +52,9 @@ enum Command {
     Sandbox(sandbox::SandboxCommand),
     /// Serve E2B's HTTP API (control plane and envd data plane) over this host's sandboxes
     Serve(serve::ServeArgs),
+    /// A helper process kiln starts itself, from the spec in DIR (kiln_runtime::helpers)
+    #[command(name = "__helper", hide = true)]
+    Helper { dir: std::path::PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,11 +65,12 @@ fn main() -> std::process::ExitCode {
         Command::Store(c) => store::run(&home, c),
         Command::Remote(c) => store::run_remote(&home, c),
         Command::Vm(c) => vm::run(&home, c),
-        Command::Snapshot(c) => snapshot::run(&home, c),
+        Command::Snapshot(c) => vm_snapshot::run(&home, c),
         Command::Image(c) => image::run(&home, c),
         Command::Build(a) => image::build(&home, a),
         Command::Sandbox(c) => sandbox::run(&home, c),
         Command::Serve(a) => serve::run(&home, a),
+        Command::Helper { dir } => helper::run(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

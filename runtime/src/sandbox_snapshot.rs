@@ -13,11 +13,10 @@ use crate::error::{Error, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
 use crate::Checkpoint;
-use blockstore::{BlobId, PutOptions, Store};
+use kiln_blockstore::names::SANDBOX_SNAPSHOT;
+use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-const NAME_PREFIX: &str = "sandbox-snapshot:";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -40,7 +39,7 @@ pub struct SnapshotRecord {
     /// The sandbox's egress policy (`None`: it had no network device); its restores and forks
     /// get a network of their own with this policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<network::NetworkPolicy>,
+    pub network: Option<kiln_network::NetworkPolicy>,
 }
 
 impl SnapshotRecord {
@@ -91,7 +90,7 @@ pub fn put_record(holds: &Holds, snap: &SnapshotRecord) -> Result<BlobId> {
     let announce = |id: &BlobId| {
         holds
             .add_ahead(&holder, id)
-            .map_err(|e| blockstore::Error::Invalid(format!("holding a snapshot record: {e}")))
+            .map_err(|e| kiln_blockstore::Error::Invalid(format!("holding a snapshot record: {e}")))
     };
     Ok(holds
         .store()
@@ -103,16 +102,14 @@ pub fn name(holds: &Holds, name: &str, id: &BlobId, snap: &SnapshotRecord) -> Re
     crate::record::check_name(name)?;
     // Held before it is named, so a listed name never lacks its data.
     holds.set(&Holder::Snapshot(name.into()), &snap.blobs_with(id))?;
-    holds
-        .store()
-        .set_name(&format!("{NAME_PREFIX}{name}"), id)?;
+    holds.store().set_name(&SANDBOX_SNAPSHOT.name(name), id)?;
     Ok(())
 }
 
 /// Removes a named snapshot: its name, then its hold; its data goes once no sandbox needs it.
 /// Returns whether the name existed.
 pub fn remove(holds: &Holds, name: &str) -> Result<bool> {
-    let existed = holds.store().remove_name(&format!("{NAME_PREFIX}{name}"))?;
+    let existed = holds.store().remove_name(&SANDBOX_SNAPSHOT.name(name))?;
     holds.release(&Holder::Snapshot(name.into()))?;
     Ok(existed)
 }
@@ -129,7 +126,7 @@ pub fn get(store: &Store, id: &BlobId) -> Result<SnapshotRecord> {
 /// manifests; data stays lazy). The caller holds what it uses.
 pub fn lookup(holds: &Holds, name_or_id: &str) -> Result<(BlobId, SnapshotRecord)> {
     let store = holds.store();
-    let name = format!("{NAME_PREFIX}{name_or_id}");
+    let name = SANDBOX_SNAPSHOT.name(name_or_id);
     if let Some(id) = store.lookup_name(&name)? {
         return Ok((id, get(store, &id)?));
     }
@@ -174,21 +171,21 @@ pub fn fetch_manifests(store: &Store, snap: &SnapshotRecord) -> Result<()> {
 /// Named snapshots: (name, id).
 pub fn list(store: &Store) -> Result<Vec<(String, BlobId)>> {
     Ok(store
-        .names_with_prefix(NAME_PREFIX)?
+        .names_with_prefix(SANDBOX_SNAPSHOT.prefix())?
         .into_iter()
-        .filter_map(|(n, id)| Some((n.strip_prefix(NAME_PREFIX)?.to_string(), id)))
+        .filter_map(|(n, id)| Some((SANDBOX_SNAPSHOT.strip(&n)?.to_string(), id)))
         .collect())
 }
 
 /// Pushes a snapshot (its image, its blobs, then the record, then its name) to the remote.
 pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
     let snap = get(store, id)?;
-    let mut bytes = imagebuilder::image::push(store, &snap.image)?;
+    let mut bytes = kiln_imagebuilder::image::push(store, &snap.image)?;
     for b in snap.checkpoint.blobs.iter().chain([id]) {
         bytes += store.push(b, &|_| {})?.bytes_uploaded;
     }
     if let Some(n) = name {
-        store.push_name(&format!("{NAME_PREFIX}{n}"), id)?;
+        store.push_name(&SANDBOX_SNAPSHOT.name(n), id)?;
     }
     Ok(bytes)
 }

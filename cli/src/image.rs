@@ -2,8 +2,8 @@
 use crate::cli::{print_json, Home};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use imagebuilder::build::{BuildOptions, Isolation};
-use imagebuilder::oci::PullOptions;
+use kiln_imagebuilder::build::{BuildOptions, Isolation};
+use kiln_imagebuilder::oci::PullOptions;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -133,7 +133,7 @@ pub struct BuildArgs {
 
 /// The local store, with the default remote attached if one is configured: an image pulled
 /// from a remote has its data fetched lazily, on export, build or boot.
-fn open_store(home: &Home) -> anyhow::Result<blockstore::Store> {
+fn open_store(home: &Home) -> anyhow::Result<kiln_blockstore::Store> {
     crate::store::open_with_remote(home, None, false)
 }
 
@@ -175,7 +175,7 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
                 allow_devices,
             };
             let progress = PullBars::new();
-            let (id, rec) = imagebuilder::oci::pull_with_progress(
+            let (id, rec) = kiln_imagebuilder::oci::pull_with_progress(
                 &store,
                 &tmp_dir(home),
                 &reference,
@@ -196,12 +196,12 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
                 allow_devices,
             };
             let (id, rec) =
-                imagebuilder::oci::import(&store, &tmp_dir(home), &source, &name, &opts)
+                kiln_imagebuilder::oci::import(&store, &tmp_dir(home), &source, &name, &opts)
                     .with_context(|| format!("importing {source}"))?;
             println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
         }
         ImageCommand::Ls { json } => {
-            let list = imagebuilder::image::list(&store)?;
+            let list = kiln_imagebuilder::image::list(&store)?;
             if json {
                 return print_json(&list);
             }
@@ -221,7 +221,7 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Inspect { name, json } => {
-            let (id, rec) = imagebuilder::image::lookup(&store, &name)?;
+            let (id, rec) = kiln_imagebuilder::image::lookup(&store, &name)?;
             if json {
                 return print_json(&serde_json::json!({ "id": id, "record": rec }));
             }
@@ -241,13 +241,13 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
                 println!("  {h}");
             }
         }
-        ImageCommand::Rm { name } => imagebuilder::image::remove(&store, &name)?,
+        ImageCommand::Rm { name } => kiln_imagebuilder::image::remove(&store, &name)?,
         ImageCommand::Tag { name, new_name } => {
-            let (id, _) = imagebuilder::image::lookup(&store, &name)?;
-            imagebuilder::image::tag(&store, &new_name, &id)?;
+            let (id, _) = kiln_imagebuilder::image::lookup(&store, &name)?;
+            kiln_imagebuilder::image::tag(&store, &new_name, &id)?;
         }
         ImageCommand::Export { name, output } => {
-            let (_, rec) = imagebuilder::image::lookup(&store, &name)?;
+            let (_, rec) = kiln_imagebuilder::image::lookup(&store, &name)?;
             store
                 .export(&rec.disk, &output)
                 .with_context(|| format!("exporting to {}", output.display()))?;
@@ -286,7 +286,7 @@ impl PullBars {
     }
 }
 
-impl imagebuilder::oci::PullProgress for PullBars {
+impl kiln_imagebuilder::oci::PullProgress for PullBars {
     fn layer_start(&self, index: usize, count: usize, digest: &str, size: u64) {
         let short = digest.strip_prefix("sha256:").unwrap_or(digest);
         let label = format!(
@@ -342,9 +342,9 @@ impl imagebuilder::oci::PullProgress for PullBars {
 
 fn push(home: &Home, name: &str, remote: Option<&str>) -> anyhow::Result<()> {
     let store = crate::store::open_with_remote(home, remote, true)?;
-    let (id, _) = imagebuilder::image::lookup(&store, name)?;
-    let bytes =
-        imagebuilder::image::push(&store, &id).with_context(|| format!("pushing image {name}"))?;
+    let (id, _) = kiln_imagebuilder::image::lookup(&store, name)?;
+    let bytes = kiln_imagebuilder::image::push(&store, &id)
+        .with_context(|| format!("pushing image {name}"))?;
     println!("{id}");
     eprintln!("{bytes} bytes uploaded");
     Ok(())
@@ -357,10 +357,10 @@ fn pull_from_remote(
     remote: Option<&str>,
 ) -> anyhow::Result<()> {
     let store = crate::store::open_with_remote(home, remote, true)?;
-    let id = match id_or_name.parse::<blockstore::BlobId>() {
+    let id = match id_or_name.parse::<kiln_blockstore::BlobId>() {
         Ok(id) => id,
         Err(_) => {
-            imagebuilder::image::lookup(&store, &id_or_name)
+            kiln_imagebuilder::image::lookup(&store, &id_or_name)
                 .with_context(|| {
                     format!("{id_or_name:?} is neither an image id nor a local image")
                 })?
@@ -374,7 +374,7 @@ fn pull_from_remote(
         if crate::store::default_remote_name(home)?.as_deref() != Some(r) {
             let fetch = || -> anyhow::Result<u64> {
                 store.pull(&id)?;
-                let rec = imagebuilder::image::get_record(&store, &id)?;
+                let rec = kiln_imagebuilder::image::get_record(&store, &id)?;
                 let mut chunks = store.prefetch(&id)?;
                 for b in rec.layers.iter().chain([&rec.disk]) {
                     store.pull(b)?;
@@ -389,7 +389,7 @@ fn pull_from_remote(
             eprintln!("fetched {chunks} chunks from {r:?} (not the default remote)");
         }
     }
-    let rec = imagebuilder::image::pull(&store, &id, &name)
+    let rec = kiln_imagebuilder::image::pull(&store, &id, &name)
         .with_context(|| format!("pulling image {id} from the remote"))?;
     println!("{id} disk {} ({} layers)", rec.disk, rec.layers.len());
     Ok(())
@@ -439,7 +439,7 @@ pub fn build(home: &Home, a: BuildArgs) -> anyhow::Result<()> {
         cache_to: a.cache_to.is_some(),
         redo_disks: a.redo_disks,
     };
-    let report = imagebuilder::build::build(&store, &tmp_dir(home), &opts, &mut |line| {
+    let report = kiln_imagebuilder::build::build(&store, &tmp_dir(home), &opts, &mut |line| {
         eprintln!("{line}")
     })?;
     if a.json {

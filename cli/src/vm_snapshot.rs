@@ -1,12 +1,12 @@
 //! `kiln snapshot ...`: snapshot running VMs into the block store, list/inspect/remove
 //! snapshots, and restore or fork them into new VMM processes. The work is
-//! `runtime::microvm::snapshots`; this file parses, calls it and prints.
+//! `kiln_runtime::microvm::vm_snapshots`; this file parses, calls it and prints.
 
 use crate::cli::{print_json, Home};
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use runtime::microvm::snapshots::{self, CreateOptions, RestoreOptions};
-use runtime::microvm::vms;
+use kiln_runtime::microvm::vm_snapshots::{self, CreateOptions, RestoreOptions};
+use kiln_runtime::microvm::vms;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -88,8 +88,8 @@ pub struct RestoreArgs {
     /// The TAP behind the restored VM's network interface, optionally in a network namespace
     /// (each restore needs its own; the guest keeps its MAC and address). Without it the NIC
     /// has no host side.
-    #[arg(long, value_name = "TAP[@NETNS]", value_parser = crate::vm::parse_nic)]
-    pub net_tap: Option<runtime::microvm::vms::NicSpec>,
+    #[arg(long, value_name = "TAP[@NETNS]", value_parser = crate::cli::parse_nic)]
+    pub net_tap: Option<kiln_runtime::microvm::vms::NicSpec>,
     /// Map this materialized memory file copy-on-write instead of paging from the store (forks)
     #[arg(long, hide = true)]
     pub memory_file: Option<PathBuf>,
@@ -113,21 +113,21 @@ pub fn run(home: &Home, c: SnapshotCommand) -> Result<()> {
         SnapshotCommand::Ls { json } => ls(home, json),
         SnapshotCommand::Inspect { snapshot } => {
             let store = crate::store::open_with_remote(home, None, false)?;
-            print_json(&snapshots::inspect(&store, &snapshot)?)
+            print_json(&vm_snapshots::inspect(&store, &snapshot)?)
         }
         SnapshotCommand::Rm { snapshot } => {
             let store = crate::store::open_with_remote(home, None, false)?;
-            Ok(snapshots::remove(&store, &snapshot)?)
+            Ok(vm_snapshots::remove(&store, &snapshot)?)
         }
         SnapshotCommand::Push { snapshot } => {
             let store = crate::store::open_with_remote(home, None, true)?;
-            let (id, bytes) = snapshots::push(&store, &snapshot)?;
+            let (id, bytes) = vm_snapshots::push(&store, &snapshot)?;
             println!("{} ({bytes} bytes uploaded)", id.to_hex());
             Ok(())
         }
         SnapshotCommand::Pull { id, name } => {
             let store = crate::store::open_with_remote(home, None, true)?;
-            let id = snapshots::pull(&store, &id, name.as_deref())?;
+            let id = vm_snapshots::pull(&store, &id, name.as_deref())?;
             println!("{}", id.to_hex());
             Ok(())
         }
@@ -147,10 +147,10 @@ pub fn create(
     vms::check_id(vm)?;
     let dir = home.vms_dir().join(vm);
     if !vms::is_running(&dir) {
-        return Err(runtime::microvm::Error::NotRunning(vm.to_string()).into());
+        return Err(kiln_runtime::microvm::Error::NotRunning(vm.to_string()).into());
     }
     let store = crate::store::open_with_remote(home, None, false)?;
-    let c = snapshots::create(&store, &dir, vm, &CreateOptions { name, diff, stop })?;
+    let c = vm_snapshots::create(&store, &dir, vm, &CreateOptions { name, diff, stop })?;
     if json {
         print_json(&c.report)
     } else {
@@ -161,7 +161,7 @@ pub fn create(
 
 fn ls(home: &Home, json: bool) -> Result<()> {
     let store = crate::store::open_with_remote(home, None, false)?;
-    let rows = snapshots::list(&store)?;
+    let rows = vm_snapshots::list(&store)?;
     if json {
         return print_json(&rows);
     }
@@ -203,13 +203,18 @@ pub fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     };
     let store = crate::store::open_with_remote(home, None, false)?;
     if a.detach {
-        let l = snapshots::restore_detached(&store, &crate::vm::launcher(home)?, &o)?;
+        let l = vm_snapshots::restore_detached(&store, &home.launcher()?, &o)?;
         println!("{}", l.id);
         return Ok(());
     }
     // In the foreground the guest's serial output also goes to stdout, as with `kiln vm run`.
-    let serial_stdout = std::env::var_os(vms::DETACHED_ENV).is_none();
-    Ok(snapshots::restore_foreground(&store, &o, serial_stdout)?)
+    Ok(vm_snapshots::restore_foreground(&store, &o, true)?)
+}
+
+/// Restores `o` in this process (the VMM helper: serial output only in its log).
+pub fn restore_in_process(home: &Home, o: &RestoreOptions, serial_stdout: bool) -> Result<()> {
+    let store = crate::store::open_with_remote(home, None, false)?;
+    Ok(vm_snapshots::restore_foreground(&store, o, serial_stdout)?)
 }
 
 /// `--net-tap` of `kiln vm fork`: one per fork, or one `{}` pattern expanded per fork index.
@@ -222,7 +227,7 @@ fn fork_nics(args: &[String], count: usize) -> Result<Vec<vms::NicSpec>> {
     };
     expanded
         .iter()
-        .map(|s| crate::vm::parse_nic(s).map_err(anyhow::Error::msg))
+        .map(|s| crate::cli::parse_nic(s).map_err(anyhow::Error::msg))
         .collect()
 }
 
@@ -230,9 +235,9 @@ fn fork_nics(args: &[String], count: usize) -> Result<Vec<vms::NicSpec>> {
 pub fn fork(home: &Home, a: ForkArgs) -> Result<()> {
     let nets = fork_nics(&a.net_tap, a.count)?;
     let store = crate::store::open_with_remote(home, None, false)?;
-    snapshots::fork(
+    vm_snapshots::fork(
         &store,
-        &crate::vm::launcher(home)?,
+        &home.launcher()?,
         &a.snapshot,
         a.count,
         a.vsock_dir.as_deref(),

@@ -20,9 +20,9 @@ pub struct ServeArgs {
 }
 
 pub fn run(home: &Home, a: ServeArgs) -> Result<()> {
-    server::check_listen(a.listen, a.allow_remote)?;
+    kiln_server::check_listen(a.listen, a.allow_remote)?;
     let sandboxes = crate::sandbox::open(home)?;
-    let cfg = server::ServeConfig {
+    let cfg = kiln_server::ServeConfig {
         listen: a.listen,
         domain: a.domain,
         allow_remote: a.allow_remote,
@@ -33,7 +33,7 @@ pub fn run(home: &Home, a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(server::run(cfg, sandboxes, |addr, key_file| {
+    rt.block_on(kiln_server::run(cfg, sandboxes, |addr, key_file| {
         match key_file {
             Some(p) => eprintln!("kiln serve: API key in {} (X-API-Key)", p.display()),
             None => eprintln!("kiln serve: API key from KILN_API_KEY"),

@@ -15,13 +15,13 @@
 
 use super::error::{Context, Error, Result};
 use super::vms::{self, Launched, Launcher, VmMeta};
-use blockstore::{BlobId, Store};
-use snapshotter::record::{self, VmShape};
-use snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory};
+use kiln_blockstore::{names, BlobId, Store};
+use kiln_snapshotter::record::{self, VmShape};
+use kiln_snapshotter::vm::{self as snapvm, Identity, LazyRestore, RestoredMemory};
+use kiln_vmm::control::{self, ControlContext, Request};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::control::{self, ControlContext, Request};
 
 fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
     control::call(sock, req, timeout).map_err(|e| Error::Failed(format!("{}: {e}", sock.display())))
@@ -68,9 +68,9 @@ pub fn parent_of(dir: &Path) -> Option<BlobId> {
 fn diff_from_written_pages(
     sock: &Path,
     dir: &Path,
-    parent: &snapshotter::MemoryImage,
+    parent: &kiln_snapshotter::MemoryImage,
     timeout: Duration,
-) -> Result<Option<snapshotter::memory::Staged>> {
+) -> Result<Option<kiln_snapshotter::memory::Staged>> {
     let Ok(since) = std::fs::read_to_string(dir.join(TRACKING_FILE)) else {
         return Ok(None);
     };
@@ -87,14 +87,15 @@ fn diff_from_written_pages(
     }
     let f = std::fs::File::open(&path).map_err(Error::io("opening", &path))?;
     let restored = since.starts_with(RESTORE_TAG);
-    let r = snapshotter::memory::stage_pages_from(parent, std::io::BufReader::new(f), restored);
+    let r =
+        kiln_snapshotter::memory::stage_pages_from(parent, std::io::BufReader::new(f), restored);
     let _ = std::fs::remove_file(&path);
     Ok(Some(r?))
 }
 
 /// Guest RAM copied out of the (paused) VMM process with process_vm_readv, or `None` if that is
 /// not possible here (then it streams through a FIFO).
-fn copy_from_vmm(sock: &Path, mem_bytes: u64) -> Option<snapshotter::memory::Staged> {
+fn copy_from_vmm(sock: &Path, mem_bytes: u64) -> Option<kiln_snapshotter::memory::Staged> {
     let st = call(sock, &Request::Status, Duration::from_secs(30)).ok()?;
     let pid = i32::try_from(st["pid"].as_u64()?).ok()?;
     let regions: Vec<(u64, u64)> = st["regions"]
@@ -105,7 +106,7 @@ fn copy_from_vmm(sock: &Path, mem_bytes: u64) -> Option<snapshotter::memory::Sta
     if regions.iter().map(|r| r.1).sum::<u64>() != mem_bytes {
         return None;
     }
-    match snapshotter::memory::stage_process(pid, &regions) {
+    match kiln_snapshotter::memory::stage_process(pid, &regions) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!("copying guest memory from the VMM failed, using its FIFO: {e}");
@@ -117,9 +118,9 @@ fn copy_from_vmm(sock: &Path, mem_bytes: u64) -> Option<snapshotter::memory::Sta
 /// Memory captured while the VM was paused.
 enum CapturedMemory {
     /// Already stored (a diff), with its page count and where its pages came from.
-    Stored(snapshotter::MemoryImage, u64, &'static str),
+    Stored(kiln_snapshotter::MemoryImage, u64, &'static str),
     /// Copied out (and how), to be stored once the VM runs again.
-    Staged(snapshotter::memory::Staged, &'static str),
+    Staged(kiln_snapshotter::memory::Staged, &'static str),
 }
 
 /// How to snapshot a running VM.
@@ -228,11 +229,11 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
                 let captured = match &parent {
                     // Hashed against the parent as it streams (rare: see above).
                     Some((_, prec)) => {
-                        snapshotter::memory::capture_diff_from(store, &prec.memory, reader)
+                        kiln_snapshotter::memory::capture_diff_from(store, &prec.memory, reader)
                             .map(|(m, n)| CapturedMemory::Stored(m, n, "memory_stream"))
                     }
                     // Copied only: stored after the VM resumed.
-                    None => snapshotter::memory::stage_stream(mem_bytes, reader)
+                    None => kiln_snapshotter::memory::stage_stream(mem_bytes, reader)
                         .map(|s| CapturedMemory::Staged(s, "fifo")),
                 };
                 let wrote = writer
@@ -249,7 +250,7 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
             .as_array()
             .map(|v| {
                 v.iter()
-                    .filter(|d| d["device_type"] == vmm::devices::virtio::TYPE_BLOCK)
+                    .filter(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_BLOCK)
                     .map(|d| d["device"]["read_only"].as_bool().unwrap_or(false))
                     .collect()
             })
@@ -303,7 +304,7 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
         };
         let vsock_cid = state["virtio"].as_array().and_then(|v| {
             v.iter()
-                .find(|d| d["device_type"] == vmm::devices::virtio::TYPE_VSOCK)
+                .find(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_VSOCK)
                 .and_then(|d| d["device"]["guest_cid"].as_u64())
         });
         let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
@@ -408,8 +409,8 @@ pub fn inspect(store: &Store, snap: &str) -> Result<serde_json::Value> {
 
 /// Removes a snapshot's name (its blobs go at the next gc).
 pub fn remove(store: &Store, snap: &str) -> Result<()> {
-    let n = snap.strip_prefix(record::NAME_PREFIX).unwrap_or(snap);
-    if !store.remove_name(&format!("{}{n}", record::NAME_PREFIX))? {
+    let n = names::VM_SNAPSHOT.strip(snap).unwrap_or(snap);
+    if !store.remove_name(&names::VM_SNAPSHOT.name(n))? {
         return Err(Error::Invalid(format!("no snapshot named {n:?}")));
     }
     Ok(())
@@ -432,7 +433,7 @@ pub fn pull(store: &Store, id: &str, name: Option<&str>) -> Result<BlobId> {
 }
 
 /// How to restore a snapshot into a VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RestoreOptions {
     /// Snapshot name or id.
     pub snapshot: String,
@@ -531,7 +532,7 @@ pub fn restore_foreground(store: &Store, o: &RestoreOptions, serial_stdout: bool
         Some(f) => {
             let file = std::fs::File::open(f).map_err(Error::io("memory file", f))?;
             RestoredMemory::Mapped(
-                snapshotter::Mapping::file_private(&file, rec.memory.size as usize)
+                kiln_snapshotter::Mapping::file_private(&file, rec.memory.size as usize)
                     .map_err(Error::io("mapping memory file", f))?,
             )
         }
@@ -542,7 +543,7 @@ pub fn restore_foreground(store: &Store, o: &RestoreOptions, serial_stdout: bool
             LazyRestore {
                 use_working_set: !o.no_working_set,
                 record: true,
-                on_fatal: snapshotter::lazy::exit_process_hook(),
+                on_fatal: kiln_snapshotter::lazy::exit_process_hook(),
             },
         )?),
     };

@@ -6,7 +6,7 @@ use crate::cli::{print_json, Home};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_agent::client;
 use kiln_agent::protocol::{FileRequest, Kind, TtySize};
-use runtime::{
+use kiln_runtime::{
     CreateSpec, ExecOptions, OnTimeout, RuntimeKind, SandboxRecord, Sandboxes, Source, State,
 };
 use std::collections::BTreeMap;
@@ -129,9 +129,6 @@ pub enum SandboxCommand {
     ///   kiln sandbox network dev --clear --internet on   # back to the default
     #[command(verbatim_doc_comment)]
     Network(NetworkArgs),
-    /// The DNS proxy of one sandbox network (started by kiln itself)
-    #[command(name = "__dns", hide = true)]
-    Dns { dir: PathBuf },
 }
 
 #[derive(clap::Subcommand)]
@@ -151,10 +148,10 @@ pub struct NetworkArgs {
     internet: Option<OnOff>,
     /// Allow connections to a CIDR, address or host name (repeatable; wins over --deny-out)
     #[arg(long = "allow-out", value_name = "DEST", value_parser = parse_dest)]
-    allow_out: Vec<network::Dest>,
+    allow_out: Vec<kiln_network::Dest>,
     /// Deny connections to a CIDR, address or host name (repeatable)
     #[arg(long = "deny-out", value_name = "DEST", value_parser = parse_dest)]
-    deny_out: Vec<network::Dest>,
+    deny_out: Vec<kiln_network::Dest>,
     /// Start from empty allow and deny lists (before adding this call's entries)
     #[arg(long)]
     clear: bool,
@@ -168,8 +165,9 @@ enum OnOff {
     Off,
 }
 
-fn parse_dest(s: &str) -> Result<network::Dest, String> {
-    s.parse().map_err(|e: network::DestError| e.to_string())
+fn parse_dest(s: &str) -> Result<kiln_network::Dest, String> {
+    s.parse()
+        .map_err(|e: kiln_network::DestError| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -193,7 +191,7 @@ pub struct CreateArgs {
     memory: Option<u64>,
     /// Disk size in MiB: bounds what the sandbox's files can take (gVisor: the writable
     /// layer, on host disk) [default: the image's disk size, at least 2048; or the snapshot's]
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=runtime::MAX_DISK_MIB))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=kiln_runtime::MAX_DISK_MIB))]
     disk: Option<u64>,
     /// Environment for every exec, K=V (repeatable)
     #[arg(long = "env", value_parser = parse_kv)]
@@ -213,10 +211,10 @@ pub struct CreateArgs {
     /// Allow connections to a CIDR, address, host name or *.wildcard (repeatable; wins over
     /// --deny-out; with --no-internet, a whitelist)
     #[arg(long = "allow-out", value_name = "DEST", value_parser = parse_dest)]
-    allow_out: Vec<network::Dest>,
+    allow_out: Vec<kiln_network::Dest>,
     /// Deny connections to a CIDR, address, host name or *.wildcard (repeatable)
     #[arg(long = "deny-out", value_name = "DEST", value_parser = parse_dest)]
-    deny_out: Vec<network::Dest>,
+    deny_out: Vec<kiln_network::Dest>,
     /// No network device at all (loopback only)
     #[arg(long, conflicts_with_all = ["no_internet", "allow_out", "deny_out"])]
     no_network: bool,
@@ -269,13 +267,10 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub fn open(home: &Home) -> Result<Sandboxes> {
     let store = crate::store::open_with_remote(home, None, false)?;
     let exe = std::env::current_exe().context("locating the kiln binary")?;
-    Ok(runtime::host_sandboxes(home.root(), store, exe))
+    Ok(kiln_runtime::host_sandboxes(home.root(), store, exe))
 }
 
 pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
-    if let SandboxCommand::Dns { dir } = &c {
-        return Ok(network::proxy::serve(dir)?);
-    }
     let sbx = open(home)?;
     match c {
         SandboxCommand::Create(a) => create(&sbx, a),
@@ -299,7 +294,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         } => {
             let snap = sbx.snapshot(&id, Some(&name))?;
             if push {
-                runtime::snapshot::push(sbx.store(), &snap, Some(&name))?;
+                kiln_runtime::sandbox_snapshot::push(sbx.store(), &snap, Some(&name))?;
             }
             if json {
                 print_json(&serde_json::json!({"name": name, "id": snap, "pushed": push}))
@@ -324,7 +319,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Snapshots { json, .. } => {
-            let list = runtime::snapshot::list(sbx.store())?;
+            let list = kiln_runtime::sandbox_snapshot::list(sbx.store())?;
             if json {
                 let v: Vec<_> = list
                     .iter()
@@ -341,7 +336,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         SandboxCommand::Fork { id, count, json } => {
             let forks = sbx.fork(
                 &id,
-                runtime::ForkSpec {
+                kiln_runtime::ForkSpec {
                     count,
                     timeout_secs: None,
                 },
@@ -360,7 +355,11 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
                 bail!("sandbox {id} did not pause");
             };
             let pushed = match push {
-                true => Some(runtime::snapshot::push(sbx.store(), snapshot, None)?),
+                true => Some(kiln_runtime::sandbox_snapshot::push(
+                    sbx.store(),
+                    snapshot,
+                    None,
+                )?),
                 false => None,
             };
             if json {
@@ -378,7 +377,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
         SandboxCommand::Resume { id, json } => {
             let rec = match sbx.get(&id) {
                 Ok(_) => sbx.resume(&id, None)?,
-                Err(runtime::Error::NotFound(_)) => sbx
+                Err(kiln_runtime::Error::NotFound(_)) => sbx
                     .create(CreateSpec::new(Source::Snapshot(id.clone())))
                     .with_context(|| format!("{id:?} is neither a sandbox here nor a snapshot"))?,
                 Err(e) => return Err(e.into()),
@@ -407,7 +406,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             println!("{}", l.local_addr()?);
             std::io::stdout().flush()?;
             let sid = rec.id.clone();
-            runtime::ports::forward(
+            kiln_runtime::ports::forward(
                 l,
                 move || sbx.dial(&sid, port),
                 move |e| eprintln!("sandbox {id} port {port}: {e}"),
@@ -420,7 +419,6 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             Ok(())
         }
         SandboxCommand::Network(a) => set_network(&sbx, a),
-        SandboxCommand::Dns { .. } => unreachable!("handled above"),
     }
 }
 
@@ -490,7 +488,7 @@ fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
     };
     spec.no_network = a.no_network;
     if a.no_internet || !a.allow_out.is_empty() || !a.deny_out.is_empty() {
-        let mut p = network::NetworkPolicy {
+        let mut p = kiln_network::NetworkPolicy {
             internet: !a.no_internet,
             ..Default::default()
         };
@@ -585,7 +583,7 @@ fn describe_deadline(r: &SandboxRecord) -> String {
     match r.deadline_ms {
         None => "none".into(),
         Some(d) => {
-            let left = d.saturating_sub(runtime::record::now_ms()) / 1000;
+            let left = d.saturating_sub(kiln_runtime::record::now_ms()) / 1000;
             let what = match r.on_timeout {
                 OnTimeout::Kill => "killed",
                 OnTimeout::Pause => "paused",
@@ -596,7 +594,7 @@ fn describe_deadline(r: &SandboxRecord) -> String {
 }
 
 fn age(ms: u64) -> String {
-    let s = runtime::record::now_ms().saturating_sub(ms) / 1000;
+    let s = kiln_runtime::record::now_ms().saturating_sub(ms) / 1000;
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m", s / 60),

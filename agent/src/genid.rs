@@ -1,4 +1,4 @@
-//! Watches kiln's generation-id page (the VMM's `vmm::devices::genid`, a VMGenID-like MMIO page)
+//! Watches kiln's generation-id page (the VMM's `kiln_vmm::devices::genid`, a VMGenID-like MMIO page)
 //! and, when the VM was restored or forked, reseeds the kernel's random number generator and
 //! sets the wall clock from the host's.
 //!
@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
-/// Guest-physical address of the page (`vmm::devices::genid::GENID_BASE`).
+/// Guest-physical address of the page (`kiln_vmm::devices::genid::GENID_BASE`).
 pub const GENID_BASE: u64 = 0xcfff_f000;
 pub const GENID_MAGIC: u32 = 0x4e45_474b;
 pub const REG_MAGIC: usize = 0x00;
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn layout_matches_the_vmm_device() {
         // The agent is a guest program and does not link the VMM: compare with its source.
-        let vmm = include_str!("../../src/devices/genid.rs");
+        let vmm = include_str!("../../vmm/src/devices/genid.rs");
         for (name, v) in [
             ("GENID_BASE", GENID_BASE),
             ("GENID_MAGIC", u64::from(GENID_MAGIC)),

@@ -1,0 +1,433 @@
+//! COPY and ADD steps: sources from the build context, a stage or a URL, written as one
+//! deterministic layer tar whose hash is the step's key.
+
+use super::*;
+
+/// What a COPY/ADD writes, after expansion.
+#[derive(Clone, Copy)]
+pub(super) struct CopySpec<'a> {
+    srcs: &'a [String],
+    heredocs: &'a [dockerfile::Heredoc],
+    vars: &'a HashMap<String, String>,
+    dest: &'a str,
+    dest_is_dir: bool,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+    /// ADD `--checksum` for a URL source.
+    checksum: Option<&'a str>,
+}
+
+impl Builder<'_> {
+    pub(super) fn copy_step(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        ins: &Instruction,
+        vars: &HashMap<String, String>,
+    ) -> Result<()> {
+        let file = self.df.file.clone();
+        let mut from = None;
+        let mut chown = None;
+        let mut chmod = None;
+        let mut checksum = None;
+        for (k, v) in &ins.flags {
+            let v = dockerfile::expand_words(v, vars)
+                .map_err(|e| derr(&file, ins, e))?
+                .join("");
+            match k.as_str() {
+                "from" => from = Some(v),
+                "chown" => chown = Some(v),
+                "chmod" => {
+                    chmod = Some(u32::from_str_radix(&v, 8).map_err(|_| {
+                        derr(&file, ins, format!("--chmod={v} is not an octal mode"))
+                    })?)
+                }
+                "link" => {}
+                "checksum" if ins.keyword == "ADD" => checksum = Some(v),
+                other => {
+                    return Err(derr(
+                        &file,
+                        ins,
+                        format!("{} --{other} is not supported", ins.keyword),
+                    ))
+                }
+            }
+        }
+        let mut w = match &ins.args {
+            Args::Exec(v) => v.clone(),
+            Args::Shell(s) => dockerfile::expand_words(s, vars).map_err(|e| derr(&file, ins, e))?,
+        };
+        if w.len() < 2 {
+            return Err(derr(
+                &file,
+                ins,
+                format!("{} needs a source and a destination", ins.keyword),
+            ));
+        }
+        let dest_raw = w.pop().expect("len >= 2");
+        let cwd = st.config.workdir.clone().unwrap_or_else(|| "/".into());
+        // `.`/`..` (e.g. `COPY f .` under a WORKDIR) name a directory, as a trailing `/` does.
+        let last_component = dest_raw.rsplit('/').next().unwrap_or("");
+        let dest_is_dir =
+            dest_raw.ends_with('/') || matches!(last_component, "." | "..") || w.len() > 1;
+        let dest = resolve_in(&cwd, &dest_raw);
+        // Ownership: resolved against the stage's /etc/passwd when given by name.
+        let owner = match &chown {
+            None => None,
+            Some(c) => {
+                let numeric = c.split(':').all(|p| p.parse::<u32>().is_ok());
+                if numeric {
+                    let mut it = c.split(':').map(|p| p.parse::<u32>().expect("checked"));
+                    let u = it.next().unwrap_or(0);
+                    Some((u, it.next().unwrap_or(u)))
+                } else {
+                    let root = self.materialize(idx, st)?;
+                    Some(step_jail::resolve_user(&root, c)?)
+                }
+            }
+        };
+        // Where sources come from: the context, or an earlier stage (by its key).
+        let from_stage = match &from {
+            None => None,
+            Some(f) => match self.stage_index(f).filter(|&s| s < idx) {
+                Some(s) => {
+                    self.build_stage(s)?;
+                    Some((s, self.stages[s].as_ref().expect("built").key))
+                }
+                None => {
+                    return Err(derr(
+                        &file,
+                        ins,
+                        format!("--from={f}: no earlier stage by that name"),
+                    ))
+                }
+            },
+        };
+        let tar_path = self
+            .work
+            .path()
+            .join(format!("copy-{idx}-{}.tar", ins.line));
+        let key = if let Some((s, sk)) = from_stage {
+            // Keyed by the source stage's key: no need to read its files on a hit.
+            let k = chain(
+                &st.key,
+                &[
+                    b"COPY-FROM",
+                    ins.original.as_bytes(),
+                    sk.as_bytes(),
+                    dest.as_bytes(),
+                    format!("{owner:?}{chmod:?}").as_bytes(),
+                ],
+            );
+            if let Some(rec) = self.lookup_cache(&k)? {
+                return self.cache_hit(idx, st, ins, k, rec);
+            }
+            let mut sst = self.stages[s].take().expect("built");
+            let r = self.materialize(s, &mut sst);
+            self.stages[s] = Some(sst);
+            let sroot = r?;
+            let spec = CopySpec {
+                srcs: &w,
+                heredocs: &ins.heredocs,
+                vars,
+                dest: &dest,
+                dest_is_dir,
+                owner,
+                chmod,
+                checksum: checksum.as_deref(),
+            };
+            self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
+            k
+        } else {
+            let spec = CopySpec {
+                srcs: &w,
+                heredocs: &ins.heredocs,
+                vars,
+                dest: &dest,
+                dest_is_dir,
+                owner,
+                chmod,
+                checksum: checksum.as_deref(),
+            };
+            self.write_copy_tar(&self.opts.context, true, &spec, &tar_path, ins)?;
+            let h = hash_file(&tar_path)?;
+            let k = chain(&st.key, &[b"COPY", h.as_bytes()]);
+            if let Some(rec) = self.lookup_cache(&k)? {
+                return self.cache_hit(idx, st, ins, k, rec);
+            }
+            k
+        };
+        // `COPY file /dir` without a trailing slash copies into /dir when the image has that
+        // directory. The parent key fixes the parent tree, so the key need not say which; on a
+        // miss, look and write the tar again with the file inside the directory.
+        let single = (w.len() == 1 && !w[0].starts_with("<<") && !w[0].contains(['*', '?']))
+            .then(|| clean_rel(&w[0]))
+            .flatten()
+            .filter(|_| !dest_is_dir);
+        if let Some(rel) = single {
+            let src_root = match from_stage {
+                Some((s, _)) => {
+                    let mut sst = self.stages[s].take().expect("built");
+                    let r = self.materialize(s, &mut sst);
+                    self.stages[s] = Some(sst);
+                    r?
+                }
+                None => self.opts.context.clone(),
+            };
+            let src_is_dir = std::fs::symlink_metadata(src_root.join(&rel))
+                .map(|m| m.is_dir())
+                .unwrap_or(true);
+            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let (false, Some(name)) = (src_is_dir, name) {
+                let root = self.materialize(idx, st)?;
+                if real_dir_in(&root, &dest) {
+                    let inside = format!("{}/{name}", dest.trim_end_matches('/'));
+                    let spec = CopySpec {
+                        srcs: &w,
+                        heredocs: &ins.heredocs,
+                        vars,
+                        dest: &inside,
+                        dest_is_dir: false,
+                        owner,
+                        chmod,
+                        checksum: checksum.as_deref(),
+                    };
+                    self.write_copy_tar(&src_root, from_stage.is_none(), &spec, &tar_path, ins)?;
+                }
+            }
+        }
+        self.say(&format!("  {}: {}", ins.line, ins.original));
+        // Applied in a fresh upper directory: the step's tree, from which its disk is made.
+        let root = self.fresh_upper(idx, st)?;
+        let f = std::fs::File::open(&tar_path).ctx("open", &tar_path)?;
+        layer::apply_layer(
+            &root,
+            f,
+            &ApplyOptions {
+                allow_devices: true,
+            },
+        )?;
+        self.record_step(idx, st, ins, key, Some(&tar_path))
+    }
+
+    pub(super) fn write_copy_tar(
+        &self,
+        src_root: &Path,
+        is_context: bool,
+        spec: &CopySpec<'_>,
+        out: &Path,
+        ins: &Instruction,
+    ) -> Result<()> {
+        let CopySpec {
+            srcs,
+            heredocs,
+            vars,
+            dest,
+            dest_is_dir,
+            owner,
+            chmod,
+            checksum,
+        } = *spec;
+        let file = self.df.file.clone();
+        let f = std::fs::File::create(out).ctx("create", out)?;
+        let mut b = tar::Builder::new(std::io::BufWriter::new(f));
+        let mut entries: Vec<(String, PathBuf)> = Vec::new(); // (dest path, host path)
+        let mut inline: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut archives: Vec<PathBuf> = Vec::new();
+        for s in srcs {
+            if let Some(h) = s
+                .strip_prefix("<<")
+                .and_then(|n| heredocs.iter().find(|h| h.name == n))
+            {
+                let body = if h.expand {
+                    dockerfile::expand_vars(&h.body, vars).map_err(|e| derr(&file, ins, e))?
+                } else {
+                    h.body.clone()
+                };
+                let d = if dest_is_dir {
+                    format!("{}/{}", dest.trim_end_matches('/'), h.name)
+                } else {
+                    dest.to_string()
+                };
+                inline.push((d, body.into_bytes()));
+                continue;
+            }
+            if ins.keyword == "ADD" && crate::add::is_url(s) {
+                let add_err = |e: Error| derr(&file, ins, e.to_string());
+                let d = if dest_is_dir {
+                    let n = crate::add::url_file_name(s).map_err(add_err)?;
+                    format!("{}/{n}", dest.trim_end_matches('/'))
+                } else {
+                    dest.to_string()
+                };
+                let host = crate::add::fetch_url(s, checksum, self.work.path()).map_err(add_err)?;
+                entries.push((d, host));
+                continue;
+            }
+            if checksum.is_some() {
+                return Err(derr(&file, ins, "--checksum applies to URL sources only"));
+            }
+            let rel = clean_rel(s).ok_or_else(|| {
+                derr(
+                    &file,
+                    ins,
+                    format!("{s}: source leads outside the build context"),
+                )
+            })?;
+            let matches = expand_glob(src_root, &rel);
+            if matches.is_empty() {
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!(
+                        "{s}: no such file in the {}",
+                        if is_context {
+                            "build context"
+                        } else {
+                            "source stage"
+                        }
+                    ),
+                ));
+            }
+            for m in matches {
+                let host = src_root.join(&m);
+                let meta = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+                if is_context && self.ignored(&m) {
+                    continue;
+                }
+                if meta.is_dir() {
+                    let mut stack = vec![PathBuf::new()];
+                    while let Some(sub) = stack.pop() {
+                        let dir = host.join(&sub);
+                        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+                            let e = e.ctx("read dir", &dir)?;
+                            let r = sub.join(e.file_name());
+                            if is_context && self.ignored(&m.join(&r)) {
+                                continue;
+                            }
+                            let d = format!("{}/{}", dest.trim_end_matches('/'), r.display());
+                            if e.file_type().ctx("stat", e.path())?.is_dir() {
+                                stack.push(r);
+                            }
+                            entries.push((d, e.path()));
+                        }
+                    }
+                } else if ins.keyword == "ADD" && is_context && crate::add::is_archive(&host)? {
+                    // A local tar archive is unpacked into the destination directory.
+                    archives.push(host);
+                } else {
+                    let d = if dest_is_dir || dest.ends_with('/') {
+                        format!(
+                            "{}/{}",
+                            dest.trim_end_matches('/'),
+                            m.file_name()
+                                .map(|f| f.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        )
+                    } else {
+                        dest.to_string()
+                    };
+                    entries.push((d, host));
+                }
+            }
+        }
+        if dest_is_dir || entries.len() > 1 {
+            // The destination directory itself, so its mode is defined.
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            let d = dest.trim_start_matches('/').trim_end_matches('/');
+            if !d.is_empty() {
+                b.append_data(&mut h, format!("{d}/"), std::io::empty())
+                    .ctx("write", out)?;
+            }
+        }
+        entries.sort();
+        entries.dedup_by(|a, b| a.0 == b.0);
+        for (d, host) in entries {
+            let m = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&m, tar::HeaderMode::Deterministic);
+            h.set_mtime(0);
+            let mode = chmod.unwrap_or(m.mode() & 0o7777);
+            h.set_mode(mode);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            let name = d.trim_start_matches('/').to_string();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&host).ctx("readlink", &host)?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, &name, &t).ctx("write", out)?;
+            } else if m.is_dir() {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{name}/"), std::io::empty())
+                    .ctx("write", out)?;
+            } else if m.is_file() {
+                let f = std::fs::File::open(&host).ctx("open", &host)?;
+                h.set_size(m.len());
+                b.append_data(&mut h, &name, f).ctx("write", out)?;
+            } else {
+                return Err(derr(
+                    &file,
+                    ins,
+                    format!(
+                        "{}: only files, directories and symlinks can be copied",
+                        host.display()
+                    ),
+                ));
+            }
+        }
+        for (i, a) in archives.iter().enumerate() {
+            let scratch = self.work.path().join(format!("add-check-{}-{i}", ins.line));
+            crate::add::append_archive(&mut b, a, dest, owner, &scratch)
+                .map_err(|e| derr(&file, ins, e.to_string()))?;
+        }
+        for (d, data) in inline {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(chmod.unwrap_or(0o644));
+            h.set_size(data.len() as u64);
+            h.set_mtime(0);
+            let (u, g) = owner.unwrap_or((0, 0));
+            h.set_uid(u as u64);
+            h.set_gid(g as u64);
+            b.append_data(&mut h, d.trim_start_matches('/'), &data[..])
+                .ctx("write", out)?;
+        }
+        let mut w = b.into_inner().ctx("finish", out)?;
+        w.flush().ctx("write", out)?;
+        Ok(())
+    }
+
+    pub(super) fn ignored(&self, rel: &Path) -> bool {
+        let comps: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let mut ignored = false;
+        // A path is ignored if it or any parent matches the last matching pattern.
+        for n in 1..=comps.len() {
+            for (neg, pat) in &self.ignore {
+                if glob_match(pat, &comps[..n]) {
+                    ignored = !neg;
+                }
+            }
+            if ignored && n < comps.len() {
+                // Exceptions below an ignored directory still count.
+                let deeper = self.ignore.iter().any(|(neg, _)| *neg);
+                if !deeper {
+                    return true;
+                }
+            }
+        }
+        ignored
+    }
+}
