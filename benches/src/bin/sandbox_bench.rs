@@ -951,7 +951,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     };
 
     let (tti, raw_fresh_pss_kib) = run.time_to_interactive(first_ms)?;
-    let (from_snapshot, raw_img) = run.from_snapshot()?;
+    let (from_snapshot, raw_img) = run.create_from_snapshot()?;
     let fork = run.fork(&raw_img, kiln_fresh_pss_kib, raw_fresh_pss_kib)?;
     let Run {
         sbx,
@@ -1085,7 +1085,7 @@ impl Run<'_> {
 
     /// Create from a snapshot, against raw `runsc restore`; returns the raw checkpoint image
     /// the fork baseline restores.
-    fn from_snapshot(&mut self) -> Result<(Value, PathBuf)> {
+    fn create_from_snapshot(&mut self) -> Result<(Value, PathBuf)> {
         let src = self.sbx.create(gvisor_spec(Source::Image("bb".into())))?;
         self.live.add(&src.id);
         kiln_exec(self.sbx, &src.id, &["true"])?;

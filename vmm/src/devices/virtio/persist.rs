@@ -220,7 +220,7 @@ mod tests {
             capacity: 4096,
             read_only: false,
         }));
-        let e = restore_devices(&[blk.clone()], DeviceResources::default())
+        let e = restore_devices(std::slice::from_ref(&blk), DeviceResources::default())
             .err()
             .unwrap();
         assert!(
@@ -231,7 +231,9 @@ mod tests {
             net: Some(NicSpec::parse("tap0", None).unwrap()),
             ..Default::default()
         };
-        let e = restore_devices(&[vsock.clone()], res).err().unwrap();
+        let e = restore_devices(std::slice::from_ref(&vsock), res)
+            .err()
+            .unwrap();
         assert!(matches!(e, DeviceRestoreError::NoNic), "{e}");
 
         // A disk of another size than the guest saw is refused.
