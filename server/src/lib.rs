@@ -74,8 +74,10 @@ pub struct AppState {
     /// `KILN_HOME/serve`: the daemon's own files.
     pub serve_dir: PathBuf,
     /// Templates a sandbox has been created from since start. Until then creates of a
-    /// template are serialized: the runtime's first use of an image extracts its tree under a
-    /// per-process temp name (runtime/src/rootfs.rs), which concurrent threads would share.
+    /// template are serialized: the gVisor driver's first use of an agent binary copies it
+    /// under a per-process temp name (runtime/src/gvisor.rs, `.kiln-agent.<pid>`), which
+    /// concurrent threads would share. (Image tree extraction, the first cause, uses a name
+    /// per call now: runtime/src/rootfs.rs.)
     pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(crate) first_create: tokio::sync::Mutex<()>,
 }

@@ -10,17 +10,15 @@ use crate::mapping::Mapping;
 use crate::memory::{self, DirtyPages, HostRegion, ImageSource};
 use crate::record::{self, CpuIdentity, DiskRef, SnapshotRecord, VmShape, SNAPSHOT_FORMAT};
 use kiln_blockstore::{BlobId, Store};
-use kiln_vmm::devices::virtio::block::{Block, DiskBackend};
-use kiln_vmm::devices::virtio::net::{Net, NetState, NicSpec};
-use kiln_vmm::devices::virtio::vsock::{Vsock, VsockState};
+use kiln_vmm::devices::virtio::block::{BlockState, DiskBackend};
+use kiln_vmm::devices::virtio::net::NicSpec;
+use kiln_vmm::devices::virtio::persist::{DeviceResources, DeviceState, RestoredDisk};
 use kiln_vmm::memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use kiln_vmm::{GuestMemorySource, Vm, VmConfig, VmState};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::GuestAddress;
-
-use kiln_vmm::devices::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_VSOCK};
 
 /// Errors of VM-level snapshot operations.
 #[derive(Debug, thiserror::Error)]
@@ -452,15 +450,6 @@ pub fn disk_overlays(
     Ok(made.into_iter().map(Arc::new).collect())
 }
 
-/// What a blk device saved besides its queues (see `kiln_vmm::devices::virtio::block::Block`).
-#[derive(serde::Deserialize)]
-struct BlockSaved {
-    id: String,
-    capacity: u64,
-    #[serde(default)]
-    read_only: bool,
-}
-
 /// Builds a VM from a snapshot record over `memory`, restores its state and starts it.
 ///
 /// # Safety
@@ -501,78 +490,45 @@ pub unsafe fn build_vm(
         track_dirty_pages: true,
     };
     let mut vm = Vm::new(config, GuestMemorySource::Provided(gm))?;
-    let nblk = state
+    let saved: Vec<&BlockState> = state
         .virtio
         .iter()
-        .filter(|d| d.device_type == TYPE_BLOCK)
-        .count();
-    if nblk != rec.disks.len() || nblk != id.disks.len() {
+        .filter_map(|d| match &d.device {
+            DeviceState::Block(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    if saved.len() != rec.disks.len() || saved.len() != id.disks.len() {
         return Err(SnapError::Invalid(format!(
-            "the snapshot's VM has {nblk} disks, its record lists {}, {} overlays were given",
+            "the snapshot's VM has {} disks, its record lists {}, {} overlays were given",
+            saved.len(),
             rec.disks.len(),
             id.disks.len()
         )));
     }
-    if id.net.is_some() && !state.virtio.iter().any(|d| d.device_type == TYPE_NET) {
-        return Err(SnapError::Invalid(
-            "a TAP was given but the snapshot's VM has no network interface".into(),
-        ));
-    }
-    let mut disks = rec.disks.iter().zip(&id.disks);
-    for d in &state.virtio {
-        match d.device_type {
-            TYPE_BLOCK => {
-                let (dref, overlay) = disks.next().expect("counted above");
-                let saved: BlockSaved = serde_json::from_value(d.device.clone())
-                    .map_err(|e| SnapError::Invalid(format!("block device state: {e}")))?;
-                if overlay.base() != Some(dref.blob) || overlay.len() != saved.capacity {
-                    return Err(SnapError::Invalid(format!(
-                        "disk {} of the snapshot is {} bytes (blob {}); the overlay given is {} bytes over {:?}",
-                        saved.id,
-                        saved.capacity,
-                        dref.blob,
-                        overlay.len(),
-                        overlay.base()
-                    )));
-                }
-                // The guest negotiated read-only once; the device must keep refusing writes.
-                let read_only = saved.read_only || dref.read_only;
-                let blk = Block::new(&saved.id, DiskBackend::Overlay(overlay.clone()), read_only)
-                    .map_err(|e| SnapError::Invalid(format!("disk {}: {e}", saved.id)))?;
-                vm.add_virtio_device(Box::new(blk))?;
-            }
-            TYPE_VSOCK => {
-                let mut vs: VsockState = serde_json::from_value(d.device.clone())
-                    .map_err(|e| SnapError::Invalid(format!("vsock state: {e}")))?;
-                if let Some(p) = &id.vsock_uds {
-                    vs.uds_path = p.clone();
-                }
-                let dev =
-                    Vsock::restored(&vs).map_err(|e| SnapError::Invalid(format!("vsock: {e}")))?;
-                vm.add_virtio_device(Box::new(dev))?;
-            }
-            TYPE_NET => {
-                let ns: NetState = serde_json::from_value(d.device.clone())
-                    .map_err(|e| SnapError::Invalid(format!("net device state: {e}")))?;
-                if let Some(m) = id.net.as_ref().and_then(|n| n.mac) {
-                    if m != ns.mac {
-                        return Err(SnapError::Invalid(format!(
-                            "the snapshot's guest has MAC {}; a restored guest keeps it (asked for {m})",
-                            ns.mac
-                        )));
-                    }
-                }
-                let dev = Net::restored(&ns, id.net.as_ref())
-                    .map_err(|e| SnapError::Invalid(format!("network interface: {e}")))?;
-                vm.add_virtio_device(Box::new(dev))?;
-            }
-            t => {
-                return Err(SnapError::Invalid(format!(
-                    "restoring virtio device type {t} is not supported yet"
-                )))
-            }
+    let mut disks = Vec::with_capacity(saved.len());
+    for ((b, dref), overlay) in saved.into_iter().zip(&rec.disks).zip(&id.disks) {
+        if overlay.base() != Some(dref.blob) || overlay.len() != b.capacity {
+            return Err(SnapError::Invalid(format!(
+                "disk {} of the snapshot is {} bytes (blob {}); the overlay given is {} bytes over {:?}",
+                b.id,
+                b.capacity,
+                dref.blob,
+                overlay.len(),
+                overlay.base()
+            )));
         }
+        disks.push(RestoredDisk {
+            backend: DiskBackend::Overlay(overlay.clone()),
+            read_only: dref.read_only,
+        });
     }
+    let res = DeviceResources {
+        disks,
+        vsock_uds: id.vsock_uds.clone(),
+        net: id.net.clone(),
+    };
+    vm.add_restored_devices(&state, res)?;
     vm.restore_state(&state)?;
     Ok(vm)
 }

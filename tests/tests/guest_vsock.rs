@@ -235,13 +235,11 @@ fn restore_copy(
         ..Default::default()
     };
     let mut vm = kiln_vmm::Vm::new(config, kiln_vmm::GuestMemorySource::Provided(fresh)).unwrap();
-    let mut vs: kiln_vmm::devices::virtio::vsock::VsockState =
-        serde_json::from_value(state.virtio[0].device.clone()).unwrap();
-    vs.uds_path = dir.join(format!("{name}.vsock"));
-    vm.add_virtio_device(Box::new(
-        kiln_vmm::devices::virtio::vsock::Vsock::restored(&vs).unwrap(),
-    ))
-    .unwrap();
+    let res = kiln_vmm::devices::virtio::persist::DeviceResources {
+        vsock_uds: Some(dir.join(format!("{name}.vsock"))),
+        ..Default::default()
+    };
+    vm.add_restored_devices(state, res).unwrap();
     vm.restore_state(state).unwrap();
     vm.start().unwrap();
     vm

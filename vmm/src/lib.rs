@@ -43,6 +43,8 @@ pub enum Error {
     State(String),
     #[error("saved VM state does not fit this VM: {0}")]
     BadState(String),
+    #[error(transparent)]
+    DeviceRestore(#[from] devices::virtio::persist::DeviceRestoreError),
     #[error("guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }

@@ -166,10 +166,6 @@ impl VcpuHandle {
         }
     }
 
-    pub fn is_exited(&self) -> bool {
-        *lock(&self.shared.ctl) == Ctl::Exited
-    }
-
     /// Stops the thread and joins it.
     pub fn stop(&mut self) {
         {

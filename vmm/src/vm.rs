@@ -7,6 +7,7 @@ use crate::devices::genid::{GenIdDevice, GenIdState, GENID_BASE, GENID_SIZE};
 use crate::devices::idle::IdleWaker;
 use crate::devices::legacy::{ExitReason, SerialDevice, SerialOut, I8042, SERIAL_IRQ};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::persist::{restore_devices, DeviceResources};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::MmioBus;
 use crate::memory::GuestMemoryMmap;
@@ -268,9 +269,17 @@ impl Vm {
         Ok(slot)
     }
 
-    /// The virtio-mmio slots, in device order.
-    pub fn virtio_slots(&self) -> Vec<MmioSlot> {
-        self.virtio.iter().map(|v| v.slot).collect()
+    /// Adds the virtio devices of `state` (a saved VM), rebuilt on the host resources `res`
+    /// names, in their saved order: then [`Vm::restore_state`].
+    pub fn add_restored_devices(
+        &mut self,
+        state: &VmState,
+        res: DeviceResources,
+    ) -> Result<(), Error> {
+        for d in restore_devices(&state.virtio, res)? {
+            self.add_virtio_device(d)?;
+        }
+        Ok(())
     }
 
     /// Each virtio device's type and counters (`VirtioDevice::metrics`), in device order.
@@ -531,7 +540,6 @@ impl Vm {
                 .map(|v| {
                     let t = lock(&v.transport);
                     VirtioDeviceState {
-                        device_type: t.device().device_type(),
                         transport: t.save(),
                         device: t.device().save_state(),
                     }
@@ -579,10 +587,11 @@ impl Vm {
         }
         for (s, v) in state.virtio.iter().zip(&self.virtio) {
             let t = lock(&v.transport).device().device_type();
-            if s.device_type != t {
+            if s.device_type() != t {
                 return bad(format!(
                     "virtio device type {} in state, {} in VM",
-                    s.device_type, t
+                    s.device_type(),
+                    t
                 ));
             }
         }

@@ -925,7 +925,7 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         .join("sandboxes")
         .join(&first.id)
         .join("bundle/config.json");
-    let mut replays = Replay {
+    let replays = Replay {
         config: std::fs::read(&config_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok()),
@@ -939,300 +939,35 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
     progress!("first create (with tree extraction) to exec: {first_ms:.0} ms");
 
     let raw_base = tmp.join("raw");
-    let bundle = raw_bundle(&raw_base.join("bundle"), &rootfs)?;
-    let replay_base = tmp.join("replay");
-
-    // ---- time to interactive
-    let (mut k_create, mut k_exec, mut k_total) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut r_run, mut r_exec, mut r_total) = (Vec::new(), Vec::new(), Vec::new());
-    let mut tti_steps = Steps::default();
-    let mut raw_fresh_pss_kib = 0;
-    for i in 0..cfg.runs {
-        // kiln
-        let t0 = Instant::now();
-        let rec = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
-        live.add(&rec.id);
-        let t1 = t0.elapsed();
-        kiln_exec(&sbx, &rec.id, &["true"])?;
-        let t2 = t0.elapsed();
-        live.kill(&rec.id)?;
-        k_create.push(ms(t1));
-        k_exec.push(ms(t2 - t1));
-        k_total.push(ms(t2));
-        // raw runsc
-        let raw = Raw::new(&raw_base, &format!("tti{i}"));
-        let t0 = Instant::now();
-        let r = raw.run(&bundle).and_then(|()| {
-            let t1 = t0.elapsed();
-            raw.exec_true()?;
-            Ok(t1)
-        });
-        let t2 = t0.elapsed();
-        if i == 0 && r.is_ok() {
-            std::thread::sleep(Duration::from_millis(300));
-            raw_fresh_pss_kib = raw.pss_kib();
-        }
-        raw.delete();
-        let t1 = r?;
-        r_run.push(ms(t1));
-        r_exec.push(ms(t2 - t1));
-        r_total.push(ms(t2));
-        // kiln's steps, replayed
-        replays.run(|c| {
-            replay(
-                c,
-                &replay_base.join(format!("tti{i}")),
-                &store,
-                None,
-                &mut tti_steps,
-            )
-        });
-        progress!(
-            "tti {i}: kiln {:.0} ms (create {:.0} + exec {:.0}), raw {:.0} ms (run {:.0} + exec {:.0}), replay {:.0} ms",
-            k_total[i],
-            k_create[i],
-            k_exec[i],
-            r_total[i],
-            r_run[i],
-            r_exec[i],
-            tti_steps.total.get(i).copied().unwrap_or(f64::NAN)
-        );
-    }
-    let tti = json!({
-        "kiln_create_to_first_exec_ms": summary(&k_total),
-        "kiln_create_ms": summary(&k_create),
-        "kiln_first_exec_ms": summary(&k_exec),
-        "raw_runsc_run_to_first_exec_ms": summary(&r_total),
-        "raw_runsc_run_ms": summary(&r_run),
-        "raw_runsc_exec_ms": summary(&r_exec),
-        "ratio_kiln_vs_raw_p50": round(pct(&k_total, 0.5) / pct(&r_total, 0.5)),
-        "ratio_kiln_vs_raw_p90": round(pct(&k_total, 0.9) / pct(&r_total, 0.9)),
-        "goal_ratio": 1.2,
-        "kiln_steps_replayed": replays.report(|| steps_json(&tti_steps)),
-        "sandboxes_overhead_ms_p50": replays.report(|| json!(round(pct(&k_create, 0.5) - pct(&tti_steps.runsc, 0.5) - pct(&tti_steps.agent, 0.5)))),
-        "first_create_with_tree_extraction_ms": round(first_ms),
-        "runs": cfg.runs,
-        "raw_baseline": format!("runsc --root R --platform={} --network=none --overlay2={} --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform(), raw_overlay()),
-    });
-
-    // ---- create from a snapshot
-    let src = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
-    live.add(&src.id);
-    kiln_exec(&sbx, &src.id, &["true"])?;
-    let before = store.stats();
-    let t = Instant::now();
-    let snap = sbx.snapshot(&src.id, Some("bench-base"))?;
-    let snapshot_live_ms = ms(t.elapsed());
-    let snapshot_store_bytes = store.stats().bytes_written - before.bytes_written;
-    kiln_exec(&sbx, &src.id, &["true"])?;
-    live.kill(&src.id)?;
-    let mut live_steps = json!(null);
-    replays.run(|c| {
-        live_steps = replay_live_snapshots(c, &replay_base.join("live"), &store, 3)?;
-        Ok(())
-    });
-    let snap_state = state_file_of(&store, &snap);
-    if snap_state.is_none() && replays.failed.is_none() {
-        replays.failed = Some("the snapshot has no single runsc state file".into());
-    }
-    let snap_size = snap_state
-        .and_then(|s| store.manifest(&s).ok())
-        .map(|m| m.size);
-    progress!(
-        "snapshot {snap}: {snapshot_live_ms:.0} ms (live: checkpoint + restore in place), {snapshot_store_bytes} B written to the store"
-    );
-    let raw_src = Raw::new(&raw_base, "snapsrc");
-    let raw_img = raw_base.join("snap-image");
-    let r = raw_src.run(&bundle).and_then(|()| {
-        raw_src.exec_true()?;
-        let t = Instant::now();
-        raw_src.checkpoint(&raw_img)?;
-        Ok(ms(t.elapsed()))
-    });
-    raw_src.delete();
-    let raw_checkpoint_ms = r?;
-    let raw_ckpt_size = dir_bytes(&raw_img);
-    let (mut ks_create, mut ks_total) = (Vec::new(), Vec::new());
-    let (mut rs_restore, mut rs_total) = (Vec::new(), Vec::new());
-    let mut snap_steps = Steps::default();
-    for i in 0..cfg.runs {
-        let t0 = Instant::now();
-        let rec = sbx.create(gvisor_spec(Source::Snapshot("bench-base".into())))?;
-        live.add(&rec.id);
-        let t1 = t0.elapsed();
-        kiln_exec(&sbx, &rec.id, &["true"])?;
-        let t2 = t0.elapsed();
-        live.kill(&rec.id)?;
-        ks_create.push(ms(t1));
-        ks_total.push(ms(t2));
-        let raw = Raw::new(&raw_base, &format!("rs{i}"));
-        let t0 = Instant::now();
-        let r = raw.restore(&bundle, &raw_img).and_then(|()| {
-            let t1 = t0.elapsed();
-            raw.exec_true()?;
-            Ok(t1)
-        });
-        let t2 = t0.elapsed();
-        raw.delete();
-        let t1 = r?;
-        rs_restore.push(ms(t1));
-        rs_total.push(ms(t2));
-        if let Some(sf) = &snap_state {
-            replays.run(|c| {
-                replay(
-                    c,
-                    &replay_base.join(format!("rs{i}")),
-                    &store,
-                    Some(sf),
-                    &mut snap_steps,
-                )
-            });
-        }
-        progress!(
-            "snapshot {i}: kiln {:.0} ms (create {:.0}), raw {:.0} ms (restore {:.0}), replay {:.0} ms",
-            ks_total[i],
-            ks_create[i],
-            rs_total[i],
-            rs_restore[i],
-            snap_steps.total.get(i).copied().unwrap_or(f64::NAN)
-        );
-    }
-    let from_snapshot = json!({
-        "kiln_create_to_first_exec_ms": summary(&ks_total),
-        "kiln_create_ms": summary(&ks_create),
-        "raw_runsc_restore_to_first_exec_ms": summary(&rs_total),
-        "raw_runsc_restore_ms": summary(&rs_restore),
-        "ratio_kiln_vs_raw_p50": round(pct(&ks_total, 0.5) / pct(&rs_total, 0.5)),
-        "ratio_kiln_vs_raw_p90": round(pct(&ks_total, 0.9) / pct(&rs_total, 0.9)),
-        "kiln_steps_replayed": replays.report(|| steps_json(&snap_steps)),
-        "sandboxes_overhead_ms_p50": replays.report(|| json!(round(pct(&ks_create, 0.5) - pct(&snap_steps.export, 0.5) - pct(&snap_steps.runsc, 0.5) - pct(&snap_steps.agent, 0.5) - pct(&snap_steps.generation, 0.5)))),
-        "kiln_live_snapshot_ms": round(snapshot_live_ms),
-        "kiln_live_snapshot_steps_replayed": live_steps,
-        "kiln_snapshot_store_bytes_written": snapshot_store_bytes,
-        "kiln_state_file_bytes": snap_size,
-        "raw_runsc_checkpoint_ms": round(raw_checkpoint_ms),
-        "raw_checkpoint_image_bytes": raw_ckpt_size,
-        "runs": cfg.runs,
-    });
-
-    // ---- fork
-    let n = cfg.forks;
-    let src = sbx.create(gvisor_spec(Source::Image("bb".into())))?;
-    live.add(&src.id);
-    kiln_exec(&sbx, &src.id, &["true"])?;
-    let t0 = Instant::now();
-    let forks = sbx.fork(
-        &src.id,
-        kiln_runtime::ForkSpec {
-            count: n,
-            timeout_secs: None,
-        },
-    )?;
-    for f in &forks {
-        live.add(&f.id);
-    }
-    let fork_returned = t0.elapsed();
-    for f in &forks {
-        kiln_exec(&sbx, &f.id, &["true"])?;
-    }
-    let fork_all = t0.elapsed();
-    kiln_exec(&sbx, &src.id, &["true"])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let fork_pss: Vec<f64> = forks
-        .iter()
-        .map(|f| pss_of_sandbox(&f.id) as f64 / 1024.0)
-        .collect();
-    let fork_pss_sum: f64 = fork_pss.iter().sum();
-    let src_pss = pss_of_sandbox(&src.id) as f64 / 1024.0;
-    let fork_ids: Vec<String> = forks.iter().map(|f| f.id.clone()).collect();
-    let fork_cpu = idle_cpu_pct(&fork_ids, IDLE_WINDOW);
-    progress!(
-        "fork {n}: returned {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {fork_cpu:.0}% of a core for all",
-        ms(fork_returned),
-        ms(fork_all),
-        fork_pss_sum / n as f64
-    );
-    live.kill_all();
-    // raw: N restores of one checkpoint, 4 at a time
-    let raws: Vec<Raw> = (0..n)
-        .map(|i| Raw::new(&raw_base, &format!("fork{i}")))
-        .collect();
-    let t0 = Instant::now();
-    let mut raw_err = None;
-    for batch in raws.chunks(4) {
-        let rs: Vec<Result<()>> = std::thread::scope(|s| {
-            let hs: Vec<_> = batch
-                .iter()
-                .map(|r| s.spawn(|| r.restore(&bundle, &raw_img)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| bail!("panicked")))
-                .collect()
-        });
-        for r in rs {
-            if let Err(e) = r {
-                raw_err.get_or_insert(e);
-            }
-        }
-    }
-    let raw_fork_restored = t0.elapsed();
-    if raw_err.is_none() {
-        for r in &raws {
-            if let Err(e) = r.exec_true() {
-                raw_err.get_or_insert(e);
-                break;
-            }
-        }
-    }
-    let raw_fork_all = t0.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
-    let raw_fork_pss: Vec<f64> = raws.iter().map(|r| r.pss_kib() as f64 / 1024.0).collect();
-    let raw_roots: Vec<String> = raws.iter().map(|r| root_needle(&r.root)).collect();
-    let raw_fork_cpu = if raw_err.is_none() {
-        idle_cpu_pct(&raw_roots, IDLE_WINDOW)
-    } else {
-        f64::NAN
+    let mut run = Run {
+        cfg,
+        sbx: &sbx,
+        store: &store,
+        live,
+        replays,
+        bundle: raw_bundle(&raw_base.join("bundle"), &rootfs)?,
+        raw_base,
+        replay_base: tmp.join("replay"),
     };
-    for r in &raws {
-        r.delete();
-    }
-    if let Some(e) = raw_err {
-        return Err(e.context("raw fork baseline"));
-    }
-    let raw_pss_sum: f64 = raw_fork_pss.iter().sum();
-    progress!(
-        "raw fork {n}: restored {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {raw_fork_cpu:.0}% of a core for all",
-        ms(raw_fork_restored),
-        ms(raw_fork_all),
-        raw_pss_sum / n as f64
-    );
-    let fork = json!({
-        "n": n,
-        "kiln_fork_call_ms": round(ms(fork_returned)),
-        "kiln_all_answered_exec_ms": round(ms(fork_all)),
-        "goal_all_answered_ms": 3000,
-        "kiln_pss_mib_per_idle_fork": round(fork_pss_sum / n as f64),
-        "kiln_pss_mib_per_fork_median": round(pct(&fork_pss, 0.5)),
-        "kiln_pss_mib_source_sandbox": round(src_pss),
-        "kiln_pss_mib_fresh_sandbox": round(kiln_fresh_pss_kib as f64 / 1024.0),
-        "raw_restores_4_at_a_time_ms": round(ms(raw_fork_restored)),
-        "raw_all_answered_exec_ms": round(ms(raw_fork_all)),
-        "raw_pss_mib_per_idle_fork": round(raw_pss_sum / n as f64),
-        "raw_pss_mib_fresh_container": round(raw_fresh_pss_kib as f64 / 1024.0),
-        "kiln_idle_cpu_pct_of_one_core_all_forks": round(fork_cpu),
-        "raw_idle_cpu_pct_of_one_core_all_restores": round(raw_fork_cpu),
-        "idle_cpu": format!("CPU time of the idle forks' processes over {} s, in percent of one core (this host has 2)", IDLE_WINDOW.as_secs()),
-        "ratio_kiln_vs_raw_all_answered": round(ms(fork_all) / ms(raw_fork_all)),
-        "pss_counts": "sum of Pss from /proc/PID/smaps_rollup of every process whose command line names the sandbox id (kiln) or the container's runsc --root (raw): runsc-sandbox + runsc-gofer, divided by N",
-    });
+
+    let (tti, raw_fresh_pss_kib) = run.time_to_interactive(first_ms)?;
+    let (from_snapshot, raw_img) = run.create_from_snapshot()?;
+    let fork = run.fork(&raw_img, kiln_fresh_pss_kib, raw_fresh_pss_kib)?;
+    let Run {
+        sbx,
+        store,
+        bundle,
+        raw_base,
+        ..
+    } = run;
 
     // ---- pause / resume
-    let pause = pause_resume(&sbx, &store, &bundle, &raw_base)?;
+    let pause = pause_resume(sbx, store, &bundle, &raw_base)?;
 
     // ---- pause after network use
     let no_net_pause_p50 = pause["kiln_pause_ms_p50"].as_f64().unwrap_or(f64::NAN);
     let network_pause = std::thread::scope(|s| {
-        s.spawn(|| net_pause(&sbx, cfg.net_cycles, no_net_pause_p50))
+        s.spawn(|| net_pause(sbx, cfg.net_cycles, no_net_pause_p50))
             .join()
             .unwrap_or_else(|_| json!({"error": "panicked"}))
     });
@@ -1253,6 +988,325 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         "pause_resume": pause,
         "pause_after_network_use": network_pause,
     }))
+}
+
+/// What the phases of one run share.
+struct Run<'a> {
+    cfg: &'a Cfg,
+    sbx: &'a Sandboxes,
+    store: &'a Store,
+    /// Sandboxes to kill if a phase fails.
+    live: Live<'a>,
+    replays: Replay,
+    /// The raw baselines' bundle and root.
+    bundle: PathBuf,
+    raw_base: PathBuf,
+    replay_base: PathBuf,
+}
+
+impl Run<'_> {
+    /// Time to interactive: create to first exec, against raw `runsc run` + `exec` (`first_ms`:
+    /// the first create, which extracted the image's tree). Also the PSS of a fresh raw
+    /// container.
+    fn time_to_interactive(&mut self, first_ms: f64) -> Result<(Value, u64)> {
+        let (mut k_create, mut k_exec, mut k_total) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut r_run, mut r_exec, mut r_total) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tti_steps = Steps::default();
+        let mut raw_fresh_pss_kib = 0;
+        for i in 0..self.cfg.runs {
+            // kiln
+            let t0 = Instant::now();
+            let rec = self.sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+            self.live.add(&rec.id);
+            let t1 = t0.elapsed();
+            kiln_exec(self.sbx, &rec.id, &["true"])?;
+            let t2 = t0.elapsed();
+            self.live.kill(&rec.id)?;
+            k_create.push(ms(t1));
+            k_exec.push(ms(t2 - t1));
+            k_total.push(ms(t2));
+            // raw runsc
+            let raw = Raw::new(&self.raw_base, &format!("tti{i}"));
+            let t0 = Instant::now();
+            let r = raw.run(&self.bundle).and_then(|()| {
+                let t1 = t0.elapsed();
+                raw.exec_true()?;
+                Ok(t1)
+            });
+            let t2 = t0.elapsed();
+            if i == 0 && r.is_ok() {
+                std::thread::sleep(Duration::from_millis(300));
+                raw_fresh_pss_kib = raw.pss_kib();
+            }
+            raw.delete();
+            let t1 = r?;
+            r_run.push(ms(t1));
+            r_exec.push(ms(t2 - t1));
+            r_total.push(ms(t2));
+            // kiln's steps, replayed
+            self.replays.run(|c| {
+                replay(
+                    c,
+                    &self.replay_base.join(format!("tti{i}")),
+                    self.store,
+                    None,
+                    &mut tti_steps,
+                )
+            });
+            progress!(
+                "tti {i}: kiln {:.0} ms (create {:.0} + exec {:.0}), raw {:.0} ms (run {:.0} + exec {:.0}), replay {:.0} ms",
+                k_total[i],
+                k_create[i],
+                k_exec[i],
+                r_total[i],
+                r_run[i],
+                r_exec[i],
+                tti_steps.total.get(i).copied().unwrap_or(f64::NAN)
+            );
+        }
+        let tti = json!({
+            "kiln_create_to_first_exec_ms": summary(&k_total),
+            "kiln_create_ms": summary(&k_create),
+            "kiln_first_exec_ms": summary(&k_exec),
+            "raw_runsc_run_to_first_exec_ms": summary(&r_total),
+            "raw_runsc_run_ms": summary(&r_run),
+            "raw_runsc_exec_ms": summary(&r_exec),
+            "ratio_kiln_vs_raw_p50": round(pct(&k_total, 0.5) / pct(&r_total, 0.5)),
+            "ratio_kiln_vs_raw_p90": round(pct(&k_total, 0.9) / pct(&r_total, 0.9)),
+            "goal_ratio": 1.2,
+            "kiln_steps_replayed": self.replays.report(|| steps_json(&tti_steps)),
+            "sandboxes_overhead_ms_p50": self.replays.report(|| json!(round(pct(&k_create, 0.5) - pct(&tti_steps.runsc, 0.5) - pct(&tti_steps.agent, 0.5)))),
+            "first_create_with_tree_extraction_ms": round(first_ms),
+            "runs": self.cfg.runs,
+            "raw_baseline": format!("runsc --root R --platform={} --network=none --overlay2={} --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform(), raw_overlay()),
+        });
+        Ok((tti, raw_fresh_pss_kib))
+    }
+
+    /// Create from a snapshot, against raw `runsc restore`; returns the raw checkpoint image
+    /// the fork baseline restores.
+    fn create_from_snapshot(&mut self) -> Result<(Value, PathBuf)> {
+        let src = self.sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+        self.live.add(&src.id);
+        kiln_exec(self.sbx, &src.id, &["true"])?;
+        let before = self.store.stats();
+        let t = Instant::now();
+        let snap = self.sbx.snapshot(&src.id, Some("bench-base"))?;
+        let snapshot_live_ms = ms(t.elapsed());
+        let snapshot_store_bytes = self.store.stats().bytes_written - before.bytes_written;
+        kiln_exec(self.sbx, &src.id, &["true"])?;
+        self.live.kill(&src.id)?;
+        let mut live_steps = json!(null);
+        self.replays.run(|c| {
+            live_steps = replay_live_snapshots(c, &self.replay_base.join("live"), self.store, 3)?;
+            Ok(())
+        });
+        let snap_state = state_file_of(self.store, &snap);
+        if snap_state.is_none() && self.replays.failed.is_none() {
+            self.replays.failed = Some("the snapshot has no single runsc state file".into());
+        }
+        let snap_size = snap_state
+            .and_then(|s| self.store.manifest(&s).ok())
+            .map(|m| m.size);
+        progress!(
+            "snapshot {snap}: {snapshot_live_ms:.0} ms (live: checkpoint + restore in place), {snapshot_store_bytes} B written to the store"
+        );
+        let raw_src = Raw::new(&self.raw_base, "snapsrc");
+        let raw_img = self.raw_base.join("snap-image");
+        let r = raw_src.run(&self.bundle).and_then(|()| {
+            raw_src.exec_true()?;
+            let t = Instant::now();
+            raw_src.checkpoint(&raw_img)?;
+            Ok(ms(t.elapsed()))
+        });
+        raw_src.delete();
+        let raw_checkpoint_ms = r?;
+        let raw_ckpt_size = dir_bytes(&raw_img);
+        let (mut ks_create, mut ks_total) = (Vec::new(), Vec::new());
+        let (mut rs_restore, mut rs_total) = (Vec::new(), Vec::new());
+        let mut snap_steps = Steps::default();
+        for i in 0..self.cfg.runs {
+            let t0 = Instant::now();
+            let rec = self
+                .sbx
+                .create(gvisor_spec(Source::Snapshot("bench-base".into())))?;
+            self.live.add(&rec.id);
+            let t1 = t0.elapsed();
+            kiln_exec(self.sbx, &rec.id, &["true"])?;
+            let t2 = t0.elapsed();
+            self.live.kill(&rec.id)?;
+            ks_create.push(ms(t1));
+            ks_total.push(ms(t2));
+            let raw = Raw::new(&self.raw_base, &format!("rs{i}"));
+            let t0 = Instant::now();
+            let r = raw.restore(&self.bundle, &raw_img).and_then(|()| {
+                let t1 = t0.elapsed();
+                raw.exec_true()?;
+                Ok(t1)
+            });
+            let t2 = t0.elapsed();
+            raw.delete();
+            let t1 = r?;
+            rs_restore.push(ms(t1));
+            rs_total.push(ms(t2));
+            if let Some(sf) = &snap_state {
+                self.replays.run(|c| {
+                    replay(
+                        c,
+                        &self.replay_base.join(format!("rs{i}")),
+                        self.store,
+                        Some(sf),
+                        &mut snap_steps,
+                    )
+                });
+            }
+            progress!(
+                "snapshot {i}: kiln {:.0} ms (create {:.0}), raw {:.0} ms (restore {:.0}), replay {:.0} ms",
+                ks_total[i],
+                ks_create[i],
+                rs_total[i],
+                rs_restore[i],
+                snap_steps.total.get(i).copied().unwrap_or(f64::NAN)
+            );
+        }
+        let from_snapshot = json!({
+            "kiln_create_to_first_exec_ms": summary(&ks_total),
+            "kiln_create_ms": summary(&ks_create),
+            "raw_runsc_restore_to_first_exec_ms": summary(&rs_total),
+            "raw_runsc_restore_ms": summary(&rs_restore),
+            "ratio_kiln_vs_raw_p50": round(pct(&ks_total, 0.5) / pct(&rs_total, 0.5)),
+            "ratio_kiln_vs_raw_p90": round(pct(&ks_total, 0.9) / pct(&rs_total, 0.9)),
+            "kiln_steps_replayed": self.replays.report(|| steps_json(&snap_steps)),
+            "sandboxes_overhead_ms_p50": self.replays.report(|| json!(round(pct(&ks_create, 0.5) - pct(&snap_steps.export, 0.5) - pct(&snap_steps.runsc, 0.5) - pct(&snap_steps.agent, 0.5) - pct(&snap_steps.generation, 0.5)))),
+            "kiln_live_snapshot_ms": round(snapshot_live_ms),
+            "kiln_live_snapshot_steps_replayed": live_steps,
+            "kiln_snapshot_store_bytes_written": snapshot_store_bytes,
+            "kiln_state_file_bytes": snap_size,
+            "raw_runsc_checkpoint_ms": round(raw_checkpoint_ms),
+            "raw_checkpoint_image_bytes": raw_ckpt_size,
+            "runs": self.cfg.runs,
+        });
+        Ok((from_snapshot, raw_img))
+    }
+
+    /// Fork N, against N raw restores of one checkpoint, 4 at a time.
+    fn fork(
+        &mut self,
+        raw_img: &Path,
+        kiln_fresh_pss_kib: u64,
+        raw_fresh_pss_kib: u64,
+    ) -> Result<Value> {
+        let n = self.cfg.forks;
+        let src = self.sbx.create(gvisor_spec(Source::Image("bb".into())))?;
+        self.live.add(&src.id);
+        kiln_exec(self.sbx, &src.id, &["true"])?;
+        let t0 = Instant::now();
+        let forks = self.sbx.fork(
+            &src.id,
+            kiln_runtime::ForkSpec {
+                count: n,
+                timeout_secs: None,
+            },
+        )?;
+        for f in &forks {
+            self.live.add(&f.id);
+        }
+        let fork_returned = t0.elapsed();
+        for f in &forks {
+            kiln_exec(self.sbx, &f.id, &["true"])?;
+        }
+        let fork_all = t0.elapsed();
+        kiln_exec(self.sbx, &src.id, &["true"])?;
+        std::thread::sleep(Duration::from_millis(500));
+        let fork_pss: Vec<f64> = forks
+            .iter()
+            .map(|f| pss_of_sandbox(&f.id) as f64 / 1024.0)
+            .collect();
+        let fork_pss_sum: f64 = fork_pss.iter().sum();
+        let src_pss = pss_of_sandbox(&src.id) as f64 / 1024.0;
+        let fork_ids: Vec<String> = forks.iter().map(|f| f.id.clone()).collect();
+        let fork_cpu = idle_cpu_pct(&fork_ids, IDLE_WINDOW);
+        progress!(
+            "fork {n}: returned {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {fork_cpu:.0}% of a core for all",
+            ms(fork_returned),
+            ms(fork_all),
+            fork_pss_sum / n as f64
+        );
+        self.live.kill_all();
+        // raw: N restores of one checkpoint, 4 at a time
+        let raws: Vec<Raw> = (0..n)
+            .map(|i| Raw::new(&self.raw_base, &format!("fork{i}")))
+            .collect();
+        let t0 = Instant::now();
+        let mut raw_err = None;
+        for batch in raws.chunks(4) {
+            let rs: Vec<Result<()>> = std::thread::scope(|s| {
+                let hs: Vec<_> = batch
+                    .iter()
+                    .map(|r| s.spawn(|| r.restore(&self.bundle, raw_img)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| bail!("panicked")))
+                    .collect()
+            });
+            for r in rs {
+                if let Err(e) = r {
+                    raw_err.get_or_insert(e);
+                }
+            }
+        }
+        let raw_fork_restored = t0.elapsed();
+        if raw_err.is_none() {
+            for r in &raws {
+                if let Err(e) = r.exec_true() {
+                    raw_err.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        let raw_fork_all = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let raw_fork_pss: Vec<f64> = raws.iter().map(|r| r.pss_kib() as f64 / 1024.0).collect();
+        let raw_roots: Vec<String> = raws.iter().map(|r| root_needle(&r.root)).collect();
+        let raw_fork_cpu = if raw_err.is_none() {
+            idle_cpu_pct(&raw_roots, IDLE_WINDOW)
+        } else {
+            f64::NAN
+        };
+        for r in &raws {
+            r.delete();
+        }
+        if let Some(e) = raw_err {
+            return Err(e.context("raw fork baseline"));
+        }
+        let raw_pss_sum: f64 = raw_fork_pss.iter().sum();
+        progress!(
+            "raw fork {n}: restored {:.0} ms, all answered {:.0} ms, PSS {:.1} MiB per fork, idle CPU {raw_fork_cpu:.0}% of a core for all",
+            ms(raw_fork_restored),
+            ms(raw_fork_all),
+            raw_pss_sum / n as f64
+        );
+        let fork = json!({
+            "n": n,
+            "kiln_fork_call_ms": round(ms(fork_returned)),
+            "kiln_all_answered_exec_ms": round(ms(fork_all)),
+            "goal_all_answered_ms": 3000,
+            "kiln_pss_mib_per_idle_fork": round(fork_pss_sum / n as f64),
+            "kiln_pss_mib_per_fork_median": round(pct(&fork_pss, 0.5)),
+            "kiln_pss_mib_source_sandbox": round(src_pss),
+            "kiln_pss_mib_fresh_sandbox": round(kiln_fresh_pss_kib as f64 / 1024.0),
+            "raw_restores_4_at_a_time_ms": round(ms(raw_fork_restored)),
+            "raw_all_answered_exec_ms": round(ms(raw_fork_all)),
+            "raw_pss_mib_per_idle_fork": round(raw_pss_sum / n as f64),
+            "raw_pss_mib_fresh_container": round(raw_fresh_pss_kib as f64 / 1024.0),
+            "kiln_idle_cpu_pct_of_one_core_all_forks": round(fork_cpu),
+            "raw_idle_cpu_pct_of_one_core_all_restores": round(raw_fork_cpu),
+            "idle_cpu": format!("CPU time of the idle forks' processes over {} s, in percent of one core (this host has 2)", IDLE_WINDOW.as_secs()),
+            "ratio_kiln_vs_raw_all_answered": round(ms(fork_all) / ms(raw_fork_all)),
+            "pss_counts": "sum of Pss from /proc/PID/smaps_rollup of every process whose command line names the sandbox id (kiln) or the container's runsc --root (raw): runsc-sandbox + runsc-gofer, divided by N",
+        });
+        Ok(fork)
+    }
 }
 
 /// Pause and resume cycles of one sandbox, the second and later after a 1 MiB change, against

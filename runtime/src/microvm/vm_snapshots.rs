@@ -151,135 +151,28 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
     if !sock.exists() {
         return Err(Error::NotRunning(vm.to_string()));
     }
-    let meta_path = dir.join("vm.json");
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&meta_path)
-            .map_err(|e| Error::Failed(format!("VM {vm}: reading vm.json: {e}")))?,
-    )
-    .map_err(json_err("vm.json"))?;
-    let mem_bytes = meta["mem_mib"]
-        .as_u64()
-        .ok_or_else(|| Error::Failed("vm.json lacks mem_mib".into()))?
-        << 20;
-    let vcpus = meta["vcpus"].as_u64().unwrap_or(1) as u8;
+    let (mem_bytes, vcpus) = vm_shape(dir, vm)?;
     let stop = o.stop;
     let parent = if o.diff {
-        let p = std::fs::read_to_string(dir.join(PARENT_FILE)).map_err(|_| {
-            Error::Invalid(format!(
-                "VM {vm} has no earlier snapshot to diff against; take a full one first"
-            ))
-        })?;
-        let (pid, prec) = record::load_checked(store, p.trim())?;
-        Some((pid, prec))
+        Some(diff_parent(store, dir, vm)?)
     } else {
         None
     };
     let t0 = Instant::now();
-    let long = Duration::from_secs(600);
     // Tag of the write tracking that starts at this snapshot (TRACKING_FILE, once it is saved).
     let tag = tracking_tag();
     call(&sock, &Request::Pause, Duration::from_secs(30))?;
     // From here on, resume (or stop) the VM whatever happens. While paused: state, memory (a
     // diff's written pages, stored; or all of it copied into a staging buffer), committed
     // disks, write tracking restarted. The VM then runs on while the copy is stored.
-    let captured = (|| -> Result<(serde_json::Value, CapturedMemory, Vec<record::DiskRef>)> {
-        let state_path = dir.join("snapshot.state.json");
-        call(
-            &sock,
-            &Request::SaveState {
-                path: state_path.clone(),
-            },
-            long,
-        )?;
-        let state: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&state_path).map_err(Error::io("reading", &state_path))?,
-        )
-        .map_err(json_err("VM state"))?;
-        let _ = std::fs::remove_file(&state_path);
-        // A diff asks the VMM for just the pages written since the parent was saved; a VMM
-        // that has not tracked them (restored in a new process since) streams all memory.
-        let dirty = match &parent {
-            Some((_, prec)) => diff_from_written_pages(&sock, dir, &prec.memory, long)?,
-            None => None,
-        };
-        // A full snapshot copies guest RAM straight out of the VMM process.
-        let copied = match &parent {
-            None => copy_from_vmm(&sock, mem_bytes),
-            Some(_) => None,
-        };
-        let memory = match (dirty, copied) {
-            (Some(staged), _) => CapturedMemory::Staged(staged, "tracked_writes"),
-            (None, Some(staged)) => CapturedMemory::Staged(staged, "process_vm_readv"),
-            (None, None) => {
-                // Memory goes through a FIFO from the VMM.
-                let fifo = dir.join("snapshot.memory.fifo");
-                let _ = std::fs::remove_file(&fifo);
-                let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
-                    .map_err(|_| Error::Invalid(format!("{}: NUL in path", fifo.display())))?;
-                // SAFETY: mkfifo on a NUL-terminated path we own.
-                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-                    return Err(Error::io("mkfifo", &fifo)(std::io::Error::last_os_error()));
-                }
-                let (s2, f2) = (sock.clone(), fifo.clone());
-                let writer =
-                    std::thread::spawn(move || call(&s2, &Request::SaveMemory { path: f2 }, long));
-                let reader = std::fs::File::open(&fifo)
-                    .map_err(Error::io("opening the memory FIFO", &fifo))?;
-                let reader = std::io::BufReader::with_capacity(1 << 20, reader);
-                let captured = match &parent {
-                    // Hashed against the parent as it streams (rare: see above).
-                    Some((_, prec)) => {
-                        kiln_snapshotter::memory::capture_diff_from(store, &prec.memory, reader)
-                            .map(|(m, n)| CapturedMemory::Stored(m, n, "memory_stream"))
-                    }
-                    // Copied only: stored after the VM resumed.
-                    None => kiln_snapshotter::memory::stage_stream(mem_bytes, reader)
-                        .map(|s| CapturedMemory::Staged(s, "fifo")),
-                };
-                let wrote = writer
-                    .join()
-                    .map_err(|_| Error::Failed("save_memory thread panicked".into()))?;
-                let _ = std::fs::remove_file(&fifo);
-                wrote?;
-                captured?
-            }
-        };
-        // Every virtio-blk device (in device order) becomes a committed blob; the VM's overlay
-        // is rebased onto it and keeps running.
-        let blk: Vec<bool> = state["virtio"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_BLOCK)
-                    .map(|d| d["device"]["read_only"].as_bool().unwrap_or(false))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut disks = Vec::new();
-        for (i, read_only) in blk.into_iter().enumerate() {
-            let r = call(&sock, &Request::CommitDisk { disk: i }, long).with_context(|| {
-                format!("committing disk {i} (snapshots need store-backed disks)")
-            })?;
-            let b = r["blob"]
-                .as_str()
-                .ok_or_else(|| Error::Failed(format!("commit of disk {i} named no blob")))?;
-            disks.push(record::DiskRef {
-                blob: b
-                    .parse()
-                    .map_err(|e| Error::Failed(format!("commit of disk {i}: {b:?}: {e:?}")))?,
-                read_only,
-            });
-        }
-        if !stop {
-            // Track writes from here on (still paused), so that the next diff reads only
-            // those pages. If this fails, that diff streams all memory instead.
-            let req = Request::TrackWrites { since: tag.clone() };
-            if let Err(e) = call(&sock, &req, Duration::from_secs(30)) {
-                tracing::warn!("write tracking for diffs not started: {e}");
-            }
-        }
-        Ok((state, memory, disks))
-    })();
+    let paused = Paused {
+        store,
+        dir,
+        sock: &sock,
+        parent: parent.as_ref(),
+        mem_bytes,
+    };
+    let captured = paused.capture(stop, &tag);
     // A VM to be stopped stays paused until its snapshot is saved: a caller that dies before
     // leaves a VM that can run on (resumed), never one stopped with its memory lost.
     let resumed = match (&captured, stop) {
@@ -289,49 +182,13 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
     let paused_ms = ms_since(t0);
     let (state, memory, disks) = captured?;
     resumed?;
-    let saved = (|| -> Result<(BlobId, record::SnapshotRecord, String, u64, &'static str)> {
-        let (memory, changed, source) = match memory {
-            CapturedMemory::Stored(m, n, from) => (m, n, from),
-            CapturedMemory::Staged(s, via) => {
-                let m = s.store(store)?;
-                let pages = if parent.is_some() {
-                    m.layers.last().and_then(|l| l.units()).unwrap_or(0)
-                } else {
-                    0
-                };
-                (m, pages, via)
-            }
-        };
-        let vsock_cid = state["virtio"].as_array().and_then(|v| {
-            v.iter()
-                .find(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_VSOCK)
-                .and_then(|d| d["device"]["guest_cid"].as_u64())
-        });
-        let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
-        let rec = record::SnapshotRecord {
-            format: record::SNAPSHOT_FORMAT,
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-            cpu: record::CpuIdentity::host(),
-            created: record::now(),
-            vm: VmShape {
-                mem_bytes,
-                vcpus,
-                cmdline: String::new(),
-                vsock_cid,
-            },
-            state,
-            memory,
-            disks,
-            parent: parent.as_ref().map(|(p, _)| *p),
-            generation,
-        };
-        let name = o
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{vm}-{}", record::now()));
-        let id = record::save(store, &rec, Some(&name))?;
-        Ok((id, rec, name, changed, source))
-    })();
+    let shape = VmShape {
+        mem_bytes,
+        vcpus,
+        cmdline: String::new(),
+        vsock_cid: None,
+    };
+    let saved = save_record(store, vm, o, shape, state, memory, disks, parent.as_ref());
     if stop {
         // Saved: the VM stops. Not saved: it runs on as if no snapshot had been asked for.
         let after = if saved.is_ok() {
@@ -376,6 +233,217 @@ pub fn create(store: &Store, dir: &Path, vm: &str, o: &CreateOptions) -> Result<
         record: rec,
         report,
     })
+}
+
+/// The VM's memory size in bytes and vCPU count, from its `vm.json`.
+fn vm_shape(dir: &Path, vm: &str) -> Result<(u64, u8)> {
+    let meta_path = dir.join("vm.json");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&meta_path)
+            .map_err(|e| Error::Failed(format!("VM {vm}: reading vm.json: {e}")))?,
+    )
+    .map_err(json_err("vm.json"))?;
+    let mem_bytes = meta["mem_mib"]
+        .as_u64()
+        .ok_or_else(|| Error::Failed("vm.json lacks mem_mib".into()))?
+        << 20;
+    let vcpus = meta["vcpus"].as_u64().unwrap_or(1) as u8;
+    Ok((mem_bytes, vcpus))
+}
+
+/// The snapshot a diff of the VM in `dir` is taken against: its previous one.
+fn diff_parent(store: &Store, dir: &Path, vm: &str) -> Result<(BlobId, record::SnapshotRecord)> {
+    let p = std::fs::read_to_string(dir.join(PARENT_FILE)).map_err(|_| {
+        Error::Invalid(format!(
+            "VM {vm} has no earlier snapshot to diff against; take a full one first"
+        ))
+    })?;
+    Ok(record::load_checked(store, p.trim())?)
+}
+
+/// A paused VM being captured.
+struct Paused<'a> {
+    store: &'a Store,
+    dir: &'a Path,
+    sock: &'a Path,
+    parent: Option<&'a (BlobId, record::SnapshotRecord)>,
+    mem_bytes: u64,
+}
+
+/// How long one step of a capture may take.
+const LONG: Duration = Duration::from_secs(600);
+
+impl Paused<'_> {
+    /// State, memory and committed disks; restarts write tracking unless the VM is to stop.
+    fn capture(
+        &self,
+        stop: bool,
+        tag: &str,
+    ) -> Result<(serde_json::Value, CapturedMemory, Vec<record::DiskRef>)> {
+        let state = self.state()?;
+        let memory = self.memory()?;
+        let disks = self.commit_disks(&state)?;
+        if !stop {
+            // Track writes from here on (still paused), so that the next diff reads only
+            // those pages. If this fails, that diff streams all memory instead.
+            let req = Request::TrackWrites { since: tag.into() };
+            if let Err(e) = call(self.sock, &req, Duration::from_secs(30)) {
+                tracing::warn!("write tracking for diffs not started: {e}");
+            }
+        }
+        Ok((state, memory, disks))
+    }
+
+    /// The VMM's `VmState`, as JSON.
+    fn state(&self) -> Result<serde_json::Value> {
+        let state_path = self.dir.join("snapshot.state.json");
+        call(
+            self.sock,
+            &Request::SaveState {
+                path: state_path.clone(),
+            },
+            LONG,
+        )?;
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&state_path).map_err(Error::io("reading", &state_path))?,
+        )
+        .map_err(json_err("VM state"))?;
+        let _ = std::fs::remove_file(&state_path);
+        Ok(state)
+    }
+
+    fn memory(&self) -> Result<CapturedMemory> {
+        // A diff asks the VMM for just the pages written since the parent was saved; a VMM
+        // that has not tracked them (restored in a new process since) streams all memory.
+        let dirty = match self.parent {
+            Some((_, prec)) => diff_from_written_pages(self.sock, self.dir, &prec.memory, LONG)?,
+            None => None,
+        };
+        // A full snapshot copies guest RAM straight out of the VMM process.
+        let copied = match self.parent {
+            None => copy_from_vmm(self.sock, self.mem_bytes),
+            Some(_) => None,
+        };
+        Ok(match (dirty, copied) {
+            (Some(staged), _) => CapturedMemory::Staged(staged, "tracked_writes"),
+            (None, Some(staged)) => CapturedMemory::Staged(staged, "process_vm_readv"),
+            (None, None) => self.memory_through_fifo()?,
+        })
+    }
+
+    /// Memory through a FIFO the VMM writes it into.
+    fn memory_through_fifo(&self) -> Result<CapturedMemory> {
+        let fifo = self.dir.join("snapshot.memory.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::Invalid(format!("{}: NUL in path", fifo.display())))?;
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(Error::io("mkfifo", &fifo)(std::io::Error::last_os_error()));
+        }
+        let (s2, f2) = (self.sock.to_path_buf(), fifo.clone());
+        let writer = std::thread::spawn(move || call(&s2, &Request::SaveMemory { path: f2 }, LONG));
+        let reader =
+            std::fs::File::open(&fifo).map_err(Error::io("opening the memory FIFO", &fifo))?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, reader);
+        let captured = match self.parent {
+            // Hashed against the parent as it streams (rare: see above).
+            Some((_, prec)) => {
+                kiln_snapshotter::memory::capture_diff_from(self.store, &prec.memory, reader)
+                    .map(|(m, n)| CapturedMemory::Stored(m, n, "memory_stream"))
+            }
+            // Copied only: stored after the VM resumed.
+            None => kiln_snapshotter::memory::stage_stream(self.mem_bytes, reader)
+                .map(|s| CapturedMemory::Staged(s, "fifo")),
+        };
+        let wrote = writer
+            .join()
+            .map_err(|_| Error::Failed("save_memory thread panicked".into()))?;
+        let _ = std::fs::remove_file(&fifo);
+        wrote?;
+        Ok(captured?)
+    }
+
+    /// Every virtio-blk device (in device order) becomes a committed blob; the VM's overlay
+    /// is rebased onto it and keeps running.
+    fn commit_disks(&self, state: &serde_json::Value) -> Result<Vec<record::DiskRef>> {
+        let blk: Vec<bool> = state["virtio"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_BLOCK)
+                    .map(|d| d["device"]["read_only"].as_bool().unwrap_or(false))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut disks = Vec::new();
+        for (i, read_only) in blk.into_iter().enumerate() {
+            let r = call(self.sock, &Request::CommitDisk { disk: i }, LONG).with_context(|| {
+                format!("committing disk {i} (snapshots need store-backed disks)")
+            })?;
+            let b = r["blob"]
+                .as_str()
+                .ok_or_else(|| Error::Failed(format!("commit of disk {i} named no blob")))?;
+            disks.push(record::DiskRef {
+                blob: b
+                    .parse()
+                    .map_err(|e| Error::Failed(format!("commit of disk {i}: {b:?}: {e:?}")))?,
+                read_only,
+            });
+        }
+        Ok(disks)
+    }
+}
+
+/// Stores the captured memory (if only staged) and the snapshot record under its name.
+/// Returns the id, record, name, changed pages and where the memory came from.
+#[allow(clippy::too_many_arguments)]
+fn save_record(
+    store: &Store,
+    vm: &str,
+    o: &CreateOptions,
+    mut shape: VmShape,
+    state: serde_json::Value,
+    memory: CapturedMemory,
+    disks: Vec<record::DiskRef>,
+    parent: Option<&(BlobId, record::SnapshotRecord)>,
+) -> Result<(BlobId, record::SnapshotRecord, String, u64, &'static str)> {
+    let (memory, changed, source) = match memory {
+        CapturedMemory::Stored(m, n, from) => (m, n, from),
+        CapturedMemory::Staged(s, via) => {
+            let m = s.store(store)?;
+            let pages = if parent.is_some() {
+                m.layers.last().and_then(|l| l.units()).unwrap_or(0)
+            } else {
+                0
+            };
+            (m, pages, via)
+        }
+    };
+    shape.vsock_cid = state["virtio"].as_array().and_then(|v| {
+        v.iter()
+            .find(|d| d["device_type"] == kiln_vmm::devices::virtio::TYPE_VSOCK)
+            .and_then(|d| d["device"]["guest_cid"].as_u64())
+    });
+    let generation = state["genid"]["generation"].as_u64().unwrap_or(0);
+    let rec = record::SnapshotRecord {
+        format: record::SNAPSHOT_FORMAT,
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        cpu: record::CpuIdentity::host(),
+        created: record::now(),
+        vm: shape,
+        state,
+        memory,
+        disks,
+        parent: parent.map(|(p, _)| *p),
+        generation,
+    };
+    let name = o
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{vm}-{}", record::now()));
+    let id = record::save(store, &rec, Some(&name))?;
+    Ok((id, rec, name, changed, source))
 }
 
 /// A row of `kiln snapshot ls`: name, id, mem_mib, layers, created, parent (or error).

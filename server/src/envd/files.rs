@@ -332,18 +332,52 @@ async fn upload_inner(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
-    let username = q.get("username").cloned().filter(|u| !u.is_empty());
-    let path_param = q.get("path").cloned().filter(|p| !p.is_empty());
-    let mut data = body.into_data_stream();
-    let mut done: Vec<UploadedEntry> = Vec::new();
-    if media == "application/octet-stream" {
-        let Some(path) = path_param else {
+    let up = Upload {
+        state,
+        id,
+        username: q.get("username").cloned().filter(|u| !u.is_empty()),
+        path: q.get("path").cloned().filter(|p| !p.is_empty()),
+        data: body.into_data_stream(),
+    };
+    let done = if media == "application/octet-stream" {
+        up.raw(gzip).await?
+    } else if media.starts_with("multipart/") {
+        up.multipart(&ctype).await?
+    } else {
+        return Err(HttpFail(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unsupported content type: {ctype}, expected multipart/form-data or application/octet-stream"
+            ),
+        ));
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&done).unwrap_or_else(|_| "[]".into()),
+    )
+        .into_response())
+}
+
+/// One upload request's body and where it goes.
+struct Upload {
+    state: Arc<AppState>,
+    id: String,
+    username: Option<String>,
+    /// The `path` query parameter.
+    path: Option<String>,
+    data: axum::body::BodyDataStream,
+}
+
+impl Upload {
+    /// A raw body (`application/octet-stream`): one file at `path`.
+    async fn raw(mut self, gzip: bool) -> Result<Vec<UploadedEntry>, HttpFail> {
+        let Some(path) = self.path else {
             return Err(HttpFail(
                 StatusCode::BAD_REQUEST,
                 "path query parameter is required for raw body upload".into(),
             ));
         };
-        let (s, u) = prepare(&state, &id, username).await?;
+        let (s, u) = prepare(&self.state, &self.id, self.username).await?;
         let resolved = s.resolve(&path, &u).map_err(|e| {
             HttpFail(
                 StatusCode::BAD_REQUEST,
@@ -351,7 +385,7 @@ async fn upload_inner(
             )
         })?;
         let (tx, h) = spawn_write(s, u, resolved.clone(), gzip);
-        while let Some(chunk) = data.next().await {
+        while let Some(chunk) = self.data.next().await {
             let item = chunk.map_err(|e| io::Error::other(e.to_string()));
             let failed = item.is_err();
             if tx.send(item).await.is_err() || failed {
@@ -363,15 +397,19 @@ async fn upload_inner(
             .await
             .map_err(|e| HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         r?;
-        done.push(uploaded(&resolved));
-    } else if media.starts_with("multipart/") {
-        let Some(boundary) = boundary_of(&ctype) else {
+        Ok(vec![uploaded(&resolved)])
+    }
+
+    /// A multipart form: every `file` part is a file, at `path` or its own file name.
+    async fn multipart(mut self, ctype: &str) -> Result<Vec<UploadedEntry>, HttpFail> {
+        let mut done: Vec<UploadedEntry> = Vec::new();
+        let Some(boundary) = boundary_of(ctype) else {
             return Err(HttpFail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "error parsing multipart form: no boundary".into(),
             ));
         };
-        let (s, u) = prepare(&state, &id, username).await?;
+        let (s, u) = prepare(&self.state, &self.id, self.username.clone()).await?;
         let mut session = Some((s, u));
         let mut parser = Multipart::new(&boundary);
         let mut current: Option<(String, Feed, Writer)> = None;
@@ -391,7 +429,7 @@ async fn upload_inner(
                     }
                     skipping = false;
                     let (s, u) = session.take().expect("session between parts");
-                    let target = match (&path_param, filename) {
+                    let target = match (&self.path, filename) {
                         (Some(p), _) => p.clone(),
                         (None, Some(f)) => f,
                         (None, None) => {
@@ -452,7 +490,7 @@ async fn upload_inner(
                         "error reading form: unexpected end of the body".into(),
                     ));
                 }
-                None => match data.next().await {
+                None => match self.data.next().await {
                     Some(Ok(chunk)) => parser.push(&chunk),
                     Some(Err(e)) => {
                         return Err(HttpFail(
@@ -464,19 +502,8 @@ async fn upload_inner(
                 },
             }
         }
-    } else {
-        return Err(HttpFail(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "unsupported content type: {ctype}, expected multipart/form-data or application/octet-stream"
-            ),
-        ));
+        Ok(done)
     }
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string(&done).unwrap_or_else(|_| "[]".into()),
-    )
-        .into_response())
 }
 
 fn uploaded(path: &str) -> UploadedEntry {

@@ -12,11 +12,14 @@
 //!
 //! Writing a device: implement [`VirtioDevice`]; return your queues from
 //! [`VirtioDevice::deactivate`] (after finishing in-flight requests) so the VM can pause, snapshot
-//! and reset you; add it with `VmBuilder::add_virtio_device`.
+//! and reset you; add it with `Vm::add_virtio_device`. Its snapshot state is a
+//! [`persist::DeviceState`] variant, saved and restored by its [`crate::persist::Persist`]
+//! implementation beside it.
 
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
 
 use crate::memory::GuestMemoryMmap;
@@ -68,11 +71,6 @@ impl Interrupt {
     /// Tells the driver that used rings changed.
     pub fn signal_used_queue(&self) {
         self.signal(INT_USED_RING)
-    }
-
-    /// Tells the driver that the config space changed.
-    pub fn signal_config_change(&self) {
-        self.signal(INT_CONFIG)
     }
 
     fn signal(&self, bits: u32) {
@@ -148,10 +146,8 @@ pub trait VirtioDevice: Send {
     fn deactivate(&mut self) -> Option<Vec<Queue>> {
         None
     }
-    /// Device-specific state beyond the transport and queues (plain data; `Null` if none).
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
+    /// Device-specific state beyond the transport and queues (its `Persist::save`).
+    fn save_state(&self) -> persist::DeviceState;
     /// Counters for operators and tests (`status` on the control socket; `Null` if none).
     fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -10,13 +10,18 @@
 //! for new ones briefly before sleeping, so a polling driver's refill needs no kick.
 
 pub mod engine;
+mod persist;
 pub mod request;
 
+pub use persist::BlockState;
+
+use super::persist::DeviceState;
 use super::{
     ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 use engine::{Backend, Engine, FileEngine, PoolEngine, RawFile, SyncEngine, UringEngine};
 use request::{Parsed, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use std::num::Wrapping;
@@ -66,6 +71,8 @@ pub enum BlockError {
     BadSize { path: String, size: u64 },
     #[error("disk engine: {0}")]
     Engine(std::io::Error),
+    #[error("the disk is {given} bytes; the snapshotted guest's was {saved}")]
+    SizeChanged { saved: u64, given: u64 },
 }
 
 /// A virtio-blk device.
@@ -215,8 +222,8 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::json!({ "id": self.id, "capacity": self.capacity, "read_only": self.read_only })
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(self.save())
     }
 }
 

@@ -26,13 +26,15 @@
 pub mod persist;
 pub mod tap;
 
-pub use persist::{MacAddr, NetState, NicSpec};
+pub use persist::{MacAddr, NetRestoreError, NetState, NicSpec};
 pub use tap::{Tap, TapError};
 
+use super::persist::DeviceState;
 use super::{
     ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
 use serde::Serialize;
 use std::io::ErrorKind;
 use std::num::Wrapping;
@@ -146,19 +148,6 @@ impl Net {
         ))
     }
 
-    /// A NIC for a VM restored from `state`: the guest keeps its MAC; the host side is `spec`'s
-    /// TAP, or none (frames dropped) if `spec` is `None`.
-    pub fn restored(state: &NetState, spec: Option<&NicSpec>) -> Result<Net, TapError> {
-        let tap = match spec {
-            Some(s) => Some(Tap::open(&s.tap, s.netns.as_deref())?),
-            None => {
-                tracing::warn!(mac = %state.mac, "restored NIC has no TAP: its frames are dropped");
-                None
-            }
-        };
-        Ok(Net::with_tap(tap, state.mac))
-    }
-
     /// A NIC over an already open TAP (or packet descriptor).
     pub fn with_tap(tap: Option<Tap>, mac: MacAddr) -> Net {
         Net {
@@ -179,13 +168,6 @@ impl Net {
 
     pub fn stats(&self) -> Arc<NetStats> {
         self.stats.clone()
-    }
-
-    pub fn state(&self) -> NetState {
-        NetState {
-            mac: self.mac,
-            tap: self.tap_name().map(str::to_string),
-        }
     }
 }
 
@@ -261,8 +243,8 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).unwrap_or(serde_json::Value::Null)
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Net(self.save())
     }
 
     fn metrics(&self) -> serde_json::Value {

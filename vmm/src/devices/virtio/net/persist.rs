@@ -4,6 +4,9 @@
 //! positions); the host side is not: a restored or forked VM gets the TAP (and namespace) its
 //! caller names, never the one the snapshot was taken with, so two clones never share a TAP.
 
+use super::tap::{Tap, TapError};
+use super::Net;
+use crate::persist::Persist;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
@@ -112,9 +115,75 @@ pub struct NetState {
     pub tap: Option<String>,
 }
 
+/// Why a NIC could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum NetRestoreError {
+    #[error("the snapshot's guest has MAC {saved}; a restored guest keeps it (asked for {asked})")]
+    MacChanged { saved: MacAddr, asked: MacAddr },
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+impl Persist for Net {
+    type State = NetState;
+    /// The restored NIC's TAP; `None` = no host side (the guest's frames are dropped).
+    type ConstructorArgs = Option<NicSpec>;
+    type Error = NetRestoreError;
+
+    fn save(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            tap: self.tap_name().map(str::to_string),
+        }
+    }
+
+    fn restore(spec: Option<NicSpec>, s: &NetState) -> Result<Net, NetRestoreError> {
+        let tap = match &spec {
+            Some(n) => {
+                if let Some(asked) = n.mac.filter(|m| *m != s.mac) {
+                    return Err(NetRestoreError::MacChanged {
+                        saved: s.mac,
+                        asked,
+                    });
+                }
+                Some(Tap::open(&n.tap, n.netns.as_deref())?)
+            }
+            None => {
+                tracing::warn!(mac = %s.mac, "restored NIC has no TAP: its frames are dropped");
+                None
+            }
+        };
+        Ok(Net::with_tap(tap, s.mac))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::persist::assert_round_trip;
+    use crate::devices::virtio::VirtioDevice;
+
+    #[test]
+    fn round_trip() {
+        // Without a TAP (opening one needs CAP_NET_ADMIN and a namespace: see tests/vm_net.rs).
+        let mac: MacAddr = "02:00:00:00:00:07".parse().unwrap();
+        let n = Net::with_tap(None, mac);
+        let back = assert_round_trip(&n, None);
+        // The guest reads the same MAC.
+        let (mut c1, mut c2) = ([0u8; 6], [0u8; 6]);
+        n.read_config(0, &mut c1);
+        back.read_config(0, &mut c2);
+        assert_eq!(c1, c2);
+        assert_eq!(c2, mac.0);
+    }
+
+    #[test]
+    fn restore_keeps_the_mac() {
+        let n = Net::with_tap(None, "02:00:00:00:00:07".parse().unwrap());
+        let spec = NicSpec::parse("tap0", Some("02:00:00:00:00:08".parse().unwrap())).unwrap();
+        let e = Net::restore(Some(spec), &n.save()).err().unwrap();
+        assert!(matches!(e, NetRestoreError::MacChanged { .. }), "{e}");
+    }
 
     #[test]
     fn mac_parse_and_print() {

@@ -15,17 +15,21 @@
 //! [`muxer`]). A misbehaving guest gets its packets dropped or its connections reset; nothing it
 //! writes can stop the worker or reach outside guest memory.
 //!
-//! Pause (deactivate/activate) keeps connections. A device created with [`Vsock::restored`]
-//! sends the guest a TRANSPORT_RESET event when activated: host connections do not survive a
+//! Pause (deactivate/activate) keeps connections. A device restored from a snapshot (its
+//! `Persist::restore`, see [`persist`]) sends the guest a TRANSPORT_RESET event when activated: host connections do not survive a
 //! snapshot, so the guest must drop its own. Host connections made meanwhile wait (unread) until
 //! the guest has handled that event (see `muxer::ResetAck`), so they are not dropped with it.
 
 mod muxer;
 pub mod packet;
+mod persist;
 
+pub use persist::VsockState;
+
+use super::persist::DeviceState;
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::persist::Persist;
 use muxer::{Muxer, Worker};
-use serde::{Deserialize, Serialize};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -44,14 +48,6 @@ pub enum VsockError {
     Bind(PathBuf, std::io::Error),
     #[error("vsock socket path {0} exists and is not a socket")]
     NotASocket(PathBuf),
-}
-
-/// Device-specific state as plain data (connections are not part of it: they do not survive a
-/// snapshot, see the module docs).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VsockState {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
 }
 
 /// The virtio-vsock device.
@@ -82,27 +78,12 @@ impl Vsock {
         })
     }
 
-    /// A device for a VM restored from a snapshot: on activation it tells the guest that the
-    /// transport was reset.
-    pub fn restored(state: &VsockState) -> Result<Vsock, VsockError> {
-        let mut v = Vsock::new(state.guest_cid, &state.uds_path)?;
-        v.reset_on_activate = true;
-        Ok(v)
-    }
-
     pub fn guest_cid(&self) -> u64 {
         self.cid
     }
 
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
-    }
-
-    pub fn state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.cid,
-            uds_path: self.uds_path.clone(),
-        }
     }
 
     fn stop_worker(&mut self) -> Option<Vec<Queue>> {
@@ -193,8 +174,8 @@ impl VirtioDevice for Vsock {
         self.stop_worker()
     }
 
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).unwrap_or(serde_json::Value::Null)
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock(self.save())
     }
 }
 

@@ -1,0 +1,154 @@
+//! The store against its remote tier: which chunks the remote has, push and pull.
+
+use super::*;
+
+impl Store {
+    pub(super) fn remote_log(&self) -> PathBuf {
+        self.inner.dir.join("remote-chunks")
+    }
+
+    /// Record that the remote holds these chunks (append-only; 32 bytes per id).
+    pub(crate) fn note_remote_has(&self, ids: &[ChunkId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let p = self.remote_log();
+        let mut buf = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            buf.extend_from_slice(id.as_bytes());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .ctx("open", &p)?;
+        f.write_all(&buf).ctx("append", &p)
+    }
+
+    pub(super) fn remote_known(&self) -> Result<HashSet<ChunkId>> {
+        let b = fsutil::read_opt(&self.remote_log())?.unwrap_or_default();
+        Ok(b.chunks_exact(32)
+            .map(|c| Digest(c.try_into().unwrap()))
+            .collect())
+    }
+
+    // ---------------------------------------------------------------- push / pull
+
+    /// Upload a blob: the chunks the remote lacks (in parallel), then the manifest.
+    /// `progress` gets the number of bytes uploaded so far.
+    pub fn push(&self, id: &BlobId, progress: &dyn Fn(u64)) -> Result<PushReport> {
+        let remote = self.remote_or_err()?;
+        let m = self.manifest_arc(id)?;
+        let mut uniq: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
+        uniq.sort();
+        uniq.dedup();
+        let have = remote.has_chunks(&uniq)?;
+        let todo: Vec<ChunkId> = uniq
+            .iter()
+            .zip(&have)
+            .filter(|(_, h)| !**h)
+            .map(|(c, _)| *c)
+            .collect();
+        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), remote = %remote.describe(), "push");
+        let next = AtomicU64::new(0);
+        let sent = AtomicU64::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        let (ptx, prx) = std::sync::mpsc::channel::<u64>();
+        let threads = self
+            .inner
+            .opts
+            .push_parallelism
+            .clamp(1, 64)
+            .min(todo.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let ptx = ptx.clone();
+                let (todo, next, sent, first_err, remote) =
+                    (&todo, &next, &sent, &first_err, &remote);
+                s.spawn(move || loop {
+                    if first_err.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Relaxed) as usize;
+                    let Some(c) = todo.get(i) else { return };
+                    let r =
+                        (|| {
+                            let (frame, at) = self.inner.local.read_frame(c)?.ok_or_else(|| {
+                                Error::MissingChunk {
+                                    chunk: *c,
+                                    reason: "the remote lacks it too".into(),
+                                }
+                            })?;
+                            // Never upload damaged bytes.
+                            decode_chunk(c, &frame, crate::MAX_CHUNK_SIZE as usize, Some(&at))?;
+                            remote.put_chunk(c, &frame)?;
+                            Ok::<u64, Error>(frame.len() as u64)
+                        })();
+                    match r {
+                        Ok(n) => {
+                            sent.fetch_add(n, Relaxed);
+                            let _ = ptx.send(n);
+                        }
+                        Err(e) => {
+                            first_err.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(ptx);
+            let mut total = 0;
+            for n in prx {
+                total += n;
+                progress(total);
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap() {
+            return Err(e);
+        }
+        self.note_remote_has(&uniq)?;
+        remote.put_manifest(id, &m.to_bytes())?;
+        Ok(PushReport {
+            blob: *id,
+            chunks: uniq.len() as u64,
+            chunks_uploaded: todo.len() as u64,
+            bytes_uploaded: sent.load(Relaxed),
+        })
+    }
+
+    /// Points the remote name `name` at `id` (push the blob first: the remote then never
+    /// names a blob it lacks). Remote names are separate from local ones.
+    pub fn push_name(&self, name: &str, id: &BlobId) -> Result<()> {
+        self.remote_or_err()?.put_ref(name, id)
+    }
+
+    /// The blob a remote name points at (`None` if the remote has no such name).
+    pub fn remote_name(&self, name: &str) -> Result<Option<BlobId>> {
+        self.remote_or_err()?.get_ref(name)
+    }
+
+    /// Fetch a blob's manifest from the remote (its data is fetched lazily by reads).
+    pub fn pull(&self, id: &BlobId) -> Result<()> {
+        if self.contains(id) {
+            return Ok(());
+        }
+        let remote = self.remote_or_err()?;
+        let bytes = match remote.get_manifest(id) {
+            Ok(b) => b,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::NotFound(format!(
+                    "blob {id} on {}",
+                    remote.describe()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let m = Manifest::from_bytes(id, &bytes)?;
+        let _lock = self.gc_lock(false)?;
+        let wrote = self.write_manifest(&m)?;
+        debug_assert_eq!(wrote, *id);
+        // Chunks of a remote manifest are on the remote (it was pushed chunks-first).
+        let uniq: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
+        self.note_remote_has(&uniq)
+    }
+}

@@ -1,0 +1,276 @@
+//! `POST /sandboxes` (v1 and v2): the request, its checks, and the sandbox JSON E2B's SDKs read back.
+
+use super::*;
+
+/// A timeout field of a request (create, fork, resume, connect, set_timeout, refresh): JSON
+/// `null` or absent is `None`; E2B's spec types them `integer, format: int32, minimum: 0`
+/// (refresh's `duration` also `maximum: 3600`), and its handlers refuse 0 where a sandbox
+/// starts (create, fork, resume) and more than the plan's hours everywhere. kiln follows
+/// that with 400s, so no request can ask for a deadline that overflows.
+pub(super) fn timeout_field(
+    name: &str,
+    v: Option<&Value>,
+    positive: bool,
+    max_secs: u64,
+) -> ApiResult<Option<u64>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let n = v
+        .as_i64()
+        .map(i128::from)
+        .or(v.as_u64().map(i128::from))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{name} must be an integer number of seconds, not {v}"
+            ))
+        })?;
+    let n = u64::try_from(n)
+        .ok()
+        .filter(|n| *n <= i32::MAX as u64)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be 0..={} seconds, not {n}", i32::MAX))
+        })?;
+    if positive && n == 0 {
+        return Err(ApiError::bad_request(format!(
+            "{name} must be greater than 0"
+        )));
+    }
+    if n > max_secs {
+        return Err(ApiError::bad_request(
+            if max_secs.is_multiple_of(3600) && max_secs > 3600 {
+                format!("{name} cannot be greater than {} hours", max_secs / 3600)
+            } else {
+                format!("{name} must be at most {max_secs}")
+            },
+        ));
+    }
+    Ok(Some(n))
+}
+
+/// The timeout of a request that starts a sandbox (create, fork, resume): E2B's default when
+/// absent, else 1 s ..= [`MAX_TIMEOUT_HOURS`].
+pub(super) fn start_timeout(v: Option<&Value>) -> ApiResult<u64> {
+    Ok(
+        timeout_field("timeout", v, true, MAX_TIMEOUT_HOURS * 3600)?
+            .unwrap_or(DEFAULT_TIMEOUT_SECS),
+    )
+}
+
+/// The timeout of a request that sets one from now (set_timeout, connect): 0 ..=
+/// [`MAX_TIMEOUT_HOURS`].
+pub(super) fn later_timeout(v: Option<&Value>) -> ApiResult<Option<u64>> {
+    timeout_field("timeout", v, false, MAX_TIMEOUT_HOURS * 3600)
+}
+
+/// `map` as the JSON the agent or the record gets, at most `max` bytes of it.
+pub(super) fn check_size(name: &str, map: &BTreeMap<String, String>, max: usize) -> ApiResult<()> {
+    let n = serde_json::to_vec(map)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if n > max {
+        return Err(ApiError::bad_request(format!(
+            "{name} takes {n} bytes (as JSON, {} entries); at most {max} are accepted",
+            map.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `envVars` that every command of the sandbox can be started with: bounded in total
+/// ([`MAX_ENV_BYTES`]) and each ([`MAX_ENV_ENTRY`]), names without `=` or NUL, values
+/// without NUL.
+pub(super) fn check_env(env: &BTreeMap<String, String>) -> ApiResult<()> {
+    check_size("envVars", env, MAX_ENV_BYTES)?;
+    for (k, v) in env {
+        let name: String = k.chars().take(40).collect();
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ApiError::bad_request(format!(
+                "envVars: {name:?}: a name must be non-empty without '=' or NUL, a value \
+                 without NUL"
+            )));
+        }
+        if k.len() + 1 + v.len() > MAX_ENV_ENTRY {
+            return Err(ApiError::bad_request(format!(
+                "envVars: {name:?} takes {} bytes as NAME=VALUE; a program can be started \
+                 with at most {MAX_ENV_ENTRY}",
+                k.len() + 1 + v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<Value>,
+    auto_pause: Option<bool>,
+    #[allow(dead_code)]
+    auto_pause_memory: Option<bool>,
+    secure: Option<bool>,
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    network: Option<NetworkConfig>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /sandboxes`: secured (an envd access token) only with `secure: true`.
+pub(super) async fn create_v1(state: State<Arc<AppState>>, bytes: Bytes) -> ApiResult<Response> {
+    create(state, bytes, false).await
+}
+
+/// `POST /v2/sandboxes` (the SDKs 2.x): secured unless `secure: false`; the SDK no longer
+/// sends the field and always passes the token it gets back.
+pub(super) async fn create_v2(state: State<Arc<AppState>>, bytes: Bytes) -> ApiResult<Response> {
+    create(state, bytes, true).await
+}
+
+pub(super) async fn create(
+    State(state): State<Arc<AppState>>,
+    bytes: Bytes,
+    secure_default: bool,
+) -> ApiResult<Response> {
+    let req: NewSandbox = body(&bytes, false)?;
+    let template = req.template_id.trim().to_string();
+    if template.is_empty() {
+        return Err(ApiError::bad_request("templateID is empty"));
+    }
+    let mut spec = CreateSpec::new(Source::Image(template.clone()));
+    // Nothing asked of egress: the host's default (kiln_runtime::default_network, which
+    // KILN_NETWORK=none makes "no network device").
+    spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
+        .map_err(ApiError::bad_request)?;
+    spec.private_traffic = req.network.as_ref().is_some_and(|n| !n.public_traffic());
+    spec.timeout_secs = Some(start_timeout(req.timeout.as_ref())?);
+    if req.auto_pause == Some(true) {
+        spec.on_timeout = OnTimeout::Pause;
+    }
+    spec.metadata = req.metadata.unwrap_or_default();
+    spec.env = req.env_vars.unwrap_or_default();
+    check_env(&spec.env)?;
+    check_size("metadata", &spec.metadata, MAX_METADATA_BYTES)?;
+    spec.secure = req.secure.unwrap_or(secure_default);
+    let warmed = |t: &str| {
+        state
+            .warmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(t)
+    };
+    let first = if warmed(&template) {
+        None
+    } else {
+        Some(state.first_create.lock().await)
+    };
+    let sb = state.sandboxes.clone();
+    let tpl = template.clone();
+    let rec = blocking(move || {
+        let template = tpl;
+        let mut spec = spec;
+        // A template is an image name or id, else a sandbox snapshot name or id.
+        match sb.create(spec.clone()) {
+            Err(kiln_runtime::Error::Image(kiln_imagebuilder::Error::ImageNotFound(_))) => {
+                spec.source = Source::Snapshot(strip_tag(&template).to_string());
+                sb.create(spec).map_err(|e| match e {
+                    kiln_runtime::Error::SnapshotNotFound(_) => kiln_runtime::Error::Image(
+                        kiln_imagebuilder::Error::ImageNotFound(format!(
+                            "{template} (no image or sandbox snapshot of that name; see \
+                             `kiln image ls`, GET /templates, GET /snapshots)"
+                        )),
+                    ),
+                    e => e,
+                })
+            }
+            r => r,
+        }
+    })
+    .await?;
+    state
+        .warmed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(template);
+    drop(first);
+    tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
+}
+
+/// `name:tag` as E2B spells template references; kiln snapshot names carry no tag.
+pub(super) fn strip_tag(t: &str) -> &str {
+    t.strip_suffix(":default").unwrap_or(t)
+}
+
+/// E2B's `Sandbox` (create, connect, resume, fork).
+pub(super) fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> Value {
+    let mut v = json!({
+        "templateID": rec.source,
+        "sandboxID": rec.id,
+        "clientID": "kiln",
+        "envdVersion": ENVD_VERSION,
+        "trafficAccessToken": rec.access.traffic_token,
+        "domain": state.domain,
+    });
+    if let Some(alias) = alias(rec) {
+        v["alias"] = json!(alias);
+    }
+    if let Some(t) = &rec.access.envd_token {
+        v["envdAccessToken"] = json!(t);
+    }
+    v
+}
+
+pub(super) fn alias(rec: &SandboxRecord) -> Option<&str> {
+    rec.name.as_deref()
+}
+
+/// E2B's state of a sandbox: running or paused; `None` for one that failed or stopped (to
+/// the API it is gone).
+pub(super) fn e2b_state(rec: &SandboxRecord) -> Option<&'static str> {
+    match rec.state {
+        SbxState::Starting | SbxState::Running => Some("running"),
+        SbxState::Paused { .. } => Some("paused"),
+        SbxState::Stopped | SbxState::Failed { .. } => None,
+    }
+}
+
+/// E2B's `ListedSandbox`.
+pub(super) fn listed_json(rec: &SandboxRecord) -> Value {
+    json!({
+        "templateID": rec.source,
+        "sandboxID": rec.id,
+        "clientID": "kiln",
+        "startedAt": rfc3339(rec.created_ms),
+        "endAt": rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),
+        "cpuCount": rec.cpus,
+        "memoryMB": rec.memory_mib,
+        "diskSizeMB": rec.disk_mib,
+        "metadata": rec.metadata,
+        "state": e2b_state(rec).unwrap_or("running"),
+        "envdVersion": ENVD_VERSION,
+    })
+}
+
+/// E2B's `SandboxDetail`.
+pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
+    let mut v = listed_json(rec);
+    v["domain"] = json!(state.domain);
+    let (internet, mut network) = egress::detail_fields(rec.network.as_ref());
+    v["allowInternetAccess"] = internet;
+    network["allowPublicTraffic"] = json!(!rec.access.private_traffic);
+    v["network"] = network;
+    // kiln's own: whether the sandbox has a network device at all (KILN_NETWORK=none, or a
+    // snapshot without one: loopback only), which E2B's fields cannot say.
+    v["networkDevice"] = json!(rec.network.is_some());
+    v["lifecycle"] = json!({
+        "autoResume": false,
+        "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
+    });
+    if let Some(t) = &rec.access.envd_token {
+        v["envdAccessToken"] = json!(t);
+    }
+    v
+}

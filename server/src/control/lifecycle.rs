@@ -1,0 +1,202 @@
+//! Kill, timeouts, network policy updates, pause, resume and connect of one sandbox.
+
+use super::*;
+
+pub(super) async fn kill(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let sb = state.sandboxes.clone();
+    let rec = blocking({
+        let sb = sb.clone();
+        let id = id.clone();
+        move || sb.get(&id)
+    })
+    .await?;
+    let rid = rec.id.clone();
+    blocking(move || sb.kill(&rid)).await?;
+    tracing::info!(id = %rec.id, "killed sandbox");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub(super) struct TimeoutRequest {
+    pub(super) timeout: Option<Value>,
+}
+
+pub(super) async fn set_timeout(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: TimeoutRequest = body(&bytes, false)?;
+    let secs = later_timeout(req.timeout.as_ref())?
+        .ok_or_else(|| ApiError::bad_request("timeout is required"))?;
+    let rec = lookup(&state, &id).await?;
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.set_timeout(&rec.id, Some(secs))).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub(super) struct RefreshRequest {
+    duration: Option<Value>,
+}
+
+/// Extends the time to live to at least `duration` from now (never shortens it).
+pub(super) async fn refresh(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: RefreshRequest = body(&bytes, true)?;
+    let secs = timeout_field("duration", req.duration.as_ref(), false, MAX_REFRESH_SECS)?
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let rec = lookup(&state, &id).await?;
+    extend(&state, rec, secs).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sets the deadline to now + `secs` if that is later than the present one (under the
+/// sandbox's lock: no other change to it comes in between).
+pub(super) async fn extend(
+    state: &AppState,
+    rec: SandboxRecord,
+    secs: u64,
+) -> ApiResult<SandboxRecord> {
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.extend_timeout(&rec.id, secs)).await
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the whole egress policy of a running sandbox
+/// (204); 409 when it is paused or has no network device.
+pub(super) async fn update_network(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: NetworkConfig = body(&bytes, true)?;
+    let policy =
+        egress::policy_of(req.allow_internet_access, Some(&req)).map_err(ApiError::bad_request)?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("running") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "sandbox {} is paused; resume it to change its network",
+                rec.id
+            ),
+        ));
+    }
+    if rec.network.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} has no network device", rec.id),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.set_network(&rec.id, policy)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+pub(super) struct PauseRequest {
+    memory: Option<bool>,
+}
+
+pub(super) async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let _: PauseRequest = body(&bytes, true)?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) == Some("paused") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} is already paused", rec.id),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.pause(&rec.id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub(super) struct ResumeRequest {
+    timeout: Option<Value>,
+}
+
+/// Deprecated resume: 201 with the sandbox; 409 when it is not paused.
+pub(super) async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ResumeRequest = body(&bytes, true)?;
+    let secs = start_timeout(req.timeout.as_ref())?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("paused") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {} is already running", rec.id),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    let rec = blocking(move || sb.resume(&rec.id, Some(secs))).await?;
+    Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+pub(super) struct ConnectRequest {
+    timeout: Option<Value>,
+    memory: Option<bool>,
+}
+
+pub(super) async fn connect_v1(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ConnectRequest = body(&bytes, false)?;
+    if req.timeout.is_none() {
+        return Err(ApiError::bad_request("timeout is required"));
+    }
+    connect(state, id, req).await
+}
+
+pub(super) async fn connect_v2(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ConnectRequest = body(&bytes, true)?;
+    connect(state, id, req).await
+}
+
+/// 200 with the sandbox when it runs (its time to live only extended), 201 when it was paused
+/// and has been resumed.
+pub(super) async fn connect(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    req: ConnectRequest,
+) -> ApiResult<Response> {
+    let secs = later_timeout(req.timeout.as_ref())?;
+    let rec = lookup(&state, &id).await?;
+    let (status, rec) = if e2b_state(&rec) == Some("paused") {
+        let sb = state.sandboxes.clone();
+        // The new deadline comes with the resume, in one record update.
+        let rec = blocking(move || sb.resume(&rec.id, secs)).await?;
+        tracing::info!(id = %rec.id, "resumed sandbox on connect");
+        (StatusCode::CREATED, rec)
+    } else {
+        let rec = match secs {
+            Some(s) => extend(&state, rec, s).await?,
+            None => rec,
+        };
+        (StatusCode::OK, rec)
+    };
+    Ok((status, Json(sandbox_json(&state, &rec))).into_response())
+}

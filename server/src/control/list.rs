@@ -1,0 +1,237 @@
+//! `GET /sandboxes/{id}` and the sandbox lists (v1, and v2 with metadata filters, states and cursors).
+
+use super::*;
+
+/// A sandbox as E2B sees it: 404 when unknown, failed or stopped.
+pub(super) async fn lookup(state: &AppState, id: &str) -> ApiResult<SandboxRecord> {
+    let sb = state.sandboxes.clone();
+    let id2 = id.to_string();
+    let rec = blocking(move || sb.get(&id2)).await?;
+    match &rec.state {
+        SbxState::Failed { cause } => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} failed: {cause}"),
+        )),
+        SbxState::Stopped => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} has stopped"),
+        )),
+        _ => Ok(rec),
+    }
+}
+
+pub(super) async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let rec = lookup(&state, &id).await?;
+    Ok(Json(detail_json(&state, &rec)))
+}
+
+/// The query's pairs, percent-decoded once.
+pub(super) fn query_pairs(uri: &Uri) -> ApiResult<Vec<(String, String)>> {
+    axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+}
+
+/// The `metadata` parameter (already decoded once as a query value) is itself a query string
+/// `k1=v1&k2=v2` whose keys and values are URL-encoded once more (the SDKs encode each with
+/// `quote`/`encodeURIComponent` first): the pairs, fully decoded.
+pub(super) fn parse_metadata(s: &str) -> ApiResult<Vec<(String, String)>> {
+    let bad = || ApiError::bad_request(format!("invalid metadata query {s:?}"));
+    let uri: Uri = format!("/?{s}").parse().map_err(|_| bad())?;
+    query_pairs(&uri)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                percent_decode(&k).ok_or_else(bad)?,
+                percent_decode(&v).ok_or_else(bad)?,
+            ))
+        })
+        .collect()
+}
+
+/// `%XX` escapes decoded (`+` stays a plus); None for a bad escape or invalid UTF-8.
+pub(super) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+pub(super) struct ListQuery {
+    pub(super) metadata: Vec<(String, String)>,
+    pub(super) states: Option<Vec<String>>,
+    pub(super) ascending: bool,
+    pub(super) started_after_ms: Option<u64>,
+    pub(super) template: Option<String>,
+    pub(super) limit: usize,
+    pub(super) next_token: Option<String>,
+}
+
+pub(super) fn list_query(uri: &Uri) -> ApiResult<ListQuery> {
+    let mut q = ListQuery {
+        metadata: Vec::new(),
+        states: None,
+        ascending: false,
+        started_after_ms: None,
+        template: None,
+        limit: MAX_PAGE,
+        next_token: None,
+    };
+    for (k, v) in query_pairs(uri)? {
+        match k.as_str() {
+            "metadata" => q.metadata.extend(parse_metadata(&v)?),
+            "state" => {
+                for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    if s != "running" && s != "paused" {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid state {s:?} (running or paused)"
+                        )));
+                    }
+                    q.states.get_or_insert_with(Vec::new).push(s.to_string());
+                }
+            }
+            "order" => {
+                q.ascending = match v.as_str() {
+                    "asc" => true,
+                    "desc" => false,
+                    _ => return Err(ApiError::bad_request(format!("invalid order {v:?}"))),
+                }
+            }
+            "startedAfter" => {
+                q.started_after_ms = Some(parse_rfc3339(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("invalid startedAfter {v:?} (RFC 3339)"))
+                })?)
+            }
+            "template" => q.template = Some(v),
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid limit {v:?} (1..=100)"))
+                    })?
+            }
+            "nextToken" => q.next_token = Some(v).filter(|t| !t.is_empty()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+pub(super) fn matches_metadata(rec: &SandboxRecord, want: &[(String, String)]) -> bool {
+    want.iter()
+        .all(|(k, v)| rec.metadata.get(k).is_some_and(|m| m == v))
+}
+
+/// A page cursor: the sort key (start time, id) of the last item of the previous page.
+pub(super) fn cursor(rec: &SandboxRecord) -> String {
+    hex::encode(format!("{}:{}", rec.created_ms, rec.id))
+}
+
+pub(super) fn parse_cursor(t: &str) -> ApiResult<(u64, String)> {
+    let bad = || ApiError::bad_request(format!("invalid nextToken {t:?}"));
+    let raw = String::from_utf8(hex::decode(t).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (ms, id) = raw.split_once(':').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, id.to_string()))
+}
+
+pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<SandboxRecord>> {
+    let sb = state.sandboxes.clone();
+    blocking(move || sb.list()).await
+}
+
+pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Response> {
+    let q = list_query(&uri)?;
+    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            let Some(s) = e2b_state(r) else { return false };
+            q.states.as_ref().is_none_or(|w| w.iter().any(|x| x == s))
+                && matches_metadata(r, &q.metadata)
+                && q.started_after_ms.is_none_or(|t| r.created_ms >= t)
+                && q.template.as_ref().is_none_or(|t| {
+                    &r.source == t || r.image.to_hex() == *t || r.image.to_hex().starts_with(t)
+                })
+        })
+        .collect();
+    recs.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    if !q.ascending {
+        recs.reverse();
+    }
+    let running = recs
+        .iter()
+        .filter(|r| e2b_state(r) == Some("running"))
+        .count();
+    let start = match &q.next_token {
+        None => 0,
+        Some(t) => {
+            let (ms, id) = parse_cursor(t)?;
+            let key = (ms, id);
+            recs.iter()
+                .position(|r| {
+                    let k = (r.created_ms, r.id.clone());
+                    if q.ascending {
+                        k > key
+                    } else {
+                        k < key
+                    }
+                })
+                .unwrap_or(recs.len())
+        }
+    };
+    let page: Vec<&SandboxRecord> = recs.iter().skip(start).take(q.limit).collect();
+    let more = start + page.len() < recs.len();
+    let mut headers = HeaderMap::new();
+    if more {
+        if let Some(last) = page.last() {
+            headers.insert("x-next-token", hv(&cursor(last)));
+        }
+    }
+    if q.states
+        .as_ref()
+        .is_none_or(|s| s.iter().any(|x| x == "running"))
+    {
+        headers.insert("x-total-running", hv(&running.to_string()));
+    }
+    let body: Vec<Value> = page.into_iter().map(listed_json).collect();
+    Ok((headers, Json(body)).into_response())
+}
+
+pub(super) fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).expect("hex and digits are valid header values")
+}
+
+/// The deprecated v1 list: running sandboxes, optionally filtered by metadata.
+pub(super) async fn list_v1(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+) -> ApiResult<Json<Vec<Value>>> {
+    let mut metadata = Vec::new();
+    for (k, v) in query_pairs(&uri)? {
+        if k == "metadata" {
+            metadata.extend(parse_metadata(&v)?);
+        }
+    }
+    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+        .await?
+        .into_iter()
+        .filter(|r| e2b_state(r) == Some("running") && matches_metadata(r, &metadata))
+        .collect();
+    recs.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+    Ok(Json(recs.iter().map(listed_json).collect()))
+}

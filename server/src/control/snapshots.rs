@@ -1,0 +1,144 @@
+//! Fork (`POST /sandboxes/{id}/fork`) and sandbox snapshots: create, list, delete.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct ForkRequest {
+    timeout: Option<Value>,
+    count: Option<usize>,
+}
+
+/// `count` new sandboxes from the running sandbox's present state: 201 with one
+/// `{sandbox}` per fork. kiln forks all or nothing, so a failure fails the request and
+/// leaves no fork. Each fork is born with its deadline and, like its parent, secure or not
+/// (its own tokens).
+pub(super) async fn fork(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: ForkRequest = body(&bytes, true)?;
+    let count = req.count.unwrap_or(1);
+    if !(1..=100).contains(&count) {
+        return Err(ApiError::bad_request("count must be 1..=100"));
+    }
+    let secs = start_timeout(req.timeout.as_ref())?;
+    let rec = lookup(&state, &id).await?;
+    if e2b_state(&rec) != Some("running") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "sandbox {} is paused; only a running sandbox can be forked",
+                rec.id
+            ),
+        ));
+    }
+    let sb = state.sandboxes.clone();
+    let spec = kiln_runtime::ForkSpec {
+        count,
+        timeout_secs: Some(secs),
+    };
+    let forks = blocking(move || sb.fork(&rec.id, spec)).await?;
+    let out: Vec<Value> = forks
+        .iter()
+        .map(|f| json!({ "sandbox": sandbox_json(&state, f) }))
+        .collect();
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+pub(super) struct SnapshotRequest {
+    name: Option<String>,
+    memory: Option<bool>,
+}
+
+/// A live snapshot (the sandbox keeps running), always named so it is listed and kept: the
+/// given name (an existing one moves to the new snapshot, as E2B assigns a new build), else
+/// `snapshot-<random id>`. 201 with `{snapshotID, names}`; the id is a valid `templateID`.
+pub(super) async fn create_snapshot(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let req: SnapshotRequest = body(&bytes, true)?;
+    let name = req.name.filter(|n| !n.is_empty());
+    if let Some(n) = &name {
+        kiln_runtime::record::check_name(n).map_err(ApiError::from)?;
+    }
+    let rec = lookup(&state, &id).await?;
+    let sb = state.sandboxes.clone();
+    let name = blocking(move || {
+        let name = name.unwrap_or_else(|| format!("snapshot-{}", kiln_runtime::record::new_id()));
+        let sid = sb.snapshot(&rec.id, Some(&name))?;
+        tracing::info!(snapshot = %sid, name, "created snapshot");
+        Ok(name)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(snapshot_json(&name))).into_response())
+}
+
+pub(super) fn snapshot_json(name: &str) -> Value {
+    json!({ "snapshotID": name, "names": [name] })
+}
+
+pub(super) async fn list_snapshots(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let (mut sandbox, mut name, mut limit, mut next) = (None, None, MAX_PAGE, None);
+    for (k, v) in query_pairs(&uri)? {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "name" => name = Some(strip_tag(&v).to_string()),
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| ApiError::bad_request(format!("invalid limit {v:?}")))?
+            }
+            "nextToken" => next = Some(v).filter(|t| !t.is_empty()),
+            _ => {}
+        }
+    }
+    let sb = state.sandboxes.clone();
+    let mut names: Vec<String> = blocking(move || {
+        let mut out = Vec::new();
+        for (n, id) in kiln_runtime::sandbox_snapshot::list(sb.store())? {
+            if name.as_ref().is_some_and(|w| *w != n && *w != id.to_hex()) {
+                continue;
+            }
+            if let Some(s) = &sandbox {
+                let rec = kiln_runtime::sandbox_snapshot::get(sb.store(), &id)?;
+                if rec.sandbox != *s {
+                    continue;
+                }
+            }
+            out.push(n);
+        }
+        Ok(out)
+    })
+    .await?;
+    names.sort();
+    let start = match &next {
+        None => 0,
+        Some(t) => {
+            let after = String::from_utf8(
+                hex::decode(t)
+                    .map_err(|_| ApiError::bad_request(format!("invalid nextToken {t:?}")))?,
+            )
+            .map_err(|_| ApiError::bad_request(format!("invalid nextToken {t:?}")))?;
+            names.partition_point(|n| *n <= after)
+        }
+    };
+    let page: Vec<&String> = names.iter().skip(start).take(limit).collect();
+    let mut headers = HeaderMap::new();
+    if start + page.len() < names.len() {
+        if let Some(last) = page.last() {
+            headers.insert("x-next-token", hv(&hex::encode(last)));
+        }
+    }
+    let body: Vec<Value> = page.into_iter().map(|n| snapshot_json(n)).collect();
+    Ok((headers, Json(body)).into_response())
+}

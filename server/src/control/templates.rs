@@ -1,0 +1,66 @@
+//! Templates (images and sandbox snapshots as E2B lists them) and metrics.
+
+use super::*;
+
+/// kiln images as E2B templates: one per image name; the name is the `templateID`.
+pub(super) async fn list_templates(
+    State(state): State<Arc<AppState>>,
+) -> ApiResult<Json<Vec<Value>>> {
+    let sb = state.sandboxes.clone();
+    let images = blocking(move || Ok(kiln_imagebuilder::image::list(sb.store())?)).await?;
+    let epoch = rfc3339(0);
+    Ok(Json(
+        images
+            .into_iter()
+            .map(|i| {
+                json!({
+                    "templateID": i.name,
+                    "buildID": i.id.to_hex(),
+                    "cpuCount": 1,
+                    "memoryMB": 512,
+                    "diskSizeMB": i.disk_size.div_ceil(1 << 20),
+                    "public": false,
+                    "aliases": [i.name],
+                    "names": [i.name],
+                    "createdAt": epoch,
+                    "updatedAt": epoch,
+                    "createdBy": null,
+                    "lastSpawnedAt": null,
+                    "spawnCount": 0,
+                    "buildCount": 1,
+                    "envdVersion": ENVD_VERSION,
+                    "buildStatus": "ready",
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// No metrics are collected yet: an empty series for a sandbox that exists.
+pub(super) async fn metrics(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<Value>>> {
+    lookup(&state, &id).await?;
+    Ok(Json(Vec::new()))
+}
+
+/// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, and its data once no
+/// sandbox needs it (its chunks with the next gc).
+/// Images are not deleted through the API.
+pub(super) async fn delete_template(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let name = strip_tag(&id).to_string();
+    let sb = state.sandboxes.clone();
+    let removed = blocking(move || sb.remove_snapshot(&name)).await?;
+    if removed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot {id:?} (images are removed with `kiln image rm`)"),
+        ))
+    }
+}
