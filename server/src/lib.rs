@@ -78,6 +78,8 @@ pub struct AppState {
     /// per-process temp name (runtime/src/rootfs.rs), which concurrent threads would share.
     pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(crate) first_create: tokio::sync::Mutex<()>,
+    /// envd's per-sandbox state in this daemon (process metadata, users, watchers).
+    pub(crate) envd: Arc<envd::EnvdState>,
 }
 
 impl AppState {
@@ -95,6 +97,7 @@ impl AppState {
             serve_dir,
             warmed: Default::default(),
             first_create: tokio::sync::Mutex::new(()),
+            envd: Default::default(),
         }
     }
 }
