@@ -55,11 +55,23 @@ pub fn read_spec(dir: &Path) -> Result<HelperSpec> {
         .map_err(|e| Error::Invalid(format!("helper spec {}: {e}", path.display())))
 }
 
-/// The command that runs the helper of `dir` (its spec written there first).
+/// The command that runs the helper of `dir` (its spec written there first; `dir` absolute,
+/// so [`processes_of`] finds it).
 pub fn command(exe: &Path, dir: &Path) -> Command {
     let mut c = Command::new(exe);
     c.arg(ENTRY).arg(dir);
     c
+}
+
+/// Live helper processes of `dir` (by their command line: a recorded pid may be stale).
+pub fn processes_of(dir: &Path) -> Vec<u32> {
+    let Some(abs) = std::path::absolute(dir).ok() else {
+        return Vec::new();
+    };
+    let Some(abs) = abs.to_str() else {
+        return Vec::new();
+    };
+    crate::record::processes_with(&[ENTRY, abs])
 }
 
 /// The DNS proxy command the network crate starts, its state directory appended (where

@@ -80,6 +80,8 @@ pub struct AppState {
     /// per call now: runtime/src/rootfs.rs.)
     pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(crate) first_create: tokio::sync::Mutex<()>,
+    /// envd's per-sandbox state in this daemon (process metadata, users, watchers).
+    pub(crate) envd: Arc<envd::EnvdState>,
 }
 
 impl AppState {
@@ -97,6 +99,7 @@ impl AppState {
             serve_dir,
             warmed: Default::default(),
             first_create: tokio::sync::Mutex::new(()),
+            envd: Default::default(),
         }
     }
 }

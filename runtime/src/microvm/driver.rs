@@ -16,7 +16,7 @@
 use super::error::Error as MError;
 use super::vm_snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
-use crate::record::{processes_with, Op, OpKind, Phase};
+use crate::record::{Op, OpKind, Phase};
 use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
 use kiln_agent::protocol::AGENT_PORT;
 use kiln_blockstore::{BlobId, Store};
@@ -623,13 +623,7 @@ fn snapshot_name_key(name: &str) -> String {
     kiln_blockstore::names::VM_SNAPSHOT.name(name)
 }
 
-/// Live VMM processes of the VM in `vm_dir` (started with `--vm-dir` and its absolute path).
+/// Live VMM processes of the VM in `vm_dir` (helpers of that directory).
 fn vmm_processes(vm_dir: &Path) -> Vec<u32> {
-    let Ok(abs) = std::path::absolute(vm_dir) else {
-        return Vec::new();
-    };
-    let Some(abs) = abs.to_str() else {
-        return Vec::new();
-    };
-    processes_with(&["--vm-dir", abs])
+    crate::helpers::processes_of(vm_dir)
 }

@@ -394,6 +394,7 @@ impl Launcher {
     /// `dir/log_name`.
     fn helper(&self, dir: &Path, log_name: &str, spec: &HelperSpec) -> Result<Command> {
         std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+        let dir = &std::path::absolute(dir).map_err(Error::io("resolving", dir))?;
         helpers::write_spec(dir, spec).map_err(|e| Error::Failed(e.to_string()))?;
         let log_path = dir.join(log_name);
         let log = std::fs::File::create(&log_path).map_err(Error::io("creating", &log_path))?;

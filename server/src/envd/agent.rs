@@ -11,9 +11,8 @@ use axum::response::{IntoResponse, Response};
 use kiln_agent::client::{self, ClientError};
 use kiln_agent::protocol::{ErrorKind, FileInfo, FileKind};
 use kiln_runtime::{SandboxRecord, Sandboxes};
-use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a data-plane request can fail with.
@@ -113,6 +112,8 @@ pub fn from_client(e: ClientError) -> RpcError {
 /// One sandbox as a blocking call sees it.
 pub struct Session {
     pub sandboxes: Arc<Sandboxes>,
+    /// The daemon's envd state (see [`super::EnvdState`]).
+    pub envd: Arc<super::EnvdState>,
     pub id: String,
     pub rec: SandboxRecord,
     first: Option<UnixStream>,
@@ -120,10 +121,12 @@ pub struct Session {
 
 impl Session {
     /// Looks the sandbox up and connects to its agent (blocking).
-    pub fn open(sandboxes: Arc<Sandboxes>, id: &str) -> Result<Session, EnvdError> {
+    pub fn open(state: &AppState, id: &str) -> Result<Session, EnvdError> {
+        let sandboxes = state.sandboxes.clone();
         let (rec, s) = sandboxes.connect(id).map_err(|e| from_runtime(id, e))?;
         Ok(Session {
             sandboxes,
+            envd: state.envd.clone(),
             id: id.to_string(),
             rec,
             first: Some(s),
@@ -154,9 +157,8 @@ impl Session {
     /// The sandbox's users (cached for a few seconds).
     pub fn users(&mut self) -> Result<Arc<Users>, RpcError> {
         const TTL: Duration = Duration::from_secs(5);
-        type Cache = Mutex<HashMap<String, (Instant, Arc<Users>)>>;
-        static CACHE: OnceLock<Cache> = OnceLock::new();
-        let cache = CACHE.get_or_init(Default::default);
+        let envd = self.envd.clone();
+        let cache = &envd.users;
         if let Some((t, u)) = cache.lock().expect("users cache").get(&self.id) {
             if t.elapsed() < TTL {
                 return Ok(u.clone());
@@ -330,10 +332,10 @@ pub async fn with_session<T: Send + 'static>(
     id: &str,
     f: impl FnOnce(&mut Session) -> Result<T, EnvdError> + Send + 'static,
 ) -> Result<T, EnvdError> {
-    let sandboxes = state.sandboxes.clone();
+    let state = state.clone();
     let id = id.to_string();
     tokio::task::spawn_blocking(move || {
-        let mut s = Session::open(sandboxes, &id)?;
+        let mut s = Session::open(&state, &id)?;
         f(&mut s)
     })
     .await
@@ -346,9 +348,9 @@ pub async fn with_owned_session<T: Send + 'static>(
     id: &str,
     f: impl FnOnce(Session) -> Result<T, EnvdError> + Send + 'static,
 ) -> Result<T, EnvdError> {
-    let sandboxes = state.sandboxes.clone();
+    let state = state.clone();
     let id = id.to_string();
-    tokio::task::spawn_blocking(move || f(Session::open(sandboxes, &id)?))
+    tokio::task::spawn_blocking(move || f(Session::open(&state, &id)?))
         .await
         .unwrap_or_else(|e| Err(EnvdError::rpc(Code::Internal, format!("task failed: {e}"))))
 }

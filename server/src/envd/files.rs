@@ -155,10 +155,9 @@ pub async fn download(state: Arc<AppState>, id: String, q: HashMap<String, Strin
     let username = q.get("username").cloned().filter(|u| !u.is_empty());
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<String, HttpFail>>();
-    let sandboxes = state.sandboxes.clone();
     tokio::task::spawn_blocking(move || {
         let prep = (|| -> Result<(Session, String), HttpFail> {
-            let mut s = Session::open(sandboxes, &id)?;
+            let mut s = Session::open(&state, &id)?;
             let u = who(&mut s, username.as_deref())?;
             let resolved = s.resolve(&path, &u).map_err(|e| {
                 HttpFail(
@@ -273,10 +272,10 @@ async fn prepare(
     id: &str,
     username: Option<String>,
 ) -> Result<(Session, User), HttpFail> {
-    let sandboxes = state.sandboxes.clone();
+    let state = state.clone();
     let id = id.to_string();
     tokio::task::spawn_blocking(move || {
-        let mut s = Session::open(sandboxes, &id)?;
+        let mut s = Session::open(&state, &id)?;
         let u = who(&mut s, username.as_deref())?;
         Ok((s, u))
     })

@@ -11,10 +11,10 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use kiln_agent::client;
 use kiln_agent::protocol::{self as proto, EventOp, FileKind, Kind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Watchers a daemon keeps at most, and the events each buffers (the oldest dropped).
 const MAX_WATCHERS: usize = 256;
@@ -177,7 +177,7 @@ async fn unary(
         }
         "GetWatcherEvents" => {
             let req: WatcherRequest = connect::decode(body)?;
-            let w = watcher(&req.watcher_id)?;
+            let w = watcher(&state, &req.watcher_id)?;
             let mut q = w.queue.lock().expect("watcher queue");
             if let Some(e) = q.error.take() {
                 return Err(e.into());
@@ -187,7 +187,9 @@ async fn unary(
         }
         "RemoveWatcher" => {
             let req: WatcherRequest = connect::decode(body)?;
-            let w = watchers()
+            let w = state
+                .envd
+                .watchers
                 .lock()
                 .expect("watchers")
                 .remove(&req.watcher_id)
@@ -362,7 +364,7 @@ struct Queue {
     error: Option<RpcError>,
 }
 
-struct Watcher {
+pub(super) struct Watcher {
     queue: Mutex<Queue>,
     conn: Mutex<Option<UnixStream>>,
 }
@@ -375,17 +377,14 @@ impl Watcher {
     }
 }
 
-fn watchers() -> &'static Mutex<HashMap<String, Arc<Watcher>>> {
-    static W: OnceLock<Mutex<HashMap<String, Arc<Watcher>>>> = OnceLock::new();
-    W.get_or_init(Default::default)
-}
-
 fn watcher_not_found(id: &str) -> EnvdError {
     EnvdError::rpc(Code::NotFound, format!("watcher with id {id} not found"))
 }
 
-fn watcher(id: &str) -> Result<Arc<Watcher>, EnvdError> {
-    watchers()
+fn watcher(state: &AppState, id: &str) -> Result<Arc<Watcher>, EnvdError> {
+    state
+        .envd
+        .watchers
         .lock()
         .expect("watchers")
         .get(id)
@@ -399,7 +398,7 @@ async fn create_watcher(
     user: Option<String>,
     req: WatchRequest,
 ) -> Result<serde_json::Value, EnvdError> {
-    if watchers().lock().expect("watchers").len() >= MAX_WATCHERS {
+    if state.envd.watchers.lock().expect("watchers").len() >= MAX_WATCHERS {
         return Err(EnvdError::rpc(
             Code::ResourceExhausted,
             format!("too many watchers (at most {MAX_WATCHERS}); remove some first"),
@@ -417,7 +416,9 @@ async fn create_watcher(
         queue: Mutex::default(),
         conn: Mutex::new(watch.conn.try_clone().ok()),
     });
-    watchers()
+    state
+        .envd
+        .watchers
         .lock()
         .expect("watchers")
         .insert(wid.clone(), w.clone());

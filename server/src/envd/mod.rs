@@ -23,8 +23,11 @@ pub mod connect;
 pub mod files;
 pub mod filesystem;
 pub mod process;
+mod state;
 pub mod stream;
 pub mod types;
+
+pub use state::EnvdState;
 
 use crate::AppState;
 use axum::extract::Request;

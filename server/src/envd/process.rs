@@ -13,49 +13,45 @@ use axum::response::Response;
 use base64::Engine;
 use kiln_agent::client;
 use kiln_agent::protocol::{ExitStatus, Kind, ProcessRef, TtySize};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 /// What envd reports about a process it started, kept per daemon (bounded).
 #[derive(Clone)]
-struct Meta {
+pub(super) struct Meta {
     config: ProcessConfig,
     tty: bool,
 }
 
 const META_MAX: usize = 4096;
 
-fn metas() -> &'static Mutex<HashMap<(String, u32), Meta>> {
-    static M: OnceLock<Mutex<HashMap<(String, u32), Meta>>> = OnceLock::new();
-    M.get_or_init(Default::default)
-}
-
-fn remember(id: &str, pid: u32, meta: Meta) {
-    let mut m = metas().lock().expect("process metadata");
-    if m.len() >= META_MAX {
-        // Forget another sandbox's entries first, then anything.
-        let other: Vec<_> = m
-            .keys()
-            .filter(|k| k.0 != id)
-            .take(META_MAX / 4)
-            .cloned()
-            .collect();
-        for k in other {
-            m.remove(&k);
-        }
+impl super::EnvdState {
+    fn remember(&self, id: &str, pid: u32, meta: Meta) {
+        let mut m = self.metas.lock().expect("process metadata");
         if m.len() >= META_MAX {
-            m.clear();
+            // Forget another sandbox's entries first, then anything.
+            let other: Vec<_> = m
+                .keys()
+                .filter(|k| k.0 != id)
+                .take(META_MAX / 4)
+                .cloned()
+                .collect();
+            for k in other {
+                m.remove(&k);
+            }
+            if m.len() >= META_MAX {
+                m.clear();
+            }
         }
+        m.insert((id.to_string(), pid), meta);
     }
-    m.insert((id.to_string(), pid), meta);
-}
 
-fn recall(id: &str, pid: u32) -> Option<Meta> {
-    metas()
-        .lock()
-        .expect("process metadata")
-        .get(&(id.to_string(), pid))
-        .cloned()
+    fn recall(&self, id: &str, pid: u32) -> Option<Meta> {
+        self.metas
+            .lock()
+            .expect("process metadata")
+            .get(&(id.to_string(), pid))
+            .cloned()
+    }
 }
 
 /// The user a request names: `Authorization: Basic base64(user:)`.
@@ -259,15 +255,16 @@ async fn unary(
                 .filter(|p| p.running)
                 .map(|p| {
                     let pid = p.pid as u32;
-                    let config =
-                        recall(&sid, pid)
-                            .map(|m| m.config)
-                            .unwrap_or_else(|| ProcessConfig {
-                                cmd: p.argv.first().cloned().unwrap_or_default(),
-                                args: p.argv.iter().skip(1).cloned().collect(),
-                                envs: Default::default(),
-                                cwd: p.cwd.clone(),
-                            });
+                    let config = state
+                        .envd
+                        .recall(&sid, pid)
+                        .map(|m| m.config)
+                        .unwrap_or_else(|| ProcessConfig {
+                            cmd: p.argv.first().cloned().unwrap_or_default(),
+                            args: p.argv.iter().skip(1).cloned().collect(),
+                            envs: Default::default(),
+                            cwd: p.cwd.clone(),
+                        });
                     ProcessInfo {
                         config,
                         pid,
@@ -389,13 +386,13 @@ async fn start(
     let stdin_open = req.stdin.unwrap_or(true);
     let (sink, mut rx) = stream::channel();
     let (abort_tx, abort_rx) = std::sync::mpsc::channel();
-    let sandboxes = state.sandboxes.clone();
+    let run_state = state.clone();
     let sid = id.clone();
     let tag = req.tag.clone();
     let cfg = config.clone();
     std::thread::spawn(move || {
         let run = || -> Result<ExitStatus, EnvdError> {
-            let mut s = Session::open(sandboxes, &sid)?;
+            let mut s = Session::open(&run_state, &sid)?;
             let u = s.user(user.as_deref())?;
             let cwd = s.resolve(cfg.cwd.as_deref().unwrap_or(""), &u)?;
             let mut argv = vec![cfg.cmd.clone()];
@@ -463,7 +460,7 @@ async fn start(
             ))
         }
     };
-    remember(
+    state.envd.remember(
         &id,
         pid,
         Meta {
@@ -478,7 +475,7 @@ async fn start(
         keepalive_msg: keepalive(),
         deadline,
         on_deadline: Some(Box::new(move || {
-            if let Ok(mut s) = Session::open(kill_state.sandboxes.clone(), &kill_id) {
+            if let Ok(mut s) = Session::open(&kill_state, &kill_id) {
                 let _ = s.call(|c| client::signal(c, &ProcessRef::pid(pid as i32), libc::SIGKILL));
             }
         })),
@@ -499,11 +496,10 @@ async fn connect_to(
     let keepalive_every = stream::keepalive_interval(headers);
     let (sink, mut rx) = stream::channel();
     let (abort_tx, abort_rx) = std::sync::mpsc::channel();
-    let sandboxes = state.sandboxes.clone();
     let sid = id.clone();
     std::thread::spawn(move || {
         let run = |sink: &Sink| -> Result<ExitStatus, EnvdError> {
-            let mut s = Session::open(sandboxes, &sid)?;
+            let mut s = Session::open(&state, &sid)?;
             // Is it a tty? Known if this daemon started it, else from the agent's table.
             let list = s.call(client::list_processes)?;
             let info = list
@@ -517,7 +513,9 @@ async fn connect_to(
             let Some(info) = info else {
                 return Err(not_found(&target).into());
             };
-            let tty = recall(&sid, info.pid as u32)
+            let tty = s
+                .envd
+                .recall(&sid, info.pid as u32)
                 .map(|m| m.tty)
                 .unwrap_or(info.tty);
             let mut conn = s.conn()?;
