@@ -107,6 +107,16 @@ impl Builder<'_> {
             .work
             .path()
             .join(format!("copy-{idx}-{}.tar", ins.line));
+        let spec = CopySpec {
+            srcs: &w,
+            heredocs: &ins.heredocs,
+            vars,
+            dest: &dest,
+            dest_is_dir,
+            owner,
+            chmod,
+            checksum: checksum.as_deref(),
+        };
         let key = if let Some((s, sk)) = from_stage {
             // Keyed by the source stage's key: no need to read its files on a hit.
             let k = chain(
@@ -126,29 +136,9 @@ impl Builder<'_> {
             let r = self.materialize(s, &mut sst);
             self.stages[s] = Some(sst);
             let sroot = r?;
-            let spec = CopySpec {
-                srcs: &w,
-                heredocs: &ins.heredocs,
-                vars,
-                dest: &dest,
-                dest_is_dir,
-                owner,
-                chmod,
-                checksum: checksum.as_deref(),
-            };
             self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
             k
         } else {
-            let spec = CopySpec {
-                srcs: &w,
-                heredocs: &ins.heredocs,
-                vars,
-                dest: &dest,
-                dest_is_dir,
-                owner,
-                chmod,
-                checksum: checksum.as_deref(),
-            };
             self.write_copy_tar(&self.opts.context, true, &spec, &tar_path, ins)?;
             let h = hash_file(&tar_path)?;
             let k = chain(&st.key, &[b"COPY", h.as_bytes()]);
