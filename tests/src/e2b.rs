@@ -46,13 +46,7 @@ pub fn python_or_skip() -> Option<PathBuf> {
     p
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free port")
-}
+pub use crate::free_port;
 
 /// A running `kiln serve`; killed when dropped.
 pub struct Serve {

@@ -15,6 +15,36 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Once;
 
+/// A free loopback port for a server a test starts, and may restart on the same port.
+///
+/// Chosen below the kernel's ephemeral range (and above the SeaweedFS slots' gRPC ports), never
+/// by binding port 0: a port in the ephemeral range can be taken while its server is down,
+/// by any outgoing connection, or by a client retrying against the dead port whose connection
+/// the kernel happens to give that same port as its source (a TCP self-connection, which then
+/// holds the port as long as the client waits). Seen once in CI: a `kiln serve` restarted
+/// after kill -9 found its port "already in use".
+pub fn free_port() -> u16 {
+    const FIRST: u16 = 28_500;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FIRST + 100 {
+        let span = ephemeral_low - FIRST;
+        let start = rand::random::<u16>() % span;
+        for i in 0..span {
+            let port = FIRST + (start + i) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port")
+}
+
 /// The `kiln` binary of this build.
 ///
 /// `env!("CARGO_BIN_EXE_kiln")` only exists inside the `api` package, so it is found next to

@@ -2,7 +2,7 @@
 //! with filesystem storage in a temp dir, stopped on drop; and the images tests push to it: a
 //! busybox-static root file system made into an OCI layout with umoci.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,13 +16,7 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
+pub use crate::free_port;
 
 pub struct Registry {
     child: Child,
