@@ -12,3 +12,4 @@ pub mod genid;
 pub mod limits;
 pub mod protocol;
 pub mod server;
+pub mod users;

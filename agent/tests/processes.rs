@@ -354,17 +354,25 @@ fn exited_entries_are_bounded_and_delivered_ones_leave_at_once() {
     }
     // (The agent takes them out right after sending their end.)
     a.wait_until(10, || exited().is_empty());
-    // Their client went away: kept for reconnects, the newest KEEP_EXITED.
+    // Their client went away: kept for reconnects, the newest KEEP_EXITED. They end only once
+    // every client is gone (a process ending while its client still listens is delivered,
+    // and so not kept: under load that happened before the client's close).
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("go");
     let n = protocol::KEEP_EXITED + 6;
     for i in 0..n {
         a.start_bg(&protocol::ExecRequest {
             background: true,
             stdin: false,
-            ..sh(&format!("exit {i}"))
+            ..sh(&format!(
+                "while [ ! -e {} ]; do sleep 0.05; done; exit {i}",
+                go.display()
+            ))
         });
     }
+    std::fs::write(&go, b"").unwrap();
     let newest = Some(n as i32 - 1);
-    a.wait_until(10, || {
+    a.wait_until(30, || {
         let l = exited();
         l.len() == protocol::KEEP_EXITED && l.iter().any(|p| p.exit.unwrap().code == newest)
     });

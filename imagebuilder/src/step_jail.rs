@@ -10,8 +10,9 @@
 
 use crate::error::{Error, IoCtx, Result};
 use std::ffi::CString;
-use std::io::{BufRead, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use kiln_agent::users::{Identity, Users};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -61,51 +62,60 @@ fn c(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid("path with NUL".into()))
 }
 
-/// Looks `name` up in an `/etc/passwd`-style file of the root.
-fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string(rootfs.join("etc").join(file)).ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && f[0] == name).then(|| {
-            let id = f[2].parse().ok()?;
-            let gid = if f.len() > 3 {
-                f[3].parse().unwrap_or(id)
-            } else {
-                id
-            };
-            Some((id, gid))
-        })?
-    })
+/// The root's users: its `/etc/passwd` and `/etc/group`, read inside the root (a build's root
+/// is written by its RUN steps: symlinks resolve within it, as they would in the image).
+pub fn root_users(rootfs: &Path) -> Users {
+    let read = |name| match read_in_root(rootfs, name) {
+        Ok(text) => text,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("reading /{name} of {}: {e}", rootfs.display());
+            }
+            String::new()
+        }
+    };
+    Users::parse(&read("etc/passwd"), &read("etc/group"))
 }
 
-/// Resolves a USER spec against the root's /etc/passwd and /etc/group.
-pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
+/// Resolves a USER spec against the root's users, as a container runtime does.
+pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<Identity> {
+    root_users(rootfs)
+        .exec_user(spec)
+        .map_err(|e| Error::Build(format!("USER {spec}: {e}")))
+}
+
+/// A regular file of `rootfs` (at most 1 MiB), its symlinks resolved inside the root.
+fn read_in_root(rootfs: &Path, name: &str) -> std::io::Result<String> {
+    const MAX: u64 = 1 << 20;
+    let root = std::fs::File::open(rootfs)?;
+    let name = CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: open_how is plain integers; all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    // Non-blocking: a FIFO planted there must not hang the build (checked below).
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+    // SAFETY: openat2(2) with an open directory descriptor, a NUL-terminated path and an
+    // open_how of the size passed; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
     };
-    let (uid, mut gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, lookup_passwd_by_uid(rootfs, uid).unwrap_or(uid)),
-        Err(_) => lookup_id(rootfs, "passwd", u)
-            .ok_or_else(|| Error::Build(format!("unknown user {u:?} (not in /etc/passwd)")))?,
-    };
-    if let Some(g) = g {
-        gid = match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup_id(rootfs, "group", g)
-                .map(|(id, _)| id)
-                .ok_or_else(|| Error::Build(format!("unknown group {g:?} (not in /etc/group)")))?,
-        };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    Ok((uid, gid))
-}
-
-fn lookup_passwd_by_uid(rootfs: &Path, uid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
-    })
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Finds an exec-form program in the root's PATH without following symlinks out of it.
@@ -294,12 +304,12 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<RunOutcome> 
         return Err(Error::Build("empty command".into()));
     }
     let rootfs = std::fs::canonicalize(&spec.rootfs).ctx("resolve", &spec.rootfs)?;
-    let (uid, gid) = match &spec.user {
-        Some(u) if !u.is_empty() => resolve_user(&rootfs, u)?,
-        _ => (0, 0),
+    let user = match &spec.user {
+        Some(u) if !u.is_empty() => Some(resolve_user(&rootfs, u)?),
+        _ => None,
     };
     let mounts = MountPoints::ensure(&rootfs, &spec.mounts)?;
-    let result = run_inner(spec, &rootfs, uid, gid, on_line);
+    let result = run_inner(spec, &rootfs, user, on_line);
     mounts.cleanup();
     result
 }
@@ -307,10 +317,10 @@ pub fn run(spec: &RunSpec, on_line: &mut dyn FnMut(&str)) -> Result<RunOutcome> 
 fn run_inner(
     spec: &RunSpec,
     rootfs: &Path,
-    uid: u32,
-    gid: u32,
+    user: Option<Identity>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<RunOutcome> {
+    let (uid, gid, groups) = user.map_or((0, 0, Vec::new()), |u| (u.uid, u.gid, u.groups));
     let cgroup = Cgroup::create(spec.memory_max);
     let cg_procs = cgroup
         .dirs
@@ -549,7 +559,7 @@ fn run_inner(
             if libc::chdir(workdir_c.as_ptr()) != 0 {
                 return fail();
             }
-            if libc::setgroups(0, std::ptr::null()) != 0
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {

@@ -380,7 +380,8 @@ pub fn run(
         ));
     }
     if let Some(u) = spec.user.as_deref().filter(|u| !u.is_empty()) {
-        if crate::step_jail::resolve_user(&spec.rootfs, u)? != (0, 0) {
+        let id = crate::step_jail::resolve_user(&spec.rootfs, u)?;
+        if (id.uid, id.gid) != (0, 0) {
             return Err(Error::Build(format!(
                 "USER {u} with --isolation=vm: the guest agent runs commands as root only"
             )));

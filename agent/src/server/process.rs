@@ -14,6 +14,7 @@
 use super::{fail, io_fail, read_data, send, send_json, watch_conn, Conn, Res};
 use crate::protocol::*;
 use std::collections::{HashMap, VecDeque};
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -363,70 +364,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The user a process runs as.
-#[derive(Debug, PartialEq, Eq)]
-struct User {
-    uid: u32,
-    gid: u32,
-    name: Option<String>,
-    home: Option<String>,
-}
-
-/// `name`, `uid`, `uid:gid`, `name:group`, looked up in `passwd` and `group` (file contents).
-fn resolve_user(spec: &str, passwd: &str, group: &str) -> Res<User> {
-    // name:x:uid:gid:gecos:home:shell
-    let entries: Vec<Vec<&str>> = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .filter(|f| f.len() >= 6)
-        .collect();
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let entry = match u.parse::<u32>() {
-        Ok(uid) => entries.iter().find(|f| f[2].parse() == Ok(uid)),
-        Err(_) => match entries.iter().find(|f| f[0] == u) {
-            Some(e) => Some(e),
-            None => return fail(ErrorKind::NotFound, format!("no user {u:?} in /etc/passwd")),
-        },
-    };
-    let bad = || {
-        super::Fail(ErrorReply::new(
-            ErrorKind::Invalid,
-            format!("bad user {spec:?}"),
-        ))
-    };
-    let uid = match u.parse::<u32>() {
-        Ok(uid) => uid,
-        Err(_) => entry.and_then(|f| f[2].parse().ok()).ok_or_else(bad)?,
-    };
-    let gid = match g {
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => group
-                .lines()
-                .map(|l| l.split(':').collect::<Vec<_>>())
-                .find(|f| f.len() >= 3 && f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| {
-                    super::Fail(ErrorReply::new(
-                        ErrorKind::NotFound,
-                        format!("no group {g:?} in /etc/group"),
-                    ))
-                })?,
-        },
-        // Like Docker: a uid without a passwd entry gets gid 0.
-        None => match entry {
-            Some(f) => f[3].parse().map_err(|_| bad())?,
-            None => 0,
-        },
-    };
-    Ok(User {
-        uid,
-        gid,
-        name: entry.map(|f| f[0].to_string()),
-        home: entry.map(|f| f[5].to_string()),
+/// The user `spec` names in this sandbox (the agent's root is the sandbox's root).
+fn exec_user(spec: &str) -> Res<crate::users::Identity> {
+    let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+    let users = crate::users::Users::parse(&read("/etc/passwd"), &read("/etc/group"));
+    users.exec_user(spec).map_err(|e| {
+        let kind = match e {
+            crate::users::UserError::Invalid(_) => ErrorKind::Invalid,
+            _ => ErrorKind::NotFound,
+        };
+        super::Fail(ErrorReply::new(kind, e.to_string()))
     })
 }
 
@@ -534,21 +481,19 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     cmd.args(&req.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH);
-    if let Some(spec) = &req.user {
-        let read = |p| std::fs::read_to_string(p).unwrap_or_default();
-        let u = resolve_user(spec, &read("/etc/passwd"), &read("/etc/group"))?;
-        // std clears the supplementary groups (setgroups(0)) when it changes the uid as root.
-        cmd.uid(u.uid).gid(u.gid);
-        cmd.env("HOME", u.home.as_deref().unwrap_or("/"));
-        if let Some(name) = &u.name {
-            cmd.env("USER", name).env("LOGNAME", name);
+    let user = req.user.as_deref().map(exec_user).transpose()?;
+    if let Some(u) = &user {
+        cmd.env("HOME", &u.home);
+        if u.known {
+            cmd.env("USER", &u.name).env("LOGNAME", &u.name);
         }
     }
     if req.tty.is_some() {
         cmd.env("TERM", "xterm-256color");
     }
     cmd.envs(&req.env);
-    if let Some(cwd) = &req.cwd {
+    // With a user, the directory is entered as that user (below), as runc does.
+    if let (Some(cwd), None) = (&req.cwd, &user) {
         cmd.current_dir(cwd);
     }
     let path = req.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
@@ -560,6 +505,31 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
             cmd.pre_exec(move || {
                 crate::limits::enter_work_cgroup(fd);
                 Ok(())
+            });
+        }
+    }
+    if let Some(u) = user {
+        // std's `uid`/`gid` would drop every supplementary group (and its `groups` is
+        // unstable), so the switch happens here, after the cgroup write that needs root.
+        let cwd = match req.cwd.as_deref().map(CString::new).transpose() {
+            Ok(c) => c,
+            Err(_) => return fail(ErrorKind::Invalid, "exec: a working directory with NUL"),
+        };
+        // SAFETY: the closure only makes async-signal-safe calls (setgroups, setgid, setuid,
+        // chdir) on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Only root may set groups; an agent run unprivileged (tests) keeps its own.
+                let ok = (libc::getuid() != 0
+                    || libc::setgroups(u.groups.len(), u.groups.as_ptr()) == 0)
+                    && libc::setgid(u.gid) == 0
+                    && libc::setuid(u.uid) == 0
+                    && cwd.as_ref().is_none_or(|c| libc::chdir(c.as_ptr()) == 0);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             });
         }
     }
@@ -1053,30 +1023,5 @@ mod tests {
         let n = t.exited.len();
         t.prune();
         assert_eq!(t.exited.len(), n - 3);
-    }
-
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
-        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
-        app:x:1000:1001::/home/app:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nstaff:x:50:\n";
-
-    #[test]
-    fn users_resolve_like_docker() {
-        let u = |s| resolve_user(s, PASSWD, GROUP);
-        let app = u("app").unwrap();
-        assert_eq!((app.uid, app.gid), (1000, 1001));
-        assert_eq!(app.home.as_deref(), Some("/home/app"));
-        assert_eq!(app.name.as_deref(), Some("app"));
-        let n = u("65534").unwrap();
-        assert_eq!(
-            (n.uid, n.gid, n.name.as_deref()),
-            (65534, 65534, Some("nobody"))
-        );
-        let x = u("4242").unwrap();
-        assert_eq!((x.uid, x.gid, x.home), (4242, 0, None));
-        assert_eq!(u("4242:7").unwrap().gid, 7);
-        assert_eq!(u("app:staff").unwrap().gid, 50);
-        assert_eq!(u("nope").unwrap_err().0.kind, ErrorKind::NotFound);
-        assert_eq!(u("app:nogroup").unwrap_err().0.kind, ErrorKind::NotFound);
     }
 }

@@ -75,15 +75,17 @@ impl Builder<'_> {
         let owner = match &chown {
             None => None,
             Some(c) => {
+                // Numbers need no root (and no materialized stage) to resolve.
                 let numeric = c.split(':').all(|p| p.parse::<u32>().is_ok());
-                if numeric {
-                    let mut it = c.split(':').map(|p| p.parse::<u32>().expect("checked"));
-                    let u = it.next().unwrap_or(0);
-                    Some((u, it.next().unwrap_or(u)))
+                let users = if numeric {
+                    Users::default()
                 } else {
-                    let root = self.materialize(idx, st)?;
-                    Some(step_jail::resolve_user(&root, c)?)
-                }
+                    step_jail::root_users(&self.materialize(idx, st)?)
+                };
+                let owner = users
+                    .chown_owner(c)
+                    .map_err(|e| derr(&file, ins, format!("--chown={c}: {e}")))?;
+                Some(owner)
             }
         };
         // Where sources come from: the context, or an earlier stage (by its key).

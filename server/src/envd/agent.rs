@@ -10,6 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_agent::client::{self, ClientError};
 use kiln_agent::protocol::{ErrorKind, FileInfo, FileKind};
+/// The user a request acts as, resolved by the rules the agent runs processes with.
+pub use kiln_agent::users::{Identity as User, Users};
 use kiln_runtime::{SandboxRecord, Sandboxes};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -194,7 +196,8 @@ impl Session {
             .or_else(|| self.rec.defaults.user.clone())
             .unwrap_or_else(|| "root".into());
         let users = self.users()?;
-        users.lookup(&name).ok_or_else(|| {
+        users.exec_user(&name).map_err(|e| {
+            tracing::debug!(sandbox = %self.id, "user {name:?}: {e}");
             RpcError::new(Code::Unauthenticated, format!("invalid username: '{name}'"))
         })
     }
@@ -390,85 +393,6 @@ pub fn permissions(kind: FileKind, mode: u32) -> String {
     s
 }
 
-/// A user of the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub home: String,
-}
-
-/// A sandbox's /etc/passwd and /etc/group.
-#[derive(Debug, Default)]
-pub struct Users {
-    users: Vec<User>,
-    groups: Vec<(String, u32)>,
-}
-
-impl Users {
-    pub fn parse(passwd: &str, group: &str) -> Users {
-        let users = passwd
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 6).then_some(())?;
-                Some(User {
-                    name: f[0].to_string(),
-                    uid: f[2].parse().ok()?,
-                    gid: f[3].parse().ok()?,
-                    home: f[5].to_string(),
-                })
-            })
-            .collect();
-        let groups = group
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
-            })
-            .collect();
-        Users { users, groups }
-    }
-
-    /// By name or uid; `name:group` and `uid:gid` take the part before the colon.
-    pub fn lookup(&self, spec: &str) -> Option<User> {
-        let (name, _) = spec.split_once(':').unwrap_or((spec, ""));
-        if let Some(u) = self.users.iter().find(|u| u.name == name) {
-            return Some(u.clone());
-        }
-        let uid: u32 = name.parse().ok()?;
-        Some(
-            self.users
-                .iter()
-                .find(|u| u.uid == uid)
-                .cloned()
-                .unwrap_or(User {
-                    name: name.to_string(),
-                    uid,
-                    gid: uid,
-                    home: "/".into(),
-                }),
-        )
-    }
-
-    pub fn user_name(&self, uid: u32) -> String {
-        self.users
-            .iter()
-            .find(|u| u.uid == uid)
-            .map(|u| u.name.clone())
-            .unwrap_or_else(|| uid.to_string())
-    }
-
-    pub fn group_name(&self, gid: u32) -> String {
-        self.groups
-            .iter()
-            .find(|g| g.1 == gid)
-            .map(|g| g.0.clone())
-            .unwrap_or_else(|| gid.to_string())
-    }
-}
-
 /// Lexically cleans an absolute path (`.`, `..`, repeated slashes).
 pub fn clean(path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
@@ -528,15 +452,8 @@ mod tests {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
             "root:x:0:\napp:x:1000:\n",
         );
-        let app = u.lookup("app").unwrap();
+        let app = u.exec_user("app").unwrap();
         assert_eq!((app.uid, app.home.as_str()), (1000, "/home/app"));
-        assert_eq!(u.lookup("1000:1000").unwrap().name, "app");
-        assert_eq!(u.lookup("4242").unwrap().home, "/");
-        assert!(u.lookup("nobody").is_none());
-        assert_eq!(
-            (u.user_name(0), u.group_name(7)),
-            ("root".into(), "7".into())
-        );
 
         assert_eq!(resolve_path("a/b", &app, None).unwrap(), "/home/app/a/b");
         assert_eq!(resolve_path("~/x", &app, None).unwrap(), "/home/app/x");

@@ -12,7 +12,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use base64::Engine;
 use kiln_agent::client;
-use kiln_agent::protocol::{ExitStatus, Kind, ProcessRef, TtySize};
+use kiln_agent::protocol::{ErrorKind, ExitStatus, Kind, ProcessRef, TtySize};
 use std::sync::Arc;
 
 /// What envd reports about a process it started, kept per daemon (bounded).
@@ -23,6 +23,9 @@ pub(super) struct Meta {
 }
 
 const META_MAX: usize = 4096;
+/// The shell E2B's SDK asks for, and the one every image has.
+const BASH: &str = "/bin/bash";
+const SH: &str = "/bin/sh";
 
 impl super::EnvdState {
     fn remember(&self, id: &str, pid: u32, meta: Meta) {
@@ -397,41 +400,57 @@ async fn start(
             let cwd = s.resolve(cfg.cwd.as_deref().unwrap_or(""), &u)?;
             let mut argv = vec![cfg.cmd.clone()];
             argv.extend(cfg.args.iter().cloned());
-            let mut er = s.sandboxes.exec_request(
-                &s.rec,
-                kiln_runtime::ExecOptions {
-                    argv,
-                    env: cfg.envs.clone(),
-                    cwd: Some(cwd),
-                    user: Some(u.name.clone()),
-                },
-            );
-            er.background = true;
-            er.tag = tag;
-            er.tty = tty;
-            // Agent `stdin: true` with no input closes it at once (envd's /dev/null).
-            er.stdin = tty.is_none() && !stdin_open;
-            check_frame(&er)?;
-            let mut conn = s.conn()?;
-            if let Ok(c) = conn.try_clone() {
-                let _ = abort_tx.send(c);
-            }
             let is_tty = tty.is_some();
             let mut started = false;
-            let r = client::exec_stream(
-                &mut conn,
-                &er,
-                None,
-                |pid| {
-                    started = true;
-                    sink.send(Msg::Event(
-                        ProcessEvent::Start { pid: pid as u32 }.response(),
-                    ));
-                },
-                |kind, data| {
-                    sink.send(Msg::Event(output_event(kind, data, is_tty)));
-                },
-            );
+            let r = loop {
+                let mut er = s.sandboxes.exec_request(
+                    &s.rec,
+                    kiln_runtime::ExecOptions {
+                        argv: argv.clone(),
+                        env: cfg.envs.clone(),
+                        cwd: Some(cwd.clone()),
+                        user: Some(u.name.clone()),
+                    },
+                );
+                er.background = true;
+                er.tag = tag.clone();
+                er.tty = tty;
+                // Agent `stdin: true` with no input closes it at once (envd's /dev/null).
+                er.stdin = tty.is_none() && !stdin_open;
+                check_frame(&er)?;
+                let mut conn = s.conn()?;
+                // Handed over with the start event: only a started process can be aborted.
+                let mut abort = conn.try_clone().ok();
+                let r = client::exec_stream(
+                    &mut conn,
+                    &er,
+                    None,
+                    |pid| {
+                        started = true;
+                        if let Some(c) = abort.take() {
+                            let _ = abort_tx.send(c);
+                        }
+                        sink.send(Msg::Event(
+                            ProcessEvent::Start { pid: pid as u32 }.response(),
+                        ));
+                    },
+                    |kind, data| {
+                        sink.send(Msg::Event(output_event(kind, data, is_tty)));
+                    },
+                );
+                match r {
+                    // E2B's SDK runs every command as `/bin/bash -l -c`; images without bash
+                    // (busybox, alpine, `FROM scratch`) get their POSIX shell instead.
+                    Err(client::ClientError::Agent {
+                        kind: ErrorKind::NotFound,
+                        ..
+                    }) if !started && argv[0] == BASH => {
+                        tracing::debug!(sandbox = %sid, "no {BASH} in the sandbox: {SH} instead");
+                        argv[0] = SH.into();
+                    }
+                    r => break r,
+                }
+            };
             r.map_err(|e| {
                 let mut e = from_client(e);
                 if !started && e.code != Code::Unavailable {
