@@ -41,7 +41,9 @@ impl fmt::Display for UserError {
         match self {
             UserError::NoSuchUser(u) => write!(f, "no user {u:?} in /etc/passwd"),
             UserError::NoSuchGroup(g) => write!(f, "no group {g:?} in /etc/group"),
-            UserError::Invalid(s) => write!(f, "bad user {s:?} (want user, uid, user:group or uid:gid)"),
+            UserError::Invalid(s) => {
+                write!(f, "bad user {s:?} (want user, uid, user:group or uid:gid)")
+            }
         }
     }
 }
@@ -155,7 +157,7 @@ impl Users {
         id.groups = self
             .groups
             .iter()
-            .filter(|g| g.gid != id.gid && g.members.iter().any(|m| *m == id.name))
+            .filter(|g| g.gid != id.gid && g.members.contains(&id.name))
             .map(|g| g.gid)
             .collect();
         id.groups.dedup();
@@ -252,15 +254,25 @@ mod tests {
     fn exec_user_follows_runc() {
         let u = users();
         let app = u.exec_user("app").unwrap();
-        assert_eq!((app.uid, app.gid, app.home.as_str()), (1000, 1001, "/home/app"));
-        assert_eq!(app.groups, vec![50, 10], "the primary group is not repeated");
+        assert_eq!(
+            (app.uid, app.gid, app.home.as_str()),
+            (1000, 1001, "/home/app")
+        );
+        assert_eq!(
+            app.groups,
+            vec![50, 10],
+            "the primary group is not repeated"
+        );
         let by_uid = u.exec_user("1000").unwrap();
         assert_eq!((by_uid.name.as_str(), by_uid.gid), ("app", 1001));
         let nobody = u.exec_user("65534").unwrap();
         assert_eq!((nobody.gid, nobody.name.as_str()), (65534, "nobody"));
         // A uid without an entry: gid 0, home /, named by its number.
         let x = u.exec_user("4242").unwrap();
-        assert_eq!((x.uid, x.gid, x.home.as_str(), x.known), (4242, 0, "/", false));
+        assert_eq!(
+            (x.uid, x.gid, x.home.as_str(), x.known),
+            (4242, 0, "/", false)
+        );
         assert_eq!(u.exec_user("4242:7").unwrap().gid, 7);
         assert_eq!(u.exec_user("app:staff").unwrap().gid, 50);
         assert_eq!(u.exec_user("app:root").unwrap().gid, 0);
@@ -275,7 +287,10 @@ mod tests {
             Err(UserError::NoSuchGroup("nogroup".into()))
         );
         for bad in ["", ":", "app:", ":staff", "a:b:c"] {
-            assert!(matches!(u.exec_user(bad), Err(UserError::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(u.exec_user(bad), Err(UserError::Invalid(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -354,27 +354,42 @@ fn exited_entries_are_bounded_and_delivered_ones_leave_at_once() {
     }
     // (The agent takes them out right after sending their end.)
     a.wait_until(10, || exited().is_empty());
-    // Their client went away: kept for reconnects, the newest KEEP_EXITED. They end only once
-    // every client is gone (a process ending while its client still listens is delivered,
-    // and so not kept: under load that happened before the client's close).
+    // Their client went away: kept for reconnects, the KEEP_EXITED that ended last. They end
+    // only once every client is gone (a process ending while its client still listens is
+    // delivered, and so not kept: under load that happened before the client's close); the
+    // last one ends after all the others, so it must be kept and the first to end must go.
     let gate = tempfile::tempdir().unwrap();
-    let go = gate.path().join("go");
+    let (go, go_last) = (gate.path().join("go"), gate.path().join("go-last"));
     let n = protocol::KEEP_EXITED + 6;
     for i in 0..n {
+        let gate = if i + 1 == n { &go_last } else { &go };
         a.start_bg(&protocol::ExecRequest {
             background: true,
             stdin: false,
             ..sh(&format!(
                 "while [ ! -e {} ]; do sleep 0.05; done; exit {i}",
-                go.display()
+                gate.display()
             ))
         });
     }
+    let running = || {
+        client::list_processes(&mut a.conn())
+            .unwrap()
+            .iter()
+            .filter(|p| p.running)
+            .count()
+    };
     std::fs::write(&go, b"").unwrap();
-    let newest = Some(n as i32 - 1);
+    a.wait_until(30, || {
+        running() == 1 && exited().len() == protocol::KEEP_EXITED
+    });
+    std::fs::write(&go_last, b"").unwrap();
+    let last = Some(n as i32 - 1);
     a.wait_until(30, || {
         let l = exited();
-        l.len() == protocol::KEEP_EXITED && l.iter().any(|p| p.exit.unwrap().code == newest)
+        running() == 0
+            && l.len() == protocol::KEEP_EXITED
+            && l.iter().any(|p| p.exit.unwrap().code == last)
     });
 }
 

@@ -9,8 +9,8 @@
 //! mount namespace when the command exits.
 
 use crate::error::{Error, IoCtx, Result};
-use std::ffi::CString;
 use kiln_agent::users::{Identity, Users};
+use std::ffi::CString;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;

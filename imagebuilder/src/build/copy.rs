@@ -78,7 +78,7 @@ impl Builder<'_> {
                 // Numbers need no root (and no materialized stage) to resolve.
                 let numeric = c.split(':').all(|p| p.parse::<u32>().is_ok());
                 let users = if numeric {
-                    Users::default()
+                    kiln_agent::users::Users::default()
                 } else {
                     step_jail::root_users(&self.materialize(idx, st)?)
                 };
