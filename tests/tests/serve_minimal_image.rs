@@ -60,14 +60,20 @@ fn the_sdk_works_on_an_image_without_users_or_bash() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(run[..3], ["0", "0", "/root"], "uid, gid, HOME: {out}");
-    assert!(run[3].contains("No such file"), "the image has no /etc/passwd: {out}");
+    assert!(
+        run[3].contains("No such file"),
+        "the image has no /etc/passwd: {out}"
+    );
     // `$0` of `bash -l -c`'s stand-in.
     assert_eq!(run[4], "/bin/sh", "{out}");
     assert_eq!(out["run_root"], "0", "{out}");
     assert_eq!(out["write_path"], "/root/hello.txt", "{out}");
     assert_eq!(out["read"], "hi there", "{out}");
     assert!(
-        out["list"].as_array().unwrap().contains(&"hello.txt".into()),
+        out["list"]
+            .as_array()
+            .unwrap()
+            .contains(&"hello.txt".into()),
         "{out}"
     );
     let ghost = out["ghost"].as_str().unwrap();
