@@ -222,13 +222,9 @@ impl Remotes {
         let p = remotes_path(home);
         std::fs::create_dir_all(home.root())
             .with_context(|| format!("creating {}", home.root().display()))?;
-        let tmp = p.with_extension("json.tmp");
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
-        Ok(())
+        let json = serde_json::to_string_pretty(self)?;
+        kiln_atomicfile::write(&p, json.as_bytes(), kiln_atomicfile::Options::DURABLE)
+            .with_context(|| format!("writing {}", p.display()))
     }
 
     /// The named remote, or the default one. `Ok(None)` when none is configured and none asked.

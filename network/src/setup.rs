@@ -306,9 +306,8 @@ fn build(
 }
 
 fn write(p: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io_err(format!("write {}", tmp.display())))?;
-    std::fs::rename(&tmp, p).map_err(io_err(format!("rename {}", p.display())))
+    kiln_atomicfile::write(p, bytes, kiln_atomicfile::Options::PLAIN)
+        .map_err(io_err(format!("write {}", p.display())))
 }
 
 /// (Re)configures the guest namespace's `eth0` before runsc takes it over (runsc removes the

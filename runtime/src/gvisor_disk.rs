@@ -187,7 +187,13 @@ fn template(templates: &Path, bytes: u64) -> Result<std::fs::File> {
     std::fs::create_dir_all(templates).ctx("create", templates)?;
     remove_orphans(templates);
     let pid = std::process::id();
-    let tmp = templates.join(format!(".tmp-{pid}-{bytes}-{}", crate::record::now_ms()));
+    // Unique per call: threads of one process may make the same size at once.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = templates.join(format!(
+        ".tmp-{pid}-{bytes}-{}-{seq}",
+        crate::record::now_ms()
+    ));
     let made = (|| {
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -322,10 +328,19 @@ fn open_dev(path: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
 /// Binds a free loop device to `file` (autoclear, direct I/O when the host file system allows
 /// it), retrying when another process takes the same free device first.
 fn loop_attach(file: &std::fs::File) -> std::io::Result<LoopDev> {
+    // Threads of one process (kiln serve) take turns: they would all be handed the same
+    // free device and race for it.
+    static ATTACHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ATTACHING.lock().unwrap_or_else(|p| p.into_inner());
     let ctl = open_dev(c"/dev/loop-control")?;
     let mut flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO;
     let mut last = None;
-    for _ in 0..32 {
+    // EBUSY comes back for as long as a device GET_FREE hands out is still claimed: raced
+    // by a concurrent attach (the next GET_FREE gives another), or one just released whose
+    // teardown has not finished (GET_FREE gives the same one again): give that time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut busy_wait = std::time::Duration::from_millis(1);
+    while std::time::Instant::now() < deadline {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument; the result is checked.
         let n = check(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
         let path = PathBuf::from(format!("/dev/loop{n}"));
@@ -349,8 +364,11 @@ fn loop_attach(file: &std::fs::File) -> std::io::Result<LoopDev> {
         let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
         match check(r) {
             Ok(_) => return Ok(LoopDev { _fd: dev, path }),
-            // Taken by someone else between GET_FREE and CONFIGURE.
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                last = Some(e);
+                std::thread::sleep(busy_wait);
+                busy_wait = (busy_wait * 2).min(std::time::Duration::from_millis(50));
+            }
             // A host file system without O_DIRECT: buffered it is.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && flags & LO_FLAGS_DIRECT_IO != 0 => {
                 flags &= !LO_FLAGS_DIRECT_IO;

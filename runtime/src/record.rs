@@ -8,7 +8,6 @@ use kiln_blockstore::BlobId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -522,37 +521,14 @@ pub struct Lock {
     _file: File,
 }
 
-/// A temp file in the same directory renamed over `path`; with `durable`, the file and the
-/// directory are fsynced too. Readable by the owner only: records hold access tokens.
+/// `path` replaced atomically (see `kiln_atomicfile`), mode 0600: records hold access tokens.
+/// With `durable`, the file and its directory are fsynced too.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let mut f = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .ctx("create", &tmp)?;
-    // A temp file left behind by an older kiln keeps its mode when reopened: set it.
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .ctx("chmod", &tmp)?;
-    f.write_all(bytes).ctx("write", &tmp)?;
-    if durable {
-        f.sync_all().ctx("fsync", &tmp)?;
-    }
-    std::fs::rename(&tmp, path).ctx("rename", path)?;
-    if durable {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    let opts = kiln_atomicfile::Options {
+        private: true,
+        durable,
+    };
+    kiln_atomicfile::write(path, bytes, opts).ctx("write", path)
 }
 
 #[cfg(test)]

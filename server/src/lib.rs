@@ -73,13 +73,6 @@ pub struct AppState {
     pub domain: String,
     /// `KILN_HOME/serve`: the daemon's own files.
     pub serve_dir: PathBuf,
-    /// Templates a sandbox has been created from since start. Until then creates of a
-    /// template are serialized: the gVisor driver's first use of an agent binary copies it
-    /// under a per-process temp name (runtime/src/gvisor.rs, `.kiln-agent.<pid>`), which
-    /// concurrent threads would share. (Image tree extraction, the first cause, uses a name
-    /// per call now: runtime/src/rootfs.rs.)
-    pub(crate) warmed: std::sync::Mutex<std::collections::HashSet<String>>,
-    pub(crate) first_create: tokio::sync::Mutex<()>,
     /// envd's per-sandbox state in this daemon (process metadata, users, watchers).
     pub(crate) envd: Arc<envd::EnvdState>,
 }
@@ -97,8 +90,6 @@ impl AppState {
             api_key,
             domain,
             serve_dir,
-            warmed: Default::default(),
-            first_create: tokio::sync::Mutex::new(()),
             envd: Default::default(),
         }
     }

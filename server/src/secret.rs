@@ -1,8 +1,6 @@
 //! The API key (random, kept in a 0600 file), the move of envd access tokens from the old
 //! `serve/tokens/` files into the sandboxes' records, and constant-time comparison.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `prefix` + 32 hex digits (128 bits) from the OS RNG.
@@ -18,19 +16,14 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Writes `dir/name` with mode 0600 atomically (temp file, rename).
+/// Writes `dir/name` with mode 0600 atomically, durably.
 pub(crate) fn write_private(dir: &Path, name: &str, value: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(value.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))
+    kiln_atomicfile::write(
+        &dir.join(name),
+        value.as_bytes(),
+        kiln_atomicfile::Options::PRIVATE_DURABLE,
+    )
 }
 
 /// The key in `path`, or a new one written there (0600) when the file does not exist.

@@ -311,9 +311,8 @@ fn write_pages(path: &Path, pages: &[(u32, u64)]) -> std::io::Result<()> {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    kiln_atomicfile::write(path, data, kiln_atomicfile::Options::PLAIN)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Sends one request to the control socket at `path` and returns the response (an error if

@@ -187,7 +187,9 @@ pub fn remove(id: &str) -> Result<()> {
     let mut left = Vec::new();
     for root in roots {
         let dir = dir_in(&root, id);
-        // A cgroup whose last process just exited can stay busy a moment.
+        // A cgroup whose last process just exited can stay busy a moment; one whose
+        // processes are still dying (runsc's, on a loaded host) is emptied: everything in it
+        // is this sandbox's.
         let t = Instant::now();
         loop {
             match std::fs::remove_dir(&dir) {
@@ -195,11 +197,16 @@ pub fn remove(id: &str) -> Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 // Not a directory of cgroups (a plain file under /sys/fs/cgroup).
                 Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => break,
-                Err(e) if t.elapsed() > Duration::from_secs(2) => {
+                Err(e) if t.elapsed() > Duration::from_secs(10) => {
                     left.push(format!("{}: {e}", dir.display()));
                     break;
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) => {
+                    if t.elapsed() > Duration::from_millis(500) {
+                        kill_members(&dir);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
     }
@@ -210,6 +217,25 @@ pub fn remove(id: &str) -> Result<()> {
             what: "cgroup".into(),
             detail: format!("could not remove {}", left.join(", ")),
         })
+    }
+}
+
+/// SIGKILL to every process in the cgroup `dir` (and its children).
+fn kill_members(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if pid > 1 {
+            // SAFETY: kill(2) with a pid read from the sandbox's own cgroup; errors (gone
+            // already) are fine.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for c in children.flatten().filter(|c| c.path().is_dir()) {
+            kill_members(&c.path());
+        }
     }
 }
 

@@ -154,18 +154,6 @@ pub(super) async fn create(
     check_env(&spec.env)?;
     check_size("metadata", &spec.metadata, MAX_METADATA_BYTES)?;
     spec.secure = req.secure.unwrap_or(secure_default);
-    let warmed = |t: &str| {
-        state
-            .warmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(t)
-    };
-    let first = if warmed(&template) {
-        None
-    } else {
-        Some(state.first_create.lock().await)
-    };
     let sb = state.sandboxes.clone();
     let tpl = template.clone();
     let rec = blocking(move || {
@@ -189,12 +177,6 @@ pub(super) async fn create(
         }
     })
     .await?;
-    state
-        .warmed
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(template);
-    drop(first);
     tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");
     Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
 }

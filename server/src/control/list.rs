@@ -52,7 +52,8 @@ pub(super) fn parse_metadata(s: &str) -> ApiResult<Vec<(String, String)>> {
         .collect()
 }
 
-/// `%XX` escapes decoded (`+` stays a plus); None for a bad escape or invalid UTF-8.
+/// `%XX` escapes decoded (`+` stays a plus); None for a bad escape or invalid UTF-8, which
+/// E2B answers with a 400 (Go's `url.PathUnescape`), where the `form_urlencoded` crate keeps it.
 pub(super) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

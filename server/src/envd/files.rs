@@ -58,45 +58,12 @@ impl IntoResponse for HttpFail {
 pub fn query(uri: &axum::http::Uri) -> HashMap<String, String> {
     uri.query()
         .map(|q| {
-            form_urlencoded_pairs(q)
-                .into_iter()
+            // Form decoding (`+` is a space), as Go's `url.Query()` in envd.
+            form_urlencoded::parse(q.as_bytes())
+                .into_owned()
                 .collect::<HashMap<_, _>>()
         })
         .unwrap_or_default()
-}
-
-fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The user and resolved path of a request (401 for an unknown user, as envd).
@@ -746,9 +713,13 @@ mod tests {
             boundary_of("multipart/form-data; boundary=\"abc\"").as_deref(),
             Some("abc")
         );
-        let q = form_urlencoded_pairs("path=%2Fhome%2Fuser%2Fa%20b.txt&username=app");
-        assert_eq!(q[0].1, "/home/user/a b.txt");
-        assert_eq!(q[1], ("username".into(), "app".into()));
-        assert_eq!(percent_decode("100%"), "100%");
+        let q = query(
+            &"/files?path=%2Fhome%2Fuser%2Fa%20b+c.txt&username=app&p=100%"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(q["path"], "/home/user/a b c.txt");
+        assert_eq!(q["username"], "app");
+        assert_eq!(q["p"], "100%");
     }
 }
