@@ -237,85 +237,52 @@ fn set_xattr(p: &Path, key: &[u8], value: &[u8]) -> Result<()> {
 /// Applies one (possibly compressed) layer tar to `root`, in order, with OCI whiteouts.
 pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result<ApplyStats> {
     let mut ar = tar::Archive::new(decompress(layer)?);
-    let mut stats = ApplyStats::default();
-    // Paths this layer created: an opaque whiteout only hides what lower layers put there.
-    let mut created: HashSet<PathBuf> = HashSet::new();
-    // Directory times are set at the end, after their children are written.
-    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
-    // Existing directories this layer adds to or removes from without carrying them keep their
-    // times: the kernel would stamp them with the wall clock, and images must be deterministic.
-    let mut kept_times: HashMap<PathBuf, i64> = HashMap::new();
-    let entries = ar.entries().ctx("read", "layer tar")?;
-    for entry in entries {
+    let mut a = Applier {
+        root,
+        opts,
+        stats: ApplyStats::default(),
+        created: HashSet::new(),
+        dir_times: Vec::new(),
+        kept_times: HashMap::new(),
+    };
+    for entry in ar.entries().ctx("read", "layer tar")? {
         let mut entry = entry.map_err(|e| Error::BadLayer(format!("corrupt tar: {e}")))?;
-        stats.entries += 1;
-        let raw_path = entry
-            .path()
-            .map_err(|e| Error::BadLayer(format!("bad entry path: {e}")))?
-            .into_owned();
-        let what = raw_path.display().to_string();
-        let mut comps = clean_components(&raw_path)?;
-        let Some(name) = comps.pop() else {
-            // The root itself: take its metadata, nothing else.
-            let t = entry.header().entry_type();
-            if !t.is_dir() && !matches!(t, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader)
-            {
-                return Err(Error::UnsafeEntry {
-                    path: what,
-                    why: "an entry for the root that is not a directory".into(),
-                });
-            }
-            if t.is_dir() {
-                let h = entry.header();
-                let mode = h.mode().unwrap_or(0o755) & 0o7777;
-                lchown(root, h.uid().unwrap_or(0), h.gid().unwrap_or(0))?;
-                std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                    .ctx("chmod", root)?;
-                dir_times.push((root.to_path_buf(), h.mtime().unwrap_or(0) as i64));
-            }
-            continue;
-        };
-        let (parent, parent_rel) = resolve_dir(root, &comps, true, &what)?;
-        if !kept_times.contains_key(&parent) {
-            if let Ok(m) = std::fs::symlink_metadata(&parent) {
-                kept_times.insert(parent.clone(), m.mtime());
-            }
-        }
-        let name_bytes = name.as_bytes();
-        // Whiteouts.
-        if name_bytes == b".wh..wh..opq" {
-            stats.whiteouts += 1;
-            for e in std::fs::read_dir(&parent).ctx("read dir", &parent)? {
-                let e = e.ctx("read dir", &parent)?;
-                let mut rel: PathBuf = parent_rel.iter().collect();
-                rel.push(e.file_name());
-                if !created.contains(&rel) {
-                    remove_any(&e.path())?;
-                }
-            }
-            continue;
-        }
-        if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
-            stats.whiteouts += 1;
-            if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                return Err(Error::UnsafeEntry {
-                    path: what,
-                    why: "bad whiteout name".into(),
-                });
-            }
-            remove_any(&parent.join(OsStr::from_bytes(hidden)))?;
-            continue;
-        }
-        let target = parent.join(&name);
-        let mut rel: PathBuf = parent_rel.iter().collect();
-        rel.push(&name);
-        let h = entry.header().clone();
-        let etype = h.entry_type();
-        let mode = h.mode().unwrap_or(0o644) & 0o7777;
-        let uid = h.uid().unwrap_or(0);
-        let gid = h.gid().unwrap_or(0);
-        let mtime = h.mtime().unwrap_or(0) as i64;
-        let xattrs: Vec<(Vec<u8>, Vec<u8>)> = match entry.pax_extensions() {
+        a.stats.entries += 1;
+        a.apply(&mut entry)?;
+    }
+    a.finish()
+}
+
+/// One layer being applied to a root.
+struct Applier<'a> {
+    root: &'a Path,
+    opts: &'a ApplyOptions,
+    stats: ApplyStats,
+    /// Paths this layer created: an opaque whiteout only hides what lower layers put there.
+    created: HashSet<PathBuf>,
+    /// Directory times are set at the end, after their children are written.
+    dir_times: Vec<(PathBuf, i64)>,
+    /// Existing directories this layer adds to or removes from without carrying them keep
+    /// their times: the kernel would stamp them with the wall clock, and images must be
+    /// deterministic.
+    kept_times: HashMap<PathBuf, i64>,
+}
+
+/// What a tar header says of an entry's owner, mode, time and extended attributes.
+struct Meta {
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    mtime: i64,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Meta {
+    fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Meta {
+        let h = entry.header();
+        let (uid, gid) = (h.uid().unwrap_or(0), h.gid().unwrap_or(0));
+        let (mode, mtime) = (h.mode().unwrap_or(0o644) & 0o7777, h.mtime().unwrap_or(0) as i64);
+        let xattrs = match entry.pax_extensions() {
             Ok(Some(exts)) => exts
                 .filter_map(|x| x.ok())
                 .filter_map(|x| {
@@ -326,6 +293,52 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                 .collect(),
             _ => Vec::new(),
         };
+        Meta {
+            uid,
+            gid,
+            mode,
+            mtime,
+            xattrs,
+        }
+    }
+
+    /// Owner, then mode (chown clears set-id bits), then extended attributes.
+    fn set_owner_mode_xattrs(&self, p: &Path) -> Result<()> {
+        lchown(p, self.uid, self.gid)?;
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(self.mode))
+            .ctx("chmod", p)?;
+        for (k, v) in &self.xattrs {
+            set_xattr(p, k, v)?;
+        }
+        Ok(())
+    }
+}
+
+impl Applier<'_> {
+    fn apply<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        let raw_path = entry
+            .path()
+            .map_err(|e| Error::BadLayer(format!("bad entry path: {e}")))?
+            .into_owned();
+        let what = raw_path.display().to_string();
+        let mut comps = clean_components(&raw_path)?;
+        let Some(name) = comps.pop() else {
+            return self.apply_to_root(entry, what);
+        };
+        let (parent, parent_rel) = resolve_dir(self.root, &comps, true, &what)?;
+        if !self.kept_times.contains_key(&parent) {
+            if let Ok(m) = std::fs::symlink_metadata(&parent) {
+                self.kept_times.insert(parent.clone(), m.mtime());
+            }
+        }
+        if self.whiteout(name.as_bytes(), &parent, &parent_rel, &what)? {
+            return Ok(());
+        }
+        let target = parent.join(&name);
+        let mut rel: PathBuf = parent_rel.iter().collect();
+        rel.push(&name);
+        let etype = entry.header().entry_type();
+        let meta = Meta::of(entry);
         // Anything already there is replaced, except a directory by a directory (merge).
         let existing = std::fs::symlink_metadata(&target).ok();
         if let Some(m) = &existing {
@@ -338,16 +351,8 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                 if existing.as_ref().map(|m| m.is_dir()) != Some(true) {
                     std::fs::create_dir(&target).ctx("mkdir", &target)?;
                 }
-                lchown(&target, uid, gid)?;
-                std::fs::set_permissions(
-                    &target,
-                    std::os::unix::fs::PermissionsExt::from_mode(mode),
-                )
-                .ctx("chmod", &target)?;
-                for (k, v) in &xattrs {
-                    set_xattr(&target, k, v)?;
-                }
-                dir_times.push((target.clone(), mtime));
+                meta.set_owner_mode_xattrs(&target)?;
+                self.dir_times.push((target, meta.mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 if etype == tar::EntryType::GNUSparse {
@@ -360,118 +365,190 @@ pub fn apply_layer(root: &Path, layer: impl Read, opts: &ApplyOptions) -> Result
                     .mode(0o600)
                     .open(&target)
                     .ctx("create", &target)?;
-                stats.bytes += io::copy(&mut entry, &mut f).ctx("write", &target)?;
+                self.stats.bytes += io::copy(entry, &mut f).ctx("write", &target)?;
                 drop(f);
-                // chown before chmod: chown clears set-id bits.
-                lchown(&target, uid, gid)?;
-                std::fs::set_permissions(
-                    &target,
-                    std::os::unix::fs::PermissionsExt::from_mode(mode),
-                )
-                .ctx("chmod", &target)?;
-                for (k, v) in &xattrs {
-                    set_xattr(&target, k, v)?;
-                }
-                set_mtime(&target, mtime)?;
+                meta.set_owner_mode_xattrs(&target)?;
+                set_mtime(&target, meta.mtime)?;
             }
             tar::EntryType::Symlink => {
-                let link = link_target(&entry, &what, "symlink")?;
+                let link = link_target(entry, &what, "symlink")?;
                 // Creating a symlink is harmless whatever its target: the applier never follows
                 // one out of the root, and inside the VM the disk is the whole file system.
                 std::os::unix::fs::symlink(&link, &target).ctx("symlink", &target)?;
-                lchown(&target, uid, gid)?;
-                for (k, v) in &xattrs {
+                lchown(&target, meta.uid, meta.gid)?;
+                for (k, v) in &meta.xattrs {
                     set_xattr(&target, k, v)?;
                 }
-                set_mtime(&target, mtime)?;
+                set_mtime(&target, meta.mtime)?;
             }
-            tar::EntryType::Link => {
-                let link = link_target(&entry, &what, "hardlink")?;
-                let mut lcomps = clean_components(&link).map_err(|_| Error::UnsafeEntry {
-                    path: what.clone(),
-                    why: format!("hardlink target {} leads outside the root", link.display()),
-                })?;
-                let lname = lcomps.pop().ok_or_else(|| Error::UnsafeEntry {
-                    path: what.clone(),
-                    why: "hardlink to the root".into(),
-                })?;
-                let (lparent, _) =
-                    resolve_dir(root, &lcomps, false, &what).map_err(|e| Error::UnsafeEntry {
-                        path: what.clone(),
-                        why: format!("hardlink target {}: {e}", link.display()),
-                    })?;
-                let src = lparent.join(&lname);
-                let m = std::fs::symlink_metadata(&src).map_err(|_| Error::UnsafeEntry {
-                    path: what.clone(),
-                    why: format!(
-                        "hardlink target {} does not exist in the layer",
-                        link.display()
-                    ),
-                })?;
-                if m.is_dir() {
-                    return Err(Error::UnsafeEntry {
-                        path: what,
-                        why: "hardlink to a directory".into(),
-                    });
-                }
-                // std::fs::hard_link uses linkat without AT_SYMLINK_FOLLOW: a link to a
-                // symlink links the symlink itself.
-                std::fs::hard_link(&src, &target).ctx("link", &target)?;
-            }
+            tar::EntryType::Link => self.hardlink(entry, &target, what)?,
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let kind = match etype {
-                    tar::EntryType::Char => libc::S_IFCHR,
-                    tar::EntryType::Block => libc::S_IFBLK,
-                    _ => libc::S_IFIFO,
-                };
-                let major = h.device_major().ok().flatten().unwrap_or(0);
-                let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                if kind != libc::S_IFIFO
-                    && !opts.allow_devices
-                    && !is_standard_dev(&parent_rel, kind, major, minor)
-                {
-                    return Err(Error::UnsafeEntry {
-                        path: what,
-                        why: "device nodes are not allowed in this image (allow_devices is off)"
-                            .into(),
-                    });
-                }
-                let c = cstr(&target)?;
-                // SAFETY: valid path; mknod creates a node, it opens nothing.
-                if unsafe { libc::mknod(c.as_ptr(), kind | mode, libc::makedev(major, minor)) } != 0
-                {
-                    return Err(errno_io("mknod", &target));
-                }
-                lchown(&target, uid, gid)?;
-                std::fs::set_permissions(
-                    &target,
-                    std::os::unix::fs::PermissionsExt::from_mode(mode),
-                )
-                .ctx("chmod", &target)?;
-                set_mtime(&target, mtime)?;
+                self.node(entry.header(), &meta, &target, &parent_rel, what)?
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => return Ok(()),
             other => {
                 return Err(Error::BadLayer(format!(
                     "{what}: unsupported entry type {other:?}"
                 )))
             }
         }
-        created.insert(rel);
+        self.created.insert(rel);
+        Ok(())
     }
-    let carried: HashSet<PathBuf> = dir_times.iter().map(|(p, _)| p.clone()).collect();
-    dir_times.extend(kept_times.into_iter().filter(|(p, _)| !carried.contains(p)));
-    // Deepest first, so setting a parent's time is not undone by a child.
-    dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-    for (p, t) in dir_times {
-        if std::fs::symlink_metadata(&p)
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-        {
-            set_mtime(&p, t)?;
+
+    /// An entry for the root itself: its metadata, nothing else.
+    fn apply_to_root<R: Read>(&mut self, entry: &tar::Entry<'_, R>, what: String) -> Result<()> {
+        let h = entry.header();
+        let t = h.entry_type();
+        if !t.is_dir() && !matches!(t, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            return Err(Error::UnsafeEntry {
+                path: what,
+                why: "an entry for the root that is not a directory".into(),
+            });
         }
+        if t.is_dir() {
+            let mode = h.mode().unwrap_or(0o755) & 0o7777;
+            lchown(self.root, h.uid().unwrap_or(0), h.gid().unwrap_or(0))?;
+            std::fs::set_permissions(self.root, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .ctx("chmod", self.root)?;
+            self.dir_times
+                .push((self.root.to_path_buf(), h.mtime().unwrap_or(0) as i64));
+        }
+        Ok(())
     }
-    Ok(stats)
+
+    /// Applies `name` if it is a whiteout (an opaque one empties what lower layers put in
+    /// `parent`; `.wh.X` removes X); false if it is an ordinary name.
+    fn whiteout(
+        &mut self,
+        name: &[u8],
+        parent: &Path,
+        parent_rel: &[OsString],
+        what: &str,
+    ) -> Result<bool> {
+        if name == b".wh..wh..opq" {
+            self.stats.whiteouts += 1;
+            for e in std::fs::read_dir(parent).ctx("read dir", parent)? {
+                let e = e.ctx("read dir", parent)?;
+                let mut rel: PathBuf = parent_rel.iter().collect();
+                rel.push(e.file_name());
+                if !self.created.contains(&rel) {
+                    remove_any(&e.path())?;
+                }
+            }
+            return Ok(true);
+        }
+        let Some(hidden) = name.strip_prefix(b".wh.") else {
+            return Ok(false);
+        };
+        self.stats.whiteouts += 1;
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(Error::UnsafeEntry {
+                path: what.to_string(),
+                why: "bad whiteout name".into(),
+            });
+        }
+        remove_any(&parent.join(OsStr::from_bytes(hidden)))?;
+        Ok(true)
+    }
+
+    /// A hard link to a file this root already has (never outside it, never a directory).
+    fn hardlink<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        target: &Path,
+        what: String,
+    ) -> Result<()> {
+        let link = link_target(entry, &what, "hardlink")?;
+        let mut lcomps = clean_components(&link).map_err(|_| Error::UnsafeEntry {
+            path: what.clone(),
+            why: format!("hardlink target {} leads outside the root", link.display()),
+        })?;
+        let lname = lcomps.pop().ok_or_else(|| Error::UnsafeEntry {
+            path: what.clone(),
+            why: "hardlink to the root".into(),
+        })?;
+        let (lparent, _) =
+            resolve_dir(self.root, &lcomps, false, &what).map_err(|e| Error::UnsafeEntry {
+                path: what.clone(),
+                why: format!("hardlink target {}: {e}", link.display()),
+            })?;
+        let src = lparent.join(&lname);
+        let m = std::fs::symlink_metadata(&src).map_err(|_| Error::UnsafeEntry {
+            path: what.clone(),
+            why: format!(
+                "hardlink target {} does not exist in the layer",
+                link.display()
+            ),
+        })?;
+        if m.is_dir() {
+            return Err(Error::UnsafeEntry {
+                path: what,
+                why: "hardlink to a directory".into(),
+            });
+        }
+        // std::fs::hard_link uses linkat without AT_SYMLINK_FOLLOW: a link to a
+        // symlink links the symlink itself.
+        std::fs::hard_link(&src, target).ctx("link", target)
+    }
+
+    /// A FIFO, or a device node when allowed (or one of the harmless standard ones).
+    fn node(
+        &mut self,
+        h: &tar::Header,
+        meta: &Meta,
+        target: &Path,
+        parent_rel: &[OsString],
+        what: String,
+    ) -> Result<()> {
+        let kind = match h.entry_type() {
+            tar::EntryType::Char => libc::S_IFCHR,
+            tar::EntryType::Block => libc::S_IFBLK,
+            _ => libc::S_IFIFO,
+        };
+        let major = h.device_major().ok().flatten().unwrap_or(0);
+        let minor = h.device_minor().ok().flatten().unwrap_or(0);
+        if kind != libc::S_IFIFO
+            && !self.opts.allow_devices
+            && !is_standard_dev(parent_rel, kind, major, minor)
+        {
+            return Err(Error::UnsafeEntry {
+                path: what,
+                why: "device nodes are not allowed in this image (allow_devices is off)".into(),
+            });
+        }
+        let c = cstr(target)?;
+        // SAFETY: valid path; mknod creates a node, it opens nothing.
+        if unsafe { libc::mknod(c.as_ptr(), kind | meta.mode, libc::makedev(major, minor)) } != 0 {
+            return Err(errno_io("mknod", target));
+        }
+        lchown(target, meta.uid, meta.gid)?;
+        std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(meta.mode))
+            .ctx("chmod", target)?;
+        set_mtime(target, meta.mtime)
+    }
+
+    /// Sets the directory times, deepest first, so setting a parent's time is not undone by
+    /// a child.
+    fn finish(self) -> Result<ApplyStats> {
+        let mut dir_times = self.dir_times;
+        let carried: HashSet<PathBuf> = dir_times.iter().map(|(p, _)| p.clone()).collect();
+        dir_times.extend(
+            self.kept_times
+                .into_iter()
+                .filter(|(p, _)| !carried.contains(p)),
+        );
+        dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (p, t) in dir_times {
+            if std::fs::symlink_metadata(&p)
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+            {
+                set_mtime(&p, t)?;
+            }
+        }
+        Ok(self.stats)
+    }
 }
 
 /// The harmless character devices a root file system's /dev may carry (debootstrap makes

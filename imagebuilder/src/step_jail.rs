@@ -320,58 +320,8 @@ fn run_inner(
     user: Option<Identity>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<RunOutcome> {
-    let (uid, gid, groups) = user.map_or((0, 0, Vec::new()), |u| (u.uid, u.gid, u.groups));
     let cgroup = Cgroup::create(spec.memory_max);
-    let cg_procs = cgroup
-        .dirs
-        .iter()
-        .map(|d| c(&d.join("cgroup.procs")))
-        .collect::<Result<Vec<_>>>()?;
-    let root_c = c(rootfs)?;
-    let proc_c = c(&rootfs.join("proc"))?;
-    let dev_c = c(&rootfs.join("dev"))?;
-    let mut dev_nodes = Vec::new();
-    // Only nodes the host has (a bind mount of a missing source fails).
-    for n in DEV_NODES
-        .iter()
-        .filter(|n| Path::new("/dev").join(n).exists())
-    {
-        dev_nodes.push((
-            c(&Path::new("/dev").join(n))?,
-            c(&rootfs.join("dev").join(n))?,
-        ));
-    }
-    let shm_c = c(&rootfs.join("dev/shm"))?;
-    let mut extra = Vec::new();
-    for m in &spec.mounts {
-        let dst = c(&rootfs.join(m.target.trim_start_matches('/')))?;
-        let src = m.source.as_deref().map(c).transpose()?;
-        extra.push((src, dst, m.readonly));
-    }
-    let tmpfs_opts = CString::new("mode=1777").expect("no NUL");
-    let resolv_dst = rootfs.join("etc/resolv.conf");
-    let resolv = if spec.network
-        && std::fs::symlink_metadata(&resolv_dst)
-            .map(|m| m.is_file())
-            .unwrap_or(false)
-        && Path::new("/etc/resolv.conf").exists()
-    {
-        Some((c(Path::new("/etc/resolv.conf"))?, c(&resolv_dst)?))
-    } else {
-        None
-    };
-    let workdir_c = CString::new(spec.workdir.as_bytes())
-        .map_err(|_| Error::Invalid("workdir with NUL".into()))?;
-    let empty = CString::new("").expect("no NUL");
-    let proc_fs = CString::new("proc").expect("no NUL");
-    let tmpfs = CString::new("tmpfs").expect("no NUL");
-    let dev_opts = CString::new("mode=755,size=65536k").expect("no NUL");
-    let hostname = b"kiln-build";
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if !spec.network {
-        flags |= libc::CLONE_NEWNET;
-    }
+    let jail = Jail::prepare(spec, rootfs, user, &cgroup)?;
 
     // One pipe for stdout and stderr, so lines keep their order.
     let mut fds = [0i32; 2];
@@ -399,174 +349,10 @@ fn run_inner(
         } else {
             Stdio::null()
         });
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
-    // on data prepared above (no allocation, no locks).
+    // SAFETY: the closure runs in the forked child before exec; `Jail::enter` only makes raw
+    // system calls on data prepared above (no allocation, no locks).
     unsafe {
-        cmd.pre_exec(move || {
-            let fail = || Err(std::io::Error::last_os_error());
-            // If kiln dies (even by SIGKILL), this process dies, and with it the command (its
-            // own death signal below), so nothing keeps running in a removed build directory.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return fail();
-            }
-            if libc::getppid() != parent {
-                libc::_exit(137); // kiln already died before the signal was armed
-            }
-            for p in &cg_procs {
-                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd >= 0 {
-                    libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                }
-            }
-            if libc::unshare(flags) != 0 {
-                return fail();
-            }
-            let pid = libc::fork();
-            if pid < 0 {
-                return fail();
-            }
-            if pid > 0 {
-                // The middle process: wait for the command (pid 1 of the new namespace) and
-                // exit with its status. Close inherited fds so the parent sees exec happen.
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                let mut status = 0;
-                loop {
-                    let r = libc::waitpid(pid, &mut status, 0);
-                    if r == pid {
-                        break;
-                    }
-                    if r < 0 && *libc::__errno_location() != libc::EINTR {
-                        libc::_exit(126);
-                    }
-                }
-                if libc::WIFEXITED(status) {
-                    libc::_exit(libc::WEXITSTATUS(status));
-                }
-                libc::_exit(128 + libc::WTERMSIG(status));
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let null = std::ptr::null::<libc::c_void>();
-            if libc::mount(
-                empty.as_ptr(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                null,
-            ) != 0
-            {
-                return fail();
-            }
-            if libc::mount(
-                root_c.as_ptr(),
-                root_c.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                null,
-            ) != 0
-            {
-                return fail();
-            }
-            if libc::mount(
-                proc_fs.as_ptr(),
-                proc_c.as_ptr(),
-                proc_fs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                null,
-            ) != 0
-            {
-                return fail();
-            }
-            if libc::mount(
-                tmpfs.as_ptr(),
-                dev_c.as_ptr(),
-                tmpfs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NOEXEC,
-                dev_opts.as_ptr().cast(),
-            ) != 0
-            {
-                return fail();
-            }
-            for (src, dst) in &dev_nodes {
-                let fd = libc::open(
-                    dst.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                    0o666,
-                );
-                if fd < 0 {
-                    return fail();
-                }
-                libc::close(fd);
-                if libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    null,
-                ) != 0
-                {
-                    return fail();
-                }
-            }
-            libc::mkdir(shm_c.as_ptr(), 0o1777);
-            if let Some((src, dst)) = &resolv {
-                libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    null,
-                );
-            }
-            for (src, dst, ro) in &extra {
-                let r = match src {
-                    Some(src) => libc::mount(
-                        src.as_ptr(),
-                        dst.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND | libc::MS_REC,
-                        null,
-                    ),
-                    None => libc::mount(
-                        tmpfs.as_ptr(),
-                        dst.as_ptr(),
-                        tmpfs.as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV,
-                        tmpfs_opts.as_ptr().cast(),
-                    ),
-                };
-                if r != 0 {
-                    return fail();
-                }
-                if *ro
-                    && libc::mount(
-                        std::ptr::null(),
-                        dst.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                        null,
-                    ) != 0
-                {
-                    return fail();
-                }
-            }
-            libc::sethostname(hostname.as_ptr().cast(), hostname.len());
-            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                return fail();
-            }
-            if libc::chdir(workdir_c.as_ptr()) != 0 {
-                return fail();
-            }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return fail();
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || jail.enter());
     }
     let mut child = cmd
         .spawn()
@@ -579,6 +365,21 @@ fn run_inner(
             let _ = stdin.write_all(&data);
         }))
     });
+    let tail = read_lines(rd, on_line)?;
+    let status = child.wait().ctx("wait", "sandbox")?;
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    drop(cgroup);
+    Ok(RunOutcome {
+        success: status.success(),
+        status: describe(status),
+        tail,
+    })
+}
+
+/// Passes each line of `rd` to `on_line`; returns the last 40, joined.
+fn read_lines(rd: OwnedFd, on_line: &mut dyn FnMut(&str)) -> Result<String> {
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let reader = std::io::BufReader::new(std::fs::File::from(rd));
     for line in reader.split(b'\n') {
@@ -590,20 +391,269 @@ fn run_inner(
             tail.pop_front();
         }
     }
-    let status = child.wait().ctx("wait", "sandbox")?;
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
-    drop(cgroup);
-    let desc = match (status.code(), status.signal()) {
+    Ok(tail.into_iter().collect::<Vec<_>>().join("\n"))
+}
+
+/// A step's end as a build log says it (the middle process reports a signal as 128 + it).
+fn describe(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
         (Some(code), _) if code > 128 => format!("signal {} (exit code {code})", code - 128),
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => format!("signal {sig}"),
         _ => status.to_string(),
-    };
-    Ok(RunOutcome {
-        success: status.success(),
-        status: desc,
-        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
-    })
+    }
+}
+
+/// Everything the child needs to jail itself, prepared before the fork: between fork and
+/// exec it may only make system calls (no allocation, no locks).
+struct Jail {
+    parent: libc::pid_t,
+    cg_procs: Vec<CString>,
+    unshare: libc::c_int,
+    root: CString,
+    proc_dir: CString,
+    dev: CString,
+    /// (host node, node in the root)
+    dev_nodes: Vec<(CString, CString)>,
+    shm: CString,
+    resolv: Option<(CString, CString)>,
+    /// RUN --mount: (source, or a tmpfs; target; read-only)
+    extra: Vec<(Option<CString>, CString, bool)>,
+    workdir: CString,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+type Step = std::io::Result<()>;
+
+fn sys(r: libc::c_int) -> Step {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Jail {
+    fn prepare(
+        spec: &RunSpec,
+        rootfs: &Path,
+        user: Option<Identity>,
+        cgroup: &Cgroup,
+    ) -> Result<Jail> {
+        let (uid, gid, groups) = user.map_or((0, 0, Vec::new()), |u| (u.uid, u.gid, u.groups));
+        let cg_procs = cgroup
+            .dirs
+            .iter()
+            .map(|d| c(&d.join("cgroup.procs")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut dev_nodes = Vec::new();
+        // Only nodes the host has (a bind mount of a missing source fails).
+        for n in DEV_NODES
+            .iter()
+            .filter(|n| Path::new("/dev").join(n).exists())
+        {
+            dev_nodes.push((
+                c(&Path::new("/dev").join(n))?,
+                c(&rootfs.join("dev").join(n))?,
+            ));
+        }
+        let mut extra = Vec::new();
+        for m in &spec.mounts {
+            let dst = c(&rootfs.join(m.target.trim_start_matches('/')))?;
+            let src = m.source.as_deref().map(c).transpose()?;
+            extra.push((src, dst, m.readonly));
+        }
+        let resolv_dst = rootfs.join("etc/resolv.conf");
+        let resolv = if spec.network
+            && std::fs::symlink_metadata(&resolv_dst)
+                .map(|m| m.is_file())
+                .unwrap_or(false)
+            && Path::new("/etc/resolv.conf").exists()
+        {
+            Some((c(Path::new("/etc/resolv.conf"))?, c(&resolv_dst)?))
+        } else {
+            None
+        };
+        let mut unshare =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if !spec.network {
+            unshare |= libc::CLONE_NEWNET;
+        }
+        Ok(Jail {
+            // SAFETY: getpid has no preconditions.
+            parent: unsafe { libc::getpid() },
+            cg_procs,
+            unshare,
+            root: c(rootfs)?,
+            proc_dir: c(&rootfs.join("proc"))?,
+            dev: c(&rootfs.join("dev"))?,
+            dev_nodes,
+            shm: c(&rootfs.join("dev/shm"))?,
+            resolv,
+            extra,
+            workdir: CString::new(spec.workdir.as_bytes())
+                .map_err(|_| Error::Invalid("workdir with NUL".into()))?,
+            uid,
+            gid,
+            groups,
+        })
+    }
+
+    /// In the forked child: into the build's cgroups and new namespaces, a fork so the
+    /// command is pid 1 of its own, the root's mounts, the chroot, then the step's user.
+    fn enter(&self) -> Step {
+        // SAFETY (every block below): raw system calls on NUL-terminated strings and plain
+        // values this `Jail` owns; we are the single-threaded child between fork and exec.
+        unsafe {
+            // If kiln dies (even by SIGKILL), this process dies, and with it the command (its
+            // own death signal below), so nothing keeps running in a removed build directory.
+            sys(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+            if libc::getppid() != self.parent {
+                libc::_exit(137); // kiln already died before the signal was armed
+            }
+            for p in &self.cg_procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            sys(libc::unshare(self.unshare))?;
+            let pid = libc::fork();
+            if pid < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if pid > 0 {
+                wait_and_exit_as(pid);
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        self.mount_root()?;
+        self.mount_extra()?;
+        // SAFETY: as above.
+        unsafe {
+            libc::sethostname(c"kiln-build".as_ptr(), "kiln-build".len());
+            sys(libc::chroot(self.root.as_ptr()))?;
+            sys(libc::chdir(c"/".as_ptr()))?;
+            sys(libc::chdir(self.workdir.as_ptr()))?;
+            sys(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            sys(libc::setgid(self.gid))?;
+            sys(libc::setuid(self.uid))
+        }
+    }
+
+    /// The root bound onto itself (so it can be the chroot), its /proc, a small /dev with the
+    /// host's harmless nodes, /dev/shm, and the host's resolv.conf for steps with network.
+    fn mount_root(&self) -> Step {
+        let none = std::ptr::null::<libc::c_char>();
+        let null = std::ptr::null::<libc::c_void>();
+        // SAFETY: as in `enter`.
+        unsafe {
+            sys(libc::mount(
+                c"".as_ptr(),
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                null,
+            ))?;
+            let root = self.root.as_ptr();
+            sys(libc::mount(root, root, none, libc::MS_BIND | libc::MS_REC, null))?;
+            sys(libc::mount(
+                c"proc".as_ptr(),
+                self.proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                null,
+            ))?;
+            sys(libc::mount(
+                c"tmpfs".as_ptr(),
+                self.dev.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                c"mode=755,size=65536k".as_ptr().cast(),
+            ))?;
+            for (src, dst) in &self.dev_nodes {
+                let fd = libc::open(
+                    dst.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o666,
+                );
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                sys(libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, null))?;
+            }
+            libc::mkdir(self.shm.as_ptr(), 0o1777);
+            if let Some((src, dst)) = &self.resolv {
+                libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, null);
+            }
+        }
+        Ok(())
+    }
+
+    /// RUN --mount targets: a bind of their source, or a fresh tmpfs; read-only if asked.
+    fn mount_extra(&self) -> Step {
+        let none = std::ptr::null::<libc::c_char>();
+        let null = std::ptr::null::<libc::c_void>();
+        for (src, dst, ro) in &self.extra {
+            // SAFETY: as in `enter`.
+            unsafe {
+                sys(match src {
+                    Some(src) => libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REC,
+                        null,
+                    ),
+                    None => libc::mount(
+                        c"tmpfs".as_ptr(),
+                        dst.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        c"mode=1777".as_ptr().cast(),
+                    ),
+                })?;
+                if *ro {
+                    sys(libc::mount(
+                        none,
+                        dst.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                        null,
+                    ))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The middle process: waits for the command (pid 1 of the new namespace) and exits with its
+/// status, its inherited descriptors closed so the parent sees the exec happen.
+///
+/// # Safety
+/// Only in the forked child, between fork and exec.
+unsafe fn wait_and_exit_as(pid: libc::pid_t) -> ! {
+    // SAFETY: close_range and waitpid on our own child; _exit never returns.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(pid, &mut status, 0);
+            if r == pid {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(126);
+            }
+        }
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        libc::_exit(128 + libc::WTERMSIG(status));
+    }
 }
