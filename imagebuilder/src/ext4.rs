@@ -234,180 +234,27 @@ pub fn update_ext4(
     changed: &BTreeSet<PathBuf>,
     undo: Option<&Path>,
 ) -> Result<bool> {
-    use std::os::unix::fs::FileTypeExt;
-    let base_has = |rel: &Path| -> Option<bool> {
-        // Some(is_dir)
-        if let Some(&(_, d)) = extra_base.iter().find(|(p, _)| Path::new(p) == rel) {
-            return Some(d);
-        }
-        lstat_in(base, rel).map(|m| m.is_dir())
+    let mut plan = DebugfsPlan {
+        base,
+        extra_base,
+        root,
+        changed,
+        // The superblock's write time comes from this clock; 0 would mean "the real time".
+        script: format!("set_current_time @{MKFS_FAKE_TIME}\n"),
+        fix: Vec::new(),
+        dirs: Vec::new(),
+        removed: Vec::new(),
+        links: HashMap::new(),
+        need_blocks: 0,
+        need_inodes: 0,
     };
-    // The superblock's write time comes from this clock; 0 would mean "the real time".
-    let mut script = format!("set_current_time @{MKFS_FAKE_TIME}\n");
-    let mut fix: Vec<PathBuf> = Vec::new(); // inodes created or changed: times to fix
-    let mut dirs: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
-    let mut removed: Vec<PathBuf> = Vec::new();
-    let mut links: HashMap<(u64, u64), (PathBuf, u64)> = HashMap::new();
-    let (mut need_blocks, mut need_inodes) = (0u64, 0u64);
-
-    // Removes `rel` and, for a directory, everything below it (as the base tree has it).
-    fn rm_tree(base: &Path, rel: &Path, is_dir: bool, script: &mut String) -> Option<()> {
-        if is_dir {
-            if let Ok(rd) = std::fs::read_dir(base.join(rel)) {
-                let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-                names.sort_by_key(|e| e.file_name());
-                for e in names {
-                    let child = rel.join(e.file_name());
-                    let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                    rm_tree(base, &child, d, script)?;
-                }
-            }
-            script.push_str(&format!("rmdir {}\n", q(rel)?));
-        } else {
-            script.push_str(&format!("rm {}\n", q(rel)?));
-        }
-        Some(())
-    }
-
-    let mut plan = || -> Option<()> {
-        for rel in changed {
-            if rel.as_os_str().is_empty() || removed.iter().any(|r| rel.starts_with(r)) {
-                continue;
-            }
-            let fin = lstat_in(root, rel);
-            let old = base_has(rel);
-            let Some(m) = fin else {
-                if let Some(d) = old {
-                    rm_tree(base, rel, d, &mut script)?;
-                    removed.push(rel.clone());
-                }
-                continue;
-            };
-            if let Some(old_dir) = old {
-                if old_dir && m.is_dir() {
-                    // Children the base has and the result lacks (opaque directories list no
-                    // whiteouts for them).
-                    if let Ok(rd) = std::fs::read_dir(base.join(rel)) {
-                        let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-                        names.sort_by_key(|e| e.file_name());
-                        for e in names {
-                            let child = rel.join(e.file_name());
-                            if lstat_in(root, &child).is_none() && !changed.contains(&child) {
-                                let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                                rm_tree(base, &child, d, &mut script)?;
-                                removed.push(child);
-                            }
-                        }
-                    }
-                    dirs.push((rel.clone(), m));
-                    continue;
-                }
-                if !old_dir {
-                    // Unchanged files stay where they are (a step may copy up without change).
-                    if let Some(bm) = lstat_in(base, rel) {
-                        let same_meta = bm.mode() == m.mode()
-                            && bm.uid() == m.uid()
-                            && bm.gid() == m.gid()
-                            && bm.size() == m.size()
-                            && bm.mtime() == m.mtime()
-                            && bm.mtime_nsec() == m.mtime_nsec()
-                            && bm.nlink() == 1
-                            && m.nlink() == 1;
-                        let same_data = if m.is_file() {
-                            same_file(&base.join(rel), &root.join(rel))
-                        } else if m.file_type().is_symlink() {
-                            std::fs::read_link(base.join(rel)).ok()
-                                == std::fs::read_link(root.join(rel)).ok()
-                        } else {
-                            bm.rdev() == m.rdev()
-                        };
-                        if same_meta && same_data {
-                            continue;
-                        }
-                    }
-                }
-                rm_tree(base, rel, old_dir, &mut script)?;
-                if old_dir {
-                    removed.push(rel.clone());
-                }
-            }
-            let ft = m.file_type();
-            let p = q(rel)?;
-            need_inodes += 1;
-            if ft.is_dir() {
-                script.push_str(&format!("mkdir {p}\n"));
-                need_blocks += 1;
-                removed.retain(|r| r != rel);
-                dirs.push((rel.clone(), m));
-                fix.push(rel.clone());
-                continue;
-            } else if ft.is_file() {
-                if m.nlink() > 1 {
-                    let e = links
-                        .entry((m.dev(), m.ino()))
-                        .or_insert_with(|| (rel.clone(), 0));
-                    e.1 += 1;
-                    if e.1 > 1 {
-                        let first = e.0.clone();
-                        script.push_str(&format!("ln {} {p}\n", q(&first)?));
-                        need_inodes -= 1;
-                        continue;
-                    }
-                }
-                script.push_str(&format!("write {} {p}\n", q(&root.join(rel))?));
-                need_blocks += m.size().div_ceil(4096) + m.size() / (4096 * 340) + 1;
-            } else if ft.is_symlink() {
-                let t = std::fs::read_link(root.join(rel)).ok()?;
-                script.push_str(&format!("symlink {p} {}\n", q(&t)?));
-                need_blocks += 1;
-            } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-                let parent = rel.parent().unwrap_or(Path::new(""));
-                let name = q(Path::new(rel.file_name()?))?;
-                let kind = if ft.is_fifo() {
-                    "p".to_string()
-                } else {
-                    let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
-                    let c = if ft.is_char_device() { 'c' } else { 'b' };
-                    format!("{c} {maj} {min}")
-                };
-                script.push_str(&format!(
-                    "cd {}\nmknod {name} {kind}\ncd /\n",
-                    q(&Path::new("/").join(parent))?
-                ));
-            } else {
-                continue; // sockets are not kept in images
-            }
-            script.push_str(&set_inode_meta(&p, &m));
-            fix.push(rel.clone());
-        }
-        // Directory metadata last: adding and removing entries above may have touched it.
-        for (rel, m) in &dirs {
-            script.push_str(&set_inode_meta(&q(rel)?, m));
-            fix.push(rel.clone());
-        }
-        for (_, (first, n)) in links.iter() {
-            script.push_str(&format!("sif {} links_count {n}\n", q(first)?));
-        }
-        let t = format!("{FIXED_TIME:#x}");
-        fix.sort();
-        fix.dedup();
-        for rel in &fix {
-            let p = q(rel)?;
-            for field in ["ctime", "atime", "crtime"] {
-                script.push_str(&format!("sif {p} {field} {t}\n"));
-            }
-            for field in ["ctime_extra", "atime_extra", "crtime_extra", "mtime_extra"] {
-                script.push_str(&format!("sif {p} {field} 0\n"));
-            }
-        }
-        Some(())
-    };
-    if plan().is_none() {
+    if plan.make().is_none() {
         tracing::info!("a changed path cannot be given to debugfs: full mkfs");
         return Ok(false);
     }
     let (free_blocks, free_inodes, block_size) = free_space(img)?;
-    let need_blocks = need_blocks * 4096 / block_size.max(1);
+    let need_blocks = plan.need_blocks * 4096 / block_size.max(1);
+    let need_inodes = plan.need_inodes;
     if need_blocks + need_blocks / 8 + 1024 > free_blocks || need_inodes + 256 > free_inodes {
         tracing::info!(
             need_blocks,
@@ -418,8 +265,220 @@ pub fn update_ext4(
         );
         return Ok(false);
     }
-    run_debugfs(img, &script, undo)?;
+    run_debugfs(img, &plan.script, undo)?;
     Ok(true)
+}
+
+/// The debugfs script that turns the base tree's disk into the new tree's, and what it needs.
+/// Its steps return None for a path debugfs cannot be given (the caller then runs mkfs).
+struct DebugfsPlan<'a> {
+    base: &'a Path,
+    /// Paths the base has beyond its tree (the mount points): (path, is a directory)
+    extra_base: &'a [(&'a str, bool)],
+    root: &'a Path,
+    changed: &'a BTreeSet<PathBuf>,
+    script: String,
+    /// Inodes created or changed: their times are fixed at the end.
+    fix: Vec<PathBuf>,
+    /// Directories whose metadata is set last (adding and removing entries touches it).
+    dirs: Vec<(PathBuf, std::fs::Metadata)>,
+    removed: Vec<PathBuf>,
+    /// Hard-linked files by (dev, inode): the first path written and the link count.
+    links: HashMap<(u64, u64), (PathBuf, u64)>,
+    need_blocks: u64,
+    need_inodes: u64,
+}
+
+impl DebugfsPlan<'_> {
+    fn make(&mut self) -> Option<()> {
+        for rel in self.changed {
+            if rel.as_os_str().is_empty() || self.removed.iter().any(|r| rel.starts_with(r)) {
+                continue;
+            }
+            self.change(rel)?;
+        }
+        self.finish()
+    }
+
+    /// Some(is a directory) if the base has `rel`.
+    fn base_has(&self, rel: &Path) -> Option<bool> {
+        if let Some(&(_, d)) = self.extra_base.iter().find(|(p, _)| Path::new(p) == rel) {
+            return Some(d);
+        }
+        lstat_in(self.base, rel).map(|m| m.is_dir())
+    }
+
+    /// One changed path: removed, merged (a directory over a directory), kept (unchanged), or
+    /// replaced by what the new tree has.
+    fn change(&mut self, rel: &PathBuf) -> Option<()> {
+        let old = self.base_has(rel);
+        let Some(m) = lstat_in(self.root, rel) else {
+            if let Some(d) = old {
+                self.rm_tree(rel, d)?;
+                self.removed.push(rel.clone());
+            }
+            return Some(());
+        };
+        if let Some(old_dir) = old {
+            if old_dir && m.is_dir() {
+                self.remove_children_gone(rel)?;
+                self.dirs.push((rel.clone(), m));
+                return Some(());
+            }
+            // Unchanged files stay where they are (a step may copy up without change).
+            if !old_dir && self.unchanged(rel, &m) {
+                return Some(());
+            }
+            self.rm_tree(rel, old_dir)?;
+            if old_dir {
+                self.removed.push(rel.clone());
+            }
+        }
+        self.create(rel, m)
+    }
+
+    /// Children the base has and the result lacks (opaque directories list no whiteouts for
+    /// them).
+    fn remove_children_gone(&mut self, rel: &Path) -> Option<()> {
+        let Ok(rd) = std::fs::read_dir(self.base.join(rel)) else {
+            return Some(());
+        };
+        let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let child = rel.join(e.file_name());
+            if lstat_in(self.root, &child).is_none() && !self.changed.contains(&child) {
+                let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                self.rm_tree(&child, d)?;
+                self.removed.push(child);
+            }
+        }
+        Some(())
+    }
+
+    /// Whether the base's non-directory `rel` is the new tree's, metadata and data.
+    fn unchanged(&self, rel: &Path, m: &std::fs::Metadata) -> bool {
+        let Some(bm) = lstat_in(self.base, rel) else {
+            return false;
+        };
+        let same_meta = bm.mode() == m.mode()
+            && bm.uid() == m.uid()
+            && bm.gid() == m.gid()
+            && bm.size() == m.size()
+            && bm.mtime() == m.mtime()
+            && bm.mtime_nsec() == m.mtime_nsec()
+            && bm.nlink() == 1
+            && m.nlink() == 1;
+        same_meta
+            && if m.is_file() {
+                same_file(&self.base.join(rel), &self.root.join(rel))
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(self.base.join(rel)).ok()
+                    == std::fs::read_link(self.root.join(rel)).ok()
+            } else {
+                bm.rdev() == m.rdev()
+            }
+    }
+
+    /// Removes `rel` and, for a directory, everything below it (as the base tree has it).
+    fn rm_tree(&mut self, rel: &Path, is_dir: bool) -> Option<()> {
+        if is_dir {
+            if let Ok(rd) = std::fs::read_dir(self.base.join(rel)) {
+                let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+                names.sort_by_key(|e| e.file_name());
+                for e in names {
+                    let child = rel.join(e.file_name());
+                    let d = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                    self.rm_tree(&child, d)?;
+                }
+            }
+            self.script.push_str(&format!("rmdir {}\n", q(rel)?));
+        } else {
+            self.script.push_str(&format!("rm {}\n", q(rel)?));
+        }
+        Some(())
+    }
+
+    /// Writes the new tree's `rel` (metadata `m`) into the disk.
+    fn create(&mut self, rel: &PathBuf, m: std::fs::Metadata) -> Option<()> {
+        use std::os::unix::fs::FileTypeExt;
+        let ft = m.file_type();
+        let p = q(rel)?;
+        self.need_inodes += 1;
+        if ft.is_dir() {
+            self.script.push_str(&format!("mkdir {p}\n"));
+            self.need_blocks += 1;
+            self.removed.retain(|r| r != rel);
+            self.dirs.push((rel.clone(), m));
+            self.fix.push(rel.clone());
+            return Some(());
+        } else if ft.is_file() {
+            if m.nlink() > 1 {
+                let e = self
+                    .links
+                    .entry((m.dev(), m.ino()))
+                    .or_insert_with(|| (rel.clone(), 0));
+                e.1 += 1;
+                if e.1 > 1 {
+                    let first = e.0.clone();
+                    self.script.push_str(&format!("ln {} {p}\n", q(&first)?));
+                    self.need_inodes -= 1;
+                    return Some(());
+                }
+            }
+            self.script
+                .push_str(&format!("write {} {p}\n", q(&self.root.join(rel))?));
+            self.need_blocks += m.size().div_ceil(4096) + m.size() / (4096 * 340) + 1;
+        } else if ft.is_symlink() {
+            let t = std::fs::read_link(self.root.join(rel)).ok()?;
+            self.script.push_str(&format!("symlink {p} {}\n", q(&t)?));
+            self.need_blocks += 1;
+        } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let name = q(Path::new(rel.file_name()?))?;
+            let kind = if ft.is_fifo() {
+                "p".to_string()
+            } else {
+                let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
+                let c = if ft.is_char_device() { 'c' } else { 'b' };
+                format!("{c} {maj} {min}")
+            };
+            self.script.push_str(&format!(
+                "cd {}\nmknod {name} {kind}\ncd /\n",
+                q(&Path::new("/").join(parent))?
+            ));
+        } else {
+            return Some(()); // sockets are not kept in images
+        }
+        self.script.push_str(&set_inode_meta(&p, &m));
+        self.fix.push(rel.clone());
+        Some(())
+    }
+
+    /// Directory metadata, link counts, and the fixed times of every inode written.
+    fn finish(&mut self) -> Option<()> {
+        for (rel, m) in &self.dirs {
+            self.script.push_str(&set_inode_meta(&q(rel)?, m));
+            self.fix.push(rel.clone());
+        }
+        for (first, n) in self.links.values() {
+            self.script
+                .push_str(&format!("sif {} links_count {n}\n", q(first)?));
+        }
+        let t = format!("{FIXED_TIME:#x}");
+        self.fix.sort();
+        self.fix.dedup();
+        for rel in &self.fix {
+            let p = q(rel)?;
+            for field in ["ctime", "atime", "crtime"] {
+                self.script.push_str(&format!("sif {p} {field} {t}\n"));
+            }
+            for field in ["ctime_extra", "atime_extra", "crtime_extra", "mtime_extra"] {
+                self.script.push_str(&format!("sif {p} {field} 0\n"));
+            }
+        }
+        Some(())
+    }
 }
 
 /// The byte ranges (offset, length) a debugfs run with `-z undo` wrote, from its undo file:

@@ -281,7 +281,10 @@ impl Meta {
     fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Meta {
         let h = entry.header();
         let (uid, gid) = (h.uid().unwrap_or(0), h.gid().unwrap_or(0));
-        let (mode, mtime) = (h.mode().unwrap_or(0o644) & 0o7777, h.mtime().unwrap_or(0) as i64);
+        let (mode, mtime) = (
+            h.mode().unwrap_or(0o644) & 0o7777,
+            h.mtime().unwrap_or(0) as i64,
+        );
         let xattrs = match entry.pax_extensions() {
             Ok(Some(exts)) => exts
                 .filter_map(|x| x.ok())
@@ -409,8 +412,11 @@ impl Applier<'_> {
         if t.is_dir() {
             let mode = h.mode().unwrap_or(0o755) & 0o7777;
             lchown(self.root, h.uid().unwrap_or(0), h.gid().unwrap_or(0))?;
-            std::fs::set_permissions(self.root, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .ctx("chmod", self.root)?;
+            std::fs::set_permissions(
+                self.root,
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            )
+            .ctx("chmod", self.root)?;
             self.dir_times
                 .push((self.root.to_path_buf(), h.mtime().unwrap_or(0) as i64));
         }
@@ -523,8 +529,11 @@ impl Applier<'_> {
             return Err(errno_io("mknod", target));
         }
         lchown(target, meta.uid, meta.gid)?;
-        std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(meta.mode))
-            .ctx("chmod", target)?;
+        std::fs::set_permissions(
+            target,
+            std::os::unix::fs::PermissionsExt::from_mode(meta.mode),
+        )
+        .ctx("chmod", target)?;
         set_mtime(target, meta.mtime)
     }
 

@@ -559,7 +559,13 @@ impl Jail {
                 null,
             ))?;
             let root = self.root.as_ptr();
-            sys(libc::mount(root, root, none, libc::MS_BIND | libc::MS_REC, null))?;
+            sys(libc::mount(
+                root,
+                root,
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                null,
+            ))?;
             sys(libc::mount(
                 c"proc".as_ptr(),
                 self.proc_dir.as_ptr(),
@@ -584,7 +590,13 @@ impl Jail {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::close(fd);
-                sys(libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND, null))?;
+                sys(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    null,
+                ))?;
             }
             libc::mkdir(self.shm.as_ptr(), 0o1777);
             if let Some((src, dst)) = &self.resolv {

@@ -26,33 +26,12 @@ impl Builder<'_> {
         vars: &HashMap<String, String>,
     ) -> Result<()> {
         let file = self.df.file.clone();
-        let mut from = None;
-        let mut chown = None;
-        let mut chmod = None;
-        let mut checksum = None;
-        for (k, v) in &ins.flags {
-            let v = dockerfile::expand_words(v, vars)
-                .map_err(|e| derr(&file, ins, e))?
-                .join("");
-            match k.as_str() {
-                "from" => from = Some(v),
-                "chown" => chown = Some(v),
-                "chmod" => {
-                    chmod = Some(u32::from_str_radix(&v, 8).map_err(|_| {
-                        derr(&file, ins, format!("--chmod={v} is not an octal mode"))
-                    })?)
-                }
-                "link" => {}
-                "checksum" if ins.keyword == "ADD" => checksum = Some(v),
-                other => {
-                    return Err(derr(
-                        &file,
-                        ins,
-                        format!("{} --{other} is not supported", ins.keyword),
-                    ))
-                }
-            }
-        }
+        let CopyFlags {
+            from,
+            chown,
+            chmod,
+            checksum,
+        } = copy_flags(&file, ins, vars)?;
         let mut w = match &ins.args {
             Args::Exec(v) => v.clone(),
             Args::Shell(s) => dockerfile::expand_words(s, vars).map_err(|e| derr(&file, ins, e))?,
@@ -71,22 +50,9 @@ impl Builder<'_> {
         let dest_is_dir =
             dest_raw.ends_with('/') || matches!(last_component, "." | "..") || w.len() > 1;
         let dest = resolve_in(&cwd, &dest_raw);
-        // Ownership: resolved against the stage's /etc/passwd when given by name.
         let owner = match &chown {
             None => None,
-            Some(c) => {
-                // Numbers need no root (and no materialized stage) to resolve.
-                let numeric = c.split(':').all(|p| p.parse::<u32>().is_ok());
-                let users = if numeric {
-                    kiln_agent::users::Users::default()
-                } else {
-                    step_jail::root_users(&self.materialize(idx, st)?)
-                };
-                let owner = users
-                    .chown_owner(c)
-                    .map_err(|e| derr(&file, ins, format!("--chown={c}: {e}")))?;
-                Some(owner)
-            }
+            Some(c) => Some(self.chown_owner(idx, st, c, ins)?),
         };
         // Where sources come from: the context, or an earlier stage (by its key).
         let from_stage = match &from {
@@ -97,11 +63,8 @@ impl Builder<'_> {
                     Some((s, self.stages[s].as_ref().expect("built").key))
                 }
                 None => {
-                    return Err(derr(
-                        &file,
-                        ins,
-                        format!("--from={f}: no earlier stage by that name"),
-                    ))
+                    let why = format!("--from={f}: no earlier stage by that name");
+                    return Err(derr(&file, ins, why));
                 }
             },
         };
@@ -134,10 +97,7 @@ impl Builder<'_> {
             if let Some(rec) = self.lookup_cache(&k)? {
                 return self.cache_hit(idx, st, ins, k, rec);
             }
-            let mut sst = self.stages[s].take().expect("built");
-            let r = self.materialize(s, &mut sst);
-            self.stages[s] = Some(sst);
-            let sroot = r?;
+            let sroot = self.stage_root(s)?;
             self.write_copy_tar(&sroot, false, &spec, &tar_path, ins)?;
             k
         } else {
@@ -152,41 +112,17 @@ impl Builder<'_> {
         // `COPY file /dir` without a trailing slash copies into /dir when the image has that
         // directory. The parent key fixes the parent tree, so the key need not say which; on a
         // miss, look and write the tar again with the file inside the directory.
-        let single = (w.len() == 1 && !w[0].starts_with("<<") && !w[0].contains(['*', '?']))
-            .then(|| clean_rel(&w[0]))
-            .flatten()
-            .filter(|_| !dest_is_dir);
-        if let Some(rel) = single {
+        if let Some(inside) = self.single_file_into_dir(idx, st, &spec, from_stage)? {
+            let spec = CopySpec {
+                dest: &inside,
+                dest_is_dir: false,
+                ..spec
+            };
             let src_root = match from_stage {
-                Some((s, _)) => {
-                    let mut sst = self.stages[s].take().expect("built");
-                    let r = self.materialize(s, &mut sst);
-                    self.stages[s] = Some(sst);
-                    r?
-                }
+                Some((s, _)) => self.stage_root(s)?,
                 None => self.opts.context.clone(),
             };
-            let src_is_dir = std::fs::symlink_metadata(src_root.join(&rel))
-                .map(|m| m.is_dir())
-                .unwrap_or(true);
-            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned());
-            if let (false, Some(name)) = (src_is_dir, name) {
-                let root = self.materialize(idx, st)?;
-                if real_dir_in(&root, &dest) {
-                    let inside = format!("{}/{name}", dest.trim_end_matches('/'));
-                    let spec = CopySpec {
-                        srcs: &w,
-                        heredocs: &ins.heredocs,
-                        vars,
-                        dest: &inside,
-                        dest_is_dir: false,
-                        owner,
-                        chmod,
-                        checksum: checksum.as_deref(),
-                    };
-                    self.write_copy_tar(&src_root, from_stage.is_none(), &spec, &tar_path, ins)?;
-                }
-            }
+            self.write_copy_tar(&src_root, from_stage.is_none(), &spec, &tar_path, ins)?;
         }
         self.say(&format!("  {}: {}", ins.line, ins.original));
         // Applied in a fresh upper directory: the step's tree, from which its disk is made.
@@ -202,6 +138,67 @@ impl Builder<'_> {
         self.record_step(idx, st, ins, key, Some(&tar_path))
     }
 
+    /// `COPY --chown=spec`'s owner, against the stage's /etc/passwd when given by name.
+    fn chown_owner(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        spec: &str,
+        ins: &Instruction,
+    ) -> Result<(u32, u32)> {
+        // Numbers need no root (and no materialized stage) to resolve.
+        let numeric = spec.split(':').all(|p| p.parse::<u32>().is_ok());
+        let users = if numeric {
+            kiln_agent::users::Users::default()
+        } else {
+            step_jail::root_users(&self.materialize(idx, st)?)
+        };
+        users
+            .chown_owner(spec)
+            .map_err(|e| derr(&self.df.file, ins, format!("--chown={spec}: {e}")))
+    }
+
+    /// Earlier stage `s`'s tree (materialized if it is not yet).
+    fn stage_root(&mut self, s: usize) -> Result<PathBuf> {
+        let mut sst = self.stages[s].take().expect("built");
+        let r = self.materialize(s, &mut sst);
+        self.stages[s] = Some(sst);
+        r
+    }
+
+    /// Where a lone file source goes when the destination, given without a trailing slash,
+    /// is a directory in the image: inside it. None when that is not the case.
+    fn single_file_into_dir(
+        &mut self,
+        idx: usize,
+        st: &mut StageState,
+        spec: &CopySpec<'_>,
+        from_stage: Option<(usize, blake3::Hash)>,
+    ) -> Result<Option<String>> {
+        let w = spec.srcs;
+        let single = (w.len() == 1 && !w[0].starts_with("<<") && !w[0].contains(['*', '?']))
+            .then(|| clean_rel(&w[0]))
+            .flatten()
+            .filter(|_| !spec.dest_is_dir);
+        let Some(rel) = single else {
+            return Ok(None);
+        };
+        let src_root = match from_stage {
+            Some((s, _)) => self.stage_root(s)?,
+            None => self.opts.context.clone(),
+        };
+        let src_is_dir = std::fs::symlink_metadata(src_root.join(&rel))
+            .map(|m| m.is_dir())
+            .unwrap_or(true);
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned());
+        let (false, Some(name)) = (src_is_dir, name) else {
+            return Ok(None);
+        };
+        let root = self.materialize(idx, st)?;
+        Ok(real_dir_in(&root, spec.dest)
+            .then(|| format!("{}/{name}", spec.dest.trim_end_matches('/'))))
+    }
+
     pub(super) fn write_copy_tar(
         &self,
         src_root: &Path,
@@ -210,131 +207,166 @@ impl Builder<'_> {
         out: &Path,
         ins: &Instruction,
     ) -> Result<()> {
-        let CopySpec {
-            srcs,
-            heredocs,
-            vars,
-            dest,
-            dest_is_dir,
-            owner,
-            chmod,
-            checksum,
-        } = *spec;
-        let file = self.df.file.clone();
+        let sources = self.copy_sources(src_root, is_context, spec, ins)?;
         let f = std::fs::File::create(out).ctx("create", out)?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(f));
-        let mut entries: Vec<(String, PathBuf)> = Vec::new(); // (dest path, host path)
-        let mut inline: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut archives: Vec<PathBuf> = Vec::new();
-        for s in srcs {
+        self.write_copy_entries(&mut b, sources, spec, out, ins)?;
+        let mut w = b.into_inner().ctx("finish", out)?;
+        w.flush().ctx("write", out)?;
+        Ok(())
+    }
+
+    /// Where each source of a COPY/ADD goes: heredocs, URLs (fetched), and the context's or
+    /// a stage's paths (globs expanded, directories walked, `.dockerignore` applied).
+    fn copy_sources(
+        &self,
+        src_root: &Path,
+        is_context: bool,
+        spec: &CopySpec<'_>,
+        ins: &Instruction,
+    ) -> Result<CopySources> {
+        let file = &self.df.file;
+        let dest = spec.dest;
+        let mut out = CopySources::default();
+        for s in spec.srcs {
             if let Some(h) = s
                 .strip_prefix("<<")
-                .and_then(|n| heredocs.iter().find(|h| h.name == n))
+                .and_then(|n| spec.heredocs.iter().find(|h| h.name == n))
             {
                 let body = if h.expand {
-                    dockerfile::expand_vars(&h.body, vars).map_err(|e| derr(&file, ins, e))?
+                    dockerfile::expand_vars(&h.body, spec.vars).map_err(|e| derr(file, ins, e))?
                 } else {
                     h.body.clone()
                 };
-                let d = if dest_is_dir {
+                let d = if spec.dest_is_dir {
                     format!("{}/{}", dest.trim_end_matches('/'), h.name)
                 } else {
                     dest.to_string()
                 };
-                inline.push((d, body.into_bytes()));
+                out.inline.push((d, body.into_bytes()));
                 continue;
             }
             if ins.keyword == "ADD" && crate::add::is_url(s) {
-                let add_err = |e: Error| derr(&file, ins, e.to_string());
-                let d = if dest_is_dir {
+                let add_err = |e: Error| derr(file, ins, e.to_string());
+                let d = if spec.dest_is_dir {
                     let n = crate::add::url_file_name(s).map_err(add_err)?;
                     format!("{}/{n}", dest.trim_end_matches('/'))
                 } else {
                     dest.to_string()
                 };
-                let host = crate::add::fetch_url(s, checksum, self.work.path()).map_err(add_err)?;
-                entries.push((d, host));
+                let host =
+                    crate::add::fetch_url(s, spec.checksum, self.work.path()).map_err(add_err)?;
+                out.entries.push((d, host));
                 continue;
             }
-            if checksum.is_some() {
-                return Err(derr(&file, ins, "--checksum applies to URL sources only"));
+            if spec.checksum.is_some() {
+                return Err(derr(file, ins, "--checksum applies to URL sources only"));
             }
             let rel = clean_rel(s).ok_or_else(|| {
                 derr(
-                    &file,
+                    file,
                     ins,
                     format!("{s}: source leads outside the build context"),
                 )
             })?;
             let matches = expand_glob(src_root, &rel);
             if matches.is_empty() {
-                return Err(derr(
-                    &file,
-                    ins,
-                    format!(
-                        "{s}: no such file in the {}",
-                        if is_context {
-                            "build context"
-                        } else {
-                            "source stage"
-                        }
-                    ),
-                ));
+                let place = if is_context {
+                    "build context"
+                } else {
+                    "source stage"
+                };
+                return Err(derr(file, ins, format!("{s}: no such file in the {place}")));
             }
             for m in matches {
-                let host = src_root.join(&m);
-                let meta = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
-                if is_context && self.ignored(&m) {
-                    continue;
-                }
-                if meta.is_dir() {
-                    let mut stack = vec![PathBuf::new()];
-                    while let Some(sub) = stack.pop() {
-                        let dir = host.join(&sub);
-                        for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
-                            let e = e.ctx("read dir", &dir)?;
-                            let r = sub.join(e.file_name());
-                            if is_context && self.ignored(&m.join(&r)) {
-                                continue;
-                            }
-                            let d = format!("{}/{}", dest.trim_end_matches('/'), r.display());
-                            if e.file_type().ctx("stat", e.path())?.is_dir() {
-                                stack.push(r);
-                            }
-                            entries.push((d, e.path()));
-                        }
-                    }
-                } else if ins.keyword == "ADD" && is_context && crate::add::is_archive(&host)? {
-                    // A local tar archive is unpacked into the destination directory.
-                    archives.push(host);
-                } else {
-                    let d = if dest_is_dir || dest.ends_with('/') {
-                        format!(
-                            "{}/{}",
-                            dest.trim_end_matches('/'),
-                            m.file_name()
-                                .map(|f| f.to_string_lossy().into_owned())
-                                .unwrap_or_default()
-                        )
-                    } else {
-                        dest.to_string()
-                    };
-                    entries.push((d, host));
-                }
+                self.add_copy_path(&mut out, src_root, &m, is_context, spec, ins)?;
             }
         }
-        if dest_is_dir || entries.len() > 1 {
-            // The destination directory itself, so its mode is defined.
+        Ok(out)
+    }
+
+    /// One matched source path: a directory's contents, a local archive for ADD, or a file.
+    fn add_copy_path(
+        &self,
+        out: &mut CopySources,
+        src_root: &Path,
+        m: &Path,
+        is_context: bool,
+        spec: &CopySpec<'_>,
+        ins: &Instruction,
+    ) -> Result<()> {
+        let dest = spec.dest;
+        let host = src_root.join(m);
+        let meta = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
+        if is_context && self.ignored(m) {
+            return Ok(());
+        }
+        if meta.is_dir() {
+            let mut stack = vec![PathBuf::new()];
+            while let Some(sub) = stack.pop() {
+                let dir = host.join(&sub);
+                for e in std::fs::read_dir(&dir).ctx("read dir", &dir)? {
+                    let e = e.ctx("read dir", &dir)?;
+                    let r = sub.join(e.file_name());
+                    if is_context && self.ignored(&m.join(&r)) {
+                        continue;
+                    }
+                    let d = format!("{}/{}", dest.trim_end_matches('/'), r.display());
+                    if e.file_type().ctx("stat", e.path())?.is_dir() {
+                        stack.push(r);
+                    }
+                    out.entries.push((d, e.path()));
+                }
+            }
+        } else if ins.keyword == "ADD" && is_context && crate::add::is_archive(&host)? {
+            // A local tar archive is unpacked into the destination directory.
+            out.archives.push(host);
+        } else {
+            let d = if spec.dest_is_dir || dest.ends_with('/') {
+                let name = m
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{}/{name}", dest.trim_end_matches('/'))
+            } else {
+                dest.to_string()
+            };
+            out.entries.push((d, host));
+        }
+        Ok(())
+    }
+
+    /// The layer's tar: the destination directory, the sources in name order (owner, mode
+    /// and a zero time: the same sources give the same bytes), archives, heredoc files.
+    fn write_copy_entries<W: Write>(
+        &self,
+        b: &mut tar::Builder<W>,
+        sources: CopySources,
+        spec: &CopySpec<'_>,
+        out: &Path,
+        ins: &Instruction,
+    ) -> Result<()> {
+        let CopySources {
+            mut entries,
+            inline,
+            archives,
+        } = sources;
+        let header = |kind: tar::EntryType, mode: u32| {
             let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
+            h.set_entry_type(kind);
+            h.set_mode(mode);
             h.set_size(0);
             h.set_mtime(0);
-            let (u, g) = owner.unwrap_or((0, 0));
+            let (u, g) = spec.owner.unwrap_or((0, 0));
             h.set_uid(u as u64);
             h.set_gid(g as u64);
-            let d = dest.trim_start_matches('/').trim_end_matches('/');
+            h
+        };
+        if spec.dest_is_dir || entries.len() > 1 {
+            // The destination directory itself, so its mode is defined.
+            let d = spec.dest.trim_start_matches('/').trim_end_matches('/');
             if !d.is_empty() {
+                let mut h = header(tar::EntryType::Directory, 0o755);
                 b.append_data(&mut h, format!("{d}/"), std::io::empty())
                     .ctx("write", out)?;
             }
@@ -343,32 +375,24 @@ impl Builder<'_> {
         entries.dedup_by(|a, b| a.0 == b.0);
         for (d, host) in entries {
             let m = std::fs::symlink_metadata(&host).ctx("lstat", &host)?;
-            let mut h = tar::Header::new_gnu();
-            h.set_metadata_in_mode(&m, tar::HeaderMode::Deterministic);
-            h.set_mtime(0);
-            let mode = chmod.unwrap_or(m.mode() & 0o7777);
-            h.set_mode(mode);
-            let (u, g) = owner.unwrap_or((0, 0));
-            h.set_uid(u as u64);
-            h.set_gid(g as u64);
+            let mode = spec.chmod.unwrap_or(m.mode() & 0o7777);
             let name = d.trim_start_matches('/').to_string();
             if m.file_type().is_symlink() {
                 let t = std::fs::read_link(&host).ctx("readlink", &host)?;
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
+                let mut h = header(tar::EntryType::Symlink, mode);
                 b.append_link(&mut h, &name, &t).ctx("write", out)?;
             } else if m.is_dir() {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
+                let mut h = header(tar::EntryType::Directory, mode);
                 b.append_data(&mut h, format!("{name}/"), std::io::empty())
                     .ctx("write", out)?;
             } else if m.is_file() {
                 let f = std::fs::File::open(&host).ctx("open", &host)?;
+                let mut h = header(tar::EntryType::Regular, mode);
                 h.set_size(m.len());
                 b.append_data(&mut h, &name, f).ctx("write", out)?;
             } else {
                 return Err(derr(
-                    &file,
+                    &self.df.file,
                     ins,
                     format!(
                         "{}: only files, directories and symlinks can be copied",
@@ -379,23 +403,15 @@ impl Builder<'_> {
         }
         for (i, a) in archives.iter().enumerate() {
             let scratch = self.work.path().join(format!("add-check-{}-{i}", ins.line));
-            crate::add::append_archive(&mut b, a, dest, owner, &scratch)
-                .map_err(|e| derr(&file, ins, e.to_string()))?;
+            crate::add::append_archive(b, a, spec.dest, spec.owner, &scratch)
+                .map_err(|e| derr(&self.df.file, ins, e.to_string()))?;
         }
         for (d, data) in inline {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(chmod.unwrap_or(0o644));
+            let mut h = header(tar::EntryType::Regular, spec.chmod.unwrap_or(0o644));
             h.set_size(data.len() as u64);
-            h.set_mtime(0);
-            let (u, g) = owner.unwrap_or((0, 0));
-            h.set_uid(u as u64);
-            h.set_gid(g as u64);
             b.append_data(&mut h, d.trim_start_matches('/'), &data[..])
                 .ctx("write", out)?;
         }
-        let mut w = b.into_inner().ctx("finish", out)?;
-        w.flush().ctx("write", out)?;
         Ok(())
     }
 
@@ -422,4 +438,53 @@ impl Builder<'_> {
         }
         ignored
     }
+}
+
+/// What a COPY/ADD puts in its layer.
+#[derive(Default)]
+struct CopySources {
+    /// (destination path, host path)
+    entries: Vec<(String, PathBuf)>,
+    /// Heredoc files: (destination path, contents)
+    inline: Vec<(String, Vec<u8>)>,
+    /// Local archives ADD unpacks into the destination.
+    archives: Vec<PathBuf>,
+}
+
+/// A COPY/ADD's flags, expanded.
+struct CopyFlags {
+    from: Option<String>,
+    chown: Option<String>,
+    chmod: Option<u32>,
+    checksum: Option<String>,
+}
+
+fn copy_flags(file: &str, ins: &Instruction, vars: &HashMap<String, String>) -> Result<CopyFlags> {
+    let mut f = CopyFlags {
+        from: None,
+        chown: None,
+        chmod: None,
+        checksum: None,
+    };
+    for (k, v) in &ins.flags {
+        let v = dockerfile::expand_words(v, vars)
+            .map_err(|e| derr(file, ins, e))?
+            .join("");
+        match k.as_str() {
+            "from" => f.from = Some(v),
+            "chown" => f.chown = Some(v),
+            "chmod" => {
+                let mode = u32::from_str_radix(&v, 8)
+                    .map_err(|_| derr(file, ins, format!("--chmod={v} is not an octal mode")))?;
+                f.chmod = Some(mode);
+            }
+            "link" => {}
+            "checksum" if ins.keyword == "ADD" => f.checksum = Some(v),
+            other => {
+                let why = format!("{} --{other} is not supported", ins.keyword);
+                return Err(derr(file, ins, why));
+            }
+        }
+    }
+    Ok(f)
 }
