@@ -349,31 +349,7 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             }
             Ok(())
         }
-        SandboxCommand::Pause { id, push, json } => {
-            let rec = sbx.pause(&id)?;
-            let State::Paused { saved: snapshot } = &rec.state else {
-                bail!("sandbox {id} did not pause");
-            };
-            let pushed = match push {
-                true => Some(kiln_runtime::sandbox_snapshot::push(
-                    sbx.store(),
-                    snapshot,
-                    None,
-                )?),
-                false => None,
-            };
-            if json {
-                // The record, and the bytes this pause stored and uploaded (only what was new).
-                let mut v = serde_json::to_value(&rec)?;
-                v["stored_bytes"] = sbx.store().stats().bytes_written.into();
-                if let Some(b) = pushed {
-                    v["pushed_bytes"] = b.into();
-                }
-                return print_json(&v);
-            }
-            println!("{} paused (snapshot {snapshot})", rec.id);
-            Ok(())
-        }
+        SandboxCommand::Pause { id, push, json } => pause(&sbx, &id, push, json),
         SandboxCommand::Resume { id, json } => {
             let rec = match sbx.get(&id) {
                 Ok(_) => sbx.resume(&id, None)?,
@@ -460,6 +436,32 @@ fn set_network(sbx: &Sandboxes, a: NetworkArgs) -> Result<()> {
             .map(|p| p.summary())
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+fn pause(sbx: &Sandboxes, id: &str, push: bool, json: bool) -> Result<()> {
+    let rec = sbx.pause(id)?;
+    let State::Paused { saved: snapshot } = &rec.state else {
+        bail!("sandbox {id} did not pause");
+    };
+    let pushed = match push {
+        true => Some(kiln_runtime::sandbox_snapshot::push(
+            sbx.store(),
+            snapshot,
+            None,
+        )?),
+        false => None,
+    };
+    if json {
+        // The record, and the bytes this pause stored and uploaded (only what was new).
+        let mut v = serde_json::to_value(&rec)?;
+        v["stored_bytes"] = sbx.store().stats().bytes_written.into();
+        if let Some(b) = pushed {
+            v["pushed_bytes"] = b.into();
+        }
+        return print_json(&v);
+    }
+    println!("{} paused (snapshot {snapshot})", rec.id);
     Ok(())
 }
 

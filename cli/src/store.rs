@@ -402,51 +402,7 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
             repair,
             remote,
             json,
-        } => {
-            // Without --repair or --remote, verify is purely local (works offline); remote-only
-            // chunks are then trusted from the local record of what was pushed or pulled.
-            let store = if repair || remote.is_some() {
-                open_with_remote(home, remote.as_deref(), true)?
-            } else {
-                open_store(home)?
-            };
-            let rep = store.verify(repair)?;
-            if json {
-                print_json(&rep)?;
-            } else {
-                println!(
-                    "{} blobs, {} chunks checked, {} remote-only",
-                    rep.blobs, rep.chunks_checked, rep.remote_only
-                );
-                for c in &rep.damaged {
-                    println!("damaged chunk {c}");
-                }
-                for c in &rep.missing {
-                    println!("missing chunk {c}");
-                }
-                for c in &rep.repaired {
-                    println!("repaired chunk {c}");
-                }
-                for b in &rep.corrupt_manifests {
-                    println!("corrupt manifest {b}");
-                }
-                for p in &rep.damaged_packs {
-                    println!("damaged pack index {}", p.display());
-                }
-                println!("{}", if rep.ok { "ok" } else { "NOT OK" });
-            }
-            if !rep.ok {
-                bail!(
-                    "store is damaged{}",
-                    if repair {
-                        " and could not be fully repaired"
-                    } else {
-                        " (try `kiln store verify --repair`)"
-                    }
-                );
-            }
-            Ok(())
-        }
+        } => verify(home, repair, remote, json),
         StoreCommand::Gc {
             remote_too,
             remote_name,
@@ -474,6 +430,52 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
         StoreCommand::Push(a) => push(home, a),
         StoreCommand::Pull { args, all, name } => pull(home, args, all, name),
     }
+}
+
+fn verify(home: &Home, repair: bool, remote: Option<String>, json: bool) -> Result<()> {
+    // Without --repair or --remote, verify is purely local (works offline); remote-only
+    // chunks are then trusted from the local record of what was pushed or pulled.
+    let store = if repair || remote.is_some() {
+        open_with_remote(home, remote.as_deref(), true)?
+    } else {
+        open_store(home)?
+    };
+    let rep = store.verify(repair)?;
+    if json {
+        print_json(&rep)?;
+    } else {
+        println!(
+            "{} blobs, {} chunks checked, {} remote-only",
+            rep.blobs, rep.chunks_checked, rep.remote_only
+        );
+        for c in &rep.damaged {
+            println!("damaged chunk {c}");
+        }
+        for c in &rep.missing {
+            println!("missing chunk {c}");
+        }
+        for c in &rep.repaired {
+            println!("repaired chunk {c}");
+        }
+        for b in &rep.corrupt_manifests {
+            println!("corrupt manifest {b}");
+        }
+        for p in &rep.damaged_packs {
+            println!("damaged pack index {}", p.display());
+        }
+        println!("{}", if rep.ok { "ok" } else { "NOT OK" });
+    }
+    if !rep.ok {
+        bail!(
+            "store is damaged{}",
+            if repair {
+                " and could not be fully repaired"
+            } else {
+                " (try `kiln store verify --repair`)"
+            }
+        );
+    }
+    Ok(())
 }
 
 fn put(home: &Home, file: &Path, name: Option<String>, chunk_size: Option<u64>) -> Result<()> {

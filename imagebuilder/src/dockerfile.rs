@@ -81,9 +81,64 @@ fn err(file: &str, line: usize, msg: impl Into<String>) -> Error {
 /// Parses a Dockerfile's text. `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
     let lines: Vec<&str> = text.lines().collect();
+    let (escape, mut i) = directives(&lines, file)?;
+    let mut df = Dockerfile {
+        file: file.to_string(),
+        ..Default::default()
+    };
+    while i < lines.len() {
+        let start = i;
+        let first = lines[i].trim_start();
+        i += 1;
+        if first.is_empty() || first.starts_with('#') {
+            continue;
+        }
+        let logical = join_continuations(&lines, &mut i, first, escape);
+        let (kw, rest) = match logical.find(char::is_whitespace) {
+            Some(p) => (&logical[..p], logical[p..].trim_start()),
+            None => (logical.as_str(), ""),
+        };
+        let keyword = kw.to_ascii_uppercase();
+        if !KNOWN.contains(&keyword.as_str()) {
+            return Err(err(file, start + 1, format!("unknown instruction {kw:?}")));
+        }
+        let (flags, mut rest) = split_flags(&keyword, rest);
+        let mut heredocs = Vec::new();
+        if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
+            let words;
+            (heredocs, words) = take_heredocs(&lines, &mut i, &rest)
+                .map_err(|name| err(file, start + 1, format!("heredoc <<{name} is not closed")))?;
+            if !heredocs.is_empty() {
+                rest = words;
+            }
+        }
+        let args = match rest.starts_with('[') {
+            true => serde_json::from_str::<Vec<String>>(&rest)
+                .map(Args::Exec)
+                .unwrap_or(Args::Shell(rest)),
+            false => Args::Shell(rest),
+        };
+        let ins = Instruction {
+            line: start + 1,
+            keyword,
+            flags,
+            args,
+            heredocs,
+            original: logical.clone(),
+        };
+        place(&mut df, ins, file)?;
+    }
+    if df.stages.is_empty() {
+        return Err(err(file, lines.len().max(1), "no FROM instruction"));
+    }
+    Ok(df)
+}
+
+/// Parser directives (`# key=value` lines at the very top): the escape character, and the
+/// index of the first line after them.
+fn directives(lines: &[&str], file: &str) -> Result<(char, usize)> {
     let mut escape = '\\';
     let mut i = 0;
-    // Parser directives: `# key=value` lines at the very top.
     while i < lines.len() {
         let l = lines[i].trim();
         let Some(d) = l.strip_prefix('#') else { break };
@@ -109,166 +164,139 @@ pub fn parse(text: &str, file: &str) -> Result<Dockerfile> {
         }
         i += 1;
     }
-    let mut df = Dockerfile {
-        file: file.to_string(),
-        ..Default::default()
-    };
-    while i < lines.len() {
-        let start = i;
-        let first = lines[i].trim_start();
-        i += 1;
-        if first.is_empty() || first.starts_with('#') {
-            continue;
-        }
-        // Join continuations; comment lines inside a continuation are dropped.
-        let mut logical = String::new();
-        let mut cur = first.to_string();
+    Ok((escape, i))
+}
+
+/// The logical line starting with `first`: continuation lines joined (`i` moves past them),
+/// comment lines inside a continuation dropped.
+fn join_continuations(lines: &[&str], i: &mut usize, first: &str, escape: char) -> String {
+    let mut logical = String::new();
+    let mut cur = first.to_string();
+    loop {
+        let t = cur.trim_end();
+        let Some(stripped) = t.strip_suffix(escape) else {
+            logical.push_str(t);
+            break;
+        };
+        logical.push_str(stripped);
+        logical.push(' ');
+        // Next non-comment line.
         loop {
-            let t = cur.trim_end();
-            if let Some(stripped) = t.strip_suffix(escape) {
-                logical.push_str(stripped);
-                logical.push(' ');
-                // Next non-comment line.
-                loop {
-                    if i >= lines.len() {
-                        cur = String::new();
-                        break;
-                    }
-                    let n = lines[i];
-                    i += 1;
-                    if n.trim_start().starts_with('#') {
-                        continue;
-                    }
-                    cur = n.to_string();
-                    break;
-                }
-                if i >= lines.len() && cur.is_empty() {
-                    break;
-                }
-            } else {
-                logical.push_str(t);
+            if *i >= lines.len() {
+                cur = String::new();
                 break;
             }
+            let n = lines[*i];
+            *i += 1;
+            if n.trim_start().starts_with('#') {
+                continue;
+            }
+            cur = n.to_string();
+            break;
         }
-        let logical = logical.trim().to_string();
-        let (kw, rest) = match logical.find(char::is_whitespace) {
-            Some(p) => (&logical[..p], logical[p..].trim_start()),
-            None => (logical.as_str(), ""),
-        };
-        let keyword = kw.to_ascii_uppercase();
-        if !KNOWN.contains(&keyword.as_str()) {
-            return Err(err(file, start + 1, format!("unknown instruction {kw:?}")));
-        }
-        // Flags.
-        let mut rest = rest.to_string();
-        let mut flags = Vec::new();
-        if keyword != "RUN" || rest.starts_with("--") {
-            while rest.starts_with("--") {
-                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-                let flag = &rest[2..end];
-                let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
-                flags.push((k.to_string(), v.to_string()));
-                rest = rest[end..].trim_start().to_string();
-            }
-        }
-        // Heredocs (RUN, COPY, ADD): `<<EOF`, `<<-EOF`, `<<"EOF"`.
-        let mut heredocs = Vec::new();
-        if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") {
-            let mut words = Vec::new();
-            for w in rest.split_whitespace() {
-                if let Some(h) = w.strip_prefix("<<") {
-                    let strip = h.starts_with('-');
-                    let h = h.trim_start_matches('-');
-                    let quoted = h.starts_with('"') || h.starts_with('\'');
-                    let name = h.trim_matches(|c| c == '"' || c == '\'').to_string();
-                    if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                        words.push(w.to_string());
-                        continue;
-                    }
-                    let mut body = String::new();
-                    let mut closed = false;
-                    while i < lines.len() {
-                        let l = lines[i];
-                        i += 1;
-                        let cmp = if strip { l.trim_start_matches('\t') } else { l };
-                        if cmp == name {
-                            closed = true;
-                            break;
-                        }
-                        body.push_str(cmp);
-                        body.push('\n');
-                    }
-                    if !closed {
-                        return Err(err(
-                            file,
-                            start + 1,
-                            format!("heredoc <<{name} is not closed"),
-                        ));
-                    }
-                    heredocs.push(Heredoc {
-                        name,
-                        body,
-                        expand: !quoted,
-                    });
-                    words.push(format!("<<{}", heredocs.last().expect("pushed").name));
-                } else {
-                    words.push(w.to_string());
-                }
-            }
-            if !heredocs.is_empty() {
-                rest = words.join(" ");
-            }
-        }
-        let args = if rest.starts_with('[') {
-            match serde_json::from_str::<Vec<String>>(&rest) {
-                Ok(v) => Args::Exec(v),
-                Err(_) => Args::Shell(rest.clone()),
-            }
-        } else {
-            Args::Shell(rest.clone())
-        };
-        let ins = Instruction {
-            line: start + 1,
-            keyword: keyword.clone(),
-            flags,
-            args,
-            heredocs,
-            original: logical.clone(),
-        };
-        match keyword.as_str() {
-            "FROM" => {
-                let Args::Shell(s) = &ins.args else {
-                    return Err(err(file, ins.line, "FROM takes an image reference"));
-                };
-                let words: Vec<&str> = s.split_whitespace().collect();
-                let name = match words.as_slice() {
-                    [_] => None,
-                    [_, as_, n] if as_.eq_ignore_ascii_case("as") => Some(n.to_ascii_lowercase()),
-                    _ => return Err(err(file, ins.line, "FROM expects `FROM image [AS name]`")),
-                };
-                df.stages.push(Stage {
-                    from: ins,
-                    name,
-                    instructions: Vec::new(),
-                });
-            }
-            "ARG" if df.stages.is_empty() => df.global_args.push(ins),
-            _ => match df.stages.last_mut() {
-                Some(s) => s.instructions.push(ins),
-                None => {
-                    return Err(err(
-                        file,
-                        ins.line,
-                        format!("{keyword} before the first FROM (only ARG may come first)"),
-                    ))
-                }
-            },
+        if *i >= lines.len() && cur.is_empty() {
+            break;
         }
     }
-    if df.stages.is_empty() {
-        return Err(err(file, lines.len().max(1), "no FROM instruction"));
+    logical.trim().to_string()
+}
+
+/// Leading `--flag[=value]` words (for RUN only when the arguments start with one).
+fn split_flags(keyword: &str, rest: &str) -> (Vec<(String, String)>, String) {
+    let mut rest = rest.to_string();
+    let mut flags = Vec::new();
+    if keyword != "RUN" || rest.starts_with("--") {
+        while rest.starts_with("--") {
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            let flag = &rest[2..end];
+            let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
+            flags.push((k.to_string(), v.to_string()));
+            rest = rest[end..].trim_start().to_string();
+        }
     }
-    Ok(df)
+    (flags, rest)
+}
+
+/// Heredocs named in `rest` (`<<EOF`, `<<-EOF`, `<<"EOF"`), their bodies read from the lines
+/// at `i` on, and `rest` with each as `<<NAME`; Err(name) for one never closed.
+fn take_heredocs(
+    lines: &[&str],
+    i: &mut usize,
+    rest: &str,
+) -> std::result::Result<(Vec<Heredoc>, String), String> {
+    let mut heredocs = Vec::new();
+    let mut words = Vec::new();
+    for w in rest.split_whitespace() {
+        let Some(h) = w.strip_prefix("<<") else {
+            words.push(w.to_string());
+            continue;
+        };
+        let strip = h.starts_with('-');
+        let h = h.trim_start_matches('-');
+        let quoted = h.starts_with('"') || h.starts_with('\'');
+        let name = h.trim_matches(|c| c == '"' || c == '\'').to_string();
+        if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            words.push(w.to_string());
+            continue;
+        }
+        let mut body = String::new();
+        let mut closed = false;
+        while *i < lines.len() {
+            let l = lines[*i];
+            *i += 1;
+            let cmp = if strip { l.trim_start_matches('\t') } else { l };
+            if cmp == name {
+                closed = true;
+                break;
+            }
+            body.push_str(cmp);
+            body.push('\n');
+        }
+        if !closed {
+            return Err(name);
+        }
+        words.push(format!("<<{name}"));
+        heredocs.push(Heredoc {
+            name,
+            body,
+            expand: !quoted,
+        });
+    }
+    Ok((heredocs, words.join(" ")))
+}
+
+/// Puts `ins` where it belongs: a new stage (FROM), the global ARGs, or the current stage.
+fn place(df: &mut Dockerfile, ins: Instruction, file: &str) -> Result<()> {
+    match ins.keyword.as_str() {
+        "FROM" => {
+            let Args::Shell(s) = &ins.args else {
+                return Err(err(file, ins.line, "FROM takes an image reference"));
+            };
+            let words: Vec<&str> = s.split_whitespace().collect();
+            let name = match words.as_slice() {
+                [_] => None,
+                [_, as_, n] if as_.eq_ignore_ascii_case("as") => Some(n.to_ascii_lowercase()),
+                _ => return Err(err(file, ins.line, "FROM expects `FROM image [AS name]`")),
+            };
+            df.stages.push(Stage {
+                from: ins,
+                name,
+                instructions: Vec::new(),
+            });
+        }
+        "ARG" if df.stages.is_empty() => df.global_args.push(ins),
+        _ => match df.stages.last_mut() {
+            Some(s) => s.instructions.push(ins),
+            None => {
+                let why = format!(
+                    "{} before the first FROM (only ARG may come first)",
+                    ins.keyword
+                );
+                return Err(err(file, ins.line, why));
+            }
+        },
+    }
+    Ok(())
 }
 
 /// Expands `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR:+alt}` and handles quotes and escapes,

@@ -472,6 +472,33 @@ fn spawn_guarded(cmd: &mut Command, prog: &str) -> Res<std::process::Child> {
     }
 }
 
+/// Makes `cmd` switch to `u` (groups, gid, uid) and then enter `cwd` as that user, as runc
+/// does. std's `uid`/`gid` would drop every supplementary group (and its `groups` is
+/// unstable), so the switch is a pre_exec hook, after the cgroup write that needs root.
+fn run_as(cmd: &mut Command, u: crate::users::Identity, cwd: Option<&str>) -> Res<()> {
+    let Ok(cwd) = cwd.map(CString::new).transpose() else {
+        return fail(ErrorKind::Invalid, "exec: a working directory with NUL");
+    };
+    // SAFETY: the closure only makes async-signal-safe calls (setgroups, setgid, setuid,
+    // chdir) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Only root may set groups; an agent run unprivileged (tests) keeps its own.
+            let ok = (libc::getuid() != 0
+                || libc::setgroups(u.groups.len(), u.groups.as_ptr()) == 0)
+                && libc::setgid(u.gid) == 0
+                && libc::setuid(u.uid) == 0
+                && cwd.as_ref().is_none_or(|c| libc::chdir(c.as_ptr()) == 0);
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}
+
 /// Spawns `req` and puts it in the table, the owner (subscriber [`OWNER`]) attached at 0.
 fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     let Some(prog) = req.argv.first() else {
@@ -509,29 +536,7 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
         }
     }
     if let Some(u) = user {
-        // std's `uid`/`gid` would drop every supplementary group (and its `groups` is
-        // unstable), so the switch happens here, after the cgroup write that needs root.
-        let cwd = match req.cwd.as_deref().map(CString::new).transpose() {
-            Ok(c) => c,
-            Err(_) => return fail(ErrorKind::Invalid, "exec: a working directory with NUL"),
-        };
-        // SAFETY: the closure only makes async-signal-safe calls (setgroups, setgid, setuid,
-        // chdir) on data prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Only root may set groups; an agent run unprivileged (tests) keeps its own.
-                let ok = (libc::getuid() != 0
-                    || libc::setgroups(u.groups.len(), u.groups.as_ptr()) == 0)
-                    && libc::setgid(u.gid) == 0
-                    && libc::setuid(u.uid) == 0
-                    && cwd.as_ref().is_none_or(|c| libc::chdir(c.as_ptr()) == 0);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        run_as(&mut cmd, u, req.cwd.as_deref())?;
     }
     // A pre_exec hook makes std fork (see `runnable`).
     let forks = req.user.is_some() || req.tty.is_some() || work.is_some();
