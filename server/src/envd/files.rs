@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use kiln_agent::client;
-use kiln_agent::protocol::{FileKind, FileRequest};
-use std::collections::HashMap;
+use kiln_agent::protocol::{FileKind, FileRequest, METADATA_XATTR_PREFIX};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -224,14 +224,63 @@ pub async fn download(state: Arc<AppState>, id: String, q: HashMap<String, Strin
     }
 }
 
-/// Writes one file from `rx` (blocking): parents created and owned by the user.
+/// The metadata of an upload: its `X-Metadata-<key>` headers, keys lowercased, the first
+/// value of a repeated one (envd's `extractMetadataHeaders`), checked as envd checks them.
+pub fn metadata_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, HttpFail> {
+    const PREFIX: &str = "x-metadata-";
+    let mut out = BTreeMap::new();
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix(PREFIX).filter(|k| !k.is_empty()) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        out.entry(key.to_string()).or_insert(value);
+    }
+    validate_metadata(&out)
+        .map_err(|m| HttpFail(StatusCode::BAD_REQUEST, format!("invalid metadata: {m}")))?;
+    Ok(out)
+}
+
+/// envd's `ValidateMetadata`: printable US-ASCII keys and values, a key at most 255 bytes
+/// with its xattr prefix, 4096 bytes in all (each key counted with the prefix).
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), String> {
+    const PREFIX_LEN: usize = METADATA_XATTR_PREFIX.len();
+    let printable = |label: &str, s: &str| match s.bytes().position(|c| !(0x20..=0x7e).contains(&c)) {
+        Some(i) => Err(format!(
+            "metadata {label} contains non-printable-ASCII byte 0x{:02x} at offset {i}",
+            s.as_bytes()[i]
+        )),
+        None => Ok(()),
+    };
+    let mut total = 0;
+    for (k, v) in m {
+        if k.is_empty() {
+            return Err("metadata key must not be empty".into());
+        }
+        if k.len() > 255 - PREFIX_LEN {
+            return Err(format!("metadata key {k:?} exceeds {} bytes", 255 - PREFIX_LEN));
+        }
+        printable("key", k)?;
+        printable(&format!("value for key {k:?}"), v)?;
+        total += PREFIX_LEN + k.len() + v.len();
+    }
+    if total > 4096 {
+        return Err(format!("total metadata size {total} exceeds 4096 bytes"));
+    }
+    Ok(())
+}
+
+/// Writes one file from `rx` (blocking) as envd does: parents created and owned by the
+/// user, the file written in place, given to the user, its metadata replaced. Returns the
+/// metadata it has then.
 fn write_one(
     s: &mut Session,
     u: &User,
     path: &str,
     rx: mpsc::Receiver<io::Result<Bytes>>,
     gzip: bool,
-) -> Result<(), HttpFail> {
+    metadata: &BTreeMap<String, String>,
+) -> Result<Option<BTreeMap<String, String>>, HttpFail> {
     if let Some((parent, _)) = path.rsplit_once('/') {
         if !parent.is_empty() {
             s.ensure_dirs(parent, u)?;
@@ -239,31 +288,41 @@ fn write_one(
     }
     let req = FileRequest {
         path: path.to_string(),
-        mode: Some(0o644),
         uid: Some(u.uid),
         gid: Some(u.gid),
-        make_parents: false,
+        in_place: true,
+        metadata: Some(metadata.clone()),
+        ..Default::default()
     };
     let reader = ChannelReader {
         rx,
         cur: Bytes::new(),
     };
     let r = if gzip {
-        s.call(|c| client::write_file(c, &req, flate2::read::GzDecoder::new(reader)))
+        s.call(|c| client::write_file_info(c, &req, flate2::read::GzDecoder::new(reader)))
     } else {
-        s.call(|c| client::write_file(c, &req, reader))
+        s.call(|c| client::write_file_info(c, &req, reader))
     };
-    r.map(drop).map_err(|e| {
-        let status = if e.message.contains("No space left") {
-            StatusCode::INSUFFICIENT_STORAGE
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        HttpFail(
-            status,
-            format!("error writing file '{path}': {}", e.message),
-        )
-    })
+    match r {
+        Ok((_, info)) => Ok(info.map(|i| i.metadata).filter(|m| !m.is_empty())),
+        // A directory is in the way (envd's 400).
+        Err(e) if e.code == Code::InvalidArgument => {
+            Err(HttpFail(StatusCode::BAD_REQUEST, e.message))
+        }
+        Err(e) => {
+            let status = if e.message.contains("No space left")
+                || e.message.contains("Disk quota exceeded")
+            {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            Err(HttpFail(
+                status,
+                format!("error writing file '{path}': {}", e.message),
+            ))
+        }
+    }
 }
 
 /// A session and user prepared on the blocking pool.
@@ -283,15 +342,23 @@ async fn prepare(
     .unwrap_or_else(|e| Err(HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
 }
 
+/// What a file written has as metadata.
+type Written = Result<Option<BTreeMap<String, String>>, HttpFail>;
 /// A file being written: the feed of its bytes, the writer (which hands the session back).
 type Feed = mpsc::Sender<io::Result<Bytes>>;
-type Writer = tokio::task::JoinHandle<(Session, User, Result<(), HttpFail>)>;
+type Writer = tokio::task::JoinHandle<(Session, User, Written)>;
 
 /// Starts writing `path`; returns the feed and the writer's handle.
-fn spawn_write(mut s: Session, u: User, path: String, gzip: bool) -> (Feed, Writer) {
+fn spawn_write(
+    mut s: Session,
+    u: User,
+    path: String,
+    gzip: bool,
+    metadata: Arc<BTreeMap<String, String>>,
+) -> (Feed, Writer) {
     let (tx, rx) = mpsc::channel(8);
     let h = tokio::task::spawn_blocking(move || {
-        let r = write_one(&mut s, &u, &path, rx, gzip);
+        let r = write_one(&mut s, &u, &path, rx, gzip, &metadata);
         (s, u, r)
     });
     (tx, h)
@@ -331,7 +398,9 @@ async fn upload_inner(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let metadata = Arc::new(metadata_headers(headers)?);
     let up = Upload {
+        metadata,
         state,
         id,
         username: q.get("username").cloned().filter(|u| !u.is_empty()),
@@ -364,6 +433,8 @@ struct Upload {
     username: Option<String>,
     /// The `path` query parameter.
     path: Option<String>,
+    /// Every file's metadata.
+    metadata: Arc<BTreeMap<String, String>>,
     data: axum::body::BodyDataStream,
 }
 
@@ -383,7 +454,7 @@ impl Upload {
                 format!("error resolving path: {}", e.message),
             )
         })?;
-        let (tx, h) = spawn_write(s, u, resolved.clone(), gzip);
+        let (tx, h) = spawn_write(s, u, resolved.clone(), gzip, self.metadata.clone());
         while let Some(chunk) = self.data.next().await {
             let item = chunk.map_err(|e| io::Error::other(e.to_string()));
             let failed = item.is_err();
@@ -395,8 +466,7 @@ impl Upload {
         let (_, _, r) = h
             .await
             .map_err(|e| HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        r?;
-        Ok(vec![uploaded(&resolved)])
+        Ok(vec![uploaded(&resolved, r?)])
     }
 
     /// A multipart form: every `file` part is a file, at `path` or its own file name.
@@ -453,7 +523,8 @@ impl Upload {
                             ),
                         ));
                     }
-                    let (tx, h) = spawn_write(s, u, resolved.clone(), false);
+                    let (tx, h) =
+                        spawn_write(s, u, resolved.clone(), false, self.metadata.clone());
                     current = Some((resolved, tx, h));
                 }
                 Some(Part::Data(b)) => {
@@ -471,9 +542,9 @@ impl Upload {
                         let (s, u, r) = h.await.map_err(|e| {
                             HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                         })?;
-                        r?;
+                        let metadata = r?;
                         session = Some((s, u));
-                        done.push(uploaded(&path));
+                        done.push(uploaded(&path, metadata));
                     }
                     skipping = false;
                 }
@@ -505,11 +576,12 @@ impl Upload {
     }
 }
 
-fn uploaded(path: &str) -> UploadedEntry {
+fn uploaded(path: &str, metadata: Option<BTreeMap<String, String>>) -> UploadedEntry {
     UploadedEntry {
         path: path.to_string(),
         name: path.rsplit('/').next().unwrap_or(path).to_string(),
         kind: "file",
+        metadata,
     }
 }
 

@@ -5,12 +5,14 @@
 //! - connect-rpc `process.Process` ([`process`]) and `filesystem.Filesystem`
 //!   ([`filesystem`]), JSON codec, unary and server streams ([`connect`], [`stream`]),
 //!   the messages in [`types`];
-//! - `GET`/`POST /files` ([`files`]), `GET /health` (204), `GET /envs`.
+//! - `GET`/`POST /files` ([`files`]), `GET /health` (204 while the sandbox runs, else E2B's
+//!   proxy's 502), `GET /envs`.
 //!
 //! envd's rules are kept: the user comes from `Authorization: Basic base64(user:)` (default:
 //! the image's user), relative paths are under the user's home, the default working directory
 //! is the image's, errors carry envd's codes and messages. A sandbox that is unknown or not
-//! running is answered as E2B's proxy does: HTTP 502 `{code, message}` ("... was not found").
+//! running (paused included) is answered as E2B's proxy does: HTTP 502 `{code, message}`
+//! ("... was not found").
 //!
 //! Access comes first, from the sandbox's record (where the runtime put the tokens before the
 //! sandbox started): envd's port needs `X-Access-Token` when the sandbox is secure (401), any
@@ -58,7 +60,7 @@ pub async fn handle(
         return refused;
     }
     // From here on the sandbox is the one whose access was checked (a name resolves once).
-    let sandbox_id = rec.id;
+    let sandbox_id = rec.id.clone();
     if port != crate::ENVD_PORT {
         // The token is for kiln, not for the program behind the port.
         req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
@@ -67,7 +69,7 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     match (&parts.method, path.as_str()) {
-        (&Method::GET, "/health") => StatusCode::NO_CONTENT.into_response(),
+        (&Method::GET, "/health") => health(state, rec).await,
         (&Method::GET, "/envs") => envs(state, sandbox_id).await,
         (&Method::GET, "/files") => {
             files::download(state, sandbox_id, files::query(&parts.uri)).await
@@ -96,6 +98,48 @@ pub async fn handle(
             (StatusCode::METHOD_NOT_ALLOWED, [("allow", "POST")]).into_response()
         }
         _ => agent::json_error(StatusCode::NOT_FOUND, &format!("no route {path}")),
+    }
+}
+
+/// How long `/health` waits for the agent's answer.
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /health`: 204 while the sandbox runs and its agent answers. Otherwise what E2B's
+/// proxy answers for a sandbox it cannot reach (the SDK's `is_running()` is false on a 502,
+/// and a request cut off is told apart by it): 502 "... was not found" when the sandbox is
+/// paused, being paused or killed, or gone; 502 "... port is not open" when it runs but its
+/// agent does not answer.
+async fn health(state: Arc<AppState>, rec: kiln_runtime::SandboxRecord) -> Response {
+    use kiln_runtime::OpKind;
+    let op = rec.op.as_ref().map(|o| o.kind);
+    if let Some(OpKind::Kill | OpKind::Pause) = op {
+        let doing = if op == Some(OpKind::Kill) { "being killed" } else { "being paused" };
+        return agent::not_running(&rec.id, doing).plain().expect("plain");
+    }
+    // A live snapshot holds the agent for a moment: the sandbox runs on.
+    if rec.state == kiln_runtime::State::Running
+        && matches!(op, Some(OpKind::Snapshot | OpKind::Fork))
+    {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let sandboxes = state.sandboxes.clone();
+    let id = rec.id.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        // The runtime looks at reality when the record alone cannot say (a runtime that died,
+        // a timeout that expired).
+        let (_, mut s) = sandboxes.connect(&id).map_err(|e| agent::from_runtime(&id, e))?;
+        let _ = s.set_read_timeout(Some(HEALTH_WAIT));
+        let _ = s.set_write_timeout(Some(HEALTH_WAIT));
+        kiln_agent::client::health(&mut s).map_err(|e| agent::EnvdError::Sandbox {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("The sandbox is running but port is not open ({e})"),
+        })
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => e.unary(),
+        Err(e) => agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
