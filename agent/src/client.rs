@@ -402,6 +402,7 @@ pub fn watch_dir<S: Read + Write>(
         path: path.into(),
         recursive,
         include_entry: false,
+        allow_network_mounts: false,
     };
     call(&mut stream, Kind::WatchDir, &req)?;
     loop {

@@ -346,6 +346,10 @@ pub struct WatchRequest {
     /// [`FileInfo`], read when the event is (envd's `include_entry`).
     #[serde(default)]
     pub include_entry: bool,
+    /// Watch a directory on a network file system (NFS, SMB/CIFS, FUSE) too: refused
+    /// otherwise, as envd refuses (its events may never come).
+    #[serde(default)]
+    pub allow_network_mounts: bool,
 }
 
 /// The answer to `WatchDir` (protocol 3).

@@ -199,6 +199,7 @@ impl RawWatch {
             path: path.into(),
             recursive,
             include_entry,
+            allow_network_mounts: false,
         };
         protocol::write_json(&mut s, Kind::WatchDir, &req).unwrap();
         let (k, d) = protocol::read_frame(&mut s).unwrap().unwrap();
@@ -230,7 +231,15 @@ fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) {
     let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
     // SAFETY: NUL-terminated strings and value.len() readable bytes.
-    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
 }
 
@@ -281,7 +290,11 @@ fn in_place_writes_show_envd_events_and_keep_metadata() {
     let seen = ops(&events);
     assert!(!seen.iter().any(|(_, o)| *o == EventOp::Create), "{seen:?}");
     // The entry is read as the event is: the last WRITE's is the content's.
-    let write = events.iter().rev().find(|e| e.op == EventOp::Write).expect("a WRITE");
+    let write = events
+        .iter()
+        .rev()
+        .find(|e| e.op == EventOp::Write)
+        .expect("a WRITE");
     assert_eq!(write.entry.as_ref().map(|e| e.size), Some(7));
     assert_eq!(std::fs::read(&f).unwrap(), b"second!");
 
@@ -308,11 +321,18 @@ fn in_place_writes_show_envd_events_and_keep_metadata() {
 
     // The atomic write's temp file is never reported.
     w.sync();
-    client::write_file(&mut a.conn(), &file_req(&format!("{root}/atomic"), 0o600), &b"x"[..])
-        .unwrap();
+    client::write_file(
+        &mut a.conn(),
+        &file_req(&format!("{root}/atomic"), 0o600),
+        &b"x"[..],
+    )
+    .unwrap();
     let seen = ops(&w.sync());
     assert!(seen.iter().all(|(n, _)| n == "atomic"), "{seen:?}");
-    assert!(seen.contains(&("atomic".into(), EventOp::Create)), "{seen:?}");
+    assert!(
+        seen.contains(&("atomic".into(), EventOp::Create)),
+        "{seen:?}"
+    );
 
     // A directory in the way is refused as invalid, and left alone.
     std::fs::create_dir(format!("{root}/d")).unwrap();
@@ -343,19 +363,28 @@ fn watches_follow_envd_rules_and_sync_is_exact() {
     std::fs::write(root.join("old/a"), b"1").unwrap();
     std::fs::create_dir(root.join("new")).unwrap();
     let seen = ops(&w.sync());
-    assert!(seen.contains(&("old/a".into(), EventOp::Create)), "{seen:?}");
+    assert!(
+        seen.contains(&("old/a".into(), EventOp::Create)),
+        "{seen:?}"
+    );
     assert!(seen.contains(&("new".into(), EventOp::Create)), "{seen:?}");
     std::fs::write(root.join("new/b"), b"1").unwrap();
     let seen = ops(&w.sync());
     assert_eq!(
         seen,
-        [("new/b".into(), EventOp::Create), ("new/b".into(), EventOp::Write)]
+        [
+            ("new/b".into(), EventOp::Create),
+            ("new/b".into(), EventOp::Write)
+        ]
     );
     std::fs::set_permissions(root.join("new"), std::fs::Permissions::from_mode(0o700)).unwrap();
     let seen = ops(&w.sync());
     assert_eq!(
         seen,
-        [("new".into(), EventOp::Chmod), ("new".into(), EventOp::Chmod)],
+        [
+            ("new".into(), EventOp::Chmod),
+            ("new".into(), EventOp::Chmod)
+        ],
         "the parent's event and the directory's own, as fsnotify reports them"
     );
     // A directory moved within the tree keeps being watched under its new name.
@@ -363,7 +392,10 @@ fn watches_follow_envd_rules_and_sync_is_exact() {
     let seen = ops(&w.sync());
     assert_eq!(
         seen,
-        [("new".into(), EventOp::Rename), ("moved".into(), EventOp::Create)]
+        [
+            ("new".into(), EventOp::Rename),
+            ("moved".into(), EventOp::Create)
+        ]
     );
     std::fs::write(root.join("moved/c"), b"").unwrap();
     assert_eq!(ops(&w.sync()), [("moved/c".into(), EventOp::Create)]);
@@ -372,7 +404,10 @@ fn watches_follow_envd_rules_and_sync_is_exact() {
     let seen = ops(&w.sync());
     assert_eq!(
         seen,
-        [("old/a".into(), EventOp::Remove), ("old".into(), EventOp::Remove)]
+        [
+            ("old/a".into(), EventOp::Remove),
+            ("old".into(), EventOp::Remove)
+        ]
     );
     // The watched directory itself: named ".".
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -396,7 +431,10 @@ fn symlinks_say_where_they_lead() {
     let st = |n: &str| client::stat(&mut a.conn(), &format!("{r}/{n}")).unwrap();
     let l2 = st("l2");
     assert_eq!(l2.kind, FileKind::Symlink);
-    assert_eq!(l2.symlink_target.as_deref(), Some(format!("{r}/l1").as_str()));
+    assert_eq!(
+        l2.symlink_target.as_deref(),
+        Some(format!("{r}/l1").as_str())
+    );
     assert_eq!(
         l2.link,
         Some(LinkTarget {

@@ -274,7 +274,9 @@ fn setxattr_helper(dir: &std::path::Path) -> Option<std::path::PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !built {
-        eprintln!("SKIP: no static C toolchain (cc -static): xattrs set inside the sandbox not checked");
+        eprintln!(
+            "SKIP: no static C toolchain (cc -static): xattrs set inside the sandbox not checked"
+        );
         return None;
     }
     Some(bin)
@@ -312,6 +314,10 @@ out["recursive"] = evs(h)
 sbx.files.make_dir("rd/later")
 sbx.files.write("rd/later/g.txt", "y")
 out["recursive_later"] = evs(h)
+h.stop()
+h = sbx.files.watch_dir("wd", allow_network_mounts=True)
+sbx.files.write("wd/n.txt", "mounts allowed")
+out["network_mounts_allowed"] = evs(h)
 h.stop()
 h = sbx.files.watch_dir("wd", include_entry=True)
 sbx.files.write("wd/e.txt", "entry")
@@ -416,15 +422,25 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
     // A new file: exactly what envd reports (E2B's test_watch_iterated counts 3).
     assert_eq!(
         pairs("new_file"),
-        [p("f.txt", "CREATE"), p("f.txt", "CHMOD"), p("f.txt", "WRITE")],
+        [
+            p("f.txt", "CREATE"),
+            p("f.txt", "CHMOD"),
+            p("f.txt", "WRITE")
+        ],
         "{v}"
     );
     // An existing one: its owner set again (CHMOD), then truncated and written (WRITE).
     let over = pairs("overwrite");
     assert_eq!(over.first(), Some(&p("f.txt", "CHMOD")), "{v}");
-    assert!(over.contains(&p("f.txt", "WRITE")) && !over.iter().any(|e| e.1 == "CREATE"), "{v}");
+    assert!(
+        over.contains(&p("f.txt", "WRITE")) && !over.iter().any(|e| e.1 == "CREATE"),
+        "{v}"
+    );
     let shell = pairs("shell");
-    assert!(shell.contains(&p("f.txt", "WRITE")) && shell.contains(&p("f.txt", "REMOVE")), "{v}");
+    assert!(
+        shell.contains(&p("f.txt", "WRITE")) && shell.contains(&p("f.txt", "REMOVE")),
+        "{v}"
+    );
     // E2B's test_watch_recursive_directory_changes: 3 events, the first the CREATE.
     assert_eq!(
         pairs("recursive"),
@@ -436,10 +452,25 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
         "{v}"
     );
     let later = pairs("recursive_later");
-    assert!(later.contains(&p("later", "CREATE")) && later.contains(&p("later/g.txt", "WRITE")), "{v}");
-    for key in ["new_file", "overwrite", "shell", "recursive", "recursive_later"] {
+    assert!(
+        later.contains(&p("later", "CREATE")) && later.contains(&p("later/g.txt", "WRITE")),
+        "{v}"
+    );
+    assert!(
+        pairs("network_mounts_allowed").contains(&p("n.txt", "WRITE")),
+        "{v}"
+    );
+    for key in [
+        "new_file",
+        "overwrite",
+        "shell",
+        "recursive",
+        "recursive_later",
+    ] {
         assert!(
-            pairs(key).iter().all(|(n, _)| !n.contains("kiln-agent-tmp")),
+            pairs(key)
+                .iter()
+                .all(|(n, _)| !n.contains("kiln-agent-tmp")),
             "a temp name in {key}: {v}"
         );
     }
@@ -455,16 +486,32 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
     }
     assert_eq!(v["md_none"], serde_json::json!([null, null]), "{v}");
     let multi = serde_json::json!({"source": "suite"});
-    assert_eq!(v["md_multi"], serde_json::json!([multi, multi, multi]), "{v}");
+    assert_eq!(
+        v["md_multi"],
+        serde_json::json!([multi, multi, multi]),
+        "{v}"
+    );
     assert_eq!(v["md_list"], serde_json::json!([{"tag": "listed"}]), "{v}");
-    assert_eq!(v["md_rename"], serde_json::json!({"stage": "renamed"}), "{v}");
+    assert_eq!(
+        v["md_rename"],
+        serde_json::json!({"stage": "renamed"}),
+        "{v}"
+    );
     assert_eq!(v["md_overwrite"], serde_json::json!([null, null]), "{v}");
     if helper.is_some() {
         assert_eq!(v["md_xattr"], serde_json::json!({"author": "mish"}), "{v}");
     }
 
-    assert_eq!(v["symlink"], serde_json::json!(["FILE", "/home/app/sl/t.txt"]), "{v}");
-    assert_eq!(v["symlink_dir"], serde_json::json!(["DIR", "/home/app/sl"]), "{v}");
+    assert_eq!(
+        v["symlink"],
+        serde_json::json!(["FILE", "/home/app/sl/t.txt"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["symlink_dir"],
+        serde_json::json!(["DIR", "/home/app/sl"]),
+        "{v}"
+    );
     assert_eq!(
         v["symlink_dangling"],
         serde_json::json!([null, "/home/app/sl/dangling"]),
@@ -482,6 +529,12 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
     assert_eq!(v["resumed_running"], true, "{v}");
     let killed = &v["killed_command"];
     assert_eq!(killed["not_running"], true, "{v}");
-    assert!(killed["message"].as_str().unwrap_or("").contains("was killed"), "{v}");
+    assert!(
+        killed["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was killed"),
+        "{v}"
+    );
     assert_eq!(v["killed_running"], false, "{v}");
 }

@@ -31,8 +31,12 @@ pub(super) fn is_temp_name(name: &str) -> bool {
     let mut nums = tail.split('-');
     head.starts_with('.')
         && head.len() > 1
-        && nums.next().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        && nums.next().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && nums
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && nums
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         && nums.next().is_none()
 }
 

@@ -214,7 +214,11 @@ impl Watcher {
         .then(|| file_info(&self.root.join(rel)).ok())
         .flatten();
         Event {
-            name: if rel.is_empty() { ".".into() } else { rel.into() },
+            name: if rel.is_empty() {
+                ".".into()
+            } else {
+                rel.into()
+            },
             op,
             entry,
         }
@@ -246,6 +250,23 @@ impl Watcher {
     }
 }
 
+/// The file systems envd watches only when asked (`allow_network_mounts`), by `statfs` magic:
+/// NFS, CIFS, SMB, SMB2, FUSE.
+const NETWORK_FS_MAGIC: [u32; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x6573_5546];
+
+fn on_network_mount(path: &Path) -> std::io::Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // f_type is signed on some targets: its low 32 bits are the magic.
+    Ok(NETWORK_FS_MAGIC.contains(&(st.f_type as u32)))
+}
+
 pub fn watch_dir(req: WatchRequest, c: &Conn) -> Res<()> {
     let root = PathBuf::from(&req.path);
     let md = std::fs::metadata(&root).map_err(|e| io_fail(&req.path, e))?;
@@ -254,6 +275,20 @@ pub fn watch_dir(req: WatchRequest, c: &Conn) -> Res<()> {
             ErrorKind::Invalid,
             format!("{} is not a directory", req.path),
         );
+    }
+    if !req.allow_network_mounts {
+        let network = on_network_mount(&root).map_err(|e| {
+            super::Fail(ErrorReply::new(
+                ErrorKind::Other,
+                format!("error checking mount status: {e}"),
+            ))
+        })?;
+        if network {
+            return fail(
+                ErrorKind::Invalid,
+                format!("cannot watch path on network filesystem: {}", req.path),
+            );
+        }
     }
     // SAFETY: plain inotify_init1 call; the result is checked.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };

@@ -122,15 +122,8 @@ pub fn replace(f: &File, want: &BTreeMap<String, String>) -> io::Result<()> {
     for (k, v) in want {
         let name = name_of(k)?;
         // SAFETY: a NUL-terminated name and v.len() readable bytes; the fd is open.
-        let r = unsafe {
-            libc::fsetxattr(
-                f.as_raw_fd(),
-                name.as_ptr(),
-                v.as_ptr().cast(),
-                v.len(),
-                0,
-            )
-        };
+        let r =
+            unsafe { libc::fsetxattr(f.as_raw_fd(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

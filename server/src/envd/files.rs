@@ -1,8 +1,10 @@
 //! envd's `/files`: `GET` downloads a file (`path`, `username` query parameters), `POST`
 //! uploads one (`application/octet-stream`, optionally gzip-encoded, to `path`) or several
 //! (`multipart/form-data`, parts named `file`, each to `path` or to its file name). Uploads
-//! stream into the agent's atomic write; missing parent directories are created and given to
-//! the user, the file too. Errors are envd's `{code, message}` with its statuses.
+//! stream into the agent's write, in place as envd writes (watchers see what they see under
+//! envd); missing parent directories are created and given to the user, the file too; the
+//! `X-Metadata-<key>` headers become the file's metadata (`user.e2b.<key>` xattrs, envd
+//! 0.6.2), returned in the answer. Errors are envd's `{code, message}` with its statuses.
 
 use super::agent::{json_error, EnvdError, Session, User};
 use super::connect::Code;
@@ -245,7 +247,8 @@ pub fn metadata_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>,
 /// with its xattr prefix, 4096 bytes in all (each key counted with the prefix).
 fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), String> {
     const PREFIX_LEN: usize = METADATA_XATTR_PREFIX.len();
-    let printable = |label: &str, s: &str| match s.bytes().position(|c| !(0x20..=0x7e).contains(&c)) {
+    let printable = |label: &str, s: &str| match s.bytes().position(|c| !(0x20..=0x7e).contains(&c))
+    {
         Some(i) => Err(format!(
             "metadata {label} contains non-printable-ASCII byte 0x{:02x} at offset {i}",
             s.as_bytes()[i]
@@ -258,7 +261,10 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), String> {
             return Err("metadata key must not be empty".into());
         }
         if k.len() > 255 - PREFIX_LEN {
-            return Err(format!("metadata key {k:?} exceeds {} bytes", 255 - PREFIX_LEN));
+            return Err(format!(
+                "metadata key {k:?} exceeds {} bytes",
+                255 - PREFIX_LEN
+            ));
         }
         printable("key", k)?;
         printable(&format!("value for key {k:?}"), v)?;
@@ -523,8 +529,7 @@ impl Upload {
                             ),
                         ));
                     }
-                    let (tx, h) =
-                        spawn_write(s, u, resolved.clone(), false, self.metadata.clone());
+                    let (tx, h) = spawn_write(s, u, resolved.clone(), false, self.metadata.clone());
                     current = Some((resolved, tx, h));
                 }
                 Some(Part::Data(b)) => {
@@ -787,6 +792,38 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn metadata_headers_as_envd_reads_them() {
+        let mut h = HeaderMap::new();
+        h.append("X-Metadata-Author", HeaderValue::from_static("mish"));
+        h.append("x-metadata-author", HeaderValue::from_static("second"));
+        h.append("X-Metadata-Purpose", HeaderValue::from_static("up load"));
+        h.append("X-Metadata-", HeaderValue::from_static("ignored"));
+        h.append("X-Other", HeaderValue::from_static("ignored"));
+        let m = metadata_headers(&h).unwrap();
+        assert_eq!(
+            m,
+            BTreeMap::from([
+                ("author".to_string(), "mish".to_string()),
+                ("purpose".to_string(), "up load".to_string())
+            ])
+        );
+        let bad = |k: &str, v: &str| {
+            let m = BTreeMap::from([(k.to_string(), v.to_string())]);
+            validate_metadata(&m).unwrap_err()
+        };
+        assert!(bad("k", "tab\there").contains("non-printable-ASCII byte 0x09 at offset 3"));
+        assert!(bad("", "v").contains("must not be empty"));
+        assert!(bad(&"k".repeat(247), "v").contains("exceeds 246 bytes"));
+        assert!(validate_metadata(&BTreeMap::from([("k".repeat(246), "v".into())])).is_ok());
+        assert!(bad("k", &"v".repeat(4096)).contains("total metadata size 4106"));
+        let mut h = HeaderMap::new();
+        h.append("X-Metadata-K", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        let e = metadata_headers(&h).unwrap_err();
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        assert!(e.1.starts_with("invalid metadata: "), "{}", e.1);
     }
 
     #[test]

@@ -260,6 +260,7 @@ fn begin_watch(mut s: Session, user: Option<&str>, req: &WatchRequest) -> Result
         path: path.clone(),
         recursive: req.recursive,
         include_entry: req.include_entry,
+        allow_network_mounts: req.allow_network_mounts,
     };
     proto::write_json(&mut conn, Kind::WatchDir, &req_a).map_err(|e| from_client(e.into()))?;
     let started = match proto::read_frame(&mut conn).map_err(|e| from_client(e.into()))? {
@@ -310,7 +311,10 @@ impl Watch {
                         // An older agent sends no entries: read here (later than envd would).
                         None if !self.sync
                             && self.include_entry
-                            && matches!(ev.op, EventOp::Create | EventOp::Write | EventOp::Chmod) =>
+                            && matches!(
+                                ev.op,
+                                EventOp::Create | EventOp::Write | EventOp::Chmod
+                            ) =>
                         {
                             let full = format!("{}/{}", self.path.trim_end_matches('/'), ev.name);
                             self.session

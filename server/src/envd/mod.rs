@@ -113,7 +113,11 @@ async fn health(state: Arc<AppState>, rec: kiln_runtime::SandboxRecord) -> Respo
     use kiln_runtime::OpKind;
     let op = rec.op.as_ref().map(|o| o.kind);
     if let Some(OpKind::Kill | OpKind::Pause) = op {
-        let doing = if op == Some(OpKind::Kill) { "being killed" } else { "being paused" };
+        let doing = if op == Some(OpKind::Kill) {
+            "being killed"
+        } else {
+            "being paused"
+        };
         return agent::not_running(&rec.id, doing).plain().expect("plain");
     }
     // A live snapshot holds the agent for a moment: the sandbox runs on.
@@ -127,7 +131,9 @@ async fn health(state: Arc<AppState>, rec: kiln_runtime::SandboxRecord) -> Respo
     let r = tokio::task::spawn_blocking(move || {
         // The runtime looks at reality when the record alone cannot say (a runtime that died,
         // a timeout that expired).
-        let (_, mut s) = sandboxes.connect(&id).map_err(|e| agent::from_runtime(&id, e))?;
+        let (_, mut s) = sandboxes
+            .connect(&id)
+            .map_err(|e| agent::from_runtime(&id, e))?;
         let _ = s.set_read_timeout(Some(HEALTH_WAIT));
         let _ = s.set_write_timeout(Some(HEALTH_WAIT));
         kiln_agent::client::health(&mut s).map_err(|e| agent::EnvdError::Sandbox {
