@@ -457,3 +457,49 @@ fn symlinks_say_where_they_lead() {
     );
     assert!(st("d/f").link.is_none());
 }
+
+#[test]
+fn in_place_writes_do_not_follow_names_others_planted() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (files owned by another user)");
+        return;
+    }
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let victim = root.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let write = |name: &str, data: &[u8]| {
+        let req = FileRequest {
+            path: root.join(name).to_str().unwrap().into(),
+            in_place: true,
+            uid: Some(1000),
+            gid: Some(1000),
+            ..Default::default()
+        };
+        client::write_file(&mut a.conn(), &req, data).unwrap();
+    };
+    // A symlink another user planted is replaced, not written through.
+    std::os::unix::fs::symlink(&victim, root.join("planted")).unwrap();
+    std::os::unix::fs::lchown(root.join("planted"), Some(65534), Some(65534)).unwrap();
+    write("planted", b"mine");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let md = std::fs::symlink_metadata(root.join("planted")).unwrap();
+    assert!(md.is_file() && md.uid() == 1000, "{md:?}");
+    assert_eq!(std::fs::read(root.join("planted")).unwrap(), b"mine");
+    // So is another name of a file the user does not own.
+    std::fs::hard_link(&victim, root.join("hard")).unwrap();
+    write("hard", b"mine too");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(std::fs::metadata(&victim).unwrap().nlink(), 1);
+    // A symlink root (or the user) made is written through, as envd does.
+    std::fs::write(root.join("target"), b"old").unwrap();
+    std::os::unix::fs::symlink("target", root.join("trusted")).unwrap();
+    write("trusted", b"new");
+    assert!(std::fs::symlink_metadata(root.join("trusted"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(root.join("target")).unwrap(), b"new");
+    assert_eq!(std::fs::metadata(root.join("target")).unwrap().uid(), 1000);
+}

@@ -90,59 +90,109 @@ fn make_parents(req: &FileRequest, path: &Path) -> Res<()> {
     }
 }
 
-/// envd's write: into the file itself, in envd's order (an existing file gets its owner before
-/// it is truncated, a new one right after it is created). A write cut off leaves what was
-/// written, as under envd.
+/// envd's write: into the file itself, in envd's order (an existing file gets its owner
+/// before it is truncated, a new one right after it is created). A write cut off leaves what
+/// was written, as under envd.
+///
+/// The directory may be hostile (any process of the sandbox may have planted a name in it):
+/// unlike envd, which follows whatever is there as root, a new file is created with
+/// `O_EXCL`, a symlink is written through only when root or the user the file is written for
+/// owns it, and a file with other names (hard links) only when that user owns it; otherwise
+/// the file is replaced atomically instead (the link, or that name, is replaced, never
+/// written through).
 fn write_in_place(req: &FileRequest, c: &Conn) -> Res<FileInfo> {
-    let path = Path::new(&req.path);
-    let prepared = (|| -> Res<(File, bool)> {
-        if path.file_name().is_none() {
-            return fail(ErrorKind::Invalid, "write: path has no file name");
-        }
-        make_parents(req, path)?;
-        let existing = match std::fs::metadata(path) {
-            Ok(md) if md.is_dir() => {
-                return fail(
-                    ErrorKind::Invalid,
-                    format!("path is a directory: {}", req.path),
-                )
-            }
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(io_fail(&req.path, e)),
-        };
-        let owner = req.uid.is_some() || req.gid.is_some();
-        let mut chowned = false;
-        if existing && owner {
-            match std::os::unix::fs::chown(path, req.uid, req.gid) {
-                Ok(()) => chowned = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_fail("chown", e)),
-            }
-        }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(req.mode.unwrap_or(0o644) & 0o7777)
-            .open(path)
-            .map_err(|e| io_fail(&req.path, e))?;
-        if owner && !chowned {
-            std::os::unix::fs::fchown(&f, req.uid, req.gid).map_err(|e| io_fail("chown", e))?;
-        }
-        // A new file gets its mode exactly; an existing one only when asked.
-        match (req.mode, existing) {
-            (Some(m), _) => ensure_mode(&f, m & 0o7777)?,
-            (None, false) => ensure_mode(&f, 0o644)?,
-            (None, true) => {}
-        }
-        Ok((f, existing))
-    })();
-    let (f, _) = read_data(c, prepared, |(f, _), chunk| {
+    let prepared = open_in_place(req);
+    if let Ok(None) = prepared {
+        return write_atomic(req, c);
+    }
+    let prepared = prepared.map(|f| f.expect("handled above"));
+    let f = read_data(c, prepared, |f, chunk| {
         f.write_all(chunk)
             .map_err(|e| io_fail(&format!("write {}", req.path), e))
     })?;
     finish(&f, req)
+}
+
+/// Opens the file `write_in_place` writes, given to the user and emptied (None: it is not one
+/// to write through).
+fn open_in_place(req: &FileRequest) -> Res<Option<File>> {
+    let path = Path::new(&req.path);
+    if path.file_name().is_none() {
+        return fail(ErrorKind::Invalid, "write: path has no file name");
+    }
+    make_parents(req, path)?;
+    if std::fs::metadata(path).is_ok_and(|md| md.is_dir()) {
+        return fail(
+            ErrorKind::Invalid,
+            format!("path is a directory: {}", req.path),
+        );
+    }
+    let mode = req.mode.unwrap_or(0o644) & 0o7777;
+    let chown = |f: &File| match (req.uid, req.gid) {
+        (None, None) => Ok(()),
+        (u, g) => std::os::unix::fs::fchown(f, u, g).map_err(|e| io_fail("chown", e)),
+    };
+    let open = |flags: libc::c_int, create: bool| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(create)
+            .mode(mode)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(0, true) {
+        Ok(f) => {
+            chown(&f)?;
+            ensure_mode(&f, mode)?;
+            return Ok(Some(f));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_fail(&req.path, e)),
+    }
+    let ours = |uid: u32| Some(uid) == req.uid || (req.uid.is_none() && uid == 0);
+    let f = match open(libc::O_NOFOLLOW, false) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let link = std::fs::symlink_metadata(path).map_err(|e| io_fail(&req.path, e))?;
+            if link.uid() != 0 && !ours(link.uid()) {
+                return Ok(None);
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .mode(mode)
+                .open(path)
+                .map_err(|e| io_fail(&req.path, e))?;
+            // The link checked is the one followed (it was not swapped meanwhile).
+            let (opened, now, there) = (
+                f.metadata().map_err(|e| io_fail("fstat", e))?,
+                std::fs::symlink_metadata(path).ok(),
+                std::fs::metadata(path).ok(),
+            );
+            let same = now.is_some_and(|n| n.ino() == link.ino() && n.dev() == link.dev())
+                && there.is_some_and(|t| t.ino() == opened.ino() && t.dev() == opened.dev());
+            if !same {
+                return fail(
+                    ErrorKind::Other,
+                    format!("{} changed during the write", req.path),
+                );
+            }
+            f
+        }
+        Err(e) => return Err(io_fail(&req.path, e)),
+    };
+    let md = f.metadata().map_err(|e| io_fail("fstat", e))?;
+    if md.nlink() > 1 && !ours(md.uid()) {
+        return Ok(None);
+    }
+    chown(&f)?;
+    // An existing file keeps its mode unless one is asked for (chown may have cleared set-id
+    // bits, as under envd).
+    if let Some(m) = req.mode {
+        ensure_mode(&f, m & 0o7777)?;
+    }
+    f.set_len(0).map_err(|e| io_fail("truncate", e))?;
+    Ok(Some(f))
 }
 
 /// The atomic write: a temp file in the same directory, renamed over the target.

@@ -820,7 +820,10 @@ mod tests {
         assert!(validate_metadata(&BTreeMap::from([("k".repeat(246), "v".into())])).is_ok());
         assert!(bad("k", &"v".repeat(4096)).contains("total metadata size 4106"));
         let mut h = HeaderMap::new();
-        h.append("X-Metadata-K", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        h.append(
+            "X-Metadata-K",
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
         let e = metadata_headers(&h).unwrap_err();
         assert_eq!(e.0, StatusCode::BAD_REQUEST);
         assert!(e.1.starts_with("invalid metadata: "), "{}", e.1);
