@@ -359,10 +359,16 @@ i = sbx.files.get_info("sl/dangling")
 out["symlink_dangling"] = [i.type and i.type.name, i.symlink_target]
 out["symlink_listed"] = sorted([e.name, e.type and e.type.name] for e in sbx.files.list("sl"))
 
-# Health.
+# Health (raw: envd's /health needs no token; E2B's proxy's 502 when not running).
+import httpx, os
+def raw_health(sid):
+    r = httpx.get(os.environ["E2B_SANDBOX_URL"] + "/health", headers={"E2b-Sandbox-Id": sid})
+    return [r.status_code, r.json()["message"] if r.content else None]
 out["running"] = sbx.is_running()
+out["raw_running"] = raw_health(sbx.sandbox_id)
 sbx.pause()
 out["paused_running"] = sbx.is_running()
+out["raw_paused"] = raw_health(sbx.sandbox_id)
 sbx = Sandbox.connect(sbx.sandbox_id)
 out["resumed_running"] = sbx.is_running()
 caught = {}
@@ -381,6 +387,7 @@ Sandbox.kill(sbx.sandbox_id)
 t.join(60)
 out["killed_command"] = caught
 out["killed_running"] = sbx.is_running()
+out["raw_killed"] = raw_health(sbx.sandbox_id)
 print(json.dumps(out))
 "#;
 
@@ -525,6 +532,14 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
     );
 
     assert_eq!(v["running"], true, "{v}");
+    assert_eq!(v["raw_running"], serde_json::json!([204, null]), "{v}");
+    for key in ["raw_paused", "raw_killed"] {
+        assert_eq!(v[key][0], 502, "{key}: {v}");
+        assert!(
+            v[key][1].as_str().unwrap_or("").contains("was not found"),
+            "{key}: {v}"
+        );
+    }
     assert_eq!(v["paused_running"], false, "{v}");
     assert_eq!(v["resumed_running"], true, "{v}");
     let killed = &v["killed_command"];

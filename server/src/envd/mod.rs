@@ -56,7 +56,7 @@ pub async fn handle(
         Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
         Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    if let Some(refused) = refusal(&rec, port, req.headers()) {
+    if let Some(refused) = refusal(&rec, port, req.uri().path(), req.headers()) {
         return refused;
     }
     // From here on the sandbox is the one whose access was checked (a name resolves once).
@@ -173,10 +173,12 @@ async fn envs(state: Arc<AppState>, id: String) -> Response {
 /// E2B's header for the traffic access token (its orchestrator's proxy).
 pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
-/// Why a request for `port` may not reach sandbox `rec`, as the answer; None when it may.
+/// Why a request for `path` on `port` may not reach sandbox `rec`, as the answer; None when
+/// it may. envd's `/health` needs no token (envd.yaml gives it no security).
 fn refusal(
     rec: &kiln_runtime::SandboxRecord,
     port: u16,
+    path: &str,
     headers: &axum::http::HeaderMap,
 ) -> Option<Response> {
     let access = &rec.access;
@@ -187,6 +189,7 @@ fn refusal(
     };
     if port == crate::ENVD_PORT {
         if access.secure
+            && path != "/health"
             && !matches(
                 given("x-access-token").unwrap_or_default(),
                 &access.envd_token,
@@ -243,6 +246,15 @@ mod tests {
     }
 
     fn status(r: &kiln_runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
+        status_of(r, port, "/files", headers)
+    }
+
+    fn status_of(
+        r: &kiln_runtime::SandboxRecord,
+        port: u16,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> u16 {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.insert(
@@ -250,7 +262,7 @@ mod tests {
                 v.parse().unwrap(),
             );
         }
-        refusal(r, port, &h).map_or(200, |resp| resp.status().as_u16())
+        refusal(r, port, path, &h).map_or(200, |resp| resp.status().as_u16())
     }
 
     #[test]
@@ -269,6 +281,12 @@ mod tests {
         assert_eq!(status(&r, envd, &[]), 401);
         assert_eq!(status(&r, envd, &[("x-access-token", &tt)]), 401);
         assert_eq!(status(&r, envd, &[("x-access-token", &et)]), 200);
+        assert_eq!(
+            status_of(&r, envd, "/health", &[]),
+            200,
+            "envd's health is open"
+        );
+        assert_eq!(status_of(&r, 8080, "/health", &[]), 403, "only envd's");
         assert_eq!(status(&r, 8080, &[]), 403);
         assert_eq!(status(&r, 8080, &[("x-access-token", &et)]), 403);
         assert_eq!(status(&r, 8080, &[(TRAFFIC_TOKEN_HEADER, &tt)]), 200);
