@@ -385,6 +385,14 @@ pub fn rename<S: Read + Write>(
     call_json(stream, Kind::Rename, &req)
 }
 
+/// Concatenates `req.sources` into `req.destination` and removes them (protocol 3).
+pub fn compose<S: Read + Write>(
+    stream: &mut S,
+    req: &ComposeRequest,
+) -> Result<FileInfo, ClientError> {
+    call_json(stream, Kind::Compose, req)
+}
+
 /// Removes a file, or a directory recursively.
 pub fn remove<S: Read + Write>(stream: &mut S, path: &str) -> Result<(), ClientError> {
     call(stream, Kind::Remove, &path_req(path)).map(drop)

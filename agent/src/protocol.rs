@@ -52,6 +52,9 @@
 //!   (`created: false` if it was a directory already; `exists` error if it is something else).
 //! - `Rename` (JSON [`RenameRequest`]): `Ok` with JSON [`FileInfo`] of the new path.
 //! - `Remove` (JSON [`PathRequest`]): `Ok`; directories are removed recursively.
+//! - `Compose` (JSON [`ComposeRequest`], protocol 3): the sources concatenated into the
+//!   destination (a temp file renamed over it, given to `uid`/`gid`), then the sources
+//!   removed (envd's `/files/compose`); `Ok` with JSON [`FileInfo`] of the destination.
 //! - `WatchDir` (JSON [`WatchRequest`]): `Ok` (JSON [`WatchStarted`], protocol 3; empty before)
 //!   once the watch is in place, then `Event` frames (JSON [`Event`]) until the client closes
 //!   the connection. The events are envd's (its fsnotify fork's): a new subdirectory of a
@@ -144,6 +147,7 @@ kinds! {
     Quiesce = b'q',
     /// On a watch connection: send the events queued so far, then `Ok`.
     Sync = b'y',
+    Compose = b'o',
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -335,6 +339,17 @@ pub struct MakeDirReply {
 pub struct RenameRequest {
     pub from: String,
     pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ComposeRequest {
+    /// Regular files, in order.
+    pub sources: Vec<String>,
+    pub destination: String,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

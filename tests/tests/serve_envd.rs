@@ -285,8 +285,8 @@ fn setxattr_helper(dir: &std::path::Path) -> Option<std::path::PathBuf> {
 /// What envd shows for the same operations, through the SDK against a sandbox the daemon
 /// created: watch events (E2B's own tests' counts: a new file is CREATE, CHMOD, WRITE, there
 /// at once for `get_new_events()`; no temp names; recursive watches), file metadata (write
-/// result, get_info, list, rename, overwrite, xattrs set inside the sandbox), symlinks (the
-/// target's type and the resolved target), and health (`is_running()` false once paused or
+/// result, get_info, list, rename, overwrite, xattrs set inside the sandbox), `/files/compose`,
+/// symlinks (the target's type and the resolved target), and health (`is_running()` false once paused or
 /// killed, true again after connect; a command cut off by a kill is "not running").
 const EVENTS_METADATA_HEALTH: &str = r#"
 import json, threading, time
@@ -346,6 +346,15 @@ if XATTR_HELPER:
     sbx.files.write("x.txt", "c")
     sbx.commands.run("/bin/setxattr /home/app/x.txt user.e2b.author mish && /bin/setxattr /home/app/x.txt user.other no")
     out["md_xattr"] = sbx.files.get_info("x.txt").metadata
+
+# envd 0.6.4's /files/compose (no SDK method: through the SDK's own envd client).
+sbx.files.write("c1.txt", "one,")
+sbx.files.write("c2.txt", "two")
+r = sbx._envd_api.post("/files/compose", json={"source_paths": ["c1.txt", "c2.txt"], "destination": "cdir/c.txt"})
+out["compose"] = [r.status_code, r.json(), sbx.files.read("cdir/c.txt"), sbx.files.exists("c1.txt"),
+                  sbx.files.get_info("cdir/c.txt").owner]
+r = sbx._envd_api.post("/files/compose", json={"source_paths": ["nope"], "destination": "x"})
+out["compose_missing"] = [r.status_code, r.json()["message"]]
 
 # Symlinks: E2B's test_info.
 sbx.files.make_dir("sl")
@@ -509,6 +518,22 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
         assert_eq!(v["md_xattr"], serde_json::json!({"author": "mish"}), "{v}");
     }
 
+    assert_eq!(
+        v["compose"],
+        serde_json::json!([
+            200,
+            {"path": "/home/app/cdir/c.txt", "name": "c.txt", "type": "file"},
+            "one,two",
+            false,
+            "app"
+        ]),
+        "{v}"
+    );
+    assert_eq!(
+        v["compose_missing"],
+        serde_json::json!([404, "source file not found: nope"]),
+        "{v}"
+    );
     assert_eq!(
         v["symlink"],
         serde_json::json!(["FILE", "/home/app/sl/t.txt"]),

@@ -402,3 +402,48 @@ pub fn remove(req: PathRequest, c: &Conn) -> Res<()> {
     .map_err(|e| io_fail(&req.path, e))?;
     send(c, Kind::Ok, b"")
 }
+
+/// envd's compose: the sources, in order, into a temp file beside the destination (copied
+/// in the kernel where it can), renamed over it; then the sources go.
+pub fn compose(req: ComposeRequest, c: &Conn) -> Res<()> {
+    let dest = Path::new(&req.destination);
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return fail(ErrorKind::Invalid, "compose: destination has no file name");
+    };
+    let tmp = temp_path(dir, name);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|e| io_fail(&format!("create {}", tmp.display()), e))?;
+    let built = (|| -> Res<FileInfo> {
+        if req.uid.is_some() || req.gid.is_some() {
+            std::os::unix::fs::fchown(&out, req.uid, req.gid).map_err(|e| io_fail("chown", e))?;
+        }
+        for src in &req.sources {
+            let mut f = File::open(src).map_err(|e| io_fail(src, e))?;
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                return fail(
+                    ErrorKind::Invalid,
+                    format!("source path is not a regular file: {src}"),
+                );
+            }
+            std::io::copy(&mut f, &mut out).map_err(|e| io_fail(&format!("compose {src}"), e))?;
+        }
+        out.sync_all().map_err(|e| io_fail("fsync", e))?;
+        std::fs::rename(&tmp, dest).map_err(|e| io_fail(&req.destination, e))?;
+        file_info_of(&out, dest).map_err(|e| io_fail("fstat", e))
+    })();
+    let info = match built {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    for src in &req.sources {
+        let _ = std::fs::remove_file(src);
+    }
+    send_json(c, Kind::Ok, &info)
+}

@@ -348,6 +348,116 @@ async fn prepare(
     .unwrap_or_else(|e| Err(HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
 }
 
+/// `POST /files/compose` (envd 0.6.x): `{source_paths, destination, username?}`; the
+/// sources, in order, become the destination (parents created and given to the user, the
+/// file too) and go away. envd's checks, statuses and messages.
+pub async fn compose(state: Arc<AppState>, id: String, body: Body) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        source_paths: Vec<String>,
+        destination: String,
+        #[serde(default)]
+        username: Option<String>,
+    }
+    let req: Req = match axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return HttpFail(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+            )
+            .into_response()
+        }
+    };
+    if req.source_paths.is_empty() {
+        return HttpFail(
+            StatusCode::BAD_REQUEST,
+            "source_paths must not be empty".into(),
+        )
+        .into_response();
+    }
+    if req.destination.is_empty() {
+        return HttpFail(StatusCode::BAD_REQUEST, "destination is required".into()).into_response();
+    }
+    let r = tokio::task::spawn_blocking(move || -> Result<UploadedEntry, HttpFail> {
+        let mut s = Session::open(&state, &id)?;
+        let u = who(&mut s, req.username.as_deref().filter(|u| !u.is_empty()))?;
+        let bad = |what: String| HttpFail(StatusCode::BAD_REQUEST, what);
+        let dest = s
+            .resolve(&req.destination, &u)
+            .map_err(|e| bad(format!("error resolving destination path: {}", e.message)))?;
+        let mut sources = Vec::with_capacity(req.source_paths.len());
+        for src in &req.source_paths {
+            let path = s.resolve(src, &u).map_err(|e| {
+                bad(format!(
+                    "error resolving source path {src:?}: {}",
+                    e.message
+                ))
+            })?;
+            if path == dest {
+                return Err(bad(format!(
+                    "source path {src:?} cannot be the same as destination"
+                )));
+            }
+            let info = s.call(|c| client::stat(c, &path)).map_err(|_| {
+                HttpFail(
+                    StatusCode::NOT_FOUND,
+                    format!("source file not found: {src}"),
+                )
+            })?;
+            let regular = info.kind == FileKind::File
+                || info
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.kind == Some(FileKind::File));
+            if !regular {
+                return Err(bad(format!("source path is not a regular file: {src}")));
+            }
+            sources.push(path);
+        }
+        if let Some((parent, _)) = dest.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
+            s.ensure_dirs(parent, &u).map_err(|e| {
+                HttpFail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("error ensuring directories: {}", e.message),
+                )
+            })?;
+        }
+        let creq = kiln_agent::protocol::ComposeRequest {
+            sources,
+            destination: dest.clone(),
+            uid: Some(u.uid),
+            gid: Some(u.gid),
+        };
+        let info = s.call(|c| client::compose(c, &creq)).map_err(|e| {
+            let status = if e.message.contains("No space left") {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            HttpFail(status, format!("error composing files: {}", e.message))
+        })?;
+        Ok(uploaded(
+            &dest,
+            Some(info.metadata).filter(|m| !m.is_empty()),
+        ))
+    })
+    .await;
+    match r {
+        Ok(Ok(entry)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&entry).unwrap_or_else(|_| "{}".into()),
+        )
+            .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 /// What a file written has as metadata.
 type Written = Result<Option<BTreeMap<String, String>>, HttpFail>;
 /// A file being written: the feed of its bytes, the writer (which hands the session back).

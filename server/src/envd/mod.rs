@@ -5,8 +5,8 @@
 //! - connect-rpc `process.Process` ([`process`]) and `filesystem.Filesystem`
 //!   ([`filesystem`]), JSON codec, unary and server streams ([`connect`], [`stream`]),
 //!   the messages in [`types`];
-//! - `GET`/`POST /files` ([`files`]), `GET /health` (204 while the sandbox runs, else E2B's
-//!   proxy's 502), `GET /envs`.
+//! - `GET`/`POST /files` and `POST /files/compose` ([`files`]), `GET /health` (204 while the
+//!   sandbox runs, else E2B's proxy's 502), `GET /envs`.
 //!
 //! envd's rules are kept: the user comes from `Authorization: Basic base64(user:)` (default:
 //! the image's user), relative paths are under the user's home, the default working directory
@@ -74,6 +74,7 @@ pub async fn handle(
         (&Method::GET, "/files") => {
             files::download(state, sandbox_id, files::query(&parts.uri)).await
         }
+        (&Method::POST, "/files/compose") => files::compose(state, sandbox_id, body).await,
         (&Method::POST, "/files") => {
             files::upload(
                 state,
