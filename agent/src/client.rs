@@ -279,8 +279,17 @@ pub fn resize<S: Read + Write>(
 pub fn write_file<S: Read + Write>(
     stream: &mut S,
     req: &FileRequest,
-    mut content: impl Read,
+    content: impl Read,
 ) -> Result<u64, ClientError> {
+    write_file_info(stream, req, content).map(|(n, _)| n)
+}
+
+/// [`write_file`], with the written file's info (None from agents before protocol 3).
+pub fn write_file_info<S: Read + Write>(
+    stream: &mut S,
+    req: &FileRequest,
+    mut content: impl Read,
+) -> Result<(u64, Option<FileInfo>), ClientError> {
     let mut total = 0u64;
     send_request(stream, |s| {
         write_json(s, Kind::WriteFile, req)?;
@@ -299,7 +308,13 @@ pub fn write_file<S: Read + Write>(
         }
         Ok(write_frame(s, Kind::Data, b"")?)
     })?;
-    answer(stream).map(|_| total)
+    let d = answer(stream)?;
+    let info = if d.is_empty() {
+        None
+    } else {
+        Some(parse_json(Kind::Ok, &d)?)
+    };
+    Ok((total, info))
 }
 
 /// Reads `path` into `out`; returns the bytes read.
@@ -370,6 +385,14 @@ pub fn rename<S: Read + Write>(
     call_json(stream, Kind::Rename, &req)
 }
 
+/// Concatenates `req.sources` into `req.destination` and removes them (protocol 3).
+pub fn compose<S: Read + Write>(
+    stream: &mut S,
+    req: &ComposeRequest,
+) -> Result<FileInfo, ClientError> {
+    call_json(stream, Kind::Compose, req)
+}
+
 /// Removes a file, or a directory recursively.
 pub fn remove<S: Read + Write>(stream: &mut S, path: &str) -> Result<(), ClientError> {
     call(stream, Kind::Remove, &path_req(path)).map(drop)
@@ -386,6 +409,8 @@ pub fn watch_dir<S: Read + Write>(
     let req = WatchRequest {
         path: path.into(),
         recursive,
+        include_entry: false,
+        allow_network_mounts: false,
     };
     call(&mut stream, Kind::WatchDir, &req)?;
     loop {

@@ -35,20 +35,34 @@
 //!
 //! Files:
 //! - `WriteFile` (JSON [`FileRequest`]) then `Data` frames, an empty one ending the content;
-//!   `Ok`. The file appears atomically (temp file in the same directory, fsync, rename), with
-//!   `mode`, then `uid`/`gid` if given; `make_parents` creates the missing parent directories.
+//!   `Ok` with JSON [`FileInfo`] of the file written (protocol 3; empty before). By default the
+//!   file appears atomically (temp file in the same directory, fsync, rename), with `mode`,
+//!   then `uid`/`gid` if given. `in_place` writes the way envd does instead: the file (or a
+//!   symlink's target) is opened with `O_TRUNC` and keeps its inode, so a watcher sees what it
+//!   sees under envd (a new file: CREATE, CHMOD for the owner, WRITE; an existing one: CHMOD,
+//!   WRITE) and no temp name ever exists. `metadata` replaces the file's `user.e2b.*` xattrs.
+//!   `make_parents` creates the missing parent directories.
 //! - `ReadFile` (JSON [`FileRequest`]): `Data` frames, an empty one ending the content, or
 //!   `Error`.
 //! - `Stat` (JSON [`PathRequest`]): `Ok` with JSON [`FileInfo`] (lstat: a symlink is not
-//!   followed).
+//!   followed, but where it leads is in `link`; `metadata` is read through it, as envd does).
 //! - `ListDir` (JSON [`ListDirRequest`]): `Ok` with JSON `Vec<`[`FileInfo`]`>`, the entries up to
 //!   `depth` levels below the directory (1: its children), sorted by path, symlinks not followed.
 //! - `MakeDir` (JSON [`MakeDirRequest`]): `mkdir -p`; `Ok` with JSON [`MakeDirReply`]
 //!   (`created: false` if it was a directory already; `exists` error if it is something else).
 //! - `Rename` (JSON [`RenameRequest`]): `Ok` with JSON [`FileInfo`] of the new path.
 //! - `Remove` (JSON [`PathRequest`]): `Ok`; directories are removed recursively.
-//! - `WatchDir` (JSON [`WatchRequest`]): `Ok` once the watch is in place, then `Event` frames
-//!   (JSON [`Event`]) until the client closes the connection.
+//! - `Compose` (JSON [`ComposeRequest`], protocol 3): the sources concatenated into the
+//!   destination (a temp file renamed over it, given to `uid`/`gid`), then the sources
+//!   removed (envd's `/files/compose`); `Ok` with JSON [`FileInfo`] of the destination.
+//! - `WatchDir` (JSON [`WatchRequest`]): `Ok` (JSON [`WatchStarted`], protocol 3; empty before)
+//!   once the watch is in place, then `Event` frames (JSON [`Event`]) until the client closes
+//!   the connection. The events are envd's (its fsnotify fork's): a new subdirectory of a
+//!   recursive watch is watched from when its CREATE is read (nothing is made up for what
+//!   appeared in it before), changes of a watched directory itself are named after it (`.`
+//!   for the root), and the atomic writes' temp names are never reported. The client may send
+//!   `Sync` frames: the agent reads every event already queued, sends them, then answers `Ok`,
+//!   so a change made before the `Sync` is in the frames before that `Ok`.
 //!
 //! Ports:
 //! - `Dial` (JSON [`DialRequest`]): the agent connects to `host:port` (TCP, inside the sandbox)
@@ -75,7 +89,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// vsock port the agent listens on inside a guest.
 pub const AGENT_PORT: u32 = 10_000;
 /// Protocol version reported by `Health`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Output kept per process for reconnects (bytes; the oldest output is dropped).
 pub const RING_BYTES: usize = 1 << 20;
 /// Exited processes kept in the table (the oldest are forgotten).
@@ -131,6 +145,9 @@ kinds! {
     Health = b'H',
     Generation = b'g',
     Quiesce = b'q',
+    /// On a watch connection: send the events queued so far, then `Ok`.
+    Sync = b'y',
+    Compose = b'o',
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -275,7 +292,19 @@ pub struct FileRequest {
     /// WriteFile creates missing parent directories.
     #[serde(default)]
     pub make_parents: bool,
+    /// WriteFile writes into the file as envd does (see the module docs); `mode` then applies
+    /// to a new file (default 0644) and, if given, to an existing one, which otherwise keeps
+    /// its own.
+    #[serde(default)]
+    pub in_place: bool,
+    /// WriteFile replaces the file's metadata (`user.e2b.<key>` xattrs) with these keys; None
+    /// leaves the xattrs alone. Kept nowhere when the file system has no xattrs.
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
 }
+
+/// The xattr namespace of file metadata (envd's `MetadataXattrPrefix`).
+pub const METADATA_XATTR_PREFIX: &str = "user.e2b.";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PathRequest {
@@ -312,11 +341,38 @@ pub struct RenameRequest {
     pub to: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ComposeRequest {
+    /// Regular files, in order.
+    pub sources: Vec<String>,
+    pub destination: String,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WatchRequest {
     pub path: String,
     #[serde(default)]
     pub recursive: bool,
+    /// Each event that names an entry still there (CREATE, WRITE, CHMOD) carries its
+    /// [`FileInfo`], read when the event is (envd's `include_entry`).
+    #[serde(default)]
+    pub include_entry: bool,
+    /// Watch a directory on a network file system (NFS, SMB/CIFS, FUSE) too: refused
+    /// otherwise, as envd refuses (its events may never come).
+    #[serde(default)]
+    pub allow_network_mounts: bool,
+}
+
+/// The answer to `WatchDir` (protocol 3).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct WatchStarted {
+    /// The agent answers `Sync` frames.
+    #[serde(default)]
+    pub sync: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -341,6 +397,25 @@ pub struct FileInfo {
     pub gid: u32,
     pub mtime_ms: i64,
     pub symlink_target: Option<String>,
+    /// For a symlink: where it leads (protocol 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkTarget>,
+    /// The file's metadata: its `user.e2b.*` xattrs (prefix stripped, values that are not
+    /// UTF-8 left out), read through a symlink (protocol 3).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Where a symlink leads, as envd reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkTarget {
+    /// The path with every symlink in it resolved; the link's own path when that fails (it
+    /// dangles, or loops).
+    pub path: String,
+    /// What is there; None when the link dangles.
+    pub kind: Option<FileKind>,
+    /// Its permission bits (0 when it dangles).
+    pub mode: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -355,9 +430,12 @@ pub enum EventOp {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
-    /// Path relative to the watched directory.
+    /// Path relative to the watched directory (`.` for the directory itself).
     pub name: String,
     pub op: EventOp,
+    /// With `include_entry`: the entry, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<FileInfo>,
 }
 
 fn localhost() -> String {

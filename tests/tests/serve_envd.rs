@@ -253,3 +253,328 @@ impl Kiln2 {
         kiln_tests::Kiln::new(k.home.clone())
     }
 }
+
+/// A static `setxattr PATH NAME VALUE` for inside the sandbox (busybox has none), built with
+/// the host's C compiler; None (after a SKIP line) without one.
+fn setxattr_helper(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let src = dir.join("setxattr.c");
+    std::fs::write(
+        &src,
+        "#include <string.h>\n#include <stdio.h>\n#include <sys/xattr.h>\n\
+         int main(int c, char **v) {\n  if (c != 4) return 2;\n\
+         if (setxattr(v[1], v[2], v[3], strlen(v[3]), 0)) { perror(\"setxattr\"); return 1; }\n\
+         return 0;\n}\n",
+    )
+    .unwrap();
+    let bin = dir.join("setxattr");
+    let built = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!(
+            "SKIP: no static C toolchain (cc -static): xattrs set inside the sandbox not checked"
+        );
+        return None;
+    }
+    Some(bin)
+}
+
+/// What envd shows for the same operations, through the SDK against a sandbox the daemon
+/// created: watch events (E2B's own tests' counts: a new file is CREATE, CHMOD, WRITE, there
+/// at once for `get_new_events()`; no temp names; recursive watches), file metadata (write
+/// result, get_info, list, rename, overwrite, xattrs set inside the sandbox), `/files/compose`,
+/// symlinks (the target's type and the resolved target), and health (`is_running()` false once paused or
+/// killed, true again after connect; a command cut off by a kill is "not running").
+const EVENTS_METADATA_HEALTH: &str = r#"
+import json, threading, time
+from e2b import Sandbox, SandboxNotRunningException
+out = {}
+def evs(h):
+    return [[e.name, e.type.name] for e in h.get_new_events()]
+
+sbx = Sandbox.create("envd", timeout=300)
+
+# Watching: E2B's test_watch (get_new_events right after the write).
+sbx.files.make_dir("wd")
+h = sbx.files.watch_dir("wd")
+sbx.files.write("wd/f.txt", "This file will be watched.")
+out["new_file"] = evs(h)
+sbx.files.write("wd/f.txt", "This file has been modified.")
+out["overwrite"] = evs(h)
+sbx.commands.run("echo hi >> /home/app/wd/f.txt; rm /home/app/wd/f.txt")
+out["shell"] = evs(h)
+h.stop()
+sbx.files.make_dir("rd/nested")
+h = sbx.files.watch_dir("rd", recursive=True)
+sbx.files.write("rd/nested/f.txt", "x")
+out["recursive"] = evs(h)
+sbx.files.make_dir("rd/later")
+sbx.files.write("rd/later/g.txt", "y")
+out["recursive_later"] = evs(h)
+h.stop()
+h = sbx.files.watch_dir("wd", allow_network_mounts=True)
+sbx.files.write("wd/n.txt", "mounts allowed")
+out["network_mounts_allowed"] = evs(h)
+h.stop()
+h = sbx.files.watch_dir("wd", include_entry=True)
+sbx.files.write("wd/e.txt", "entry")
+got = h.get_new_events()
+w = [e for e in got if e.type.name == "WRITE"]
+out["entry"] = w and [w[-1].entry.name, w[-1].entry.path, w[-1].entry.type.name, w[-1].entry.size]
+h.stop()
+
+# Metadata: E2B's test_metadata.
+md = {"author": "mish", "purpose": "upload"}
+out["md_write"] = sbx.files.write("m.txt", "c", metadata=md).metadata
+out["md_info"] = sbx.files.get_info("m.txt").metadata
+out["md_octet"] = sbx.files.write("mo.txt", "c", metadata=md, use_octet_stream=True).metadata
+out["md_none"] = [sbx.files.write("n.txt", "c").metadata, sbx.files.get_info("n.txt").metadata]
+infos = sbx.files.write_files([{"path": "mm1.txt", "data": "1"}, {"path": "mm2.txt", "data": "2"}],
+                              metadata={"source": "suite"})
+out["md_multi"] = [i.metadata for i in infos] + [sbx.files.get_info("mm2.txt").metadata]
+sbx.files.make_dir("ml")
+sbx.files.write("ml/l.txt", "c", metadata={"tag": "listed"})
+out["md_list"] = [e.metadata for e in sbx.files.list("ml") if e.name == "l.txt"]
+sbx.files.write("r1.txt", "c", metadata={"stage": "renamed"})
+out["md_rename"] = sbx.files.rename("r1.txt", "r2.txt").metadata
+sbx.files.write("o.txt", "first", metadata={"author": "mish"})
+out["md_overwrite"] = [sbx.files.write("o.txt", "second").metadata, sbx.files.get_info("o.txt").metadata]
+if XATTR_HELPER:
+    sbx.files.write("x.txt", "c")
+    sbx.commands.run("/bin/setxattr /home/app/x.txt user.e2b.author mish && /bin/setxattr /home/app/x.txt user.other no")
+    out["md_xattr"] = sbx.files.get_info("x.txt").metadata
+
+# envd 0.6.4's /files/compose (no SDK method: through the SDK's own envd client).
+sbx.files.write("c1.txt", "one,")
+sbx.files.write("c2.txt", "two")
+r = sbx._envd_api.post("/files/compose", json={"source_paths": ["c1.txt", "c2.txt"], "destination": "cdir/c.txt"})
+out["compose"] = [r.status_code, r.json(), sbx.files.read("cdir/c.txt"), sbx.files.exists("c1.txt"),
+                  sbx.files.get_info("cdir/c.txt").owner]
+r = sbx._envd_api.post("/files/compose", json={"source_paths": ["nope"], "destination": "x"})
+out["compose_missing"] = [r.status_code, r.json()["message"]]
+
+# Symlinks: E2B's test_info.
+sbx.files.make_dir("sl")
+sbx.files.write("sl/t.txt", "Hello")
+sbx.commands.run("ln -s t.txt link && ln -s /home/app/sl sl_dir && ln -s nowhere dangling", cwd="/home/app/sl")
+i = sbx.files.get_info("sl/link")
+out["symlink"] = [i.type.name, i.symlink_target]
+i = sbx.files.get_info("sl/sl_dir")
+out["symlink_dir"] = [i.type.name, i.symlink_target]
+i = sbx.files.get_info("sl/dangling")
+out["symlink_dangling"] = [i.type and i.type.name, i.symlink_target]
+out["symlink_listed"] = sorted([e.name, e.type and e.type.name] for e in sbx.files.list("sl"))
+
+# Health (raw: envd's /health needs no token; E2B's proxy's 502 when not running).
+import httpx, os
+def raw_health(sid):
+    r = httpx.get(os.environ["E2B_SANDBOX_URL"] + "/health", headers={"E2b-Sandbox-Id": sid})
+    return [r.status_code, r.json()["message"] if r.content else None]
+out["running"] = sbx.is_running()
+out["raw_running"] = raw_health(sbx.sandbox_id)
+sbx.pause()
+out["paused_running"] = sbx.is_running()
+out["raw_paused"] = raw_health(sbx.sandbox_id)
+sbx = Sandbox.connect(sbx.sandbox_id)
+out["resumed_running"] = sbx.is_running()
+caught = {}
+def long_command():
+    try:
+        sbx.commands.run("sleep 60")
+        caught["result"] = "finished"
+    except Exception as e:
+        caught["type"] = type(e).__name__
+        caught["not_running"] = isinstance(e, SandboxNotRunningException)
+        caught["message"] = str(e)
+t = threading.Thread(target=long_command)
+t.start()
+time.sleep(2)
+Sandbox.kill(sbx.sandbox_id)
+t.join(60)
+out["killed_command"] = caught
+out["killed_running"] = sbx.is_running()
+out["raw_killed"] = raw_health(sbx.sandbox_id)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
+    let Some(python) = kiln_tests::e2b::python_or_skip() else {
+        return;
+    };
+    let Some((tmp, k)) = kiln_tests::e2b::sdk_home() else {
+        return;
+    };
+    let ctx = tmp.path().join("envdx-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let helper = setxattr_helper(&ctx);
+    let copy = if helper.is_some() {
+        "USER root\nCOPY setxattr /bin/setxattr\nUSER app\n"
+    } else {
+        ""
+    };
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM sdk\n{copy}")).unwrap();
+    k.ok(["build", "-t", "envd", ctx.to_str().unwrap()]);
+    let _guard = KillAll(Kiln2::from(&k));
+    let s = kiln_tests::e2b::Serve::start(&k, "test-key-envd");
+    let script = format!(
+        "XATTR_HELPER = {}\n{EVENTS_METADATA_HEALTH}",
+        if helper.is_some() { "True" } else { "False" }
+    );
+    let v = s.python(&python, &script);
+    let pairs = |key: &str| -> Vec<(String, String)> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {v}"))
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into()))
+            .collect()
+    };
+    let p = |n: &str, t: &str| (n.to_string(), t.to_string());
+
+    // A new file: exactly what envd reports (E2B's test_watch_iterated counts 3).
+    assert_eq!(
+        pairs("new_file"),
+        [
+            p("f.txt", "CREATE"),
+            p("f.txt", "CHMOD"),
+            p("f.txt", "WRITE")
+        ],
+        "{v}"
+    );
+    // An existing one: its owner set again (CHMOD), then truncated and written (WRITE).
+    let over = pairs("overwrite");
+    assert_eq!(over.first(), Some(&p("f.txt", "CHMOD")), "{v}");
+    assert!(
+        over.contains(&p("f.txt", "WRITE")) && !over.iter().any(|e| e.1 == "CREATE"),
+        "{v}"
+    );
+    let shell = pairs("shell");
+    assert!(
+        shell.contains(&p("f.txt", "WRITE")) && shell.contains(&p("f.txt", "REMOVE")),
+        "{v}"
+    );
+    // E2B's test_watch_recursive_directory_changes: 3 events, the first the CREATE.
+    assert_eq!(
+        pairs("recursive"),
+        [
+            p("nested/f.txt", "CREATE"),
+            p("nested/f.txt", "CHMOD"),
+            p("nested/f.txt", "WRITE")
+        ],
+        "{v}"
+    );
+    let later = pairs("recursive_later");
+    assert!(
+        later.contains(&p("later", "CREATE")) && later.contains(&p("later/g.txt", "WRITE")),
+        "{v}"
+    );
+    assert!(
+        pairs("network_mounts_allowed").contains(&p("n.txt", "WRITE")),
+        "{v}"
+    );
+    for key in [
+        "new_file",
+        "overwrite",
+        "shell",
+        "recursive",
+        "recursive_later",
+    ] {
+        assert!(
+            pairs(key)
+                .iter()
+                .all(|(n, _)| !n.contains("kiln-agent-tmp")),
+            "a temp name in {key}: {v}"
+        );
+    }
+    assert_eq!(
+        v["entry"],
+        serde_json::json!(["e.txt", "/home/app/wd/e.txt", "FILE", 5]),
+        "{v}"
+    );
+
+    let md = serde_json::json!({"author": "mish", "purpose": "upload"});
+    for key in ["md_write", "md_info", "md_octet"] {
+        assert_eq!(v[key], md, "{key}: {v}");
+    }
+    assert_eq!(v["md_none"], serde_json::json!([null, null]), "{v}");
+    let multi = serde_json::json!({"source": "suite"});
+    assert_eq!(
+        v["md_multi"],
+        serde_json::json!([multi, multi, multi]),
+        "{v}"
+    );
+    assert_eq!(v["md_list"], serde_json::json!([{"tag": "listed"}]), "{v}");
+    assert_eq!(
+        v["md_rename"],
+        serde_json::json!({"stage": "renamed"}),
+        "{v}"
+    );
+    assert_eq!(v["md_overwrite"], serde_json::json!([null, null]), "{v}");
+    if helper.is_some() {
+        assert_eq!(v["md_xattr"], serde_json::json!({"author": "mish"}), "{v}");
+    }
+
+    assert_eq!(
+        v["compose"],
+        serde_json::json!([
+            200,
+            {"path": "/home/app/cdir/c.txt", "name": "c.txt", "type": "file"},
+            "one,two",
+            false,
+            "app"
+        ]),
+        "{v}"
+    );
+    assert_eq!(
+        v["compose_missing"],
+        serde_json::json!([404, "source file not found: nope"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["symlink"],
+        serde_json::json!(["FILE", "/home/app/sl/t.txt"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["symlink_dir"],
+        serde_json::json!(["DIR", "/home/app/sl"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["symlink_dangling"],
+        serde_json::json!([null, "/home/app/sl/dangling"]),
+        "{v}"
+    );
+    // The dangling link has no type: the SDK leaves it out of listings (as with envd).
+    assert_eq!(
+        v["symlink_listed"],
+        serde_json::json!([["link", "FILE"], ["sl_dir", "DIR"], ["t.txt", "FILE"]]),
+        "{v}"
+    );
+
+    assert_eq!(v["running"], true, "{v}");
+    assert_eq!(v["raw_running"], serde_json::json!([204, null]), "{v}");
+    for key in ["raw_paused", "raw_killed"] {
+        assert_eq!(v[key][0], 502, "{key}: {v}");
+        assert!(
+            v[key][1].as_str().unwrap_or("").contains("was not found"),
+            "{key}: {v}"
+        );
+    }
+    assert_eq!(v["paused_running"], false, "{v}");
+    assert_eq!(v["resumed_running"], true, "{v}");
+    let killed = &v["killed_command"];
+    assert_eq!(killed["not_running"], true, "{v}");
+    assert!(
+        killed["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was killed"),
+        "{v}"
+    );
+    assert_eq!(v["killed_running"], false, "{v}");
+}

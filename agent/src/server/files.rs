@@ -1,36 +1,208 @@
 //! File requests: atomic writes, reads, stat, directory listing and changes, and watching a
 //! directory with inotify.
 
-use super::{fail, io_fail, read_data, send, send_json, Conn, Res};
+use super::{fail, io_fail, read_data, send, send_json, xattr, Conn, Res};
 use crate::protocol::*;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What the temp files of atomic writes are called after their target's name.
+const TEMP_MARK: &str = ".kiln-agent-tmp-";
 
 /// The temp file a write goes to before its rename: a unique name in the same directory.
 fn temp_path(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(
-        ".{}.kiln-agent-tmp-{}-{n}",
+        ".{}{TEMP_MARK}{}-{n}",
         name.to_string_lossy(),
         std::process::id()
     ))
 }
 
+/// Whether a file name is an atomic write's temp file (`.NAME.kiln-agent-tmp-PID-N`).
+pub(super) fn is_temp_name(name: &str) -> bool {
+    let Some((head, tail)) = name.rsplit_once(TEMP_MARK) else {
+        return false;
+    };
+    let mut nums = tail.split('-');
+    head.starts_with('.')
+        && head.len() > 1
+        && nums
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && nums
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && nums.next().is_none()
+}
+
 pub fn write_file(req: FileRequest, c: &Conn) -> Res<()> {
+    let written = if req.in_place {
+        write_in_place(&req, c)
+    } else {
+        write_atomic(&req, c)
+    };
+    match written {
+        Ok(info) => send_json(c, Kind::Ok, &info),
+        Err(super::Fail(mut e)) => {
+            if !e.message.contains(&req.path) {
+                e.message = format!("write {}: {}", req.path, e.message);
+            }
+            Err(super::Fail(e))
+        }
+    }
+}
+
+/// The metadata and fsync that end every write; the file's info for the answer.
+fn finish(f: &File, req: &FileRequest) -> Res<FileInfo> {
+    if let Some(want) = &req.metadata {
+        // A file system without xattrs keeps the file, not its metadata (as envd).
+        match xattr::replace(f, want) {
+            Err(e) if !xattr::unsupported(&e) => return Err(io_fail("write metadata", e)),
+            _ => {}
+        }
+    }
+    f.sync_all().map_err(|e| io_fail("fsync", e))?;
+    file_info_of(f, Path::new(&req.path)).map_err(|e| io_fail("fstat", e))
+}
+
+/// Gives `f` the wanted permission bits if it lacks them (the umask trimmed them, or chown
+/// cleared the set-id bits); no change, no CHMOD event.
+fn ensure_mode(f: &File, mode: u32) -> Res<()> {
+    let have = f.metadata().map_err(|e| io_fail("fstat", e))?.mode() & 0o7777;
+    if have != mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io_fail("chmod", e))?;
+    }
+    Ok(())
+}
+
+fn make_parents(req: &FileRequest, path: &Path) -> Res<()> {
+    match path.parent() {
+        Some(dir) if req.make_parents && !dir.as_os_str().is_empty() => {
+            std::fs::create_dir_all(dir).map_err(|e| io_fail(&dir.to_string_lossy(), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// envd's write: into the file itself, in envd's order (an existing file gets its owner
+/// before it is truncated, a new one right after it is created). A write cut off leaves what
+/// was written, as under envd.
+///
+/// The directory may be hostile (any process of the sandbox may have planted a name in it):
+/// unlike envd, which follows whatever is there as root, a new file is created with
+/// `O_EXCL`, a symlink is written through only when root or the user the file is written for
+/// owns it, and a file with other names (hard links) only when that user owns it; otherwise
+/// the file is replaced atomically instead (the link, or that name, is replaced, never
+/// written through).
+fn write_in_place(req: &FileRequest, c: &Conn) -> Res<FileInfo> {
+    let prepared = open_in_place(req);
+    if let Ok(None) = prepared {
+        return write_atomic(req, c);
+    }
+    let prepared = prepared.map(|f| f.expect("handled above"));
+    let f = read_data(c, prepared, |f, chunk| {
+        f.write_all(chunk)
+            .map_err(|e| io_fail(&format!("write {}", req.path), e))
+    })?;
+    finish(&f, req)
+}
+
+/// Opens the file `write_in_place` writes, given to the user and emptied (None: it is not one
+/// to write through).
+fn open_in_place(req: &FileRequest) -> Res<Option<File>> {
+    let path = Path::new(&req.path);
+    if path.file_name().is_none() {
+        return fail(ErrorKind::Invalid, "write: path has no file name");
+    }
+    make_parents(req, path)?;
+    if std::fs::metadata(path).is_ok_and(|md| md.is_dir()) {
+        return fail(
+            ErrorKind::Invalid,
+            format!("path is a directory: {}", req.path),
+        );
+    }
+    let mode = req.mode.unwrap_or(0o644) & 0o7777;
+    let chown = |f: &File| match (req.uid, req.gid) {
+        (None, None) => Ok(()),
+        (u, g) => std::os::unix::fs::fchown(f, u, g).map_err(|e| io_fail("chown", e)),
+    };
+    let open = |flags: libc::c_int, create: bool| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(create)
+            .mode(mode)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(0, true) {
+        Ok(f) => {
+            chown(&f)?;
+            ensure_mode(&f, mode)?;
+            return Ok(Some(f));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_fail(&req.path, e)),
+    }
+    let ours = |uid: u32| Some(uid) == req.uid || (req.uid.is_none() && uid == 0);
+    let f = match open(libc::O_NOFOLLOW, false) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let link = std::fs::symlink_metadata(path).map_err(|e| io_fail(&req.path, e))?;
+            if link.uid() != 0 && !ours(link.uid()) {
+                return Ok(None);
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .mode(mode)
+                .open(path)
+                .map_err(|e| io_fail(&req.path, e))?;
+            // The link checked is the one followed (it was not swapped meanwhile).
+            let (opened, now, there) = (
+                f.metadata().map_err(|e| io_fail("fstat", e))?,
+                std::fs::symlink_metadata(path).ok(),
+                std::fs::metadata(path).ok(),
+            );
+            let same = now.is_some_and(|n| n.ino() == link.ino() && n.dev() == link.dev())
+                && there.is_some_and(|t| t.ino() == opened.ino() && t.dev() == opened.dev());
+            if !same {
+                return fail(
+                    ErrorKind::Other,
+                    format!("{} changed during the write", req.path),
+                );
+            }
+            f
+        }
+        Err(e) => return Err(io_fail(&req.path, e)),
+    };
+    let md = f.metadata().map_err(|e| io_fail("fstat", e))?;
+    if md.nlink() > 1 && !ours(md.uid()) {
+        return Ok(None);
+    }
+    chown(&f)?;
+    // An existing file keeps its mode unless one is asked for (chown may have cleared set-id
+    // bits, as under envd).
+    if let Some(m) = req.mode {
+        ensure_mode(&f, m & 0o7777)?;
+    }
+    f.set_len(0).map_err(|e| io_fail("truncate", e))?;
+    Ok(Some(f))
+}
+
+/// The atomic write: a temp file in the same directory, renamed over the target.
+fn write_atomic(req: &FileRequest, c: &Conn) -> Res<FileInfo> {
     let path = Path::new(&req.path);
     let prepared = (|| -> Res<(File, PathBuf)> {
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return fail(ErrorKind::Invalid, "write: path has no file name");
         };
-        if req.make_parents && !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| io_fail(&dir.to_string_lossy(), e))?;
-        }
+        make_parents(req, path)?;
         let tmp = temp_path(dir, name);
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -52,32 +224,23 @@ pub fn write_file(req: FileRequest, c: &Conn) -> Res<()> {
         if req.uid.is_some() || req.gid.is_some() {
             std::os::unix::fs::fchown(&f, req.uid, req.gid).map_err(|e| io_fail("chown", e))?;
             // chown clears the set-id bits: put them back.
-            if mode & 0o6000 != 0 {
-                f.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| io_fail("chmod", e))?;
-            }
+            ensure_mode(&f, mode)?;
         }
-        f.sync_all().map_err(|e| io_fail("fsync", e))?;
+        let info = finish(&f, req)?;
         std::fs::rename(&tmp, path)
             .map_err(|e| io_fail(&format!("rename to {}", path.display()), e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // The rename is durable once the directory is.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
-        Ok(())
+        Ok(info)
     });
-    match result {
-        Ok(()) => send(c, Kind::Ok, b""),
-        Err(super::Fail(mut e)) => {
-            if let Some(tmp) = tmp {
-                let _ = std::fs::remove_file(tmp);
-            }
-            if !e.message.contains(&req.path) {
-                e.message = format!("write {}: {}", req.path, e.message);
-            }
-            Err(super::Fail(e))
+    if result.is_err() {
+        if let Some(tmp) = tmp {
+            let _ = std::fs::remove_file(tmp);
         }
     }
+    result
 }
 
 pub fn read_file(req: FileRequest, c: &Conn) -> Res<()> {
@@ -95,11 +258,8 @@ pub fn read_file(req: FileRequest, c: &Conn) -> Res<()> {
     }
 }
 
-/// lstat of `path` as a [`FileInfo`].
-pub fn file_info(path: &Path) -> std::io::Result<FileInfo> {
-    let md = std::fs::symlink_metadata(path)?;
-    let ft = md.file_type();
-    let kind = if ft.is_symlink() {
+fn kind_of(ft: std::fs::FileType) -> FileKind {
+    if ft.is_symlink() {
         FileKind::Symlink
     } else if ft.is_dir() {
         FileKind::Dir
@@ -107,27 +267,64 @@ pub fn file_info(path: &Path) -> std::io::Result<FileInfo> {
         FileKind::File
     } else {
         FileKind::Other
-    };
-    let symlink_target = match kind {
-        FileKind::Symlink => std::fs::read_link(path)
-            .ok()
-            .map(|t| t.to_string_lossy().into_owned()),
-        _ => None,
-    };
-    Ok(FileInfo {
+    }
+}
+
+fn info_from(path: &Path, md: &std::fs::Metadata) -> FileInfo {
+    FileInfo {
         name: path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.to_string_lossy().into_owned()),
         path: path.to_string_lossy().into_owned(),
-        kind,
+        kind: kind_of(md.file_type()),
         size: md.size(),
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
         mtime_ms: md.mtime() * 1000 + md.mtime_nsec() / 1_000_000,
-        symlink_target,
-    })
+        symlink_target: None,
+        link: None,
+        metadata: Default::default(),
+    }
+}
+
+/// lstat of `path` as a [`FileInfo`]; a symlink's target and where it leads, and the metadata
+/// (through a symlink, best effort: an unreadable one is none), as envd reports them.
+pub fn file_info(path: &Path) -> std::io::Result<FileInfo> {
+    let md = std::fs::symlink_metadata(path)?;
+    let mut info = info_from(path, &md);
+    if info.kind == FileKind::Symlink {
+        info.symlink_target = std::fs::read_link(path)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned());
+        info.link = Some(match std::fs::canonicalize(path) {
+            Ok(to) => {
+                let there = std::fs::metadata(&to).ok();
+                LinkTarget {
+                    path: to.to_string_lossy().into_owned(),
+                    kind: there.as_ref().map(|m| kind_of(m.file_type())),
+                    mode: there.map_or(0, |m| m.mode() & 0o7777),
+                }
+            }
+            Err(_) => LinkTarget {
+                path: info.path.clone(),
+                kind: None,
+                mode: 0,
+            },
+        });
+    }
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        info.metadata = xattr::read(xattr::On::Path(&c)).unwrap_or_default();
+    }
+    Ok(info)
+}
+
+/// An open file as a [`FileInfo`] named `path`.
+fn file_info_of(f: &File, path: &Path) -> std::io::Result<FileInfo> {
+    let mut info = info_from(path, &f.metadata()?);
+    info.metadata = xattr::read(xattr::On::File(f)).unwrap_or_default();
+    Ok(info)
 }
 
 pub fn stat(req: PathRequest, c: &Conn) -> Res<()> {
@@ -206,181 +403,47 @@ pub fn remove(req: PathRequest, c: &Conn) -> Res<()> {
     send(c, Kind::Ok, b"")
 }
 
-const WATCH_MASK: u32 = libc::IN_CREATE
-    | libc::IN_MODIFY
-    | libc::IN_DELETE
-    | libc::IN_MOVED_FROM
-    | libc::IN_MOVED_TO
-    | libc::IN_ATTRIB
-    | libc::IN_ONLYDIR
-    | libc::IN_DONT_FOLLOW
-    | libc::IN_EXCL_UNLINK;
-
-struct Watches {
-    ino: File,
-    /// Watch descriptor -> directory relative to the watched one ("" for itself).
-    dirs: HashMap<i32, String>,
-    root: PathBuf,
-    recursive: bool,
-}
-
-fn join(rel: &str, name: &str) -> String {
-    if rel.is_empty() {
-        name.to_string()
-    } else {
-        format!("{rel}/{name}")
-    }
-}
-
-impl Watches {
-    /// Watches directory `rel` (and, if recursive, its subdirectories); `found` gets a create
-    /// event for each entry already in it (for a directory that just appeared: files made in
-    /// it before its watch was in place are not missed).
-    fn add(&mut self, rel: &str, mut found: Option<&mut Vec<Event>>) -> std::io::Result<()> {
-        let dir = self.root.join(rel);
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: a NUL-terminated path; our inotify descriptor.
-        let wd = unsafe { libc::inotify_add_watch(self.ino.as_raw_fd(), c.as_ptr(), WATCH_MASK) };
-        if wd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        self.dirs.insert(wd, rel.to_string());
-        if !self.recursive && found.is_none() {
-            return Ok(());
-        }
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let name = join(rel, &entry.file_name().to_string_lossy());
-            if let Some(f) = found.as_deref_mut() {
-                f.push(Event {
-                    name: name.clone(),
-                    op: EventOp::Create,
-                });
-            }
-            if self.recursive && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                // A subdirectory removed meanwhile is no error.
-                let _ = self.add(&name, found.as_deref_mut());
-            }
-        }
-        Ok(())
-    }
-
-    /// Turns a buffer of inotify events into protocol events, adding watches as needed.
-    fn events(&mut self, buf: &[u8]) -> Vec<Event> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        let u32_at = |i: usize| u32::from_ne_bytes(buf[i..i + 4].try_into().unwrap());
-        // struct inotify_event { int wd; u32 mask; u32 cookie; u32 len; char name[len]; }
-        while at + 16 <= buf.len() {
-            let wd = u32_at(at) as i32;
-            let mask = u32_at(at + 4);
-            let len = u32_at(at + 12) as usize;
-            let name_bytes = &buf[(at + 16).min(buf.len())..(at + 16 + len).min(buf.len())];
-            at += 16 + len;
-            let name = String::from_utf8_lossy(name_bytes)
-                .trim_end_matches('\0')
-                .to_string();
-            if mask & libc::IN_IGNORED != 0 {
-                self.dirs.remove(&wd);
-                continue;
-            }
-            let Some(rel) = self.dirs.get(&wd) else {
-                continue;
-            };
-            if name.is_empty() {
-                continue; // about the directory itself
-            }
-            let name = join(rel, &name);
-            let op = if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
-                EventOp::Create
-            } else if mask & libc::IN_MODIFY != 0 {
-                EventOp::Write
-            } else if mask & libc::IN_DELETE != 0 {
-                EventOp::Remove
-            } else if mask & libc::IN_MOVED_FROM != 0 {
-                EventOp::Rename
-            } else if mask & libc::IN_ATTRIB != 0 {
-                EventOp::Chmod
-            } else {
-                continue;
-            };
-            let new_dir = op == EventOp::Create && mask & libc::IN_ISDIR != 0;
-            out.push(Event {
-                name: name.clone(),
-                op,
-            });
-            if new_dir && self.recursive {
-                let _ = self.add(&name, Some(&mut out));
-            }
-        }
-        out
-    }
-}
-
-pub fn watch_dir(req: WatchRequest, c: &Conn) -> Res<()> {
-    let root = PathBuf::from(&req.path);
-    let md = std::fs::metadata(&root).map_err(|e| io_fail(&req.path, e))?;
-    if !md.is_dir() {
-        return fail(
-            ErrorKind::Invalid,
-            format!("{} is not a directory", req.path),
-        );
-    }
-    // SAFETY: plain inotify_init1 call; the result is checked.
-    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(io_fail("inotify", std::io::Error::last_os_error()));
-    }
-    let mut w = Watches {
-        // SAFETY: fd is a fresh descriptor we own.
-        ino: unsafe { File::from_raw_fd(fd) },
-        dirs: HashMap::new(),
-        root,
-        recursive: req.recursive,
+/// envd's compose: the sources, in order, into a temp file beside the destination (copied
+/// in the kernel where it can), renamed over it; then the sources go.
+pub fn compose(req: ComposeRequest, c: &Conn) -> Res<()> {
+    let dest = Path::new(&req.destination);
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return fail(ErrorKind::Invalid, "compose: destination has no file name");
     };
-    w.add("", None).map_err(|e| io_fail(&req.path, e))?;
-    send(c, Kind::Ok, b"")?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: w.ino.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: c.as_raw_fd(),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of 2 pollfd for the call's duration.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+    let tmp = temp_path(dir, name);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|e| io_fail(&format!("create {}", tmp.display()), e))?;
+    let built = (|| -> Res<FileInfo> {
+        if req.uid.is_some() || req.gid.is_some() {
+            std::os::unix::fs::fchown(&out, req.uid, req.gid).map_err(|e| io_fail("chown", e))?;
+        }
+        for src in &req.sources {
+            let mut f = File::open(src).map_err(|e| io_fail(src, e))?;
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                return fail(
+                    ErrorKind::Invalid,
+                    format!("source path is not a regular file: {src}"),
+                );
             }
-            return Err(io_fail("poll", e));
+            std::io::copy(&mut f, &mut out).map_err(|e| io_fail(&format!("compose {src}"), e))?;
         }
-        if fds[1].revents != 0 {
-            // The client sends nothing after the request: its side is readable once it closed
-            // the connection (or broke the protocol). Either way the watch ends.
-            return Ok(());
+        out.sync_all().map_err(|e| io_fail("fsync", e))?;
+        std::fs::rename(&tmp, dest).map_err(|e| io_fail(&req.destination, e))?;
+        file_info_of(&out, dest).map_err(|e| io_fail("fstat", e))
+    })();
+    let info = match built {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        if fds[0].revents & libc::POLLIN == 0 {
-            continue;
-        }
-        let n = match (&w.ino).read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_fail("inotify read", e)),
-        };
-        for ev in w.events(&buf[..n]) {
-            if send_json(c, Kind::Event, &ev).is_err() {
-                return Ok(());
-            }
-        }
+    };
+    for src in &req.sources {
+        let _ = std::fs::remove_file(src);
     }
+    send_json(c, Kind::Ok, &info)
 }

@@ -1,11 +1,13 @@
 //! Serving one connection: the first frame names the request (see [`crate::protocol`]), a
-//! handler in [`process`], [`files`], [`ports`] or [`lifecycle`] serves it.
+//! handler in [`process`], [`files`], [`watch`], [`ports`] or [`lifecycle`] serves it.
 
 mod files;
 mod lifecycle;
 mod ports;
 mod process;
 pub mod quiesce;
+mod watch;
+mod xattr;
 
 use crate::protocol::*;
 use std::fs::File;
@@ -93,7 +95,8 @@ fn dispatch(kind: Kind, p: &[u8], c: &Conn) -> Res<()> {
         Kind::MakeDir => files::make_dir(parse_json(kind, p)?, c),
         Kind::Rename => files::rename(parse_json(kind, p)?, c),
         Kind::Remove => files::remove(parse_json(kind, p)?, c),
-        Kind::WatchDir => files::watch_dir(parse_json(kind, p)?, c),
+        Kind::Compose => files::compose(parse_json(kind, p)?, c),
+        Kind::WatchDir => watch::watch_dir(parse_json(kind, p)?, c),
         Kind::Dial => ports::dial(parse_json(kind, p)?, c),
         Kind::Health => send_json(c, Kind::Ok, &lifecycle::health()),
         Kind::Generation => lifecycle::generation(parse_json(kind, p)?, c),

@@ -77,12 +77,22 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+/// E2B's proxy's answer for a sandbox it has no route to (gone, or not running: a paused
+/// sandbox is not in its catalog either); the SDK tells it by "was not found".
+pub fn not_running(id: &str, state: &str) -> EnvdError {
+    EnvdError::Sandbox {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("The sandbox {id} was not found (it is {state})"),
+    }
+}
+
 pub fn from_runtime(id: &str, e: kiln_runtime::Error) -> EnvdError {
     match e {
         kiln_runtime::Error::NotFound(_) => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
             message: format!("The sandbox {id} was not found"),
         },
+        kiln_runtime::Error::WrongState { id, state, .. } => not_running(&id, &state),
         kiln_runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
         e => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,
@@ -213,32 +223,34 @@ impl Session {
         resolve_path(path, user, self.default_workdir().as_deref())
     }
 
-    /// The `EntryInfo` of `info` (a symlink reports its target's type and mode).
+    /// The `EntryInfo` of `info`, as envd's: a symlink reports its target's type and mode,
+    /// and in `symlinkTarget` the path with every link resolved (its own path when it
+    /// dangles, with no type).
     pub fn entry(&mut self, info: FileInfo) -> Result<EntryInfo, RpcError> {
         let users = self.users()?;
         let (mut kind, mut mode) = (file_type(info.kind), info.mode & 0o777);
         let mut target = None;
         if info.kind == FileKind::Symlink {
-            match self.follow(&info.path) {
-                Some((path, t)) => {
-                    kind = file_type(t.kind);
-                    mode = t.mode & 0o777;
-                    target = Some(path);
-                }
-                None => {
-                    kind = FileType::Unspecified;
-                    mode = 0;
-                    target = Some(info.path.clone());
-                }
-            }
+            // Agents before protocol 3 do not say where a link leads: followed from here.
+            let (path, there) = match &info.link {
+                Some(l) => (l.path.clone(), l.kind.map(|k| (k, l.mode))),
+                None => match self.follow(&info.path) {
+                    Some((path, t)) => (path, Some((t.kind, t.mode))),
+                    None => (info.path.clone(), None),
+                },
+            };
+            (kind, mode) = there.map_or((FileType::Unspecified, 0), |(k, m)| {
+                (file_type(k), m & 0o777)
+            });
+            target = Some(path);
         }
         Ok(EntryInfo {
             permissions: permissions(info.kind, info.mode),
             owner: users.user_name(info.uid),
             group: users.group_name(info.gid),
             modified_time: Some(rfc3339_ms(info.mtime_ms)),
-            is_symlink: info.kind == FileKind::Symlink,
             symlink_target: target,
+            metadata: info.metadata,
             name: info.name,
             kind,
             path: info.path,

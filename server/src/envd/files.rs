@@ -1,8 +1,10 @@
 //! envd's `/files`: `GET` downloads a file (`path`, `username` query parameters), `POST`
 //! uploads one (`application/octet-stream`, optionally gzip-encoded, to `path`) or several
 //! (`multipart/form-data`, parts named `file`, each to `path` or to its file name). Uploads
-//! stream into the agent's atomic write; missing parent directories are created and given to
-//! the user, the file too. Errors are envd's `{code, message}` with its statuses.
+//! stream into the agent's write, in place as envd writes (watchers see what they see under
+//! envd); missing parent directories are created and given to the user, the file too; the
+//! `X-Metadata-<key>` headers become the file's metadata (`user.e2b.<key>` xattrs, envd
+//! 0.6.2), returned in the answer. Errors are envd's `{code, message}` with its statuses.
 
 use super::agent::{json_error, EnvdError, Session, User};
 use super::connect::Code;
@@ -15,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use kiln_agent::client;
-use kiln_agent::protocol::{FileKind, FileRequest};
-use std::collections::HashMap;
+use kiln_agent::protocol::{FileKind, FileRequest, METADATA_XATTR_PREFIX};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -191,14 +193,67 @@ pub async fn download(state: Arc<AppState>, id: String, q: HashMap<String, Strin
     }
 }
 
-/// Writes one file from `rx` (blocking): parents created and owned by the user.
+/// The metadata of an upload: its `X-Metadata-<key>` headers, keys lowercased, the first
+/// value of a repeated one (envd's `extractMetadataHeaders`), checked as envd checks them.
+pub fn metadata_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, HttpFail> {
+    const PREFIX: &str = "x-metadata-";
+    let mut out = BTreeMap::new();
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix(PREFIX).filter(|k| !k.is_empty()) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        out.entry(key.to_string()).or_insert(value);
+    }
+    validate_metadata(&out)
+        .map_err(|m| HttpFail(StatusCode::BAD_REQUEST, format!("invalid metadata: {m}")))?;
+    Ok(out)
+}
+
+/// envd's `ValidateMetadata`: printable US-ASCII keys and values, a key at most 255 bytes
+/// with its xattr prefix, 4096 bytes in all (each key counted with the prefix).
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), String> {
+    const PREFIX_LEN: usize = METADATA_XATTR_PREFIX.len();
+    let printable = |label: &str, s: &str| match s.bytes().position(|c| !(0x20..=0x7e).contains(&c))
+    {
+        Some(i) => Err(format!(
+            "metadata {label} contains non-printable-ASCII byte 0x{:02x} at offset {i}",
+            s.as_bytes()[i]
+        )),
+        None => Ok(()),
+    };
+    let mut total = 0;
+    for (k, v) in m {
+        if k.is_empty() {
+            return Err("metadata key must not be empty".into());
+        }
+        if k.len() > 255 - PREFIX_LEN {
+            return Err(format!(
+                "metadata key {k:?} exceeds {} bytes",
+                255 - PREFIX_LEN
+            ));
+        }
+        printable("key", k)?;
+        printable(&format!("value for key {k:?}"), v)?;
+        total += PREFIX_LEN + k.len() + v.len();
+    }
+    if total > 4096 {
+        return Err(format!("total metadata size {total} exceeds 4096 bytes"));
+    }
+    Ok(())
+}
+
+/// Writes one file from `rx` (blocking) as envd does: parents created and owned by the
+/// user, the file written in place, given to the user, its metadata replaced. Returns the
+/// metadata it has then.
 fn write_one(
     s: &mut Session,
     u: &User,
     path: &str,
     rx: mpsc::Receiver<io::Result<Bytes>>,
     gzip: bool,
-) -> Result<(), HttpFail> {
+    metadata: &BTreeMap<String, String>,
+) -> Result<Option<BTreeMap<String, String>>, HttpFail> {
     if let Some((parent, _)) = path.rsplit_once('/') {
         if !parent.is_empty() {
             s.ensure_dirs(parent, u)?;
@@ -206,31 +261,41 @@ fn write_one(
     }
     let req = FileRequest {
         path: path.to_string(),
-        mode: Some(0o644),
         uid: Some(u.uid),
         gid: Some(u.gid),
-        make_parents: false,
+        in_place: true,
+        metadata: Some(metadata.clone()),
+        ..Default::default()
     };
     let reader = ChannelReader {
         rx,
         cur: Bytes::new(),
     };
     let r = if gzip {
-        s.call(|c| client::write_file(c, &req, flate2::read::GzDecoder::new(reader)))
+        s.call(|c| client::write_file_info(c, &req, flate2::read::GzDecoder::new(reader)))
     } else {
-        s.call(|c| client::write_file(c, &req, reader))
+        s.call(|c| client::write_file_info(c, &req, reader))
     };
-    r.map(drop).map_err(|e| {
-        let status = if e.message.contains("No space left") {
-            StatusCode::INSUFFICIENT_STORAGE
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        HttpFail(
-            status,
-            format!("error writing file '{path}': {}", e.message),
-        )
-    })
+    match r {
+        Ok((_, info)) => Ok(info.map(|i| i.metadata).filter(|m| !m.is_empty())),
+        // A directory is in the way (envd's 400).
+        Err(e) if e.code == Code::InvalidArgument => {
+            Err(HttpFail(StatusCode::BAD_REQUEST, e.message))
+        }
+        Err(e) => {
+            let status = if e.message.contains("No space left")
+                || e.message.contains("Disk quota exceeded")
+            {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            Err(HttpFail(
+                status,
+                format!("error writing file '{path}': {}", e.message),
+            ))
+        }
+    }
 }
 
 /// A session and user prepared on the blocking pool.
@@ -250,15 +315,133 @@ async fn prepare(
     .unwrap_or_else(|e| Err(HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
 }
 
+/// `POST /files/compose` (envd 0.6.x): `{source_paths, destination, username?}`; the
+/// sources, in order, become the destination (parents created and given to the user, the
+/// file too) and go away. envd's checks, statuses and messages.
+pub async fn compose(state: Arc<AppState>, id: String, body: Body) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        source_paths: Vec<String>,
+        destination: String,
+        #[serde(default)]
+        username: Option<String>,
+    }
+    let req: Req = match axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return HttpFail(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+            )
+            .into_response()
+        }
+    };
+    if req.source_paths.is_empty() {
+        return HttpFail(
+            StatusCode::BAD_REQUEST,
+            "source_paths must not be empty".into(),
+        )
+        .into_response();
+    }
+    if req.destination.is_empty() {
+        return HttpFail(StatusCode::BAD_REQUEST, "destination is required".into()).into_response();
+    }
+    let r = tokio::task::spawn_blocking(move || -> Result<UploadedEntry, HttpFail> {
+        let mut s = Session::open(&state, &id)?;
+        let u = who(&mut s, req.username.as_deref().filter(|u| !u.is_empty()))?;
+        let bad = |what: String| HttpFail(StatusCode::BAD_REQUEST, what);
+        let dest = s
+            .resolve(&req.destination, &u)
+            .map_err(|e| bad(format!("error resolving destination path: {}", e.message)))?;
+        let mut sources = Vec::with_capacity(req.source_paths.len());
+        for src in &req.source_paths {
+            let path = s.resolve(src, &u).map_err(|e| {
+                bad(format!(
+                    "error resolving source path {src:?}: {}",
+                    e.message
+                ))
+            })?;
+            if path == dest {
+                return Err(bad(format!(
+                    "source path {src:?} cannot be the same as destination"
+                )));
+            }
+            let info = s.call(|c| client::stat(c, &path)).map_err(|_| {
+                HttpFail(
+                    StatusCode::NOT_FOUND,
+                    format!("source file not found: {src}"),
+                )
+            })?;
+            let regular = info.kind == FileKind::File
+                || info
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.kind == Some(FileKind::File));
+            if !regular {
+                return Err(bad(format!("source path is not a regular file: {src}")));
+            }
+            sources.push(path);
+        }
+        if let Some((parent, _)) = dest.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
+            s.ensure_dirs(parent, &u).map_err(|e| {
+                HttpFail(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("error ensuring directories: {}", e.message),
+                )
+            })?;
+        }
+        let creq = kiln_agent::protocol::ComposeRequest {
+            sources,
+            destination: dest.clone(),
+            uid: Some(u.uid),
+            gid: Some(u.gid),
+        };
+        let info = s.call(|c| client::compose(c, &creq)).map_err(|e| {
+            let status = if e.message.contains("No space left") {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            HttpFail(status, format!("error composing files: {}", e.message))
+        })?;
+        Ok(uploaded(
+            &dest,
+            Some(info.metadata).filter(|m| !m.is_empty()),
+        ))
+    })
+    .await;
+    match r {
+        Ok(Ok(entry)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&entry).unwrap_or_else(|_| "{}".into()),
+        )
+            .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// What a file written has as metadata.
+type Written = Result<Option<BTreeMap<String, String>>, HttpFail>;
 /// A file being written: the feed of its bytes, the writer (which hands the session back).
 type Feed = mpsc::Sender<io::Result<Bytes>>;
-type Writer = tokio::task::JoinHandle<(Session, User, Result<(), HttpFail>)>;
+type Writer = tokio::task::JoinHandle<(Session, User, Written)>;
 
 /// Starts writing `path`; returns the feed and the writer's handle.
-fn spawn_write(mut s: Session, u: User, path: String, gzip: bool) -> (Feed, Writer) {
+fn spawn_write(
+    mut s: Session,
+    u: User,
+    path: String,
+    gzip: bool,
+    metadata: Arc<BTreeMap<String, String>>,
+) -> (Feed, Writer) {
     let (tx, rx) = mpsc::channel(8);
     let h = tokio::task::spawn_blocking(move || {
-        let r = write_one(&mut s, &u, &path, rx, gzip);
+        let r = write_one(&mut s, &u, &path, rx, gzip, &metadata);
         (s, u, r)
     });
     (tx, h)
@@ -298,7 +481,9 @@ async fn upload_inner(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let metadata = Arc::new(metadata_headers(headers)?);
     let up = Upload {
+        metadata,
         state,
         id,
         username: q.get("username").cloned().filter(|u| !u.is_empty()),
@@ -331,6 +516,8 @@ struct Upload {
     username: Option<String>,
     /// The `path` query parameter.
     path: Option<String>,
+    /// Every file's metadata.
+    metadata: Arc<BTreeMap<String, String>>,
     data: axum::body::BodyDataStream,
 }
 
@@ -350,7 +537,7 @@ impl Upload {
                 format!("error resolving path: {}", e.message),
             )
         })?;
-        let (tx, h) = spawn_write(s, u, resolved.clone(), gzip);
+        let (tx, h) = spawn_write(s, u, resolved.clone(), gzip, self.metadata.clone());
         while let Some(chunk) = self.data.next().await {
             let item = chunk.map_err(|e| io::Error::other(e.to_string()));
             let failed = item.is_err();
@@ -362,8 +549,7 @@ impl Upload {
         let (_, _, r) = h
             .await
             .map_err(|e| HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        r?;
-        Ok(vec![uploaded(&resolved)])
+        Ok(vec![uploaded(&resolved, r?)])
     }
 
     /// A multipart form: every `file` part is a file, at `path` or its own file name.
@@ -420,7 +606,7 @@ impl Upload {
                             ),
                         ));
                     }
-                    let (tx, h) = spawn_write(s, u, resolved.clone(), false);
+                    let (tx, h) = spawn_write(s, u, resolved.clone(), false, self.metadata.clone());
                     current = Some((resolved, tx, h));
                 }
                 Some(Part::Data(b)) => {
@@ -438,9 +624,9 @@ impl Upload {
                         let (s, u, r) = h.await.map_err(|e| {
                             HttpFail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                         })?;
-                        r?;
+                        let metadata = r?;
                         session = Some((s, u));
-                        done.push(uploaded(&path));
+                        done.push(uploaded(&path, metadata));
                     }
                     skipping = false;
                 }
@@ -472,11 +658,12 @@ impl Upload {
     }
 }
 
-fn uploaded(path: &str) -> UploadedEntry {
+fn uploaded(path: &str, metadata: Option<BTreeMap<String, String>>) -> UploadedEntry {
     UploadedEntry {
         path: path.to_string(),
         name: path.rsplit('/').next().unwrap_or(path).to_string(),
         kind: "file",
+        metadata,
     }
 }
 
@@ -682,6 +869,41 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn metadata_headers_as_envd_reads_them() {
+        let mut h = HeaderMap::new();
+        h.append("X-Metadata-Author", HeaderValue::from_static("mish"));
+        h.append("x-metadata-author", HeaderValue::from_static("second"));
+        h.append("X-Metadata-Purpose", HeaderValue::from_static("up load"));
+        h.append("X-Metadata-", HeaderValue::from_static("ignored"));
+        h.append("X-Other", HeaderValue::from_static("ignored"));
+        let m = metadata_headers(&h).unwrap();
+        assert_eq!(
+            m,
+            BTreeMap::from([
+                ("author".to_string(), "mish".to_string()),
+                ("purpose".to_string(), "up load".to_string())
+            ])
+        );
+        let bad = |k: &str, v: &str| {
+            let m = BTreeMap::from([(k.to_string(), v.to_string())]);
+            validate_metadata(&m).unwrap_err()
+        };
+        assert!(bad("k", "tab\there").contains("non-printable-ASCII byte 0x09 at offset 3"));
+        assert!(bad("", "v").contains("must not be empty"));
+        assert!(bad(&"k".repeat(247), "v").contains("exceeds 246 bytes"));
+        assert!(validate_metadata(&BTreeMap::from([("k".repeat(246), "v".into())])).is_ok());
+        assert!(bad("k", &"v".repeat(4096)).contains("total metadata size 4106"));
+        let mut h = HeaderMap::new();
+        h.append(
+            "X-Metadata-K",
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        let e = metadata_headers(&h).unwrap_err();
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        assert!(e.1.starts_with("invalid metadata: "), "{}", e.1);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use kiln_agent::protocol::{self as proto, EventOp, FileKind, Kind};
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Watchers a daemon keeps at most, and the events each buffers (the oldest dropped).
 const MAX_WATCHERS: usize = 256;
@@ -178,6 +179,10 @@ async fn unary(
         "GetWatcherEvents" => {
             let req: WatcherRequest = connect::decode(body)?;
             let w = watcher(&state, &req.watcher_id)?;
+            let w2 = w.clone();
+            tokio::task::spawn_blocking(move || w2.sync())
+                .await
+                .map_err(|e| EnvdError::rpc(Code::Internal, format!("task failed: {e}")))?;
             let mut q = w.queue.lock().expect("watcher queue");
             if let Some(e) = q.error.take() {
                 return Err(e.into());
@@ -231,6 +236,8 @@ struct Watch {
     path: String,
     conn: UnixStream,
     include_entry: bool,
+    /// The agent answers `Sync` (and reads entries itself): protocol 3.
+    sync: bool,
 }
 
 /// Checks the path and asks the agent to watch it; returns once the watch is in place.
@@ -252,10 +259,13 @@ fn begin_watch(mut s: Session, user: Option<&str>, req: &WatchRequest) -> Result
     let req_a = proto::WatchRequest {
         path: path.clone(),
         recursive: req.recursive,
+        include_entry: req.include_entry,
+        allow_network_mounts: req.allow_network_mounts,
     };
     proto::write_json(&mut conn, Kind::WatchDir, &req_a).map_err(|e| from_client(e.into()))?;
-    match proto::read_frame(&mut conn).map_err(|e| from_client(e.into()))? {
-        Some((Kind::Ok, _)) => {}
+    let started = match proto::read_frame(&mut conn).map_err(|e| from_client(e.into()))? {
+        Some((Kind::Ok, d)) => proto::parse_json::<proto::WatchStarted>(Kind::Ok, &d)
+            .map_err(|e| from_client(e.into()))?,
         Some((Kind::Error, d)) => {
             let e = proto::ErrorReply::parse(&d);
             return Err(from_client(client::ClientError::Agent {
@@ -270,35 +280,49 @@ fn begin_watch(mut s: Session, user: Option<&str>, req: &WatchRequest) -> Result
                 "the agent ended the watch before it started",
             ))
         }
-    }
+    };
     Ok(Watch {
         session: s,
         path,
         conn,
         include_entry: req.include_entry,
+        sync: started.sync,
     })
 }
 
 impl Watch {
-    /// Reads events until the connection ends or `on_event` returns false.
-    fn run(mut self, mut on_event: impl FnMut(FilesystemEvent) -> bool) -> Result<(), RpcError> {
+    /// Reads events until the connection ends or `on_event` returns false; `on_synced` is
+    /// called for each answer to a `Sync`.
+    fn run(
+        mut self,
+        mut on_event: impl FnMut(FilesystemEvent) -> bool,
+        mut on_synced: impl FnMut(),
+    ) -> Result<(), RpcError> {
         loop {
             let frame = proto::read_frame(&mut self.conn).map_err(|e| from_client(e.into()))?;
             match frame {
+                Some((Kind::Ok, _)) if self.sync => on_synced(),
                 Some((Kind::Event, d)) => {
                     let ev: proto::Event =
                         proto::parse_json(Kind::Event, &d).map_err(|e| from_client(e.into()))?;
                     let kind = event_type(ev.op);
-                    let entry = if self.include_entry
-                        && matches!(ev.op, EventOp::Create | EventOp::Write | EventOp::Chmod)
-                    {
-                        let full = format!("{}/{}", self.path.trim_end_matches('/'), ev.name);
-                        self.session
-                            .call(|c| client::stat(c, &full))
-                            .ok()
-                            .and_then(|i| self.session.entry(i).ok())
-                    } else {
-                        None
+                    let entry = match ev.entry {
+                        Some(info) => self.session.entry(info).ok(),
+                        // An older agent sends no entries: read here (later than envd would).
+                        None if !self.sync
+                            && self.include_entry
+                            && matches!(
+                                ev.op,
+                                EventOp::Create | EventOp::Write | EventOp::Chmod
+                            ) =>
+                        {
+                            let full = format!("{}/{}", self.path.trim_end_matches('/'), ev.name);
+                            self.session
+                                .call(|c| client::stat(c, &full))
+                                .ok()
+                                .and_then(|i| self.session.entry(i).ok())
+                        }
+                        None => None,
                     };
                     if !on_event(FilesystemEvent {
                         name: ev.name,
@@ -345,7 +369,10 @@ async fn watch_dir(
         with_owned_session(&state, &id, move |s| begin_watch(s, user.as_deref(), &req)).await?;
     let abort = watch.conn.try_clone().ok();
     std::thread::spawn(move || {
-        let r = watch.run(|ev| sink2.send(Msg::Event(serde_json::json!({ "filesystem": ev }))));
+        let r = watch.run(
+            |ev| sink2.send(Msg::Event(serde_json::json!({ "filesystem": ev }))),
+            || {},
+        );
         sink.send(Msg::End(r.err()));
     });
     let pump = Pump {
@@ -362,18 +389,58 @@ async fn watch_dir(
 struct Queue {
     events: VecDeque<FilesystemEvent>,
     error: Option<RpcError>,
+    /// `Sync`s the agent answered.
+    synced: u64,
+    /// The watch ended (no more answers come).
+    ended: bool,
+}
+
+/// The writing side of a watcher's agent connection: None once stopped.
+struct Conn {
+    stream: Option<UnixStream>,
+    /// `Sync`s sent.
+    syncs: u64,
 }
 
 pub(super) struct Watcher {
     queue: Mutex<Queue>,
-    conn: Mutex<Option<UnixStream>>,
+    /// Signalled when a `Sync` is answered or the watch ends.
+    changed: Condvar,
+    conn: Mutex<Conn>,
+    sync: bool,
 }
+
+/// How long `GetWatcherEvents` waits for the agent to hand over what it has queued.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
 
 impl Watcher {
     fn stop(&self) {
-        if let Some(c) = self.conn.lock().expect("watcher conn").take() {
+        if let Some(c) = self.conn.lock().expect("watcher conn").stream.take() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Waits until the agent sent every event of a change made before this call (the SDK
+    /// asks right after a write); no wait with an agent that cannot say.
+    fn sync(&self) {
+        if !self.sync {
+            return;
+        }
+        let ticket = {
+            let mut c = self.conn.lock().expect("watcher conn");
+            let Some(stream) = c.stream.as_mut() else {
+                return;
+            };
+            if proto::write_frame(stream, Kind::Sync, b"").is_err() {
+                return;
+            }
+            c.syncs += 1;
+            c.syncs
+        };
+        let q = self.queue.lock().expect("watcher queue");
+        let _ = self
+            .changed
+            .wait_timeout_while(q, SYNC_WAIT, |q| q.synced < ticket && !q.ended);
     }
 }
 
@@ -414,7 +481,12 @@ async fn create_watcher(
     );
     let w = Arc::new(Watcher {
         queue: Mutex::default(),
-        conn: Mutex::new(watch.conn.try_clone().ok()),
+        changed: Condvar::new(),
+        conn: Mutex::new(Conn {
+            stream: watch.conn.try_clone().ok(),
+            syncs: 0,
+        }),
+        sync: watch.sync,
     });
     state
         .envd
@@ -423,20 +495,28 @@ async fn create_watcher(
         .expect("watchers")
         .insert(wid.clone(), w.clone());
     std::thread::spawn(move || {
-        let r = watch.run(|ev| {
-            let mut q = w.queue.lock().expect("watcher queue");
-            if q.events.len() >= MAX_EVENTS {
-                q.events.pop_front();
-            }
-            q.events.push_back(ev);
-            true
-        });
+        let r = watch.run(
+            |ev| {
+                let mut q = w.queue.lock().expect("watcher queue");
+                if q.events.len() >= MAX_EVENTS {
+                    q.events.pop_front();
+                }
+                q.events.push_back(ev);
+                true
+            },
+            || {
+                w.queue.lock().expect("watcher queue").synced += 1;
+                w.changed.notify_all();
+            },
+        );
         // A removed watcher's end is not an error anyone reads.
-        if let Err(e) = r {
-            if w.conn.lock().expect("watcher conn").is_some() {
-                w.queue.lock().expect("watcher queue").error = Some(e);
-            }
+        let live = w.conn.lock().expect("watcher conn").stream.is_some();
+        let mut q = w.queue.lock().expect("watcher queue");
+        if let (Err(e), true) = (r, live) {
+            q.error = Some(e);
         }
+        q.ended = true;
+        w.changed.notify_all();
     });
     Ok(serde_json::json!({ "watcherId": wid }))
 }

@@ -5,12 +5,14 @@
 //! - connect-rpc `process.Process` ([`process`]) and `filesystem.Filesystem`
 //!   ([`filesystem`]), JSON codec, unary and server streams ([`connect`], [`stream`]),
 //!   the messages in [`types`];
-//! - `GET`/`POST /files` ([`files`]), `GET /health` (204), `GET /envs`.
+//! - `GET`/`POST /files` and `POST /files/compose` ([`files`]), `GET /health` (204 while the
+//!   sandbox runs, else E2B's proxy's 502), `GET /envs`.
 //!
 //! envd's rules are kept: the user comes from `Authorization: Basic base64(user:)` (default:
 //! the image's user), relative paths are under the user's home, the default working directory
 //! is the image's, errors carry envd's codes and messages. A sandbox that is unknown or not
-//! running is answered as E2B's proxy does: HTTP 502 `{code, message}` ("... was not found").
+//! running (paused included) is answered as E2B's proxy does: HTTP 502 `{code, message}`
+//! ("... was not found").
 //!
 //! Access comes first, from the sandbox's record (where the runtime put the tokens before the
 //! sandbox started): envd's port needs `X-Access-Token` when the sandbox is secure (401), any
@@ -54,11 +56,11 @@ pub async fn handle(
         Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
         Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    if let Some(refused) = refusal(&rec, port, req.headers()) {
+    if let Some(refused) = refusal(&rec, port, req.uri().path(), req.headers()) {
         return refused;
     }
     // From here on the sandbox is the one whose access was checked (a name resolves once).
-    let sandbox_id = rec.id;
+    let sandbox_id = rec.id.clone();
     if port != crate::ENVD_PORT {
         // The token is for kiln, not for the program behind the port.
         req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
@@ -67,11 +69,12 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     match (&parts.method, path.as_str()) {
-        (&Method::GET, "/health") => StatusCode::NO_CONTENT.into_response(),
+        (&Method::GET, "/health") => health(state, rec).await,
         (&Method::GET, "/envs") => envs(state, sandbox_id).await,
         (&Method::GET, "/files") => {
             files::download(state, sandbox_id, files::query(&parts.uri)).await
         }
+        (&Method::POST, "/files/compose") => files::compose(state, sandbox_id, body).await,
         (&Method::POST, "/files") => {
             files::upload(
                 state,
@@ -99,6 +102,54 @@ pub async fn handle(
     }
 }
 
+/// How long `/health` waits for the agent's answer.
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /health`: 204 while the sandbox runs and its agent answers. Otherwise what E2B's
+/// proxy answers for a sandbox it cannot reach (the SDK's `is_running()` is false on a 502,
+/// and a request cut off is told apart by it): 502 "... was not found" when the sandbox is
+/// paused, being paused or killed, or gone; 502 "... port is not open" when it runs but its
+/// agent does not answer.
+async fn health(state: Arc<AppState>, rec: kiln_runtime::SandboxRecord) -> Response {
+    use kiln_runtime::OpKind;
+    let op = rec.op.as_ref().map(|o| o.kind);
+    if let Some(OpKind::Kill | OpKind::Pause) = op {
+        let doing = if op == Some(OpKind::Kill) {
+            "being killed"
+        } else {
+            "being paused"
+        };
+        return agent::not_running(&rec.id, doing).plain().expect("plain");
+    }
+    // A live snapshot holds the agent for a moment: the sandbox runs on.
+    if rec.state == kiln_runtime::State::Running
+        && matches!(op, Some(OpKind::Snapshot | OpKind::Fork))
+    {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let sandboxes = state.sandboxes.clone();
+    let id = rec.id.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        // The runtime looks at reality when the record alone cannot say (a runtime that died,
+        // a timeout that expired).
+        let (_, mut s) = sandboxes
+            .connect(&id)
+            .map_err(|e| agent::from_runtime(&id, e))?;
+        let _ = s.set_read_timeout(Some(HEALTH_WAIT));
+        let _ = s.set_write_timeout(Some(HEALTH_WAIT));
+        kiln_agent::client::health(&mut s).map_err(|e| agent::EnvdError::Sandbox {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("The sandbox is running but port is not open ({e})"),
+        })
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => e.unary(),
+        Err(e) => agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 /// `GET /envs`: the sandbox's environment variables (those it was created with).
 async fn envs(state: Arc<AppState>, id: String) -> Response {
     let sandboxes = state.sandboxes.clone();
@@ -123,10 +174,12 @@ async fn envs(state: Arc<AppState>, id: String) -> Response {
 /// E2B's header for the traffic access token (its orchestrator's proxy).
 pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
-/// Why a request for `port` may not reach sandbox `rec`, as the answer; None when it may.
+/// Why a request for `path` on `port` may not reach sandbox `rec`, as the answer; None when
+/// it may. envd's `/health` needs no token (envd.yaml gives it no security).
 fn refusal(
     rec: &kiln_runtime::SandboxRecord,
     port: u16,
+    path: &str,
     headers: &axum::http::HeaderMap,
 ) -> Option<Response> {
     let access = &rec.access;
@@ -137,6 +190,7 @@ fn refusal(
     };
     if port == crate::ENVD_PORT {
         if access.secure
+            && path != "/health"
             && !matches(
                 given("x-access-token").unwrap_or_default(),
                 &access.envd_token,
@@ -193,6 +247,15 @@ mod tests {
     }
 
     fn status(r: &kiln_runtime::SandboxRecord, port: u16, headers: &[(&str, &str)]) -> u16 {
+        status_of(r, port, "/files", headers)
+    }
+
+    fn status_of(
+        r: &kiln_runtime::SandboxRecord,
+        port: u16,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> u16 {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.insert(
@@ -200,7 +263,7 @@ mod tests {
                 v.parse().unwrap(),
             );
         }
-        refusal(r, port, &h).map_or(200, |resp| resp.status().as_u16())
+        refusal(r, port, path, &h).map_or(200, |resp| resp.status().as_u16())
     }
 
     #[test]
@@ -219,6 +282,12 @@ mod tests {
         assert_eq!(status(&r, envd, &[]), 401);
         assert_eq!(status(&r, envd, &[("x-access-token", &tt)]), 401);
         assert_eq!(status(&r, envd, &[("x-access-token", &et)]), 200);
+        assert_eq!(
+            status_of(&r, envd, "/health", &[]),
+            200,
+            "envd's health is open"
+        );
+        assert_eq!(status_of(&r, 8080, "/health", &[]), 403, "only envd's");
         assert_eq!(status(&r, 8080, &[]), 403);
         assert_eq!(status(&r, 8080, &[("x-access-token", &et)]), 403);
         assert_eq!(status(&r, 8080, &[(TRAFFIC_TOKEN_HEADER, &tt)]), 200);

@@ -315,7 +315,11 @@ pub struct EntryInfo {
     pub modified_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
-    pub is_symlink: bool,
+    /// The file's `user.e2b.*` xattrs, prefix stripped (envd 0.6.2). envd 0.6.4 has no
+    /// `is_symlink` (a later field): a symlink is told by `symlinkTarget`, its type is the
+    /// target's.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -390,6 +394,9 @@ pub struct UploadedEntry {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// The metadata the file has after the upload (none: absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 #[cfg(test)]
@@ -456,12 +463,17 @@ mod tests {
             group: "root".into(),
             modified_time: Some("2024-01-01T00:00:00Z".into()),
             symlink_target: None,
-            is_symlink: false,
+            metadata: BTreeMap::new(),
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "FILE_TYPE_DIRECTORY");
         assert_eq!(v["size"], "4096");
         assert_eq!(v["modifiedTime"], "2024-01-01T00:00:00Z");
-        assert!(v.get("symlinkTarget").is_none());
+        assert!(v.get("symlinkTarget").is_none() && v.get("metadata").is_none());
+        let with = EntryInfo {
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+            ..e
+        };
+        assert_eq!(serde_json::to_value(&with).unwrap()["metadata"]["k"], "v");
     }
 }
