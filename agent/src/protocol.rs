@@ -171,10 +171,16 @@ pub struct ExecRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<String>,
-    /// `name` (looked up in /etc/passwd), `uid`, `uid:gid` or `name:group`. Supplementary groups
-    /// are cleared. Default: the agent's user.
+    /// `name` (looked up in /etc/passwd), `uid`, `uid:gid` or `name:group`, resolved by
+    /// [`crate::users::Users::exec_user`] (supplementary groups from /etc/group). Default: the
+    /// agent's user.
     #[serde(default)]
     pub user: Option<String>,
+    /// The user as the host already resolved it (same rules, from the sandbox's files): run
+    /// as is, `user` not looked up again. An agent older than this field ignores it and
+    /// resolves `user`, so a host sends both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::users::Identity>,
     /// A name for `Connect`, `Signal`, ... (several processes may share one).
     #[serde(default)]
     pub tag: Option<String>,
@@ -197,6 +203,7 @@ impl Default for ExecRequest {
             env: BTreeMap::new(),
             cwd: None,
             user: None,
+            identity: None,
             tag: None,
             background: false,
             tty: None,

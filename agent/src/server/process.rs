@@ -508,7 +508,11 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     cmd.args(&req.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH);
-    let user = req.user.as_deref().map(exec_user).transpose()?;
+    let user = match (&req.identity, req.user.as_deref()) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(spec)) => Some(exec_user(spec)?),
+        (None, None) => None,
+    };
     if let Some(u) = &user {
         cmd.env("HOME", &u.home);
         if u.known {

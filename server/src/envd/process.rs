@@ -415,6 +415,8 @@ async fn start(
                 er.background = true;
                 er.tag = tag.clone();
                 er.tty = tty;
+                // Resolved once, here: the agent runs it as is.
+                er.identity = Some(u.clone());
                 // Agent `stdin: true` with no input closes it at once (envd's /dev/null).
                 er.stdin = tty.is_none() && !stdin_open;
                 check_frame(&er)?;
