@@ -118,6 +118,10 @@ pub struct SandboxRecord {
     /// Unix ms after which `on_timeout` applies (None: never).
     pub deadline_ms: Option<u64>,
     pub on_timeout: OnTimeout,
+    /// Whether a request for the sandbox while it is paused resumes it (E2B's
+    /// `autoResume`; `kiln serve` acts on it, the runtime only keeps it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resume: bool,
     /// The agent's address on the host (a Unix socket path).
     pub agent: Option<PathBuf>,
     /// Bumped by every restore and fork; the agent is told so programs can tell.

@@ -48,6 +48,8 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
     pub on_timeout: OnTimeout,
+    /// Kept in the record ([`SandboxRecord::auto_resume`]).
+    pub auto_resume: bool,
     /// The egress policy. `None`: the snapshot's, else this host's default
     /// ([`default_network`]).
     pub network: Option<NetworkPolicy>,
@@ -103,6 +105,7 @@ impl CreateSpec {
             metadata: BTreeMap::new(),
             timeout_secs: None,
             on_timeout: OnTimeout::Kill,
+            auto_resume: false,
             network: None,
             no_network: false,
             secure: false,
@@ -282,6 +285,7 @@ impl Sandboxes {
             // which the sandbox is reachable without them.
             deadline_ms: spec.timeout_secs.map(|s| deadline_after(now, s)),
             on_timeout: spec.on_timeout,
+            auto_resume: spec.auto_resume,
             agent: None,
             op: None,
             generation: snap.map(|s| s.generation + 1).unwrap_or(0),
@@ -1066,6 +1070,17 @@ impl Sandboxes {
             dir.save(&rec)?;
         }
         Ok(rec)
+    }
+
+    /// What the running sandbox `rec` uses now (its driver's [`Runtime::usage`]); `None` when
+    /// it is not running or its driver cannot tell.
+    pub fn usage(&self, rec: &SandboxRecord) -> Option<crate::Usage> {
+        if rec.state != State::Running {
+            return None;
+        }
+        self.driver(rec.runtime)
+            .ok()?
+            .usage(&self.dir(&rec.id), rec)
     }
 
     /// A sandbox's record as it is on disk, without reconciling it with reality (cheap: for

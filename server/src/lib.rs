@@ -19,10 +19,12 @@
 pub mod control;
 mod egress;
 pub mod envd;
+pub mod metrics;
 pub mod proxy;
 mod reaper;
 mod secret;
 mod timefmt;
+pub mod wake;
 
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
@@ -82,6 +84,10 @@ pub struct AppState {
     pub(crate) first_create: tokio::sync::Mutex<()>,
     /// envd's per-sandbox state in this daemon (process metadata, users, watchers).
     pub(crate) envd: Arc<envd::EnvdState>,
+    /// Samples of every sandbox's CPU, memory and disk (taken by [`reaper`]'s sweeps).
+    pub(crate) metrics: metrics::Metrics,
+    /// Resumes under way ([`wake`]).
+    pub(crate) wakes: wake::Wakes,
 }
 
 impl AppState {
@@ -100,6 +106,8 @@ impl AppState {
             warmed: Default::default(),
             first_create: tokio::sync::Mutex::new(()),
             envd: Default::default(),
+            metrics: Default::default(),
+            wakes: Default::default(),
         }
     }
 }

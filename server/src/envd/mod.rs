@@ -57,6 +57,11 @@ pub async fn handle(
     if let Some(refused) = refusal(&rec, port, req.headers()) {
         return refused;
     }
+    // A paused sandbox that asked for auto-resume wakes on any request (crate::wake).
+    let rec = match crate::wake::auto_resume(&state, rec).await {
+        Ok(rec) => rec,
+        Err(e) => return agent::from_runtime(&sandbox_id, e).unary(),
+    };
     // From here on the sandbox is the one whose access was checked (a name resolves once).
     let sandbox_id = rec.id;
     if port != crate::ENVD_PORT {
