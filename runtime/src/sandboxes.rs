@@ -1083,6 +1083,20 @@ impl Sandboxes {
             .usage(&self.dir(&rec.id), rec)
     }
 
+    /// Every sandbox's record as it is on disk, without reconciling (cheap: for a data-plane
+    /// request that names no sandbox, see `kiln serve`'s signed URLs). Records being
+    /// written or removed meanwhile are left out.
+    pub fn records(&self) -> Vec<SandboxRecord> {
+        let Ok(entries) = std::fs::read_dir(self.root()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| SandboxDir::new(e.path()).load().ok())
+            .collect()
+    }
+
     /// A sandbox's record as it is on disk, without reconciling it with reality (cheap: for
     /// checks on every data-plane request).
     pub fn record(&self, id_or_name: &str) -> Result<SandboxRecord> {

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod proxy;
 mod reaper;
 mod secret;
+mod signed;
 mod timefmt;
 pub mod wake;
 
@@ -207,13 +208,27 @@ pub async fn run(
         .map_err(Error::Serve)
 }
 
-/// Data-plane requests (they name a sandbox) go to [`envd::handle`]; the rest on to the
-/// control plane.
+/// Data-plane requests (they name a sandbox, or are signed file URLs: [`signed`]) go to
+/// [`envd::handle`]; the rest on to the control plane.
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match data_plane_target(req.headers(), &state.domain) {
-        Some((id, port)) => envd::handle(state, id, port, req).await,
-        None => next.run(req).await,
+    if let Some((id, port)) = data_plane_target(req.headers(), &state.domain) {
+        return envd::handle(state, id, port, req).await;
     }
+    // A signed file URL names no sandbox when the SDK has E2B_SANDBOX_URL: its signature does.
+    if signed::is_signed(req.method(), req.uri()) {
+        let sb = state.sandboxes.clone();
+        let records = tokio::task::spawn_blocking(move || sb.records())
+            .await
+            .unwrap_or_default();
+        return match signed::sandbox_of(req.method(), req.uri(), &records) {
+            Some(rec) => {
+                let id = rec.id.clone();
+                envd::handle(state, id, ENVD_PORT, req).await
+            }
+            None => signed::invalid(),
+        };
+    }
+    next.run(req).await
 }
 
 /// `(sandbox id, port)` when the request is for the data plane: the `E2b-Sandbox-Id` header

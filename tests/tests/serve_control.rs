@@ -946,3 +946,74 @@ print(json.dumps(out))
     assert_eq!(results[0][0], 502, "{v}");
     assert_eq!(manual["after"], "paused", "{v}");
 }
+
+/// Signed file URLs with `E2B_SANDBOX_URL` set (the URL names no sandbox): downloads and
+/// uploads reach the sandbox whose token signed them, without an access token; an expired
+/// signature is envd's 401 `signature is already expired`, a changed path or operation
+/// `invalid signature`.
+#[test]
+fn python_sdk_signed_urls() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import httpx
+a = Sandbox.create("sdk", timeout=120)
+b = Sandbox.create("sdk", timeout=120)
+out = {{"url_names_no_sandbox": a.sandbox_id not in a.download_url("/home/app/f.txt")}}
+for name, sbx in [("a", a), ("b", b)]:
+    sbx.files.write("/home/app/f.txt", "content of " + name)
+    r = httpx.get(sbx.download_url("/home/app/f.txt"))
+    out[name] = [r.status_code, r.text]
+up = a.upload_url("/home/app/up.txt")
+r = httpx.post(up, files={{"file": ("up.txt", b"uploaded")}})
+out["upload"] = [r.status_code, a.files.read("/home/app/up.txt")]
+expiring = a.download_url("/home/app/f.txt", use_signature_expiration=1)
+lasting = a.download_url("/home/app/f.txt", use_signature_expiration=600)
+time.sleep(2.5)
+def answer(r):
+    try:
+        return [r.status_code, r.json().get("message")]
+    except Exception:
+        return [r.status_code, r.text]
+out["expired"] = answer(httpx.get(expiring))
+out["lasting"] = answer(httpx.get(lasting))
+out["other_path"] = answer(httpx.get(a.download_url("/home/app/f.txt").replace("f.txt", "up.txt")))
+out["read_as_write"] = answer(httpx.post(a.download_url("/home/app/up.txt"), files={{"file": ("x", b"x")}}))
+print(json.dumps(out))
+"#
+        ),
+    );
+    assert_eq!(v["url_names_no_sandbox"], true, "{v}");
+    assert_eq!(v["a"], serde_json::json!([200, "content of a"]), "{v}");
+    assert_eq!(v["b"], serde_json::json!([200, "content of b"]), "{v}");
+    assert_eq!(v["upload"][1], "uploaded", "{v}");
+    assert_eq!(
+        v["expired"],
+        serde_json::json!([401, "signature is already expired"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["lasting"],
+        serde_json::json!([200, "content of a"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["other_path"],
+        serde_json::json!([401, "invalid signature"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["read_as_write"],
+        serde_json::json!([401, "invalid signature"]),
+        "{v}"
+    );
+}

@@ -54,8 +54,19 @@ pub async fn handle(
         Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
         Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    if let Some(refused) = refusal(&rec, port, req.headers()) {
-        return refused;
+    // A signed file URL needs no access token (crate::signed).
+    let signed = match port {
+        crate::ENVD_PORT => crate::signed::verdict(&rec, req.method(), req.uri(), req.headers()),
+        _ => None,
+    };
+    match signed {
+        Some(Err(refused)) => return refused,
+        Some(Ok(())) => {}
+        None => {
+            if let Some(refused) = refusal(&rec, port, req.headers()) {
+                return refused;
+            }
+        }
     }
     // A paused sandbox that asked for auto-resume wakes on any request (crate::wake).
     let rec = match crate::wake::auto_resume(&state, rec).await {
