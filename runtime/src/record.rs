@@ -166,6 +166,10 @@ pub struct Access {
     pub private_traffic: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_token: Option<String>,
+    /// The Host requests for the sandbox's other ports carry inside (E2B's
+    /// `maskRequestHost`; `${PORT}` is the port), the original one in `X-Forwarded-Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
 }
 
 impl Access {
@@ -176,6 +180,7 @@ impl Access {
             envd_token: secure.then(|| new_token("ea_")),
             private_traffic,
             traffic_token: private_traffic.then(|| new_token("ta_")),
+            mask_request_host: None,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct CreateSpec {
     pub secure: bool,
     /// Its ports other than envd's need a traffic access token (generated into the record).
     pub private_traffic: bool,
+    /// Kept in the record ([`Access::mask_request_host`]).
+    pub mask_request_host: Option<String>,
 }
 
 /// `kiln sandbox fork` / `POST /sandboxes/{id}/fork`. Forks inherit the parent's [`Access`]
@@ -110,6 +112,7 @@ impl CreateSpec {
             no_network: false,
             secure: false,
             private_traffic: false,
+            mask_request_host: None,
         }
     }
 }
@@ -293,7 +296,10 @@ impl Sandboxes {
             driver: serde_json::Value::Null,
             network,
             net: None,
-            access: Access::new(spec.secure, spec.private_traffic),
+            access: Access {
+                mask_request_host: spec.mask_request_host.clone(),
+                ..Access::new(spec.secure, spec.private_traffic)
+            },
         };
         let (dir, _lock) = self.new_dir(&rec)?;
         if let Some((sid, snap)) = &from_snapshot {
@@ -960,6 +966,7 @@ impl Sandboxes {
         spec.timeout_secs = fork.timeout_secs;
         spec.secure = access.secure;
         spec.private_traffic = access.private_traffic;
+        spec.mask_request_host = access.mask_request_host;
         // Four at a time (each restore is a process start plus a state load), from a queue so
         // one slow restore does not hold back a whole batch.
         let next = std::sync::atomic::AtomicUsize::new(0);

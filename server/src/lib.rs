@@ -203,9 +203,48 @@ pub async fn run(
     let state = Arc::new(AppState::new(sandboxes, api_key, domain, serve_dir));
     tokio::spawn(reaper::run(state.clone()));
     on_ready(addr, key_file.as_deref());
-    axum::serve(listener, app(state))
-        .await
-        .map_err(Error::Serve)
+    serve(listener, app(state)).await;
+    Ok(())
+}
+
+/// Serves `app` on `listener` as `axum::serve` does (HTTP/1 and 2, upgrades), except that
+/// HTTP/1 header names keep the case they came in: hyper records it in each request, and the
+/// port proxy ([`proxy`]) sends them into the sandbox as they were sent, and the sandbox's
+/// answers back the same way (hyper lower-cases them otherwise).
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // A connection that failed before it was accepted concerns only its client.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            // Out of descriptors and the like: wait for some to be freed.
+            Err(e) => {
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http1().preserve_header_case(true);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!("connection: {e}");
+            }
+        });
+    }
 }
 
 /// Data-plane requests (they name a sandbox, or are signed file URLs: [`signed`]) go to

@@ -1017,3 +1017,110 @@ print(json.dumps(out))
         "{v}"
     );
 }
+
+/// Network options of the port proxy: `allow_public_traffic=False` asks the traffic token;
+/// `mask_request_host` is the Host the program inside sees (`${PORT}` the port, the original
+/// Host in `X-Forwarded-Host`); header names reach it, and its answer's come back, in the
+/// case they were sent in; an invalid mask is a 400.
+#[test]
+fn python_sdk_network_options_reach_the_port() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    // A server inside that answers with the request head it got, byte for byte.
+    let echo = r#"#!/bin/sh
+head=""
+while IFS= read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  head="$head$line
+"
+done
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nX-Reply-Case: Kept\r\nConnection: close\r\n\r\n%s' "$(printf '%s' "$head" | wc -c)" "$head"
+"#;
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import socket
+port = {port}
+sbx = Sandbox.create("sdk", timeout=120, network={{"allow_public_traffic": False, "mask_request_host": "masked.example:${{PORT}}"}})
+sbx.files.write("/work/echo.sh", {echo:?})
+sbx.commands.run("chmod 755 /work/echo.sh")
+sbx.commands.run("while :; do nc -l -p 8080 -e /work/echo.sh; done", background=True, timeout=0)
+host = sbx.get_host(8080)
+def raw(extra):
+    for _ in range(50):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(f"GET /x HTTP/1.1\r\nHost: {{host}}\r\n{{extra}}Connection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            data += b
+        c.close()
+        if b" 502 " not in data.split(b"\r\n")[0]:
+            return data.decode()
+        time.sleep(0.2)
+    return data.decode()
+out = {{
+  "id": sbx.sandbox_id,
+  "no_token": raw("X-MiXeD-Case: 1\r\n"),
+  "token": raw(f"e2b-traffic-access-token: {{sbx.traffic_access_token}}\r\nX-MiXeD-Case: 1\r\n"),
+  "mask": Sandbox.get_info(sbx.sandbox_id) is not None,
+}}
+print(json.dumps(out))
+"#,
+            port = s.port,
+        ),
+    );
+    let id = v["id"].as_str().unwrap();
+    let no_token = v["no_token"].as_str().unwrap();
+    assert!(no_token.starts_with("HTTP/1.1 403"), "{no_token}");
+    let got = v["token"].as_str().unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let (head, body) = got.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.lines().any(|l| l == "X-Reply-Case: Kept"),
+        "the answer's header names keep their case: {head}"
+    );
+    assert!(
+        body.lines().any(|l| l == "X-MiXeD-Case: 1"),
+        "the request's header names keep their case: {body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l.eq_ignore_ascii_case("host: masked.example:8080")),
+        "{body}"
+    );
+    let forwarded = format!("x-forwarded-host: 8080-{id}.localhost:{}", s.port);
+    assert!(
+        body.lines().any(|l| l.eq_ignore_ascii_case(&forwarded)),
+        "{body}"
+    );
+    assert!(
+        !body
+            .to_ascii_lowercase()
+            .contains("e2b-traffic-access-token"),
+        "the token stays with kiln: {body}"
+    );
+    let (_, d) = s.api("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(
+        d["network"]["maskRequestHost"], "masked.example:${PORT}",
+        "{d}"
+    );
+    assert_eq!(d["network"]["allowPublicTraffic"], false, "{d}");
+    let (code, body) = s.api(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID": "sdk", "network": {"maskRequestHost": "bad host"}}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["message"], "mask request host is not valid: bad host");
+}

@@ -152,6 +152,10 @@ pub(super) async fn create(
     spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
         .map_err(ApiError::bad_request)?;
     spec.private_traffic = req.network.as_ref().is_some_and(|n| !n.public_traffic());
+    spec.mask_request_host = match &req.network {
+        Some(n) => n.mask_request_host().map_err(ApiError::bad_request)?,
+        None => None,
+    };
     spec.timeout_secs = Some(start_timeout(req.timeout.as_ref())?);
     if req.auto_pause == Some(true) {
         spec.on_timeout = OnTimeout::Pause;
@@ -269,6 +273,9 @@ pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
     let (internet, mut network) = egress::detail_fields(rec.network.as_ref());
     v["allowInternetAccess"] = internet;
     network["allowPublicTraffic"] = json!(!rec.access.private_traffic);
+    if let Some(m) = &rec.access.mask_request_host {
+        network["maskRequestHost"] = json!(m);
+    }
     v["network"] = network;
     // kiln's own: whether the sandbox has a network device at all (KILN_NETWORK=none, or a
     // snapshot without one: loopback only), which E2B's fields cannot say.

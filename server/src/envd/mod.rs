@@ -78,7 +78,8 @@ pub async fn handle(
     if port != crate::ENVD_PORT {
         // The token is for kiln, not for the program behind the port.
         req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
-        return crate::proxy::handle(state, sandbox_id, port, req).await;
+        let mask = rec.access.mask_request_host;
+        return crate::proxy::handle(state, sandbox_id, port, mask, req).await;
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
