@@ -44,7 +44,7 @@ use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
     SandboxDir, SandboxRecord,
 };
-use crate::{Checkpoint, Recovered, Runtime};
+use crate::{Checkpoint, Recovered, Runtime, Usage};
 use kiln_blockstore::{BlobId, PutOptions, Store};
 use kiln_imagebuilder::image::ImageRecord;
 use serde_json::json;
@@ -1287,6 +1287,20 @@ impl Runtime for GvisorDriver {
             )),
             None => Some("the gVisor sandbox process is gone".into()),
         }
+    }
+
+    /// From the sandbox's host cgroups (CPU, memory) and its disk.
+    fn usage(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Option<Usage> {
+        live_pid(rec)?;
+        let (mem_used, mem_cache) = limits::memory_split(&rec.id)?;
+        let (disk_used, disk_total) = gvisor_disk::space(dir).unwrap_or_default();
+        Some(Usage {
+            cpu_ns: limits::cpu_usage_ns(&rec.id)?,
+            mem_used,
+            mem_cache,
+            disk_used,
+            disk_total,
+        })
     }
 
     fn connect(&self, _dir: &SandboxDir, rec: &SandboxRecord) -> Result<UnixStream> {

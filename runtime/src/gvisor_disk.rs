@@ -176,6 +176,30 @@ pub fn detach(dir: &SandboxDir) -> Result<()> {
     }
 }
 
+/// `(used, total)` bytes of the sandbox's disk while it is mounted, as envd's metrics count
+/// them (`statfs`: total = all data blocks, used = total - available to its user); `None`
+/// when no disk is mounted (the sandbox is paused or gone). The mount point is in the
+/// sandbox's own host directory, which the sandbox cannot name or write.
+pub fn space(dir: &SandboxDir) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mount = dir.sub(MOUNT);
+    // Not a mount point (the disk is detached): statfs would describe the host's file system.
+    if std::fs::metadata(&mount).ok()?.dev() == std::fs::metadata(dir.path()).ok()?.dev() {
+        return None;
+    }
+    let path = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a writable statvfs; statvfs(3) writes only
+    // into it.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let total = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64);
+    let avail = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    Some((total.saturating_sub(avail), total))
+}
+
 /// The empty ext4 image of `bytes` in `templates`, made if missing (under a temporary name,
 /// renamed when complete: a concurrent start or a kill mid-way leaves no half-made one; the
 /// temporary files of makers that died are removed by the next one).

@@ -48,6 +48,21 @@ pub struct Checkpoint {
     pub blobs: Vec<BlobId>,
 }
 
+/// What a running sandbox uses on the host right now (for metrics): CPU time since it was
+/// started or restored, memory, and its disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of its processes since its processes started, in ns.
+    pub cpu_ns: u64,
+    /// Bytes of memory in use (the sandbox's own memory, not page cache).
+    pub mem_used: u64,
+    /// Bytes of page cache (its files' pages).
+    pub mem_cache: u64,
+    /// Bytes used and in all on its disk (0 and 0 when the driver has no disk to measure).
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
 /// What an operation whose caller died came to, once the driver finished or undid its part
 /// ([`Runtime::recover`]).
 #[derive(Debug)]
@@ -118,6 +133,12 @@ pub trait Runtime: Send + Sync {
     /// (memory paged in lazily), so they must be kept until it is gone or saved again.
     fn reads_checkpoint_while_running(&self) -> bool {
         false
+    }
+
+    /// What the running sandbox uses now; `None` when the driver cannot tell (or nothing of
+    /// it runs).
+    fn usage(&self, _dir: &SandboxDir, _rec: &SandboxRecord) -> Option<Usage> {
+        None
     }
 
     /// `op` (a pause, resume, snapshot or fork) was under way when its caller died: finish

@@ -117,6 +117,10 @@ pub struct SandboxRecord {
     /// Unix ms after which `on_timeout` applies (None: never).
     pub deadline_ms: Option<u64>,
     pub on_timeout: OnTimeout,
+    /// Whether a request for the sandbox while it is paused resumes it (E2B's
+    /// `autoResume`; `kiln serve` acts on it, the runtime only keeps it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resume: bool,
     /// The agent's address on the host (a Unix socket path).
     pub agent: Option<PathBuf>,
     /// Bumped by every restore and fork; the agent is told so programs can tell.
@@ -161,6 +165,10 @@ pub struct Access {
     pub private_traffic: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_token: Option<String>,
+    /// The Host requests for the sandbox's other ports carry inside (E2B's
+    /// `maskRequestHost`; `${PORT}` is the port), the original one in `X-Forwarded-Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
 }
 
 impl Access {
@@ -171,6 +179,7 @@ impl Access {
             envd_token: secure.then(|| new_token("ea_")),
             private_traffic,
             traffic_token: private_traffic.then(|| new_token("ta_")),
+            mask_request_host: None,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
     pub on_timeout: OnTimeout,
+    /// Kept in the record ([`SandboxRecord::auto_resume`]).
+    pub auto_resume: bool,
     /// The egress policy. `None`: the snapshot's, else this host's default
     /// ([`default_network`]).
     pub network: Option<NetworkPolicy>,
@@ -57,6 +59,8 @@ pub struct CreateSpec {
     pub secure: bool,
     /// Its ports other than envd's need a traffic access token (generated into the record).
     pub private_traffic: bool,
+    /// Kept in the record ([`Access::mask_request_host`]).
+    pub mask_request_host: Option<String>,
 }
 
 /// `kiln sandbox fork` / `POST /sandboxes/{id}/fork`. Forks inherit the parent's [`Access`]
@@ -103,10 +107,12 @@ impl CreateSpec {
             metadata: BTreeMap::new(),
             timeout_secs: None,
             on_timeout: OnTimeout::Kill,
+            auto_resume: false,
             network: None,
             no_network: false,
             secure: false,
             private_traffic: false,
+            mask_request_host: None,
         }
     }
 }
@@ -282,6 +288,7 @@ impl Sandboxes {
             // which the sandbox is reachable without them.
             deadline_ms: spec.timeout_secs.map(|s| deadline_after(now, s)),
             on_timeout: spec.on_timeout,
+            auto_resume: spec.auto_resume,
             agent: None,
             op: None,
             generation: snap.map(|s| s.generation + 1).unwrap_or(0),
@@ -289,7 +296,10 @@ impl Sandboxes {
             driver: serde_json::Value::Null,
             network,
             net: None,
-            access: Access::new(spec.secure, spec.private_traffic),
+            access: Access {
+                mask_request_host: spec.mask_request_host.clone(),
+                ..Access::new(spec.secure, spec.private_traffic)
+            },
         };
         let (dir, _lock) = self.new_dir(&rec)?;
         if let Some((sid, snap)) = &from_snapshot {
@@ -956,6 +966,7 @@ impl Sandboxes {
         spec.timeout_secs = fork.timeout_secs;
         spec.secure = access.secure;
         spec.private_traffic = access.private_traffic;
+        spec.mask_request_host = access.mask_request_host;
         // Four at a time (each restore is a process start plus a state load), from a queue so
         // one slow restore does not hold back a whole batch.
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -1066,6 +1077,31 @@ impl Sandboxes {
             dir.save(&rec)?;
         }
         Ok(rec)
+    }
+
+    /// What the running sandbox `rec` uses now (its driver's [`Runtime::usage`]); `None` when
+    /// it is not running or its driver cannot tell.
+    pub fn usage(&self, rec: &SandboxRecord) -> Option<crate::Usage> {
+        if rec.state != State::Running {
+            return None;
+        }
+        self.driver(rec.runtime)
+            .ok()?
+            .usage(&self.dir(&rec.id), rec)
+    }
+
+    /// Every sandbox's record as it is on disk, without reconciling (cheap: for a data-plane
+    /// request that names no sandbox, see `kiln serve`'s signed URLs). Records being
+    /// written or removed meanwhile are left out.
+    pub fn records(&self) -> Vec<SandboxRecord> {
+        let Ok(entries) = std::fs::read_dir(self.root()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| SandboxDir::new(e.path()).load().ok())
+            .collect()
     }
 
     /// A sandbox's record as it is on disk, without reconciling it with reality (cheap: for

@@ -9,11 +9,12 @@
 //! - an update replaces the whole configuration.
 //!
 //! Refused with 400 because kiln does not do them: per-port rules (`1.2.3.4:443`), per-host
-//! request transforms (`rules`) and an egress proxy. `dnsServers`, `maskRequestHost` and
-//! `httpsPorts` are accepted and have no effect (sandbox DNS goes through kiln's own resolver,
-//! which applies the policy). `allowPublicTraffic` is ingress, not egress: on create, `false`
-//! gives the sandbox a traffic access token (the data plane checks it); an update cannot
-//! change it (E2B's update body has no such field).
+//! request transforms (`rules`) and an egress proxy. `dnsServers` and `httpsPorts` are
+//! accepted and have no effect (sandbox DNS goes through kiln's own resolver, which applies
+//! the policy). `allowPublicTraffic` and `maskRequestHost` are ingress, not egress: on
+//! create, `false` gives the sandbox a traffic access token (the data plane checks it), and a
+//! mask is the Host the port proxy gives requests ([`NetworkConfig::mask_request_host`]); an
+//! update cannot change them (E2B's update body has no such fields).
 //!
 //! A create that asks nothing of egress (no `allow_internet_access`, no `allowOut`/`denyOut`)
 //! gets the host's default network ([`create_policy`] is `None`).
@@ -36,6 +37,8 @@ pub struct NetworkConfig {
     pub allow_internet_access: Option<bool>,
     /// Only on create (default true).
     allow_public_traffic: Option<bool>,
+    /// Only on create.
+    mask_request_host: Option<String>,
 }
 
 impl NetworkConfig {
@@ -43,6 +46,31 @@ impl NetworkConfig {
     /// access token.
     pub fn public_traffic(&self) -> bool {
         self.allow_public_traffic.unwrap_or(true)
+    }
+
+    /// `maskRequestHost`, checked as E2B checks it (a host name, or address, in ASCII with an
+    /// optional `:port`, where `${PORT}` stands for the sandbox port a request is for); an
+    /// empty one is none.
+    pub fn mask_request_host(&self) -> Result<Option<String>, String> {
+        let Some(m) = self.mask_request_host.as_deref().filter(|m| !m.is_empty()) else {
+            return Ok(None);
+        };
+        let host = match m.rsplit_once(':') {
+            Some((h, _)) if !h.ends_with(']') && h.contains(':') => m,
+            Some((h, _)) => h,
+            None => m,
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+        let header_ok = m.len() <= 300 && m.bytes().all(|b| b.is_ascii_graphic());
+        if host_ok && header_ok {
+            Ok(Some(m.to_string()))
+        } else {
+            Err(format!("mask request host is not valid: {m}"))
+        }
     }
 }
 
@@ -145,6 +173,29 @@ mod tests {
             allow_out: v(allow),
             deny_out: v(deny),
             ..NetworkConfig::default()
+        }
+    }
+
+    #[test]
+    fn mask_request_hosts() {
+        let mask = |m: &str| {
+            NetworkConfig {
+                mask_request_host: Some(m.into()),
+                ..NetworkConfig::default()
+            }
+            .mask_request_host()
+        };
+        for ok in [
+            "localhost",
+            "app.example.com:${PORT}",
+            "127.0.0.1:8080",
+            "[::1]:80",
+        ] {
+            assert_eq!(mask(ok), Ok(Some(ok.to_string())), "{ok}");
+        }
+        assert_eq!(mask(""), Ok(None));
+        for bad in ["bad host", "h\r\nx: y", "ünicode.example", "a/b", ":80"] {
+            assert!(mask(bad).is_err(), "{bad}");
         }
     }
 

@@ -19,10 +19,13 @@
 pub mod control;
 mod egress;
 pub mod envd;
+pub mod metrics;
 pub mod proxy;
 mod reaper;
 mod secret;
+mod signed;
 mod timefmt;
+pub mod wake;
 
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
@@ -75,6 +78,10 @@ pub struct AppState {
     pub serve_dir: PathBuf,
     /// envd's per-sandbox state in this daemon (process metadata, users, watchers).
     pub(crate) envd: Arc<envd::EnvdState>,
+    /// Samples of every sandbox's CPU, memory and disk (taken by [`reaper`]'s sweeps).
+    pub(crate) metrics: metrics::Metrics,
+    /// Resumes under way ([`wake`]).
+    pub(crate) wakes: wake::Wakes,
 }
 
 impl AppState {
@@ -91,6 +98,8 @@ impl AppState {
             domain,
             serve_dir,
             envd: Default::default(),
+            metrics: Default::default(),
+            wakes: Default::default(),
         }
     }
 }
@@ -185,18 +194,71 @@ pub async fn run(
     let state = Arc::new(AppState::new(sandboxes, api_key, domain, serve_dir));
     tokio::spawn(reaper::run(state.clone()));
     on_ready(addr, key_file.as_deref());
-    axum::serve(listener, app(state))
-        .await
-        .map_err(Error::Serve)
+    serve(listener, app(state)).await;
+    Ok(())
 }
 
-/// Data-plane requests (they name a sandbox) go to [`envd::handle`]; the rest on to the
-/// control plane.
-async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match data_plane_target(req.headers(), &state.domain) {
-        Some((id, port)) => envd::handle(state, id, port, req).await,
-        None => next.run(req).await,
+/// Serves `app` on `listener` as `axum::serve` does (HTTP/1 and 2, upgrades), except that
+/// HTTP/1 header names keep the case they came in: hyper records it in each request, and the
+/// port proxy ([`proxy`]) sends them into the sandbox as they were sent, and the sandbox's
+/// answers back the same way (hyper lower-cases them otherwise).
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // A connection that failed before it was accepted concerns only its client.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            // Out of descriptors and the like: wait for some to be freed.
+            Err(e) => {
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http1().preserve_header_case(true);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!("connection: {e}");
+            }
+        });
     }
+}
+
+/// Data-plane requests (they name a sandbox, or are signed file URLs: [`signed`]) go to
+/// [`envd::handle`]; the rest on to the control plane.
+async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some((id, port)) = data_plane_target(req.headers(), &state.domain) {
+        return envd::handle(state, id, port, req).await;
+    }
+    // A signed file URL names no sandbox when the SDK has E2B_SANDBOX_URL: its signature does.
+    if signed::is_signed(req.method(), req.uri()) {
+        let sb = state.sandboxes.clone();
+        let records = tokio::task::spawn_blocking(move || sb.records())
+            .await
+            .unwrap_or_default();
+        return match signed::sandbox_of(req.method(), req.uri(), &records) {
+            Some(rec) => {
+                let id = rec.id.clone();
+                envd::handle(state, id, ENVD_PORT, req).await
+            }
+            None => signed::invalid(),
+        };
+    }
+    next.run(req).await
 }
 
 /// `(sandbox id, port)` when the request is for the data plane: the `E2b-Sandbox-Id` header

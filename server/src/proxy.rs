@@ -2,12 +2,18 @@
 //! fresh TCP connection to `127.0.0.1:port` inside the sandbox (the agent's `Dial`), HTTP/1.1
 //! over it; an upgrade (WebSocket and the like) becomes a raw byte pipe both ways. A port
 //! nothing listens on is answered as E2B's proxy does: 502 "... port is not open ...".
+//!
+//! Requests keep their Host, or get the sandbox's `maskRequestHost` (`${PORT}` replaced by
+//! the port; the original Host then in `X-Forwarded-Host`, as E2B's proxy does). Header names
+//! keep the case they were sent in, both ways: the daemon's HTTP/1 server records it
+//! ([`crate::serve`]) and the client here writes it back (hyper's `preserve_header_case`),
+//! which hyper would otherwise lower-case.
 
 use crate::envd::agent;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -16,8 +22,17 @@ pub async fn handle(
     state: Arc<AppState>,
     sandbox_id: String,
     port: u16,
+    mask_request_host: Option<String>,
     mut req: Request,
 ) -> Response {
+    if let Some(mask) = mask_request_host {
+        let masked = mask.replace("${PORT}", &port.to_string());
+        if let Ok(v) = HeaderValue::from_str(&masked) {
+            if let Some(original) = req.headers_mut().insert(header::HOST, v) {
+                req.headers_mut().insert("x-forwarded-host", original);
+            }
+        }
+    }
     let sandboxes = state.sandboxes.clone();
     let id = sandbox_id.clone();
     let dialed = tokio::task::spawn_blocking(move || sandboxes.dial(&id, port)).await;
@@ -47,8 +62,11 @@ pub async fn handle(
         Ok(s) => s,
         Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &e.to_string()),
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
+    let handshake = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(stream))
+        .await;
+    let (mut sender, conn) = match handshake {
         Ok(x) => x,
         Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &format!("proxy: {e}")),
     };

@@ -1,6 +1,7 @@
 //! Timeouts: once a second the daemon lists the sandboxes, which applies expired deadlines
 //! (kill, or pause for `autoPause`). Sandboxes that failed and whose deadline passed are
-//! removed too (their tokens are in their records and go with them).
+//! removed too (their tokens are in their records and go with them). The same list feeds the
+//! metrics samples ([`crate::metrics`]).
 
 use crate::AppState;
 use kiln_runtime::State;
@@ -23,6 +24,7 @@ pub(crate) async fn run(state: Arc<AppState>) {
 
 fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
     let list = state.sandboxes.list()?;
+    state.metrics.sweep(&state.sandboxes, &list);
     let now = kiln_runtime::record::now_ms();
     for rec in &list {
         let dead = matches!(rec.state, State::Failed { .. } | State::Stopped);

@@ -696,3 +696,431 @@ print(json.dumps({{"ids": [r[0] for r in res], "outs": [r[1] for r in res], "sec
         "mounts left under {home}"
     );
 }
+
+/// Metrics through the SDK: samples of a sandbox that burns CPU and writes 16 MiB to its
+/// disk carry its CPU count and memory size, a busy CPU, memory in use and the written bytes;
+/// `start`/`end` select a range; `GET /sandboxes/metrics` gives the latest sample of each id
+/// asked; wrong ranges and too many ids are 400s.
+#[test]
+fn python_sdk_metrics() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import datetime
+from e2b.api.client.api.sandboxes import get_sandboxes_metrics
+from e2b.sandbox_sync.paginator import get_api_client
+from e2b.connection_config import ConnectionConfig
+sbx = Sandbox.create("sdk", timeout=120)
+idle = Sandbox.create("sdk", timeout=120)
+before = sbx.get_metrics()
+sbx.commands.run("dd if=/dev/urandom of=/home/app/blob bs=1M count=16 && sync")
+busy = sbx.commands.run("while :; do :; done", background=True, timeout=0)
+t = time.time()
+samples = []
+while time.time() - t < 60:
+    samples = sbx.get_metrics()
+    if len(samples) >= 3 and max(m.cpu_used_pct for m in samples) > 20:
+        break
+    time.sleep(1)
+busy.kill()
+last = samples[-1].timestamp
+later = sbx.get_metrics(start=last)
+early = sbx.get_metrics(end=datetime.datetime.fromtimestamp(time.time() - 3600))
+api = get_api_client(ConnectionConfig())
+many = get_sandboxes_metrics.sync_detailed(client=api, sandbox_ids=[sbx.sandbox_id, idle.sandbox_id, "nosuchsandbox"])
+print(json.dumps({{
+  "id": sbx.sandbox_id, "idle": idle.sandbox_id, "before": len(before),
+  "samples": [{{"t": m.timestamp.timestamp(), "cpus": m.cpu_count, "cpu": m.cpu_used_pct,
+     "mem": m.mem_used, "mem_total": m.mem_total, "cache": m.mem_cache,
+     "disk": m.disk_used, "disk_total": m.disk_total}} for m in samples],
+  "later": [m.timestamp.timestamp() for m in later], "early": len(early),
+  "many_status": many.status_code, "many": json.loads(many.content),
+}}))
+"#
+        ),
+    );
+    let id = v["id"].as_str().unwrap();
+    let samples = v["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{v}");
+    let (_, d) = s.api("GET", &format!("/sandboxes/{id}"), None);
+    let mem_total = d["memoryMB"].as_u64().unwrap() << 20;
+    let busiest = samples
+        .iter()
+        .map(|m| m["cpu"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(busiest > 20.0, "a busy loop shows: {v}");
+    assert!(busiest <= 100.0, "{v}");
+    let times: Vec<f64> = samples.iter().map(|m| m["t"].as_f64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "in time order: {v}");
+    for m in samples {
+        assert_eq!(m["cpus"], d["cpuCount"], "{m}");
+        assert_eq!(m["mem_total"].as_u64(), Some(mem_total), "{m}");
+        assert!(m["mem"].as_u64().unwrap() > 1 << 20, "memory in use: {m}");
+        assert!(m["disk_total"].as_u64().unwrap() >= 64 << 20, "{m}");
+    }
+    let written = samples.last().unwrap()["disk"].as_u64().unwrap();
+    assert!(
+        written >= 16 << 20,
+        "the 16 MiB written are on its disk: {v}"
+    );
+    assert!(
+        written < samples.last().unwrap()["disk_total"].as_u64().unwrap(),
+        "{v}"
+    );
+    // A range from the last sample holds it (in its 5 s step) and nothing much older.
+    let later = v["later"].as_array().unwrap();
+    assert!(!later.is_empty() && later.len() < samples.len(), "{v}");
+    let last = *times.last().unwrap();
+    assert!(
+        later.iter().all(|t| t.as_f64().unwrap() > last - 5.0),
+        "{v}"
+    );
+    assert_eq!(v["early"], 0, "nothing before the sandbox existed: {v}");
+    // Many at once: the latest of each sandbox that has samples, unknown ids left out.
+    assert_eq!(v["many_status"], 200, "{v}");
+    let many = v["many"]["sandboxes"].as_object().unwrap();
+    assert!(many.contains_key(id), "{v}");
+    assert!(!many.contains_key("nosuchsandbox"), "{v}");
+    assert!(
+        many[id]["timestampUnix"].as_u64().unwrap() as f64 >= last - 1.0,
+        "{v}"
+    );
+    for field in [
+        "cpuCount",
+        "cpuUsedPct",
+        "memUsed",
+        "memTotal",
+        "memCache",
+        "diskUsed",
+        "diskTotal",
+        "timestamp",
+    ] {
+        assert!(!many[id][field].is_null(), "{field}: {v}");
+    }
+    // 400s: a range that ends before it starts, a negative time, too many ids, no ids.
+    for path in [
+        format!("/sandboxes/{id}/metrics?start=10&end=5"),
+        format!("/sandboxes/{id}/metrics?start=-1"),
+        format!(
+            "/sandboxes/metrics?sandbox_ids={}",
+            (0..101)
+                .map(|i| format!("s{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        "/sandboxes/metrics".to_string(),
+    ] {
+        let (code, body) = s.api("GET", &path, None);
+        assert_eq!(code, 400, "{path}: {body}");
+    }
+    let (code, _) = s.api("GET", "/sandboxes/nosuchsandbox/metrics", None);
+    assert_eq!(code, 404);
+}
+
+/// `Template.exists`: image and snapshot names are aliases (`:default` too), others not;
+/// the raw answer is E2B's `TemplateAliasResponse`.
+#[test]
+fn python_sdk_template_aliases() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+from e2b import Template
+sbx = Sandbox.create("sdk", timeout=120)
+snap = sbx.create_snapshot(name="aliased-snap")
+sbx.kill()
+print(json.dumps({{n: Template.exists(n) for n in ["sdk", "sdk:default", "aliased-snap", "sdk:v2", "nope"]}}))
+"#
+        ),
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({"sdk": true, "sdk:default": true, "aliased-snap": true,
+            "sdk:v2": false, "nope": false})
+    );
+    let (code, body) = s.api("GET", "/templates/aliases/sdk", None);
+    assert_eq!(
+        (code, body),
+        (
+            200,
+            serde_json::json!({"templateID": "sdk", "public": false})
+        )
+    );
+    let (code, body) = s.api("GET", "/templates/aliases/nope", None);
+    assert_eq!(code, 404);
+    assert_eq!(body["message"], "template 'nope' not found");
+    let (code, _) = s.api("GET", "/templates/aliases/bad%20name", None);
+    assert_eq!(code, 400);
+}
+
+/// Auto-resume: a paused sandbox created with `auto_resume` wakes on requests to a port
+/// (`get_host`), once for eight at the same moment, and on envd traffic; one created without
+/// it answers 502 and stays paused.
+#[test]
+fn python_sdk_auto_resume() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import httpx, threading
+port = {port}
+out = {{}}
+for name, lc in [("auto", {{"on_timeout": "pause", "auto_resume": True}}), ("manual", {{"on_timeout": "pause"}})]:
+    sbx = Sandbox.create("sdk", timeout=120, lifecycle=lc)
+    sbx.files.write("/work/www/index.html", name)
+    sbx.commands.run("httpd -p 8080 -h /work/www", background=True)
+    host = sbx.get_host(8080)
+    for _ in range(50):
+        if httpx.get(f"http://127.0.0.1:{{port}}/", headers={{"Host": host}}).status_code == 200:
+            break
+        time.sleep(0.2)
+    info = sbx.get_info()
+    sbx.pause()
+    out[name] = {{"id": sbx.sandbox_id, "lifecycle": info.lifecycle,
+                  "paused": Sandbox.get_info(sbx.sandbox_id).state.value}}
+    results = []
+    def get():
+        r = httpx.get(f"http://127.0.0.1:{{port}}/", headers={{"Host": host}}, timeout=120)
+        results.append((r.status_code, r.text))
+    threads = [threading.Thread(target=get) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    out[name]["results"] = sorted(set(results))
+    out[name]["after"] = Sandbox.get_info(sbx.sandbox_id).state.value
+    if name == "auto":
+        # envd traffic wakes it too.
+        sbx.pause()
+        out[name]["cmd"] = sbx.commands.run("cat /work/www/index.html").stdout
+        out[name]["after_cmd"] = Sandbox.get_info(sbx.sandbox_id).state.value
+print(json.dumps(out))
+"#,
+            port = s.port
+        ),
+    );
+    let auto = &v["auto"];
+    assert_eq!(auto["paused"], "paused", "{v}");
+    assert_eq!(auto["results"], serde_json::json!([[200, "auto"]]), "{v}");
+    assert_eq!(auto["after"], "running", "{v}");
+    assert_eq!(auto["cmd"], "auto", "{v}");
+    assert_eq!(auto["after_cmd"], "running", "{v}");
+    let id = auto["id"].as_str().unwrap();
+    let wakes = s
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("auto-resumed sandbox") && l.contains(id))
+        .count();
+    assert_eq!(wakes, 2, "one wake for eight requests, one for the command");
+    assert_eq!(
+        auto["lifecycle"],
+        serde_json::json!({"on_timeout": "pause", "auto_resume": true}),
+        "{v}"
+    );
+    let manual = &v["manual"];
+    let results = manual["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{v}");
+    assert_eq!(results[0][0], 502, "{v}");
+    assert_eq!(manual["after"], "paused", "{v}");
+}
+
+/// Signed file URLs with `E2B_SANDBOX_URL` set (the URL names no sandbox): downloads and
+/// uploads reach the sandbox whose token signed them, without an access token; an expired
+/// signature is envd's 401 `signature is already expired`, a changed path or operation
+/// `invalid signature`.
+#[test]
+fn python_sdk_signed_urls() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import httpx
+a = Sandbox.create("sdk", timeout=120)
+b = Sandbox.create("sdk", timeout=120)
+out = {{"url_names_no_sandbox": a.sandbox_id not in a.download_url("/home/app/f.txt")}}
+for name, sbx in [("a", a), ("b", b)]:
+    sbx.files.write("/home/app/f.txt", "content of " + name)
+    r = httpx.get(sbx.download_url("/home/app/f.txt"))
+    out[name] = [r.status_code, r.text]
+up = a.upload_url("/home/app/up.txt")
+r = httpx.post(up, files={{"file": ("up.txt", b"uploaded")}})
+out["upload"] = [r.status_code, a.files.read("/home/app/up.txt")]
+expiring = a.download_url("/home/app/f.txt", use_signature_expiration=1)
+lasting = a.download_url("/home/app/f.txt", use_signature_expiration=600)
+time.sleep(2.5)
+def answer(r):
+    try:
+        return [r.status_code, r.json().get("message")]
+    except Exception:
+        return [r.status_code, r.text]
+out["expired"] = answer(httpx.get(expiring))
+out["lasting"] = answer(httpx.get(lasting))
+out["other_path"] = answer(httpx.get(a.download_url("/home/app/f.txt").replace("f.txt", "up.txt")))
+out["read_as_write"] = answer(httpx.post(a.download_url("/home/app/up.txt"), files={{"file": ("x", b"x")}}))
+print(json.dumps(out))
+"#
+        ),
+    );
+    assert_eq!(v["url_names_no_sandbox"], true, "{v}");
+    assert_eq!(v["a"], serde_json::json!([200, "content of a"]), "{v}");
+    assert_eq!(v["b"], serde_json::json!([200, "content of b"]), "{v}");
+    assert_eq!(v["upload"][1], "uploaded", "{v}");
+    assert_eq!(
+        v["expired"],
+        serde_json::json!([401, "signature is already expired"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["lasting"],
+        serde_json::json!([200, "content of a"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["other_path"],
+        serde_json::json!([401, "invalid signature"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["read_as_write"],
+        serde_json::json!([401, "invalid signature"]),
+        "{v}"
+    );
+}
+
+/// Network options of the port proxy: `allow_public_traffic=False` asks the traffic token;
+/// `mask_request_host` is the Host the program inside sees (`${PORT}` the port, the original
+/// Host in `X-Forwarded-Host`); header names reach it, and its answer's come back, in the
+/// case they were sent in; an invalid mask is a 400.
+#[test]
+fn python_sdk_network_options_reach_the_port() {
+    let Some(py) = e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = e2b::sdk_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    // A server inside that answers with the request head it got, byte for byte.
+    let echo = r#"#!/bin/sh
+head=""
+while IFS= read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  head="$head$line
+"
+done
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nX-Reply-Case: Kept\r\nConnection: close\r\n\r\n%s' "$(printf '%s' "$head" | wc -c)" "$head"
+"#;
+    let v = s.python(
+        &py,
+        &format!(
+            r#"{PY}
+import socket
+port = {port}
+sbx = Sandbox.create("sdk", timeout=120, network={{"allow_public_traffic": False, "mask_request_host": "masked.example:${{PORT}}"}})
+sbx.files.write("/work/echo.sh", {echo:?})
+sbx.commands.run("chmod 755 /work/echo.sh")
+sbx.commands.run("while :; do nc -l -p 8080 -e /work/echo.sh; done", background=True, timeout=0)
+host = sbx.get_host(8080)
+def raw(extra):
+    for _ in range(50):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(f"GET /x HTTP/1.1\r\nHost: {{host}}\r\n{{extra}}Connection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            data += b
+        c.close()
+        if b" 502 " not in data.split(b"\r\n")[0]:
+            return data.decode()
+        time.sleep(0.2)
+    return data.decode()
+out = {{
+  "id": sbx.sandbox_id,
+  "no_token": raw("X-MiXeD-Case: 1\r\n"),
+  "token": raw(f"e2b-traffic-access-token: {{sbx.traffic_access_token}}\r\nX-MiXeD-Case: 1\r\n"),
+  "mask": Sandbox.get_info(sbx.sandbox_id) is not None,
+}}
+print(json.dumps(out))
+"#,
+            port = s.port,
+        ),
+    );
+    let id = v["id"].as_str().unwrap();
+    let no_token = v["no_token"].as_str().unwrap();
+    assert!(no_token.starts_with("HTTP/1.1 403"), "{no_token}");
+    let got = v["token"].as_str().unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let (head, body) = got.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.lines().any(|l| l == "X-Reply-Case: Kept"),
+        "the answer's header names keep their case: {head}"
+    );
+    assert!(
+        body.lines().any(|l| l == "X-MiXeD-Case: 1"),
+        "the request's header names keep their case: {body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l.eq_ignore_ascii_case("host: masked.example:8080")),
+        "{body}"
+    );
+    let forwarded = format!("x-forwarded-host: 8080-{id}.localhost:{}", s.port);
+    assert!(
+        body.lines().any(|l| l.eq_ignore_ascii_case(&forwarded)),
+        "{body}"
+    );
+    assert!(
+        !body
+            .to_ascii_lowercase()
+            .contains("e2b-traffic-access-token"),
+        "the token stays with kiln: {body}"
+    );
+    let (_, d) = s.api("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(
+        d["network"]["maskRequestHost"], "masked.example:${PORT}",
+        "{d}"
+    );
+    assert_eq!(d["network"]["allowPublicTraffic"], false, "{d}");
+    let (code, body) = s.api(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID": "sdk", "network": {"maskRequestHost": "bad host"}}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["message"], "mask request host is not valid: bad host");
+}

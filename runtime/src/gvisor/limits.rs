@@ -290,6 +290,32 @@ pub fn memory_in_use(id: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Memory the sandbox's processes hold on the host, split as E2B reports it: `(used,
+/// cache)` in bytes. gVisor keeps the sandbox's memory in a memfd, which the host counts as
+/// shared memory inside the page cache, so used = anonymous + shared memory and cache = the
+/// rest of the page cache (the writable layer's file pages).
+pub fn memory_split(id: &str) -> Option<(u64, u64)> {
+    let (dir, anon, file) = match version() {
+        Version::V2 => (dir_in(Path::new(ROOT), id), "anon", "file"),
+        Version::V1 => (
+            dir_in(&Path::new(ROOT).join("memory"), id),
+            "total_rss",
+            "total_cache",
+        ),
+    };
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    let shmem = counter(
+        &stat,
+        if version() == Version::V2 {
+            "shmem"
+        } else {
+            "total_shmem"
+        },
+    );
+    let used = counter(&stat, anon).saturating_add(shmem);
+    Some((used, counter(&stat, file).saturating_sub(shmem)))
+}
+
 /// A sandbox's `cpus` and `memory_mib` as this host can give them: 0 and memory below
 /// [`MIN_MEMORY_MIB`] are refused; more CPUs than the host has, or more memory than it has,
 /// are lowered to what it has.

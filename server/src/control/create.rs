@@ -110,12 +110,19 @@ pub(super) struct NewSandbox {
     auto_pause: Option<bool>,
     #[allow(dead_code)]
     auto_pause_memory: Option<bool>,
+    auto_resume: Option<AutoResume>,
     secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
     network: Option<NetworkConfig>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// E2B's `SandboxAutoResumeConfig`.
+#[derive(Deserialize)]
+pub(super) struct AutoResume {
+    enabled: bool,
 }
 
 /// `POST /sandboxes`: secured (an envd access token) only with `secure: true`.
@@ -145,10 +152,15 @@ pub(super) async fn create(
     spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
         .map_err(ApiError::bad_request)?;
     spec.private_traffic = req.network.as_ref().is_some_and(|n| !n.public_traffic());
+    spec.mask_request_host = match &req.network {
+        Some(n) => n.mask_request_host().map_err(ApiError::bad_request)?,
+        None => None,
+    };
     spec.timeout_secs = Some(start_timeout(req.timeout.as_ref())?);
     if req.auto_pause == Some(true) {
         spec.on_timeout = OnTimeout::Pause;
     }
+    spec.auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
     spec.metadata = req.metadata.unwrap_or_default();
     spec.env = req.env_vars.unwrap_or_default();
     check_env(&spec.env)?;
@@ -243,12 +255,15 @@ pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
     let (internet, mut network) = egress::detail_fields(rec.network.as_ref());
     v["allowInternetAccess"] = internet;
     network["allowPublicTraffic"] = json!(!rec.access.private_traffic);
+    if let Some(m) = &rec.access.mask_request_host {
+        network["maskRequestHost"] = json!(m);
+    }
     v["network"] = network;
     // kiln's own: whether the sandbox has a network device at all (KILN_NETWORK=none, or a
     // snapshot without one: loopback only), which E2B's fields cannot say.
     v["networkDevice"] = json!(rec.network.is_some());
     v["lifecycle"] = json!({
-        "autoResume": false,
+        "autoResume": rec.auto_resume,
         "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
     });
     if let Some(t) = &rec.access.envd_token {

@@ -57,6 +57,18 @@ pub(super) async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `rec` with its time to live extended to `secs` from now when given.
+async fn with_timeout(
+    state: &AppState,
+    rec: SandboxRecord,
+    secs: Option<u64>,
+) -> ApiResult<SandboxRecord> {
+    match secs {
+        Some(s) => extend(state, rec, s).await,
+        None => Ok(rec),
+    }
+}
+
 /// Sets the deadline to now + `secs` if that is later than the present one (under the
 /// sandbox's lock: no other change to it comes in between).
 pub(super) async fn extend(
@@ -186,17 +198,17 @@ pub(super) async fn connect(
     let secs = later_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
     let (status, rec) = if e2b_state(&rec) == Some("paused") {
-        let sb = state.sandboxes.clone();
-        // The new deadline comes with the resume, in one record update.
-        let rec = blocking(move || sb.resume(&rec.id, secs)).await?;
-        tracing::info!(id = %rec.id, "resumed sandbox on connect");
-        (StatusCode::CREATED, rec)
+        // The new deadline comes with the resume, in one record update; a request that
+        // auto-resumed it meanwhile leaves it running (crate::wake).
+        let woken = crate::wake::resume_once(&state, &rec.id, secs).await?;
+        if woken.resumed {
+            tracing::info!(id = %woken.rec.id, "resumed sandbox on connect");
+            (StatusCode::CREATED, woken.rec)
+        } else {
+            (StatusCode::OK, with_timeout(&state, woken.rec, secs).await?)
+        }
     } else {
-        let rec = match secs {
-            Some(s) => extend(&state, rec, s).await?,
-            None => rec,
-        };
-        (StatusCode::OK, rec)
+        (StatusCode::OK, with_timeout(&state, rec, secs).await?)
     };
     Ok((status, Json(sandbox_json(&state, &rec))).into_response())
 }

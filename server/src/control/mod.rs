@@ -26,15 +26,19 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+mod aliases;
 mod create;
 mod lifecycle;
 mod list;
+mod metrics;
 mod snapshots;
 mod templates;
 
+use aliases::*;
 use create::*;
 use lifecycle::*;
 use list::*;
+use metrics::*;
 use snapshots::*;
 use templates::*;
 
@@ -159,10 +163,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect_v2))
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/sandboxes/metrics", get(many_metrics))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/snapshots", get(list_snapshots))
         .route("/templates", get(list_templates))
         .route("/templates/{id}", delete(delete_template))
+        .route("/templates/aliases/{alias}", get(get_alias))
         .fallback(not_found)
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -1,4 +1,4 @@
-//! Templates (images and sandbox snapshots as E2B lists them) and metrics.
+//! Templates (images and sandbox snapshots as E2B lists them).
 
 use super::*;
 
@@ -34,15 +34,6 @@ pub(super) async fn list_templates(
             })
             .collect(),
     ))
-}
-
-/// No metrics are collected yet: an empty series for a sandbox that exists.
-pub(super) async fn metrics(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Vec<Value>>> {
-    lookup(&state, &id).await?;
-    Ok(Json(Vec::new()))
 }
 
 /// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, and its data once no

@@ -56,15 +56,32 @@ pub async fn handle(
         Ok(Err(e)) => return agent::from_runtime(&sandbox_id, e).unary(),
         Err(e) => return agent::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    if let Some(refused) = refusal(&rec, port, req.uri().path(), req.headers()) {
-        return refused;
+    // A signed file URL needs no access token (crate::signed).
+    let signed = match port {
+        crate::ENVD_PORT => crate::signed::verdict(&rec, req.method(), req.uri(), req.headers()),
+        _ => None,
+    };
+    match signed {
+        Some(Err(refused)) => return refused,
+        Some(Ok(())) => {}
+        None => {
+            if let Some(refused) = refusal(&rec, port, req.uri().path(), req.headers()) {
+                return refused;
+            }
+        }
     }
+    // A paused sandbox that asked for auto-resume wakes on any request (crate::wake).
+    let rec = match crate::wake::auto_resume(&state, rec).await {
+        Ok(rec) => rec,
+        Err(e) => return agent::from_runtime(&sandbox_id, e).unary(),
+    };
     // From here on the sandbox is the one whose access was checked (a name resolves once).
     let sandbox_id = rec.id.clone();
     if port != crate::ENVD_PORT {
         // The token is for kiln, not for the program behind the port.
         req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
-        return crate::proxy::handle(state, sandbox_id, port, req).await;
+        let mask = rec.access.mask_request_host;
+        return crate::proxy::handle(state, sandbox_id, port, mask, req).await;
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
