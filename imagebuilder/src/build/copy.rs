@@ -112,15 +112,11 @@ impl Builder<'_> {
         // `COPY file /dir` without a trailing slash copies into /dir when the image has that
         // directory. The parent key fixes the parent tree, so the key need not say which; on a
         // miss, look and write the tar again with the file inside the directory.
-        if let Some(inside) = self.single_file_into_dir(idx, st, &spec, from_stage)? {
+        if let Some((inside, src_root)) = self.single_file_into_dir(idx, st, &spec, from_stage)? {
             let spec = CopySpec {
                 dest: &inside,
                 dest_is_dir: false,
                 ..spec
-            };
-            let src_root = match from_stage {
-                Some((s, _)) => self.stage_root(s)?,
-                None => self.opts.context.clone(),
             };
             self.write_copy_tar(&src_root, from_stage.is_none(), &spec, &tar_path, ins)?;
         }
@@ -167,14 +163,15 @@ impl Builder<'_> {
     }
 
     /// Where a lone file source goes when the destination, given without a trailing slash,
-    /// is a directory in the image: inside it. None when that is not the case.
+    /// is a directory in the image: inside it, with the root the source is read from. None
+    /// when that is not the case.
     fn single_file_into_dir(
         &mut self,
         idx: usize,
         st: &mut StageState,
         spec: &CopySpec<'_>,
         from_stage: Option<(usize, blake3::Hash)>,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<(String, PathBuf)>> {
         let w = spec.srcs;
         let single = (w.len() == 1 && !w[0].starts_with("<<") && !w[0].contains(['*', '?']))
             .then(|| clean_rel(&w[0]))
@@ -195,8 +192,8 @@ impl Builder<'_> {
             return Ok(None);
         };
         let root = self.materialize(idx, st)?;
-        Ok(real_dir_in(&root, spec.dest)
-            .then(|| format!("{}/{name}", spec.dest.trim_end_matches('/'))))
+        let inside = format!("{}/{name}", spec.dest.trim_end_matches('/'));
+        Ok(real_dir_in(&root, spec.dest).then_some((inside, src_root)))
     }
 
     pub(super) fn write_copy_tar(
