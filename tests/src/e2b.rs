@@ -302,3 +302,27 @@ pub fn sdk_home() -> Option<(tempfile::TempDir, Kiln)> {
     k.ok(["build", "-t", "sdk", ctx.to_str().unwrap()]);
     Some((tmp, k))
 }
+
+/// A daemon over a home with the SDK's image, E2B's Python SDK, and every sandbox killed at
+/// the end (fields drop in this order: the daemon, the sandboxes, then the temp dir).
+pub struct SdkServe {
+    pub s: Serve,
+    _cleanup: crate::sandbox::KillAll,
+    pub k: Kiln,
+    pub py: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+/// [`SdkServe`] with API key `key` and `env` for kiln; None after a SKIP line.
+pub fn sdk_serve(key: &str, env: &[(&str, &str)]) -> Option<SdkServe> {
+    let py = python_or_skip()?;
+    let (tmp, k) = sdk_home()?;
+    let k = k.with_env(env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+    Some(SdkServe {
+        s: Serve::start(&k, key),
+        _cleanup: crate::sandbox::KillAll(k.clone()),
+        k,
+        py,
+        tmp,
+    })
+}

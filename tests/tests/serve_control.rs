@@ -145,17 +145,13 @@ fn key_file_and_listen_address() {
 /// kill, unknown ids through the SDK.
 #[test]
 fn python_sdk_lifecycle() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, k, py) = (&t.s, &t.k, &t.py);
 
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 sbx = Sandbox.create("sdk", timeout=120, metadata={{"suite": "serve", "who": "a b&c"}}, envs={{"X": "1"}})
@@ -236,7 +232,7 @@ print(json.dumps({{
 
     // Pause, pause again (409 -> False), state paused, connect resumes.
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 sbx = Sandbox.connect("{id}")
@@ -266,7 +262,7 @@ print(json.dumps({{"first": first, "second": second, "state": state, "paused": p
 
     // set_timeout: the daemon kills it when it expires.
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 from e2b import SandboxNotFoundException
@@ -292,7 +288,7 @@ print(json.dumps({{"gone": gone}}))
 
     // kill; unknown ids.
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 from e2b import SandboxNotFoundException
@@ -631,20 +627,16 @@ console.log(JSON.stringify({ id: sbx.sandboxId, infoId: info.sandboxId, state: i
 /// token, no runsc process, no mount under the home.
 #[test]
 fn python_sdk_concurrent_cycles_leave_nothing() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, k, py) = (&t.s, &t.k, &t.py);
     let n: usize = std::env::var("KILN_SERVE_LOAD")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 from concurrent.futures import ThreadPoolExecutor
@@ -703,16 +695,12 @@ print(json.dumps({{"ids": [r[0] for r in res], "outs": [r[1] for r in res], "sec
 /// asked; wrong ranges and too many ids are 400s.
 #[test]
 fn python_sdk_metrics() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 import datetime
@@ -830,16 +818,12 @@ print(json.dumps({{
 /// the raw answer is E2B's `TemplateAliasResponse`.
 #[test]
 fn python_sdk_template_aliases() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 from e2b import Template
@@ -875,16 +859,12 @@ print(json.dumps({{n: Template.exists(n) for n in ["sdk", "sdk:default", "aliase
 /// it answers 502 and stays paused.
 #[test]
 fn python_sdk_auto_resume() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 import httpx, threading
@@ -953,16 +933,12 @@ print(json.dumps(out))
 /// `invalid signature`.
 #[test]
 fn python_sdk_signed_urls() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 import httpx
@@ -1024,14 +1000,10 @@ print(json.dumps(out))
 /// case they were sent in; an invalid mask is a 400.
 #[test]
 fn python_sdk_network_options_reach_the_port() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
-    let Some((_tmp, k)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = KillAll(k.clone());
-    let s = Serve::start(&k, KEY);
+    let (s, py) = (&t.s, &t.py);
     // A server inside that answers with the request head it got, byte for byte.
     let echo = r#"#!/bin/sh
 head=""
@@ -1044,7 +1016,7 @@ done
 printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nX-Reply-Case: Kept\r\nConnection: close\r\n\r\n%s' "$(printf '%s' "$head" | wc -c)" "$head"
 "#;
     let v = s.python(
-        &py,
+        py,
         &format!(
             r#"{PY}
 import socket

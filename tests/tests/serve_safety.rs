@@ -21,30 +21,6 @@ const KEY: &str = "kiln_test_safety_key_0123";
 /// Python prelude: the SDK plus a JSON printer.
 const PY: &str = "import json, time\nfrom e2b import Sandbox\n";
 
-/// A daemon over a home with the SDK's image, E2B's Python SDK, and every sandbox killed at
-/// the end (fields drop in this order: the daemon, the sandboxes, then the temp dir).
-struct SdkServe {
-    s: Serve,
-    _cleanup: KillAll,
-    k: kiln_tests::Kiln,
-    py: std::path::PathBuf,
-    tmp: tempfile::TempDir,
-}
-
-/// [`SdkServe`] with `env` for kiln; None after a SKIP line.
-fn sdk_serve(env: &[(&str, &str)]) -> Option<SdkServe> {
-    let py = e2b::python_or_skip()?;
-    let (tmp, k) = e2b::sdk_home()?;
-    let k = k.with_env(env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
-    Some(SdkServe {
-        s: Serve::start(&k, KEY),
-        _cleanup: KillAll(k.clone()),
-        k,
-        py,
-        tmp,
-    })
-}
-
 /// The on-disk record of sandbox `id`.
 fn record(k: &kiln_tests::Kiln, id: &str) -> Value {
     let p = k.home.join("sandboxes").join(id).join("sandbox.json");
@@ -105,7 +81,7 @@ fn other_sandbox_processes(k: &kiln_tests::Kiln, keep: &[&str]) -> Vec<u32> {
 /// parent's.
 #[test]
 fn a_failed_fork_leaves_nothing_and_forks_are_born_secured() {
-    let Some(t) = sdk_serve(&[("KILN_FAULT", "create-started:3")]) else {
+    let Some(t) = e2b::sdk_serve(KEY, &[("KILN_FAULT", "create-started:3")]) else {
         return;
     };
     let (s, k, py) = (&t.s, &t.k, &t.py);
@@ -341,7 +317,7 @@ fn timeouts_near_the_integer_limits() {
 /// an invalid argument that says why; metadata is bounded too.
 #[test]
 fn env_vars_are_bounded_so_that_what_is_accepted_works() {
-    let Some(t) = sdk_serve(&[]) else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
     let (s, py) = (&t.s, &t.py);
@@ -442,7 +418,7 @@ print(json.dumps({{"lens": r.stdout, "own": own.stdout[:20], "own_len": len(own.
 /// anyone; a fork has a traffic token of its own.
 #[test]
 fn private_traffic_needs_the_traffic_token() {
-    let Some(t) = sdk_serve(&[]) else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
     let (s, py) = (&t.s, &t.py);
@@ -538,7 +514,7 @@ print(json.dumps(out))
 /// interface but loopback; the detail and `kiln sandbox info` say so.
 #[test]
 fn kiln_network_none_holds_in_serve() {
-    let Some(t) = sdk_serve(&[]) else {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
         return;
     };
     let (s, k, py) = (&t.s, &t.k, &t.py);
