@@ -669,3 +669,48 @@ unsafe fn wait_and_exit_as(pid: libc::pid_t) -> ! {
         libc::_exit(128 + libc::WTERMSIG(status));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build's root is written by its RUN steps: its /etc files are read inside it, never
+    /// through a link out of it, never blocking on a FIFO, never more than 1 MiB.
+    #[test]
+    fn root_users_are_read_inside_a_hostile_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let host = d.path().join("host-passwd");
+        std::fs::write(&host, "root:x:0:0::/root:/bin/sh\nhost:x:7:7::/h:/bin/sh\n").unwrap();
+        // Absolute and relative links that would leave the root: resolved inside it instead.
+        std::os::unix::fs::symlink(&host, root.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("../../host-passwd", root.join("etc/group")).unwrap();
+        let u = root_users(&root);
+        assert_eq!(u.user_name(7), "7", "the host's file was read");
+        assert!(u.exec_user("host").is_err());
+        assert_eq!(u.exec_user("root").unwrap().uid, 0, "root without passwd");
+
+        // A link that stays inside the root is followed, as in the image.
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        std::fs::write(root.join("etc/passwd.real"), "app:x:5:6::/app:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd.real", root.join("etc/passwd")).unwrap();
+        assert_eq!(resolve_user(&root, "app").unwrap().gid, 6);
+
+        // A FIFO neither blocks nor counts.
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        let fifo = CString::new(root.join("etc/passwd").as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert!(read_in_root(&root, "etc/passwd").is_err());
+        assert!(resolve_user(&root, "app").is_err());
+
+        // A huge file is read up to its bound only.
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        let mut big = "app:x:5:6::/app:/bin/sh\n".to_string();
+        big.push_str(&"x".repeat(3 << 20));
+        std::fs::write(root.join("etc/passwd"), big).unwrap();
+        assert_eq!(read_in_root(&root, "etc/passwd").unwrap().len(), 1 << 20);
+        assert_eq!(resolve_user(&root, "app").unwrap().uid, 5);
+    }
+}
