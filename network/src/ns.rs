@@ -24,11 +24,44 @@ pub fn open(name: &str) -> Result<File> {
 /// Runs `prog args` (in namespace `ns` when given) with `input` on stdin; its stderr is the
 /// error's detail.
 pub fn run(ns: Option<&str>, prog: &str, args: &[&str], input: &str) -> Result<String> {
+    run_holding(ns, prog, args, input, None)
+}
+
+/// [`run`], with the helper holding `held` (a sandbox's network lock) until it exits and
+/// killed if its caller dies: a caller killed mid-change leaves no helper that changes the
+/// network after whoever next takes the lock has cleaned it up.
+pub(crate) fn run_holding(
+    ns: Option<&str>,
+    prog: &str,
+    args: &[&str],
+    input: &str,
+    held: Option<&File>,
+) -> Result<String> {
     let mut c = Command::new(prog);
     c.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(lock) = held {
+        let fd = lock.as_raw_fd();
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: fcntl(2), prctl(2) and getppid(2) in the child only, all async-signal-safe;
+        // the lock's descriptor stays open in the parent across the fork.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The caller died before the death signal was armed.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
     let nsf = ns.map(open).transpose()?;
     if let Some(f) = &nsf {
         let fd = f.as_raw_fd();

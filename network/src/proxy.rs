@@ -10,6 +10,7 @@ use crate::{dns, io_err, ns, rules, Error, Result};
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,7 +21,13 @@ struct Pending {
     at: Instant,
 }
 
-/// Runs the proxy for the sandbox whose network state is in `state`; returns only on error.
+/// The device and inode that name a namespace (as `/run/netns/<name>` shows them).
+fn ns_identity(f: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    f.metadata().map(|m| (m.dev(), m.ino()))
+}
+
+/// Runs the proxy for the sandbox whose network state is in `state`; returns on error, or
+/// once the sandbox's router namespace is gone.
 pub fn serve(state: &Path) -> Result<()> {
     let cfg: ProxyConfig = serde_json::from_slice(
         &std::fs::read(state.join("dns.json")).map_err(io_err("read dns.json"))?,
@@ -39,6 +46,8 @@ pub fn serve(state: &Path) -> Result<()> {
     }
     let guest = UdpSocket::bind(cfg.listen).map_err(io_err(format!("bind {}", cfg.listen)))?;
     std::fs::write(state.join("dns.ready"), b"").map_err(io_err("write dns.ready"))?;
+    let served = ns_identity(&nsf).map_err(io_err("stat the router namespace"))?;
+    let mut checked = Instant::now();
 
     let policy_path = state.join("policy.json");
     let mut policy = NetworkPolicy::default();
@@ -69,6 +78,15 @@ pub fn serve(state: &Path) -> Result<()> {
             return Err(io_err("poll")(e));
         }
         pending.retain(|_, p| p.at.elapsed() < Duration::from_secs(5));
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            // A caller killed before it recorded this proxy's pid cannot stop it: it stops
+            // itself once its namespace is deleted (or another one has taken the name).
+            let now = std::fs::metadata(ns::path(&cfg.router_ns)).map(|m| (m.dev(), m.ino()));
+            if now.ok() != Some(served) {
+                return Ok(());
+            }
+        }
         if fds[0].revents & libc::POLLIN != 0 {
             let Ok((len, client)) = guest.recv_from(&mut buf) else {
                 continue;

@@ -8,6 +8,7 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,73 @@ const SLOTS: u32 = 16384;
 const SLOT_GRACE: Duration = Duration::from_secs(60);
 /// DNS answers for allowed names stay allowed at least this long.
 pub(crate) const MIN_TTL: u32 = 120;
+/// How long a change to a sandbox's network waits for the helpers of a killed earlier one
+/// (they die with their caller, so this is only ever a few milliseconds).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// A sandbox's network lock (`state/lock`, flock): held by whoever changes the network and by
+/// every `ip`/`nft` helper they start. A caller killed mid-change (kill -9 of a resume) leaves
+/// helpers that may still be creating a namespace; whoever cleans up after it takes this lock
+/// first, so nothing is made after the cleanup.
+struct NetLock(std::fs::File);
+
+impl NetLock {
+    /// Creates the state directory and takes its lock.
+    fn take(state: &Path) -> Result<NetLock> {
+        std::fs::create_dir_all(state).map_err(io_err(format!("create {}", state.display())))?;
+        let path = state.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        if !Self::wait(&f) {
+            return Err(Error::Invalid(format!(
+                "the network of {} is still being changed after {LOCK_WAIT:?}",
+                state.display()
+            )));
+        }
+        Ok(NetLock(f))
+    }
+
+    /// The lock of a network that was ever set up (none: nothing to wait for). A lock still
+    /// held after [`LOCK_WAIT`] is not waited for longer: the cleanup goes ahead.
+    fn existing(state: &Path) -> Option<NetLock> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(state.join("lock"))
+            .ok()?;
+        if !Self::wait(&f) {
+            tracing::warn!(state = %state.display(), "network lock still held: cleaning up anyway");
+        }
+        Some(NetLock(f))
+    }
+
+    /// Takes the lock within [`LOCK_WAIT`].
+    fn wait(f: &std::fs::File) -> bool {
+        use std::os::fd::AsRawFd;
+        let t = Instant::now();
+        loop {
+            // SAFETY: flock(2) on a descriptor we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return true;
+            }
+            if t.elapsed() > LOCK_WAIT {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs a helper that holds this lock until it exits (see [`ns::run`]).
+    fn run(&self, ns: Option<&str>, prog: &str, args: &[&str], input: &str) -> Result<String> {
+        ns::run_holding(ns, prog, args, input, Some(&self.0))
+    }
+}
 
 /// What faces the guest in the router namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +255,7 @@ pub fn attach(
     let t = Instant::now();
     ensure_host()?;
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "host table ensured");
+    let lock = NetLock::take(state)?;
     let (router, guest) = names(id);
     let slot = alloc_slot(&router)?;
     let (host_ip, uplink_ip) = slot_ips(slot);
@@ -202,9 +271,9 @@ pub fn attach(
         mac: GUEST_MAC.into(),
         uplink_ip,
     };
-    let made = build(&att, host_ip, policy, state, proxy_cmd);
+    let made = build(&att, host_ip, policy, state, proxy_cmd, &lock);
     if let Err(e) = made {
-        detach(id, state);
+        remove(id, state);
         return Err(e);
     }
     tracing::debug!(
@@ -222,18 +291,19 @@ fn build(
     policy: &NetworkPolicy,
     state: &Path,
     proxy_cmd: &[OsString],
+    lock: &NetLock,
 ) -> Result<()> {
     let r = att.router_ns.as_str();
     let gw = format!("{}/{}", att.gateway, att.prefix);
     let t = Instant::now();
     let step = |what: &str| tracing::debug!(ms = t.elapsed().as_millis() as u64, "{what}");
-    ns::run(None, "ip", &["netns", "add", r], "")?;
+    lock.run(None, "ip", &["netns", "add", r], "")?;
     if let Some(g) = &att.guest_ns {
-        ns::run(None, "ip", &["netns", "add", g], "")?;
+        lock.run(None, "ip", &["netns", "add", g], "")?;
     }
     step("namespaces added");
     let hif = &att.host_if;
-    ns::run(
+    lock.run(
         None,
         "ip",
         &["-b", "-"],
@@ -273,13 +343,12 @@ fn build(
         (None, None) => return Err(Error::Invalid("an attachment needs a TAP or a veth".into())),
     };
     step("uplink made");
-    ns::run(Some(r), "ip", &["-b", "-"], &batch)?;
+    lock.run(Some(r), "ip", &["-b", "-"], &batch)?;
     step("router configured");
     if let Some(g) = &att.guest_ns {
         ns::within(g, no_v6)?;
-        reset_guest(att)?;
+        reset_guest_holding(att, Some(lock))?;
     }
-    std::fs::create_dir_all(state).map_err(io_err(format!("create {}", state.display())))?;
     let cfg = ProxyConfig {
         router_ns: r.to_string(),
         listen: SocketAddr::new(att.gateway.into(), 53),
@@ -298,7 +367,7 @@ fn build(
         b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     )?;
     step("guest configured");
-    apply_rules(att, guest_if, policy, state, &cfg)?;
+    apply_rules(att, guest_if, policy, state, &cfg, lock)?;
     step("rules applied");
     let started = start_proxy(state, proxy_cmd);
     step("DNS proxy started");
@@ -313,10 +382,14 @@ fn write(p: &Path, bytes: &[u8]) -> Result<()> {
 /// (Re)configures the guest namespace's `eth0` before runsc takes it over (runsc removes the
 /// addresses it copies into its netstack, so every run and restore needs them again).
 pub fn reset_guest(att: &Attachment) -> Result<()> {
+    reset_guest_holding(att, None)
+}
+
+fn reset_guest_holding(att: &Attachment, lock: Option<&NetLock>) -> Result<()> {
     let Some(g) = &att.guest_ns else {
         return Ok(());
     };
-    ns::run(
+    ns::run_holding(
         Some(g),
         "ip",
         &["-b", "-"],
@@ -325,6 +398,7 @@ pub fn reset_guest(att: &Attachment) -> Result<()> {
              route replace default via {}\n",
             att.guest_ip, att.prefix, att.gateway
         ),
+        lock.map(|l| &l.0),
     )
     .map(|_| ())
 }
@@ -336,6 +410,7 @@ fn apply_rules(
     policy: &NetworkPolicy,
     state: &Path,
     cfg: &ProxyConfig,
+    lock: &NetLock,
 ) -> Result<()> {
     let resolve = |list: &[crate::Dest]| -> Vec<Ipv4Addr> {
         let mut ips = Vec::new();
@@ -356,7 +431,8 @@ fn apply_rules(
         &serde_json::to_vec_pretty(policy).expect("json"),
     )?;
     let table = rules::router_table(guest_if, policy, &allowed, &denied);
-    ns::run(Some(&att.router_ns), "nft", &["-f", "-"], &table).map(|_| ())
+    lock.run(Some(&att.router_ns), "nft", &["-f", "-"], &table)
+        .map(|_| ())
 }
 
 /// Changes a running sandbox's policy: the router's table atomically, the proxy's file
@@ -367,7 +443,8 @@ pub fn apply_policy(att: &Attachment, policy: &NetworkPolicy, state: &Path) -> R
     )
     .map_err(|e| Error::Invalid(format!("dns.json: {e}")))?;
     let guest_if = if att.tap.is_some() { "tap0" } else { "gw0" };
-    apply_rules(att, guest_if, policy, state, &cfg)
+    let lock = NetLock::take(state)?;
+    apply_rules(att, guest_if, policy, state, &cfg, &lock)
 }
 
 /// Starts the DNS proxy detached (own process group, output to `dns.log`) and waits until
@@ -421,7 +498,14 @@ fn start_proxy(state: &Path, proxy_cmd: &[OsString]) -> Result<()> {
 /// Removes sandbox `id`'s network, whatever state a creator left it in: the DNS proxy,
 /// both namespaces (with every interface and rule in them), the host end, the slot.
 /// Idempotent; the names derive from the id, so a record without an attachment is enough.
+/// Waits for the helpers of a killed [`attach`] first ([`NetLock`]).
 pub fn detach(id: &str, state: &Path) {
+    let _lock = NetLock::existing(state);
+    remove(id, state);
+}
+
+/// [`detach`] under the network lock.
+fn remove(id: &str, state: &Path) {
     let (router, guest) = names(id);
     let pid_file = state.join("dns.pid");
     if let Some(pid) = std::fs::read_to_string(&pid_file)

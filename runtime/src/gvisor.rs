@@ -104,13 +104,12 @@ const OWN_FILES: &[&str] = &["runsc.log", "status", "key"];
 const EXPORT_THREADS: usize = 4;
 /// How long the reconcile waits for a checkpoint that runs on without its caller.
 const RECOVER_WAIT: Duration = Duration::from_secs(60);
-/// How long after its phase was saved a helper may still be between fork and exec (its
-/// command line not yet showing) when its caller died.
-const SPAWN_GRACE_MS: u64 = 1000;
-/// Runs `runsc checkpoint` and writes its exit status to `$1` when it ends: whoever comes
-/// next learns whether the checkpoint completed even if the caller died meanwhile (runsc's
-/// own state cannot tell: the container stays `running` in it either way).
-const WATCH_SCRIPT: &str = r#"s=$1; shift; "$@"; echo $? >"$s""#;
+/// Waits for its caller's go on stdin (sent once the caller has recorded the watcher's pid;
+/// a caller that dies first closes the pipe, and nothing starts), runs `runsc checkpoint` and
+/// writes its exit status to `$1` when it ends: whoever comes next learns whether the
+/// checkpoint completed even if the caller died meanwhile (runsc's own state cannot tell: the
+/// container stays `running` in it either way).
+const WATCH_SCRIPT: &str = r#"read go || exit 0; s=$1; shift; "$@"; echo $? >"$s""#;
 
 /// The oldest runsc kiln runs on: the first Debian packages (bookworm-backports) with the
 /// systrap platform, uncompressed checkpoints, `--net-disconnect-ok` and working cgroups.
@@ -313,7 +312,7 @@ impl GvisorDriver {
             .arg(ckpt.join("status"))
             .arg(runsc.get_program())
             .args(runsc.get_args())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log.try_clone().ctx("dup", &log_path)?)
             .stderr(log)
             .process_group(0)
@@ -323,6 +322,12 @@ impl GvisorDriver {
             op.helper = Proc::of(child.id());
         }
         let saved = dir.save(rec);
+        let gate = child.stdin.take();
+        if let (Ok(()), Some(mut gate)) = (&saved, gate) {
+            use std::io::Write;
+            // A watcher that cannot read its go ends without starting runsc.
+            let _ = gate.write_all(b"go\n");
+        }
         child.wait().ctx("wait for", sh)?;
         saved?;
         match checkpoint_status(dir) {
@@ -918,15 +923,9 @@ impl GvisorDriver {
             let running = op.helper.is_some_and(|h| h.alive())
                 || !processes_with(&[&root, "checkpoint"]).is_empty();
             if !running {
-                if let Some(code) = checkpoint_status(dir) {
-                    return Some(code == 0);
-                }
-                let young = op.helper.is_none()
-                    && crate::record::now_ms() < op.since_ms.saturating_add(SPAWN_GRACE_MS);
-                if !young {
-                    // Never started, or its watcher was killed: the outcome is unknown.
-                    return Some(false);
-                }
+                // No status: never started (a watcher whose pid was not recorded never gets
+                // its go), or its watcher was killed and the outcome is unknown.
+                return Some(checkpoint_status(dir) == Some(0));
             }
             if t.elapsed() > RECOVER_WAIT {
                 return None;

@@ -366,17 +366,120 @@ fn killed_sandboxes_and_killed_creates_leave_no_network_behind() {
     }
 }
 
+/// For tests of the network crate itself: this thread in a fresh T, and a temp dir (None
+/// after a SKIP line).
+fn direct() -> Option<(TestNet, tempfile::TempDir)> {
+    if let Some(why) = kiln_tests::net::unavailable() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let net = TestNet::new();
+    net.enter();
+    Some((net, tempfile::tempdir().unwrap()))
+}
+
+/// Not a test on its own: the child of [`an_attach_killed_at_any_moment_leaves_nothing_once_detached`]
+/// (`KILN_TEST_ATTACH="ID STATE"`): attaches a network, says so, and waits to be killed.
+#[test]
+fn attach_child_entrypoint() {
+    let Ok(spec) = std::env::var("KILN_TEST_ATTACH") else {
+        return;
+    };
+    let (id, state) = spec.split_once(' ').unwrap();
+    let state = std::path::Path::new(state);
+    let cmd = kiln_runtime::helpers::dns_proxy_command(&kiln_tests::kiln_bin());
+    kiln_runtime::helpers::dns_proxy_spec(state).unwrap();
+    let policy = kiln_network::NetworkPolicy::default();
+    kiln_network::attach(id, kiln_network::GuestKind::Veth, &policy, state, &cmd).unwrap();
+    println!("attached");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// kill -9 of an attach at moments across it (its `ip` helpers may still be running): the
+/// detach that follows leaves no namespace, slot, host interface or DNS proxy, and nothing
+/// appears afterwards.
+#[test]
+fn an_attach_killed_at_any_moment_leaves_nothing_once_detached() {
+    let Some((net, tmp)) = direct() else {
+        return;
+    };
+    let links_before = net.host_links().matches("kiln").count();
+    let start = |n: u32| {
+        let id = format!("ak{:08x}{n:02}", std::process::id());
+        let state = tmp.path().join(&id).join("net");
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "attach_child_entrypoint", "--nocapture"])
+            .env("KILN_TEST_ATTACH", format!("{id} {}", state.display()))
+            .envs(net.kiln_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (id, state, child)
+    };
+    // How long one attach takes when left alone.
+    let (id, state, mut child) = start(0);
+    let t = Instant::now();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("attached") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "the attaching child ended without attaching");
+    }
+    let whole = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    kiln_network::detach(&id, &state);
+    assert_eq!(leftovers(&id, None, &net), Vec::<String>::new());
+    eprintln!("one attach: {whole:?}");
+    for n in 1..=8u32 {
+        let (id, state, mut child) = start(n);
+        let at = whole.mul_f64(f64::from(n) / 8.0);
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        kiln_network::detach(&id, &state);
+        let what = format!("attach killed after {at:?}");
+        // Namespaces, slot and uplink are gone when detach returns; a DNS proxy whose pid was
+        // never recorded stops itself within about a second.
+        let t = Instant::now();
+        let mut left = leftovers(&id, None, &net);
+        while left.iter().all(|l| l.starts_with("process"))
+            && !left.is_empty()
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            left = leftovers(&id, None, &net);
+        }
+        assert_eq!(left, Vec::<String>::new(), "{what}");
+        assert_eq!(
+            net.host_links().matches("kiln").count(),
+            links_before,
+            "{what}"
+        );
+        // Nothing a killed helper was still doing shows up afterwards.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            leftovers(&id, None, &net),
+            Vec::<String>::new(),
+            "{what}: later"
+        );
+        assert_eq!(
+            net.host_links().matches("kiln").count(),
+            links_before,
+            "{what}: later"
+        );
+    }
+}
+
 /// The microVM side (a TAP in the router namespace, which the VMM opens by name) and the DNS
 /// proxy's answers, through the network crate directly: no guest needed.
 #[test]
 fn tap_attachment_and_dns_proxy_answers_by_policy() {
-    if let Some(why) = kiln_tests::net::unavailable() {
-        eprintln!("SKIP: {why}");
+    let Some((net, tmp)) = direct() else {
         return;
-    }
-    let net = TestNet::new();
-    net.enter();
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let state = tmp.path().join("net");
     let id = format!("tap{:013x}", std::process::id());
     let policy = kiln_network::NetworkPolicy {

@@ -14,7 +14,8 @@
 //! and printed (which sandbox, what state, what leaked) before the test fails.
 //!
 //! Knobs: `KILN_CRASH_SEED` (the seed is printed), `KILN_CRASH_KILLS` (default 8),
-//! `KILN_CRASH_SECS` (client run time, default 60), `KILN_CRASH_CLIENTS` (default 8),
+//! `KILN_CRASH_SECS` (client run time, default 60), `KILN_CRASH_QUIET` (seconds the daemon
+//! stays up after the last kill, default 30), `KILN_CRASH_CLIENTS` (default 8),
 //! `KILN_CRASH_HOLD` (seconds to wait before the final cleanup, to inspect by hand),
 //! `KILN_CRASH_KEEP=1` (keep the temp dir: home, daemon log, journals).
 //!
@@ -141,9 +142,13 @@ fn daemon_kill_9_under_concurrent_sdk_clients() {
             t0.elapsed().as_secs_f64() - at
         );
     }
-    if let Some(rest) = Duration::from_secs(secs).checked_sub(t0.elapsed()) {
-        std::thread::sleep(rest);
-    }
+    // A quiet spell after the last kill: under load a restart takes up to ~10 s and a fork
+    // longer than the window between two kills, so without it an operation may never finish.
+    let quiet = Duration::from_secs(env_u64("KILN_CRASH_QUIET", 30));
+    let rest = Duration::from_secs(secs)
+        .saturating_sub(t0.elapsed())
+        .max(quiet);
+    std::thread::sleep(rest);
     std::fs::write(&stopfile, b"").unwrap();
     let mut summary: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut report = Report::default();
