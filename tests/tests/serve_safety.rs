@@ -550,8 +550,14 @@ print(json.dumps({{"id": sbx.sandbox_id, "links": links}}))
         .unwrap_or_default();
     assert!(!netns.contains(&id), "a namespace for {id}: {netns}");
     let (_, d) = s.api("GET", &format!("/sandboxes/{id}"), None);
-    assert_eq!(d["networkDevice"], false, "{d}");
+    // E2B's fields say no traffic leaves (kiln's own "no device at all" is in `sandbox info`).
     assert_eq!(d["allowInternetAccess"], false, "{d}");
+    assert_eq!(
+        d["network"]["denyOut"],
+        serde_json::json!(["0.0.0.0/0"]),
+        "{d}"
+    );
+    assert!(d.get("networkDevice").is_none(), "{d}");
     let info = String::from_utf8_lossy(&k.ok(["sandbox", "info", &id])).into_owned();
     assert!(info.contains("network:  none (no network device"), "{info}");
     assert!(info.contains("access:   envd access token"), "{info}");

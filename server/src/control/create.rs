@@ -259,9 +259,6 @@ pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
         network["maskRequestHost"] = json!(m);
     }
     v["network"] = network;
-    // kiln's own: whether the sandbox has a network device at all (KILN_NETWORK=none, or a
-    // snapshot without one: loopback only), which E2B's fields cannot say.
-    v["networkDevice"] = json!(rec.network.is_some());
     v["lifecycle"] = json!({
         "autoResume": rec.auto_resume,
         "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
