@@ -21,7 +21,7 @@
 
 use kiln_network::{Dest, NetworkPolicy};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// E2B's `SandboxNetworkConfig` (create) and `SandboxNetworkUpdateConfig` (update): the
 /// fields kiln reads; the others are checked in [`policy_of`].
@@ -146,19 +146,13 @@ fn looks_like_port_rule(s: &str) -> bool {
         .is_some_and(|(_, p)| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit() || c == '-'))
 }
 
-/// `allowInternetAccess` and `network` of E2B's `SandboxDetail`.
-pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (Value, Value) {
+/// `allowInternetAccess` and the `allowOut`/`denyOut` of E2B's `SandboxDetail`.
+pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (bool, Vec<String>, Vec<String>) {
     match policy {
-        None => (
-            json!(false),
-            json!({"allowOut": [], "denyOut": ["0.0.0.0/0"]}),
-        ),
+        None => (false, vec![], vec!["0.0.0.0/0".into()]),
         Some(p) => {
             let list = |l: &[Dest]| l.iter().map(|d| d.to_string()).collect::<Vec<_>>();
-            (
-                json!(p.internet),
-                json!({"allowOut": list(&p.allow_out), "denyOut": list(&p.deny_out)}),
-            )
+            (p.internet, list(&p.allow_out), list(&p.deny_out))
         }
     }
 }
@@ -166,6 +160,7 @@ pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (Value, Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn cfg(allow: &[&str], deny: &[&str]) -> NetworkConfig {
         let v = |l: &[&str]| Some(l.iter().map(|s| s.to_string()).collect());

@@ -199,72 +199,54 @@ pub(super) fn strip_tag(t: &str) -> &str {
 }
 
 /// E2B's `Sandbox` (create, connect, resume, fork).
-pub(super) fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> Value {
-    let mut v = json!({
-        "templateID": rec.source,
-        "sandboxID": rec.id,
-        "clientID": "kiln",
-        "envdVersion": ENVD_VERSION,
-        "trafficAccessToken": rec.access.traffic_token,
-        "domain": state.domain,
-    });
-    if let Some(alias) = alias(rec) {
-        v["alias"] = json!(alias);
-    }
-    if let Some(t) = &rec.access.envd_token {
-        v["envdAccessToken"] = json!(t);
-    }
-    v
-}
-
-pub(super) fn alias(rec: &SandboxRecord) -> Option<&str> {
-    rec.name.as_deref()
+pub(super) fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> types::Sandbox {
+    types::Sandbox::of(rec, &state.domain, ENVD_VERSION)
 }
 
 /// E2B's state of a sandbox: running or paused; `None` for one that failed or stopped (to
 /// the API it is gone).
 pub(super) fn e2b_state(rec: &SandboxRecord) -> Option<&'static str> {
-    match rec.state {
-        SbxState::Starting | SbxState::Running => Some("running"),
-        SbxState::Paused { .. } => Some("paused"),
-        SbxState::Stopped | SbxState::Failed { .. } => None,
-    }
-}
-
-/// E2B's `ListedSandbox`.
-pub(super) fn listed_json(rec: &SandboxRecord) -> Value {
-    json!({
-        "templateID": rec.source,
-        "sandboxID": rec.id,
-        "clientID": "kiln",
-        "startedAt": rfc3339(rec.created_ms),
-        "endAt": rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),
-        "cpuCount": rec.cpus,
-        "memoryMB": rec.memory_mib,
-        "diskSizeMB": rec.disk_mib,
-        "metadata": rec.metadata,
-        "state": e2b_state(rec).unwrap_or("running"),
-        "envdVersion": ENVD_VERSION,
+    types::SandboxState::of(rec).map(|s| match s {
+        types::SandboxState::Running => "running",
+        types::SandboxState::Paused => "paused",
     })
 }
 
+/// E2B's `ListedSandbox`.
+pub(super) fn listed_json(rec: &SandboxRecord) -> types::ListedSandbox {
+    types::ListedSandbox {
+        template_id: rec.source.clone(),
+        sandbox_id: rec.id.clone(),
+        client_id: "kiln",
+        alias: rec.name.clone(),
+        started_at: rfc3339(rec.created_ms),
+        end_at: rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),
+        cpu_count: rec.cpus,
+        memory_mb: rec.memory_mib,
+        disk_size_mb: rec.disk_mib,
+        metadata: rec.metadata.clone(),
+        state: types::SandboxState::of(rec).unwrap_or(types::SandboxState::Running),
+        envd_version: ENVD_VERSION,
+    }
+}
+
 /// E2B's `SandboxDetail`.
-pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> Value {
-    let mut v = listed_json(rec);
-    v["domain"] = json!(state.domain);
-    let (internet, mut network) = egress::detail_fields(rec.network.as_ref());
-    v["allowInternetAccess"] = internet;
-    network["allowPublicTraffic"] = json!(!rec.access.private_traffic);
-    if let Some(m) = &rec.access.mask_request_host {
-        network["maskRequestHost"] = json!(m);
+pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> types::SandboxDetail {
+    let (allow_internet_access, allow_out, deny_out) = egress::detail_fields(rec.network.as_ref());
+    types::SandboxDetail {
+        listed: listed_json(rec),
+        domain: Some(state.domain.clone()),
+        allow_internet_access,
+        network: types::SandboxNetworkConfig {
+            allow_public_traffic: !rec.access.private_traffic,
+            allow_out,
+            deny_out,
+            mask_request_host: rec.access.mask_request_host.clone(),
+        },
+        lifecycle: types::SandboxLifecycle {
+            auto_resume: rec.auto_resume,
+            on_timeout: rec.on_timeout.into(),
+        },
+        envd_access_token: rec.access.envd_token.clone(),
     }
-    v["network"] = network;
-    v["lifecycle"] = json!({
-        "autoResume": rec.auto_resume,
-        "onTimeout": match rec.on_timeout { OnTimeout::Kill => "kill", OnTimeout::Pause => "pause" },
-    });
-    if let Some(t) = &rec.access.envd_token {
-        v["envdAccessToken"] = json!(t);
-    }
-    v
 }

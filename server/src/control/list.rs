@@ -23,7 +23,7 @@ pub(super) async fn lookup(state: &AppState, id: &str) -> ApiResult<SandboxRecor
 pub(super) async fn get_sandbox(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<types::SandboxDetail>> {
     let rec = lookup(&state, &id).await?;
     Ok(Json(detail_json(&state, &rec)))
 }
@@ -209,7 +209,7 @@ pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> Api
     {
         headers.insert("x-total-running", hv(&running.to_string()));
     }
-    let body: Vec<Value> = page.into_iter().map(listed_json).collect();
+    let body: Vec<types::ListedSandbox> = page.into_iter().map(listed_json).collect();
     Ok((headers, Json(body)).into_response())
 }
 
@@ -221,7 +221,7 @@ pub(super) fn hv(s: &str) -> HeaderValue {
 pub(super) async fn list_v1(
     State(state): State<Arc<AppState>>,
     uri: Uri,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Json<Vec<types::ListedSandbox>>> {
     let mut metadata = Vec::new();
     for (k, v) in query_pairs(&uri)? {
         if k == "metadata" {

@@ -33,6 +33,7 @@ mod list;
 mod metrics;
 mod snapshots;
 mod templates;
+pub mod types;
 
 use aliases::*;
 use create::*;
@@ -92,7 +93,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "code": self.status.as_u16(), "message": self.message });
+        let body = types::Error {
+            code: self.status.as_u16(),
+            message: &self.message,
+        };
         (self.status, Json(body)).into_response()
     }
 }

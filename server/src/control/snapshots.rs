@@ -39,9 +39,11 @@ pub(super) async fn fork(
         timeout_secs: Some(secs),
     };
     let forks = blocking(move || sb.fork(&rec.id, spec)).await?;
-    let out: Vec<Value> = forks
+    let out: Vec<types::SandboxForkResult> = forks
         .iter()
-        .map(|f| json!({ "sandbox": sandbox_json(&state, f) }))
+        .map(|f| types::SandboxForkResult {
+            sandbox: sandbox_json(&state, f),
+        })
         .collect();
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
@@ -78,8 +80,8 @@ pub(super) async fn create_snapshot(
     Ok((StatusCode::CREATED, Json(snapshot_json(&name))).into_response())
 }
 
-pub(super) fn snapshot_json(name: &str) -> Value {
-    json!({ "snapshotID": name, "names": [name] })
+pub(super) fn snapshot_json(name: &str) -> types::SnapshotInfo {
+    types::SnapshotInfo::named(name)
 }
 
 pub(super) async fn list_snapshots(
@@ -139,6 +141,6 @@ pub(super) async fn list_snapshots(
             headers.insert("x-next-token", hv(&hex::encode(last)));
         }
     }
-    let body: Vec<Value> = page.into_iter().map(|n| snapshot_json(n)).collect();
+    let body: Vec<types::SnapshotInfo> = page.into_iter().map(|n| snapshot_json(n)).collect();
     Ok((headers, Json(body)).into_response())
 }

@@ -1,0 +1,172 @@
+//! E2B's REST response bodies as kiln answers them: one typed struct per schema of
+//! e2b-dev/infra `spec/openapi.yml` at commit 54693ff353d2 (2026-08-22), under the schema's
+//! own name and with its field names. `tests/tests/serve_contract.rs` checks every answer
+//! against E2B's generated client (declared status, declared fields, required ones present).
+//! kiln adds no field of its own to these bodies: what only kiln knows goes to its CLI.
+
+use kiln_runtime::record::{OnTimeout, SandboxRecord, State as SbxState};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The `clientID` of every sandbox (E2B's names the node's client; kiln has one).
+const CLIENT_ID: &str = "kiln";
+
+/// `SandboxState`: what the API calls a sandbox that exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+}
+
+impl SandboxState {
+    /// `None` for a sandbox that failed or stopped: to the API it is gone.
+    pub fn of(rec: &SandboxRecord) -> Option<SandboxState> {
+        match rec.state {
+            SbxState::Starting | SbxState::Running => Some(SandboxState::Running),
+            SbxState::Paused { .. } => Some(SandboxState::Paused),
+            SbxState::Stopped | SbxState::Failed { .. } => None,
+        }
+    }
+}
+
+/// `Error`: every non-2xx answer, `code` being the HTTP status.
+#[derive(Serialize)]
+pub struct Error<'a> {
+    pub code: u16,
+    pub message: &'a str,
+}
+
+/// `Sandbox`: the answer of create, connect, resume and each fork.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: &'static str,
+    pub envd_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    pub traffic_access_token: Option<String>,
+    pub domain: Option<String>,
+}
+
+impl Sandbox {
+    pub fn of(rec: &SandboxRecord, domain: &str, envd_version: &'static str) -> Sandbox {
+        Sandbox {
+            template_id: rec.source.clone(),
+            sandbox_id: rec.id.clone(),
+            client_id: CLIENT_ID,
+            envd_version,
+            alias: rec.name.clone(),
+            envd_access_token: rec.access.envd_token.clone(),
+            traffic_access_token: rec.access.traffic_token.clone(),
+            domain: Some(domain.to_string()),
+        }
+    }
+}
+
+/// `ListedSandbox`: one entry of the sandbox lists.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub end_at: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub state: SandboxState,
+    pub envd_version: &'static str,
+}
+
+/// `SandboxDetail`: `GET /sandboxes/{sandboxID}`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetail {
+    #[serde(flatten)]
+    pub listed: ListedSandbox,
+    pub domain: Option<String>,
+    pub allow_internet_access: bool,
+    pub network: SandboxNetworkConfig,
+    pub lifecycle: SandboxLifecycle,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+}
+
+/// `SandboxNetworkConfig`, as a detail reports it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetworkConfig {
+    pub allow_public_traffic: bool,
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+}
+
+/// `SandboxOnTimeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxOnTimeout {
+    Kill,
+    Pause,
+}
+
+impl From<OnTimeout> for SandboxOnTimeout {
+    fn from(o: OnTimeout) -> Self {
+        match o {
+            OnTimeout::Kill => SandboxOnTimeout::Kill,
+            OnTimeout::Pause => SandboxOnTimeout::Pause,
+        }
+    }
+}
+
+/// `SandboxLifecycle`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxLifecycle {
+    pub auto_resume: bool,
+    pub on_timeout: SandboxOnTimeout,
+}
+
+/// `SandboxForkResult`: one per requested fork (kiln forks all or nothing, so each holds its
+/// sandbox).
+#[derive(Serialize)]
+pub struct SandboxForkResult {
+    pub sandbox: Sandbox,
+}
+
+/// `SnapshotInfo`: a created or listed snapshot; its id is a valid `templateID`.
+#[derive(Serialize)]
+pub struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
+impl SnapshotInfo {
+    pub fn named(name: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            snapshot_id: name.to_string(),
+            names: vec![name.to_string()],
+        }
+    }
+}
