@@ -447,9 +447,15 @@ impl SandboxDir {
         self.path.join("net")
     }
 
+    /// The record; [`Error::NotFound`] once it is gone (the sandbox was removed meanwhile).
     pub fn load(&self) -> Result<SandboxRecord> {
         let p = self.record_path();
-        let bytes = std::fs::read(&p).ctx("read", &p)?;
+        let bytes = match std::fs::read(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(self.id()))
+            }
+            r => r.ctx("read", &p)?,
+        };
         serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
     }
 

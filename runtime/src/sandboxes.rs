@@ -538,7 +538,11 @@ impl Sandboxes {
     /// out not to exist.
     fn refresh(&self, dir: &SandboxDir) -> Result<Option<SandboxRecord>> {
         // A record that vanished was killed meanwhile (its directory goes file by file).
-        let gone = |e: &Error| matches!(e, Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound);
+        let gone = |e: &Error| match e {
+            Error::NotFound(_) => true,
+            Error::Io { err, .. } => err.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        };
         let rec = match dir.load() {
             Ok(r) => r,
             Err(e) if gone(&e) || !dir.path().exists() => return Ok(None),
@@ -705,9 +709,8 @@ impl Sandboxes {
         let dir = self.resolve(id)?;
         let lock = dir.lock(LOCK_WAIT)?;
         let rec = match dir.load() {
-            Err(Error::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(id.into()))
-            }
+            // Said by the name it was asked by.
+            Err(Error::NotFound(_)) => return Err(Error::NotFound(id.into())),
             r => r?,
         };
         let rec = self

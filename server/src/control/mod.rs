@@ -106,13 +106,6 @@ impl From<kiln_runtime::Error> for ApiError {
         use kiln_runtime::Error as E;
         let status = match &e {
             E::NotFound(_) | E::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
-            // A record that vanished while it was read: the sandbox was being removed.
-            E::Io { err, path, .. }
-                if err.kind() == std::io::ErrorKind::NotFound
-                    && path.file_name().is_some_and(|n| n == "sandbox.json") =>
-            {
-                StatusCode::NOT_FOUND
-            }
             E::Image(kiln_imagebuilder::Error::ImageNotFound(_)) => StatusCode::NOT_FOUND,
             E::NameTaken(_) | E::WrongState { .. } | E::Busy(_) => StatusCode::CONFLICT,
             E::Invalid(_) | E::RuntimeMismatch { .. } => StatusCode::BAD_REQUEST,
