@@ -32,7 +32,22 @@ pub enum Source {
     Image(String),
     /// A sandbox snapshot name or id.
     Snapshot(String),
+    /// A template as E2B's API names one (`templateID`): an image name or id, else a sandbox
+    /// snapshot name or id (whose tag `:default` is the snapshot itself).
+    Template(String),
 }
+
+impl Source {
+    /// The reference as it was given.
+    pub fn reference(&self) -> &str {
+        match self {
+            Source::Image(s) | Source::Snapshot(s) | Source::Template(s) => s,
+        }
+    }
+}
+
+/// What a [`Source`] names: the image, and the snapshot when it is one.
+type Resolved = (BlobId, ImageRecord, Option<(BlobId, SnapshotRecord)>);
 
 /// `kiln sandbox create` / `POST /sandboxes`.
 #[derive(Clone, Debug)]
@@ -193,6 +208,38 @@ impl Sandboxes {
         )))
     }
 
+    /// The image (and snapshot) a source names; a template is an image first, else a snapshot.
+    fn resolve_source(&self, source: &Source) -> Result<Resolved> {
+        match source {
+            Source::Image(name) => {
+                let (id, rec) = kiln_imagebuilder::image::lookup(&self.store, name)?;
+                Ok((id, rec, None))
+            }
+            Source::Snapshot(s) => {
+                let (sid, snap) = sandbox_snapshot::lookup(&self.holds, s)?;
+                sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
+                let image = self.image(&snap.image)?;
+                Ok((snap.image, image, Some((sid, snap))))
+            }
+            Source::Template(t) => match self.resolve_source(&Source::Image(t.clone())) {
+                Err(Error::Image(kiln_imagebuilder::Error::ImageNotFound(_))) => {
+                    let snapshot = t.strip_suffix(":default").unwrap_or(t);
+                    self.resolve_source(&Source::Snapshot(snapshot.to_string()))
+                        .map_err(|e| match e {
+                            Error::SnapshotNotFound(_) => {
+                                Error::Image(kiln_imagebuilder::Error::ImageNotFound(format!(
+                                    "{t} (no image or sandbox snapshot of that name; see \
+                                     `kiln image ls`, GET /templates, GET /snapshots)"
+                                )))
+                            }
+                            e => e,
+                        })
+                }
+                r => r,
+            },
+        }
+    }
+
     /// Creates a sandbox and returns once its agent answers. On any error nothing is left.
     pub fn create(&self, spec: CreateSpec) -> Result<SandboxRecord> {
         if let Some(n) = &spec.name {
@@ -203,18 +250,7 @@ impl Sandboxes {
                 "a disk of {d} MiB: give 1 to {MAX_DISK_MIB} MiB"
             )));
         }
-        let (image_id, image, from_snapshot) = match &spec.source {
-            Source::Image(name) => {
-                let (id, rec) = kiln_imagebuilder::image::lookup(&self.store, name)?;
-                (id, rec, None)
-            }
-            Source::Snapshot(s) => {
-                let (sid, snap) = sandbox_snapshot::lookup(&self.holds, s)?;
-                sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
-                let image = self.image(&snap.image)?;
-                (snap.image, image, Some((sid, snap)))
-            }
-        };
+        let (image_id, image, from_snapshot) = self.resolve_source(&spec.source)?;
         let runtime = match (&from_snapshot, spec.runtime) {
             (Some((_, snap)), Some(wanted)) if wanted != snap.runtime => {
                 return Err(Error::RuntimeMismatch {
@@ -268,9 +304,7 @@ impl Sandboxes {
             id: new_id(),
             name: spec.name.clone(),
             image: image_id,
-            source: match &spec.source {
-                Source::Image(s) | Source::Snapshot(s) => s.clone(),
-            },
+            source: spec.source.reference().to_string(),
             snapshot: from_snapshot.as_ref().map(|(id, _)| *id),
             runtime,
             cpus,

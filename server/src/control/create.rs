@@ -146,7 +146,7 @@ pub(super) async fn create(
     if template.is_empty() {
         return Err(ApiError::bad_request("templateID is empty"));
     }
-    let mut spec = CreateSpec::new(Source::Image(template.clone()));
+    let mut spec = CreateSpec::new(Source::Template(template));
     // Nothing asked of egress: the host's default (kiln_runtime::default_network, which
     // KILN_NETWORK=none makes "no network device").
     spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
@@ -167,28 +167,7 @@ pub(super) async fn create(
     check_size("metadata", &spec.metadata, MAX_METADATA_BYTES)?;
     spec.secure = req.secure.unwrap_or(secure_default);
     let sb = state.sandboxes.clone();
-    let tpl = template.clone();
-    let rec = blocking(move || {
-        let template = tpl;
-        let mut spec = spec;
-        // A template is an image name or id, else a sandbox snapshot name or id.
-        match sb.create(spec.clone()) {
-            Err(kiln_runtime::Error::Image(kiln_imagebuilder::Error::ImageNotFound(_))) => {
-                spec.source = Source::Snapshot(strip_tag(&template).to_string());
-                sb.create(spec).map_err(|e| match e {
-                    kiln_runtime::Error::SnapshotNotFound(_) => kiln_runtime::Error::Image(
-                        kiln_imagebuilder::Error::ImageNotFound(format!(
-                            "{template} (no image or sandbox snapshot of that name; see \
-                             `kiln image ls`, GET /templates, GET /snapshots)"
-                        )),
-                    ),
-                    e => e,
-                })
-            }
-            r => r,
-        }
-    })
-    .await?;
+    let rec = blocking(move || sb.create(spec)).await?;
     tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");
     Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
 }
