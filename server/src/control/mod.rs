@@ -32,6 +32,8 @@ mod lifecycle;
 mod list;
 mod metrics;
 mod snapshots;
+mod template_builds;
+mod template_files;
 mod templates;
 
 use aliases::*;
@@ -40,6 +42,8 @@ use lifecycle::*;
 use list::*;
 use metrics::*;
 use snapshots::*;
+use template_builds::*;
+use template_files::*;
 use templates::*;
 
 /// The envd version kiln reports for every sandbox: the newest protocol level the installed
@@ -169,10 +173,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/templates", get(list_templates))
         .route("/templates/{id}", delete(delete_template))
         .route("/templates/aliases/{alias}", get(get_alias))
+        .route("/v3/templates", post(request_build))
+        .route("/templates/{id}/files/{hash}", get(file_upload_link))
+        .route("/v2/templates/{id}/builds/{build}", post(start_build))
+        .route("/templates/{id}/builds/{build}/status", get(build_status))
+        .route("/templates/{id}/builds/{build}/logs", get(build_logs))
         .fallback(not_found)
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
+        // Authenticated by its signature (the SDK sends no API key to an upload URL).
+        .route("/template-files/{hash}", put(upload_files))
         .merge(authed)
         .with_state(state)
 }
