@@ -121,7 +121,7 @@ print(json.dumps({{"out": r.stdout, "exists": Template.exists("tpl-a"), "missing
     );
 
     // A failing run_cmd: the SDK raises with the step's output, and the status names the
-    // step (E2B numbers them from 1 after the base: this is the 5th instruction).
+    // step (E2B numbers them from 1 after the base: this is the 6th instruction).
     let v = s.python(
         py,
         &format!(
@@ -137,7 +137,7 @@ except BuildException as e:
     assert_eq!(v["raised"], true, "{v}");
     let msg = v["msg"].as_str().unwrap();
     assert!(
-        msg.contains("step 5") && msg.contains("doomed-output"),
+        msg.contains("step 6") && msg.contains("doomed-output"),
         "{msg}"
     );
     assert_eq!(v["exists"], false, "a failed build registers no template");
@@ -157,7 +157,7 @@ print(json.dumps({{"status": st.status.value, "step": st.reason.step,
         ),
     );
     assert_eq!(v["status"], "error", "{v}");
-    assert_eq!(v["step"], "5", "{v}");
+    assert_eq!(v["step"], "6", "{v}");
     assert!(
         v["reason_logs"]
             .as_array()
