@@ -271,3 +271,82 @@ fn template_api_refuses_bad_input_and_unknown_builds() {
         "{v}"
     );
 }
+
+#[test]
+fn registry_base_concurrent_builds_and_a_daemon_killed_mid_build() {
+    if !kiln_tests::registry::have("skopeo") {
+        eprintln!("SKIP: skopeo not installed (apt-get install skopeo)");
+        return;
+    }
+    let Some(mut t) = e2b::sdk_serve(KEY, &[]) else {
+        return;
+    };
+    let Some(reg) = kiln_tests::registry::Registry::start() else {
+        return;
+    };
+    let oci = tempfile::tempdir().unwrap();
+    let Some(layout) = kiln_tests::registry::busybox_layout(oci.path(), "bb") else {
+        return;
+    };
+    reg.push(&layout, "bb", "tests/busybox:1");
+    let image = format!("{}/tests/busybox:1", reg.addr());
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let pre = prelude(&ctx);
+
+    // Two templates at once: one from a registry image (pulled by the build), one from a
+    // template; both usable by alias.
+    let v = t.s.python(
+        &t.py,
+        &format!(
+            r#"{pre}
+a = Template.build_in_background(Template().from_image("{image}").run_cmd("echo reg > /from-reg"), "tpl-reg")
+b = Template.build_in_background(Template().from_template("sdk").run_cmd("echo b > /b", user="root"), "tpl-b")
+done = {{}}
+while len(done) < 2:
+    for i in (a, b):
+        st = Template.get_build_status(i, logs_offset=0)
+        if st.status.value not in ("building", "waiting"):
+            done[i.template_id] = st.status.value
+    time.sleep(0.2)
+outs = []
+for name, cmd in (("tpl-reg", "cat /from-reg"), ("tpl-b", "cat /b")):
+    sbx = Sandbox.create(name, timeout=120)
+    outs.append(sbx.commands.run(cmd, user="root").stdout)
+    sbx.kill()
+print(json.dumps({{"done": done, "outs": outs}}))
+"#
+        ),
+    );
+    assert_eq!(
+        v["done"],
+        serde_json::json!({"tpl-reg": "ready", "tpl-b": "ready"}),
+        "{v}"
+    );
+    assert_eq!(v["outs"], serde_json::json!(["reg\n", "b\n"]), "{v}");
+
+    // A daemon killed while a build runs: no template, and the build unknown after restart.
+    let v = t.s.python(
+        &t.py,
+        &format!(
+            r#"{pre}
+i = Template.build_in_background(Template().from_template("sdk").run_cmd("echo started; sleep 600"), "tpl-killed")
+while not any("started" in e.message for e in Template.get_build_status(i, logs_offset=0).log_entries):
+    time.sleep(0.2)
+print(json.dumps({{"build": i.build_id}}))
+"#
+        ),
+    );
+    let build = v["build"].as_str().unwrap().to_string();
+    t.s.restart();
+    let (code, _) = t.s.api(
+        "GET",
+        &format!("/templates/tpl-killed/builds/{build}/status"),
+        None,
+    );
+    assert_eq!(code, 404);
+    let (code, _) = t.s.api("GET", "/templates/aliases/tpl-killed", None);
+    assert_eq!(code, 404);
+    let home = t.k.home.join("serve").join("template-builds");
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0, "{home:?}");
+}
