@@ -592,10 +592,12 @@ pub fn dockerfile(start: &BuildStart) -> Result<Plan, String> {
                     sticky: true,
                 });
             }
-            (k, _) => return Err(bad(format!(
+            (k, _) => {
+                return Err(bad(format!(
                 "{k} with {} arguments is not a step kiln knows (COPY, RUN, ENV, WORKDIR, USER)",
                 s.args.len()
-            ))),
+            )))
+            }
         }
     }
     Ok(Plan { base, lines, files })
