@@ -167,6 +167,27 @@ print(json.dumps({{"status": st.status.value, "step": st.reason.step,
         "{v}"
     );
 
+    // Tags: assigned to the build, listed, usable as `name:tag`, removed.
+    let v = s.python(
+        py,
+        &format!(
+            r#"{pre}
+Template.assign_tags("tpl-a", ["stable"])
+tags = sorted(t.tag for t in Template.get_tags("tpl-a"))
+sbx = Sandbox.create("tpl-a:stable", timeout=120)
+out = sbx.commands.run("cat /app/a.txt", user="root").stdout
+sbx.kill()
+Template.remove_tags("tpl-a", ["stable"])
+print(json.dumps({{"tags": tags, "out": out, "after": sorted(t.tag for t in Template.get_tags("tpl-a")),
+  "exists": Template.exists("tpl-a:stable")}}))
+"#
+        ),
+    );
+    assert_eq!(v["tags"], serde_json::json!(["default", "stable"]), "{v}");
+    assert_eq!(v["out"], "two\n");
+    assert_eq!(v["after"], serde_json::json!(["default"]));
+    assert_eq!(v["exists"], false);
+
     // Delete: gone from Sandbox.create's view and the alias lookup.
     let (code, _) = s.api("DELETE", "/templates/tpl-a", None);
     assert_eq!(code, 204);

@@ -34,6 +34,7 @@ mod metrics;
 mod snapshots;
 mod template_builds;
 mod template_files;
+mod template_tags;
 mod templates;
 
 use aliases::*;
@@ -44,6 +45,7 @@ use metrics::*;
 use snapshots::*;
 use template_builds::*;
 use template_files::*;
+use template_tags::*;
 use templates::*;
 
 /// The envd version kiln reports for every sandbox: the newest protocol level the installed
@@ -174,6 +176,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/templates/{id}", delete(delete_template))
         .route("/templates/aliases/{alias}", get(get_alias))
         .route("/v3/templates", post(request_build))
+        .route("/templates/tags", post(assign_tags).delete(delete_tags))
+        .route("/templates/{id}/tags", get(get_tags))
         .route("/templates/{id}/files/{hash}", get(file_upload_link))
         .route("/v2/templates/{id}/builds/{build}", post(start_build))
         .route("/templates/{id}/builds/{build}/status", get(build_status))

@@ -44,7 +44,7 @@ pub(super) struct BuildRequested {
 }
 
 /// A tag: what E2B accepts in a tag (letters, digits, `._-`), 1-64 of them.
-fn check_tag(t: &str) -> ApiResult<()> {
+pub(super) fn check_tag(t: &str) -> ApiResult<()> {
     if t.is_empty()
         || t.len() > 64
         || !t
