@@ -371,3 +371,38 @@ print(json.dumps({{"build": i.build_id}}))
     let home = t.k.home.join("serve").join("template-builds");
     assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0, "{home:?}");
 }
+
+#[test]
+fn js_sdk_template_build_and_create() {
+    let Some(modules) = e2b::js_modules() else {
+        eprintln!(
+            "SKIP: E2B's JS SDK or node not installed (/opt/kiln-tools/e2b-js; scripts/install-deps)"
+        );
+        return;
+    };
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
+        return;
+    };
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("a.txt"), "from js\n").unwrap();
+    let v = t.s.node(
+        &modules,
+        &format!(
+            r#"import {{ Template, Sandbox }} from 'e2b'
+const logs = []
+const tpl = Template({{ fileContextPath: {ctx:?} }}).fromTemplate('sdk')
+  .setUser('root')
+  .copy('a.txt', '/app/a.txt')
+  .runCmd('cat /app/a.txt > /app/b.txt')
+const info = await Template.build(tpl, 'tpl-js', {{ onBuildLogs: (e) => logs.push(e.message) }})
+const sbx = await Sandbox.create('tpl-js', {{ timeoutMs: 120000 }})
+const run = await sbx.commands.run('cat /app/b.txt', {{ user: 'root' }})
+await sbx.kill()
+console.log(JSON.stringify({{ id: info.templateId, out: run.stdout, logs }}))
+"#
+        ),
+    );
+    assert_eq!(v["id"], "tpl-js", "{v}");
+    assert_eq!(v["out"], "from js\n", "{v}");
+}
