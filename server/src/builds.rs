@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex};
 const MAX_LOG_ENTRIES: usize = 20_000;
 /// The longest log line kept, in bytes.
 const MAX_LOG_LINE: usize = 4096;
+/// Past this many builds in memory, finished or never started ones older than an hour go.
+const MAX_BUILDS: usize = 1024;
+/// The most an upload may unpack to (a gzip bomb stops here).
+const MAX_UNPACKED: u64 = 16 << 30;
 /// How many of the last output lines a failed step's reason carries.
 const REASON_LINES: usize = 20;
 /// E2B's step name of the base image (the SDK maps it to `from_image`'s stack trace).
@@ -102,6 +106,7 @@ pub struct Build {
     /// Entries dropped from the front of `logs` (offsets stay those of the whole log).
     pub dropped: usize,
     pub reason: Option<Reason>,
+    created_ms: u64,
 }
 
 impl Build {
@@ -184,11 +189,17 @@ impl Builds {
             logs: Vec::new(),
             dropped: 0,
             reason: None,
+            created_ms: kiln_runtime::record::now_ms(),
         };
-        self.builds
-            .lock()
-            .unwrap()
-            .insert(id.clone(), Arc::new(Mutex::new(b)));
+        let mut builds = self.builds.lock().unwrap();
+        if builds.len() >= MAX_BUILDS {
+            let hour_ago = kiln_runtime::record::now_ms().saturating_sub(3_600_000);
+            builds.retain(|_, b| {
+                let b = b.lock().unwrap();
+                b.status == Status::Building || b.created_ms > hour_ago
+            });
+        }
+        builds.insert(id.clone(), Arc::new(Mutex::new(b)));
         id
     }
 
@@ -301,7 +312,13 @@ impl Builds {
             })?;
             std::fs::create_dir(&at).map_err(|e| fail(format!("create: {e}"), Some(step)))?;
             kiln_imagebuilder::layer::decompress(f)
-                .and_then(|r| kiln_imagebuilder::layer::apply_layer(&at, r, &Default::default()))
+                .and_then(|r| {
+                    let r = Bounded {
+                        r,
+                        left: MAX_UNPACKED,
+                    };
+                    kiln_imagebuilder::layer::apply_layer(&at, r, &Default::default())
+                })
                 .map_err(|e| {
                     fail(
                         format!("unpacking the files of step {step}: {e}"),
@@ -391,6 +408,22 @@ impl Builds {
                 .map_err(|e| fail(format!("tag {t}: {e}"), Some(FINALIZE_STEP)))?;
         }
         Ok(report.image.to_hex())
+    }
+}
+
+/// A reader that fails past `left` bytes.
+struct Bounded<R> {
+    r: R,
+    left: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!("unpacks to more than {MAX_UNPACKED} bytes"))
+        })?;
+        Ok(n)
     }
 }
 
