@@ -16,6 +16,7 @@
 //! reloads them at start. (Daemons before this one kept envd tokens in `serve/tokens/<id>`;
 //! the first start moves them into the records.)
 
+mod builds;
 pub mod control;
 mod egress;
 pub mod envd;
@@ -82,6 +83,8 @@ pub struct AppState {
     pub(crate) metrics: metrics::Metrics,
     /// Resumes under way ([`wake`]).
     pub(crate) wakes: wake::Wakes,
+    /// Template builds through E2B's SDK ([`builds`]).
+    pub(crate) builds: Arc<builds::Builds>,
 }
 
 impl AppState {
@@ -96,10 +99,14 @@ impl AppState {
             sandboxes,
             api_key,
             domain,
-            serve_dir,
             envd: Default::default(),
             metrics: Default::default(),
             wakes: Default::default(),
+            builds: Arc::new(builds::Builds::new(
+                &serve_dir,
+                builds::build_tmp(serve_dir.parent().unwrap_or(&serve_dir)),
+            )),
+            serve_dir,
         }
     }
 }

@@ -32,6 +32,9 @@ mod lifecycle;
 mod list;
 mod metrics;
 mod snapshots;
+mod template_builds;
+mod template_files;
+mod template_tags;
 mod templates;
 pub mod types;
 
@@ -41,6 +44,9 @@ use lifecycle::*;
 use list::*;
 use metrics::*;
 use snapshots::*;
+use template_builds::*;
+use template_files::*;
+use template_tags::*;
 use templates::*;
 
 /// The envd version kiln reports for every sandbox: the newest protocol level the installed
@@ -166,10 +172,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/templates", get(list_templates))
         .route("/templates/{id}", delete(delete_template))
         .route("/templates/aliases/{alias}", get(get_alias))
+        .route("/v3/templates", post(request_build))
+        .route("/templates/tags", post(assign_tags).delete(delete_tags))
+        .route("/templates/{id}/tags", get(get_tags))
+        .route("/templates/{id}/files/{hash}", get(file_upload_link))
+        .route("/v2/templates/{id}/builds/{build}", post(start_build))
+        .route("/templates/{id}/builds/{build}/status", get(build_status))
+        .route("/templates/{id}/builds/{build}/logs", get(build_logs))
         .fallback(not_found)
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
+        // Authenticated by its signature (the SDK sends no API key to an upload URL).
+        .route("/template-files/{hash}", put(upload_files))
         .merge(authed)
         .with_state(state)
 }

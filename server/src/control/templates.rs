@@ -36,22 +36,40 @@ pub(super) async fn list_templates(
     ))
 }
 
-/// Deletes a snapshot (the SDK's `delete_snapshot`): its name goes, and its data once no
-/// sandbox needs it (its chunks with the next gc).
-/// Images are not deleted through the API.
+/// Deletes a template: a sandbox snapshot (the SDK's `delete_snapshot`), else an image and
+/// its tags (`name:tag`, as template builds name them; the SDK's `Template.delete`). Names
+/// go at once; data once no sandbox needs it (chunks with the next gc).
 pub(super) async fn delete_template(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let name = strip_tag(&id).to_string();
     let sb = state.sandboxes.clone();
-    let removed = blocking(move || sb.remove_snapshot(&name)).await?;
+    let removed = blocking(move || {
+        if sb.remove_snapshot(&name)? {
+            return Ok(true);
+        }
+        let store = sb.store();
+        let tagged = format!("{name}:");
+        let mut removed = false;
+        for i in kiln_imagebuilder::image::list(store)? {
+            if i.name == name || i.name.starts_with(&tagged) {
+                match kiln_imagebuilder::image::remove(store, &i.name) {
+                    Ok(()) => removed = true,
+                    Err(kiln_imagebuilder::Error::ImageNotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(removed)
+    })
+    .await?;
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("no snapshot {id:?} (images are removed with `kiln image rm`)"),
+            format!("template '{id}' not found"),
         ))
     }
 }

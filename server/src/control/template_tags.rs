@@ -1,0 +1,168 @@
+//! Template tags (the SDK's `Template.assign_tags`, `remove_tags`, `get_tags`): a tag `t` of
+//! template `name` is the kiln image name `name:t` (as template builds name them), `default`
+//! being `name` itself. `buildID` is the image id's first 128 bits in UUID form (E2B's
+//! `format: uuid`).
+
+use super::*;
+use kiln_imagebuilder::image;
+use serde::Serialize;
+
+/// E2B's `AssignTemplateTagsRequest`.
+#[derive(Deserialize)]
+pub(super) struct AssignTags {
+    target: String,
+    tags: Vec<String>,
+}
+
+/// E2B's `AssignedTemplateTags`.
+#[derive(Serialize)]
+pub(super) struct AssignedTags {
+    tags: Vec<String>,
+    #[serde(rename = "buildID")]
+    build_id: String,
+}
+
+/// E2B's `DeleteTemplateTagsRequest`.
+#[derive(Deserialize)]
+pub(super) struct DeleteTags {
+    name: String,
+    tags: Vec<String>,
+}
+
+/// E2B's `TemplateTag`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct TemplateTag {
+    tag: String,
+    #[serde(rename = "buildID")]
+    build_id: String,
+    created_at: String,
+}
+
+/// An image id as the UUID E2B's `buildID` fields are.
+fn build_uuid(h: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The image name of tag `tag` of template `name`.
+fn tagged(name: &str, tag: &str) -> String {
+    if tag == "default" {
+        name.to_string()
+    } else {
+        format!("{name}:{tag}")
+    }
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("template '{what}' not found"),
+    )
+}
+
+/// `POST /templates/tags`: 201; 404 when the target names no template.
+pub(super) async fn assign_tags(
+    State(state): State<Arc<AppState>>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<AssignedTags>)> {
+    let req: AssignTags = body(&bytes, false)?;
+    for t in &req.tags {
+        check_tag(t)?;
+    }
+    if req.tags.is_empty() {
+        return Err(ApiError::bad_request("tags is empty"));
+    }
+    let target = req.target.trim().to_string();
+    let (name, tag) = target
+        .rsplit_once(':')
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .unwrap_or((target.clone(), "default".into()));
+    let sb = state.sandboxes.clone();
+    let tags = req.tags.clone();
+    let id = blocking(move || {
+        let store = sb.store();
+        let (id, _) = match image::lookup(store, &tagged(&name, &tag)) {
+            Err(kiln_imagebuilder::Error::ImageNotFound(_)) => return Ok(None),
+            r => r?,
+        };
+        for t in &tags {
+            image::tag(store, &tagged(&name, t), &id)?;
+        }
+        Ok(Some(id))
+    })
+    .await?
+    .ok_or_else(|| not_found(&target))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(AssignedTags {
+            tags: req.tags,
+            build_id: build_uuid(&id.to_hex()),
+        }),
+    ))
+}
+
+/// `DELETE /templates/tags`: 204; 404 when the template has none of them.
+pub(super) async fn delete_tags(
+    State(state): State<Arc<AppState>>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: DeleteTags = body(&bytes, false)?;
+    for t in &req.tags {
+        check_tag(t)?;
+    }
+    let name = req.name.trim().to_string();
+    let sb = state.sandboxes.clone();
+    let n = name.clone();
+    let removed = blocking(move || {
+        let mut removed = 0;
+        for t in &req.tags {
+            match image::remove(sb.store(), &tagged(&n, t)) {
+                Ok(()) => removed += 1,
+                Err(kiln_imagebuilder::Error::ImageNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(removed)
+    })
+    .await?;
+    if removed == 0 {
+        return Err(not_found(&name));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /templates/{id}/tags`: 200; 404 for a template with no image.
+pub(super) async fn get_tags(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<TemplateTag>>> {
+    let sb = state.sandboxes.clone();
+    let images = blocking(move || Ok(image::list(sb.store())?)).await?;
+    let prefix = format!("{id}:");
+    let tags: Vec<TemplateTag> = images
+        .iter()
+        .filter_map(|i| {
+            let tag = if i.name == id {
+                "default"
+            } else {
+                i.name.strip_prefix(&prefix)?
+            };
+            Some(TemplateTag {
+                tag: tag.to_string(),
+                build_id: build_uuid(&i.id.to_hex()),
+                created_at: rfc3339(0),
+            })
+        })
+        .collect();
+    if tags.is_empty() {
+        return Err(not_found(&id));
+    }
+    Ok(Json(tags))
+}
