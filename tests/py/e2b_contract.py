@@ -57,11 +57,13 @@ ROUTES = routes()
 #   runs every request through oapi-codegen's validator middleware (packages/api/main.go).
 # - 404 for an unknown template where the spec declares none: the template cache's
 #   ErrorToAPIError (packages/api/internal/cache/templates/errors.go), used by sandbox create
-#   and template delete.
+#   and template delete; and for an unknown build to start
+#   (packages/api/internal/handlers/template_start_build_v2.go).
 BEYOND_SPEC = {
     ("POST", "/sandboxes", 404),
     ("POST", "/v2/sandboxes", 404),
     ("DELETE", "/templates/{template_id}", 404),
+    ("POST", "/v2/templates/{template_id}/builds/{build_id}", 404),
 }
 CLIENT = Client(base_url=URL, raise_on_unexpected_status=True)
 checked = []
@@ -205,6 +207,29 @@ def main():
     call("GET", f"/templates/aliases/{TEMPLATE}", expect=200)
     call("GET", "/templates/aliases/no-such-alias", expect=404)
     call("DELETE", "/templates/no-such-template", expect=404)
+
+    # Template builds (E2B's template SDK): create, files, start, status, logs, tags.
+    call("POST", "/v3/templates", {}, expect=400)
+    tpl = call("POST", "/v3/templates", {"name": "contract-tpl:v1"}, expect=202).json()
+    build = tpl.get("buildID", "x")
+    hash_ = "ab" * 32
+    call("GET", f"/templates/contract-tpl/files/{hash_}", expect=201)
+    call("GET", "/templates/contract-tpl/files/not-hex", expect=400)
+    call("GET", f"/templates/no-such-template/files/{hash_}", expect=404)
+    call("POST", f"/v2/templates/contract-tpl/builds/{build}", {"steps": []}, expect=400)
+    call("POST", "/v2/templates/contract-tpl/builds/nope", {"fromImage": "x"}, expect=400)
+    call("POST", "/v2/templates/contract-tpl/builds/00000000-0000-4000-8000-000000000000",
+         {"fromImage": "x"}, expect=404)
+    call("GET", f"/templates/contract-tpl/builds/{build}/status", expect=200)
+    call("GET", f"/templates/contract-tpl/builds/{build}/status", params={"limit": "101"}, expect=400)
+    call("GET", f"/templates/no-such-template/builds/{build}/status", expect=404)
+    call("GET", f"/templates/contract-tpl/builds/{build}/logs", expect=200)
+    call("GET", f"/templates/contract-tpl/builds/{build}/logs", params={"limit": "-1"}, expect=400)
+    call("POST", "/templates/tags", {"target": f"{TEMPLATE}:default", "tags": ["contract"]},
+         expect=(201, 404))
+    call("GET", f"/templates/{TEMPLATE}/tags", expect=(200, 404))
+    call("DELETE", "/templates/tags", {"name": f"{TEMPLATE}", "tags": ["contract"]},
+         expect=(204, 400, 404))
 
     # Kill.
     try:

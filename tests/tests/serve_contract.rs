@@ -33,6 +33,11 @@ const ROUTES: &[&str] = &[
     "GET /templates",
     "GET /templates/aliases/{alias}",
     "DELETE /templates/{template_id}",
+    "POST /v3/templates",
+    "GET /templates/{template_id}/files/{hash_}",
+    "POST /v2/templates/{template_id}/builds/{build_id}",
+    "GET /templates/{template_id}/builds/{build_id}/status",
+    "GET /templates/{template_id}/builds/{build_id}/logs",
 ];
 
 #[test]

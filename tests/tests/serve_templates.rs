@@ -253,9 +253,16 @@ fn template_api_refuses_bad_input_and_unknown_builds() {
         let (code, v) = s.api("POST", &start, Some(bad));
         assert_eq!(code, 400, "{bad}: {v}");
     }
+    // As E2B: a build id that is no UUID is a 400, an unknown one a 404.
     let (code, _) = s.api(
         "POST",
         "/v2/templates/tpl-x/builds/nope",
+        Some(r#"{"fromImage": "x"}"#),
+    );
+    assert_eq!(code, 400);
+    let (code, _) = s.api(
+        "POST",
+        "/v2/templates/tpl-x/builds/00000000-0000-4000-8000-000000000000",
         Some(r#"{"fromImage": "x"}"#),
     );
     assert_eq!(code, 404);

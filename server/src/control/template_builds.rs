@@ -117,15 +117,20 @@ pub(super) fn find_build(
     })
 }
 
-/// `POST /v2/templates/{id}/builds/{buildID}`: 202 once the build runs; 400 for steps kiln
-/// cannot translate or files not uploaded, 409 when it was started already.
+/// `POST /v2/templates/{id}/builds/{buildID}`: 202 once the build runs. As E2B checks, in its
+/// order: a malformed body or a build id that is no UUID is a 400, an unknown build a 404, a
+/// build not waiting (started already) a 400; so are steps kiln cannot translate and files
+/// not uploaded.
 pub(super) async fn start_build(
     State(state): State<Arc<AppState>>,
     Path((id, build)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult<StatusCode> {
-    let b = find_build(&state, &id, &build)?;
     let start: BuildStart = body(&bytes, false)?;
+    if !is_uuid(&build) {
+        return Err(ApiError::bad_request(format!("Invalid build ID: {build}")));
+    }
+    let b = find_build(&state, &id, &build)?;
     let plan = crate::builds::dockerfile(&start).map_err(ApiError::bad_request)?;
     if let Some((h, step)) = plan.files.iter().find(|(h, _)| !state.builds.has_files(h)) {
         return Err(ApiError::bad_request(format!(
@@ -136,13 +141,21 @@ pub(super) async fn start_build(
         .builds
         .start(state.sandboxes.clone(), b, build.clone(), start)
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("build '{build}' was started already"),
-        ));
+        return Err(ApiError::bad_request(format!(
+            "build '{build}' is not in waiting state (it was started already)"
+        )));
     }
     tracing::info!(template = %id, build = %build, "template build started");
     Ok(StatusCode::ACCEPTED)
+}
+
+/// `8-4-4-4-12` hex digits, as E2B's build ids are.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 /// E2B's `BuildLogEntry`.
