@@ -2,25 +2,15 @@
 //! are the names of its images and sandbox snapshots, each its own `templateID` (as `GET
 //! /templates` lists them); `name:tag` as E2B spells a tagged alias, `:default` being the name
 //! itself (an image name may hold a `:` of its own, which is tried first).
+use super::types::TemplateAliasResponse;
 use super::*;
-use serde::Serialize;
-
-/// E2B's `TemplateAliasResponse`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct TemplateAlias {
-    #[serde(rename = "templateID")]
-    template_id: String,
-    /// kiln has no teams: nothing is public.
-    public: bool,
-}
 
 /// 200 with the template an alias names, 404 (E2B's messages) when none, 400 when it cannot
 /// be a name.
 pub(super) async fn get_alias(
     State(state): State<Arc<AppState>>,
     Path(alias): Path<String>,
-) -> ApiResult<Json<TemplateAlias>> {
+) -> ApiResult<Json<TemplateAliasResponse>> {
     let alias = alias.trim().to_string();
     if kiln_imagebuilder::image::check_name(&alias).is_err() {
         return Err(ApiError::bad_request(format!(
@@ -58,7 +48,7 @@ pub(super) async fn get_alias(
             format!("tag '{t}' does not exist for template '{name}'"),
         ));
     }
-    Ok(Json(TemplateAlias {
+    Ok(Json(TemplateAliasResponse {
         template_id: name.to_string(),
         public: false,
     }))

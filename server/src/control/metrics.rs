@@ -1,25 +1,9 @@
 //! Sandbox metrics: `GET /sandboxes/{id}/metrics` (samples over a time range) and `GET
 //! /sandboxes/metrics` (the latest sample of many sandboxes), from the daemon's samples
 //! ([`crate::metrics`]).
+use super::types::{SandboxMetric, SandboxesWithMetrics};
 use super::*;
 use crate::metrics::{buckets, step_secs, Sample};
-use serde::Serialize;
-
-/// E2B's `SandboxMetric`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct SandboxMetric {
-    /// Deprecated in the spec, still required.
-    timestamp: String,
-    timestamp_unix: u64,
-    cpu_count: u32,
-    cpu_used_pct: f32,
-    mem_used: u64,
-    mem_total: u64,
-    mem_cache: u64,
-    disk_used: u64,
-    disk_total: u64,
-}
 
 impl From<Sample> for SandboxMetric {
     fn from(s: Sample) -> SandboxMetric {
@@ -35,12 +19,6 @@ impl From<Sample> for SandboxMetric {
             disk_total: s.disk_total,
         }
     }
-}
-
-/// E2B's `SandboxesWithMetrics`.
-#[derive(Serialize)]
-pub(super) struct SandboxesWithMetrics {
-    sandboxes: BTreeMap<String, SandboxMetric>,
 }
 
 /// The most ids `GET /sandboxes/metrics` takes (spec: `maxItems: 100`).

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use kiln_runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -216,6 +216,7 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn metadata_query_is_decoded_three_times() {

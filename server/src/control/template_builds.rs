@@ -6,9 +6,12 @@
 //! A template's `templateID` is its name (as `GET /templates` lists kiln images); `name:tag`
 //! in a request's name is a tag, as E2B's `TemplateBuildRequestV3` says.
 
+use super::types::{
+    BuildLogEntry, BuildStatusReason, TemplateBuildInfo, TemplateBuildLogsResponse,
+    TemplateRequestResponseV3,
+};
 use super::*;
 use crate::builds::{Build, BuildStart, LogLine, Status};
-use serde::Serialize;
 
 /// E2B's `TemplateBuildRequestV3`.
 #[derive(Deserialize)]
@@ -30,19 +33,6 @@ pub(super) struct BuildRequest {
     min_free_disk_mb: Option<u32>,
 }
 
-/// E2B's `TemplateRequestResponseV3`.
-#[derive(Serialize)]
-pub(super) struct BuildRequested {
-    #[serde(rename = "templateID")]
-    template_id: String,
-    #[serde(rename = "buildID")]
-    build_id: String,
-    public: bool,
-    names: Vec<String>,
-    tags: Vec<String>,
-    aliases: Vec<String>,
-}
-
 /// A tag: what E2B accepts in a tag (letters, digits, `._-`), 1-64 of them.
 pub(super) fn check_tag(t: &str) -> ApiResult<()> {
     if t.is_empty()
@@ -62,7 +52,7 @@ pub(super) fn check_tag(t: &str) -> ApiResult<()> {
 pub(super) async fn request_build(
     State(state): State<Arc<AppState>>,
     bytes: Bytes,
-) -> ApiResult<(StatusCode, Json<BuildRequested>)> {
+) -> ApiResult<(StatusCode, Json<TemplateRequestResponseV3>)> {
     let req: BuildRequest = body(&bytes, false)?;
     let full = req
         .name
@@ -92,7 +82,7 @@ pub(super) async fn request_build(
     tracing::info!(template = %name, build = %build_id, "template build requested");
     Ok((
         StatusCode::ACCEPTED,
-        Json(BuildRequested {
+        Json(TemplateRequestResponseV3 {
             template_id: name.clone(),
             build_id,
             public: false,
@@ -158,50 +148,15 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
-/// E2B's `BuildLogEntry`.
-#[derive(Serialize)]
-pub(super) struct LogEntry {
-    timestamp: String,
-    message: String,
-    level: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    step: Option<String>,
-}
-
-impl From<&LogLine> for LogEntry {
-    fn from(l: &LogLine) -> LogEntry {
-        LogEntry {
+impl From<&LogLine> for BuildLogEntry {
+    fn from(l: &LogLine) -> BuildLogEntry {
+        BuildLogEntry {
             timestamp: crate::timefmt::rfc3339_ms(l.ms as i64),
             message: l.message.clone(),
             level: l.level,
             step: l.step.clone(),
         }
     }
-}
-
-/// E2B's `BuildStatusReason`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct StatusReason {
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    step: Option<String>,
-    log_entries: Vec<LogEntry>,
-}
-
-/// E2B's `TemplateBuildInfo`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct BuildInfo {
-    logs: Vec<String>,
-    log_entries: Vec<LogEntry>,
-    #[serde(rename = "templateID")]
-    template_id: String,
-    #[serde(rename = "buildID")]
-    build_id: String,
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<StatusReason>,
 }
 
 /// A query's `name` as an integer in `0..=max` (`default` when absent); 400 otherwise.
@@ -246,22 +201,22 @@ pub(super) async fn build_status(
     State(state): State<Arc<AppState>>,
     Path((id, build)): Path<(String, String)>,
     uri: Uri,
-) -> ApiResult<Json<BuildInfo>> {
+) -> ApiResult<Json<TemplateBuildInfo>> {
     let q = query_map(&uri);
     let offset = int_param(&q, "logsOffset", 0, i32::MAX as u64)? as usize;
     let limit = int_param(&q, "limit", 100, 100)? as usize;
     let level = min_level(&q)?;
     let b = find_build(&state, &id, &build)?;
     let b = b.lock().unwrap();
-    let entries: Vec<LogEntry> = b
+    let entries: Vec<BuildLogEntry> = b
         .logs
         .iter()
         .skip(offset.saturating_sub(b.dropped))
         .filter(|l| level_rank(l.level) >= level)
         .take(limit)
-        .map(LogEntry::from)
+        .map(BuildLogEntry::from)
         .collect();
-    Ok(Json(BuildInfo {
+    Ok(Json(TemplateBuildInfo {
         logs: entries.iter().map(|e| e.message.clone()).collect(),
         log_entries: entries,
         template_id: id,
@@ -272,18 +227,12 @@ pub(super) async fn build_status(
             Status::Ready => "ready",
             Status::Error => "error",
         },
-        reason: b.reason.as_ref().map(|r| StatusReason {
+        reason: b.reason.as_ref().map(|r| BuildStatusReason {
             message: r.message.clone(),
             step: r.step.clone(),
-            log_entries: r.logs.iter().map(LogEntry::from).collect(),
+            log_entries: r.logs.iter().map(BuildLogEntry::from).collect(),
         }),
     }))
-}
-
-/// E2B's `TemplateBuildLogsResponse`.
-#[derive(Serialize)]
-pub(super) struct BuildLogs {
-    logs: Vec<LogEntry>,
 }
 
 /// `GET /templates/{id}/builds/{buildID}/logs?cursor=&limit=&direction=&level=`: entries at
@@ -292,7 +241,7 @@ pub(super) async fn build_logs(
     State(state): State<Arc<AppState>>,
     Path((id, build)): Path<(String, String)>,
     uri: Uri,
-) -> ApiResult<Json<BuildLogs>> {
+) -> ApiResult<Json<TemplateBuildLogsResponse>> {
     let q = query_map(&uri);
     let limit = int_param(&q, "limit", 100, 100)? as usize;
     let level = min_level(&q)?;
@@ -316,21 +265,21 @@ pub(super) async fn build_logs(
                 l.ms >= cursor
             }
     };
-    let logs: Vec<LogEntry> = if backward {
+    let logs: Vec<BuildLogEntry> = if backward {
         b.logs
             .iter()
             .rev()
             .filter(keep)
             .take(limit)
-            .map(LogEntry::from)
+            .map(BuildLogEntry::from)
             .collect()
     } else {
         b.logs
             .iter()
             .filter(keep)
             .take(limit)
-            .map(LogEntry::from)
+            .map(BuildLogEntry::from)
             .collect()
     };
-    Ok(Json(BuildLogs { logs }))
+    Ok(Json(TemplateBuildLogsResponse { logs }))
 }

@@ -10,10 +10,10 @@
 //! the hash is only used as a name once it is 64 hex digits. An upload cut off leaves its temp
 //! file, removed at once, or at the next start after a kill.
 
+use super::types::TemplateBuildFileUpload;
 use super::*;
 use base64::Engine;
 use futures_util::StreamExt;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -22,14 +22,6 @@ use std::os::unix::fs::OpenOptionsExt;
 pub const MAX_UPLOAD: u64 = 4 << 30;
 /// How long an upload URL is good for.
 const URL_SECS: u64 = 3600;
-
-/// E2B's `TemplateBuildFileUpload`.
-#[derive(Serialize)]
-pub(super) struct FileUpload {
-    present: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    url: Option<String>,
-}
 
 fn check_hash(hash: &str) -> ApiResult<()> {
     if !crate::builds::valid_hash(hash) {
@@ -52,7 +44,7 @@ pub(super) async fn file_upload_link(
     State(state): State<Arc<AppState>>,
     Path((id, hash)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<(StatusCode, Json<FileUpload>)> {
+) -> ApiResult<(StatusCode, Json<TemplateBuildFileUpload>)> {
     check_hash(&hash)?;
     if !state.builds.has_template(&id) {
         return Err(ApiError::new(
@@ -73,7 +65,10 @@ pub(super) async fn file_upload_link(
             signature(&state.api_key, &hash, expires)
         )
     });
-    Ok((StatusCode::CREATED, Json(FileUpload { present, url })))
+    Ok((
+        StatusCode::CREATED,
+        Json(TemplateBuildFileUpload { present, url }),
+    ))
 }
 
 /// A temp file that is removed unless it was renamed into place.

@@ -3,9 +3,9 @@
 //! being `name` itself. `buildID` is the image id's first 128 bits in UUID form (E2B's
 //! `format: uuid`).
 
+use super::types::{AssignedTemplateTags, TemplateTag};
 use super::*;
 use kiln_imagebuilder::image;
-use serde::Serialize;
 
 /// E2B's `AssignTemplateTagsRequest`.
 #[derive(Deserialize)]
@@ -14,29 +14,11 @@ pub(super) struct AssignTags {
     tags: Vec<String>,
 }
 
-/// E2B's `AssignedTemplateTags`.
-#[derive(Serialize)]
-pub(super) struct AssignedTags {
-    tags: Vec<String>,
-    #[serde(rename = "buildID")]
-    build_id: String,
-}
-
 /// E2B's `DeleteTemplateTagsRequest`.
 #[derive(Deserialize)]
 pub(super) struct DeleteTags {
     name: String,
     tags: Vec<String>,
-}
-
-/// E2B's `TemplateTag`.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct TemplateTag {
-    tag: String,
-    #[serde(rename = "buildID")]
-    build_id: String,
-    created_at: String,
 }
 
 /// An image id as the UUID E2B's `buildID` fields are.
@@ -71,7 +53,7 @@ fn not_found(what: &str) -> ApiError {
 pub(super) async fn assign_tags(
     State(state): State<Arc<AppState>>,
     bytes: Bytes,
-) -> ApiResult<(StatusCode, Json<AssignedTags>)> {
+) -> ApiResult<(StatusCode, Json<AssignedTemplateTags>)> {
     let req: AssignTags = body(&bytes, false)?;
     for t in &req.tags {
         check_tag(t)?;
@@ -101,7 +83,7 @@ pub(super) async fn assign_tags(
     .ok_or_else(|| not_found(&target))?;
     Ok((
         StatusCode::CREATED,
-        Json(AssignedTags {
+        Json(AssignedTemplateTags {
             tags: req.tags,
             build_id: build_uuid(&id.to_hex()),
         }),

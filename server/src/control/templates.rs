@@ -5,32 +5,30 @@ use super::*;
 /// kiln images as E2B templates: one per image name; the name is the `templateID`.
 pub(super) async fn list_templates(
     State(state): State<Arc<AppState>>,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Json<Vec<types::Template>>> {
     let sb = state.sandboxes.clone();
     let images = blocking(move || Ok(kiln_imagebuilder::image::list(sb.store())?)).await?;
     let epoch = rfc3339(0);
     Ok(Json(
         images
             .into_iter()
-            .map(|i| {
-                json!({
-                    "templateID": i.name,
-                    "buildID": i.id.to_hex(),
-                    "cpuCount": 1,
-                    "memoryMB": 512,
-                    "diskSizeMB": i.disk_size.div_ceil(1 << 20),
-                    "public": false,
-                    "aliases": [i.name],
-                    "names": [i.name],
-                    "createdAt": epoch,
-                    "updatedAt": epoch,
-                    "createdBy": null,
-                    "lastSpawnedAt": null,
-                    "spawnCount": 0,
-                    "buildCount": 1,
-                    "envdVersion": ENVD_VERSION,
-                    "buildStatus": "ready",
-                })
+            .map(|i| types::Template {
+                template_id: i.name.clone(),
+                build_id: i.id.to_hex(),
+                cpu_count: 1,
+                memory_mb: 512,
+                disk_size_mb: i.disk_size.div_ceil(1 << 20),
+                public: false,
+                aliases: vec![i.name.clone()],
+                names: vec![i.name],
+                created_at: epoch.clone(),
+                updated_at: epoch.clone(),
+                created_by: None,
+                last_spawned_at: None,
+                spawn_count: 0,
+                build_count: 1,
+                envd_version: ENVD_VERSION,
+                build_status: "ready",
             })
             .collect(),
     ))

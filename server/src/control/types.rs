@@ -170,3 +170,145 @@ impl SnapshotInfo {
         }
     }
 }
+
+/// E2B's `TemplateRequestResponseV3`.
+#[derive(Serialize)]
+pub struct TemplateRequestResponseV3 {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub public: bool,
+    pub names: Vec<String>,
+    pub tags: Vec<String>,
+    pub aliases: Vec<String>,
+}
+
+/// E2B's `BuildLogEntry`.
+#[derive(Serialize)]
+pub struct BuildLogEntry {
+    pub timestamp: String,
+    pub message: String,
+    pub level: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// E2B's `BuildStatusReason`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildStatusReason {
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub log_entries: Vec<BuildLogEntry>,
+}
+
+/// E2B's `TemplateBuildInfo`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildInfo {
+    pub logs: Vec<String>,
+    pub log_entries: Vec<BuildLogEntry>,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BuildStatusReason>,
+}
+
+/// E2B's `TemplateBuildLogsResponse`.
+#[derive(Serialize)]
+pub struct TemplateBuildLogsResponse {
+    pub logs: Vec<BuildLogEntry>,
+}
+
+/// E2B's `TemplateBuildFileUpload`.
+#[derive(Serialize)]
+pub struct TemplateBuildFileUpload {
+    pub present: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// E2B's `AssignedTemplateTags`.
+#[derive(Serialize)]
+pub struct AssignedTemplateTags {
+    pub tags: Vec<String>,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+}
+
+/// E2B's `TemplateTag`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateTag {
+    pub tag: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub created_at: String,
+}
+
+/// E2B's `TemplateAliasResponse`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateAliasResponse {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// kiln has no teams: nothing is public.
+    pub public: bool,
+}
+
+/// E2B's `SandboxMetric`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxMetric {
+    /// Deprecated in the spec, still required.
+    pub timestamp: String,
+    pub timestamp_unix: u64,
+    pub cpu_count: u32,
+    pub cpu_used_pct: f32,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub mem_cache: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+/// E2B's `SandboxesWithMetrics`.
+#[derive(Serialize)]
+pub struct SandboxesWithMetrics {
+    pub sandboxes: BTreeMap<String, SandboxMetric>,
+}
+
+/// E2B's `Template`: a kiln image as the template list shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub public: bool,
+    pub aliases: Vec<String>,
+    pub names: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// kiln has no teams: always null.
+    pub created_by: Option<()>,
+    pub last_spawned_at: Option<String>,
+    pub spawn_count: u64,
+    pub build_count: u64,
+    pub envd_version: &'static str,
+    /// `TemplateBuildStatus`.
+    pub build_status: &'static str,
+}
