@@ -51,9 +51,6 @@ pub enum SandboxCommand {
         /// Also push it (with its image) to the default remote
         #[arg(long)]
         push: bool,
-        /// Keep only its file system (no memory): a resume boots it afresh on its files
-        #[arg(long)]
-        files_only: bool,
         #[arg(long)]
         json: bool,
     },
@@ -85,6 +82,9 @@ pub enum SandboxCommand {
         /// `kiln sandbox resume SNAPSHOT-ID`)
         #[arg(long)]
         push: bool,
+        /// Keep only its file system (no memory): a resume boots it afresh on its files
+        #[arg(long)]
+        files_only: bool,
         #[arg(long)]
         json: bool,
     },

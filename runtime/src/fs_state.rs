@@ -129,7 +129,8 @@ pub fn capture(
                             && lower.readlink_beneath(Path::new(&rel)).ok().as_deref()
                                 == e.symlink_target.as_deref().map(Path::new)
                     });
-                    if !same {
+                    // One whose target cannot be read cannot be made again.
+                    if !same && e.symlink_target.is_some() {
                         tree.entries.push(entry(&e, e.symlink_target.clone(), None));
                     }
                 }
@@ -183,15 +184,27 @@ pub fn apply(
     let bytes = read_blob(store, &id)?;
     let tree: Tree = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Invalid(format!("the saved file system's tree: {e}")))?;
-    for p in &tree.removed {
-        match kiln_agent::client::remove(&mut connect()?, p) {
-            Err(e) if e.kind() == Some(kiln_agent::protocol::ErrorKind::NotFound) => {}
-            r => r?,
+    // One entry the new agent refuses (say, a name the image now has as something else) is
+    // left out and logged: the rest of the files still come back. A connection that fails
+    // fails the boot.
+    let mut refused = 0usize;
+    let mut each = |path: &str, r: std::result::Result<(), kiln_agent::client::ClientError>| match r
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == Some(kiln_agent::protocol::ErrorKind::NotFound) => Ok(()),
+        Err(e) if e.kind().is_some() => {
+            refused += 1;
+            tracing::warn!(path, "putting a saved file back: {e}");
+            Ok(())
         }
+        Err(e) => Err(Error::from(e)),
+    };
+    for p in &tree.removed {
+        each(p, kiln_agent::client::remove(&mut connect()?, p))?;
     }
     // Sorted by path: a directory comes before what is in it.
     for e in &tree.entries {
-        match (e.kind, e.blob) {
+        let r = match (e.kind, e.blob) {
             (FileKind::File, Some(blob)) => {
                 let req = FileRequest {
                     path: e.path.clone(),
@@ -206,7 +219,7 @@ pub fn apply(
                     blob: store.open_blob(&blob)?,
                     at: 0,
                 };
-                kiln_agent::client::write_file(&mut connect()?, &req, reader)?;
+                kiln_agent::client::write_file(&mut connect()?, &req, reader).map(drop)
             }
             (kind @ (FileKind::Dir | FileKind::Symlink), _) => {
                 let req = NodeRequest {
@@ -217,10 +230,14 @@ pub fn apply(
                     uid: e.uid,
                     gid: e.gid,
                 };
-                kiln_agent::client::set_node(&mut connect()?, &req)?;
+                kiln_agent::client::set_node(&mut connect()?, &req)
             }
-            _ => {}
-        }
+            _ => Ok(()),
+        };
+        each(&e.path, r)?;
+    }
+    if refused > 0 {
+        tracing::warn!(refused, "some saved files could not be put back");
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ pub async fn resume_once(
         .clone();
     let woken = {
         let _turn = lock.lock().await;
-        resume_if_paused(state, id, timeout_secs).await
+        resume_if_paused(state, id, timeout_secs, mode).await
     };
     // The next caller makes a new lock and finds the sandbox running (callers still waiting
     // on this one find the same).
@@ -60,6 +60,7 @@ async fn resume_if_paused(
     state: &AppState,
     id: &str,
     timeout_secs: Option<u64>,
+    mode: kiln_runtime::ResumeMode,
 ) -> kiln_runtime::Result<Woken> {
     let sb = state.sandboxes.clone();
     let id = id.to_string();

@@ -38,10 +38,8 @@ out = {{}}
 sbx = Sandbox.create("sdk", timeout=120)
 sbx.files.write("/home/app/note.txt", "kept")
 sbx.commands.run("mkdir -p /home/app/d/e && chmod 700 /home/app/d && ln -s note.txt /home/app/link")
-# A file of the image, removed: it stays removed.
-etc = sbx.commands.run("ls /etc").stdout.split()
-gone = next(n for n in etc if n not in ("passwd", "group", "hosts", "resolv.conf", "hostname", "shadow"))
-sbx.commands.run(f"rm -rf /etc/{{gone}}", user="root")
+# A name of the image removed, a file of it changed: so they stay.
+sbx.commands.run("rm /bin/false && echo extra:x:2000: >> /etc/group", user="root")
 sbx.commands.run("sleep 1000", background=True)
 out["before"] = {{"boot_id": boot_id(sbx), "sleepers": len(sleepers(sbx))}}
 
@@ -51,10 +49,11 @@ sbx.connect()
 out["fs"] = {{
     "state": state(sbx.sandbox_id),
     "note": sbx.files.read("/home/app/note.txt"),
-    "link": sbx.commands.run("readlink /home/app/link").stdout.strip(),
+    "link": sbx.commands.run("busybox readlink /home/app/link").stdout.strip(),
     "d_mode": sbx.commands.run("stat -c %a /home/app/d").stdout.strip(),
     "e": sbx.files.exists("/home/app/d/e"),
-    "gone": sbx.files.exists(f"/etc/{{gone}}"),
+    "gone": sbx.files.exists("/bin/false"),
+    "group": sbx.files.read("/etc/group"),
     "boot_id": boot_id(sbx),
     "sleepers": len(sleepers(sbx)),
 }}
@@ -102,6 +101,12 @@ print(json.dumps(out))
     assert_eq!(fs["d_mode"], "700", "{v}");
     assert_eq!(fs["e"], true, "{v}");
     assert_eq!(fs["gone"], false, "a removed image file stays removed: {v}");
+    assert!(
+        fs["group"]
+            .as_str()
+            .is_some_and(|g| g.ends_with("extra:x:2000:\n")),
+        "a changed image file stays changed: {v}"
+    );
     assert_eq!(
         fs["sleepers"], 0,
         "a filesystem-only pause boots afresh: {v}"
