@@ -393,6 +393,11 @@ pub fn compose<S: Read + Write>(
     call_json(stream, Kind::Compose, req)
 }
 
+/// Makes a directory or symlink as `req` says (protocol 3 agents of this kiln).
+pub fn set_node<S: Read + Write>(stream: &mut S, req: &NodeRequest) -> Result<(), ClientError> {
+    call(stream, Kind::SetNode, req).map(drop)
+}
+
 /// Removes a file, or a directory recursively.
 pub fn remove<S: Read + Write>(stream: &mut S, path: &str) -> Result<(), ClientError> {
     call(stream, Kind::Remove, &path_req(path)).map(drop)

@@ -148,6 +148,8 @@ kinds! {
     /// On a watch connection: send the events queued so far, then `Ok`.
     Sync = b'y',
     Compose = b'o',
+    /// Makes a directory or symlink with the given owner and mode (JSON [`NodeRequest`]).
+    SetNode = b'n',
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -335,6 +337,21 @@ pub struct MakeDirRequest {
     /// Permission bits of the directories created (default 0755, less the umask).
     #[serde(default)]
     pub mode: Option<u32>,
+}
+
+/// A directory (made if missing, kept if there) or a symlink (replacing whatever is at
+/// `path`), then owned by `uid:gid`; a directory's permission bits become `mode`. Used to put
+/// back a file system saved without memory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRequest {
+    pub path: String,
+    pub kind: FileKind,
+    /// The symlink's target.
+    #[serde(default)]
+    pub target: Option<String>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -82,12 +82,18 @@ pub enum SandboxCommand {
         /// `kiln sandbox resume SNAPSHOT-ID`)
         #[arg(long)]
         push: bool,
+        /// Keep only its file system (no memory): a resume boots it afresh on its files
+        #[arg(long)]
+        files_only: bool,
         #[arg(long)]
         json: bool,
     },
     /// Resume a paused sandbox, or start one from a snapshot id (e.g. pushed by another host)
     Resume {
         id: String,
+        /// Boot it afresh on its saved files, leaving any saved memory unused
+        #[arg(long)]
+        reboot: bool,
         #[arg(long)]
         json: bool,
     },
@@ -233,6 +239,8 @@ enum RuntimeArg {
 enum OnTimeoutArg {
     Kill,
     Pause,
+    /// Pause keeping only the file system
+    PauseFiles,
 }
 
 #[derive(clap::Args)]
@@ -349,10 +357,19 @@ pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
             }
             Ok(())
         }
-        SandboxCommand::Pause { id, push, json } => pause(&sbx, &id, push, json),
-        SandboxCommand::Resume { id, json } => {
+        SandboxCommand::Pause {
+            id,
+            push,
+            files_only,
+            json,
+        } => pause(&sbx, &id, push, files_only, json),
+        SandboxCommand::Resume { id, reboot, json } => {
+            let mode = match reboot {
+                true => kiln_runtime::ResumeMode::Reboot,
+                false => kiln_runtime::ResumeMode::Restore,
+            };
             let rec = match sbx.get(&id) {
-                Ok(_) => sbx.resume(&id, None)?,
+                Ok(_) => sbx.resume_with(&id, None, mode)?,
                 Err(kiln_runtime::Error::NotFound(_)) => sbx
                     .create(CreateSpec::new(Source::Snapshot(id.clone())))
                     .with_context(|| format!("{id:?} is neither a sandbox here nor a snapshot"))?,
@@ -439,8 +456,12 @@ fn set_network(sbx: &Sandboxes, a: NetworkArgs) -> Result<()> {
     Ok(())
 }
 
-fn pause(sbx: &Sandboxes, id: &str, push: bool, json: bool) -> Result<()> {
-    let rec = sbx.pause(id)?;
+fn pause(sbx: &Sandboxes, id: &str, push: bool, files_only: bool, json: bool) -> Result<()> {
+    let mode = match files_only {
+        true => kiln_runtime::PauseMode::Filesystem,
+        false => kiln_runtime::PauseMode::Full,
+    };
+    let rec = sbx.pause_with(id, mode)?;
     let State::Paused { saved: snapshot } = &rec.state else {
         bail!("sandbox {id} did not pause");
     };
@@ -487,6 +508,7 @@ fn create(sbx: &Sandboxes, a: CreateArgs) -> Result<()> {
     spec.on_timeout = match a.on_timeout {
         OnTimeoutArg::Kill => OnTimeout::Kill,
         OnTimeoutArg::Pause => OnTimeout::Pause,
+        OnTimeoutArg::PauseFiles => OnTimeout::PauseFilesystem,
     };
     spec.no_network = a.no_network;
     if a.no_internet || !a.allow_out.is_empty() || !a.deny_out.is_empty() {
@@ -589,6 +611,7 @@ fn describe_deadline(r: &SandboxRecord) -> String {
             let what = match r.on_timeout {
                 OnTimeout::Kill => "killed",
                 OnTimeout::Pause => "paused",
+                OnTimeout::PauseFilesystem => "paused (files only)",
             };
             format!("{what} in {left} s")
         }

@@ -1310,6 +1310,10 @@ impl Runtime for GvisorDriver {
         let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
     }
 
+    fn image_tree(&self, rec: &SandboxRecord) -> Option<PathBuf> {
+        Self::rootfs_of(rec)
+    }
+
     fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered> {
         Ok(match (op.kind, op.phase) {
             // A restore (resume) is undone: its half-made container goes; the record still
@@ -1330,6 +1334,11 @@ impl Runtime for GvisorDriver {
                 Some(false) => self.keep_checkpoint(dir, rec, OpKind::Snapshot),
             },
             (kind, Phase::Store | Phase::Restore) => self.keep_checkpoint(dir, rec, kind),
+            // Files copied out of a running sandbox (kiln's step, not runsc's): untouched.
+            (_, Phase::Capture) => match self.exited(dir, rec) {
+                None => Recovered::Running,
+                Some(cause) => Recovered::Lost(cause),
+            },
             (kind, Phase::Saved) => match &op.checkpoint {
                 Some(cp) if kind.stops() => {
                     self.kill(dir, rec)?;

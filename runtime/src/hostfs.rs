@@ -95,6 +95,27 @@ impl Dir {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
     }
 
+    /// `lstat` of `name` beneath this directory (never through a symlink); `None` when it is
+    /// missing or reachable only through one.
+    pub fn lstat_beneath(&self, name: &Path) -> Option<libc::stat> {
+        let fd = self.open_beneath(name, libc::O_PATH).ok()?;
+        stat_fd(&fd).ok()
+    }
+
+    /// The target of the symlink `name` beneath this directory.
+    pub fn readlink_beneath(&self, name: &Path) -> io::Result<PathBuf> {
+        let fd = self.open_beneath(name, libc::O_PATH)?;
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    }
+
+    /// The names in the directory `name` beneath this one (`.` for itself).
+    pub fn names_beneath(&self, name: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        let fd = self.open_beneath(name, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect()
+    }
+
     /// Connects to the Unix socket `name` in this directory, never through a symlink: the
     /// socket's inode is opened (`O_PATH`), checked to be a socket, and connected to through
     /// this process's own descriptor for it, so a name swapped meanwhile changes nothing.

@@ -12,6 +12,7 @@
 //! runtime live in the block store ([`snapshot`]) and travel through its S3 remote.
 
 mod error;
+mod fs_state;
 pub mod gvisor;
 mod gvisor_disk;
 pub mod helpers;
@@ -27,8 +28,8 @@ mod sandboxes;
 pub use error::{Error, Result};
 pub use kiln_network::{Dest, NetworkPolicy};
 pub use record::{
-    Access, OnTimeout, Op, OpKind, Phase, Proc, ProcessDefaults, RuntimeKind, SandboxDir,
-    SandboxRecord, State,
+    Access, OnTimeout, Op, OpKind, PauseMode, Phase, Proc, ProcessDefaults, ResumeMode,
+    RuntimeKind, SandboxDir, SandboxRecord, State,
 };
 pub use sandboxes::{
     default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source, MAX_DISK_MIB,
@@ -147,6 +148,12 @@ pub trait Runtime: Send + Sync {
     /// snapshot); a restore is undone. May change `rec.driver` and `rec.agent`; the caller
     /// applies the outcome to the record.
     fn recover(&self, dir: &SandboxDir, rec: &mut SandboxRecord, op: &Op) -> Result<Recovered>;
+
+    /// The image's own tree on the host that the running sandbox's root file system is made
+    /// of (its changes are what a filesystem-only pause keeps); `None`: the driver has none.
+    fn image_tree(&self, _rec: &SandboxRecord) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// This host's sandboxes with every driver, in order of preference (microvm, then gvisor):

@@ -80,6 +80,29 @@ pub enum OnTimeout {
     #[default]
     Kill,
     Pause,
+    /// Pause keeping only the file system (E2B's `autoPauseMemory: false`).
+    #[serde(rename = "pause_filesystem")]
+    PauseFilesystem,
+}
+
+/// What a pause keeps of a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PauseMode {
+    /// Memory, processes and files: a resume goes on where it stopped.
+    #[default]
+    Full,
+    /// The root file system's changes only: a resume boots the sandbox afresh on them.
+    Filesystem,
+}
+
+/// How a paused sandbox comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ResumeMode {
+    /// From its memory when it was saved with it.
+    #[default]
+    Restore,
+    /// A fresh boot on its files, whatever was saved (a full pause's memory is left alone).
+    Reboot,
 }
 
 /// A process's defaults, from the image config (Dockerfile ENV, WORKDIR, USER, CMD).
@@ -231,6 +254,9 @@ pub enum Phase {
     Prepare,
     /// The runtime writes the checkpoint (`helper` is the detached process doing it).
     Checkpoint,
+    /// The sandbox's files are copied out through its agent into the store (a filesystem-only
+    /// pause, or a reboot); nothing of the sandbox changes.
+    Capture,
     /// The checkpoint is complete on the host and goes into the store.
     Store,
     /// The driver's part is done and `checkpoint` holds its result.
@@ -311,6 +337,9 @@ pub struct Op {
     /// The snapshot record made of it, once stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved: Option<BlobId>,
+    /// A filesystem-only pause (its steps are kiln's, not the driver's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub filesystem_only: bool,
     /// Driver-private progress (e.g. the name a VM snapshot is being saved under).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub driver: serde_json::Value,
@@ -325,6 +354,7 @@ impl Op {
             helper: None,
             checkpoint: None,
             saved: None,
+            filesystem_only: false,
             driver: serde_json::Value::Null,
         }
     }

@@ -5,11 +5,11 @@
 use crate::error::{Error, IoCtx, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{
-    check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, Phase,
-    ProcessDefaults, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
+    check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, PauseMode, Phase,
+    ProcessDefaults, ResumeMode, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
 };
 use crate::sandbox_snapshot::{self, SnapshotRecord};
-use crate::{Checkpoint, Recovered, Runtime};
+use crate::{fs_state, Checkpoint, Recovered, Runtime};
 use kiln_agent::protocol::ExecRequest;
 use kiln_blockstore::{BlobId, Store};
 use kiln_imagebuilder::image::ImageRecord;
@@ -22,6 +22,9 @@ use std::time::Duration;
 
 /// How long an operation waits for another one on the same sandbox.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// The host file a filesystem-only pause copies each file through (the sandbox's directory is
+/// the host's: the sandbox writes only its `run/`).
+const CAPTURE_TMP: &str = "fs-capture.tmp";
 /// A sandbox directory still being set up is left alone this long before it counts as debris.
 const SETUP_GRACE_MS: u64 = 60_000;
 
@@ -608,6 +611,9 @@ impl Sandboxes {
                     OnTimeout::Pause => {
                         rec = self.pause_locked(dir, rec)?;
                     }
+                    OnTimeout::PauseFilesystem => {
+                        rec = self.pause_files(dir, rec)?;
+                    }
                 }
             }
         }
@@ -661,6 +667,9 @@ impl Sandboxes {
         if let (OpKind::Pause, Some(saved)) = (op.kind, op.saved) {
             return self.finish_pause(dir, rec, saved).map(Some);
         }
+        if op.filesystem_only {
+            return self.recover_files_pause(dir, rec, op).map(Some);
+        }
         if op.kind == OpKind::Fork {
             // Forks that were made hold their own; the fork's snapshot is nobody's now.
             self.holds.release(&Holder::Fork(rec.id.clone()))?;
@@ -701,6 +710,32 @@ impl Sandboxes {
             }
         }
         Ok(Some(rec))
+    }
+
+    /// A filesystem-only pause whose caller died: finished once its files were saved (the
+    /// sandbox's processes end), else undone (the copy never touched the sandbox: it runs on).
+    fn recover_files_pause(
+        &self,
+        dir: &SandboxDir,
+        mut rec: SandboxRecord,
+        op: Op,
+    ) -> Result<SandboxRecord> {
+        let driver = self.driver(rec.runtime)?;
+        if let (Phase::Saved, Some(cp)) = (op.phase, op.checkpoint) {
+            driver.kill(dir, &rec)?;
+            let snap = self.store_pause(&rec, cp)?;
+            return self.finish_pause(dir, rec, snap);
+        }
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+        let _ = std::fs::remove_file(dir.sub(CAPTURE_TMP));
+        match driver.exited(dir, &rec) {
+            None => {
+                rec.op = None;
+                dir.save(&rec)?;
+            }
+            Some(cause) => self.fail(dir, &mut rec, cause)?,
+        }
+        Ok(rec)
     }
 
     /// Marks a sandbox whose processes are gone `failed`, with the cause and its log's tail.
@@ -888,8 +923,126 @@ impl Sandboxes {
 
     /// Saves the sandbox to the store and stops it; `resume` brings it back.
     pub fn pause(&self, id: &str) -> Result<SandboxRecord> {
+        self.pause_with(id, PauseMode::Full)
+    }
+
+    /// [`Sandboxes::pause`] keeping what `mode` says.
+    pub fn pause_with(&self, id: &str, mode: PauseMode) -> Result<SandboxRecord> {
         let (dir, _lock, rec) = self.lock_running(id, "only a running sandbox can be paused")?;
-        self.pause_locked(&dir, rec)
+        match mode {
+            PauseMode::Full => self.pause_locked(&dir, rec),
+            PauseMode::Filesystem => self.pause_files(&dir, rec),
+        }
+    }
+
+    /// A filesystem-only pause: the sandbox's file changes go into the store
+    /// ([`fs_state`]) while it runs, then its processes end. Recorded before each step: a
+    /// caller killed during the copy leaves the sandbox running, one killed after it leaves
+    /// it paused ([`Sandboxes::recover_files_pause`]).
+    fn pause_files(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
+        let driver = self.driver(rec.runtime)?;
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+        let mut op = Op::new(OpKind::Pause, Phase::Capture);
+        op.filesystem_only = true;
+        rec.op = Some(op);
+        dir.save(&rec)?;
+        let t = std::time::Instant::now();
+        let cp = match self.capture(driver, dir, &rec) {
+            Ok(cp) => cp,
+            Err(e) => {
+                self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+                rec.op = None;
+                dir.save(&rec)?;
+                return Err(e);
+            }
+        };
+        tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, files = %cp.state["files"],
+                       "file system saved");
+        if let Some(op) = rec.op.as_mut() {
+            op.checkpoint = Some(cp.clone());
+        }
+        dir.enter(&mut rec, Phase::Saved)?;
+        driver.kill(dir, &rec)?;
+        let snap = self.store_pause(&rec, cp)?;
+        self.finish_pause(dir, rec, snap)
+    }
+
+    /// The running sandbox's file changes, in the store (held as its checkpoint).
+    fn capture(
+        &self,
+        driver: &dyn Runtime,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+    ) -> Result<Checkpoint> {
+        let lower = driver.image_tree(rec).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the {} runtime cannot keep a sandbox's files without its memory",
+                rec.runtime
+            ))
+        })?;
+        let connect = || driver.connect(dir, rec);
+        fs_state::capture(
+            &self.store,
+            &self.holds,
+            &Holder::Checkpoint(rec.id.clone()),
+            &connect,
+            &lower,
+            &dir.sub(CAPTURE_TMP),
+        )
+    }
+
+    /// Boots the sandbox afresh from its image and puts the saved file changes `cp` back.
+    fn boot_with_files(
+        &self,
+        driver: &dyn Runtime,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        cp: &Checkpoint,
+        image: &ImageRecord,
+    ) -> Result<()> {
+        // The control socket name of a container just ended can stay taken a moment.
+        let mut tries = 0;
+        loop {
+            match driver.start(dir, rec, image) {
+                Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => break r?,
+            }
+        }
+        let rec_now = rec.clone();
+        let connect = || driver.connect(dir, &rec_now);
+        if let Err(e) = fs_state::apply(&self.store, &connect, cp) {
+            let _ = driver.kill(dir, rec);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// After a memory restore: the sandbox rebooted on its own files (copied out, its
+    /// processes ended, booted afresh with them).
+    fn reboot(
+        &self,
+        driver: &dyn Runtime,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        image: &ImageRecord,
+    ) -> Result<()> {
+        dir.enter(rec, Phase::Capture)?;
+        let cp = self.capture(driver, dir, rec);
+        let _ = std::fs::remove_file(dir.sub(CAPTURE_TMP));
+        let booted = cp.and_then(|cp| {
+            dir.enter(rec, Phase::Restore)?;
+            driver.kill(dir, rec)?;
+            self.boot_with_files(driver, dir, rec, &cp, image)
+        });
+        // The copy was only the way across.
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+        if booted.is_err() {
+            let _ = driver.kill(dir, rec);
+        }
+        booted
     }
 
     fn pause_locked(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
@@ -938,6 +1091,19 @@ impl Sandboxes {
     /// if given (it becomes the sandbox's timeout), else its own; the deadline is in the record
     /// that says `running`, so the sandbox never runs under an old or missing one.
     pub fn resume(&self, id: &str, timeout_secs: Option<u64>) -> Result<SandboxRecord> {
+        self.resume_with(id, timeout_secs, ResumeMode::Restore)
+    }
+
+    /// [`Sandboxes::resume`] as `mode` says. A sandbox paused without memory always boots
+    /// afresh on its files; `Reboot` does so for one paused with memory too (restored, its
+    /// files copied out, booted afresh on them: the paused state itself is left as it was
+    /// until the sandbox runs).
+    pub fn resume_with(
+        &self,
+        id: &str,
+        timeout_secs: Option<u64>,
+        mode: ResumeMode,
+    ) -> Result<SandboxRecord> {
         let (dir, _lock, mut rec) = self.lock_settled(id)?;
         let State::Paused { saved: sid } = rec.state.clone() else {
             return Err(Error::WrongState {
@@ -955,10 +1121,21 @@ impl Sandboxes {
         // so, and the next one undoes the half-made restore (network, runtime processes).
         rec.op = Some(Op::new(OpKind::Resume, Phase::Prepare));
         dir.save(&rec)?;
+        let files_only = fs_state::is_filesystem_only(&snap.checkpoint);
         let restored = self
             .attach_network(&dir, &mut rec)
             .and_then(|()| dir.enter(&mut rec, Phase::Restore))
-            .and_then(|()| driver.restore(&dir, &mut rec, &snap.checkpoint, &image));
+            .and_then(|()| {
+                if files_only {
+                    self.boot_with_files(driver, &dir, &mut rec, &snap.checkpoint, &image)
+                } else {
+                    driver.restore(&dir, &mut rec, &snap.checkpoint, &image)?;
+                    if mode == ResumeMode::Reboot {
+                        self.reboot(driver, &dir, &mut rec, &image)?;
+                    }
+                    Ok(())
+                }
+            });
         if let Err(e) = restored {
             self.detach_network(&dir, &mut rec);
             rec.op = None;
@@ -975,6 +1152,15 @@ impl Sandboxes {
         // The paused state goes unless the driver reads it on (or a name keeps it).
         self.hold_running(driver, &rec.id, &sid, &snap)?;
         Ok(rec)
+    }
+
+    /// Whether `rec` is paused with its files only (no memory to restore).
+    pub fn paused_files_only(&self, rec: &SandboxRecord) -> bool {
+        let State::Paused { saved } = &rec.state else {
+            return false;
+        };
+        sandbox_snapshot::get(&self.store, saved)
+            .is_ok_and(|s| fs_state::is_filesystem_only(&s.checkpoint))
     }
 
     /// New sandboxes continuing from this one's present state; it keeps running. Each fork

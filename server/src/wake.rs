@@ -33,6 +33,7 @@ pub async fn resume_once(
     state: &AppState,
     id: &str,
     timeout_secs: Option<u64>,
+    mode: kiln_runtime::ResumeMode,
 ) -> kiln_runtime::Result<Woken> {
     let lock = state
         .wakes
@@ -44,7 +45,7 @@ pub async fn resume_once(
         .clone();
     let woken = {
         let _turn = lock.lock().await;
-        resume_if_paused(state, id, timeout_secs).await
+        resume_if_paused(state, id, timeout_secs, mode).await
     };
     // The next caller makes a new lock and finds the sandbox running (callers still waiting
     // on this one find the same).
@@ -59,6 +60,7 @@ async fn resume_if_paused(
     state: &AppState,
     id: &str,
     timeout_secs: Option<u64>,
+    mode: kiln_runtime::ResumeMode,
 ) -> kiln_runtime::Result<Woken> {
     let sb = state.sandboxes.clone();
     let id = id.to_string();
@@ -70,7 +72,7 @@ async fn resume_if_paused(
                 rec,
             });
         }
-        match sb.resume(&rec.id, timeout_secs) {
+        match sb.resume_with(&rec.id, timeout_secs, mode) {
             Ok(rec) => Ok(Woken { resumed: true, rec }),
             // Resumed meanwhile by someone else (the CLI, or an older request's retry).
             Err(e) => match sb.record(&rec.id) {
@@ -96,11 +98,21 @@ pub async fn auto_resume(
     state: &AppState,
     rec: SandboxRecord,
 ) -> kiln_runtime::Result<SandboxRecord> {
-    if !rec.auto_resume || !matches!(rec.state, State::Paused { .. }) {
+    // A sandbox paused without memory is resumed only when asked (E2B: traffic cannot wake it).
+    if !rec.auto_resume
+        || !matches!(rec.state, State::Paused { .. })
+        || state.sandboxes.paused_files_only(&rec)
+    {
         return Ok(rec);
     }
     let secs = rec.timeout_secs.unwrap_or(DEFAULT_AUTO_RESUME_SECS);
-    let woken = resume_once(state, &rec.id, Some(secs)).await?;
+    let woken = resume_once(
+        state,
+        &rec.id,
+        Some(secs),
+        kiln_runtime::ResumeMode::Restore,
+    )
+    .await?;
     if woken.resumed {
         tracing::info!(id = %woken.rec.id, timeout_secs = secs, "auto-resumed sandbox on a request");
     }

@@ -385,6 +385,42 @@ pub fn make_dir(req: MakeDirRequest, c: &Conn) -> Res<()> {
     send_json(c, Kind::Ok, &MakeDirReply { created })
 }
 
+pub fn set_node(req: NodeRequest, c: &Conn) -> Res<()> {
+    let path = Path::new(&req.path);
+    let fail_at = |e| io_fail(&req.path, e);
+    match (req.kind, &req.target) {
+        (FileKind::Dir, _) => {
+            match std::fs::symlink_metadata(path) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    std::fs::remove_file(path).map_err(fail_at)?;
+                    std::fs::create_dir(path).map_err(fail_at)?;
+                }
+                Err(_) => std::fs::create_dir_all(path).map_err(fail_at)?,
+            }
+            std::os::unix::fs::lchown(path, Some(req.uid), Some(req.gid)).map_err(fail_at)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(req.mode & 0o7777))
+                .map_err(fail_at)?;
+        }
+        (FileKind::Symlink, Some(target)) => {
+            match std::fs::symlink_metadata(path) {
+                Ok(md) if md.is_dir() => std::fs::remove_dir_all(path).map_err(fail_at)?,
+                Ok(_) => std::fs::remove_file(path).map_err(fail_at)?,
+                Err(_) => {}
+            }
+            std::os::unix::fs::symlink(target, path).map_err(fail_at)?;
+            std::os::unix::fs::lchown(path, Some(req.uid), Some(req.gid)).map_err(fail_at)?;
+        }
+        _ => {
+            return fail(
+                ErrorKind::Invalid,
+                format!("{}: a directory, or a symlink with its target", req.path),
+            )
+        }
+    }
+    send_json(c, Kind::Ok, &MakeDirReply { created: true })
+}
+
 pub fn rename(req: RenameRequest, c: &Conn) -> Res<()> {
     std::fs::rename(&req.from, &req.to)
         .map_err(|e| io_fail(&format!("rename {} to {}", req.from, req.to), e))?;

@@ -96,6 +96,7 @@ fn dispatch(kind: Kind, p: &[u8], c: &Conn) -> Res<()> {
         Kind::Rename => files::rename(parse_json(kind, p)?, c),
         Kind::Remove => files::remove(parse_json(kind, p)?, c),
         Kind::Compose => files::compose(parse_json(kind, p)?, c),
+        Kind::SetNode => files::set_node(parse_json(kind, p)?, c),
         Kind::WatchDir => watch::watch_dir(parse_json(kind, p)?, c),
         Kind::Dial => ports::dial(parse_json(kind, p)?, c),
         Kind::Health => send_json(c, Kind::Ok, &lifecycle::health()),

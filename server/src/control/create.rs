@@ -108,7 +108,7 @@ pub(super) struct NewSandbox {
     template_id: String,
     timeout: Option<Value>,
     auto_pause: Option<bool>,
-    #[allow(dead_code)]
+    /// `false`: the timeout's pause keeps only the file system.
     auto_pause_memory: Option<bool>,
     auto_resume: Option<AutoResume>,
     secure: Option<bool>,
@@ -117,6 +117,30 @@ pub(super) struct NewSandbox {
     network: Option<NetworkConfig>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// What the timeout does, from E2B's `autoPause` and `autoPauseMemory`, refused as E2B's API
+/// refuses them (a filesystem-only pause without a pause, or with auto-resume: traffic cannot
+/// wake a sandbox that has no memory to restore).
+fn on_timeout(
+    auto_pause: Option<bool>,
+    memory: Option<bool>,
+    auto_resume: bool,
+) -> ApiResult<OnTimeout> {
+    let files_only = memory == Some(false);
+    match auto_pause {
+        Some(true) if files_only && auto_resume => Err(ApiError::bad_request(
+            "autoPauseMemory=false (filesystem-only auto-pause) cannot be combined with \
+             autoResume: a filesystem-only snapshot cannot be auto-resumed by traffic and must \
+             be resumed explicitly.",
+        )),
+        Some(true) if files_only => Ok(OnTimeout::PauseFilesystem),
+        Some(true) => Ok(OnTimeout::Pause),
+        _ if files_only => Err(ApiError::bad_request(
+            "autoPauseMemory=false only applies when autoPause is true.",
+        )),
+        _ => Ok(OnTimeout::Kill),
+    }
 }
 
 /// E2B's `SandboxAutoResumeConfig`.
@@ -157,10 +181,8 @@ pub(super) async fn create(
         None => None,
     };
     spec.timeout_secs = Some(start_timeout(req.timeout.as_ref())?);
-    if req.auto_pause == Some(true) {
-        spec.on_timeout = OnTimeout::Pause;
-    }
     spec.auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+    spec.on_timeout = on_timeout(req.auto_pause, req.auto_pause_memory, spec.auto_resume)?;
     spec.metadata = req.metadata.unwrap_or_default();
     spec.env = req.env_vars.unwrap_or_default();
     check_env(&spec.env)?;

@@ -1,6 +1,7 @@
 //! Kill, timeouts, network policy updates, pause, resume and connect of one sandbox.
 
 use super::*;
+use kiln_runtime::{PauseMode, ResumeMode};
 
 pub(super) async fn kill(
     State(state): State<Arc<AppState>>,
@@ -111,10 +112,15 @@ pub(super) async fn update_network(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// E2B's `SandboxPauseRequest`.
 #[derive(Deserialize)]
-#[allow(dead_code)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct PauseRequest {
+    /// `false`: keep only the file system; a resume boots the sandbox afresh.
     memory: Option<bool>,
+    /// Accepted; kiln's pause always needs an agent that answers.
+    #[allow(dead_code)]
+    require_healthy_guest: Option<bool>,
 }
 
 pub(super) async fn pause(
@@ -122,7 +128,11 @@ pub(super) async fn pause(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> ApiResult<StatusCode> {
-    let _: PauseRequest = body(&bytes, true)?;
+    let req: PauseRequest = body(&bytes, true)?;
+    let mode = match req.memory {
+        Some(false) => PauseMode::Filesystem,
+        _ => PauseMode::Full,
+    };
     let rec = lookup(&state, &id).await?;
     if e2b_state(&rec) == Some("paused") {
         return Err(ApiError::new(
@@ -131,13 +141,24 @@ pub(super) async fn pause(
         ));
     }
     let sb = state.sandboxes.clone();
-    blocking(move || sb.pause(&rec.id)).await?;
+    blocking(move || sb.pause_with(&rec.id, mode)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// E2B's `ResumedSandbox`.
 #[derive(Deserialize)]
 pub(super) struct ResumeRequest {
     timeout: Option<Value>,
+    /// `false`: boot afresh on the saved files (E2B's `onResume: "reboot"`).
+    memory: Option<bool>,
+}
+
+/// How a connect or resume asking `memory` brings a paused sandbox back.
+fn resume_mode(memory: Option<bool>) -> ResumeMode {
+    match memory {
+        Some(false) => ResumeMode::Reboot,
+        _ => ResumeMode::Restore,
+    }
 }
 
 /// Deprecated resume: 201 with the sandbox; 409 when it is not paused.
@@ -156,14 +177,16 @@ pub(super) async fn resume(
         ));
     }
     let sb = state.sandboxes.clone();
-    let rec = blocking(move || sb.resume(&rec.id, Some(secs))).await?;
+    let mode = resume_mode(req.memory);
+    let rec = blocking(move || sb.resume_with(&rec.id, Some(secs), mode)).await?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
 }
 
+/// E2B's `ConnectSandbox` (v1) and `ConnectSandboxV2`.
 #[derive(Deserialize)]
-#[allow(dead_code)]
 pub(super) struct ConnectRequest {
     timeout: Option<Value>,
+    /// `false`: a paused sandbox boots afresh on its saved files.
     memory: Option<bool>,
 }
 
@@ -200,7 +223,8 @@ pub(super) async fn connect(
     let (status, rec) = if e2b_state(&rec) == Some("paused") {
         // The new deadline comes with the resume, in one record update; a request that
         // auto-resumed it meanwhile leaves it running (crate::wake).
-        let woken = crate::wake::resume_once(&state, &rec.id, secs).await?;
+        let woken =
+            crate::wake::resume_once(&state, &rec.id, secs, resume_mode(req.memory)).await?;
         if woken.resumed {
             tracing::info!(id = %woken.rec.id, "resumed sandbox on connect");
             (StatusCode::CREATED, woken.rec)

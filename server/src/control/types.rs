@@ -134,7 +134,7 @@ impl From<OnTimeout> for SandboxOnTimeout {
     fn from(o: OnTimeout) -> Self {
         match o {
             OnTimeout::Kill => SandboxOnTimeout::Kill,
-            OnTimeout::Pause => SandboxOnTimeout::Pause,
+            OnTimeout::Pause | OnTimeout::PauseFilesystem => SandboxOnTimeout::Pause,
         }
     }
 }
