@@ -198,9 +198,20 @@ def main():
     call("GET", f"/sandboxes/{sid}", expect=200)
     call("GET", f"/sandboxes/{sid}/metrics", expect=(200, 409))
     call("POST", f"/sandboxes/{sid}/fork", {"count": 1}, expect=409)
+    detail = call("GET", f"/sandboxes/{sid}", expect=200).json()
+    if detail.get("pauseMode") != "full":
+        violations.append(f"a full pause reports pauseMode {detail.get('pauseMode')!r}")
     call("POST", f"/sandboxes/{sid}/resume", {"timeout": 300}, expect=201)
-    call("POST", f"/sandboxes/{sid}/pause", {}, expect=204)
+    call("POST", f"/sandboxes/{sid}/pause", {"memory": False}, expect=204)
+    detail = call("GET", f"/sandboxes/{sid}", expect=200).json()
+    if detail.get("pauseMode") != "filesystem":
+        violations.append(f"a filesystem pause reports pauseMode {detail.get('pauseMode')!r}")
     call("POST", f"/v2/sandboxes/{sid}/connect", {"timeout": 300}, expect=(200, 201))
+    call("POST", f"/sandboxes/{sid}/pause", {}, expect=204)
+    call("POST", f"/v2/sandboxes/{sid}/connect", {"timeout": 300, "memory": False}, expect=201)
+    call("POST", "/sandboxes", {"templateID": TEMPLATE, "autoPauseMemory": False}, expect=400)
+    call("POST", "/sandboxes", {"templateID": TEMPLATE, "autoPause": True, "autoPauseMemory": False,
+                                "autoResume": {"enabled": True}}, expect=400)
 
     # Templates and aliases.
     call("GET", "/templates", expect=200)

@@ -248,6 +248,13 @@ pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> types::Sandb
             auto_resume: rec.auto_resume,
             on_timeout: rec.on_timeout.into(),
         },
+        pause_mode: (e2b_state(rec) == Some("paused")).then(|| {
+            if state.sandboxes.paused_files_only(rec) {
+                types::SandboxPauseMode::Filesystem
+            } else {
+                types::SandboxPauseMode::Full
+            }
+        }),
         envd_access_token: rec.access.envd_token.clone(),
     }
 }

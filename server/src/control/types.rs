@@ -107,8 +107,21 @@ pub struct SandboxDetail {
     pub allow_internet_access: bool,
     pub network: SandboxNetworkConfig,
     pub lifecycle: SandboxLifecycle,
+    /// What the latest pause saved; a paused sandbox only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<SandboxPauseMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub envd_access_token: Option<String>,
+}
+
+/// `SandboxPauseMode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxPauseMode {
+    /// Memory and files: a resume continues where it left off.
+    Full,
+    /// Files only: a resume boots afresh on them.
+    Filesystem,
 }
 
 /// `SandboxNetworkConfig`, as a detail reports it.
