@@ -203,7 +203,11 @@ pub fn exec_stream<S: TryCloneStream>(
                     let _ = write_frame(&mut w, Kind::Stdin, b"");
                 });
             }
-            None if req.tty.is_none() => write_frame(stream, Kind::Stdin, b"")?,
+            // The agent may have refused the request (no such program) and closed already:
+            // its answer is what to report, so a failed close of stdin is left to `follow`.
+            None if req.tty.is_none() => {
+                let _ = write_frame(stream, Kind::Stdin, b"");
+            }
             None => {}
         }
     }
