@@ -170,6 +170,21 @@ pub fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// How long `kiln ARGS` takes when left alone.
+pub fn timed(k: &Kiln, args: &[&str]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    k.ok(args);
+    t.elapsed()
+}
+
+/// `n` delays spread over `d`, from just after the start to just before the end: the
+/// moments a crash test kills an operation at.
+pub fn moments(d: std::time::Duration, n: u32) -> Vec<std::time::Duration> {
+    (0..n)
+        .map(|i| d.mul_f64((f64::from(i) + 0.3) / f64::from(n)))
+        .collect()
+}
+
 /// Runs `kiln ARGS` and SIGKILLs it after `delay`.
 pub fn killed_after(k: &Kiln, args: &[&str], delay: std::time::Duration) {
     let mut child = k

@@ -5,10 +5,10 @@
 //! exactly one set of runsc processes is left for it (none while paused), no network namespace
 //! outlives a paused sandbox, and the next pause or resume works the first time.
 
-use kiln_tests::sandbox::{app_home, create, killed_after, sh, KillAll, COUNTER_LOOP};
+use kiln_tests::sandbox::{app_home, create, killed_after, sh, timed, KillAll, COUNTER_LOOP};
 use kiln_tests::Kiln;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How many moments each operation is killed at, spread over its measured duration.
 const MOMENTS: u32 = 6;
@@ -110,18 +110,9 @@ fn namespaces(id: &str) -> Vec<String> {
         .collect()
 }
 
-/// How long `kiln ARGS` takes when left alone.
-fn timed(k: &Kiln, args: &[&str]) -> Duration {
-    let t = Instant::now();
-    k.ok(args);
-    t.elapsed()
-}
-
 /// `MOMENTS` delays spread over `d`, from just after the start to just before the end.
 fn moments(d: Duration) -> Vec<Duration> {
-    (0..MOMENTS)
-        .map(|i| d.mul_f64((f64::from(i) + 0.3) / f64::from(MOMENTS)))
-        .collect()
+    kiln_tests::sandbox::moments(d, MOMENTS)
 }
 
 /// Checks what the reconcile left of `s` and returns its state: running (one runsc process

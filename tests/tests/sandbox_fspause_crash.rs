@@ -3,22 +3,14 @@
 //! each (real runsc, the real kiln binary): the next reader finds the sandbox running or
 //! paused, never failed or gone, its file intact, and the next pause or resume works.
 
-use kiln_tests::sandbox::{app_home, create, killed_after, KillAll};
+use kiln_tests::sandbox::{app_home, create, killed_after, timed, KillAll};
 use kiln_tests::Kiln;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MOMENTS: u32 = 5;
 
-fn timed(k: &Kiln, args: &[&str]) -> Duration {
-    let t = Instant::now();
-    k.ok(args);
-    t.elapsed()
-}
-
 fn moments(d: Duration) -> Vec<Duration> {
-    (0..MOMENTS)
-        .map(|i| d.mul_f64((f64::from(i) + 0.3) / f64::from(MOMENTS)))
-        .collect()
+    kiln_tests::sandbox::moments(d, MOMENTS)
 }
 
 /// The sandbox's state after the reconcile of `kiln sandbox ls`; a running one still has

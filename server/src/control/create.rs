@@ -218,7 +218,7 @@ pub(super) fn listed_json(rec: &SandboxRecord) -> types::ListedSandbox {
     types::ListedSandbox {
         template_id: rec.source.clone(),
         sandbox_id: rec.id.clone(),
-        client_id: "kiln",
+        client_id: types::CLIENT_ID,
         alias: rec.name.clone(),
         started_at: rfc3339(rec.created_ms),
         end_at: rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),

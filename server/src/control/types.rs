@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// The `clientID` of every sandbox (E2B's names the node's client; kiln has one).
-const CLIENT_ID: &str = "kiln";
+pub const CLIENT_ID: &str = "kiln";
 
 /// `SandboxState`: what the API calls a sandbox that exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
