@@ -20,12 +20,14 @@ pub enum Error {
     SnapshotNotFound(String),
     #[error("a sandbox named {0:?} exists already")]
     NameTaken(String),
-    #[error("sandbox {id} is {state}, {needed}")]
+    #[error("sandbox {id} is {state}: {}", action.needs())]
     WrongState {
         id: String,
-        state: String,
-        needed: &'static str,
+        state: crate::record::StateKind,
+        action: Action,
     },
+    #[error("sandbox {0} was created without a network device")]
+    NoNetwork(String),
     #[error("sandbox {0} is busy with another operation (try again)")]
     Busy(String),
     #[error("runtime {0} cannot run on this host: {1}")]
@@ -50,6 +52,34 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// What was asked of a sandbox in the wrong state ([`Error::WrongState`]): callers that
+/// speak another API (E2B's) word their answer by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Fork,
+    Snapshot,
+    /// Reaching its agent (exec, files, ports).
+    Connect,
+    /// Changing its egress policy at once (E2B's network update).
+    ChangeNetwork,
+}
+
+impl Action {
+    /// What the action needs, as the error says it.
+    pub fn needs(self) -> &'static str {
+        match self {
+            Action::Pause => "only a running sandbox can be paused",
+            Action::Resume => "only a paused sandbox can be resumed",
+            Action::Fork => "only a running sandbox can be forked",
+            Action::Snapshot => "only a running sandbox can be snapshotted",
+            Action::Connect => "it must be running",
+            Action::ChangeNetwork => "resume it to change its network",
+        }
+    }
+}
 
 /// Attaches the operation and path to an io::Error.
 pub(crate) trait IoCtx<T> {

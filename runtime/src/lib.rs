@@ -25,11 +25,11 @@ pub mod rootfs;
 pub mod sandbox_snapshot;
 mod sandboxes;
 
-pub use error::{Error, Result};
+pub use error::{Action, Error, Result};
 pub use kiln_network::{Dest, NetworkPolicy};
 pub use record::{
     Access, OnTimeout, Op, OpKind, PauseMode, Phase, Proc, ProcessDefaults, ResumeMode,
-    RuntimeKind, SandboxDir, SandboxRecord, State,
+    RuntimeKind, SandboxDir, SandboxRecord, State, StateKind,
 };
 pub use sandboxes::{
     default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source, MAX_DISK_MIB,

@@ -63,13 +63,46 @@ pub enum State {
 
 impl State {
     pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The state without its data, for matching and for errors.
+    pub fn kind(&self) -> StateKind {
         match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Paused { .. } => "paused",
-            State::Stopped => "stopped",
-            State::Failed { .. } => "failed",
+            State::Starting => StateKind::Starting,
+            State::Running => StateKind::Running,
+            State::Paused { .. } => StateKind::Paused,
+            State::Stopped => StateKind::Stopped,
+            State::Failed { .. } => StateKind::Failed,
         }
+    }
+}
+
+/// Which [`State`] a sandbox is in, without what the state carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateKind {
+    Starting,
+    Running,
+    Paused,
+    Stopped,
+    Failed,
+}
+
+impl StateKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StateKind::Starting => "starting",
+            StateKind::Running => "running",
+            StateKind::Paused => "paused",
+            StateKind::Stopped => "stopped",
+            StateKind::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for StateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -2,7 +2,7 @@
 //! timeouts. Every change to a sandbox happens under its lock; a record is only ever replaced
 //! atomically; a sandbox whose creator died mid-way is found and cleaned up by the next caller.
 
-use crate::error::{Error, IoCtx, Result};
+use crate::error::{Action, Error, IoCtx, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{
     check_name, deadline_after, new_id, now_ms, Access, OnTimeout, Op, OpKind, PauseMode, Phase,
@@ -796,14 +796,14 @@ impl Sandboxes {
     fn lock_running(
         &self,
         id: &str,
-        needed: &'static str,
+        action: Action,
     ) -> Result<(SandboxDir, crate::record::Lock, SandboxRecord)> {
         let (dir, lock, rec) = self.lock_settled(id)?;
         if rec.state != State::Running {
             return Err(Error::WrongState {
                 id: rec.id,
-                state: rec.state.name().into(),
-                needed,
+                state: rec.state.kind(),
+                action,
             });
         }
         Ok((dir, lock, rec))
@@ -827,8 +827,8 @@ impl Sandboxes {
         if rec.state != State::Running {
             return Err(Error::WrongState {
                 id: rec.id,
-                state: rec.state.name().into(),
-                needed: "it must be running",
+                state: rec.state.kind(),
+                action: Action::Connect,
             });
         }
         let s = self.driver(rec.runtime)?.connect(&dir, &rec)?;
@@ -872,8 +872,7 @@ impl Sandboxes {
         if let Some(n) = name {
             check_name(n)?;
         }
-        let (dir, _lock, mut rec) =
-            self.lock_running(id, "only a running sandbox can be snapshotted")?;
+        let (dir, _lock, mut rec) = self.lock_running(id, Action::Snapshot)?;
         let driver = self.driver(rec.runtime)?;
         let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         driver.checkpoint_done(&dir);
@@ -928,7 +927,7 @@ impl Sandboxes {
 
     /// [`Sandboxes::pause`] keeping what `mode` says.
     pub fn pause_with(&self, id: &str, mode: PauseMode) -> Result<SandboxRecord> {
-        let (dir, _lock, rec) = self.lock_running(id, "only a running sandbox can be paused")?;
+        let (dir, _lock, rec) = self.lock_running(id, Action::Pause)?;
         match mode {
             PauseMode::Full => self.pause_locked(&dir, rec),
             PauseMode::Filesystem => self.pause_files(&dir, rec),
@@ -1108,8 +1107,8 @@ impl Sandboxes {
         let State::Paused { saved: sid } = rec.state.clone() else {
             return Err(Error::WrongState {
                 id: rec.id,
-                state: rec.state.name().into(),
-                needed: "only a paused sandbox can be resumed",
+                state: rec.state.kind(),
+                action: Action::Resume,
             });
         };
         let snap = sandbox_snapshot::get(&self.store, &sid)?;
@@ -1171,8 +1170,7 @@ impl Sandboxes {
             return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
         }
         let (snap_id, parent, access, runtime) = {
-            let (dir, _lock, mut rec) =
-                self.lock_running(id, "only a running sandbox can be forked")?;
+            let (dir, _lock, mut rec) = self.lock_running(id, Action::Fork)?;
             let driver = self.driver(rec.runtime)?;
             let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
             let id = sandbox_snapshot::put(
@@ -1259,14 +1257,33 @@ impl Sandboxes {
     /// Changes a sandbox's egress policy; a running one's rules change at once (new
     /// connections; established ones go on), a paused one gets it when resumed.
     pub fn set_network(&self, id: &str, policy: NetworkPolicy) -> Result<SandboxRecord> {
+        self.change_network(id, policy, false)
+    }
+
+    /// [`Sandboxes::set_network`] for a sandbox that must be running, so the change holds
+    /// at once (E2B's network update): checked under the sandbox's lock.
+    pub fn set_running_network(&self, id: &str, policy: NetworkPolicy) -> Result<SandboxRecord> {
+        self.change_network(id, policy, true)
+    }
+
+    fn change_network(
+        &self,
+        id: &str,
+        policy: NetworkPolicy,
+        running_only: bool,
+    ) -> Result<SandboxRecord> {
         let dir = self.resolve(id)?;
         let _lock = dir.lock(LOCK_WAIT)?;
         let mut rec = dir.load()?;
+        if running_only && rec.state != State::Running {
+            return Err(Error::WrongState {
+                id: rec.id,
+                state: rec.state.kind(),
+                action: Action::ChangeNetwork,
+            });
+        }
         if rec.network.is_none() {
-            return Err(Error::Invalid(format!(
-                "sandbox {} was created without a network device",
-                rec.id
-            )));
+            return Err(Error::NoNetwork(rec.id));
         }
         if let Some(att) = &rec.net {
             kiln_network::apply_policy(att, &policy, &dir.net())?;

@@ -10,8 +10,8 @@
 use kiln_blockstore::{PutOptions, Store};
 use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_runtime::{
-    Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, Phase, Recovered, Runtime,
-    RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State,
+    Action, Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, Phase, Recovered,
+    Runtime, RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State, StateKind,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
@@ -283,9 +283,9 @@ impl Rig {
     }
 }
 
-fn wrong_state(e: Error) -> (String, &'static str) {
+fn wrong_state(e: Error) -> (StateKind, Action) {
     match e {
-        Error::WrongState { state, needed, .. } => (state, needed),
+        Error::WrongState { state, action, .. } => (state, action),
         e => panic!("expected a wrong-state error, got {e}"),
     }
 }
@@ -354,8 +354,12 @@ fn pause_and_resume() {
 
     // Wrong states: a paused sandbox cannot be paused, snapshotted, forked or connected to.
     let (state, _) = wrong_state(r.sb.pause(&rec.id).unwrap_err());
-    assert_eq!(state, "paused");
+    assert_eq!(state, StateKind::Paused);
     wrong_state(r.sb.snapshot(&rec.id, None).unwrap_err());
+    // A paused sandbox's policy may change for its resume, but not "at once".
+    let policy = kiln_runtime::NetworkPolicy::default();
+    let (state, action) = wrong_state(r.sb.set_running_network(&rec.id, policy).unwrap_err());
+    assert_eq!((state, action), (StateKind::Paused, Action::ChangeNetwork));
     wrong_state(
         r.sb.fork(
             &rec.id,
@@ -374,11 +378,13 @@ fn pause_and_resume() {
     assert_eq!(resumed.timeout_secs, Some(60));
     assert!(resumed.deadline_ms.is_some());
     assert!(r.fake.running(&rec.id));
-    let (state, needed) = wrong_state(r.sb.resume(&rec.id, None).unwrap_err());
-    assert_eq!(
-        (state.as_str(), needed),
-        ("running", "only a paused sandbox can be resumed")
+    let e = r.sb.resume(&rec.id, None).unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("is running: only a paused sandbox can be resumed"),
+        "{e}"
     );
+    assert_eq!(wrong_state(e), (StateKind::Running, Action::Resume));
 }
 
 #[test]

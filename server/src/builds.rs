@@ -12,7 +12,7 @@
 //! leaves no template, and the build is unknown (404) after a restart. Build directories
 //! left by such a daemon are removed at the next start.
 
-use serde::Deserialize;
+use crate::control::types::BuildStart;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,41 +31,6 @@ const REASON_LINES: usize = 20;
 pub const BASE_STEP: &str = "base";
 /// E2B's step name of what follows the last step (naming the image).
 pub const FINALIZE_STEP: &str = "finalize";
-
-/// E2B's `TemplateBuildStartV2`.
-#[derive(Deserialize, Clone, Debug, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct BuildStart {
-    pub from_image: Option<String>,
-    pub from_template: Option<String>,
-    /// Registry credentials: not supported (refused).
-    pub from_image_registry: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    pub force: bool,
-    #[serde(default)]
-    pub steps: Vec<Step>,
-    /// Not supported (refused): kiln sandboxes start no command of the template's.
-    pub start_cmd: Option<String>,
-    pub ready_cmd: Option<String>,
-}
-
-/// E2B's `TemplateStep`.
-#[derive(Deserialize, Clone, Debug)]
-#[serde(rename_all = "camelCase")]
-pub struct Step {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    pub files_hash: Option<String>,
-    /// Per-step `force` (skip_cache on one layer): accepted; the builder's cache decides per
-    /// step from its inputs, and `force` of the whole build (`skip_cache`) rebuilds it all.
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub force: bool,
-    #[allow(dead_code)]
-    pub force_upload: Option<bool>,
-}
 
 /// Where a build stands (E2B's `TemplateBuildStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -652,6 +617,7 @@ pub fn build_tmp(home: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::types::Step;
 
     fn step(kind: &str, args: &[&str], hash: Option<&str>) -> Step {
         Step {

@@ -19,27 +19,8 @@
 //! A create that asks nothing of egress (no `allow_internet_access`, no `allowOut`/`denyOut`)
 //! gets the host's default network ([`create_policy`] is `None`).
 
+pub use crate::control::types::NetworkConfig;
 use kiln_network::{Dest, NetworkPolicy};
-use serde::Deserialize;
-use serde_json::Value;
-
-/// E2B's `SandboxNetworkConfig` (create) and `SandboxNetworkUpdateConfig` (update): the
-/// fields kiln reads; the others are checked in [`policy_of`].
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkConfig {
-    allow_out: Option<Vec<String>>,
-    deny_out: Option<Vec<String>>,
-    egress_proxy: Option<Value>,
-    rules: Option<Value>,
-    /// Only in the update body, in snake case as E2B spells it there.
-    #[serde(rename = "allow_internet_access")]
-    pub allow_internet_access: Option<bool>,
-    /// Only on create (default true).
-    allow_public_traffic: Option<bool>,
-    /// Only on create.
-    mask_request_host: Option<String>,
-}
 
 impl NetworkConfig {
     /// `allowPublicTraffic` (default true): false = the sandbox's ports need its traffic
@@ -160,7 +141,7 @@ pub fn detail_fields(policy: Option<&NetworkPolicy>) -> (bool, Vec<String>, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn cfg(allow: &[&str], deny: &[&str]) -> NetworkConfig {
         let v = |l: &[&str]| Some(l.iter().map(|s| s.to_string()).collect());

@@ -25,6 +25,7 @@ pub(crate) async fn run(state: Arc<AppState>) {
 fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
     let list = state.sandboxes.list()?;
     state.metrics.sweep(&state.sandboxes, &list);
+    state.envd.sweep(&list);
     let now = kiln_runtime::record::now_ms();
     for rec in &list {
         let dead = matches!(rec.state, State::Failed { .. } | State::Stopped);

@@ -1,6 +1,7 @@
 //! `POST /sandboxes` (v1 and v2): the request, its checks, and the sandbox JSON E2B's SDKs read back.
 
 use super::*;
+use types::NewSandbox;
 
 /// A timeout field of a request (create, fork, resume, connect, set_timeout, refresh): JSON
 /// `null` or absent is `None`; E2B's spec types them `integer, format: int32, minimum: 0`
@@ -101,24 +102,6 @@ pub(super) fn check_env(env: &BTreeMap<String, String>) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct NewSandbox {
-    #[serde(rename = "templateID")]
-    template_id: String,
-    timeout: Option<Value>,
-    auto_pause: Option<bool>,
-    /// `false`: the timeout's pause keeps only the file system.
-    auto_pause_memory: Option<bool>,
-    auto_resume: Option<AutoResume>,
-    secure: Option<bool>,
-    #[serde(rename = "allow_internet_access")]
-    allow_internet_access: Option<bool>,
-    network: Option<NetworkConfig>,
-    metadata: Option<BTreeMap<String, String>>,
-    env_vars: Option<BTreeMap<String, String>>,
-}
-
 /// What the timeout does, from E2B's `autoPause` and `autoPauseMemory`, refused as E2B's API
 /// refuses them (a filesystem-only pause without a pause, or with auto-resume: traffic cannot
 /// wake a sandbox that has no memory to restore).
@@ -141,12 +124,6 @@ fn on_timeout(
         )),
         _ => Ok(OnTimeout::Kill),
     }
-}
-
-/// E2B's `SandboxAutoResumeConfig`.
-#[derive(Deserialize)]
-pub(super) struct AutoResume {
-    enabled: bool,
 }
 
 /// `POST /sandboxes`: secured (an envd access token) only with `secure: true`.
@@ -206,13 +183,6 @@ pub(super) fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> types::Sand
 
 /// E2B's state of a sandbox: running or paused; `None` for one that failed or stopped (to
 /// the API it is gone).
-pub(super) fn e2b_state(rec: &SandboxRecord) -> Option<&'static str> {
-    types::SandboxState::of(rec).map(|s| match s {
-        types::SandboxState::Running => "running",
-        types::SandboxState::Paused => "paused",
-    })
-}
-
 /// E2B's `ListedSandbox`.
 pub(super) fn listed_json(rec: &SandboxRecord) -> types::ListedSandbox {
     types::ListedSandbox {
@@ -248,7 +218,7 @@ pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> types::Sandb
             auto_resume: rec.auto_resume,
             on_timeout: rec.on_timeout.into(),
         },
-        pause_mode: (e2b_state(rec) == Some("paused")).then(|| {
+        pause_mode: (rec.state.kind() == StateKind::Paused).then(|| {
             if state.sandboxes.paused_files_only(rec) {
                 types::SandboxPauseMode::Filesystem
             } else {

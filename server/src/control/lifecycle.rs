@@ -2,6 +2,9 @@
 
 use super::*;
 use kiln_runtime::{PauseMode, ResumeMode};
+use types::{
+    ConnectRequest, NetworkConfig, PauseRequest, RefreshRequest, ResumeRequest, TimeoutRequest,
+};
 
 pub(super) async fn kill(
     State(state): State<Arc<AppState>>,
@@ -20,11 +23,6 @@ pub(super) async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-pub(super) struct TimeoutRequest {
-    pub(super) timeout: Option<Value>,
-}
-
 pub(super) async fn set_timeout(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -37,11 +35,6 @@ pub(super) async fn set_timeout(
     let sb = state.sandboxes.clone();
     blocking(move || sb.set_timeout(&rec.id, Some(secs))).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-pub(super) struct RefreshRequest {
-    duration: Option<Value>,
 }
 
 /// Extends the time to live to at least `duration` from now (never shortens it).
@@ -92,35 +85,9 @@ pub(super) async fn update_network(
     let policy =
         egress::policy_of(req.allow_internet_access, Some(&req)).map_err(ApiError::bad_request)?;
     let rec = lookup(&state, &id).await?;
-    if e2b_state(&rec) != Some("running") {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "sandbox {} is paused; resume it to change its network",
-                rec.id
-            ),
-        ));
-    }
-    if rec.network.is_none() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("sandbox {} has no network device", rec.id),
-        ));
-    }
     let sb = state.sandboxes.clone();
-    blocking(move || sb.set_network(&rec.id, policy)).await?;
+    blocking(move || sb.set_running_network(&rec.id, policy)).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// E2B's `SandboxPauseRequest`.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct PauseRequest {
-    /// `false`: keep only the file system; a resume boots the sandbox afresh.
-    memory: Option<bool>,
-    /// Accepted; kiln's pause always needs an agent that answers.
-    #[allow(dead_code)]
-    require_healthy_guest: Option<bool>,
 }
 
 pub(super) async fn pause(
@@ -134,23 +101,9 @@ pub(super) async fn pause(
         _ => PauseMode::Full,
     };
     let rec = lookup(&state, &id).await?;
-    if e2b_state(&rec) == Some("paused") {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("sandbox {} is already paused", rec.id),
-        ));
-    }
     let sb = state.sandboxes.clone();
     blocking(move || sb.pause_with(&rec.id, mode)).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// E2B's `ResumedSandbox`.
-#[derive(Deserialize)]
-pub(super) struct ResumeRequest {
-    timeout: Option<Value>,
-    /// `false`: boot afresh on the saved files (E2B's `onResume: "reboot"`).
-    memory: Option<bool>,
 }
 
 /// How a connect or resume asking `memory` brings a paused sandbox back.
@@ -170,24 +123,10 @@ pub(super) async fn resume(
     let req: ResumeRequest = body(&bytes, true)?;
     let secs = start_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
-    if e2b_state(&rec) != Some("paused") {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("sandbox {} is already running", rec.id),
-        ));
-    }
     let sb = state.sandboxes.clone();
     let mode = resume_mode(req.memory);
     let rec = blocking(move || sb.resume_with(&rec.id, Some(secs), mode)).await?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&state, &rec))).into_response())
-}
-
-/// E2B's `ConnectSandbox` (v1) and `ConnectSandboxV2`.
-#[derive(Deserialize)]
-pub(super) struct ConnectRequest {
-    timeout: Option<Value>,
-    /// `false`: a paused sandbox boots afresh on its saved files.
-    memory: Option<bool>,
 }
 
 pub(super) async fn connect_v1(
@@ -220,7 +159,7 @@ pub(super) async fn connect(
 ) -> ApiResult<Response> {
     let secs = later_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
-    let (status, rec) = if e2b_state(&rec) == Some("paused") {
+    let (status, rec) = if rec.state.kind() == StateKind::Paused {
         // The new deadline comes with the resume, in one record update; a request that
         // auto-resumed it meanwhile leaves it running (crate::wake).
         let woken =

@@ -73,7 +73,7 @@ pub(super) fn percent_decode(s: &str) -> Option<String> {
 
 pub(super) struct ListQuery {
     pub(super) metadata: Vec<(String, String)>,
-    pub(super) states: Option<Vec<String>>,
+    pub(super) states: Option<Vec<types::SandboxState>>,
     pub(super) ascending: bool,
     pub(super) started_after_ms: Option<u64>,
     pub(super) template: Option<String>,
@@ -96,12 +96,16 @@ pub(super) fn list_query(uri: &Uri) -> ApiResult<ListQuery> {
             "metadata" => q.metadata.extend(parse_metadata(&v)?),
             "state" => {
                 for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    if s != "running" && s != "paused" {
-                        return Err(ApiError::bad_request(format!(
-                            "invalid state {s:?} (running or paused)"
-                        )));
-                    }
-                    q.states.get_or_insert_with(Vec::new).push(s.to_string());
+                    let s = match s {
+                        "running" => types::SandboxState::Running,
+                        "paused" => types::SandboxState::Paused,
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid state {s:?} (running or paused)"
+                            )))
+                        }
+                    };
+                    q.states.get_or_insert_with(Vec::new).push(s);
                 }
             }
             "order" => {
@@ -161,8 +165,10 @@ pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> Api
         .await?
         .into_iter()
         .filter(|r| {
-            let Some(s) = e2b_state(r) else { return false };
-            q.states.as_ref().is_none_or(|w| w.iter().any(|x| x == s))
+            let Some(s) = types::SandboxState::of(r) else {
+                return false;
+            };
+            q.states.as_ref().is_none_or(|w| w.contains(&s))
                 && matches_metadata(r, &q.metadata)
                 && q.started_after_ms.is_none_or(|t| r.created_ms >= t)
                 && q.template.as_ref().is_none_or(|t| {
@@ -176,7 +182,7 @@ pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> Api
     }
     let running = recs
         .iter()
-        .filter(|r| e2b_state(r) == Some("running"))
+        .filter(|r| types::SandboxState::of(r) == Some(types::SandboxState::Running))
         .count();
     let start = match &q.next_token {
         None => 0,
@@ -205,7 +211,7 @@ pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> Api
     }
     if q.states
         .as_ref()
-        .is_none_or(|s| s.iter().any(|x| x == "running"))
+        .is_none_or(|s| s.contains(&types::SandboxState::Running))
     {
         headers.insert("x-total-running", hv(&running.to_string()));
     }
@@ -231,7 +237,10 @@ pub(super) async fn list_v1(
     let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
         .await?
         .into_iter()
-        .filter(|r| e2b_state(r) == Some("running") && matches_metadata(r, &metadata))
+        .filter(|r| {
+            types::SandboxState::of(r) == Some(types::SandboxState::Running)
+                && matches_metadata(r, &metadata)
+        })
         .collect();
     recs.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
     Ok(Json(recs.iter().map(listed_json).collect()))

@@ -9,7 +9,7 @@
 //! The runtime is blocking: every call goes through `spawn_blocking`. Operations on one
 //! sandbox are serialized by the runtime's per-sandbox lock.
 
-use crate::egress::{self, NetworkConfig};
+use crate::egress;
 use crate::timefmt::{parse_rfc3339, rfc3339};
 use crate::AppState;
 use axum::body::Bytes;
@@ -19,9 +19,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use kiln_runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState};
+use kiln_runtime::{CreateSpec, OnTimeout, SandboxRecord, Source, State as SbxState, StateKind};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -110,10 +109,13 @@ impl IntoResponse for ApiError {
 impl From<kiln_runtime::Error> for ApiError {
     fn from(e: kiln_runtime::Error) -> ApiError {
         use kiln_runtime::Error as E;
+        if let E::WrongState { id, state, action } = &e {
+            return ApiError::new(StatusCode::CONFLICT, wrong_state(id, *state, *action, &e));
+        }
         let status = match &e {
             E::NotFound(_) | E::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
             E::Image(kiln_imagebuilder::Error::ImageNotFound(_)) => StatusCode::NOT_FOUND,
-            E::NameTaken(_) | E::WrongState { .. } | E::Busy(_) => StatusCode::CONFLICT,
+            E::NameTaken(_) | E::Busy(_) | E::NoNetwork(_) => StatusCode::CONFLICT,
             E::Invalid(_) | E::RuntimeMismatch { .. } => StatusCode::BAD_REQUEST,
             E::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             E::AgentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -123,6 +125,25 @@ impl From<kiln_runtime::Error> for ApiError {
             tracing::warn!("request failed: {e}");
         }
         ApiError::new(status, e.to_string())
+    }
+}
+
+/// A request in the wrong state, in E2B's words where its API has them (the runtime checks
+/// the state under the sandbox's lock; this is the one place its answer becomes E2B's).
+fn wrong_state(
+    id: &str,
+    state: kiln_runtime::StateKind,
+    action: kiln_runtime::Action,
+    e: &kiln_runtime::Error,
+) -> String {
+    use kiln_runtime::{Action, StateKind};
+    match (action, state) {
+        (Action::Pause, StateKind::Paused) => {
+            format!("Error pausing sandbox - sandbox '{id}' is already paused")
+        }
+        (Action::Pause, _) => format!("Sandbox '{id}' cannot be paused while in '{state}' state"),
+        (Action::Resume, StateKind::Running) => format!("Sandbox {id} is already running"),
+        _ => e.to_string(),
     }
 }
 
@@ -235,7 +256,10 @@ mod tests {
     #[test]
     fn list_query_checks_its_values() {
         let q = list_query(&"/?state=running,paused&limit=5&order=asc".parse().unwrap()).unwrap();
-        assert_eq!(q.states.unwrap(), vec!["running", "paused"]);
+        assert_eq!(
+            q.states.unwrap(),
+            vec![types::SandboxState::Running, types::SandboxState::Paused]
+        );
         assert_eq!(q.limit, 5);
         assert!(q.ascending);
         for bad in [
@@ -312,13 +336,13 @@ mod tests {
 
     #[test]
     fn bodies() {
-        let r: ApiResult<NewSandbox> = body(&Bytes::from_static(b"{\"templateID\":"), false);
+        let r: ApiResult<types::NewSandbox> = body(&Bytes::from_static(b"{\"templateID\":"), false);
         assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
-        let r: ApiResult<NewSandbox> = body(&Bytes::new(), false);
+        let r: ApiResult<types::NewSandbox> = body(&Bytes::new(), false);
         assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
-        let r: TimeoutRequest = body(&Bytes::new(), true).unwrap();
+        let r: types::TimeoutRequest = body(&Bytes::new(), true).unwrap();
         assert!(r.timeout.is_none());
-        let r: ApiResult<NewSandbox> = body(&Bytes::from_static(b"{\"timeout\":5}"), false);
+        let r: ApiResult<types::NewSandbox> = body(&Bytes::from_static(b"{\"timeout\":5}"), false);
         assert_eq!(r.err().unwrap().status, StatusCode::BAD_REQUEST);
     }
 }

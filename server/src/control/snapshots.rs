@@ -1,12 +1,7 @@
 //! Fork (`POST /sandboxes/{id}/fork`) and sandbox snapshots: create, list, delete.
 
 use super::*;
-
-#[derive(Deserialize)]
-pub(super) struct ForkRequest {
-    timeout: Option<Value>,
-    count: Option<usize>,
-}
+use types::{ForkRequest, SnapshotRequest};
 
 /// `count` new sandboxes from the running sandbox's present state: 201 with one
 /// `{sandbox}` per fork. kiln forks all or nothing, so a failure fails the request and
@@ -24,15 +19,6 @@ pub(super) async fn fork(
     }
     let secs = start_timeout(req.timeout.as_ref())?;
     let rec = lookup(&state, &id).await?;
-    if e2b_state(&rec) != Some("running") {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "sandbox {} is paused; only a running sandbox can be forked",
-                rec.id
-            ),
-        ));
-    }
     let sb = state.sandboxes.clone();
     let spec = kiln_runtime::ForkSpec {
         count,
@@ -46,13 +32,6 @@ pub(super) async fn fork(
         })
         .collect();
     Ok((StatusCode::CREATED, Json(out)).into_response())
-}
-
-#[derive(Deserialize)]
-#[allow(dead_code)]
-pub(super) struct SnapshotRequest {
-    name: Option<String>,
-    memory: Option<bool>,
 }
 
 /// A live snapshot (the sandbox keeps running), always named so it is listed and kept: the

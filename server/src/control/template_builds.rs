@@ -11,27 +11,8 @@ use super::types::{
     TemplateRequestResponseV3,
 };
 use super::*;
-use crate::builds::{Build, BuildStart, LogLine, Status};
-
-/// E2B's `TemplateBuildRequestV3`.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct BuildRequest {
-    name: Option<String>,
-    /// Deprecated spelling of `name`.
-    alias: Option<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-    /// Accepted; kiln sizes sandboxes at create, not per template.
-    #[allow(dead_code)]
-    cpu_count: Option<u32>,
-    #[serde(rename = "memoryMB")]
-    #[allow(dead_code)]
-    memory_mb: Option<u32>,
-    #[serde(rename = "minFreeDiskMB")]
-    #[allow(dead_code)]
-    min_free_disk_mb: Option<u32>,
-}
+use crate::builds::{Build, LogLine, Status};
+use types::{BuildRequest, BuildStart};
 
 /// A tag: what E2B accepts in a tag (letters, digits, `._-`), 1-64 of them.
 pub(super) fn check_tag(t: &str) -> ApiResult<()> {

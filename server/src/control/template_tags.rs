@@ -6,20 +6,7 @@
 use super::types::{AssignedTemplateTags, TemplateTag};
 use super::*;
 use kiln_imagebuilder::image;
-
-/// E2B's `AssignTemplateTagsRequest`.
-#[derive(Deserialize)]
-pub(super) struct AssignTags {
-    target: String,
-    tags: Vec<String>,
-}
-
-/// E2B's `DeleteTemplateTagsRequest`.
-#[derive(Deserialize)]
-pub(super) struct DeleteTags {
-    name: String,
-    tags: Vec<String>,
-}
+use types::{AssignTags, DeleteTags};
 
 /// An image id as the UUID E2B's `buildID` fields are.
 fn build_uuid(h: &str) -> String {

@@ -1,11 +1,13 @@
-//! E2B's REST response bodies as kiln answers them: one typed struct per schema of
+//! E2B's REST bodies as kiln reads and answers them: one typed struct per schema of
 //! e2b-dev/infra `spec/openapi.yml` at commit 54693ff353d2 (2026-08-22), under the schema's
-//! own name and with its field names. `tests/tests/serve_contract.rs` checks every answer
+//! own name and with its field names (requests: the fields kiln reads; an unknown field is
+//! ignored, as E2B's server ignores it). `tests/tests/serve_contract.rs` checks every answer
 //! against E2B's generated client (declared status, declared fields, required ones present).
 //! kiln adds no field of its own to these bodies: what only kiln knows goes to its CLI.
 
 use kiln_runtime::record::{OnTimeout, SandboxRecord, State as SbxState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// The `clientID` of every sandbox (E2B's names the node's client; kiln has one).
@@ -324,4 +326,172 @@ pub struct Template {
     pub envd_version: &'static str,
     /// `TemplateBuildStatus`.
     pub build_status: &'static str,
+}
+
+// Request bodies: the fields kiln reads, each checked by its handler.
+
+/// E2B's `NewSandbox`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub timeout: Option<Value>,
+    pub auto_pause: Option<bool>,
+    /// `false`: the timeout's pause keeps only the file system.
+    pub auto_pause_memory: Option<bool>,
+    pub auto_resume: Option<AutoResume>,
+    pub secure: Option<bool>,
+    #[serde(rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
+    pub network: Option<NetworkConfig>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// E2B's `SandboxAutoResumeConfig`.
+#[derive(Deserialize)]
+pub struct AutoResume {
+    pub enabled: bool,
+}
+
+/// The body of `POST /sandboxes/{id}/timeout`.
+#[derive(Deserialize)]
+pub struct TimeoutRequest {
+    pub timeout: Option<Value>,
+}
+
+/// The body of `POST /sandboxes/{id}/refreshes`.
+#[derive(Deserialize)]
+pub struct RefreshRequest {
+    pub duration: Option<Value>,
+}
+
+/// E2B's `SandboxPauseRequest`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseRequest {
+    /// `false`: keep only the file system; a resume boots the sandbox afresh.
+    pub memory: Option<bool>,
+    /// Accepted; kiln's pause always needs an agent that answers.
+    #[allow(dead_code)]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// E2B's `ResumedSandbox`.
+#[derive(Deserialize)]
+pub struct ResumeRequest {
+    pub timeout: Option<Value>,
+    /// `false`: boot afresh on the saved files (E2B's `onResume: "reboot"`).
+    pub memory: Option<bool>,
+}
+
+/// E2B's `ConnectSandbox` (v1) and `ConnectSandboxV2`.
+#[derive(Deserialize)]
+pub struct ConnectRequest {
+    pub timeout: Option<Value>,
+    /// `false`: a paused sandbox boots afresh on its saved files.
+    pub memory: Option<bool>,
+}
+
+/// The body of `POST /sandboxes/{id}/fork`.
+#[derive(Deserialize)]
+pub struct ForkRequest {
+    pub timeout: Option<Value>,
+    pub count: Option<usize>,
+}
+
+/// E2B's `SandboxSnapshotRequest`.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+pub struct SnapshotRequest {
+    pub name: Option<String>,
+    pub memory: Option<bool>,
+}
+
+/// E2B's `TemplateBuildRequestV3`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildRequest {
+    pub name: Option<String>,
+    /// Deprecated spelling of `name`.
+    pub alias: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Accepted; kiln sizes sandboxes at create, not per template.
+    #[allow(dead_code)]
+    pub cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB")]
+    #[allow(dead_code)]
+    pub memory_mb: Option<u32>,
+    #[serde(rename = "minFreeDiskMB")]
+    #[allow(dead_code)]
+    pub min_free_disk_mb: Option<u32>,
+}
+
+/// E2B's `AssignTemplateTagsRequest`.
+#[derive(Deserialize)]
+pub struct AssignTags {
+    pub target: String,
+    pub tags: Vec<String>,
+}
+
+/// E2B's `DeleteTemplateTagsRequest`.
+#[derive(Deserialize)]
+pub struct DeleteTags {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+/// E2B's `SandboxNetworkConfig` (create) and `SandboxNetworkUpdateConfig` (update): the
+/// fields kiln reads; the others are checked in [`policy_of`].
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+    pub egress_proxy: Option<Value>,
+    pub rules: Option<Value>,
+    /// Only in the update body, in snake case as E2B spells it there.
+    #[serde(rename = "allow_internet_access")]
+    pub allow_internet_access: Option<bool>,
+    /// Only on create (default true).
+    pub allow_public_traffic: Option<bool>,
+    /// Only on create.
+    pub mask_request_host: Option<String>,
+}
+
+/// E2B's `TemplateBuildStartV2`.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildStart {
+    pub from_image: Option<String>,
+    pub from_template: Option<String>,
+    /// Registry credentials: not supported (refused).
+    pub from_image_registry: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Not supported (refused): kiln sandboxes start no command of the template's.
+    pub start_cmd: Option<String>,
+    pub ready_cmd: Option<String>,
+}
+
+/// E2B's `TemplateStep`.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub files_hash: Option<String>,
+    /// Per-step `force` (skip_cache on one layer): accepted; the builder's cache decides per
+    /// step from its inputs, and `force` of the whole build (`skip_cache`) rebuilds it all.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub force: bool,
+    #[allow(dead_code)]
+    pub force_upload: Option<bool>,
 }

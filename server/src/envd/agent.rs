@@ -92,7 +92,7 @@ pub fn from_runtime(id: &str, e: kiln_runtime::Error) -> EnvdError {
             status: StatusCode::BAD_GATEWAY,
             message: format!("The sandbox {id} was not found"),
         },
-        kiln_runtime::Error::WrongState { id, state, .. } => not_running(&id, &state),
+        kiln_runtime::Error::WrongState { id, state, .. } => not_running(&id, state.name()),
         kiln_runtime::Error::Agent(e) => EnvdError::Rpc(from_client(e)),
         e => EnvdError::Sandbox {
             status: StatusCode::BAD_GATEWAY,

@@ -403,6 +403,8 @@ struct Conn {
 }
 
 pub(super) struct Watcher {
+    /// The sandbox watched ([`super::EnvdState::sweep`] ends it with the sandbox).
+    pub(super) sandbox: String,
     queue: Mutex<Queue>,
     /// Signalled when a `Sync` is answered or the watch ends.
     changed: Condvar,
@@ -414,7 +416,7 @@ pub(super) struct Watcher {
 const SYNC_WAIT: Duration = Duration::from_secs(5);
 
 impl Watcher {
-    fn stop(&self) {
+    pub(super) fn stop(&self) {
         if let Some(c) = self.conn.lock().expect("watcher conn").stream.take() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
@@ -480,6 +482,7 @@ async fn create_watcher(
         N.fetch_add(1, Ordering::Relaxed)
     );
     let w = Arc::new(Watcher {
+        sandbox: id.clone(),
         queue: Mutex::default(),
         changed: Condvar::new(),
         conn: Mutex::new(Conn {

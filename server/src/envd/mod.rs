@@ -252,10 +252,19 @@ mod tests {
     use axum::http::HeaderMap;
 
     fn rec(access: kiln_runtime::Access) -> kiln_runtime::SandboxRecord {
+        record("abc", "running", access)
+    }
+
+    /// A record of sandbox `id` in `state` (one without data: running, stopped...).
+    pub(super) fn record(
+        id: &str,
+        state: &str,
+        access: kiln_runtime::Access,
+    ) -> kiln_runtime::SandboxRecord {
         let mut v = serde_json::json!({
-            "schema": 1, "id": "abc", "name": null, "image": "00".repeat(32), "source": "t",
+            "schema": 1, "id": id, "name": null, "image": "00".repeat(32), "source": "t",
             "snapshot": null, "runtime": "gvisor", "cpus": 1, "memory_mib": 64, "disk_mib": 0,
-            "env": {}, "metadata": {}, "state": "running", "created_ms": 0,
+            "env": {}, "metadata": {}, "state": state, "created_ms": 0,
             "timeout_secs": null, "deadline_ms": null, "on_timeout": "kill", "agent": null,
             "generation": 0, "defaults": {"env": [], "cwd": null, "user": null, "cmd": []},
         });
