@@ -6,6 +6,9 @@
 //! tar the SDK uploaded for its `filesHash` ([`Builds::files_dir`]), unpacked into the build's
 //! context as `<hash>/`; the Dockerfile copies `<hash>/<src>` from there.
 //!
+//! With a remote attached to the daemon's store (`kiln remote add`), builds look their steps
+//! up there and push them, as `kiln build --cache-from --cache-to` does.
+//!
 //! Builds run on a blocking thread each (builds of different templates run at once); their
 //! status and logs live in this daemon's memory only. The image is named (the template
 //! registered) only when the builder's last step succeeded, so a daemon killed mid-build
@@ -302,6 +305,11 @@ impl Builds {
             tag: Some(template.clone()),
             no_cache: start.force,
             network: true,
+            // A daemon whose store has a remote shares its steps through it, as `kiln build
+            // --cache-from --cache-to` does: a template built on one host builds from cache
+            // (and its image is fetched lazily) on every host of that remote.
+            cache_from: store.has_remote(),
+            cache_to: store.has_remote(),
             ..Default::default()
         };
         // The step of a progress line: the builder prints `  N: INSTRUCTION` as each starts.

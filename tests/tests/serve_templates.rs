@@ -413,3 +413,77 @@ console.log(JSON.stringify({{ id: info.templateId, out: run.stdout, logs }}))
     assert_eq!(v["id"], "tpl-js", "{v}");
     assert_eq!(v["out"], "from js\n", "{v}");
 }
+
+/// Two daemons over two homes that share one S3 remote (a real SeaweedFS): a template built
+/// through the SDK on the first builds from the remote's step cache on the second (no step
+/// runs again), and a sandbox of it on the second has the first's files (fetched lazily).
+#[test]
+fn sdk_template_steps_are_shared_through_the_stores_remote() {
+    let Some(s3) = kiln_tests::s3::S3Server::start_or_skip("sdk_template_steps_shared").unwrap()
+    else {
+        return;
+    };
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = format!("s3://{}/templates", kiln_tests::s3::BUCKET);
+    let with_remote = || {
+        let mut t = e2b::sdk_serve(KEY, &env)?;
+        s3.add_origin(&t.k, &url);
+        // The daemon attaches the store's default remote when it starts.
+        t.s.restart();
+        Some(t)
+    };
+    let Some(a) = with_remote() else { return };
+    let Some(b) = with_remote() else { return };
+    // One base on both hosts, as a registry image would be: A's `sdk` image through the
+    // remote (each home built its own, whose files differ in their times).
+    let id = a.k.ok_str(["image", "push", "sdk"]);
+    b.k.ok(["image", "rm", "sdk"]);
+    b.k.ok(["image", "pull-from-remote", id.trim(), "--name", "sdk"]);
+    let ctx = a.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("a.txt"), "shared\n").unwrap();
+    let pre = prelude(&ctx);
+    let build = |t: &e2b::SdkServe| -> Vec<String> {
+        let v = t.s.python(
+            &t.py,
+            &format!(
+                r#"{pre}
+logs = []
+Template.build(tpl(), "tpl-s3", on_build_logs=lambda e: logs.append(e.message))
+sbx = Sandbox.create("tpl-s3", timeout=120)
+out = sbx.commands.run("cat /app/copy-of-a /app/first", user="root").stdout
+sbx.kill()
+print(json.dumps({{"logs": logs, "out": out}}))
+"#
+            ),
+        );
+        assert_eq!(v["out"], "shared\nfirst\n", "{v}");
+        v["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = build(&a);
+    assert!(
+        first.iter().any(|l| l.starts_with("0 of ")),
+        "nothing cached on the first home: {first:#?}"
+    );
+    let second = build(&b);
+    let ran: Vec<&String> = second
+        .iter()
+        .filter(|l| (l.contains(": RUN ") || l.contains(": COPY ")) && !l.ends_with("(cached)"))
+        .collect();
+    assert!(
+        ran.is_empty(),
+        "steps ran again on the second home: {ran:#?}\n{second:#?}"
+    );
+    assert!(
+        second
+            .iter()
+            .any(|l| l.contains("RUN") && l.ends_with("(cached)")),
+        "{second:#?}"
+    );
+}

@@ -265,6 +265,11 @@ impl Store {
         *self.inner.remote.write().unwrap() = Some(remote);
     }
 
+    /// Whether a remote tier is attached ([`Store::set_remote`]).
+    pub fn has_remote(&self) -> bool {
+        self.inner.remote.read().unwrap().is_some()
+    }
+
     pub(crate) fn remote(&self) -> Option<Arc<dyn RemoteTier>> {
         self.inner.remote.read().unwrap().clone()
     }
