@@ -193,23 +193,24 @@ impl Builds {
     }
 
     /// Starts build `build` with `start` (already checked by [`dockerfile`]) on a blocking
-    /// thread; false when it was started before.
+    /// thread: its handle (dropping it does not stop the build); None when it was started
+    /// before.
     pub fn start(
         self: &Arc<Self>,
         sandboxes: Arc<kiln_runtime::Sandboxes>,
         build: Arc<Mutex<Build>>,
         id: String,
         start: BuildStart,
-    ) -> bool {
+    ) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut b = build.lock().unwrap();
             if b.status != Status::Waiting {
-                return false;
+                return None;
             }
             b.status = Status::Building;
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let handle = tokio::task::spawn_blocking(move || {
             let dir = me.work_dir.join(&id);
             let res = me.run(&sandboxes, &build, &dir, &start);
             let _ = std::fs::remove_dir_all(&dir);
@@ -228,7 +229,7 @@ impl Builds {
                 }
             }
         });
-        true
+        Some(handle)
     }
 
     fn run(
