@@ -217,5 +217,58 @@ if (PART === 'lifecycle') {
   out.killAfterExpiry = await Sandbox.kill(sbx.sandboxId)
 }
 
+if (PART === 'more') {
+  const tryIt = async (name, f) => {
+    try {
+      out[name] = { ok: await f() }
+    } catch (e) {
+      out[name] = { err: `${e.constructor.name}: ${e.message}` }
+    }
+  }
+  await tryIt('rootRun', async () => (await sbx.commands.run('id -un; pwd; echo $X', { user: 'root', cwd: '/tmp', envs: { X: 'y' } })).stdout)
+  await tryIt('downloadUrl', async () => {
+    await sbx.files.write('/home/app/dl.txt', 'download me')
+    const url = await sbx.downloadUrl('/home/app/dl.txt')
+    const r = await fetch(url)
+    return [r.status, await r.text()]
+  })
+  await tryIt('uploadUrl', async () => {
+    const url = await sbx.uploadUrl('/home/app/up.txt')
+    const fd = new FormData()
+    fd.append('file', new Blob(['uploaded']), 'up.txt')
+    const r = await fetch(url, { method: 'POST', body: fd })
+    return [r.status, await sbx.files.read('/home/app/up.txt')]
+  })
+  await tryIt('listRunning', async () => (await Sandbox.list({ query: { state: ['running'] } }).nextItems()).map((s) => s.state))
+  await tryIt('snapshot', async () => {
+    const snap = await sbx.createSnapshot()
+    const list = await Sandbox.listSnapshots().nextItems()
+    return [typeof snap.snapshotId, list.length]
+  })
+  await tryIt('fsPause', async () => {
+    await sbx.files.write('/home/app/fs.txt', 'fs kept')
+    const p = await sbx.pause({ keepMemory: false })
+    const back = await Sandbox.connect(sbx.sandboxId)
+    return [p, await back.files.read('/home/app/fs.txt')]
+  })
+  await tryIt('writeMeta', async () => {
+    const info = await sbx.files.write('/home/app/m.txt', 'm', { metadata: { k: 'v' } })
+    return [info.metadata ?? null, (await sbx.files.getInfo('/home/app/m.txt')).metadata ?? null]
+  })
+  await tryIt('runTimeout', async () => {
+    const e = await thrown(sbx.commands.run('sleep 10', { timeoutMs: 1000 }))
+    return e
+  })
+  await tryIt('missingCwd', async () => await thrown(sbx.commands.run('pwd', { cwd: '/nope' })))
+  await tryIt('fork', async () => {
+    const forks = await sbx.fork({ count: 1 })
+    const f = forks[0]
+    if (f instanceof Error) return String(f)
+    const r = (await f.files.read('/home/app/fs.txt'))
+    await f.kill()
+    return r
+  })
+}
+
 if (PART !== 'lifecycle') await sbx.kill()
 console.log(JSON.stringify(out))

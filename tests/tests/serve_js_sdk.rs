@@ -8,7 +8,9 @@
 //!   `connect()` resume the sandbox with its files and a running process's memory (a counter
 //!   continues where it was);
 //! - lifecycle: `getInfo`, `setTimeout` (instance and static) move the end, a short one
-//!   ends the sandbox.
+//!   ends the sandbox;
+//! - more: a command as root with cwd and envs, signed download/upload URLs, file metadata,
+//!   a snapshot, filesystem-only pause then connect, fork, a command timeout, a missing cwd.
 //!
 //! Skips (with `SKIP:`) without node and the JS SDK, gVisor or E2B's Python SDK (the
 //! helpers' daemon setup asks for it).
@@ -234,4 +236,29 @@ fn js_sdk_info_and_timeouts() {
     assert_eq!(v["expired"], true, "{v}");
     assert_eq!(v["infoAfterExpiry"]["name"], "SandboxNotFoundError", "{v}");
     assert_eq!(v["killAfterExpiry"], false, "{v}");
+}
+
+#[test]
+fn js_sdk_urls_metadata_filesystem_pause_fork_and_errors() {
+    let Some((_t, v)) = run("more") else {
+        return;
+    };
+    let ok = |k: &str| v[k].get("ok").unwrap_or_else(|| panic!("{k}: {v}")).clone();
+    assert_eq!(ok("rootRun"), "root\n/tmp\ny\n", "{v}");
+    assert_eq!(ok("downloadUrl"), serde_json::json!([200, "download me"]));
+    assert_eq!(ok("uploadUrl"), serde_json::json!([200, "uploaded"]));
+    assert_eq!(ok("listRunning"), serde_json::json!(["running"]));
+    assert_eq!(ok("snapshot"), serde_json::json!(["string", 1]));
+    assert_eq!(ok("fsPause"), serde_json::json!([true, "fs kept"]));
+    assert_eq!(ok("writeMeta"), serde_json::json!([{"k": "v"}, {"k": "v"}]));
+    assert_eq!(ok("runTimeout")["name"], "TimeoutError", "{v}");
+    // envd's answer for a working directory that does not exist (it was an exec failure of
+    // the fallback shell).
+    assert_eq!(
+        ok("missingCwd"),
+        serde_json::json!({"name": "InvalidArgumentError", "exitCode": null,
+            "message": "[invalid_argument] cwd '/nope' does not exist"}),
+        "{v}"
+    );
+    assert_eq!(ok("fork"), "fs kept", "{v}");
 }
