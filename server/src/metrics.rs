@@ -9,7 +9,7 @@
 //! or the daemon starts comes one sweep (about a second) after it is first seen, measured
 //! over that second.
 
-use kiln_runtime::{SandboxRecord, Sandboxes, State};
+use kiln_runtime::{SandboxRecord, Sandboxes, State, Usage};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,6 +44,31 @@ struct Baseline {
     at: Instant,
     /// When the next sample is due.
     due: Instant,
+}
+
+impl Baseline {
+    /// The share of `rec`'s CPUs its processes used from this baseline to `usage` read at
+    /// `now` (0..=100, two decimals).
+    fn cpu_used_pct(&self, usage: &Usage, now: Instant, rec: &SandboxRecord) -> f32 {
+        let wall = now.saturating_duration_since(self.at).as_nanos().max(1) as f64;
+        let used = usage.cpu_ns.saturating_sub(self.cpu_ns) as f64;
+        let pct = used * 100.0 / (wall * f64::from(rec.cpus.max(1)));
+        ((pct.clamp(0.0, 100.0) * 100.0).round() / 100.0) as f32
+    }
+}
+
+/// The sample of `rec` from `usage` read at `at_secs` with CPU share `cpu_used_pct`.
+fn sample(rec: &SandboxRecord, usage: &Usage, at_secs: u64, cpu_used_pct: f32) -> Sample {
+    Sample {
+        at_secs,
+        cpu_count: rec.cpus.max(1),
+        cpu_used_pct,
+        mem_used: usage.mem_used,
+        mem_total: rec.memory_mib.saturating_mul(1 << 20),
+        mem_cache: usage.mem_cache,
+        disk_used: usage.disk_used,
+        disk_total: usage.disk_total,
+    }
 }
 
 #[derive(Default)]
@@ -103,24 +128,41 @@ impl Metrics {
                     continue;
                 }
             };
-            let wall = now.saturating_duration_since(b.at).as_nanos().max(1) as f64;
-            let cpus = rec.cpus.max(1);
-            let pct = (usage.cpu_ns - b.cpu_ns) as f64 * 100.0 / (wall * f64::from(cpus));
             if s.samples.len() == MAX_SAMPLES {
                 s.samples.pop_front();
             }
-            s.samples.push_back(Sample {
+            s.samples.push_back(sample(
+                rec,
+                &usage,
                 at_secs,
-                cpu_count: cpus,
-                cpu_used_pct: ((pct.clamp(0.0, 100.0) * 100.0).round() / 100.0) as f32,
-                mem_used: usage.mem_used,
-                mem_total: rec.memory_mib.saturating_mul(1 << 20),
-                mem_cache: usage.mem_cache,
-                disk_used: usage.disk_used,
-                disk_total: usage.disk_total,
-            });
+                b.cpu_used_pct(&usage, now, rec),
+            ));
             s.baseline = Some(fresh(now + PERIOD));
         }
+    }
+
+    /// A sample of sandbox `rec` taken now (envd's `GET /metrics`), its CPU share measured
+    /// since the sweep's last reading (0 when there is none yet for this run of the sandbox);
+    /// None when the sandbox does not run. Blocking: reads the sandbox's cgroups. Leaves the
+    /// series as it is.
+    pub fn now(&self, sandboxes: &Sandboxes, rec: &SandboxRecord) -> Option<Sample> {
+        let usage = sandboxes.usage(rec)?;
+        let now = Instant::now();
+        let pct = {
+            let series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            match series.get(&rec.id).and_then(|s| s.baseline.as_ref()) {
+                Some(b) if b.generation == rec.generation && b.cpu_ns <= usage.cpu_ns => {
+                    b.cpu_used_pct(&usage, now, rec)
+                }
+                _ => 0.0,
+            }
+        };
+        Some(sample(
+            rec,
+            &usage,
+            kiln_runtime::record::now_ms() / 1000,
+            pct,
+        ))
     }
 
     /// The samples of sandbox `id` taken at `start..=end` (Unix seconds; default: from its

@@ -578,3 +578,92 @@ fn the_python_sdk_sees_envd_events_metadata_symlinks_and_health() {
     );
     assert_eq!(v["killed_running"], false, "{v}");
 }
+
+/// envd's `GET /metrics` (envd 0.2.4+, `mem_cache` 0.5.9+: in 0.6.4) through the data plane:
+/// the access token is needed when the sandbox has one (401 without), the answer carries
+/// envd's fields with the sandbox's real numbers (its CPUs and memory, a busy loop's CPU,
+/// the 8 MiB it wrote on its disk), and a paused sandbox answers E2B's proxy's 502. Neither
+/// SDK calls it (their `get_metrics` is the REST API's), so raw HTTP.
+#[test]
+fn envd_metrics_are_the_sandboxes_own() {
+    let Some(python) = kiln_tests::e2b::python_or_skip() else {
+        return;
+    };
+    let Some((_tmp, k)) = kiln_tests::e2b::sdk_home() else {
+        return;
+    };
+    let _guard = KillAll(Kiln2::from(&k));
+    let s = kiln_tests::e2b::Serve::start(&k, "test-key-envd-metrics");
+    let v = s.python(
+        &python,
+        r#"import json
+from e2b import Sandbox
+sbx = Sandbox.create("sdk", timeout=300)
+sbx.commands.run("dd if=/dev/urandom of=/home/app/blob bs=1M count=8 && sync")
+busy = sbx.commands.run("while :; do :; done", background=True, timeout=0)
+print(json.dumps({"id": sbx.sandbox_id, "token": sbx._envd_access_token}))
+"#,
+    );
+    let id = v["id"].as_str().unwrap();
+    let token = v["token"].as_str().expect("the SDK's sandboxes are secure");
+    let get = |token: Option<&str>| {
+        let mut h = vec![("E2b-Sandbox-Id", id), ("E2b-Sandbox-Port", "49983")];
+        if let Some(t) = token {
+            h.push(("X-Access-Token", t));
+        }
+        let (code, body) = kiln_tests::e2b::http(s.port, "GET", "/metrics", &h, None).unwrap();
+        (
+            code,
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+        )
+    };
+    assert_eq!(get(None).0, 401);
+    assert_eq!(get(Some("wrong")).0, 401);
+
+    // The busy loop shows once the daemon has a reading to measure CPU from (its sweep).
+    let t = std::time::Instant::now();
+    let m = loop {
+        let (code, m) = get(Some(token));
+        assert_eq!(code, 200, "{m}");
+        if m["cpu_used_pct"].as_f64().unwrap() > 20.0 || t.elapsed().as_secs() > 60 {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let (_, d) = s.api("GET", &format!("/sandboxes/{id}"), None);
+    let mib = d["memoryMB"].as_u64().unwrap();
+    assert!(
+        m["cpu_used_pct"].as_f64().unwrap() > 20.0,
+        "a busy loop: {m}"
+    );
+    assert!(m["cpu_used_pct"].as_f64().unwrap() <= 100.0, "{m}");
+    assert_eq!(m["cpu_count"], d["cpuCount"], "{m}");
+    assert_eq!(m["mem_total"].as_u64(), Some(mib << 20), "{m}");
+    assert_eq!(m["mem_total_mib"].as_u64(), Some(mib), "{m}");
+    let used = m["mem_used"].as_u64().unwrap();
+    assert!(used > 1 << 20 && used < mib << 20, "{m}");
+    assert_eq!(m["mem_used_mib"].as_u64(), Some(used >> 20), "{m}");
+    assert!(m["mem_cache"].is_u64(), "{m}");
+    let disk = m["disk_used"].as_u64().unwrap();
+    assert!(
+        disk >= 8 << 20 && disk < m["disk_total"].as_u64().unwrap(),
+        "the 8 MiB written are on its disk: {m}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((m["ts"].as_i64().unwrap() - now).abs() <= 5, "{m}");
+
+    let (code, body) = s.api("POST", &format!("/sandboxes/{id}/pause"), None);
+    assert_eq!(code, 204, "{body}");
+    let (code, m) = get(Some(token));
+    assert_eq!(code, 502, "{m}");
+    assert!(
+        m["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was not found"),
+        "{m}"
+    );
+}

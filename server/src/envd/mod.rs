@@ -6,7 +6,8 @@
 //!   ([`filesystem`]), JSON codec, unary and server streams ([`connect`], [`stream`]),
 //!   the messages in [`types`];
 //! - `GET`/`POST /files` and `POST /files/compose` ([`files`]), `GET /health` (204 while the
-//!   sandbox runs, else E2B's proxy's 502), `GET /envs`.
+//!   sandbox runs, else E2B's proxy's 502), `GET /envs`, `GET /metrics` ([`metrics`]: the
+//!   sandbox's usage now, from the daemon's sampler).
 //!
 //! envd's rules are kept: the user comes from `Authorization: Basic base64(user:)` (default:
 //! the image's user), relative paths are under the user's home, the default working directory
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod connect;
 pub mod files;
 pub mod filesystem;
+pub mod metrics;
 pub mod process;
 mod state;
 pub mod stream;
@@ -88,6 +90,7 @@ pub async fn handle(
     match (&parts.method, path.as_str()) {
         (&Method::GET, "/health") => health(state, rec).await,
         (&Method::GET, "/envs") => envs(state, sandbox_id).await,
+        (&Method::GET, "/metrics") => metrics::get(state, sandbox_id).await,
         (&Method::GET, "/files") => {
             files::download(state, sandbox_id, files::query(&parts.uri)).await
         }

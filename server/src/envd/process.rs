@@ -440,13 +440,30 @@ async fn start(
                         sink.send(Msg::Event(output_event(kind, data, is_tty)));
                     },
                 );
-                match r {
-                    // E2B's SDK runs every command as `/bin/bash -l -c`; images without bash
-                    // (busybox, alpine, `FROM scratch`) get their POSIX shell instead.
+                let not_found = matches!(
+                    r,
                     Err(client::ClientError::Agent {
                         kind: ErrorKind::NotFound,
                         ..
-                    }) if !started && argv[0] == BASH => {
+                    })
+                );
+                // The agent's failed exec does not say whether the program or the working
+                // directory was missing: envd checks the directory first, so ask (only on
+                // this failure, so a command costs no extra round trip).
+                if not_found && !started {
+                    if let Err(e) = s.call(|c| client::stat(c, &cwd)) {
+                        if e.code == Code::NotFound {
+                            return Err(EnvdError::rpc(
+                                Code::InvalidArgument,
+                                format!("cwd '{cwd}' does not exist"),
+                            ));
+                        }
+                    }
+                }
+                match r {
+                    // E2B's SDK runs every command as `/bin/bash -l -c`; images without bash
+                    // (busybox, alpine, `FROM scratch`) get their POSIX shell instead.
+                    Err(_) if not_found && !started && argv[0] == BASH => {
                         tracing::debug!(sandbox = %sid, "no {BASH} in the sandbox: {SH} instead");
                         argv[0] = SH.into();
                     }

@@ -399,6 +399,28 @@ pub struct UploadedEntry {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// `GET /metrics`'s answer (envd.yaml `Metrics`; `packages/envd/internal/host/metrics.go`):
+/// snake_case names, plain JSON numbers.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Metrics {
+    /// Unix seconds.
+    pub ts: i64,
+    pub cpu_count: u32,
+    /// 0..=100 (every CPU busy), two decimals.
+    pub cpu_used_pct: f32,
+    /// Bytes.
+    pub mem_total: u64,
+    pub mem_used: u64,
+    /// Page cache, bytes.
+    pub mem_cache: u64,
+    /// envd's deprecated MiB fields (still sent by 0.6.4, rounded down).
+    pub mem_total_mib: u64,
+    pub mem_used_mib: u64,
+    /// Bytes of the root filesystem.
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
