@@ -133,6 +133,26 @@ fn follow<S: Read>(
     }
 }
 
+/// Starts `req` as a background process (its stdin closed) and returns once the agent says
+/// it started; the process runs on after this connection closes.
+pub fn start_background<S: Read + Write>(
+    stream: &mut S,
+    req: &ExecRequest,
+) -> Result<Started, ClientError> {
+    let req = ExecRequest {
+        background: true,
+        stdin: false,
+        ..req.clone()
+    };
+    send_request(stream, |s| Ok(write_json(s, Kind::Exec, &req)?))?;
+    match read_frame(stream)?.ok_or(ClientError::Closed)? {
+        (Kind::Started, d) => Ok(parse_json(Kind::Started, &d)?),
+        (Kind::Error, d) => Err(agent_error(&d)),
+        // Output or an exit before `Started` cannot come; anything else is a fault.
+        (k, _) => Err(ProtocolError::Unexpected(k).into()),
+    }
+}
+
 /// Runs a command over a fresh connection, feeding `stdin` (unless `req.stdin` is false) and
 /// collecting the output. `on_output` sees each chunk as it arrives (kind is `Stdout` or
 /// `Stderr`).

@@ -28,6 +28,13 @@ pub enum Error {
     },
     #[error("sandbox {0} was created without a network device")]
     NoNetwork(String),
+    #[error("sandbox {id}: the template's ready command {cmd:?} did not succeed within {secs} s (last: {last})")]
+    NotReady {
+        id: String,
+        cmd: String,
+        secs: u64,
+        last: String,
+    },
     #[error("sandbox {0} is busy with another operation (try again)")]
     Busy(String),
     #[error("runtime {0} cannot run on this host: {1}")]

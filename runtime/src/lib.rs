@@ -24,6 +24,7 @@ pub mod record;
 pub mod rootfs;
 pub mod sandbox_snapshot;
 mod sandboxes;
+pub mod start_cmd;
 
 pub use error::{Action, Error, Result};
 pub use kiln_network::{Dest, NetworkPolicy};

@@ -357,6 +357,14 @@ impl Sandboxes {
             None => driver.start(&dir, &mut rec, &image),
             Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image),
         };
+        let started = started.and_then(|()| match &from_snapshot {
+            // A fresh boot starts the template's command; a restore has its processes.
+            None => {
+                let connect = || driver.connect(&dir, &rec);
+                crate::start_cmd::run(self, &connect, &rec, &image)
+            }
+            Some(_) => Ok(()),
+        });
         if let Err(e) = started.and_then(|()| injected_fault("create-started")) {
             // A driver cleans up after its own failure; after a later one the sandbox runs.
             let _ = driver.kill(&dir, &rec);
@@ -1012,7 +1020,9 @@ impl Sandboxes {
         }
         let rec_now = rec.clone();
         let connect = || driver.connect(dir, &rec_now);
-        if let Err(e) = fs_state::apply(&self.store, &connect, cp) {
+        let applied = fs_state::apply(&self.store, &connect, cp)
+            .and_then(|()| crate::start_cmd::run(self, &connect, &rec_now, image));
+        if let Err(e) = applied {
             let _ = driver.kill(dir, rec);
             return Err(e);
         }

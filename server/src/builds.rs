@@ -16,6 +16,7 @@
 //! left by such a daemon are removed at the next start.
 
 use crate::control::types::BuildStart;
+use kiln_runtime::start_cmd::{READY_LABEL, START_LABEL};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -484,13 +485,6 @@ pub fn dockerfile(start: &BuildStart) -> Result<Plan, String> {
     if start.from_image_registry.is_some() {
         return Err("fromImageRegistry (registry credentials) is not supported by kiln".into());
     }
-    if start.start_cmd.is_some() || start.ready_cmd.is_some() {
-        return Err(
-            "startCmd and readyCmd are not supported by kiln (set_start_cmd, \
-                    set_ready_cmd): a kiln sandbox starts no command of its template"
-                .into(),
-        );
-    }
     let base = match (&start.from_image, &start.from_template) {
         (Some(i), None) => i.trim().to_string(),
         (None, Some(t)) => t
@@ -577,11 +571,7 @@ pub fn dockerfile(start: &BuildStart) -> Result<Plan, String> {
                             "{k:?}: a name of [A-Za-z0-9_], a value of one line"
                         )));
                     }
-                    let v = v
-                        .replace('\\', "\\\\")
-                        .replace('"', "\\\"")
-                        .replace('$', "\\$");
-                    t.push_str(&format!(" {k}=\"{v}\""));
+                    t.push_str(&format!(" {k}={}", quoted(v)));
                 }
                 push(Line::Text(t));
             }
@@ -607,7 +597,31 @@ pub fn dockerfile(start: &BuildStart) -> Result<Plan, String> {
             }
         }
     }
+    // The start and ready commands ride on the image as labels; every sandbox that boots
+    // from it runs them (kiln_runtime::start_cmd).
+    let mut labels = String::new();
+    for (label, cmd, what) in [
+        (START_LABEL, &start.start_cmd, "startCmd"),
+        (READY_LABEL, &start.ready_cmd, "readyCmd"),
+    ] {
+        if let Some(c) = cmd.as_deref().filter(|c| !c.trim().is_empty()) {
+            one_line(what, c)?;
+            labels.push_str(&format!(" {label}={}", quoted(c)));
+        }
+    }
+    if !labels.is_empty() {
+        lines.push((Line::Text(format!("LABEL{labels}")), FINALIZE_STEP.into()));
+    }
     Ok(Plan { base, lines, files })
+}
+
+/// A Dockerfile `ENV`/`LABEL` value in double quotes, taken literally (no `$` expansion).
+fn quoted(v: &str) -> String {
+    let v = v
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('$', "\\$");
+    format!("\"{v}\"")
 }
 
 /// Where the builder keeps scratch and step trees: the rule `kiln build` follows
@@ -671,6 +685,29 @@ mod tests {
         assert_eq!(steps[6].as_deref(), Some("3"));
         assert_eq!(p.files, vec![(h.clone(), "3".to_string())]);
         kiln_imagebuilder::dockerfile::parse(&text, "Dockerfile").unwrap();
+    }
+
+    #[test]
+    fn start_and_ready_commands_become_labels_taken_literally() {
+        let start = BuildStart {
+            from_template: Some("base".into()),
+            start_cmd: Some(r#"echo "$HOME" \ x"#.into()),
+            ready_cmd: Some("test -f /tmp/ready".into()),
+            ..Default::default()
+        };
+        let plan = dockerfile(&start).unwrap();
+        let text = plan.text("id", "root");
+        assert!(
+            text.ends_with(&format!(
+                "LABEL {START_LABEL}=\"echo \\\"\\$HOME\\\" \\\\ x\" {READY_LABEL}=\"test -f /tmp/ready\"\n"
+            )),
+            "{text}"
+        );
+        let two_lines = BuildStart {
+            start_cmd: Some("a\nb".into()),
+            ..start
+        };
+        assert!(dockerfile(&two_lines).is_err());
     }
 
     #[test]

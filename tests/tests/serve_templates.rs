@@ -247,7 +247,7 @@ fn template_api_refuses_bad_input_and_unknown_builds() {
     for bad in [
         r#"{"steps": []}"#,
         r#"{"fromImage": "x", "steps": [{"type": "ADD", "args": ["a", "b"]}]}"#,
-        r#"{"fromImage": "x", "startCmd": "sleep 1"}"#,
+        r#"{"fromImage": "x", "startCmd": "two\nlines"}"#,
         r#"{"fromImage": "x", "steps": [{"type": "COPY", "args": ["a", "/b"], "filesHash": "0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
     ] {
         let (code, v) = s.api("POST", &start, Some(bad));
@@ -486,4 +486,42 @@ print(json.dumps({{"logs": logs, "out": out}}))
             .any(|l| l.contains("RUN") && l.ends_with("(cached)")),
         "{second:#?}"
     );
+}
+
+/// `set_start_cmd(start, ready)`: every sandbox that boots from the template has the start
+/// command running and its ready command passed when `Sandbox.create` returns (the command
+/// taken literally: `$((1+1))` is the shell's), and a resume that boots afresh on saved files
+/// (a filesystem-only pause) starts it again.
+#[test]
+fn sdk_template_start_and_ready_commands_run_at_every_boot() {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
+        return;
+    };
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let v = t.s.python(
+        &t.py,
+        &format!(
+            r#"{pre}
+# Ready once this boot's flag exists (boot_id changes at every cold boot): a flag file
+# alone could be a saved one.
+FLAG = "/tmp/ready-$(cat /proc/sys/kernel/random/boot_id)"
+tpl = (Template(file_context_path=CTX).from_template("sdk").set_user("root")
+    .set_start_cmd("echo run-$((1+1)) >> /root/starts; sleep 1; touch " + FLAG + "; exec sleep 100000",
+                   "test -f " + FLAG))
+Template.build(tpl, "tpl-start")
+PROBE = "cat /root/starts; test -f " + FLAG + " && echo ready"
+sbx = Sandbox.create("tpl-start", timeout=120)
+first = sbx.commands.run(PROBE, user="root").stdout
+sbx.pause(mode="filesystem")
+sbx2 = Sandbox.connect(sbx.sandbox_id, timeout=120)
+again = sbx2.commands.run(PROBE, user="root").stdout
+sbx2.kill()
+print(json.dumps({{"first": first, "again": again}}))
+"#,
+            pre = prelude(&ctx)
+        ),
+    );
+    assert_eq!(v["first"], "run-2\nready\n", "{v}");
+    assert_eq!(v["again"], "run-2\nrun-2\nready\n", "{v}");
 }

@@ -473,8 +473,9 @@ pub struct BuildStart {
     pub force: bool,
     #[serde(default)]
     pub steps: Vec<Step>,
-    /// Not supported (refused): kiln sandboxes start no command of the template's.
+    /// Started in the background by every sandbox that boots from the template.
     pub start_cmd: Option<String>,
+    /// Run until it exits 0 before such a sandbox is handed out.
     pub ready_cmd: Option<String>,
 }
 
