@@ -133,18 +133,23 @@ fn follow<S: Read>(
     }
 }
 
-/// Starts `req` as a background process (its stdin closed) and returns once the agent says
-/// it started; the process runs on after this connection closes.
+/// Starts `req` as a background process with its stdin closed (at end of file, so a program
+/// that reads it does not wait forever) and returns once the agent says it started; the
+/// process runs on after this connection closes.
 pub fn start_background<S: Read + Write>(
     stream: &mut S,
     req: &ExecRequest,
 ) -> Result<Started, ClientError> {
     let req = ExecRequest {
         background: true,
-        stdin: false,
+        stdin: true,
+        tty: None,
         ..req.clone()
     };
-    send_request(stream, |s| Ok(write_json(s, Kind::Exec, &req)?))?;
+    send_request(stream, |s| {
+        write_json(s, Kind::Exec, &req)?;
+        Ok(write_frame(s, Kind::Stdin, b"")?)
+    })?;
     match read_frame(stream)?.ok_or(ClientError::Closed)? {
         (Kind::Started, d) => Ok(parse_json(Kind::Started, &d)?),
         (Kind::Error, d) => Err(agent_error(&d)),

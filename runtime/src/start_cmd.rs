@@ -54,9 +54,10 @@ pub(crate) fn run(
     let Some(ready) = labels.get(READY_LABEL).filter(|c| !c.is_empty()) else {
         return Ok(());
     };
-    let mut req = shell(ready);
-    req.stdin = false;
+    // Its stdin is closed at once (`exec` with no input): a check is not interactive.
+    let req = shell(ready);
     let t = Instant::now();
+    let mut last = String::new();
     loop {
         let left = READY_WAIT.saturating_sub(t.elapsed()).min(READY_ATTEMPT);
         let mut s = connect()?;
@@ -67,17 +68,26 @@ pub(crate) fn run(
                 what: "the ready command".into(),
                 detail: e.to_string(),
             })?;
-        let last = match kiln_agent::client::exec(&mut s, &req, b"", |_, _| {}) {
+        match kiln_agent::client::exec(&mut s, &req, b"", |_, _| {}) {
             Ok(out) if out.status.code == Some(0) => return Ok(()),
             Ok(out) => {
                 let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
                 text.push_str(&String::from_utf8_lossy(&out.stderr));
-                let cut = text.len().saturating_sub(OUTPUT_TAIL);
-                let tail = text.get(cut..).unwrap_or_default().trim().to_string();
-                format!("{:?}: {tail}", out.status)
+                let mut cut = text.len().saturating_sub(OUTPUT_TAIL);
+                while !text.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                let how = match (out.status.code, out.status.signal) {
+                    (Some(c), _) => format!("exit {c}"),
+                    (None, Some(s)) => format!("killed by signal {s}"),
+                    (None, None) => "ended".to_string(),
+                };
+                last = format!("{how}: {}", text[cut..].trim());
             }
-            Err(e) => e.to_string(),
-        };
+            // A run cut off by the overall deadline says less than the run before it.
+            Err(_) if left < READY_ATTEMPT && !last.is_empty() => {}
+            Err(e) => last = e.to_string(),
+        }
         if t.elapsed() + READY_EVERY >= READY_WAIT {
             return Err(Error::NotReady {
                 id: rec.id.clone(),

@@ -525,3 +525,37 @@ print(json.dumps({{"first": first, "again": again}}))
     assert_eq!(v["first"], "run-2\nready\n", "{v}");
     assert_eq!(v["again"], "run-2\nrun-2\nready\n", "{v}");
 }
+
+/// A ready command that never succeeds fails `Sandbox.create` after the wait (60 s) with its
+/// last output, and leaves no sandbox behind.
+#[test]
+fn sdk_template_ready_command_that_never_passes_fails_the_create() {
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
+        return;
+    };
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let v = t.s.python(
+        &t.py,
+        &format!(
+            r#"{pre}
+tpl = (Template(file_context_path=CTX).from_template("sdk")
+    .set_start_cmd("sleep 100000", "echo not-ready-yet >&2; exit 7"))
+Template.build(tpl, "tpl-never")
+try:
+    Sandbox.create("tpl-never", timeout=120, request_timeout=120)
+    print(json.dumps({{"raised": False}}))
+except Exception as e:
+    print(json.dumps({{"raised": True, "msg": str(e), "left": len(Sandbox.list().next_items())}}))
+"#,
+            pre = prelude(&ctx)
+        ),
+    );
+    assert_eq!(v["raised"], true, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("ready command") && msg.contains("exit 7: not-ready-yet"),
+        "{msg}"
+    );
+    assert_eq!(v["left"], 0, "{v}");
+}
