@@ -488,21 +488,22 @@ print(json.dumps({{"logs": logs, "out": out}}))
     );
 }
 
+/// Runs `body` after [`prelude`] against a fresh daemon; None after a SKIP.
+fn with_prelude(body: &str) -> Option<serde_json::Value> {
+    let t = e2b::sdk_serve(KEY, &[])?;
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    Some(t.s.python(&t.py, &format!("{}{body}", prelude(&ctx))))
+}
+
 /// `set_start_cmd(start, ready)`: every sandbox that boots from the template has the start
 /// command running and its ready command passed when `Sandbox.create` returns (the command
 /// taken literally: `$((1+1))` is the shell's), and a resume that boots afresh on saved files
 /// (a filesystem-only pause) starts it again.
 #[test]
 fn sdk_template_start_and_ready_commands_run_at_every_boot() {
-    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
-        return;
-    };
-    let ctx = t.tmp.path().join("tpl-ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    let v = t.s.python(
-        &t.py,
-        &format!(
-            r#"{pre}
+    let Some(v) = with_prelude(
+        r#"
 # Ready once this boot's flag exists (boot_id changes at every cold boot): a flag file
 # alone could be a saved one.
 FLAG = "/tmp/ready-$(cat /proc/sys/kernel/random/boot_id)"
@@ -517,11 +518,11 @@ sbx.pause(mode="filesystem")
 sbx2 = Sandbox.connect(sbx.sandbox_id, timeout=120)
 again = sbx2.commands.run(PROBE, user="root").stdout
 sbx2.kill()
-print(json.dumps({{"first": first, "again": again}}))
+print(json.dumps({"first": first, "again": again}))
 "#,
-            pre = prelude(&ctx)
-        ),
-    );
+    ) else {
+        return;
+    };
     assert_eq!(v["first"], "run-2\nready\n", "{v}");
     assert_eq!(v["again"], "run-2\nrun-2\nready\n", "{v}");
 }
@@ -530,27 +531,20 @@ print(json.dumps({{"first": first, "again": again}}))
 /// last output, and leaves no sandbox behind.
 #[test]
 fn sdk_template_ready_command_that_never_passes_fails_the_create() {
-    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
-        return;
-    };
-    let ctx = t.tmp.path().join("tpl-ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    let v = t.s.python(
-        &t.py,
-        &format!(
-            r#"{pre}
+    let Some(v) = with_prelude(
+        r#"
 tpl = (Template(file_context_path=CTX).from_template("sdk")
     .set_start_cmd("sleep 100000", "echo not-ready-yet >&2; exit 7"))
 Template.build(tpl, "tpl-never")
 try:
     Sandbox.create("tpl-never", timeout=120, request_timeout=120)
-    print(json.dumps({{"raised": False}}))
+    print(json.dumps({"raised": False}))
 except Exception as e:
-    print(json.dumps({{"raised": True, "msg": str(e), "left": len(Sandbox.list().next_items())}}))
+    print(json.dumps({"raised": True, "msg": str(e), "left": len(Sandbox.list().next_items())}))
 "#,
-            pre = prelude(&ctx)
-        ),
-    );
+    ) else {
+        return;
+    };
     assert_eq!(v["raised"], true, "{v}");
     let msg = v["msg"].as_str().unwrap();
     assert!(
