@@ -426,7 +426,9 @@ impl<S: Read> FileReader<S> {
         match read_frame(&mut self.stream)?.ok_or(ClientError::Closed)? {
             (Kind::Data, d) if d.is_empty() => self.done = true,
             (Kind::Data, mut d) => {
-                let keep = usize::try_from(self.left).unwrap_or(usize::MAX).min(d.len());
+                let keep = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(d.len());
                 d.truncate(keep);
                 self.left -= keep as u64;
                 self.buf = d;

@@ -87,14 +87,20 @@ pub const AGENT_IDLE: Duration = Duration::from_secs(30);
 /// must not keep its host busy at will (an honest save of a full disk takes a few minutes).
 pub const MAX_SAVE_TIME: Duration = Duration::from_secs(15 * 60);
 
-/// An agent connection with [`AGENT_IDLE`] timeouts, refused past `deadline`.
-fn open_within(connect: &dyn Fn() -> Result<UnixStream>, deadline: Instant) -> Result<UnixStream> {
-    let left = deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            Error::FilesNotSaved(format!("not done within {} s", MAX_SAVE_TIME.as_secs()))
-        })?;
+/// An agent connection with [`AGENT_IDLE`] timeouts, refused past `deadline` if there is one.
+fn open_within(
+    connect: &dyn Fn() -> Result<UnixStream>,
+    deadline: Option<Instant>,
+) -> Result<UnixStream> {
+    let left = match deadline {
+        None => AGENT_IDLE,
+        Some(d) => d
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::FilesNotSaved(format!("not done within {} s", MAX_SAVE_TIME.as_secs()))
+            })?,
+    };
     let s = connect()?;
     let idle = Some(left.min(AGENT_IDLE));
     let agent = Path::new("the agent connection");
@@ -186,7 +192,7 @@ pub fn capture(
     max_file_bytes: u64,
 ) -> Result<Checkpoint> {
     let deadline = Instant::now() + MAX_SAVE_TIME;
-    let open = || open_within(connect, deadline);
+    let open = || open_within(connect, Some(deadline));
     let lower = hostfs::Dir::open(lower).ctx("open the image tree", lower)?;
     let opts = PutOptions::default();
     let announce = |id: &BlobId| {
@@ -399,8 +405,9 @@ pub fn apply(
         .get("tree")
         .and_then(|v| serde_json::from_value(v.clone()).ok())
         .ok_or_else(|| Error::Invalid("a file system checkpoint without its tree".into()))?;
-    let deadline = Instant::now() + MAX_SAVE_TIME;
-    let connect = &|| open_within(connect, deadline);
+    // No deadline: what is put back was saved within the limits, into a sandbox just booted
+    // (none of its processes ran yet); only a silent agent is given up on.
+    let connect = &|| open_within(connect, None);
     let bytes = read_blob(store, &id)?;
     let tree: Tree = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Invalid(format!("the saved file system's tree: {e}")))?;
