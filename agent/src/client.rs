@@ -388,8 +388,97 @@ pub fn list_dir<S: Read + Write>(
     let req = ListDirRequest {
         path: path.into(),
         depth,
+        limit: 0,
+        after: None,
     };
     call_json(stream, Kind::ListDir, &req)
+}
+
+/// One page of the directory `path`: at most `limit` children whose name sorts after
+/// `after` (see [`ListDirRequest`]); an empty page ends the listing.
+pub fn list_dir_page<S: Read + Write>(
+    stream: &mut S,
+    path: &str,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<FileInfo>, ClientError> {
+    let req = ListDirRequest {
+        path: path.into(),
+        depth: 1,
+        limit: limit.max(1),
+        after: after.map(str::to_string),
+    };
+    call_json(stream, Kind::ListDir, &req)
+}
+
+/// A regular file's content as a reader (`regular_only`, see [`FileRequest`]), at most `limit`
+/// bytes: what the agent sends past them is not read (the connection is dropped with the
+/// reader), so a file that grows meanwhile, or an agent that never stops, costs no more. The
+/// agent's refusal comes back here, before any content.
+pub fn open_file<S: Read + Write>(
+    mut stream: S,
+    path: &str,
+    limit: u64,
+) -> Result<FileReader<S>, ClientError> {
+    let req = FileRequest {
+        path: path.into(),
+        regular_only: true,
+        ..Default::default()
+    };
+    write_json(&mut stream, Kind::ReadFile, &req)?;
+    let mut r = FileReader {
+        stream,
+        buf: Vec::new(),
+        at: 0,
+        left: limit,
+        done: false,
+    };
+    r.next_frame()?;
+    Ok(r)
+}
+
+/// See [`open_file`].
+pub struct FileReader<S> {
+    stream: S,
+    buf: Vec<u8>,
+    at: usize,
+    left: u64,
+    done: bool,
+}
+
+impl<S: Read> FileReader<S> {
+    fn next_frame(&mut self) -> Result<(), ClientError> {
+        match read_frame(&mut self.stream)?.ok_or(ClientError::Closed)? {
+            (Kind::Data, d) if d.is_empty() => self.done = true,
+            (Kind::Data, mut d) => {
+                let keep = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(d.len());
+                d.truncate(keep);
+                self.left -= keep as u64;
+                self.buf = d;
+                self.at = 0;
+            }
+            (Kind::Error, d) => return Err(agent_error(&d)),
+            (k, _) => return Err(ProtocolError::Unexpected(k).into()),
+        }
+        Ok(())
+    }
+}
+
+impl<S: Read> Read for FileReader<S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.done || self.left == 0 {
+                return Ok(0);
+            }
+            self.next_frame().map_err(io::Error::other)?;
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// `mkdir -p`; false if `path` was a directory already.

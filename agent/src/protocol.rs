@@ -310,6 +310,11 @@ pub struct FileRequest {
     /// leaves the xattrs alone. Kept nowhere when the file system has no xattrs.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// ReadFile reads a regular file only, never through a symlink at its last component and
+    /// without blocking on its open (a FIFO or device put there meanwhile is refused with
+    /// `invalid`, not opened): what a host copying a sandbox's files out asks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub regular_only: bool,
 }
 
 /// The xattr namespace of file metadata (envd's `MetadataXattrPrefix`).
@@ -329,6 +334,17 @@ pub struct ListDirRequest {
     pub path: String,
     #[serde(default = "one")]
     pub depth: u32,
+    /// A page of a big directory (depth 1 only, the directory itself not through a symlink):
+    /// at most `limit` entries (fewer when the reply would pass [`MAX_FRAME`]), those whose
+    /// name sorts after `after`. The pages end with an empty one. 0: every entry at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

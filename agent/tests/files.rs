@@ -503,3 +503,78 @@ fn in_place_writes_do_not_follow_names_others_planted() {
     assert_eq!(std::fs::read(root.join("target")).unwrap(), b"new");
     assert_eq!(std::fs::metadata(root.join("target")).unwrap().uid(), 1000);
 }
+
+#[test]
+fn a_name_of_255_bytes_is_written_atomically() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n".repeat(255));
+    let req = file_req(path.to_str().unwrap(), 0o644);
+    client::write_file(&mut a.conn(), &req, &b"long"[..]).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"long");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temp file left"
+    );
+}
+
+#[test]
+fn regular_only_reads_refuse_fifos_devices_and_symlinks_without_blocking() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("plain"), b"0123456789").unwrap();
+    std::os::unix::fs::symlink(d.join("plain"), d.join("link")).unwrap();
+    let fifo = std::ffi::CString::new(d.join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    for (name, why) in [
+        ("fifo", "not a regular file"),
+        ("link", ""),
+        ("/dev/zero", "not a regular file"),
+    ] {
+        let p = d.join(name);
+        let e = client::open_file(a.conn(), p.to_str().unwrap(), 1 << 20)
+            .err()
+            .unwrap_or_else(|| panic!("{name} was opened"));
+        assert!(e.kind().is_some(), "{name}: {e}");
+        assert!(e.to_string().contains(why), "{name}: {e}");
+    }
+    // At most the limit, though the file has more.
+    let mut r = client::open_file(a.conn(), d.join("plain").to_str().unwrap(), 4).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut got).unwrap();
+    assert_eq!(got, b"0123");
+}
+
+#[test]
+fn a_big_directory_is_listed_page_by_page_in_name_order() {
+    let a = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let n = 8000;
+    for i in 0..n {
+        std::fs::write(dir.path().join(format!("f{i:05}")), b"").unwrap();
+    }
+    let p = dir.path().to_str().unwrap();
+    // Too big for one frame at once.
+    assert!(client::list_dir(&mut a.conn(), p, 1).is_err());
+    let mut names = Vec::new();
+    loop {
+        let page = client::list_dir_page(&mut a.conn(), p, names.last().map(String::as_str), 1000)
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 1000);
+        names.extend(page.into_iter().map(|e| e.name));
+    }
+    let want: Vec<String> = (0..n).map(|i| format!("f{i:05}")).collect();
+    assert_eq!(names, want);
+    // Not through a symlink.
+    let link = dir.path().with_extension("link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    let e = client::list_dir_page(&mut a.conn(), link.to_str().unwrap(), None, 10).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Invalid), "{e}");
+    std::fs::remove_file(link).unwrap();
+}

@@ -54,6 +54,10 @@ pub enum Error {
     Agent(#[from] kiln_agent::client::ClientError),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A filesystem-only pause (or a reboot) refused: the sandbox's files pass one of
+    /// [`crate::fs_state`]'s limits (said in the message), or its agent answered nonsense.
+    #[error("the sandbox's files cannot be saved: {0}")]
+    FilesNotSaved(String),
     #[error(transparent)]
     Network(#[from] kiln_network::Error),
 }

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// `Checkpoint::state["format"]` of a file system saved without memory.
 pub const FORMAT: &str = "kiln-fs/1";
@@ -70,17 +71,128 @@ pub fn is_filesystem_only(cp: &Checkpoint) -> bool {
     cp.state.get("format").and_then(|v| v.as_str()) == Some(FORMAT)
 }
 
+/// Most names one save looks at (every name in the sandbox's tree): what changed is in the
+/// host's memory while the list is made (a few hundred bytes an entry), and is one blob.
+pub const MAX_ENTRIES: usize = 500_000;
+/// Most bytes of names, symlink targets and metadata one save keeps (same reason).
+pub const MAX_TREE_BYTES: usize = 64 << 20;
+/// Longest path kept: Linux's `PATH_MAX`; nothing deeper can be named by path inside either.
+pub const MAX_PATH: usize = 4096;
+/// Entries the agent is asked for at once (its reply is one frame, at most 1 MiB).
+const LIST_PAGE: u32 = 2048;
+/// How long the agent may stay silent during a save or a restore before it is given up on
+/// (a hostile one may never answer; an honest one answers a page or a chunk at once).
+pub const AGENT_IDLE: Duration = Duration::from_secs(30);
+/// The longest a whole save may take: the sandbox's lock is held meanwhile, and a sandbox
+/// must not keep its host busy at will (an honest save of a full disk takes a few minutes).
+pub const MAX_SAVE_TIME: Duration = Duration::from_secs(15 * 60);
+
+/// An agent connection with [`AGENT_IDLE`] timeouts, refused past `deadline` if there is one.
+fn open_within(
+    connect: &dyn Fn() -> Result<UnixStream>,
+    deadline: Option<Instant>,
+) -> Result<UnixStream> {
+    let left = match deadline {
+        None => AGENT_IDLE,
+        Some(d) => d
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::FilesNotSaved(format!("not done within {} s", MAX_SAVE_TIME.as_secs()))
+            })?,
+    };
+    let s = connect()?;
+    let idle = Some(left.min(AGENT_IDLE));
+    let agent = Path::new("the agent connection");
+    s.set_read_timeout(idle).ctx("set a timeout on", agent)?;
+    s.set_write_timeout(idle).ctx("set a timeout on", agent)?;
+    Ok(s)
+}
+
+/// A reader that fails once `deadline` has passed (each read is also bounded by its socket's
+/// timeout).
+struct Until<R> {
+    inner: R,
+    deadline: Instant,
+}
+
+impl<R: std::io::Read> std::io::Read for Until<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not done within {} s", MAX_SAVE_TIME.as_secs()),
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// What one save has taken so far, against its limits.
+struct Budget {
+    entries: usize,
+    tree_bytes: usize,
+    file_bytes: u64,
+    max_file_bytes: u64,
+}
+
+impl Budget {
+    fn entry(&mut self, e: &FileInfo) -> Result<()> {
+        self.entries += 1;
+        self.tree_bytes = self.tree_bytes.saturating_add(
+            e.path.len()
+                + e.symlink_target.as_ref().map_or(0, String::len)
+                + e.metadata
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>(),
+        );
+        if self.entries > MAX_ENTRIES {
+            return Err(Error::FilesNotSaved(format!(
+                "more than {MAX_ENTRIES} names"
+            )));
+        }
+        if self.tree_bytes > MAX_TREE_BYTES {
+            return Err(Error::FilesNotSaved(format!(
+                "more than {MAX_TREE_BYTES} bytes of names, symlink targets and metadata"
+            )));
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, e: &FileInfo) -> Result<()> {
+        self.file_bytes = self.file_bytes.saturating_add(e.size);
+        if self.file_bytes > self.max_file_bytes {
+            return Err(Error::FilesNotSaved(format!(
+                "with {} the changed files pass {} bytes, the sandbox's disk size (a sparse \
+                 file counts at its full size)",
+                e.path, self.max_file_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Copies what the running sandbox changed against the image tree `lower` into the store,
 /// every blob held by `holder` before it is visible. `connect` opens a fresh agent connection;
-/// `tmp` is a host file (not the sandbox's) that file contents pass through.
+/// `max_file_bytes` bounds the changed files' total size (the sandbox's disk size: more can
+/// only be sparse files, or lies).
+///
+/// Everything the agent says is the sandbox's word: names are checked to be plain children
+/// of the directory listed, each directory's pages to go forward, counts and sizes against
+/// the limits above; file contents are streamed into the store (never through the host's
+/// memory or disk), at most the size the listing gave. A file or directory that is gone or
+/// is something else by the time it is read (the agent refuses it) is left out and counted.
 pub fn capture(
     store: &Store,
     holds: &Holds,
     holder: &Holder,
     connect: &dyn Fn() -> Result<UnixStream>,
     lower: &Path,
-    tmp: &Path,
+    max_file_bytes: u64,
 ) -> Result<Checkpoint> {
+    let deadline = Instant::now() + MAX_SAVE_TIME;
+    let open = || open_within(connect, Some(deadline));
     let lower = hostfs::Dir::open(lower).ctx("open the image tree", lower)?;
     let opts = PutOptions::default();
     let announce = |id: &BlobId| {
@@ -88,22 +200,24 @@ pub fn capture(
             .add_ahead(holder, id)
             .map_err(|e| kiln_blockstore::Error::Invalid(format!("holding a file blob: {e}")))
     };
+    let mut budget = Budget {
+        entries: 0,
+        tree_bytes: 0,
+        file_bytes: 0,
+        max_file_bytes,
+    };
     let mut tree = Tree::default();
     let mut blobs = BTreeSet::new();
+    let mut empty = None;
+    let mut skipped = 0usize;
     let mut dirs = vec!["/".to_string()];
     while let Some(dir) = dirs.pop() {
-        let listed = kiln_agent::client::list_dir(&mut connect()?, &dir, 1)?;
         let mut names = BTreeSet::new();
-        for e in listed {
-            let Some(rel) = child_of(&dir, &e) else {
-                return Err(Error::Invalid(format!(
-                    "the agent listed {:?} in {dir:?}",
-                    e.path
-                )));
-            };
+        let listed = each_entry(&open, &dir, &mut budget, &mut |e, budget| {
+            let rel = e.path[1..].to_string();
             names.insert(e.name.clone());
             if SKIP.contains(&e.path.as_str()) {
-                continue;
+                return Ok(());
             }
             let below = lower.lstat_beneath(Path::new(&rel));
             match e.kind {
@@ -115,10 +229,31 @@ pub fn capture(
                 }
                 FileKind::File => {
                     if below.is_none_or(|st| differs(&e, &st, true) || !e.metadata.is_empty()) {
-                        let mut f = std::fs::File::create(tmp).ctx("create", tmp)?;
-                        kiln_agent::client::read_file(&mut connect()?, &e.path, &mut f)?;
-                        drop(f);
-                        let id = store.put_file_announced(tmp, &opts, &announce)?;
+                        budget.file(&e)?;
+                        let id = if e.size == 0 {
+                            // Nothing to ask the agent for.
+                            match empty {
+                                Some(id) => id,
+                                None => *empty.insert(store.put_bytes_announced(
+                                    &[],
+                                    &opts,
+                                    &announce,
+                                )?),
+                            }
+                        } else {
+                            match kiln_agent::client::open_file(open()?, &e.path, e.size) {
+                                Ok(r) => {
+                                    let r = Until { inner: r, deadline };
+                                    store.put_reader_announced(r, &opts, &announce)?
+                                }
+                                Err(err) if err.kind().is_some() => {
+                                    tracing::debug!(path = e.path, "not saved: {err}");
+                                    skipped += 1;
+                                    return Ok(());
+                                }
+                                Err(err) => return Err(from_agent(err)),
+                            }
+                        };
                         blobs.insert(id);
                         tree.entries.push(entry(&e, None, Some(id)));
                     }
@@ -136,6 +271,11 @@ pub fn capture(
                 }
                 FileKind::Other => {}
             }
+            Ok(())
+        })?;
+        if !listed {
+            skipped += 1;
+            continue;
         }
         // What the image has here and the sandbox removed.
         let here = Path::new(&dir).strip_prefix("/").unwrap_or(Path::new(""));
@@ -157,7 +297,12 @@ pub fn capture(
             }
         }
     }
-    let _ = std::fs::remove_file(tmp);
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            "files or directories that changed while they were saved were left out"
+        );
+    }
     tree.entries.sort_by(|a, b| a.path.cmp(&b.path));
     let bytes = serde_json::to_vec(&tree).expect("trees serialize");
     let id = store.put_bytes_announced(&bytes, &opts, &announce)?;
@@ -165,9 +310,88 @@ pub fn capture(
     let files = tree.entries.iter().filter(|e| e.blob.is_some()).count();
     Ok(Checkpoint {
         state: serde_json::json!({"format": FORMAT, "tree": id, "files": files,
-                                  "entries": tree.entries.len(), "removed": tree.removed.len()}),
+                                  "entries": tree.entries.len(), "removed": tree.removed.len(),
+                                  "skipped": skipped}),
         blobs: blobs.into_iter().collect(),
     })
+}
+
+/// Calls `each` with every entry of the directory `dir`, page by page as the agent sends
+/// them, each checked (see [`capture`]); false when the agent refuses the directory (it is
+/// gone, or no longer a directory).
+fn each_entry(
+    open: &dyn Fn() -> Result<UnixStream>,
+    dir: &str,
+    budget: &mut Budget,
+    each: &mut dyn FnMut(FileInfo, &mut Budget) -> Result<()>,
+) -> Result<bool> {
+    let mut last: Option<String> = None;
+    loop {
+        let page = kiln_agent::client::list_dir_page(&mut open()?, dir, last.as_deref(), LIST_PAGE);
+        let page = match page {
+            Ok(p) => p,
+            Err(e) if e.kind().is_some() && last.is_none() => {
+                tracing::debug!(dir, "not saved: {e}");
+                return Ok(false);
+            }
+            Err(e) => return Err(from_agent(e)),
+        };
+        if page.is_empty() {
+            return Ok(true);
+        }
+        if page.len() > LIST_PAGE as usize {
+            return Err(bad_reply(format!(
+                "{} entries for a page of {LIST_PAGE}",
+                page.len()
+            )));
+        }
+        for e in page {
+            if child_of(dir, &e).is_none() {
+                return Err(bad_reply(format!("{:?} listed in {dir:?}", e.path)));
+            }
+            // Forward only: each page after the last, no name twice.
+            if last.as_ref().is_some_and(|l| *l >= e.name) {
+                return Err(bad_reply(format!(
+                    "{:?} listed out of order in {dir:?}",
+                    e.name
+                )));
+            }
+            if e.path.len() > MAX_PATH {
+                return Err(Error::FilesNotSaved(format!(
+                    "a path of {} bytes (in {:?}...), longer than {MAX_PATH}",
+                    e.path.len(),
+                    dir.get(..64).unwrap_or(dir)
+                )));
+            }
+            budget.entry(&e)?;
+            last = Some(e.name.clone());
+            each(e, budget)?;
+        }
+    }
+}
+
+/// The agent's failure as the save's: one that stays silent is said to be.
+fn from_agent(e: kiln_agent::client::ClientError) -> Error {
+    use kiln_agent::client::ClientError;
+    use kiln_agent::protocol::ProtocolError;
+    match &e {
+        ClientError::Protocol(ProtocolError::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::FilesNotSaved(format!(
+                "the agent did not answer within {} s",
+                AGENT_IDLE.as_secs()
+            ))
+        }
+        _ => e.into(),
+    }
+}
+
+fn bad_reply(what: String) -> Error {
+    Error::FilesNotSaved(format!("the agent answered nonsense: {what}"))
 }
 
 /// Puts the saved changes `cp` into a freshly booted sandbox of the same image.
@@ -181,6 +405,9 @@ pub fn apply(
         .get("tree")
         .and_then(|v| serde_json::from_value(v.clone()).ok())
         .ok_or_else(|| Error::Invalid("a file system checkpoint without its tree".into()))?;
+    // No deadline: what is put back was saved within the limits, into a sandbox just booted
+    // (none of its processes ran yet); only a silent agent is given up on.
+    let connect = &|| open_within(connect, None);
     let bytes = read_blob(store, &id)?;
     let tree: Tree = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Invalid(format!("the saved file system's tree: {e}")))?;
@@ -244,6 +471,14 @@ pub fn apply(
 
 fn read_blob(store: &Store, id: &BlobId) -> Result<Vec<u8>> {
     let b = store.open_blob(id)?;
+    // The list was made within the limits; one past them is not ours.
+    let max = (MAX_TREE_BYTES as u64).saturating_add(MAX_ENTRIES as u64 * 512);
+    if b.len() > max {
+        return Err(Error::FilesNotSaved(format!(
+            "a saved file list of {} bytes, more than {max}",
+            b.len()
+        )));
+    }
     let mut out = vec![0u8; usize::try_from(b.len()).unwrap_or(usize::MAX)];
     let mut at = 0;
     while at < out.len() {

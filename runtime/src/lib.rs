@@ -12,7 +12,7 @@
 //! runtime live in the block store ([`snapshot`]) and travel through its S3 remote.
 
 mod error;
-mod fs_state;
+pub mod fs_state;
 pub mod gvisor;
 mod gvisor_disk;
 pub mod helpers;

@@ -22,9 +22,6 @@ use std::time::Duration;
 
 /// How long an operation waits for another one on the same sandbox.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
-/// The host file a filesystem-only pause copies each file through (the sandbox's directory is
-/// the host's: the sandbox writes only its `run/`).
-const CAPTURE_TMP: &str = "fs-capture.tmp";
 /// A sandbox directory still being set up is left alone this long before it counts as debris.
 const SETUP_GRACE_MS: u64 = 60_000;
 
@@ -620,7 +617,7 @@ impl Sandboxes {
                         rec = self.pause_locked(dir, rec)?;
                     }
                     OnTimeout::PauseFilesystem => {
-                        rec = self.pause_files(dir, rec)?;
+                        rec = self.pause_files_or_end(dir, rec)?;
                     }
                 }
             }
@@ -735,7 +732,6 @@ impl Sandboxes {
             return self.finish_pause(dir, rec, snap);
         }
         self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
-        let _ = std::fs::remove_file(dir.sub(CAPTURE_TMP));
         match driver.exited(dir, &rec) {
             None => {
                 rec.op = None;
@@ -744,6 +740,29 @@ impl Sandboxes {
             Some(cause) => self.fail(dir, &mut rec, cause)?,
         }
         Ok(rec)
+    }
+
+    /// The filesystem-only pause a timeout asks for; a sandbox whose files cannot be saved
+    /// (one of [`fs_state`]'s limits, an agent that does not answer) is stopped and `failed`
+    /// with the reason instead: it never runs on past its timeout, however it made the save
+    /// fail.
+    fn pause_files_or_end(&self, dir: &SandboxDir, rec: SandboxRecord) -> Result<SandboxRecord> {
+        let mut kept = rec.clone();
+        match self.pause_files(dir, rec) {
+            Ok(r) => Ok(r),
+            // Failed past the copy (its record says how far): recovery finishes it.
+            Err(e) if dir.load().map_or(true, |r| r.op.is_some()) => Err(e),
+            Err(e) => {
+                tracing::warn!(id = %kept.id, "timed out and its files could not be saved: {e}");
+                self.driver(kept.runtime)?.kill(dir, &kept)?;
+                self.fail(
+                    dir,
+                    &mut kept,
+                    format!("timed out and its files could not be saved: {e}"),
+                )?;
+                Ok(kept)
+            }
+        }
     }
 
     /// Marks a sandbox whose processes are gone `failed`, with the cause and its log's tail.
@@ -994,7 +1013,7 @@ impl Sandboxes {
             &Holder::Checkpoint(rec.id.clone()),
             &connect,
             &lower,
-            &dir.sub(CAPTURE_TMP),
+            rec.disk_mib.saturating_mul(1 << 20),
         )
     }
 
@@ -1040,7 +1059,6 @@ impl Sandboxes {
     ) -> Result<()> {
         dir.enter(rec, Phase::Capture)?;
         let cp = self.capture(driver, dir, rec);
-        let _ = std::fs::remove_file(dir.sub(CAPTURE_TMP));
         let booted = cp.and_then(|cp| {
             dir.enter(rec, Phase::Restore)?;
             driver.kill(dir, rec)?;

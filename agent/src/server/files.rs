@@ -12,15 +12,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// What the temp files of atomic writes are called after their target's name.
 const TEMP_MARK: &str = ".kiln-agent-tmp-";
 
-/// The temp file a write goes to before its rename: a unique name in the same directory.
+/// Longest file name (Linux's `NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// The temp file a write goes to before its rename: a unique name in the same directory,
+/// short enough for the file system however long the target's name is.
 fn temp_path(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(
-        ".{}{TEMP_MARK}{}-{n}",
-        name.to_string_lossy(),
-        std::process::id()
-    ))
+    let tail = format!("{TEMP_MARK}{}-{n}", std::process::id());
+    let name = name.to_string_lossy();
+    let mut keep = name.len().min(NAME_MAX - 1 - tail.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    dir.join(format!(".{}{tail}", &name[..keep]))
 }
 
 /// Whether a file name is an atomic write's temp file (`.NAME.kiln-agent-tmp-PID-N`).
@@ -244,7 +250,23 @@ fn write_atomic(req: &FileRequest, c: &Conn) -> Res<FileInfo> {
 }
 
 pub fn read_file(req: FileRequest, c: &Conn) -> Res<()> {
-    let mut f = File::open(&req.path).map_err(|e| io_fail(&req.path, e))?;
+    let mut f = if req.regular_only {
+        // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer (and is refused
+        // below); O_NOCTTY: a tty never becomes ours.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&req.path)
+    } else {
+        File::open(&req.path)
+    }
+    .map_err(|e| io_fail(&req.path, e))?;
+    if req.regular_only && !f.metadata().is_ok_and(|m| m.is_file()) {
+        return fail(
+            ErrorKind::Invalid,
+            format!("{} is not a regular file", req.path),
+        );
+    }
     if f.metadata().is_ok_and(|m| m.is_dir()) {
         return fail(ErrorKind::Invalid, format!("{} is a directory", req.path));
     }
@@ -347,7 +369,59 @@ fn walk(dir: &Path, levels: u32, out: &mut Vec<FileInfo>) -> std::io::Result<()>
     Ok(())
 }
 
+/// A page of the directory `req.path` (see [`ListDirRequest`]): its entries named after
+/// `req.after`, in name order, as many as `req.limit` and one frame allow.
+fn list_page(req: &ListDirRequest) -> Res<Vec<FileInfo>> {
+    let root = Path::new(&req.path);
+    if req.depth != 1 {
+        return fail(ErrorKind::Invalid, "a page of a listing is one level deep");
+    }
+    let md = std::fs::symlink_metadata(root).map_err(|e| io_fail(&req.path, e))?;
+    if !md.is_dir() {
+        return fail(
+            ErrorKind::Invalid,
+            format!("{} is not a directory", req.path),
+        );
+    }
+    let mut names: Vec<(String, std::fs::DirEntry)> = std::fs::read_dir(root)
+        .map_err(|e| io_fail(&req.path, e))?
+        .filter_map(|e| e.ok())
+        // A name that is not UTF-8 cannot be said in the protocol: two of them would look
+        // alike, so none is listed.
+        .filter_map(|e| e.file_name().into_string().ok().map(|n| (n, e)))
+        .filter(|(n, _)| req.after.as_deref().is_none_or(|a| n.as_str() > a))
+        .collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    // Room for the JSON array around the entries.
+    let mut bytes = 2;
+    for (_, entry) in names {
+        if out.len() >= req.limit as usize {
+            break;
+        }
+        let path = entry.path();
+        // One too deep to be named by path is still listed (lstat beside the directory's
+        // descriptor), so the client learns it is there.
+        let info = match file_info(&path) {
+            Ok(info) => info,
+            Err(_) => match entry.metadata() {
+                Ok(md) => info_from(&path, &md),
+                Err(_) => continue, // removed meanwhile
+            },
+        };
+        bytes += serde_json::to_vec(&info).map_or(0, |v| v.len()) + 1;
+        if bytes > MAX_FRAME && !out.is_empty() {
+            break;
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
 pub fn list_dir(req: ListDirRequest, c: &Conn) -> Res<()> {
+    if req.limit > 0 {
+        return send_json(c, Kind::Ok, &list_page(&req)?);
+    }
     let root = Path::new(&req.path);
     let md = std::fs::metadata(root).map_err(|e| io_fail(&req.path, e))?;
     if !md.is_dir() {

@@ -324,6 +324,16 @@ impl Store {
         crate::put::put(self, r, opts, None)
     }
 
+    /// [`Store::put_reader`] with an announce hook, as [`Store::put_file_announced`].
+    pub fn put_reader_announced(
+        &self,
+        r: impl Read,
+        opts: &PutOptions,
+        announce: &crate::Announce<'_>,
+    ) -> Result<BlobId> {
+        crate::put::put(self, r, opts, Some(announce))
+    }
+
     /// Store a blob of `size` bytes whose chunks are already in memory, reading them in place:
     /// `chunk(i)` is chunk `i` (the chunk size of `opts`, the last one possibly shorter) or
     /// `None` when it is all zeros. Called from several threads at once.
