@@ -327,8 +327,11 @@ def main(env, result):
         b.kill()
 
 
-if __name__ == "__main__":
-    result = {"bench": "e2b_sdk", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def run_main(name, main, *args, **fields):
+    """Runs `main(env, result, *args)`, prints the result as one JSON object (with the error
+    and the daemon's log tail on failure) and exits 1 on failure; the daemon, the sandboxes
+    and the temp dir are cleaned up also on SIGTERM."""
+    result = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     env = None
 
     def on_signal(sig, _frame):
@@ -338,7 +341,7 @@ if __name__ == "__main__":
     try:
         env = Env()
         result["kiln_bin"] = env.kiln
-        main(env, result)
+        main(env, result, *args)
     except BaseException as e:  # noqa: BLE001 - report, clean up, exit non-zero
         code = 1
         import traceback
@@ -351,3 +354,7 @@ if __name__ == "__main__":
             env.cleanup()
     print(json.dumps(result))
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_main("e2b_sdk", main)

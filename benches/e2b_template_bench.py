@@ -17,14 +17,12 @@ from `Template.build` called to returned: hashing and uploading the files, the b
 its status polls (every 200 ms, the SDK's own). Ratios are of medians (goal: <= 1.2x).
 """
 
-import json
 import os
-import signal
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2b_sdk_bench import Env, log, check_budget  # noqa: E402
+from e2b_sdk_bench import log, check_budget, run_main  # noqa: E402
 
 DOCKERFILE = """FROM sdk
 USER root
@@ -109,27 +107,4 @@ if __name__ == "__main__":
         rounds = max(1, int(argv[i + 1]))
         del argv[i:i + 2]
     sys.argv = sys.argv[:1] + argv
-    result = {"bench": "e2b_template", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "rounds": rounds}
-    env = None
-
-    def on_signal(sig, _frame):
-        raise KeyboardInterrupt(f"signal {sig}")
-    signal.signal(signal.SIGTERM, on_signal)
-    code = 0
-    try:
-        env = Env()
-        result["kiln_bin"] = env.kiln
-        main(env, result, rounds)
-    except BaseException as e:  # noqa: BLE001 - report, clean up, exit non-zero
-        code = 1
-        import traceback
-        result["error"] = repr(e)[:1000]
-        result["traceback"] = traceback.format_exc()[-1500:]
-        if env is not None:
-            result["serve_log_tail"] = env.log_tail()[-1500:]
-    finally:
-        if env is not None:
-            env.cleanup()
-    print(json.dumps(result))
-    sys.exit(code)
+    run_main("e2b_template", main, rounds, rounds=rounds)
