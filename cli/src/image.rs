@@ -173,6 +173,7 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
             let opts = PullOptions {
                 insecure,
                 allow_devices,
+                ..Default::default()
             };
             let progress = PullBars::new();
             let (id, rec) = kiln_imagebuilder::oci::pull_with_progress(
@@ -192,8 +193,8 @@ pub fn run(home: &Home, c: ImageCommand) -> anyhow::Result<()> {
             allow_devices,
         } => {
             let opts = PullOptions {
-                insecure: false,
                 allow_devices,
+                ..Default::default()
             };
             let (id, rec) =
                 kiln_imagebuilder::oci::import(&store, &tmp_dir(home), &source, &name, &opts)

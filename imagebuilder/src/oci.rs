@@ -29,6 +29,23 @@ pub struct PullOptions {
     pub insecure: bool,
     /// Accept device nodes in layers.
     pub allow_devices: bool,
+    /// Log in with these (HTTP basic auth) instead of the Docker config's entry.
+    pub credentials: Option<Credentials>,
+}
+
+/// A registry user and password; its `Debug` does not show the password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 fn sha256_file(p: &Path, decompress: bool) -> Result<String> {
@@ -516,7 +533,10 @@ pub fn pull_with_progress(
         ..Default::default()
     };
     let client = oci_client::Client::new(config);
-    let auth = docker_auth(&registry);
+    let auth = match &opts.credentials {
+        Some(c) => oci_client::secrets::RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => docker_auth(&registry),
+    };
     std::fs::create_dir_all(tmp).ctx("mkdir", tmp)?;
     let dl = tempfile::Builder::new()
         .prefix("pull-")

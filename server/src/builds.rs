@@ -15,7 +15,7 @@
 //! leaves no template, and the build is unknown (404) after a restart. Build directories
 //! left by such a daemon are removed at the next start.
 
-use crate::control::types::BuildStart;
+use crate::control::types::{BuildStart, FromImageRegistry};
 use kiln_runtime::start_cmd::{READY_LABEL, START_LABEL};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -257,7 +257,19 @@ impl Builds {
         let (base_id, base_rec) = match kiln_imagebuilder::image::lookup(store, &base) {
             Ok(x) => x,
             Err(kiln_imagebuilder::Error::ImageNotFound(_)) if start.from_image.is_some() => {
-                let opts = kiln_imagebuilder::oci::PullOptions::default();
+                let credentials = match &start.from_image_registry {
+                    Some(FromImageRegistry::Registry { username, password }) => {
+                        Some(kiln_imagebuilder::oci::Credentials {
+                            username: username.clone(),
+                            password: password.clone(),
+                        })
+                    }
+                    _ => None,
+                };
+                let opts = kiln_imagebuilder::oci::PullOptions {
+                    credentials,
+                    ..Default::default()
+                };
                 kiln_imagebuilder::oci::pull(store, &self.build_tmp, &base, None, &opts, &|m| {
                     say(m)
                 })
@@ -482,8 +494,15 @@ fn json(s: &str) -> String {
 
 /// Translates E2B's steps into a [`Plan`]; the error is the 400 message.
 pub fn dockerfile(start: &BuildStart) -> Result<Plan, String> {
-    if start.from_image_registry.is_some() {
-        return Err("fromImageRegistry (registry credentials) is not supported by kiln".into());
+    match &start.from_image_registry {
+        None | Some(FromImageRegistry::Registry { .. }) => {}
+        Some(FromImageRegistry::Aws {} | FromImageRegistry::Gcp {}) => {
+            return Err(
+                "fromImageRegistry: kiln logs in to registries with a username and \
+                 password (type \"registry\"); AWS and GCP logins are not supported"
+                    .into(),
+            )
+        }
     }
     let base = match (&start.from_image, &start.from_template) {
         (Some(i), None) => i.trim().to_string(),

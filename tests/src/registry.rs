@@ -22,11 +22,23 @@ pub struct Registry {
     child: Child,
     _dir: tempfile::TempDir,
     pub port: u16,
+    /// The user and password every request needs (None: anonymous).
+    creds: Option<(String, String)>,
 }
 
 impl Registry {
     /// Starts a registry, or None (with a SKIP line) when `docker-registry` is not installed.
     pub fn start() -> Option<Registry> {
+        Registry::start_inner(None)
+    }
+
+    /// [`Registry::start`] that answers only requests with HTTP basic auth as `user`/`password`
+    /// (an htpasswd file, bcrypt as distribution requires, hashed by Python's `crypt`).
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Option<Registry> {
+        Registry::start_inner(Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_inner(creds: Option<(String, String)>) -> Option<Registry> {
         if !have("docker-registry") {
             eprintln!("SKIP: docker-registry not installed (apt-get install docker-registry)");
             return None;
@@ -34,14 +46,31 @@ impl Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let cfg = dir.path().join("config.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("write registry config");
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = &creds {
+            let out = Command::new("python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                    password,
+                ])
+                .output()
+                .expect("run python3");
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(hash.starts_with("$2"), "no bcrypt hash: {out:?}");
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, format!("{user}:{hash}\n")).expect("write htpasswd");
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&cfg, text).expect("write registry config");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&cfg)
@@ -54,6 +83,7 @@ impl Registry {
             child,
             _dir: dir,
             port,
+            creds,
         };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -73,8 +103,12 @@ impl Registry {
 
     /// Pushes `oci:<layout>:<tag>` to `<addr>/<repo>` with skopeo.
     pub fn push(&self, layout: &Path, tag: &str, repo: &str) {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some((user, password)) = &self.creds {
+            cmd.arg(format!("--dest-creds={user}:{password}"));
+        }
+        let out = cmd
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo}", self.addr()))
             .output()

@@ -553,3 +553,74 @@ except Exception as e:
     );
     assert_eq!(v["left"], 0, "{v}");
 }
+
+/// `from_image(image, username, password)`: the base is pulled from a registry that answers
+/// only with those credentials (HTTP basic auth, a real distribution registry); a wrong
+/// password fails the build at its base step, and an AWS login is refused with a 400.
+#[test]
+fn sdk_from_image_logs_in_to_its_registry() {
+    if !kiln_tests::registry::have("skopeo") {
+        eprintln!("SKIP: skopeo not installed (apt-get install skopeo)");
+        return;
+    }
+    let Some(t) = e2b::sdk_serve(KEY, &[]) else {
+        return;
+    };
+    let Some(reg) = kiln_tests::registry::Registry::start_with_basic_auth("kiln", "s3cret-pw")
+    else {
+        return;
+    };
+    let oci = tempfile::tempdir().unwrap();
+    let Some(layout) = kiln_tests::registry::busybox_layout(oci.path(), "bb") else {
+        return;
+    };
+    reg.push(&layout, "bb", "private/busybox:1");
+    let image = format!("{}/private/busybox:1", reg.addr());
+    let ctx = t.tmp.path().join("tpl-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let v = t.s.python(
+        &t.py,
+        &format!(
+            r#"{pre}
+def build(name, password):
+    tpl = Template().from_image("{image}", username="kiln", password=password).run_cmd("echo private > /p")
+    try:
+        Template.build(tpl, name)
+        return "ok"
+    except BuildException as e:
+        return str(e)
+wrong = build("tpl-wrong", "nope")
+right = build("tpl-priv", "s3cret-pw")
+sbx = Sandbox.create("tpl-priv", timeout=120)
+out = sbx.commands.run("cat /p", user="root").stdout
+sbx.kill()
+print(json.dumps({{"wrong": wrong, "right": right, "out": out}}))
+"#,
+            pre = prelude(&ctx)
+        ),
+    );
+    assert_eq!(v["right"], "ok", "{v}");
+    assert_eq!(v["out"], "private\n", "{v}");
+    let wrong = v["wrong"].as_str().unwrap();
+    assert!(
+        wrong.contains("pulling") && !wrong.contains("s3cret"),
+        "{wrong}"
+    );
+    // An AWS login: a 400 that says why, before anything is pulled.
+    let (code, v) =
+        t.s.api("POST", "/v3/templates", Some(r#"{"name": "tpl-aws"}"#));
+    assert_eq!(code, 202, "{v}");
+    let path = format!(
+        "/v2/templates/tpl-aws/builds/{}",
+        v["buildID"].as_str().unwrap()
+    );
+    let (code, v) = t.s.api(
+        "POST",
+        &path,
+        Some(
+            r#"{"fromImage": "x", "fromImageRegistry": {"type": "aws", "awsAccessKeyId": "a", "awsSecretAccessKey": "b", "awsRegion": "c"}}"#,
+        ),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("AWS"), "{v}");
+}

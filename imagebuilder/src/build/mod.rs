@@ -379,7 +379,7 @@ impl Builder<'_> {
                 self.say(&format!("  pulling {base}"));
                 let opts = crate::oci::PullOptions {
                     insecure: self.opts.insecure_registry,
-                    allow_devices: false,
+                    ..Default::default()
                 };
                 crate::oci::pull(self.store, self.tmp, base, None, &opts, &|m| {
                     eprintln!("  {m}")

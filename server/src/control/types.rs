@@ -467,8 +467,8 @@ pub struct NetworkConfig {
 pub struct BuildStart {
     pub from_image: Option<String>,
     pub from_template: Option<String>,
-    /// Registry credentials: not supported (refused).
-    pub from_image_registry: Option<serde::de::IgnoredAny>,
+    /// How to log in to `fromImage`'s registry.
+    pub from_image_registry: Option<FromImageRegistry>,
     #[serde(default)]
     pub force: bool,
     #[serde(default)]
@@ -477,6 +477,30 @@ pub struct BuildStart {
     pub start_cmd: Option<String>,
     /// Run until it exits 0 before such a sandbox is handed out.
     pub ready_cmd: Option<String>,
+}
+
+/// E2B's `FromImageRegistry`: kiln logs in to a general registry with a user and password;
+/// AWS ECR and GCP Artifact Registry logins are refused (no cloud SDK in kiln). `Debug`
+/// shows no secret.
+#[derive(Deserialize, Clone)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FromImageRegistry {
+    Registry { username: String, password: String },
+    Aws {},
+    Gcp {},
+}
+
+impl std::fmt::Debug for FromImageRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FromImageRegistry::Registry { username, .. } => f
+                .debug_struct("Registry")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            FromImageRegistry::Aws {} => f.write_str("Aws"),
+            FromImageRegistry::Gcp {} => f.write_str("Gcp"),
+        }
+    }
 }
 
 /// E2B's `TemplateStep`.
