@@ -137,6 +137,16 @@ pub fn assert_no_processes(id: &str) {
     }
 }
 
+/// The record as `kiln sandbox ls` shows it after its reconcile (None: not listed).
+pub fn listed(k: &Kiln, id: &str) -> Option<serde_json::Value> {
+    k.json(["sandbox", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+}
+
 /// Sandbox ids in `kiln sandbox ls --json`.
 pub fn ids(k: &Kiln) -> Vec<String> {
     k.json(["sandbox", "ls", "--json"])

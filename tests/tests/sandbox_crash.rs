@@ -5,7 +5,9 @@
 //! exactly one set of runsc processes is left for it (none while paused), no network namespace
 //! outlives a paused sandbox, and the next pause or resume works the first time.
 
-use kiln_tests::sandbox::{app_home, create, killed_after, sh, timed, KillAll, COUNTER_LOOP};
+use kiln_tests::sandbox::{
+    app_home, create, killed_after, listed, sh, timed, KillAll, COUNTER_LOOP,
+};
 use kiln_tests::Kiln;
 use std::path::Path;
 use std::time::Duration;
@@ -41,16 +43,6 @@ fn subject(k: &Kiln, tmp: &Path) -> Subject {
 
 fn count(k: &Kiln, id: &str) -> u64 {
     sh(k, id, "cat /tmp/count").trim().parse().unwrap()
-}
-
-/// The record as `kiln sandbox ls` shows it after its reconcile (None: not listed).
-fn listed(k: &Kiln, id: &str) -> Option<serde_json::Value> {
-    k.json(["sandbox", "ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == id)
-        .cloned()
 }
 
 /// Live (not zombie) processes whose command line holds the argument `arg`: (pid, parent

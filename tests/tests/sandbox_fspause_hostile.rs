@@ -6,7 +6,9 @@
 //! with the limit it passed), nothing on the host outside the sandbox changes, the store
 //! verifies, and a resume brings back what was saved as it was (symlinks as symlinks).
 
-use kiln_tests::sandbox::{app_home, assert_no_processes, create, exec, killed_after, KillAll};
+use kiln_tests::sandbox::{
+    app_home, assert_no_processes, create, exec, killed_after, listed, KillAll,
+};
 use kiln_tests::Kiln;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,13 +71,7 @@ fn root(k: &Kiln, id: &str, script: &str) -> String {
 }
 
 fn state(k: &Kiln, id: &str) -> serde_json::Value {
-    k.json(["sandbox", "ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("sandbox {id} gone"))
+    listed(k, id).unwrap_or_else(|| panic!("sandbox {id} gone"))
 }
 
 fn verify_store(k: &Kiln) {
