@@ -614,10 +614,10 @@ impl Sandboxes {
                         return Ok(None);
                     }
                     OnTimeout::Pause => {
-                        rec = self.pause_locked(dir, rec)?;
+                        rec = self.pause_or_end(dir, rec, PauseMode::Full)?;
                     }
                     OnTimeout::PauseFilesystem => {
-                        rec = self.pause_files_or_end(dir, rec)?;
+                        rec = self.pause_or_end(dir, rec, PauseMode::Filesystem)?;
                     }
                 }
             }
@@ -742,24 +742,33 @@ impl Sandboxes {
         Ok(rec)
     }
 
-    /// The filesystem-only pause a timeout asks for; a sandbox whose files cannot be saved
-    /// (one of [`fs_state`]'s limits, an agent that does not answer) is stopped and `failed`
-    /// with the reason instead: it never runs on past its timeout, however it made the save
-    /// fail.
-    fn pause_files_or_end(&self, dir: &SandboxDir, rec: SandboxRecord) -> Result<SandboxRecord> {
+    /// The pause a timeout asks for; when it fails and the sandbox was left running (nothing
+    /// saved), the sandbox ends `failed` with the cause: it never runs past its deadline.
+    fn pause_or_end(
+        &self,
+        dir: &SandboxDir,
+        rec: SandboxRecord,
+        mode: PauseMode,
+    ) -> Result<SandboxRecord> {
         let mut kept = rec.clone();
-        match self.pause_files(dir, rec) {
+        let paused = match mode {
+            PauseMode::Full => self.pause_locked(dir, rec),
+            PauseMode::Filesystem => self.pause_files(dir, rec),
+        };
+        match paused {
             Ok(r) => Ok(r),
             // Failed past the copy (its record says how far): recovery finishes it.
             Err(e) if dir.load().map_or(true, |r| r.op.is_some()) => Err(e),
             Err(e) => {
-                tracing::warn!(id = %kept.id, "timed out and its files could not be saved: {e}");
+                let cause = match mode {
+                    PauseMode::Full => format!("timed out and could not be paused: {e}"),
+                    PauseMode::Filesystem => {
+                        format!("timed out and its files could not be saved: {e}")
+                    }
+                };
+                tracing::warn!(id = %kept.id, "{cause}");
                 self.driver(kept.runtime)?.kill(dir, &kept)?;
-                self.fail(
-                    dir,
-                    &mut kept,
-                    format!("timed out and its files could not be saved: {e}"),
-                )?;
+                self.fail(dir, &mut kept, cause)?;
                 Ok(kept)
             }
         }

@@ -525,6 +525,27 @@ fn timeouts_kill_or_pause() {
 }
 
 #[test]
+fn a_timeout_pause_that_fails_ends_the_sandbox_failed() {
+    let r = Rig::new();
+    let mut spec = r.spec();
+    spec.on_timeout = OnTimeout::Pause;
+    let rec = r.sb.create(spec).unwrap();
+    r.fake.world().fail.insert(Step::Checkpoint);
+    r.sb.set_timeout(&rec.id, Some(0)).unwrap();
+    // Past its deadline it does not run on: its processes end and it says why.
+    let now = r.sb.get(&rec.id).unwrap();
+    match &now.state {
+        State::Failed { cause } => assert!(
+            cause.starts_with("timed out and could not be paused"),
+            "{cause}"
+        ),
+        s => panic!("expected failed, got {s:?}"),
+    }
+    assert!(!r.fake.running(&rec.id));
+    assert!(now.op.is_none());
+}
+
+#[test]
 fn a_sandbox_whose_processes_died_is_failed() {
     let r = Rig::new();
     let rec = r.create();
