@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// `Checkpoint::state["format"]` of a file system saved without memory.
@@ -83,6 +84,8 @@ const LIST_PAGE: u32 = 2048;
 /// How long the agent may stay silent during a save or a restore before it is given up on
 /// (a hostile one may never answer; an honest one answers a page or a chunk at once).
 pub const AGENT_IDLE: Duration = Duration::from_secs(30);
+/// How many saved files a restore puts back at once.
+const PUT_WORKERS: usize = 8;
 /// The longest a whole save may take: the sandbox's lock is held meanwhile, and a sandbox
 /// must not keep its host busy at will (an honest save of a full disk takes a few minutes).
 pub const MAX_SAVE_TIME: Duration = Duration::from_secs(15 * 60);
@@ -397,7 +400,7 @@ fn bad_reply(what: String) -> Error {
 /// Puts the saved changes `cp` into a freshly booted sandbox of the same image.
 pub fn apply(
     store: &Store,
-    connect: &dyn Fn() -> Result<UnixStream>,
+    connect: &(dyn Fn() -> Result<UnixStream> + Sync),
     cp: &Checkpoint,
 ) -> Result<()> {
     let id: BlobId = cp
@@ -414,13 +417,12 @@ pub fn apply(
     // One entry the new agent refuses (say, a name the image now has as something else) is
     // left out and logged: the rest of the files still come back. A connection that fails
     // fails the boot.
-    let mut refused = 0usize;
-    let mut each = |path: &str, r: std::result::Result<(), kiln_agent::client::ClientError>| match r
-    {
+    let refused = AtomicUsize::new(0);
+    let each = |path: &str, r: std::result::Result<(), kiln_agent::client::ClientError>| match r {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == Some(kiln_agent::protocol::ErrorKind::NotFound) => Ok(()),
         Err(e) if e.kind().is_some() => {
-            refused += 1;
+            refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(path, "putting a saved file back: {e}");
             Ok(())
         }
@@ -429,40 +431,67 @@ pub fn apply(
     for p in &tree.removed {
         each(p, kiln_agent::client::remove(&mut connect()?, p))?;
     }
-    // Sorted by path: a directory comes before what is in it.
+    // Directories and symlinks first, in path order (a directory before what is in it)...
     for e in &tree.entries {
-        let r = match (e.kind, e.blob) {
-            (FileKind::File, Some(blob)) => {
-                let req = FileRequest {
-                    path: e.path.clone(),
-                    mode: Some(e.mode),
-                    uid: Some(e.uid),
-                    gid: Some(e.gid),
-                    make_parents: true,
-                    metadata: (!e.metadata.is_empty()).then(|| e.metadata.clone()),
-                    ..FileRequest::default()
-                };
-                let reader = BlobRead {
-                    blob: store.open_blob(&blob)?,
-                    at: 0,
-                };
-                kiln_agent::client::write_file(&mut connect()?, &req, reader).map(drop)
-            }
-            (kind @ (FileKind::Dir | FileKind::Symlink), _) => {
-                let req = NodeRequest {
-                    path: e.path.clone(),
-                    kind,
-                    target: e.target.clone(),
-                    mode: e.mode,
-                    uid: e.uid,
-                    gid: e.gid,
-                };
-                kiln_agent::client::set_node(&mut connect()?, &req)
-            }
-            _ => Ok(()),
-        };
-        each(&e.path, r)?;
+        if let FileKind::Dir | FileKind::Symlink = e.kind {
+            let req = NodeRequest {
+                path: e.path.clone(),
+                kind: e.kind,
+                target: e.target.clone(),
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+            };
+            each(&e.path, kiln_agent::client::set_node(&mut connect()?, &req))?;
+        }
     }
+    // ...then the files, PUT_WORKERS at a time: each is a connection of its own, and most of
+    // a file's time is the round trip through the sandbox's socket, not the copy.
+    let files: Vec<(&Entry, BlobId)> = tree
+        .entries
+        .iter()
+        .filter(|e| e.kind == FileKind::File)
+        .filter_map(|e| e.blob.map(|b| (e, b)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None::<Error>);
+    let put = |e: &Entry, blob: &BlobId| -> Result<()> {
+        let req = FileRequest {
+            path: e.path.clone(),
+            mode: Some(e.mode),
+            uid: Some(e.uid),
+            gid: Some(e.gid),
+            make_parents: true,
+            metadata: (!e.metadata.is_empty()).then(|| e.metadata.clone()),
+            ..FileRequest::default()
+        };
+        let reader = BlobRead {
+            blob: store.open_blob(blob)?,
+            at: 0,
+        };
+        let r = kiln_agent::client::write_file(&mut connect()?, &req, reader).map(drop);
+        each(&e.path, r)
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..PUT_WORKERS.min(files.len()) {
+            scope.spawn(|| loop {
+                if failed.lock().expect("restore errors").is_some() {
+                    return;
+                }
+                let Some((e, blob)) = files.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    return;
+                };
+                if let Err(err) = put(e, blob) {
+                    failed.lock().expect("restore errors").get_or_insert(err);
+                    return;
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("restore errors") {
+        return Err(e);
+    }
+    let refused = refused.into_inner();
     if refused > 0 {
         tracing::warn!(refused, "some saved files could not be put back");
     }
