@@ -25,6 +25,18 @@ const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// A sandbox directory still being set up is left alone this long before it counts as debris.
 const SETUP_GRACE_MS: u64 = 60_000;
 
+/// `rec` when it is running; otherwise the wrong-state error for `action`.
+fn running(rec: SandboxRecord, action: Action) -> Result<SandboxRecord> {
+    if rec.state == State::Running {
+        return Ok(rec);
+    }
+    Err(Error::WrongState {
+        state: rec.state.kind(),
+        id: rec.id,
+        action,
+    })
+}
+
 /// What a new sandbox comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -835,14 +847,7 @@ impl Sandboxes {
         action: Action,
     ) -> Result<(SandboxDir, crate::record::Lock, SandboxRecord)> {
         let (dir, lock, rec) = self.lock_settled(id)?;
-        if rec.state != State::Running {
-            return Err(Error::WrongState {
-                id: rec.id,
-                state: rec.state.kind(),
-                action,
-            });
-        }
-        Ok((dir, lock, rec))
+        Ok((dir, lock, running(rec, action)?))
     }
 
     /// A connection to a running sandbox's agent.
@@ -860,13 +865,7 @@ impl Sandboxes {
         let rec = self
             .refresh(&dir)?
             .ok_or_else(|| Error::NotFound(id.into()))?;
-        if rec.state != State::Running {
-            return Err(Error::WrongState {
-                id: rec.id,
-                state: rec.state.kind(),
-                action: Action::Connect,
-            });
-        }
+        let rec = running(rec, Action::Connect)?;
         let s = self.driver(rec.runtime)?.connect(&dir, &rec)?;
         Ok((rec, s))
     }
@@ -1312,12 +1311,8 @@ impl Sandboxes {
         let dir = self.resolve(id)?;
         let _lock = dir.lock(LOCK_WAIT)?;
         let mut rec = dir.load()?;
-        if running_only && rec.state != State::Running {
-            return Err(Error::WrongState {
-                id: rec.id,
-                state: rec.state.kind(),
-                action: Action::ChangeNetwork,
-            });
+        if running_only {
+            rec = running(rec, Action::ChangeNetwork)?;
         }
         if rec.network.is_none() {
             return Err(Error::NoNetwork(rec.id));

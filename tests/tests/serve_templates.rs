@@ -28,6 +28,16 @@ def tpl(cmd="cat /app/a.txt > /app/copy-of-a"):
     )
 }
 
+/// The build log lines a script printed as `"logs"`.
+fn logs(v: &serde_json::Value) -> Vec<String> {
+    v["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn sdk_template_build_rebuild_create_fail_delete() {
     let Some(t) = e2b::sdk_serve(KEY, &[]) else {
@@ -54,14 +64,6 @@ print(json.dumps({{"id": info.template_id, "build": info.build_id, "logs": logs}
     };
     let v = build("tpl-a");
     assert_eq!(v["id"], "tpl-a", "{v}");
-    let logs = |v: &serde_json::Value| -> Vec<String> {
-        v["logs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap().to_string())
-            .collect()
-    };
     let first = logs(&v);
     assert!(
         first.iter().any(|l| l.contains("Uploaded 'a.txt'")),
@@ -459,12 +461,7 @@ print(json.dumps({{"logs": logs, "out": out}}))
             ),
         );
         assert_eq!(v["out"], "shared\nfirst\n", "{v}");
-        v["logs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap().to_string())
-            .collect()
+        logs(&v)
     };
     let first = build(&a);
     assert!(
