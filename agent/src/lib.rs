@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod genid;
+pub mod gvisor_init;
 pub mod limits;
 pub mod protocol;
 pub mod server;

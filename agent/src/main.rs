@@ -9,13 +9,14 @@
 //! device (ext4) and makes it the root (mount move + chroot; the agent keeps running from its
 //! initramfs copy), then goes on as above.
 //! As PID 1 with `--unix PATH` (the init of a gVisor sandbox, whose runtime did the mounts) it
-//! mounts nothing and watches no generation page, and once it listens it points its stdio at
-//! /dev/null: they are the host's console log, which any root process in the sandbox could
-//! otherwise write without bound through /proc/1/fd. `--resume FILE`: see
-//! `server::quiesce`. `--memory-mib N` starts the sandbox's out-of-memory killer and
-//! `--pids-max N` bounds the tasks of the processes it starts (see `kiln_agent::limits`). Elsewhere it serves the given Unix socket or
-//! vsock port (for tests and development). In every case a reaper thread collects every child,
-//! orphans included, and PID 1 never exits. One thread per connection; one request per
+//! mounts only its own `/proc` (see `gvisor_init`), watches no generation page, and once it
+//! listens it points its stdio at /dev/null: they are the host's console log, which any root
+//! process in the sandbox could otherwise write without bound through /proc/1/fd.
+//! `--resume FILE`: see `server::quiesce`. `--memory-mib N` starts the sandbox's out-of-memory
+//! killer and `--pids-max N` bounds the tasks of the processes it starts (see
+//! `kiln_agent::limits`). Elsewhere it serves the given Unix socket or vsock port (for tests
+//! and development). In every case a reaper thread collects every child, orphans included,
+//! and PID 1 never exits. One thread per connection; one request per
 //! connection (see `protocol`).
 
 use kiln_agent::protocol::AGENT_PORT;
@@ -26,8 +27,14 @@ use std::os::unix::net::UnixListener;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let pid1 = std::process::id() == 1;
-    kiln_agent::server::init();
     let unix = args.get(1).map(String::as_str) == Some("--unix");
+    if pid1 && unix {
+        // First: capabilities are per thread, and init() starts the reaper.
+        if let Err(e) = kiln_agent::gvisor_init::init() {
+            eprintln!("kiln-agent: {e}");
+        }
+    }
+    kiln_agent::server::init();
     if pid1 && !unix {
         if let Err(e) = enter_kiln_root() {
             eprintln!("kiln-agent: {e}");

@@ -86,6 +86,14 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+/// The agent's capabilities as runsc starts it: Docker's set, and `CAP_SYS_ADMIN` for the
+/// one mount it makes first (its own `/proc`, see `kiln_agent::gvisor_init`); it then drops
+/// that from every set, the bounding one included, before it starts a thread or a process.
+fn agent_caps() -> Vec<&'static str> {
+    let mut caps = DEFAULT_CAPS.to_vec();
+    caps.push("CAP_SYS_ADMIN");
+    caps
+}
 /// Chunk size of checkpoint files in the store: one page. runsc writes the committed pages of
 /// its memory file in order, so a page committed or freed early in that file shifts every
 /// later one by a page: only page-sized chunks dedupe across such shifts (measured: a second
@@ -472,8 +480,8 @@ impl GvisorDriver {
                 "cwd": "/",
                 // Docker's default set: the agent switches users and owns files for clients.
                 "capabilities": {
-                    "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS,
-                    "permitted": DEFAULT_CAPS,
+                    "bounding": agent_caps(), "effective": agent_caps(),
+                    "permitted": agent_caps(),
                 },
             },
             // Writable through gVisor's in-memory overlay; the shared tree underneath is never written.

@@ -356,3 +356,54 @@ fn creates_killed_at_any_moment_leave_no_mount() {
         );
     }
 }
+
+/// The agent gets `CAP_SYS_ADMIN` only to mount its own `/proc` (a small dentry cache); it
+/// drops it from every set before it starts anything, so neither it nor any process of the
+/// sandbox has it, and root inside cannot mount.
+#[test]
+fn no_process_inside_has_cap_sys_admin() {
+    let Some((_tmp, k)) = app_home() else { return };
+    let _guard = KillAll(k.clone());
+    let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
+    let caps = root_sh(
+        &k,
+        &id,
+        "grep -H -E '^Cap(Bnd|Eff|Prm|Inh)' /proc/1/status /proc/self/status",
+    );
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_CHOWN: u64 = 1;
+    let mut seen = 0;
+    for line in caps.lines() {
+        let hex = line.rsplit('\t').next().unwrap_or_default().trim();
+        let mask = u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("{line:?}"));
+        assert_eq!(mask & CAP_SYS_ADMIN, 0, "{line}");
+        if line.contains("CapBnd") {
+            // Docker's default set is still there.
+            assert_ne!(mask & CAP_CHOWN, 0, "{line}");
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 8, "{caps}");
+    let (_, err, code) = exec(
+        &k,
+        &id,
+        &["--user", "root"],
+        &["sh", "-c", "mkdir -p /mnt/x && mount -t tmpfs t /mnt/x"],
+        b"",
+    );
+    assert_ne!(code, 0, "root mounted a tmpfs inside: {err}");
+    let mounts = root_sh(&k, &id, "grep ' /proc proc ' /proc/mounts");
+    assert!(
+        mounts
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("dentry_cache_limit=8")),
+        "{mounts}"
+    );
+    // After a pause and resume (the checkpoint carries the dropped capabilities).
+    k.ok(["sandbox", "pause", &id]);
+    k.ok(["sandbox", "resume", &id]);
+    let caps = root_sh(&k, &id, "grep -E '^CapBnd' /proc/self/status");
+    let hex = caps.rsplit('\t').next().unwrap_or_default().trim();
+    assert_eq!(u64::from_str_radix(hex, 16).unwrap() & CAP_SYS_ADMIN, 0);
+}
