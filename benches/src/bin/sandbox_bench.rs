@@ -4,10 +4,14 @@
 //!
 //! `cargo build --release -p kiln-cli -p kiln-benches && KILN_AGENT=<static agent>
 //!  target/release/sandbox_bench [--runs 20] [--forks 32] [--net-cycles 3] [--platform systrap]
-//!  [--raw-overlay root:memory] [--json-only]`
+//!  [--raw-overlay root:memory | --raw-like-kiln] [--json-only]`
 //!
 //! The platform (`--platform`, else `KILN_GVISOR_PLATFORM`, else systrap) is kiln's and the raw
-//! baselines' alike; `--raw-overlay` is the raw baselines' `--overlay2`. The bench uses kiln
+//! baselines' alike; `--raw-overlay` is the raw baselines' `--overlay2`. `--raw-like-kiln` runs
+//! every raw baseline as kiln configures runsc instead: cgroups of their own with kiln's default
+//! limits (1 CPU, 512 MiB; made by `kiln_runtime::gvisor::limits`) and the root overlay's
+//! filestore in a host directory (`--overlay2=root:dir=...`), so the ratios show kiln's own
+//! overhead, not the price of its limits and its disk. The bench uses kiln
 //! as a user of the library would (create, exec, snapshot, fork, pause, resume, the store's
 //! counters); only the step-by-step replays copy kiln's bundle, and they are skipped (with
 //! the reason in the JSON) when that no longer works.
@@ -57,6 +61,8 @@ static PLATFORM: OnceLock<String> = OnceLock::new();
 /// The raw baselines' `--overlay2` (`--raw-overlay`, default root:memory, as kiln's bundle had
 /// before issue 17).
 static RAW_OVERLAY: OnceLock<String> = OnceLock::new();
+/// `--raw-like-kiln`: raw baselines with kiln's cgroups and disk-backed overlay.
+static RAW_LIKE_KILN: AtomicBool = AtomicBool::new(false);
 /// The bench gives up (and cleans up) after this long.
 const WATCHDOG: Duration = Duration::from_secs(40 * 60);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -204,17 +210,29 @@ fn raw_overlay() -> &'static str {
         .unwrap_or("root:memory")
 }
 
+fn like_kiln() -> bool {
+    RAW_LIKE_KILN.load(Ordering::Relaxed)
+}
+
 fn runsc(root: &Path, host_uds: bool) -> Command {
     let mut c = Command::new("runsc");
     c.arg("--root")
         .arg(root)
         .arg(format!("--platform={}", platform()))
-        .arg("--network=none")
-        .arg(format!("--overlay2={}", raw_overlay()));
+        .arg("--network=none");
+    if like_kiln() {
+        c.arg(format!(
+            "--overlay2=root:dir={}",
+            root.join("filestore").display()
+        ));
+    } else {
+        c.arg(format!("--overlay2={}", raw_overlay()))
+            .arg("--ignore-cgroups");
+    }
     if host_uds {
         c.arg("--host-uds=create");
     }
-    c.arg("--ignore-cgroups").stdin(Stdio::null());
+    c.stdin(Stdio::null());
     c
 }
 
@@ -260,8 +278,29 @@ impl Raw {
             id: id.into(),
         }
     }
-    fn run(&self, bundle: &Path) -> Result<()> {
+    /// The cgroup of a raw container run like kiln (`--raw-like-kiln`).
+    fn cgroup(&self) -> String {
+        format!("bench-{}-{}", std::process::id(), self.id)
+    }
+    /// Makes the state root; with `--raw-like-kiln` also the filestore's directory, the
+    /// container's cgroups and a bundle of its own that names them.
+    fn prepare(&self, bundle: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.root)?;
+        if !like_kiln() {
+            return Ok(bundle.to_path_buf());
+        }
+        std::fs::create_dir_all(self.root.join("filestore"))?;
+        kiln_runtime::gvisor::limits::create(&self.cgroup(), 1, 512)?;
+        let mut spec: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+        spec["linux"]["cgroupsPath"] =
+            json!(kiln_runtime::gvisor::limits::cgroups_path(&self.cgroup()));
+        let own = self.root.join("bundle");
+        std::fs::create_dir_all(&own)?;
+        std::fs::write(own.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+        Ok(own)
+    }
+    fn run(&self, bundle: &Path) -> Result<()> {
+        let bundle = self.prepare(bundle)?;
         let mut c = runsc(&self.root, false);
         c.args(["run", "--detach", "--bundle"])
             .arg(bundle)
@@ -269,7 +308,7 @@ impl Raw {
         runsc_detached(c, &self.root.join("log"), "runsc run")
     }
     fn restore(&self, bundle: &Path, image: &Path) -> Result<()> {
-        std::fs::create_dir_all(&self.root)?;
+        let bundle = self.prepare(bundle)?;
         let mut c = runsc(&self.root, false);
         c.args(["restore", "--detach", "--image-path"])
             .arg(image)
@@ -300,6 +339,9 @@ impl Raw {
     /// state (as the driver's kill does; `runsc delete --force` polls for ~2 s here).
     fn delete(&self) {
         kill_matching(root_needle(&self.root).as_bytes());
+        if like_kiln() {
+            let _ = kiln_runtime::gvisor::limits::remove(&self.cgroup());
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
     fn pss_kib(&self) -> u64 {
@@ -790,6 +832,10 @@ fn main() {
     RAW_OVERLAY
         .set(arg("--raw-overlay", "root:memory".to_string()))
         .unwrap();
+    RAW_LIKE_KILN.store(
+        std::env::args().any(|a| a == "--raw-like-kiln"),
+        Ordering::Relaxed,
+    );
     // Networked sandboxes (the pause-after-network measurement) resolve names through the
     // test namespaces' DNS server, never the host's. SAFETY: no other thread runs yet.
     unsafe {
@@ -976,7 +1022,8 @@ fn run(cfg: &Cfg, tmp: &Path) -> Result<Value> {
         "bench": "sandbox",
         "runtime": format!("gvisor (runsc --platform={})", platform()),
         "platform": platform(),
-        "raw_overlay": raw_overlay(),
+        "raw_overlay": if like_kiln() { "root:dir=<state root>/filestore" } else { raw_overlay() },
+        "raw_like_kiln": like_kiln(),
         "runsc_version": String::from_utf8_lossy(&Command::new("runsc").arg("--version").output()?.stdout).lines().next().unwrap_or("").to_string(),
         "image": {"name": "bb", "id": image_id.to_hex(), "import_ms": round(import_ms)},
         "load_avg_start": load_start,
@@ -1078,7 +1125,11 @@ impl Run<'_> {
             "sandboxes_overhead_ms_p50": self.replays.report(|| json!(round(pct(&k_create, 0.5) - pct(&tti_steps.runsc, 0.5) - pct(&tti_steps.agent, 0.5)))),
             "first_create_with_tree_extraction_ms": round(first_ms),
             "runs": self.cfg.runs,
-            "raw_baseline": format!("runsc --root R --platform={} --network=none --overlay2={} --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform(), raw_overlay()),
+            "raw_baseline": if like_kiln() {
+                format!("runsc --root R --platform={} --network=none --overlay2=root:dir=R/filestore run --detach --bundle B id (cgroups of its own, 1 CPU, 512 MiB, as kiln makes them; init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform())
+            } else {
+                format!("runsc --root R --platform={} --network=none --overlay2={} --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform(), raw_overlay())
+            },
         });
         Ok((tti, raw_fresh_pss_kib))
     }
