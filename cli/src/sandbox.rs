@@ -189,7 +189,7 @@ pub struct CreateArgs {
     name: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     runtime: RuntimeArg,
-    /// vCPUs [default: 1, or the snapshot's]
+    /// vCPUs [default: the snapshot's, else 2 on gVisor (at most the host's), 1 on a microVM]
     #[arg(long)]
     cpus: Option<u32>,
     /// Memory in MiB [default: 512, or the snapshot's]

@@ -33,8 +33,8 @@ pub use record::{
     RuntimeKind, SandboxDir, SandboxRecord, State, StateKind,
 };
 pub use sandboxes::{
-    default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source, MAX_DISK_MIB,
-    MIN_DEFAULT_DISK_MIB,
+    default_cpus, default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source,
+    DEFAULT_MEMORY_MIB, MAX_DISK_MIB, MIN_DEFAULT_DISK_MIB,
 };
 
 use kiln_blockstore::BlobId;

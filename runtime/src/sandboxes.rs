@@ -61,6 +61,21 @@ impl Source {
 /// What a [`Source`] names: the image, and the snapshot when it is one.
 type Resolved = (BlobId, ImageRecord, Option<(BlobId, SnapshotRecord)>);
 
+/// vCPUs of a sandbox of `runtime` when neither its request nor its snapshot says (at most
+/// the host's). gVisor: two, as E2B's default; on its systrap platform every system call of
+/// a process is a hand-off between it and the sentry, which one CPU serializes (measured with
+/// the SQLite workload, `benches/sqlite_workload.py`: 3.2-4.9 s in a sandbox of one CPU,
+/// 1.5-2.6 s in one of two, its lookups 2-5x slower). A microVM: one, its guest need not
+/// bring up more.
+pub fn default_cpus(runtime: RuntimeKind) -> u32 {
+    match runtime {
+        RuntimeKind::Gvisor => 2,
+        RuntimeKind::Microvm => 1,
+    }
+}
+/// Memory of a sandbox when neither its request nor its snapshot says (E2B's default).
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+
 /// `kiln sandbox create` / `POST /sandboxes`.
 #[derive(Clone, Debug)]
 pub struct CreateSpec {
@@ -305,10 +320,12 @@ impl Sandboxes {
         };
         // Refused when silly (0), lowered to what this host has when huge.
         let (cpus, memory_mib) = crate::gvisor::limits::check(
-            spec.cpus.or(snap.map(|s| s.cpus)).unwrap_or(1),
+            spec.cpus
+                .or(snap.map(|s| s.cpus))
+                .unwrap_or(default_cpus(runtime)),
             spec.memory_mib
                 .or(snap.map(|s| s.memory_mib))
-                .unwrap_or(512),
+                .unwrap_or(DEFAULT_MEMORY_MIB),
         )?;
         let now = now_ms();
         let mut rec = SandboxRecord {

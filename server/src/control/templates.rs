@@ -7,6 +7,8 @@ pub(super) async fn list_templates(
     State(state): State<Arc<AppState>>,
 ) -> ApiResult<Json<Vec<types::Template>>> {
     let sb = state.sandboxes.clone();
+    // What a sandbox of this template gets unless its create says otherwise.
+    let cpu_count = sb.default_runtime().map_or(1, kiln_runtime::default_cpus);
     let images = blocking(move || Ok(kiln_imagebuilder::image::list(sb.store())?)).await?;
     let epoch = rfc3339(0);
     Ok(Json(
@@ -15,8 +17,8 @@ pub(super) async fn list_templates(
             .map(|i| types::Template {
                 template_id: i.name.clone(),
                 build_id: i.id.to_hex(),
-                cpu_count: 1,
-                memory_mb: 512,
+                cpu_count,
+                memory_mb: kiln_runtime::DEFAULT_MEMORY_MIB,
                 disk_size_mb: i.disk_size.div_ceil(1 << 20),
                 public: false,
                 aliases: vec![i.name.clone()],
