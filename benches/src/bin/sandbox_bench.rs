@@ -9,7 +9,7 @@
 //! The platform (`--platform`, else `KILN_GVISOR_PLATFORM`, else systrap) is kiln's and the raw
 //! baselines' alike; `--raw-overlay` is the raw baselines' `--overlay2`. `--raw-like-kiln` runs
 //! every raw baseline as kiln configures runsc instead: cgroups of their own with kiln's default
-//! limits (1 CPU, 512 MiB; made by `kiln_runtime::gvisor::limits`) and the root overlay's
+//! limits (`default_cpus`, `DEFAULT_MEMORY_MIB`; made by `kiln_runtime::gvisor::limits`) and the root overlay's
 //! filestore in a host directory (`--overlay2=root:dir=...`), so the ratios show kiln's own
 //! overhead, not the price of its limits and its disk. The bench uses kiln
 //! as a user of the library would (create, exec, snapshot, fork, pause, resume, the store's
@@ -221,6 +221,8 @@ fn runsc(root: &Path, host_uds: bool) -> Command {
         .arg(format!("--platform={}", platform()))
         .arg("--network=none");
     if like_kiln() {
+        // Made here: the step-by-step replays run containers through this too.
+        let _ = std::fs::create_dir_all(root.join("filestore"));
         c.arg(format!(
             "--overlay2=root:dir={}",
             root.join("filestore").display()
@@ -290,7 +292,11 @@ impl Raw {
             return Ok(bundle.to_path_buf());
         }
         std::fs::create_dir_all(self.root.join("filestore"))?;
-        kiln_runtime::gvisor::limits::create(&self.cgroup(), 1, 512)?;
+        kiln_runtime::gvisor::limits::create(
+            &self.cgroup(),
+            kiln_runtime::default_cpus(RuntimeKind::Gvisor),
+            kiln_runtime::DEFAULT_MEMORY_MIB,
+        )?;
         let mut spec: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
         spec["linux"]["cgroupsPath"] =
             json!(kiln_runtime::gvisor::limits::cgroups_path(&self.cgroup()));
@@ -1126,7 +1132,7 @@ impl Run<'_> {
             "first_create_with_tree_extraction_ms": round(first_ms),
             "runs": self.cfg.runs,
             "raw_baseline": if like_kiln() {
-                format!("runsc --root R --platform={} --network=none --overlay2=root:dir=R/filestore run --detach --bundle B id (cgroups of its own, 1 CPU, 512 MiB, as kiln makes them; init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform())
+                format!("runsc --root R --platform={} --network=none --overlay2=root:dir=R/filestore run --detach --bundle B id (cgroups of its own with kiln's default vCPUs and memory, as kiln makes them; init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform())
             } else {
                 format!("runsc --root R --platform={} --network=none --overlay2={} --ignore-cgroups run --detach --bundle B id (init /bin/sleep 1000, the tree the image was made from), then runsc exec id true", platform(), raw_overlay())
             },
