@@ -8,11 +8,11 @@
 //!
 //! The platform (`--platform`, else `KILN_GVISOR_PLATFORM`, else systrap) is kiln's and the raw
 //! baselines' alike; `--raw-overlay` is the raw baselines' `--overlay2`. `--raw-like-kiln` runs
-//! every raw baseline as kiln configures runsc instead: cgroups of their own with kiln's default
-//! limits (`default_cpus`, `DEFAULT_MEMORY_MIB`; made by `kiln_runtime::gvisor::limits`) and the root overlay's
-//! filestore in a host directory (`--overlay2=root:dir=...`), so the ratios show kiln's own
-//! overhead, not the price of its limits and its disk. The bench uses kiln
-//! as a user of the library would (create, exec, snapshot, fork, pause, resume, the store's
+//! every raw baseline as kiln configures runsc instead: cgroups of their own with kiln's
+//! default limits (`default_cpus`, `DEFAULT_MEMORY_MIB`; made by
+//! `kiln_runtime::gvisor::limits`) and the root overlay's filestore in a host directory
+//! (`--overlay2=root:dir=...`), so the ratios show kiln's own overhead, not the price of its
+//! limits and its disk. The bench uses kiln as a user of the library would (create, exec, snapshot, fork, pause, resume, the store's
 //! counters); only the step-by-step replays copy kiln's bundle, and they are skipped (with
 //! the reason in the JSON) when that no longer works.
 //!
