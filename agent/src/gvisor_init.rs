@@ -104,3 +104,52 @@ fn drop_sys_admin() -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The capability masks (`CapEff`, `CapPrm`, `CapBnd`, `CapInh`) of this thread.
+    fn masks() -> Vec<(String, u64)> {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .filter(|l| l.starts_with("Cap") && !l.starts_with("CapAmb"))
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap();
+                (k.to_string(), u64::from_str_radix(v.trim(), 16).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sys_admin_leaves_every_set_and_the_rest_stays() {
+        if !masks()
+            .iter()
+            .any(|(k, m)| k == "CapEff" && m & (1 << CAP_SYS_ADMIN) != 0)
+        {
+            eprintln!("SKIP: this test process has no CAP_SYS_ADMIN to drop");
+            return;
+        }
+        // In a child process: the drop is for good.
+        // SAFETY: the child only reads /proc, calls drop_sys_admin and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let ok = drop_sys_admin().is_ok()
+                && masks().iter().all(|(k, m)| {
+                    m & (1 << CAP_SYS_ADMIN) == 0 && (k == "CapInh" || m & (1 << 0) != 0)
+                    // CAP_CHOWN kept
+                });
+            // SAFETY: _exit in the forked child, no unwinding into the test harness.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "CAP_SYS_ADMIN still there, or another capability went: {status:#x}"
+        );
+    }
+}
