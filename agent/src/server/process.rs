@@ -479,8 +479,9 @@ impl ThreadAs {
         groups.truncate(n as usize);
         // From here on, Drop puts back whatever changed.
         let back = ThreadAs { groups };
-        let keep = u32::MAX; // -1: the saved id stays (root)
-                             // SAFETY: set*id system calls with integer arguments and a valid array of `len` ids.
+        // -1: the saved id stays (root).
+        let keep = u32::MAX;
+        // SAFETY: set*id system calls with integer arguments and a valid array of `len` ids.
         unsafe {
             check(libc::syscall(
                 libc::SYS_setgroups,
