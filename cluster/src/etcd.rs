@@ -47,18 +47,7 @@ impl Etcd {
     pub fn new<S: AsRef<str>>(urls: &[S]) -> Result<Etcd> {
         let endpoints = urls
             .iter()
-            .map(|u| {
-                let u = u.as_ref().trim();
-                let rest = u.strip_prefix("http://").unwrap_or(u);
-                let authority = rest.trim_end_matches('/');
-                if authority.is_empty()
-                    || authority.contains('/')
-                    || u.contains("://") && !u.starts_with("http://")
-                {
-                    return Err(Error::Endpoint(u.to_string()));
-                }
-                Ok(authority.to_string())
-            })
+            .map(|u| crate::authority(u.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         if endpoints.is_empty() {
             return Err(Error::Endpoint(String::new()));
@@ -305,5 +294,7 @@ mod tests {
         assert!(Etcd::new(&["https://x:1"]).is_err());
         assert!(Etcd::new(&["http://x:1/path"]).is_err());
         assert!(Etcd::new::<&str>(&[]).is_err());
+        assert!(Etcd::new(&["http://x"]).is_err());
+        assert!(Etcd::new(&["http://u@x:1"]).is_err());
     }
 }

@@ -18,7 +18,7 @@ pub use membership::{Membership, NodeInfo};
 /// What can go wrong talking to the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid etcd endpoint {0:?} (expected http://host:port)")]
+    #[error("invalid URL {0:?} (expected http://host:port)")]
     Endpoint(String),
     #[error("no etcd endpoint answered: {0}")]
     Unreachable(String),
@@ -42,6 +42,21 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// `host:port` of a URL `http://host:port` (the scheme may be left out; kiln's cluster
+/// speaks plain HTTP: etcd's client URLs and the nodes' advertise URLs).
+pub fn authority(url: &str) -> Result<String> {
+    let u = url.trim();
+    let rest = u.strip_prefix("http://").unwrap_or(u);
+    let authority = rest.trim_end_matches('/');
+    let port_ok = authority
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok || authority.contains(['/', '@', '?', '#']) || rest.contains("://") {
+        return Err(Error::Endpoint(u.to_string()));
+    }
+    Ok(authority.to_string())
+}
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {

@@ -29,6 +29,26 @@ pub struct NodeInfo {
     pub updated_ms: u64,
 }
 
+impl NodeInfo {
+    /// This host's CPUs, memory and available memory (`/proc/meminfo`), the rest zero.
+    pub fn host() -> NodeInfo {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib = |field: &str| -> u64 {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        NodeInfo {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_mib: kib("MemTotal") / 1024,
+            free_memory_mib: kib("MemAvailable") / 1024,
+            ..Default::default()
+        }
+    }
+}
+
 /// The node ids of the cluster can be used in keys and headers.
 pub fn check_node_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
