@@ -66,7 +66,7 @@ pub enum Error {
     Serve(std::io::Error),
     #[error(transparent)]
     Runtime(#[from] kiln_runtime::Error),
-    #[error("joining the cluster: {0}")]
+    #[error("joining the cluster")]
     Cluster(#[from] kiln_cluster::Error),
 }
 

@@ -123,8 +123,12 @@ impl Etcd {
 
     /// Member `i`'s log so far.
     pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.members[i].name)))
-            .unwrap_or_default()
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default()
     }
 
     /// The client URLs, `http://127.0.0.1:PORT` each.
