@@ -57,6 +57,9 @@ pub struct ClusterConfig {
     pub secret: String,
 }
 
+/// A node-to-node request without the right cluster secret.
+struct WrongSecret;
+
 /// A request that came from another node with the right secret.
 #[derive(Clone, Copy)]
 pub(crate) struct Forwarded;
@@ -265,8 +268,8 @@ impl Cluster {
     }
 
     /// Whether `headers` say the request comes from another node: Ok(true) with the right
-    /// secret, Err(refusal) with a missing or wrong one.
-    fn check_forwarded(&self, headers: &axum::http::HeaderMap) -> Result<bool, Response> {
+    /// secret, Err with a missing or wrong one.
+    fn check_forwarded(&self, headers: &axum::http::HeaderMap) -> Result<bool, WrongSecret> {
         if !headers.contains_key(FORWARDED_BY) && !headers.contains_key(SECRET_HEADER) {
             return Ok(false);
         }
@@ -275,10 +278,7 @@ impl Cluster {
             .map(|v| v.as_bytes())
             .unwrap_or_default();
         if given.is_empty() || !crate::constant_time_eq(given, self.secret.as_bytes()) {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                "node-to-node request without the right cluster secret",
-            ));
+            return Err(WrongSecret);
         }
         Ok(true)
     }
@@ -371,17 +371,23 @@ fn unavailable(e: kiln_cluster::Error) -> Response {
 }
 
 /// First step of every request in cluster mode: checks a node-to-node request's secret
-/// (then strips it, so it reaches neither handlers nor sandboxes) and marks it [`Forwarded`].
-pub(crate) fn admit(state: &AppState, req: &mut Request) -> Result<(), Response> {
-    let Some(c) = &state.cluster else {
-        return Ok(());
-    };
-    if c.check_forwarded(req.headers())? {
-        req.headers_mut().remove(SECRET_HEADER);
-        req.headers_mut().remove(FORWARDED_BY);
-        req.extensions_mut().insert(Forwarded);
+/// (then strips it, so it reaches neither handlers nor sandboxes) and marks it [`Forwarded`];
+/// the refusal when the secret is wrong or missing.
+pub(crate) fn admit(state: &AppState, req: &mut Request) -> Option<Response> {
+    let c = state.cluster.as_ref()?;
+    match c.check_forwarded(req.headers()) {
+        Ok(true) => {
+            req.headers_mut().remove(SECRET_HEADER);
+            req.headers_mut().remove(FORWARDED_BY);
+            req.extensions_mut().insert(Forwarded);
+            None
+        }
+        Ok(false) => None,
+        Err(WrongSecret) => Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "node-to-node request without the right cluster secret",
+        )),
     }
-    Ok(())
 }
 
 fn forwarded(req: &Request) -> bool {

@@ -263,7 +263,7 @@ async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
 /// Data-plane requests (they name a sandbox, or are signed file URLs: [`signed`]) go to
 /// [`envd::handle`]; the rest on to the control plane.
 async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    if let Err(refused) = cluster::admit(&state, &mut req) {
+    if let Some(refused) = cluster::admit(&state, &mut req) {
         return refused;
     }
     if let Some((id, port)) = data_plane_target(req.headers(), &state.domain) {
