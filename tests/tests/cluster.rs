@@ -26,8 +26,8 @@ fn node_args(etcd: &str, id: &str, port: u16, secret_file: &Path) -> Vec<String>
     ]
 }
 
-/// `GET /v2/sandboxes` through `s`: (sandbox id, clientID) of each.
-fn listed(s: &Serve, path: &str) -> Vec<(String, String)> {
+/// A list through `s`: (sandbox id, clientID, state) of each.
+fn listed(s: &Serve, path: &str) -> Vec<(String, String, String)> {
     let (code, body) = s.api("GET", path, None);
     assert_eq!(code, 200, "{path} through :{}: {body}", s.port);
     body.as_array()
@@ -37,6 +37,7 @@ fn listed(s: &Serve, path: &str) -> Vec<(String, String)> {
             (
                 e["sandboxID"].as_str().unwrap().to_string(),
                 e["clientID"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -47,7 +48,7 @@ fn three_nodes_serve_one_cluster() {
     let Some(py) = e2b::python_or_skip() else {
         return;
     };
-    let Some(etcd) = Etcd::start_or_skip() else {
+    let Some(mut etcd) = Etcd::start_or_skip() else {
         return;
     };
     let Some((tmp, k1)) = e2b::sdk_home() else {
@@ -94,7 +95,7 @@ print(json.dumps({"id": sbx.sandbox_id, "out": r.stdout}))
         for path in ["/v2/sandboxes", "/sandboxes"] {
             assert_eq!(
                 listed(s, path),
-                vec![(id.clone(), "n1".to_string())],
+                vec![(id.clone(), "n1".to_string(), "running".to_string())],
                 "{path} through :{}",
                 s.port
             );
@@ -104,6 +105,9 @@ print(json.dumps({"id": sbx.sandbox_id, "out": r.stdout}))
     assert_eq!(code, 200, "{detail}");
     assert_eq!(detail["clientID"], "n1");
     assert_eq!(detail["metadata"]["suite"], "cluster");
+
+    // An etcd member dies (the one every node tries first): the cluster goes on.
+    etcd.kill(0);
 
     // Files and a streamed command through n2, after a connect through n2.
     let out = n2.python(
@@ -148,6 +152,51 @@ print(json.dumps({{"same": back == data, "out": r.stdout, "streamed": len(lines)
         Some(&b"served\n"[..]),
         "{}",
         n1.log_text()
+    );
+
+    // Pause through n3, seen paused through n2; connect through n2 resumes it on n1 with its
+    // files and its processes.
+    let out = n3.python(
+        &py,
+        &format!(
+            r#"
+import json
+from e2b import Sandbox
+print(json.dumps({{"paused": Sandbox.pause("{id}")}}))
+"#
+        ),
+    );
+    assert_eq!(out["paused"], true, "{out}");
+    assert_eq!(
+        listed(n2, "/v2/sandboxes"),
+        vec![(id.clone(), "n1".to_string(), "paused".to_string())]
+    );
+    let out = n2.python(
+        &py,
+        &format!(
+            r#"
+import json
+from e2b import Sandbox
+sbx = Sandbox.connect("{id}", timeout=300)
+info = sbx.get_info()
+kept = sbx.files.read("/tmp/through-n2.txt") == "written through n2\n" * 1000
+print(json.dumps({{"state": info.state.value, "kept": kept}}))
+"#
+        ),
+    );
+    assert_eq!(
+        (out["state"].as_str(), out["kept"].as_bool()),
+        (Some("running"), Some(true)),
+        "{out}"
+    );
+    assert_eq!(
+        listed(n3, "/v2/sandboxes"),
+        vec![(id.clone(), "n1".to_string(), "running".to_string())]
+    );
+    assert_eq!(
+        e2b::http(n3.port, "GET", "/", &[("Host", &host)], None).unwrap(),
+        (200, b"served\n".to_vec()),
+        "the sandbox's server survives pause and resume"
     );
 
     // A node-to-node request is refused without the cluster secret, or with a wrong one.
