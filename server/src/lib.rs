@@ -5,6 +5,10 @@
 //! - Data plane ([`envd`]): envd's connect-rpc services and `/files`, carried to the kiln agent
 //!   in the sandbox; other ports are proxied into the sandbox through the agent ([`proxy`]).
 //!
+//! In cluster mode ([`ClusterConfig`], `kiln serve --cluster-etcd`) the node joins other
+//! nodes through etcd, lists the whole cluster and forwards requests for other nodes'
+//! sandboxes to them ([`cluster`]); without it, nothing of that runs.
+//!
 //! A request is data plane when it names a sandbox: the `E2b-Sandbox-Id` and
 //! `E2b-Sandbox-Port` headers (the SDK sends them when `E2B_SANDBOX_URL` is set) or a Host of
 //! the form `{port}-{sandbox id}.{domain}`; everything else is control plane.

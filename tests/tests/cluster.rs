@@ -2,7 +2,10 @@
 //! `kiln serve --cluster-etcd` nodes with their own homes and ports on loopback, driven by
 //! E2B's Python SDK. Only node n1's home has the `sdk` image: placement (fewest sandboxes,
 //! then the smallest node id) gives an empty cluster's first sandbox to n1, so a create
-//! through n3 is forwarded to n1, and everything after it through n2 and n3 is forwarded too.
+//! through n3 is forwarded to n1, and everything after it through n2 and n3 is forwarded too:
+//! commands (streamed), files, a port by Host name, pause, connect (resume), kill, with one
+//! etcd member killed midway; every node lists the cluster from the catalog; a timeout ends a
+//! sandbox in every list; node-to-node requests need the cluster secret.
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
 use kiln_tests::e2b::{self, Serve};
@@ -242,6 +245,30 @@ print(json.dumps({{"killed": Sandbox.kill("{id}")}}))
     }
     let (code, _) = n3.api("GET", &format!("/sandboxes/{id}"), None);
     assert_eq!(code, 404);
+
+    // A timeout is seen by the owner's sweep, which takes the sandbox out of the catalog.
+    let out = n2.python(
+        &py,
+        r#"
+import json
+from e2b import Sandbox
+sbx = Sandbox.create("sdk", timeout=3)
+print(json.dumps({"id": sbx.sandbox_id}))
+"#,
+    );
+    let short = out["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        listed(n3, "/v2/sandboxes"),
+        vec![(short, "n1".to_string(), "running".to_string())]
+    );
+    let t = std::time::Instant::now();
+    while !listed(n3, "/v2/sandboxes").is_empty() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "a timed-out sandbox stays in the catalog"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]
