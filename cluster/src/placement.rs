@@ -7,10 +7,14 @@
 //!    left, then to the smallest node id (so the same cluster state always gives the same
 //!    answer; free memory, which moves all the time, is a filter, not a rank).
 //!
+//! The running sandboxes of each node are counted from the catalog ([`count_from_catalog`]),
+//! which every node updates before it answers a change, not taken from the node's published
+//! info, which is renewed every few seconds: two creates in a row see the first one.
+//!
 //! What it does not weigh yet (issue 20's later parts): where a template's or snapshot's
 //! chunks already are.
 
-use crate::NodeInfo;
+use crate::{NodeInfo, SandboxEntry, SandboxState};
 
 /// Memory every node keeps for itself and its page cache.
 pub const RESERVE_MIB: u64 = 256;
@@ -29,6 +33,19 @@ pub fn has_room(n: &NodeInfo, need: Need) -> bool {
     n.free_memory_mib >= need.memory_mib.saturating_add(RESERVE_MIB)
         && n.sandboxes < n.max_sandboxes
         && n.sandbox_cpus.saturating_add(need.cpus) <= n.cpus.saturating_mul(CPU_OVERCOMMIT)
+}
+
+/// Sets each node's running sandboxes and their vCPUs from the catalog's `entries`.
+pub fn count_from_catalog(nodes: &mut [(String, NodeInfo)], entries: &[(String, SandboxEntry)]) {
+    for (id, n) in nodes.iter_mut() {
+        let running = || {
+            entries
+                .iter()
+                .filter(|(_, e)| e.node == *id && e.state == SandboxState::Running)
+        };
+        n.sandboxes = running().count() as u32;
+        n.sandbox_cpus = running().map(|(_, e)| e.cpus).sum();
+    }
 }
 
 /// The node for a sandbox that needs `need`, among `nodes` (id, info); None when none has room.
@@ -103,5 +120,35 @@ mod tests {
         assert_eq!(choose(&nodes, NEED), None);
         assert!(has_room(&node(512 + RESERVE_MIB, 9, 7), NEED));
         assert_eq!(choose(&[], NEED), None);
+    }
+
+    #[test]
+    fn the_catalog_counts() {
+        let entry = |node: &str, state| SandboxEntry {
+            node: node.into(),
+            state,
+            template: "t".into(),
+            alias: None,
+            metadata: Default::default(),
+            started_ms: 0,
+            end_ms: None,
+            cpus: 2,
+            memory_mib: 512,
+            disk_mib: 0,
+        };
+        // a's info is stale (it says 0); the catalog has two running there, one paused at b.
+        let mut nodes = vec![
+            ("a".to_string(), node(4000, 0, 0)),
+            ("b".to_string(), node(4000, 3, 3)),
+        ];
+        let entries = vec![
+            ("1".to_string(), entry("a", SandboxState::Running)),
+            ("2".to_string(), entry("a", SandboxState::Running)),
+            ("3".to_string(), entry("b", SandboxState::Paused)),
+        ];
+        count_from_catalog(&mut nodes, &entries);
+        assert_eq!((nodes[0].1.sandboxes, nodes[0].1.sandbox_cpus), (2, 4));
+        assert_eq!((nodes[1].1.sandboxes, nodes[1].1.sandbox_cpus), (0, 0));
+        assert_eq!(choose(&nodes, NEED), Some("b"));
     }
 }

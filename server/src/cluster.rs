@@ -446,10 +446,12 @@ pub(crate) async fn control(
     };
     if !forwarded(&req) {
         if is_create(&req) {
-            let nodes = match membership::nodes(&c.etcd).await {
-                Ok(n) => n,
-                Err(e) => return unavailable(e),
-            };
+            let (mut nodes, entries) =
+                match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
+                    Ok(x) => x,
+                    Err(e) => return unavailable(e),
+                };
+            placement::count_from_catalog(&mut nodes, &entries);
             match placement::choose(&nodes, CREATE_NEED) {
                 Some(node) if node != c.node_id => return c.forward(node, req).await,
                 Some(_) => {}
