@@ -1,5 +1,6 @@
 //! kiln-cluster against a real 3-member etcd (tests/src/etcd.rs): compare-and-swap conflicts
-//! are seen, a node whose lease runs out leaves the cluster, and a killed member is survived.
+//! are seen, a node whose lease runs out leaves the cluster (and joins again on its next
+//! renewal), and a killed member is survived.
 
 use kiln_cluster::membership::{self, Membership};
 use kiln_cluster::{Catalog, Etcd, NodeInfo, SandboxEntry, SandboxState};
@@ -125,9 +126,12 @@ fn lease_expiry_removes_a_node() {
         a.renew().await.unwrap();
         let got = membership::node(&etcd, "a").await.unwrap().unwrap();
         assert_eq!((got.advertise.as_str(), got.sandboxes), ("http://a", 3));
+        // b's next renewal (etcd was away longer than the TTL, say) joins again.
+        b.renew().await.unwrap();
+        assert_eq!(ids(membership::nodes(&etcd).await.unwrap()), ["a", "b"]);
         keep.abort();
         a.leave().await.unwrap();
-        drop(b);
+        b.leave().await.unwrap();
         assert!(membership::nodes(&etcd).await.unwrap().is_empty());
     });
 }
