@@ -18,8 +18,10 @@ use crate::{NodeInfo, SandboxEntry, SandboxState};
 
 /// Memory every node keeps for itself and its page cache.
 pub const RESERVE_MIB: u64 = 256;
-/// How many vCPUs of sandboxes one CPU takes (sandboxes are mostly idle).
-pub const CPU_OVERCOMMIT: u32 = 4;
+/// How many vCPUs of sandboxes one CPU takes: sandboxes are mostly idle and their vCPUs
+/// time-shared (gVisor's default is 2 vCPUs each; at 4x a 2-core host would stop at four
+/// sandboxes), so memory is the limit that binds; this only stops a pile-up.
+pub const CPU_OVERCOMMIT: u32 = 16;
 
 /// What a new sandbox needs.
 #[derive(Clone, Copy, Debug)]
