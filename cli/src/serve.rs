@@ -17,10 +17,61 @@ pub struct ServeArgs {
     /// Allow a non-loopback listen address (kiln serve has no TLS: put it behind a proxy)
     #[arg(long)]
     allow_remote: bool,
+    /// Cluster mode: join the cluster coordinated by these etcd client URLs
+    /// (`http://host:port`, comma-separated); without it, this host alone, no etcd
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    cluster_etcd: Vec<String>,
+    /// Cluster mode: this node's id, unique in the cluster [default: the host name]
+    #[arg(long, requires = "cluster_etcd")]
+    node_id: Option<String>,
+    /// Cluster mode: the URL other nodes reach this one at [default: http://<listen>]
+    #[arg(long, requires = "cluster_etcd")]
+    advertise: Option<String>,
+    /// Cluster mode: a file holding the secret every node of the cluster shares
+    /// (authenticates node-to-node requests)
+    #[arg(long, requires = "cluster_etcd", value_name = "FILE")]
+    cluster_secret_file: Option<std::path::PathBuf>,
+}
+
+/// The cluster settings, when `--cluster-etcd` was given.
+fn cluster(a: &ServeArgs) -> Result<Option<kiln_server::ClusterConfig>> {
+    if a.cluster_etcd.is_empty() {
+        return Ok(None);
+    }
+    let file = a
+        .cluster_secret_file
+        .as_ref()
+        .context("--cluster-etcd needs --cluster-secret-file (the secret every node shares)")?;
+    let secret = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the cluster secret {}", file.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "the cluster secret in {} is shorter than 16 characters",
+        file.display()
+    );
+    let node_id = match &a.node_id {
+        Some(id) => id.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name for --node-id")?
+            .trim()
+            .to_string(),
+    };
+    Ok(Some(kiln_server::ClusterConfig {
+        etcd: a.cluster_etcd.clone(),
+        node_id,
+        advertise: a
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", a.listen)),
+        secret,
+    }))
 }
 
 pub fn run(home: &Home, a: ServeArgs) -> Result<()> {
     kiln_server::check_listen(a.listen, a.allow_remote)?;
+    let cluster = cluster(&a)?;
     let sandboxes = crate::sandbox::open(home)?;
     let cfg = kiln_server::ServeConfig {
         listen: a.listen,
@@ -28,6 +79,7 @@ pub fn run(home: &Home, a: ServeArgs) -> Result<()> {
         allow_remote: a.allow_remote,
         api_key: std::env::var("KILN_API_KEY").ok(),
         home: home.root().to_path_buf(),
+        cluster,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

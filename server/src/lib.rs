@@ -5,6 +5,10 @@
 //! - Data plane ([`envd`]): envd's connect-rpc services and `/files`, carried to the kiln agent
 //!   in the sandbox; other ports are proxied into the sandbox through the agent ([`proxy`]).
 //!
+//! In cluster mode ([`ClusterConfig`], `kiln serve --cluster-etcd`) the node joins other
+//! nodes through etcd, lists the whole cluster and forwards requests for other nodes'
+//! sandboxes to them ([`cluster`]); without it, nothing of that runs.
+//!
 //! A request is data plane when it names a sandbox: the `E2b-Sandbox-Id` and
 //! `E2b-Sandbox-Port` headers (the SDK sends them when `E2B_SANDBOX_URL` is set) or a Host of
 //! the form `{port}-{sandbox id}.{domain}`; everything else is control plane.
@@ -17,6 +21,7 @@
 //! the first start moves them into the records.)
 
 mod builds;
+mod cluster;
 pub mod control;
 mod egress;
 pub mod envd;
@@ -36,6 +41,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use cluster::ClusterConfig;
 pub use secret::{constant_time_eq, load_or_create_api_key, random_token};
 
 /// envd's port in an E2B sandbox: requests for it are served by [`envd`], others proxied.
@@ -64,6 +70,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error(transparent)]
     Runtime(#[from] kiln_runtime::Error),
+    #[error("joining the cluster")]
+    Cluster(#[from] kiln_cluster::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -85,6 +93,8 @@ pub struct AppState {
     pub(crate) wakes: wake::Wakes,
     /// Template builds through E2B's SDK ([`builds`]).
     pub(crate) builds: Arc<builds::Builds>,
+    /// This node in a cluster (cluster mode only: [`cluster`]).
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl AppState {
@@ -107,6 +117,7 @@ impl AppState {
                 builds::build_tmp(serve_dir.parent().unwrap_or(&serve_dir)),
             )),
             serve_dir,
+            cluster: None,
         }
     }
 }
@@ -123,6 +134,8 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// `KILN_HOME`.
     pub home: PathBuf,
+    /// Cluster mode: the node joins the cluster through etcd. None: one host, no etcd.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Checks the listen address: loopback only, unless remote listening was allowed.
@@ -198,7 +211,13 @@ pub async fn run(
     .await
     .map_err(|e| Error::Serve(std::io::Error::other(e)))??;
     tracing::info!(sandboxes = reloaded.len(), "reloaded sandboxes");
-    let state = Arc::new(AppState::new(sandboxes, api_key, domain, serve_dir));
+    let mut state = AppState::new(sandboxes, api_key, domain, serve_dir);
+    if let Some(cc) = cfg.cluster {
+        let c = cluster::Cluster::join(cc, &reloaded).await?;
+        tracing::info!(node = %c.node_id, "cluster mode");
+        state.cluster = Some(Arc::new(c));
+    }
+    let state = Arc::new(state);
     tokio::spawn(reaper::run(state.clone()));
     on_ready(addr, key_file.as_deref());
     serve(listener, app(state)).await;
@@ -247,8 +266,16 @@ async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
 
 /// Data-plane requests (they name a sandbox, or are signed file URLs: [`signed`]) go to
 /// [`envd::handle`]; the rest on to the control plane.
-async fn dispatch(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    if let Some(refused) = cluster::admit(&state, &mut req) {
+        return refused;
+    }
     if let Some((id, port)) = data_plane_target(req.headers(), &state.domain) {
+        // In cluster mode another node's sandbox is served by that node.
+        let req = match cluster::data_plane(&state, &id, port, req).await {
+            Ok(forwarded) => return forwarded,
+            Err(req) => req,
+        };
         return envd::handle(state, id, port, req).await;
     }
     // A signed file URL names no sandbox when the SDK has E2B_SANDBOX_URL: its signature does.

@@ -62,27 +62,41 @@ pub async fn handle(
         Ok(s) => s,
         Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &e.to_string()),
     };
-    let handshake = hyper::client::conn::http1::Builder::new()
+    match send(stream, req).await {
+        Ok(resp) => resp,
+        Err(SendError::Handshake(e)) => {
+            agent::json_error(StatusCode::BAD_GATEWAY, &format!("proxy: {e}"))
+        }
+        Err(SendError::Send(e)) => agent::json_error(
+            StatusCode::BAD_GATEWAY,
+            &format!("proxy: the sandbox's port {port} answered badly: {e}"),
+        ),
+    }
+}
+
+/// Why [`send`] got no answer.
+pub(crate) enum SendError {
+    Handshake(hyper::Error),
+    Send(hyper::Error),
+}
+
+/// Sends `req` as HTTP/1.1 over `io` (header case kept) and returns the answer, its body
+/// streamed; an upgrade (101) becomes a byte pipe between the client and `io`'s peer. Shared
+/// by the port proxy and cluster mode's forwarding to a sandbox's owner ([`crate::cluster`]).
+pub(crate) async fn send<S>(io: S, mut req: Request) -> Result<Response, SendError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
-        .handshake(TokioIo::new(stream))
-        .await;
-    let (mut sender, conn) = match handshake {
-        Ok(x) => x,
-        Err(e) => return agent::json_error(StatusCode::BAD_GATEWAY, &format!("proxy: {e}")),
-    };
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(SendError::Handshake)?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
     let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let mut resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            return agent::json_error(
-                StatusCode::BAD_GATEWAY,
-                &format!("proxy: the sandbox's port {port} answered badly: {e}"),
-            )
-        }
-    };
+    let mut resp = sender.send_request(req).await.map_err(SendError::Send)?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_up) = client_upgrade {
             let server_up = hyper::upgrade::on(&mut resp);
@@ -95,8 +109,8 @@ pub async fn handle(
             });
         }
         let (parts, _) = resp.into_parts();
-        return Response::from_parts(parts, Body::empty());
+        return Ok(Response::from_parts(parts, Body::empty()));
     }
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, Body::new(body))
+    Ok(Response::from_parts(parts, Body::new(body)))
 }

@@ -15,14 +15,19 @@ pub(crate) async fn run(state: Arc<AppState>) {
         tick.tick().await;
         let st = state.clone();
         match tokio::task::spawn_blocking(move || sweep(&st)).await {
-            Ok(Ok(())) => {}
+            // Cluster mode: what the sweep saw (after reconciling) goes to the catalog.
+            Ok(Ok(list)) => {
+                if let Some(c) = &state.cluster {
+                    c.sync(&list).await;
+                }
+            }
             Ok(Err(e)) => tracing::warn!("timeout sweep: {e}"),
             Err(e) => tracing::warn!("timeout sweep panicked: {e}"),
         }
     }
 }
 
-fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
+fn sweep(state: &AppState) -> kiln_runtime::Result<Vec<kiln_runtime::SandboxRecord>> {
     let list = state.sandboxes.list()?;
     state.metrics.sweep(&state.sandboxes, &list);
     state.envd.sweep(&list);
@@ -36,5 +41,5 @@ fn sweep(state: &AppState) -> kiln_runtime::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(list)
 }

@@ -56,17 +56,26 @@ pub struct Serve {
     pub key: String,
     child: Option<Child>,
     log: PathBuf,
+    /// More arguments for `kiln serve`.
+    args: Vec<String>,
 }
 
 impl Serve {
     /// Starts `kiln serve` for `kiln`'s home on a free port with API key `key`.
     pub fn start(kiln: &Kiln, key: &str) -> Serve {
+        Serve::start_with(kiln, key, free_port(), &[])
+    }
+
+    /// Starts `kiln serve` for `kiln`'s home on `port` with API key `key` and more
+    /// arguments `args` (cluster mode's, say).
+    pub fn start_with(kiln: &Kiln, key: &str, port: u16, args: &[String]) -> Serve {
         let mut s = Serve {
             kiln: kiln.clone(),
-            port: free_port(),
+            port,
             key: key.to_string(),
             child: None,
             log: kiln.home.with_extension("serve.log"),
+            args: args.to_vec(),
         };
         s.spawn();
         s
@@ -84,6 +93,7 @@ impl Serve {
             "--listen".into(),
             format!("127.0.0.1:{}", self.port),
         ]);
+        cmd.args(&self.args);
         cmd.env("KILN_API_KEY", &self.key)
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())

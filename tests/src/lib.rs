@@ -4,6 +4,7 @@
 //! `scripts/test` collects those lines at the end of a run.
 
 pub mod e2b;
+pub mod etcd;
 pub mod net;
 pub mod registry;
 pub mod s3;

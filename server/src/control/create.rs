@@ -184,11 +184,11 @@ pub(super) fn sandbox_json(state: &AppState, rec: &SandboxRecord) -> types::Sand
 /// E2B's state of a sandbox: running or paused; `None` for one that failed or stopped (to
 /// the API it is gone).
 /// E2B's `ListedSandbox`.
-pub(super) fn listed_json(rec: &SandboxRecord) -> types::ListedSandbox {
+pub(super) fn listed_json(state: &AppState, rec: &SandboxRecord) -> types::ListedSandbox {
     types::ListedSandbox {
         template_id: rec.source.clone(),
         sandbox_id: rec.id.clone(),
-        client_id: types::CLIENT_ID,
+        client_id: client_id(state),
         alias: rec.name.clone(),
         started_at: rfc3339(rec.created_ms),
         end_at: rfc3339(rec.deadline_ms.unwrap_or(NO_DEADLINE_MS)),
@@ -201,11 +201,19 @@ pub(super) fn listed_json(rec: &SandboxRecord) -> types::ListedSandbox {
     }
 }
 
+/// The `clientID` this node gives its own sandboxes: its node id in cluster mode.
+pub(super) fn client_id(state: &AppState) -> String {
+    match &state.cluster {
+        Some(c) => c.node_id.clone(),
+        None => types::CLIENT_ID.to_string(),
+    }
+}
+
 /// E2B's `SandboxDetail`.
 pub(super) fn detail_json(state: &AppState, rec: &SandboxRecord) -> types::SandboxDetail {
     let (allow_internet_access, allow_out, deny_out) = egress::detail_fields(rec.network.as_ref());
     types::SandboxDetail {
-        listed: listed_json(rec),
+        listed: listed_json(state, rec),
         domain: Some(state.domain.clone()),
         allow_internet_access,
         network: types::SandboxNetworkConfig {

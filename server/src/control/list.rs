@@ -137,14 +137,14 @@ pub(super) fn list_query(uri: &Uri) -> ApiResult<ListQuery> {
     Ok(q)
 }
 
-pub(super) fn matches_metadata(rec: &SandboxRecord, want: &[(String, String)]) -> bool {
+pub(super) fn matches_metadata(row: &Row, want: &[(String, String)]) -> bool {
     want.iter()
-        .all(|(k, v)| rec.metadata.get(k).is_some_and(|m| m == v))
+        .all(|(k, v)| row.listed.metadata.get(k).is_some_and(|m| m == v))
 }
 
 /// A page cursor: the sort key (start time, id) of the last item of the previous page.
-pub(super) fn cursor(rec: &SandboxRecord) -> String {
-    hex::encode(format!("{}:{}", rec.created_ms, rec.id))
+pub(super) fn cursor(row: &Row) -> String {
+    hex::encode(format!("{}:{}", row.created_ms, row.listed.sandbox_id))
 }
 
 pub(super) fn parse_cursor(t: &str) -> ApiResult<(u64, String)> {
@@ -154,55 +154,116 @@ pub(super) fn parse_cursor(t: &str) -> ApiResult<(u64, String)> {
     Ok((ms.parse().map_err(|_| bad())?, id.to_string()))
 }
 
-pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<SandboxRecord>> {
+/// One sandbox of a list: this host's record, or in cluster mode the catalog's entry.
+pub(super) struct Row {
+    listed: types::ListedSandbox,
+    created_ms: u64,
+    /// Its image's id (hex), when known (this host's sandboxes).
+    image: Option<String>,
+}
+
+impl Row {
+    fn key(&self) -> (u64, &str) {
+        (self.created_ms, &self.listed.sandbox_id)
+    }
+}
+
+/// The sandboxes E2B lists (running or paused): this host's, or in cluster mode the whole
+/// cluster's from its catalog.
+pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<Row>> {
+    if let Some(c) = &state.cluster {
+        let entries = c.catalog().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster catalog: {e}"),
+            )
+        })?;
+        return Ok(entries
+            .into_iter()
+            .map(|(id, e)| catalog_row(id, e))
+            .collect());
+    }
     let sb = state.sandboxes.clone();
-    blocking(move || sb.list()).await
+    let recs = blocking(move || sb.list()).await?;
+    Ok(recs
+        .iter()
+        .filter(|r| types::SandboxState::of(r).is_some())
+        .map(|r| Row {
+            listed: listed_json(state, r),
+            created_ms: r.created_ms,
+            image: Some(r.image.to_hex()),
+        })
+        .collect())
+}
+
+fn catalog_row(id: String, e: kiln_cluster::SandboxEntry) -> Row {
+    Row {
+        listed: types::ListedSandbox {
+            template_id: e.template,
+            sandbox_id: id,
+            client_id: e.node,
+            alias: e.alias,
+            started_at: rfc3339(e.started_ms),
+            end_at: rfc3339(e.end_ms.unwrap_or(NO_DEADLINE_MS)),
+            cpu_count: e.cpus,
+            memory_mb: e.memory_mib,
+            disk_size_mb: e.disk_mib,
+            metadata: e.metadata,
+            state: match e.state {
+                kiln_cluster::SandboxState::Running => types::SandboxState::Running,
+                kiln_cluster::SandboxState::Paused => types::SandboxState::Paused,
+            },
+            envd_version: ENVD_VERSION,
+        },
+        created_ms: e.started_ms,
+        image: None,
+    }
 }
 
 pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Response> {
     let q = list_query(&uri)?;
-    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+    let mut rows: Vec<Row> = all_sandboxes(&state)
         .await?
         .into_iter()
         .filter(|r| {
-            let Some(s) = types::SandboxState::of(r) else {
-                return false;
-            };
-            q.states.as_ref().is_none_or(|w| w.contains(&s))
+            q.states
+                .as_ref()
+                .is_none_or(|w| w.contains(&r.listed.state))
                 && matches_metadata(r, &q.metadata)
                 && q.started_after_ms.is_none_or(|t| r.created_ms >= t)
                 && q.template.as_ref().is_none_or(|t| {
-                    &r.source == t || r.image.to_hex() == *t || r.image.to_hex().starts_with(t)
+                    &r.listed.template_id == t
+                        || r.image.as_ref().is_some_and(|i| i == t || i.starts_with(t))
                 })
         })
         .collect();
-    recs.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    rows.sort_by(|a, b| a.key().cmp(&b.key()));
     if !q.ascending {
-        recs.reverse();
+        rows.reverse();
     }
-    let running = recs
+    let running = rows
         .iter()
-        .filter(|r| types::SandboxState::of(r) == Some(types::SandboxState::Running))
+        .filter(|r| r.listed.state == types::SandboxState::Running)
         .count();
     let start = match &q.next_token {
         None => 0,
         Some(t) => {
             let (ms, id) = parse_cursor(t)?;
-            let key = (ms, id);
-            recs.iter()
+            let key = (ms, id.as_str());
+            rows.iter()
                 .position(|r| {
-                    let k = (r.created_ms, r.id.clone());
                     if q.ascending {
-                        k > key
+                        r.key() > key
                     } else {
-                        k < key
+                        r.key() < key
                     }
                 })
-                .unwrap_or(recs.len())
+                .unwrap_or(rows.len())
         }
     };
-    let page: Vec<&SandboxRecord> = recs.iter().skip(start).take(q.limit).collect();
-    let more = start + page.len() < recs.len();
+    let total = rows.len();
+    let page: Vec<Row> = rows.into_iter().skip(start).take(q.limit).collect();
+    let more = start + page.len() < total;
     let mut headers = HeaderMap::new();
     if more {
         if let Some(last) = page.last() {
@@ -215,7 +276,7 @@ pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> Api
     {
         headers.insert("x-total-running", hv(&running.to_string()));
     }
-    let body: Vec<types::ListedSandbox> = page.into_iter().map(listed_json).collect();
+    let body: Vec<types::ListedSandbox> = page.into_iter().map(|r| r.listed).collect();
     Ok((headers, Json(body)).into_response())
 }
 
@@ -234,14 +295,13 @@ pub(super) async fn list_v1(
             metadata.extend(parse_metadata(&v)?);
         }
     }
-    let mut recs: Vec<SandboxRecord> = all_sandboxes(&state)
+    let mut rows: Vec<Row> = all_sandboxes(&state)
         .await?
         .into_iter()
         .filter(|r| {
-            types::SandboxState::of(r) == Some(types::SandboxState::Running)
-                && matches_metadata(r, &metadata)
+            r.listed.state == types::SandboxState::Running && matches_metadata(r, &metadata)
         })
         .collect();
-    recs.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-    Ok(Json(recs.iter().map(listed_json).collect()))
+    rows.sort_by(|a, b| b.key().cmp(&a.key()));
+    Ok(Json(rows.into_iter().map(|r| r.listed).collect()))
 }

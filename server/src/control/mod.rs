@@ -201,6 +201,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/templates/{id}/builds/{build}/status", get(build_status))
         .route("/templates/{id}/builds/{build}/logs", get(build_logs))
         .fallback(not_found)
+        // Cluster mode's forwarding and catalog writes, after the key check (layers run
+        // outermost first: the last added).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::control,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -220,6 +226,15 @@ async fn not_found(uri: Uri) -> ApiError {
 
 /// `X-API-Key` must match, compared in constant time.
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    // Cluster mode: another node checked the client's key and proved itself with the
+    // cluster secret (crate::cluster::admit).
+    if req
+        .extensions()
+        .get::<crate::cluster::Forwarded>()
+        .is_some()
+    {
+        return next.run(req).await;
+    }
     let given = req
         .headers()
         .get("x-api-key")

@@ -81,8 +81,9 @@ pub struct ListedSandbox {
     pub template_id: String,
     #[serde(rename = "sandboxID")]
     pub sandbox_id: String,
+    /// [`CLIENT_ID`]; in cluster mode, the id of the node that owns the sandbox.
     #[serde(rename = "clientID")]
-    pub client_id: &'static str,
+    pub client_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     /// RFC 3339.

@@ -1,0 +1,156 @@
+//! Placement: which live node gets a new sandbox. Simple and deterministic, on purpose:
+//!
+//! 1. A node has room when its free memory covers the sandbox plus [`RESERVE_MIB`] for the
+//!    host, its sandboxes stay under its `max_sandboxes`, and the vCPUs given to its
+//!    sandboxes stay within [`CPU_OVERCOMMIT`] times its CPUs.
+//! 2. Among those, the one with the fewest running sandboxes; ties go to the most vCPUs
+//!    left, then to the smallest node id (so the same cluster state always gives the same
+//!    answer; free memory, which moves all the time, is a filter, not a rank).
+//!
+//! The running sandboxes of each node are counted from the catalog ([`count_from_catalog`]),
+//! which every node updates before it answers a change, not taken from the node's published
+//! info, which is renewed every few seconds: two creates in a row see the first one.
+//!
+//! What it does not weigh yet (issue 20's later parts): where a template's or snapshot's
+//! chunks already are.
+
+use crate::{NodeInfo, SandboxEntry, SandboxState};
+
+/// Memory every node keeps for itself and its page cache.
+pub const RESERVE_MIB: u64 = 256;
+/// How many vCPUs of sandboxes one CPU takes: sandboxes are mostly idle and their vCPUs
+/// time-shared (gVisor's default is 2 vCPUs each; at 4x a 2-core host would stop at four
+/// sandboxes), so memory is the limit that binds; this only stops a pile-up.
+pub const CPU_OVERCOMMIT: u32 = 16;
+
+/// What a new sandbox needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Need {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// Whether `n` can take a sandbox that needs `need`.
+pub fn has_room(n: &NodeInfo, need: Need) -> bool {
+    n.free_memory_mib >= need.memory_mib.saturating_add(RESERVE_MIB)
+        && n.sandboxes < n.max_sandboxes
+        && n.sandbox_cpus.saturating_add(need.cpus) <= n.cpus.saturating_mul(CPU_OVERCOMMIT)
+}
+
+/// Sets each node's running sandboxes and their vCPUs from the catalog's `entries`.
+pub fn count_from_catalog(nodes: &mut [(String, NodeInfo)], entries: &[(String, SandboxEntry)]) {
+    for (id, n) in nodes.iter_mut() {
+        let running = || {
+            entries
+                .iter()
+                .filter(|(_, e)| e.node == *id && e.state == SandboxState::Running)
+        };
+        n.sandboxes = running().count() as u32;
+        n.sandbox_cpus = running().map(|(_, e)| e.cpus).sum();
+    }
+}
+
+/// The node for a sandbox that needs `need`, among `nodes` (id, info); None when none has room.
+pub fn choose(nodes: &[(String, NodeInfo)], need: Need) -> Option<&str> {
+    nodes
+        .iter()
+        .filter(|(_, n)| has_room(n, need))
+        .min_by(|(a_id, a), (b_id, b)| {
+            let left = |n: &NodeInfo| {
+                n.cpus
+                    .saturating_mul(CPU_OVERCOMMIT)
+                    .saturating_sub(n.sandbox_cpus)
+            };
+            a.sandboxes
+                .cmp(&b.sandboxes)
+                .then(left(b).cmp(&left(a)))
+                .then(a_id.cmp(b_id))
+        })
+        .map(|(id, _)| id.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(free: u64, sandboxes: u32, sandbox_cpus: u32) -> NodeInfo {
+        NodeInfo {
+            advertise: String::new(),
+            cpus: 2,
+            memory_mib: 4096,
+            free_memory_mib: free,
+            sandboxes,
+            sandbox_cpus,
+            max_sandboxes: 10,
+            updated_ms: 0,
+        }
+    }
+
+    const NEED: Need = Need {
+        cpus: 1,
+        memory_mib: 512,
+    };
+
+    #[test]
+    fn fewest_sandboxes_then_id() {
+        let nodes = vec![
+            ("c".to_string(), node(4000, 0, 0)),
+            ("a".to_string(), node(2000, 1, 1)),
+            ("b".to_string(), node(1000, 0, 0)),
+        ];
+        assert_eq!(choose(&nodes, NEED), Some("b"));
+        let nodes = vec![
+            ("c".to_string(), node(4000, 1, 1)),
+            ("a".to_string(), node(2000, 1, 1)),
+        ];
+        assert_eq!(choose(&nodes, NEED), Some("a"));
+    }
+
+    #[test]
+    fn only_nodes_with_room() {
+        let full_memory = node(512 + RESERVE_MIB - 1, 0, 0);
+        let full_count = node(4000, 10, 1);
+        let full_cpus = node(4000, 1, 2 * CPU_OVERCOMMIT);
+        for n in [&full_memory, &full_count, &full_cpus] {
+            assert!(!has_room(n, NEED), "{n:?}");
+        }
+        let nodes = vec![
+            ("a".to_string(), full_memory),
+            ("b".to_string(), full_count),
+            ("c".to_string(), full_cpus),
+        ];
+        assert_eq!(choose(&nodes, NEED), None);
+        assert!(has_room(&node(512 + RESERVE_MIB, 9, 7), NEED));
+        assert_eq!(choose(&[], NEED), None);
+    }
+
+    #[test]
+    fn the_catalog_counts() {
+        let entry = |node: &str, state| SandboxEntry {
+            node: node.into(),
+            state,
+            template: "t".into(),
+            alias: None,
+            metadata: Default::default(),
+            started_ms: 0,
+            end_ms: None,
+            cpus: 2,
+            memory_mib: 512,
+            disk_mib: 0,
+        };
+        // a's info is stale (it says 0); the catalog has two running there, one paused at b.
+        let mut nodes = vec![
+            ("a".to_string(), node(4000, 0, 0)),
+            ("b".to_string(), node(4000, 3, 3)),
+        ];
+        let entries = vec![
+            ("1".to_string(), entry("a", SandboxState::Running)),
+            ("2".to_string(), entry("a", SandboxState::Running)),
+            ("3".to_string(), entry("b", SandboxState::Paused)),
+        ];
+        count_from_catalog(&mut nodes, &entries);
+        assert_eq!((nodes[0].1.sandboxes, nodes[0].1.sandbox_cpus), (2, 4));
+        assert_eq!((nodes[1].1.sandboxes, nodes[1].1.sandbox_cpus), (0, 0));
+        assert_eq!(choose(&nodes, NEED), Some("b"));
+    }
+}

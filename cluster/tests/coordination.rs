@@ -1,0 +1,193 @@
+//! kiln-cluster against a real 3-member etcd (tests/src/etcd.rs): compare-and-swap conflicts
+//! are seen, a node whose lease runs out leaves the cluster (and joins again on its next
+//! renewal), and a killed member is survived.
+
+use kiln_cluster::membership::{self, Membership};
+use kiln_cluster::{Catalog, Etcd, NodeInfo, SandboxEntry, SandboxState};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn entry(node: &str, state: SandboxState) -> SandboxEntry {
+    SandboxEntry {
+        node: node.into(),
+        state,
+        template: "base".into(),
+        alias: None,
+        metadata: [("k".to_string(), "v".to_string())].into(),
+        started_ms: 1,
+        end_ms: Some(2),
+        cpus: 1,
+        memory_mib: 512,
+        disk_mib: 1024,
+    }
+}
+
+#[test]
+fn catalog_compare_and_swap() {
+    let Some(cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+        let cat = Catalog::new(etcd);
+        let r1 = cat
+            .create("sb1", &entry("a", SandboxState::Running))
+            .await
+            .unwrap()
+            .unwrap();
+        // A second create of the same id is refused.
+        assert_eq!(
+            cat.create("sb1", &entry("b", SandboxState::Running))
+                .await
+                .unwrap(),
+            None
+        );
+        let r2 = cat
+            .update("sb1", &entry("a", SandboxState::Paused), r1)
+            .await
+            .unwrap()
+            .expect("update at the current revision");
+        assert!(r2 > r1);
+        // A writer still at r1 lost the race: nothing written.
+        assert_eq!(
+            cat.update("sb1", &entry("b", SandboxState::Running), r1)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(!cat.remove("sb1", r1).await.unwrap());
+        let (e, rev) = cat.get("sb1").await.unwrap().unwrap();
+        assert_eq!((e, rev), (entry("a", SandboxState::Paused), r2));
+        cat.create("sb2", &entry("b", SandboxState::Running))
+            .await
+            .unwrap()
+            .unwrap();
+        let ids: Vec<String> = cat
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, ..)| id)
+            .collect();
+        assert_eq!(ids, ["sb1", "sb2"]);
+        assert!(cat.remove("sb1", r2).await.unwrap());
+        assert_eq!(cat.get("sb1").await.unwrap(), None);
+    });
+}
+
+fn info(advertise: &str) -> NodeInfo {
+    NodeInfo {
+        advertise: advertise.into(),
+        cpus: 2,
+        memory_mib: 4096,
+        free_memory_mib: 2048,
+        max_sandboxes: 10,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn lease_expiry_removes_a_node() {
+    let Some(cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+        let a = Membership::register(etcd.clone(), "a", info("http://a"), 2)
+            .await
+            .unwrap();
+        let keep = a.spawn_keepalive();
+        let b = Membership::register(etcd.clone(), "b", info("http://b"), 2)
+            .await
+            .unwrap();
+        let ids = |v: Vec<(String, NodeInfo)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(membership::nodes(&etcd).await.unwrap()), ["a", "b"]);
+        // The same id twice: refused once the first holder's lease has outlived the wait.
+        let again = Membership::register(etcd.clone(), "a", info("http://x"), 2).await;
+        assert!(
+            matches!(again, Err(kiln_cluster::Error::NodeIdTaken(_))),
+            "{:?}",
+            again.err()
+        );
+        // b never renews: gone after its TTL; a renews and stays.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(ids(membership::nodes(&etcd).await.unwrap()), ["a"]);
+        let mut i = info("http://a");
+        i.sandboxes = 3;
+        a.set_info(i);
+        a.renew().await.unwrap();
+        let got = membership::node(&etcd, "a").await.unwrap().unwrap();
+        assert_eq!((got.advertise.as_str(), got.sandboxes), ("http://a", 3));
+        // b's next renewal (etcd was away longer than the TTL, say) joins again.
+        b.renew().await.unwrap();
+        assert_eq!(ids(membership::nodes(&etcd).await.unwrap()), ["a", "b"]);
+        keep.abort();
+        a.leave().await.unwrap();
+        b.leave().await.unwrap();
+        assert!(membership::nodes(&etcd).await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn a_killed_member_is_survived() {
+    let Some(mut cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    let rt = rt();
+    let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+    let cat = Catalog::new(etcd.clone());
+    let rev = rt
+        .block_on(cat.create("sb", &entry("a", SandboxState::Running)))
+        .unwrap()
+        .unwrap();
+    // The first endpoint (the one tried first) dies: calls go on through the others.
+    cluster.kill(0);
+    let rev = rt
+        .block_on(cat.update("sb", &entry("a", SandboxState::Paused), rev))
+        .unwrap()
+        .expect("written through another member");
+    assert_eq!(rt.block_on(cat.get("sb")).unwrap().unwrap().1, rev);
+    cluster.restart(0);
+    cluster.kill(1);
+    cluster.kill(2);
+    // No majority: a clear error, not a hang.
+    let err = rt
+        .block_on(cat.update("sb", &entry("a", SandboxState::Running), rev))
+        .unwrap_err();
+    assert!(matches!(err, kiln_cluster::Error::Unreachable(_)), "{err}");
+    cluster.restart(1);
+    // A majority again (members 0 and 1): the write goes through. The attempt without a
+    // majority may have been committed after all (a leader that had not yet stepped down kept
+    // it in its log): then the retry's comparison fails and the entry already says Running.
+    let mut state = None;
+    for _ in 0..50 {
+        match rt.block_on(cat.update("sb", &entry("a", SandboxState::Running), rev)) {
+            Ok(Some(_)) => {
+                state = Some(SandboxState::Running);
+                break;
+            }
+            Ok(None) => {
+                state = rt.block_on(cat.get("sb")).unwrap().map(|(e, _)| e.state);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    assert_eq!(
+        state,
+        Some(SandboxState::Running),
+        "no write after a majority came back"
+    );
+    // Every endpoint down: Unreachable names them.
+    let dead = Etcd::new(&["http://127.0.0.1:1"]).unwrap();
+    let err = rt.block_on(dead.get("x")).unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
