@@ -39,11 +39,13 @@ const LEASE_TTL_SECS: u64 = 5;
 /// The most sandboxes one node takes.
 const MAX_SANDBOXES: u32 = 256;
 /// What placement assumes a new sandbox needs: the request names a template whose size the
-/// node that has it knows (E2B's defaults: 2 vCPUs, 512 MiB).
-const CREATE_NEED: Need = Need {
-    cpus: 2,
-    memory_mib: 512,
-};
+/// node that has it knows, so a gVisor sandbox of kiln's defaults.
+fn create_need() -> Need {
+    Need {
+        cpus: kiln_runtime::default_cpus(kiln_runtime::RuntimeKind::Gvisor),
+        memory_mib: kiln_runtime::DEFAULT_MEMORY_MIB,
+    }
+}
 
 /// How this node joins a cluster.
 #[derive(Clone, Debug)]
@@ -452,7 +454,7 @@ pub(crate) async fn control(
                     Err(e) => return unavailable(e),
                 };
             placement::count_from_catalog(&mut nodes, &entries);
-            match placement::choose(&nodes, CREATE_NEED) {
+            match placement::choose(&nodes, create_need()) {
                 Some(node) if node != c.node_id => return c.forward(node, req).await,
                 Some(_) => {}
                 None => {
