@@ -532,6 +532,11 @@ fn state_file_of(store: &Store, snap: &BlobId) -> Option<BlobId> {
 /// `dir/run` and `dir/ctl`.
 fn replay_bundle(kiln_config: &Value, dir: &Path) -> Result<PathBuf> {
     let mut spec = kiln_config.clone();
+    // Not kiln's sandbox's cgroups: runsc would make them again under that sandbox's name
+    // (with `--raw-like-kiln`) after kiln removed them, and nothing would remove them then.
+    if let Some(linux) = spec["linux"].as_object_mut() {
+        linux.remove("cgroupsPath");
+    }
     let run = dir.join("run");
     let ctl = dir.join("ctl");
     std::fs::create_dir_all(&run)?;
