@@ -20,6 +20,23 @@ CMD [\"sh\"]
 /// publishes the count in /tmp/count every 50 ms by rename, so a reader never sees it half written.
 pub const COUNTER_LOOP: &str = "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &";
 
+/// The count [`COUNTER_LOOP`] last published in `id`, waiting (at most 20 s) for its first:
+/// the loop starts in the background, and a command may come before it wrote anything.
+pub fn counter(k: &Kiln, id: &str) -> u64 {
+    let t = std::time::Instant::now();
+    loop {
+        let out = sh(k, id, "cat /tmp/count 2>/dev/null || true");
+        if let Ok(n) = out.trim().parse() {
+            return n;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "no count in {id} after 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Why gVisor sandboxes cannot run here, if they cannot.
 pub fn gvisor_unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.

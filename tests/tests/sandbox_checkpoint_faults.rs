@@ -107,9 +107,9 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
     let check_running_and_clean = |what: &str| {
         let rec = k.json(["sandbox", "info", &id, "--json"]);
         assert_eq!(rec["state"], "running", "{what}: {rec}");
-        let a: u64 = sh(&k, &id, "cat /tmp/count").trim().parse().unwrap();
+        let a: u64 = kiln_tests::sandbox::counter(&k, &id);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let b: u64 = sh(&k, &id, "cat /tmp/count").trim().parse().unwrap();
+        let b: u64 = kiln_tests::sandbox::counter(&k, &id);
         assert!(b > a, "{what}: the sandbox's counter stopped at {a}");
         assert_eq!(sh(&k, &id, "cat /work/note"), "kept\n");
         let (unnamed, holds) = debris(&k);
@@ -135,10 +135,10 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
 
     // With room again the same sandbox pauses and resumes whole.
     sh(&k, &id, "rm /tmp/fill /tmp/fill2");
-    let before: u64 = sh(&k, &id, "cat /tmp/count").trim().parse().unwrap();
+    let before: u64 = kiln_tests::sandbox::counter(&k, &id);
     k.ok(["sandbox", "pause", &id]);
     k.ok(["sandbox", "resume", &id]);
-    let after: u64 = sh(&k, &id, "cat /tmp/count").trim().parse().unwrap();
+    let after: u64 = kiln_tests::sandbox::counter(&k, &id);
     assert!(after >= before);
     assert_eq!(sh(&k, &id, "cat /work/note"), "kept\n");
     k.ok(["sandbox", "kill", &id]);

@@ -42,7 +42,7 @@ fn subject(k: &Kiln, tmp: &Path) -> Subject {
 }
 
 fn count(k: &Kiln, id: &str) -> u64 {
-    sh(k, id, "cat /tmp/count").trim().parse().unwrap()
+    kiln_tests::sandbox::counter(k, id)
 }
 
 /// Live (not zombie) processes whose command line holds the argument `arg`: (pid, parent

@@ -257,7 +257,7 @@ fn pause_resume_snapshot_and_fork_continue_memory_and_files() {
         .to_string();
     // An in-memory counter (a shell variable) written out every 50 ms.
     sh(&k, &id, &format!("echo kept > /work/state; {COUNTER_LOOP}"));
-    let count = |id: &str| -> u64 { sh(&k, id, "cat /tmp/count").trim().parse().unwrap() };
+    let count = |id: &str| -> u64 { kiln_tests::sandbox::counter(&k, id) };
     std::thread::sleep(Duration::from_millis(400));
     let before = count(&id);
 
@@ -344,7 +344,7 @@ fn pause_in_one_home_resume_in_another_through_s3() {
         &format!("echo travelled > /work/note; {COUNTER_LOOP}"),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let before: u64 = sh(&a, &id, "cat /tmp/count").trim().parse().unwrap();
+    let before: u64 = kiln_tests::sandbox::counter(&a, &id);
     let paused = a.json(["sandbox", "pause", &id, "--push", "--json"]);
     let snap = paused["saved"].as_str().unwrap().to_string();
 
@@ -352,7 +352,7 @@ fn pause_in_one_home_resume_in_another_through_s3() {
     let rec = b.json(["sandbox", "resume", &snap, "--json"]);
     let bid = rec["id"].as_str().unwrap();
     assert_eq!(sh(&b, bid, "cat /work/note"), "travelled\n");
-    let after: u64 = sh(&b, bid, "cat /tmp/count").trim().parse().unwrap();
+    let after: u64 = kiln_tests::sandbox::counter(&b, bid);
     assert!(after >= before, "{before} -> {after}");
 }
 

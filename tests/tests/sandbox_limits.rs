@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn count(k: &kiln_tests::Kiln, id: &str) -> u64 {
-    sh(k, id, "cat /tmp/count").trim().parse().unwrap_or(0)
+    kiln_tests::sandbox::counter(k, id)
 }
 
 /// Waits (bounded) until `id`'s counter passes `n`.
