@@ -209,11 +209,15 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
                 .trim()
                 .parse()
                 .unwrap();
-            // gVisor refuses a clone past pids.max, but its pids.current (committed plus
-            // pending charges) reads above it during a burst of clones: seen up to 308 for
-            // 256 at load 15. Unbounded, a bomb reaches thousands within these seconds.
+            // gVisor 20240729 checks a clone against pids.max only now and then: its
+            // `Task.chargeLocked` charges the first of the task's cgroups in Go's random map
+            // order, one per mounted hierarchy, and a cgroup without the pids controller
+            // takes the charge without a check; the new task then enters the pids cgroup
+            // uncharged. So the count passes the limit during a burst: seen up to 308 for
+            // 256 at load 15 and up to 491 on a quiet host (the old agent alike). Unbounded,
+            // a bomb reaches thousands within these seconds.
             assert!(
-                n <= limit + limit / 2,
+                n <= limit * 5 / 2,
                 "{n} tasks, far past the limit of {limit}"
             );
             peak = peak.max(n);
