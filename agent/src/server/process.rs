@@ -566,29 +566,11 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
     let Some(prog) = req.argv.first() else {
         return fail(ErrorKind::Invalid, "exec: empty argv");
     };
-    let mut cmd = Command::new(prog);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .env("PATH", DEFAULT_PATH);
     let user = match (&req.identity, req.user.as_deref()) {
         (Some(id), _) => Some(id.clone()),
         (None, Some(spec)) => Some(exec_user(spec)?),
         (None, None) => None,
     };
-    if let Some(u) = &user {
-        cmd.env("HOME", &u.home);
-        if u.known {
-            cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-        }
-    }
-    if req.tty.is_some() {
-        cmd.env("TERM", "xterm-256color");
-    }
-    cmd.envs(&req.env);
-    // With a user, the directory is entered as that user (below), as runc does.
-    if let (Some(cwd), None) = (&req.cwd, &user) {
-        cmd.current_dir(cwd);
-    }
     let path = req.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
     // Without a tty, this thread itself takes on the process's cgroup and user while it starts
     // it (`ThreadInWork`, `ThreadAs`), so std can start it with posix_spawn (a vfork) instead
@@ -606,23 +588,33 @@ fn spawn(req: &ExecRequest) -> Res<Arc<Proc>> {
             format!("exec {prog}: no such program (or not executable)"),
         );
     };
-    if in_thread {
-        let mut c = Command::new(&found);
-        c.arg0(prog);
-        // Swapped in with what was set so far (arguments, environment).
-        c.args(cmd.get_args());
-        c.env_clear();
-        for (k, v) in cmd.get_envs() {
-            if let Some(v) = v {
-                c.env(k, v);
-            }
+    let mut cmd = Command::new(if in_thread {
+        found.as_os_str()
+    } else {
+        prog.as_ref()
+    });
+    cmd.arg0(prog)
+        .args(&req.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH);
+    if let Some(u) = &user {
+        cmd.env("HOME", &u.home);
+        if u.known {
+            cmd.env("USER", &u.name).env("LOGNAME", &u.name);
         }
-        cmd = c;
-        if let Some(cwd) = &req.cwd {
-            // Entered by the new process, already as its user.
+    }
+    if req.tty.is_some() {
+        cmd.env("TERM", "xterm-256color");
+    }
+    cmd.envs(&req.env);
+    // With a user, the directory is entered as that user, as runc does: by the new process
+    // itself when this thread starts it as the user, else in `run_as`.
+    if let Some(cwd) = &req.cwd {
+        if in_thread || user.is_none() {
             cmd.current_dir(cwd);
         }
-    } else {
+    }
+    if !in_thread {
         if let Some(fd) = crate::limits::work_cgroup_fd() {
             // Into the task-limited cgroup before it runs anything (see `limits`).
             // SAFETY: the closure makes one async-signal-safe call (write).
