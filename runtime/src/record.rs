@@ -556,8 +556,14 @@ impl SandboxDir {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&p)
-            .ctx("open", &p)?;
+            .open(&p);
+        let f = match f {
+            // The sandbox was removed (renamed away) since it was looked up.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(self.id()));
+            }
+            r => r.ctx("open", &p)?,
+        };
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             Ok(Some(Lock { _file: f }))
@@ -612,6 +618,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandbox_removed_after_its_lookup_is_not_found_when_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::new(tmp.path().join("abc"));
+        std::fs::create_dir(dir.path()).unwrap();
+        assert!(dir.try_lock().unwrap().is_some());
+        // What `remove` does while another caller holds the path it resolved.
+        std::fs::rename(dir.path(), tmp.path().join(".gone-abc")).unwrap();
+        match dir.lock(std::time::Duration::from_millis(50)) {
+            Err(Error::NotFound(id)) => assert_eq!(id, "abc"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("locked a removed sandbox"),
+        }
+        assert!(
+            !dir.path().exists(),
+            "the lookup recreated the removed sandbox"
+        );
+    }
 
     #[test]
     fn deadlines_saturate() {

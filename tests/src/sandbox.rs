@@ -37,6 +37,21 @@ pub fn counter(k: &Kiln, id: &str) -> u64 {
     }
 }
 
+/// Whether [`COUNTER_LOOP`] in `id` still counts: waits (at most 15 s, the loop is slow on a
+/// loaded host) for the count to pass its present value; returns the two counts.
+pub fn counter_advances(k: &Kiln, id: &str) -> Option<(u64, u64)> {
+    let a = counter(k, id);
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(15) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let b = counter(k, id);
+        if b > a {
+            return Some((a, b));
+        }
+    }
+    None
+}
+
 /// Why gVisor sandboxes cannot run here, if they cannot.
 pub fn gvisor_unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.

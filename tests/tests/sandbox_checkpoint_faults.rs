@@ -107,10 +107,10 @@ fn a_full_disk_fails_the_pause_clearly_and_leaves_the_sandbox_running_and_the_st
     let check_running_and_clean = |what: &str| {
         let rec = k.json(["sandbox", "info", &id, "--json"]);
         assert_eq!(rec["state"], "running", "{what}: {rec}");
-        let a: u64 = kiln_tests::sandbox::counter(&k, &id);
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let b: u64 = kiln_tests::sandbox::counter(&k, &id);
-        assert!(b > a, "{what}: the sandbox's counter stopped at {a}");
+        assert!(
+            kiln_tests::sandbox::counter_advances(&k, &id).is_some(),
+            "{what}: the sandbox's counter stopped"
+        );
         assert_eq!(sh(&k, &id, "cat /work/note"), "kept\n");
         let (unnamed, holds) = debris(&k);
         assert_eq!(unnamed, unnamed0, "{what}: blobs without a name were left");
