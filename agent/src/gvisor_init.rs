@@ -8,6 +8,10 @@
 //! own over it with a small cache ([`PROC_DENTRY_CACHE`]), then gives up `CAP_SYS_ADMIN`,
 //! which the runtime grants it for this mount alone: it leaves the bounding set, so no process
 //! of the sandbox ever has it.
+//!
+//! `CAP_SYS_RESOURCE` (also granted by the runtime for the agent alone) stays in the agent's
+//! effective set, and leaves the bounding and inheritable sets: the agent is exempt from the
+//! per-user task limit it sets ([`crate::limits`]), and no process it starts can gain it.
 
 use std::ffi::CString;
 
@@ -18,13 +22,16 @@ pub const PROC_DENTRY_CACHE: u32 = 8;
 
 /// `CAP_SYS_ADMIN` (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
+/// `CAP_SYS_RESOURCE` (linux/capability.h).
+const CAP_SYS_RESOURCE: u32 = 24;
 
 /// Mounts the small-cache procfs over `/proc`, then drops `CAP_SYS_ADMIN` from every set of
-/// this thread (the only one). The drop happens whether or not the mount worked; an error
-/// says what did not work. Call it before any thread is spawned: capabilities are per thread.
+/// this thread (the only one) and `CAP_SYS_RESOURCE` from all but its effective and permitted
+/// sets. The drops happen whether or not the mount worked; an error says what did not work.
+/// Call it before any thread is spawned: capabilities are per thread.
 pub fn init() -> Result<(), String> {
     let mounted = mount_proc();
-    let dropped = drop_sys_admin();
+    let dropped = drop_caps();
     mounted.and(dropped)
 }
 
@@ -68,20 +75,18 @@ struct CapData {
 /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
-fn drop_sys_admin() -> Result<(), String> {
+fn drop_caps() -> Result<(), String> {
     let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_CAPBSET_DROP,
-            CAP_SYS_ADMIN as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(os("drop CAP_SYS_ADMIN from the bounding set"));
+    for (cap, name) in [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
+    ] {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        // EINVAL: a kernel that does not know the capability, nothing to drop.
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(os(&format!("drop {name} from the bounding set")));
+        }
     }
     let mut header = CapHeader {
         version: CAP_VERSION_3,
@@ -93,15 +98,26 @@ fn drop_sys_admin() -> Result<(), String> {
     if r != 0 {
         return Err(os("capget"));
     }
-    let bit = !(1u32 << CAP_SYS_ADMIN);
-    data[0].effective &= bit;
-    data[0].permitted &= bit;
-    data[0].inheritable &= bit;
+    let admin = !(1u32 << CAP_SYS_ADMIN);
+    data[0].effective &= admin;
+    data[0].permitted &= admin;
+    data[0].inheritable &= admin & !(1u32 << CAP_SYS_RESOURCE);
     // SAFETY: capset reads the header and two CapData, all valid for the call.
     let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
     if r != 0 {
         return Err(os("drop CAP_SYS_ADMIN"));
     }
+    // An ambient capability would survive exec: none may (Docker's set gives none anyway).
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
     Ok(())
 }
 
@@ -123,7 +139,7 @@ mod tests {
     }
 
     #[test]
-    fn sys_admin_leaves_every_set_and_the_rest_stays() {
+    fn sys_admin_leaves_every_set_sys_resource_stays_effective_only_and_the_rest_stays() {
         if !masks()
             .iter()
             .any(|(k, m)| k == "CapEff" && m & (1 << CAP_SYS_ADMIN) != 0)
@@ -131,15 +147,21 @@ mod tests {
             eprintln!("SKIP: this test process has no CAP_SYS_ADMIN to drop");
             return;
         }
+        // Some hosts' containers give root no CAP_SYS_RESOURCE to keep.
+        let had_resource = masks()
+            .iter()
+            .any(|(k, m)| k == "CapEff" && m & (1 << CAP_SYS_RESOURCE) != 0);
         // In a child process: the drop is for good.
-        // SAFETY: the child only reads /proc, calls drop_sys_admin and exits.
+        // SAFETY: the child only reads /proc, calls drop_caps and exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let ok = drop_sys_admin().is_ok()
+            let ok = drop_caps().is_ok()
                 && masks().iter().all(|(k, m)| {
-                    m & (1 << CAP_SYS_ADMIN) == 0 && (k == "CapInh" || m & (1 << 0) != 0)
-                    // CAP_CHOWN kept
+                    let resource = m & (1 << CAP_SYS_RESOURCE) != 0;
+                    m & (1 << CAP_SYS_ADMIN) == 0
+                        && (k == "CapInh" || m & (1 << 0) != 0) // CAP_CHOWN kept
+                        && resource == (had_resource && (k == "CapEff" || k == "CapPrm"))
                 });
             // SAFETY: _exit in the forked child, no unwinding into the test harness.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
@@ -149,7 +171,8 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "CAP_SYS_ADMIN still there, or another capability went: {status:#x}"
+            "CAP_SYS_ADMIN still there, CAP_SYS_RESOURCE beyond the agent, or another \
+             capability went: {status:#x}"
         );
     }
 }

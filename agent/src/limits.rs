@@ -13,11 +13,21 @@
 //! of files (`Cached` minus `Shmem`) is left out, as the host reclaims it. Polling is cheap
 //! (one read of a synthetic file) and quickens as usage nears the limit.
 //!
-//! Tasks: gVisor bounds tasks with its own cgroupfs `pids` controller (the host's
-//! `pids.max` only bounds the sentry's threads, and reaching it panics the sentry). The agent
-//! makes a child cgroup `kiln-work` with `pids.max` and starts every process in it, staying
-//! outside itself, so a fork bomb stops at the limit and the agent can still spawn the
-//! threads it serves requests with.
+//! Tasks: the host's `pids.max` only bounds the sentry's threads (and reaching it panics the
+//! sentry), so the bound is gVisor's own, three layers deep:
+//! - Its cgroupfs `pids` controller: the agent makes a child cgroup `kiln-work` with
+//!   `pids.max` and starts every process in it, staying outside itself. Its count is exact,
+//!   but runsc 20240729 checks a clone against `pids.max` only now and then
+//!   (`Task.chargeLocked` charges the first of a task's seven cgroups, one per hierarchy, in
+//!   Go's random map order; the others take the charge unchecked): a fork bomb went to 491
+//!   tasks for a limit of 256.
+//! - `RLIMIT_NPROC`, which gVisor checks at every clone, per real user: set on the agent
+//!   (soft and hard) and inherited by all it starts, with [`AGENT_TASKS`] of room for the
+//!   agent's own threads, which count for root. A process that lacks `CAP_SYS_RESOURCE` (all
+//!   but the agent: see `gvisor_init`) cannot raise it. A bomb of one user stops there.
+//! - Root can still spread processes over many users, each with a budget of its own; so once
+//!   `kiln-work` holds half as many tasks again as its limit, the agent SIGKILLs the process
+//!   group with the most tasks, one at a time, as the OOM killer does with memory.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -36,6 +46,11 @@ static HOME_TASKS: AtomicI32 = AtomicI32::new(-1);
 /// Where gVisor's cgroupfs `pids` controller of the container appears (its cgroup mount).
 const PIDS_ROOT: &str = "/sys/fs/cgroup/pids";
 const WORK_CGROUP: &str = "kiln-work";
+/// The task limit of `kiln-work` (0: none), for the watch in the OOM killer's loop.
+static TASK_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// Room in root's `RLIMIT_NPROC` budget for the agent's own threads (a connection thread and
+/// two pumps per running command, the reaper, the OOM killer).
+pub const AGENT_TASKS: u64 = 64;
 
 /// How many processes the OOM killer has ended.
 pub fn oom_kills() -> u64 {
@@ -53,6 +68,7 @@ pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
     }
     std::fs::write(dir.join("pids.max"), pids_max.to_string())
         .map_err(|e| format!("set {}/pids.max: {e}", dir.display()))?;
+    TASK_LIMIT.store(pids_max, Ordering::Relaxed);
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("cgroup.procs"))
@@ -70,6 +86,22 @@ pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
         WORK_TASKS.store(work.as_raw_fd(), Ordering::Relaxed);
         HOME_TASKS.store(home.as_raw_fd(), Ordering::Relaxed);
         std::mem::forget((work, home));
+    }
+    limit_tasks_per_user(pids_max.saturating_add(AGENT_TASKS))
+}
+
+/// Sets `RLIMIT_NPROC` (soft and hard) of the agent, inherited by every process it starts.
+fn limit_tasks_per_user(n: u64) -> Result<(), String> {
+    let rlim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit reads one valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &rlim) } != 0 {
+        return Err(format!(
+            "set RLIMIT_NPROC to {n}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -184,35 +216,84 @@ pub fn poll_interval(in_use: u64, limit: u64) -> Duration {
     })
 }
 
+/// A process group killed by a watch: not killed again (nor another chosen) until it is gone
+/// or a second passed, since what it holds is freed only once it has exited.
+#[derive(Default)]
+struct Victim(Option<(i32, std::time::Instant)>);
+
+impl Victim {
+    fn pending(&self) -> bool {
+        self.0
+            .is_some_and(|(pgrp, at)| alive(pgrp) && at.elapsed() < Duration::from_secs(1))
+    }
+
+    fn kill(&mut self, pgrp: i32) {
+        // SAFETY: kill(2) of a process group in the sandbox, never the agent's.
+        unsafe { libc::kill(-pgrp, libc::SIGKILL) };
+        self.0 = Some((pgrp, std::time::Instant::now()));
+    }
+}
+
+/// Tasks in `kiln-work` past which the task watch kills: half as many again as its limit.
+pub fn task_kill_threshold(limit: u64) -> u64 {
+    limit.saturating_add(limit / 2)
+}
+
+/// The task watch: ends the process group with the most tasks while `kiln-work` holds more
+/// than [`task_kill_threshold`] (see the module's notes).
+fn watch_tasks(victim: &mut Victim, buf: &mut String) {
+    let limit = TASK_LIMIT.load(Ordering::Relaxed);
+    if limit == 0 || victim.pending() {
+        return;
+    }
+    buf.clear();
+    let path = std::path::Path::new(PIDS_ROOT)
+        .join(WORK_CGROUP)
+        .join("pids.current");
+    let Some(tasks) = File::open(path)
+        .and_then(|mut f| std::io::Read::read_to_string(&mut f, buf))
+        .ok()
+        .and_then(|_| buf.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    if tasks <= task_kill_threshold(limit) {
+        return;
+    }
+    if let Some(g) = largest_group(|g| g.tasks, 2) {
+        victim.kill(g.pgrp);
+        eprintln!(
+            "kiln-agent: {tasks} tasks, limit {limit}: killed process group {} ({}, {} tasks)",
+            g.pgrp, g.name, g.tasks
+        );
+    }
+}
+
 fn oom_loop(limit: u64) {
     let mut buf = String::with_capacity(2048);
-    // The last victim: not killed again (nor another chosen) until it is gone or a second
-    // passed, since its memory is freed only once it has exited.
-    let mut victim: Option<(i32, std::time::Instant)> = None;
+    let mut victim = Victim::default();
+    let mut task_victim = Victim::default();
     loop {
+        watch_tasks(&mut task_victim, &mut buf);
         buf.clear();
         let info = File::open("/proc/meminfo")
             .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut buf))
             .map(|_| MemInfo::parse(&buf))
             .unwrap_or_default();
         let in_use = info.in_use();
-        if in_use > limit {
-            let pending = victim
-                .is_some_and(|(pgrp, at)| alive(pgrp) && at.elapsed() < Duration::from_secs(1));
-            if !pending {
-                if let Some((pgrp, rss, name)) = largest_group(min_victim(limit)) {
-                    // SAFETY: kill(2) of a process group in the sandbox, never the agent's.
-                    unsafe { libc::kill(-pgrp, libc::SIGKILL) };
-                    OOM_KILLS.fetch_add(1, Ordering::Relaxed);
-                    victim = Some((pgrp, std::time::Instant::now()));
-                    eprintln!(
-                        "kiln-agent: out of memory ({} MiB in use, limit {} MiB): killed \
-                         process group {pgrp} ({name}, {} MiB resident)",
-                        in_use >> 20,
-                        limit >> 20,
-                        rss >> 20
-                    );
-                }
+        if in_use > limit && !victim.pending() {
+            if let Some(g) = largest_group(|g| g.rss, min_victim(limit)) {
+                victim.kill(g.pgrp);
+                OOM_KILLS.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "kiln-agent: out of memory ({} MiB in use, limit {} MiB): killed \
+                     process group {} ({}, {} MiB resident)",
+                    in_use >> 20,
+                    limit >> 20,
+                    g.pgrp,
+                    g.name,
+                    g.rss >> 20
+                );
             }
         }
         std::thread::sleep(poll_interval(in_use, limit));
@@ -234,13 +315,23 @@ pub fn min_victim(limit: u64) -> u64 {
     (limit / 16).min(16 << 20)
 }
 
-/// The process group with the largest resident set (its processes' together) of at least
-/// `min` bytes, the agent's excluded: (process group id, bytes, name of its largest process).
+/// What a process group holds: its processes' resident sets and tasks together, and the name
+/// of its largest process.
+#[derive(Debug, Default)]
+struct Group {
+    pgrp: i32,
+    rss: u64,
+    tasks: u64,
+    name: String,
+    largest: u64,
+}
+
+/// The process group that holds the most by `measure`, at least `min`, the agent's excluded.
 /// A group, not a process: a command and what it started go together, and a fork bomb of
 /// many small processes is one large group.
-fn largest_group(min: u64) -> Option<(i32, u64, String)> {
+fn largest_group(measure: fn(&Group) -> u64, min: u64) -> Option<Group> {
     let me = std::process::id() as i32;
-    let mut groups: std::collections::HashMap<i32, (u64, u64, String)> = Default::default();
+    let mut groups: std::collections::HashMap<i32, Group> = Default::default();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -260,18 +351,19 @@ fn largest_group(min: u64) -> Option<(i32, u64, String)> {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
-        let (rss, name) = rss_and_name(&status);
+        let p = ProcessUse::parse(&status);
         let g = groups.entry(pgrp).or_default();
-        g.0 = g.0.saturating_add(rss);
-        if rss >= g.1 {
-            (g.1, g.2) = (rss, name);
+        g.pgrp = pgrp;
+        g.rss = g.rss.saturating_add(p.rss);
+        g.tasks = g.tasks.saturating_add(p.threads.max(1));
+        if p.rss >= g.largest || g.name.is_empty() {
+            (g.largest, g.name) = (p.rss, p.name);
         }
     }
     groups
-        .into_iter()
-        .map(|(pgrp, (total, _, name))| (pgrp, total, name))
-        .filter(|g| g.1 >= min.max(1))
-        .max_by_key(|g| g.1)
+        .into_values()
+        .filter(|g| measure(g) >= min.max(1))
+        .max_by_key(measure)
 }
 
 /// The process group of a `/proc/<pid>/stat` line (after the command name: state, ppid, pgrp).
@@ -284,23 +376,35 @@ pub fn pgrp_of(stat: &str) -> Option<i32> {
         .ok()
 }
 
-/// `VmRSS` (bytes) and `Name` of a `/proc/<pid>/status`.
-pub fn rss_and_name(status: &str) -> (u64, String) {
-    let mut rss = 0;
-    let mut name = String::new();
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix("VmRSS:") {
-            rss = v
-                .split_whitespace()
+/// What one process holds, from its `/proc/<pid>/status`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ProcessUse {
+    pub name: String,
+    /// `VmRSS`, bytes.
+    pub rss: u64,
+    pub threads: u64,
+}
+
+impl ProcessUse {
+    pub fn parse(status: &str) -> ProcessUse {
+        let mut p = ProcessUse::default();
+        let number = |v: &str| {
+            v.split_whitespace()
                 .next()
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or(0)
-                .saturating_mul(1024);
-        } else if let Some(v) = line.strip_prefix("Name:") {
-            name = v.trim().to_string();
+        };
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("VmRSS:") {
+                p.rss = number(v).saturating_mul(1024);
+            } else if let Some(v) = line.strip_prefix("Threads:") {
+                p.threads = number(v);
+            } else if let Some(v) = line.strip_prefix("Name:") {
+                p.name = v.trim().to_string();
+            }
         }
+        p
     }
-    (rss, name)
 }
 
 #[cfg(test)]
@@ -334,7 +438,20 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let (rss, name) = rss_and_name("Name:\tpython3\nVmRSS:\t  2048 kB\n");
-        assert_eq!((rss, name.as_str()), (2 << 20, "python3"));
+        let p = ProcessUse::parse("Name:\tpython3\nVmRSS:\t  2048 kB\nThreads:\t3\n");
+        assert_eq!(
+            p,
+            ProcessUse {
+                name: "python3".into(),
+                rss: 2 << 20,
+                threads: 3
+            }
+        );
+    }
+
+    #[test]
+    fn the_task_watch_leaves_room_past_the_limit_and_saturates() {
+        assert_eq!(task_kill_threshold(256), 384);
+        assert_eq!(task_kill_threshold(u64::MAX), u64::MAX);
     }
 }

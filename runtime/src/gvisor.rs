@@ -86,12 +86,14 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
-/// The agent's capabilities as runsc starts it: Docker's set, and `CAP_SYS_ADMIN` for the
-/// one mount it makes first (its own `/proc`, see `kiln_agent::gvisor_init`); it then drops
-/// that from every set, the bounding one included, before it starts a thread or a process.
+/// The agent's capabilities as runsc starts it: Docker's set, `CAP_SYS_ADMIN` for the one
+/// mount it makes first (its own `/proc`), and `CAP_SYS_RESOURCE`, which exempts it from the
+/// per-user task limit it gives what it starts. It drops the first from every set and the
+/// second from the bounding and inheritable sets before it starts a thread or a process
+/// (`kiln_agent::gvisor_init`), so no process it starts has either.
 fn agent_caps() -> Vec<&'static str> {
     let mut caps = DEFAULT_CAPS.to_vec();
-    caps.push("CAP_SYS_ADMIN");
+    caps.extend(["CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"]);
     caps
 }
 /// Chunk size of checkpoint files in the store: one page. runsc writes the committed pages of

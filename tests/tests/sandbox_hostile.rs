@@ -361,7 +361,7 @@ fn creates_killed_at_any_moment_leave_no_mount() {
 /// drops it from every set before it starts anything, so neither it nor any process of the
 /// sandbox has it, and root inside cannot mount.
 #[test]
-fn no_process_inside_has_cap_sys_admin() {
+fn no_process_inside_has_cap_sys_admin_or_sys_resource() {
     let Some((_tmp, k)) = app_home() else { return };
     let _guard = KillAll(k.clone());
     let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
@@ -371,12 +371,17 @@ fn no_process_inside_has_cap_sys_admin() {
         "grep -H -E '^Cap(Bnd|Eff|Prm|Inh)' /proc/1/status /proc/self/status",
     );
     const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_SYS_RESOURCE: u64 = 1 << 24;
     const CAP_CHOWN: u64 = 1;
     let mut seen = 0;
     for line in caps.lines() {
         let hex = line.rsplit('\t').next().unwrap_or_default().trim();
         let mask = u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("{line:?}"));
         assert_eq!(mask & CAP_SYS_ADMIN, 0, "{line}");
+        // The agent (PID 1) alone keeps CAP_SYS_RESOURCE, in its effective and permitted sets.
+        let agent_keeps =
+            line.starts_with("/proc/1/") && !line.contains("CapBnd") && !line.contains("CapInh");
+        assert_eq!(mask & CAP_SYS_RESOURCE != 0, agent_keeps, "{line}");
         if line.contains("CapBnd") {
             // Docker's default set is still there.
             assert_ne!(mask & CAP_CHOWN, 0, "{line}");
@@ -405,5 +410,6 @@ fn no_process_inside_has_cap_sys_admin() {
     k.ok(["sandbox", "resume", &id]);
     let caps = root_sh(&k, &id, "grep -E '^CapBnd' /proc/self/status");
     let hex = caps.rsplit('\t').next().unwrap_or_default().trim();
-    assert_eq!(u64::from_str_radix(hex, 16).unwrap() & CAP_SYS_ADMIN, 0);
+    let mask = u64::from_str_radix(hex, 16).unwrap();
+    assert_eq!(mask & (CAP_SYS_ADMIN | CAP_SYS_RESOURCE), 0, "{caps}");
 }

@@ -7,7 +7,7 @@
 
 use kiln_runtime::gvisor::limits;
 use kiln_tests::sandbox::{app_home, create, exec, sh, KillAll, COUNTER_LOOP};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn count(k: &kiln_tests::Kiln, id: &str) -> u64 {
@@ -148,16 +148,105 @@ fn kiln_within(k: &kiln_tests::Kiln, args: &[&str], limit: Duration) -> Option<(
     }
 }
 
-/// A fork bomb is bounded: the tasks inside never pass the sandbox's task limit, the host's
-/// memory and pid limits of the sandbox are in place, and a neighbour keeps counting. On
-/// runsc 20240729/systrap the bomb's churn grows the sentry's own host memory (every address
-/// space gVisor ever made keeps a host stub process, pooled, never freed: measured 3 GB and
-/// 6,600 host tasks with the backstop lifted) until the backstop ends the sandbox, which then
-/// says so (`failed: out of memory`); where it survives, it is whole again once the bomb is
-/// killed. Either way, kill leaves nothing.
+/// `kiln-work`'s task count, as the agent itself reads it (`cp` starts no process: under a
+/// bomb, no new process may start).
+const TASKS: &str = "/sys/fs/cgroup/pids/kiln-work/pids.current";
+
+/// Samples `id`'s task count for `secs` seconds, asserting each sample is at most `bound`;
+/// returns the largest seen.
+fn peak_tasks(k: &kiln_tests::Kiln, id: &str, scratch: &Path, secs: u64, bound: u64) -> u64 {
+    let copy = scratch.join("tasks");
+    let src = format!("{id}:{TASKS}");
+    let t = Instant::now();
+    let mut peak = 0;
+    while t.elapsed() < Duration::from_secs(secs) {
+        let args = ["sandbox", "cp", &src, copy.to_str().unwrap()];
+        if let Some((_, 0)) = kiln_within(k, &args, Duration::from_secs(3)) {
+            let n: u64 = std::fs::read_to_string(&copy)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(n <= bound, "{n} tasks, past the bound of {bound}");
+            peak = peak.max(n);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(peak > 0, "the task count was never read during the bomb");
+    peak
+}
+
+/// Tells the bombs in `id` to stop (they look for /tmp/stop) and waits (bounded) until no
+/// task is left in `kiln-work`, or the sandbox is no longer running.
+fn stop_bombs(k: &kiln_tests::Kiln, id: &str, scratch: &Path) {
+    let stop = scratch.join("stop");
+    let copy = scratch.join("tasks");
+    let src = format!("{id}:{TASKS}");
+    std::fs::write(&stop, b"").unwrap();
+    let dst = format!("{id}:/tmp/stop");
+    let t = Instant::now();
+    loop {
+        let _ = kiln_within(
+            k,
+            &["sandbox", "cp", stop.to_str().unwrap(), &dst],
+            Duration::from_secs(5),
+        );
+        let args = ["sandbox", "cp", &src, copy.to_str().unwrap()];
+        let n = kiln_within(k, &args, Duration::from_secs(5))
+            .filter(|(_, code)| *code == 0)
+            .and_then(|_| std::fs::read_to_string(&copy).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if n.is_some_and(|n| n == 0) {
+            return;
+        }
+        let rec = k.json(["sandbox", "info", id, "--json"]);
+        if rec["state"] != "running" {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the bomb outlived 60 s after it was told to stop: {n:?} tasks"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A bombed sandbox either runs whole (it answers) or says it ran out of memory; kill then
+/// leaves nothing of it.
+fn whole_or_out_of_memory_then_killed(k: &kiln_tests::Kiln, id: &str) {
+    let rec = k.json(["sandbox", "info", id, "--json"]);
+    if rec["state"] == "running" {
+        assert_eq!(sh(k, id, "echo ok"), "ok\n");
+    } else {
+        let text = rec.to_string();
+        assert!(
+            text.contains("out of memory (limit 512 MiB)"),
+            "a bombed sandbox that is not running must say why: {rec}"
+        );
+    }
+    k.ok(["sandbox", "kill", id]);
+    assert!(!memory_cgroup(id).exists(), "kill left the cgroup of {id}");
+    kiln_tests::sandbox::assert_no_processes(id);
+}
+
+/// A shell fork bomb that stops forking once /tmp/stop exists (put there by the agent, which
+/// needs no new process): then its shells end by themselves.
+const BOMB: &str = "b() { [ -e /tmp/stop ] || { b | b & }; }; b";
+
+/// A bomb whose every process forks again and again (until /tmp/stop exists), so its
+/// count presses on every limit for as long as it runs.
+const LOOPING_BOMB: &str = "b() { while [ ! -e /tmp/stop ]; do b & done; }; b";
+
+/// A fork bomb is bounded: the tasks inside never pass the sandbox's task limit (with the
+/// agent's room in the per-user limit), the host's memory and pid limits of the sandbox are in
+/// place, and a neighbour keeps counting. On runsc 20240729/systrap the bomb's churn grows the
+/// sentry's own host memory (every address space gVisor ever made keeps a host stub process,
+/// pooled, never freed: measured 3 GB and 6,600 host tasks with the backstop lifted) until the
+/// backstop ends the sandbox, which then says so (`failed: out of memory`); where it survives,
+/// it is whole again once the bomb is told to stop. Either way, kill leaves nothing.
 #[test]
 fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
-    let Some((_tmp, k)) = app_home() else { return };
+    let Some((tmp, k)) = app_home() else { return };
     let _guard = KillAll(k.clone());
     let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
     let b = create(&k, &["app"])["id"].as_str().unwrap().to_string();
@@ -166,7 +255,6 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
         counts_past(&k, &b, 0),
         "the neighbour's counter never started"
     );
-    let tasks = "/sys/fs/cgroup/pids/kiln-work/pids.current";
     let (out, err, _) = exec(
         &k,
         &id,
@@ -186,45 +274,35 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
         .parse()
         .unwrap();
     assert_eq!(host_limit, limits::backstop_bytes(512));
-
-    // A fork bomb that stops forking once /tmp/stop exists (put there by the agent, which
-    // needs no new process): then its shells end by themselves.
-    sh(
+    // The per-user limit is set, and no process may raise it.
+    let (out, _, _) = exec(
         &k,
         &id,
-        "(b() { [ -e /tmp/stop ] || { b | b & }; }; b) >/dev/null 2>&1 &",
+        &[],
+        &["sh", "-c", "ulimit -u; ulimit -u 100000"],
+        b"",
     );
+    assert_eq!(
+        out.lines().next(),
+        Some(
+            (limit + kiln_agent::limits::AGENT_TASKS)
+                .to_string()
+                .as_str()
+        ),
+        "{out}"
+    );
+
+    sh(&k, &id, &format!("({BOMB}) >/dev/null 2>&1 &"));
     let before = count(&k, &b);
-    let t = Instant::now();
-    let mut peak = 0;
-    // The count is read by the agent itself (`cp` starts no process: under the bomb, no new
-    // process can start).
-    let copy = _tmp.path().join("tasks");
-    let src = format!("{id}:{tasks}");
-    while t.elapsed() < Duration::from_secs(8) {
-        let args = ["sandbox", "cp", &src, copy.to_str().unwrap()];
-        if let Some((_, 0)) = kiln_within(&k, &args, Duration::from_secs(3)) {
-            let n: u64 = std::fs::read_to_string(&copy)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            // gVisor 20240729 checks a clone against pids.max only now and then: its
-            // `Task.chargeLocked` charges the first of the task's cgroups in Go's random map
-            // order, one per mounted hierarchy, and a cgroup without the pids controller
-            // takes the charge without a check; the new task then enters the pids cgroup
-            // uncharged. So the count passes the limit during a burst: seen up to 308 for
-            // 256 at load 15 and up to 491 on a quiet host (the old agent alike). Unbounded,
-            // a bomb reaches thousands within these seconds.
-            assert!(
-                n <= limit * 5 / 2,
-                "{n} tasks, far past the limit of {limit}"
-            );
-            peak = peak.max(n);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(peak > 0, "the task count was never read during the bomb");
+    // gVisor checks a clone against the user's RLIMIT_NPROC every time (its pids.max only
+    // now and then, see kiln_agent::limits).
+    let peak = peak_tasks(
+        &k,
+        &id,
+        tmp.path(),
+        8,
+        limit + kiln_agent::limits::AGENT_TASKS,
+    );
     assert!(
         counts_past(&k, &b, before),
         "the neighbour stopped counting during the bomb"
@@ -235,49 +313,46 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
         rec["state"]
     );
     if rec["state"] == "running" {
-        // Ended from inside, the sandbox is whole again.
-        let stop = _tmp.path().join("stop");
-        std::fs::write(&stop, b"").unwrap();
-        let dst = format!("{id}:/tmp/stop");
-        let t = Instant::now();
-        loop {
-            let _ = kiln_within(
-                &k,
-                &["sandbox", "cp", stop.to_str().unwrap(), &dst],
-                Duration::from_secs(5),
-            );
-            let args = ["sandbox", "cp", &src, copy.to_str().unwrap()];
-            let n = kiln_within(&k, &args, Duration::from_secs(5))
-                .filter(|(_, code)| *code == 0)
-                .and_then(|_| std::fs::read_to_string(&copy).ok())
-                .and_then(|s| s.trim().parse::<u64>().ok());
-            if n.is_some_and(|n| n == 0) {
-                break;
-            }
-            let rec = k.json(["sandbox", "info", &id, "--json"]);
-            if rec["state"] != "running" {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the bomb outlived 60 s after it was told to stop: {n:?} tasks"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        stop_bombs(&k, &id, tmp.path());
     }
+    whole_or_out_of_memory_then_killed(&k, &id);
+}
+
+/// Root spreads a fork bomb over many users, each with a per-user budget of its own: the
+/// agent's task watch ends the bomb's process group once the sandbox holds half as many tasks
+/// again as its limit, so the count stays near that and the sandbox answers.
+#[test]
+fn a_root_fork_bomb_spread_over_many_users_is_ended_by_the_agent() {
+    let Some((tmp, k)) = app_home() else { return };
+    let _guard = KillAll(k.clone());
+    let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
+    let limit = limits::tasks_inside(512);
+    let bombs: String = (2001..2009)
+        .map(|u| {
+            format!(
+                "echo b{u}:x:{u}:{u}::/tmp:/bin/sh >>/etc/passwd; \
+                 busybox su -s /bin/sh b{u} -c '{LOOPING_BOMB}' & "
+            )
+        })
+        .collect();
+    let (_, err, code) = exec(
+        &k,
+        &id,
+        &["--user", "root"],
+        &["sh", "-c", &format!("({bombs}) >/dev/null 2>&1 &")],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    // Eight users of limit + 64 each could hold over 2,500 tasks; the watch acts on its
+    // next look (5-50 ms), the bound leaves it that much slack.
+    let threshold = kiln_agent::limits::task_kill_threshold(limit);
+    let peak = peak_tasks(&k, &id, tmp.path(), 6, threshold + limit / 2);
+    eprintln!("root's bomb over 8 users: at most {peak} tasks seen (limit {limit})");
     let rec = k.json(["sandbox", "info", &id, "--json"]);
     if rec["state"] == "running" {
-        assert_eq!(sh(&k, &id, "echo ok"), "ok\n");
-    } else {
-        let text = rec.to_string();
-        assert!(
-            text.contains("out of memory (limit 512 MiB)"),
-            "a bombed sandbox that is not running must say why: {rec}"
-        );
+        stop_bombs(&k, &id, tmp.path());
     }
-    k.ok(["sandbox", "kill", &id]);
-    assert!(!memory_cgroup(&id).exists(), "kill left the cgroup of {id}");
-    kiln_tests::sandbox::assert_no_processes(&id);
+    whole_or_out_of_memory_then_killed(&k, &id);
 }
 
 #[test]
