@@ -124,9 +124,9 @@ fn settled(k: &Kiln, s: &mut Subject, with_net: bool, what: &str) -> String {
             assert!(back == s.kept, "{what}: /work/kept changed");
             let c = count(k, &s.id);
             assert!(c >= s.count, "{what}: counter went back {} -> {c}", s.count);
-            std::thread::sleep(Duration::from_millis(300));
-            let c2 = count(k, &s.id);
-            assert!(c2 > c, "{what}: counter stopped at {c}");
+            let Some((_, c2)) = kiln_tests::sandbox::counter_advances(k, &s.id) else {
+                panic!("{what}: counter stopped at {c}");
+            };
             s.count = c2;
         }
         "paused" => {

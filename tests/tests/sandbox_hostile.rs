@@ -136,12 +136,20 @@ fn symlinks_raced_into_the_shared_dir_never_reach_host_files() {
              done; done) >/dev/null 2>&1 & echo $! > /tmp/attacker.pid"
         ),
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let links = root_sh(&k, &id, "ls -l /run/kiln | grep -c -- '->' || true");
-    assert!(
-        links.trim().parse::<u32>().unwrap_or(0) > 0,
-        "the attacker made no symlink"
-    );
+    // The loop starts in the background: waited for (bounded; slow on a loaded host).
+    let t = Instant::now();
+    while root_sh(&k, &id, "ls -l /run/kiln | grep -c -- '->' || true")
+        .trim()
+        .parse::<u32>()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the attacker made no symlink"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Pause/resume (checkpoint, restore in place) and fork (live checkpoint, restore in place
     // and into a new sandbox), round after round, while the attacker runs in every copy.
