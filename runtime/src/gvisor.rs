@@ -44,7 +44,7 @@ use crate::record::{
     process_start_time, processes_with, write_atomic, Op, OpKind, Phase, Proc, RuntimeKind,
     SandboxDir, SandboxRecord,
 };
-use crate::{Checkpoint, Recovered, Runtime, Usage};
+use crate::{Checkpoint, PendingNetwork, Recovered, Runtime, Usage};
 use kiln_blockstore::{BlobId, PutOptions, Store};
 use kiln_imagebuilder::image::ImageRecord;
 use serde_json::json;
@@ -266,8 +266,13 @@ impl GvisorDriver {
     /// runsc with this sandbox's state root and kiln's flags; with a network, gVisor's
     /// netstack takes over the interfaces of the sandbox's guest namespace.
     fn runsc(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Command {
+        self.runsc_networked(dir, rec.net.is_some())
+    }
+
+    /// [`Self::runsc`] for a sandbox that has a network (`networked`) or not.
+    fn runsc_networked(&self, dir: &SandboxDir, networked: bool) -> Command {
         let mut c = Command::new(&self.config.runsc);
-        let network = if rec.net.is_some() { "sandbox" } else { "none" };
+        let network = if networked { "sandbox" } else { "none" };
         c.arg(Self::root_flag(dir))
             .arg(format!(
                 "--platform={}",
@@ -354,7 +359,8 @@ impl GvisorDriver {
 
     /// Starts (`run`) or restores the container detached: runsc's sandbox and gofer become
     /// their own process group with the console log as stdio, so they outlive the caller.
-    /// `ready` is waited for just before runsc starts (what runsc reads, made meanwhile).
+    /// `ready` and the sandbox's network (`net`, else the one in `rec`) are waited for just
+    /// before runsc starts (what runsc reads, made meanwhile).
     fn launch(
         &self,
         dir: &SandboxDir,
@@ -362,6 +368,7 @@ impl GvisorDriver {
         what: &str,
         args: &[&str],
         ready: &dyn Fn() -> Result<()>,
+        net: &PendingNetwork,
     ) -> Result<()> {
         // An empty, bounded run/ for every run and restore: nothing a previous run of the
         // sandbox left there (a flood, symlinks) carries over.
@@ -370,13 +377,6 @@ impl GvisorDriver {
         hostfs::mount_tmpfs(&run, "kiln-run", RUN_LIMITS).ctx("mount a tmpfs on", &run)?;
         gvisor_disk::overlay_flag(dir)?;
         gvisor_disk::attach(dir, rec.disk_mib, &self.home.join("disks"))?;
-        let mask = match &rec.net {
-            Some(att) => {
-                kiln_network::reset_guest(att)?;
-                Some(ProcSysMask::new()?)
-            }
-            None => None,
-        };
         let log_path = dir.console_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -385,7 +385,18 @@ impl GvisorDriver {
             .ctx("open", &log_path)?;
         let before = log.metadata().map(|m| m.len()).unwrap_or(0);
         limits::create(&rec.id, rec.cpus, rec.memory_mib)?;
-        let mut cmd = self.runsc(dir, rec);
+        let att = match net.wait()? {
+            Some(att) => Some(att),
+            None => rec.net.clone(),
+        };
+        let mask = match &att {
+            Some(att) => {
+                kiln_network::reset_guest(att)?;
+                Some(ProcSysMask::new()?)
+            }
+            None => None,
+        };
+        let mut cmd = self.runsc_networked(dir, att.is_some());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().ctx("dup", &log_path)?)
@@ -423,7 +434,14 @@ impl GvisorDriver {
         })
     }
 
-    fn write_bundle(&self, dir: &SandboxDir, rec: &SandboxRecord, rootfs: &Path) -> Result<()> {
+    /// The bundle of `rec`, with the network being made (`net`) or in `rec` if any.
+    fn write_bundle(
+        &self,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+        rootfs: &Path,
+        net: &PendingNetwork,
+    ) -> Result<()> {
         let agent_dir = self.installed_agent()?;
         let run = dir.sub("run");
         let ctl = dir.sub("ctl");
@@ -461,7 +479,11 @@ impl GvisorDriver {
                             format!("size={}m", (rec.memory_mib / 2).max(1))]}),
             );
         }
-        let net_ns = match rec.net.as_ref().and_then(|a| a.guest_ns.as_ref()) {
+        let guest_ns = match &rec.net {
+            Some(att) => att.guest_ns.clone(),
+            None => net.coming().then(|| kiln_network::guest_namespace(&rec.id)),
+        };
+        let net_ns = match &guest_ns {
             Some(ns) => {
                 // The gateway answers DNS; names resolve as the policy says.
                 for f in ["resolv.conf", "hosts"] {
@@ -641,14 +663,16 @@ impl GvisorDriver {
         connect_agent(p).ctx("connect to the agent at", p)
     }
 
-    /// Restores `dir`'s container from the checkpoint in `dir/ckpt` and waits for its agent.
-    /// Restores the container from `dir/ckpt` once `ready` says its files are there.
+    /// Restores `dir`'s container from the checkpoint in `dir/ckpt` once `ready` says its
+    /// files are there and its network (`net`, else the one in `rec`) is made, and waits for
+    /// its agent.
     fn restore_local(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         rootfs: &Path,
         ready: &dyn Fn() -> Result<()>,
+        net: &PendingNetwork,
     ) -> Result<()> {
         let ckpt = dir.sub("ckpt");
         let bundle = dir.sub("bundle");
@@ -669,8 +693,10 @@ impl GvisorDriver {
                 &rec.id,
             ],
             ready,
+            net,
         )?;
         let restored = Instant::now();
+        net.finish(rec)?;
         self.record_pid(dir, rec, rootfs)?;
         Self::release_agent(dir)?;
         self.wait_agent(dir, rec)?;
@@ -916,7 +942,7 @@ impl GvisorDriver {
         let mut tries = 0;
         loop {
             self.kill(dir, rec)?;
-            match self.restore_local(dir, rec, &rootfs, &|| Ok(())) {
+            match self.restore_local(dir, rec, &rootfs, &|| Ok(()), &PendingNetwork::none()) {
                 Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
@@ -1132,8 +1158,18 @@ impl Runtime for GvisorDriver {
     }
 
     fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {
+        self.start_networked(dir, rec, image, &PendingNetwork::none())
+    }
+
+    fn start_networked(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()> {
         let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
-        self.write_bundle(dir, rec, &rootfs)?;
+        self.write_bundle(dir, rec, &rootfs, net)?;
         let bundle = dir.sub("bundle");
         let pid_file = dir.sub("sandbox.pid");
         let started = self
@@ -1151,7 +1187,9 @@ impl Runtime for GvisorDriver {
                     &rec.id,
                 ],
                 &|| Ok(()),
+                net,
             )
+            .and_then(|()| net.finish(rec))
             .and_then(|()| self.record_pid(dir, rec, &rootfs))
             .and_then(|()| self.wait_agent(dir, rec));
         if started.is_err() {
@@ -1216,9 +1254,20 @@ impl Runtime for GvisorDriver {
         checkpoint: &Checkpoint,
         image: &ImageRecord,
     ) -> Result<()> {
+        self.restore_networked(dir, rec, checkpoint, image, &PendingNetwork::none())
+    }
+
+    fn restore_networked(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        checkpoint: &Checkpoint,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()> {
         let files = checkpoint_files(checkpoint)?;
         let had_net = checkpoint.state.get("network").and_then(|v| v.as_bool()) == Some(true);
-        if had_net != rec.net.is_some() {
+        if had_net != (rec.net.is_some() || net.coming()) {
             return Err(Error::Invalid(format!(
                 "the checkpoint was taken {} a network device and must be restored so",
                 if had_net { "with" } else { "without" }
@@ -1226,7 +1275,7 @@ impl Runtime for GvisorDriver {
         }
         gvisor_disk::check_checkpoint(&checkpoint.state)?;
         let rootfs = crate::rootfs::ensure(&self.store, &self.home, &rec.image, image)?;
-        self.write_bundle(dir, rec, &rootfs)?;
+        self.write_bundle(dir, rec, &rootfs, net)?;
         let ckpt = dir.sub("ckpt");
         let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
@@ -1251,7 +1300,7 @@ impl Runtime for GvisorDriver {
                                "checkpoint files ready");
                 Ok(())
             };
-            self.restore_local(dir, rec, &rootfs, &ready)
+            self.restore_local(dir, rec, &rootfs, &ready, net)
         });
         let _ = std::fs::remove_dir_all(&ckpt);
         if restored.is_err() {

@@ -19,6 +19,7 @@ pub mod helpers;
 pub mod holds;
 pub mod hostfs;
 pub mod microvm;
+mod pending_network;
 pub mod ports;
 pub mod record;
 pub mod rootfs;
@@ -28,6 +29,7 @@ pub mod start_cmd;
 
 pub use error::{Action, Error, Result};
 pub use kiln_network::{Dest, NetworkPolicy};
+pub use pending_network::PendingNetwork;
 pub use record::{
     Access, OnTimeout, Op, OpKind, PauseMode, Phase, Proc, ProcessDefaults, ResumeMode,
     RuntimeKind, SandboxDir, SandboxRecord, State, StateKind,
@@ -116,6 +118,34 @@ pub trait Runtime: Send + Sync {
         checkpoint: &Checkpoint,
         image: &ImageRecord,
     ) -> Result<()>;
+
+    /// [`Runtime::start`] while the sandbox's network is being made (`net`): a driver that
+    /// can prepare meanwhile waits for it only before the sandbox's processes start; on
+    /// success `rec.net` holds it. By default it waits first.
+    fn start_networked(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()> {
+        net.finish(rec)?;
+        self.start(dir, rec, image)
+    }
+
+    /// [`Runtime::restore`] while the sandbox's network is being made, as
+    /// [`Runtime::start_networked`].
+    fn restore_networked(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        checkpoint: &Checkpoint,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()> {
+        net.finish(rec)?;
+        self.restore(dir, rec, checkpoint, image)
+    }
 
     /// Ends the sandbox's processes and frees what it holds on the host. Idempotent.
     fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()>;

@@ -9,7 +9,7 @@ use crate::record::{
     ProcessDefaults, ResumeMode, RuntimeKind, SandboxDir, SandboxRecord, State, SCHEMA,
 };
 use crate::sandbox_snapshot::{self, SnapshotRecord};
-use crate::{fs_state, Checkpoint, Recovered, Runtime};
+use crate::{fs_state, Checkpoint, PendingNetwork, Recovered, Runtime};
 use kiln_agent::protocol::ExecRequest;
 use kiln_blockstore::{BlobId, Store};
 use kiln_imagebuilder::image::ImageRecord;
@@ -375,14 +375,23 @@ impl Sandboxes {
                 return Err(e);
             }
         }
-        if let Err(e) = self.attach_network(&dir, &mut rec) {
-            self.remove(&dir, &rec);
-            return Err(e);
-        }
-        let started = match &from_snapshot {
-            None => driver.start(&dir, &mut rec, &image),
-            Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image),
+        let net = match self.make_network(&dir, &rec) {
+            Ok(net) => net,
+            Err(e) => {
+                self.remove(&dir, &rec);
+                return Err(e);
+            }
         };
+        let started = match &from_snapshot {
+            None => driver.start_networked(&dir, &mut rec, &image, &net),
+            Some((_, snap)) => {
+                driver.restore_networked(&dir, &mut rec, &snap.checkpoint, &image, &net)
+            }
+        };
+        // Waited for whatever happened: nothing is still being made when a failure is
+        // cleaned up below.
+        let networked = net.finish(&mut rec);
+        let started = started.and(networked);
         let started = started.and_then(|()| match &from_snapshot {
             // A fresh boot starts the template's command; a restore has its processes.
             None => {
@@ -498,11 +507,13 @@ impl Sandboxes {
         }
     }
 
-    /// Gives a sandbox with a policy its network (a fresh one per start, restore and fork)
-    /// and saves the record, so whoever cleans up after a crash finds it.
-    fn attach_network(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
+    /// Starts making the network of a sandbox with a policy (a fresh one per start, restore
+    /// and fork) on a thread of its own; the driver waits for it before the sandbox's
+    /// processes start. Whoever cleans up after a failure or a crash removes it by the
+    /// sandbox's id, made or half-made.
+    fn make_network(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<PendingNetwork> {
         let Some(policy) = &rec.network else {
-            return Ok(());
+            return Ok(PendingNetwork::none());
         };
         if self.dns_proxy.is_empty() {
             return Err(Error::Invalid(
@@ -514,14 +525,15 @@ impl Sandboxes {
             RuntimeKind::Gvisor => kiln_network::GuestKind::Veth,
         };
         crate::helpers::dns_proxy_spec(&dir.net())?;
-        rec.net = Some(kiln_network::attach(
-            &rec.id,
-            kind,
-            policy,
-            &dir.net(),
-            &self.dns_proxy,
-        )?);
-        dir.save(rec)
+        let (id, policy, state, proxy) = (
+            rec.id.clone(),
+            policy.clone(),
+            dir.net(),
+            self.dns_proxy.clone(),
+        );
+        Ok(PendingNetwork::spawn(move || {
+            kiln_network::attach(&id, kind, &policy, &state, &proxy)
+        }))
     }
 
     /// Removes a sandbox's network, if any (idempotent; its processes must be gone).
@@ -1174,20 +1186,23 @@ impl Sandboxes {
         rec.op = Some(Op::new(OpKind::Resume, Phase::Prepare));
         dir.save(&rec)?;
         let files_only = fs_state::is_filesystem_only(&snap.checkpoint);
-        let restored = self
-            .attach_network(&dir, &mut rec)
-            .and_then(|()| dir.enter(&mut rec, Phase::Restore))
-            .and_then(|()| {
+        let restored = self.make_network(&dir, &rec).and_then(|net| {
+            let restored = dir.enter(&mut rec, Phase::Restore).and_then(|()| {
                 if files_only {
+                    net.finish(&mut rec)?;
                     self.boot_with_files(driver, &dir, &mut rec, &snap.checkpoint, &image)
                 } else {
-                    driver.restore(&dir, &mut rec, &snap.checkpoint, &image)?;
+                    driver.restore_networked(&dir, &mut rec, &snap.checkpoint, &image, &net)?;
                     if mode == ResumeMode::Reboot {
                         self.reboot(driver, &dir, &mut rec, &image)?;
                     }
                     Ok(())
                 }
             });
+            // Waited for whatever happened (see `create`).
+            let networked = net.finish(&mut rec);
+            restored.and(networked)
+        });
         if let Err(e) = restored {
             self.detach_network(&dir, &mut rec);
             rec.op = None;

@@ -106,7 +106,18 @@ impl Serve {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("kiln serve exited with {st}:\n{}", self.log_text());
+                // Who holds the port, when that is why (a process that inherited the old
+                // daemon's listener would be a leak).
+                let holders = Command::new("ss")
+                    .args(["-ltnpH", &format!("sport = :{}", self.port)])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                panic!(
+                    "kiln serve exited with {st}:\n{}\nlistening on :{}: {holders}",
+                    self.log_text(),
+                    self.port
+                );
             }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
