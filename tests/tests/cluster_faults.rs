@@ -178,15 +178,21 @@ except Exception as e:
 
     // n1 continues: it joins again and stops the sandbox the cluster declared lost.
     signal(&nodes[0], libc::SIGCONT);
+    let t = Instant::now();
+    while !nodes[0]
+        .log_text()
+        .contains("stopping the sandbox on this node: the cluster declared it lost")
+        || nodes[0].api("GET", &format!("/sandboxes/{a}"), None).0 != 404
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "n1 did not stop {a}:\n{}",
+            nodes[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_no_processes(&a);
     lost_everywhere(&nodes.iter().collect::<Vec<_>>(), &a, &cause);
-    assert!(
-        nodes[0]
-            .log_text()
-            .contains("stopping the sandbox on this node: the cluster declared it lost"),
-        "{}",
-        nodes[0].log_text()
-    );
     assert_eq!(
         entry(&etcd, &a).map(|e| e.state),
         Some(SandboxState::Failed)
