@@ -165,7 +165,10 @@ fn a_sandbox_is_marked_lost_only_while_its_node_is_out() {
         assert!(membership::node(&etcd, "a").await.unwrap().is_none());
         let marked = cat.mark_lost("sb", &lost, rev).await.unwrap().unwrap();
         assert_eq!(cat.mark_lost("sb", &lost, rev).await.unwrap(), None);
-        assert_eq!(cat.get("sb").await.unwrap().unwrap(), (lost.clone(), marked));
+        assert_eq!(
+            cat.get("sb").await.unwrap().unwrap(),
+            (lost.clone(), marked)
+        );
         // a joins again on its next renewal, and can tell.
         a.renew().await.unwrap();
         assert_eq!(a.joins(), 2);

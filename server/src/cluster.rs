@@ -146,8 +146,8 @@ impl Cluster {
             Membership::register(etcd.clone(), &cfg.node_id, info, LEASE_TTL_SECS).await?;
         membership.spawn_keepalive();
         let member_file = serve_dir.join(MEMBER_FILE);
-        let was_member = std::fs::read_to_string(&member_file)
-            .is_ok_and(|s| s.trim() == cfg.node_id);
+        let was_member =
+            std::fs::read_to_string(&member_file).is_ok_and(|s| s.trim() == cfg.node_id);
         let c = Cluster {
             node_id: cfg.node_id,
             secret: cfg.secret,
@@ -200,7 +200,10 @@ impl Cluster {
                 None if state == types::SandboxState::Running
                     && published.is_none_or(|p| p.contains(&r.id)) =>
                 {
-                    Some("it left the cluster's catalog while this node was out of the cluster".into())
+                    Some(
+                        "it left the cluster's catalog while this node was out of the cluster"
+                            .into(),
+                    )
                 }
                 None => None,
             };
@@ -240,7 +243,10 @@ impl Cluster {
                 .as_ref()
                 .map(|w| w.keys().cloned().collect())
                 .unwrap_or_default();
-            if let Err(e) = self.reconcile(sandboxes, &mut guard, Some(&published)).await {
+            if let Err(e) = self
+                .reconcile(sandboxes, &mut guard, Some(&published))
+                .await
+            {
                 tracing::warn!("cluster catalog: {e}");
                 return;
             }
@@ -489,7 +495,11 @@ impl Cluster {
                 && !nodes.iter().any(|(n, _)| *n == e.node)
             {
                 let cause = self.gone_cause(&e.node);
-                match self.catalog.mark_lost(&id, &e.lost(cause.clone()), rev).await {
+                match self
+                    .catalog
+                    .mark_lost(&id, &e.lost(cause.clone()), rev)
+                    .await
+                {
                     Ok(Some(_)) => {
                         tracing::warn!(id, node = %e.node, "sandbox lost with its node: {cause}");
                         Ok(())
@@ -818,11 +828,10 @@ pub(crate) async fn control(
         return next.run(req).await;
     };
     if is_create(&req) && !forwarded(&req) {
-        let (mut nodes, entries) =
-            match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
-                Ok(x) => x,
-                Err(e) => return unavailable(e),
-            };
+        let (mut nodes, entries) = match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
+            Ok(x) => x,
+            Err(e) => return unavailable(e),
+        };
         placement::count_from_catalog(&mut nodes, &entries);
         let chosen = placement::choose(&nodes, create_need())
             .and_then(|id| nodes.iter().find(|(n, _)| n == id));
