@@ -2,8 +2,15 @@
 //! what E2B's lists show). Every change is a transaction comparing the key's mod revision (or
 //! its absence), so two writers never overwrite each other unseen: a conflict comes back as
 //! `None`/`false` and the caller re-reads.
+//!
+//! A sandbox that failed stays in the catalog as `failed` with its cause (a tombstone) until
+//! its end time has passed, so every node can say why it is gone: its owner writes its own
+//! failures (out of memory, ...), and any live node writes `failed` over the `running`
+//! entries of a node whose lease has expired ([`SandboxEntry::lost`]), each with a
+//! compare-and-swap, so one writer wins.
 
-use crate::{decode, Etcd, Result};
+use crate::etcd::Cond;
+use crate::{decode, membership, Etcd, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -15,6 +22,8 @@ const PREFIX: &str = "sandboxes/";
 pub enum SandboxState {
     Running,
     Paused,
+    /// Gone, for the reason in [`SandboxEntry::cause`]; listed nowhere, kept to say why.
+    Failed,
 }
 
 /// One sandbox of the cluster.
@@ -36,7 +45,34 @@ pub struct SandboxEntry {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disk_mib: u64,
+    /// Why it failed (state `failed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
+
+impl SandboxEntry {
+    /// This entry marked failed with `cause` (the owner stays: it says where it ran).
+    pub fn lost(&self, cause: String) -> SandboxEntry {
+        SandboxEntry {
+            state: SandboxState::Failed,
+            cause: Some(cause),
+            ..self.clone()
+        }
+    }
+
+    /// Whether a failed entry may leave the catalog at `now_ms`: its end time passed
+    /// [`TOMBSTONE_GRACE_MS`] ago (its owner, had it lived, would have ended it by then).
+    /// One without an end time stays until it is killed through the API.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.state == SandboxState::Failed
+            && self
+                .end_ms
+                .is_some_and(|end| now_ms >= end.saturating_add(TOMBSTONE_GRACE_MS))
+    }
+}
+
+/// How long a failed entry outlives its end time (the owner's clock and sweeps may lag).
+pub const TOMBSTONE_GRACE_MS: u64 = 60_000;
 
 /// The catalog in etcd.
 #[derive(Clone)]
@@ -87,6 +123,25 @@ impl Catalog {
     /// Removes a sandbox if its entry is still at `rev`: false when it changed since.
     pub async fn remove(&self, id: &str, rev: i64) -> Result<bool> {
         self.etcd.delete_if(&key(id), rev).await
+    }
+
+    /// Writes `lost` (an entry [`SandboxEntry::lost`]) if the entry is still at `rev` and its
+    /// node is not live (its membership key is gone), both in one transaction: a node that
+    /// joined again meanwhile keeps its entry. The new revision, or None.
+    pub async fn mark_lost(&self, id: &str, lost: &SandboxEntry, rev: i64) -> Result<Option<i64>> {
+        let k = key(id);
+        let node = membership::key(&lost.node);
+        let conds = [Cond::ModIs(&k, rev), Cond::Absent(&node)];
+        self.etcd.put_when(&k, &json(lost), 0, &conds).await
+    }
+
+    /// Removes the entry of a sandbox of node `node` if it is still at `rev` and the node is
+    /// not live (a kill through another node of a sandbox lost with its node).
+    pub async fn remove_lost(&self, id: &str, node: &str, rev: i64) -> Result<bool> {
+        let k = key(id);
+        let node = membership::key(node);
+        let conds = [Cond::ModIs(&k, rev), Cond::Absent(&node)];
+        self.etcd.delete_when(&k, &conds).await
     }
 }
 

@@ -121,8 +121,7 @@ impl Etcd {
     /// Writes `value` at `key` if the key does not exist: its mod revision, or None when it
     /// exists.
     pub async fn create(&self, key: &str, value: &[u8], lease: i64) -> Result<Option<i64>> {
-        let cmp = json!({ "key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0" });
-        self.txn(cmp, put_op(key, value, lease)).await
+        self.put_when(key, value, lease, &[Cond::Absent(key)]).await
     }
 
     /// Writes `value` at `key` if the key's last change is `mod_revision` (compare-and-swap):
@@ -134,24 +133,42 @@ impl Etcd {
         mod_revision: i64,
         lease: i64,
     ) -> Result<Option<i64>> {
-        let cmp = json!({ "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": mod_revision.to_string() });
-        self.txn(cmp, put_op(key, value, lease)).await
+        self.put_when(key, value, lease, &[Cond::ModIs(key, mod_revision)])
+            .await
     }
 
     /// Removes `key` if its last change is `mod_revision`: false when it changed since.
     pub async fn delete_if(&self, key: &str, mod_revision: i64) -> Result<bool> {
-        let cmp = json!({ "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": mod_revision.to_string() });
-        let op = json!({ "request_delete_range": { "key": b64(key) } });
-        Ok(self.txn(cmp, op).await?.is_some())
+        self.delete_when(key, &[Cond::ModIs(key, mod_revision)])
+            .await
     }
 
-    /// One comparison, one operation on success: the revision after it, or None when the
-    /// comparison failed.
-    async fn txn(&self, compare: Value, success: Value) -> Result<Option<i64>> {
+    /// Writes `value` at `key` if every condition holds (one transaction): the revision
+    /// after it, or None when one did not.
+    pub async fn put_when(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+        conds: &[Cond<'_>],
+    ) -> Result<Option<i64>> {
+        self.txn(conds, put_op(key, value, lease)).await
+    }
+
+    /// Removes `key` if every condition holds (one transaction): false when one did not.
+    pub async fn delete_when(&self, key: &str, conds: &[Cond<'_>]) -> Result<bool> {
+        let op = json!({ "request_delete_range": { "key": b64(key) } });
+        Ok(self.txn(conds, op).await?.is_some())
+    }
+
+    /// The conditions, one operation when they all hold: the revision after it, or None when
+    /// one did not.
+    async fn txn(&self, conds: &[Cond<'_>], success: Value) -> Result<Option<i64>> {
+        let compare: Vec<Value> = conds.iter().map(Cond::json).collect();
         let v = self
             .call(
                 "/v3/kv/txn",
-                json!({ "compare": [compare], "success": [success] }),
+                json!({ "compare": compare, "success": [success] }),
             )
             .await?;
         if !v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
@@ -188,6 +205,28 @@ impl Etcd {
         self.call("/v3/lease/revoke", json!({ "ID": id.to_string() }))
             .await
             .map(drop)
+    }
+}
+
+/// A condition of a transaction.
+#[derive(Clone, Copy, Debug)]
+pub enum Cond<'a> {
+    /// The key's last change is this mod revision (so the key exists).
+    ModIs(&'a str, i64),
+    /// The key does not exist (a key under an expired lease is gone).
+    Absent(&'a str),
+}
+
+impl Cond<'_> {
+    fn json(&self) -> Value {
+        match *self {
+            Cond::ModIs(key, rev) => {
+                json!({ "key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": rev.to_string() })
+            }
+            Cond::Absent(key) => {
+                json!({ "key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0" })
+            }
+        }
     }
 }
 

@@ -4,11 +4,16 @@
 
 use crate::{decode, now_ms, Error, Etcd, Result};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const PREFIX: &str = "nodes/";
+
+/// Node `id`'s key: it exists while the node's lease lives.
+pub fn key(id: &str) -> String {
+    format!("{PREFIX}{id}")
+}
 
 /// What a node tells the cluster about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +74,9 @@ pub struct Membership {
     node_id: String,
     ttl_secs: u64,
     lease: AtomicI64,
+    /// How many times the node has joined (1 after [`Membership::register`]; more after
+    /// its lease expired and it joined again).
+    joins: AtomicU64,
     info: Mutex<NodeInfo>,
 }
 
@@ -88,6 +96,7 @@ impl Membership {
             node_id: node_id.to_string(),
             ttl_secs: ttl_secs.max(2),
             lease: AtomicI64::new(0),
+            joins: AtomicU64::new(0),
             info: Mutex::new(info),
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(m.ttl_secs + 1);
@@ -109,6 +118,7 @@ impl Membership {
         match self.etcd.create(&self.key(), &value, lease).await? {
             Some(_) => {
                 self.lease.store(lease, Ordering::Relaxed);
+                self.joins.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(node = %self.node_id, lease, "joined the cluster");
                 Ok(true)
             }
@@ -124,7 +134,14 @@ impl Membership {
     }
 
     fn key(&self) -> String {
-        format!("{PREFIX}{}", self.node_id)
+        key(&self.node_id)
+    }
+
+    /// How many times this node has joined the cluster: more than 1 when its lease expired
+    /// (the process stalled, or etcd was out of reach for longer than the TTL) and it joined
+    /// again, so the cluster may have declared its running sandboxes lost meanwhile.
+    pub fn joins(&self) -> u64 {
+        self.joins.load(Ordering::SeqCst)
     }
 
     fn value(&self) -> Vec<u8> {
@@ -206,7 +223,7 @@ pub async fn nodes(etcd: &Etcd) -> Result<Vec<(String, NodeInfo)>> {
 
 /// One live node's info.
 pub async fn node(etcd: &Etcd, id: &str) -> Result<Option<NodeInfo>> {
-    match etcd.get(&format!("{PREFIX}{id}")).await? {
+    match etcd.get(&key(id)).await? {
         Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
         None => Ok(None),
     }

@@ -137,6 +137,7 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             disk_mib: 0,
+            cause: None,
         };
         // a's info is stale (it says 0); the catalog has two running there, one paused at b.
         let mut nodes = vec![
@@ -147,6 +148,7 @@ mod tests {
             ("1".to_string(), entry("a", SandboxState::Running)),
             ("2".to_string(), entry("a", SandboxState::Running)),
             ("3".to_string(), entry("b", SandboxState::Paused)),
+            ("4".to_string(), entry("b", SandboxState::Failed)),
         ];
         count_from_catalog(&mut nodes, &entries);
         assert_eq!((nodes[0].1.sandboxes, nodes[0].1.sandbox_cpus), (2, 4));

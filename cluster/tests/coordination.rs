@@ -1,6 +1,7 @@
 //! kiln-cluster against a real 3-member etcd (tests/src/etcd.rs): compare-and-swap conflicts
 //! are seen, a node whose lease runs out leaves the cluster (and joins again on its next
-//! renewal), and a killed member is survived.
+//! renewal), its running sandboxes can be marked lost only while it is out, and a killed
+//! member is survived.
 
 use kiln_cluster::membership::{self, Membership};
 use kiln_cluster::{Catalog, Etcd, NodeInfo, SandboxEntry, SandboxState};
@@ -27,6 +28,7 @@ fn entry(node: &str, state: SandboxState) -> SandboxEntry {
         cpus: 1,
         memory_mib: 512,
         disk_mib: 1024,
+        cause: None,
     }
 }
 
@@ -133,6 +135,52 @@ fn lease_expiry_removes_a_node() {
         a.leave().await.unwrap();
         b.leave().await.unwrap();
         assert!(membership::nodes(&etcd).await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn a_sandbox_is_marked_lost_only_while_its_node_is_out() {
+    let Some(cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+        let cat = Catalog::new(etcd.clone());
+        let a = Membership::register(etcd.clone(), "a", info("http://a"), 2)
+            .await
+            .unwrap();
+        assert_eq!(a.joins(), 1);
+        let running = entry("a", SandboxState::Running);
+        let rev = cat.create("sb", &running).await.unwrap().unwrap();
+        let lost = running.lost("node a is gone".into());
+        assert_eq!(
+            (lost.state, lost.cause.as_deref()),
+            (SandboxState::Failed, Some("node a is gone"))
+        );
+        // a is live: the mark is refused, and so is a removal of its entry as lost.
+        assert_eq!(cat.mark_lost("sb", &lost, rev).await.unwrap(), None);
+        assert!(!cat.remove_lost("sb", "a", rev).await.unwrap());
+        // a's lease runs out: the first mark wins, a second one at the old revision loses.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(membership::node(&etcd, "a").await.unwrap().is_none());
+        let marked = cat.mark_lost("sb", &lost, rev).await.unwrap().unwrap();
+        assert_eq!(cat.mark_lost("sb", &lost, rev).await.unwrap(), None);
+        assert_eq!(
+            cat.get("sb").await.unwrap().unwrap(),
+            (lost.clone(), marked)
+        );
+        // a joins again on its next renewal, and can tell.
+        a.renew().await.unwrap();
+        assert_eq!(a.joins(), 2);
+        // Tombstones leave after their end time (entry()'s end is 2 ms after the epoch).
+        assert!(lost.expired(kiln_cluster::catalog::TOMBSTONE_GRACE_MS + 2));
+        assert!(!lost.expired(kiln_cluster::catalog::TOMBSTONE_GRACE_MS + 1));
+        assert!(!running.expired(u64::MAX));
+        a.leave().await.unwrap();
+        // An entry of a node that is out can be removed as lost, once.
+        let rev = cat.create("sb2", &running).await.unwrap().unwrap();
+        assert!(cat.remove_lost("sb2", "a", rev).await.unwrap());
+        assert_eq!(cat.get("sb2").await.unwrap(), None);
     });
 }
 

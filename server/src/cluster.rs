@@ -16,6 +16,15 @@
 //! - Node-to-node requests carry [`FORWARDED_BY`] and the cluster secret in [`SECRET_HEADER`];
 //!   the receiving node checks the secret in constant time, refuses the request without it,
 //!   never forwards it again, and takes it without an API key (the first node checked it).
+//! - Dead nodes: a node whose lease has expired has lost its running sandboxes. Every live
+//!   node's sweep ([`Cluster::sweep_dead`]) writes `failed` with the cause over their entries,
+//!   in a transaction that also requires the node's key to be absent (so exactly one writer
+//!   wins, and never against a node that joined again); until one has, reads derive the same
+//!   from the missing key ([`Cluster::route`], [`Cluster::listed`]). A request for such a
+//!   sandbox is answered here with the cause, at once, instead of being forwarded.
+//! - A returning node ([`Cluster::reconcile`], on joining and on joining again after its
+//!   lease expired) stops the local sandboxes the catalog no longer gives it: owned by
+//!   another node, marked failed, or (running, and published by this node before) removed.
 
 use crate::control::types;
 use crate::AppState;
@@ -24,9 +33,11 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kiln_cluster::placement::{self, Need};
-use kiln_cluster::{membership, Catalog, Etcd, Membership, NodeInfo, SandboxEntry};
-use kiln_runtime::SandboxRecord;
-use std::collections::{BTreeMap, HashMap};
+use kiln_cluster::{membership, Catalog, Etcd, Membership, NodeInfo, SandboxEntry, SandboxState};
+use kiln_runtime::{SandboxRecord, Sandboxes, State as SbxState};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +47,10 @@ pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
 pub const SECRET_HEADER: &str = "x-kiln-cluster-secret";
 /// The lease of a node's membership: a node that stops renewing is gone after this long.
 const LEASE_TTL_SECS: u64 = 5;
+/// The file in the serve directory naming the cluster node this home has been: a node that
+/// finds it was in the cluster before, so its lease has expired since (a restart waits for
+/// that), and its running sandboxes may have been declared lost.
+const MEMBER_FILE: &str = "cluster-node";
 /// The most sandboxes one node takes.
 const MAX_SANDBOXES: u32 = 256;
 /// What placement assumes a new sandbox needs: the request names a template whose size the
@@ -76,15 +91,51 @@ pub(crate) struct Cluster {
     catalog: Catalog,
     /// The catalog entries this node wrote, with their revisions (None: not read yet).
     written: tokio::sync::Mutex<Option<HashMap<String, (SandboxEntry, i64)>>>,
+    /// The membership join the local sandboxes were last reconciled after.
+    reconciled: AtomicU64,
+    /// When each node was last seen live (its info's `updated_ms`): the cause given for the
+    /// sandboxes of a node that is gone.
+    seen: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+/// Where a request for a sandbox goes.
+enum Route {
+    /// Served here: this node has it, or nobody has.
+    Here,
+    /// To its owner, live.
+    Owner(String, NodeInfo),
+    /// Nowhere: it failed (the catalog says so, or it was running on a node that is gone).
+    Lost(Lost),
+    /// Paused on a node that is gone (its state is on that node's disk).
+    Stranded(String),
+}
+
+/// A sandbox that runs nowhere: why, and its entry (to remove it on a kill).
+struct Lost {
+    cause: String,
+    node: String,
+    rev: i64,
+    /// Marked failed in the catalog (else derived from its node's missing key).
+    marked: bool,
+}
+
+/// What writing one of this node's entries came to.
+enum Written {
+    Done,
+    /// The catalog does not give the sandbox to this node any more: stop it here, for this reason.
+    Stop(String),
 }
 
 impl Cluster {
     /// Joins: registers the node under its lease (etcd unreachable is an error here, so a
-    /// node never starts outside the cluster it was told to join), writes its sandboxes to
-    /// the catalog, and keeps the lease alive from then on.
+    /// node never starts outside the cluster it was told to join), stops the sandboxes the
+    /// catalog no longer gives it when this home was in the cluster before
+    /// ([`Cluster::reconcile`]), writes the others to the catalog, and keeps the lease alive
+    /// from then on.
     pub(crate) async fn join(
         cfg: ClusterConfig,
-        recs: &[SandboxRecord],
+        sandboxes: &Arc<Sandboxes>,
+        serve_dir: &Path,
     ) -> kiln_cluster::Result<Cluster> {
         let etcd = Arc::new(Etcd::new(&cfg.etcd)?);
         kiln_cluster::authority(&cfg.advertise)?;
@@ -94,35 +145,129 @@ impl Cluster {
         let membership =
             Membership::register(etcd.clone(), &cfg.node_id, info, LEASE_TTL_SECS).await?;
         membership.spawn_keepalive();
+        let member_file = serve_dir.join(MEMBER_FILE);
+        let was_member =
+            std::fs::read_to_string(&member_file).is_ok_and(|s| s.trim() == cfg.node_id);
         let c = Cluster {
             node_id: cfg.node_id,
             secret: cfg.secret,
             advertise: cfg.advertise,
             catalog: Catalog::new(etcd.clone()),
             etcd,
+            reconciled: AtomicU64::new(membership.joins()),
             membership,
             written: Default::default(),
+            seen: Default::default(),
         };
-        c.sync(recs).await;
+        {
+            let mut written = c.written.lock().await;
+            // First join: every sandbox of the home is published as it is.
+            let published = (!was_member).then(HashSet::new);
+            c.reconcile(sandboxes, &mut written, published.as_ref())
+                .await?;
+        }
+        if let Err(e) = std::fs::write(&member_file, format!("{}\n", c.node_id)) {
+            tracing::warn!("writing {}: {e}", member_file.display());
+        }
+        c.sync_now(sandboxes).await;
         Ok(c)
     }
 
+    /// After this node joined (again): stops each local sandbox the catalog no longer gives
+    /// it (owned by another node; marked failed, the cluster having declared it lost while
+    /// this node was away; or running, published by this node before (`published`, None: all
+    /// of them) and no longer in the catalog), and forgets the entries it had read, so the
+    /// next [`Cluster::sync`] reads them again. Runs with the `written` lock held.
+    async fn reconcile(
+        &self,
+        sandboxes: &Arc<Sandboxes>,
+        written: &mut Option<HashMap<String, (SandboxEntry, i64)>>,
+        published: Option<&HashSet<String>>,
+    ) -> kiln_cluster::Result<()> {
+        let entries: HashMap<String, SandboxEntry> = self
+            .catalog
+            .list()
+            .await?
+            .into_iter()
+            .map(|(id, e, _)| (id, e))
+            .collect();
+        for r in records(sandboxes).await {
+            let Some(state) = types::SandboxState::of(&r) else {
+                continue;
+            };
+            let why = match entries.get(&r.id) {
+                Some(e) => self.verdict(e),
+                None if state == types::SandboxState::Running
+                    && published.is_none_or(|p| p.contains(&r.id)) =>
+                {
+                    Some(
+                        "it left the cluster's catalog while this node was out of the cluster"
+                            .into(),
+                    )
+                }
+                None => None,
+            };
+            if let Some(why) = why {
+                stop_local(sandboxes, &r.id, &why).await;
+            }
+        }
+        *written = None;
+        Ok(())
+    }
+
+    /// Why a local sandbox whose catalog entry is `e` must stop here (None: it stays).
+    fn verdict(&self, e: &SandboxEntry) -> Option<String> {
+        if e.node != self.node_id {
+            Some(format!("the catalog gives it to node {}", e.node))
+        } else if e.state == SandboxState::Failed {
+            Some(format!(
+                "the cluster declared it lost: {}",
+                e.cause.as_deref().unwrap_or("failed")
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Brings the catalog's entries of this node in line with its sandboxes `recs` (all of
-    /// them, as the runtime lists them) and refreshes what the node publishes. Failures are
-    /// logged: the next sweep tries again.
-    pub(crate) async fn sync(&self, recs: &[SandboxRecord]) {
+    /// them, as the runtime lists them) and refreshes what the node publishes; first, when
+    /// the node joined again since the last time (its lease had expired), reconciles. A
+    /// sandbox the catalog turns out to give away is stopped here. Failures are logged: the
+    /// next sweep tries again.
+    pub(crate) async fn sync(&self, sandboxes: &Arc<Sandboxes>, mut recs: Vec<SandboxRecord>) {
+        let mut guard = self.written.lock().await;
+        let joins = self.membership.joins();
+        if joins != self.reconciled.load(Ordering::SeqCst) {
+            tracing::warn!(node = %self.node_id, "joined the cluster again after the lease expired: reconciling");
+            let published: HashSet<String> = guard
+                .as_ref()
+                .map(|w| w.keys().cloned().collect())
+                .unwrap_or_default();
+            if let Err(e) = self
+                .reconcile(sandboxes, &mut guard, Some(&published))
+                .await
+            {
+                tracing::warn!("cluster catalog: {e}");
+                return;
+            }
+            self.reconciled.store(joins, Ordering::SeqCst);
+            recs = records(sandboxes).await;
+        }
         let desired: BTreeMap<String, SandboxEntry> = recs
             .iter()
             .filter_map(|r| Some((r.id.clone(), self.entry(r)?)))
             .collect();
         self.membership.set_info(self.info(&desired));
-        let mut guard = self.written.lock().await;
         if guard.is_none() {
             match self.catalog.list().await {
                 Ok(all) => {
+                    // Failed entries written by others (this node's sandboxes lost while it
+                    // was away) are not this node's to keep or remove.
                     *guard = Some(
                         all.into_iter()
-                            .filter(|(_, e, _)| e.node == self.node_id)
+                            .filter(|(_, e, _)| {
+                                e.node == self.node_id && e.state != SandboxState::Failed
+                            })
                             .map(|(id, e, rev)| (id, (e, rev)))
                             .collect(),
                     )
@@ -134,12 +279,15 @@ impl Cluster {
             }
         }
         let written = guard.as_mut().expect("loaded above");
+        let mut stop = Vec::new();
         for (id, want) in &desired {
             if written.get(id).is_some_and(|(e, _)| e == want) {
                 continue;
             }
-            if let Err(e) = self.write(written, id, want).await {
-                tracing::warn!(id, "cluster catalog: {e}");
+            match self.write(written, id, want).await {
+                Ok(Written::Done) => {}
+                Ok(Written::Stop(why)) => stop.push((id.clone(), why)),
+                Err(e) => tracing::warn!(id, "cluster catalog: {e}"),
             }
         }
         let gone: Vec<String> = written
@@ -152,24 +300,27 @@ impl Cluster {
                 tracing::warn!(id, "cluster catalog: {e}");
             }
         }
-    }
-
-    /// [`Cluster::sync`] from the records on disk, right after a request changed one.
-    pub(crate) async fn sync_now(&self, sandboxes: &Arc<kiln_runtime::Sandboxes>) {
-        let sb = sandboxes.clone();
-        if let Ok(recs) = tokio::task::spawn_blocking(move || sb.records()).await {
-            self.sync(&recs).await;
+        drop(guard);
+        for (id, why) in stop {
+            stop_local(sandboxes, &id, &why).await;
         }
     }
 
+    /// [`Cluster::sync`] from the records on disk, right after a request changed one.
+    pub(crate) async fn sync_now(&self, sandboxes: &Arc<Sandboxes>) {
+        self.sync(sandboxes, records(sandboxes).await).await;
+    }
+
     /// Writes `want` as sandbox `id`'s entry: compare-and-swap on the revision this node
-    /// last saw; on a conflict it looks again, and leaves an entry another node owns alone.
+    /// last saw; on a conflict it looks again, and leaves alone an entry another node owns,
+    /// one marked failed (this node's lease expired meanwhile) and one removed since this
+    /// node wrote it: the sandbox must stop here then.
     async fn write(
         &self,
         written: &mut HashMap<String, (SandboxEntry, i64)>,
         id: &str,
         want: &SandboxEntry,
-    ) -> kiln_cluster::Result<()> {
+    ) -> kiln_cluster::Result<Written> {
         for _ in 0..3 {
             let done = match written.get(id) {
                 Some((_, rev)) => self.catalog.update(id, want, *rev).await?,
@@ -177,23 +328,30 @@ impl Cluster {
             };
             if let Some(rev) = done {
                 written.insert(id.to_string(), (want.clone(), rev));
-                return Ok(());
+                return Ok(Written::Done);
             }
+            let had = written.remove(id).is_some();
             match self.catalog.get(id).await? {
-                Some((cur, rev)) if cur.node == self.node_id => {
-                    written.insert(id.to_string(), (cur, rev));
+                Some((cur, rev)) => match self.verdict(&cur) {
+                    // This node's own failure, written before: it stays written.
+                    Some(_) if cur.node == self.node_id && want.state == SandboxState::Failed => {
+                        written.insert(id.to_string(), (cur, rev));
+                    }
+                    Some(why) => return Ok(Written::Stop(why)),
+                    None => {
+                        written.insert(id.to_string(), (cur, rev));
+                    }
+                },
+                None if had => {
+                    return Ok(Written::Stop(
+                        "its catalog entry was removed while this node was out of the cluster"
+                            .into(),
+                    ))
                 }
-                Some((cur, _)) => {
-                    tracing::warn!(id, owner = %cur.node, "the catalog gives this sandbox to another node");
-                    written.remove(id);
-                    return Ok(());
-                }
-                None => {
-                    written.remove(id);
-                }
+                None => {}
             }
         }
-        Ok(())
+        Ok(Written::Done)
     }
 
     /// Removes sandbox `id`'s entry if this node still owns it.
@@ -211,7 +369,8 @@ impl Cluster {
                 return Ok(());
             }
             match self.catalog.get(id).await? {
-                Some((cur, rev)) if cur.node == self.node_id => {
+                // Still this node's (a failed one was marked by another node: it stays).
+                Some((cur, rev)) if self.verdict(&cur).is_none() => {
                     written.insert(id.to_string(), (cur, rev));
                 }
                 _ => {
@@ -223,11 +382,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// A sandbox's catalog entry (None: gone to the API, failed or stopped).
+    /// A sandbox's catalog entry (None: stopped). A failed one is published with its cause,
+    /// so every node can answer for it as this one does (404 with the cause).
     fn entry(&self, r: &SandboxRecord) -> Option<SandboxEntry> {
-        let state = match types::SandboxState::of(r)? {
-            types::SandboxState::Running => kiln_cluster::SandboxState::Running,
-            types::SandboxState::Paused => kiln_cluster::SandboxState::Paused,
+        let (state, cause) = match &r.state {
+            SbxState::Failed { cause } => (SandboxState::Failed, Some(cause.clone())),
+            _ => match types::SandboxState::of(r)? {
+                types::SandboxState::Running => (SandboxState::Running, None),
+                types::SandboxState::Paused => (SandboxState::Paused, None),
+            },
         };
         Some(SandboxEntry {
             node: self.node_id.clone(),
@@ -240,6 +403,7 @@ impl Cluster {
             cpus: r.cpus,
             memory_mib: r.memory_mib,
             disk_mib: r.disk_mib,
+            cause,
         })
     }
 
@@ -247,7 +411,7 @@ impl Cluster {
         let running = || {
             desired
                 .values()
-                .filter(|e| e.state == kiln_cluster::SandboxState::Running)
+                .filter(|e| e.state == SandboxState::Running)
         };
         NodeInfo {
             advertise: self.advertise.clone(),
@@ -258,7 +422,8 @@ impl Cluster {
         }
     }
 
-    /// The whole cluster's sandboxes.
+    /// The whole cluster's sandboxes (failed ones included: placement counts only the
+    /// running ones of live nodes).
     pub(crate) async fn catalog(&self) -> kiln_cluster::Result<Vec<(String, SandboxEntry)>> {
         Ok(self
             .catalog
@@ -267,6 +432,89 @@ impl Cluster {
             .into_iter()
             .map(|(id, e, _)| (id, e))
             .collect())
+    }
+
+    /// The sandboxes E2B's lists show: running on a live node, or paused. A failed one is
+    /// left out, as on one host, and so is one running on a node that is gone (lost, though
+    /// no sweep has marked it yet).
+    pub(crate) async fn listed(&self) -> kiln_cluster::Result<Vec<(String, SandboxEntry)>> {
+        let (nodes, entries) = tokio::try_join!(membership::nodes(&self.etcd), self.catalog())?;
+        self.saw(&nodes);
+        let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
+        Ok(entries
+            .into_iter()
+            .filter(|(_, e)| match e.state {
+                SandboxState::Running => live.contains(e.node.as_str()),
+                SandboxState::Paused => true,
+                SandboxState::Failed => false,
+            })
+            .collect())
+    }
+
+    /// Notes when each live node last published its info.
+    fn saw(&self, nodes: &[(String, NodeInfo)]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, info) in nodes {
+            let t = seen.entry(id.clone()).or_default();
+            *t = (*t).max(info.updated_ms);
+        }
+    }
+
+    /// Why the running sandboxes of node `node`, whose key is gone, are lost.
+    fn gone_cause(&self, node: &str) -> String {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get(node) {
+            Some(&ms) if ms > 0 => format!(
+                "node {node} is gone (no heartbeat since {})",
+                crate::timefmt::rfc3339(ms)
+            ),
+            _ => format!("node {node} is gone (its membership lease expired)"),
+        }
+    }
+
+    /// Once a sweep: marks `failed` the running entries of nodes that are gone (each in a
+    /// transaction requiring the entry unchanged and the node's key absent: one writer wins,
+    /// and a node that joined again keeps its own), and removes failed entries past their
+    /// end time. Entries of this node are its own to write ([`Cluster::sync`]).
+    pub(crate) async fn sweep_dead(&self) {
+        let (nodes, entries) =
+            match tokio::try_join!(membership::nodes(&self.etcd), self.catalog.list()) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("cluster catalog: {e}");
+                    return;
+                }
+            };
+        self.saw(&nodes);
+        let now = now_ms();
+        for (id, e, rev) in entries {
+            let result = if e.expired(now) {
+                self.catalog.remove(&id, rev).await.map(drop)
+            } else if e.state == SandboxState::Running
+                && e.node != self.node_id
+                && !nodes.iter().any(|(n, _)| *n == e.node)
+            {
+                let cause = self.gone_cause(&e.node);
+                match self
+                    .catalog
+                    .mark_lost(&id, &e.lost(cause.clone()), rev)
+                    .await
+                {
+                    Ok(Some(_)) => {
+                        tracing::warn!(id, node = %e.node, "sandbox lost with its node: {cause}");
+                        Ok(())
+                    }
+                    // Another node marked it first, or its node came back.
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            } else {
+                Ok(())
+            };
+            if let Err(e) = result {
+                tracing::warn!(id, "cluster catalog: {e}");
+            }
+        }
     }
 
     /// Whether `headers` say the request comes from another node: Ok(true) with the right
@@ -285,21 +533,14 @@ impl Cluster {
         Ok(true)
     }
 
-    /// Sends `req` to node `node` (its advertise URL) as a node-to-node request.
-    async fn forward(&self, node: &str, mut req: Request) -> Response {
-        let info = match membership::node(&self.etcd, node).await {
-            Ok(Some(info)) => info,
-            Ok(None) => {
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("node {node}, which owns this sandbox, is not live"),
-                )
-            }
-            Err(e) => return unavailable(e),
-        };
+    /// Sends `req` to node `node` (its advertise URL `info`) as a node-to-node request.
+    /// None when the node turned out to be gone before it answered: it cannot be reached
+    /// and its lease expires within a TTL, or its lease expires while the answer is awaited
+    /// (a node stopped or cut off accepts connections its kernel queues, and answers none).
+    async fn forward(&self, node: &str, info: &NodeInfo, mut req: Request) -> Option<Response> {
         let authority = match kiln_cluster::authority(&info.advertise) {
             Ok(a) => a,
-            Err(e) => return refuse(StatusCode::BAD_GATEWAY, &e.to_string()),
+            Err(e) => return Some(refuse(StatusCode::BAD_GATEWAY, &e.to_string())),
         };
         let h = req.headers_mut();
         h.insert(FORWARDED_BY, header_value(&self.node_id));
@@ -309,51 +550,177 @@ impl Cluster {
             tokio::net::TcpStream::connect(&authority),
         )
         .await;
-        let tcp = match connect {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return refuse(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("node {node} ({authority}): {e}"),
-                )
-            }
-            Err(_) => {
-                return refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("node {node} ({authority}) did not answer"),
-                )
-            }
+        let failed = match connect {
+            Ok(Ok(tcp)) => tokio::select! {
+                sent = crate::proxy::send(tcp, req) => match sent {
+                    Ok(resp) => return Some(resp),
+                    Err(crate::proxy::SendError::Handshake(e) | crate::proxy::SendError::Send(e)) => {
+                        format!("node {node}: {e}")
+                    }
+                },
+                () = self.gone(node) => return None,
+            },
+            Ok(Err(e)) => format!("node {node} ({authority}): {e}"),
+            Err(_) => format!("node {node} ({authority}) did not answer"),
         };
-        match crate::proxy::send(tcp, req).await {
-            Ok(resp) => resp,
-            Err(crate::proxy::SendError::Handshake(e) | crate::proxy::SendError::Send(e)) => {
-                refuse(StatusCode::BAD_GATEWAY, &format!("node {node}: {e}"))
+        // Unreachable: dead (its lease ends within a TTL) or briefly away.
+        let ttl = Duration::from_secs(LEASE_TTL_SECS + 2);
+        tokio::select! {
+            () = self.gone(node) => None,
+            () = tokio::time::sleep(ttl) => Some(refuse(StatusCode::BAD_GATEWAY, &failed)),
+        }
+    }
+
+    /// Returns once node `node`'s key is gone (its lease expired), checking every second.
+    async fn gone(&self, node: &str) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if matches!(membership::node(&self.etcd, node).await, Ok(None)) {
+                return;
             }
         }
     }
 
-    /// The node that owns sandbox `id` when it is not this one (None: this node has it, or
-    /// nobody does).
-    async fn other_owner(
-        &self,
-        state: &AppState,
-        id: &str,
-    ) -> Result<Option<String>, kiln_cluster::Error> {
+    /// Where a request for sandbox `id` goes.
+    async fn route(&self, state: &AppState, id: &str) -> kiln_cluster::Result<Route> {
         let sb = state.sandboxes.clone();
         let id2 = id.to_string();
         let local = tokio::task::spawn_blocking(move || sb.record(&id2).is_ok())
             .await
             .unwrap_or(false);
         if local {
-            return Ok(None);
+            return Ok(Route::Here);
         }
-        Ok(self
-            .catalog
-            .get(id)
-            .await?
-            .map(|(e, _)| e.node)
-            .filter(|n| *n != self.node_id))
+        let Some((e, rev)) = self.catalog.get(id).await? else {
+            return Ok(Route::Here);
+        };
+        let marked = |e: SandboxEntry| {
+            Route::Lost(Lost {
+                cause: e.cause.unwrap_or_else(|| "failed".into()),
+                node: e.node,
+                rev,
+                marked: true,
+            })
+        };
+        // A live owner answers for its sandboxes, failed ones too (a kill of one of them
+        // ends its record there); this node for its entries marked failed while it was away.
+        if e.node == self.node_id {
+            return Ok(match e.state {
+                SandboxState::Failed => marked(e),
+                _ => Route::Here,
+            });
+        }
+        match membership::node(&self.etcd, &e.node).await? {
+            Some(info) => Ok(Route::Owner(e.node, info)),
+            None if e.state == SandboxState::Failed => Ok(marked(e)),
+            None if e.state == SandboxState::Running => Ok(Route::Lost(Lost {
+                cause: self.gone_cause(&e.node),
+                node: e.node,
+                rev,
+                marked: false,
+            })),
+            None => Ok(Route::Stranded(format!(
+                "sandbox {id} is paused on node {}, which is gone; resuming it on another \
+                 node is not supported yet",
+                e.node
+            ))),
+        }
     }
+
+    /// The control plane's answer for sandbox `id`, lost ([`Route::Lost`]): a kill removes
+    /// its entry (as a kill of a failed sandbox does on one host), anything else is 404 with
+    /// the cause.
+    async fn lost_answer(&self, id: &str, method: &Method, lost: Lost) -> Response {
+        if method != Method::DELETE {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                &format!("sandbox {id} failed: {}", lost.cause),
+            );
+        }
+        let removed = if lost.marked {
+            self.catalog.remove(id, lost.rev).await
+        } else {
+            self.catalog.remove_lost(id, &lost.node, lost.rev).await
+        };
+        match removed {
+            Ok(true) => {
+                tracing::info!(id, "removed a lost sandbox from the catalog");
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Ok(false) => refuse(
+                StatusCode::CONFLICT,
+                &format!("sandbox {id} changed meanwhile; try again"),
+            ),
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// A control-plane request for sandbox `id`: Ok(answer) when another node answers it or
+    /// it is answered from the catalog, Err(req) when this node serves it (always, when the
+    /// request was forwarded here: it is never forwarded twice).
+    async fn control_for(
+        &self,
+        state: &AppState,
+        id: &str,
+        req: Request,
+    ) -> Result<Response, Request> {
+        let method = req.method().clone();
+        let lost = match self.route(state, id).await {
+            Err(e) => return Ok(unavailable(e)),
+            Ok(Route::Here) => return Err(req),
+            Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
+            Ok(Route::Stranded(msg)) => return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg)),
+            Ok(Route::Lost(lost)) => lost,
+            Ok(Route::Owner(node, info)) => {
+                if let Some(resp) = self.forward(&node, &info, req).await {
+                    return Ok(resp);
+                }
+                // Its node went away: answer as for a sandbox lost with it.
+                match self.route(state, id).await {
+                    Ok(Route::Lost(lost)) => lost,
+                    Ok(Route::Stranded(msg)) => {
+                        return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg))
+                    }
+                    Ok(_) => {
+                        return Ok(refuse(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("node {node} went away while answering"),
+                        ))
+                    }
+                    Err(e) => return Ok(unavailable(e)),
+                }
+            }
+        };
+        Ok(self.lost_answer(id, &method, lost).await)
+    }
+}
+
+/// The runtime's records, read off the async threads.
+async fn records(sandboxes: &Arc<Sandboxes>) -> Vec<SandboxRecord> {
+    let sb = sandboxes.clone();
+    match tokio::task::spawn_blocking(move || sb.records()).await {
+        Ok(recs) => recs,
+        Err(e) => {
+            tracing::warn!("listing sandboxes: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Kills local sandbox `id` (the runtime's kill: its processes and record go), for `why`.
+async fn stop_local(sandboxes: &Arc<Sandboxes>, id: &str, why: &str) {
+    tracing::warn!(id, "stopping the sandbox on this node: {why}");
+    let sb = sandboxes.clone();
+    let id2 = id.to_string();
+    match tokio::task::spawn_blocking(move || sb.kill(&id2)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(id, "stopping the sandbox: {e}"),
+        Err(e) => tracing::warn!(id, "stopping the sandbox: {e}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    kiln_runtime::record::now_ms()
 }
 
 fn header_value(s: &str) -> HeaderValue {
@@ -407,20 +774,34 @@ pub(crate) async fn data_plane(
     let Some(c) = &state.cluster else {
         return Err(req);
     };
-    if forwarded(&req) {
-        return Err(req);
-    }
-    match c.other_owner(state, id).await {
-        Ok(Some(node)) => {
-            // The owner's domain may differ: the sandbox and port travel in E2B's headers.
-            let h = req.headers_mut();
-            h.insert("e2b-sandbox-id", header_value(id));
-            h.insert("e2b-sandbox-port", header_value(&port.to_string()));
-            Ok(c.forward(&node, req).await)
+    let (node, info) = match c.route(state, id).await {
+        Ok(Route::Here) => return Err(req),
+        // Never forwarded twice.
+        Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
+        Ok(Route::Owner(node, info)) => (node, info),
+        Ok(Route::Lost(lost)) => {
+            return Ok(gone_data_plane(id, &format!("it failed: {}", lost.cause)))
         }
-        Ok(None) => Err(req),
-        Err(e) => Ok(unavailable(e)),
+        Ok(Route::Stranded(msg)) => return Ok(gone_data_plane(id, &msg)),
+        Err(e) => return Ok(unavailable(e)),
+    };
+    // The owner's domain may differ: the sandbox and port travel in E2B's headers.
+    let h = req.headers_mut();
+    h.insert("e2b-sandbox-id", header_value(id));
+    h.insert("e2b-sandbox-port", header_value(&port.to_string()));
+    match c.forward(&node, &info, req).await {
+        Some(resp) => Ok(resp),
+        None => Ok(gone_data_plane(id, &c.gone_cause(&node))),
     }
+}
+
+/// The data plane's answer for a sandbox that runs nowhere: E2B's proxy's "was not found"
+/// (what the SDK looks for), as for a local sandbox that failed.
+fn gone_data_plane(id: &str, why: &str) -> Response {
+    crate::envd::agent::json_error(
+        StatusCode::BAD_GATEWAY,
+        &format!("The sandbox {id} was not found ({why})"),
+    )
 }
 
 /// The sandbox a control-plane path names: `/sandboxes/{id}...` or `/v2/sandboxes/{id}...`.
@@ -440,37 +821,43 @@ fn is_create(req: &Request) -> bool {
 /// request that changed something here.
 pub(crate) async fn control(
     State(state): State<Arc<AppState>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let Some(c) = &state.cluster else {
         return next.run(req).await;
     };
-    if !forwarded(&req) {
-        if is_create(&req) {
-            let (mut nodes, entries) =
-                match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
-                    Ok(x) => x,
-                    Err(e) => return unavailable(e),
-                };
-            placement::count_from_catalog(&mut nodes, &entries);
-            match placement::choose(&nodes, create_need()) {
-                Some(node) if node != c.node_id => return c.forward(node, req).await,
-                Some(_) => {}
-                None => {
-                    return refuse(
+    if is_create(&req) && !forwarded(&req) {
+        let (mut nodes, entries) = match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
+            Ok(x) => x,
+            Err(e) => return unavailable(e),
+        };
+        placement::count_from_catalog(&mut nodes, &entries);
+        let chosen = placement::choose(&nodes, create_need())
+            .and_then(|id| nodes.iter().find(|(n, _)| n == id));
+        match chosen {
+            Some((node, info)) if *node != c.node_id => {
+                return match c.forward(node, info, req).await {
+                    Some(resp) => resp,
+                    None => refuse(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "no node of the cluster has room for a new sandbox",
-                    )
-                }
+                        &format!("node {node}, placed to take the sandbox, is gone; try again"),
+                    ),
+                };
             }
-        } else if let Some(id) = sandbox_in_path(req.uri().path()) {
-            match c.other_owner(&state, id).await {
-                Ok(Some(node)) => return c.forward(&node, req).await,
-                Ok(None) => {}
-                Err(e) => return unavailable(e),
+            Some(_) => {}
+            None => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no node of the cluster has room for a new sandbox",
+                )
             }
         }
+    } else if let Some(id) = sandbox_in_path(req.uri().path()).map(str::to_string) {
+        req = match c.control_for(&state, &id, req).await {
+            Ok(answer) => return answer,
+            Err(req) => req,
+        };
     }
     let changes = req.method() != Method::GET;
     let resp = next.run(req).await;

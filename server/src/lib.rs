@@ -213,7 +213,7 @@ pub async fn run(
     tracing::info!(sandboxes = reloaded.len(), "reloaded sandboxes");
     let mut state = AppState::new(sandboxes, api_key, domain, serve_dir);
     if let Some(cc) = cfg.cluster {
-        let c = cluster::Cluster::join(cc, &reloaded).await?;
+        let c = cluster::Cluster::join(cc, &state.sandboxes, &state.serve_dir).await?;
         tracing::info!(node = %c.node_id, "cluster mode");
         state.cluster = Some(Arc::new(c));
     }

@@ -15,10 +15,12 @@ pub(crate) async fn run(state: Arc<AppState>) {
         tick.tick().await;
         let st = state.clone();
         match tokio::task::spawn_blocking(move || sweep(&st)).await {
-            // Cluster mode: what the sweep saw (after reconciling) goes to the catalog.
+            // Cluster mode: what the sweep saw (after reconciling) goes to the catalog, and the
+            // sandboxes of nodes that are gone are marked lost.
             Ok(Ok(list)) => {
                 if let Some(c) = &state.cluster {
-                    c.sync(&list).await;
+                    c.sync(&state.sandboxes, list).await;
+                    c.sweep_dead().await;
                 }
             }
             Ok(Err(e)) => tracing::warn!("timeout sweep: {e}"),

@@ -134,6 +134,11 @@ impl Serve {
         self.spawn();
     }
 
+    /// The daemon's process id (None once stopped): to SIGSTOP and SIGCONT it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the daemon.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

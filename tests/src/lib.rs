@@ -3,6 +3,7 @@
 //! Tests that need something this host lacks print `SKIP: <reason>` on stderr and return;
 //! `scripts/test` collects those lines at the end of a run.
 
+pub mod cluster;
 pub mod e2b;
 pub mod etcd;
 pub mod net;

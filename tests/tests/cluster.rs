@@ -8,43 +8,13 @@
 //! sandbox in every list; node-to-node requests need the cluster secret.
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
+use kiln_tests::cluster::{listed, node_args, start_nodes};
 use kiln_tests::e2b::{self, Serve};
 use kiln_tests::etcd::Etcd;
 use kiln_tests::Kiln;
-use std::path::Path;
 
 const KEY: &str = "cluster-test-key";
 const SECRET: &str = "cluster-test-secret-0123456789";
-
-fn node_args(etcd: &str, id: &str, port: u16, secret_file: &Path) -> Vec<String> {
-    vec![
-        "--cluster-etcd".into(),
-        etcd.into(),
-        "--node-id".into(),
-        id.into(),
-        "--advertise".into(),
-        format!("http://127.0.0.1:{port}"),
-        "--cluster-secret-file".into(),
-        secret_file.to_str().unwrap().into(),
-    ]
-}
-
-/// A list through `s`: (sandbox id, clientID, state) of each.
-fn listed(s: &Serve, path: &str) -> Vec<(String, String, String)> {
-    let (code, body) = s.api("GET", path, None);
-    assert_eq!(code, 200, "{path} through :{}: {body}", s.port);
-    body.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["sandboxID"].as_str().unwrap().to_string(),
-                e["clientID"].as_str().unwrap().to_string(),
-                e["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn three_nodes_serve_one_cluster() {
@@ -65,15 +35,7 @@ fn three_nodes_serve_one_cluster() {
         Kiln::new(tmp.path().join("home2")),
         Kiln::new(tmp.path().join("home3")),
     ];
-    let nodes: Vec<Serve> = homes
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let port = e2b::free_port();
-            let args = node_args(&etcd.urls_arg(), &format!("n{}", i + 1), port, &secret);
-            Serve::start_with(k, KEY, port, &args)
-        })
-        .collect();
+    let nodes: Vec<Serve> = start_nodes(&etcd, &homes, KEY, &secret);
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Create through n3 (placed on n1, forwarded there), then a command through n3.

@@ -172,7 +172,7 @@ impl Row {
 /// cluster's from its catalog.
 pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<Row>> {
     if let Some(c) = &state.cluster {
-        let entries = c.catalog().await.map_err(|e| {
+        let entries = c.listed().await.map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cluster catalog: {e}"),
@@ -180,7 +180,7 @@ pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<Row>> {
         })?;
         return Ok(entries
             .into_iter()
-            .map(|(id, e)| catalog_row(id, e))
+            .filter_map(|(id, e)| catalog_row(id, e))
             .collect());
     }
     let sb = state.sandboxes.clone();
@@ -196,8 +196,14 @@ pub(super) async fn all_sandboxes(state: &AppState) -> ApiResult<Vec<Row>> {
         .collect())
 }
 
-fn catalog_row(id: String, e: kiln_cluster::SandboxEntry) -> Row {
-    Row {
+/// A catalog entry's row (None for a failed one: lists leave them out).
+fn catalog_row(id: String, e: kiln_cluster::SandboxEntry) -> Option<Row> {
+    let state = match e.state {
+        kiln_cluster::SandboxState::Running => types::SandboxState::Running,
+        kiln_cluster::SandboxState::Paused => types::SandboxState::Paused,
+        kiln_cluster::SandboxState::Failed => return None,
+    };
+    Some(Row {
         listed: types::ListedSandbox {
             template_id: e.template,
             sandbox_id: id,
@@ -209,15 +215,12 @@ fn catalog_row(id: String, e: kiln_cluster::SandboxEntry) -> Row {
             memory_mb: e.memory_mib,
             disk_size_mb: e.disk_mib,
             metadata: e.metadata,
-            state: match e.state {
-                kiln_cluster::SandboxState::Running => types::SandboxState::Running,
-                kiln_cluster::SandboxState::Paused => types::SandboxState::Paused,
-            },
+            state,
             envd_version: ENVD_VERSION,
         },
         created_ms: e.started_ms,
         image: None,
-    }
+    })
 }
 
 pub(super) async fn list_v2(State(state): State<Arc<AppState>>, uri: Uri) -> ApiResult<Response> {
