@@ -31,6 +31,16 @@ pub struct ServeArgs {
     /// (authenticates node-to-node requests)
     #[arg(long, requires = "cluster_etcd", value_name = "FILE")]
     cluster_secret_file: Option<std::path::PathBuf>,
+    /// Cluster mode: seconds a node may be gone (its 5 s lease expired) before the other
+    /// nodes declare its running sandboxes lost (`failed`, stopped when it returns); a node
+    /// restarted within them keeps its sandboxes
+    #[arg(
+        long,
+        requires = "cluster_etcd",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
+    cluster_lost_after: u64,
 }
 
 /// The cluster settings, when `--cluster-etcd` was given.
@@ -66,6 +76,7 @@ fn cluster(a: &ServeArgs) -> Result<Option<kiln_server::ClusterConfig>> {
             .clone()
             .unwrap_or_else(|| format!("http://{}", a.listen)),
         secret,
+        lost_after: std::time::Duration::from_secs(a.cluster_lost_after),
     }))
 }
 

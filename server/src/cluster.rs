@@ -72,6 +72,10 @@ pub struct ClusterConfig {
     pub advertise: String,
     /// Shared by every node; authenticates node-to-node requests.
     pub secret: String,
+    /// How long a node may be gone (its lease expired) before its running sandboxes are
+    /// declared lost: a node restarted within it (`kiln serve` killed and started again,
+    /// which waits out its old lease) keeps them.
+    pub lost_after: std::time::Duration,
 }
 
 /// A node-to-node request without the right cluster secret.
@@ -96,6 +100,9 @@ pub(crate) struct Cluster {
     /// When each node was last seen live (its info's `updated_ms`): the cause given for the
     /// sandboxes of a node that is gone.
     seen: std::sync::Mutex<HashMap<String, u64>>,
+    /// [`ClusterConfig::lost_after`], and since when this node has seen each gone node gone.
+    lost_after: std::time::Duration,
+    missing_since: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Where a request for a sandbox goes.
@@ -158,6 +165,8 @@ impl Cluster {
             membership,
             written: Default::default(),
             seen: Default::default(),
+            lost_after: cfg.lost_after,
+            missing_since: Default::default(),
         };
         {
             let mut written = c.written.lock().await;
@@ -440,11 +449,15 @@ impl Cluster {
     pub(crate) async fn listed(&self) -> kiln_cluster::Result<Vec<(String, SandboxEntry)>> {
         let (nodes, entries) = tokio::try_join!(membership::nodes(&self.etcd), self.catalog())?;
         self.saw(&nodes);
+        self.forget_live(&nodes);
         let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
         Ok(entries
             .into_iter()
             .filter(|(_, e)| match e.state {
-                SandboxState::Running => live.contains(e.node.as_str()),
+                // Still listed while its node may come back (see `lost_after`).
+                SandboxState::Running => {
+                    live.contains(e.node.as_str()) || !self.gone_for_long(&e.node)
+                }
                 SandboxState::Paused => true,
                 SandboxState::Failed => false,
             })
@@ -472,6 +485,42 @@ impl Cluster {
         }
     }
 
+    /// The nodes with running sandboxes gone for [`ClusterConfig::lost_after`] at least.
+    fn gone_long(
+        &self,
+        nodes: &[(String, NodeInfo)],
+        entries: &[(String, SandboxEntry, i64)],
+    ) -> HashSet<String> {
+        self.forget_live(nodes);
+        let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
+        entries
+            .iter()
+            .filter(|(_, e, _)| {
+                e.state == SandboxState::Running
+                    && e.node != self.node_id
+                    && !live.contains(e.node.as_str())
+            })
+            .filter(|(_, e, _)| self.gone_for_long(&e.node))
+            .map(|(_, e, _)| e.node.clone())
+            .collect()
+    }
+
+    /// Whether node `node`, whose key is gone, has been gone for
+    /// [`ClusterConfig::lost_after`] as this node saw it (from the first time it looked).
+    fn gone_for_long(&self, node: &str) -> bool {
+        let mut since = self.missing_since.lock().unwrap_or_else(|e| e.into_inner());
+        let first = *since
+            .entry(node.to_string())
+            .or_insert_with(std::time::Instant::now);
+        first.elapsed() >= self.lost_after
+    }
+
+    /// Forgets when the `live` nodes were gone (they came back).
+    fn forget_live(&self, live: &[(String, NodeInfo)]) {
+        let mut since = self.missing_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.retain(|n, _| !live.iter().any(|(l, _)| l == n));
+    }
+
     /// Once a sweep: marks `failed` the running entries of nodes that are gone (each in a
     /// transaction requiring the entry unchanged and the node's key absent: one writer wins,
     /// and a node that joined again keeps its own), and removes failed entries past their
@@ -486,13 +535,14 @@ impl Cluster {
                 }
             };
         self.saw(&nodes);
+        let gone_long = self.gone_long(&nodes, &entries);
         let now = now_ms();
         for (id, e, rev) in entries {
             let result = if e.expired(now) {
                 self.catalog.remove(&id, rev).await.map(drop)
             } else if e.state == SandboxState::Running
                 && e.node != self.node_id
-                && !nodes.iter().any(|(n, _)| *n == e.node)
+                && gone_long.contains(&e.node)
             {
                 let cause = self.gone_cause(&e.node);
                 match self
@@ -613,12 +663,20 @@ impl Cluster {
         match membership::node(&self.etcd, &e.node).await? {
             Some(info) => Ok(Route::Owner(e.node, info)),
             None if e.state == SandboxState::Failed => Ok(marked(e)),
-            None if e.state == SandboxState::Running => Ok(Route::Lost(Lost {
-                cause: self.gone_cause(&e.node),
-                node: e.node,
-                rev,
-                marked: false,
-            })),
+            None if e.state == SandboxState::Running && self.gone_for_long(&e.node) => {
+                Ok(Route::Lost(Lost {
+                    cause: self.gone_cause(&e.node),
+                    node: e.node,
+                    rev,
+                    marked: false,
+                }))
+            }
+            None if e.state == SandboxState::Running => Ok(Route::Stranded(format!(
+                "sandbox {id} runs on node {}, which is not answering (its lease expired); \
+                 its sandboxes are declared lost if it is not back within {} s",
+                e.node,
+                self.lost_after.as_secs()
+            ))),
             None => Ok(Route::Stranded(format!(
                 "sandbox {id} is paused on node {}, which is gone; resuming it on another \
                  node is not supported yet",

@@ -4,7 +4,39 @@
 use crate::e2b::{self, Serve};
 use crate::etcd::Etcd;
 use crate::Kiln;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// What every cluster test starts from: E2B's Python SDK, a 3-member etcd, and `homes` whose
+/// first has the `sdk` image (the others are empty), in one temp dir with the cluster secret's
+/// file; every sandbox of the first home is killed at the end. Fields drop in order: declare
+/// nodes after it, so they go first.
+pub struct Fixture {
+    pub py: PathBuf,
+    pub etcd: Etcd,
+    pub homes: Vec<Kiln>,
+    pub secret: PathBuf,
+    _cleanup: crate::sandbox::KillAll,
+    pub tmp: tempfile::TempDir,
+}
+
+/// [`Fixture`] with `nodes` homes and the secret `secret`; None after a SKIP line.
+pub fn fixture(secret: &str, nodes: usize) -> Option<Fixture> {
+    let py = e2b::python_or_skip()?;
+    let etcd = Etcd::start_or_skip()?;
+    let (tmp, k1) = e2b::sdk_home()?;
+    let secret_file = tmp.path().join("cluster-secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let mut homes = vec![k1.clone()];
+    homes.extend((2..=nodes).map(|i| Kiln::new(tmp.path().join(format!("home{i}")))));
+    Some(Fixture {
+        py,
+        etcd,
+        homes,
+        secret: secret_file,
+        _cleanup: crate::sandbox::KillAll(k1),
+        tmp,
+    })
+}
 
 /// `kiln serve`'s cluster arguments for node `id` listening on `port`.
 pub fn node_args(etcd: &str, id: &str, port: u16, secret_file: &Path) -> Vec<String> {
@@ -20,14 +52,22 @@ pub fn node_args(etcd: &str, id: &str, port: u16, secret_file: &Path) -> Vec<Str
     ]
 }
 
-/// One node per home, `n1`, `n2`, ... in order, each on a free port, all with API key `key`.
-pub fn start_nodes(etcd: &Etcd, homes: &[Kiln], key: &str, secret_file: &Path) -> Vec<Serve> {
+/// One node per home, `n1`, `n2`, ... in order, each on a free port, all with API key `key`;
+/// a node gone `lost_after` seconds loses its running sandboxes (`--cluster-lost-after`).
+pub fn start_nodes(
+    etcd: &Etcd,
+    homes: &[Kiln],
+    key: &str,
+    secret_file: &Path,
+    lost_after: u64,
+) -> Vec<Serve> {
     homes
         .iter()
         .enumerate()
         .map(|(i, k)| {
             let port = e2b::free_port();
-            let args = node_args(&etcd.urls_arg(), &format!("n{}", i + 1), port, secret_file);
+            let mut args = node_args(&etcd.urls_arg(), &format!("n{}", i + 1), port, secret_file);
+            args.extend(["--cluster-lost-after".into(), lost_after.to_string()]);
             Serve::start_with(k, key, port, &args)
         })
         .collect()

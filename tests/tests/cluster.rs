@@ -8,9 +8,8 @@
 //! sandbox in every list; node-to-node requests need the cluster secret.
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
-use kiln_tests::cluster::{listed, node_args, start_nodes};
+use kiln_tests::cluster::{fixture, listed, node_args, start_nodes};
 use kiln_tests::e2b::{self, Serve};
-use kiln_tests::etcd::Etcd;
 use kiln_tests::Kiln;
 
 const KEY: &str = "cluster-test-key";
@@ -18,24 +17,11 @@ const SECRET: &str = "cluster-test-secret-0123456789";
 
 #[test]
 fn three_nodes_serve_one_cluster() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(mut f) = fixture(SECRET, 3) else {
         return;
     };
-    let Some(mut etcd) = Etcd::start_or_skip() else {
-        return;
-    };
-    let Some((tmp, k1)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = kiln_tests::sandbox::KillAll(k1.clone());
-    let secret = tmp.path().join("cluster-secret");
-    std::fs::write(&secret, SECRET).unwrap();
-    let homes = [
-        k1,
-        Kiln::new(tmp.path().join("home2")),
-        Kiln::new(tmp.path().join("home3")),
-    ];
-    let nodes: Vec<Serve> = start_nodes(&etcd, &homes, KEY, &secret);
+    let (py, secret) = (f.py.clone(), f.secret.clone());
+    let nodes: Vec<Serve> = start_nodes(&f.etcd, &f.homes, KEY, &secret, 0);
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Create through n3 (placed on n1, forwarded there), then a command through n3.
@@ -72,7 +58,7 @@ print(json.dumps({"id": sbx.sandbox_id, "out": r.stdout}))
     assert_eq!(detail["metadata"]["suite"], "cluster");
 
     // An etcd member dies (the one every node tries first): the cluster goes on.
-    etcd.kill(0);
+    f.etcd.kill(0);
 
     // Files and a streamed command through n2, after a connect through n2.
     let out = n2.python(

@@ -13,11 +13,10 @@
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
 use kiln_cluster::{SandboxEntry, SandboxState};
-use kiln_tests::cluster::{listed, start_nodes};
+use kiln_tests::cluster::{fixture, listed, start_nodes};
 use kiln_tests::e2b::{self, Serve};
 use kiln_tests::etcd::Etcd;
 use kiln_tests::sandbox::{assert_no_processes, processes_mentioning};
-use kiln_tests::Kiln;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,27 +98,14 @@ fn signal(s: &Serve, sig: i32) {
 
 #[test]
 fn dead_node_sandboxes_are_lost_and_do_not_come_back() {
-    let Some(py) = e2b::python_or_skip() else {
+    let Some(f) = fixture(SECRET, 3) else {
         return;
     };
-    let Some(etcd) = Etcd::start_or_skip() else {
-        return;
-    };
-    let Some((tmp, k1)) = e2b::sdk_home() else {
-        return;
-    };
-    let _cleanup = kiln_tests::sandbox::KillAll(k1.clone());
-    let secret = tmp.path().join("cluster-secret");
-    std::fs::write(&secret, SECRET).unwrap();
-    let homes = [
-        k1.clone(),
-        Kiln::new(tmp.path().join("home2")),
-        Kiln::new(tmp.path().join("home3")),
-    ];
-    let mut nodes = start_nodes(&etcd, &homes, KEY, &secret);
+    let (py, etcd, k1) = (&f.py, &f.etcd, &f.homes[0]);
+    let mut nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
 
     // 1. n1 stops answering (SIGSTOP) with a sandbox running.
-    let a = create(&nodes[1], &py);
+    let a = create(&nodes[1], py);
     assert_eq!(
         listed(&nodes[2], "/v2/sandboxes"),
         vec![(a.clone(), "n1".to_string(), "running".to_string())]
@@ -134,7 +120,7 @@ fn dead_node_sandboxes_are_lost_and_do_not_come_back() {
             e2b::http(port, "GET", &path, &[("X-API-Key", KEY)], None).unwrap()
         })
     };
-    let cause = wait_marked_failed(&etcd, &a);
+    let cause = wait_marked_failed(etcd, &a);
     assert!(
         cause.starts_with("node n1 is gone (no heartbeat since 20"),
         "{cause}"
@@ -160,7 +146,7 @@ fn dead_node_sandboxes_are_lost_and_do_not_come_back() {
         "{body}"
     );
     let out = nodes[2].python(
-        &py,
+        py,
         &format!(
             r#"
 import json
@@ -193,22 +179,19 @@ except Exception as e:
     }
     assert_no_processes(&a);
     lost_everywhere(&nodes.iter().collect::<Vec<_>>(), &a, &cause);
-    assert_eq!(
-        entry(&etcd, &a).map(|e| e.state),
-        Some(SandboxState::Failed)
-    );
+    assert_eq!(entry(etcd, &a).map(|e| e.state), Some(SandboxState::Failed));
     // A kill through another node removes what is left of it.
     let (code, body) = nodes[2].api("DELETE", &format!("/sandboxes/{a}"), None);
     assert_eq!(code, 204, "{body}");
-    assert_eq!(entry(&etcd, &a), None);
+    assert_eq!(entry(etcd, &a), None);
     let (code, _) = nodes[1].api("GET", &format!("/sandboxes/{a}"), None);
     assert_eq!(code, 404);
 
     // 2. n1 killed (kill -9) with a sandbox running, then restarted on its home.
-    let b = create(&nodes[2], &py);
-    assert_eq!(entry(&etcd, &b).map(|e| e.node), Some("n1".to_string()));
+    let b = create(&nodes[2], py);
+    assert_eq!(entry(etcd, &b).map(|e| e.node), Some("n1".to_string()));
     nodes[0].stop();
-    let cause = wait_marked_failed(&etcd, &b);
+    let cause = wait_marked_failed(etcd, &b);
     assert!(cause.starts_with("node n1 is gone"), "{cause}");
     lost_everywhere(&[&nodes[1], &nodes[2]], &b, &cause);
     eprintln!(
@@ -218,14 +201,14 @@ except Exception as e:
     nodes[0].restart();
     assert_no_processes(&b);
     assert!(
-        !kiln_tests::sandbox::ids(&k1).contains(&b),
+        !kiln_tests::sandbox::ids(k1).contains(&b),
         "{b} is still in n1's home"
     );
     lost_everywhere(&nodes.iter().collect::<Vec<_>>(), &b, &cause);
 
     // The returning node serves again: a new sandbox lands on it, and runs.
-    let c = create(&nodes[1], &py);
-    assert_eq!(entry(&etcd, &c).map(|e| e.node), Some("n1".to_string()));
+    let c = create(&nodes[1], py);
+    assert_eq!(entry(etcd, &c).map(|e| e.node), Some("n1".to_string()));
     for s in &nodes {
         assert_eq!(
             listed(s, "/v2/sandboxes"),
@@ -234,4 +217,63 @@ except Exception as e:
             s.port
         );
     }
+}
+
+/// A node killed (kill -9) and restarted within `--cluster-lost-after` keeps its running
+/// sandboxes: while it is away they stay listed, requests for them answer 503 (not "failed"),
+/// and once it is back they answer again, their processes never stopped.
+#[test]
+fn a_node_restarted_within_the_grace_keeps_its_sandboxes() {
+    let Some(f) = fixture(SECRET, 2) else {
+        return;
+    };
+    let (py, etcd) = (&f.py, &f.etcd);
+    let mut nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 120);
+    let a = create(&nodes[1], py);
+    assert_eq!(entry(etcd, &a).map(|e| e.node), Some("n1".to_string()));
+    let mut pids = processes_mentioning(&a);
+    pids.sort_unstable();
+    assert!(!pids.is_empty());
+
+    nodes[0].stop();
+    // Its lease expires (5 s); n2 sweeps every second meanwhile.
+    let t = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = nodes[1].api("GET", &format!("/sandboxes/{a}"), None);
+        if code != 200 || t.elapsed() > Duration::from_secs(30) {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(code, 503, "while n1 is away: {body}");
+    assert!(body.to_string().contains("not answering"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        entry(etcd, &a).map(|e| e.state),
+        Some(SandboxState::Running),
+        "declared lost within the grace"
+    );
+    assert_eq!(
+        listed(&nodes[1], "/v2/sandboxes"),
+        vec![(a.clone(), "n1".to_string(), "running".to_string())]
+    );
+
+    nodes[0].restart();
+    let mut now = processes_mentioning(&a);
+    now.sort_unstable();
+    assert_eq!(now, pids, "the sandbox's processes changed");
+    let (code, body) = nodes[1].api("GET", &format!("/sandboxes/{a}"), None);
+    assert_eq!(code, 200, "after n1 is back: {body}");
+    let out = nodes[1].python(
+        py,
+        &format!(
+            r#"
+import json
+from e2b import Sandbox
+s = Sandbox.connect("{a}")
+print(json.dumps({{"out": s.commands.run("echo still here").stdout}}))
+"#
+        ),
+    );
+    assert_eq!(out["out"], "still here\n", "{out}");
 }

@@ -230,6 +230,7 @@ async fn placement_part(urls: &[String], secs: u64) -> Result<Value> {
                     cpus: need.cpus,
                     memory_mib: need.memory_mib,
                     disk_mib: 1024,
+                    cause: None,
                 };
                 let id = format!("bench-{w}-{n}");
                 n += 1;
