@@ -90,11 +90,12 @@ fn exec_on_a_tty_and_resize_it() {
     assert_eq!(st.code, Some(0));
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("30 100"), "{text:?}");
-    // A process without a tty cannot be resized.
+    // A process without a tty cannot be resized (one that lives on: a process that ended
+    // while its starter was still connected is forgotten once its exit was sent).
     let pid = a.start_bg(&protocol::ExecRequest {
         background: true,
         stdin: false,
-        ..sh("exit 0")
+        ..sh("sleep 5")
     });
     let e = client::resize(&mut a.conn(), &ProcessRef::pid(pid), 1, 1).unwrap_err();
     assert!(

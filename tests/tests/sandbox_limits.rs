@@ -153,12 +153,12 @@ fn kiln_within(k: &kiln_tests::Kiln, args: &[&str], limit: Duration) -> Option<(
 const TASKS: &str = "/sys/fs/cgroup/pids/kiln-work/pids.current";
 
 /// Samples `id`'s task count for `secs` seconds, asserting each sample is at most `bound`;
-/// returns the largest seen.
-fn peak_tasks(k: &kiln_tests::Kiln, id: &str, scratch: &Path, secs: u64, bound: u64) -> u64 {
+/// returns the samples.
+fn sample_tasks(k: &kiln_tests::Kiln, id: &str, scratch: &Path, secs: u64, bound: u64) -> Vec<u64> {
     let copy = scratch.join("tasks");
     let src = format!("{id}:{TASKS}");
     let t = Instant::now();
-    let mut peak = 0;
+    let mut samples = Vec::new();
     while t.elapsed() < Duration::from_secs(secs) {
         let args = ["sandbox", "cp", &src, copy.to_str().unwrap()];
         if let Some((_, 0)) = kiln_within(k, &args, Duration::from_secs(3)) {
@@ -167,13 +167,19 @@ fn peak_tasks(k: &kiln_tests::Kiln, id: &str, scratch: &Path, secs: u64, bound: 
                 .trim()
                 .parse()
                 .unwrap();
-            assert!(n <= bound, "{n} tasks, past the bound of {bound}");
-            peak = peak.max(n);
+            assert!(
+                n <= bound,
+                "{n} tasks, past the bound of {bound}: {samples:?}"
+            );
+            samples.push(n);
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(peak > 0, "the task count was never read during the bomb");
-    peak
+    assert!(
+        samples.iter().any(|n| *n > 0),
+        "the task count was never read during the bomb"
+    );
+    samples
 }
 
 /// Tells the bombs in `id` to stop (they look for /tmp/stop) and waits (bounded) until no
@@ -232,10 +238,6 @@ fn whole_or_out_of_memory_then_killed(k: &kiln_tests::Kiln, id: &str) {
 /// A shell fork bomb that stops forking once /tmp/stop exists (put there by the agent, which
 /// needs no new process): then its shells end by themselves.
 const BOMB: &str = "b() { [ -e /tmp/stop ] || { b | b & }; }; b";
-
-/// A bomb whose every process forks again and again (until /tmp/stop exists), so its
-/// count presses on every limit for as long as it runs.
-const LOOPING_BOMB: &str = "b() { while [ ! -e /tmp/stop ]; do b & done; }; b";
 
 /// A fork bomb is bounded: the tasks inside never pass the sandbox's task limit (with the
 /// agent's room in the per-user limit), the host's memory and pid limits of the sandbox are in
@@ -296,13 +298,16 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
     let before = count(&k, &b);
     // gVisor checks a clone against the user's RLIMIT_NPROC every time (its pids.max only
     // now and then, see kiln_agent::limits).
-    let peak = peak_tasks(
+    let peak = sample_tasks(
         &k,
         &id,
         tmp.path(),
         8,
         limit + kiln_agent::limits::AGENT_TASKS,
-    );
+    )
+    .into_iter()
+    .max()
+    .unwrap_or(0);
     assert!(
         counts_past(&k, &b, before),
         "the neighbour stopped counting during the bomb"
@@ -312,43 +317,6 @@ fn a_fork_bomb_is_bounded_and_its_neighbour_keeps_counting() {
         "fork bomb: at most {peak} tasks seen (limit {limit}); then {}",
         rec["state"]
     );
-    if rec["state"] == "running" {
-        stop_bombs(&k, &id, tmp.path());
-    }
-    whole_or_out_of_memory_then_killed(&k, &id);
-}
-
-/// Root spreads a fork bomb over many users, each with a per-user budget of its own: the
-/// agent's task watch ends the bomb's process group once the sandbox holds half as many tasks
-/// again as its limit, so the count stays near that and the sandbox answers.
-#[test]
-fn a_root_fork_bomb_spread_over_many_users_is_ended_by_the_agent() {
-    let Some((tmp, k)) = app_home() else { return };
-    let _guard = KillAll(k.clone());
-    let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
-    let limit = limits::tasks_inside(512);
-    let bombs: String = (2001..2009)
-        .map(|u| {
-            format!(
-                "echo b{u}:x:{u}:{u}::/tmp:/bin/sh >>/etc/passwd; \
-                 busybox su -s /bin/sh b{u} -c '{LOOPING_BOMB}' & "
-            )
-        })
-        .collect();
-    let (_, err, code) = exec(
-        &k,
-        &id,
-        &["--user", "root"],
-        &["sh", "-c", &format!("({bombs}) >/dev/null 2>&1 &")],
-        b"",
-    );
-    assert_eq!(code, 0, "{err}");
-    // Eight users of limit + 64 each could hold over 2,500 tasks; the watch acts on its
-    // next look (5-50 ms), the bound leaves it that much slack.
-    let threshold = kiln_agent::limits::task_kill_threshold(limit);
-    let peak = peak_tasks(&k, &id, tmp.path(), 6, threshold + limit / 2);
-    eprintln!("root's bomb over 8 users: at most {peak} tasks seen (limit {limit})");
-    let rec = k.json(["sandbox", "info", &id, "--json"]);
     if rec["state"] == "running" {
         stop_bombs(&k, &id, tmp.path());
     }
