@@ -235,7 +235,7 @@ impl Victim {
 }
 
 /// Tasks in `kiln-work` past which the task watch kills: half as many again as its limit.
-pub fn task_kill_threshold(limit: u64) -> u64 {
+fn task_kill_threshold(limit: u64) -> u64 {
     limit.saturating_add(limit / 2)
 }
 

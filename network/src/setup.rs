@@ -116,13 +116,13 @@ pub struct Attachment {
     pub uplink_ip: Ipv4Addr,
 }
 
-/// Namespace names of sandbox `id` (host-global, so derived from the unique id).
 /// The network namespace runsc is given for sandbox `id` (a veth attachment's `guest_ns`):
 /// known before the attachment is made, so a bundle can name it meanwhile.
 pub fn guest_namespace(id: &str) -> String {
     names(id).1
 }
 
+/// Namespace names of sandbox `id` (host-global, so derived from the unique id).
 fn names(id: &str) -> (String, String) {
     let short: String = id.chars().take(12).collect();
     (format!("kiln-{short}"), format!("kiln-{short}-g"))

@@ -385,10 +385,7 @@ impl GvisorDriver {
             .ctx("open", &log_path)?;
         let before = log.metadata().map(|m| m.len()).unwrap_or(0);
         limits::create(&rec.id, rec.cpus, rec.memory_mib)?;
-        let att = match net.wait()? {
-            Some(att) => Some(att),
-            None => rec.net.clone(),
-        };
+        let att = net.wait()?.or_else(|| rec.net.clone());
         let mask = match &att {
             Some(att) => {
                 kiln_network::reset_guest(att)?;

@@ -449,7 +449,6 @@ impl Cluster {
     pub(crate) async fn listed(&self) -> kiln_cluster::Result<Vec<(String, SandboxEntry)>> {
         let (nodes, entries) = tokio::try_join!(membership::nodes(&self.etcd), self.catalog())?;
         self.saw(&nodes);
-        self.forget_live(&nodes);
         let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
         Ok(entries
             .into_iter()
@@ -464,13 +463,16 @@ impl Cluster {
             .collect())
     }
 
-    /// Notes when each live node last published its info.
+    /// Notes when each live node last published its info, and forgets when it was gone (it
+    /// came back).
     fn saw(&self, nodes: &[(String, NodeInfo)]) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for (id, info) in nodes {
             let t = seen.entry(id.clone()).or_default();
             *t = (*t).max(info.updated_ms);
         }
+        let mut since = self.missing_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.retain(|n, _| !nodes.iter().any(|(l, _)| l == n));
     }
 
     /// Why the running sandboxes of node `node`, whose key is gone, are lost.
@@ -485,26 +487,6 @@ impl Cluster {
         }
     }
 
-    /// The nodes with running sandboxes gone for [`ClusterConfig::lost_after`] at least.
-    fn gone_long(
-        &self,
-        nodes: &[(String, NodeInfo)],
-        entries: &[(String, SandboxEntry, i64)],
-    ) -> HashSet<String> {
-        self.forget_live(nodes);
-        let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
-        entries
-            .iter()
-            .filter(|(_, e, _)| {
-                e.state == SandboxState::Running
-                    && e.node != self.node_id
-                    && !live.contains(e.node.as_str())
-            })
-            .filter(|(_, e, _)| self.gone_for_long(&e.node))
-            .map(|(_, e, _)| e.node.clone())
-            .collect()
-    }
-
     /// Whether node `node`, whose key is gone, has been gone for
     /// [`ClusterConfig::lost_after`] as this node saw it (from the first time it looked).
     fn gone_for_long(&self, node: &str) -> bool {
@@ -513,12 +495,6 @@ impl Cluster {
             .entry(node.to_string())
             .or_insert_with(std::time::Instant::now);
         first.elapsed() >= self.lost_after
-    }
-
-    /// Forgets when the `live` nodes were gone (they came back).
-    fn forget_live(&self, live: &[(String, NodeInfo)]) {
-        let mut since = self.missing_since.lock().unwrap_or_else(|e| e.into_inner());
-        since.retain(|n, _| !live.iter().any(|(l, _)| l == n));
     }
 
     /// Once a sweep: marks `failed` the running entries of nodes that are gone (each in a
@@ -535,14 +511,15 @@ impl Cluster {
                 }
             };
         self.saw(&nodes);
-        let gone_long = self.gone_long(&nodes, &entries);
+        let live: HashSet<&str> = nodes.iter().map(|(n, _)| n.as_str()).collect();
         let now = now_ms();
         for (id, e, rev) in entries {
             let result = if e.expired(now) {
                 self.catalog.remove(&id, rev).await.map(drop)
             } else if e.state == SandboxState::Running
                 && e.node != self.node_id
-                && gone_long.contains(&e.node)
+                && !live.contains(e.node.as_str())
+                && self.gone_for_long(&e.node)
             {
                 let cause = self.gone_cause(&e.node);
                 match self
