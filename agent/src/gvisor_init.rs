@@ -6,8 +6,9 @@
 //! run 300 commands checkpointed 25 MB in 1.5 s, a fresh one 0.5 MB in 60 ms). runsc mounts
 //! the container's `/proc` without passing mount options, so the agent mounts a procfs of its
 //! own over it with a small cache ([`PROC_DENTRY_CACHE`]), then gives up `CAP_SYS_ADMIN`,
-//! which the runtime grants it for this mount alone: it leaves the bounding set, so no process
-//! of the sandbox ever has it.
+//! which the runtime grants it for its mounts alone (this one, and the cgroupfs's in
+//! [`crate::limits::limit_tasks`]): it leaves the bounding set, so no process of the sandbox
+//! ever has it.
 //!
 //! `CAP_SYS_RESOURCE` (also granted by the runtime for the agent alone) stays in the agent's
 //! effective set, and leaves the bounding and inheritable sets: the agent is exempt from the
@@ -29,10 +30,18 @@ const CAP_SYS_RESOURCE: u32 = 24;
 /// this thread (the only one) and `CAP_SYS_RESOURCE` from all but its effective and permitted
 /// sets. The drops happen whether or not the mount worked; an error says what did not work.
 /// Call it before any thread is spawned: capabilities are per thread.
-pub fn init() -> Result<(), String> {
+///
+/// With a task limit, also makes the task-limited cgroup and seals gVisor's cgroupfs read-only
+/// ([`crate::limits::limit_tasks`]), which needs `CAP_SYS_ADMIN` too.
+pub fn init(pids_max: Option<u64>) -> Result<(), String> {
     let mounted = mount_proc();
+    let limited = match pids_max {
+        Some(n) => crate::limits::limit_tasks(n)
+            .map_err(|e| format!("processes start without a task limit: {e}")),
+        None => Ok(()),
+    };
     let dropped = drop_caps();
-    mounted.and(dropped)
+    mounted.and(limited).and(dropped)
 }
 
 fn mount_proc() -> Result<(), String> {

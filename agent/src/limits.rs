@@ -25,9 +25,12 @@
 //!   (soft and hard) and inherited by all it starts, with [`AGENT_TASKS`] of room for the
 //!   agent's own threads, which count for root. A process that lacks `CAP_SYS_RESOURCE` (all
 //!   but the agent: see `gvisor_init`) cannot raise it. A bomb of one user stops there.
-//! - Root can still spread processes over many users, each with a budget of its own; so once
-//!   `kiln-work` holds half as many tasks again as its limit, the agent SIGKILLs the process
-//!   group with the most tasks, one at a time, as the OOM killer does with memory.
+//! - Root can still spread processes over many users, each with a budget of its own, and move
+//!   them out of `kiln-work`; so once the sandbox's processes hold half as many tasks again
+//!   as the limit, the agent SIGKILLs the newest, as many as they hold past half the limit
+//!   ([`watch_tasks`]), as the OOM killer does with memory. The agent makes the cgroupfs
+//!   read-only before it gives up `CAP_SYS_ADMIN` ([`limit_tasks`]): no process can raise
+//!   `kiln-work`'s limit or make a cgroup the watch does not count.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -43,6 +46,8 @@ static WORK_PROCS: AtomicI32 = AtomicI32::new(-1);
 static WORK_TASKS: AtomicI32 = AtomicI32::new(-1);
 static HOME_TASKS: AtomicI32 = AtomicI32::new(-1);
 
+/// Where the bundle mounts gVisor's cgroupfs (a tmpfs holding one mount per controller).
+const CGROUP_MOUNTS: &str = "/sys/fs/cgroup";
 /// Where gVisor's cgroupfs `pids` controller of the container appears (its cgroup mount).
 const PIDS_ROOT: &str = "/sys/fs/cgroup/pids";
 const WORK_CGROUP: &str = "kiln-work";
@@ -57,10 +62,17 @@ pub fn oom_kills() -> u64 {
     OOM_KILLS.load(Ordering::Relaxed)
 }
 
-/// Makes the task-limited cgroup for the processes the agent starts. Best effort: without
-/// gVisor's cgroupfs (a microVM, tests) processes start unlimited.
+/// Makes the task-limited cgroup for the processes the agent starts and seals gVisor's
+/// cgroupfs read-only for the rest of the sandbox: its files are root's, so root inside could
+/// otherwise raise `kiln-work`'s `pids.max` or make cgroups of its own. The agent keeps its
+/// own descriptors, opened through a private bind mount it detaches at once: gVisor refuses
+/// to make a mount read-only while a file is open for writing through it. (Root can still
+/// reach those descriptors through `/proc/1/fd` and move itself between `kiln-work` and the
+/// agent's cgroup: the task watch counts both.) Needs `CAP_SYS_ADMIN` (see `gvisor_init`). Without gVisor's cgroupfs (a
+/// microVM, tests) it fails and processes start unlimited.
 pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
-    let dir = std::path::Path::new(PIDS_ROOT).join(WORK_CGROUP);
+    let root = std::path::Path::new(PIDS_ROOT);
+    let dir = root.join(WORK_CGROUP);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -69,25 +81,97 @@ pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
     std::fs::write(dir.join("pids.max"), pids_max.to_string())
         .map_err(|e| format!("set {}/pids.max: {e}", dir.display()))?;
     TASK_LIMIT.store(pids_max, Ordering::Relaxed);
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("cgroup.procs"))
-        .map_err(|e| format!("open {}/cgroup.procs: {e}", dir.display()))?;
+    limit_tasks_per_user(pids_max.saturating_add(AGENT_TASKS))?;
+    let private = std::path::Path::new(CGROUP_MOUNTS).join(".kiln-agent");
+    std::fs::create_dir(&private).map_err(|e| format!("create {}: {e}", private.display()))?;
+    let opened = mount(root, &private, libc::MS_BIND).and_then(|()| {
+        let opened = open_work_files(&private);
+        let detached = umount_detached(&private);
+        opened.and(detached)
+    });
+    let _ = std::fs::remove_dir(&private);
+    opened?;
+    seal_cgroup_mounts()
+}
+
+/// Opens (for good) the files the agent writes to move processes and threads into
+/// `kiln-work` and threads back out, under `root` (the pids hierarchy's root as mounted there).
+fn open_work_files(root: &std::path::Path) -> Result<(), String> {
+    let open = |p: std::path::PathBuf| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| format!("open {}: {e}", p.display()))
+    };
+    let dir = root.join(WORK_CGROUP);
+    let procs = open(dir.join("cgroup.procs"))?;
     // Kept open (never closed): spawned children write to it between fork and exec.
-    let fd = procs.as_raw_fd();
+    WORK_PROCS.store(procs.as_raw_fd(), Ordering::Relaxed);
     std::mem::forget(procs);
-    WORK_PROCS.store(fd, Ordering::Relaxed);
     // Both or neither: a thread that went in must be able to come back.
-    let open = |p: std::path::PathBuf| std::fs::OpenOptions::new().write(true).open(p);
-    if let (Ok(work), Ok(home)) = (
-        open(dir.join("tasks")),
-        open(std::path::Path::new(PIDS_ROOT).join("tasks")),
-    ) {
-        WORK_TASKS.store(work.as_raw_fd(), Ordering::Relaxed);
-        HOME_TASKS.store(home.as_raw_fd(), Ordering::Relaxed);
-        std::mem::forget((work, home));
+    let (work, home) = (open(dir.join("tasks"))?, open(root.join("tasks"))?);
+    WORK_TASKS.store(work.as_raw_fd(), Ordering::Relaxed);
+    HOME_TASKS.store(home.as_raw_fd(), Ordering::Relaxed);
+    std::mem::forget((work, home));
+    Ok(())
+}
+
+/// Makes `/sys/fs/cgroup` and every controller's mount in it read-only (root without
+/// `CAP_SYS_ADMIN` cannot remount them).
+fn seal_cgroup_mounts() -> Result<(), String> {
+    let top = std::path::Path::new(CGROUP_MOUNTS);
+    let entries = std::fs::read_dir(top).map_err(|e| format!("list {}: {e}", top.display()))?;
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            mount(
+                &e.path(),
+                &e.path(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            )?;
+        }
     }
-    limit_tasks_per_user(pids_max.saturating_add(AGENT_TASKS))
+    mount(top, top, libc::MS_REMOUNT | libc::MS_RDONLY)
+}
+
+/// mount(2) of `src` on `dst` with `flags`, no file system type or data (binds, remounts).
+fn mount(src: &std::path::Path, dst: &std::path::Path, flags: libc::c_ulong) -> Result<(), String> {
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())
+    };
+    let (s, d) = (c(src)?, c(dst)?);
+    // SAFETY: valid NUL-terminated paths; a bind or remount takes no type or data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "mount {} on {} (flags {flags:#x}): {}",
+            src.display(),
+            dst.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn umount_detached(dst: &std::path::Path) -> Result<(), String> {
+    let d =
+        std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(d.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(format!(
+            "unmount {}: {}",
+            dst.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Sets `RLIMIT_NPROC` (soft and hard) of the agent, inherited by every process it starts.
@@ -235,54 +319,129 @@ impl Victim {
 }
 
 /// Tasks in `kiln-work` past which the task watch kills: half as many again as its limit.
-fn task_kill_threshold(limit: u64) -> u64 {
+pub fn task_kill_threshold(limit: u64) -> u64 {
     limit.saturating_add(limit / 2)
 }
 
-/// The task watch: ends the process group with the most tasks while `kiln-work` holds more
-/// than [`task_kill_threshold`] (see the module's notes).
-fn watch_tasks(victim: &mut Victim, buf: &mut String) {
+/// What the task watch saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Tasks {
+    /// Within the limit (or no limit): this many.
+    Within(u64),
+    /// Past the threshold: the newest were killed.
+    Killed,
+}
+
+/// The task watch: while the sandbox's processes hold more than [`task_kill_threshold`]
+/// tasks (plus [`AGENT_TASKS`]), SIGKILLs the newest of them, as many as they hold past half
+/// the limit. They are in `kiln-work` or in the container's own cgroup, the agent's: root inside
+/// can move itself there through the agent's open cgroup files (gVisor lets root open
+/// `/proc/1/fd/N`), but no further (the cgroupfs is read-only: no other cgroup can be made),
+/// and gVisor counts a cgroup's tasks without its children's, so the two counts add up.
+/// Newest by pid: gVisor hands pids out in increasing order (wrapping only after millions),
+/// and a bomb's members are the newest; its older ones fork again and are trimmed again at
+/// the next look, so the count stays near the threshold. Two reads per cgroup (no walk of
+/// `/proc`, which is slow while a bomb runs).
+fn watch_tasks(buf: &mut String, kills: &mut TaskKills) -> Tasks {
     let limit = TASK_LIMIT.load(Ordering::Relaxed);
-    if limit == 0 || victim.pending() {
-        return;
+    if limit == 0 {
+        return Tasks::Within(0);
     }
+    let root = std::path::Path::new(PIDS_ROOT);
+    let cgroups = [root.to_path_buf(), root.join(WORK_CGROUP)];
+    let mut tasks = 0u64;
+    for c in &cgroups {
+        if read_into(&c.join("pids.current"), buf).is_none() {
+            return Tasks::Within(0);
+        }
+        tasks = tasks.saturating_add(buf.trim().parse::<u64>().unwrap_or(0));
+    }
+    if tasks <= task_kill_threshold(limit).saturating_add(AGENT_TASKS) {
+        return Tasks::Within(tasks);
+    }
+    let mut pids: Vec<i32> = Vec::new();
+    for c in &cgroups {
+        if read_into(&c.join("cgroup.procs"), buf).is_some() {
+            pids.extend(
+                buf.split_ascii_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                    .filter(|p| *p > 1),
+            );
+        }
+    }
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    // Down to half the limit: the bomb's survivors regrow while the watch sleeps, and a busy
+    // host stretches that sleep. Not counting on the processes killed a moment ago: they are
+    // listed (and counted) until they are reaped, and killing them again would spare the live.
+    let keep = (limit / 2).saturating_add(AGENT_TASKS);
+    let excess = usize::try_from(tasks.saturating_sub(keep)).unwrap_or(usize::MAX);
+    kills.forget_old();
+    let victims: Vec<i32> = pids
+        .into_iter()
+        .filter(|p| !kills.recent.contains(p))
+        .take(excess)
+        .collect();
+    for pid in &victims {
+        // SAFETY: kill(2) of a process listed in the sandbox's cgroups a moment ago, never
+        // the agent (PID 1).
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    kills.note(tasks, victims);
+    Tasks::Killed
+}
+
+/// Reads a small file into `buf` (cleared first).
+fn read_into(path: &std::path::Path, buf: &mut String) -> Option<()> {
     buf.clear();
-    let path = std::path::Path::new(PIDS_ROOT)
-        .join(WORK_CGROUP)
-        .join("pids.current");
-    let Some(tasks) = File::open(path)
+    File::open(path)
         .and_then(|mut f| std::io::Read::read_to_string(&mut f, buf))
         .ok()
-        .and_then(|_| buf.trim().parse::<u64>().ok())
-    else {
-        return;
-    };
-    if tasks <= task_kill_threshold(limit) {
-        return;
+        .map(|_| ())
+}
+
+/// The task watch's recent kills: the processes killed within the last second (not chosen
+/// again while they die), and a log line at most once a second (a bomb trimmed every few
+/// milliseconds must not fill the sandbox's log).
+#[derive(Default)]
+struct TaskKills {
+    since: Option<std::time::Instant>,
+    recent: std::collections::HashSet<i32>,
+    peak: u64,
+}
+
+impl TaskKills {
+    fn forget_old(&mut self) {
+        if self
+            .since
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            eprintln!(
+                "kiln-agent: {} tasks at most, limit {}: killed the {} newest processes",
+                self.peak,
+                TASK_LIMIT.load(Ordering::Relaxed),
+                self.recent.len()
+            );
+            *self = TaskKills::default();
+        }
     }
-    if let Some(g) = largest_group(|g| g.tasks, 2) {
-        victim.kill(g.pgrp);
-        eprintln!(
-            "kiln-agent: {tasks} tasks, limit {limit}: killed process group {} ({}, {} tasks)",
-            g.pgrp, g.name, g.tasks
-        );
+
+    fn note(&mut self, tasks: u64, killed: Vec<i32>) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.peak = self.peak.max(tasks);
+        self.recent.extend(killed);
     }
 }
 
 fn oom_loop(limit: u64) {
     let mut buf = String::with_capacity(2048);
     let mut victim = Victim::default();
-    let mut task_victim = Victim::default();
     loop {
-        watch_tasks(&mut task_victim, &mut buf);
-        buf.clear();
-        let info = File::open("/proc/meminfo")
-            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut buf))
-            .map(|_| MemInfo::parse(&buf))
+        let info = read_into(std::path::Path::new("/proc/meminfo"), &mut buf)
+            .map(|()| MemInfo::parse(&buf))
             .unwrap_or_default();
         let in_use = info.in_use();
         if in_use > limit && !victim.pending() {
-            if let Some(g) = largest_group(|g| g.rss, min_victim(limit)) {
+            if let Some(g) = largest_group(min_victim(limit)) {
                 victim.kill(g.pgrp);
                 OOM_KILLS.fetch_add(1, Ordering::Relaxed);
                 eprintln!(
@@ -298,6 +457,38 @@ fn oom_loop(limit: u64) {
         }
         std::thread::sleep(poll_interval(in_use, limit));
     }
+}
+
+/// Starts the task watch ([`watch_tasks`]) on a thread of its own, if [`limit_tasks`] set a
+/// limit: not in the OOM killer's loop, whose walk of `/proc` is slow while a bomb also
+/// fills the memory. Call it after `gvisor_init` (threads inherit capabilities).
+pub fn start_task_watch() {
+    if TASK_LIMIT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("tasks".into())
+        .stack_size(64 << 10)
+        .spawn(|| {
+            let mut buf = String::with_capacity(2048);
+            let mut kills = TaskKills::default();
+            loop {
+                let limit = TASK_LIMIT.load(Ordering::Relaxed);
+                let next = match watch_tasks(&mut buf, &mut kills) {
+                    Tasks::Within(n) => task_poll_interval(n, limit),
+                    Tasks::Killed => task_poll_interval(limit, limit),
+                };
+                std::thread::sleep(next);
+            }
+        });
+}
+
+/// How long the task watch waits before its next look: the memory poll's steps at half the
+/// count, so long while few tasks run (every wakeup of an idle sandbox costs the host CPU
+/// through gVisor's platform), short from 40% of the limit on (a looping bomb grows by
+/// hundreds in 100 ms).
+fn task_poll_interval(tasks: u64, limit: u64) -> Duration {
+    poll_interval(tasks.saturating_mul(2), limit)
 }
 
 /// Whether the process `pid` (a group's leader) is still there.
@@ -321,15 +512,14 @@ pub fn min_victim(limit: u64) -> u64 {
 struct Group {
     pgrp: i32,
     rss: u64,
-    tasks: u64,
     name: String,
     largest: u64,
 }
 
-/// The process group that holds the most by `measure`, at least `min`, the agent's excluded.
+/// The process group with the largest resident set, at least `min`, the agent's excluded.
 /// A group, not a process: a command and what it started go together, and a fork bomb of
 /// many small processes is one large group.
-fn largest_group(measure: fn(&Group) -> u64, min: u64) -> Option<Group> {
+fn largest_group(min: u64) -> Option<Group> {
     let me = std::process::id() as i32;
     let mut groups: std::collections::HashMap<i32, Group> = Default::default();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -355,15 +545,14 @@ fn largest_group(measure: fn(&Group) -> u64, min: u64) -> Option<Group> {
         let g = groups.entry(pgrp).or_default();
         g.pgrp = pgrp;
         g.rss = g.rss.saturating_add(p.rss);
-        g.tasks = g.tasks.saturating_add(p.threads.max(1));
         if p.rss >= g.largest || g.name.is_empty() {
             (g.largest, g.name) = (p.rss, p.name);
         }
     }
     groups
         .into_values()
-        .filter(|g| measure(g) >= min.max(1))
-        .max_by_key(measure)
+        .filter(|g| g.rss >= min.max(1))
+        .max_by_key(|g| g.rss)
 }
 
 /// The process group of a `/proc/<pid>/stat` line (after the command name: state, ppid, pgrp).
@@ -382,7 +571,6 @@ pub struct ProcessUse {
     pub name: String,
     /// `VmRSS`, bytes.
     pub rss: u64,
-    pub threads: u64,
 }
 
 impl ProcessUse {
@@ -397,8 +585,6 @@ impl ProcessUse {
         for line in status.lines() {
             if let Some(v) = line.strip_prefix("VmRSS:") {
                 p.rss = number(v).saturating_mul(1024);
-            } else if let Some(v) = line.strip_prefix("Threads:") {
-                p.threads = number(v);
             } else if let Some(v) = line.strip_prefix("Name:") {
                 p.name = v.trim().to_string();
             }
@@ -444,9 +630,15 @@ mod tests {
             ProcessUse {
                 name: "python3".into(),
                 rss: 2 << 20,
-                threads: 3
             }
         );
+    }
+
+    #[test]
+    fn the_task_watch_looks_more_often_as_tasks_near_the_limit() {
+        assert!(task_poll_interval(200, 256) < task_poll_interval(100, 256));
+        assert!(task_poll_interval(100, 256) < task_poll_interval(10, 256));
+        assert_eq!(task_poll_interval(u64::MAX, 0), Duration::from_millis(5));
     }
 
     #[test]

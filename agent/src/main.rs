@@ -28,9 +28,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let pid1 = std::process::id() == 1;
     let unix = args.get(1).map(String::as_str) == Some("--unix");
+    let options = match unix {
+        true => UnixOptions::parse(args.get(3..).unwrap_or_default()),
+        false => Ok(UnixOptions::default()),
+    };
     if pid1 && unix {
         // First: capabilities are per thread, and init() starts the reaper.
-        if let Err(e) = kiln_agent::gvisor_init::init() {
+        let pids_max = options.as_ref().ok().and_then(|o| o.pids_max);
+        if let Err(e) = kiln_agent::gvisor_init::init(pids_max) {
             eprintln!("kiln-agent: {e}");
         }
     }
@@ -43,8 +48,11 @@ fn main() {
         start_genid_watcher();
     }
     let result = match args.get(1).map(String::as_str) {
-        Some("--unix") if args.len() >= 3 => match unix_options(&args[3..]) {
-            Ok(()) => serve_unix(&args[2], pid1),
+        Some("--unix") if args.len() >= 3 => match options {
+            Ok(o) => {
+                o.apply();
+                serve_unix(&args[2], pid1)
+            }
             Err(e) => Err(e),
         },
         Some("--vsock") if args.len() == 3 => match args[2].parse() {
@@ -69,34 +77,48 @@ fn main() {
 const USAGE: &str =
     "usage: kiln-agent [--unix PATH [--resume FILE] [--memory-mib N] [--pids-max N] | --vsock PORT]";
 
-/// The options after `--unix PATH`, applied as they are read.
-fn unix_options(opts: &[String]) -> Result<(), String> {
-    let number = |v: &str, what: &str| {
-        v.parse::<u64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("bad {what} {v:?}"))
-    };
-    for pair in opts.chunks(2) {
-        let [flag, value] = pair else {
-            return Err(USAGE.into());
+/// The options after `--unix PATH`.
+#[derive(Default)]
+struct UnixOptions {
+    resume: Option<String>,
+    memory_mib: Option<u64>,
+    /// Applied by `gvisor_init` (it needs `CAP_SYS_ADMIN`, given up there).
+    pids_max: Option<u64>,
+}
+
+impl UnixOptions {
+    fn parse(opts: &[String]) -> Result<UnixOptions, String> {
+        let number = |v: &str, what: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("bad {what} {v:?}"))
         };
-        match flag.as_str() {
-            "--resume" => {
-                kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(value)))
+        let mut o = UnixOptions::default();
+        for pair in opts.chunks(2) {
+            let [flag, value] = pair else {
+                return Err(USAGE.into());
+            };
+            match flag.as_str() {
+                "--resume" => o.resume = Some(value.clone()),
+                "--memory-mib" => o.memory_mib = Some(number(value, "--memory-mib")?),
+                "--pids-max" => o.pids_max = Some(number(value, "--pids-max")?),
+                _ => return Err(USAGE.into()),
             }
-            "--memory-mib" => kiln_agent::limits::start_oom_killer(
-                number(value, "--memory-mib")?.saturating_mul(1 << 20),
-            ),
-            "--pids-max" => {
-                if let Err(e) = kiln_agent::limits::limit_tasks(number(value, "--pids-max")?) {
-                    eprintln!("kiln-agent: processes start without a task limit: {e}");
-                }
-            }
-            _ => return Err(USAGE.into()),
         }
+        Ok(o)
     }
-    Ok(())
+
+    /// Starts what the options ask for (after `gvisor_init`: threads inherit capabilities).
+    fn apply(&self) {
+        if let Some(f) = &self.resume {
+            kiln_agent::server::quiesce::set_resume_file(Some(std::path::Path::new(f)));
+        }
+        if let Some(m) = self.memory_mib {
+            kiln_agent::limits::start_oom_killer(m.saturating_mul(1 << 20));
+        }
+        kiln_agent::limits::start_task_watch();
+    }
 }
 
 /// Reseeds the RNG and sets the clock whenever the VM is restored or forked.

@@ -86,8 +86,8 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
-/// The agent's capabilities as runsc starts it: Docker's set, `CAP_SYS_ADMIN` for the one
-/// mount it makes first (its own `/proc`), and `CAP_SYS_RESOURCE`, which exempts it from the
+/// The agent's capabilities as runsc starts it: Docker's set, `CAP_SYS_ADMIN` for the mounts
+/// it makes first (its own `/proc`, the cgroupfs sealed read-only), and `CAP_SYS_RESOURCE`, which exempts it from the
 /// per-user task limit it gives what it starts. It drops the first from every set and the
 /// second from the bounding and inheritable sets before it starts a thread or a process
 /// (`kiln_agent::gvisor_init`), so no process it starts has either.
@@ -1154,11 +1154,7 @@ impl Runtime for GvisorDriver {
             .clone()
     }
 
-    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {
-        self.start_networked(dir, rec, image, &PendingNetwork::none())
-    }
-
-    fn start_networked(
+    fn start(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
@@ -1245,16 +1241,6 @@ impl Runtime for GvisorDriver {
     }
 
     fn restore(
-        &self,
-        dir: &SandboxDir,
-        rec: &mut SandboxRecord,
-        checkpoint: &Checkpoint,
-        image: &ImageRecord,
-    ) -> Result<()> {
-        self.restore_networked(dir, rec, checkpoint, image, &PendingNetwork::none())
-    }
-
-    fn restore_networked(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,

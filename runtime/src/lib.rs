@@ -96,8 +96,17 @@ pub trait Runtime: Send + Sync {
     fn available(&self) -> std::result::Result<(), String>;
 
     /// Boots a fresh sandbox of `image` in `dir`; sets `rec.agent` and `rec.driver`. Returns
-    /// when the agent answers; on error everything it started is gone again.
-    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()>;
+    /// when the agent answers; on error everything it started is gone again. The sandbox's
+    /// network is being made meanwhile (`net`, [`PendingNetwork::none`] without one): a driver
+    /// that can prepare meanwhile waits for it ([`PendingNetwork::finish`]) only before the
+    /// sandbox's processes start; on success `rec.net` holds it.
+    fn start(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()>;
 
     /// Saves memory, device state and file-system changes into the store. With `stop` the
     /// sandbox's processes end once the state is durable (pause); without, it runs on. On
@@ -110,42 +119,15 @@ pub trait Runtime: Send + Sync {
     ) -> Result<Checkpoint>;
 
     /// Runs `rec` (a new sandbox, or a paused one) from a checkpoint of a sandbox of `image`.
-    /// Returns when the agent (or guest) answers.
+    /// Returns when the agent (or guest) answers. `net` as for [`Runtime::start`].
     fn restore(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         checkpoint: &Checkpoint,
         image: &ImageRecord,
+        net: &PendingNetwork,
     ) -> Result<()>;
-
-    /// [`Runtime::start`] while the sandbox's network is being made (`net`): a driver that
-    /// can prepare meanwhile waits for it only before the sandbox's processes start; on
-    /// success `rec.net` holds it. By default it waits first.
-    fn start_networked(
-        &self,
-        dir: &SandboxDir,
-        rec: &mut SandboxRecord,
-        image: &ImageRecord,
-        net: &PendingNetwork,
-    ) -> Result<()> {
-        net.finish(rec)?;
-        self.start(dir, rec, image)
-    }
-
-    /// [`Runtime::restore`] while the sandbox's network is being made, as
-    /// [`Runtime::start_networked`].
-    fn restore_networked(
-        &self,
-        dir: &SandboxDir,
-        rec: &mut SandboxRecord,
-        checkpoint: &Checkpoint,
-        image: &ImageRecord,
-        net: &PendingNetwork,
-    ) -> Result<()> {
-        net.finish(rec)?;
-        self.restore(dir, rec, checkpoint, image)
-    }
 
     /// Ends the sandbox's processes and frees what it holds on the host. Idempotent.
     fn kill(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()>;

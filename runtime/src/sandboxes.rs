@@ -383,10 +383,8 @@ impl Sandboxes {
             }
         };
         let started = match &from_snapshot {
-            None => driver.start_networked(&dir, &mut rec, &image, &net),
-            Some((_, snap)) => {
-                driver.restore_networked(&dir, &mut rec, &snap.checkpoint, &image, &net)
-            }
+            None => driver.start(&dir, &mut rec, &image, &net),
+            Some((_, snap)) => driver.restore(&dir, &mut rec, &snap.checkpoint, &image, &net),
         };
         // Waited for whatever happened: nothing is still being made when a failure is
         // cleaned up below.
@@ -1066,7 +1064,7 @@ impl Sandboxes {
         // The control socket name of a container just ended can stay taken a moment.
         let mut tries = 0;
         loop {
-            match driver.start(dir, rec, image) {
+            match driver.start(dir, rec, image, &PendingNetwork::none()) {
                 Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
@@ -1192,7 +1190,7 @@ impl Sandboxes {
                     net.finish(&mut rec)?;
                     self.boot_with_files(driver, &dir, &mut rec, &snap.checkpoint, &image)
                 } else {
-                    driver.restore_networked(&dir, &mut rec, &snap.checkpoint, &image, &net)?;
+                    driver.restore(&dir, &mut rec, &snap.checkpoint, &image, &net)?;
                     if mode == ResumeMode::Reboot {
                         self.reboot(driver, &dir, &mut rec, &image)?;
                     }

@@ -10,8 +10,9 @@
 use kiln_blockstore::{PutOptions, Store};
 use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_runtime::{
-    Action, Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, Phase, Recovered,
-    Runtime, RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State, StateKind,
+    Action, Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, PendingNetwork, Phase,
+    Recovered, Runtime, RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State,
+    StateKind,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
@@ -104,7 +105,9 @@ impl Runtime for FakeDriver {
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         _image: &ImageRecord,
+        net: &PendingNetwork,
     ) -> kiln_runtime::Result<()> {
+        net.finish(rec)?;
         self.fake.step(Step::Start, dir)?;
         rec.driver = driver_state(rec);
         rec.agent = Some(dir.sub("agent.sock"));
@@ -144,7 +147,9 @@ impl Runtime for FakeDriver {
         rec: &mut SandboxRecord,
         checkpoint: &Checkpoint,
         _image: &ImageRecord,
+        net: &PendingNetwork,
     ) -> kiln_runtime::Result<()> {
+        net.finish(rec)?;
         self.fake.step(Step::Restore, dir)?;
         assert!(checkpoint.state["fake"].is_u64(), "{checkpoint:?}");
         rec.driver = driver_state(rec);

@@ -421,3 +421,41 @@ fn no_process_inside_has_cap_sys_admin_or_sys_resource() {
     let mask = u64::from_str_radix(hex, 16).unwrap();
     assert_eq!(mask & (CAP_SYS_ADMIN | CAP_SYS_RESOURCE), 0, "{caps}");
 }
+
+/// gVisor's cgroupfs files belong to root, so root inside could raise the task limit or make
+/// cgroups the agent's task watch does not count; the agent makes the cgroupfs read-only
+/// before it gives up `CAP_SYS_ADMIN`. Also after a pause and resume. (Moving itself into the
+/// agent's cgroup through `/proc/1/fd` stays possible, and is counted:
+/// `sandbox_limits::a_root_fork_bomb_spread_over_many_users_is_trimmed_by_the_agent`.)
+#[test]
+fn root_inside_can_neither_raise_the_task_limit_nor_make_cgroups() {
+    let Some((_tmp, k)) = app_home() else { return };
+    let _guard = KillAll(k.clone());
+    let id = create(&k, &["app"])["id"].as_str().unwrap().to_string();
+    let work = "/sys/fs/cgroup/pids/kiln-work";
+    let limit = root_sh(&k, &id, &format!("cat {work}/pids.max"));
+    let attempts = [
+        format!("echo 1000000 > {work}/pids.max"),
+        format!("mkdir {work}/escape"),
+        "mkdir /sys/fs/cgroup/pids/escape".to_string(),
+        "echo $$ > /sys/fs/cgroup/pids/cgroup.procs".to_string(),
+        "mount -o remount,rw /sys/fs/cgroup/pids".to_string(),
+        "mount -o remount,rw /sys/fs/cgroup".to_string(),
+        "umount -l /sys/fs/cgroup/pids".to_string(),
+    ];
+    for round in ["fresh", "resumed"] {
+        for a in &attempts {
+            let (out, err, code) = exec(&k, &id, &["--user", "root"], &["sh", "-c", a], b"");
+            assert_ne!(code, 0, "{round}: root inside did `{a}`: {out}{err}");
+        }
+        let state = root_sh(
+            &k,
+            &id,
+            &format!("grep pids /proc/self/cgroup; cat {work}/pids.max"),
+        );
+        assert!(state.contains("kiln-work"), "{round}: {state}");
+        assert!(state.trim_end().ends_with(limit.trim()), "{round}: {state}");
+        k.ok(["sandbox", "pause", &id]);
+        k.ok(["sandbox", "resume", &id]);
+    }
+}

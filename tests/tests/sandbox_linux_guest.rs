@@ -13,7 +13,7 @@ use kiln_agent::protocol::ExecRequest;
 use kiln_blockstore::{PutOptions, Store};
 use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_runtime::microvm::MicrovmDriver;
-use kiln_runtime::{Runtime, SandboxDir, SandboxRecord};
+use kiln_runtime::{PendingNetwork, Runtime, SandboxDir, SandboxRecord};
 use kiln_tests::kiln_bin;
 use std::path::Path;
 use std::process::Command;
@@ -119,22 +119,30 @@ fn linux_sandbox_exec_pause_resume_fork() {
     // Create and exec.
     let a = mk("a");
     let mut ra = record("a", &image);
-    driver.start(&a, &mut ra, &image).expect("start");
+    driver
+        .start(&a, &mut ra, &image, &PendingNetwork::none())
+        .expect("start");
     assert_eq!(sh(&driver, &a, &ra, "echo hello"), "hello");
     sh(&driver, &a, &ra, "echo one > /tmp/state");
 
     // Pause and resume: files (in memory: /tmp) continue.
     let p = driver.checkpoint(&a, &mut ra, true).expect("pause");
     assert!(driver.exited(&a, &ra).is_some());
-    driver.restore(&a, &mut ra, &p, &image).expect("resume");
+    driver
+        .restore(&a, &mut ra, &p, &image, &PendingNetwork::none())
+        .expect("resume");
     assert_eq!(sh(&driver, &a, &ra, "cat /tmp/state"), "one");
 
     // Fork: two restores of one checkpoint diverge.
     let f = driver.checkpoint(&a, &mut ra, false).expect("checkpoint");
     let (b, c) = (mk("b"), mk("c"));
     let (mut rb, mut rc) = (record("b", &image), record("c", &image));
-    driver.restore(&b, &mut rb, &f, &image).expect("fork b");
-    driver.restore(&c, &mut rc, &f, &image).expect("fork c");
+    driver
+        .restore(&b, &mut rb, &f, &image, &PendingNetwork::none())
+        .expect("fork b");
+    driver
+        .restore(&c, &mut rc, &f, &image, &PendingNetwork::none())
+        .expect("fork c");
     sh(&driver, &b, &rb, "echo b > /tmp/state");
     sh(&driver, &c, &rc, "echo c > /tmp/state");
     assert_eq!(sh(&driver, &b, &rb, "cat /tmp/state"), "b");

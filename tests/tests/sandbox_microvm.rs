@@ -7,7 +7,7 @@
 use kiln_blockstore::{PutOptions, Store};
 use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_runtime::microvm::{connect_port, MicrovmDriver};
-use kiln_runtime::{Runtime, SandboxDir, SandboxRecord};
+use kiln_runtime::{PendingNetwork, Runtime, SandboxDir, SandboxRecord};
 use kiln_tests::{kiln_bin, require_kvm, Kiln};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -91,7 +91,9 @@ fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
     // Start: the guest answers Health through connect() and line requests on other ports.
     let a = sandbox(home, "a");
     let mut ra = record("a", &image);
-    driver.start(&a, &mut ra, &image).expect("start");
+    driver
+        .start(&a, &mut ra, &image, &PendingNetwork::none())
+        .expect("start");
     assert!(ra.agent.as_ref().unwrap().starts_with(a.path()));
     let mut c = driver.connect(&a, &ra).expect("connect");
     let h = kiln_agent::client::health(&mut c).expect("health over the agent port");
@@ -115,7 +117,9 @@ fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
     }
     assert!(!alive(pid), "the VMM ended after checkpoint(stop)");
     assert!(driver.exited(&a, &ra).is_some());
-    driver.restore(&a, &mut ra, &pa, &image).expect("restore");
+    driver
+        .restore(&a, &mut ra, &pa, &image, &PendingNetwork::none())
+        .expect("restore");
     assert_ne!(pid_of(&ra), pid);
     assert_eq!(ask(&ra, "CHECK 16 8 7"), "OK", "memory continued");
     assert!(
@@ -137,8 +141,12 @@ fn lifecycle_start_pause_resume_fork_kill_with_the_test_guest() {
     let cdir = sandbox(home, "c");
     let mut rb = record("b", &image);
     let mut rc = record("c", &image);
-    driver.restore(&b, &mut rb, &fa, &image).expect("fork b");
-    driver.restore(&cdir, &mut rc, &fa, &image).expect("fork c");
+    driver
+        .restore(&b, &mut rb, &fa, &image, &PendingNetwork::none())
+        .expect("fork b");
+    driver
+        .restore(&cdir, &mut rc, &fa, &image, &PendingNetwork::none())
+        .expect("fork c");
     assert_eq!(ask(&rb, "CHECK 16 8 7"), "OK");
     assert_eq!(ask(&rc, "CHECK 16 8 7"), "OK");
     ask(&rb, "FILL 16 8 8");
@@ -242,7 +250,9 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     );
 
     attach(&dirs[0], &mut recs[0]);
-    driver.start(&dirs[0], &mut recs[0], &image).expect("start");
+    driver
+        .start(&dirs[0], &mut recs[0], &image, &PendingNetwork::none())
+        .expect("start");
     assert_eq!(
         answers(&recs[0]),
         (3, true),
@@ -258,7 +268,13 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     assert!(!Path::new("/run/netns").join(&old_ns).exists());
     attach(&dirs[0], &mut recs[0]);
     driver
-        .restore(&dirs[0], &mut recs[0], &pause, &image)
+        .restore(
+            &dirs[0],
+            &mut recs[0],
+            &pause,
+            &image,
+            &PendingNetwork::none(),
+        )
         .expect("resume");
     assert_eq!(answers(&recs[0]), (3, true), "the resumed VM answers");
 
@@ -269,7 +285,9 @@ fn network_start_resume_and_forks_each_answer_on_their_own_tap() {
     for i in 1..3 {
         let (d, r) = (&dirs[i], &mut recs[i]);
         attach(d, r);
-        driver.restore(d, r, &fork, &image).expect("fork restore");
+        driver
+            .restore(d, r, &fork, &image, &PendingNetwork::none())
+            .expect("fork restore");
     }
     let mut namespaces: Vec<String> = recs
         .iter()

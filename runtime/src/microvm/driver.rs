@@ -17,7 +17,9 @@ use super::error::Error as MError;
 use super::vm_snapshots::{self, CreateOptions, RestoreOptions};
 use super::vms::{self, Entry, Launcher, NicSpec, RunOptions};
 use crate::record::{Op, OpKind, Phase};
-use crate::{Checkpoint, Error, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord};
+use crate::{
+    Checkpoint, Error, PendingNetwork, Recovered, Result, RuntimeKind, SandboxDir, SandboxRecord,
+};
 use kiln_agent::protocol::AGENT_PORT;
 use kiln_blockstore::{BlobId, Store};
 use kiln_imagebuilder::image::ImageRecord;
@@ -389,7 +391,15 @@ impl crate::Runtime for MicrovmDriver {
         Ok(())
     }
 
-    fn start(&self, dir: &SandboxDir, rec: &mut SandboxRecord, image: &ImageRecord) -> Result<()> {
+    fn start(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        image: &ImageRecord,
+        net: &PendingNetwork,
+    ) -> Result<()> {
+        // The VM's tap device is part of its launch: the network comes first.
+        net.finish(rec)?;
         let o = self.run_options(dir, rec, image)?;
         let vm_dir = o.dir.clone();
         if vm_dir.exists() && !vms::is_running(&vm_dir) {
@@ -460,7 +470,9 @@ impl crate::Runtime for MicrovmDriver {
         rec: &mut SandboxRecord,
         checkpoint: &Checkpoint,
         _image: &ImageRecord,
+        net: &PendingNetwork,
     ) -> Result<()> {
+        net.finish(rec)?;
         let cs: CheckpointState = serde_json::from_value(checkpoint.state.clone())
             .map_err(|e| Error::Invalid(format!("not a microvm checkpoint: {e}")))?;
         let vm_dir = Self::vm_dir(dir);
