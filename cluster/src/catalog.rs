@@ -8,6 +8,10 @@
 //! failures (out of memory, ...), and any live node writes `failed` over the `running`
 //! entries of a node whose lease has expired ([`SandboxEntry::lost`]), each with a
 //! compare-and-swap, so one writer wins.
+//!
+//! A paused sandbox whose snapshot is in the store's S3 remote carries it ([`Pushed`]) with
+//! what its record holds beyond the snapshot: any node can then adopt and resume it once its
+//! owner is gone, after taking it over ([`Catalog::take_over`], the same compare-and-swap).
 
 use crate::etcd::Cond;
 use crate::{decode, membership, Etcd, Result};
@@ -48,6 +52,46 @@ pub struct SandboxEntry {
     /// Why it failed (state `failed` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// State `paused` only, once its snapshot is in the store's remote: what a node that
+    /// takes it over resumes it from. A paused entry without it is paused on its node alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<Pushed>,
+}
+
+/// A paused sandbox in the store's S3 remote: its pause's sandbox snapshot (which names its
+/// runtime, image, size, environment, network policy and checkpoint) and the settings of its
+/// record that the snapshot leaves out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    /// The sandbox snapshot's blob id (hex) in the remote.
+    pub snapshot: String,
+    /// Its timeout (seconds; a resume starts it again) and what its expiry does (`kill`,
+    /// `pause`, `pause_filesystem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    pub on_timeout: String,
+    /// E2B's `autoResume`.
+    #[serde(default)]
+    pub auto_resume: bool,
+    /// Its data plane's credentials (the same tokens wherever it resumes).
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// A sandbox's data-plane credentials, as its record holds them (the runtime's `Access` as
+/// the catalog carries it: the catalog's JSON is its own, between nodes of any version).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    #[serde(default)]
+    pub secure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_token: Option<String>,
+    #[serde(default)]
+    pub private_traffic: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
 }
 
 impl SandboxEntry {
@@ -129,10 +173,34 @@ impl Catalog {
     /// node is not live (its membership key is gone), both in one transaction: a node that
     /// joined again meanwhile keeps its entry. The new revision, or None.
     pub async fn mark_lost(&self, id: &str, lost: &SandboxEntry, rev: i64) -> Result<Option<i64>> {
+        self.replace_while_gone(id, lost, rev, &lost.node).await
+    }
+
+    /// Gives sandbox `id` (paused, pushed) to the node `mine` names, if its entry is still at
+    /// `rev` and its owner `old` is not live, both in one transaction: of two nodes taking it
+    /// at once one wins, and a node that joined again keeps its sandbox. The new revision, or
+    /// None.
+    pub async fn take_over(
+        &self,
+        id: &str,
+        mine: &SandboxEntry,
+        rev: i64,
+        old: &str,
+    ) -> Result<Option<i64>> {
+        self.replace_while_gone(id, mine, rev, old).await
+    }
+
+    async fn replace_while_gone(
+        &self,
+        id: &str,
+        e: &SandboxEntry,
+        rev: i64,
+        gone: &str,
+    ) -> Result<Option<i64>> {
         let k = key(id);
-        let node = membership::key(&lost.node);
+        let node = membership::key(gone);
         let conds = [Cond::ModIs(&k, rev), Cond::Absent(&node)];
-        self.etcd.put_when(&k, &json(lost), 0, &conds).await
+        self.etcd.put_when(&k, &json(e), 0, &conds).await
     }
 
     /// Removes the entry of a sandbox of node `node` if it is still at `rev` and the node is

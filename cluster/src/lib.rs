@@ -11,7 +11,7 @@ pub mod etcd;
 pub mod membership;
 pub mod placement;
 
-pub use catalog::{Catalog, SandboxEntry, SandboxState};
+pub use catalog::{Catalog, Pushed, SandboxEntry, SandboxState};
 pub use etcd::Etcd;
 pub use membership::{Membership, NodeInfo};
 

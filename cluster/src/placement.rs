@@ -138,6 +138,7 @@ mod tests {
             memory_mib: 512,
             disk_mib: 0,
             cause: None,
+            pushed: None,
         };
         // a's info is stale (it says 0); the catalog has two running there, one paused at b.
         let mut nodes = vec![

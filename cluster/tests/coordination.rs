@@ -1,10 +1,10 @@
 //! kiln-cluster against a real 3-member etcd (tests/src/etcd.rs): compare-and-swap conflicts
 //! are seen, a node whose lease runs out leaves the cluster (and joins again on its next
-//! renewal), its running sandboxes can be marked lost only while it is out, and a killed
-//! member is survived.
+//! renewal), its running sandboxes can be marked lost only while it is out, its paused ones
+//! taken over only then and only once, and a killed member is survived.
 
 use kiln_cluster::membership::{self, Membership};
-use kiln_cluster::{Catalog, Etcd, NodeInfo, SandboxEntry, SandboxState};
+use kiln_cluster::{Catalog, Etcd, NodeInfo, Pushed, SandboxEntry, SandboxState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ fn entry(node: &str, state: SandboxState) -> SandboxEntry {
         memory_mib: 512,
         disk_mib: 1024,
         cause: None,
+        pushed: None,
     }
 }
 
@@ -176,7 +177,38 @@ fn a_sandbox_is_marked_lost_only_while_its_node_is_out() {
         assert!(lost.expired(kiln_cluster::catalog::TOMBSTONE_GRACE_MS + 2));
         assert!(!lost.expired(kiln_cluster::catalog::TOMBSTONE_GRACE_MS + 1));
         assert!(!running.expired(u64::MAX));
+        // A paused entry is taken over only once its node is out, by one of two nodes at once.
+        let paused = SandboxEntry {
+            pushed: Some(Pushed {
+                snapshot: "ab".repeat(32),
+                timeout_secs: Some(60),
+                on_timeout: "pause".into(),
+                auto_resume: true,
+                access: Default::default(),
+            }),
+            ..entry("a", SandboxState::Paused)
+        };
+        let rev = cat.create("sb3", &paused).await.unwrap().unwrap();
+        let to = |node: &str| SandboxEntry {
+            node: node.into(),
+            ..paused.clone()
+        };
+        assert_eq!(
+            cat.take_over("sb3", &to("b"), rev, "a").await.unwrap(),
+            None
+        );
         a.leave().await.unwrap();
+        let (b, c) = (to("b"), to("c"));
+        let (rb, rc) = tokio::join!(
+            cat.take_over("sb3", &b, rev, "a"),
+            cat.take_over("sb3", &c, rev, "a")
+        );
+        let winner = match (rb.unwrap(), rc.unwrap()) {
+            (Some(r), None) => (b, r),
+            (None, Some(r)) => (c, r),
+            other => panic!("two takeovers of one sandbox: {other:?}"),
+        };
+        assert_eq!(cat.get("sb3").await.unwrap().unwrap(), winner);
         // An entry of a node that is out can be removed as lost, once.
         let rev = cat.create("sb2", &running).await.unwrap().unwrap();
         assert!(cat.remove_lost("sb2", "a", rev).await.unwrap());

@@ -37,6 +37,8 @@ pub enum Error {
     },
     #[error("sandbox {0} is busy with another operation (try again)")]
     Busy(String),
+    #[error("sandbox {id} cannot be adopted into this home: {why}")]
+    Adopt { id: String, why: String },
     #[error("runtime {0} cannot run on this host: {1}")]
     Unavailable(crate::RuntimeKind, String),
     #[error(

@@ -35,7 +35,7 @@ pub use record::{
     RuntimeKind, SandboxDir, SandboxRecord, State, StateKind,
 };
 pub use sandboxes::{
-    default_cpus, default_network, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source,
+    default_cpus, default_network, Adoption, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source,
     DEFAULT_MEMORY_MIB, MAX_DISK_MIB, MIN_DEFAULT_DISK_MIB,
 };
 

@@ -258,6 +258,9 @@ pub enum OpKind {
     /// The live snapshot a fork starts from (the forks themselves are `starting` records).
     Fork,
     Kill,
+    /// A sandbox paused on another host, taken from the store's remote into this home
+    /// ([`crate::Sandboxes::adopt`]); its record is `paused` throughout.
+    Adopt,
 }
 
 impl OpKind {
@@ -268,6 +271,7 @@ impl OpKind {
             OpKind::Snapshot => "snapshot",
             OpKind::Fork => "fork",
             OpKind::Kill => "kill",
+            OpKind::Adopt => "adopt",
         }
     }
 

@@ -114,6 +114,25 @@ pub struct ForkSpec {
     pub timeout_secs: Option<u64>,
 }
 
+/// A sandbox paused in another home whose pause was pushed to the store's remote: what
+/// [`Sandboxes::adopt`] needs beyond its snapshot (the settings its record kept that a
+/// snapshot leaves out).
+#[derive(Clone, Debug)]
+pub struct Adoption {
+    pub id: String,
+    /// Its pause's sandbox snapshot, in the remote.
+    pub snapshot: BlobId,
+    pub name: Option<String>,
+    pub source: String,
+    pub created_ms: u64,
+    pub deadline_ms: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    pub on_timeout: OnTimeout,
+    pub auto_resume: bool,
+    pub metadata: BTreeMap<String, String>,
+    pub access: Access,
+}
+
 /// The largest disk a sandbox can ask for (ext4 with 4 KiB blocks goes far beyond; this keeps
 /// sizes well inside what is tested).
 pub const MAX_DISK_MIB: u64 = 16 << 20;
@@ -544,7 +563,9 @@ impl Sandboxes {
     /// The directory is renamed away first: a remover killed mid-way leaves a `.gone-`
     /// directory that the next `list` deletes, never a sandbox without its record.
     fn remove(&self, dir: &SandboxDir, rec: &SandboxRecord) {
-        kiln_network::detach(&rec.id, &dir.net());
+        if !holds_nothing_on_host(rec) {
+            kiln_network::detach(&rec.id, &dir.net());
+        }
         for h in [
             Holder::Sandbox(rec.id.clone()),
             Holder::Fork(rec.id.clone()),
@@ -708,6 +729,16 @@ impl Sandboxes {
             self.kill_locked(dir, &rec)?;
             return Ok(None);
         }
+        if op.kind == OpKind::Adopt {
+            // Whoever claimed it keeps it: the rest is fetched, or reported and tried again.
+            return match self.finish_adopt(dir, rec.clone()) {
+                Ok(rec) => Ok(Some(rec)),
+                Err(e) => {
+                    tracing::warn!(id = %rec.id, "an adoption is unfinished: {e}");
+                    Ok(Some(rec))
+                }
+            };
+        }
         if let (OpKind::Pause, Some(saved)) = (op.kind, op.saved) {
             return self.finish_pause(dir, rec, saved).map(Some);
         }
@@ -856,6 +887,11 @@ impl Sandboxes {
             // Said by the name it was asked by.
             Err(Error::NotFound(_)) => return Err(Error::NotFound(id.into())),
             r => r?,
+        };
+        // An unfinished adoption is finished first, or its error is the answer.
+        let rec = match rec.op.as_ref().map(|o| o.kind) {
+            Some(OpKind::Adopt) => self.finish_adopt(&dir, rec)?,
+            _ => rec,
         };
         let rec = self
             .reconcile(&dir, rec)?
@@ -1149,6 +1185,95 @@ impl Sandboxes {
         Ok(rec)
     }
 
+    /// Takes a paused sandbox of another home into this one under its own id, from its pushed
+    /// snapshot (its record and manifests come from the remote; the data stays there until
+    /// read): a `paused` record here, which [`Sandboxes::resume`] resumes as any other.
+    ///
+    /// `claim` runs once the record is made (locked, its op [`OpKind::Adopt`]): it makes the
+    /// sandbox this home's wherever that is decided (a cluster's catalog) and says whether it
+    /// did. Refused (false, or an error saying why): the record goes again, and the answer is
+    /// `Ok(None)` or the error. Once claimed the record stays: what is left (the manifests,
+    /// the image, the holds) is fetched now, and after a failure (the remote out of reach) or
+    /// a caller killed mid-way, by the next command on the sandbox, which reports the error
+    /// meanwhile, or by the next list.
+    pub fn adopt(
+        &self,
+        a: Adoption,
+        claim: impl FnOnce() -> std::result::Result<bool, String>,
+    ) -> Result<Option<SandboxRecord>> {
+        check_name(&a.id)?;
+        if self.dir(&a.id).record_path().exists() {
+            return Err(Error::Adopt {
+                id: a.id,
+                why: "a sandbox of that id is in this home already".into(),
+            });
+        }
+        self.store.pull(&a.snapshot)?;
+        let snap = sandbox_snapshot::get(&self.store, &a.snapshot)?;
+        let mut rec = SandboxRecord {
+            schema: SCHEMA,
+            id: a.id,
+            name: a.name,
+            image: snap.image,
+            source: a.source,
+            snapshot: snap.parent,
+            runtime: snap.runtime,
+            cpus: snap.cpus,
+            memory_mib: snap.memory_mib,
+            disk_mib: snap.disk_mib,
+            env: snap.env,
+            metadata: a.metadata,
+            state: State::Paused { saved: a.snapshot },
+            created_ms: a.created_ms,
+            timeout_secs: a.timeout_secs,
+            deadline_ms: a.deadline_ms,
+            on_timeout: a.on_timeout,
+            auto_resume: a.auto_resume,
+            agent: None,
+            generation: snap.generation,
+            defaults: snap.defaults,
+            op: Some(Op::new(OpKind::Adopt, Phase::Prepare)),
+            driver: serde_json::Value::Null,
+            network: snap.network,
+            net: None,
+            access: a.access,
+        };
+        let (dir, _lock) = self.new_dir(&rec)?;
+        match claim() {
+            Ok(true) => {}
+            refused => {
+                self.remove(&dir, &rec);
+                return match refused {
+                    Err(why) => Err(Error::Adopt { id: rec.id, why }),
+                    _ => Ok(None),
+                };
+            }
+        }
+        dir.enter(&mut rec, Phase::Store)?;
+        self.finish_adopt(&dir, rec).map(Some)
+    }
+
+    /// The rest of a claimed adoption: the snapshot's manifests and its image's record here,
+    /// held by the sandbox; then the record says paused, with no operation, durably.
+    fn finish_adopt(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
+        let State::Paused { saved } = rec.state.clone() else {
+            return Err(Error::Invalid(format!(
+                "sandbox {} is being adopted but is {}",
+                rec.id,
+                rec.state.name()
+            )));
+        };
+        self.store.pull(&saved)?;
+        let snap = sandbox_snapshot::get(&self.store, &saved)?;
+        sandbox_snapshot::fetch_manifests(&self.store, &snap)?;
+        self.image(&snap.image)?;
+        self.holds
+            .set(&Holder::Sandbox(rec.id.clone()), &snap.blobs_with(&saved))?;
+        rec.op = None;
+        dir.save_durable(&rec)?;
+        Ok(rec)
+    }
+
     /// Restores a paused sandbox under its own id. Its timeout starts again: `timeout_secs`
     /// if given (it becomes the sandbox's timeout), else its own; the deadline is in the record
     /// that says `running`, so the sandbox never runs under an old or missing one.
@@ -1307,8 +1432,10 @@ impl Sandboxes {
             rec.op = Some(Op::new(OpKind::Kill, Phase::Kill));
             dir.save(&rec)?;
         }
-        if let Ok(d) = self.driver(rec.runtime) {
-            d.kill(dir, rec)?;
+        if !holds_nothing_on_host(rec) {
+            if let Ok(d) = self.driver(rec.runtime) {
+                d.kill(dir, rec)?;
+            }
         }
         self.remove(dir, rec);
         Ok(())
@@ -1439,6 +1566,15 @@ impl Sandboxes {
         }
         Ok(kiln_imagebuilder::image::get_record(&self.store, id)?)
     }
+}
+
+/// Whether `rec` has nothing on the host beyond its directory: paused (its pause ended its
+/// processes and removed its cgroups and network) or being adopted into this home. Its kill
+/// then leaves the host's cgroups and networks alone, which are named by sandbox id: another
+/// home on this host may run the same sandbox (a cluster node that took it over).
+fn holds_nothing_on_host(rec: &SandboxRecord) -> bool {
+    matches!(rec.state, State::Paused { .. })
+        && rec.op.as_ref().is_none_or(|o| o.kind == OpKind::Adopt)
 }
 
 /// Test-only fault injection, for the cleanup paths no natural failure reaches on demand:

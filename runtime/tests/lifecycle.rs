@@ -7,12 +7,12 @@
 //! the next caller must reconcile the record through `Runtime::recover`, whose outcome each test
 //! scripts.
 
-use kiln_blockstore::{PutOptions, Store};
+use kiln_blockstore::{DirRemote, PutOptions, Store};
 use kiln_imagebuilder::image::{ImageConfig, ImageRecord};
 use kiln_runtime::{
-    Action, Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind, PendingNetwork, Phase,
-    Recovered, Runtime, RuntimeKind, SandboxDir, SandboxRecord, Sandboxes, Source, State,
-    StateKind,
+    Access, Action, Adoption, Checkpoint, CreateSpec, Error, ForkSpec, OnTimeout, Op, OpKind,
+    PendingNetwork, Phase, Recovered, Runtime, RuntimeKind, SandboxDir, SandboxRecord, Sandboxes,
+    Source, State, StateKind,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
@@ -275,6 +275,34 @@ impl Rig {
     /// The record on disk, as the dead caller left it (not reconciled).
     fn on_disk(&self, id: &str) -> SandboxRecord {
         self.dir(id).load().unwrap()
+    }
+
+    /// Another home (as on another host), its store on one remote with this home's (a
+    /// directory, `remote`), with its fake.
+    fn other_home(&self) -> (tempfile::TempDir, Fake, Sandboxes) {
+        let home = tempfile::tempdir().unwrap();
+        let remote = home.path().join("remote");
+        let dir_remote = || std::sync::Arc::new(DirRemote::new(&remote).unwrap());
+        self.sb.store().set_remote(dir_remote());
+        let store = Store::open(&home.path().join("store")).unwrap();
+        store.set_remote(dir_remote());
+        let fake = Fake::default();
+        let driver = FakeDriver {
+            fake: fake.clone(),
+            store: store.clone(),
+        };
+        let sb = Sandboxes::new(home.path(), store, vec![Box::new(driver)]);
+        (home, fake, sb)
+    }
+
+    /// Pauses `id` and pushes its snapshot (with its image) to the remote.
+    fn pause_and_push(&self, id: &str) -> SandboxRecord {
+        let paused = self.sb.pause(id).unwrap();
+        let State::Paused { saved } = &paused.state else {
+            panic!("{id} did not pause")
+        };
+        kiln_runtime::sandbox_snapshot::push(self.sb.store(), saved, None).unwrap();
+        paused
     }
 
     fn sandbox_dirs(&self) -> usize {
@@ -717,4 +745,120 @@ fn operations_on_unknown_sandboxes() {
         .map(|s| (*s, r.fake.calls(s)))
         .collect();
     assert!(calls.values().all(|n| *n == 0), "{calls:?}");
+}
+
+/// What another home needs to adopt paused sandbox `rec`.
+fn adoption(rec: &SandboxRecord) -> Adoption {
+    let State::Paused { saved } = rec.state else {
+        panic!("{} is not paused", rec.id)
+    };
+    Adoption {
+        id: rec.id.clone(),
+        snapshot: saved,
+        name: rec.name.clone(),
+        source: rec.source.clone(),
+        created_ms: rec.created_ms,
+        deadline_ms: rec.deadline_ms,
+        timeout_secs: Some(60),
+        on_timeout: OnTimeout::Pause,
+        auto_resume: true,
+        metadata: [("k".to_string(), "v".to_string())].into(),
+        access: Access::new(true, false),
+    }
+}
+
+#[test]
+fn a_paused_sandbox_is_adopted_by_another_home_and_resumed_there() {
+    let r = Rig::new();
+    let rec = r.create();
+    let (_home, fake, b) = r.other_home();
+    let paused = r.pause_and_push(&rec.id);
+    let a = adoption(&paused);
+    let got = b.adopt(a.clone(), || Ok(true)).unwrap().expect("claimed");
+    assert_eq!(got.state, paused.state);
+    assert!(got.op.is_none());
+    assert_eq!(
+        (got.id.as_str(), got.generation, got.cpus, got.image),
+        (
+            rec.id.as_str(),
+            paused.generation,
+            paused.cpus,
+            paused.image
+        )
+    );
+    assert_eq!((got.access, got.auto_resume), (a.access, true));
+    assert_eq!(
+        b.get(&rec.id).unwrap().state,
+        paused.state,
+        "durable, as listed"
+    );
+    let resumed = b.resume(&rec.id, None).unwrap();
+    assert_eq!(resumed.state, State::Running);
+    assert_eq!(resumed.generation, paused.generation + 1);
+    assert!(fake.running(&rec.id));
+    // The first home drops its copy: a paused sandbox holds nothing on the host, so its kill
+    // leaves the driver alone (the host's names are the sandbox's, which runs elsewhere).
+    r.sb.kill(&rec.id).unwrap();
+    assert_eq!(r.fake.calls("kill"), 0);
+    assert!(fake.running(&rec.id));
+    // Adopting a sandbox this home has is refused.
+    assert!(matches!(
+        b.adopt(adoption(&paused), || Ok(true)),
+        Err(Error::Adopt { .. })
+    ));
+}
+
+#[test]
+fn an_adoption_refused_or_cut_short() {
+    let r = Rig::new();
+    let rec = r.create();
+    let (home, _fake, b) = r.other_home();
+    let paused = r.pause_and_push(&rec.id);
+    let dirs = || {
+        std::fs::read_dir(home.path().join("sandboxes"))
+            .unwrap()
+            .count()
+    };
+    // Not claimed (another host took it), or the claim failed: nothing is left.
+    assert!(b.adopt(adoption(&paused), || Ok(false)).unwrap().is_none());
+    match b.adopt(adoption(&paused), || Err("etcd is away".into())) {
+        Err(e @ Error::Adopt { .. }) => assert!(e.to_string().contains("etcd is away"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(b.get(&rec.id), Err(Error::NotFound(_))));
+    // The remote out of reach once the claim is made: the adoption's error, and the record
+    // says how far it got; the next command says why while the remote is away, and
+    // finishes the adoption once it is back.
+    let remote = home.path().join("remote");
+    let away = home.path().join("remote-away");
+    let cut = || std::fs::rename(&remote, &away).unwrap();
+    assert!(matches!(
+        b.adopt(adoption(&paused), || {
+            cut();
+            Ok(true)
+        }),
+        Err(Error::Store(_))
+    ));
+    let dir = SandboxDir::new(home.path().join("sandboxes").join(&rec.id));
+    let left = dir.load().unwrap();
+    assert_eq!(
+        left.op.map(|o| (o.kind, o.phase)),
+        Some((OpKind::Adopt, Phase::Store))
+    );
+    assert!(matches!(b.resume(&rec.id, None), Err(Error::Store(_))));
+    std::fs::rename(&away, &remote).unwrap();
+    let listed = b.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].op.is_none() && listed[0].state == paused.state);
+    // The caller dies as it claims: the record says so, and the next command finishes it
+    // (whether the claim was made is the claimer's to settle: a cluster stops the copy
+    // whose catalog entry names another node).
+    b.kill(&rec.id).unwrap();
+    r.dies(|| b.adopt(adoption(&paused), || panic!("the caller dies in its claim")));
+    assert_eq!(
+        dir.load().unwrap().op.map(|o| (o.kind, o.phase)),
+        Some((OpKind::Adopt, Phase::Prepare))
+    );
+    assert_eq!(b.resume(&rec.id, None).unwrap().state, State::Running);
+    assert_eq!(dirs(), 2, "the sandbox and the holds' lock");
 }

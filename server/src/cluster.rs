@@ -24,17 +24,30 @@
 //!   sandbox is answered here with the cause, at once, instead of being forwarded.
 //! - A returning node ([`Cluster::reconcile`], on joining and on joining again after its
 //!   lease expired) stops the local sandboxes the catalog no longer gives it: owned by
-//!   another node, marked failed, or (running, and published by this node before) removed.
+//!   another node, marked failed, or (published by this node before) removed.
+//! - Pauses: a paused sandbox's entry carries its snapshot ([`Pushed`]) once the snapshot is
+//!   in the store's S3 remote: E2B's pause pushes it before it answers ([`Cluster::pause`]),
+//!   and the reaper pushes the others ([`Cluster::push_paused`]: timeouts, the CLI).
+//! - Takeover: a request for a paused sandbox whose node is gone, through any node, takes it
+//!   over ([`Cluster::take_over`]): one compare-and-swap gives its entry to this node (the
+//!   entry unchanged and the old node's key absent), the runtime adopts it from the remote
+//!   ([`Sandboxes::adopt`]), and the request is served here as for any local sandbox (a
+//!   connect resumes it). Of two nodes taking it at once, one wins; the other forwards to it.
 
-use crate::control::types;
+use crate::control::{types, ApiError};
 use crate::AppState;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use kiln_cluster::catalog::Access as EntryAccess;
 use kiln_cluster::placement::{self, Need};
-use kiln_cluster::{membership, Catalog, Etcd, Membership, NodeInfo, SandboxEntry, SandboxState};
-use kiln_runtime::{SandboxRecord, Sandboxes, State as SbxState};
+use kiln_cluster::{
+    membership, Catalog, Etcd, Membership, NodeInfo, Pushed, SandboxEntry, SandboxState,
+};
+use kiln_runtime::{
+    Access, Adoption, PauseMode, ResumeMode, SandboxRecord, Sandboxes, State as SbxState,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +66,8 @@ const LEASE_TTL_SECS: u64 = 5;
 const MEMBER_FILE: &str = "cluster-node";
 /// The most sandboxes one node takes.
 const MAX_SANDBOXES: u32 = 256;
+/// How long after a failed background push of a paused sandbox's snapshot it is tried again.
+const PUSH_RETRY: Duration = Duration::from_secs(10);
 /// What placement assumes a new sandbox needs: the request names a template whose size the
 /// node that has it knows, so a gVisor sandbox of kiln's defaults.
 fn create_need() -> Need {
@@ -103,6 +118,43 @@ pub(crate) struct Cluster {
     /// [`ClusterConfig::lost_after`], and since when this node has seen each gone node gone.
     lost_after: std::time::Duration,
     missing_since: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// The snapshot (hex id) each of this node's paused sandboxes was last pushed as: its
+    /// entry carries it ([`Pushed`]) while the sandbox is paused as that snapshot.
+    pushed: std::sync::Mutex<HashMap<String, String>>,
+    /// Sandboxes in hand here ([`InHand`]): a pause pushing its snapshot, or an adoption
+    /// under way. [`Cluster::sync`] and [`Cluster::reconcile`] leave them alone meanwhile.
+    in_hand: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// When a background push of each paused sandbox last failed.
+    push_failed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// A sandbox in hand until dropped ([`Cluster::in_hand`]).
+struct InHand {
+    set: Arc<std::sync::Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl InHand {
+    /// `id` in hand; None when it is already (another task has it).
+    fn take(set: &Arc<std::sync::Mutex<HashSet<String>>>, id: &str) -> Option<InHand> {
+        let fresh = set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
+        fresh.then(|| InHand {
+            set: set.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// Where a request for a sandbox goes.
@@ -113,8 +165,12 @@ enum Route {
     Owner(String, NodeInfo),
     /// Nowhere: it failed (the catalog says so, or it was running on a node that is gone).
     Lost(Lost),
-    /// Paused on a node that is gone (its state is on that node's disk).
+    /// Not here for now, for the reason given: running on a node that is away (not yet
+    /// declared lost), or paused on a node that is gone with its snapshot on its disk alone.
     Stranded(String),
+    /// Paused and pushed, its node gone: to be taken over ([`Cluster::take_over`]). Its
+    /// entry and revision.
+    Adopt(Box<SandboxEntry>, i64),
 }
 
 /// A sandbox that runs nowhere: why, and its entry (to remove it on a kill).
@@ -167,7 +223,16 @@ impl Cluster {
             seen: Default::default(),
             lost_after: cfg.lost_after,
             missing_since: Default::default(),
+            pushed: Default::default(),
+            in_hand: Default::default(),
+            push_failed: Default::default(),
         };
+        if !sandboxes.store().has_remote() {
+            tracing::warn!(
+                "the store has no S3 remote (kiln remote add): this node's paused sandboxes \
+                 can be resumed only here"
+            );
+        }
         {
             let mut written = c.written.lock().await;
             // First join: every sandbox of the home is published as it is.
@@ -183,10 +248,11 @@ impl Cluster {
     }
 
     /// After this node joined (again): stops each local sandbox the catalog no longer gives
-    /// it (owned by another node; marked failed, the cluster having declared it lost while
-    /// this node was away; or running, published by this node before (`published`, None: all
-    /// of them) and no longer in the catalog), and forgets the entries it had read, so the
-    /// next [`Cluster::sync`] reads them again. Runs with the `written` lock held.
+    /// it (owned by another node, a paused one taken over included; marked failed, the
+    /// cluster having declared it lost while this node was away; or published by this node
+    /// before (`published`, None: all of them) and no longer in the catalog: killed through
+    /// another node), and forgets the entries it had read, so the next [`Cluster::sync`]
+    /// reads them again. Sandboxes in hand are left alone. Runs with the `written` lock held.
     async fn reconcile(
         &self,
         sandboxes: &Arc<Sandboxes>,
@@ -200,20 +266,16 @@ impl Cluster {
             .into_iter()
             .map(|(id, e, _)| (id, e))
             .collect();
+        let in_hand = self.in_hand();
         for r in records(sandboxes).await {
-            let Some(state) = types::SandboxState::of(&r) else {
+            if types::SandboxState::of(&r).is_none() || in_hand.contains(&r.id) {
                 continue;
-            };
+            }
             let why = match entries.get(&r.id) {
                 Some(e) => self.verdict(e),
-                None if state == types::SandboxState::Running
-                    && published.is_none_or(|p| p.contains(&r.id)) =>
-                {
-                    Some(
-                        "it left the cluster's catalog while this node was out of the cluster"
-                            .into(),
-                    )
-                }
+                None if published.is_none_or(|p| p.contains(&r.id)) => Some(
+                    "it left the cluster's catalog while this node was out of the cluster".into(),
+                ),
                 None => None,
             };
             if let Some(why) = why {
@@ -262,8 +324,13 @@ impl Cluster {
             self.reconciled.store(joins, Ordering::SeqCst);
             recs = records(sandboxes).await;
         }
+        // A sandbox in hand is its handler's: its entry is neither written nor removed.
+        let in_hand = self.in_hand();
+        self.lock(&self.pushed)
+            .retain(|id, _| in_hand.contains(id) || recs.iter().any(|r| r.id == *id));
         let desired: BTreeMap<String, SandboxEntry> = recs
             .iter()
+            .filter(|r| !in_hand.contains(&r.id))
             .filter_map(|r| Some((r.id.clone(), self.entry(r)?)))
             .collect();
         self.membership.set_info(self.info(&desired));
@@ -272,14 +339,24 @@ impl Cluster {
                 Ok(all) => {
                     // Failed entries written by others (this node's sandboxes lost while it
                     // was away) are not this node's to keep or remove.
-                    *guard = Some(
-                        all.into_iter()
-                            .filter(|(_, e, _)| {
-                                e.node == self.node_id && e.state != SandboxState::Failed
-                            })
-                            .map(|(id, e, rev)| (id, (e, rev)))
-                            .collect(),
-                    )
+                    let mine: HashMap<String, (SandboxEntry, i64)> = all
+                        .into_iter()
+                        .filter(|(_, e, _)| {
+                            e.node == self.node_id && e.state != SandboxState::Failed
+                        })
+                        .map(|(id, e, rev)| (id, (e, rev)))
+                        .collect();
+                    // What was pushed before (this process may be new) is known from them.
+                    let mut pushed = self.lock(&self.pushed);
+                    for (id, (e, _)) in &mine {
+                        if let Some(p) = &e.pushed {
+                            pushed
+                                .entry(id.clone())
+                                .or_insert_with(|| p.snapshot.clone());
+                        }
+                    }
+                    drop(pushed);
+                    *guard = Some(mine)
                 }
                 Err(e) => {
                     tracing::warn!("cluster catalog: {e}");
@@ -301,7 +378,7 @@ impl Cluster {
         }
         let gone: Vec<String> = written
             .keys()
-            .filter(|id| !desired.contains_key(*id))
+            .filter(|id| !desired.contains_key(*id) && !in_hand.contains(*id))
             .cloned()
             .collect();
         for id in gone {
@@ -413,7 +490,47 @@ impl Cluster {
             memory_mib: r.memory_mib,
             disk_mib: r.disk_mib,
             cause,
+            pushed: self.pushed_entry(r),
         })
+    }
+
+    /// What the entry of `r`, paused, says of its snapshot in the store's remote: None until
+    /// it is there.
+    fn pushed_entry(&self, r: &SandboxRecord) -> Option<Pushed> {
+        let SbxState::Paused { saved } = &r.state else {
+            return None;
+        };
+        let snapshot = saved.to_hex();
+        if self.lock(&self.pushed).get(&r.id) != Some(&snapshot) {
+            return None;
+        }
+        let a = &r.access;
+        Some(Pushed {
+            snapshot,
+            timeout_secs: r.timeout_secs,
+            on_timeout: serde_json::to_value(r.on_timeout)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            auto_resume: r.auto_resume,
+            access: EntryAccess {
+                secure: a.secure,
+                envd_token: a.envd_token.clone(),
+                private_traffic: a.private_traffic,
+                traffic_token: a.traffic_token.clone(),
+                mask_request_host: a.mask_request_host.clone(),
+            },
+        })
+    }
+
+    /// Locks one of the node's small tables.
+    fn lock<'a, T>(&self, m: &'a std::sync::Mutex<T>) -> std::sync::MutexGuard<'a, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sandboxes in hand now.
+    fn in_hand(&self) -> HashSet<String> {
+        self.lock(&self.in_hand).clone()
     }
 
     fn info(&self, desired: &BTreeMap<String, SandboxEntry>) -> NodeInfo {
@@ -495,6 +612,122 @@ impl Cluster {
             .entry(node.to_string())
             .or_insert_with(std::time::Instant::now);
         first.elapsed() >= self.lost_after
+    }
+
+    /// E2B's pause in cluster mode: paused here, then its snapshot pushed to the store's S3
+    /// remote, before the answer and before its entry says `paused` (with the snapshot: any
+    /// node can resume it from then on). A push that fails (the remote out of reach) fails
+    /// the pause, and the sandbox is resumed here: it runs on where it was (its timeout
+    /// counting again from the resume; one paused without memory boots again on its files).
+    /// A store without a remote keeps the pause here alone.
+    pub(crate) async fn pause(
+        &self,
+        sandboxes: &Arc<Sandboxes>,
+        id: &str,
+        mode: PauseMode,
+    ) -> Result<(), ApiError> {
+        let _in_hand = InHand::take(&self.in_hand, id);
+        let sb = sandboxes.clone();
+        let id2 = id.to_string();
+        let rec = crate::control::blocking(move || sb.pause_with(&id2, mode)).await?;
+        let SbxState::Paused { saved } = rec.state else {
+            return Ok(());
+        };
+        if !sandboxes.store().has_remote() {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        let e = match push(sandboxes, saved.to_hex()).await {
+            Ok(bytes) => {
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::info!(
+                    id,
+                    bytes,
+                    ms,
+                    "pushed the pause's snapshot to the store's remote"
+                );
+                self.lock(&self.pushed).insert(rec.id, saved.to_hex());
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(
+            id,
+            "pushing the pause's snapshot failed, resuming the sandbox here: {e}"
+        );
+        let sb = sandboxes.clone();
+        let id2 = rec.id.clone();
+        let resumed =
+            crate::control::blocking(move || sb.resume_with(&id2, None, ResumeMode::Restore)).await;
+        let then = match resumed {
+            Ok(_) => format!("it was resumed and runs on, on node {}", self.node_id),
+            Err(r) => format!(
+                "resuming it failed too ({}): it stays paused on node {} alone",
+                r.message, self.node_id
+            ),
+        };
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "pausing sandbox {id}: its snapshot could not be pushed to the store's remote, \
+                 so no other node could resume it ({e}); {then}"
+            ),
+        ))
+    }
+
+    /// Pushes, each in a task of its own, the snapshots of this node's paused sandboxes that
+    /// are not in the store's remote yet (paused by a timeout, through the CLI, or by a pause
+    /// whose caller died); their entries say `paused` without a snapshot until then. A push
+    /// that failed is tried again after [`PUSH_RETRY`].
+    pub(crate) fn push_paused(
+        self: &Arc<Self>,
+        sandboxes: &Arc<Sandboxes>,
+        recs: &[SandboxRecord],
+    ) {
+        if !sandboxes.store().has_remote() {
+            return;
+        }
+        for r in recs {
+            let SbxState::Paused { saved } = &r.state else {
+                continue;
+            };
+            let snapshot = saved.to_hex();
+            let pushed = self.lock(&self.pushed).get(&r.id) == Some(&snapshot);
+            let failed_lately = self
+                .lock(&self.push_failed)
+                .get(&r.id)
+                .is_some_and(|t| t.elapsed() < PUSH_RETRY);
+            if pushed || failed_lately || r.op.is_some() {
+                continue;
+            }
+            let Some(in_hand) = InHand::take(&self.in_hand, &r.id) else {
+                continue;
+            };
+            let (c, sb) = (self.clone(), sandboxes.clone());
+            tokio::spawn(async move {
+                let id = in_hand.id.clone();
+                match push(&sb, snapshot.clone()).await {
+                    Ok(bytes) => {
+                        tracing::info!(
+                            id,
+                            bytes,
+                            "pushed a paused sandbox's snapshot to the store's remote"
+                        );
+                        c.lock(&c.push_failed).remove(&id);
+                        c.lock(&c.pushed).insert(id, snapshot);
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            id,
+                            "pushing a paused sandbox's snapshot (tried again in {} s): {e}",
+                            PUSH_RETRY.as_secs()
+                        );
+                        c.lock(&c.push_failed).insert(id, std::time::Instant::now());
+                    }
+                }
+                drop(in_hand);
+            });
+        }
     }
 
     /// Once a sweep: marks `failed` the running entries of nodes that are gone (each in a
@@ -654,9 +887,11 @@ impl Cluster {
                 e.node,
                 self.lost_after.as_secs()
             ))),
+            None if e.pushed.is_some() => Ok(Route::Adopt(Box::new(e), rev)),
             None => Ok(Route::Stranded(format!(
-                "sandbox {id} is paused on node {}, which is gone; resuming it on another \
-                 node is not supported yet",
+                "sandbox {id} is paused on node {}, which is gone, and only there: its \
+                 snapshot did not reach the store's remote; it can be resumed once the node \
+                 is back",
                 e.node
             ))),
         }
@@ -692,42 +927,262 @@ impl Cluster {
 
     /// A control-plane request for sandbox `id`: Ok(answer) when another node answers it or
     /// it is answered from the catalog, Err(req) when this node serves it (always, when the
-    /// request was forwarded here: it is never forwarded twice).
+    /// request was forwarded here: it is never forwarded twice). A request for a paused
+    /// sandbox of a node that is gone takes it over first ([`Cluster::resolve`]); a kill of
+    /// one removes its entry.
     async fn control_for(
         &self,
         state: &AppState,
         id: &str,
-        req: Request,
+        mut req: Request,
     ) -> Result<Response, Request> {
         let method = req.method().clone();
-        let lost = match self.route(state, id).await {
-            Err(e) => return Ok(unavailable(e)),
-            Ok(Route::Here) => return Err(req),
-            Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
-            Ok(Route::Stranded(msg)) => return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg)),
-            Ok(Route::Lost(lost)) => lost,
-            Ok(Route::Owner(node, info)) => {
-                if let Some(resp) = self.forward(&node, &info, req).await {
-                    return Ok(resp);
-                }
-                // Its node went away: answer as for a sandbox lost with it.
-                match self.route(state, id).await {
-                    Ok(Route::Lost(lost)) => lost,
-                    Ok(Route::Stranded(msg)) => {
-                        return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg))
+        // Twice at most: a node found gone while it was asked is routed around once.
+        let mut last_try = false;
+        let lost = loop {
+            let route = match self.route(state, id).await {
+                Err(e) => return Ok(unavailable(e)),
+                // Nothing to resume: its entry goes (its snapshot stays in the remote).
+                Ok(Route::Adopt(e, rev)) if method == Method::DELETE => Route::Lost(Lost {
+                    cause: format!("paused on node {}, which is gone", e.node),
+                    node: e.node,
+                    rev,
+                    marked: false,
+                }),
+                Ok(route) => match self.resolve(state, id, route, forwarded(&req)).await {
+                    Ok(route) => route,
+                    Err(answer) => return Ok(answer),
+                },
+            };
+            match route {
+                Route::Here => return Err(req),
+                Route::Owner(..) if forwarded(&req) => return Err(req),
+                Route::Stranded(msg) => return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg)),
+                Route::Adopt(..) => return Ok(changed_hands(id)),
+                Route::Lost(lost) => break lost,
+                Route::Owner(node, info) => {
+                    let (sent, again) = if last_try {
+                        (req, None)
+                    } else {
+                        match twice(req).await {
+                            Ok((a, b)) => (a, Some(b)),
+                            Err(answer) => return Ok(answer),
+                        }
+                    };
+                    if let Some(resp) = self.forward(&node, &info, sent).await {
+                        return Ok(resp);
                     }
-                    Ok(_) => {
-                        return Ok(refuse(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("node {node} went away while answering"),
-                        ))
+                    // Its node went away: route again (lost with it, or taken over).
+                    match again {
+                        Some(r) => req = r,
+                        None => {
+                            return Ok(refuse(
+                                StatusCode::BAD_GATEWAY,
+                                &format!("node {node} went away while answering"),
+                            ))
+                        }
                     }
-                    Err(e) => return Ok(unavailable(e)),
+                    last_try = true;
                 }
             }
         };
         Ok(self.lost_answer(id, &method, lost).await)
     }
+
+    /// `route` with a takeover done when it says so ([`Cluster::take_over`]).
+    async fn resolve(
+        &self,
+        state: &AppState,
+        id: &str,
+        route: Route,
+        forwarded: bool,
+    ) -> Result<Route, Response> {
+        match route {
+            Route::Adopt(..) => self.take_over(state, id, forwarded).await,
+            route => Ok(route),
+        }
+    }
+
+    /// Takes sandbox `id` (paused and pushed, its node gone) over and adopts it here; the
+    /// route the request takes then: here; to the node that took it first; or, when this
+    /// node has no room for it (and the request was not forwarded), to the node placement
+    /// picks, which takes it over. Requests through this node go one at a time
+    /// ([`crate::wake`]'s turn), so the second finds it here.
+    async fn take_over(
+        &self,
+        state: &AppState,
+        id: &str,
+        forwarded: bool,
+    ) -> Result<Route, Response> {
+        let _turn = state.wakes.turn(id).await;
+        for _ in 0..3 {
+            let (entry, rev) = match self.route(state, id).await {
+                Ok(Route::Adopt(entry, rev)) => (*entry, rev),
+                Ok(route) => return Ok(route),
+                Err(e) => return Err(unavailable(e)),
+            };
+            if !forwarded {
+                match self.elsewhere(&entry).await {
+                    Ok(Some((node, info))) => return Ok(Route::Owner(node, info)),
+                    Ok(None) => {}
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+            if self.adopt(state, id, entry, rev).await? {
+                return Ok(Route::Here);
+            }
+            // Another node took it first (or its node came back): route again.
+        }
+        Err(changed_hands(id))
+    }
+
+    /// The node a sandbox of `entry`'s size resumes on when this one has no room for it
+    /// (None: here).
+    async fn elsewhere(
+        &self,
+        entry: &SandboxEntry,
+    ) -> kiln_cluster::Result<Option<(String, NodeInfo)>> {
+        let (mut nodes, entries) = tokio::try_join!(membership::nodes(&self.etcd), self.catalog())?;
+        placement::count_from_catalog(&mut nodes, &entries);
+        let need = Need {
+            cpus: entry.cpus,
+            memory_mib: entry.memory_mib,
+        };
+        let here = nodes.iter().find(|(n, _)| *n == self.node_id);
+        if here.is_none_or(|(_, info)| placement::has_room(info, need)) {
+            return Ok(None);
+        }
+        let chosen = placement::choose(&nodes, need).map(str::to_string);
+        Ok(chosen.and_then(|c| nodes.into_iter().find(|(n, _)| *n == c)))
+    }
+
+    /// Adopts sandbox `id` here, its entry given to this node by compare-and-swap (at `rev`,
+    /// its old node's key absent) once the runtime has made its record: true when it is this
+    /// node's, false when another node took it first. After the takeover the sandbox stays
+    /// this node's whatever follows (a failure to fetch the rest is answered, and the next
+    /// request finishes it): its entry says paused here, never lost.
+    async fn adopt(
+        &self,
+        state: &AppState,
+        id: &str,
+        entry: SandboxEntry,
+        rev: i64,
+    ) -> Result<bool, Response> {
+        let internal = |why: String| refuse(StatusCode::INTERNAL_SERVER_ERROR, &why);
+        let p = entry
+            .pushed
+            .clone()
+            .ok_or_else(|| internal(format!("sandbox {id}'s catalog entry names no snapshot")))?;
+        let adoption = adoption_of(id, &entry, &p)
+            .map_err(|why| internal(format!("sandbox {id}'s catalog entry: {why}")))?;
+        let old = entry.node.clone();
+        let from = old.clone();
+        let mine = SandboxEntry {
+            node: self.node_id.clone(),
+            ..entry
+        };
+        let _in_hand = InHand::take(&self.in_hand, id);
+        let won = Arc::new(std::sync::Mutex::new(None));
+        let claim = {
+            let (catalog, id, mine, won) = (
+                self.catalog.clone(),
+                id.to_string(),
+                mine.clone(),
+                won.clone(),
+            );
+            let rt = tokio::runtime::Handle::current();
+            move || match rt.block_on(catalog.take_over(&id, &mine, rev, &old)) {
+                Ok(Some(rev)) => {
+                    *won.lock().unwrap_or_else(|e| e.into_inner()) = Some(rev);
+                    Ok(true)
+                }
+                Ok(None) => Ok(false),
+                Err(e) => Err(format!("taking it over in the cluster's catalog: {e}")),
+            }
+        };
+        let sb = state.sandboxes.clone();
+        let adopted = tokio::task::spawn_blocking(move || sb.adopt(adoption, claim)).await;
+        let taken = *won.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rev) = taken {
+            tracing::info!(id, from, "took over a paused sandbox whose node is gone");
+            self.lock(&self.pushed)
+                .insert(id.to_string(), p.snapshot.clone());
+            if let Some(w) = self.written.lock().await.as_mut() {
+                w.insert(id.to_string(), (mine, rev));
+            }
+        }
+        match adopted {
+            Ok(Ok(rec)) => Ok(rec.is_some()),
+            Ok(Err(e)) => Err(crate::control::ApiError::from(e).into_response()),
+            Err(e) => Err(internal(format!("adopting sandbox {id}: {e}"))),
+        }
+    }
+}
+
+/// Two of control-plane request `req` (its body is small: E2B's JSON), to send it again when
+/// the node it went to is gone.
+async fn twice(req: Request) -> Result<(Request, Request), Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            &format!("reading the request: {e}"),
+        )
+    })?;
+    Ok((
+        Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone())),
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+    ))
+}
+
+/// The answer when a sandbox kept changing hands while a request looked for it.
+fn changed_hands(id: &str) -> Response {
+    refuse(
+        StatusCode::CONFLICT,
+        &format!("sandbox {id} changed hands meanwhile; try again"),
+    )
+}
+
+/// What the runtime needs to adopt sandbox `id` from its entry `e` (paused, pushed as `p`).
+fn adoption_of(id: &str, e: &SandboxEntry, p: &Pushed) -> Result<Adoption, String> {
+    let a = &p.access;
+    Ok(Adoption {
+        id: id.to_string(),
+        snapshot: p
+            .snapshot
+            .parse()
+            .map_err(|err| format!("snapshot {:?}: {err}", p.snapshot))?,
+        name: e.alias.clone(),
+        source: e.template.clone(),
+        created_ms: e.started_ms,
+        deadline_ms: e.end_ms,
+        timeout_secs: p.timeout_secs,
+        on_timeout: serde_json::from_value(serde_json::Value::String(p.on_timeout.clone()))
+            .map_err(|err| format!("onTimeout {:?}: {err}", p.on_timeout))?,
+        auto_resume: p.auto_resume,
+        metadata: e.metadata.clone(),
+        access: Access {
+            secure: a.secure,
+            envd_token: a.envd_token.clone(),
+            private_traffic: a.private_traffic,
+            traffic_token: a.traffic_token.clone(),
+            mask_request_host: a.mask_request_host.clone(),
+        },
+    })
+}
+
+/// Pushes sandbox snapshot `snapshot` (hex id) with its image to the store's remote: the
+/// bytes uploaded.
+async fn push(sandboxes: &Arc<Sandboxes>, snapshot: String) -> Result<u64, String> {
+    let sb = sandboxes.clone();
+    let pushed = tokio::task::spawn_blocking(move || {
+        let id = snapshot
+            .parse()
+            .map_err(|e| format!("snapshot {snapshot:?}: {e}"))?;
+        kiln_runtime::sandbox_snapshot::push(sb.store(), &id, None).map_err(|e| e.to_string())
+    })
+    .await;
+    pushed.unwrap_or_else(|e| Err(format!("the push panicked: {e}")))
 }
 
 /// The runtime's records, read off the async threads.
@@ -809,8 +1264,16 @@ pub(crate) async fn data_plane(
     let Some(c) = &state.cluster else {
         return Err(req);
     };
-    let (node, info) = match c.route(state, id).await {
+    let route = match c.route(state, id).await {
+        Ok(route) => match c.resolve(state, id, route, forwarded(&req)).await {
+            Ok(route) => Ok(route),
+            Err(answer) => return Ok(answer),
+        },
+        Err(e) => Err(e),
+    };
+    let (node, info) = match route {
         Ok(Route::Here) => return Err(req),
+        Ok(Route::Adopt(..)) => return Ok(changed_hands(id)),
         // Never forwarded twice.
         Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
         Ok(Route::Owner(node, info)) => (node, info),

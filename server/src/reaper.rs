@@ -15,10 +15,12 @@ pub(crate) async fn run(state: Arc<AppState>) {
         tick.tick().await;
         let st = state.clone();
         match tokio::task::spawn_blocking(move || sweep(&st)).await {
-            // Cluster mode: what the sweep saw (after reconciling) goes to the catalog, and the
-            // sandboxes of nodes that are gone are marked lost.
+            // Cluster mode: what the sweep saw (after reconciling) goes to the catalog, the
+            // paused sandboxes' snapshots to the store's remote, and the sandboxes of nodes
+            // that are gone are marked lost.
             Ok(Ok(list)) => {
                 if let Some(c) = &state.cluster {
+                    c.push_paused(&state.sandboxes, &list);
                     c.sync(&state.sandboxes, list).await;
                     c.sweep_dead().await;
                 }

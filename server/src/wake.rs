@@ -27,6 +27,52 @@ pub struct Woken {
     pub rec: SandboxRecord,
 }
 
+/// One caller's turn on one sandbox ([`Wakes::turn`]); the next caller's when dropped.
+pub(crate) struct Turn<'a> {
+    wakes: &'a Wakes,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Wakes {
+    /// Waits for the turn on sandbox `id`: callers that resume it, or (cluster mode) take it
+    /// over from a node that is gone, go one at a time.
+    pub(crate) async fn turn(&self, id: &str) -> Turn<'_> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        Turn {
+            wakes: self,
+            id: id.to_string(),
+            lock,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        // The lock goes with its last user (the map and this turn hold it; a waiter took
+        // its clone under the map's mutex, as this check is made).
+        let mut locks = self.wakes.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let last = Arc::strong_count(&self.lock) == 2;
+        if last
+            && locks
+                .get(&self.id)
+                .is_some_and(|l| Arc::ptr_eq(l, &self.lock))
+        {
+            locks.remove(&self.id);
+        }
+    }
+}
+
 /// Resumes sandbox `id` with `timeout_secs` if it is paused (once among concurrent callers);
 /// a sandbox that runs is returned as it is.
 pub async fn resume_once(
@@ -35,25 +81,8 @@ pub async fn resume_once(
     timeout_secs: Option<u64>,
     mode: kiln_runtime::ResumeMode,
 ) -> kiln_runtime::Result<Woken> {
-    let lock = state
-        .wakes
-        .locks
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(id.to_string())
-        .or_default()
-        .clone();
-    let woken = {
-        let _turn = lock.lock().await;
-        resume_if_paused(state, id, timeout_secs, mode).await
-    };
-    // The next caller makes a new lock and finds the sandbox running (callers still waiting
-    // on this one find the same).
-    let mut locks = state.wakes.locks.lock().unwrap_or_else(|e| e.into_inner());
-    if locks.get(id).is_some_and(|l| Arc::ptr_eq(l, &lock)) {
-        locks.remove(id);
-    }
-    woken
+    let _turn = state.wakes.turn(id).await;
+    resume_if_paused(state, id, timeout_secs, mode).await
 }
 
 async fn resume_if_paused(

@@ -3,19 +3,23 @@
 
 use crate::e2b::{self, Serve};
 use crate::etcd::Etcd;
+use crate::s3::S3Server;
 use crate::Kiln;
 use std::path::{Path, PathBuf};
 
-/// What every cluster test starts from: E2B's Python SDK, a 3-member etcd, and `homes` whose
-/// first has the `sdk` image (the others are empty), in one temp dir with the cluster secret's
-/// file; every sandbox of the first home is killed at the end. Fields drop in order: declare
-/// nodes after it, so they go first.
+/// What every cluster test starts from: E2B's Python SDK, a 3-member etcd, SeaweedFS (the
+/// S3 remote every home's store shares, as the `origin` remote; the homes' processes get its
+/// credentials), and `homes` whose first has the `sdk` image (the others are empty until
+/// [`Fixture::share_image`]), in one temp dir with the cluster secret's file; every sandbox
+/// of every home is killed at the end. Fields drop in order: declare nodes after it, so they
+/// go first.
 pub struct Fixture {
     pub py: PathBuf,
     pub etcd: Etcd,
     pub homes: Vec<Kiln>,
     pub secret: PathBuf,
-    _cleanup: crate::sandbox::KillAll,
+    _cleanup: Vec<crate::sandbox::KillAll>,
+    pub s3: S3Server,
     pub tmp: tempfile::TempDir,
 }
 
@@ -23,19 +27,44 @@ pub struct Fixture {
 pub fn fixture(secret: &str, nodes: usize) -> Option<Fixture> {
     let py = e2b::python_or_skip()?;
     let etcd = Etcd::start_or_skip()?;
+    let s3 = S3Server::start_or_skip("cluster").unwrap()?;
     let (tmp, k1) = e2b::sdk_home()?;
     let secret_file = tmp.path().join("cluster-secret");
     std::fs::write(&secret_file, secret).unwrap();
-    let mut homes = vec![k1.clone()];
+    let mut homes = vec![k1];
     homes.extend((2..=nodes).map(|i| Kiln::new(tmp.path().join(format!("home{i}")))));
+    let homes: Vec<Kiln> = homes
+        .into_iter()
+        .map(|k| {
+            let k = k.with_env(s3.env());
+            s3.add_origin(&k, &format!("s3://{}/cluster", crate::s3::BUCKET));
+            k
+        })
+        .collect();
     Some(Fixture {
         py,
         etcd,
+        _cleanup: homes
+            .iter()
+            .map(|k| crate::sandbox::KillAll(k.clone()))
+            .collect(),
         homes,
         secret: secret_file,
-        _cleanup: crate::sandbox::KillAll(k1),
+        s3,
         tmp,
     })
+}
+
+impl Fixture {
+    /// Makes image `name` of the first home usable by the same name in every other home:
+    /// pushed to the remote, pulled there (its data comes lazily).
+    pub fn share_image(&self, name: &str) {
+        let out = self.homes[0].ok(["image", "push", name]);
+        let id = String::from_utf8(out).unwrap().trim().to_string();
+        for k in &self.homes[1..] {
+            k.ok(["image", "pull-from-remote", &id, "--name", name]);
+        }
+    }
 }
 
 /// `kiln serve`'s cluster arguments for node `id` listening on `port`.

@@ -9,6 +9,12 @@
 //!   sandbox it still ran; a kill through another node then removes the entry.
 //! - n1 killed (kill -9) and restarted on its home: the same, the sandbox stopped as the node
 //!   joins, before it serves; n1 then runs new sandboxes.
+//! - A paused sandbox resumes on another node: two sandboxes on n3, one paused through n2
+//!   (E2B's pause), one by its timeout (autoPause); n3 killed (kill -9); a connect through n1
+//!   resumes the first on n1, its file byte for byte and its counter counting on; two
+//!   connects at once, through n1 and n2, resume the second once; n3 restarted drops its
+//!   copies and resurrects neither.
+//! - S3 down during a pause: the pause fails saying so, and the sandbox runs on.
 //!
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
@@ -276,4 +282,294 @@ print(json.dumps({{"out": s.commands.run("echo still here").stdout}}))
         ),
     );
     assert_eq!(out["out"], "still here\n", "{out}");
+}
+
+/// A sandbox created on node `s` itself: the request as another node forwards it (with the
+/// cluster secret), so it is not placed again; `extra`: more fields of the create's body.
+/// Its id.
+fn create_on(s: &Serve, timeout: u64, extra: &str) -> String {
+    let body = format!(r#"{{"templateID": "sdk", "timeout": {timeout}{extra}}}"#);
+    let (code, out) = e2b::http(
+        s.port,
+        "POST",
+        "/v2/sandboxes",
+        &[
+            ("X-Kiln-Forwarded-By", "test"),
+            ("X-Kiln-Cluster-Secret", SECRET),
+            ("Content-Type", "application/json"),
+        ],
+        Some(&body),
+    )
+    .unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    assert_eq!(code, 201, "{out}");
+    assert!(out["envdAccessToken"].is_string(), "{out}");
+    out["sandboxID"].as_str().unwrap().to_string()
+}
+
+/// A counter in sandbox `id` (through `s`): a shell loop writing 1, 2, 3, ... to /tmp/count
+/// (a tmpfs: the sandbox's memory), started in the background.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done";
+
+/// The start of a Python script with E2B's SDK connected to sandbox `id` (`sbx`; its timeout
+/// 300 s from now): `count()` reads its counter ([`COUNTER`]), waiting (bounded) for a first
+/// count, and `advanced(c)` waits (bounded) for the count to pass `c`.
+fn py_on(id: &str) -> String {
+    format!("import json, os, hashlib\nfrom e2b import Sandbox\nsbx = Sandbox.connect(\"{id}\", timeout=300)\n{PY_COUNT}")
+}
+
+const PY_COUNT: &str = r#"
+import time
+def count():
+    t = time.time()
+    while True:
+        out = sbx.commands.run("cat /tmp/count 2>/dev/null || true").stdout.strip()
+        if out:
+            return int(out)
+        assert time.time() - t < 20, "no count"
+        time.sleep(0.1)
+def advanced(c):
+    t = time.time()
+    while True:
+        n = count()
+        if n > c or time.time() - t > 20:
+            return n
+        time.sleep(0.1)
+"#;
+
+/// Waits (bounded) until sandbox `id`'s entry says paused with its snapshot pushed; the entry.
+fn wait_pushed(etcd: &Etcd, id: &str) -> SandboxEntry {
+    let t = Instant::now();
+    loop {
+        let e = entry(etcd, id).expect("in the catalog");
+        if e.state == SandboxState::Paused && e.pushed.is_some() {
+            return e;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{id} is not paused with a pushed snapshot: {e:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How many of `homes` hold sandbox `id`.
+fn holders(homes: &[kiln_tests::Kiln], id: &str) -> usize {
+    homes
+        .iter()
+        .filter(|k| kiln_tests::sandbox::ids(k).contains(&id.to_string()))
+        .count()
+}
+
+#[test]
+fn a_paused_sandbox_resumes_on_another_node_once() {
+    let Some(f) = fixture(SECRET, 3) else {
+        return;
+    };
+    let (py, etcd) = (&f.py, &f.etcd);
+    f.share_image("sdk");
+    let mut nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
+
+    // Two sandboxes on n3: `a` with a file and a counter, paused through n2 (E2B's pause);
+    // `b` paused by its timeout (autoPause), its snapshot pushed by n3's reaper.
+    let a = create_on(&nodes[2], 300, "");
+    let b = create_on(&nodes[2], 3, r#", "autoPause": true"#);
+    let before = nodes[1].python(
+        py,
+        &format!(
+            r#"{}
+data = os.urandom(3 << 20)
+sbx.files.write("/home/app/moved.bin", data)
+sbx.commands.run("{COUNTER}", background=True, timeout=0)
+c = count()
+print(json.dumps({{"sha": hashlib.sha256(data).hexdigest(), "count": c, "paused": Sandbox.pause("{a}")}}))
+"#,
+            py_on(&a)
+        ),
+    );
+    assert_eq!(before["paused"], true, "{before}");
+    for id in [&a, &b] {
+        let e = wait_pushed(etcd, id);
+        assert_eq!(e.node, "n3", "{e:?}");
+        assert!(e.pushed.unwrap().access.envd_token.is_some());
+    }
+
+    // n3 dies. A connect through n1 takes `a` over and resumes it there, as it was.
+    nodes[2].stop();
+    let t = Instant::now();
+    let after = nodes[0].python(
+        py,
+        &format!(
+            r#"{}
+info = sbx.get_info()
+data = sbx.files.read("/home/app/moved.bin", format="bytes")
+c1 = count()
+c2 = advanced(c1)
+print(json.dumps({{"state": info.state.value, "sha": hashlib.sha256(bytes(data)).hexdigest(), "c1": c1, "c2": c2}}))
+"#,
+            py_on(&a)
+        ),
+    );
+    eprintln!("connect through n1 after n3's kill -9: {:?}", t.elapsed());
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["sha"], before["sha"], "the file changed");
+    let (c0, c1, c2) = (
+        before["count"].as_u64().unwrap(),
+        after["c1"].as_u64().unwrap(),
+        after["c2"].as_u64().unwrap(),
+    );
+    assert!(
+        c1 >= c0 && c2 > c1,
+        "the counter: {c0} before, then {c1}, {c2}"
+    );
+    let e = entry(etcd, &a).unwrap();
+    assert_eq!((e.node.as_str(), e.state), ("n1", SandboxState::Running));
+    assert!(kiln_tests::sandbox::ids(&f.homes[0]).contains(&a));
+    assert!(listed(&nodes[1], "/v2/sandboxes").contains(&(
+        a.clone(),
+        "n1".to_string(),
+        "running".to_string()
+    )));
+
+    // Two connects of `b` at once, through n1 and n2: one resumes it, the other finds it
+    // running (the node that lost the takeover forwards to the winner).
+    let connects: Vec<_> = [nodes[0].port, nodes[1].port]
+        .into_iter()
+        .map(|port| {
+            let path = format!("/v2/sandboxes/{b}/connect");
+            std::thread::spawn(move || {
+                e2b::http(
+                    port,
+                    "POST",
+                    &path,
+                    &[("X-API-Key", KEY), ("Content-Type", "application/json")],
+                    Some(r#"{"timeout": 300}"#),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for c in connects {
+        let (code, body) = c.join().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(body["sandboxID"], b.as_str(), "{code}: {body}");
+        codes.push(code);
+    }
+    codes.sort_unstable();
+    assert_eq!(
+        codes,
+        vec![200, 201],
+        "one resume, one connect to it running"
+    );
+    let e = entry(etcd, &b).unwrap();
+    assert_eq!(e.state, SandboxState::Running, "{e:?}");
+    assert!(["n1", "n2"].contains(&e.node.as_str()), "{e:?}");
+    assert_eq!(
+        holders(&f.homes[..2], &b),
+        1,
+        "{b} is in more than one home"
+    );
+    for s in &nodes[..2] {
+        let out = s.python(
+            py,
+            &format!(
+                r#"
+import json
+from e2b import Sandbox
+print(json.dumps({{"out": Sandbox.connect("{b}").commands.run("echo resumed once").stdout}}))
+"#
+            ),
+        );
+        assert_eq!(out["out"], "resumed once\n", "{out}");
+    }
+
+    // n3 comes back: it drops its paused copies (the catalog gives them to others) before it
+    // serves, and both sandboxes run on where they were resumed.
+    nodes[2].restart();
+    let log = nodes[2].log_text();
+    assert!(
+        log.contains("stopping the sandbox on this node: the catalog gives it to node"),
+        "{log}"
+    );
+    let left = kiln_tests::sandbox::ids(&f.homes[2]);
+    assert!(!left.contains(&a) && !left.contains(&b), "{left:?}");
+    assert_eq!(entry(etcd, &a).unwrap().node, "n1");
+    let out = nodes[2].python(
+        py,
+        &format!(
+            "{}\nprint(json.dumps({{\"count\": advanced({c2})}}))",
+            py_on(&a)
+        ),
+    );
+    assert!(out["count"].as_u64().unwrap() > c2, "{out}");
+    for s in &nodes {
+        let l = listed(s, "/v2/sandboxes");
+        assert_eq!(l.len(), 2, "through :{}: {l:?}", s.port);
+        assert!(
+            l.iter()
+                .all(|(_, node, state)| node != "n3" && state == "running"),
+            "{l:?}"
+        );
+    }
+}
+
+/// S3 down during a cluster pause: the pause fails, saying its snapshot could not be pushed,
+/// and the sandbox runs on where it was (its counter counts, its entry says running); with
+/// S3 back the pause works.
+#[test]
+fn a_pause_without_s3_fails_and_the_sandbox_runs_on() {
+    let Some(mut f) = fixture(SECRET, 2) else {
+        return;
+    };
+    let nodes = start_nodes(&f.etcd, &f.homes, KEY, &f.secret, 0);
+    let a = create(&nodes[1], &f.py);
+    let count = py_on(&a);
+    nodes[1].python(
+        &f.py,
+        &format!("{count}\nsbx.commands.run(\"{COUNTER}\", background=True, timeout=0)\nprint(json.dumps({{\"count\": count()}}))"),
+    );
+    f.s3.stop();
+    let t = Instant::now();
+    let out = nodes[1].python(
+        &f.py,
+        &format!(
+            r#"
+import json
+from e2b import Sandbox
+try:
+    print(json.dumps({{"paused": Sandbox.pause("{a}")}}))
+except Exception as e:
+    print(json.dumps({{"error": type(e).__name__, "message": str(e)}}))
+"#
+        ),
+    );
+    eprintln!("the pause without S3 took {:?}: {out}", t.elapsed());
+    let msg = out["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("could not be pushed to the store's remote")
+            && msg.contains("it was resumed and runs on, on node n1"),
+        "{out}"
+    );
+    let e = entry(&f.etcd, &a).unwrap();
+    assert_eq!((e.node.as_str(), e.state), ("n1", SandboxState::Running));
+    let out = nodes[1].python(
+        &f.py,
+        &format!("{count}\nc = count()\nprint(json.dumps({{\"c\": c, \"then\": advanced(c)}}))"),
+    );
+    assert!(out["then"].as_u64() > out["c"].as_u64(), "{out}");
+
+    f.s3.restart().unwrap();
+    let out = nodes[1].python(
+        &f.py,
+        &format!(
+            r#"
+import json
+from e2b import Sandbox
+print(json.dumps({{"paused": Sandbox.pause("{a}")}}))
+"#
+        ),
+    );
+    assert_eq!(out["paused"], true, "{out}");
+    wait_pushed(&f.etcd, &a);
 }

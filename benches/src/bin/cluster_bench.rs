@@ -231,6 +231,7 @@ async fn placement_part(urls: &[String], secs: u64) -> Result<Value> {
                     memory_mib: need.memory_mib,
                     disk_mib: 1024,
                     cause: None,
+                    pushed: None,
                 };
                 let id = format!("bench-{w}-{n}");
                 n += 1;

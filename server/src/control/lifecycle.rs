@@ -101,8 +101,14 @@ pub(super) async fn pause(
         _ => PauseMode::Full,
     };
     let rec = lookup(&state, &id).await?;
-    let sb = state.sandboxes.clone();
-    blocking(move || sb.pause_with(&rec.id, mode)).await?;
+    match &state.cluster {
+        // Its snapshot goes to the store's remote too, for any node to resume it.
+        Some(c) => c.pause(&state.sandboxes, &rec.id, mode).await?,
+        None => {
+            let sb = state.sandboxes.clone();
+            blocking(move || sb.pause_with(&rec.id, mode)).await?;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

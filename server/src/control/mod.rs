@@ -150,7 +150,7 @@ fn wrong_state(
 type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// Runs a blocking runtime call off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> kiln_runtime::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
