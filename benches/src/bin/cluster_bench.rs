@@ -244,6 +244,15 @@ print(json.dumps({{"ms": ms, "ballast": ballast}}))
 "#
             ),
         );
+        // Where n2's time went (its takeover and the checkpoint's fetch), on stderr.
+        let log = nodes[1].log_text();
+        let took = log
+            .lines()
+            .filter(|l| l.contains(&id) && l.contains("took over"));
+        let fetched = log.lines().rfind(|l| l.contains("checkpoint fetched"));
+        for l in took.chain(fetched) {
+            eprintln!("[cluster_bench] n2: {l}");
+        }
         if there["ballast"].as_u64() != Some(ballast_mib << 20) {
             bail!("the ballast did not come along: {there}");
         }
