@@ -332,12 +332,16 @@ impl S3Remote {
         self.get_object(self.chunk_key(id))
     }
 
-    /// Downloads several chunks concurrently, in the order given.
+    /// Downloads several chunks concurrently (four times [`DEFAULT_PARALLELISM`] in flight:
+    /// chunks of 4 KiB pages are latency, not bandwidth), in the order given.
     pub fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, RemoteError> {
         let keys = ids.iter().map(|id| self.chunk_key(id)).collect();
-        self.per_key(keys, DEFAULT_PARALLELISM, "GET", |c, b, k, ep| async move {
-            get(&c, &b, k, &ep).await
-        })
+        self.per_key(
+            keys,
+            DEFAULT_PARALLELISM * 4,
+            "GET",
+            |c, b, k, ep| async move { get(&c, &b, k, &ep).await },
+        )
     }
 
     /// Runs `op` on every key with up to `width` requests in flight; results in key order,
@@ -800,6 +804,9 @@ impl crate::tier::RemoteTier for S3Remote {
     }
     fn get_chunk(&self, id: &ChunkId) -> crate::Result<Vec<u8>> {
         S3Remote::get_chunk(self, id).map_err(to_store_error)
+    }
+    fn get_chunks(&self, ids: &[ChunkId]) -> crate::Result<Vec<Vec<u8>>> {
+        S3Remote::get_chunks(self, ids).map_err(to_store_error)
     }
     fn has_chunks(&self, ids: &[ChunkId]) -> crate::Result<Vec<bool>> {
         S3Remote::has_chunks(self, ids).map_err(to_store_error)

@@ -15,6 +15,11 @@ pub trait RemoteTier: Send + Sync {
     fn put_chunk(&self, id: &ChunkId, compressed: &[u8]) -> Result<()>;
     /// Fetch a compressed chunk; `Error::NotFound` when absent.
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// Fetch several compressed chunks, in the order given (a remote with latency overlaps
+    /// the requests); the first error ends it.
+    fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        ids.iter().map(|id| self.get_chunk(id)).collect()
+    }
     /// Which of `ids` the remote holds (same order).
     fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>>;
     /// Store a manifest's canonical bytes.

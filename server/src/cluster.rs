@@ -326,8 +326,6 @@ impl Cluster {
         }
         // A sandbox in hand is its handler's: its entry is neither written nor removed.
         let in_hand = self.in_hand();
-        self.lock(&self.pushed)
-            .retain(|id, _| in_hand.contains(id) || recs.iter().any(|r| r.id == *id));
         let desired: BTreeMap<String, SandboxEntry> = recs
             .iter()
             .filter(|r| !in_hand.contains(&r.id))
@@ -376,11 +374,28 @@ impl Cluster {
                 Err(e) => tracing::warn!(id, "cluster catalog: {e}"),
             }
         }
-        let gone: Vec<String> = written
+        let mut gone: Vec<String> = written
             .keys()
             .filter(|id| !desired.contains_key(*id) && !in_hand.contains(*id))
             .cloned()
             .collect();
+        if !gone.is_empty() {
+            // `recs` may predate a sandbox made since (the reaper lists before it syncs, and
+            // an adoption may have finished in between): only what is gone now goes.
+            let now: HashSet<String> = records(sandboxes)
+                .await
+                .iter()
+                .filter(|r| self.entry(r).is_some())
+                .map(|r| r.id.clone())
+                .collect();
+            gone.retain(|id| !now.contains(id));
+        }
+        {
+            let mut pushed = self.lock(&self.pushed);
+            for id in &gone {
+                pushed.remove(id);
+            }
+        }
         for id in gone {
             if let Err(e) = self.erase(written, &id).await {
                 tracing::warn!(id, "cluster catalog: {e}");
@@ -1101,10 +1116,17 @@ impl Cluster {
             }
         };
         let sb = state.sandboxes.clone();
+        let t = std::time::Instant::now();
         let adopted = tokio::task::spawn_blocking(move || sb.adopt(adoption, claim)).await;
         let taken = *won.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rev) = taken {
-            tracing::info!(id, from, "took over a paused sandbox whose node is gone");
+            let ms = t.elapsed().as_millis() as u64;
+            tracing::info!(
+                id,
+                from,
+                ms,
+                "took over a paused sandbox whose node is gone"
+            );
             self.lock(&self.pushed)
                 .insert(id.to_string(), p.snapshot.clone());
             if let Some(w) = self.written.lock().await.as_mut() {

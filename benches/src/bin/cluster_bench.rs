@@ -1,7 +1,8 @@
 //! Cluster mode (issue 20) benchmarks; prints one JSON object on stdout, progress on stderr.
 //!
 //! `cargo build -p kiln-cli -p kiln-benches && KILN_AGENT=<static agent>
-//!  target/debug/cluster_bench [--runs 30] [--creates 8] [--placement-secs 5]`
+//!  target/debug/cluster_bench [--runs 30] [--creates 8] [--placement-secs 5] [--resumes 5]
+//!  [--ballast-mib 32]`
 //!
 //! A real 3-member etcd on loopback (`kiln_tests::etcd`) and two `kiln serve --cluster-etcd`
 //! nodes: n1 with the `sdk` image (the serve tests' busybox image with a /bin/bash shim),
@@ -17,8 +18,15 @@
 //!   record the sandbox with a compare-and-swap create, for `--placement-secs` (three fake
 //!   members with room for all); the catalog grows as it goes (its size at the end is
 //!   reported: every decision reads all of it).
-//!
-//! Not measured yet: a paused sandbox resumed on another node (cluster mode cannot yet).
+//! - a paused sandbox resumed on another node against a resume on its own node (goal: <= 1.5x,
+//!   p50), with the tests' cluster fixture (`kiln_tests::cluster`: a 3-member etcd, SeaweedFS
+//!   as every store's remote, two nodes, the `sdk` image on n1 only), `--resumes` times: a
+//!   sandbox created on n1 with `--ballast-mib` of random bytes in its memory (a file in
+//!   /tmp, a tmpfs), paused through n1 (its snapshot pushed), connected through n1 (resumed on
+//!   its own node: timed), paused again, n1 killed (kill -9) and, once its lease is gone,
+//!   connected through n2 (taken over, adopted from S3, resumed on n2: timed); each timing is
+//!   `Sandbox.connect` + a first `commands.run("true")`, in the SDK; then the sandbox is
+//!   killed, its ballast checked, and n1 restarted. The first run's n2 also pulls the image.
 
 use anyhow::{bail, Context, Result};
 use kiln_benches::{arg, loadavg};
@@ -176,6 +184,95 @@ fn sdk_part(etcd: &str, runs: usize, creates: usize) -> Result<Value> {
     }))
 }
 
+/// Resume on another node against resume on the sandbox's own node (see the module doc).
+fn resume_part(runs: usize, ballast_mib: u64) -> Result<Value> {
+    let f = kiln_tests::cluster::fixture(SECRET, 2)
+        .context("etcd, SeaweedFS, gVisor, the sdk image and E2B's Python SDK")?;
+    let mut nodes = kiln_tests::cluster::start_nodes(&f.etcd, &f.homes, KEY, &f.secret, 0);
+    let etcd = Arc::new(Etcd::new(&f.etcd.urls())?);
+    let catalog = Catalog::new(etcd.clone());
+    let rt = tokio::runtime::Runtime::new()?;
+    let (mut own, mut other, mut pause) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        eprintln!("[cluster_bench] resume {}/{runs}", i + 1);
+        let here = nodes[0].python(
+            &f.py,
+            &format!(
+                r#"
+import json, time
+from e2b import Sandbox
+s = Sandbox.create("sdk", timeout=600)
+s.commands.run("dd if=/dev/urandom of=/tmp/ballast bs=1048576 count={ballast_mib} 2>/dev/null")
+t = time.monotonic()
+Sandbox.pause(s.sandbox_id)
+pause_ms = (time.monotonic() - t) * 1000
+t = time.monotonic()
+s = Sandbox.connect(s.sandbox_id, timeout=600)
+s.commands.run("true")
+own_ms = (time.monotonic() - t) * 1000
+Sandbox.pause(s.sandbox_id)
+print(json.dumps({{"id": s.sandbox_id, "pause_ms": pause_ms, "own_ms": own_ms}}))
+"#
+            ),
+        );
+        let id = here["id"].as_str().context("the sandbox's id")?.to_string();
+        let owner = rt.block_on(catalog.get(&id))?;
+        if owner.as_ref().map(|(e, _)| e.node.as_str()) != Some("n1") {
+            bail!("{id} is not n1's: {owner:?}");
+        }
+        nodes[0].stop();
+        let t = Instant::now();
+        while rt.block_on(membership::node(&etcd, "n1"))?.is_some() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("n1's lease outlived its kill by 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let there = nodes[1].python(
+            &f.py,
+            &format!(
+                r#"
+import json, time
+from e2b import Sandbox
+t = time.monotonic()
+s = Sandbox.connect("{id}", timeout=600)
+s.commands.run("true")
+ms = (time.monotonic() - t) * 1000
+ballast = int(s.commands.run("wc -c < /tmp/ballast").stdout)
+s.kill()
+print(json.dumps({{"ms": ms, "ballast": ballast}}))
+"#
+            ),
+        );
+        // Where n2's time went (its takeover and the checkpoint's fetch), on stderr.
+        let log = nodes[1].log_text();
+        let took = log
+            .lines()
+            .filter(|l| l.contains(&id) && l.contains("took over"));
+        let fetched = log.lines().rfind(|l| l.contains("checkpoint fetched"));
+        for l in took.chain(fetched) {
+            eprintln!("[cluster_bench] n2: {l}");
+        }
+        if there["ballast"].as_u64() != Some(ballast_mib << 20) {
+            bail!("the ballast did not come along: {there}");
+        }
+        nodes[0].restart();
+        pause.extend(here["pause_ms"].as_f64());
+        own.extend(here["own_ms"].as_f64());
+        other.extend(there["ms"].as_f64());
+    }
+    let ratio = (pct(&other, 50.0) / pct(&own, 50.0) * 100.0).round() / 100.0;
+    Ok(json!({
+        "ballast_mib": ballast_mib,
+        "pause_and_push_ms": stats(&pause),
+        "resume_on_own_node_ms": stats(&own),
+        "resume_on_other_node_ms": stats(&other),
+        "other_node_each_ms": other.iter().map(|x| x.round()).collect::<Vec<_>>(),
+        "ratio_p50": ratio,
+        "goal": "<= 1.5",
+    }))
+}
+
 /// Placement decisions per second: read nodes and catalog, choose, record by CAS.
 async fn placement_part(urls: &[String], secs: u64) -> Result<Value> {
     let etcd = Arc::new(Etcd::new(urls)?);
@@ -266,6 +363,8 @@ fn main() -> Result<()> {
     let runs: usize = arg("--runs", 30);
     let creates: usize = arg("--creates", 8);
     let secs: u64 = arg("--placement-secs", 5);
+    let resumes: usize = arg("--resumes", 5);
+    let ballast: u64 = arg("--ballast-mib", 32);
     let load_before = loadavg();
     let Some(etcd) = kiln_tests::etcd::Etcd::start_or_skip() else {
         bail!("etcd is not installed (scripts/install-deps)");
@@ -274,12 +373,19 @@ fn main() -> Result<()> {
     eprintln!("[cluster_bench] placement for {secs} s");
     let rt = tokio::runtime::Runtime::new()?;
     let placement = rt.block_on(placement_part(&etcd.urls(), secs))?;
+    drop(rt);
+    let resume = if resumes > 0 {
+        resume_part(resumes, ballast)?
+    } else {
+        Value::Null
+    };
     let out = json!({
         "bench": "cluster",
         "etcd_members": 3,
         "nodes": 2,
         "sdk": sdk,
         "placement": placement,
+        "resume": resume,
         "load_before": load_before,
         "load_after": loadavg(),
     });
