@@ -860,15 +860,28 @@ impl Cluster {
     async fn route(&self, state: &AppState, id: &str) -> kiln_cluster::Result<Route> {
         let sb = state.sandboxes.clone();
         let id2 = id.to_string();
-        let local = tokio::task::spawn_blocking(move || sb.record(&id2).is_ok())
-            .await
-            .unwrap_or(false);
-        if local {
-            return Ok(Route::Here);
-        }
+        let local = tokio::task::spawn_blocking(move || {
+            sb.record(&id2)
+                .ok()
+                .map(|r| matches!(r.state, SbxState::Paused { .. }))
+        })
+        .await
+        .unwrap_or(None);
+        // A sandbox running here is this node's alone. A paused copy here is not proof: while
+        // this node was cut off from etcd, another node may have taken it over and resumed it
+        // (its reconcile stops the copy once it joins again). So the catalog decides, and
+        // without etcd the answer is 503, never a second copy resumed here.
+        let paused_here = match local {
+            Some(false) => return Ok(Route::Here),
+            Some(true) => true,
+            None => false,
+        };
         let Some((e, rev)) = self.catalog.get(id).await? else {
             return Ok(Route::Here);
         };
+        if paused_here && e.node == self.node_id {
+            return Ok(Route::Here);
+        }
         let marked = |e: SandboxEntry| {
             Route::Lost(Lost {
                 cause: e.cause.unwrap_or_else(|| "failed".into()),

@@ -573,3 +573,71 @@ print(json.dumps({{"paused": Sandbox.pause("{a}")}}))
     assert_eq!(out["paused"], true, "{out}");
     wait_pushed(&f.etcd, &a);
 }
+
+/// A node cut off long enough for another to take its paused sandbox over never resumes its
+/// own copy: n2 (SIGSTOP) past its lease, n1 takes the pushed paused sandbox over and
+/// resumes it; n2 continued (SIGCONT) is asked at once to connect it, before its reconcile
+/// could drop the copy, and forwards to n1 (the catalog, not a paused copy, decides where a
+/// sandbox resumes); the sandbox then runs in one home only.
+#[test]
+fn a_node_cut_off_never_resumes_a_paused_sandbox_taken_over_meanwhile() {
+    let Some(f) = fixture(SECRET, 2) else {
+        return;
+    };
+    let etcd = &f.etcd;
+    f.share_image("sdk");
+    let nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
+    let c = create_on(&nodes[1], 300, "");
+    let (code, body) = nodes[1].api("POST", &format!("/sandboxes/{c}/pause"), None);
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(wait_pushed(etcd, &c).node, "n2");
+
+    signal(&nodes[1], libc::SIGSTOP);
+    let connect = |s: &Serve| {
+        e2b::http(
+            s.port,
+            "POST",
+            &format!("/v2/sandboxes/{c}/connect"),
+            &[("X-API-Key", KEY), ("Content-Type", "application/json")],
+            Some(r#"{"timeout": 300}"#),
+        )
+        .unwrap()
+    };
+    // n1 takes it over once n2's lease is gone (503 until then: n2 is not answering).
+    let t = Instant::now();
+    loop {
+        let (code, body) = connect(&nodes[0]);
+        if code == 201 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no takeover through n1: {code} {}",
+            String::from_utf8_lossy(&body)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(entry(etcd, &c).unwrap().node, "n1");
+    assert!(
+        kiln_tests::sandbox::ids(&f.homes[1]).contains(&c),
+        "n2's copy is gone early"
+    );
+
+    signal(&nodes[1], libc::SIGCONT);
+    let (code, body) = connect(&nodes[1]);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert_eq!(code, 200, "n2 resumed its own copy, or failed: {body}");
+    assert_eq!(body["sandboxID"], c.as_str(), "{body}");
+    let e = entry(etcd, &c).unwrap();
+    assert_eq!((e.node.as_str(), e.state), ("n1", SandboxState::Running));
+    // n2's reconcile drops its paused copy (bounded wait); it never ran there.
+    let t = Instant::now();
+    while kiln_tests::sandbox::ids(&f.homes[1]).contains(&c) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "n2 kept its copy of {c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(holders(&f.homes, &c), 1);
+}
