@@ -78,6 +78,9 @@ pub struct Membership {
     /// its lease expired and it joined again).
     joins: AtomicU64,
     info: Mutex<NodeInfo>,
+    /// When the node's key was last confirmed under its lease (a join, a renewal): the
+    /// lease lives at most a TTL past it.
+    confirmed: Mutex<Option<std::time::Instant>>,
 }
 
 impl Membership {
@@ -98,6 +101,7 @@ impl Membership {
             lease: AtomicI64::new(0),
             joins: AtomicU64::new(0),
             info: Mutex::new(info),
+            confirmed: Mutex::new(None),
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(m.ttl_secs + 1);
         loop {
@@ -119,6 +123,7 @@ impl Membership {
             Some(_) => {
                 self.lease.store(lease, Ordering::Relaxed);
                 self.joins.fetch_add(1, Ordering::SeqCst);
+                self.confirm();
                 tracing::info!(node = %self.node_id, lease, "joined the cluster");
                 Ok(true)
             }
@@ -181,7 +186,21 @@ impl Membership {
                 self.etcd.create(&key, &self.value(), lease).await?;
             }
         }
+        self.confirm();
         Ok(())
+    }
+
+    fn confirm(&self) {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// How long this node's place in the cluster has been unconfirmed, if longer than its
+    /// lease's TTL (etcd out of reach, or renewals failing): its key may be gone, and the
+    /// other nodes may be taking its sandboxes over. None while it is in the cluster.
+    pub fn cut_off_for(&self) -> Option<Duration> {
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        let since = confirmed.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+        (since > Duration::from_secs(self.ttl_secs)).then_some(since)
     }
 
     /// Renews every third of the TTL until the process ends; failures are logged and retried

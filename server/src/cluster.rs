@@ -1017,6 +1017,19 @@ impl Cluster {
         Ok(self.lost_answer(id, &method, lost).await)
     }
 
+    /// Why this node is cut off from the cluster (its lease unconfirmed for longer than its
+    /// TTL), if it is.
+    pub(crate) fn cut_off_for(&self) -> Option<String> {
+        self.membership.cut_off_for().map(|d| {
+            format!(
+                "node {} is cut off from the cluster: its place was last confirmed in etcd {} s \
+                 ago (its lease lasts {LEASE_TTL_SECS} s)",
+                self.node_id,
+                d.as_secs()
+            )
+        })
+    }
+
     /// `route` with a takeover done when it says so ([`Cluster::take_over`]).
     async fn resolve(
         &self,

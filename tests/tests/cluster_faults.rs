@@ -641,3 +641,42 @@ fn a_node_cut_off_never_resumes_a_paused_sandbox_taken_over_meanwhile() {
     }
     assert_eq!(holders(&f.homes, &c), 1);
 }
+
+/// `/health` tells a load balancer when a node is cut off from the cluster: with etcd's
+/// majority gone, 503 once the node's lease is unconfirmed for longer than its TTL; 204 again
+/// once etcd is back and the node renews.
+#[test]
+fn health_says_when_a_node_is_cut_off_from_the_cluster() {
+    let Some(mut f) = fixture(SECRET, 1) else {
+        return;
+    };
+    let nodes = start_nodes(&f.etcd, &f.homes, KEY, &f.secret, 30);
+    let health = |s: &Serve| {
+        let (code, body) = e2b::http(s.port, "GET", "/health", &[], None).unwrap();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    };
+    let wait_for = |code: u16, within: Duration| {
+        let t = Instant::now();
+        loop {
+            let (c, body) = health(&nodes[0]);
+            if c == code {
+                return body;
+            }
+            assert!(
+                t.elapsed() < within,
+                "/health still {c} ({body}), waited for {code}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(health(&nodes[0]).0, 204);
+    f.etcd.kill(0);
+    f.etcd.kill(1);
+    let body = wait_for(503, Duration::from_secs(30));
+    assert!(
+        body.contains("node n1 is cut off from the cluster"),
+        "{body}"
+    );
+    f.etcd.restart(0);
+    wait_for(204, Duration::from_secs(30));
+}

@@ -216,8 +216,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn health() -> StatusCode {
-    StatusCode::NO_CONTENT
+/// 204; in cluster mode 503 once this node's place in the cluster is unconfirmed for longer
+/// than its lease (cut off from etcd): a load balancer then stops sending it clients, whose
+/// sandboxes the other nodes may be declaring lost or taking over.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.cluster.as_ref().and_then(|c| c.cut_off_for()) {
+        None => StatusCode::NO_CONTENT.into_response(),
+        Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
