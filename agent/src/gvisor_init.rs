@@ -45,22 +45,40 @@ pub fn init(pids_max: Option<u64>) -> Result<(), String> {
 }
 
 fn mount_proc() -> Result<(), String> {
-    let c = |s: &str| CString::new(s).expect("no NUL");
-    let data = c(&format!("dentry_cache_limit={PROC_DENTRY_CACHE}"));
+    let data = format!("dentry_cache_limit={PROC_DENTRY_CACHE}");
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    // SAFETY: valid NUL-terminated strings; the data argument is a string, as procfs expects.
-    let r = unsafe {
-        libc::mount(
-            c("proc").as_ptr(),
-            c("/proc").as_ptr(),
-            c("proc").as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
+    let proc = std::path::Path::new("/proc");
+    mount(proc, proc, Some("proc"), flags, Some(&data))
+        .map_err(|e| format!("mount /proc with a small dentry cache: {e}"))
+}
+
+/// mount(2): `src` on `dst`, of file system type `fstype` with `data` (None for binds and
+/// remounts, which take neither). The error names the mount.
+pub(crate) fn mount(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let c = |b: &[u8]| CString::new(b).map_err(|e| e.to_string());
+    let (s, d) = (
+        c(src.as_os_str().as_encoded_bytes())?,
+        c(dst.as_os_str().as_encoded_bytes())?,
+    );
+    let (t, x) = (
+        fstype.map(|t| c(t.as_bytes())).transpose()?,
+        data.map(|x| c(x.as_bytes())).transpose()?,
+    );
+    let ptr = |o: &Option<CString>| o.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: valid NUL-terminated strings or nulls; the data, when given, is a string, as
+    // the file systems mounted here (procfs) expect.
+    let r = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), ptr(&t), flags, ptr(&x).cast()) };
     if r != 0 {
         return Err(format!(
-            "mount /proc with a small dentry cache: {}",
+            "mount {} on {} (flags {flags:#x}): {}",
+            src.display(),
+            dst.display(),
             std::io::Error::last_os_error()
         ));
     }

@@ -68,8 +68,8 @@ pub fn oom_kills() -> u64 {
 /// own descriptors, opened through a private bind mount it detaches at once: gVisor refuses
 /// to make a mount read-only while a file is open for writing through it. (Root can still
 /// reach those descriptors through `/proc/1/fd` and move itself between `kiln-work` and the
-/// agent's cgroup: the task watch counts both.) Needs `CAP_SYS_ADMIN` (see `gvisor_init`). Without gVisor's cgroupfs (a
-/// microVM, tests) it fails and processes start unlimited.
+/// agent's cgroup: the task watch counts both.) Needs `CAP_SYS_ADMIN` (see `gvisor_init`).
+/// Without gVisor's cgroupfs (a microVM, tests) it fails and processes start unlimited.
 pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
     let root = std::path::Path::new(PIDS_ROOT);
     let dir = root.join(WORK_CGROUP);
@@ -82,16 +82,19 @@ pub fn limit_tasks(pids_max: u64) -> Result<(), String> {
         .map_err(|e| format!("set {}/pids.max: {e}", dir.display()))?;
     TASK_LIMIT.store(pids_max, Ordering::Relaxed);
     limit_tasks_per_user(pids_max.saturating_add(AGENT_TASKS))?;
+    use crate::gvisor_init::mount;
     let private = std::path::Path::new(CGROUP_MOUNTS).join(".kiln-agent");
     std::fs::create_dir(&private).map_err(|e| format!("create {}: {e}", private.display()))?;
-    let opened = mount(root, &private, libc::MS_BIND).and_then(|()| {
+    let opened = mount(root, &private, None, libc::MS_BIND, None).and_then(|()| {
         let opened = open_work_files(&private);
         let detached = umount_detached(&private);
         opened.and(detached)
     });
     let _ = std::fs::remove_dir(&private);
-    opened?;
-    seal_cgroup_mounts()
+    // Sealed either way: without its descriptors the agent starts processes outside
+    // `kiln-work`, but still none may raise its limit or make a cgroup the watch misses.
+    let sealed = seal_cgroup_mounts();
+    opened.and(sealed)
 }
 
 /// Opens (for good) the files the agent writes to move processes and threads into
@@ -119,45 +122,16 @@ fn open_work_files(root: &std::path::Path) -> Result<(), String> {
 /// Makes `/sys/fs/cgroup` and every controller's mount in it read-only (root without
 /// `CAP_SYS_ADMIN` cannot remount them).
 fn seal_cgroup_mounts() -> Result<(), String> {
+    use crate::gvisor_init::mount;
     let top = std::path::Path::new(CGROUP_MOUNTS);
     let entries = std::fs::read_dir(top).map_err(|e| format!("list {}: {e}", top.display()))?;
     for e in entries.flatten() {
         if e.file_type().is_ok_and(|t| t.is_dir()) {
-            mount(
-                &e.path(),
-                &e.path(),
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-            )?;
+            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+            mount(&e.path(), &e.path(), None, flags, None)?;
         }
     }
-    mount(top, top, libc::MS_REMOUNT | libc::MS_RDONLY)
-}
-
-/// mount(2) of `src` on `dst` with `flags`, no file system type or data (binds, remounts).
-fn mount(src: &std::path::Path, dst: &std::path::Path, flags: libc::c_ulong) -> Result<(), String> {
-    let c = |p: &std::path::Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())
-    };
-    let (s, d) = (c(src)?, c(dst)?);
-    // SAFETY: valid NUL-terminated paths; a bind or remount takes no type or data.
-    let r = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            d.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "mount {} on {} (flags {flags:#x}): {}",
-            src.display(),
-            dst.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    mount(top, top, None, libc::MS_REMOUNT | libc::MS_RDONLY, None)
 }
 
 fn umount_detached(dst: &std::path::Path) -> Result<(), String> {
