@@ -27,7 +27,8 @@
 //!   but the agent: see `gvisor_init`) cannot raise it. A bomb of one user stops there.
 //! - Root can still spread processes over many users, each with a budget of its own, and move
 //!   them out of `kiln-work`; so once the sandbox's processes hold half as many tasks again
-//!   as the limit, the agent SIGKILLs the newest, as many as they hold past half the limit
+//!   as the limit, the agent SIGKILLs every process that left `kiln-work` and the newest in
+//!   it, down to half the limit, and all of them when they regrow past it again and again
 //!   ([`watch_tasks`]), as the OOM killer does with memory. The agent makes the cgroupfs
 //!   read-only before it gives up `CAP_SYS_ADMIN` ([`limit_tasks`]): no process can raise
 //!   `kiln-work`'s limit or make a cgroup the watch does not count.
@@ -302,20 +303,17 @@ pub fn task_kill_threshold(limit: u64) -> u64 {
 enum Tasks {
     /// Within the limit (or no limit): this many.
     Within(u64),
-    /// Past the threshold: the newest were killed.
+    /// Past the threshold: some or all were killed.
     Killed,
 }
 
 /// The task watch: while the sandbox's processes hold more than [`task_kill_threshold`]
-/// tasks (plus [`AGENT_TASKS`]), SIGKILLs the newest of them, as many as they hold past half
-/// the limit. They are in `kiln-work` or in the container's own cgroup, the agent's: root inside
-/// can move itself there through the agent's open cgroup files (gVisor lets root open
-/// `/proc/1/fd/N`), but no further (the cgroupfs is read-only: no other cgroup can be made),
-/// and gVisor counts a cgroup's tasks without its children's, so the two counts add up.
-/// Newest by pid: gVisor hands pids out in increasing order (wrapping only after millions),
-/// and a bomb's members are the newest; its older ones fork again and are trimmed again at
-/// the next look, so the count stays near the threshold. Two reads per cgroup (no walk of
-/// `/proc`, which is slow while a bomb runs).
+/// tasks (plus [`AGENT_TASKS`]), SIGKILLs those [`task_victims`] names. They are in
+/// `kiln-work` or in the container's own cgroup, the agent's: root inside can move itself
+/// there through the agent's open cgroup files (gVisor lets root open `/proc/1/fd/N`), but no
+/// further (the cgroupfs is read-only: no other cgroup can be made), and gVisor counts a
+/// cgroup's tasks without its children's, so the two counts add up. Two reads per cgroup (no
+/// walk of `/proc`, which is slow while a bomb runs).
 fn watch_tasks(buf: &mut String, kills: &mut TaskKills) -> Tasks {
     let limit = TASK_LIMIT.load(Ordering::Relaxed);
     if limit == 0 {
@@ -333,28 +331,30 @@ fn watch_tasks(buf: &mut String, kills: &mut TaskKills) -> Tasks {
     if tasks <= task_kill_threshold(limit).saturating_add(AGENT_TASKS) {
         return Tasks::Within(tasks);
     }
-    let mut pids: Vec<i32> = Vec::new();
-    for c in &cgroups {
+    // [the agent's cgroup, kiln-work]
+    let mut procs: [Vec<i32>; 2] = Default::default();
+    for (c, p) in cgroups.iter().zip(&mut procs) {
         if read_into(&c.join("cgroup.procs"), buf).is_some() {
-            pids.extend(
+            p.extend(
                 buf.split_ascii_whitespace()
                     .filter_map(|p| p.parse::<i32>().ok())
                     .filter(|p| *p > 1),
             );
         }
     }
-    pids.sort_unstable_by(|a, b| b.cmp(a));
-    // Down to half the limit: the bomb's survivors regrow while the watch sleeps, and a busy
-    // host stretches that sleep. Not counting on the processes killed a moment ago: they are
-    // listed (and counted) until they are reaped, and killing them again would spare the live.
-    let keep = (limit / 2).saturating_add(AGENT_TASKS);
-    let excess = usize::try_from(tasks.saturating_sub(keep)).unwrap_or(usize::MAX);
     kills.forget_old();
-    let victims: Vec<i32> = pids
-        .into_iter()
-        .filter(|p| !kills.recent.contains(p))
-        .take(excess)
-        .collect();
+    let [escaped, work] = procs;
+    // A bomb that regrows past the threshold again and again within a second outruns the
+    // trim (inside gVisor the watch is one runnable task among hundreds): all of it goes.
+    let victims = if kills.trims >= TRIMS_BEFORE_ALL {
+        escaped
+            .into_iter()
+            .chain(work)
+            .filter(|p| !kills.recent.contains(p))
+            .collect()
+    } else {
+        task_victims(tasks, limit, escaped, work, &kills.recent)
+    };
     for pid in &victims {
         // SAFETY: kill(2) of a process listed in the sandbox's cgroups a moment ago, never
         // the agent (PID 1).
@@ -362,6 +362,41 @@ fn watch_tasks(buf: &mut String, kills: &mut TaskKills) -> Tasks {
     }
     kills.note(tasks, victims);
     Tasks::Killed
+}
+
+/// Whom the task watch kills once past its threshold, given the processes in the agent's
+/// cgroup besides the agent (`escaped`) and in `kiln-work` (`work`):
+/// - every escaped one: only root gets there (through the agent's descriptors), or a command
+///   started while `kiln-work` was full, so past the threshold they are a bomb's, and a bomb
+///   trimmed only in part regrows from its survivors;
+/// - then the newest in `kiln-work`, down to half the limit: the survivors regrow while the
+///   watch sleeps, and a busy host stretches that sleep.
+///
+/// Newest by pid: gVisor hands pids out in increasing order (wrapping only after millions),
+/// and a bomb's members are the newest. The processes killed a moment ago (`recent`) are
+/// neither chosen nor counted on: they are listed (and counted) until they are reaped, and
+/// killing them again would spare the live.
+fn task_victims(
+    tasks: u64,
+    limit: u64,
+    escaped: Vec<i32>,
+    mut work: Vec<i32>,
+    recent: &std::collections::HashSet<i32>,
+) -> Vec<i32> {
+    let keep = (limit / 2).saturating_add(AGENT_TASKS);
+    let excess = tasks.saturating_sub(keep);
+    let mut victims: Vec<i32> = escaped
+        .into_iter()
+        .filter(|p| !recent.contains(p))
+        .collect();
+    let more = excess.saturating_sub(victims.len() as u64);
+    work.sort_unstable_by(|a, b| b.cmp(a));
+    victims.extend(
+        work.into_iter()
+            .filter(|p| !recent.contains(p))
+            .take(usize::try_from(more).unwrap_or(usize::MAX)),
+    );
+    victims
 }
 
 /// Reads a small file into `buf` (cleared first).
@@ -381,7 +416,15 @@ struct TaskKills {
     since: Option<std::time::Instant>,
     recent: std::collections::HashSet<i32>,
     peak: u64,
+    /// Looks past the threshold within this second.
+    trims: u32,
 }
+
+/// Looks past the threshold within one second after which the task watch kills every
+/// process of the sandbox but the agent, not just the newest: a legitimate workload held
+/// by `RLIMIT_NPROC` and `pids.max` does not come back past the threshold after a trim
+/// to half the limit; only a bomb of many users, regrowing from its survivors, does.
+const TRIMS_BEFORE_ALL: u32 = 3;
 
 impl TaskKills {
     fn forget_old(&mut self) {
@@ -390,7 +433,7 @@ impl TaskKills {
             .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
         {
             eprintln!(
-                "kiln-agent: {} tasks at most, limit {}: killed the {} newest processes",
+                "kiln-agent: {} tasks at most, limit {}: killed {} processes",
                 self.peak,
                 TASK_LIMIT.load(Ordering::Relaxed),
                 self.recent.len()
@@ -402,6 +445,7 @@ impl TaskKills {
     fn note(&mut self, tasks: u64, killed: Vec<i32>) {
         self.since.get_or_insert_with(std::time::Instant::now);
         self.peak = self.peak.max(tasks);
+        self.trims = self.trims.saturating_add(1);
         self.recent.extend(killed);
     }
 }
@@ -613,6 +657,26 @@ mod tests {
         assert!(task_poll_interval(200, 256) < task_poll_interval(100, 256));
         assert!(task_poll_interval(100, 256) < task_poll_interval(10, 256));
         assert_eq!(task_poll_interval(u64::MAX, 0), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn past_the_threshold_every_escaped_process_dies_then_the_newest_at_work() {
+        let recent = [9].into_iter().collect();
+        // 600 tasks, limit 256: keep 192, so 408 go; the escaped ones count among them.
+        let work: Vec<i32> = (10..600).collect();
+        let v = task_victims(600, 256, vec![7, 8, 9], work, &recent);
+        assert_eq!(
+            &v[..2],
+            &[7, 8],
+            "every escaped one but the one dying already"
+        );
+        assert_eq!(v.len(), 408);
+        assert_eq!(v[2], 599, "then the newest");
+        assert!(!v.contains(&9));
+        // Many escaped: all of them, even past the excess.
+        let v = task_victims(200, 256, (2..300).collect(), vec![400], &recent);
+        assert_eq!(v.len(), 297);
+        assert!(!v.contains(&400));
     }
 
     #[test]

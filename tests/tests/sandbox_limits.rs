@@ -412,13 +412,8 @@ fn a_root_fork_bomb_spread_over_many_users_is_trimmed_by_the_agent() {
     // What it must do: keep the count from running away, and bring it back down.
     let threshold =
         kiln_agent::limits::task_kill_threshold(limit) + kiln_agent::limits::AGENT_TASKS;
-    let seen = peak_tasks(
-        &k,
-        &id,
-        tmp.path(),
-        8,
-        3 * limit + kiln_agent::limits::AGENT_TASKS,
-    );
+    let bound = 3 * limit + kiln_agent::limits::AGENT_TASKS;
+    let seen = peak_tasks(&k, &id, tmp.path(), 8, bound);
     eprintln!(
         "root's bomb over 8 users: at most {} tasks seen, {} in the agent's cgroup (limit \
          {limit}): {:?}",
@@ -429,11 +424,23 @@ fn a_root_fork_bomb_spread_over_many_users_is_trimmed_by_the_agent() {
         "no bomb was seen outside kiln-work ({agents_idle} tasks there before the bombs): \
          the test tests less than it says"
     );
-    if let Some(over) = seen.sums.iter().position(|n| *n > threshold) {
+    if seen.sums.iter().any(|n| *n > threshold) {
+        // Under load one sample can take seconds, so the window may close just past a peak:
+        // the count must come back under the threshold while the bombs keep forking.
+        let mut sums = seen.sums.clone();
+        let t = Instant::now();
+        while sums.last().is_some_and(|n| *n > threshold) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(300));
+            if let Some(n) = tasks_now(&k, &id, tmp.path()) {
+                assert!(n <= bound, "{n} tasks, past the bound of {bound}: {sums:?}");
+                sums.push(n);
+            }
+        }
+        eprintln!("past the threshold of {threshold}, then: {sums:?}");
+        let over = sums.iter().position(|n| *n > threshold).unwrap();
         assert!(
-            seen.sums[over..].iter().any(|n| *n <= threshold),
-            "past the threshold of {threshold} and never brought back: {:?}",
-            seen.sums
+            sums[over..].iter().any(|n| *n <= threshold),
+            "past the threshold of {threshold} and not brought back within 30 s: {sums:?}"
         );
     }
     let rec = k.json(["sandbox", "info", &id, "--json"]);
