@@ -43,6 +43,9 @@ pub const REMOTE_BUILD_CACHE: Namespace = Namespace("build-cache/");
 pub const HOLD: Namespace = Namespace("hold:");
 /// `sandbox-snapshot:<name>` -> a named sandbox snapshot record (kiln-runtime).
 pub const SANDBOX_SNAPSHOT: Namespace = Namespace("sandbox-snapshot:");
+/// `sandbox-snapshots/<name>`: [`SANDBOX_SNAPSHOT`] as pushed to a remote (remote names
+/// take no `:`).
+pub const REMOTE_SANDBOX_SNAPSHOT: Namespace = Namespace("sandbox-snapshots/");
 /// `snapshot/<name>` -> a VM snapshot record (kiln-snapshotter).
 pub const VM_SNAPSHOT: Namespace = Namespace("snapshot/");
 /// `workingset/<snapshot id>` -> the pages a restored VM touched first (kiln-snapshotter).
@@ -61,6 +64,7 @@ mod tests {
             REMOTE_BUILD_CACHE,
             HOLD,
             SANDBOX_SNAPSHOT,
+            REMOTE_SANDBOX_SNAPSHOT,
             VM_SNAPSHOT,
             WORKING_SET,
         ];

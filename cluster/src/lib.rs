@@ -4,16 +4,19 @@
 //! revisions (compare-and-swap), never read-then-write; kiln runs no consensus, election or
 //! membership protocol of its own. Bulk data (images, snapshots) is the block store's, on S3.
 //!
-//! Keys: `nodes/<node id>` (held by the node's lease) and `sandboxes/<sandbox id>`, both JSON.
+//! Keys: `nodes/<node id>` (held by the node's lease), `sandboxes/<sandbox id>` and
+//! `templates/<name>` ([`templates`]), all JSON.
 
 pub mod catalog;
 pub mod etcd;
 pub mod membership;
 pub mod placement;
+pub mod templates;
 
 pub use catalog::{Catalog, Pushed, SandboxEntry, SandboxState};
 pub use etcd::Etcd;
 pub use membership::{Membership, NodeInfo};
+pub use templates::{TemplateEntry, TemplateKind, Templates};
 
 /// What can go wrong talking to the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum Error {
     NodeIdTaken(String),
     #[error("invalid node id {0:?} (letters, digits, '-', '_' and '.', at most 64)")]
     NodeId(String),
+    #[error("{0} kept changing under this node's writes; try again")]
+    Contended(String),
     #[error("the value of {key} is not what kiln writes: {why}")]
     Value { key: String, why: String },
 }

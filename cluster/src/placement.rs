@@ -11,8 +11,9 @@
 //! which every node updates before it answers a change, not taken from the node's published
 //! info, which is renewed every few seconds: two creates in a row see the first one.
 //!
-//! What it does not weigh yet (issue 20's later parts): where a template's or snapshot's
-//! chunks already are.
+//! 3. A node that holds the template already ([`crate::TemplateEntry::holders`]: its chunks
+//!    are local, nothing comes from S3) counts [`HOLDER_HEAD_START`] sandboxes fewer in the
+//!    first rank: creates of one template gather where it is, but not all on one node.
 
 use crate::{NodeInfo, SandboxEntry, SandboxState};
 
@@ -50,8 +51,29 @@ pub fn count_from_catalog(nodes: &mut [(String, NodeInfo)], entries: &[(String, 
     }
 }
 
+/// How many running sandboxes holding the template is worth in placement's first rank.
+pub const HOLDER_HEAD_START: u32 = 2;
+
 /// The node for a sandbox that needs `need`, among `nodes` (id, info); None when none has room.
 pub fn choose(nodes: &[(String, NodeInfo)], need: Need) -> Option<&str> {
+    choose_for(nodes, need, &[])
+}
+
+/// [`choose`] for a sandbox of a template that `holders` hold.
+pub fn choose_for<'a>(
+    nodes: &'a [(String, NodeInfo)],
+    need: Need,
+    holders: &[String],
+) -> Option<&'a str> {
+    let load = |id: &String, n: &NodeInfo| {
+        let start = if holders.contains(id) {
+            HOLDER_HEAD_START
+        } else {
+            0
+        };
+        // Scaled so a head start never goes below zero.
+        n.sandboxes.saturating_add(HOLDER_HEAD_START) - start
+    };
     nodes
         .iter()
         .filter(|(_, n)| has_room(n, need))
@@ -61,8 +83,8 @@ pub fn choose(nodes: &[(String, NodeInfo)], need: Need) -> Option<&str> {
                     .saturating_mul(CPU_OVERCOMMIT)
                     .saturating_sub(n.sandbox_cpus)
             };
-            a.sandboxes
-                .cmp(&b.sandboxes)
+            load(a_id, a)
+                .cmp(&load(b_id, b))
                 .then(left(b).cmp(&left(a)))
                 .then(a_id.cmp(b_id))
         })
@@ -122,6 +144,27 @@ mod tests {
         assert_eq!(choose(&nodes, NEED), None);
         assert!(has_room(&node(512 + RESERVE_MIB, 9, 7), NEED));
         assert_eq!(choose(&[], NEED), None);
+    }
+
+    #[test]
+    fn holders_of_the_template_get_a_head_start() {
+        let nodes = vec![
+            ("a".to_string(), node(4000, 1, 1)),
+            ("b".to_string(), node(4000, 2, 2)),
+            ("c".to_string(), node(4000, 4, 4)),
+        ];
+        let held_by = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(choose_for(&nodes, NEED, &[]), Some("a"));
+        // b holds it: 2 - 2 beats a's 1.
+        assert_eq!(choose_for(&nodes, NEED, &held_by(&["b"])), Some("b"));
+        // c holds it but runs 4: a's 1 wins.
+        assert_eq!(choose_for(&nodes, NEED, &held_by(&["c"])), Some("a"));
+        // A holder without room is passed over.
+        let full = vec![
+            ("a".to_string(), node(4000, 1, 1)),
+            ("b".to_string(), node(100, 0, 0)),
+        ];
+        assert_eq!(choose_for(&full, NEED, &held_by(&["b"])), Some("a"));
     }
 
     #[test]

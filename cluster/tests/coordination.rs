@@ -4,7 +4,10 @@
 //! taken over only then and only once, and a killed member is survived.
 
 use kiln_cluster::membership::{self, Membership};
-use kiln_cluster::{Catalog, Etcd, NodeInfo, Pushed, SandboxEntry, SandboxState};
+use kiln_cluster::{
+    Catalog, Etcd, NodeInfo, Pushed, SandboxEntry, SandboxState, TemplateEntry, TemplateKind,
+    Templates,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +87,52 @@ fn catalog_compare_and_swap() {
         assert!(cat.remove("sb1", r2).await.unwrap());
         assert_eq!(cat.get("sb1").await.unwrap(), None);
     });
+}
+
+#[test]
+fn template_names_move_by_compare_and_swap() {
+    let Some(cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+        let t = Templates::new(etcd);
+        let image =
+            |id: &str, node: &str| TemplateEntry::new(TemplateKind::Image, id.into(), node, 8);
+        // Eight publications of one name at once: each lands (retrying the lost swaps), the
+        // last one wins, and the name points at one of them.
+        let writes = (0..8).map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move { t.publish("tpl", &image(&format!("id{i}"), "n1")).await })
+        });
+        for w in join_all(writes.collect()).await {
+            w.unwrap();
+        }
+        let (e, _) = t.get("tpl").await.unwrap().unwrap();
+        assert!(e.id.starts_with("id"), "{e:?}");
+        // Holders: added once, only to the id they pulled.
+        t.add_holder("tpl", &e.id, "n2").await.unwrap();
+        t.add_holder("tpl", &e.id, "n2").await.unwrap();
+        t.add_holder("tpl", "stale", "n3").await.unwrap();
+        let (held, _) = t.get("tpl").await.unwrap().unwrap();
+        assert_eq!(held.holders, ["n1", "n2"]);
+        // A removal of an id the name no longer points at leaves the newer one.
+        t.publish("tpl", &image("newer", "n2")).await.unwrap();
+        assert!(!t.remove("tpl", Some(&e.id)).await.unwrap());
+        assert_eq!(t.get("tpl").await.unwrap().unwrap().0.id, "newer");
+        assert!(t.remove("tpl", Some("newer")).await.unwrap());
+        assert!(t.get("tpl").await.unwrap().is_none());
+        assert!(!t.remove("tpl", None).await.unwrap());
+    });
+}
+
+/// Awaits every task.
+async fn join_all<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }
 
 fn info(advertise: &str) -> NodeInfo {

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::holds::{Holder, Holds};
 use crate::record::{now_ms, ProcessDefaults, RuntimeKind, SandboxRecord};
 use crate::Checkpoint;
-use kiln_blockstore::names::SANDBOX_SNAPSHOT;
+use kiln_blockstore::names::{REMOTE_SANDBOX_SNAPSHOT, SANDBOX_SNAPSHOT};
 use kiln_blockstore::{BlobId, PutOptions, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -147,14 +147,21 @@ pub fn lookup(holds: &Holds, name_or_id: &str) -> Result<(BlobId, SnapshotRecord
         }
     }
     // Another home may have pushed it under this name: it is named here too.
-    if let Ok(Some(id)) = store.remote_name(&name) {
-        store.pull(&id)?;
-        let snap = get(store, &id)?;
-        fetch_manifests(store, &snap)?;
-        self::name(holds, name_or_id, &id, &snap)?;
-        return Ok((id, snap));
+    if let Ok(Some(id)) = store.remote_name(&REMOTE_SANDBOX_SNAPSHOT.name(name_or_id)) {
+        return Ok((id, pull(holds, name_or_id, &id)?));
     }
     Err(Error::SnapshotNotFound(name_or_id.into()))
+}
+
+/// Makes snapshot `id`, pushed by another home, this home's snapshot `name`: its record and
+/// its blobs' manifests come from the remote (their data lazily, on read).
+pub fn pull(holds: &Holds, name: &str, id: &BlobId) -> Result<SnapshotRecord> {
+    let store = holds.store();
+    store.pull(id)?;
+    let snap = get(store, id)?;
+    fetch_manifests(store, &snap)?;
+    self::name(holds, name, id, &snap)?;
+    Ok(snap)
 }
 
 /// Makes the manifests of a snapshot's blobs local (a snapshot pulled from another home
@@ -185,7 +192,7 @@ pub fn push(store: &Store, id: &BlobId, name: Option<&str>) -> Result<u64> {
         bytes += store.push(b, &|_| {})?.bytes_uploaded;
     }
     if let Some(n) = name {
-        store.push_name(&SANDBOX_SNAPSHOT.name(n), id)?;
+        store.push_name(&REMOTE_SANDBOX_SNAPSHOT.name(n), id)?;
     }
     Ok(bytes)
 }

@@ -1441,6 +1441,18 @@ impl Sandboxes {
         Ok(())
     }
 
+    /// Names snapshot `id` of the store's remote (pushed by another home) `name` here, unless
+    /// the name already points at it; its data stays in the remote until read.
+    pub fn pull_snapshot(&self, name: &str, id: &BlobId) -> Result<()> {
+        let here = self
+            .store
+            .lookup_name(&kiln_blockstore::names::SANDBOX_SNAPSHOT.name(name))?;
+        if here.as_ref() != Some(id) {
+            sandbox_snapshot::pull(&self.holds, name, id)?;
+        }
+        Ok(())
+    }
+
     /// Removes a named snapshot (`kiln sandbox snapshots rm`, E2B's snapshot delete); its data
     /// goes once no sandbox needs it. Returns whether it existed.
     pub fn remove_snapshot(&self, name: &str) -> Result<bool> {

@@ -78,7 +78,23 @@ pub struct Build {
     created_ms: u64,
 }
 
+/// What publishes a built template to the cluster: its names and image.
+pub type Publish =
+    Box<dyn FnOnce(&[String], &kiln_blockstore::BlobId) -> Result<(), String> + Send>;
+
 impl Build {
+    /// The image names the build gives: the template's, and `template:tag` for each tag.
+    fn names(&self) -> Vec<String> {
+        std::iter::once(self.template.clone())
+            .chain(
+                self.tags
+                    .iter()
+                    .filter(|t| *t != "default")
+                    .map(|t| format!("{}:{t}", self.template)),
+            )
+            .collect()
+    }
+
     fn log(&mut self, level: &'static str, message: &str, step: Option<String>) {
         let mut message = message.to_string();
         if message.len() > MAX_LOG_LINE {
@@ -196,12 +212,15 @@ impl Builds {
     /// Starts build `build` with `start` (already checked by [`dockerfile`]) on a blocking
     /// thread: its handle (dropping it does not stop the build); None when it was started
     /// before.
+    /// `publish`, when given (cluster mode), gets the template's names and image once it is
+    /// built, and the build is ready only once it has returned Ok.
     pub fn start(
         self: &Arc<Self>,
         sandboxes: Arc<kiln_runtime::Sandboxes>,
         build: Arc<Mutex<Build>>,
         id: String,
         start: BuildStart,
+        publish: Option<Publish>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut b = build.lock().unwrap();
@@ -213,7 +232,28 @@ impl Builds {
         let me = self.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let dir = me.work_dir.join(&id);
-            let res = me.run(&sandboxes, &build, &dir, &start);
+            let res = me.run(&sandboxes, &build, &dir, &start).and_then(|image| {
+                let Some(publish) = publish else {
+                    return Ok(image);
+                };
+                let names = build.lock().unwrap().names();
+                build.lock().unwrap().log(
+                    "info",
+                    "publishing the template to the cluster (its image to the store's remote)",
+                    Some(FINALIZE_STEP.into()),
+                );
+                match publish(&names, &image) {
+                    Ok(()) => Ok(image),
+                    Err(e) => Err(Reason {
+                        message: format!(
+                            "the template was built on this node but not published to the \
+                             cluster: {e}"
+                        ),
+                        step: Some(FINALIZE_STEP.into()),
+                        logs: Vec::new(),
+                    }),
+                }
+            });
             let _ = std::fs::remove_dir_all(&dir);
             let mut b = build.lock().unwrap();
             match res {
@@ -239,7 +279,7 @@ impl Builds {
         build: &Arc<Mutex<Build>>,
         dir: &Path,
         start: &BuildStart,
-    ) -> Result<String, Reason> {
+    ) -> Result<kiln_blockstore::BlobId, Reason> {
         let store = sandboxes.store();
         let template = build.lock().unwrap().template.clone();
         let tags = build.lock().unwrap().tags.clone();
@@ -394,7 +434,7 @@ impl Builds {
             kiln_imagebuilder::image::tag(store, &format!("{template}:{t}"), &report.image)
                 .map_err(|e| fail(format!("tag {t}: {e}"), Some(FINALIZE_STEP)))?;
         }
-        Ok(report.image.to_hex())
+        Ok(report.image)
     }
 }
 

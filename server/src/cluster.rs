@@ -54,6 +54,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod templates;
+
 /// The node a forwarded request comes from.
 pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
 /// The cluster secret, on every node-to-node request.
@@ -108,6 +110,7 @@ pub(crate) struct Cluster {
     etcd: Arc<Etcd>,
     membership: Arc<Membership>,
     catalog: Catalog,
+    templates: kiln_cluster::Templates,
     /// The catalog entries this node wrote, with their revisions (None: not read yet).
     written: tokio::sync::Mutex<Option<HashMap<String, (SandboxEntry, i64)>>>,
     /// The membership join the local sandboxes were last reconciled after.
@@ -216,6 +219,7 @@ impl Cluster {
             secret: cfg.secret,
             advertise: cfg.advertise,
             catalog: Catalog::new(etcd.clone()),
+            templates: kiln_cluster::Templates::new(etcd.clone()),
             etcd,
             reconciled: AtomicU64::new(membership.joins()),
             membership,
@@ -1374,12 +1378,28 @@ pub(crate) async fn control(
         return next.run(req).await;
     };
     if is_create(&req) && !forwarded(&req) {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, 1 << 20).await {
+            Ok(b) => b,
+            Err(e) => {
+                let why = format!("reading the request: {e}");
+                return refuse(StatusCode::BAD_REQUEST, &why);
+            }
+        };
+        let template = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| Some(v.get("templateID")?.as_str()?.trim().to_string()));
+        req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        let holders = match &template {
+            Some(t) => c.holders(t).await,
+            None => Vec::new(),
+        };
         let (mut nodes, entries) = match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
             Ok(x) => x,
             Err(e) => return unavailable(e),
         };
         placement::count_from_catalog(&mut nodes, &entries);
-        let chosen = placement::choose(&nodes, create_need())
+        let chosen = placement::choose_for(&nodes, create_need(), &holders)
             .and_then(|id| nodes.iter().find(|(n, _)| n == id));
         match chosen {
             Some((node, info)) if *node != c.node_id => {

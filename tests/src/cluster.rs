@@ -118,3 +118,16 @@ pub fn listed(s: &Serve, path: &str) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// Runs `read` (a read of the cluster's keys) against `etcd` with kiln's own etcd client.
+pub fn read_etcd<T, F>(etcd: &Etcd, read: impl FnOnce(std::sync::Arc<kiln_cluster::Etcd>) -> F) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = std::sync::Arc::new(kiln_cluster::Etcd::new(&etcd.urls()).unwrap());
+    rt.block_on(read(client))
+}

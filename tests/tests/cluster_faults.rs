@@ -19,11 +19,10 @@
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
 use kiln_cluster::{SandboxEntry, SandboxState};
-use kiln_tests::cluster::{fixture, listed, start_nodes};
+use kiln_tests::cluster::{fixture, listed, read_etcd, start_nodes};
 use kiln_tests::e2b::{self, Serve};
 use kiln_tests::etcd::Etcd;
 use kiln_tests::sandbox::{assert_no_processes, processes_mentioning};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "cluster-faults-key";
@@ -31,14 +30,11 @@ const SECRET: &str = "cluster-faults-secret-0123456789";
 
 /// Sandbox `id`'s entry in the cluster's catalog, read from etcd.
 fn entry(etcd: &Etcd, id: &str) -> Option<SandboxEntry> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = Arc::new(kiln_cluster::Etcd::new(&etcd.urls()).unwrap());
-    rt.block_on(kiln_cluster::Catalog::new(client).get(id))
-        .unwrap()
-        .map(|(e, _)| e)
+    read_etcd(etcd, |c| async move {
+        kiln_cluster::Catalog::new(c).get(id).await
+    })
+    .unwrap()
+    .map(|(e, _)| e)
 }
 
 /// Waits (bounded) until sandbox `id`'s entry is marked failed; its cause.

@@ -356,6 +356,19 @@ fn pause_in_one_home_resume_in_another_through_s3() {
     assert_eq!(sh(&b, bid, "cat /work/note"), "travelled\n");
     let after: u64 = kiln_tests::sandbox::counter(&b, bid);
     assert!(after >= before, "{before} -> {after}");
+
+    // A named snapshot pushed from B is found by its name in A (the remote's names).
+    b.ok([
+        "sandbox",
+        "snapshot",
+        bid,
+        "--name",
+        "travelled-snap",
+        "--push",
+    ]);
+    let rec = a.json(["sandbox", "resume", "travelled-snap", "--json"]);
+    let aid = rec["id"].as_str().unwrap();
+    assert_eq!(sh(&a, aid, "cat /work/note"), "travelled\n");
 }
 
 #[test]

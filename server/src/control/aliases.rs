@@ -31,6 +31,10 @@ pub(super) async fn get_alias(
         Ok(names)
     })
     .await?;
+    let mut names = names;
+    if let Some(c) = &state.cluster {
+        names.extend(c.templates().await?.into_iter().map(|(n, _)| n));
+    }
     let found = |n: &str| names.iter().any(|x| x == n);
     let (name, tag) = match alias.rsplit_once(':') {
         Some((n, t)) if !found(&alias) => (n, Some(t)),

@@ -147,7 +147,7 @@ pub(super) async fn create(
     if template.is_empty() {
         return Err(ApiError::bad_request("templateID is empty"));
     }
-    let mut spec = CreateSpec::new(Source::Template(template));
+    let mut spec = CreateSpec::new(Source::Template(template.clone()));
     // Nothing asked of egress: the host's default (kiln_runtime::default_network, which
     // KILN_NETWORK=none makes "no network device").
     spec.network = egress::create_policy(req.allow_internet_access, req.network.as_ref())
@@ -165,6 +165,9 @@ pub(super) async fn create(
     check_env(&spec.env)?;
     check_size("metadata", &spec.metadata, MAX_METADATA_BYTES)?;
     spec.secure = req.secure.unwrap_or(secure_default);
+    if let Some(c) = &state.cluster {
+        c.fetch_template(&state.sandboxes, &template).await?;
+    }
     let sb = state.sandboxes.clone();
     let rec = blocking(move || sb.create(spec)).await?;
     tracing::info!(id = %rec.id, template = %rec.source, "created sandbox");

@@ -49,13 +49,29 @@ pub(super) async fn create_snapshot(
     }
     let rec = lookup(&state, &id).await?;
     let sb = state.sandboxes.clone();
-    let name = blocking(move || {
+    let (name, sid) = blocking(move || {
         let name = name.unwrap_or_else(|| format!("snapshot-{}", kiln_runtime::record::new_id()));
         let sid = sb.snapshot(&rec.id, Some(&name))?;
         tracing::info!(snapshot = %sid, name, "created snapshot");
-        Ok(name)
+        Ok((name, sid))
     })
     .await?;
+    // Cluster mode: answered once pushed and published, so any node can create from it.
+    if let Some(c) = state.cluster.clone() {
+        let (sb, n) = (state.sandboxes.clone(), name.clone());
+        tokio::task::spawn_blocking(move || c.publish_snapshot(&sb, &n, &sid))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "snapshot {name} was taken on this node but not published to the \
+                         cluster: {e}"
+                    ),
+                )
+            })?;
+    }
     Ok((StatusCode::CREATED, Json(snapshot_json(&name))).into_response())
 }
 
@@ -83,15 +99,41 @@ pub(super) async fn list_snapshots(
             _ => {}
         }
     }
+    // Cluster mode: the cluster's snapshots (this home's too: it publishes the ones it takes)
+    // by name and id, for those not held here.
+    let cluster: Vec<(String, String)> = match &state.cluster {
+        Some(c) => c
+            .templates()
+            .await?
+            .into_iter()
+            .filter(|(_, e)| e.kind == kiln_cluster::TemplateKind::Snapshot)
+            .map(|(n, e)| (n, e.id))
+            .collect(),
+        None => Vec::new(),
+    };
     let sb = state.sandboxes.clone();
     let mut names: Vec<String> = blocking(move || {
+        let store = sb.store();
+        let mut all: BTreeMap<String, kiln_blockstore::BlobId> =
+            kiln_runtime::sandbox_snapshot::list(store)?
+                .into_iter()
+                .collect();
+        for (n, id) in cluster {
+            if let Ok(id) = id.parse() {
+                all.insert(n, id);
+            }
+        }
         let mut out = Vec::new();
-        for (n, id) in kiln_runtime::sandbox_snapshot::list(sb.store())? {
+        for (n, id) in all {
             if name.as_ref().is_some_and(|w| *w != n && *w != id.to_hex()) {
                 continue;
             }
             if let Some(s) = &sandbox {
-                let rec = kiln_runtime::sandbox_snapshot::get(sb.store(), &id)?;
+                // A snapshot of another node's: its record comes from the remote.
+                if !store.contains(&id) {
+                    store.pull(&id)?;
+                }
+                let rec = kiln_runtime::sandbox_snapshot::get(store, &id)?;
                 if rec.sandbox != *s {
                     continue;
                 }

@@ -109,9 +109,21 @@ pub(super) async fn start_build(
             "step {step}: files {h} were not uploaded (GET /templates/{id}/files/{h})"
         )));
     }
-    let Some(running) = state
-        .builds
-        .start(state.sandboxes.clone(), b, build.clone(), start)
+    // Cluster mode: a base built on another node comes from the catalog; the template is
+    // ready once pushed and published, so a create through any node finds it.
+    if let Some(c) = &state.cluster {
+        c.fetch_template(&state.sandboxes, &plan.base).await?;
+    }
+    let publish = state.cluster.clone().map(|c| {
+        let sb = state.sandboxes.clone();
+        Box::new(move |names: &[String], image: &kiln_blockstore::BlobId| {
+            c.publish_image(&sb, names, image)
+        }) as crate::builds::Publish
+    });
+    let Some(running) =
+        state
+            .builds
+            .start(state.sandboxes.clone(), b, build.clone(), start, publish)
     else {
         return Err(ApiError::bad_request(format!(
             "build '{build}' is not in waiting state (it was started already)"

@@ -53,6 +53,10 @@ pub(super) async fn assign_tags(
         .rsplit_once(':')
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .unwrap_or((target.clone(), "default".into()));
+    if let Some(c) = &state.cluster {
+        c.fetch_template(&state.sandboxes, &tagged(&name, &tag))
+            .await?;
+    }
     let sb = state.sandboxes.clone();
     let tags = req.tags.clone();
     let id = blocking(move || {
@@ -68,6 +72,15 @@ pub(super) async fn assign_tags(
     })
     .await?
     .ok_or_else(|| not_found(&target))?;
+    if let Some(c) = state.cluster.clone() {
+        let n = target.rsplit_once(':').map_or(target.as_str(), |(n, _)| n);
+        let names: Vec<String> = req.tags.iter().map(|t| tagged(n, t)).collect();
+        let sb = state.sandboxes.clone();
+        tokio::task::spawn_blocking(move || c.publish_image(&sb, &names, &id))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    }
     Ok((
         StatusCode::CREATED,
         Json(AssignedTemplateTags {
@@ -80,6 +93,7 @@ pub(super) async fn assign_tags(
 /// `DELETE /templates/tags`: 204; 404 when the template has none of them.
 pub(super) async fn delete_tags(
     State(state): State<Arc<AppState>>,
+    forwarded: Option<axum::Extension<crate::cluster::Forwarded>>,
     bytes: Bytes,
 ) -> ApiResult<StatusCode> {
     let req: DeleteTags = body(&bytes, false)?;
@@ -87,12 +101,24 @@ pub(super) async fn delete_tags(
         check_tag(t)?;
     }
     let name = req.name.trim().to_string();
+    let names: Vec<String> = req.tags.iter().map(|t| tagged(&name, t)).collect();
+    // Cluster mode: out of the catalog, then out of every other node's home (told by the
+    // node asked, never by those it tells).
+    let mut removed = 0;
+    if let Some(c) = state.cluster.as_ref().filter(|_| forwarded.is_none()) {
+        for n in &names {
+            if c.template(n).await?.is_some() {
+                c.unpublish(std::slice::from_ref(n)).await?;
+                removed += 1;
+            }
+        }
+        c.delete_everywhere("/templates/tags", bytes.clone()).await;
+    }
     let sb = state.sandboxes.clone();
-    let n = name.clone();
-    let removed = blocking(move || {
+    removed += blocking(move || {
         let mut removed = 0;
-        for t in &req.tags {
-            match image::remove(sb.store(), &tagged(&n, t)) {
+        for n in &names {
+            match image::remove(sb.store(), n) {
                 Ok(()) => removed += 1,
                 Err(kiln_imagebuilder::Error::ImageNotFound(_)) => {}
                 Err(e) => return Err(e.into()),
@@ -114,19 +140,31 @@ pub(super) async fn get_tags(
 ) -> ApiResult<Json<Vec<TemplateTag>>> {
     let sb = state.sandboxes.clone();
     let images = blocking(move || Ok(image::list(sb.store())?)).await?;
+    // name -> (image id, created ms): this home's, then the cluster's (which win).
+    let mut all: BTreeMap<String, (String, u64)> = images
+        .into_iter()
+        .map(|i| (i.name, (i.id.to_hex(), 0)))
+        .collect();
+    if let Some(c) = &state.cluster {
+        for (n, e) in c.templates().await? {
+            if e.kind == kiln_cluster::TemplateKind::Image {
+                all.insert(n, (e.id, e.updated_ms));
+            }
+        }
+    }
     let prefix = format!("{id}:");
-    let tags: Vec<TemplateTag> = images
+    let tags: Vec<TemplateTag> = all
         .iter()
-        .filter_map(|i| {
-            let tag = if i.name == id {
+        .filter_map(|(name, (image, ms))| {
+            let tag = if *name == id {
                 "default"
             } else {
-                i.name.strip_prefix(&prefix)?
+                name.strip_prefix(&prefix)?
             };
             Some(TemplateTag {
                 tag: tag.to_string(),
-                build_id: build_uuid(&i.id.to_hex()),
-                created_at: rfc3339(0),
+                build_id: build_uuid(image),
+                created_at: rfc3339(*ms),
             })
         })
         .collect();

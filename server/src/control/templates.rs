@@ -10,21 +10,32 @@ pub(super) async fn list_templates(
     // What a sandbox of this template gets unless its create says otherwise.
     let cpu_count = sb.default_runtime().map_or(1, kiln_runtime::default_cpus);
     let images = blocking(move || Ok(kiln_imagebuilder::image::list(sb.store())?)).await?;
-    let epoch = rfc3339(0);
+    // name -> (image id, disk MiB, updated ms): this home's images, then the cluster's
+    // (which win: a name published since may mean a newer image than this home holds).
+    let mut all: BTreeMap<String, (String, u64, u64)> = images
+        .into_iter()
+        .map(|i| (i.name, (i.id.to_hex(), i.disk_size.div_ceil(1 << 20), 0)))
+        .collect();
+    if let Some(c) = &state.cluster {
+        for (name, e) in c.templates().await? {
+            if e.kind == kiln_cluster::TemplateKind::Image {
+                all.insert(name, (e.id, e.disk_mib, e.updated_ms));
+            }
+        }
+    }
     Ok(Json(
-        images
-            .into_iter()
-            .map(|i| types::Template {
-                template_id: i.name.clone(),
-                build_id: i.id.to_hex(),
+        all.into_iter()
+            .map(|(name, (id, disk_mib, updated_ms))| types::Template {
+                template_id: name.clone(),
+                build_id: id,
                 cpu_count,
                 memory_mb: kiln_runtime::DEFAULT_MEMORY_MIB,
-                disk_size_mb: i.disk_size.div_ceil(1 << 20),
+                disk_size_mb: disk_mib,
                 public: false,
-                aliases: vec![i.name.clone()],
-                names: vec![i.name],
-                created_at: epoch.clone(),
-                updated_at: epoch.clone(),
+                aliases: vec![name.clone()],
+                names: vec![name],
+                created_at: rfc3339(updated_ms),
+                updated_at: rfc3339(updated_ms),
                 created_by: None,
                 last_spawned_at: None,
                 spawn_count: 0,
@@ -42,8 +53,27 @@ pub(super) async fn list_templates(
 pub(super) async fn delete_template(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    forwarded: Option<axum::Extension<crate::cluster::Forwarded>>,
 ) -> ApiResult<StatusCode> {
     let name = strip_tag(&id).to_string();
+    // Cluster mode: the names leave the catalog first, so no node pulls them again, then
+    // every other node drops its copy (told by the node asked, never by those it tells).
+    let mut unpublished = false;
+    if let Some(c) = state.cluster.as_ref().filter(|_| forwarded.is_none()) {
+        let tagged = format!("{name}:");
+        let names: Vec<String> = c
+            .templates()
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| *n == name || n.starts_with(&tagged))
+            .collect();
+        c.unpublish(&names).await?;
+        unpublished = !names.is_empty();
+        // Template names are [a-zA-Z0-9._/:@-]: only '/' needs escaping in one segment.
+        let path = format!("/templates/{}", id.replace('/', "%2F"));
+        c.delete_everywhere(&path, Bytes::new()).await;
+    }
     let sb = state.sandboxes.clone();
     let removed = blocking(move || {
         if sb.remove_snapshot(&name)? {
@@ -64,7 +94,7 @@ pub(super) async fn delete_template(
         Ok(removed)
     })
     .await?;
-    if removed {
+    if removed || unpublished {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(

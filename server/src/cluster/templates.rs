@@ -1,0 +1,229 @@
+//! Templates across the cluster ([`kiln_cluster::templates`]): a template built or a snapshot
+//! taken through one node's API is pushed to the store's S3 remote, then published under its
+//! names in etcd, before the API says it is ready; a node asked to create a sandbox from a
+//! name it lacks (or holds at another id) pulls it from the remote by the catalog's id
+//! (record and manifests: the data comes lazily, on read) and names it here. Lists and
+//! `Template.exists` through any node see the whole catalog; a delete through any node
+//! removes the names from it.
+
+use super::Cluster;
+use crate::control::ApiError;
+use axum::http::StatusCode;
+use kiln_blockstore::BlobId;
+use kiln_cluster::{TemplateEntry, TemplateKind};
+use kiln_runtime::Sandboxes;
+use std::sync::Arc;
+
+/// How long a node is given to drop its copy of a deleted template.
+const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a template could not be published or fetched.
+fn failed(what: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, what)
+}
+
+impl Cluster {
+    /// Pushes image `id` to the store's remote, then points each of `names` at it in the
+    /// cluster's catalog. Blocking (a build's thread calls it).
+    pub(crate) fn publish_image(
+        &self,
+        sandboxes: &Sandboxes,
+        names: &[String],
+        id: &BlobId,
+    ) -> Result<(), String> {
+        let disk_mib = kiln_imagebuilder::image::get_record(sandboxes.store(), id)
+            .map_err(|e| e.to_string())?
+            .disk_size
+            .div_ceil(1 << 20);
+        self.publish(sandboxes, names, TemplateKind::Image, id, disk_mib, || {
+            kiln_imagebuilder::image::push(sandboxes.store(), id).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Pushes sandbox snapshot `id` (with its image) to the store's remote, then points
+    /// `name` at it in the cluster's catalog. Blocking.
+    pub(crate) fn publish_snapshot(
+        &self,
+        sandboxes: &Sandboxes,
+        name: &str,
+        id: &BlobId,
+    ) -> Result<(), String> {
+        self.publish(
+            sandboxes,
+            &[name.to_string()],
+            TemplateKind::Snapshot,
+            id,
+            0,
+            || {
+                kiln_runtime::sandbox_snapshot::push(sandboxes.store(), id, Some(name))
+                    .map_err(|e| e.to_string())
+            },
+        )
+    }
+
+    fn publish(
+        &self,
+        sandboxes: &Sandboxes,
+        names: &[String],
+        kind: TemplateKind,
+        id: &BlobId,
+        disk_mib: u64,
+        push: impl FnOnce() -> Result<u64, String>,
+    ) -> Result<(), String> {
+        if !sandboxes.store().has_remote() {
+            return Err(format!(
+                "this node's store has no S3 remote (kiln remote add), so no other node of \
+                 the cluster could use {}",
+                names.join(", ")
+            ));
+        }
+        let t = std::time::Instant::now();
+        let bytes = push().map_err(|e| format!("pushing it to the store's remote: {e}"))?;
+        let entry = TemplateEntry::new(kind, id.to_hex(), &self.node_id, disk_mib);
+        let rt = tokio::runtime::Handle::current();
+        for n in names {
+            rt.block_on(self.templates.publish(n, &entry))
+                .map_err(|e| format!("publishing {n} in the cluster's catalog: {e}"))?;
+        }
+        tracing::info!(
+            names = names.join(","),
+            id = %id,
+            bytes,
+            ms = t.elapsed().as_millis() as u64,
+            "published to the cluster"
+        );
+        Ok(())
+    }
+
+    /// Removes `names` from the cluster's catalog, whatever they point at.
+    pub(crate) async fn unpublish(&self, names: &[String]) -> Result<(), ApiError> {
+        for n in names {
+            self.templates
+                .remove(n, None)
+                .await
+                .map_err(|e| failed(format!("removing {n} from the cluster's catalog: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `DELETE path` with `body` (a template's, its tags') to every other live node,
+    /// so each drops its own
+    /// copy (a node that pulled a template keeps it under its name). Best effort, at once to
+    /// all, at most [`TELL_WITHIN`] each: a node down meanwhile keeps its copy, usable on it
+    /// alone (the catalog no longer names it, so no other node pulls it again).
+    pub(crate) async fn delete_everywhere(&self, path: &str, body: axum::body::Bytes) {
+        let nodes = match kiln_cluster::membership::nodes(&self.etcd).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(path, "not sent to the other nodes: {e}");
+                return;
+            }
+        };
+        let others = nodes.iter().filter(|(n, _)| *n != self.node_id);
+        let sends = others.map(|(node, info)| {
+            let req = axum::http::Request::delete(path)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body.clone()))
+                .expect("a DELETE of a path is a request");
+            async move {
+                match tokio::time::timeout(TELL_WITHIN, self.forward(node, info, req)).await {
+                    Ok(Some(r)) if r.status().is_success() || r.status() == 404 => {}
+                    Ok(Some(r)) => tracing::warn!(node, path, status = %r.status(), "refused"),
+                    Ok(None) | Err(_) => tracing::warn!(node, path, "node did not answer"),
+                }
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+
+    /// The cluster's templates (name order).
+    pub(crate) async fn templates(&self) -> Result<Vec<(String, TemplateEntry)>, ApiError> {
+        self.templates
+            .list()
+            .await
+            .map_err(|e| failed(format!("reading the cluster's templates: {e}")))
+    }
+
+    /// Template `name` in the cluster's catalog.
+    pub(crate) async fn template(&self, name: &str) -> Result<Option<TemplateEntry>, ApiError> {
+        match self.templates.get(name).await {
+            Ok(e) => Ok(e.map(|(e, _)| e)),
+            Err(e) => Err(failed(format!(
+                "reading template {name} from the cluster: {e}"
+            ))),
+        }
+    }
+
+    /// The nodes that hold template `name` (none: unknown to the catalog, or etcd away).
+    pub(crate) async fn holders(&self, name: &str) -> Vec<String> {
+        match self.template(name).await {
+            Ok(Some(e)) => e.holders,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Makes template `name` (as a create names it) what the cluster's catalog says here:
+    /// pulled from the remote and named when this home lacks it or holds another id under
+    /// it. A name the catalog does not know is left to this home (local images and
+    /// snapshots stay usable on their node).
+    pub(crate) async fn fetch_template(
+        &self,
+        sandboxes: &Arc<Sandboxes>,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        let mut found = None;
+        for n in [name, name.strip_suffix(":default").unwrap_or(name)] {
+            if let Some(e) = self.template(n).await? {
+                found = Some((n.to_string(), e));
+                break;
+            }
+        }
+        let Some((name, entry)) = found else {
+            return Ok(());
+        };
+        let id: BlobId = entry.id.parse().map_err(|e| {
+            failed(format!(
+                "template {name} in the cluster's catalog names no blob id ({e})"
+            ))
+        })?;
+        let (sb, n) = (sandboxes.clone(), name.clone());
+        let pulled = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            match entry.kind {
+                TemplateKind::Image => {
+                    let store = sb.store();
+                    let here = kiln_imagebuilder::image::lookup(store, &n)
+                        .ok()
+                        .map(|x| x.0);
+                    if here == Some(id) {
+                        return Ok(false);
+                    }
+                    kiln_imagebuilder::image::pull(store, &id, &n).map_err(|e| e.to_string())?;
+                }
+                TemplateKind::Snapshot => {
+                    sb.pull_snapshot(&n, &id).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(|e| failed(format!("pulling template {name}: {e}")))?
+        .map_err(|e| {
+            failed(format!(
+                "template {name} (published by node {}) could not be pulled from the \
+                 store's remote: {e}",
+                entry.node
+            ))
+        })?;
+        if pulled {
+            tracing::info!(template = name, id = %id, "pulled a template of the cluster");
+        }
+        if let Err(e) = self
+            .templates
+            .add_holder(&name, &entry.id, &self.node_id)
+            .await
+        {
+            tracing::warn!(template = name, "could not note this node as a holder: {e}");
+        }
+        Ok(())
+    }
+}
