@@ -318,6 +318,21 @@ fn py_on(id: &str) -> String {
     format!("import json, os, hashlib\nfrom e2b import Sandbox\nsbx = Sandbox.connect(\"{id}\", timeout=300)\n{PY_COUNT}")
 }
 
+/// [`py_on`], then 3 MiB of random bytes written to /home/app/moved.bin (`sha`: their
+/// sha256) and the [`COUNTER`] started (`c`: its first count).
+fn py_file_and_counter(id: &str) -> String {
+    format!(
+        r#"{}
+data = os.urandom(3 << 20)
+sbx.files.write("/home/app/moved.bin", data)
+sha = hashlib.sha256(data).hexdigest()
+sbx.commands.run("{COUNTER}", background=True, timeout=0)
+c = count()
+"#,
+        py_on(id)
+    )
+}
+
 const PY_COUNT: &str = r#"
 import time
 def count():
@@ -378,13 +393,9 @@ fn a_paused_sandbox_resumes_on_another_node_once() {
         py,
         &format!(
             r#"{}
-data = os.urandom(3 << 20)
-sbx.files.write("/home/app/moved.bin", data)
-sbx.commands.run("{COUNTER}", background=True, timeout=0)
-c = count()
-print(json.dumps({{"sha": hashlib.sha256(data).hexdigest(), "count": c, "paused": Sandbox.pause("{a}")}}))
+print(json.dumps({{"sha": sha, "count": c, "paused": Sandbox.pause("{a}")}}))
 "#,
-            py_on(&a)
+            py_file_and_counter(&a)
         ),
     );
     assert_eq!(before["paused"], true, "{before}");
@@ -679,4 +690,177 @@ fn health_says_when_a_node_is_cut_off_from_the_cluster() {
     );
     f.etcd.restart(0);
     wait_for(204, Duration::from_secs(30));
+}
+
+/// `kiln node` through etcd, as an operator runs it: `args` after `node`, with the
+/// cluster's etcd; the output.
+fn node_cmd(k: &kiln_tests::Kiln, etcd: &Etcd, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["node"];
+    all.extend_from_slice(args);
+    let urls = etcd.urls_arg();
+    all.extend(["--cluster-etcd", &urls]);
+    k.run(&all)
+}
+
+/// `kiln node ls --json`: node id -> its row.
+fn node_rows(k: &kiln_tests::Kiln, etcd: &Etcd) -> serde_json::Map<String, serde_json::Value> {
+    let out = node_cmd(k, etcd, &["ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+/// `kiln node drain`: n3's two running sandboxes (one with a 3 MiB file and a counter) are
+/// paused, pushed and let go; n3 says it drains and placement skips it (a create through n3
+/// lands elsewhere); a connect through n3 resumes the first on another node, its file byte
+/// for byte and its counter counting on; the second resumes through n1; after `kiln node
+/// undrain` placement picks n3 again.
+#[test]
+fn drain_moves_a_nodes_sandboxes_to_the_others() {
+    let Some(f) = fixture(SECRET, 3) else {
+        return;
+    };
+    let (py, etcd, k) = (&f.py, &f.etcd, &f.homes[0]);
+    f.share_image("sdk");
+    let nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
+    let a = create_on(&nodes[2], 300, "");
+    let b = create_on(&nodes[2], 300, "");
+    let before = nodes[0].python(
+        py,
+        &format!(
+            "{}\nprint(json.dumps({{\"sha\": sha, \"count\": c}}))",
+            py_file_and_counter(&a)
+        ),
+    );
+
+    let t = Instant::now();
+    let out = node_cmd(k, etcd, &["drain", "n3", "--json", "--timeout", "60"]);
+    let took = t.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    eprintln!("kiln node drain n3 (2 running sandboxes): {took:?}: {report}");
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["complete"], true, "{report}");
+    let mut released: Vec<(String, String, String)> = report["settled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let f = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+            (f("id"), f("was"), f("outcome"))
+        })
+        .collect();
+    released.sort();
+    let mut want = vec![
+        (a.clone(), "running".to_string(), "released".to_string()),
+        (b.clone(), "running".to_string(), "released".to_string()),
+    ];
+    want.sort();
+    assert_eq!(released, want, "{report}");
+    for id in [&a, &b] {
+        let e = entry(etcd, id).unwrap();
+        assert!(
+            e.node == "n3" && e.state == SandboxState::Paused && e.released && e.pushed.is_some(),
+            "{e:?}"
+        );
+    }
+    assert_eq!(holders(&f.homes[2..], &a) + holders(&f.homes[2..], &b), 0);
+    // n3 says it drains (its next published info), with nothing left on it.
+    let t = Instant::now();
+    let n3 = loop {
+        let n3 = node_rows(k, etcd)["n3"].clone();
+        if n3["draining_seen"] == true || t.elapsed() > Duration::from_secs(10) {
+            break n3;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (&n3["live"], &n3["draining"], &n3["draining_seen"]),
+        (&true.into(), &true.into(), &true.into()),
+        "{n3}"
+    );
+    assert_eq!(
+        (&n3["running"], &n3["released"]),
+        (&0.into(), &2.into()),
+        "{n3}"
+    );
+    let table = node_cmd(k, etcd, &["ls"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("n3 ") && l.contains(" yes ")),
+        "{table}"
+    );
+
+    // A create through n3 lands on another node.
+    let c = create(&nodes[2], py);
+    let on = entry(etcd, &c).unwrap().node;
+    assert!(on == "n1" || on == "n2", "placed on {on}");
+
+    // A connect through n3 resumes `a` on another node, as it was.
+    let after = nodes[2].python(
+        py,
+        &format!(
+            r#"{}
+data = sbx.files.read("/home/app/moved.bin", format="bytes")
+c1 = count()
+print(json.dumps({{"sha": hashlib.sha256(bytes(data)).hexdigest(), "c1": c1, "c2": advanced(c1)}}))
+"#,
+            py_on(&a)
+        ),
+    );
+    assert_eq!(after["sha"], before["sha"], "the file changed");
+    let (c0, c1, c2) = (
+        before["count"].as_u64().unwrap(),
+        after["c1"].as_u64().unwrap(),
+        after["c2"].as_u64().unwrap(),
+    );
+    assert!(c1 >= c0 && c2 > c1, "the counter: {c0}, then {c1}, {c2}");
+    let e = entry(etcd, &a).unwrap();
+    assert!(
+        e.node != "n3" && e.state == SandboxState::Running && !e.released,
+        "{e:?}"
+    );
+    assert_eq!(holders(&f.homes, &a), 1);
+
+    // `b` through n1: resumed there.
+    let (code, body) = nodes[0].api(
+        "POST",
+        &format!("/v2/sandboxes/{b}/connect"),
+        Some(r#"{"timeout": 300}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let e = entry(etcd, &b).unwrap();
+    assert_eq!((e.node.as_str(), e.state), ("n1", SandboxState::Running));
+    assert_eq!(holders(&f.homes, &b), 1);
+
+    // Undrained, n3 (no sandbox left) is placement's choice again.
+    let out = node_cmd(k, etcd, &["undrain", "n3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = create(&nodes[0], py);
+    assert_eq!(entry(etcd, &d).unwrap().node, "n3");
+    let t = Instant::now();
+    while node_rows(k, etcd)["n3"]["draining_seen"] != false {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "n3 still says it drains"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
