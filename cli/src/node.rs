@@ -201,7 +201,7 @@ fn settled_line(s: &Settled) -> String {
             s.cause.as_deref().unwrap_or("it could not be let go")
         ),
     };
-    format!("{:<24} (was {was}) {what} [{at:.1} s]", s.id)
+    format!("{} (was {was}) {what} [{at:.1} s]", s.id)
 }
 
 fn print_summary(r: &admin::DrainReport, no_wait: bool) {
@@ -210,6 +210,12 @@ fn print_summary(r: &admin::DrainReport, no_wait: bool) {
     let node = &r.node;
     if no_wait || !r.live {
         println!("follow it with `kiln node ls`; end it with `kiln node undrain {node}`");
+    } else if r.complete && kept > 0 {
+        println!(
+            "node {node} is draining, but {kept} sandbox(es) stay on it (above), as they were; \
+             {released} released in {:.1} s. Run `kiln node drain {node}` again to retry them",
+            r.secs
+        );
     } else if r.complete {
         println!(
             "node {node} is drained in {:.1} s: {released} released, {kept} kept, {} gone or failed \

@@ -14,7 +14,10 @@
 //!   resumes the first on n1, its file byte for byte and its counter counting on; two
 //!   connects at once, through n1 and n2, resume the second once; n3 restarted drops its
 //!   copies and resurrects neither.
-//! - S3 down during a pause: the pause fails saying so, and the sandbox runs on.
+//! - S3 down during a pause: the pause fails saying so, and the sandbox runs on; a drain
+//!   keeps it running there, saying why.
+//! - `kiln node drain n3`: its sandboxes paused, pushed and let go; placement skips n3; a
+//!   connect through n3 resumes one elsewhere, as it was; undrained, n3 is placed on again.
 //!
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
@@ -526,8 +529,8 @@ print(json.dumps({{"out": Sandbox.connect("{b}").commands.run("echo resumed once
 }
 
 /// S3 down during a cluster pause: the pause fails, saying its snapshot could not be pushed,
-/// and the sandbox runs on where it was (its counter counts, its entry says running); with
-/// S3 back the pause works.
+/// and the sandbox runs on where it was (its counter counts, its entry says running); a drain
+/// keeps it there, running, with the same cause; with S3 back the pause works.
 #[test]
 fn a_pause_without_s3_fails_and_the_sandbox_runs_on() {
     let Some(mut f) = fixture(SECRET, 2) else {
@@ -569,6 +572,30 @@ except Exception as e:
         &format!("{count}\nc = count()\nprint(json.dumps({{\"c\": c, \"then\": advanced(c)}}))"),
     );
     assert!(out["then"].as_u64() > out["c"].as_u64(), "{out}");
+
+    // A drain cannot let it go either: it stays, running, and the drain says why.
+    let drain = node_cmd(&f.homes[0], &f.etcd, &["drain", "n1", "--timeout", "60"]);
+    let text = String::from_utf8_lossy(&drain.stdout);
+    eprintln!("kiln node drain n1 without S3:\n{text}");
+    assert!(!drain.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{a} (was running) KEPT on the node: "))
+            && text.contains("could not be pushed to the store's remote"),
+        "{text}"
+    );
+    let e = entry(&f.etcd, &a).unwrap();
+    assert_eq!(
+        (e.node.as_str(), e.state, e.released),
+        ("n1", SandboxState::Running, false)
+    );
+    let out = nodes[1].python(
+        &f.py,
+        &format!("{count}\nc = count()\nprint(json.dumps({{\"c\": c, \"then\": advanced(c)}}))"),
+    );
+    assert!(out["then"].as_u64() > out["c"].as_u64(), "{out}");
+    assert!(node_cmd(&f.homes[0], &f.etcd, &["undrain", "n1"])
+        .status
+        .success());
 
     f.s3.restart().unwrap();
     let out = nodes[1].python(
@@ -722,7 +749,9 @@ fn node_rows(k: &kiln_tests::Kiln, etcd: &Etcd) -> serde_json::Map<String, serde
 /// paused, pushed and let go; n3 says it drains and placement skips it (a create through n3
 /// lands elsewhere); a connect through n3 resumes the first on another node, its file byte
 /// for byte and its counter counting on; the second resumes through n1; after `kiln node
-/// undrain` placement picks n3 again.
+/// undrain` placement picks n3 again. `KILN_TEST_DRAIN_EXTRA=N` puts N more running
+/// sandboxes on n3 before the drain (to time drains of more sandboxes; they are only checked
+/// released).
 #[test]
 fn drain_moves_a_nodes_sandboxes_to_the_others() {
     let Some(f) = fixture(SECRET, 3) else {
@@ -733,6 +762,11 @@ fn drain_moves_a_nodes_sandboxes_to_the_others() {
     let nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
     let a = create_on(&nodes[2], 300, "");
     let b = create_on(&nodes[2], 300, "");
+    let extra: usize = std::env::var("KILN_TEST_DRAIN_EXTRA")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let extras: Vec<String> = (0..extra).map(|_| create_on(&nodes[2], 300, "")).collect();
     let before = nodes[0].python(
         py,
         &format!(
@@ -745,7 +779,10 @@ fn drain_moves_a_nodes_sandboxes_to_the_others() {
     let out = node_cmd(k, etcd, &["drain", "n3", "--json", "--timeout", "60"]);
     let took = t.elapsed();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    eprintln!("kiln node drain n3 (2 running sandboxes): {took:?}: {report}");
+    eprintln!(
+        "kiln node drain n3 ({} running sandboxes): {took:?}: {report}",
+        2 + extra
+    );
     assert!(
         out.status.success(),
         "{report} {}",
@@ -762,10 +799,11 @@ fn drain_moves_a_nodes_sandboxes_to_the_others() {
         })
         .collect();
     released.sort();
-    let mut want = vec![
-        (a.clone(), "running".to_string(), "released".to_string()),
-        (b.clone(), "running".to_string(), "released".to_string()),
-    ];
+    let mut want: Vec<_> = [&a, &b]
+        .into_iter()
+        .chain(&extras)
+        .map(|id| (id.clone(), "running".to_string(), "released".to_string()))
+        .collect();
     want.sort();
     assert_eq!(released, want, "{report}");
     for id in [&a, &b] {
@@ -792,11 +830,12 @@ fn drain_moves_a_nodes_sandboxes_to_the_others() {
     );
     assert_eq!(
         (&n3["running"], &n3["released"]),
-        (&0.into(), &2.into()),
+        (&0.into(), &(2 + extra).into()),
         "{n3}"
     );
     let table = node_cmd(k, etcd, &["ls"]);
     let table = String::from_utf8_lossy(&table.stdout);
+    eprintln!("kiln node ls:\n{table}");
     assert!(
         table
             .lines()
@@ -863,4 +902,15 @@ print(json.dumps({{"sha": hashlib.sha256(bytes(data)).hexdigest(), "c1": c1, "c2
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Drained again, as an operator reads it: the new sandbox goes too.
+    let out = node_cmd(k, etcd, &["drain", "n3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("kiln node drain n3:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{d} (was running) released: paused, pushed"))
+            && text.contains("node n3 is drained in"),
+        "{text}"
+    );
+    assert!(entry(etcd, &d).unwrap().released);
 }
