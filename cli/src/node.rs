@@ -10,8 +10,12 @@ use std::time::Duration;
 
 #[derive(clap::Subcommand)]
 pub enum NodeCommand {
-    /// List the cluster's nodes: live or not, draining, their sandboxes (running, paused,
-    /// let go by a drain and not yet taken over) and free memory
+    /// List the cluster's nodes
+    ///
+    /// Each node: live or not, draining (`yes`; `asked` until it has seen its drain), its
+    /// sandboxes in the catalog (running, paused, and released: let go by a drain, not yet
+    /// taken over), its free memory and advertise URL. Nodes that are gone are listed while
+    /// a drain or a sandbox names them.
     #[command(visible_alias = "list")]
     Ls {
         #[command(flatten)]
@@ -20,12 +24,15 @@ pub enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Move a node's sandboxes to the other nodes: the node takes no new sandbox, pauses its
-    /// running ones (memory and files) and pushes them to the store's S3 remote, and lets
-    /// each go; the next request for one through any node resumes it on another node, as
-    /// `Sandbox.connect` does after a pause. The node keeps running, and stays drained
-    /// (across restarts too) until `kiln node undrain`. A sandbox whose pause or push fails
-    /// stays where it is, running, and is listed with why; failed sandboxes are left alone.
+    /// Move a node's sandboxes to the other nodes, to take the node out
+    ///
+    /// The node takes no new sandbox, pauses its running ones (memory and files) and pushes
+    /// them to the store's S3 remote, and lets each go; the next request for one through any
+    /// node resumes it on another node, as `Sandbox.connect` does after a pause (its clients
+    /// see a pause: open connections end). The node keeps running, and stays drained (across
+    /// restarts too) until `kiln node undrain`. A sandbox whose pause or push fails stays
+    /// where it is, running, and is listed with why; run the drain again to retry it. Failed
+    /// sandboxes are left alone.
     ///
     /// Prints each sandbox as it is let go, then a summary; exits non-zero when some could
     /// not be, or the timeout came first.
@@ -46,10 +53,12 @@ pub enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// End a node's drain: placement may pick it again. The sandboxes it let go stay where
-    /// they resumed (or are resumed wherever they are next asked for); those it could not
-    /// let go are its own, as before
+    /// End a node's drain: placement may pick it again
+    ///
+    /// The sandboxes it let go stay where they resumed (or resume wherever they are next
+    /// asked for); those it could not let go are its own, as before.
     Undrain {
+        /// The node's id (its `kiln serve --node-id`)
         node: String,
         #[command(flatten)]
         etcd: EtcdArgs,
