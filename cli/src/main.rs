@@ -6,6 +6,7 @@
 mod cli;
 mod helper;
 mod image;
+mod node;
 mod sandbox;
 mod serve;
 mod store;
@@ -52,6 +53,10 @@ enum Command {
     Sandbox(sandbox::SandboxCommand),
     /// Serve E2B's HTTP API (control plane and envd data plane) over this host's sandboxes
     Serve(serve::ServeArgs),
+    /// The nodes of a cluster of `kiln serve --cluster-etcd`: list, drain, undrain (through
+    /// etcd)
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// A helper process kiln starts itself, from the spec in DIR (kiln_runtime::helpers)
     #[command(name = "__helper", hide = true)]
     Helper { dir: std::path::PathBuf },
@@ -70,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Build(a) => image::build(&home, a),
         Command::Sandbox(c) => sandbox::run(&home, c),
         Command::Serve(a) => serve::run(&home, a),
+        Command::Node(c) => node::run(c),
         Command::Helper { dir } => helper::run(&dir),
     };
     match result {

@@ -12,6 +12,8 @@
 //! A paused sandbox whose snapshot is in the store's S3 remote carries it ([`Pushed`]) with
 //! what its record holds beyond the snapshot: any node can then adopt and resume it once its
 //! owner is gone, after taking it over ([`Catalog::take_over`], the same compare-and-swap).
+//! One its node let go ([`SandboxEntry::released`], a drain) is taken over the same way
+//! while that node lives ([`Catalog::take_over_released`]).
 
 use crate::etcd::Cond;
 use crate::{decode, membership, Etcd, Result};
@@ -56,6 +58,11 @@ pub struct SandboxEntry {
     /// takes it over resumes it from. A paused entry without it is paused on its node alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushed: Option<Pushed>,
+    /// Paused, pushed, and let go by its node (a drain, [`crate::drain`]): `node` still
+    /// names the node that had it (for messages), but any node may take it over while that
+    /// node lives ([`Catalog::take_over_released`]), and that node holds no copy of it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 /// A paused sandbox in the store's S3 remote: its pause's sandbox snapshot (which names its
@@ -188,6 +195,19 @@ impl Catalog {
         old: &str,
     ) -> Result<Option<i64>> {
         self.replace_while_gone(id, mine, rev, old).await
+    }
+
+    /// Gives sandbox `id`, released by its node ([`SandboxEntry::released`]), to the node
+    /// `mine` names if its entry is still at `rev`: its old node may be live (it let the
+    /// sandbox go), so the revision alone decides, and of two nodes taking it at once one
+    /// wins. The new revision, or None.
+    pub async fn take_over_released(
+        &self,
+        id: &str,
+        mine: &SandboxEntry,
+        rev: i64,
+    ) -> Result<Option<i64>> {
+        self.update(id, mine, rev).await
     }
 
     async fn replace_while_gone(

@@ -5,9 +5,12 @@
 //! membership protocol of its own. Bulk data (images, snapshots) is the block store's, on S3.
 //!
 //! Keys: `nodes/<node id>` (held by the node's lease), `sandboxes/<sandbox id>` and
-//! `templates/<name>` ([`templates`]), all JSON.
+//! `templates/<name>` ([`templates`]) and `drains/<node id>` ([`drain`]), all JSON. [`admin`]
+//! is what `kiln node` does with them.
 
+pub mod admin;
 pub mod catalog;
+pub mod drain;
 pub mod etcd;
 pub mod membership;
 pub mod placement;
@@ -40,8 +43,10 @@ pub enum Error {
     NodeIdTaken(String),
     #[error("invalid node id {0:?} (letters, digits, '-', '_' and '.', at most 64)")]
     NodeId(String),
-    #[error("{0} kept changing under this node's writes; try again")]
+    #[error("{0} kept changing while it was written; try again")]
     Contended(String),
+    #[error("no node {0:?} in the cluster: none is live under that id, and no sandbox names it")]
+    NoSuchNode(String),
     #[error("the value of {key} is not what kiln writes: {why}")]
     Value { key: String, why: String },
 }

@@ -30,6 +30,10 @@ pub struct NodeInfo {
     pub sandbox_cpus: u32,
     /// The most sandboxes it takes.
     pub max_sandboxes: u32,
+    /// It is draining ([`crate::drain`]): it saw its drain key, takes no new sandboxes and
+    /// lets its own go. (Placement reads the keys themselves: [`crate::drain::nodes`].)
+    #[serde(default)]
+    pub draining: bool,
     /// When this was written (Unix ms).
     pub updated_ms: u64,
 }

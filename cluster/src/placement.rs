@@ -1,6 +1,6 @@
 //! Placement: which live node gets a new sandbox. Simple and deterministic, on purpose:
 //!
-//! 1. A node has room when its free memory covers the sandbox plus [`RESERVE_MIB`] for the
+//! 1. A node has room when it is not draining ([`crate::drain`]), its free memory covers the sandbox plus [`RESERVE_MIB`] for the
 //!    host, its sandboxes stay under its `max_sandboxes`, and the vCPUs given to its
 //!    sandboxes stay within [`CPU_OVERCOMMIT`] times its CPUs.
 //! 2. Among those, the one with the fewest running sandboxes; ties go to the most vCPUs
@@ -33,7 +33,8 @@ pub struct Need {
 
 /// Whether `n` can take a sandbox that needs `need`.
 pub fn has_room(n: &NodeInfo, need: Need) -> bool {
-    n.free_memory_mib >= need.memory_mib.saturating_add(RESERVE_MIB)
+    !n.draining
+        && n.free_memory_mib >= need.memory_mib.saturating_add(RESERVE_MIB)
         && n.sandboxes < n.max_sandboxes
         && n.sandbox_cpus.saturating_add(need.cpus) <= n.cpus.saturating_mul(CPU_OVERCOMMIT)
 }
@@ -105,6 +106,7 @@ mod tests {
             sandbox_cpus,
             max_sandboxes: 10,
             updated_ms: 0,
+            draining: false,
         }
     }
 
@@ -168,6 +170,20 @@ mod tests {
     }
 
     #[test]
+    fn never_a_draining_node() {
+        let mut empty = node(4000, 0, 0);
+        empty.draining = true;
+        assert!(!has_room(&empty, NEED));
+        // The emptiest node drains: the next one gets the sandbox, and none when it is alone.
+        let nodes = vec![
+            ("a".to_string(), empty.clone()),
+            ("b".to_string(), node(1000, 3, 3)),
+        ];
+        assert_eq!(choose(&nodes, NEED), Some("b"));
+        assert_eq!(choose(&nodes[..1], NEED), None);
+    }
+
+    #[test]
     fn the_catalog_counts() {
         let entry = |node: &str, state| SandboxEntry {
             node: node.into(),
@@ -182,6 +198,7 @@ mod tests {
             disk_mib: 0,
             cause: None,
             pushed: None,
+            released: false,
         };
         // a's info is stale (it says 0); the catalog has two running there, one paused at b.
         let mut nodes = vec![

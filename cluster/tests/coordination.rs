@@ -1,12 +1,14 @@
 //! kiln-cluster against a real 3-member etcd (tests/src/etcd.rs): compare-and-swap conflicts
 //! are seen, a node whose lease runs out leaves the cluster (and joins again on its next
 //! renewal), its running sandboxes can be marked lost only while it is out, its paused ones
-//! taken over only then and only once, and a killed member is survived.
+//! taken over only then and only once (or, released by a drain, while it lives, once), a
+//! drain's key marks its node for placement, and a killed member is survived.
 
 use kiln_cluster::membership::{self, Membership};
+use kiln_cluster::placement::{self, Need};
 use kiln_cluster::{
-    Catalog, Etcd, NodeInfo, Pushed, SandboxEntry, SandboxState, TemplateEntry, TemplateKind,
-    Templates,
+    drain, Catalog, Etcd, NodeInfo, Pushed, SandboxEntry, SandboxState, TemplateEntry,
+    TemplateKind, Templates,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,7 @@ fn entry(node: &str, state: SandboxState) -> SandboxEntry {
         disk_mib: 1024,
         cause: None,
         pushed: None,
+        released: false,
     }
 }
 
@@ -227,16 +230,7 @@ fn a_sandbox_is_marked_lost_only_while_its_node_is_out() {
         assert!(!lost.expired(kiln_cluster::catalog::TOMBSTONE_GRACE_MS + 1));
         assert!(!running.expired(u64::MAX));
         // A paused entry is taken over only once its node is out, by one of two nodes at once.
-        let paused = SandboxEntry {
-            pushed: Some(Pushed {
-                snapshot: "ab".repeat(32),
-                timeout_secs: Some(60),
-                on_timeout: "pause".into(),
-                auto_resume: true,
-                access: Default::default(),
-            }),
-            ..entry("a", SandboxState::Paused)
-        };
+        let paused = pushed("a");
         let rev = cat.create("sb3", &paused).await.unwrap().unwrap();
         let to = |node: &str| SandboxEntry {
             node: node.into(),
@@ -262,6 +256,121 @@ fn a_sandbox_is_marked_lost_only_while_its_node_is_out() {
         let rev = cat.create("sb2", &running).await.unwrap().unwrap();
         assert!(cat.remove_lost("sb2", "a", rev).await.unwrap());
         assert_eq!(cat.get("sb2").await.unwrap(), None);
+    });
+}
+
+fn pushed(node: &str) -> SandboxEntry {
+    SandboxEntry {
+        pushed: Some(Pushed {
+            snapshot: "cd".repeat(32),
+            timeout_secs: None,
+            on_timeout: "kill".into(),
+            auto_resume: false,
+            access: Default::default(),
+        }),
+        ..entry(node, SandboxState::Paused)
+    }
+}
+
+#[test]
+fn a_drained_node_is_skipped_and_its_released_sandbox_taken_over_once() {
+    let Some(cluster) = kiln_tests::etcd::Etcd::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let etcd = Arc::new(Etcd::new(&cluster.urls()).unwrap());
+        let cat = Catalog::new(etcd.clone());
+        let mut ms = Vec::new();
+        for id in ["a", "b"] {
+            ms.push(
+                Membership::register(etcd.clone(), id, info(&format!("http://{id}")), 30)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let need = Need {
+            cpus: 1,
+            memory_mib: 512,
+        };
+        let chosen =
+            |nodes: Vec<(String, NodeInfo)>| placement::choose(&nodes, need).map(str::to_string);
+        assert_eq!(chosen(drain::nodes(&etcd).await.unwrap()), Some("a".into()));
+        // A drain of a counts for placement from the moment it is asked (a has not seen it).
+        let asked = drain::request(&etcd, "a").await.unwrap();
+        let (seen, rev) = drain::requested(&etcd, "a").await.unwrap().unwrap();
+        assert_eq!(seen, asked);
+        assert!(
+            !membership::node(&etcd, "a")
+                .await
+                .unwrap()
+                .unwrap()
+                .draining
+        );
+        assert_eq!(chosen(drain::nodes(&etcd).await.unwrap()), Some("b".into()));
+        // The node's progress is a compare-and-swap on the key: a stale writer loses.
+        let progress = drain::Drain {
+            started_ms: Some(1),
+            failed: [("x".to_string(), "no remote".to_string())].into(),
+            ..asked.clone()
+        };
+        let rev2 = drain::update(&etcd, "a", &progress, rev)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            drain::update(&etcd, "a", &progress, rev).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            drain::requested(&etcd, "a").await.unwrap(),
+            Some((progress, rev2))
+        );
+        // Asked again: the failures are cleared, for the node to try them once more.
+        assert!(drain::request(&etcd, "a").await.unwrap().failed.is_empty());
+
+        // a, live, pushed its paused sandbox: no takeover as from a gone node...
+        let rev = cat.create("sb", &pushed("a")).await.unwrap().unwrap();
+        let to = |node: &str| SandboxEntry {
+            node: node.into(),
+            ..pushed("a")
+        };
+        assert_eq!(cat.take_over("sb", &to("b"), rev, "a").await.unwrap(), None);
+        // ...but once a lets it go, one of two nodes taking it at once wins, a live.
+        let released = SandboxEntry {
+            released: true,
+            ..pushed("a")
+        };
+        let rev = cat.update("sb", &released, rev).await.unwrap().unwrap();
+        let (b, c) = (to("b"), to("c"));
+        let (rb, rc) = tokio::join!(
+            cat.take_over_released("sb", &b, rev),
+            cat.take_over_released("sb", &c, rev)
+        );
+        let winner = match (rb.unwrap(), rc.unwrap()) {
+            (Some(r), None) => (b, r),
+            (None, Some(r)) => (c, r),
+            other => panic!("two takeovers of one released sandbox: {other:?}"),
+        };
+        assert_eq!(cat.get("sb").await.unwrap().unwrap(), winner);
+        assert!(!winner.0.released);
+        // Entries and infos without the new fields (older nodes) read as not released, not
+        // draining; a plain entry is written without it.
+        let plain = serde_json::to_string(&pushed("a")).unwrap();
+        assert!(!plain.contains("released"), "{plain}");
+        let info: NodeInfo = serde_json::from_str(
+            r#"{"advertise": "http://a", "cpus": 2,
+            "memory_mib": 1, "free_memory_mib": 1, "sandboxes": 0, "sandbox_cpus": 0,
+            "max_sandboxes": 1, "updated_ms": 0}"#,
+        )
+        .unwrap();
+        assert!(!info.draining);
+        // Undrained: a is a candidate again, at once.
+        assert!(drain::cancel(&etcd, "a").await.unwrap());
+        assert!(!drain::cancel(&etcd, "a").await.unwrap());
+        assert_eq!(chosen(drain::nodes(&etcd).await.unwrap()), Some("a".into()));
+        for m in ms {
+            m.leave().await.unwrap();
+        }
     });
 }
 

@@ -33,6 +33,9 @@
 //!   entry unchanged and the old node's key absent), the runtime adopts it from the remote
 //!   ([`Sandboxes::adopt`]), and the request is served here as for any local sandbox (a
 //!   connect resumes it). Of two nodes taking it at once, one wins; the other forwards to it.
+//! - Drains ([`drain`], `kiln node drain`): a node whose drain key exists takes no new
+//!   sandboxes and lets its own go (paused, pushed, their entries marked released); a
+//!   released sandbox is taken over as above, its old node live, by its entry's revision.
 
 use crate::control::{types, ApiError};
 use crate::AppState;
@@ -43,17 +46,19 @@ use axum::response::{IntoResponse, Response};
 use kiln_cluster::catalog::Access as EntryAccess;
 use kiln_cluster::placement::{self, Need};
 use kiln_cluster::{
-    membership, Catalog, Etcd, Membership, NodeInfo, Pushed, SandboxEntry, SandboxState,
+    drain as drains, membership, Catalog, Etcd, Membership, NodeInfo, Pushed, SandboxEntry,
+    SandboxState,
 };
 use kiln_runtime::{
     Access, Adoption, PauseMode, ResumeMode, SandboxRecord, Sandboxes, State as SbxState,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod drain;
 mod templates;
 
 /// The node a forwarded request comes from.
@@ -129,6 +134,11 @@ pub(crate) struct Cluster {
     in_hand: Arc<std::sync::Mutex<HashSet<String>>>,
     /// When a background push of each paused sandbox last failed.
     push_failed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// This node's drain key exists (as its last sweep saw it): it takes nothing over and
+    /// lets its sandboxes go ([`drain`]).
+    draining: AtomicBool,
+    /// A drain pass runs (one at a time).
+    drain_busy: Arc<AtomicBool>,
 }
 
 /// A sandbox in hand until dropped ([`Cluster::in_hand`]).
@@ -181,7 +191,8 @@ struct Lost {
     cause: String,
     node: String,
     rev: i64,
-    /// Marked failed in the catalog (else derived from its node's missing key).
+    /// Its entry goes on its revision alone: marked failed in the catalog, or released by
+    /// its node (else its node's key must be missing too).
     marked: bool,
 }
 
@@ -230,7 +241,13 @@ impl Cluster {
             pushed: Default::default(),
             in_hand: Default::default(),
             push_failed: Default::default(),
+            draining: AtomicBool::new(false),
+            drain_busy: Default::default(),
         };
+        // A drain asked before this start holds on: placement skips the node from the first
+        // info it publishes.
+        let asked = drains::requested(&c.etcd, &c.node_id).await?.is_some();
+        c.draining.store(asked, Ordering::SeqCst);
         if !sandboxes.store().has_remote() {
             tracing::warn!(
                 "the store has no S3 remote (kiln remote add): this node's paused sandboxes \
@@ -294,6 +311,8 @@ impl Cluster {
     fn verdict(&self, e: &SandboxEntry) -> Option<String> {
         if e.node != self.node_id {
             Some(format!("the catalog gives it to node {}", e.node))
+        } else if e.released {
+            Some("this node let it go in a drain: it resumes on the next node asked for it".into())
         } else if e.state == SandboxState::Failed {
             Some(format!(
                 "the cluster declared it lost: {}",
@@ -340,11 +359,12 @@ impl Cluster {
             match self.catalog.list().await {
                 Ok(all) => {
                     // Failed entries written by others (this node's sandboxes lost while it
-                    // was away) are not this node's to keep or remove.
+                    // was away) are not this node's to keep or remove, nor those it let go
+                    // in a drain (they name it until another node takes them over).
                     let mine: HashMap<String, (SandboxEntry, i64)> = all
                         .into_iter()
                         .filter(|(_, e, _)| {
-                            e.node == self.node_id && e.state != SandboxState::Failed
+                            e.node == self.node_id && e.state != SandboxState::Failed && !e.released
                         })
                         .map(|(id, e, rev)| (id, (e, rev)))
                         .collect();
@@ -510,6 +530,7 @@ impl Cluster {
             disk_mib: r.disk_mib,
             cause,
             pushed: self.pushed_entry(r),
+            released: false,
         })
     }
 
@@ -563,6 +584,7 @@ impl Cluster {
             sandboxes: running().count() as u32,
             sandbox_cpus: running().map(|e| e.cpus).sum(),
             max_sandboxes: MAX_SANDBOXES,
+            draining: self.draining.load(Ordering::SeqCst),
             ..NodeInfo::host()
         }
     }
@@ -883,6 +905,11 @@ impl Cluster {
         let Some((e, rev)) = self.catalog.get(id).await? else {
             return Ok(Route::Here);
         };
+        // Let go by its node (a drain): taken over by whichever node is asked, its old node
+        // included (which, draining, sends it on), while that node lives.
+        if e.released && e.state == SandboxState::Paused && e.pushed.is_some() {
+            return Ok(Route::Adopt(Box::new(e), rev));
+        }
         if paused_here && e.node == self.node_id {
             return Ok(Route::Here);
         }
@@ -977,9 +1004,9 @@ impl Cluster {
                 // Nothing to resume: its entry goes (its snapshot stays in the remote).
                 Ok(Route::Adopt(e, rev)) if method == Method::DELETE => Route::Lost(Lost {
                     cause: format!("paused on node {}, which is gone", e.node),
+                    marked: e.released,
                     node: e.node,
                     rev,
-                    marked: false,
                 }),
                 Ok(route) => match self.resolve(state, id, route, forwarded(&req)).await {
                     Ok(route) => route,
@@ -1066,6 +1093,10 @@ impl Cluster {
                 Ok(route) => return Ok(route),
                 Err(e) => return Err(unavailable(e)),
             };
+            if self.draining.load(Ordering::SeqCst) {
+                let (node, info) = self.draining_elsewhere(id, &entry, forwarded).await?;
+                return Ok(Route::Owner(node, info));
+            }
             if !forwarded {
                 match self.elsewhere(&entry).await {
                     Ok(Some((node, info))) => return Ok(Route::Owner(node, info)),
@@ -1087,7 +1118,7 @@ impl Cluster {
         &self,
         entry: &SandboxEntry,
     ) -> kiln_cluster::Result<Option<(String, NodeInfo)>> {
-        let (mut nodes, entries) = tokio::try_join!(membership::nodes(&self.etcd), self.catalog())?;
+        let (mut nodes, entries) = tokio::try_join!(drains::nodes(&self.etcd), self.catalog())?;
         placement::count_from_catalog(&mut nodes, &entries);
         let need = Need {
             cpus: entry.cpus,
@@ -1122,8 +1153,10 @@ impl Cluster {
             .map_err(|why| internal(format!("sandbox {id}'s catalog entry: {why}")))?;
         let old = entry.node.clone();
         let from = old.clone();
+        let released = entry.released;
         let mine = SandboxEntry {
             node: self.node_id.clone(),
+            released: false,
             ..entry
         };
         let _in_hand = InHand::take(&self.in_hand, id);
@@ -1136,7 +1169,14 @@ impl Cluster {
                 won.clone(),
             );
             let rt = tokio::runtime::Handle::current();
-            move || match rt.block_on(catalog.take_over(&id, &mine, rev, &old)) {
+            let take = async move {
+                if released {
+                    catalog.take_over_released(&id, &mine, rev).await
+                } else {
+                    catalog.take_over(&id, &mine, rev, &old).await
+                }
+            };
+            move || match rt.block_on(take) {
                 Ok(Some(rev)) => {
                     *won.lock().unwrap_or_else(|e| e.into_inner()) = Some(rev);
                     Ok(true)
@@ -1151,12 +1191,12 @@ impl Cluster {
         let taken = *won.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rev) = taken {
             let ms = t.elapsed().as_millis() as u64;
-            tracing::info!(
-                id,
-                from,
-                ms,
+            let why = if released {
+                "took over a paused sandbox its node let go (drained)"
+            } else {
                 "took over a paused sandbox whose node is gone"
-            );
+            };
+            tracing::info!(id, from, ms, "{why}");
             self.lock(&self.pushed)
                 .insert(id.to_string(), p.snapshot.clone());
             if let Some(w) = self.written.lock().await.as_mut() {
@@ -1394,7 +1434,7 @@ pub(crate) async fn control(
             Some(t) => c.holders(t).await,
             None => Vec::new(),
         };
-        let (mut nodes, entries) = match tokio::try_join!(membership::nodes(&c.etcd), c.catalog()) {
+        let (mut nodes, entries) = match tokio::try_join!(drains::nodes(&c.etcd), c.catalog()) {
             Ok(x) => x,
             Err(e) => return unavailable(e),
         };

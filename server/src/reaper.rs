@@ -17,12 +17,13 @@ pub(crate) async fn run(state: Arc<AppState>) {
         match tokio::task::spawn_blocking(move || sweep(&st)).await {
             // Cluster mode: what the sweep saw (after reconciling) goes to the catalog, the
             // paused sandboxes' snapshots to the store's remote, and the sandboxes of nodes
-            // that are gone are marked lost.
+            // that are gone are marked lost; a drain of this node lets its sandboxes go.
             Ok(Ok(list)) => {
                 if let Some(c) = &state.cluster {
                     c.push_paused(&state.sandboxes, &list);
                     c.sync(&state.sandboxes, list).await;
                     c.sweep_dead().await;
+                    c.drain_sweep(&state);
                 }
             }
             Ok(Err(e)) => tracing::warn!("timeout sweep: {e}"),

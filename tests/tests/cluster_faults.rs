@@ -14,7 +14,10 @@
 //!   resumes the first on n1, its file byte for byte and its counter counting on; two
 //!   connects at once, through n1 and n2, resume the second once; n3 restarted drops its
 //!   copies and resurrects neither.
-//! - S3 down during a pause: the pause fails saying so, and the sandbox runs on.
+//! - S3 down during a pause: the pause fails saying so, and the sandbox runs on; a drain
+//!   keeps it running there, saying why.
+//! - `kiln node drain n3`: its sandboxes paused, pushed and let go; placement skips n3; a
+//!   connect through n3 resumes one elsewhere, as it was; undrained, n3 is placed on again.
 //!
 //! Skips (with a SKIP line) without etcd, gVisor, the image tools or E2B's Python SDK.
 
@@ -314,6 +317,21 @@ fn py_on(id: &str) -> String {
     format!("import json, os, hashlib\nfrom e2b import Sandbox\nsbx = Sandbox.connect(\"{id}\", timeout=300)\n{PY_COUNT}")
 }
 
+/// [`py_on`], then 3 MiB of random bytes written to /home/app/moved.bin (`sha`: their
+/// sha256) and the [`COUNTER`] started (`c`: its first count).
+fn py_file_and_counter(id: &str) -> String {
+    format!(
+        r#"{}
+data = os.urandom(3 << 20)
+sbx.files.write("/home/app/moved.bin", data)
+sha = hashlib.sha256(data).hexdigest()
+sbx.commands.run("{COUNTER}", background=True, timeout=0)
+c = count()
+"#,
+        py_on(id)
+    )
+}
+
 const PY_COUNT: &str = r#"
 import time
 def count():
@@ -349,6 +367,36 @@ fn wait_pushed(etcd: &Etcd, id: &str) -> SandboxEntry {
     }
 }
 
+/// E2B's connect of sandbox `id` through each of `nodes` at once: the status codes, sorted
+/// (each answer names the sandbox).
+fn connect_at_once(nodes: &[&Serve], id: &str) -> Vec<u16> {
+    let connects: Vec<_> = nodes
+        .iter()
+        .map(|s| {
+            let (port, path) = (s.port, format!("/v2/sandboxes/{id}/connect"));
+            std::thread::spawn(move || {
+                e2b::http(
+                    port,
+                    "POST",
+                    &path,
+                    &[("X-API-Key", KEY), ("Content-Type", "application/json")],
+                    Some(r#"{"timeout": 300}"#),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for c in connects {
+        let (code, body) = c.join().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(body["sandboxID"], id, "{code}: {body}");
+        codes.push(code);
+    }
+    codes.sort_unstable();
+    codes
+}
+
 /// How many of `homes` hold sandbox `id`.
 fn holders(homes: &[kiln_tests::Kiln], id: &str) -> usize {
     homes
@@ -374,13 +422,9 @@ fn a_paused_sandbox_resumes_on_another_node_once() {
         py,
         &format!(
             r#"{}
-data = os.urandom(3 << 20)
-sbx.files.write("/home/app/moved.bin", data)
-sbx.commands.run("{COUNTER}", background=True, timeout=0)
-c = count()
-print(json.dumps({{"sha": hashlib.sha256(data).hexdigest(), "count": c, "paused": Sandbox.pause("{a}")}}))
+print(json.dumps({{"sha": sha, "count": c, "paused": Sandbox.pause("{a}")}}))
 "#,
-            py_on(&a)
+            py_file_and_counter(&a)
         ),
     );
     assert_eq!(before["paused"], true, "{before}");
@@ -429,32 +473,8 @@ print(json.dumps({{"state": info.state.value, "sha": hashlib.sha256(bytes(data))
 
     // Two connects of `b` at once, through n1 and n2: one resumes it, the other finds it
     // running (the node that lost the takeover forwards to the winner).
-    let connects: Vec<_> = [nodes[0].port, nodes[1].port]
-        .into_iter()
-        .map(|port| {
-            let path = format!("/v2/sandboxes/{b}/connect");
-            std::thread::spawn(move || {
-                e2b::http(
-                    port,
-                    "POST",
-                    &path,
-                    &[("X-API-Key", KEY), ("Content-Type", "application/json")],
-                    Some(r#"{"timeout": 300}"#),
-                )
-                .unwrap()
-            })
-        })
-        .collect();
-    let mut codes = Vec::new();
-    for c in connects {
-        let (code, body) = c.join().unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        assert_eq!(body["sandboxID"], b.as_str(), "{code}: {body}");
-        codes.push(code);
-    }
-    codes.sort_unstable();
     assert_eq!(
-        codes,
+        connect_at_once(&[&nodes[0], &nodes[1]], &b),
         vec![200, 201],
         "one resume, one connect to it running"
     );
@@ -511,8 +531,8 @@ print(json.dumps({{"out": Sandbox.connect("{b}").commands.run("echo resumed once
 }
 
 /// S3 down during a cluster pause: the pause fails, saying its snapshot could not be pushed,
-/// and the sandbox runs on where it was (its counter counts, its entry says running); with
-/// S3 back the pause works.
+/// and the sandbox runs on where it was (its counter counts, its entry says running); a drain
+/// keeps it there, running, with the same cause; with S3 back the pause works.
 #[test]
 fn a_pause_without_s3_fails_and_the_sandbox_runs_on() {
     let Some(mut f) = fixture(SECRET, 2) else {
@@ -554,6 +574,30 @@ except Exception as e:
         &format!("{count}\nc = count()\nprint(json.dumps({{\"c\": c, \"then\": advanced(c)}}))"),
     );
     assert!(out["then"].as_u64() > out["c"].as_u64(), "{out}");
+
+    // A drain cannot let it go either: it stays, running, and the drain says why.
+    let drain = node_cmd(&f.homes[0], &f.etcd, &["drain", "n1", "--timeout", "60"]);
+    let text = String::from_utf8_lossy(&drain.stdout);
+    eprintln!("kiln node drain n1 without S3:\n{text}");
+    assert!(!drain.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{a} (was running) KEPT on the node: "))
+            && text.contains("could not be pushed to the store's remote"),
+        "{text}"
+    );
+    let e = entry(&f.etcd, &a).unwrap();
+    assert_eq!(
+        (e.node.as_str(), e.state, e.released),
+        ("n1", SandboxState::Running, false)
+    );
+    let out = nodes[1].python(
+        &f.py,
+        &format!("{count}\nc = count()\nprint(json.dumps({{\"c\": c, \"then\": advanced(c)}}))"),
+    );
+    assert!(out["then"].as_u64() > out["c"].as_u64(), "{out}");
+    assert!(node_cmd(&f.homes[0], &f.etcd, &["undrain", "n1"])
+        .status
+        .success());
 
     f.s3.restart().unwrap();
     let out = nodes[1].python(
@@ -675,4 +719,201 @@ fn health_says_when_a_node_is_cut_off_from_the_cluster() {
     );
     f.etcd.restart(0);
     wait_for(204, Duration::from_secs(30));
+}
+
+/// `kiln node` through etcd, as an operator runs it: `args` after `node`, with the
+/// cluster's etcd; the output.
+fn node_cmd(k: &kiln_tests::Kiln, etcd: &Etcd, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["node"];
+    all.extend_from_slice(args);
+    let urls = etcd.urls_arg();
+    all.extend(["--cluster-etcd", &urls]);
+    k.run(&all)
+}
+
+/// `kiln node ls --json`: node id -> its row.
+fn node_rows(k: &kiln_tests::Kiln, etcd: &Etcd) -> serde_json::Map<String, serde_json::Value> {
+    let out = node_cmd(k, etcd, &["ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+/// `kiln node drain`: n3's two running sandboxes (one with a 3 MiB file and a counter) are
+/// paused, pushed and let go; n3 says it drains and placement skips it (a create through n3
+/// lands elsewhere); a connect through n3 resumes the first on another node, its file byte
+/// for byte and its counter counting on; the second resumes once through n1 and n2 at once;
+/// after `kiln node undrain` placement picks n3 again, and a sandbox paused there goes in the
+/// next drain. `KILN_TEST_DRAIN_EXTRA=N` puts N more running sandboxes on n3 before the
+/// drain (to time drains of more sandboxes; they are only checked released).
+#[test]
+fn drain_moves_a_nodes_sandboxes_to_the_others() {
+    let Some(f) = fixture(SECRET, 3) else {
+        return;
+    };
+    let (py, etcd, k) = (&f.py, &f.etcd, &f.homes[0]);
+    f.share_image("sdk");
+    let nodes = start_nodes(etcd, &f.homes, KEY, &f.secret, 0);
+    let a = create_on(&nodes[2], 300, "");
+    let b = create_on(&nodes[2], 300, "");
+    let extra: usize = std::env::var("KILN_TEST_DRAIN_EXTRA")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let extras: Vec<String> = (0..extra).map(|_| create_on(&nodes[2], 300, "")).collect();
+    let before = nodes[0].python(
+        py,
+        &format!(
+            "{}\nprint(json.dumps({{\"sha\": sha, \"count\": c}}))",
+            py_file_and_counter(&a)
+        ),
+    );
+
+    let t = Instant::now();
+    let out = node_cmd(k, etcd, &["drain", "n3", "--json", "--timeout", "60"]);
+    let took = t.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    eprintln!(
+        "kiln node drain n3 ({} running sandboxes): {took:?}: {report}",
+        2 + extra
+    );
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["complete"], true, "{report}");
+    let mut released: Vec<(String, String, String)> = report["settled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let f = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+            (f("id"), f("was"), f("outcome"))
+        })
+        .collect();
+    released.sort();
+    let mut want: Vec<_> = [&a, &b]
+        .into_iter()
+        .chain(&extras)
+        .map(|id| (id.clone(), "running".to_string(), "released".to_string()))
+        .collect();
+    want.sort();
+    assert_eq!(released, want, "{report}");
+    for id in [&a, &b] {
+        let e = entry(etcd, id).unwrap();
+        assert!(
+            e.node == "n3" && e.state == SandboxState::Paused && e.released && e.pushed.is_some(),
+            "{e:?}"
+        );
+    }
+    assert_eq!(holders(&f.homes[2..], &a) + holders(&f.homes[2..], &b), 0);
+    // n3 says it drains (its next published info), with nothing left on it.
+    let t = Instant::now();
+    let n3 = loop {
+        let n3 = node_rows(k, etcd)["n3"].clone();
+        if n3["draining_seen"] == true || t.elapsed() > Duration::from_secs(10) {
+            break n3;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (&n3["live"], &n3["draining"], &n3["draining_seen"]),
+        (&true.into(), &true.into(), &true.into()),
+        "{n3}"
+    );
+    assert_eq!(
+        (&n3["running"], &n3["released"]),
+        (&0.into(), &(2 + extra).into()),
+        "{n3}"
+    );
+    let table = node_cmd(k, etcd, &["ls"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    eprintln!("kiln node ls:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("n3 ") && l.contains(" yes ")),
+        "{table}"
+    );
+
+    // A create through n3 lands on another node.
+    let c = create(&nodes[2], py);
+    let on = entry(etcd, &c).unwrap().node;
+    assert!(on == "n1" || on == "n2", "placed on {on}");
+
+    // A connect through n3 resumes `a` on another node, as it was.
+    let after = nodes[2].python(
+        py,
+        &format!(
+            r#"{}
+data = sbx.files.read("/home/app/moved.bin", format="bytes")
+c1 = count()
+print(json.dumps({{"sha": hashlib.sha256(bytes(data)).hexdigest(), "c1": c1, "c2": advanced(c1)}}))
+"#,
+            py_on(&a)
+        ),
+    );
+    assert_eq!(after["sha"], before["sha"], "the file changed");
+    let (c0, c1, c2) = (
+        before["count"].as_u64().unwrap(),
+        after["c1"].as_u64().unwrap(),
+        after["c2"].as_u64().unwrap(),
+    );
+    assert!(c1 >= c0 && c2 > c1, "the counter: {c0}, then {c1}, {c2}");
+    let e = entry(etcd, &a).unwrap();
+    assert!(
+        e.node != "n3" && e.state == SandboxState::Running && !e.released,
+        "{e:?}"
+    );
+    assert_eq!(holders(&f.homes, &a), 1);
+
+    // `b` through n1 and n2 at once: resumed once, by the node that took it over.
+    assert_eq!(connect_at_once(&[&nodes[0], &nodes[1]], &b), vec![200, 201]);
+    let e = entry(etcd, &b).unwrap();
+    assert!(
+        ["n1", "n2"].contains(&e.node.as_str()) && e.state == SandboxState::Running,
+        "{e:?}"
+    );
+    assert_eq!(holders(&f.homes, &b), 1);
+
+    // Undrained, n3 (no sandbox left) is placement's choice again.
+    let out = node_cmd(k, etcd, &["undrain", "n3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = create(&nodes[0], py);
+    assert_eq!(entry(etcd, &d).unwrap().node, "n3");
+    let t = Instant::now();
+    while node_rows(k, etcd)["n3"]["draining_seen"] != false {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "n3 still says it drains"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Paused there through the CLI (its reaper pushes it), then drained again, as an
+    // operator reads it: the paused sandbox goes too.
+    f.homes[2].ok(["sandbox", "pause", &d]);
+    wait_pushed(etcd, &d);
+    let out = node_cmd(k, etcd, &["drain", "n3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("kiln node drain n3:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{d} (was paused) released: pushed"))
+            && text.contains("node n3 is drained in"),
+        "{text}"
+    );
+    assert!(entry(etcd, &d).unwrap().released);
 }

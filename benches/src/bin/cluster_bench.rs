@@ -329,6 +329,7 @@ async fn placement_part(urls: &[String], secs: u64) -> Result<Value> {
                     disk_mib: 1024,
                     cause: None,
                     pushed: None,
+                    released: false,
                 };
                 let id = format!("bench-{w}-{n}");
                 n += 1;
