@@ -54,7 +54,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod metrics;
 mod templates;
+use templates::TELL_WITHIN;
 
 /// The node a forwarded request comes from.
 pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
