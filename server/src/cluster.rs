@@ -59,7 +59,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod drain;
+mod metrics;
 mod templates;
+use templates::TELL_WITHIN;
 
 /// The node a forwarded request comes from.
 pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";

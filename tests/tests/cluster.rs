@@ -57,6 +57,31 @@ print(json.dumps({"id": sbx.sandbox_id, "out": r.stdout}))
     assert_eq!(detail["clientID"], "n1");
     assert_eq!(detail["metadata"]["suite"], "cluster");
 
+    // Its latest metrics through every node (n1 samples it; n2 and n3 ask n1), bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for s in &nodes {
+        loop {
+            let (code, m) = s.api(
+                "GET",
+                &format!("/sandboxes/metrics?sandbox_ids={id},nope"),
+                None,
+            );
+            assert_eq!(code, 200, "{m}");
+            let got = m["sandboxes"].as_object().unwrap();
+            if got.contains_key(&id) {
+                assert_eq!(got.len(), 1, "{m}");
+                assert!(got[&id]["memTotal"].as_u64().unwrap() > 0, "{m}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no metrics of {id} through :{}: {m}",
+                s.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+
     // An etcd member dies (the one every node tries first): the cluster goes on.
     f.etcd.kill(0);
 

@@ -14,8 +14,9 @@ use kiln_cluster::{TemplateEntry, TemplateKind};
 use kiln_runtime::Sandboxes;
 use std::sync::Arc;
 
-/// How long a node is given to drop its copy of a deleted template.
-const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long another node is given to answer a request made of all of them (drop a deleted
+/// template, send its sandboxes' metrics).
+pub(super) const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a template could not be published or fetched.
 fn failed(what: String) -> ApiError {

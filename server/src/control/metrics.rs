@@ -71,6 +71,7 @@ pub(super) async fn metrics(
 /// [`MAX_IDS`]) that has one; other ids are left out, as E2B's query leaves them.
 pub(super) async fn many_metrics(
     State(state): State<Arc<AppState>>,
+    forwarded: Option<axum::Extension<crate::cluster::Forwarded>>,
     uri: Uri,
 ) -> ApiResult<Json<SandboxesWithMetrics>> {
     let mut ids: Vec<String> = Vec::new();
@@ -98,12 +99,18 @@ pub(super) async fn many_metrics(
             "Too many sandboxes requested, maximum is {MAX_IDS}"
         )));
     }
-    let sandboxes = ids
-        .into_iter()
+    let mut sandboxes: BTreeMap<String, SandboxMetric> = ids
+        .iter()
         .filter_map(|id| {
-            let s = state.metrics.latest(&id)?;
-            Some((id, SandboxMetric::from(s)))
+            let s = state.metrics.latest(id)?;
+            Some((id.clone(), SandboxMetric::from(s)))
         })
         .collect();
+    // Cluster mode: the other nodes' sandboxes from their nodes (asked by the node the
+    // client reached, never by those it asks).
+    if let Some(c) = state.cluster.as_ref().filter(|_| forwarded.is_none()) {
+        let here = sandboxes.keys().cloned().collect();
+        sandboxes.extend(c.metrics_elsewhere(&ids, &here).await);
+    }
     Ok(Json(SandboxesWithMetrics { sandboxes }))
 }

@@ -277,8 +277,8 @@ pub struct TemplateAliasResponse {
     pub public: bool,
 }
 
-/// E2B's `SandboxMetric`.
-#[derive(Serialize)]
+/// E2B's `SandboxMetric` (read back too: another node's, in cluster mode).
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxMetric {
     /// Deprecated in the spec, still required.
@@ -294,7 +294,7 @@ pub struct SandboxMetric {
 }
 
 /// E2B's `SandboxesWithMetrics`.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct SandboxesWithMetrics {
     pub sandboxes: BTreeMap<String, SandboxMetric>,
 }
