@@ -124,9 +124,12 @@ impl Cluster {
         let sends = others.map(|(node, info)| {
             let req = axum::http::Request::delete(path)
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
-                .body(axum::body::Body::from(body.clone()))
-                .expect("a DELETE of a path is a request");
+                .body(axum::body::Body::from(body.clone()));
             async move {
+                let Ok(req) = req else {
+                    tracing::warn!(node, path, "not a request path");
+                    return;
+                };
                 match tokio::time::timeout(TELL_WITHIN, self.forward(node, info, req)).await {
                     Ok(Some(r)) if r.status().is_success() || r.status() == 404 => {}
                     Ok(Some(r)) => tracing::warn!(node, path, status = %r.status(), "refused"),

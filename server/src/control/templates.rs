@@ -70,8 +70,7 @@ pub(super) async fn delete_template(
             .collect();
         c.unpublish(&names).await?;
         unpublished = !names.is_empty();
-        // Template names are [a-zA-Z0-9._/:@-]: only '/' needs escaping in one segment.
-        let path = format!("/templates/{}", id.replace('/', "%2F"));
+        let path = format!("/templates/{}", path_segment(&id));
         c.delete_everywhere(&path, Bytes::new()).await;
     }
     let sb = state.sandboxes.clone();
@@ -101,5 +100,30 @@ pub(super) async fn delete_template(
             StatusCode::NOT_FOUND,
             format!("template '{id}' not found"),
         ))
+    }
+}
+
+/// `s` as one path segment: every byte but the unreserved ones and `:`/`@` percent-encoded
+/// (a name from the client, sent on to the other nodes as it was asked).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_name_is_one_path_segment() {
+        assert_eq!(super::path_segment("tpl-c:v1.2"), "tpl-c:v1.2");
+        assert_eq!(
+            super::path_segment("a/b c\r\n?#%"),
+            "a%2Fb%20c%0D%0A%3F%23%25"
+        );
     }
 }
