@@ -60,7 +60,9 @@ use std::time::Duration;
 
 mod drain;
 mod metrics;
+mod signed_urls;
 mod templates;
+pub(crate) use signed_urls::{is_probe, signed_elsewhere};
 use templates::TELL_WITHIN;
 
 /// The node a forwarded request comes from.

@@ -34,9 +34,9 @@ mod timefmt;
 pub mod wake;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -284,12 +284,23 @@ async fn dispatch(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         let records = tokio::task::spawn_blocking(move || sb.records())
             .await
             .unwrap_or_default();
-        return match signed::sandbox_of(req.method(), req.uri(), &records) {
-            Some(rec) => {
-                let id = rec.id.clone();
-                envd::handle(state, id, ENVD_PORT, req).await
-            }
-            None => signed::invalid(),
+        let found = signed::sandbox_of(req.method(), req.uri(), &records).map(|r| r.id.clone());
+        // Another node asking whether the signature names a sandbox here: yes or no, nothing
+        // done.
+        if cluster::is_probe(&req) {
+            let status = match found {
+                Some(_) => StatusCode::NO_CONTENT,
+                None => StatusCode::NOT_FOUND,
+            };
+            return status.into_response();
+        }
+        return match found {
+            Some(id) => envd::handle(state, id, ENVD_PORT, req).await,
+            // In cluster mode, a sandbox of another node's.
+            None => match cluster::signed_elsewhere(&state, req).await {
+                Ok(answer) => answer,
+                Err(_) => signed::invalid(),
+            },
         };
     }
     next.run(req).await

@@ -101,11 +101,21 @@ r = sbx.commands.run("wc -l < /tmp/through-n2.txt; for i in 1 2 3; do echo tick$
                      on_stdout=lambda s: lines.append(s))
 srv = sbx.commands.run("mkdir -p /tmp/www && echo served > /tmp/www/index.html && httpd -f -p 8123 -h /tmp/www",
                        background=True, timeout=0)
-print(json.dumps({{"same": back == data, "out": r.stdout, "streamed": len(lines)}}))
+# Signed file URLs name no sandbox: n2 finds the node whose sandbox the signature names.
+import httpx
+down = httpx.get(sbx.download_url("/tmp/through-n2.txt"))
+up = httpx.post(sbx.upload_url("/home/app/up.txt"), files={{"file": ("up.txt", b"uploaded through n2")}})
+forged = httpx.get(sbx.download_url("/tmp/through-n2.txt").replace("signature=v1_", "signature=v1_x"))
+print(json.dumps({{"same": back == data, "out": r.stdout, "streamed": len(lines),
+  "down": [down.status_code, down.text == data], "up": [up.status_code, sbx.files.read("/home/app/up.txt")],
+  "forged": forged.status_code}}))
 "#
         ),
     );
     assert_eq!(out["same"], true, "{out}");
+    assert_eq!(out["down"], serde_json::json!([200, true]), "{out}");
+    assert_eq!(out["up"][1], "uploaded through n2", "{out}");
+    assert_eq!(out["forged"], 401, "{out}");
     let stdout = out["out"].as_str().unwrap();
     assert!(
         stdout.starts_with("1000\n") && stdout.contains("tick3"),
