@@ -209,7 +209,10 @@ pub async fn drain(
         ..Default::default()
     };
     if follow.wait && live {
-        let deadline = t + follow.timeout;
+        // A timeout past what the clock can hold waits as long as it can.
+        let deadline = t
+            .checked_add(follow.timeout)
+            .unwrap_or(t + Duration::from_secs(100 * 365 * 24 * 3600));
         while Instant::now() < deadline {
             tokio::time::sleep(follow.every).await;
             let (drain, entries, info) = tokio::try_join!(

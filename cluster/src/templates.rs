@@ -70,23 +70,44 @@ impl Templates {
         Templates { etcd }
     }
 
-    /// Every template of the cluster, in name order.
+    /// Every template of the cluster, in name order. An entry this version cannot read
+    /// (written by a newer one, or damaged) is left out, with a warning, not the whole list.
     pub async fn list(&self) -> Result<Vec<(String, TemplateEntry)>> {
-        self.etcd
+        Ok(self
+            .etcd
             .get_prefix(PREFIX)
             .await?
             .into_iter()
-            .map(|kv| {
+            .filter_map(|kv| {
                 let name = kv.key[PREFIX.len()..].to_string();
-                Ok((name, decode(&kv.key, &kv.value)?))
+                match decode::<TemplateEntry>(&kv.key, &kv.value) {
+                    Ok(e) if is_blob_id(&e.id) => Some((name, e)),
+                    Ok(e) => {
+                        tracing::warn!(template = name, id = e.id, "not a blob id: left out");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(template = name, "left out: {e}");
+                        None
+                    }
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// One template and its mod revision.
     pub async fn get(&self, name: &str) -> Result<Option<(TemplateEntry, i64)>> {
         match self.etcd.get(&key(name)).await? {
-            Some(kv) => Ok(Some((decode(&kv.key, &kv.value)?, kv.mod_revision))),
+            Some(kv) => {
+                let e: TemplateEntry = decode(&kv.key, &kv.value)?;
+                if !is_blob_id(&e.id) {
+                    return Err(crate::Error::Value {
+                        key: kv.key,
+                        why: format!("{:?} is not a blob id", e.id),
+                    });
+                }
+                Ok(Some((e, kv.mod_revision)))
+            }
             None => Ok(None),
         }
     }
@@ -143,6 +164,11 @@ impl Templates {
         }
         Err(conflict(name))
     }
+}
+
+/// A blob id as kiln writes it: 64 lowercase hex digits.
+fn is_blob_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn conflict(name: &str) -> crate::Error {

@@ -17,8 +17,8 @@ mod setup;
 
 pub use policy::{Dest, DestError, NetworkPolicy};
 pub use setup::{
-    apply_policy, attach, cleanup_stale_slots, detach, guest_namespace, reset_guest, Attachment,
-    GuestKind,
+    apply_policy, attach, cleanup_stale_slots, detach, guest_namespace, protect, reset_guest,
+    Attachment, GuestKind,
 };
 
 pub const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 88, 0, 2);

@@ -2,28 +2,45 @@
 
 use crate::policy::NetworkPolicy;
 use std::fmt::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// The table in kiln's own namespace: NAT for every sandbox uplink, sandboxes never reach
-/// each other nor the host's own services (replies to what the host opened pass).
-pub const HOST_TABLE: &str = "table inet kiln {}
+/// each other nor the host's own services (replies to what the host opened pass), nor the
+/// `protected` TCP endpoints (a cluster's etcd members and nodes: code in a sandbox must not
+/// reach the cluster's control plane, whatever its egress policy allows).
+pub fn host_table(protected: &[SocketAddrV4]) -> String {
+    let elems: Vec<String> = protected
+        .iter()
+        .map(|a| format!("{} . {}", a.ip(), a.port()))
+        .collect();
+    let elems = if elems.is_empty() {
+        String::new()
+    } else {
+        format!("elements = {{ {} }}", elems.join(", "))
+    };
+    format!(
+        "table inet kiln {{}}
 delete table inet kiln
-table inet kiln {
-  chain forward {
+table inet kiln {{
+  set protected {{ type ipv4_addr . inet_service; {elems} }}
+  chain forward {{
     type filter hook forward priority -5; policy accept;
     iifname \"kiln*\" oifname \"kiln*\" drop
-  }
-  chain input {
+    iifname \"kiln*\" ip daddr . tcp dport @protected reject with tcp reset
+  }}
+  chain input {{
     type filter hook input priority -5; policy accept;
     iifname \"kiln*\" ct state established,related accept
     iifname \"kiln*\" drop
-  }
-  chain postrouting {
+  }}
+  chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
     ip saddr 10.89.0.0/16 oifname != \"kiln*\" masquerade
-  }
+  }}
+}}
+"
+    )
 }
-";
 
 /// A sandbox's router table: `guest_if` faces the guest, `up0` the host. `allowed_ips` /
 /// `denied_ips` are what the policy's host names resolved to when it was applied; the DNS
@@ -113,4 +130,31 @@ pub fn allow_dns_elements(ips: &[(Ipv4Addr, u32)]) -> String {
         );
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_table_refuses_the_protected_endpoints_to_sandboxes() {
+        let t = host_table(&[
+            "10.0.0.10:2379".parse().unwrap(),
+            "10.0.0.11:2379".parse().unwrap(),
+        ]);
+        assert!(
+            t.contains("elements = { 10.0.0.10 . 2379, 10.0.0.11 . 2379 }"),
+            "{t}"
+        );
+        assert!(
+            t.contains("iifname \"kiln*\" ip daddr . tcp dport @protected reject"),
+            "{t}"
+        );
+        // None on record: an empty set (nft refuses `elements = { }`).
+        let t = host_table(&[]);
+        assert!(
+            t.contains("set protected { type ipv4_addr . inet_service;  }"),
+            "{t}"
+        );
+    }
 }

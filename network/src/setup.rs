@@ -7,7 +7,7 @@ use crate::{
 };
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -207,11 +207,55 @@ fn ensure_host() -> Result<()> {
         if fwd.trim() != "1" {
             ns::sysctl("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
         }
-        ns::run(None, "nft", &["-f", "-"], rules::HOST_TABLE).map_err(|e| e.to_string())?;
-        Ok(())
+        apply_host_table()
     })
     .clone()
     .map_err(Error::Host)
+}
+
+/// The host table with the protected endpoints on record ([`protect`]).
+fn apply_host_table() -> std::result::Result<(), String> {
+    let table = rules::host_table(&protected_endpoints());
+    ns::run(None, "nft", &["-f", "-"], &table)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The file holding the endpoints no sandbox may reach (`ip:port` a line), host-wide: every
+/// kiln process on the host writes the host table, each from it.
+fn protected_file() -> PathBuf {
+    std::env::var_os("KILN_NET_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/kiln/net"))
+        .join("protected")
+}
+
+fn protected_endpoints() -> Vec<SocketAddrV4> {
+    let text = std::fs::read_to_string(protected_file()).unwrap_or_default();
+    let mut all: Vec<SocketAddrV4> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Makes the TCP `endpoints` (a cluster's etcd members) unreachable from every sandbox of this
+/// host, whatever its egress policy allows, from now on: added to those on record and
+/// written into the host table at once (an atomic replace; running sandboxes keep their
+/// connections' NAT).
+pub fn protect(endpoints: &[SocketAddrV4]) -> Result<()> {
+    let mut all = protected_endpoints();
+    all.extend_from_slice(endpoints);
+    all.sort();
+    all.dedup();
+    let text: String = all.iter().map(|a| format!("{a}\n")).collect();
+    let file = protected_file();
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Host(format!("{}: {e}", dir.display())))?;
+    }
+    kiln_atomicfile::write(&file, text.as_bytes(), kiln_atomicfile::Options::PLAIN)
+        .map_err(|e| Error::Host(format!("{}: {e}", file.display())))?;
+    ensure_host()?;
+    apply_host_table().map_err(Error::Host)
 }
 
 /// The DNS proxy's settings, in the sandbox's network directory.

@@ -107,9 +107,17 @@ pub struct ClusterConfig {
 /// A node-to-node request without the right cluster secret.
 struct WrongSecret;
 
-/// A request that came from another node with the right secret.
+/// A request that came from another node with the right secret; `again` when that node had
+/// been sent it by a third (a takeover lost to another node: see [`SECOND_HOP`]).
 #[derive(Clone, Copy)]
-pub(crate) struct Forwarded;
+pub(crate) struct Forwarded {
+    again: bool,
+}
+
+/// Marks a forwarded request sent on once more: a node asked to take a sandbox over that
+/// another node won meanwhile sends the request to the winner, which serves it (a request
+/// that carries this is never sent on).
+const SECOND_HOP: &str = "x-kiln-second-hop";
 
 /// This node in the cluster.
 pub(crate) struct Cluster {
@@ -220,6 +228,7 @@ impl Cluster {
     ) -> kiln_cluster::Result<Cluster> {
         let etcd = Arc::new(Etcd::new(&cfg.etcd)?);
         kiln_cluster::authority(&cfg.advertise)?;
+        protect_etcd(&cfg.etcd);
         let mut info = NodeInfo::host();
         info.advertise = cfg.advertise.clone();
         info.max_sandboxes = MAX_SANDBOXES;
@@ -847,9 +856,13 @@ impl Cluster {
             Ok(a) => a,
             Err(e) => return Some(refuse(StatusCode::BAD_GATEWAY, &e.to_string())),
         };
+        let again = forwarded(&req);
         let h = req.headers_mut();
         h.insert(FORWARDED_BY, header_value(&self.node_id));
         h.insert(SECRET_HEADER, header_value(&self.secret));
+        if again {
+            h.insert(SECOND_HOP, HeaderValue::from_static("1"));
+        }
         let connect = tokio::time::timeout(
             Duration::from_secs(5),
             tokio::net::TcpStream::connect(&authority),
@@ -1003,6 +1016,7 @@ impl Cluster {
         // Twice at most: a node found gone while it was asked is routed around once.
         let mut last_try = false;
         let lost = loop {
+            let mut lost_takeover = false;
             let route = match self.route(state, id).await {
                 Err(e) => return Ok(unavailable(e)),
                 // Nothing to resume: its entry goes (its snapshot stays in the remote).
@@ -1012,14 +1026,24 @@ impl Cluster {
                     node: e.node,
                     rev,
                 }),
-                Ok(route) => match self.resolve(state, id, route, forwarded(&req)).await {
-                    Ok(route) => route,
-                    Err(answer) => return Ok(answer),
-                },
+                Ok(route) => {
+                    let adopt = matches!(route, Route::Adopt(..));
+                    match self.resolve(state, id, route, forwarded(&req)).await {
+                        Ok(route) => {
+                            lost_takeover = adopt && matches!(route, Route::Owner(..));
+                            route
+                        }
+                        Err(answer) => return Ok(answer),
+                    }
+                }
             };
             match route {
                 Route::Here => return Err(req),
-                Route::Owner(..) if forwarded(&req) => return Err(req),
+                // Forwarded here: served here (the sender routed it by the same catalog), but
+                // for a takeover lost meanwhile to another node, which serves it (once).
+                Route::Owner(..) if forwarded(&req) && (no_more_hops(&req) || !lost_takeover) => {
+                    return Err(req)
+                }
                 Route::Stranded(msg) => return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg)),
                 Route::Adopt(..) => return Ok(changed_hands(id)),
                 Route::Lost(lost) => break lost,
@@ -1215,6 +1239,28 @@ impl Cluster {
     }
 }
 
+/// Makes the cluster's etcd members unreachable from this host's sandboxes (etcd has no
+/// authentication here: code in a sandbox that reached it could rewrite the catalog, drain
+/// every node or point a template at data of its choosing). IPv4 endpoints, host names
+/// resolved now; a failure is logged (the sandboxes' networks need the same nftables).
+fn protect_etcd(urls: &[String]) {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let mut endpoints = Vec::new();
+    for u in urls {
+        let resolved = kiln_cluster::authority(u)
+            .ok()
+            .and_then(|a| a.to_socket_addrs().ok());
+        endpoints.extend(resolved.into_iter().flatten().filter_map(|a| match a {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        }));
+    }
+    match kiln_network::protect(&endpoints) {
+        Ok(()) => tracing::info!(?endpoints, "sandboxes of this host cannot reach etcd"),
+        Err(e) => tracing::warn!("could not keep sandboxes away from etcd: {e}"),
+    }
+}
+
 /// Two of control-plane request `req` (its body is small: E2B's JSON), to send it again when
 /// the node it went to is gone.
 async fn twice(req: Request) -> Result<(Request, Request), Response> {
@@ -1334,7 +1380,8 @@ pub(crate) fn admit(state: &AppState, req: &mut Request) -> Option<Response> {
         Ok(true) => {
             req.headers_mut().remove(SECRET_HEADER);
             req.headers_mut().remove(FORWARDED_BY);
-            req.extensions_mut().insert(Forwarded);
+            let again = req.headers_mut().remove(SECOND_HOP).is_some();
+            req.extensions_mut().insert(Forwarded { again });
             None
         }
         Ok(false) => None,
@@ -1349,6 +1396,11 @@ fn forwarded(req: &Request) -> bool {
     req.extensions().get::<Forwarded>().is_some()
 }
 
+/// Whether `req` may not be sent on to another node: it came on a second hop.
+fn no_more_hops(req: &Request) -> bool {
+    req.extensions().get::<Forwarded>().is_some_and(|f| f.again)
+}
+
 /// A data-plane request (envd, or another port) for sandbox `id`: Ok(answer) when it was
 /// forwarded to the owner, Err(req) when this node serves it.
 pub(crate) async fn data_plane(
@@ -1360,18 +1412,28 @@ pub(crate) async fn data_plane(
     let Some(c) = &state.cluster else {
         return Err(req);
     };
+    let mut lost_takeover = false;
     let route = match c.route(state, id).await {
-        Ok(route) => match c.resolve(state, id, route, forwarded(&req)).await {
-            Ok(route) => Ok(route),
-            Err(answer) => return Ok(answer),
-        },
+        Ok(route) => {
+            let adopt = matches!(route, Route::Adopt(..));
+            match c.resolve(state, id, route, forwarded(&req)).await {
+                Ok(route) => {
+                    lost_takeover = adopt && matches!(route, Route::Owner(..));
+                    Ok(route)
+                }
+                Err(answer) => return Ok(answer),
+            }
+        }
         Err(e) => Err(e),
     };
     let (node, info) = match route {
         Ok(Route::Here) => return Err(req),
         Ok(Route::Adopt(..)) => return Ok(changed_hands(id)),
-        // Never forwarded twice.
-        Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
+        // Forwarded here: served here, but for a takeover lost meanwhile to another node,
+        // which serves it (a second hop, never a third).
+        Ok(Route::Owner(..)) if forwarded(&req) && (no_more_hops(&req) || !lost_takeover) => {
+            return Err(req)
+        }
         Ok(Route::Owner(node, info)) => (node, info),
         Ok(Route::Lost(lost)) => {
             return Ok(gone_data_plane(id, &format!("it failed: {}", lost.cause)))
@@ -1468,13 +1530,60 @@ pub(crate) async fn control(
             Ok(answer) => return answer,
             Err(req) => req,
         };
+        if !forwarded(&req) {
+            // Served here, but a request that waited its turn behind a drain letting the
+            // sandbox go finds it gone: routed again, once, where the catalog now says.
+            let (now, later) = match twice(req).await {
+                Ok(x) => x,
+                Err(answer) => return answer,
+            };
+            let resp = next.clone().run(now).await;
+            if resp.status() != StatusCode::NOT_FOUND || !c.gone_from_here(&state, &id).await {
+                return c.after(&state, resp, changes_of(&later)).await;
+            }
+            tracing::info!(
+                id,
+                "the sandbox left this node while the request waited: routed again"
+            );
+            req = match c.control_for(&state, &id, later).await {
+                Ok(answer) => return answer,
+                Err(req) => req,
+            };
+        }
     }
-    let changes = req.method() != Method::GET;
+    let changes = changes_of(&req);
     let resp = next.run(req).await;
-    if changes && resp.status().is_success() {
-        c.sync_now(&state.sandboxes).await;
+    c.after(&state, resp, changes).await
+}
+
+/// Whether `req` may change something (its answer is followed by a catalog sync).
+fn changes_of(req: &Request) -> bool {
+    req.method() != Method::GET
+}
+
+impl Cluster {
+    /// Whether sandbox `id`, which this node has no record of now, is in the catalog as
+    /// another node's or as let go (a drain): a request that found it gone here is routed
+    /// again.
+    async fn gone_from_here(&self, state: &AppState, id: &str) -> bool {
+        let sb = state.sandboxes.clone();
+        let id2 = id.to_string();
+        let here = tokio::task::spawn_blocking(move || sb.record(&id2).is_ok())
+            .await
+            .unwrap_or(true);
+        if here {
+            return false;
+        }
+        matches!(self.catalog.get(id).await, Ok(Some((e, _))) if e.node != self.node_id || e.released)
     }
-    resp
+
+    /// A control-plane answer given here: the catalog synced first when it changed something.
+    async fn after(&self, state: &AppState, resp: Response, changes: bool) -> Response {
+        if changes && resp.status().is_success() {
+            self.sync_now(&state.sandboxes).await;
+        }
+        resp
+    }
 }
 
 #[cfg(test)]

@@ -189,6 +189,27 @@ print(json.dumps({"base": sbx.commands.run("cat /home/app/base").stdout}))
     }
     let from_snap = create_on(n2, "snap-c").unwrap();
     assert_eq!(cat(n3, &py, &from_snap, "/home/app/version"), "v2");
+    // A snapshot and an image template never share a name.
+    let (code, v) = n1.api(
+        "POST",
+        &format!("/sandboxes/{on3_v2}/snapshots"),
+        Some(r#"{"name":"tpl-d"}"#),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("tpl-d is a template (an image)"),
+        "{v}"
+    );
+    // Deleted through n1: no node creates from it again (n2 and n3 held it, n1 never did).
+    let (code, v) = n1.api("DELETE", "/templates/snap-c", None);
+    assert_eq!(code, 204, "{v}");
+    for s in &nodes {
+        let refused = create_on(s, "snap-c").unwrap_err();
+        assert!(refused.starts_with("404"), "through :{}: {refused}", s.port);
+    }
 
     // Tagged through n1, the tag published; untagged through n3, gone from every home.
     let out = n1.python(

@@ -56,7 +56,9 @@ impl Cluster {
             id,
             0,
             || {
-                kiln_runtime::sandbox_snapshot::push(sandboxes.store(), id, Some(name))
+                // No name in the remote: the catalog names it, and a delete there must leave
+                // no name a node could still pull it by.
+                kiln_runtime::sandbox_snapshot::push(sandboxes.store(), id, None)
                     .map_err(|e| e.to_string())
             },
         )
@@ -78,10 +80,13 @@ impl Cluster {
                 names.join(", ")
             ));
         }
+        let rt = tokio::runtime::Handle::current();
+        for n in names {
+            rt.block_on(self.check_kind(n, kind))?;
+        }
         let t = std::time::Instant::now();
         let bytes = push().map_err(|e| format!("pushing it to the store's remote: {e}"))?;
         let entry = TemplateEntry::new(kind, id.to_hex(), &self.node_id, disk_mib);
-        let rt = tokio::runtime::Handle::current();
         for n in names {
             rt.block_on(self.templates.publish(n, &entry))
                 .map_err(|e| format!("publishing {n} in the cluster's catalog: {e}"))?;
@@ -96,11 +101,31 @@ impl Cluster {
         Ok(())
     }
 
-    /// Removes `names` from the cluster's catalog, whatever they point at.
-    pub(crate) async fn unpublish(&self, names: &[String]) -> Result<(), ApiError> {
-        for n in names {
+    /// Err (why) when `name` is in the catalog as the other kind: an image template and a
+    /// sandbox snapshot never share a name, so a name means the same thing on every node.
+    pub(crate) async fn check_kind(&self, name: &str, kind: TemplateKind) -> Result<(), String> {
+        let what = |k: TemplateKind| match k {
+            TemplateKind::Image => "a template (an image)",
+            TemplateKind::Snapshot => "a sandbox snapshot",
+        };
+        match self.templates.get(name).await {
+            Ok(Some((e, _))) if e.kind != kind => Err(format!(
+                "{name} is {} in the cluster (published by node {}); pick another name or \
+                 delete it first",
+                what(e.kind),
+                e.node
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("reading {name} from the cluster's catalog: {e}")),
+        }
+    }
+
+    /// Removes `names` (each with the id it was seen pointing at) from the cluster's
+    /// catalog: a name published again meanwhile (a rebuild) stays.
+    pub(crate) async fn unpublish(&self, names: &[(String, String)]) -> Result<(), ApiError> {
+        for (n, id) in names {
             self.templates
-                .remove(n, None)
+                .remove(n, Some(id))
                 .await
                 .map_err(|e| failed(format!("removing {n} from the cluster's catalog: {e}")))?;
         }

@@ -47,6 +47,13 @@ pub(super) async fn create_snapshot(
     if let Some(n) = &name {
         kiln_runtime::record::check_name(n).map_err(ApiError::from)?;
     }
+    // Cluster mode: a name the cluster knows as a template image is refused before anything
+    // is taken.
+    if let (Some(c), Some(n)) = (&state.cluster, &name) {
+        c.check_kind(n, kiln_cluster::TemplateKind::Snapshot)
+            .await
+            .map_err(ApiError::bad_request)?;
+    }
     let rec = lookup(&state, &id).await?;
     let sb = state.sandboxes.clone();
     let (name, sid) = blocking(move || {
@@ -130,10 +137,13 @@ pub(super) async fn list_snapshots(
             }
             if let Some(s) = &sandbox {
                 // A snapshot of another node's: its record comes from the remote.
-                if !store.contains(&id) {
-                    store.pull(&id)?;
+                // One that cannot be read (the remote away) is left out, not the whole list.
+                if !store.contains(&id) && store.pull(&id).is_err() {
+                    continue;
                 }
-                let rec = kiln_runtime::sandbox_snapshot::get(store, &id)?;
+                let Ok(rec) = kiln_runtime::sandbox_snapshot::get(store, &id) else {
+                    continue;
+                };
                 if rec.sandbox != *s {
                     continue;
                 }

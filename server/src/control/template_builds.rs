@@ -112,6 +112,10 @@ pub(super) async fn start_build(
     // Cluster mode: a base built on another node comes from the catalog; the template is
     // ready once pushed and published, so a create through any node finds it.
     if let Some(c) = &state.cluster {
+        let template = b.lock().unwrap().template.clone();
+        c.check_kind(&template, kiln_cluster::TemplateKind::Image)
+            .await
+            .map_err(ApiError::bad_request)?;
         c.fetch_template(&state.sandboxes, &plan.base).await?;
     }
     let publish = state.cluster.clone().map(|c| {

@@ -107,8 +107,8 @@ pub(super) async fn delete_tags(
     let mut removed = 0;
     if let Some(c) = state.cluster.as_ref().filter(|_| forwarded.is_none()) {
         for n in &names {
-            if c.template(n).await?.is_some() {
-                c.unpublish(std::slice::from_ref(n)).await?;
+            if let Some(e) = c.template(n).await? {
+                c.unpublish(&[(n.clone(), e.id)]).await?;
                 removed += 1;
             }
         }

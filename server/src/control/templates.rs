@@ -61,12 +61,12 @@ pub(super) async fn delete_template(
     let mut unpublished = false;
     if let Some(c) = state.cluster.as_ref().filter(|_| forwarded.is_none()) {
         let tagged = format!("{name}:");
-        let names: Vec<String> = c
+        let names: Vec<(String, String)> = c
             .templates()
             .await?
             .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| *n == name || n.starts_with(&tagged))
+            .filter(|(n, _)| *n == name || n.starts_with(&tagged))
+            .map(|(n, e)| (n, e.id))
             .collect();
         c.unpublish(&names).await?;
         unpublished = !names.is_empty();
