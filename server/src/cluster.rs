@@ -151,6 +151,8 @@ pub(crate) struct Cluster {
     draining: AtomicBool,
     /// A drain pass runs (one at a time).
     drain_busy: Arc<AtomicBool>,
+    /// The template names this home holds from the cluster's catalog ([`templates`]).
+    held: templates::Held,
 }
 
 /// A sandbox in hand until dropped ([`Cluster::in_hand`]).
@@ -256,6 +258,7 @@ impl Cluster {
             push_failed: Default::default(),
             draining: AtomicBool::new(false),
             drain_busy: Default::default(),
+            held: templates::Held::new(serve_dir),
         };
         // A drain asked before this start holds on: placement skips the node from the first
         // info it publishes.
@@ -277,6 +280,8 @@ impl Cluster {
         if let Err(e) = std::fs::write(&member_file, format!("{}\n", c.node_id)) {
             tracing::warn!("writing {}: {e}", member_file.display());
         }
+        // Templates deleted in the cluster while this node was away leave its home too.
+        c.drop_all_deleted(sandboxes).await;
         c.sync_now(sandboxes).await;
         Ok(c)
     }

@@ -94,7 +94,7 @@ fn templates_and_snapshots_are_the_clusters() {
     };
     f.share_image("sdk");
     let py = f.py.clone();
-    let nodes: Vec<Serve> = start_nodes(&f.etcd, &f.homes, KEY, &f.secret, 0);
+    let mut nodes: Vec<Serve> = start_nodes(&f.etcd, &f.homes, KEY, &f.secret, 0);
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Built through n2: pushed and published before the build says it is ready.
@@ -244,21 +244,27 @@ print(json.dumps({"exists": Template.exists("tpl-c:stable")}))
         assert!(!images(k).contains(&"tpl-c:stable".to_string()));
     }
 
-    // Deleted through n3: gone from the catalog and from every home; no node creates it.
-    let (code, v) = n3.api("DELETE", "/templates/tpl-c", None);
+    // Deleted through n1 while n3 (which holds it) is down: gone from the catalog and from
+    // every live home; n3, back, drops its copy at its next create of it.
+    nodes[2].stop();
+    let (code, v) = nodes[0].api("DELETE", "/templates/tpl-c", None);
     assert_eq!(code, 204, "{v}");
     assert!(template(&f.etcd, "tpl-c").is_none());
-    for (i, k) in f.homes.iter().enumerate() {
-        assert!(
-            !images(k).contains(&"tpl-c".to_string()),
-            "home {} kept tpl-c",
-            i + 1
-        );
+    for k in &f.homes[..2] {
+        assert!(!images(k).contains(&"tpl-c".to_string()));
     }
+    assert!(images(&f.homes[2]).contains(&"tpl-c".to_string()));
+    nodes[2].restart();
     for s in &nodes {
         let (code, _) = s.api("GET", "/templates/aliases/tpl-c", None);
         assert_eq!(code, 404);
     }
-    let refused = create_on(n2, "tpl-c").unwrap_err();
-    assert!(refused.starts_with("404"), "{refused}");
+    for s in &nodes {
+        let refused = create_on(s, "tpl-c").unwrap_err();
+        assert!(refused.starts_with("404"), "through :{}: {refused}", s.port);
+    }
+    assert!(
+        !images(&f.homes[2]).contains(&"tpl-c".to_string()),
+        "n3 kept its copy of a template deleted while it was down"
+    );
 }

@@ -14,6 +14,59 @@ use kiln_cluster::{TemplateEntry, TemplateKind};
 use kiln_runtime::Sandboxes;
 use std::sync::Arc;
 
+/// The template names this home holds because the cluster's catalog had them (published
+/// from here, or pulled), with the id of each: `name id` a line in `serve/cluster-templates`.
+/// A name held that the catalog no longer has was deleted while this node did not hear of
+/// it (down, or the delete's node died before telling it): its copy goes at its next create
+/// if it is still that id (not one built here since), so a delete holds on every node, not
+/// only on those live at the time.
+pub(crate) struct Held {
+    file: std::path::PathBuf,
+    lock: std::sync::Mutex<()>,
+}
+
+impl Held {
+    pub(crate) fn new(serve_dir: &std::path::Path) -> Held {
+        Held {
+            file: serve_dir.join("cluster-templates"),
+            lock: Default::default(),
+        }
+    }
+
+    fn read(&self) -> std::collections::BTreeMap<String, String> {
+        std::fs::read_to_string(&self.file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, id)| (n.to_string(), id.to_string()))
+            .collect()
+    }
+
+    /// The id name `name` was held at.
+    fn id_of(&self, name: &str) -> Option<String> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.read().remove(name)
+    }
+
+    /// Records `names` as held at `id` (None: no longer held); a failure to write is logged
+    /// (the copy then merely outlives a delete it missed).
+    fn set(&self, names: &[String], id: Option<&str>) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.read();
+        for n in names {
+            match id {
+                Some(id) => all.insert(n.clone(), id.to_string()),
+                None => all.remove(n),
+            };
+        }
+        let text: String = all.iter().map(|(n, id)| format!("{n} {id}\n")).collect();
+        let opts = kiln_atomicfile::Options::PLAIN;
+        if let Err(e) = kiln_atomicfile::write(&self.file, text.as_bytes(), opts) {
+            tracing::warn!("{}: {e}", self.file.display());
+        }
+    }
+}
+
 /// How long another node is given to answer a request made of all of them (drop a deleted
 /// template, send its sandboxes' metrics).
 pub(super) const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -87,6 +140,7 @@ impl Cluster {
         let t = std::time::Instant::now();
         let bytes = push().map_err(|e| format!("pushing it to the store's remote: {e}"))?;
         let entry = TemplateEntry::new(kind, id.to_hex(), &self.node_id, disk_mib);
+        self.held.set(names, Some(&id.to_hex()));
         for n in names {
             rt.block_on(self.templates.publish(n, &entry))
                 .map_err(|e| format!("publishing {n} in the cluster's catalog: {e}"))?;
@@ -130,6 +184,75 @@ impl Cluster {
                 .map_err(|e| failed(format!("removing {n} from the cluster's catalog: {e}")))?;
         }
         Ok(())
+    }
+
+    /// [`Cluster::drop_deleted`] for every name this home holds from the catalog (at join:
+    /// deletes made while the node was away). Failures are logged.
+    pub(crate) async fn drop_all_deleted(&self, sandboxes: &Arc<Sandboxes>) {
+        let held: Vec<String> = {
+            let _g = self.held.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.held.read().into_keys().collect()
+        };
+        for name in held {
+            match self.template(&name).await {
+                Ok(None) => {
+                    if let Err(e) = self.drop_deleted(sandboxes, &name).await {
+                        tracing::warn!(template = name, "{}", e.message);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::warn!(template = name, "{}", e.message),
+            }
+        }
+    }
+
+    /// A name the catalog does not have: if this home holds it from the catalog, it was
+    /// deleted while this node missed the delete: its copy goes here too (the create then
+    /// answers as for any unknown template).
+    async fn drop_deleted(&self, sandboxes: &Arc<Sandboxes>, name: &str) -> Result<(), ApiError> {
+        let held: Vec<(String, String)> = [name, name.strip_suffix(":default").unwrap_or(name)]
+            .into_iter()
+            .filter_map(|n| Some((n.to_string(), self.held.id_of(n)?)))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = held.iter().map(|(n, _)| n.clone()).collect();
+        let sb = sandboxes.clone();
+        let dropped = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let store = sb.store();
+            for (n, id) in &held {
+                // Only the copy the catalog gave: not one built here since under the name.
+                let image = kiln_imagebuilder::image::lookup(store, n).ok().map(|x| x.0);
+                if image.is_some_and(|i| i.to_hex() == *id) {
+                    kiln_imagebuilder::image::remove(store, n).map_err(|e| e.to_string())?;
+                }
+                let snapshot = kiln_runtime::sandbox_snapshot::list(store)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|(s, _)| s == n);
+                if snapshot.is_some_and(|(_, i)| i.to_hex() == *id) {
+                    sb.remove_snapshot(n).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        match dropped {
+            Ok(()) => {
+                tracing::info!(
+                    names = names.join(","),
+                    "dropped templates the cluster deleted"
+                );
+                self.held.set(&names, None);
+                Ok(())
+            }
+            Err(e) => Err(failed(format!(
+                "dropping {} (deleted in the cluster): {e}",
+                names.join(", ")
+            ))),
+        }
     }
 
     /// Sends `DELETE path` with `body` (a template's, its tags') to every other live node,
@@ -208,7 +331,7 @@ impl Cluster {
             }
         }
         let Some((name, entry)) = found else {
-            return Ok(());
+            return self.drop_deleted(sandboxes, name).await;
         };
         let id: BlobId = entry.id.parse().map_err(|e| {
             failed(format!(
@@ -246,6 +369,7 @@ impl Cluster {
         if pulled {
             tracing::info!(template = name, id = %id, "pulled a template of the cluster");
         }
+        self.held.set(std::slice::from_ref(&name), Some(&entry.id));
         if let Err(e) = self
             .templates
             .add_holder(&name, &entry.id, &self.node_id)

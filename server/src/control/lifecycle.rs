@@ -10,6 +10,9 @@ pub(super) async fn kill(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    // After any resume (or, in cluster mode, a drain letting it go) under way: a kill never
+    // lands between a drain's pause and its release, leaving a released entry of nothing.
+    let _turn = state.wakes.turn(&id).await;
     let sb = state.sandboxes.clone();
     let rec = blocking({
         let sb = sb.clone();
@@ -128,6 +131,8 @@ pub(super) async fn resume(
 ) -> ApiResult<Response> {
     let req: ResumeRequest = body(&bytes, true)?;
     let secs = start_timeout(req.timeout.as_ref())?;
+    // One resume at a time, as a connect's; and never between a drain's pause and release.
+    let _turn = state.wakes.turn(&id).await;
     let rec = lookup(&state, &id).await?;
     let sb = state.sandboxes.clone();
     let mode = resume_mode(req.memory);
