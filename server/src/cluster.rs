@@ -63,7 +63,10 @@ mod metrics;
 mod signed_urls;
 mod templates;
 pub(crate) use signed_urls::{is_probe, signed_elsewhere};
-use templates::TELL_WITHIN;
+
+/// How long another node is given to answer a request made of several nodes at once (drop
+/// a deleted template, send its sandboxes' metrics, say whether a signature is its own).
+const TELL_WITHIN: Duration = Duration::from_secs(10);
 
 /// The node a forwarded request comes from.
 pub const FORWARDED_BY: &str = "x-kiln-forwarded-by";
@@ -190,6 +193,9 @@ enum Route {
     Here,
     /// To its owner, live.
     Owner(String, NodeInfo),
+    /// To the node that took it over first while this one tried to ([`Cluster::take_over`]):
+    /// served there, so sent on even by a node it was forwarded to (once: [`SECOND_HOP`]).
+    Winner(String, NodeInfo),
     /// Nowhere: it failed (the catalog says so, or it was running on a node that is gone).
     Lost(Lost),
     /// Not here for now, for the reason given: running on a node that is away (not yet
@@ -894,6 +900,22 @@ impl Cluster {
         }
     }
 
+    /// The live nodes but this one.
+    async fn others(&self) -> kiln_cluster::Result<Vec<(String, NodeInfo)>> {
+        let mut nodes = membership::nodes(&self.etcd).await?;
+        nodes.retain(|(n, _)| *n != self.node_id);
+        Ok(nodes)
+    }
+
+    /// `req` forwarded to node `node` ([`Cluster::forward`]) when this node asks several at
+    /// once: its answer, or None when it gave none within [`TELL_WITHIN`].
+    async fn ask(&self, node: &str, info: &NodeInfo, req: Request) -> Option<Response> {
+        tokio::time::timeout(TELL_WITHIN, self.forward(node, info, req))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Returns once node `node`'s key is gone (its lease expired), checking every second.
     async fn gone(&self, node: &str) {
         loop {
@@ -1021,7 +1043,6 @@ impl Cluster {
         // Twice at most: a node found gone while it was asked is routed around once.
         let mut last_try = false;
         let lost = loop {
-            let mut lost_takeover = false;
             let route = match self.route(state, id).await {
                 Err(e) => return Ok(unavailable(e)),
                 // Nothing to resume: its entry goes (its snapshot stays in the remote).
@@ -1031,28 +1052,21 @@ impl Cluster {
                     node: e.node,
                     rev,
                 }),
-                Ok(route) => {
-                    let adopt = matches!(route, Route::Adopt(..));
-                    match self.resolve(state, id, route, forwarded(&req)).await {
-                        Ok(route) => {
-                            lost_takeover = adopt && matches!(route, Route::Owner(..));
-                            route
-                        }
-                        Err(answer) => return Ok(answer),
-                    }
-                }
+                Ok(route) => match self.resolve(state, id, route, forwarded(&req)).await {
+                    Ok(route) => route,
+                    Err(answer) => return Ok(answer),
+                },
             };
             match route {
                 Route::Here => return Err(req),
                 // Forwarded here: served here (the sender routed it by the same catalog), but
                 // for a takeover lost meanwhile to another node, which serves it (once).
-                Route::Owner(..) if forwarded(&req) && (no_more_hops(&req) || !lost_takeover) => {
-                    return Err(req)
-                }
+                Route::Owner(..) if forwarded(&req) => return Err(req),
+                Route::Winner(..) if no_more_hops(&req) => return Err(req),
                 Route::Stranded(msg) => return Ok(refuse(StatusCode::SERVICE_UNAVAILABLE, &msg)),
                 Route::Adopt(..) => return Ok(changed_hands(id)),
                 Route::Lost(lost) => break lost,
-                Route::Owner(node, info) => {
+                Route::Owner(node, info) | Route::Winner(node, info) => {
                     let (sent, again) = if last_try {
                         (req, None)
                     } else {
@@ -1123,6 +1137,7 @@ impl Cluster {
         for _ in 0..3 {
             let (entry, rev) = match self.route(state, id).await {
                 Ok(Route::Adopt(entry, rev)) => (*entry, rev),
+                Ok(Route::Owner(node, info)) => return Ok(Route::Winner(node, info)),
                 Ok(route) => return Ok(route),
                 Err(e) => return Err(unavailable(e)),
             };
@@ -1269,6 +1284,16 @@ fn protect_etcd(urls: &[String]) {
 /// Two of control-plane request `req` (its body is small: E2B's JSON), to send it again when
 /// the node it went to is gone.
 async fn twice(req: Request) -> Result<(Request, Request), Response> {
+    let (req, bytes) = buffered(req).await?;
+    let (parts, _) = req.into_parts();
+    Ok((
+        Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone())),
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+    ))
+}
+
+/// Control-plane request `req` with its body read (it is small: E2B's JSON), and that body.
+async fn buffered(req: Request) -> Result<(Request, axum::body::Bytes), Response> {
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
         refuse(
@@ -1276,10 +1301,8 @@ async fn twice(req: Request) -> Result<(Request, Request), Response> {
             &format!("reading the request: {e}"),
         )
     })?;
-    Ok((
-        Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone())),
-        Request::from_parts(parts, axum::body::Body::from(bytes)),
-    ))
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+    Ok((req, bytes))
 }
 
 /// The answer when a sandbox kept changing hands while a request looked for it.
@@ -1417,18 +1440,11 @@ pub(crate) async fn data_plane(
     let Some(c) = &state.cluster else {
         return Err(req);
     };
-    let mut lost_takeover = false;
     let route = match c.route(state, id).await {
-        Ok(route) => {
-            let adopt = matches!(route, Route::Adopt(..));
-            match c.resolve(state, id, route, forwarded(&req)).await {
-                Ok(route) => {
-                    lost_takeover = adopt && matches!(route, Route::Owner(..));
-                    Ok(route)
-                }
-                Err(answer) => return Ok(answer),
-            }
-        }
+        Ok(route) => match c.resolve(state, id, route, forwarded(&req)).await {
+            Ok(route) => Ok(route),
+            Err(answer) => return Ok(answer),
+        },
         Err(e) => Err(e),
     };
     let (node, info) = match route {
@@ -1436,10 +1452,9 @@ pub(crate) async fn data_plane(
         Ok(Route::Adopt(..)) => return Ok(changed_hands(id)),
         // Forwarded here: served here, but for a takeover lost meanwhile to another node,
         // which serves it (a second hop, never a third).
-        Ok(Route::Owner(..)) if forwarded(&req) && (no_more_hops(&req) || !lost_takeover) => {
-            return Err(req)
-        }
-        Ok(Route::Owner(node, info)) => (node, info),
+        Ok(Route::Owner(..)) if forwarded(&req) => return Err(req),
+        Ok(Route::Winner(..)) if no_more_hops(&req) => return Err(req),
+        Ok(Route::Owner(node, info) | Route::Winner(node, info)) => (node, info),
         Ok(Route::Lost(lost)) => {
             return Ok(gone_data_plane(id, &format!("it failed: {}", lost.cause)))
         }
@@ -1489,18 +1504,14 @@ pub(crate) async fn control(
         return next.run(req).await;
     };
     if is_create(&req) && !forwarded(&req) {
-        let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, 1 << 20).await {
-            Ok(b) => b,
-            Err(e) => {
-                let why = format!("reading the request: {e}");
-                return refuse(StatusCode::BAD_REQUEST, &why);
-            }
+        let bytes;
+        (req, bytes) = match buffered(req).await {
+            Ok(x) => x,
+            Err(answer) => return answer,
         };
         let template = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| Some(v.get("templateID")?.as_str()?.trim().to_string()));
-        req = Request::from_parts(parts, axum::body::Body::from(bytes));
         let holders = match &template {
             Some(t) => c.holders(t).await,
             None => Vec::new(),

@@ -2,7 +2,7 @@
 //! nodes own are asked of those nodes (node to node, all at once) and merged with this
 //! node's own, so the answer through any node covers every sandbox asked for.
 
-use super::{Cluster, TELL_WITHIN};
+use super::Cluster;
 use crate::control::types::{SandboxMetric, SandboxesWithMetrics};
 use kiln_cluster::SandboxState;
 use std::collections::{BTreeMap, HashSet};
@@ -48,9 +48,7 @@ impl Cluster {
             let req = axum::http::Request::get(path)
                 .body(axum::body::Body::empty())
                 .ok()?;
-            let resp = tokio::time::timeout(TELL_WITHIN, self.forward(&node, &info, req))
-                .await
-                .ok()??;
+            let resp = self.ask(&node, &info, req).await?;
             if !resp.status().is_success() {
                 return None;
             }

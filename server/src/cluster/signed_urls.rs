@@ -6,7 +6,7 @@
 //! names answers 204 without doing anything, the others 404, and the request goes to the
 //! first that said yes.
 
-use super::{Cluster, TELL_WITHIN};
+use super::Cluster;
 use axum::http::{Method, StatusCode, Uri};
 use kiln_cluster::NodeInfo;
 
@@ -16,16 +16,17 @@ pub(crate) const PROBE_HEADER: &str = "x-kiln-signed-probe";
 
 impl Cluster {
     /// The other live node whose sandbox the signed file URL `method uri` names, if one says
-    /// so within [`TELL_WITHIN`].
+    /// so in time ([`Cluster::ask`]).
     pub(crate) async fn signed_owner(
         &self,
         method: &Method,
         uri: &Uri,
     ) -> Option<(String, NodeInfo)> {
-        let nodes = kiln_cluster::membership::nodes(&self.etcd).await.ok()?;
-        let probes = nodes
+        let probes = self
+            .others()
+            .await
+            .ok()?
             .into_iter()
-            .filter(|(n, _)| *n != self.node_id)
             .map(|(node, info)| {
                 let probe = axum::http::Request::builder()
                     .method(method.clone())
@@ -34,8 +35,7 @@ impl Cluster {
                     .body(axum::body::Body::empty());
                 Box::pin(async move {
                     let probe = probe.ok()?;
-                    let asked = self.forward(&node, &info, probe);
-                    let resp = tokio::time::timeout(TELL_WITHIN, asked).await.ok()??;
+                    let resp = self.ask(&node, &info, probe).await?;
                     (resp.status() == StatusCode::NO_CONTENT).then_some((node, info))
                 })
             })

@@ -67,10 +67,6 @@ impl Held {
     }
 }
 
-/// How long another node is given to answer a request made of all of them (drop a deleted
-/// template, send its sandboxes' metrics).
-pub(super) const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Why a template could not be published or fetched.
 fn failed(what: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, what)
@@ -256,20 +252,18 @@ impl Cluster {
     }
 
     /// Sends `DELETE path` with `body` (a template's, its tags') to every other live node,
-    /// so each drops its own
-    /// copy (a node that pulled a template keeps it under its name). Best effort, at once to
-    /// all, at most [`TELL_WITHIN`] each: a node down meanwhile keeps its copy, usable on it
-    /// alone (the catalog no longer names it, so no other node pulls it again).
+    /// so each drops its own copy (a node that pulled a template keeps it under its name).
+    /// Best effort, at once to all ([`Cluster::ask`]): a node that misses it drops its copy
+    /// when it joins again or creates from the name ([`Held`]).
     pub(crate) async fn delete_everywhere(&self, path: &str, body: axum::body::Bytes) {
-        let nodes = match kiln_cluster::membership::nodes(&self.etcd).await {
+        let nodes = match self.others().await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(path, "not sent to the other nodes: {e}");
                 return;
             }
         };
-        let others = nodes.iter().filter(|(n, _)| *n != self.node_id);
-        let sends = others.map(|(node, info)| {
+        let sends = nodes.iter().map(|(node, info)| {
             let req = axum::http::Request::delete(path)
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
                 .body(axum::body::Body::from(body.clone()));
@@ -278,10 +272,10 @@ impl Cluster {
                     tracing::warn!(node, path, "not a request path");
                     return;
                 };
-                match tokio::time::timeout(TELL_WITHIN, self.forward(node, info, req)).await {
-                    Ok(Some(r)) if r.status().is_success() || r.status() == 404 => {}
-                    Ok(Some(r)) => tracing::warn!(node, path, status = %r.status(), "refused"),
-                    Ok(None) | Err(_) => tracing::warn!(node, path, "node did not answer"),
+                match self.ask(node, info, req).await {
+                    Some(r) if r.status().is_success() || r.status() == 404 => {}
+                    Some(r) => tracing::warn!(node, path, status = %r.status(), "refused"),
+                    None => tracing::warn!(node, path, "node did not answer"),
                 }
             }
         });
