@@ -25,6 +25,12 @@ use std::sync::Once;
 /// the kernel happens to give that same port as its source (a TCP self-connection, which then
 /// holds the port as long as the client waits). Seen once in CI: a `kiln serve` restarted
 /// after kill -9 found its port "already in use".
+///
+/// A port that binds now can still be handed to another test before its server binds it
+/// (nextest runs tests as parallel processes; an etcd cluster asks for six ports in a row), so
+/// each port handed out is also reserved until this test process exits: an exclusive lock on
+/// a file named after it in [`PORT_LOCKS`], kept open for the process's life. Seen once in CI:
+/// two etcd members of different tests given the same port.
 pub fn free_port() -> u16 {
     const FIRST: u16 = 28_500;
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -36,7 +42,7 @@ pub fn free_port() -> u16 {
         let start = rand::random::<u16>() % span;
         for i in 0..span {
             let port = FIRST + (start + i) % span;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if reserve(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
             }
         }
@@ -45,6 +51,48 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding a free port")
+}
+
+/// Where [`free_port`] keeps its per-port lock files, shared by every test process.
+pub const PORT_LOCKS: &str = "/tmp/kiln-test-ports";
+
+/// Takes `port` for this process unless another test process (or an earlier call here) holds it.
+/// The lock file stays open, and locked, until the process exits.
+fn reserve(port: u16) -> bool {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    static DIR_USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let dir = Path::new(PORT_LOCKS);
+    let usable = *DIR_USABLE.get_or_init(|| {
+        if std::fs::create_dir(dir).is_ok() {
+            // Tests run as different users share the directory, like /tmp itself.
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
+        }
+        let c = std::ffi::CString::new(PORT_LOCKS).unwrap();
+        // SAFETY: access() reads a NUL-terminated path and touches no memory of ours.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    });
+    if !usable {
+        // No shared place to reserve in: the bind check alone, as before.
+        return true;
+    }
+    let path = dir.join(port.to_string());
+    // flock needs no write access: another user's lock file is opened read-only.
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .open(&path)
+        .or_else(|_| std::fs::File::open(&path));
+    let Ok(file) = opened else {
+        return false;
+    };
+    if file.try_lock().is_err() {
+        return false;
+    }
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+    true
 }
 
 /// The `kiln` binary of this build.
