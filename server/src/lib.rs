@@ -138,6 +138,33 @@ pub struct ServeConfig {
     pub cluster: Option<ClusterConfig>,
 }
 
+/// How long a busy listen address is retried before it is an error.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds the API's listener. A daemon restarted right after a crash can find its port still
+/// held for a moment: a child the old daemon had forked keeps a copy of the listener until it
+/// execs (runsc's launch does mount work between fork and exec). So "in use" is retried for
+/// [`BIND_RETRY`] before it is the answer; a second daemon on the port still fails, just later.
+async fn bind_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(err)
+                if err.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < BIND_RETRY =>
+            {
+                if !said {
+                    tracing::warn!(%addr, "address in use; retrying for a few seconds");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            r => return r.map_err(|err| Error::Listen { addr, err }),
+        }
+    }
+}
+
 /// Checks the listen address: loopback only, unless remote listening was allowed.
 pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<()> {
     if addr.ip().is_loopback() || allow_remote {
@@ -186,12 +213,7 @@ pub async fn run(
             (k, Some(p))
         }
     };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|err| Error::Listen {
-            addr: cfg.listen,
-            err,
-        })?;
+    let listener = bind_listener(cfg.listen).await?;
     let addr = listener.local_addr().map_err(|err| Error::Listen {
         addr: cfg.listen,
         err,
