@@ -199,7 +199,7 @@ impl Client {
                     path.push_str(&query_value(t));
                 }
                 let req = self.control_request(Method::GET, &path, None::<&()>)?;
-                let (headers, body) = self.call(req).await?;
+                let (_, headers, body) = self.call(req).await?;
                 let page: Vec<ListedSandbox> = self.decode(&body)?;
                 all.extend(page);
                 next = headers
@@ -242,14 +242,25 @@ impl Client {
     }
 
     /// `POST /v2/sandboxes/{id}/connect`: resumes a paused sandbox (`memory: false`: boots it
-    /// afresh on its files) and sets its timeout to `timeout_secs` from now when given.
-    pub fn connect(&self, id: &str, timeout_secs: Option<u64>, memory: bool) -> Result<Sandbox> {
+    /// afresh on its files) and sets its timeout to `timeout_secs` from now when given (none:
+    /// its own timeout again). The sandbox, and whether it was paused and has been resumed
+    /// (201) rather than found running (200).
+    pub fn connect(
+        &self,
+        id: &str,
+        timeout_secs: Option<u64>,
+        memory: bool,
+    ) -> Result<(Sandbox, bool)> {
         let req = ConnectRequest {
             timeout: timeout_secs.map(Into::into),
             memory: Some(memory),
         };
         let path = format!("/v2{}", sandbox_path(id, "/connect"));
-        self.control(Method::POST, &path, Some(&req))
+        let req = self.control_request(Method::POST, &path, Some(&req))?;
+        self.rt.block_on(async {
+            let (status, _, body) = self.call(req).await?;
+            Ok((self.decode(&body)?, status == StatusCode::CREATED))
+        })
     }
 
     /// `POST /sandboxes/{id}/fork`: `count` sandboxes continuing from this one's present.
@@ -308,7 +319,8 @@ impl Client {
             stdin: Some(e.stdin.is_some()),
         };
         let body = serde_json::to_vec(&start).expect("a start request serializes");
-        let mut req = self.envd_request(
+        let mut req = envd_request(
+            &self.authority,
             id,
             token.as_deref(),
             e.user.as_deref(),
@@ -456,7 +468,8 @@ impl Client {
         data: impl Read + Send + 'static,
     ) -> Result<()> {
         let token = self.access_token(id)?;
-        let req = self.envd_request(
+        let req = envd_request(
+            &self.authority,
             id,
             token.as_deref(),
             user,
@@ -488,7 +501,8 @@ impl Client {
         out: &mut impl Write,
     ) -> Result<u64> {
         let token = self.access_token(id)?;
-        let mut req = self.envd_request(
+        let mut req = envd_request(
+            &self.authority,
             id,
             token.as_deref(),
             user,
@@ -542,7 +556,7 @@ impl Client {
     ) -> Result<T> {
         let req = self.control_request(method, path, body)?;
         self.rt.block_on(async {
-            let (_, body) = self.call(req).await?;
+            let (_, _, body) = self.call(req).await?;
             self.decode(&body)
         })
     }
@@ -579,23 +593,13 @@ impl Client {
         Ok(req)
     }
 
-    fn envd_request(
-        &self,
-        id: &str,
-        token: Option<&str>,
-        user: Option<&str>,
-        path: &str,
-        body: Body,
-    ) -> Result<Request<Body>> {
-        envd_request(&self.authority, id, token, user, path, body)
-    }
-
     fn request(&self, method: Method, path: &str, body: Body) -> Result<Request<Body>> {
         request(&self.authority, method, path, body)
     }
 
-    /// Sends `req`, reads the whole answer: its headers and body when 2xx, else the error.
-    async fn call(&self, req: Request<Body>) -> Result<(HeaderMap, Bytes)> {
+    /// Sends `req`, reads the whole answer: its status, headers and body when 2xx, else the
+    /// error.
+    async fn call(&self, req: Request<Body>) -> Result<(StatusCode, HeaderMap, Bytes)> {
         let t = std::time::Instant::now();
         let resp = self.send(req, CALL_TIMEOUT).await?;
         let status = resp.status();
@@ -608,7 +612,7 @@ impl Client {
         if !status.is_success() {
             return Err(self.error(status, &body));
         }
-        Ok((parts.headers, body))
+        Ok((status, parts.headers, body))
     }
 
     async fn send(&self, req: Request<Body>, within: Duration) -> Result<Response<Incoming>> {
