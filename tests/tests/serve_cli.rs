@@ -207,3 +207,66 @@ fn cli_drives_a_cluster_through_any_node() {
     let err = n3.fails(["sandbox", "info", &id]);
     assert!(err.contains("(404)"), "{err}");
 }
+
+/// Not a check: the CLI's cost through a server against the same command on the home, one
+/// run alternating (README, "The CLI against a server or cluster"). Run with
+/// `cargo nextest run -p kiln-tests --test serve_cli --run-ignored only --no-capture`.
+#[test]
+#[ignore]
+fn measure_local_against_server() {
+    let Some((tmp, k)) = app_home() else {
+        return;
+    };
+    let _cleanup = KillAll(k.clone());
+    let s = Serve::start(&k, KEY);
+    let cli = client(tmp.path(), &s.url(), KEY);
+    let (lid, rid) = (
+        k.ok_str(["sandbox", "create", "app"]),
+        cli.ok_str(["sandbox", "create", "app"]),
+    );
+    let ms = |k: &Kiln, args: &[&str]| -> (f64, String) {
+        let t = std::time::Instant::now();
+        let out = k.ok_str(args);
+        (t.elapsed().as_secs_f64() * 1000.0, out)
+    };
+    // (what, local, through the server) milliseconds of each round.
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = ["exec true", "ls", "create"]
+        .into_iter()
+        .map(|w| (w, Vec::new(), Vec::new()))
+        .collect();
+    for round in 0..15 {
+        rows[0]
+            .1
+            .push(ms(&k, &["sandbox", "exec", &lid, "--", "true"]).0);
+        rows[0]
+            .2
+            .push(ms(&cli, &["sandbox", "exec", &rid, "--", "true"]).0);
+        rows[1].1.push(ms(&k, &["sandbox", "ls"]).0);
+        rows[1].2.push(ms(&cli, &["sandbox", "ls"]).0);
+        if round < 5 {
+            for (kiln, side) in [(&k, 1), (&cli, 2)] {
+                let (t, id) = ms(kiln, &["sandbox", "create", "app"]);
+                kiln.ok(["sandbox", "kill", &id]);
+                match side {
+                    1 => rows[2].1.push(t),
+                    _ => rows[2].2.push(t),
+                }
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "load {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap().trim()
+    );
+    for (what, local, server) in rows {
+        eprintln!(
+            "{what}: local {:.1} ms, through the server {:.1} ms (medians)",
+            median(local),
+            median(server)
+        );
+    }
+}
