@@ -19,7 +19,7 @@ use crate::control::types::{
 use crate::envd::connect::{self, EnvelopeReader, END_STREAM};
 use crate::envd::types::{
     EndEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, Pty, PtySize,
-    SelectorRequest, SendInputRequest, StartRequest,
+    SelectorRequest, SendInputRequest, SendSignalRequest, Signal, StartRequest,
 };
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -78,6 +78,10 @@ pub enum ClientError {
     },
     #[error("sandbox {0} is paused: resume it first")]
     Paused(String),
+    /// This process got signal `signal` during an exec with [`Exec::end_on_signal`]: the
+    /// command was killed.
+    #[error("interrupted by signal {signal}: the command was killed")]
+    Interrupted { signal: i32 },
     #[error("unexpected answer from {server}: {why}")]
     Protocol { server: String, why: String },
     #[error("{what}: {err}")]
@@ -99,6 +103,11 @@ pub struct Exec {
     pub stdin: Option<Box<dyn Read + Send>>,
     /// Run on a terminal of this size (output arrives as [`Output::Stdout`]).
     pub tty: Option<PtySize>,
+    /// SIGINT, SIGTERM or SIGHUP to this process kills the command (envd's `SendSignal`,
+    /// SIGKILL) and ends the call with [`ClientError::Interrupted`], as a command run on the
+    /// home dies with its caller; without it the command outlives the call (envd keeps a
+    /// process whose stream went away).
+    pub end_on_signal: bool,
 }
 
 /// A piece of a process's output.
@@ -333,7 +342,16 @@ impl Client {
         h.insert("keepalive-ping-interval", HeaderValue::from(KEEPALIVE_SECS));
         let tty = e.tty.is_some();
         let mut stdin = e.stdin;
+        let end_on_signal = e.end_on_signal;
         self.rt.block_on(async {
+            let mut signals = match end_on_signal {
+                true => caught_signals().map_err(|err| ClientError::Io {
+                    what: "catching signals".into(),
+                    err,
+                })?,
+                false => Vec::new(),
+            };
+            let mut pid: Option<u32> = None;
             let resp = self.send(req, CALL_TIMEOUT).await?;
             let status = resp.status();
             if status != StatusCode::OK {
@@ -344,7 +362,27 @@ impl Client {
             let mut reader = EnvelopeReader::default();
             let mut end: Option<EndEvent> = None;
             loop {
-                let frame = match tokio::time::timeout(STREAM_IDLE, body.frame()).await {
+                let next = tokio::select! {
+                    f = tokio::time::timeout(STREAM_IDLE, body.frame()) => f,
+                    signal = next_signal(&mut signals) => {
+                        if let Some(pid) = pid {
+                            let kill = SendSignalRequest {
+                                process: Some(ProcessSelector { pid: Some(pid), tag: None }),
+                                signal: Signal::Sigkill,
+                            };
+                            let u = Unary {
+                                authority: self.authority.clone(),
+                                id: id.to_string(),
+                                token: token.clone(),
+                            };
+                            if let Err(e) = u.call("SendSignal", &kill).await {
+                                tracing::warn!("killing the command: {e}");
+                            }
+                        }
+                        return Err(ClientError::Interrupted { signal });
+                    }
+                };
+                let frame = match next {
                     Err(_) => return Err(self.timeout(STREAM_IDLE)),
                     Ok(None) => {
                         return Err(self.protocol("the process stream ended without its end"))
@@ -372,9 +410,10 @@ impl Client {
                         return end.ok_or_else(|| self.protocol("the process stream has no end"));
                     }
                     match ProcessEvent::parse(&msg) {
-                        Some(ProcessEvent::Start { pid }) => {
+                        Some(ProcessEvent::Start { pid: started }) => {
+                            pid = Some(started);
                             if let Some(input) = stdin.take() {
-                                self.feed_stdin(id, token.clone(), pid, tty, input);
+                                self.feed_stdin(id, token.clone(), started, tty, input);
                             }
                         }
                         Some(ProcessEvent::Stdout(b) | ProcessEvent::Pty(b)) => {
@@ -657,6 +696,32 @@ impl Client {
             why: why.to_string(),
         }
     }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught from now on (instead of ending the process).
+fn caught_signals() -> std::io::Result<Vec<(i32, tokio::signal::unix::Signal)>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    [
+        (libc::SIGINT, SignalKind::interrupt()),
+        (libc::SIGTERM, SignalKind::terminate()),
+        (libc::SIGHUP, SignalKind::hangup()),
+    ]
+    .into_iter()
+    .map(|(n, kind)| Ok((n, signal(kind)?)))
+    .collect()
+}
+
+/// The next of `signals` to arrive (never, when there are none).
+async fn next_signal(signals: &mut [(i32, tokio::signal::unix::Signal)]) -> i32 {
+    std::future::poll_fn(|cx| {
+        for (n, s) in signals.iter_mut() {
+            if s.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(*n);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// What a task of the runtime needs for envd's unary calls on one sandbox.

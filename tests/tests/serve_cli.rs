@@ -83,6 +83,60 @@ fn cli_drives_a_server() {
         ("1 /tmp\n", "oops\n", 7)
     );
 
+    // -t: a terminal in the sandbox (`script` gives the CLI one).
+    if kiln_tests::registry::have("script") {
+        let line = format!(
+            "{} sandbox exec -t {id} -- sh -c 'test -t 0 && echo on a tty; exit 5'",
+            kiln_tests::kiln_bin().display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("KILN_HOME", &cli.home)
+            .envs([("KILN_SERVER", s.url()), ("E2B_API_KEY", KEY.to_string())])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("on a tty"), "{text}");
+        assert_eq!(out.status.code(), Some(5), "{text}");
+    }
+
+    // ^C to the CLI kills the command, as on the home (envd alone would keep it).
+    let mut child = cli
+        .cmd([
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 300",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(20));
+    assert_eq!(line.as_deref(), Ok("started\n"));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let (out, _, code) = exec(
+        &cli,
+        &id,
+        &[],
+        &["sh", "-c", "grep -l 'slee[p]' /proc/[0-9]*/cmdline"],
+        b"",
+    );
+    assert_eq!((out.as_str(), code), ("", 1), "the command outlived ^C");
+
     // cp both ways.
     let local = tmp.path().join("in.txt");
     std::fs::write(&local, b"copied\n").unwrap();

@@ -301,6 +301,8 @@ fn exec(c: &Client, a: ExecArgs) -> Result<()> {
             cwd: a.cwd,
             user: a.user,
             stdin: Some(Box::new(std::io::stdin())),
+            // On a terminal ^C goes to the command itself (raw mode).
+            end_on_signal: tty.is_none(),
             tty,
         },
         |out| {
@@ -314,7 +316,12 @@ fn exec(c: &Client, a: ExecArgs) -> Result<()> {
         },
     );
     drop(raw);
-    let end = end?;
+    let end = match end {
+        Err(kiln_server::client::ClientError::Interrupted { signal }) => {
+            std::process::exit(128 + signal)
+        }
+        r => r?,
+    };
     let _ = stdout.lock().flush();
     let code = match (
         end.exited,

@@ -199,6 +199,17 @@ pub enum Signal {
     Other(i64),
 }
 
+impl Serialize for Signal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Signal::Unspecified => s.serialize_str("SIGNAL_UNSPECIFIED"),
+            Signal::Sigterm => s.serialize_str("SIGNAL_SIGTERM"),
+            Signal::Sigkill => s.serialize_str("SIGNAL_SIGKILL"),
+            Signal::Other(n) => s.serialize_i64(*n),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Signal {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
@@ -222,7 +233,7 @@ impl<'de> Deserialize<'de> for Signal {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SendSignalRequest {
     #[serde(default)]
     pub process: Option<ProcessSelector>,
