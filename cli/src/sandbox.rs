@@ -234,7 +234,8 @@ pub struct CreateArgs {
     /// Metadata, K=V (repeatable)
     #[arg(long = "metadata", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
-    /// Seconds until the sandbox is killed (or paused with --on-timeout pause)
+    /// Seconds until the sandbox is killed (or paused with --on-timeout pause) [default: none;
+    /// with --server 300, as E2B's SDKs ask]
     #[arg(long)]
     timeout: Option<u64>,
     #[arg(long, value_enum, default_value = "kill")]

@@ -649,7 +649,7 @@ impl Client {
             Ok(b) => b.map_err(|err| self.http(err))?.to_bytes(),
         };
         if !status.is_success() {
-            return Err(self.error(status, &body));
+            return Err(status_error(&self.url, status, &body, Plane::Control));
         }
         Ok((status, parts.headers, body))
     }
@@ -672,8 +672,9 @@ impl Client {
         serde_json::from_slice(body).map_err(|e| self.protocol(&e.to_string()))
     }
 
+    /// A data-plane answer's error.
     fn error(&self, status: StatusCode, body: &[u8]) -> ClientError {
-        status_error(&self.url, status, body)
+        status_error(&self.url, status, body, Plane::Data)
     }
 
     fn timeout(&self, d: Duration) -> ClientError {
@@ -756,7 +757,7 @@ impl Unary {
             .unwrap_or_default();
         match status.is_success() {
             true => Ok(()),
-            false => Err(status_error(&self.authority, status, &body)),
+            false => Err(status_error(&self.authority, status, &body, Plane::Data)),
         }
     }
 }
@@ -853,9 +854,17 @@ async fn send(authority: &str, req: Request<Body>, within: Duration) -> Result<R
     }
 }
 
+/// Which side of the API answered: a 401 of the control plane refuses the API key, one of
+/// the data plane the sandbox's access token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plane {
+    Control,
+    Data,
+}
+
 /// The error an answer with `status` and `body` stands for: E2B's `{code, message}`, envd's
 /// `{code: "not_found", message}`, or the body's text.
-fn status_error(server: &str, status: StatusCode, body: &[u8]) -> ClientError {
+fn status_error(server: &str, status: StatusCode, body: &[u8], plane: Plane) -> ClientError {
     let message = match serde_json::from_slice::<crate::control::types::Error>(body) {
         Ok(e) => e.message.into_owned(),
         Err(_) => match serde_json::from_slice::<serde_json::Value>(body) {
@@ -870,7 +879,7 @@ fn status_error(server: &str, status: StatusCode, body: &[u8]) -> ClientError {
             }
         },
     };
-    if status == StatusCode::UNAUTHORIZED && !message.to_ascii_lowercase().contains("token") {
+    if status == StatusCode::UNAUTHORIZED && plane == Plane::Control {
         return ClientError::WrongKey {
             server: server.to_string(),
             message,
@@ -975,12 +984,14 @@ mod tests {
             "http://s",
             StatusCode::NOT_FOUND,
             br#"{"code":404,"message":"sandbox ab12 not found"}"#,
+            Plane::Control,
         );
         assert_eq!(e.to_string(), "sandbox ab12 not found (404)");
         let e = status_error(
             "http://s",
             StatusCode::UNAUTHORIZED,
             br#"{"code":401,"message":"invalid API key"}"#,
+            Plane::Control,
         );
         assert!(matches!(e, ClientError::WrongKey { .. }), "{e}");
         assert_eq!(
@@ -989,11 +1000,24 @@ mod tests {
         );
         let e = status_error(
             "http://s",
+            StatusCode::UNAUTHORIZED,
+            br#"{"code":401,"message":"unauthorized access"}"#,
+            Plane::Data,
+        );
+        assert_eq!(e.to_string(), "unauthorized access (401)");
+        let e = status_error(
+            "http://s",
             StatusCode::BAD_GATEWAY,
             br#"{"code":"not_found","message":"gone"}"#,
+            Plane::Data,
         );
         assert_eq!(e.to_string(), "gone (502)");
-        let e = status_error("http://s", StatusCode::INTERNAL_SERVER_ERROR, b"");
+        let e = status_error(
+            "http://s",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"",
+            Plane::Control,
+        );
         assert_eq!(e.to_string(), "Internal Server Error (500)");
         assert_eq!(query_value("a b/c&d"), "a%20b%2Fc%26d");
     }
