@@ -58,6 +58,8 @@ pub enum ClientError {
     Https(String),
     #[error("no API key: pass --api-key or set E2B_API_KEY (the server's KILN_API_KEY, or its KILN_HOME/serve/api-key)")]
     NoKey,
+    #[error("the API key holds characters an HTTP header cannot carry")]
+    BadKey,
     #[error("cannot reach {server}: {err}")]
     Connect { server: String, err: std::io::Error },
     #[error("{server} did not answer within {secs} s")]
@@ -122,7 +124,8 @@ pub struct Client {
     authority: String,
     /// `http://host:port`, for messages.
     url: String,
-    api_key: String,
+    /// `X-API-Key`, marked sensitive (left out of hyper's debug output).
+    api_key: HeaderValue,
     rt: tokio::runtime::Runtime,
 }
 
@@ -169,6 +172,8 @@ impl Client {
             .map(|k| k.trim().to_string())
             .filter(|k| !k.is_empty())
             .ok_or(ClientError::NoKey)?;
+        let mut api_key = HeaderValue::from_str(&api_key).map_err(|_| ClientError::BadKey)?;
+        api_key.set_sensitive(true);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -507,7 +512,7 @@ impl Client {
         data: impl Read + Send + 'static,
     ) -> Result<()> {
         let token = self.access_token(id)?;
-        let req = envd_request(
+        let mut req = envd_request(
             &self.authority,
             id,
             token.as_deref(),
@@ -515,7 +520,6 @@ impl Client {
             &files_path(path),
             streamed(data),
         )?;
-        let mut req = req;
         req.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -623,12 +627,7 @@ impl Client {
         let mut req = self.request(method, path, full(bytes))?;
         let h = req.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(
-            "x-api-key",
-            HeaderValue::from_str(&self.api_key).map_err(|_| {
-                ClientError::BadUrl("the API key holds characters a header cannot".into())
-            })?,
-        );
+        h.insert("x-api-key", self.api_key.clone());
         Ok(req)
     }
 
@@ -786,10 +785,9 @@ fn envd_request(
         HeaderValue::from_str(&crate::ENVD_PORT.to_string()).expect("digits"),
     );
     if let Some(t) = token {
-        h.insert(
-            "x-access-token",
-            HeaderValue::from_str(t).map_err(|_| bad("the access token"))?,
-        );
+        let mut v = HeaderValue::from_str(t).map_err(|_| bad("the access token"))?;
+        v.set_sensitive(true);
+        h.insert("x-access-token", v);
     }
     if let Some(u) = user {
         use base64::Engine;
