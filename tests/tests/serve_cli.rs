@@ -195,6 +195,15 @@ fn cli_drives_a_server() {
         assert!(err.contains("needs a local home"), "{args:?}: {err}");
     }
 
+    // snapshot, snapshots, fork: a fork sees the file.
+    cli.ok(["sandbox", "snapshot", &id, "--name", "warm"]);
+    let snaps = cli.ok_str(["sandbox", "snapshots"]);
+    assert!(snaps.lines().any(|l| l.starts_with("warm ")), "{snaps}");
+    let fork = cli.ok_str(["sandbox", "fork", &id]);
+    let (out, err, code) = exec(&cli, &fork, &[], &["cat", "/work/f"], b"");
+    assert_eq!((out.as_str(), code), ("remote\n", 0), "{err}");
+    cli.ok(["sandbox", "kill", &fork]);
+
     // kill; then it is not found, with the server's status.
     assert_eq!(cli.ok_str(["sandbox", "kill", &id]), format!("{id} killed"));
     let err = cli.fails(["sandbox", "info", &id]);
