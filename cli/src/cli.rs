@@ -2,6 +2,19 @@
 
 use std::path::{Path, PathBuf};
 
+/// A command asked for what it cannot do as given (an option or command this mode has no
+/// counterpart for): `kiln` exits with code 2, as for clap's usage errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// `--net-tap TAP[@NETNS]` (clap value parser shared by `kiln vm run` and `kiln snapshot`).
 pub fn parse_nic(s: &str) -> Result<kiln_runtime::microvm::vms::NicSpec, String> {
     kiln_runtime::microvm::vms::NicSpec::parse(s, None)

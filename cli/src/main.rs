@@ -48,9 +48,23 @@ enum Command {
     Image(image::ImageCommand),
     /// Build a VM image from a Dockerfile
     Build(image::BuildArgs),
-    /// Sandboxes: create from an image, exec, cp, snapshot, fork, pause, resume, kill
-    #[command(subcommand, visible_alias = "sbx")]
-    Sandbox(sandbox::SandboxCommand),
+    /// Sandboxes: create from an image, exec, cp, snapshot, fork, pause, resume, kill (here,
+    /// or through a kiln serve or cluster with --server)
+    ///
+    /// On this host's home by default. With --server URL (or KILN_SERVER) the commands go
+    /// through E2B's API of that `kiln serve` instead: any node of a cluster, which lists the
+    /// whole cluster and reaches every sandbox in it. The API key comes from --api-key or
+    /// E2B_API_KEY (the server's KILN_API_KEY, or its KILN_HOME/serve/api-key). Commands
+    /// with no API counterpart (logs, port, network) need a home and exit with code 2.
+    /// Examples:
+    ///   kiln sandbox create busybox --timeout 600
+    ///   export KILN_SERVER=http://10.0.0.11:3000 E2B_API_KEY=kiln_...   # node 1 of a cluster
+    ///   id=$(kiln sbx create sdk --metadata team=ci)
+    ///   kiln sbx --server http://10.0.0.13:3000 ls     # the whole cluster, through node 3
+    ///   kiln sbx exec $id -- cat /etc/hostname
+    ///   kiln sbx pause $id; kiln sbx resume $id; kiln sbx kill $id
+    #[command(visible_alias = "sbx", verbatim_doc_comment)]
+    Sandbox(sandbox::SandboxArgs),
     /// Serve E2B's HTTP API (control plane and envd data plane) over this host's sandboxes
     Serve(serve::ServeArgs),
     /// The nodes of a cluster of `kiln serve --cluster-etcd`: list, drain, undrain (through
@@ -73,7 +87,7 @@ fn main() -> std::process::ExitCode {
         Command::Snapshot(c) => vm_snapshot::run(&home, c),
         Command::Image(c) => image::run(&home, c),
         Command::Build(a) => image::build(&home, a),
-        Command::Sandbox(c) => sandbox::run(&home, c),
+        Command::Sandbox(a) => sandbox::run(&home, a),
         Command::Serve(a) => serve::run(&home, a),
         Command::Node(c) => node::run(c),
         Command::Helper { dir } => helper::run(&dir),
@@ -82,7 +96,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<cli::UsageError>() {
+                Some(_) => std::process::ExitCode::from(2),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

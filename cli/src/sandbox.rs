@@ -1,6 +1,9 @@
 //! `kiln sandbox` (alias `kiln sbx`): sandboxes from images and snapshots, on this host's
-//! default runtime (microvm where KVM has hardware virtualization, gVisor elsewhere). Parsing
-//! and printing only; the lifecycle lives in the `runtime` crate.
+//! default runtime (microvm where KVM has hardware virtualization, gVisor elsewhere), or with
+//! `--server` through a `kiln serve`'s E2B API ([`remote`]). Parsing and printing only; the
+//! lifecycle lives in the `runtime` crate, the API client in `kiln_server::client`.
+
+mod remote;
 
 use crate::cli::{print_json, Home};
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,6 +15,32 @@ use kiln_runtime::{
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct SandboxArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(subcommand)]
+    command: SandboxCommand,
+}
+
+/// Where the commands go: a `kiln serve` (any node of a cluster) instead of this home.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// A kiln serve (or any node of a cluster) to drive through E2B's API instead of this
+    /// home: http://HOST:PORT
+    #[arg(long, global = true, env = "KILN_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// The server's API key (with --server)
+    #[arg(
+        long,
+        global = true,
+        env = "E2B_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    api_key: Option<String>,
+}
 
 #[derive(clap::Subcommand)]
 pub enum SandboxCommand {
@@ -205,7 +234,8 @@ pub struct CreateArgs {
     /// Metadata, K=V (repeatable)
     #[arg(long = "metadata", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
-    /// Seconds until the sandbox is killed (or paused with --on-timeout pause)
+    /// Seconds until the sandbox is killed (or paused with --on-timeout pause) [default: none;
+    /// with --server 300, as E2B's SDKs ask]
     #[arg(long)]
     timeout: Option<u64>,
     #[arg(long, value_enum, default_value = "kill")]
@@ -278,7 +308,17 @@ pub fn open(home: &Home) -> Result<Sandboxes> {
     Ok(kiln_runtime::host_sandboxes(home.root(), store, exe))
 }
 
-pub fn run(home: &Home, c: SandboxCommand) -> Result<()> {
+pub fn run(home: &Home, a: SandboxArgs) -> Result<()> {
+    match a.server.server.filter(|s| !s.trim().is_empty()) {
+        Some(url) => {
+            let client = kiln_server::client::Client::new(&url, a.server.api_key)?;
+            remote::run(&client, a.command)
+        }
+        None => local(home, a.command),
+    }
+}
+
+fn local(home: &Home, c: SandboxCommand) -> Result<()> {
     let sbx = open(home)?;
     match c {
         SandboxCommand::Create(a) => create(&sbx, a),
@@ -537,22 +577,24 @@ fn ls(sbx: &Sandboxes, json: bool) -> Result<()> {
     if json {
         return print_json(&list);
     }
-    println!(
-        "{:<16} {:<14} {:<8} {:<8} {:<20} CREATED",
-        "ID", "NAME", "STATE", "RUNTIME", "SOURCE"
-    );
+    list_row(["ID", "NAME", "STATE", "RUNTIME", "SOURCE", "CREATED"]);
     for r in list {
-        println!(
-            "{:<16} {:<14} {:<8} {:<8} {:<20} {}",
-            r.id,
+        list_row([
+            &r.id,
             r.name.as_deref().unwrap_or("-"),
             r.state.name(),
-            r.runtime,
-            truncate(&r.source, 20),
-            age(r.created_ms)
-        );
+            &r.runtime.to_string(),
+            &truncate(&r.source, 20),
+            &age(r.created_ms),
+        ]);
     }
     Ok(())
+}
+
+/// One line of `ls`'s table (local or through a server).
+fn list_row(cols: [&str; 6]) {
+    let [id, name, state, runtime, source, created] = cols;
+    println!("{id:<16} {name:<14} {state:<8} {runtime:<8} {source:<20} {created}");
 }
 
 fn print_record(r: &SandboxRecord) {
@@ -694,16 +736,11 @@ fn sandbox_path(s: &str) -> Option<(&str, &str)> {
 fn cp(sbx: &Sandboxes, src: &str, dst: &str) -> Result<()> {
     match (sandbox_path(src), sandbox_path(dst)) {
         (None, Some((id, path))) => {
-            let f = std::fs::File::open(src).with_context(|| format!("opening {src}"))?;
-            let meta = f.metadata()?;
-            if meta.is_dir() {
-                bail!("{src} is a directory: cp copies single files");
-            }
-            use std::os::unix::fs::PermissionsExt;
+            let (f, mode) = copy_in_source(src)?;
             let (_, mut s) = sbx.connect(id)?;
             let req = FileRequest {
                 path: path.to_string(),
-                mode: Some(meta.permissions().mode() & 0o7777),
+                mode: Some(mode),
                 ..FileRequest::default()
             };
             client::write_file(&mut s, &req, std::io::BufReader::new(f))
@@ -712,38 +749,60 @@ fn cp(sbx: &Sandboxes, src: &str, dst: &str) -> Result<()> {
         }
         (Some((id, path)), None) => {
             let (_, mut s) = sbx.connect(id)?;
-            let dst = Path::new(dst);
-            let dst: PathBuf = if dst.is_dir() {
-                dst.join(
-                    Path::new(path)
-                        .file_name()
-                        .ok_or_else(|| anyhow!("{path} has no file name"))?,
-                )
-            } else {
-                dst.to_path_buf()
-            };
-            // Atomic: a failed copy leaves no partial file.
-            let tmp = dst.with_file_name(format!(
-                ".{}.kiln-cp",
-                dst.file_name().unwrap_or_default().to_string_lossy()
-            ));
-            let out = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut w = std::io::BufWriter::new(out);
-            let copied = client::read_file(&mut s, path, &mut w)
-                .map_err(|e| anyhow!("sandbox {id}: {e}"))
-                .and_then(|_| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
-            if let Err(e) = copied {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-            std::fs::rename(&tmp, &dst)
-                .with_context(|| format!("renaming to {}", dst.display()))?;
-            Ok(())
+            copy_out(path, dst, |w| {
+                client::read_file(&mut s, path, w)
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("sandbox {id}: {e}"))
+            })
         }
         (Some(_), Some(_)) => bail!("copy between two sandboxes: copy out, then in"),
         (None, None) => bail!("one side must be ID:PATH"),
     }
+}
+
+/// A local file to copy into a sandbox: opened, and its permission bits; a directory is
+/// refused.
+fn copy_in_source(src: &str) -> Result<(std::fs::File, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::File::open(src).with_context(|| format!("opening {src}"))?;
+    let meta = f.metadata()?;
+    if meta.is_dir() {
+        bail!("{src} is a directory: cp copies single files");
+    }
+    Ok((f, meta.permissions().mode() & 0o7777))
+}
+
+/// Copies sandbox file `path` to local `dst` (a file, or a directory to put it in by its
+/// name) with `read`, atomically: a failed copy leaves no partial file.
+fn copy_out(
+    path: &str,
+    dst: &str,
+    read: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let dst = Path::new(dst);
+    let dst: PathBuf = if dst.is_dir() {
+        dst.join(
+            Path::new(path)
+                .file_name()
+                .ok_or_else(|| anyhow!("{path} has no file name"))?,
+        )
+    } else {
+        dst.to_path_buf()
+    };
+    let tmp = dst.with_file_name(format!(
+        ".{}.kiln-cp",
+        dst.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(out);
+    let copied =
+        read(&mut w).and_then(|_| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))?;
+    Ok(())
 }
 
 fn logs(path: &Path, follow: bool) -> Result<()> {

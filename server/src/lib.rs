@@ -21,6 +21,7 @@
 //! the first start moves them into the records.)
 
 mod builds;
+pub mod client;
 mod cluster;
 pub mod control;
 mod egress;
@@ -30,7 +31,7 @@ pub mod proxy;
 mod reaper;
 mod secret;
 mod signed;
-mod timefmt;
+pub mod timefmt;
 pub mod wake;
 
 use axum::extract::{Request, State};

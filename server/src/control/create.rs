@@ -200,7 +200,7 @@ pub(super) fn listed_json(state: &AppState, rec: &SandboxRecord) -> types::Liste
         disk_size_mb: rec.disk_mib,
         metadata: rec.metadata.clone(),
         state: types::SandboxState::of(rec).unwrap_or(types::SandboxState::Running),
-        envd_version: ENVD_VERSION,
+        envd_version: ENVD_VERSION.into(),
     }
 }
 

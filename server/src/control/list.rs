@@ -216,7 +216,7 @@ fn catalog_row(id: String, e: kiln_cluster::SandboxEntry) -> Option<Row> {
             disk_size_mb: e.disk_mib,
             metadata: e.metadata,
             state,
-            envd_version: ENVD_VERSION,
+            envd_version: ENVD_VERSION.into(),
         },
         created_ms: e.started_ms,
         image: None,

@@ -100,7 +100,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = types::Error {
             code: self.status.as_u16(),
-            message: &self.message,
+            message: (&self.message[..]).into(),
         };
         (self.status, Json(body)).into_response()
     }

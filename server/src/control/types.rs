@@ -4,6 +4,8 @@
 //! ignored, as E2B's server ignores it). `tests/tests/serve_contract.rs` checks every answer
 //! against E2B's generated client (declared status, declared fields, required ones present).
 //! kiln adds no field of its own to these bodies: what only kiln knows goes to its CLI.
+//! The answers a client reads back and the requests it sends derive both directions: the
+//! client ([`crate::client`]) speaks through these same structs.
 
 use kiln_runtime::record::{OnTimeout, SandboxRecord, State as SbxState};
 use serde::{Deserialize, Serialize};
@@ -14,7 +16,7 @@ use std::collections::BTreeMap;
 pub const CLIENT_ID: &str = "kiln";
 
 /// `SandboxState`: what the API calls a sandbox that exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
     Running,
@@ -33,14 +35,15 @@ impl SandboxState {
 }
 
 /// `Error`: every non-2xx answer, `code` being the HTTP status.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Error<'a> {
     pub code: u16,
-    pub message: &'a str,
+    #[serde(borrow)]
+    pub message: std::borrow::Cow<'a, str>,
 }
 
 /// `Sandbox`: the answer of create, connect, resume and each fork.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Sandbox {
     #[serde(rename = "templateID")]
@@ -48,8 +51,8 @@ pub struct Sandbox {
     #[serde(rename = "sandboxID")]
     pub sandbox_id: String,
     #[serde(rename = "clientID")]
-    pub client_id: &'static str,
-    pub envd_version: &'static str,
+    pub client_id: String,
+    pub envd_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,12 +62,12 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn of(rec: &SandboxRecord, domain: &str, envd_version: &'static str) -> Sandbox {
+    pub fn of(rec: &SandboxRecord, domain: &str, envd_version: &str) -> Sandbox {
         Sandbox {
             template_id: rec.source.clone(),
             sandbox_id: rec.id.clone(),
-            client_id: CLIENT_ID,
-            envd_version,
+            client_id: CLIENT_ID.into(),
+            envd_version: envd_version.into(),
             alias: rec.name.clone(),
             envd_access_token: rec.access.envd_token.clone(),
             traffic_access_token: rec.access.traffic_token.clone(),
@@ -74,7 +77,7 @@ impl Sandbox {
 }
 
 /// `ListedSandbox`: one entry of the sandbox lists.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct ListedSandbox {
     #[serde(rename = "templateID")]
@@ -97,11 +100,11 @@ pub struct ListedSandbox {
     pub disk_size_mb: u64,
     pub metadata: BTreeMap<String, String>,
     pub state: SandboxState,
-    pub envd_version: &'static str,
+    pub envd_version: String,
 }
 
 /// `SandboxDetail`: `GET /sandboxes/{sandboxID}`.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxDetail {
     #[serde(flatten)]
@@ -118,7 +121,7 @@ pub struct SandboxDetail {
 }
 
 /// `SandboxPauseMode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxPauseMode {
     /// Memory and files: a resume continues where it left off.
@@ -128,7 +131,7 @@ pub enum SandboxPauseMode {
 }
 
 /// `SandboxNetworkConfig`, as a detail reports it.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxNetworkConfig {
     pub allow_public_traffic: bool,
@@ -139,7 +142,7 @@ pub struct SandboxNetworkConfig {
 }
 
 /// `SandboxOnTimeout`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxOnTimeout {
     Kill,
@@ -156,7 +159,7 @@ impl From<OnTimeout> for SandboxOnTimeout {
 }
 
 /// `SandboxLifecycle`.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxLifecycle {
     pub auto_resume: bool,
@@ -165,13 +168,13 @@ pub struct SandboxLifecycle {
 
 /// `SandboxForkResult`: one per requested fork (kiln forks all or nothing, so each holds its
 /// sandbox).
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct SandboxForkResult {
     pub sandbox: Sandbox,
 }
 
 /// `SnapshotInfo`: a created or listed snapshot; its id is a valid `templateID`.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct SnapshotInfo {
     #[serde(rename = "snapshotID")]
     pub snapshot_id: String,
@@ -332,7 +335,7 @@ pub struct Template {
 // Request bodies: the fields kiln reads, each checked by its handler.
 
 /// E2B's `NewSandbox`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
     #[serde(rename = "templateID")]
@@ -351,13 +354,13 @@ pub struct NewSandbox {
 }
 
 /// E2B's `SandboxAutoResumeConfig`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct AutoResume {
     pub enabled: bool,
 }
 
 /// The body of `POST /sandboxes/{id}/timeout`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct TimeoutRequest {
     pub timeout: Option<Value>,
 }
@@ -369,7 +372,7 @@ pub struct RefreshRequest {
 }
 
 /// E2B's `SandboxPauseRequest`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PauseRequest {
     /// `false`: keep only the file system; a resume boots the sandbox afresh.
@@ -388,7 +391,7 @@ pub struct ResumeRequest {
 }
 
 /// E2B's `ConnectSandbox` (v1) and `ConnectSandboxV2`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct ConnectRequest {
     pub timeout: Option<Value>,
     /// `false`: a paused sandbox boots afresh on its saved files.
@@ -396,14 +399,14 @@ pub struct ConnectRequest {
 }
 
 /// The body of `POST /sandboxes/{id}/fork`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct ForkRequest {
     pub timeout: Option<Value>,
     pub count: Option<usize>,
 }
 
 /// E2B's `SandboxSnapshotRequest`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Default)]
 #[allow(dead_code)]
 pub struct SnapshotRequest {
     pub name: Option<String>,
@@ -446,7 +449,7 @@ pub struct DeleteTags {
 
 /// E2B's `SandboxNetworkConfig` (create) and `SandboxNetworkUpdateConfig` (update): the
 /// fields kiln reads; the others are checked in [`policy_of`].
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
     pub allow_out: Option<Vec<String>>,

@@ -109,26 +109,40 @@ fn process_error(r: &ProcessRef, e: RpcError) -> RpcError {
 }
 
 /// Go's `ProcessState.String()` signal names.
+const SIGNAL_NAMES: [(i32, &str); 15] = [
+    (1, "hangup"),
+    (2, "interrupt"),
+    (3, "quit"),
+    (4, "illegal instruction"),
+    (5, "trace/breakpoint trap"),
+    (6, "aborted"),
+    (7, "bus error"),
+    (8, "floating point exception"),
+    (9, "killed"),
+    (10, "user defined signal 1"),
+    (11, "segmentation fault"),
+    (12, "user defined signal 2"),
+    (13, "broken pipe"),
+    (14, "alarm clock"),
+    (15, "terminated"),
+];
+
 fn signal_name(sig: i32) -> String {
-    let n = match sig {
-        1 => "hangup",
-        2 => "interrupt",
-        3 => "quit",
-        4 => "illegal instruction",
-        5 => "trace/breakpoint trap",
-        6 => "aborted",
-        7 => "bus error",
-        8 => "floating point exception",
-        9 => "killed",
-        10 => "user defined signal 1",
-        11 => "segmentation fault",
-        12 => "user defined signal 2",
-        13 => "broken pipe",
-        14 => "alarm clock",
-        15 => "terminated",
-        _ => return format!("signal {sig}"),
-    };
-    n.to_string()
+    match SIGNAL_NAMES.iter().find(|(n, _)| *n == sig) {
+        Some((_, name)) => name.to_string(),
+        None => format!("signal {sig}"),
+    }
+}
+
+/// The signal that ended a process, from its end event's status (`signal: killed`, as
+/// [`end_event`] writes it): the number back.
+pub fn signal_of(status: &str) -> Option<i32> {
+    let name = status.strip_prefix("signal: ")?;
+    SIGNAL_NAMES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(sig, _)| *sig)
+        .or_else(|| name.strip_prefix("signal ")?.parse().ok())
 }
 
 /// A process request must fit in one agent frame (create bounds the sandbox's own
@@ -699,6 +713,15 @@ mod tests {
             (e.exit_code, e.exited, e.status.as_str()),
             (-1, false, "signal: killed")
         );
+        assert_eq!(signal_of(&e.status), Some(9));
+        for sig in [1, 15, 31] {
+            let e = end_event(ExitStatus {
+                code: None,
+                signal: Some(sig),
+            });
+            assert_eq!(signal_of(&e.status), Some(sig), "{}", e.status);
+        }
+        assert_eq!(signal_of("exit status 1"), None);
 
         assert_eq!(
             selector(Some(ProcessSelector {

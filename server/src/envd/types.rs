@@ -1,7 +1,9 @@
 //! envd's messages (`process.proto`, `filesystem.proto` in e2b-dev/infra
 //! `packages/envd/spec/`) in the protobuf JSON mapping: lowerCamelCase names (the proto names
 //! are accepted too), `bytes` as base64, `int64` as a decimal string, enums by name (numbers
-//! accepted on input), timestamps as RFC 3339.
+//! accepted on input), timestamps as RFC 3339. The messages a client sends (a process's
+//! start, input, selector) serialize too, and [`ProcessEvent::parse`] reads events back: the
+//! client ([`crate::client`]) uses these same types.
 
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -80,34 +82,38 @@ pub struct PtySize {
     pub rows: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
 pub struct Pty {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<PtySize>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct StartRequest {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pty: Option<Pty>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<bool>,
 }
 
 /// `ProcessSelector`: a oneof of `pid` and `tag`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 pub struct ProcessSelector {
-    #[serde(default, deserialize_with = "de_opt_u32")]
+    #[serde(
+        default,
+        deserialize_with = "de_opt_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pid: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct SelectorRequest {
     #[serde(default)]
     pub process: Option<ProcessSelector>,
@@ -122,11 +128,11 @@ pub struct UpdateRequest {
 }
 
 /// `ProcessInput`: a oneof of `stdin` and `pty` bytes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct ProcessInput {
-    #[serde(default, with = "opt_bytes")]
+    #[serde(default, with = "opt_bytes", skip_serializing_if = "Option::is_none")]
     pub stdin: Option<Vec<u8>>,
-    #[serde(default, with = "opt_bytes")]
+    #[serde(default, with = "opt_bytes", skip_serializing_if = "Option::is_none")]
     pub pty: Option<Vec<u8>>,
 }
 
@@ -145,7 +151,6 @@ mod opt_bytes {
             .transpose()
     }
 
-    #[allow(dead_code)]
     pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => bytes_b64::serialize(v, s),
@@ -154,7 +159,7 @@ mod opt_bytes {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct SendInputRequest {
     #[serde(default)]
     pub process: Option<ProcessSelector>,
@@ -194,6 +199,17 @@ pub enum Signal {
     Other(i64),
 }
 
+impl Serialize for Signal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Signal::Unspecified => s.serialize_str("SIGNAL_UNSPECIFIED"),
+            Signal::Sigterm => s.serialize_str("SIGNAL_SIGTERM"),
+            Signal::Sigkill => s.serialize_str("SIGNAL_SIGKILL"),
+            Signal::Other(n) => s.serialize_i64(*n),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Signal {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
@@ -217,7 +233,7 @@ impl<'de> Deserialize<'de> for Signal {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SendSignalRequest {
     #[serde(default)]
     pub process: Option<ProcessSelector>,
@@ -242,14 +258,17 @@ pub struct ListResponse {
     pub processes: Vec<ProcessInfo>,
 }
 
-/// `ProcessEvent.EndEvent`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// `ProcessEvent.EndEvent` (read back with protobuf JSON's omitted defaults).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EndEvent {
+    #[serde(default)]
     pub exit_code: i32,
+    #[serde(default)]
     pub exited: bool,
+    #[serde(default)]
     pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -277,6 +296,37 @@ impl ProcessEvent {
             ProcessEvent::Keepalive => json!({"keepalive": {}}),
         };
         json!({ "event": ev })
+    }
+
+    /// The event a `StartResponse` / `ConnectResponse` carries ([`ProcessEvent::response`]
+    /// read back); None for a message that is none of them.
+    pub fn parse(v: &serde_json::Value) -> Option<ProcessEvent> {
+        let ev = v.get("event")?;
+        let bytes = |v: &serde_json::Value| bytes_b64::decode(v.as_str()?).ok();
+        if let Some(s) = ev.get("start") {
+            let pid = s.get("pid").map(|p| de_u32(p.clone()).unwrap_or(0));
+            return Some(ProcessEvent::Start {
+                pid: pid.unwrap_or(0),
+            });
+        }
+        if let Some(d) = ev.get("data") {
+            return [
+                (
+                    "stdout",
+                    ProcessEvent::Stdout as fn(Vec<u8>) -> ProcessEvent,
+                ),
+                ("stderr", ProcessEvent::Stderr),
+                ("pty", ProcessEvent::Pty),
+            ]
+            .into_iter()
+            .find_map(|(k, f)| d.get(k).and_then(bytes).map(f));
+        }
+        if let Some(e) = ev.get("end") {
+            return serde_json::from_value(e.clone())
+                .ok()
+                .map(ProcessEvent::End);
+        }
+        ev.get("keepalive").map(|_| ProcessEvent::Keepalive)
     }
 }
 
@@ -497,5 +547,47 @@ mod tests {
             ..e
         };
         assert_eq!(serde_json::to_value(&with).unwrap()["metadata"]["k"], "v");
+    }
+
+    #[test]
+    fn events_parse_back() {
+        let end = EndEvent {
+            exit_code: 3,
+            exited: true,
+            status: "exit status 3".into(),
+            error: Some("exit status 3".into()),
+        };
+        for ev in [
+            ProcessEvent::Start { pid: 7 },
+            ProcessEvent::Stdout(b"out".to_vec()),
+            ProcessEvent::Stderr(vec![0, 255]),
+            ProcessEvent::Pty(b"p".to_vec()),
+            ProcessEvent::End(end),
+            ProcessEvent::Keepalive,
+        ] {
+            assert_eq!(ProcessEvent::parse(&ev.response()), Some(ev));
+        }
+        // protobuf JSON leaves out defaults: exit code 0, a pid as a string.
+        let v = serde_json::json!({"event": {"end": {"exited": true, "status": "exit status 0"}}});
+        let Some(ProcessEvent::End(e)) = ProcessEvent::parse(&v) else {
+            panic!("{v}")
+        };
+        assert_eq!((e.exit_code, e.exited), (0, true));
+        let v = serde_json::json!({"event": {"start": {"pid": "12"}}});
+        assert_eq!(
+            ProcessEvent::parse(&v),
+            Some(ProcessEvent::Start { pid: 12 })
+        );
+        assert_eq!(ProcessEvent::parse(&serde_json::json!({})), None);
+        let sel = SelectorRequest {
+            process: Some(ProcessSelector {
+                pid: Some(5),
+                tag: None,
+            }),
+        };
+        assert_eq!(
+            serde_json::to_value(&sel).unwrap(),
+            serde_json::json!({"process": {"pid": 5}})
+        );
     }
 }
