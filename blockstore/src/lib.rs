@@ -36,6 +36,7 @@
 pub mod id;
 pub mod remote;
 
+mod bundle;
 mod cache;
 mod error;
 mod frame;

@@ -1,6 +1,7 @@
 //! Reading whole blobs out: export to a file, write to a stream, prefetch every chunk.
 
 use super::*;
+use crate::frame::max_frame_len;
 
 /// How many chunks [`Store::fetch_missing`] asks the remote for at once.
 const FETCH_BATCH: usize = 512;
@@ -70,7 +71,8 @@ impl Store {
     }
 
     /// Makes every chunk of the blobs `ids` local, fetching what the local tier lacks from
-    /// the remote [`FETCH_BATCH`] at a time, each batch's requests overlapped
+    /// the remote: out of a blob's bundle when it has one ([`crate::bundle`]: a few large
+    /// range GETs), the rest [`FETCH_BATCH`] at a time, each batch's requests overlapped
     /// ([`RemoteTier::get_chunks`]): for a reader about to read all of them (a gVisor restore
     /// reads its whole checkpoint), which chunk by chunk would wait one round trip per chunk
     /// (a checkpoint's chunks are 4 KiB pages). Returns how many chunks were fetched.
@@ -78,17 +80,30 @@ impl Store {
         let Some(remote) = self.remote() else {
             return Ok(0);
         };
+        // Chunks fetched by earlier reads are local once written: not fetched again.
+        self.inner.persist.wait();
         self.inner.local.catch_up();
         let mut seen = HashSet::new();
         let mut want: Vec<(ChunkId, usize)> = Vec::new();
+        let mut fetched = 0u64;
         for id in ids {
             let m = self.manifest_arc(id)?;
+            let start = want.len();
             for (i, c) in m.chunks.iter().enumerate() {
                 if let Some(c) = c {
                     if !self.inner.local.indexed(c) && seen.insert(*c) {
                         want.push((*c, m.chunk_len(i)));
                     }
                 }
+            }
+            if want.len() - start >= crate::bundle::MIN_TO_READ {
+                let got = self.fetch_from_bundle(&*remote, id, &m, &want[start..])?;
+                fetched += got.len() as u64;
+                let mut k = start;
+                want.retain(|(c, _)| {
+                    k += 1;
+                    k <= start || !got.contains(c)
+                });
             }
         }
         let st = &self.inner.stats;
@@ -109,7 +124,89 @@ impl Store {
         }
         // Readers find them in the local tier from here on.
         self.inner.persist.wait();
-        Ok(want.len() as u64)
+        Ok(fetched + want.len() as u64)
+    }
+
+    /// Fetches what it can of `lacking` (chunk, plain length), all chunks of blob `id`, from
+    /// the blob's bundle; returns the chunks it got, each checked against its id and queued
+    /// for the local tier. No bundle, a damaged one or a failed range only leave chunks to
+    /// the caller's chunk-by-chunk fetch (with a warning); only local errors are errors.
+    fn fetch_from_bundle(
+        &self,
+        remote: &dyn RemoteTier,
+        id: &BlobId,
+        m: &Manifest,
+        lacking: &[(ChunkId, usize)],
+    ) -> Result<HashSet<ChunkId>> {
+        let st = &self.inner.stats;
+        let mut got = HashSet::new();
+        let chunks = m.chunks.iter().flatten().collect::<HashSet<_>>().len();
+        let tail_len = crate::bundle::tail_len(chunks);
+        if tail_len > crate::bundle::MAX_TAIL {
+            return Ok(got);
+        }
+        let t = std::time::Instant::now();
+        st.bundle_requests.fetch_add(1, Relaxed);
+        let (tail, size) = match remote.bundle_tail(id, tail_len) {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                debug!(blob = %id, "no bundle");
+                return Ok(got);
+            }
+            Err(e) => {
+                warn!(blob = %id, "reading the blob's bundle failed, fetching chunk by chunk: {e}");
+                return Ok(got);
+            }
+        };
+        st.remote_bytes_fetched
+            .fetch_add(tail.len() as u64, Relaxed);
+        let entries = match crate::bundle::parse_index(&tail, size, chunks) {
+            Ok(e) => e,
+            Err(why) => {
+                warn!(blob = %id, remote = %remote.describe(), "the blob's bundle is unusable ({why}), fetching chunk by chunk");
+                return Ok(got);
+            }
+        };
+        drop(tail);
+        let lens: HashMap<ChunkId, usize> = lacking.iter().copied().collect();
+        let mut planned = HashSet::new();
+        let ranges = crate::bundle::plan(&entries, |e| {
+            lens.get(&e.id)
+                .is_some_and(|&l| e.len as usize <= max_frame_len(l))
+                && planned.insert(e.id)
+        });
+        let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.len)).collect();
+        remote.bundle_ranges(id, &spans, &mut |i, r| {
+            st.bundle_requests.fetch_add(1, Relaxed);
+            let bytes = match r {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(blob = %id, "reading a range of the blob's bundle failed, fetching its chunks one by one: {e}");
+                    return;
+                }
+            };
+            st.remote_bytes_fetched
+                .fetch_add(bytes.len() as u64, Relaxed);
+            for f in &ranges[i].frames {
+                let at = f.offset as usize;
+                let Some(frame) = bytes.get(at..at.saturating_add(f.len as usize)) else {
+                    continue;
+                };
+                if decode_chunk(&f.id, frame, lens[&f.id], None).is_err() {
+                    st.integrity_errors.fetch_add(1, Relaxed);
+                    warn!(chunk = %f.id, blob = %id, remote = %remote.describe(), "integrity error in a bundle's frame, fetching the chunk by itself");
+                    continue;
+                }
+                st.remote_chunk_fetches.fetch_add(1, Relaxed);
+                st.bundle_chunk_fetches.fetch_add(1, Relaxed);
+                self.inner.persist.submit(f.id, frame.to_vec());
+                got.insert(f.id);
+            }
+        });
+        let ids: Vec<ChunkId> = got.iter().copied().collect();
+        self.note_remote_has(&ids)?;
+        debug!(blob = %id, chunks = got.len(), of = lacking.len(), ranges = spans.len(), ms = t.elapsed().as_millis() as u64, "fetched from the bundle");
+        Ok(got)
     }
 
     /// Call `f(index, Some(bytes))` for every chunk in order (`None` for zero chunks), loading

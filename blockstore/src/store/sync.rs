@@ -34,8 +34,13 @@ impl Store {
 
     // ---------------------------------------------------------------- push / pull
 
-    /// Upload a blob: the chunks the remote lacks (in parallel), then the manifest.
-    /// `progress` gets the number of bytes uploaded so far.
+    /// Upload a blob: the chunks the remote lacks (in parallel), with them a bundle of those
+    /// chunks when there are many ([`crate::bundle`]), then the manifest.
+    /// `progress` gets the number of chunk bytes uploaded so far.
+    ///
+    /// A failed bundle upload fails the push like a failed chunk: it means S3 is failing us
+    /// now, and a push that succeeds promises a fast fetch elsewhere. A push that failed once
+    /// and is retried bundles only what the retry uploads (slower elsewhere, never wrong).
     pub fn push(&self, id: &BlobId, progress: &dyn Fn(u64)) -> Result<PushReport> {
         let remote = self.remote_or_err()?;
         let m = self.manifest_arc(id)?;
@@ -49,7 +54,19 @@ impl Store {
             .filter(|(_, h)| !**h)
             .map(|(c, _)| *c)
             .collect();
-        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), remote = %remote.describe(), "push");
+        // In blob order, so a reader lacking a stretch of the blob reads a stretch of bundle.
+        let bundled: Vec<ChunkId> = if todo.len() >= crate::bundle::MIN_CHUNKS {
+            let mut left: HashSet<ChunkId> = todo.iter().copied().collect();
+            m.chunks
+                .iter()
+                .flatten()
+                .filter(|c| left.remove(*c))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), bundled = bundled.len(), remote = %remote.describe(), "push");
         let next = AtomicU64::new(0);
         let sent = AtomicU64::new(0);
         let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -60,7 +77,10 @@ impl Store {
             .push_parallelism
             .clamp(1, 64)
             .min(todo.len().max(1));
-        std::thread::scope(|s| {
+        let bundle_bytes = std::thread::scope(|s| {
+            // The bundle goes up beside the chunks (the manifest, last, is what readers see).
+            let bundle = (!bundled.is_empty())
+                .then(|| s.spawn(|| self.push_bundle(&*remote, id, &bundled, &first_err)));
             for _ in 0..threads {
                 let ptx = ptx.clone();
                 let (todo, next, sent, first_err, remote) =
@@ -71,19 +91,11 @@ impl Store {
                     }
                     let i = next.fetch_add(1, Relaxed) as usize;
                     let Some(c) = todo.get(i) else { return };
-                    let r =
-                        (|| {
-                            let (frame, at) = self.inner.local.read_frame(c)?.ok_or_else(|| {
-                                Error::MissingChunk {
-                                    chunk: *c,
-                                    reason: "the remote lacks it too".into(),
-                                }
-                            })?;
-                            // Never upload damaged bytes.
-                            decode_chunk(c, &frame, crate::MAX_CHUNK_SIZE as usize, Some(&at))?;
-                            remote.put_chunk(c, &frame)?;
-                            Ok::<u64, Error>(frame.len() as u64)
-                        })();
+                    let r = (|| {
+                        let frame = self.frame_to_push(c)?;
+                        remote.put_chunk(c, &frame)?;
+                        Ok::<u64, Error>(frame.len() as u64)
+                    })();
                     match r {
                         Ok(n) => {
                             sent.fetch_add(n, Relaxed);
@@ -102,6 +114,7 @@ impl Store {
                 total += n;
                 progress(total);
             }
+            bundle.map_or(0, |h| h.join().expect("bundle upload thread panicked"))
         });
         if let Some(e) = first_err.into_inner().unwrap() {
             return Err(e);
@@ -112,8 +125,74 @@ impl Store {
             blob: *id,
             chunks: uniq.len() as u64,
             chunks_uploaded: todo.len() as u64,
-            bytes_uploaded: sent.load(Relaxed),
+            bytes_uploaded: sent.load(Relaxed) + bundle_bytes,
+            bundle_bytes,
         })
+    }
+
+    /// A chunk's stored frame, checked against its id (a push never uploads damaged bytes).
+    fn frame_to_push(&self, c: &ChunkId) -> Result<Vec<u8>> {
+        let (frame, at) = self
+            .inner
+            .local
+            .read_frame(c)?
+            .ok_or_else(|| Error::MissingChunk {
+                chunk: *c,
+                reason: "the remote lacks it too".into(),
+            })?;
+        decode_chunk(c, &frame, crate::MAX_CHUNK_SIZE as usize, Some(&at))?;
+        Ok(frame)
+    }
+
+    /// Uploads blob `id`'s bundle of `chunks`; returns its size (0 after an error, which goes
+    /// to `first_err` as a chunk's would).
+    fn push_bundle(
+        &self,
+        remote: &dyn RemoteTier,
+        id: &BlobId,
+        chunks: &[ChunkId],
+        first_err: &Mutex<Option<Error>>,
+    ) -> u64 {
+        let mut index: Vec<(ChunkId, u32)> = Vec::with_capacity(chunks.len());
+        let (mut size, mut done) = (0u64, false);
+        let mut frames = chunks.iter();
+        let mut pieces = std::iter::from_fn(|| {
+            if done {
+                return None;
+            }
+            if first_err.lock().unwrap().is_some() {
+                // A chunk failed, so does the push: end the bundle unfinished (never visible).
+                done = true;
+                return Some(Err(Error::Invalid("push abandoned".into())));
+            }
+            let piece = match frames.next() {
+                Some(c) => self
+                    .frame_to_push(c)
+                    .inspect(|f| index.push((*c, f.len() as u32))),
+                None => {
+                    done = true;
+                    Ok(crate::bundle::index_bytes(&index))
+                }
+            };
+            match &piece {
+                Ok(p) => size += p.len() as u64,
+                Err(_) => done = true,
+            }
+            Some(piece)
+        });
+        let t = std::time::Instant::now();
+        match remote.put_bundle(id, &mut pieces) {
+            Ok(()) => {
+                if size > 0 {
+                    info!(blob = %id, chunks = chunks.len(), bytes = size, ms = t.elapsed().as_millis() as u64, "pushed bundle");
+                }
+                size
+            }
+            Err(e) => {
+                first_err.lock().unwrap().get_or_insert(e);
+                0
+            }
+        }
     }
 
     /// Points the remote name `name` at `id` (push the blob first: the remote then never
