@@ -2,6 +2,12 @@
 //! so a host that lacks most of a blob fetches a few large byte ranges instead of one object
 //! per chunk (a checkpoint's memory is chunked per 4 KiB page: 8,450 GETs for 32 MiB).
 //!
+//! A blob's chunks that an earlier push uploaded are in that push's bundle: a bundle also names
+//! up to [`MAX_REFS`] other bundles holding more of its blob's chunks (a sandbox paused twice:
+//! the second checkpoint's bundle holds its changed pages and names the first's), as far as
+//! the pushing store knows (it records which bundle holds which chunk as it pushes and reads
+//! them). A reader follows these one level deep.
+//!
 //! A bundle only accelerates: every chunk in it is also its own object, pushed before it, and
 //! every frame read from it is checked against its chunk id like any other fetch. A missing,
 //! truncated or lying bundle costs time (the reader fetches chunk by chunk), never a wrong byte.
@@ -9,28 +15,33 @@
 //! ```text
 //! frames, concatenated
 //! | count x (32-byte chunk id | frame length u32 LE)
-//! | count u32 LE | version u32 LE (=1) | "KILNBNDL"
+//! | refs x 32-byte blob id (other bundles)
+//! | refs u32 LE | count u32 LE | version u32 LE (=1) | "KILNBNDL"
 //! ```
 //! The index is at the end so a push streams the frames without knowing their lengths first;
 //! a frame's offset is the sum of the lengths before it, so the index cannot point outside the
 //! frames, and its lengths must add up to the object's size exactly.
 
-use crate::id::{ChunkId, Digest};
+use crate::id::{BlobId, ChunkId, Digest};
 
 const MAGIC: &[u8; 8] = b"KILNBNDL";
 const VERSION: u32 = 1;
-/// Bytes of the trailer (count, version, magic).
-const TRAILER: u64 = 16;
+/// Bytes of the trailer (refs, count, version, magic).
+const TRAILER: u64 = 20;
 /// Bytes of one index entry.
 const ENTRY: u64 = 36;
+/// Other bundles one bundle may name.
+pub(crate) const MAX_REFS: usize = 16;
 
 /// A push uploads a bundle when it uploads at least this many chunks (below, the GETs it
 /// saves a reader are few, and overlapped anyway).
 pub(crate) const MIN_CHUNKS: usize = 64;
 /// A reader lacking at least this many of a blob's chunks looks for its bundle first.
 pub(crate) const MIN_TO_READ: usize = 16;
-/// A reader skips bundles whose index could be longer (1.8 million chunks).
+/// A reader skips bundles whose index is longer (1.8 million chunks).
 pub(crate) const MAX_TAIL: u64 = 64 << 20;
+/// The most chunks a bundle's index can list within [`MAX_TAIL`].
+pub(crate) const MAX_CHUNKS: usize = ((MAX_TAIL - TRAILER) / ENTRY) as usize;
 /// A reader coalesces neighbouring frames into ranges of about this size...
 const RANGE_BYTES: u64 = 4 << 20;
 /// ...reading over a gap of frames it already has when the gap is at most this long (cheaper
@@ -44,19 +55,30 @@ pub(crate) enum BadBundle {
     NoTrailer,
     #[error("it is of version {0}, this kiln reads version {VERSION}")]
     Version(u32),
-    #[error("its index claims {claims} chunks, the blob has {max}")]
+    #[error("its index claims {claims} chunks, at most {max} can be")]
     TooMany { claims: u64, max: u64 },
+    #[error("it names {0} other bundles, at most {MAX_REFS} can be")]
+    TooManyRefs(u64),
+    #[error("its index is {need} bytes long, more than was read")]
+    Incomplete { need: u64 },
     #[error("its index lists {index} bytes of frames, the object holds {object}")]
     Size { index: u64, object: u64 },
 }
 
-/// The index and trailer for frames of `entries` (chunk id, frame length), in order.
-pub(crate) fn index_bytes(entries: &[(ChunkId, u32)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * ENTRY as usize + TRAILER as usize);
+/// The index and trailer for frames of `entries` (chunk id, frame length), in order, naming
+/// the other bundles `refs` (at most [`MAX_REFS`] are kept).
+pub(crate) fn index_bytes(entries: &[(ChunkId, u32)], refs: &[BlobId]) -> Vec<u8> {
+    let refs = &refs[..refs.len().min(MAX_REFS)];
+    let mut out =
+        Vec::with_capacity(entries.len() * ENTRY as usize + refs.len() * 32 + TRAILER as usize);
     for (id, len) in entries {
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(&len.to_le_bytes());
     }
+    for r in refs {
+        out.extend_from_slice(r.as_bytes());
+    }
+    out.extend_from_slice(&(refs.len() as u32).to_le_bytes());
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(MAGIC);
@@ -65,7 +87,14 @@ pub(crate) fn index_bytes(entries: &[(ChunkId, u32)]) -> Vec<u8> {
 
 /// How many bytes from a bundle's end hold the index of a bundle of at most `max_chunks`.
 pub(crate) fn tail_len(max_chunks: usize) -> u64 {
-    TRAILER.saturating_add(ENTRY.saturating_mul(max_chunks as u64))
+    (TRAILER + 32 * MAX_REFS as u64).saturating_add(ENTRY.saturating_mul(max_chunks as u64))
+}
+
+/// A bundle's index: where each chunk's frame is, and the other bundles it names.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Index {
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) refs: Vec<BlobId>,
 }
 
 /// Where one chunk's frame is in a bundle.
@@ -76,14 +105,10 @@ pub(crate) struct Entry {
     pub(crate) len: u32,
 }
 
-/// Reads the index from `tail`, the last bytes of a bundle of `size` bytes (at least
-/// [`tail_len`]`(max_chunks)` of them, or all of it). A bundle listing more than `max_chunks`
-/// chunks (more than its blob has) is refused before anything is allocated for it.
-pub(crate) fn parse_index(
-    tail: &[u8],
-    size: u64,
-    max_chunks: usize,
-) -> Result<Vec<Entry>, BadBundle> {
+/// Reads the index from `tail`, the last bytes of a bundle of `size` bytes. A bundle listing
+/// more than `max_chunks` chunks is refused before anything is allocated for it; a tail too
+/// short for the index it ends with is [`BadBundle::Incomplete`] (read that many and retry).
+pub(crate) fn parse_index(tail: &[u8], size: u64, max_chunks: usize) -> Result<Index, BadBundle> {
     let t = tail.len();
     if t < TRAILER as usize || &tail[t - 8..] != MAGIC {
         return Err(BadBundle::NoTrailer);
@@ -100,15 +125,26 @@ pub(crate) fn parse_index(
             max: max_chunks as u64,
         });
     }
-    let index = TRAILER + count * ENTRY;
-    // The caller fetched tail_len(max_chunks) >= index bytes unless the object is smaller.
-    if index > t as u64 || index > size {
-        return Err(BadBundle::NoTrailer);
+    let nrefs = word(t - 20) as u64;
+    if nrefs > MAX_REFS as u64 {
+        return Err(BadBundle::TooManyRefs(nrefs));
+    }
+    let index = TRAILER + count * ENTRY + nrefs * 32;
+    if index > size {
+        return Err(BadBundle::Size {
+            index,
+            object: size,
+        });
+    }
+    if index > t as u64 {
+        return Err(BadBundle::Incomplete { need: index });
     }
     let frames = size - index;
+    let body = &tail[t - index as usize..t - TRAILER as usize];
+    let (table, refs) = body.split_at((count * ENTRY) as usize);
     let mut entries = Vec::with_capacity(count as usize);
     let mut offset = 0u64;
-    for e in tail[t - index as usize..t - TRAILER as usize].chunks_exact(ENTRY as usize) {
+    for e in table.chunks_exact(ENTRY as usize) {
         let len = u32::from_le_bytes(e[32..36].try_into().expect("4 bytes"));
         entries.push(Entry {
             id: Digest(e[..32].try_into().expect("32 bytes")),
@@ -123,7 +159,11 @@ pub(crate) fn parse_index(
             object: frames,
         });
     }
-    Ok(entries)
+    let refs = refs
+        .chunks_exact(32)
+        .map(|r| Digest(r.try_into().expect("32 bytes")))
+        .collect();
+    Ok(Index { entries, refs })
 }
 
 /// One byte range to read from a bundle and the frames in it.
@@ -178,7 +218,7 @@ mod tests {
             .zip(frames)
             .map(|(id, f)| (*id, f.len() as u32))
             .collect();
-        out.extend(index_bytes(&entries));
+        out.extend(index_bytes(&entries, &[]));
         (out, ids)
     }
 
@@ -187,13 +227,22 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000 + i as usize]).collect();
         let (b, ids) = bundle(&frames);
         let tail = &b[b.len() - tail_len(10) as usize..];
-        let entries = parse_index(tail, b.len() as u64, 10).unwrap();
+        let entries = parse_index(tail, b.len() as u64, 10).unwrap().entries;
         assert_eq!(entries.len(), 10);
         for (e, f) in entries.iter().zip(&frames) {
             assert_eq!(&b[e.offset as usize..][..e.len as usize], &f[..]);
         }
         // A tail longer than needed (the whole object) reads the same.
-        assert_eq!(parse_index(&b, b.len() as u64, 100).unwrap(), entries);
+        assert_eq!(
+            parse_index(&b, b.len() as u64, 100).unwrap().entries,
+            entries
+        );
+        // Too short a tail asks for more.
+        let need = b.len() as u64 - 10 * 1000 - 45;
+        assert_eq!(
+            parse_index(&b[b.len() - 100..], b.len() as u64, 10),
+            Err(BadBundle::Incomplete { need })
+        );
         // Wanting 0, 1, 2, 5 and 9: one range (the gaps are small).
         let wanted = [0, 1, 2, 5, 9].map(|i| ids[i]);
         let ranges = plan(&entries, |e| wanted.contains(&e.id));
@@ -205,6 +254,30 @@ mod tests {
             let at = (r.start + f.offset) as usize;
             assert_eq!(&b[at..at + f.len as usize], &frames[i][..]);
         }
+    }
+
+    #[test]
+    fn refs_round_trip_and_at_most_max_refs_are_written() {
+        let frame = vec![7u8; 100];
+        let id = Digest::of(&frame);
+        let refs: Vec<BlobId> = (0..20u8).map(|i| Digest::of(&[i])).collect();
+        let mut b = frame.clone();
+        b.extend(index_bytes(&[(id, 100)], &refs));
+        let ix = parse_index(&b, b.len() as u64, 1).unwrap();
+        assert_eq!(
+            ix.entries,
+            vec![Entry {
+                id,
+                offset: 0,
+                len: 100
+            }]
+        );
+        assert_eq!(ix.refs, refs[..MAX_REFS]);
+        // A bundle of references only.
+        let b = index_bytes(&[], &refs[..2]);
+        let ix = parse_index(&b, b.len() as u64, 0).unwrap();
+        assert!(ix.entries.is_empty());
+        assert_eq!(ix.refs, refs[..2]);
     }
 
     #[test]
@@ -262,14 +335,17 @@ mod tests {
                 max: 4
             })
         );
-        // A count the fetched tail cannot hold.
-        assert_eq!(
+        // A count the object cannot hold.
+        assert!(matches!(
             parse_index(&huge, size, u32::MAX as usize),
-            Err(BadBundle::NoTrailer)
-        );
+            Err(BadBundle::Size { .. })
+        ));
+        let mut refs = b.clone();
+        refs[n - 20..n - 16].copy_from_slice(&17u32.to_le_bytes());
+        assert_eq!(parse_index(&refs, size, 4), Err(BadBundle::TooManyRefs(17)));
         // Lengths that point past the end.
         let mut long = b.clone();
-        let first_len = n - 16 - 4 * 36 + 32;
+        let first_len = n - 20 - 4 * 36 + 32;
         long[first_len..first_len + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             parse_index(&long, size, 4),

@@ -120,28 +120,55 @@ fn a_push_of_many_chunks_writes_a_bundle_and_another_home_fetches_through_it() {
     assert!(st.bundle_requests - before.bundle_requests <= 5, "{st:?}");
     assert_eq!(read_all(&c, &id), data);
 
-    // The next checkpoint of the same memory: 150 pages changed. Its push bundles just those;
-    // a home without either fetches them from the new bundle, the rest chunk by chunk.
-    let mut next = data.clone();
-    for p in (3..3072).step_by(15).filter(|p| p % 16 != 0).take(150) {
-        next[p * PAGE..(p + 1) * PAGE].copy_from_slice(&pseudo_random(PAGE, 1000 + p as u64));
-    }
+    // The next checkpoint of the same memory: 150 pages changed. Its push bundles just those
+    // and names the first bundle, which holds the rest: a home without either fetches all of
+    // it out of the two bundles.
+    let next = change(&data, 150, 1000);
     let id2 = a.put_bytes(&next, &pages()).unwrap();
     let rep = a.push(&id2, &|_| {}).unwrap();
     assert_eq!(rep.chunks_uploaded, 150, "{rep:?}");
     assert!(rep.bundle_bytes > 150 * PAGE as u64, "{rep:?}");
+    assert!(rep.bundle_bytes < 160 * PAGE as u64, "{rep:?}");
     let d = store(&tmp.path().join("d"), &remote);
     d.pull(&id2).unwrap();
     assert_eq!(d.fetch_missing(&[id2]).unwrap(), n);
     let st = d.stats();
-    assert_eq!(st.bundle_chunk_fetches, 150, "{st:?}");
-    assert_eq!(st.remote_chunk_fetches, n, "{st:?}");
+    assert_eq!(st.bundle_chunk_fetches, n, "{st:?}");
+    assert!(st.bundle_requests <= 8, "two indexes, a few ranges: {st:?}");
     assert_eq!(read_all(&d, &id2), next);
 
-    // A push of few chunks uploads no bundle.
+    // That home (the sandbox resumed there) checkpoints again, 10 pages changed: too few for
+    // a bundle of their own, but it read the rest out of two bundles, so its push names them.
+    let third = change(&next, 10, 5000);
+    let id3 = d.put_bytes(&third, &pages()).unwrap();
+    let rep = d.push(&id3, &|_| {}).unwrap();
+    assert_eq!(rep.chunks_uploaded, 10, "{rep:?}");
+    assert!(rep.bundle_bytes > 0, "{rep:?}");
+    let e = store(&tmp.path().join("e"), &remote);
+    e.pull(&id3).unwrap();
+    assert_eq!(e.fetch_missing(&[id3]).unwrap(), n);
+    let st = e.stats();
+    assert_eq!(st.bundle_chunk_fetches, n, "{st:?}");
+    assert!(
+        st.bundle_requests <= 12,
+        "three indexes, a few ranges: {st:?}"
+    );
+    assert_eq!(read_all(&e, &id3), third);
+
+    // A push of few chunks of a small blob uploads no bundle.
     let small = a.put_bytes(&memory(40, 7), &pages()).unwrap();
     assert_eq!(a.push(&small, &|_| {}).unwrap().bundle_bytes, 0);
-    assert_eq!(remote.list_bundles().unwrap().len(), 2);
+    assert_eq!(remote.list_bundles().unwrap().len(), 3);
+}
+
+/// `data` with `count` of its non-zero pages (every 15th from page 3) replaced.
+fn change(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
+    let mut out = data.to_vec();
+    let pages = (3..data.len() / PAGE).step_by(15).filter(|p| p % 16 != 0);
+    for p in pages.take(count) {
+        out[p * PAGE..(p + 1) * PAGE].copy_from_slice(&pseudo_random(PAGE, seed + p as u64));
+    }
+    out
 }
 
 #[test]
@@ -159,7 +186,7 @@ fn damaged_truncated_lying_or_deleted_bundles_fall_back_to_chunks() {
     let good = bundle_bytes(&remote, &id);
     let len = good.len();
     let entries = n as usize;
-    let index_at = len - 16 - 36 * entries;
+    let index_at = len - 20 - 36 * entries;
     let entry_len = |i: usize| index_at + 36 * i + 32;
     let frame_len = |b: &[u8], i: usize| {
         u32::from_le_bytes(b[entry_len(i)..entry_len(i) + 4].try_into().unwrap()) as usize

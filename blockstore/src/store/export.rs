@@ -128,9 +128,10 @@ impl Store {
     }
 
     /// Fetches what it can of `lacking` (chunk, plain length), all chunks of blob `id`, from
-    /// the blob's bundle; returns the chunks it got, each checked against its id and queued
-    /// for the local tier. No bundle, a damaged one or a failed range only leave chunks to
-    /// the caller's chunk-by-chunk fetch (with a warning); only local errors are errors.
+    /// the blob's bundle and the bundles it names; returns the chunks it got, each checked
+    /// against its id and queued for the local tier. No bundle, a damaged one or a failed
+    /// range only leave chunks to the caller's chunk-by-chunk fetch (with a warning); only
+    /// local errors are errors.
     fn fetch_from_bundle(
         &self,
         remote: &dyn RemoteTier,
@@ -138,50 +139,101 @@ impl Store {
         m: &Manifest,
         lacking: &[(ChunkId, usize)],
     ) -> Result<HashSet<ChunkId>> {
-        let st = &self.inner.stats;
+        let t = std::time::Instant::now();
         let mut got = HashSet::new();
         let chunks = m.chunks.iter().flatten().collect::<HashSet<_>>().len();
-        let tail_len = crate::bundle::tail_len(chunks);
-        if tail_len > crate::bundle::MAX_TAIL {
+        let Some(own) = self.bundle_index(remote, id, chunks, chunks) else {
             return Ok(got);
-        }
-        let t = std::time::Instant::now();
-        st.bundle_requests.fetch_add(1, Relaxed);
-        let (tail, size) = match remote.bundle_tail(id, tail_len) {
-            Ok(Some(x)) => x,
-            Ok(None) => {
-                debug!(blob = %id, "no bundle");
-                return Ok(got);
-            }
-            Err(e) => {
-                warn!(blob = %id, "reading the blob's bundle failed, fetching chunk by chunk: {e}");
-                return Ok(got);
-            }
         };
-        st.remote_bytes_fetched
-            .fetch_add(tail.len() as u64, Relaxed);
-        let entries = match crate::bundle::parse_index(&tail, size, chunks) {
-            Ok(e) => e,
-            Err(why) => {
-                warn!(blob = %id, remote = %remote.describe(), "the blob's bundle is unusable ({why}), fetching chunk by chunk");
-                return Ok(got);
-            }
-        };
-        drop(tail);
         let lens: HashMap<ChunkId, usize> = lacking.iter().copied().collect();
+        let mut read = 1;
+        self.fetch_frames(remote, id, &own.entries, &lens, &mut got)?;
+        let mut refs = own.refs;
+        refs.sort();
+        refs.dedup();
+        for r in refs.iter().filter(|r| *r != id) {
+            if got.len() == lens.len() {
+                break;
+            }
+            if let Some(ix) = self.bundle_index(remote, r, chunks, crate::bundle::MAX_CHUNKS) {
+                read += 1;
+                self.fetch_frames(remote, r, &ix.entries, &lens, &mut got)?;
+            }
+        }
+        debug!(blob = %id, chunks = got.len(), of = lacking.len(), bundles = read, ms = t.elapsed().as_millis() as u64, "fetched from bundles");
+        Ok(got)
+    }
+
+    /// The index of blob `id`'s bundle (listing at most `max_chunks`), `None` (after a warning
+    /// when it is not merely absent) when there is none to use. One GET reads the index of a
+    /// bundle of up to `guess` chunks; a larger one takes a second.
+    fn bundle_index(
+        &self,
+        remote: &dyn RemoteTier,
+        id: &BlobId,
+        guess: usize,
+        max_chunks: usize,
+    ) -> Option<crate::bundle::Index> {
+        use crate::bundle::{parse_index, tail_len, BadBundle, MAX_TAIL};
+        let st = &self.inner.stats;
+        let mut want = tail_len(guess).min(MAX_TAIL);
+        for _ in 0..2 {
+            st.bundle_requests.fetch_add(1, Relaxed);
+            let (tail, size) = match remote.bundle_tail(id, want) {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    debug!(blob = %id, "no bundle");
+                    return None;
+                }
+                Err(e) => {
+                    warn!(blob = %id, "reading a bundle failed, fetching chunk by chunk: {e}");
+                    return None;
+                }
+            };
+            st.remote_bytes_fetched
+                .fetch_add(tail.len() as u64, Relaxed);
+            match parse_index(&tail, size, max_chunks) {
+                Ok(ix) => return Some(ix),
+                Err(BadBundle::Incomplete { need }) if need <= MAX_TAIL && need > want => {
+                    want = need
+                }
+                Err(why) => {
+                    warn!(blob = %id, remote = %remote.describe(), "a bundle is unusable ({why}), fetching chunk by chunk");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads the frames of `lens`' chunks not yet in `got` that blob `id`'s bundle holds
+    /// (`entries`), in coalesced ranges; checks each against its id, queues it for the local
+    /// tier and adds it to `got`.
+    fn fetch_frames(
+        &self,
+        remote: &dyn RemoteTier,
+        id: &BlobId,
+        entries: &[crate::bundle::Entry],
+        lens: &HashMap<ChunkId, usize>,
+        got: &mut HashSet<ChunkId>,
+    ) -> Result<()> {
+        let st = &self.inner.stats;
         let mut planned = HashSet::new();
-        let ranges = crate::bundle::plan(&entries, |e| {
-            lens.get(&e.id)
-                .is_some_and(|&l| e.len as usize <= max_frame_len(l))
+        let ranges = crate::bundle::plan(entries, |e| {
+            !got.contains(&e.id)
+                && lens
+                    .get(&e.id)
+                    .is_some_and(|&l| e.len as usize <= max_frame_len(l))
                 && planned.insert(e.id)
         });
         let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.len)).collect();
+        let mut fresh = Vec::new();
         remote.bundle_ranges(id, &spans, &mut |i, r| {
             st.bundle_requests.fetch_add(1, Relaxed);
             let bytes = match r {
                 Ok(b) => b,
                 Err(e) => {
-                    warn!(blob = %id, "reading a range of the blob's bundle failed, fetching its chunks one by one: {e}");
+                    warn!(blob = %id, "reading a range of a bundle failed, fetching its chunks one by one: {e}");
                     return;
                 }
             };
@@ -200,13 +252,12 @@ impl Store {
                 st.remote_chunk_fetches.fetch_add(1, Relaxed);
                 st.bundle_chunk_fetches.fetch_add(1, Relaxed);
                 self.inner.persist.submit(f.id, frame.to_vec());
-                got.insert(f.id);
+                fresh.push(f.id);
             }
         });
-        let ids: Vec<ChunkId> = got.iter().copied().collect();
-        self.note_remote_has(&ids)?;
-        debug!(blob = %id, chunks = got.len(), of = lacking.len(), ranges = spans.len(), ms = t.elapsed().as_millis() as u64, "fetched from the bundle");
-        Ok(got)
+        got.extend(fresh.iter().copied());
+        self.note_remote_has(&fresh)?;
+        self.note_bundled(id, &fresh)
     }
 
     /// Call `f(index, Some(bytes))` for every chunk in order (`None` for zero chunks), loading

@@ -9,20 +9,55 @@ impl Store {
 
     /// Record that the remote holds these chunks (append-only; 32 bytes per id).
     pub(crate) fn note_remote_has(&self, ids: &[ChunkId]) -> Result<()> {
-        if ids.is_empty() {
+        let buf: Vec<u8> = ids.iter().flat_map(|id| id.0).collect();
+        self.append_log(&self.remote_log(), &buf)
+    }
+
+    fn append_log(&self, p: &Path, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
             return Ok(());
-        }
-        let p = self.remote_log();
-        let mut buf = Vec::with_capacity(ids.len() * 32);
-        for id in ids {
-            buf.extend_from_slice(id.as_bytes());
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&p)
-            .ctx("open", &p)?;
-        f.write_all(&buf).ctx("append", &p)
+            .open(p)
+            .ctx("open", p)?;
+        f.write_all(buf).ctx("append", p)
+    }
+
+    /// Record that the remote bundle of blob `bundle` holds these chunks (append-only; a
+    /// chunk id and a blob id per chunk), so a later push can name that bundle in its own.
+    pub(crate) fn note_bundled(&self, bundle: &BlobId, ids: &[ChunkId]) -> Result<()> {
+        let buf: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| [id.0, bundle.0])
+            .flatten()
+            .collect();
+        self.append_log(&self.inner.dir.join("remote-bundles"), &buf)
+    }
+
+    /// The bundles (at most [`crate::bundle::MAX_REFS`], other than `blob`'s own) that hold
+    /// the most of `chunks`, as far as this store has seen, and how many they hold.
+    fn bundles_holding(&self, blob: &BlobId, chunks: &[ChunkId]) -> Result<(Vec<BlobId>, usize)> {
+        let b = fsutil::read_opt(&self.inner.dir.join("remote-bundles"))?.unwrap_or_default();
+        let want: HashSet<&ChunkId> = chunks.iter().collect();
+        // The latest record of a chunk wins (an older bundle may be gone or rewritten).
+        let mut holder: HashMap<ChunkId, BlobId> = HashMap::new();
+        for rec in b.chunks_exact(64) {
+            let c = Digest(rec[..32].try_into().unwrap());
+            if want.contains(&c) {
+                holder.insert(c, Digest(rec[32..].try_into().unwrap()));
+            }
+        }
+        let mut count: HashMap<BlobId, usize> = HashMap::new();
+        for h in holder.values().filter(|h| *h != blob) {
+            *count.entry(*h).or_default() += 1;
+        }
+        let mut best: Vec<(BlobId, usize)> = count.into_iter().collect();
+        best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        best.truncate(crate::bundle::MAX_REFS);
+        let covered = best.iter().map(|(_, n)| n).sum();
+        Ok((best.into_iter().map(|(b, _)| b).collect(), covered))
     }
 
     pub(super) fn remote_known(&self) -> Result<HashSet<ChunkId>> {
@@ -35,7 +70,8 @@ impl Store {
     // ---------------------------------------------------------------- push / pull
 
     /// Upload a blob: the chunks the remote lacks (in parallel), with them a bundle of those
-    /// chunks when there are many ([`crate::bundle`]), then the manifest.
+    /// chunks naming the earlier bundles that hold its other chunks, when together they are
+    /// many ([`crate::bundle`]), then the manifest.
     /// `progress` gets the number of chunk bytes uploaded so far.
     ///
     /// A failed bundle upload fails the push like a failed chunk: it means S3 is failing us
@@ -54,19 +90,32 @@ impl Store {
             .filter(|(_, h)| !**h)
             .map(|(c, _)| *c)
             .collect();
+        // Chunks the remote had: in which earlier bundles (none when the push uploads nothing:
+        // the blob was pushed before, its bundle stays as it is).
+        let (refs, covered) = if todo.is_empty() || uniq.len() < crate::bundle::MIN_CHUNKS {
+            (Vec::new(), 0)
+        } else {
+            let had: Vec<ChunkId> = uniq
+                .iter()
+                .zip(&have)
+                .filter(|(_, h)| **h)
+                .map(|(c, _)| *c)
+                .collect();
+            self.bundles_holding(id, &had)?
+        };
         // In blob order, so a reader lacking a stretch of the blob reads a stretch of bundle.
-        let bundled: Vec<ChunkId> = if todo.len() >= crate::bundle::MIN_CHUNKS {
+        let bundle = (todo.len() + covered >= crate::bundle::MIN_CHUNKS).then(|| {
             let mut left: HashSet<ChunkId> = todo.iter().copied().collect();
-            m.chunks
+            let frames: Vec<ChunkId> = m
+                .chunks
                 .iter()
                 .flatten()
                 .filter(|c| left.remove(*c))
                 .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), bundled = bundled.len(), remote = %remote.describe(), "push");
+                .collect();
+            (frames, refs)
+        });
+        info!(blob = %id, chunks = uniq.len(), missing = todo.len(), bundle_refs = bundle.as_ref().map_or(0, |b| b.1.len()), remote = %remote.describe(), "push");
         let next = AtomicU64::new(0);
         let sent = AtomicU64::new(0);
         let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -79,8 +128,9 @@ impl Store {
             .min(todo.len().max(1));
         let bundle_bytes = std::thread::scope(|s| {
             // The bundle goes up beside the chunks (the manifest, last, is what readers see).
-            let bundle = (!bundled.is_empty())
-                .then(|| s.spawn(|| self.push_bundle(&*remote, id, &bundled, &first_err)));
+            let bundle = bundle.as_ref().map(|(chunks, refs)| {
+                s.spawn(|| self.push_bundle(&*remote, id, chunks, refs, &first_err))
+            });
             for _ in 0..threads {
                 let ptx = ptx.clone();
                 let (todo, next, sent, first_err, remote) =
@@ -120,6 +170,9 @@ impl Store {
             return Err(e);
         }
         self.note_remote_has(&uniq)?;
+        if let Some((chunks, _)) = &bundle {
+            self.note_bundled(id, chunks)?;
+        }
         remote.put_manifest(id, &m.to_bytes())?;
         Ok(PushReport {
             blob: *id,
@@ -144,13 +197,14 @@ impl Store {
         Ok(frame)
     }
 
-    /// Uploads blob `id`'s bundle of `chunks`; returns its size (0 after an error, which goes
-    /// to `first_err` as a chunk's would).
+    /// Uploads blob `id`'s bundle of `chunks` naming bundles `refs`; returns its size (0 after
+    /// an error, which goes to `first_err` as a chunk's would).
     fn push_bundle(
         &self,
         remote: &dyn RemoteTier,
         id: &BlobId,
         chunks: &[ChunkId],
+        refs: &[BlobId],
         first_err: &Mutex<Option<Error>>,
     ) -> u64 {
         let mut index: Vec<(ChunkId, u32)> = Vec::with_capacity(chunks.len());
@@ -171,7 +225,7 @@ impl Store {
                     .inspect(|f| index.push((*c, f.len() as u32))),
                 None => {
                     done = true;
-                    Ok(crate::bundle::index_bytes(&index))
+                    Ok(crate::bundle::index_bytes(&index, refs))
                 }
             };
             match &piece {
@@ -184,7 +238,7 @@ impl Store {
         match remote.put_bundle(id, &mut pieces) {
             Ok(()) => {
                 if size > 0 {
-                    info!(blob = %id, chunks = chunks.len(), bytes = size, ms = t.elapsed().as_millis() as u64, "pushed bundle");
+                    info!(blob = %id, chunks = chunks.len(), refs = refs.len(), bytes = size, ms = t.elapsed().as_millis() as u64, "pushed bundle");
                 }
                 size
             }
