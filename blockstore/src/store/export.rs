@@ -227,33 +227,50 @@ impl Store {
                 && planned.insert(e.id)
         });
         let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.len)).collect();
-        let mut fresh = Vec::new();
-        remote.bundle_ranges(id, &spans, &mut |i, r| {
-            st.bundle_requests.fetch_add(1, Relaxed);
-            let bytes = match r {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(blob = %id, "reading a range of a bundle failed, fetching its chunks one by one: {e}");
-                    return;
+        // Ranges arrive faster than one thread checks their frames (on loopback 32 MiB comes
+        // in ~40 ms, its 8,450 frames take ~100 ms to check on one core), so two check them.
+        let (tx, rx) = crossbeam_channel::bounded::<(usize, Vec<u8>)>(4);
+        let fresh: Vec<ChunkId> = std::thread::scope(|s| {
+            let check = || {
+                let mut fresh = Vec::new();
+                for (i, bytes) in rx.clone() {
+                    for f in &ranges[i].frames {
+                        let at = f.offset as usize;
+                        let Some(frame) = bytes.get(at..at.saturating_add(f.len as usize)) else {
+                            continue;
+                        };
+                        if decode_chunk(&f.id, frame, lens[&f.id], None).is_err() {
+                            st.integrity_errors.fetch_add(1, Relaxed);
+                            warn!(chunk = %f.id, blob = %id, remote = %remote.describe(), "integrity error in a bundle's frame, fetching the chunk by itself");
+                            continue;
+                        }
+                        st.remote_chunk_fetches.fetch_add(1, Relaxed);
+                        st.bundle_chunk_fetches.fetch_add(1, Relaxed);
+                        self.inner.persist.submit(f.id, frame.to_vec());
+                        fresh.push(f.id);
+                    }
                 }
+                fresh
             };
-            st.remote_bytes_fetched
-                .fetch_add(bytes.len() as u64, Relaxed);
-            for f in &ranges[i].frames {
-                let at = f.offset as usize;
-                let Some(frame) = bytes.get(at..at.saturating_add(f.len as usize)) else {
-                    continue;
-                };
-                if decode_chunk(&f.id, frame, lens[&f.id], None).is_err() {
-                    st.integrity_errors.fetch_add(1, Relaxed);
-                    warn!(chunk = %f.id, blob = %id, remote = %remote.describe(), "integrity error in a bundle's frame, fetching the chunk by itself");
-                    continue;
+            let checkers = [s.spawn(check), s.spawn(check)];
+            remote.bundle_ranges(id, &spans, &mut |i, r| {
+                st.bundle_requests.fetch_add(1, Relaxed);
+                match r {
+                    Ok(bytes) => {
+                        st.remote_bytes_fetched
+                            .fetch_add(bytes.len() as u64, Relaxed);
+                        let _ = tx.send((i, bytes));
+                    }
+                    Err(e) => {
+                        warn!(blob = %id, "reading a range of a bundle failed, fetching its chunks one by one: {e}");
+                    }
                 }
-                st.remote_chunk_fetches.fetch_add(1, Relaxed);
-                st.bundle_chunk_fetches.fetch_add(1, Relaxed);
-                self.inner.persist.submit(f.id, frame.to_vec());
-                fresh.push(f.id);
-            }
+            });
+            drop(tx);
+            checkers
+                .into_iter()
+                .flat_map(|c| c.join().expect("bundle check thread panicked"))
+                .collect()
         });
         got.extend(fresh.iter().copied());
         self.note_remote_has(&fresh)?;
