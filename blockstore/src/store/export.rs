@@ -111,10 +111,12 @@ impl Store {
             let ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
             let frames = remote.get_chunks(&ids)?;
             for ((c, len), frame) in batch.iter().zip(frames) {
-                decode_chunk(c, &frame, *len, None).inspect_err(|_| {
+                let plain = decode_chunk(c, &frame, *len, None).inspect_err(|_| {
                     st.integrity_errors.fetch_add(1, Relaxed);
                     warn!(chunk = %c, remote = %remote.describe(), "integrity error in fetched chunk");
                 })?;
+                // The caller reads them next: from memory, not decoded again from disk.
+                self.inner.cache.insert(*c, Arc::new(plain));
                 st.remote_chunk_fetches.fetch_add(1, Relaxed);
                 st.remote_bytes_fetched
                     .fetch_add(frame.len() as u64, Relaxed);
@@ -239,11 +241,12 @@ impl Store {
                         let Some(frame) = bytes.get(at..at.saturating_add(f.len as usize)) else {
                             continue;
                         };
-                        if decode_chunk(&f.id, frame, lens[&f.id], None).is_err() {
+                        let Ok(plain) = decode_chunk(&f.id, frame, lens[&f.id], None) else {
                             st.integrity_errors.fetch_add(1, Relaxed);
                             warn!(chunk = %f.id, blob = %id, remote = %remote.describe(), "integrity error in a bundle's frame, fetching the chunk by itself");
                             continue;
-                        }
+                        };
+                        self.inner.cache.insert(f.id, Arc::new(plain));
                         st.remote_chunk_fetches.fetch_add(1, Relaxed);
                         st.bundle_chunk_fetches.fetch_add(1, Relaxed);
                         self.inner.persist.submit(f.id, frame.to_vec());
