@@ -89,6 +89,13 @@ fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The longest frame of a chunk of `len` bytes: a compressed frame is only kept when shorter
+/// than the raw one; zstd's bound covers frames written by any zstd encoder.
+pub(crate) fn max_frame_len(len: usize) -> usize {
+    let raw = len + 9 + 3 * len.div_ceil(MAX_BLOCK).max(1);
+    raw.max(zstd::zstd_safe::compress_bound(len))
+}
+
 thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }

@@ -17,6 +17,7 @@
 //! <dir>/names/<hex(name)> the blob id a name points to
 //! <dir>/pins/<hex>        path of an overlay directory whose base gc must keep
 //! <dir>/remote-chunks     append-only log of chunk ids the remote is known to hold
+//! <dir>/remote-bundles    append-only log of (chunk id, blob id): which remote bundle holds it
 //! <dir>/tmp/              files being written (tmp + fsync + rename)
 //! <dir>/gc.lock           flock: writers hold it shared, gc exclusive
 //! ```
@@ -36,6 +37,7 @@
 pub mod id;
 pub mod remote;
 
+mod bundle;
 mod cache;
 mod error;
 mod frame;

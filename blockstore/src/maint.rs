@@ -250,26 +250,37 @@ pub(crate) fn gc(store: &Store, remote_too: bool) -> Result<GcReport> {
     if remote_too {
         let remote = store.remote().ok_or(Error::NoRemote)?;
         let mut rrefs = refs.clone();
-        for id in remote.list_manifests()? {
-            let b = remote.get_manifest(&id)?;
-            rrefs.extend(Manifest::from_bytes(&id, &b)?.chunks.into_iter().flatten());
+        let manifests = remote.list_manifests()?;
+        for id in &manifests {
+            let b = remote.get_manifest(id)?;
+            rrefs.extend(Manifest::from_bytes(id, &b)?.chunks.into_iter().flatten());
         }
         let now = SystemTime::now();
         let grace = store.inner.opts.remote_gc_grace;
+        // Old enough: a push from another host uploads chunks and its bundle before the
+        // manifest that makes them referenced.
+        let old = |mtime: &SystemTime| {
+            now.duration_since(*mtime)
+                .map(|age| age >= grace)
+                .unwrap_or(false)
+        };
         let doomed: Vec<ChunkId> = remote
             .list_chunks()?
             .into_iter()
-            .filter(|(id, mtime)| {
-                !rrefs.contains(id)
-                    && now
-                        .duration_since(*mtime)
-                        .map(|age| age >= grace)
-                        .unwrap_or(false)
-            })
+            .filter(|(id, mtime)| !rrefs.contains(id) && old(mtime))
             .map(|(id, _)| id)
             .collect();
         remote.delete_chunks(&doomed)?;
         report.remote_chunks_removed = doomed.len() as u64;
+        let manifests: HashSet<crate::BlobId> = manifests.into_iter().collect();
+        let orphans: Vec<crate::BlobId> = remote
+            .list_bundles()?
+            .into_iter()
+            .filter(|(id, mtime)| !manifests.contains(id) && old(mtime))
+            .map(|(id, _)| id)
+            .collect();
+        remote.delete_bundles(&orphans)?;
+        report.remote_bundles_removed = orphans.len() as u64;
     }
     report.chunks_evicted = trim(store)?;
     info!(?report, "gc");

@@ -19,6 +19,9 @@ use crate::local::LocalTier;
 
 type Job = (ChunkId, Vec<u8>);
 
+/// Up to this many bytes of queued frames go into one pack.
+const BATCH_BYTES: usize = 32 << 20;
+
 pub(crate) struct Persister {
     tx: Mutex<Option<Sender<Job>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
@@ -80,8 +83,15 @@ impl Drop for Persister {
 
 fn run(rx: Receiver<Job>, local: LocalTier, lock: PathBuf, pending: Arc<(Mutex<usize>, Condvar)>) {
     while let Ok(first) = rx.recv() {
+        // Whatever queued up meanwhile goes into one pack (one fdatasync): a whole checkpoint
+        // fetched at once (8,450 pages) is written as a few packs, not 33 (~8 ms each here).
+        let mut bytes = first.1.len();
         let mut batch = vec![first];
-        batch.extend(rx.try_iter().take(255));
+        while bytes < BATCH_BYTES {
+            let Ok(job) = rx.try_recv() else { break };
+            bytes += job.1.len();
+            batch.push(job);
+        }
         let n = batch.len();
         if let Err(e) = write_batch(&local, &lock, &batch) {
             warn!("could not keep fetched chunks locally (they will be fetched again): {e}");

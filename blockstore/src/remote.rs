@@ -1,9 +1,11 @@
 //! S3 tier: chunks and blob manifests as objects in an S3-compatible bucket.
 //!
 //! Object layout under the configured prefix: `<prefix>/chunks/<hex>` (chunk bytes exactly as
-//! the caller hands them, i.e. zstd-compressed) and `<prefix>/blobs/<hex>` (manifests).
-//! Objects are immutable and content-addressed, so every write is idempotent and a retried or
-//! concurrent upload of the same id is harmless.
+//! the caller hands them, i.e. zstd-compressed), `<prefix>/blobs/<hex>` (manifests) and
+//! `<prefix>/bundles/<blob hex>` (many of a blob's chunks in one object, see [`crate::bundle`]).
+//! Chunks and manifests are immutable and content-addressed, so every write is idempotent and
+//! a retried or concurrent upload of the same id is harmless; a bundle may be rewritten by a
+//! later push of its blob, and every version of it is as good (its frames are checked on read).
 //!
 //! The API is blocking: callers are plain threads (CLI, VMM I/O workers). An `S3Remote` owns a
 //! small tokio runtime and drives the async SDK with `block_on`; it must therefore not be used
@@ -26,9 +28,10 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 use tokio::task::JoinSet;
+use tracing::warn;
 
 use crate::id::{BlobId, ChunkId, Digest};
 
@@ -185,6 +188,13 @@ impl fmt::Debug for S3Remote {
 /// How many HEAD/GET/PUT requests run at once when the caller does not say.
 pub const DEFAULT_PARALLELISM: usize = 16;
 
+/// Bytes per part of a bundle's multipart upload (S3 wants at least 5 MiB but the last).
+pub const BUNDLE_PART: usize = 8 << 20;
+/// Parts of one bundle uploaded at once.
+pub const BUNDLE_PARTS_IN_FLIGHT: usize = 4;
+/// Byte ranges of one bundle read at once.
+pub const BUNDLE_RANGES_IN_FLIGHT: usize = 8;
+
 impl S3Remote {
     /// Builds a client for `cfg`. Does no network I/O (so purely local commands keep working
     /// when S3 is down); use [`S3Remote::check`] to validate reachability and credentials.
@@ -276,6 +286,10 @@ impl S3Remote {
         format!("{}blobs/{}", self.prefix, id.to_hex())
     }
 
+    fn bundle_key(&self, id: &BlobId) -> String {
+        format!("{}bundles/{}", self.prefix, id.to_hex())
+    }
+
     fn ref_key(&self, name: &str) -> String {
         format!("{}refs/{}", self.prefix, name)
     }
@@ -358,35 +372,64 @@ impl S3Remote {
         F: Fn(Client, String, String, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, RemoteError>> + Send + 'static,
     {
-        self.rt.block_on(async {
-            let mut set = JoinSet::new();
-            let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
-            let mut next = 0;
-            loop {
-                while set.len() < width && next < keys.len() {
-                    let fut = op(
-                        self.client.clone(),
-                        self.bucket.clone(),
-                        keys[next].clone(),
-                        self.endpoint.clone(),
-                    );
-                    let i = next;
-                    set.spawn(async move { (i, fut.await) });
-                    next += 1;
-                }
-                match set.join_next().await {
-                    None => break,
-                    Some(joined) => {
-                        let (i, r) =
-                            joined.unwrap_or_else(|e| panic!("S3 {what} task panicked: {e}"));
-                        out[i] = Some(r?);
-                    }
-                }
+        let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
+        let mut failed = None;
+        let futs = keys.into_iter().map(|k| {
+            op(
+                self.client.clone(),
+                self.bucket.clone(),
+                k,
+                self.endpoint.clone(),
+            )
+        });
+        self.in_flight(futs, width, what, |i, r| match r {
+            Ok(v) => {
+                out[i] = Some(v);
+                true
             }
-            Ok(out
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out
                 .into_iter()
                 .map(|o| o.expect("every index filled"))
-                .collect())
+                .collect()),
+        }
+    }
+
+    /// Runs the futures `futs` with up to `width` in flight, calling `each(index, result)` as
+    /// each completes (on the calling thread); `each` returning false ends it (requests still
+    /// in flight are dropped).
+    fn in_flight<T, Fut>(
+        &self,
+        futs: impl Iterator<Item = Fut>,
+        width: usize,
+        what: &str,
+        mut each: impl FnMut(usize, Result<T, RemoteError>) -> bool,
+    ) where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T, RemoteError>> + Send + 'static,
+    {
+        let mut futs = futs.enumerate();
+        self.rt.block_on(async {
+            let mut set = JoinSet::new();
+            loop {
+                while set.len() < width.max(1) {
+                    let Some((i, fut)) = futs.next() else { break };
+                    set.spawn(async move { (i, fut.await) });
+                }
+                let Some(joined) = set.join_next().await else {
+                    return;
+                };
+                let (i, r) = joined.unwrap_or_else(|e| panic!("S3 {what} task panicked: {e}"));
+                if !each(i, r) {
+                    return;
+                }
+            }
         })
     }
 
@@ -513,6 +556,234 @@ impl S3Remote {
     pub fn delete_manifests(&self, ids: &[BlobId]) -> Result<(), RemoteError> {
         let keys: Vec<String> = ids.iter().map(|id| self.blob_key(id)).collect();
         self.delete(keys)
+    }
+
+    /// Every bundle (named by its blob) with its last-modified time.
+    pub fn list_bundles(&self) -> Result<Vec<Listed>, RemoteError> {
+        self.list(format!("{}bundles/", self.prefix))
+    }
+
+    /// Deletes bundles (missing ones are not an error).
+    pub fn delete_bundles(&self, ids: &[BlobId]) -> Result<(), RemoteError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.bundle_key(id)).collect();
+        self.delete(keys)
+    }
+
+    /// Uploads blob `id`'s bundle, its bytes streamed from `pieces` in order: one PUT when it
+    /// fits in one part ([`BUNDLE_PART`]), else a multipart upload with
+    /// [`BUNDLE_PARTS_IN_FLIGHT`] parts in flight, so memory stays bounded however large it is.
+    /// An error from `pieces` or S3 aborts the upload: no partial bundle becomes visible.
+    pub fn put_bundle(
+        &self,
+        id: &BlobId,
+        pieces: &mut dyn Iterator<Item = std::io::Result<Vec<u8>>>,
+    ) -> Result<(), RemoteError> {
+        let key = self.bundle_key(id);
+        let mut next_part = || -> Result<Option<Vec<u8>>, RemoteError> {
+            let mut part = Vec::new();
+            while part.len() < BUNDLE_PART {
+                match pieces.next() {
+                    None => break,
+                    Some(p) => part.extend_from_slice(&p.map_err(RemoteError::Source)?),
+                }
+            }
+            Ok((!part.is_empty()).then_some(part))
+        };
+        let Some(first) = next_part()? else {
+            return self.put_object(key, &[]);
+        };
+        let Some(second) = next_part()? else {
+            return self
+                .rt
+                .block_on(put(&self.client, &self.bucket, key, first, &self.endpoint));
+        };
+        let up = self
+            .rt
+            .block_on(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send(),
+            )
+            .map_err(|e| self.map_err("CREATE MULTIPART", key.clone(), e))?;
+        let upload = up.upload_id().unwrap_or_default().to_string();
+        let parts = [Ok(Some(first)), Ok(Some(second))]
+            .into_iter()
+            .chain(std::iter::from_fn(|| Some(next_part())))
+            .map_while(|p| p.transpose());
+        let r = self.upload_parts(&key, &upload, parts);
+        if r.is_err() {
+            let abort = self.rt.block_on(
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .upload_id(&upload)
+                    .send(),
+            );
+            if let Err(e) = abort {
+                warn!(key, "aborting a multipart upload failed: {e}");
+            }
+        }
+        r
+    }
+
+    /// The parts of multipart upload `upload`, then its completion.
+    fn upload_parts(
+        &self,
+        key: &str,
+        upload: &str,
+        parts: impl Iterator<Item = Result<Vec<u8>, RemoteError>>,
+    ) -> Result<(), RemoteError> {
+        let mut failed = None;
+        let mut done = Vec::new();
+        let futs = parts.enumerate().map_while(|(i, p)| {
+            let body = match p {
+                Ok(b) => b,
+                Err(e) => {
+                    failed = Some(e);
+                    return None;
+                }
+            };
+            let (client, bucket, key, upload, ep) = (
+                self.client.clone(),
+                self.bucket.clone(),
+                key.to_string(),
+                upload.to_string(),
+                self.endpoint.clone(),
+            );
+            let n = i as i32 + 1;
+            Some(async move {
+                let r = client
+                    .upload_part()
+                    .bucket(&bucket)
+                    .key(&key)
+                    .upload_id(upload)
+                    .part_number(n)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| map_sdk_error("PUT PART", &bucket, key, &ep, e))?;
+                Ok(CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(r.e_tag().map(str::to_string))
+                    .build())
+            })
+        });
+        let mut s3_err = None;
+        self.in_flight(futs, BUNDLE_PARTS_IN_FLIGHT, "PUT PART", |_, r| match r {
+            Ok(p) => {
+                done.push(p);
+                true
+            }
+            Err(e) => {
+                s3_err = Some(e);
+                false
+            }
+        });
+        if let Some(e) = failed.or(s3_err) {
+            return Err(e);
+        }
+        done.sort_by_key(|p| p.part_number());
+        self.rt
+            .block_on(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(done))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .map(|_| ())
+            .map_err(|e| self.map_err("COMPLETE MULTIPART", key.to_string(), e))
+    }
+
+    /// The last `len` bytes of blob `id`'s bundle and the bundle's size; `Ok(None)` when
+    /// there is no bundle. A server answering more than `len` bytes is an error.
+    pub fn bundle_tail(
+        &self,
+        id: &BlobId,
+        len: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>, RemoteError> {
+        let key = self.bundle_key(id);
+        let r = self.rt.block_on(get_range(
+            &self.client,
+            &self.bucket,
+            key.clone(),
+            format!("bytes=-{}", len.max(1)),
+            len.max(1),
+            &self.endpoint,
+        ));
+        let (body, range) = match r {
+            Ok(x) => x,
+            Err(RemoteError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // "bytes FIRST-LAST/SIZE"; a server ignoring the range sent the whole object.
+        let size = match range {
+            None => body.len() as u64,
+            Some(cr) => cr
+                .rsplit_once('/')
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+                .ok_or_else(|| RemoteError::Other {
+                    op: "GET",
+                    bucket: self.bucket.clone(),
+                    key,
+                    detail: format!("unexpected Content-Range {cr:?}"),
+                })?,
+        };
+        Ok(Some((body, size)))
+    }
+
+    /// Reads byte ranges `(start, len)` of blob `id`'s bundle, [`BUNDLE_RANGES_IN_FLIGHT`] at
+    /// once, calling `each(index, bytes)` on this thread as each arrives (so at most that many
+    /// ranges are in memory). A range answered with other than `len` bytes is an error.
+    pub fn bundle_ranges(
+        &self,
+        id: &BlobId,
+        ranges: &[(u64, u64)],
+        each: &mut dyn FnMut(usize, Result<Vec<u8>, RemoteError>),
+    ) {
+        let key = self.bundle_key(id);
+        let futs = ranges.iter().map(|&(start, len)| {
+            let (client, bucket, key, ep) = (
+                self.client.clone(),
+                self.bucket.clone(),
+                key.clone(),
+                self.endpoint.clone(),
+            );
+            async move {
+                let last = start.saturating_add(len.max(1) - 1);
+                let (body, _) = get_range(
+                    &client,
+                    &bucket,
+                    key.clone(),
+                    format!("bytes={start}-{last}"),
+                    len,
+                    &ep,
+                )
+                .await?;
+                if body.len() as u64 != len {
+                    return Err(RemoteError::Other {
+                        op: "GET",
+                        bucket,
+                        key,
+                        detail: format!("asked {len} bytes at {start}, got {}", body.len()),
+                    });
+                }
+                Ok(body)
+            }
+        });
+        self.in_flight(futs, BUNDLE_RANGES_IN_FLIGHT, "GET range", |i, r| {
+            each(i, r);
+            true
+        });
     }
 
     fn list(&self, prefix: String) -> Result<Vec<Listed>, RemoteError> {
@@ -766,6 +1037,53 @@ async fn get(
     Ok(body.into_bytes().to_vec())
 }
 
+/// GET with a `Range` header, reading at most `max` bytes of body (a longer answer is an
+/// error, so a hostile or broken server cannot make us allocate more); returns the body and
+/// the Content-Range the server sent, if any.
+async fn get_range(
+    client: &Client,
+    bucket: &str,
+    key: String,
+    range: String,
+    max: u64,
+    endpoint: &str,
+) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+    let r = client
+        .get_object()
+        .bucket(bucket)
+        .key(&key)
+        .range(range)
+        .send()
+        .await
+        .map_err(|e| map_sdk_error("GET", bucket, key.clone(), endpoint, e))?;
+    let too_long = |n: u64| RemoteError::Other {
+        op: "GET",
+        bucket: bucket.to_string(),
+        key: key.clone(),
+        detail: format!("answered {n} bytes or more for a range of {max}"),
+    };
+    let announced = r.content_length().unwrap_or(0).max(0) as u64;
+    if announced > max {
+        return Err(too_long(announced));
+    }
+    let content_range = r.content_range().map(str::to_string);
+    let mut body = r.body;
+    let mut out = Vec::with_capacity(announced as usize);
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| RemoteError::Other {
+            op: "GET",
+            bucket: bucket.to_string(),
+            key: key.clone(),
+            detail: format!("reading the body: {}", source_chain(&e)),
+        })?;
+        if (out.len() + piece.len()) as u64 > max {
+            return Err(too_long((out.len() + piece.len()) as u64));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok((out, content_range))
+}
+
 async fn head(
     client: &Client,
     bucket: &str,
@@ -844,6 +1162,49 @@ impl crate::tier::RemoteTier for S3Remote {
             Err(e) => Err(to_store_error(e)),
         }
     }
+    fn put_bundle(
+        &self,
+        blob: &BlobId,
+        pieces: &mut dyn Iterator<Item = crate::Result<Vec<u8>>>,
+    ) -> crate::Result<()> {
+        // The store's own error (a local read) is kept as it is, not as an S3 failure.
+        let mut source = None;
+        let mut io = pieces.map(|p| {
+            p.map_err(|e| {
+                source = Some(e);
+                std::io::Error::other("reading a chunk for the bundle failed")
+            })
+        });
+        let r = S3Remote::put_bundle(self, blob, &mut io);
+        drop(io);
+        match source {
+            Some(e) => Err(e),
+            None => r.map_err(to_store_error),
+        }
+    }
+    fn bundle_tail(&self, blob: &BlobId, len: u64) -> crate::Result<Option<(Vec<u8>, u64)>> {
+        S3Remote::bundle_tail(self, blob, len).map_err(to_store_error)
+    }
+    fn bundle_ranges(
+        &self,
+        blob: &BlobId,
+        ranges: &[(u64, u64)],
+        each: &mut dyn FnMut(usize, crate::Result<Vec<u8>>),
+    ) {
+        S3Remote::bundle_ranges(self, blob, ranges, &mut |i, r| {
+            each(i, r.map_err(to_store_error))
+        })
+    }
+    fn list_bundles(&self) -> crate::Result<Vec<(BlobId, SystemTime)>> {
+        let listed = S3Remote::list_bundles(self).map_err(to_store_error)?;
+        Ok(listed
+            .into_iter()
+            .map(|l| (l.id, l.last_modified))
+            .collect())
+    }
+    fn delete_bundles(&self, ids: &[BlobId]) -> crate::Result<()> {
+        S3Remote::delete_bundles(self, ids).map_err(to_store_error)
+    }
     fn describe(&self) -> String {
         format!("{} at {}", self.url(), self.endpoint)
     }
@@ -873,6 +1234,7 @@ mod tests {
         let id = Digest::of(b"x");
         assert_eq!(r.chunk_key(&id), format!("p/q/chunks/{}", id.to_hex()));
         assert_eq!(r.blob_key(&id), format!("p/q/blobs/{}", id.to_hex()));
+        assert_eq!(r.bundle_key(&id), format!("p/q/bundles/{}", id.to_hex()));
         assert_eq!(r.url(), "s3://bkt/p/q");
     }
 

@@ -37,6 +37,41 @@ pub trait RemoteTier: Send + Sync {
     fn put_ref(&self, name: &str, id: &BlobId) -> Result<()>;
     /// The blob the remote name points at, if the name exists.
     fn get_ref(&self, name: &str) -> Result<Option<BlobId>>;
+    /// Store blob `blob`'s bundle ([`crate::bundle`]: frames of many of its chunks in one
+    /// object), its bytes streamed from `pieces`; an error from `pieces` ends it with no bundle
+    /// visible. A remote without bundles (the default) ignores it: every chunk is also its own
+    /// object, so a bundle only saves a reader requests.
+    fn put_bundle(
+        &self,
+        _blob: &BlobId,
+        _pieces: &mut dyn Iterator<Item = Result<Vec<u8>>>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// The last `len` bytes of blob `blob`'s bundle and its size; `None` when there is none.
+    fn bundle_tail(&self, _blob: &BlobId, _len: u64) -> Result<Option<(Vec<u8>, u64)>> {
+        Ok(None)
+    }
+    /// Reads byte ranges `(start, len)` of blob `blob`'s bundle, calling `each(index, bytes)`
+    /// as each arrives (a remote with latency overlaps them).
+    fn bundle_ranges(
+        &self,
+        blob: &BlobId,
+        ranges: &[(u64, u64)],
+        each: &mut dyn FnMut(usize, Result<Vec<u8>>),
+    ) {
+        for i in 0..ranges.len() {
+            each(i, Err(Error::NotFound(format!("bundle of {blob}"))));
+        }
+    }
+    /// Every bundle (named by its blob) with its last-modified time.
+    fn list_bundles(&self) -> Result<Vec<(BlobId, SystemTime)>> {
+        Ok(Vec::new())
+    }
+    /// Delete bundles (missing ones are not an error).
+    fn delete_bundles(&self, _ids: &[BlobId]) -> Result<()> {
+        Ok(())
+    }
     /// A human description (no secrets), for logs and errors.
     fn describe(&self) -> String;
 }

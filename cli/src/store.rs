@@ -105,10 +105,11 @@ pub enum StoreCommand {
     /// Delete chunks no blob references (and leftovers of interrupted writes)
     #[command(after_help = "Examples:\n  \
         kiln store gc\n  \
-        kiln store gc --remote   # also delete unreferenced chunks in the default remote")]
+        kiln store gc --remote   # also delete unreferenced chunks (and bundles) in the default remote")]
     Gc {
-        /// Also collect the remote: chunks no remote or local manifest references (older
-        /// than a grace period, so concurrent pushes from other hosts are safe)
+        /// Also collect the remote: chunks no remote or local manifest references, and bundles
+        /// of blobs the remote lacks (older than a grace period, so concurrent pushes from
+        /// other hosts are safe)
         #[arg(long = "remote")]
         remote_too: bool,
         /// Remote to collect [default: the default remote]
@@ -415,7 +416,8 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
             }
             println!(
                 "{} live blobs; removed {} chunks ({}), {} temp files, {} stale pins; \
-                 merged {} small packs; evicted {} chunks; {} remote chunks removed",
+                 merged {} small packs; evicted {} chunks; {} remote chunks and {} remote \
+                 bundles removed",
                 rep.live_blobs,
                 rep.chunks_removed,
                 human(rep.bytes_freed),
@@ -423,7 +425,8 @@ fn run_store(home: &Home, c: StoreCommand) -> Result<()> {
                 rep.stale_pins_removed,
                 rep.packs_merged,
                 rep.chunks_evicted,
-                rep.remote_chunks_removed
+                rep.remote_chunks_removed,
+                rep.remote_bundles_removed
             );
             Ok(())
         }

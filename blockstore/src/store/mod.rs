@@ -121,6 +121,8 @@ pub struct GcReport {
     /// Chunks evicted to honour the local limit (all held by the remote).
     pub chunks_evicted: u64,
     pub remote_chunks_removed: u64,
+    /// Remote bundles whose blob's manifest is gone from the remote.
+    pub remote_bundles_removed: u64,
 }
 
 /// What [`Store::push`] sent.
@@ -129,7 +131,10 @@ pub struct PushReport {
     pub blob: BlobId,
     pub chunks: u64,
     pub chunks_uploaded: u64,
+    /// Chunk and bundle bytes uploaded.
     pub bytes_uploaded: u64,
+    /// Of `bytes_uploaded`, the bundle's (0: no bundle, too few chunks uploaded).
+    pub bundle_bytes: u64,
 }
 
 /// Counters since the store was opened in this process.
@@ -138,8 +143,14 @@ pub struct StoreStats {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub disk_chunk_reads: u64,
+    /// Chunks fetched from the remote, by themselves or out of a bundle.
     pub remote_chunk_fetches: u64,
+    /// Bytes received from the remote (a bundle's index and the gaps in its ranges included).
     pub remote_bytes_fetched: u64,
+    /// Of `remote_chunk_fetches`, the chunks that came out of bundles.
+    pub bundle_chunk_fetches: u64,
+    /// GETs of bundles (an index, a byte range), found or not.
+    pub bundle_requests: u64,
     /// Reads that waited for another thread's fetch of the same chunk instead of fetching.
     pub coalesced_waits: u64,
     pub integrity_errors: u64,
@@ -154,6 +165,8 @@ pub(crate) struct Counters {
     pub(crate) disk_chunk_reads: AtomicU64,
     pub(crate) remote_chunk_fetches: AtomicU64,
     pub(crate) remote_bytes_fetched: AtomicU64,
+    pub(crate) bundle_chunk_fetches: AtomicU64,
+    pub(crate) bundle_requests: AtomicU64,
     pub(crate) coalesced_waits: AtomicU64,
     pub(crate) integrity_errors: AtomicU64,
     pub(crate) chunks_written: AtomicU64,
@@ -551,6 +564,8 @@ impl Store {
             disk_chunk_reads: c.disk_chunk_reads.load(Relaxed),
             remote_chunk_fetches: c.remote_chunk_fetches.load(Relaxed),
             remote_bytes_fetched: c.remote_bytes_fetched.load(Relaxed),
+            bundle_chunk_fetches: c.bundle_chunk_fetches.load(Relaxed),
+            bundle_requests: c.bundle_requests.load(Relaxed),
             coalesced_waits: c.coalesced_waits.load(Relaxed),
             integrity_errors: c.integrity_errors.load(Relaxed),
             chunks_written: c.chunks_written.load(Relaxed),
