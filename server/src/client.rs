@@ -43,6 +43,11 @@ const KEEPALIVE_SECS: u64 = 15;
 const STREAM_IDLE: Duration = Duration::from_secs(4 * KEEPALIVE_SECS);
 /// The most of an error answer's body that is read.
 const MAX_ERROR_BODY: usize = 64 << 10;
+/// The longest control-plane answer read (a list of 100 sandboxes is tens of KiB): a broken
+/// or hostile server cannot make the CLI hold more.
+const MAX_ANSWER_BODY: usize = 16 << 20;
+/// The most sandboxes a list reads, page after page.
+const MAX_LISTED: usize = 1_000_000;
 /// Pieces of a file read for an upload.
 const UPLOAD_CHUNK: usize = 256 << 10;
 
@@ -215,15 +220,22 @@ impl Client {
                 let req = self.control_request(Method::GET, &path, None::<&()>)?;
                 let (_, headers, body) = self.call(req).await?;
                 let page: Vec<ListedSandbox> = self.decode(&body)?;
+                let empty = page.is_empty();
                 all.extend(page);
-                next = headers
+                let token = headers
                     .get("x-next-token")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
                     .filter(|t| !t.is_empty());
-                if next.is_none() {
+                if token.is_none() {
                     return Ok(all);
                 }
+                // A server that pages forever (an empty page, the same token again, more pages
+                // than any cluster holds) is refused rather than followed.
+                if empty || token == next || all.len() > MAX_LISTED {
+                    return Err(self.protocol("the sandbox list's pages do not end"));
+                }
+                next = token;
             }
         })
     }
@@ -643,9 +655,18 @@ impl Client {
         let status = resp.status();
         let (parts, body) = resp.into_parts();
         let left = CALL_TIMEOUT.saturating_sub(t.elapsed());
-        let body = match tokio::time::timeout(left, body.collect()).await {
+        let limited = http_body_util::Limited::new(body, MAX_ANSWER_BODY);
+        let body = match tokio::time::timeout(left, limited.collect()).await {
             Err(_) => return Err(self.timeout(CALL_TIMEOUT)),
-            Ok(b) => b.map_err(|err| self.http(err))?.to_bytes(),
+            Ok(Err(err)) => match err.downcast::<hyper::Error>() {
+                Ok(err) => return Err(self.http(*err)),
+                Err(_) => {
+                    return Err(
+                        self.protocol(&format!("an answer longer than {MAX_ANSWER_BODY} bytes"))
+                    )
+                }
+            },
+            Ok(Ok(b)) => b.to_bytes(),
         };
         if !status.is_success() {
             return Err(status_error(&self.url, status, &body, Plane::Control));
@@ -748,8 +769,7 @@ impl Unary {
             .insert(CONTENT_TYPE, HeaderValue::from_static(connect::JSON));
         let resp = send(&self.authority, req, CALL_TIMEOUT).await?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY)
             .collect()
             .await
             .map(|b| b.to_bytes())
@@ -1018,5 +1038,49 @@ mod tests {
         );
         assert_eq!(e.to_string(), "Internal Server Error (500)");
         assert_eq!(query_value("a b/c&d"), "a%20b%2Fc%26d");
+    }
+
+    /// A one-connection-at-a-time HTTP server on loopback answering every request with
+    /// `answer`, for up to `n` connections.
+    fn hostile_server(n: usize, answer: Vec<u8>) -> String {
+        use std::io::{BufRead, BufReader};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for c in l.incoming().take(n) {
+                let Ok(mut c) = c else { return };
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = c.write_all(&answer);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_hostile_server_can_neither_flood_nor_page_forever() {
+        let mut huge = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            MAX_ANSWER_BODY + 1
+        )
+        .into_bytes();
+        huge.resize(huge.len() + MAX_ANSWER_BODY + 1, b' ');
+        let url = hostile_server(1, huge);
+        let e = Client::new(&url, Some("k".into()))
+            .unwrap()
+            .get("ab12")
+            .unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+
+        let pages = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-next-token: again\r\ncontent-length: 2\r\n\r\n[]".to_vec();
+        let url = hostile_server(8, pages);
+        let e = Client::new(&url, Some("k".into()))
+            .unwrap()
+            .list()
+            .unwrap_err();
+        assert!(e.to_string().contains("do not end"), "{e}");
     }
 }
