@@ -372,7 +372,7 @@ impl Client {
             let resp = self.send(req, CALL_TIMEOUT).await?;
             let status = resp.status();
             if status != StatusCode::OK {
-                let body = self.read_error_body(resp).await;
+                let body = error_body(resp).await;
                 return Err(self.error(status, &body));
             }
             let mut body = resp.into_body();
@@ -523,15 +523,7 @@ impl Client {
         user: Option<&str>,
         data: impl Read + Send + 'static,
     ) -> Result<()> {
-        let token = self.access_token(id)?;
-        let mut req = envd_request(
-            &self.authority,
-            id,
-            token.as_deref(),
-            user,
-            &files_path(path),
-            streamed(data),
-        )?;
+        let mut req = self.files_request(id, path, user, streamed(data))?;
         req.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -539,7 +531,7 @@ impl Client {
         self.rt.block_on(async {
             let resp = self.send(req, CALL_TIMEOUT).await?;
             let status = resp.status();
-            let body = self.read_error_body(resp).await;
+            let body = error_body(resp).await;
             match status.is_success() {
                 true => Ok(()),
                 false => Err(self.error(status, &body)),
@@ -555,21 +547,13 @@ impl Client {
         user: Option<&str>,
         out: &mut impl Write,
     ) -> Result<u64> {
-        let token = self.access_token(id)?;
-        let mut req = envd_request(
-            &self.authority,
-            id,
-            token.as_deref(),
-            user,
-            &files_path(path),
-            full(Bytes::new()),
-        )?;
+        let mut req = self.files_request(id, path, user, full(Bytes::new()))?;
         *req.method_mut() = Method::GET;
         self.rt.block_on(async {
             let resp = self.send(req, CALL_TIMEOUT).await?;
             let status = resp.status();
             if !status.is_success() {
-                let body = self.read_error_body(resp).await;
+                let body = error_body(resp).await;
                 return Err(self.error(status, &body));
             }
             let mut body = resp.into_body();
@@ -589,6 +573,25 @@ impl Client {
                 }
             }
         })
+    }
+
+    /// A request of envd's `/files` for `path` in sandbox `id` (as `user`), with its token.
+    fn files_request(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        body: Body,
+    ) -> Result<Request<Body>> {
+        let token = self.access_token(id)?;
+        envd_request(
+            &self.authority,
+            id,
+            token.as_deref(),
+            user,
+            &files_path(path),
+            body,
+        )
     }
 
     /// The envd access token of sandbox `id` (None: it is not secured), from its detail;
@@ -678,15 +681,6 @@ impl Client {
         send(&self.authority, req, within).await
     }
 
-    /// At most [`MAX_ERROR_BODY`] of an answer's body, within [`CALL_TIMEOUT`].
-    async fn read_error_body(&self, resp: Response<Incoming>) -> Bytes {
-        let limited = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
-        match tokio::time::timeout(CALL_TIMEOUT, limited.collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            _ => Bytes::new(),
-        }
-    }
-
     fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T> {
         let body = if body.is_empty() { &b"null"[..] } else { body };
         serde_json::from_slice(body).map_err(|e| self.protocol(&e.to_string()))
@@ -716,6 +710,16 @@ impl Client {
             server: self.url.clone(),
             why: why.to_string(),
         }
+    }
+}
+
+/// At most [`MAX_ERROR_BODY`] of an answer's body, within [`CALL_TIMEOUT`] (empty when it
+/// cannot be read): what an error answer says.
+async fn error_body(resp: Response<Incoming>) -> Bytes {
+    let limited = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
+    match tokio::time::timeout(CALL_TIMEOUT, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => Bytes::new(),
     }
 }
 
@@ -769,11 +773,7 @@ impl Unary {
             .insert(CONTENT_TYPE, HeaderValue::from_static(connect::JSON));
         let resp = send(&self.authority, req, CALL_TIMEOUT).await?;
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = error_body(resp).await;
         match status.is_success() {
             true => Ok(()),
             false => Err(status_error(&self.authority, status, &body, Plane::Data)),

@@ -111,22 +111,32 @@ impl Store {
             let ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
             let frames = remote.get_chunks(&ids)?;
             for ((c, len), frame) in batch.iter().zip(frames) {
-                let plain = decode_chunk(c, &frame, *len, None).inspect_err(|_| {
-                    st.integrity_errors.fetch_add(1, Relaxed);
-                    warn!(chunk = %c, remote = %remote.describe(), "integrity error in fetched chunk");
-                })?;
-                // The caller reads them next: from memory, not decoded again from disk.
-                self.inner.cache.insert(*c, Arc::new(plain));
-                st.remote_chunk_fetches.fetch_add(1, Relaxed);
                 st.remote_bytes_fetched
                     .fetch_add(frame.len() as u64, Relaxed);
-                self.inner.persist.submit(*c, frame);
+                self.keep_fetched(c, frame, *len).inspect_err(|_| {
+                    warn!(chunk = %c, remote = %remote.describe(), "integrity error in fetched chunk");
+                })?;
             }
             self.note_remote_has(&ids)?;
         }
         // Readers find them in the local tier from here on.
         self.inner.persist.wait();
         Ok(fetched + want.len() as u64)
+    }
+
+    /// A frame of chunk `c` fetched from the remote for [`Store::fetch_missing`]: checked
+    /// against its id (a mismatch is counted as an integrity error and returned), then kept
+    /// in the memory cache (the caller reads it next: not decoded again from disk), counted
+    /// and queued for the local tier.
+    fn keep_fetched(&self, c: &ChunkId, frame: Vec<u8>, max_len: usize) -> Result<()> {
+        let st = &self.inner.stats;
+        let plain = decode_chunk(c, &frame, max_len, None).inspect_err(|_| {
+            st.integrity_errors.fetch_add(1, Relaxed);
+        })?;
+        self.inner.cache.insert(*c, Arc::new(plain));
+        st.remote_chunk_fetches.fetch_add(1, Relaxed);
+        self.inner.persist.submit(*c, frame);
+        Ok(())
     }
 
     /// Fetches what it can of `lacking` (chunk, plain length), all chunks of blob `id`, from
@@ -241,15 +251,14 @@ impl Store {
                         let Some(frame) = bytes.get(at..at.saturating_add(f.len as usize)) else {
                             continue;
                         };
-                        let Ok(plain) = decode_chunk(&f.id, frame, lens[&f.id], None) else {
-                            st.integrity_errors.fetch_add(1, Relaxed);
+                        if self
+                            .keep_fetched(&f.id, frame.to_vec(), lens[&f.id])
+                            .is_err()
+                        {
                             warn!(chunk = %f.id, blob = %id, remote = %remote.describe(), "integrity error in a bundle's frame, fetching the chunk by itself");
                             continue;
-                        };
-                        self.inner.cache.insert(f.id, Arc::new(plain));
-                        st.remote_chunk_fetches.fetch_add(1, Relaxed);
+                        }
                         st.bundle_chunk_fetches.fetch_add(1, Relaxed);
-                        self.inner.persist.submit(f.id, frame.to_vec());
                         fresh.push(f.id);
                     }
                 }
