@@ -7,6 +7,7 @@
 //! serves it, [`client`] is the host side. [`genid`] reseeds the RNG and sets the clock when
 //! a microVM is restored or forked.
 
+pub mod children;
 pub mod client;
 pub mod genid;
 pub mod gvisor_init;

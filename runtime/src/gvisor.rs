@@ -242,6 +242,18 @@ fn find_agent() -> std::result::Result<PathBuf, String> {
     kiln_vmm::host::static_agent(&exe)
 }
 
+/// What a checkpoint leaves of its sandbox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Ended once its state is stored (pause).
+    Stop,
+    /// Restored in place from it (a live snapshot).
+    RunOn,
+    /// Stopped, its restore left to [`Runtime::run_on`] (a fork's source, restored beside
+    /// its forks).
+    RunOnLater,
+}
+
 pub struct GvisorDriver {
     store: Store,
     holds: Holds,
@@ -660,18 +672,18 @@ impl GvisorDriver {
         connect_agent(p).ctx("connect to the agent at", p)
     }
 
-    /// Restores `dir`'s container from the checkpoint in `dir/ckpt` once `ready` says its
-    /// files are there and its network (`net`, else the one in `rec`) is made, and waits for
-    /// its agent.
+    /// Restores `dir`'s container from the checkpoint in `ckpt` once `ready` says its files
+    /// are there and its network (`net`, else the one in `rec`) is made, and waits for its
+    /// agent.
     fn restore_local(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         rootfs: &Path,
+        ckpt: &Path,
         ready: &dyn Fn() -> Result<()>,
         net: &PendingNetwork,
     ) -> Result<()> {
-        let ckpt = dir.sub("ckpt");
         let bundle = dir.sub("bundle");
         let pid_file = dir.sub("sandbox.pid");
         self.launch(
@@ -682,7 +694,7 @@ impl GvisorDriver {
                 "restore",
                 "--detach",
                 "--image-path",
-                path_str(&ckpt)?,
+                path_str(ckpt)?,
                 "--bundle",
                 path_str(&bundle)?,
                 "--pid-file",
@@ -739,14 +751,16 @@ impl GvisorDriver {
     }
 
     /// The steps after a completed `runsc checkpoint` (in `dir/ckpt`): its state file into
-    /// the store, the stopped container forgotten, and for a live snapshot (`!stop`) the
-    /// sandbox restored in place. Each step is recorded before it starts.
+    /// the store, the stopped container forgotten, and for a live snapshot the sandbox
+    /// restored in place, now or (`End::RunOnLater`) by [`Runtime::run_on`]: then the
+    /// checkpoint's files are already in `ckpt-shared/`, for the forks and the sandbox alike,
+    /// and the second value is true. Each step is recorded before it starts.
     fn finish_checkpoint(
         &self,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
-        stop: bool,
-    ) -> Result<Checkpoint> {
+        end: End,
+    ) -> Result<(Checkpoint, bool)> {
         let ckpt = dir.sub("ckpt");
         dir.enter(rec, Phase::Store)?;
         let t = Instant::now();
@@ -763,20 +777,26 @@ impl GvisorDriver {
             op.checkpoint = Some(cp.clone());
             dir.save(rec)?;
         }
-        if stop {
-            // The container has stopped; its state root (this sandbox's alone) goes before a
-            // restore reuses the id. `runsc delete` does the same but took 1.7 s here, polling.
-            let t = Instant::now();
-            self.forget_container(dir, rec);
-            tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
-        } else {
-            self.restore_in_place(dir, rec)?;
+        match end {
+            End::Stop => {
+                // The container has stopped; its state root (this sandbox's alone) goes before
+                // a restore reuses the id. `runsc delete` does the same but took 1.7 s here,
+                // polling.
+                let t = Instant::now();
+                self.forget_container(dir, rec);
+                tracing::info!(id = %rec.id, ms = t.elapsed().as_millis() as u64, "container forgotten");
+            }
+            End::RunOnLater if Self::keep_shared(&ckpt, &files).is_ok() => {
+                dir.enter(rec, Phase::Restore)?;
+                return Ok((cp, true));
+            }
+            End::RunOn | End::RunOnLater => self.restore_in_place(dir, rec)?,
         }
         dir.enter(rec, Phase::Saved)?;
-        if stop || Self::keep_shared(&ckpt, &files).is_err() {
+        if end == End::Stop || Self::keep_shared(&ckpt, &files).is_err() {
             let _ = std::fs::remove_dir_all(&ckpt);
         }
-        Ok(cp)
+        Ok((cp, false))
     }
 
     /// Puts every file runsc wrote into `ckpt` into the store (in parallel: each put makes
@@ -938,20 +958,25 @@ impl GvisorDriver {
     fn restore_in_place(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
         let rootfs = Self::rootfs_of(rec)
             .ok_or_else(|| Error::Invalid(format!("sandbox {} has no rootfs", rec.id)))?;
-        let image = dir.sub("ckpt").join("checkpoint.img");
-        if !image.is_file() {
+        // `ckpt-shared/` when a fork left the restore for later (its forks read it too).
+        let images = ["ckpt", "ckpt-shared"].map(|d| dir.sub(d));
+        let Some(images) = images
+            .into_iter()
+            .find(|d| d.join("checkpoint.img").is_file())
+        else {
             return Err(Error::Invalid(format!(
                 "sandbox {}: no checkpoint left to restore from",
                 rec.id
             )));
-        }
+        };
         dir.enter(rec, Phase::Restore)?;
         // The control socket name of a container just killed can stay taken a moment
         // ("address already in use"): tried a few times.
         let mut tries = 0;
         loop {
             self.kill(dir, rec)?;
-            match self.restore_local(dir, rec, &rootfs, &|| Ok(()), &PendingNetwork::none()) {
+            let none = PendingNetwork::none();
+            match self.restore_local(dir, rec, &rootfs, &images, &|| Ok(()), &none) {
                 Err(e) if tries < 4 && e.to_string().contains("address already in use") => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
@@ -1022,6 +1047,58 @@ impl GvisorDriver {
         }
     }
 
+    /// Checkpoints the sandbox into the store, then ends it, restores it in place, or (for
+    /// forks) leaves that restore to [`Runtime::run_on`]: see [`End`]. Returns whether the
+    /// restore was left.
+    fn checkpoint_with(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        end: End,
+    ) -> Result<(Checkpoint, bool)> {
+        let ckpt = dir.sub("ckpt");
+        let _ = std::fs::remove_dir_all(&ckpt);
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
+        self.check_room_for_checkpoint(dir, rec)?;
+        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
+        let t0 = Instant::now();
+        let quiesced = self
+            .connect_path(rec)
+            .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
+        if let Err(e) = quiesced {
+            self.undo_quiesce(dir, rec);
+            return Err(e);
+        }
+        let t = Instant::now();
+        let saved = dir
+            .enter(rec, Phase::Checkpoint)
+            .and_then(|()| limits::widen_for_checkpoint(&rec.id, rec.memory_mib))
+            .and_then(|()| self.run_checkpoint(dir, rec));
+        if let Err(e) = saved {
+            // The sandbox usually still runs: its agent listens again.
+            self.undo_quiesce(dir, rec);
+            return Err(e);
+        }
+        tracing::info!(
+            id = %rec.id,
+            quiesce_ms = (t - t0).as_millis() as u64,
+            checkpoint_ms = t.elapsed().as_millis() as u64,
+            "runsc checkpoint"
+        );
+        let finished = self.finish_checkpoint(dir, rec, end);
+        if finished.is_err() && rec.op.as_ref().is_some_and(|o| o.phase == Phase::Store) {
+            // Not stored, but complete on disk: the sandbox goes on from it rather than be lost.
+            if let Err(e) = self.restore_in_place(dir, rec) {
+                tracing::warn!(id = %rec.id, "restoring after a failed store: {e}");
+            }
+        }
+        if finished.is_err() {
+            // Its room is what a full disk needs back.
+            let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        }
+        finished
+    }
+
     /// A sandbox whose checkpoint did not complete, its agent perhaps quiesced: running on
     /// with its agent answering again, or lost (its processes ended).
     fn undo_quiesce(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Recovered {
@@ -1062,8 +1139,8 @@ impl GvisorDriver {
         kind: OpKind,
     ) -> Recovered {
         let done = if kind.stops() {
-            match self.finish_checkpoint(dir, rec, true) {
-                Ok(cp) => return Recovered::Checkpointed(cp),
+            match self.finish_checkpoint(dir, rec, End::Stop) {
+                Ok((cp, _)) => return Recovered::Checkpointed(cp),
                 Err(e) => {
                     tracing::warn!(id = %rec.id, "storing an interrupted pause's checkpoint: {e}");
                     self.restore_in_place(dir, rec)
@@ -1072,7 +1149,9 @@ impl GvisorDriver {
         } else {
             self.restore_in_place(dir, rec)
         };
+        // Nobody is left to restore from them (a fork's caller died with it).
         let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
+        let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
         match done {
             Ok(()) => Recovered::Running,
             Err(e) => {
@@ -1209,47 +1288,21 @@ impl Runtime for GvisorDriver {
         rec: &mut SandboxRecord,
         stop: bool,
     ) -> Result<Checkpoint> {
-        let ckpt = dir.sub("ckpt");
-        let _ = std::fs::remove_dir_all(&ckpt);
-        let _ = std::fs::remove_dir_all(dir.sub("ckpt-shared"));
-        self.check_room_for_checkpoint(dir, rec)?;
-        std::fs::create_dir_all(&ckpt).ctx("create", &ckpt)?;
-        let t0 = Instant::now();
-        let quiesced = self
-            .connect_path(rec)
-            .and_then(|mut s| Ok(kiln_agent::client::quiesce(&mut s)?));
-        if let Err(e) = quiesced {
-            self.undo_quiesce(dir, rec);
-            return Err(e);
-        }
-        let t = Instant::now();
-        let saved = dir
-            .enter(rec, Phase::Checkpoint)
-            .and_then(|()| limits::widen_for_checkpoint(&rec.id, rec.memory_mib))
-            .and_then(|()| self.run_checkpoint(dir, rec));
-        if let Err(e) = saved {
-            // The sandbox usually still runs: its agent listens again.
-            self.undo_quiesce(dir, rec);
-            return Err(e);
-        }
-        tracing::info!(
-            id = %rec.id,
-            quiesce_ms = (t - t0).as_millis() as u64,
-            checkpoint_ms = t.elapsed().as_millis() as u64,
-            "runsc checkpoint"
-        );
-        let finished = self.finish_checkpoint(dir, rec, stop);
-        if finished.is_err() && rec.op.as_ref().is_some_and(|o| o.phase == Phase::Store) {
-            // Not stored, but complete on disk: the sandbox goes on from it rather than be lost.
-            if let Err(e) = self.restore_in_place(dir, rec) {
-                tracing::warn!(id = %rec.id, "restoring after a failed store: {e}");
-            }
-        }
-        if finished.is_err() {
-            // Its room is what a full disk needs back.
-            let _ = std::fs::remove_dir_all(dir.sub("ckpt"));
-        }
-        finished
+        let end = if stop { End::Stop } else { End::RunOn };
+        self.checkpoint_with(dir, rec, end).map(|(cp, _)| cp)
+    }
+
+    fn checkpoint_for_forks(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+    ) -> Result<(Checkpoint, bool)> {
+        self.checkpoint_with(dir, rec, End::RunOnLater)
+    }
+
+    fn run_on(&self, dir: &SandboxDir, rec: &mut SandboxRecord) -> Result<()> {
+        self.restore_in_place(dir, rec)?;
+        dir.enter(rec, Phase::Saved)
     }
 
     fn restore(
@@ -1295,7 +1348,7 @@ impl Runtime for GvisorDriver {
                                "checkpoint files ready");
                 Ok(())
             };
-            self.restore_local(dir, rec, &rootfs, &ready, net)
+            self.restore_local(dir, rec, &rootfs, &ckpt, &ready, net)
         });
         let _ = std::fs::remove_dir_all(&ckpt);
         if restored.is_err() {

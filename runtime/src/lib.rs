@@ -118,6 +118,24 @@ pub trait Runtime: Send + Sync {
         stop: bool,
     ) -> Result<Checkpoint>;
 
+    /// A live checkpoint for forks: as `checkpoint(dir, rec, false)`, except that a driver
+    /// which stops the sandbox to checkpoint it and restores it to run on may leave that
+    /// restore to [`Runtime::run_on`], so the caller can run it beside the forks' own.
+    /// Returns whether it did (the sandbox is then stopped, `rec.op` in [`Phase::Restore`]).
+    fn checkpoint_for_forks(
+        &self,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+    ) -> Result<(Checkpoint, bool)> {
+        self.checkpoint(dir, rec, false).map(|cp| (cp, false))
+    }
+
+    /// Runs on a sandbox that [`Runtime::checkpoint_for_forks`] left stopped: restores it
+    /// from that checkpoint and puts `rec.op` in [`Phase::Saved`].
+    fn run_on(&self, _dir: &SandboxDir, _rec: &mut SandboxRecord) -> Result<()> {
+        Ok(())
+    }
+
     /// Runs `rec` (a new sandbox, or a paused one) from a checkpoint of a sandbox of `image`.
     /// Returns when the agent (or guest) answers. `net` as for [`Runtime::start`].
     fn restore(

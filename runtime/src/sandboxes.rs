@@ -972,7 +972,7 @@ impl Sandboxes {
         }
         let (dir, _lock, mut rec) = self.lock_running(id, Action::Snapshot)?;
         let driver = self.driver(rec.runtime)?;
-        let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
+        let (cp, _) = self.checkpoint(driver, &dir, &mut rec, OpKind::Snapshot)?;
         driver.checkpoint_done(&dir);
         let snap = SnapshotRecord::of(&rec, cp);
         let id = sandbox_snapshot::put_record(&self.holds, &snap)?;
@@ -987,18 +987,25 @@ impl Sandboxes {
 
     /// Checkpoints and saves the record whatever the outcome (a driver may have restarted the
     /// sandbox with a new process).
+    /// The driver's checkpoint for an operation of `kind`; for a fork, also whether the
+    /// driver left the sandbox's own restore to [`Runtime::run_on`].
     fn checkpoint(
         &self,
         driver: &dyn Runtime,
         dir: &SandboxDir,
         rec: &mut SandboxRecord,
         kind: OpKind,
-    ) -> Result<Checkpoint> {
+    ) -> Result<(Checkpoint, bool)> {
         // Blobs a checkpoint before left held (its caller died after it was kept) are free.
         self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
         rec.op = Some(Op::new(kind, Phase::Prepare));
         dir.save(rec)?;
-        let cp = driver.checkpoint(dir, rec, kind.stops());
+        let cp = match kind {
+            OpKind::Fork => driver.checkpoint_for_forks(dir, rec),
+            _ => driver
+                .checkpoint(dir, rec, kind.stops())
+                .map(|cp| (cp, false)),
+        };
         if let Err(e) = &cp {
             // A checkpoint stored and then not kept (its restore failed) is nobody's.
             if let Some(made) = rec.op.take().and_then(|op| op.checkpoint) {
@@ -1145,7 +1152,7 @@ impl Sandboxes {
 
     fn pause_locked(&self, dir: &SandboxDir, mut rec: SandboxRecord) -> Result<SandboxRecord> {
         let driver = self.driver(rec.runtime)?;
-        let cp = self.checkpoint(driver, dir, &mut rec, OpKind::Pause)?;
+        let (cp, _) = self.checkpoint(driver, dir, &mut rec, OpKind::Pause)?;
         let snap = self.store_pause(&rec, cp)?;
         self.finish_pause(dir, rec, snap)
     }
@@ -1360,30 +1367,34 @@ impl Sandboxes {
         if n == 0 || n > 256 {
             return Err(Error::Invalid(format!("fork count {n}: use 1..=256")));
         }
-        let (snap_id, parent, access, runtime) = {
-            let (dir, _lock, mut rec) = self.lock_running(id, Action::Fork)?;
-            let driver = self.driver(rec.runtime)?;
-            let cp = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
-            let id = sandbox_snapshot::put(
-                &self.holds,
-                &SnapshotRecord::of(&rec, cp),
-                &Holder::Fork(rec.id.clone()),
-            )?;
-            rec.op = None;
-            dir.save(&rec)?;
-            self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
-            (id, rec.id, rec.access, rec.runtime)
+        // The source stays locked until it runs on: restored beside its forks when the driver
+        // leaves that to us (gVisor stops a sandbox to checkpoint it).
+        let (dir, _lock, mut rec) = self.lock_running(id, Action::Fork)?;
+        let driver = self.driver(rec.runtime)?;
+        let (cp, stopped) = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
+        let snap_id = match sandbox_snapshot::put(
+            &self.holds,
+            &SnapshotRecord::of(&rec, cp),
+            &Holder::Fork(rec.id.clone()),
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.end_fork_checkpoint(driver, &dir, &mut rec, stopped);
+                return Err(e);
+            }
         };
+        let (parent, runtime) = (rec.id.clone(), rec.runtime);
         let mut spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
         spec.timeout_secs = fork.timeout_secs;
-        spec.secure = access.secure;
-        spec.private_traffic = access.private_traffic;
-        spec.mask_request_host = access.mask_request_host;
+        spec.secure = rec.access.secure;
+        spec.private_traffic = rec.access.private_traffic;
+        spec.mask_request_host = rec.access.mask_request_host.clone();
         // Four at a time (each restore is a process start plus a state load), from a queue so
         // one slow restore does not hold back a whole batch.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results = std::sync::Mutex::new(Vec::with_capacity(n));
-        std::thread::scope(|s| {
+        let source = std::thread::scope(|s| {
+            let source = s.spawn(|| self.end_fork_checkpoint(driver, &dir, &mut rec, stopped));
             for _ in 0..n.min(4) {
                 s.spawn(|| {
                     while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
@@ -1392,9 +1403,14 @@ impl Sandboxes {
                     }
                 });
             }
+            source.join().unwrap_or_else(|_| {
+                Err(Error::Invalid(format!(
+                    "sandbox {parent}: its restore after the fork's checkpoint panicked"
+                )))
+            })
         });
         let mut out = Vec::with_capacity(n);
-        let mut first_err = None;
+        let mut first_err = source.err();
         for r in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
             match r {
                 Ok(rec) => out.push(rec),
@@ -1407,13 +1423,39 @@ impl Sandboxes {
             driver.checkpoint_done(&self.dir(&parent));
         }
         if let Some(e) = first_err.or(released.err()) {
-            // All or nothing: a partial fork is undone.
+            // All or nothing: a partial fork (or one whose source was lost) is undone.
             for r in &out {
                 let _ = self.kill(&r.id);
             }
             return Err(e);
         }
         Ok(out)
+    }
+
+    /// Ends the fork's checkpoint of its source: runs it on first if the driver left that to
+    /// us (`stopped`); one that cannot is `failed`, with nothing of it left running.
+    fn end_fork_checkpoint(
+        &self,
+        driver: &dyn Runtime,
+        dir: &SandboxDir,
+        rec: &mut SandboxRecord,
+        stopped: bool,
+    ) -> Result<()> {
+        let ran_on = match stopped {
+            true => driver.run_on(dir, rec),
+            false => Ok(()),
+        };
+        if let Err(e) = &ran_on {
+            let _ = driver.kill(dir, rec);
+            rec.state = State::Failed {
+                cause: format!("lost restoring it after a fork's checkpoint: {e}"),
+            };
+            self.detach_network(dir, rec);
+        }
+        rec.op = None;
+        dir.save(rec)?;
+        self.holds.release(&Holder::Checkpoint(rec.id.clone()))?;
+        ran_on
     }
 
     /// Ends the sandbox and removes it (a paused one's snapshot goes with the next gc).

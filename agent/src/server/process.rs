@@ -12,6 +12,7 @@
 //! and for at most [`EXITED_TTL`], its buffer shrunk to what it holds.
 
 use super::{fail, io_fail, read_data, send, send_json, watch_conn, Conn, Res};
+use crate::children;
 use crate::protocol::*;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
@@ -229,32 +230,13 @@ pub fn start_reaper() {
     });
 }
 
-/// Spawns so far, with a condition the reaper sleeps on while the agent has no child: an idle
-/// sandbox's init must not wake on a timer (every wakeup costs the host CPU through gVisor).
-static SPAWNED: (Mutex<u64>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
-
-fn spawn_count() -> u64 {
-    *SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Wakes the reaper if it sleeps for want of children.
-fn note_spawned() {
-    *SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-    SPAWNED.1.notify_all();
-}
-
-/// Sleeps until a spawn after the `seen`-th (or a minute, for children the agent did not
-/// spawn itself, which only descendants of its own children can become).
-fn wait_for_spawn(seen: u64) {
-    let guard = SPAWNED.0.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = SPAWNED
-        .1
-        .wait_timeout_while(guard, std::time::Duration::from_secs(60), |n| *n == seen);
-}
+/// How long the reaper sleeps without children at most, for children the agent did not
+/// spawn itself (only descendants of its own children can become that).
+const CHILDLESS_WAIT: Duration = Duration::from_secs(60);
 
 fn reap_loop() {
     loop {
-        let seen = spawn_count();
+        let seen = children::spawn_count();
         // Peek first (WNOWAIT), reap after: a spawn in progress holds the table lock and may
         // reap its own child whose exec failed (std and glibc's posix_spawn both do); reaping
         // it here first would make that spawn fail or panic.
@@ -264,7 +246,8 @@ fn reap_loop() {
         let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if r < 0 {
             // No children right now (ECHILD): sleep until the next spawn.
-            wait_for_spawn(seen);
+            children::note_none(seen);
+            children::wait_for_spawn(seen, CHILDLESS_WAIT);
             continue;
         }
         // SAFETY: waitid succeeded for an exited child, so si_pid is set.
@@ -524,7 +507,7 @@ fn spawn_guarded(cmd: &mut Command, prog: &str) -> Res<std::process::Child> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn())) {
         Ok(r) => {
             let child = r.map_err(|e| spawn_fail(prog, e))?;
-            note_spawned();
+            children::note_spawned();
             Ok(child)
         }
         Err(_) => fail(
