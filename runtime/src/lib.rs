@@ -35,8 +35,8 @@ pub use record::{
     RuntimeKind, SandboxDir, SandboxRecord, State, StateKind,
 };
 pub use sandboxes::{
-    default_cpus, default_network, Adoption, CreateSpec, ExecOptions, ForkSpec, Sandboxes, Source,
-    DEFAULT_MEMORY_MIB, MAX_DISK_MIB, MIN_DEFAULT_DISK_MIB,
+    default_cpus, default_network, fork_restores_at_once, Adoption, CreateSpec, ExecOptions,
+    ForkSpec, Sandboxes, Source, DEFAULT_MEMORY_MIB, MAX_DISK_MIB, MIN_DEFAULT_DISK_MIB,
 };
 
 use kiln_blockstore::BlobId;

@@ -198,6 +198,14 @@ pub struct Sandboxes {
     dns_proxy: Vec<OsString>,
 }
 
+/// How many restores a fork runs at once: four per CPU (4 to 16). A restore waits on its
+/// processes' starts as much as it computes: on this 2-core host, fork 32 of a gVisor
+/// sandbox returned in 3.2-3.4 s with 8 or 16 at once, 3.9 s with 4, 4.4 s with 2.
+pub fn fork_restores_at_once() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.saturating_mul(4).clamp(4, 16)
+}
+
 impl Sandboxes {
     /// `drivers` in order of preference: the first available one is the default runtime.
     pub fn new(home: &Path, store: Store, drivers: Vec<Box<dyn Runtime>>) -> Sandboxes {
@@ -1389,13 +1397,13 @@ impl Sandboxes {
         spec.secure = rec.access.secure;
         spec.private_traffic = rec.access.private_traffic;
         spec.mask_request_host = rec.access.mask_request_host.clone();
-        // Four at a time (each restore is a process start plus a state load), from a queue so
+        // A few at a time (each restore is a process start plus a state load), from a queue so
         // one slow restore does not hold back a whole batch.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results = std::sync::Mutex::new(Vec::with_capacity(n));
         let source = std::thread::scope(|s| {
             let source = s.spawn(|| self.end_fork_checkpoint(driver, &dir, &mut rec, stopped));
-            for _ in 0..n.min(4) {
+            for _ in 0..n.min(fork_restores_at_once()) {
                 s.spawn(|| {
                     while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
                         let r = self.create(spec.clone());

@@ -26,8 +26,8 @@
 //!   `runsc checkpoint` + `runsc exec`; kiln's restore replayed step by step (blob export,
 //!   runsc restore, agent, generation, exec);
 //! - fork: N forks of one running sandbox until all answered an exec, PSS per idle fork
-//!   (runsc sandbox + gofer processes), against N raw restores of one checkpoint, 4 at a time
-//!   as `Sandboxes::fork` does;
+//!   (runsc sandbox + gofer processes), against N raw restores of one checkpoint, as many at
+//!   a time as `Sandboxes::fork` runs (`fork_restores_at_once`);
 //! - pause/resume: pause, and resume to the first exec, against raw checkpoint / restore to
 //!   the first exec; the bytes the store writes for each pause, the second and third after a
 //!   1 MiB change (goal: under 2 MiB);
@@ -1251,7 +1251,7 @@ impl Run<'_> {
         Ok((from_snapshot, raw_img))
     }
 
-    /// Fork N, against N raw restores of one checkpoint, 4 at a time.
+    /// Fork N, against N raw restores of one checkpoint, as many at a time as kiln runs.
     fn fork(
         &mut self,
         raw_img: &Path,
@@ -1295,13 +1295,14 @@ impl Run<'_> {
             fork_pss_sum / n as f64
         );
         self.live.kill_all();
-        // raw: N restores of one checkpoint, 4 at a time
+        // raw: N restores of one checkpoint, as many at a time as kiln's fork runs
+        let at_once = kiln_runtime::fork_restores_at_once();
         let raws: Vec<Raw> = (0..n)
             .map(|i| Raw::new(&self.raw_base, &format!("fork{i}")))
             .collect();
         let t0 = Instant::now();
         let mut raw_err = None;
-        for batch in raws.chunks(4) {
+        for batch in raws.chunks(at_once) {
             let rs: Vec<Result<()>> = std::thread::scope(|s| {
                 let hs: Vec<_> = batch
                     .iter()
@@ -1357,7 +1358,8 @@ impl Run<'_> {
             "kiln_pss_mib_per_fork_median": round(pct(&fork_pss, 0.5)),
             "kiln_pss_mib_source_sandbox": round(src_pss),
             "kiln_pss_mib_fresh_sandbox": round(kiln_fresh_pss_kib as f64 / 1024.0),
-            "raw_restores_4_at_a_time_ms": round(ms(raw_fork_restored)),
+            "restores_at_once": at_once,
+            "raw_restores_ms": round(ms(raw_fork_restored)),
             "raw_all_answered_exec_ms": round(ms(raw_fork_all)),
             "raw_pss_mib_per_idle_fork": round(raw_pss_sum / n as f64),
             "raw_pss_mib_fresh_container": round(raw_fresh_pss_kib as f64 / 1024.0),
