@@ -615,12 +615,26 @@ impl GvisorDriver {
 
     /// Waits for the agent to answer a health request; fails early if the sandbox died.
     fn wait_agent(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        self.wait_agent_for(dir, rec, &mut |s| kiln_agent::client::health(s).map(|_| ()))
+    }
+
+    /// Waits until the agent answers `request` (sent on a fresh connection, tried again until
+    /// it succeeds); fails early if the sandbox died.
+    fn wait_agent_for(
+        &self,
+        dir: &SandboxDir,
+        rec: &SandboxRecord,
+        request: &mut dyn FnMut(
+            &mut UnixStream,
+        )
+            -> std::result::Result<(), kiln_agent::client::ClientError>,
+    ) -> Result<()> {
         let sock = Self::agent_socket(dir);
         let t = Instant::now();
         loop {
             if let Ok(mut s) = connect_agent(&sock) {
                 s.set_read_timeout(Some(self.config.agent_timeout)).ok();
-                if kiln_agent::client::health(&mut s).is_ok() {
+                if request(&mut s).is_ok() {
                     return Ok(());
                 }
             }
@@ -637,7 +651,9 @@ impl GvisorDriver {
                     tail: dir.log_tail(2000),
                 });
             }
-            std::thread::sleep(Duration::from_millis(3));
+            // A refused connect is cheap: look often, the agent binds ~10-20 ms after runsc
+            // returns.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -649,19 +665,21 @@ impl GvisorDriver {
         write_atomic(&p, value.as_bytes(), false)
     }
 
-    /// Tells a restored agent the new generation: wall clock, RNG seed.
-    fn announce_generation(&self, rec: &SandboxRecord) -> Result<()> {
-        let mut s = self.connect_path(rec)?;
-        let seed = random_bytes::<32>();
-        kiln_agent::client::set_generation(
-            &mut s,
-            &kiln_agent::protocol::GenerationRequest {
-                generation: rec.generation,
-                unix_time_ns: now_ns(),
-                seed_hex: hex::encode(seed),
-            },
-        )?;
-        Ok(())
+    /// Waits for a restored agent and tells it the new generation (wall clock, RNG seed):
+    /// its answer to that is the first sign of it.
+    fn announce_generation(&self, dir: &SandboxDir, rec: &SandboxRecord) -> Result<()> {
+        let generation = rec.generation;
+        self.wait_agent_for(dir, rec, &mut |s| {
+            kiln_agent::client::set_generation(
+                s,
+                &kiln_agent::protocol::GenerationRequest {
+                    generation,
+                    unix_time_ns: now_ns(),
+                    seed_hex: hex::encode(random_bytes::<32>()),
+                },
+            )
+            .map(|_| ())
+        })
     }
 
     fn connect_path(&self, rec: &SandboxRecord) -> Result<UnixStream> {
@@ -708,9 +726,8 @@ impl GvisorDriver {
         net.finish(rec)?;
         self.record_pid(dir, rec, rootfs)?;
         Self::release_agent(dir)?;
-        self.wait_agent(dir, rec)?;
+        self.announce_generation(dir, rec)?;
         let answered = restored.elapsed().as_millis() as u64;
-        self.announce_generation(rec)?;
         tracing::debug!(id = %rec.id, agent_ms = answered, "restored container answers");
         Ok(())
     }

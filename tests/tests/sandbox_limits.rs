@@ -427,9 +427,16 @@ fn a_root_fork_bomb_spread_over_many_users_is_trimmed_by_the_agent() {
     if seen.sums.iter().any(|n| *n > threshold) {
         // Under load one sample can take seconds, so the window may close just past a peak:
         // the count must come back under the threshold while the bombs keep forking.
+        // Or the bomb's churn reached the memory backstop, which ended the sandbox (the
+        // other documented outcome: checked below with the cause it must give).
         let mut sums = seen.sums.clone();
         let t = Instant::now();
-        while sums.last().is_some_and(|n| *n > threshold) && t.elapsed() < Duration::from_secs(30) {
+        let ended =
+            |k: &kiln_tests::Kiln| k.json(["sandbox", "info", &id, "--json"])["state"] != "running";
+        while sums.last().is_some_and(|n| *n > threshold)
+            && t.elapsed() < Duration::from_secs(30)
+            && !ended(&k)
+        {
             std::thread::sleep(Duration::from_millis(300));
             if let Some(n) = tasks_now(&k, &id, tmp.path()) {
                 assert!(n <= bound, "{n} tasks, past the bound of {bound}: {sums:?}");
@@ -439,8 +446,9 @@ fn a_root_fork_bomb_spread_over_many_users_is_trimmed_by_the_agent() {
         eprintln!("past the threshold of {threshold}, then: {sums:?}");
         let over = sums.iter().position(|n| *n > threshold).unwrap();
         assert!(
-            sums[over..].iter().any(|n| *n <= threshold),
-            "past the threshold of {threshold} and not brought back within 30 s: {sums:?}"
+            sums[over..].iter().any(|n| *n <= threshold) || ended(&k),
+            "past the threshold of {threshold}, not brought back within 30 s, and the \
+             sandbox still runs: {sums:?}"
         );
     }
     let rec = k.json(["sandbox", "info", &id, "--json"]);
