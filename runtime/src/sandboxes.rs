@@ -1377,7 +1377,7 @@ impl Sandboxes {
         }
         // The source stays locked until it runs on: restored beside its forks when the driver
         // leaves that to us (gVisor stops a sandbox to checkpoint it).
-        let (dir, _lock, mut rec) = self.lock_running(id, Action::Fork)?;
+        let (dir, lock, mut rec) = self.lock_running(id, Action::Fork)?;
         let driver = self.driver(rec.runtime)?;
         let (cp, stopped) = self.checkpoint(driver, &dir, &mut rec, OpKind::Fork)?;
         let snap_id = match sandbox_snapshot::put(
@@ -1402,7 +1402,12 @@ impl Sandboxes {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results = std::sync::Mutex::new(Vec::with_capacity(n));
         let source = std::thread::scope(|s| {
-            let source = s.spawn(|| self.end_fork_checkpoint(driver, &dir, &mut rec, stopped));
+            let source = s.spawn(move || {
+                let ran_on = self.end_fork_checkpoint(driver, &dir, &mut rec, stopped);
+                // Free again once it runs: its forks need nothing of it but the snapshot.
+                drop(lock);
+                ran_on
+            });
             for _ in 0..n.min(fork_restores_at_once()) {
                 s.spawn(|| {
                     while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
