@@ -57,8 +57,10 @@ fn a_process_past_its_memory_dies_inside_and_the_sandbox_and_its_neighbour_live_
         "the neighbour's counter never started"
     );
 
-    // A string that doubles until it holds twice the sandbox's memory (anonymous memory,
-    // written page by page as programs do), then reports.
+    // 320 MiB of strings, 1 MiB at a time (anonymous memory, written page by page as programs
+    // do), then a report: past the sandbox's 256 MiB but under the backstop's 384, which
+    // gVisor itself enforces by refusing the allocation (a string that doubles to twice the
+    // memory fails that way, with or without the agent), so only the agent's watch stops it.
     let before = count(&k, &b);
     let t = Instant::now();
     let (out, err, code) = exec(
@@ -68,17 +70,18 @@ fn a_process_past_its_memory_dies_inside_and_the_sandbox_and_its_neighbour_live_
         &[
             "busybox",
             "awk",
-            "BEGIN { s = \"x\"; while (length(s) < 512 * 1048576) s = s s; print \"done\" }",
+            "BEGIN { s = sprintf(\"%1048576s\", \"\"); for (i = 0; i < 320; i++) a[i] = s i; \
+             print \"done\" }",
         ],
         b"",
     );
     eprintln!(
-        "allocating 2x the memory: exit {code} after {:?}: {err}",
+        "allocating past the memory: exit {code} after {:?}: {err}",
         t.elapsed()
     );
     assert!(
-        code != 0 && !out.contains("done"),
-        "awk past the sandbox's memory succeeded: {out} {err}"
+        code == 128 + libc::SIGKILL && !out.contains("done"),
+        "awk past the sandbox's memory was not killed (exit {code}): {out} {err}"
     );
     // The sandbox lives on: it answers, its own counter and the neighbour's keep counting.
     let rec = k.json(["sandbox", "info", &a, "--json"]);
@@ -114,6 +117,61 @@ fn a_process_past_its_memory_dies_inside_and_the_sandbox_and_its_neighbour_live_
     assert_eq!(sh(&k, &a, "echo ok"), "ok\n");
     k.ok(["sandbox", "kill", &a]);
     assert!(!memory_cgroup(&a).exists(), "kill left the cgroup of {a}");
+}
+
+/// The agent's memory watch sleeps while the agent has no child (nothing else runs then), so
+/// it must not be fooled by a process the agent never started itself: an orphan it adopted
+/// after the command that started it returned. Such an orphan that allocates past the
+/// sandbox's memory is killed inside, and the sandbox lives on.
+#[test]
+fn an_orphan_past_its_memory_dies_inside_after_its_command_returned() {
+    let Some((_tmp, k)) = app_home() else { return };
+    let _guard = KillAll(k.clone());
+    let a = create(&k, &["app", "--memory", "256"]);
+    let a = a["id"].as_str().unwrap().to_string();
+    // The shell returns at once; its subshell (then awk, same pid) is orphaned, waits until
+    // the reaper has seen the agent without a command, then takes 320 MiB, 1 MiB at a time,
+    // and holds it: past the sandbox's 256 MiB, under what gVisor itself would refuse (the
+    // backstop's 384), so only the agent's watch stops it.
+    let pid = sh(
+        &k,
+        &a,
+        "(busybox sleep 2; exec busybox awk 'BEGIN { s = sprintf(\"%1048576s\", \"\"); \
+         for (i = 0; i < 320; i++) a[i] = s i; print \"done\"; system(\"busybox sleep 30\") }' \
+         > /tmp/orphan.out 2>&1) & echo $!",
+    );
+    let pid = pid.trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "no pid: {pid:?}");
+    let t = Instant::now();
+    let alive = |k: &kiln_tests::Kiln| {
+        sh(
+            k,
+            &a,
+            &format!("kill -0 {pid} 2>/dev/null && echo alive || true"),
+        )
+        .contains("alive")
+    };
+    // Seen alive after its command returned (the case under test), then gone.
+    assert!(alive(&k), "the orphan did not outlive its command");
+    let gone = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let rec = k.json(["sandbox", "info", &a, "--json"]);
+        assert_eq!(
+            rec["state"], "running",
+            "the backstop ended the sandbox: {rec}"
+        );
+        if !alive(&k) {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+    };
+    eprintln!("the orphan was gone after {:?}", t.elapsed());
+    assert!(gone, "the orphan still runs after {:?}", t.elapsed());
+    let out = sh(&k, &a, "cat /tmp/orphan.out; echo");
+    assert!(!out.contains("done"), "the orphan got its memory: {out}");
+    assert_eq!(sh(&k, &a, "echo ok"), "ok\n");
 }
 
 /// `kiln ARGS` that gives up after `limit`: (stdout, exit code), `None` when it did not end

@@ -245,9 +245,16 @@ fn reap_loop() {
         // SAFETY: waitid with a valid out-pointer; P_ALL waits for any child.
         let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if r < 0 {
-            // No children right now (ECHILD): sleep until the next spawn.
-            children::note_none(seen);
-            children::wait_for_spawn(seen, CHILDLESS_WAIT);
+            match std::io::Error::last_os_error().raw_os_error() {
+                // No children right now: sleep until the next spawn.
+                Some(libc::ECHILD) => {
+                    children::note_none(seen);
+                    children::wait_for_spawn(seen, CHILDLESS_WAIT);
+                }
+                Some(libc::EINTR) => {}
+                // Never seen; not a reason to spin, nor to think the agent alone.
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
             continue;
         }
         // SAFETY: waitid succeeded for an exited child, so si_pid is set.
