@@ -241,8 +241,9 @@ fn init_mounts() {
 }
 
 fn spawn_conn(fd: OwnedFd) {
+    let epoch = kiln_agent::server::quiesce::epoch();
     std::thread::spawn(move || {
-        if let Err(e) = kiln_agent::server::serve(fd) {
+        if let Err(e) = kiln_agent::server::serve_accepted(fd, epoch) {
             eprintln!("kiln-agent: connection: {e}");
         }
     });

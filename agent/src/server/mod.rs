@@ -60,11 +60,17 @@ pub(crate) fn shutdown(c: &File, how: libc::c_int) {
 /// Serves one request on a connection (a connected Unix or vsock socket). Errors are reported
 /// to the client when possible; the result is an error only if the request could not be read.
 pub fn serve(conn: OwnedFd) -> Result<(), ProtocolError> {
+    serve_accepted(conn, quiesce::epoch())
+}
+
+/// [`serve`] for a connection accepted when [`quiesce::epoch`] was `epoch` (taken by the
+/// accept loop, before the connection's thread may run late).
+pub fn serve_accepted(conn: OwnedFd, epoch: u64) -> Result<(), ProtocolError> {
     let c: Conn = Arc::new(File::from(conn));
     quiesce::track(&c);
     let (r, answer) = match read_frame(&mut &*c) {
         Ok(None) => return Ok(()),
-        Ok(Some((kind, payload))) => (Ok(()), dispatch(kind, &payload, &c)),
+        Ok(Some((kind, payload))) => (Ok(()), dispatch(kind, &payload, &c, epoch)),
         Err(e) => (
             Err(ProtocolError::Io(std::io::Error::other(e.to_string()))),
             Err(e.into()),
@@ -79,7 +85,7 @@ pub fn serve(conn: OwnedFd) -> Result<(), ProtocolError> {
     r
 }
 
-fn dispatch(kind: Kind, p: &[u8], c: &Conn) -> Res<()> {
+fn dispatch(kind: Kind, p: &[u8], c: &Conn, epoch: u64) -> Res<()> {
     match kind {
         Kind::Exec => process::exec(parse_json(kind, p)?, c),
         Kind::Connect => process::connect(parse_json(kind, p)?, c),
@@ -101,7 +107,7 @@ fn dispatch(kind: Kind, p: &[u8], c: &Conn) -> Res<()> {
         Kind::Dial => ports::dial(parse_json(kind, p)?, c),
         Kind::Health => send_json(c, Kind::Ok, &lifecycle::health()),
         Kind::Generation => lifecycle::generation(parse_json(kind, p)?, c),
-        Kind::Quiesce => quiesce::quiesce(c),
+        Kind::Quiesce => quiesce::quiesce(c, epoch),
         k => Err(ProtocolError::Unexpected(k).into()),
     }
 }

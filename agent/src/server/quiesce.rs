@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,11 @@ static CONNS: Mutex<Vec<Weak<File>>> = Mutex::new(Vec::new());
 /// The Unix socket the accept loop serves, while it is listening.
 static LISTENING: Mutex<Option<PathBuf>> = Mutex::new(None);
 static QUIESCING: AtomicBool = AtomicBool::new(false);
+/// Resumes so far. A connection accepted before the last one carries a quiesce whose cycle is
+/// over: from a caller that died with its request unread, which the host's recovery has
+/// quiesced and released since. Taken late, it would quiesce the agent again with nobody
+/// left to release it.
+static RESUMES: AtomicU64 = AtomicU64::new(0);
 /// `--resume FILE`, and what it held when the current quiesce began.
 static RESUME_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
 static RESUME_SEEN: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -94,6 +99,11 @@ fn resume_value(file: &Path) -> Vec<u8> {
     v
 }
 
+/// The resumes so far: the accept loop gives each connection the value at its accept.
+pub fn epoch() -> u64 {
+    RESUMES.load(Ordering::SeqCst)
+}
+
 /// True once a quiesce began: the accept loop stops and waits for [`wait_for_resume`].
 pub fn quiescing() -> bool {
     QUIESCING.load(Ordering::SeqCst)
@@ -117,6 +127,7 @@ pub fn wait_for_resume(dir: &Path) {
             None => std::fs::remove_file(&marker).is_ok(),
         };
         if resumed {
+            RESUMES.fetch_add(1, Ordering::SeqCst);
             QUIESCING.store(false, Ordering::SeqCst);
             return;
         }
@@ -124,7 +135,15 @@ pub fn wait_for_resume(dir: &Path) {
     }
 }
 
-pub(crate) fn quiesce(c: &Conn) -> Res<()> {
+pub(crate) fn quiesce(c: &Conn, accepted_in: u64) -> Res<()> {
+    if accepted_in != epoch() {
+        return super::fail(
+            ErrorKind::Other,
+            "quiesce: the connection was accepted before the last resume (its caller's cycle \
+             is over)"
+                .to_string(),
+        );
+    }
     let Some(path) = LISTENING.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
         return send(c, Kind::Ok, b"");
     };
@@ -169,5 +188,22 @@ pub(crate) fn quiesce(c: &Conn) -> Res<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiesce_accepted_before_the_last_resume_is_refused_and_changes_nothing() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let c: Conn = Arc::new(File::from(OwnedFd::from(ours)));
+        let accepted_in = epoch();
+        // The host's recovery quiesced and released the agent after this connection was
+        // accepted, before its request was read.
+        RESUMES.fetch_add(1, Ordering::SeqCst);
+        assert!(quiesce(&c, accepted_in).is_err());
+        assert!(!quiescing(), "a stale quiesce quiesced the agent");
     }
 }
