@@ -3,12 +3,16 @@
 //! Every process of a sandbox descends from the agent, its init (an orphan is re-parented to
 //! it), so an agent without children is alone in the sandbox. Then nothing can allocate
 //! memory or start tasks, and the threads that watch for that (the reaper, the out-of-memory
-//! killer, the task watch) sleep until the next spawn instead of waking on a timer: every
+//! killer, the task watch) sleep until the next spawn ([`wait_while_none`]) instead of waking
+//! on a timer: every
 //! wakeup of an idle sandbox costs the host CPU through gVisor's platform (measured on runsc
 //! 20240729, systrap: the two 50 ms watches took an idle sandbox from 2.5% to 4% of a core).
 
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
+
+/// How long a thread sleeps at most while the agent has no child (a spawn wakes it at once).
+const IDLE_WAIT: Duration = Duration::from_secs(60);
 
 struct Children {
     /// Spawns so far.
@@ -51,18 +55,12 @@ pub fn note_none(seen: u64) {
     }
 }
 
-/// Sleeps until a spawn after the `seen`-th, or `max`.
-pub fn wait_for_spawn(seen: u64, max: Duration) {
+/// Sleeps while the agent is known to have no child, at most [`IDLE_WAIT`] (a bound for
+/// children the agent did not spawn itself, which only descendants of its own can become).
+/// After [`note_none`]`(seen)` this is a wait for a spawn after the `seen`-th.
+pub fn wait_while_none() {
     let guard = lock();
-    let _ = CHILDREN
-        .1
-        .wait_timeout_while(guard, max, |c| c.spawned == seen);
-}
-
-/// Sleeps while the agent is known to have no child, at most `max`.
-pub fn wait_while_none(max: Duration) {
-    let guard = lock();
-    let _ = CHILDREN.1.wait_timeout_while(guard, max, |c| c.none);
+    let _ = CHILDREN.1.wait_timeout_while(guard, IDLE_WAIT, |c| c.none);
 }
 
 #[cfg(test)]
@@ -76,7 +74,7 @@ mod tests {
         note_none(seen);
         let t = Instant::now();
         let waiter = std::thread::spawn(move || {
-            wait_while_none(Duration::from_secs(30));
+            wait_while_none();
             Instant::now()
         });
         std::thread::sleep(Duration::from_millis(100));
@@ -90,7 +88,7 @@ mod tests {
         // A stale "none" (a spawn came in between) is not taken.
         note_none(seen);
         let t = Instant::now();
-        wait_while_none(Duration::from_secs(30));
+        wait_while_none();
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 }

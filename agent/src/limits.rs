@@ -263,9 +263,6 @@ impl MemInfo {
     }
 }
 
-/// How long a watch sleeps at most while the agent has no child (a spawn wakes it at once).
-const IDLE_WAIT: Duration = Duration::from_secs(60);
-
 /// How long to wait before the next look: long while far from the limit, short near it (a
 /// process allocating fast crosses the last tenth between two looks either way; the host's
 /// backstop has room for that).
@@ -458,7 +455,7 @@ fn oom_loop(limit: u64) {
     let mut victim = Victim::default();
     loop {
         // Alone in the sandbox, the agent has nothing to watch (see `children`).
-        crate::children::wait_while_none(IDLE_WAIT);
+        crate::children::wait_while_none();
         let info = read_into(std::path::Path::new("/proc/meminfo"), &mut buf)
             .map(|()| MemInfo::parse(&buf))
             .unwrap_or_default();
@@ -496,7 +493,7 @@ pub fn start_task_watch() {
             let mut buf = String::with_capacity(2048);
             let mut kills = TaskKills::default();
             loop {
-                crate::children::wait_while_none(IDLE_WAIT);
+                crate::children::wait_while_none();
                 let limit = TASK_LIMIT.load(Ordering::Relaxed);
                 let next = match watch_tasks(&mut buf, &mut kills) {
                     Tasks::Within(n) => task_poll_interval(n, limit),

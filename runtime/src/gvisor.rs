@@ -810,7 +810,9 @@ impl GvisorDriver {
             End::RunOn | End::RunOnLater => self.restore_in_place(dir, rec)?,
         }
         dir.enter(rec, Phase::Saved)?;
-        if end == End::Stop || Self::keep_shared(&ckpt, &files).is_err() {
+        // A live snapshot keeps its files for forks; a fork's source whose files could not be
+        // kept above is not tried again.
+        if end != End::RunOn || Self::keep_shared(&ckpt, &files).is_err() {
             let _ = std::fs::remove_dir_all(&ckpt);
         }
         Ok((cp, false))

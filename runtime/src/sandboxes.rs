@@ -993,10 +993,9 @@ impl Sandboxes {
         Ok(id)
     }
 
-    /// Checkpoints and saves the record whatever the outcome (a driver may have restarted the
-    /// sandbox with a new process).
-    /// The driver's checkpoint for an operation of `kind`; for a fork, also whether the
-    /// driver left the sandbox's own restore to [`Runtime::run_on`].
+    /// The driver's checkpoint for an operation of `kind`; for a fork, also whether the driver
+    /// left the sandbox's own restore to [`Runtime::run_on`]. Saves the record whatever the
+    /// outcome (a driver may have restarted the sandbox with a new process).
     fn checkpoint(
         &self,
         driver: &dyn Runtime,
@@ -1391,7 +1390,7 @@ impl Sandboxes {
                 return Err(e);
             }
         };
-        let (parent, runtime) = (rec.id.clone(), rec.runtime);
+        let parent = rec.id.clone();
         let mut spec = CreateSpec::new(Source::Snapshot(snap_id.to_hex()));
         spec.timeout_secs = fork.timeout_secs;
         spec.secure = rec.access.secure;
@@ -1432,9 +1431,7 @@ impl Sandboxes {
         }
         // Each fork holds what it still needs; the fork's snapshot goes with the last of them.
         let released = self.holds.release(&Holder::Fork(parent.clone()));
-        if let Ok(driver) = self.driver(runtime) {
-            driver.checkpoint_done(&self.dir(&parent));
-        }
+        driver.checkpoint_done(&self.dir(&parent));
         if let Some(e) = first_err.or(released.err()) {
             // All or nothing: a partial fork (or one whose source was lost) is undone.
             for r in &out {

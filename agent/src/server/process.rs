@@ -230,10 +230,6 @@ pub fn start_reaper() {
     });
 }
 
-/// How long the reaper sleeps without children at most, for children the agent did not
-/// spawn itself (only descendants of its own children can become that).
-const CHILDLESS_WAIT: Duration = Duration::from_secs(60);
-
 fn reap_loop() {
     loop {
         let seen = children::spawn_count();
@@ -249,7 +245,7 @@ fn reap_loop() {
                 // No children right now: sleep until the next spawn.
                 Some(libc::ECHILD) => {
                     children::note_none(seen);
-                    children::wait_for_spawn(seen, CHILDLESS_WAIT);
+                    children::wait_while_none();
                 }
                 Some(libc::EINTR) => {}
                 // Never seen; not a reason to spin, nor to think the agent alone.
