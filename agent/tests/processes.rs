@@ -169,7 +169,12 @@ fn background_processes_survive_disconnects_and_replay_output() {
     ];
     r.tag = Some("big".into());
     let pid = a.start_bg(&r);
-    a.wait_until(10, || !find(&a, pid).running);
+    // Exited and drained: the exit is recorded before the pump has read the pipe's last
+    // bytes, and attaching meanwhile replays the buffer and then streams the rest.
+    a.wait_until(10, || {
+        let p = find(&a, pid);
+        !p.running && p.dropped + protocol::RING_BYTES as u64 >= 3_000_000
+    });
     let (s, out, _) = connect_all(&a, &ProcessRef::pid(pid));
     assert!(s.dropped > 0, "{s:?}");
     assert_eq!(s.dropped + out.len() as u64, 3_000_000);
